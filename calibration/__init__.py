@@ -1,0 +1,1 @@
+"""Calibration data, routing modes, per-expert capture and coverage reports."""

@@ -1,0 +1,1 @@
+"""Adapters that plug defuser-quant into quantizers (imported lazily)."""
