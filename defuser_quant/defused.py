@@ -1,0 +1,168 @@
+"""The defused experts block: numbered experts with per-projection ``nn.Linear`` children.
+
+``DefusedExperts`` replaces a fused experts module in place and keeps its call signature
+``(hidden_states, top_k_index, top_k_weights)``. It computes the same math as the fused class's
+eager forward: the gate/up outputs go through the family's own ``_apply_gate`` (so gpt_oss'
+clamped, interleaved gate stays exact) or its activation when ungated. The original module,
+stripped of its fused tensors, is kept unregistered as ``fused_shell`` so ``fuse_model`` can
+rebuild the native class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layout import ExpertLayout
+from .naming import ProjectionNames
+
+
+def _default_apply_gate_fn() -> Callable | None:
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # pragma: no cover
+        return None
+    return _default_apply_gate
+
+
+class GateFunction:
+    """Combines gate and up projections exactly as the fused family does."""
+
+    def __init__(self, shell: nn.Module, layout: ExpertLayout):
+        self.shell = shell
+        self.layout = layout
+        apply_gate = getattr(type(shell), "_apply_gate", None)
+        self.custom = apply_gate is not None and apply_gate is not _default_apply_gate_fn()
+
+    def __call__(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+        shell = self.shell
+        if gate is None:
+            return shell.act_fn(up)
+        if not self.custom:
+            return shell.act_fn(gate) * up
+        if self.layout.is_concatenated:
+            gate_up = torch.cat((gate, up), dim=-1)
+        else:
+            gate_up = torch.stack((gate, up), dim=-1).flatten(-2)
+        return shell._apply_gate(gate_up)
+
+
+def fast_linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    """An ``nn.Linear`` wrapping existing tensors, without allocating or initialising anything."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features = weight.shape[1]
+    linear.out_features = weight.shape[0]
+    linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    if bias is None:
+        linear.register_parameter("bias", None)
+    else:
+        linear.bias = nn.Parameter(bias, requires_grad=requires_grad)
+    return linear
+
+
+class DefusedExpert(nn.Module):
+    """One expert: ``gate_proj``/``up_proj``/``down_proj`` (or the family's names) ``nn.Linear``."""
+
+    def __init__(self, names: ProjectionNames, projections: dict[str, nn.Linear], gate_fn: GateFunction):
+        super().__init__()
+        self.names = names
+        for name in names.as_tuple():
+            self.add_module(name, projections[name])
+        self.gate_fn = gate_fn
+
+    def projection(self, role: str) -> nn.Module | None:
+        """The child for ``role`` in ``{"gate", "up", "down"}`` (None for gate when ungated)."""
+        name = getattr(self.names, role)
+        return None if name is None else getattr(self, name)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        names = self.names
+        gate = getattr(self, names.gate)(hidden_states) if names.gate is not None else None
+        up = getattr(self, names.up)(hidden_states)
+        return getattr(self, names.down)(self.gate_fn(gate, up))
+
+
+@dataclass(frozen=True)
+class FusedTensorSpec:
+    """What ``fuse_model`` needs to rebuild one fused tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    relayout: bool
+    requires_grad: bool
+    is_buffer: bool
+
+
+ExpertsForward = Callable[["DefusedExperts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DefusedExperts(nn.Module):
+    """Numbered ``DefusedExpert`` children replacing one fused experts module.
+
+    ``forward_override`` (None by default) lets the calibration layer swap the routing
+    strategy; ``routed_forward`` is the exact fused-eager math.
+    """
+
+    def __init__(
+        self,
+        shell: nn.Module,
+        layout: ExpertLayout,
+        names: ProjectionNames,
+        experts: list[DefusedExpert],
+        specs: dict[str, FusedTensorSpec],
+    ):
+        super().__init__()
+        for index, expert in enumerate(experts):
+            self.add_module(str(index), expert)
+        self.num_experts = len(experts)
+        self.layout = layout
+        self.names = names
+        self.specs = specs
+        self.forward_override: ExpertsForward | None = None
+        object.__setattr__(self, "fused_shell", shell)  # unregistered on purpose
+        if hasattr(shell, "config"):
+            self.config = shell.config
+
+    @property
+    def fused_class(self) -> type[nn.Module]:
+        return type(self.fused_shell)
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, index: int) -> DefusedExpert:
+        if not -self.num_experts <= index < self.num_experts:
+            raise IndexError(f"expert index {index} out of range for {self.num_experts} experts")
+        return self._modules[str(index % self.num_experts)]  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[DefusedExpert]:
+        return (self._modules[str(i)] for i in range(self.num_experts))  # type: ignore[misc]
+
+    def extra_repr(self) -> str:
+        return f"fused_class={self.fused_class.__name__}, layout={self.layout.describe()}, num_experts={self.num_experts}"
+
+    def forward(self, hidden_states: torch.Tensor, *routing, **routing_kw) -> torch.Tensor:
+        top_k_index, top_k_weights = (*routing, *routing_kw.values())
+        if self.forward_override is not None:
+            return self.forward_override(self, hidden_states, top_k_index, top_k_weights)
+        return self.routed_forward(hidden_states, top_k_index, top_k_weights)
+
+    def routed_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Top-k routed forward, operation for operation the fused eager loop."""
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts)
+            expert_mask = expert_mask.permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit.flatten().tolist():
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current = self[expert_idx](hidden_states[token_idx])
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+        return final_hidden_states

@@ -1,0 +1,147 @@
+"""Re-fuse ``DefusedExperts`` back into the native Transformers experts classes.
+
+When the per-expert weights are still the views ``convert_model`` carved (nothing replaced
+them), the fused tensors are rebuilt on the same storage without a copy, and any in-place
+relayout is undone, so defuse -> fuse is bit-identical. Otherwise (weights loaded per expert,
+moved, or edited) each fused tensor is allocated once and filled expert by expert.
+Quantized projections cannot be re-fused here: the integrations own those formats.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .defuse import pieces_fns
+from .defused import DefusedExperts
+from .errors import FuseError
+from .progress import progress
+from .report import BlockRecord, ConversionReport
+from .slicing import expected_views, restore_slab
+
+logger = logging.getLogger(__name__)
+
+
+def _pieces_per_expert(block: DefusedExperts, path: str) -> dict[str, list[list[torch.Tensor]]]:
+    """Per fused tensor name, the list (per expert) of its current per-expert tensors."""
+    layout, names = block.layout, block.names
+    in_roles = ["gate", "up"] if layout.has_gate else ["up"]
+    out: dict[str, list[list[torch.Tensor]]] = {name: [] for name in pieces_fns(layout)}
+    for index in range(block.num_experts):
+        expert = block._modules.get(str(index))
+        if expert is None:
+            raise FuseError(f"{path}: expert {index} is missing; the block is partially converted and cannot be re-fused")
+        linears = {role: expert.projection(role) for role in [*in_roles, "down"]}
+        for role, linear in linears.items():
+            if type(linear) is not nn.Linear:
+                raise FuseError(
+                    f"{path}.{index}.{getattr(names, role)} is a {type(linear).__name__}, not nn.Linear: quantized or "
+                    "replaced experts are re-fused by the quantizer integrations (see the README, 'Re-fusing')."
+                )
+        out[layout.in_proj].append([linears[r].weight for r in in_roles])
+        out["down_proj"].append([linears["down"].weight])
+        if layout.has_bias:
+            out[f"{layout.in_proj}_bias"].append([linears[r].bias for r in in_roles])
+            out["down_proj_bias"].append([linears["down"].bias])
+    return out
+
+
+def _try_alias(pieces: list[list[torch.Tensor]], shape: tuple[int, ...], fn: Callable, relayout: bool) -> torch.Tensor | None:
+    """The fused tensor rebuilt on the storage the pieces already share, or None."""
+    first = pieces[0][0]
+    if first.device.type == "meta":
+        return None
+    probe = torch.empty(shape, dtype=first.dtype, device="meta")
+    rel = expected_views(probe, fn, relayout)
+    base_offset = first.storage_offset() - rel[0][0][0]
+    if base_offset < 0:
+        return None
+    storage = first.untyped_storage()
+    for expert_pieces, expected in zip(pieces, rel):
+        for t, (offset, size, stride) in zip(expert_pieces, expected):
+            if (
+                t.untyped_storage().data_ptr() != storage.data_ptr()
+                or t.storage_offset() != base_offset + offset
+                or tuple(t.shape) != size
+                or tuple(t.stride()) != stride
+                or t.dtype != first.dtype
+            ):
+                return None
+    needed = (base_offset + probe.numel()) * first.element_size()
+    if storage.nbytes() < needed:
+        return None
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, base_offset, shape, probe.stride())
+
+
+def _stack(pieces: list[list[torch.Tensor]], shape: tuple[int, ...], fn: Callable) -> torch.Tensor:
+    first = pieces[0][0]
+    for expert_pieces in pieces:
+        for t in expert_pieces:
+            if t.dtype != first.dtype or t.device != first.device:
+                raise FuseError(
+                    f"experts disagree on dtype/device ({first.dtype}/{first.device} vs {t.dtype}/{t.device}); "
+                    "move the model to one dtype and device before fuse_model"
+                )
+    fused = torch.empty(shape, dtype=first.dtype, device=first.device)
+    if first.device.type == "meta":
+        return fused
+    for e, expert_pieces in enumerate(pieces):
+        for dst, src in zip(fn(fused[e]), expert_pieces):
+            if tuple(dst.shape) != tuple(src.shape):
+                raise FuseError(f"expert {e}: tensor of shape {tuple(src.shape)} where {tuple(dst.shape)} was expected")
+            dst.copy_(src)
+    return fused
+
+
+def _fuse_block(path: str, block: DefusedExperts) -> tuple[nn.Module, bool]:
+    per_name = _pieces_per_expert(block, path)
+    shell = block.fused_shell
+    fns = pieces_fns(block.layout)
+    rebuilt, zero_copy = {}, True
+    for name, pieces in per_name.items():
+        spec = block.specs[name]
+        shape = (block.num_experts, *spec.shape[1:])
+        fused = _try_alias(pieces, shape, fns[name], spec.relayout)
+        if fused is not None and spec.relayout:
+            for e in range(shape[0]):
+                restore_slab(fused[e], fns[name])
+        if fused is None:
+            zero_copy = False
+            fused = _stack(pieces, shape, fns[name])
+        rebuilt[name] = fused
+    for name, fused in rebuilt.items():
+        spec = block.specs[name]
+        if spec.is_buffer:
+            shell.register_buffer(name, fused)
+        else:
+            shell.register_parameter(name, nn.Parameter(fused, requires_grad=spec.requires_grad))
+    first = next(iter(rebuilt.values()))
+    if first.device.type != "meta":
+        shell.to(first.device)
+    return shell, zero_copy
+
+
+def fuse_model(model: nn.Module, *, show_progress: bool | None = None) -> ConversionReport:
+    """Re-fuse every ``DefusedExperts`` of ``model`` into its native experts class, in place.
+
+    Raises ``FuseError`` (before changing anything) when a block holds quantized or missing
+    experts. Returns a ``ConversionReport`` of the fused blocks.
+    """
+    report = ConversionReport()
+    blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, DefusedExperts)]
+    for path, block in blocks:
+        _pieces_per_expert(block, path)  # validate all before mutating any
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for path, block in progress(blocks, "fuse", show_progress):
+            shell, zero_copy = _fuse_block(path, block)
+            parent_path, _, attr = path.rpartition(".")
+            setattr(modules[parent_path], attr, shell)
+            report.converted.append(
+                BlockRecord(path, type(shell).__name__, block.layout.describe(), block.num_experts, "fused", zero_copy=zero_copy)
+            )
+    logger.info("re-fused %d block(s)", len(report.converted))
+    return report

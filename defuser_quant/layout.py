@@ -1,0 +1,148 @@
+"""How a fused experts block stores its experts, read from what Transformers declares.
+
+Every experts class decorated with ``@use_experts_implementation`` carries four layout facts
+(``has_gate``, ``has_bias``, ``is_transposed``, ``is_concatenated``): on the instance after
+``__init__`` and in the closure of the wrapped ``__init__`` on the class. Parameter names follow
+the contract of Transformers' generic experts forwards (``gate_up_proj`` or ``up_proj``,
+``down_proj``, ``<name>_bias``), so no list of model names is needed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LayoutError
+
+LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Storage layout of one fused experts block.
+
+    Shapes (E experts, H hidden, I intermediate): the first projection is ``[E, 2I, H]``
+    (gated) or ``[E, I, H]`` (not gated) and ``down_proj`` is ``[E, H, I]``; transposed layouts
+    swap the last two dims. Gated layouts hold gate and up either concatenated (``[gate; up]``)
+    or interleaved (even rows gate, odd rows up, as gpt_oss).
+    """
+
+    has_gate: bool = True
+    has_bias: bool = False
+    is_transposed: bool = False
+    is_concatenated: bool = True
+
+    @property
+    def in_proj(self) -> str:
+        """Name of the fused input projection parameter."""
+        return "gate_up_proj" if self.has_gate else "up_proj"
+
+    @property
+    def fused_names(self) -> tuple[str, ...]:
+        """Every fused tensor name this layout owns."""
+        names = (self.in_proj, "down_proj")
+        if self.has_bias:
+            names += (f"{self.in_proj}_bias", "down_proj_bias")
+        return names
+
+    def describe(self) -> str:
+        """Short human-readable description, e.g. ``gated/concat/[E,out,in]``."""
+        kind = "gated" if self.has_gate else "ungated"
+        if self.has_gate:
+            kind += "/concat" if self.is_concatenated else "/interleaved"
+        kind += "/[E,in,out]" if self.is_transposed else "/[E,out,in]"
+        if self.has_bias:
+            kind += "/bias"
+        return kind
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> ExpertLayout:
+        return cls(**{k: bool(flags[k]) for k in LAYOUT_FLAGS})
+
+
+def declared_flags_of_class(cls: type) -> dict[str, Any] | None:
+    """Layout flags stamped by ``use_experts_implementation`` on ``cls`` (or a base), else None."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        closure = getattr(init, "__closure__", None)
+        if not closure:
+            continue
+        names = init.__code__.co_freevars
+        if all(flag in names for flag in LAYOUT_FLAGS):
+            cells = dict(zip(names, closure))
+            return {flag: cells[flag].cell_contents for flag in LAYOUT_FLAGS}
+    return None
+
+
+def is_fused_experts_class(cls: type) -> bool:
+    """True for classes decorated with ``@use_experts_implementation``."""
+    return isinstance(cls, type) and issubclass(cls, nn.Module) and declared_flags_of_class(cls) is not None
+
+
+def layout_of(module: nn.Module) -> ExpertLayout | None:
+    """Layout of a fused experts instance, or None when ``module`` is not one.
+
+    Instance attributes win over the class declaration: Transformers stamps them in
+    ``__init__`` and a model may legitimately override them.
+    """
+    if all(hasattr(module, flag) for flag in LAYOUT_FLAGS):
+        return ExpertLayout.from_flags({flag: getattr(module, flag) for flag in LAYOUT_FLAGS})
+    flags = declared_flags_of_class(type(module))
+    return ExpertLayout.from_flags(flags) if flags is not None else None
+
+
+def fused_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """A fused tensor held as parameter or buffer, else None."""
+    if name in module._parameters:
+        return module._parameters[name]
+    if name in module._buffers:
+        return module._buffers[name]
+    return None
+
+
+@dataclass(frozen=True)
+class ExpertShapes:
+    num_experts: int
+    hidden: int
+    intermediate: int
+
+
+def check_shapes(module: nn.Module, layout: ExpertLayout, path: str) -> ExpertShapes:
+    """Validate the fused tensors against ``layout`` and return E, H, I. Raises LayoutError."""
+    tensors = {}
+    for name in layout.fused_names:
+        t = fused_tensor(module, name)
+        if t is None:
+            raise LayoutError(
+                f"{path} ({type(module).__name__}) declares layout {layout.describe()} but has no "
+                f"tensor '{name}'. Add an explicit layout entry for this family in defuser_quant/families.py."
+            )
+        tensors[name] = t
+    w_in, w_down = tensors[layout.in_proj], tensors["down_proj"]
+    if w_in.dim() != 3 or w_down.dim() != 3:
+        raise LayoutError(
+            f"{path}: expected 3-D fused expert tensors, got {layout.in_proj} {tuple(w_in.shape)} and "
+            f"down_proj {tuple(w_down.shape)}."
+        )
+    num_experts = w_in.shape[0]
+    if layout.is_transposed:
+        hidden, in_out = w_in.shape[1], w_in.shape[2]
+        down_in, down_out = w_down.shape[1], w_down.shape[2]
+    else:
+        in_out, hidden = w_in.shape[1], w_in.shape[2]
+        down_out, down_in = w_down.shape[1], w_down.shape[2]
+    intermediate = in_out // 2 if layout.has_gate else in_out
+    expected_down = (num_experts, down_in, down_out)
+    if (layout.has_gate and in_out % 2) or expected_down != (w_down.shape[0], intermediate, hidden):
+        raise LayoutError(
+            f"{path}: {layout.in_proj} {tuple(w_in.shape)} and down_proj {tuple(w_down.shape)} are inconsistent "
+            f"with layout {layout.describe()} (E={num_experts}, H={hidden}, I={intermediate})."
+        )
+    if layout.has_bias:
+        for name, width in ((f"{layout.in_proj}_bias", in_out), ("down_proj_bias", hidden)):
+            if tuple(tensors[name].shape) != (num_experts, width):
+                raise LayoutError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {(num_experts, width)}.")
+    return ExpertShapes(num_experts, hidden, intermediate)

@@ -1,0 +1,3 @@
+"""Pre-load patching (placeholder, filled below)."""
+def replace_fused_blocks(model_type): raise NotImplementedError
+def restore_fused_blocks(model_type=None): raise NotImplementedError

@@ -1,0 +1,44 @@
+"""Structured results of conversions: what was converted, what was skipped and why."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """One fused (or defused) block that a conversion looked at."""
+
+    path: str
+    class_name: str
+    layout: str
+    num_experts: int
+    action: str  # "defused" | "fused" | "skipped"
+    reason: str = ""
+    zero_copy: bool = True
+    expert_bytes: int = 0
+
+
+@dataclass
+class ConversionReport:
+    """Result of ``convert_model``/``fuse_model``; truthy when something was converted."""
+
+    converted: list[BlockRecord] = field(default_factory=list)
+    skipped: list[BlockRecord] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.converted)
+
+    @property
+    def num_experts(self) -> int:
+        return sum(r.num_experts for r in self.converted)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"converted": [asdict(r) for r in self.converted], "skipped": [asdict(r) for r in self.skipped]}
+
+    def summary(self) -> str:
+        lines = [f"{len(self.converted)} block(s) converted ({self.num_experts} experts), {len(self.skipped)} skipped"]
+        lines += [f"  + {r.path}: {r.class_name} {r.layout}, {r.num_experts} experts" for r in self.converted]
+        lines += [f"  - {r.path}: {r.reason}" for r in self.skipped]
+        return "\n".join(lines)
