@@ -1,3 +1,176 @@
-"""Pre-load patching (placeholder, filled below)."""
-def replace_fused_blocks(model_type): raise NotImplementedError
-def restore_fused_blocks(model_type=None): raise NotImplementedError
+"""Pre-load patching: build per-expert Linear modules directly while ``from_pretrained`` loads.
+
+``replace_fused_blocks(model_type)`` registers, through Transformers' own hooks,
+
+* a constructor override on each fused experts class of the family, so that building it from
+  a config builds ``DefusedExperts`` instead (see ``_install_constructor`` for why this is not
+  ``register_patch_mapping``), and
+* a checkpoint conversion mapping (``register_checkpoint_conversion_mapping``) from which the
+  family's per-expert -> fused merges are removed, so per-expert checkpoints load straight into
+  the per-expert Linears (no 2D->3D->2D round trip, no doubled RAM), plus converters that split
+  fused checkpoint tensors (``experts.gate_up_proj``) into per-expert weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .defuse import build_defused
+from .defused import DefusedExperts
+from .errors import UnsupportedModelError
+from .layout import check_shapes, is_fused_experts_class, layout_of
+from .naming import projection_names
+from .split_ops import fused_split_converters, is_expert_merge
+
+logger = logging.getLogger(__name__)
+
+_PATCHED: dict[str, dict[str, Any]] = {}
+
+
+def modeling_module_of(model_type: str):
+    """The ``transformers.models.*.modeling_*`` module that defines ``model_type``."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        import difflib
+
+        close = difflib.get_close_matches(model_type, CONFIG_MAPPING_NAMES, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnsupportedModelError(f"unknown model type {model_type!r}: Transformers has no config for it.{hint}")
+    config_cls_name = CONFIG_MAPPING_NAMES[model_type]
+    from transformers.models.auto import configuration_auto
+
+    config_cls = getattr(configuration_auto, "CONFIG_MAPPING")[model_type]
+    package = config_cls.__module__.rsplit(".", 1)[0]
+    leaf = package.rsplit(".", 1)[1]
+    try:
+        return importlib.import_module(f"{package}.modeling_{leaf}")
+    except ImportError as exc:
+        raise UnsupportedModelError(f"{model_type!r} ({config_cls_name}) has no importable modeling module: {exc}") from exc
+
+
+def fused_experts_classes(model_type: str) -> list[type[nn.Module]]:
+    """Experts classes decorated with ``use_experts_implementation`` in ``model_type``'s modeling file."""
+    module = modeling_module_of(model_type)
+    return [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type) and obj.__module__ == module.__name__ and is_fused_experts_class(obj)
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def defused_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
+    """A ``DefusedExperts`` subclass constructible from a config, standing in for ``fused_cls``."""
+
+    def __init__(self: DefusedExperts, config, *args, **kwargs) -> None:
+        shell = object.__new__(fused_cls)  # bypass the constructor override below
+        with torch.device("meta"):
+            shell.__init__(config, *args, **kwargs)
+        layout = layout_of(shell)
+        shapes = check_shapes(shell, layout, fused_cls.__name__)
+        # Materialise real-shaped fused tensors in the ambient device/dtype only as far as
+        # needed to carve them: on "meta" (how from_pretrained builds models) this is free.
+        fused = {}
+        for name in layout.fused_names:
+            store = shell._parameters if name in shell._parameters else shell._buffers
+            template = store.pop(name)
+            fused[name] = torch.empty(template.shape, dtype=template.dtype)
+            if isinstance(template, nn.Parameter):
+                fused[name] = nn.Parameter(fused[name], requires_grad=template.requires_grad)
+        names = projection_names(getattr(config, "model_type", None), layout.has_gate)
+        built = build_defused(shell, layout, names, fused, undo=[])
+        nn.Module.__init__(self)
+        self.__dict__.update({k: v for k, v in built.__dict__.items()})
+        del shapes
+
+    return type(f"Defused{fused_cls.__name__}", (DefusedExperts,), {"__init__": __init__, "__module__": __name__})
+
+
+_ACTIVE: set[type[nn.Module]] = set()
+
+
+def _install_constructor(fused_cls: type[nn.Module]) -> None:
+    """Make ``fused_cls(config)`` build the defused block instead, while ``fused_cls`` is active.
+
+    Overriding ``__new__`` (rather than swapping the class name in the modeling module, as
+    ``transformers.monkey_patching`` does) keeps ``isinstance(m, <FusedClass>)`` checks such as
+    ``_init_weights`` false for the defused block, so they never look for fused tensors; and it
+    avoids ``apply_patches()``, which in 5.17 imports every optional vision module via ``dir()``
+    and fails without torchvision. Subclasses and ``cls.__new__(cls)`` (copy, pickle) are
+    untouched. The override stays installed once set (CPython cannot cleanly delete a
+    ``__new__`` assigned after class creation); restoring just deactivates it.
+    """
+    _ACTIVE.add(fused_cls)
+    if fused_cls.__dict__.get("_defuser_quant_new"):
+        return
+
+    def __new__(cls, *args, **kwargs):
+        if cls is fused_cls and fused_cls in _ACTIVE and (args or kwargs):
+            return defused_class_for(fused_cls)(*args, **kwargs)
+        return super(fused_cls, cls).__new__(cls)
+
+    fused_cls.__new__ = __new__  # type: ignore[method-assign]
+    fused_cls._defuser_quant_new = True
+
+
+def _remove_constructor(fused_cls: type[nn.Module]) -> None:
+    _ACTIVE.discard(fused_cls)
+
+
+def _conversion_mapping(model_type: str, classes: list[type[nn.Module]]) -> list:
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    existing = get_checkpoint_conversion_mapping(model_type) or []
+    kept = [t for t in existing if not is_expert_merge(t)]
+    return kept + fused_split_converters(model_type, classes, existing)
+
+
+def replace_fused_blocks(model_type: str) -> bool:
+    """Patch ``model_type`` so ``from_pretrained``/``from_config`` build defused experts.
+
+    Returns True when something was patched (False when already patched). Raises
+    ``UnsupportedModelError`` for an unknown model type or one without fused experts.
+    Undo with ``restore_fused_blocks``.
+    """
+    if model_type in _PATCHED:
+        return False
+    classes = fused_experts_classes(model_type)
+    if not classes:
+        raise UnsupportedModelError(
+            f"{model_type!r} has no experts class decorated with @use_experts_implementation; "
+            "use convert_model() after loading, or see the supported families table in the README."
+        )
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+    previous_mapping = get_checkpoint_conversion_mapping(model_type)
+    for cls in classes:
+        _install_constructor(cls)
+    register_checkpoint_conversion_mapping(model_type, _conversion_mapping(model_type, classes), overwrite=True)
+    _PATCHED[model_type] = {"classes": classes, "mapping": previous_mapping}
+    logger.info("patched %s: %s", model_type, ", ".join(c.__name__ for c in classes))
+    return True
+
+
+def restore_fused_blocks(model_type: str | None = None) -> None:
+    """Undo ``replace_fused_blocks`` for ``model_type`` (or every patched type)."""
+    from transformers import conversion_mapping
+
+    for mt in [model_type] if model_type else list(_PATCHED):
+        state = _PATCHED.pop(mt, None)
+        if state is None:
+            continue
+        for cls in state["classes"]:
+            _remove_constructor(cls)
+        cache = conversion_mapping._checkpoint_conversion_mapping_cache
+        if state["mapping"] is None:
+            cache.pop(mt, None)
+        else:
+            cache[mt] = state["mapping"]
+        conversion_mapping.USER_REGISTERED_MAPPINGS.discard(mt)
