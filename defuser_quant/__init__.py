@@ -21,7 +21,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .filters import FilterRules
-from .fuse import fuse_model
+from .fuse import fuse_model, temporarily_fused
 from .inspect import find_fused_blocks
 from .layout import ExpertLayout, is_fused_experts_class, layout_of
 from .patching import replace_fused_blocks, restore_fused_blocks
@@ -50,4 +50,5 @@ __all__ = [
     "layout_of",
     "replace_fused_blocks",
     "restore_fused_blocks",
+    "temporarily_fused",
 ]

@@ -14,7 +14,7 @@ from .defused import DefusedExpert, DefusedExperts, FusedTensorSpec, GateFunctio
 from .errors import ConversionError, DefuserQuantError, SharedStorageError
 from .filters import FilterRules
 from .layout import ExpertLayout, ExpertShapes, check_shapes, fused_tensor, layout_of
-from .naming import ProjectionNames, projection_names
+from .naming import ProjectionNames, projection_names, stock_loads_per_expert
 from .progress import progress
 from .report import BlockRecord, ConversionReport
 from .slicing import carve, down_pieces, in_bias_pieces, in_proj_pieces, needs_relayout, restore_slab, whole_slab
@@ -32,6 +32,7 @@ class BlockPlan:
     layout: ExpertLayout
     shapes: ExpertShapes
     names: ProjectionNames
+    model_type: str | None = None
 
 
 def pieces_fns(layout: ExpertLayout) -> dict[str, Callable]:
@@ -116,6 +117,7 @@ def plan_conversion(
                 layout=layout,
                 shapes=shapes,
                 names=projection_names(_model_type_of(module, fallback_type), layout.has_gate),
+                model_type=_model_type_of(module, fallback_type),
             )
         )
     _check_not_shared(model, plans)
@@ -188,7 +190,8 @@ def _defuse_block(plan: BlockPlan, undo: list[Callable[[], None]]) -> BlockRecor
     undo.append(lambda: setattr(plan.parent, plan.attr, plan.module))
     return BlockRecord(
         plan.path, type(plan.module).__name__, plan.layout.describe(), plan.shapes.num_experts, "defused",
-        zero_copy=zero_copy, expert_bytes=nbytes,
+        zero_copy=zero_copy, expert_bytes=nbytes, model_type=plan.model_type,
+        stock_loads_per_expert=stock_loads_per_expert(plan.model_type),
     )
 
 
@@ -232,4 +235,11 @@ def convert_model(
             f"defusing failed ({type(exc).__name__}: {exc}); the model was restored to its state before the call"
         ) from exc
     logger.info("defused %d block(s), %d experts", len(report.converted), report.num_experts)
+    fused_only = sorted({r.model_type or r.class_name for r in report.converted if not r.stock_loads_per_expert})
+    if fused_only:
+        logger.warning(
+            "stock Transformers loads %s checkpoints only in the fused layout: save with "
+            "`with defuser_quant.temporarily_fused(model): model.save_pretrained(...)` for a checkpoint it loads",
+            ", ".join(fused_only),
+        )
     return report

@@ -10,7 +10,9 @@ Quantized projections cannot be re-fused here: the integrations own those format
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -145,3 +147,22 @@ def fuse_model(model: nn.Module, *, show_progress: bool | None = None) -> Conver
             )
     logger.info("re-fused %d block(s)", len(report.converted))
     return report
+
+
+@contextmanager
+def temporarily_fused(model: nn.Module) -> Iterator[ConversionReport]:
+    """Re-fuse ``model`` for the duration of the block, then defuse it again.
+
+    Both directions are zero-copy for weights ``convert_model`` carved, so this is the cheap
+    way to ``save_pretrained`` the native fused layout (for families whose stock loader reads
+    only fused checkpoints) or to run the fused kernels, and carry on with the defused model.
+    """
+    from .defuse import convert_model
+
+    paths = [p for p, m in model.named_modules() if isinstance(m, DefusedExperts)]
+    report = fuse_model(model)
+    try:
+        yield report
+    finally:
+        if paths:
+            convert_model(model, filter=[f"+:^{re.escape(p)}$" for p in paths])

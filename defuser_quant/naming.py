@@ -74,3 +74,10 @@ def projection_names(model_type: str | None, has_gate: bool) -> ProjectionNames:
         up=up or default.up,
         down=down or default.down,
     )
+
+
+def stock_loads_per_expert(model_type: str | None) -> bool:
+    """True when stock Transformers merges per-expert checkpoints of ``model_type`` on load."""
+    return model_type is not None and (
+        model_type in PROJECTION_NAME_OVERRIDES or _names_from_conversion_mapping(model_type) is not None
+    )

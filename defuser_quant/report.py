@@ -18,6 +18,8 @@ class BlockRecord:
     reason: str = ""
     zero_copy: bool = True
     expert_bytes: int = 0
+    model_type: str | None = None
+    stock_loads_per_expert: bool = True  # False: save through ``temporarily_fused`` for stock loaders
 
 
 @dataclass

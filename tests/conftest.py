@@ -1,0 +1,24 @@
+import logging
+import os
+import sys
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+warnings.filterwarnings("ignore")
+sys.path.insert(0, os.path.dirname(__file__))
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_patches():
+    """Pre-load patches are global: never let one test leak them into another."""
+    yield
+    from defuser_quant import restore_fused_blocks
+
+    restore_fused_blocks()

@@ -1,0 +1,243 @@
+"""convert_model / fuse_model: same math, zero copy, round trips, filters, errors, rollback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import defuser_quant as dq
+from defuser_quant.defuse import convert_model
+from tiny import EXACT, FAMILIES, build, logits, state
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+def _assert_close(family, out, ref):
+    if family in EXACT:
+        assert torch.equal(out, ref), (out - ref).abs().max()
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-6 if out.dtype == torch.float32 else 2e-2, atol=1e-5 if out.dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_defused_forward_matches_fused_eager(family, dtype):
+    model, ids = build(family, dtype)
+    ref = logits(model, ids)
+    report = dq.convert_model(model)
+    assert report and len(report.converted) == 2
+    assert not any(p.dim() == 3 for p in model.parameters())
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, dq.DefusedExperts) and len(experts) == 8
+    assert all(isinstance(m, nn.Linear) for m in experts[0].children())
+    _assert_close(family, logits(model, ids), ref)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_expert_is_exercised_and_matches(family):
+    """Route every token to every expert (top-k = E) so rarely hit experts are compared too."""
+    model, ids = build(family, num_experts_per_tok=8)
+    ref = logits(model, ids)
+    dq.convert_model(model)
+    _assert_close(family, logits(model, ids), ref)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_round_trip_is_bit_identical_and_zero_copy(family):
+    model, ids = build(family)
+    before = state(model)
+    ptrs = {n: p.untyped_storage().data_ptr() for n, p in model.named_parameters() if p.dim() == 3}
+    dq.convert_model(model)
+    experts = model.model.layers[0].mlp.experts
+    gate = experts[3].projection("gate").weight
+    assert gate.untyped_storage().data_ptr() == ptrs["model.layers.0.mlp.experts.gate_up_proj"]
+    report = dq.fuse_model(model)
+    assert report and all(r.zero_copy for r in report.converted)
+    after = state(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert type(model.model.layers[0].mlp.experts).__name__ == type(experts.fused_shell).__name__
+    for n, p in model.named_parameters():
+        if n in ptrs:
+            assert p.untyped_storage().data_ptr() == ptrs[n], f"{n} was copied"
+
+
+def test_views_share_storage_no_copy_for_concatenated_layout():
+    model, _ = build("qwen3_moe")
+    fused = model.model.layers[0].mlp.experts.gate_up_proj
+    dq.convert_model(model)
+    block = model.model.layers[0].mlp.experts
+    base = fused.untyped_storage().data_ptr()
+    size = fused.element_size()
+    for e, expert in enumerate(block):
+        gate, up = expert.gate_proj.weight, expert.up_proj.weight
+        assert gate.untyped_storage().data_ptr() == base and gate.is_contiguous()
+        assert gate.storage_offset() * size == fused[e, :32].storage_offset() * size
+        assert up.storage_offset() == fused[e, 32:].storage_offset()
+
+
+def test_interleaved_transposed_gpt_oss_split_by_even_odd_columns():
+    model, _ = build("gpt_oss")
+    fused = model.model.layers[0].mlp.experts
+    gate_up = fused.gate_up_proj.detach().clone()  # [E, H, 2I], interleaved
+    bias = fused.gate_up_proj_bias.detach().clone()
+    down = fused.down_proj.detach().clone()  # [E, I, H]
+    dq.convert_model(model)
+    expert = model.model.layers[0].mlp.experts[5]
+    assert torch.equal(expert.gate_proj.weight, gate_up[5][:, 0::2].T)
+    assert torch.equal(expert.up_proj.weight, gate_up[5][:, 1::2].T)
+    assert torch.equal(expert.gate_proj.bias, bias[5][0::2])
+    assert torch.equal(expert.up_proj.bias, bias[5][1::2])
+    assert torch.equal(expert.down_proj.weight, down[5].T)
+    assert expert.gate_proj.weight.is_contiguous()
+
+
+def test_mixtral_exposes_original_checkpoint_names():
+    model, _ = build("mixtral")
+    dq.convert_model(model)
+    expert = model.model.layers[0].mlp.experts[0]
+    assert {n for n, _ in expert.named_children()} == {"w1", "w2", "w3"}
+
+
+def test_convert_twice_is_a_no_op():
+    model, ids = build("qwen3_moe")
+    dq.convert_model(model)
+    snapshot, modules = state(model), [id(m) for m in model.modules()]
+    again = dq.convert_model(model)
+    assert not again
+    assert {r.reason for r in again.skipped} == {"already defused"}
+    assert [id(m) for m in model.modules()] == modules
+    assert all(torch.equal(v, state(model)[k]) for k, v in snapshot.items())
+
+
+def test_filter_rules_include_exclude_negative_wins():
+    model, _ = build("qwen3_moe")
+    report = dq.convert_model(model, filter=["+:layers\\.", "-:layers\\.1\\."])
+    assert [r.path for r in report.converted] == ["model.layers.0.mlp.experts"]
+    assert report.skipped[0].reason == "excluded by filter"
+    assert not isinstance(model.model.layers[1].mlp.experts, dq.DefusedExperts)
+    model2, _ = build("qwen3_moe")
+    assert [r.path for r in dq.convert_model(model2, filter="layers\\.1\\.").converted] == ["model.layers.1.mlp.experts"]
+
+
+def test_max_layers():
+    model, _ = build("qwen3_moe")
+    report = dq.convert_model(model, max_layers=1)
+    assert [r.path for r in report.converted] == ["model.layers.0.mlp.experts"]
+    assert "max_layers" in report.skipped[0].reason
+
+
+@pytest.mark.parametrize("rule", ["+:([", "-:*x", ""])
+def test_bad_filter_rule_names_the_rule_and_changes_nothing(rule):
+    model, _ = build("qwen3_moe")
+    before = state(model)
+    with pytest.raises(dq.FilterRuleError) as info:
+        dq.convert_model(model, filter=["+:layers", rule])
+    assert repr(rule) in str(info.value)
+    assert state(model).keys() == before.keys()
+
+
+def test_shared_storage_is_refused_before_any_change():
+    model, _ = build("qwen3_moe")
+    layers = model.model.layers
+    layers[1].mlp.experts.down_proj = layers[0].mlp.experts.down_proj  # tie
+    before = state(model)
+    with pytest.raises(dq.SharedStorageError, match="model.layers.0.mlp.experts.down_proj"):
+        dq.convert_model(model)
+    assert not any(isinstance(m, dq.DefusedExperts) for m in model.modules())
+    assert all(torch.equal(v, state(model)[k]) for k, v in before.items())
+
+
+def test_inconsistent_layout_is_refused_before_any_change():
+    model, _ = build("qwen3_moe")
+    bad = model.model.layers[1].mlp.experts
+    bad.down_proj = nn.Parameter(torch.zeros(8, 64, 7))
+    with pytest.raises(dq.LayoutError, match="model.layers.1.mlp.experts"):
+        dq.convert_model(model)
+    assert not isinstance(model.model.layers[0].mlp.experts, dq.DefusedExperts)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("failure", [RuntimeError("simulated out of memory"), KeyboardInterrupt()])
+def test_failure_half_way_restores_the_model_exactly(family, failure, monkeypatch):
+    import defuser_quant.defuse as engine
+
+    model, ids = build(family)
+    before, ref = state(model), logits(model, ids)
+    modules_before = [(n, type(m)) for n, m in model.named_modules()]
+    real = engine.build_defused
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first block is already converted (and relaid out for gpt_oss)
+            raise failure
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "build_defused", failing)
+    expected = dq.ConversionError if isinstance(failure, Exception) else KeyboardInterrupt
+    with pytest.raises(expected):
+        convert_model(model)
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules_before
+    after = state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(logits(model, ids), ref)
+
+
+def test_meta_model_converts_without_materializing():
+    from tiny import qwen3_moe_config
+    from transformers import Qwen3MoeForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(qwen3_moe_config())
+    report = dq.convert_model(model)
+    assert report
+    expert = model.model.layers[0].mlp.experts[2]
+    assert expert.gate_proj.weight.device.type == "meta"
+    assert tuple(expert.gate_proj.weight.shape) == (32, 64)
+    assert tuple(expert.down_proj.weight.shape) == (64, 32)
+
+
+def test_fuse_refuses_replaced_projections_and_changes_nothing():
+    model, _ = build("qwen3_moe")
+    dq.convert_model(model)
+    block = model.model.layers[1].mlp.experts
+    block[4].up_proj = nn.Identity()
+    with pytest.raises(dq.FuseError, match=r"model.layers.1.mlp.experts.4.up_proj"):
+        dq.fuse_model(model)
+    assert isinstance(model.model.layers[0].mlp.experts, dq.DefusedExperts)
+
+
+def test_fuse_after_dtype_change_copies_and_still_round_trips():
+    model, ids = build("gpt_oss")
+    dq.convert_model(model)
+    model.to(torch.float64)  # every per-expert weight gets its own storage
+    ref = logits(model, ids)
+    report = dq.fuse_model(model)
+    assert not report.converted[0].zero_copy
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float64
+    torch.testing.assert_close(logits(model, ids), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_report_is_structured():
+    model, _ = build("gpt_oss")
+    report = dq.convert_model(model)
+    data = report.to_dict()
+    assert data["converted"][0]["class_name"] == "GptOssExperts"
+    assert data["converted"][0]["layout"] == "gated/interleaved/[E,in,out]/bias"
+    assert data["converted"][0]["num_experts"] == 8
+    assert "2 block(s) converted (16 experts)" in report.summary()
+
+
+def test_accelerate_cpu_offload_keeps_weights_reachable():
+    from accelerate import cpu_offload
+
+    model, ids = build("qwen3_moe")
+    ref = logits(model, ids)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
+    dq.convert_model(model)
+    block = model.model.layers[0].mlp.experts
+    assert isinstance(block, dq.DefusedExperts)
+    assert torch.equal(logits(model, ids), ref)

@@ -1,0 +1,136 @@
+"""Real save_pretrained/from_pretrained round trips and the pre-load patch path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import defuser_quant as dq
+from tiny import build, logits
+
+
+def _keys(path: Path) -> list[str]:
+    keys = []
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            keys += list(f.keys())
+    return keys
+
+
+def _load(path, **kw):
+    return AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager", **kw).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_defused_save_loads_into_the_stock_class_with_identical_logits(family, tmp_path):
+    model, ids = build(family)
+    ref = logits(model, ids)
+    report = dq.convert_model(model)
+    if report.converted[0].stock_loads_per_expert:
+        model.save_pretrained(tmp_path)
+    else:  # gpt_oss: Transformers has no per-expert checkpoint format for it
+        assert family == "gpt_oss"
+        with dq.temporarily_fused(model):
+            model.save_pretrained(tmp_path)
+        assert isinstance(model.model.layers[0].mlp.experts, dq.DefusedExperts)
+        torch.testing.assert_close(logits(model, ids), ref, rtol=1e-6, atol=1e-5)
+    loaded = _load(tmp_path)
+    assert type(loaded.model.layers[0].mlp.experts).__name__ != "DefusedExperts"
+    assert loaded.model.layers[0].mlp.experts.down_proj.dim() == 3
+    assert torch.equal(logits(loaded, ids), ref)
+
+
+def test_defused_mixtral_saves_original_per_expert_names(tmp_path):
+    model, _ = build("mixtral")
+    dq.convert_model(model)
+    model.save_pretrained(tmp_path)
+    keys = _keys(tmp_path)
+    assert "model.layers.0.block_sparse_moe.experts.7.w1.weight" in keys
+    assert "model.layers.1.block_sparse_moe.experts.0.w2.weight" in keys
+    assert not any("gate_up_proj" in k for k in keys)
+
+
+def _checkpoints(tmp_path, family="qwen3_moe"):
+    model, ids = build(family)
+    ref = logits(model, ids)
+    per_expert, fused = tmp_path / "per_expert", tmp_path / "fused"
+    model.save_pretrained(per_expert)
+    model.save_pretrained(fused, save_original_format=False)
+    return ids, ref, per_expert, fused
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_preload_patch_loads_both_checkpoint_layouts_defused(family, tmp_path):
+    ids, ref, per_expert, fused = _checkpoints(tmp_path, family)
+    model_type = json.loads((per_expert / "config.json").read_text())["model_type"]
+    assert dq.replace_fused_blocks(model_type)
+    for path in (per_expert, fused):
+        model = _load(path)
+        block = model.model.layers[0].mlp.experts
+        assert isinstance(block, dq.DefusedExperts), path
+        assert not any(p.dim() == 3 for p in model.parameters())
+        out = logits(model, ids)
+        if family == "gpt_oss":
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+        else:
+            assert torch.equal(out, ref), path
+
+
+def test_preload_patch_does_not_merge_per_expert_checkpoints(tmp_path, monkeypatch):
+    """A per-expert checkpoint must never be stacked into 3-D tensors on the way in."""
+    import transformers.core_model_loading as loading
+
+    _, _, per_expert, _ = _checkpoints(tmp_path)
+    stacked = []
+    real = loading.MergeModulelist.convert
+
+    def spy(self, *args, **kwargs):
+        stacked.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(loading.MergeModulelist, "convert", spy)
+    dq.replace_fused_blocks("qwen3_moe")
+    _load(per_expert)
+    assert stacked == []
+    dq.restore_fused_blocks("qwen3_moe")
+    _load(per_expert)
+    assert stacked, "the stock path should merge (sanity check of the spy)"
+
+
+def test_preload_patched_model_saves_and_refuses(tmp_path):
+    ids, ref, per_expert, _ = _checkpoints(tmp_path)
+    dq.replace_fused_blocks("qwen3_moe")
+    model = _load(per_expert)
+    out = tmp_path / "resaved"
+    model.save_pretrained(out)
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in _keys(out)
+    dq.restore_fused_blocks()
+    assert torch.equal(logits(_load(out), ids), ref)
+    report = dq.fuse_model(model)
+    assert len(report.converted) == 2 and not report.converted[0].zero_copy
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (8, 64, 64)
+    assert torch.equal(logits(model, ids), ref)
+
+
+def test_restore_returns_to_stock_loading(tmp_path):
+    _, _, per_expert, _ = _checkpoints(tmp_path)
+    assert dq.replace_fused_blocks("qwen3_moe")
+    assert not dq.replace_fused_blocks("qwen3_moe")  # already patched
+    dq.restore_fused_blocks("qwen3_moe")
+    model = _load(per_expert)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3
+
+
+def test_unknown_model_type_is_a_clear_error():
+    with pytest.raises(dq.UnsupportedModelError, match="qwen3_moe"):
+        dq.replace_fused_blocks("qwen3_moee")
+
+
+def test_model_type_without_fused_experts_is_a_clear_error():
+    with pytest.raises(dq.UnsupportedModelError, match="convert_model"):
+        dq.replace_fused_blocks("llama")
