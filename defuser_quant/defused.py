@@ -54,13 +54,11 @@ def fast_linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: 
     """An ``nn.Linear`` wrapping existing tensors, without allocating or initialising anything."""
     linear = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(linear)
-    linear.in_features = weight.shape[1]
-    linear.out_features = weight.shape[0]
-    linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
-    if bias is None:
-        linear.register_parameter("bias", None)
-    else:
-        linear.bias = nn.Parameter(bias, requires_grad=requires_grad)
+    # Direct dict writes: this runs once per projection (tens of thousands for a large model).
+    linear.__dict__["in_features"] = weight.shape[1]
+    linear.__dict__["out_features"] = weight.shape[0]
+    linear._parameters["weight"] = nn.Parameter(weight, requires_grad=requires_grad)
+    linear._parameters["bias"] = None if bias is None else nn.Parameter(bias, requires_grad=requires_grad)
     return linear
 
 
