@@ -241,3 +241,51 @@ def test_accelerate_cpu_offload_keeps_weights_reachable():
     block = model.model.layers[0].mlp.experts
     assert isinstance(block, dq.DefusedExperts)
     assert torch.equal(logits(model, ids), ref)
+
+
+def test_fused_tensors_held_as_buffers_are_defused_and_restored_as_buffers():
+    model, ids = build("qwen3_moe")
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            tensor = experts._parameters.pop(name).detach()
+            experts.register_buffer(name, tensor)
+    ref = logits(model, ids)
+    assert dq.convert_model(model)
+    assert torch.equal(logits(model, ids), ref)
+    dq.fuse_model(model)
+    experts = model.model.layers[0].mlp.experts
+    assert "gate_up_proj" in experts._buffers and "gate_up_proj" not in experts._parameters
+
+
+def test_partially_converted_model_converts_the_rest_and_fuses_back():
+    model, ids = build("qwen3_moe")
+    before = state(model)
+    dq.convert_model(model, filter="layers\\.0\\.")
+    report = dq.convert_model(model)
+    assert [r.path for r in report.converted] == ["model.layers.1.mlp.experts"]
+    assert [r.reason for r in report.skipped] == ["already defused"]
+    dq.fuse_model(model)
+    assert all(torch.equal(v, state(model)[k]) for k, v in before.items())
+
+
+def test_block_with_a_missing_expert_cannot_be_fused():
+    model, _ = build("qwen3_moe")
+    dq.convert_model(model)
+    del model.model.layers[0].mlp.experts._modules["5"]
+    with pytest.raises(dq.FuseError, match="expert 5 is missing"):
+        dq.fuse_model(model)
+    assert isinstance(model.model.layers[1].mlp.experts, dq.DefusedExperts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_cuda_defuse_matches_and_round_trips(family):
+    model, ids = build(family)
+    model, ids = model.cuda(), ids.cuda()
+    ref = logits(model, ids)
+    before = state(model)
+    dq.convert_model(model)
+    torch.testing.assert_close(logits(model, ids), ref, rtol=1e-5, atol=1e-5)
+    dq.fuse_model(model)
+    assert all(torch.equal(v, state(model)[k]) for k, v in before.items())
