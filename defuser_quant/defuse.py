@@ -29,6 +29,7 @@ class BlockPlan:
     parent: nn.Module
     attr: str
     module: nn.Module
+    aliases: list[tuple[str, nn.Module, str]]  # every (path, parent, attr) holding this module
     layout: ExpertLayout
     shapes: ExpertShapes
     names: ProjectionNames
@@ -60,6 +61,11 @@ def _storage_key(t: torch.Tensor) -> int | None:
     return t.untyped_storage().data_ptr()
 
 
+def _tie_key(plan: BlockPlan) -> tuple[int, ...]:
+    """Identity of a block's fused tensors: equal for blocks tied to each other (same Parameters)."""
+    return tuple(id(fused_tensor(plan.module, name)) for name in plan.layout.fused_names)
+
+
 def _check_not_shared(model: nn.Module, plans: list[BlockPlan]) -> None:
     owners: dict[int, list[str]] = {}
     storages: dict[int, list[str]] = {}
@@ -69,12 +75,18 @@ def _check_not_shared(model: nn.Module, plans: list[BlockPlan]) -> None:
         if key is not None:
             storages.setdefault(key, []).append(name)
     for plan in plans:
+        # The same module reached through several paths (tied encoder/decoder layers) is fine: it
+        # is replaced at every path. Anything else sharing the storage is not.
+        # Blocks tied to each other (every fused tensor the same Parameter, as diffusion_gemma's
+        # encoder/decoder) are defused together and keep sharing their per-expert Parameters.
+        tied = [p for p in plans if _tie_key(p) == _tie_key(plan)]
+        own = {f"{alias}.{name}" for p in tied for alias, _, _ in p.aliases for name in p.layout.fused_names}
         for name in plan.layout.fused_names:
             tensor = fused_tensor(plan.module, name)
             full = f"{plan.path}.{name}"
-            others = [n for n in owners.get(id(tensor), []) if n != full]
+            others = [n for n in owners.get(id(tensor), []) if n not in own]
             key = _storage_key(tensor)
-            others += [n for n in storages.get(key, []) if n != full and key is not None]
+            others += [n for n in storages.get(key, []) if n not in own and key is not None]
             if others:
                 raise SharedStorageError(
                     f"{full} shares its storage with {sorted(set(others))[:3]}; defusing in place would change "
@@ -88,6 +100,9 @@ def plan_conversion(
     """Find every fused experts block to convert; validates all of them before anything changes."""
     fallback_type = getattr(getattr(model, "config", None), "model_type", None)
     modules = dict(model.named_modules())
+    all_paths: dict[int, list[str]] = {}
+    for alias, module in model.named_modules(remove_duplicate=False):
+        all_paths.setdefault(id(module), []).append(alias)
     plans: list[BlockPlan] = []
     for path, module in modules.items():
         if isinstance(module, DefusedExperts):
@@ -108,12 +123,17 @@ def plan_conversion(
             continue
         shapes = check_shapes(module, layout, path)
         parent_path, _, attr = path.rpartition(".")
+        aliases = []
+        for alias in all_paths[id(module)]:
+            alias_parent, _, alias_attr = alias.rpartition(".")
+            aliases.append((alias, model.get_submodule(alias_parent), alias_attr))
         plans.append(
             BlockPlan(
                 path=path,
                 parent=modules[parent_path],
                 attr=attr,
                 module=module,
+                aliases=aliases,
                 layout=layout,
                 shapes=shapes,
                 names=projection_names(_model_type_of(module, fallback_type), layout.has_gate),
@@ -175,7 +195,21 @@ def _detach_fused(module: nn.Module, layout: ExpertLayout, undo: list[Callable[[
     return fused
 
 
-def _defuse_block(plan: BlockPlan, undo: list[Callable[[], None]]) -> BlockRecord:
+def _tied_copy(leader: DefusedExperts, shell: nn.Module) -> DefusedExperts:
+    """A block for ``shell`` whose Linears hold the very Parameters of ``leader``'s Linears."""
+    gate_fn = GateFunction(shell, leader.layout)
+    experts = []
+    for expert in leader:
+        projections = {}
+        for name in leader.names.as_tuple():
+            source = getattr(expert, name)
+            projections[name] = fast_linear(source.weight, source.bias, source.weight.requires_grad)
+            projections[name]._parameters.update(source._parameters)  # share, not copy
+        experts.append(DefusedExpert(leader.names, projections, gate_fn))
+    return DefusedExperts(shell, leader.layout, leader.names, experts, leader.specs)
+
+
+def _defuse_block(plan: BlockPlan, undo: list[Callable[[], None]], tied_to: DefusedExperts | None) -> BlockRecord:
     from .offload import materialize_offloaded, rehook_offloaded
 
     hook_state = materialize_offloaded(plan.module, plan.layout, undo)
@@ -184,15 +218,20 @@ def _defuse_block(plan: BlockPlan, undo: list[Callable[[], None]]) -> BlockRecor
         t.device.type != "meta" and needs_relayout(t, fn) for (n, t), fn in zip(fused.items(), pieces_fns(plan.layout).values())
     )
     nbytes = sum(t.numel() * t.element_size() for t in fused.values())
-    defused = build_defused(plan.module, plan.layout, plan.names, fused, undo)
+    if tied_to is not None:
+        defused = _tied_copy(tied_to, plan.module)
+    else:
+        defused = build_defused(plan.module, plan.layout, plan.names, fused, undo)
     rehook_offloaded(defused, hook_state)
-    setattr(plan.parent, plan.attr, defused)
-    undo.append(lambda: setattr(plan.parent, plan.attr, plan.module))
-    return BlockRecord(
+    for _, parent, attr in plan.aliases:
+        setattr(parent, attr, defused)
+        undo.append(lambda p=parent, a=attr: setattr(p, a, plan.module))
+    record = BlockRecord(
         plan.path, type(plan.module).__name__, plan.layout.describe(), plan.shapes.num_experts, "defused",
         zero_copy=zero_copy, expert_bytes=nbytes, model_type=plan.model_type,
         stock_loads_per_expert=stock_loads_per_expert(plan.model_type),
     )
+    return record, defused
 
 
 def convert_model(
@@ -223,8 +262,12 @@ def convert_model(
     undo: list[Callable[[], None]] = []
     try:
         with torch.no_grad():
+            leaders: dict[tuple[int, ...], DefusedExperts] = {}
             for plan in progress(plans, "defuse", show_progress):
-                report.converted.append(_defuse_block(plan, undo))
+                key = _tie_key(plan)
+                record, defused = _defuse_block(plan, undo, leaders.get(key))
+                leaders.setdefault(key, defused)
+                report.converted.append(record)
     except BaseException as exc:
         with torch.no_grad():
             for step in reversed(undo):

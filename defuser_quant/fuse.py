@@ -98,12 +98,17 @@ def _stack(pieces: list[list[torch.Tensor]], shape: tuple[int, ...], fn: Callabl
     return fused
 
 
-def _fuse_block(path: str, block: DefusedExperts) -> tuple[nn.Module, bool]:
+def _fuse_block(path: str, block: DefusedExperts, memo: dict[int, torch.Tensor]) -> tuple[nn.Module, bool]:
+    """Rebuild ``block``'s native module. ``memo`` maps a first per-expert Parameter to the fused
+    tensor already rebuilt from it, so blocks tied to each other get the same fused Parameter."""
     per_name = _pieces_per_expert(block, path)
     shell = block.fused_shell
     fns = pieces_fns(block.layout)
     rebuilt, zero_copy = {}, True
     for name, pieces in per_name.items():
+        if id(pieces[0][0]) in memo:
+            rebuilt[name] = memo[id(pieces[0][0])]
+            continue
         spec = block.specs[name]
         shape = (block.num_experts, *spec.shape[1:])
         fused = _try_alias(pieces, shape, fns[name], spec.relayout)
@@ -113,13 +118,14 @@ def _fuse_block(path: str, block: DefusedExperts) -> tuple[nn.Module, bool]:
         if fused is None:
             zero_copy = False
             fused = _stack(pieces, shape, fns[name])
-        rebuilt[name] = fused
+        if not spec.is_buffer:
+            fused = nn.Parameter(fused, requires_grad=spec.requires_grad)
+        rebuilt[name] = memo[id(pieces[0][0])] = fused
     for name, fused in rebuilt.items():
-        spec = block.specs[name]
-        if spec.is_buffer:
+        if block.specs[name].is_buffer:
             shell.register_buffer(name, fused)
         else:
-            shell.register_parameter(name, nn.Parameter(fused, requires_grad=spec.requires_grad))
+            shell.register_parameter(name, fused)
     first = next(iter(rebuilt.values()))
     if first.device.type != "meta":
         shell.to(first.device)
@@ -136,12 +142,16 @@ def fuse_model(model: nn.Module, *, show_progress: bool | None = None) -> Conver
     blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, DefusedExperts)]
     for path, block in blocks:
         _pieces_per_expert(block, path)  # validate all before mutating any
-    modules = dict(model.named_modules())
+    aliases: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(path)
+    memo: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for path, block in progress(blocks, "fuse", show_progress):
-            shell, zero_copy = _fuse_block(path, block)
-            parent_path, _, attr = path.rpartition(".")
-            setattr(modules[parent_path], attr, shell)
+            shell, zero_copy = _fuse_block(path, block, memo)
+            for alias in aliases[id(block)]:  # a block shared by several parents is restored in all
+                parent_path, _, attr = alias.rpartition(".")
+                setattr(model.get_submodule(parent_path), attr, shell)
             report.converted.append(
                 BlockRecord(path, type(shell).__name__, block.layout.describe(), block.num_experts, "fused", zero_copy=zero_copy)
             )

@@ -22,3 +22,20 @@ def _restore_patches():
     from defuser_quant import restore_fused_blocks
 
     restore_fused_blocks()
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_tiny_models(request):
+    """Tiny models gain nothing from intra-op threads and lose a lot on a busy 2-core machine;
+    end-to-end quantizer runs (marked slow) keep every core."""
+    import torch
+
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
