@@ -1,0 +1,159 @@
+"""GPTQModel loader plugin: make ``GPTQModel.load`` defuse with defuser-quant.
+
+Activate with one line, before ``GPTQModel.load``::
+
+    from defuser_quant.integrations.gptqmodel import install; install()
+
+What ``install()`` changes in the running GPTQModel 7.6 (all undone by :func:`uninstall`):
+
+* ``gptqmodel.models.loader.defuser`` and ``_convert_model_with_defuser`` -> our pre-load
+  patching and ``convert_model`` (``gptqmodel_loader``), with the expert projections named as
+  the model definition expects and the definition checked to cover every expert;
+* ``gptqmodel.models.auto.check_and_get_model_definition`` -> also generates a definition for
+  MoE families GPTQModel has none for (``gptqmodel_definitions``);
+* ``gptqmodel.models.writer.get_state_dict_for_save`` -> first gives unquantized expert weights
+  their own storage, so none is dropped as a "shared tensor" (``gptqmodel_storage``).
+
+GPTQModel 7.6 has no plugin or entry-point mechanism, so these are module-attribute rebinds;
+the ``defuser`` package and Transformers' classes are left untouched. Calibration with our
+routing modes and coverage report: :func:`quantize_with_defuser`; a float checkpoint of the
+native fused classes for evaluation: :func:`save_dequantized_fused`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .gptqmodel_compat import GPTQMODEL_PIN, INSTALL_COMMAND, GPTQModelUnavailableError, require_gptqmodel
+from .gptqmodel_loader import DefinitionMismatchError, DefuserQuantShim, check_definition
+from .gptqmodel_storage import own_expert_storage
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GPTQMODEL_PIN",
+    "INSTALL_COMMAND",
+    "DefinitionMismatchError",
+    "GPTQModelUnavailableError",
+    "QuantizeResult",
+    "check_definition",
+    "generated_definitions",
+    "install",
+    "is_installed",
+    "own_expert_storage",
+    "quantize_with_defuser",
+    "register_generated_definition",
+    "save_dequantized_fused",
+    "shim",
+    "uninstall",
+]
+
+
+@dataclass
+class _Installed:
+    shim: DefuserQuantShim
+    originals: dict[tuple[Any, str], Any]
+
+
+_STATE: _Installed | None = None
+
+
+def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_definitions: bool = True) -> None:
+    """Route GPTQModel's defusing through defuser-quant. Idempotent.
+
+    Args:
+        delegate_unsupported: model types our core cannot defuse go to the ``defuser`` package
+            as before (otherwise they load without defusing).
+        strict: raise ``DefinitionMismatchError`` at load when GPTQModel's definition does not
+            list every defused expert projection (else warn).
+        generate_definitions: generate and register a definition for MoE families GPTQModel
+            has none for.
+
+    Raises:
+        GPTQModelUnavailableError: gptqmodel is missing or not 7.6.x (an ``ImportError``).
+    """
+    global _STATE
+    require_gptqmodel()
+    if _STATE is not None:
+        _STATE.shim.delegate_unsupported = delegate_unsupported
+        _STATE.shim.strict = strict
+        return
+    from gptqmodel.models import auto, loader, writer
+
+    from .gptqmodel_definitions import definition_lookup
+    from .gptqmodel_storage import guarded_state_dict_for_save
+
+    shim = DefuserQuantShim(defuser=loader.defuser, delegate_unsupported=delegate_unsupported, strict=strict)
+    replacements: dict[tuple[Any, str], Any] = {
+        (loader, "defuser"): shim,
+        (loader, "_convert_model_with_defuser"): shim.convert_with_definition,
+        (writer, "get_state_dict_for_save"): guarded_state_dict_for_save(writer.get_state_dict_for_save),
+    }
+    if generate_definitions:
+        replacements[(auto, "check_and_get_model_definition")] = definition_lookup(auto.check_and_get_model_definition)
+    originals = {}
+    for (module, name), value in replacements.items():
+        originals[(module, name)] = getattr(module, name)
+        setattr(module, name, value)
+    _STATE = _Installed(shim, originals)
+    logger.info("defuser-quant GPTQModel plugin installed")
+
+
+def uninstall() -> None:
+    """Undo :func:`install`: original loader, lookup and writer; generated definitions removed."""
+    global _STATE
+    if _STATE is None:
+        return
+    from .gptqmodel_definitions import unregister_generated
+
+    for (module, name), value in _STATE.originals.items():
+        setattr(module, name, value)
+    _STATE.shim.restore()
+    unregister_generated()
+    _STATE = None
+    logger.info("defuser-quant GPTQModel plugin uninstalled")
+
+
+def is_installed() -> bool:
+    """True between :func:`install` and :func:`uninstall`."""
+    return _STATE is not None
+
+
+def shim() -> DefuserQuantShim | None:
+    """The active loader shim (its ``calls`` log what GPTQModel asked for), or None."""
+    return _STATE.shim if _STATE is not None else None
+
+
+def register_generated_definition(model_type: str, config: Any | None = None, *, replace: bool = False) -> type:
+    """Generate a GPTQModel definition for ``model_type`` from its defused structure and register it.
+
+    ``install()`` does this on demand for families GPTQModel lacks; call it with
+    ``replace=True`` to override a GPTQModel definition that does not match the defused
+    structure (see ``DefinitionMismatchError``).
+    """
+    require_gptqmodel()
+    from .gptqmodel_definitions import register_generated_definition as register
+
+    return register(model_type, config, replace=replace)
+
+
+def generated_definitions() -> dict[str, type]:
+    """Definitions generated so far, by model type."""
+    from .gptqmodel_definitions import generated_definitions as generated
+
+    return generated()
+
+
+def __getattr__(name: str) -> Any:
+    # Keep the calibration and re-fuse modules (and what they import) out of a plain install().
+    if name in ("quantize_with_defuser", "QuantizeResult"):
+        from . import gptqmodel_calibration
+
+        return getattr(gptqmodel_calibration, name)
+    if name == "save_dequantized_fused":
+        from .gptqmodel_refuse import save_dequantized_fused
+
+        return save_dequantized_fused
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

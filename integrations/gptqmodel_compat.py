@@ -1,0 +1,63 @@
+"""The one place that imports GPTQModel: lazy import plus the version pin.
+
+The plugin reaches into GPTQModel internals (``gptqmodel.models.loader``'s ``defuser`` global,
+``gptqmodel.models.auto.MODEL_MAP``, the writer's ``get_state_dict_for_save``), so it supports
+exactly the release series those were checked against.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from defuser_quant.errors import DefuserQuantError
+
+GPTQMODEL_PIN = "gptqmodel==7.6.0"
+SUPPORTED_SERIES = (7, 6)
+INSTALL_COMMAND = "pip install 'defuser-quant[gptqmodel]'   # or: pip install gptqmodel==7.6.0"
+
+
+class GPTQModelUnavailableError(DefuserQuantError, ImportError):
+    """GPTQModel is missing or is not the release series this plugin supports."""
+
+
+def installed_version(module: ModuleType) -> str:
+    """The version string of an imported ``gptqmodel`` module ("unknown" when it has none)."""
+    version = getattr(module, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version("gptqmodel")
+        except Exception:  # pragma: no cover - broken installs only
+            version = "unknown"
+    return str(version)
+
+
+def _series(version: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return None
+
+
+def require_gptqmodel() -> ModuleType:
+    """Import ``gptqmodel`` and check it is a 7.6.x release.
+
+    Raises:
+        GPTQModelUnavailableError: (an ``ImportError``) naming the pin and the install command.
+    """
+    try:
+        module = importlib.import_module("gptqmodel")
+    except ImportError as exc:
+        raise GPTQModelUnavailableError(
+            f"the GPTQModel plugin needs {GPTQMODEL_PIN}, which is not importable ({exc}). Install it with: "
+            f"{INSTALL_COMMAND}"
+        ) from exc
+    version = installed_version(module)
+    if _series(version) != SUPPORTED_SERIES:
+        raise GPTQModelUnavailableError(
+            f"the GPTQModel plugin supports {GPTQMODEL_PIN} (7.6.x), found gptqmodel {version}: it patches loader "
+            f"internals checked against 7.6 only. Install the pinned release with: {INSTALL_COMMAND}"
+        )
+    return module
