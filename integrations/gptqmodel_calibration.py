@@ -1,0 +1,335 @@
+"""Our routing modes and coverage report inside a GPTQModel ``quantize()`` run.
+
+GPTQModel quantizes layer by layer. For each layer it swaps every ``nn.Linear`` for a
+``HookedLinear`` and runs the calibration batches once per subset with that subset's hooks set
+(for an MoE layer: all experts' gate/up, then all experts' down), then once more without hooks
+to compute the next layer's inputs. Hooks registered on the original ``nn.Linear`` objects
+(``calibration.CoverageTracker``) do not survive that swap, so this module counts from the
+``DefusedExperts`` forward instead, and only while the quantizer listens:
+
+* a forward runs with routing mode ``routed``/``all``/``budgeted`` (``calibration.routing``)
+  only when some expert projection of the block has GPTQModel's hook set; replay forwards
+  stay plain routed (no forced tokens wasted);
+* each listening pass gets its own routing session, so ``budgeted`` tops experts up to
+  ``min_tokens`` for the gate/up pass *and* again for the down pass;
+* the rows (routed / forced) passed to each listening projection are counted; the report's
+  per-expert numbers are the minimum over its projections, and every projection record also
+  carries GPTQModel's own sample count and how it was quantized (GPTQ, its RTN fallback, AWQ,
+  or left in float).
+
+Comparison with GPTQModel's ``MoEConfig``: ``ExpertsRoutingOverride(num_experts_per_tok="all")``
+raises the router's top-k during capture (every expert sees every token, as our ``all``);
+``ExpertsRoutingBypass`` pushes all tokens through all experts' projections directly. Neither
+tops up only the starved experts (our ``budgeted``) or says which tokens were routed and which
+forced. Using both at once is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageError, CoverageReport, build_report, routing_mode
+from defuser_quant.calibration.capture import PROJECTION_ROLES, defused_blocks
+from defuser_quant.defused import DefusedExperts
+from defuser_quant.errors import DefuserQuantError
+
+logger = logging.getLogger(__name__)
+
+Policy = Literal["error", "warn", "fallback"]
+POLICIES = ("error", "warn", "fallback")
+_LAYER_PATH = re.compile(r"^(?P<root>.*?)\.(?P<index>\d+)\.(?P<rel>.+)$")
+
+
+class UnquantizedExpertsError(DefuserQuantError):
+    """Expert projections were left in float although no ``dynamic`` rule excluded them."""
+
+
+@dataclass(frozen=True)
+class ProjectionRecord:
+    """What the quantizer of one expert projection saw and did."""
+
+    layer: str
+    expert: int
+    role: str
+    module: str
+    routed: int
+    forced: int
+    quantizer_samples: int | None
+    method: str  # "gptq" | "awq" | "rtn-fallback" | "float (excluded)" | "float"
+    loss: str | None = None
+
+
+@dataclass
+class QuantizeResult:
+    """Outcome of :func:`quantize_with_defuser`."""
+
+    log: dict[str, list[dict[str, Any]]]
+    coverage: CoverageReport
+    projections: list[ProjectionRecord] = field(default_factory=list)
+    report_path: Path | None = None
+
+    def float_projections(self) -> list[ProjectionRecord]:
+        return [p for p in self.projections if p.method.startswith("float")]
+
+
+def _listening(module: nn.Module | None) -> bool:
+    return module is not None and getattr(module, "forward_hook", None) is not None
+
+
+class QuantizerAwareRouting:
+    """``forward_override`` for every block: routing modes during quantizer capture passes only."""
+
+    def __init__(self, model: nn.Module, mode: str, min_tokens: int):
+        self.model = model
+        self.mode = mode
+        self.min_tokens = min_tokens
+        self.blocks = dict(defused_blocks(model))
+        self.paths = {id(b): p for p, b in self.blocks.items()}
+        self._overrides: dict[tuple, Any] = {}
+        # counts[path][expert][role] = [routed, forced]
+        self.counts: dict[str, list[dict[str, list[int]]]] = {
+            p: [{r: [0, 0] for r in PROJECTION_ROLES} for _ in range(len(b))] for p, b in self.blocks.items()
+        }
+
+    def _override(self, path: str, roles: tuple[str, ...], experts: frozenset[int]):
+        key = (path, roles, experts)
+        if key not in self._overrides:
+            # A fresh routing session per listening pass: budgets restart for every subset.
+            with routing_mode(self.model, self.mode, min_tokens=self.min_tokens, experts={path: experts}) as session:
+                override = self.blocks[path].forward_override
+            self._overrides[key] = (override, session)
+        return self._overrides[key]
+
+    def __call__(self, block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        path = self.paths[id(block)]
+        listening = [
+            (e, role) for e, expert in enumerate(block) for role in PROJECTION_ROLES if _listening(expert.projection(role))
+        ]
+        if not listening:
+            return block.routed_forward(hidden_states, top_k_index, top_k_weights)
+        roles = tuple(sorted({r for _, r in listening}))
+        experts = frozenset(e for e, _ in listening)
+        override, session = self._override(path, roles, experts)
+        counts = session.counts[path]
+        before_routed, before_forced = counts.routed.clone(), counts.forced.clone()
+        # GPTQModel may stop the layer forward right after the subset's last module (an
+        # exception from its hook); hold that back until the forced tokens have run too.
+        stoppers = [
+            m for e, role in listening if getattr(m := block[e].projection(role), "forward_hook_last", False)
+        ]
+        for module in stoppers:
+            module.forward_hook_last = False
+        try:
+            output = override(block, hidden_states, top_k_index, top_k_weights)
+        finally:
+            for module in stoppers:
+                module.forward_hook_last = True
+        routed = (counts.routed - before_routed).tolist()
+        forced = (counts.forced - before_forced).tolist()
+        for e, role in listening:
+            record = self.counts[path][e][role]
+            record[0] += routed[e]
+            record[1] += forced[e]
+        if stoppers:
+            from gptqmodel.nn_modules.hooked_linear import STOP_FORWARD_EXCEPTION
+
+            raise STOP_FORWARD_EXCEPTION.with_traceback(None)
+        return output
+
+    def coverage(self) -> dict[str, tuple[list[int], list[int]]]:
+        """Per block, per expert: (routed, forced) of its least-fed projection."""
+        out = {}
+        for path, experts in self.counts.items():
+            names = self.blocks[path].names
+            roles = [r for r in PROJECTION_ROLES if getattr(names, r) is not None]
+            routed, forced = [], []
+            for per_role in experts:
+                least = min((per_role[r] for r in roles), key=lambda rf: (rf[0] + rf[1], rf[0]))
+                routed.append(least[0])
+                forced.append(least[1])
+            out[path] = (routed, forced)
+        return out
+
+
+@contextmanager
+def quantizer_aware_routing(model: nn.Module, mode: str, min_tokens: int) -> Iterator[QuantizerAwareRouting]:
+    """Install :class:`QuantizerAwareRouting` on every block; restore the previous overrides."""
+    router = QuantizerAwareRouting(model, mode, min_tokens)
+    previous = [(b, b.forward_override) for b in router.blocks.values()]
+    try:
+        for block in router.blocks.values():
+            block.forward_override = router
+        yield router
+    finally:
+        for block, override in previous:
+            block.forward_override = override
+
+
+def _log_rows(log: dict[str, list[dict[str, Any]]]) -> dict[tuple[int, str], tuple[str, dict[str, Any]]]:
+    rows = {}
+    for process, entries in (log or {}).items():
+        for row in entries or []:
+            layer, module = row.get("layer"), row.get("module")
+            if isinstance(layer, int) and isinstance(module, str):
+                rows[(layer, module)] = (process, row)
+    return rows
+
+
+def _method(process: str | None, row: dict[str, Any] | None, module: nn.Module, excluded: bool) -> str:
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    if not isinstance(module, BaseQuantLinear):
+        return "float (excluded)" if excluded else "float"
+    loss = str((row or {}).get("loss", ""))
+    if loss.startswith("fallback("):
+        return "rtn-fallback"
+    return process or "quantized"
+
+
+def projection_records(model: nn.Module, router: QuantizerAwareRouting, log: dict, qcfg: Any) -> list[ProjectionRecord]:
+    """One record per expert projection: counts, GPTQModel's sample count and the method used."""
+    rows = _log_rows(log)
+    records = []
+    for path, block in router.blocks.items():
+        match = _LAYER_PATH.match(path)
+        for e, expert in enumerate(block):
+            for role in PROJECTION_ROLES:
+                name = getattr(expert.names, role)
+                if name is None:
+                    continue
+                full = f"{path}.{e}.{name}"
+                key = (int(match.group("index")), f"{match.group('rel')}.{e}.{name}") if match else None
+                process, row = rows.get(key, (None, None)) if key else (None, None)
+                excluded = bool(getattr(qcfg, "dynamic", None)) and qcfg.dynamic_get(layer_name=full) is False
+                samples = (row or {}).get("samples")
+                routed, forced = router.counts[path][e][role]
+                records.append(
+                    ProjectionRecord(
+                        layer=path,
+                        expert=e,
+                        role=role,
+                        module=full,
+                        routed=routed,
+                        forced=forced,
+                        quantizer_samples=int(samples) if samples not in (None, "") else None,
+                        method=_method(process, row, getattr(expert, name), excluded),
+                        loss=None if row is None else str(row.get("loss")),
+                    )
+                )
+    return records
+
+
+def _set_rtn_fallback(qcfg: Any, min_tokens: int) -> None:
+    from gptqmodel.quantization.config import Fallback, FallbackStrategy
+
+    qcfg.fallback = Fallback(strategy=FallbackStrategy.RTN, threshold=min_tokens)
+
+
+def _write(result: QuantizeResult, path: str | Path) -> Path:
+    import json
+
+    path = Path(result.coverage.to_json(path))
+    details = path.with_name(f"{path.stem}.projections.json")
+    details.write_text(
+        json.dumps(
+            {
+                "coverage_report": path.name,
+                "counts": "rows each projection's quantizer hook saw; quantizer_samples is GPTQModel's own count",
+                "projections": [asdict(p) for p in result.projections],
+            },
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def quantize_with_defuser(
+    model: Any,
+    calibration: Any,
+    *,
+    routing: str = "routed",
+    min_tokens: int = DEFAULT_MIN_TOKENS,
+    policy: Policy = "warn",
+    coverage_report: str | Path | None = None,
+    **quantize_kwargs: Any,
+) -> QuantizeResult:
+    """``model.quantize(calibration, ...)`` with our routing mode and an honest coverage report.
+
+    Args:
+        model: a GPTQModel model from ``GPTQModel.load(path, quantize_config)`` with the plugin
+            installed (its experts are ``DefusedExperts``).
+        calibration: what ``model.quantize`` takes (list of ``{"input_ids", "attention_mask"}``...).
+        routing: ``"routed"``, ``"all"`` or ``"budgeted"`` (see ``calibration.routing``); applied
+            only while GPTQModel captures expert inputs.
+        min_tokens: rows every expert projection's quantizer should see (and the ``budgeted`` floor).
+        policy: experts under ``min_tokens`` after the run: ``"error"`` raises ``CoverageError``
+            (after writing the report), ``"warn"`` logs them, ``"fallback"`` has GPTQModel
+            quantize them with RTN (``Fallback(RTN, threshold=min_tokens)``) instead of GPTQ on a
+            starved Hessian.
+        coverage_report: write the coverage JSON here (schema of ``calibration.CoverageReport``)
+            and ``<stem>.projections.json`` beside it.
+        **quantize_kwargs: passed to ``model.quantize`` (``batch_size``, ``backend``, ...).
+
+    Raises:
+        CoverageError: policy ``"error"`` and some expert stayed under ``min_tokens``.
+        UnquantizedExpertsError: an expert projection stayed float without a ``dynamic`` exclusion.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
+    qcfg = model.quantize_config
+    if routing != "routed" and getattr(qcfg, "moe", None) is not None:
+        raise ValueError(
+            f"routing={routing!r} and QuantizeConfig(moe={qcfg.moe!r}) both change MoE calibration routing; "
+            "use one (routing='all' ~ ExpertsRoutingOverride('all')/ExpertsRoutingBypass)"
+        )
+    if getattr(qcfg, "moe", None) is not None:
+        logger.warning(
+            "GPTQModel MoEConfig routing is active: the coverage counts do not see tokens it forces; "
+            "the projection records' quantizer_samples do"
+        )
+    if policy == "fallback":
+        _set_rtn_fallback(qcfg, min_tokens)
+    hf_model = model.model
+    with quantizer_aware_routing(hf_model, routing, min_tokens) as router:
+        log = model.quantize(calibration, **quantize_kwargs)
+    report = build_report(router.coverage(), min_tokens)
+    result = QuantizeResult(log=log or {}, coverage=report, projections=projection_records(hf_model, router, log, qcfg))
+    if coverage_report is not None:
+        result.report_path = _write(result, coverage_report)
+    logger.info("expert coverage:\n%s", report.console_summary(worst=10))
+    floats = [p.module for p in result.float_projections() if p.method == "float"]
+    if floats:
+        raise UnquantizedExpertsError(
+            f"{len(floats)} expert projection(s) were left in float without a dynamic exclusion, e.g. {floats[:3]}"
+        )
+    if policy == "fallback":
+        rtn = [p for p in result.projections if p.method == "rtn-fallback"]
+        if rtn:
+            logger.warning("%d expert projection(s) under min_tokens=%d were quantized with RTN", len(rtn), min_tokens)
+    else:
+        report.apply_policy(policy)  # error raises CoverageError, warn logs
+    return result
+
+
+__all__ = [
+    "POLICIES",
+    "CoverageError",
+    "ProjectionRecord",
+    "QuantizeResult",
+    "QuantizerAwareRouting",
+    "UnquantizedExpertsError",
+    "projection_records",
+    "quantize_with_defuser",
+    "quantizer_aware_routing",
+]
