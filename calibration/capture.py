@@ -1,0 +1,193 @@
+"""Per-expert capture: hand every defused expert's ``nn.Linear`` inputs to a consumer callback.
+
+A forward pre-hook on each projection calls
+``consumer(layer_path, expert_index, projection_role, inputs, provenance)`` and keeps nothing:
+activations live only as long as the consumer holds them. ``provenance`` is ``"routed"`` for
+tokens the router sent to the expert and ``"forced"`` for the extra tokens a routing mode
+(:mod:`defuser_quant.calibration.routing`) pushes through it; the routing override sets it in a
+context variable while it runs forced tokens, and the hooks read it.
+
+Quantizers register their own hooks on the same ``nn.Linear`` modules, so they see forced
+tokens too; that is the point of the ``all`` and ``budgeted`` routing modes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Literal, get_args
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from defuser_quant.defused import DefusedExperts
+from defuser_quant.errors import DefuserQuantError
+
+__all__ = [
+    "PROJECTION_ROLES",
+    "ExpertCapture",
+    "ExpertInputConsumer",
+    "NoDefusedExpertsError",
+    "Provenance",
+    "capture_expert_inputs",
+    "current_provenance",
+    "defused_blocks",
+    "provenance",
+    "suspended_hooks",
+]
+
+logger = logging.getLogger(__name__)
+
+Provenance = Literal["routed", "forced"]
+#: ``(layer_path, expert_index, projection_role, inputs, provenance) -> None``
+ExpertInputConsumer = Callable[[str, int, str, torch.Tensor, Provenance], None]
+#: Projection roles of a defused expert, in call order (``gate`` is absent when ungated).
+PROJECTION_ROLES: tuple[str, ...] = ("gate", "up", "down")
+
+_PROVENANCE: contextvars.ContextVar[Provenance] = contextvars.ContextVar("defuser_quant_provenance", default="routed")
+
+
+class NoDefusedExpertsError(DefuserQuantError, ValueError):
+    """The model holds no ``DefusedExperts`` block (``convert_model`` was not called)."""
+
+
+def current_provenance() -> Provenance:
+    """Provenance of the tokens now passing through the experts (``"routed"`` by default)."""
+    return _PROVENANCE.get()
+
+
+@contextmanager
+def provenance(value: Provenance) -> Iterator[None]:
+    """Mark every expert call inside the block as carrying ``value`` tokens."""
+    if value not in get_args(Provenance):
+        raise ValueError(f"provenance must be one of {get_args(Provenance)}, got {value!r}")
+    token = _PROVENANCE.set(value)
+    try:
+        yield
+    finally:
+        _PROVENANCE.reset(token)
+
+
+def defused_blocks(model: nn.Module) -> list[tuple[str, DefusedExperts]]:
+    """Every ``DefusedExperts`` block of ``model`` with its module path, in module order.
+
+    Raises:
+        NoDefusedExpertsError: when there is none.
+    """
+    blocks = [(path, module) for path, module in model.named_modules() if isinstance(module, DefusedExperts)]
+    if not blocks:
+        raise NoDefusedExpertsError(
+            f"{type(model).__name__} has no DefusedExperts block: call defuser_quant.convert_model(model) "
+            "first (calibration routing and capture work on defused per-expert nn.Linear modules)"
+        )
+    return blocks
+
+
+class _InputHook:
+    """Forward pre-hook of one projection: forwards its input to the consumer."""
+
+    __slots__ = ("consumer", "path", "expert", "role")
+
+    def __init__(self, consumer: ExpertInputConsumer, path: str, expert: int, role: str):
+        self.consumer = consumer
+        self.path = path
+        self.expert = expert
+        self.role = role
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if args:
+            self.consumer(self.path, self.expert, self.role, args[0].detach(), _PROVENANCE.get())
+
+
+class ExpertCapture:
+    """Hooks on every defused expert projection feeding ``consumer``; a context manager.
+
+    Args:
+        model: a model converted with ``defuser_quant.convert_model``.
+        consumer: called as ``consumer(layer_path, expert_index, role, inputs, provenance)``
+            with ``inputs`` the 2-D ``[tokens, in_features]`` input of that projection.
+        roles: projection roles to hook (subset of ``("gate", "up", "down")``).
+        layers: optional predicate on the block path; only matching blocks are hooked.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        consumer: ExpertInputConsumer,
+        *,
+        roles: Iterable[str] = PROJECTION_ROLES,
+        layers: Callable[[str], bool] | None = None,
+    ):
+        self.roles = tuple(roles)
+        unknown = set(self.roles) - set(PROJECTION_ROLES)
+        if unknown:
+            raise ValueError(f"unknown projection role(s) {sorted(unknown)}; choose from {PROJECTION_ROLES}")
+        self.model = model
+        self.consumer = consumer
+        self.layers = layers
+        self.handles: list[RemovableHandle] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.handles)
+
+    def attach(self) -> ExpertCapture:
+        """Register the hooks (idempotent)."""
+        if self.handles:
+            return self
+        for path, block in defused_blocks(self.model):
+            if self.layers is not None and not self.layers(path):
+                continue
+            for index, expert in enumerate(block):
+                for role in self.roles:
+                    linear = expert.projection(role)
+                    if linear is not None:
+                        hook = _InputHook(self.consumer, path, index, role)
+                        self.handles.append(linear.register_forward_pre_hook(hook))
+        logger.debug("attached %d expert input hooks", len(self.handles))
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook this capture registered."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def __enter__(self) -> ExpertCapture:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def capture_expert_inputs(
+    model: nn.Module,
+    consumer: ExpertInputConsumer,
+    *,
+    roles: Iterable[str] = PROJECTION_ROLES,
+    layers: Callable[[str], bool] | None = None,
+) -> ExpertCapture:
+    """Attach an :class:`ExpertCapture`; use it as a context manager or call ``.remove()``."""
+    return ExpertCapture(model, consumer, roles=roles, layers=layers).attach()
+
+
+@contextmanager
+def suspended_hooks(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Run the block with the forward (pre-)hooks of ``modules`` switched off, then restore them.
+
+    ``forward`` itself is untouched, so forward-patching offload wrappers (accelerate) still run.
+    """
+    saved = []
+    for module in modules:
+        saved.append((module, module._forward_pre_hooks, module._forward_hooks))
+        module._forward_pre_hooks = type(module._forward_pre_hooks)()
+        module._forward_hooks = type(module._forward_hooks)()
+    try:
+        yield
+    finally:
+        for module, pre, post in saved:
+            module._forward_pre_hooks = pre
+            module._forward_hooks = post

@@ -1,0 +1,209 @@
+"""Routing modes for defused experts during calibration.
+
+``routing_mode(model, mode)`` sets ``forward_override`` on every ``DefusedExperts`` block and
+restores the previous value on exit (also on exceptions):
+
+* ``routed``: normal top-k routing.
+* ``all``: every token also goes through every expert it was not routed to (``forced``
+  tokens), so each expert's ``nn.Linear`` inputs see every token.
+* ``budgeted``: routed, plus forced tokens only for experts whose calibrated count (routed +
+  forced so far in this context) is below ``min_tokens``, and only as many as they lack.
+
+In every mode the block output is ``block.routed_forward(...)`` itself, so it is bit-identical
+to normal routing by construction. Forced tokens run afterwards, per expert, over the tokens
+*not* routed to it, under ``torch.no_grad()`` with provenance ``"forced"``; their outputs are
+discarded. (Running each expert once on all tokens and gathering the routed rows is not exact:
+a GEMM's per-row result depends on the row count, e.g. fp32 on CPU.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+from torch import nn
+
+from defuser_quant.defused import DefusedExperts
+
+from .capture import defused_blocks, provenance, suspended_hooks
+
+__all__ = [
+    "DEFAULT_MIN_TOKENS",
+    "ROUTING_MODES",
+    "BlockCounts",
+    "RoutingMode",
+    "RoutingSession",
+    "routing_mode",
+]
+
+logger = logging.getLogger(__name__)
+
+RoutingMode = Literal["routed", "all", "budgeted"]
+ROUTING_MODES: tuple[str, ...] = get_args(RoutingMode)
+#: Default per-expert token floor of the ``budgeted`` mode and of coverage reports.
+DEFAULT_MIN_TOKENS = 128
+
+
+@dataclass
+class BlockCounts:
+    """Tokens one block's experts received inside a routing context (CPU int64, one per expert)."""
+
+    routed: torch.Tensor
+    forced: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_experts: int) -> BlockCounts:
+        return cls(torch.zeros(num_experts, dtype=torch.long), torch.zeros(num_experts, dtype=torch.long))
+
+    @property
+    def calibrated(self) -> torch.Tensor:
+        return self.routed + self.forced
+
+
+@dataclass
+class RoutingSession:
+    """State of one ``routing_mode`` context: settings and per-block token counts."""
+
+    mode: RoutingMode
+    min_tokens: int
+    experts: dict[str, frozenset[int]] | None = None
+    observe_routed: bool = True
+    counts: dict[str, BlockCounts] = field(default_factory=dict)
+
+    def forced_selection(self, path: str, top_k_index: torch.Tensor, routed: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Token indices to force through each expert for this batch (empty for ``routed``)."""
+        if self.mode == "routed":
+            return {}
+        num_experts = routed.numel()
+        targets = range(num_experts) if self.experts is None else sorted(self.experts.get(path, ()))
+        if self.mode == "budgeted":
+            have = (self.counts[path].calibrated + routed).tolist()
+            targets = [e for e in targets if have[e] < self.min_tokens]
+        if not targets:
+            return {}
+        complement = _complement(top_k_index, num_experts)
+        selection = {}
+        for e in targets:
+            candidates = complement[e]
+            if self.mode == "budgeted":
+                candidates = _spread(candidates, self.min_tokens - have[e])
+            if candidates.numel():
+                selection[e] = candidates
+        return selection
+
+
+def _complement(top_k_index: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
+    """For every expert, the (sorted) token indices not routed to it."""
+    tokens = top_k_index.shape[0]
+    hit = torch.zeros(tokens, num_experts, dtype=torch.bool, device=top_k_index.device)
+    hit.scatter_(1, top_k_index.reshape(tokens, -1).long(), True)
+    missed = ~hit.T
+    pairs = missed.nonzero()
+    sizes = missed.sum(dim=1).tolist()
+    return list(torch.split(pairs[:, 1], sizes))
+
+
+def _spread(candidates: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` candidates evenly spread over the batch (all of them when there are fewer)."""
+    if n >= candidates.numel():
+        return candidates
+    picks = torch.arange(n, device=candidates.device) * candidates.numel() // n
+    return candidates[picks]
+
+
+class _RoutingForward:
+    """The ``forward_override`` installed on one block."""
+
+    def __init__(self, session: RoutingSession, path: str):
+        self.session = session
+        self.path = path
+
+    def __call__(
+        self, block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        session = self.session
+        if session.observe_routed:
+            with provenance("routed"):
+                output = block.routed_forward(hidden_states, top_k_index, top_k_weights)
+        else:
+            with suspended_hooks(m for expert in block for m in expert.modules()):
+                output = block.routed_forward(hidden_states, top_k_index, top_k_weights)
+        routed = torch.bincount(top_k_index.reshape(-1), minlength=block.num_experts)[: block.num_experts].cpu()
+        selection = session.forced_selection(self.path, top_k_index, routed)
+        counts = session.counts[self.path]
+        counts.routed += routed
+        if selection:
+            with torch.no_grad(), provenance("forced"):
+                for e, token_idx in selection.items():
+                    block[e](hidden_states[token_idx])
+                    counts.forced[e] += token_idx.numel()
+        return output
+
+
+def _check_experts(
+    experts: Mapping[str, Collection[int]], blocks: list[tuple[str, DefusedExperts]]
+) -> dict[str, frozenset[int]]:
+    sizes = {path: len(block) for path, block in blocks}
+    checked = {}
+    for path, indices in experts.items():
+        if path not in sizes:
+            raise ValueError(f"experts= names {path!r}, which is no DefusedExperts block of the model")
+        bad = [e for e in indices if not 0 <= int(e) < sizes[path]]
+        if bad:
+            raise ValueError(f"experts= for {path!r}: indices {bad} out of range for {sizes[path]} experts")
+        checked[path] = frozenset(int(e) for e in indices)
+    return checked
+
+
+@contextmanager
+def routing_mode(
+    model: nn.Module,
+    mode: RoutingMode = "routed",
+    *,
+    min_tokens: int = DEFAULT_MIN_TOKENS,
+    experts: Mapping[str, Collection[int]] | None = None,
+    observe_routed: bool = True,
+) -> Iterator[RoutingSession]:
+    """Route every defused block of ``model`` with ``mode`` inside the ``with`` block.
+
+    Args:
+        model: a model converted with ``defuser_quant.convert_model``.
+        mode: ``"routed"``, ``"all"`` or ``"budgeted"`` (see the module docstring).
+        min_tokens: the per-expert floor of ``budgeted``.
+        experts: ``{block_path: expert indices}``; when given, only these experts get forced
+            tokens (blocks not named get none).
+        observe_routed: when False, the routed computation runs with the experts' forward hooks
+            switched off, so quantizer hooks see only the forced tokens. Used by fallback passes
+            over data whose routed tokens the hooks have already seen.
+
+    Yields:
+        The :class:`RoutingSession`, whose ``counts`` hold per-block routed/forced token counts.
+
+    Raises:
+        NoDefusedExpertsError: the model has no ``DefusedExperts`` (call ``convert_model`` first).
+    """
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"unknown routing mode {mode!r}; choose from {ROUTING_MODES}")
+    if min_tokens < 0:
+        raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
+    blocks = defused_blocks(model)
+    session = RoutingSession(
+        mode=mode,
+        min_tokens=min_tokens,
+        experts=None if experts is None else _check_experts(experts, blocks),
+        observe_routed=observe_routed,
+        counts={path: BlockCounts.zeros(len(block)) for path, block in blocks},
+    )
+    previous = [(block, block.forward_override) for _, block in blocks]
+    try:
+        for path, block in blocks:
+            block.forward_override = _RoutingForward(session, path)
+        logger.debug("routing mode %r on %d block(s)", mode, len(blocks))
+        yield session
+    finally:
+        for block, override in previous:
+            block.forward_override = override
