@@ -228,6 +228,14 @@ def projection_records(model: nn.Module, router: QuantizerAwareRouting, log: dic
     return records
 
 
+def _excluded_experts(records: list[ProjectionRecord]) -> set[tuple[str, int]]:
+    """Experts left in float on purpose (every projection excluded by ``dynamic``): no quantizer to feed."""
+    methods: dict[tuple[str, int], set[str]] = {}
+    for p in records:
+        methods.setdefault((p.layer, p.expert), set()).add(p.method)
+    return {key for key, found in methods.items() if found == {"float (excluded)"}}
+
+
 def _set_rtn_fallback(qcfg: Any, min_tokens: int) -> None:
     from gptqmodel.quantization.config import Fallback, FallbackStrategy
 
@@ -273,10 +281,11 @@ def quantize_with_defuser(
         routing: ``"routed"``, ``"all"`` or ``"budgeted"`` (see ``calibration.routing``); applied
             only while GPTQModel captures expert inputs.
         min_tokens: rows every expert projection's quantizer should see (and the ``budgeted`` floor).
-        policy: experts under ``min_tokens`` after the run: ``"error"`` raises ``CoverageError``
-            (after writing the report), ``"warn"`` logs them, ``"fallback"`` has GPTQModel
-            quantize them with RTN (``Fallback(RTN, threshold=min_tokens)``) instead of GPTQ on a
-            starved Hessian.
+        policy: quantized experts under ``min_tokens`` after the run: ``"error"`` raises
+            ``CoverageError`` (after writing the report), ``"warn"`` logs them, ``"fallback"``
+            has GPTQModel quantize them with RTN (``Fallback(RTN, threshold=min_tokens)``)
+            instead of GPTQ on a starved Hessian. Experts excluded with ``dynamic`` are reported
+            (0 rows) but never trip the policy.
         coverage_report: write the coverage JSON here (schema of ``calibration.CoverageReport``)
             and ``<stem>.projections.json`` beside it.
         **quantize_kwargs: passed to ``model.quantize`` (``batch_size``, ``backend``, ...).
@@ -313,12 +322,18 @@ def quantize_with_defuser(
         raise UnquantizedExpertsError(
             f"{len(floats)} expert projection(s) were left in float without a dynamic exclusion, e.g. {floats[:3]}"
         )
+    excluded = _excluded_experts(result.projections)
+    starved = [ref for ref in report.under_threshold if (ref.layer, ref.expert) not in excluded]
     if policy == "fallback":
         rtn = [p for p in result.projections if p.method == "rtn-fallback"]
         if rtn:
             logger.warning("%d expert projection(s) under min_tokens=%d were quantized with RTN", len(rtn), min_tokens)
-    else:
-        report.apply_policy(policy)  # error raises CoverageError, warn logs
+    elif starved:
+        listing = ", ".join(r.label() for r in starved[:20]) + (f" and {len(starved) - 20} more" if len(starved) > 20 else "")
+        message = f"{len(starved)} quantized expert(s) saw fewer than min_tokens={min_tokens} calibration rows: {listing}"
+        if policy == "error":
+            raise CoverageError(message + ". Use routing='budgeted' or 'all', more calibration data, or policy='fallback'.", starved)
+        logger.warning("%s; their GPTQ statistics rest on few tokens", message)
     return result
 
 
