@@ -1,0 +1,203 @@
+"""Make llm-compressor's own MoE linearization build defuser-quant's ``DefusedExperts``.
+
+Why this mechanism: ``oneshot`` calls ``linearize_moe(model)`` *before* it parses the recipe
+whenever the model still holds fused experts, so a ``DefuseModifier`` named in a YAML recipe
+always runs too late to pre-empt it; and ``linearize_moe`` copies every expert into new
+``nn.Linear`` modules (a full copy of the expert weights). Both of llm-compressor's MoE paths,
+post-load ``linearize_moe`` and the pre-load ``load_quantizable_moe``, ask one table which class
+replaces a fused experts class: ``LinearExperts2D.get_registration(cls)`` reads
+``LinearExperts2D._registry``, its documented extension point. ``install_linearize_hook``
+replaces that table with one that answers, for every fused experts class our core can defuse,
+a ``DefusedExperts`` subclass whose
+
+* ``from_experts_module(experts, config)`` runs ``convert_model`` on that block (zero copy: the
+  per-expert weights are views of the fused storage), and whose
+* constructor builds a defused block from a config (what ``load_quantizable_moe``'s patch
+  mapping calls while loading).
+
+So linearization happens once, by our core, whatever the entry point. Classes our core does not
+handle keep llm-compressor's own entries. ``adopt_linear_experts`` converts blocks that
+llm-compressor linearized before the hook was installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from defuser_quant import DefusedExperts, DefuserQuantError, convert_model
+from defuser_quant.defused import DefusedExpert, FusedTensorSpec, GateFunction
+from defuser_quant.layout import fused_tensor, is_fused_experts_class, layout_of
+from defuser_quant.naming import projection_names
+from defuser_quant.patching import defused_class_for
+
+__all__ = [
+    "adopt_linear_experts",
+    "install_linearize_hook",
+    "linearize_hook_installed",
+    "uninstall_linearize_hook",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class _ConfigHolder(nn.Module):
+    """A parent for one experts block, so ``convert_model`` can replace it in place."""
+
+    def __init__(self, experts: nn.Module, config: Any):
+        super().__init__()
+        self.config = config
+        self.experts = experts
+
+
+def _defuse_one(experts: nn.Module, config: Any) -> nn.Module:
+    holder = _ConfigHolder(experts, config)
+    convert_model(holder)
+    return holder.experts
+
+
+@functools.lru_cache(maxsize=None)
+def linear_experts_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
+    """The class our registry answers for ``fused_cls``: config-constructible, with ``from_experts_module``."""
+
+    def from_experts_module(cls: type, experts: nn.Module, config: Any) -> nn.Module:
+        return _defuse_one(experts, config)
+
+    base = defused_class_for(fused_cls)
+    return type(
+        base.__name__,
+        (base,),
+        {"from_experts_module": classmethod(from_experts_module), "__module__": __name__},
+    )
+
+
+def _handles(key: object) -> bool:
+    return isinstance(key, type) and not issubclass(key, DefusedExperts) and is_fused_experts_class(key)
+
+
+class DefuserFirstRegistry(dict):
+    """``LinearExperts2D._registry`` that answers defuser-quant classes for fused experts classes."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if _handles(key):
+            return _with_fallback(key, super().get(key))
+        return super().get(key, default)
+
+
+def _with_fallback(fused_cls: type[nn.Module], stock: type | None) -> type:
+    """Our class for ``fused_cls``, falling back to llm-compressor's when our core cannot defuse a block."""
+    ours = linear_experts_class_for(fused_cls)
+    if stock is None:
+        return ours
+    return _fallback_class(ours, stock)
+
+
+@functools.lru_cache(maxsize=None)
+def _fallback_class(ours: type[DefusedExperts], stock: type) -> type:
+    def from_experts_module(cls: type, experts: nn.Module, config: Any) -> nn.Module:
+        try:
+            return _defuse_one(experts, config)
+        except DefuserQuantError as exc:
+            logger.warning(
+                "defuser-quant cannot defuse %s (%s); using llm-compressor's %s for it", type(experts).__name__, exc,
+                stock.__name__,
+            )
+            return stock.from_experts_module(experts, config)
+
+    return type(ours.__name__, (ours,), {"from_experts_module": classmethod(from_experts_module), "__module__": __name__})
+
+
+def _linear_experts_base() -> type:
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+    return LinearExperts2D
+
+
+def linearize_hook_installed() -> bool:
+    """True when llm-compressor's linearization builds ``DefusedExperts``."""
+    return isinstance(_linear_experts_base().__dict__.get("_registry"), DefuserFirstRegistry)
+
+
+def install_linearize_hook() -> bool:
+    """Make llm-compressor's MoE linearization build ``DefusedExperts``; False when already installed."""
+    base = _linear_experts_base()
+    if linearize_hook_installed():
+        return False
+    base._registry = DefuserFirstRegistry(base._registry)
+    logger.debug("llm-compressor MoE linearization now builds defuser-quant DefusedExperts")
+    return True
+
+
+def uninstall_linearize_hook() -> bool:
+    """Restore llm-compressor's own linearization table; False when the hook was not installed."""
+    base = _linear_experts_base()
+    if not linearize_hook_installed():
+        return False
+    base._registry = dict(base._registry)
+    return True
+
+
+def _source_of(module: nn.Module) -> tuple[type[nn.Module], Any]:
+    fused_cls = getattr(module, "_source_experts_cls", None)
+    config = getattr(module, "_source_config", None)
+    if fused_cls is None:  # built by load_quantizable_moe: find the fused class it stands for
+        registry = _linear_experts_base()._registry
+        fused_cls = next((k for k, v in dict.items(registry) if v is type(module)), None)
+    if fused_cls is None or config is None and not hasattr(module, "config"):
+        raise DefuserQuantError(
+            f"cannot tell which fused experts class {type(module).__name__} was linearized from; load the model "
+            "after `import defuser_quant.integrations.llmcompressor` so llm-compressor builds defuser-quant blocks"
+        )
+    return fused_cls, config if config is not None else module.config
+
+
+def _adopt(module: nn.Module, model_type: str | None) -> DefusedExperts:
+    """A ``DefusedExperts`` around the ``nn.Linear`` children of one ``LinearExperts2D`` (no copy)."""
+    from llmcompressor.modeling.moe.linear_experts import ExpertMLPWithGate, ExpertMLPWithoutGate
+
+    fused_cls, config = _source_of(module)
+    shell = object.__new__(fused_cls)  # bypasses a pre-load constructor override
+    with torch.device("meta"):
+        shell.__init__(config)
+    layout = layout_of(shell)
+    if layout is None or layout.has_gate and not layout.is_concatenated:
+        raise DefuserQuantError(f"{type(module).__name__}: cannot adopt llm-compressor's linearization of this layout")
+    specs = {}
+    for name in layout.fused_names:
+        tensor = fused_tensor(shell, name)
+        specs[name] = FusedTensorSpec(name, tuple(tensor.shape), False, False, not isinstance(tensor, nn.Parameter))
+        (shell._parameters if name in shell._parameters else shell._buffers).pop(name)
+    names = projection_names(getattr(config, "model_type", None) or model_type, layout.has_gate)
+    gate_fn = GateFunction(shell, layout)
+    experts = []
+    for index in range(module.num_experts):
+        expert = module[index]
+        if not isinstance(expert, (ExpertMLPWithGate, ExpertMLPWithoutGate)):
+            raise DefuserQuantError(f"{type(module).__name__}: expert {index} is a {type(expert).__name__}; cannot adopt it")
+        projections = {names.up: expert.up_proj, names.down: expert.down_proj}
+        if layout.has_gate:
+            projections[names.gate] = expert.gate_proj
+        experts.append(DefusedExpert(names, projections, gate_fn))
+    return DefusedExperts(shell, layout, names, experts, specs)
+
+
+def adopt_linear_experts(model: nn.Module) -> list[str]:
+    """Replace every llm-compressor ``LinearExperts2D`` of ``model`` by a ``DefusedExperts``.
+
+    The per-expert ``nn.Linear`` modules llm-compressor built are reused as they are (no copy).
+    Returns the adopted module paths.
+    """
+    base = _linear_experts_base()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    adopted = []
+    for path, module in list(model.named_modules()):
+        if isinstance(module, base):
+            model.set_submodule(path, _adopt(module, model_type))
+            adopted.append(path)
+    if adopted:
+        logger.info("adopted %d block(s) linearized by llm-compressor into DefusedExperts", len(adopted))
+    return adopted
