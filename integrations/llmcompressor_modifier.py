@@ -1,0 +1,288 @@
+"""``DefuseModifier``: defuse MoE experts, route and count calibration tokens, arm re-fusing.
+
+Lifecycle inside ``oneshot`` (llm-compressor 0.14):
+
+* ``on_initialize`` (before the quantization modifiers listed after it): checks the recipe
+  order, makes sure every fused experts block is a ``DefusedExperts`` (blocks llm-compressor's
+  pre-recipe linearization already built through our hook are kept; blocks it linearized
+  itself are adopted; fused ones are converted; blocks excluded by ``filter`` go back to the
+  native fused class), enters ``routing_mode`` and attaches token counters (llm-compressor
+  hooks, so they are off during the sequential pipeline's propagation passes).
+* ``on_calibration_start`` (its own data-free pipeline, before the quantizers calibrate): checks
+  that the experts' schemes can be re-fused when ``refuse`` is set.
+* ``on_finalize`` (after every pipeline, before ``oneshot`` saves): leaves the routing mode,
+  builds the coverage report, writes it, applies ``coverage_policy``, and when ``refuse`` is
+  set wraps ``model.save_pretrained`` so the re-fused checkpoint is written right after the
+  compressed-tensors one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+from pydantic import Field, PrivateAttr, field_validator
+from torch import nn
+
+from defuser_quant import DefusedExperts, DefuserQuantError, FilterRules, convert_model, fuse_model
+from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_report, current_provenance, routing_mode
+
+from .llmcompressor_linearize import adopt_linear_experts
+from .llmcompressor_refuse import RefuseError, check_refusable, refuse_checkpoint
+
+__all__ = ["DefuseModifier", "RecipeOrderError"]
+
+logger = logging.getLogger(__name__)
+
+
+class RecipeOrderError(DefuserQuantError, ValueError):
+    """A modifier that touches Linear layers comes before ``DefuseModifier`` in the recipe."""
+
+
+class _TokenCounter:
+    """Forward pre-hook on one expert's up projection: counts its input rows by provenance."""
+
+    def __init__(self, counts: dict[str, list[int]], expert: int):
+        self.counts = counts
+        self.expert = expert
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if args:
+            x = args[0]
+            self.counts[current_provenance()][self.expert] += x.numel() // x.shape[-1] if x.dim() else 0
+
+
+class _CalibrationPassOnly:
+    """Runs the routing mode's override only while llm-compressor's hooks are live.
+
+    The sequential pipeline re-runs each layer with hooks disabled to propagate activations;
+    forced tokens there would be wasted work (nothing observes them) and would skew the
+    ``budgeted`` counts.
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __call__(self, block: DefusedExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if HooksMixin._HOOKS_DISABLED:
+            return block.routed_forward(hidden, index, weights)
+        return self.inner(block, hidden, index, weights)
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, DefusedExperts]]:
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, DefusedExperts)]
+
+
+def _defuse(model: nn.Module, rules: FilterRules) -> list[str]:
+    """Every allowed experts block of ``model`` as ``DefusedExperts``; returns their paths."""
+    adopt_linear_experts(model)
+    for path, _ in _blocks(model):
+        if not rules.allows(path):
+            parent = model.get_submodule(path.rpartition(".")[0])
+            fuse_model(parent)  # the parent holds just this block
+            logger.info("%s excluded by filter: kept fused (not quantized)", path)
+    report = convert_model(model, filter=rules)
+    if report:
+        logger.info("defused %d block(s) (%d experts)", len(report.converted), report.num_experts)
+    return [path for path, _ in _blocks(model)]
+
+
+def _calibrate_all_flag() -> bool:
+    from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
+
+    return get_calibrate_all_experts_flag()
+
+
+class DefuseModifier(Modifier):
+    """Defuse fused MoE experts for llm-compressor and make sure every expert is calibrated.
+
+    List it first in the recipe (before GPTQModifier, AWQModifier, QuantizationModifier...).
+
+    Args:
+        routing: ``routed`` (top-k only), ``all`` (every expert also sees every other token;
+            outputs unchanged), ``budgeted`` (extra tokens only for experts under
+            ``min_tokens``). Default: follow ``oneshot(moe_calibrate_all_experts=...)``
+            (True by default, i.e. ``all``).
+        min_tokens: the per-expert token floor of ``budgeted`` and of the coverage report.
+        coverage_report: path of the JSON coverage report written at finalize.
+        coverage_policy: ``warn`` (log experts under ``min_tokens``) or ``error`` (fail before
+            the checkpoint is saved). ``fallback`` does not exist here: quantizers consume the
+            tokens during the pass; use ``routing: budgeted`` instead.
+        filter: defuse rules (``+:regex`` include, ``-:regex`` exclude) over block paths;
+            excluded blocks stay fused and unquantized.
+        refuse: ``false``, ``dequantized`` or ``fp8_fused``: also write a re-fused checkpoint
+            when the model is saved (see ``refuse_checkpoint``).
+        refuse_output_dir: where; default ``<save dir>-dequantized`` / ``<save dir>-fp8-fused``.
+    """
+
+    routing: Literal["routed", "all", "budgeted"] | None = None
+    min_tokens: int = Field(default=DEFAULT_MIN_TOKENS, ge=0)
+    coverage_report: str | None = None
+    coverage_policy: Literal["warn", "error"] = "warn"
+    filter: list[str] | None = None
+    refuse: Literal[False, "dequantized", "fp8_fused"] = False
+    refuse_output_dir: str | None = None
+
+    _stack: ExitStack | None = PrivateAttr(default=None)
+    _counts: dict[str, dict[str, list[int]]] = PrivateAttr(default_factory=dict)
+    _coverage: CoverageReport | None = PrivateAttr(default=None)
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _one_rule_or_many(cls, value: Any) -> Any:
+        rules = [value] if isinstance(value, str) else value
+        if rules is not None:
+            FilterRules.parse(rules)  # FilterRuleError is a ValueError: pydantic reports it
+        return rules
+
+    @field_validator("coverage_policy", mode="before")
+    @classmethod
+    def _no_fallback(cls, value: Any) -> Any:
+        if value == "fallback":
+            raise ValueError(
+                "coverage_policy 'fallback' is not available inside llm-compressor: the quantizers consume the "
+                "calibration tokens during the pass, so a later all-experts pass comes too late. Use routing: budgeted "
+                "(tops up experts under min_tokens during the pass) or routing: all"
+            )
+        return value
+
+    @field_validator("refuse", mode="before")
+    @classmethod
+    def _refuse_mode(cls, value: Any) -> Any:
+        if value is True:
+            raise ValueError("refuse: true is ambiguous; say refuse: dequantized or refuse: fp8_fused")
+        return False if value in (None, "false", "none") else value
+
+    @property
+    def coverage(self) -> CoverageReport | None:
+        """The coverage report built at finalize (None before)."""
+        return self._coverage
+
+    # ----- lifecycle ---------------------------------------------------------------------
+    def on_initialize(self, state: State, **kwargs: Any) -> bool:
+        self._check_recipe_order()
+        model = state.model
+        paths = _defuse(model, FilterRules.parse(self.filter))
+        if not paths:
+            logger.warning("DefuseModifier: %s has no fused MoE experts block; nothing to do", type(model).__name__)
+            return True
+        mode = self.routing or ("all" if _calibrate_all_flag() else "routed")
+        self._stack = ExitStack()
+        try:
+            self._stack.enter_context(routing_mode(model, mode, min_tokens=self.min_tokens))
+            for _, block in _blocks(model):
+                block.forward_override = _CalibrationPassOnly(block.forward_override)
+            self._attach_counters(model)
+        except BaseException:
+            self._teardown()
+            raise
+        logger.info("DefuseModifier: %d block(s), routing %r, min_tokens %d", len(paths), mode, self.min_tokens)
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs: Any) -> None:
+        if self.refuse:
+            self._check_refusable(state.model)
+
+    def on_finalize(self, state: State, **kwargs: Any) -> bool:
+        self._teardown()
+        if self._counts:
+            self._finish_coverage()
+        if self.refuse:
+            self._check_refusable(state.model)
+            self._arm_refuse(state.model)
+        return True
+
+    # ----- helpers -----------------------------------------------------------------------
+    def _check_recipe_order(self) -> None:
+        from llmcompressor.core import active_session
+
+        recipe = active_session().lifecycle.recipe
+        modifiers = list(getattr(recipe, "modifiers", None) or [])
+        position = next((i for i, m in enumerate(modifiers) if m is self), None)
+        if position is None:
+            return
+        before = [
+            type(m).__name__
+            for m in modifiers[:position]
+            if not isinstance(m, DefuseModifier) and type(m).__module__.startswith("llmcompressor.modifiers.")
+        ]
+        if before:
+            raise RecipeOrderError(
+                f"DefuseModifier comes after {', '.join(before)} in the recipe: those modifiers were set up on the fused "
+                "experts, so the experts would not be calibrated and quantized as defused nn.Linear modules. List "
+                "DefuseModifier first: in YAML as the first entry under the stage's *_modifiers key, in Python as "
+                "recipe=[DefuseModifier(...), " + before[0] + "(...)]."
+            )
+
+    def _attach_counters(self, model: nn.Module) -> None:
+        self._counts = {}
+        for path, block in _blocks(model):
+            counts = {"routed": [0] * len(block), "forced": [0] * len(block)}
+            self._counts[path] = counts
+            for index, expert in enumerate(block):
+                self.register_hook(expert.projection("up"), _TokenCounter(counts, index), "forward_pre")
+
+    def _teardown(self) -> None:
+        self.remove_hooks()
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+
+    def _finish_coverage(self) -> None:
+        report = build_report({p: (c["routed"], c["forced"]) for p, c in self._counts.items()}, self.min_tokens)
+        self._coverage = report
+        if self.coverage_report:
+            report.to_json(self.coverage_report)
+            logger.info("coverage report written to %s", self.coverage_report)
+        logger.info("expert coverage:\n%s", report.console_summary())
+        if report.totals.routed_tokens == 0:
+            logger.info("no calibration forward ran (data-free recipe): expert coverage not enforced")
+        else:
+            report.apply_policy(self.coverage_policy)
+
+    def _check_refusable(self, model: nn.Module) -> None:
+        schemes = {
+            name: m.quantization_scheme for name, m in model.named_modules() if getattr(m, "quantization_scheme", None)
+        }
+        shapes, unquantized = {}, []
+        for path, block in _blocks(model):
+            for index, expert in enumerate(block):
+                for role in ("gate", "up", "down"):
+                    linear = expert.projection(role)
+                    if linear is None:
+                        continue
+                    name = f"{path}.{index}.{getattr(block.names, role)}"
+                    if name not in schemes:
+                        unquantized.append(name)
+                    if role != "down":
+                        shapes[name] = (linear.out_features, linear.in_features)
+        if self.refuse == "fp8_fused" and unquantized:
+            raise RefuseError(
+                f"refuse: fp8_fused needs every expert projection quantized; {len(unquantized)} are not "
+                f"(e.g. {unquantized[0]}): check the quantization modifier's targets/ignore"
+            )
+        check_refusable(self.refuse, schemes, expert_shapes=shapes)
+
+    def _arm_refuse(self, model: nn.Module) -> None:
+        """Wrap ``model.save_pretrained``: after the compressed-tensors save, write the re-fused copy."""
+        mode, output_dir = self.refuse, self.refuse_output_dir
+        inner = model.save_pretrained
+        # oneshot saves the tokenizer after the model: take those files from where the model came from
+        origin = [getattr(getattr(model, "config", None), "_name_or_path", None) or ""]
+
+        @functools.wraps(inner)
+        def save_then_refuse(save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+            result = inner(save_directory, *args, **kwargs)
+            target = output_dir or f"{str(save_directory).rstrip('/')}-{mode.replace('_', '-')}"
+            refuse_checkpoint(save_directory, target, mode, side_files_from=[p for p in origin if p])
+            return result
+
+        model.save_pretrained = save_then_refuse
+        logger.info("refuse: %s armed: written when the model is saved", mode)
