@@ -1,0 +1,483 @@
+"""DefuseModifier with real llm-compressor 0.14 on the CPU: registration, linearization, errors,
+end-to-end GPTQ / AWQ / FP8 runs on a tiny qwen3_moe, stock reloads and re-fused checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("llmcompressor")
+
+from safetensors import safe_open  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import defuser_quant.integrations.llmcompressor as dq_llmc  # noqa: E402
+from defuser_quant import DefusedExperts  # noqa: E402
+from defuser_quant.assets import CORPUS_DIR  # noqa: E402
+from defuser_quant.calibration import CoverageError, CoverageReport  # noqa: E402
+
+LAYERS, EXPERTS, TOP_K, HIDDEN, MOE_I = 2, 8, 2, 128, 128
+PROJS = ("gate_proj", "up_proj", "down_proj")
+IGNORE = ["lm_head", "re:.*mlp.gate$"]
+SAMPLES, SEQ = 8, 64
+
+
+# ----- fixtures: a tiny qwen3_moe with an offline-trained tokenizer ----------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread for the whole module (module-scoped, so it also covers the module-scoped
+    oneshot runs): these tiny models gain nothing from threads, and on a busy 2-core machine spinning
+    OpenMP workers made the AWQ run ~8x slower (57 s vs 7 s measured)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _corpus_lines() -> list[str]:
+    text = (CORPUS_DIR / "train.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if len(line.strip()) > 20]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """2 layers, H 128, moe_intermediate 128, intermediate 256, 8 experts top-2, bf16, BPE 512 tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_qwen3_moe")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(_corpus_lines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    tokenizer.save_pretrained(path)
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=256, moe_intermediate_size=MOE_I,
+        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def calib_dataset():
+    from datasets import Dataset
+
+    lines = _corpus_lines()
+    return Dataset.from_dict({"text": [" ".join(lines[i * 12 : (i + 1) * 12]) for i in range(SAMPLES)]})
+
+
+@pytest.fixture(scope="session")
+def eval_ids(tiny_dir) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    text = (CORPUS_DIR / "heldout.txt").read_text(encoding="utf-8")[:2000]
+    return AutoTokenizer.from_pretrained(tiny_dir)(text, return_tensors="pt").input_ids[:, :48]
+
+
+def _oneshot(model, dataset, recipe, output_dir, **kw):
+    from llmcompressor import oneshot
+
+    args = {} if dataset is None else {"dataset": dataset, "num_calibration_samples": SAMPLES, "max_seq_length": SEQ}
+    args.update(kw)
+    return oneshot(model=str(model), recipe=recipe, output_dir=str(output_dir), **args)
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def _keys(folder: Path) -> dict[str, tuple[list[int], str]]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                out[key] = (list(piece.get_shape()), piece.get_dtype())
+    return out
+
+
+def _assert_every_expert_quantized(keys: dict, params: dict[str, str]) -> None:
+    """Every ``model.layers.{l}.mlp.experts.{e}.{proj}`` has ``params`` (name -> safetensors dtype) and nothing fused."""
+    for layer in range(LAYERS):
+        for e in range(EXPERTS):
+            for proj in PROJS:
+                prefix = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                for param, dtype in params.items():
+                    assert f"{prefix}.{param}" in keys, f"{prefix}.{param} missing"
+                    assert keys[f"{prefix}.{param}"][1] == dtype, (prefix, param, keys[f"{prefix}.{param}"])
+                if "weight" not in params:
+                    assert f"{prefix}.weight" not in keys
+    assert not [k for k in keys if "gate_up_proj" in k or k.endswith("experts.down_proj")]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, *, cos: float, rel: float) -> None:
+    similarity = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    worst = (a - b).abs().max().item() / b.abs().max().item()
+    assert similarity > cos and worst < rel, (similarity, worst)
+
+
+def _stock(path: Path):
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+# ----- import, version, registration -----------------------------------------------------------
+
+
+def test_importing_integrations_does_not_import_llmcompressor():
+    code = (
+        "import sys, defuser_quant, defuser_quant.integrations, defuser_quant.integrations.llmcompressor_refuse\n"
+        "assert 'llmcompressor' not in sys.modules, 'llmcompressor imported eagerly'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_version_pin_is_enforced_with_the_fix_in_the_message():
+    from importlib.metadata import PackageNotFoundError
+
+    from defuser_quant.integrations.llmcompressor_compat import check_llmcompressor
+
+    assert check_llmcompressor() == "0.14.0.1"
+    with pytest.raises(ImportError, match=r"found 0\.15\.0.*pip install 'defuser-quant\[llmcompressor\]'"):
+        check_llmcompressor(version_of=lambda name: "0.15.0")
+
+    def missing(name):
+        raise PackageNotFoundError(name)
+
+    with pytest.raises(dq_llmc.LlmCompressorUnavailableError, match=r"llmcompressor==0\.14\.0\.1, which is not installed"):
+        check_llmcompressor(version_of=missing)
+
+
+def test_defuse_modifier_resolves_by_name_from_yaml_and_unregisters():
+    from llmcompressor.modifiers.factory import ModifierFactory
+    from llmcompressor.recipe import Recipe
+
+    yaml = """
+    quant_stage:
+      quant_modifiers:
+        DefuseModifier: {routing: budgeted, min_tokens: 32, filter: ["-:layers\\\\.1\\\\."], refuse: false}
+        QuantizationModifier: {targets: [Linear], scheme: FP8_DYNAMIC, ignore: [lm_head]}
+    """
+    assert dq_llmc.is_registered()
+    recipe = Recipe.create_instance(yaml)
+    first = recipe.modifiers[0]
+    assert isinstance(first, dq_llmc.DefuseModifier)
+    assert (first.routing, first.min_tokens, first.filter) == ("budgeted", 32, ["-:layers\\.1\\."])
+    dq_llmc.unregister()
+    try:
+        assert not dq_llmc.is_registered()
+        with pytest.raises(ValueError, match="No modifier of type 'DefuseModifier'"):
+            Recipe.create_instance(yaml)
+    finally:
+        dq_llmc.register()
+    assert ModifierFactory._registered_registry["DefuseModifier"] is dq_llmc.DefuseModifier
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"coverage_policy": "fallback"}, "Use routing: budgeted"),
+        ({"refuse": True}, "say refuse: dequantized or refuse: fp8_fused"),
+        ({"filter": "+:(unclosed"}, "not a valid regular expression"),
+        ({"routing": "some"}, "routed"),
+        ({"unknown_key": 1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_fields_fail_at_recipe_parse_with_a_clear_message(fields, message):
+    with pytest.raises(ValueError, match=message):
+        dq_llmc.DefuseModifier(**fields)
+
+
+# ----- llm-compressor's linearization builds ours ----------------------------------------------
+
+
+def test_llmcompressor_linearize_builds_defused_experts_zero_copy(tiny_dir, eval_ids):
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes, linearize_moe
+
+    model = _stock(tiny_dir)
+    fused = model.model.layers[0].mlp.experts.gate_up_proj
+    ref = _logits(model, eval_ids)
+    linearize_moe(model)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, DefusedExperts)
+    assert experts[3].gate_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert get_non_linearized_moes(model) == []
+    torch.testing.assert_close(_logits(model, eval_ids), ref, rtol=0, atol=0)
+
+
+def test_blocks_llmcompressor_linearized_itself_are_adopted(tiny_dir, eval_ids):
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    from defuser_quant import fuse_model
+
+    model = _stock(tiny_dir)
+    ref = _logits(model, eval_ids)
+    dq_llmc.uninstall_linearize_hook()
+    try:
+        linearize_moe(model)
+    finally:
+        dq_llmc.install_linearize_hook()
+    stock = model.model.layers[1].mlp.experts
+    assert isinstance(stock, LinearExperts2D)
+    linear = stock[5].down_proj
+    assert dq_llmc.adopt_linear_experts(model) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    adopted = model.model.layers[1].mlp.experts
+    assert isinstance(adopted, DefusedExperts) and adopted[5].down_proj is linear
+    torch.testing.assert_close(_logits(model, eval_ids), ref, rtol=0, atol=0)
+    fuse_model(model)
+    torch.testing.assert_close(_logits(model, eval_ids), ref, rtol=0, atol=0)
+
+
+# ----- errors before any calibration ------------------------------------------------------------
+
+
+def test_quantizer_listed_before_defuse_modifier_is_rejected(tiny_dir, tmp_path):
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    recipe = [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=IGNORE), dq_llmc.DefuseModifier()]
+    with pytest.raises(dq_llmc.RecipeOrderError, match=r"after QuantizationModifier.*List DefuseModifier first"):
+        _oneshot(tiny_dir, None, recipe, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("scheme", "why"),
+    [("W4A16", "4-bit int, not float8"), ("FP8_DYNAMIC", "channel scales, not block scales")],
+)
+def test_scheme_that_cannot_refuse_to_fp8_fails_before_calibration(tiny_dir, tmp_path, scheme, why):
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    recipe = [
+        dq_llmc.DefuseModifier(refuse="fp8_fused"),
+        QuantizationModifier(targets="Linear", scheme=scheme, ignore=IGNORE),
+    ]
+    with pytest.raises(dq_llmc.RefuseError, match=f"{why}.*FP8_BLOCK.*or use refuse: dequantized"):
+        _oneshot(tiny_dir, None, recipe, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ----- end to end --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gptq_run(tiny_dir, calib_dataset, eval_ids, tmp_path_factory):
+    """GPTQ W4A16, routing all, coverage report, refuse: dequantized (Python recipe)."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    out = tmp_path_factory.mktemp("gptq") / "w4a16"
+    coverage = out.parent / "coverage.json"
+    defuse = dq_llmc.DefuseModifier(routing="all", coverage_report=str(coverage), refuse="dequantized")
+    recipe = [defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)]
+    model = _oneshot(tiny_dir, calib_dataset, recipe, out)
+    return {"out": out, "coverage": coverage, "modifier": defuse, "logits": _logits(model, eval_ids), "model": model}
+
+
+@pytest.mark.slow
+def test_gptq_w4a16_quantizes_every_expert_with_vllm_names(gptq_run):
+    assert isinstance(gptq_run["model"].model.layers[0].mlp.experts, DefusedExperts)
+    keys = _keys(gptq_run["out"])
+    _assert_every_expert_quantized(keys, {"weight_packed": "I32", "weight_scale": "BF16", "weight_shape": "I64"})
+    assert keys["model.layers.1.mlp.experts.7.down_proj.weight_packed"][0] == [HIDDEN, MOE_I // 8]
+    config = json.loads((gptq_run["out"] / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    assert not [name for name in config["ignore"] if "experts" in name]
+
+
+@pytest.mark.slow
+def test_gptq_routing_all_coverage_report_shows_every_expert_calibrated(gptq_run):
+    report = CoverageReport.from_json(gptq_run["coverage"])
+    assert report == gptq_run["modifier"].coverage
+    assert report.totals.layers == LAYERS and report.totals.experts == LAYERS * EXPERTS
+    assert report.under_threshold == [] and report.totals.forced_tokens > 0
+    for layer in report.layers:
+        tokens = layer.top_k_assignments // TOP_K
+        assert tokens >= SAMPLES * 16
+        assert [e.calibrated for e in layer.experts] == [tokens] * EXPERTS  # every expert saw every token once
+
+
+@pytest.mark.slow
+def test_gptq_checkpoint_loads_with_stock_transformers_with_in_memory_logits(gptq_run, eval_ids):
+    reloaded = _stock(gptq_run["out"])
+    assert type(reloaded.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+    _close(_logits(reloaded, eval_ids), gptq_run["logits"], cos=0.9999, rel=0.01)
+
+
+@pytest.mark.slow
+def test_gptq_refuse_dequantized_writes_a_native_fused_bf16_checkpoint(gptq_run, eval_ids):
+    dequantized = Path(f"{gptq_run['out']}-dequantized")
+    config = json.loads((dequantized / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (dequantized / "tokenizer.json").exists()
+    assert all(dtype == "BF16" for _, dtype in _keys(dequantized).values())
+    model = _stock(dequantized)
+    experts = model.model.layers[1].mlp.experts
+    assert type(experts).__name__ == "Qwen3MoeExperts" and experts.gate_up_proj.shape == (EXPERTS, 2 * MOE_I, HIDDEN)
+    _close(_logits(model, eval_ids), gptq_run["logits"], cos=0.9999, rel=0.01)
+
+
+@pytest.mark.slow
+def test_awq_w4a16_budgeted_end_to_end(tiny_dir, calib_dataset, eval_ids, tmp_path, monkeypatch):
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        # llm-compressor 0.14 AWQ pins its cached activations (IntermediatesCache.pin_memory), which raises
+        # "Cannot access accelerator device when none is available" on a CPU-only machine. Test-only workaround.
+        monkeypatch.setattr(IntermediatesCache, "pin_memory", lambda self, *a, **k: None)
+    defuse = dq_llmc.DefuseModifier(routing="budgeted", min_tokens=160, coverage_policy="error")
+    recipe = [defuse, AWQModifier(), QuantizationModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)]
+    model = _oneshot(tiny_dir, calib_dataset, recipe, tmp_path / "awq")
+    in_memory = _logits(model, eval_ids)
+    assert all(e.calibrated >= 160 for layer in defuse.coverage.layers for e in layer.experts)
+    assert defuse.coverage.totals.forced_tokens > 0
+    _assert_every_expert_quantized(_keys(tmp_path / "awq"), {"weight_packed": "I32", "weight_scale": "BF16"})
+    _close(_logits(_stock(tmp_path / "awq"), eval_ids), in_memory, cos=0.9999, rel=0.01)
+
+
+@pytest.mark.slow
+def test_fp8_dynamic_end_to_end(tiny_dir, eval_ids, tmp_path):
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    recipe = [dq_llmc.DefuseModifier(), QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=IGNORE)]
+    model = _oneshot(tiny_dir, None, recipe, tmp_path / "fp8")
+    in_memory = _logits(model, eval_ids)
+    keys = _keys(tmp_path / "fp8")
+    _assert_every_expert_quantized(keys, {"weight": "F8_E4M3", "weight_scale": "BF16"})
+    assert keys["model.layers.0.mlp.experts.2.up_proj.weight_scale"][0] == [MOE_I, 1]
+    # stock reload dequantizes the experts (their activation quantization is lost): close, not equal
+    _close(_logits(_stock(tmp_path / "fp8"), eval_ids), in_memory, cos=0.999, rel=0.05)
+
+
+@pytest.mark.slow
+def test_filtered_out_block_stays_fused_and_unquantized(tiny_dir, eval_ids, tmp_path):
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    original = _stock(tiny_dir).model.layers[1].mlp.experts.gate_up_proj.detach().clone()
+    recipe = [
+        dq_llmc.DefuseModifier(filter=["-:layers\\.1\\."]),
+        QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=IGNORE),
+    ]
+    model = _oneshot(tiny_dir, None, recipe, tmp_path / "out")
+    assert isinstance(model.model.layers[0].mlp.experts, DefusedExperts)
+    assert type(model.model.layers[1].mlp.experts).__name__ == "Qwen3MoeExperts"
+    keys = _keys(tmp_path / "out")
+    assert keys["model.layers.0.mlp.experts.4.up_proj.weight"][1] == "F8_E4M3"
+    assert keys["model.layers.1.mlp.experts.4.up_proj.weight"][1] == "BF16"
+    assert "model.layers.1.mlp.experts.4.up_proj.weight_scale" not in keys
+    reloaded = _stock(tmp_path / "out")
+    torch.testing.assert_close(reloaded.model.layers[1].mlp.experts.gate_up_proj.data, original, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def fp8_block_run(tiny_dir, eval_ids, tmp_path_factory):
+    """FP8_BLOCK from a YAML recipe with refuse: fp8_fused."""
+    out = tmp_path_factory.mktemp("fp8_block") / "ct"
+    fused = out.parent / "fused"
+    recipe = f"""
+    quant_stage:
+      quant_modifiers:
+        DefuseModifier: {{refuse: fp8_fused, refuse_output_dir: "{fused}"}}
+        QuantizationModifier: {{targets: [Linear], scheme: FP8_BLOCK, ignore: [lm_head, "re:.*mlp.gate$"]}}
+    """
+    model = _oneshot(tiny_dir, None, recipe, out)
+    dequantized = dq_llmc.refuse_checkpoint(out, out.parent / "dequantized", "dequantized")
+    logits = _logits(model, eval_ids)
+    for module in model.modules():  # the same model with its activation quantization switched off
+        if getattr(module, "quantization_scheme", None) is not None:
+            module.quantization_scheme.input_activations = None
+    weight_only = _logits(model, eval_ids)
+    return {"out": out, "fused": fused, "dequantized": dequantized, "logits": logits, "weight_only": weight_only}
+
+
+@pytest.mark.slow
+def test_fp8_block_yaml_recipe_quantizes_every_expert(fp8_block_run, eval_ids):
+    keys = _keys(fp8_block_run["out"])
+    _assert_every_expert_quantized(keys, {"weight": "F8_E4M3", "weight_scale": "BF16"})
+    assert keys["model.layers.0.mlp.experts.0.gate_proj.weight_scale"][0] == [MOE_I // 128, HIDDEN // 128]
+    from llmcompressor.recipe import Recipe
+
+    saved = Recipe.create_instance(str(fp8_block_run["out"] / "recipe.yaml"))  # oneshot's own recipe.yaml re-parses
+    assert isinstance(saved.modifiers[0], dq_llmc.DefuseModifier) and saved.modifiers[0].refuse == "fp8_fused"
+    _close(_logits(_stock(fp8_block_run["out"]), eval_ids), fp8_block_run["logits"], cos=0.999, rel=0.05)
+
+
+@pytest.mark.slow
+def test_fp8_block_refused_checkpoint_has_the_fp8experts_layout(fp8_block_run, tiny_dir):
+    from transformers import AutoConfig, FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+
+    fused = fp8_block_run["fused"]
+    config = json.loads((fused / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert (qc["quant_method"], qc["weight_block_size"], qc["activation_scheme"]) == ("fp8", [128, 128], "dynamic")
+    keys = _keys(fused)
+    prefix = "model.layers.1.mlp.experts"
+    assert keys[f"{prefix}.gate_up_proj"] == ([EXPERTS, 2 * MOE_I, HIDDEN], "F8_E4M3")
+    assert keys[f"{prefix}.gate_up_proj_scale_inv"] == ([EXPERTS, 2 * MOE_I // 128, HIDDEN // 128], "F32")
+    assert keys[f"{prefix}.down_proj"] == ([EXPERTS, HIDDEN, MOE_I], "F8_E4M3")
+    assert keys[f"{prefix}.down_proj_scale_inv"] == ([EXPERTS, HIDDEN // 128, MOE_I // 128], "F32")
+    assert keys["model.layers.0.self_attn.q_proj.weight_scale_inv"][1] == "F32"
+    assert not [k for k in keys if ".experts." in k and k.split(".experts.")[1][0].isdigit()]
+    # exactly the parameters Transformers' FP8 loader builds (FP8Experts / FP8Linear), same shapes and dtypes
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_dir), dtype=torch.bfloat16)
+    fp8_config = FineGrainedFP8Config(**{k: v for k, v in qc.items() if k != "quant_method"})
+    replace_with_fp8_linear(skeleton, qc["modules_to_not_convert"], fp8_config, pre_quantized=True)
+    assert type(skeleton.model.layers[0].mlp.experts).__name__ == "FP8Experts"
+    expected = {k: (list(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+    dtype_names = {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32", torch.bfloat16: "BF16"}
+    assert {k: (shape, dtype_names[dtype]) for k, (shape, dtype) in expected.items()} == keys
+
+
+def _block_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
+    scale = scale_inv.repeat_interleave(block, -2)[..., : weight.shape[-2], :].repeat_interleave(block, -1)
+    return (weight.float() * scale[..., : weight.shape[-1]]).to(torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_fp8_fused_and_dequantized_checkpoints_agree_and_match_the_quantized_model(fp8_block_run, eval_ids):
+    from safetensors.torch import load_file
+
+    fused = {}
+    for file in fp8_block_run["fused"].glob("*.safetensors"):
+        fused.update(load_file(file))
+    model = _stock(fp8_block_run["dequantized"])
+    for layer in range(LAYERS):
+        experts = model.model.layers[layer].mlp.experts
+        assert type(experts).__name__ == "Qwen3MoeExperts"
+        for name in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{layer}.mlp.experts.{name}"
+            torch.testing.assert_close(
+                getattr(experts, name).data, _block_dequant(fused[key], fused[f"{key}_scale_inv"]), rtol=0, atol=0
+            )
+    # the quantized weights exactly; only the (dynamic) activation quantization is dropped
+    _close(_logits(model, eval_ids), fp8_block_run["weight_only"], cos=0.99999, rel=0.005)
+    _close(_logits(model, eval_ids), fp8_block_run["logits"], cos=0.998, rel=0.1)
+
+
+@pytest.mark.slow
+def test_coverage_policy_error_stops_the_run_before_saving(tiny_dir, calib_dataset, tmp_path):
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    recipe = [
+        dq_llmc.DefuseModifier(routing="routed", min_tokens=10**6, coverage_policy="error"),
+        GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE),
+    ]
+    with pytest.raises(CoverageError, match="fewer than min_tokens=1000000"):
+        _oneshot(tiny_dir, calib_dataset.select(range(2)), recipe, tmp_path / "out", num_calibration_samples=2)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
