@@ -34,6 +34,7 @@ class BlockPlan:
     shapes: ExpertShapes
     names: ProjectionNames
     model_type: str | None = None
+    top_model_type: str | None = None
 
 
 def pieces_fns(layout: ExpertLayout) -> dict[str, Callable]:
@@ -136,8 +137,9 @@ def plan_conversion(
                 aliases=aliases,
                 layout=layout,
                 shapes=shapes,
-                names=projection_names(_model_type_of(module, fallback_type), layout.has_gate),
+                names=projection_names(_model_type_of(module, fallback_type), layout.has_gate, fallback_type),
                 model_type=_model_type_of(module, fallback_type),
+                top_model_type=fallback_type,
             )
         )
     _check_not_shared(model, plans)
@@ -229,7 +231,7 @@ def _defuse_block(plan: BlockPlan, undo: list[Callable[[], None]], tied_to: Defu
     record = BlockRecord(
         plan.path, type(plan.module).__name__, plan.layout.describe(), plan.shapes.num_experts, "defused",
         zero_copy=zero_copy, expert_bytes=nbytes, model_type=plan.model_type,
-        stock_loads_per_expert=stock_loads_per_expert(plan.model_type),
+        stock_loads_per_expert=stock_loads_per_expert(plan.model_type, plan.top_model_type),
     )
     return record, defused
 

@@ -10,6 +10,7 @@ rebuild the native class.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from torch import nn
 
 from .layout import ExpertLayout
 from .naming import ProjectionNames
+
+logger = logging.getLogger(__name__)
 
 
 def _default_apply_gate_fn() -> Callable | None:
@@ -124,6 +127,21 @@ class DefusedExperts(nn.Module):
         object.__setattr__(self, "fused_shell", shell)  # unregistered on purpose
         if hasattr(shell, "config"):
             self.config = shell.config
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            specs = self.__dict__.get("specs") or {}
+            if name not in specs:
+                raise
+        # Code written for the fused class reads ``experts.gate_up_proj`` (a parent's
+        # ``_init_weights`` even calls ``init.normal_`` on it after loading). It gets a stacked
+        # copy: reads see the real values, in-place writes never reach (or corrupt) the experts.
+        from .fuse import fused_copy
+
+        logger.debug("%s.%s requested on a defused block: returning a stacked copy", type(self).__name__, name)
+        return fused_copy(self, name)
 
     @property
     def fused_class(self) -> type[nn.Module]:

@@ -58,14 +58,17 @@ def _names_from_conversion_mapping(model_type: str) -> tuple[str | None, str | N
     return gate, up, down
 
 
-def projection_names(model_type: str | None, has_gate: bool) -> ProjectionNames:
-    """Names for the per-expert projections of ``model_type``'s experts."""
+def projection_names(model_type: str | None, has_gate: bool, fallback_type: str | None = None) -> ProjectionNames:
+    """Names for the per-expert projections of ``model_type``'s experts.
+
+    ``fallback_type`` (the top-level model's type) is consulted when the experts' own config type
+    has no mapping: nested text configs (``minimax_m3_vl_text``) inherit the composite model's.
+    """
     default = DEFAULT_NAMES if has_gate else UNGATED_DEFAULT_NAMES
-    if model_type is None:
-        return default
-    if model_type in PROJECTION_NAME_OVERRIDES:
-        return PROJECTION_NAME_OVERRIDES[model_type]
-    found = _names_from_conversion_mapping(model_type)
+    for candidate in (model_type, fallback_type):
+        if candidate in PROJECTION_NAME_OVERRIDES:
+            return PROJECTION_NAME_OVERRIDES[candidate]
+    found = next((f for c in (model_type, fallback_type) if c and (f := _names_from_conversion_mapping(c))), None)
     if found is None:
         return default
     gate, up, down = found
@@ -76,8 +79,9 @@ def projection_names(model_type: str | None, has_gate: bool) -> ProjectionNames:
     )
 
 
-def stock_loads_per_expert(model_type: str | None) -> bool:
-    """True when stock Transformers merges per-expert checkpoints of ``model_type`` on load."""
-    return model_type is not None and (
-        model_type in PROJECTION_NAME_OVERRIDES or _names_from_conversion_mapping(model_type) is not None
+def stock_loads_per_expert(*model_types: str | None) -> bool:
+    """True when stock Transformers merges per-expert checkpoints of any of ``model_types`` on load."""
+    return any(
+        t is not None and (t in PROJECTION_NAME_OVERRIDES or _names_from_conversion_mapping(t) is not None)
+        for t in model_types
     )

@@ -84,7 +84,7 @@ def defused_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
             fused[name] = torch.empty(template.shape, dtype=template.dtype)
             if isinstance(template, nn.Parameter):
                 fused[name] = nn.Parameter(fused[name], requires_grad=template.requires_grad)
-        names = projection_names(getattr(config, "model_type", None), layout.has_gate)
+        names = projection_names(getattr(config, "model_type", None), layout.has_gate, _NAME_SOURCE.get(fused_cls))
         built = build_defused(shell, layout, names, fused, undo=[])
         nn.Module.__init__(self)
         self.__dict__.update({k: v for k, v in built.__dict__.items()})
@@ -94,6 +94,7 @@ def defused_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
 
 
 _ACTIVE: set[type[nn.Module]] = set()
+_NAME_SOURCE: dict[type[nn.Module], str] = {}  # fused class -> the patched (top-level) model type
 
 
 def _install_constructor(fused_cls: type[nn.Module]) -> None:
@@ -124,6 +125,22 @@ def _remove_constructor(fused_cls: type[nn.Module]) -> None:
     _ACTIVE.discard(fused_cls)
 
 
+_FUSED_KEY = __import__("re").compile(r"(gate_up_proj|up_proj|down_proj)(_bias)?\$?$")
+
+
+def _untie_fused_keys(model_type: str) -> dict[type, dict]:
+    """Drop ``_tied_weights_keys`` entries naming fused expert tensors (they no longer exist in a
+    defused model, and Transformers raises when a tie pattern matches nothing); the per-expert
+    ``.weight`` patterns of the same families keep the experts tied. Returns what to restore."""
+    saved = {}
+    for obj in vars(modeling_module_of(model_type)).values():
+        keys = obj.__dict__.get("_tied_weights_keys") if isinstance(obj, type) else None
+        if isinstance(keys, dict) and any(_FUSED_KEY.search(k) for k in keys):
+            saved[obj] = keys
+            obj._tied_weights_keys = {k: v for k, v in keys.items() if not _FUSED_KEY.search(k)}
+    return saved
+
+
 def _conversion_mapping(model_type: str, classes: list[type[nn.Module]]) -> list:
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
@@ -151,9 +168,11 @@ def replace_fused_blocks(model_type: str) -> bool:
 
     previous_mapping = get_checkpoint_conversion_mapping(model_type)
     for cls in classes:
+        _NAME_SOURCE[cls] = model_type
         _install_constructor(cls)
     register_checkpoint_conversion_mapping(model_type, _conversion_mapping(model_type, classes), overwrite=True)
-    _PATCHED[model_type] = {"classes": classes, "mapping": previous_mapping}
+    untied = _untie_fused_keys(model_type)
+    _PATCHED[model_type] = {"classes": classes, "mapping": previous_mapping, "tied_keys": untied}
     logger.info("patched %s: %s", model_type, ", ".join(c.__name__ for c in classes))
     return True
 
@@ -168,6 +187,8 @@ def restore_fused_blocks(model_type: str | None = None) -> None:
             continue
         for cls in state["classes"]:
             _remove_constructor(cls)
+        for owner, keys in state["tied_keys"].items():
+            owner._tied_weights_keys = keys
         cache = conversion_mapping._checkpoint_conversion_mapping_cache
         if state["mapping"] is None:
             cache.pop(mt, None)

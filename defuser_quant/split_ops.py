@@ -32,12 +32,34 @@ class SplitFusedExperts:
     @torch.no_grad()
     def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs):
         (tensors,) = input_dict.values()
-        fused = tensors[0] if isinstance(tensors, list) else tensors
+        fused = self._orient(tensors[0] if isinstance(tensors, list) else tensors, target_patterns, kwargs)
         out = {}
         for e in range(fused.shape[0]):
             for pattern, piece in zip(target_patterns, self.pieces(fused[e])):
                 out[pattern.replace("experts.0.", f"experts.{e}.", 1)] = piece.contiguous()
         return out
+
+    def _orient(self, fused: torch.Tensor, target_patterns: list[str], kwargs: dict) -> torch.Tensor:
+        """Checkpoints may store a fused tensor with its last two dims swapped (original Qwen3-VL-MoE
+        releases); like Transformers' ``Transpose(check_dims=True)``, take whichever orientation
+        yields the per-expert shapes the model holds, preferring the tensor as stored."""
+        model, name = kwargs.get("model"), kwargs.get("full_layer_name")
+        if model is None or not name or fused.dim() != 3:
+            return fused
+        prefix = name[: name.rfind(target_patterns[0])] if target_patterns[0] in name else None
+        if prefix is None:
+            return fused
+        try:
+            expected = [tuple(model.get_parameter(prefix + p).shape) for p in target_patterns]
+        except AttributeError:
+            return fused
+        for candidate in (fused, fused.transpose(1, 2)):
+            if [tuple(p.shape) for p in self.pieces(candidate[0])] == expected:
+                return candidate
+        raise ValueError(
+            f"{name}: fused checkpoint tensor of shape {tuple(fused.shape)} matches none of the per-expert "
+            f"shapes {expected} in either orientation"
+        )
 
     @property
     def reverse_op(self):
@@ -107,7 +129,9 @@ def _existing_ops(existing: list, fused_name: str) -> tuple[str | None, list]:
         if len(targets) == 1 and len(sources) == 1 and targets[0].endswith(f"experts.{fused_name}") and sources[0].endswith(
             f"experts.{fused_name}"
         ):
-            return sources[0], list(transform.operations)
+            # Orientation is decided by SplitFusedExperts itself from the per-expert shapes;
+            # Transformers' Transpose(check_dims=True) would compare against the fused shape.
+            return sources[0], [op for op in transform.operations if type(op).__name__ != "Transpose"]
     return None, []
 
 
@@ -137,7 +161,7 @@ def fused_split_converters(model_type: str, classes: list[type[nn.Module]], exis
     seen: set[tuple[str, ...]] = set()
     for cls in classes:
         layout = ExpertLayout.from_flags(declared_flags_of_class(cls))
-        names = projection_names(model_type, layout.has_gate)
+        names = projection_names(model_type, layout.has_gate)  # the type whose mapping is patched
         in_roles = [names.gate, names.up] if layout.has_gate else [names.up]
         plan = []
         if layout.has_bias:  # bias first: "gate_up_proj" would also match "gate_up_proj_bias"
@@ -151,12 +175,15 @@ def fused_split_converters(model_type: str, classes: list[type[nn.Module]], exis
                 continue
             seen.add(key)
             source, ops = _existing_ops(existing, fused_name)
+            source = source or f"experts.{fused_name}$"
+            # The renaming replaces the matched source text, so targets repeat its prefix
+            # (qwen3_vl_moe matches "mlp.experts..."). Concrete expert 0 names: the loader checks the
+            # renamed key exists in the model; the op emits every expert and they are re-prefixed.
+            prefix = source[: source.index(f"experts.{fused_name}")]
             converters.append(
                 converter_cls(
-                    source_patterns=source or f"experts.{fused_name}$",
-                    # Concrete expert 0 names: the loader checks the renamed key exists in the model;
-                    # the op emits every expert and the loader re-prefixes them all.
-                    target_patterns=[f"experts.0.{leaf}" for leaf in leaves],
+                    source_patterns=source,
+                    target_patterns=[f"{prefix}experts.0.{leaf}" for leaf in leaves],
                     operations=[*ops, SplitFusedExperts(pieces, fused_name)],
                 )
             )

@@ -210,6 +210,8 @@ def test_builtin_resolves_at_call_time(tmp_path, monkeypatch, prose):
 @pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
 @pytest.mark.parametrize("source", ["hf:allenai/c4", "wikitext", "Salesforce/wikitext"])
 def test_hub_offline_fails_fast(tmp_path, monkeypatch, var, source):
+    for other in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(other, raising=False)  # conftest sets HF_HUB_OFFLINE for every test
     monkeypatch.setenv(var, "1")
     start = time.monotonic()
     with pytest.raises(CalibrationDataError) as info:
