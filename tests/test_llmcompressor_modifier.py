@@ -364,6 +364,20 @@ def test_fp8_dynamic_end_to_end(tiny_dir, eval_ids, tmp_path):
 
 
 @pytest.mark.slow
+def test_model_loaded_defused_by_the_pre_load_patch_skips_linearization(tiny_dir, eval_ids, tmp_path):
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    from defuser_quant import replace_fused_blocks
+
+    replace_fused_blocks("qwen3_moe")  # oneshot's from_pretrained now builds DefusedExperts (restored by conftest)
+    recipe = [dq_llmc.DefuseModifier(), QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=IGNORE)]
+    model = _oneshot(tiny_dir, None, recipe, tmp_path / "out")
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, DefusedExperts) and type(experts).__name__ == "DefusedQwen3MoeExperts"  # built at load
+    _assert_every_expert_quantized(_keys(tmp_path / "out"), {"weight": "F8_E4M3", "weight_scale": "BF16"})
+
+
+@pytest.mark.slow
 def test_filtered_out_block_stays_fused_and_unquantized(tiny_dir, eval_ids, tmp_path):
     from llmcompressor.modifiers.quantization import QuantizationModifier
 

@@ -1,0 +1,191 @@
+"""Check on CUDA that a re-fused FP8 checkpoint loads into Transformers' ``FP8Experts``.
+
+Builds a small random qwen3_moe whose FP8 block grids are larger than 1x1 (hidden 256,
+moe_intermediate 256: gate/up scales ``[2, 2]`` per expert), quantizes it with llm-compressor
+``FP8_BLOCK`` behind ``DefuseModifier(refuse="fp8_fused")`` (data-free, runs anywhere), and also
+writes the dequantized reference with ``refuse_checkpoint(..., "dequantized")``. Then, on CUDA:
+
+1. loads the fused FP8 checkpoint with stock ``AutoModelForCausalLM.from_pretrained``;
+2. checks the experts are ``FP8Experts`` (attention ``FP8Linear``) and that every loaded expert
+   tensor equals the file bit for bit;
+3. dequantizes the loaded experts (``weight * scale_inv`` per 128x128 block) and compares them with
+   the dequantized reference checkpoint (must be equal);
+4. runs a forward if the ``finegrained-fp8`` kernel loads (``kernels`` package + its hub build,
+   usually unavailable offline) and compares logits with the dequantized reference.
+
+Without CUDA it stops after writing and checking the files (a smoke run). Steps 1-4 need only
+torch, transformers and safetensors, so the checkpoints can be written where llm-compressor is
+installed and checked on a GPU machine that lacks it:
+
+    .venv/bin/python benchmarks/fp8_refuse_gpu_check.py [--workdir DIR] [--keep]
+    .venv/bin/python benchmarks/fp8_refuse_gpu_check.py --build-only --workdir DIR   # CPU side
+    python3 benchmarks/fp8_refuse_gpu_check.py --check-only --workdir DIR            # GPU side
+
+Prints one JSON summary line; exit code 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+HIDDEN, MOE_I, EXPERTS, LAYERS, BLOCK = 256, 256, 8, 2, 128
+
+
+def build(path: Path) -> None:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=512, hidden_size=HIDDEN, intermediate_size=512, moe_intermediate_size=MOE_I,
+        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=EXPERTS,
+        num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():  # visible expert weights (default init is ~N(0, 0.02))
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(path)
+
+
+def quantize(base: Path, out: Path, fused: Path) -> None:
+    import defuser_quant.integrations.llmcompressor as dq_llmc
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    recipe = [
+        dq_llmc.DefuseModifier(refuse="fp8_fused", refuse_output_dir=str(fused)),
+        QuantizationModifier(targets="Linear", scheme="FP8_BLOCK", ignore=["lm_head", "re:.*mlp.gate$"]),
+    ]
+    oneshot(model=str(base), recipe=recipe, output_dir=str(out))
+
+
+def read(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def block_dequant(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    scale = scale_inv.float().repeat_interleave(BLOCK, -2)[..., : weight.shape[-2], :]
+    scale = scale.repeat_interleave(BLOCK, -1)[..., : weight.shape[-1]]
+    return (weight.float() * scale).to(torch.bfloat16)
+
+
+def check_files(fused: Path) -> dict:
+    tensors = read(fused)
+    config = json.loads((fused / "config.json").read_text())["quantization_config"]
+    key = "model.layers.0.mlp.experts"
+    shapes = {k: (list(tensors[f"{key}.{k}"].shape), str(tensors[f"{key}.{k}"].dtype)) for k in
+              ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv")}
+    expected = {
+        "gate_up_proj": ([EXPERTS, 2 * MOE_I, HIDDEN], "torch.float8_e4m3fn"),
+        "gate_up_proj_scale_inv": ([EXPERTS, 2 * MOE_I // BLOCK, HIDDEN // BLOCK], "torch.float32"),
+        "down_proj": ([EXPERTS, HIDDEN, MOE_I], "torch.float8_e4m3fn"),
+        "down_proj_scale_inv": ([EXPERTS, HIDDEN // BLOCK, MOE_I // BLOCK], "torch.float32"),
+    }
+    return {"quantization_config": config, "expert_tensors": shapes, "layout_ok": shapes == expected}
+
+
+def check_cuda(fused: Path, dequantized: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    result: dict = {}
+    files = read(fused)
+    model = AutoModelForCausalLM.from_pretrained(fused, device_map="cuda").eval()
+    experts = model.model.layers[0].mlp.experts
+    result["experts_class"] = type(experts).__name__
+    result["q_proj_class"] = type(model.model.layers[0].self_attn.q_proj).__name__
+    mismatched = []
+    for layer in range(LAYERS):
+        block = model.model.layers[layer].mlp.experts
+        for name, param in block.named_parameters():
+            key = f"model.layers.{layer}.mlp.experts.{name}"
+            if key in files:
+                a, b = param.detach().cpu(), files[key]
+                if a.dtype != b.dtype or not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+                    mismatched.append(key)
+    result["loaded_bit_exact"] = not mismatched
+    result["mismatched"] = mismatched[:5]
+    reference = AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.bfloat16).to("cuda").eval()
+    deq_equal = True
+    for layer in range(LAYERS):
+        ours, ref = model.model.layers[layer].mlp.experts, reference.model.layers[layer].mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            got = block_dequant(getattr(ours, name).detach(), getattr(ours, f"{name}_scale_inv").detach())
+            deq_equal &= torch.equal(got, getattr(ref, name).detach())
+    result["dequantized_experts_equal_reference"] = bool(deq_equal)
+    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    try:
+        with torch.no_grad():
+            got, want = model(ids).logits.float(), reference(ids).logits.float()
+        cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
+        result["forward"] = {
+            "cos_vs_dequantized": cos,
+            "max_abs_diff": (got - want).abs().max().item(),
+            "ref_max_abs": want.abs().max().item(),
+            "ok": cos > 0.99,
+        }
+    except Exception as exc:  # the hub kernel is usually unavailable offline: report, do not fail
+        result["forward"] = {"skipped": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=None, help="where to write the checkpoints (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--build-only", action="store_true", help="write and check the files, skip the CUDA checks")
+    mode.add_argument("--check-only", action="store_true", help="CUDA checks on files a --build-only run wrote")
+    args = parser.parse_args()
+    if args.check_only and args.workdir is None:
+        parser.error("--check-only needs --workdir")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fp8_refuse_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    base, out, fused = workdir / "base", workdir / "ct_fp8_block", workdir / "fp8_fused"
+    dequantized = workdir / "dequantized"
+    summary: dict = {"workdir": str(workdir), "cuda": torch.cuda.is_available()}
+    ok = True
+    try:
+        if not args.check_only:
+            import defuser_quant.integrations.llmcompressor as dq_llmc
+
+            build(base)
+            quantize(base, out, fused)
+            dq_llmc.refuse_checkpoint(out, dequantized, "dequantized")
+        summary["files"] = check_files(fused)
+        ok &= summary["files"]["layout_ok"]
+        if torch.cuda.is_available() and not args.build_only:
+            summary["device"] = torch.cuda.get_device_name()
+            cuda = check_cuda(fused, dequantized)
+            summary["cuda_checks"] = cuda
+            ok &= cuda["experts_class"] == "FP8Experts" and cuda["loaded_bit_exact"]
+            ok &= cuda["dequantized_experts_equal_reference"] and cuda["forward"].get("ok", True)
+        else:
+            summary["cuda_checks"] = "skipped: " + ("--build-only" if args.build_only else "no CUDA device")
+    except Exception as exc:
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+        summary["traceback"] = traceback.format_exc()[-2000:]
+        ok = False
+    summary["ok"] = bool(ok)
+    print(json.dumps(summary, default=str))
+    if not args.keep and args.workdir is None and ok:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
