@@ -11,7 +11,11 @@ writes the dequantized reference with ``refuse_checkpoint(..., "dequantized")``.
 3. dequantizes the loaded experts (``weight * scale_inv`` per 128x128 block) and compares them with
    the dequantized reference checkpoint (must be equal);
 4. runs a forward if the ``finegrained-fp8`` kernel loads (``kernels`` package + its hub build,
-   usually unavailable offline) and compares logits with the dequantized reference.
+   usually unavailable offline) and compares its logits with those of the compressed-tensors
+   checkpoint (loaded on the CPU through defuser-quant's pre-load patch, where stock Transformers
+   5.17 cannot load FP8 block grids larger than 1x1; same weights, same dynamic per-group FP8
+   activation quantization), saved as ``ct_logits.pt`` by the build step, and with the
+   dequantized reference (no activation quantization: expect a looser match).
 
 Without CUDA it stops after writing and checking the files (a smoke run). Steps 1-4 need only
 torch, transformers and safetensors, so the checkpoints can be written where llm-compressor is
@@ -47,12 +51,7 @@ def build(path: Path) -> None:
         num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
-    with torch.no_grad():  # visible expert weights (default init is ~N(0, 0.02))
-        for name, p in model.named_parameters():
-            if ".experts." in name:
-                p.normal_(0, 0.05)
-    model.save_pretrained(path)
+    Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
 
 
 def quantize(base: Path, out: Path, fused: Path) -> None:
@@ -65,6 +64,30 @@ def quantize(base: Path, out: Path, fused: Path) -> None:
         QuantizationModifier(targets="Linear", scheme="FP8_BLOCK", ignore=["lm_head", "re:.*mlp.gate$"]),
     ]
     oneshot(model=str(base), recipe=recipe, output_dir=str(out))
+
+
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+
+
+def save_ct_logits(out: Path, target: Path) -> None:
+    """Logits of the compressed-tensors checkpoint, per-expert modules built at load (CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    from defuser_quant import replace_fused_blocks, restore_fused_blocks
+
+    replace_fused_blocks("qwen3_moe")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+    finally:
+        restore_fused_blocks("qwen3_moe")
+    with torch.no_grad():
+        torch.save(model(input_ids()).logits.float(), target)
+
+
+def _compare(got: torch.Tensor, want: torch.Tensor) -> dict:
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
+    return {"cos": cos, "max_abs_diff": (got - want).abs().max().item(), "ref_max_abs": want.abs().max().item()}
 
 
 def read(folder: Path) -> dict[str, torch.Tensor]:
@@ -125,17 +148,15 @@ def check_cuda(fused: Path, dequantized: Path) -> dict:
             got = block_dequant(getattr(ours, name).detach(), getattr(ours, f"{name}_scale_inv").detach())
             deq_equal &= torch.equal(got, getattr(ref, name).detach())
     result["dequantized_experts_equal_reference"] = bool(deq_equal)
-    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    ids = input_ids().cuda()
     try:
         with torch.no_grad():
-            got, want = model(ids).logits.float(), reference(ids).logits.float()
-        cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
-        result["forward"] = {
-            "cos_vs_dequantized": cos,
-            "max_abs_diff": (got - want).abs().max().item(),
-            "ref_max_abs": want.abs().max().item(),
-            "ok": cos > 0.99,
-        }
+            got, want = model(ids).logits.float().cpu(), reference(ids).logits.float().cpu()
+        result["forward"] = {"vs_dequantized": _compare(got, want)}
+        ct_logits = fused.parent / "ct_logits.pt"
+        if ct_logits.exists():
+            result["forward"]["vs_compressed_tensors"] = _compare(got, torch.load(ct_logits))
+            result["forward"]["ok"] = result["forward"]["vs_compressed_tensors"]["cos"] > 0.995
     except Exception as exc:  # the hub kernel is usually unavailable offline: report, do not fail
         result["forward"] = {"skipped": f"{type(exc).__name__}: {str(exc)[:300]}"}
     return result
@@ -164,6 +185,7 @@ def main() -> int:
             build(base)
             quantize(base, out, fused)
             dq_llmc.refuse_checkpoint(out, dequantized, "dequantized")
+            save_ct_logits(out, workdir / "ct_logits.pt")
         summary["files"] = check_files(fused)
         ok &= summary["files"]["layout_ok"]
         if torch.cuda.is_available() and not args.build_only:
