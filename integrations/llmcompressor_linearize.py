@@ -62,10 +62,22 @@ def _defuse_one(experts: nn.Module, config: Any) -> nn.Module:
 
 @functools.lru_cache(maxsize=None)
 def linear_experts_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
-    """The class our registry answers for ``fused_cls``: config-constructible, with ``from_experts_module``."""
+    """The class our registry answers for ``fused_cls``: config-constructible, with ``from_experts_module``.
+
+    ``from_experts_module`` falls back to llm-compressor's own linearization (with a warning)
+    when our core cannot defuse the block.
+    """
 
     def from_experts_module(cls: type, experts: nn.Module, config: Any) -> nn.Module:
-        return _defuse_one(experts, config)
+        try:
+            return _defuse_one(experts, config)
+        except DefuserQuantError as exc:
+            stock = _stock_class(type(experts))
+            logger.warning(
+                "defuser-quant cannot defuse %s (%s); using llm-compressor's %s for it", type(experts).__name__, exc,
+                stock.__name__,
+            )
+            return stock.from_experts_module(experts, config)
 
     base = defused_class_for(fused_cls)
     return type(
@@ -84,31 +96,21 @@ class DefuserFirstRegistry(dict):
 
     def get(self, key: Any, default: Any = None) -> Any:
         if _handles(key):
-            return _with_fallback(key, super().get(key))
+            return linear_experts_class_for(key)
         return super().get(key, default)
 
 
-def _with_fallback(fused_cls: type[nn.Module], stock: type | None) -> type:
-    """Our class for ``fused_cls``, falling back to llm-compressor's when our core cannot defuse a block."""
-    ours = linear_experts_class_for(fused_cls)
-    if stock is None:
-        return ours
-    return _fallback_class(ours, stock)
-
-
-@functools.lru_cache(maxsize=None)
-def _fallback_class(ours: type[DefusedExperts], stock: type) -> type:
-    def from_experts_module(cls: type, experts: nn.Module, config: Any) -> nn.Module:
-        try:
-            return _defuse_one(experts, config)
-        except DefuserQuantError as exc:
-            logger.warning(
-                "defuser-quant cannot defuse %s (%s); using llm-compressor's %s for it", type(experts).__name__, exc,
-                stock.__name__,
-            )
-            return stock.from_experts_module(experts, config)
-
-    return type(ours.__name__, (ours,), {"from_experts_module": classmethod(from_experts_module), "__module__": __name__})
+def _stock_class(fused_cls: type[nn.Module]) -> type:
+    """llm-compressor's own class for ``fused_cls`` (registered or generic), bypassing our registry."""
+    base = _linear_experts_base()
+    ours = base.__dict__["_registry"]
+    plain = dict(ours)
+    base._registry = plain
+    try:
+        return base.get_linear_experts_cls(fused_cls)
+    finally:
+        base._registry = ours
+        dict.update(ours, plain)  # keep what llm-compressor cached meanwhile
 
 
 def _linear_experts_base() -> type:

@@ -243,6 +243,25 @@ def test_blocks_llmcompressor_linearized_itself_are_adopted(tiny_dir, eval_ids):
     torch.testing.assert_close(_logits(model, eval_ids), ref, rtol=0, atol=0)
 
 
+def test_blocks_our_core_cannot_defuse_fall_back_to_llmcompressor(tiny_dir, monkeypatch, caplog):
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    from defuser_quant import LayoutError
+    from defuser_quant.integrations import llmcompressor_linearize
+
+    def refuse(experts, config):
+        raise LayoutError("a layout the core does not know")
+
+    monkeypatch.setattr(llmcompressor_linearize, "_defuse_one", refuse)
+    model = _stock(tiny_dir)
+    with caplog.at_level("WARNING", logger=llmcompressor_linearize.__name__):
+        linearize_moe(model)
+    assert isinstance(model.model.layers[0].mlp.experts, LinearExperts2D)
+    assert "cannot defuse Qwen3MoeExperts (a layout the core does not know)" in caplog.text
+    assert dq_llmc.linearize_hook_installed()
+
+
 # ----- errors before any calibration ------------------------------------------------------------
 
 
