@@ -10,7 +10,6 @@ rebuild the native class.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -20,7 +19,6 @@ from torch import nn
 from .layout import ExpertLayout
 from .naming import ProjectionNames
 
-logger = logging.getLogger(__name__)
 
 
 def _default_apply_gate_fn() -> Callable | None:
@@ -135,13 +133,14 @@ class DefusedExperts(nn.Module):
             specs = self.__dict__.get("specs") or {}
             if name not in specs:
                 raise
-        # Code written for the fused class reads ``experts.gate_up_proj`` (a parent's
-        # ``_init_weights`` even calls ``init.normal_`` on it after loading). It gets a stacked
-        # copy: reads see the real values, in-place writes never reach (or corrupt) the experts.
-        from .fuse import fused_copy
-
-        logger.debug("%s.%s requested on a defused block: returning a stacked copy", type(self).__name__, name)
-        return fused_copy(self, name)
+        # Code written for the fused class may touch ``experts.gate_up_proj`` (a parent's
+        # ``_init_weights`` calls ``init.normal_`` on it after loading; protocol checks read it).
+        # It gets a ``meta`` tensor of the fused shape: no copy, writes go nowhere, and reading its
+        # values fails loudly instead of returning stale data. fuse_model() rebuilds the real one.
+        spec = specs[name]
+        first = next(self.parameters(), None)
+        dtype = first.dtype if first is not None else torch.float32
+        return torch.empty((self.num_experts, *spec.shape[1:]), dtype=dtype, device="meta")
 
     @property
     def fused_class(self) -> type[nn.Module]:

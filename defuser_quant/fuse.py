@@ -78,13 +78,6 @@ def _try_alias(pieces: list[list[torch.Tensor]], shape: tuple[int, ...], fn: Cal
     return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, base_offset, shape, probe.stride())
 
 
-def fused_copy(block: DefusedExperts, name: str) -> torch.Tensor:
-    """The fused tensor ``name`` in the native layout, stacked from ``block``'s experts (a copy)."""
-    spec = block.specs[name]
-    pieces = _pieces_per_expert(block, "")[name]
-    return _stack(pieces, (block.num_experts, *spec.shape[1:]), pieces_fns(block.layout)[name])
-
-
 def _stack(pieces: list[list[torch.Tensor]], shape: tuple[int, ...], fn: Callable) -> torch.Tensor:
     first = pieces[0][0]
     for expert_pieces in pieces:

@@ -24,18 +24,13 @@ def _restore_patches():
     restore_fused_blocks()
 
 
-@pytest.fixture(autouse=True)
-def _threads_for_tiny_models(request):
-    """Tiny models gain nothing from intra-op threads and lose a lot on a busy 2-core machine;
-    end-to-end quantizer runs (marked slow) keep every core."""
+def _one_thread() -> None:
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
+    OpenMP workers make their forwards (and the quantizers' tiny GEMMs) 10x slower. Set once at
+    import so module- and session-scoped fixtures run single-threaded too."""
     import torch
 
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    old = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+
+
+_one_thread()
