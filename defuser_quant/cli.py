@@ -1,33 +1,40 @@
-"""Command line: ``defuser-quant demo`` (and, as they land, run / convert / inspect)."""
+"""Command line entry point: ``defuser-quant run|demo|convert|inspect``.
+
+Each subcommand lives in its own ``cli_<name>`` module exposing ``add_parser(subparsers)``,
+which registers the parser and sets ``handler`` (``args -> exit code``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
+from .errors import DefuserQuantError
 
-def _parser() -> argparse.ArgumentParser:
+SUBCOMMAND_MODULES = ["cli_run", "cli_demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defuser-quant", description="Defuse fused MoE experts for quantizers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="defuse a tiny MoE, check the math, round-trip it (offline)")
-    run = sub.add_parser("run", help="run a job (no config: the embedded default, currently the demo)")
-    run.add_argument("config", nargs="?", help="job YAML (not yet supported: omit it)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{name}").add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .demo import run_demo
-
-    if args.command == "run" and args.config:
-        print("defuser-quant run CONFIG: job files are not supported yet; run without a config for the default job.", file=sys.stderr)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except DefuserQuantError as exc:  # our errors already say what is wrong and what to do
+        print(f"defuser-quant {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    facts = run_demo()
-    ok = facts["round_trip_identical"] and facts["saved_reloaded_identical"] and facts["max_abs_diff"] < 1e-4
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""llm-compressor backend: ``oneshot`` with our ``DefuseModifier`` first in the recipe."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from ..checkpoint_facts import expert_projection_counts
+from ..context import BackendResult, JobContext
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _cpu_awq_workaround(enabled: bool) -> Iterator[None]:
+    """llm-compressor 0.14 AWQ pins cached activations unconditionally, which fails on machines
+    without an accelerator ("Cannot access accelerator device"). Pinning only matters for
+    host-to-GPU copies, so it is switched off for the run when there is no GPU."""
+    if not enabled:
+        yield
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None  # type: ignore[method-assign]
+    logger.info("CPU-only run: llm-compressor AWQ activation pinning disabled")
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original  # type: ignore[method-assign]
+
+
+def _quant_modifiers(cfg) -> list:
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    q = cfg.quantization
+    ignore = list(q.ignore)
+    if q.method == "gptq":
+        return [GPTQModifier(targets="Linear", scheme=q.scheme, ignore=ignore)]
+    if q.method == "awq":
+        return [AWQModifier(), QuantizationModifier(targets="Linear", scheme=q.scheme, ignore=ignore)]
+    return [QuantizationModifier(targets="Linear", scheme=q.scheme, ignore=ignore)]
+
+
+def run(ctx: JobContext) -> BackendResult:
+    """Load, evaluate, calibrate + quantize with oneshot, save into the staging folder."""
+    from transformers import AutoModelForCausalLM
+
+    from defuser_quant.calibration.data import to_hf_dataset
+    from defuser_quant.integrations.llmcompressor import DefuseModifier
+    from defuser_quant.integrations.llmcompressor_compat import check_llmcompressor
+
+    check_llmcompressor()
+    from llmcompressor import oneshot
+
+    cfg = ctx.config
+    result = BackendResult()
+    with ctx.stage("load"):
+        model = AutoModelForCausalLM.from_pretrained(
+            ctx.model_path, dtype=getattr(torch, cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code
+        ).to(cfg.model.device)
+        model.eval()
+    with ctx.stage("evaluate (float)"):
+        result.ppl_before = ctx.evaluate(model)
+    defuse = DefuseModifier(
+        routing=cfg.calibration.routing,
+        min_tokens=cfg.calibration.min_tokens,
+        coverage_report=str(ctx.staging_dir / "coverage.json"),
+        coverage_policy="warn" if cfg.calibration.policy == "fallback" else cfg.calibration.policy,
+        filter=list(cfg.defuse.filter) or None,
+        refuse="dequantized" if cfg.output.layout == "fused-dequantized" else False,
+        refuse_output_dir=str(ctx.staging_dir / "fused-dequantized") if cfg.output.layout == "fused-dequantized" else None,
+    )
+    if cfg.calibration.policy == "fallback":
+        result.notes.append("llm-compressor: policy 'fallback' runs as 'warn' (use routing: budgeted to top up experts)")
+    dataset = to_hf_dataset(ctx.calibration_samples)
+    needs_data = cfg.quantization.method in ("gptq", "awq")
+    with ctx.stage("defuse + calibrate + quantize + save"), _cpu_awq_workaround(
+        cfg.quantization.method == "awq" and not torch.cuda.is_available()
+    ):
+        kwargs = dict(dataset=dataset, num_calibration_samples=len(dataset), max_seq_length=cfg.calibration.data.seq_len)
+        model = oneshot(
+            model=model,
+            processor=ctx.tokenizer,
+            recipe=[defuse, *_quant_modifiers(cfg)],
+            output_dir=str(ctx.staging_dir),
+            **(kwargs if needs_data else {}),
+        )
+    with ctx.stage("evaluate (quantized)"):
+        result.ppl_after = ctx.evaluate(model)
+    result.coverage = defuse.coverage
+    result.expert_projections, result.expert_projections_quantized = expert_projection_counts(ctx.staging_dir)
+    if cfg.output.layout == "fused-dequantized":
+        result.extra_outputs["fused-dequantized"] = "fused-dequantized"
+    return result

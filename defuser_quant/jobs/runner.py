@@ -1,0 +1,139 @@
+"""Runs a job: resolve inputs, stage the output, call the backend, report, write ``job.json``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .backends import get_backend
+from .config import JobConfig
+from .context import BackendResult, JobContext
+from .output import staged_output
+
+logger = logging.getLogger(__name__)
+BUILTIN_MODEL = "builtin:tiny-qwen3-moe"
+
+
+def resolve_model_path(path: str) -> str:
+    """``builtin:tiny-qwen3-moe`` is the small trained model shipped with the package."""
+    if path == BUILTIN_MODEL:
+        from defuser_quant.assets import TINY_MOE_PATH
+
+        return str(TINY_MOE_PATH)
+    return path
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("defuser-quant", "torch", "transformers", "gptqmodel", "llmcompressor", "compressed-tensors", "datasets"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@dataclass
+class JobReport:
+    """What a finished job did: written to ``job.json`` and shown as the summary table."""
+
+    output_dir: str
+    timings: dict[str, float] = field(default_factory=dict)
+    result: BackendResult = field(default_factory=BackendResult)
+
+    def to_dict(self, config: JobConfig) -> dict[str, Any]:
+        r = self.result
+        return {
+            "schema_version": 1,
+            "versions": _versions(),
+            "config": config.model_dump(mode="json"),
+            "output_dir": self.output_dir,
+            "timings_s": self.timings,
+            "perplexity": {"before": r.ppl_before, "after": r.ppl_after},
+            "experts": {"projections": r.expert_projections, "quantized": r.expert_projections_quantized},
+            "coverage": None if r.coverage is None else {
+                "min_tokens": r.coverage.min_tokens,
+                "experts_under_threshold": len(r.coverage.under_threshold),
+                "report": "coverage.json",
+                "heatmap": "coverage.png",
+            },
+            "extra_outputs": r.extra_outputs,
+            "notes": r.notes,
+        }
+
+
+def _summary(report: JobReport, config: JobConfig) -> Table:
+    r = report.result
+    table = Table(title="defuser-quant job summary", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    q = config.quantization
+    table.add_row("model", config.model.path)
+    table.add_row("backend / method / scheme", f"{q.backend} / {q.method} / {q.scheme}")
+    table.add_row("routing", f"{config.calibration.routing} (min_tokens {config.calibration.min_tokens}, policy {config.calibration.policy})")
+    table.add_row("expert projections quantized", f"{r.expert_projections_quantized} / {r.expert_projections}")
+    if r.coverage is not None:
+        table.add_row("experts under min_tokens", str(len(r.coverage.under_threshold)))
+    if r.ppl_before is not None:
+        change = f" ({100 * (r.ppl_after / r.ppl_before - 1):+.2f}%)" if r.ppl_after else ""
+        table.add_row("held-out perplexity", f"{r.ppl_before:.3f} -> {r.ppl_after:.3f}{change}" if r.ppl_after else f"{r.ppl_before:.3f}")
+    for stage, seconds in report.timings.items():
+        table.add_row(f"time: {stage}", f"{seconds:.1f} s")
+    table.add_row("output", report.output_dir)
+    return table
+
+
+def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
+    """Run ``config`` end to end; the output folder appears only when everything succeeded."""
+    from transformers import AutoTokenizer
+
+    from defuser_quant.calibration.data import build_calibration_batches, build_calibration_samples
+
+    from .evaluate import perplexity
+
+    console = console or Console()
+    model_path = resolve_model_path(config.model.path)
+    target = Path(config.output.dir).resolve()
+    protected = [Path(model_path)] if Path(model_path).exists() else []
+    report = JobReport(output_dir=str(target))
+
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[None]:
+        console.log(f"[bold]{name}[/bold] ...")
+        start = time.perf_counter()
+        with console.status(f"{name} ..."):
+            yield
+        report.timings[name] = time.perf_counter() - start
+        console.log(f"{name}: done in {report.timings[name]:.1f} s")
+
+    with staged_output(target, config.output.overwrite, protected) as staging:
+        with stage("tokenize data"):
+            tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+            samples = build_calibration_samples(config.calibration.data, tokenizer)
+            eval_batches = (
+                build_calibration_batches(config.evaluation.data, tokenizer) if config.evaluation.enabled else []
+            )
+
+        def evaluate(model: Any) -> float | None:
+            return perplexity(model, eval_batches) if eval_batches else None
+
+        ctx = JobContext(config, model_path, tokenizer, samples, staging, stage, evaluate)
+        report.result = get_backend(config.quantization.backend).run(ctx)
+        if report.result.coverage is not None:
+            report.result.coverage.to_json(staging / "coverage.json")
+            report.result.coverage.heatmap(staging / "coverage.png")
+            console.print(report.result.coverage.console_summary())
+        (staging / "job.json").write_text(json.dumps(report.to_dict(config), indent=2))
+    console.print(_summary(report, config))
+    return report

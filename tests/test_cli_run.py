@@ -1,0 +1,109 @@
+"""`defuser-quant run`: the embedded default job end to end, schema errors, safe output writing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from defuser_quant.cli import main
+from defuser_quant.cli_run import DEFAULT_JOB
+from defuser_quant.jobs.config import JobConfigError, load_job_config, parse_job_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_packaged_default_job_is_the_configs_default():
+    assert DEFAULT_JOB.read_text() == (REPO / "configs" / "default.yaml").read_text()
+    config = load_job_config(DEFAULT_JOB)
+    assert config.model.path == "builtin:tiny-qwen3-moe"
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"quantization": {"scheme": "W3A16"}}, "quantization.scheme: Input should be 'W4A16', 'W8A16', 'FP8_DYNAMIC' or 'FP8_BLOCK' (got 'W3A16')"),
+        ({"quantization": {"backend": "gptqmodel", "method": "rtn"}}, "method 'rtn' is not available with backend 'gptqmodel'; allowed: gptq, awq"),
+        ({"calibration": {"routing": "everything"}}, "calibration.routing: Input should be 'routed', 'all' or 'budgeted'"),
+        ({"calibration": {"data": {"seq_len": 0}}}, "calibration.data.seq_len: Input should be greater than 0"),
+        ({"outptu": {"dir": "x"}}, "outptu: unknown field"),
+    ],
+)
+def test_schema_errors_name_the_field_and_allowed_values(patch, expected):
+    data = yaml.safe_load(DEFAULT_JOB.read_text())
+    for section, values in patch.items():
+        if isinstance(data.get(section), dict):
+            for key, value in values.items():
+                if isinstance(value, dict):
+                    data[section][key].update(value)
+                else:
+                    data[section][key] = value
+        else:
+            data[section] = values
+    with pytest.raises(JobConfigError) as info:
+        parse_job_config(data, "job.yaml")
+    assert expected in str(info.value)
+
+
+def test_missing_output_dir_is_reported():
+    with pytest.raises(JobConfigError, match="output: required field is missing"):
+        parse_job_config({"model": {"path": "x"}}, "job.yaml")
+
+
+def test_cli_reports_schema_errors_with_exit_code_2(tmp_path, capsys):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("model: {path: x, dtype: fp4}\noutput: {dir: out}\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "model.dtype" in err and "'bfloat16', 'float16' or 'float32'" in err
+
+
+def test_non_empty_output_is_refused_and_kept(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert main(["run", "--output", str(out), "--set", "output.overwrite=false"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_interrupted_job_leaves_no_output(tmp_path, monkeypatch):
+    from defuser_quant.jobs.backends import llmcompressor as backend
+
+    def broken(ctx):
+        (ctx.staging_dir / "model.safetensors").write_bytes(b"half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(backend, "run", broken)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no stray partial folder either
+
+
+@pytest.mark.slow
+def test_default_job_end_to_end(tmp_path):
+    out = tmp_path / "default"
+    result = subprocess.run(
+        [sys.executable, "-m", "defuser_quant", "run", "--output", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = json.loads((out / "job.json").read_text())
+    assert job["experts"]["projections"] == job["experts"]["quantized"] > 0
+    assert job["coverage"]["experts_under_threshold"] == 0
+    before, after = job["perplexity"]["before"], job["perplexity"]["after"]
+    assert 1 < before < after * 1.5 and after < before * 1.5  # quantized, still the same model
+    assert job["versions"]["transformers"] and job["config"]["quantization"]["scheme"] == "W4A16"
+    coverage = json.loads((out / "coverage.json").read_text())
+    assert coverage["schema_version"] == 1
+    assert (out / "coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.experts.15.down_proj.weight_packed" in keys
+    assert "summary" in result.stdout and "192 / 192" in result.stdout
