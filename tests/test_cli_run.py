@@ -107,3 +107,30 @@ def test_default_job_end_to_end(tmp_path):
         keys = set(f.keys())
     assert "model.layers.0.mlp.experts.15.down_proj.weight_packed" in keys
     assert "summary" in result.stdout and "192 / 192" in result.stdout
+
+
+@pytest.mark.slow
+def test_gptqmodel_job_with_dequantized_fused_output(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    job = tmp_path / "job.yaml"
+    out = tmp_path / "out"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": "builtin:tiny-qwen3-moe"},
+                "quantization": {"backend": "gptqmodel", "method": "gptq", "scheme": "W4A16"},
+                "calibration": {"data": {"num_samples": 16, "seq_len": 128}, "routing": "budgeted", "min_tokens": 64},
+                "output": {"dir": str(out), "layout": "fused-dequantized"},
+                "evaluation": {"data": {"split": "heldout", "num_samples": 4, "seq_len": 128, "shuffle": False}},
+            }
+        )
+    )
+    assert main(["run", str(job)]) == 0
+    report = json.loads((out / "job.json").read_text())
+    assert report["experts"]["projections"] == report["experts"]["quantized"] == 192
+    assert report["coverage"]["experts_under_threshold"] == 0
+    assert report["perplexity"]["after"] < 1.5 * report["perplexity"]["before"]
+    fused = AutoModelForCausalLM.from_pretrained(out / "fused-dequantized", dtype=torch.float32)
+    assert fused.model.layers[0].mlp.experts.gate_up_proj.shape == (16, 256, 128)
