@@ -1,0 +1,68 @@
+"""Safe destinations: refuse to touch SRC, write into a hidden sibling, rename at the end.
+
+An interrupted conversion (an exception, Ctrl-C) removes its staging directory; a killed one
+leaves only ``.<DST>.partial-*`` next to DST, never a DST that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import DestinationError
+
+logger = logging.getLogger(__name__)
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Raise ``DestinationError`` unless writing DST can never touch SRC and DST may be replaced."""
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if dst_r == src_r:
+        raise DestinationError(f"DST is SRC ({src}); convert never writes into its source, pick another directory")
+    if _within(dst_r, src_r):
+        raise DestinationError(f"DST {dst} lies inside SRC {src}; pick a directory outside the source checkpoint")
+    if _within(src_r, dst_r):
+        raise DestinationError(f"SRC {src} lies inside DST {dst}; replacing DST would destroy the source")
+    if dst.exists() and not dst.is_dir():
+        raise DestinationError(f"DST {dst} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise DestinationError(f"DST {dst} is not empty; pass --overwrite (overwrite=True) to replace it")
+
+
+@contextlib.contextmanager
+def staged_directory(dst: Path) -> Iterator[Path]:
+    """Yield a fresh hidden directory next to ``dst``; on success it replaces ``dst``, on any
+    exception (KeyboardInterrupt included) it is removed and ``dst`` is left as it was."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    stage = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+        _replace(stage, dst)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _replace(stage: Path, dst: Path) -> None:
+    backup = None
+    if dst.is_dir():
+        backup = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        dst.rename(backup)
+    try:
+        stage.rename(dst)
+    except BaseException:
+        if backup is not None:
+            backup.rename(dst)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    logger.debug("renamed %s -> %s", stage, dst)
