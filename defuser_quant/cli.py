@@ -13,7 +13,7 @@ import sys
 
 from .errors import DefuserQuantError
 
-SUBCOMMAND_MODULES = ["cli_run", "cli_demo"]
+SUBCOMMAND_MODULES = ["cli_run", "cli_demo", "cli_convert", "cli_inspect"]
 
 
 def build_parser() -> argparse.ArgumentParser:
