@@ -12,12 +12,15 @@ from torch import nn
 
 from .defused import DefusedExpert, DefusedExperts, FusedTensorSpec, GateFunction, fast_linear
 from .errors import ConversionError, DefuserQuantError, SharedStorageError
+from .families import adapter_of, experts_entry_for
 from .filters import FilterRules
-from .layout import ExpertLayout, ExpertShapes, check_shapes, fused_tensor, layout_of
-from .naming import ProjectionNames, projection_names, stock_loads_per_expert
+from .irregular.base import StandardAdapter
+from .layout import ExpertLayout, ExpertShapes
+from .naming import ProjectionNames, stock_loads_per_expert
 from .progress import progress
 from .report import BlockRecord, ConversionReport
 from .slicing import carve, down_pieces, in_bias_pieces, in_proj_pieces, needs_relayout, restore_slab, whole_slab
+from .tensors import FusedTensor, get_tensor, layout_tensors, pop_tensor
 
 logger = logging.getLogger(__name__)
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -35,6 +38,32 @@ class BlockPlan:
     names: ProjectionNames
     model_type: str | None = None
     top_model_type: str | None = None
+    adapter: StandardAdapter = None  # type: ignore[assignment]
+    tensors: list[FusedTensor] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            self.adapter = STANDARD
+        if self.tensors is None:
+            self.tensors = layout_tensors(self.layout)
+
+    @property
+    def tensor_paths(self) -> tuple[str, ...]:
+        """Attribute paths (inside the fused module) of every fused tensor of the block."""
+        return tuple(t.path for t in self.tensors)
+
+
+STANDARD = StandardAdapter()
+
+
+def adapter_for(module: nn.Module) -> StandardAdapter | None:
+    """The adapter that defuses ``module``: its explicit family entry, else the standard one for
+    decorated classes; None when ``module`` is no fused experts block."""
+    entry = experts_entry_for(type(module))
+    if entry is not None:
+        adapter = adapter_of(entry)
+        return adapter if adapter.applies(module) else None
+    return STANDARD if STANDARD.applies(module) else None
 
 
 def pieces_fns(layout: ExpertLayout) -> dict[str, Callable]:
@@ -64,7 +93,7 @@ def _storage_key(t: torch.Tensor) -> int | None:
 
 def _tie_key(plan: BlockPlan) -> tuple[int, ...]:
     """Identity of a block's fused tensors: equal for blocks tied to each other (same Parameters)."""
-    return tuple(id(fused_tensor(plan.module, name)) for name in plan.layout.fused_names)
+    return tuple(id(get_tensor(plan.module, name)) for name in plan.tensor_paths)
 
 
 def _check_not_shared(model: nn.Module, plans: list[BlockPlan]) -> None:
@@ -81,9 +110,9 @@ def _check_not_shared(model: nn.Module, plans: list[BlockPlan]) -> None:
         # Blocks tied to each other (every fused tensor the same Parameter, as diffusion_gemma's
         # encoder/decoder) are defused together and keep sharing their per-expert Parameters.
         tied = [p for p in plans if _tie_key(p) == _tie_key(plan)]
-        own = {f"{alias}.{name}" for p in tied for alias, _, _ in p.aliases for name in p.layout.fused_names}
-        for name in plan.layout.fused_names:
-            tensor = fused_tensor(plan.module, name)
+        own = {f"{alias}.{name}" for p in tied for alias, _, _ in p.aliases for name in p.tensor_paths}
+        for name in plan.tensor_paths:
+            tensor = get_tensor(plan.module, name)
             full = f"{plan.path}.{name}"
             others = [n for n in owners.get(id(tensor), []) if n not in own]
             key = _storage_key(tensor)
@@ -111,18 +140,19 @@ def plan_conversion(
                 BlockRecord(path, module.fused_class.__name__, module.layout.describe(), len(module), "skipped", "already defused")
             )
             continue
-        layout = layout_of(module)
-        if layout is None:
+        adapter = adapter_for(module)
+        if adapter is None:
             continue
+        layout = adapter.layout(module)
         reason = ""
         if not rules.allows(path):
             reason = "excluded by filter"
         elif max_layers is not None and (idx := _layer_index(path)) is not None and idx >= max_layers:
             reason = f"beyond max_layers={max_layers}"
         if reason:
-            report.skipped.append(BlockRecord(path, type(module).__name__, layout.describe(), 0, "skipped", reason))
+            report.skipped.append(BlockRecord(path, type(module).__name__, adapter.describe(layout), 0, "skipped", reason))
             continue
-        shapes = check_shapes(module, layout, path)
+        shapes = adapter.check(module, layout, path)
         parent_path, _, attr = path.rpartition(".")
         aliases = []
         for alias in all_paths[id(module)]:
@@ -137,9 +167,11 @@ def plan_conversion(
                 aliases=aliases,
                 layout=layout,
                 shapes=shapes,
-                names=projection_names(_model_type_of(module, fallback_type), layout.has_gate, fallback_type),
+                names=adapter.names(layout, _model_type_of(module, fallback_type), fallback_type),
                 model_type=_model_type_of(module, fallback_type),
                 top_model_type=fallback_type,
+                adapter=adapter,
+                tensors=adapter.tensors(module, layout),
             )
         )
     _check_not_shared(model, plans)
@@ -152,54 +184,67 @@ def build_defused(
     names: ProjectionNames,
     fused: dict[str, torch.Tensor],
     undo: list[Callable[[], None]],
+    *,
+    tensors: list[FusedTensor] | None = None,
+    adapter: StandardAdapter | None = None,
 ) -> DefusedExperts:
-    """Carve ``fused`` tensors into per-expert Linears; registers in-place rewrites on ``undo``."""
+    """Carve ``fused`` tensors (keyed by path) into per-expert Linears; registers in-place rewrites
+    on ``undo``. ``tensors`` and ``adapter`` default to the standard layout's."""
+    adapter = adapter or STANDARD
+    tensors = tensors if tensors is not None else layout_tensors(layout)
     specs: dict[str, FusedTensorSpec] = {}
-    carved: dict[str, list[list[torch.Tensor]]] = {}
-    for tensor_name, pieces in pieces_fns(layout).items():
-        tensor = fused[tensor_name]
-        relayout = tensor.device.type != "meta" and needs_relayout(tensor, pieces)
+    parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # expert -> role -> weight/bias
+    for plan in tensors:
+        tensor = fused[plan.path]
+        slabs = plan.slabs(tensor)
+        count = plan.carved_experts or slabs.shape[0]
+        relayout = tensor.device.type != "meta" and needs_relayout(slabs, plan.pieces)
         if relayout and not tensor.is_contiguous():
             tensor.data = tensor.data.contiguous()  # rare: a non-contiguous fused tensor; copy once
-        carved[tensor_name] = carve(tensor, pieces, relayout)
+            slabs = plan.slabs(tensor)
+        carved = carve(slabs[:count], plan.pieces, relayout)
         if relayout:
-            undo.append(lambda t=tensor, p=pieces: [restore_slab(t[e], p) for e in range(t.shape[0])])
-        specs[tensor_name] = FusedTensorSpec(
-            tensor_name,
-            tuple(tensor.shape),
+            undo.append(lambda t=slabs, p=plan.pieces, n=count: [restore_slab(t[e], p) for e in range(n)])
+        for e, pieces in enumerate(carved):
+            for (role, kind), piece in zip(plan.leaves, pieces):
+                parts.setdefault(e, {}).setdefault(role, {})[kind] = piece
+        specs[plan.path] = FusedTensorSpec(
+            plan.path,
+            tuple(slabs.shape),
             relayout,
             tensor.requires_grad,
             isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.Parameter),
+            native_shape=tuple(tensor.shape) if plan.slab_shape is not None else None,
+            plan=None if adapter is STANDARD else plan,
         )
-    gate_fn = GateFunction(shell, layout)
-    in_name, bias_in = layout.in_proj, f"{layout.in_proj}_bias"
-    in_roles = [names.gate, names.up] if layout.has_gate else [names.up]
-    num_experts = next(iter(fused.values())).shape[0]
+    gate_fn = adapter.gate(shell, layout)
+    requires_grad = {role: specs[p.path].requires_grad for p in tensors for role, _ in p.leaves}
+    roles = [r for r in ("gate", "up", "down") if getattr(names, r) is not None]
+    num_experts = min(p.carved_experts or specs[p.path].shape[0] for p in tensors)
     experts = []
     for e in range(num_experts):
         projections = {}
-        for k, role_name in enumerate(in_roles):
-            bias = carved[bias_in][e][k] if layout.has_bias else None
-            projections[role_name] = fast_linear(carved[in_name][e][k], bias, specs[in_name].requires_grad)
-        down_bias = carved["down_proj_bias"][e][0] if layout.has_bias else None
-        projections[names.down] = fast_linear(carved["down_proj"][e][0], down_bias, specs["down_proj"].requires_grad)
-        experts.append(DefusedExpert(names, projections, gate_fn))
-    return DefusedExperts(shell, layout, names, experts, specs)
+        for role in roles:
+            leaf = parts[e][role]
+            projections[getattr(names, role)] = fast_linear(leaf["weight"], leaf.get("bias"), requires_grad[role])
+        experts.append(adapter.expert_class(names, projections, gate_fn))
+    block = adapter.block_class(shell, layout, names, experts, specs)
+    block.family = adapter.family
+    return block
 
 
-def _detach_fused(module: nn.Module, layout: ExpertLayout, undo: list[Callable[[], None]]) -> dict[str, torch.Tensor]:
-    """Remove the fused tensors from ``module`` (restored by ``undo``) and return them."""
+def _detach_fused(module: nn.Module, paths: Iterable[str], undo: list[Callable[[], None]]) -> dict[str, torch.Tensor]:
+    """Remove the fused tensors at ``paths`` from ``module`` (restored by ``undo``) and return them."""
     fused = {}
-    for name in layout.fused_names:
-        store = module._parameters if name in module._parameters else module._buffers
-        fused[name] = store.pop(name)
-        undo.append(lambda s=store, n=name, t=fused[name]: s.__setitem__(n, t))
+    for path in paths:
+        store, name, fused[path] = pop_tensor(module, path)
+        undo.append(lambda s=store, n=name, t=fused[path]: s.__setitem__(n, t))
     return fused
 
 
 def _tied_copy(leader: DefusedExperts, shell: nn.Module) -> DefusedExperts:
     """A block for ``shell`` whose Linears hold the very Parameters of ``leader``'s Linears."""
-    gate_fn = GateFunction(shell, leader.layout)
+    gate_fn = leader[0].gate_fn.__class__(shell, leader.layout, leader[0].gate_fn.act) if len(leader) else None
     experts = []
     for expert in leader:
         projections = {}
@@ -207,29 +252,33 @@ def _tied_copy(leader: DefusedExperts, shell: nn.Module) -> DefusedExperts:
             source = getattr(expert, name)
             projections[name] = fast_linear(source.weight, source.bias, source.weight.requires_grad)
             projections[name]._parameters.update(source._parameters)  # share, not copy
-        experts.append(DefusedExpert(leader.names, projections, gate_fn))
-    return DefusedExperts(shell, leader.layout, leader.names, experts, leader.specs)
+        experts.append(type(expert)(leader.names, projections, gate_fn))
+    block = type(leader)(shell, leader.layout, leader.names, experts, leader.specs)
+    block.family = leader.family
+    return block
 
 
 def _defuse_block(plan: BlockPlan, undo: list[Callable[[], None]], tied_to: DefusedExperts | None) -> BlockRecord:
     from .offload import materialize_offloaded, rehook_offloaded
 
-    hook_state = materialize_offloaded(plan.module, plan.layout, undo)
-    fused = _detach_fused(plan.module, plan.layout, undo)
+    hook_state = materialize_offloaded(plan.module, plan.tensor_paths, undo)
+    fused = _detach_fused(plan.module, plan.tensor_paths, undo)
     zero_copy = not any(
-        t.device.type != "meta" and needs_relayout(t, fn) for (n, t), fn in zip(fused.items(), pieces_fns(plan.layout).values())
+        fused[t.path].device.type != "meta" and needs_relayout(t.slabs(fused[t.path]), t.pieces) for t in plan.tensors
     )
     nbytes = sum(t.numel() * t.element_size() for t in fused.values())
     if tied_to is not None:
         defused = _tied_copy(tied_to, plan.module)
     else:
-        defused = build_defused(plan.module, plan.layout, plan.names, fused, undo)
+        defused = build_defused(
+            plan.module, plan.layout, plan.names, fused, undo, tensors=plan.tensors, adapter=plan.adapter
+        )
     rehook_offloaded(defused, hook_state)
     for _, parent, attr in plan.aliases:
         setattr(parent, attr, defused)
         undo.append(lambda p=parent, a=attr: setattr(p, a, plan.module))
     record = BlockRecord(
-        plan.path, type(plan.module).__name__, plan.layout.describe(), plan.shapes.num_experts, "defused",
+        plan.path, type(plan.module).__name__, plan.adapter.describe(plan.layout), plan.shapes.num_experts, "defused",
         zero_copy=zero_copy, expert_bytes=nbytes, model_type=plan.model_type,
         stock_loads_per_expert=stock_loads_per_expert(plan.model_type, plan.top_model_type),
     )

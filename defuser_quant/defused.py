@@ -18,6 +18,7 @@ from torch import nn
 
 from .layout import ExpertLayout
 from .naming import ProjectionNames
+from .tensors import FusedTensor, layout_tensors
 
 
 
@@ -30,20 +31,28 @@ def _default_apply_gate_fn() -> Callable | None:
 
 
 class GateFunction:
-    """Combines gate and up projections exactly as the fused family does."""
+    """Combines gate and up projections exactly as the fused family does.
 
-    def __init__(self, shell: nn.Module, layout: ExpertLayout):
+    ``act`` overrides the activation (default: the shell's ``act_fn``) for families that name it
+    otherwise (dbrx ``mlp.activation_fn``, aria's hard-wired SiLU).
+    """
+
+    def __init__(self, shell: nn.Module, layout: ExpertLayout, act: Callable | None = None):
         self.shell = shell
         self.layout = layout
+        self.act = act
         apply_gate = getattr(type(shell), "_apply_gate", None)
         self.custom = apply_gate is not None and apply_gate is not _default_apply_gate_fn()
+
+    def act_fn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x) if self.act is not None else self.shell.act_fn(x)
 
     def __call__(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
         shell = self.shell
         if gate is None:
-            return shell.act_fn(up)
+            return self.act_fn(up)
         if not self.custom:
-            return shell.act_fn(gate) * up
+            return self.act_fn(gate) * up
         if self.layout.is_concatenated:
             gate_up = torch.cat((gate, up), dim=-1)
         else:
@@ -87,13 +96,20 @@ class DefusedExpert(nn.Module):
 
 @dataclass(frozen=True)
 class FusedTensorSpec:
-    """What ``fuse_model`` needs to rebuild one fused tensor."""
+    """What ``fuse_model`` needs to rebuild one fused tensor.
+
+    ``shape`` is the ``[E, ...]`` slab view; ``native_shape`` the stored shape when it differs
+    (dbrx's flattened ``[E*I, H]``); ``plan`` the tensor's ``FusedTensor`` for irregular families
+    (None: derived from the block's standard layout).
+    """
 
     name: str
     shape: tuple[int, ...]
     relayout: bool
     requires_grad: bool
     is_buffer: bool
+    native_shape: tuple[int, ...] | None = None
+    plan: FusedTensor | None = None
 
 
 ExpertsForward = Callable[["DefusedExperts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -103,8 +119,15 @@ class DefusedExperts(nn.Module):
     """Numbered ``DefusedExpert`` children replacing one fused experts module.
 
     ``forward_override`` (None by default) lets the calibration layer swap the routing
-    strategy; ``routed_forward`` is the exact fused-eager math.
+    strategy; ``routed_forward`` is the exact fused-eager math. Every subclass (irregular
+    families: ``defuser_quant.irregular``) keeps this contract: whatever its own call signature,
+    it reduces the call to ``(hidden_states, top_k_index, top_k_weights)`` and runs
+    ``forward_override`` or ``routed_forward`` on it. ``num_experts`` counts the experts with
+    weights; families with weightless experts (longcat_flash identity experts) route indices
+    ``>= num_experts`` to them.
     """
+
+    family: str | None = None  # explicit entry in defuser_quant.families, None for decorated classes
 
     def __init__(
         self,
@@ -140,11 +163,17 @@ class DefusedExperts(nn.Module):
         spec = specs[name]
         first = next(self.parameters(), None)
         dtype = first.dtype if first is not None else torch.float32
-        return torch.empty((self.num_experts, *spec.shape[1:]), dtype=dtype, device="meta")
+        shape = spec.native_shape or (spec.shape if spec.plan is not None else (self.num_experts, *spec.shape[1:]))
+        return torch.empty(shape, dtype=dtype, device="meta")
 
     @property
     def fused_class(self) -> type[nn.Module]:
         return type(self.fused_shell)
+
+    def tensor_plans(self) -> list[tuple[FusedTensorSpec, FusedTensor]]:
+        """Each fused tensor's spec with its ``FusedTensor`` (standard layouts derive theirs)."""
+        standard = {t.path: t for t in layout_tensors(self.layout)}
+        return [(spec, spec.plan or standard[name]) for name, spec in self.specs.items()]
 
     def __len__(self) -> int:
         return self.num_experts

@@ -17,37 +17,36 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .defuse import pieces_fns
 from .defused import DefusedExperts
 from .errors import FuseError
 from .progress import progress
 from .report import BlockRecord, ConversionReport
 from .slicing import expected_views, restore_slab
+from .tensors import put_tensor
 
 logger = logging.getLogger(__name__)
 
 
 def _pieces_per_expert(block: DefusedExperts, path: str) -> dict[str, list[list[torch.Tensor]]]:
-    """Per fused tensor name, the list (per expert) of its current per-expert tensors."""
-    layout, names = block.layout, block.names
-    in_roles = ["gate", "up"] if layout.has_gate else ["up"]
-    out: dict[str, list[list[torch.Tensor]]] = {name: [] for name in pieces_fns(layout)}
+    """Per fused tensor path, the list (per expert) of its current per-expert tensors."""
+    names = block.names
+    plans = block.tensor_plans()
+    out: dict[str, list[list[torch.Tensor]]] = {spec.name: [] for spec, _ in plans}
     for index in range(block.num_experts):
         expert = block._modules.get(str(index))
         if expert is None:
             raise FuseError(f"{path}: expert {index} is missing; the block is partially converted and cannot be re-fused")
-        linears = {role: expert.projection(role) for role in [*in_roles, "down"]}
-        for role, linear in linears.items():
-            if type(linear) is not nn.Linear:
-                raise FuseError(
-                    f"{path}.{index}.{getattr(names, role)} is a {type(linear).__name__}, not nn.Linear: quantized or "
-                    "replaced experts are re-fused by the quantizer integrations (see the README, 'Re-fusing')."
-                )
-        out[layout.in_proj].append([linears[r].weight for r in in_roles])
-        out["down_proj"].append([linears["down"].weight])
-        if layout.has_bias:
-            out[f"{layout.in_proj}_bias"].append([linears[r].bias for r in in_roles])
-            out["down_proj_bias"].append([linears["down"].bias])
+        linears = {}
+        for _, plan in plans:
+            for role, _ in plan.leaves:
+                linear = linears[role] = expert.projection(role)
+                if type(linear) is not nn.Linear:
+                    raise FuseError(
+                        f"{path}.{index}.{getattr(names, role)} is a {type(linear).__name__}, not nn.Linear: quantized "
+                        "or replaced experts are re-fused by the quantizer integrations (see the README, 'Re-fusing')."
+                    )
+        for spec, plan in plans:
+            out[spec.name].append([getattr(linears[role], kind) for role, kind in plan.leaves])
     return out
 
 
@@ -90,6 +89,8 @@ def _stack(pieces: list[list[torch.Tensor]], shape: tuple[int, ...], fn: Callabl
     fused = torch.empty(shape, dtype=first.dtype, device=first.device)
     if first.device.type == "meta":
         return fused
+    if len(pieces) < shape[0]:
+        fused[len(pieces) :].zero_()  # slabs no expert holds (longcat_flash identity experts)
     for e, expert_pieces in enumerate(pieces):
         for dst, src in zip(fn(fused[e]), expert_pieces):
             if tuple(dst.shape) != tuple(src.shape):
@@ -103,29 +104,27 @@ def _fuse_block(path: str, block: DefusedExperts, memo: dict[int, torch.Tensor])
     tensor already rebuilt from it, so blocks tied to each other get the same fused Parameter."""
     per_name = _pieces_per_expert(block, path)
     shell = block.fused_shell
-    fns = pieces_fns(block.layout)
     rebuilt, zero_copy = {}, True
-    for name, pieces in per_name.items():
+    for spec, plan in block.tensor_plans():
+        pieces = per_name[spec.name]
         if id(pieces[0][0]) in memo:
-            rebuilt[name] = memo[id(pieces[0][0])]
+            rebuilt[spec.name] = memo[id(pieces[0][0])]
             continue
-        spec = block.specs[name]
-        shape = (block.num_experts, *spec.shape[1:])
-        fused = _try_alias(pieces, shape, fns[name], spec.relayout)
+        shape = spec.shape if spec.plan is not None else (block.num_experts, *spec.shape[1:])
+        fused = _try_alias(pieces, shape, plan.pieces, spec.relayout)
         if fused is not None and spec.relayout:
-            for e in range(shape[0]):
-                restore_slab(fused[e], fns[name])
+            for e in range(len(pieces)):
+                restore_slab(fused[e], plan.pieces)
         if fused is None:
             zero_copy = False
-            fused = _stack(pieces, shape, fns[name])
+            fused = _stack(pieces, shape, plan.pieces)
+        if spec.native_shape is not None:
+            fused = fused.view(spec.native_shape)
         if not spec.is_buffer:
             fused = nn.Parameter(fused, requires_grad=spec.requires_grad)
-        rebuilt[name] = memo[id(pieces[0][0])] = fused
+        rebuilt[spec.name] = memo[id(pieces[0][0])] = fused
     for name, fused in rebuilt.items():
-        if block.specs[name].is_buffer:
-            shell.register_buffer(name, fused)
-        else:
-            shell.register_parameter(name, fused)
+        put_tensor(shell, name, fused, block.specs[name].is_buffer)
     first = next(iter(rebuilt.values()))
     if first.device.type != "meta":
         shell.to(first.device)

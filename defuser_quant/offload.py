@@ -8,7 +8,7 @@ hook on the defused block, so nothing that was real before is left on ``meta``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -27,15 +27,24 @@ def _align_hook(module: nn.Module) -> Any | None:
     return None
 
 
-def materialize_offloaded(module: nn.Module, layout: ExpertLayout, undo: list[Callable[[], None]]) -> dict | None:
-    """Load offloaded fused tensors of ``module`` onto the CPU; returns the hook settings to reuse."""
+def materialize_offloaded(
+    module: nn.Module, layout: ExpertLayout | Iterable[str], undo: list[Callable[[], None]]
+) -> dict | None:
+    """Load offloaded fused tensors of ``module`` onto the CPU; returns the hook settings to reuse.
+
+    ``layout`` is the block's layout or its fused tensor paths; tensors held by submodules
+    (dotted paths, irregular families) are read by their own hooks and are not handled here.
+    """
     hook = _align_hook(module)
     if hook is None:
         return None
     state = {"execution_device": hook.execution_device, "offload": bool(hook.offload), "io_same_device": hook.io_same_device}
     if not hook.offload or hook.weights_map is None:
         return state
-    for name in layout.fused_names:
+    names = layout.fused_names if isinstance(layout, ExpertLayout) else tuple(layout)
+    for name in names:
+        if "." in name:
+            continue
         store = module._parameters if name in module._parameters else module._buffers
         current = store[name]
         if current.device.type != "meta":

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .defuse import build_defused
+from .defuse import STANDARD, build_defused
 from .defused import DefusedExperts
 from .errors import UnsupportedModelError
-from .layout import check_shapes, is_fused_experts_class, layout_of
-from .naming import projection_names
+from .families import adapter_of, experts_entry_for
+from .layout import is_fused_experts_class
+from .tensors import pop_tensor
 from .split_ops import fused_split_converters, is_expert_merge
 
 logger = logging.getLogger(__name__)
@@ -67,30 +68,32 @@ def fused_experts_classes(model_type: str) -> list[type[nn.Module]]:
 
 @functools.lru_cache(maxsize=None)
 def defused_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
-    """A ``DefusedExperts`` subclass constructible from a config, standing in for ``fused_cls``."""
+    """A ``DefusedExperts`` subclass constructible like ``fused_cls``, standing in for it."""
+    entry = experts_entry_for(fused_cls)
+    adapter = adapter_of(entry) if entry is not None else STANDARD
 
     def __init__(self: DefusedExperts, config, *args, **kwargs) -> None:
         shell = object.__new__(fused_cls)  # bypass the constructor override below
         with torch.device("meta"):
             shell.__init__(config, *args, **kwargs)
-        layout = layout_of(shell)
-        shapes = check_shapes(shell, layout, fused_cls.__name__)
+        layout = adapter.layout(shell)
+        adapter.check(shell, layout, fused_cls.__name__)
+        tensors = adapter.tensors(shell, layout)
         # Materialise real-shaped fused tensors in the ambient device/dtype only as far as
         # needed to carve them: on "meta" (how from_pretrained builds models) this is free.
         fused = {}
-        for name in layout.fused_names:
-            store = shell._parameters if name in shell._parameters else shell._buffers
-            template = store.pop(name)
-            fused[name] = torch.empty(template.shape, dtype=template.dtype)
+        for plan in tensors:
+            _, _, template = pop_tensor(shell, plan.path)
+            fused[plan.path] = torch.empty(template.shape, dtype=template.dtype)
             if isinstance(template, nn.Parameter):
-                fused[name] = nn.Parameter(fused[name], requires_grad=template.requires_grad)
-        names = projection_names(getattr(config, "model_type", None), layout.has_gate, _NAME_SOURCE.get(fused_cls))
-        built = build_defused(shell, layout, names, fused, undo=[])
+                fused[plan.path] = nn.Parameter(fused[plan.path], requires_grad=template.requires_grad)
+        names = adapter.names(layout, getattr(config, "model_type", None), _NAME_SOURCE.get(fused_cls))
+        built = build_defused(shell, layout, names, fused, undo=[], tensors=tensors, adapter=adapter)
         nn.Module.__init__(self)
         self.__dict__.update({k: v for k, v in built.__dict__.items()})
-        del shapes
 
-    return type(f"Defused{fused_cls.__name__}", (DefusedExperts,), {"__init__": __init__, "__module__": __name__})
+    base = adapter.block_class
+    return type(f"Defused{fused_cls.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
 
 
 _ACTIVE: set[type[nn.Module]] = set()

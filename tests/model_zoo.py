@@ -54,7 +54,9 @@ __all__ = [
     "discover_experts_classes",
     "discover_fused_dense_mlp_classes",
     "discover_irregular_experts_classes",
+    "dense_mlp_model_types",
     "experts_model_types",
+    "irregular_model_types",
     "find_fused_experts_modules",
     "auto_class_for",
     "model_class_for",
@@ -377,6 +379,16 @@ def experts_model_types() -> list[str]:
     return sorted({i.model_type for i in discover_experts_classes()})
 
 
+def irregular_model_types() -> list[str]:
+    """Sorted model types with an undecorated fused experts class."""
+    return sorted({i.model_type for i in discover_irregular_experts_classes()})
+
+
+def dense_mlp_model_types() -> list[str]:
+    """Sorted model types with a dense MLP holding a fused ``gate_up_proj`` ``nn.Linear``."""
+    return sorted({i.model_type for i in discover_fused_dense_mlp_classes()})
+
+
 def buildable_model_types() -> list[str]:
     """``experts_model_types()`` minus :data:`KNOWN_UNBUILDABLE`."""
     return [t for t in experts_model_types() if t not in KNOWN_UNBUILDABLE]
@@ -390,8 +402,9 @@ def buildable_model_types() -> list[str]:
 KNOWN_UNBUILDABLE: dict[str, str] = {}
 
 # Per-family fixes the generic shrink cannot derive. Keys are model types; values are dicts of
-# config fields (dotted paths reach into sub-configs: "text_config.foo") applied after the
-# generic shrink, plus a mandatory "_reason". Keep this small: prefer fixing the generic rules.
+# config fields (dotted paths reach into sub-configs: "text_config.foo") applied before the
+# generic shrink (so it shrinks what they bring), "_after_shrink" fields applied after it, plus a
+# mandatory "_reason". Keep this small: prefer fixing the generic rules.
 TINY_CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_ocr2": {
         "_reason": "default text config leaves mlp_layer_types None but the decoder indexes it per layer",
@@ -418,6 +431,26 @@ TINY_CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
         "text_config.indexer_head_dim": 16,
         "text_config.indexer_budget": 8,
         "text_config.indexer_compress_ratio": 4,
+    },
+    "dbrx": {
+        "_reason": "ffn_config/attn_config are plain dicts whose serialized form carries keys their config "
+        "classes reject (_name_or_path, output_attentions); attn_config also needs rope_theta",
+        "ffn_config": {
+            "ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2, "ffn_act_fn": {"name": "silu"},
+            "moe_normalize_expert_weights": 1.0,
+        },
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+    },
+    "step3p7": {
+        "_reason": "the text config's sliding_window defaults to None but the attention reads it",
+        "text_config.sliding_window": 16,
+    },
+    "zamba2": {
+        "_reason": "hybrid_layer_ids index the original 54 layers; attention/mamba widths are derived in "
+        "__post_init__ but the serialized (shrunk) values win, so they are set after the shrink",
+        "layers_block_type": ["linear_attention", "hybrid"],
+        "hybrid_layer_ids": [1],
+        "_after_shrink": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16},
     },
     "qwen3_omni_moe": {
         "_reason": "config classes lack fields the model reads (talker: shared_expert_intermediate_size, "
@@ -762,6 +795,8 @@ def tiny_config(model_type: str):
                 _set_path(d, path, _expand_config_stub(copy.deepcopy(value)))
         ids: dict[int, int] = {}
         d = _shrink_dict(d, ids, _mrope_default(model_type))
+        for path, value in TINY_CONFIG_OVERRIDES.get(model_type, {}).get("_after_shrink", {}).items():
+            _set_path(d, path, copy.deepcopy(value))
         d["dtype"] = "float32"
         for sub_key in base.sub_configs or {}:
             if isinstance(d.get(sub_key), dict):
