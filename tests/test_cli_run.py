@@ -134,3 +134,9 @@ def test_gptqmodel_job_with_dequantized_fused_output(tmp_path):
     assert report["perplexity"]["after"] < 1.5 * report["perplexity"]["before"]
     fused = AutoModelForCausalLM.from_pretrained(out / "fused-dequantized", dtype=torch.float32)
     assert fused.model.layers[0].mlp.experts.gate_up_proj.shape == (16, 256, 128)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_job_config(path)
+    assert config.output.dir
