@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .defused import DefusedExpert, DefusedExperts, FusedTensorSpec, GateFunction, fast_linear
+from .defused import DefusedExperts, FusedTensorSpec, fast_linear
+from .dense import DENSE_LAYOUT, DensePlan, check_dense, dense_entry, is_split, split_dense_mlp
 from .errors import ConversionError, DefuserQuantError, SharedStorageError
 from .families import adapter_of, experts_entry_for
 from .filters import FilterRules
@@ -54,6 +55,12 @@ class BlockPlan:
 
 
 STANDARD = StandardAdapter()
+
+
+def adapter_for_class(cls: type) -> StandardAdapter:
+    """The adapter of an experts class (its family entry's, else the standard one)."""
+    entry = experts_entry_for(cls)
+    return adapter_of(entry) if entry is not None else STANDARD
 
 
 def adapter_for(module: nn.Module) -> StandardAdapter | None:
@@ -124,6 +131,33 @@ def _check_not_shared(model: nn.Module, plans: list[BlockPlan]) -> None:
                 )
 
 
+def _skip_reason(path: str, rules: FilterRules, max_layers: int | None) -> str:
+    if not rules.allows(path):
+        return "excluded by filter"
+    if max_layers is not None and (idx := _layer_index(path)) is not None and idx >= max_layers:
+        return f"beyond max_layers={max_layers}"
+    return ""
+
+
+def plan_dense(model: nn.Module, rules: FilterRules, max_layers: int | None, report: ConversionReport) -> list[DensePlan]:
+    """Every fused dense ``gate_up_proj`` MLP to split (validated; nothing changes)."""
+    plans = []
+    for path, module in model.named_modules():
+        if is_split(module):
+            report.skipped.append(BlockRecord(path, type(module).__name__, DENSE_LAYOUT, 0, "skipped", "already split", kind="dense_mlp"))
+            continue
+        entry = dense_entry(module)
+        if entry is None:
+            continue
+        reason = _skip_reason(path, rules, max_layers)
+        if reason:
+            report.skipped.append(BlockRecord(path, type(module).__name__, DENSE_LAYOUT, 0, "skipped", reason, kind="dense_mlp"))
+            continue
+        check_dense(module, path)
+        plans.append(DensePlan(path, module, entry))
+    return plans
+
+
 def plan_conversion(
     model: nn.Module, rules: FilterRules, max_layers: int | None, report: ConversionReport
 ) -> list[BlockPlan]:
@@ -144,11 +178,7 @@ def plan_conversion(
         if adapter is None:
             continue
         layout = adapter.layout(module)
-        reason = ""
-        if not rules.allows(path):
-            reason = "excluded by filter"
-        elif max_layers is not None and (idx := _layer_index(path)) is not None and idx >= max_layers:
-            reason = f"beyond max_layers={max_layers}"
+        reason = _skip_reason(path, rules, max_layers)
         if reason:
             report.skipped.append(BlockRecord(path, type(module).__name__, adapter.describe(layout), 0, "skipped", reason))
             continue
@@ -280,7 +310,7 @@ def _defuse_block(plan: BlockPlan, undo: list[Callable[[], None]], tied_to: Defu
     record = BlockRecord(
         plan.path, type(plan.module).__name__, plan.adapter.describe(plan.layout), plan.shapes.num_experts, "defused",
         zero_copy=zero_copy, expert_bytes=nbytes, model_type=plan.model_type,
-        stock_loads_per_expert=stock_loads_per_expert(plan.model_type, plan.top_model_type),
+        stock_loads_per_expert=plan.adapter.stock_per_expert and stock_loads_per_expert(plan.model_type, plan.top_model_type),
     )
     return record, defused
 
@@ -290,6 +320,7 @@ def convert_model(
     filter: str | Iterable[str] | FilterRules | None = None,
     max_layers: int | None = None,
     *,
+    split_dense: bool = True,
     show_progress: bool | None = None,
 ) -> ConversionReport:
     """Defuse every fused experts block of ``model`` in place.
@@ -299,6 +330,8 @@ def convert_model(
         filter: rules over full module paths: ``"+:regex"`` include, ``"-:regex"`` exclude,
             bare regex include; exclusion wins.
         max_layers: only convert blocks in decoder layers with index below this.
+        split_dense: also split dense MLPs with a fused ``gate_up_proj`` ``nn.Linear`` (phi3,
+            glm, ...) into ``gate_proj``/``up_proj`` (on by default, as Defuser does).
         show_progress: force the progress bar on/off (default: on for more than 8 blocks).
 
     Returns:
@@ -310,6 +343,7 @@ def convert_model(
     rules = FilterRules.parse(filter)
     report = ConversionReport()
     plans = plan_conversion(model, rules, max_layers, report)
+    dense_plans = plan_dense(model, rules, max_layers, report) if split_dense else []
     undo: list[Callable[[], None]] = []
     try:
         with torch.no_grad():
@@ -319,6 +353,15 @@ def convert_model(
                 record, defused = _defuse_block(plan, undo, leaders.get(key))
                 leaders.setdefault(key, defused)
                 report.converted.append(record)
+            for dense in dense_plans:
+                split_dense_mlp(dense.mlp, dense.entry.gate_first, undo)
+                report.converted.append(
+                    BlockRecord(
+                        dense.path, type(dense.mlp).__name__, DENSE_LAYOUT, 0, "defused",
+                        model_type=_model_type_of(dense.mlp, getattr(getattr(model, "config", None), "model_type", None)),
+                        stock_loads_per_expert=False, kind="dense_mlp",
+                    )
+                )
     except BaseException as exc:
         with torch.no_grad():
             for step in reversed(undo):
@@ -328,7 +371,10 @@ def convert_model(
         raise ConversionError(
             f"defusing failed ({type(exc).__name__}: {exc}); the model was restored to its state before the call"
         ) from exc
-    logger.info("defused %d block(s), %d experts", len(report.converted), report.num_experts)
+    logger.info(
+        "defused %d block(s), %d experts; split %d dense MLP(s)",
+        len(report.experts_blocks), report.num_experts, len(report.dense_mlps),
+    )
     fused_only = sorted({r.model_type or r.class_name for r in report.converted if not r.stock_loads_per_expert})
     if fused_only:
         logger.warning(

@@ -1,4 +1,5 @@
-"""Re-fuse ``DefusedExperts`` back into the native Transformers experts classes.
+"""Re-fuse ``DefusedExperts`` back into the native Transformers experts classes (and split dense
+MLPs back into one ``gate_up_proj``).
 
 When the per-expert weights are still the views ``convert_model`` carved (nothing replaced
 them), the fused tensors are rebuilt on the same storage without a copy, and any in-place
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .defused import DefusedExperts
+from .dense import DENSE_LAYOUT, fuse_dense_mlp, is_split
 from .errors import FuseError
 from .progress import progress
 from .report import BlockRecord, ConversionReport
@@ -141,6 +143,14 @@ def fuse_model(model: nn.Module, *, show_progress: bool | None = None) -> Conver
     blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, DefusedExperts)]
     for path, block in blocks:
         _pieces_per_expert(block, path)  # validate all before mutating any
+    dense = [(p, m) for p, m in model.named_modules() if is_split(m)]
+    for path, mlp in dense:
+        for linear, name in ((mlp.gate_proj, "gate_proj"), (mlp.up_proj, "up_proj")):
+            if type(linear) is not nn.Linear:
+                raise FuseError(
+                    f"{path}.{name} is a {type(linear).__name__}, not nn.Linear: quantized dense MLPs are re-fused "
+                    "by the quantizer integrations"
+                )
     aliases: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(path)
@@ -154,7 +164,12 @@ def fuse_model(model: nn.Module, *, show_progress: bool | None = None) -> Conver
             report.converted.append(
                 BlockRecord(path, type(shell).__name__, block.layout.describe(), block.num_experts, "fused", zero_copy=zero_copy)
             )
-    logger.info("re-fused %d block(s)", len(report.converted))
+        for path, mlp in dense:
+            zero_copy = fuse_dense_mlp(mlp, path)
+            report.converted.append(
+                BlockRecord(path, type(mlp).__name__, DENSE_LAYOUT, 0, "fused", zero_copy=zero_copy, kind="dense_mlp")
+            )
+    logger.info("re-fused %d block(s), %d dense MLP(s)", len(report.experts_blocks), len(report.dense_mlps))
     return report
 
 
@@ -168,7 +183,7 @@ def temporarily_fused(model: nn.Module) -> Iterator[ConversionReport]:
     """
     from .defuse import convert_model
 
-    paths = [p for p, m in model.named_modules() if isinstance(m, DefusedExperts)]
+    paths = [p for p, m in model.named_modules() if isinstance(m, DefusedExperts) or is_split(m)]
     report = fuse_model(model)
     try:
         yield report

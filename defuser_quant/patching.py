@@ -24,10 +24,11 @@ from torch import nn
 from .defuse import STANDARD, build_defused
 from .defused import DefusedExperts
 from .errors import UnsupportedModelError
-from .families import adapter_of, experts_entry_for
+from .dense import split_dense_mlp
+from .families import adapter_of, dense_entry_for, experts_entry_for
 from .layout import is_fused_experts_class
 from .tensors import pop_tensor
-from .split_ops import fused_split_converters, is_expert_merge
+from .split_ops import dense_split_converters, fused_split_converters, is_dense_merge, is_expert_merge
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,33 @@ def fused_experts_classes(model_type: str) -> list[type[nn.Module]]:
     ]
 
 
+def _defined_classes(model_type: str) -> list[type]:
+    module = modeling_module_of(model_type)
+    return [obj for obj in vars(module).values() if isinstance(obj, type) and obj.__module__ == module.__name__]
+
+
+def irregular_experts_classes(model_type: str) -> list[type[nn.Module]]:
+    """Undecorated experts classes of ``model_type``'s modeling file with an entry in ``families.py``."""
+    return [c for c in _defined_classes(model_type) if experts_entry_for(c) is not None]
+
+
+def dense_mlp_classes(model_type: str) -> list[type[nn.Module]]:
+    """Fused dense ``gate_up_proj`` MLP classes of ``model_type``'s modeling file (``families.py``)."""
+    return [c for c in _defined_classes(model_type) if dense_entry_for(c) is not None]
+
+
+@functools.lru_cache(maxsize=None)
+def split_class_for(mlp_cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of ``mlp_cls`` whose constructor splits ``gate_up_proj`` right after building it."""
+    gate_first = dense_entry_for(mlp_cls).gate_first
+
+    def __init__(self, *args, **kwargs) -> None:
+        mlp_cls.__init__(self, *args, **kwargs)
+        split_dense_mlp(self, gate_first)
+
+    return type(mlp_cls.__name__, (mlp_cls,), {"__init__": __init__, "__module__": __name__, "_defuser_quant_split_of": mlp_cls})
+
+
 @functools.lru_cache(maxsize=None)
 def defused_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
     """A ``DefusedExperts`` subclass constructible like ``fused_cls``, standing in for it."""
@@ -100,6 +128,15 @@ _ACTIVE: set[type[nn.Module]] = set()
 _NAME_SOURCE: dict[type[nn.Module], str] = {}  # fused class -> the patched (top-level) model type
 
 
+def _build_replacement(fused_cls: type[nn.Module], args: tuple, kwargs: dict) -> nn.Module:
+    """What ``fused_cls(*args, **kwargs)`` builds while patched: a defused experts block (complete;
+    not a ``fused_cls`` instance, so Python does not call ``__init__`` again) or an uninitialised
+    split-MLP subclass instance (Python then runs its ``__init__``, which splits)."""
+    if dense_entry_for(fused_cls) is not None and experts_entry_for(fused_cls) is None and not is_fused_experts_class(fused_cls):
+        return nn.Module.__new__(split_class_for(fused_cls))
+    return defused_class_for(fused_cls)(*args, **kwargs)
+
+
 def _install_constructor(fused_cls: type[nn.Module]) -> None:
     """Make ``fused_cls(config)`` build the defused block instead, while ``fused_cls`` is active.
 
@@ -117,7 +154,7 @@ def _install_constructor(fused_cls: type[nn.Module]) -> None:
 
     def __new__(cls, *args, **kwargs):
         if cls is fused_cls and fused_cls in _ACTIVE and (args or kwargs):
-            return defused_class_for(fused_cls)(*args, **kwargs)
+            return _build_replacement(fused_cls, args, kwargs)
         return super(fused_cls, cls).__new__(cls)
 
     fused_cls.__new__ = __new__  # type: ignore[method-assign]
@@ -144,28 +181,34 @@ def _untie_fused_keys(model_type: str) -> dict[type, dict]:
     return saved
 
 
-def _conversion_mapping(model_type: str, classes: list[type[nn.Module]]) -> list:
+def _conversion_mapping(model_type: str, classes: list[type[nn.Module]], dense: list[type[nn.Module]]) -> list:
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     existing = get_checkpoint_conversion_mapping(model_type) or []
-    kept = [t for t in existing if not is_expert_merge(t)]
-    return kept + fused_split_converters(model_type, classes, existing)
+    kept = [t for t in existing if not is_expert_merge(t) and not (dense and is_dense_merge(t))]
+    return kept + fused_split_converters(model_type, classes, existing) + (dense_split_converters() if dense else [])
 
 
-def replace_fused_blocks(model_type: str) -> bool:
+def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
     """Patch ``model_type`` so ``from_pretrained``/``from_config`` build defused experts.
 
+    Covers the experts classes decorated with ``@use_experts_implementation``, the irregular
+    classes of ``families.py`` and (``split_dense``, on by default) the fused dense
+    ``gate_up_proj`` MLPs, which are built split into ``gate_proj``/``up_proj``.
     Returns True when something was patched (False when already patched). Raises
-    ``UnsupportedModelError`` for an unknown model type or one without fused experts.
+    ``UnsupportedModelError`` for an unknown model type or one without any of these.
     Undo with ``restore_fused_blocks``.
     """
     if model_type in _PATCHED:
         return False
-    classes = fused_experts_classes(model_type)
+    experts = fused_experts_classes(model_type) + irregular_experts_classes(model_type)
+    dense = dense_mlp_classes(model_type) if split_dense else []
+    classes = experts + dense
     if not classes:
         raise UnsupportedModelError(
-            f"{model_type!r} has no experts class decorated with @use_experts_implementation; "
-            "use convert_model() after loading, or see the supported families table in the README."
+            f"{model_type!r} has no fused experts class (decorated with @use_experts_implementation or listed in "
+            "defuser_quant/families.py) and no fused dense MLP: nothing for replace_fused_blocks or convert_model "
+            "to do; see the supported families table in the README."
         )
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
@@ -173,7 +216,7 @@ def replace_fused_blocks(model_type: str) -> bool:
     for cls in classes:
         _NAME_SOURCE[cls] = model_type
         _install_constructor(cls)
-    register_checkpoint_conversion_mapping(model_type, _conversion_mapping(model_type, classes), overwrite=True)
+    register_checkpoint_conversion_mapping(model_type, _conversion_mapping(model_type, experts, dense), overwrite=True)
     untied = _untie_fused_keys(model_type)
     _PATCHED[model_type] = {"classes": classes, "mapping": previous_mapping, "tied_keys": untied}
     logger.info("patched %s: %s", model_type, ", ".join(c.__name__ for c in classes))

@@ -8,6 +8,7 @@ the same piece functions ``convert_model`` uses, so both paths agree by construc
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -15,16 +16,24 @@ import torch
 from torch import nn
 
 from .layout import ExpertLayout, declared_flags_of_class
-from .naming import projection_names
-from .slicing import PiecesFn, down_pieces, in_bias_pieces, in_proj_pieces, whole_slab
+from .slicing import PiecesFn
 
 
 class SplitFusedExperts:
-    """Conversion op: one fused expert tensor -> per-expert tensors named by the target patterns."""
+    """Conversion op: one fused expert tensor -> per-expert tensors named by the target patterns.
 
-    def __init__(self, pieces: PiecesFn, kind: str):
+    ``attr`` is the block's attribute name in its parent (``experts``; jetmoe's
+    ``input_linear``): targets read ``<attr>.0.<leaf>`` and expert ``e`` replaces the ``0``. When
+    the model's defused block is found, a flattened tensor (dbrx ``[E*I, H]``) is viewed as the
+    block's slabs and only the experts it holds are emitted (longcat_flash's identity slabs are
+    dropped).
+    """
+
+    def __init__(self, pieces: PiecesFn, kind: str, attr: str = "experts", targets: list[str] | None = None):
         self.pieces = pieces
         self.kind = kind
+        self.attr = attr
+        self.targets = targets  # expert-0 names of every piece, when the converter names only the first
 
     def __repr__(self) -> str:
         return f"SplitFusedExperts({self.kind})"
@@ -32,12 +41,33 @@ class SplitFusedExperts:
     @torch.no_grad()
     def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs):
         (tensors,) = input_dict.values()
-        fused = self._orient(tensors[0] if isinstance(tensors, list) else tensors, target_patterns, kwargs)
+        fused = tensors[0] if isinstance(tensors, list) else tensors
+        block = self._block(target_patterns, kwargs)
+        count = None
+        if block is not None:
+            spec = block.specs.get(self.kind)
+            if spec is not None and tuple(fused.shape) != spec.shape and fused.numel() == math.prod(spec.shape):
+                fused = fused.reshape(spec.shape)
+            count = len(block)
+        fused = self._orient(fused, self.targets or target_patterns, kwargs)
         out = {}
-        for e in range(fused.shape[0]):
-            for pattern, piece in zip(target_patterns, self.pieces(fused[e])):
-                out[pattern.replace("experts.0.", f"experts.{e}.", 1)] = piece.contiguous()
+        marker = f"{self.attr}.0."
+        for e in range(fused.shape[0] if count is None else min(count, fused.shape[0])):
+            for pattern, piece in zip(self.targets or target_patterns, self.pieces(fused[e])):
+                out[pattern.replace(marker, f"{self.attr}.{e}.", 1)] = piece.contiguous()
         return out
+
+    def _block(self, target_patterns: list[str], kwargs: dict) -> nn.Module | None:
+        """The model's defused block this tensor loads into, when it can be found."""
+        model, name = kwargs.get("model"), kwargs.get("full_layer_name")
+        if model is None or not name or target_patterns[0] not in name:
+            return None
+        path = name[: name.rfind(target_patterns[0])] + self.attr
+        try:
+            block = model.get_submodule(path)
+        except AttributeError:
+            return None
+        return block if hasattr(block, "specs") else None
 
     def _orient(self, fused: torch.Tensor, target_patterns: list[str], kwargs: dict) -> torch.Tensor:
         """Checkpoints may store a fused tensor with its last two dims swapped (original Qwen3-VL-MoE
@@ -64,6 +94,33 @@ class SplitFusedExperts:
     @property
     def reverse_op(self):
         return MergeFusedExperts(self.pieces, self.kind)
+
+
+class SplitDenseGateUp:
+    """Conversion op: a dense MLP's fused ``gate_up_proj`` weight or bias -> ``gate_proj``/``up_proj``.
+
+    The half that is the gate is read from the (split) MLP the tensor loads into; without a
+    model, the first half is the gate.
+    """
+
+    def __repr__(self) -> str:
+        return "SplitDenseGateUp()"
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs):
+        (tensors,) = input_dict.values()
+        fused = tensors[0] if isinstance(tensors, list) else tensors
+        first, second = (t.contiguous() for t in fused.chunk(2, dim=0))
+        gate_first = True
+        model, name = kwargs.get("model"), kwargs.get("full_layer_name")
+        if model is not None and name and target_patterns[0] in name:
+            try:
+                mlp = model.get_submodule(name[: name.rfind(target_patterns[0])].rstrip("."))
+                gate_first = getattr(mlp.__dict__.get("gate_up_proj"), "gate_first", True)
+            except AttributeError:
+                pass
+        gate, up = (first, second) if gate_first else (second, first)
+        return {target_patterns[0]: gate, target_patterns[1]: up}
 
 
 class MergeFusedExperts:
@@ -113,6 +170,14 @@ def _candidate_shapes(per_pattern) -> list[tuple[int, ...]]:
     return [(out_dim * n, in_dim), (in_dim, out_dim * n)]
 
 
+def is_dense_merge(transform: Any) -> bool:
+    """True for converters that build a dense MLP's fused ``gate_up_proj`` weight or bias."""
+    targets = list(getattr(transform, "target_patterns", []) or [])
+    if not hasattr(transform, "operations") or len(targets) != 1:
+        return False
+    return re.search(r"gate_up_proj\.(weight|bias)$", targets[0]) is not None and "experts" not in targets[0]
+
+
 def is_expert_merge(transform: Any) -> bool:
     """True for converters that build a fused experts tensor (merges, transposes) from a checkpoint."""
     targets = list(getattr(transform, "target_patterns", []) or [])
@@ -135,6 +200,42 @@ def _existing_ops(existing: list, fused_name: str) -> tuple[str | None, list]:
     return None, []
 
 
+def _stacked_sources(existing: list, fused_name: str) -> list[tuple[list[str], list, str]]:
+    """(sources, ops, target prefix) of existing transforms that build ``experts.<fused_name>`` from
+    other checkpoint tensors than per-expert ones (step3p7 concatenates stacked ``moe.gate_proj``
+    and ``moe.up_proj``): the split is chained after their ops."""
+    found = []
+    for transform in existing:
+        targets = list(getattr(transform, "_original_target_patterns", []) or [])
+        sources = list(getattr(transform, "_original_source_patterns", []) or [])
+        if not hasattr(transform, "operations") or len(targets) != 1 or not targets[0].endswith(f"experts.{fused_name}"):
+            continue
+        if any("*" in src for src in sources) or (len(sources) == 1 and sources[0].endswith(f"experts.{fused_name}")):
+            continue  # per-expert merges are dropped; fused->fused transforms are handled by _existing_ops
+        found.append((sources, list(transform.operations), targets[0][: targets[0].rindex("experts.")]))
+    return found
+
+
+class MergeThenSplit:
+    """Runs an existing merge (e.g. ``Concatenate``) on the checkpoint tensors, then splits the
+    fused result per expert."""
+
+    _FUSED = "__fused__"
+
+    def __init__(self, ops: list, split: SplitFusedExperts):
+        self.ops = ops
+        self.split = split
+
+    def __repr__(self) -> str:
+        return f"MergeThenSplit({self.ops}, {self.split})"
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs):
+        for op in self.ops:
+            input_dict = op.convert(input_dict, source_patterns=source_patterns, target_patterns=[self._FUSED], **kwargs)
+        return self.split.convert(input_dict, source_patterns, target_patterns, **kwargs)
+
+
 _NEVER_MATCHES = r"(?!)"
 
 
@@ -154,37 +255,67 @@ def _split_converter_class():
     return SplitExpertsConverter
 
 
+def dense_split_converters() -> list:
+    """WeightConverters splitting a dense MLP's fused ``gate_up_proj.weight``/``.bias`` on load."""
+    converter_cls = _split_converter_class()
+    return [
+        converter_cls(
+            source_patterns=rf"gate_up_proj\.{leaf}$",
+            target_patterns=[f"gate_proj.{leaf}", f"up_proj.{leaf}"],
+            operations=[SplitDenseGateUp()],
+        )
+        for leaf in ("weight", "bias")
+    ]
+
+
 def fused_split_converters(model_type: str, classes: list[type[nn.Module]], existing: list) -> list:
     """WeightConverters that split fused checkpoint tensors into the patched per-expert names."""
+    from .defuse import adapter_for_class
+    from .families import experts_entry_for
+
     converter_cls = _split_converter_class()
     converters = []
     seen: set[tuple[str, ...]] = set()
     for cls in classes:
-        layout = ExpertLayout.from_flags(declared_flags_of_class(cls))
-        names = projection_names(model_type, layout.has_gate)  # the type whose mapping is patched
-        in_roles = [names.gate, names.up] if layout.has_gate else [names.up]
-        plan = []
-        if layout.has_bias:  # bias first: "gate_up_proj" would also match "gate_up_proj_bias"
-            plan += [(f"{layout.in_proj}_bias", in_bias_pieces(layout), [f"{r}.bias" for r in in_roles])]
-            plan += [("down_proj_bias", whole_slab, [f"{names.down}.bias"])]
-        plan += [(layout.in_proj, in_proj_pieces(layout), [f"{r}.weight" for r in in_roles])]
-        plan += [("down_proj", down_pieces(layout), [f"{names.down}.weight"])]
-        for fused_name, pieces, leaves in plan:
-            key = (fused_name, *leaves)
-            if key in seen:
-                continue
-            seen.add(key)
-            source, ops = _existing_ops(existing, fused_name)
-            source = source or f"experts.{fused_name}$"
-            # The renaming replaces the matched source text, so targets repeat its prefix
-            # (qwen3_vl_moe matches "mlp.experts..."). Concrete expert 0 names: the loader checks the
-            # renamed key exists in the model; the op emits every expert and they are re-prefixed.
-            prefix = source[: source.index(f"experts.{fused_name}")]
-            converters.append(
-                converter_cls(
-                    source_patterns=source,
-                    target_patterns=[f"{prefix}experts.0.{leaf}" for leaf in leaves],
-                    operations=[*ops, SplitFusedExperts(pieces, fused_name)],
+        adapter = adapter_for_class(cls)
+        entry = experts_entry_for(cls)
+        flags = declared_flags_of_class(cls)
+        layout = ExpertLayout.from_flags(flags) if flags is not None else adapter.layout(None)
+        names = adapter.names(layout, model_type, None)  # the type whose mapping is patched
+        tensors = adapter.tensors(None, layout)
+        # Longer paths first: "gate_up_proj" would also match "gate_up_proj_bias".
+        tensors = sorted(tensors, key=lambda t: -len(t.path))
+        for attr in entry.attrs if entry is not None else ("experts",):
+            for plan in tensors:
+                leaves = [f"{getattr(names, role)}.{kind}" for role, kind in plan.leaves]
+                key = (attr, plan.path, *leaves)
+                if key in seen:
+                    continue
+                seen.add(key)
+                source, ops = _existing_ops(existing, plan.path) if attr == "experts" else (None, [])
+                source = source or f"{attr}.{plan.path}$"
+                # The renaming replaces the matched source text, so targets repeat its prefix
+                # (qwen3_vl_moe matches "mlp.experts..."). Concrete expert 0 names: the loader checks the
+                # renamed key exists in the model; the op emits every expert and they are re-prefixed.
+                prefix = source[: source.index(f"{attr}.{plan.path}")]
+                converters.append(
+                    converter_cls(
+                        source_patterns=source,
+                        target_patterns=[f"{prefix}{attr}.0.{leaf}" for leaf in leaves],
+                        operations=[*ops, SplitFusedExperts(plan.pieces, plan.path, attr)],
+                    )
                 )
-            )
+                if attr != "experts":
+                    continue
+                for sources, merge_ops, target_prefix in _stacked_sources(existing, plan.path):
+                    # Many sources may map to one target only: name the first piece, the op emits all.
+                    targets = [f"{target_prefix}experts.0.{leaf}" for leaf in leaves]
+                    split = SplitFusedExperts(plan.pieces, plan.path, attr, targets=targets)
+                    converters.append(
+                        converter_cls(
+                            source_patterns=sources,
+                            target_patterns=targets[:1],
+                            operations=[MergeThenSplit(merge_ops, split)],
+                        )
+                    )
     return converters

@@ -24,7 +24,7 @@ class StandardAdapter:
     family: str | None = None
     block_class: type[DefusedExperts] = DefusedExperts
     expert_class: type[DefusedExpert] = DefusedExpert
-    exact_when_not_transposed = True
+    stock_per_expert = True  # False: stock Transformers cannot load this family's per-expert checkpoints
 
     def applies(self, module: nn.Module) -> bool:
         """False for instances with nothing to defuse (longcat_flash without routed experts)."""
@@ -33,7 +33,9 @@ class StandardAdapter:
     def layout(self, module: nn.Module) -> ExpertLayout | None:
         return layout_of(module)
 
-    def tensors(self, module: nn.Module, layout: ExpertLayout) -> list[FusedTensor]:
+    def tensors(self, module: nn.Module | None, layout: ExpertLayout) -> list[FusedTensor]:
+        """The block's fused tensors; ``module`` None asks for what checkpoint patterns need
+        (paths, pieces, leaves), without instance sizes."""
         return layout_tensors(layout)
 
     def check(self, module: nn.Module, layout: ExpertLayout, path: str) -> ExpertShapes:

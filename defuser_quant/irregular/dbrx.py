@@ -50,8 +50,8 @@ class DbrxAdapter(StandardAdapter):
     def _slab(self, module: nn.Module) -> tuple[int, int]:
         return (module.ffn_hidden_size, module.hidden_size)
 
-    def tensors(self, module: nn.Module, layout: ExpertLayout) -> list[FusedTensor]:
-        slab = self._slab(module)
+    def tensors(self, module: nn.Module | None, layout: ExpertLayout) -> list[FusedTensor]:
+        slab = self._slab(module) if module is not None else None  # None: checkpoint patterns only
         return [
             FusedTensor("mlp.w1", whole_slab, (("gate", "weight"),), slab_shape=slab),
             FusedTensor("mlp.v1", whole_slab, (("up", "weight"),), slab_shape=slab),

@@ -50,6 +50,9 @@ class IdentityExpertsAdapter(StandardAdapter):
     """Standard storage; ``gate_up_proj`` has extra (unread) slabs for the identity experts."""
 
     block_class = IdentityExpertsBlock
+    # Transformers merges the per-expert weights into [n_routed, 2I, H] but the model holds
+    # [n_routed + zero_expert_num, 2I, H]: a per-expert checkpoint fails to load stock.
+    stock_per_expert = False
 
     def applies(self, module: nn.Module) -> bool:
         return getattr(module, "gate_up_proj", None) is not None and getattr(module, "down_proj", None) is not None
@@ -57,9 +60,10 @@ class IdentityExpertsAdapter(StandardAdapter):
     def layout(self, module: nn.Module) -> ExpertLayout:
         return ExpertLayout()
 
-    def tensors(self, module: nn.Module, layout: ExpertLayout) -> list[FusedTensor]:
+    def tensors(self, module: nn.Module | None, layout: ExpertLayout) -> list[FusedTensor]:
         gate_up, down = layout_tensors(layout)
-        return [FusedTensor(gate_up.path, gate_up.pieces, gate_up.leaves, carved_experts=module.num_routed_experts), down]
+        routed = module.num_routed_experts if module is not None else None  # None: checkpoint patterns only
+        return [FusedTensor(gate_up.path, gate_up.pieces, gate_up.leaves, carved_experts=routed), down]
 
     def check(self, module: nn.Module, layout: ExpertLayout, path: str) -> ExpertShapes:
         routed, total = module.num_routed_experts, module.total_experts
