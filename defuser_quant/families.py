@@ -95,6 +95,30 @@ EXPERTS_ENTRIES: tuple[ExpertsEntry, ...] = (
     ),
 )
 
+@dataclass(frozen=True)
+class SharedExpertListEntry:
+    """A family whose per-expert checkpoint numbers the experts of several blocks in one list
+    (``experts.{i}``), first block's experts first; the pre-load patch splits the list."""
+
+    family: str
+    groups: tuple[str, ...]  # the blocks' attribute names, in list order
+    why: str
+
+
+SHARED_EXPERT_LISTS: tuple[SharedExpertListEntry, ...] = (
+    SharedExpertListEntry(
+        "ernie4_5_vl_moe", ("text_moe", "vision_moe"),
+        "checkpoints list text experts then vision experts as mlp.experts.{i}; Transformers fuses them with "
+        "ErnieFuseAndSplitTextVisionExperts",
+    ),
+)
+
+
+def shared_expert_list(model_type: str) -> SharedExpertListEntry | None:
+    """The shared expert list entry of ``model_type``, else None."""
+    return next((e for e in SHARED_EXPERT_LISTS if e.family == model_type), None)
+
+
 DENSE_MLP_ENTRIES: tuple[DenseMlpEntry, ...] = (
     DenseMlpEntry("dia", "dia", "DiaMLP"),
     DenseMlpEntry("esmfold2", "esmfold2", "EsmFold2SwiGLU"),

@@ -21,14 +21,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .defuse import STANDARD, build_defused
+from .defuse import STANDARD, adapter_for_class, build_defused
 from .defused import DefusedExperts
 from .errors import UnsupportedModelError
 from .dense import split_dense_mlp
-from .families import adapter_of, dense_entry_for, experts_entry_for
-from .layout import is_fused_experts_class
+from .families import adapter_of, dense_entry_for, experts_entry_for, shared_expert_list
+from .layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class
 from .tensors import pop_tensor
-from .split_ops import dense_split_converters, fused_split_converters, is_dense_merge, is_expert_merge
+from .split_ops import (
+    collapse_doubled_prefix,
+    dense_split_converters,
+    expert_list_converters,
+    fused_split_converters,
+    is_dense_merge,
+    is_expert_merge,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +193,18 @@ def _conversion_mapping(model_type: str, classes: list[type[nn.Module]], dense: 
 
     existing = get_checkpoint_conversion_mapping(model_type) or []
     kept = [t for t in existing if not is_expert_merge(t) and not (dense and is_dense_merge(t))]
-    return kept + fused_split_converters(model_type, classes, existing) + (dense_split_converters() if dense else [])
+    shared = shared_expert_list(model_type)
+    lists = []
+    if shared is not None and classes:
+        adapter = adapter_for_class(classes[0])
+        layout = adapter.layout(None) if experts_entry_for(classes[0]) else ExpertLayout.from_flags(declared_flags_of_class(classes[0]))
+        lists = expert_list_converters(shared.groups, adapter.names(layout, model_type, None))
+    split = fused_split_converters(model_type, classes, existing)
+    renamings = [t for t in kept if not hasattr(t, "operations")]
+    if any("language_model" in "".join(t.target_patterns) for t in renamings):
+        # Renamings go first, in order: the collapse runs after the family's own.
+        kept.insert(kept.index(renamings[-1]) + 1, collapse_doubled_prefix())
+    return kept + lists + split + (dense_split_converters() if dense else [])
 
 
 def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:

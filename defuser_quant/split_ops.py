@@ -236,6 +236,45 @@ class MergeThenSplit:
         return self.split.convert(input_dict, source_patterns, target_patterns, **kwargs)
 
 
+class SplitExpertList:
+    """Conversion op: one per-expert list numbered across several blocks (ernie4_5_vl_moe's
+    ``experts.{i}``: text experts, then vision experts) -> each block's own per-expert names.
+
+    The list is cut into equal consecutive runs, one per group, as Transformers'
+    ``ErnieFuseAndSplitTextVisionExperts`` does."""
+
+    def __init__(self, groups: tuple[str, ...], leaf: str):
+        self.groups = groups
+        self.leaf = leaf
+
+    def __repr__(self) -> str:
+        return f"SplitExpertList({self.groups}, {self.leaf})"
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs):
+        (tensors,) = input_dict.values()
+        tensors = tensors if isinstance(tensors, list) else [tensors]
+        per_group = math.ceil(len(tensors) / len(self.groups))
+        return {
+            f"{self.groups[i // per_group]}.experts.{i % per_group}.{self.leaf}": t.contiguous()
+            for i, t in enumerate(tensors)
+        }
+
+
+def expert_list_converters(groups: tuple[str, ...], names: Any) -> list:
+    """WeightConverters loading a shared per-expert list into each group's per-expert Linears."""
+    converter_cls = _split_converter_class()
+    leaves = [f"{getattr(names, role)}.weight" for role in ("gate", "up", "down") if getattr(names, role) is not None]
+    return [
+        converter_cls(
+            source_patterns=f"experts.*.{leaf}",
+            target_patterns=f"{groups[0]}.experts.0.{leaf}",
+            operations=[SplitExpertList(groups, leaf)],
+        )
+        for leaf in leaves
+    ]
+
+
 _NEVER_MATCHES = r"(?!)"
 
 
@@ -266,6 +305,29 @@ def dense_split_converters() -> list:
         )
         for leaf in ("weight", "bias")
     ]
+
+
+def _never_reversed_renaming_class():
+    from transformers.core_model_loading import WeightRenaming
+
+    class LoadOnlyRenaming(WeightRenaming):
+        """A renaming applied on load only (saving keeps the names the model has)."""
+
+        def reverse_transform(self):
+            return WeightRenaming(_NEVER_MATCHES, _NEVER_MATCHES)
+
+    return LoadOnlyRenaming
+
+
+def collapse_doubled_prefix(segment: str = "language_model") -> Any:
+    """A load-only renaming ``<segment>.<segment>.`` -> ``<segment>.``.
+
+    Renamings such as deepseek_ocr2's ``(^|model\.)layers\.`` -> ``\1language_model.layers.``
+    also fire on keys that already carry the prefix; Transformers then retries such a key
+    unrenamed when the model has it, which never happens for a fused key the patched model holds
+    per expert. Collapsing the doubled segment gives the split converter the right name.
+    """
+    return _never_reversed_renaming_class()(rf"{segment}\.{segment}\.", f"{segment}.")
 
 
 def fused_split_converters(model_type: str, classes: list[type[nn.Module]], existing: list) -> list:

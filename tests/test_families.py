@@ -32,10 +32,6 @@ KNOWN_EXCEPTIONS: dict[str, str] = {
 }
 # (model_type, checkpoint layout) -> reason, for the pre-load path only; convert_model covers them.
 PRELOAD_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("ernie4_5_vl_moe", "stock"): "its per-expert checkpoint lists text and vision experts in one "
-    "list split by a custom op (ErnieFuseAndSplitTextVisionExperts); needs an explicit entry",
-    ("deepseek_ocr2", "fused"): "its renamings re-prefix keys produced by the split converter "
-    "(language_model twice); its stock per-expert checkpoints load",
 }
 
 
