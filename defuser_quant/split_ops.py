@@ -267,8 +267,9 @@ def expert_list_converters(groups: tuple[str, ...], names: Any) -> list:
     leaves = [f"{getattr(names, role)}.weight" for role in ("gate", "up", "down") if getattr(names, role) is not None]
     return [
         converter_cls(
-            source_patterns=f"experts.*.{leaf}",
-            target_patterns=f"{groups[0]}.experts.0.{leaf}",
+            # "mlp." keeps the pattern off the groups' own per-expert keys (mlp.text_moe.experts.0...)
+            source_patterns=f"mlp.experts.*.{leaf}",
+            target_patterns=f"mlp.{groups[0]}.experts.0.{leaf}",
             operations=[SplitExpertList(groups, leaf)],
         )
         for leaf in leaves
