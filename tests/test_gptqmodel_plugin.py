@@ -139,8 +139,9 @@ def test_core_and_plugin_import_without_gptqmodel():
 
 
 def test_missing_gptqmodel_gives_the_pin(monkeypatch):
-    from defuser_quant.integrations.gptqmodel import GPTQModelUnavailableError, install, is_installed
+    from defuser_quant.integrations.gptqmodel import GPTQModelUnavailableError, install, is_installed, uninstall
 
+    uninstall()  # start from the uninstalled state whatever ran before
     monkeypatch.setitem(sys.modules, "gptqmodel", None)
     with pytest.raises(ImportError, match=r"gptqmodel==7\.6\.0") as info:
         install()
@@ -152,8 +153,9 @@ def test_missing_gptqmodel_gives_the_pin(monkeypatch):
 def test_wrong_gptqmodel_version_gives_the_pin(monkeypatch):
     import gptqmodel
 
-    from defuser_quant.integrations.gptqmodel import install, is_installed
+    from defuser_quant.integrations.gptqmodel import install, is_installed, uninstall
 
+    uninstall()
     monkeypatch.setattr(gptqmodel, "__version__", "7.7.0")
     with pytest.raises(ImportError, match=r"found gptqmodel 7\.7\.0.*gptqmodel==7\.6\.0"):
         install()

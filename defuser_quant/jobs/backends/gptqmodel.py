@@ -16,7 +16,22 @@ _BITS = {"W4A16": 4, "W8A16": 8}
 
 
 def run(ctx: JobContext) -> BackendResult:
-    """Evaluate the float model, then load through GPTQModel, quantize, save into staging."""
+    """Evaluate the float model, then load through GPTQModel, quantize, save into staging.
+
+    The plugin is installed for the run and uninstalled afterwards if it was not installed before.
+    """
+    from defuser_quant.integrations import gptqmodel as plugin
+
+    was_installed = plugin.is_installed()
+    plugin.install()
+    try:
+        return _run(ctx)
+    finally:
+        if not was_installed:
+            plugin.uninstall()
+
+
+def _run(ctx: JobContext) -> BackendResult:
     # GPTQModel 7.6 sizes a CPU worker pool from this; with fewer than 2 it refuses to start on
     # small machines ("requests 2 workers but parent 'cpu' only has 1").
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(4, os.cpu_count() or 2))))
@@ -25,8 +40,6 @@ def run(ctx: JobContext) -> BackendResult:
     from defuser_quant.calibration.data import to_gptqmodel_examples
     from defuser_quant.integrations import gptqmodel as plugin
     from defuser_quant.integrations.gptqmodel_refuse import save_dequantized_fused
-
-    plugin.install()
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     cfg = ctx.config
