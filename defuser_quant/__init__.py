@@ -7,6 +7,7 @@ Public API::
     report = convert_model(model, filter=["-:visual"])   # after load, in place
     fuse_model(model)                                      # back to the native classes
     replace_fused_blocks("qwen3_moe")                      # before from_pretrained
+    supported_model_types()                                # every model type either covers
 """
 
 from .defuse import convert_model
@@ -26,6 +27,7 @@ from .inspect import find_fused_blocks
 from .layout import ExpertLayout, is_fused_experts_class, layout_of
 from .patching import replace_fused_blocks, restore_fused_blocks
 from .report import BlockRecord, ConversionReport
+from .support import supported_families, supported_model_types
 
 __version__ = "0.1.0.dev0"
 
@@ -50,5 +52,7 @@ __all__ = [
     "layout_of",
     "replace_fused_blocks",
     "restore_fused_blocks",
+    "supported_families",
+    "supported_model_types",
     "temporarily_fused",
 ]
