@@ -99,9 +99,12 @@ class RoutingSession:
 def _complement(top_k_index: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
     """For every expert, the (sorted) token indices not routed to it."""
     tokens = top_k_index.shape[0]
-    hit = torch.zeros(tokens, num_experts, dtype=torch.bool, device=top_k_index.device)
-    hit.scatter_(1, top_k_index.reshape(tokens, -1).long(), True)
-    missed = ~hit.T
+    # One spare column absorbs indices >= num_experts: identity/zero experts (longcat_flash)
+    # and expert-parallel sentinels are not real experts and are never forced.
+    index = top_k_index.reshape(tokens, -1).long().clamp(max=num_experts)
+    hit = torch.zeros(tokens, num_experts + 1, dtype=torch.bool, device=top_k_index.device)
+    hit.scatter_(1, index, True)
+    missed = ~hit[:, :num_experts].T
     pairs = missed.nonzero()
     sizes = missed.sum(dim=1).tolist()
     return list(torch.split(pairs[:, 1], sizes))

@@ -479,3 +479,18 @@ def test_console_summary_and_heatmap(routed_only, tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(png).ndim == 3
+
+
+@pytest.mark.parametrize("mode", ["all", "budgeted"])
+def test_identity_expert_indices_are_never_forced(mode):
+    """longcat_flash routes some tokens to identity experts (indices >= num_experts)."""
+    from model_zoo import build_tiny_model
+
+    model, inputs = build_tiny_model("longcat_flash")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    convert_model(model)
+    with routing_mode(model, mode, min_tokens=4):
+        with torch.no_grad():
+            out = model(**inputs).logits
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
