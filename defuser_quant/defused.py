@@ -186,6 +186,21 @@ class DefusedExperts(nn.Module):
     def __iter__(self) -> Iterator[DefusedExpert]:
         return (self._modules[str(i)] for i in range(self.num_experts))  # type: ignore[misc]
 
+    def rename_projections(self, names: ProjectionNames) -> None:
+        """Register every expert's projections under ``names`` (same modules, same order).
+
+        For quantizers whose model definitions expect other names (GPTQModel's ``gate_proj``
+        for mixtral's ``w1``); ``fuse_model`` works with any names.
+        """
+        if (self.names.gate is None) != (names.gate is None):
+            raise ValueError(f"cannot rename {self.names} to {names}: gated and ungated names differ")
+        roles = ("gate", "up", "down")
+        renames = {getattr(self.names, r): getattr(names, r) for r in roles if getattr(self.names, r) is not None}
+        for expert in self:
+            expert._modules = type(expert._modules)((renames.get(k, k), m) for k, m in expert._modules.items())
+            expert.names = names
+        self.names = names
+
     def extra_repr(self) -> str:
         return f"fused_class={self.fused_class.__name__}, layout={self.layout.describe()}, num_experts={self.num_experts}"
 

@@ -316,15 +316,11 @@ def generate_definition(config: Any, model_type: str | None = None, base: type |
 
 
 def _canonical_names(model: nn.Module) -> None:
-    from .gptqmodel_naming import rename_expert
-
     for block in model.modules():
         if isinstance(block, DefusedExperts):
             names: ProjectionNames = DEFAULT_NAMES if block.layout.has_gate else UNGATED_DEFAULT_NAMES
             if block.names != names:
-                for expert in block:
-                    rename_expert(expert, names)
-                block.names = names
+                block.rename_projections(names)
 
 
 # ----- registry -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from defuser_quant.defused import DefusedExpert, DefusedExperts
+from defuser_quant.defused import DefusedExperts
 from defuser_quant.naming import ProjectionNames
 
 logger = logging.getLogger(__name__)
@@ -72,14 +72,6 @@ def target_names(current: ProjectionNames, aliases: list[list[str]]) -> Projecti
     return ProjectionNames(**targets)
 
 
-def rename_expert(expert: DefusedExpert, names: ProjectionNames) -> None:
-    """Re-register ``expert``'s projections under ``names`` (same modules, same order)."""
-    old = expert.names
-    renames = {getattr(old, r): getattr(names, r) for r in ("gate", "up", "down") if getattr(old, r) is not None}
-    expert._modules = type(expert._modules)((renames.get(k, k), m) for k, m in expert._modules.items())
-    expert.names = names
-
-
 def align_projection_names(model: nn.Module, module_tree: Sequence[Any] | None) -> int:
     """Rename the projections of every ``DefusedExperts`` block to ``module_tree``'s runtime names.
 
@@ -96,10 +88,8 @@ def align_projection_names(model: nn.Module, module_tree: Sequence[Any] | None) 
         names = target_names(block.names, aliases)
         if names is None or names == block.names:
             continue
-        for expert in block:
-            rename_expert(expert, names)
         logger.debug("%s: experts renamed %s -> %s", path, block.names.as_tuple(), names.as_tuple())
-        block.names = names
+        block.rename_projections(names)
         renamed += 1
     if renamed:
         logger.info("renamed expert projections of %d block(s) to the GPTQModel definition's names", renamed)

@@ -29,7 +29,6 @@ from defuser_quant import convert_model, fuse_model
 from defuser_quant.defused import DefusedExperts
 from defuser_quant.errors import DefuserQuantError
 
-from .gptqmodel_naming import rename_expert
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +117,7 @@ def _float_model(hf: nn.Module, dtype: torch.dtype) -> nn.Module:
     names = {p: b.names for p, b in hf.named_modules() if isinstance(b, DefusedExperts)}
     for path, block in native.named_modules():
         if isinstance(block, DefusedExperts) and path in names and block.names != names[path]:
-            for expert in block:
-                rename_expert(expert, names[path])
-            block.names = names[path]
+            block.rename_projections(names[path])
     return native.to(dtype).to_empty(device="cpu")
 
 

@@ -289,3 +289,18 @@ def test_cuda_defuse_matches_and_round_trips(family):
     torch.testing.assert_close(logits(model, ids), ref, rtol=1e-5, atol=1e-5)
     dq.fuse_model(model)
     assert all(torch.equal(v, state(model)[k]) for k, v in before.items())
+
+
+def test_rename_projections_keeps_modules_and_fuses_back():
+    model, ids = build("mixtral")
+    before, ref = state(model), logits(model, ids)
+    dq.convert_model(model)
+    block = model.model.layers[0].mlp.experts
+    w1 = block[2].w1
+    block.rename_projections(dq.defused.ProjectionNames())
+    assert block[2].gate_proj is w1 and not hasattr(block[2], "w1")
+    assert torch.equal(logits(model, ids), ref)
+    with pytest.raises(ValueError, match="gated and ungated"):
+        block.rename_projections(dq.defused.ProjectionNames(gate=None))
+    dq.fuse_model(model)
+    assert all(torch.equal(v, state(model)[k]) for k, v in before.items())
