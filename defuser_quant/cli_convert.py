@@ -31,6 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--to", required=True, choices=("fused", "per-expert"), help="target experts layout")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    parser.add_argument("--workers", type=int, default=2, help="shards written at the same time (default 2)")
     parser.add_argument("--no-fsync", action="store_true", help="skip flushing shards to disk before the final rename")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout (no progress bar)")
     parser.set_defaults(handler=run_convert)
@@ -85,7 +86,7 @@ def run_convert(args: argparse.Namespace) -> int:
             bar.start()
         report = convert_checkpoint(
             args.src, args.dst, to=args.to, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-            fsync=not args.no_fsync, progress=on_update if bar is not None else None,
+            fsync=not args.no_fsync, workers=args.workers, progress=on_update if bar is not None else None,
         )
     finally:
         if bar is not None:

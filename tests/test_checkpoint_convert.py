@@ -229,10 +229,11 @@ def test_refuses_unsafe_destinations(qwen: Family, tmp_path):
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
 @pytest.mark.parametrize("existing", [False, True])
-def test_interrupted_write_leaves_nothing(qwen: Family, tmp_path, monkeypatch, exc, existing):
-    from defuser_quant.checkpoint import convert as convert_mod
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupted_write_leaves_nothing(qwen: Family, tmp_path, monkeypatch, exc, existing, workers):
+    from defuser_quant.checkpoint import stream
 
-    real, calls = convert_mod.write_shard, []
+    real, calls = stream.write_shard, []
 
     def failing(path, *args, **kwargs):
         calls.append(path)
@@ -240,19 +241,34 @@ def test_interrupted_write_leaves_nothing(qwen: Family, tmp_path, monkeypatch, e
             raise exc
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(convert_mod, "write_shard", failing)
+    monkeypatch.setattr(stream, "write_shard", failing)
     dst = tmp_path / "out"
     if existing:
         dst.mkdir()
         (dst / "old.txt").write_text("old")
     before = hashes(qwen.src)
     with pytest.raises(type(exc)):
-        convert_checkpoint(qwen.src, dst, to="fused", max_shard_size="20KB", overwrite=existing)
-    assert len(calls) == 3
+        convert_checkpoint(qwen.src, dst, to="fused", max_shard_size="20KB", overwrite=existing, workers=workers)
+    assert len(calls) >= 3
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
     if existing:
         assert [p.name for p in dst.iterdir()] == ["old.txt"]
     assert hashes(qwen.src) == before
+
+
+def test_without_kernel_copies(qwen: Family, tmp_path, monkeypatch):
+    """Filesystems without copy_file_range fall back to buffered copies, byte for byte."""
+    import errno
+
+    from defuser_quant.checkpoint import source
+
+    def unsupported(*args, **kwargs):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(source.os, "copy_file_range", unsupported)
+    convert_checkpoint(qwen.src, tmp_path / "fused", to="fused", workers=1)
+    convert_checkpoint(tmp_path / "fused", tmp_path / "back", to="per-expert", workers=1)
+    assert_same_tensors(tensors_of(tmp_path / "back"), tensors_of(qwen.src))
 
 
 def test_bad_checkpoints_are_refused(qwen: Family, tmp_path):

@@ -9,13 +9,12 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .meta import build_meta_model, load_config, scan_blocks
-from .ops import SlabCache
 from .plan import ConversionPlan, PlannedTensor, Target, plan_conversion
 from .report import CheckpointReport, ProgressUpdate
 from .sidefiles import copy_side_files
-from .source import SourceReader, TensorInfo, read_headers, shard_files
+from .source import TensorInfo, read_headers, shard_files
 from .staging import check_destination, staged_directory
-from .stream import layout_shards, parse_size, shard_names, verify_output, write_index, write_shard
+from .stream import layout_shards, parse_size, shard_names, verify_output, write_index, write_shards
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +72,7 @@ def convert_checkpoint(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     fsync: bool = True,
+    workers: int = 2,
     progress: bool | ProgressFn | None = None,
 ) -> CheckpointReport:
     """Convert the experts of a safetensors checkpoint to ``to`` ("fused" or "per-expert").
@@ -92,6 +92,7 @@ def convert_checkpoint(
         max_shard_size: bytes per output shard, an int or a string like "5GB" or "500MiB".
         overwrite: replace a non-empty ``dst``.
         fsync: flush every shard to disk before the final rename.
+        workers: shards written at the same time (threads; 1 for strictly sequential I/O).
         progress: True for a tqdm bar, or a callback receiving ``ProgressUpdate`` per tensor.
 
     Returns:
@@ -152,10 +153,7 @@ def convert_checkpoint(
     try:
         with staged_directory(dst) as stage:
             report.side_files = copy_side_files(src, stage, files)
-            with SourceReader(src) as reader:
-                cache = SlabCache()
-                for shard, name in zip(shards, names):
-                    write_shard(stage / name, shard, reader, cache, on_tensor, fsync=fsync)
+            write_shards(stage, shards, names, src, on_tensor, fsync=fsync, workers=workers)
             write_index(stage, shards, names)
             checked = verify_output(stage, shards, names)
             if checked != len(plan.tensors):

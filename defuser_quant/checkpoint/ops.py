@@ -1,12 +1,14 @@
-"""How each output tensor is produced from the source, as a stream of contiguous chunks.
+"""How each output tensor is produced from the source.
 
-* ``Copy``: a tensor kept as is (read in row chunks when large).
-* ``Merge``: per-expert tensors of one block -> one fused tensor, built one expert slab at a time
-  with the same piece functions ``convert_model`` uses (gpt_oss' interleaved, transposed slabs
-  included); when the pieces lie one after another in a slab, the sources are streamed as is.
-* ``Split``: one expert's piece of a fused tensor, read one expert slab at a time.
+* ``Copy``: a tensor kept as is: its byte range is copied file to file by the kernel.
+* ``Merge``: per-expert tensors of one block -> one fused tensor. When the pieces lie one after
+  another in an expert slab (concatenated ``[E, out, in]`` layouts) the sources' byte ranges are
+  appended in order; otherwise (gpt_oss' interleaved, transposed slabs) each expert slab is
+  assembled in memory with the same piece functions ``convert_model`` uses.
+* ``Split``: one expert's piece of a fused tensor: a byte range of the source when the piece is
+  contiguous in its slab, else cut from the expert slab read into memory (one slab at a time).
 
-The bytes of the chunks, concatenated, are the output tensor in row-major order.
+Either way the bytes appended to the output are the tensor in row-major order.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..slicing import PiecesFn
-from .source import SourceReader, TensorInfo
+from .source import SourceReader, TensorInfo, copy_range, write_all
 
 CHUNK_BYTES = 64 << 20
 
@@ -44,33 +46,37 @@ class SlabCache:
         return slab
 
 
+def piece_spans(pieces: PiecesFn, slab_shape: tuple[int, ...]) -> list[tuple[int, int] | None]:
+    """(element offset, element count) of each piece inside a contiguous slab, None where the
+    piece is not contiguous (strided views of interleaved or transposed layouts)."""
+    probe = torch.empty(slab_shape, device="meta")
+    return [(p.storage_offset(), p.numel()) if p.is_contiguous() else None for p in pieces(probe)]
+
+
 def pieces_are_packed(pieces: PiecesFn, slab_shape: tuple[int, ...]) -> bool:
     """True when the pieces of a contiguous slab are contiguous and lie one after another."""
-    probe = torch.empty(slab_shape, device="meta")
     offset = 0
-    for piece in pieces(probe):
-        if not piece.is_contiguous() or piece.storage_offset() != offset:
+    for span in piece_spans(pieces, slab_shape):
+        if span is None or span[0] != offset:
             return False
-        offset += piece.numel()
-    return offset == probe.numel()
+        offset += span[1]
+    return offset == torch.Size(slab_shape).numel()
+
+
+def _write_tensor(fd: int, chunk: torch.Tensor) -> int:
+    data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
+    write_all(fd, data)
+    return data.nbytes
 
 
 @dataclass(frozen=True)
 class Copy:
     source: TensorInfo
 
-    def chunks(self, reader: SourceReader, cache: SlabCache) -> Iterator[torch.Tensor]:
+    def write_to(self, fd: int, reader: SourceReader, cache: SlabCache) -> int:
         info = self.source
-        if info.nbytes <= CHUNK_BYTES or len(info.shape) == 0 or info.shape[0] <= 1:
-            yield reader.tensor(info)
-            return
-        step = max(1, CHUNK_BYTES // max(info.nbytes // info.shape[0], 1))
-        for start in range(0, info.shape[0], step):
-            yield reader.rows(info, start, min(start + step, info.shape[0]))
-
-    @property
-    def reads(self) -> tuple[TensorInfo, ...]:
-        return (self.source,)
+        copy_range(reader.fd(info.file), fd, info.offset, info.nbytes)
+        return info.nbytes
 
 
 @dataclass(frozen=True)
@@ -80,21 +86,25 @@ class Merge:
     pieces: PiecesFn = field(compare=False)
     packed: bool = False
 
-    def chunks(self, reader: SourceReader, cache: SlabCache) -> Iterator[torch.Tensor]:
+    def write_to(self, fd: int, reader: SourceReader, cache: SlabCache) -> int:
+        written = 0
         for expert_sources in self.sources:
             if self.packed:
                 for info in expert_sources:
-                    yield reader.tensor(info)
+                    copy_range(reader.fd(info.file), fd, info.offset, info.nbytes)
+                    written += info.nbytes
                 continue
-            parts = [reader.tensor(info) for info in expert_sources]
-            slab = torch.empty(self.slab_shape, dtype=parts[0].dtype)
-            for view, part in zip(self.pieces(slab), parts):
-                view.copy_(part)
-            yield slab
+            for chunk in self._slabs(expert_sources, reader):
+                written += _write_tensor(fd, chunk)
+            reader.maybe_release()
+        return written
 
-    @property
-    def reads(self) -> tuple[TensorInfo, ...]:
-        return tuple(info for row in self.sources for info in row)
+    def _slabs(self, expert_sources: tuple[TensorInfo, ...], reader: SourceReader) -> Iterator[torch.Tensor]:
+        parts = [reader.tensor(info) for info in expert_sources]
+        slab = torch.empty(self.slab_shape, dtype=parts[0].dtype)
+        for view, part in zip(self.pieces(slab), parts):
+            view.copy_(part)
+        yield slab
 
 
 @dataclass(frozen=True)
@@ -104,14 +114,16 @@ class Split:
     piece: int
     pieces: PiecesFn = field(compare=False)
     transposed: bool = False
+    span: tuple[int, int] | None = None  # (byte offset in the source file, byte count) when contiguous
 
-    def chunks(self, reader: SourceReader, cache: SlabCache) -> Iterator[torch.Tensor]:
+    def write_to(self, fd: int, reader: SourceReader, cache: SlabCache) -> int:
+        if self.span is not None:
+            copy_range(reader.fd(self.source.file), fd, *self.span)
+            return self.span[1]
         slab = cache.slab(reader, self.source, self.expert, self.transposed)
-        yield self.pieces(slab)[self.piece].contiguous()
-
-    @property
-    def reads(self) -> tuple[TensorInfo, ...]:
-        return (self.source,)
+        written = _write_tensor(fd, self.pieces(slab)[self.piece])
+        reader.maybe_release()
+        return written
 
 
 Op = Copy | Merge | Split

@@ -23,7 +23,7 @@ from ..naming import DEFAULT_NAMES, UNGATED_DEFAULT_NAMES, ProjectionNames, stoc
 from ..slicing import PiecesFn, down_pieces, in_bias_pieces, in_proj_pieces, whole_slab
 from .errors import CheckpointError
 from .meta import ExpertBlock
-from .ops import Copy, Merge, Op, Split, pieces_are_packed
+from .ops import Copy, Merge, Op, Split, piece_spans, pieces_are_packed
 from .source import DTYPE_SIZES, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -259,9 +259,14 @@ def _plan_split(block: ExpertBlock, disk: _DiskBlock) -> list[PlannedTensor]:
         native = block.fused_shapes[fused_name]
         transposed = _orientation(info, native)
         shapes = _piece_shapes(pieces, native[1:])
+        spans = piece_spans(pieces, native[1:]) if not transposed else [None] * len(roles)
+        itemsize = DTYPE_SIZES[info.dtype]
+        slab_bytes = torch.Size(native[1:]).numel() * itemsize
         for e in range(native[0]):
             for k, ((proj, kind), shape) in enumerate(zip(roles, shapes)):
-                op = Split(info, e, k, pieces, transposed)
+                span = spans[k]
+                where = None if span is None else (info.offset + e * slab_bytes + span[0] * itemsize, span[1] * itemsize)
+                op = Split(info, e, k, pieces, transposed, where)
                 out.append(PlannedTensor(f"{disk.prefix}.{e}.{proj}.{kind}", info.dtype, shape, op))
     return out
 

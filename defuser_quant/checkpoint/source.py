@@ -1,13 +1,19 @@
-"""A safetensors checkpoint on disk: its shards, tensor headers, and memory-mapped reads.
+"""A safetensors checkpoint on disk: its shards, tensor headers, and reads.
 
-Only headers are read to plan a conversion. Tensor data is read through ``safe_open``
-(memory-mapped); the handles are closed every few hundred MiB so pages already copied out do
-not pile up in the resident set of the process.
+Only headers are read to plan a conversion; each tensor's byte range in its shard comes from the
+header too. Bytes that move unchanged are copied file to file by the kernel
+(``copy_file_range``: no user-space buffer, nothing resident). Tensors that need rearranging
+(interleaved or transposed layouts) are read through ``safe_open`` (memory-mapped); those maps
+are closed every 64 MiB read so pages already copied out do not pile up in the resident set.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +44,7 @@ class TensorInfo:
     file: str  # shard file name, relative to the checkpoint directory
     dtype: str  # safetensors dtype string, e.g. "BF16"
     shape: tuple[int, ...]
+    offset: int = 0  # absolute offset of the first data byte in the shard file
 
     @property
     def numel(self) -> int:
@@ -70,29 +77,82 @@ def shard_files(root: Path) -> list[str]:
     raise CheckpointError(f"{root} has neither {INDEX_NAME} nor {SINGLE_NAME}: only safetensors checkpoints are supported")
 
 
+def _raw_header(path: Path) -> tuple[dict, int]:
+    """(header JSON, offset of the data section) of a safetensors file."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)), 8 + size
+
+
 def read_headers(root: Path, files: list[str]) -> dict[str, TensorInfo]:
-    """Every tensor's header facts, in shard order; raises on duplicate names."""
+    """Every tensor's header facts, in shard order; raises on duplicate names or a bad header."""
     from safetensors import safe_open
 
     infos: dict[str, TensorInfo] = {}
     for file in files:
-        with safe_open(str(root / file), framework="pt") as handle:
-            for name in handle.keys():
-                if name in infos:
-                    raise CheckpointError(f"tensor {name} is stored twice ({infos[name].file} and {file})")
-                piece = handle.get_slice(name)
-                infos[name] = TensorInfo(name, file, piece.get_dtype(), tuple(piece.get_shape()))
+        path = root / file
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass  # safetensors validates the header (offsets contiguous, within the file)
+            header, base = _raw_header(path)
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a valid safetensors file: {exc}") from exc
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if name in infos:
+                raise CheckpointError(f"tensor {name} is stored twice ({infos[name].file} and {file})")
+            start, end = entry["data_offsets"]
+            info = TensorInfo(name, file, entry["dtype"], tuple(entry["shape"]), base + start)
+            if end - start != info.nbytes:
+                raise CheckpointError(f"{path}: {name} spans {end - start} bytes, its dtype and shape say {info.nbytes}")
+            infos[name] = info
     return infos
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Append ``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` (kernel-side copy)."""
+    while length:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(length, 1 << 30), offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            n = _copy_via_buffer(src_fd, dst_fd, offset, min(length, 64 << 20))
+        if n == 0:
+            raise CheckpointError("unexpected end of a source shard")
+        offset += n
+        length -= n
+
+
+def _copy_via_buffer(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    data = os.pread(src_fd, length, offset)
+    write_all(dst_fd, data)
+    return len(data)
+
+
+def write_all(fd: int, data) -> None:
+    """``os.write`` until every byte of ``data`` (any buffer) is written."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class SourceReader:
     """Reads tensors (or one expert's slab of a fused tensor) from memory-mapped shards."""
 
-    def __init__(self, root: Path, release_every: int = 256 << 20):
+    def __init__(self, root: Path, release_every: int = 64 << 20):
         self.root = root
         self.release_every = release_every
         self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
         self._since_release = 0
+
+    def fd(self, file: str) -> int:
+        """A read-only file descriptor of a shard (kept open until ``close``)."""
+        if file not in self._fds:
+            self._fds[file] = os.open(self.root / file, os.O_RDONLY)
+        return self._fds[file]
 
     def _handle(self, file: str):
         handle = self._handles.get(file)
@@ -116,13 +176,20 @@ class SourceReader:
     def maybe_release(self) -> None:
         """Close the shard maps once enough has been read since the last release."""
         if self._since_release >= self.release_every:
-            self.close()
+            self.release()
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Close the shard maps (file descriptors stay open)."""
         for handle in self._handles.values():
             handle.__exit__(None, None, None)
         self._handles.clear()
         self._since_release = 0
+
+    def close(self) -> None:
+        self.release()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> SourceReader:
         return self

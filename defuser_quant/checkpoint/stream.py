@@ -1,9 +1,9 @@
-"""Streaming safetensors writer: shards laid out from the plan, written chunk by chunk.
+"""Streaming safetensors writer: shards laid out from the plan, written tensor by tensor.
 
 Every output tensor's name, dtype and shape is known before any data is read, so each shard's
-header is written first and the data streamed after it; nothing larger than one expert slab
-(or a 64 MiB chunk of a plain tensor) is held in memory. The file format is safetensors'
-(8-byte little-endian header length, JSON header padded to 8 bytes, raw row-major data).
+header is written first and the data streamed after it; nothing larger than one expert slab is
+ever held in memory. The file format is safetensors' (8-byte little-endian header length, JSON
+header padded to 8 bytes, raw row-major data).
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import json
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import torch
 
 from .errors import CheckpointError
 from .ops import SlabCache
 from .plan import PlannedTensor
-from .source import INDEX_NAME, SINGLE_NAME, SourceReader
+from .source import INDEX_NAME, SINGLE_NAME, SourceReader, write_all
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ _UNITS = {
     "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
 }
-
 
 def parse_size(size: int | str) -> int:
     """Bytes in ``size``: an int, or a string such as ``"5GB"`` (10^9) or ``"500MiB"`` (2^20)."""
@@ -45,7 +44,6 @@ def parse_size(size: int | str) -> int:
         raise CheckpointError(f"the maximum shard size must be positive, got {size!r}")
     return value
 
-
 def layout_shards(tensors: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
     """Consecutive tensors grouped into shards of at most ``max_shard_size`` bytes of data
     (a single larger tensor gets a shard of its own), as ``save_pretrained`` does."""
@@ -59,12 +57,10 @@ def layout_shards(tensors: list[PlannedTensor], max_shard_size: int) -> list[lis
         size += tensor.nbytes
     return shards if shards[0] else []
 
-
 def shard_names(count: int) -> list[str]:
     if count == 1:
         return [SINGLE_NAME]
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
 
 def header_bytes(tensors: list[PlannedTensor]) -> bytes:
     """The length-prefixed, space-padded JSON header of a shard holding ``tensors`` in order."""
@@ -77,11 +73,6 @@ def header_bytes(tensors: list[PlannedTensor]) -> bytes:
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
 
-
-def _as_bytes(chunk: torch.Tensor):
-    return chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
 def write_shard(
     path: Path,
     tensors: list[PlannedTensor],
@@ -90,25 +81,69 @@ def write_shard(
     on_tensor: Callable[[PlannedTensor], None] | None = None,
     fsync: bool = True,
 ) -> None:
-    """Write one shard: header, then each tensor's chunks in order."""
-    with open(path, "wb") as f:
-        f.write(header_bytes(tensors))
+    """Write one shard: header, then each tensor's bytes in order."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, header_bytes(tensors))
         for tensor in tensors:
-            written = 0
-            for chunk in tensor.op.chunks(reader, cache):
-                data = _as_bytes(chunk)
-                f.write(data)
-                written += data.nbytes
-                del chunk, data
-                reader.maybe_release()
+            written = tensor.op.write_to(fd, reader, cache)
             if written != tensor.nbytes:
                 raise CheckpointError(f"{tensor.name}: wrote {written} bytes, expected {tensor.nbytes}")
             if on_tensor is not None:
                 on_tensor(tensor)
         if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
+class _Stopped(Exception):
+    """Another shard failed: stop this one at the next tensor boundary."""
+
+def write_shards(
+    folder: Path,
+    shards: list[list[PlannedTensor]],
+    names: list[str],
+    root: Path,
+    on_tensor: Callable[[PlannedTensor], None] | None = None,
+    fsync: bool = True,
+    workers: int = 2,
+) -> None:
+    """Write every shard, up to ``workers`` at a time, each with its own reader.
+
+    Copying is bound by memory bandwidth and page-cache work that ``write`` does with the GIL
+    released, so two shards in flight use both cores. The first failure stops the others at
+    their next tensor and is raised.
+    """
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def guarded(tensor: PlannedTensor) -> None:
+        if stop.is_set():
+            raise _Stopped
+        if on_tensor is not None:
+            with lock:
+                on_tensor(tensor)
+
+    def one(shard: list[PlannedTensor], name: str) -> None:
+        if stop.is_set():
+            raise _Stopped
+        with SourceReader(root) as reader:
+            write_shard(folder / name, shard, reader, SlabCache(), guarded, fsync=fsync)
+
+    if workers <= 1 or len(shards) <= 1:
+        for shard, name in zip(shards, names):
+            one(shard, name)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as pool:
+        futures = [pool.submit(one, shard, name) for shard, name in zip(shards, names)]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            stop.set()
+            for future in futures:
+                future.cancel()
+            raise
 
 def write_index(folder: Path, shards: list[list[PlannedTensor]], names: list[str]) -> None:
     """``model.safetensors.index.json`` for a sharded output (none for a single file)."""
@@ -121,7 +156,6 @@ def write_index(folder: Path, shards: list[list[PlannedTensor]], names: list[str
     }
     index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
 
 def verify_output(folder: Path, shards: list[list[PlannedTensor]], names: list[str]) -> int:
     """Re-read every written header: names, dtypes, shapes, file sizes and the index must match
