@@ -59,7 +59,7 @@ def _print_report(report, console) -> None:
         table.add_row(where, b.class_name, b.layout, str(b.num_experts), b.found, b.action,
                       f"{b.tensors_in} -> {b.tensors_out}", f"{b.nbytes / 2**20:.1f}")
     console.print(table)
-    console.print(report.summary())
+    console.print(report.summary(), highlight=False)
 
 
 def run_convert(args: argparse.Namespace) -> int:
