@@ -206,6 +206,13 @@ class DefusedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *routing, **routing_kw) -> torch.Tensor:
         top_k_index, top_k_weights = (*routing, *routing_kw.values())
+        return self.dispatch(hidden_states, top_k_index, top_k_weights)
+
+    def dispatch(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Run the standard contract: ``forward_override`` when set, else ``routed_forward``.
+
+        Blocks of irregular families translate their own call signature into this contract.
+        """
         if self.forward_override is not None:
             return self.forward_override(self, hidden_states, top_k_index, top_k_weights)
         return self.routed_forward(hidden_states, top_k_index, top_k_weights)

@@ -10,6 +10,8 @@ trip per-expert -> fused -> per-expert gives back the same keys.
 
 from __future__ import annotations
 
+import math
+
 import logging
 import re
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from ..slicing import PiecesFn, down_pieces, in_bias_pieces, in_proj_pieces, who
 from .errors import CheckpointError
 from .meta import ExpertBlock
 from .ops import Copy, Merge, Op, Split, piece_spans, pieces_are_packed
-from .source import DTYPE_SIZES, TensorInfo
+from .source import DTYPE_SIZES, TensorInfo, tensor_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +45,11 @@ class PlannedTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES[self.dtype]
+        return tensor_nbytes(self.name, self.dtype, self.shape)
 
 
 @dataclass

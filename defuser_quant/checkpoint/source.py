@@ -9,7 +9,9 @@ are closed every 64 MiB read so pages already copied out do not pile up in the r
 
 from __future__ import annotations
 
+
 import errno
+import math
 import json
 import logging
 import os
@@ -28,6 +30,13 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 # Bytes per element of every safetensors dtype the converter may meet.
+def tensor_nbytes(name: str, dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a safetensors tensor; unknown dtypes are an error naming the tensor."""
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"{name}: unsupported safetensors dtype {dtype}")
+    return math.prod(shape) * DTYPE_SIZES[dtype]
+
+
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -48,16 +57,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        if self.dtype not in DTYPE_SIZES:
-            raise CheckpointError(f"{self.name}: unsupported safetensors dtype {self.dtype}")
-        return self.numel * DTYPE_SIZES[self.dtype]
+        return tensor_nbytes(self.name, self.dtype, self.shape)
 
 
 def shard_files(root: Path) -> list[str]:

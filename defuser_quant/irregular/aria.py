@@ -23,9 +23,7 @@ class AriaDefusedExperts(DefusedExperts):
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         top_k_index, top_k_weights = self.fused_shell.route_tokens_to_experts(router_logits)
-        if self.forward_override is not None:
-            return self.forward_override(self, hidden_states, top_k_index, top_k_weights)
-        return self.routed_forward(hidden_states, top_k_index, top_k_weights)
+        return self.dispatch(hidden_states, top_k_index, top_k_weights)
 
     def routed_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -34,9 +34,7 @@ class BatchedInputExperts(DefusedExperts):
         if flat.shape[0] % self.num_experts:
             raise ValueError(f"{flat.shape[0]} rows do not group into {self.num_experts} experts")
         index, weights = grouped_routing(flat.shape[0], self.num_experts, flat)
-        if self.forward_override is not None:
-            return self.forward_override(self, flat, index, weights)
-        return self.routed_forward(flat, index, weights)
+        return self.dispatch(flat, index, weights)
 
 
 class BatchedInputAdapter(StandardAdapter):

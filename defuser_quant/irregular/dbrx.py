@@ -29,10 +29,7 @@ class DbrxDefusedExperts(DefusedExperts):
         batch_size = hidden_states.shape[0]
         hidden = self.fused_shell.hidden_size
         flat = hidden_states.reshape(-1, hidden)
-        if self.forward_override is not None:
-            out = self.forward_override(self, flat, top_k_index, top_k_weights)
-        else:
-            out = self.routed_forward(flat, top_k_index, top_k_weights)
+        out = self.dispatch(flat, top_k_index, top_k_weights)
         return out.view(batch_size, -1, hidden)
 
 

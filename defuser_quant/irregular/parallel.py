@@ -37,9 +37,7 @@ class ParallelLinearExperts(DefusedExperts):
         sizes = torch.as_tensor(expert_size, device=inputs.device)
         index = torch.arange(self.num_experts, device=inputs.device).repeat_interleave(sizes).unsqueeze(1)
         weights = torch.ones(inputs.shape[0], 1, dtype=inputs.dtype, device=inputs.device)
-        if self.forward_override is not None:
-            return self.forward_override(self, inputs, index, weights)
-        return self.routed_forward(inputs, index, weights)
+        return self.dispatch(inputs, index, weights)
 
     def routed_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
