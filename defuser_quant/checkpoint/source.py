@@ -9,7 +9,6 @@ are closed every 64 MiB read so pages already copied out do not pile up in the r
 
 from __future__ import annotations
 
-
 import errno
 import math
 import json
