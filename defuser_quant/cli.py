@@ -25,11 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Import-time warnings of optional third-party kernels (torchao, pulled in by gptqmodel: missing
+# CUDA extensions on CPU machines; torch's pytree deprecation notice) that say nothing about the job.
+IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:
+        for name in IMPORT_NOISE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return int(args.handler(args) or 0)
     except DefuserQuantError as exc:  # our errors already say what is wrong and what to do
