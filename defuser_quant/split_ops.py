@@ -93,7 +93,9 @@ class SplitFusedExperts:
 
     @property
     def reverse_op(self):
-        return MergeFusedExperts(self.pieces, self.kind)
+        raise NotImplementedError(
+            "SplitFusedExperts is load-only: its converter saves defused models under their per-expert names"
+        )
 
 
 class SplitDenseGateUp:
@@ -121,53 +123,6 @@ class SplitDenseGateUp:
                 pass
         gate, up = (first, second) if gate_first else (second, first)
         return {target_patterns[0]: gate, target_patterns[1]: up}
-
-
-class MergeFusedExperts:
-    """Reverse of ``SplitFusedExperts`` (used by ``save_pretrained(save_original_format=True)``)."""
-
-    def __init__(self, pieces: PiecesFn, kind: str):
-        self.pieces = pieces
-        self.kind = kind
-
-    def __repr__(self) -> str:
-        return f"MergeFusedExperts({self.kind})"
-
-    @torch.no_grad()
-    def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs):
-        per_pattern = [input_dict[p] for p in source_patterns]
-        num = len(per_pattern[0])
-        first = per_pattern[0][0]
-        probe_slab = [t.shape for t in (lst[0] for lst in per_pattern)]
-        del probe_slab
-        slab_numel = sum(lst[0].numel() for lst in per_pattern)
-        fused = torch.empty((num, slab_numel), dtype=first.dtype, device=first.device)
-        shape = self._slab_shape(per_pattern)
-        fused = fused.view(num, *shape)
-        for e in range(num):
-            for dst, lst in zip(self.pieces(fused[e]), per_pattern):
-                dst.copy_(lst[e])
-        return {target_patterns[0]: fused}
-
-    def _slab_shape(self, per_pattern) -> tuple[int, ...]:
-        for candidate in _candidate_shapes(per_pattern):
-            probe = torch.empty(candidate, device="meta")
-            if [tuple(p.shape) for p in self.pieces(probe)] == [tuple(lst[0].shape) for lst in per_pattern]:
-                return candidate
-        raise ValueError(f"cannot infer the fused slab shape for {self.kind}")
-
-    @property
-    def reverse_op(self):
-        return SplitFusedExperts(self.pieces, self.kind)
-
-
-def _candidate_shapes(per_pattern) -> list[tuple[int, ...]]:
-    shapes = [tuple(lst[0].shape) for lst in per_pattern]
-    n = len(shapes)
-    if len(shapes[0]) == 1:
-        return [(shapes[0][0] * n,)]
-    out_dim, in_dim = shapes[0]
-    return [(out_dim * n, in_dim), (in_dim, out_dim * n)]
 
 
 def is_dense_merge(transform: Any) -> bool:
