@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .backends import get_backend
@@ -108,16 +109,19 @@ def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
     protected = [Path(model_path)] if Path(model_path).exists() else []
     report = JobReport(output_dir=str(target))
 
+    progress = Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=console
+    )
+
     @contextlib.contextmanager
     def stage(name: str) -> Iterator[None]:
-        console.log(f"[bold]{name}[/bold] ...")
+        task = progress.add_task(name, total=1)
         start = time.perf_counter()
-        with console.status(f"{name} ..."):
-            yield
+        yield
         report.timings[name] = time.perf_counter() - start
-        console.log(f"{name}: done in {report.timings[name]:.1f} s")
+        progress.update(task, completed=1)
 
-    with staged_output(target, config.output.overwrite, protected) as staging:
+    with staged_output(target, config.output.overwrite, protected) as staging, progress:
         with stage("tokenize data"):
             tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
             samples = build_calibration_samples(config.calibration.data, tokenizer)
