@@ -304,3 +304,16 @@ def test_rename_projections_keeps_modules_and_fuses_back():
         block.rename_projections(dq.defused.ProjectionNames(gate=None))
     dq.fuse_model(model)
     assert all(torch.equal(v, state(model)[k]) for k, v in before.items())
+
+
+def test_accelerate_disk_offload_keeps_weights_reachable(tmp_path):
+    from accelerate import disk_offload
+
+    model, ids = build("gpt_oss")  # transposed + interleaved: relaid out from the loaded copy
+    ref = logits(model, ids)
+    disk_offload(model, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
+    assert dq.convert_model(model)
+    block = model.model.layers[1].mlp.experts
+    assert isinstance(block, dq.DefusedExperts)
+    torch.testing.assert_close(logits(model, ids), ref, rtol=1e-6, atol=1e-5)
