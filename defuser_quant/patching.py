@@ -128,7 +128,10 @@ def defused_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
         self.__dict__.update({k: v for k, v in built.__dict__.items()})
 
     base = adapter.block_class
-    return type(f"Defused{fused_cls.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
+    cls = type(f"Defused{fused_cls.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
+    # Reachable by qualified name, so models holding these blocks can be pickled (torch.save).
+    globals().setdefault(cls.__name__, cls)
+    return globals()[cls.__name__]
 
 
 _ACTIVE: set[type[nn.Module]] = set()

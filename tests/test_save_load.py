@@ -134,3 +134,16 @@ def test_unknown_model_type_is_a_clear_error():
 def test_model_type_without_fused_experts_is_a_clear_error():
     with pytest.raises(dq.UnsupportedModelError, match="convert_model"):
         dq.replace_fused_blocks("llama")
+
+
+def test_preload_patched_model_can_be_pickled(tmp_path):
+    import io
+
+    _, _, per_expert, _ = _checkpoints(tmp_path)
+    dq.replace_fused_blocks("qwen3_moe")
+    model = _load(per_expert)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    assert type(again.model.layers[0].mlp.experts) is type(model.model.layers[0].mlp.experts)
