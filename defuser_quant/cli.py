@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .errors import DefuserQuantError
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Import-time warnings of optional third-party kernels (torchao, pulled in by gptqmodel: missing
 # CUDA extensions on CPU machines; torch's pytree deprecation notice) that say nothing about the job.
-IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
+IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree", "torch.fx._symbolic_trace")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         for name in IMPORT_NOISE_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+        # llm-compressor logs every quantized module through loguru (INFO and METRIC lines), and
+        # warns about its own MoE linearization, which our modifier has taken over; -v shows all.
+        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
     try:
         return int(args.handler(args) or 0)
     except DefuserQuantError as exc:  # our errors already say what is wrong and what to do
