@@ -6,13 +6,7 @@ import argparse
 import json
 import sys
 
-
-def _stdout_console():
-    """A console for results: full width on a terminal, wide enough for module paths otherwise."""
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=200)
+from .cli_console import stdout_console
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -69,7 +63,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
     from .checkpoint import convert_checkpoint
 
-    out, err = _stdout_console(), Console(stderr=True)
+    out, err = stdout_console(), Console(stderr=True)
     show = not args.json and err.is_terminal
     bar = _progress(err) if show else None
     task = None

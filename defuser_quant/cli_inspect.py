@@ -6,13 +6,7 @@ import argparse
 import json
 import sys
 
-
-def _stdout_console():
-    """A console for results: full width on a terminal, wide enough for module paths otherwise."""
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=200)
+from .cli_console import stdout_console
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -91,5 +85,5 @@ def run_inspect(args: argparse.Namespace) -> int:
         json.dump(result.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        _print(result, _stdout_console())
+        _print(result, stdout_console())
     return 0

@@ -217,11 +217,15 @@ class DefusedExperts(nn.Module):
             return self.forward_override(self, hidden_states, top_k_index, top_k_weights)
         return self.routed_forward(hidden_states, top_k_index, top_k_weights)
 
+    def new_output(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The zeros the routed forward accumulates into: shaped like the input by default."""
+        return torch.zeros_like(hidden_states)
+
     def routed_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """Top-k routed forward, operation for operation the fused eager loop."""
-        final_hidden_states = torch.zeros_like(hidden_states)
+        final_hidden_states = self.new_output(hidden_states)
         with torch.no_grad():
             expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts)
             expert_mask = expert_mask.permute(2, 1, 0)

@@ -39,19 +39,9 @@ class ParallelLinearExperts(DefusedExperts):
         weights = torch.ones(inputs.shape[0], 1, dtype=inputs.dtype, device=inputs.device)
         return self.dispatch(inputs, index, weights)
 
-    def routed_forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        out_features = self[0].linear.out_features
-        final = hidden_states.new_zeros(hidden_states.shape[0], out_features)
-        with torch.no_grad():
-            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert_idx in expert_hit.flatten().tolist():
-            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            current = self[expert_idx](hidden_states[token_idx]) * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, current.to(final.dtype))
-        return final
+    def new_output(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """One row per input row, ``out_features`` wide (these experts are single projections)."""
+        return hidden_states.new_zeros(hidden_states.shape[0], self[0].linear.out_features)
 
 
 class ParallelLinearAdapter(StandardAdapter):
