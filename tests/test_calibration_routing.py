@@ -9,15 +9,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from transformers import (
-    GptOssConfig,
-    GptOssForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-)
-
+import tiny
 from defuser_quant import DefusedExperts, convert_model
 from defuser_quant.calibration import (
     ROUTING_MODES,
@@ -36,27 +28,14 @@ from defuser_quant.calibration import (
 
 NUM_EXPERTS, TOP_K, BATCH, SEQ, VOCAB = 8, 2, 2, 16, 128
 TOKENS = BATCH * SEQ
-COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-    num_experts_per_tok=TOP_K,
-)
+# Router module name per family (the zoo of the core tests builds the configs).
+ROUTERS = {"qwen3_moe": "gate", "gpt_oss": "router", "mixtral": "gate"}
 
 
 def _configs() -> dict:
     return {
-        "qwen3_moe": (
-            Qwen3MoeForCausalLM,
-            Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=32, num_experts=NUM_EXPERTS, **COMMON),
-            "gate",
-        ),
-        "gpt_oss": (
-            GptOssForCausalLM,
-            GptOssConfig(
-                intermediate_size=32, num_local_experts=NUM_EXPERTS, layer_types=["sliding_attention", "full_attention"], **COMMON
-            ),
-            "router",
-        ),
-        "mixtral": (MixtralForCausalLM, MixtralConfig(intermediate_size=32, num_local_experts=NUM_EXPERTS, **COMMON), "gate"),
+        family: (tiny.FAMILIES[family][1], tiny.FAMILIES[family][0](vocab_size=VOCAB, num_experts_per_tok=TOP_K), router)
+        for family, router in ROUTERS.items()
     }
 
 
