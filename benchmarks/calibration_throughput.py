@@ -27,7 +27,6 @@ import copy
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
