@@ -276,7 +276,7 @@ def _never_reversed_renaming_class():
 
 
 def collapse_doubled_prefix(segment: str = "language_model") -> Any:
-    """A load-only renaming ``<segment>.<segment>.`` -> ``<segment>.``.
+    r"""A load-only renaming ``<segment>.<segment>.`` -> ``<segment>.``.
 
     Renamings such as deepseek_ocr2's ``(^|model\.)layers\.`` -> ``\1language_model.layers.``
     also fire on keys that already carry the prefix; Transformers then retries such a key

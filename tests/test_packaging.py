@@ -49,3 +49,17 @@ def test_built_wheel_contains_the_default_job_model_and_corpus(tmp_path):
         "defuser_quant/irregular/__init__.py",
     ):
         assert needed in names, needed
+
+
+def test_every_source_file_compiles_without_warnings():
+    """Invalid escapes in docstrings are a SyntaxWarning on Python 3.12 (an error later)."""
+    import warnings
+
+    checked = 0
+    for folder in ("defuser_quant", "calibration", "integrations", "benchmarks", "scripts", "tests"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                compile(path.read_text(encoding="utf-8"), str(path), "exec")
+            checked += 1
+    assert checked > 50
