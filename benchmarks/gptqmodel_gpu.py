@@ -11,29 +11,32 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-all`` - the same with ``routing="all"`` (every expert calibrated on every token).
 
 Each variant: ``GPTQModel.load`` (GPTQ 4-bit, group 128), ``quantize``, ``save``, reload and
-logits on a fixed prompt. Reported: wall time per step, peak GPU memory
+logits on a fixed prompt. With several GPUs the variants run at the same time, each alone on its
+own GPU (``CUDA_VISIBLE_DEVICES``), so one call fits more; GPTQModel's JIT-built CUDA block-update
+extension is built once before any variant starts, so no variant pays for it. Reported: wall time per step, peak GPU memory
 (``torch.cuda.max_memory_allocated``), peak host RSS, expert projections quantized out of all,
 the smallest number of calibration rows any expert projection's GPTQ saw (from GPTQModel's
 own log), whether the checkpoint equals stock's tensor for tensor, and the logits' max
 difference to stock. Prints a markdown table and writes JSON under ``benchmarks/results/``.
 
-    python benchmarks/gptqmodel_gpu.py                          # one H200: stock + ours, 1 layer
+    python benchmarks/gptqmodel_gpu.py                          # stock + ours, 1 layer
+    python benchmarks/gptqmodel_gpu.py --variants stock,ours,ours-all   # 2 GPUs: 2 variants at a time
     python benchmarks/gptqmodel_gpu.py --layers 4 --variants stock,ours,ours-all --timeout 1800
     python benchmarks/gptqmodel_gpu.py --device cpu --tiny      # 2 CPU cores, < 1 minute
 
-Budget: GPTQModel's own GPTQ pass dominates, about 2 minutes per Qwen3-30B-A3B layer (384
-expert projections) per variant on one H200 (measured: 4 layers of stock alone ran past 9
-minutes; 1 layer of stock was still in the gate/up subset after 2 minutes, including the
-one-time JIT build of GPTQModel's CUDA block-update extension). The default, 1 layer and the
-two variants, is sized for about 8 minutes; the all-experts variant adds about 2.5 minutes
-per layer.
+Budget: GPTQModel's ``quantize()`` dominates, about 4 minutes per Qwen3-30B-A3B layer (384
+expert projections) per variant on one H200 (measured: 1 layer 234-241 s, 2 layers 459 s, the
+same for stock and the plugin); ``ours-all`` adds about 6%. On two GPUs the default (1 layer,
+stock + ours) takes about 5 minutes, ``--layers 2`` about 9.
 
-Needs gptqmodel==7.6.0 and this package importable (``pip install -e .`` or PYTHONPATH).
+Needs gptqmodel==7.6.0 and this package importable (``pip install -e .`` or PYTHONPATH); on a GPU
+machine without network, ``bash scripts/gpu_site/build.sh DIR`` here and ``PYTHONPATH=DIR:.`` there.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -76,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-reload", action="store_true", help="skip the reload + logits step")
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     p.add_argument("--timeout", type=int, default=420, help="seconds per variant")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="variants run at once, one GPU each (default: every visible GPU, 1 on CPU)")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/gptqmodel_<device>[_tiny].json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -108,8 +113,10 @@ def _source_checkout() -> None:
             setattr(defuser_quant, sub, module)
 
 
-def _env(device: str) -> dict[str, str]:
+def _env(device: str, gpu: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if (os.cpu_count() or 1) <= 4:
@@ -160,13 +167,49 @@ def build_source(args: argparse.Namespace, src: Path) -> list[dict]:
     return rows
 
 
-def run_variant(variant: str, args: argparse.Namespace, work: Path) -> dict:
+def warm_gptq_extension() -> float | None:
+    """Build GPTQModel's CUDA block-update extension once (a JIT build the first user pays for)."""
+    t0 = time.perf_counter()
+    try:
+        from gptqmodel.quantization.gptq_cuda import block_update_available
+    except ImportError:
+        return None
+    print(f"GPTQ block-update extension available: {block_update_available()}", flush=True)
+    return round(time.perf_counter() - t0, 2)
+
+
+def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slots: int) -> list[dict]:
+    """Each variant in its own process; ``slots`` of them at a time, slot i on GPU i."""
+    free = list(range(slots))
+    rows: dict[str, dict] = {}
+
+    def one(variant: str) -> dict:
+        gpu = free.pop(0) if slots > 1 else None
+        try:
+            print(f"running {variant}" + ("" if gpu is None else f" on GPU {gpu}") + " ...", flush=True)
+            row = run_variant(variant, args, work, gpu)
+            row["gpu_index"] = gpu
+            print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
+            if "log_tail" in row:
+                print(row["log_tail"], flush=True)
+            return row
+        finally:
+            if gpu is not None:
+                free.append(gpu)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=slots) as pool:
+        for variant, row in zip(variants, pool.map(one, variants)):
+            rows[variant] = row
+    return [rows[v] for v in variants]
+
+
+def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | None = None) -> dict:
     result = work / f"{variant}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--workdir", str(work), "--device", args.device,
            "--batch-size", str(args.batch_size), "--backend", args.backend] + (["--no-reload"] if args.no_reload else [])
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=_env(args.device), capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, env=_env(args.device, gpu), capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as exc:
         text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
         (work / f"{variant}.log").write_text(text)
@@ -236,13 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     (work / "calibration.json").write_text(json.dumps(calibration))
     build_s = time.perf_counter() - t0
     print(f"built source model in {build_s:.1f}s under {work}", flush=True)
-    rows = []
-    for variant in variants:
-        print(f"running {variant} ...", flush=True)
-        rows.append(run_variant(variant, args, work))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "log_tail"}), flush=True)
-        if "log_tail" in rows[-1]:
-            print(rows[-1]["log_tail"], flush=True)
+    jit_s = warm_gptq_extension() if args.device == "cuda" else None
+    slots = 1 if args.device == "cpu" else max(1, min(args.gpus or torch.cuda.device_count(), len(variants)))
+    rows = run_variants(variants, args, work, slots)
     stock = next((r for r in rows if r["variant"] == "stock" and "error" not in r), None)
     if stock is not None:
         import torch as _torch
@@ -265,10 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
         "build_source_s": round(build_s, 2),
+        "gptq_extension_warmup_s": jit_s,
+        "concurrent_variants": slots,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+        "gpus_visible": torch.cuda.device_count() if args.device == "cuda" else 0,
     }
     out.write_text(json.dumps({"meta": meta, "rows": rows, "markdown": table}, indent=1) + "\n")
     print(f"wrote {out}")

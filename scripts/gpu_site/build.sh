@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build a folder of the Python packages the GPU benchmarks need beyond what the GPU image has
+# (torch, transformers, safetensors, tokenizers are there), for a GPU machine without network:
+#
+#   bash scripts/gpu_site/build.sh .gpudeps/site        # here, where the package registry is reachable
+#   PYTHONPATH=$PWD/.gpudeps/site:$PWD python3 benchmarks/gptqmodel_gpu.py ...   # there
+#
+# Wheels are fetched for CPython 3.12 on x86-64 Linux (the GPU image's Python; PY=3.x to change)
+# and unpacked as they are. PyPcre, a GPTQModel requirement, ships no wheel (it compiles against
+# libpcre2), so a stand-in built on the stdlib `re` takes its place (scripts/gpu_site/pcre_stand_in.py):
+# GPTQModel uses it only to match module names against its dynamic per-module config rules.
+set -euo pipefail
+dest=${1:?usage: build.sh DEST_DIR}
+py=${PY:-3.12}
+here=$(cd "$(dirname "$0")" && pwd)
+pins=(defuser==0.0.28 logbar==0.4.15 tokenicer==0.0.14 device-smi==0.5.7
+      pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+      datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
+if [ -e "$dest" ] && [ -n "$(ls -A "$dest")" ]; then
+  echo "build.sh: $dest exists and is not empty; remove it or name another folder" >&2
+  exit 2
+fi
+wheels=$(mktemp -d)
+trap 'rm -rf "$wheels"' EXIT
+for pin in gptqmodel==7.6.0 "${pins[@]}"; do
+  # A wheel for the GPU machine's Python where one is published; else (sdist-only packages, such
+  # as GPTQModel, whose wheel built here is pure Python with no CUDA extensions) build one here.
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      --platform any -d "$wheels" "$pin" 2>/dev/null \
+    || python3 -m pip wheel -q --no-deps -w "$wheels" "$pin"
+done
+mkdir -p "$dest.partial"
+for w in "$wheels"/*.whl; do
+  python3 -m zipfile -e "$w" "$dest.partial"
+done
+mkdir -p "$dest.partial/pcre"
+cp "$here/pcre_stand_in.py" "$dest.partial/pcre/__init__.py"
+rm -rf "$dest" && mv "$dest.partial" "$dest"
+echo "wrote $dest ($(du -sh "$dest" | cut -f1))"
