@@ -26,6 +26,7 @@ from .defused import DefusedExperts
 from .errors import UnsupportedModelError
 from .dense import split_dense_mlp
 from .families import adapter_of, dense_entry_for, experts_entry_for, shared_expert_list
+from .generated import pickled_through
 from .layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class
 from .tensors import pop_tensor
 from .split_ops import (
@@ -98,7 +99,8 @@ def split_class_for(mlp_cls: type[nn.Module]) -> type[nn.Module]:
         mlp_cls.__init__(self, *args, **kwargs)
         split_dense_mlp(self, gate_first)
 
-    return type(mlp_cls.__name__, (mlp_cls,), {"__init__": __init__, "__module__": __name__, "_defuser_quant_split_of": mlp_cls})
+    body = {"__init__": __init__, "__module__": __name__, "_defuser_quant_split_of": mlp_cls}
+    return type(mlp_cls.__name__, (mlp_cls,), {**body, **pickled_through(split_class_for, mlp_cls)})
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,10 +130,8 @@ def defused_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
         self.__dict__.update({k: v for k, v in built.__dict__.items()})
 
     base = adapter.block_class
-    cls = type(f"Defused{fused_cls.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
-    # Reachable by qualified name, so models holding these blocks can be pickled (torch.save).
-    globals().setdefault(cls.__name__, cls)
-    return globals()[cls.__name__]
+    body = {"__init__": __init__, "__module__": __name__, **pickled_through(defused_class_for, fused_cls)}
+    return type(f"Defused{fused_cls.__name__}", (base,), body)
 
 
 _ACTIVE: set[type[nn.Module]] = set()

@@ -8,6 +8,7 @@ the same piece functions ``convert_model`` uses, so both paths agree by construc
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -234,6 +235,7 @@ def expert_list_converters(groups: tuple[str, ...], names: Any) -> list:
 _NEVER_MATCHES = r"(?!)"
 
 
+@functools.cache
 def _split_converter_class():
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
@@ -247,6 +249,7 @@ def _split_converter_class():
         def reverse_transform(self):
             return WeightRenaming(_NEVER_MATCHES, _NEVER_MATCHES)
 
+    SplitExpertsConverter.__qualname__ = SplitExpertsConverter.__name__  # pickled by reference: see __getattr__
     return SplitExpertsConverter
 
 
@@ -263,6 +266,7 @@ def dense_split_converters() -> list:
     ]
 
 
+@functools.cache
 def _never_reversed_renaming_class():
     from transformers.core_model_loading import WeightRenaming
 
@@ -272,7 +276,20 @@ def _never_reversed_renaming_class():
         def reverse_transform(self):
             return WeightRenaming(_NEVER_MATCHES, _NEVER_MATCHES)
 
+    LoadOnlyRenaming.__qualname__ = LoadOnlyRenaming.__name__
     return LoadOnlyRenaming
+
+
+def __getattr__(name: str) -> type:
+    """The converter classes, built on first use (importing Transformers' loading code costs ~1 s).
+
+    A loaded model keeps its conversion mapping, so these must be reachable by name for
+    ``torch.save(model)``/``pickle`` and for loading such a pickle in a fresh process.
+    """
+    lazy = {"SplitExpertsConverter": _split_converter_class, "LoadOnlyRenaming": _never_reversed_renaming_class}
+    if name in lazy:
+        return lazy[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def collapse_doubled_prefix(segment: str = "language_model") -> Any:

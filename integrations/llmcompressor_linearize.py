@@ -31,6 +31,7 @@ from torch import nn
 
 from defuser_quant import DefusedExperts, DefuserQuantError, convert_model
 from defuser_quant.defused import DefusedExpert, FusedTensorSpec, GateFunction
+from defuser_quant.generated import pickled_through
 from defuser_quant.layout import fused_tensor, is_fused_experts_class, layout_of
 from defuser_quant.naming import projection_names
 from defuser_quant.patching import defused_class_for
@@ -80,11 +81,12 @@ def linear_experts_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]
             return stock.from_experts_module(experts, config)
 
     base = defused_class_for(fused_cls)
-    return type(
-        base.__name__,
-        (base,),
-        {"from_experts_module": classmethod(from_experts_module), "__module__": __name__},
-    )
+    body = {
+        "from_experts_module": classmethod(from_experts_module),
+        "__module__": __name__,
+        **pickled_through(linear_experts_class_for, fused_cls),
+    }
+    return type(base.__name__, (base,), body)
 
 
 def _handles(key: object) -> bool:

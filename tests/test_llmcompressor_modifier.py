@@ -219,6 +219,32 @@ def test_llmcompressor_linearize_builds_defused_experts_zero_copy(tiny_dir, eval
     torch.testing.assert_close(_logits(model, eval_ids), ref, rtol=0, atol=0)
 
 
+def test_config_built_registry_blocks_pickle_into_a_fresh_process(tiny_dir, eval_ids, tmp_path):
+    """``load_quantizable_moe`` builds experts from the config with the class our registry answers;
+    that generated class pickles through its factory, so ``torch.save(model)`` loads anywhere."""
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+    from defuser_quant import convert_model
+    from defuser_quant.integrations.llmcompressor_linearize import linear_experts_class_for
+    from fresh_process import load_in_fresh_process
+
+    model = _stock(tiny_dir)
+    fused_cls = type(model.model.layers[0].mlp.experts)
+    convert_model(model)
+    ref = _logits(model, eval_ids)
+    registry_cls = LinearExperts2D._registry.get(fused_cls)
+    assert registry_cls is linear_experts_class_for(fused_cls)
+    for layer in model.model.layers:
+        built = registry_cls(model.config).to(model.dtype)  # what Transformers builds while loading
+        built.load_state_dict(layer.mlp.experts.state_dict())
+        layer.mlp.experts = built
+    torch.testing.assert_close(_logits(model, eval_ids), ref, rtol=0, atol=0)
+    torch.save(model, tmp_path / "model.pt")
+    (result,) = load_in_fresh_process([tmp_path / "model.pt"], eval_ids, tmp_path).values()
+    assert any(c.startswith("defuser_quant.integrations.llmcompressor_linearize.") for c in result["classes"]), result
+    torch.testing.assert_close(result["logits"].float(), ref, rtol=0, atol=0)
+
+
 def test_blocks_llmcompressor_linearized_itself_are_adopted(tiny_dir, eval_ids):
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
     from llmcompressor.modeling.moe.linearize import linearize_moe

@@ -136,14 +136,31 @@ def test_model_type_without_fused_experts_is_a_clear_error():
         dq.replace_fused_blocks("llama")
 
 
-def test_preload_patched_model_can_be_pickled(tmp_path):
-    import io
+def test_preload_patched_models_pickle_into_a_fresh_process(tmp_path):
+    """Generated classes (experts, split dense MLPs) pickle through their factories, so a process
+    that never patched anything loads them (torch.save / torch.load of whole models)."""
+    import copy
 
-    _, _, per_expert, _ = _checkpoints(tmp_path)
-    dq.replace_fused_blocks("qwen3_moe")
-    model = _load(per_expert)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    again = torch.load(buffer, weights_only=False)
-    assert type(again.model.layers[0].mlp.experts) is type(model.model.layers[0].mlp.experts)
+    from fresh_process import load_in_fresh_process
+    from model_zoo import build_tiny_model
+
+    ids, _, per_expert, _ = _checkpoints(tmp_path)
+    phi3, phi3_inputs = build_tiny_model("phi3")
+    phi3.save_pretrained(tmp_path / "phi3")
+    models = {}
+    for model_type, path in (("qwen3_moe", per_expert), ("phi3", tmp_path / "phi3")):
+        assert dq.replace_fused_blocks(model_type)
+        models[model_type] = _load(path)
+        dq.restore_fused_blocks(model_type)
+    assert isinstance(models["qwen3_moe"].model.layers[0].mlp.experts, dq.DefusedExperts)
+    assert hasattr(models["phi3"].model.layers[0].mlp, "gate_proj")
+    inputs = {"qwen3_moe": ids, "phi3": phi3_inputs["input_ids"]}
+    for model_type, model in models.items():
+        twin = copy.deepcopy(model)
+        assert type(twin.model.layers[0].mlp) is type(model.model.layers[0].mlp)
+        torch.save(model, tmp_path / f"{model_type}.pt")
+    for model_type, model in models.items():
+        got = load_in_fresh_process([tmp_path / f"{model_type}.pt"], inputs[model_type], tmp_path)
+        (result,) = got.values()
+        assert torch.equal(result["logits"], logits(model, inputs[model_type])), model_type
+        assert any(".patching." in c for c in result["classes"]), result["classes"]
