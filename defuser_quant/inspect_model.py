@@ -18,8 +18,6 @@ import torch
 from torch import nn
 
 from .checkpoint.meta import ExpertBlock, build_meta_model, config_dtype, load_config, scan_blocks
-from .naming import stock_loads_per_expert
-from .slicing import needs_relayout
 
 logger = logging.getLogger(__name__)
 
@@ -87,25 +85,24 @@ def _count(model: nn.Module) -> tuple[int, int]:
 
 
 def _block_info(block: ExpertBlock, element_size: int) -> BlockInfo:
-    from .defuse import pieces_fns
-
     layout, shapes, names = block.layout, block.shapes, block.names
-    roles = [names.gate, names.up] if layout.has_gate else [names.up]
-    linears = [ExpertLinear(r, (shapes.intermediate, shapes.hidden), layout.has_bias) for r in roles]
-    linears.append(ExpertLinear(names.down, (shapes.hidden, shapes.intermediate), layout.has_bias))
+    linears, relayout = [], []
+    for tensor in block.tensors:
+        slab = torch.empty(block.slab_shape(tensor), device="meta")
+        pieces = tensor.pieces(slab)
+        for (role, kind), piece in zip(tensor.leaves, pieces):
+            if kind == "weight":
+                linears.append(ExpertLinear(getattr(names, role), tuple(piece.shape), layout.has_bias))
+        if not all(p.is_contiguous() for p in pieces):
+            relayout.append(tensor.path)
     numel = sum(torch.Size(shape).numel() for shape in block.fused_shapes.values())
-    relayout = [
-        name
-        for name, pieces in pieces_fns(layout).items()
-        if needs_relayout(torch.empty(block.fused_shapes[name], device="meta"), pieces)
-    ]
     action = "defuse (zero copy: per-expert Linears are views of the fused storage)"
     if relayout:
         action = f"defuse (in-place relayout of {', '.join(relayout)}, one expert at a time; fuse_model undoes it)"
     return BlockInfo(
         path=block.path,
         class_name=block.class_name,
-        layout=layout.describe(),
+        layout=block.description,
         flags={k: getattr(layout, k) for k in ("has_gate", "has_bias", "is_transposed", "is_concatenated")},
         num_experts=shapes.num_experts,
         hidden=shapes.hidden,
@@ -120,10 +117,10 @@ def _block_info(block: ExpertBlock, element_size: int) -> BlockInfo:
 
 def _patching(model_type: str) -> dict[str, Any]:
     from .errors import DefuserQuantError
-    from .patching import fused_experts_classes
+    from .patching import fused_experts_classes, irregular_experts_classes
 
     try:
-        classes = [c.__name__ for c in fused_experts_classes(model_type)]
+        classes = [c.__name__ for c in fused_experts_classes(model_type) + irregular_experts_classes(model_type)]
     except DefuserQuantError as exc:
         return {"model_type": model_type, "patchable": False, "classes": [], "note": str(exc)}
     note = "per-expert Linears are built while from_pretrained loads (fused checkpoints are split on the way in)"
@@ -187,7 +184,7 @@ def inspect_model(model: str | Path, filter: Any = None) -> Inspection:
             info.convert_model = f"skip ({reason})"
     total_params, total_bytes = _count(meta)
     model_type = getattr(config, "model_type", "?")
-    per_expert_ok = all(stock_loads_per_expert(b.model_type, b.top_model_type) for b in blocks) if blocks else True
+    per_expert_ok = all(b.stock_per_expert for b in blocks)
     saving = (
         "save_pretrained of a defused model writes per-expert keys that stock Transformers loads"
         if per_expert_ok

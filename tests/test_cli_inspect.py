@@ -118,3 +118,27 @@ def test_subprocess(saved):
     )
     assert proc.returncode == 0, proc.stderr
     assert [b["class_name"] for b in json.loads(proc.stdout)["blocks"]] == ["GptOssExperts"] * 2
+
+
+def test_irregular_family_blocks_are_listed_with_their_own_storage(tmp_path, capsys):
+    """dbrx keeps its experts flattened in a child module: the block, its per-expert Linears, the
+    relayout, the patch and the convert plan all come from its adapter."""
+    from model_zoo import build_tiny_model
+
+    model, _ = build_tiny_model("dbrx")
+    model.save_pretrained(tmp_path / "dbrx")
+    data = inspect_json(tmp_path / "dbrx", capsys)
+    blocks = data["blocks"]
+    assert [b["path"] for b in blocks] == [f"transformer.blocks.{i}.ffn.experts" for i in range(len(blocks))]
+    block = blocks[0]
+    experts = model.transformer.blocks[0].ffn.experts
+    inter, hidden = experts.mlp.ffn_hidden_size, experts.mlp.hidden_size
+    assert block["layout"] == "flattened w1/v1/w2 [E*I,H]"
+    assert block["fused_tensors"] == {n: [experts.num_experts * inter, hidden] for n in ("mlp.w1", "mlp.v1", "mlp.w2")}
+    assert [(x["name"], x["shape"]) for x in block["per_expert"]] == [
+        ("gate_proj", [inter, hidden]), ("up_proj", [inter, hidden]), ("down_proj", [hidden, inter])]
+    assert "relayout of mlp.w2" in block["convert_model"]
+    assert data["irregular"] and data["irregular"][0]["class"] == "DbrxExperts"
+    assert data["replace_fused_blocks"]["classes"] == ["DbrxExperts"]
+    assert "only fused" in data["saving"]
+    assert data["checkpoint"]["convert"]["per-expert"] == f"split {len(blocks)} block(s): {3 * len(blocks)} tensors -> {3 * experts.num_experts * len(blocks)}"

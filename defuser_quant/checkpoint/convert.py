@@ -22,11 +22,14 @@ ProgressFn = Callable[[ProgressUpdate], None]
 
 
 def _check_accounting(infos: dict[str, TensorInfo], plan: ConversionPlan) -> None:
-    """Fusing and splitting move bytes, never create or drop them."""
+    """Fusing and splitting move bytes, never create or drop them (except the unused slabs of
+    identity experts, which splitting drops and fusing writes as zeros)."""
     bytes_in = sum(i.nbytes for i in infos.values())
     bytes_out = sum(t.nbytes for t in plan.tensors)
+    unused_delta = sum(b.nbytes_out - b.nbytes for b in plan.blocks if b.unused_slabs)
     expected = len(infos) + sum(b.tensors_out - b.tensors_in for b in plan.blocks)
-    if bytes_in != bytes_out or len(plan.tensors) != expected:
+    moved = all(b.nbytes_out == b.nbytes for b in plan.blocks if not b.unused_slabs and b.found != "missing")
+    if bytes_in + unused_delta != bytes_out or len(plan.tensors) != expected or not moved:
         raise CheckpointError(
             f"plan does not add up: {len(infos)} tensors / {bytes_in} bytes in, "
             f"{len(plan.tensors)} tensors / {bytes_out} bytes out (expected {expected} tensors)"
@@ -35,13 +38,17 @@ def _check_accounting(infos: dict[str, TensorInfo], plan: ConversionPlan) -> Non
 
 def _warnings(plan: ConversionPlan, to: str, model_type: str) -> list[str]:
     out = []
-    missing = [b.path for b in plan.blocks if b.found == "missing"]
-    if missing:
-        out.append(f"{len(missing)} experts block(s) have no tensors in the checkpoint (e.g. {missing[0]})")
     if plan.unmatched:
         out.append(
             f"{len(plan.unmatched)} expert-like tensors match no block of the model and are copied as is "
             f"(e.g. {plan.unmatched[0]})"
+        )
+    padded = [b for b in plan.blocks if b.unused_slabs and b.action in ("merged", "split")]
+    if padded:
+        what = "dropped" if to == "per-expert" else "written as zeros"
+        out.append(
+            f"{padded[0].class_name}: {sum(b.unused_slabs for b in padded)} fused slabs that no expert uses "
+            f"(identity experts) are {what}"
         )
     if to == "per-expert" and not all(b.stock_loadable for b in plan.blocks):
         out.append(
@@ -114,17 +121,21 @@ def convert_checkpoint(
     scan = scan_blocks(model)
     blocks = scan.blocks
     model_type = getattr(config, "model_type", "?")
-    if not blocks and not scan.irregular:
-        raise CheckpointError(f"{type(model).__name__} ({model_type}) has no fused experts blocks: nothing to convert")
     if not blocks:
-        raise CheckpointError(
-            f"{type(model).__name__} ({model_type}) stores its experts in a family-specific layout "
-            f"({scan.irregular[0][1]}) that convert does not handle yet"
-        )
+        raise CheckpointError(f"{type(model).__name__} ({model_type}) has no fused experts blocks: nothing to convert")
     files = shard_files(src)
     infos = read_headers(src, files)
     plan = plan_conversion(infos, model, blocks, to)
     del model
+    missing = [b for b in plan.blocks if b.found == "missing"]
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} of {len(plan.blocks)} experts block(s) have no tensors convert recognises in {src} "
+            f"(e.g. {missing[0].path}, {missing[0].class_name}): the checkpoint stores them in a format that "
+            "Transformers converts only while loading (step3p7, for one, stacks gate/up/down per projection). "
+            "Load the model and save it with save_pretrained(dir, save_original_format=False) for the fused "
+            "layout, then convert that"
+        )
     _check_accounting(infos, plan)
     shards = layout_shards(plan.tensors, limit)
     names = shard_names(len(shards))
@@ -134,11 +145,6 @@ def convert_checkpoint(
         bytes_in=sum(i.nbytes for i in infos.values()), bytes_out=sum(t.nbytes for t in plan.tensors),
         shards_in=len(files), shards_out=len(shards), unmatched=plan.unmatched, warnings=_warnings(plan, to, model_type),
     )
-    if scan.irregular:
-        report.warnings.append(
-            f"{len(scan.irregular)} block(s) of {scan.irregular[0][1]} have a family-specific layout convert does not "
-            "handle yet; their tensors are copied as they are"
-        )
     for warning in report.warnings:
         logger.warning(warning)
     on_update, close_bar = _progress_fn(progress, len(plan.tensors))

@@ -19,6 +19,7 @@ from torch import nn
 from ..defused import DefusedExperts
 from ..layout import ExpertLayout, ExpertShapes
 from ..naming import ProjectionNames
+from ..tensors import FusedTensor
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -35,12 +36,28 @@ class ExpertBlock:
     names: ProjectionNames
     model_type: str | None
     top_model_type: str | None
-    fused_shapes: dict[str, tuple[int, ...]]  # fused tensor name -> native shape
+    tensors: tuple[FusedTensor, ...]  # the block's fused tensors and their per-expert pieces
+    fused_shapes: dict[str, tuple[int, ...]]  # fused tensor path -> stored shape
+    description: str = ""  # the layout in words (the adapter's)
+    family: str | None = None  # an irregular family's name (families.py); None for standard layouts
+    stock_per_expert: bool = True  # stock Transformers loads this block's per-expert checkpoint
 
     @property
     def leaf(self) -> str:
         """Attribute name of the block in its parent (usually ``experts``)."""
         return self.path.rpartition(".")[2]
+
+    def slab_shape(self, tensor: FusedTensor) -> tuple[int, ...]:
+        """One expert's slab of ``tensor`` (``[2I, H]``; dbrx's flattened ``[E*I, H]`` -> ``[I, H]``)."""
+        return tuple(tensor.slab_shape) if tensor.slab_shape is not None else self.fused_shapes[tensor.path][1:]
+
+    def slab_count(self, tensor: FusedTensor) -> int:
+        """Slabs stored in ``tensor`` (longcat_flash: routed plus identity experts)."""
+        return torch.Size(self.fused_shapes[tensor.path]).numel() // max(torch.Size(self.slab_shape(tensor)).numel(), 1)
+
+    def experts_in(self, tensor: FusedTensor) -> int:
+        """Slabs of ``tensor`` that hold an expert's weights (the rest are unused padding)."""
+        return tensor.carved_experts if tensor.carved_experts is not None else self.slab_count(tensor)
 
 
 def load_config(model: str | Path, *, local_only: bool = False) -> Any:
@@ -108,33 +125,28 @@ class BlockScan:
     """Fused experts blocks of a meta model, as ``convert_model`` would plan them."""
 
     blocks: list[ExpertBlock]
-    irregular: list[tuple[str, str]]  # (path, class name): family-specific storage, see families.py
     report: Any  # the ConversionReport of the planning (``skipped`` says what a filter excludes)
 
-
-def _standard_storage(plan: Any) -> bool:
-    """True when a planned block stores the standard fused tensors (``gate_up_proj``/``down_proj``
-    named and sliced as its ``ExpertLayout`` says); irregular families bring their own."""
-    adapter = getattr(plan, "adapter", None)
-    if adapter is None:
-        return True
-    return getattr(type(adapter).tensors, "__qualname__", "") == "StandardAdapter.tensors"
+    @property
+    def irregular(self) -> list[tuple[str, str]]:
+        """(path, class name) of the blocks with a family-specific storage (families.py)."""
+        return [(b.path, b.class_name) for b in self.blocks if b.family]
 
 
 def scan_blocks(model: nn.Module, filter: Any = None) -> BlockScan:
     """Fused experts blocks ``convert_model(model, filter)`` would defuse, from the core's planner."""
     from ..defuse import plan_conversion
     from ..filters import FilterRules
-    from ..layout import fused_tensor
+    from ..naming import stock_loads_per_expert
     from ..report import ConversionReport
+    from ..tensors import get_tensor
 
     report = ConversionReport()
     plans = plan_conversion(model, FilterRules.parse(filter), None, report)
-    blocks, irregular = [], []
+    blocks = []
     for plan in plans:
-        if not _standard_storage(plan):
-            irregular.append((plan.path, type(plan.module).__name__))
-            continue
+        adapter = plan.adapter
+        tensors = tuple(adapter.tensors(plan.module, plan.layout))
         blocks.append(
             ExpertBlock(
                 path=plan.path,
@@ -144,10 +156,15 @@ def scan_blocks(model: nn.Module, filter: Any = None) -> BlockScan:
                 names=plan.names,
                 model_type=plan.model_type,
                 top_model_type=plan.top_model_type,
-                fused_shapes={n: tuple(fused_tensor(plan.module, n).shape) for n in plan.layout.fused_names},
+                tensors=tensors,
+                fused_shapes={t.path: tuple(get_tensor(plan.module, t.path).shape) for t in tensors},
+                description=adapter.describe(plan.layout),
+                family=adapter.family or None,
+                stock_per_expert=adapter.stock_per_expert
+                and stock_loads_per_expert(plan.model_type, plan.top_model_type),
             )
         )
-    return BlockScan(blocks, irregular, report)
+    return BlockScan(blocks, report)
 
 
 def read_json(path: Path) -> dict[str, Any]:

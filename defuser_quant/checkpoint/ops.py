@@ -32,12 +32,19 @@ class SlabCache:
         self.size = size
         self._slabs: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
 
-    def slab(self, reader: SourceReader, info: TensorInfo, expert: int, transposed: bool) -> torch.Tensor:
+    def slab(
+        self, reader: SourceReader, info: TensorInfo, expert: int, transposed: bool, slab_shape: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """Expert ``expert``'s slab of ``info`` (``slab_shape`` views a flattened ``[E*I, H]`` tensor)."""
         key = (info.name, expert)
         if key in self._slabs:
             self._slabs.move_to_end(key)
             return self._slabs[key]
-        slab = reader.rows(info, expert, expert + 1)[0]
+        if transposed or slab_shape is None:
+            slab = reader.rows(info, expert, expert + 1)[0]
+        else:
+            per_slab = torch.Size(slab_shape).numel() // max(torch.Size(info.shape[1:]).numel(), 1)
+            slab = reader.rows(info, expert * per_slab, (expert + 1) * per_slab).reshape(slab_shape)
         if transposed:
             slab = slab.transpose(0, 1)  # stored [in, out]-swapped: back to the native orientation
         self._slabs[key] = slab
@@ -85,6 +92,7 @@ class Merge:
     slab_shape: tuple[int, ...]
     pieces: PiecesFn = field(compare=False)
     packed: bool = False
+    padding: int = 0  # zero slabs after the experts' (longcat_flash's unused identity-expert slabs)
 
     def write_to(self, fd: int, reader: SourceReader, cache: SlabCache) -> int:
         written = 0
@@ -97,6 +105,11 @@ class Merge:
             for chunk in self._slabs(expert_sources, reader):
                 written += _write_tensor(fd, chunk)
             reader.maybe_release()
+        if self.padding:
+            dtype = reader.tensor(self.sources[0][0]).dtype
+            zeros = torch.zeros(self.slab_shape, dtype=dtype)
+            for _ in range(self.padding):
+                written += _write_tensor(fd, zeros)
         return written
 
     def _slabs(self, expert_sources: tuple[TensorInfo, ...], reader: SourceReader) -> Iterator[torch.Tensor]:
@@ -115,12 +128,13 @@ class Split:
     pieces: PiecesFn = field(compare=False)
     transposed: bool = False
     span: tuple[int, int] | None = None  # (byte offset in the source file, byte count) when contiguous
+    slab_shape: tuple[int, ...] | None = None  # one expert's slab (a flattened source is viewed so)
 
     def write_to(self, fd: int, reader: SourceReader, cache: SlabCache) -> int:
         if self.span is not None:
             copy_range(reader.fd(self.source.file), fd, *self.span)
             return self.span[1]
-        slab = cache.slab(reader, self.source, self.expert, self.transposed)
+        slab = cache.slab(reader, self.source, self.expert, self.transposed, self.slab_shape)
         written = _write_tensor(fd, self.pieces(slab)[self.piece])
         reader.maybe_release()
         return written

@@ -21,8 +21,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..naming import DEFAULT_NAMES, UNGATED_DEFAULT_NAMES, ProjectionNames, stock_loads_per_expert
-from ..slicing import PiecesFn, down_pieces, in_bias_pieces, in_proj_pieces, whole_slab
+from ..naming import DEFAULT_NAMES, UNGATED_DEFAULT_NAMES, ProjectionNames
+from ..slicing import PiecesFn
+from ..tensors import FusedTensor
 from .errors import CheckpointError
 from .meta import ExpertBlock
 from .ops import Copy, Merge, Op, Split, piece_spans, pieces_are_packed
@@ -65,8 +66,10 @@ class BlockAction:
     action: str  # "merged" | "split" | "kept" | "missing"
     tensors_in: int = 0
     tensors_out: int = 0
-    nbytes: int = 0
+    nbytes: int = 0  # of the block's tensors in the source
+    nbytes_out: int = 0  # of the block's tensors in the output
     stock_loadable: bool = True  # False: per-expert output that stock Transformers does not load
+    unused_slabs: int = 0  # fused slabs no expert reads (identity experts) dropped by a split, zero-filled by a merge
 
 
 @dataclass
@@ -83,20 +86,9 @@ class _DiskBlock:
     fused: dict[str, TensorInfo] = field(default_factory=dict)
 
 
-def _groups(block: ExpertBlock, names: ProjectionNames) -> list[tuple[str, list[tuple[str, str]], PiecesFn]]:
-    """(fused tensor name, [(per-expert projection, weight|bias)], piece function) of a block."""
-    layout = block.layout
-    roles = [names.gate, names.up] if layout.has_gate else [names.up]
-    groups = [
-        (layout.in_proj, [(r, "weight") for r in roles], in_proj_pieces(layout)),
-        ("down_proj", [(names.down, "weight")], down_pieces(layout)),
-    ]
-    if layout.has_bias:
-        groups += [
-            (f"{layout.in_proj}_bias", [(r, "bias") for r in roles], in_bias_pieces(layout)),
-            ("down_proj_bias", [(names.down, "bias")], whole_slab),
-        ]
-    return groups
+def _groups(block: ExpertBlock, names: ProjectionNames) -> list[tuple[FusedTensor, list[tuple[str, str]]]]:
+    """Each fused tensor of a block with its [(per-expert projection, weight|bias)] pieces."""
+    return [(t, [(getattr(names, role), kind) for role, kind in t.leaves]) for t in block.tensors]
 
 
 def _piece_shapes(pieces: PiecesFn, slab_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -145,7 +137,7 @@ class PathResolver:
 
 def _key_patterns(blocks: list[ExpertBlock]) -> tuple[re.Pattern, re.Pattern]:
     leaves = "|".join(sorted({re.escape(b.leaf) for b in blocks}))
-    fused = "|".join(sorted({re.escape(n) for b in blocks for n in b.layout.fused_names}, key=len, reverse=True))
+    fused = "|".join(sorted({re.escape(t.path) for b in blocks for t in b.tensors}, key=len, reverse=True))
     per_expert = re.compile(rf"^(?P<block>(?:.*\.)?(?:{leaves}))\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.(?P<kind>[^.]+)$")
     fused_re = re.compile(rf"^(?P<block>(?:.*\.)?(?:{leaves}))\.(?P<name>{fused})$")
     return per_expert, fused_re
@@ -192,6 +184,12 @@ def _names_on_disk(block: ExpertBlock, disk: _DiskBlock) -> ProjectionNames:
     )
 
 
+def _has_slab(disk: _DiskBlock, expert: int, roles: list[tuple[str, str]]) -> bool:
+    """True when the checkpoint stores slab ``expert`` per expert (stock longcat_flash saves the
+    identity experts' unused ``gate_up_proj`` slabs as ``experts.<e>.gate_proj``/``up_proj`` too)."""
+    return any((expert, proj, kind) in disk.per_expert for proj, kind in roles)
+
+
 def _plan_merge(block: ExpertBlock, disk: _DiskBlock) -> list[PlannedTensor]:
     kinds = sorted({k for _, _, k in disk.per_expert} - {"weight", "bias"})
     if kinds:
@@ -200,20 +198,23 @@ def _plan_merge(block: ExpertBlock, disk: _DiskBlock) -> list[PlannedTensor]:
             "unquantized weights and biases only"
         )
     names = _names_on_disk(block, disk)
-    num = block.shapes.num_experts
     out = []
     seen = set()
-    for fused_name, roles, pieces in _groups(block, names):
-        slab_shape = block.fused_shapes[fused_name][1:]
-        expected = _piece_shapes(pieces, slab_shape)
+    for tensor, roles in _groups(block, names):
+        slab_shape = block.slab_shape(tensor)
+        expected = _piece_shapes(tensor.pieces, slab_shape)
         rows = []
-        for e in range(num):
+        for e in range(block.slab_count(tensor)):
+            if e >= block.experts_in(tensor) and not _has_slab(disk, e, roles):
+                break  # unused slabs (identity experts) not stored per expert: written as zeros
             row = []
             for (proj, kind), shape in zip(roles, expected):
                 key = (e, proj, kind)
                 info = disk.per_expert.get(key)
                 if info is None:
-                    raise CheckpointError(f"{disk.prefix}.{e}.{proj}.{kind} is missing ({num} experts expected)")
+                    raise CheckpointError(
+                        f"{disk.prefix}.{e}.{proj}.{kind} is missing ({block.experts_in(tensor)} experts expected)"
+                    )
                 if info.shape != shape:
                     raise CheckpointError(f"{info.name} has shape {list(info.shape)}, expected {list(shape)}")
                 seen.add(key)
@@ -221,14 +222,15 @@ def _plan_merge(block: ExpertBlock, disk: _DiskBlock) -> list[PlannedTensor]:
             rows.append(tuple(row))
         dtypes = {info.dtype for row in rows for info in row}
         if len(dtypes) != 1:
-            raise CheckpointError(f"{disk.prefix}: per-expert {fused_name} pieces mix dtypes {sorted(dtypes)}")
-        op = Merge(tuple(rows), slab_shape, pieces, pieces_are_packed(pieces, slab_shape))
-        out.append(PlannedTensor(f"{disk.prefix}.{fused_name}", dtypes.pop(), (num, *slab_shape), op))
+            raise CheckpointError(f"{disk.prefix}: per-expert {tensor.path} pieces mix dtypes {sorted(dtypes)}")
+        padding = block.slab_count(tensor) - len(rows)  # unused slabs (longcat_flash's identity experts): zeros
+        op = Merge(tuple(rows), slab_shape, tensor.pieces, pieces_are_packed(tensor.pieces, slab_shape), padding)
+        out.append(PlannedTensor(f"{disk.prefix}.{tensor.path}", dtypes.pop(), block.fused_shapes[tensor.path], op))
     extra = sorted(set(disk.per_expert) - seen)
     if extra:
         e, proj, kind = extra[0]
         raise CheckpointError(
-            f"{disk.prefix}.{e}.{proj}.{kind} does not belong to {block.class_name} ({block.layout.describe()})"
+            f"{disk.prefix}.{e}.{proj}.{kind} does not belong to {block.class_name} ({block.description})"
         )
     return out
 
@@ -245,27 +247,25 @@ def _orientation(info: TensorInfo, native: tuple[int, ...]) -> bool:
 
 
 def _plan_split(block: ExpertBlock, disk: _DiskBlock) -> list[PlannedTensor]:
-    extra = sorted(set(disk.fused) - set(block.layout.fused_names))
+    extra = sorted(set(disk.fused) - {t.path for t in block.tensors})
     if extra:
-        raise CheckpointError(
-            f"{disk.prefix}.{extra[0]} does not belong to {block.class_name} ({block.layout.describe()})"
-        )
+        raise CheckpointError(f"{disk.prefix}.{extra[0]} does not belong to {block.class_name} ({block.description})")
     out = []
-    for fused_name, roles, pieces in _groups(block, block.names):
-        info = disk.fused.get(fused_name)
+    for tensor, roles in _groups(block, block.names):
+        info = disk.fused.get(tensor.path)
         if info is None:
-            raise CheckpointError(f"{disk.prefix}.{fused_name} is missing")
-        native = block.fused_shapes[fused_name]
-        transposed = _orientation(info, native)
-        shapes = _piece_shapes(pieces, native[1:])
-        spans = piece_spans(pieces, native[1:]) if not transposed else [None] * len(roles)
+            raise CheckpointError(f"{disk.prefix}.{tensor.path} is missing")
+        transposed = _orientation(info, block.fused_shapes[tensor.path])
+        slab_shape = block.slab_shape(tensor)
+        shapes = _piece_shapes(tensor.pieces, slab_shape)
+        spans = piece_spans(tensor.pieces, slab_shape) if not transposed else [None] * len(roles)
         itemsize = DTYPE_SIZES[info.dtype]
-        slab_bytes = torch.Size(native[1:]).numel() * itemsize
-        for e in range(native[0]):
+        slab_bytes = torch.Size(slab_shape).numel() * itemsize
+        for e in range(block.experts_in(tensor)):
             for k, ((proj, kind), shape) in enumerate(zip(roles, shapes)):
                 span = spans[k]
                 where = None if span is None else (info.offset + e * slab_bytes + span[0] * itemsize, span[1] * itemsize)
-                op = Split(info, e, k, pieces, transposed, where)
+                op = Split(info, e, k, tensor.pieces, transposed, where, slab_shape)
                 out.append(PlannedTensor(f"{disk.prefix}.{e}.{proj}.{kind}", info.dtype, shape, op))
     return out
 
@@ -292,7 +292,7 @@ def plan_conversion(
     actions = []
     for block in blocks:
         disk = found.get(block.path)
-        action = BlockAction(block.path, disk.prefix if disk else "", block.class_name, block.layout.describe(),
+        action = BlockAction(block.path, disk.prefix if disk else "", block.class_name, block.description,
                              block.shapes.num_experts, "missing", "missing")
         actions.append(action)
         if disk is None:
@@ -311,9 +311,14 @@ def plan_conversion(
             produced, action.action = _plan_merge(block, disk), "merged"
         else:
             produced, action.action = _plan_split(block, disk), "split"
+        if action.action == "split":
+            action.unused_slabs = sum(block.slab_count(t) - block.experts_in(t) for t in block.tensors)
+        elif action.action == "merged":
+            action.unused_slabs = sum(t.op.padding for t in produced)
         action.tensors_out = len(produced)
+        action.nbytes_out = sum(t.nbytes for t in produced)
         if to == "per-expert":
-            action.stock_loadable = stock_loads_per_expert(block.model_type, block.top_model_type)
+            action.stock_loadable = block.stock_per_expert
         tensors += produced
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
