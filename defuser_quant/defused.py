@@ -115,29 +115,6 @@ class FusedTensorSpec:
 ExpertsForward = Callable[["DefusedExperts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def expert_groups(top_k_index: torch.Tensor, num_classes: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """``(expert, token indices, top-k positions)`` for every expert below ``num_classes`` that has
-    tokens, in expert order: the selections the fused eager loop makes, found with one sort.
-
-    The eager loop's ``torch.where`` per expert waits for the device once per expert; this waits
-    once per call (a GPU forward of 128 experts spends most of its time in those waits). Inside an
-    expert the tokens come in ascending order; each token is selected at most once per expert, so
-    the ``index_add_`` that accumulates the outputs adds the same values in the same expert order.
-    Indices ``>= num_classes`` (sentinels, weightless experts) are left out.
-    """
-    top_k = top_k_index.shape[-1]
-    flat = top_k_index.reshape(-1)
-    with torch.no_grad():
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=num_classes)[:num_classes].tolist()
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            chosen = order[start : start + count]
-            yield expert, chosen // top_k, chosen % top_k
-        start += count
-
-
 class DefusedExperts(nn.Module):
     """Numbered ``DefusedExpert`` children replacing one fused experts module.
 
@@ -249,7 +226,12 @@ class DefusedExperts(nn.Module):
     ) -> torch.Tensor:
         """Top-k routed forward, operation for operation the fused eager loop."""
         final_hidden_states = self.new_output(hidden_states)
-        for expert_idx, token_idx, top_k_pos in expert_groups(top_k_index, self.num_experts):
+        with torch.no_grad():
+            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts)
+            expert_mask = expert_mask.permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit.flatten().tolist():
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
             current = self[expert_idx](hidden_states[token_idx])
             current = current * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))

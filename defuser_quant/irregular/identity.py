@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..defused import DefusedExperts, expert_groups
+from ..defused import DefusedExperts
 from ..layout import ExpertLayout, ExpertShapes
 from ..tensors import FusedTensor, layout_tensors
 from .base import StandardAdapter, require
@@ -32,7 +32,12 @@ class IdentityExpertsBlock(DefusedExperts):
         final_hidden_states = torch.zeros_like(hidden_states)
         if top_k_index.numel() == 0:
             return final_hidden_states
-        for expert_idx, token_idx, selection_idx in expert_groups(top_k_index, self.total_experts):
+        expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.total_experts).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero(as_tuple=False)
+        for expert_idx in expert_hit.flatten().tolist():
+            selection_idx, token_idx = torch.where(expert_mask[expert_idx].squeeze(0))
+            if token_idx.numel() == 0:
+                continue
             current = hidden_states[token_idx]
             if expert_idx < self.num_experts:
                 current = self[expert_idx](current)
