@@ -23,7 +23,7 @@ from .errors import (
 )
 from .filters import FilterRules
 from .fuse import fuse_model, temporarily_fused
-from .inspect import find_fused_blocks
+from .discovery import find_fused_blocks
 from .layout import ExpertLayout, is_fused_experts_class, layout_of
 from .patching import replace_fused_blocks, restore_fused_blocks
 from .report import BlockRecord, ConversionReport
