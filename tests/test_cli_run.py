@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 
 from defuser_quant.cli import main
-from defuser_quant.cli_run import DEFAULT_JOB
+from defuser_quant.cli.run import DEFAULT_JOB
 from defuser_quant.jobs.config import JobConfigError, load_job_config, parse_job_config
 
 REPO = Path(__file__).resolve().parents[1]

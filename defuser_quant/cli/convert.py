@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .cli_console import stdout_console
+from .console import stdout_console
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def run_convert(args: argparse.Namespace) -> int:
     (``main`` prints it and exits with 2)."""
     from rich.console import Console
 
-    from .checkpoint import convert_checkpoint
+    from ..checkpoint import convert_checkpoint
 
     out, err = stdout_console(), Console(stderr=True)
     show = not args.json and err.is_terminal

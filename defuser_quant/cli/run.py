@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_JOB = Path(__file__).resolve().parent / "jobs" / "default.yaml"
+DEFAULT_JOB = Path(__file__).resolve().parents[1] / "jobs" / "default.yaml"
 
 
 def _parse_set(values: list[str]) -> dict:
@@ -21,8 +21,8 @@ def _parse_set(values: list[str]) -> dict:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from .jobs.config import load_job_config
-    from .jobs.runner import run_job
+    from ..jobs.config import load_job_config
+    from ..jobs.runner import run_job
 
     overrides = _parse_set(args.set)
     if args.output:

@@ -1,6 +1,6 @@
 """Command line entry point: ``defuser-quant run|demo|convert|inspect``.
 
-Each subcommand lives in its own ``cli_<name>`` module exposing ``add_parser(subparsers)``,
+Each subcommand lives in its own module of this package exposing ``add_parser(subparsers)``,
 which registers the parser and sets ``handler`` (``args -> exit code``).
 """
 
@@ -12,9 +12,9 @@ import logging
 import os
 import sys
 
-from .errors import DefuserQuantError
+from ..errors import DefuserQuantError
 
-SUBCOMMAND_MODULES = ["cli_run", "cli_demo", "cli_convert", "cli_inspect"]
+SUBCOMMAND_MODULES = ["run", "demo", "convert", "inspect"]
 
 
 def build_parser() -> argparse.ArgumentParser:
