@@ -20,6 +20,7 @@ def pickled_through(factory: Callable[[Any], type], key: Any) -> dict[str, Any]:
     """Class-body entries that make instances of ``factory(key)`` pickle and deep-copy through it."""
 
     def __reduce_ex__(self: Any, protocol: int) -> tuple:
-        return _new_instance, (factory, key), self.__getstate__()
+        getstate = getattr(self, "__getstate__", None)  # nn.Module has one; plain objects only from 3.11
+        return _new_instance, (factory, key), getstate() if getstate is not None else dict(self.__dict__)
 
     return {"__reduce_ex__": __reduce_ex__}
