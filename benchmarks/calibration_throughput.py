@@ -13,7 +13,7 @@ Each row reports tokens/second (median of ``--repeats`` passes after one warm-up
 timed round-robin), the ratio to fused eager, forced tokens per pass, and whether the logits
 equal the defused model's (``torch.equal``). Prints a markdown table and writes JSON.
 
-Needs the package installed (``pip install -e .``; ``--no-deps --no-build-isolation`` offline).
+Runs with the package installed (``pip install -e .``) or from a source checkout on ``PYTHONPATH``.
 
     .venv/bin/python benchmarks/calibration_throughput.py --threads 1        # CPU, < 1 min on 2 cores
     .venv/bin/python benchmarks/calibration_throughput.py --device cuda --experts 128 --top-k 8 \\
@@ -121,6 +121,12 @@ def measure_all(rows_spec: list, batches: list[torch.Tensor], repeats: int) -> l
 def main(argv: list[str] | None = None) -> dict:
     import transformers
 
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from _source import use_source_checkout
+
+    use_source_checkout()  # a plain checkout on PYTHONPATH works too (the GPU machine's case)
     from defuser_quant import convert_model
     from defuser_quant.calibration import CoverageTracker, routing_mode
 

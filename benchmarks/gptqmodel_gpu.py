@@ -94,25 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _source_checkout() -> None:
-    """Map ``calibration/`` and ``integrations/`` into ``defuser_quant`` when not pip-installed."""
-    import importlib
-    import importlib.util
-
-    import defuser_quant
-
-    for sub in ("calibration", "integrations"):
-        name = f"defuser_quant.{sub}"
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError:
-            spec = importlib.util.spec_from_file_location(name, ROOT / sub / "__init__.py", submodule_search_locations=[str(ROOT / sub)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-            setattr(defuser_quant, sub, module)
-
-
 def _env(device: str, gpu: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     if gpu is not None:
@@ -333,7 +314,10 @@ def worker(args: argparse.Namespace) -> int:
 
     backend = BACKEND(args.backend)
     if variant != "stock":
-        _source_checkout()
+        sys.path.insert(0, str(HERE))
+        from _source import use_source_checkout
+
+        use_source_checkout()
         from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
 
         install()

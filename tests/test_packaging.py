@@ -63,3 +63,33 @@ def test_every_source_file_compiles_without_warnings():
                 compile(path.read_text(encoding="utf-8"), str(path), "exec")
             checked += 1
     assert checked > 50
+
+
+def test_benchmarks_map_the_subpackages_in_a_plain_source_checkout(tmp_path):
+    """On a machine where the package is not installed (the GPU machine), ``PYTHONPATH=.`` plus
+    ``benchmarks/_source.py`` gives ``defuser_quant.calibration`` and ``.integrations``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "sys.path_hooks[:] = [h for h in sys.path_hooks if 'editable' not in repr(h).lower()]\n"
+        f"sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'benchmarks')!r})\n"
+        "import defuser_quant\n"
+        "try:\n"
+        "    import defuser_quant.calibration\n"
+        "    print('importable before')\n"
+        "except ModuleNotFoundError:\n"
+        "    print('missing before')\n"
+        "from _source import use_source_checkout\n"
+        "use_source_checkout()\n"
+        "from defuser_quant.calibration import routing_mode\n"
+        "from defuser_quant.integrations.gptqmodel import install\n"
+        "print(defuser_quant.calibration.__file__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split()
+    assert lines[0] == "missing", out.stdout  # the check means something: nothing mapped it before
+    assert lines[-1] == str(REPO / "calibration" / "__init__.py")
