@@ -162,7 +162,6 @@ def warm_gptq_extension() -> float | None:
 def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slots: int) -> list[dict]:
     """Each variant in its own process; ``slots`` of them at a time, slot i on GPU i."""
     free = list(range(slots))
-    rows: dict[str, dict] = {}
 
     def one(variant: str) -> dict:
         gpu = free.pop(0) if slots > 1 else None
@@ -179,9 +178,7 @@ def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slot
                 free.append(gpu)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=slots) as pool:
-        for variant, row in zip(variants, pool.map(one, variants)):
-            rows[variant] = row
-    return [rows[v] for v in variants]
+        return list(pool.map(one, variants))
 
 
 def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | None = None) -> dict:
