@@ -948,6 +948,19 @@ def _build_forward_capable(model_type: str, cfg, kwargs: dict) -> nn.Module:
     raise RuntimeError(f"{model_type}: neither the top-level class nor a sub-config class has a forward")
 
 
+def run_main_output(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The model's main output (logits, else the last hidden state) for ``inputs``, seeded: some
+    families sample in forward (diffusion_gemma's noise)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model(**inputs)
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return out[0]
+
+
 def build_tiny_model(model_type: str, seed: int = 0, experts_implementation: str = "eager"):
     """Build the tiny random ``model_type`` model in eval mode; return ``(model, inputs)``.
 

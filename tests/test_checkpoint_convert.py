@@ -322,15 +322,9 @@ def test_cli_convert_main_and_subprocess(qwen: Family, tmp_path, capsys):
 
 # ----- families with a family-specific storage (defuser_quant/irregular) ----------------------
 
-from model_zoo import build_tiny_model, irregular_model_types  # noqa: E402
+from model_zoo import build_tiny_model, irregular_model_types, run_main_output  # noqa: E402
 
 IRREGULAR = irregular_model_types()
-
-
-def _model_out(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 @pytest.mark.parametrize("model_type", IRREGULAR)
@@ -340,7 +334,7 @@ def test_irregular_family_round_trip(model_type, tmp_path):
     Transformers loads with the same output. The family's own save format converts too, or is
     refused with the way out."""
     model, inputs = build_tiny_model(model_type)
-    ref = _model_out(model, inputs)
+    ref = run_main_output(model, inputs)
     model.save_pretrained(tmp_path / "fused_save", save_original_format=False)
     model.save_pretrained(tmp_path / "stock")
     fused_save = tensors_of(tmp_path / "fused_save")
@@ -360,7 +354,7 @@ def test_irregular_family_round_trip(model_type, tmp_path):
     finally:
         dq.restore_fused_blocks(model_type_on_disk)
     assert all(b.defused for b in dq.find_fused_blocks(loaded))
-    torch.testing.assert_close(_model_out(loaded, inputs), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run_main_output(loaded, inputs), ref, rtol=1e-5, atol=1e-6)
 
     back = convert_checkpoint(tmp_path / "per_expert", tmp_path / "fused", to="fused")
     assert all(b.action == "merged" for b in back.blocks)
@@ -375,7 +369,7 @@ def test_irregular_family_round_trip(model_type, tmp_path):
     else:
         assert not differ, differ[:3]
     reloaded = model.__class__.from_pretrained(tmp_path / "fused", experts_implementation="eager").eval()
-    torch.testing.assert_close(_model_out(reloaded, inputs), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run_main_output(reloaded, inputs), ref, rtol=1e-5, atol=1e-6)
 
     # The family's own format (what a plain save_pretrained writes).
     try:
@@ -389,4 +383,4 @@ def test_irregular_family_round_trip(model_type, tmp_path):
             assert not any("no expert uses" in w for w in own.warnings), own.warnings
             assert_same_tensors(tensors_of(tmp_path / "own_fused"), fused_save)
         reloaded = model.__class__.from_pretrained(tmp_path / "own_fused", experts_implementation="eager").eval()
-        torch.testing.assert_close(_model_out(reloaded, inputs), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(run_main_output(reloaded, inputs), ref, rtol=1e-5, atol=1e-6)

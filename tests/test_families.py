@@ -15,6 +15,7 @@ import torch
 
 import defuser_quant as dq
 from model_zoo import (
+    run_main_output,
     KNOWN_UNBUILDABLE,
     build_tiny_model,
     dense_mlp_model_types,
@@ -35,25 +36,12 @@ PRELOAD_EXCEPTIONS: dict[tuple[str, str], str] = {
 }
 
 
-def _main_output(out) -> torch.Tensor:
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(out, name, None)
-        if value is not None:
-            return value
-    return out[0]
-
-
-def _run(model, inputs) -> torch.Tensor:
-    torch.manual_seed(0)  # some families sample in forward (diffusion_gemma's noise)
-    with torch.no_grad():
-        return _main_output(model(**inputs))
-
-
-def _assert_match(out, ref, exact: bool, what: str):
+def _assert_match(out, ref, exact: bool, what: str, tolerance: tuple[float, float] = (1e-6, 1e-5)):
+    """Bit-equal when ``exact``, else within ``(rtol, atol)``."""
     if exact:
         assert torch.equal(out, ref), f"{what}: max |diff| {(out - ref).abs().max()}"
     else:
-        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5, msg=what)
+        torch.testing.assert_close(out, ref, rtol=tolerance[0], atol=tolerance[1], msg=what)
 
 
 def _every_expert_call(defused: dq.DefusedExperts, original: torch.nn.Module, gen: torch.Generator) -> tuple:
@@ -90,35 +78,59 @@ def test_every_discovered_family_is_supported_or_explained():
     assert {t for t, _ in PRELOAD_EXCEPTIONS} <= set(MODEL_TYPES), "stale pre-load exception entries"
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_family_defuse_matches_round_trips_and_saves(model_type, tmp_path):
-    if model_type in KNOWN_EXCEPTIONS or model_type in KNOWN_UNBUILDABLE:
-        pytest.xfail(KNOWN_EXCEPTIONS.get(model_type) or KNOWN_UNBUILDABLE[model_type])
-    model, inputs = build_tiny_model(model_type)
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _defuse_matches_then_fuses_back(
+    model_type: str, model, inputs, kernel_exact: bool = True, tolerance: tuple[float, float] = (1e-6, 1e-5)
+):
+    """``convert_model`` defuses every fused block; the model output and every expert of every block
+    (rows routed to all of them) match the fused model, bit for bit where the block is exact and
+    ``kernel_exact`` (the fused side ran the eager loop), else within ``tolerance``; ``fuse_model``
+    gives back bit-identical parameters. Returns the conversion report, the fused model's output
+    and its state before conversion."""
     fused_blocks = {b.path: b for b in dq.find_fused_blocks(model)}
     assert fused_blocks, f"{model_type}: no fused experts block or fused dense MLP found"
     originals = {p: copy.deepcopy(model.get_submodule(p)) for p, b in fused_blocks.items() if b.kind == "experts"}
-    ref = _run(model, inputs)
+    ref = run_main_output(model, inputs)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     report = dq.convert_model(model)
     assert sorted(r.path for r in report.converted) == sorted(fused_blocks)
     assert all(b.defused for b in dq.find_fused_blocks(model))
-    exact = all(b.exact for b in fused_blocks.values())
-    _assert_match(_run(model, inputs), ref, exact, f"{model_type} model output")
+    exact = kernel_exact and all(b.exact for b in fused_blocks.values())
+    _assert_match(run_main_output(model, inputs), ref, exact, f"{model_type} model output", tolerance)
 
     # Every expert, including rarely routed ones: route rows to all experts block by block.
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(1)
     for path, original in originals.items():
         defused = model.get_submodule(path)
-        args = _every_expert_call(defused, original, gen)
+        args = _to(_every_expert_call(defused, original, gen), device)
         with torch.no_grad():
-            _assert_match(defused(*args), original(*args), fused_blocks[path].exact, f"{model_type} {path}")
+            got, want = defused(*args), original(*args)
+        _assert_match(got, want, kernel_exact and fused_blocks[path].exact, f"{model_type} {path}", tolerance)
 
     dq.fuse_model(model)
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), f"{model_type}: round trip changed parameters"
+    return report, ref, before
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_family_defuse_matches_round_trips_and_saves(model_type, tmp_path):
+    if model_type in KNOWN_EXCEPTIONS or model_type in KNOWN_UNBUILDABLE:
+        pytest.xfail(KNOWN_EXCEPTIONS.get(model_type) or KNOWN_UNBUILDABLE[model_type])
+    model, inputs = build_tiny_model(model_type)
+    report, ref, before = _defuse_matches_then_fuses_back(model_type, model, inputs)
 
     dq.convert_model(model)
     if all(r.stock_loads_per_expert for r in report.converted):
@@ -133,7 +145,7 @@ def test_family_defuse_matches_round_trips_and_saves(model_type, tmp_path):
     assert all(torch.equal(before[k], reloaded[k]) for k in before), f"{model_type}: checkpoint content changed"
     # Logits: some families are not bit-deterministic across instances even with equal weights
     # (zaya differs by ~1e-7 after a plain stock save/load), so compare with a tight tolerance.
-    torch.testing.assert_close(_run(loaded, inputs), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run_main_output(loaded, inputs), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -141,7 +153,7 @@ def test_family_preload_patch_loads_fused_and_per_expert_checkpoints(model_type,
     if model_type in KNOWN_EXCEPTIONS or model_type in KNOWN_UNBUILDABLE:
         pytest.xfail(KNOWN_EXCEPTIONS.get(model_type) or KNOWN_UNBUILDABLE[model_type])
     model, inputs = build_tiny_model(model_type)
-    ref = _run(model, inputs)
+    ref = run_main_output(model, inputs)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     model.save_pretrained(tmp_path / "stock")  # the family's own checkpoint format
     model.save_pretrained(tmp_path / "fused", save_original_format=False)
@@ -157,7 +169,7 @@ def test_family_preload_patch_loads_fused_and_per_expert_checkpoints(model_type,
         assert blocks and all(b.defused for b in blocks), f"{model_type}/{layout}: not defused at load"
         # A fresh instance is not always bit-deterministic against the original (zaya, dots1,
         # qwen3_5_moe differ by ~1e-7 after a plain stock reload): weights are compared exactly below.
-        torch.testing.assert_close(_run(loaded, inputs), ref, rtol=1e-5, atol=1e-5, msg=f"{model_type}/{layout}")
+        torch.testing.assert_close(run_main_output(loaded, inputs), ref, rtol=1e-5, atol=1e-5, msg=f"{model_type}/{layout}")
         dq.fuse_model(loaded)
         refused = loaded.state_dict()
         assert refused.keys() == expected.keys()
@@ -178,16 +190,6 @@ def _comparable(model, key: str, expected: torch.Tensor, refused: torch.Tensor) 
     return expected[:routed], refused[:routed]
 
 
-def _to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    return value
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
 @pytest.mark.parametrize("experts_implementation", ["eager", "grouped_mm"])
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -200,26 +202,7 @@ def test_cuda_family_defuse_matches_and_round_trips(model_type, experts_implemen
         pytest.skip("no experts implementation to choose: the block has a single forward")
     model, inputs = build_tiny_model(model_type, experts_implementation=experts_implementation)
     model, inputs = model.cuda(), _to(inputs, "cuda")
-    fused_blocks = {b.path: b for b in dq.find_fused_blocks(model)}
-    originals = {p: copy.deepcopy(model.get_submodule(p)) for p, b in fused_blocks.items() if b.kind == "experts"}
-    ref = _run(model, inputs)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    dq.convert_model(model)
-    exact = experts_implementation == "eager" and all(b.exact for b in fused_blocks.values())
-    if exact:
-        _assert_match(_run(model, inputs), ref, True, f"{model_type} model output")
-    else:  # another kernel: same math, other summation order
-        torch.testing.assert_close(_run(model, inputs), ref, rtol=1e-4, atol=1e-5, msg=f"{model_type} model output")
-    gen = torch.Generator().manual_seed(1)
-    for path, original in originals.items():
-        defused = model.get_submodule(path)
-        args = _to(_every_expert_call(defused, original, gen), "cuda")
-        with torch.no_grad():
-            got, want = defused(*args), original(*args)
-        if exact and fused_blocks[path].exact:
-            _assert_match(got, want, True, f"{model_type} {path}")
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{model_type} {path}")
-    dq.fuse_model(model)
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before), f"{model_type}: round trip changed parameters"
+    # grouped_mm: the same math in another kernel and summation order
+    _defuse_matches_then_fuses_back(
+        model_type, model, inputs, kernel_exact=experts_implementation == "eager", tolerance=(1e-4, 1e-5)
+    )
