@@ -10,8 +10,6 @@ trip per-expert -> fused -> per-expert gives back the same keys.
 
 from __future__ import annotations
 
-import math
-
 import logging
 import re
 from collections.abc import Callable
@@ -27,7 +25,7 @@ from ..tensors import FusedTensor
 from .errors import CheckpointError
 from .meta import ExpertBlock
 from .ops import Copy, Merge, Op, Split, piece_spans, pieces_are_packed
-from .source import DTYPE_SIZES, TensorInfo, tensor_nbytes
+from .source import DTYPE_SIZES, SizedTensor, TensorInfo
 
 logger = logging.getLogger(__name__)
 
@@ -36,21 +34,13 @@ TARGETS: tuple[str, ...] = ("fused", "per-expert")
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
+class PlannedTensor(SizedTensor):
     """One tensor of the output checkpoint and how to produce it."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     op: Op
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.name, self.dtype, self.shape)
 
 
 @dataclass

@@ -44,15 +44,12 @@ DTYPE_SIZES = {
 }
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Header facts of one stored tensor."""
+class SizedTensor:
+    """``numel``/``nbytes`` of a tensor described by ``name``, ``dtype`` (safetensors) and ``shape``."""
 
     name: str
-    file: str  # shard file name, relative to the checkpoint directory
-    dtype: str  # safetensors dtype string, e.g. "BF16"
+    dtype: str
     shape: tuple[int, ...]
-    offset: int = 0  # absolute offset of the first data byte in the shard file
 
     @property
     def numel(self) -> int:
@@ -61,6 +58,17 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return tensor_nbytes(self.name, self.dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class TensorInfo(SizedTensor):
+    """Header facts of one stored tensor."""
+
+    name: str
+    file: str  # shard file name, relative to the checkpoint directory
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int = 0  # absolute offset of the first data byte in the shard file
 
 
 def shard_files(root: Path) -> list[str]:
