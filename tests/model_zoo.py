@@ -38,6 +38,7 @@ import math
 import pkgutil
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,6 +260,29 @@ def _discover_experts_classes() -> tuple[ExpertsClassInfo, ...]:
     return tuple(sorted(found, key=lambda i: (i.model_type, i.class_name)))
 
 
+def _scan_classes(marker: str, match: Callable[[str, ast.ClassDef], Any]) -> list[tuple[str, str, type, Any]]:
+    """``(module name, class name, class, match result)`` for the ``nn.Module`` classes of the
+    modeling sources mentioning ``marker`` whose AST ``match(module name, node)`` accepts (not None)."""
+    found = []
+    for name, dotted, src in _modeling_sources(marker):
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        hits = [(node.name, hit) for node in tree.body if isinstance(node, ast.ClassDef)
+                and (hit := match(name, node)) is not None]
+        if not hits:
+            continue
+        mod = _import(dotted)
+        if mod is None:
+            continue
+        for cls_name, hit in hits:
+            cls = getattr(mod, cls_name, None)
+            if inspect.isclass(cls) and issubclass(cls, nn.Module):
+                found.append((name, cls_name, cls, hit))
+    return found
+
+
 @functools.lru_cache(maxsize=None)
 def _discover_irregular_experts_classes() -> tuple[ExpertsClassInfo, ...]:
     """Undecorated ``*Expert*`` classes holding fused expert weights.
@@ -268,51 +292,30 @@ def _discover_irregular_experts_classes() -> tuple[ExpertsClassInfo, ...]:
     3-D, or 2-D with the expert count multiplied into a dimension (dbrx's flattened layout).
     """
     decorated = {(i.module_name, i.class_name) for i in _discover_experts_classes()}
-    found = []
-    for name, dotted, src in _modeling_sources("Expert"):
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:
-            continue
-        hits = []
-        for node in tree.body:
-            if not isinstance(node, ast.ClassDef) or "expert" not in node.name.lower():
+
+    def fused_params(name: str, node: ast.ClassDef) -> tuple[str, ...] | None:
+        if "expert" not in node.name.lower() or (name, node.name) in decorated or any(
+            "use_experts_implementation" in ast.unparse(d) for d in node.decorator_list
+        ):
+            return None
+        fused = []
+        for attr, func, call in _init_param_names(node):
+            if not func.endswith("Parameter") or not call.args:
                 continue
-            if (name, node.name) in decorated or any(
-                "use_experts_implementation" in ast.unparse(d) for d in node.decorator_list
+            dims = _tensor_ctor_dims(call.args[0])
+            if dims is None:
+                continue
+            if len(dims) == 3 or (
+                len(dims) == 2 and any(("expert" in ast.unparse(d).lower() and "*" in ast.unparse(d)) for d in dims)
             ):
-                continue
-            fused = []
-            for attr, func, call in _init_param_names(node):
-                if not func.endswith("Parameter") or not call.args:
-                    continue
-                dims = _tensor_ctor_dims(call.args[0])
-                if dims is None:
-                    continue
-                if len(dims) == 3 or (
-                    len(dims) == 2 and any(("expert" in ast.unparse(d).lower() and "*" in ast.unparse(d)) for d in dims)
-                ):
-                    fused.append(attr)
-            if fused:
-                hits.append((node.name, tuple(fused)))
-        if not hits:
-            continue
-        mod = _import(dotted)
-        if mod is None:
-            continue
-        for cls_name, params in hits:
-            cls = getattr(mod, cls_name, None)
-            if inspect.isclass(cls) and issubclass(cls, nn.Module):
-                found.append(
-                    ExpertsClassInfo(
-                        model_type=_module_to_model_type(name),
-                        module_name=name,
-                        class_name=cls_name,
-                        cls=cls,
-                        kind="irregular",
-                        param_names=params,
-                    )
-                )
+                fused.append(attr)
+        return tuple(fused) or None
+
+    found = [
+        ExpertsClassInfo(model_type=_module_to_model_type(name), module_name=name, class_name=cls_name, cls=cls,
+                         kind="irregular", param_names=params)
+        for name, cls_name, cls, params in _scan_classes("Expert", fused_params)
+    ]
     return tuple(sorted(found, key=lambda i: (i.model_type, i.class_name)))
 
 
@@ -320,40 +323,17 @@ def _discover_irregular_experts_classes() -> tuple[ExpertsClassInfo, ...]:
 def _discover_fused_dense_mlp_classes() -> tuple[ExpertsClassInfo, ...]:
     """Dense MLP classes whose ``__init__`` builds a fused ``self.gate_up_proj = nn.Linear(...)``
     next to a ``down_proj`` (phi3, glm, glm4, dia, zamba2, phi4_multimodal, ...)."""
-    found = []
-    for name, dotted, src in _modeling_sources("gate_up_proj"):
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:
-            continue
-        hits = []
-        for node in tree.body:
-            if not isinstance(node, ast.ClassDef):
-                continue
-            attrs = {attr: func for attr, func, _ in _init_param_names(node)}
-            if attrs.get("gate_up_proj", "").endswith("Linear") and "down_proj" in attrs:
-                hits.append(node.name)
-        if not hits:
-            continue
-        mod = _import(dotted)
-        if mod is None:
-            continue
-        for cls_name in hits:
-            cls = getattr(mod, cls_name, None)
-            if inspect.isclass(cls) and issubclass(cls, nn.Module):
-                found.append(
-                    ExpertsClassInfo(
-                        model_type=_module_to_model_type(name),
-                        module_name=name,
-                        class_name=cls_name,
-                        cls=cls,
-                        kind="dense_mlp",
-                        has_gate=True,
-                        is_concatenated=True,
-                        is_transposed=False,
-                        param_names=("gate_up_proj", "down_proj"),
-                    )
-                )
+
+    def fused_gate_up(name: str, node: ast.ClassDef) -> bool | None:
+        attrs = {attr: func for attr, func, _ in _init_param_names(node)}
+        return True if attrs.get("gate_up_proj", "").endswith("Linear") and "down_proj" in attrs else None
+
+    found = [
+        ExpertsClassInfo(model_type=_module_to_model_type(name), module_name=name, class_name=cls_name, cls=cls,
+                         kind="dense_mlp", has_gate=True, is_concatenated=True, is_transposed=False,
+                         param_names=("gate_up_proj", "down_proj"))
+        for name, cls_name, cls, _ in _scan_classes("gate_up_proj", fused_gate_up)
+    ]
     return tuple(sorted(found, key=lambda i: (i.model_type, i.class_name)))
 
 
