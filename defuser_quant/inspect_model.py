@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint.meta import ExpertBlock, build_meta_model, config_dtype, load_config, scan_blocks
+from .slicing import needs_relayout
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +89,11 @@ def _block_info(block: ExpertBlock, element_size: int) -> BlockInfo:
     layout, shapes, names = block.layout, block.shapes, block.names
     linears, relayout = [], []
     for tensor in block.tensors:
-        slab = torch.empty(block.slab_shape(tensor), device="meta")
-        pieces = tensor.pieces(slab)
-        for (role, kind), piece in zip(tensor.leaves, pieces):
+        slabs = torch.empty((1, *block.slab_shape(tensor)), device="meta")
+        for (role, kind), piece in zip(tensor.leaves, tensor.pieces(slabs[0])):
             if kind == "weight":
                 linears.append(ExpertLinear(getattr(names, role), tuple(piece.shape), layout.has_bias))
-        if not all(p.is_contiguous() for p in pieces):
+        if needs_relayout(slabs, tensor.pieces):
             relayout.append(tensor.path)
     numel = sum(torch.Size(shape).numel() for shape in block.fused_shapes.values())
     action = "defuse (zero copy: per-expert Linears are views of the fused storage)"
