@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from defuser_quant.defused import DefusedExperts
-from defuser_quant.errors import DefuserQuantError
+from defuser_quant.core.defused import DefusedExperts
+from defuser_quant.core.errors import DefuserQuantError
 
 __all__ = [
     "PROJECTION_ROLES",

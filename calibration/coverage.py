@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from defuser_quant.errors import DefuserQuantError
+from defuser_quant.core.errors import DefuserQuantError
 
 from .capture import ExpertCapture, Provenance, defused_blocks
 from .routing import DEFAULT_MIN_TOKENS, RoutingSession, routing_mode

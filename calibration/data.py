@@ -197,15 +197,9 @@ def resolve_builtin(name: str, split: str = "train") -> Path:
         raise CalibrationDataError(
             f"builtin:{name} has no split {split!r}; known: {', '.join(sorted(files))}"
         )
-    try:
-        from defuser_quant.assets import CORPUS_DIR  # type: ignore[attr-defined]
+    from defuser_quant.assets import CORPUS_DIR
 
-        corpus_dir = Path(CORPUS_DIR)
-    except ImportError:
-        import defuser_quant
-
-        corpus_dir = Path(defuser_quant.__file__).resolve().parent / "assets" / "corpus"
-    path = corpus_dir / files[split]
+    path = CORPUS_DIR / files[split]
     if not path.is_file():
         raise CalibrationDataError(
             f"builtin corpus file {path} is missing (builtin:{name}, split {split!r}); "

@@ -27,7 +27,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from defuser_quant.defused import DefusedExperts
+from defuser_quant.core.defused import DefusedExperts
 
 from .capture import defused_blocks, provenance, suspended_hooks
 

@@ -10,24 +10,41 @@ Public API::
     supported_model_types()                                # every model type either covers
 """
 
-from .defuse import convert_model
-from .defused import DefusedExpert, DefusedExperts
-from .errors import (
+from . import _legacy
+from .core import (
+    BlockRecord,
     ConversionError,
+    ConversionReport,
+    DefusedExpert,
+    DefusedExperts,
     DefuserQuantError,
+    ExpertLayout,
     FilterRuleError,
+    FilterRules,
     FuseError,
     LayoutError,
     SharedStorageError,
     UnsupportedModelError,
+    convert_model,
+    find_fused_blocks,
+    fuse_model,
+    is_fused_experts_class,
+    layout_of,
+    replace_fused_blocks,
+    restore_fused_blocks,
+    temporarily_fused,
 )
-from .filters import FilterRules
-from .fuse import fuse_model, temporarily_fused
-from .discovery import find_fused_blocks
-from .layout import ExpertLayout, is_fused_experts_class, layout_of
-from .patching import replace_fused_blocks, restore_fused_blocks
-from .report import BlockRecord, ConversionReport
-from .support import supported_families, supported_model_types
+
+_legacy.install()
+
+
+def __getattr__(name: str):
+    # Lazy, so `python -m defuser_quant.tools.families_table` does not import itself twice.
+    if name in ("supported_families", "supported_model_types"):
+        from .tools import families_table
+
+        return getattr(families_table, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0.dev0"
 

@@ -320,7 +320,7 @@ def test_cli_convert_main_and_subprocess(qwen: Family, tmp_path, capsys):
     assert_same_tensors(tensors_of(back), tensors_of(qwen.src))
 
 
-# ----- families with a family-specific storage (defuser_quant/irregular) ----------------------
+# ----- families with a family-specific storage (defuser_quant/core/irregular) ----------------------
 
 from model_zoo import build_tiny_model, irregular_model_types, run_main_output  # noqa: E402
 

@@ -13,7 +13,7 @@ from tiny import build
 from transformers import LlamaConfig, Qwen3VLMoeConfig
 
 from defuser_quant.cli import main
-from defuser_quant.inspect_model import inspect_model
+from defuser_quant.tools.inspect_model import inspect_model
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import defuser_quant as dq
-from defuser_quant.defuse import convert_model
+from defuser_quant.core.defuse import convert_model
 from tiny import EXACT, FAMILIES, build, logits, state
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -161,7 +161,7 @@ def test_inconsistent_layout_is_refused_before_any_change():
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 @pytest.mark.parametrize("failure", [RuntimeError("simulated out of memory"), KeyboardInterrupt()])
 def test_failure_half_way_restores_the_model_exactly(family, failure, monkeypatch):
-    import defuser_quant.defuse as engine
+    import defuser_quant.core.defuse as engine
 
     model, ids = build(family)
     before, ref = state(model), logits(model, ids)
@@ -297,11 +297,11 @@ def test_rename_projections_keeps_modules_and_fuses_back():
     dq.convert_model(model)
     block = model.model.layers[0].mlp.experts
     w1 = block[2].w1
-    block.rename_projections(dq.defused.ProjectionNames())
+    block.rename_projections(dq.core.defused.ProjectionNames())
     assert block[2].gate_proj is w1 and not hasattr(block[2], "w1")
     assert torch.equal(logits(model, ids), ref)
     with pytest.raises(ValueError, match="gated and ungated"):
-        block.rename_projections(dq.defused.ProjectionNames(gate=None))
+        block.rename_projections(dq.core.defused.ProjectionNames(gate=None))
     dq.fuse_model(model)
     assert all(torch.equal(v, state(model)[k]) for k, v in before.items())
 

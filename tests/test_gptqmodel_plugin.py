@@ -94,7 +94,7 @@ def _logits(model, ids) -> torch.Tensor:
 
 
 def _expert_projections(model: nn.Module) -> dict[str, nn.Module]:
-    from defuser_quant.defused import DefusedExperts
+    from defuser_quant.core.defused import DefusedExperts
 
     out = {}
     for path, block in model.named_modules():
@@ -189,7 +189,7 @@ def test_unguarded_writer_drops_expert_views_and_guard_keeps_them():
     from gptqmodel.utils.model import get_state_dict_for_save
 
     from defuser_quant import convert_model
-    from defuser_quant.integrations.gptqmodel_storage import guarded_state_dict_for_save, shared_expert_tensors
+    from defuser_quant.integrations.gptqmodel.storage import guarded_state_dict_for_save, shared_expert_tensors
     from tiny import build
 
     model, _ = build("qwen3_moe")
@@ -210,7 +210,7 @@ def test_generated_tree_matches_gptqmodels_own_qwen3_moe_definition():
     from gptqmodel.models import auto
     from transformers import Qwen3MoeConfig
 
-    from defuser_quant.integrations.gptqmodel_definitions import generate_definition
+    from defuser_quant.integrations.gptqmodel.definitions import generate_definition
 
     config = Qwen3MoeConfig(num_hidden_layers=2, num_experts=8)
     generated = generate_definition(config)
@@ -224,15 +224,15 @@ def test_generated_tree_matches_gptqmodels_own_qwen3_moe_definition():
 def test_generated_definitions_cover_every_expert(model_type):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from defuser_quant.integrations.gptqmodel_definitions import generate_definition
-    from defuser_quant.integrations.gptqmodel_loader import uncovered_projections
-    from defuser_quant.integrations.gptqmodel_trace import build_meta_model
+    from defuser_quant.integrations.gptqmodel.definitions import generate_definition
+    from defuser_quant.integrations.gptqmodel.loader import uncovered_projections
+    from defuser_quant.integrations.gptqmodel.trace import build_meta_model
 
     config = CONFIG_MAPPING[model_type]()
     config.get_text_config().num_hidden_layers = 3
     cls = generate_definition(config)
     model = build_meta_model(config)
-    from defuser_quant.integrations.gptqmodel_naming import align_projection_names
+    from defuser_quant.integrations.gptqmodel.naming import align_projection_names
 
     align_projection_names(model, cls.module_tree)
     assert uncovered_projections(cls, model) == []
@@ -417,7 +417,7 @@ def test_mixtral_experts_take_the_definitions_names(tiny, plugin):
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import MixtralConfig
 
-    from defuser_quant.naming import projection_names
+    from defuser_quant.core.naming import projection_names
 
     assert projection_names("mixtral", True).as_tuple() == ("w1", "w3", "w2")  # our core's own names
     src = tiny["root"] / "mixtral"

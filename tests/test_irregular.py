@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import defuser_quant as dq
-from defuser_quant.dense import FusedGateUp, is_split
+from defuser_quant.core.dense import FusedGateUp, is_split
 from model_zoo import build_tiny_model, discover_fused_dense_mlp_classes, torch_threads
 
 

@@ -140,7 +140,7 @@ def _stock(path: Path):
 
 def test_importing_integrations_does_not_import_llmcompressor():
     code = (
-        "import sys, defuser_quant, defuser_quant.integrations, defuser_quant.integrations.llmcompressor_refuse\n"
+        "import sys, defuser_quant, defuser_quant.integrations, defuser_quant.integrations.gptqmodel.compat\n"
         "assert 'llmcompressor' not in sys.modules, 'llmcompressor imported eagerly'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -149,7 +149,7 @@ def test_importing_integrations_does_not_import_llmcompressor():
 def test_version_pin_is_enforced_with_the_fix_in_the_message():
     from importlib.metadata import PackageNotFoundError
 
-    from defuser_quant.integrations.llmcompressor_compat import check_llmcompressor
+    from defuser_quant.integrations.llmcompressor.compat import check_llmcompressor
 
     assert check_llmcompressor() == "0.14.0.1"
     with pytest.raises(ImportError, match=r"found 0\.15\.0.*pip install 'defuser-quant\[llmcompressor\]'"):
@@ -225,7 +225,7 @@ def test_config_built_registry_blocks_pickle_into_a_fresh_process(tiny_dir, eval
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 
     from defuser_quant import convert_model
-    from defuser_quant.integrations.llmcompressor_linearize import linear_experts_class_for
+    from defuser_quant.integrations.llmcompressor.linearize import linear_experts_class_for
     from fresh_process import load_in_fresh_process
 
     model = _stock(tiny_dir)
@@ -241,7 +241,7 @@ def test_config_built_registry_blocks_pickle_into_a_fresh_process(tiny_dir, eval
     torch.testing.assert_close(_logits(model, eval_ids), ref, rtol=0, atol=0)
     torch.save(model, tmp_path / "model.pt")
     (result,) = load_in_fresh_process([tmp_path / "model.pt"], eval_ids, tmp_path).values()
-    assert any(c.startswith("defuser_quant.integrations.llmcompressor_linearize.") for c in result["classes"]), result
+    assert any(c.startswith("defuser_quant.integrations.llmcompressor.linearize.") for c in result["classes"]), result
     torch.testing.assert_close(result["logits"].float(), ref, rtol=0, atol=0)
 
 
@@ -274,7 +274,7 @@ def test_blocks_our_core_cannot_defuse_fall_back_to_llmcompressor(tiny_dir, monk
     from llmcompressor.modeling.moe.linearize import linearize_moe
 
     from defuser_quant import LayoutError
-    from defuser_quant.integrations import llmcompressor_linearize
+    from defuser_quant.integrations.llmcompressor import linearize as llmcompressor_linearize
 
     def refuse(experts, config):
         raise LayoutError("a layout the core does not know")

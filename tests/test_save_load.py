@@ -164,3 +164,43 @@ def test_preload_patched_models_pickle_into_a_fresh_process(tmp_path):
         (result,) = got.values()
         assert torch.equal(result["logits"], logits(model, inputs[model_type])), model_type
         assert any(".patching." in c for c in result["classes"]), result["classes"]
+
+def test_models_pickled_with_the_flat_layouts_module_paths_still_load(tmp_path, monkeypatch):
+    """A model pickled before the ``core/`` move names ``defuser_quant.patching.defused_class_for``
+    and ``defuser_quant.generated._new_instance``; a fresh process still loads it (the old paths
+    alias the new modules)."""
+    from fresh_process import load_in_fresh_process
+
+    from defuser_quant.core import generated, patching
+
+    ids, _, per_expert, _ = _checkpoints(tmp_path)
+    assert dq.replace_fused_blocks("qwen3_moe")
+    model = _load(per_expert)
+    dq.restore_fused_blocks("qwen3_moe")
+    # What the pickler wrote before the move: the same functions under their old module names.
+    monkeypatch.setattr(patching.defused_class_for, "__module__", "defuser_quant.patching")
+    monkeypatch.setattr(generated._new_instance, "__module__", "defuser_quant.generated")
+    torch.save(model, tmp_path / "old.pt")
+    monkeypatch.undo()
+    payload = (tmp_path / "old.pt").read_bytes()
+    assert b"defuser_quant.patching" in payload and b"defuser_quant.core.patching" not in payload
+    (result,) = load_in_fresh_process([tmp_path / "old.pt"], ids, tmp_path).values()
+    assert torch.equal(result["logits"], logits(model, ids))
+    assert any(c.startswith("defuser_quant.core.patching.") for c in result["classes"]), result["classes"]
+
+
+def test_old_module_paths_alias_the_new_modules_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    from defuser_quant import _legacy
+    from defuser_quant.core import fuse
+
+    sys.modules.pop("defuser_quant.fuse", None)
+    with pytest.warns(DeprecationWarning, match=r"defuser_quant\.fuse moved to defuser_quant\.core\.fuse"):
+        old = importlib.import_module("defuser_quant.fuse")
+    assert old is fuse and fuse.__spec__.name == "defuser_quant.core.fuse"
+    for old_name, new_name in _legacy.MOVED.items():
+        if "llmcompressor" in new_name or "gptqmodel" in new_name:
+            continue  # need the quantizers; covered by their own suites' imports
+        assert importlib.import_module(old_name) is importlib.import_module(new_name), old_name

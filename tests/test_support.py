@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 import defuser_quant as dq
-from defuser_quant import support
-from defuser_quant.families import DENSE_MLP_ENTRIES, EXPERTS_ENTRIES, dense_entry_for, experts_entry_for, resolve_class
+from defuser_quant.tools import families_table as support
+from defuser_quant.core.families import DENSE_MLP_ENTRIES, EXPERTS_ENTRIES, dense_entry_for, experts_entry_for, resolve_class
 from model_zoo import discover_fused_dense_mlp_classes, discover_irregular_experts_classes
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -63,7 +63,7 @@ def _defuser_readme_types() -> set[str]:
 def test_readme_table_is_generated_from_the_code():
     text = README.read_text(encoding="utf-8")
     assert support.replace_section(text, support.readme_section()) == text, (
-        "README.md's supported families table is stale: python -m defuser_quant.families --write README.md"
+        "README.md's supported families table is stale: python -m defuser_quant.tools.families_table --write README.md"
     )
     assert support.main(["--check", str(README)]) == 0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import DefuserQuantError
+from ..core.errors import DefuserQuantError
 
 
 class CheckpointError(DefuserQuantError):

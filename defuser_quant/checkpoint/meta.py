@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..defused import DefusedExperts
-from ..layout import ExpertLayout, ExpertShapes
-from ..naming import ProjectionNames
-from ..tensors import FusedTensor
+from ..core.defused import DefusedExperts
+from ..core.layout import ExpertLayout, ExpertShapes
+from ..core.naming import ProjectionNames
+from ..core.tensors import FusedTensor
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -135,11 +135,11 @@ class BlockScan:
 
 def scan_blocks(model: nn.Module, filter: Any = None) -> BlockScan:
     """Fused experts blocks ``convert_model(model, filter)`` would defuse, from the core's planner."""
-    from ..defuse import plan_conversion
-    from ..filters import FilterRules
-    from ..naming import stock_loads_per_expert
-    from ..report import ConversionReport
-    from ..tensors import get_tensor
+    from ..core.defuse import plan_conversion
+    from ..core.filters import FilterRules
+    from ..core.naming import stock_loads_per_expert
+    from ..core.report import ConversionReport
+    from ..core.tensors import get_tensor
 
     report = ConversionReport()
     plans = plan_conversion(model, FilterRules.parse(filter), None, report)

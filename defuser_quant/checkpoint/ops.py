@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..slicing import PiecesFn
+from ..core.slicing import PiecesFn
 from .source import SourceReader, TensorInfo, copy_range, write_all
 
 CHUNK_BYTES = 64 << 20

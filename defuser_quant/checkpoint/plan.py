@@ -19,9 +19,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..naming import DEFAULT_NAMES, UNGATED_DEFAULT_NAMES, ProjectionNames
-from ..slicing import PiecesFn
-from ..tensors import FusedTensor
+from ..core.naming import DEFAULT_NAMES, UNGATED_DEFAULT_NAMES, ProjectionNames
+from ..core.slicing import PiecesFn
+from ..core.tensors import FusedTensor
 from .errors import CheckpointError
 from .meta import ExpertBlock
 from .ops import Copy, Merge, Op, Split, piece_spans, pieces_are_packed

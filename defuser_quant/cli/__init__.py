@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from ..errors import DefuserQuantError
+from ..core.errors import DefuserQuantError
 
 SUBCOMMAND_MODULES = ["run", "demo", "convert", "inspect"]
 

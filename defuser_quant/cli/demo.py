@@ -6,7 +6,7 @@ import argparse
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..tools.demo import run_demo
 
     facts = run_demo()
     ok = facts["round_trip_identical"] and facts["saved_reloaded_identical"] and facts["max_abs_diff"] < 1e-4

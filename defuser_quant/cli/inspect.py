@@ -78,7 +78,7 @@ def _print(result, console) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     """Handler of ``defuser-quant inspect``; an uninspectable model raises ``DefuserQuantError``
     (``main`` prints it and exits with 2)."""
-    from ..inspect_model import inspect_model
+    from ..tools.inspect_model import inspect_model
 
     result = inspect_model(args.model, filter=args.filter)
     if args.json:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import DefuserQuantError
+from ..core.errors import DefuserQuantError
 
 # Imported at module level on purpose: the data config is the calibration layer's own schema.
 from defuser_quant.calibration.data import CalibrationDataConfig  # noqa: E402

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import DefuserQuantError
+from ..core.errors import DefuserQuantError
 
 logger = logging.getLogger(__name__)
 

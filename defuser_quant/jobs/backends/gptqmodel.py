@@ -39,7 +39,7 @@ def _run(ctx: JobContext) -> BackendResult:
 
     from defuser_quant.calibration.data import to_gptqmodel_examples
     from defuser_quant.integrations import gptqmodel as plugin
-    from defuser_quant.integrations.gptqmodel_refuse import save_dequantized_fused
+    from defuser_quant.integrations.gptqmodel.refuse import save_dequantized_fused
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     cfg = ctx.config

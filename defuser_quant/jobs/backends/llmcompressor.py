@@ -52,7 +52,7 @@ def run(ctx: JobContext) -> BackendResult:
 
     from defuser_quant.calibration.data import to_hf_dataset
     from defuser_quant.integrations.llmcompressor import DefuseModifier
-    from defuser_quant.integrations.llmcompressor_compat import check_llmcompressor
+    from defuser_quant.integrations.llmcompressor.compat import check_llmcompressor
 
     check_llmcompressor()
     from llmcompressor import oneshot

@@ -7,12 +7,12 @@ Activate with one line, before ``GPTQModel.load``::
 What ``install()`` changes in the running GPTQModel 7.6 (all undone by :func:`uninstall`):
 
 * ``gptqmodel.models.loader.defuser`` and ``_convert_model_with_defuser`` -> our pre-load
-  patching and ``convert_model`` (``gptqmodel_loader``), with the expert projections named as
+  patching and ``convert_model`` (``integrations.gptqmodel.loader``), with the expert projections named as
   the model definition expects and the definition checked to cover every expert;
 * ``gptqmodel.models.auto.check_and_get_model_definition`` -> also generates a definition for
-  MoE families GPTQModel has none for (``gptqmodel_definitions``);
+  MoE families GPTQModel has none for (``integrations.gptqmodel.definitions``);
 * ``gptqmodel.models.writer.get_state_dict_for_save`` -> first gives unquantized expert weights
-  their own storage, so none is dropped as a "shared tensor" (``gptqmodel_storage``).
+  their own storage, so none is dropped as a "shared tensor" (``integrations.gptqmodel.storage``).
 
 GPTQModel 7.6 has no plugin or entry-point mechanism, so these are module-attribute rebinds;
 the ``defuser`` package and Transformers' classes are left untouched. Calibration with our
@@ -26,9 +26,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .gptqmodel_compat import GPTQMODEL_PIN, INSTALL_COMMAND, GPTQModelUnavailableError, require_gptqmodel
-from .gptqmodel_loader import DefinitionMismatchError, DefuserQuantShim, check_definition
-from .gptqmodel_storage import own_expert_storage
+from .compat import GPTQMODEL_PIN, INSTALL_COMMAND, GPTQModelUnavailableError, require_gptqmodel
+from .loader import DefinitionMismatchError, DefuserQuantShim, check_definition
+from .storage import own_expert_storage
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_
         return
     from gptqmodel.models import auto, loader, writer
 
-    from .gptqmodel_definitions import definition_lookup
-    from .gptqmodel_storage import guarded_state_dict_for_save
+    from .definitions import definition_lookup
+    from .storage import guarded_state_dict_for_save
 
     shim = DefuserQuantShim(defuser=loader.defuser, delegate_unsupported=delegate_unsupported, strict=strict)
     replacements: dict[tuple[Any, str], Any] = {
@@ -106,7 +106,7 @@ def uninstall() -> None:
     global _STATE
     if _STATE is None:
         return
-    from .gptqmodel_definitions import unregister_generated
+    from .definitions import unregister_generated
 
     for (module, name), value in _STATE.originals.items():
         setattr(module, name, value)
@@ -134,14 +134,14 @@ def register_generated_definition(model_type: str, config: Any | None = None, *,
     structure (see ``DefinitionMismatchError``).
     """
     require_gptqmodel()
-    from .gptqmodel_definitions import register_generated_definition as register
+    from .definitions import register_generated_definition as register
 
     return register(model_type, config, replace=replace)
 
 
 def generated_definitions() -> dict[str, type]:
     """Definitions generated so far, by model type."""
-    from .gptqmodel_definitions import generated_definitions as generated
+    from .definitions import generated_definitions as generated
 
     return generated()
 
@@ -149,11 +149,11 @@ def generated_definitions() -> dict[str, type]:
 def __getattr__(name: str) -> Any:
     # Keep the calibration and re-fuse modules (and what they import) out of a plain install().
     if name in ("quantize_with_defuser", "QuantizeResult"):
-        from . import gptqmodel_calibration
+        from . import calibration
 
-        return getattr(gptqmodel_calibration, name)
+        return getattr(calibration, name)
     if name == "save_dequantized_fused":
-        from .gptqmodel_refuse import save_dequantized_fused
+        from .refuse import save_dequantized_fused
 
         return save_dequantized_fused
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,8 +30,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from defuser_quant.errors import DefuserQuantError
-from defuser_quant.naming import projection_names
+from defuser_quant.core.errors import DefuserQuantError
+from defuser_quant.core.naming import projection_names
 
 __all__ = [
     "REFUSE_MODES",
@@ -306,7 +306,7 @@ def _save_native(src: Path, dst: Path, dense: dict[str, torch.Tensor], dtype: to
     import transformers
     from transformers import AutoConfig
 
-    from defuser_quant import UnsupportedModelError, fuse_model, replace_fused_blocks, restore_fused_blocks
+    from defuser_quant.core import UnsupportedModelError, fuse_model, replace_fused_blocks, restore_fused_blocks
 
     config = AutoConfig.from_pretrained(src)
     if hasattr(config, "quantization_config"):

@@ -67,7 +67,8 @@ def projection_names(model_type: str | None, has_gate: bool, fallback_type: str 
     default = DEFAULT_NAMES if has_gate else UNGATED_DEFAULT_NAMES
     for candidate in (model_type, fallback_type):
         if candidate in PROJECTION_NAME_OVERRIDES:
-            return PROJECTION_NAME_OVERRIDES[candidate]
+            gate, up, down = PROJECTION_NAME_OVERRIDES[candidate]
+            return ProjectionNames(gate=gate, up=up, down=down)
     found = next((f for c in (model_type, fallback_type) if c and (f := _names_from_conversion_mapping(c))), None)
     if found is None:
         return default

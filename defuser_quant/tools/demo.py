@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 def _tiny_model():
     from transformers import AutoModelForCausalLM
 
-    from .assets import TINY_MOE_PATH
+    from ..assets import TINY_MOE_PATH
 
     if (TINY_MOE_PATH / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, experts_implementation="eager", dtype=torch.float32)
@@ -36,7 +36,7 @@ def run_demo(console=None) -> dict:
     from rich.table import Table
     from transformers import AutoModelForCausalLM
 
-    from . import convert_model, fuse_model
+    from ..core import convert_model, fuse_model
 
     console = console or Console()
     model, origin = _tiny_model()

@@ -5,7 +5,7 @@ Importing this module (it needs ``llmcompressor==0.14.0.1``) calls :func:`regist
 * registers ``DefuseModifier`` with llm-compressor's ``ModifierFactory``, so recipes (YAML or
   the ``recipe.yaml`` oneshot writes) resolve it by name, and
 * makes llm-compressor's MoE linearization build defuser-quant ``DefusedExperts`` (zero copy)
-  instead of copying experts into its ``LinearExperts2D`` (see ``llmcompressor_linearize``).
+  instead of copying experts into its ``LinearExperts2D`` (see ``integrations.llmcompressor.linearize``).
 
 ``import defuser_quant.integrations`` alone imports nothing from llm-compressor.
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 
-from .llmcompressor_compat import (
+from .compat import (
     LLMCOMPRESSOR_VERSION,
     LlmCompressorUnavailableError,
     check_llmcompressor,
@@ -33,14 +33,14 @@ from .llmcompressor_compat import (
 
 check_llmcompressor()
 
-from .llmcompressor_linearize import (  # noqa: E402
+from .linearize import (  # noqa: E402
     adopt_linear_experts,
     install_linearize_hook,
     linearize_hook_installed,
     uninstall_linearize_hook,
 )
-from .llmcompressor_modifier import DefuseModifier, RecipeOrderError  # noqa: E402
-from .llmcompressor_refuse import REFUSE_MODES, RefuseError, RefuseMode, check_refusable, refuse_checkpoint  # noqa: E402
+from .modifier import DefuseModifier, RecipeOrderError  # noqa: E402
+from .refuse import REFUSE_MODES, RefuseError, RefuseMode, check_refusable, refuse_checkpoint  # noqa: E402
 
 __all__ = [
     "LLMCOMPRESSOR_VERSION",

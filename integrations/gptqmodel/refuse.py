@@ -25,9 +25,9 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
-from defuser_quant import convert_model, fuse_model
-from defuser_quant.defused import DefusedExperts
-from defuser_quant.errors import DefuserQuantError
+from defuser_quant.core import convert_model, fuse_model
+from defuser_quant.core.defused import DefusedExperts
+from defuser_quant.core.errors import DefuserQuantError
 
 
 logger = logging.getLogger(__name__)

@@ -31,11 +31,11 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from pydantic import Field, PrivateAttr, field_validator
 from torch import nn
 
-from defuser_quant import DefusedExperts, DefuserQuantError, FilterRules, convert_model, fuse_model
+from defuser_quant.core import DefusedExperts, DefuserQuantError, FilterRules, convert_model, fuse_model
 from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_report, current_provenance, routing_mode
 
-from .llmcompressor_linearize import adopt_linear_experts
-from .llmcompressor_refuse import RefuseError, check_refusable, refuse_checkpoint
+from .linearize import adopt_linear_experts
+from .refuse import RefuseError, check_refusable, refuse_checkpoint
 
 __all__ = ["DefuseModifier", "RecipeOrderError"]
 

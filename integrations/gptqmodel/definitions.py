@@ -4,7 +4,7 @@ GPTQModel needs a ``BaseQModel`` subclass with a ``module_tree`` per model type;
 it falls back to an auto-detected tree that fails on MoE (and refuses AWQ). For every model
 type our core defuses but GPTQModel 7.6 does not define (exaone_moe, flex_olmo,
 granitemoeshared, mistral4, ...), :func:`generate_definition` derives one from a meta-device
-trace of the defused model (``gptqmodel_trace``):
+trace of the defused model (``integrations.gptqmodel.trace``):
 
 * top-level children of a decoder layer, in execution order; parameter-only leaves (norms)
   become ``name:!`` entries;
@@ -28,11 +28,11 @@ from typing import Any
 
 from torch import nn
 
-from defuser_quant.defused import DefusedExperts
-from defuser_quant.naming import DEFAULT_NAMES, UNGATED_DEFAULT_NAMES, ProjectionNames, projection_names
-from defuser_quant.errors import DefuserQuantError
+from defuser_quant.core.defused import DefusedExperts
+from defuser_quant.core.naming import DEFAULT_NAMES, UNGATED_DEFAULT_NAMES, ProjectionNames, projection_names
+from defuser_quant.core.errors import DefuserQuantError
 
-from .gptqmodel_trace import LeafCall, ModelTrace, auto_class_for, build_meta_model, trace_model
+from .trace import LeafCall, ModelTrace, auto_class_for, build_meta_model, trace_model
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ def definition_lookup(original):
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **config_load_kwargs)
-        from defuser_quant.patching import fused_experts_classes
+        from defuser_quant.core.patching import fused_experts_classes
 
         try:
             supported = bool(fused_experts_classes(config.model_type))

@@ -1,6 +1,6 @@
 """Trace one forward of a meta-device, defused model: which leaf runs when, on which input.
 
-The generated GPTQModel definitions (``gptqmodel_definitions``) are derived from this trace
+The generated GPTQModel definitions (``integrations.gptqmodel.definitions``) are derived from this trace
 rather than from module names: execution order gives GPTQModel's sequential subsets, shared
 input tensors give the groups quantized together, and the producer of each group's input tells
 AWQ which previous op it may scale. Nothing is allocated: weights and activations stay on
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from defuser_quant import convert_model
-from defuser_quant.defused import DefusedExperts
-from defuser_quant.errors import DefuserQuantError
+from defuser_quant.core import convert_model
+from defuser_quant.core.defused import DefusedExperts
+from defuser_quant.core.errors import DefuserQuantError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Rows come from the same places conversion looks: classes decorated with
 ``@use_experts_implementation`` in the installed Transformers, and the explicit entries of
 ``families.py`` (irregular experts classes, fused dense MLPs, shared expert lists). Nothing here
 is a hand-written list, so the table cannot drift from what ``convert_model`` and
-``replace_fused_blocks`` do. ``python -m defuser_quant.families --markdown`` prints it;
+``replace_fused_blocks`` do. ``python -m defuser_quant.tools.families_table --markdown`` prints it;
 ``--write README.md`` / ``--check README.md`` update or verify the README between its markers.
 """
 
@@ -22,13 +22,13 @@ from pathlib import Path
 
 from torch import nn
 
-from .families import DENSE_MLP_ENTRIES, EXPERTS_ENTRIES, SHARED_EXPERT_LISTS, adapter_of, resolve_class
-from .layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class
-from .naming import stock_loads_per_expert
+from ..core.families import DENSE_MLP_ENTRIES, EXPERTS_ENTRIES, SHARED_EXPERT_LISTS, adapter_of, resolve_class
+from ..core.layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class
+from ..core.naming import stock_loads_per_expert
 
 logger = logging.getLogger(__name__)
 
-BEGIN = "<!-- families-table:start (generated: python -m defuser_quant.families --write README.md) -->"
+BEGIN = "<!-- families-table:start (generated: python -m defuser_quant.tools.families_table --write README.md) -->"
 END = "<!-- families-table:end -->"
 _DENSE = "dense `gate_up_proj` [2I,H]"
 
@@ -157,7 +157,7 @@ def markdown_table(rows: tuple[FamilySupport, ...] | None = None) -> str:
 
 def entries_notes() -> str:
     """Bullets: why each explicit entry of ``families.py`` exists."""
-    lines = ["`*` explicit entry in `defuser_quant/families.py`:", ""]
+    lines = ["`*` explicit entry in `defuser_quant/core/families.py`:", ""]
     lines += [f"- **{e.family}** (`{e.class_name}`): {e.why}." for e in EXPERTS_ENTRIES]
     lines += [f"- **{e.family}** (pre-load): {e.why}." for e in SHARED_EXPERT_LISTS]
     dense = sorted({e.family for e in DENSE_MLP_ENTRIES})
@@ -179,7 +179,7 @@ def replace_section(text: str, section: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m defuser_quant.families", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m defuser_quant.tools.families_table", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--markdown", action="store_true", help="print the supported families table")
     group.add_argument("--write", metavar="README", help="replace the table between the markers in README")
@@ -195,6 +195,6 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(updated, encoding="utf-8")
         return 0
     if updated != text:
-        sys.stderr.write(f"{path}: the supported families table is stale; run python -m defuser_quant.families --write {path}\n")
+        sys.stderr.write(f"{path}: the supported families table is stale; run python -m defuser_quant.tools.families_table --write {path}\n")
         return 1
     return 0

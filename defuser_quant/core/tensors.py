@@ -4,7 +4,7 @@ A ``FusedTensor`` names one fused tensor by its attribute path inside the fused 
 (``gate_up_proj``, dbrx's ``mlp.w1``, aria's ``fc1.weight``), says how one expert's slab splits
 into pieces (``slicing``'s piece functions) and which leaf of which projection each piece is.
 Standard ``@use_experts_implementation`` layouts get theirs from ``layout_tensors``; irregular
-families declare their own (``defuser_quant.irregular``).
+families declare their own (``defuser_quant.core.irregular``).
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint.meta import ExpertBlock, build_meta_model, config_dtype, load_config, scan_blocks
-from .slicing import needs_relayout
+from ..checkpoint.meta import ExpertBlock, build_meta_model, config_dtype, load_config, scan_blocks
+from ..core.slicing import needs_relayout
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def _block_info(block: ExpertBlock, element_size: int) -> BlockInfo:
 
 
 def _patching(model_type: str) -> dict[str, Any]:
-    from .errors import DefuserQuantError
-    from .patching import fused_experts_classes, irregular_experts_classes
+    from ..core.errors import DefuserQuantError
+    from ..core.patching import fused_experts_classes, irregular_experts_classes
 
     try:
         classes = [c.__name__ for c in fused_experts_classes(model_type) + irregular_experts_classes(model_type)]
@@ -130,9 +130,9 @@ def _patching(model_type: str) -> dict[str, Any]:
 
 
 def _checkpoint(path: Path, model: nn.Module, blocks: list[ExpertBlock], info: list[BlockInfo]) -> dict[str, Any] | None:
-    from .checkpoint.errors import CheckpointError
-    from .checkpoint.plan import plan_conversion
-    from .checkpoint.source import read_headers, shard_files
+    from ..checkpoint.errors import CheckpointError
+    from ..checkpoint.plan import plan_conversion
+    from ..checkpoint.source import read_headers, shard_files
 
     try:
         files = shard_files(path)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from defuser_quant.defused import DefusedExperts
+from defuser_quant.core.defused import DefusedExperts
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from defuser_quant.defused import DefusedExperts
-from defuser_quant.naming import ProjectionNames
+from defuser_quant.core.defused import DefusedExperts
+from defuser_quant.core.naming import ProjectionNames
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Everything else is detected from the layout facts ``@use_experts_implementation`` stamps on
 experts classes. Entries here must say why they exist. Classes are named, never imported: an
 entry whose class the installed Transformers lacks (renamed, removed) is simply inactive, and
-``tests/test_support.py`` reports it. ``python -m defuser_quant.families --markdown`` prints the
+``tests/test_support.py`` reports it. ``python -m defuser_quant.tools.families_table --markdown`` prints the
 supported families table of the README.
 """
 
@@ -12,13 +12,11 @@ from __future__ import annotations
 import functools
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .naming import ProjectionNames
-
-# model_type -> per-expert projection names, where the conversion mapping does not tell them.
-PROJECTION_NAME_OVERRIDES: dict[str, ProjectionNames] = {}
+# model_type -> per-expert projection names (gate or None, up, down), where the conversion
+# mapping does not tell them.
+PROJECTION_NAME_OVERRIDES: dict[str, tuple[str | None, str, str]] = {}
 
 
 def _qualified(module: str, class_name: str) -> str:
@@ -36,7 +34,7 @@ class ExpertsEntry:
     family: str  # the model type it belongs to (the table's row)
     module: str  # transformers.models.<module>
     class_name: str
-    adapter: str  # "<module>:<factory>" under defuser_quant.irregular, called with no argument
+    adapter: str  # "<module>:<factory>" under defuser_quant.core.irregular, called with no argument
     layout: str  # storage layout, in words
     why: str
     attrs: tuple[str, ...] = ("experts",)
@@ -180,9 +178,3 @@ def resolve_class(qualified_name: str) -> type | None:
         return getattr(importlib.import_module(module_name), class_name, None)
     except ImportError:
         return None
-
-
-if __name__ == "__main__":  # pragma: no cover - exercised through tests/test_support.py
-    from .support import main
-
-    raise SystemExit(main())

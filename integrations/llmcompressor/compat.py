@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from importlib import metadata
 
-from defuser_quant.errors import DefuserQuantError
+from defuser_quant.core.errors import DefuserQuantError
 
 LLMCOMPRESSOR_VERSION = "0.14.0.1"
 COMPRESSED_TENSORS_VERSION = "0.19.0"

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from defuser_quant import DefusedExperts, DefuserQuantError, convert_model
-from defuser_quant.defused import DefusedExpert, FusedTensorSpec, GateFunction
-from defuser_quant.generated import pickled_through
-from defuser_quant.layout import fused_tensor, is_fused_experts_class, layout_of
-from defuser_quant.naming import projection_names
-from defuser_quant.patching import defused_class_for
+from defuser_quant.core import DefusedExperts, DefuserQuantError, convert_model
+from defuser_quant.core.defused import DefusedExpert, FusedTensorSpec, GateFunction
+from defuser_quant.core.generated import pickled_through
+from defuser_quant.core.layout import fused_tensor, is_fused_experts_class, layout_of
+from defuser_quant.core.naming import projection_names
+from defuser_quant.core.patching import defused_class_for
 
 __all__ = [
     "adopt_linear_experts",

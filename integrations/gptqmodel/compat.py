@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from defuser_quant.errors import DefuserQuantError
+from defuser_quant.core.errors import DefuserQuantError
 
 GPTQMODEL_PIN = "gptqmodel==7.6.0"
 SUPPORTED_SERIES = (7, 6)

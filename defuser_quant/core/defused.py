@@ -120,14 +120,14 @@ class DefusedExperts(nn.Module):
 
     ``forward_override`` (None by default) lets the calibration layer swap the routing
     strategy; ``routed_forward`` is the exact fused-eager math. Every subclass (irregular
-    families: ``defuser_quant.irregular``) keeps this contract: whatever its own call signature,
+    families: ``defuser_quant.core.irregular``) keeps this contract: whatever its own call signature,
     it reduces the call to ``(hidden_states, top_k_index, top_k_weights)`` and runs
     ``forward_override`` or ``routed_forward`` on it. ``num_experts`` counts the experts with
     weights; families with weightless experts (longcat_flash identity experts) route indices
     ``>= num_experts`` to them.
     """
 
-    family: str | None = None  # explicit entry in defuser_quant.families, None for decorated classes
+    family: str | None = None  # explicit entry in defuser_quant.core.families, None for decorated classes
 
     def __init__(
         self,

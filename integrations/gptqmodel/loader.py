@@ -9,7 +9,7 @@ is modified.
 * pre-load: our ``replace_fused_blocks`` builds per-expert ``nn.Linear`` directly (no fused
   round trip), and the patch is lifted again as soon as the model is built;
 * post-load: ``convert_model`` (a no-op for blocks already built defused), then the expert
-  projections are renamed to what the model definition expects (``gptqmodel_naming``), and the
+  projections are renamed to what the model definition expects (``integrations.gptqmodel.naming``), and the
   definition is checked to cover every expert projection, so none is silently left in float.
 
 Model types our core does not handle (no fused experts, or irregular families) are handed to
@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from defuser_quant import convert_model, replace_fused_blocks, restore_fused_blocks
-from defuser_quant.defused import DefusedExperts
-from defuser_quant.errors import DefuserQuantError, UnsupportedModelError
+from defuser_quant.core import convert_model, replace_fused_blocks, restore_fused_blocks
+from defuser_quant.core.defused import DefusedExperts
+from defuser_quant.core.errors import DefuserQuantError, UnsupportedModelError
 
-from .gptqmodel_naming import align_projection_names, parse_token
+from .naming import align_projection_names, parse_token
 
 logger = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from torch import nn
 
 from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageError, CoverageReport, build_report, routing_mode
 from defuser_quant.calibration.capture import PROJECTION_ROLES, defused_blocks
-from defuser_quant.defused import DefusedExperts
-from defuser_quant.errors import DefuserQuantError
+from defuser_quant.core.defused import DefusedExperts
+from defuser_quant.core.errors import DefuserQuantError
 
 logger = logging.getLogger(__name__)
 

@@ -118,7 +118,7 @@ def check_shapes(module: nn.Module, layout: ExpertLayout, path: str) -> ExpertSh
         if t is None:
             raise LayoutError(
                 f"{path} ({type(module).__name__}) declares layout {layout.describe()} but has no "
-                f"tensor '{name}'. Add an explicit layout entry for this family in defuser_quant/families.py."
+                f"tensor '{name}'. Add an explicit layout entry for this family in defuser_quant/core/families.py."
             )
         tensors[name] = t
     w_in, w_down = tensors[layout.in_proj], tensors["down_proj"]

@@ -228,7 +228,7 @@ def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
     if not classes:
         raise UnsupportedModelError(
             f"{model_type!r} has no fused experts class (decorated with @use_experts_implementation or listed in "
-            "defuser_quant/families.py) and no fused dense MLP: nothing for replace_fused_blocks or convert_model "
+            "defuser_quant/core/families.py) and no fused dense MLP: nothing for replace_fused_blocks or convert_model "
             "to do; see the supported families table in the README."
         )
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
