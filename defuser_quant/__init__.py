@@ -10,30 +10,8 @@ Public API::
     supported_model_types()                                # every model type either covers
 """
 
-from . import _legacy
-from .core import (
-    BlockRecord,
-    ConversionError,
-    ConversionReport,
-    DefusedExpert,
-    DefusedExperts,
-    DefuserQuantError,
-    ExpertLayout,
-    FilterRuleError,
-    FilterRules,
-    FuseError,
-    LayoutError,
-    SharedStorageError,
-    UnsupportedModelError,
-    convert_model,
-    find_fused_blocks,
-    fuse_model,
-    is_fused_experts_class,
-    layout_of,
-    replace_fused_blocks,
-    restore_fused_blocks,
-    temporarily_fused,
-)
+from . import _legacy, core
+from .core import *  # noqa: F401,F403 - the engine's public names (core.__all__)
 
 _legacy.install()
 
@@ -48,28 +26,4 @@ def __getattr__(name: str):
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "BlockRecord",
-    "ConversionError",
-    "ConversionReport",
-    "DefusedExpert",
-    "DefusedExperts",
-    "DefuserQuantError",
-    "ExpertLayout",
-    "FilterRuleError",
-    "FilterRules",
-    "FuseError",
-    "LayoutError",
-    "SharedStorageError",
-    "UnsupportedModelError",
-    "convert_model",
-    "find_fused_blocks",
-    "fuse_model",
-    "is_fused_experts_class",
-    "layout_of",
-    "replace_fused_blocks",
-    "restore_fused_blocks",
-    "supported_families",
-    "supported_model_types",
-    "temporarily_fused",
-]
+__all__ = [*core.__all__, "supported_families", "supported_model_types"]
