@@ -248,46 +248,10 @@ class CoverageReport(_Frozen):
         return recorder.export_text()
 
     def heatmap(self, path: str | Path, *, dpi: int = 120) -> Path:
-        """Save a layer x expert PNG (routed and calibrated tokens, log scale; under-threshold marked)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.colors import LogNorm
-        from matplotlib.figure import Figure
+        """Save a layer x expert PNG; see :func:`~.coverage_plot.plot_coverage` (needs matplotlib)."""
+        from .coverage_plot import plot_coverage
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        width = max((layer.num_experts for layer in self.layers), default=1)
-        rows = max(len(self.layers), 1)
-        shape = (rows, width)
-        routed = torch.full(shape, float("nan"))
-        calibrated = torch.full(shape, float("nan"))
-        for i, layer in enumerate(self.layers):
-            for e in layer.experts:
-                routed[i, e.expert] = e.routed
-                calibrated[i, e.expert] = e.calibrated
-        vmax = max(float(calibrated.nan_to_num(0).max()), 2.0)
-        fig = Figure(figsize=(min(4 + 0.12 * width, 30) * 2, min(2 + 0.3 * rows, 30)))
-        FigureCanvasAgg(fig)
-        labels = [str(layer.layer_index) if layer.layer_index is not None else layer.path for layer in self.layers]
-        axes = fig.subplots(1, 2, squeeze=True)
-        for ax, data, title in ((axes[0], routed, "routed tokens"), (axes[1], calibrated, "calibrated tokens")):
-            # +1 so zero counts show (darkest) on the log scale; NaN cells are padding (no such expert)
-            image = ax.imshow((data + 1).numpy(), aspect="auto", interpolation="nearest", norm=LogNorm(1, vmax + 1))
-            ax.set_title(f"{title} (+1, log)")
-            ax.set_xlabel("expert")
-            ax.set_ylabel("layer")
-            ax.set_yticks(range(len(labels)), labels)
-            fig.colorbar(image, ax=ax)
-        row_of = {layer.path: i for i, layer in enumerate(self.layers)}
-        marks = [(row_of[ref.layer], ref.expert) for ref in self.under_threshold]
-        if marks:
-            ys, xs = zip(*marks)
-            axes[1].scatter(xs, ys, marker="x", c="red", s=20, label=f"< {self.min_tokens}")
-            axes[1].legend(loc="upper right", fontsize="small")
-        totals = self.totals
-        fig.suptitle(f"Expert coverage: {totals.under_threshold} of {totals.experts} under min_tokens={self.min_tokens}")
-        fig.tight_layout()
-        fig.savefig(path, dpi=dpi, format="png")
-        return path
+        return plot_coverage(self, path, dpi=dpi)
 
 
 def _ref(layer: LayerCoverage, e: ExpertCoverage) -> ExpertRef:
