@@ -14,6 +14,12 @@ to normal routing by construction. Forced tokens run afterwards, per expert, ove
 *not* routed to it, under ``torch.no_grad()`` with provenance ``"forced"``; their outputs are
 discarded. (Running each expert once on all tokens and gathering the routed rows is not exact:
 a GEMM's per-row result depends on the row count, e.g. fp32 on CPU.)
+
+``grouped=True`` runs both the routed and the forced tokens through grouped GEMMs
+(:mod:`defuser_quant.calibration.grouped`): every expert projection's hooks still see the same
+rows, the outputs differ from the loop's by GEMM rounding only, and blocks that cannot run
+grouped (wrapped or hooked-in-other-ways Linears, irregular families) use the loop.
+``deterministic=True`` runs the context under :func:`~defuser_quant.calibration.grouped.deterministic_mode`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from torch import nn
 from defuser_quant.core.defused import DefusedExperts
 
 from .capture import defused_blocks, provenance, suspended_hooks
+from .grouped import deterministic_mode, grouped_expert_calls, grouped_routed_forward
 
 __all__ = [
     "DEFAULT_MIN_TOKENS",
@@ -73,6 +80,7 @@ class RoutingSession:
     experts: dict[str, frozenset[int]] | None = None
     observe_routed: bool = True
     counts: dict[str, BlockCounts] = field(default_factory=dict)
+    grouped: bool = False
 
     def forced_selection(self, path: str, top_k_index: torch.Tensor, routed: torch.Tensor) -> dict[int, torch.Tensor]:
         """Token indices to force through each expert for this batch (empty for ``routed``)."""
@@ -129,22 +137,40 @@ class _RoutingForward:
         self, block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         session = self.session
+        forward = _grouped_or_loop if session.grouped else _loop
         if session.observe_routed:
             with provenance("routed"):
-                output = block.routed_forward(hidden_states, top_k_index, top_k_weights)
+                output = forward(block, hidden_states, top_k_index, top_k_weights)
         else:
             with suspended_hooks(m for expert in block for m in expert.modules()):
-                output = block.routed_forward(hidden_states, top_k_index, top_k_weights)
+                output = forward(block, hidden_states, top_k_index, top_k_weights)
         routed = torch.bincount(top_k_index.reshape(-1), minlength=block.num_experts)[: block.num_experts].cpu()
         selection = session.forced_selection(self.path, top_k_index, routed)
         counts = session.counts[self.path]
         counts.routed += routed
         if selection:
             with torch.no_grad(), provenance("forced"):
+                if not (session.grouped and grouped_expert_calls(block, hidden_states, selection)):
+                    for e, token_idx in selection.items():
+                        block[e](hidden_states[token_idx])
                 for e, token_idx in selection.items():
-                    block[e](hidden_states[token_idx])
                     counts.forced[e] += token_idx.numel()
         return output
+
+
+def _loop(
+    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    return block.routed_forward(hidden_states, top_k_index, top_k_weights)
+
+
+def _grouped_or_loop(
+    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    output = grouped_routed_forward(block, hidden_states, top_k_index, top_k_weights)
+    if output is None:
+        output = block.routed_forward(hidden_states, top_k_index, top_k_weights)
+    return output
 
 
 def _check_experts(
@@ -170,6 +196,8 @@ def routing_mode(
     min_tokens: int = DEFAULT_MIN_TOKENS,
     experts: Mapping[str, Collection[int]] | None = None,
     observe_routed: bool = True,
+    grouped: bool = False,
+    deterministic: bool = False,
 ) -> Iterator[RoutingSession]:
     """Route every defused block of ``model`` with ``mode`` inside the ``with`` block.
 
@@ -182,6 +210,9 @@ def routing_mode(
         observe_routed: when False, the routed computation runs with the experts' forward hooks
             switched off, so quantizer hooks see only the forced tokens. Used by fallback passes
             over data whose routed tokens the hooks have already seen.
+        grouped: run experts through grouped GEMMs where every projection is a plain Linear
+            (hooks see the same rows; outputs within GEMM rounding of the loop); else the loop.
+        deterministic: CUDA kernels deterministic inside the context (``index_add_`` included).
 
     Yields:
         The :class:`RoutingSession`, whose ``counts`` hold per-block routed/forced token counts.
@@ -200,13 +231,15 @@ def routing_mode(
         experts=None if experts is None else _check_experts(experts, blocks),
         observe_routed=observe_routed,
         counts={path: BlockCounts.zeros(len(block)) for path, block in blocks},
+        grouped=grouped,
     )
     previous = [(block, block.forward_override) for _, block in blocks]
     try:
         for path, block in blocks:
             block.forward_override = _RoutingForward(session, path)
-        logger.debug("routing mode %r on %d block(s)", mode, len(blocks))
-        yield session
+        logger.debug("routing mode %r on %d block(s)%s", mode, len(blocks), " (grouped)" if grouped else "")
+        with deterministic_mode(deterministic):
+            yield session
     finally:
         for block, override in previous:
             block.forward_override = override

@@ -1,0 +1,325 @@
+"""Grouped calibration forward: a block's experts through grouped GEMMs, per-expert hooks kept.
+
+The per-expert loop (``DefusedExperts.routed_forward``) runs one small matmul per expert and
+projection; on a GPU that bookkeeping, not the arithmetic, bounds calibration. Here a block's
+tokens are sorted by expert once and each projection role (gate, up, down) runs as one
+``grouped_mm`` over all experts, while every per-expert ``nn.Linear`` still has its hooks called
+with exactly the rows it would have received in the loop, in the same row order:
+
+* forward pre-hooks get ``(module, (rows,))`` and may replace the rows, as in ``Module.__call__``;
+* forward hooks get ``(module, (rows,), output)`` and may replace the output;
+* a registered :class:`LinearAdapter` adds the hook a non-``nn.Linear`` class calls inside its
+  own forward (GPTQModel's ``HookedLinear``; ``defuser_quant.integrations.gptqmodel`` registers it).
+
+Only the projection outputs differ from the loop, by the rounding of a grouped versus a
+per-expert GEMM (bit-equal on the CPU here), so Hessians built from the inputs agree within
+float tolerance. What cannot be reproduced is refused: :func:`why_not_grouped` names the reason
+and callers fall back to the per-expert loop. A block falls back when a projection is not a
+plain ``nn.Linear`` (or a registered adapter) or carries an instance ``forward`` (quantization
+wrappers, activation observers, accelerate offload), when any module has backward, keyword or
+global hooks, when an expert module itself is hooked, under autocast or ``torch.compile``, when
+weights differ in shape/dtype/device from each other or from the input, and for irregular
+families (their blocks override the routed forward).
+
+The routed combine adds each token's expert outputs in ascending expert order, one slot at a
+time in the output dtype: the loop's ``index_add_`` order, without its atomics, so the result is
+deterministic on CUDA too (``index_add_`` on CUDA is not). :func:`deterministic_mode` makes the
+per-expert loop deterministic as well.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+from defuser_quant.core.defused import DefusedExpert, DefusedExperts
+
+__all__ = [
+    "LinearAdapter",
+    "deterministic_mode",
+    "grouped_expert_calls",
+    "grouped_routed_forward",
+    "register_linear_adapter",
+    "unregister_linear_adapter",
+    "why_not_grouped",
+]
+
+logger = logging.getLogger(__name__)
+
+_ROLES = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class LinearAdapter:
+    """How a Linear-like class behaves, for the grouped forward.
+
+    ``is_plain(module, input)`` says whether the module's forward is ``F.linear`` plus hooks for
+    this input (e.g. no input rounding, weight on the input's device); ``inner_hook(module,
+    input, output)`` runs what the class's own forward runs after its matmul (None: nothing).
+    """
+
+    is_plain: Callable[[nn.Module, torch.Tensor], bool]
+    inner_hook: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None
+
+
+_ADAPTERS: dict[type, LinearAdapter] = {nn.Linear: LinearAdapter(is_plain=lambda m, x: True)}
+
+
+def register_linear_adapter(cls: type, adapter: LinearAdapter) -> None:
+    """Let modules of exactly ``cls`` take part in the grouped forward (see :class:`LinearAdapter`)."""
+    _ADAPTERS[cls] = adapter
+
+
+def unregister_linear_adapter(cls: type) -> None:
+    """Undo :func:`register_linear_adapter` (``nn.Linear`` stays)."""
+    if cls is not nn.Linear:
+        _ADAPTERS.pop(cls, None)
+
+
+def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if hasattr(torch.nn.functional, "grouped_mm"):
+        return torch.nn.functional.grouped_mm(x, weight_t, offs=offs)
+    return torch._grouped_mm(x, weight_t, offs=offs)  # pragma: no cover - torch < 2.10
+
+
+def _global_hooks() -> bool:
+    names = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_hooks",
+             "_global_backward_pre_hooks", "_global_forward_hooks_with_kwargs")
+    return any(bool(getattr(_module, n, None)) for n in names)
+
+
+def _module_hook_problem(m: nn.Module) -> str | None:
+    if "forward" in vars(m):
+        return "has an instance forward (a wrapper or offload hook)"
+    if m._backward_hooks or m._backward_pre_hooks:
+        return "has backward hooks"
+    if m._forward_pre_hooks_with_kwargs or m._forward_hooks_with_kwargs:
+        return "has forward hooks with kwargs"
+    return None
+
+
+def _projection_problem(m: nn.Module | None, x_dtype: torch.dtype, device: torch.device, sample: torch.Tensor) -> str | None:
+    if m is None:
+        return "is missing"
+    adapter = _ADAPTERS.get(type(m))
+    if adapter is None:
+        return f"is a {type(m).__name__}, not a plain nn.Linear"
+    problem = _module_hook_problem(m)
+    if problem:
+        return problem
+    weight = m.weight
+    if weight.dtype != x_dtype or weight.device != device or weight.dim() != 2:
+        return f"weight {weight.dtype} on {weight.device} does not match the input ({x_dtype} on {device})"
+    if not adapter.is_plain(m, sample):
+        return f"{type(m).__name__} forward is not plain for this input"
+    return None
+
+
+def why_not_grouped(block: DefusedExperts, hidden_states: torch.Tensor) -> str | None:
+    """Why ``block`` cannot run grouped on ``hidden_states`` (None: it can)."""
+    if type(block).routed_forward is not DefusedExperts.routed_forward or type(block).new_output is not DefusedExperts.new_output:
+        return f"{type(block).__name__} has its own routed forward (irregular family)"
+    if hidden_states.dim() != 2:
+        return f"hidden_states is {hidden_states.dim()}-D, expected [tokens, hidden]"
+    if not hasattr(torch.nn.functional, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
+        return "this torch has no grouped_mm"
+    if hidden_states.device.type == "cuda" and (
+        hidden_states.dtype != torch.bfloat16 or torch.cuda.get_device_capability(hidden_states.device) < (8, 0)
+    ):
+        return "grouped_mm on CUDA needs bf16 on compute capability 8.0 or newer"
+    if torch.is_autocast_enabled(hidden_states.device.type):
+        return "autocast is on"
+    if torch.compiler.is_compiling():
+        return "inside torch.compile"
+    if _global_hooks():
+        return "global module hooks are registered"
+    gate_fn = block[0].gate_fn
+    dtype, device = hidden_states.dtype, hidden_states.device
+    sample = hidden_states[:0]
+    shapes: dict[str, tuple] = {}
+    for e, expert in enumerate(block):
+        if type(expert) is not DefusedExpert or expert.gate_fn is not gate_fn:
+            return f"expert {e} is a {type(expert).__name__} with its own forward"
+        if expert._forward_pre_hooks or expert._forward_hooks or _module_hook_problem(expert):
+            return f"expert {e} module itself is hooked or wrapped"
+        for role in _ROLES:
+            if getattr(expert.names, role) is None:
+                continue
+            m = expert.projection(role)
+            problem = _projection_problem(m, dtype, device, sample)
+            if problem:
+                return f"expert {e} {role} projection {problem}"
+            shape = (tuple(m.weight.shape), m.bias is None)
+            if shapes.setdefault(role, shape) != shape:
+                return f"expert {e} {role} projection shape {shape} differs from expert 0's {shapes[role]}"
+    return None
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``, as a zero-copy view when they are evenly spaced in one storage."""
+    first = tensors[0]
+    if len(tensors) > 1:
+        storage = first.untyped_storage().data_ptr()
+        step = tensors[1].storage_offset() - first.storage_offset()
+        if step > 0 and all(
+            t.untyped_storage().data_ptr() == storage
+            and t.stride() == first.stride()
+            and t.storage_offset() == first.storage_offset() + i * step
+            for i, t in enumerate(tensors)
+        ):
+            return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
+    return torch.stack(tensors)
+
+
+def _call_pre_hooks(m: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    for hook in tuple(m._forward_pre_hooks.values()):
+        result = hook(m, (rows,))
+        if result is not None:
+            result = result if isinstance(result, tuple) else (result,)
+            if len(result) != 1 or not isinstance(result[0], torch.Tensor) or result[0].shape != rows.shape:
+                raise RuntimeError(
+                    f"a forward pre-hook of {type(m).__name__} returned {type(result[0]).__name__} of another shape; "
+                    "the grouped calibration forward keeps row counts (run without grouped=True)"
+                )
+            rows = result[0]
+    return rows
+
+
+def _call_post_hooks(m: nn.Module, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    adapter = _ADAPTERS[type(m)]
+    if adapter.inner_hook is not None:
+        adapter.inner_hook(m, rows, out)
+    for hook in tuple(m._forward_hooks.values()):
+        result = hook(m, (rows,), out)
+        if result is not None:
+            out = result
+    return out
+
+
+def _project(modules: list[nn.Module], x: torch.Tensor, counts: list[int], offs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """One projection role over all experts: hooks per expert, one grouped GEMM."""
+    hit = [e for e, n in enumerate(counts) if n]
+    rows = dict(zip(hit, torch.split(x, [counts[e] for e in hit]), strict=True))
+    replaced = False
+    for e in hit:
+        m = modules[e]
+        if m._forward_pre_hooks:
+            new = _call_pre_hooks(m, rows[e])
+            replaced |= new is not rows[e]
+            rows[e] = new
+    if replaced:
+        x = torch.cat([rows[e] for e in hit])
+    weight = _stacked([m.weight for m in modules])
+    out = _grouped_mm(x, weight.transpose(-2, -1), offs)
+    if modules[0].bias is not None:
+        out = out + _stacked([m.bias for m in modules])[expert_ids]
+    outs = dict(zip(hit, torch.split(out, [counts[e] for e in hit]), strict=True))
+    changed = False
+    for e in hit:
+        new = _call_post_hooks(modules[e], rows[e], outs[e])
+        changed |= new is not outs[e]
+        outs[e] = new
+    return torch.cat([outs[e] for e in hit]) if changed else out
+
+
+def _run_sorted(block: DefusedExperts, x: torch.Tensor, counts: list[int], expert_ids: torch.Tensor) -> torch.Tensor:
+    """Expert outputs for rows ``x`` sorted by expert (``counts`` rows each), grouped."""
+    offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    names = block[0].names
+    experts = list(block)
+
+    def role(r: str) -> list[nn.Module]:
+        return [getattr(expert, getattr(names, r)) for expert in experts]
+
+    gate = _project(role("gate"), x, counts, offs, expert_ids) if names.gate is not None else None
+    up = _project(role("up"), x, counts, offs, expert_ids)
+    return _project(role("down"), block[0].gate_fn(gate, up), counts, offs, expert_ids)
+
+
+def grouped_routed_forward(
+    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor | None:
+    """``block.routed_forward`` through grouped GEMMs; None when the block cannot (see :func:`why_not_grouped`).
+
+    Each expert's projections see the rows of the loop in the loop's order (top-k slot, then
+    token); the combine adds in ascending expert order like the loop's ``index_add_``.
+    """
+    reason = why_not_grouped(block, hidden_states)
+    if reason is not None:
+        logger.debug("grouped forward off for %s: %s", type(block).__name__, reason)
+        return None
+    tokens, top_k = top_k_index.shape
+    num_experts = block.num_experts
+    # Flat index k * tokens + t: a stable sort by expert keeps the loop's (slot, token) order.
+    flat_ids = top_k_index.T.reshape(-1)
+    if bool((flat_ids >= num_experts).any()) or bool((flat_ids < 0).any()):
+        logger.debug("grouped forward off: expert indices outside [0, %d)", num_experts)
+        return None
+    expert_ids, perm = torch.sort(flat_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=num_experts).tolist()
+    token_idx = perm % tokens
+    slot_idx = perm // tokens
+    out = _run_sorted(block, hidden_states[token_idx], counts, expert_ids)
+    weighted = out * top_k_weights[token_idx, slot_idx, None]
+    final = block.new_output(hidden_states)
+    # Row of each (token, j-th smallest expert id) in the sorted order.
+    position = torch.empty_like(perm)
+    position[perm] = torch.arange(perm.numel(), device=perm.device)
+    slot_order = torch.sort(top_k_index, dim=1, stable=True).indices  # [tokens, top_k]
+    rows = position[slot_order * tokens + torch.arange(tokens, device=perm.device)[:, None]]
+    contributions = weighted.to(final.dtype)[rows]  # [tokens, top_k, hidden]
+    for j in range(top_k):
+        final += contributions[:, j]
+    return final
+
+
+def grouped_expert_calls(block: DefusedExperts, hidden_states: torch.Tensor, selection: Mapping[int, torch.Tensor]) -> bool:
+    """Run ``block[e](hidden_states[idx])`` for every ``e, idx`` of ``selection``, grouped; outputs dropped.
+
+    Returns False (nothing run) when the block cannot run grouped; the caller then loops.
+    """
+    if why_not_grouped(block, hidden_states) is not None:
+        return False
+    experts = sorted(e for e, idx in selection.items() if idx.numel())
+    if not experts:
+        return True
+    counts = [0] * block.num_experts
+    for e in experts:
+        counts[e] = int(selection[e].numel())
+    index = torch.cat([selection[e] for e in experts])
+    expert_ids = torch.repeat_interleave(
+        torch.arange(block.num_experts, device=index.device), torch.tensor(counts, device=index.device)
+    )
+    _run_sorted(block, hidden_states[index], counts, expert_ids)
+    return True
+
+
+@contextmanager
+def deterministic_mode(enabled: bool = True) -> Iterator[None]:
+    """Deterministic CUDA kernels inside the block (``torch.use_deterministic_algorithms``), restored after.
+
+    The per-expert loop accumulates with ``index_add_``, which on CUDA uses atomics: the sum
+    order, hence the bf16 rounding, changes run to run, and so do Hessians and checkpoints. Here
+    PyTorch's deterministic ``index_add_`` (sorted ``index_put_``) runs instead; ops without a
+    deterministic kernel warn instead of failing (``warn_only=True``). cuBLAS also needs
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment before CUDA starts; it is set here if
+    unset, which only helps when CUDA has not been used yet in the process.
+    """
+    if not enabled:
+        yield
+        return
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
