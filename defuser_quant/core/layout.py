@@ -9,6 +9,8 @@ the contract of Transformers' generic experts forwards (``gate_up_proj`` or ``up
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,18 +65,90 @@ class ExpertLayout:
         return cls(**{k: bool(flags[k]) for k in LAYOUT_FLAGS})
 
 
-def declared_flags_of_class(cls: type) -> dict[str, Any] | None:
-    """Layout flags stamped by ``use_experts_implementation`` on ``cls`` (or a base), else None."""
-    for klass in cls.__mro__:
+def _declared_closure(cls: type) -> dict[str, Any] | None:
+    """Every value the ``use_experts_implementation`` wrapper of ``cls`` (or a base) closes over."""
+    for klass in getattr(cls, "__mro__", ()):
         init = klass.__dict__.get("__init__")
         closure = getattr(init, "__closure__", None)
         if not closure:
             continue
         names = init.__code__.co_freevars
         if all(flag in names for flag in LAYOUT_FLAGS):
-            cells = dict(zip(names, closure))
-            return {flag: cells[flag].cell_contents for flag in LAYOUT_FLAGS}
+            return {name: cell.cell_contents for name, cell in zip(names, closure)}
     return None
+
+
+def declared_flags_of_class(cls: type) -> dict[str, Any] | None:
+    """Layout flags stamped by ``use_experts_implementation`` on ``cls`` (or a base), else None."""
+    cells = _declared_closure(cls)
+    return None if cells is None else {flag: cells[flag] for flag in LAYOUT_FLAGS}
+
+
+# What the decorator's wrapper closes over besides flags: the wrapped constructor.
+_WRAPPER_INTERNALS = frozenset({"original_init"})
+# Decorator arguments that are not layout facts of one instance.
+_NOT_FLAGS = frozenset({"experts_class", "experts_interface"})
+
+
+@functools.lru_cache(maxsize=1)
+def decorator_defaults() -> dict[str, Any]:
+    """Keyword defaults of the installed ``use_experts_implementation``, other than the layout
+    flags: at its default a flag leaves the generic experts forward as the standard layout's
+    (``has_post_expert_norm=False`` in Transformers 5.24)."""
+    try:
+        from transformers.integrations.moe import use_experts_implementation
+    except ImportError:  # pragma: no cover - transformers without the decorator
+        return {}
+    params = inspect.signature(use_experts_implementation).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not p.empty and p.name not in _NOT_FLAGS and p.name not in LAYOUT_FLAGS
+    }
+
+
+def unmodelled_flags_of_class(cls: type) -> dict[str, Any]:
+    """Decorator flags of ``cls`` that ``ExpertLayout`` does not model and that are not at the
+    decorator's default (a flag the installed decorator does not even have counts as unmodelled)."""
+    cells = _declared_closure(cls) or {}
+    defaults = decorator_defaults()
+    return {
+        name: value
+        for name, value in cells.items()
+        if name not in LAYOUT_FLAGS and name not in _WRAPPER_INTERNALS
+        and (name not in defaults or value != defaults[name])
+    }
+
+
+def unmodelled_structure(module: nn.Module, layout: ExpertLayout) -> list[str]:
+    """What ``module`` holds beyond the standard layout: decorator flags off their default,
+    parameters or buffers other than the layout's fused tensors, child modules other than a
+    parameterless ``act_fn``. Each item names the thing; empty when the layout says everything."""
+    extras = [f"decorator flag {n}={v!r}" for n, v in unmodelled_flags_of_class(type(module)).items()]
+    for name, default in decorator_defaults().items():
+        value = getattr(module, name, default)
+        if value != default and not any(e.startswith(f"decorator flag {name}=") for e in extras):
+            extras.append(f"decorator flag {name}={value!r}")
+    own = set(layout.fused_names)
+    extras += [f"parameter '{n}'" for n, _ in module.named_parameters(recurse=False) if n not in own]
+    extras += [f"buffer '{n}'" for n, _ in module.named_buffers(recurse=False) if n not in own]
+    for name, child in module.named_children():
+        stateless = next(iter(child.parameters()), None) is None and next(iter(child.buffers()), None) is None
+        if name != "act_fn" or not stateless:
+            extras.append(f"child module '{name}' ({type(child).__name__})")
+    return extras
+
+
+def refuse_unmodelled(module: nn.Module, layout: ExpertLayout, path: str) -> None:
+    """Raise ``LayoutError`` when ``module`` holds anything the standard layout does not model:
+    a defused block would drop it and compute something else."""
+    extras = unmodelled_structure(module, layout)
+    if extras:
+        raise LayoutError(
+            f"{path} ({type(module).__name__}) has {', '.join(extras)}, which the standard fused-experts layout "
+            f"does not model: defusing it would drop that and change the output, so it is refused. Exclude the block "
+            f"with a '-:' filter rule, or add an explicit entry in defuser_quant/core/families.py that models it."
+        )
 
 
 def is_fused_experts_class(cls: type) -> bool:

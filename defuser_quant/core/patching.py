@@ -26,8 +26,9 @@ from .defused import DefusedExperts
 from .errors import UnsupportedModelError
 from .dense import split_dense_mlp
 from .families import adapter_of, dense_entry_for, experts_entry_for, shared_expert_list
+from . import load_check
 from .generated import pickled_through
-from .layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class
+from .layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class, unmodelled_flags_of_class
 from .tensors import pop_tensor
 from .split_ops import (
     collapse_doubled_prefix,
@@ -225,6 +226,13 @@ def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
     experts = fused_experts_classes(model_type) + irregular_experts_classes(model_type)
     dense = dense_mlp_classes(model_type) if split_dense else []
     classes = experts + dense
+    refused = {c.__name__: flags for c in experts if experts_entry_for(c) is None and (flags := unmodelled_flags_of_class(c))}
+    if refused:
+        raise UnsupportedModelError(
+            f"{model_type!r}: {', '.join(f'{name} has decorator flags {flags}' for name, flags in refused.items())} that "
+            "defuser-quant does not model (a defused block would compute something else); nothing was patched. "
+            "Load the model without replace_fused_blocks, or add an explicit entry in defuser_quant/core/families.py."
+        )
     if not classes:
         raise UnsupportedModelError(
             f"{model_type!r} has no fused experts class (decorated with @use_experts_implementation or listed in "
@@ -240,6 +248,7 @@ def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
     register_checkpoint_conversion_mapping(model_type, _conversion_mapping(model_type, experts, dense), overwrite=True)
     untied = _untie_fused_keys(model_type)
     _PATCHED[model_type] = {"classes": classes, "mapping": previous_mapping, "tied_keys": untied}
+    load_check.install()  # expert keys that do not load raise instead of leaving random experts
     logger.info("patched %s: %s", model_type, ", ".join(c.__name__ for c in classes))
     return True
 
@@ -262,3 +271,5 @@ def restore_fused_blocks(model_type: str | None = None) -> None:
         else:
             cache[mt] = state["mapping"]
         conversion_mapping.USER_REGISTERED_MAPPINGS.discard(mt)
+    if not _PATCHED:
+        load_check.uninstall()

@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from ..core.families import DENSE_MLP_ENTRIES, EXPERTS_ENTRIES, SHARED_EXPERT_LISTS, adapter_of, resolve_class
-from ..core.layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class
+from ..core.layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class, unmodelled_flags_of_class
 from ..core.naming import stock_loads_per_expert
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class FamilySupport:
     postload: bool = True
     refuse: bool = True
     notes: str = ""
+    refused: str = ""  # why conversion refuses this family (structure the adapters do not model)
 
 
 def _model_types_of(module: str) -> tuple[str, ...]:
@@ -87,7 +88,9 @@ def supported_families() -> tuple[FamilySupport, ...]:
     rows: dict[str, dict] = {}
 
     def row(module: str) -> dict:
-        return rows.setdefault(module, {"layouts": [], "irregular": False, "exact": True, "stock": True, "notes": []})
+        return rows.setdefault(
+            module, {"layouts": [], "irregular": False, "exact": True, "stock": True, "notes": [], "refused": []}
+        )
 
     for module in _modeling_modules_with("use_experts_implementation"):
         for cls in _decorated_classes(module):
@@ -96,6 +99,8 @@ def supported_families() -> tuple[FamilySupport, ...]:
             r["layouts"].append(layout.describe())
             r["exact"] &= not layout.is_transposed
             r["stock"] &= stock_loads_per_expert(*_model_types_of(module))
+            if flags := unmodelled_flags_of_class(cls):
+                r["refused"].append(f"{cls.__name__}: decorator " + ", ".join(f"`{k}={v!r}`" for k, v in flags.items()))
     for entry in EXPERTS_ENTRIES:
         if resolve_class(entry.qualified_name) is None:
             logger.warning("families.py entry %s: no class %s in this Transformers", entry.family, entry.qualified_name)
@@ -126,6 +131,8 @@ def supported_families() -> tuple[FamilySupport, ...]:
             exact=r["exact"],
             stock_per_expert=r["stock"],
             notes="; ".join(r["notes"]),
+            refused="; ".join(r["refused"]),
+            **({"preload": False, "postload": False, "refuse": False} if r["refused"] else {}),
         )
         for module, r in sorted(rows.items())
     )
@@ -133,7 +140,7 @@ def supported_families() -> tuple[FamilySupport, ...]:
 
 def supported_model_types() -> set[str]:
     """Every model type whose modeling package has a block we convert."""
-    return {t for row in supported_families() for t in row.model_types}
+    return {t for row in supported_families() if not row.refused for t in row.model_types}
 
 
 def markdown_table(rows: tuple[FamilySupport, ...] | None = None) -> str:
@@ -147,7 +154,7 @@ def markdown_table(rows: tuple[FamilySupport, ...] | None = None) -> str:
     for r in rows:
         family = r.module + (f" ({', '.join(r.model_types)})" if r.model_types != (r.module,) else "")
         layout = "<br>".join(r.layouts) + (" *" if r.irregular else "")
-        math = "exact" if r.exact else "≤1e-6 rel"
+        math = f"refused: {r.refused}" if r.refused else "exact" if r.exact else "≤1e-6 rel"
         stock = yes[r.stock_per_expert] if r.stock_per_expert else "no: `temporarily_fused`"
         lines.append(
             f"| {family} | {layout} | {yes[r.preload]} | {yes[r.postload]} | {yes[r.refuse]} | {math} | {stock} |"

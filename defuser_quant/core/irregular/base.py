@@ -13,7 +13,7 @@ from torch import nn
 
 from ..defused import DefusedExpert, DefusedExperts, GateFunction
 from ..errors import LayoutError
-from ..layout import ExpertLayout, ExpertShapes, check_shapes, layout_of
+from ..layout import ExpertLayout, ExpertShapes, check_shapes, layout_of, refuse_unmodelled
 from ..naming import ProjectionNames, projection_names
 from ..tensors import FusedTensor, get_tensor, layout_tensors
 
@@ -39,6 +39,8 @@ class StandardAdapter:
         return layout_tensors(layout)
 
     def check(self, module: nn.Module, layout: ExpertLayout, path: str) -> ExpertShapes:
+        """Validate ``module`` against ``layout``; refuse anything the layout does not model."""
+        refuse_unmodelled(module, layout, path)
         return check_shapes(module, layout, path)
 
     def names(self, layout: ExpertLayout, model_type: str | None, fallback_type: str | None) -> ProjectionNames:
