@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .defused import fast_linear
-from .errors import LayoutError
+from .errors import FuseError, LayoutError
 from .families import DenseMlpEntry, dense_entry_for
 
 logger = logging.getLogger(__name__)
@@ -144,24 +144,63 @@ def _joined(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (view, True) if view is not None else (torch.cat((a.detach(), b.detach())), False)
 
 
-def fuse_dense_mlp(mlp: nn.Module, path: str = "") -> bool:
-    """Undo ``split_dense_mlp``: one ``gate_up_proj`` ``nn.Linear`` again. Returns True when zero-copy.
-
-    Raises ``LayoutError`` when a half is no longer a plain ``nn.Linear`` (quantized).
-    """
+def check_fusable_dense(mlp: nn.Module, path: str = "") -> None:
+    """Raise ``FuseError`` (naming the module and the difference) unless ``mlp``'s halves can be
+    joined into one ``gate_up_proj`` exactly: plain ``nn.Linear`` halves of the split's shapes,
+    one dtype and device, both with a bias or neither."""
     stand_in: FusedGateUp = mlp.__dict__["gate_up_proj"]
     first, second = stand_in.halves()
+    half = stand_in.out_features // 2
     for linear in (first, second):
+        name = "gate_proj" if linear is mlp.gate_proj else "up_proj"
         if type(linear) is not nn.Linear:
-            raise LayoutError(f"{path}: a {type(linear).__name__} cannot be re-fused into gate_up_proj (quantized?)")
+            raise FuseError(
+                f"{path}.{name} is a {type(linear).__name__}, not nn.Linear: quantized dense MLPs are re-fused "
+                "by the quantizer integrations"
+            )
+        if tuple(linear.weight.shape) != (half, stand_in.in_features):
+            raise FuseError(
+                f"{path}.{name}.weight has shape {list(linear.weight.shape)}; gate_up_proj needs halves of "
+                f"[{half}, {stand_in.in_features}] (resized projections cannot be re-fused)"
+            )
+    if (first.bias is None) != (second.bias is None):
+        with_bias = "gate_proj" if mlp.gate_proj.bias is not None else "up_proj"
+        raise FuseError(f"{path}.{with_bias} has a bias and its other half has none: gate_up_proj cannot store that")
+    for a, b, what in ((first.weight, second.weight, "weights"), (first.bias, second.bias, "biases")):
+        if a is not None and (a.dtype != b.dtype or a.device != b.device):
+            raise FuseError(
+                f"{path}: gate_proj/up_proj {what} are {mlp.gate_proj.weight.dtype}/{mlp.up_proj.weight.dtype} on "
+                f"{mlp.gate_proj.weight.device}/{mlp.up_proj.weight.device}: move the model to one dtype and device"
+            )
+
+
+def fuse_dense_mlp(mlp: nn.Module, path: str = "", undo: list[Callable[[], None]] | None = None) -> bool:
+    """Undo ``split_dense_mlp``: one ``gate_up_proj`` ``nn.Linear`` again. Returns True when zero-copy.
+
+    Raises ``FuseError`` (``check_fusable_dense``) when the halves cannot be joined exactly.
+    ``undo`` gets the step that splits the MLP back as it was.
+    """
+    check_fusable_dense(mlp, path)
+    stand_in: FusedGateUp = mlp.__dict__["gate_up_proj"]
+    first, second = stand_in.halves()
     weight, zero_copy = _joined(first.weight, second.weight)
     bias = None
-    if first.bias is not None and second.bias is not None:
+    if first.bias is not None:
         bias, bias_zero_copy = _joined(first.bias, second.bias)
         zero_copy = zero_copy and bias_zero_copy
     fused = fast_linear(weight, bias, stand_in.requires_grad)
+    if undo is not None:
+        children, cls = dict(mlp._modules), mlp.__class__
+        undo.append(lambda: _resplit(mlp, children, stand_in, cls))
     _unsplit(mlp, fused)
     native = type(mlp).__dict__.get("_defuser_quant_split_of")
     if native is not None:  # built split by the pre-load patch: back to the family's own class
         mlp.__class__ = native
     return zero_copy
+
+
+def _resplit(mlp: nn.Module, children: dict[str, nn.Module], stand_in: FusedGateUp, cls: type) -> None:
+    mlp.__class__ = cls
+    mlp._modules.clear()
+    mlp._modules.update(children)
+    mlp.__dict__["gate_up_proj"] = stand_in

@@ -19,36 +19,89 @@ import torch
 from torch import nn
 
 from .defused import DefusedExperts
-from .dense import DENSE_LAYOUT, fuse_dense_mlp, is_split
-from .errors import FuseError
+from .dense import DENSE_LAYOUT, check_fusable_dense, fuse_dense_mlp, is_split
+from .errors import DefuserQuantError, FuseError
 from .progress import progress
 from .report import BlockRecord, ConversionReport
-from .slicing import expected_views, restore_slab
-from .tensors import put_tensor
+from .slicing import carve, expected_views, restore_slab
+from .tensors import pop_tensor, put_tensor
 
 logger = logging.getLogger(__name__)
 
 
+def _expected_shapes(block: DefusedExperts, spec, plan) -> list[tuple[int, ...]]:
+    """The shape of each piece one expert contributes to the fused tensor ``spec``."""
+    shape = spec.shape if spec.plan is not None else (block.num_experts, *spec.shape[1:])
+    return [tuple(p.shape) for p in plan.pieces(torch.empty(shape[1:], device="meta"))]
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _nonzero(t: torch.Tensor) -> bool:
+    """True unless ``t`` is known to be all zeros (a meta tensor's values are unknown)."""
+    return t.device.type == "meta" or bool(torch.count_nonzero(t.detach()).item())
+
+
 def _pieces_per_expert(block: DefusedExperts, path: str) -> dict[str, list[list[torch.Tensor]]]:
-    """Per fused tensor path, the list (per expert) of its current per-expert tensors."""
+    """Per fused tensor path, the list (per expert) of its current per-expert tensors.
+
+    Validates everything the fused layout must represent and raises ``FuseError`` naming the
+    module and the difference: a replaced or missing projection, a weight or bias of another
+    shape, a bias the fused class has no place for (unless it is all zeros), a missing bias it
+    needs, or experts that disagree on dtype or device.
+    """
     names = block.names
     plans = block.tensor_plans()
+    fused_name = block.fused_class.__name__
+    stored = {(role, kind) for _, plan in plans for role, kind in plan.leaves}
+    expected = {spec.name: _expected_shapes(block, spec, plan) for spec, plan in plans}
     out: dict[str, list[list[torch.Tensor]]] = {spec.name: [] for spec, _ in plans}
+    reference: dict[str, tuple[str, torch.Tensor]] = {}  # per fused tensor: its first piece
     for index in range(block.num_experts):
         expert = block._modules.get(str(index))
         if expert is None:
             raise FuseError(f"{path}: expert {index} is missing; the block is partially converted and cannot be re-fused")
         linears = {}
-        for _, plan in plans:
-            for role, _ in plan.leaves:
-                linear = linears[role] = expert.projection(role)
-                if type(linear) is not nn.Linear:
-                    raise FuseError(
-                        f"{path}.{index}.{getattr(names, role)} is a {type(linear).__name__}, not nn.Linear: quantized "
-                        "or replaced experts are re-fused by the quantizer integrations (see the README, 'Re-fusing')."
-                    )
+        for role in ("gate", "up", "down"):
+            if getattr(names, role) is None:
+                continue
+            where = f"{path}.{index}.{getattr(names, role)}"
+            linear = linears[role] = expert.projection(role)
+            if type(linear) is not nn.Linear:
+                raise FuseError(
+                    f"{where} is a {type(linear).__name__}, not nn.Linear: quantized "
+                    "or replaced experts are re-fused by the quantizer integrations (see the README, 'Re-fusing')."
+                )
+            if linear.bias is not None and (role, "bias") not in stored and _nonzero(linear.bias):
+                raise FuseError(
+                    f"{where} has a bias, but the fused {fused_name} stores none: re-fusing would drop it. "
+                    "Fold the bias elsewhere or keep the model defused."
+                )
         for spec, plan in plans:
-            out[spec.name].append([getattr(linears[role], kind) for role, kind in plan.leaves])
+            current = []
+            for (role, kind), shape in zip(plan.leaves, expected[spec.name]):
+                where = f"{path}.{index}.{getattr(names, role)}.{kind}"
+                tensor = getattr(linears[role], kind)
+                if tensor is None:
+                    raise FuseError(
+                        f"{where} is missing, but the fused {fused_name} stores one of shape {_fmt(shape)}: "
+                        "give the Linear its bias back (zeros if it has none) before fuse_model."
+                    )
+                if tuple(tensor.shape) != shape:
+                    raise FuseError(
+                        f"{where} has shape {_fmt(tuple(tensor.shape))}; the fused {fused_name} needs {_fmt(shape)} "
+                        "(resized experts cannot be re-fused)."
+                    )
+                first_where, first = reference.setdefault(spec.name, (where, tensor))
+                if tensor.dtype != first.dtype or tensor.device != first.device:
+                    raise FuseError(
+                        f"{where} is {tensor.dtype} on {tensor.device} but {first_where} is {first.dtype} on "
+                        f"{first.device}: move the model to one dtype and device before fuse_model."
+                    )
+                current.append(tensor)
+            out[spec.name].append(current)
     return out
 
 
@@ -101,10 +154,13 @@ def _stack(pieces: list[list[torch.Tensor]], shape: tuple[int, ...], fn: Callabl
     return fused
 
 
-def _fuse_block(path: str, block: DefusedExperts, memo: dict[int, torch.Tensor]) -> tuple[nn.Module, bool]:
-    """Rebuild ``block``'s native module. ``memo`` maps a first per-expert Parameter to the fused
-    tensor already rebuilt from it, so blocks tied to each other get the same fused Parameter."""
-    per_name = _pieces_per_expert(block, path)
+def _fuse_block(
+    path: str, block: DefusedExperts, per_name: dict[str, list[list[torch.Tensor]]], memo: dict[int, torch.Tensor],
+    undo: list[Callable[[], None]],
+) -> tuple[nn.Module, bool]:
+    """Rebuild ``block``'s native module from its validated pieces; in-place changes go on ``undo``.
+    ``memo`` maps a first per-expert Parameter to the fused tensor already rebuilt from it, so
+    blocks tied to each other get the same fused Parameter."""
     shell = block.fused_shell
     rebuilt, zero_copy = {}, True
     for spec, plan in block.tensor_plans():
@@ -117,6 +173,7 @@ def _fuse_block(path: str, block: DefusedExperts, memo: dict[int, torch.Tensor])
         if fused is not None and spec.relayout:
             for e in range(len(pieces)):
                 restore_slab(fused[e], plan.pieces)
+            undo.append(lambda t=fused, fn=plan.pieces: carve(t, fn, relayout=True))  # back to the packed views
         if fused is None:
             zero_copy = False
             fused = _stack(pieces, shape, plan.pieces)
@@ -127,6 +184,7 @@ def _fuse_block(path: str, block: DefusedExperts, memo: dict[int, torch.Tensor])
         rebuilt[spec.name] = memo[id(pieces[0][0])] = fused
     for name, fused in rebuilt.items():
         put_tensor(shell, name, fused, block.specs[name].is_buffer)
+        undo.append(lambda n=name: pop_tensor(shell, n))
     first = next(iter(rebuilt.values()))
     if first.device.type != "meta":
         shell.to(first.device)
@@ -136,39 +194,46 @@ def _fuse_block(path: str, block: DefusedExperts, memo: dict[int, torch.Tensor])
 def fuse_model(model: nn.Module, *, show_progress: bool | None = None) -> ConversionReport:
     """Re-fuse every ``DefusedExperts`` of ``model`` into its native experts class, in place.
 
-    Raises ``FuseError`` (before changing anything) when a block holds quantized or missing
-    experts. Returns a ``ConversionReport`` of the fused blocks.
+    Transactional like ``convert_model``: every block is validated first, and ``FuseError``
+    (naming the module and what the fused layout cannot represent: a quantized or replaced
+    projection, a missing expert, a resized weight, an added bias, mixed dtypes) is raised before
+    anything changes; a failure half way restores the model. Returns a ``ConversionReport``.
     """
     report = ConversionReport()
     blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, DefusedExperts)]
-    for path, block in blocks:
-        _pieces_per_expert(block, path)  # validate all before mutating any
+    pieces = {path: _pieces_per_expert(block, path) for path, block in blocks}  # validate all first
     dense = [(p, m) for p, m in model.named_modules() if is_split(m)]
     for path, mlp in dense:
-        for linear, name in ((mlp.gate_proj, "gate_proj"), (mlp.up_proj, "up_proj")):
-            if type(linear) is not nn.Linear:
-                raise FuseError(
-                    f"{path}.{name} is a {type(linear).__name__}, not nn.Linear: quantized dense MLPs are re-fused "
-                    "by the quantizer integrations"
-                )
+        check_fusable_dense(mlp, path)
     aliases: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(path)
     memo: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for path, block in progress(blocks, "fuse", show_progress):
-            shell, zero_copy = _fuse_block(path, block, memo)
-            for alias in aliases[id(block)]:  # a block shared by several parents is restored in all
-                parent_path, _, attr = alias.rpartition(".")
-                setattr(model.get_submodule(parent_path), attr, shell)
-            report.converted.append(
-                BlockRecord(path, type(shell).__name__, block.layout.describe(), block.num_experts, "fused", zero_copy=zero_copy)
-            )
-        for path, mlp in dense:
-            zero_copy = fuse_dense_mlp(mlp, path)
-            report.converted.append(
-                BlockRecord(path, type(mlp).__name__, DENSE_LAYOUT, 0, "fused", zero_copy=zero_copy, kind="dense_mlp")
-            )
+    undo: list[Callable[[], None]] = []
+    try:
+        with torch.no_grad():
+            for path, block in progress(blocks, "fuse", show_progress):
+                shell, zero_copy = _fuse_block(path, block, pieces[path], memo, undo)
+                for alias in aliases[id(block)]:  # a block shared by several parents is restored in all
+                    parent_path, _, attr = alias.rpartition(".")
+                    parent = model.get_submodule(parent_path)
+                    setattr(parent, attr, shell)
+                    undo.append(lambda p=parent, a=attr, b=block: setattr(p, a, b))
+                report.converted.append(
+                    BlockRecord(path, type(shell).__name__, block.layout.describe(), block.num_experts, "fused", zero_copy=zero_copy)
+                )
+            for path, mlp in dense:
+                zero_copy = fuse_dense_mlp(mlp, path, undo)
+                report.converted.append(
+                    BlockRecord(path, type(mlp).__name__, DENSE_LAYOUT, 0, "fused", zero_copy=zero_copy, kind="dense_mlp")
+                )
+    except BaseException as exc:
+        with torch.no_grad():
+            for step in reversed(undo):
+                step()
+        if isinstance(exc, DefuserQuantError) or not isinstance(exc, Exception):
+            raise
+        raise FuseError(f"re-fusing failed ({type(exc).__name__}: {exc}); the model was restored to its state before the call") from exc
     logger.info("re-fused %d block(s), %d dense MLP(s)", len(report.experts_blocks), len(report.dense_mlps))
     return report
 
