@@ -8,6 +8,7 @@ Public API::
     fuse_model(model)                                      # back to the native classes
     replace_fused_blocks("qwen3_moe")                      # before from_pretrained
     supported_model_types()                                # every model type either covers
+    model = load("ckpt")                                   # any MoE checkpoint, experts defused (and kept quantized)
 """
 
 from . import _legacy, core
@@ -22,6 +23,10 @@ def __getattr__(name: str):
         from .tools import families_table
 
         return getattr(families_table, name)
+    if name == "load":  # lazy: the loader reads checkpoint headers (defuser_quant.checkpoint)
+        from .loading import load
+
+        return load
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0.dev0"

@@ -14,7 +14,7 @@ import sys
 
 from ..core.errors import DefuserQuantError
 
-SUBCOMMAND_MODULES = ["run", "demo", "convert", "inspect"]
+SUBCOMMAND_MODULES = ["run", "demo", "convert", "inspect", "check"]
 
 
 def build_parser() -> argparse.ArgumentParser:
