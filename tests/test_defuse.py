@@ -317,3 +317,95 @@ def test_accelerate_disk_offload_keeps_weights_reachable(tmp_path):
     block = model.model.layers[1].mlp.experts
     assert isinstance(block, dq.DefusedExperts)
     torch.testing.assert_close(logits(model, ids), ref, rtol=1e-6, atol=1e-5)
+
+
+def test_gpt_oss_built_under_the_preload_patch_with_grad_mode_on():
+    """Building the model (grad mode on, Parameters requiring grad) carves the transposed,
+    interleaved slabs in place: that must not trip autograd, and the block must train."""
+    from tiny import gpt_oss_config, randomize_experts
+    from transformers import GptOssForCausalLM
+
+    torch.manual_seed(0)
+    reference = GptOssForCausalLM(gpt_oss_config()).eval()
+    randomize_experts(reference)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = logits(reference, ids)
+    dq.convert_model(reference)
+    assert torch.is_grad_enabled()
+    dq.replace_fused_blocks("gpt_oss")
+    patched = GptOssForCausalLM(gpt_oss_config()).eval()
+    assert isinstance(patched.model.layers[0].mlp.experts, dq.DefusedExperts)
+    patched.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(logits(patched, ids), ref, rtol=1e-6, atol=1e-5)
+    patched(ids).logits.sum().backward()
+    expert = patched.model.layers[0].mlp.experts[0]
+    grads = [p.grad for p in expert.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def _split_matmul_is_exact(tokens: int, hidden: int, inter: int) -> bool:
+    """Whether this CPU's BLAS computes the columns of x @ [2I, H]^T like x @ [I, H]^T of each half."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(tokens, hidden, generator=gen), torch.randn(2 * inter, hidden, generator=gen)
+    fused = nn.functional.linear(x, w)
+    return torch.equal(fused[:, :inter], nn.functional.linear(x, w[:inter])) and torch.equal(
+        fused[:, inter:], nn.functional.linear(x, w[inter:])
+    )
+
+
+@pytest.mark.parametrize("inter", [24, 40])
+def test_gate_activation_rounds_like_the_fused_chunk(inter):
+    """The fused loop applies the activation to a strided half of one [T, 2I] output; SiLU
+    rounds differently there than on a contiguous tensor unless I is a multiple of its vector
+    loop (off by 1.2e-7 at I=24). The defused gate must see the same memory layout."""
+    model, _ = build("qwen3_moe", moe_intermediate_size=inter)
+    shell_act = model.model.layers[0].mlp.experts.act_fn
+    dq.convert_model(model)
+    gate_fn = model.model.layers[0].mlp.experts[0].gate_fn
+    gate_up = torch.randn(37, 2 * inter, generator=torch.Generator().manual_seed(2))
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(gate_fn(gate.contiguous(), up.contiguous()), shell_act(gate) * up)
+
+
+@pytest.mark.parametrize("family,key", [("qwen3_moe", "moe_intermediate_size"), ("mixtral", "intermediate_size")])
+@pytest.mark.parametrize("inter", [24, 40])
+def test_fp32_bit_exact_where_the_split_matmul_is(family, key, inter):
+    """Bit-exact in fp32 whenever the BLAS splits the gate/up matmul exactly (a property of the
+    CPU kernel and I, probed here); every other operation is the fused loop's, on the same layout."""
+    if not _split_matmul_is_exact(48, 64, inter):
+        pytest.skip(f"this BLAS rounds x @ W[:I] unlike the first I columns of x @ W for I={inter}")
+    model, ids = build(family, **{key: inter})
+    ref = logits(model, ids)
+    dq.convert_model(model)
+    assert torch.equal(logits(model, ids), ref)
+
+
+def test_dense_split_is_rolled_back_when_a_later_block_fails(monkeypatch):
+    import defuser_quant.core.defuse as engine
+    from defuser_quant.core.dense import is_split
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(config).eval()
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    before, ref = state(model), logits(model, ids)
+    modules_before = [(n, type(m)) for n, m in model.named_modules()]
+    real, calls = engine.split_dense_mlp, {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "split_dense_mlp", failing)
+    with pytest.raises(dq.ConversionError, match="restored"):
+        dq.convert_model(model)
+    assert not any(is_split(layer.mlp) for layer in model.model.layers)
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules_before
+    assert all(torch.equal(v, state(model)[k]) for k, v in before.items())
+    assert torch.equal(logits(model, ids), ref)

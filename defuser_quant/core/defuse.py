@@ -226,12 +226,14 @@ def build_defused(
     parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # expert -> role -> weight/bias
     for plan in tensors:
         tensor = fused[plan.path]
-        slabs = plan.slabs(tensor)
+        # Carve the detached data: an in-place relayout of a Parameter that requires grad is an
+        # autograd error when grad mode is on (a model built under the pre-load patch).
+        slabs = plan.slabs(tensor.detach())
         count = plan.carved_experts or slabs.shape[0]
         relayout = tensor.device.type != "meta" and needs_relayout(slabs, plan.pieces)
         if relayout and not tensor.is_contiguous():
             tensor.data = tensor.data.contiguous()  # rare: a non-contiguous fused tensor; copy once
-            slabs = plan.slabs(tensor)
+            slabs = plan.slabs(tensor.detach())
         carved = carve(slabs[:count], plan.pieces, relayout)
         if relayout:
             undo.append(lambda t=slabs, p=plan.pieces, n=count: [restore_slab(t[e], p) for e in range(n)])

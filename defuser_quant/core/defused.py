@@ -51,13 +51,21 @@ class GateFunction:
         shell = self.shell
         if gate is None:
             return self.act_fn(up)
-        if not self.custom:
-            return self.act_fn(gate) * up
+        # Rebuild the fused [.., 2I] output and take gate/up as views of it, as the fused loop does:
+        # elementwise kernels (SiLU, ...) round differently on strided views than on contiguous
+        # tensors (their vector loop and its scalar tail split the rows differently), so
+        # act_fn(gate) * up on separate contiguous outputs is off by an ulp for most I.
         if self.layout.is_concatenated:
             gate_up = torch.cat((gate, up), dim=-1)
         else:
             gate_up = torch.stack((gate, up), dim=-1).flatten(-2)
-        return shell._apply_gate(gate_up)
+        if self.custom:
+            return shell._apply_gate(gate_up)
+        if self.layout.is_concatenated:
+            gate, up = gate_up.chunk(2, dim=-1)
+        else:
+            gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+        return self.act_fn(gate) * up
 
 
 def fast_linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
