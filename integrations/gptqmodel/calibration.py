@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,8 +39,11 @@ from torch import nn
 
 from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageError, CoverageReport, build_report, routing_mode
 from defuser_quant.calibration.capture import PROJECTION_ROLES, defused_blocks
+from defuser_quant.calibration.grouped import deterministic_mode, grouped_routed_forward
 from defuser_quant.core.defused import DefusedExperts
 from defuser_quant.core.errors import DefuserQuantError
+
+from .grouped import hooked_linear_grouping
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +91,11 @@ def _listening(module: nn.Module | None) -> bool:
 class QuantizerAwareRouting:
     """``forward_override`` for every block: routing modes during quantizer capture passes only."""
 
-    def __init__(self, model: nn.Module, mode: str, min_tokens: int):
+    def __init__(self, model: nn.Module, mode: str, min_tokens: int, grouped: bool = False):
         self.model = model
         self.mode = mode
         self.min_tokens = min_tokens
+        self.grouped = grouped
         self.blocks = dict(defused_blocks(model))
         self.paths = {id(b): p for p, b in self.blocks.items()}
         self._overrides: dict[tuple, Any] = {}
@@ -104,7 +108,9 @@ class QuantizerAwareRouting:
         key = (path, roles, experts)
         if key not in self._overrides:
             # A fresh routing session per listening pass: budgets restart for every subset.
-            with routing_mode(self.model, self.mode, min_tokens=self.min_tokens, experts={path: experts}) as session:
+            with routing_mode(
+                self.model, self.mode, min_tokens=self.min_tokens, experts={path: experts}, grouped=self.grouped
+            ) as session:
                 override = self.blocks[path].forward_override
             self._overrides[key] = (override, session)
         return self._overrides[key]
@@ -115,7 +121,8 @@ class QuantizerAwareRouting:
             (e, role) for e, expert in enumerate(block) for role in PROJECTION_ROLES if _listening(expert.projection(role))
         ]
         if not listening:
-            return block.routed_forward(hidden_states, top_k_index, top_k_weights)
+            output = grouped_routed_forward(block, hidden_states, top_k_index, top_k_weights) if self.grouped else None
+            return block.routed_forward(hidden_states, top_k_index, top_k_weights) if output is None else output
         roles = tuple(sorted({r for _, r in listening}))
         experts = frozenset(e for e, _ in listening)
         override, session = self._override(path, roles, experts)
@@ -161,9 +168,11 @@ class QuantizerAwareRouting:
 
 
 @contextmanager
-def quantizer_aware_routing(model: nn.Module, mode: str, min_tokens: int) -> Iterator[QuantizerAwareRouting]:
+def quantizer_aware_routing(
+    model: nn.Module, mode: str, min_tokens: int, grouped: bool = False
+) -> Iterator[QuantizerAwareRouting]:
     """Install :class:`QuantizerAwareRouting` on every block; restore the previous overrides."""
-    router = QuantizerAwareRouting(model, mode, min_tokens)
+    router = QuantizerAwareRouting(model, mode, min_tokens, grouped)
     previous = [(b, b.forward_override) for b in router.blocks.values()]
     try:
         for block in router.blocks.values():
@@ -270,6 +279,8 @@ def quantize_with_defuser(
     min_tokens: int = DEFAULT_MIN_TOKENS,
     policy: Policy = "warn",
     coverage_report: str | Path | None = None,
+    grouped: bool = False,
+    deterministic: bool = False,
     **quantize_kwargs: Any,
 ) -> QuantizeResult:
     """``model.quantize(calibration, ...)`` with our routing mode and an honest coverage report.
@@ -288,6 +299,12 @@ def quantize_with_defuser(
             (0 rows) but never trip the policy.
         coverage_report: write the coverage JSON here (schema of ``calibration.CoverageReport``)
             and ``<stem>.projections.json`` beside it.
+        grouped: run the experts' calibration forwards through grouped GEMMs
+            (``calibration.grouped``): each expert's GPTQ hook sees the rows it sees in the
+            per-expert loop; outputs (hence ``down_proj`` inputs) differ by GEMM rounding only.
+            Layers whose Linears are not plain keep the loop.
+        deterministic: deterministic CUDA kernels during ``quantize()`` (``index_add_`` in the
+            per-expert loop is not otherwise); see ``calibration.grouped.deterministic_mode``.
         **quantize_kwargs: passed to ``model.quantize`` (``batch_size``, ``backend``, ...).
 
     Raises:
@@ -310,7 +327,11 @@ def quantize_with_defuser(
     if policy == "fallback":
         _set_rtn_fallback(qcfg, min_tokens)
     hf_model = model.model
-    with quantizer_aware_routing(hf_model, routing, min_tokens) as router:
+    with ExitStack() as stack:
+        router = stack.enter_context(quantizer_aware_routing(hf_model, routing, min_tokens, grouped))
+        if grouped:
+            stack.enter_context(hooked_linear_grouping())
+        stack.enter_context(deterministic_mode(deterministic))
         log = model.quantize(calibration, **quantize_kwargs)
     report = build_report(router.coverage(), min_tokens)
     result = QuantizeResult(log=log or {}, coverage=report, projections=projection_records(hf_model, router, log, qcfg))

@@ -1,0 +1,53 @@
+"""GPTQModel's ``HookedLinear`` in the grouped calibration forward (``calibration.grouped``).
+
+During ``quantize()`` GPTQModel swaps every ``nn.Linear`` of the layer for a ``HookedLinear``,
+whose forward is ``F.linear`` plus a call of its ``forward_hook`` attribute (the GPTQ Hessian
+accumulation), unless W4A replay rounding or an online Hadamard rotation is configured on it.
+:func:`hooked_linear_grouping` lets plain ones take part in the grouped forward, with the hook
+called as ``HookedLinear.forward`` calls it; the others keep the per-expert loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from defuser_quant.calibration.grouped import LinearAdapter, register_linear_adapter, unregister_linear_adapter
+
+__all__ = ["hooked_linear_grouping"]
+
+
+def _is_plain(module: nn.Module, x: torch.Tensor) -> bool:
+    weight = module.weight
+    replay = None if getattr(module, "_w4a_replay_disabled", False) else getattr(module, "_w4a_stream_replay_mode", None)
+    return (
+        weight.device == x.device
+        and replay is None
+        and not getattr(module, "online_full_had", False)
+        and not getattr(module, "online_partial_had", False)
+    )
+
+
+def _inner_hook(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+    hook = getattr(module, "forward_hook", None)
+    if hook:
+        hook(module, (x,), out)
+        if module.forward_hook_last:
+            from gptqmodel.nn_modules.hooked_linear import STOP_FORWARD_EXCEPTION
+
+            raise STOP_FORWARD_EXCEPTION.with_traceback(None)
+
+
+@contextmanager
+def hooked_linear_grouping() -> Iterator[None]:
+    """Register ``HookedLinear`` with the grouped forward inside the ``with`` block."""
+    from gptqmodel.nn_modules.hooked_linear import HookedLinear
+
+    register_linear_adapter(HookedLinear, LinearAdapter(is_plain=_is_plain, inner_hook=_inner_hook))
+    try:
+        yield
+    finally:
+        unregister_linear_adapter(HookedLinear)
