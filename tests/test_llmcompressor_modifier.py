@@ -3,6 +3,7 @@ end-to-end GPTQ / AWQ / FP8 runs on a tiny qwen3_moe, stock reloads and re-fused
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import defuser_quant.integrations.llmcompressor as dq_llmc  # noqa: E402
-from defuser_quant import DefusedExperts  # noqa: E402
+from defuser_quant import DefusedExperts, DefuserQuantError  # noqa: E402
 from defuser_quant.assets import CORPUS_DIR  # noqa: E402
 from defuser_quant.calibration import CoverageError, CoverageReport  # noqa: E402
 
@@ -540,3 +541,148 @@ def test_coverage_policy_error_stops_the_run_before_saving(tiny_dir, calib_datas
     with pytest.raises(CoverageError, match="fewer than min_tokens=1000000"):
         _oneshot(tiny_dir, calib_dataset.select(range(2)), recipe, tmp_path / "out", num_calibration_samples=2)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ----- importing us leaves stock llm-compressor recipes as they were (issue 13 item 1) ----------
+
+
+def _stock_linearize(model) -> None:
+    """llm-compressor's own linearization (``LinearExperts2D``), our hook out of the way."""
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    dq_llmc.uninstall_linearize_hook()
+    try:
+        linearize_moe(model)
+    finally:
+        dq_llmc.install_linearize_hook()
+
+
+def _rows_per_expert(block) -> list[int]:
+    """Forward pre-hooks counting the rows every expert's up projection receives (a list, live)."""
+    rows = [0] * block.num_experts  # len() of a stock block also counts its act_fn child
+    for index in range(block.num_experts):
+        up = block[index].up_proj if hasattr(block[index], "up_proj") else block[index].w3
+        up.register_forward_pre_hook(lambda _m, args, i=index: rows.__setitem__(i, rows[i] + args[0].shape[0]))
+    return rows
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_our_linearization_honours_moe_calibration_context_like_stock(family):
+    """``oneshot`` enters ``moe_calibration_context()`` so every expert sees every token; blocks
+    built through our hook must do what stock ``LinearExperts2D`` does, with or without the flag,
+    and the model output must stay that of top-k routing."""
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    import tiny
+
+    ours, ids = tiny.build(family)
+    stock, _ = tiny.build(family)
+    ref = tiny.logits(ours, ids)
+    linearize_moe(ours)
+    _stock_linearize(stock)
+    assert isinstance(ours.model.layers[0].mlp.experts, DefusedExperts)
+    for flag in (False, True):
+        counted = []
+        for model in (ours, stock):
+            rows = _rows_per_expert(model.model.layers[1].mlp.experts)
+            with moe_calibration_context() if flag else contextlib.nullcontext():
+                out = tiny.logits(model, ids)
+            torch.testing.assert_close(out, ref, rtol=0, atol=0 if model is ours else 1e-5)
+            counted.append(rows)
+        assert counted[0] == counted[1], (flag, counted)
+        assert (min(counted[0]) == ids.numel()) is flag, counted  # all tokens reach every expert exactly when set
+
+
+def test_blocks_built_from_a_config_for_llmcompressor_follow_the_flag_too(tiny_dir, eval_ids):
+    """``load_quantizable_moe`` builds blocks from the config with the class our registry answers."""
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+    from defuser_quant import convert_model
+
+    model = _stock(tiny_dir)
+    convert_model(model)
+    layer = model.model.layers[0]
+    built = LinearExperts2D.get_registration(type(layer.mlp.experts.fused_shell))(model.config).to(model.dtype)
+    built.load_state_dict(layer.mlp.experts.state_dict())
+    layer.mlp.experts = built
+    rows = _rows_per_expert(built)
+    with moe_calibration_context():
+        _logits(model, eval_ids)
+    assert rows == [eval_ids.numel()] * EXPERTS
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_our_blocks_offer_linear_experts_2d_attributes(family):
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+    import tiny
+
+    ours, _ = tiny.build(family)
+    stock, _ = tiny.build(family)
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    linearize_moe(ours)
+    _stock_linearize(stock)
+    a, b = ours.model.layers[0].mlp.experts, stock.model.layers[0].mlp.experts
+    assert isinstance(a, DefusedExperts) and isinstance(a, LinearExperts2D) and isinstance(b, LinearExperts2D)
+    names = ["num_experts", "intermediate_size", "has_gate", "has_bias", "is_transposed", "is_concatenated", "alpha", "limit"]
+    assert {n: getattr(a, n) for n in names} == {n: getattr(b, n) for n in names}
+    assert type(a.act_fn) is type(b.act_fn)
+    assert a._source_experts_cls is b._source_experts_cls
+    assert a._source_config.to_dict() == b._source_config.to_dict()
+    with pytest.raises(DefuserQuantError, match="REAP"):
+        a.num_experts = a.num_experts - 1  # what REAP's in-place pruning does: refused, never half done
+    assert len(a) == a.num_experts == b.num_experts
+
+
+def test_repack_moe_packs_our_blocks_for_stock_transformers(tmp_path):
+    """qwen3_vl_moe must be saved packed (llm-compressor issue 2699): ``repack_moe`` re-fuses our
+    blocks, and stock Transformers loads the checkpoint with the experts' real weights."""
+    from llmcompressor.modeling.moe.linearize import linearize_moe, repack_moe
+
+    from model_zoo import build_tiny_model, run_main_output
+
+    model, inputs = build_tiny_model("qwen3_vl_moe")
+    with torch.no_grad():
+        ref = run_main_output(model, inputs)
+    fused_cls = type(next(m for m in model.modules() if type(m).__name__.endswith("Experts")))
+    linearize_moe(model)
+    assert [m for m in model.modules() if isinstance(m, DefusedExperts)]
+    repack_moe(model)
+    assert not [m for m in model.modules() if isinstance(m, DefusedExperts)]
+    assert [m for m in model.modules() if type(m) is fused_cls]
+    with torch.no_grad():
+        torch.testing.assert_close(run_main_output(model, inputs), ref, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run_main_output(reloaded, inputs), ref, rtol=0, atol=0)
+
+
+def test_repack_moe_packs_quantization_parameters_like_stock(tiny_dir):
+    """After a real quantization pass, our blocks repack to the same fused tensors and qparams as
+    llm-compressor's own ``LinearExperts2D``."""
+    from compressed_tensors.quantization import QuantizationStatus
+    from llmcompressor.modeling.moe.linearize import linearize_moe, repack_moe
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor import oneshot
+
+    packed = []
+    for hook in (True, False):
+        model = _stock(tiny_dir)
+        (linearize_moe if hook else _stock_linearize)(model)
+        assert isinstance(model.model.layers[0].mlp.experts, DefusedExperts) is hook
+        oneshot(model=model, recipe=[QuantizationModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)])
+        assert model.model.layers[0].mlp.experts[1].down_proj.quantization_status == QuantizationStatus.FROZEN
+        repack_moe(model)
+        experts = model.model.layers[1].mlp.experts
+        assert type(experts).__name__ == "Qwen3MoeExperts"
+        packed.append({k: v.detach().clone() for k, v in experts.state_dict().items()})
+    ours, stock = packed
+    assert sorted(ours) == sorted(stock) and {"gate_up_proj_scale", "down_proj_scale"} <= set(ours)
+    for key in stock:
+        torch.testing.assert_close(ours[key], stock[key], rtol=0, atol=0, msg=key)

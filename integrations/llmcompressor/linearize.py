@@ -36,6 +36,8 @@ from defuser_quant.core.layout import fused_tensor, is_fused_experts_class, layo
 from defuser_quant.core.naming import projection_names
 from defuser_quant.core.patching import defused_class_for
 
+from .stock_face import FollowCalibrationFlag, as_stock_linear_experts, linear_experts_face
+
 __all__ = [
     "adopt_linear_experts",
     "install_linearize_hook",
@@ -65,13 +67,16 @@ def _defuse_one(experts: nn.Module, config: Any) -> nn.Module:
 def linear_experts_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
     """The class our registry answers for ``fused_cls``: config-constructible, with ``from_experts_module``.
 
+    Its blocks are also stock ``LinearExperts2D`` instances and follow llm-compressor's
+    all-experts flag (``stock_face``), so stock recipes and ``repack_moe`` work on them.
+
     ``from_experts_module`` falls back to llm-compressor's own linearization (with a warning)
     when our core cannot defuse the block.
     """
 
     def from_experts_module(cls: type, experts: nn.Module, config: Any) -> nn.Module:
         try:
-            return _defuse_one(experts, config)
+            return as_stock_linear_experts(_defuse_one(experts, config))
         except DefuserQuantError as exc:
             stock = _stock_class(type(experts))
             logger.warning(
@@ -81,12 +86,18 @@ def linear_experts_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]
             return stock.from_experts_module(experts, config)
 
     base = defused_class_for(fused_cls)
+
+    def __init__(self: DefusedExperts, config: Any, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, config, *args, **kwargs)
+        self.forward_override = FollowCalibrationFlag()
+
     body = {
+        "__init__": __init__,
         "from_experts_module": classmethod(from_experts_module),
         "__module__": __name__,
         **pickled_through(linear_experts_class_for, fused_cls),
     }
-    return type(base.__name__, (base,), body)
+    return type(base.__name__, (base, linear_experts_face()), body)
 
 
 def _handles(key: object) -> bool:
@@ -199,7 +210,7 @@ def adopt_linear_experts(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     adopted = []
     for path, module in list(model.named_modules()):
-        if isinstance(module, base):
+        if isinstance(module, base) and not isinstance(module, DefusedExperts):  # ours are LinearExperts2D too
             model.set_submodule(path, _adopt(module, model_type))
             adopted.append(path)
     if adopted:
