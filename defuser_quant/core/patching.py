@@ -125,7 +125,7 @@ def defused_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
             fused[plan.path] = torch.empty(template.shape, dtype=template.dtype)
             if isinstance(template, nn.Parameter):
                 fused[plan.path] = nn.Parameter(fused[plan.path], requires_grad=template.requires_grad)
-        names = adapter.names(layout, getattr(config, "model_type", None), _NAME_SOURCE.get(fused_cls))
+        names = adapter.names(layout, getattr(config, "model_type", None), _name_source(fused_cls))
         built = build_defused(shell, layout, names, fused, undo=[], tensors=tensors, adapter=adapter)
         nn.Module.__init__(self)
         self.__dict__.update({k: v for k, v in built.__dict__.items()})
@@ -135,8 +135,17 @@ def defused_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]:
     return type(f"Defused{fused_cls.__name__}", (base,), body)
 
 
-_ACTIVE: set[type[nn.Module]] = set()
-_NAME_SOURCE: dict[type[nn.Module], str] = {}  # fused class -> the patched (top-level) model type
+# fused class -> the model types whose patch covers it, in patch order. Model types may share
+# classes (qwen3_5_moe and qwen3_5_moe_text): the class stays patched until every one is restored.
+_ACTIVE: dict[type[nn.Module], list[str]] = {}
+# class -> [its original _tied_weights_keys, how many patched model types untied it]
+_UNTIED: dict[type, list] = {}
+
+
+def _name_source(fused_cls: type[nn.Module]) -> str | None:
+    """The (top-level) model type the latest active patch of ``fused_cls`` came from."""
+    types = _ACTIVE.get(fused_cls)
+    return types[-1] if types else None
 
 
 def _build_replacement(fused_cls: type[nn.Module], args: tuple, kwargs: dict) -> nn.Module:
@@ -148,7 +157,7 @@ def _build_replacement(fused_cls: type[nn.Module], args: tuple, kwargs: dict) ->
     return defused_class_for(fused_cls)(*args, **kwargs)
 
 
-def _install_constructor(fused_cls: type[nn.Module]) -> None:
+def _install_constructor(fused_cls: type[nn.Module], model_type: str) -> None:
     """Make ``fused_cls(config)`` build the defused block instead, while ``fused_cls`` is active.
 
     Overriding ``__new__`` (rather than swapping the class name in the modeling module, as
@@ -159,12 +168,12 @@ def _install_constructor(fused_cls: type[nn.Module]) -> None:
     untouched. The override stays installed once set (CPython cannot cleanly delete a
     ``__new__`` assigned after class creation); restoring just deactivates it.
     """
-    _ACTIVE.add(fused_cls)
+    _ACTIVE.setdefault(fused_cls, []).append(model_type)
     if fused_cls.__dict__.get("_defuser_quant_new"):
         return
 
     def __new__(cls, *args, **kwargs):
-        if cls is fused_cls and fused_cls in _ACTIVE and (args or kwargs):
+        if cls is fused_cls and _ACTIVE.get(fused_cls) and (args or kwargs):
             return _build_replacement(fused_cls, args, kwargs)
         return super(fused_cls, cls).__new__(cls)
 
@@ -172,24 +181,45 @@ def _install_constructor(fused_cls: type[nn.Module]) -> None:
     fused_cls._defuser_quant_new = True
 
 
-def _remove_constructor(fused_cls: type[nn.Module]) -> None:
-    _ACTIVE.discard(fused_cls)
+def _remove_constructor(fused_cls: type[nn.Module], model_type: str) -> None:
+    types = _ACTIVE.get(fused_cls, [])
+    if model_type in types:
+        types.remove(model_type)
+    if not types:
+        _ACTIVE.pop(fused_cls, None)
 
 
 _FUSED_KEY = __import__("re").compile(r"(gate_up_proj|up_proj|down_proj)(_bias)?\$?$")
 
 
-def _untie_fused_keys(model_type: str) -> dict[type, dict]:
+def _untie_fused_keys(model_type: str) -> list[type]:
     """Drop ``_tied_weights_keys`` entries naming fused expert tensors (they no longer exist in a
     defused model, and Transformers raises when a tie pattern matches nothing); the per-expert
-    ``.weight`` patterns of the same families keep the experts tied. Returns what to restore."""
-    saved = {}
+    ``.weight`` patterns of the same families keep the experts tied. Returns the classes changed
+    (counted per model type: ``_retie_fused_keys`` restores a class when its last one is restored)."""
+    changed = []
     for obj in vars(modeling_module_of(model_type)).values():
-        keys = obj.__dict__.get("_tied_weights_keys") if isinstance(obj, type) else None
+        if not isinstance(obj, type):
+            continue
+        if obj in _UNTIED:
+            _UNTIED[obj][1] += 1
+            changed.append(obj)
+            continue
+        keys = obj.__dict__.get("_tied_weights_keys")
         if isinstance(keys, dict) and any(_FUSED_KEY.search(k) for k in keys):
-            saved[obj] = keys
+            _UNTIED[obj] = [keys, 1]
             obj._tied_weights_keys = {k: v for k, v in keys.items() if not _FUSED_KEY.search(k)}
-    return saved
+            changed.append(obj)
+    return changed
+
+
+def _retie_fused_keys(owners: list[type]) -> None:
+    for owner in owners:
+        entry = _UNTIED[owner]
+        entry[1] -= 1
+        if entry[1] == 0:
+            owner._tied_weights_keys = entry[0]
+            del _UNTIED[owner]
 
 
 def _conversion_mapping(model_type: str, classes: list[type[nn.Module]], dense: list[type[nn.Module]]) -> list:
@@ -243,8 +273,7 @@ def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
 
     previous_mapping = get_checkpoint_conversion_mapping(model_type)
     for cls in classes:
-        _NAME_SOURCE[cls] = model_type
-        _install_constructor(cls)
+        _install_constructor(cls, model_type)
     register_checkpoint_conversion_mapping(model_type, _conversion_mapping(model_type, experts, dense), overwrite=True)
     untied = _untie_fused_keys(model_type)
     _PATCHED[model_type] = {"classes": classes, "mapping": previous_mapping, "tied_keys": untied}
@@ -262,9 +291,8 @@ def restore_fused_blocks(model_type: str | None = None) -> None:
         if state is None:
             continue
         for cls in state["classes"]:
-            _remove_constructor(cls)
-        for owner, keys in state["tied_keys"].items():
-            owner._tied_weights_keys = keys
+            _remove_constructor(cls, mt)
+        _retie_fused_keys(state["tied_keys"])
         cache = conversion_mapping._checkpoint_conversion_mapping_cache
         if state["mapping"] is None:
             cache.pop(mt, None)
