@@ -409,3 +409,86 @@ def test_dense_split_is_rolled_back_when_a_later_block_fails(monkeypatch):
     assert [(n, type(m)) for n, m in model.named_modules()] == modules_before
     assert all(torch.equal(v, state(model)[k]) for k, v in before.items())
     assert torch.equal(logits(model, ids), ref)
+
+
+def test_cleanup_original_true_drops_the_fused_tensors():
+    model, _ = build("qwen3_moe")
+    assert dq.convert_model(model, cleanup_original=True)
+    block = model.model.layers[0].mlp.experts
+    assert block.gate_up_proj.device.type == "meta"  # the shape only: the tensor itself is gone
+    assert "gate_up_proj" not in block.fused_shell._parameters
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_cleanup_original_false_keeps_the_fused_tensors_readable(family):
+    model, ids = build(family)
+    before, ref = state(model), logits(model, ids)
+    original = model.model.layers[0].mlp.experts.gate_up_proj
+    report = dq.convert_model(model, cleanup_original=False)
+    block = model.model.layers[0].mlp.experts
+    assert block.gate_up_proj is original
+    assert torch.equal(block.gate_up_proj, before["model.layers.0.mlp.experts.gate_up_proj"])  # native layout
+    assert not any(k.endswith("gate_up_proj") for k in model.state_dict())  # not saved twice
+    _assert_close(family, logits(model, ids), ref)
+    gate = block[3].projection("gate").weight
+    if family == "qwen3_moe":  # concatenated [E, 2I, H]: per-expert weights are views of the kept tensor
+        assert all(r.zero_copy for r in report.converted)
+        assert gate.untyped_storage().data_ptr() == original.untyped_storage().data_ptr()
+    else:  # transposed, interleaved: copies, so the kept tensor is not relaid out
+        assert not any(r.zero_copy for r in report.converted)
+        assert torch.equal(gate, original[3][:, 0::2].T)
+    dq.fuse_model(model)
+    after = state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_defuser_signature_is_accepted():
+    model, _ = build("qwen3_moe")
+    report = dq.convert_model(model, cleanup_original=True, max_layers=1, filter=["+:layers"])
+    assert [r.path for r in report.converted] == ["model.layers.0.mlp.experts"]
+    model2, _ = build("qwen3_moe")
+    original = model2.model.layers[1].mlp.experts.down_proj
+    assert dq.convert_model(model2, False, 2)  # positional, as Defuser orders them
+    assert model2.model.layers[1].mlp.experts.down_proj is original
+    with pytest.raises(TypeError, match="both"):
+        dq.convert_model(build("qwen3_moe")[0], False, cleanup_original=False)
+    with pytest.raises(TypeError, match="True or False"):
+        dq.convert_model(build("qwen3_moe")[0], cleanup_original="no")
+
+
+def _train_step(model, ids) -> None:
+    out = model(ids).logits
+    (out.float().pow(2).mean()).backward()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_gradients_are_carried_into_the_per_expert_parameters(family, caplog):
+    """Convert between backward and optimizer step: the step taken on the defused model equals
+    the step taken on the fused one."""
+    reference, ids = build(family)
+    model, _ = build(family)
+    reference.train(), model.train()
+    _train_step(reference, ids)
+    _train_step(model, ids)
+    fused_grad = model.model.layers[0].mlp.experts.gate_up_proj.grad.clone()
+    with caplog.at_level("WARNING", logger="defuser_quant.core.defuse"):
+        dq.convert_model(model)
+    warnings = [r for r in caplog.records if "optimizer" in r.getMessage()]
+    assert len(warnings) == 1 and "Create the optimizer after convert_model" in warnings[0].getMessage()
+    expert = model.model.layers[0].mlp.experts[2]
+    if family == "qwen3_moe":
+        assert torch.equal(expert.gate_proj.weight.grad, fused_grad[2, :32])
+        assert torch.equal(expert.up_proj.weight.grad, fused_grad[2, 32:])
+    else:
+        assert torch.equal(expert.gate_proj.weight.grad, fused_grad[2][:, 0::2].T)
+    for m in (reference, model):
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+        m.eval()
+    _assert_close(family, logits(model, ids), logits(reference, ids))
+
+
+def test_no_training_warning_for_an_eval_model_without_gradients(caplog):
+    model, _ = build("qwen3_moe")  # eval mode, parameters require grad as from_pretrained leaves them
+    with caplog.at_level("WARNING", logger="defuser_quant.core.defuse"):
+        dq.convert_model(model)
+    assert not [r for r in caplog.records if "optimizer" in r.getMessage()]

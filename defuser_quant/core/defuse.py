@@ -217,13 +217,20 @@ def build_defused(
     *,
     tensors: list[FusedTensor] | None = None,
     adapter: StandardAdapter | None = None,
+    keep_fused: bool = False,
 ) -> DefusedExperts:
     """Carve ``fused`` tensors (keyed by path) into per-expert Linears; registers in-place rewrites
-    on ``undo``. ``tensors`` and ``adapter`` default to the standard layout's."""
+    on ``undo``. ``tensors`` and ``adapter`` default to the standard layout's.
+
+    ``keep_fused``: leave the fused storage in its native layout (pieces that are no contiguous
+    view of it are copied instead of relaid out in place). A fused tensor's ``.grad`` is carried
+    into the per-expert Parameters (views of it where the pieces are, copies otherwise).
+    """
     adapter = adapter or STANDARD
     tensors = tensors if tensors is not None else layout_tensors(layout)
     specs: dict[str, FusedTensorSpec] = {}
     parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # expert -> role -> weight/bias
+    grads: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # the same, for carried .grad
     for plan in tensors:
         tensor = fused[plan.path]
         # Carve the detached data: an in-place relayout of a Parameter that requires grad is an
@@ -231,15 +238,24 @@ def build_defused(
         slabs = plan.slabs(tensor.detach())
         count = plan.carved_experts or slabs.shape[0]
         relayout = tensor.device.type != "meta" and needs_relayout(slabs, plan.pieces)
-        if relayout and not tensor.is_contiguous():
-            tensor.data = tensor.data.contiguous()  # rare: a non-contiguous fused tensor; copy once
-            slabs = plan.slabs(tensor.detach())
-        carved = carve(slabs[:count], plan.pieces, relayout)
+        if relayout and keep_fused:
+            carved = [[p.contiguous() for p in plan.pieces(slabs[e])] for e in range(count)]
+            relayout = False
+        else:
+            if relayout and not tensor.is_contiguous():
+                tensor.data = tensor.data.contiguous()  # rare: a non-contiguous fused tensor; copy once
+                slabs = plan.slabs(tensor.detach())
+            carved = carve(slabs[:count], plan.pieces, relayout)
         if relayout:
             undo.append(lambda t=slabs, p=plan.pieces, n=count: [restore_slab(t[e], p) for e in range(n)])
         for e, pieces in enumerate(carved):
             for (role, kind), piece in zip(plan.leaves, pieces):
                 parts.setdefault(e, {}).setdefault(role, {})[kind] = piece
+        if tensor.grad is not None and tensor.grad.device.type != "meta":
+            grad_slabs = plan.slabs(tensor.grad)
+            for e in range(count):
+                for (role, kind), piece in zip(plan.leaves, plan.pieces(grad_slabs[e])):
+                    grads.setdefault(e, {}).setdefault(role, {})[kind] = piece.contiguous()
         specs[plan.path] = FusedTensorSpec(
             plan.path,
             tuple(slabs.shape),
@@ -258,15 +274,22 @@ def build_defused(
         projections = {}
         for role in roles:
             leaf = parts[e][role]
-            projections[getattr(names, role)] = fast_linear(leaf["weight"], leaf.get("bias"), requires_grad[role])
+            linear = projections[getattr(names, role)] = fast_linear(leaf["weight"], leaf.get("bias"), requires_grad[role])
+            for kind, grad in grads.get(e, {}).get(role, {}).items():
+                getattr(linear, kind).grad = grad
         experts.append(adapter.expert_class(names, projections, gate_fn))
     block = adapter.block_class(shell, layout, names, experts, specs)
     block.family = adapter.family
     return block
 
 
-def _detach_fused(module: nn.Module, paths: Iterable[str], undo: list[Callable[[], None]]) -> dict[str, torch.Tensor]:
-    """Remove the fused tensors at ``paths`` from ``module`` (restored by ``undo``) and return them."""
+def _detach_fused(
+    module: nn.Module, paths: Iterable[str], undo: list[Callable[[], None]], keep: bool = False
+) -> dict[str, torch.Tensor]:
+    """Remove the fused tensors at ``paths`` from ``module`` (restored by ``undo``) and return them;
+    with ``keep`` they stay where they are (``cleanup_original=False``)."""
+    if keep:
+        return {path: get_tensor(module, path) for path in paths}
     fused = {}
     for path in paths:
         store, name, fused[path] = pop_tensor(module, path)
@@ -290,11 +313,13 @@ def _tied_copy(leader: DefusedExperts, shell: nn.Module) -> DefusedExperts:
     return block
 
 
-def _defuse_block(plan: BlockPlan, undo: list[Callable[[], None]], tied_to: DefusedExperts | None) -> BlockRecord:
+def _defuse_block(
+    plan: BlockPlan, undo: list[Callable[[], None]], tied_to: DefusedExperts | None, keep_fused: bool = False
+) -> tuple[BlockRecord, DefusedExperts]:
     from .offload import materialize_offloaded, rehook_offloaded
 
     hook_state = materialize_offloaded(plan.module, plan.tensor_paths, undo)
-    fused = _detach_fused(plan.module, plan.tensor_paths, undo)
+    fused = _detach_fused(plan.module, plan.tensor_paths, undo, keep=keep_fused)
     zero_copy = not any(
         fused[t.path].device.type != "meta" and needs_relayout(t.slabs(fused[t.path]), t.pieces) for t in plan.tensors
     )
@@ -303,7 +328,8 @@ def _defuse_block(plan: BlockPlan, undo: list[Callable[[], None]], tied_to: Defu
         defused = _tied_copy(tied_to, plan.module)
     else:
         defused = build_defused(
-            plan.module, plan.layout, plan.names, fused, undo, tensors=plan.tensors, adapter=plan.adapter
+            plan.module, plan.layout, plan.names, fused, undo, tensors=plan.tensors, adapter=plan.adapter,
+            keep_fused=keep_fused,
         )
     rehook_offloaded(defused, hook_state)
     for _, parent, attr in plan.aliases:
@@ -317,11 +343,36 @@ def _defuse_block(plan: BlockPlan, undo: list[Callable[[], None]], tied_to: Defu
     return record, defused
 
 
+def _in_training(plans: list[BlockPlan]) -> list[str]:
+    """Paths of the fused Parameters that are being trained: requiring grad, in a module in
+    training mode or holding a gradient (an eval-mode model without gradients is not trained)."""
+    out = []
+    for plan in plans:
+        for name in plan.tensor_paths:
+            tensor = get_tensor(plan.module, name)
+            if isinstance(tensor, nn.Parameter) and tensor.requires_grad and (plan.module.training or tensor.grad is not None):
+                out.append(f"{plan.path}.{name}")
+    return out
+
+
+def _warn_if_training(replaced: list[str]) -> None:
+    """One warning when trained fused Parameters were replaced: an optimizer made before the
+    call would not see the per-expert ones."""
+    if replaced:
+        logger.warning(
+            "convert_model replaced %d trainable fused expert Parameter(s) (%s%s) with per-expert Parameters "
+            "(their .grad carried over): an optimizer created before the conversion still holds the old ones and "
+            "would never update the experts. Create the optimizer after convert_model.",
+            len(replaced), ", ".join(replaced[:2]), ", ..." if len(replaced) > 2 else "",
+        )
+
+
 def convert_model(
     model: nn.Module,
-    filter: str | Iterable[str] | FilterRules | None = None,
+    filter: str | Iterable[str] | FilterRules | bool | None = None,
     max_layers: int | None = None,
     *,
+    cleanup_original: bool | None = None,
     split_dense: bool = True,
     show_progress: bool | None = None,
 ) -> ConversionReport:
@@ -330,8 +381,13 @@ def convert_model(
     Args:
         model: any ``nn.Module`` (usually a Transformers ``PreTrainedModel``).
         filter: rules over full module paths: ``"+:regex"`` include, ``"-:regex"`` exclude,
-            bare regex include; exclusion wins.
+            bare regex include; exclusion wins. A bool here is Defuser's positional
+            ``cleanup_original`` (``convert_model(model, False)``).
         max_layers: only convert blocks in decoder layers with index below this.
+        cleanup_original: True (default): the fused tensors go; the per-expert weights are views
+            of their storage. False: they stay readable (``block.gate_up_proj``, the original
+            Parameters) and share storage with the per-expert weights where the layout allows;
+            transposed/interleaved layouts get per-expert copies instead of an in-place relayout.
         split_dense: also split dense MLPs with a fused ``gate_up_proj`` ``nn.Linear`` (phi3,
             glm, ...) into ``gate_proj``/``up_proj`` (on by default, as Defuser does).
         show_progress: force the progress bar on/off (default: on for more than 8 blocks).
@@ -340,19 +396,30 @@ def convert_model(
         A ``ConversionReport`` (truthy when at least one block was converted).
 
     The call is transactional: every block is validated before anything changes, and a failure
-    while converting restores the model exactly as it was. Converting twice is a no-op.
+    while converting restores the model exactly as it was. Converting twice is a no-op. A fused
+    Parameter's ``.grad`` is carried into the per-expert Parameters; an optimizer built before the
+    call still holds the old fused Parameters (one warning says so when the model is training).
     """
+    if isinstance(filter, bool):  # Defuser's signature: convert_model(model, cleanup_original, ...)
+        if cleanup_original is not None:
+            raise TypeError("convert_model() got cleanup_original both as the second argument and by keyword")
+        filter, cleanup_original = None, filter
+    if cleanup_original is None:
+        cleanup_original = True
+    if not isinstance(cleanup_original, bool):
+        raise TypeError(f"convert_model(cleanup_original=...) takes True or False, not {cleanup_original!r}")
     rules = FilterRules.parse(filter)
     report = ConversionReport()
     plans = plan_conversion(model, rules, max_layers, report)
     dense_plans = plan_dense(model, rules, max_layers, report) if split_dense else []
+    trained = _in_training(plans)
     undo: list[Callable[[], None]] = []
     try:
         with torch.no_grad():
             leaders: dict[tuple[int, ...], DefusedExperts] = {}
             for plan in progress(plans, "defuse", show_progress):
                 key = _tie_key(plan)
-                record, defused = _defuse_block(plan, undo, leaders.get(key))
+                record, defused = _defuse_block(plan, undo, leaders.get(key), keep_fused=not cleanup_original)
                 leaders.setdefault(key, defused)
                 report.converted.append(record)
             for dense in dense_plans:
@@ -373,6 +440,7 @@ def convert_model(
         raise ConversionError(
             f"defusing failed ({type(exc).__name__}: {exc}); the model was restored to its state before the call"
         ) from exc
+    _warn_if_training(trained)
     logger.info(
         "defused %d block(s), %d experts; split %d dense MLP(s)",
         len(report.experts_blocks), report.num_experts, len(report.dense_mlps),

@@ -18,7 +18,7 @@ from torch import nn
 
 from .layout import ExpertLayout
 from .naming import ProjectionNames
-from .tensors import FusedTensor, layout_tensors
+from .tensors import FusedTensor, get_tensor, layout_tensors
 
 
 
@@ -164,6 +164,10 @@ class DefusedExperts(nn.Module):
             specs = self.__dict__.get("specs") or {}
             if name not in specs:
                 raise
+        # ``convert_model(cleanup_original=False)`` left the fused tensor on the shell: that one.
+        kept = get_tensor(self.__dict__["fused_shell"], name)
+        if kept is not None:
+            return kept
         # Code written for the fused class may touch ``experts.gate_up_proj`` (a parent's
         # ``_init_weights`` calls ``init.normal_`` on it after loading; protocol checks read it).
         # It gets a ``meta`` tensor of the fused shape: no copy, writes go nowhere, and reading its
