@@ -204,9 +204,7 @@ class _Checker:
                 if name not in experts[index]:
                     self.problem(f"{where}.{name}", "projection missing")
                     continue
-                facts = self.count_projection(f"{where}.{name}", reader)
-                if facts.quantized:
-                    schemes[name].add(facts.describe())
+                schemes[name].add(self.count_projection(f"{where}.{name}", reader).describe())
             if block.names.gate and {block.names.gate, block.names.up} <= experts[index]:
                 self.same_scheme(where, [f"{where}.{block.names.gate}", f"{where}.{block.names.up}"], "gate and up", reader)
         for name, found in schemes.items():

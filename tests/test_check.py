@@ -1,0 +1,217 @@
+"""``defuser-quant check``: real checkpoints of both backends pass; broken copies fail naming the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from defuser_quant.assets import TINY_MOE_PATH
+from defuser_quant.checkpoint.check import check_checkpoint
+from defuser_quant.cli import main
+from quantized_checkpoints import broken_copy, quantized_checkpoint
+
+BACKENDS = ["gptqmodel", "llmcompressor"]
+SCALE = {"gptqmodel": "scales", "llmcompressor": "weight_scale"}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def checkpoint(request, tmp_path_factory):
+    return request.param, quantized_checkpoint(request.param, tmp_path_factory.getbasetemp())
+
+
+def _problems(path, target="vllm"):
+    result = check_checkpoint(path, target)
+    return result, [str(p) for p in result.problems]
+
+
+@pytest.mark.slow
+def test_both_backends_checkpoints_are_fit_to_serve(checkpoint, capsys):
+    backend, path = checkpoint
+    assert main(["check", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fit"] and report["problems"] == []
+    assert report["layout"] == "per-expert" and report["blocks"] == 4 and report["experts"] == 64
+    assert report["expert_projections"] == report["expert_projections_quantized"] == 192
+    scheme = {"gptqmodel": "gptq 4-bit group 128", "llmcompressor": "pack-quantized 4-bit group 128"}[backend]
+    assert report["schemes"] == {scheme: 192}
+
+
+@pytest.mark.slow
+def test_an_expert_missing_is_named(checkpoint, tmp_path, capsys):
+    _, path = checkpoint
+    broken = broken_copy(path, tmp_path / "b", lambda t: [t.pop(k) for k in list(t) if ".layers.1.mlp.experts.5." in k])
+    assert main(["check", str(broken)]) == 1
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp.experts.5: expert missing" in out
+
+
+@pytest.mark.slow
+def test_a_nan_scale_is_named(checkpoint, tmp_path):
+    backend, path = checkpoint
+    key = f"model.layers.2.mlp.experts.3.down_proj.{SCALE[backend]}"
+
+    def edit(t):
+        t[key] = t[key].clone()
+        t[key].view(-1)[0] = float("nan")
+
+    _, problems = _problems(broken_copy(path, tmp_path / "b", edit))
+    assert problems == [f"model.layers.2.mlp.experts.3.down_proj: {SCALE[backend]} has 1 NaN value(s) of 128"]
+
+
+@pytest.mark.slow
+def test_a_zero_scale_is_named(checkpoint, tmp_path):
+    backend, path = checkpoint
+    key = f"model.layers.0.mlp.experts.0.gate_proj.{SCALE[backend]}"
+
+    def edit(t):
+        t[key] = torch.zeros_like(t[key])
+
+    _, problems = _problems(broken_copy(path, tmp_path / "b", edit))
+    assert any(p.startswith("model.layers.0.mlp.experts.0.gate_proj: ") and "128 zero value(s)" in p for p in problems), problems
+
+
+def _regroup(backend, t, module, groups):
+    """Store ``module`` with ``groups`` quantization groups (group size 128 / groups) instead of one."""
+    if backend == "gptqmodel":
+        for leaf in ("scales", "qzeros"):
+            t[f"{module}.{leaf}"] = t[f"{module}.{leaf}"].repeat(groups, 1)
+    else:
+        t[f"{module}.weight_scale"] = t[f"{module}.weight_scale"].repeat(1, groups)
+
+
+@pytest.mark.slow
+def test_gate_and_up_with_different_group_sizes_fail(checkpoint, tmp_path):
+    backend, path = checkpoint
+    broken = broken_copy(path, tmp_path / "b", lambda t: _regroup(backend, t, "model.layers.3.mlp.experts.9.up_proj", 2))
+    _, problems = _problems(broken)
+    assert any(
+        p.startswith("model.layers.3.mlp.experts.9: gate and up quantized differently") and "group 64" in p and "group 128" in p
+        for p in problems
+    ), problems
+
+
+@pytest.mark.slow
+def test_q_k_v_with_different_group_sizes_fail(checkpoint, tmp_path):
+    backend, path = checkpoint
+    broken = broken_copy(path, tmp_path / "b", lambda t: _regroup(backend, t, "model.layers.0.self_attn.k_proj", 2))
+    _, problems = _problems(broken)
+    assert any(p.startswith("model.layers.0.self_attn: q_proj/k_proj/v_proj quantized differently") for p in problems), problems
+
+
+@pytest.mark.slow
+def test_a_fused_packed_key_fails(checkpoint, tmp_path):
+    backend, path = checkpoint
+    leaf = {"gptqmodel": "qweight", "llmcompressor": "weight_packed"}[backend]
+    block = "model.layers.0.mlp.experts"
+
+    def edit(t):
+        stacked = torch.stack([t[f"{block}.{i}.gate_proj.{leaf}"] for i in range(16)])
+        for k in [k for k in t if k.startswith(block + ".")]:
+            del t[k]
+        t[f"{block}.gate_up_proj.{leaf}"] = stacked
+
+    _, problems = _problems(broken_copy(path, tmp_path / "b", edit))
+    assert any(p.startswith(f"{block}.gate_up_proj.{leaf}: fused packed") for p in problems), problems
+
+
+@pytest.mark.slow
+def test_a_bf16_expert_among_quantized_ones_fails(checkpoint, tmp_path):
+    _, path = checkpoint
+    module = "model.layers.3.mlp.experts.7.up_proj"
+    edit = _float_experts(module + ".")
+    result, problems = _problems(broken_copy(path, tmp_path / "b", edit))
+    assert any(p.startswith(f"{module}: left unquantized (BF16)") for p in problems), problems
+    assert result.quantized == 191 and result.projections == 192
+
+
+def _float_experts(prefix):
+    """An edit storing every projection under ``prefix`` as a bf16 weight (128x128 in the tiny model)."""
+    def edit(t):
+        modules = {k.rpartition(".")[0] for k in t if k.startswith(prefix)}
+        for k in [k for k in t if k.startswith(prefix)]:
+            del t[k]
+        for module in modules:
+            t[f"{module}.weight"] = torch.zeros(128, 128, dtype=torch.bfloat16)
+    return edit
+
+
+def _ignore(path, entry):
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["ignore"].append(entry)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.slow
+def test_experts_excluded_by_the_config_are_listed_with_the_reason(tmp_path, tmp_path_factory):
+    path = quantized_checkpoint("llmcompressor", tmp_path_factory.getbasetemp())
+    broken = broken_copy(path, tmp_path / "b", _float_experts("model.layers.3.mlp.experts."))
+    entry = r"re:.*layers\.3\.mlp\.experts\..*"
+    _ignore(broken, entry)
+    result = check_checkpoint(broken)
+    assert result.fit, result.problems
+    assert len(result.not_quantized) == 48 and result.quantized == 144
+    assert {p.what for p in result.not_quantized} == {f"quantization_config.ignore has {entry!r}"}
+
+
+@pytest.mark.slow
+def test_one_excluded_expert_in_a_quantized_layer_fails(tmp_path, tmp_path_factory):
+    path = quantized_checkpoint("llmcompressor", tmp_path_factory.getbasetemp())
+    broken = broken_copy(path, tmp_path / "b", _float_experts("model.layers.3.mlp.experts.7."))
+    _ignore(broken, r"re:.*layers\.3\.mlp\.experts\.7\..*")
+    result, problems = _problems(broken)
+    assert len(result.not_quantized) == 3
+    assert problems == [
+        f"model.layers.3.mlp.experts.*.{name}: experts of one layer quantized differently (float, pack-quantized 4-bit "
+        "group 128): engines run a layer's experts as one kernel"
+        for name in ("gate_proj", "up_proj", "down_proj")
+    ]
+
+
+@pytest.mark.slow
+def test_for_transformers_says_what_stock_loading_does(checkpoint, capsys):
+    backend, path = checkpoint
+    code = main(["check", str(path), "--for", "transformers"])
+    out = capsys.readouterr().out
+    assert f"defuser_quant.load({str(path)!r})" in out
+    if backend == "gptqmodel":  # stock Transformers leaves per-expert GPTQ tensors unexpected: random experts
+        assert code == 1 and "randomly initialised" in out
+    else:  # compressed-tensors experts load, dequantized into fused float tensors
+        assert code == 0 and "dequantize" in out
+
+
+def test_float_checkpoint_is_fit_and_renamed_projections_fail(tmp_path):
+    assert check_checkpoint(TINY_MOE_PATH).fit
+    renamed = broken_copy(
+        TINY_MOE_PATH, tmp_path / "b",
+        lambda t: t.__setitem__("model.layers.0.mlp.experts.2.w1.weight", t.pop("model.layers.0.mlp.experts.2.gate_proj.weight")),
+    )
+    _, problems = _problems(renamed)
+    assert problems == [
+        "model.layers.0.mlp.experts.2.w1: unexpected projection name: per-expert checkpoints of this family name them gate_proj/up_proj/down_proj",
+        "model.layers.0.mlp.experts.2.gate_proj: projection missing",
+    ]
+
+
+def test_mixed_layouts_fail(tmp_path):
+    block = "model.layers.1.mlp.experts"
+
+    def edit(t):
+        gate = torch.stack([t.pop(f"{block}.{i}.gate_proj.weight") for i in range(16)])
+        up = torch.stack([t.pop(f"{block}.{i}.up_proj.weight") for i in range(16)])
+        t[f"{block}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        t[f"{block}.down_proj"] = torch.stack([t.pop(f"{block}.{i}.down_proj.weight") for i in range(16)])
+
+    result, problems = _problems(broken_copy(TINY_MOE_PATH, tmp_path / "b", edit))
+    assert problems == ["checkpoint: experts blocks are stored in different layouts (per-expert and fused)"]
+    assert result.layout == "mixed"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["check", "/nonexistent/ckpt"], "not a checkpoint directory"),
+    (["check", "."], "has no config.json"),
+])
+def test_bad_input_exits_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
