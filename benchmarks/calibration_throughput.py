@@ -7,7 +7,15 @@ A random qwen3_moe (shape from the flags) runs one calibration pass (``--batches
   and with Transformers' default experts implementation (``grouped_mm`` where it dispatches);
 * ``defused``: after ``convert_model``, no override;
 * ``routed`` / ``budgeted`` / ``all``: inside ``routing_mode`` (one context per pass, as in a
-  real calibration run), with a ``CoverageTracker`` attached.
+  real calibration run), with a ``CoverageTracker`` attached;
+* ``... grouped``: the same with ``routing_mode(grouped=True)`` (``calibration.grouped``: each
+  projection role as one grouped GEMM, every per-expert Linear's hooks still called).
+
+``--hessians`` adds a check per mode: a Hessian ``x^T x`` (fp32) accumulated by a forward
+pre-hook on every expert projection over one pass, per-expert loop vs grouped; reports the
+largest difference relative to the largest Hessian entry, and the pass time with those hooks.
+``--determinism`` runs the loop, the loop under ``deterministic_mode`` and the grouped forward
+twice each and says whether the logits repeat bit for bit.
 
 Each row reports tokens/second (median of ``--repeats`` passes after one warm-up pass; rows are
 timed round-robin), the ratio to fused eager, forced tokens per pass, and whether the logits
@@ -56,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed passes per row (median)")
     p.add_argument("--min-tokens", type=int, default=None, help="budgeted floor (default: 2x the mean routed tokens per expert per pass)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-grouped", action="store_true", help="skip the grouped rows")
+    p.add_argument("--hessians", action="store_true", help="compare per-expert Hessians, loop vs grouped")
+    p.add_argument("--determinism", action="store_true", help="check run-to-run bitwise repeatability")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/calibration_throughput_<device>.json)")
     return p.parse_args(argv)
 
@@ -155,10 +166,12 @@ def main(argv: list[str] | None = None) -> dict:
             return nullcontext()
         return context
 
-    def mode(name: str):
+    def mode(name: str, grouped: bool = False):
         @contextmanager
         def context():
-            with CoverageTracker(defused, min_tokens=min_tokens), routing_mode(defused, name, min_tokens=min_tokens) as session:
+            with CoverageTracker(defused, min_tokens=min_tokens), routing_mode(
+                defused, name, min_tokens=min_tokens, grouped=grouped
+            ) as session:
                 yield session
         return context
 
@@ -167,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows_spec.append(("fused", default_impl, fused, fused_with(default_impl)))
     rows_spec += [("defused", "no override", defused, nullcontext)]
     rows_spec += [("defused", m, defused, mode(m)) for m in ("routed", "budgeted", "all")]
+    if not args.no_grouped:
+        rows_spec += [("defused", f"{m} grouped", defused, mode(m, grouped=True)) for m in ("routed", "budgeted", "all")]
 
     rows, reference = [], None
     for (model_kind, variant, model, _), (seconds, state, logits, peak) in zip(rows_spec, measure_all(rows_spec, batches, args.repeats)):
@@ -180,13 +195,19 @@ def main(argv: list[str] | None = None) -> dict:
             "tokens_per_second": tokens_per_pass / seconds,
             "forced_tokens_per_pass": forced,
             "exact_vs_defused": None if model is fused else bool(torch.equal(logits, reference)),
+            "max_logit_diff_vs_defused": None if model is fused else float((logits.float() - reference.float()).abs().max()),
         }
         if peak is not None:
             row["peak_memory_gib"] = peak
         rows.append(row)
     base = rows[0]["tokens_per_second"]
+    fast = next((r["tokens_per_second"] for r in rows if r["model"] == "fused" and r["variant"] != "eager"), None)
     for row in rows:
         row["vs_fused_eager"] = row["tokens_per_second"] / base
+        if fast:
+            row["vs_fused_fast"] = row["tokens_per_second"] / fast
+    hessians = [hessian_check(defused, batches, m, min_tokens) for m in ("routed", "all")] if args.hessians else None
+    determinism = determinism_check(defused, batches) if args.determinism else None
 
     result = {
         "benchmark": "calibration_throughput",
@@ -209,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
         "min_tokens": min_tokens,
         "defused_blocks": len(report.converted),
         "rows": rows,
+        "hessians": hessians,
+        "determinism": determinism,
     }
     output = args.output or HERE / "results" / f"calibration_throughput_{device.type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +241,74 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _hessian_pass(model, batches, mode: str, min_tokens: int, grouped: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    from defuser_quant.calibration import defused_blocks, routing_mode
+
+    hessians: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(key):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            if key in hessians:
+                hessians[key].addmm_(x.T, x)
+            else:
+                hessians[key] = x.T @ x
+        return hook
+
+    for path, block in defused_blocks(model):
+        for e, expert in enumerate(block):
+            for name, linear in expert.named_children():
+                handles.append(linear.register_forward_pre_hook(hook_for(f"{path}.{e}.{name}")))
+    device = batches[0].device
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad(), routing_mode(model, mode, min_tokens=min_tokens, grouped=grouped):
+            for ids in batches:
+                model(ids)
+        synchronize(device)
+        return time.perf_counter() - start, hessians
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hessian_check(model, batches, mode: str, min_tokens: int) -> dict:
+    """Per-expert Hessians over one pass, loop vs grouped: worst relative difference, pass times."""
+    _hessian_pass(model, batches, mode, min_tokens, grouped=True)  # warm-up
+    loop_s, loop = _hessian_pass(model, batches, mode, min_tokens, grouped=False)
+    grouped_s, grouped = _hessian_pass(model, batches, mode, min_tokens, grouped=True)
+    worst, worst_key = 0.0, None
+    for key, h in loop.items():
+        rel = float((grouped[key] - h).abs().max() / h.abs().max().clamp(min=1e-30))
+        if rel > worst:
+            worst, worst_key = rel, key
+    same_keys = loop.keys() == grouped.keys()
+    exact = sum(bool(torch.equal(h, grouped[key])) for key, h in loop.items()) if same_keys else 0
+    return {"mode": mode, "modules": len(loop), "same_modules": same_keys, "identical": exact,
+            "max_rel_diff": worst, "worst_module": worst_key, "loop_s": loop_s, "grouped_s": grouped_s}
+
+
+def determinism_check(model, batches) -> dict:
+    """Whether two runs give bitwise equal logits: loop, loop under deterministic_mode, grouped."""
+    from defuser_quant.calibration import routing_mode
+    from defuser_quant.calibration.grouped import deterministic_mode
+
+    def twice(context) -> bool:
+        outs = []
+        for _ in range(2):
+            with torch.no_grad(), context():
+                outs.append(torch.cat([model(ids).logits for ids in batches]))
+        return bool(torch.equal(outs[0], outs[1]))
+
+    return {
+        "loop": twice(nullcontext),
+        "loop_deterministic_mode": twice(deterministic_mode),
+        "grouped": twice(lambda: routing_mode(model, "routed", grouped=True)),
+    }
+
+
 def markdown(result: dict) -> str:
     s = result["shape"]
     lines = [
@@ -225,15 +316,24 @@ def markdown(result: dict) -> str:
         f"moe_intermediate {s['moe_intermediate']}, {result['dtype']} on {result['device']} ({result['torch_threads']} threads); "
         f"{result['tokens_per_pass']} tokens per pass, budgeted min_tokens={result['min_tokens']}",
         "",
-        "| model | variant | tokens/s | vs fused eager | forced tokens/pass | logits == defused |",
-        "|---|---|---:|---:|---:|---|",
+        "| model | variant | tokens/s | vs fused eager | vs fused default | forced tokens/pass | logits == defused |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
-        exact = "-" if r["exact_vs_defused"] is None else ("yes" if r["exact_vs_defused"] else "NO")
+        exact = "-" if r["exact_vs_defused"] is None else (
+            "yes" if r["exact_vs_defused"] else f"max diff {r['max_logit_diff_vs_defused']:.3g}")
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['tokens_per_second']:,.0f} | {r['vs_fused_eager']:.2f}x | "
-            f"{r['forced_tokens_per_pass']:,} | {exact} |"
+            f"{r.get('vs_fused_fast', 0):.2f}x | {r['forced_tokens_per_pass']:,} | {exact} |"
         )
+    for h in result.get("hessians") or []:
+        lines.append(
+            f"\nHessians, mode {h['mode']}: {h['identical']}/{h['modules']} identical, largest difference "
+            f"{h['max_rel_diff']:.2e} of the largest entry ({h['worst_module']}); pass with Hessian hooks: "
+            f"loop {h['loop_s']:.3f} s, grouped {h['grouped_s']:.3f} s"
+        )
+    if result.get("determinism"):
+        lines.append(f"\nbitwise repeatable over two runs: {result['determinism']}")
     return "\n".join(lines)
 
 

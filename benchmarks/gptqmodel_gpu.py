@@ -8,7 +8,19 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``stock``    - GPTQModel 7.6 as shipped (it defuses with the ``defuser`` package);
 * ``ours``     - ``defuser_quant.integrations.gptqmodel.install()`` + ``quantize_with_defuser``
                  with native routing;
-* ``ours-all`` - the same with ``routing="all"`` (every expert calibrated on every token).
+* ``ours-all`` - the same with ``routing="all"`` (every expert calibrated on every token);
+* ``ours-grouped`` / ``ours-all-grouped`` - ``ours`` / ``ours-all`` with ``grouped=True``: the
+                 experts' calibration forwards as grouped GEMMs (``calibration.grouped``).
+
+Every row records which GPTQModel code paths ran (``integrations.gptqmodel.kernels``): GPTQ
+solves on the CUDA block-update extension or on GPTQModel's torch loop, Hessian inverses moved
+to the CPU, the quantized Linear classes after ``quantize()`` and after reload. A CUDA run in
+which any solve fell back is refused (exit 3, the JSON says ``"refused"``) unless
+``--allow-fallback``, and then the table says so. ``--stages`` adds a per-stage time breakdown
+(Hessian accumulation, solve, packing, experts forward; CUDA synchronized around each timed call).
+Checkpoints are compared with stock's: identical tensors, the share of identical ``qweight``
+tensors and the largest ``scales`` difference (the GPU is not deterministic; ``--deterministic``
+turns on deterministic algorithms in every variant).
 
 Each variant: ``GPTQModel.load`` (GPTQ 4-bit, group 128), ``quantize``, ``save``, reload and
 logits on a fixed prompt. With several GPUs the variants run at the same time, each alone on its
@@ -49,7 +61,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
-VARIANTS = ("stock", "ours", "ours-all")
+VARIANTS = ("stock", "ours", "ours-all", "ours-grouped", "ours-all-grouped")
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -77,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GPTQModel kernel for quantize() packing and reload (a BACKEND value; 'auto' may pick Machete "
                         "on Hopper, which downloads CUTLASS and JIT-builds; default gptq_triton; on CPU use auto)")
     p.add_argument("--no-reload", action="store_true", help="skip the reload + logits step")
+    p.add_argument("--stages", action="store_true", help="time the stages (synchronizes CUDA around each: a profile)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms in every variant")
+    p.add_argument("--allow-fallback", action="store_true",
+                   help="report a CUDA run in which GPTQ solves fell back to GPTQModel's torch path (the table says so)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     p.add_argument("--timeout", type=int, default=420, help="seconds per variant")
     p.add_argument("--gpus", type=int, default=None,
@@ -84,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/gptqmodel_<device>[_tiny].json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.variants is None and args.tiny:
+        args.variants = "stock,ours,ours-all"
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value)
@@ -148,15 +166,16 @@ def build_source(args: argparse.Namespace, src: Path) -> list[dict]:
     return rows
 
 
-def warm_gptq_extension() -> float | None:
+def warm_gptq_extension() -> tuple[float | None, bool | None]:
     """Build GPTQModel's CUDA block-update extension once (a JIT build the first user pays for)."""
     t0 = time.perf_counter()
     try:
         from gptqmodel.quantization.gptq_cuda import block_update_available
     except ImportError:
-        return None
-    print(f"GPTQ block-update extension available: {block_update_available()}", flush=True)
-    return round(time.perf_counter() - t0, 2)
+        return None, None
+    available = bool(block_update_available())
+    print(f"GPTQ block-update extension available: {available}", flush=True)
+    return round(time.perf_counter() - t0, 2), available
 
 
 def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slots: int) -> list[dict]:
@@ -184,10 +203,15 @@ def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slot
 def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | None = None) -> dict:
     result = work / f"{variant}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--workdir", str(work), "--device", args.device,
-           "--batch-size", str(args.batch_size), "--backend", args.backend] + (["--no-reload"] if args.no_reload else [])
+           "--batch-size", str(args.batch_size), "--backend", args.backend] + [
+        flag for flag, on in (("--no-reload", args.no_reload), ("--stages", args.stages), ("--deterministic", args.deterministic)) if on
+    ]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=_env(args.device, gpu), capture_output=True, text=True, timeout=args.timeout)
+        env = _env(args.device, gpu)
+        if args.deterministic:
+            env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts in the worker
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as exc:
         text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
         (work / f"{variant}.log").write_text(text)
@@ -209,17 +233,25 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
 
     ia, ib = index(a), index(b)
     common = sorted(set(ia) & set(ib))
-    equal = 0
+    equal = qweights = qweights_equal = 0
+    scale_diff = 0.0
     for key in common:
         with safe_open(str(ia[key]), "pt") as fa, safe_open(str(ib[key]), "pt") as fb:
             ta, tb = fa.get_tensor(key), fb.get_tensor(key)
-            equal += int(ta.dtype == tb.dtype and ta.shape == tb.shape and bool((ta == tb).all()))
-    return {"keys_a": len(ia), "keys_b": len(ib), "common": len(common), "equal": equal}
+            same = ta.dtype == tb.dtype and ta.shape == tb.shape and bool((ta == tb).all())
+            equal += int(same)
+            if key.endswith(".qweight"):
+                qweights += 1
+                qweights_equal += int(same)
+            elif key.endswith(".scales") and ta.shape == tb.shape:
+                scale_diff = max(scale_diff, float((ta.float() - tb.float()).abs().max()))
+    return {"keys_a": len(ia), "keys_b": len(ib), "common": len(common), "equal": equal,
+            "qweights": qweights, "qweights_equal": qweights_equal, "max_scale_diff": scale_diff}
 
 
 def markdown(rows: list[dict]) -> str:
     cols = ["variant", "load_s", "quantize_s", "save_s", "total_s", "peak_gpu_gib", "peak_rss_gib", "experts_quantized",
-            "min_expert_rows", "same_ckpt_as_stock", "logits_vs_stock"]
+            "min_expert_rows", "gptq_solve_path", "same_ckpt_as_stock", "qweights_equal", "max_scale_diff", "logits_vs_stock"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         if "error" in r:
@@ -229,9 +261,21 @@ def markdown(rows: list[dict]) -> str:
             r["variant"], f"{r['load_s']:.1f}", f"{r['quantize_s']:.1f}", f"{r['save_s']:.1f}", f"{r['total_s']:.1f}",
             "-" if r.get("peak_gpu_bytes") is None else f"{r['peak_gpu_bytes'] / 2**30:.2f}",
             f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['experts_quantized']}/{r['expert_projections']}",
-            str(r.get("min_expert_samples", "-")), r.get("same_ckpt_as_stock", "-"), r.get("logits_vs_stock", "-"),
+            str(r.get("min_expert_samples", "-")), r.get("kernels_label", "-"), r.get("same_ckpt_as_stock", "-"),
+            r.get("qweights_equal", "-"), r.get("max_scale_diff", "-"), r.get("logits_vs_stock", "-"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    staged = [r for r in rows if r.get("kernels", {}).get("stage_seconds")]
+    if staged:
+        stages = ["experts_forward", "hessian", "solve", "pack"]
+        lines += ["", "| variant | quantize (s) | " + " | ".join(f"{s} (s)" for s in stages) + " | other in quantize (s) | save (s) |",
+                  "|---|" + "---:|" * (len(stages) + 3)]
+        for r in staged:
+            sec = r["kernels"]["stage_seconds"]
+            # experts_forward includes the Hessian accumulation its hooks run; other = quantize minus the disjoint stages.
+            other = r["quantize_s"] - sec.get("experts_forward", sec.get("hessian", 0.0)) - sec.get("solve", 0.0) - sec.get("pack", 0.0)
+            lines.append(f"| {r['variant']} | {r['quantize_s']:.1f} | " + " | ".join(f"{sec.get(s, 0.0):.2f}" for s in stages)
+                         + f" | {other:.1f} | {r['save_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -257,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "calibration.json").write_text(json.dumps(calibration))
     build_s = time.perf_counter() - t0
     print(f"built source model in {build_s:.1f}s under {work}", flush=True)
-    jit_s = warm_gptq_extension() if args.device == "cuda" else None
+    jit_s, jit_ok = warm_gptq_extension() if args.device == "cuda" else (None, None)
     slots = 1 if args.device == "cpu" else max(1, min(args.gpus or torch.cuda.device_count(), len(variants)))
     rows = run_variants(variants, args, work, slots)
     stock = next((r for r in rows if r["variant"] == "stock" and "error" not in r), None)
@@ -272,9 +316,17 @@ def main(argv: list[str] | None = None) -> int:
             r["checkpoint_vs_stock"] = cmp
             same = cmp["common"] == cmp["keys_a"] == cmp["keys_b"] == cmp["equal"]
             r["same_ckpt_as_stock"] = "yes" if same else f"{cmp['equal']}/{cmp['keys_a']}"
+            r["qweights_equal"] = f"{cmp['qweights_equal']}/{cmp['qweights']}"
+            r["max_scale_diff"] = f"{cmp['max_scale_diff']:.3g}"
             mine = work / f"{r['variant']}.logits.pt"
             if stock_logits.exists() and mine.exists():
                 r["logits_vs_stock"] = f"{(_torch.load(mine) - _torch.load(stock_logits)).abs().max().item():.3g}"
+    refused = None
+    if args.device == "cuda":
+        fell_back = [f"{r['variant']}: {r['fallback']}" for r in rows if r.get("fallback")]
+        if fell_back and not args.allow_fallback:
+            refused = "GPTQModel fell back to a slower path, so these timings are not comparable: " + "; ".join(fell_back) + \
+                      ". Fix the build (see docs/performance.md) or pass --allow-fallback to report it as such."
     table = markdown(rows)
     print(table)
     out = args.output or HERE / "results" / f"gptqmodel_{args.device}{'_tiny' if args.tiny else ''}.json"
@@ -283,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
         "build_source_s": round(build_s, 2),
         "gptq_extension_warmup_s": jit_s,
+        "gptq_extension_available": jit_ok,
         "concurrent_variants": slots,
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -290,10 +343,17 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
         "gpus_visible": torch.cuda.device_count() if args.device == "cuda" else 0,
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "markdown": table}, indent=1) + "\n")
+    command = "python benchmarks/gptqmodel_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    payload = {"meta": {**meta, "command": command}, "rows": rows, "markdown": table}
+    if refused:
+        payload["refused"] = refused
+    out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {out}")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
+    if refused:
+        print(f"REFUSED: {refused}", file=sys.stderr)
+        return 3
     return 0 if all("error" not in r for r in rows) else 1
 
 
@@ -310,11 +370,14 @@ def worker(args: argparse.Namespace) -> int:
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     backend = BACKEND(args.backend)
-    if variant != "stock":
-        sys.path.insert(0, str(HERE))
-        from _source import use_source_checkout
+    sys.path.insert(0, str(HERE))
+    from _source import use_source_checkout
 
-        use_source_checkout()
+    use_source_checkout()
+    from defuser_quant.calibration.grouped import deterministic_mode
+    from defuser_quant.integrations.gptqmodel.kernels import quant_linear_classes, record_gptq_kernels
+
+    if variant != "stock":
         from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
 
         install()
@@ -326,15 +389,21 @@ def worker(args: argparse.Namespace) -> int:
     model = GPTQModel.load(str(work / "src"), QuantizeConfig(bits=4, group_size=128))
     t1 = time.perf_counter()
     extra: dict = {}
-    if variant == "stock":
-        log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
-    else:
-        routing = "all" if variant == "ours-all" else "routed"
-        result = quantize_with_defuser(model, calibration, routing=routing, policy="warn", batch_size=args.batch_size,
-                                       backend=backend, coverage_report=work / f"{variant}.coverage.json")
-        log = result.log
-        extra["coverage_totals"] = result.coverage.totals.model_dump()
+    with record_gptq_kernels(stages=args.stages) as kernels, deterministic_mode(args.deterministic):
+        if variant == "stock":
+            log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
+        else:
+            routing = "all" if variant.startswith("ours-all") else "routed"
+            result = quantize_with_defuser(model, calibration, routing=routing, policy="warn", batch_size=args.batch_size,
+                                           backend=backend, coverage_report=work / f"{variant}.coverage.json",
+                                           grouped=variant.endswith("-grouped"))
+            log = result.log
+            extra["coverage_totals"] = result.coverage.totals.model_dump()
     t2 = time.perf_counter()
+    extra["kernels"] = kernels.as_dict()
+    extra["kernels_label"] = kernels.label()
+    extra["fallback"] = kernels.fallback_reason() if cuda else None
+    extra["quant_linear_after_quantize"] = quant_linear_classes(model.model)
     expert = re.compile(r"\.experts\.\d+\.")
     projections = [m for n, m in model.model.named_modules() if expert.search(f"{n}.") and n.rsplit(".", 1)[-1].endswith("proj")]
     quantized = sum(isinstance(m, BaseQuantLinear) for m in projections)
@@ -348,6 +417,7 @@ def worker(args: argparse.Namespace) -> int:
         t4 = time.perf_counter()
         device = "cuda:0" if cuda else "cpu"
         reloaded = GPTQModel.load(str(work / f"{variant}.out"), device=device, backend=backend)
+        extra["quant_linear_after_reload"] = quant_linear_classes(reloaded.model)
         ids = torch.tensor([calibration[0]["input_ids"][:64]], device=device)
         with torch.inference_mode():
             logits = reloaded.model(input_ids=ids).logits.float().cpu()

@@ -255,14 +255,18 @@ def grouped_routed_forward(
         logger.debug("grouped forward off for %s: %s", type(block).__name__, reason)
         return None
     tokens, top_k = top_k_index.shape
+    if tokens == 0 or top_k == 0:
+        return None
     num_experts = block.num_experts
     # Flat index k * tokens + t: a stable sort by expert keeps the loop's (slot, token) order.
     flat_ids = top_k_index.T.reshape(-1)
-    if bool((flat_ids >= num_experts).any()) or bool((flat_ids < 0).any()):
+    expert_ids, perm = torch.sort(flat_ids, stable=True)
+    # One host sync for the counts and the range check.
+    stats = torch.cat([torch.bincount(expert_ids.clamp(0, num_experts - 1), minlength=num_experts), expert_ids[[0, -1]]])
+    *counts, low, high = stats.tolist()
+    if low < 0 or high >= num_experts:
         logger.debug("grouped forward off: expert indices outside [0, %d)", num_experts)
         return None
-    expert_ids, perm = torch.sort(flat_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=num_experts).tolist()
     token_idx = perm % tokens
     slot_idx = perm // tokens
     out = _run_sorted(block, hidden_states[token_idx], counts, expert_ids)
