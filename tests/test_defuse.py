@@ -492,3 +492,62 @@ def test_no_training_warning_for_an_eval_model_without_gradients(caplog):
     with caplog.at_level("WARNING", logger="defuser_quant.core.defuse"):
         dq.convert_model(model)
     assert not [r for r in caplog.records if "optimizer" in r.getMessage()]
+
+
+def _fresh(family: str, device: str = "cpu"):
+    from tiny import FAMILIES
+
+    make_config, cls = FAMILIES[family]
+    config = make_config()
+    config._experts_implementation = "eager"
+    with torch.device(device):
+        model = cls(config).eval()
+    return model
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_fused_checkpoint_loads_into_a_model_converted_before_loading(family):
+    reference, ids = build(family)
+    fused_state, ref = reference.state_dict(), logits(reference, ids)
+    model = _fresh(family)
+    dq.convert_model(model)
+    assert not model.load_state_dict(fused_state).missing_keys  # strict: every per-expert key loaded
+    _assert_close(family, logits(model, ids), ref)
+
+
+def test_fused_checkpoint_loads_into_a_meta_model_converted_before_loading():
+    reference, _ = build("mixtral")
+    fused_state = reference.state_dict()
+    model = _fresh("mixtral", "meta")
+    dq.convert_model(model)
+    model.load_state_dict(fused_state, assign=True)
+    assert not [n for n, p in model.named_parameters() if p.is_meta]
+    dq.convert_model(reference)
+    expected, loaded = reference.state_dict(), model.state_dict()
+    assert expected.keys() == loaded.keys()
+    assert all(torch.equal(expected[k], loaded[k]) for k in expected)
+
+
+def test_fused_checkpoint_loads_through_accelerate_into_a_converted_model(tmp_path):
+    from accelerate.utils import load_checkpoint_in_model
+    from safetensors.torch import save_file
+
+    reference, ids = build("mixtral")
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    model = _fresh("mixtral")
+    dq.convert_model(model)
+    load_checkpoint_in_model(model, str(tmp_path / "model.safetensors"))  # fills absent keys with current values
+    assert torch.equal(logits(model, ids), logits(reference, ids))
+
+
+def test_fused_checkpoint_of_another_shape_or_next_to_per_expert_keys_is_refused():
+    reference, _ = build("mixtral")
+    fused_state = dict(reference.state_dict())
+    model = _fresh("mixtral")
+    dq.convert_model(model)
+    wrong = dict(fused_state, **{"model.layers.0.mlp.experts.down_proj": torch.zeros(8, 64, 16)})
+    with pytest.raises(RuntimeError, match=r"size mismatch for model\.layers\.0\.mlp\.experts\.down_proj.*\[8, 64, 16\].*\[8, 64, 32\]"):
+        model.load_state_dict(wrong)
+    both = dict(fused_state, **{"model.layers.1.mlp.experts.3.w1.weight": torch.zeros(32, 64)})
+    with pytest.raises(RuntimeError, match=r"experts\.gate_up_proj and model\.layers\.1\.mlp\.experts\.3\.w1\.weight are both"):
+        model.load_state_dict(both)

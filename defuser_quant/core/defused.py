@@ -120,6 +120,16 @@ class FusedTensorSpec:
     plan: FusedTensor | None = None
 
 
+def _is_current(value: torch.Tensor, current: torch.Tensor | None) -> bool:
+    """True when a state-dict value is the module's own tensor (loaders such as torch's
+    ``set_model_state_dict`` fill keys the checkpoint lacks with the model's current values)."""
+    if current is None or value is current:
+        return value is current
+    if value.device.type == "meta" or current.device.type == "meta":
+        return value.device.type == current.device.type == "meta"
+    return value.device == current.device and value.data_ptr() == current.data_ptr() and value.shape == current.shape
+
+
 ExpertsForward = Callable[["DefusedExperts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -197,6 +207,36 @@ class DefusedExperts(nn.Module):
 
     def __iter__(self) -> Iterator[DefusedExpert]:
         return (self._modules[str(i)] for i in range(self.num_experts))  # type: ignore[misc]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """Load a fused checkpoint into a block defused before loading (``load_state_dict``,
+        accelerate's ``load_checkpoint_in_model`` without a device map): each fused tensor in
+        ``state_dict`` is carved into the per-expert keys the children then load. A fused tensor of
+        another shape, or one given next to per-expert keys, is an error naming both."""
+        for spec, plan in self.tensor_plans():
+            key = prefix + spec.name
+            if key not in state_dict:
+                continue
+            fused = state_dict.pop(key)
+            expected = spec.native_shape or (spec.shape if spec.plan is not None else (self.num_experts, *spec.shape[1:]))
+            if tuple(fused.shape) != tuple(expected):
+                error_msgs.append(
+                    f"size mismatch for {key}: the checkpoint's fused tensor is {list(fused.shape)}, but "
+                    f"{prefix[:-1]} was defused from {list(expected)}"
+                )
+                continue
+            slabs = plan.slabs(fused)
+            for index in range(self.num_experts):
+                for (role, kind), piece in zip(plan.leaves, plan.pieces(slabs[index])):
+                    target = f"{prefix}{index}.{getattr(self.names, role)}.{kind}"
+                    current = getattr(self[index].projection(role), kind)
+                    if target in state_dict and not _is_current(state_dict[target], current):
+                        error_msgs.append(f"{key} and {target} are both in the state dict: give one layout, not both")
+                        continue
+                    state_dict[target] = piece.contiguous()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def rename_projections(self, names: ProjectionNames) -> None:
         """Register every expert's projections under ``names`` (same modules, same order).
