@@ -82,7 +82,8 @@ def install() -> None:
 
     if _ORIGINAL:
         return
-    original = PreTrainedModel.__dict__["_finalize_model_loading"].__func__
+    descriptor = PreTrainedModel.__dict__["_finalize_model_loading"]
+    original = descriptor.__func__
 
     @functools.wraps(original)
     def _finalize_model_loading(model, load_config, loading_info):
@@ -90,7 +91,7 @@ def install() -> None:
         check_expert_keys(model, info)
         return info
 
-    _ORIGINAL.append(original)
+    _ORIGINAL.append(descriptor)
     PreTrainedModel._finalize_model_loading = staticmethod(_finalize_model_loading)
 
 
@@ -99,4 +100,4 @@ def uninstall() -> None:
     from transformers.modeling_utils import PreTrainedModel
 
     if _ORIGINAL:
-        PreTrainedModel._finalize_model_loading = staticmethod(_ORIGINAL.pop())
+        PreTrainedModel._finalize_model_loading = _ORIGINAL.pop()

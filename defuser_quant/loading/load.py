@@ -17,6 +17,7 @@ from .formats import checkpoint_format
 logger = logging.getLogger(__name__)
 
 _PACKED = ("qweight", "weight_packed")
+_KNOWN_PACKAGES = ("torch", "transformers", "defuser_quant", "gptqmodel", "compressed_tensors", "optimum")
 
 
 def _model_class(config: Any, model_class: type | None) -> type:
@@ -71,7 +72,14 @@ def _verify(model: nn.Module, path: Path, quantized: bool) -> int:
         raise LoadError(f"{path}: experts blocks still fused after loading ({', '.join(fused[:3])}); this family is not patched by replace_fused_blocks")
     projections = expert_projections(model)
     if not projections:
-        raise LoadError(f"{path}: the loaded model has no defused experts blocks; defuser_quant.load is for MoE checkpoints")
+        foreign = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()
+                          if type(m).__module__.split(".")[0] not in _KNOWN_PACKAGES})
+        cause = (
+            f"; its blocks were built by {', '.join(foreign[:3])}: another tool replaced this family's classes "
+            "(stock GPTQModel.load installs Defuser's patch for the whole process), load in a fresh process"
+            if foreign else "; defuser_quant.load is for MoE checkpoints"
+        )
+        raise LoadError(f"{path}: the loaded model has no defused experts blocks{cause}")
     if not quantized:
         return 0
     stored = stored_quantized_modules(path)
