@@ -53,3 +53,27 @@ def test_untied_fused_keys_come_back_only_with_the_last_patch():
     assert all(not any(patching._FUSED_KEY.search(k) for k in o._tied_weights_keys) for o in owners)
     patching._retie_fused_keys(owners)
     assert all(o._tied_weights_keys is original[o] for o in owners) and not patching._UNTIED
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_omni_moe", "inkling2", "unlimited_ocr"])
+def test_scoped_and_class_keyed_mappings_are_patched_and_restored(model_type):
+    """Transformers applies the mapping of each sub-model (its model type or class name) scoped to
+    it: a merge left there would build fused tensors the patched model does not have."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from defuser_quant.core import patching
+    from defuser_quant.core.split_ops import is_expert_merge
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this Transformers has no {model_type}")
+    keys = patching._scoped_mapping_keys(model_type, dense=True)
+    if not keys:
+        pytest.skip(f"this Transformers registers {model_type}'s mappings under its model type only")
+    before = {k: repr(get_checkpoint_conversion_mapping(k)) for k in keys}
+    assert dq.replace_fused_blocks(model_type)
+    for key in keys:
+        assert not any(is_expert_merge(t) for t in get_checkpoint_conversion_mapping(key)), key
+    dq.restore_fused_blocks(model_type)
+    assert {k: repr(get_checkpoint_conversion_mapping(k)) for k in keys} == before
+    assert not patching._MAPPINGS

@@ -241,6 +241,65 @@ def _conversion_mapping(model_type: str, classes: list[type[nn.Module]], dense: 
     return kept + lists + split + (dense_split_converters() if dense else [])
 
 
+# conversion mapping key -> [the mapping before we registered ours, whether the user had registered
+# it, how many patched model types use ours]: keys are shared (a sub-model's type or class key).
+_MAPPINGS: dict[str, list] = {}
+
+
+def _scoped_mapping_keys(model_type: str, dense: bool) -> list[str]:
+    """Other keys Transformers looks this model's conversion mappings up under, whose mapping
+    merges experts (or dense MLPs): sub-model types (``inkling2_text``) and class names
+    (``UnlimitedOcrTextModel``) of the modeling file. Transformers applies each to its sub-model,
+    so a merge left there would build fused tensors the patched model does not have."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    keys = []
+    for cls in _defined_classes(model_type):
+        sub_type = getattr(getattr(cls, "config_class", None), "model_type", None)
+        keys += [cls.__name__] + ([sub_type] if isinstance(sub_type, str) and sub_type else [])
+    found = []
+    for key in dict.fromkeys(keys):
+        if key == model_type:
+            continue
+        previous = _MAPPINGS[key][0] if key in _MAPPINGS else get_checkpoint_conversion_mapping(key)
+        if any(is_expert_merge(t) or (dense and is_dense_merge(t)) for t in previous or []):
+            found.append(key)
+    return found
+
+
+def _register_mapping(key: str, build) -> None:
+    """Register ``build()`` (computed from the unpatched mapping) under ``key``, counted."""
+    from transformers import conversion_mapping
+
+    if key in _MAPPINGS:
+        _MAPPINGS[key][2] += 1
+        return
+    previous = conversion_mapping.get_checkpoint_conversion_mapping(key)
+    user = key in conversion_mapping.USER_REGISTERED_MAPPINGS
+    conversion_mapping.register_checkpoint_conversion_mapping(key, build(), overwrite=True)
+    _MAPPINGS[key] = [previous, user, 1]
+
+
+def _unregister_mapping(key: str) -> None:
+    from transformers import conversion_mapping
+
+    entry = _MAPPINGS.get(key)
+    if entry is None:
+        return
+    entry[2] -= 1
+    if entry[2]:
+        return
+    del _MAPPINGS[key]
+    previous, user = entry[0], entry[1]
+    cache = conversion_mapping._checkpoint_conversion_mapping_cache
+    if previous is None:
+        cache.pop(key, None)
+    else:
+        cache[key] = previous
+    if not user:
+        conversion_mapping.USER_REGISTERED_MAPPINGS.discard(key)
+
+
 def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
     """Patch ``model_type`` so ``from_pretrained``/``from_config`` build defused experts.
 
@@ -269,14 +328,13 @@ def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
             "defuser_quant/core/families.py) and no fused dense MLP: nothing for replace_fused_blocks or convert_model "
             "to do; see the supported families table in the README."
         )
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-
-    previous_mapping = get_checkpoint_conversion_mapping(model_type)
+    keys = [model_type, *_scoped_mapping_keys(model_type, bool(dense))]
     for cls in classes:
         _install_constructor(cls, model_type)
-    register_checkpoint_conversion_mapping(model_type, _conversion_mapping(model_type, experts, dense), overwrite=True)
+    for key in keys:
+        _register_mapping(key, lambda k=key: _conversion_mapping(k, experts, dense))
     untied = _untie_fused_keys(model_type)
-    _PATCHED[model_type] = {"classes": classes, "mapping": previous_mapping, "tied_keys": untied}
+    _PATCHED[model_type] = {"classes": classes, "mapping_keys": keys, "tied_keys": untied}
     load_check.install()  # expert keys that do not load raise instead of leaving random experts
     logger.info("patched %s: %s", model_type, ", ".join(c.__name__ for c in classes))
     return True
@@ -284,8 +342,6 @@ def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
 
 def restore_fused_blocks(model_type: str | None = None) -> None:
     """Undo ``replace_fused_blocks`` for ``model_type`` (or every patched type)."""
-    from transformers import conversion_mapping
-
     for mt in [model_type] if model_type else list(_PATCHED):
         state = _PATCHED.pop(mt, None)
         if state is None:
@@ -293,11 +349,7 @@ def restore_fused_blocks(model_type: str | None = None) -> None:
         for cls in state["classes"]:
             _remove_constructor(cls, mt)
         _retie_fused_keys(state["tied_keys"])
-        cache = conversion_mapping._checkpoint_conversion_mapping_cache
-        if state["mapping"] is None:
-            cache.pop(mt, None)
-        else:
-            cache[mt] = state["mapping"]
-        conversion_mapping.USER_REGISTERED_MAPPINGS.discard(mt)
+        for key in state["mapping_keys"]:
+            _unregister_mapping(key)
     if not _PATCHED:
         load_check.uninstall()
