@@ -1,0 +1,139 @@
+"""``defuser_quant.load``: experts defused and, when quantized, kept quantized, compared with the
+quantizer's own loader (``GPTQModel.load``, in a fresh process) and with stock Transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+from transformers.modeling_utils import PreTrainedModel
+
+import defuser_quant as dq
+from defuser_quant.assets import TINY_MOE_PATH
+from defuser_quant.core import patching
+from defuser_quant.core.load_check import ExpertLoadError
+from defuser_quant.loading import LoadError
+from defuser_quant.loading.load import expert_projections, is_quantized_module
+from quantized_checkpoints import broken_copy, quantized_checkpoint
+
+IDS = torch.arange(1, 33).unsqueeze(0)
+ORIGINAL = PreTrainedModel.__dict__["_finalize_model_loading"]
+
+_GPTQMODEL_LOAD = """
+import sys, torch
+torch.set_num_threads(1)
+from gptqmodel import GPTQModel
+model = GPTQModel.load(sys.argv[1], device="cpu").model
+with torch.no_grad():
+    torch.save(model(input_ids=torch.arange(1, 33).unsqueeze(0)).logits, sys.argv[2])
+"""
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def _nbytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _gptqmodel_load_logits(path, tmp_path) -> torch.Tensor:
+    # A fresh process: stock GPTQModel.load installs Defuser's class patch for the whole process.
+    out = tmp_path / "gptqmodel_logits.pt"
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
+    proc = subprocess.run([sys.executable, "-c", _GPTQMODEL_LOAD, str(path), str(out)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out).float()
+
+
+@pytest.mark.slow
+def test_gptq_checkpoint_loads_quantized_and_equals_gptqmodel_load(tmp_path, tmp_path_factory):
+    path = quantized_checkpoint("gptqmodel", tmp_path_factory.getbasetemp())
+    model = dq.load(path)
+    projections = expert_projections(model)
+    assert len(projections) == 192 and all(is_quantized_module(m) for m in projections.values())
+    assert torch.equal(_logits(model), _gptqmodel_load_logits(path, tmp_path))
+    # Stock Transformers (GPTQ through optimum) leaves the experts random: what load exists to prevent.
+    stock = AutoModelForCausalLM.from_pretrained(path)
+    assert (_logits(stock) - _logits(model)).abs().max() > 1
+    assert _nbytes(model) < 0.5 * _nbytes(stock)
+    assert not patching._PATCHED and PreTrainedModel.__dict__["_finalize_model_loading"] is ORIGINAL
+
+
+@pytest.mark.slow
+def test_compressed_tensors_checkpoint_loads_quantized_and_equals_stock(tmp_path_factory):
+    path = quantized_checkpoint("llmcompressor", tmp_path_factory.getbasetemp())
+    model = dq.load(path)
+    projections = expert_projections(model)
+    assert len(projections) == 192 and all(hasattr(m, "weight_packed") for m in projections.values())
+    stock = AutoModelForCausalLM.from_pretrained(path)  # dequantizes the experts into fused float tensors
+    assert stock.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    loaded_bytes, stock_bytes = _nbytes(model), _nbytes(stock)
+    assert loaded_bytes < 0.5 * stock_bytes
+    assert torch.equal(_logits(model), _logits(stock))
+
+
+@pytest.mark.slow
+def test_experts_dequantized_by_the_integration_are_refused(tmp_path_factory):
+    path = quantized_checkpoint("llmcompressor", tmp_path_factory.getbasetemp())
+    with pytest.raises(LoadError, match=r"192 expert projection\(s\) stored quantized loaded as float weights"):
+        dq.load(path, quantization_config=CompressedTensorsConfig(dequantize=True))
+
+
+def test_float_checkpoint_loads_defused_with_stock_logits():
+    model = dq.load(TINY_MOE_PATH)
+    assert len(expert_projections(model)) == 192
+    assert torch.equal(_logits(model), _logits(AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH)))
+    assert not patching._PATCHED
+
+
+def test_fused_float_checkpoint_loads_defused(tmp_path):
+    fused = tmp_path / "fused"
+    stock = AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH)
+    stock.save_pretrained(fused, save_original_format=False)  # the v5 fused layout on disk
+    with open(fused / "config.json") as f:
+        assert json.load(f)["model_type"] == "qwen3_moe"
+    from safetensors import safe_open
+
+    with safe_open(str(fused / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in set(f.keys())
+    model = dq.load(fused)
+    assert len(expert_projections(model)) == 192
+    assert torch.equal(_logits(model), _logits(stock))
+
+
+def test_a_family_patched_by_the_caller_stays_patched():
+    dq.replace_fused_blocks("qwen3_moe")
+    dq.load(TINY_MOE_PATH)
+    assert "qwen3_moe" in patching._PATCHED
+
+
+def test_an_expert_that_does_not_load_raises(tmp_path):
+    broken = broken_copy(TINY_MOE_PATH, tmp_path / "b", lambda t: t.pop("model.layers.3.mlp.experts.0.up_proj.weight"))
+    with pytest.raises(ExpertLoadError, match=r"model\.layers\.3\.mlp\.experts\.0\.up_proj\.weight"):
+        dq.load(broken)
+    assert not patching._PATCHED  # restored although the load failed
+
+
+@pytest.mark.parametrize("qcfg, message", [
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "'fp8' is not supported by defuser_quant.load"),
+    ({"quant_method": "bitsandbytes"}, "'bitsandbytes' is not supported"),
+])
+def test_unsupported_formats_are_refused(tmp_path, qcfg, message):
+    broken = broken_copy(TINY_MOE_PATH, tmp_path / "b", lambda t: None)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "quantization_config": qcfg}))
+    with pytest.raises(LoadError, match=message):
+        dq.load(broken)
+
+
+def test_not_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(LoadError, match="no config.json"):
+        dq.load(tmp_path)
