@@ -30,7 +30,14 @@ def _handle(args: argparse.Namespace) -> int:
     if args.overwrite:
         overrides["output.overwrite"] = True
     config = load_job_config(args.config or DEFAULT_JOB, overrides)
-    run_job(config)
+    from ..calibration.distributed import launched_by_torchrun
+    from .multiprocess import check_job, launch, process_group, run_argv
+
+    check_job(config, args.nproc)
+    if args.nproc > 1 and not launched_by_torchrun():
+        return launch(args.nproc, run_argv(args))
+    with process_group(config):
+        run_job(config)
     return 0
 
 
@@ -45,4 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", help="output folder (overrides output.dir)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. --set quantization.scheme=W8A16")
+    parser.add_argument(
+        "--nproc", type=int, default=1, metavar="N",
+        help="spread the job over N processes with torchrun (llmcompressor backend; one GPU each on GPUs, gloo on the CPU)",
+    )
     parser.set_defaults(handler=_handle)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import platform
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from defuser_quant.calibration import distributed
+
 from .backends import get_backend
 from .config import JobConfig
 from .context import BackendResult, JobContext
-from .output import staged_output
+from .output import check_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
 BUILTIN_MODEL = "builtin:tiny-qwen3-moe"
@@ -95,6 +98,19 @@ def _summary(report: JobReport, config: JobConfig) -> Table:
     return table
 
 
+@contextlib.contextmanager
+def _output(target: Path, overwrite: bool, protected: list[Path], main: bool) -> Iterator[Path]:
+    """The staging folder; under torchrun the other ranks check the same target (so they fail
+    alike, before any work) and write into a scratch folder that is removed."""
+    if main:
+        with staged_output(target, overwrite, protected) as staging:
+            yield staging
+        return
+    check_output_dir(target, overwrite, protected)
+    with tempfile.TemporaryDirectory(prefix="defuser-quant-rank-") as scratch:
+        yield Path(scratch)
+
+
 def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
     """Run ``config`` end to end; the output folder appears only when everything succeeded."""
     from transformers import AutoTokenizer
@@ -103,7 +119,8 @@ def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
 
     from .evaluate import perplexity
 
-    console = console or Console()
+    main = distributed.is_main_process()  # under torchrun only rank 0 writes and prints
+    console = console or Console(quiet=not main)
     model_path = resolve_model_path(config.model.path)
     target = Path(config.output.dir).resolve()
     protected = [Path(model_path)] if Path(model_path).exists() else []
@@ -121,7 +138,7 @@ def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
         report.timings[name] = time.perf_counter() - start
         progress.update(task, completed=1)
 
-    with staged_output(target, config.output.overwrite, protected) as staging, progress:
+    with _output(target, config.output.overwrite, protected, main) as staging, progress:
         with stage("tokenize data"):
             tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
             samples = build_calibration_samples(config.calibration.data, tokenizer)

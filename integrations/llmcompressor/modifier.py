@@ -33,6 +33,7 @@ from torch import nn
 
 from defuser_quant.core import DefusedExperts, DefuserQuantError, FilterRules, convert_model, fuse_model
 from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_report, current_provenance, routing_mode
+from defuser_quant.calibration import distributed
 
 from .linearize import adopt_linear_experts
 from .refuse import RefuseError, check_refusable, refuse_checkpoint
@@ -65,14 +66,28 @@ class _CalibrationPassOnly:
     The sequential pipeline re-runs each layer with hooks disabled to propagate activations;
     forced tokens there would be wasted work (nothing observes them) and would skew the
     ``budgeted`` counts.
+
+    Under ``torchrun`` the first live call first runs every expert, in index order, on zero
+    tokens: GPTQ keys its Hessians by module in the order their hooks first fire and reduces
+    them across ranks in that order, so every rank must meet the experts in the same order
+    whatever its data routes (stock ``LinearExperts2D`` calls every expert on every batch).
     """
 
-    def __init__(self, inner: Any):
+    def __init__(self, inner: Any, fingerprints: list | None = None):
         self.inner = inner
+        self.ordered = False
+        self.fingerprints = fingerprints  # the first block records its batches' routed counts
 
     def __call__(self, block: DefusedExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if HooksMixin._HOOKS_DISABLED:
             return block.routed_forward(hidden, index, weights)
+        if not self.ordered and distributed.is_distributed():
+            with torch.no_grad():
+                for expert in block:
+                    expert(hidden[:0])
+        self.ordered = True
+        if self.fingerprints is not None:
+            self.fingerprints.append(tuple(torch.bincount(index.reshape(-1), minlength=block.num_experts).tolist()))
         return self.inner(block, hidden, index, weights)
 
 
@@ -133,6 +148,7 @@ class DefuseModifier(Modifier):
     _stack: ExitStack | None = PrivateAttr(default=None)
     _counts: dict[str, dict[str, list[int]]] = PrivateAttr(default_factory=dict)
     _coverage: CoverageReport | None = PrivateAttr(default=None)
+    _fingerprints: list | None = PrivateAttr(default=None)
 
     @field_validator("filter", mode="before")
     @classmethod
@@ -174,11 +190,19 @@ class DefuseModifier(Modifier):
             logger.warning("DefuseModifier: %s has no fused MoE experts block; nothing to do", type(model).__name__)
             return True
         mode = self.routing or ("all" if _calibrate_all_flag() else "routed")
+        if mode == "budgeted" and distributed.is_distributed():
+            raise DefuserQuantError(
+                "DefuseModifier: routing 'budgeted' is not supported under torchrun yet: each rank would top up experts "
+                "from its own share of the data, so ranks would decide differently. Use routing: all (every expert "
+                "sees every token, identical on every rank) or run in one process"
+            )
         self._stack = ExitStack()
         try:
             self._stack.enter_context(routing_mode(model, mode, min_tokens=self.min_tokens))
-            for _, block in _blocks(model):
-                block.forward_override = _CalibrationPassOnly(block.forward_override)
+            self._fingerprints = [] if distributed.is_distributed() else None
+            for index, (_, block) in enumerate(_blocks(model)):
+                record = self._fingerprints if index == 0 else None
+                block.forward_override = _CalibrationPassOnly(block.forward_override, record)
             self._attach_counters(model)
         except BaseException:
             self._teardown()
@@ -190,7 +214,11 @@ class DefuseModifier(Modifier):
         if self.refuse:
             self._check_refusable(state.model)
 
+    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs: Any) -> None:
+        self._check_data_split()
+
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
+        self._check_data_split()
         self._teardown()
         if self._counts:
             self._finish_coverage()
@@ -221,6 +249,12 @@ class DefuseModifier(Modifier):
                 "recipe=[DefuseModifier(...), " + before[0] + "(...)]."
             )
 
+    def _check_data_split(self) -> None:
+        """Under torchrun, once the first block has seen data: refuse ranks that saw the same batches."""
+        if self._fingerprints:
+            fingerprints, self._fingerprints = self._fingerprints, None
+            distributed.check_distinct_shares(fingerprints)
+
     def _attach_counters(self, model: nn.Module) -> None:
         self._counts = {}
         for path, block in _blocks(model):
@@ -236,9 +270,11 @@ class DefuseModifier(Modifier):
             stack.close()
 
     def _finish_coverage(self) -> None:
-        report = build_report({p: (c["routed"], c["forced"]) for p, c in self._counts.items()}, self.min_tokens)
+        # under torchrun each rank counted its own share of the data: sum before deciding anything
+        counts = distributed.all_reduce_counts({p: (c["routed"], c["forced"]) for p, c in self._counts.items()})
+        report = build_report(counts, self.min_tokens)
         self._coverage = report
-        if self.coverage_report:
+        if self.coverage_report and distributed.is_main_process():
             report.to_json(self.coverage_report)
             logger.info("coverage report written to %s", self.coverage_report)
         logger.info("expert coverage:\n%s", report.console_summary())
@@ -279,9 +315,10 @@ class DefuseModifier(Modifier):
 
         @functools.wraps(inner)
         def save_then_refuse(save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
-            result = inner(save_directory, *args, **kwargs)
-            target = output_dir or f"{str(save_directory).rstrip('/')}-{mode.replace('_', '-')}"
-            refuse_checkpoint(save_directory, target, mode, side_files_from=[p for p in origin if p])
+            result = inner(save_directory, *args, **kwargs)  # under torchrun: rank 0 writes, all ranks wait
+            if distributed.is_main_process():
+                target = output_dir or f"{str(save_directory).rstrip('/')}-{mode.replace('_', '-')}"
+                refuse_checkpoint(save_directory, target, mode, side_files_from=[p for p in origin if p])
             return result
 
         model.save_pretrained = save_then_refuse

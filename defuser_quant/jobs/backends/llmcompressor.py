@@ -50,6 +50,7 @@ def run(ctx: JobContext) -> BackendResult:
     """Load, evaluate, calibrate + quantize with oneshot, save into the staging folder."""
     from transformers import AutoModelForCausalLM
 
+    from defuser_quant.calibration import distributed
     from defuser_quant.calibration.data import to_hf_dataset
     from defuser_quant.integrations.llmcompressor import DefuseModifier
     from defuser_quant.integrations.llmcompressor.compat import check_llmcompressor
@@ -77,7 +78,7 @@ def run(ctx: JobContext) -> BackendResult:
     )
     if cfg.calibration.policy == "fallback":
         result.notes.append("llm-compressor: policy 'fallback' runs as 'warn' (use routing: budgeted to top up experts)")
-    dataset = to_hf_dataset(ctx.calibration_samples)
+    dataset = distributed.rank_share(to_hf_dataset(ctx.calibration_samples))  # under torchrun: this rank's slice
     needs_data = cfg.quantization.method in ("gptq", "awq")
     with ctx.stage("defuse + calibrate + quantize + save"), _cpu_awq_workaround(
         cfg.quantization.method == "awq" and not torch.cuda.is_available()
