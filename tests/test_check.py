@@ -215,3 +215,37 @@ def test_mixed_layouts_fail(tmp_path):
 def test_bad_input_exits_2(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_job_runner_checks_its_own_output(checkpoint):
+    _, path = checkpoint
+    verdict = json.loads((path / "job.json").read_text())["check"]
+    assert verdict["fit"] is True and verdict["target"] == "vllm" and verdict["problems_total"] == 0
+    assert verdict["expert_projections_quantized"] == 192
+
+
+def test_a_job_verdict_says_why_the_check_could_not_run(tmp_path):
+    from defuser_quant.checkpoint.check import job_verdict
+
+    verdict = job_verdict(tmp_path)
+    assert verdict["fit"] is None and "has no config.json" in verdict["error"]
+
+
+def test_the_job_summary_shows_the_verdict():
+    from rich.console import Console
+
+    from defuser_quant.jobs.config import JobConfig
+    from defuser_quant.jobs.runner import JobReport, _summary
+
+    config = JobConfig.model_validate({"model": {"path": "builtin:tiny-qwen3-moe"}, "output": {"dir": "out"}})
+    rows = {}
+    for verdict in ({"fit": True, "target": "vllm", "problems_total": 0},
+                    {"fit": False, "target": "vllm", "problems_total": 3},
+                    {"fit": None, "target": "vllm", "error": "no config.json"}):
+        console = Console(record=True, width=200)
+        console.print(_summary(JobReport(output_dir="out", check=verdict), config))
+        rows[verdict["fit"]] = console.export_text()
+    assert "checkpoint check (--for vllm) │ fit to serve" in rows[True]
+    assert "NOT fit: 3 problem(s), see job.json" in rows[False]
+    assert "not run: no config.json" in rows[None]

@@ -290,3 +290,18 @@ def check_checkpoint(path: str | Path, target: str = "vllm") -> CheckResult:
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a checkpoint directory")
     return _Checker(root, target).run()
+
+
+def job_verdict(output_dir: str | Path, target: str = "vllm", limit: int = 50) -> dict[str, Any]:
+    """``check_checkpoint`` of a job's output as a ``job.json`` section (problems capped at ``limit``);
+    a check that cannot run says why instead of failing the job whose result is already written."""
+    try:
+        result = check_checkpoint(output_dir, target)
+    except CheckpointError as exc:
+        return {"fit": None, "target": target, "error": str(exc)}
+    verdict = result.to_dict()
+    del verdict["checkpoint"], verdict["schema_version"]  # the job's output_dir; job.json has its own version
+    verdict["problems_total"] = len(verdict["problems"])
+    verdict["problems"] = verdict["problems"][:limit]
+    verdict["not_quantized"] = verdict["not_quantized"][:limit]
+    return verdict

@@ -23,6 +23,7 @@ from defuser_quant.calibration import distributed
 from .backends import get_backend
 from .config import JobConfig
 from .context import BackendResult, JobContext
+from ..checkpoint.check import job_verdict
 from .output import check_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class JobReport:
     output_dir: str
     timings: dict[str, float] = field(default_factory=dict)
     result: BackendResult = field(default_factory=BackendResult)
+    check: dict[str, Any] | None = None  # ``defuser-quant check`` of the written checkpoint
 
     def to_dict(self, config: JobConfig) -> dict[str, Any]:
         r = self.result
@@ -73,6 +75,7 @@ class JobReport:
                 "heatmap": "coverage.png",
             },
             "extra_outputs": r.extra_outputs,
+            "check": self.check,
             "notes": r.notes,
         }
 
@@ -92,6 +95,11 @@ def _summary(report: JobReport, config: JobConfig) -> Table:
     if r.ppl_before is not None:
         change = f" ({100 * (r.ppl_after / r.ppl_before - 1):+.2f}%)" if r.ppl_after else ""
         table.add_row("held-out perplexity", f"{r.ppl_before:.3f} -> {r.ppl_after:.3f}{change}" if r.ppl_after else f"{r.ppl_before:.3f}")
+    if report.check is not None:
+        c = report.check
+        verdict = "not run: " + c.get("error", "") if c["fit"] is None else "fit to serve" if c["fit"] else (
+            f"NOT fit: {c['problems_total']} problem(s), see job.json")
+        table.add_row(f"checkpoint check (--for {c['target']})", verdict)
     for stage, seconds in report.timings.items():
         table.add_row(f"time: {stage}", f"{seconds:.1f} s")
     table.add_row("output", report.output_dir)
@@ -155,6 +163,7 @@ def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
             report.result.coverage.to_json(staging / "coverage.json")
             report.result.coverage.heatmap(staging / "coverage.png")
             console.print(report.result.coverage.console_summary())
+        report.check = job_verdict(staging)
         (staging / "job.json").write_text(json.dumps(report.to_dict(config), indent=2))
     console.print(_summary(report, config))
     return report
