@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from defuser_quant.core.errors import DefuserQuantError
+
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
 
@@ -77,7 +79,7 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 _TOKENIZE_CHUNK = 256
 
 
-class CalibrationDataError(RuntimeError):
+class CalibrationDataError(DefuserQuantError, RuntimeError):
     """Calibration data could not be loaded, tokenized or batched."""
 
 
@@ -319,6 +321,14 @@ def _probe_hub(timeout: float) -> str | None:
             return None
     except OSError as exc:
         return f"cannot connect to {endpoint} ({exc})"
+
+
+def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be used now (offline mode, no connection), or None."""
+    flag = _offline_flag()
+    if flag:
+        return f"offline mode: {flag}"
+    return _probe_hub(timeout)
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -63,16 +63,36 @@ def test_cli_reports_schema_errors_with_exit_code_2(tmp_path, capsys):
     assert "model.dtype" in err and "'bfloat16', 'float16' or 'float32'" in err
 
 
-def test_non_empty_output_is_refused_and_kept(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_non_empty_output_is_refused_and_kept(tmp_path, capsys, flags):
+    """Not an earlier job's output (no job.json): refused even with --overwrite."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    assert main(["run", "--output", str(out), "--set", "output.overwrite=false"]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert main(["run", "--output", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "not empty and holds no job.json" in err and "choose an empty or new folder" in err
     assert (out / "precious.txt").read_text() == "keep me"
 
 
-def test_interrupted_job_leaves_no_output(tmp_path, monkeypatch):
+def test_default_job_never_replaces_an_earlier_output_unasked(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "job.json").write_text("{}")
+    assert main(["run", "--output", str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (out / "job.json").read_text() == "{}"
+
+
+def test_current_folder_is_never_the_output(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.json").write_text("{}")
+    assert main(["run", "-o", ".", "--overwrite"]) == 2
+    assert "is the current folder" in capsys.readouterr().err
+    assert (tmp_path / "job.json").exists()
+
+
+def test_interrupted_job_leaves_no_output(tmp_path, monkeypatch, capsys):
     from defuser_quant.jobs.backends import llmcompressor as backend
 
     def broken(ctx):
@@ -80,8 +100,8 @@ def test_interrupted_job_leaves_no_output(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(backend, "run", broken)
-    with pytest.raises(KeyboardInterrupt):
-        main(["run", "--output", str(tmp_path / "out")])
+    assert main(["run", "--output", str(tmp_path / "out")]) == 130
+    assert "run: error: interrupted, nothing written" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []  # no stray partial folder either
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -33,6 +34,16 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise DestinationError(f"SRC {src} lies inside DST {dst}; replacing DST would destroy the source")
     if dst.exists() and not dst.is_dir():
         raise DestinationError(f"DST {dst} exists and is not a directory")
+    if dst_r.is_dir() and os.path.ismount(dst_r):
+        raise DestinationError(
+            f"DST {dst} is a mount point: the result is written beside it and renamed into place, which a mount "
+            f"point cannot take; write into a directory inside it, e.g. {dst / 'converted'}"
+        )
+    parent = dst_r.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DestinationError(f"cannot write in {parent} (permission denied); choose a DST you can write to")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise DestinationError(f"DST {dst} is not empty; pass --overwrite (overwrite=True) to replace it")
 
@@ -40,7 +51,11 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
 @contextlib.contextmanager
 def staged_directory(dst: Path) -> Iterator[Path]:
     """Yield a fresh hidden directory next to ``dst``; on success it replaces ``dst``, on any
-    exception (KeyboardInterrupt included) it is removed and ``dst`` is left as it was."""
+    exception (KeyboardInterrupt included) it is removed and ``dst`` is left as it was.
+
+    A symlinked ``dst`` is followed: the result replaces the directory the link points to, and
+    the link keeps pointing at it."""
+    dst = dst.resolve()
     dst.parent.mkdir(parents=True, exist_ok=True)
     stage = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
     stage.mkdir()

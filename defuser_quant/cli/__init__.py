@@ -7,10 +7,12 @@ which registers the parser and sets ``handler`` (``args -> exit code``).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
 import sys
+import traceback
 
 from ..core.errors import DefuserQuantError
 
@@ -45,8 +47,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except DefuserQuantError as exc:  # our errors already say what is wrong and what to do
-        print(f"defuser-quant {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, str(exc))
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted, nothing written", code=130)
+    except BrokenPipeError:
+        # the reader went away (``--json | head``): nothing more to say, and nowhere to say it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        return _fail(args, _os_error(exc))
+
+
+def _fail(args: argparse.Namespace, message: str, code: int = 2) -> int:
+    """One ``defuser-quant <command>: error: ...`` line; the traceback only with ``-v``."""
+    if args.verbose:
+        traceback.print_exc()
+    print(f"defuser-quant {args.command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return f"{exc.strerror}{where}; nothing written (the partial output was removed): free space or choose another place"
+    return f"{exc.strerror or exc}{where}"
 
 
 if __name__ == "__main__":

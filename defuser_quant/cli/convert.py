@@ -23,13 +23,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("src", help="checkpoint directory (model.safetensors or sharded with an index)")
     parser.add_argument("dst", help="output directory (must not be SRC, inside SRC, or non-empty without --overwrite)")
     parser.add_argument("--to", required=True, choices=("fused", "per-expert"), help="target experts layout")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", type=_shard_size, help="largest output shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     parser.add_argument("--workers", type=int, default=2, help="shards written at the same time (default 2)")
     parser.add_argument("--no-fsync", action="store_true", help="skip flushing shards to disk before the final rename")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout (no progress bar)")
     parser.set_defaults(handler=run_convert)
     return parser
+
+
+def _shard_size(text: str) -> str:
+    """argparse type: refuse an unreadable size at parse time (exit 2 with the usage line)."""
+    from ..checkpoint.errors import CheckpointError
+    from ..checkpoint.stream import parse_size
+
+    try:
+        parse_size(text)
+    except (CheckpointError, ValueError):
+        raise argparse.ArgumentTypeError(f"cannot read the size {text!r}; write e.g. 5GB, 500MB or 2GiB") from None
+    return text
 
 
 def _progress(console):
@@ -62,7 +74,9 @@ def run_convert(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..checkpoint import convert_checkpoint
+    from ..jobs.model_source import load_model_config
 
+    load_model_config(args.src, what="SRC")  # a missing, corrupt or unknown config: one clear line
     out, err = stdout_console(), Console(stderr=True)
     show = not args.json and err.is_terminal
     bar = _progress(err) if show else None

@@ -78,8 +78,10 @@ def _print(result, console) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     """Handler of ``defuser-quant inspect``; an uninspectable model raises ``DefuserQuantError``
     (``main`` prints it and exits with 2)."""
+    from ..jobs.model_source import load_model_config
     from ..tools.inspect_model import inspect_model
 
+    load_model_config(args.model, what="MODEL")  # a missing, corrupt or unknown config: one clear line
     result = inspect_model(args.model, filter=args.filter)
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2)

@@ -10,26 +10,34 @@ import yaml
 DEFAULT_JOB = Path(__file__).resolve().parents[1] / "jobs" / "default.yaml"
 
 
-def _parse_set(values: list[str]) -> dict:
-    out = {}
+def _parse_set(values: list[str]) -> tuple[dict, dict]:
+    """``--set KEY=VALUE`` items as (overrides, where each came from)."""
+    from ..jobs.config import JobConfigError
+
+    out, sources = {}, {}
     for item in values:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE (dotted keys, YAML values), got {item!r}")
-        out[key] = yaml.safe_load(raw)
-    return out
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise JobConfigError(f"--set expects KEY=VALUE (dotted keys, YAML values), got {item!r}")
+        try:
+            out[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise JobConfigError(f"--set {item}: the value is not valid YAML: {exc}") from None
+        sources[key] = f"--set {item}"
+    return out, sources
 
 
 def _handle(args: argparse.Namespace) -> int:
     from ..jobs.config import load_job_config
     from ..jobs.runner import run_job
 
-    overrides = _parse_set(args.set)
+    overrides, sources = _parse_set(args.set)
     if args.output:
-        overrides["output.dir"] = args.output
+        overrides["output.dir"], sources["output.dir"] = args.output, "--output"
     if args.overwrite:
-        overrides["output.overwrite"] = True
-    config = load_job_config(args.config or DEFAULT_JOB, overrides)
+        overrides["output.overwrite"], sources["output.overwrite"] = True, "--overwrite"
+    config = load_job_config(args.config or DEFAULT_JOB, overrides, sources)
     from ..calibration.distributed import launched_by_torchrun
     from .multiprocess import check_job, launch, process_group, run_argv
 

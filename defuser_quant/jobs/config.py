@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..core.errors import DefuserQuantError
+from ..core.errors import DefuserQuantError, FilterRuleError
+from ..core.filters import FilterRules
 
 # Imported at module level on purpose: the data config is the calibration layer's own schema.
 from defuser_quant.calibration.data import CalibrationDataConfig  # noqa: E402
@@ -16,6 +17,12 @@ from defuser_quant.calibration.data import CalibrationDataConfig  # noqa: E402
 Backend = Literal["gptqmodel", "llmcompressor"]
 Method = Literal["gptq", "awq", "rtn"]
 Scheme = Literal["W4A16", "W8A16", "FP8_DYNAMIC", "FP8_BLOCK"]
+
+#: Where the unknown-field error sends the reader (generated from these models).
+SCHEMA_DOC = "docs/job-schema.md"
+#: Schemes whose weights are quantized in groups (``group_size`` applies).
+GROUPED_SCHEMES = ("W4A16", "W8A16")
+DEFAULT_GROUP_SIZE = 128
 
 #: What each backend can do: backend -> method -> schemes.
 SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
@@ -40,6 +47,24 @@ class ModelSection(_Strict):
     device: str = Field(default="cpu", description="cpu, cuda, cuda:N")
     trust_remote_code: bool = False
 
+    @field_validator("path")
+    @classmethod
+    def _non_empty_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"not a torch device name; use cpu, cuda or cuda:N") from None
+        return value
+
 
 class QuantizationSection(_Strict):
     """Which quantizer and what it produces."""
@@ -47,7 +72,9 @@ class QuantizationSection(_Strict):
     backend: Backend = "llmcompressor"
     method: Method = "gptq"
     scheme: Scheme = "W4A16"
-    group_size: int = Field(default=128, gt=0)
+    group_size: int | None = Field(
+        default=None, gt=0, description=f"Weights per quantization group (W4A16/W8A16 only); unset: {DEFAULT_GROUP_SIZE}."
+    )
     ignore: list[str] = Field(
         default_factory=lambda: ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"],
         description="Modules left in float (llm-compressor syntax; 're:' prefixes a regex).",
@@ -65,7 +92,18 @@ class QuantizationSection(_Strict):
                 f"scheme {self.scheme!r} is not available for {self.backend}/{self.method}; "
                 f"allowed: {', '.join(methods[self.method])}"
             )
+        if self.group_size is not None and self.scheme not in GROUPED_SCHEMES:
+            raise ValueError(
+                f"group_size applies to {', '.join(GROUPED_SCHEMES)} only, not {self.scheme}; remove it"
+            )
         return self
+
+    @property
+    def effective_group_size(self) -> int | None:
+        """The group size the quantizer gets: the set one, 128 for grouped schemes, else None."""
+        if self.scheme not in GROUPED_SCHEMES:
+            return None
+        return self.group_size or DEFAULT_GROUP_SIZE
 
 
 class CalibrationSection(_Strict):
@@ -85,6 +123,15 @@ class DefuseSection(_Strict):
     """Which fused blocks to defuse."""
 
     filter: list[str] = Field(default_factory=list, description="'+:regex' include, '-:regex' exclude, bare = include.")
+
+    @field_validator("filter")
+    @classmethod
+    def _valid_rules(cls, value: list[str]) -> list[str]:
+        try:
+            FilterRules.parse(value)
+        except FilterRuleError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class OutputSection(_Strict):
@@ -117,45 +164,112 @@ class JobConfig(_Strict):
     output: OutputSection
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
 
+    @model_validator(mode="after")
+    def _backend_fields(self) -> JobConfig:
+        if self.defuse.filter and self.quantization.backend == "gptqmodel":
+            raise ValueError(
+                "defuse.filter is not available with backend 'gptqmodel' (GPTQModel defuses whole models); "
+                "leave modules in float with quantization.ignore instead"
+            )
+        return self
 
-def _format(exc: ValidationError, origin: str) -> str:
-    lines = [f"{origin}: {exc.error_count()} problem(s) in the job file"]
-    for err in exc.errors():
+
+def _blame(where: str, overrides: dict[str, str]) -> str:
+    """The command-line option a field came from, if any (``--set KEY=...``, ``--output``)."""
+    for key, option in overrides.items():
+        if where == key or where.startswith(key + ".") or key.startswith(where + "."):
+            return f" [from {option}]"
+    return ""
+
+
+def _format(exc: ValidationError, origin: str, overrides: dict[str, str] | None = None) -> str:
+    errors = exc.errors()
+    blamed = [_blame(".".join(str(p) for p in e["loc"]), overrides or {}) for e in errors]
+    if blamed and all(blamed):
+        head = f"{len(errors)} problem(s) in the command-line overrides of {origin}"
+    else:
+        head = f"{origin}: {len(errors)} problem(s) in the job file"
+    lines = [head]
+    for err, blame in zip(errors, blamed):
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
         if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see docs/cli.md for the schema)"
+            msg = f"unknown field (check the spelling; the schema is in {SCHEMA_DOC})"
         elif err["type"] == "missing":
             msg = "required field is missing"
-        got = err.get("input")
-        shown = "" if err["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {where}: {msg}{shown}")
+        elif got is None and err["type"] in ("model_type", "dict_type"):
+            msg = "the section is empty; give its fields or remove it"
+        shown = "" if err["type"] in ("missing",) or got is None or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {where}: {msg}{shown}{blame}")
     return "\n".join(lines)
 
 
-def parse_job_config(data: Any, origin: str = "job") -> JobConfig:
-    """Validate a mapping; raises ``JobConfigError`` naming every offending field."""
+def parse_job_config(data: Any, origin: str = "job", sources: dict[str, str] | None = None) -> JobConfig:
+    """Validate a mapping; raises ``JobConfigError`` naming every offending field.
+
+    ``sources`` maps dotted keys to the command-line option that set them, so a mistake there
+    is reported as one.
+    """
     if not isinstance(data, dict):
-        raise JobConfigError(f"{origin}: the job file must be a YAML mapping, got {type(data).__name__}")
+        raise JobConfigError(
+            f"{origin}: the job file must be a YAML mapping of sections (model:, output:, ...), "
+            f"got {type(data).__name__}; see {SCHEMA_DOC}"
+        )
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise JobConfigError(_format(exc, origin)) from None
+        raise JobConfigError(_format(exc, origin, sources)) from None
 
 
-def load_job_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """Read and validate a YAML job file (``overrides`` are merged in, dotted keys allowed)."""
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
     if not path.is_file():
-        raise JobConfigError(f"job file {path} does not exist")
+        raise JobConfigError(f"job file {path} does not exist" if not path.exists() else f"job file {path} is not a file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise JobConfigError(f"{path}: not a text file (not UTF-8); a job file is YAML, see {SCHEMA_DOC}") from None
+    except OSError as exc:
+        raise JobConfigError(f"cannot read job file {path}: {exc.strerror}") from None
+    if "\x00" in text:
+        raise JobConfigError(f"{path}: binary content (NUL bytes); a job file is YAML, see {SCHEMA_DOC}")
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise JobConfigError(f"{path}: not valid YAML: {exc}") from None
-    for key, value in (overrides or {}).items():
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any], sources: dict[str, str]) -> None:
+    """Merge dotted ``overrides`` into ``data`` in place; a key through a non-section is refused."""
+    for key, value in overrides.items():
         node = data
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
+        for depth, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parents[: depth + 1])
+                raise JobConfigError(f"{sources.get(key, key)}: {where} is a value, not a section; check the key")
+            node = child
         node[leaf] = value
-    return parse_job_config(data, str(path))
+
+
+def load_job_config(
+    path: str | Path, overrides: dict[str, Any] | None = None, sources: dict[str, str] | None = None
+) -> JobConfig:
+    """Read and validate a YAML job file (``overrides`` are merged in, dotted keys allowed).
+
+    ``sources`` names where each override came from (``{"output.dir": "--output"}``); errors
+    in an override name it. Overrides without a source are reported as ``--set KEY=VALUE``.
+    """
+    path = Path(path)
+    data = _read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return parse_job_config(data, str(path))
+    overrides = overrides or {}
+    sources = {key: (sources or {}).get(key, f"--set {key}={value!r}") for key, value in overrides.items()}
+    apply_overrides(data, overrides, sources)
+    return parse_job_config(data, str(path), sources)

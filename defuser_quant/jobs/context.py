@@ -23,6 +23,7 @@ class JobContext:
     staging_dir: Path
     stage: Callable[[str], Any]  # context manager factory: ``with ctx.stage("quantize"): ...``
     evaluate: Callable[[Any], float | None]  # perplexity of a model on the held-out batches
+    output_dir: Path | None = None  # where staging_dir will be renamed to
 
 
 @dataclass

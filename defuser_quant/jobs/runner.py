@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -23,20 +24,12 @@ from defuser_quant.calibration import distributed
 from .backends import get_backend
 from .config import JobConfig
 from .context import BackendResult, JobContext
+from .model_source import BUILTIN_MODEL, resolve_model_path  # noqa: F401  (re-exported)
 from ..checkpoint.check import job_verdict
 from .output import check_output_dir, staged_output
+from .preflight import preflight
 
 logger = logging.getLogger(__name__)
-BUILTIN_MODEL = "builtin:tiny-qwen3-moe"
-
-
-def resolve_model_path(path: str) -> str:
-    """``builtin:tiny-qwen3-moe`` is the small trained model shipped with the package."""
-    if path == BUILTIN_MODEL:
-        from defuser_quant.assets import TINY_MOE_PATH
-
-        return str(TINY_MOE_PATH)
-    return path
 
 
 def _versions() -> dict[str, str | None]:
@@ -56,6 +49,7 @@ class JobReport:
     output_dir: str
     timings: dict[str, float] = field(default_factory=dict)
     result: BackendResult = field(default_factory=BackendResult)
+    heatmap: str | None = None
     check: dict[str, Any] | None = None  # ``defuser-quant check`` of the written checkpoint
 
     def to_dict(self, config: JobConfig) -> dict[str, Any]:
@@ -72,7 +66,7 @@ class JobReport:
                 "min_tokens": r.coverage.min_tokens,
                 "experts_under_threshold": len(r.coverage.under_threshold),
                 "report": "coverage.json",
-                "heatmap": "coverage.png",
+                "heatmap": self.heatmap,
             },
             "extra_outputs": r.extra_outputs,
             "check": self.check,
@@ -106,6 +100,19 @@ def _summary(report: JobReport, config: JobConfig) -> Table:
     return table
 
 
+def _draw_heatmap(coverage: Any, path: Path, notes: list[str]) -> str | None:
+    """The picture is best effort: a failure is a warning in the report, never a lost result."""
+    try:
+        coverage.heatmap(path)
+    except Exception as exc:  # noqa: BLE001 - any plotting failure; the numbers are in coverage.json
+        path.unlink(missing_ok=True)
+        note = f"coverage.png was not drawn ({type(exc).__name__}: {exc}); the numbers are in coverage.json"
+        logger.warning("%s", note)
+        notes.append(note)
+        return None
+    return path.name
+
+
 @contextlib.contextmanager
 def _output(target: Path, overwrite: bool, protected: list[Path], main: bool) -> Iterator[Path]:
     """The staging folder; under torchrun the other ranks check the same target (so they fail
@@ -129,7 +136,9 @@ def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
 
     main = distributed.is_main_process()  # under torchrun only rank 0 writes and prints
     console = console or Console(quiet=not main)
-    model_path = resolve_model_path(config.model.path)
+    checks = preflight(config)
+    model_path = checks.model_path
+    torch.manual_seed(config.calibration.data.seed)  # anything random below starts from the job's seed
     target = Path(config.output.dir).resolve()
     protected = [Path(model_path)] if Path(model_path).exists() else []
     report = JobReport(output_dir=str(target))
@@ -157,11 +166,13 @@ def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
         def evaluate(model: Any) -> float | None:
             return perplexity(model, eval_batches) if eval_batches else None
 
-        ctx = JobContext(config, model_path, tokenizer, samples, staging, stage, evaluate)
+        ctx = JobContext(config, model_path, tokenizer, samples, staging, stage, evaluate, output_dir=target)
         report.result = get_backend(config.quantization.backend).run(ctx)
+        report.result.notes[:0] = checks.notes
         if report.result.coverage is not None:
             report.result.coverage.to_json(staging / "coverage.json")
-            report.result.coverage.heatmap(staging / "coverage.png")
+            if checks.can_plot:
+                report.heatmap = _draw_heatmap(report.result.coverage, staging / "coverage.png", report.result.notes)
             console.print(report.result.coverage.console_summary())
         report.check = job_verdict(staging)
         (staging / "job.json").write_text(json.dumps(report.to_dict(config), indent=2))

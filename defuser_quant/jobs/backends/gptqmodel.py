@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import json
 import logging
 import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -25,10 +30,63 @@ def run(ctx: JobContext) -> BackendResult:
     was_installed = plugin.is_installed()
     plugin.install()
     try:
-        return _run(ctx)
+        with _logs_into(ctx.staging_dir / "logs"):
+            return _run(ctx)
     finally:
         if not was_installed:
             plugin.uninstall()
+
+
+@contextlib.contextmanager
+def _logs_into(folder: Path) -> Iterator[None]:
+    """GPTQModel 7.6 writes per-processor logs to ``./logs`` (a module constant): put them in
+    the job's output instead of the current folder."""
+    from gptqmodel.looper import loop_processor
+
+    original = loop_processor._PROJECT_LOG_DIR
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        loop_processor._PROJECT_LOG_DIR = original
+
+
+def _forget_scratch_path(folder: Path) -> None:
+    """GPTQModel records its offload scratch folder (a fresh temporary path, deleted after the
+    run) in the saved configs; written as null, the same job gives the same bytes."""
+    for name in ("config.json", "quantize_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        if _null_key(data, "offload_to_disk_path"):
+            path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _null_key(node: object, key: str) -> bool:
+    """Set every ``key`` in nested dicts to None; True if one held a value."""
+    changed = False
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key and v is not None:
+                node[k] = None
+                changed = True
+            else:
+                changed |= _null_key(v, key)
+    return changed
+
+
+def dynamic_from_ignore(ignore: list[str]) -> dict[str, dict]:
+    """``quantization.ignore`` (llm-compressor syntax) as GPTQModel ``dynamic`` negative rules.
+
+    ``re:PATTERN`` stays a regex; a plain entry is an exact module name. GPTQModel matches
+    rules with ``re.match`` on the module path, as llm-compressor does.
+    """
+    rules: dict[str, dict] = {}
+    for entry in ignore:
+        pattern = entry[3:] if entry.startswith("re:") else re.escape(entry) + "$"
+        rules[f"-:{pattern}"] = {}
+    return rules
 
 
 def _run(ctx: JobContext) -> BackendResult:
@@ -52,9 +110,9 @@ def _run(ctx: JobContext) -> BackendResult:
             del float_model
             gc.collect()
     q = cfg.quantization
-    qcfg = QuantizeConfig(bits=_BITS[q.scheme], group_size=q.group_size, method=q.method)
-    if cfg.defuse.filter:
-        result.notes.append("gptqmodel: defuse.filter is applied by GPTQModel's own `dynamic` config, not here")
+    qcfg = QuantizeConfig(
+        bits=_BITS[q.scheme], group_size=q.effective_group_size, method=q.method, dynamic=dynamic_from_ignore(q.ignore) or None
+    )
     with ctx.stage("load + defuse"):
         model = GPTQModel.load(ctx.model_path, qcfg, dtype=dtype)
     cpu_awq = q.method == "awq" and not torch.cuda.is_available()
@@ -72,6 +130,7 @@ def _run(ctx: JobContext) -> BackendResult:
     result.coverage = quantized.coverage
     with ctx.stage("save"):
         model.save(str(ctx.staging_dir))
+        _forget_scratch_path(ctx.staging_dir)
         if cfg.output.layout == "fused-dequantized":
             # from the saved checkpoint (reloaded on CPU with GPTQModel's torch kernels)
             save_dequantized_fused(str(ctx.staging_dir), ctx.staging_dir / "fused-dequantized")

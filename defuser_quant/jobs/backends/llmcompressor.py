@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,17 @@ def _cpu_awq_workaround(enabled: bool) -> Iterator[None]:
         IntermediatesCache.pin_memory = original  # type: ignore[method-assign]
 
 
+def _scheme(q) -> dict:
+    """The job's scheme as llm-compressor ``config_groups``, with every job field in it
+    (a preset name alone would drop ``group_size``)."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    scheme = preset_name_to_scheme(q.scheme, ["Linear"])
+    if q.effective_group_size is not None:
+        scheme = scheme.model_copy(update={"weights": scheme.weights.model_copy(update={"group_size": q.effective_group_size})})
+    return {"group_0": scheme}
+
+
 def _quant_modifiers(cfg) -> list:
     from llmcompressor.modifiers.awq import AWQModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -40,10 +52,17 @@ def _quant_modifiers(cfg) -> list:
     q = cfg.quantization
     ignore = list(q.ignore)
     if q.method == "gptq":
-        return [GPTQModifier(targets="Linear", scheme=q.scheme, ignore=ignore)]
+        return [GPTQModifier(config_groups=_scheme(q), ignore=ignore)]
     if q.method == "awq":
-        return [AWQModifier(), QuantizationModifier(targets="Linear", scheme=q.scheme, ignore=ignore)]
-    return [QuantizationModifier(targets="Linear", scheme=q.scheme, ignore=ignore)]
+        return [AWQModifier(), QuantizationModifier(config_groups=_scheme(q), ignore=ignore)]
+    return [QuantizationModifier(config_groups=_scheme(q), ignore=ignore)]
+
+
+def _recipe_points_at_output(staging: Path, output: Path) -> None:
+    """``recipe.yaml`` names the staging folder (the coverage report path); name the output."""
+    recipe = staging / "recipe.yaml"
+    if recipe.is_file():
+        recipe.write_text(recipe.read_text().replace(str(staging), str(output)))
 
 
 def run(ctx: JobContext) -> BackendResult:
@@ -83,7 +102,14 @@ def run(ctx: JobContext) -> BackendResult:
     with ctx.stage("defuse + calibrate + quantize + save"), _cpu_awq_workaround(
         cfg.quantization.method == "awq" and not torch.cuda.is_available()
     ):
-        kwargs = dict(dataset=dataset, num_calibration_samples=len(dataset), max_seq_length=cfg.calibration.data.seq_len)
+        # Our data layer already ordered the samples by the job's seed; llm-compressor's own
+        # shuffle draws from the unseeded global RNG, so checkpoints differed run to run.
+        kwargs = dict(
+            dataset=dataset,
+            num_calibration_samples=len(dataset),
+            max_seq_length=cfg.calibration.data.seq_len,
+            shuffle_calibration_samples=False,
+        )
         model = oneshot(
             model=model,
             processor=ctx.tokenizer,
@@ -91,6 +117,8 @@ def run(ctx: JobContext) -> BackendResult:
             output_dir=str(ctx.staging_dir),
             **(kwargs if needs_data else {}),
         )
+    if ctx.output_dir is not None:
+        _recipe_points_at_output(ctx.staging_dir, ctx.output_dir)
     with ctx.stage("evaluate (quantized)"):
         result.ppl_after = ctx.evaluate(model)
     result.coverage = defuse.coverage
