@@ -9,6 +9,8 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours``     - ``defuser_quant.integrations.gptqmodel.install()`` + ``quantize_with_defuser``
                  with native routing;
 * ``ours-all`` - the same with ``routing="all"`` (every expert calibrated on every token);
+* ``stock-again`` - stock once more: its checkpoint against stock's shows what the GPU's run-to-run
+                 nondeterminism alone changes;
 * ``ours-grouped`` / ``ours-all-grouped`` - ``ours`` / ``ours-all`` with ``grouped=True``: the
                  experts' calibration forwards as grouped GEMMs (``calibration.grouped``).
 
@@ -61,7 +63,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
-VARIANTS = ("stock", "ours", "ours-all", "ours-grouped", "ours-all-grouped")
+VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped")
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -377,7 +379,7 @@ def worker(args: argparse.Namespace) -> int:
     from defuser_quant.calibration.grouped import deterministic_mode
     from defuser_quant.integrations.gptqmodel.kernels import quant_linear_classes, record_gptq_kernels
 
-    if variant != "stock":
+    if not variant.startswith("stock"):
         from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
 
         install()
@@ -390,7 +392,7 @@ def worker(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     extra: dict = {}
     with record_gptq_kernels(stages=args.stages) as kernels, deterministic_mode(args.deterministic):
-        if variant == "stock":
+        if variant.startswith("stock"):
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
         else:
             routing = "all" if variant.startswith("ours-all") else "routed"

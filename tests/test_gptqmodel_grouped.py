@@ -71,3 +71,18 @@ def test_fallback_reason_names_what_fell_back():
     oom = GptqKernelRecord(solves=Counter({("cuda_block_update", "cuda"): 3}), hessian_inverse_cpu_fallbacks=1)
     assert "CPU after a CUDA OOM" in oom.fallback_reason()
     assert oom.as_dict()["gptq_solves"] == {"cuda_block_update@cuda": 3}
+
+
+@pytest.mark.slow
+def test_threshold_fallback_is_counted_as_such_not_as_a_slow_path(plugin, tiny):  # noqa: F811
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.kernels import quant_linear_classes, record_gptq_kernels
+
+    model = GPTQModel.load(str(tiny["src"]), QuantizeConfig(bits=4, group_size=128))
+    with record_gptq_kernels() as kernels:
+        result = plugin.quantize_with_defuser(model, tiny["calibration"][:8], policy="fallback", min_tokens=10**6, batch_size=4)
+    rtn = [p for p in result.projections if p.method == "rtn-fallback"]
+    assert rtn and len(rtn) == len(result.projections)
+    assert kernels.solves == Counter({("rtn-fallback", "cpu"): sum(quant_linear_classes(model.model).values())})
+    assert kernels.fallback_reason() is None and "rtn-fallback@cpu" in kernels.label()

@@ -32,7 +32,12 @@ __all__ = ["GptqKernelRecord", "quant_linear_classes", "record_gptq_kernels"]
 
 @dataclass
 class GptqKernelRecord:
-    """Counts of GPTQ solves by path: ``cuda_block_update`` (the extension), ``torch`` (the fallback loop)."""
+    """Counts of GPTQ solves by path and device.
+
+    Paths: ``cuda_block_update`` (the extension), ``torch`` (GPTQModel's torch block loop),
+    ``<strategy>-fallback`` (a module under GPTQModel's ``Fallback`` sample threshold, quantized
+    without a Hessian on purpose, e.g. ``rtn-fallback``: not a slower path).
+    """
 
     solves: Counter = field(default_factory=Counter)  # (path, device type) -> modules
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -137,6 +142,7 @@ def record_gptq_kernels(stages: bool = False) -> Iterator[GptqKernelRecord]:
     quantize, block_update, available, cpu_fallback = (
         gptq.GPTQ.quantize, gptq_cuda.gptq_block_update, gptq_cuda.block_update_available, gptq.GPTQ.log_cpu_fallback
     )
+    weight_only = gptq.GPTQ._fallback_quantize
 
     def counted_quantize(self, *args, **kwargs):
         import torch
@@ -145,8 +151,9 @@ def record_gptq_kernels(stages: bool = False) -> Iterator[GptqKernelRecord]:
         if isinstance(self.module, torch.nn.Embedding):
             return quantize(self, *args, **kwargs)
         local.used_extension = False
+        local.weight_only = None
         result = quantize(self, *args, **kwargs)
-        path = "cuda_block_update" if local.used_extension else "torch"
+        path = "cuda_block_update" if local.used_extension else (local.weight_only or "torch")
         with lock:
             record.solves[(path, torch.device(device).type)] += 1
         return result
@@ -154,6 +161,10 @@ def record_gptq_kernels(stages: bool = False) -> Iterator[GptqKernelRecord]:
     def counted_block_update(*args, **kwargs):
         local.used_extension = True
         return block_update(*args, **kwargs)
+
+    def counted_weight_only(self, strategy, *args, **kwargs):
+        local.weight_only = f"{getattr(strategy, 'value', strategy)}-fallback".lower()
+        return weight_only(self, strategy, *args, **kwargs)
 
     def counted_available():
         ok = available()
@@ -167,6 +178,7 @@ def record_gptq_kernels(stages: bool = False) -> Iterator[GptqKernelRecord]:
 
     gptq.GPTQ.quantize, gptq_cuda.gptq_block_update = counted_quantize, counted_block_update
     gptq_cuda.block_update_available, gptq.GPTQ.log_cpu_fallback = counted_available, counted_cpu_fallback
+    gptq.GPTQ._fallback_quantize = counted_weight_only
     try:
         if stages:
             with _stage_timers(record, lock):
@@ -176,3 +188,4 @@ def record_gptq_kernels(stages: bool = False) -> Iterator[GptqKernelRecord]:
     finally:
         gptq.GPTQ.quantize, gptq_cuda.gptq_block_update = quantize, block_update
         gptq_cuda.block_update_available, gptq.GPTQ.log_cpu_fallback = available, cpu_fallback
+        gptq.GPTQ._fallback_quantize = weight_only
