@@ -361,7 +361,7 @@ def _warn_if_training(replaced: list[str]) -> None:
     if replaced:
         logger.warning(
             "convert_model replaced %d trainable fused expert Parameter(s) (%s%s) with per-expert Parameters "
-            "(their .grad carried over): an optimizer created before the conversion still holds the old ones and "
+            "(any .grad is carried over): an optimizer created before the conversion still holds the old ones and "
             "would never update the experts. Create the optimizer after convert_model.",
             len(replaced), ", ".join(replaced[:2]), ", ..." if len(replaced) > 2 else "",
         )
