@@ -161,3 +161,22 @@ def test_dense_fuse_failing_half_way_resplits_the_first_mlp(monkeypatch):
         dq.fuse_model(model)
     assert all(dense.is_split(layer.mlp) for layer in model.model.layers)
     _assert_unchanged(model, ids, before, ref)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_gradients_are_carried_back_into_the_fused_parameters(family):
+    """Backward on the defused model, then fuse: the fused Parameters hold the gradients the
+    fused model computes itself (experts no token reached: zeros)."""
+    reference, ids = build(family)
+    model, _ = build(family)
+    dq.convert_model(model)
+    for m in (reference, model):
+        m.train()
+        m(ids).logits.pow(2).mean().backward()
+    dq.fuse_model(model)
+    wanted = dict(reference.named_parameters())
+    experts = [(n, p) for n, p in model.named_parameters() if ".experts." in n]
+    assert len(experts) == len([n for n in wanted if ".experts." in n])
+    for name, got in experts:
+        assert got.grad is not None, name
+        torch.testing.assert_close(got.grad, wanted[name].grad, rtol=1e-5, atol=1e-7)

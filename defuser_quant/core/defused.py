@@ -175,7 +175,8 @@ class DefusedExperts(nn.Module):
             if name not in specs:
                 raise
         # ``convert_model(cleanup_original=False)`` left the fused tensor on the shell: that one.
-        kept = get_tensor(self.__dict__["fused_shell"], name)
+        shell = self.__dict__.get("fused_shell")
+        kept = get_tensor(shell, name) if shell is not None else None
         if kept is not None:
             return kept
         # Code written for the fused class may touch ``experts.gate_up_proj`` (a parent's

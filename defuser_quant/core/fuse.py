@@ -154,6 +154,16 @@ def _stack(pieces: list[list[torch.Tensor]], shape: tuple[int, ...], fn: Callabl
     return fused
 
 
+def _stacked_grad(pieces: list[list[torch.Tensor]], shape: tuple[int, ...], fn: Callable) -> torch.Tensor | None:
+    """The per-expert ``.grad`` values as one fused gradient (zeros for experts without one, as
+    autograd leaves experts no token reached); None when no piece has a gradient."""
+    grads = [[p.grad for p in expert] for expert in pieces]
+    if all(g is None for expert in grads for g in expert):
+        return None
+    filled = [[g if g is not None else torch.zeros_like(p) for g, p in zip(ge, pe)] for ge, pe in zip(grads, pieces)]
+    return _stack(filled, shape, fn)
+
+
 def _fuse_block(
     path: str, block: DefusedExperts, per_name: dict[str, list[list[torch.Tensor]]], memo: dict[int, torch.Tensor],
     undo: list[Callable[[], None]],
@@ -177,10 +187,13 @@ def _fuse_block(
         if fused is None:
             zero_copy = False
             fused = _stack(pieces, shape, plan.pieces)
+        grad = _stacked_grad(pieces, shape, plan.pieces)
         if spec.native_shape is not None:
             fused = fused.view(spec.native_shape)
+            grad = grad.view(spec.native_shape) if grad is not None else None
         if not spec.is_buffer:
             fused = nn.Parameter(fused, requires_grad=spec.requires_grad)
+            fused.grad = grad
         rebuilt[spec.name] = memo[id(pieces[0][0])] = fused
     for name, fused in rebuilt.items():
         put_tensor(shell, name, fused, block.specs[name].is_buffer)
