@@ -551,3 +551,27 @@ def test_fused_checkpoint_of_another_shape_or_next_to_per_expert_keys_is_refused
     both = dict(fused_state, **{"model.layers.1.mlp.experts.3.w1.weight": torch.zeros(32, 64)})
     with pytest.raises(RuntimeError, match=r"experts\.gate_up_proj and model\.layers\.1\.mlp\.experts\.3\.w1\.weight are both"):
         model.load_state_dict(both)
+
+
+def test_dense_mlp_gradients_follow_the_split_and_the_join():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(Phi3ForCausalLM(config).train())
+    reference, model = models
+    for m in models:
+        m(ids).logits.pow(2).mean().backward()
+    fused_grad = model.model.layers[1].mlp.gate_up_proj.weight.grad.clone()
+    dq.convert_model(model)
+    mlp = model.model.layers[1].mlp
+    assert torch.equal(mlp.gate_proj.weight.grad, fused_grad[:64]) and torch.equal(mlp.up_proj.weight.grad, fused_grad[64:])
+    dq.fuse_model(model)
+    for layer, ref_layer in zip(model.model.layers, reference.model.layers):
+        assert torch.equal(layer.mlp.gate_up_proj.weight.grad, ref_layer.mlp.gate_up_proj.weight.grad)

@@ -412,7 +412,12 @@ def convert_model(
     report = ConversionReport()
     plans = plan_conversion(model, rules, max_layers, report)
     dense_plans = plan_dense(model, rules, max_layers, report) if split_dense else []
-    trained = _in_training(plans)
+    trained = _in_training(plans) + [
+        f"{d.path}.gate_up_proj.{n}"
+        for d in dense_plans
+        for n, t in d.mlp.gate_up_proj.named_parameters()
+        if t.requires_grad and (d.mlp.training or t.grad is not None)
+    ]
     undo: list[Callable[[], None]] = []
     try:
         with torch.no_grad():

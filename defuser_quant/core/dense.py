@@ -102,6 +102,10 @@ def split_dense_mlp(mlp: nn.Module, gate_first: bool, undo: list[Callable[[], No
         first_w, second_w = first_w.contiguous(), second_w.contiguous()
     first = fast_linear(first_w, first_b, weight.requires_grad)
     second = fast_linear(second_w, second_b, weight.requires_grad)
+    for name in ("weight", "bias"):  # gradients go with their halves (views, no copy)
+        grad = getattr(getattr(fused, name), "grad", None)
+        if grad is not None:
+            getattr(first, name).grad, getattr(second, name).grad = _halves(grad)
     gate, up = (first, second) if gate_first else (second, first)
     _replace_children(mlp, ("gate_up_proj",), {"gate_proj": gate, "up_proj": up})
     mlp.__dict__["gate_up_proj"] = FusedGateUp(mlp, gate_first, fused)
@@ -189,6 +193,11 @@ def fuse_dense_mlp(mlp: nn.Module, path: str = "", undo: list[Callable[[], None]
         bias, bias_zero_copy = _joined(first.bias, second.bias)
         zero_copy = zero_copy and bias_zero_copy
     fused = fast_linear(weight, bias, stand_in.requires_grad)
+    for name in ("weight", "bias"):
+        halves = [getattr(getattr(h, name), "grad", None) for h in (first, second)]
+        if any(g is not None for g in halves):
+            params = [getattr(h, name) for h in (first, second)]
+            getattr(fused, name).grad = torch.cat([g if g is not None else torch.zeros_like(p) for g, p in zip(halves, params)])
     if undo is not None:
         children, cls = dict(mlp._modules), mlp.__class__
         undo.append(lambda: _resplit(mlp, children, stand_in, cls))
