@@ -454,6 +454,9 @@ def test_defuser_signature_is_accepted():
         dq.convert_model(build("qwen3_moe")[0], False, cleanup_original=False)
     with pytest.raises(TypeError, match="True or False"):
         dq.convert_model(build("qwen3_moe")[0], cleanup_original="no")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="positive layer count"):
+            dq.convert_model(build("qwen3_moe")[0], max_layers=bad)
 
 
 def _train_step(model, ids) -> None:

@@ -408,6 +408,8 @@ def convert_model(
         cleanup_original = True
     if not isinstance(cleanup_original, bool):
         raise TypeError(f"convert_model(cleanup_original=...) takes True or False, not {cleanup_original!r}")
+    if max_layers is not None and (isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 1):
+        raise ValueError(f"convert_model(max_layers=...) takes a positive layer count or None, not {max_layers!r}")
     rules = FilterRules.parse(filter)
     report = ConversionReport()
     plans = plan_conversion(model, rules, max_layers, report)
