@@ -16,23 +16,24 @@ import yaml
 _MADE: dict[str, Path] = {}
 
 
-def quantized_checkpoint(backend: str, base: Path) -> Path:
-    """The per-expert GPTQ W4A16 checkpoint ``backend`` writes for the tiny model (a real job run)."""
-    if backend not in _MADE:
+def quantized_checkpoint(backend: str, base: Path, method: str = "gptq", scheme: str = "W4A16") -> Path:
+    """The per-expert checkpoint ``backend`` writes for the tiny model (a real job run; GPTQ W4A16 by default)."""
+    key = f"{backend}-{method}-{scheme}"
+    if key not in _MADE:
         from defuser_quant.cli import main
 
-        out = base / f"quantized-{backend}"
-        job = base / f"{backend}.yaml"
+        out = base / f"quantized-{key}"
+        job = base / f"{key}.yaml"
         job.write_text(yaml.safe_dump({
             "model": {"path": "builtin:tiny-qwen3-moe"},
-            "quantization": {"backend": backend, "method": "gptq", "scheme": "W4A16"},
+            "quantization": {"backend": backend, "method": method, "scheme": scheme},
             "calibration": {"data": {"num_samples": 8, "seq_len": 64}, "routing": "all", "min_tokens": 1},
             "output": {"dir": str(out), "layout": "per-expert"},
             "evaluation": {"enabled": False},
         }))
         assert main(["run", str(job)]) == 0
-        _MADE[backend] = out
-    return _MADE[backend]
+        _MADE[key] = out
+    return _MADE[key]
 
 
 def broken_copy(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:

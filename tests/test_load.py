@@ -137,3 +137,18 @@ def test_unsupported_formats_are_refused(tmp_path, qcfg, message):
 def test_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(LoadError, match="no config.json"):
         dq.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_fp8_per_expert_checkpoint_loads_with_fp8_experts(tmp_path_factory):
+    from defuser_quant.checkpoint.check import check_checkpoint
+
+    path = quantized_checkpoint("llmcompressor", tmp_path_factory.getbasetemp(), method="rtn", scheme="FP8_DYNAMIC")
+    assert check_checkpoint(path).schemes == {"fp8 8-bit channel": 192}
+    model = dq.load(path)
+    projections = expert_projections(model)
+    assert len(projections) == 192 and all(m.weight.dtype == torch.float8_e4m3fn for m in projections.values())
+    stock = AutoModelForCausalLM.from_pretrained(path)
+    assert _nbytes(model) < 0.7 * _nbytes(stock)
+    reference = _logits(AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH))
+    assert (_logits(model) - reference).abs().max() < 0.3 * reference.abs().max()  # quantized, still the model
