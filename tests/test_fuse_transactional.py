@@ -75,16 +75,19 @@ def test_one_expert_in_another_dtype_is_refused_naming_both():
     assert [(n, type(m)) for n, m in model.named_modules()] == before[0]
 
 
+@pytest.mark.parametrize("cleanup_original", [True, False])
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 @pytest.mark.parametrize("failure", [RuntimeError("simulated out of memory"), KeyboardInterrupt()])
-def test_failure_half_way_restores_the_defused_model(family, failure, monkeypatch):
+def test_failure_half_way_restores_the_defused_model(family, failure, cleanup_original, monkeypatch):
     """The second block fails after the first is fused (and, for gpt_oss, its storage relaid out
-    back to the native layout in place): every block is defused again, bit for bit."""
+    back to the native layout in place): every block is defused again, bit for bit, and fused
+    tensors kept by ``cleanup_original=False`` are the originals again."""
     import defuser_quant.core.fuse as fuse
 
     model, ids = build(family)
     fused_state = state(model)
-    dq.convert_model(model)
+    originals = [layer.mlp.experts.gate_up_proj for layer in model.model.layers]
+    dq.convert_model(model, cleanup_original=cleanup_original)
     before, ref = _defused_state(model), logits(model, ids)
     real, calls = fuse.put_tensor, {"n": 0}
     per_block = len(model.model.layers[0].mlp.experts.specs)
@@ -99,9 +102,11 @@ def test_failure_half_way_restores_the_defused_model(family, failure, monkeypatc
     with pytest.raises(dq.FuseError if isinstance(failure, Exception) else KeyboardInterrupt):
         dq.fuse_model(model)
     _assert_unchanged(model, ids, before, ref)
+    if not cleanup_original:
+        assert all(layer.mlp.experts.gate_up_proj is kept for layer, kept in zip(model.model.layers, originals))
     monkeypatch.undo()
-    report = dq.fuse_model(model)  # and the restored model still re-fuses exactly, zero copy
-    assert all(r.zero_copy for r in report.converted)
+    report = dq.fuse_model(model)  # and the restored model still re-fuses exactly (zero copy where it was carved in place)
+    assert all(r.zero_copy for r in report.converted) == (cleanup_original or family == "qwen3_moe")
     assert all(torch.equal(v, state(model)[k]) for k, v in fused_state.items())
 
 

@@ -24,7 +24,7 @@ from .errors import DefuserQuantError, FuseError
 from .progress import progress
 from .report import BlockRecord, ConversionReport
 from .slicing import carve, expected_views, restore_slab
-from .tensors import pop_tensor, put_tensor
+from .tensors import get_tensor, pop_tensor, put_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +196,12 @@ def _fuse_block(
             fused.grad = grad
         rebuilt[spec.name] = memo[id(pieces[0][0])] = fused
     for name, fused in rebuilt.items():
+        kept = get_tensor(shell, name)  # the original, under cleanup_original=False
         put_tensor(shell, name, fused, block.specs[name].is_buffer)
-        undo.append(lambda n=name: pop_tensor(shell, n))
+        if kept is None:
+            undo.append(lambda n=name: pop_tensor(shell, n))
+        else:
+            undo.append(lambda n=name, t=kept: put_tensor(shell, n, t, block.specs[n].is_buffer))
     first = next(iter(rebuilt.values()))
     if first.device.type != "meta":
         shell.to(first.device)
