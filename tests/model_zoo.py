@@ -432,6 +432,29 @@ TINY_CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
         "hybrid_layer_ids": [1],
         "_after_shrink": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16},
     },
+    "mistral_large4": {
+        "_reason": "kv_source_layers names a source layer per layer; the shrink keeps original indices "
+        "(transformers 5.24)",
+        "_after_shrink": {"text_config.kv_source_layers": [0, 1]},
+    },
+    "bailing_hybrid": {
+        "_reason": "its group count is num_expert_group (the shrink knows n_group), so topk_group outgrows "
+        "the groups (transformers 5.24)",
+        "num_expert_group": 1,
+        "topk_group": 1,
+    },
+    "dots3_note": {
+        "_reason": "the vision/audio adapters' widths must equal the towers' and the text model's hidden "
+        "sizes, which the shrink changes (transformers 5.24)",
+        "_after_shrink": {
+            "vision_config.adapter_in_dim": 64, "vision_config.adapter_out_dim": 64,
+            "audio_config.adapter_input_size": 64, "audio_config.adapter_out_dim": 64,
+        },
+    },
+    "muse_spark": {
+        "_reason": "the audio tower's widths are a hidden_sizes list the shrink does not know (transformers 5.24)",
+        "_after_shrink": {"audio_config.hidden_sizes": [16, 32], "audio_config.depths": [1, 1]},
+    },
     "qwen3_omni_moe": {
         "_reason": "config classes lack fields the model reads (talker: shared_expert_intermediate_size, "
         "spatial_merge_size; thinker: vision_start_token_id); real checkpoints carry them in config.json",

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 import defuser_quant as dq
 from defuser_quant.tools import families_table as support
@@ -24,6 +25,7 @@ from defuser_quant.core.families import DENSE_MLP_ENTRIES, EXPERTS_ENTRIES, dens
 from model_zoo import discover_fused_dense_mlp_classes, discover_irregular_experts_classes
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+NEWEST = README.parent / "constraints-newest.txt"
 # Structurally discovered classes deliberately left fused: (module, class) -> reason.
 NOT_CONVERTED: dict[tuple[str, str], str] = {
     ("inkling", "InklingSharedExperts"): "always-on shared experts stored [n, I, H]; not defused yet: the pre-load "
@@ -60,12 +62,35 @@ def _defuser_readme_types() -> set[str]:
     return found
 
 
+def _installed() -> Version:
+    return Version(support.transformers_version())
+
+
 def test_readme_table_is_generated_from_the_code():
+    """Generated with the newest Transformers tested (constraints-newest.txt): identical there; with
+    any other release, every row the code computes here is in the README's table."""
     text = README.read_text(encoding="utf-8")
-    assert support.replace_section(text, support.readme_section()) == text, (
-        "README.md's supported families table is stale: python -m defuser_quant.tools.families_table --write README.md"
-    )
-    assert support.main(["--check", str(README)]) == 0
+    generated_with = support.table_version(text)
+    newest = re.search(r"^transformers==(\S+)$", NEWEST.read_text(encoding="utf-8"), re.M).group(1)
+    assert generated_with == newest, f"README's table was generated with Transformers {generated_with}, not {newest}"
+    if _installed() == Version(newest):
+        assert support.replace_section(text, support.readme_section()) == text, (
+            "README.md's supported families table is stale: run "
+            "python -m defuser_quant.tools.families_table --write README.md with the newest Transformers (.venv-newest)"
+        )
+        assert support.main(["--check", str(README)]) == 0
+    else:
+        table = text[text.find(support.BEGIN.split(" (")[0]) : text.find(support.END)]
+        missing = [r.module for r in support.supported_families() if not re.search(rf"^\| {r.module}[ |]", table, re.M)]
+        assert not missing, f"rows the code has but README's table lacks: {missing}"
+
+
+def test_baseline_rows_are_the_codes():
+    """The rows the table marks as holding for the oldest supported Transformers are exactly the
+    rows the code computes with it."""
+    if _installed() != Version(support.BASELINE):
+        pytest.skip(f"checked with Transformers {support.BASELINE}")
+    assert {r.module for r in support.supported_families()} == support.BASELINE_MODULES
 
 
 def test_every_family_defuser_supports_is_covered():
@@ -94,8 +119,23 @@ def test_every_structurally_discovered_class_has_an_entry():
 
 
 def test_every_entry_names_an_existing_class():
+    """An entry's class exists, unless the entry says it needs a newer Transformers than this one."""
     for entry in (*EXPERTS_ENTRIES, *DENSE_MLP_ENTRIES):
-        assert resolve_class(entry.qualified_name) is not None, f"stale families.py entry {entry.qualified_name}"
+        if resolve_class(entry.qualified_name) is None:
+            assert entry.needs and _installed() < Version(entry.needs), f"stale families.py entry {entry.qualified_name}"
+
+
+def test_an_entry_stops_applying_once_transformers_decorates_its_class():
+    """Explicit entries describe undecorated classes; a decorated one (aria in 5.24) is described
+    by its flags and must not be taken by a stale entry."""
+    from defuser_quant.core.families import entry_active
+    from defuser_quant.core.layout import is_fused_experts_class
+
+    for entry in EXPERTS_ENTRIES:
+        cls = resolve_class(entry.qualified_name)
+        if cls is not None:
+            assert entry_active(entry) == (not is_fused_experts_class(cls)), entry.class_name
+            assert (experts_entry_for(cls) is entry) == entry_active(entry), entry.class_name
 
 
 def test_table_rows_agree_with_conversion():

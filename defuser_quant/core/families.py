@@ -2,8 +2,10 @@
 
 Everything else is detected from the layout facts ``@use_experts_implementation`` stamps on
 experts classes. Entries here must say why they exist. Classes are named, never imported: an
-entry whose class the installed Transformers lacks (renamed, removed) is simply inactive, and
-``tests/test_support.py`` reports it. ``python -m defuser_quant.tools.families_table --markdown`` prints the
+entry whose class the installed Transformers lacks (renamed, removed, or newer: ``needs``) is
+simply inactive, and ``tests/test_support.py`` reports it. An experts entry applies only while
+its class has the structure it describes, an undecorated class: once Transformers decorates it
+(aria in 5.24), the decorator's flags describe it and the standard path takes over. ``python -m defuser_quant.tools.families_table --markdown`` prints the
 supported families table of the README.
 """
 
@@ -13,6 +15,8 @@ import functools
 import importlib
 from dataclasses import dataclass
 from typing import Any
+
+from .layout import declared_flags_of_class
 
 # model_type -> per-expert projection names (gate or None, up, down), where the conversion
 # mapping does not tell them.
@@ -38,6 +42,7 @@ class ExpertsEntry:
     layout: str  # storage layout, in words
     why: str
     attrs: tuple[str, ...] = ("experts",)
+    needs: str = ""  # the first Transformers release tested that has the class, when newer than 5.17
 
     @property
     def qualified_name(self) -> str:
@@ -53,6 +58,7 @@ class DenseMlpEntry:
     module: str
     class_name: str
     gate_first: bool = True
+    needs: str = ""  # the first Transformers release tested that has the class, when newer than 5.17
 
     @property
     def qualified_name(self) -> str:
@@ -119,6 +125,7 @@ def shared_expert_list(model_type: str) -> SharedExpertListEntry | None:
 
 DENSE_MLP_ENTRIES: tuple[DenseMlpEntry, ...] = (
     DenseMlpEntry("dia", "dia", "DiaMLP"),
+    DenseMlpEntry("dots3_note", "dots3_note", "Dots3NoteAudioMLP", needs="5.24.0"),
     DenseMlpEntry("esmfold2", "esmfold2", "EsmFold2SwiGLU"),
     DenseMlpEntry("glm", "glm", "GlmMLP"),
     DenseMlpEntry("glm4", "glm4", "Glm4MLP"),
@@ -152,8 +159,20 @@ def _dense_table() -> dict[str, DenseMlpEntry]:
 
 
 def experts_entry_for(cls: type) -> ExpertsEntry | None:
-    """The explicit entry for an experts class (or a subclass of one), else None."""
+    """The explicit entry for an experts class (or a subclass of one), else None; None too when
+    the class is decorated with ``@use_experts_implementation`` (the entry describes the
+    undecorated structure it had before)."""
+    if declared_flags_of_class(cls) is not None:
+        return None
     return _by_class(cls, _experts_table())
+
+
+def entry_active(entry: ExpertsEntry | DenseMlpEntry) -> bool:
+    """True when the installed Transformers has the entry's class with the structure it describes."""
+    cls = resolve_class(entry.qualified_name)
+    if cls is None:
+        return False
+    return dense_entry_for(cls) is entry if isinstance(entry, DenseMlpEntry) else experts_entry_for(cls) is entry
 
 
 def dense_entry_for(cls: type) -> DenseMlpEntry | None:

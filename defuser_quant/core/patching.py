@@ -28,11 +28,13 @@ from .dense import split_dense_mlp
 from .families import adapter_of, dense_entry_for, experts_entry_for, shared_expert_list
 from . import load_check
 from .generated import pickled_through
+from .naming import stock_loads_per_expert
 from .layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class, unmodelled_flags_of_class
 from .tensors import pop_tensor
 from .split_ops import (
     collapse_doubled_prefix,
     dense_split_converters,
+    doubled_expert_segments,
     expert_list_converters,
     fused_split_converters,
     is_dense_merge,
@@ -222,7 +224,11 @@ def _retie_fused_keys(owners: list[type]) -> None:
             del _UNTIED[owner]
 
 
-def _conversion_mapping(model_type: str, classes: list[type[nn.Module]], dense: list[type[nn.Module]]) -> list:
+def _conversion_mapping(
+    model_type: str, classes: list[type[nn.Module]], dense: list[type[nn.Module]], names_type: str | None = None
+) -> list:
+    """``model_type``'s conversion mapping with expert merges replaced by per-expert splits named
+    as the patched blocks name their projections (``names_type``'s mapping, default its own)."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     existing = get_checkpoint_conversion_mapping(model_type) or []
@@ -233,11 +239,14 @@ def _conversion_mapping(model_type: str, classes: list[type[nn.Module]], dense: 
         adapter = adapter_for_class(classes[0])
         layout = adapter.layout(None) if experts_entry_for(classes[0]) else ExpertLayout.from_flags(declared_flags_of_class(classes[0]))
         lists = expert_list_converters(shared.groups, adapter.names(layout, model_type, None))
-    split = fused_split_converters(model_type, classes, existing)
+    split = fused_split_converters(names_type or model_type, classes, existing)
     renamings = [t for t in kept if not hasattr(t, "operations")]
-    if any("language_model" in "".join(t.target_patterns) for t in renamings):
-        # Renamings go first, in order: the collapse runs after the family's own.
-        kept.insert(kept.index(renamings[-1]) + 1, collapse_doubled_prefix())
+    collapses = [collapse_doubled_prefix()] if any("language_model" in "".join(t.target_patterns) for t in renamings) else []
+    collapses += [collapse_doubled_prefix(seg, "experts") for seg in doubled_expert_segments(renamings)]
+    if collapses:
+        # Renamings go first, in order: the collapses run after the family's own.
+        at = kept.index(renamings[-1]) + 1
+        kept[at:at] = collapses
     return kept + lists + split + (dense_split_converters() if dense else [])
 
 
@@ -329,10 +338,13 @@ def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
             "to do; see the supported families table in the README."
         )
     keys = [model_type, *_scoped_mapping_keys(model_type, bool(dense))]
+    # The blocks take their projection names from their own (sub-)config type's mapping, falling
+    # back to the top type's: the split converters of every key must use the same names.
+    names_type = next((k for k in keys if stock_loads_per_expert(k)), model_type)
     for cls in classes:
         _install_constructor(cls, model_type)
     for key in keys:
-        _register_mapping(key, lambda k=key: _conversion_mapping(k, experts, dense))
+        _register_mapping(key, lambda k=key: _conversion_mapping(k, experts, dense, names_type))
     untied = _untie_fused_keys(model_type)
     _PATCHED[model_type] = {"classes": classes, "mapping_keys": keys, "tied_keys": untied}
     load_check.install()  # expert keys that do not load raise instead of leaving random experts

@@ -292,7 +292,24 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def collapse_doubled_prefix(segment: str = "language_model") -> Any:
+def doubled_expert_segments(renamings: list) -> list[str]:
+    r"""Segments a renaming inserts before ``experts.`` (mistral_large4_text's ``\.experts\.`` ->
+    ``\.mlp.experts\.``, for checkpoints holding experts beside the MLP): it also fires on keys
+    that already have the segment, doubling it."""
+    found = []
+    for transform in renamings:
+        sources = getattr(transform, "_original_source_patterns", None) or transform.source_patterns
+        targets = getattr(transform, "_original_target_patterns", None) or transform.target_patterns
+        for source, target in zip(sources, targets):
+            plain_source, plain_target = source.replace("\\", ""), target.replace("\\", "")
+            if plain_source == ".experts." and plain_target.endswith(".experts.") and plain_target != plain_source:
+                segment = plain_target[1 : -len(".experts.")]
+                if re.fullmatch(r"\w+", segment):
+                    found.append(segment)
+    return found
+
+
+def collapse_doubled_prefix(segment: str = "language_model", before: str = "") -> Any:
     r"""A load-only renaming ``<segment>.<segment>.`` -> ``<segment>.``.
 
     Renamings such as deepseek_ocr2's ``(^|model\.)layers\.`` -> ``\1language_model.layers.``
@@ -300,6 +317,8 @@ def collapse_doubled_prefix(segment: str = "language_model") -> Any:
     unrenamed when the model has it, which never happens for a fused key the patched model holds
     per expert. Collapsing the doubled segment gives the split converter the right name.
     """
+    if before:  # only where ``before`` follows (``mlp.mlp.experts.`` -> ``mlp.experts.``)
+        return _never_reversed_renaming_class()(rf"{segment}\.{segment}\.{before}\.", f"{segment}.{before}.")
     return _never_reversed_renaming_class()(rf"{segment}\.{segment}\.", f"{segment}.")
 
 

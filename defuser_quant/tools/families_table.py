@@ -16,13 +16,14 @@ import importlib
 import importlib.util
 import logging
 import pkgutil
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from ..core.families import DENSE_MLP_ENTRIES, EXPERTS_ENTRIES, SHARED_EXPERT_LISTS, adapter_of, resolve_class
+from ..core.families import DENSE_MLP_ENTRIES, EXPERTS_ENTRIES, SHARED_EXPERT_LISTS, adapter_of, entry_active
 from ..core.layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class, unmodelled_flags_of_class
 from ..core.naming import stock_loads_per_expert
 
@@ -31,6 +32,32 @@ logger = logging.getLogger(__name__)
 BEGIN = "<!-- families-table:start (generated: python -m defuser_quant.tools.families_table --write README.md) -->"
 END = "<!-- families-table:end -->"
 _DENSE = "dense `gate_up_proj` [2I,H]"
+BASELINE = "5.17.0"  # the oldest Transformers supported (pyproject's lower bound), tested in CI
+# The table's rows (modeling packages) under the baseline release; tests/test_support.py checks
+# this against the code there, so rows that need a newer Transformers are marked truthfully.
+BASELINE_MODULES = frozenset(
+    "afmoe aria axk1 axk2 cohere2_moe dbrx deepseek_ocr2 deepseek_v2 deepseek_v3 deepseek_v32 deepseek_v4 dia "
+    "diffusion_gemma dots1 ernie4_5_moe ernie4_5_vl_moe esmfold2 exaone_moe flex_olmo gemma4 glm glm4 glm4_moe "
+    "glm4_moe_lite glm4v glm4v_moe glm5_next glm_image glm_moe_dsa glm_ocr gpt_oss granitemoe granitemoe_swa "
+    "granitemoehybrid granitemoeshared hunyuan_v1_moe hy_v3 hy_v4 inkling jamba jetmoe kimi_linear laguna lfm2_moe "
+    "llama4 longcat_flash mellum mimo_v2_flash minimax minimax_m2 minimax_m3_vl mistral4 mixtral nemotron_h olmoe "
+    "openai_privacy_filter phi3 phi4_multimodal phimoe qwen2_moe qwen3_5_moe qwen3_moe qwen3_next qwen3_omni_moe "
+    "qwen3_vl_moe qwen4_exp solar_open step3p7 zamba2 zaya".split()
+)
+_GENERATED_WITH = re.compile(r"Generated with Transformers ([0-9][0-9A-Za-z.+-]*)\.")
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def table_version(text: str) -> str | None:
+    """The Transformers release a README's table was generated with (None when it does not say)."""
+    section = text[text.find(BEGIN.split(" (")[0]) :]
+    match = _GENERATED_WITH.search(section)
+    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)
@@ -102,8 +129,8 @@ def supported_families() -> tuple[FamilySupport, ...]:
             if flags := unmodelled_flags_of_class(cls):
                 r["refused"].append(f"{cls.__name__}: decorator " + ", ".join(f"`{k}={v!r}`" for k, v in flags.items()))
     for entry in EXPERTS_ENTRIES:
-        if resolve_class(entry.qualified_name) is None:
-            logger.warning("families.py entry %s: no class %s in this Transformers", entry.family, entry.qualified_name)
+        if not entry_active(entry):
+            logger.info("families.py entry %s: %s absent or decorated in this Transformers", entry.family, entry.class_name)
             continue
         adapter = adapter_of(entry)
         layout = adapter.layout(None)
@@ -114,8 +141,8 @@ def supported_families() -> tuple[FamilySupport, ...]:
         r["stock"] &= adapter.stock_per_expert and stock_loads_per_expert(*_model_types_of(entry.module))
         r["notes"].append(entry.why)
     for entry in DENSE_MLP_ENTRIES:
-        if resolve_class(entry.qualified_name) is None:
-            logger.warning("families.py dense entry %s: no class %s", entry.family, entry.qualified_name)
+        if not entry_active(entry):
+            logger.info("families.py dense entry %s: no class %s", entry.family, entry.qualified_name)
             continue
         r = row(entry.module)
         r["layouts"].append(_DENSE if entry.gate_first else f"{_DENSE}, second half gated")
@@ -147,17 +174,20 @@ def markdown_table(rows: tuple[FamilySupport, ...] | None = None) -> str:
     """The supported families table in Markdown."""
     rows = supported_families() if rows is None else rows
     lines = [
-        "| family (model types) | layout | pre-load | post-load | re-fuse | math (fp32) | stock loads the defused save |",
-        "|---|---|:---:|:---:|:---:|---|:---:|",
+        "| family (model types) | Transformers | layout | pre-load | post-load | re-fuse | math (fp32) "
+        "| stock loads the defused save |",
+        "|---|---|---|:---:|:---:|:---:|---|:---:|",
     ]
     yes = {True: "yes", False: "no"}
+    version = transformers_version()
     for r in rows:
+        needs = f">={BASELINE}" if r.module in BASELINE_MODULES else f">={version}"
         family = r.module + (f" ({', '.join(r.model_types)})" if r.model_types != (r.module,) else "")
         layout = "<br>".join(r.layouts) + (" *" if r.irregular else "")
         math = f"refused: {r.refused}" if r.refused else "exact" if r.exact else "≤1e-6 rel"
         stock = yes[r.stock_per_expert] if r.stock_per_expert else "no: `temporarily_fused`"
         lines.append(
-            f"| {family} | {layout} | {yes[r.preload]} | {yes[r.postload]} | {yes[r.refuse]} | {math} | {stock} |"
+            f"| {family} | {needs} | {layout} | {yes[r.preload]} | {yes[r.postload]} | {yes[r.refuse]} | {math} | {stock} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -165,7 +195,12 @@ def markdown_table(rows: tuple[FamilySupport, ...] | None = None) -> str:
 def entries_notes() -> str:
     """Bullets: why each explicit entry of ``families.py`` exists."""
     lines = ["`*` explicit entry in `defuser_quant/core/families.py`:", ""]
-    lines += [f"- **{e.family}** (`{e.class_name}`): {e.why}." for e in EXPERTS_ENTRIES]
+    lines += [
+        f"- **{e.family}** (`{e.class_name}`): {e.why}."
+        + ("" if entry_active(e) else f" Not in Transformers {transformers_version()}: the class is absent or decorated there"
+           " (then its flags describe it and the standard path converts it).")
+        for e in EXPERTS_ENTRIES
+    ]
     lines += [f"- **{e.family}** (pre-load): {e.why}." for e in SHARED_EXPERT_LISTS]
     dense = sorted({e.family for e in DENSE_MLP_ENTRIES})
     lines += [f"- dense fused MLPs ({', '.join(dense)}): `gate_up_proj` split into `gate_proj`/`up_proj` in place."]
@@ -174,7 +209,12 @@ def entries_notes() -> str:
 
 def readme_section() -> str:
     """The README block between the markers (markers included)."""
-    return f"{BEGIN}\n{markdown_table()}\n{entries_notes()}{END}"
+    version = transformers_version()
+    header = (
+        f"Generated with Transformers {version}. The Transformers column gives the oldest release each row "
+        f"holds for (rows marked >={version} are absent from {BASELINE}).\n"
+    )
+    return f"{BEGIN}\n{header}\n{markdown_table()}\n{entries_notes()}{END}"
 
 
 def replace_section(text: str, section: str) -> str:
@@ -205,3 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{path}: the supported families table is stale; run python -m defuser_quant.tools.families_table --write {path}\n")
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
