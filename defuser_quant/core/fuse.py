@@ -183,7 +183,7 @@ def _fuse_block(
         if fused is not None and spec.relayout:
             for e in range(len(pieces)):
                 restore_slab(fused[e], plan.pieces)
-            undo.append(lambda t=fused, fn=plan.pieces: carve(t, fn, relayout=True))  # back to the packed views
+            undo.append(lambda t=fused[: len(pieces)], fn=plan.pieces: carve(t, fn, relayout=True))  # packed again
         if fused is None:
             zero_copy = False
             fused = _stack(pieces, shape, plan.pieces)
