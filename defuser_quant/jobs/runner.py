@@ -105,7 +105,8 @@ def _draw_heatmap(coverage: Any, path: Path, notes: list[str]) -> str | None:
     try:
         coverage.heatmap(path)
     except Exception as exc:  # noqa: BLE001 - any plotting failure; the numbers are in coverage.json
-        path.unlink(missing_ok=True)
+        if path.is_file():
+            path.unlink()  # a half-written picture
         note = f"coverage.png was not drawn ({type(exc).__name__}: {exc}); the numbers are in coverage.json"
         logger.warning("%s", note)
         notes.append(note)
