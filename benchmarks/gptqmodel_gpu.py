@@ -180,9 +180,16 @@ def warm_gptq_extension() -> tuple[float | None, bool | None]:
     return round(time.perf_counter() - t0, 2), available
 
 
-def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slots: int) -> list[dict]:
-    """Each variant in its own process; ``slots`` of them at a time, slot i on GPU i."""
+def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slots: int, partial: Path | None = None) -> list[dict]:
+    """Each variant in its own process; ``slots`` of them at a time, slot i on GPU i.
+
+    Every finished row is appended to ``partial`` (JSON lines) at once, so a run cut short by a
+    time limit keeps what it measured.
+    """
     free = list(range(slots))
+    import threading
+
+    lock = threading.Lock()
 
     def one(variant: str) -> dict:
         gpu = free.pop(0) if slots > 1 else None
@@ -190,7 +197,11 @@ def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slot
             print(f"running {variant}" + ("" if gpu is None else f" on GPU {gpu}") + " ...", flush=True)
             row = run_variant(variant, args, work, gpu)
             row["gpu_index"] = gpu
-            print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
+            line = json.dumps({k: v for k, v in row.items() if k != "log_tail"})
+            print(line, flush=True)
+            if partial is not None:
+                with lock, partial.open("a") as f:
+                    f.write(line + "\n")
             if "log_tail" in row:
                 print(row["log_tail"], flush=True)
             return row
@@ -305,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built source model in {build_s:.1f}s under {work}", flush=True)
     jit_s, jit_ok = warm_gptq_extension() if args.device == "cuda" else (None, None)
     slots = 1 if args.device == "cpu" else max(1, min(args.gpus or torch.cuda.device_count(), len(variants)))
-    rows = run_variants(variants, args, work, slots)
+    out = args.output or HERE / "results" / f"gptqmodel_{args.device}{'_tiny' if args.tiny else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.stem + ".partial.jsonl")
+    partial.write_text(json.dumps({"command": "python benchmarks/gptqmodel_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])}) + "\n")
+    rows = run_variants(variants, args, work, slots, partial)
     stock = next((r for r in rows if r["variant"] == "stock" and "error" not in r), None)
     if stock is not None:
         import torch as _torch
@@ -331,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
                       ". Fix the build (see docs/performance.md) or pass --allow-fallback to report it as such."
     table = markdown(rows)
     print(table)
-    out = args.output or HERE / "results" / f"gptqmodel_{args.device}{'_tiny' if args.tiny else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
         "build_source_s": round(build_s, 2),
@@ -350,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     if refused:
         payload["refused"] = refused
     out.write_text(json.dumps(payload, indent=1) + "\n")
+    partial.unlink(missing_ok=True)
     print(f"wrote {out}")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
