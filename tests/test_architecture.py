@@ -34,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
         "defuser_quant.cli", "defuser_quant.assets",
     },
     "defuser_quant.assets": set(),
+    "defuser_quant.compat": {"defuser_quant.core", "defuser_quant.compat"},
     "defuser_quant": {"*"},  # the public API, __main__ and the old-path aliases
 }
 # Third-party packages a layer must never import (the core is torch + transformers only).
@@ -43,6 +44,7 @@ FORBIDDEN_EXTERNAL: dict[str, set[str]] = {
     "defuser_quant.calibration": QUANTIZERS,
     "defuser_quant.checkpoint": {"gptqmodel", "llmcompressor", "defuser"},
     "defuser_quant.tools": QUANTIZERS,
+    "defuser_quant.compat": QUANTIZERS,  # it stands in for defuser: never imports it
     "defuser_quant.integrations.gptqmodel": {"llmcompressor"},
     "defuser_quant.integrations.llmcompressor": {"gptqmodel", "defuser"},
 }
@@ -112,7 +114,7 @@ def layer_of(module: str) -> str:
 def test_the_tree_has_the_layers_the_docs_describe():
     for package in ("defuser_quant.core", "defuser_quant.core.irregular", "defuser_quant.tools", "defuser_quant.checkpoint",
                     "defuser_quant.jobs", "defuser_quant.cli", "defuser_quant.integrations.gptqmodel",
-                    "defuser_quant.integrations.llmcompressor", "defuser_quant.calibration"):
+                    "defuser_quant.integrations.llmcompressor", "defuser_quant.calibration", "defuser_quant.compat"):
         assert package in PACKAGES, package
     top_level = sorted(name for name in MODULES if name.count(".") == 1 and name not in PACKAGES)
     assert top_level == ["defuser_quant.__main__", "defuser_quant._legacy"], top_level

@@ -14,6 +14,7 @@ from .errors import (
     FuseError,
     LayoutError,
     SharedStorageError,
+    UnmodelledStructureError,
     UnsupportedModelError,
 )
 from .filters import FilterRules
@@ -35,6 +36,7 @@ __all__ = [
     "FuseError",
     "LayoutError",
     "SharedStorageError",
+    "UnmodelledStructureError",
     "UnsupportedModelError",
     "convert_model",
     "find_fused_blocks",

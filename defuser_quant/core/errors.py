@@ -27,3 +27,8 @@ class FuseError(DefuserQuantError):
 
 class ConversionError(DefuserQuantError):
     """A conversion failed half way; the model was restored to its state before the call."""
+
+
+class UnmodelledStructureError(UnsupportedModelError, LayoutError):
+    """A block holds structure the adapters do not model (a decorator flag, a child module, a
+    parameter): converting it would drop that, so it is refused."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LayoutError
+from .errors import LayoutError, UnmodelledStructureError
 
 LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
 
@@ -140,11 +140,11 @@ def unmodelled_structure(module: nn.Module, layout: ExpertLayout) -> list[str]:
 
 
 def refuse_unmodelled(module: nn.Module, layout: ExpertLayout, path: str) -> None:
-    """Raise ``LayoutError`` when ``module`` holds anything the standard layout does not model:
+    """Raise ``UnmodelledStructureError`` when ``module`` holds anything the standard layout does not model:
     a defused block would drop it and compute something else."""
     extras = unmodelled_structure(module, layout)
     if extras:
-        raise LayoutError(
+        raise UnmodelledStructureError(
             f"{path} ({type(module).__name__}) has {', '.join(extras)}, which the standard fused-experts layout "
             f"does not model: defusing it would drop that and change the output, so it is refused. Exclude the block "
             f"with a '-:' filter rule, or add an explicit entry in defuser_quant/core/families.py that models it."

@@ -23,7 +23,7 @@ from torch import nn
 
 from .defuse import STANDARD, adapter_for_class, build_defused
 from .defused import DefusedExperts
-from .errors import UnsupportedModelError
+from .errors import UnmodelledStructureError, UnsupportedModelError
 from .dense import split_dense_mlp
 from .families import adapter_of, dense_entry_for, experts_entry_for, shared_expert_list
 from . import load_check
@@ -326,7 +326,7 @@ def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
     classes = experts + dense
     refused = {c.__name__: flags for c in experts if experts_entry_for(c) is None and (flags := unmodelled_flags_of_class(c))}
     if refused:
-        raise UnsupportedModelError(
+        raise UnmodelledStructureError(
             f"{model_type!r}: {', '.join(f'{name} has decorator flags {flags}' for name, flags in refused.items())} that "
             "defuser-quant does not model (a defused block would compute something else); nothing was patched. "
             "Load the model without replace_fused_blocks, or add an explicit entry in defuser_quant/core/families.py."
@@ -350,6 +350,11 @@ def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
     load_check.install()  # expert keys that do not load raise instead of leaving random experts
     logger.info("patched %s: %s", model_type, ", ".join(c.__name__ for c in classes))
     return True
+
+
+def is_patched(model_type: str) -> bool:
+    """True while ``replace_fused_blocks(model_type)`` is in effect."""
+    return model_type in _PATCHED
 
 
 def restore_fused_blocks(model_type: str | None = None) -> None:
