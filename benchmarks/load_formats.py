@@ -1,7 +1,7 @@
 """Loading quantized MoE checkpoints: ``defuser_quant.load`` vs ``GPTQModel.load`` vs stock Transformers.
 
 For each checkpoint format the tiny shipped qwen3_moe is written in (real job runs: GPTQModel GPTQ
-W4A16, llm-compressor GPTQ W4A16 pack-quantized and FP8_DYNAMIC, per-expert; the float model
+W4A16 and AWQ, llm-compressor GPTQ W4A16 pack-quantized and FP8_DYNAMIC, per-expert; the float model
 per-expert and fused), every loader runs in its own fresh process (stock ``GPTQModel.load``
 installs Defuser's class patch for the whole process) and records parameter+buffer bytes right
 after loading and after one forward (compressed-tensors decompresses packed weights on the first
@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 IDS = list(range(1, 65))
 JOBS = {  # format -> (backend, method, scheme)
     "gptq (GPTQModel)": ("gptqmodel", "gptq", "W4A16"),
+    "awq gemm (GPTQModel)": ("gptqmodel", "awq", "W4A16"),
     "compressed-tensors pack-quantized W4A16 (llm-compressor)": ("llmcompressor", "gptq", "W4A16"),
     "compressed-tensors FP8 per-channel (llm-compressor)": ("llmcompressor", "rtn", "FP8_DYNAMIC"),
 }
@@ -105,7 +106,7 @@ def _checkpoints(tmp: Path) -> dict[str, Path]:
     AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, dtype=torch.bfloat16).save_pretrained(fused, save_original_format=False)
     paths["float fused"] = fused
     for name, (backend, method, scheme) in JOBS.items():
-        out = tmp / backend / scheme
+        out = tmp / backend / method / scheme
         run_job(parse_job_config({
             "model": {"path": "builtin:tiny-qwen3-moe"},
             "quantization": {"backend": backend, "method": method, "scheme": scheme},
@@ -157,7 +158,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for fmt, path in _checkpoints(tmp).items():
-            loaders = ["defuser_quant.load", "stock Transformers"] + (["GPTQModel.load"] if fmt.startswith("gptq") else [])
+            loaders = ["defuser_quant.load", "stock Transformers"] + (["GPTQModel.load"] if "GPTQModel" in fmt else [])
             results = {name: _run_worker(name, path, tmp / f"{len(rows)}-{i}.pt") for i, name in enumerate(loaders)}
             ours = results["defuser_quant.load"]
             if reference is None:

@@ -153,6 +153,7 @@ def test_experts_excluded_by_the_config_are_listed_with_the_reason(tmp_path, tmp
     assert result.fit, result.problems
     assert len(result.not_quantized) == 48 and result.quantized == 144
     assert {p.what for p in result.not_quantized} == {f"quantization_config.ignore has {entry!r}"}
+    assert "not quantized: (+28 more; --json lists all)" in result.summary()
 
 
 @pytest.mark.slow
@@ -249,3 +250,14 @@ def test_the_job_summary_shows_the_verdict():
     assert "checkpoint check (--for vllm) │ fit to serve" in rows[True]
     assert "NOT fit: 3 problem(s), see job.json" in rows[False]
     assert "not run: no config.json" in rows[None]
+
+
+def test_a_fused_float_checkpoint_is_fit_with_a_note(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH).save_pretrained(tmp_path / "fused", save_original_format=False)
+    result = check_checkpoint(tmp_path / "fused")
+    assert result.fit and result.layout == "fused" and result.projections == 8  # gate_up_proj + down_proj x 4 layers
+    assert any("stored fused" in note and "convert --to per-expert" in note for note in result.notes)
+    result = check_checkpoint(tmp_path / "fused", "transformers")
+    assert result.fit and not any("stored fused" in note for note in result.notes)

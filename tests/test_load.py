@@ -152,3 +152,12 @@ def test_fp8_per_expert_checkpoint_loads_with_fp8_experts(tmp_path_factory):
     assert _nbytes(model) < 0.7 * _nbytes(stock)
     reference = _logits(AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH))
     assert (_logits(model) - reference).abs().max() < 0.3 * reference.abs().max()  # quantized, still the model
+
+
+@pytest.mark.slow
+def test_awq_checkpoint_loads_quantized_and_equals_gptqmodel_load(tmp_path, tmp_path_factory):
+    path = quantized_checkpoint("gptqmodel", tmp_path_factory.getbasetemp(), method="awq")
+    model = dq.load(path)
+    projections = expert_projections(model)
+    assert len(projections) == 192 and all(is_quantized_module(m) for m in projections.values())
+    assert torch.equal(_logits(model), _gptqmodel_load_logits(path, tmp_path))

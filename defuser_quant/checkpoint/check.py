@@ -81,6 +81,8 @@ class CheckResult:
             f"{self.experts} experts, {self.layout}; expert projections {self.quantized}/{self.projections} quantized ({schemes})"
         ]
         lines += [f"  not quantized: {p.where}: {p.what}" for p in self.not_quantized[:20]]
+        if len(self.not_quantized) > 20:
+            lines.append(f"  not quantized: (+{len(self.not_quantized) - 20} more; --json lists all)")
         lines += [f"  problem: {p}" for p in self.problems]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
