@@ -202,8 +202,30 @@ def _call_post_hooks(m: nn.Module, rows: torch.Tensor, out: torch.Tensor) -> tor
     return out
 
 
-def _project(modules: list[nn.Module], x: torch.Tensor, counts: list[int], offs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Role:
+    """One projection role of a block: its per-expert modules and their stacked weight/bias."""
+
+    modules: list[nn.Module]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _roles(block: DefusedExperts) -> list[_Role]:
+    names = block[0].names
+    roles = []
+    for r in _ROLES:
+        if getattr(names, r) is None:
+            continue
+        modules = [getattr(expert, getattr(names, r)) for expert in block]
+        bias = None if modules[0].bias is None else _stacked([m.bias for m in modules])
+        roles.append(_Role(modules, _stacked([m.weight for m in modules]), bias))
+    return roles
+
+
+def _project(role: _Role, x: torch.Tensor, counts: list[int], offs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
     """One projection role over all experts: hooks per expert, one grouped GEMM."""
+    modules = role.modules
     hit = [e for e, n in enumerate(counts) if n]
     rows = dict(zip(hit, torch.split(x, [counts[e] for e in hit]), strict=True))
     replaced = False
@@ -215,10 +237,9 @@ def _project(modules: list[nn.Module], x: torch.Tensor, counts: list[int], offs:
             rows[e] = new
     if replaced:
         x = torch.cat([rows[e] for e in hit])
-    weight = _stacked([m.weight for m in modules])
-    out = _grouped_mm(x, weight.transpose(-2, -1), offs)
-    if modules[0].bias is not None:
-        out = out + _stacked([m.bias for m in modules])[expert_ids]
+    out = _grouped_mm(x, role.weight.transpose(-2, -1), offs)
+    if role.bias is not None:
+        out = out + role.bias[expert_ids]
     outs = dict(zip(hit, torch.split(out, [counts[e] for e in hit]), strict=True))
     changed = False
     for e in hit:
@@ -228,18 +249,14 @@ def _project(modules: list[nn.Module], x: torch.Tensor, counts: list[int], offs:
     return torch.cat([outs[e] for e in hit]) if changed else out
 
 
-def _run_sorted(block: DefusedExperts, x: torch.Tensor, counts: list[int], expert_ids: torch.Tensor) -> torch.Tensor:
+def _run_sorted(block: DefusedExperts, x: torch.Tensor, counts: list[int], expert_ids: torch.Tensor,
+                roles: list[_Role] | None = None) -> torch.Tensor:
     """Expert outputs for rows ``x`` sorted by expert (``counts`` rows each), grouped."""
     offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-    names = block[0].names
-    experts = list(block)
-
-    def role(r: str) -> list[nn.Module]:
-        return [getattr(expert, getattr(names, r)) for expert in experts]
-
-    gate = _project(role("gate"), x, counts, offs, expert_ids) if names.gate is not None else None
-    up = _project(role("up"), x, counts, offs, expert_ids)
-    return _project(role("down"), block[0].gate_fn(gate, up), counts, offs, expert_ids)
+    roles = roles or _roles(block)
+    gate = _project(roles[0], x, counts, offs, expert_ids) if len(roles) == 3 else None
+    up = _project(roles[-2], x, counts, offs, expert_ids)
+    return _project(roles[-1], block[0].gate_fn(gate, up), counts, offs, expert_ids)
 
 
 def grouped_routed_forward(
@@ -269,7 +286,7 @@ def grouped_routed_forward(
         return None
     token_idx = perm % tokens
     slot_idx = perm // tokens
-    out = _run_sorted(block, hidden_states[token_idx], counts, expert_ids)
+    out = _run_sorted(block, hidden_states[token_idx], counts, expert_ids, _roles(block))
     weighted = out * top_k_weights[token_idx, slot_idx, None]
     final = block.new_output(hidden_states)
     # Row of each (token, j-th smallest expert id) in the sorted order.
@@ -283,24 +300,43 @@ def grouped_routed_forward(
     return final
 
 
-def grouped_expert_calls(block: DefusedExperts, hidden_states: torch.Tensor, selection: Mapping[int, torch.Tensor]) -> bool:
+#: Forced rows run in chunks of whole experts of at most this many rows per batch token (at
+#: least one expert per chunk), so ``all`` needs about the activation memory of a top-8 routed pass.
+FORCED_ROWS_PER_TOKEN = 8
+
+
+def grouped_expert_calls(
+    block: DefusedExperts, hidden_states: torch.Tensor, selection: Mapping[int, torch.Tensor], max_rows: int | None = None
+) -> bool:
     """Run ``block[e](hidden_states[idx])`` for every ``e, idx`` of ``selection``, grouped; outputs dropped.
 
-    Returns False (nothing run) when the block cannot run grouped; the caller then loops.
+    Experts run in ascending order, in chunks of whole experts of at most ``max_rows`` rows
+    (default ``FORCED_ROWS_PER_TOKEN`` x the batch's tokens); an expert's rows are never split,
+    so its hooks see one call with all of them, as in the loop. Returns False (nothing run) when
+    the block cannot run grouped; the caller then loops.
     """
     if why_not_grouped(block, hidden_states) is not None:
         return False
     experts = sorted(e for e, idx in selection.items() if idx.numel())
-    if not experts:
-        return True
-    counts = [0] * block.num_experts
-    for e in experts:
-        counts[e] = int(selection[e].numel())
-    index = torch.cat([selection[e] for e in experts])
-    expert_ids = torch.repeat_interleave(
-        torch.arange(block.num_experts, device=index.device), torch.tensor(counts, device=index.device)
-    )
-    _run_sorted(block, hidden_states[index], counts, expert_ids)
+    limit = max_rows if max_rows is not None else FORCED_ROWS_PER_TOKEN * hidden_states.shape[0]
+    roles = _roles(block) if experts else None
+    chunk: list[int] = []
+    rows = 0
+    for e in [*experts, None]:
+        n = 0 if e is None else int(selection[e].numel())
+        if chunk and (e is None or rows + n > limit):
+            counts = [0] * block.num_experts
+            for c in chunk:
+                counts[c] = int(selection[c].numel())
+            index = torch.cat([selection[c] for c in chunk])
+            expert_ids = torch.repeat_interleave(
+                torch.tensor(chunk, device=index.device), torch.tensor([counts[c] for c in chunk], device=index.device)
+            )
+            _run_sorted(block, hidden_states[index], counts, expert_ids, roles)
+            chunk, rows = [], 0
+        if e is not None:
+            chunk.append(e)
+            rows += n
     return True
 
 

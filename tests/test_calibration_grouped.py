@@ -233,3 +233,41 @@ def test_deterministic_mode_restores_flags():
     with routing_mode(model, "routed", deterministic=True):
         assert torch.are_deterministic_algorithms_enabled()
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+@pytest.mark.parametrize("max_rows", [1, 20, None])
+def test_forced_chunks_keep_each_experts_rows_whole(max_rows):
+    """Forced rows in chunks of whole experts: every hook sees one call with the loop's rows."""
+    from defuser_quant.calibration.grouped import grouped_expert_calls
+
+    _, model = build_pair("gpt_oss")  # biases and a custom gate
+    _, block = blocks(model)[0]
+    x = torch.randn(12, block[0].names and next(block[0].children()).in_features, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    selection = {e: torch.randperm(12, generator=gen)[: 3 + e] for e in range(0, len(block), 2)}
+
+    def record(calls):
+        handles = []
+        for e, expert in enumerate(block):
+            for name, linear in expert.named_children():
+                handles.append(linear.register_forward_pre_hook(lambda m, a, key=(e, name): calls.append((key, a[0].clone()))))
+        return handles
+
+    loop_calls, grouped_calls = [], []
+    handles = record(loop_calls)
+    with torch.no_grad():
+        for e, idx in selection.items():
+            block[e](x[idx])
+    for h in handles:
+        h.remove()
+    handles = record(grouped_calls)
+    with torch.no_grad():
+        assert grouped_expert_calls(block, x, selection, max_rows=max_rows)
+    for h in handles:
+        h.remove()
+    assert sorted(k for k, _ in loop_calls) == sorted(k for k, _ in grouped_calls)  # one call per projection
+    loop_by_key, grouped_by_key = dict(loop_calls), dict(grouped_calls)
+    for key, rows in loop_by_key.items():
+        torch.testing.assert_close(grouped_by_key[key], rows, atol=1e-5, rtol=1e-5)
+        if "down" not in key[1]:
+            assert torch.equal(grouped_by_key[key], rows)
