@@ -261,3 +261,35 @@ def test_a_fused_float_checkpoint_is_fit_with_a_note(tmp_path):
     assert any("stored fused" in note and "convert --to per-expert" in note for note in result.notes)
     result = check_checkpoint(tmp_path / "fused", "transformers")
     assert result.fit and not any("stored fused" in note for note in result.notes)
+
+
+def _saved_defused(family, path):
+    """A per-expert float checkpoint of a tiny ``family`` model (``save_pretrained`` after ``convert_model``)."""
+    import defuser_quant as dq
+    from tiny import FAMILIES
+
+    config_fn, cls = FAMILIES[family]
+    torch.manual_seed(0)
+    model = cls(config_fn()).eval()
+    dq.convert_model(model)
+    model.save_pretrained(path)
+    return path
+
+
+def test_checkpoint_names_are_read_through_the_family_renamings(tmp_path):
+    # mixtral's per-expert checkpoints say block_sparse_moe.experts.{i}.w1 where the model says mlp.experts.
+    path = _saved_defused("mixtral", tmp_path / "mixtral")
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in set(f.keys())
+    result = check_checkpoint(path)
+    assert result.fit and result.experts == 16 and result.projections == 48, result.problems
+
+
+def test_for_transformers_flags_families_stock_does_not_load_per_expert(tmp_path):
+    path = _saved_defused("gpt_oss", tmp_path / "gpt_oss")
+    assert check_checkpoint(path).fit
+    result = check_checkpoint(path, "transformers")
+    assert [p.where for p in result.problems] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all("experts would be randomly initialised; use: import defuser_quant" in p.what for p in result.problems)

@@ -161,3 +161,18 @@ def test_awq_checkpoint_loads_quantized_and_equals_gptqmodel_load(tmp_path, tmp_
     projections = expert_projections(model)
     assert len(projections) == 192 and all(is_quantized_module(m) for m in projections.values())
     assert torch.equal(_logits(model), _gptqmodel_load_logits(path, tmp_path))
+
+
+def test_a_per_expert_checkpoint_of_a_family_stock_cannot_load(tmp_path):
+    # gpt_oss: stock Transformers has no per-expert mapping (interleaved, transposed fused storage).
+    from tiny import FAMILIES
+
+    config_fn, cls = FAMILIES["gpt_oss"]
+    torch.manual_seed(0)
+    model = cls(config_fn()).eval()
+    reference = _logits(model)
+    dq.convert_model(model)
+    model.save_pretrained(tmp_path / "gpt_oss")
+    loaded = dq.load(tmp_path / "gpt_oss")
+    assert len(expert_projections(loaded)) == 2 * 8 * 3
+    torch.testing.assert_close(_logits(loaded), reference, rtol=0, atol=1e-6)

@@ -119,6 +119,22 @@ def excluded_by_config(module: str, qcfg: dict[str, Any]) -> str | None:
     return None
 
 
+def model_named(infos: dict[str, TensorInfo], model: Any) -> dict[str, TensorInfo]:
+    """``infos`` keyed by the model's names: the renamings of the model's checkpoint conversion mapping
+    applied as ``from_pretrained`` applies them (merges are not: per-expert keys stay per-expert)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    renamed: dict[str, TensorInfo] = {}
+    for name, info in infos.items():
+        key = rename_source_key(name, renamings, [])[0] if renamings else name
+        if key in renamed:
+            raise CheckpointError(f"tensors {renamed[key].name} and {name} both map to {key}")
+        renamed[key] = info
+    return renamed
+
+
 class _Checker:
     def __init__(self, root: Path, target: str):
         self.root = root
@@ -127,12 +143,14 @@ class _Checker:
         self.qcfg = _quant_config(config)
         self.method = self.qcfg.get("quant_method", "none")
         self.bits = _default_bits(self.qcfg)
-        self.infos = read_headers(root, shard_files(root))
+        model = build_meta_model(config)
+        self.blocks = scan_blocks(model).blocks
+        # Checkpoint names -> the model's (mixtral stores ``block_sparse_moe`` for the model's ``mlp``).
+        self.infos = model_named(read_headers(root, shard_files(root)), model)
         self.modules: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
         for name, info in self.infos.items():
             module, _, leaf = name.rpartition(".")
             self.modules[module][leaf] = info
-        self.blocks = scan_blocks(build_meta_model(config)).blocks
         if not self.blocks:
             raise CheckpointError(f"{root}: {type(config).__name__} has no fused experts blocks; nothing for check to verify")
         self.result = CheckResult(str(root), target, self.method, "per-expert")
