@@ -56,19 +56,28 @@ _ROLES = ("gate", "up", "down")
 
 
 @dataclass(frozen=True)
+class _Role:
+    """One projection role of a block: its per-expert modules and their stacked weight/bias."""
+
+    modules: list[nn.Module]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
 class LinearAdapter:
     """How a Linear-like class behaves, for the grouped forward.
 
-    ``is_plain(module, input)`` says whether the module's forward is ``F.linear`` plus hooks for
+    ``is_plain(module, input)`` (None: always) says whether the module's forward is ``F.linear`` plus hooks for
     this input (e.g. no input rounding, weight on the input's device); ``inner_hook(module,
     input, output)`` runs what the class's own forward runs after its matmul (None: nothing).
     """
 
-    is_plain: Callable[[nn.Module, torch.Tensor], bool]
+    is_plain: Callable[[nn.Module, torch.Tensor], bool] | None = None  # None: always plain
     inner_hook: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None
 
 
-_ADAPTERS: dict[type, LinearAdapter] = {nn.Linear: LinearAdapter(is_plain=lambda m, x: True)}
+_ADAPTERS: dict[type, LinearAdapter] = {nn.Linear: LinearAdapter()}
 
 
 def register_linear_adapter(cls: type, adapter: LinearAdapter) -> None:
@@ -95,16 +104,17 @@ def _global_hooks() -> bool:
 
 
 def _module_hook_problem(m: nn.Module) -> str | None:
-    if "forward" in vars(m):
+    d = m.__dict__  # direct reads: this runs for every projection on every call
+    if "forward" in d:
         return "has an instance forward (a wrapper or offload hook)"
-    if m._backward_hooks or m._backward_pre_hooks:
+    if d["_backward_hooks"] or d["_backward_pre_hooks"]:
         return "has backward hooks"
-    if m._forward_pre_hooks_with_kwargs or m._forward_hooks_with_kwargs:
+    if d["_forward_pre_hooks_with_kwargs"] or d["_forward_hooks_with_kwargs"]:
         return "has forward hooks with kwargs"
     return None
 
 
-def _projection_problem(m: nn.Module | None, x_dtype: torch.dtype, device: torch.device, sample: torch.Tensor) -> str | None:
+def _projection_problem(m: nn.Module | None, x: torch.Tensor, on_cuda: bool, device_index: int) -> str | None:
     if m is None:
         return "is missing"
     adapter = _ADAPTERS.get(type(m))
@@ -113,52 +123,76 @@ def _projection_problem(m: nn.Module | None, x_dtype: torch.dtype, device: torch
     problem = _module_hook_problem(m)
     if problem:
         return problem
-    weight = m.weight
-    if weight.dtype != x_dtype or weight.device != device or weight.dim() != 2:
-        return f"weight {weight.dtype} on {weight.device} does not match the input ({x_dtype} on {device})"
-    if not adapter.is_plain(m, sample):
+    weight = m.__dict__["_parameters"].get("weight")
+    if (
+        weight is None
+        or weight.dtype is not x.dtype
+        or weight.is_meta
+        or weight.is_cuda is not on_cuda
+        or weight.get_device() != device_index
+        or (x.device.type not in ("cpu", "cuda") and weight.device != x.device)
+        or weight.dim() != 2
+    ):
+        found = "no weight" if weight is None else f"weight {weight.dtype} on {weight.device}"
+        return f"{found} does not match the input ({x.dtype} on {x.device})"
+    if adapter.is_plain is not None and not adapter.is_plain(m, x):
         return f"{type(m).__name__} forward is not plain for this input"
     return None
 
 
-def why_not_grouped(block: DefusedExperts, hidden_states: torch.Tensor) -> str | None:
-    """Why ``block`` cannot run grouped on ``hidden_states`` (None: it can)."""
+def _plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[list[_Role] | None, str | None]:
+    """The block's projection roles with stacked weights, or why it cannot run grouped."""
     if type(block).routed_forward is not DefusedExperts.routed_forward or type(block).new_output is not DefusedExperts.new_output:
-        return f"{type(block).__name__} has its own routed forward (irregular family)"
+        return None, f"{type(block).__name__} has its own routed forward (irregular family)"
     if hidden_states.dim() != 2:
-        return f"hidden_states is {hidden_states.dim()}-D, expected [tokens, hidden]"
+        return None, f"hidden_states is {hidden_states.dim()}-D, expected [tokens, hidden]"
     if not hasattr(torch.nn.functional, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
-        return "this torch has no grouped_mm"
-    if hidden_states.device.type == "cuda" and (
+        return None, "this torch has no grouped_mm"
+    on_cuda = hidden_states.is_cuda
+    if on_cuda and (
         hidden_states.dtype != torch.bfloat16 or torch.cuda.get_device_capability(hidden_states.device) < (8, 0)
     ):
-        return "grouped_mm on CUDA needs bf16 on compute capability 8.0 or newer"
+        return None, "grouped_mm on CUDA needs bf16 on compute capability 8.0 or newer"
     if torch.is_autocast_enabled(hidden_states.device.type):
-        return "autocast is on"
+        return None, "autocast is on"
     if torch.compiler.is_compiling():
-        return "inside torch.compile"
+        return None, "inside torch.compile"
     if _global_hooks():
-        return "global module hooks are registered"
+        return None, "global module hooks are registered"
+    names = block[0].names
     gate_fn = block[0].gate_fn
-    dtype, device = hidden_states.dtype, hidden_states.device
+    device_index = hidden_states.get_device()
     sample = hidden_states[:0]
-    shapes: dict[str, tuple] = {}
+    roles = [r for r in _ROLES if getattr(names, r) is not None]
+    modules: dict[str, list[nn.Module]] = {r: [] for r in roles}
     for e, expert in enumerate(block):
-        if type(expert) is not DefusedExpert or expert.gate_fn is not gate_fn:
-            return f"expert {e} is a {type(expert).__name__} with its own forward"
+        if type(expert) is not DefusedExpert or expert.gate_fn is not gate_fn or expert.names != names:
+            return None, f"expert {e} is a {type(expert).__name__} with its own forward or names"
         if expert._forward_pre_hooks or expert._forward_hooks or _module_hook_problem(expert):
-            return f"expert {e} module itself is hooked or wrapped"
-        for role in _ROLES:
-            if getattr(expert.names, role) is None:
-                continue
-            m = expert.projection(role)
-            problem = _projection_problem(m, dtype, device, sample)
+            return None, f"expert {e} module itself is hooked or wrapped"
+        children = expert.__dict__["_modules"]
+        for r in roles:
+            m = children.get(getattr(names, r))
+            problem = _projection_problem(m, sample, on_cuda, device_index)
             if problem:
-                return f"expert {e} {role} projection {problem}"
-            shape = (tuple(m.weight.shape), m.bias is None)
-            if shapes.setdefault(role, shape) != shape:
-                return f"expert {e} {role} projection shape {shape} differs from expert 0's {shapes[role]}"
-    return None
+                return None, f"expert {e} {r} projection {problem}"
+            modules[r].append(m)
+    planned = []
+    for r in roles:
+        params = [m.__dict__["_parameters"] for m in modules[r]]
+        weights = [p["weight"] for p in params]
+        biases = [p.get("bias") for p in params]
+        shape, has_bias = weights[0].shape, biases[0] is not None
+        for e, (w, b) in enumerate(zip(weights, biases, strict=True)):
+            if w.shape != shape or (b is not None) != has_bias:
+                return None, f"expert {e} {r} projection shape {tuple(w.shape)} (bias {b is not None}) differs from expert 0's"
+        planned.append(_Role(modules[r], _stacked(weights), _stacked(biases) if has_bias else None))
+    return planned, None
+
+
+def why_not_grouped(block: DefusedExperts, hidden_states: torch.Tensor) -> str | None:
+    """Why ``block`` cannot run grouped on ``hidden_states`` (None: it can)."""
+    return _plan(block, hidden_states)[1]
 
 
 def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -202,27 +236,6 @@ def _call_post_hooks(m: nn.Module, rows: torch.Tensor, out: torch.Tensor) -> tor
     return out
 
 
-@dataclass(frozen=True)
-class _Role:
-    """One projection role of a block: its per-expert modules and their stacked weight/bias."""
-
-    modules: list[nn.Module]
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-
-def _roles(block: DefusedExperts) -> list[_Role]:
-    names = block[0].names
-    roles = []
-    for r in _ROLES:
-        if getattr(names, r) is None:
-            continue
-        modules = [getattr(expert, getattr(names, r)) for expert in block]
-        bias = None if modules[0].bias is None else _stacked([m.bias for m in modules])
-        roles.append(_Role(modules, _stacked([m.weight for m in modules]), bias))
-    return roles
-
-
 def _project(role: _Role, x: torch.Tensor, counts: list[int], offs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
     """One projection role over all experts: hooks per expert, one grouped GEMM."""
     modules = role.modules
@@ -249,11 +262,9 @@ def _project(role: _Role, x: torch.Tensor, counts: list[int], offs: torch.Tensor
     return torch.cat([outs[e] for e in hit]) if changed else out
 
 
-def _run_sorted(block: DefusedExperts, x: torch.Tensor, counts: list[int], expert_ids: torch.Tensor,
-                roles: list[_Role] | None = None) -> torch.Tensor:
+def _run_sorted(block: DefusedExperts, roles: list[_Role], x: torch.Tensor, counts: list[int], expert_ids: torch.Tensor) -> torch.Tensor:
     """Expert outputs for rows ``x`` sorted by expert (``counts`` rows each), grouped."""
     offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-    roles = roles or _roles(block)
     gate = _project(roles[0], x, counts, offs, expert_ids) if len(roles) == 3 else None
     up = _project(roles[-2], x, counts, offs, expert_ids)
     return _project(roles[-1], block[0].gate_fn(gate, up), counts, offs, expert_ids)
@@ -267,8 +278,8 @@ def grouped_routed_forward(
     Each expert's projections see the rows of the loop in the loop's order (top-k slot, then
     token); the combine adds in ascending expert order like the loop's ``index_add_``.
     """
-    reason = why_not_grouped(block, hidden_states)
-    if reason is not None:
+    roles, reason = _plan(block, hidden_states)
+    if roles is None:
         logger.debug("grouped forward off for %s: %s", type(block).__name__, reason)
         return None
     tokens, top_k = top_k_index.shape
@@ -286,7 +297,7 @@ def grouped_routed_forward(
         return None
     token_idx = perm % tokens
     slot_idx = perm // tokens
-    out = _run_sorted(block, hidden_states[token_idx], counts, expert_ids, _roles(block))
+    out = _run_sorted(block, roles, hidden_states[token_idx], counts, expert_ids)
     weighted = out * top_k_weights[token_idx, slot_idx, None]
     final = block.new_output(hidden_states)
     # Row of each (token, j-th smallest expert id) in the sorted order.
@@ -315,11 +326,11 @@ def grouped_expert_calls(
     so its hooks see one call with all of them, as in the loop. Returns False (nothing run) when
     the block cannot run grouped; the caller then loops.
     """
-    if why_not_grouped(block, hidden_states) is not None:
+    roles, _ = _plan(block, hidden_states)
+    if roles is None:
         return False
     experts = sorted(e for e, idx in selection.items() if idx.numel())
     limit = max_rows if max_rows is not None else FORCED_ROWS_PER_TOKEN * hidden_states.shape[0]
-    roles = _roles(block) if experts else None
     chunk: list[int] = []
     rows = 0
     for e in [*experts, None]:
@@ -332,7 +343,7 @@ def grouped_expert_calls(
             expert_ids = torch.repeat_interleave(
                 torch.tensor(chunk, device=index.device), torch.tensor([counts[c] for c in chunk], device=index.device)
             )
-            _run_sorted(block, hidden_states[index], counts, expert_ids, roles)
+            _run_sorted(block, roles, hidden_states[index], counts, expert_ids)
             chunk, rows = [], 0
         if e is not None:
             chunk.append(e)
