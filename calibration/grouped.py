@@ -68,12 +68,13 @@ class _Role:
 class LinearAdapter:
     """How a Linear-like class behaves, for the grouped forward.
 
-    ``is_plain(module, input)`` (None: always) says whether the module's forward is ``F.linear`` plus hooks for
-    this input (e.g. no input rounding, weight on the input's device); ``inner_hook(module,
-    input, output)`` runs what the class's own forward runs after its matmul (None: nothing).
+    ``is_plain(module, input)`` says whether the module's forward is ``F.linear`` plus hooks for
+    this input (e.g. no input rounding, weight on the input's device; None: always);
+    ``inner_hook(module, input, output)`` runs what the class's own forward runs after its
+    matmul (None: nothing).
     """
 
-    is_plain: Callable[[nn.Module, torch.Tensor], bool] | None = None  # None: always plain
+    is_plain: Callable[[nn.Module, torch.Tensor], bool] | None = None
     inner_hook: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None
 
 
