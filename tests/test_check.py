@@ -231,6 +231,9 @@ def test_a_job_verdict_says_why_the_check_could_not_run(tmp_path):
 
     verdict = job_verdict(tmp_path)
     assert verdict["fit"] is None and "has no config.json" in verdict["error"]
+    (tmp_path / "config.json").write_text("{not json")  # any failure of the check itself: the job keeps its output
+    verdict = job_verdict(tmp_path)
+    assert verdict["fit"] is None and verdict["error"]
 
 
 def test_the_job_summary_shows_the_verdict():

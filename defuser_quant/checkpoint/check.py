@@ -8,6 +8,7 @@ checkpoints call their projections come from the model built on ``meta`` (the sa
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from .errors import CheckpointError
 from .meta import ExpertBlock, build_meta_model, load_config, scan_blocks
 from .source import SourceReader, TensorInfo, read_headers, shard_files
 
+logger = logging.getLogger(__name__)
 TARGETS = ("vllm", "transformers")
 LOAD_LINE = "import defuser_quant; model = defuser_quant.load({path!r})"
 _FUSED_QUANT_LEAVES = re.compile(r"(qweight|qzeros|scales|g_idx|weight_packed|weight_scale|weight_shape|weight_zero_point)$")
@@ -317,8 +319,10 @@ def job_verdict(output_dir: str | Path, target: str = "vllm", limit: int = 50) -
     a check that cannot run says why instead of failing the job whose result is already written."""
     try:
         result = check_checkpoint(output_dir, target)
-    except CheckpointError as exc:
-        return {"fit": None, "target": target, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - the job's result is written: a failing check must not lose it
+        logger.warning("defuser-quant check of %s could not run: %s", output_dir, exc)
+        message = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+        return {"fit": None, "target": target, "error": message}
     verdict = result.to_dict()
     del verdict["checkpoint"], verdict["schema_version"]  # the job's output_dir; job.json has its own version
     verdict["problems_total"] = len(verdict["problems"])
