@@ -45,7 +45,7 @@ def _handle(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not launched_by_torchrun():
         return launch(args.nproc, run_argv(args))
     with process_group(config):
-        run_job(config)
+        run_job(config, verbose=args.verbose)
     return 0
 
 

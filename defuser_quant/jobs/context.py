@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ class JobContext:
     stage: Callable[[str], Any]  # context manager factory: ``with ctx.stage("quantize"): ...``
     evaluate: Callable[[Any], float | None]  # perplexity of a model on the held-out batches
     output_dir: Path | None = None  # where staging_dir will be renamed to
+    # ``with ctx.track_layers(model):`` per-layer progress for the running stage
+    track_layers: Callable[[Any], Any] = lambda model: contextlib.nullcontext()
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from defuser_quant.calibration import distributed
@@ -28,6 +28,7 @@ from .model_source import BUILTIN_MODEL, resolve_model_path  # noqa: F401  (re-e
 from ..checkpoint.check import job_verdict
 from .output import check_output_dir, staged_output
 from .preflight import preflight
+from .quiet import LOG_FILE, terminal_stream, third_party_output
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class JobReport:
     timings: dict[str, float] = field(default_factory=dict)
     result: BackendResult = field(default_factory=BackendResult)
     heatmap: str | None = None
+    log_file: str | None = None  # where the quantizers' own output went
     check: dict[str, Any] | None = None  # ``defuser-quant check`` of the written checkpoint
 
     def to_dict(self, config: JobConfig) -> dict[str, Any]:
@@ -97,6 +99,8 @@ def _summary(report: JobReport, config: JobConfig) -> Table:
     for stage, seconds in report.timings.items():
         table.add_row(f"time: {stage}", f"{seconds:.1f} s")
     table.add_row("output", report.output_dir)
+    if report.log_file:
+        table.add_row("quantizer logs", report.log_file)
     return table
 
 
@@ -127,8 +131,22 @@ def _output(target: Path, overwrite: bool, protected: list[Path], main: bool) ->
         yield Path(scratch)
 
 
-def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
-    """Run ``config`` end to end; the output folder appears only when everything succeeded."""
+def _decoder_layers(model: Any) -> list[Any]:
+    """The model's decoder layers: the longest ``nn.ModuleList`` named ``layers`` (or ``h``, ``blocks``)."""
+    best: list[Any] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
+            if len(module) > len(best):
+                best = list(module)
+    return best
+
+
+def run_job(config: JobConfig, console: Console | None = None, *, verbose: bool = False) -> JobReport:
+    """Run ``config`` end to end; the output folder appears only when everything succeeded.
+
+    Unless ``verbose``, what the quantizers print goes to ``<output>/logs/quantizer.log`` and
+    the terminal shows our stages (per-layer progress with an ETA in the long one) and the summary.
+    """
     from transformers import AutoTokenizer
 
     from defuser_quant.calibration.data import build_calibration_batches, build_calibration_samples
@@ -136,6 +154,10 @@ def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
     from .evaluate import perplexity
 
     main = distributed.is_main_process()  # under torchrun only rank 0 writes and prints
+    terminal = terminal_stream() if console is None and main and not verbose else None
+    if console is None and terminal is not None:
+        # piped: wide enough for module paths rather than the 80 columns rich assumes
+        console = Console(file=terminal, width=None if terminal.isatty() else 160)
     console = console or Console(quiet=not main)
     checks = preflight(config)
     model_path = checks.model_path
@@ -145,18 +167,52 @@ def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
     report = JobReport(output_dir=str(target))
 
     progress = Progress(
-        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=console
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     )
+
+    current: list[Any] = []  # the running stage's task
 
     @contextlib.contextmanager
     def stage(name: str) -> Iterator[None]:
-        task = progress.add_task(name, total=1)
+        task = progress.add_task(name, total=1, unit="")
+        current.append(task)
         start = time.perf_counter()
         yield
         report.timings[name] = time.perf_counter() - start
-        progress.update(task, completed=1)
+        current.pop()
+        total = next(t.total for t in progress.tasks if t.id == task)
+        progress.update(task, completed=total)
 
-    with _output(target, config.output.overwrite, protected, main) as staging, progress:
+    @contextlib.contextmanager
+    def track_layers(model: Any) -> Iterator[None]:
+        """Per-layer progress (and so an ETA) for the running stage: layer i starting means i done."""
+        layers = _decoder_layers(model)
+        if not layers or not current:
+            yield
+            return
+        task = current[-1]
+        progress.update(task, total=len(layers), completed=0, unit=f"0/{len(layers)} layers")
+        done = [0]
+
+        def entered(index: int, *_: Any) -> None:
+            if index > done[0]:
+                done[0] = index
+                progress.update(task, completed=index, unit=f"{index}/{len(layers)} layers")
+
+        handles = [layer.register_forward_pre_hook(lambda *a, i=i: entered(i, *a)) for i, layer in enumerate(layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            progress.update(task, unit=f"{len(layers)}/{len(layers)} layers")
+
+    with _output(target, config.output.overwrite, protected, main) as staging, third_party_output(
+        staging / LOG_FILE, terminal, enabled=terminal is not None
+    ) as log_file, progress:
+        if log_file is not None:
+            report.log_file = str(target / LOG_FILE)
         with stage("tokenize data"):
             tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
             samples = build_calibration_samples(config.calibration.data, tokenizer)
@@ -167,7 +223,9 @@ def run_job(config: JobConfig, console: Console | None = None) -> JobReport:
         def evaluate(model: Any) -> float | None:
             return perplexity(model, eval_batches) if eval_batches else None
 
-        ctx = JobContext(config, model_path, tokenizer, samples, staging, stage, evaluate, output_dir=target)
+        ctx = JobContext(
+            config, model_path, tokenizer, samples, staging, stage, evaluate, output_dir=target, track_layers=track_layers
+        )
         report.result = get_backend(config.quantization.backend).run(ctx)
         report.result.notes[:0] = checks.notes
         if report.result.coverage is not None:

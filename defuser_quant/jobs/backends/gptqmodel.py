@@ -116,7 +116,7 @@ def _run(ctx: JobContext) -> BackendResult:
     with ctx.stage("load + defuse"):
         model = GPTQModel.load(ctx.model_path, qcfg, dtype=dtype)
     cpu_awq = q.method == "awq" and not torch.cuda.is_available()
-    with ctx.stage("calibrate + quantize"):
+    with ctx.stage("calibrate + quantize"), ctx.track_layers(model.model):
         quantized = plugin.quantize_with_defuser(
             model,
             to_gptqmodel_examples(ctx.calibration_samples),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,9 +100,13 @@ def run(ctx: JobContext) -> BackendResult:
         result.notes.append("llm-compressor: policy 'fallback' runs as 'warn' (use routing: budgeted to top up experts)")
     dataset = distributed.rank_share(to_hf_dataset(ctx.calibration_samples))  # under torchrun: this rank's slice
     needs_data = cfg.quantization.method in ("gptq", "awq")
-    with ctx.stage("defuse + calibrate + quantize + save"), _cpu_awq_workaround(
+    with ctx.stage("defuse + calibrate + quantize + save"), ctx.track_layers(model), _cpu_awq_workaround(
         cfg.quantization.method == "awq" and not torch.cuda.is_available()
-    ):
+    ), warnings.catch_warnings():
+        if cfg.model.device == "cpu":
+            # llm-compressor "offloads" to the CPU the model already lives on; transformers then
+            # warns about 50GB shards for any size of model
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
         # Our data layer already ordered the samples by the job's seed; llm-compressor's own
         # shuffle draws from the unseeded global RNG, so checkpoints differed run to run.
         kwargs = dict(

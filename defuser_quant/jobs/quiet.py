@@ -1,0 +1,65 @@
+"""Quiet by default: the quantizers' own output goes to a log file, ours to the terminal.
+
+GPTQModel prints thousands of lines (banner, per-module tables, config dumps) and llm-compressor's
+tqdm bars and loguru lines leak when output is piped. While a job runs, file descriptors 1 and 2
+point at ``<output>/logs/quantizer.log``, so whatever a third party writes (Python or C, print,
+tqdm, loguru, warnings) lands there; our progress and summary use a console on the terminal,
+and our own loggers keep a handler on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+#: The log file, relative to the output folder (named in the summary).
+LOG_FILE = Path("logs") / "quantizer.log"
+OUR_LOGGER = "defuser_quant"
+
+
+def terminal_stream() -> TextIO | None:
+    """A stream on the current stdout that keeps pointing at the terminal after redirection
+    (None when stdout is no file descriptor, e.g. captured in memory: nothing to redirect then)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    sys.stdout.flush()
+    return os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", closefd=True)
+
+
+@contextlib.contextmanager
+def third_party_output(log_file: Path, terminal: TextIO, enabled: bool = True) -> Iterator[Path | None]:
+    """Send fds 1 and 2 to ``log_file`` for the block; our loggers keep writing to ``terminal``."""
+    if not enabled:
+        yield None
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    ours = logging.StreamHandler(terminal)
+    ours.setLevel(logging.WARNING)
+    ours.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    our_logger = logging.getLogger(OUR_LOGGER)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with open(log_file, "a", encoding="utf-8") as log:
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            our_logger.addHandler(ours)
+            our_logger.propagate = False
+            yield log_file
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            our_logger.removeHandler(ours)
+            our_logger.propagate = True

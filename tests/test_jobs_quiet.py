@@ -1,0 +1,54 @@
+"""Quiet by default (issue 14 item 7): the terminal gets our stages, per-layer progress and the
+summary; the quantizers' own output goes to <output>/logs/quantizer.log, named in the summary."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+def _run(tmp_path, backend: str, *flags: str) -> subprocess.CompletedProcess:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": "builtin:tiny-qwen3-moe"},
+                "quantization": {"backend": backend},
+                "calibration": {"data": {"num_samples": 4, "seq_len": 32}, "routing": "all", "min_tokens": 8},
+                "output": {"dir": str(tmp_path / "out")},
+                "evaluation": {"enabled": False},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # warnings as a user sees them
+    return subprocess.run(
+        [sys.executable, "-m", "defuser_quant", *flags, "run", str(job)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["gptqmodel", "llmcompressor"])
+def test_third_party_output_goes_to_the_log(tmp_path, backend):
+    result = _run(tmp_path, backend)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = tmp_path / "out" / "logs" / "quantizer.log"
+    assert str(log) in result.stdout and "job summary" in result.stdout
+    assert "4/4 layers" in result.stdout  # per-layer progress of the long stage
+    assert len(result.stdout.splitlines()) < 80 and result.stderr.strip() == ""
+    text = log.read_text()
+    assert text.strip()  # what the quantizer printed is kept, not lost
+    assert "Attempting to save a model with offloaded modules" not in text + result.stdout
+    assert not (tmp_path / "logs").exists()  # nothing in the current folder
+
+
+@pytest.mark.slow
+def test_verbose_shows_third_party_output(tmp_path):
+    result = _run(tmp_path, "gptqmodel", "-v")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "logs" / "quantizer.log").exists()
+    assert len((result.stdout + result.stderr).splitlines()) > 500  # GPTQModel's own tables
