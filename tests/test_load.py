@@ -176,3 +176,15 @@ def test_a_per_expert_checkpoint_of_a_family_stock_cannot_load(tmp_path):
     loaded = dq.load(tmp_path / "gpt_oss")
     assert len(expert_projections(loaded)) == 2 * 8 * 3
     torch.testing.assert_close(_logits(loaded), reference, rtol=0, atol=1e-6)
+
+
+def test_a_missing_loader_package_is_named_with_the_install_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    broken = broken_copy(TINY_MOE_PATH, tmp_path / "b", lambda t: None)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optimum" else real(name, *a))
+    with pytest.raises(LoadError, match="loading a gptq checkpoint needs optimum: pip install gptqmodel optimum"):
+        dq.load(broken)
