@@ -178,3 +178,14 @@ def test_seq_len_above_max_positions_warns(tmp_path, caplog):
     assert any("seq_len 4096 is above the model's max_position_embeddings 512" in n for n in checks.notes)
     assert "max_position_embeddings" in caplog.text
 
+
+
+def test_dense_model_on_the_gptqmodel_backend_is_pointed_the_right_way(tmp_path, capsys):
+    from transformers import Qwen3Config
+
+    model = tmp_path / "dense"
+    Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16).save_pretrained(model)
+    job = _job(tmp_path, model={"path": str(model)}, quantization={"backend": "gptqmodel"})
+    err = _error(capsys, ["run", str(job)])
+    assert "has no Mixture-of-Experts blocks" in err and "GPTQModel itself" in err and "backend: llmcompressor" in err

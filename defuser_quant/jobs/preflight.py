@@ -56,6 +56,24 @@ def _max_positions(model_config: Any) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+def _check_moe(model_config: Any, path: str) -> None:
+    """The gptqmodel backend calibrates experts: a model without experts blocks is pointed elsewhere."""
+    from defuser_quant.checkpoint.meta import build_meta_model
+    from defuser_quant.core.discovery import find_fused_blocks
+
+    try:
+        model = build_meta_model(model_config)
+    except Exception as exc:  # noqa: BLE001 - the structure check is advisory; loading will say more
+        logger.debug("could not build %s on meta to look for experts: %s", path, exc)
+        return
+    if not find_fused_blocks(model, dense=False):
+        raise PreflightError(
+            f"model.path {path} ({type(model).__name__}) has no Mixture-of-Experts blocks, so there is nothing to "
+            "defuse or calibrate per expert: quantize a dense model with GPTQModel itself "
+            "(GPTQModel.load(path, QuantizeConfig(...)).quantize(...)), or use backend: llmcompressor"
+        )
+
+
 def preflight(config: JobConfig) -> Preflight:
     """Run every check; raises ``DefuserQuantError`` subclasses naming what to fix."""
     backend = config.quantization.backend
@@ -68,6 +86,8 @@ def preflight(config: JobConfig) -> Preflight:
     _check_device(config.model.device)
     model_path = resolve_model_path(config.model.path)
     model_config = load_model_config(model_path, trust_remote_code=config.model.trust_remote_code, what="model.path")
+    if backend == "gptqmodel":
+        _check_moe(model_config, config.model.path)
     notes: list[str] = []
     limit = _max_positions(model_config)
     for name, data in (("calibration.data", config.calibration.data), ("evaluation.data", config.evaluation.data)):
