@@ -181,8 +181,11 @@ def test_seq_len_above_max_positions_warns(tmp_path, caplog):
 
 
 def test_dense_model_on_the_gptqmodel_backend_is_pointed_the_right_way(tmp_path, capsys):
+    import logging
+
     from transformers import Qwen3Config
 
+    logging.getLogger("transformers").setLevel(logging.ERROR)  # a deprecation notice is not our error line
     model = tmp_path / "dense"
     Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16).save_pretrained(model)
