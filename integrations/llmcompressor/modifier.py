@@ -36,6 +36,7 @@ from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_
 from defuser_quant.calibration import distributed
 
 from .linearize import adopt_linear_experts
+from .ranks import before_compress
 from .refuse import RefuseError, check_refusable, refuse_checkpoint
 
 __all__ = ["DefuseModifier", "RecipeOrderError"]
@@ -67,25 +68,17 @@ class _CalibrationPassOnly:
     forced tokens there would be wasted work (nothing observes them) and would skew the
     ``budgeted`` counts.
 
-    Under ``torchrun`` the first live call first runs every expert, in index order, on zero
-    tokens: GPTQ keys its Hessians by module in the order their hooks first fire and reduces
-    them across ranks in that order, so every rank must meet the experts in the same order
-    whatever its data routes (stock ``LinearExperts2D`` calls every expert on every batch).
+    Under ``torchrun`` the first block also records each batch's routed counts, so ranks that
+    calibrated on the same batches are caught (``_check_data_split``).
     """
 
     def __init__(self, inner: Any, fingerprints: list | None = None):
         self.inner = inner
-        self.ordered = False
-        self.fingerprints = fingerprints  # the first block records its batches' routed counts
+        self.fingerprints = fingerprints
 
     def __call__(self, block: DefusedExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if HooksMixin._HOOKS_DISABLED:
             return block.routed_forward(hidden, index, weights)
-        if not self.ordered and distributed.is_distributed():
-            with torch.no_grad():
-                for expert in block:
-                    expert(hidden[:0])
-        self.ordered = True
         if self.fingerprints is not None:
             self.fingerprints.append(tuple(torch.bincount(index.reshape(-1), minlength=block.num_experts).tolist()))
         return self.inner(block, hidden, index, weights)
@@ -149,6 +142,7 @@ class DefuseModifier(Modifier):
     _counts: dict[str, dict[str, list[int]]] = PrivateAttr(default_factory=dict)
     _coverage: CoverageReport | None = PrivateAttr(default=None)
     _fingerprints: list | None = PrivateAttr(default=None)
+    _undo_rank_sync: Any = PrivateAttr(default=None)
 
     @field_validator("filter", mode="before")
     @classmethod
@@ -204,6 +198,8 @@ class DefuseModifier(Modifier):
                 record = self._fingerprints if index == 0 else None
                 block.forward_override = _CalibrationPassOnly(block.forward_override, record)
             self._attach_counters(model)
+            if distributed.is_distributed():
+                self._undo_rank_sync = before_compress(self._recipe_modifiers(), model, self._check_data_split)
         except BaseException:
             self._teardown()
             raise
@@ -213,9 +209,6 @@ class DefuseModifier(Modifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs: Any) -> None:
         if self.refuse:
             self._check_refusable(state.model)
-
-    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs: Any) -> None:
-        self._check_data_split()
 
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
         self._check_data_split()
@@ -228,11 +221,14 @@ class DefuseModifier(Modifier):
         return True
 
     # ----- helpers -----------------------------------------------------------------------
-    def _check_recipe_order(self) -> None:
+    @staticmethod
+    def _recipe_modifiers() -> list:
         from llmcompressor.core import active_session
 
-        recipe = active_session().lifecycle.recipe
-        modifiers = list(getattr(recipe, "modifiers", None) or [])
+        return list(getattr(active_session().lifecycle.recipe, "modifiers", None) or [])
+
+    def _check_recipe_order(self) -> None:
+        modifiers = self._recipe_modifiers()
         position = next((i for i, m in enumerate(modifiers) if m is self), None)
         if position is None:
             return
@@ -265,6 +261,9 @@ class DefuseModifier(Modifier):
 
     def _teardown(self) -> None:
         self.remove_hooks()
+        if self._undo_rank_sync is not None:
+            undo, self._undo_rank_sync = self._undo_rank_sync, None
+            undo()
         if self._stack is not None:
             stack, self._stack = self._stack, None
             stack.close()
