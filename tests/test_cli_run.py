@@ -161,3 +161,21 @@ def test_gptqmodel_job_with_dequantized_fused_output(tmp_path):
 def test_every_shipped_config_validates(path):
     config = load_job_config(path)
     assert config.output.dir
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_deterministic_field_reaches_torch_for_the_run_only(tmp_path, monkeypatch, flag):
+    import torch
+
+    from defuser_quant.jobs.backends import llmcompressor as backend
+
+    seen = []
+
+    def record(ctx):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        raise KeyboardInterrupt  # stop here; nothing is written
+
+    monkeypatch.setattr(backend, "run", record)
+    before = torch.are_deterministic_algorithms_enabled()
+    main(["run", "-o", str(tmp_path / "out"), "--set", f"calibration.deterministic={str(flag).lower()}"])
+    assert seen == [flag] and torch.are_deterministic_algorithms_enabled() == before

@@ -117,6 +117,11 @@ class CalibrationSection(_Strict):
     policy: Literal["error", "warn", "fallback"] = Field(
         default="warn", description="What to do about experts still under min_tokens after calibration."
     )
+    deterministic: bool = Field(
+        default=False,
+        description="Deterministic GPU kernels (torch.use_deterministic_algorithms; slower): same job, same bytes "
+        "on a GPU too. The CPU is deterministic without it.",
+    )
 
 
 class DefuseSection(_Strict):

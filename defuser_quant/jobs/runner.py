@@ -150,6 +150,7 @@ def run_job(config: JobConfig, console: Console | None = None, *, verbose: bool 
     from transformers import AutoTokenizer
 
     from defuser_quant.calibration.data import build_calibration_batches, build_calibration_samples
+    from defuser_quant.calibration.grouped import deterministic_mode
 
     from .evaluate import perplexity
 
@@ -226,7 +227,8 @@ def run_job(config: JobConfig, console: Console | None = None, *, verbose: bool 
         ctx = JobContext(
             config, model_path, tokenizer, samples, staging, stage, evaluate, output_dir=target, track_layers=track_layers
         )
-        report.result = get_backend(config.quantization.backend).run(ctx)
+        with deterministic_mode(config.calibration.deterministic):
+            report.result = get_backend(config.quantization.backend).run(ctx)
         report.result.notes[:0] = checks.notes
         if report.result.coverage is not None:
             report.result.coverage.to_json(staging / "coverage.json")
