@@ -30,6 +30,7 @@ per-expert loop deterministic as well.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -191,6 +192,17 @@ def _plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[list[_Rol
     return planned, None
 
 
+_REPORTED: set[tuple[str, str]] = set()
+
+
+def _report_fallback(block: DefusedExperts, reason: str) -> None:
+    """Say once per block class and kind of reason that the per-expert loop runs instead."""
+    key = (type(block).__name__, re.sub(r"^expert \d+ ", "", reason))
+    if key not in _REPORTED:
+        _REPORTED.add(key)
+        logger.warning("grouped calibration forward not used for %s: %s; running the per-expert loop", *key)
+
+
 def why_not_grouped(block: DefusedExperts, hidden_states: torch.Tensor) -> str | None:
     """Why ``block`` cannot run grouped on ``hidden_states`` (None: it can)."""
     return _plan(block, hidden_states)[1]
@@ -281,7 +293,7 @@ def grouped_routed_forward(
     """
     roles, reason = _plan(block, hidden_states)
     if roles is None:
-        logger.debug("grouped forward off for %s: %s", type(block).__name__, reason)
+        _report_fallback(block, reason)
         return None
     tokens, top_k = top_k_index.shape
     if tokens == 0 or top_k == 0:
@@ -327,8 +339,9 @@ def grouped_expert_calls(
     so its hooks see one call with all of them, as in the loop. Returns False (nothing run) when
     the block cannot run grouped; the caller then loops.
     """
-    roles, _ = _plan(block, hidden_states)
+    roles, reason = _plan(block, hidden_states)
     if roles is None:
+        _report_fallback(block, reason)
         return False
     experts = sorted(e for e, idx in selection.items() if idx.numel())
     limit = max_rows if max_rows is not None else FORCED_ROWS_PER_TOKEN * hidden_states.shape[0]

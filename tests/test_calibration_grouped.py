@@ -271,3 +271,18 @@ def test_forced_chunks_keep_each_experts_rows_whole(max_rows):
         torch.testing.assert_close(grouped_by_key[key], rows, atol=1e-5, rtol=1e-5)
         if "down" not in key[1]:
             assert torch.equal(grouped_by_key[key], rows)
+
+
+def test_fallback_is_reported_once_per_reason(caplog):
+    from defuser_quant.calibration import grouped
+
+    _, model = build_pair("qwen3_moe")
+    for _, block in blocks(model):
+        block[2].up_proj.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True)
+    grouped._REPORTED.clear()
+    with caplog.at_level("WARNING", logger="defuser_quant.calibration.grouped"), torch.no_grad():
+        with routing_mode(model, "all", grouped=True):
+            model(make_ids(1))
+            model(make_ids(2))
+    messages = [r.getMessage() for r in caplog.records if "grouped calibration forward not used" in r.getMessage()]
+    assert len(messages) == 1 and "forward hooks with kwargs" in messages[0]
