@@ -24,6 +24,51 @@ def _restore_patches():
     restore_fused_blocks()
 
 
+_QUANTIZERS = ("gptqmodel", "llmcompressor", "compressed_tensors", "defuser")
+
+
+def _absent(package: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is None
+    except (ImportError, ValueError):
+        return True
+
+
+_MISSING = [p for p in _QUANTIZERS if _absent(p)]
+_MISSING_CAUSE: dict[int, str] = {}  # id(exception) -> the missing package it was caused by
+_KEEP_ALIVE: list[BaseException] = []  # so those ids stay unique
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Without a quantizer installed (CI's second run, .venv-newest, has none), a test that fails
+    *because* it is missing is reported as skipped: only when the failure names the missing
+    package the way Python or our own preflight does. Any other failure stays a failure, and with
+    the quantizers installed (.venv) nothing changes."""
+    outcome = yield
+    report = outcome.get_result()
+    if not _MISSING or report.passed or report.skipped or call.excinfo is None:
+        return
+    text = report.longreprtext + "".join(content for _, content in report.sections)
+    # A fixture that failed once is re-raised (same exception object) for the tests after it.
+    package = _MISSING_CAUSE.get(id(call.excinfo.value))
+    for candidate in _MISSING if package is None else ():
+        dist = candidate.replace("_", "-")
+        if (
+            f"No module named '{candidate}'" in text
+            or f"needs the {candidate} package, which is not installed" in text
+            or f"needs {dist}==" in text and "which is not importable" in text
+        ):
+            package = _MISSING_CAUSE[id(call.excinfo.value)] = candidate
+            _KEEP_ALIVE.append(call.excinfo.value)
+            break
+    if package is not None:
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: needs {package}, not installed here")
+
+
 def _one_thread() -> None:
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
     OpenMP workers make their forwards (and the quantizers' tiny GEMMs) 10x slower. Set once at
