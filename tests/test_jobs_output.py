@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from defuser_quant.jobs.output import OutputDirError, check_output_dir, clean_leftovers, staged_output
+from defuser_quant.checkpoint.staging import clean_leftovers
+from defuser_quant.core.errors import DefuserQuantError
+from defuser_quant.jobs.output import OutputDirError, check_output_dir, staged_output
 
 
 def _dead_pid() -> int:
@@ -88,7 +90,7 @@ def test_leftovers_of_killed_runs_are_cleaned_and_a_lost_output_restored(tmp_pat
 def test_a_run_still_writing_the_target_is_not_disturbed(tmp_path):
     busy = tmp_path / f".out.partial-{os.getppid()}-0badc0de"
     busy.mkdir()
-    with pytest.raises(OutputDirError, match="another run is writing"):
+    with pytest.raises(DefuserQuantError, match="another run is writing"):
         clean_leftovers(tmp_path / "out")
     assert busy.exists()
 
@@ -120,3 +122,21 @@ def test_convert_follows_a_symlinked_destination(tmp_path):
     assert main(["convert", str(TINY_MOE_PATH), str(link), "--to", "fused", "--json", "--no-fsync"]) == 0
     assert link.is_symlink() and (real / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "real"]
+
+
+def test_leftover_without_a_process_id_is_reported_with_the_command(tmp_path):
+    old_style = tmp_path / ".out.partial-1a2b3c4d"  # an older version's name: whose it is is unknown
+    old_style.mkdir()
+    (done,) = clean_leftovers(tmp_path / "out")
+    assert f"rm -rf '{old_style}'" in done and old_style.exists()
+
+
+def test_convert_cleans_what_a_killed_convert_left(tmp_path):
+    from defuser_quant.assets import TINY_MOE_PATH
+    from defuser_quant.cli import main
+
+    left = tmp_path / f".dst.partial-{_dead_pid()}-0badc0de"
+    left.mkdir()
+    (left / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    assert main(["convert", str(TINY_MOE_PATH), str(tmp_path / "dst"), "--to", "fused", "--json", "--no-fsync"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]

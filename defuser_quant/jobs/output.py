@@ -2,7 +2,8 @@
 
 Everything that could stop the final rename (a non-empty or foreign target, a mount point, no
 write permission, another run on the same target) is checked before any work starts. Leftovers
-of killed runs (``.<name>.partial-<pid>-*``, ``.<name>.old-<pid>``) are cleaned on the next run.
+of killed runs (``.<name>.partial-<pid>-*``, ``.<name>.old-<pid>``) are cleaned on the next run
+(``checkpoint.staging.clean_leftovers``, shared with ``convert``).
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..checkpoint.staging import clean_leftovers
 from ..core.errors import DefuserQuantError
 
 logger = logging.getLogger(__name__)
 
 #: The file that marks a folder as an earlier job's output (the only kind ``overwrite`` replaces).
 JOB_MARKER = "job.json"
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
 
 
 class OutputDirError(DefuserQuantError):
@@ -40,18 +40,6 @@ def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def check_output_dir(target: Path, overwrite: bool, protected: list[Path] = ()) -> Path:
@@ -93,37 +81,6 @@ def check_output_dir(target: Path, overwrite: bool, protected: list[Path] = ()) 
                 "in your job file) to replace it, or choose another folder"
             )
     return target
-
-
-def clean_leftovers(target: Path) -> list[str]:
-    """Remove what killed runs left beside ``target``; returns what was done, one line each.
-
-    A ``.old`` folder whose replacement never arrived is the earlier output: it is renamed back.
-    A leftover of a process that still runs means another run writes the same target: refused.
-    """
-    target = Path(target)
-    done: list[str] = []
-    if not target.parent.is_dir():
-        return done
-    for path in sorted(target.parent.iterdir()):
-        match = _LEFTOVER.match(path.name)
-        if not match or match["name"] != target.name or not path.is_dir():
-            continue
-        pid = int(match["pid"])
-        if _pid_alive(pid):
-            raise OutputDirError(
-                f"{path} belongs to process {pid}, which still runs: another run is writing {target}; wait for it, "
-                f"or if process {pid} is not a defuser-quant run, remove {path}"
-            )
-        if match["kind"] == "old" and not target.exists():
-            path.rename(target)
-            done.append(f"restored {target} from {path.name} (a run was killed while replacing it)")
-            continue
-        shutil.rmtree(path)
-        done.append(f"removed {path} (left by killed process {pid})")
-    for line in done:
-        logger.warning("%s", line)
-    return done
 
 
 def _apply_umask(root: Path) -> None:
