@@ -20,7 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Exit 0: fit; 1: problems (listed by layer/expert/projection); 2: bad input."
         ),
     )
-    parser.add_argument("checkpoint", help="local checkpoint directory (config.json + safetensors)")
+    parser.add_argument("checkpoint", metavar="CKPT", help="local checkpoint directory (config.json + safetensors)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--for", dest="target", choices=("vllm", "transformers"), default="vllm",
                         help="vllm (default): serving engines' per-expert loaders; transformers: also what stock "
