@@ -23,6 +23,7 @@ native fused classes for evaluation: :func:`save_dequantized_fused`.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,7 @@ def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_
     """
     global _STATE
     require_gptqmodel()
+    _workable_cpu_pool()
     if _STATE is not None:
         _STATE.shim.delegate_unsupported = delegate_unsupported
         _STATE.shim.strict = strict
@@ -99,6 +101,19 @@ def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_
         setattr(module, name, value)
     _STATE = _Installed(shim, originals)
     logger.info("defuser-quant GPTQModel plugin installed")
+
+
+def _workable_cpu_pool() -> None:
+    """GPTQModel 7.6 gives its CPU pool half the cores, and with one worker (1-3 cores) it
+    refuses to load ("'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"). Unless
+    the user chose ``GPTQMODEL_CPU_WORKERS``, set 2 before the (lazy) pool exists."""
+    import gptqmodel
+
+    if os.environ.get("GPTQMODEL_CPU_WORKERS") is not None or getattr(gptqmodel, "_DEVICE_THREAD_POOL", None) is not None:
+        return
+    if gptqmodel._default_cpu_workers() < 2:
+        os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
+        logger.info("GPTQMODEL_CPU_WORKERS=2: GPTQModel's CPU pool needs 2 workers to load models")
 
 
 def uninstall() -> None:

@@ -6,7 +6,6 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,9 +89,6 @@ def dynamic_from_ignore(ignore: list[str]) -> dict[str, dict]:
 
 
 def _run(ctx: JobContext) -> BackendResult:
-    # GPTQModel 7.6 sizes a CPU worker pool from this; with fewer than 2 it refuses to start on
-    # small machines ("requests 2 workers but parent 'cpu' only has 1").
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(4, os.cpu_count() or 2))))
     from transformers import AutoModelForCausalLM
 
     from defuser_quant.calibration.data import to_gptqmodel_examples
