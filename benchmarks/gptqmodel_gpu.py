@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-reload", action="store_true", help="skip the reload + logits step")
     p.add_argument("--stages", action="store_true", help="time the stages (synchronizes CUDA around each: a profile)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms in every variant")
+    p.add_argument("--warmup", action="store_true",
+                   help="run the first variant once, untimed, before the timed runs (Triton compiles its kernels then)")
     p.add_argument("--allow-fallback", action="store_true",
                    help="report a CUDA run in which GPTQ solves fell back to GPTQModel's torch path (the table says so)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
@@ -320,6 +322,18 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.stem + ".partial.jsonl")
     partial.write_text(json.dumps({"command": "python benchmarks/gptqmodel_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])}) + "\n")
+    warmup = None
+    if args.warmup:
+        # Triton compiles GPTQModel's packing/inference kernels on first use and caches them on
+        # disk; an untimed run first keeps that compilation out of whichever variant runs first.
+        t_w = time.perf_counter()
+        first = run_variant(variants[0], args, work)
+        shutil.rmtree(work / f"{variants[0]}.out", ignore_errors=True)
+        for leftover in work.glob(f"{variants[0]}.*"):
+            if leftover.is_file():
+                leftover.unlink()
+        warmup = {"variant": variants[0], "seconds": round(time.perf_counter() - t_w, 2), "error": first.get("error")}
+        print(f"warm-up run of {variants[0]}: {warmup}", flush=True)
     rows = run_variants(variants, args, work, slots, partial)
     stock = next((r for r in rows if r["variant"] == "stock" and "error" not in r), None)
     if stock is not None:
@@ -351,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "build_source_s": round(build_s, 2),
         "gptq_extension_warmup_s": jit_s,
         "gptq_extension_available": jit_ok,
+        "warmup": warmup,
         "concurrent_variants": slots,
         "platform": platform.platform(),
         "python": platform.python_version(),
