@@ -192,3 +192,11 @@ def test_dense_model_on_the_gptqmodel_backend_is_pointed_the_right_way(tmp_path,
     job = _job(tmp_path, model={"path": str(model)}, quantization={"backend": "gptqmodel"})
     err = _error(capsys, ["run", str(job)])
     assert "has no Mixture-of-Experts blocks" in err and "GPTQModel itself" in err and "backend: llmcompressor" in err
+
+
+def test_unreachable_hub_dataset(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    job = _job(tmp_path, calibration={"data": {"source": "hf:allenai/c4"}})
+    err = _error(capsys, ["run", str(job)])
+    assert "hub dataset 'allenai/c4' requested but the Hugging Face hub is unreachable" in err
+    assert not (tmp_path / "out").exists()

@@ -140,3 +140,26 @@ def test_convert_cleans_what_a_killed_convert_left(tmp_path):
     (left / "model-00001-of-00002.safetensors").write_bytes(b"half")
     assert main(["convert", str(TINY_MOE_PATH), str(tmp_path / "dst"), "--to", "fused", "--json", "--no-fsync"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_without_matplotlib_the_job_still_delivers(tmp_path, monkeypatch):
+    """Checked before the work; the picture is skipped with a note, the result is kept."""
+    import json
+    import sys
+
+    from defuser_quant.calibration.coverage import build_report
+    from defuser_quant.cli import main
+    from defuser_quant.jobs.backends import llmcompressor as backend
+    from defuser_quant.jobs.context import BackendResult
+
+    def finished(ctx):
+        (ctx.staging_dir / "model.safetensors").write_bytes(b"result of minutes of work")
+        return BackendResult(coverage=build_report({"model.layers.0.mlp.experts": ([3, 9], [0, 0])}, min_tokens=4))
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setattr(backend, "run", finished)
+    assert main(["run", "-o", str(tmp_path / "out")]) == 0
+    job = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "coverage.png").exists()
+    assert job["coverage"]["heatmap"] is None
+    assert any("matplotlib is not installed" in note for note in job["notes"])
