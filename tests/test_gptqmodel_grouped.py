@@ -86,3 +86,20 @@ def test_threshold_fallback_is_counted_as_such_not_as_a_slow_path(plugin, tiny):
     assert rtn and len(rtn) == len(result.projections)
     assert kernels.solves == Counter({("rtn-fallback", "cpu"): sum(quant_linear_classes(model.model).values())})
     assert kernels.fallback_reason() is None and "rtn-fallback@cpu" in kernels.label()
+
+
+@pytest.mark.slow
+def test_deterministic_mode_is_on_during_quantize_only(plugin, tiny):  # noqa: F811
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    from defuser_quant.core.defused import DefusedExperts
+
+    model = GPTQModel.load(str(tiny["src"]), QuantizeConfig(bits=4, group_size=128))
+    seen = []
+    for block in model.model.modules():
+        if isinstance(block, DefusedExperts):
+            block.register_forward_pre_hook(lambda m, a: seen.append(torch.are_deterministic_algorithms_enabled()))
+    before = torch.are_deterministic_algorithms_enabled()
+    plugin.quantize_with_defuser(model, tiny["calibration"][:8], batch_size=4, deterministic=True, grouped=True)
+    assert seen and all(seen)
+    assert torch.are_deterministic_algorithms_enabled() == before
