@@ -38,10 +38,11 @@ difference to stock. Prints a markdown table and writes JSON under ``benchmarks/
     python benchmarks/gptqmodel_gpu.py --layers 4 --variants stock,ours,ours-all --timeout 1800
     python benchmarks/gptqmodel_gpu.py --device cpu --tiny      # 2 CPU cores, < 1 minute
 
-Budget: GPTQModel's ``quantize()`` dominates, about 4 minutes per Qwen3-30B-A3B layer (384
-expert projections) per variant on one H200 (measured: 1 layer 234-241 s, 2 layers 459 s, the
-same for stock and the plugin); ``ours-all`` adds about 6%. On two GPUs the default (1 layer,
-stock + ours) takes about 5 minutes, ``--layers 2`` about 9.
+Budget (one H200, CUDA block-update extension built): ``quantize()`` of 2 Qwen3-30B-A3B layers
+takes 36-55 s per variant, plus ~15-20 s of imports and ~5-10 s of reload per process, ~12 s to
+build the source model and ~30 s to build the extension once: 3 variants with reload fit one
+10-minute call, 4 do not reliably (docs/performance.md). Without the extension (GPTQModel's torch
+loop, refused unless ``--allow-fallback``) it was about 4 minutes per layer per variant.
 
 Needs gptqmodel==7.6.0 and this package importable (``pip install -e .`` or PYTHONPATH); on a GPU
 machine without network, ``bash scripts/gpu_site/build.sh DIR`` here and ``PYTHONPATH=DIR:.`` there.
