@@ -33,6 +33,10 @@ def _job(backend: str, out: Path):
     )
 
 
+def job_dtype(out: Path) -> str:
+    return json.loads((out / "job.json").read_text())["config"]["model"]["dtype"]
+
+
 def _weights(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
@@ -91,6 +95,7 @@ def test_every_quantization_field_reaches_the_checkpoint(twice):
         assert any(rule.startswith("-:") and "experts\\.0" in rule for rule in saved["dynamic"])
         assert f"{quantized_expert}.qweight" in keys
         assert f"{ignored_expert}.weight" in keys and f"{ignored_expert}.qweight" not in keys
+    assert json.loads((out / "config.json").read_text())["dtype"] == job_dtype(out)
     assert not (out.parent.parent / "logs").exists()  # third-party logs stay in the output
     if backend == "gptqmodel":
         assert any((out / "logs").iterdir())
