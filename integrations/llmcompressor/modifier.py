@@ -14,6 +14,11 @@ Lifecycle inside ``oneshot`` (llm-compressor 0.14):
   builds the coverage report, writes it, applies ``coverage_policy``, and when ``refuse`` is
   set wraps ``model.save_pretrained`` so the re-fused checkpoint is written right after the
   compressed-tensors one.
+
+Under ``torchrun`` (see ``docs/llmcompressor.md``): token counts are summed over the ranks
+before the report, rank 0 writes the files, GPTQ's Hessian tables are aligned across ranks
+before each compression (``ranks.py``), ranks that calibrated on the same batches are refused,
+and ``routing: budgeted`` is refused.
 """
 
 from __future__ import annotations
