@@ -156,10 +156,14 @@ def test_wrong_gptqmodel_version_gives_the_pin(monkeypatch):
     from defuser_quant.integrations.gptqmodel import install, is_installed, uninstall
 
     uninstall()
-    monkeypatch.setattr(gptqmodel, "__version__", "7.7.0")
-    with pytest.raises(ImportError, match=r"found gptqmodel 7\.7\.0.*gptqmodel==7\.6\.0"):
+    monkeypatch.setattr(gptqmodel, "__version__", "7.8.0")
+    with pytest.raises(ImportError, match=r"found gptqmodel 7\.8\.0.*gptqmodel==7\.6\.0"):
         install()
     assert not is_installed()
+    monkeypatch.setattr(gptqmodel, "__version__", "7.7.0")  # same seams as 7.6 (docs/gptqmodel.md)
+    install()
+    assert is_installed()
+    uninstall()
 
 
 # ----- install / uninstall ------------------------------------------------------------------

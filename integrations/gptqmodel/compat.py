@@ -2,7 +2,8 @@
 
 The plugin reaches into GPTQModel internals (``gptqmodel.models.loader``'s ``defuser`` global,
 ``gptqmodel.models.auto.MODEL_MAP``, the writer's ``get_state_dict_for_save``), so it supports
-exactly the release series those were checked against.
+exactly the release series those were checked against: 7.6 (pinned, tested in CI) and 7.7, whose
+seams are the same (docs/gptqmodel.md, "GPTQModel 7.7").
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from types import ModuleType
 from defuser_quant.core.errors import DefuserQuantError
 
 GPTQMODEL_PIN = "gptqmodel==7.6.0"
-SUPPORTED_SERIES = (7, 6)
+SUPPORTED_SERIES = ((7, 6), (7, 7))
 INSTALL_COMMAND = "pip install 'defuser-quant[gptqmodel]'   # or: pip install gptqmodel==7.6.0"
 
 
@@ -42,7 +43,7 @@ def _series(version: str) -> tuple[int, ...] | None:
 
 
 def require_gptqmodel() -> ModuleType:
-    """Import ``gptqmodel`` and check it is a 7.6.x release.
+    """Import ``gptqmodel`` and check it is a 7.6.x or 7.7.x release.
 
     Raises:
         GPTQModelUnavailableError: (an ``ImportError``) naming the pin and the install command.
@@ -55,9 +56,9 @@ def require_gptqmodel() -> ModuleType:
             f"{INSTALL_COMMAND}"
         ) from exc
     version = installed_version(module)
-    if _series(version) != SUPPORTED_SERIES:
+    if _series(version) not in SUPPORTED_SERIES:
         raise GPTQModelUnavailableError(
-            f"the GPTQModel plugin supports {GPTQMODEL_PIN} (7.6.x), found gptqmodel {version}: it patches loader "
-            f"internals checked against 7.6 only. Install the pinned release with: {INSTALL_COMMAND}"
+            f"the GPTQModel plugin supports {GPTQMODEL_PIN} (7.6.x; 7.7.x also works), found gptqmodel {version}: it "
+            f"patches loader internals checked against 7.6 and 7.7 only. Install the pinned release with: {INSTALL_COMMAND}"
         )
     return module
