@@ -296,3 +296,14 @@ def test_for_transformers_flags_families_stock_does_not_load_per_expert(tmp_path
     result = check_checkpoint(path, "transformers")
     assert [p.where for p in result.problems] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     assert all("experts would be randomly initialised; use: import defuser_quant" in p.what for p in result.problems)
+
+
+def test_identity_expert_slabs_are_a_note_not_a_problem(tmp_path):
+    # longcat_flash stores gate_up slabs for its weightless identity experts; nothing reads them.
+    from model_zoo import build_tiny_model
+
+    model, _ = build_tiny_model("longcat_flash")
+    model.save_pretrained(tmp_path / "longcat")
+    result = check_checkpoint(tmp_path / "longcat")
+    assert result.fit, result.problems
+    assert any("weightless (identity) experts' slabs stored" in note for note in result.notes)

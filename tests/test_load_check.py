@@ -70,3 +70,16 @@ def test_the_check_is_installed_only_while_patched(tmp_path):
     # Stock loading is unchanged: Transformers reports the key and loads.
     _, info = AutoModelForCausalLM.from_pretrained(broken, output_loading_info=True)
     assert info["unexpected_keys"] == {extra}
+
+
+def test_unread_identity_expert_slabs_are_not_a_load_error(tmp_path):
+    from model_zoo import build_tiny_model
+
+    model, _ = build_tiny_model("longcat_flash")
+    model.save_pretrained(tmp_path / "longcat")
+    dq.replace_fused_blocks(model.config.model_type)
+    _, info = type(model).from_pretrained(tmp_path / "longcat", output_loading_info=True)
+    assert info["unexpected_keys"] and not info["missing_keys"]  # the identity slabs, and nothing else
+    broken = broken_copy(tmp_path / "longcat", tmp_path / "b", lambda t: t.pop("model.layers.0.mlp.experts.1.down_proj.weight"))
+    with pytest.raises(ExpertLoadError, match=r"1 missing: model\.layers\.0\.mlp\.experts\.1\.down_proj\.weight"):
+        type(model).from_pretrained(broken)

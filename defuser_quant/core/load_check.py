@@ -36,16 +36,25 @@ def expert_load_problems(model: nn.Module, loading_info: Any) -> dict[str, list[
     A missing or mismatched key concerns a block when it lies under the block's path; an unexpected
     key also when it names an ``experts`` module anywhere (a prefix or name that did not map).
     """
-    prefixes = tuple(p + "." for p in expert_block_paths(model))
-    if not prefixes:
+    blocks = {name: module for name, module in model.named_modules() if isinstance(module, DefusedExperts)}
+    if not blocks:
         return {}
+    prefixes = tuple(p + "." for p in blocks)
+    # Weightless experts past the numbered ones (longcat_flash's identity experts) have checkpoint
+    # slabs nothing reads: their keys are expected to find no parameter.
+    unread = tuple(
+        f"{path}.{i}." for path, block in blocks.items() for i in range(block.num_experts, getattr(block, "total_experts", 0))
+    )
 
     def under_block(key: str) -> bool:
         return key.startswith(prefixes)
 
     problems = {
         "missing": sorted(k for k in loading_info.missing_keys if under_block(k)),
-        "unexpected": sorted(k for k in loading_info.unexpected_keys if under_block(k) or _EXPERT_SEGMENT.search(k)),
+        "unexpected": sorted(
+            k for k in loading_info.unexpected_keys
+            if (under_block(k) or _EXPERT_SEGMENT.search(k)) and not (unread and k.startswith(unread))
+        ),
         "mismatched": sorted(k[0] for k in loading_info.mismatched_keys if under_block(k[0])),
         "conversion errors": sorted(
             f"{k}: {v}" for k, v in (getattr(loading_info, "conversion_errors", None) or {}).items() if under_block(k) or _EXPERT_SEGMENT.search(k)
