@@ -185,3 +185,16 @@ def test_gradients_are_carried_back_into_the_fused_parameters(family):
     for name, got in experts:
         assert got.grad is not None, name
         torch.testing.assert_close(got.grad, wanted[name].grad, rtol=1e-5, atol=1e-7)
+
+
+def test_temporarily_fused_keeps_each_blocks_cleanup_choice():
+    model, ids = build("gpt_oss")
+    dq.convert_model(model, filter="layers\\.0\\.", cleanup_original=False)
+    dq.convert_model(model)
+    ref = logits(model, ids)
+    with dq.temporarily_fused(model):
+        fused = [layer.mlp.experts.gate_up_proj.detach().clone() for layer in model.model.layers]
+    kept, dropped = (layer.mlp.experts for layer in model.model.layers)
+    assert torch.equal(kept.gate_up_proj, fused[0])  # readable again, native layout
+    assert dropped.gate_up_proj.device.type == "meta"  # shape only, as before
+    assert torch.equal(logits(model, ids), ref)

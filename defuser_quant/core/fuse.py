@@ -266,9 +266,17 @@ def temporarily_fused(model: nn.Module) -> Iterator[ConversionReport]:
     from .defuse import convert_model
 
     paths = [p for p, m in model.named_modules() if isinstance(m, DefusedExperts) or is_split(m)]
+    # Blocks converted with cleanup_original=False come back that way (their fused tensors readable).
+    kept = {p for p, m in model.named_modules() if isinstance(m, DefusedExperts) and _keeps_original(m)}
     report = fuse_model(model)
     try:
         yield report
     finally:
-        if paths:
-            convert_model(model, filter=[f"+:^{re.escape(p)}$" for p in paths])
+        for cleanup, group in ((True, [p for p in paths if p not in kept]), (False, sorted(kept))):
+            if group:
+                convert_model(model, filter=[f"+:^{re.escape(p)}$" for p in group], cleanup_original=cleanup)
+
+
+def _keeps_original(block: DefusedExperts) -> bool:
+    """True for a block converted with ``cleanup_original=False`` (its shell still holds the fused tensors)."""
+    return any(get_tensor(block.fused_shell, name) is not None for name in block.specs)
