@@ -48,6 +48,11 @@ def main() -> None:
     )
     with open(os.path.join(out, f"report-rank{rank}.json"), "w") as f:
         f.write(defuse.coverage.model_dump_json())
+    if distributed.is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

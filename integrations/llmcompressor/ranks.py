@@ -10,7 +10,10 @@ the reductions would then pair different modules' Hessians (same shape, no error
 modifier's ``compress_modules``: under ``oneshot``'s independent pipeline no other modifier sees
 GPTQ's epochs): every rank's dicts get the union of the modules any rank calibrated (zeros where
 this rank saw none: a sum is unchanged) in model order. A module no rank calibrated stays
-absent, as in one process (a zero Hessian would zero its weights).
+absent, as in one process (a zero Hessian would zero its weights). After compressing, the ranks
+wait for each other: on the CPU llm-compressor does not broadcast solved weights (they sit in
+shared memory) and had no barrier, so a rank could propagate activations through weights another
+rank was still writing (a race: later layers differed run to run and from one process).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def align_hessians(modifiers: Iterable[Any], model: nn.Module) -> int:
 
 def before_compress(modifiers: Iterable[Any], model: nn.Module, first: Callable[[], None]) -> Callable[[], None]:
     """Make every GPTQ-like modifier run ``first()`` then :func:`align_hessians` before each
-    ``compress_modules``; returns the undo."""
+    ``compress_modules``, and a barrier after it; returns the undo."""
     wrapped = []
     for modifier in modifiers:
         original = getattr(modifier, "compress_modules", None)
@@ -85,7 +88,11 @@ def before_compress(modifiers: Iterable[Any], model: nn.Module, first: Callable[
         def compress_modules(*args: Any, _modifier: Any = modifier, _original: Callable = original, **kwargs: Any) -> Any:
             first()
             align_hessians([_modifier], model)
-            return _original(*args, **kwargs)
+            result = _original(*args, **kwargs)
+            # CPU modules live in shared memory and are not broadcast: without this barrier a rank
+            # propagates the next layer's inputs while another rank still writes its solved weights
+            dist.barrier()
+            return result
 
         object.__setattr__(modifier, "compress_modules", compress_modules)  # pydantic models refuse plain setattr
         wrapped.append(modifier)
