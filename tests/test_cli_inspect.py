@@ -106,7 +106,7 @@ def test_filter_marks_skipped_blocks(saved, capsys):
 def test_errors_are_clear(saved, tmp_path, capsys):
     assert main(["inspect", "some-org/some-moe-model"]) == 2  # HF_HUB_OFFLINE=1 (conftest): no hub
     err = capsys.readouterr().err
-    assert "cannot fetch the config of 'some-org/some-moe-model'" in err and "local model directory" in err
+    assert "some-org/some-moe-model does not exist as a local folder" in err and "the hub cannot be used" in err
     assert main(["inspect", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
 
