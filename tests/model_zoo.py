@@ -433,17 +433,20 @@ TINY_CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
         "_after_shrink": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16},
     },
     "mistral_large4": {
+        "_needs": "5.24.0",  # the first Transformers tested that has the family
         "_reason": "kv_source_layers names a source layer per layer; the shrink keeps original indices "
         "(transformers 5.24)",
         "_after_shrink": {"text_config.kv_source_layers": [0, 1]},
     },
     "bailing_hybrid": {
+        "_needs": "5.24.0",  # the first Transformers tested that has the family
         "_reason": "its group count is num_expert_group (the shrink knows n_group), so topk_group outgrows "
         "the groups (transformers 5.24)",
         "num_expert_group": 1,
         "topk_group": 1,
     },
     "dots3_note": {
+        "_needs": "5.24.0",  # the first Transformers tested that has the family
         "_reason": "the vision/audio adapters' widths must equal the towers' and the text model's hidden "
         "sizes, which the shrink changes (transformers 5.24)",
         "_after_shrink": {
@@ -452,6 +455,7 @@ TINY_CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
         },
     },
     "muse_spark": {
+        "_needs": "5.24.0",  # the first Transformers tested that has the family
         "_reason": "the audio tower's widths are a hidden_sizes list the shrink does not know (transformers 5.24)",
         "_after_shrink": {"audio_config.hidden_sizes": [16, 32], "audio_config.depths": [1, 1]},
     },
