@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from packaging.version import Version
 
 import defuser_quant as dq
@@ -145,3 +146,29 @@ def test_table_rows_agree_with_conversion():
     assert not rows["phi3"].stock_per_expert and not rows["gpt_oss"].exact
     table = support.markdown_table()
     assert table.count("\n") == len(rows) + 2
+
+
+def test_a_decorated_subclass_of_an_entry_class_takes_the_standard_path():
+    """What aria became in Transformers 5.24, made here from step3p7's undecorated class: once
+    decorated, the flags describe it (transposed here) and the entry (untransposed) must not apply."""
+    from transformers.integrations.moe import use_experts_implementation
+
+    from defuser_quant.core.families import adapter_of
+    from defuser_quant.core.irregular.base import FixedLayoutAdapter
+    from defuser_quant.core.layout import layout_of
+
+    base = resolve_class("transformers.models.step3p7.modeling_step3p7.Step3p7Experts")
+    entry = experts_entry_for(base)
+    assert entry is not None and isinstance(adapter_of(entry), FixedLayoutAdapter)
+    decorated = use_experts_implementation(type("Step3p7ExpertsDecorated", (base,), {}), is_transposed=True)
+    assert experts_entry_for(decorated) is None
+
+    class Config:
+        num_local_experts, hidden_size, moe_intermediate_size, hidden_act = 4, 8, 6, "silu"
+
+    with torch.device("meta"):
+        block = decorated(Config())
+    from defuser_quant.core.defuse import adapter_for
+
+    assert adapter_for(block) is not None and not isinstance(adapter_for(block), FixedLayoutAdapter)
+    assert layout_of(block).is_transposed
