@@ -26,7 +26,9 @@ from defuser_quant.core.errors import DefuserQuantError
 __all__ = [
     "DistributedMismatchError",
     "DuplicatedCalibrationDataError",
+    "all_gather_ints",
     "all_reduce_counts",
+    "all_reduce_ints",
     "check_distinct_shares",
     "init_from_env",
     "int_env",
@@ -176,3 +178,22 @@ def check_distinct_shares(fingerprints: Sequence[Any]) -> None:
                     "then loads the first 1/world_size of it on every rank). Pass each rank its own slice: "
                     "oneshot(dataset=defuser_quant.calibration.distributed.rank_share(dataset), ...)"
                 )
+
+
+def all_reduce_ints(values: Sequence[int]) -> list[int]:
+    """Element-wise sum of ``values`` over the ranks (the values themselves when not distributed)."""
+    if not is_distributed():
+        return [int(v) for v in values]
+    tensor = torch.tensor([int(v) for v in values], dtype=torch.long, device=_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().tolist()
+
+
+def all_gather_ints(values: Sequence[int]) -> list[list[int]]:
+    """Every rank's ``values`` (same length on every rank), indexed by rank."""
+    if not is_distributed():
+        return [[int(v) for v in values]]
+    mine = torch.tensor([int(v) for v in values], dtype=torch.long, device=_device())
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    return [t.cpu().tolist() for t in everyone]

@@ -1,7 +1,7 @@
 """One llm-compressor ``oneshot`` (DefuseModifier + GPTQ W4A16) of the shipped tiny model, run by
 ``tests/test_distributed_llmcompressor.py`` in one process or under ``torchrun`` (gloo).
 
-Usage: python distributed_oneshot.py OUT ROUTING NUM_SAMPLES SEQ_LEN [--same-data]
+Usage: python distributed_oneshot.py OUT ROUTING NUM_SAMPLES SEQ_LEN [--same-data] [--min-tokens=N]
 Writes OUT/report-rank{r}.json (the modifier's coverage as each rank sees it); the modifier's
 own report goes to OUT/coverage-rank{r}.json, which only the rank that writes files creates.
 """
@@ -40,7 +40,9 @@ def main() -> None:
         data = distributed.rank_share(data)
     model = AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, dtype=torch.bfloat16)
     rank = distributed.rank()
-    defuse = dq_llmc.DefuseModifier(routing=routing, coverage_report=os.path.join(out, f"coverage-rank{rank}.json"))
+    min_tokens = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--min-tokens=")), 128)
+    report = os.path.join(out, f"coverage-rank{rank}.json")
+    defuse = dq_llmc.DefuseModifier(routing=routing, min_tokens=min_tokens, coverage_report=report)
     recipe = [defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])]
     oneshot(
         model=model, processor=tokenizer, dataset=data, recipe=recipe, output_dir=out,

@@ -162,10 +162,26 @@ def test_the_same_dataset_on_every_rank_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_budgeted_routing_is_refused_under_torchrun(tmp_path):
-    done = _run([str(TESTS / "distributed_oneshot.py"), str(tmp_path), "budgeted", "4", str(SEQ)], nproc=2)
-    assert done.returncode != 0 and "routing 'budgeted' is not supported under torchrun" in done.stderr
-    assert not (tmp_path / "model.safetensors").exists()
+def test_budgeted_under_torchrun_tops_up_from_every_ranks_counts(tmp_path):
+    """Each expert ends with max(routed, min_tokens) tokens over the whole data, the same report
+    on every rank, and forces no more tokens than one process (which tops up batch by batch)."""
+    floor = 32
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        out.mkdir()
+        args = [str(TESTS / "distributed_oneshot.py"), str(out), "budgeted", str(SAMPLES), str(SEQ), f"--min-tokens={floor}"]
+        done = _run(args, nproc=nproc)
+        assert done.returncode == 0, done.stderr[-4000:]
+        runs[nproc] = out
+    one, rank0, rank1 = (_report(runs[n] / f"report-rank{r}.json") for n, r in ((1, 0), (2, 0), (2, 1)))
+    assert rank0 == rank1
+    assert rank0["totals"]["under_threshold"] == 0 and rank0["totals"]["forced_tokens"] > 0
+    for layer in rank0["layers"]:
+        for e in layer["experts"]:
+            assert e["forced"] == max(0, floor - e["routed"]) and e["calibrated"] == max(e["routed"], floor), (layer["path"], e)
+    assert rank0["totals"]["routed_tokens"] == one["totals"]["routed_tokens"]
+    assert rank0["totals"]["forced_tokens"] <= one["totals"]["forced_tokens"]
 
 
 # ----- defuser-quant run --nproc ------------------------------------------------------------------

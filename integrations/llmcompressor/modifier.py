@@ -18,7 +18,7 @@ Lifecycle inside ``oneshot`` (llm-compressor 0.14):
 Under ``torchrun`` (see ``docs/llmcompressor.md``): token counts are summed over the ranks
 before the report, rank 0 writes the files, GPTQ's Hessian tables are aligned across ranks
 before each compression (``ranks.py``), ranks that calibrated on the same batches are refused,
-and ``routing: budgeted`` is refused.
+and ``routing: budgeted`` tops up from every rank's counts before each GPTQ solve (``budget.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_
 from defuser_quant.calibration import distributed
 
 from .linearize import adopt_linear_experts
-from .ranks import before_compress
+from .budget import RankBudget
+from .ranks import before_compress, has_hessians
 from .refuse import RefuseError, check_refusable, refuse_checkpoint
 
 __all__ = ["DefuseModifier", "RecipeOrderError"]
@@ -74,18 +75,23 @@ class _CalibrationPassOnly:
     ``budgeted`` counts.
 
     Under ``torchrun`` the first block also records each batch's routed counts, so ranks that
-    calibrated on the same batches are caught (``_check_data_split``).
+    calibrated on the same batches are caught (``_check_data_split``), and ``budgeted`` keeps
+    candidate rows for the top-up before each compression (``budget.RankBudget``).
     """
 
-    def __init__(self, inner: Any, fingerprints: list | None = None):
+    def __init__(self, inner: Any, fingerprints: list | None = None, budget: RankBudget | None = None, path: str = ""):
         self.inner = inner
         self.fingerprints = fingerprints
+        self.budget = budget
+        self.path = path
 
     def __call__(self, block: DefusedExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if HooksMixin._HOOKS_DISABLED:
             return block.routed_forward(hidden, index, weights)
         if self.fingerprints is not None:
             self.fingerprints.append(tuple(torch.bincount(index.reshape(-1), minlength=block.num_experts).tolist()))
+        if self.budget is not None:
+            self.budget.record(self.path, block, hidden, index)
         return self.inner(block, hidden, index, weights)
 
 
@@ -148,6 +154,7 @@ class DefuseModifier(Modifier):
     _coverage: CoverageReport | None = PrivateAttr(default=None)
     _fingerprints: list | None = PrivateAttr(default=None)
     _undo_rank_sync: Any = PrivateAttr(default=None)
+    _budget: RankBudget | None = PrivateAttr(default=None)
 
     @field_validator("filter", mode="before")
     @classmethod
@@ -189,22 +196,24 @@ class DefuseModifier(Modifier):
             logger.warning("DefuseModifier: %s has no fused MoE experts block; nothing to do", type(model).__name__)
             return True
         mode = self.routing or ("all" if _calibrate_all_flag() else "routed")
-        if mode == "budgeted" and distributed.is_distributed():
+        ranked_budget = mode == "budgeted" and distributed.is_distributed()
+        if ranked_budget and not any(has_hessians(m) for m in self._recipe_modifiers()):
             raise DefuserQuantError(
-                "DefuseModifier: routing 'budgeted' is not supported under torchrun yet: each rank would top up experts "
-                "from its own share of the data, so ranks would decide differently. Use routing: all (every expert "
-                "sees every token, identical on every rank) or run in one process"
+                "DefuseModifier: routing 'budgeted' under torchrun tops up experts right before GPTQ solves each layer, "
+                "so it needs GPTQModifier in the recipe. Use routing: all, or run in one process"
             )
         self._stack = ExitStack()
         try:
-            self._stack.enter_context(routing_mode(model, mode, min_tokens=self.min_tokens))
-            self._fingerprints = [] if distributed.is_distributed() else None
-            for index, (_, block) in enumerate(_blocks(model)):
-                record = self._fingerprints if index == 0 else None
-                block.forward_override = _CalibrationPassOnly(block.forward_override, record)
+            # under torchrun budgeted routes normally and tops up from every rank's counts (budget.py)
+            self._stack.enter_context(routing_mode(model, "routed" if ranked_budget else mode, min_tokens=self.min_tokens))
             self._attach_counters(model)
+            self._budget = RankBudget(_blocks(model), self.min_tokens, self._counts) if ranked_budget else None
+            self._fingerprints = [] if distributed.is_distributed() else None
+            for index, (path, block) in enumerate(_blocks(model)):
+                record = self._fingerprints if index == 0 else None
+                block.forward_override = _CalibrationPassOnly(block.forward_override, record, self._budget, path)
             if distributed.is_distributed():
-                self._undo_rank_sync = before_compress(self._recipe_modifiers(), model, self._check_data_split)
+                self._undo_rank_sync = before_compress(self._recipe_modifiers(), model, self._before_compress)
         except BaseException:
             self._teardown()
             raise
@@ -249,6 +258,12 @@ class DefuseModifier(Modifier):
                 "DefuseModifier first: in YAML as the first entry under the stage's *_modifiers key, in Python as "
                 "recipe=[DefuseModifier(...), " + before[0] + "(...)]."
             )
+
+    def _before_compress(self) -> None:
+        """Under torchrun, right before GPTQ solves a layer: data check, then the budgeted top-up."""
+        self._check_data_split()
+        if self._budget is not None:
+            self._budget.top_up()
 
     def _check_data_split(self) -> None:
         """Under torchrun, once the first block has seen data: refuse ranks that saw the same batches."""

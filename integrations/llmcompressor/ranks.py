@@ -28,7 +28,7 @@ from torch import nn
 
 from defuser_quant.calibration import distributed
 
-__all__ = ["align_hessians", "before_compress"]
+__all__ = ["align_hessians", "before_compress", "has_hessians"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 def _hessian_state(modifier: Any) -> tuple[dict, dict] | None:
     hessians, samples = getattr(modifier, "_hessians", None), getattr(modifier, "_num_samples", None)
     return (hessians, samples) if isinstance(hessians, dict) and isinstance(samples, dict) else None
+
+
+def has_hessians(modifier: Any) -> bool:
+    """True for GPTQ-like modifiers (per-module Hessian tables, solved in ``compress_modules``)."""
+    return _hessian_state(modifier) is not None and hasattr(modifier, "compress_modules")
 
 
 def align_hessians(modifiers: Iterable[Any], model: nn.Module) -> int:
