@@ -12,7 +12,7 @@ from torch import nn
 
 from .defused import DefusedExperts, FusedTensorSpec, fast_linear
 from .dense import DENSE_LAYOUT, DensePlan, check_dense, dense_entry, is_split, split_dense_mlp
-from .errors import ConversionError, DefuserQuantError, SharedStorageError
+from .errors import ConversionError, SharedStorageError
 from .families import adapter_of, experts_entry_for
 from .filters import FilterRules
 from .irregular.base import StandardAdapter
@@ -22,6 +22,7 @@ from .progress import progress
 from .report import BlockRecord, ConversionReport
 from .slicing import carve, down_pieces, in_bias_pieces, in_proj_pieces, needs_relayout, restore_slab, whole_slab
 from .tensors import FusedTensor, get_tensor, layout_tensors, pop_tensor
+from .transaction import all_or_nothing
 
 logger = logging.getLogger(__name__)
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -421,32 +422,22 @@ def convert_model(
         if t.requires_grad and (d.mlp.training or t.grad is not None)
     ]
     undo: list[Callable[[], None]] = []
-    try:
-        with torch.no_grad():
-            leaders: dict[tuple[int, ...], DefusedExperts] = {}
-            for plan in progress(plans, "defuse", show_progress):
-                key = _tie_key(plan)
-                record, defused = _defuse_block(plan, undo, leaders.get(key), keep_fused=not cleanup_original)
-                leaders.setdefault(key, defused)
-                report.converted.append(record)
-            for dense in dense_plans:
-                split_dense_mlp(dense.mlp, dense.entry.gate_first, undo)
-                report.converted.append(
-                    BlockRecord(
-                        dense.path, type(dense.mlp).__name__, DENSE_LAYOUT, 0, "defused",
-                        model_type=_model_type_of(dense.mlp, getattr(getattr(model, "config", None), "model_type", None)),
-                        stock_loads_per_expert=False, kind="dense_mlp",
-                    )
+    with all_or_nothing(undo, ConversionError, "defusing"):
+        leaders: dict[tuple[int, ...], DefusedExperts] = {}
+        for plan in progress(plans, "defuse", show_progress):
+            key = _tie_key(plan)
+            record, defused = _defuse_block(plan, undo, leaders.get(key), keep_fused=not cleanup_original)
+            leaders.setdefault(key, defused)
+            report.converted.append(record)
+        for dense in dense_plans:
+            split_dense_mlp(dense.mlp, dense.entry.gate_first, undo)
+            report.converted.append(
+                BlockRecord(
+                    dense.path, type(dense.mlp).__name__, DENSE_LAYOUT, 0, "defused",
+                    model_type=_model_type_of(dense.mlp, getattr(getattr(model, "config", None), "model_type", None)),
+                    stock_loads_per_expert=False, kind="dense_mlp",
                 )
-    except BaseException as exc:
-        with torch.no_grad():
-            for step in reversed(undo):
-                step()
-        if isinstance(exc, DefuserQuantError) or not isinstance(exc, Exception):
-            raise
-        raise ConversionError(
-            f"defusing failed ({type(exc).__name__}: {exc}); the model was restored to its state before the call"
-        ) from exc
+            )
     _warn_if_training(trained)
     logger.info(
         "defused %d block(s), %d experts; split %d dense MLP(s)",

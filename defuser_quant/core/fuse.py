@@ -20,11 +20,12 @@ from torch import nn
 
 from .defused import DefusedExperts
 from .dense import DENSE_LAYOUT, check_fusable_dense, fuse_dense_mlp, is_split
-from .errors import DefuserQuantError, FuseError
+from .errors import FuseError
 from .progress import progress
 from .report import BlockRecord, ConversionReport
 from .slicing import carve, expected_views, restore_slab
 from .tensors import get_tensor, pop_tensor, put_tensor
+from .transaction import all_or_nothing
 
 logger = logging.getLogger(__name__)
 
@@ -227,30 +228,22 @@ def fuse_model(model: nn.Module, *, show_progress: bool | None = None) -> Conver
         aliases.setdefault(id(module), []).append(path)
     memo: dict[int, torch.Tensor] = {}
     undo: list[Callable[[], None]] = []
-    try:
-        with torch.no_grad():
-            for path, block in progress(blocks, "fuse", show_progress):
-                shell, zero_copy = _fuse_block(path, block, pieces[path], memo, undo)
-                for alias in aliases[id(block)]:  # a block shared by several parents is restored in all
-                    parent_path, _, attr = alias.rpartition(".")
-                    parent = model.get_submodule(parent_path)
-                    setattr(parent, attr, shell)
-                    undo.append(lambda p=parent, a=attr, b=block: setattr(p, a, b))
-                report.converted.append(
-                    BlockRecord(path, type(shell).__name__, block.layout.describe(), block.num_experts, "fused", zero_copy=zero_copy)
-                )
-            for path, mlp in dense:
-                zero_copy = fuse_dense_mlp(mlp, path, undo)
-                report.converted.append(
-                    BlockRecord(path, type(mlp).__name__, DENSE_LAYOUT, 0, "fused", zero_copy=zero_copy, kind="dense_mlp")
-                )
-    except BaseException as exc:
-        with torch.no_grad():
-            for step in reversed(undo):
-                step()
-        if isinstance(exc, DefuserQuantError) or not isinstance(exc, Exception):
-            raise
-        raise FuseError(f"re-fusing failed ({type(exc).__name__}: {exc}); the model was restored to its state before the call") from exc
+    with all_or_nothing(undo, FuseError, "re-fusing"):
+        for path, block in progress(blocks, "fuse", show_progress):
+            shell, zero_copy = _fuse_block(path, block, pieces[path], memo, undo)
+            for alias in aliases[id(block)]:  # a block shared by several parents is restored in all
+                parent_path, _, attr = alias.rpartition(".")
+                parent = model.get_submodule(parent_path)
+                setattr(parent, attr, shell)
+                undo.append(lambda p=parent, a=attr, b=block: setattr(p, a, b))
+            report.converted.append(
+                BlockRecord(path, type(shell).__name__, block.layout.describe(), block.num_experts, "fused", zero_copy=zero_copy)
+            )
+        for path, mlp in dense:
+            zero_copy = fuse_dense_mlp(mlp, path, undo)
+            report.converted.append(
+                BlockRecord(path, type(mlp).__name__, DENSE_LAYOUT, 0, "fused", zero_copy=zero_copy, kind="dense_mlp")
+            )
     logger.info("re-fused %d block(s), %d dense MLP(s)", len(report.experts_blocks), len(report.dense_mlps))
     return report
 
