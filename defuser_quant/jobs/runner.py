@@ -24,7 +24,6 @@ from defuser_quant.calibration import distributed
 from .backends import get_backend
 from .config import JobConfig
 from .context import BackendResult, JobContext
-from .model_source import BUILTIN_MODEL, resolve_model_path  # noqa: F401  (re-exported)
 from ..checkpoint.check import job_verdict
 from .output import check_output_dir, staged_output
 from .preflight import preflight
@@ -155,6 +154,7 @@ def run_job(config: JobConfig, console: Console | None = None, *, verbose: bool 
     from .evaluate import perplexity
 
     main = distributed.is_main_process()  # under torchrun only rank 0 writes and prints
+    console_given = console
     terminal = terminal_stream() if console is None and main and not verbose else None
     if console is None and terminal is not None:
         # piped: wide enough for module paths rather than the 80 columns rich assumes
@@ -210,7 +210,8 @@ def run_job(config: JobConfig, console: Console | None = None, *, verbose: bool 
             progress.update(task, unit=f"{len(layers)}/{len(layers)} layers")
 
     with _output(target, config.output.overwrite, protected, main) as staging, third_party_output(
-        staging / LOG_FILE, terminal, enabled=terminal is not None
+        staging / LOG_FILE, terminal, enabled=terminal is not None or (verbose and main and console_given is None),
+        echo=verbose,
     ) as log_file, progress:
         if log_file is not None:
             report.log_file = str(target / LOG_FILE)
