@@ -77,3 +77,18 @@ def test_scoped_and_class_keyed_mappings_are_patched_and_restored(model_type):
     dq.restore_fused_blocks(model_type)
     assert {k: repr(get_checkpoint_conversion_mapping(k)) for k in keys} == before
     assert not patching._MAPPINGS
+
+
+def test_sub_config_scoped_mapping_found_when_the_sub_model_has_no_config_class_of_its_own(tmp_path, monkeypatch):
+    """Transformers 5.22 gives MistralLarge4TextModel the composite config class (5.24 its own),
+    yet looks its conversion mapping up under the text config's type: the patch must find that
+    scope from the config's sub_configs, or fused checkpoints do not split (load check raises)."""
+    modeling = pytest.importorskip("transformers.models.mistral_large4.modeling_mistral_large4")
+    model, inputs = build_tiny_model("mistral_large4")
+    ref = run_main_output(model, inputs)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "fused", save_original_format=False)
+    # As in 5.22: the text model's config_class is inherited from the composite PreTrainedModel.
+    monkeypatch.setattr(modeling.MistralLarge4TextModel, "config_class", modeling.MistralLarge4PreTrainedModel.config_class)
+    assert dq.replace_fused_blocks(model.config.model_type)
+    _assert_loads_exactly(model, tmp_path / "fused", inputs, ref, expected, defused=True)

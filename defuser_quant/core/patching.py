@@ -262,7 +262,7 @@ def _scoped_mapping_keys(model_type: str, dense: bool) -> list[str]:
     so a merge left there would build fused tensors the patched model does not have."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    keys = []
+    keys = _sub_config_types(model_type)
     for cls in _defined_classes(model_type):
         sub_type = getattr(getattr(cls, "config_class", None), "model_type", None)
         keys += [cls.__name__] + ([sub_type] if isinstance(sub_type, str) and sub_type else [])
@@ -273,6 +273,26 @@ def _scoped_mapping_keys(model_type: str, dense: bool) -> list[str]:
         previous = _MAPPINGS[key][0] if key in _MAPPINGS else get_checkpoint_conversion_mapping(key)
         if any(is_expert_merge(t) or (dense and is_dense_merge(t)) for t in previous or []):
             found.append(key)
+    return found
+
+
+def _sub_config_types(model_type: str) -> list[str]:
+    """Model types of the sub-configs ``model_type``'s config declares (``text_config`` ...), nested.
+    Sub-models are not always given their own ``config_class`` (mistral_large4's text model before
+    Transformers 5.24), but Transformers looks their conversion mapping up by their config's type."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        pending = [CONFIG_MAPPING[model_type]]
+    except KeyError:
+        return []
+    found: list[str] = []
+    while pending:
+        for sub in (getattr(pending.pop(), "sub_configs", None) or {}).values():
+            sub_type = getattr(sub, "model_type", None)
+            if isinstance(sub_type, str) and sub_type and sub_type not in found and sub_type != model_type:
+                found.append(sub_type)
+                pending.append(sub)
     return found
 
 
