@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from gptqmodel_gpu import add_shape_args  # the same model shape flags (this folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VARIANTS = ("stock", "routed", "all")
@@ -54,16 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="processes of the distributed runs (one GPU each)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=768, help="moe_intermediate_size")
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--samples", type=int, default=128, help="calibration rows")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row (at most)")
+    add_shape_args(p)
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/distributed_<device>[_tiny].json)")

@@ -70,11 +70,8 @@ TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4,
             samples=16, seq_len=128, batch_size=4)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke run: " + json.dumps(TINY))
-    p.add_argument("--layers", type=int, default=1, help="decoder layers (each one a full Qwen3-30B-A3B layer)")
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The model shape (Qwen3-30B-A3B layers by default) and calibration size flags."""
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=768, help="moe_intermediate_size")
@@ -85,6 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--samples", type=int, default=128, help="calibration rows")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row (at most)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke run: " + json.dumps(TINY))
+    p.add_argument("--layers", type=int, default=1, help="decoder layers (each one a full Qwen3-30B-A3B layer)")
+    add_shape_args(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--variants", default=None,
                    help=f"comma-separated subset of {','.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)}; all three with --tiny)")
