@@ -154,8 +154,8 @@ def run_job(config: JobConfig, console: Console | None = None, *, verbose: bool 
     from .evaluate import perplexity
 
     main = distributed.is_main_process()  # under torchrun only rank 0 writes and prints
-    console_given = console
-    terminal = terminal_stream() if console is None and main and not verbose else None
+    owns_terminal = console is None and main  # then the quantizers' output is redirected to the log
+    terminal = terminal_stream() if owns_terminal and not verbose else None
     if console is None and terminal is not None:
         # piped: wide enough for module paths rather than the 80 columns rich assumes
         console = Console(file=terminal, width=None if terminal.isatty() else 160)
@@ -210,8 +210,7 @@ def run_job(config: JobConfig, console: Console | None = None, *, verbose: bool 
             progress.update(task, unit=f"{len(layers)}/{len(layers)} layers")
 
     with _output(target, config.output.overwrite, protected, main) as staging, third_party_output(
-        staging / LOG_FILE, terminal, enabled=terminal is not None or (verbose and main and console_given is None),
-        echo=verbose,
+        staging / LOG_FILE, terminal, enabled=owns_terminal and (verbose or terminal is not None), echo=verbose
     ) as log_file, progress:
         if log_file is not None:
             report.log_file = str(target / LOG_FILE)
