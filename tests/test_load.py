@@ -123,7 +123,7 @@ def test_an_expert_that_does_not_load_raises(tmp_path):
 
 
 @pytest.mark.parametrize("qcfg, message", [
-    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "'fp8' is not supported by defuser_quant.load"),
+    ({"quant_method": "mxfp4"}, "'mxfp4' is not supported by defuser_quant.load"),
     ({"quant_method": "bitsandbytes"}, "'bitsandbytes' is not supported"),
 ])
 def test_unsupported_formats_are_refused(tmp_path, qcfg, message):

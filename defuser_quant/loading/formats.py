@@ -2,7 +2,8 @@
 
 Loading goes through Transformers' own quantizer integrations (GPTQ through optimum and
 GPTQModel's kernels, AWQ through GPTQModel, compressed-tensors through compressed-tensors), so a
-format is supported here only where one of those keeps per-expert Linears quantized.
+format is supported here only where one of those keeps per-expert Linears quantized, or, for
+fine-grained FP8 (``fp8``), where its fused ``FP8Experts`` can be defused into FP8 Linears.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ SUPPORTED: dict[str, tuple[tuple[str, ...], str]] = {
     "gptq": (("gptqmodel", "optimum"), "gptqmodel optimum"),
     "awq": (("gptqmodel", "accelerate"), "gptqmodel accelerate"),
     "compressed-tensors": (("compressed_tensors",), "compressed-tensors"),
+    "fp8": (("accelerate",), "accelerate"),  # Transformers' fine-grained FP8: defused after loading (loading/fp8.py)
 }
 
 
@@ -43,15 +45,9 @@ def checkpoint_format(config: Any) -> CheckpointFormat:
     method = (qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)) or "unknown"
     method = getattr(method, "value", method)
     if method not in SUPPORTED:
-        hint = (
-            " Fused FP8 experts load quantized with stock Transformers (FP8Experts), fused; to defuse them, convert the "
-            "checkpoint to per-expert with llm-compressor's FP8 scheme."
-            if method == "fp8"
-            else ""
-        )
         raise LoadError(
             f"quantization method {method!r} is not supported by defuser_quant.load (supported: "
-            f"{', '.join(m for m in SUPPORTED if m != 'none')}, or unquantized).{hint}"
+            f"{', '.join(m for m in SUPPORTED if m != 'none')}, or unquantized)."
         )
     modules, pip_names = SUPPORTED[method]
     missing = [m for m in modules if importlib.util.find_spec(m) is None]

@@ -97,7 +97,11 @@ def load(path: str | Path, *, model_class: type | None = None, **from_pretrained
 
     Per-expert and fused float checkpoints load into per-expert ``nn.Linear`` modules; GPTQ/AWQ
     (as GPTQModel writes them) and compressed-tensors per-expert checkpoints load with the experts
-    kept quantized, through Transformers' own quantizer integrations. The family is patched only
+    kept quantized, through Transformers' own quantizer integrations. Fine-grained FP8
+    (``quant_method: fp8``, fused or per-expert) loads into Transformers' ``FP8Experts`` and is
+    defused after loading into per-expert ``FP8Linear`` views (needs a CUDA/XPU device with FP8
+    kernels; elsewhere it is refused unless ``quantization_config=FineGrainedFP8Config(dequantize=True)``
+    asks for float experts). The family is patched only
     for the duration of the call (left patched if it already was). Raises ``ExpertLoadError`` when
     any expert tensor does not load (the experts would be random), ``LoadError`` for a format it
     does not handle or experts that did not stay as stored. ``model_class`` defaults to the
@@ -112,6 +116,13 @@ def load(path: str | Path, *, model_class: type | None = None, **from_pretrained
     config = AutoConfig.from_pretrained(str(root), trust_remote_code=trust)
     fmt = checkpoint_format(config)
     cls = _model_class(config, model_class)
+    if fmt.method == "fp8":
+        from .fp8 import load_fp8
+
+        model, count = load_fp8(root, config, cls, from_pretrained_kwargs)
+        _verify(model, root, quantized=count > 0)
+        logger.info("loaded %s (fp8): experts defused, %d expert projections FP8", root, count)
+        return model
     patched_here = replace_fused_blocks(config.model_type)
     try:
         model = cls.from_pretrained(str(root), **from_pretrained_kwargs)
