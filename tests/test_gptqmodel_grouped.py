@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -23,8 +24,10 @@ def _run(plugin, tiny, tmp_path, name: str, *, grouped: bool, routing: str = "ro
         for block in model.model.modules():
             if isinstance(block, DefusedExperts):
                 block.routed_forward = _loop_ran
-    with record_gptq_kernels(stages=grouped) as kernels:
+    t0 = time.perf_counter()
+    with record_gptq_kernels(stages=grouped, model=model.model) as kernels:
         result = plugin.quantize_with_defuser(model, tiny["calibration"], routing=routing, batch_size=4, grouped=grouped)
+    kernels.elapsed = time.perf_counter() - t0
     classes = quant_linear_classes(model.model)
     model.save(str(tmp_path / name))
     return result, kernels, classes, _tensors(tmp_path / name)
@@ -55,9 +58,17 @@ def test_grouped_gptq_equals_per_expert_loop(plugin, tiny, tmp_path, routing):  
         assert "torch@cpu" in kernels.label()
     assert not kernels_loop.stage_seconds
     calls = kernels_grouped.stage_calls
-    assert calls["solve"] == quantized and calls["pack"] == quantized
+    assert calls["solve"] == quantized and calls["pack"] == calls["finalize"] == quantized
     assert calls["hessian"] >= quantized and calls["experts_forward"] > 0
-    assert all(seconds > 0 for seconds in kernels_grouped.stage_seconds.values())
+    # Decoder layer forwards: per layer, a capture pass per subset plus the replay pass, per batch.
+    assert calls["forward"] >= 2 * 3 * len(tiny["calibration"]) // 4
+    seconds, wall = kernels_grouped.stage_seconds, kernels_grouped.stage_wall_seconds
+    assert all(v > 0 for v in seconds.values()) and seconds.keys() == wall.keys()
+    # Wall time of a stage never exceeds its summed thread time; nested stages fit in their parent.
+    assert all(wall[k] <= seconds[k] + 1e-6 for k in wall)
+    assert wall["hessian"] + wall["experts_forward"] <= wall["forward"] * 2 and wall["pack"] <= wall["finalize"] + 1e-6
+    busy = kernels_grouped.busy_wall_seconds
+    assert max(wall["forward"], wall["solve"], wall["finalize"]) <= busy + 1e-6 <= kernels_grouped.elapsed
 
 
 def test_fallback_reason_names_what_fell_back():
@@ -66,8 +77,12 @@ def test_fallback_reason_names_what_fell_back():
     fast = GptqKernelRecord(solves=Counter({("cuda_block_update", "cuda"): 768}), block_update_available=True)
     assert fast.fallback_reason() is None and "FALLBACK" not in fast.label()
     slow = GptqKernelRecord(solves=Counter({("torch", "cuda"): 768}), block_update_available=False)
-    assert "768 GPTQ solve(s) on CUDA used GPTQModel's torch loop" in slow.fallback_reason()
+    assert "768 GPTQ solve(s) on CUDA used a torch loop instead of the extension" in slow.fallback_reason()
     assert "did not build or load" in slow.fallback_reason() and slow.label().endswith("(FALLBACK)")
+    batched = GptqKernelRecord(solves=Counter({("batched_cuda_block_update", "cuda"): 5}), block_update_available=True)
+    assert batched.fallback_reason() is None and batched.label() == "batched-cuda-ext@cuda 5"
+    batched_slow = GptqKernelRecord(solves=Counter({("batched_torch", "cuda"): 5}), block_update_available=False)
+    assert "5 GPTQ solve(s) on CUDA used a torch loop" in batched_slow.fallback_reason()
     oom = GptqKernelRecord(solves=Counter({("cuda_block_update", "cuda"): 3}), hessian_inverse_cpu_fallbacks=1)
     assert "CPU after a CUDA OOM" in oom.fallback_reason()
     assert oom.as_dict()["gptq_solves"] == {"cuda_block_update@cuda": 3}
@@ -103,3 +118,28 @@ def test_deterministic_mode_is_on_during_quantize_only(plugin, tiny):  # noqa: F
     plugin.quantize_with_defuser(model, tiny["calibration"][:8], batch_size=4, deterministic=True, grouped=True)
     assert seen and all(seen)
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_stage_clock_counts_nested_calls_once_and_overlap_as_wall_time():
+    import threading
+
+    from defuser_quant.integrations.gptqmodel import kernels
+
+    with kernels.record_gptq_kernels(stages=True) as record:
+        def work():
+            with kernels.stage("solve"), kernels.stage("solve"):  # nested on one thread: once
+                time.sleep(0.2)
+
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+    assert record.stage_calls["solve"] == 2
+    assert record.stage_seconds["solve"] >= 0.4 > elapsed >= record.stage_wall_seconds["solve"] >= 0.2
+    assert record.busy_wall_seconds == pytest.approx(record.stage_wall_seconds["solve"])
+    with kernels.stage("solve"):  # no active recorder: nothing to time, nothing fails
+        pass
+    assert record.stage_calls["solve"] == 2

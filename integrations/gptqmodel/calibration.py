@@ -43,6 +43,7 @@ from defuser_quant.calibration.grouped import deterministic_mode, grouped_routed
 from defuser_quant.core.defused import DefusedExperts
 from defuser_quant.core.errors import DefuserQuantError
 
+from .batched import BatchedSolve, BatchedSolveStats, batched_solves
 from .grouped import hooked_linear_grouping
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class QuantizeResult:
     coverage: CoverageReport
     projections: list[ProjectionRecord] = field(default_factory=list)
     report_path: Path | None = None
+    solve: BatchedSolveStats | None = None  # what the batched solve did (``batched_solve=...``), else None
 
     def float_projections(self) -> list[ProjectionRecord]:
         return [p for p in self.projections if p.method.startswith("float")]
@@ -281,6 +283,7 @@ def quantize_with_defuser(
     coverage_report: str | Path | None = None,
     grouped: bool = False,
     deterministic: bool = False,
+    batched_solve: bool | BatchedSolve = False,
     **quantize_kwargs: Any,
 ) -> QuantizeResult:
     """``model.quantize(calibration, ...)`` with our routing mode and an honest coverage report.
@@ -305,6 +308,10 @@ def quantize_with_defuser(
             Layers whose Linears are not plain keep the loop.
         deterministic: deterministic CUDA kernels during ``quantize()`` (``index_add_`` in the
             per-expert loop is not otherwise); see ``calibration.grouped.deterministic_mode``.
+        batched_solve: solve the equal-shape modules of each subset (a layer's experts) together
+            inside GPTQModel's GPTQ processor (``integrations.gptqmodel.batched``); True or a
+            ``BatchedSolve`` with its settings. Modules it does not reproduce go to GPTQModel's
+            per-module solve; ``QuantizeResult.solve`` counts both, with reasons.
         **quantize_kwargs: passed to ``model.quantize`` (``batch_size``, ``backend``, ...).
 
     Raises:
@@ -313,6 +320,8 @@ def quantize_with_defuser(
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
+    if not isinstance(batched_solve, (bool, BatchedSolve)):
+        raise TypeError(f"batched_solve must be a bool or a BatchedSolve, got {type(batched_solve).__name__}")
     qcfg = model.quantize_config
     if routing != "routed" and getattr(qcfg, "moe", None) is not None:
         raise ValueError(
@@ -332,9 +341,16 @@ def quantize_with_defuser(
         if grouped:
             stack.enter_context(hooked_linear_grouping())
         stack.enter_context(deterministic_mode(deterministic))
+        solve = None
+        if batched_solve is not False:
+            solve = stack.enter_context(batched_solves(batched_solve if isinstance(batched_solve, BatchedSolve) else None))
         log = model.quantize(calibration, **quantize_kwargs)
+    if solve is not None:
+        logger.info("batched GPTQ solve: %s", solve.as_dict())
     report = build_report(router.coverage(), min_tokens)
-    result = QuantizeResult(log=log or {}, coverage=report, projections=projection_records(hf_model, router, log, qcfg))
+    result = QuantizeResult(
+        log=log or {}, coverage=report, projections=projection_records(hf_model, router, log, qcfg), solve=solve
+    )
     if coverage_report is not None:
         result.report_path = _write(result, coverage_report)
     logger.info("expert coverage:\n%s", report.console_summary(worst=10))

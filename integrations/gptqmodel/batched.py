@@ -1,0 +1,565 @@
+"""Batched GPTQ solves inside GPTQModel's own flow: the experts of a layer solved together.
+
+GPTQModel 7.6 solves one module at a time (``GPTQProcessor.process`` -> ``GPTQ.quantize``): at
+Qwen3-30B-A3B shape that is ~77 ms of mostly per-module bookkeeping, 768 times per two layers.
+Here the modules of one subset pass that have equal weight shapes, the same device and the same
+GPTQ settings (a layer's expert ``gate_proj``/``up_proj``, then its ``down_proj``) are solved
+together, in chunks: one batched Cholesky factorisation and inverse, and one column-block loop
+over all of them. Everything after the solve is GPTQModel's own: ``GPTQProcessor.process``
+receives, from ``GPTQ.quantize``, the same ``(Q, scale, zero, g_idx, duration, loss, damp,
+nsamples)`` tuple it would have computed, and logs, streams, packs (its kernels) and saves
+(its checkpoint format) as usual.
+
+Exactness, step by step against ``GPTQ.quantize`` (7.6):
+
+* per-row quantizer parameters (``Quantizer.find_params`` on the experts' rows stacked), dead
+  columns, ``desc_act`` / ``act_group_aware`` permutations (GPTQModel's own functions, per
+  module), the damp (``damp_percent`` x each module's mean Hessian diagonal), ``g_idx`` and the
+  scale reordering are the same operations on the same values;
+* the column loop is element-wise, so batching it changes nothing; on CUDA, where GPTQModel runs
+  its block-update extension, the extension is called per module and 128-column block, exactly as
+  GPTQModel calls it; the lazy block updates run one matmul per module, like GPTQModel's;
+* only the Cholesky factorisation, ``cholesky_inverse`` and the upper Cholesky run batched
+  (``torch.linalg`` over a stack). On the CPU these loop over LAPACK per matrix (bit-identical
+  here); on CUDA batched kernels may round differently from single-matrix ones, so qweights can
+  differ in a few codes (tests report the share of identical qweights and the largest scale
+  difference).
+
+Whatever is not reproduced goes back to GPTQModel's per-module solve, logged and counted by
+reason (:class:`BatchedSolveStats`): GPTAQ/FOEM tasks, non-``Quantizer`` quantizers, ``static_groups``,
+``mock_quantization``, tensor-parallel padding, non-``Linear`` modules, modules under the
+``Fallback`` sample threshold (GPTQModel quantizes those without a Hessian), modules whose first
+Cholesky attempt at ``damp_percent`` fails (GPTQModel's damp recovery then runs for them alone),
+a NaN loss (GPTQModel's mock-quantization retry), and whole chunks that run out of memory.
+A module is only ever solved by one of the two paths, and the batched path never writes to a
+module's GPTQ task until GPTQModel asks that task for its result, so a fallback starts from the
+untouched task.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import kernels
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "BatchedSolve",
+    "BatchedSolveStats",
+    "SolveResult",
+    "batched_gptq_solve",
+    "batched_solves",
+    "why_not_batched",
+]
+
+#: Working memory one chunk of a batched solve may use (Hessian copies, inverses, fp32 weights).
+DEFAULT_CHUNK_BYTES = 1 << 30
+BLOCKSIZE = 128
+
+
+@dataclass(frozen=True)
+class BatchedSolve:
+    """Settings of the batched solve (``quantize_with_defuser(batched_solve=...)``).
+
+    Attributes:
+        min_modules: smallest group of equal-shape modules solved together (smaller: per module).
+        chunk_bytes: working memory per chunk; a group larger than that is solved in several chunks.
+    """
+
+    min_modules: int = 2
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        if self.min_modules < 1:
+            raise ValueError(f"BatchedSolve.min_modules must be >= 1, got {self.min_modules}")
+        if self.chunk_bytes <= 0:
+            raise ValueError(f"BatchedSolve.chunk_bytes must be > 0, got {self.chunk_bytes}")
+
+
+@dataclass
+class BatchedSolveStats:
+    """What the batched solve did in one ``quantize()`` run."""
+
+    batched_modules: int = 0
+    groups: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    paths: Counter = field(default_factory=Counter)  # "batched_cuda_block_update@cuda" -> modules
+    per_module: Counter = field(default_factory=Counter)  # reason -> modules left to GPTQModel's own solve
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batched_modules": self.batched_modules,
+            "groups": self.groups,
+            "chunks": self.chunks,
+            "seconds": round(self.seconds, 3),
+            "paths": dict(self.paths),
+            "per_module": dict(self.per_module),
+        }
+
+
+@dataclass
+class SolveResult:
+    """One module's result, in the order ``GPTQ.quantize`` returns it."""
+
+    values: tuple
+    path: str
+    device: str
+    blocksize: int = BLOCKSIZE
+
+
+# ----- what can be batched -------------------------------------------------------------------
+def why_not_batched(task: Any) -> str | None:
+    """Why GPTQModel's per-module solve must handle ``task`` (None: it can be batched).
+
+    Checked at solve time (after calibration), before anything of the task is touched.
+    """
+    from gptqmodel.quantization.gptq import GPTQ
+    from gptqmodel.quantization.quantizer import Quantizer
+    from gptqmodel.utils.fallback import should_use_fallback
+
+    if type(task) is not GPTQ:
+        return f"{type(task).__name__} task (GPTAQ/FOEM solve)"
+    module = getattr(task, "module", None)
+    if not isinstance(module, nn.Linear) or getattr(task, "_tp_pad_cols", 0):
+        return "not a plain Linear" if not isinstance(module, nn.Linear) else "tensor-parallel column padding"
+    if type(task.quantizer) is not Quantizer:
+        return f"{type(task.quantizer).__name__} quantizer"
+    qcfg = task.qcfg
+    if qcfg.mock_quantization:
+        return "mock_quantization"
+    if qcfg.static_groups:
+        return "static_groups"
+    if getattr(task, "module_copy", None) is not None:
+        return "module_copy set"
+    if task.nsamples == 0:
+        return "no calibration rows"
+    if should_use_fallback(task.fallback, float(task.nsamples), task.expected_nsamples):
+        return "under the Fallback sample threshold (GPTQModel's weight-only fallback)"
+    return None
+
+
+def _settings_key(task: Any) -> tuple:
+    """Everything a batch must share: shape, devices, dtype and the solve-relevant settings."""
+    q = task.qcfg
+    module = task.module
+    device = getattr(module, "target_device", None) or module.weight.data.device
+    return (
+        task.rows, task.columns, str(torch.device(device)), str(module.weight.data.device), module.weight.dtype,
+        int(q.bits), bool(q.sym), float(getattr(q, "mse", 0.0) or 0.0), int(q.group_size), bool(q.desc_act),
+        bool(q.act_group_aware), float(q.damp_percent), float(q.damp_auto_increment),
+        int(task.quantizer.maxq.item()), float(task.quantizer.grid), float(task.quantizer.maxshrink),
+        bool(task.quantizer.perchannel),
+    )
+
+
+# ----- the solve -----------------------------------------------------------------------------
+@dataclass
+class _Unit:
+    """Tasks that share one Hessian (GPTQModel's shared-input dedup: gate/up of one expert)."""
+
+    tasks: list[Any]
+
+
+def _units(tasks: list[Any]) -> list[_Unit]:
+    """Group tasks whose Hessians are GPTQModel's shared copies (verified equal)."""
+    units: list[_Unit] = []
+    by_cache: dict[int, _Unit] = {}
+    for task in tasks:
+        cache = getattr(task, "_shared_hessian_cache", None)
+        if cache is not None and not getattr(task, "_shared_hessian_cache_disabled", False):
+            unit = by_cache.get(id(cache))
+            if unit is not None and torch.equal(unit.tasks[0].H, task.H):
+                unit.tasks.append(task)
+                continue
+            if unit is None:
+                by_cache[id(cache)] = unit = _Unit([task])
+                units.append(unit)
+                continue
+        units.append(_Unit([task]))
+    return units
+
+
+def _chunks(units: list[_Unit], chunk_bytes: int) -> Iterator[list[_Unit]]:
+    chunk: list[_Unit] = []
+    used = 0
+    for unit in units:
+        first = unit.tasks[0]
+        cost = 2 * first.columns**2 * 4 + len(unit.tasks) * 3 * first.rows * first.columns * 4
+        if chunk and used + cost > chunk_bytes:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(unit)
+        used += cost
+    if chunk:
+        yield chunk
+
+
+def _use_extension(first: Any, device: torch.device, blocksize: int) -> bool:
+    """GPTQModel's own condition for its CUDA block-update extension (``GPTQ.quantize``)."""
+    from gptqmodel.quantization import gptq_cuda
+    from gptqmodel.quantization.quantizer import Quantizer
+    from gptqmodel.utils.env import env_flag
+
+    qcfg = first.qcfg
+    return (
+        device.type == "cuda"
+        and blocksize == 128
+        and qcfg.bits in (2, 3, 4, 5, 6, 7, 8)
+        and int(first.quantizer.maxq.item()) == (1 << qcfg.bits) - 1
+        and not qcfg.mock_quantization
+        and type(first.quantizer) is Quantizer
+        and not env_flag("GPTQMODEL_DISABLE_GPTQ_CUDA")
+        and bool(gptq_cuda.block_update_available())
+    )
+
+
+def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[SolveResult | None]:
+    """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
+
+    Returns one entry per task: its :class:`SolveResult`, or None when GPTQModel's per-module
+    solve must handle it (its first Cholesky failed, or its loss is NaN). Task state is only read.
+    """
+    from gptqmodel.quantization import gptq_cuda
+    from gptqmodel.quantization.gar import (
+        compose_final_perm,
+        compute_global_perm,
+        compute_local_perms,
+        extend_perm_with_tail,
+        invert_perm,
+    )
+    from gptqmodel.quantization.quantizer import quantize as quantize_values
+
+    start = time.time()
+    for task in tasks:
+        task.finalize_hessian(target_device=getattr(task.module, "target_device", None))
+        task._release_deferred_hessian_sources()
+    units = _units(tasks)
+    first = units[0].tasks[0]
+    qcfg = first.qcfg
+    device = first.H.device
+    order = [t for u in units for t in u.tasks]
+    hidx = torch.tensor([i for i, u in enumerate(units) for _ in u.tasks], device=device)
+    B, U, R, C = len(order), len(units), first.rows, first.columns
+    group = qcfg.group_size
+
+    W = torch.empty((B, R, C), dtype=torch.float32, device=device)
+    for b, task in enumerate(order):
+        W[b].copy_(task.module.weight.data)
+    H = torch.empty((U, C, C), dtype=torch.float32, device=device)
+    for u, unit in enumerate(units):
+        H[u].copy_(unit.tasks[0].H)
+
+    quantizer = copy.deepcopy(first.quantizer)
+    maxq = quantizer.maxq.to(device)
+    quantizer.find_params(W.view(B * R, C), weight=True)
+    row_scale, row_zero = quantizer.scale, quantizer.zero
+
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1)
+    W.masked_fill_(dead[hidx].unsqueeze(1), 0)
+
+    perms: list[torch.Tensor] | None = None
+    global_perms: list[torch.Tensor] = []
+    if qcfg.desc_act:
+        perms = [torch.argsort(torch.diag(H[u]), descending=True) for u in range(U)]
+    elif qcfg.act_group_aware:
+        perms = []
+        for u in range(U):
+            diag_h = torch.diag(H[u])
+            local_perms, local_values = compute_local_perms(diag_h, group, return_values=True)
+            global_perm = compute_global_perm(diag_h, group, precomputed_values=local_values)
+            final = extend_perm_with_tail(compose_final_perm(local_perms, global_perm, group), C)
+            perms.append(final)
+            global_perms.append(global_perm)
+    if perms is not None:
+        stacked = torch.stack([p.to(device) for p in perms])
+        W = W.gather(2, stacked[hidx].unsqueeze(1).expand(B, R, C))
+        H = H.gather(1, stacked.unsqueeze(2).expand(U, C, C)).gather(2, stacked.unsqueeze(1).expand(U, C, C))
+        diag = H.diagonal(dim1=-2, dim2=-1)
+
+    # Hessian inverse: GPTQModel's first attempt (damp_percent, untouched diagonal), batched.
+    orig_diag = diag.clone()
+    means = torch.stack([torch.mean(orig_diag[u]) for u in range(U)])
+    damp = float(qcfg.damp_percent)
+    diag.add_(damp * means.unsqueeze(1))
+    factor, info = torch.linalg.cholesky_ex(H, check_errors=False)
+    del H, diag
+    torch.cholesky_inverse(factor, out=factor)
+    Hinv, info_upper = torch.linalg.cholesky_ex(factor, upper=True, check_errors=False)
+    del factor
+    failed = ((info != 0) | (info_upper != 0)).tolist()
+
+    Losses = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
+    extension = _use_extension(first, device, blocksize)
+    scales: list[torch.Tensor] = []
+    zeros: list[torch.Tensor] = []
+    cur_scale, cur_zero = row_scale, row_zero
+    now_idx = 1
+    hlist = hidx.tolist()
+    for i1 in range(0, C, blocksize):
+        i2 = min(i1 + blocksize, C)
+        count = i2 - i1
+        W1 = W[:, :, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        block_params: list[tuple[torch.Tensor, torch.Tensor]] = []
+        column_groups: list[int] = []
+        for i in range(count):
+            column = i1 + i
+            if group != -1:
+                if column % group == 0:
+                    quantizer.find_params(W[:, :, column : column + group].reshape(B * R, -1), weight=True)
+                    cur_scale, cur_zero = quantizer.scale, quantizer.zero
+                if (column // group) - now_idx == -1:
+                    scales.append(cur_scale)
+                    zeros.append(cur_zero)
+                    now_idx += 1
+            if not block_params or block_params[-1][0] is not cur_scale:
+                block_params.append((cur_scale, cur_zero))
+            column_groups.append(len(block_params) - 1)
+        if extension and count == 128:
+            block_scale = torch.stack([s.flatten() for s, _ in block_params])
+            block_zero = torch.stack([z.flatten() for _, z in block_params])
+            column_group = torch.tensor(column_groups, device=device, dtype=torch.int32)
+            for b in range(B):
+                rows = slice(b * R, (b + 1) * R)
+                gptq_cuda.gptq_block_update(
+                    W1[b], Hinv[hlist[b], i1:i2, i1:i2], block_scale[:, rows], block_zero[:, rows], column_group,
+                    Q[b, :, i1:i2], Err1[b], Losses[b, :, i1:i2], (1 << qcfg.bits) - 1,
+                )
+        else:
+            Hinv1 = Hinv[hidx, i1:i2, i1:i2]
+            d = Hinv1.diagonal(dim1=-2, dim2=-1)
+            for i in range(count):
+                scale, zero = block_params[column_groups[i]]
+                w = W1[:, :, i]
+                q = quantize_values(w, scale.view(B, R), zero.view(B, R), maxq, False)
+                Q[:, :, i1 + i] = q
+                delta = Err1[:, :, i]
+                torch.sub(w, q, out=delta)
+                di = d[:, i].unsqueeze(1)
+                Losses[:, :, i1 + i] = delta.square() / di.square()
+                delta.div_(di)
+                W1[:, :, i:] -= delta.unsqueeze(2) * Hinv1[:, i, i:].unsqueeze(1)
+        Losses[:, :, i1:i2].div_(2)
+        if i2 < C:
+            for b in range(B):
+                W[b, :, i2:] -= Err1[b].matmul(Hinv[hlist[b], i1:i2, i2:])
+        del W1, Err1
+    del Hinv
+
+    if not scales:
+        scales, zeros = [row_scale], [row_zero]
+    S = torch.cat(scales, dim=1).view(B, R, -1)
+    Z = torch.cat(zeros, dim=1).view(B, R, -1)
+    width = group if group != -1 else C
+    base_g_idx = torch.tensor([i // width for i in range(C)], dtype=torch.int32, device=device)
+    path = ("batched_cuda_block_update" if extension and C % 128 == 0 else "batched_torch") + f"@{device.type}"
+    duration = (time.time() - start) / B
+    results: list[SolveResult | None] = []
+    by_task: dict[int, SolveResult | None] = {}
+    for b, task in enumerate(order):
+        u = hlist[b]
+        if failed[u]:
+            by_task[id(task)] = None
+            continue
+        avg_loss = torch.sum(Losses[b]).item() / task.nsamples
+        if avg_loss != avg_loss:  # NaN: GPTQModel's own retry handles it
+            by_task[id(task)] = None
+            continue
+        q, scale, zero, g_idx = Q[b], S[b], Z[b], base_g_idx
+        if qcfg.desc_act:
+            invperm = torch.argsort(perms[u]).to(device)
+            q = q[:, invperm]
+            g_idx = g_idx[invperm]
+        elif qcfg.act_group_aware:
+            q = q[:, invert_perm(perms[u]).to(device)]
+            inv_global = invert_perm(global_perms[u]).tolist()
+            index = torch.tensor(inv_global + list(range(len(inv_global), scale.shape[1])), device=device)
+            scale, zero = scale[:, index], zero[:, index]
+        else:
+            scale, zero = scale.contiguous(), zero.contiguous()
+        weight = task.module.weight
+        q = q.reshape(weight.shape).to(weight.dtype).to(device=weight.data.device)
+        by_task[id(task)] = SolveResult(
+            (q, scale, zero, g_idx.clone(), duration, avg_loss, damp, task.nsamples), path, device.type, blocksize
+        )
+    for task in tasks:
+        results.append(by_task[id(task)])
+    return results
+
+
+# ----- inside GPTQModel: the coordinator -------------------------------------------------------
+class _Coordinator:
+    """Groups a subset's tasks at the first ``process()`` call, solves each group once, and hands
+    every task its result when GPTQModel's ``process()`` asks ``GPTQ.quantize`` for it."""
+
+    def __init__(self, settings: BatchedSolve):
+        self.settings = settings
+        self.stats = BatchedSolveStats()
+        self.lock = threading.Lock()
+        self.results: dict[int, tuple[Any, SolveResult]] = {}  # id(task) -> (task, result)
+        self.pending: dict[int, tuple[Any, threading.Event]] = {}  # id(task) -> (task, done)
+        self.seen: dict[int, Any] = {}  # id(task) -> task, every task grouped or refused once
+
+    def prepare(self, processor: Any, module: Any, subset: dict | None) -> None:
+        tasks = getattr(processor, "tasks", None) or {}
+        task = tasks.get(getattr(module, "name", None))
+        if task is None:
+            return
+        with self.lock:
+            waiting = self.pending.get(id(task))
+            if waiting is None:
+                if id(task) in self.seen:
+                    return
+                group = self._group_for(task, tasks, subset)
+                if group is None:
+                    return
+                done = threading.Event()
+                for member in group:
+                    self.pending[id(member)] = (member, done)
+        if waiting is not None:
+            waiting[1].wait()
+            return
+        try:
+            self._solve(group)
+        finally:
+            with self.lock:
+                for member in group:
+                    self.pending.pop(id(member), None)
+            done.set()
+
+    def _group_for(self, task: Any, tasks: dict, subset: dict | None) -> list[Any] | None:
+        """Under the lock: the not yet handled tasks of ``subset`` batched with ``task`` (or None)."""
+        names = list(subset) if subset else [getattr(task, "name", None)]
+        members = [tasks[n] for n in names if n in tasks and tasks[n] is not None and id(tasks[n]) not in self.seen]
+        if task not in members:
+            members.append(task)
+        candidates: dict[tuple, list[Any]] = {}
+        for member in members:
+            reason = why_not_batched(member)
+            if reason is not None:
+                self.seen[id(member)] = member
+                self.stats.per_module[reason] += 1
+                continue
+            candidates.setdefault(_settings_key(member), []).append(member)
+        for group in candidates.values():
+            if len(group) < self.settings.min_modules:
+                for member in group:
+                    self.seen[id(member)] = member
+                    self.stats.per_module["no equal-shape sibling in the subset"] += 1
+        group = next((g for g in candidates.values() if task in g and len(g) >= self.settings.min_modules), None)
+        if group is not None:
+            for member in group:
+                self.seen[id(member)] = member
+        return group
+
+    def _solve(self, group: list[Any]) -> None:
+        t0 = time.perf_counter()
+        with kernels.stage("solve"):
+            units = _units_for_chunking(group)
+            for chunk in _chunks(units, self.settings.chunk_bytes):
+                tasks = [t for u in chunk for t in u.tasks]
+                try:
+                    outcome = batched_gptq_solve(tasks)
+                except torch.OutOfMemoryError:
+                    logger.warning(
+                        "batched GPTQ solve of %d modules ran out of memory; GPTQModel solves them one by one",
+                        len(tasks),
+                    )
+                    with self.lock:
+                        self.stats.per_module["chunk ran out of memory"] += len(tasks)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                with self.lock:
+                    self.stats.chunks += 1
+                    for task, result in zip(tasks, outcome, strict=True):
+                        if result is None:
+                            self.stats.per_module["first Cholesky failed or NaN loss (GPTQModel's recovery)"] += 1
+                            continue
+                        self.results[id(task)] = (task, result)
+                        self.stats.batched_modules += 1
+                        self.stats.paths[f"{result.path}"] += 1
+        with self.lock:
+            self.stats.groups += 1
+            self.stats.seconds += time.perf_counter() - t0
+
+    def take(self, task: Any, blocksize: int) -> SolveResult | None:
+        with self.lock:
+            entry = self.results.get(id(task))
+            if entry is None or entry[0] is not task or entry[1].blocksize != blocksize:
+                return None
+            del self.results[id(task)]
+        return entry[1]
+
+
+def _units_for_chunking(group: list[Any]) -> list[_Unit]:
+    """Units before Hessians are final: shared-cache members next to each other (verified later)."""
+    units: list[_Unit] = []
+    by_cache: dict[int, _Unit] = {}
+    for task in group:
+        cache = getattr(task, "_shared_hessian_cache", None)
+        if cache is not None:
+            unit = by_cache.get(id(cache))
+            if unit is not None:
+                unit.tasks.append(task)
+                continue
+            by_cache[id(cache)] = unit = _Unit([task])
+            units.append(unit)
+        else:
+            units.append(_Unit([task]))
+    return units
+
+
+@contextmanager
+def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolveStats]:
+    """Inside the block, GPTQModel's GPTQ processor solves equal-shape modules together.
+
+    Patches ``GPTQProcessor.process`` (groups a subset's tasks before GPTQModel's own processing)
+    and ``GPTQ.quantize`` (returns a batched result where there is one), restored after.
+    """
+    from gptqmodel.looper.gptq_processor import GPTQProcessor
+    from gptqmodel.quantization.gptq import GPTQ
+
+    coordinator = _Coordinator(settings or BatchedSolve())
+    process, quantize = GPTQProcessor.process, GPTQ.quantize
+
+    def batched_process(self, module, *args, **kwargs):
+        subset = kwargs.get("subset", args[1] if len(args) > 1 else None)
+        if type(self) is GPTQProcessor:
+            coordinator.prepare(self, module, subset)
+        return process(self, module, *args, **kwargs)
+
+    def batched_quantize(self, blocksize=BLOCKSIZE):
+        result = coordinator.take(self, blocksize)
+        if result is None:
+            return quantize(self, blocksize=blocksize)
+        kernels.note_solve(result.path.split("@")[0], result.device)
+        self.H = None  # as GPTQModel's solve leaves it: the Hessian is consumed
+        return result.values
+
+    GPTQProcessor.process, GPTQ.quantize = batched_process, batched_quantize
+    try:
+        yield coordinator.stats
+    finally:
+        GPTQProcessor.process, GPTQ.quantize = process, quantize
+        leftover = len(coordinator.results)
+        coordinator.results.clear()
+        if leftover:
+            logger.debug("%d batched GPTQ result(s) were never asked for", leftover)

@@ -1,0 +1,237 @@
+"""Batched GPTQ solves inside GPTQModel (integrations.gptqmodel.batched), against GPTQModel 7.6's
+own per-module ``GPTQ.quantize`` (CPU, real GPTQModel)."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from test_gptqmodel_plugin import _tensors, plugin, tiny  # noqa: F401  (fixtures)
+from torch import nn
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _tasks(qcfg, n: int = 4, rows: int = 64, cols: int = 256, seed: int = 0, bad: int | None = None):
+    """``n`` GPTQModel GPTQ tasks on random bf16 Linears with a dead input column each."""
+    from gptqmodel.quantization.gptq import GPTQ
+
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for i in range(n):
+        linear = nn.Linear(cols, rows, bias=False).to(torch.bfloat16)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(rows, cols, generator=g))
+        task = GPTQ(linear, copy.deepcopy(qcfg))
+        task.quantizer.configure(perchannel=True)
+        x = torch.randn(96, cols, generator=g).to(torch.bfloat16)
+        x[:, 3] = 0  # a dead column: GPTQ zeroes it
+        task.add_batch(x, None)
+        if i == bad:  # a Hessian no damp fixes at the first attempt: GPTQModel's recovery must run
+            task.finalize_hessian()
+            task.H.diagonal().mul_(-1)
+        tasks.append(task)
+    return tasks
+
+
+CONFIGS = {
+    "default (act_group_aware)": {},
+    "natural order": {"act_group_aware": False},
+    "desc_act": {"desc_act": True, "act_group_aware": False},
+    "asym": {"sym": False},
+    "group 32": {"group_size": 32},
+    "per channel": {"group_size": -1, "act_group_aware": False},
+    "3 bit mse": {"bits": 3, "mse": 2.0, "act_group_aware": False},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_batched_solve_equals_gptqmodels_per_module_solve(name):
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve, why_not_batched
+
+    kw = dict(CONFIGS[name])
+    qcfg = QuantizeConfig(bits=kw.pop("bits", 4), group_size=kw.pop("group_size", 128), **kw)
+    reference, batched = _tasks(qcfg), _tasks(qcfg)
+    assert all(why_not_batched(t) is None for t in batched)
+    expected = [t.quantize() for t in reference]
+    got = batched_gptq_solve(batched)
+    for e, r in zip(expected, got, strict=True):
+        assert r is not None and r.path == "batched_torch@cpu"
+        q, scale, zero, g_idx, _, loss, damp, nsamples = r.values
+        for want, have in zip(e[:4], (q, scale, zero, g_idx), strict=True):
+            assert want.dtype == have.dtype and want.shape == have.shape and torch.equal(want, have)
+        assert (loss, damp, nsamples) == (e[5], e[6], e[7])
+
+
+def test_shared_hessians_are_inverted_once_and_give_the_same_result():
+    """GPTQModel's shared-input dedup (gate/up of one expert): followers hold copies of the leader's H."""
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization.gptq import SharedHessianFactorCache
+
+    from defuser_quant.integrations.gptqmodel.batched import _units, batched_gptq_solve
+
+    qcfg = QuantizeConfig(bits=4, group_size=128)
+    reference, batched = _tasks(qcfg), _tasks(qcfg)
+    for tasks in (reference, batched):
+        cache = SharedHessianFactorCache(1, "leader", leader="leader")
+        for follower in tasks[1:3]:
+            follower.adopt_hessian_from(tasks[0])
+        for task in tasks[:3]:
+            task.attach_shared_hessian_cache(cache)
+    for task in batched:
+        task.finalize_hessian()
+    assert [len(u.tasks) for u in _units(batched)] == [3, 1]
+    expected = [t.quantize() for t in reference]
+    got = batched_gptq_solve(batched)
+    for e, r in zip(expected, got, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(e[:4], r.values[:4], strict=True))
+
+
+def test_a_module_whose_first_cholesky_fails_is_left_to_gptqmodel():
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
+
+    qcfg = QuantizeConfig(bits=4, group_size=128)
+    tasks = _tasks(qcfg, bad=2)
+    untouched = tasks[2].H.clone()
+    got = batched_gptq_solve(tasks)
+    assert got[2] is None and all(r is not None for i, r in enumerate(got) if i != 2)
+    # Its task is as it was: GPTQModel's own solve (with its damp recovery) starts from scratch.
+    assert torch.equal(tasks[2].H, untouched)
+    assert tasks[2].quantize()[0].shape == tasks[2].module.weight.shape
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"static_groups": True}, "static_groups"),
+        ({"mock_quantization": True}, "mock_quantization"),
+    ],
+)
+def test_options_it_does_not_reproduce_are_refused(change, reason):
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.batched import why_not_batched
+
+    task = _tasks(QuantizeConfig(bits=4, group_size=128, **change), n=1)[0]
+    assert why_not_batched(task) == reason
+
+
+def test_modules_under_the_fallback_threshold_are_refused():
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization.config import Fallback, FallbackStrategy
+
+    from defuser_quant.integrations.gptqmodel.batched import why_not_batched
+
+    task = _tasks(QuantizeConfig(bits=4, group_size=128, fallback=Fallback(strategy=FallbackStrategy.RTN, threshold=1000)), n=1)[0]
+    assert "Fallback" in why_not_batched(task)
+
+
+def test_settings_are_checked():
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+    with pytest.raises(ValueError, match="min_modules"):
+        BatchedSolve(min_modules=0)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        BatchedSolve(chunk_bytes=0)
+
+
+# ----- inside GPTQModel's quantize() -----------------------------------------------------------
+def _quantize(plugin, tiny, tmp_path, name: str, **kw):  # noqa: F811
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.kernels import record_gptq_kernels
+
+    model = GPTQModel.load(str(tiny["src"]), QuantizeConfig(bits=4, group_size=128))
+    with record_gptq_kernels() as kernels:
+        result = plugin.quantize_with_defuser(model, tiny["calibration"], batch_size=4, **kw)
+    model.save(str(tmp_path / name))
+    return result, kernels, _tensors(tmp_path / name)
+
+
+@pytest.fixture(scope="module")
+def per_module(plugin, tiny, tmp_path_factory):  # noqa: F811
+    return _quantize(plugin, tiny, tmp_path_factory.mktemp("per_module"), "out")
+
+
+@pytest.mark.slow
+def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny, tmp_path, per_module):  # noqa: F811
+    reference, kernels_ref, tensors_ref = per_module
+    result, kernels, tensors = _quantize(plugin, tiny, tmp_path, "batched", batched_solve=True)
+    # The same checkpoint, tensor for tensor (on the CPU the batched linear algebra is bit-equal).
+    assert tensors.keys() == tensors_ref.keys()
+    assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
+    # Every expert projection was solved batched; the lone modules (q_proj, o_proj) per module.
+    solve, experts = result.solve, len(result.projections)
+    assert experts == 48 and all(p.method == "gptq" for p in result.projections)
+    assert solve.batched_modules >= experts and solve.paths == Counter({"batched_torch@cpu": solve.batched_modules})
+    assert reference.solve is None
+    lone = sum(kernels_ref.solves.values()) - solve.batched_modules
+    assert solve.per_module == Counter({"no equal-shape sibling in the subset": lone}) and lone > 0
+    assert kernels.solves == Counter({("batched_torch", "cpu"): solve.batched_modules, ("torch", "cpu"): lone})
+    assert solve.groups == solve.chunks >= 4  # gate/up and down of 2 layers at least
+    # GPTQModel's own log rows (samples, damp, loss) are those of the per-module run.
+    def rows(r):
+        return sorted((row["layer"], row["module"], row["samples"], row["damp"], row["loss"]) for row in r.log["gptq"])
+
+    assert rows(result) == rows(reference)
+
+
+@pytest.mark.slow
+def test_chunks_and_out_of_memory_fall_back_per_module_with_the_same_checkpoint(
+    plugin, tiny, tmp_path, per_module, monkeypatch  # noqa: F811
+):
+    from defuser_quant.integrations.gptqmodel import batched
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+    real = batched.batched_gptq_solve
+    calls = []
+
+    def flaky(tasks, *args, **kwargs):
+        calls.append(len(tasks))
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(tasks, *args, **kwargs)
+
+    monkeypatch.setattr(batched, "batched_gptq_solve", flaky)
+    # ~3 modules' worth of working memory per chunk: groups split into several chunks.
+    cost = 2 * 128**2 * 4 + 2 * 3 * 128 * 128 * 4
+    result, _, tensors = _quantize(plugin, tiny, tmp_path, "chunked", batched_solve=BatchedSolve(chunk_bytes=cost))
+    assert max(calls) <= 2 and len(calls) > result.solve.groups
+    assert result.solve.per_module["chunk ran out of memory"] == calls[1]
+    _, _, tensors_ref = per_module
+    assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
+
+
+@pytest.mark.slow
+def test_batched_checkpoint_loads_with_gptqmodel_and_defuser_quant_load(plugin, tiny, tmp_path):  # noqa: F811
+    from gptqmodel import GPTQModel
+
+    import defuser_quant
+
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    result, _, _ = _quantize(plugin, tiny, tmp_path, "ckpt", batched_solve=True)
+    assert result.solve.batched_modules > 0
+    reloaded = GPTQModel.load(str(tmp_path / "ckpt"), device="cpu")
+    with torch.inference_mode():
+        a = reloaded.model(**tiny["ids"]).logits.float()
+    loaded = defuser_quant.load(str(tmp_path / "ckpt"))
+    experts = [m for n, m in loaded.named_modules() if ".experts." in n and n.endswith("_proj")]
+    assert len(experts) == 48 and not any(isinstance(m, nn.Linear) and not isinstance(m, BaseQuantLinear) for m in experts)
+    with torch.inference_mode():
+        b = loaded(**tiny["ids"]).logits.float()
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_batched_solve_argument_is_checked(plugin, tiny):  # noqa: F811
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    model = GPTQModel.load(str(tiny["src"]), QuantizeConfig(bits=4, group_size=128))
+    with pytest.raises(TypeError, match="batched_solve"):
+        plugin.quantize_with_defuser(model, tiny["calibration"], batched_solve="yes")
