@@ -48,7 +48,8 @@ def _logits(model: nn.Module) -> torch.Tensor:
 
 
 def _config(**kw) -> Qwen3MoeConfig:
-    base = dict(hidden_size=64, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, hidden_act="silu")
+    # top-3 routing: three outputs per token, so float32 vs bfloat16 accumulation shows
+    base = dict(hidden_size=64, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=3, hidden_act="silu")
     config = Qwen3MoeConfig(**{**base, **kw})
     config._experts_implementation = "eager"
     return config
@@ -312,3 +313,17 @@ def test_dequantize_on_request_loads_float_experts_defused(fp8_fused, fp8_per_ex
     # stock Transformers alone loads the fused FP8 experts without their scales: far off
     stock = AutoModelForCausalLM.from_pretrained(fp8_fused)
     assert (_logits(stock) - ours).abs().max() > 1
+
+
+def test_scales_are_never_applied_twice(fp8_fused):
+    """A Transformers that dequantized the fused experts itself (values no longer the raw FP8 ones)
+    while still reporting the scales unexpected is refused, not scaled a second time."""
+    from defuser_quant.loading.fp8 import _apply_fused_scales
+
+    stock, info = AutoModelForCausalLM.from_pretrained(fp8_fused, output_loading_info=True)
+    unexpected = set(info["unexpected_keys"])
+    assert "model.layers.0.mlp.experts.gate_up_proj_scale_inv" in unexpected
+    already = _stock_with_scales_applied(fp8_fused)
+    with pytest.raises(LoadError, match=r"experts\.(gate_up|down)_proj did not load as its raw FP8 values"):
+        _apply_fused_scales(already, fp8_fused, unexpected)
+    assert len(_apply_fused_scales(stock, fp8_fused, unexpected)) == 8  # 4 layers x (gate_up, down)
