@@ -130,6 +130,24 @@ def _is_current(value: torch.Tensor, current: torch.Tensor | None) -> bool:
     return value.device == current.device and value.data_ptr() == current.data_ptr() and value.shape == current.shape
 
 
+_BLOCK_HOOKS: list[Callable[[], None]] = []
+
+
+def on_block_created(hook: Callable[[], None]) -> None:
+    """Call ``hook`` (idempotent, cheap) whenever a ``DefusedExperts`` is created or unpickled.
+
+    ``core.accelerate_load`` registers the reader that lets accelerate load fused checkpoints into
+    blocks defused before loading; this module imports nothing above it.
+    """
+    if hook not in _BLOCK_HOOKS:
+        _BLOCK_HOOKS.append(hook)
+
+
+def _block_created() -> None:
+    for hook in _BLOCK_HOOKS:
+        hook()
+
+
 ExpertsForward = Callable[["DefusedExperts", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -166,6 +184,11 @@ class DefusedExperts(nn.Module):
         object.__setattr__(self, "fused_shell", shell)  # unregistered on purpose
         if hasattr(shell, "config"):
             self.config = shell.config
+        _block_created()
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        _block_created()
 
     def __getattr__(self, name: str):
         try:
@@ -186,8 +209,7 @@ class DefusedExperts(nn.Module):
         spec = specs[name]
         first = next(self.parameters(), None)
         dtype = first.dtype if first is not None else torch.float32
-        shape = spec.native_shape or (spec.shape if spec.plan is not None else (self.num_experts, *spec.shape[1:]))
-        return torch.empty(shape, dtype=dtype, device="meta")
+        return torch.empty(self.fused_shape(spec), dtype=dtype, device="meta")
 
     @property
     def fused_class(self) -> type[nn.Module]:
@@ -209,21 +231,24 @@ class DefusedExperts(nn.Module):
     def __iter__(self) -> Iterator[DefusedExpert]:
         return (self._modules[str(i)] for i in range(self.num_experts))  # type: ignore[misc]
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        """Load a fused checkpoint into a block defused before loading (``load_state_dict``,
-        accelerate's ``load_checkpoint_in_model`` without a device map): each fused tensor in
-        ``state_dict`` is carved into the per-expert keys the children then load. A fused tensor of
-        another shape, or one given next to per-expert keys, is an error naming both."""
+    def fused_shape(self, spec: FusedTensorSpec) -> tuple[int, ...]:
+        """The stored shape of the fused tensor ``spec`` describes (what a fused checkpoint holds)."""
+        return tuple(spec.native_shape or (spec.shape if spec.plan is not None else (self.num_experts, *spec.shape[1:])))
+
+    def carve_fused(self, state_dict: dict[str, torch.Tensor], prefix: str) -> list[str]:
+        """Replace every fused tensor of this block in ``state_dict`` (keys ``prefix + name``) by the
+        per-expert keys the children load; returns the problems (a fused tensor of another shape, or
+        one given next to per-expert keys), each naming the keys. Carved pieces are views of the
+        fused tensor where the layout allows it (``contiguous()`` copies only relaid-out slabs)."""
+        problems: list[str] = []
         for spec, plan in self.tensor_plans():
             key = prefix + spec.name
             if key not in state_dict:
                 continue
             fused = state_dict.pop(key)
-            expected = spec.native_shape or (spec.shape if spec.plan is not None else (self.num_experts, *spec.shape[1:]))
-            if tuple(fused.shape) != tuple(expected):
-                error_msgs.append(
+            expected = self.fused_shape(spec)
+            if tuple(fused.shape) != expected:
+                problems.append(
                     f"size mismatch for {key}: the checkpoint's fused tensor is {list(fused.shape)}, but "
                     f"{prefix[:-1]} was defused from {list(expected)}"
                 )
@@ -234,9 +259,20 @@ class DefusedExperts(nn.Module):
                     target = f"{prefix}{index}.{getattr(self.names, role)}.{kind}"
                     current = getattr(self[index].projection(role), kind)
                     if target in state_dict and not _is_current(state_dict[target], current):
-                        error_msgs.append(f"{key} and {target} are both in the state dict: give one layout, not both")
+                        problems.append(f"{key} and {target} are both in the state dict: give one layout, not both")
                         continue
                     state_dict[target] = piece.contiguous()
+        return problems
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """Load a fused checkpoint into a block defused before loading (``load_state_dict``,
+        accelerate's ``load_checkpoint_in_model`` without a device map): each fused tensor in
+        ``state_dict`` is carved into the per-expert keys the children then load. A fused tensor of
+        another shape, or one given next to per-expert keys, is an error naming both. (Accelerate's
+        device-map path never calls this: ``core.accelerate_load`` carves for it.)"""
+        error_msgs.extend(self.carve_fused(state_dict, prefix))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def rename_projections(self, names: ProjectionNames) -> None:

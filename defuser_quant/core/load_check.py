@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from . import accelerate_load  # noqa: F401  registers accelerate's fused-checkpoint reader (convert before load)
 from .defused import DefusedExperts
 from .errors import DefuserQuantError
 
