@@ -12,14 +12,28 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``stock-again`` - stock once more: its checkpoint against stock's shows what the GPU's run-to-run
                  nondeterminism alone changes;
 * ``ours-grouped`` / ``ours-all-grouped`` - ``ours`` / ``ours-all`` with ``grouped=True``: the
-                 experts' calibration forwards as grouped GEMMs (``calibration.grouped``).
+                 experts' calibration forwards as grouped GEMMs (``calibration.grouped``);
+* ``ours-batched`` / ``ours-grouped-batched`` - ``ours`` / ``ours-grouped`` with
+                 ``batched_solve=True``: a layer's equal-shape modules (its experts) solved together
+                 inside GPTQModel's GPTQ processor (``integrations.gptqmodel.batched``); the row's
+                 ``solve`` says how many modules took the batched path, on which kernel, and why
+                 the others were solved per module.
 
 Every row records which GPTQModel code paths ran (``integrations.gptqmodel.kernels``): GPTQ
 solves on the CUDA block-update extension or on GPTQModel's torch loop, Hessian inverses moved
 to the CPU, the quantized Linear classes after ``quantize()`` and after reload. A CUDA run in
 which any solve fell back is refused (exit 3, the JSON says ``"refused"``) unless
-``--allow-fallback``, and then the table says so. ``--stages`` adds a per-stage time breakdown
-(Hessian accumulation, solve, packing, experts forward; CUDA synchronized around each timed call).
+``--allow-fallback``, and then the table says so. ``--stages`` adds a per-stage breakdown to every
+row (``stages``: wall seconds of the decoder-layer forward, the Hessian accumulation inside it, the
+GPTQ solve, finalize = create the quantized module + pack, packing alone, save, and the framework
+overhead = quantize time not spent in forward, solve or finalize; CUDA synchronized around each
+timed call, so a profile: run it apart from the timing run).
+
+``--gpu-counts 1,2`` measures GPTQModel's multi-GPU path: each variant runs once with the first GPU
+visible and once with the first two (``CUDA_VISIBLE_DEVICES``; GPTQModel then replicates each
+layer for a data-parallel calibration forward and spreads the GPTQ solves over both), one run at a
+time; rows ``<variant>@<n>gpu`` record the time, the peak memory of every GPU, and the checkpoint
+against the same variant's 1-GPU run.
 Checkpoints are compared with stock's: identical tensors, the share of identical ``qweight``
 tensors and the largest ``scales`` difference (the GPU is not deterministic; ``--deterministic``
 turns on deterministic algorithms in every variant).
@@ -37,6 +51,8 @@ difference to stock. Prints a markdown table and writes JSON under ``benchmarks/
     python benchmarks/gptqmodel_gpu.py --variants stock,ours,ours-all   # 2 GPUs: 2 variants at a time
     python benchmarks/gptqmodel_gpu.py --layers 4 --variants stock,ours,ours-all --timeout 1800
     python benchmarks/gptqmodel_gpu.py --device cpu --tiny      # 2 CPU cores, < 1 minute
+    python benchmarks/gptqmodel_gpu.py --layers 2 --variants stock,ours-grouped,ours-grouped-batched --stages
+    python benchmarks/gptqmodel_gpu.py --layers 2 --variants ours-grouped-batched --gpu-counts 1,2   # 2 GPUs
 
 Budget (one H200, CUDA block-update extension built): ``quantize()`` of 2 Qwen3-30B-A3B layers
 takes 36-55 s per variant, plus ~15-20 s of imports and ~5-10 s of reload per process, ~12 s to
@@ -64,7 +80,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
-VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped")
+VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
+            "ours-grouped-batched", "ours-all-grouped-batched")
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -107,8 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=420, help="seconds per variant")
     p.add_argument("--gpus", type=int, default=None,
                    help="variants run at once, one GPU each (default: every visible GPU, 1 on CPU)")
+    p.add_argument("--gpu-counts", default=None,
+                   help="comma-separated GPU counts, e.g. 1,2: every variant once per count (first N GPUs visible), "
+                        "one run at a time; checkpoints compared with the same variant's run at the first count")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/gptqmodel_<device>[_tiny].json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.variants is None and args.tiny:
         args.variants = "stock,ours,ours-all"
@@ -119,10 +140,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.variants = ",".join(VARIANTS if args.tiny else DEFAULT_VARIANTS)
     if args.device == "cpu" and args.backend == "gptq_triton":
         args.backend = "auto"
+    if args.gpu_counts is not None:
+        try:
+            args.gpu_counts = [int(n) for n in args.gpu_counts.split(",") if n]
+        except ValueError:
+            p.error(f"--gpu-counts takes comma-separated integers, got {args.gpu_counts!r}")
+        if not args.gpu_counts or min(args.gpu_counts) < 1 or args.device != "cuda":
+            p.error("--gpu-counts needs --device cuda and counts >= 1")
     return args
 
 
-def _env(device: str, gpu: int | None = None) -> dict[str, str]:
+def _env(device: str, gpu: int | str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
@@ -221,10 +249,13 @@ def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slot
         return list(pool.map(one, variants))
 
 
-def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | None = None) -> dict:
-    result = work / f"{variant}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--workdir", str(work), "--device", args.device,
-           "--batch-size", str(args.batch_size), "--backend", args.backend] + [
+def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | str | None = None,
+                run_id: str | None = None) -> dict:
+    """One variant in a fresh process; ``gpu``: its ``CUDA_VISIBLE_DEVICES``; files under ``run_id``."""
+    run_id = run_id or variant
+    result = work / f"{run_id}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--run-id", run_id, "--workdir", str(work),
+           "--device", args.device, "--batch-size", str(args.batch_size), "--backend", args.backend] + [
         flag for flag, on in (("--no-reload", args.no_reload), ("--stages", args.stages), ("--deterministic", args.deterministic)) if on
     ]
     t0 = time.perf_counter()
@@ -235,15 +266,50 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | N
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as exc:
         text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
-        (work / f"{variant}.log").write_text(text)
-        return {"variant": variant, "error": f"timeout after {args.timeout}s", "log_tail": text[-3000:], "process_s": args.timeout}
-    (work / f"{variant}.log").write_text(proc.stdout + proc.stderr)
+        (work / f"{run_id}.log").write_text(text)
+        return {"variant": variant, "run": run_id, "error": f"timeout after {args.timeout}s", "log_tail": text[-3000:],
+                "process_s": args.timeout}
+    (work / f"{run_id}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not result.exists():
         tail = (proc.stdout + proc.stderr)[-3000:]
-        return {"variant": variant, "error": f"exit {proc.returncode}", "log_tail": tail, "process_s": time.perf_counter() - t0}
+        return {"variant": variant, "run": run_id, "error": f"exit {proc.returncode}", "log_tail": tail,
+                "process_s": time.perf_counter() - t0}
     data = json.loads(result.read_text())
     data["process_s"] = round(time.perf_counter() - t0, 2)
     return data
+
+
+def run_scaling(variants: list[str], args: argparse.Namespace, work: Path, partial: Path | None = None) -> list[dict]:
+    """Every variant once per GPU count (the first N GPUs visible), one run at a time.
+
+    Each row gets ``gpus``, ``speedup`` (quantize time at the fewest GPUs over this one's) and the
+    checkpoint against the same variant's run at the fewest GPUs (``checkpoint_vs_fewest_gpus``).
+    """
+    rows = []
+    counts = sorted(set(args.gpu_counts))
+    for variant in variants:
+        runs = []
+        for n in counts:
+            run_id = f"{variant}@{n}gpu"
+            print(f"running {run_id} ...", flush=True)
+            row = run_variant(variant, args, work, ",".join(str(i) for i in range(n)), run_id=run_id)
+            row.update(run=run_id, gpus=n)
+            line = json.dumps({k: v for k, v in row.items() if k != "log_tail"})
+            print(line, flush=True)
+            if partial is not None:
+                with partial.open("a") as f:
+                    f.write(line + "\n")
+            if "log_tail" in row:
+                print(row["log_tail"], flush=True)
+            runs.append(row)
+        base = runs[0]
+        if "error" not in base:
+            _compare_rows(runs, work, base, "checkpoint_vs_fewest_gpus_detail", "checkpoint_vs_fewest_gpus")
+            for r in runs:
+                if "error" not in r:
+                    r["speedup"] = f"{base['quantize_s'] / r['quantize_s']:.2f}x"
+        rows += runs
+    return rows
 
 
 def compare_checkpoints(a: Path, b: Path) -> dict:
@@ -270,34 +336,81 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
             "qweights": qweights, "qweights_equal": qweights_equal, "max_scale_diff": scale_diff}
 
 
+STAGE_COLUMNS = ("forward", "hessian", "solve", "finalize", "pack", "save", "framework_overhead")
+
+
+def stage_breakdown(kernels: dict, quantize_s: float, save_s: float) -> dict:
+    """Wall seconds per stage from the kernel recorder (``--stages``), plus save and the overhead.
+
+    ``forward`` contains ``hessian`` (the capture hooks run inside it) and ``finalize`` contains
+    ``pack``; ``framework_overhead`` is quantize time in none of forward, solve or finalize.
+    """
+    wall = kernels.get("stage_wall_seconds") or {}
+    out = {k: round(wall.get(k, 0.0), 2) for k in ("forward", "hessian", "experts_forward", "solve", "finalize", "pack")}
+    out["save"] = round(save_s, 2)
+    out["framework_overhead"] = round(quantize_s - kernels.get("busy_wall_seconds", 0.0), 2)
+    out["thread_seconds"] = {k: round(v, 2) for k, v in (kernels.get("stage_seconds") or {}).items()}
+    return out
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
 def markdown(rows: list[dict]) -> str:
-    cols = ["variant", "load_s", "quantize_s", "save_s", "total_s", "peak_gpu_gib", "peak_rss_gib", "experts_quantized",
-            "min_expert_rows", "gptq_solve_path", "same_ckpt_as_stock", "qweights_equal", "max_scale_diff", "logits_vs_stock"]
+    cols = ["run", "load_s", "quantize_s", "save_s", "total_s", "peak_gpu_gib", "peak_rss_gib", "experts_quantized",
+            "min_expert_rows", "gptq_solve_path", "batched_modules", "same_ckpt_as_stock", "qweights_equal", "max_scale_diff",
+            "logits_vs_stock"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
+        name = r.get("run", r["variant"])
         if "error" in r:
-            lines.append(f"| {r['variant']} | error: {r['error']} |" + " |" * (len(cols) - 2))
+            lines.append(f"| {name} | error: {r['error']} |" + " |" * (len(cols) - 2))
             continue
+        peaks = r.get("peak_gpu_bytes_per_device") or [r.get("peak_gpu_bytes")]
+        solve = r.get("solve") or {}
         cells = [
-            r["variant"], f"{r['load_s']:.1f}", f"{r['quantize_s']:.1f}", f"{r['save_s']:.1f}", f"{r['total_s']:.1f}",
-            "-" if r.get("peak_gpu_bytes") is None else f"{r['peak_gpu_bytes'] / 2**30:.2f}",
-            f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['experts_quantized']}/{r['expert_projections']}",
-            str(r.get("min_expert_samples", "-")), r.get("kernels_label", "-"), r.get("same_ckpt_as_stock", "-"),
-            r.get("qweights_equal", "-"), r.get("max_scale_diff", "-"), r.get("logits_vs_stock", "-"),
+            name, f"{r['load_s']:.1f}", f"{r['quantize_s']:.1f}", f"{r['save_s']:.1f}", f"{r['total_s']:.1f}",
+            " / ".join(_gib(v) for v in peaks), f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['experts_quantized']}/{r['expert_projections']}",
+            str(r.get("min_expert_samples", "-")), r.get("kernels_label", "-"),
+            f"{solve['batched_modules']}/{solve['batched_modules'] + sum(solve['per_module'].values())}" if solve else "per module",
+            r.get("same_ckpt_as_stock", "-"), r.get("qweights_equal", "-"), r.get("max_scale_diff", "-"), r.get("logits_vs_stock", "-"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    staged = [r for r in rows if r.get("kernels", {}).get("stage_seconds")]
+    staged = [r for r in rows if r.get("stages")]
     if staged:
-        stages = ["experts_forward", "hessian", "solve", "pack"]
-        lines += ["", "| variant | quantize (s) | " + " | ".join(f"{s} (s)" for s in stages) + " | other in quantize (s) | save (s) |",
-                  "|---|" + "---:|" * (len(stages) + 3)]
+        lines += ["", "Stages (wall seconds; forward contains hessian, finalize contains pack):", "",
+                  "| run | quantize | " + " | ".join(STAGE_COLUMNS) + " |", "|---|" + "---:|" * (len(STAGE_COLUMNS) + 1)]
         for r in staged:
-            sec = r["kernels"]["stage_seconds"]
-            # experts_forward includes the Hessian accumulation its hooks run; other = quantize minus the disjoint stages.
-            other = r["quantize_s"] - sec.get("experts_forward", sec.get("hessian", 0.0)) - sec.get("solve", 0.0) - sec.get("pack", 0.0)
-            lines.append(f"| {r['variant']} | {r['quantize_s']:.1f} | " + " | ".join(f"{sec.get(s, 0.0):.2f}" for s in stages)
-                         + f" | {other:.1f} | {r['save_s']:.1f} |")
+            st = r["stages"]
+            lines.append(f"| {r.get('run', r['variant'])} | {r['quantize_s']:.1f} | " + " | ".join(f"{st[c]:.2f}" for c in STAGE_COLUMNS) + " |")
+    scaled = [r for r in rows if r.get("gpus") and "error" not in r]
+    if len({r["gpus"] for r in scaled}) > 1:
+        lines += ["", "| variant | GPUs | quantize (s) | total (s) | speed-up | peak GPU GiB per device | checkpoint vs fewest GPUs |",
+                  "|---|---:|---:|---:|---:|---|---|"]
+        for r in scaled:
+            lines.append(f"| {r['variant']} | {r['gpus']} | {r['quantize_s']:.1f} | {r['total_s']:.1f} | {r.get('speedup', '-')} | "
+                         + " / ".join(_gib(v) for v in r.get("peak_gpu_bytes_per_device") or []) + f" | {r.get('checkpoint_vs_fewest_gpus', '-')} |")
     return "\n".join(lines)
+
+
+def _compare_rows(rows: list[dict], work: Path, base: dict, key: str, label: str) -> None:
+    """Checkpoint and logits of every other row against ``base``'s, into ``row[key]`` and ``row[label]``."""
+    import torch as _torch
+
+    base_logits = work / f"{base['run']}.logits.pt"
+    for r in rows:
+        if r is base or "error" in r:
+            continue
+        cmp = compare_checkpoints(work / f"{base['run']}.out", work / f"{r['run']}.out")
+        same = cmp["common"] == cmp["keys_a"] == cmp["keys_b"] == cmp["equal"]
+        mine = work / f"{r['run']}.logits.pt"
+        logits = None
+        if base_logits.exists() and mine.exists():
+            logits = f"{(_torch.load(mine) - _torch.load(base_logits)).abs().max().item():.3g}"
+        r[key] = {**cmp, "logits_max_diff": logits}
+        r[label] = "yes" if same else f"{cmp['equal']}/{cmp['keys_a']} tensors, {cmp['qweights_equal']}/{cmp['qweights']} qweights, " \
+                                      f"max scale diff {cmp['max_scale_diff']:.3g}, logits {logits}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built source model in {build_s:.1f}s under {work}", flush=True)
     jit_s, jit_ok = warm_gptq_extension() if args.device == "cuda" else (None, None)
     slots = 1 if args.device == "cpu" else max(1, min(args.gpus or torch.cuda.device_count(), len(variants)))
+    if args.gpu_counts:
+        if max(args.gpu_counts) > torch.cuda.device_count():
+            raise SystemExit(f"--gpu-counts {args.gpu_counts} but only {torch.cuda.device_count()} GPU(s) are visible")
+        slots = 1
     out = args.output or HERE / "results" / f"gptqmodel_{args.device}{'_tiny' if args.tiny else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.stem + ".partial.jsonl")
@@ -340,27 +457,25 @@ def main(argv: list[str] | None = None) -> int:
                 leftover.unlink()
         warmup = {"variant": variants[0], "seconds": round(time.perf_counter() - t_w, 2), "error": first.get("error")}
         print(f"warm-up run of {variants[0]}: {warmup}", flush=True)
-    rows = run_variants(variants, args, work, slots, partial)
+    if args.gpu_counts:
+        rows = run_scaling(variants, args, work, partial)
+    else:
+        rows = run_variants(variants, args, work, slots, partial)
+    for r in rows:
+        r.setdefault("run", r["variant"])
     stock = next((r for r in rows if r["variant"] == "stock" and "error" not in r), None)
     if stock is not None:
-        import torch as _torch
-
-        stock_logits = work / "stock.logits.pt"
+        _compare_rows(rows, work, stock, "checkpoint_vs_stock", "same_ckpt_as_stock")
         for r in rows:
-            if r is stock or "error" in r:
-                continue
-            cmp = compare_checkpoints(work / "stock.out", work / f"{r['variant']}.out")
-            r["checkpoint_vs_stock"] = cmp
-            same = cmp["common"] == cmp["keys_a"] == cmp["keys_b"] == cmp["equal"]
-            r["same_ckpt_as_stock"] = "yes" if same else f"{cmp['equal']}/{cmp['keys_a']}"
-            r["qweights_equal"] = f"{cmp['qweights_equal']}/{cmp['qweights']}"
-            r["max_scale_diff"] = f"{cmp['max_scale_diff']:.3g}"
-            mine = work / f"{r['variant']}.logits.pt"
-            if stock_logits.exists() and mine.exists():
-                r["logits_vs_stock"] = f"{(_torch.load(mine) - _torch.load(stock_logits)).abs().max().item():.3g}"
+            cmp = r.get("checkpoint_vs_stock")
+            if cmp:
+                r["same_ckpt_as_stock"] = r["same_ckpt_as_stock"] if r["same_ckpt_as_stock"] == "yes" else f"{cmp['equal']}/{cmp['keys_a']}"
+                r["qweights_equal"] = f"{cmp['qweights_equal']}/{cmp['qweights']}"
+                r["max_scale_diff"] = f"{cmp['max_scale_diff']:.3g}"
+                r["logits_vs_stock"] = cmp["logits_max_diff"] or "-"
     refused = None
     if args.device == "cuda":
-        fell_back = [f"{r['variant']}: {r['fallback']}" for r in rows if r.get("fallback")]
+        fell_back = [f"{r['run']}: {r['fallback']}" for r in rows if r.get("fallback")]
         if fell_back and not args.allow_fallback:
             refused = "GPTQModel fell back to a slower path, so these timings are not comparable: " + "; ".join(fell_back) + \
                       ". Fix the build (see docs/performance.md) or pass --allow-fallback to report it as such."
@@ -401,6 +516,7 @@ def worker(args: argparse.Namespace) -> int:
     import torch
 
     variant, work = args.worker, args.workdir
+    run_id = args.run_id or variant
     cuda = args.device == "cuda" and torch.cuda.is_available()
     t_import = time.perf_counter()
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
@@ -420,21 +536,23 @@ def worker(args: argparse.Namespace) -> int:
         install()
     import_s = time.perf_counter() - t_import
     calibration = json.loads((work / "calibration.json").read_text())
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    devices = torch.cuda.device_count() if cuda else 0
+    for index in range(devices):
+        torch.cuda.reset_peak_memory_stats(index)
     t0 = time.perf_counter()
     model = GPTQModel.load(str(work / "src"), QuantizeConfig(bits=4, group_size=128))
     t1 = time.perf_counter()
     extra: dict = {}
-    with record_gptq_kernels(stages=args.stages) as kernels, deterministic_mode(args.deterministic):
+    with record_gptq_kernels(stages=args.stages, model=model.model) as kernels, deterministic_mode(args.deterministic):
         if variant.startswith("stock"):
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
         else:
             routing = "all" if variant.startswith("ours-all") else "routed"
             result = quantize_with_defuser(model, calibration, routing=routing, policy="warn", batch_size=args.batch_size,
-                                           backend=backend, coverage_report=work / f"{variant}.coverage.json",
-                                           grouped=variant.endswith("-grouped"))
+                                           backend=backend, coverage_report=work / f"{run_id}.coverage.json",
+                                           grouped="-grouped" in variant, batched_solve=variant.endswith("-batched"))
             log = result.log
+            extra["solve"] = result.solve.as_dict() if result.solve is not None else None
             extra["coverage_totals"] = result.coverage.totals.model_dump()
     t2 = time.perf_counter()
     extra["kernels"] = kernels.as_dict()
@@ -445,23 +563,28 @@ def worker(args: argparse.Namespace) -> int:
     projections = [m for n, m in model.model.named_modules() if expert.search(f"{n}.") and n.rsplit(".", 1)[-1].endswith("proj")]
     quantized = sum(isinstance(m, BaseQuantLinear) for m in projections)
     samples = [int(r["samples"]) for rows in (log or {}).values() for r in rows if ".experts." in str(r.get("module")) and str(r.get("samples", "")).isdigit()]
-    model.save(str(work / f"{variant}.out"))
+    model.save(str(work / f"{run_id}.out"))
     t3 = time.perf_counter()
-    peak_gpu = torch.cuda.max_memory_allocated() if cuda else None
+    peaks = [torch.cuda.max_memory_allocated(index) for index in range(devices)]
+    peak_gpu = max(peaks) if peaks else None
+    if args.stages:
+        extra["stages"] = stage_breakdown(extra["kernels"], t2 - t1, t3 - t2)
     reload_s = None
     if not args.no_reload:
         del model
         t4 = time.perf_counter()
         device = "cuda:0" if cuda else "cpu"
-        reloaded = GPTQModel.load(str(work / f"{variant}.out"), device=device, backend=backend)
+        reloaded = GPTQModel.load(str(work / f"{run_id}.out"), device=device, backend=backend)
         extra["quant_linear_after_reload"] = quant_linear_classes(reloaded.model)
         ids = torch.tensor([calibration[0]["input_ids"][:64]], device=device)
         with torch.inference_mode():
             logits = reloaded.model(input_ids=ids).logits.float().cpu()
-        torch.save(logits, work / f"{variant}.logits.pt")
+        torch.save(logits, work / f"{run_id}.logits.pt")
         reload_s = time.perf_counter() - t4
     out = {
         "variant": variant,
+        "run": run_id,
+        "gpus_visible": devices,
         "backend": args.backend,
         "import_s": round(import_s, 2),
         "load_s": round(t1 - t0, 2),
@@ -470,14 +593,15 @@ def worker(args: argparse.Namespace) -> int:
         "total_s": round(t3 - t0, 2),
         "reload_logits_s": None if reload_s is None else round(reload_s, 2),
         "peak_gpu_bytes": peak_gpu,
+        "peak_gpu_bytes_per_device": peaks or None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "expert_projections": len(projections),
         "experts_quantized": quantized,
         "min_expert_samples": min(samples) if samples else None,
-        "checkpoint_bytes": sum(f.stat().st_size for f in (work / f"{variant}.out").glob("*.safetensors")),
+        "checkpoint_bytes": sum(f.stat().st_size for f in (work / f"{run_id}.out").glob("*.safetensors")),
         **extra,
     }
-    (work / f"{variant}.json").write_text(json.dumps(out))
+    (work / f"{run_id}.json").write_text(json.dumps(out))
     return 0
 
 
