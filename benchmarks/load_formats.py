@@ -8,7 +8,17 @@ after loading and after one forward (compressed-tensors decompresses packed weig
 forward), whether the experts stayed quantized, the load report, and logits on fixed ids. The
 table compares each loader's logits with ``defuser_quant.load``'s and with the float model's.
 
+Fine-grained FP8 (Transformers' ``quant_method: fp8``) is written here with plain torch from the
+float model (block 128, fused ``FP8Experts`` layout, and per-expert): on the CPU ``load`` refuses it
+(no FP8 kernels) unless ``FineGrainedFP8Config(dequantize=True)`` is passed, and stock Transformers
+loads its fused experts without their scales; ``--cuda`` runs those rows on a GPU, where ``load``
+keeps the experts FP8, against stock Transformers' ``FP8Experts`` (its default grouped_mm forward
+and its eager loop). Without the hub kernel ``kernels-community/finegrained-fp8`` (an offline GPU)
+FP8 matmuls run through the plain-torch stand-in of ``tests/fp8_checkpoints.py``; the JSON says which.
+
     .venv/bin/python benchmarks/load_formats.py          # ~3 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/load_formats.py --only fine-grained   # just those rows, merged into the JSON
+    python benchmarks/load_formats.py --cuda --output $OUT/load_formats_cuda.json   # GPU: FP8 rows
     .venv/bin/python benchmarks/load_formats.py --table  # the README/docs table from the JSON
 """
 
@@ -26,7 +36,12 @@ from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent / "tests"
 IDS = list(range(1, 65))
+FP8_FUSED = "fine-grained FP8 fused, block 128 (plain torch)"
+FP8_PER_EXPERT = "fine-grained FP8 per-expert, block 128 (plain torch)"
+DEQUANTIZE = "defuser_quant.load (dequantize=True)"
+EAGER = "stock Transformers (eager experts)"
 JOBS = {  # format -> (backend, method, scheme)
     "gptq (GPTQModel)": ("gptqmodel", "gptq", "W4A16"),
     "awq gemm (GPTQModel)": ("gptqmodel", "awq", "W4A16"),
@@ -39,17 +54,34 @@ def _nbytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def worker(loader: str, path: str, out: str) -> None:
+def _fp8_kernel() -> str:
+    """Transformers' FP8 hub kernel, or the plain-torch stand-in installed where it cannot be fetched."""
+    sys.path.insert(0, str(TESTS))
+    from fp8_checkpoints import hub_fp8_kernel_available, torch_fp8_kernels
+
+    if hub_fp8_kernel_available():
+        return "hub kernels-community/finegrained-fp8"
+    torch_fp8_kernels().__enter__()  # for the rest of this worker process
+    return "plain-torch stand-in (tests/fp8_checkpoints.py): hub kernel unavailable"
+
+
+def worker(loader: str, path: str, out: str, device: str = "cpu") -> None:
     """Load ``path`` with ``loader`` in this (fresh) process and save what the table needs."""
     import torch
 
     torch.set_num_threads(1)
+    placement = {"device_map": device} if device != "cpu" else {}
     start = time.perf_counter()
     info = None
     if loader == "defuser_quant.load":
         import defuser_quant
 
-        model = defuser_quant.load(path)
+        model = defuser_quant.load(path, **placement)
+    elif loader == DEQUANTIZE:
+        import defuser_quant
+        from transformers import FineGrainedFP8Config
+
+        model = defuser_quant.load(path, quantization_config=FineGrainedFP8Config(dequantize=True), **placement)
     elif loader == "GPTQModel.load":
         from gptqmodel import GPTQModel
 
@@ -57,8 +89,12 @@ def worker(loader: str, path: str, out: str) -> None:
     else:
         from transformers import AutoModelForCausalLM
 
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        extra = {"experts_implementation": "eager"} if loader == EAGER else {}
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **placement, **extra)
     seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    fp8 = any(p.dtype == torch.float8_e4m3fn for p in model.parameters())
+    kernel = _fp8_kernel() if fp8 else None
     from defuser_quant.loading.load import is_quantized_module
 
     after_load = _nbytes(model)
@@ -67,8 +103,11 @@ def worker(loader: str, path: str, out: str) -> None:
                    if ".mlp.experts." in n and any(hasattr(m, t) for t in ("weight", "qweight", "weight_packed"))]
     quantized = sum(is_quantized_module(m) for m in projections)
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([IDS])).logits.float()
+        logits = model(input_ids=torch.tensor([IDS], device=device)).logits.float().cpu()
     torch.save({
+        "device": device,
+        "cuda_peak_bytes_load": peak,
+        "fp8_kernel": kernel,
         "load_s": seconds,
         "bytes_after_load": after_load,
         "bytes_after_forward": _nbytes(model),
@@ -81,9 +120,9 @@ def worker(loader: str, path: str, out: str) -> None:
     }, out)
 
 
-def _run_worker(loader: str, path: Path, out: Path) -> dict | None:
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "PYTHONPATH": str(HERE.parent)}
-    proc = subprocess.run([sys.executable, __file__, "--worker", loader, str(path), str(out)],
+def _run_worker(loader: str, path: Path, out: Path, device: str = "cpu") -> dict | None:
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "PYTHONPATH": str(HERE.parent), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", loader, str(path), str(out), device],
                           capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1][:300]}
@@ -92,20 +131,35 @@ def _run_worker(loader: str, path: Path, out: Path) -> dict | None:
     return torch.load(out)
 
 
-def _checkpoints(tmp: Path) -> dict[str, Path]:
+def _checkpoints(tmp: Path, only: str | None = None) -> dict[str, Path]:
+    """Every format's checkpoint (``only``: the float reference and the formats whose name contains it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from defuser_quant.assets import TINY_MOE_PATH
+
+    sys.path.insert(0, str(TESTS))
+    from fp8_checkpoints import write_fused_fp8
+
+    wanted = lambda name: only is None or only.lower() in name.lower()  # noqa: E731
+    paths = {"float per-expert": Path(TINY_MOE_PATH)}
+    if wanted("float fused"):
+        fused = tmp / "fused"
+        AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, dtype=torch.bfloat16).save_pretrained(fused, save_original_format=False)
+        paths["float fused"] = fused
+    for name, per_expert in ((FP8_FUSED, False), (FP8_PER_EXPERT, True)):
+        if wanted(name):
+            paths[name] = write_fused_fp8(Path(TINY_MOE_PATH), tmp / name.split(",")[0].replace(" ", "-"),
+                                          block=(128, 128), per_expert=per_expert)
+    if not any(wanted(name) for name in JOBS):
+        return paths
     from defuser_quant.jobs.config import parse_job_config
     from defuser_quant.jobs.runner import run_job
     from rich.console import Console
 
-    paths = {"float per-expert": Path(TINY_MOE_PATH)}
-    fused = tmp / "fused"
-    AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, dtype=torch.bfloat16).save_pretrained(fused, save_original_format=False)
-    paths["float fused"] = fused
     for name, (backend, method, scheme) in JOBS.items():
+        if not wanted(name):
+            continue
         out = tmp / backend / method / scheme
         run_job(parse_job_config({
             "model": {"path": "builtin:tiny-qwen3-moe"},
@@ -118,6 +172,17 @@ def _checkpoints(tmp: Path) -> dict[str, Path]:
     return paths
 
 
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _short_error(text: str) -> str:
+    """``pkg.mod.SomeError: /tmp/x/ckpt: what; what to do`` -> ``SomeError: what``."""
+    kind, _, message = text.partition(": ")
+    message = message.split(": ", 1)[1] if message.startswith("/") and ": " in message else message
+    return f"{kind.rsplit('.', 1)[-1]}: {message.split('; ')[0]}".replace("|", "/")
+
+
 def markdown_table(result: dict) -> str:
     """The docs/README table of a results JSON."""
     lines = [
@@ -126,12 +191,12 @@ def markdown_table(result: dict) -> str:
     ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['format']} | {r['loader']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['format']} | {r['loader']} | {_short_error(r['error'])} | | | |")
             continue
         unexpected = "-" if r["load_report_unexpected"] is None else str(r["load_report_unexpected"])
         lines.append(
             f"| {r['format']} | {r['loader']} | {r['param_mib_after_load']} / {r['param_mib_after_forward']} | "
-            f"{r['experts_after_load']} | {unexpected} | {r['max_abs_logit_diff_vs_defuser_quant_load']} / "
+            f"{r['experts_after_load']} | {unexpected} | {_or_dash(r['max_abs_logit_diff_vs_defuser_quant_load'])} / "
             f"{r['max_abs_logit_diff_vs_float_model']} |"
         )
     return "\n".join(lines)
@@ -139,12 +204,19 @@ def markdown_table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", nargs=3, metavar=("LOADER", "CKPT", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--output", default=str(HERE / "results" / "load_formats_cpu.json"))
+    parser.add_argument("--worker", nargs=4, metavar=("LOADER", "CKPT", "OUT", "DEVICE"), help=argparse.SUPPRESS)
+    parser.add_argument("--output", default=None,
+                        help="results JSON (default: benchmarks/results/load_formats_cpu.json, or _cuda.json with --cuda)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --output and exit")
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="run only the formats whose name contains TEXT (and the float reference); their rows "
+                             "replace those of the same format in an existing --output")
+    parser.add_argument("--cuda", action="store_true",
+                        help="GPU run of the fine-grained FP8 rows (loaders on device_map='cuda'); exit 1 when a check fails")
     args = parser.parse_args()
+    output = Path(args.output or HERE / "results" / f"load_formats_{'cuda' if args.cuda else 'cpu'}.json")
     if args.table:
-        print(markdown_table(json.loads(Path(args.output).read_text())))
+        print(markdown_table(json.loads(output.read_text())))
         return
     if args.worker:
         worker(*args.worker)
@@ -153,13 +225,53 @@ def main() -> None:
     from _source import use_source_checkout
 
     use_source_checkout()
+    if args.cuda:
+        sys.exit(cuda_main(output))
+    rows = _measure(args.only, "cpu")
+    if args.only and output.exists():  # merge: rows of a re-run format replace its old ones in place
+        new_rows = {}
+        for r in rows:
+            new_rows.setdefault(r["format"], []).append(r)
+        merged = []
+        for r in json.loads(output.read_text())["rows"]:
+            if r["format"] not in new_rows:
+                merged.append(r)
+            elif r["format"] not in {m["format"] for m in merged}:
+                merged += new_rows[r["format"]]
+        rows = merged + [r for fmt, group in new_rows.items() if fmt not in {m["format"] for m in merged} for r in group]
+    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "versions": _versions(),
+              "input_ids": f"1..{len(IDS)}", "rows": rows}
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown_table(result))
+
+
+def _versions() -> dict[str, str | None]:
+    found = {}
+    for package in ("torch", "transformers", "gptqmodel", "optimum", "llmcompressor", "compressed-tensors"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def _loaders(fmt: str, device: str) -> list[str]:
+    if fmt.startswith("fine-grained FP8"):
+        return ["defuser_quant.load", "stock Transformers"] + ([EAGER] if device == "cuda" else []) + [DEQUANTIZE]
+    return ["defuser_quant.load", "stock Transformers"] + (["GPTQModel.load"] if "GPTQModel" in fmt else [])
+
+
+def _measure(only: str | None, device: str) -> list[dict]:
     rows = []
     reference = None  # logits of the float model loaded by stock Transformers
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for fmt, path in _checkpoints(tmp).items():
-            loaders = ["defuser_quant.load", "stock Transformers"] + (["GPTQModel.load"] if "GPTQModel" in fmt else [])
-            results = {name: _run_worker(name, path, tmp / f"{len(rows)}-{i}.pt") for i, name in enumerate(loaders)}
+        for fmt, path in _checkpoints(tmp, only).items():
+            if fmt == "float per-expert" and only is not None and only.lower() not in fmt:
+                reference = _run_worker("stock Transformers", path, tmp / "reference.pt", device)["logits"]
+                continue
+            loaders = _loaders(fmt, device)
+            results = {name: _run_worker(name, path, tmp / f"{len(rows)}-{i}.pt", device) for i, name in enumerate(loaders)}
             ours = results["defuser_quant.load"]
             if reference is None:
                 reference = results["stock Transformers"]["logits"]
@@ -181,12 +293,42 @@ def main() -> None:
                     "max_abs_logit_diff_vs_float_model": round(float((r["logits"] - reference).abs().max()), 4),
                     "max_abs_logit": round(float(r["logits"].abs().max()), 2),
                     "load_s": round(r["load_s"], 2),
+                    **({"device": r["device"]} if r.get("device", "cpu") != "cpu" else {}),
+                    **({"cuda_peak_mib_load": round(r["cuda_peak_bytes_load"] / 2**20, 2)} if r.get("cuda_peak_bytes_load") else {}),
+                    **({"fp8_kernel": r["fp8_kernel"]} if r.get("fp8_kernel") else {}),
                 })
-    versions = {p: metadata.version(p) for p in ("torch", "transformers", "gptqmodel", "optimum", "llmcompressor", "compressed-tensors")}
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "versions": versions,
-              "input_ids": f"1..{len(IDS)}", "rows": rows}
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return rows
+
+
+def cuda_main(output: Path) -> int:
+    """The FP8 rows on the GPU, with the checks the README states; 0 when they hold."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("--cuda needs a CUDA device", file=sys.stderr)
+        return 2
+    rows = _measure("fine-grained FP8", "cuda")
+    by = {(r["format"], r["loader"]): r for r in rows}
+    checks = {}
+    for fmt in (FP8_FUSED, FP8_PER_EXPERT):
+        ours, stock = by.get((fmt, "defuser_quant.load"), {}), by.get((fmt, "stock Transformers"), {})
+        checks[fmt] = {
+            "experts kept FP8 (192/192 per-expert FP8 projections)": ours.get("experts_after_load", "").startswith("192/192"),
+            "parameter MiB equal to stock FP8Experts": "error" not in ours and ours.get("param_mib_after_load") == stock.get("param_mib_after_load"),
+            "logits vs stock (grouped_mm and eager) max abs diff <= 2% of max logit": all(
+                "error" not in by.get((fmt, name), {"error": 1})
+                and by[(fmt, name)]["max_abs_logit_diff_vs_defuser_quant_load"] <= 0.02 * ours.get("max_abs_logit", 0)
+                for name in ("stock Transformers", EAGER)),
+            "dequantize=True loads float experts": by.get((fmt, DEQUANTIZE), {}).get("experts_after_load", "").startswith("0/192"),
+        }
+    ok = all(all(c.values()) for c in checks.values())
+    result = {"machine": torch.cuda.get_device_name(), "versions": _versions(), "input_ids": f"1..{len(IDS)}",
+              "rows": rows, "checks": checks, "ok": ok}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown_table(result))
+    print(json.dumps({"checks": checks, "ok": ok}, indent=2))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

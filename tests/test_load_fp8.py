@@ -278,11 +278,16 @@ def test_a_missing_scale_is_refused(fp8_fused, fp8_device, tmp_path):
         dq.load(broken)
 
 
+def _stock_dequantized(path: Path, **kw):
+    """Stock Transformers' dequantizing load (what it does by itself on a CPU), on any machine."""
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=FineGrainedFP8Config(dequantize=True), **kw)
+
+
 def _stock_with_scales_applied(path: Path) -> nn.Module:
-    """Stock Transformers' CPU (dequantize) load, with the fused expert scales it leaves unused applied by hand."""
+    """Stock Transformers' dequantizing load, with the fused expert scales it leaves unused applied by hand."""
     from safetensors.torch import load_file
 
-    stock, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    stock, info = _stock_dequantized(path, output_loading_info=True)
     assert any(k.endswith("experts.gate_up_proj_scale_inv") for k in info["unexpected_keys"])  # what load fixes
     tensors = load_file(str(path / "model.safetensors"))
     with torch.no_grad():
@@ -311,7 +316,7 @@ def test_dequantize_on_request_loads_float_experts_defused(fp8_fused, fp8_per_ex
     assert torch.equal(ours, _logits(dq.load(fp8_per_expert, quantization_config=config)))
     assert torch.equal(ours, _logits(_stock_with_scales_applied(fp8_fused)))
     # stock Transformers alone loads the fused FP8 experts without their scales: far off
-    stock = AutoModelForCausalLM.from_pretrained(fp8_fused)
+    stock = _stock_dequantized(fp8_fused)
     assert (_logits(stock) - ours).abs().max() > 1
 
 
@@ -320,10 +325,77 @@ def test_scales_are_never_applied_twice(fp8_fused):
     while still reporting the scales unexpected is refused, not scaled a second time."""
     from defuser_quant.loading.fp8 import _apply_fused_scales
 
-    stock, info = AutoModelForCausalLM.from_pretrained(fp8_fused, output_loading_info=True)
+    stock, info = _stock_dequantized(fp8_fused, output_loading_info=True)
     unexpected = set(info["unexpected_keys"])
     assert "model.layers.0.mlp.experts.gate_up_proj_scale_inv" in unexpected
     already = _stock_with_scales_applied(fp8_fused)
     with pytest.raises(LoadError, match=r"experts\.(gate_up|down)_proj did not load as its raw FP8 values"):
         _apply_fused_scales(already, fp8_fused, unexpected)
     assert len(_apply_fused_scales(stock, fp8_fused, unexpected)) == 8  # 4 layers x (gate_up, down)
+
+
+# ----- CUDA: the real thing (skipped without a GPU) ---------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+
+
+@pytest.fixture(scope="module")
+def fp8_block128(tmp_path_factory) -> Path:
+    """A random qwen3_moe (hidden 256, moe_intermediate 256: 4x2 and 2x2 scale grids per expert) in
+    fused FP8 with 128x128 blocks, the block DeepGEMM and the Triton kernels are tuned for."""
+    from transformers import Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("fp8_cuda")
+    Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp / "float")
+    return write_fused_fp8(tmp / "float", tmp / "fp8", block=(128, 128))
+
+
+def _fp8_kernels():
+    import contextlib
+
+    from fp8_checkpoints import hub_fp8_kernel_available
+
+    return contextlib.nullcontext("hub kernel") if hub_fp8_kernel_available() else torch_fp8_kernels()
+
+
+@cuda
+def test_cuda_load_keeps_experts_fp8_and_matches_stock(fp8_block128, record_property):
+    stock = AutoModelForCausalLM.from_pretrained(fp8_block128, device_map="cuda")
+    assert is_fp8_experts(stock.model.layers[0].mlp.experts)
+    model = dq.load(fp8_block128, device_map="cuda")
+    projections = expert_projections(model)
+    assert len(projections) == 2 * 8 * 3
+    assert all(type(m).__name__ == "FP8Linear" and m.weight.dtype == torch.float8_e4m3fn and m.weight.is_cuda
+               for m in projections.values())
+    assert _nbytes(model) == _nbytes(stock)  # parameter memory: the same bytes, nothing dequantized or copied
+    ids = IDS.cuda()
+    diffs = {}
+    with _fp8_kernels() as kernel, torch.no_grad():
+        ours = model(input_ids=ids).logits.float()
+        for impl in ("grouped_mm", "eager"):
+            stock.set_experts_implementation(impl)
+            diffs[impl] = (ours - stock(input_ids=ids).logits.float()).abs().max().item()
+    scale = ours.abs().max().item()
+    record_property("fp8_kernel", "hub" if kernel == "hub kernel" else "torch stand-in")
+    record_property("max_abs_logit_diff_vs_stock", diffs)
+    print(f"\nFP8 load vs stock FP8Experts on {torch.cuda.get_device_name()}: max abs logit diff {diffs}, "
+          f"max |logit| {scale:.3f}, parameter bytes {_nbytes(model)}")
+    assert all(d <= 0.02 * scale for d in diffs.values()), diffs
+
+
+@cuda
+def test_cuda_dequantize_on_request_equals_the_cpu_result(fp8_block128):
+    config = FineGrainedFP8Config(dequantize=True)
+    on_gpu = dq.load(fp8_block128, device_map="cuda", quantization_config=config)
+    on_cpu = dq.load(fp8_block128, quantization_config=config)
+    gpu_weights = {k: v.cpu() for k, v in on_gpu.state_dict().items()}
+    cpu_weights = on_cpu.state_dict()
+    assert gpu_weights.keys() == cpu_weights.keys()
+    assert all(torch.equal(gpu_weights[k], cpu_weights[k]) for k in cpu_weights)
+    assert all(type(m) is nn.Linear and m.weight.is_cuda for m in expert_projections(on_gpu).values())
