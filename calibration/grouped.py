@@ -9,14 +9,19 @@ with exactly the rows it would have received in the loop, in the same row order:
 * forward pre-hooks get ``(module, (rows,))`` and may replace the rows, as in ``Module.__call__``;
 * forward hooks get ``(module, (rows,), output)`` and may replace the output;
 * a registered :class:`LinearAdapter` adds the hook a non-``nn.Linear`` class calls inside its
-  own forward (GPTQModel's ``HookedLinear``; ``defuser_quant.integrations.gptqmodel`` registers it).
+  own forward (GPTQModel's ``HookedLinear``; ``defuser_quant.integrations.gptqmodel`` registers it);
+* a registered :class:`ForwardWrapper` vouches for an instance ``forward`` a library installs on
+  modules (compressed-tensors' quantization and offload wrappers;
+  ``defuser_quant.integrations.llmcompressor`` registers them) when, for this input, it calls
+  the class forward on the same rows and nothing else.
 
 Only the projection outputs differ from the loop, by the rounding of a grouped versus a
 per-expert GEMM (bit-equal on the CPU here), so Hessians built from the inputs agree within
 float tolerance. What cannot be reproduced is refused: :func:`why_not_grouped` names the reason
 and callers fall back to the per-expert loop. A block falls back when a projection is not a
-plain ``nn.Linear`` (or a registered adapter) or carries an instance ``forward`` (quantization
-wrappers, activation observers, accelerate offload), when any module has backward, keyword or
+plain ``nn.Linear`` (or a registered adapter) or carries an instance ``forward`` no registered
+wrapper vouches for (quantization wrappers, activation observers, accelerate offload), or one
+that is not plain for this input (e.g. activation quantization on), when any module has backward, keyword or
 global hooks, when an expert module itself is hooked, under autocast or ``torch.compile``, when
 weights differ in shape/dtype/device from each other or from the input, and for irregular
 families (their blocks override the routed forward).
@@ -33,7 +38,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,11 +47,16 @@ from torch.nn.modules import module as _module
 from defuser_quant.core.defused import DefusedExpert, DefusedExperts
 
 __all__ = [
+    "ForwardWrapper",
+    "GroupedUse",
     "LinearAdapter",
     "deterministic_mode",
     "grouped_expert_calls",
     "grouped_routed_forward",
+    "recording_grouped_use",
+    "register_forward_wrapper",
     "register_linear_adapter",
+    "unregister_forward_wrapper",
     "unregister_linear_adapter",
     "why_not_grouped",
 ]
@@ -93,6 +103,95 @@ def unregister_linear_adapter(cls: type) -> None:
         _ADAPTERS.pop(cls, None)
 
 
+@dataclass(frozen=True)
+class ForwardWrapper:
+    """An instance ``forward`` that a library installs on modules, for the grouped forward.
+
+    ``matches(function)``: whether ``function`` (the instance ``forward``'s underlying function,
+    or the next function of a chain of wrappers) is this wrapper. ``why_not_plain(module, input)``:
+    why, for this input, the wrapper does more than call the next function with the same rows and
+    return its result unchanged (None: it does nothing more). ``inner(module, function)``: the next
+    function the wrapper calls (another wrapper to check, or the class ``forward``), or None when it
+    calls ``type(module).forward``.
+    """
+
+    matches: Callable[[Callable], bool]
+    why_not_plain: Callable[[nn.Module, torch.Tensor], str | None]
+    inner: Callable[[nn.Module, Callable], Callable | None]
+
+
+_WRAPPERS: dict[str, ForwardWrapper] = {}
+_MAX_WRAPPER_DEPTH = 8
+
+
+def register_forward_wrapper(name: str, wrapper: ForwardWrapper) -> None:
+    """Let modules whose instance ``forward`` is ``wrapper`` take part in the grouped forward."""
+    _WRAPPERS[name] = wrapper
+
+
+def unregister_forward_wrapper(name: str) -> None:
+    """Undo :func:`register_forward_wrapper` (no-op when ``name`` is not registered)."""
+    _WRAPPERS.pop(name, None)
+
+
+def _instance_forward_problem(m: nn.Module, x: torch.Tensor) -> str | None:
+    """Why the module's instance ``forward`` (if any) is not its class forward on the same rows."""
+    fn = m.__dict__.get("forward")
+    if fn is None:
+        return None
+    class_forward = type(m).forward
+    for _ in range(_MAX_WRAPPER_DEPTH):
+        func = getattr(fn, "__func__", fn)
+        if func is class_forward:
+            return None
+        wrapper = next((w for w in _WRAPPERS.values() if w.matches(func)), None)
+        if wrapper is None:
+            code = getattr(func, "__code__", None)  # functools.wraps copies the wrapped __qualname__; the code tells
+            name = getattr(code, "co_qualname", None) or getattr(func, "__qualname__", type(func).__name__)
+            return f"has an instance forward ({name}) no registered wrapper vouches for (a wrapper or offload hook)"
+        problem = wrapper.why_not_plain(m, x)
+        if problem:
+            return problem
+        fn = wrapper.inner(m, func)
+        if fn is None:
+            return None
+    return f"has more than {_MAX_WRAPPER_DEPTH} nested forward wrappers"
+
+
+@dataclass
+class GroupedUse:
+    """How often blocks ran grouped and why the others took the per-expert loop (see :func:`recording_grouped_use`)."""
+
+    grouped: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def loop(self) -> int:
+        return sum(self.fallbacks.values())
+
+
+_RECORDERS: list[GroupedUse] = []
+
+
+@contextmanager
+def recording_grouped_use() -> Iterator[GroupedUse]:
+    """Count, inside the ``with`` block, the grouped block calls and the fallbacks by reason."""
+    use = GroupedUse()
+    _RECORDERS.append(use)
+    try:
+        yield use
+    finally:
+        _RECORDERS.remove(use)
+
+
+def _record(reason: str | None) -> None:
+    for use in _RECORDERS:
+        if reason is None:
+            use.grouped += 1
+        else:
+            use.fallbacks[reason] = use.fallbacks.get(reason, 0) + 1
+
+
 def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if hasattr(torch.nn.functional, "grouped_mm"):
         return torch.nn.functional.grouped_mm(x, weight_t, offs=offs)
@@ -105,10 +204,12 @@ def _global_hooks() -> bool:
     return any(bool(getattr(_module, n, None)) for n in names)
 
 
-def _module_hook_problem(m: nn.Module) -> str | None:
+def _module_hook_problem(m: nn.Module, x: torch.Tensor) -> str | None:
     d = m.__dict__  # direct reads: this runs for every projection on every call
     if "forward" in d:
-        return "has an instance forward (a wrapper or offload hook)"
+        problem = _instance_forward_problem(m, x)
+        if problem:
+            return problem
     if d["_backward_hooks"] or d["_backward_pre_hooks"]:
         return "has backward hooks"
     if d["_forward_pre_hooks_with_kwargs"] or d["_forward_hooks_with_kwargs"]:
@@ -122,10 +223,10 @@ def _projection_problem(m: nn.Module | None, x: torch.Tensor, on_cuda: bool, dev
     adapter = _ADAPTERS.get(type(m))
     if adapter is None:
         return f"is a {type(m).__name__}, not a plain nn.Linear"
-    problem = _module_hook_problem(m)
+    problem = _module_hook_problem(m, x)
     if problem:
         return problem
-    weight = m.__dict__["_parameters"].get("weight")
+    weight = m.__dict__["_parameters"].get("weight")  # an offload cache onloads it, as the forward would
     if (
         weight is None
         or weight.dtype is not x.dtype
@@ -170,8 +271,11 @@ def _plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[list[_Rol
     for e, expert in enumerate(block):
         if type(expert) is not DefusedExpert or expert.gate_fn is not gate_fn or expert.names != names:
             return None, f"expert {e} is a {type(expert).__name__} with its own forward or names"
-        if expert._forward_pre_hooks or expert._forward_hooks or _module_hook_problem(expert):
-            return None, f"expert {e} module itself is hooked or wrapped"
+        if expert._forward_pre_hooks or expert._forward_hooks:
+            return None, f"expert {e} module itself is hooked"
+        problem = _module_hook_problem(expert, sample)
+        if problem:
+            return None, f"expert {e} module {problem}"
         children = expert.__dict__["_modules"]
         for r in roles:
             m = children.get(getattr(names, r))
@@ -198,6 +302,7 @@ _REPORTED: set[tuple[str, str]] = set()
 def _report_fallback(block: DefusedExperts, reason: str) -> None:
     """Say once per block class and kind of reason that the per-expert loop runs instead."""
     key = (type(block).__name__, re.sub(r"^expert \d+ ", "", reason))
+    _record(key[1])
     if key not in _REPORTED:
         _REPORTED.add(key)
         logger.warning("grouped calibration forward not used for %s: %s; running the per-expert loop", *key)
@@ -297,6 +402,7 @@ def grouped_routed_forward(
         return None
     tokens, top_k = top_k_index.shape
     if tokens == 0 or top_k == 0:
+        _record("no routed tokens in this batch")
         return None
     num_experts = block.num_experts
     # Flat index k * tokens + t: a stable sort by expert keeps the loop's (slot, token) order.
@@ -307,7 +413,9 @@ def grouped_routed_forward(
     *counts, low, high = stats.tolist()
     if low < 0 or high >= num_experts:
         logger.debug("grouped forward off: expert indices outside [0, %d)", num_experts)
+        _record(f"expert indices outside [0, {num_experts})")
         return None
+    _record(None)
     token_idx = perm % tokens
     slot_idx = perm // tokens
     out = _run_sorted(block, roles, hidden_states[token_idx], counts, expert_ids)
@@ -343,6 +451,7 @@ def grouped_expert_calls(
     if roles is None:
         _report_fallback(block, reason)
         return False
+    _record(None)
     experts = sorted(e for e, idx in selection.items() if idx.numel())
     limit = max_rows if max_rows is not None else FORCED_ROWS_PER_TOKEN * hidden_states.shape[0]
     chunk: list[int] = []

@@ -7,7 +7,9 @@ Lifecycle inside ``oneshot`` (llm-compressor 0.14):
   pre-recipe linearization already built through our hook are kept; blocks it linearized
   itself are adopted; fused ones are converted; blocks excluded by ``filter`` go back to the
   native fused class), enters ``routing_mode`` and attaches token counters (llm-compressor
-  hooks, so they are off during the sequential pipeline's propagation passes).
+  hooks, so they are off during the sequential pipeline's propagation passes). With
+  ``grouped`` (default) the experts' calibration and propagation forwards run as grouped GEMMs
+  wherever compressed-tensors' wrapped forwards are plain (``grouped.py``); the rest loops.
 * ``on_calibration_start`` (its own data-free pipeline, before the quantizers calibrate): checks
   that the experts' schemes can be re-fused when ``refuse`` is set.
 * ``on_finalize`` (after every pipeline, before ``oneshot`` saves): leaves the routing mode,
@@ -39,7 +41,9 @@ from torch import nn
 from defuser_quant.core import DefusedExperts, DefuserQuantError, FilterRules, convert_model, fuse_model
 from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_report, current_provenance, routing_mode
 from defuser_quant.calibration import distributed
+from defuser_quant.calibration.grouped import GroupedUse, grouped_routed_forward, recording_grouped_use
 
+from .grouped import compressed_tensors_grouping
 from .linearize import adopt_linear_experts
 from .budget import RankBudget
 from .ranks import before_compress, has_hessians
@@ -79,17 +83,22 @@ class _CalibrationPassOnly:
     candidate rows for the top-up before each compression (``budget.RankBudget``).
     """
 
-    def __init__(self, inner: Any, fingerprints: list | None = None, budget: RankBudget | None = None, path: str = ""):
+    def __init__(
+        self, inner: Any, fingerprints: list | None = None, budget: RankBudget | None = None, path: str = "",
+        grouped: bool = False,
+    ):
         self.inner = inner
         self.fingerprints = fingerprints
         self.budget = budget
         self.path = path
+        self.grouped = grouped
 
     def __call__(self, block: DefusedExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if HooksMixin._HOOKS_DISABLED:
-            return block.routed_forward(hidden, index, weights)
-        if self.fingerprints is not None:
-            self.fingerprints.append(tuple(torch.bincount(index.reshape(-1), minlength=block.num_experts).tolist()))
+            output = grouped_routed_forward(block, hidden, index, weights) if self.grouped else None
+            return block.routed_forward(hidden, index, weights) if output is None else output
+        if self.fingerprints is not None:  # kept on the device: one transfer when checked, no sync per batch
+            self.fingerprints.append(torch.bincount(index.reshape(-1), minlength=block.num_experts))
         if self.budget is not None:
             self.budget.record(self.path, block, hidden, index)
         return self.inner(block, hidden, index, weights)
@@ -139,6 +148,10 @@ class DefuseModifier(Modifier):
         refuse: ``false``, ``dequantized`` or ``fp8_fused``: also write a re-fused checkpoint
             when the model is saved (see ``refuse_checkpoint``).
         refuse_output_dir: where; default ``<save dir>-dequantized`` / ``<save dir>-fp8-fused``.
+        grouped: run each block's experts through grouped GEMMs while every expert Linear's
+            hooks see the rows the per-expert loop would give (Hessians equal the loop's);
+            blocks whose wrapped forwards are not plain (activation quantization enabled, an
+            unknown wrapper) take the loop, and :attr:`grouped_use` says how often and why.
     """
 
     routing: Literal["routed", "all", "budgeted"] | None = None
@@ -148,6 +161,7 @@ class DefuseModifier(Modifier):
     filter: list[str] | None = None
     refuse: Literal[False, "dequantized", "fp8_fused"] = False
     refuse_output_dir: str | None = None
+    grouped: bool = True
 
     _stack: ExitStack | None = PrivateAttr(default=None)
     _counts: dict[str, dict[str, list[int]]] = PrivateAttr(default_factory=dict)
@@ -155,6 +169,7 @@ class DefuseModifier(Modifier):
     _fingerprints: list | None = PrivateAttr(default=None)
     _undo_rank_sync: Any = PrivateAttr(default=None)
     _budget: RankBudget | None = PrivateAttr(default=None)
+    _grouped_use: GroupedUse | None = PrivateAttr(default=None)
 
     @field_validator("filter", mode="before")
     @classmethod
@@ -187,6 +202,11 @@ class DefuseModifier(Modifier):
         """The coverage report built at finalize (None before)."""
         return self._coverage
 
+    @property
+    def grouped_use(self) -> GroupedUse | None:
+        """Block calls that ran grouped and the per-expert-loop fallbacks by reason (None unless ``grouped``)."""
+        return self._grouped_use
+
     # ----- lifecycle ---------------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         self._check_recipe_order()
@@ -204,14 +224,18 @@ class DefuseModifier(Modifier):
             )
         self._stack = ExitStack()
         try:
+            if self.grouped:
+                self._stack.enter_context(compressed_tensors_grouping())
+                self._grouped_use = self._stack.enter_context(recording_grouped_use())
             # under torchrun budgeted routes normally and tops up from every rank's counts (budget.py)
-            self._stack.enter_context(routing_mode(model, "routed" if ranked_budget else mode, min_tokens=self.min_tokens))
+            routing = "routed" if ranked_budget else mode
+            self._stack.enter_context(routing_mode(model, routing, min_tokens=self.min_tokens, grouped=self.grouped))
             self._attach_counters(model)
             self._budget = RankBudget(_blocks(model), self.min_tokens, self._counts) if ranked_budget else None
             self._fingerprints = [] if distributed.is_distributed() else None
             for index, (path, block) in enumerate(_blocks(model)):
                 record = self._fingerprints if index == 0 else None
-                block.forward_override = _CalibrationPassOnly(block.forward_override, record, self._budget, path)
+                block.forward_override = _CalibrationPassOnly(block.forward_override, record, self._budget, path, self.grouped)
             if distributed.is_distributed():
                 self._undo_rank_sync = before_compress(self._recipe_modifiers(), model, self._before_compress)
         except BaseException:
@@ -227,6 +251,7 @@ class DefuseModifier(Modifier):
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
         self._check_data_split()
         self._teardown()
+        self._log_grouped_use()
         if self._counts:
             self._finish_coverage()
         if self.refuse:
@@ -269,7 +294,19 @@ class DefuseModifier(Modifier):
         """Under torchrun, once the first block has seen data: refuse ranks that saw the same batches."""
         if self._fingerprints:
             fingerprints, self._fingerprints = self._fingerprints, None
-            distributed.check_distinct_shares(fingerprints)
+            rows = torch.stack(fingerprints).cpu().tolist()
+            distributed.check_distinct_shares([tuple(row) for row in rows])
+
+    def _log_grouped_use(self) -> None:
+        use = self._grouped_use
+        if use is None or not (use.grouped or use.fallbacks):
+            return
+        if use.fallbacks:
+            reasons = "; ".join(f"{reason} ({n}x)" for reason, n in sorted(use.fallbacks.items(), key=lambda kv: -kv[1]))
+            logger.info("grouped calibration forward: %d block call(s) grouped, %d per-expert loop: %s", use.grouped,
+                        use.loop, reasons)
+        else:
+            logger.info("grouped calibration forward: all %d block call(s) grouped", use.grouped)
 
     def _attach_counters(self, model: nn.Module) -> None:
         self._counts = {}

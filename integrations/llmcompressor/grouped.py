@@ -1,0 +1,128 @@
+"""compressed-tensors' forward wrappers in the grouped calibration forward (``calibration.grouped``).
+
+Inside llm-compressor every Linear a quantization modifier targets gets compressed-tensors'
+``quantized_forward`` as its instance ``forward`` (``set_forward_quantized``), and the pipelines
+wrap every module's forward once more for offloading (``offload_module``). During calibration
+both are usually plain: the sequential pipeline runs under ``DisableQuantization`` (no
+fake-quantization), GPTQ/AWQ observe through forward hooks, and the offload wrapper moves inputs
+that already sit on the onload device nowhere. :func:`compressed_tensors_grouping` registers the
+two wrappers with the grouped forward, each with the exact test its own code applies, so a
+projection runs grouped only when its wrapped forward would compute ``F.linear`` of the same rows
+with the same weight:
+
+* ``quantized_forward``: not plain when quantization is enabled on the module and its scheme
+  quantizes input or output activations, or fake-quantizes the weight (status before
+  ``COMPRESSED``);
+* the offload wrapper: not plain when onloading is on and the input is not on the onload device.
+
+Anything else (another wrapper inside, a changed compressed-tensors) is not recognised and the
+block takes the per-expert loop, with the reason logged (``calibration.grouped``).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from defuser_quant.calibration.grouped import ForwardWrapper, register_forward_wrapper, unregister_forward_wrapper
+
+__all__ = ["QUANTIZED_FORWARD", "OFFLOAD_FORWARD", "compressed_tensors_grouping", "wrapper_code"]
+
+logger = logging.getLogger(__name__)
+
+QUANTIZED_FORWARD = "compressed_tensors.quantized_forward"
+OFFLOAD_FORWARD = "compressed_tensors.offload_forward"
+
+
+def wrapper_code(factory: Callable, name: str) -> types.CodeType | None:
+    """The code object of the function ``name`` that ``factory`` defines inside itself (None: not found)."""
+    code = getattr(factory, "__code__", None)
+    found = [c for c in (code.co_consts if code else ()) if isinstance(c, types.CodeType) and c.co_name == name]
+    return found[0] if len(found) == 1 else None
+
+
+def _same_device(x: torch.device, onload: torch.device | str) -> bool:
+    target = torch.device(onload)
+    if target.type != x.type:
+        return False
+    if target.index is None and x.type == "cuda":
+        return x.index == torch.cuda.current_device()
+    return target.index is None or target.index == x.index
+
+
+def _quantized_why_not_plain(m: nn.Module, x: torch.Tensor) -> str | None:
+    """compressed-tensors' ``quantized_forward`` does what its own checks say, nothing else."""
+    from compressed_tensors.quantization import QuantizationStatus
+
+    scheme = getattr(m, "quantization_scheme", None)
+    status = getattr(m, "quantization_status", None)
+    if not (getattr(m, "quantization_enabled", True) and scheme is not None and status is not None):
+        return None
+    if scheme.input_activations:
+        return "quantizes its input activations in forward (compressed-tensors, quantization enabled)"
+    if scheme.output_activations:
+        return "quantizes its output activations in forward (compressed-tensors, quantization enabled)"
+    if scheme.weights and status < QuantizationStatus.COMPRESSED:
+        return "fake-quantizes its weight in forward (compressed-tensors, quantization enabled)"
+    return None
+
+
+def _offload_why_not_plain(m: nn.Module, x: torch.Tensor) -> str | None:
+    """compressed-tensors' offload wrapper moves the inputs to the onload device, nothing else."""
+    from compressed_tensors.offload.cache import OffloadCache
+
+    if not callable(m.__dict__.get("_original_forward_func")):
+        return "has an offload wrapper without its original forward (compressed-tensors)"
+    params = m.__dict__.get("_parameters")
+    if OffloadCache.onloading_disabled or not isinstance(params, OffloadCache):
+        return None
+    if not _same_device(x.device, params.onload_device):
+        return f"onloads its input from {x.device} to {params.onload_device} (compressed-tensors offload)"
+    return None
+
+
+def _offload_inner(m: nn.Module, func: Callable) -> Callable | None:
+    return m.__dict__["_original_forward_func"]  # checked by _offload_why_not_plain
+
+
+def _wrappers() -> dict[str, ForwardWrapper]:
+    from compressed_tensors.offload.module import offload_module
+    from compressed_tensors.quantization.lifecycle.forward import set_forward_quantized
+
+    quantized = wrapper_code(set_forward_quantized, "quantized_forward")
+    offload = wrapper_code(offload_module, "forward")
+    wrappers = {}
+    if quantized is not None:
+        wrappers[QUANTIZED_FORWARD] = ForwardWrapper(
+            matches=lambda f: getattr(f, "__code__", None) is quantized,
+            why_not_plain=_quantized_why_not_plain,
+            inner=lambda m, f: None,  # it calls self.__class__.forward
+        )
+    if offload is not None:
+        wrappers[OFFLOAD_FORWARD] = ForwardWrapper(
+            matches=lambda f: getattr(f, "__code__", None) is offload,
+            why_not_plain=_offload_why_not_plain,
+            inner=_offload_inner,
+        )
+    missing = {QUANTIZED_FORWARD, OFFLOAD_FORWARD} - set(wrappers)
+    if missing:
+        logger.warning("compressed-tensors' %s not found: those modules keep the per-expert loop", sorted(missing))
+    return wrappers
+
+
+@contextmanager
+def compressed_tensors_grouping() -> Iterator[None]:
+    """Register compressed-tensors' forward wrappers with the grouped forward inside the ``with`` block."""
+    wrappers = _wrappers()
+    for name, wrapper in wrappers.items():
+        register_forward_wrapper(name, wrapper)
+    try:
+        yield
+    finally:
+        for name in wrappers:
+            unregister_forward_wrapper(name)

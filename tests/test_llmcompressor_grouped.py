@@ -1,0 +1,148 @@
+"""The grouped calibration forward inside llm-compressor 0.14 (compressed-tensors 0.19 wrappers):
+real ``oneshot`` runs of the shipped tiny model, per-expert loop vs grouped, same Hessians and the
+same checkpoint; and the wrappers' refusals when a forward is not plain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("llmcompressor")
+
+from safetensors.torch import load_file  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+import defuser_quant.integrations.llmcompressor as dq_llmc  # noqa: E402
+from defuser_quant import DefusedExperts, convert_model  # noqa: E402
+from defuser_quant.assets import TINY_MOE_PATH  # noqa: E402
+from defuser_quant.calibration import routing_mode  # noqa: E402
+from defuser_quant.calibration.data import CalibrationDataConfig, build_calibration_samples, to_hf_dataset  # noqa: E402
+from defuser_quant.calibration.grouped import recording_grouped_use, why_not_grouped  # noqa: E402
+from defuser_quant.integrations.llmcompressor.grouped import compressed_tensors_grouping  # noqa: E402
+
+SAMPLES, SEQ = 8, 32
+IGNORE = ["lm_head", "re:.*mlp.gate$"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MOE_PATH)
+    data = to_hf_dataset(build_calibration_samples(CalibrationDataConfig(num_samples=SAMPLES, seq_len=SEQ), tokenizer))
+    return tokenizer, data
+
+
+def _oneshot(calibration, out, routing: str, grouped: bool, monkeypatch) -> tuple[dict, dq_llmc.DefuseModifier]:
+    """One GPTQ W4A16 oneshot; returns every module's Hessian and sample count right before its solve."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    tokenizer, data = calibration
+    seen: dict[str, tuple[torch.Tensor, float]] = {}
+    original = GPTQModifier.compress_modules
+
+    def snapshot(self):
+        for module, hessian in self._hessians.items():
+            seen[self._module_names[module]] = (hessian.clone(), float(self._num_samples[module]))
+        return original(self)
+
+    monkeypatch.setattr(GPTQModifier, "compress_modules", snapshot)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, dtype=torch.bfloat16)
+    defuse = dq_llmc.DefuseModifier(routing=routing, grouped=grouped)
+    oneshot(
+        model=model, processor=tokenizer, dataset=data, output_dir=str(out), num_calibration_samples=SAMPLES,
+        max_seq_length=SEQ, shuffle_calibration_samples=False,
+        recipe=[defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)],
+    )
+    monkeypatch.setattr(GPTQModifier, "compress_modules", original)
+    return seen, defuse
+
+
+@pytest.mark.parametrize("routing", ["routed", "all"])
+def test_grouped_under_oneshot_gives_the_loops_hessians_and_checkpoint(calibration, tmp_path, monkeypatch, routing):
+    loop, loop_modifier = _oneshot(calibration, tmp_path / "loop", routing, False, monkeypatch)
+    grouped, grouped_modifier = _oneshot(calibration, tmp_path / "grouped", routing, True, monkeypatch)
+    assert loop_modifier.grouped_use is None
+    use = grouped_modifier.grouped_use
+    # every block call grouped: 4 layers x 8 batches, calibration and propagation (+ forced calls for "all")
+    assert use.fallbacks == {} and use.grouped == 4 * SAMPLES * (3 if routing == "all" else 2), use
+    experts = [name for name in loop if ".mlp.experts." in name]
+    assert len(experts) == 4 * 16 * 3 and sorted(grouped) == sorted(loop)
+    for name, (hessian, samples) in loop.items():
+        assert grouped[name][1] == samples, name
+        torch.testing.assert_close(grouped[name][0], hessian, rtol=1e-6, atol=1e-6 * hessian.abs().max().item())
+    # on the CPU grouped_mm is bit-equal to the per-expert matmuls: the very same checkpoint
+    assert sum(torch.equal(grouped[n][0], loop[n][0]) for n in experts) == len(experts)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("loop", "grouped"))
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert grouped_modifier.coverage.totals == loop_modifier.coverage.totals
+
+
+# ----- the wrappers' refusals, on compressed-tensors' real wrappers ------------------------------
+
+
+def _wrapped_block(scheme: str) -> tuple[torch.nn.Module, DefusedExperts]:
+    """The tiny model defused, its experts given compressed-tensors' quantized forward and offload wrapper."""
+    from compressed_tensors.offload import set_onload_device
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, dtype=torch.bfloat16)
+    convert_model(model)
+    config = QuantizationConfig(config_groups={"g": preset_name_to_scheme(scheme, ["Linear"])}, ignore=IGNORE)
+    apply_quantization_config(model, config)
+    set_onload_device(model, torch.device("cpu"))
+    block = next(m for m in model.modules() if isinstance(m, DefusedExperts))
+    assert "forward" in block[0].gate_proj.__dict__ and hasattr(block[0].gate_proj, "_original_forward_func")
+    return model, block
+
+
+@pytest.mark.parametrize(
+    ("scheme", "why"),
+    [("W4A16", "fake-quantizes its weight"), ("W8A8", "quantizes its input activations"), ("FP8_DYNAMIC", "quantizes its input")],
+)
+def test_wrapped_forward_is_grouped_only_while_quantization_is_disabled(scheme, why):
+    from llmcompressor.utils.helpers import DisableQuantization
+
+    model, block = _wrapped_block(scheme)
+    x = torch.randn(4, block[0].gate_proj.in_features, dtype=torch.bfloat16)
+    assert "expert 0 module has an instance forward (offload_module.<locals>.forward) no registered wrapper" in (
+        why_not_grouped(block, x)
+    )  # unknown until registered
+    with compressed_tensors_grouping():
+        assert why in why_not_grouped(block, x)  # quantization on: not plain, the loop runs
+        with DisableQuantization(model):
+            assert why_not_grouped(block, x) is None
+            ids = torch.arange(24).reshape(2, 12)
+            with torch.no_grad():
+                ref = model(ids).logits
+                with recording_grouped_use() as use, routing_mode(model, "all", grouped=True):
+                    got = model(ids).logits
+            assert use.grouped == 2 * 4 and use.fallbacks == {}  # 4 blocks, routed + forced
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert "no registered wrapper" in why_not_grouped(block, x)  # unregistered on exit
+
+
+def test_offload_to_another_device_and_unknown_wrappers_are_refused():
+    from llmcompressor.utils.helpers import DisableQuantization
+
+    model, block = _wrapped_block("W4A16")
+    x = torch.randn(4, block[0].gate_proj.in_features, dtype=torch.bfloat16)
+    with compressed_tensors_grouping(), DisableQuantization(model):
+        assert why_not_grouped(block, x) is None
+        params = block[3].up_proj._parameters
+        params.onload_device = torch.device("meta")
+        assert "expert 3 up projection onloads its input from cpu to meta" in why_not_grouped(block, x)
+        params.onload_device = torch.device("cpu")
+        inner = block[5].down_proj._original_forward_func
+        block[5].down_proj._original_forward_func = lambda self, t: inner(self, t) * 2
+        assert "expert 5 down projection has an instance forward (" in why_not_grouped(block, x)
+        block[5].down_proj._original_forward_func = inner
+        assert why_not_grouped(block, x) is None
