@@ -121,7 +121,8 @@ def one_and_two_processes(tmp_path_factory):
     runs = {}
     for nproc in (1, 2):
         out = tmp_path_factory.mktemp(f"nproc{nproc}")
-        done = _run([str(TESTS / "distributed_oneshot.py"), str(out), "routed", str(SAMPLES), str(SEQ)], nproc=nproc)
+        args = [str(TESTS / "distributed_oneshot.py"), str(out), "routed", str(SAMPLES), str(SEQ), "--count-collectives"]
+        done = _run(args, nproc=nproc)
         assert done.returncode == 0, done.stderr[-4000:]
         runs[nproc] = out
     return runs
@@ -150,6 +151,27 @@ def test_two_process_checkpoint_equals_one_process_within_gptq_tolerance(one_and
         differ = (a[name] != b[name]).float().mean().item()
         assert differ < 1e-3, (name, differ)  # layer 0 sees the same inputs: summation order only
     _assert_equally_good(one_and_two_processes[1], one_and_two_processes[2])
+
+
+@pytest.mark.slow
+def test_defuse_modifier_adds_no_collective_per_batch_or_expert(one_and_two_processes):
+    """What DefuseModifier itself sends over the process group: nothing during the forward passes,
+    one all-reduce per layer (plus the CPU-only barrier after each solve), the data-split check once,
+    the coverage reduce once. A per-batch, per-expert or per-module collective shows up here."""
+    one, two = (json.loads((one_and_two_processes[n] / "collectives-rank0.json").read_text()) for n in (1, 2))
+    assert one["calls"] == []
+    rank1 = json.loads((one_and_two_processes[2] / "collectives-rank1.json").read_text())
+    assert rank1["calls"] == two["calls"]  # the same sequence on both ranks, or they would hang
+    by_phase: dict[str, list[str]] = {}
+    for phase, name in two["calls"]:
+        by_phase.setdefault(phase, []).append(name)
+    assert not [p for p in by_phase if not p.startswith(("epoch_end.", "finalize"))], by_phase  # none in the forwards
+    layers = [names for p, names in by_phase.items() if "barrier" in names]
+    assert len(layers) == 4  # the tiny model's decoder layers
+    for names in by_phase.values():
+        assert names.count("all_reduce") <= 1 and names.count("barrier") <= 1, by_phase
+    assert sum(names.count("all_gather_object") for names in by_phase.values()) == 2  # data check, coverage
+    assert two["grouped"] > 0 and two["loop"] == 0  # the grouped forward ran under torchrun
 
 
 @pytest.mark.slow
