@@ -1,6 +1,8 @@
 """The supported families table is the code's, and it covers everything the reference tool does.
 
-* README.md's table is regenerated from the code and must be identical.
+* README.md's table is regenerated from the code and must be identical; its math column is
+  measured on each family's tiny model, so a hand-edited cell or a family that stops being exact
+  fails the check.
 * Every model type Defuser 0.0.28 supports (its ``MODEL_CONFIG`` registry and the model types
   its README lists), read as data from site-packages (never imported), is covered.
 * Every fused experts class or fused dense MLP that discovery finds by structure in the
@@ -86,6 +88,85 @@ def test_readme_table_is_generated_from_the_code():
         assert not missing, f"rows the code has but README's table lacks: {missing}"
 
 
+def test_a_hand_edited_math_cell_fails_the_check(tmp_path):
+    """The math cells are compared with a fresh measurement (same process: measured once)."""
+    text = README.read_text(encoding="utf-8")
+    if _installed() != Version(support.table_version(text) or "0"):
+        pytest.skip("README's table is checked cell by cell with the Transformers it was generated with")
+    measured = re.search(r"\| ≤\S+ rel \|", text).group(0)
+    for old, new in (("| exact |", "| ≤1e-7 rel |"), (measured, "| exact |")):
+        assert old in text
+        edited = tmp_path / "README.md"
+        edited.write_text(text.replace(old, new, 1), encoding="utf-8")
+        assert support.main(["--check", str(edited)]) == 1, (old, new)
+    edited.write_text(text, encoding="utf-8")
+    assert support.main(["--check", str(edited)]) == 0
+
+
+def _row(module: str):
+    return next(r for r in support.supported_families() if r.module == module)
+
+
+def test_math_cells_are_measured_not_claimed(monkeypatch):
+    """The cell comes from running the fused and the defused forward: exact where bit-identical;
+    a defused forward that rounds differently (here: experts computed in float64) is reported
+    with its measured bound, whatever the adapter claims."""
+    import model_zoo
+
+    assert support.load_zoo() is model_zoo  # the suite's zoo, not a second copy
+    row = _row("qwen3_moe")
+    assert row.exact and support.measure_family(model_zoo, row).cell() == "exact"
+
+    model, inputs = model_zoo.build_tiny_model("qwen3_moe")
+    expert_forward = dq.DefusedExpert.forward
+    monkeypatch.setattr(dq.DefusedExpert, "forward", lambda self, x: expert_forward(self.double(), x.double()).float())
+    result = support.measure_model(model, inputs, model_zoo.run_main_output)
+    assert result.exact is False and 0 < result.max_rel < 1e-5
+    assert result.cell() == f"≤{support._bound(result.max_rel)} rel"
+
+
+def test_a_non_exact_family_is_reported_with_its_measured_difference():
+    import model_zoo
+
+    row = _row("gpt_oss")  # x @ W on a transposed, interleaved tensor in the fused loop
+    result = support.measure_family(model_zoo, row)
+    model, inputs = model_zoo.build_tiny_model("gpt_oss")
+    with model_zoo.torch_threads(1):
+        fused = model_zoo.run_main_output(model, inputs)
+        dq.convert_model(model)
+        defused = model_zoo.run_main_output(model, inputs)
+    diff = (defused.double() - fused.double()).abs().max().item()
+    assert not torch.equal(defused, fused) and result.exact is False
+    assert result.max_abs == diff and result.max_rel == diff / fused.double().abs().max().item()
+    assert result.cell() == f"≤{support._bound(result.max_rel)} rel"
+    # The table prints the measurement, not the adapter's claim (qwen3_moe claims exact).
+    claimed_exact = _row("qwen3_moe")
+    table = support.markdown_table(rows=(row, claimed_exact), measured={"gpt_oss": result, "qwen3_moe": result})
+    assert table.count(f"| {result.cell()} |") == 2 and "| exact |" not in table
+
+
+def test_rows_without_a_measurement_say_why():
+    from types import SimpleNamespace
+
+    import model_zoo
+
+    def build_tiny_model(model_type):
+        raise RuntimeError("cannot build")
+
+    broken = SimpleNamespace(
+        __file__="broken_zoo.py", build_tiny_model=build_tiny_model, run_main_output=model_zoo.run_main_output,
+        discover_experts_classes=list, discover_irregular_experts_classes=list, discover_fused_dense_mlp_classes=list,
+    )
+    assert support.measure_family(broken, _row("mixtral")).cell() == "not measured (no tiny mixtral model: RuntimeError)"
+    refused = support.FamilySupport("x", ("x",), ("l",), False, True, True, refused="Cls: decorator `flag=True`")
+    assert "refused: Cls: decorator" in support.markdown_table(rows=(refused,), measured={})
+
+
+@pytest.mark.parametrize(("value", "bound"), [(2.76e-7, "3e-7"), (2e-7, "2e-7"), (9.5e-7, "1e-6"), (1e-6, "1e-6"), (7.3e-8, "8e-8")])
+def test_bounds_round_up_to_one_digit(value, bound):
+    assert support._bound(value) == bound and float(bound) >= value
+
+
 def test_baseline_rows_are_the_codes():
     """The rows the table marks as holding for the oldest supported Transformers are exactly the
     rows the code computes with it."""
@@ -144,7 +225,7 @@ def test_table_rows_agree_with_conversion():
     assert rows["dbrx"].irregular and not rows["dbrx"].exact
     assert rows["qwen3_moe"].exact and rows["qwen3_moe"].stock_per_expert
     assert not rows["phi3"].stock_per_expert and not rows["gpt_oss"].exact
-    table = support.markdown_table()
+    table = support.markdown_table(measured={})  # the math column is measured (tested above)
     assert table.count("\n") == len(rows) + 2
 
 

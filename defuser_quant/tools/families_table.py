@@ -4,25 +4,34 @@ Rows come from the same places conversion looks: classes decorated with
 ``@use_experts_implementation`` in the installed Transformers, and the explicit entries of
 ``families.py`` (irregular experts classes, fused dense MLPs, shared expert lists). Nothing here
 is a hand-written list, so the table cannot drift from what ``convert_model`` and
-``replace_fused_blocks`` do. ``python -m defuser_quant.tools.families_table --markdown`` prints it;
+``replace_fused_blocks`` do. The "math (fp32)" column is measured, not claimed: each family's tiny
+fp32 model (built by the test suite's model zoo, ``tests/model_zoo.py`` of a source checkout) runs
+its fused eager forward and, after ``convert_model``, its defused forward on the same fixed inputs
+with one thread. ``python -m defuser_quant.tools.families_table --markdown`` prints the table;
 ``--write README.md`` / ``--check README.md`` update or verify the README between its markers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import importlib.util
 import logging
+import math
 import pkgutil
 import re
 import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
+import torch
 from torch import nn
 
+from ..core.defuse import convert_model
 from ..core.families import DENSE_MLP_ENTRIES, EXPERTS_ENTRIES, SHARED_EXPERT_LISTS, adapter_of, entry_active
 from ..core.layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class, unmodelled_flags_of_class
 from ..core.naming import stock_loads_per_expert
@@ -45,6 +54,8 @@ BASELINE_MODULES = frozenset(
     "qwen3_vl_moe qwen4_exp solar_open step3p7 zamba2 zaya".split()
 )
 _GENERATED_WITH = re.compile(r"Generated with Transformers ([0-9][0-9A-Za-z.+-]*)\.")
+# The tiny-model zoo the math column is measured with: test support, present in a source checkout.
+ZOO_PATH = Path(__file__).resolve().parents[2] / "tests" / "model_zoo.py"
 
 
 def transformers_version() -> str:
@@ -68,7 +79,7 @@ class FamilySupport:
     model_types: tuple[str, ...]
     layouts: tuple[str, ...]
     irregular: bool  # has an explicit entry in families.py
-    exact: bool  # every converted block is bit-identical to the fused forward
+    exact: bool  # the adapters claim bit-identical math (tests/test_families.py checks it); the table measures
     stock_per_expert: bool  # stock Transformers loads a checkpoint saved defused
     preload: bool = True
     postload: bool = True
@@ -170,9 +181,137 @@ def supported_model_types() -> set[str]:
     return {t for row in supported_families() if not row.refused for t in row.model_types}
 
 
-def markdown_table(rows: tuple[FamilySupport, ...] | None = None) -> str:
-    """The supported families table in Markdown."""
+@dataclass(frozen=True)
+class MathResult:
+    """The measured "math (fp32)" cell of a row: defused forward against fused eager forward.
+
+    ``exact`` is None when nothing was measured (``reason`` says why); ``max_rel`` is
+    ``max |defused - fused| / max |fused|`` over the model's main output.
+    """
+
+    exact: bool | None
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    reason: str = ""
+
+    def cell(self) -> str:
+        if self.exact is None:
+            return f"not measured ({self.reason})"
+        if self.exact:
+            return "exact"
+        if not math.isfinite(self.max_rel):
+            return "differs (non-finite)"
+        return f"≤{_bound(self.max_rel)} rel"
+
+
+def _bound(value: float) -> str:
+    """``value`` rounded UP to one significant digit: ``2.76e-07`` -> ``3e-7``."""
+    if value <= 0:
+        return "0"
+    exponent = math.floor(math.log10(value))
+    digit = math.ceil(round(value / 10.0**exponent, 9))
+    if digit >= 10:
+        digit, exponent = 1, exponent + 1
+    return f"{digit}e{exponent}"
+
+
+@contextlib.contextmanager
+def _measuring() -> Iterator[None]:
+    """One intra-op thread (deterministic summation order, and fast for tiny models), the global
+    RNG left as it was, and conversion's per-model notices kept out of the generator's output."""
+    threads = torch.get_num_threads()
+    quiet = logging.getLogger("defuser_quant")
+    level = quiet.level
+    torch.set_num_threads(1)
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        quiet.setLevel(level)
+
+
+def measure_model(model: nn.Module, inputs: dict, run) -> MathResult:
+    """Run ``model`` (fused, fp32, eager experts) on ``inputs``, ``convert_model`` it, run it again;
+    ``run(model, inputs)`` returns the output compared. The model is left defused."""
+    with _measuring():
+        fused = run(model, inputs)
+        convert_model(model)
+        defused = run(model, inputs)
+    if torch.equal(defused, fused):
+        return MathResult(exact=True)
+    diff = (defused.double() - fused.double()).abs().max().item()
+    scale = fused.double().abs().max().item()
+    return MathResult(exact=False, max_abs=diff, max_rel=diff / scale if scale else math.inf)
+
+
+def load_zoo(path: Path | str = ZOO_PATH) -> ModuleType:
+    """The tiny-model zoo (``tests/model_zoo.py``): ``build_tiny_model``, ``run_main_output`` and its
+    discovery functions. Reuses the module when the test suite already imported that file."""
+    path = Path(path).resolve()
+    loaded = sys.modules.get("model_zoo")
+    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == path:
+        return loaded
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: the math column is measured on the tiny models of the test suite's model zoo; run the "
+            "generator from a source checkout or pass --zoo PATH/TO/tests/model_zoo.py"
+        )
+    spec = importlib.util.spec_from_file_location("defuser_quant_model_zoo", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _zoo_model_types(zoo: ModuleType) -> dict[str, str]:
+    """Modeling package -> the model type the zoo builds for it (its top-level type)."""
+    infos = [*zoo.discover_experts_classes(), *zoo.discover_irregular_experts_classes(), *zoo.discover_fused_dense_mlp_classes()]
+    found: dict[str, str] = {}
+    for info in infos:
+        found.setdefault(info.module_name, info.model_type)
+    return found
+
+
+_MEASURED: dict[tuple[str, str, str], MathResult] = {}
+
+
+def measure_family(zoo: ModuleType, row: FamilySupport) -> MathResult:
+    """The math cell of ``row``, measured on the zoo's tiny model (cached per process)."""
+    if row.refused:
+        return MathResult(exact=None, reason="refused")
+    model_type = _zoo_model_types(zoo).get(row.module, row.module)
+    key = (str(zoo.__file__), transformers_version(), model_type)
+    if key not in _MEASURED:
+        try:
+            with _measuring():
+                model, inputs = zoo.build_tiny_model(model_type)
+        except Exception as exc:  # noqa: BLE001 - a family the zoo cannot build is reported, not fatal
+            logger.info("%s: no tiny model: %s", model_type, exc)
+            result = MathResult(exact=None, reason=f"no tiny {model_type} model: {type(exc).__name__}")
+        else:
+            try:
+                result = measure_model(model, inputs, zoo.run_main_output)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("%s: measuring the defused forward failed: %s", model_type, exc)
+                result = MathResult(exact=None, reason=f"measuring failed: {type(exc).__name__}")
+        _MEASURED[key] = result
+    return _MEASURED[key]
+
+
+def measured_math(zoo: ModuleType | None = None, rows: tuple[FamilySupport, ...] | None = None) -> dict[str, MathResult]:
+    """Module -> measured math cell for every row (``zoo`` defaults to ``load_zoo()``)."""
+    zoo = load_zoo() if zoo is None else zoo
     rows = supported_families() if rows is None else rows
+    return {r.module: measure_family(zoo, r) for r in rows}
+
+
+def markdown_table(rows: tuple[FamilySupport, ...] | None = None, measured: Mapping[str, MathResult] | None = None) -> str:
+    """The supported families table in Markdown; ``measured`` (default: measured now) fills the math column."""
+    rows = supported_families() if rows is None else rows
+    measured = measured_math(rows=rows) if measured is None else measured
+    missing = MathResult(exact=None, reason="no measurement given")
     lines = [
         "| family (model types) | Transformers | layout | pre-load | post-load | re-fuse | math (fp32) "
         "| stock loads the defused save |",
@@ -184,10 +323,10 @@ def markdown_table(rows: tuple[FamilySupport, ...] | None = None) -> str:
         needs = f">={BASELINE}" if r.module in BASELINE_MODULES else f">={version}"
         family = r.module + (f" ({', '.join(r.model_types)})" if r.model_types != (r.module,) else "")
         layout = "<br>".join(r.layouts) + (" *" if r.irregular else "")
-        math = f"refused: {r.refused}" if r.refused else "exact" if r.exact else "≤1e-6 rel"
+        cell = f"refused: {r.refused}" if r.refused else measured.get(r.module, missing).cell()
         stock = yes[r.stock_per_expert] if r.stock_per_expert else "no: `temporarily_fused`"
         lines.append(
-            f"| {family} | {needs} | {layout} | {yes[r.preload]} | {yes[r.postload]} | {yes[r.refuse]} | {math} | {stock} |"
+            f"| {family} | {needs} | {layout} | {yes[r.preload]} | {yes[r.postload]} | {yes[r.refuse]} | {cell} | {stock} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -207,14 +346,18 @@ def entries_notes() -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_section() -> str:
-    """The README block between the markers (markers included)."""
+def readme_section(zoo: ModuleType | None = None) -> str:
+    """The README block between the markers (markers included), the math column measured with ``zoo``."""
     version = transformers_version()
     header = (
         f"Generated with Transformers {version}. The Transformers column gives the oldest release each row "
-        f"holds for (rows marked >={version} are absent from {BASELINE}).\n"
+        f"holds for (rows marked >={version} are absent from {BASELINE}). The math (fp32) column is measured "
+        "by the generator: each family's tiny fp32 model (`tests/model_zoo.py`) runs its fused eager forward, "
+        "then its defused forward on the same fixed inputs, with one thread on the CPU; `exact` is bit-identical, "
+        "otherwise the cell bounds max |defused - fused| / max |fused| (rounded up to one digit).\n"
     )
-    return f"{BEGIN}\n{header}\n{markdown_table()}\n{entries_notes()}{END}"
+    table = markdown_table(measured=measured_math(zoo))
+    return f"{BEGIN}\n{header}\n{table}\n{entries_notes()}{END}"
 
 
 def replace_section(text: str, section: str) -> str:
@@ -231,13 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--markdown", action="store_true", help="print the supported families table")
     group.add_argument("--write", metavar="README", help="replace the table between the markers in README")
     group.add_argument("--check", metavar="README", help="exit 1 when README's table is not the generated one")
+    parser.add_argument("--zoo", metavar="PATH", default=str(ZOO_PATH), help="the tiny-model zoo the math column is measured with")
     args = parser.parse_args(argv)
+    zoo = load_zoo(args.zoo)
     if args.markdown:
-        sys.stdout.write(markdown_table())
+        sys.stdout.write(markdown_table(measured=measured_math(zoo)))
         return 0
     path = Path(args.write or args.check)
     text = path.read_text(encoding="utf-8")
-    updated = replace_section(text, readme_section())
+    updated = replace_section(text, readme_section(zoo))
     if args.write:
         path.write_text(updated, encoding="utf-8")
         return 0
