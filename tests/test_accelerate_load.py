@@ -137,6 +137,19 @@ def test_load_checkpoint_and_dispatch_with_auto_device_map(tmp_path):
     _assert_loaded(model, expected, ref, ids)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_cuda_dispatch_with_experts_offloaded_to_the_cpu(family, tmp_path):
+    """The cpu-offload path proper: execution on the GPU, layer 1's carved experts kept on the CPU
+    and moved in by accelerate's hook for each forward."""
+    path, _, ref, ids = _fused_checkpoint(family, tmp_path)
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": 0, "lm_head": 0}
+    model = load_checkpoint_and_dispatch(_defused_before_load(family, meta=True), path, device_map=device_map)
+    assert model.model.layers[1].mlp.experts[3].projection("down").weight.is_meta  # offloaded
+    assert model.model.layers[0].mlp.experts[3].projection("down").weight.device.type == "cuda"
+    torch.testing.assert_close(logits(model, ids.cuda()).cpu(), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_fused_checkpoint_of_another_shape_is_refused_naming_the_key(tmp_path):
     reference, _ = build("mixtral")
     fused = {k: v.contiguous() for k, v in reference.state_dict().items()}
@@ -163,7 +176,7 @@ def test_fused_models_and_other_callers_get_accelerates_own_result(tmp_path):
     model = _defused_before_load("mixtral")  # the reader is installed; a defused `model` in this frame
     assert getattr(accelerate_modeling.load_state_dict, "_defuser_quant_carves", False)
     raw = accelerate_modeling.load_state_dict(path)  # not called by load_checkpoint_in_model: untouched
-    assert "model.layers.0.mlp.experts.gate_up_proj" in raw
+    assert "model.layers.0.mlp.experts.gate_up_proj" in raw and isinstance(model.model.layers[0].mlp.experts, dq.DefusedExperts)
     reference, _ = build("mixtral")
     make_config, cls = FAMILIES["mixtral"]
     config = make_config()

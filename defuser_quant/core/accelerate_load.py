@@ -39,6 +39,7 @@ class FusedCheckpointError(DefuserQuantError, ValueError):
     """A fused checkpoint's expert tensors cannot be carved into the defused experts (other shape, or
     given next to per-expert keys): loading them would leave the experts random."""
 
+
 _STATE: dict[str, object] = {}
 
 
