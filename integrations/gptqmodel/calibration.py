@@ -17,6 +17,17 @@ to compute the next layer's inputs. Hooks registered on the original ``nn.Linear
   carries GPTQModel's own sample count and how it was quantized (GPTQ, its RTN fallback, AWQ,
   or left in float).
 
+GPTQModel's multi-GPU calibration (``auto_forward_data_parallel``, on whenever several GPUs are
+visible) runs each layer's forward on replicas, one per GPU, from ``torch.nn.parallel.replicate``
+(shallow copies: every module's ``__dict__`` copied, weights re-set as plain attributes) or, when
+that fails, ``copy.deepcopy``; the replicas' GPTQ hooks add to one Hessian per module (a partial per
+GPU). The router here is shared by all replicas: a replica finds its block's path in an attribute
+the copies keep, ``copy.deepcopy`` returns the router itself, each replica gets its own routing
+session (a GPU's forwards are serial; the counts of all of them are added under a lock), and the grouped
+forward sees a ``torch.nn.parallel.replicate`` replica's weights. ``routed`` and ``all`` count
+exactly what one GPU counts; ``budgeted`` tops an expert up to ``min_tokens`` on each GPU's share
+of the data, so it forces up to (GPUs x) more tokens than one GPU would, never fewer.
+
 Comparison with GPTQModel's ``MoEConfig``: ``ExpertsRoutingOverride(num_experts_per_tok="all")``
 raises the router's top-k during capture (every expert sees every token, as our ``all``);
 ``ExpertsRoutingBypass`` pushes all tokens through all experts' projections directly. Neither
@@ -28,6 +39,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -51,6 +64,8 @@ logger = logging.getLogger(__name__)
 Policy = Literal["error", "warn", "fallback"]
 POLICIES = ("error", "warn", "fallback")
 _LAYER_PATH = re.compile(r"^(?P<root>.*?)\.(?P<index>\d+)\.(?P<rel>.+)$")
+#: Instance attribute naming a block's path while the router is installed; replicas copy it.
+_PATH_ATTR = "_defuser_quant_router_path"
 
 
 class UnquantizedExpertsError(DefuserQuantError):
@@ -81,6 +96,7 @@ class QuantizeResult:
     projections: list[ProjectionRecord] = field(default_factory=list)
     report_path: Path | None = None
     solve: BatchedSolveStats | None = None  # what the batched solve did (``batched_solve=...``), else None
+    replica_forwards: int = 0  # experts forwards that ran on per-GPU replicas (GPTQModel's data-parallel forward)
 
     def float_projections(self) -> list[ProjectionRecord]:
         return [p for p in self.projections if p.method.startswith("float")]
@@ -101,24 +117,51 @@ class QuantizerAwareRouting:
         self.blocks = dict(defused_blocks(model))
         self.paths = {id(b): p for p, b in self.blocks.items()}
         self._overrides: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+        # Routing sessions of replicas, per replica: each replica runs on its own GPU, serially.
+        self._replica_overrides: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.replica_calls = 0  # forwards that ran on a replica of a block (GPTQModel's data-parallel forward)
         # counts[path][expert][role] = [routed, forced]
         self.counts: dict[str, list[dict[str, list[int]]]] = {
             p: [{r: [0, 0] for r in PROJECTION_ROLES} for _ in range(len(b))] for p, b in self.blocks.items()
         }
 
-    def _override(self, path: str, roles: tuple[str, ...], experts: frozenset[int]):
+    def __deepcopy__(self, memo: dict) -> QuantizerAwareRouting:
+        # GPTQModel deep-copies a layer per GPU when torch's replicate fails: the copies must report
+        # to this router, not to a copy of it (which would also copy the whole model).
+        return self
+
+    def _override(self, block: DefusedExperts, path: str, roles: tuple[str, ...], experts: frozenset[int]):
         key = (path, roles, experts)
-        if key not in self._overrides:
-            # A fresh routing session per listening pass: budgets restart for every subset.
-            with routing_mode(
-                self.model, self.mode, min_tokens=self.min_tokens, experts={path: experts}, grouped=self.grouped
-            ) as session:
-                override = self.blocks[path].forward_override
-            self._overrides[key] = (override, session)
-        return self._overrides[key]
+        with self._lock:  # routing_mode swaps every block's override while it builds one: one at a time
+            # A fresh routing session per listening pass (budgets restart for every subset) and per
+            # replica (GPTQModel runs the replicas of a layer at the same time, one per GPU).
+            cache = self._overrides if block is self.blocks[path] else self._replica_overrides.setdefault(block, {})
+            if key not in cache:
+                with routing_mode(
+                    self.model, self.mode, min_tokens=self.min_tokens, experts={path: experts}, grouped=self.grouped
+                ) as session:
+                    override = self.blocks[path].forward_override
+                cache[key] = (override, session)
+            return cache[key]
+
+    def path_of(self, block: DefusedExperts) -> str:
+        """The model path of ``block`` or of the block it is a replica of."""
+        path = self.paths.get(id(block)) or block.__dict__.get(_PATH_ATTR)
+        if path is None or path not in self.blocks:
+            raise RuntimeError(
+                f"a {type(block).__name__} the router does not know called it (no {_PATH_ATTR} attribute): "
+                "a copy made before quantize_with_defuser installed the router"
+            )
+        return path
 
     def __call__(self, block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        path = self.paths[id(block)]
+        path = self.path_of(block)
+        if block is not self.blocks[path]:
+            with self._lock:
+                self.replica_calls += 1
+            if self.grouped:
+                _expose_replica_weights(block)
         listening = [
             (e, role) for e, expert in enumerate(block) for role in PROJECTION_ROLES if _listening(expert.projection(role))
         ]
@@ -127,7 +170,7 @@ class QuantizerAwareRouting:
             return block.routed_forward(hidden_states, top_k_index, top_k_weights) if output is None else output
         roles = tuple(sorted({r for _, r in listening}))
         experts = frozenset(e for e, _ in listening)
-        override, session = self._override(path, roles, experts)
+        override, session = self._override(block, path, roles, experts)
         counts = session.counts[path]
         before_routed, before_forced = counts.routed.clone(), counts.forced.clone()
         # GPTQModel may stop the layer forward right after the subset's last module (an
@@ -144,10 +187,11 @@ class QuantizerAwareRouting:
                 module.forward_hook_last = True
         routed = (counts.routed - before_routed).tolist()
         forced = (counts.forced - before_forced).tolist()
-        for e, role in listening:
-            record = self.counts[path][e][role]
-            record[0] += routed[e]
-            record[1] += forced[e]
+        with self._lock:
+            for e, role in listening:
+                record = self.counts[path][e][role]
+                record[0] += routed[e]
+                record[1] += forced[e]
         if stoppers:
             from gptqmodel.nn_modules.hooked_linear import STOP_FORWARD_EXCEPTION
 
@@ -169,6 +213,20 @@ class QuantizerAwareRouting:
         return out
 
 
+def _expose_replica_weights(block: DefusedExperts) -> None:
+    """``torch.nn.parallel.replicate`` re-sets a replica's parameters as plain attributes and leaves
+    its ``_parameters`` empty; the grouped forward reads weights from ``_parameters``. Put the same
+    tensors there (the attribute still wins on lookup), so a replica runs grouped like the original."""
+    for module in block.modules():
+        params = module.__dict__.get("_parameters")
+        if params is None:
+            continue
+        for key in ("weight", "bias"):
+            value = module.__dict__.get(key)
+            if key not in params and isinstance(value, torch.Tensor):
+                params[key] = value
+
+
 @contextmanager
 def quantizer_aware_routing(
     model: nn.Module, mode: str, min_tokens: int, grouped: bool = False
@@ -177,12 +235,14 @@ def quantizer_aware_routing(
     router = QuantizerAwareRouting(model, mode, min_tokens, grouped)
     previous = [(b, b.forward_override) for b in router.blocks.values()]
     try:
-        for block in router.blocks.values():
+        for path, block in router.blocks.items():
             block.forward_override = router
+            block.__dict__[_PATH_ATTR] = path
         yield router
     finally:
         for block, override in previous:
             block.forward_override = override
+            block.__dict__.pop(_PATH_ATTR, None)
 
 
 def _log_rows(log: dict[str, list[dict[str, Any]]]) -> dict[tuple[int, str], tuple[str, dict[str, Any]]]:
@@ -349,7 +409,8 @@ def quantize_with_defuser(
         logger.info("batched GPTQ solve: %s", solve.as_dict())
     report = build_report(router.coverage(), min_tokens)
     result = QuantizeResult(
-        log=log or {}, coverage=report, projections=projection_records(hf_model, router, log, qcfg), solve=solve
+        log=log or {}, coverage=report, projections=projection_records(hf_model, router, log, qcfg), solve=solve,
+        replica_forwards=router.replica_calls,
     )
     if coverage_report is not None:
         result.report_path = _write(result, coverage_report)
