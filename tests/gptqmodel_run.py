@@ -48,7 +48,8 @@ def main() -> int:
     devices = torch.cuda.device_count() if args.device == "cuda" else 0
     for index in range(devices):
         torch.cuda.reset_peak_memory_stats(index)
-    model = GPTQModel.load(args.src, QuantizeConfig(bits=4, group_size=128), device=args.device if args.device == "cpu" else None)
+    placement = {"device": "cpu"} if args.device == "cpu" else {}
+    model = GPTQModel.load(args.src, QuantizeConfig(bits=4, group_size=128), **placement)
     t0 = time.perf_counter()
     with record_gptq_kernels() as kernels:
         result = quantize_with_defuser(model, calibration, routing=args.routing, batch_size=args.batch_size,

@@ -235,3 +235,66 @@ def test_batched_solve_argument_is_checked(plugin, tiny):  # noqa: F811
     model = GPTQModel.load(str(tiny["src"]), QuantizeConfig(bits=4, group_size=128))
     with pytest.raises(TypeError, match="batched_solve"):
         plugin.quantize_with_defuser(model, tiny["calibration"], batched_solve="yes")
+
+
+# ----- CUDA (run on the device machine) ---------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+@pytest.mark.parametrize("name", ["default (act_group_aware)", "desc_act"])
+def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name):
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization.gptq_cuda import block_update_available
+
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
+
+    kw = dict(CONFIGS[name])
+    qcfg = QuantizeConfig(bits=4, group_size=128, **kw)
+    reference, batched = (_tasks(qcfg, n=8, rows=256, cols=512), _tasks(qcfg, n=8, rows=256, cols=512))
+    for task in [*reference, *batched]:
+        task.module.cuda()
+        task.module.target_device = torch.device("cuda")
+        task.finalize_hessian(target_device=torch.device("cuda"))
+    expected = [t.quantize() for t in reference]
+    got = batched_gptq_solve(batched)
+    extension = block_update_available()
+    codes = identical = 0
+    scale_diff = 0.0
+    for e, r in zip(expected, got, strict=True):
+        assert r is not None and r.path == ("batched_cuda_block_update@cuda" if extension else "batched_torch@cuda")
+        q, scale, _, g_idx, *_ = r.values
+        assert torch.equal(g_idx, e[3])
+        # Only the batched Cholesky/inverse may round differently from GPTQModel's per-matrix calls.
+        step = e[1][:, g_idx.long()]  # GPTQModel's scale of every column
+        codes += q.numel()
+        identical += int((torch.round(q.float() / step) == torch.round(e[0].float() / step)).sum())
+        scale_diff = max(scale_diff, float(((scale - e[1]).abs() / e[1].abs()).max()))
+    share = identical / codes
+    print(f"\n{name}: {share:.5f} of codes identical to GPTQModel's per-module solve, largest relative scale difference {scale_diff:.2e}")
+    assert share > 0.99 and scale_diff < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_gptqmodel_multigpu import agreement
+
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(tiny["calibration"]))
+    runs = {}
+    for name, extra in (("per_module", []), ("batched", ["--batched"])):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
+        cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_run.py")), str(tiny["src"]), str(calibration),
+               str(tmp_path / name), "--grouped", *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        runs[name] = json.loads((tmp_path / name / "result.json").read_text())
+    batched = runs["batched"]
+    assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
+    assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}
+    close = agreement(_tensors(tmp_path / "per_module" / "checkpoint"), _tensors(tmp_path / "batched" / "checkpoint"))
+    print(f"\nbatched vs per-module solve on CUDA: {close}")
+    assert close["code_share"] > 0.99 and close["worst_relative"] < 0.05, close
