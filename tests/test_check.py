@@ -307,3 +307,123 @@ def test_identity_expert_slabs_are_a_note_not_a_problem(tmp_path):
     result = check_checkpoint(tmp_path / "longcat")
     assert result.fit, result.problems
     assert any("weightless (identity) experts' slabs stored" in note for note in result.notes)
+
+
+# ----- checkpoints of other tools and irregular families (issue 15) -----------------------------
+
+
+@pytest.mark.slow
+def test_llmcompressor_awq_asymmetric_checkpoint_is_fit_and_zero_points_count(tmp_path_factory, tmp_path):
+    from other_tool_checkpoints import llmcompressor_awq
+
+    path = llmcompressor_awq(tmp_path_factory.getbasetemp())
+    result = check_checkpoint(path)
+    assert result.fit, result.problems
+    assert result.quantized == result.projections == 192
+    assert result.schemes == {"pack-quantized 4-bit group 128 asymmetric": 192}
+    # an up projection stored symmetric (no zero point) next to its asymmetric gate: engines cannot fuse them
+    expert = "model.layers.1.mlp.experts.4"
+    broken = broken_copy(path, tmp_path / "b", lambda t: t.pop(f"{expert}.up_proj.weight_zero_point"))
+    _, problems = _problems(broken)
+    assert any(
+        p.startswith(f"{expert}: gate and up quantized differently (gate_proj pack-quantized 4-bit group 128 asymmetric, "
+                     "up_proj pack-quantized 4-bit group 128)") for p in problems), problems
+    assert any(p.startswith("model.layers.1.mlp.experts.*.up_proj: experts of one layer quantized differently") for p in problems)
+
+
+def _down_proj_float(t):
+    """Every ``*.down_proj`` stored as a bf16 ``weight`` instead of GPTQ/AWQ tensors (what a skip list leaves)."""
+    modules = {k.rsplit(".", 1)[0] for k in t if ".down_proj." in k}
+    for module in modules:
+        for leaf in ("qweight", "qzeros", "scales", "g_idx"):
+            t.pop(f"{module}.{leaf}", None)
+        t[f"{module}.weight"] = torch.zeros(128, 128, dtype=torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_autoawq_style_checkpoint_and_its_suffix_skip_list(tmp_path_factory, tmp_path):
+    from other_tool_checkpoints import autoawq_style
+
+    base = tmp_path_factory.getbasetemp()
+    result = check_checkpoint(autoawq_style(base))
+    assert result.fit and result.schemes == {"awq 4-bit group 128": 192}, result.problems
+    # AutoAWQ-style skip lists name modules by suffix; Transformers' AWQ loader reads them so (every
+    # ...down_proj stays float): the check must read them the same way, not flag 64 "left unquantized"
+    skipped = broken_copy(autoawq_style(base, ["gate", "down_proj"]), tmp_path / "skip", _down_proj_float)
+    result = check_checkpoint(skipped)
+    assert result.fit, result.problems[:3]
+    assert result.quantized == 128 and len(result.not_quantized) == 64
+    assert {p.what for p in result.not_quantized} == {"quantization_config.modules_to_not_convert has 'down_proj'"}
+    # without the entry the same storage is a problem
+    config = json.loads((skipped / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"] = ["gate"]
+    (skipped / "config.json").write_text(json.dumps(config))
+    _, problems = _problems(skipped)
+    assert sum("left unquantized (BF16) in a awq checkpoint" in p for p in problems) == 64
+
+
+IRREGULAR = {"dbrx": "transformer.blocks.1.ffn.experts", "granitemoe": "model.layers.1.block_sparse_moe.experts"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(IRREGULAR))
+def test_irregular_family_quantized_checkpoints(family, tmp_path_factory, tmp_path):
+    from other_tool_checkpoints import llmcompressor_irregular
+
+    path = llmcompressor_irregular(family, tmp_path_factory.getbasetemp())
+    block = IRREGULAR[family]
+    result = check_checkpoint(path)
+    assert result.fit, result.problems
+    assert result.layout == "per-expert" and result.quantized == result.projections == 48
+    assert result.schemes == {"pack-quantized 4-bit group 32": 48}
+    broken = broken_copy(path, tmp_path / "missing", lambda t: [t.pop(k) for k in list(t) if k.startswith(f"{block}.3.")])
+    assert [str(p) for p in check_checkpoint(broken).problems] == [f"{block}.3: expert missing: none of its tensors are stored"]
+    scale = next(k for k in _keys_of(path) if k.startswith(f"{block}.2.") and k.endswith("weight_scale"))
+
+    def nan(t):
+        t[scale] = t[scale].clone()
+        t[scale].view(-1)[0] = float("nan")
+
+    problems = [str(p) for p in check_checkpoint(broken_copy(path, tmp_path / "nan", nan)).problems]
+    assert problems == [f"{scale.rsplit('.', 1)[0]}: weight_scale has 1 NaN value(s) of {_numel(path, scale)}"]
+    # stock Transformers has no per-expert mapping for these families: it would leave the experts random
+    result = check_checkpoint(path, "transformers")
+    assert [p.where for p in result.problems] == [IRREGULAR[family].replace(".1.", ".0."), block]
+    assert all("experts would be randomly initialised" in p.what for p in result.problems)
+
+
+def _keys_of(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return sorted(f.keys())
+
+
+def _numel(path, key) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return f.get_slice(key).get_shape()[0] * f.get_slice(key).get_shape()[1]
+
+
+def test_fine_grained_fp8_checkpoints_and_what_stock_transformers_does_with_them(tmp_path):
+    from pathlib import Path
+
+    from fp8_checkpoints import write_fused_fp8
+
+    fused = write_fused_fp8(Path(TINY_MOE_PATH), tmp_path / "fused", block=(32, 32))
+    per_expert = write_fused_fp8(Path(TINY_MOE_PATH), tmp_path / "per_expert", block=(32, 32), per_expert=True)
+    result = check_checkpoint(fused, "transformers")
+    assert result.fit and result.layout == "fused" and result.schemes == {"fp8 8-bit block 32x32": 8}
+    assert len(result.notes) == 4 and all("leaves their *_scale_inv unused" in n and "device_map='cuda'" in n for n in result.notes)
+    result = check_checkpoint(per_expert, "transformers")
+    assert result.fit and result.layout == "per-expert" and result.schemes == {"fp8 8-bit block 32x32": 192}
+    assert all("merges these fine-grained FP8 experts into its fused FP8Experts" in n for n in result.notes)
+    key = "model.layers.2.mlp.experts.gate_up_proj_scale_inv"
+
+    def zero(t):
+        t[key] = t[key].clone()
+        t[key][3, 1, 2] = 0
+
+    assert [str(p) for p in check_checkpoint(broken_copy(fused, tmp_path / "b", zero)).problems] == [
+        f"{key}: weight_scale_inv has 1 zero value(s) of 512"]

@@ -113,12 +113,26 @@ def excluded_by_config(module: str, qcfg: dict[str, Any]) -> str | None:
         if entry == module or (entry.startswith("re:") and re.match(entry[3:], module)):
             return f"quantization_config.ignore has {entry!r}"
     for entry in qcfg.get("modules_to_not_convert") or []:
-        if module == entry or module.startswith(entry + "."):
+        if _skipped_by(module, entry):
             return f"quantization_config.modules_to_not_convert has {entry!r}"
     for rule in qcfg.get("dynamic") or {}:  # GPTQModel: "-:<regex>" skips matching modules
         if rule.startswith("-:") and re.match(rule[2:], module):
             return f"quantization_config.dynamic has {rule!r}"
     return None
+
+
+def _skipped_by(module: str, entry: str) -> bool:
+    """True when Transformers' quantizers leave ``module`` unconverted for the ``modules_to_not_convert``
+    entry (their ``should_convert_module``: a prefix, a regex matched at the start, or a name suffix,
+    so AutoAWQ-style ``["gate", "down_proj"]`` covers every ``...down_proj``)."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # pragma: no cover - older Transformers: prefix semantics
+        return module == entry or module.startswith(entry + ".")
+    try:
+        return not should_convert_module(module, [entry])
+    except re.error:  # an entry that is no valid regex: Transformers would raise on it; compare literally
+        return module == entry or module.startswith(entry + ".") or module.endswith(entry)
 
 
 def model_named(infos: dict[str, TensorInfo], model: Any) -> dict[str, TensorInfo]:
@@ -135,6 +149,29 @@ def model_named(infos: dict[str, TensorInfo], model: Any) -> dict[str, TensorInf
             raise CheckpointError(f"tensors {renamed[key].name} and {name} both map to {key}")
         renamed[key] = info
     return renamed
+
+
+_FP8_NOTES = {
+    "per-expert": (
+        "{block}: stock Transformers merges these fine-grained FP8 experts into its fused FP8Experts (kept FP8 on a GPU "
+        "with FP8 kernels, dequantized into float fused tensors elsewhere); to load them defused and FP8: {line}"
+    ),
+    "fused": (
+        "{block}: stock Transformers keeps these fused FP8 experts in its FP8Experts on a GPU with FP8 kernels; where it "
+        "dequantizes instead (no CUDA/XPU device, compute capability < 8.9, or dequantize=True), Transformers (5.17 and 5.24 checked) leaves "
+        "their *_scale_inv unused and loads the raw FP8 values as weights (wrong outputs, a load-report warning only); "
+        "defuser_quant.load refuses there, or applies the scales with FineGrainedFP8Config(dequantize=True); "
+        "defused and FP8: {line}"
+    ),
+}
+
+
+def _fused_fp8_scheme(weight: TensorInfo, scale: TensorInfo | None) -> str | None:
+    """``fp8 8-bit block AxB`` for a fused FP8 experts tensor ``[E, R, C]`` with a ``[E, r, c]`` ``*_scale_inv``."""
+    if scale is None or not weight.dtype.startswith("F8") or len(weight.shape) != 3 or len(scale.shape) != 3:
+        return None
+    rows, cols = weight.shape[1] // max(scale.shape[1], 1), weight.shape[2] // max(scale.shape[2], 1)
+    return f"fp8 8-bit block {rows}x{cols}"
 
 
 class _Checker:
@@ -254,7 +291,7 @@ class _Checker:
 
     def same_scheme(self, where: str, modules: list[str], unit: str, reader: SourceReader) -> None:
         described = {m: self.facts_of(m, reader) for m in modules}
-        kinds = {(f.scheme, f.bits, f.group) for f in described.values()}
+        kinds = {(f.scheme, f.bits, f.group, f.asymmetric) for f in described.values()}
         if len(kinds) > 1:
             parts = ", ".join(f"{m.rpartition('.')[2]} {f.describe()}" for m, f in described.items())
             self.problem(where, f"{unit} quantized differently ({parts}): serving engines fuse them into one matrix")
@@ -267,7 +304,8 @@ class _Checker:
             if name in expected and info.dtype in ("BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"):
                 self.result.projections += 1
                 self.result.quantized += info.dtype.startswith("F8")
-                self.result.schemes[info.dtype] = self.result.schemes.get(info.dtype, 0) + 1
+                scheme = _fused_fp8_scheme(info, self.infos.get(f"{name}_scale_inv")) or info.dtype
+                self.result.schemes[scheme] = self.result.schemes.get(scheme, 0) + 1
             elif name.endswith("_scale_inv") and name.removesuffix("_scale_inv") in expected:
                 for what in scale_problems({"weight_scale_inv": info}, reader):
                     self.problem(name, what)
@@ -280,15 +318,20 @@ class _Checker:
         self.transformers_verdict(block, "fused")
 
     def transformers_verdict(self, block: ExpertBlock, layout: str) -> None:
-        if self.target != "transformers" or layout != "per-expert":
+        if self.target != "transformers":
             return
         line = LOAD_LINE.format(path=str(self.root))
+        if self.method == "fp8" and (layout == "fused" or block.stock_per_expert):  # FP8Experts on a GPU, float elsewhere
+            self.result.notes.append(_FP8_NOTES[layout].format(block=block.path, line=line.removesuffix(")") + ", device_map='cuda')"))
+            return
+        if layout != "per-expert":
+            return
         if self.method in ("gptq", "awq"):
             self.problem(block.path, f"stock Transformers would load these {self.method} experts randomly initialised (per-expert quantized tensors do not map onto fused experts); use: {line}")
+        elif not block.stock_per_expert:  # quantized or not: nothing maps the per-expert keys
+            self.problem(block.path, f"stock Transformers does not map this family's per-expert checkpoint: experts would be randomly initialised; use: {line}")
         elif self.method != "none":
             self.result.notes.append(f"{block.path}: stock Transformers would dequantize these {self.method} experts into float fused tensors; to keep them quantized: {line}")
-        elif not block.stock_per_expert:
-            self.problem(block.path, f"stock Transformers does not map this family's per-expert checkpoint: experts would be randomly initialised; use: {line}")
 
     def check_units(self, reader: SourceReader) -> None:
         """Outside the experts: q/k/v of an attention and gate/up of a dense MLP share a scheme."""

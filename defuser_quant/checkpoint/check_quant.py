@@ -2,7 +2,8 @@
 
 GPTQModel writes ``qweight/qzeros/scales[/g_idx]`` (GPTQ packs along the input dimension, AWQ
 along the output one); llm-compressor writes ``weight_packed/weight_scale/weight_shape``
-(pack-quantized) or an FP8 ``weight`` with ``weight_scale``; Transformers' fine-grained FP8 writes
+(pack-quantized, with ``weight_zero_point`` when asymmetric, as its AWQ writes) or an FP8
+``weight`` with ``weight_scale``; Transformers' fine-grained FP8 writes
 ``weight`` with ``weight_scale_inv``. Anything else with no float ``weight`` is not understood.
 """
 
@@ -26,6 +27,7 @@ class QuantFacts:
     bits: int | None = None
     group: int | str | None = None
     detail: str = ""  # why ``unknown``
+    asymmetric: bool = False  # stored zero points (compressed-tensors ``weight_zero_point``)
 
     @property
     def quantized(self) -> bool:
@@ -35,7 +37,7 @@ class QuantFacts:
         if not self.quantized:
             return self.scheme
         group = f" group {self.group}" if isinstance(self.group, int) else f" {self.group}" if self.group else ""
-        return f"{self.scheme} {self.bits}-bit{group}"
+        return f"{self.scheme} {self.bits}-bit{group}{' asymmetric' if self.asymmetric else ''}"
 
 
 def _div(a: int, b: int) -> int | None:
@@ -67,7 +69,8 @@ def quant_facts(leaves: dict[str, TensorInfo], reader: SourceReader, default_bit
         if "weight_shape" in leaves:  # two int64s: the only non-scale tensor read
             in_features = int(reader.tensor(leaves["weight_shape"])[-1])
         bits = _div(packed[-1] * 32, in_features) if in_features else default_bits
-        return QuantFacts("pack-quantized", bits, _group_of(in_features, scale[-1] if len(scale) == 2 else 1))
+        group = _group_of(in_features, scale[-1] if len(scale) == 2 else 1)
+        return QuantFacts("pack-quantized", bits, group, asymmetric="weight_zero_point" in leaves)
     weight = leaves.get("weight")
     if weight is None:
         return QuantFacts("unknown", detail=f"no weight tensor among {sorted(leaves)}")
