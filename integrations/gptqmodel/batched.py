@@ -198,7 +198,8 @@ def _chunks(units: list[_Unit], chunk_bytes: int) -> Iterator[list[_Unit]]:
     used = 0
     for unit in units:
         first = unit.tasks[0]
-        cost = 2 * first.columns**2 * 4 + len(unit.tasks) * 3 * first.rows * first.columns * 4
+        # fp32: the Hessian copy, its factor and inverse (3 C x C); per task W, Q and losses (3 R x C)
+        cost = 3 * first.columns**2 * 4 + len(unit.tasks) * 3 * first.rows * first.columns * 4
         if chunk and used + cost > chunk_bytes:
             yield chunk
             chunk, used = [], 0
@@ -286,11 +287,12 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
             final = extend_perm_with_tail(compose_final_perm(local_perms, global_perm, group), C)
             perms.append(final)
             global_perms.append(global_perm)
-    if perms is not None:
-        stacked = torch.stack([p.to(device) for p in perms])
-        W = W.gather(2, stacked[hidx].unsqueeze(1).expand(B, R, C))
-        H = H.gather(1, stacked.unsqueeze(2).expand(U, C, C)).gather(2, stacked.unsqueeze(1).expand(U, C, C))
-        diag = H.diagonal(dim1=-2, dim2=-1)
+    if perms is not None:  # in place, one matrix at a time: no second copy of the chunk
+        perms = [p.to(device) for p in perms]
+        for u in range(U):
+            H[u] = H[u][perms[u]][:, perms[u]]
+        for b, u in enumerate(hidx.tolist()):
+            W[b] = W[b][:, perms[u]]
 
     # Hessian inverse: GPTQModel's first attempt (damp_percent, untouched diagonal), batched.
     orig_diag = diag.clone()
@@ -299,7 +301,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
     diag.add_(damp * means.unsqueeze(1))
     factor, info = torch.linalg.cholesky_ex(H, check_errors=False)
     del H, diag
-    torch.cholesky_inverse(factor, out=factor)
+    factor = torch.cholesky_inverse(factor)
     Hinv, info_upper = torch.linalg.cholesky_ex(factor, upper=True, check_errors=False)
     del factor
     failed = ((info != 0) | (info_upper != 0)).tolist()
