@@ -7,7 +7,8 @@
   (``qweight/qzeros/scales``), with AutoAWQ's ``quantization_config`` (``version: gemm``,
   ``zero_point``, ``modules_to_not_convert``) instead of GPTQModel's.
 * ``llmcompressor_irregular``: a tiny irregular family (dbrx, granitemoe) quantized data-free by
-  llm-compressor (``W4A16`` int4 group 32) behind our ``DefuseModifier``.
+  llm-compressor (``W4A16`` int4 group 32) behind our ``DefuseModifier``; ``inmemory_logits.pt`` holds
+  the quantized model's logits on ``IDS[:, :16]``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def llmcompressor_irregular(family: str, base: Path) -> Path:
         model.save_pretrained(float_dir)
         scheme = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}
         ignore = ["lm_head", "re:.*mlp.gate$", "re:.*router.*"]
-        oneshot(model=str(float_dir), recipe=[dq_llmc.DefuseModifier(), QuantizationModifier(config_groups={"group_0": scheme}, ignore=ignore)],
-                output_dir=str(out))
+        quantized = oneshot(model=str(float_dir), recipe=[dq_llmc.DefuseModifier(), QuantizationModifier(
+            config_groups={"group_0": scheme}, ignore=ignore)], output_dir=str(out))
+        with torch.no_grad():
+            torch.save(quantized(input_ids=IDS[:, :16]).logits.float(), out / "inmemory_logits.pt")
         _MADE[family] = out
     return _MADE[family]

@@ -189,3 +189,55 @@ def test_a_missing_loader_package_is_named_with_the_install_line(tmp_path, monke
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optimum" else real(name, *a))
     with pytest.raises(LoadError, match="loading a gptq checkpoint needs optimum: pip install gptqmodel optimum"):
         dq.load(broken)
+
+
+# ----- checkpoints of other tools and irregular families (issue 15) -----------------------------
+
+
+@pytest.mark.slow
+def test_llmcompressor_awq_asymmetric_loads_with_zero_points_and_equals_llmcompressor(tmp_path_factory):
+    from other_tool_checkpoints import llmcompressor_awq
+
+    path = llmcompressor_awq(tmp_path_factory.getbasetemp())
+    model = dq.load(path)
+    projections = expert_projections(model)
+    assert len(projections) == 192 and all(hasattr(m, "weight_packed") and hasattr(m, "weight_zero_point")
+                                           for m in projections.values())
+    assert torch.equal(_logits(model), torch.load(path / "inmemory_logits.pt"))  # llm-compressor's own model
+    with pytest.raises(RuntimeError, match="automatic conversion of the weights"):
+        AutoModelForCausalLM.from_pretrained(path)  # stock Transformers 5.17 cannot merge asymmetric experts
+
+
+@pytest.mark.slow
+def test_autoawq_style_config_loads_like_gptqmodels(tmp_path_factory, tmp_path):
+    from other_tool_checkpoints import autoawq_style
+    from test_check import _down_proj_float
+
+    base = tmp_path_factory.getbasetemp()
+    model = dq.load(autoawq_style(base))
+    assert all(is_quantized_module(m) for m in expert_projections(model).values())
+    assert torch.equal(_logits(model), _logits(dq.load(quantized_checkpoint("gptqmodel", base, method="awq"))))
+    # an AutoAWQ-style suffix skip list: every down_proj stays a float Linear, gate/up quantized
+    skipped = broken_copy(autoawq_style(base, ["gate", "down_proj"]), tmp_path / "skip", _down_proj_float)
+    projections = expert_projections(dq.load(skipped))
+    down = {n: m for n, m in projections.items() if n.endswith("down_proj")}
+    assert len(down) == 64 and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in down.values())
+    assert sum(is_quantized_module(m) for m in projections.values()) == 128
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["dbrx", "granitemoe"])
+def test_irregular_family_quantized_by_llmcompressor_loads_quantized(family, tmp_path_factory):
+    from other_tool_checkpoints import llmcompressor_irregular
+
+    path = llmcompressor_irregular(family, tmp_path_factory.getbasetemp())
+    model = dq.load(path)
+    projections = expert_projections(model)
+    assert len(projections) == 48 and all(hasattr(m, "weight_packed") for m in projections.values())
+    ids = torch.arange(1, 17).unsqueeze(0)
+    reference = torch.load(path / "inmemory_logits.pt")  # llm-compressor's quantized model, in memory
+    stock = AutoModelForCausalLM.from_pretrained(path)  # no per-expert mapping for the family: random experts
+    with torch.no_grad():
+        ours, theirs = (m(input_ids=ids).logits.float() for m in (model, stock))
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    assert (theirs - reference).abs().max() > 100 * (ours - reference).abs().max().clamp(min=1e-6)
