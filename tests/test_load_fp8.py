@@ -55,14 +55,22 @@ def _config(**kw) -> Qwen3MoeConfig:
     return config
 
 
-def fp8_experts(config=None, block=BLOCK, has_gate=True, scheme="dynamic", scale_fmt="float", seed=0) -> nn.Module:
+def fp8_experts(config=None, block=BLOCK, has_gate=True, scheme="dynamic", scale_fmt="float", seed=0, fp4=False) -> nn.Module:
     """A Transformers ``FP8Experts`` (decorated the way its FP8 loader does) holding quantized random weights."""
+    import inspect
+
     from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
     from transformers.integrations.moe import use_experts_implementation
 
     config = config or _config()
+    extra = {}
+    if fp4:  # Transformers 5.17 reads config.expert_dtype, later ones take it from the quantization config
+        if "expert_dtype" in inspect.signature(FP8Experts.__init__).parameters:
+            extra["expert_dtype"] = "fp4"
+        else:
+            config.expert_dtype = "fp4"
     cls = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS, has_gate=has_gate)
-    module = cls(config=config, block_size=block, activation_scheme=scheme, scale_fmt=scale_fmt, has_gate=has_gate)
+    module = cls(config=config, block_size=block, activation_scheme=scheme, scale_fmt=scale_fmt, has_gate=has_gate, **extra)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in ("gate_up_proj" if has_gate else "up_proj", "down_proj"):
@@ -169,7 +177,7 @@ def _with_extra(name):
     (lambda: fp8_experts(_config(moe_intermediate_size=48)), None,
      "intermediate size 48 is not a multiple of the block size 32, so a scale block spans gate and up"),
     (lambda: fp8_experts(block=None), None, "per tensor"),
-    (lambda: fp8_experts(_config(expert_dtype="fp4")), None, "gate_up_proj is torch.int8, not float8_e4m3fn"),
+    (lambda: fp8_experts(fp4=True), None, "gate_up_proj is torch.int8, not float8_e4m3fn"),
     (fp8_experts, _with_extra("gate_up_proj_bias"), "expert biases"),
     (fp8_experts, _with_extra("router_bias"), r"holds \['router_bias'\]"),
     (fp8_experts, lambda b: b.add_module("norm", nn.LayerNorm(4)), "child module 'norm'"),
