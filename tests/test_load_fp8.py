@@ -182,6 +182,8 @@ def _with_extra(name):
     (fp8_experts, _with_extra("router_bias"), r"holds \['router_bias'\]"),
     (fp8_experts, lambda b: b.add_module("norm", nn.LayerNorm(4)), "child module 'norm'"),
     (fp8_experts, lambda b: setattr(b, "is_concatenated", False), "transposed or interleaved"),
+    (fp8_experts, lambda b: setattr(b.down_proj_scale_inv, "data", b.down_proj_scale_inv.data.bfloat16()),
+     "scales are torch.float32 and torch.bfloat16"),
 ])
 def test_unmodelled_fp8_variants_are_refused_and_nothing_changes(make, edit, message):
     good, bad = fp8_experts(), make() if make is not fp8_experts else fp8_experts(seed=3)

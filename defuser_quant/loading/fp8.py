@@ -29,7 +29,6 @@ from torch import nn
 
 from ..core.defuse import convert_model
 from ..core.defused import DefusedExpert, DefusedExperts, FusedTensorSpec, GateFunction
-from ..core.discovery import find_fused_blocks
 from ..core.layout import ExpertLayout
 from ..core.naming import projection_names
 from ..core.patching import is_patched
@@ -184,7 +183,10 @@ def plan_fp8_block(path: str, module: nn.Module, model_type: str | None = None) 
         for name in names[4:]:
             if tuple(params[name].shape) != (experts,):
                 raise _refuse(path, f"{name} has shape {list(params[name].shape)}, expected [{experts}]")
-    scale_fmt = "ue8m0" if s_in.dtype != torch.float32 else "float"
+    ue8m0 = getattr(torch, "float8_e8m0fnu", None)
+    if s_in.dtype != s_down.dtype or s_in.dtype not in (torch.float32, ue8m0):
+        raise _refuse(path, f"its scales are {s_in.dtype} and {s_down.dtype}, not both float32 or both float8_e8m0fnu (ue8m0)")
+    scale_fmt = "float" if s_in.dtype == torch.float32 else "ue8m0"
     config = getattr(module, "config", None)
     names_ = projection_names(getattr(config, "model_type", None), has_gate, model_type)
     deepgemm_off = bool(getattr(module, "_deepgemm_disabled", False))
