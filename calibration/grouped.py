@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import re
+import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -107,31 +108,51 @@ def unregister_linear_adapter(cls: type) -> None:
 class ForwardWrapper:
     """An instance ``forward`` that a library installs on modules, for the grouped forward.
 
-    ``matches(function)``: whether ``function`` (the instance ``forward``'s underlying function,
-    or the next function of a chain of wrappers) is this wrapper. ``why_not_plain(module, input)``:
-    why, for this input, the wrapper does more than call the next function with the same rows and
-    return its result unchanged (None: it does nothing more). ``inner(module, function)``: the next
-    function the wrapper calls (another wrapper to check, or the class ``forward``), or None when it
-    calls ``type(module).forward``.
+    ``why_not_plain(module, input)``: why, for this input, the wrapper does more than call the
+    next function with the same rows and return its result unchanged (None: it does nothing more).
+    ``inner(module, function)``: the next function the wrapper calls (another wrapper to check, or
+    the class ``forward``), or None when it calls ``type(module).forward``. Which functions are this
+    wrapper: those whose ``__code__`` is ``code`` (an exact, fast match: closures made by one factory
+    share it), or for which ``matches(function)`` is true.
     """
 
-    matches: Callable[[Callable], bool]
     why_not_plain: Callable[[nn.Module, torch.Tensor], str | None]
     inner: Callable[[nn.Module, Callable], Callable | None]
+    code: types.CodeType | None = None
+    matches: Callable[[Callable], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.code is None and self.matches is None:
+            raise ValueError("ForwardWrapper needs code= or matches= to recognise its functions")
 
 
 _WRAPPERS: dict[str, ForwardWrapper] = {}
+_BY_CODE: dict[types.CodeType, ForwardWrapper] = {}
 _MAX_WRAPPER_DEPTH = 8
+
+
+def _index_wrappers() -> None:
+    _BY_CODE.clear()
+    _BY_CODE.update({w.code: w for w in _WRAPPERS.values() if w.code is not None})
 
 
 def register_forward_wrapper(name: str, wrapper: ForwardWrapper) -> None:
     """Let modules whose instance ``forward`` is ``wrapper`` take part in the grouped forward."""
     _WRAPPERS[name] = wrapper
+    _index_wrappers()
 
 
 def unregister_forward_wrapper(name: str) -> None:
     """Undo :func:`register_forward_wrapper` (no-op when ``name`` is not registered)."""
     _WRAPPERS.pop(name, None)
+    _index_wrappers()
+
+
+def _wrapper_of(func: Callable) -> ForwardWrapper | None:
+    wrapper = _BY_CODE.get(getattr(func, "__code__", None))
+    if wrapper is None:
+        wrapper = next((w for w in _WRAPPERS.values() if w.matches is not None and w.matches(func)), None)
+    return wrapper
 
 
 def _instance_forward_problem(m: nn.Module, x: torch.Tensor) -> str | None:
@@ -144,7 +165,7 @@ def _instance_forward_problem(m: nn.Module, x: torch.Tensor) -> str | None:
         func = getattr(fn, "__func__", fn)
         if func is class_forward:
             return None
-        wrapper = next((w for w in _WRAPPERS.values() if w.matches(func)), None)
+        wrapper = _wrapper_of(func)
         if wrapper is None:
             code = getattr(func, "__code__", None)  # functools.wraps copies the wrapped __qualname__; the code tells
             name = getattr(code, "co_qualname", None) or getattr(func, "__qualname__", type(func).__name__)
@@ -217,16 +238,21 @@ def _module_hook_problem(m: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
-def _projection_problem(m: nn.Module | None, x: torch.Tensor, on_cuda: bool, device_index: int) -> str | None:
+def _projection(
+    m: nn.Module | None, x: torch.Tensor, on_cuda: bool, device_index: int
+) -> tuple[str | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(why not, weight, bias)`` of one projection: weight and bias read once (an offload cache
+    onloads them on each read, as the module's forward would)."""
     if m is None:
-        return "is missing"
+        return "is missing", None, None
     adapter = _ADAPTERS.get(type(m))
     if adapter is None:
-        return f"is a {type(m).__name__}, not a plain nn.Linear"
+        return f"is a {type(m).__name__}, not a plain nn.Linear", None, None
     problem = _module_hook_problem(m, x)
     if problem:
-        return problem
-    weight = m.__dict__["_parameters"].get("weight")  # an offload cache onloads it, as the forward would
+        return problem, None, None
+    params = m.__dict__["_parameters"]
+    weight = params.get("weight")
     if (
         weight is None
         or weight.dtype is not x.dtype
@@ -237,10 +263,10 @@ def _projection_problem(m: nn.Module | None, x: torch.Tensor, on_cuda: bool, dev
         or weight.dim() != 2
     ):
         found = "no weight" if weight is None else f"weight {weight.dtype} on {weight.device}"
-        return f"{found} does not match the input ({x.dtype} on {x.device})"
+        return f"{found} does not match the input ({x.dtype} on {x.device})", None, None
     if adapter.is_plain is not None and not adapter.is_plain(m, x):
-        return f"{type(m).__name__} forward is not plain for this input"
-    return None
+        return f"{type(m).__name__} forward is not plain for this input", None, None
+    return None, weight, params.get("bias")
 
 
 def _plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[list[_Role] | None, str | None]:
@@ -267,7 +293,8 @@ def _plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[list[_Rol
     device_index = hidden_states.get_device()
     sample = hidden_states[:0]
     roles = [r for r in _ROLES if getattr(names, r) is not None]
-    modules: dict[str, list[nn.Module]] = {r: [] for r in roles}
+    role_names = [getattr(names, r) for r in roles]
+    found: dict[str, tuple[list[nn.Module], list[torch.Tensor], list[torch.Tensor | None]]] = {r: ([], [], []) for r in roles}
     for e, expert in enumerate(block):
         if type(expert) is not DefusedExpert or expert.gate_fn is not gate_fn or expert.names != names:
             return None, f"expert {e} is a {type(expert).__name__} with its own forward or names"
@@ -277,22 +304,23 @@ def _plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[list[_Rol
         if problem:
             return None, f"expert {e} module {problem}"
         children = expert.__dict__["_modules"]
-        for r in roles:
-            m = children.get(getattr(names, r))
-            problem = _projection_problem(m, sample, on_cuda, device_index)
+        for r, name in zip(roles, role_names):
+            m = children.get(name)
+            problem, weight, bias = _projection(m, sample, on_cuda, device_index)
             if problem:
                 return None, f"expert {e} {r} projection {problem}"
-            modules[r].append(m)
+            modules, weights, biases = found[r]
+            modules.append(m)
+            weights.append(weight)
+            biases.append(bias)
     planned = []
     for r in roles:
-        params = [m.__dict__["_parameters"] for m in modules[r]]
-        weights = [p["weight"] for p in params]
-        biases = [p.get("bias") for p in params]
+        modules, weights, biases = found[r]
         shape, has_bias = weights[0].shape, biases[0] is not None
         for e, (w, b) in enumerate(zip(weights, biases, strict=True)):
             if w.shape != shape or (b is not None) != has_bias:
                 return None, f"expert {e} {r} projection shape {tuple(w.shape)} (bias {b is not None}) differs from expert 0's"
-        planned.append(_Role(modules[r], _stacked(weights), _stacked(biases) if has_bias else None))
+        planned.append(_Role(modules, _stacked(weights), _stacked(biases) if has_bias else None))
     return planned, None
 
 

@@ -286,3 +286,63 @@ def test_fallback_is_reported_once_per_reason(caplog):
             model(make_ids(2))
     messages = [r.getMessage() for r in caplog.records if "grouped calibration forward not used" in r.getMessage()]
     assert len(messages) == 1 and "forward hooks with kwargs" in messages[0]
+
+
+def _scaled_forward(factor: float):
+    """A wrapper factory like a quantization library's: each module gets its own closure."""
+
+    def install(m: nn.Module) -> None:
+        inner = type(m).forward
+
+        def wrapped(self, x):
+            return inner(self, x) * factor
+
+        m.forward = wrapped.__get__(m)
+
+    return install
+
+
+def test_registered_forward_wrappers_are_vouched_for_by_their_own_check():
+    from defuser_quant.calibration.grouped import (
+        ForwardWrapper,
+        recording_grouped_use,
+        register_forward_wrapper,
+        unregister_forward_wrapper,
+    )
+
+    _, model = build_pair("qwen3_moe")
+    ids = make_ids(2)
+    with torch.no_grad():
+        ref = model(ids).logits
+    identity = _scaled_forward(1.0)
+    for _, block in blocks(model):
+        for expert in block:
+            for linear in expert.children():
+                identity(linear)
+    _, block = blocks(model)[0]
+    code = block[0].gate_proj.forward.__func__.__code__  # every closure of the factory shares it
+    x = torch.randn(3, block[0].gate_proj.in_features)
+    assert "has an instance forward (_scaled_forward.<locals>.install.<locals>.wrapped)" in why_not_grouped(block, x)
+    plain = {"on": True}
+    wrapper = ForwardWrapper(code=code, why_not_plain=lambda m, t: None if plain["on"] else "scales", inner=lambda m, f: None)
+    register_forward_wrapper("test.scaled", wrapper)
+    try:
+        assert why_not_grouped(block, x) is None
+        with torch.no_grad(), recording_grouped_use() as use, routing_mode(model, "all", grouped=True):
+            got = model(ids).logits
+        assert use.grouped == 2 * len(blocks(model)) and use.fallbacks == {}
+        assert torch.equal(got, ref)  # factor 1.0: the wrapped forward is the plain one, bit for bit
+        plain["on"] = False
+        with torch.no_grad(), recording_grouped_use() as use, routing_mode(model, "routed", grouped=True):
+            assert torch.equal(model(ids).logits, ref)  # the loop ran, through the wrappers
+        assert use.grouped == 0 and use.fallbacks == {"gate projection scales": len(blocks(model))}
+        plain["on"] = True
+        unregister_forward_wrapper("test.scaled")
+        by_match = ForwardWrapper(matches=lambda f: f.__code__ is code, why_not_plain=lambda m, t: None, inner=lambda m, f: None)
+        register_forward_wrapper("test.scaled", by_match)
+        assert why_not_grouped(block, x) is None
+    finally:
+        unregister_forward_wrapper("test.scaled")
+    assert "no registered wrapper" in why_not_grouped(block, x)
+    with pytest.raises(ValueError, match="code= or matches="):
+        ForwardWrapper(why_not_plain=lambda m, t: None, inner=lambda m, f: None)

@@ -46,20 +46,40 @@ def wrapper_code(factory: Callable, name: str) -> types.CodeType | None:
     return found[0] if len(found) == 1 else None
 
 
+_DEVICES: dict[tuple[torch.device, object], bool] = {}
+
+
 def _same_device(x: torch.device, onload: torch.device | str) -> bool:
+    """Whether ``tensor.to(onload)`` leaves a tensor on ``x`` where it is (cached: it runs per module per call)."""
+    key = (x, onload)
+    same = _DEVICES.get(key)
+    if same is not None:
+        return same
     target = torch.device(onload)
-    if target.type != x.type:
-        return False
-    if target.index is None and x.type == "cuda":
-        return x.index == torch.cuda.current_device()
-    return target.index is None or target.index == x.index
+    if target.type == x.type == "cuda" and target.index is None:
+        return x.index == torch.cuda.current_device()  # "cuda" is the current device, which may change: not cached
+    same = target.type == x.type and (target.index is None or target.index == x.index)
+    _DEVICES[key] = same
+    return same
+
+
+class _CT:
+    """compressed-tensors names, imported once (the checks run for every module on every call)."""
+
+    COMPRESSED = None
+    OffloadCache = None
+
+    @classmethod
+    def load(cls) -> None:
+        from compressed_tensors.offload.cache import OffloadCache
+        from compressed_tensors.quantization import QuantizationStatus
+
+        cls.COMPRESSED, cls.OffloadCache = QuantizationStatus.COMPRESSED, OffloadCache
 
 
 def _quantized_why_not_plain(m: nn.Module, x: torch.Tensor) -> str | None:
     """compressed-tensors' ``quantized_forward`` does what its own checks say, nothing else."""
-    from compressed_tensors.quantization import QuantizationStatus
-
-    scheme = getattr(m, "quantization_scheme", None)
+    scheme = getattr(m, "quantization_scheme", None)  # the very checks quantized_forward makes
     status = getattr(m, "quantization_status", None)
     if not (getattr(m, "quantization_enabled", True) and scheme is not None and status is not None):
         return None
@@ -67,19 +87,19 @@ def _quantized_why_not_plain(m: nn.Module, x: torch.Tensor) -> str | None:
         return "quantizes its input activations in forward (compressed-tensors, quantization enabled)"
     if scheme.output_activations:
         return "quantizes its output activations in forward (compressed-tensors, quantization enabled)"
-    if scheme.weights and status < QuantizationStatus.COMPRESSED:
+    if scheme.weights and status < _CT.COMPRESSED:
         return "fake-quantizes its weight in forward (compressed-tensors, quantization enabled)"
     return None
 
 
 def _offload_why_not_plain(m: nn.Module, x: torch.Tensor) -> str | None:
     """compressed-tensors' offload wrapper moves the inputs to the onload device, nothing else."""
-    from compressed_tensors.offload.cache import OffloadCache
-
-    if not callable(m.__dict__.get("_original_forward_func")):
+    d = m.__dict__
+    if not callable(d.get("_original_forward_func")):
         return "has an offload wrapper without its original forward (compressed-tensors)"
-    params = m.__dict__.get("_parameters")
-    if OffloadCache.onloading_disabled or not isinstance(params, OffloadCache):
+    params = d.get("_parameters")
+    cache = _CT.OffloadCache
+    if cache.onloading_disabled or not isinstance(params, cache):
         return None
     if not _same_device(x.device, params.onload_device):
         return f"onloads its input from {x.device} to {params.onload_device} (compressed-tensors offload)"
@@ -94,21 +114,15 @@ def _wrappers() -> dict[str, ForwardWrapper]:
     from compressed_tensors.offload.module import offload_module
     from compressed_tensors.quantization.lifecycle.forward import set_forward_quantized
 
+    _CT.load()
     quantized = wrapper_code(set_forward_quantized, "quantized_forward")
     offload = wrapper_code(offload_module, "forward")
     wrappers = {}
     if quantized is not None:
-        wrappers[QUANTIZED_FORWARD] = ForwardWrapper(
-            matches=lambda f: getattr(f, "__code__", None) is quantized,
-            why_not_plain=_quantized_why_not_plain,
-            inner=lambda m, f: None,  # it calls self.__class__.forward
-        )
+        # it calls self.__class__.forward: inner None
+        wrappers[QUANTIZED_FORWARD] = ForwardWrapper(code=quantized, why_not_plain=_quantized_why_not_plain, inner=lambda m, f: None)
     if offload is not None:
-        wrappers[OFFLOAD_FORWARD] = ForwardWrapper(
-            matches=lambda f: getattr(f, "__code__", None) is offload,
-            why_not_plain=_offload_why_not_plain,
-            inner=_offload_inner,
-        )
+        wrappers[OFFLOAD_FORWARD] = ForwardWrapper(code=offload, why_not_plain=_offload_why_not_plain, inner=_offload_inner)
     missing = {QUANTIZED_FORWARD, OFFLOAD_FORWARD} - set(wrappers)
     if missing:
         logger.warning("compressed-tensors' %s not found: those modules keep the per-expert loop", sorted(missing))
