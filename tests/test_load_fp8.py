@@ -257,6 +257,24 @@ def test_load_keeps_experts_fp8_and_equals_stock_fp8experts(layout, fp8_fused, f
     assert torch.nn.functional.cosine_similarity(ours.flatten(), reference.flatten(), dim=0) > 0.99  # still the model
 
 
+def test_saving_a_loaded_model_writes_per_expert_fp8_that_loads_back(fp8_fused, fp8_device, tmp_path):
+    from safetensors import safe_open
+
+    model = dq.load(fp8_fused)
+    model.save_pretrained(tmp_path / "resaved")
+    with safe_open(str(tmp_path / "resaved" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_slice("model.layers.0.mlp.experts.3.up_proj.weight").get_dtype() == "F8_E4M3"
+    assert "model.layers.0.mlp.experts.3.up_proj.weight_scale_inv" in keys
+    assert not any(k.endswith("experts.gate_up_proj") for k in keys)  # the per-expert FP8 layout (DeepSeek/Qwen releases')
+    again = dq.load(tmp_path / "resaved")
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(_u8(mine[k]), _u8(theirs[k])) for k in mine)
+    with torch_fp8_kernels():
+        assert torch.equal(_logits(again), _logits(model))
+
+
 def test_without_fp8_kernels_load_refuses_with_one_line(fp8_fused):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
