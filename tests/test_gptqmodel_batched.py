@@ -4,10 +4,18 @@ own per-module ``GPTQ.quantize`` (CPU, real GPTQModel)."""
 from __future__ import annotations
 
 import copy
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _source import use_source_checkout  # noqa: E402
+
+use_source_checkout()  # a plain checkout on PYTHONPATH (the GPU machine): map defuser_quant.integrations
+
 from test_gptqmodel_plugin import _tensors, plugin, tiny  # noqa: F401  (fixtures)
 from torch import nn
 
@@ -277,8 +285,6 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     import json
     import os
     import subprocess
-    import sys
-    from pathlib import Path
 
     from test_gptqmodel_multigpu import agreement
 
