@@ -1,0 +1,59 @@
+"""benchmarks/gptqmodel_gpu.py's bookkeeping: flags, stage breakdown, 1-vs-N-GPU comparison rows."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gptqmodel_gpu as bench  # noqa: E402
+
+
+def test_gpu_counts_are_parsed_and_checked():
+    args = bench.parse_args(["--gpu-counts", "1,2", "--variants", "ours-grouped-batched"])
+    assert args.gpu_counts == [1, 2]
+    for bad in (["--gpu-counts", "1,x"], ["--gpu-counts", "0"], ["--gpu-counts", "1,2", "--device", "cpu"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    assert {"ours-batched", "ours-grouped-batched"} <= set(bench.VARIANTS)
+
+
+def test_stage_breakdown_from_a_recorder():
+    from defuser_quant.integrations.gptqmodel.kernels import record_gptq_kernels, stage
+
+    with record_gptq_kernels(stages=True) as record:
+        with stage("forward"), stage("hessian"):
+            pass
+        with stage("solve"):
+            pass
+    kernels = record.as_dict()
+    out = bench.stage_breakdown(kernels, quantize_s=10.0, save_s=1.5)
+    assert set(bench.STAGE_COLUMNS) <= set(out)
+    assert out["save"] == 1.5 and out["framework_overhead"] == round(10.0 - kernels["busy_wall_seconds"], 2)
+    assert out["thread_seconds"].keys() == {"forward", "hessian", "solve"}
+
+
+def _checkpoint(path: Path, codes: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file({"m.qweight": codes, "m.scales": torch.ones(2, 4, dtype=torch.float16)}, str(path / "model.safetensors"))
+
+
+def test_scaling_rows_compare_checkpoints_against_the_fewest_gpus(tmp_path):
+    same = torch.arange(8, dtype=torch.int32).reshape(2, 4)
+    _checkpoint(tmp_path / "v@1gpu.out", same)
+    _checkpoint(tmp_path / "v@2gpu.out", same)
+    _checkpoint(tmp_path / "w@2gpu.out", same + 1)
+    rows = [{"variant": "v", "run": "v@1gpu", "gpus": 1, "quantize_s": 10.0, "total_s": 12.0},
+            {"variant": "v", "run": "v@2gpu", "gpus": 2, "quantize_s": 5.0, "total_s": 7.0},
+            {"variant": "v", "run": "w@2gpu", "gpus": 2, "quantize_s": 5.0, "total_s": 7.0}]
+    bench._compare_rows(rows, tmp_path, rows[0], "detail", "checkpoint_vs_fewest_gpus")
+    assert rows[1]["checkpoint_vs_fewest_gpus"] == "yes"
+    assert rows[2]["checkpoint_vs_fewest_gpus"].startswith("1/2 tensors, 0/1 qweights")
+    table = bench.markdown([{**r, "speedup": "2.00x", "load_s": 0, "save_s": 0, "peak_rss_bytes": 0, "experts_quantized": 1,
+                             "expert_projections": 1, "peak_gpu_bytes_per_device": [2**30, 2**29]} for r in rows])
+    assert "| v | 2 | 5.0 | 7.0 | 2.00x | 1.00 / 0.50 | yes |" in table
