@@ -1,4 +1,4 @@
-"""llm-compressor on 1 vs N GPUs (torchrun, NCCL): stock recipe vs DefuseModifier routed / all.
+"""llm-compressor on 1 vs N GPUs (torchrun, NCCL): stock recipe vs DefuseModifier routed / all, per stage.
 
 Builds the random qwen3_moe of ``gptqmodel_gpu.py`` (Qwen3-30B-A3B layers: 128 experts, hidden
 2048, moe_intermediate 768, top-8; bf16; default 2 layers) and calibration rows from the bundled
@@ -7,25 +7,36 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
 
 * ``stock``  - llm-compressor 0.14 as shipped (its own MoE linearization, all experts calibrated:
                ``oneshot``'s default ``moe_calibrate_all_experts``); our integration is not imported;
-* ``routed`` - ``DefuseModifier(routing="routed")`` first in the recipe;
-* ``all``    - ``DefuseModifier(routing="all")``.
+* ``routed`` - ``DefuseModifier(routing="routed")`` first in the recipe (grouped expert GEMMs);
+* ``all``    - ``DefuseModifier(routing="all")`` (grouped);
+* ``routed-loop`` / ``all-loop`` - the same with ``grouped=False`` (the per-expert loop); their
+               checkpoint is compared with the grouped variant's.
 
+``--variants`` takes ``name`` (1 and N processes) or ``name@1`` / ``name@N`` (that count only).
 Every rank gets its own slice of the calibration rows (``calibration.distributed.rank_share``;
-llm-compressor 0.14 itself would give every rank the first 1/N of an identical dataset). Each
-run in its own process group: wall time of ``oneshot`` (calibrate + quantize + save),
-``torch.cuda.max_memory_allocated`` per GPU, and for our variants the coverage totals every rank
-computed (they must agree and equal the one-process totals). The N-process checkpoint is compared
-with the one-process one (logits on a fixed prompt: cosine and max difference). Prints a markdown
-table (speed-up = 1-process time / N-process time) and writes JSON with the command line under
-``benchmarks/results/`` (default ``distributed_cuda.json``).
+llm-compressor 0.14 itself would give every rank the first 1/N of an identical dataset). Before
+the timed ``oneshot`` each rank warms up the process group (NCCL builds its communicator on the
+first collective, ~1-2 s, paid once per job and counted in the end-to-end time).
 
-    python benchmarks/distributed_gpu.py                        # 2 GPUs, 2 layers, all variants
-    python benchmarks/distributed_gpu.py --variants stock,routed --layers 1
+Per run: ``oneshot`` wall time (calibrate + quantize + save; slowest rank) and end to end (the
+launcher's process, imports and model load included); per rank: ``torch.cuda.max_memory_allocated``,
+stage times (``_llmc_stages.py``: setup, calibration forward, propagation forward, Hessian reduce,
+solve, qparam broadcast, our rank sync and barrier, finalize, save; wall and CPU seconds; CUDA
+synchronized at each boundary), how many block calls ran grouped or looped (and why), and for our
+variants the coverage totals (they must agree and equal the one-process totals). The N-process
+checkpoint is compared with the one-process one (logits on a fixed prompt: cosine and max
+difference). Prints markdown tables (speed-up = 1-process time / N-process time) and writes JSON
+with the command line, after every run, under ``benchmarks/results/`` (default ``distributed_cuda.json``).
+``--deadline`` skips the runs that would not finish in time, so one device call always leaves a JSON.
+
+    python benchmarks/distributed_gpu.py --deadline 450          # 2 GPUs: stock, routed, all (1 and 2 GPUs)
+    python benchmarks/distributed_gpu.py --variants routed,routed-loop@1 --layers 1
     .venv/bin/python benchmarks/distributed_gpu.py --device cpu --tiny   # gloo smoke run, 2 CPU processes
 
 Needs llmcompressor==0.14.0.1 (with compressed-tensors==0.19.0, transformers<=5.17) and this
 package importable (``pip install -e .``, or ``PYTHONPATH=.`` from a source checkout). Budget on
-2 x H200 at the default shape: about 1 minute per run, 6 runs plus the model build.
+2 x H200 at the default shape: 45-70 s per run end to end, 6 runs plus ~15 s model build and
+~10 s per logits comparison.
 """
 
 from __future__ import annotations
@@ -39,14 +50,21 @@ import sys
 import time
 from pathlib import Path
 
-from gptqmodel_gpu import add_shape_args  # the same model shape flags (this folder is on sys.path)
+WORKER_T0 = time.perf_counter()
+
+from gptqmodel_gpu import add_shape_args  # noqa: E402  the same model shape flags (this folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-VARIANTS = ("stock", "routed", "all")
+VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop")
+DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
 IGNORE = ["lm_head", "re:.*mlp.gate$"]
+#: stages in the tables (max over ranks); the JSON keeps every stage of every rank
+STAGES = ("setup", "offload_setup", "calibrate_forward", "propagate_forward", "epoch_end", "hessian_reduce", "solve",
+          "qparam_broadcast", "rank_sync", "barrier", "finalize", "save", "other")
+SETUP = ("pre_process", "dataloader", "linearize", "initialize", "trace")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,11 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke run: " + json.dumps(TINY))
     p.add_argument("--nproc", type=int, default=2, help="processes of the distributed runs (one GPU each)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, from {VARIANTS}; NAME@1 or NAME@N runs only that process count")
     p.add_argument("--layers", type=int, default=2)
     add_shape_args(p)
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds for the whole benchmark: runs that would start with less than --min-run left are skipped")
+    p.add_argument("--min-run", type=float, default=60.0, help="seconds a run needs at least (with --deadline)")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/distributed_<device>[_tiny].json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -66,6 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for key, value in TINY.items():
             setattr(args, key, value)
     return args
+
+
+def plan(variants: str, nproc: int) -> list[tuple[str, int]]:
+    """``[(variant, process count)]`` from ``--variants`` (``name``, ``name@1``, ``name@N``)."""
+    runs = []
+    for item in (v for v in variants.split(",") if v):
+        name, _, count = item.partition("@")
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; choose from {VARIANTS}")
+        if count not in ("", "1", "N", str(nproc)):
+            raise SystemExit(f"{item}: the process count must be 1 or N (= --nproc {nproc})")
+        counts = (1, nproc) if count == "" else (1,) if count == "1" else (nproc,)
+        runs += [(name, n) for n in counts]
+    return runs
 
 
 def _env() -> dict[str, str]:
@@ -76,7 +112,7 @@ def _env() -> dict[str, str]:
 
 
 # ----- parent -----------------------------------------------------------------------------------
-def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path) -> dict:
+def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, timeout: float) -> dict:
     """One ``oneshot`` of ``variant`` in ``nproc`` processes; the ranks' results merged."""
     out = work / f"{variant}-n{nproc}"
     out.mkdir(exist_ok=True)
@@ -86,9 +122,10 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path) -> d
     row: dict = {"variant": variant, "nproc": nproc}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {**row, "error": f"timeout after {args.timeout}s"}
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        (work / f"{variant}-n{nproc}.log").write_text(str(exc.stdout or "") + str(exc.stderr or ""))
+        return {**row, "error": f"timeout after {timeout:.0f}s"}
     (work / f"{variant}-n{nproc}.log").write_text(proc.stdout + proc.stderr)
     ranks = sorted(out.glob("rank*.json"))
     if proc.returncode != 0 or len(ranks) != nproc:
@@ -96,14 +133,38 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path) -> d
     results = [json.loads(p.read_text()) for p in ranks]
     coverages = [r["coverage_totals"] for r in results]
     row.update(
-        process_s=round(time.perf_counter() - t0, 1),
-        oneshot_s=round(max(r["oneshot_s"] for r in results), 1),
+        oneshot_s=round(max(r["oneshot_s"] for r in results), 2),
+        end_to_end_s=round(time.perf_counter() - t0, 2),
+        worker_s=[round(r["worker_s"], 2) for r in results],
         peak_gpu_gib=[None if r["peak_gpu_bytes"] is None else round(r["peak_gpu_bytes"] / 2**30, 2) for r in results],
+        stages_max=stage_summary([r["stages"] for r in results], [r["oneshot_s"] for r in results]),
+        stages_per_rank=[r["stages"] for r in results],
+        grouped_use=[r["grouped_use"] for r in results],
         coverage_totals=coverages[0],
         coverage_same_on_every_rank=all(c == coverages[0] for c in coverages),
         checkpoint=str(out / "checkpoint"),
     )
     return row
+
+
+def stage_summary(per_rank: list[dict], oneshot_s: list[float]) -> dict[str, float]:
+    """Wall seconds per table stage, the slowest rank's. ``setup`` sums its parts, ``rank_sync`` is
+    ours (inside ``epoch_end``, like the Hessian reduce, solve, broadcast and barrier), ``other`` is
+    ``oneshot`` minus every top-level stage."""
+    from _llmc_stages import TOP_LEVEL
+
+    def seconds(stages: dict, keys) -> float:
+        return sum(stages.get(k, {}).get("s", 0.0) for k in keys)
+
+    summary = {}
+    for stage in STAGES:
+        if stage == "other":
+            values = [total - seconds(r, TOP_LEVEL) for r, total in zip(per_rank, oneshot_s)]
+        else:
+            keys = SETUP if stage == "setup" else [k for k in per_rank[0] if k.startswith("rank_sync")] if stage == "rank_sync" else (stage,)
+            values = [seconds(r, keys) for r in per_rank]
+        summary[stage] = round(max(values), 2)
+    return summary
 
 
 def compare_logits(a: Path, b: Path, device: str) -> dict:
@@ -122,20 +183,75 @@ def compare_logits(a: Path, b: Path, device: str) -> dict:
             "max_abs_diff": round((x - y).abs().max().item(), 4)}
 
 
+def _find(rows: list[dict], variant: str, nproc: int) -> dict:
+    return next((r for r in rows if r["variant"] == variant and r["nproc"] == nproc), {})
+
+
+def _ok(*rows: dict) -> bool:
+    return all(r and "error" not in r and "skipped" not in r for r in rows)
+
+
 def markdown(rows: list[dict], nproc: int) -> str:
-    lines = [f"| recipe | 1 process (s) | {nproc} processes (s) | speed-up | peak GPU memory per GPU (GiB) | routed tokens 1 -> {nproc} | logits cos |",
-             "|---|---:|---:|---:|---|---|---:|"]
+    lines = [f"| recipe | oneshot 1 -> {nproc} proc (s) | speed-up | end to end 1 -> {nproc} (s) | speed-up | "
+             f"peak GPU memory per GPU (GiB) | routed tokens 1 -> {nproc} | logits cos |",
+             "|---|---|---:|---|---:|---|---|---:|"]
     for variant in dict.fromkeys(r["variant"] for r in rows):
-        one = next((r for r in rows if r["variant"] == variant and r["nproc"] == 1), {})
-        many = next((r for r in rows if r["variant"] == variant and r["nproc"] == nproc), {})
-        if "error" in one or "error" in many or not one or not many:
-            lines.append(f"| {variant} | error: {one.get('error') or many.get('error')} | | | | | |")
+        one, many = _find(rows, variant, 1), _find(rows, variant, nproc)
+        if _ok(one) and not many or _ok(many) and not one:  # a single process count asked for (NAME@1)
+            r = one or many
+            vs = r.get("logits_vs_grouped", {}).get("cosine", "-")
+            lines.append(f"| {variant} | x{r['nproc']} only: {r['oneshot_s']:.1f} | | {r['end_to_end_s']:.1f} | | "
+                         f"{' / '.join(map(str, r['peak_gpu_gib']))} | | vs grouped: {vs} |")
+            continue
+        if not _ok(one, many):
+            bad = [f"{r['nproc']} proc: {r.get('error') or r.get('skipped')}" for r in (one, many) if r and not _ok(r)]
+            lines.append(f"| {variant} | {'; '.join(bad) or 'not run in both'} | | | | | | |")
             continue
         routed = [r["coverage_totals"]["routed_tokens"] if r["coverage_totals"] else "-" for r in (one, many)]
         lines.append(
-            f"| {variant} | {one['oneshot_s']:.1f} | {many['oneshot_s']:.1f} | {one['oneshot_s'] / many['oneshot_s']:.2f}x | "
+            f"| {variant} | {one['oneshot_s']:.1f} -> {many['oneshot_s']:.1f} | {one['oneshot_s'] / many['oneshot_s']:.2f}x | "
+            f"{one['end_to_end_s']:.1f} -> {many['end_to_end_s']:.1f} | {one['end_to_end_s'] / many['end_to_end_s']:.2f}x | "
             f"{one['peak_gpu_gib'][0]} -> {' / '.join(map(str, many['peak_gpu_gib']))} | {routed[0]} -> {routed[1]} | "
             f"{many.get('logits_vs_1_process', {}).get('cosine', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def stage_markdown(rows: list[dict]) -> str:
+    """Per run: wall seconds per stage (slowest rank), and how the block calls ran."""
+    lines = ["| run | oneshot | " + " | ".join(STAGES) + " | block calls grouped / loop |",
+             "|---|---:|" + "---:|" * len(STAGES) + "---|"]
+    for r in rows:
+        if not _ok(r):
+            continue
+        use = r["grouped_use"][0]
+        calls = "-" if use is None else f"{use['grouped']} / {sum(use['fallbacks'].values())}"
+        lines.append(f"| {r['variant']} x{r['nproc']} | {r['oneshot_s']:.1f} | "
+                     + " | ".join(f"{r['stages_max'][s]:.2f}" for s in STAGES) + f" | {calls} |")
+    return "\n".join(lines)
+
+
+#: the stages whose work is split over the ranks (each rank: its share of the batches, its share of the solves)
+SPLIT = ("calibrate_forward", "propagate_forward", "solve")
+
+
+def scaling_markdown(rows: list[dict], nproc: int) -> str:
+    """What shrinks with the ranks: the split stages vs the rest of ``oneshot`` (slowest rank's seconds)."""
+    lines = [f"| recipe | oneshot 1 -> {nproc} (s) | speed-up | calibrate + propagate + solve 1 -> {nproc} (s) | speed-up | "
+             f"the rest 1 -> {nproc} (s) | of which save | of which setup + offload setup |",
+             "|---|---|---:|---|---:|---|---|---|"]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        one, many = _find(rows, variant, 1), _find(rows, variant, nproc)
+        if not _ok(one, many):
+            continue
+        split = [sum(r["stages_max"][s] for s in SPLIT) for r in (one, many)]
+        rest = [r["oneshot_s"] - x for r, x in zip((one, many), split)]
+        save = [r["stages_max"]["save"] for r in (one, many)]
+        setup = [r["stages_max"]["setup"] + r["stages_max"]["offload_setup"] for r in (one, many)]
+        lines.append(
+            f"| {variant} | {one['oneshot_s']:.1f} -> {many['oneshot_s']:.1f} | {one['oneshot_s'] / many['oneshot_s']:.2f}x | "
+            f"{split[0]:.1f} -> {split[1]:.1f} | {split[0] / max(split[1], 1e-9):.2f}x | {rest[0]:.1f} -> {rest[1]:.1f} | "
+            f"{save[0]:.1f} -> {save[1]:.1f} | {setup[0]:.1f} -> {setup[1]:.1f} |"
         )
     return "\n".join(lines)
 
@@ -144,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    started = time.perf_counter()
     import shutil
     import tempfile
 
@@ -152,54 +269,81 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     from gptqmodel_gpu import build_source  # the same model and calibration rows
 
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from {VARIANTS}")
+    runs = plan(args.variants, args.nproc)
     if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
         raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs; {torch.cuda.device_count()} visible")
     out = args.output or HERE / "results" / f"distributed_{args.device}{'_tiny' if args.tiny else ''}.json"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dq-distributed-"))
     work.mkdir(parents=True, exist_ok=True)
-    try:
-        rows_data = build_source(args, work / "source")
-        (work / "calibration.json").write_text(json.dumps(rows_data))
-        rows = []
-        for variant in variants:
-            for nproc in (1, args.nproc):
-                print(f"running {variant} in {nproc} process(es) ...", flush=True)
-                row = run_one(variant, nproc, args, work)
-                print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
-                if "log_tail" in row:
-                    print(row["log_tail"], flush=True)
-                rows.append(row)
-            one, many = rows[-2], rows[-1]
-            if "error" not in one and "error" not in many:
-                many["speedup"] = round(one["oneshot_s"] / many["oneshot_s"], 2)
-                many["logits_vs_1_process"] = compare_logits(Path(one["checkpoint"]), Path(many["checkpoint"]), args.device)
-        table = markdown(rows, args.nproc)
-        print(table)
-        import transformers
+    import transformers
 
-        payload = {
-            "command": "python benchmarks/distributed_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "device": args.device,
-            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-            "nproc": args.nproc,
-            "shape": {k: getattr(args, k) for k in ("layers", "experts", "hidden", "intermediate", "top_k", "samples", "seq_len")},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-                         "llmcompressor": _version("llmcompressor"), "compressed-tensors": _version("compressed-tensors")},
-            "rows": rows,
-            "table": table,
-        }
+    payload = {
+        "command": "python benchmarks/distributed_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+        "nproc": args.nproc,
+        "shape": {k: getattr(args, k) for k in ("layers", "experts", "hidden", "intermediate", "top_k", "samples", "seq_len")},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+                     "llmcompressor": _version("llmcompressor"), "compressed-tensors": _version("compressed-tensors")},
+        "notes": "oneshot_s: slowest rank, after a process-group warm-up; end_to_end_s: the launcher's process "
+                 "(interpreter, imports, model load, NCCL set-up, oneshot, exit); stages: wall seconds, CUDA synchronized "
+                 "at each boundary",
+        "rows": [],
+    }
+    rows = payload["rows"]
+
+    def write() -> None:
+        payload["table"], payload["stage_table"] = markdown(rows, args.nproc), stage_markdown(rows)
+        payload["scaling_table"] = scaling_markdown(rows, args.nproc)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=1) + "\n")
+
+    try:
+        t0 = time.perf_counter()
+        rows_data = build_source(args, work / "source")
+        (work / "calibration.json").write_text(json.dumps(rows_data))
+        payload["build_source_s"] = round(time.perf_counter() - t0, 1)
+        for variant, nproc in runs:
+            left = None if args.deadline is None else args.deadline - (time.perf_counter() - started)
+            if left is not None and left < args.min_run:
+                rows.append({"variant": variant, "nproc": nproc, "skipped": f"deadline: {left:.0f}s left"})
+                print(f"skipping {variant} in {nproc} process(es): {left:.0f}s left", flush=True)
+                continue
+            print(f"running {variant} in {nproc} process(es) ...", flush=True)
+            row = run_one(variant, nproc, args, work, args.timeout if left is None else min(args.timeout, left - 10))
+            print(json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "stages_per_rank")}), flush=True)
+            if "log_tail" in row:
+                print(row["log_tail"], flush=True)
+            rows.append(row)
+            compare(rows, row, args)
+            write()
+        print(payload["table"] if rows else "")
+        print()
+        print(stage_markdown(rows))
+        print()
+        print(scaling_markdown(rows, args.nproc))
+        write()
         print(f"wrote {out}")
         failed = [r for r in rows if "error" in r or not r.get("coverage_same_on_every_rank", True)]
         return 1 if failed else 0
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
+    """Logits of a finished run's checkpoint against its reference: N vs 1 process; a loop variant vs grouped."""
+    if not _ok(row):
+        return
+    one = _find(rows, row["variant"], 1)
+    if row["nproc"] != 1 and _ok(one):
+        row["speedup"] = round(one["oneshot_s"] / row["oneshot_s"], 2)
+        row["end_to_end_speedup"] = round(one["end_to_end_s"] / row["end_to_end_s"], 2)
+        row["logits_vs_1_process"] = compare_logits(Path(one["checkpoint"]), Path(row["checkpoint"]), args.device)
+    if row["variant"].endswith("-loop"):
+        grouped = _find(rows, row["variant"].removesuffix("-loop"), row["nproc"])
+        if _ok(grouped):
+            row["logits_vs_grouped"] = compare_logits(Path(grouped["checkpoint"]), Path(row["checkpoint"]), args.device)
 
 
 def _version(name: str) -> str | None:
@@ -241,8 +385,17 @@ def worker(args: argparse.Namespace) -> int:
     if variant != "stock":
         import defuser_quant.integrations.llmcompressor as dq_llmc  # changes nothing for "stock" (not imported there)
 
-        defuse = dq_llmc.DefuseModifier(routing=variant)
+        routing, _, loop = variant.partition("-")
+        defuse = dq_llmc.DefuseModifier(routing=routing, grouped=not loop)
         recipe.insert(0, defuse)
+    from _llmc_stages import install as install_stage_clock
+
+    clock = install_stage_clock(cuda)
+    if distributed.is_distributed():  # the communicator is built on the first collective: not oneshot's time
+        import torch.distributed as dist
+
+        dist.all_reduce(torch.ones(1, device=device))
+        dist.barrier()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -255,9 +408,13 @@ def worker(args: argparse.Namespace) -> int:
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    use = None if defuse is None or defuse.grouped_use is None else defuse.grouped_use
     result = {
         "rank": distributed.rank(),
         "oneshot_s": seconds,
+        "worker_s": time.perf_counter() - WORKER_T0,
+        "stages": clock.totals(),
+        "grouped_use": None if use is None else {"grouped": use.grouped, "fallbacks": use.fallbacks},
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "coverage_totals": None if defuse is None or defuse.coverage is None else defuse.coverage.totals.model_dump(),
     }

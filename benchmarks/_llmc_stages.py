@@ -1,0 +1,150 @@
+"""Per-stage wall time of one llm-compressor ``oneshot``, per rank (a profile for the benchmarks).
+
+:func:`install` wraps the few functions ``oneshot`` goes through (module attributes looked up at
+call time, so the wrappers take effect) and returns a :class:`StageClock`; ``clock.totals()``
+gives seconds per stage. Stages (inclusive; nested ones are listed under their parent):
+
+* ``pre_process`` (``Oneshot.__init__``: model/processor checks, save wrapper), ``dataloader``,
+  ``linearize`` (llm-compressor's MoE linearization, our hook builds ``DefusedExperts``),
+  ``initialize`` (every modifier's ``on_initialize``: defuse, quantization config);
+* ``offload_setup`` (the pipelines' ``set_onload_device``: every module's tensors wrapped in an
+  offload cache, broadcast from rank 0 tensor by tensor under torchrun), ``trace`` (the sequential
+  pipeline's subgraph tracing);
+* ``calibrate_forward`` (every layer's calibration pass: forward plus every hook),
+  ``propagate_forward`` (the pass with hooks off that feeds the next layer);
+* ``epoch_end`` (after each layer's calibration pass), which holds ``rank_sync`` (our
+  ``before_compress``: data check, budgeted top-up, Hessian alignment), ``hessian_reduce``,
+  ``solve`` (``compress_module_list``), ``qparam_broadcast`` and ``barrier`` (ours, after each
+  compression: the time this rank waits for the slowest);
+* ``finalize`` (every modifier's ``on_finalize``: our coverage reduce and report), ``save``
+  (``post_process``: compress, write on rank 0, barriers).
+
+On CUDA every boundary synchronizes the current device (a few per layer: cheap). Benchmark
+instrumentation only; it changes no result.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["TOP_LEVEL", "StageClock", "install"]
+
+#: the stages that do not nest in one another: ``oneshot`` minus their sum is time no stage covers
+TOP_LEVEL = ("pre_process", "dataloader", "linearize", "initialize", "offload_setup", "trace", "calibrate_forward",
+             "propagate_forward", "epoch_end", "finalize", "save")
+
+
+class StageClock:
+    """Summed wall time and call count per stage name."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu_seconds: dict[str, float] = defaultdict(float)  # this process's CPU time: robust to a shared CPU
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] += time.perf_counter() - t0
+            self.cpu_seconds[name] += time.process_time() - c0
+            self.calls[name] += 1
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        """Time every call of ``owner.attr`` as stage ``name``."""
+        inner = getattr(owner, attr)
+        if getattr(inner, "_stage_clock", None) is self:
+            return
+
+        @functools.wraps(inner)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.stage(name):
+                return inner(*args, **kwargs)
+
+        timed._stage_clock = self  # type: ignore[attr-defined]
+        setattr(owner, attr, timed)
+
+    def wrap_batches(self, owner: Any, attr: str) -> None:
+        """Time the sequential pipeline's batch loops (``_get_batches``) by their description."""
+        inner = getattr(owner, attr)
+        clock = self
+
+        @functools.wraps(inner)
+        def timed(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            desc = kwargs.get("desc", args[3] if len(args) > 3 else "")
+            name = "propagate_forward" if "Propagating" in str(desc) else "calibrate_forward"
+            with clock.stage(name):
+                yield from inner(*args, **kwargs)
+
+        setattr(owner, attr, timed)
+
+    def totals(self) -> dict[str, dict[str, float | int]]:
+        return {k: {"s": round(v, 3), "cpu_s": round(self.cpu_seconds[k], 3), "calls": self.calls[k]} for k, v in self.seconds.items()}
+
+
+def install(cuda: bool) -> StageClock:
+    """Wrap ``oneshot``'s stages (call before ``oneshot``; in the process that runs it)."""
+    import importlib
+
+    from llmcompressor.core.lifecycle import CompressionLifecycle
+    from llmcompressor.modifiers.gptq import base as gptq_base
+    from llmcompressor.pipelines.data_free import pipeline as data_free
+    from llmcompressor.pipelines.sequential import pipeline as sequential
+
+    oneshot_module = importlib.import_module("llmcompressor.entrypoints.oneshot")  # the package attribute is the function
+    clock = StageClock(cuda)
+    clock.wrap(oneshot_module, "pre_process", "pre_process")
+    clock.wrap(oneshot_module, "get_calibration_dataloader", "dataloader")
+    clock.wrap(oneshot_module, "linearize_moe", "linearize")
+    clock.wrap(oneshot_module, "post_process", "save")
+    clock.wrap(CompressionLifecycle, "initialize", "initialize")
+    clock.wrap(CompressionLifecycle, "finalize", "finalize")
+    clock.wrap(sequential, "trace_subgraphs", "trace")
+    for pipeline in (sequential, data_free):  # the model-wide offload wrap: per-tensor broadcasts under torchrun
+        clock.wrap(pipeline, "set_onload_device", "offload_setup")
+    clock.wrap_batches(sequential, "_get_batches")
+    clock.wrap(gptq_base.GPTQModifier, "on_sequential_epoch_end", "epoch_end")
+    clock.wrap(gptq_base.GPTQModifier, "_reduce_hessian_to_target_rank", "hessian_reduce")
+    clock.wrap(gptq_base.GPTQModifier, "compress_module_list", "solve")
+    clock.wrap(gptq_base, "broadcast_qparams_and_cleanup", "qparam_broadcast")
+    try:
+        from defuser_quant.integrations.llmcompressor import ranks
+    except ImportError:  # the stock variant does not import our integration
+        return clock
+    clock.wrap(ranks, "align_hessians", "rank_sync.align")
+    _wrap_barrier(clock, ranks)
+    from defuser_quant.integrations.llmcompressor.modifier import DefuseModifier
+
+    clock.wrap(DefuseModifier, "_before_compress", "rank_sync.check_and_top_up")
+    return clock
+
+
+def _wrap_barrier(clock: StageClock, ranks: Any) -> None:
+    """Time ``ranks``' barrier calls (it calls ``dist.barrier`` through its ``dist`` global)."""
+    import torch.distributed as dist
+
+    class _Dist:
+        def __getattr__(self, name: str) -> Callable:
+            return getattr(dist, name)
+
+        def barrier(self, *args: Any, **kwargs: Any) -> Any:
+            with clock.stage("barrier"):
+                return dist.barrier(*args, **kwargs)
+
+    ranks.dist = _Dist()
