@@ -179,3 +179,26 @@ def test_deterministic_field_reaches_torch_for_the_run_only(tmp_path, monkeypatc
     before = torch.are_deterministic_algorithms_enabled()
     main(["run", "-o", str(tmp_path / "out"), "--set", f"calibration.deterministic={str(flag).lower()}"])
     assert seen == [flag] and torch.are_deterministic_algorithms_enabled() == before
+
+
+@pytest.mark.slow
+def test_llmcompressor_awq_job_end_to_end(tmp_path):
+    job = tmp_path / "job.yaml"
+    out = tmp_path / "out"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": "builtin:tiny-qwen3-moe"},
+                "quantization": {"backend": "llmcompressor", "method": "awq", "scheme": "W4A16"},
+                "calibration": {"data": {"num_samples": 8, "seq_len": 64}, "routing": "all"},
+                "output": {"dir": str(out)},
+                "evaluation": {"data": {"split": "heldout", "num_samples": 2, "seq_len": 64, "shuffle": False}},
+            }
+        )
+    )
+    assert main(["run", str(job)]) == 0
+    report = json.loads((out / "job.json").read_text())
+    assert report["experts"]["projections"] == report["experts"]["quantized"] == 192
+    assert report["perplexity"]["after"] < 1.5 * report["perplexity"]["before"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.3.gate_proj.weight_packed" in set(f.keys())

@@ -47,7 +47,9 @@ def _scheme(q) -> dict:
 
 
 def _quant_modifiers(cfg) -> list:
-    from llmcompressor.modifiers.awq import AWQModifier
+    # The transform AWQModifier: ``llmcompressor.modifiers.awq.AWQModifier`` is a deprecated function
+    # returning its own empty QuantizationModifier next to the transform, which fails validation.
+    from llmcompressor.modifiers.transform import AWQModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     q = cfg.quantization
