@@ -36,7 +36,7 @@ def main() -> int:
     from _source import use_source_checkout
 
     use_source_checkout()
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
     from defuser_quant.integrations.gptqmodel.kernels import record_gptq_kernels
@@ -52,8 +52,11 @@ def main() -> int:
     model = GPTQModel.load(args.src, QuantizeConfig(bits=4, group_size=128), **placement)
     t0 = time.perf_counter()
     with record_gptq_kernels() as kernels:
+        # Triton packing kernels on CUDA, as benchmarks/gptqmodel_gpu.py (AUTO may pick Machete on Hopper,
+        # which downloads CUTLASS and JIT-builds).
+        backend = BACKEND("gptq_triton") if args.device == "cuda" else BACKEND.AUTO
         result = quantize_with_defuser(model, calibration, routing=args.routing, batch_size=args.batch_size,
-                                       grouped=args.grouped, batched_solve=args.batched)
+                                       grouped=args.grouped, batched_solve=args.batched, backend=backend)
     seconds = time.perf_counter() - t0
     model.save(str(out / "checkpoint"))
     (out / "result.json").write_text(json.dumps({
