@@ -537,6 +537,8 @@ def worker(args: argparse.Namespace) -> int:
     import_s = time.perf_counter() - t_import
     calibration = json.loads((work / "calibration.json").read_text())
     devices = torch.cuda.device_count() if cuda else 0
+    if devices:
+        torch.cuda.init()  # the allocator's stats raise "Invalid device argument" before CUDA is initialised
     for index in range(devices):
         torch.cuda.reset_peak_memory_stats(index)
     t0 = time.perf_counter()

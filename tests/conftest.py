@@ -15,6 +15,21 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 import pytest  # noqa: E402
 
 
+def _map_source_checkout() -> None:
+    """On a plain checkout on PYTHONPATH (the GPU machine) map ``defuser_quant.integrations`` and
+    ``defuser_quant.calibration`` the way the installed wheel does (benchmarks/_source.py)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "_source.py")
+    spec = importlib.util.spec_from_file_location("_defuser_quant_source", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.use_source_checkout()
+
+
+_map_source_checkout()
+
+
 @pytest.fixture(autouse=True)
 def _restore_patches():
     """Pre-load patches are global: never let one test leak them into another."""

@@ -46,6 +46,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     calibration = json.loads(Path(args.calibration).read_text())
     devices = torch.cuda.device_count() if args.device == "cuda" else 0
+    if devices:
+        torch.cuda.init()  # the allocator's stats raise "Invalid device argument" before CUDA is initialised
     for index in range(devices):
         torch.cuda.reset_peak_memory_stats(index)
     placement = {"device": "cpu"} if args.device == "cpu" else {}
