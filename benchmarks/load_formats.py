@@ -121,9 +121,12 @@ def worker(loader: str, path: str, out: str, device: str = "cpu") -> None:
 
 
 def _run_worker(loader: str, path: Path, out: Path, device: str = "cpu") -> dict | None:
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "PYTHONPATH": str(HERE.parent), "HF_HUB_OFFLINE": "1"}
+    pythonpath = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--worker", loader, str(path), str(out), device],
                           capture_output=True, text=True, env=env, timeout=900)
+    print(f"{loader} on {path.name}: exit {proc.returncode} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1][:300]}
     import torch
