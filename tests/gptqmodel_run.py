@@ -30,6 +30,7 @@ def main() -> int:
     p.add_argument("--batched", action="store_true")
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (quantize_with_defuser)")
     args = p.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import torch
@@ -58,7 +59,8 @@ def main() -> int:
         # which downloads CUTLASS and JIT-builds).
         backend = BACKEND("gptq_triton") if args.device == "cuda" else BACKEND.AUTO
         result = quantize_with_defuser(model, calibration, routing=args.routing, batch_size=args.batch_size,
-                                       grouped=args.grouped, batched_solve=args.batched, backend=backend)
+                                       grouped=args.grouped, batched_solve=args.batched, backend=backend,
+                                       deterministic=args.deterministic)
     seconds = time.perf_counter() - t0
     model.save(str(out / "checkpoint"))
     (out / "result.json").write_text(json.dumps({

@@ -4,9 +4,9 @@ GPTQModel 7.6 solves one module at a time (``GPTQProcessor.process`` -> ``GPTQ.q
 Qwen3-30B-A3B shape that is ~77 ms of mostly per-module bookkeeping, 768 times per two layers.
 Here the modules of one subset pass that have equal weight shapes, the same device and the same
 GPTQ settings (a layer's expert ``gate_proj``/``up_proj``, then its ``down_proj``) are solved
-together, in chunks: one batched Cholesky factorisation and inverse, and one column-block loop
-over all of them. Everything after the solve is GPTQModel's own: ``GPTQProcessor.process``
-receives, from ``GPTQ.quantize``, the same ``(Q, scale, zero, g_idx, duration, loss, damp,
+together, in chunks: one column-block loop over all of them (the Hessian inverses are
+GPTQModel's own single-matrix calls, one per shared Hessian). Everything after the solve is
+GPTQModel's own: ``GPTQProcessor.process`` receives, from ``GPTQ.quantize``, the same ``(Q, scale, zero, g_idx, duration, loss, damp,
 nsamples)`` tuple it would have computed, and logs, streams, packs (its kernels) and saves
 (its checkpoint format) as usual.
 
@@ -19,11 +19,13 @@ Exactness, step by step against ``GPTQ.quantize`` (7.6):
 * the column loop is element-wise, so batching it changes nothing; on CUDA, where GPTQModel runs
   its block-update extension, the extension is called per module and 128-column block, exactly as
   GPTQModel calls it; the lazy block updates run one matmul per module, like GPTQModel's;
-* only the Cholesky factorisation, ``cholesky_inverse`` and the upper Cholesky run batched
-  (``torch.linalg`` over a stack). On the CPU these loop over LAPACK per matrix (bit-identical
-  here); on CUDA batched kernels may round differently from single-matrix ones, so qweights can
-  differ in a few codes (tests report the share of identical qweights and the largest scale
-  difference).
+* the Hessian inverse is GPTQModel's own sequence of single-matrix calls, per (shared) Hessian,
+  in GPTQModel's order: ``cholesky_ex`` of the damped 2-D Hessian, ``cholesky_inverse`` into the
+  factor, upper ``cholesky``. Batched ``torch.linalg`` calls would run other kernels on CUDA
+  (cuSOLVER's ``potrfBatched``, MAGMA's batched inverse) that round differently, and the rounding
+  spreads through the column loop into scales and codes. With the same calls on the same
+  shapes, the results are GPTQModel's bit for bit (CPU: tested; CUDA: the CUDA tests assert
+  it). With ``mse`` the quantizer's grid search (row sums) also runs per module.
 
 Whatever is not reproduced goes back to GPTQModel's per-module solve, logged and counted by
 reason (:class:`BatchedSolveStats`): GPTAQ/FOEM tasks, non-``Quantizer`` quantizers, ``static_groups``,
@@ -145,6 +147,9 @@ def why_not_batched(task: Any) -> str | None:
         return "static_groups"
     if getattr(task, "module_copy", None) is not None:
         return "module_copy set"
+    device = torch.device(getattr(module, "target_device", None) or module.weight.data.device)
+    if device.type not in ("cpu", "cuda"):
+        return f"{device.type} device (GPTQModel's own Hessian inverse there)"
     if task.nsamples == 0:
         return "no calibration rows"
     if should_use_fallback(task.fallback, float(task.nsamples), task.expected_nsamples):
@@ -228,6 +233,24 @@ def _use_extension(first: Any, device: torch.device, blocksize: int) -> bool:
     )
 
 
+def _find_params(quantizer: Any, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Quantizer.find_params`` for every module's rows of ``W`` ([modules, rows, columns]).
+
+    Plain min/max parameters are per row, so one call on the rows stacked gives each module's
+    exact values. With ``mse`` the grid search sums each row, and a CUDA reduction may split a
+    row differently for another row count or layout: then one call per module, as GPTQModel.
+    """
+    if float(getattr(quantizer.qcfg, "mse", 0.0) or 0.0) > 0.0:
+        scales, zeros = [], []
+        for w in W:
+            quantizer.find_params(w, weight=True)
+            scales.append(quantizer.scale)
+            zeros.append(quantizer.zero)
+        return torch.cat(scales), torch.cat(zeros)
+    quantizer.find_params(W.reshape(-1, W.shape[-1]), weight=True)
+    return quantizer.scale, quantizer.zero
+
+
 def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[SolveResult | None]:
     """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
 
@@ -253,58 +276,64 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
     qcfg = first.qcfg
     device = first.H.device
     order = [t for u in units for t in u.tasks]
-    hidx = torch.tensor([i for i, u in enumerate(units) for _ in u.tasks], device=device)
+    hlist = [i for i, u in enumerate(units) for _ in u.tasks]  # task -> its unit (shared Hessian)
     B, U, R, C = len(order), len(units), first.rows, first.columns
     group = qcfg.group_size
 
     W = torch.empty((B, R, C), dtype=torch.float32, device=device)
     for b, task in enumerate(order):
         W[b].copy_(task.module.weight.data)
-    H = torch.empty((U, C, C), dtype=torch.float32, device=device)
-    for u, unit in enumerate(units):
-        H[u].copy_(unit.tasks[0].H)
 
     quantizer = copy.deepcopy(first.quantizer)
     maxq = quantizer.maxq.to(device)
-    quantizer.find_params(W.view(B * R, C), weight=True)
-    row_scale, row_zero = quantizer.scale, quantizer.zero
+    row_scale, row_zero = _find_params(quantizer, W)
 
-    diag = H.diagonal(dim1=-2, dim2=-1)
-    dead = diag == 0
-    diag.masked_fill_(dead, 1)
-    W.masked_fill_(dead[hidx].unsqueeze(1), 0)
-
-    perms: list[torch.Tensor] | None = None
+    # Per shared Hessian, GPTQModel's own calls on the same 2-D shapes and in the same order
+    # (a private copy: the task's H is only read). Batched torch.linalg calls would use other
+    # kernels on CUDA (cuSOLVER potrfBatched, MAGMA's batched cholesky_inverse) that round
+    # differently from the single-matrix ones GPTQModel calls.
+    perms: list[torch.Tensor] | None = [] if (qcfg.desc_act or qcfg.act_group_aware) else None
     global_perms: list[torch.Tensor] = []
-    if qcfg.desc_act:
-        perms = [torch.argsort(torch.diag(H[u]), descending=True) for u in range(U)]
-    elif qcfg.act_group_aware:
-        perms = []
-        for u in range(U):
-            diag_h = torch.diag(H[u])
+    hinvs: list[torch.Tensor] = []
+    infos: list[torch.Tensor] = []
+    damp = float(qcfg.damp_percent)
+    for u, unit in enumerate(units):
+        H = unit.tasks[0].H.to(dtype=torch.float32, copy=True)
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        for b in (b for b, v in enumerate(hlist) if v == u):
+            W[b, :, dead] = 0
+        if qcfg.desc_act:
+            perm = torch.argsort(torch.diag(H), descending=True)
+            perms.append(perm)
+            H = H[perm][:, perm]
+        elif qcfg.act_group_aware:
+            diag_h = torch.diag(H)
             local_perms, local_values = compute_local_perms(diag_h, group, return_values=True)
             global_perm = compute_global_perm(diag_h, group, precomputed_values=local_values)
-            final = extend_perm_with_tail(compose_final_perm(local_perms, global_perm, group), C)
-            perms.append(final)
+            perm = extend_perm_with_tail(compose_final_perm(local_perms, global_perm, group), C)
+            perms.append(perm)
             global_perms.append(global_perm)
-    if perms is not None:  # in place, one matrix at a time: no second copy of the chunk
-        perms = [p.to(device) for p in perms]
-        for u in range(U):
-            H[u] = H[u][perms[u]][:, perms[u]]
-        for b, u in enumerate(hidx.tolist()):
+            H = H[perm][:, perm]
+        # GPTQModel's first attempt (GPTQ.hessian_inverse): damp_percent x the mean of the
+        # untouched diagonal, lower Cholesky, cholesky_inverse into the factor, upper Cholesky.
+        diag_view = H.diagonal()
+        mean = torch.mean(diag_view.clone())
+        diag_view.add_(damp * mean)
+        factor, info = torch.linalg.cholesky_ex(H, check_errors=False)
+        del H
+        try:
+            torch.cholesky_inverse(factor, out=factor)
+            hinv, info_upper = torch.linalg.cholesky_ex(factor, upper=True, check_errors=False)
+        except torch.linalg.LinAlgError:  # CPU: a failed factor cannot be inverted
+            hinv, info_upper = factor, torch.ones_like(info)
+        del factor
+        hinvs.append(hinv)
+        infos.append(info.abs() + info_upper.abs())
+    if perms is not None:
+        for b, u in enumerate(hlist):
             W[b] = W[b][:, perms[u]]
-
-    # Hessian inverse: GPTQModel's first attempt (damp_percent, untouched diagonal), batched.
-    orig_diag = diag.clone()
-    means = torch.stack([torch.mean(orig_diag[u]) for u in range(U)])
-    damp = float(qcfg.damp_percent)
-    diag.add_(damp * means.unsqueeze(1))
-    factor, info = torch.linalg.cholesky_ex(H, check_errors=False)
-    del H, diag
-    factor = torch.cholesky_inverse(factor)
-    Hinv, info_upper = torch.linalg.cholesky_ex(factor, upper=True, check_errors=False)
-    del factor
-    failed = ((info != 0) | (info_upper != 0)).tolist()
+    failed = (torch.stack(infos) != 0).tolist()  # one device sync for the whole chunk
 
     Losses = torch.zeros_like(W)
     Q = torch.zeros_like(W)
@@ -313,7 +342,6 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
     zeros: list[torch.Tensor] = []
     cur_scale, cur_zero = row_scale, row_zero
     now_idx = 1
-    hlist = hidx.tolist()
     for i1 in range(0, C, blocksize):
         i2 = min(i1 + blocksize, C)
         count = i2 - i1
@@ -325,8 +353,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
             column = i1 + i
             if group != -1:
                 if column % group == 0:
-                    quantizer.find_params(W[:, :, column : column + group].reshape(B * R, -1), weight=True)
-                    cur_scale, cur_zero = quantizer.scale, quantizer.zero
+                    cur_scale, cur_zero = _find_params(quantizer, W[:, :, column : column + group])
                 if (column // group) - now_idx == -1:
                     scales.append(cur_scale)
                     zeros.append(cur_zero)
@@ -341,11 +368,11 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
             for b in range(B):
                 rows = slice(b * R, (b + 1) * R)
                 gptq_cuda.gptq_block_update(
-                    W1[b], Hinv[hlist[b], i1:i2, i1:i2], block_scale[:, rows], block_zero[:, rows], column_group,
+                    W1[b], hinvs[hlist[b]][i1:i2, i1:i2], block_scale[:, rows], block_zero[:, rows], column_group,
                     Q[b, :, i1:i2], Err1[b], Losses[b, :, i1:i2], (1 << qcfg.bits) - 1,
                 )
         else:
-            Hinv1 = Hinv[hidx, i1:i2, i1:i2]
+            Hinv1 = torch.stack([h[i1:i2, i1:i2] for h in hinvs])[hlist]
             d = Hinv1.diagonal(dim1=-2, dim2=-1)
             for i in range(count):
                 scale, zero = block_params[column_groups[i]]
@@ -361,9 +388,9 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
         Losses[:, :, i1:i2].div_(2)
         if i2 < C:
             for b in range(B):
-                W[b, :, i2:] -= Err1[b].matmul(Hinv[hlist[b], i1:i2, i2:])
+                W[b, :, i2:] -= Err1[b].matmul(hinvs[hlist[b]][i1:i2, i2:])
         del W1, Err1
-    del Hinv
+    del hinvs
 
     if not scales:
         scales, zeros = [row_scale], [row_zero]
