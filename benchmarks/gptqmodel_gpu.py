@@ -336,17 +336,20 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
             "qweights": qweights, "qweights_equal": qweights_equal, "max_scale_diff": scale_diff}
 
 
-STAGE_COLUMNS = ("forward", "hessian", "solve", "finalize", "pack", "save", "framework_overhead")
+STAGE_COLUMNS = ("forward", "hessian", "solve", "finalize", "pack", "save", "framework_overhead", "materialize", "offload", "log")
 
 
 def stage_breakdown(kernels: dict, quantize_s: float, save_s: float) -> dict:
     """Wall seconds per stage from the kernel recorder (``--stages``), plus save and the overhead.
 
     ``forward`` contains ``hessian`` (the capture hooks run inside it) and ``finalize`` contains
-    ``pack``; ``framework_overhead`` is quantize time in none of forward, solve or finalize.
+    ``pack``; ``framework_overhead`` is quantize time in none of forward, solve or finalize; the
+    host stages ``materialize``, ``offload`` and ``log`` (GPTQModel's per-module machinery) may
+    overlap any of them.
     """
     wall = kernels.get("stage_wall_seconds") or {}
-    out = {k: round(wall.get(k, 0.0), 2) for k in ("forward", "hessian", "experts_forward", "solve", "finalize", "pack")}
+    out = {k: round(wall.get(k, 0.0), 2) for k in ("forward", "hessian", "experts_forward", "solve", "finalize", "pack",
+                                                   "materialize", "offload", "log")}
     out["save"] = round(save_s, 2)
     out["framework_overhead"] = round(quantize_s - kernels.get("busy_wall_seconds", 0.0), 2)
     out["thread_seconds"] = {k: round(v, 2) for k, v in (kernels.get("stage_seconds") or {}).items()}
@@ -383,7 +386,7 @@ def markdown(rows: list[dict]) -> str:
                   "| run | quantize | " + " | ".join(STAGE_COLUMNS) + " |", "|---|" + "---:|" * (len(STAGE_COLUMNS) + 1)]
         for r in staged:
             st = r["stages"]
-            lines.append(f"| {r.get('run', r['variant'])} | {r['quantize_s']:.1f} | " + " | ".join(f"{st[c]:.2f}" for c in STAGE_COLUMNS) + " |")
+            lines.append(f"| {r.get('run', r['variant'])} | {r['quantize_s']:.1f} | " + " | ".join((f"{st[c]:.2f}" if c in st else "-") for c in STAGE_COLUMNS) + " |")
     scaled = [r for r in rows if r.get("gpus") and "error" not in r]
     if len({r["gpus"] for r in scaled}) > 1:
         lines += ["", "| variant | GPUs | quantize (s) | total (s) | speed-up | peak GPU GiB per device | checkpoint vs fewest GPUs |",

@@ -60,6 +60,8 @@ def test_grouped_gptq_equals_per_expert_loop(plugin, tiny, tmp_path, routing):  
     calls = kernels_grouped.stage_calls
     assert calls["solve"] == quantized and calls["pack"] == calls["finalize"] == quantized
     assert calls["hessian"] >= quantized and calls["experts_forward"] > 0
+    # GPTQModel's per-module machinery (host stages): every module materialized, logged, offloaded.
+    assert calls["materialize"] >= quantized and calls["log"] == quantized and calls["offload"] == quantized
     # Decoder layer forwards: per layer, a capture pass per subset plus the replay pass, per batch.
     assert calls["forward"] >= 2 * 3 * len(tiny["calibration"]) // 4
     seconds, wall = kernels_grouped.stage_seconds, kernels_grouped.stage_wall_seconds
@@ -143,3 +145,20 @@ def test_stage_clock_counts_nested_calls_once_and_overlap_as_wall_time():
     with kernels.stage("solve"):  # no active recorder: nothing to time, nothing fails
         pass
     assert record.stage_calls["solve"] == 2
+
+
+def test_host_stages_are_timed_without_synchronising_cuda(monkeypatch):
+    from defuser_quant.integrations.gptqmodel import kernels
+
+    syncs = []
+    monkeypatch.setattr(kernels, "_sync", lambda: syncs.append(1))
+    with kernels.record_gptq_kernels(stages=True) as record:
+        for name in kernels.HOST_STAGES:
+            with kernels.stage(name):
+                time.sleep(0.01)
+        assert not syncs
+        with kernels.stage("solve"):
+            pass
+        assert len(syncs) == 2  # device stages: before and after
+    assert all(record.stage_seconds[name] >= 0.01 for name in kernels.HOST_STAGES)
+    assert record.busy_wall_seconds < 0.01  # host stages are not busy time of their own

@@ -19,7 +19,12 @@ timed call so the time lands in its stage (a profile, slower than a plain run):
   (our ``DefusedExperts`` blocks);
 * ``solve``: GPTQ solves (``GPTQ.quantize``, and the batched solves of ``integrations.gptqmodel.batched``);
 * ``finalize``: ``GPTQProcessor.submodule_finalize`` (create the quantized module and pack), which
-  contains ``pack`` (``pack_module``).
+  contains ``pack`` (``pack_module``);
+* host stages, GPTQModel's per-module machinery outside the arithmetic, timed without CUDA
+  synchronisation (:data:`HOST_STAGES`): ``materialize`` (``BaseQModel.shell_module_materialize``:
+  a module's weights copied from the checkpoint into GPTQModel's lazily built model, before its
+  layer runs), ``offload`` (``offload_to_disk`` of each finalized module, GPTQModel's
+  ``offload_to_disk``), ``log`` (``LoopProcessor.log_new_row``: one log/progress row per module).
 
 Two figures per stage: ``stage_seconds`` adds the time of every call over GPTQModel's worker
 threads (nested calls of one stage count once); ``stage_wall_seconds`` is the wall time during
@@ -38,10 +43,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TOP_LEVEL_STAGES", "GptqKernelRecord", "note_solve", "quant_linear_classes", "record_gptq_kernels", "stage"]
+__all__ = ["HOST_STAGES", "TOP_LEVEL_STAGES", "GptqKernelRecord", "note_solve", "quant_linear_classes", "record_gptq_kernels", "stage"]
 
 #: Stages that do not nest in one another; their union is the busy time of ``quantize()``.
 TOP_LEVEL_STAGES = ("forward", "solve", "finalize")
+#: Python-side stages: timed without synchronising CUDA (they launch no GPU work of their own).
+HOST_STAGES = ("materialize", "offload", "log")
 
 
 @dataclass
@@ -149,7 +156,9 @@ def stage(name: str) -> Iterator[None]:
         finally:
             inside[name] -= 1
         return
-    _sync()
+    device_stage = name not in HOST_STAGES
+    if device_stage:
+        _sync()
     t0 = time.perf_counter()
     for record in timed:
         with record._lock:
@@ -159,7 +168,8 @@ def stage(name: str) -> Iterator[None]:
         yield
     finally:
         inside[name] -= 1
-        _sync()
+        if device_stage:
+            _sync()
         now = time.perf_counter()
         for record in timed:
             with record._lock:
@@ -204,14 +214,17 @@ def _layer_classes(model: Any) -> list[type]:
 
 @contextmanager
 def _stage_timers(model: Any | None) -> Iterator[None]:
-    from gptqmodel.looper import gptq_processor
+    from gptqmodel.looper import gptq_processor, loop_processor, stage_layer
+    from gptqmodel.models.base import BaseQModel
     from gptqmodel.quantization import gptq
 
     from defuser_quant.core.defused import DefusedExperts
 
     targets = [(gptq.GPTQ, "add_batch", "hessian"), (gptq.GPTQ, "quantize", "solve"),
                (gptq_processor, "pack_module", "pack"), (gptq_processor.GPTQProcessor, "submodule_finalize", "finalize"),
-               (DefusedExperts, "forward", "experts_forward")]
+               (DefusedExperts, "forward", "experts_forward"),
+               (BaseQModel, "shell_module_materialize", "materialize"), (stage_layer, "offload_to_disk", "offload"),
+               (loop_processor.LoopProcessor, "log_new_row", "log")]
     targets += [(cls, "forward", "forward") for cls in (_layer_classes(model) if model is not None else [])]
     missing = object()
     saved = [(owner, name, vars(owner).get(name, missing)) for owner, name, _ in targets]

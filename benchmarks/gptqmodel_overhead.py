@@ -1,0 +1,131 @@
+"""Where GPTQModel's ``quantize()`` spends its time outside the arithmetic: a profile at the
+module count of two Qwen3-30B-A3B layers (2 x 128 experts, top-8: 776 quantized modules) with
+tiny matrices (hidden 128, moe_intermediate 64 by default), so the per-module Python machinery
+dominates and a CPU run takes well under a minute of quantize time.
+
+Every thread is profiled (GPTQModel solves and packs on worker threads): ``cProfile`` per thread,
+merged. Writes ``OUT/profile.txt`` (top functions by own and cumulative time, over all threads) and
+``OUT/overhead.json`` (quantize seconds and the plugin's stage clock, ``record_gptq_kernels(stages=True)``,
+host stages included: GPTQModel's per-module materialize, disk offload and log rows). On the CPU
+the stage clock synchronises nothing.
+
+    python benchmarks/gptqmodel_overhead.py --out /tmp/prof                      # ours grouped + batched
+    python benchmarks/gptqmodel_overhead.py --out /tmp/prof --variant stock      # GPTQModel + Defuser
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variant", default="ours-grouped-batched", choices=["stock", "ours-grouped", "ours-grouped-batched"])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--intermediate", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-profile", action="store_true", help="time only (no cProfile)")
+    p.add_argument("--top", type=int, default=60)
+    args = p.parse_args(argv)
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from _source import use_source_checkout
+    from gptqmodel_gpu import build_source
+
+    use_source_checkout()
+    work = Path(tempfile.mkdtemp(prefix="gptqmodel_overhead_"))
+    shape = argparse.Namespace(vocab=1024, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+                               heads=4, kv_heads=2, head_dim=32, experts=args.experts, top_k=args.top_k,
+                               samples=args.samples, seq_len=args.seq_len, device=args.device)
+    calibration = build_source(shape, work / "src")
+
+    # cProfile in every thread started from here on (GPTQModel's device and CPU pools)
+    profiles: list[cProfile.Profile] = []
+    lock = threading.Lock()
+    run = threading.Thread.run
+
+    def profiled_run(self):
+        prof = cProfile.Profile()
+        with lock:
+            profiles.append(prof)
+        prof.enable()
+        try:
+            return run(self)
+        finally:
+            prof.disable()
+
+    if not args.no_profile:
+        threading.Thread.run = profiled_run
+
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.kernels import record_gptq_kernels
+
+    if args.variant != "stock":
+        from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
+
+        install()
+    model = GPTQModel.load(str(work / "src"), QuantizeConfig(bits=4, group_size=128), device=args.device)
+    main_prof = cProfile.Profile()
+    profiles.append(main_prof)
+    t0 = time.perf_counter()
+    if not args.no_profile:
+        main_prof.enable()
+    with record_gptq_kernels(stages=True, model=model.model) as kernels:
+        if args.variant == "stock":
+            model.quantize(calibration, batch_size=args.batch_size, backend=BACKEND.AUTO)
+            solve = None
+        else:
+            result = quantize_with_defuser(model, calibration, batch_size=args.batch_size, backend=BACKEND.AUTO,
+                                           grouped=True, batched_solve=args.variant.endswith("-batched"))
+            solve = result.solve.as_dict() if result.solve is not None else None
+    main_prof.disable()
+    quantize_s = time.perf_counter() - t0
+    threading.Thread.run = run
+
+    report = {"variant": args.variant, "quantize_s": round(quantize_s, 2), "solve": solve,
+              "gptq_solves": kernels.as_dict()["gptq_solves"],
+              **{k: kernels.as_dict()[k] for k in ("stage_wall_seconds", "stage_seconds", "busy_wall_seconds", "stage_calls")}, "shape": vars(shape), "threads_profiled": len(profiles)}
+    if not args.no_profile:
+        stats = None
+        for prof in profiles:
+            try:
+                stats = pstats.Stats(prof) if stats is None else stats.add(prof)
+            except TypeError:  # a thread that never ran Python under the profiler
+                continue
+        text = io.StringIO()
+        stats.stream = text
+        for order in ("tottime", "cumulative"):
+            stats.sort_stats(order).print_stats(args.top)
+        (args.out / "profile.txt").write_text(text.getvalue())
+        stats.dump_stats(str(args.out / "profile.pstats"))
+    (args.out / "overhead.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
