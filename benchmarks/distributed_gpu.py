@@ -272,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     from gptqmodel_gpu import build_source  # the same model and calibration rows
 
     runs = plan(args.variants, args.nproc)
-    if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
-        raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs; {torch.cuda.device_count()} visible")
+    most = max((n for _, n in runs), default=1)
+    if args.device == "cuda" and torch.cuda.device_count() < most:
+        raise SystemExit(f"{most}-process runs need {most} GPUs; {torch.cuda.device_count()} visible "
+                         "(one-GPU runs only: name the variants NAME@1)")
     out = args.output or HERE / "results" / f"distributed_{args.device}{'_tiny' if args.tiny else ''}.json"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dq-distributed-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -112,7 +112,7 @@ def test_batched_solve_makes_gptqmodels_linear_algebra_calls(name, monkeypatch):
     from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
 
     kw = dict(CONFIGS[name])
-    qcfg = QuantizeConfig(bits=4, group_size=128, **kw)
+    qcfg = QuantizeConfig(**{"bits": 4, "group_size": 128, **kw})
     reference, batched = _tasks(qcfg), _tasks(qcfg)
     for task in batched:
         task.finalize_hessian()
@@ -316,7 +316,7 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name):
     from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
 
     kw = dict(CONFIGS[name])
-    qcfg = QuantizeConfig(bits=4, group_size=128, **kw)
+    qcfg = QuantizeConfig(**{"bits": 4, "group_size": 128, **kw})
     reference, batched = (_tasks(qcfg, n=8, rows=256, cols=512), _tasks(qcfg, n=8, rows=256, cols=512))
     for task in [*reference, *batched]:
         task.module.cuda()
