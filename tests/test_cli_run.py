@@ -153,6 +153,8 @@ def test_gptqmodel_job_with_dequantized_fused_output(tmp_path):
     assert report["experts"]["projections"] == report["experts"]["quantized"] == 192
     assert report["coverage"]["experts_under_threshold"] == 0
     assert report["perplexity"]["after"] < 1.5 * report["perplexity"]["before"]
+    solve = next(n for n in report["notes"] if n.startswith("GPTQ solve:"))
+    assert int(solve.split()[2]) >= 192  # every expert projection went through the batched solve
     fused = AutoModelForCausalLM.from_pretrained(out / "fused-dequantized", dtype=torch.float32)
     assert fused.model.layers[0].mlp.experts.gate_up_proj.shape == (16, 256, 128)
 

@@ -120,10 +120,19 @@ def _run(ctx: JobContext) -> BackendResult:
             min_tokens=cfg.calibration.min_tokens,
             policy=cfg.calibration.policy,
             coverage_report=ctx.staging_dir / "coverage.json",
+            grouped=True,  # the experts' calibration forward as grouped GEMMs: same rows for every hook
+            batched_solve=q.method == "gptq",  # a layer's experts solved together: same checkpoint as per module
             batch_size=4,
             **({"backend": BACKEND.AWQ_TORCH} if cpu_awq else {}),
         )
     result.coverage = quantized.coverage
+    if quantized.solve is not None:
+        solve = quantized.solve
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(solve.per_module.items()))
+        result.notes.append(
+            f"GPTQ solve: {solve.batched_modules} module(s) solved batched with their equal-shape siblings, "
+            f"{sum(solve.per_module.values())} by GPTQModel per module" + (f" ({reasons})" if reasons else "")
+        )
     with ctx.stage("save"):
         model.save(str(ctx.staging_dir))
         _forget_scratch_path(ctx.staging_dir)
