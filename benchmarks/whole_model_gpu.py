@@ -260,6 +260,8 @@ def projection(args: argparse.Namespace, layer_s: list[float], layers_done: int)
     median = statistics.median(layer_s)
     out: dict[str, Any] = {"label": "PROJECTION (not a measurement)", "per_layer_s_used": round(median, 3),
                            "per_layer_s_is": "median of the measured layer times"}
+    if args.tiny or args.device != "cuda":
+        out["warning"] = f"measured with --device {args.device}{' --tiny' if args.tiny else ''}: the projections show the arithmetic only"
     if layers_done < args.layers:
         out["all_layers_quantize_s"] = round(sum(layer_s) + (args.layers - layers_done) * median, 1)
         out["all_layers_note"] = (f"{layers_done} measured layers + {args.layers - layers_done} x median; "
