@@ -5,7 +5,10 @@ Importing this module (it needs ``llmcompressor==0.14.0.1``) calls :func:`regist
 * registers ``DefuseModifier`` with llm-compressor's ``ModifierFactory``, so recipes (YAML or
   the ``recipe.yaml`` oneshot writes) resolve it by name, and
 * makes llm-compressor's MoE linearization build defuser-quant ``DefusedExperts`` (zero copy)
-  instead of copying experts into its ``LinearExperts2D`` (see ``integrations.llmcompressor.linearize``).
+  instead of copying experts into its ``LinearExperts2D`` (see ``integrations.llmcompressor.linearize``),
+* wraps ``Oneshot.apply_recipe_modifiers`` so that, only when the recipe lists ``DefuseModifier``,
+  our defusion also wins over llm-compressor's own linearizer for the irregular classes it
+  registers (llama4; see ``integrations.llmcompressor.recipe_scope``). Other recipes run stock.
 
 ``import defuser_quant.integrations`` alone imports nothing from llm-compressor.
 
@@ -40,6 +43,7 @@ from .linearize import (  # noqa: E402
     uninstall_linearize_hook,
 )
 from .modifier import DefuseModifier, RecipeOrderError  # noqa: E402
+from .recipe_scope import install_oneshot_hook, oneshot_hook_installed, uninstall_oneshot_hook  # noqa: E402
 from .refuse import REFUSE_MODES, RefuseError, RefuseMode, check_refusable, refuse_checkpoint  # noqa: E402
 
 __all__ = [
@@ -54,11 +58,14 @@ __all__ = [
     "check_llmcompressor",
     "check_refusable",
     "install_linearize_hook",
+    "install_oneshot_hook",
     "is_registered",
     "linearize_hook_installed",
+    "oneshot_hook_installed",
     "refuse_checkpoint",
     "register",
     "uninstall_linearize_hook",
+    "uninstall_oneshot_hook",
     "unregister",
 ]
 
@@ -74,7 +81,11 @@ def _factory() -> type:
 
 def is_registered() -> bool:
     """True when recipes resolve ``DefuseModifier`` and linearization builds ``DefusedExperts``."""
-    return _factory()._registered_registry.get(MODIFIER_NAME) is DefuseModifier and linearize_hook_installed()
+    return (
+        _factory()._registered_registry.get(MODIFIER_NAME) is DefuseModifier
+        and linearize_hook_installed()
+        and oneshot_hook_installed()
+    )
 
 
 def register() -> None:
@@ -82,6 +93,7 @@ def register() -> None:
     check_llmcompressor()
     _factory().register(MODIFIER_NAME, DefuseModifier)
     install_linearize_hook()
+    install_oneshot_hook()
     logger.debug("DefuseModifier registered with llm-compressor")
 
 
@@ -91,6 +103,7 @@ def unregister() -> None:
     if registered.get(MODIFIER_NAME) is DefuseModifier:
         del registered[MODIFIER_NAME]
     uninstall_linearize_hook()
+    uninstall_oneshot_hook()
 
 
 register()

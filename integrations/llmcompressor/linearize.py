@@ -16,14 +16,18 @@ a ``DefusedExperts`` subclass whose
   mapping calls while loading).
 
 So linearization happens once, by our core, whatever the entry point. Classes our core does not
-handle keep llm-compressor's own entries. ``adopt_linear_experts`` converts blocks that
+handle keep llm-compressor's own entries; so do the undecorated classes llm-compressor registers a
+hand-written class for (llama4's ``Llama4TextExperts``), except inside :func:`defuse_recipe_scope`,
+which ``recipe_scope.py`` enters while a ``oneshot`` recipe lists ``DefuseModifier``. ``adopt_linear_experts`` converts blocks that
 llm-compressor linearized before the hook was installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,6 +35,7 @@ from torch import nn
 
 from defuser_quant.core import DefusedExperts, DefuserQuantError, convert_model
 from defuser_quant.core.defused import DefusedExpert, FusedTensorSpec, GateFunction
+from defuser_quant.core.families import experts_entry_for
 from defuser_quant.core.generated import pickled_through
 from defuser_quant.core.layout import fused_tensor, is_fused_experts_class, layout_of
 from defuser_quant.core.naming import projection_names
@@ -40,6 +45,8 @@ from .stock_face import FollowCalibrationFlag, as_stock_linear_experts, linear_e
 
 __all__ = [
     "adopt_linear_experts",
+    "defuse_recipe_scope",
+    "in_defuse_recipe_scope",
     "install_linearize_hook",
     "linearize_hook_installed",
     "uninstall_linearize_hook",
@@ -100,15 +107,42 @@ def linear_experts_class_for(fused_cls: type[nn.Module]) -> type[DefusedExperts]
     return type(base.__name__, (base, linear_experts_face()), body)
 
 
-def _handles(key: object) -> bool:
-    return isinstance(key, type) and not issubclass(key, DefusedExperts) and is_fused_experts_class(key)
+_scope_depth = 0
+
+
+@contextlib.contextmanager
+def defuse_recipe_scope() -> Iterator[None]:
+    """Inside: the registry also answers our blocks for the irregular classes llm-compressor registers
+    (entered by ``recipe_scope``'s ``oneshot`` wrapper when the recipe lists ``DefuseModifier``)."""
+    global _scope_depth
+    _scope_depth += 1
+    try:
+        yield
+    finally:
+        _scope_depth -= 1
+
+
+def in_defuse_recipe_scope() -> bool:
+    """True inside :func:`defuse_recipe_scope`."""
+    return _scope_depth > 0
+
+
+def _handles(registry: dict, key: object) -> bool:
+    if not isinstance(key, type) or issubclass(key, DefusedExperts):
+        return False
+    if is_fused_experts_class(key):
+        return True
+    # an undecorated class llm-compressor registers its own linearizer for (llama4): ours only while
+    # a oneshot recipe lists DefuseModifier (recipe_scope.py); otherwise stock, stock bugs included
+    return in_defuse_recipe_scope() and key in registry and experts_entry_for(key) is not None
 
 
 class DefuserFirstRegistry(dict):
-    """``LinearExperts2D._registry`` that answers defuser-quant classes for fused experts classes."""
+    """``LinearExperts2D._registry`` that answers defuser-quant classes for fused experts classes
+    (and, inside a ``DefuseModifier`` recipe, for the irregular classes llm-compressor registers)."""
 
     def get(self, key: Any, default: Any = None) -> Any:
-        if _handles(key):
+        if _handles(self, key):
             return linear_experts_class_for(key)
         return super().get(key, default)
 
@@ -162,7 +196,16 @@ def _source_of(module: nn.Module) -> tuple[type[nn.Module], Any]:
     if fused_cls is None:  # built by load_quantizable_moe: find the fused class it stands for
         registry = _linear_experts_base()._registry
         fused_cls = next((k for k, v in dict.items(registry) if v is type(module)), None)
-    if fused_cls is None or config is None and not hasattr(module, "config"):
+    irregular = fused_cls is not None and experts_entry_for(fused_cls) is not None  # e.g. Llama4LinearExperts
+    if irregular or fused_cls is not None and config is None and not hasattr(module, "config"):
+        raise DefuserQuantError(
+            f"{type(module).__name__} is llm-compressor's own linearization of {fused_cls.__name__}, which "
+            "DefuseModifier cannot adopt (no config recorded, or a call contract of its own). Give oneshot the "
+            "model with its experts still fused (load it with from_pretrained, not under load_quantizable_moe, "
+            "and do not call linearize_moe): with "
+            f"DefuseModifier in the recipe, defuser-quant defuses {fused_cls.__name__} itself"
+        )
+    if fused_cls is None:
         raise DefuserQuantError(
             f"cannot tell which fused experts class {type(module).__name__} was linearized from; load the model "
             "after `import defuser_quant.integrations.llmcompressor` so llm-compressor builds defuser-quant blocks"
