@@ -39,14 +39,6 @@ SCHEME = {  # W4A16 with a group the tiny dims (64, 32) divide
 FAMILIES = ["llama4", "llama4_multimodal", "gpt_oss", "qwen3_moe", "qwen3_vl_moe", "deepseek_v3", "glm4_moe", "mixtral"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     """A 256-token BPE trained on the shipped corpus (oneshot wants a processor; ids stay < every tiny vocab)."""

@@ -24,14 +24,6 @@ SAMPLES, SEQ = 8, 32
 IGNORE = ["lm_head", "re:.*mlp.gate$"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def calibration():
     tokenizer = AutoTokenizer.from_pretrained(TINY_MOE_PATH)
