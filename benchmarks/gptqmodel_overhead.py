@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-profile", action="store_true", help="time only (no cProfile)")
     p.add_argument("--top", type=int, default=60)
+    p.add_argument("--stock-bookkeeping", action="store_true",
+                   help="ours without lean_bookkeeping (GPTQModel's own per-module materialize/offload scans)")
     args = p.parse_args(argv)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     if args.device == "cpu":
@@ -97,16 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     with record_gptq_kernels(stages=True, model=model.model) as kernels:
         if args.variant == "stock":
             model.quantize(calibration, batch_size=args.batch_size, backend=BACKEND.AUTO)
-            solve = None
+            solve = bookkeeping = None
         else:
             result = quantize_with_defuser(model, calibration, batch_size=args.batch_size, backend=BACKEND.AUTO,
-                                           grouped=True, batched_solve=args.variant.endswith("-batched"))
+                                           grouped=True, batched_solve=args.variant.endswith("-batched"),
+                                           lean_bookkeeping=not args.stock_bookkeeping)
             solve = result.solve.as_dict() if result.solve is not None else None
+            bookkeeping = result.bookkeeping.as_dict() if result.bookkeeping is not None else None
     main_prof.disable()
     quantize_s = time.perf_counter() - t0
     threading.Thread.run = run
 
-    report = {"variant": args.variant, "quantize_s": round(quantize_s, 2), "solve": solve,
+    report = {"variant": args.variant, "lean_bookkeeping": args.variant != "stock" and not args.stock_bookkeeping,
+              "quantize_s": round(quantize_s, 2), "solve": solve, "bookkeeping": bookkeeping,
               "gptq_solves": kernels.as_dict()["gptq_solves"],
               **{k: kernels.as_dict()[k] for k in ("stage_wall_seconds", "stage_seconds", "busy_wall_seconds", "stage_calls")}, "shape": vars(shape), "threads_profiled": len(profiles)}
     if not args.no_profile:

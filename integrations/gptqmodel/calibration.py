@@ -58,6 +58,8 @@ from defuser_quant.core.errors import DefuserQuantError
 
 from .batched import BatchedSolve, BatchedSolveStats, batched_solves
 from .grouped import hooked_linear_grouping
+from .overhead import BookkeepingStats
+from .overhead import lean_bookkeeping as _lean_bookkeeping
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class QuantizeResult:
     report_path: Path | None = None
     solve: BatchedSolveStats | None = None  # what the batched solve did (``batched_solve=...``), else None
     replica_forwards: int = 0  # experts forwards that ran on per-GPU replicas (GPTQModel's data-parallel forward)
+    bookkeeping: BookkeepingStats | None = None  # what ``lean_bookkeeping=True`` did, else None
 
     def float_projections(self) -> list[ProjectionRecord]:
         return [p for p in self.projections if p.method.startswith("float")]
@@ -344,6 +347,7 @@ def quantize_with_defuser(
     grouped: bool = False,
     deterministic: bool = False,
     batched_solve: bool | BatchedSolve = False,
+    lean_bookkeeping: bool = True,
     **quantize_kwargs: Any,
 ) -> QuantizeResult:
     """``model.quantize(calibration, ...)`` with our routing mode and an honest coverage report.
@@ -372,6 +376,10 @@ def quantize_with_defuser(
             inside GPTQModel's GPTQ processor (``integrations.gptqmodel.batched``); True or a
             ``BatchedSolve`` with its settings. Modules it does not reproduce go to GPTQModel's
             per-module solve; ``QuantizeResult.solve`` counts both, with reasons.
+        lean_bookkeeping: GPTQModel's per-module materialize and disk-offload bookkeeping of the
+            expert projections skips its whole-model scans (``integrations.gptqmodel.overhead``):
+            same tensors, same checkpoint, less host time; ``QuantizeResult.bookkeeping`` says
+            what it did. Parts whose GPTQModel internals differ stay stock, with a warning.
         **quantize_kwargs: passed to ``model.quantize`` (``batch_size``, ``backend``, ...).
 
     Raises:
@@ -404,13 +412,14 @@ def quantize_with_defuser(
         solve = None
         if batched_solve is not False:
             solve = stack.enter_context(batched_solves(batched_solve if isinstance(batched_solve, BatchedSolve) else None))
+        bookkeeping = stack.enter_context(_lean_bookkeeping(model)) if lean_bookkeeping else None
         log = model.quantize(calibration, **quantize_kwargs)
     if solve is not None:
         logger.info("batched GPTQ solve: %s", solve.as_dict())
     report = build_report(router.coverage(), min_tokens)
     result = QuantizeResult(
         log=log or {}, coverage=report, projections=projection_records(hf_model, router, log, qcfg), solve=solve,
-        replica_forwards=router.replica_calls,
+        replica_forwards=router.replica_calls, bookkeeping=bookkeeping,
     )
     if coverage_report is not None:
         result.report_path = _write(result, coverage_report)

@@ -35,6 +35,7 @@ overhead (scheduling, offloading, logging, waiting).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter
@@ -192,6 +193,7 @@ def quant_linear_classes(model: Any) -> dict[str, int]:
 
 
 def _timed(name: str, fn):
+    @functools.wraps(fn)  # keeps the signature visible to other wrappers' checks (integrations.gptqmodel.overhead)
     def timed(*args, **kwargs):
         with stage(name):
             return fn(*args, **kwargs)

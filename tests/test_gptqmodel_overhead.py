@@ -1,0 +1,201 @@
+"""Lean per-module bookkeeping inside GPTQModel (integrations.gptqmodel.overhead), with real
+GPTQModel 7.6 on the tiny qwen3_moe of test_gptqmodel_plugin (CPU): the same checkpoint as
+GPTQModel's own bookkeeping, patches only while ``quantize_with_defuser`` runs, stock behaviour
+with a warning when GPTQModel's internals differ."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _source import use_source_checkout  # noqa: E402
+
+use_source_checkout()
+
+from test_gptqmodel_plugin import _tensors, plugin, tiny  # noqa: E402, F401  (fixtures)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _patch_points() -> dict[str, object]:
+    """Every function lean_bookkeeping replaces, as GPTQModel/LogBar hold them now."""
+    from gptqmodel.models.base import BaseQModel
+    from gptqmodel.utils import offload, structure
+    from logbar import logbar as logbar_module
+    from logbar import progress as logbar_progress
+
+    return {
+        "shell_module_materialize": BaseQModel.__dict__["shell_module_materialize"],
+        "_get_qualified_name": structure._get_qualified_name,
+        "materialize_submodule": structure.LazyTurtle.__dict__["materialize_submodule"],
+        "get_module_fullname": offload.get_module_fullname,
+        "notebook": logbar_module._running_in_notebook_environment,
+        "notebook(progress)": logbar_progress._running_in_notebook_environment,
+    }
+
+
+def _load(src: Path, offload: bool, offload_path: Path | None = None):
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    where = {"offload_to_disk_path": str(offload_path)} if offload and offload_path is not None else {}
+    return GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=128, offload_to_disk=offload, **where))
+
+
+def _run(plugin, tiny, out: Path, *, source: str, offload: bool, lean: bool):  # noqa: F811
+    # one offload folder for both runs: GPTQModel writes its path into the saved configs
+    model = _load(tiny[source], offload, out.parent / "offload")
+    before = _patch_points()
+    result = plugin.quantize_with_defuser(
+        model, tiny["calibration"][:16], batch_size=4, grouped=True, batched_solve=True, lean_bookkeeping=lean
+    )
+    assert _patch_points() == before  # restored after the run
+    model.save(str(out))
+    configs = {name: json.loads((out / name).read_text()) for name in ("config.json", "quantize_config.json")}
+    return result, _tensors(out), configs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("source", "offload"), [("src", True), ("fused", True), ("src", False)])
+def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, source, offload):  # noqa: F811
+    stock, stock_tensors, stock_configs = _run(plugin, tiny, tmp_path / "stock", source=source, offload=offload, lean=False)
+    lean, lean_tensors, lean_configs = _run(plugin, tiny, tmp_path / "lean", source=source, offload=offload, lean=True)
+    assert stock.bookkeeping is None
+    # Same keys, every tensor bit-equal (qweight, qzeros, scales, g_idx and the float rest), same config.
+    assert lean_tensors.keys() == stock_tensors.keys()
+    assert any(k.endswith("experts.0.gate_proj.qweight") for k in lean_tensors)
+    assert not [k for k in lean_tensors if not torch.equal(lean_tensors[k], stock_tensors[k])]
+    assert lean_configs == stock_configs
+    stats = lean.bookkeeping
+    experts = len(lean.projections)
+    assert experts == 48 and stats.disabled == {}
+    if offload:  # LazyTurtle source and disk offload: every expert projection took the lean path
+        assert stats.materialize_fast == experts and stats.offload_fast == experts
+        assert stats.tie_weights_skipped == experts  # tie_word_embeddings=False: nothing to tie
+        assert not stats.stock
+    else:  # no lazy source, no offload: GPTQModel's own path for everything, and said why
+        assert stats.materialize_fast == stats.offload_fast == 0
+        assert stats.stock == {"materialize: no lazy checkpoint source": experts}
+
+
+@pytest.mark.slow
+def test_patches_are_restored_when_quantize_raises(plugin, tiny, monkeypatch):  # noqa: F811
+    model = _load(tiny["src"], True)
+    before = _patch_points()
+    seen = {}
+
+    def interrupted(*args, **kwargs):
+        seen.update(_patch_points())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "quantize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plugin.quantize_with_defuser(model, tiny["calibration"][:4], batch_size=4)
+    changed = [k for k in before if seen[k] is not before[k]]
+    assert {"shell_module_materialize", "_get_qualified_name", "materialize_submodule", "get_module_fullname"} <= set(changed)
+    assert _patch_points() == before
+
+
+@pytest.mark.slow
+def test_mismatched_internals_warn_and_stay_stock(plugin, tiny, monkeypatch, caplog):  # noqa: F811
+    from gptqmodel.utils import offload, structure
+
+    from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping
+
+    model = _load(tiny["src"], True)
+    # A GPTQModel whose name lookup takes other arguments, and whose offload has no get_module_fullname.
+    monkeypatch.setattr(structure, "_get_qualified_name", lambda root, obj, strict=True: "x")
+    monkeypatch.delattr(offload, "get_module_fullname")
+    from gptqmodel.models.base import BaseQModel
+
+    shell = BaseQModel.__dict__["shell_module_materialize"]
+    turtle = structure.LazyTurtle.__dict__["materialize_submodule"]
+    with caplog.at_level(logging.WARNING), lean_bookkeeping(model) as stats:
+        assert BaseQModel.__dict__["shell_module_materialize"] is shell
+        assert structure.LazyTurtle.__dict__["materialize_submodule"] is turtle
+        assert not hasattr(offload, "get_module_fullname")
+    assert set(stats.disabled) == {"materialize", "offload"}
+    assert "_get_qualified_name(root, obj)" in stats.disabled["materialize"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "lean" in r.getMessage()]
+    assert len(warned) == 2 and all("GPTQModel's own per-module" in w for w in warned)
+
+
+@pytest.mark.slow
+def test_a_path_that_names_another_module_takes_gptqmodels_path(plugin, tiny):  # noqa: F811
+    from gptqmodel.looper.named_module import NamedModule
+
+    from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping
+
+    model = _load(tiny["src"], True)
+    root = "model.layers.0.mlp.experts"
+    target = model.model.get_submodule(f"{root}.1.up_proj")
+    assert target.weight.device.type == "meta"
+    with lean_bookkeeping(model) as stats:
+        wrong = NamedModule(target, name="mlp.experts.0.up_proj", full_name=f"{root}.0.up_proj", layer_index=0)
+        model.shell_module_materialize(target_submodule=target, device=torch.device("cpu"), role="forward", named_module=wrong)
+    assert stats.materialize_fast == 0
+    assert stats.stock == {"materialize: NamedModule.full_name does not name the module": 1}
+    # GPTQModel found the module's real path by its own scan: expert 1's weights, not expert 0's.
+    from safetensors import safe_open
+
+    with safe_open(str(next(Path(tiny["src"]).glob("*.safetensors"))), "pt") as f:
+        expected = f.get_tensor(f"{root}.1.up_proj.weight")
+    assert torch.equal(target.weight, expected)
+
+
+def test_tied_models_keep_tie_weights():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from defuser_quant.integrations.gptqmodel.overhead import _ties_nothing
+
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=1,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=2, num_experts_per_tok=1)
+    tied = Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw, tie_word_embeddings=True))
+    untied = Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw, tie_word_embeddings=False))
+    assert tied.get_expanded_tied_weights_keys(all_submodels=True)  # the real mapping is not empty
+    assert _ties_nothing(tied) is False
+    assert _ties_nothing(untied) is True
+
+
+def test_notebook_check_memo_answers_as_logbar_does(monkeypatch):
+    from logbar import logbar as logbar_module
+
+    from defuser_quant.integrations.gptqmodel.overhead import _memo_notebook_check
+
+    original = logbar_module._running_in_notebook_environment
+    memo = _memo_notebook_check(original)
+    for env in ({}, {"JPY_PARENT_PID": "1"}, {"LOGBAR_DISABLE_NOTEBOOK_DETECTION": "1", "JPY_PARENT_PID": "1"}, {}):
+        for key in ("LOGBAR_DISABLE_NOTEBOOK_DETECTION", "LOGBAR_FORCE_NOTEBOOK_MODE", "JPY_PARENT_PID", "IPYKERNEL_PARENT_PID"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert memo() == original()
+
+
+def test_name_hint_answers_only_for_the_module_being_materialized():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from defuser_quant.integrations.gptqmodel.overhead import BookkeepingStats, _Lean
+
+    root = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    lean = _Lean(SimpleNamespace(model=root), frozenset({"0"}), False, BookkeepingStats())
+    scans = []
+
+    def scan(r, obj):
+        scans.append(obj)
+        return next(name for name, m in r.named_modules() if m is obj)
+
+    lookup = lean.qualified_name(scan)
+    lean.local.hint = (root, root[0], "0")
+    assert lookup(root, root[0]) == "0" and not scans  # the hinted module: no scan
+    assert lookup(root, root[1]) == "1" and scans == [root[1]]  # any other module: GPTQModel's scan
+    assert lookup(nn.Sequential(root[0]), root[0]) == "0" and len(scans) == 2  # another root: scanned
+    lean.local.hint = None
+    assert lookup(root, root[0]) == "0" and len(scans) == 3
