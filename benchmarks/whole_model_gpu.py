@@ -17,6 +17,18 @@ model's tokenizer) through ONE backend and saves the checkpoint:
   then moved to the CPU (``--gptqmodel-model-device``), where GPTQModel's own loader puts every
   model it quantizes (``offload_to_disk=False``: a 61 GB disk offload would not fit the 64 GB disk).
 
+``--stock`` runs the same backend as shipped, for the side-by-side baseline (``"variant": "stock"``;
+the default output name gets ``_stock``): llm-compressor's ``oneshot`` with the same
+``GPTQModifier`` and no ``DefuseModifier`` (``defuser_quant.integrations.llmcompressor`` is not
+imported: llm-compressor linearizes the MoE itself and calibrates all experts, its default
+``moe_calibrate_all_experts``); GPTQModel without ``install()`` (it defuses with the ``defuser``
+package on load, after the random build replaces its weight loading) and a plain
+``model.quantize`` with the same calibration rows, batch size and kernel. Stock runs give no
+coverage report (``coverage_totals`` is null); the checkpoint's expert projections are still
+counted. Stock layers are slower (~20-30 s each at full size): use ``--deadline`` for a partial
+run with measured layers and a labelled projection. ``benchmarks/whole_model_compare.py`` compares
+two such JSON files.
+
 Per decoder layer the time is recorded as it goes (a forward pre-hook on every layer: layer i
 runs from its first call to layer i+1's first call; the last one to the end of calibration).
 ``--deadline SECONDS`` (default 540, counted from the start of this process): a layer is not
@@ -40,6 +52,7 @@ stage clock, grouped block calls) and a DeepSeek-V3-size projection (assumptions
 
     python benchmarks/whole_model_gpu.py --backend llmcompressor            # one H200, <= 9 minutes
     python benchmarks/whole_model_gpu.py --backend gptqmodel
+    python benchmarks/whole_model_gpu.py --backend llmcompressor --stock --deadline 540   # partial: exit 4
     GPTQMODEL_CPU_WORKERS=2 python benchmarks/whole_model_gpu.py --backend gptqmodel --device cpu --tiny --layers 2
 """
 
@@ -89,6 +102,8 @@ class DeadlineReached(RuntimeError):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", required=True, choices=["llmcompressor", "gptqmodel"])
+    p.add_argument("--stock", action="store_true",
+                   help="the backend as shipped (no DefuseModifier / no plugin): the baseline for whole_model_compare.py")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke run: " + json.dumps(TINY))
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 48; 2 with --tiny)")
@@ -125,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def default_output(args: argparse.Namespace) -> Path:
-    name = f"whole_model_{args.backend}_{args.device}{'_tiny' if args.tiny else ''}.json"
+    name = f"whole_model_{args.backend}{'_stock' if args.stock else ''}_{args.device}{'_tiny' if args.tiny else ''}.json"
     out = os.environ.get("OUT")
     return Path(out) / name if out else HERE / "results" / name
 
@@ -312,6 +327,10 @@ class Run:
         self.payload: dict[str, Any] = {
             "command": "python benchmarks/whole_model_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "backend": args.backend,
+            "variant": "stock" if args.stock else "ours",
+            "variant_is": ("the backend as shipped: no DefuseModifier / no defuser-quant plugin" if args.stock else
+                           "the backend with defuser-quant's integration (DefuseModifier routed grouped / GPTQModel "
+                           "plugin grouped + batched solve)"),
             "device": args.device,
             "gpu": torch.cuda.get_device_name(0) if self.cuda else None,
             "versions": versions(),
@@ -320,6 +339,7 @@ class Run:
             "calibration": {"samples": args.samples, "seq_len": args.seq_len, "tokens": args.samples * args.seq_len,
                             "source": "builtin:pydoc packed, tokenizer of defuser_quant/assets/tiny-qwen3-moe"},
             "quantization": "GPTQ W4A16, group 128",
+            **({"batch_size": args.batch_size, "gptq_kernel": args.gptq_kernel} if args.backend == "gptqmodel" else {}),
             "deadline_s": args.deadline,
             "reserve_s": args.reserve,
         }
@@ -403,8 +423,30 @@ def write_source(args: argparse.Namespace, tokenizer: Any, src: Path) -> Any:
     return config
 
 
+LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
+
+
+def block_llmcompressor_integration() -> None:
+    """Make importing our llm-compressor integration fail in this process (``--stock``).
+
+    Importing it changes llm-compressor's MoE linearization (defuser-quant's zero-copy
+    ``DefusedExperts`` instead of ``LinearExperts2D`` copies) even for recipes without
+    ``DefuseModifier``; ``_llmc_stages.install`` imports it when it can. A stock baseline must not.
+    """
+    if sys.modules.get(LLMC_INTEGRATION) is not None:
+        raise RuntimeError(f"--stock but {LLMC_INTEGRATION} is already imported: the baseline would not be stock")
+    sys.modules[LLMC_INTEGRATION] = None  # type: ignore[assignment]  # import -> ImportError
+
+
+def experts_classes(model: Any) -> list[str]:
+    """Sorted class names (module.qualname) of the ``mlp.experts`` blocks of ``model``."""
+    return sorted({f"{type(m).__module__}.{type(m).__qualname__}" for name, m in model.named_modules()
+                   if name.endswith("mlp.experts")})
+
+
 def run_llmcompressor(run: Run, tokenizer: Any, samples: list, save_dir: Path, work: Path) -> None:
-    """``oneshot`` on the in-memory model with DefuseModifier (routed, grouped) + GPTQModifier."""
+    """``oneshot`` on the in-memory model with DefuseModifier (routed, grouped) + GPTQModifier; with
+    ``--stock`` the same ``oneshot`` and GPTQModifier alone (llm-compressor's own MoE linearization)."""
     import torch
     from defuser_quant.calibration.data import to_hf_dataset
 
@@ -412,7 +454,11 @@ def run_llmcompressor(run: Run, tokenizer: Any, samples: list, save_dir: Path, w
 
     args = run.args
     t0 = time.perf_counter()
-    import defuser_quant.integrations.llmcompressor as dq_llmc
+    dq_llmc = None
+    if args.stock:
+        block_llmcompressor_integration()
+    else:
+        import defuser_quant.integrations.llmcompressor as dq_llmc
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.pipelines.sequential import pipeline as sequential
@@ -425,8 +471,11 @@ def run_llmcompressor(run: Run, tokenizer: Any, samples: list, save_dir: Path, w
     _sync(run.cuda)()
     run.stage("build", time.perf_counter() - t0)
     run.built()
-    defuse = dq_llmc.DefuseModifier(routing="routed")
-    recipe = [defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)]
+    recipe: list = [GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)]
+    defuse = None
+    if dq_llmc is not None:
+        defuse = dq_llmc.DefuseModifier(routing="routed")
+        recipe.insert(0, defuse)
     stage_clock = install_stage_clock(run.cuda)
     callbacks = sequential.LifecycleCallbacks
     calibration_end = callbacks.calibration_end  # a bound classmethod
@@ -447,30 +496,59 @@ def run_llmcompressor(run: Run, tokenizer: Any, samples: list, save_dir: Path, w
         run.clock.detach()
         totals = stage_clock.totals()
         run.extra["llmcompressor_stages"] = totals
-        use = defuse.grouped_use
+        use = None if defuse is None else defuse.grouped_use
         run.extra["grouped_use"] = None if use is None else {"grouped": use.grouped, "fallbacks": dict(use.fallbacks)}
         oneshot_s = time.perf_counter() - t0
         save_s = totals.get("save", {}).get("s", 0.0)
         run.stage("quantize", oneshot_s - save_s)
         run.stage("save", save_s)
         run.extra["quantize_includes"] = "oneshot minus its post_process (save): setup, tracing, calibration, solves, finalize"
-    run.extra["coverage_totals"] = None if defuse.coverage is None else defuse.coverage.totals.model_dump()
+    run.extra["coverage_totals"] = None if defuse is None or defuse.coverage is None else defuse.coverage.totals.model_dump()
+    classes = experts_classes(model)
+    run.extra["experts_classes"] = classes
+    if args.stock and any(not c.startswith("llmcompressor.") for c in classes):
+        raise RuntimeError(f"--stock but the experts blocks after oneshot are {classes}, not llm-compressor's own "
+                           "linearization: the baseline would not be stock")
+    if args.stock:
+        run.extra["coverage_is"] = "null: stock llm-compressor gives no coverage report"
     del model
     if run.cuda:
         torch.cuda.empty_cache()
 
 
+def gptqmodel_hooks() -> dict[str, str]:
+    """Where the GPTQModel attributes our ``install()`` rebinds come from (``gptqmodel.*``/``defuser``: stock)."""
+    from gptqmodel.models import auto, loader, writer
+
+    out = {}
+    for module, name in ((loader, "defuser"), (loader, "_convert_model_with_defuser"),
+                         (writer, "get_state_dict_for_save"), (auto, "check_and_get_model_definition")):
+        value = getattr(module, name)
+        where = value.__name__ if isinstance(value, type(sys)) else \
+            f"{getattr(value, '__module__', None) or type(value).__module__}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+        out[f"{module.__name__}.{name}"] = where
+    return out
+
+
+def _stock_origin(where: str) -> bool:
+    """``where`` (from :func:`gptqmodel_hooks`) is GPTQModel's or the ``defuser`` package's own."""
+    return where.startswith("gptqmodel.") or where == "defuser" or where.startswith("defuser.")
+
+
 def run_gptqmodel(run: Run, tokenizer: Any, samples: list, save_dir: Path, work: Path) -> None:
-    """GPTQModel.load (weights built here, not read) + quantize_with_defuser(grouped, batched_solve) + save."""
+    """GPTQModel.load (weights built here, not read) + quantize_with_defuser(grouped, batched_solve) + save;
+    with ``--stock`` no ``install()`` and a plain ``model.quantize`` (GPTQModel + Defuser as shipped)."""
     args = run.args
     t0 = time.perf_counter()
     from defuser_quant.calibration.data import to_gptqmodel_examples
-    from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
     from defuser_quant.integrations.gptqmodel.kernels import quant_linear_classes, record_gptq_kernels
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from gptqmodel.models import loader as gptq_loader
 
-    install()
+    if not args.stock:  # stock: GPTQModel defuses with the defuser package on load, as shipped
+        from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
+
+        install()
     run.stage("imports_backend", time.perf_counter() - t0)
     if run.cuda:
         jit_s, jit_ok = warm_gptq_extension()
@@ -493,6 +571,10 @@ def run_gptqmodel(run: Run, tokenizer: Any, samples: list, save_dir: Path, work:
             built["move_to_" + args.gptqmodel_model_device] = time.perf_counter() - start
         return model
 
+    hooks = gptqmodel_hooks()
+    run.extra["gptqmodel_hooks"] = hooks
+    if args.stock and any(not _stock_origin(where) for where in hooks.values()):
+        raise RuntimeError(f"--stock but GPTQModel's hooks are not all its own: {hooks}; the baseline would not be stock")
     t0 = time.perf_counter()
     gptq_loader._hf_loader_from_pretrained_with_dynamic_module_retry = random_weights
     try:
@@ -510,9 +592,14 @@ def run_gptqmodel(run: Run, tokenizer: Any, samples: list, save_dir: Path, work:
     t0 = time.perf_counter()
     try:
         with record_gptq_kernels(stages=False, model=model.model) as kernels:
-            result = quantize_with_defuser(model, to_gptqmodel_examples(samples), routing="routed", policy="warn",
-                                           batch_size=args.batch_size, backend=BACKEND(args.gptq_kernel), grouped=True,
-                                           batched_solve=True)
+            examples, backend = to_gptqmodel_examples(samples), BACKEND(args.gptq_kernel)
+            if args.stock:
+                result = None
+                model.quantize(examples, batch_size=args.batch_size, backend=backend)
+            else:
+                result = quantize_with_defuser(model, examples, routing="routed", policy="warn",
+                                               batch_size=args.batch_size, backend=backend, grouped=True,
+                                               batched_solve=True)
         run.clock.finish()
     finally:
         run.clock.detach()
@@ -520,8 +607,12 @@ def run_gptqmodel(run: Run, tokenizer: Any, samples: list, save_dir: Path, work:
         run.extra["kernels"] = kernels.as_dict()
         run.extra["kernels_label"] = kernels.label()
         run.extra["fallback"] = kernels.fallback_reason() if run.cuda else None
-    run.extra["solve"] = result.solve.as_dict() if result.solve is not None else None
-    run.extra["coverage_totals"] = result.coverage.totals.model_dump()
+    if result is None:
+        run.extra.update(solve=None, coverage_totals=None,
+                         coverage_is="null: stock GPTQModel gives no coverage report")
+    else:
+        run.extra["solve"] = result.solve.as_dict() if result.solve is not None else None
+        run.extra["coverage_totals"] = result.coverage.totals.model_dump()
     run.extra["quant_linear_after_quantize"] = quant_linear_classes(model.model)
     run.write()
     # GPTQModel's save logs the size change against the weight files at the model's path (none
@@ -615,5 +706,17 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def exit_now(code: int) -> None:
+    """Exit with ``code`` without waiting for the backend's threads: after a deadline stop GPTQModel's
+    finalize workers are still busy, and an ordinary interpreter exit then aborts (exit 134)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if rc == EXIT_DEADLINE:
+        exit_now(rc)
+    sys.exit(rc)
