@@ -3,7 +3,8 @@
     python benchmarks/whole_model_compare.py stock.json ours.json [--output compare.json]
 
 Both files must come from the same backend, device, model shape and calibration (else one line
-says what differs and the exit code is 2); runs that ended in an error are refused too. For each
+says what differs and the exit code is 2); runs that ended in an error, or whose GPTQ solves fell back
+from GPTQModel's CUDA extension (``fallback`` in the JSON), are refused too. For each
 run: its variant (stock / ours), status, layers done, median seconds per layer. Then:
 
 * ``steady_state``: the median of layers 2..n of each run, where n is the number of layers BOTH
@@ -53,6 +54,9 @@ def load(path: Path) -> dict[str, Any]:
         raise Refused(f"{path}: not a whole_model_gpu.py result (missing {', '.join(missing)})")
     if data["status"] == "error":
         raise Refused(f"{path}: the run ended in an error ({data.get('error')}); rerun it")
+    if data.get("fallback"):
+        raise Refused(f"{path}: GPTQModel fell back to a slower path, its timings are not comparable ({data['fallback']}); "
+                      "fix the build (docs/performance.md) and rerun it")
     return data
 
 

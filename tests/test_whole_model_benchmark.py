@@ -298,6 +298,11 @@ def test_compare_refuses_other_shapes_and_failed_runs(tmp_path, tiny_runs):
     bad.write_text(json.dumps(other))
     with pytest.raises(cmp.Refused, match="ended in an error"):
         cmp.load(bad)
+    other = json.loads(json.dumps(data))
+    other["fallback"] = "gptq solves ran torch, not the CUDA block-update extension"
+    bad.write_text(json.dumps(other))
+    with pytest.raises(cmp.Refused, match="fell back to a slower path"):
+        cmp.load(bad)
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(cmp.Refused, match="not a whole_model_gpu.py result"):
         cmp.load(tmp_path / "junk.json")
