@@ -26,6 +26,23 @@ global hooks, when an expert module itself is hooked, under autocast or ``torch.
 weights differ in shape/dtype/device from each other or from the input, and for irregular
 families (their blocks override the routed forward).
 
+A block's plan (its projection modules, their weights, and the weights stacked as zero-copy
+views where they are evenly spaced in one storage) is cached per block and re-validated on every
+call by a walk over what it was built from: the expert and projection modules under their names,
+their classes, hook dictionaries that force the loop (kwargs, backward, hooks on an expert),
+instance ``forward`` attributes, ``_parameters`` and the weight/bias objects, each weight's data
+pointer, shape, stride and dtype (``param.data = ...`` keeps the object but re-points it), the
+input's dtype/device and the adapter/wrapper registries. Anything changed: planned afresh.
+Registered wrappers and adapters' ``is_plain`` are asked again on every call (their answer depends
+on the input and on module state such as ``quantization_enabled``). Weights that are not views
+are stacked again on every call (a kept copy would miss writes through ``.data``, which do not bump
+the version counter); parameters behind a ``_parameters`` that is not a plain dict (an offload
+cache, which onloads on every read) are planned on every call. Plain forward (pre-)hooks are read
+at call time, so adding or removing them needs no re-plan.
+
+A routed block call reads the host once (the per-expert row counts, ``.tolist()``): no
+``bincount`` (on CUDA it reads its maximum), no host-to-device copies of the offsets.
+
 The routed combine adds each token's expert outputs in ascending expert order, one slot at a
 time in the output dtype: the loop's ``index_add_`` order, without its atomics, so the result is
 deterministic on CUDA too (``index_add_`` on CUDA is not). :func:`deterministic_mode` makes the
@@ -34,9 +51,12 @@ per-expert loop deterministic as well.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import re
 import types
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,6 +74,7 @@ __all__ = [
     "deterministic_mode",
     "grouped_expert_calls",
     "grouped_routed_forward",
+    "grouped_routed_forward_with_counts",
     "recording_grouped_use",
     "register_forward_wrapper",
     "register_linear_adapter",
@@ -65,15 +86,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _ROLES = ("gate", "up", "down")
-
-
-@dataclass(frozen=True)
-class _Role:
-    """One projection role of a block: its per-expert modules and their stacked weight/bias."""
-
-    modules: list[nn.Module]
-    weight: torch.Tensor
-    bias: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -91,17 +103,26 @@ class LinearAdapter:
 
 
 _ADAPTERS: dict[type, LinearAdapter] = {nn.Linear: LinearAdapter()}
+#: Bumped whenever an adapter or wrapper is (un)registered: every cached plan is then rebuilt.
+_GENERATION = 0
+
+
+def _registry_changed() -> None:
+    global _GENERATION
+    _GENERATION += 1
 
 
 def register_linear_adapter(cls: type, adapter: LinearAdapter) -> None:
     """Let modules of exactly ``cls`` take part in the grouped forward (see :class:`LinearAdapter`)."""
     _ADAPTERS[cls] = adapter
+    _registry_changed()
 
 
 def unregister_linear_adapter(cls: type) -> None:
     """Undo :func:`register_linear_adapter` (``nn.Linear`` stays)."""
     if cls is not nn.Linear:
         _ADAPTERS.pop(cls, None)
+        _registry_changed()
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,7 @@ _MAX_WRAPPER_DEPTH = 8
 
 
 def _index_wrappers() -> None:
+    _registry_changed()
     _BY_CODE.clear()
     _BY_CODE.update({w.code: w for w in _WRAPPERS.values() if w.code is not None})
 
@@ -226,7 +248,7 @@ def _global_hooks() -> bool:
 
 
 def _module_hook_problem(m: nn.Module, x: torch.Tensor) -> str | None:
-    d = m.__dict__  # direct reads: this runs for every projection on every call
+    d = m.__dict__  # direct reads: this runs for every projection when a block is planned
     if "forward" in d:
         problem = _instance_forward_problem(m, x)
         if problem:
@@ -251,7 +273,8 @@ def _projection(
     problem = _module_hook_problem(m, x)
     if problem:
         return problem, None, None
-    params = m.__dict__["_parameters"]
+    d = m.__dict__
+    params = d["_parameters"]
     weight = params.get("weight")
     if (
         weight is None
@@ -264,37 +287,173 @@ def _projection(
     ):
         found = "no weight" if weight is None else f"weight {weight.dtype} on {weight.device}"
         return f"{found} does not match the input ({x.dtype} on {x.device})", None, None
+    bias = params.get("bias")
+    if d.get("weight", weight) is not weight or d.get("bias", bias) is not bias:
+        return "has a weight or bias attribute that is not its parameter (its forward would use the attribute)", None, None
     if adapter.is_plain is not None and not adapter.is_plain(m, x):
         return f"{type(m).__name__} forward is not plain for this input", None, None
-    return None, weight, params.get("bias")
+    return None, weight, bias
 
 
-def _plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[list[_Role] | None, str | None]:
-    """The block's projection roles with stacked weights, or why it cannot run grouped."""
+_data_ptr = torch.Tensor.data_ptr
+_stride = torch.Tensor.stride
+_tensor_meta = operator.attrgetter("shape", "dtype")
+
+
+@dataclass(eq=False)
+class _Role:
+    """One projection role of a block: per-expert modules, weights and biases as planned.
+
+    ``weight``/``bias`` are zero-copy stacked views when the per-expert tensors are evenly spaced
+    in one storage (so in-place updates show through); otherwise None and the role restacks its
+    tensors on every call (a copy that could go stale is never kept).
+    """
+
+    modules: tuple[nn.Module, ...]
+    weights: tuple[torch.Tensor, ...]
+    biases: tuple[torch.Tensor, ...] | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    inner_hooks: tuple[Callable | None, ...] | None
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = self.weight if self.weight is not None else torch.stack(self.weights)
+        if self.biases is None:
+            return weight, None
+        return weight, self.bias if self.bias is not None else torch.stack(self.biases)
+
+
+@dataclass(eq=False)
+class _Plan:
+    """A block's grouped plan, with what it was planned from, to tell cheaply whether it still holds."""
+
+    key: tuple
+    expert_keys: tuple[str, ...]
+    gate_fn: Callable
+    names: object
+    role_names: tuple[str, ...]
+    roles: tuple[_Role, ...]
+    # per expert: (expert, its __dict__, its _modules, had an instance forward,
+    #              per role: (module, its __dict__, its class, its _parameters, had an instance forward, weight, bias))
+    checks: tuple[tuple, ...]
+    tensors: tuple[torch.Tensor, ...]  # every weight and bias, for the metadata check
+    pointers: list[int]
+    metadata: list[tuple]
+    strides: list[tuple[int, ...]]
+    # modules whose instance forward or adapter ``is_plain`` depends on the input: re-run per call
+    rechecks: tuple[tuple[str, nn.Module, LinearAdapter | None], ...]
+    has_bias: bool
+    cacheable: bool
+
+
+_PLANS: weakref.WeakKeyDictionary[DefusedExperts, _Plan] = weakref.WeakKeyDictionary()
+_CUDA_OK: dict[torch.device, bool] = {}
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _still_valid(plan: _Plan, block: DefusedExperts) -> bool:
+    """Whether nothing the plan was built from has changed (modules, hooks, wrappers, tensors)."""
+    modules = block.__dict__["_modules"]
+    gate_fn, names, role_names = plan.gate_fn, plan.names, plan.role_names
+    for key, (expert, ed, children, had_forward, projections) in zip(plan.expert_keys, plan.checks):
+        if (
+            modules.get(key) is not expert
+            or type(expert) is not DefusedExpert
+            or ed["_modules"] is not children
+            or ed["gate_fn"] is not gate_fn
+            or ed["names"] is not names
+            or ed["_forward_pre_hooks"]
+            or ed["_forward_hooks"]
+            or ed["_backward_hooks"]
+            or ed["_backward_pre_hooks"]
+            or ed["_forward_pre_hooks_with_kwargs"]
+            or ed["_forward_hooks_with_kwargs"]
+            or ("forward" in ed) is not had_forward
+        ):
+            return False
+        for name, (m, d, cls, params, had, weight, bias) in zip(role_names, projections):
+            if (
+                children.get(name) is not m
+                or type(m) is not cls
+                or d["_parameters"] is not params
+                or params.get("weight") is not weight
+                or params.get("bias") is not bias
+                or d.get("weight", weight) is not weight
+                or d.get("bias", bias) is not bias
+                or d["_backward_hooks"]
+                or d["_backward_pre_hooks"]
+                or d["_forward_pre_hooks_with_kwargs"]
+                or d["_forward_hooks_with_kwargs"]
+                or ("forward" in d) is not had
+            ):
+                return False
+    # ``param.data = other`` keeps the Parameter object but re-points it: compare what it points at
+    tensors = plan.tensors
+    return (
+        list(map(_data_ptr, tensors)) == plan.pointers
+        and list(map(_tensor_meta, tensors)) == plan.metadata
+        and list(map(_stride, tensors)) == plan.strides
+    )
+
+
+def _rechecked(plan: _Plan, sample: torch.Tensor) -> str | None:
+    """Re-run the input-dependent checks (registered wrappers, adapters' ``is_plain``) of a cached plan."""
+    for where, m, adapter in plan.rechecks:
+        if "forward" in m.__dict__:
+            problem = _instance_forward_problem(m, sample)
+            if problem:
+                return f"{where} {problem}"
+        if adapter is not None and not adapter.is_plain(m, sample):
+            return f"{where} {type(m).__name__} forward is not plain for this input"
+    return None
+
+
+def _get_plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[_Plan | None, str | None]:
+    """The block's plan (cached while nothing it was built from changes), or why it cannot run grouped."""
     if type(block).routed_forward is not DefusedExperts.routed_forward or type(block).new_output is not DefusedExperts.new_output:
         return None, f"{type(block).__name__} has its own routed forward (irregular family)"
     if hidden_states.dim() != 2:
         return None, f"hidden_states is {hidden_states.dim()}-D, expected [tokens, hidden]"
     if not hasattr(torch.nn.functional, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
         return None, "this torch has no grouped_mm"
-    on_cuda = hidden_states.is_cuda
-    if on_cuda and (
-        hidden_states.dtype != torch.bfloat16 or torch.cuda.get_device_capability(hidden_states.device) < (8, 0)
-    ):
-        return None, "grouped_mm on CUDA needs bf16 on compute capability 8.0 or newer"
-    if torch.is_autocast_enabled(hidden_states.device.type):
+    device = hidden_states.device
+    if hidden_states.dtype not in _GROUPED_DTYPES:
+        return None, f"grouped_mm has no {hidden_states.dtype} kernel"
+    if hidden_states.is_cuda:
+        capable = _CUDA_OK.get(device)
+        if capable is None:
+            capable = _CUDA_OK[device] = torch.cuda.get_device_capability(device) >= (8, 0)
+        if hidden_states.dtype != torch.bfloat16 or not capable:
+            return None, "grouped_mm on CUDA needs bf16 on compute capability 8.0 or newer"
+    if torch.is_autocast_enabled(device.type):
         return None, "autocast is on"
     if torch.compiler.is_compiling():
         return None, "inside torch.compile"
     if _global_hooks():
         return None, "global module hooks are registered"
+    sample = hidden_states[:0]
+    key = (type(block), hidden_states.dtype, device, _GENERATION, block.num_experts)
+    plan = _PLANS.get(block)
+    if plan is not None and plan.key == key and _still_valid(plan, block):
+        reason = _rechecked(plan, sample)
+        return (None, reason) if reason else (plan, None)
+    _PLANS.pop(block, None)
+    plan, reason = _build_plan(block, sample, key)
+    if plan is not None and plan.cacheable:
+        _PLANS[block] = plan
+    return plan, reason
+
+
+def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tuple[_Plan | None, str | None]:
+    """Check every expert and projection of the block; stack each role's weights (a view where possible)."""
     names = block[0].names
     gate_fn = block[0].gate_fn
-    device_index = hidden_states.get_device()
-    sample = hidden_states[:0]
+    on_cuda = sample.is_cuda
+    device_index = sample.get_device()
     roles = [r for r in _ROLES if getattr(names, r) is not None]
-    role_names = [getattr(names, r) for r in roles]
-    found: dict[str, tuple[list[nn.Module], list[torch.Tensor], list[torch.Tensor | None]]] = {r: ([], [], []) for r in roles}
+    role_names = tuple(getattr(names, r) for r in roles)
+    found: dict[str, tuple[list, list, list, list]] = {r: ([], [], [], []) for r in roles}
+    checks, rechecks, cacheable = [], [], True
     for e, expert in enumerate(block):
         if type(expert) is not DefusedExpert or expert.gate_fn is not gate_fn or expert.names != names:
             return None, f"expert {e} is a {type(expert).__name__} with its own forward or names"
@@ -303,25 +462,64 @@ def _plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[list[_Rol
         problem = _module_hook_problem(expert, sample)
         if problem:
             return None, f"expert {e} module {problem}"
-        children = expert.__dict__["_modules"]
+        ed = expert.__dict__
+        if "forward" in ed:
+            rechecks.append((f"expert {e} module", expert, None))
+        children = ed["_modules"]
+        projections = []
         for r, name in zip(roles, role_names):
             m = children.get(name)
             problem, weight, bias = _projection(m, sample, on_cuda, device_index)
             if problem:
                 return None, f"expert {e} {r} projection {problem}"
-            modules, weights, biases = found[r]
+            d = m.__dict__
+            params = d["_parameters"]
+            cacheable &= type(params) is dict  # an offload cache onloads on every read: plan afresh each call
+            adapter = _ADAPTERS[type(m)]
+            if "forward" in d or adapter.is_plain is not None:
+                rechecks.append((f"expert {e} {r} projection", m, adapter if adapter.is_plain is not None else None))
+            projections.append((m, d, type(m), params, "forward" in d, weight, bias))
+            modules, weights, biases, inner = found[r]
             modules.append(m)
             weights.append(weight)
             biases.append(bias)
+            inner.append(adapter.inner_hook)
+        checks.append((expert, ed, children, "forward" in ed, tuple(projections)))
     planned = []
     for r in roles:
-        modules, weights, biases = found[r]
+        modules, weights, biases, inner = found[r]
         shape, has_bias = weights[0].shape, biases[0] is not None
         for e, (w, b) in enumerate(zip(weights, biases, strict=True)):
-            if w.shape != shape or (b is not None) != has_bias:
+            if w.shape != shape or (b is not None) != has_bias or (b is not None and b.shape != (shape[0],)):
                 return None, f"expert {e} {r} projection shape {tuple(w.shape)} (bias {b is not None}) differs from expert 0's"
-        planned.append(_Role(modules, _stacked(weights), _stacked(biases) if has_bias else None))
-    return planned, None
+        planned.append(
+            _Role(
+                modules=tuple(modules),
+                weights=tuple(weights),
+                biases=tuple(biases) if has_bias else None,
+                weight=_stacked_view(weights),
+                bias=_stacked_view(biases) if has_bias else None,
+                inner_hooks=tuple(inner) if any(h is not None for h in inner) else None,
+            )
+        )
+    tensors = tuple(t for role in planned for t in (*role.weights, *(role.biases or ())))
+    plan = _Plan(
+        key=key,
+        expert_keys=tuple(str(e) for e in range(len(block))),
+        gate_fn=gate_fn,
+        names=names,
+        role_names=role_names,
+        roles=tuple(planned),
+        checks=tuple(checks),
+        tensors=tensors,
+        pointers=list(map(_data_ptr, tensors)),
+        metadata=list(map(_tensor_meta, tensors)),
+        strides=list(map(_stride, tensors)),
+        rechecks=tuple(rechecks),
+        has_bias=any(role.biases is not None for role in planned),
+        cacheable=cacheable,
+    )
+    return plan, None
 
 
 _REPORTED: set[tuple[str, str]] = set()
@@ -338,23 +536,30 @@ def _report_fallback(block: DefusedExperts, reason: str) -> None:
 
 def why_not_grouped(block: DefusedExperts, hidden_states: torch.Tensor) -> str | None:
     """Why ``block`` cannot run grouped on ``hidden_states`` (None: it can)."""
-    return _plan(block, hidden_states)[1]
+    return _get_plan(block, hidden_states)[1]
+
+
+def _stacked_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """``torch.stack(tensors)`` as a zero-copy view when they are evenly spaced in one storage, else None."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first.unsqueeze(0)
+    storage = first.untyped_storage().data_ptr()
+    step = tensors[1].storage_offset() - first.storage_offset()
+    if step > 0 and all(
+        t.untyped_storage().data_ptr() == storage
+        and t.stride() == first.stride()
+        and t.storage_offset() == first.storage_offset() + i * step
+        for i, t in enumerate(tensors)
+    ):
+        return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
+    return None
 
 
 def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
     """``torch.stack(tensors)``, as a zero-copy view when they are evenly spaced in one storage."""
-    first = tensors[0]
-    if len(tensors) > 1:
-        storage = first.untyped_storage().data_ptr()
-        step = tensors[1].storage_offset() - first.storage_offset()
-        if step > 0 and all(
-            t.untyped_storage().data_ptr() == storage
-            and t.stride() == first.stride()
-            and t.storage_offset() == first.storage_offset() + i * step
-            for i, t in enumerate(tensors)
-        ):
-            return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
-    return torch.stack(tensors)
+    view = _stacked_view(tensors)
+    return view if view is not None else torch.stack(tensors)
 
 
 def _call_pre_hooks(m: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -371,10 +576,9 @@ def _call_pre_hooks(m: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def _call_post_hooks(m: nn.Module, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    adapter = _ADAPTERS[type(m)]
-    if adapter.inner_hook is not None:
-        adapter.inner_hook(m, rows, out)
+def _call_post_hooks(m: nn.Module, inner_hook: Callable | None, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    if inner_hook is not None:
+        inner_hook(m, rows, out)
     for hook in tuple(m._forward_hooks.values()):
         result = hook(m, (rows,), out)
         if result is not None:
@@ -382,38 +586,60 @@ def _call_post_hooks(m: nn.Module, rows: torch.Tensor, out: torch.Tensor) -> tor
     return out
 
 
-def _project(role: _Role, x: torch.Tensor, counts: list[int], offs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-    """One projection role over all experts: hooks per expert, one grouped GEMM."""
+def _project(
+    role: _Role, x: torch.Tensor, hit: list[int], sizes: list[int], offs: torch.Tensor, expert_ids: torch.Tensor | None,
+    span: slice,
+) -> torch.Tensor:
+    """One projection role over the experts of ``span``: hooks per expert (only where there are any), one grouped GEMM.
+
+    ``hit`` are the experts with rows (ascending), ``sizes`` their row counts, ``offs`` the int32
+    end offsets of every expert of ``span``, ``expert_ids`` each row's expert (for the bias).
+    """
     modules = role.modules
-    hit = [e for e, n in enumerate(counts) if n]
-    rows = dict(zip(hit, torch.split(x, [counts[e] for e in hit]), strict=True))
-    replaced = False
-    for e in hit:
-        m = modules[e]
-        if m._forward_pre_hooks:
-            new = _call_pre_hooks(m, rows[e])
-            replaced |= new is not rows[e]
-            rows[e] = new
-    if replaced:
-        x = torch.cat([rows[e] for e in hit])
-    out = _grouped_mm(x, role.weight.transpose(-2, -1), offs)
-    if role.bias is not None:
-        out = out + role.bias[expert_ids]
-    outs = dict(zip(hit, torch.split(out, [counts[e] for e in hit]), strict=True))
+    pieces = None
+    pre = [i for i, e in enumerate(hit) if modules[e]._forward_pre_hooks]
+    if pre:
+        pieces = list(x.split(sizes))
+        replaced = False
+        for i in pre:
+            rows = pieces[i]
+            new = _call_pre_hooks(modules[hit[i]], rows)
+            if new is not rows:
+                pieces[i], replaced = new, True
+        if replaced:
+            x = torch.cat(pieces)
+    weight, bias = role.stacked()
+    out = _grouped_mm(x, weight[span].transpose(-2, -1), offs)
+    if bias is not None:
+        out = out + bias[expert_ids]
+    inner = role.inner_hooks
+    post = [i for i, e in enumerate(hit) if modules[e]._forward_hooks or (inner is not None and inner[e] is not None)]
+    if not post:
+        return out
+    if pieces is None:
+        pieces = x.split(sizes)
+    outs = list(out.split(sizes))
     changed = False
-    for e in hit:
-        new = _call_post_hooks(modules[e], rows[e], outs[e])
-        changed |= new is not outs[e]
-        outs[e] = new
-    return torch.cat([outs[e] for e in hit]) if changed else out
+    for i in post:
+        e = hit[i]
+        new = _call_post_hooks(modules[e], None if inner is None else inner[e], pieces[i], outs[i])
+        if new is not outs[i]:
+            outs[i], changed = new, True
+    return torch.cat(outs) if changed else out
 
 
-def _run_sorted(block: DefusedExperts, roles: list[_Role], x: torch.Tensor, counts: list[int], expert_ids: torch.Tensor) -> torch.Tensor:
-    """Expert outputs for rows ``x`` sorted by expert (``counts`` rows each), grouped."""
-    offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-    gate = _project(roles[0], x, counts, offs, expert_ids) if len(roles) == 3 else None
-    up = _project(roles[-2], x, counts, offs, expert_ids)
-    return _project(roles[-1], block[0].gate_fn(gate, up), counts, offs, expert_ids)
+def _run_sorted(
+    plan: _Plan, x: torch.Tensor, counts: list[int], offs: torch.Tensor, expert_ids: torch.Tensor | None, first: int = 0
+) -> torch.Tensor:
+    """Expert outputs for rows ``x`` sorted by expert, grouped: ``counts`` rows for each expert from
+    ``first`` on, ``offs`` their int32 cumulative sum on the rows' device."""
+    hit = [first + i for i, n in enumerate(counts) if n]
+    sizes = [counts[e - first] for e in hit]
+    span = slice(first, first + len(counts))
+    roles = plan.roles
+    gate = _project(roles[0], x, hit, sizes, offs, expert_ids, span) if len(roles) == 3 else None
+    up = _project(roles[-2], x, hit, sizes, offs, expert_ids, span)
+    return _project(roles[-1], plan.gate_fn(gate, up), hit, sizes, offs, expert_ids, span)
 
 
 def grouped_routed_forward(
@@ -424,8 +650,16 @@ def grouped_routed_forward(
     Each expert's projections see the rows of the loop in the loop's order (top-k slot, then
     token); the combine adds in ascending expert order like the loop's ``index_add_``.
     """
-    roles, reason = _plan(block, hidden_states)
-    if roles is None:
+    result = grouped_routed_forward_with_counts(block, hidden_states, top_k_index, top_k_weights)
+    return None if result is None else result[0]
+
+
+def grouped_routed_forward_with_counts(
+    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> tuple[torch.Tensor, list[int]] | None:
+    """:func:`grouped_routed_forward` plus the routed rows per expert (host ints, read by its one host sync)."""
+    plan, reason = _get_plan(block, hidden_states)
+    if plan is None:
         _report_fallback(block, reason)
         return None
     tokens, top_k = top_k_index.shape
@@ -436,9 +670,12 @@ def grouped_routed_forward(
     # Flat index k * tokens + t: a stable sort by expert keeps the loop's (slot, token) order.
     flat_ids = top_k_index.T.reshape(-1)
     expert_ids, perm = torch.sort(flat_ids, stable=True)
-    # One host sync for the counts and the range check.
-    stats = torch.cat([torch.bincount(expert_ids.clamp(0, num_experts - 1), minlength=num_experts), expert_ids[[0, -1]]])
-    *counts, low, high = stats.tolist()
+    # Expert e's rows are [bounds[e], bounds[e + 1]) of the sorted order (no bincount: on CUDA it syncs).
+    bounds = torch.searchsorted(expert_ids, torch.arange(num_experts + 1, device=expert_ids.device, dtype=expert_ids.dtype))
+    offs = bounds[1:].to(torch.int32)
+    # The one host sync: the bounds and the range check (sorted ids: first and last are min and max).
+    *edges, low, high = torch.cat([bounds, expert_ids[:1], expert_ids[-1:]]).tolist()
+    counts = [b - a for a, b in itertools.pairwise(edges)]
     if low < 0 or high >= num_experts:
         logger.debug("grouped forward off: expert indices outside [0, %d)", num_experts)
         _record(f"expert indices outside [0, {num_experts})")
@@ -446,7 +683,7 @@ def grouped_routed_forward(
     _record(None)
     token_idx = perm % tokens
     slot_idx = perm // tokens
-    out = _run_sorted(block, roles, hidden_states[token_idx], counts, expert_ids)
+    out = _run_sorted(plan, hidden_states[token_idx], counts, offs, expert_ids if plan.has_bias else None)
     weighted = out * top_k_weights[token_idx, slot_idx, None]
     final = block.new_output(hidden_states)
     # Row of each (token, j-th smallest expert id) in the sorted order.
@@ -457,12 +694,18 @@ def grouped_routed_forward(
     contributions = weighted.to(final.dtype)[rows]  # [tokens, top_k, hidden]
     for j in range(top_k):
         final += contributions[:, j]
-    return final
+    return final, counts
 
 
 #: Forced rows run in chunks of whole experts of at most this many rows per batch token (at
 #: least one expert per chunk), so ``all`` needs about the activation memory of a top-8 routed pass.
 FORCED_ROWS_PER_TOKEN = 8
+
+
+def _on(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``, without a host sync (pageable copies are staged at once)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 def grouped_expert_calls(
@@ -475,26 +718,32 @@ def grouped_expert_calls(
     so its hooks see one call with all of them, as in the loop. Returns False (nothing run) when
     the block cannot run grouped; the caller then loops.
     """
-    roles, reason = _plan(block, hidden_states)
-    if roles is None:
+    plan, reason = _get_plan(block, hidden_states)
+    if plan is None:
         _report_fallback(block, reason)
         return False
     _record(None)
-    experts = sorted(e for e, idx in selection.items() if idx.numel())
+    sizes = {e: idx.numel() for e, idx in selection.items()}
+    experts = sorted(e for e, n in sizes.items() if n)
     limit = max_rows if max_rows is not None else FORCED_ROWS_PER_TOKEN * hidden_states.shape[0]
+    device = hidden_states.device
     chunk: list[int] = []
     rows = 0
     for e in [*experts, None]:
-        n = 0 if e is None else int(selection[e].numel())
+        n = 0 if e is None else sizes[e]
         if chunk and (e is None or rows + n > limit):
-            counts = [0] * block.num_experts
+            first = chunk[0]  # the chunk's GEMM spans experts chunk[0]..chunk[-1] only
+            counts = [0] * (chunk[-1] + 1 - first)
             for c in chunk:
-                counts[c] = int(selection[c].numel())
+                counts[c - first] = sizes[c]
             index = torch.cat([selection[c] for c in chunk])
-            expert_ids = torch.repeat_interleave(
-                torch.tensor(chunk, device=index.device), torch.tensor([counts[c] for c in chunk], device=index.device)
-            )
-            _run_sorted(block, roles, hidden_states[index], counts, expert_ids)
+            offs = _on(list(itertools.accumulate(counts)), torch.int32, device)
+            expert_ids = None
+            if plan.has_bias:
+                expert_ids = torch.repeat_interleave(
+                    _on(chunk, torch.long, device), _on([sizes[c] for c in chunk], torch.long, device), output_size=rows
+                )
+            _run_sorted(plan, hidden_states[index], counts, offs, expert_ids, first)
             chunk, rows = [], 0
         if e is not None:
             chunk.append(e)

@@ -36,7 +36,7 @@ from torch import nn
 from defuser_quant.core.defused import DefusedExperts
 
 from .capture import defused_blocks, provenance, suspended_hooks
-from .grouped import deterministic_mode, grouped_expert_calls, grouped_routed_forward
+from .grouped import deterministic_mode, grouped_expert_calls, grouped_routed_forward_with_counts
 
 __all__ = [
     "DEFAULT_MIN_TOKENS",
@@ -138,14 +138,22 @@ class _RoutingForward:
     ) -> torch.Tensor:
         session = self.session
         forward = _grouped_or_loop if session.grouped else _loop
+        routed = selection = None
+        if session.grouped and session.mode != "routed":
+            # Pick the forced tokens (host syncs) before the routed GEMMs are queued: the syncs then
+            # find the GPU's queue nearly empty, and routed and forced GEMMs queue back to back.
+            routed = _routed_counts(top_k_index, block.num_experts)
+            selection = session.forced_selection(self.path, top_k_index, routed)
         if session.observe_routed:
             with provenance("routed"):
-                output = forward(block, hidden_states, top_k_index, top_k_weights)
+                output, counted = forward(block, hidden_states, top_k_index, top_k_weights)
         else:
             with suspended_hooks(m for expert in block for m in expert.modules()):
-                output = forward(block, hidden_states, top_k_index, top_k_weights)
-        routed = torch.bincount(top_k_index.reshape(-1), minlength=block.num_experts)[: block.num_experts].cpu()
-        selection = session.forced_selection(self.path, top_k_index, routed)
+                output, counted = forward(block, hidden_states, top_k_index, top_k_weights)
+        if routed is None:  # the grouped forward counted them already, at its one host sync
+            routed = counted if counted is not None else _routed_counts(top_k_index, block.num_experts)
+        if selection is None:
+            selection = session.forced_selection(self.path, top_k_index, routed)
         counts = session.counts[self.path]
         counts.routed += routed
         if selection:
@@ -158,19 +166,26 @@ class _RoutingForward:
         return output
 
 
+def _routed_counts(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows routed to each expert (CPU int64); indices >= ``num_experts`` (weightless experts) are not counted."""
+    return torch.bincount(top_k_index.reshape(-1), minlength=num_experts)[:num_experts].cpu()
+
+
 def _loop(
     block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    return block.routed_forward(hidden_states, top_k_index, top_k_weights)
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The block's output, and its routed rows per expert when known without a host sync (never here)."""
+    return block.routed_forward(hidden_states, top_k_index, top_k_weights), None
 
 
 def _grouped_or_loop(
     block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    output = grouped_routed_forward(block, hidden_states, top_k_index, top_k_weights)
-    if output is None:
-        output = block.routed_forward(hidden_states, top_k_index, top_k_weights)
-    return output
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    result = grouped_routed_forward_with_counts(block, hidden_states, top_k_index, top_k_weights)
+    if result is None:
+        return block.routed_forward(hidden_states, top_k_index, top_k_weights), None
+    output, counts = result
+    return output, torch.tensor(counts, dtype=torch.long)
 
 
 def _check_experts(

@@ -1,0 +1,305 @@
+"""The grouped forward's cached plan: reused while nothing changes, never used stale.
+
+Each test runs the grouped forward once (the plan is cached), changes something a plan is built
+from (hooks, modules, weights, forward wrappers, dtype), and checks the next call against the
+per-expert loop run on the same changed block: hooks called with the loop's rows, outputs equal.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_calibration_routing import blocks, build_pair, make_ids
+from torch import nn
+
+from defuser_quant.calibration import grouped, routing_mode
+from defuser_quant.calibration.grouped import (
+    LinearAdapter,
+    grouped_routed_forward,
+    recording_grouped_use,
+    register_linear_adapter,
+    unregister_linear_adapter,
+    why_not_grouped,
+)
+
+TOKENS, TOP_K = 24, 2
+
+
+def _block(family: str = "qwen3_moe"):
+    _, model = build_pair(family)
+    return model, blocks(model)[0][1]
+
+
+def _inputs(block, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(TOKENS, block[0].names and next(block[0].children()).in_features, generator=gen)
+    scores = torch.rand(TOKENS, len(block), generator=gen)
+    weights, index = scores.topk(TOP_K, dim=1)
+    return x, index, weights
+
+
+def _both(block, x, index, weights):
+    """(grouped output, loop output) of the block as it is now."""
+    with torch.no_grad():
+        got = grouped_routed_forward(block, x, index, weights)
+        ref = block.routed_forward(x, index, weights)
+    return got, ref
+
+
+def _cached(block):
+    return grouped._PLANS.get(block)
+
+
+def test_plan_is_built_once_and_reused(monkeypatch):
+    _, block = _block()
+    x, index, weights = _inputs(block)
+    built = []
+    original = grouped._build_plan
+    monkeypatch.setattr(grouped, "_build_plan", lambda *a: built.append(1) or original(*a))
+    first, ref = _both(block, x, index, weights)
+    plan = _cached(block)
+    for seed in (1, 2):
+        got, ref = _both(block, *_inputs(block, seed))
+        assert torch.equal(got, ref)
+    assert len(built) == 1 and _cached(block) is plan
+    assert torch.equal(first, block.routed_forward(x, index, weights))
+
+
+def test_a_hook_added_after_the_first_call_is_called_with_the_loops_rows():
+    _, block = _block()
+    x, index, weights = _inputs(block)
+    _both(block, x, index, weights)
+    seen: dict[str, list] = {"grouped": [], "loop": []}
+    run = {"now": "grouped"}
+    handles = []
+    for e, expert in enumerate(block):
+        handles.append(expert.up_proj.register_forward_pre_hook(lambda m, a, e=e: seen[run["now"]].append((e, a[0].clone()))))
+        handles.append(expert.down_proj.register_forward_hook(lambda m, a, out: out * 2))
+    with torch.no_grad():
+        got = grouped_routed_forward(block, x, index, weights)
+        run["now"] = "loop"
+        ref = block.routed_forward(x, index, weights)
+    assert [e for e, _ in seen["grouped"]] == [e for e, _ in seen["loop"]] and seen["loop"]
+    for (_, a), (_, b) in zip(seen["grouped"], seen["loop"], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(got, ref)
+    for h in handles:
+        h.remove()
+    seen["grouped"].clear()
+    run["now"] = "grouped"
+    got, ref = _both(block, x, index, weights)
+    assert seen["grouped"] == [] and torch.equal(got, ref)  # removed hooks are not called; the doubling is gone
+
+
+@pytest.mark.parametrize("kind", ["kwargs_pre_hook", "kwargs_hook", "backward_hook", "expert_hook", "instance_forward", "expert_forward"])
+def test_what_makes_a_block_not_plain_after_the_first_call_falls_back(kind):
+    model, block = _block()
+    x, index, weights = _inputs(block)
+    assert _both(block, x, index, weights)[0] is not None and _cached(block) is not None
+    expert = block[3]
+    calls = []
+    if kind == "kwargs_pre_hook":
+        expert.up_proj.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    elif kind == "kwargs_hook":
+        expert.gate_proj.register_forward_hook(lambda m, a, k, o: calls.append(1), with_kwargs=True)
+    elif kind == "backward_hook":
+        expert.down_proj.register_full_backward_hook(lambda m, gi, go: None)
+    elif kind == "expert_hook":
+        expert.register_forward_hook(lambda m, a, o: calls.append(1))
+    elif kind == "instance_forward":
+        original = expert.gate_proj.forward
+        expert.gate_proj.forward = lambda t: calls.append(1) or original(t) + 1
+    else:
+        original_expert = expert.forward
+        expert.forward = lambda t: calls.append(1) or original_expert(t)
+    reason = why_not_grouped(block, x)
+    assert reason is not None and "expert 3" in reason
+    assert grouped_routed_forward(block, x, index, weights) is None
+    # through a routing context the loop runs, wrappers and hooks included, and equals the plain loop
+    with torch.no_grad():
+        ids = make_ids(4)
+        ref = model(ids).logits
+        calls.clear()
+        with recording_grouped_use() as use, routing_mode(model, "routed", grouped=True):
+            got = model(ids).logits
+    assert torch.equal(got, ref)
+    assert use.loop >= 1
+    if kind != "backward_hook" and (index == 3).any():
+        assert calls  # the hook or wrapper ran (in the loop)
+
+
+@pytest.mark.parametrize("change", ["new_parameter", "repointed_data", "in_place_through_data", "in_place_no_grad"])
+@pytest.mark.parametrize("storage", ["fused_views", "separate"])
+def test_weight_changes_after_the_first_call_show_in_the_output(change, storage):
+    _, block = _block()
+    if storage == "separate":  # per-expert tensors (a loaded per-expert checkpoint): stacked by copy
+        for expert in block:
+            for linear in expert.children():
+                linear.weight = nn.Parameter(linear.weight.detach().clone())
+    x, index, weights = _inputs(block)
+    before, _ = _both(block, x, index, weights)
+    plan = _cached(block)
+    assert (plan.roles[0].weight is not None) == (storage == "fused_views")
+    target = block[int(index[0, 0])].gate_proj  # an expert the batch uses
+    new = torch.randn_like(target.weight)
+    with torch.no_grad():
+        if change == "new_parameter":
+            target.weight = nn.Parameter(new)
+        elif change == "repointed_data":
+            target.weight.data = new
+        elif change == "in_place_through_data":
+            target.weight.data.copy_(new)  # no version bump on the parameter
+        else:
+            target.weight.copy_(new)
+    got, ref = _both(block, x, index, weights)
+    assert not torch.equal(ref, before)
+    assert torch.equal(got, ref)
+
+
+def test_a_swapped_projection_or_expert_is_used():
+    _, block = _block()
+    x, index, weights = _inputs(block)
+    _both(block, x, index, weights)
+    e = int(index[0, 0])
+    old = block[e].up_proj
+    block[e].up_proj = nn.Linear(old.in_features, old.out_features, bias=False)
+    seen = []
+    block[e].up_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    got, ref = _both(block, x, index, weights)
+    assert torch.equal(got, ref) and len(seen) == 2 and seen[0] == seen[1] > 0
+    other = int(index[1, 1]) if int(index[1, 1]) != e else int(index[1, 0])
+    replacement = copy.deepcopy(block[other])
+    assert "own forward or names" in why_not_grouped(_swapped(block, other, replacement), x)  # a copied gate_fn
+    replacement.gate_fn = block[0].gate_fn
+    for p in replacement.parameters():
+        p.data = torch.randn_like(p)
+    _swapped(block, other, replacement)
+    got, ref = _both(block, x, index, weights)
+    assert torch.equal(got, ref)
+
+
+def _swapped(block, e: int, expert):
+    block._modules[str(e)] = expert
+    return block
+
+
+class _Scaled(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 3
+
+
+def test_a_projection_turned_into_another_class_falls_back():
+    _, block = _block()
+    x, index, weights = _inputs(block)
+    _both(block, x, index, weights)
+    block[2].down_proj.__class__ = _Scaled
+    assert "_Scaled" in why_not_grouped(block, x)
+    assert grouped_routed_forward(block, x, index, weights) is None
+
+
+def test_a_shadowing_weight_attribute_falls_back():
+    _, block = _block()
+    x, index, weights = _inputs(block)
+    _both(block, x, index, weights)
+    linear = block[1].gate_proj
+    linear.__dict__["weight"] = linear.weight.detach() * 2  # what F.linear(x, self.weight) reads
+    assert "not its parameter" in why_not_grouped(block, x)
+
+
+def test_dtype_change_replans():
+    _, block = _block()
+    x, index, weights = _inputs(block)
+    _both(block, x, index, weights)
+    block.to(torch.bfloat16)
+    assert "does not match the input" in why_not_grouped(block, x)  # fp32 input, bf16 weights
+    got, ref = _both(block, x.bfloat16(), index, weights.bfloat16())
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+    block.to(torch.float64)
+    assert "no torch.float64 kernel" in why_not_grouped(block, x.double())  # refused, not a crash
+
+
+def test_adapter_state_is_rechecked_on_every_call():
+    _, block = _block()
+    x, index, weights = _inputs(block)
+    for expert in block:
+        expert.gate_proj.__class__ = _Scaled
+    plain = {"on": True}
+    register_linear_adapter(_Scaled, LinearAdapter(is_plain=lambda m, t: plain["on"]))
+    try:
+        assert why_not_grouped(block, x) is None
+        plan = _cached(block)
+        plain["on"] = False
+        assert "not plain for this input" in why_not_grouped(block, x)
+        plain["on"] = True
+        assert why_not_grouped(block, x) is None and _cached(block) is plan  # same plan, re-checked
+    finally:
+        unregister_linear_adapter(_Scaled)
+    assert "_Scaled" in why_not_grouped(block, x)  # the registry changed: planned afresh
+
+
+class _CountingParams(dict):
+    """Stands for an offload cache: every read is an onload, so the plan is not kept."""
+
+    reads = 0
+
+    def get(self, key, default=None):
+        type(self).reads += 1
+        return super().get(key, default)
+
+
+def test_parameters_behind_a_dict_subclass_are_planned_every_call():
+    _, block = _block()
+    for expert in block:
+        for linear in expert.children():
+            linear._parameters = _CountingParams(linear._parameters)
+    x, index, weights = _inputs(block)
+    got, ref = _both(block, x, index, weights)
+    assert torch.equal(got, ref) and _cached(block) is None
+    reads = _CountingParams.reads
+    _both(block, x, index, weights)
+    assert _CountingParams.reads - reads >= 2 * 3 * len(block)  # weight and bias read again for every projection
+
+
+@pytest.mark.parametrize("mode", ["routed", "all", "budgeted"])
+def test_one_host_sync_per_routed_block_call(monkeypatch, mode):
+    """``.tolist()`` / ``.item()`` / ``.cpu()`` are the host syncs on a GPU: routed mode reads one per block call."""
+    model, _ = _block()
+    calls = []
+    for name in ("tolist", "item", "cpu"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: calls.append(_n) or _o(self, *a, **k))
+    ids = make_ids(5)
+    with torch.no_grad(), recording_grouped_use() as use, routing_mode(model, mode, min_tokens=24, grouped=True):
+        calls.clear()
+        model(ids)
+        syncs = list(calls)
+    layers = len(blocks(model))
+    assert use.fallbacks == {} and use.grouped >= layers
+    if mode == "routed":
+        assert syncs == ["tolist"] * layers, syncs
+    else:  # counts and forced tokens are picked before the routed GEMMs are queued
+        assert len(syncs) <= 4 * layers, syncs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+def test_one_cuda_sync_per_routed_block_call_on_cuda():
+    """CUDA's sync debug mode warns at every synchronizing call: one per block call in routed mode."""
+    import warnings
+
+    _, model = build_pair("qwen3_moe", torch.bfloat16)
+    model = model.cuda()
+    ids = make_ids(6).cuda()
+    with torch.no_grad(), routing_mode(model, "routed", grouped=True):
+        model(ids)  # warm-up: plans cached, CUDA initialised
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(ids)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == len(blocks(model)), [str(w.message) for w in syncs]
