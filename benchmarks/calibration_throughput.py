@@ -5,6 +5,10 @@ A random qwen3_moe (shape from the flags) runs one calibration pass (``--batches
 
 * ``fused/eager`` and ``fused/<default>``: the native fused model with the eager experts loop
   and with Transformers' default experts implementation (``grouped_mm`` where it dispatches);
+* ``fused/<default> all experts``: the fused model with every router's ``top_k`` set to its
+  number of experts, so every token goes through every expert through Transformers' default
+  experts implementation and Transformers' own combine: the expert work of the ``all`` mode
+  (top-k routed + every other expert forced = every expert per token), the fair baseline for it;
 * ``defused``: after ``convert_model``, no override;
 * ``routed`` / ``budgeted`` / ``all``: inside ``routing_mode`` (one context per pass, as in a
   real calibration run), with a ``CoverageTracker`` attached;
@@ -18,8 +22,12 @@ largest difference relative to the largest Hessian entry, and the pass time with
 twice each and says whether the logits repeat bit for bit.
 
 Each row reports tokens/second (median of ``--repeats`` passes after one warm-up pass; rows are
-timed round-robin), the ratio to fused eager, forced tokens per pass, and whether the logits
-equal the defused model's (``torch.equal``). Prints a markdown table and writes JSON.
+timed round-robin), its speed relative to each fused baseline (``vs_fused_eager``,
+``vs_fused_fast``: top-k routed; ``vs_fused_all_experts``: every expert per token), forced tokens
+per pass, and whether the logits equal the defused model's (``torch.equal``). ``slowdown`` names,
+per defused row, the fused row doing the same expert work (``all`` rows: all experts; the others:
+top-k) and how many times longer the row's pass takes. The JSON's ``baselines`` says what each
+ratio compares against. Prints a markdown table and writes JSON.
 
 Runs with the package installed (``pip install -e .``) or from a source checkout on ``PYTHONPATH``.
 
@@ -65,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-tokens", type=int, default=None, help="budgeted floor (default: 2x the mean routed tokens per expert per pass)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-grouped", action="store_true", help="skip the grouped rows")
+    p.add_argument("--no-fused-all", action="store_true", help="skip the fused all-experts baseline")
     p.add_argument("--hessians", action="store_true", help="compare per-expert Hessians, loop vs grouped")
     p.add_argument("--determinism", action="store_true", help="check run-to-run bitwise repeatability")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/calibration_throughput_<device>.json)")
@@ -91,6 +100,29 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).to(dtype) * 0.05)
     return model
+
+
+def top_k_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's routers: modules with integer ``top_k`` and ``num_experts`` (qwen3_moe's ``TopKRouter``)."""
+    return [
+        m for m in model.modules()
+        if isinstance(getattr(m, "top_k", None), int) and isinstance(getattr(m, "num_experts", None), int)
+    ]
+
+
+@contextmanager
+def all_experts_routing(model: torch.nn.Module):
+    """Every token through every expert of the fused model: each router's ``top_k`` = its number of experts
+    (restored on exit); the experts implementation and the output combine stay Transformers' own."""
+    routers = top_k_routers(model)
+    saved = [r.top_k for r in routers]
+    for r in routers:
+        r.top_k = r.num_experts
+    try:
+        yield None
+    finally:
+        for r, k in zip(routers, saved):
+            r.top_k = k
 
 
 def synchronize(device: torch.device) -> None:
@@ -166,6 +198,14 @@ def main(argv: list[str] | None = None) -> dict:
             return nullcontext()
         return context
 
+    routers = top_k_routers(fused)
+    if len(routers) != args.layers:
+        raise RuntimeError(f"found {len(routers)} routers with top_k/num_experts in the fused model, expected {args.layers}")
+
+    def fused_all():
+        fused.set_experts_implementation(default_impl)
+        return all_experts_routing(fused)
+
     def mode(name: str, grouped: bool = False):
         @contextmanager
         def context():
@@ -178,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows_spec = [("fused", "eager", fused, fused_with("eager"))]
     if default_impl != "eager":
         rows_spec.append(("fused", default_impl, fused, fused_with(default_impl)))
+    if not args.no_fused_all:
+        rows_spec.append(("fused", f"{default_impl} all experts", fused, fused_all))
     rows_spec += [("defused", "no override", defused, nullcontext)]
     rows_spec += [("defused", m, defused, mode(m)) for m in ("routed", "budgeted", "all")]
     if not args.no_grouped:
@@ -200,12 +242,22 @@ def main(argv: list[str] | None = None) -> dict:
         if peak is not None:
             row["peak_memory_gib"] = peak
         rows.append(row)
-    base = rows[0]["tokens_per_second"]
-    fast = next((r["tokens_per_second"] for r in rows if r["model"] == "fused" and r["variant"] != "eager"), None)
+    base = rows[0]
+    fast = next((r for r in rows if r["model"] == "fused" and r["variant"] == default_impl and default_impl != "eager"), None)
+    every = next((r for r in rows if r["model"] == "fused" and r["variant"].endswith(" all experts")), None)
     for row in rows:
-        row["vs_fused_eager"] = row["tokens_per_second"] / base
+        row["vs_fused_eager"] = row["tokens_per_second"] / base["tokens_per_second"]
         if fast:
-            row["vs_fused_fast"] = row["tokens_per_second"] / fast
+            row["vs_fused_fast"] = row["tokens_per_second"] / fast["tokens_per_second"]
+        if every:
+            row["vs_fused_all_experts"] = row["tokens_per_second"] / every["tokens_per_second"]
+        if row["model"] == "defused":
+            same_work = every if row["variant"].split()[0] == "all" else (fast or base)
+            if same_work is not None:
+                row["slowdown"] = {
+                    "baseline": f"fused/{same_work['variant']}",
+                    "times": row["seconds_per_pass"] / same_work["seconds_per_pass"],
+                }
     hessians = [hessian_check(defused, batches, m, min_tokens) for m in ("routed", "all")] if args.hessians else None
     determinism = determinism_check(defused, batches) if args.determinism else None
 
@@ -229,6 +281,15 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "min_tokens": min_tokens,
         "defused_blocks": len(report.converted),
+        "baselines": {
+            "vs_fused_eager": "tokens/s over those of fused/eager: the fused model, Transformers' eager experts loop, top-k routing",
+            "vs_fused_fast": f"tokens/s over those of fused/{default_impl}: the fused model, Transformers' default experts "
+            "implementation, top-k routing (the expert work of the routed rows)",
+            "vs_fused_all_experts": f"tokens/s over those of fused/{default_impl} all experts: the fused model with every "
+            "router's top_k = its number of experts, so every token goes through every expert (the expert work of the all rows)",
+            "slowdown": "seconds per pass over those of the fused row doing the same expert work: all rows vs fused all "
+            "experts, routed/budgeted/no-override rows vs fused top-k (budgeted does some forced work on top)",
+        },
         "rows": rows,
         "hessians": hessians,
         "determinism": determinism,
@@ -316,15 +377,17 @@ def markdown(result: dict) -> str:
         f"moe_intermediate {s['moe_intermediate']}, {result['dtype']} on {result['device']} ({result['torch_threads']} threads); "
         f"{result['tokens_per_pass']} tokens per pass, budgeted min_tokens={result['min_tokens']}",
         "",
-        "| model | variant | tokens/s | vs fused eager | vs fused default | forced tokens/pass | logits == defused |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| model | variant | tokens/s | vs fused eager | vs fused default | vs fused all experts | slowdown vs same-work fused | forced tokens/pass | logits == defused |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
+        slow = f"{r['slowdown']['times']:.2f}x ({r['slowdown']['baseline']})" if "slowdown" in r else "-"
         exact = "-" if r["exact_vs_defused"] is None else (
             "yes" if r["exact_vs_defused"] else f"max diff {r['max_logit_diff_vs_defused']:.3g}")
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['tokens_per_second']:,.0f} | {r['vs_fused_eager']:.2f}x | "
-            f"{r.get('vs_fused_fast', 0):.2f}x | {r['forced_tokens_per_pass']:,} | {exact} |"
+            f"{r.get('vs_fused_fast', 0):.2f}x | {r.get('vs_fused_all_experts', 0):.2f}x | "
+            f"{slow} | {r['forced_tokens_per_pass']:,} | {exact} |"
         )
     for h in result.get("hessians") or []:
         lines.append(
