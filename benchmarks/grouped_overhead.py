@@ -17,6 +17,7 @@ Each row: the best and the median over ``--repeats`` timings of ``--calls`` call
 least disturbed by other load). Writes JSON (``--output``).
 
     .venv/bin/python benchmarks/grouped_overhead.py --threads 1 --output /tmp/overhead.json
+    python benchmarks/grouped_overhead.py --device cuda --hidden 2048 --intermediate 768 --tokens 4096 --output $OUT/o.json
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: bf16, timings synchronized)")
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit)")
     p.add_argument("--output", type=Path, default=None)
     return p.parse_args(argv)
 
 
-def _block(args: argparse.Namespace):
+def _block(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -65,6 +67,7 @@ def _block(args: argparse.Namespace):
     with torch.no_grad():
         for p in holder.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
+    holder.to(device, dtype)  # before defusing: the per-expert weights stay views of the fused storage
     convert_model(holder)
     from defuser_quant.calibration import defused_blocks
 
@@ -72,15 +75,18 @@ def _block(args: argparse.Namespace):
     return block
 
 
-def _time(fn, calls: int, repeats: int) -> tuple[float, float]:
+def _time(fn, calls: int, repeats: int, device: torch.device) -> tuple[float, float]:
     """(best, median) microseconds per call over ``repeats`` timings of ``calls`` calls (best: least disturbed
     by other load on the machine)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()  # warm-up
     samples = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        sync()
         samples.append((time.perf_counter() - start) / calls * 1e6)
     return min(samples), statistics.median(samples)
 
@@ -94,13 +100,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    block = _block(args)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    block = _block(args, device, dtype)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.tokens, args.hidden, generator=gen)
+    x = torch.randn(args.tokens, args.hidden, generator=gen).to(device, dtype)
     scores = torch.rand(args.tokens, args.experts, generator=gen)
     weights, index = scores.topk(args.top_k, dim=1)
     hit = torch.zeros(args.tokens, args.experts, dtype=torch.bool).scatter_(1, index, True)
-    selection = {e: (~hit[:, e]).nonzero().flatten() for e in range(args.experts)}
+    selection = {e: (~hit[:, e]).nonzero().flatten().to(device) for e in range(args.experts)}
+    weights, index = weights.to(device, dtype), index.to(device)
     assert why_not_grouped(block, x) is None, why_not_grouped(block, x)
     reference = block.routed_forward(x, index, weights)
 
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def row(name: str, fn) -> None:
         with torch.no_grad():
-            best, median = _time(fn, args.calls, args.repeats)
+            best, median = _time(fn, args.calls, args.repeats, device)
         rows.append({"variant": name, "us_per_call_best": best, "us_per_call_median": median})
         print(f"{name:34s} best {best:10.1f} us/call   median {median:10.1f}")
 
@@ -146,8 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "grouped_overhead",
         "label": args.label,
-        "device": "cpu",
-        "device_name": platform.processor() or platform.machine(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "shape": {"experts": args.experts, "top_k": args.top_k, "hidden": args.hidden, "moe_intermediate": args.intermediate,
