@@ -260,41 +260,6 @@ def _module_hook_problem(m: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
-def _projection(
-    m: nn.Module | None, x: torch.Tensor, on_cuda: bool, device_index: int
-) -> tuple[str | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(why not, weight, bias)`` of one projection: weight and bias read once (an offload cache
-    onloads them on each read, as the module's forward would)."""
-    if m is None:
-        return "is missing", None, None
-    adapter = _ADAPTERS.get(type(m))
-    if adapter is None:
-        return f"is a {type(m).__name__}, not a plain nn.Linear", None, None
-    problem = _module_hook_problem(m, x)
-    if problem:
-        return problem, None, None
-    d = m.__dict__
-    params = d["_parameters"]
-    weight = params.get("weight")
-    if (
-        weight is None
-        or weight.dtype is not x.dtype
-        or weight.is_meta
-        or weight.is_cuda is not on_cuda
-        or weight.get_device() != device_index
-        or (x.device.type not in ("cpu", "cuda") and weight.device != x.device)
-        or weight.dim() != 2
-    ):
-        found = "no weight" if weight is None else f"weight {weight.dtype} on {weight.device}"
-        return f"{found} does not match the input ({x.dtype} on {x.device})", None, None
-    bias = params.get("bias")
-    if d.get("weight", weight) is not weight or d.get("bias", bias) is not bias:
-        return "has a weight or bias attribute that is not its parameter (its forward would use the attribute)", None, None
-    if adapter.is_plain is not None and not adapter.is_plain(m, x):
-        return f"{type(m).__name__} forward is not plain for this input", None, None
-    return None, weight, bias
-
-
 _data_ptr = torch.Tensor.data_ptr
 _stride = torch.Tensor.stride
 _tensor_meta = operator.attrgetter("shape", "dtype")
@@ -445,15 +410,21 @@ def _get_plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[_Plan
 
 
 def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tuple[_Plan | None, str | None]:
-    """Check every expert and projection of the block; stack each role's weights (a view where possible)."""
+    """Check every expert and projection of the block; stack each role's weights (a view where possible).
+
+    Weight and bias are read once per projection (an offload cache onloads them on each read, as
+    the module's forward would)."""
     names = block[0].names
     gate_fn = block[0].gate_fn
     on_cuda = sample.is_cuda
     device_index = sample.get_device()
+    dtype = sample.dtype
+    device = sample.device
+    other_device = device.type not in ("cpu", "cuda")
     roles = [r for r in _ROLES if getattr(names, r) is not None]
     role_names = tuple(getattr(names, r) for r in roles)
     found: dict[str, tuple[list, list, list, list]] = {r: ([], [], [], []) for r in roles}
-    checks, rechecks, cacheable = [], [], True
+    checks, rechecks, cacheable, any_inner = [], [], True, False
     for e, expert in enumerate(block):
         if type(expert) is not DefusedExpert or expert.gate_fn is not gate_fn or expert.names != names:
             return None, f"expert {e} is a {type(expert).__name__} with its own forward or names"
@@ -469,21 +440,55 @@ def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tupl
         projections = []
         for r, name in zip(roles, role_names):
             m = children.get(name)
-            problem, weight, bias = _projection(m, sample, on_cuda, device_index)
-            if problem:
-                return None, f"expert {e} {r} projection {problem}"
-            d = m.__dict__
+            if m is None:
+                return None, f"expert {e} {r} projection is missing"
+            cls = type(m)
+            adapter = _ADAPTERS.get(cls)
+            if adapter is None:
+                return None, f"expert {e} {r} projection is a {cls.__name__}, not a plain nn.Linear"
+            d = m.__dict__  # direct reads: this runs for every projection whenever a block is planned
+            wrapped = "forward" in d
+            if wrapped:
+                problem = _instance_forward_problem(m, sample)
+                if problem:
+                    return None, f"expert {e} {r} projection {problem}"
+            if d["_backward_hooks"] or d["_backward_pre_hooks"]:
+                return None, f"expert {e} {r} projection has backward hooks"
+            if d["_forward_pre_hooks_with_kwargs"] or d["_forward_hooks_with_kwargs"]:
+                return None, f"expert {e} {r} projection has forward hooks with kwargs"
             params = d["_parameters"]
-            cacheable &= type(params) is dict  # an offload cache onloads on every read: plan afresh each call
-            adapter = _ADAPTERS[type(m)]
-            if "forward" in d or adapter.is_plain is not None:
-                rechecks.append((f"expert {e} {r} projection", m, adapter if adapter.is_plain is not None else None))
-            projections.append((m, d, type(m), params, "forward" in d, weight, bias))
+            weight = params.get("weight")
+            if (
+                weight is None
+                or weight.dtype is not dtype
+                or weight.is_meta
+                or weight.is_cuda is not on_cuda
+                or weight.get_device() != device_index
+                or (other_device and weight.device != device)
+                or weight.dim() != 2
+            ):
+                found_ = "no weight" if weight is None else f"weight {weight.dtype} on {weight.device}"
+                return None, f"expert {e} {r} projection {found_} does not match the input ({dtype} on {device})"
+            bias = params.get("bias")
+            if d.get("weight", weight) is not weight or d.get("bias", bias) is not bias:
+                return None, (
+                    f"expert {e} {r} projection has a weight or bias attribute that is not its parameter "
+                    "(its forward would use the attribute)"
+                )
+            if adapter.is_plain is not None:
+                if not adapter.is_plain(m, sample):
+                    return None, f"expert {e} {r} projection {cls.__name__} forward is not plain for this input"
+                rechecks.append((f"expert {e} {r} projection", m, adapter))
+            elif wrapped:
+                rechecks.append((f"expert {e} {r} projection", m, None))
+            cacheable = cacheable and type(params) is dict  # an offload cache onloads on every read: plan afresh each call
+            projections.append((m, d, cls, params, wrapped, weight, bias))
             modules, weights, biases, inner = found[r]
             modules.append(m)
             weights.append(weight)
             biases.append(bias)
             inner.append(adapter.inner_hook)
+            any_inner = any_inner or adapter.inner_hook is not None
         checks.append((expert, ed, children, "forward" in ed, tuple(projections)))
     planned = []
     for r in roles:
@@ -499,13 +504,14 @@ def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tupl
                 biases=tuple(biases) if has_bias else None,
                 weight=_stacked_view(weights),
                 bias=_stacked_view(biases) if has_bias else None,
-                inner_hooks=tuple(inner) if any(h is not None for h in inner) else None,
+                inner_hooks=tuple(inner) if any_inner else None,
             )
         )
-    tensors = tuple(t for role in planned for t in (*role.weights, *(role.biases or ())))
+    # what the validity check compares against: only for a plan that is kept
+    tensors = tuple(t for role in planned for t in (*role.weights, *(role.biases or ()))) if cacheable else ()
     plan = _Plan(
         key=key,
-        expert_keys=tuple(str(e) for e in range(len(block))),
+        expert_keys=tuple(map(str, range(len(block)))) if cacheable else (),
         gate_fn=gate_fn,
         names=names,
         role_names=role_names,
