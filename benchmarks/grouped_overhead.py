@@ -11,7 +11,9 @@ of ``--experts`` experts, ``--tokens`` tokens routed top-``--top-k``:
   ``CoverageTracker`` registers);
 * ``grouped + hessian hooks``: with a forward pre-hook on every projection (a GPTQ-like consumer);
 * ``forced all``: ``grouped_expert_calls`` over every token not routed to each expert (``all`` mode);
-* ``plan check``: ``why_not_grouped`` alone.
+* ``plan check``: ``why_not_grouped`` alone;
+* ``... parameters not in a dict``: every projection's ``_parameters`` a dict subclass (as under an
+  offload cache, e.g. compressed-tensors' in llm-compressor): the plan cannot be kept between calls.
 
 Each row: the best and the median over ``--repeats`` timings of ``--calls`` calls (the best is the
 least disturbed by other load). Writes JSON (``--output``).
@@ -152,6 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
     for h in handles:
         h.remove()
     row("forced all (grouped_expert_calls)", lambda: grouped_expert_calls(block, x, selection))
+
+    class _Store(dict):
+        """A ``_parameters`` that is not a plain dict (like an offload cache): the plan is not kept."""
+
+    for expert in block:
+        for linear in expert.children():
+            linear._parameters = _Store(linear._parameters)
+    row("plan check, parameters not in a dict", lambda: why_not_grouped(block, x))
+    row("grouped, parameters not in a dict", grouped)
     result = {
         "benchmark": "grouped_overhead",
         "label": args.label,
