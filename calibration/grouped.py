@@ -26,19 +26,20 @@ global hooks, when an expert module itself is hooked, under autocast or ``torch.
 weights differ in shape/dtype/device from each other or from the input, and for irregular
 families (their blocks override the routed forward).
 
-A block's plan (its projection modules, their weights, and the weights stacked as zero-copy
-views where they are evenly spaced in one storage) is cached per block and re-validated on every
-call by a walk over what it was built from: the expert and projection modules under their names,
-their classes, hook dictionaries that force the loop (kwargs, backward, hooks on an expert),
-instance ``forward`` attributes, ``_parameters`` and the weight/bias objects, each weight's data
-pointer, shape, stride and dtype (``param.data = ...`` keeps the object but re-points it), the
-input's dtype/device and the adapter/wrapper registries. Anything changed: planned afresh.
-Registered wrappers and adapters' ``is_plain`` are asked again on every call (their answer depends
-on the input and on module state such as ``quantization_enabled``). Weights that are not views
-are stacked again on every call (a kept copy would miss writes through ``.data``, which do not bump
-the version counter); parameters behind a ``_parameters`` that is not a plain dict (an offload
-cache, which onloads on every read) are planned on every call. Plain forward (pre-)hooks are read
-at call time, so adding or removing them needs no re-plan.
+A block's plan is kept between calls as a template (per expert and projection: class, instance
+``forward`` or not, bias or not; every weight's and bias's data pointer, shape, stride and dtype;
+whether each role stacks as a zero-copy view; the input's dtype/device; the adapter/wrapper
+registries' generation). Every call reads the block's current experts, projections and tensors
+and checks them against it: the hook dictionaries that force the loop (kwargs, backward, hooks on
+an expert) empty, classes and flags unchanged, pointers and metadata unchanged (``param.data = x``
+keeps the object but re-points it). Anything else: planned afresh. The call always runs with the
+current objects, so a plan holds no module or tensor (a quantizer's replaced weights are freed as
+without it). Registered wrappers and adapters' ``is_plain`` are asked again on every call (their
+answer depends on the input and on module state such as ``quantization_enabled``). Weights that
+are not views are stacked again on every call (a kept copy would miss writes through ``.data``,
+which do not bump the version counter); a block whose ``_parameters`` are not plain dicts (an
+offload cache, which onloads on every read: llm-compressor's) is planned afresh on every call.
+Plain forward (pre-)hooks are read at call time, so adding or removing them needs no re-plan.
 
 A routed block call reads the host once (the per-expert row counts, ``.tolist()``): no
 ``bincount`` (on CUDA it reads its maximum), no host-to-device copies of the offsets.
@@ -267,48 +268,54 @@ _tensor_meta = operator.attrgetter("shape", "dtype")
 
 @dataclass(eq=False)
 class _Role:
-    """One projection role of a block: per-expert modules, weights and biases as planned.
+    """One projection role of a block for one call: its per-expert modules and tensors, stacked.
 
-    ``weight``/``bias`` are zero-copy stacked views when the per-expert tensors are evenly spaced
-    in one storage (so in-place updates show through); otherwise None and the role restacks its
-    tensors on every call (a copy that could go stale is never kept).
+    ``weight``/``bias`` are zero-copy views when the per-expert tensors are evenly spaced in one
+    storage, else fresh stacks (a copy is never kept between calls: it would miss writes through
+    ``.data``, which do not bump the version counter).
     """
 
-    modules: tuple[nn.Module, ...]
-    weights: tuple[torch.Tensor, ...]
-    biases: tuple[torch.Tensor, ...] | None
-    weight: torch.Tensor | None
+    modules: list[nn.Module]
+    weight: torch.Tensor
     bias: torch.Tensor | None
     inner_hooks: tuple[Callable | None, ...] | None
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = self.weight if self.weight is not None else torch.stack(self.weights)
-        if self.biases is None:
-            return weight, None
-        return weight, self.bias if self.bias is not None else torch.stack(self.biases)
+
+@dataclass(eq=False)
+class _Live:
+    """What one grouped call runs with: the roles, the gate function, whether any role has a bias."""
+
+    roles: list[_Role]
+    gate_fn: Callable
+    has_bias: bool
 
 
 @dataclass(eq=False)
 class _Plan:
-    """A block's grouped plan, with what it was planned from, to tell cheaply whether it still holds."""
+    """What a block was planned from, kept between calls: a template every call's modules are checked against.
+
+    Each call reads the block's current experts, projections and tensors and checks them against
+    the template (classes, flags, hook dictionaries, tensor pointers and metadata), so the call
+    always runs with the current objects; the plan holds no module or tensor (a replaced or
+    quantized expert's old weights are freed as they would be without it).
+    """
 
     key: tuple
     expert_keys: tuple[str, ...]
-    gate_fn: Callable
     names: object
     role_names: tuple[str, ...]
-    roles: tuple[_Role, ...]
-    # per expert: (expert, its __dict__, its _modules, had an instance forward,
-    #              per role: (module, its __dict__, its class, its _parameters, had an instance forward, weight, bias))
-    checks: tuple[tuple, ...]
-    tensors: tuple[torch.Tensor, ...]  # every weight and bias, for the metadata check
-    pointers: list[int]
+    # per expert: (had an instance forward, per role: (class, had an instance forward, has a bias))
+    experts: tuple[tuple, ...]
+    pointers: list[int]  # every weight, then every bias, role by role
     metadata: list[tuple]
     strides: list[tuple[int, ...]]
-    # modules whose instance forward or adapter ``is_plain`` depends on the input: re-run per call
-    rechecks: tuple[tuple[str, nn.Module, LinearAdapter | None], ...]
+    # per role: (weights, biases) storage step between experts when they stack as a view, else None
+    views: tuple[tuple[int | None, int | None], ...]
+    # (where, expert index, role index or None for the expert module, adapter or None): checks that
+    # depend on the input or on module state, re-run on the current module on every call
+    rechecks: tuple[tuple[str, int, int | None, LinearAdapter | None], ...]
+    inner_hooks: tuple[tuple[Callable | None, ...] | None, ...]  # per role
     has_bias: bool
-    cacheable: bool
 
 
 _PLANS: weakref.WeakKeyDictionary[DefusedExperts, _Plan] = weakref.WeakKeyDictionary()
@@ -316,17 +323,39 @@ _CUDA_OK: dict[torch.device, bool] = {}
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _still_valid(plan: _Plan, block: DefusedExperts) -> bool:
-    """Whether nothing the plan was built from has changed (modules, hooks, wrappers, tensors)."""
+def _stack(tensors: list[torch.Tensor], step: int | None) -> torch.Tensor:
+    """Stack ``tensors``: as the zero-copy view they were planned as, or a copy.
+
+    The caller checked that every tensor still points where it was planned (evenly ``step``
+    elements apart) with the planned shape, stride and dtype; first and last in one storage then
+    puts the ones between in it too (live storages do not overlap)."""
+    first = tensors[0]
+    if step is not None and tensors[-1].untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
+        return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
+    return torch.stack(tensors)
+
+
+def _live_from_plan(plan: _Plan, block: DefusedExperts) -> tuple[_Live, list] | None:
+    """This call's roles (the block's current modules and tensors) if they still match the plan's
+    template, else None; with the current experts (for the re-checks)."""
     modules = block.__dict__["_modules"]
-    gate_fn, names, role_names = plan.gate_fn, plan.names, plan.role_names
-    for key, (expert, ed, children, had_forward, projections) in zip(plan.expert_keys, plan.checks):
+    role_names = plan.role_names
+    first = modules.get("0")
+    if type(first) is not DefusedExpert:
+        return None
+    gate_fn, names = first.__dict__.get("gate_fn"), first.__dict__.get("names")
+    if names is not plan.names and names != plan.names:
+        return None
+    found = [([], [], []) for _ in role_names]
+    experts = []
+    for key, (had_forward, projections) in zip(plan.expert_keys, plan.experts):
+        expert = modules.get(key)
+        if type(expert) is not DefusedExpert:
+            return None
+        ed = expert.__dict__
         if (
-            modules.get(key) is not expert
-            or type(expert) is not DefusedExpert
-            or ed["_modules"] is not children
-            or ed["gate_fn"] is not gate_fn
-            or ed["names"] is not names
+            ed.get("gate_fn") is not gate_fn
+            or ed.get("names") is not names
             or ed["_forward_pre_hooks"]
             or ed["_forward_hooks"]
             or ed["_backward_hooks"]
@@ -335,35 +364,55 @@ def _still_valid(plan: _Plan, block: DefusedExperts) -> bool:
             or ed["_forward_hooks_with_kwargs"]
             or ("forward" in ed) is not had_forward
         ):
-            return False
-        for name, (m, d, cls, params, had, weight, bias) in zip(role_names, projections):
+            return None
+        experts.append(expert)
+        children = ed["_modules"]
+        for name, (ms, ws, bs), (cls, had, has_bias) in zip(role_names, found, projections):
+            m = children.get(name)
+            if type(m) is not cls:
+                return None
+            d = m.__dict__
+            params = d["_parameters"]
             if (
-                children.get(name) is not m
-                or type(m) is not cls
-                or d["_parameters"] is not params
-                or params.get("weight") is not weight
-                or params.get("bias") is not bias
-                or d.get("weight", weight) is not weight
-                or d.get("bias", bias) is not bias
+                type(params) is not dict
                 or d["_backward_hooks"]
                 or d["_backward_pre_hooks"]
                 or d["_forward_pre_hooks_with_kwargs"]
                 or d["_forward_hooks_with_kwargs"]
                 or ("forward" in d) is not had
             ):
-                return False
+                return None
+            weight, bias = params.get("weight"), params.get("bias")
+            if (
+                weight is None
+                or (bias is not None) is not has_bias
+                or d.get("weight", weight) is not weight
+                or d.get("bias", bias) is not bias
+            ):
+                return None
+            ms.append(m)
+            ws.append(weight)
+            bs.append(bias)
     # ``param.data = other`` keeps the Parameter object but re-points it: compare what it points at
-    tensors = plan.tensors
-    return (
+    tensors = [t for ms, ws, bs in found for t in (ws if bs[0] is None else (*ws, *bs))]
+    if not (
         list(map(_data_ptr, tensors)) == plan.pointers
         and list(map(_tensor_meta, tensors)) == plan.metadata
         and list(map(_stride, tensors)) == plan.strides
-    )
+    ):
+        return None
+    roles = [
+        _Role(ms, _stack(ws, views[0]), None if bs[0] is None else _stack(bs, views[1]), inner)
+        for (ms, ws, bs), views, inner in zip(found, plan.views, plan.inner_hooks)
+    ]
+    return _Live(roles, gate_fn, plan.has_bias), experts
 
 
-def _rechecked(plan: _Plan, sample: torch.Tensor) -> str | None:
-    """Re-run the input-dependent checks (registered wrappers, adapters' ``is_plain``) of a cached plan."""
-    for where, m, adapter in plan.rechecks:
+def _rechecked(plan: _Plan, live: _Live, experts: list, sample: torch.Tensor) -> str | None:
+    """Re-run, on the current modules, the input-dependent checks of a kept plan (registered
+    wrappers, adapters' ``is_plain``)."""
+    for where, e, r, adapter in plan.rechecks:
+        m = experts[e] if r is None else live.roles[r].modules[e]
         if "forward" in m.__dict__:
             problem = _instance_forward_problem(m, sample)
             if problem:
@@ -373,8 +422,9 @@ def _rechecked(plan: _Plan, sample: torch.Tensor) -> str | None:
     return None
 
 
-def _get_plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[_Plan | None, str | None]:
-    """The block's plan (cached while nothing it was built from changes), or why it cannot run grouped."""
+def _get_plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[_Live | None, str | None]:
+    """What the block runs grouped with this call (from its kept plan while nothing it was built
+    from changed, else planned afresh), or why it cannot run grouped."""
     if type(block).routed_forward is not DefusedExperts.routed_forward or type(block).new_output is not DefusedExperts.new_output:
         return None, f"{type(block).__name__} has its own routed forward (irregular family)"
     if hidden_states.dim() != 2:
@@ -399,18 +449,28 @@ def _get_plan(block: DefusedExperts, hidden_states: torch.Tensor) -> tuple[_Plan
     sample = hidden_states[:0]
     key = (type(block), hidden_states.dtype, device, _GENERATION, block.num_experts)
     plan = _PLANS.get(block)
-    if plan is not None and plan.key == key and _still_valid(plan, block):
-        reason = _rechecked(plan, sample)
-        return (None, reason) if reason else (plan, None)
-    _PLANS.pop(block, None)
-    plan, reason = _build_plan(block, sample, key)
-    if plan is not None and plan.cacheable:
+    if plan is not None and plan.key == key:
+        current = _live_from_plan(plan, block)
+        if current is not None:
+            live, experts = current
+            reason = _rechecked(plan, live, experts, sample)
+            return (None, reason) if reason else (live, None)
+    if plan is not None:
+        _PLANS.pop(block, None)
+    live, plan, reason = _build_plan(block, sample, key)
+    if plan is not None:
         _PLANS[block] = plan
-    return plan, reason
+    return live, reason
 
 
-def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tuple[_Plan | None, str | None]:
-    """Check every expert and projection of the block; stack each role's weights (a view where possible).
+def _step(view: torch.Tensor | None) -> int | None:
+    return None if view is None else view.stride(0)
+
+
+def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tuple[_Live | None, _Plan | None, str | None]:
+    """Check every expert and projection of the block: ``(this call's roles, the plan to keep or
+    None, why not grouped)``. A plan is kept only when every ``_parameters`` is a plain dict (an
+    offload cache onloads on every read, so its block is planned afresh on every call).
 
     Weight and bias are read once per projection (an offload cache onloads them on each read, as
     the module's forward would)."""
@@ -424,38 +484,38 @@ def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tupl
     roles = [r for r in _ROLES if getattr(names, r) is not None]
     role_names = tuple(getattr(names, r) for r in roles)
     found: dict[str, tuple[list, list, list, list]] = {r: ([], [], [], []) for r in roles}
-    checks, rechecks, cacheable, any_inner = [], [], True, False
+    experts, rechecks, keep, any_inner = [], [], True, False
     for e, expert in enumerate(block):
         if type(expert) is not DefusedExpert or expert.gate_fn is not gate_fn or expert.names != names:
-            return None, f"expert {e} is a {type(expert).__name__} with its own forward or names"
+            return None, None, f"expert {e} is a {type(expert).__name__} with its own forward or names"
         if expert._forward_pre_hooks or expert._forward_hooks:
-            return None, f"expert {e} module itself is hooked"
+            return None, None, f"expert {e} module itself is hooked"
         problem = _module_hook_problem(expert, sample)
         if problem:
-            return None, f"expert {e} module {problem}"
+            return None, None, f"expert {e} module {problem}"
         ed = expert.__dict__
         if "forward" in ed:
-            rechecks.append((f"expert {e} module", expert, None))
+            rechecks.append((f"expert {e} module", e, None, None))
         children = ed["_modules"]
         projections = []
-        for r, name in zip(roles, role_names):
+        for ri, (r, name) in enumerate(zip(roles, role_names)):
             m = children.get(name)
             if m is None:
-                return None, f"expert {e} {r} projection is missing"
+                return None, None, f"expert {e} {r} projection is missing"
             cls = type(m)
             adapter = _ADAPTERS.get(cls)
             if adapter is None:
-                return None, f"expert {e} {r} projection is a {cls.__name__}, not a plain nn.Linear"
+                return None, None, f"expert {e} {r} projection is a {cls.__name__}, not a plain nn.Linear"
             d = m.__dict__  # direct reads: this runs for every projection whenever a block is planned
             wrapped = "forward" in d
             if wrapped:
                 problem = _instance_forward_problem(m, sample)
                 if problem:
-                    return None, f"expert {e} {r} projection {problem}"
+                    return None, None, f"expert {e} {r} projection {problem}"
             if d["_backward_hooks"] or d["_backward_pre_hooks"]:
-                return None, f"expert {e} {r} projection has backward hooks"
+                return None, None, f"expert {e} {r} projection has backward hooks"
             if d["_forward_pre_hooks_with_kwargs"] or d["_forward_hooks_with_kwargs"]:
-                return None, f"expert {e} {r} projection has forward hooks with kwargs"
+                return None, None, f"expert {e} {r} projection has forward hooks with kwargs"
             params = d["_parameters"]
             weight = params.get("weight")
             if (
@@ -467,65 +527,69 @@ def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tupl
                 or (other_device and weight.device != device)
                 or weight.dim() != 2
             ):
-                found_ = "no weight" if weight is None else f"weight {weight.dtype} on {weight.device}"
-                return None, f"expert {e} {r} projection {found_} does not match the input ({dtype} on {device})"
+                seen = "no weight" if weight is None else f"weight {weight.dtype} on {weight.device}"
+                return None, None, f"expert {e} {r} projection {seen} does not match the input ({dtype} on {device})"
             bias = params.get("bias")
             if d.get("weight", weight) is not weight or d.get("bias", bias) is not bias:
-                return None, (
+                return None, None, (
                     f"expert {e} {r} projection has a weight or bias attribute that is not its parameter "
                     "(its forward would use the attribute)"
                 )
             if adapter.is_plain is not None:
                 if not adapter.is_plain(m, sample):
-                    return None, f"expert {e} {r} projection {cls.__name__} forward is not plain for this input"
-                rechecks.append((f"expert {e} {r} projection", m, adapter))
+                    return None, None, f"expert {e} {r} projection {cls.__name__} forward is not plain for this input"
+                rechecks.append((f"expert {e} {r} projection", e, ri, adapter))
             elif wrapped:
-                rechecks.append((f"expert {e} {r} projection", m, None))
-            cacheable = cacheable and type(params) is dict  # an offload cache onloads on every read: plan afresh each call
-            projections.append((m, d, cls, params, wrapped, weight, bias))
+                rechecks.append((f"expert {e} {r} projection", e, ri, None))
+            keep = keep and type(params) is dict
+            projections.append((cls, wrapped, bias is not None))
             modules, weights, biases, inner = found[r]
             modules.append(m)
             weights.append(weight)
             biases.append(bias)
             inner.append(adapter.inner_hook)
             any_inner = any_inner or adapter.inner_hook is not None
-        checks.append((expert, ed, children, "forward" in ed, tuple(projections)))
-    planned = []
+        experts.append(("forward" in ed, tuple(projections)))
+    planned, views, inner_hooks = [], [], []
     for r in roles:
         modules, weights, biases, inner = found[r]
         shape, has_bias = weights[0].shape, biases[0] is not None
         for e, (w, b) in enumerate(zip(weights, biases, strict=True)):
             if w.shape != shape or (b is not None) != has_bias or (b is not None and b.shape != (shape[0],)):
-                return None, f"expert {e} {r} projection shape {tuple(w.shape)} (bias {b is not None}) differs from expert 0's"
+                return None, None, f"expert {e} {r} projection shape {tuple(w.shape)} (bias {b is not None}) differs from expert 0's"
+        weight_view = _stacked_view(weights)
+        bias_view = _stacked_view(biases) if has_bias else None
+        hooks = tuple(inner) if any_inner else None
         planned.append(
             _Role(
-                modules=tuple(modules),
-                weights=tuple(weights),
-                biases=tuple(biases) if has_bias else None,
-                weight=_stacked_view(weights),
-                bias=_stacked_view(biases) if has_bias else None,
-                inner_hooks=tuple(inner) if any_inner else None,
+                modules=modules,
+                weight=weight_view if weight_view is not None else torch.stack(weights),
+                bias=None if not has_bias else bias_view if bias_view is not None else torch.stack(biases),
+                inner_hooks=hooks,
             )
         )
-    # what the validity check compares against: only for a plan that is kept
-    tensors = tuple(t for role in planned for t in (*role.weights, *(role.biases or ()))) if cacheable else ()
+        views.append((_step(weight_view), _step(bias_view)))
+        inner_hooks.append(hooks)
+    has_bias = any(role.bias is not None for role in planned)
+    live = _Live(planned, gate_fn, has_bias)
+    if not keep:
+        return live, None, None
+    tensors = [t for r in roles for t in (found[r][1] if found[r][2][0] is None else (*found[r][1], *found[r][2]))]
     plan = _Plan(
         key=key,
-        expert_keys=tuple(map(str, range(len(block)))) if cacheable else (),
-        gate_fn=gate_fn,
+        expert_keys=tuple(map(str, range(len(block)))),
         names=names,
         role_names=role_names,
-        roles=tuple(planned),
-        checks=tuple(checks),
-        tensors=tensors,
+        experts=tuple(experts),
         pointers=list(map(_data_ptr, tensors)),
         metadata=list(map(_tensor_meta, tensors)),
         strides=list(map(_stride, tensors)),
+        views=tuple(views),
         rechecks=tuple(rechecks),
-        has_bias=any(role.biases is not None for role in planned),
-        cacheable=cacheable,
+        inner_hooks=tuple(inner_hooks),
+        has_bias=has_bias,
     )
-    return plan, None
+    return live, plan, None
 
 
 _REPORTED: set[tuple[str, str]] = set()
@@ -614,7 +678,7 @@ def _project(
                 pieces[i], replaced = new, True
         if replaced:
             x = torch.cat(pieces)
-    weight, bias = role.stacked()
+    weight, bias = role.weight, role.bias
     out = _grouped_mm(x, weight[span].transpose(-2, -1), offs)
     if bias is not None:
         out = out + bias[expert_ids]
@@ -635,7 +699,7 @@ def _project(
 
 
 def _run_sorted(
-    plan: _Plan, x: torch.Tensor, counts: list[int], offs: torch.Tensor, expert_ids: torch.Tensor | None, first: int = 0
+    plan: _Live, x: torch.Tensor, counts: list[int], offs: torch.Tensor, expert_ids: torch.Tensor | None, first: int = 0
 ) -> torch.Tensor:
     """Expert outputs for rows ``x`` sorted by expert, grouped: ``counts`` rows for each expert from
     ``first`` on, ``offs`` their int32 cumulative sum on the rows' device."""

@@ -141,7 +141,7 @@ def test_weight_changes_after_the_first_call_show_in_the_output(change, storage)
     x, index, weights = _inputs(block)
     before, _ = _both(block, x, index, weights)
     plan = _cached(block)
-    assert (plan.roles[0].weight is not None) == (storage == "fused_views")
+    assert (plan.views[0][0] is not None) == (storage == "fused_views")
     target = block[int(index[0, 0])].gate_proj  # an expert the batch uses
     new = torch.randn_like(target.weight)
     with torch.no_grad():
@@ -319,3 +319,64 @@ def test_cuda_syncs_per_block_call(mode):
             else:  # routed counts (bincount), the complement (nonzero, its sizes), the grouped forward's counts
                 assert 1 <= len(syncs) <= 6, syncs
     assert use.fallbacks == {} and use.grouped >= 2 * len(calls)
+
+
+def test_a_kept_plan_keeps_no_module_or_tensor_alive():
+    """Quantizers replace weights and modules after a layer is done: the kept plan must not hold the old ones."""
+    import gc
+    import weakref
+
+    model, block = _block()
+    for expert in block:
+        for linear in expert.children():
+            linear.weight = nn.Parameter(linear.weight.detach().clone())
+    x, index, weights = _inputs(block)
+    _both(block, x, index, weights)
+    assert _cached(block) is not None
+    old_weight = weakref.ref(block[0].gate_proj.weight)
+    old_module = weakref.ref(block[1].up_proj)
+    block[0].gate_proj.weight = nn.Parameter(torch.randn_like(block[0].gate_proj.weight))
+    block[1].up_proj = nn.Linear(block[1].up_proj.in_features, block[1].up_proj.out_features, bias=False)
+    gc.collect()
+    assert old_weight() is None and old_module() is None
+    got, ref = _both(block, x, index, weights)
+    assert torch.equal(got, ref)
+    dead = weakref.ref(block)
+    del model, block
+    gc.collect()
+    assert dead() is None  # the plans' weak keys let the block go
+
+
+def _flagged_forward(m: nn.Module) -> None:
+    """A wrapper factory whose closures share one code object; plain while ``m.plain`` is true."""
+
+    def wrapped(self, x):
+        return type(self).forward(self, x) * (1 if self.plain else 2)
+
+    m.forward = wrapped.__get__(m)
+
+
+def test_a_swapped_in_module_with_a_wrapper_that_is_not_plain_falls_back():
+    from defuser_quant.calibration.grouped import ForwardWrapper, register_forward_wrapper, unregister_forward_wrapper
+
+    _, block = _block()
+    for expert in block:
+        expert.gate_proj.plain = True
+        _flagged_forward(expert.gate_proj)
+    code = block[0].gate_proj.forward.__func__.__code__
+    register_forward_wrapper("test.flagged", ForwardWrapper(
+        code=code, why_not_plain=lambda m, t: None if m.plain else "scales its output", inner=lambda m, f: None))
+    try:
+        x, index, weights = _inputs(block)
+        got, ref = _both(block, x, index, weights)
+        assert torch.equal(got, ref) and _cached(block) is not None
+        e = int(index[0, 0])
+        new = copy.copy(block[e].gate_proj)  # same parameters (same pointers), its own wrapper, not plain
+        new.__dict__ = dict(new.__dict__)
+        new.plain = False
+        _flagged_forward(new)
+        block[e].gate_proj = new
+        assert why_not_grouped(block, x) == f"expert {e} gate projection scales its output"
+        assert grouped_routed_forward(block, x, index, weights) is None
+    finally:
+        unregister_forward_wrapper("test.flagged")
