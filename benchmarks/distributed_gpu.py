@@ -56,6 +56,7 @@ from gptqmodel_gpu import add_shape_args  # noqa: E402  the same model shape fla
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
 VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
@@ -140,6 +141,7 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
         stages_max=stage_summary([r["stages"] for r in results], [r["oneshot_s"] for r in results]),
         stages_per_rank=[r["stages"] for r in results],
         grouped_use=[r["grouped_use"] for r in results],
+        experts_classes=results[0]["experts_classes"],
         coverage_totals=coverages[0],
         coverage_same_on_every_rank=all(c == coverages[0] for c in coverages),
         checkpoint=str(out / "checkpoint"),
@@ -386,8 +388,14 @@ def worker(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device)
     recipe = [GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)]
     defuse = None
-    if variant != "stock":
-        import defuser_quant.integrations.llmcompressor as dq_llmc  # changes nothing for "stock" (not imported there)
+    if variant == "stock":
+        # Importing our integration swaps llm-compressor's MoE linearization for ours even without
+        # DefuseModifier in the recipe (and _llmc_stages imports it when it can): block it here.
+        if sys.modules.get(LLMC_INTEGRATION) is not None:
+            raise RuntimeError(f"stock variant but {LLMC_INTEGRATION} is already imported: the baseline would not be stock")
+        sys.modules[LLMC_INTEGRATION] = None  # type: ignore[assignment]  # import -> ImportError
+    else:
+        import defuser_quant.integrations.llmcompressor as dq_llmc
 
         routing, _, loop = variant.partition("-")
         defuse = dq_llmc.DefuseModifier(routing=routing, grouped=not loop)
@@ -413,7 +421,12 @@ def worker(args: argparse.Namespace) -> int:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     use = None if defuse is None or defuse.grouped_use is None else defuse.grouped_use
+    experts_classes = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for n, m in model.named_modules()
+                              if n.endswith("mlp.experts")})
+    if variant == "stock" and any("defuser_quant" in c for c in experts_classes):
+        raise RuntimeError(f"stock variant but the experts blocks are {experts_classes}: not llm-compressor's own")
     result = {
+        "experts_classes": experts_classes,
         "rank": distributed.rank(),
         "oneshot_s": seconds,
         "worker_s": time.perf_counter() - WORKER_T0,
