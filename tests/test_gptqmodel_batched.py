@@ -11,11 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _source import use_source_checkout  # noqa: E402
-
-use_source_checkout()  # a plain checkout on PYTHONPATH (the GPU machine): map defuser_quant.integrations
-
 from test_gptqmodel_plugin import _tensors, plugin, tiny  # noqa: F401  (fixtures)
 from torch import nn
 
