@@ -193,3 +193,24 @@ def test_name_hint_answers_only_for_the_module_being_materialized():
     assert lookup(nn.Sequential(root[0]), root[0]) == "0" and len(scans) == 2  # another root: scanned
     lean.local.hint = None
     assert lookup(root, root[0]) == "0" and len(scans) == 3
+
+
+def test_patched_restores_own_and_inherited_attributes_also_on_error():
+    import types
+
+    from defuser_quant.integrations.gptqmodel.compat import patched
+
+    class Base:
+        f = "base"
+
+    class Sub(Base):
+        g = "own"
+
+    module = types.ModuleType("m")
+    module.h = "module"
+    with pytest.raises(KeyboardInterrupt):
+        with patched(Sub, "f", "patched"), patched(Sub, "g", "patched"), patched(module, "h", "patched"):
+            assert (Sub.f, Sub.g, module.h) == ("patched", "patched", "patched")
+            raise KeyboardInterrupt
+    assert "f" not in vars(Sub) and Sub.f == "base"  # inherited again, not copied down
+    assert vars(Sub)["g"] == "own" and module.h == "module"

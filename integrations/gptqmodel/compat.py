@@ -9,7 +9,10 @@ seams are the same (docs/gptqmodel.md, "GPTQModel 7.7").
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
+from typing import Any
 
 from defuser_quant.core.errors import DefuserQuantError
 
@@ -62,3 +65,19 @@ def require_gptqmodel() -> ModuleType:
             f"patches loader internals checked against 7.6 and 7.7 only. Install the pinned release with: {INSTALL_COMMAND}"
         )
     return module
+
+
+@contextmanager
+def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name = value`` (a class or module attribute) inside the block, restored on exit;
+    an attribute the class only inherited is deleted again, so it is inherited again."""
+    missing = object()
+    saved = vars(owner).get(name, missing)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        if saved is missing:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, saved)

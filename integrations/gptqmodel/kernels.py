@@ -40,9 +40,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+from .compat import patched
 
 __all__ = ["HOST_STAGES", "TOP_LEVEL_STAGES", "GptqKernelRecord", "note_solve", "quant_linear_classes", "record_gptq_kernels", "stage"]
 
@@ -228,18 +230,10 @@ def _stage_timers(model: Any | None) -> Iterator[None]:
                (BaseQModel, "shell_module_materialize", "materialize"), (stage_layer, "offload_to_disk", "offload"),
                (loop_processor.LoopProcessor, "log_new_row", "log")]
     targets += [(cls, "forward", "forward") for cls in (_layer_classes(model) if model is not None else [])]
-    missing = object()
-    saved = [(owner, name, vars(owner).get(name, missing)) for owner, name, _ in targets]
-    for owner, name, label in targets:
-        setattr(owner, name, _timed(label, getattr(owner, name)))
-    try:
+    with ExitStack() as stack:
+        for owner, name, label in targets:
+            stack.enter_context(patched(owner, name, _timed(label, getattr(owner, name))))
         yield
-    finally:
-        for owner, name, original in reversed(saved):
-            if original is missing:
-                delattr(owner, name)  # it was inherited: inherit it again
-            else:
-                setattr(owner, name, original)
 
 
 @contextmanager

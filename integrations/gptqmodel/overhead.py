@@ -46,6 +46,8 @@ from torch import nn
 
 from defuser_quant.calibration.capture import defused_blocks
 
+from .compat import patched
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BookkeepingStats", "expert_projection_paths", "internals_mismatch", "lean_bookkeeping"]
@@ -295,20 +297,6 @@ def _ties_nothing(model: nn.Module) -> bool:
 
 
 @contextmanager
-def _patched(owner: Any, name: str, value: Any) -> Iterator[None]:
-    missing = object()
-    saved = vars(owner).get(name, missing) if isinstance(owner, type) else getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        if saved is missing:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, saved)
-
-
-@contextmanager
 def lean_bookkeeping(gptq_model: Any) -> Iterator[BookkeepingStats]:
     """Inside the block, GPTQModel's per-module materialize and offload bookkeeping of the expert
     projections of ``gptq_model`` (a GPTQModel model) skips its whole-model scans (see the module
@@ -328,19 +316,19 @@ def lean_bookkeeping(gptq_model: Any) -> Iterator[BookkeepingStats]:
     lean = _Lean(gptq_model, paths, _ties_nothing(gptq_model.model), stats)
     with ExitStack() as stack:
         if paths and "materialize" not in problems:
-            stack.enter_context(_patched(BaseQModel, "shell_module_materialize", lean.materialize(BaseQModel.shell_module_materialize)))
-            stack.enter_context(_patched(structure, "_get_qualified_name", lean.qualified_name(structure._get_qualified_name)))
+            stack.enter_context(patched(BaseQModel, "shell_module_materialize", lean.materialize(BaseQModel.shell_module_materialize)))
+            stack.enter_context(patched(structure, "_get_qualified_name", lean.qualified_name(structure._get_qualified_name)))
             turtle = structure.LazyTurtle
-            stack.enter_context(_patched(turtle, "materialize_submodule", lean.turtle_materialize(turtle.materialize_submodule)))
+            stack.enter_context(patched(turtle, "materialize_submodule", lean.turtle_materialize(turtle.materialize_submodule)))
         if paths and "offload" not in problems:
-            stack.enter_context(_patched(offload, "get_module_fullname", lean.module_fullname(offload.get_module_fullname)))
+            stack.enter_context(patched(offload, "get_module_fullname", lean.module_fullname(offload.get_module_fullname)))
         if "progress" not in problems and _ipython_missing():
             from logbar import logbar as logbar_module
             from logbar import progress as logbar_progress
 
             memo = _memo_notebook_check(logbar_module._running_in_notebook_environment)
-            stack.enter_context(_patched(logbar_module, "_running_in_notebook_environment", memo))
-            stack.enter_context(_patched(logbar_progress, "_running_in_notebook_environment", memo))
+            stack.enter_context(patched(logbar_module, "_running_in_notebook_environment", memo))
+            stack.enter_context(patched(logbar_progress, "_running_in_notebook_environment", memo))
         yield stats
     if stats.stock:
         logger.debug("lean bookkeeping left to GPTQModel: %s", dict(stats.stock))
