@@ -411,12 +411,15 @@ def worker(args: argparse.Namespace) -> int:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    from _profile import maybe_profile
+
     t0 = time.perf_counter()
-    oneshot(
-        model=model, processor=AutoTokenizer.from_pretrained(source), dataset=data, recipe=recipe,
-        output_dir=str(out / "checkpoint"), num_calibration_samples=len(data), max_seq_length=args.seq_len,
-        shuffle_calibration_samples=False,
-    )
+    with maybe_profile(f"llmc-{variant}-n{distributed.world_size()}-rank{distributed.rank()}"):
+        oneshot(
+            model=model, processor=AutoTokenizer.from_pretrained(source), dataset=data, recipe=recipe,
+            output_dir=str(out / "checkpoint"), num_calibration_samples=len(data), max_seq_length=args.seq_len,
+            shuffle_calibration_samples=False,
+        )
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

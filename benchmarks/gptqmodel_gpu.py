@@ -552,7 +552,10 @@ def worker(args: argparse.Namespace) -> int:
     model = GPTQModel.load(str(work / "src"), QuantizeConfig(bits=4, group_size=128))
     t1 = time.perf_counter()
     extra: dict = {}
-    with record_gptq_kernels(stages=args.stages, model=model.model) as kernels, deterministic_mode(args.deterministic):
+    from _profile import maybe_profile
+
+    with maybe_profile(f"gptqmodel-{run_id}"), record_gptq_kernels(stages=args.stages, model=model.model) as kernels, \
+            deterministic_mode(args.deterministic):
         if variant.startswith("stock"):
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
         else:

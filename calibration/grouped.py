@@ -37,8 +37,11 @@ current objects, so a plan holds no module or tensor (a quantizer's replaced wei
 without it). Registered wrappers and adapters' ``is_plain`` are asked again on every call (their
 answer depends on the input and on module state such as ``quantization_enabled``). Weights that
 are not views are stacked again on every call (a kept copy would miss writes through ``.data``,
-which do not bump the version counter); a block whose ``_parameters`` are not plain dicts (an
-offload cache, which onloads on every read: llm-compressor's) is planned afresh on every call.
+which do not bump the version counter). A block whose ``_parameters`` are not plain dicts (an
+offload cache: llm-compressor's) keeps its plan only when the store's class is registered
+(:func:`register_parameter_store`) and its reads return the stored tensors as they are (weights
+already on the onload device); a store that copies or moves on read (CPU or disk offload to a GPU)
+is planned afresh on every call, reading its tensors as the forward would.
 Plain forward (pre-)hooks are read at call time, so adding or removing them needs no re-plan.
 
 A routed block call reads the host once (the per-expert row counts, ``.tolist()``): no
@@ -69,6 +72,7 @@ from torch.nn.modules import module as _module
 from defuser_quant.core.defused import DefusedExpert, DefusedExperts
 
 __all__ = [
+    "MOVED",
     "ForwardWrapper",
     "GroupedUse",
     "LinearAdapter",
@@ -79,8 +83,10 @@ __all__ = [
     "recording_grouped_use",
     "register_forward_wrapper",
     "register_linear_adapter",
+    "register_parameter_store",
     "unregister_forward_wrapper",
     "unregister_linear_adapter",
+    "unregister_parameter_store",
     "why_not_grouped",
 ]
 
@@ -111,6 +117,48 @@ _GENERATION = 0
 def _registry_changed() -> None:
     global _GENERATION
     _GENERATION += 1
+
+
+#: What a parameter store's ``peek`` returns when reading the tensor would copy or move it.
+MOVED = object()
+_STORES: dict[type, Callable[[Mapping, str], object]] = {}
+_PEEK_OF: dict[type, Callable[[Mapping, str], object] | None] = {}  # per concrete class, from _STORES by MRO
+
+
+def register_parameter_store(cls: type, peek: Callable[[Mapping, str], object]) -> None:
+    """Let blocks whose projections keep ``_parameters`` in a ``cls`` mapping (or a subclass) keep their plan.
+
+    ``peek(store, name)`` must say, without side effects, what ``store[name]`` would return: the
+    stored tensor itself (or None when absent) when the read hands it back unchanged, else
+    :data:`MOVED` (the read would copy, onload or move it; the block is then planned afresh).
+    """
+    _STORES[cls] = peek
+    _PEEK_OF.clear()
+    _registry_changed()
+
+
+def unregister_parameter_store(cls: type) -> None:
+    """Undo :func:`register_parameter_store` (no-op when ``cls`` is not registered)."""
+    if _STORES.pop(cls, None) is not None:
+        _PEEK_OF.clear()
+        _registry_changed()
+
+
+def _peek_of(cls: type) -> Callable[[Mapping, str], object] | None:
+    try:
+        return _PEEK_OF[cls]
+    except KeyError:
+        peek = next((_STORES[c] for c in cls.__mro__ if c in _STORES), None)
+        _PEEK_OF[cls] = peek
+        return peek
+
+
+def _read_stable(params: Mapping, weight: object, bias: object) -> bool:
+    """Whether ``params`` is a plain dict or a registered store whose reads gave ``weight``/``bias`` as stored."""
+    if type(params) is dict:
+        return True
+    peek = _peek_of(type(params))
+    return peek is not None and peek(params, "weight") is weight and peek(params, "bias") is bias
 
 
 def register_linear_adapter(cls: type, adapter: LinearAdapter) -> None:
@@ -374,15 +422,22 @@ def _live_from_plan(plan: _Plan, block: DefusedExperts) -> tuple[_Live, list] | 
             d = m.__dict__
             params = d["_parameters"]
             if (
-                type(params) is not dict
-                or d["_backward_hooks"]
+                d["_backward_hooks"]
                 or d["_backward_pre_hooks"]
                 or d["_forward_pre_hooks_with_kwargs"]
                 or d["_forward_hooks_with_kwargs"]
                 or ("forward" in d) is not had
             ):
                 return None
-            weight, bias = params.get("weight"), params.get("bias")
+            if type(params) is dict:
+                weight, bias = params.get("weight"), params.get("bias")
+            else:
+                peek = _peek_of(type(params))
+                if peek is None:
+                    return None
+                weight, bias = peek(params, "weight"), peek(params, "bias")
+                if weight is MOVED or bias is MOVED:
+                    return None
             if (
                 weight is None
                 or (bias is not None) is not has_bias
@@ -469,8 +524,9 @@ def _step(view: torch.Tensor | None) -> int | None:
 
 def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tuple[_Live | None, _Plan | None, str | None]:
     """Check every expert and projection of the block: ``(this call's roles, the plan to keep or
-    None, why not grouped)``. A plan is kept only when every ``_parameters`` is a plain dict (an
-    offload cache onloads on every read, so its block is planned afresh on every call).
+    None, why not grouped)``. A plan is kept only when every ``_parameters`` is a plain dict or a
+    registered store whose reads return the stored tensors (an offload cache that onloads copies
+    has its block planned afresh on every call).
 
     Weight and bias are read once per projection (an offload cache onloads them on each read, as
     the module's forward would)."""
@@ -541,7 +597,7 @@ def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tupl
                 rechecks.append((f"expert {e} {r} projection", e, ri, adapter))
             elif wrapped:
                 rechecks.append((f"expert {e} {r} projection", e, ri, None))
-            keep = keep and type(params) is dict
+            keep = keep and _read_stable(params, weight, bias)
             projections.append((cls, wrapped, bias is not None))
             modules, weights, biases, inner = found[r]
             modules.append(m)

@@ -380,3 +380,79 @@ def test_a_swapped_in_module_with_a_wrapper_that_is_not_plain_falls_back():
         assert grouped_routed_forward(block, x, index, weights) is None
     finally:
         unregister_forward_wrapper("test.flagged")
+
+
+# ----- parameter stores (offload caches installed as ``_parameters``) ---------------------------
+
+
+class _Store(dict):
+    """A ``_parameters`` mapping that is not a plain dict; ``copy_on_read`` makes reads hand back copies."""
+
+    copy_on_read = False
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        return value.clone() if self.copy_on_read and value is not None else value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def _peek_store(store, name):
+    if store.copy_on_read:
+        return grouped.MOVED
+    return dict.get(store, name)
+
+
+def _use_stores(block) -> list[_Store]:
+    stores = []
+    for expert in block:
+        for linear in expert.children():
+            linear._parameters = _Store(linear._parameters)
+            stores.append(linear._parameters)
+    return stores
+
+
+@pytest.mark.parametrize("registered", [True, False])
+def test_a_registered_store_whose_reads_return_the_stored_tensors_keeps_the_plan(monkeypatch, registered):
+    _, block = _block()
+    _use_stores(block)
+    built = []
+    original = grouped._build_plan
+    monkeypatch.setattr(grouped, "_build_plan", lambda *a: built.append(1) or original(*a))
+    if registered:
+        grouped.register_parameter_store(_Store, _peek_store)
+    try:
+        for seed in range(3):
+            got, ref = _both(block, *_inputs(block, seed))
+            assert got is not None and torch.equal(got, ref)
+    finally:
+        grouped.unregister_parameter_store(_Store)
+    assert len(built) == (1 if registered else 3)  # unknown store: planned afresh on every call
+
+
+def test_a_store_that_copies_on_read_is_planned_afresh_and_a_replaced_tensor_shows(monkeypatch):
+    _, block = _block()
+    stores = _use_stores(block)
+    built = []
+    original = grouped._build_plan
+    monkeypatch.setattr(grouped, "_build_plan", lambda *a: built.append(1) or original(*a))
+    grouped.register_parameter_store(_Store, _peek_store)
+    try:
+        x, index, weights = _inputs(block)
+        _both(block, x, index, weights)
+        assert len(built) == 1 and _cached(block) is not None
+        # a tensor replaced inside the store (new pointer): the kept plan is not used
+        store = block[2].up_proj._parameters
+        dict.__setitem__(store, "weight", nn.Parameter(store["weight"].detach() * 3))
+        got, ref = _both(block, x, index, weights)
+        assert torch.equal(got, ref) and len(built) == 2
+        # reads that copy: never kept, every call planned from what the forward reads
+        for s in stores:
+            s.copy_on_read = True
+        for seed in (1, 2):
+            got, ref = _both(block, *_inputs(block, seed))
+            assert torch.equal(got, ref)
+        assert len(built) == 4 and _cached(block) is None
+    finally:
+        grouped.unregister_parameter_store(_Store)

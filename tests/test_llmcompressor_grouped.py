@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import defuser_quant.integrations.llmcompressor as dq_llmc  # noqa: E402
 from defuser_quant import DefusedExperts, convert_model  # noqa: E402
 from defuser_quant.assets import TINY_MOE_PATH  # noqa: E402
+from defuser_quant.calibration import grouped as grouped_forward  # noqa: E402
 from defuser_quant.calibration import routing_mode  # noqa: E402
 from defuser_quant.calibration.data import CalibrationDataConfig, build_calibration_samples, to_hf_dataset  # noqa: E402
 from defuser_quant.calibration.grouped import recording_grouped_use, why_not_grouped  # noqa: E402
@@ -22,6 +23,7 @@ from defuser_quant.integrations.llmcompressor.grouped import compressed_tensors_
 
 SAMPLES, SEQ = 8, 32
 IGNORE = ["lm_head", "re:.*mlp.gate$"]
+PLANS_BUILT: dict[int, list[bool]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,8 @@ def calibration():
 
 
 def _oneshot(calibration, out, routing: str, grouped: bool, monkeypatch, device: str = "cpu") -> tuple[dict, dq_llmc.DefuseModifier]:
-    """One GPTQ W4A16 oneshot; returns every module's Hessian and sample count right before its solve."""
+    """One GPTQ W4A16 oneshot; returns every module's Hessian and sample count right before its solve
+    (and, in ``PLANS_BUILT[id(modifier)]``, one entry per grouped planning: whether the plan was kept)."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
 
@@ -46,6 +49,15 @@ def _oneshot(calibration, out, routing: str, grouped: bool, monkeypatch, device:
         return original(self)
 
     monkeypatch.setattr(GPTQModifier, "compress_modules", snapshot)
+    built: list[bool] = []
+    build = grouped_forward._build_plan
+
+    def counted(*args):
+        live, plan, reason = build(*args)
+        built.append(plan is not None)
+        return live, plan, reason
+
+    monkeypatch.setattr(grouped_forward, "_build_plan", counted)
     model = AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, dtype=torch.bfloat16).to(device)
     defuse = dq_llmc.DefuseModifier(routing=routing, grouped=grouped)
     oneshot(
@@ -54,6 +66,8 @@ def _oneshot(calibration, out, routing: str, grouped: bool, monkeypatch, device:
         recipe=[defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)],
     )
     monkeypatch.setattr(GPTQModifier, "compress_modules", original)
+    monkeypatch.setattr(grouped_forward, "_build_plan", build)
+    PLANS_BUILT[id(defuse)] = built
     return seen, defuse
 
 
@@ -65,6 +79,8 @@ def test_grouped_under_oneshot_gives_the_loops_hessians_and_checkpoint(calibrati
     use = grouped_modifier.grouped_use
     # every block call grouped: 4 layers x 8 batches, calibration and propagation (+ forced calls for "all")
     assert use.fallbacks == {} and use.grouped == 4 * SAMPLES * (3 if routing == "all" else 2), use
+    # the pipelines' offload caches hand back the stored weights: each block planned once, kept
+    assert PLANS_BUILT[id(grouped_modifier)] == [True] * 4 and PLANS_BUILT[id(loop_modifier)] == []
     experts = [name for name in loop if ".mlp.experts." in name]
     assert len(experts) == 4 * 16 * 3 and sorted(grouped) == sorted(loop)
     for name, (hessian, samples) in loop.items():
@@ -163,3 +179,28 @@ def test_offload_to_another_device_and_unknown_wrappers_are_refused():
         assert "expert 5 down projection has an instance forward (" in why_not_grouped(block, x)
         block[5].down_proj._original_forward_func = inner
         assert why_not_grouped(block, x) is None
+
+
+def test_offload_cache_reads_are_peeked_without_onloading():
+    """The parameter-store peek follows ``OffloadCache.__getitem__``: the stored tensor while a read returns
+    it unchanged (same device, onloading disabled, kept onloaded), MOVED when a read would copy."""
+    from compressed_tensors.offload import disable_offloading, disable_onloading
+
+    from defuser_quant.integrations.llmcompressor.grouped import _peek_offload_cache
+
+    _, block = _wrapped_block("W4A16")
+    with compressed_tensors_grouping():
+        cache = block[1].gate_proj._parameters
+        stored = cache.offloaded_values["weight"]
+        assert _peek_offload_cache(cache, "weight") is stored is cache["weight"]
+        assert _peek_offload_cache(cache, "bias") is None
+        cache.onload_device = torch.device("meta")  # a read would copy to another device
+        assert _peek_offload_cache(cache, "weight") is grouped_forward.MOVED
+        assert cache["weight"] is not stored
+        with disable_onloading():
+            assert _peek_offload_cache(cache, "weight") is stored is cache["weight"]
+        with disable_offloading():
+            onloaded = cache["weight"]  # kept onloaded until the context ends
+            assert onloaded.is_meta and _peek_offload_cache(cache, "weight") is onloaded
+        assert _peek_offload_cache(cache, "weight") is grouped_forward.MOVED
+        cache.onload_device = torch.device("cpu")

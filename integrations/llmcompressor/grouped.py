@@ -15,6 +15,12 @@ with the same weight:
   ``COMPRESSED``);
 * the offload wrapper: not plain when onloading is on and the input is not on the onload device.
 
+It also registers compressed-tensors' offload caches (the ``_parameters`` the pipelines install)
+as parameter stores, so a block keeps its grouped plan between calls while reading a weight hands
+back the stored tensor itself: onloading disabled, a tensor kept onloaded, or one that already sits
+on the onload device (``send_tensors`` then returns it unchanged). A cache that would copy (CPU or
+disk offload to a GPU) makes the block plan afresh on every call, as before.
+
 Anything else (another wrapper inside, a changed compressed-tensors) is not recognised and the
 block takes the per-expert loop, with the reason logged (``calibration.grouped``).
 """
@@ -29,7 +35,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from defuser_quant.calibration.grouped import ForwardWrapper, register_forward_wrapper, unregister_forward_wrapper
+from defuser_quant.calibration.grouped import (
+    MOVED,
+    ForwardWrapper,
+    register_forward_wrapper,
+    register_parameter_store,
+    unregister_forward_wrapper,
+    unregister_parameter_store,
+)
 
 __all__ = ["QUANTIZED_FORWARD", "OFFLOAD_FORWARD", "compressed_tensors_grouping", "wrapper_code"]
 
@@ -106,6 +119,21 @@ def _offload_why_not_plain(m: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
+def _peek_offload_cache(cache: object, name: str) -> object:
+    """What ``cache[name]`` returns (``OffloadCache.__getitem__``'s branches) when it returns a
+    stored tensor unchanged; :data:`MOVED` when it would onload a copy."""
+    offloaded = cache.offloaded_values.get(name)
+    if offloaded is None or _CT.OffloadCache.onloading_disabled:
+        return offloaded
+    kept = _CT.OffloadCache.keep_onloaded_values.get(offloaded)
+    if kept is not None:
+        return kept
+    if type(offloaded) is nn.Parameter or type(offloaded) is torch.Tensor:
+        if not offloaded.is_meta and _same_device(offloaded.device, cache.onload_device):
+            return offloaded  # send_tensors: .to(device) of a tensor already there is the same tensor
+    return MOVED
+
+
 def _offload_inner(m: nn.Module, func: Callable) -> Callable | None:
     return m.__dict__["_original_forward_func"]  # checked by _offload_why_not_plain
 
@@ -135,8 +163,10 @@ def compressed_tensors_grouping() -> Iterator[None]:
     wrappers = _wrappers()
     for name, wrapper in wrappers.items():
         register_forward_wrapper(name, wrapper)
+    register_parameter_store(_CT.OffloadCache, _peek_offload_cache)
     try:
         yield
     finally:
+        unregister_parameter_store(_CT.OffloadCache)
         for name in wrappers:
             unregister_forward_wrapper(name)
