@@ -13,7 +13,10 @@ with exactly the rows it would have received in the loop, in the same row order:
 * a registered :class:`ForwardWrapper` vouches for an instance ``forward`` a library installs on
   modules (compressed-tensors' quantization and offload wrappers;
   ``defuser_quant.integrations.llmcompressor`` registers them) when, for this input, it calls
-  the class forward on the same rows and nothing else.
+  the class forward on the same rows and nothing else;
+* a registered :class:`BatchedForwardHook` runs the forward hooks it recognises (llm-compressor's
+  GPTQ Hessian hook) for all the experts of a role at once, after the role's other hooks, with
+  the same rows each hook would have received.
 
 Only the projection outputs differ from the loop, by the rounding of a grouped versus a
 per-expert GEMM (bit-equal on the CPU here), so Hessians built from the inputs agree within
@@ -73,6 +76,7 @@ from defuser_quant.core.defused import DefusedExpert, DefusedExperts
 
 __all__ = [
     "MOVED",
+    "BatchedForwardHook",
     "ForwardWrapper",
     "GroupedUse",
     "LinearAdapter",
@@ -81,9 +85,11 @@ __all__ = [
     "grouped_routed_forward",
     "grouped_routed_forward_with_counts",
     "recording_grouped_use",
+    "register_batched_hook",
     "register_forward_wrapper",
     "register_linear_adapter",
     "register_parameter_store",
+    "unregister_batched_hook",
     "unregister_forward_wrapper",
     "unregister_linear_adapter",
     "unregister_parameter_store",
@@ -217,6 +223,56 @@ def unregister_forward_wrapper(name: str) -> None:
     """Undo :func:`register_forward_wrapper` (no-op when ``name`` is not registered)."""
     _WRAPPERS.pop(name, None)
     _index_wrappers()
+
+
+@dataclass(frozen=True)
+class BatchedForwardHook:
+    """A kind of forward hook the grouped forward may run for all the experts of a role at once.
+
+    Only for hooks that return None, read nothing but their module and its input rows (not the
+    output), and touch only their own module's state, so running them after the role's other hooks
+    changes nothing. ``match(hook)``: ``(owner, extra)`` when ``hook`` is of this kind (hooks with
+    one owner run in one batch; ``extra`` is the hook's own data), else None; asked once per hook
+    function. ``run(owner, modules, extras, rows, starts, sizes)`` does what calling each hook as
+    ``hook(module, (rows[start:start + size],), output)`` would do, for all of them.
+    """
+
+    match: Callable[[Callable], tuple[object, object] | None]
+    run: Callable[[object, list, list, torch.Tensor, list[int], list[int]], None]
+
+
+_BATCHED: dict[str, BatchedForwardHook] = {}
+_HOOK_KIND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hook function -> (kind, owner, extra) or ()
+
+
+def register_batched_hook(name: str, kind: BatchedForwardHook) -> None:
+    """Let the grouped forward run the forward hooks ``kind`` recognises for a role's experts at once."""
+    _BATCHED[name] = kind
+    _HOOK_KIND.clear()
+
+
+def unregister_batched_hook(name: str) -> None:
+    """Undo :func:`register_batched_hook` (no-op when ``name`` is not registered)."""
+    if _BATCHED.pop(name, None) is not None:
+        _HOOK_KIND.clear()
+
+
+def _hook_kind(hook: Callable) -> tuple:
+    """``(kind, owner, extra)`` of a batchable hook, else ``()``; cached per hook function."""
+    try:
+        return _HOOK_KIND[hook]
+    except KeyError:
+        pass
+    except TypeError:  # not weak-referenceable: never batched
+        return ()
+    found: tuple = ()
+    for kind in _BATCHED.values():
+        matched = kind.match(hook)
+        if matched is not None:
+            found = (kind, *matched)
+            break
+    _HOOK_KIND[hook] = found
+    return found
 
 
 def _wrapper_of(func: Callable) -> ForwardWrapper | None:
@@ -702,14 +758,29 @@ def _call_pre_hooks(m: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def _call_post_hooks(m: nn.Module, inner_hook: Callable | None, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _call_post_hooks(
+    m: nn.Module, inner_hook: Callable | None, rows: torch.Tensor, out: torch.Tensor, batches: dict | None = None, at: int = 0
+) -> torch.Tensor:
+    """Run ``m``'s forward hooks on its rows; with ``batches``, the batchable ones are queued there
+    (``(kind, id(owner)) -> (owner, [(module, extra, at)])``) instead of called."""
     if inner_hook is not None:
         inner_hook(m, rows, out)
     for hook in tuple(m._forward_hooks.values()):
+        if batches is not None and _BATCHED:
+            kind = _hook_kind(hook)
+            if kind:
+                batches.setdefault((kind[0], id(kind[1])), (kind[1], []))[1].append((m, kind[2], at))
+                continue
         result = hook(m, (rows,), out)
         if result is not None:
             out = result
     return out
+
+
+def _run_batches(batches: dict, x: torch.Tensor, starts: list[int], sizes: list[int]) -> None:
+    for (kind, _), (owner, members) in batches.items():
+        kind.run(owner, [m for m, _, _ in members], [extra for _, extra, _ in members], x,
+                 [starts[i] for _, _, i in members], [sizes[i] for _, _, i in members])
 
 
 def _project(
@@ -746,11 +817,14 @@ def _project(
         pieces = x.split(sizes)
     outs = list(out.split(sizes))
     changed = False
+    batches: dict | None = {} if _BATCHED else None
     for i in post:
         e = hit[i]
-        new = _call_post_hooks(modules[e], None if inner is None else inner[e], pieces[i], outs[i])
+        new = _call_post_hooks(modules[e], None if inner is None else inner[e], pieces[i], outs[i], batches, i)
         if new is not outs[i]:
             outs[i], changed = new, True
+    if batches:
+        _run_batches(batches, x, list(itertools.accumulate(sizes, initial=0))[:-1], sizes)
     return torch.cat(outs) if changed else out
 
 

@@ -20,6 +20,7 @@ from defuser_quant.calibration import routing_mode  # noqa: E402
 from defuser_quant.calibration.data import CalibrationDataConfig, build_calibration_samples, to_hf_dataset  # noqa: E402
 from defuser_quant.calibration.grouped import recording_grouped_use, why_not_grouped  # noqa: E402
 from defuser_quant.integrations.llmcompressor.grouped import compressed_tensors_grouping  # noqa: E402
+from defuser_quant.integrations.llmcompressor.hessians import last_batching  # noqa: E402
 
 SAMPLES, SEQ = 8, 32
 IGNORE = ["lm_head", "re:.*mlp.gate$"]
@@ -79,6 +80,11 @@ def test_grouped_under_oneshot_gives_the_loops_hessians_and_checkpoint(calibrati
     use = grouped_modifier.grouped_use
     # every block call grouped: 4 layers x 8 batches, calibration and propagation (+ forced calls for "all")
     assert use.fallbacks == {} and use.grouped == 4 * SAMPLES * (3 if routing == "all" else 2), use
+    # GPTQ's Hessian hooks ran batched, but for each expert projection's first call (the hook allocates)
+    batching = last_batching()
+    calls = sum(int(samples) for name, (_, samples) in loop.items() if ".mlp.experts." in name)
+    reached = sum(1 for name, (_, samples) in loop.items() if ".mlp.experts." in name and samples > 0)
+    assert (batching.batched, batching.by_hook) == (calls - reached, reached), batching
     # the pipelines' offload caches hand back the stored weights: each block planned once, kept
     assert PLANS_BUILT[id(grouped_modifier)] == [True] * 4 and PLANS_BUILT[id(loop_modifier)] == []
     experts = [name for name in loop if ".mlp.experts." in name]
@@ -204,3 +210,83 @@ def test_offload_cache_reads_are_peeked_without_onloading():
             assert onloaded.is_meta and _peek_offload_cache(cache, "weight") is onloaded
         assert _peek_offload_cache(cache, "weight") is grouped_forward.MOVED
         cache.onload_device = torch.device("cpu")
+
+
+# ----- GPTQ's Hessian hooks, batched per role -----------------------------------------------------
+
+
+def _gptq_hooked_block(seed: int = 0):
+    """A defused tiny block whose expert projections carry GPTQModifier's real (wrapped) Hessian hook."""
+    import copy
+
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, dtype=torch.float32)
+    convert_model(model)
+    block = next(m for m in model.modules() if isinstance(m, DefusedExperts))
+    blocks = [block, copy.deepcopy(block)]
+    modifiers = [GPTQModifier(targets="Linear", scheme="W4A16"), GPTQModifier(targets="Linear", scheme="W4A16")]
+    for b, modifier in zip(blocks, modifiers):
+        for expert in b:
+            for linear in expert.children():
+                modifier.register_hook(linear, modifier.calibrate_module, "forward")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, block[0].gate_proj.in_features, generator=gen)
+    weights, index = torch.rand(40, len(block), generator=gen).topk(2, dim=1)
+    return blocks, modifiers, (x, index, weights)
+
+
+def _hessians(block, modifier) -> list[tuple[torch.Tensor, float]]:
+    return [(modifier._hessians[m].clone(), float(modifier._num_samples[m])) for e in block for m in e.children()
+            if m in modifier._num_samples]
+
+
+def test_batched_gptq_hessians_equal_the_hooks_and_respect_disabled_hooks():
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    from defuser_quant.calibration.grouped import grouped_routed_forward
+    from defuser_quant.integrations.llmcompressor.hessians import batched_gptq_hessians
+
+    (grouped, looped), (m_grouped, m_loop), (x, index, weights) = _gptq_hooked_block()
+    with torch.no_grad(), batched_gptq_hessians() as recognised:
+        assert recognised
+        for call in range(3):  # the first call allocates through the hook, the next two run batched
+            out = grouped_routed_forward(grouped, x, index, weights)
+            ref = looped.routed_forward(x, index, weights)
+            assert torch.equal(out, ref)
+        with HooksMixin.disable_hooks():  # switched-off hooks: nothing accumulates, in both
+            grouped_routed_forward(grouped, x * 3, index, weights)
+            looped.routed_forward(x * 3, index, weights)
+    batching = last_batching()
+    got, want = _hessians(grouped, m_grouped), _hessians(looped, m_loop)
+    assert len(got) == len(want) > 0 and batching.by_hook == len(want) and batching.batched == 2 * len(want)
+    for (h, n), (h_ref, n_ref) in zip(got, want, strict=True):
+        assert n == n_ref == 3 and torch.equal(h, h_ref)
+
+
+def test_a_modifier_that_overrides_calibrate_module_is_not_batched():
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    from defuser_quant.calibration.grouped import grouped_routed_forward
+    from defuser_quant.integrations.llmcompressor.hessians import batched_gptq_hessians
+
+    class Doubling(GPTQModifier):
+        def calibrate_module(self, module, args, _output):
+            super().calibrate_module(module, (args[0] * 2,), _output)
+
+    (grouped, looped), _, (x, index, weights) = _gptq_hooked_block()
+    modifiers = [Doubling(targets="Linear", scheme="W4A16"), Doubling(targets="Linear", scheme="W4A16")]
+    for block, modifier in zip((grouped, looped), modifiers):
+        for expert in block:
+            for linear in expert.children():
+                linear._forward_hooks.clear()
+                modifier.register_hook(linear, modifier.calibrate_module, "forward")
+    with torch.no_grad(), batched_gptq_hessians():
+        for _ in range(2):
+            grouped_routed_forward(grouped, x, index, weights)
+            looped.routed_forward(x, index, weights)
+    assert last_batching().batched == 0  # the override is called, hook by hook
+    got, want = _hessians(grouped, modifiers[0]), _hessians(looped, modifiers[1])
+    assert len(got) == len(want) > 0
+    for (h, n), (h_ref, n_ref) in zip(got, want, strict=True):
+        assert n == n_ref == 2 and torch.equal(h, h_ref)

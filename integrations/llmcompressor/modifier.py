@@ -44,6 +44,7 @@ from defuser_quant.calibration import distributed
 from defuser_quant.calibration.grouped import GroupedUse, grouped_routed_forward, recording_grouped_use
 
 from .grouped import compressed_tensors_grouping
+from .hessians import batched_gptq_hessians
 from .linearize import adopt_linear_experts
 from .budget import RankBudget
 from .ranks import before_compress, has_hessians
@@ -226,6 +227,7 @@ class DefuseModifier(Modifier):
         try:
             if self.grouped:
                 self._stack.enter_context(compressed_tensors_grouping())
+                self._stack.enter_context(batched_gptq_hessians())
                 self._grouped_use = self._stack.enter_context(recording_grouped_use())
             # under torchrun budgeted routes normally and tops up from every rank's counts (budget.py)
             routing = "routed" if ranked_budget else mode

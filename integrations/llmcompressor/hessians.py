@@ -1,0 +1,131 @@
+"""llm-compressor's GPTQ Hessian hooks, run for all the experts of a role at once in the grouped forward.
+
+``GPTQModifier`` registers ``calibrate_module`` as a forward hook on every Linear it quantizes
+(through ``HooksMixin.register_hook``, which wraps it so ``HooksMixin.disable_hooks`` can switch it
+off). Per call and expert that hook converts the rows to float32, scales them by sqrt(2), adds
+``inp.matmul(inp.t())`` to the module's Hessian and one to its sample count: about eight small
+kernels and a Python call chain per expert, which on a GPU bound the calibration forward.
+
+:func:`batched_gptq_hessians` registers the hook with the grouped forward
+(``calibration.grouped.register_batched_hook``): per role and call the rows are converted and
+scaled once, each expert gets its one matmul (the same operands, strides and summation order as
+the hook's) added to its Hessian, and the sample counts are bumped in one multi-tensor add. The
+Hessians are those of the hook, bit for bit where the matmul kernel is the same. A hook that is
+switched off is skipped, as it would return at once; a module the hook has not seen yet (first
+call: it allocates the Hessian), a Hessian on another device, or not a plain ``nn.Linear`` gets the
+hook itself; a subclass's own ``calibrate_module``, or a changed llm-compressor (another hook
+wrapper), is never batched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from defuser_quant.calibration.grouped import BatchedForwardHook, register_batched_hook, unregister_batched_hook
+
+from .grouped import wrapper_code
+
+__all__ = ["GPTQ_HESSIANS", "HessianBatching", "batched_gptq_hessians", "last_batching"]
+
+logger = logging.getLogger(__name__)
+
+GPTQ_HESSIANS = "llmcompressor.gptq_calibrate_module"
+
+
+@dataclass
+class HessianBatching:
+    """What ran inside one :func:`batched_gptq_hessians` block: accumulations done batched, and
+    those left to the hook itself (first call of a module, Hessian elsewhere, not a plain Linear)."""
+
+    batched: int = 0
+    by_hook: int = 0
+
+
+_LAST = HessianBatching()
+
+
+def last_batching() -> HessianBatching:
+    """The counts of the latest (or current) :func:`batched_gptq_hessians` block."""
+    return _LAST
+
+
+class _LLMC:
+    """llm-compressor names, resolved when the batched hook is registered."""
+
+    GPTQModifier = None
+    HooksMixin = None
+    precision = torch.float32
+    wrapped_hook_code = None
+
+
+def _match(hook: Callable) -> tuple[object, object] | None:
+    """``(the GPTQModifier, the hook's handle cell)`` for GPTQ's wrapped ``calibrate_module`` hook."""
+    if getattr(hook, "__code__", None) is not _LLMC.wrapped_hook_code or _LLMC.wrapped_hook_code is None:
+        return None
+    bound = getattr(hook, "__wrapped__", None)
+    modifier = getattr(bound, "__self__", None)
+    if getattr(bound, "__func__", None) is not _LLMC.GPTQModifier.calibrate_module:  # an override is called as is
+        return None
+    names = hook.__code__.co_freevars
+    if "handle" not in names or "hook" not in names:
+        return None
+    cells = hook.__closure__
+    if cells[names.index("hook")].cell_contents is not bound:
+        return None
+    return modifier, cells[names.index("handle")]
+
+
+def _run(modifier: object, modules: list, handles: list, rows: torch.Tensor, starts: list[int], sizes: list[int]) -> None:
+    mixin = _LLMC.HooksMixin
+    disabled = mixin._HOOKS_DISABLED
+    keep = mixin._HOOKS_KEEP_ENABLED
+    hessians, counts = modifier._hessians, modifier._num_samples
+    scaled = None
+    bumped = []
+    for module, handle, start, size in zip(modules, handles, starts, sizes, strict=True):
+        if disabled and handle.cell_contents not in keep:
+            continue  # the wrapped hook returns at once
+        piece = rows[start:start + size]
+        hessian = hessians.get(module) if module in counts else None
+        if hessian is None or type(module) is not nn.Linear or hessian.device != rows.device or piece.dim() != 2:
+            modifier.calibrate_module(module, (piece,), None)  # the hook's own path (allocates on first use)
+            _LAST.by_hook += 1
+            continue
+        if scaled is None:  # the hook's `math.sqrt(2) * inp.to(float32)`, elementwise: once for the role's rows
+            scaled = math.sqrt(2) * rows.to(dtype=_LLMC.precision)
+        inp = scaled[start:start + size].t()  # the hook's [features, rows] view of its [rows, features] input
+        hessian += inp.matmul(inp.t())
+        bumped.append(counts[module])
+    if bumped:
+        torch._foreach_add_(bumped, 1)  # a 2-D input is one sample to the hook (unsqueezed to a batch of one)
+        _LAST.batched += len(bumped)
+
+
+@contextmanager
+def batched_gptq_hessians() -> Iterator[bool]:
+    """Register GPTQ's Hessian hook as batchable inside the ``with`` block; yields whether it could be
+    recognised (False: llm-compressor's hook wrapper changed, the hooks are called one by one)."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    _LLMC.GPTQModifier, _LLMC.HooksMixin, _LLMC.precision = GPTQModifier, HooksMixin, GPTQ_PRECISION
+    _LLMC.wrapped_hook_code = wrapper_code(HooksMixin.register_hook, "wrapped_hook")
+    if _LLMC.wrapped_hook_code is None:
+        yield False
+        return
+    global _LAST
+    _LAST = HessianBatching()
+    register_batched_hook(GPTQ_HESSIANS, BatchedForwardHook(match=_match, run=_run))
+    try:
+        yield True
+    finally:
+        unregister_batched_hook(GPTQ_HESSIANS)
+        logger.debug("GPTQ Hessians: %d accumulations batched, %d through the hook", _LAST.batched, _LAST.by_hook)
