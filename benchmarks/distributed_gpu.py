@@ -25,7 +25,11 @@ solve, qparam broadcast, our rank sync and barrier, finalize, save; wall and CPU
 synchronized at each boundary), how many block calls ran grouped or looped (and why), and for our
 variants the coverage totals (they must agree and equal the one-process totals). The N-process
 checkpoint is compared with the one-process one (logits on a fixed prompt: cosine and max
-difference). Prints markdown tables (speed-up = 1-process time / N-process time) and writes JSON
+difference). Each of our runs is also compared with stock at the same process count (``vs_stock``:
+oneshot speed ratio, peak memory ratio, how many packed weights are identical and the largest
+weight-scale difference; ``all`` calibrates like stock, every token through every expert, so its
+checkpoint should match; ``routed`` calibrates differently). Prints markdown tables (speed-up =
+1-process time / N-process time) and writes JSON
 with the command line, after every run, under ``benchmarks/results/`` (default ``distributed_cuda.json``).
 ``--deadline`` skips the runs that would not finish in time, so one device call always leaves a JSON.
 
@@ -187,6 +191,31 @@ def compare_logits(a: Path, b: Path, device: str) -> dict:
             "max_abs_diff": round((x - y).abs().max().item(), 4)}
 
 
+def compare_checkpoints(a: Path, b: Path) -> dict:
+    """Tensor by tensor: how many are identical (all, and the packed weights), the largest weight-scale difference."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(path: Path) -> dict:
+        out = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+        return out
+
+    x, y = tensors(a), tensors(b)
+    common = sorted(set(x) & set(y))
+    same = {k for k in common if x[k].shape == y[k].shape and torch.equal(x[k], y[k])}
+    packed = [k for k in common if k.endswith("weight_packed")]
+    scales = [k for k in common if k.endswith("weight_scale") and x[k].shape == y[k].shape]
+    return {
+        "tensors": f"{len(same)}/{len(common)}",
+        "only_in_one": len(set(x) ^ set(y)),
+        "qweights_equal": f"{sum(k in same for k in packed)}/{len(packed)}",
+        "max_scale_diff": max(((x[k].float() - y[k].float()).abs().max().item() for k in scales), default=None),
+    }
+
+
 def _find(rows: list[dict], variant: str, nproc: int) -> dict:
     return next((r for r in rows if r["variant"] == variant and r["nproc"] == nproc), {})
 
@@ -237,6 +266,21 @@ def stage_markdown(rows: list[dict]) -> str:
 
 #: the stages whose work is split over the ranks (each rank: its share of the batches, its share of the solves)
 SPLIT = ("calibrate_forward", "propagate_forward", "solve")
+
+
+def stock_markdown(rows: list[dict]) -> str:
+    """Each of our runs against stock at the same process count: speed, peak memory, checkpoint."""
+    lines = ["| run | oneshot (s) | stock (s) | faster than stock | peak GPU vs stock | qweights identical to stock | "
+             "max scale diff |", "|---|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        vs = r.get("vs_stock")
+        if not vs:
+            continue
+        stock = _find(rows, "stock", r["nproc"])
+        ck = vs["checkpoint"]
+        lines.append(f"| {r['variant']} x{r['nproc']} | {r['oneshot_s']:.1f} | {stock['oneshot_s']:.1f} | "
+                     f"{vs['oneshot_ratio']:.2f}x | {vs['peak_gpu_ratio']} | {ck['qweights_equal']} | {ck['max_scale_diff']} |")
+    return "\n".join(lines)
 
 
 def scaling_markdown(rows: list[dict], nproc: int) -> str:
@@ -301,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     def write() -> None:
         payload["table"], payload["stage_table"] = markdown(rows, args.nproc), stage_markdown(rows)
         payload["scaling_table"] = scaling_markdown(rows, args.nproc)
+        payload["vs_stock_table"] = stock_markdown(rows)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=1) + "\n")
 
@@ -328,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         print(stage_markdown(rows))
         print()
         print(scaling_markdown(rows, args.nproc))
+        print()
+        print(stock_markdown(rows))
         write()
         print(f"wrote {out}")
         failed = [r for r in rows if "error" in r or not r.get("coverage_same_on_every_rank", True)]
@@ -346,6 +393,14 @@ def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
         row["speedup"] = round(one["oneshot_s"] / row["oneshot_s"], 2)
         row["end_to_end_speedup"] = round(one["end_to_end_s"] / row["end_to_end_s"], 2)
         row["logits_vs_1_process"] = compare_logits(Path(one["checkpoint"]), Path(row["checkpoint"]), args.device)
+    stock = _find(rows, "stock", row["nproc"])
+    if row["variant"] != "stock" and _ok(stock):
+        row["vs_stock"] = {
+            "oneshot_ratio": round(stock["oneshot_s"] / row["oneshot_s"], 2),
+            "peak_gpu_ratio": round(max(row["peak_gpu_gib"]) / max(stock["peak_gpu_gib"]), 2)
+            if row["peak_gpu_gib"][0] is not None else None,
+            "checkpoint": compare_checkpoints(Path(stock["checkpoint"]), Path(row["checkpoint"])),
+        }
     if row["variant"].endswith("-loop"):
         grouped = _find(rows, row["variant"].removesuffix("-loop"), row["nproc"])
         if _ok(grouped):
