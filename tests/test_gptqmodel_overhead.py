@@ -23,6 +23,7 @@ def _patch_points() -> dict[str, object]:
     from gptqmodel.utils import offload, structure
     from logbar import logbar as logbar_module
     from logbar import progress as logbar_progress
+    from logbar import terminal
 
     return {
         "shell_module_materialize": BaseQModel.__dict__["shell_module_materialize"],
@@ -31,6 +32,9 @@ def _patch_points() -> dict[str, object]:
         "get_module_fullname": offload.get_module_fullname,
         "notebook": logbar_module._running_in_notebook_environment,
         "notebook(progress)": logbar_progress._running_in_notebook_environment,
+        "headless": terminal._is_headless_environment,
+        "_resolve_checkpoint_module_path": structure.LazyTurtle.__dict__["_resolve_checkpoint_module_path"],
+        "_load_checkpoint_tensors_for_module_path": structure.LazyTurtle.__dict__["_load_checkpoint_tensors_for_module_path"],
     }
 
 
@@ -68,10 +72,17 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
     stats = lean.bookkeeping
     experts = len(lean.projections)
     assert experts == 48 and stats.disabled == {}
+    assert stats.headless_memo_hits > stats.headless_memo_misses >= 1  # LogBar asked once per environment
     if offload:  # LazyTurtle source and disk offload: every expert projection took the lean path
         assert stats.materialize_fast == experts and stats.offload_fast == experts
         assert stats.tie_weights_skipped == experts  # tie_word_embeddings=False: nothing to tie
         assert not stats.stock
+        # every forward preparation's checkpoint lookup came from the index (the fused source's
+        # per-expert paths have no tensors of their own: GPTQModel's alias search answers those)
+        if source == "src":
+            assert stats.checkpoint_loads_indexed >= experts and stats.checkpoint_path_indexed >= experts
+        else:
+            assert stats.checkpoint_loads_indexed >= experts
     else:  # no lazy source, no offload: GPTQModel's own path for everything, and said why
         assert stats.materialize_fast == stats.offload_fast == 0
         assert stats.stock == {"materialize: no lazy checkpoint source": experts}
@@ -91,7 +102,8 @@ def test_patches_are_restored_when_quantize_raises(plugin, tiny, monkeypatch):  
     with pytest.raises(KeyboardInterrupt):
         plugin.quantize_with_defuser(model, tiny["calibration"][:4], batch_size=4)
     changed = [k for k in before if seen[k] is not before[k]]
-    assert {"shell_module_materialize", "_get_qualified_name", "materialize_submodule", "get_module_fullname"} <= set(changed)
+    assert {"shell_module_materialize", "_get_qualified_name", "materialize_submodule", "get_module_fullname", "headless",
+            "_resolve_checkpoint_module_path", "_load_checkpoint_tensors_for_module_path"} <= set(changed)
     assert _patch_points() == before
 
 
@@ -214,3 +226,111 @@ def test_patched_restores_own_and_inherited_attributes_also_on_error():
             raise KeyboardInterrupt
     assert "f" not in vars(Sub) and Sub.f == "base"  # inherited again, not copied down
     assert vars(Sub)["g"] == "own" and module.h == "module"
+
+
+@pytest.mark.slow
+def test_checkpoint_index_loads_what_gptqmodel_loads(plugin, tiny):  # noqa: F811
+    """Every module path of the tiny model (and some that are not there): the indexed lookups give
+    GPTQModel's own path, the same tensor names in the same order, bit-equal tensors."""
+    from gptqmodel.utils.structure import LazyTurtle
+
+    from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping
+
+    model = _load(tiny["src"], True)
+    turtle = model.turtle_model
+    assert isinstance(turtle, LazyTurtle)
+    paths = [name for name, _ in model.model.named_modules()] + ["model.layers.0.mlp.experts.99", "nothing.here", "model"]
+    paths += [p.removeprefix("model.") for p in paths if p.startswith("model.layers.0.")]  # resolved through aliases
+    stock = {p: (turtle._resolve_checkpoint_module_path(p), turtle._load_checkpoint_tensors_for_module_path(module_path=p, recurse=False))
+             for p in paths}
+    with lean_bookkeeping(model, parts=frozenset({"checkpoint_index"})) as stats:
+        lean = {p: (turtle._resolve_checkpoint_module_path(p), turtle._load_checkpoint_tensors_for_module_path(module_path=p, recurse=False))
+                for p in paths}
+    assert stats.disabled == {} and stats.checkpoint_loads_indexed == len(paths)
+    assert stats.checkpoint_path_indexed >= 48  # every expert projection at least
+    for p in paths:
+        assert lean[p][0] == stock[p][0], p
+        assert list(lean[p][1]) == list(stock[p][1]), p  # same names, same order
+        assert all(torch.equal(lean[p][1][k], stock[p][1][k]) for k in stock[p][1]), p
+    assert "weight" in stock["model.layers.0.mlp.experts.3.down_proj"][1]
+    assert stock["layers.0.mlp.experts.3.down_proj"][0] == "model.layers.0.mlp.experts.3.down_proj"
+
+
+def test_checkpoint_index_matches_a_scan_of_odd_names():
+    """Prefixes and direct tensors of names with empty parts, trailing dots and no dots, against the
+    definition GPTQModel's scans use (``startswith(path + ".")``; a direct tensor's rest has no dot)."""
+    from defuser_quant.integrations.gptqmodel.overhead import _CheckpointIndex
+
+    names = ["a.b.weight", "a.b.bias", "a.b.c.weight", "a..x", "a.", ".y", "z", "a.b.weight2", "q.r.s.t"]
+    index = _CheckpointIndex(dict.fromkeys(names, "shard"))
+    for path in ["", "a", "a.b", "a.", "a.b.c", "q", "q.r", "q.r.s", "z", "b", "a.b.weight"]:
+        prefix = path + "."
+        assert (path in index.prefixes) == any(n.startswith(prefix) for n in names), path
+        expected = [(n[len(prefix):], n) for n in names if n.startswith(prefix) and n[len(prefix):] and "." not in n[len(prefix):]]
+        assert index.direct.get(path, []) == expected, path
+    assert index.current(index.source) and not index.current(dict(index.source))
+
+
+@pytest.mark.slow
+def test_changed_checkpoint_source_keeps_gptqmodels_lookups(plugin, tiny, monkeypatch, caplog):  # noqa: F811
+    from gptqmodel.utils import structure
+
+    from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping
+
+    model = _load(tiny["src"], True)
+    original = structure.LazyTurtle._load_checkpoint_tensors_for_module_path
+
+    def changed(self, *, module_path, recurse):  # a GPTQModel whose loader is not the one checked
+        return original(self, module_path=module_path, recurse=recurse)
+
+    monkeypatch.setattr(structure.LazyTurtle, "_load_checkpoint_tensors_for_module_path", changed)
+    with caplog.at_level(logging.WARNING), lean_bookkeeping(model) as stats:
+        assert structure.LazyTurtle.__dict__["_load_checkpoint_tensors_for_module_path"] is changed
+    assert set(stats.disabled) == {"checkpoint_index"}
+    assert "_load_checkpoint_tensors_for_module_path" in stats.disabled["checkpoint_index"]
+    assert any("lean checkpoint_index" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_lean_bookkeeping_refuses_unknown_parts():
+    pytest.importorskip("gptqmodel")
+    from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping
+
+    with pytest.raises(ValueError, match="unknown lean bookkeeping parts"):
+        with lean_bookkeeping(object(), parts=frozenset({"everything"})):
+            pass
+
+
+def test_headless_memo_answers_as_logbar_does(monkeypatch):
+    terminal = pytest.importorskip("logbar.terminal", reason="logbar comes with gptqmodel")
+
+    from defuser_quant.integrations.gptqmodel.overhead import _HeadlessMemo, _headless_mismatch
+
+    assert _headless_mismatch() is None
+    # LogBar answers "not headless" whenever pytest runs it; look at the rest of its logic here
+    monkeypatch.setattr(terminal, "_running_under_pytest", lambda: False)
+    for key in [k for k in __import__("os").environ if k.startswith(terminal._HEADLESS_ENV_PREFIXES)]:
+        monkeypatch.delenv(key)
+    for key in terminal._HEADLESS_ENV_VARS | {"LOGBAR_FORCE_PROGRESS", "LOGBAR_DISABLE_HEADLESS_DETECTION"}:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    original = terminal._is_headless_environment
+    memo = _HeadlessMemo(original, terminal)
+    answers = []
+    steps = [
+        lambda: None,
+        lambda: monkeypatch.setenv("CLAUDE_SESSION", "1"),  # an agent prefix: headless
+        lambda: monkeypatch.setenv("LOGBAR_FORCE_PROGRESS", "1"),  # forced: not headless
+        lambda: monkeypatch.delenv("LOGBAR_FORCE_PROGRESS"),
+        lambda: monkeypatch.delenv("CLAUDE_SESSION"),
+        lambda: monkeypatch.setenv("TERM", "dumb"),  # a value change, same names
+        lambda: monkeypatch.setenv("TERM", "xterm"),
+    ]
+    for step in steps:
+        step()
+        for notebook in (False, True, False):
+            assert memo(notebook=notebook) == original(notebook=notebook)
+            answers.append(original(notebook=notebook))
+    assert True in answers and False in answers[3:]  # the environment changes did change LogBar's answer
+    assert memo.misses == 2 * len(steps) and memo.hits == len(steps)  # asked again after every change only
+    monkeypatch.setattr(terminal, "_running_under_pytest", lambda: True)  # a replaced global is seen too
+    assert memo(notebook=True) is False and memo.misses == 2 * len(steps) + 1

@@ -22,6 +22,17 @@ expert projections of our ``DefusedExperts`` blocks only:
   thousands of ``stat`` calls per run). When IPython is not installed, the answer is computed once
   per value of the environment variables it reads and reused: the same answer, nothing drawn
   differently.
+* **headless** (LogBar's ``terminal._is_headless_environment``, asked on every render): it scans
+  every environment variable name for agent/CI prefixes each time (hundreds of thousands of
+  generator steps per run). Its answer is kept per ``notebook`` flag while the environment
+  (compared as a whole, ``os.environ``'s own dict), ``sys.argv[0]`` and the LogBar globals it reads
+  are the same; any change asks LogBar again.
+* **checkpoint index** (``LazyTurtle``'s per-module checkpoint lookups): loading one module's
+  tensors scans the whole checkpoint weight map (every tensor name of the model) twice, once to
+  resolve the module's checkpoint path and once to collect its direct tensors. A one-pass index of
+  the weight map (tensor-name prefixes; direct tensors per module, in weight-map order) answers
+  both; the same tensors are read from the same shards in the same order. Only where GPTQModel's
+  functions are exactly the 7.6 source this was checked against (else stock, with a warning).
 
 GPTQModel computes and writes exactly what it does without this (same tensors loaded, same
 checkpoint). Anything that does not match (another role, a module outside our blocks, a path
@@ -33,9 +44,14 @@ up); when they differ, a warning names what differs and that part stays stock.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import itertools
 import logging
+import os
+import sys
 import threading
+import types
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -50,7 +66,7 @@ from .compat import patched
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BookkeepingStats", "expert_projection_paths", "internals_mismatch", "lean_bookkeeping"]
+__all__ = ["PARTS", "BookkeepingStats", "expert_projection_paths", "internals_mismatch", "lean_bookkeeping"]
 
 
 @dataclass
@@ -60,6 +76,10 @@ class BookkeepingStats:
     materialize_fast: int = 0
     offload_fast: int = 0
     tie_weights_skipped: int = 0
+    headless_memo_hits: int = 0  # LogBar headless checks answered from the memo
+    headless_memo_misses: int = 0  # ... asked of LogBar (first call, or the environment changed)
+    checkpoint_path_indexed: int = 0  # LazyTurtle checkpoint-path resolutions answered by the index
+    checkpoint_loads_indexed: int = 0  # LazyTurtle per-module tensor loads whose names came from the index
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -68,6 +88,10 @@ class BookkeepingStats:
             "materialize_fast": self.materialize_fast,
             "offload_fast": self.offload_fast,
             "tie_weights_skipped": self.tie_weights_skipped,
+            "headless_memo_hits": self.headless_memo_hits,
+            "headless_memo_misses": self.headless_memo_misses,
+            "checkpoint_path_indexed": self.checkpoint_path_indexed,
+            "checkpoint_loads_indexed": self.checkpoint_loads_indexed,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -96,8 +120,71 @@ def _names(fn: Callable) -> set[str]:
     return set(code.co_names) if code is not None else set()
 
 
+def _all_names(fn: Callable) -> set[str]:
+    """Global/attribute names ``fn`` and its nested code (generator expressions) look up."""
+    names: set[str] = set()
+    todo = [getattr(inspect.unwrap(fn), "__code__", None)]
+    while todo:
+        code = todo.pop()
+        if code is not None:
+            names.update(code.co_names)
+            todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return names
+
+
+def _source_digest(fn: Callable) -> str | None:
+    try:
+        return hashlib.sha256(inspect.getsource(inspect.unwrap(fn)).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return None
+
+
+#: sha256[:16] of the GPTQModel 7.6.0 sources the checkpoint index stands in for.
+_CHECKPOINT_SOURCES = {
+    "_resolve_checkpoint_module_path": "9324df07f071d073",
+    "_runtime_to_checkpoint_alias_candidates": "0bbe8dbdd59a97c2",
+    "_load_checkpoint_tensors_for_module_path": "c0ebd16528007333",
+}
+#: Everything LogBar 0.4's headless check (and the pytest check it calls) may look up.
+_HEADLESS_NAMES = frozenset({"_HEADLESS_ENV_PREFIXES", "_HEADLESS_ENV_VARS", "_running_under_pytest", "any", "environ",
+                             "get", "lower", "os", "startswith", "strip"})
+_PYTEST_NAMES = frozenset({"_PYTEST_XDIST_WORKER", "argv", "environ", "lower", "os", "str", "sys"})
+
+
+def _headless_mismatch() -> str | None:
+    try:
+        from logbar import terminal
+    except ImportError:
+        return "logbar.terminal is not importable"
+    check = getattr(terminal, "_is_headless_environment", None)
+    pytest_check = getattr(terminal, "_running_under_pytest", None)
+    if check is None or pytest_check is None or not all(hasattr(terminal, g) for g in ("_HEADLESS_ENV_VARS", "_HEADLESS_ENV_PREFIXES", "_PYTEST_XDIST_WORKER")):
+        return "logbar.terminal._is_headless_environment, _running_under_pytest or their globals are missing"
+    if _params(check) != {"notebook"}:
+        return "expected _is_headless_environment(*, notebook)"
+    if not _all_names(check) <= _HEADLESS_NAMES or not _all_names(pytest_check) <= _PYTEST_NAMES:
+        return "expected LogBar's headless check to read only os.environ, sys.argv and its own globals"
+    if not isinstance(getattr(os.environ, "_data", None), dict):
+        return "os.environ keeps no plain dict (_data) to compare"
+    return None
+
+
+def _checkpoint_mismatch() -> str | None:
+    from gptqmodel.utils import structure
+
+    turtle = getattr(structure, "LazyTurtle", None)
+    if turtle is None or not hasattr(structure, "safe_open") or getattr(structure, "os", None) is not os:
+        return "gptqmodel.utils.structure.LazyTurtle, safe_open or os is missing"
+    differ = [name for name, digest in _CHECKPOINT_SOURCES.items()
+              if _source_digest(getattr(turtle, name, None) or (lambda: None)) != digest]
+    if differ:
+        return "LazyTurtle." + ", ".join(differ) + " differ from GPTQModel 7.6.0's source"
+    return None
+
+
 def internals_mismatch() -> dict[str, str]:
-    """Part (``materialize``/``offload``/``progress``) -> what differs from the GPTQModel 7.6 internals it patches."""
+    """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``) -> what differs from the
+    GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
@@ -130,6 +217,9 @@ def internals_mismatch() -> dict[str, str]:
         problems["offload"] = "gptqmodel.utils.offload.get_module_fullname or _offload_to_disk_impl is missing"
     elif _params(fullname) != {"model", "module"} or "get_module_fullname" not in _names(impl):
         problems["offload"] = "expected offload.get_module_fullname(model, module), looked up by _offload_to_disk_impl"
+    for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch())):
+        if why is not None:
+            problems[part] = why
     try:
         from logbar import logbar as logbar_module
         from logbar import progress as logbar_progress
@@ -177,6 +267,66 @@ def _memo_notebook_check(original: Callable) -> Callable:
     return _running_in_notebook_environment
 
 
+class _HeadlessMemo:
+    """LogBar's ``_is_headless_environment`` answered once per ``notebook`` flag while everything it reads is
+    unchanged: the whole environment (``os.environ``'s dict, compared in C), ``sys.argv[0]`` and the
+    ``logbar.terminal`` globals it looks up. Anything changed: LogBar is asked again."""
+
+    def __init__(self, original: Callable, terminal: types.ModuleType):
+        self.original = original
+        self.terminal = terminal
+        self.lock = threading.Lock()
+        self.hits = self.misses = 0
+        self.state: tuple = (None, None, None, {})  # (objects, argv[0], environment copy, notebook -> answer)
+
+    def _objects(self) -> tuple:
+        t = self.terminal
+        return (os.environ, t._running_under_pytest, t._HEADLESS_ENV_VARS, t._HEADLESS_ENV_PREFIXES, t._PYTEST_XDIST_WORKER)
+
+    def __call__(self, *, notebook: bool = False) -> bool:
+        objects, argv0, env, answers = self.state  # replaced whole, never edited but for answers
+        now = self._objects()
+        now_argv0 = sys.argv[0] if sys.argv else None
+        data = getattr(os.environ, "_data", None)
+        same = (objects is not None and all(a is b for a, b in zip(now, objects)) and now_argv0 == argv0
+                and isinstance(data, dict) and data == env)
+        if same and notebook in answers:
+            with self.lock:
+                self.hits += 1
+            return answers[notebook]
+        if not same:
+            answers = {}
+            self.state = (now, now_argv0, dict(data) if isinstance(data, dict) else None, answers)
+        answer = answers[notebook] = self.original(notebook=notebook)
+        with self.lock:
+            self.misses += 1
+        return answer
+
+
+class _CheckpointIndex:
+    """One pass over a ``LazyTurtle`` weight map: every tensor-name prefix that ends before a ``.`` (so
+    "some tensor name starts with ``p.``" is ``p in prefixes``) and, per module path, its direct
+    tensors (``(relative name, full name)``, in weight-map order)."""
+
+    def __init__(self, weight_map: dict[str, str]):
+        self.source = weight_map
+        self.size = len(weight_map)
+        self.prefixes: set[str] = set()
+        self.direct: dict[str, list[tuple[str, str]]] = {}
+        for full_name in weight_map:
+            dot = full_name.find(".")
+            while dot != -1:
+                self.prefixes.add(full_name[:dot])
+                dot = full_name.find(".", dot + 1)
+            last = full_name.rfind(".")
+            if last != -1 and last + 1 < len(full_name):
+                self.direct.setdefault(full_name[:last], []).append((full_name[last + 1:], full_name))
+
+    def current(self, weight_map: Any) -> bool:
+        """Still an index of ``weight_map`` (the same dict, the same size; GPTQModel never edits it)."""
+        return weight_map is self.source and len(weight_map) == self.size
+
+
 # ----- the patches ---------------------------------------------------------------------------
 class _Lean:
     """State shared by the patched functions of one :func:`lean_bookkeeping` block."""
@@ -189,6 +339,7 @@ class _Lean:
         self.stats = stats
         self.lock = threading.Lock()
         self.local = threading.local()  # .hint: (root, target, path) while one materialize runs
+        self.indexes: dict[int, _CheckpointIndex] = {}  # id(LazyTurtle) -> index of its weight map (checked on use)
 
     def _stock(self, reason: str) -> None:
         with self.lock:
@@ -284,6 +435,61 @@ class _Lean:
 
         return get_module_fullname
 
+    def _index(self, turtle: Any) -> _CheckpointIndex | None:
+        weight_map = getattr(turtle, "_weight_map", None)
+        if not isinstance(weight_map, dict):
+            return None
+        index = self.indexes.get(id(turtle))
+        if index is None or not index.current(weight_map):
+            index = _CheckpointIndex(weight_map)  # a rebuild by two threads at once builds the same index
+            self.indexes[id(turtle)] = index
+        return index
+
+    # LazyTurtle._resolve_checkpoint_module_path
+    def resolve_path(self, original: Callable) -> Callable:
+        lean = self
+
+        @functools.wraps(original)
+        def _resolve_checkpoint_module_path(self, module_path):
+            # GPTQModel tries the candidates of _runtime_to_checkpoint_alias_candidates(module_path) in
+            # order, and that list starts with module_path itself: when a tensor name starts with
+            # "module_path.", module_path is its answer.
+            index = lean._index(self)
+            if index is not None and isinstance(module_path, str) and module_path and module_path in index.prefixes:
+                with lean.lock:
+                    lean.stats.checkpoint_path_indexed += 1
+                return module_path
+            return original(self, module_path)
+
+        return _resolve_checkpoint_module_path
+
+    # LazyTurtle._load_checkpoint_tensors_for_module_path
+    def load_tensors(self, original: Callable) -> Callable:
+        from gptqmodel.utils import structure
+
+        lean = self
+
+        @functools.wraps(original)
+        def _load_checkpoint_tensors_for_module_path(self, *, module_path, recurse):
+            index = lean._index(self)
+            if recurse or index is None:
+                return original(self, module_path=module_path, recurse=recurse)
+            resolved = self._resolve_checkpoint_module_path(module_path)
+            by_shard: dict[str, list[tuple[str, str]]] = {}  # shards in first-seen order, as GPTQModel groups them
+            for rel_name, full_name in index.direct.get(resolved, ()):
+                by_shard.setdefault(self._weight_map[full_name], []).append((rel_name, full_name))
+            tensors = {}
+            for shard, names in by_shard.items():
+                shard_path = structure.os.path.join(self.model_local_path, shard)
+                with structure.safe_open(shard_path, framework="pt", device="cpu") as handler:
+                    for rel_name, full_name in names:
+                        tensors[rel_name] = handler.get_tensor(full_name)
+            with lean.lock:
+                lean.stats.checkpoint_loads_indexed += 1
+            return tensors
+
+        return _load_checkpoint_tensors_for_module_path
+
 
 def _ties_nothing(model: nn.Module) -> bool:
     """True when ``model.tie_weights()`` has nothing to tie (Transformers 5: an empty tying mapping)."""
@@ -296,39 +502,64 @@ def _ties_nothing(model: nn.Module) -> bool:
         return False
 
 
+#: Every part :func:`lean_bookkeeping` can patch.
+PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index"})
+
+
 @contextmanager
-def lean_bookkeeping(gptq_model: Any) -> Iterator[BookkeepingStats]:
+def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator[BookkeepingStats]:
     """Inside the block, GPTQModel's per-module materialize and offload bookkeeping of the expert
     projections of ``gptq_model`` (a GPTQModel model) skips its whole-model scans (see the module
-    docstring). Restored on exit."""
+    docstring). ``parts`` (default: all of :data:`PARTS`) picks which; the rest stays stock.
+    Restored on exit."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
+    unknown = set(parts) - PARTS
+    if unknown:
+        raise ValueError(f"unknown lean bookkeeping parts {sorted(unknown)}; known: {sorted(PARTS)}")
     stats = BookkeepingStats()
-    problems = internals_mismatch()
+    problems = {part: why for part, why in internals_mismatch().items() if part in parts}
     for part, why in problems.items():
         stats.disabled[part] = why
         logger.warning(
             "GPTQModel's internals differ from what defuser-quant's lean %s bookkeeping expects (%s); "
             "GPTQModel's own per-module %s runs (same result, slower)", part, why, part,
         )
+    enabled = set(parts) - set(problems)
     paths = expert_projection_paths(gptq_model.model)
     lean = _Lean(gptq_model, paths, _ties_nothing(gptq_model.model), stats)
+    headless = None
     with ExitStack() as stack:
-        if paths and "materialize" not in problems:
+        if paths and "materialize" in enabled:
             stack.enter_context(patched(BaseQModel, "shell_module_materialize", lean.materialize(BaseQModel.shell_module_materialize)))
             stack.enter_context(patched(structure, "_get_qualified_name", lean.qualified_name(structure._get_qualified_name)))
             turtle = structure.LazyTurtle
             stack.enter_context(patched(turtle, "materialize_submodule", lean.turtle_materialize(turtle.materialize_submodule)))
-        if paths and "offload" not in problems:
+        if paths and "offload" in enabled:
             stack.enter_context(patched(offload, "get_module_fullname", lean.module_fullname(offload.get_module_fullname)))
-        if "progress" not in problems and _ipython_missing():
+        if "checkpoint_index" in enabled:
+            turtle = structure.LazyTurtle
+            stack.enter_context(patched(turtle, "_resolve_checkpoint_module_path",
+                                        lean.resolve_path(turtle._resolve_checkpoint_module_path)))
+            stack.enter_context(patched(turtle, "_load_checkpoint_tensors_for_module_path",
+                                        lean.load_tensors(turtle._load_checkpoint_tensors_for_module_path)))
+        if "progress" in enabled and _ipython_missing():
             from logbar import logbar as logbar_module
             from logbar import progress as logbar_progress
 
             memo = _memo_notebook_check(logbar_module._running_in_notebook_environment)
             stack.enter_context(patched(logbar_module, "_running_in_notebook_environment", memo))
             stack.enter_context(patched(logbar_progress, "_running_in_notebook_environment", memo))
-        yield stats
+        if "headless" in enabled:
+            from logbar import terminal
+
+            headless = _HeadlessMemo(terminal._is_headless_environment, terminal)
+            stack.enter_context(patched(terminal, "_is_headless_environment", headless))
+        try:
+            yield stats
+        finally:
+            if headless is not None:
+                stats.headless_memo_hits, stats.headless_memo_misses = headless.hits, headless.misses
     if stats.stock:
         logger.debug("lean bookkeeping left to GPTQModel: %s", dict(stats.stock))
