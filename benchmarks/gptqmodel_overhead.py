@@ -11,6 +11,14 @@ the stage clock synchronises nothing.
 
     python benchmarks/gptqmodel_overhead.py --out /tmp/prof                      # ours grouped + batched
     python benchmarks/gptqmodel_overhead.py --out /tmp/prof --variant stock      # GPTQModel + Defuser
+
+Comparing lean-bookkeeping parts in one session (``--lean-parts``: the parts of
+``overhead.lean_bookkeeping`` to use; ``--result`` writes the report with its command line,
+``--before``/``--also`` embed earlier reports of the same session):
+
+    python benchmarks/gptqmodel_overhead.py --out /tmp/b1 --no-profile --lean-parts materialize,offload,progress
+    python benchmarks/gptqmodel_overhead.py --out /tmp/a1 --no-profile \
+        --before /tmp/b1/overhead.json --result benchmarks/results/NAME.json
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import io
 import json
 import os
 import pstats
+import shlex
 import sys
 import tempfile
 import threading
@@ -48,7 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=60)
     p.add_argument("--stock-bookkeeping", action="store_true",
                    help="ours without lean_bookkeeping (GPTQModel's own per-module materialize/offload scans)")
+    p.add_argument("--lean-parts", default=None,
+                   help="comma-separated lean_bookkeeping parts to use (default: all; see overhead.PARTS)")
+    p.add_argument("--result", type=Path, default=None, help="also write the report, with its command line, here")
+    p.add_argument("--before", type=Path, nargs="+", default=[],
+                   help="reports (overhead.json) of earlier runs of this session to embed as before_same_session")
+    p.add_argument("--also", type=Path, nargs="+", default=[],
+                   help="reports of repeats of this same configuration to embed as repeats_same_session")
+    p.add_argument("--note", default=None, help="free text stored in the report")
     args = p.parse_args(argv)
+    command = shlex.join(["python", "benchmarks/gptqmodel_overhead.py", *(argv if argv is not None else sys.argv[1:])])
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -90,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
 
         install()
+        if args.lean_parts is not None:
+            _use_lean_parts(frozenset(part for part in args.lean_parts.split(",") if part))
     model = GPTQModel.load(str(work / "src"), QuantizeConfig(bits=4, group_size=128), device=args.device)
     main_prof = cProfile.Profile()
     profiles.append(main_prof)
@@ -110,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     quantize_s = time.perf_counter() - t0
     threading.Thread.run = run
 
-    report = {"variant": args.variant, "lean_bookkeeping": args.variant != "stock" and not args.stock_bookkeeping,
+    report = {"command": command, "variant": args.variant,
+              "lean_bookkeeping": args.variant != "stock" and not args.stock_bookkeeping,
+              "lean_parts": sorted(args.lean_parts.split(",")) if args.lean_parts is not None else "all",
               "quantize_s": round(quantize_s, 2), "solve": solve, "bookkeeping": bookkeeping,
               "gptq_solves": kernels.as_dict()["gptq_solves"],
               **{k: kernels.as_dict()[k] for k in ("stage_wall_seconds", "stage_seconds", "busy_wall_seconds", "stage_calls")}, "shape": vars(shape), "threads_profiled": len(profiles)}
@@ -129,7 +151,36 @@ def main(argv: list[str] | None = None) -> int:
         stats.dump_stats(str(args.out / "profile.pstats"))
     (args.out / "overhead.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
+    if args.result is not None:
+        report["modules"] = report["stage_calls"].get("finalize", 0)
+        if args.note:
+            report["note"] = args.note
+        if args.before:
+            report["before_same_session"] = [_summary(path) for path in args.before]
+        if args.also:
+            report["repeats_same_session"] = [_summary(path) for path in args.also]
+        args.result.parent.mkdir(parents=True, exist_ok=True)
+        args.result.write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def _use_lean_parts(parts: frozenset[str]) -> None:
+    """quantize_with_defuser's lean bookkeeping restricted to ``parts`` (for before/after runs)."""
+    import functools
+
+    from defuser_quant.integrations.gptqmodel import calibration, overhead
+
+    unknown = parts - overhead.PARTS
+    if unknown:
+        raise SystemExit(f"--lean-parts: unknown {sorted(unknown)}; known: {sorted(overhead.PARTS)}")
+    calibration._lean_bookkeeping = functools.partial(overhead.lean_bookkeeping, parts=parts)
+
+
+def _summary(path: Path) -> dict:
+    """The timing part of an earlier report (its command, quantize seconds, stages, bookkeeping)."""
+    run = json.loads(path.read_text())
+    keys = ("command", "lean_parts", "quantize_s", "stage_wall_seconds", "busy_wall_seconds", "stage_calls", "bookkeeping")
+    return {k: run[k] for k in keys if k in run}
 
 
 if __name__ == "__main__":
