@@ -15,8 +15,8 @@ with exactly the rows it would have received in the loop, in the same row order:
   ``defuser_quant.integrations.llmcompressor`` registers them) when, for this input, it calls
   the class forward on the same rows and nothing else;
 * a registered :class:`BatchedForwardHook` runs the forward hooks it recognises (llm-compressor's
-  GPTQ Hessian hook) for all the experts of a role at once, after the role's other hooks, with
-  the same rows each hook would have received.
+  GPTQ Hessian hook) for all the experts and roles of a grouped call at once, after their other
+  hooks, with the same rows each hook would have received.
 
 Only the projection outputs differ from the loop, by the rounding of a grouped versus a
 per-expert GEMM (bit-equal on the CPU here), so Hessians built from the inputs agree within
@@ -230,15 +230,17 @@ class BatchedForwardHook:
     """A kind of forward hook the grouped forward may run for all the experts of a role at once.
 
     Only for hooks that return None, read nothing but their module and its input rows (not the
-    output), and touch only their own module's state, so running them after the role's other hooks
-    changes nothing. ``match(hook)``: ``(owner, extra)`` when ``hook`` is of this kind (hooks with
-    one owner run in one batch; ``extra`` is the hook's own data), else None; asked once per hook
-    function. ``run(owner, modules, extras, rows, starts, sizes)`` does what calling each hook as
-    ``hook(module, (rows[start:start + size],), output)`` would do, for all of them.
+    output), and touch only their own module's state, so running them once the block's grouped
+    call is done changes nothing. ``match(hook)``: ``(owner, extra)`` when ``hook`` is of this kind
+    (hooks with one owner run in one batch; ``extra`` is the hook's own data), else None; asked once
+    per hook function. ``run(owner, members)`` does what calling each member's hook as
+    ``hook(module, (rows[start:start + size],), output)`` would do, for all the members
+    ``(module, extra, rows, start, size)`` of the call (every role; ``rows`` is the role's whole
+    input, the same tensor for roles that share it, e.g. gate and up).
     """
 
     match: Callable[[Callable], tuple[object, object] | None]
-    run: Callable[[object, list, list, torch.Tensor, list[int], list[int]], None]
+    run: Callable[[object, list[tuple[nn.Module, object, torch.Tensor, int, int]]], None]
 
 
 _BATCHED: dict[str, BatchedForwardHook] = {}
@@ -759,17 +761,17 @@ def _call_pre_hooks(m: nn.Module, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _call_post_hooks(
-    m: nn.Module, inner_hook: Callable | None, rows: torch.Tensor, out: torch.Tensor, batches: dict | None = None, at: int = 0
+    m: nn.Module, inner_hook: Callable | None, rows: torch.Tensor, out: torch.Tensor, queue: Callable | None = None
 ) -> torch.Tensor:
-    """Run ``m``'s forward hooks on its rows; with ``batches``, the batchable ones are queued there
-    (``(kind, id(owner)) -> (owner, [(module, extra, at)])``) instead of called."""
+    """Run ``m``'s forward hooks on its rows; with ``queue``, the batchable ones are handed to
+    ``queue(kind, owner, extra)`` instead of called."""
     if inner_hook is not None:
         inner_hook(m, rows, out)
     for hook in tuple(m._forward_hooks.values()):
-        if batches is not None and _BATCHED:
+        if queue is not None:
             kind = _hook_kind(hook)
             if kind:
-                batches.setdefault((kind[0], id(kind[1])), (kind[1], []))[1].append((m, kind[2], at))
+                queue(*kind)
                 continue
         result = hook(m, (rows,), out)
         if result is not None:
@@ -777,20 +779,36 @@ def _call_post_hooks(
     return out
 
 
-def _run_batches(batches: dict, x: torch.Tensor, starts: list[int], sizes: list[int]) -> None:
-    for (kind, _), (owner, members) in batches.items():
-        kind.run(owner, [m for m, _, _ in members], [extra for _, extra, _ in members], x,
-                 [starts[i] for _, _, i in members], [sizes[i] for _, _, i in members])
+class _Batches:
+    """Batchable hook calls queued over the roles of one grouped call, run together at its end.
+
+    Members: ``(module, extra, rows, start, size)`` with ``rows`` the role's whole input (the
+    gate and up roles share it, so a batched hook can compute what they have in common once)."""
+
+    def __init__(self) -> None:
+        self.by_owner: dict[tuple[BatchedForwardHook, int], tuple[object, list]] = {}
+
+    def queue_for(self, m: nn.Module, rows: torch.Tensor, start: int, size: int) -> Callable:
+        def queue(kind: BatchedForwardHook, owner: object, extra: object) -> None:
+            self.by_owner.setdefault((kind, id(owner)), (owner, []))[1].append((m, extra, rows, start, size))
+
+        return queue
+
+    def run(self) -> None:
+        for (kind, _), (owner, members) in self.by_owner.items():
+            kind.run(owner, members)
+        self.by_owner.clear()
 
 
 def _project(
     role: _Role, x: torch.Tensor, hit: list[int], sizes: list[int], offs: torch.Tensor, expert_ids: torch.Tensor | None,
-    span: slice,
+    span: slice, batches: _Batches | None = None,
 ) -> torch.Tensor:
     """One projection role over the experts of ``span``: hooks per expert (only where there are any), one grouped GEMM.
 
     ``hit`` are the experts with rows (ascending), ``sizes`` their row counts, ``offs`` the int32
-    end offsets of every expert of ``span``, ``expert_ids`` each row's expert (for the bias).
+    end offsets of every expert of ``span``, ``expert_ids`` each row's expert (for the bias);
+    batchable hooks go to ``batches`` (the caller runs them).
     """
     modules = role.modules
     pieces = None
@@ -817,14 +835,13 @@ def _project(
         pieces = x.split(sizes)
     outs = list(out.split(sizes))
     changed = False
-    batches: dict | None = {} if _BATCHED else None
+    starts = list(itertools.accumulate(sizes, initial=0)) if batches is not None else None
     for i in post:
         e = hit[i]
-        new = _call_post_hooks(modules[e], None if inner is None else inner[e], pieces[i], outs[i], batches, i)
+        queue = None if batches is None else batches.queue_for(modules[e], x, starts[i], sizes[i])
+        new = _call_post_hooks(modules[e], None if inner is None else inner[e], pieces[i], outs[i], queue)
         if new is not outs[i]:
             outs[i], changed = new, True
-    if batches:
-        _run_batches(batches, x, list(itertools.accumulate(sizes, initial=0))[:-1], sizes)
     return torch.cat(outs) if changed else out
 
 
@@ -837,9 +854,13 @@ def _run_sorted(
     sizes = [counts[e - first] for e in hit]
     span = slice(first, first + len(counts))
     roles = plan.roles
-    gate = _project(roles[0], x, hit, sizes, offs, expert_ids, span) if len(roles) == 3 else None
-    up = _project(roles[-2], x, hit, sizes, offs, expert_ids, span)
-    return _project(roles[-1], plan.gate_fn(gate, up), hit, sizes, offs, expert_ids, span)
+    batches = _Batches() if _BATCHED else None
+    gate = _project(roles[0], x, hit, sizes, offs, expert_ids, span, batches) if len(roles) == 3 else None
+    up = _project(roles[-2], x, hit, sizes, offs, expert_ids, span, batches)
+    out = _project(roles[-1], plan.gate_fn(gate, up), hit, sizes, offs, expert_ids, span, batches)
+    if batches is not None:
+        batches.run()
+    return out
 
 
 def grouped_routed_forward(

@@ -313,7 +313,9 @@ def test_cuda_syncs_per_block_call(mode):
                     block(*args, **kwargs)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-            syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+            # the first use of the debug mode in a process also warns that it is a prototype: not a sync
+            syncs = [str(w.message) for w in caught
+                     if "synchroniz" in str(w.message).lower() and "prototype feature" not in str(w.message)]
             if mode == "routed":
                 assert len(syncs) == 1, syncs
             else:  # routed counts (bincount), the complement (nonzero, its sizes), the grouped forward's counts

@@ -260,6 +260,7 @@ def test_batched_gptq_hessians_equal_the_hooks_and_respect_disabled_hooks():
     batching = last_batching()
     got, want = _hessians(grouped, m_grouped), _hessians(looped, m_loop)
     assert len(got) == len(want) > 0 and batching.by_hook == len(want) and batching.batched == 2 * len(want)
+    assert batching.products * 3 == batching.batched * 2  # gate and up share each expert's product; down has its own
     for (h, n), (h_ref, n_ref) in zip(got, want, strict=True):
         assert n == n_ref == 3 and torch.equal(h, h_ref)
 

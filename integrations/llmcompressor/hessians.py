@@ -7,10 +7,11 @@ off). Per call and expert that hook converts the rows to float32, scales them by
 kernels and a Python call chain per expert, which on a GPU bound the calibration forward.
 
 :func:`batched_gptq_hessians` registers the hook with the grouped forward
-(``calibration.grouped.register_batched_hook``): per role and call the rows are converted and
-scaled once, each expert gets its one matmul (the same operands, strides and summation order as
-the hook's) added to its Hessian, and the sample counts are bumped in one multi-tensor add. The
-Hessians are those of the hook, bit for bit where the matmul kernel is the same. A hook that is
+(``calibration.grouped.register_batched_hook``): per grouped call each role's input is converted
+and scaled once, each expert's product is computed once (the same operands, strides and summation
+order as the hook's matmul) and added to every Hessian whose module saw those rows (gate and up
+share their input: one product for both), and the sample counts are bumped in one multi-tensor
+add. The Hessians are those of the hook, bit for bit where the matmul kernel is the same. A hook that is
 switched off is skipped, as it would return at once; a module the hook has not seen yet (first
 call: it allocates the Hessian), a Hessian on another device, or not a plain ``nn.Linear`` gets the
 hook itself; a subclass's own ``calibrate_module``, or a changed llm-compressor (another hook
@@ -41,10 +42,12 @@ GPTQ_HESSIANS = "llmcompressor.gptq_calibrate_module"
 
 @dataclass
 class HessianBatching:
-    """What ran inside one :func:`batched_gptq_hessians` block: accumulations done batched, and
-    those left to the hook itself (first call of a module, Hessian elsewhere, not a plain Linear)."""
+    """What ran inside one :func:`batched_gptq_hessians` block: accumulations done batched, the
+    products they needed (roles that share their rows share one), and accumulations left to the
+    hook itself (first call of a module, Hessian elsewhere, not a plain Linear)."""
 
     batched: int = 0
+    products: int = 0
     by_hook: int = 0
 
 
@@ -82,26 +85,33 @@ def _match(hook: Callable) -> tuple[object, object] | None:
     return modifier, cells[names.index("handle")]
 
 
-def _run(modifier: object, modules: list, handles: list, rows: torch.Tensor, starts: list[int], sizes: list[int]) -> None:
+def _run(modifier: object, members: list) -> None:
+    """The hooks of one grouped call: each distinct input converted and scaled once, each expert's
+    product computed once and added to every Hessian whose module saw those rows (gate and up)."""
     mixin = _LLMC.HooksMixin
-    disabled = mixin._HOOKS_DISABLED
-    keep = mixin._HOOKS_KEEP_ENABLED
+    disabled, keep = mixin._HOOKS_DISABLED, mixin._HOOKS_KEEP_ENABLED
     hessians, counts = modifier._hessians, modifier._num_samples
-    scaled = None
+    scaled: dict[int, torch.Tensor] = {}
+    products: dict[tuple[int, int, int], torch.Tensor] = {}
     bumped = []
-    for module, handle, start, size in zip(modules, handles, starts, sizes, strict=True):
+    for module, handle, rows, start, size in members:
         if disabled and handle.cell_contents not in keep:
             continue  # the wrapped hook returns at once
-        piece = rows[start:start + size]
         hessian = hessians.get(module) if module in counts else None
-        if hessian is None or type(module) is not nn.Linear or hessian.device != rows.device or piece.dim() != 2:
-            modifier.calibrate_module(module, (piece,), None)  # the hook's own path (allocates on first use)
+        if hessian is None or type(module) is not nn.Linear or hessian.device != rows.device or rows.dim() != 2:
+            modifier.calibrate_module(module, (rows[start:start + size],), None)  # the hook's own path (allocates on first use)
             _LAST.by_hook += 1
             continue
-        if scaled is None:  # the hook's `math.sqrt(2) * inp.to(float32)`, elementwise: once for the role's rows
-            scaled = math.sqrt(2) * rows.to(dtype=_LLMC.precision)
-        inp = scaled[start:start + size].t()  # the hook's [features, rows] view of its [rows, features] input
-        hessian += inp.matmul(inp.t())
+        key = (id(rows), start, size)
+        product = products.get(key)
+        if product is None:
+            whole = scaled.get(id(rows))
+            if whole is None:  # the hook's `math.sqrt(2) * inp.to(float32)`, elementwise: once per input
+                whole = scaled[id(rows)] = math.sqrt(2) * rows.to(dtype=_LLMC.precision)
+            inp = whole[start:start + size].t()  # the hook's [features, rows] view of its [rows, features] input
+            product = products[key] = inp.matmul(inp.t())
+            _LAST.products += 1
+        hessian += product
         bumped.append(counts[module])
     if bumped:
         torch._foreach_add_(bumped, 1)  # a 2-D input is one sample to the hook (unsqueezed to a batch of one)
@@ -128,4 +138,5 @@ def batched_gptq_hessians() -> Iterator[bool]:
         yield True
     finally:
         unregister_batched_hook(GPTQ_HESSIANS)
-        logger.debug("GPTQ Hessians: %d accumulations batched, %d through the hook", _LAST.batched, _LAST.by_hook)
+        logger.debug("GPTQ Hessians: %d accumulations batched (%d products), %d through the hook",
+                     _LAST.batched, _LAST.products, _LAST.by_hook)
