@@ -918,9 +918,18 @@ def grouped_routed_forward_with_counts(
     return final, counts
 
 
-#: Forced rows run in chunks of whole experts of at most this many rows per batch token (at
-#: least one expert per chunk), so ``all`` needs about the activation memory of a top-8 routed pass.
+#: Forced rows run in chunks of whole experts (at least one expert per chunk) of at most this many
+#: rows per batch token, so ``all`` needs about the activation memory of a top-8 routed pass ...
 FORCED_ROWS_PER_TOKEN = 8
+#: ... or, when more, as many rows as fit this many bytes of gathered input: a short batch then
+#: runs its forced rows in one or a few chunks instead of one per handful of experts.
+FORCED_CHUNK_BYTES = 256 * 2**20
+
+
+def forced_chunk_rows(hidden_states: torch.Tensor) -> int:
+    """Rows per forced chunk for this batch (see ``FORCED_ROWS_PER_TOKEN`` and ``FORCED_CHUNK_BYTES``)."""
+    row_bytes = max(1, hidden_states.shape[-1] * hidden_states.element_size())
+    return max(FORCED_ROWS_PER_TOKEN * hidden_states.shape[0], FORCED_CHUNK_BYTES // row_bytes)
 
 
 def _on(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -935,7 +944,7 @@ def grouped_expert_calls(
     """Run ``block[e](hidden_states[idx])`` for every ``e, idx`` of ``selection``, grouped; outputs dropped.
 
     Experts run in ascending order, in chunks of whole experts of at most ``max_rows`` rows
-    (default ``FORCED_ROWS_PER_TOKEN`` x the batch's tokens); an expert's rows are never split,
+    (default :func:`forced_chunk_rows`); an expert's rows are never split,
     so its hooks see one call with all of them, as in the loop. Returns False (nothing run) when
     the block cannot run grouped; the caller then loops.
     """
@@ -946,7 +955,7 @@ def grouped_expert_calls(
     _record(None)
     sizes = {e: idx.numel() for e, idx in selection.items()}
     experts = sorted(e for e, n in sizes.items() if n)
-    limit = max_rows if max_rows is not None else FORCED_ROWS_PER_TOKEN * hidden_states.shape[0]
+    limit = max_rows if max_rows is not None else forced_chunk_rows(hidden_states)
     device = hidden_states.device
     chunk: list[int] = []
     rows = 0

@@ -346,3 +346,28 @@ def test_registered_forward_wrappers_are_vouched_for_by_their_own_check():
     assert "no registered wrapper" in why_not_grouped(block, x)
     with pytest.raises(ValueError, match="code= or matches="):
         ForwardWrapper(why_not_plain=lambda m, t: None, inner=lambda m, f: None)
+
+
+@pytest.mark.parametrize(("budget", "chunks"), [(None, 1), (1, "per_token")])
+def test_forced_chunk_size_takes_the_larger_of_the_row_and_byte_budgets(monkeypatch, budget, chunks):
+    """A short batch's forced rows run in one chunk while they fit the byte budget; a tiny budget
+    falls back to FORCED_ROWS_PER_TOKEN x tokens rows per chunk."""
+    from defuser_quant.calibration import grouped
+
+    _, model = build_pair("qwen3_moe")
+    _, block = blocks(model)[0]
+    x = torch.randn(6, next(block[0].children()).in_features, generator=torch.Generator().manual_seed(0))
+    selection = {e: torch.arange(6) for e in range(len(block))}  # every token through every expert
+    if budget is not None:
+        monkeypatch.setattr(grouped, "FORCED_CHUNK_BYTES", budget)
+        monkeypatch.setattr(grouped, "FORCED_ROWS_PER_TOKEN", 2)  # 12 rows: 48 forced rows in 4 chunks
+    runs = []
+    original = grouped._run_sorted
+    monkeypatch.setattr(grouped, "_run_sorted", lambda *a, **k: runs.append(a[2]) or original(*a, **k))
+    with torch.no_grad():
+        assert grouped.grouped_expert_calls(block, x, selection)
+    limit = grouped.forced_chunk_rows(x)
+    assert limit == (grouped.FORCED_ROWS_PER_TOKEN * 6 if budget else grouped.FORCED_CHUNK_BYTES // (x.shape[1] * 4))
+    expected = 1 if chunks == 1 else -(-len(block) * 6 // limit)
+    assert expected == (1 if chunks == 1 else 4)
+    assert len(runs) == expected and all(sum(c) <= limit for c in runs)

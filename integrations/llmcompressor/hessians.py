@@ -87,12 +87,14 @@ def _match(hook: Callable) -> tuple[object, object] | None:
 
 def _run(modifier: object, members: list) -> None:
     """The hooks of one grouped call: each distinct input converted and scaled once, each expert's
-    product computed once and added to every Hessian whose module saw those rows (gate and up)."""
+    product computed once and added to every Hessian whose module saw those rows (gate and up).
+
+    Work goes input by input and rows by rows, so at most one scaled input and one product are
+    alive at a time (a block's products kept together would be experts x features^2 floats)."""
     mixin = _LLMC.HooksMixin
     disabled, keep = mixin._HOOKS_DISABLED, mixin._HOOKS_KEEP_ENABLED
     hessians, counts = modifier._hessians, modifier._num_samples
-    scaled: dict[int, torch.Tensor] = {}
-    products: dict[tuple[int, int, int], torch.Tensor] = {}
+    inputs: dict[int, tuple[torch.Tensor, dict[tuple[int, int], list[torch.Tensor]]]] = {}
     bumped = []
     for module, handle, rows, start, size in members:
         if disabled and handle.cell_contents not in keep:
@@ -102,17 +104,17 @@ def _run(modifier: object, members: list) -> None:
             modifier.calibrate_module(module, (rows[start:start + size],), None)  # the hook's own path (allocates on first use)
             _LAST.by_hook += 1
             continue
-        key = (id(rows), start, size)
-        product = products.get(key)
-        if product is None:
-            whole = scaled.get(id(rows))
-            if whole is None:  # the hook's `math.sqrt(2) * inp.to(float32)`, elementwise: once per input
-                whole = scaled[id(rows)] = math.sqrt(2) * rows.to(dtype=_LLMC.precision)
-            inp = whole[start:start + size].t()  # the hook's [features, rows] view of its [rows, features] input
-            product = products[key] = inp.matmul(inp.t())
-            _LAST.products += 1
-        hessian += product
+        inputs.setdefault(id(rows), (rows, {}))[1].setdefault((start, size), []).append(hessian)
         bumped.append(counts[module])
+    for rows, spans in inputs.values():
+        scaled = math.sqrt(2) * rows.to(dtype=_LLMC.precision)  # the hook's conversion, elementwise: once per input
+        for (start, size), targets in spans.items():
+            inp = scaled[start:start + size].t()  # the hook's [features, rows] view of its [rows, features] input
+            product = inp.matmul(inp.t())
+            _LAST.products += 1
+            for hessian in targets:
+                hessian += product
+        del scaled
     if bumped:
         torch._foreach_add_(bumped, 1)  # a 2-D input is one sample to the hook (unsqueezed to a batch of one)
         _LAST.batched += len(bumped)
