@@ -33,6 +33,18 @@ expert projections of our ``DefusedExperts`` blocks only:
   the weight map (tensor-name prefixes; direct tensors per module, in weight-map order) answers
   both; the same tensors are read from the same shards in the same order. Only where GPTQModel's
   functions are exactly the 7.6 source this was checked against (else stock, with a warning).
+* **shard handles** (``safe_open`` of a checkpoint shard, inside the lean materialize of an expert
+  projection): GPTQModel opens the module's shard twice per module (the forward check's tensors, then
+  the copy into the module), and every open parses the whole shard header. Here the opened shards
+  are kept (see :class:`_ShardHandles`) and a read is served by a kept handle that has never handed
+  out that tensor name: ``get_tensor`` returns a view of the handle's private (copy-on-write) file
+  mapping, so a tensor read twice from one handle would share memory and see writes made through
+  the first copy; a handle that serves each name at most once gives what a fresh open gives. A
+  shard whose ``os.stat`` (device, inode, size, mtime) changed is opened again; anything but
+  ``get_tensor`` on the handle goes to a freshly opened one. At most two shards (two handles each)
+  are kept; all are closed when the block ends (also on an exception or Ctrl-C). Kept handles keep
+  their touched pages mapped (the page cache's pages: counted in RSS, not allocated again) until
+  their shard is left or the block ends.
 
 GPTQModel computes and writes exactly what it does without this (same tensors loaded, same
 checkpoint). Anything that does not match (another role, a module outside our blocks, a path
@@ -80,6 +92,10 @@ class BookkeepingStats:
     headless_memo_misses: int = 0  # ... asked of LogBar (first call, or the environment changed)
     checkpoint_path_indexed: int = 0  # LazyTurtle checkpoint-path resolutions answered by the index
     checkpoint_loads_indexed: int = 0  # LazyTurtle per-module tensor loads whose names came from the index
+    shard_opens: int = 0  # checkpoint shards opened (and kept) by the shard-handle part
+    shard_reads_kept: int = 0  # tensors read through a kept shard handle
+    shard_reads_fresh: int = 0  # ... through a handle opened for that one read (no kept handle left for the name)
+    shard_closed: int = 0  # kept handles closed (on leaving a shard, a changed file, or the block's end)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -92,6 +108,10 @@ class BookkeepingStats:
             "headless_memo_misses": self.headless_memo_misses,
             "checkpoint_path_indexed": self.checkpoint_path_indexed,
             "checkpoint_loads_indexed": self.checkpoint_loads_indexed,
+            "shard_opens": self.shard_opens,
+            "shard_reads_kept": self.shard_reads_kept,
+            "shard_reads_fresh": self.shard_reads_fresh,
+            "shard_closed": self.shard_closed,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -182,9 +202,21 @@ def _checkpoint_mismatch() -> str | None:
     return None
 
 
+def _shard_handles_mismatch() -> str | None:
+    from gptqmodel.utils import structure
+
+    try:
+        import safetensors
+    except ImportError:
+        return "safetensors is not importable"
+    if getattr(structure, "safe_open", None) is not getattr(safetensors, "safe_open", None):
+        return "gptqmodel.utils.structure.safe_open is not safetensors.safe_open"
+    return None
+
+
 def internals_mismatch() -> dict[str, str]:
-    """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``) -> what differs from the
-    GPTQModel 7.6 / LogBar 0.4 internals it patches."""
+    """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``) -> what
+    differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
@@ -217,7 +249,10 @@ def internals_mismatch() -> dict[str, str]:
         problems["offload"] = "gptqmodel.utils.offload.get_module_fullname or _offload_to_disk_impl is missing"
     elif _params(fullname) != {"model", "module"} or "get_module_fullname" not in _names(impl):
         problems["offload"] = "expected offload.get_module_fullname(model, module), looked up by _offload_to_disk_impl"
-    for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch())):
+    if "materialize" in problems:
+        problems["shard_handles"] = "needs the lean materialize, which is stock: " + problems["materialize"]
+    for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
+                      ("shard_handles", _shard_handles_mismatch())):
         if why is not None:
             problems[part] = why
     try:
@@ -327,6 +362,131 @@ class _CheckpointIndex:
         return weight_map is self.source and len(weight_map) == self.size
 
 
+def _file_id(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _KeptFile:
+    """The kept handles of one shard, each with the tensor names it has handed out."""
+
+    def __init__(self, file_id: tuple):
+        self.file_id = file_id
+        self.handles: list[tuple[Any, set[str]]] = []
+
+
+class _ShardHandles:
+    """Opened safetensors shards kept between ``safe_open`` calls (``framework="pt"``, ``device="cpu"``).
+
+    ``get_tensor(name)`` hands out a view of the handle's private file mapping, so each kept handle
+    serves a name at most once; a read no kept handle may serve opens a handle for that one read.
+    At most ``max_files`` shards (LRU) with ``per_file`` handles each. Every call holds ``lock``."""
+
+    def __init__(self, opener: Callable, stats: BookkeepingStats, max_files: int = 2, per_file: int = 2):
+        self.opener = opener
+        self.stats = stats
+        self.max_files = max_files
+        self.per_file = per_file
+        self.lock = threading.Lock()
+        self.files: dict[str, _KeptFile] = {}  # path -> kept handles, least recently used first
+        self.closed = False
+
+    def _open(self, path: str, file_id: tuple) -> Any | None:
+        """A new kept handle, or None when the file changed while it was opened."""
+        handle = self.opener(path, framework="pt", device="cpu")
+        if _file_id(path) != file_id:
+            handle.__exit__(None, None, None)
+            return None
+        self.stats.shard_opens += 1
+        return handle
+
+    def _retire(self, path: str) -> None:
+        kept = self.files.pop(path)
+        for handle, _ in kept.handles:
+            handle.__exit__(None, None, None)  # tensors already handed out keep their mapping alive
+            self.stats.shard_closed += 1
+
+    def enter(self, path: str) -> bool:
+        """Make sure ``path`` has a kept handle for its current file (opening it raises as the stock
+        open would); False when it cannot be kept (the pool is closed, or the file changed meanwhile)."""
+        file_id = _file_id(path)
+        with self.lock:
+            if self.closed:
+                return False
+            kept = self.files.get(path)
+            if kept is not None and kept.file_id != file_id:
+                self._retire(path)
+                kept = None
+            if kept is None:
+                handle = self._open(path, file_id)
+                if handle is None:
+                    return False
+                kept = self.files[path] = _KeptFile(file_id)
+                kept.handles.append((handle, set()))
+                while len(self.files) > self.max_files:
+                    self._retire(next(iter(self.files)))
+            else:
+                self.files[path] = self.files.pop(path)  # most recently used last
+            return True
+
+    def get_tensor(self, path: str, name: str) -> Any:
+        with self.lock:
+            kept = self.files.get(path)
+            if kept is not None and not self.closed:
+                for handle, served in kept.handles:
+                    if name not in served:
+                        served.add(name)
+                        self.stats.shard_reads_kept += 1
+                        return handle.get_tensor(name)
+                if len(kept.handles) < self.per_file:
+                    handle = self._open(path, kept.file_id)
+                    if handle is not None:
+                        kept.handles.append((handle, {name}))
+                        self.stats.shard_reads_kept += 1
+                        return handle.get_tensor(name)
+            self.stats.shard_reads_fresh += 1
+        with self.opener(path, framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            for path in list(self.files):
+                self._retire(path)
+
+
+class _KeptShard:
+    """What ``safe_open(path, framework="pt", device="cpu")`` returns inside a lean materialize:
+    ``get_tensor`` through the kept handles; anything else on a handle of its own, opened on first
+    use and closed with this one."""
+
+    def __init__(self, handles: _ShardHandles, path: str):
+        self._handles = handles
+        self._path = path
+        self._own: Any = None
+        self._exited = False
+
+    def __enter__(self) -> _KeptShard:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._exited = True
+        if self._own is not None:
+            self._own.__exit__(*exc)
+
+    def get_tensor(self, name: str) -> Any:
+        if self._exited:
+            return self.__getattr__("get_tensor")(name)  # a closed file: safetensors' own error
+        return self._handles.get_tensor(self._path, name)
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._own is None:
+            self._own = self._handles.opener(self._path, framework="pt", device="cpu")
+            if self._exited:
+                self._own.__exit__(None, None, None)
+        return getattr(self._own, attr)
+
+
 # ----- the patches ---------------------------------------------------------------------------
 class _Lean:
     """State shared by the patched functions of one :func:`lean_bookkeeping` block."""
@@ -340,6 +500,7 @@ class _Lean:
         self.lock = threading.Lock()
         self.local = threading.local()  # .hint: (root, target, path) while one materialize runs
         self.indexes: dict[int, _CheckpointIndex] = {}  # id(LazyTurtle) -> index of its weight map (checked on use)
+        self.shards: _ShardHandles | None = None  # kept shard handles (the shard_handles part)
 
     def _stock(self, reason: str) -> None:
         with self.lock:
@@ -445,6 +606,22 @@ class _Lean:
             self.indexes[id(turtle)] = index
         return index
 
+    # structure.safe_open
+    def shard_open(self, original: Callable) -> Callable:
+        """``safe_open`` that keeps shards open while this thread runs a lean materialize (under
+        GPTQModel's ``_turtle_lock``); any other call, or other arguments: ``original``."""
+        lean = self
+        self.shards = _ShardHandles(original, self.stats)
+
+        @functools.wraps(original)
+        def safe_open(*args, **kwargs):
+            if (getattr(lean.local, "hint", None) is not None and len(args) == 1 and isinstance(args[0], str)
+                    and kwargs == {"framework": "pt", "device": "cpu"} and lean.shards.enter(args[0])):
+                return _KeptShard(lean.shards, args[0])
+            return original(*args, **kwargs)
+
+        return safe_open
+
     # LazyTurtle._resolve_checkpoint_module_path
     def resolve_path(self, original: Callable) -> Callable:
         lean = self
@@ -503,7 +680,7 @@ def _ties_nothing(model: nn.Module) -> bool:
 
 
 #: Every part :func:`lean_bookkeeping` can patch.
-PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index"})
+PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles"})
 
 
 @contextmanager
@@ -527,6 +704,9 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
             "GPTQModel's own per-module %s runs (same result, slower)", part, why, part,
         )
     enabled = set(parts) - set(problems)
+    if "shard_handles" in enabled and "materialize" not in enabled:
+        stats.disabled["shard_handles"] = "needs the materialize part"  # its handles are kept only there
+        enabled.discard("shard_handles")
     paths = expert_projection_paths(gptq_model.model)
     lean = _Lean(gptq_model, paths, _ties_nothing(gptq_model.model), stats)
     headless = None
@@ -544,6 +724,9 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
                                         lean.resolve_path(turtle._resolve_checkpoint_module_path)))
             stack.enter_context(patched(turtle, "_load_checkpoint_tensors_for_module_path",
                                         lean.load_tensors(turtle._load_checkpoint_tensors_for_module_path)))
+        if paths and "shard_handles" in enabled:
+            stack.enter_context(patched(structure, "safe_open", lean.shard_open(structure.safe_open)))
+            stack.callback(lean.shards.close)  # runs before safe_open is restored
         if "progress" in enabled and _ipython_missing():
             from logbar import logbar as logbar_module
             from logbar import progress as logbar_progress
