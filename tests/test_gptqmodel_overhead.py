@@ -77,6 +77,11 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
         assert stats.materialize_fast == experts and stats.offload_fast == experts
         assert stats.tie_weights_skipped == experts  # tie_word_embeddings=False: nothing to tie
         assert not stats.stock
+        # kept shard handles: opened once per handle, never more than two per shard, all closed again
+        assert 1 <= stats.shard_opens <= 2 and stats.shard_closed == stats.shard_opens
+        assert stats.shard_reads_kept + stats.shard_reads_fresh >= experts
+        if source == "src":  # each expert's weight read twice (forward check, copy), both through kept handles
+            assert stats.shard_reads_kept == 2 * experts and stats.shard_reads_fresh == 0
         # every forward preparation's checkpoint lookup came from the index (the fused source's
         # per-expert paths have no tensors of their own: GPTQModel's alias search answers those)
         if source == "src":
@@ -86,6 +91,7 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
     else:  # no lazy source, no offload: GPTQModel's own path for everything, and said why
         assert stats.materialize_fast == stats.offload_fast == 0
         assert stats.stock == {"materialize: no lazy checkpoint source": experts}
+        assert stats.shard_opens == stats.shard_reads_kept == stats.shard_reads_fresh == 0
 
 
 @pytest.mark.slow
@@ -335,3 +341,139 @@ def test_headless_memo_answers_as_logbar_does(monkeypatch):
     assert memo.misses == 2 * len(steps) and memo.hits == len(steps)  # asked again after every change only
     monkeypatch.setattr(terminal, "_running_under_pytest", lambda: True)  # a replaced global is seen too
     assert memo(notebook=True) is False and memo.misses == 2 * len(steps) + 1
+
+
+def _shard(path: Path, **tensors) -> dict:
+    """A safetensors file at ``path`` written to a new inode (os.replace), as a replaced checkpoint would be."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    __import__("os").replace(tmp, path)
+    return {k: v.clone() for k, v in tensors.items()}
+
+
+def test_kept_shard_handles_read_what_a_fresh_open_reads(tmp_path):
+    """A name read again gets the file's bytes even after the first copy was written to (get_tensor hands
+    out views of a handle's copy-on-write mapping), a replaced file is opened again, and a name no kept
+    handle may serve is read through the caller's own handle."""
+    pytest.importorskip("gptqmodel")
+    from safetensors import safe_open
+
+    from defuser_quant.integrations.gptqmodel.overhead import BookkeepingStats, _KeptShard, _ShardHandles
+
+    path = tmp_path / "model.safetensors"
+    want = _shard(path, a=torch.arange(8, dtype=torch.float32), b=torch.ones(3, dtype=torch.bfloat16))
+    stats = BookkeepingStats()
+    kept = _ShardHandles(safe_open, stats)
+    reads = []
+    for _ in range(4):  # GPTQModel's with-blocks: each reads "a" again
+        assert kept.enter(str(path))
+        with _KeptShard(kept, str(path)) as f:
+            reads.append(f.get_tensor("a"))
+            reads[-1].add_(100)  # a write into what was handed out
+    assert stats.shard_opens == 2 and stats.shard_reads_kept == 2 and stats.shard_reads_fresh == 2
+    with _KeptShard(kept, str(path)) as f:
+        assert torch.equal(f.get_tensor("b"), want["b"]) and list(f.keys()) == ["a", "b"]  # keys(): its own handle
+    assert all(torch.equal(t, want["a"] + 100) for t in reads)  # each read saw the file's bytes, not a written copy
+    want = _shard(path, a=torch.full((8,), 7.0), b=torch.zeros(3, dtype=torch.bfloat16))
+    assert kept.enter(str(path)) and stats.shard_closed == 2  # the old handles were closed
+    with _KeptShard(kept, str(path)) as f:
+        assert torch.equal(f.get_tensor("a"), want["a"]) and torch.equal(f.get_tensor("b"), want["b"])
+    kept.close()
+    assert stats.shard_closed == stats.shard_opens == 3 and not kept.files
+    assert not kept.enter(str(path))  # closed: GPTQModel's own open from here on
+
+
+def test_kept_shard_handles_are_used_by_one_thread_at_a_time(tmp_path):
+    """Threads reading through one pool: no handle is read by two threads at once, none serves a name twice."""
+    pytest.importorskip("gptqmodel")
+    import threading
+    import time
+
+    from defuser_quant.integrations.gptqmodel.overhead import BookkeepingStats, _ShardHandles
+
+    problems = []
+
+    class Handle:
+        def __init__(self):
+            self.busy = 0
+            self.served = []
+
+        def get_tensor(self, name):
+            self.busy += 1
+            if self.busy > 1:
+                problems.append("two threads in one handle")
+            time.sleep(0.001)  # lets another thread in, were there no lock
+            self.busy -= 1
+            self.served.append(name)
+            return name
+
+        def __exit__(self, *exc):
+            pass
+
+    handles = []
+
+    def opener(path, framework, device):
+        handles.append(Handle())
+        return handles[-1]
+
+    shard = tmp_path / "f"
+    shard.write_bytes(b"x")
+    kept = _ShardHandles(opener, BookkeepingStats(), per_file=2)
+    assert kept.enter(str(shard)) and len(handles) == 1
+    got = []
+
+    def reader(names):
+        for name in names:
+            got.append((name, kept.kept_tensor(str(shard), name)))
+
+    threads = [threading.Thread(target=reader, args=([f"t{i % 4}.{j}" for j in range(20)],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not problems
+    assert all(len(h.served) == len(set(h.served)) for h in handles)  # a name at most once per handle
+    assert all(tensor == name for name, (ok, tensor) in got if ok)
+    assert sum(ok for _, (ok, _) in got) == 2 * 80 and len(handles) == 2  # each of the 80 names read twice, then left to the caller
+
+
+@pytest.mark.slow
+def test_kept_shards_are_closed_when_the_block_ends_even_on_ctrl_c(plugin, tiny, monkeypatch):  # noqa: F811
+    import safetensors
+    from gptqmodel.looper.named_module import NamedModule
+    from gptqmodel.utils import structure
+
+    from defuser_quant.integrations.gptqmodel.overhead import _KeptShard, lean_bookkeeping
+
+    model = _load(tiny["src"], True)
+    real = safetensors.safe_open
+    opened = []
+
+    def recorded(*args, **kwargs):
+        opened.append(real(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(safetensors, "safe_open", recorded)
+    monkeypatch.setattr(structure, "safe_open", recorded)
+    shard = str(next(Path(tiny["src"]).glob("*.safetensors")))
+    root = "model.layers.0.mlp.experts"
+    targets = [(f"{root}.{e}.{name}", model.model.get_submodule(f"{root}.{e}.{name}")) for e in (0, 1) for name in ("up_proj", "down_proj")]
+    with pytest.raises(KeyboardInterrupt):
+        with lean_bookkeeping(model) as stats:
+            with structure.safe_open(shard, framework="pt", device="cpu") as outside:
+                assert not isinstance(outside, _KeptShard)  # outside a materialize: GPTQModel's own open
+            for path, target in targets:
+                named = NamedModule(target, name=path.removeprefix("model.layers.0."), full_name=path, layer_index=0)
+                model.shell_module_materialize(target_submodule=target, device=torch.device("cpu"), role="forward", named_module=named)
+            kept = len(opened)
+            raise KeyboardInterrupt
+    assert stats.materialize_fast == len(targets) and stats.shard_reads_kept == 2 * len(targets)
+    assert stats.shard_opens == 2 and kept == 3 and stats.shard_reads_fresh == 0  # one shard, two kept handles
+    assert stats.shard_closed == stats.shard_opens
+    for handle in opened:  # every handle opened inside the block is closed
+        with pytest.raises(safetensors.SafetensorError, match="closed"):
+            handle.get_tensor(f"{root}.0.up_proj.weight")
+    with real(shard, framework="pt", device="cpu") as f:
+        assert all(torch.equal(target.weight, f.get_tensor(f"{path}.weight")) for path, target in targets)

@@ -94,7 +94,7 @@ class BookkeepingStats:
     checkpoint_loads_indexed: int = 0  # LazyTurtle per-module tensor loads whose names came from the index
     shard_opens: int = 0  # checkpoint shards opened (and kept) by the shard-handle part
     shard_reads_kept: int = 0  # tensors read through a kept shard handle
-    shard_reads_fresh: int = 0  # ... through a handle opened for that one read (no kept handle left for the name)
+    shard_reads_fresh: int = 0  # ... through the caller's own handle (no kept handle left for the name), as stock
     shard_closed: int = 0  # kept handles closed (on leaving a shard, a changed file, or the block's end)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
@@ -379,7 +379,7 @@ class _ShardHandles:
     """Opened safetensors shards kept between ``safe_open`` calls (``framework="pt"``, ``device="cpu"``).
 
     ``get_tensor(name)`` hands out a view of the handle's private file mapping, so each kept handle
-    serves a name at most once; a read no kept handle may serve opens a handle for that one read.
+    serves a name at most once; a read no kept handle may serve is left to the caller's own handle.
     At most ``max_files`` shards (LRU) with ``per_file`` handles each. Every call holds ``lock``."""
 
     def __init__(self, opener: Callable, stats: BookkeepingStats, max_files: int = 2, per_file: int = 2):
@@ -429,7 +429,9 @@ class _ShardHandles:
                 self.files[path] = self.files.pop(path)  # most recently used last
             return True
 
-    def get_tensor(self, path: str, name: str) -> Any:
+    def kept_tensor(self, path: str, name: str) -> tuple[bool, Any]:
+        """``(True, tensor)`` read through a kept handle that had not handed out ``name``, else
+        ``(False, None)``: the caller reads it through a handle of its own."""
         with self.lock:
             kept = self.files.get(path)
             if kept is not None and not self.closed:
@@ -437,16 +439,15 @@ class _ShardHandles:
                     if name not in served:
                         served.add(name)
                         self.stats.shard_reads_kept += 1
-                        return handle.get_tensor(name)
+                        return True, handle.get_tensor(name)
                 if len(kept.handles) < self.per_file:
                     handle = self._open(path, kept.file_id)
                     if handle is not None:
                         kept.handles.append((handle, {name}))
                         self.stats.shard_reads_kept += 1
-                        return handle.get_tensor(name)
+                        return True, handle.get_tensor(name)
             self.stats.shard_reads_fresh += 1
-        with self.opener(path, framework="pt", device="cpu") as handle:
-            return handle.get_tensor(name)
+            return False, None
 
     def close(self) -> None:
         with self.lock:
@@ -457,8 +458,8 @@ class _ShardHandles:
 
 class _KeptShard:
     """What ``safe_open(path, framework="pt", device="cpu")`` returns inside a lean materialize:
-    ``get_tensor`` through the kept handles; anything else on a handle of its own, opened on first
-    use and closed with this one."""
+    ``get_tensor`` through the kept handles; anything else (and a name no kept handle may serve) on a
+    handle of its own, opened on first use and closed with this one, as GPTQModel's open would be."""
 
     def __init__(self, handles: _ShardHandles, path: str):
         self._handles = handles
@@ -475,9 +476,11 @@ class _KeptShard:
             self._own.__exit__(*exc)
 
     def get_tensor(self, name: str) -> Any:
-        if self._exited:
-            return self.__getattr__("get_tensor")(name)  # a closed file: safetensors' own error
-        return self._handles.get_tensor(self._path, name)
+        if not self._exited:  # else a closed file: safetensors' own error
+            kept, tensor = self._handles.kept_tensor(self._path, name)
+            if kept:
+                return tensor
+        return self.__getattr__("get_tensor")(name)  # as GPTQModel's own open would, one open per block
 
     def __getattr__(self, attr: str) -> Any:
         if self._own is None:
