@@ -138,6 +138,8 @@ def register_parameter_store(cls: type, peek: Callable[[Mapping, str], object]) 
     stored tensor itself (or None when absent) when the read hands it back unchanged, else
     :data:`MOVED` (the read would copy, onload or move it; the block is then planned afresh).
     """
+    if not isinstance(cls, type) or not callable(peek):
+        raise TypeError(f"register_parameter_store needs a class and a callable peek(store, name), got {cls!r}, {peek!r}")
     _STORES[cls] = peek
     _PEEK_OF.clear()
     _registry_changed()
@@ -249,6 +251,8 @@ _HOOK_KIND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hook func
 
 def register_batched_hook(name: str, kind: BatchedForwardHook) -> None:
     """Let the grouped forward run the forward hooks ``kind`` recognises for a role's experts at once."""
+    if not isinstance(kind, BatchedForwardHook) or not callable(kind.match) or not callable(kind.run):
+        raise TypeError(f"register_batched_hook({name!r}, ...) needs a BatchedForwardHook with callable match and run, got {kind!r}")
     _BATCHED[name] = kind
     _HOOK_KIND.clear()
 
@@ -738,12 +742,6 @@ def _stacked_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     ):
         return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
     return None
-
-
-def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(tensors)``, as a zero-copy view when they are evenly spaced in one storage."""
-    view = _stacked_view(tensors)
-    return view if view is not None else torch.stack(tensors)
 
 
 def _call_pre_hooks(m: nn.Module, rows: torch.Tensor) -> torch.Tensor:

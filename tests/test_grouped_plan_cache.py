@@ -458,3 +458,15 @@ def test_a_store_that_copies_on_read_is_planned_afresh_and_a_replaced_tensor_sho
         assert len(built) == 4 and _cached(block) is None
     finally:
         grouped.unregister_parameter_store(_Store)
+
+
+def test_registries_refuse_what_they_cannot_call():
+    with pytest.raises(TypeError, match="callable peek"):
+        grouped.register_parameter_store(_Store, None)
+    with pytest.raises(TypeError, match="needs a class"):
+        grouped.register_parameter_store("not a class", _peek_store)
+    with pytest.raises(TypeError, match="BatchedForwardHook with callable match and run"):
+        grouped.register_batched_hook("x", lambda hook: None)
+    with pytest.raises(TypeError, match="BatchedForwardHook with callable match and run"):
+        grouped.register_batched_hook("x", grouped.BatchedForwardHook(match=None, run=lambda owner, members: None))
+    assert _Store not in grouped._STORES and "x" not in grouped._BATCHED
