@@ -349,13 +349,15 @@ def stage_breakdown(kernels: dict, quantize_s: float, save_s: float) -> dict:
     ``forward`` contains ``hessian`` (the capture hooks run inside it) and ``finalize`` contains
     ``pack``; ``framework_overhead`` is quantize time in none of forward, solve or finalize; the
     host stages ``materialize``, ``offload`` and ``log`` (GPTQModel's per-module machinery) may
-    overlap any of them.
+    overlap any of them; ``outside_every_stage`` is quantize time in no stage at all.
     """
     wall = kernels.get("stage_wall_seconds") or {}
     out = {k: round(wall.get(k, 0.0), 2) for k in ("forward", "hessian", "experts_forward", "solve", "finalize", "pack",
                                                    "materialize", "offload", "log")}
     out["save"] = round(save_s, 2)
     out["framework_overhead"] = round(quantize_s - kernels.get("busy_wall_seconds", 0.0), 2)
+    if "any_stage_wall_seconds" in kernels:
+        out["outside_every_stage"] = round(quantize_s - kernels["any_stage_wall_seconds"], 2)
     out["thread_seconds"] = {k: round(v, 2) for k, v in (kernels.get("stage_seconds") or {}).items()}
     return out
 

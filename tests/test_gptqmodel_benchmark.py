@@ -35,6 +35,7 @@ def test_stage_breakdown_from_a_recorder():
     assert set(bench.STAGE_COLUMNS) <= set(out)
     assert kernels["busy_wall_seconds"] >= 0.05 and out["solve"] >= 0.05
     assert out["save"] == 1.5 and out["framework_overhead"] == round(10.0 - kernels["busy_wall_seconds"], 2) <= 9.95
+    assert out["outside_every_stage"] == round(10.0 - kernels["any_stage_wall_seconds"], 2)
     assert out["thread_seconds"].keys() == {"forward", "hessian", "solve"}
 
 
@@ -59,3 +60,23 @@ def test_scaling_rows_compare_checkpoints_against_the_fewest_gpus(tmp_path):
     table = bench.markdown([{**r, "speedup": "2.00x", "load_s": 0, "save_s": 0, "peak_rss_bytes": 0, "experts_quantized": 1,
                              "expert_projections": 1, "peak_gpu_bytes_per_device": [2**30, 2**29]} for r in rows])
     assert "| v | 2 | 5.0 | 7.0 | 2.00x | 1.00 / 0.50 | yes |" in table
+
+
+def test_any_stage_wall_time_is_the_union_of_every_stage():
+    from defuser_quant.integrations.gptqmodel.kernels import record_gptq_kernels, stage
+
+    t0 = time.perf_counter()
+    with record_gptq_kernels(stages=True) as record:
+        with stage("materialize"):
+            time.sleep(0.03)
+        gap = time.perf_counter()
+        time.sleep(0.05)  # in no stage
+        gap = time.perf_counter() - gap
+        with stage("solve"):
+            time.sleep(0.03)
+            with stage("log"):  # entered while another stage runs: the union does not restart
+                time.sleep(0.03)
+    elapsed = time.perf_counter() - t0
+    assert 0.09 <= record.any_stage_wall_seconds <= elapsed - gap  # every stage, not the gap
+    assert record.busy_wall_seconds < record.any_stage_wall_seconds
+    assert record.as_dict()["any_stage_wall_seconds"] == round(record.any_stage_wall_seconds, 3)

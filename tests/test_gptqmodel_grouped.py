@@ -71,6 +71,9 @@ def test_grouped_gptq_equals_per_expert_loop(plugin, tiny, tmp_path, routing):  
     assert wall["hessian"] + wall["experts_forward"] <= wall["forward"] * 2 and wall["pack"] <= wall["finalize"] + 1e-6
     busy = kernels_grouped.busy_wall_seconds
     assert max(wall["forward"], wall["solve"], wall["finalize"]) <= busy + 1e-6 <= kernels_grouped.elapsed
+    # any stage at all (host stages included) covers the busy time and every host stage's wall time
+    any_stage = kernels_grouped.any_stage_wall_seconds
+    assert max(busy, wall["materialize"], wall["offload"], wall["log"]) <= any_stage + 1e-6 <= kernels_grouped.elapsed
 
 
 def test_fallback_reason_names_what_fell_back():

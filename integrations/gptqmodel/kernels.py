@@ -30,7 +30,8 @@ Two figures per stage: ``stage_seconds`` adds the time of every call over GPTQMo
 threads (nested calls of one stage count once); ``stage_wall_seconds`` is the wall time during
 which at least one thread was in the stage. ``busy_wall_seconds`` is the wall time some
 top-level stage (forward, solve or finalize) was running: the rest of ``quantize()`` is framework
-overhead (scheduling, offloading, logging, waiting).
+overhead (scheduling, offloading, logging, waiting); ``any_stage_wall_seconds`` the wall time any
+stage, host stages included, was running: the rest of ``quantize()`` ran none of them.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class GptqKernelRecord:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_wall_seconds: dict[str, float] = field(default_factory=dict)
     busy_wall_seconds: float = 0.0
+    any_stage_wall_seconds: float = 0.0
     stage_calls: Counter = field(default_factory=Counter)
     hessian_inverse_cpu_fallbacks: int = 0
     block_update_available: bool | None = None
@@ -87,6 +89,7 @@ class GptqKernelRecord:
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "stage_wall_seconds": {k: round(v, 3) for k, v in self.stage_wall_seconds.items()},
             "busy_wall_seconds": round(self.busy_wall_seconds, 3),
+            "any_stage_wall_seconds": round(self.any_stage_wall_seconds, 3),
             "stage_calls": dict(self.stage_calls),
         }
 
@@ -115,6 +118,8 @@ class GptqKernelRecord:
 
     # -- stage clock (called with the record's lock held) ----------------------------------------
     def _enter(self, stage: str, now: float) -> None:
+        if not any(self._active.values()):
+            self._since["*any"] = now
         if not any(self._active[s] for s in TOP_LEVEL_STAGES) and stage in TOP_LEVEL_STAGES:
             self._since["*busy"] = now
         if not self._active[stage]:
@@ -129,6 +134,8 @@ class GptqKernelRecord:
             self.stage_wall_seconds[stage] = self.stage_wall_seconds.get(stage, 0.0) + now - self._since.pop(stage)
         if stage in TOP_LEVEL_STAGES and not any(self._active[s] for s in TOP_LEVEL_STAGES):
             self.busy_wall_seconds += now - self._since.pop("*busy")
+        if not any(self._active.values()):
+            self.any_stage_wall_seconds += now - self._since.pop("*any")
 
 
 _RECORDS: list[GptqKernelRecord] = []  # active recorders, innermost last
