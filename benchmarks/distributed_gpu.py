@@ -57,6 +57,7 @@ from pathlib import Path
 WORKER_T0 = time.perf_counter()
 
 from gptqmodel_gpu import add_shape_args  # noqa: E402  the same model shape flags (this folder is on sys.path)
+from gptqmodel_gpu import compare_checkpoints as compare_tensors  # noqa: E402  the same tensor-by-tensor comparison
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -192,27 +193,13 @@ def compare_logits(a: Path, b: Path, device: str) -> dict:
 
 
 def compare_checkpoints(a: Path, b: Path) -> dict:
-    """Tensor by tensor: how many are identical (all, and the packed weights), the largest weight-scale difference."""
-    import torch
-    from safetensors import safe_open
-
-    def tensors(path: Path) -> dict:
-        out = {}
-        for file in sorted(path.glob("*.safetensors")):
-            with safe_open(str(file), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-        return out
-
-    x, y = tensors(a), tensors(b)
-    common = sorted(set(x) & set(y))
-    same = {k for k in common if x[k].shape == y[k].shape and torch.equal(x[k], y[k])}
-    packed = [k for k in common if k.endswith("weight_packed")]
-    scales = [k for k in common if k.endswith("weight_scale") and x[k].shape == y[k].shape]
+    """How many tensors are identical (all, and the packed weights), the largest weight-scale difference."""
+    c = compare_tensors(a, b)
     return {
-        "tensors": f"{len(same)}/{len(common)}",
-        "only_in_one": len(set(x) ^ set(y)),
-        "qweights_equal": f"{sum(k in same for k in packed)}/{len(packed)}",
-        "max_scale_diff": max(((x[k].float() - y[k].float()).abs().max().item() for k in scales), default=None),
+        "tensors": f"{c['equal']}/{c['common']}",
+        "only_in_one": c["keys_a"] + c["keys_b"] - 2 * c["common"],
+        "qweights_equal": f"{c['qweights_equal']}/{c['qweights']}",
+        "max_scale_diff": c["max_scale_diff"] if c["qweights"] else None,
     }
 
 

@@ -316,7 +316,14 @@ def run_scaling(variants: list[str], args: argparse.Namespace, work: Path, parti
     return rows
 
 
+#: Packed quantized weights and their scales: GPTQModel's names, then compressed-tensors' (llm-compressor).
+PACKED_SUFFIXES = (".qweight", ".weight_packed")
+SCALE_SUFFIXES = (".scales", ".weight_scale")
+
+
 def compare_checkpoints(a: Path, b: Path) -> dict:
+    """Tensor by tensor (one pair in memory at a time): how many are identical, how many of the packed
+    weights, and the largest scale difference (GPTQModel or compressed-tensors names)."""
     from safetensors import safe_open
 
     def index(d: Path) -> dict[str, Path]:
@@ -331,10 +338,10 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
             ta, tb = fa.get_tensor(key), fb.get_tensor(key)
             same = ta.dtype == tb.dtype and ta.shape == tb.shape and bool((ta == tb).all())
             equal += int(same)
-            if key.endswith(".qweight"):
+            if key.endswith(PACKED_SUFFIXES):
                 qweights += 1
                 qweights_equal += int(same)
-            elif key.endswith(".scales") and ta.shape == tb.shape:
+            elif key.endswith(SCALE_SUFFIXES) and ta.shape == tb.shape:
                 scale_diff = max(scale_diff, float((ta.float() - tb.float()).abs().max()))
     return {"keys_a": len(ia), "keys_b": len(ib), "common": len(common), "equal": equal,
             "qweights": qweights, "qweights_equal": qweights_equal, "max_scale_diff": scale_diff}
