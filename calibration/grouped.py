@@ -161,12 +161,22 @@ def _peek_of(cls: type) -> Callable[[Mapping, str], object] | None:
         return peek
 
 
+def _peeked(store: Mapping) -> tuple[object, object] | None:
+    """``(weight, bias)`` as a registered store's reads would hand them back; None for a store that
+    is not registered or whose reads would copy or move them."""
+    peek = _peek_of(type(store))
+    if peek is None:
+        return None
+    weight, bias = peek(store, "weight"), peek(store, "bias")
+    return None if weight is MOVED or bias is MOVED else (weight, bias)
+
+
 def _read_stable(params: Mapping, weight: object, bias: object) -> bool:
     """Whether ``params`` is a plain dict or a registered store whose reads gave ``weight``/``bias`` as stored."""
     if type(params) is dict:
         return True
-    peek = _peek_of(type(params))
-    return peek is not None and peek(params, "weight") is weight and peek(params, "bias") is bias
+    stored = _peeked(params)
+    return stored is not None and stored[0] is weight and stored[1] is bias
 
 
 def register_linear_adapter(cls: type, adapter: LinearAdapter) -> None:
@@ -494,12 +504,10 @@ def _live_from_plan(plan: _Plan, block: DefusedExperts) -> tuple[_Live, list] | 
             if type(params) is dict:
                 weight, bias = params.get("weight"), params.get("bias")
             else:
-                peek = _peek_of(type(params))
-                if peek is None:
+                stored = _peeked(params)
+                if stored is None:
                     return None
-                weight, bias = peek(params, "weight"), peek(params, "bias")
-                if weight is MOVED or bias is MOVED:
-                    return None
+                weight, bias = stored
             if (
                 weight is None
                 or (bias is not None) is not has_bias
@@ -783,12 +791,17 @@ class _Batches:
     Members: ``(module, extra, rows, start, size)`` with ``rows`` the role's whole input (the
     gate and up roles share it, so a batched hook can compute what they have in common once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+        self.starts = list(itertools.accumulate(sizes, initial=0))  # every role's rows split the same way
         self.by_owner: dict[tuple[BatchedForwardHook, int], tuple[object, list]] = {}
 
-    def queue_for(self, m: nn.Module, rows: torch.Tensor, start: int, size: int) -> Callable:
+    def queue_for(self, m: nn.Module, rows: torch.Tensor, i: int) -> Callable:
+        """The queue for the hooks of ``m``, the ``i``-th expert with rows of the role input ``rows``."""
+        member = (rows, self.starts[i], self.sizes[i])
+
         def queue(kind: BatchedForwardHook, owner: object, extra: object) -> None:
-            self.by_owner.setdefault((kind, id(owner)), (owner, []))[1].append((m, extra, rows, start, size))
+            self.by_owner.setdefault((kind, id(owner)), (owner, []))[1].append((m, extra, *member))
 
         return queue
 
@@ -833,10 +846,9 @@ def _project(
         pieces = x.split(sizes)
     outs = list(out.split(sizes))
     changed = False
-    starts = list(itertools.accumulate(sizes, initial=0)) if batches is not None else None
     for i in post:
         e = hit[i]
-        queue = None if batches is None else batches.queue_for(modules[e], x, starts[i], sizes[i])
+        queue = None if batches is None else batches.queue_for(modules[e], x, i)
         new = _call_post_hooks(modules[e], None if inner is None else inner[e], pieces[i], outs[i], queue)
         if new is not outs[i]:
             outs[i], changed = new, True
@@ -852,7 +864,7 @@ def _run_sorted(
     sizes = [counts[e - first] for e in hit]
     span = slice(first, first + len(counts))
     roles = plan.roles
-    batches = _Batches() if _BATCHED else None
+    batches = _Batches(sizes) if _BATCHED else None
     gate = _project(roles[0], x, hit, sizes, offs, expert_ids, span, batches) if len(roles) == 3 else None
     up = _project(roles[-2], x, hit, sizes, offs, expert_ids, span, batches)
     out = _project(roles[-1], plan.gate_fn(gate, up), hit, sizes, offs, expert_ids, span, batches)

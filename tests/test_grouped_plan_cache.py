@@ -401,9 +401,8 @@ class _Store(dict):
 
 
 def _peek_store(store, name):
-    if store.copy_on_read:
-        return grouped.MOVED
-    return dict.get(store, name)
+    value = dict.get(store, name)  # an absent bias reads as None either way, as in an offload cache
+    return grouped.MOVED if store.copy_on_read and value is not None else value
 
 
 def _use_stores(block) -> list[_Store]:
