@@ -6,10 +6,13 @@ from .capture import (
     ExpertInputConsumer,
     NoDefusedExpertsError,
     Provenance,
+    add_rows,
     capture_expert_inputs,
     current_provenance,
     defused_blocks,
     provenance,
+    routed_rows,
+    whole_batch,
 )
 from .coverage import (
     COVERAGE_POLICIES,
@@ -50,11 +53,14 @@ __all__ = [
     "Provenance",
     "RoutingMode",
     "RoutingSession",
+    "add_rows",
     "build_report",
     "capture_expert_inputs",
     "current_provenance",
     "defused_blocks",
     "provenance",
+    "routed_rows",
     "routing_mode",
     "run_fallback_pass",
+    "whole_batch",
 ]

@@ -3,9 +3,12 @@
 A forward pre-hook on each projection calls
 ``consumer(layer_path, expert_index, projection_role, inputs, provenance)`` and keeps nothing:
 activations live only as long as the consumer holds them. ``provenance`` is ``"routed"`` for
-tokens the router sent to the expert and ``"forced"`` for the extra tokens a routing mode
-(:mod:`defuser_quant.calibration.routing`) pushes through it; the routing override sets it in a
-context variable while it runs forced tokens, and the hooks read it.
+tokens the router sent to the expert, ``"forced"`` for the extra tokens a routing mode
+(:mod:`defuser_quant.calibration.routing`) pushes through it, and ``"all"`` for a call that
+carries every token of the batch in token order, routed and not (``routing: all``, as stock
+llm-compressor's all-experts calibration does); :func:`routed_rows` then says how many of them
+the router sent to the expert, and :func:`add_rows` splits a call's rows accordingly. The
+routing override sets these in context variables while it runs, and the hooks read them.
 
 Quantizers register their own hooks on the same ``nn.Linear`` modules, so they see forced
 tokens too; that is the point of the ``all`` and ``budgeted`` routing modes.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal, get_args
 
@@ -32,22 +35,26 @@ __all__ = [
     "ExpertInputConsumer",
     "NoDefusedExpertsError",
     "Provenance",
+    "add_rows",
     "capture_expert_inputs",
     "current_provenance",
     "defused_blocks",
     "provenance",
+    "routed_rows",
     "suspended_hooks",
+    "whole_batch",
 ]
 
 logger = logging.getLogger(__name__)
 
-Provenance = Literal["routed", "forced"]
+Provenance = Literal["routed", "forced", "all"]
 #: ``(layer_path, expert_index, projection_role, inputs, provenance) -> None``
 ExpertInputConsumer = Callable[[str, int, str, torch.Tensor, Provenance], None]
 #: Projection roles of a defused expert, in call order (``gate`` is absent when ungated).
 PROJECTION_ROLES: tuple[str, ...] = ("gate", "up", "down")
 
 _PROVENANCE: contextvars.ContextVar[Provenance] = contextvars.ContextVar("defuser_quant_provenance", default="routed")
+_ROUTED_ROWS: contextvars.ContextVar[Sequence[int] | None] = contextvars.ContextVar("defuser_quant_routed_rows", default=None)
 
 
 class NoDefusedExpertsError(DefuserQuantError, ValueError):
@@ -61,14 +68,49 @@ def current_provenance() -> Provenance:
 
 @contextmanager
 def provenance(value: Provenance) -> Iterator[None]:
-    """Mark every expert call inside the block as carrying ``value`` tokens."""
+    """Mark every expert call inside the block as carrying ``value`` tokens (``"all"``: use :func:`whole_batch`)."""
     if value not in get_args(Provenance):
         raise ValueError(f"provenance must be one of {get_args(Provenance)}, got {value!r}")
+    if value == "all":
+        raise ValueError("provenance 'all' needs each expert's routed rows: use whole_batch(routed_rows)")
     token = _PROVENANCE.set(value)
     try:
         yield
     finally:
         _PROVENANCE.reset(token)
+
+
+@contextmanager
+def whole_batch(routed: Sequence[int]) -> Iterator[None]:
+    """Mark every expert call inside the block as carrying the whole batch (provenance ``"all"``),
+    of which ``routed[e]`` rows were routed to expert ``e`` by the router."""
+    token, rows = _PROVENANCE.set("all"), _ROUTED_ROWS.set(routed)
+    try:
+        yield
+    finally:
+        _ROUTED_ROWS.reset(rows)
+        _PROVENANCE.reset(token)
+
+
+def routed_rows(expert: int) -> int:
+    """Inside :func:`whole_batch`: rows of the current call the router sent to ``expert``."""
+    routed = _ROUTED_ROWS.get()
+    if routed is None:
+        raise RuntimeError("routed_rows() is only known inside whole_batch() (provenance 'all')")
+    return int(routed[expert])
+
+
+def add_rows(counts: Mapping[str, list[int]], expert: int, rows: int, prov: Provenance | None = None) -> None:
+    """Add one expert call's ``rows`` to ``counts["routed"]``/``counts["forced"]`` by provenance
+    (default: the current one); a whole-batch call (``"all"``) adds its routed rows to ``routed``
+    and the rest to ``forced``."""
+    prov = _PROVENANCE.get() if prov is None else prov
+    if prov == "all":
+        routed = routed_rows(expert)
+        counts["routed"][expert] += routed
+        counts["forced"][expert] += rows - routed
+    else:
+        counts[prov][expert] += rows
 
 
 def defused_blocks(model: nn.Module) -> list[tuple[str, DefusedExperts]]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from defuser_quant.core.errors import DefuserQuantError
 
-from .capture import ExpertCapture, Provenance, defused_blocks
+from .capture import ExpertCapture, Provenance, add_rows, defused_blocks
 from .routing import DEFAULT_MIN_TOKENS, RoutingSession, routing_mode
 
 __all__ = [
@@ -365,8 +365,7 @@ class CoverageTracker:
         self._counts = {p: {"routed": [0] * n, "forced": [0] * n} for p, n in self._sizes.items()}
 
     def _count(self, path: str, expert: int, role: str, inputs: torch.Tensor, prov: Provenance) -> None:
-        rows = inputs.numel() // inputs.shape[-1] if inputs.dim() else 0
-        self._counts[path][prov][expert] += rows
+        add_rows(self._counts[path], expert, inputs.numel() // inputs.shape[-1] if inputs.dim() else 0, prov)
 
     def attach(self) -> CoverageTracker:
         self._capture.attach()

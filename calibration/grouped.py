@@ -84,6 +84,7 @@ __all__ = [
     "grouped_expert_calls",
     "grouped_routed_forward",
     "grouped_routed_forward_with_counts",
+    "grouped_whole_batch_calls",
     "recording_grouped_use",
     "register_batched_hook",
     "register_forward_wrapper",
@@ -796,9 +797,10 @@ class _Batches:
         self.starts = list(itertools.accumulate(sizes, initial=0))  # every role's rows split the same way
         self.by_owner: dict[tuple[BatchedForwardHook, int], tuple[object, list]] = {}
 
-    def queue_for(self, m: nn.Module, rows: torch.Tensor, i: int) -> Callable:
-        """The queue for the hooks of ``m``, the ``i``-th expert with rows of the role input ``rows``."""
-        member = (rows, self.starts[i], self.sizes[i])
+    def queue_for(self, m: nn.Module, rows: torch.Tensor, i: int, whole: bool = False) -> Callable:
+        """The queue for the hooks of ``m``, the ``i``-th expert with rows of the role input ``rows``
+        (``whole``: all of ``rows``, which every expert of the role shares)."""
+        member = (rows, 0, rows.shape[0]) if whole else (rows, self.starts[i], self.sizes[i])
 
         def queue(kind: BatchedForwardHook, owner: object, extra: object) -> None:
             self.by_owner.setdefault((kind, id(owner)), (owner, []))[1].append((m, extra, *member))
@@ -813,19 +815,20 @@ class _Batches:
 
 def _project(
     role: _Role, x: torch.Tensor, hit: list[int], sizes: list[int], offs: torch.Tensor, expert_ids: torch.Tensor | None,
-    span: slice, batches: _Batches | None = None,
+    span: slice, batches: _Batches | None = None, shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One projection role over the experts of ``span``: hooks per expert (only where there are any), one grouped GEMM.
 
     ``hit`` are the experts with rows (ascending), ``sizes`` their row counts, ``offs`` the int32
     end offsets of every expert of ``span``, ``expert_ids`` each row's expert (for the bias);
-    batchable hooks go to ``batches`` (the caller runs them).
+    batchable hooks go to ``batches`` (the caller runs them). ``shared``: every expert's rows are
+    this one tensor (``x`` holds a copy per expert); its hooks are handed ``shared`` itself.
     """
     modules = role.modules
     pieces = None
     pre = [i for i, e in enumerate(hit) if modules[e]._forward_pre_hooks]
     if pre:
-        pieces = list(x.split(sizes))
+        pieces = [shared] * len(hit) if shared is not None else list(x.split(sizes))
         replaced = False
         for i in pre:
             rows = pieces[i]
@@ -833,7 +836,7 @@ def _project(
             if new is not rows:
                 pieces[i], replaced = new, True
         if replaced:
-            x = torch.cat(pieces)
+            x, shared = torch.cat(pieces), None
     weight, bias = role.weight, role.bias
     out = _grouped_mm(x, weight[span].transpose(-2, -1), offs)
     if bias is not None:
@@ -843,12 +846,12 @@ def _project(
     if not post:
         return out
     if pieces is None:
-        pieces = x.split(sizes)
+        pieces = [shared] * len(hit) if shared is not None else x.split(sizes)
     outs = list(out.split(sizes))
     changed = False
     for i in post:
         e = hit[i]
-        queue = None if batches is None else batches.queue_for(modules[e], x, i)
+        queue = None if batches is None else batches.queue_for(modules[e], x if shared is None else shared, i, shared is not None)
         new = _call_post_hooks(modules[e], None if inner is None else inner[e], pieces[i], outs[i], queue)
         if new is not outs[i]:
             outs[i], changed = new, True
@@ -856,17 +859,19 @@ def _project(
 
 
 def _run_sorted(
-    plan: _Live, x: torch.Tensor, counts: list[int], offs: torch.Tensor, expert_ids: torch.Tensor | None, first: int = 0
+    plan: _Live, x: torch.Tensor, counts: list[int], offs: torch.Tensor, expert_ids: torch.Tensor | None, first: int = 0,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert outputs for rows ``x`` sorted by expert, grouped: ``counts`` rows for each expert from
-    ``first`` on, ``offs`` their int32 cumulative sum on the rows' device."""
+    ``first`` on, ``offs`` their int32 cumulative sum on the rows' device; ``shared``: every
+    expert's rows are copies of this tensor (see :func:`_project`)."""
     hit = [first + i for i, n in enumerate(counts) if n]
     sizes = [counts[e - first] for e in hit]
     span = slice(first, first + len(counts))
     roles = plan.roles
     batches = _Batches(sizes) if _BATCHED else None
-    gate = _project(roles[0], x, hit, sizes, offs, expert_ids, span, batches) if len(roles) == 3 else None
-    up = _project(roles[-2], x, hit, sizes, offs, expert_ids, span, batches)
+    gate = _project(roles[0], x, hit, sizes, offs, expert_ids, span, batches, shared) if len(roles) == 3 else None
+    up = _project(roles[-2], x, hit, sizes, offs, expert_ids, span, batches, shared)
     out = _project(roles[-1], plan.gate_fn(gate, up), hit, sizes, offs, expert_ids, span, batches)
     if batches is not None:
         batches.run()
@@ -988,6 +993,38 @@ def grouped_expert_calls(
         if e is not None:
             chunk.append(e)
             rows += n
+    return True
+
+
+def grouped_whole_batch_calls(block: DefusedExperts, hidden_states: torch.Tensor, max_rows: int | None = None) -> bool:
+    """Run ``block[e](hidden_states)`` for every expert ``e``, grouped; outputs dropped.
+
+    Each expert's projections see every row of ``hidden_states`` in order, in one call: the gate
+    and up hooks are handed ``hidden_states`` itself (so a batched hook computes what those rows
+    give once for all experts), the down hooks that expert's own rows. Experts run in ascending
+    order, in chunks of whole experts of at most ``max_rows`` rows (default
+    :func:`forced_chunk_rows`; at least one expert). Returns False (nothing run) when the block
+    cannot run grouped; the caller then loops.
+    """
+    plan, reason = _get_plan(block, hidden_states)
+    if plan is None:
+        _report_fallback(block, reason)
+        return False
+    _record(None)
+    tokens, num_experts = hidden_states.shape[0], block.num_experts
+    if tokens == 0:
+        return True
+    limit = max_rows if max_rows is not None else forced_chunk_rows(hidden_states)
+    per_chunk = max(1, limit // tokens)
+    device = hidden_states.device
+    for first in range(0, num_experts, per_chunk):
+        n = min(per_chunk, num_experts - first)
+        offs = _on([tokens * (i + 1) for i in range(n)], torch.int32, device)
+        expert_ids = None
+        if plan.has_bias:
+            expert_ids = torch.arange(first, first + n, device=device).repeat_interleave(tokens)
+        rows = hidden_states.repeat(n, 1)
+        _run_sorted(plan, rows, [tokens] * n, offs, expert_ids, first, shared=hidden_states)
     return True
 
 

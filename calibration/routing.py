@@ -15,6 +15,12 @@ to normal routing by construction. Forced tokens run afterwards, per expert, ove
 discarded. (Running each expert once on all tokens and gathering the routed rows is not exact:
 a GEMM's per-row result depends on the row count, e.g. fp32 on CPU.)
 
+``whole_batch=True`` (``all`` only) gives each expert's hooks one call over the whole batch in
+token order instead (provenance ``"all"``), which is what stock llm-compressor's all-experts
+calibration hands them: the routed output is then computed with the experts' hooks off and
+every expert runs on every token afterwards, outputs discarded. The gate and up projections of
+all experts then see the same rows, so a batched hook (GPTQ's Hessians) needs their product once.
+
 ``grouped=True`` runs both the routed and the forced tokens through grouped GEMMs
 (:mod:`defuser_quant.calibration.grouped`): every expert projection's hooks still see the same
 rows, the outputs differ from the loop's by GEMM rounding only, and blocks that cannot run
@@ -25,7 +31,7 @@ grouped (wrapped or hooked-in-other-ways Linears, irregular families) use the lo
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -35,8 +41,8 @@ from torch import nn
 
 from defuser_quant.core.defused import DefusedExperts
 
-from .capture import defused_blocks, provenance, suspended_hooks
-from .grouped import deterministic_mode, grouped_expert_calls, grouped_routed_forward_with_counts
+from .capture import defused_blocks, provenance, suspended_hooks, whole_batch
+from .grouped import deterministic_mode, grouped_expert_calls, grouped_routed_forward_with_counts, grouped_whole_batch_calls
 
 __all__ = [
     "DEFAULT_MIN_TOKENS",
@@ -81,6 +87,7 @@ class RoutingSession:
     observe_routed: bool = True
     counts: dict[str, BlockCounts] = field(default_factory=dict)
     grouped: bool = False
+    whole_batch: bool = False
 
     def forced_selection(self, path: str, top_k_index: torch.Tensor, routed: torch.Tensor) -> dict[int, torch.Tensor]:
         """Token indices to force through each expert for this batch (empty for ``routed``)."""
@@ -138,6 +145,8 @@ class _RoutingForward:
     ) -> torch.Tensor:
         session = self.session
         forward = _grouped_or_loop if session.grouped else _loop
+        if session.whole_batch:
+            return self._whole_batch(block, hidden_states, top_k_index, top_k_weights, forward)
         routed = selection = None
         if session.grouped and session.mode != "routed":
             # Pick the forced tokens (host syncs) before the routed GEMMs are queued: the syncs then
@@ -163,6 +172,25 @@ class _RoutingForward:
                         block[e](hidden_states[token_idx])
                 for e, token_idx in selection.items():
                     counts.forced[e] += token_idx.numel()
+        return output
+
+    def _whole_batch(
+        self, block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+        forward: Callable,
+    ) -> torch.Tensor:
+        """``all`` with one call per expert over the whole batch: the routed output is computed with
+        the experts' hooks off, then every expert runs on every token, in token order."""
+        routed = _routed_counts(top_k_index, block.num_experts)
+        with suspended_hooks(m for expert in block for m in expert.modules()):
+            output, _ = forward(block, hidden_states, top_k_index, top_k_weights)
+        counts = self.session.counts[self.path]
+        counts.routed += routed
+        counts.forced += hidden_states.shape[0] - routed
+        if hidden_states.shape[0]:
+            with torch.no_grad(), whole_batch(routed.tolist()):
+                if not (self.session.grouped and grouped_whole_batch_calls(block, hidden_states)):
+                    for expert in block:
+                        expert(hidden_states)
         return output
 
 
@@ -213,6 +241,7 @@ def routing_mode(
     observe_routed: bool = True,
     grouped: bool = False,
     deterministic: bool = False,
+    whole_batch: bool = False,
 ) -> Iterator[RoutingSession]:
     """Route every defused block of ``model`` with ``mode`` inside the ``with`` block.
 
@@ -228,6 +257,11 @@ def routing_mode(
         grouped: run experts through grouped GEMMs where every projection is a plain Linear
             (hooks see the same rows; outputs within GEMM rounding of the loop); else the loop.
         deterministic: CUDA kernels deterministic inside the context (``index_add_`` included).
+        whole_batch: with ``mode="all"``, each expert's hooks see the batch in one call, every
+            token in token order (provenance ``"all"``), as stock llm-compressor's all-experts
+            calibration gives them; the routed output is computed with the experts' hooks off.
+            Without it they see a routed call, then a forced call. Needs ``experts=None`` and
+            ``observe_routed=True``.
 
     Yields:
         The :class:`RoutingSession`, whose ``counts`` hold per-block routed/forced token counts.
@@ -239,6 +273,11 @@ def routing_mode(
         raise ValueError(f"unknown routing mode {mode!r}; choose from {ROUTING_MODES}")
     if min_tokens < 0:
         raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
+    if whole_batch and (mode != "all" or experts is not None or not observe_routed):
+        raise ValueError(
+            f"whole_batch=True needs mode='all', experts=None and observe_routed=True (got mode={mode!r}, "
+            f"experts={'given' if experts is not None else None}, observe_routed={observe_routed})"
+        )
     blocks = defused_blocks(model)
     session = RoutingSession(
         mode=mode,
@@ -247,6 +286,7 @@ def routing_mode(
         observe_routed=observe_routed,
         counts={path: BlockCounts.zeros(len(block)) for path, block in blocks},
         grouped=grouped,
+        whole_batch=whole_batch,
     )
     previous = [(block, block.forward_override) for _, block in blocks]
     try:

@@ -112,8 +112,10 @@ def _run(modifier: object, members: list) -> None:
             inp = scaled[start:start + size].t()  # the hook's [features, rows] view of its [rows, features] input
             product = inp.matmul(inp.t())
             _LAST.products += 1
-            for hessian in targets:
-                hessian += product
+            if len(targets) == 1:
+                targets[0] += product
+            else:  # the same elementwise adds, in one multi-tensor kernel (all experts' gate and up in routing: all)
+                torch._foreach_add_(targets, [product] * len(targets))
         del scaled
     if bumped:
         torch._foreach_add_(bumped, 1)  # a 2-D input is one sample to the hook (unsqueezed to a batch of one)

@@ -39,7 +39,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from torch import nn
 
 from defuser_quant.core import DefusedExperts, DefuserQuantError, FilterRules, convert_model, fuse_model
-from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_report, current_provenance, routing_mode
+from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, add_rows, build_report, routing_mode
 from defuser_quant.calibration import distributed
 from defuser_quant.calibration.grouped import GroupedUse, grouped_routed_forward, recording_grouped_use
 
@@ -69,7 +69,7 @@ class _TokenCounter:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if args:
             x = args[0]
-            self.counts[current_provenance()][self.expert] += x.numel() // x.shape[-1] if x.dim() else 0
+            add_rows(self.counts, self.expert, x.numel() // x.shape[-1] if x.dim() else 0)
 
 
 class _CalibrationPassOnly:
@@ -231,7 +231,11 @@ class DefuseModifier(Modifier):
                 self._grouped_use = self._stack.enter_context(recording_grouped_use())
             # under torchrun budgeted routes normally and tops up from every rank's counts (budget.py)
             routing = "routed" if ranked_budget else mode
-            self._stack.enter_context(routing_mode(model, routing, min_tokens=self.min_tokens, grouped=self.grouped))
+            # all: each expert's hooks see every token of a batch in one call, as stock llm-compressor's
+            # all-experts calibration does (same Hessians; one gate/up product for all experts)
+            self._stack.enter_context(routing_mode(
+                model, routing, min_tokens=self.min_tokens, grouped=self.grouped, whole_batch=routing == "all"
+            ))
             self._attach_counters(model)
             self._budget = RankBudget(_blocks(model), self.min_tokens, self._counts) if ranked_budget else None
             self._fingerprints = [] if distributed.is_distributed() else None

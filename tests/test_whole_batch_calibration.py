@@ -1,0 +1,201 @@
+"""``routing: all`` with one call per expert over the whole batch (``whole_batch=True``).
+
+Each expert's hooks see every token of a batch in token order in one call (provenance ``"all"``),
+the block output stays the routed one, coverage counts split into routed and forced as before,
+and inside llm-compressor GPTQ's Hessians are the ones stock llm-compressor's own all-experts
+calibration accumulates (a separate process, our integration never imported), with one gate/up
+product per batch and layer for all experts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from defuser_quant.calibration import CoverageTracker, add_rows, capture_expert_inputs, provenance, routed_rows, routing_mode
+from defuser_quant.calibration.capture import defused_blocks, whole_batch
+
+from test_calibration_routing import FAMILIES, NUM_EXPERTS, TOP_K, build_pair, make_ids  # noqa: E402
+
+
+def _defused(family: str = "qwen3_moe"):
+    return build_pair(family)[1]
+
+
+def _block_inputs(model, ids):
+    """Every defused block's hidden_states of one forward (top-k routing)."""
+    seen = {}
+
+    def keep(path):
+        def hook(module, args):
+            seen.setdefault(path, args[0].detach().clone())
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(keep(path)) for path, block in defused_blocks(model)]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_each_expert_sees_the_whole_batch_once_in_token_order(grouped, family):
+    model = _defused(family)
+    ids = make_ids(3)
+    with torch.no_grad():
+        reference = model(ids).logits
+    inputs = _block_inputs(model, ids)
+    calls = []
+    with capture_expert_inputs(model, lambda *a: calls.append(a)), routing_mode(
+        model, "all", grouped=grouped, whole_batch=True
+    ) as session, torch.no_grad():
+        logits = model(ids).logits
+    assert torch.equal(logits, reference), "the block output is the routed one"
+    for path, block in defused_blocks(model):
+        mine = [c for c in calls if c[0] == path]
+        roles = [r for r in ("gate", "up", "down") if block[0].projection(r) is not None]
+        assert len(mine) == NUM_EXPERTS * len(roles), "one call per expert and projection"
+        assert {c[4] for c in mine} == {"all"}
+        for _, expert, role, x, _ in mine:
+            if role != "down":
+                assert torch.equal(x, inputs[path].reshape(-1, x.shape[-1])), (path, expert, role)
+        counts = session.counts[path]
+        tokens = inputs[path].reshape(-1, inputs[path].shape[-1]).shape[0]
+        assert counts.routed.sum().item() == tokens * TOP_K
+        assert torch.equal(counts.calibrated, torch.full((NUM_EXPERTS,), tokens, dtype=torch.long))
+
+
+def test_whole_batch_counts_equal_the_split_calls():
+    model = _defused()
+    batches = [make_ids(seed) for seed in range(3)]
+    totals = {}
+    for whole in (False, True):
+        with CoverageTracker(model, min_tokens=8) as tracker, routing_mode(model, "all", whole_batch=whole), torch.no_grad():
+            for ids in batches:
+                model(ids)
+        totals[whole] = tracker.counts()
+    assert totals[True] == totals[False]
+    assert all(sum(f) > 0 for _, f in totals[True].values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_batch_down_inputs_match_the_loop(family):
+    """Grouped and loop whole-batch calls hand every projection the same rows (bit-equal on the CPU)."""
+    model = _defused(family)
+    ids = make_ids(4)
+    seen = {}
+    for grouped in (False, True):
+        calls = []
+        with capture_expert_inputs(model, lambda *a: calls.append(a)), routing_mode(
+            model, "all", grouped=grouped, whole_batch=True
+        ), torch.no_grad():
+            model(ids)
+        seen[grouped] = calls
+    assert len(seen[True]) == len(seen[False])
+    key = lambda c: (c[0], c[1], c[2])  # noqa: E731
+    loop = {key(c): c[3] for c in seen[False]}
+    for c in seen[True]:
+        torch.testing.assert_close(c[3], loop[key(c)], rtol=0, atol=0)
+
+
+def test_bad_arguments_and_provenance_are_refused():
+    model = _defused()
+    for kwargs in ({"mode": "routed"}, {"mode": "budgeted"}, {"mode": "all", "observe_routed": False}):
+        with pytest.raises(ValueError, match="whole_batch=True needs mode='all'"):
+            with routing_mode(model, whole_batch=True, **kwargs):
+                pass
+    path = defused_blocks(model)[0][0]
+    with pytest.raises(ValueError, match="whole_batch=True needs"):
+        with routing_mode(model, "all", experts={path: [0]}, whole_batch=True):
+            pass
+    with pytest.raises(ValueError, match="use whole_batch"):
+        with provenance("all"):
+            pass
+    with pytest.raises(RuntimeError, match="only known inside whole_batch"):
+        routed_rows(0)
+    counts = {"routed": [0, 0], "forced": [0, 0]}
+    with whole_batch([3, 5]):
+        add_rows(counts, 1, 8)
+    add_rows(counts, 0, 2, "forced")
+    assert counts == {"routed": [0, 5], "forced": [2, 3]}
+
+
+_STOCK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from defuser_quant.assets import TINY_MOE_PATH
+    from defuser_quant.calibration.data import CalibrationDataConfig, build_calibration_samples, to_hf_dataset
+
+    out, samples, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    assert "defuser_quant.integrations.llmcompressor" not in sys.modules
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MOE_PATH)
+    data = to_hf_dataset(build_calibration_samples(CalibrationDataConfig(num_samples=samples, seq_len=seq), tokenizer))
+    seen = {}
+    original = GPTQModifier.compress_modules
+    def snapshot(self):
+        for module, hessian in self._hessians.items():
+            seen[self._module_names[module]] = (hessian.clone(), float(self._num_samples[module]))
+        return original(self)
+    GPTQModifier.compress_modules = snapshot
+    model = AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, dtype=torch.bfloat16)
+    oneshot(model=model, processor=tokenizer, dataset=data, output_dir=out + "/ckpt", num_calibration_samples=samples,
+            max_seq_length=seq, shuffle_calibration_samples=False,
+            recipe=[GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])])
+    assert "defuser_quant.integrations.llmcompressor" not in sys.modules
+    torch.save(seen, out + "/hessians.pt")
+    print(json.dumps(sorted({type(m).__name__ for m in model.modules() if "Experts" in type(m).__name__})))
+    """
+)
+
+
+def test_llmcompressor_all_gives_stock_all_experts_hessians(tmp_path, monkeypatch):
+    pytest.importorskip("llmcompressor")
+    from test_llmcompressor_grouped import SAMPLES, SEQ, _oneshot, calibration  # noqa: F401
+
+    from defuser_quant.integrations.llmcompressor.hessians import last_batching
+
+    script = tmp_path / "stock.py"
+    script.write_text(_STOCK_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path), str(SAMPLES), str(SEQ)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Defused" not in run.stdout and json.loads(run.stdout.strip().splitlines()[-1]), run.stdout
+    stock = torch.load(tmp_path / "hessians.pt")
+
+    from transformers import AutoTokenizer
+
+    from defuser_quant.assets import TINY_MOE_PATH
+    from defuser_quant.calibration.data import CalibrationDataConfig, build_calibration_samples, to_hf_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MOE_PATH)
+    data = to_hf_dataset(build_calibration_samples(CalibrationDataConfig(num_samples=SAMPLES, seq_len=SEQ), tokenizer))
+    ours, modifier = _oneshot((tokenizer, data), tmp_path / "ours", "all", True, monkeypatch)
+    experts = sorted(n for n in stock if ".mlp.experts." in n)
+    layers = sorted({n.split(".mlp.")[0] for n in experts})
+    per_layer = len(experts) // len(layers)
+    assert experts == sorted(n for n in ours if ".mlp.experts." in n) and per_layer % 3 == 0
+    for name in experts:
+        assert ours[name][1] == stock[name][1], f"{name}: one sample per batch, as stock"
+    # the first layer sees the same inputs as stock: the very same Hessians (stock's gathered
+    # all-token outputs round differently from the routed ones, so later layers are close, not equal)
+    first = [n for n in experts if n.startswith(layers[0] + ".")]
+    assert [n for n in first if not torch.equal(ours[n][0], stock[n][0])] == []
+    for name in experts:
+        gap = (ours[name][0] - stock[name][0]).norm() / stock[name][0].norm()
+        assert gap < 5e-2, (name, gap)
+    # one gate/up product per batch and layer for all experts (+ one per expert's down);
+    # each module's first call goes through the hook, which allocates its Hessian
+    num_experts = per_layer // 3
+    assert last_batching().products == len(layers) * (SAMPLES - 1) * (1 + num_experts), last_batching()
+    assert modifier.coverage.totals.forced_tokens > 0
