@@ -224,12 +224,17 @@ def suspended_hooks(modules: Iterable[nn.Module]) -> Iterator[None]:
     """
     saved = []
     for module in modules:
-        saved.append((module, module._forward_pre_hooks, module._forward_hooks))
-        module._forward_pre_hooks = type(module._forward_pre_hooks)()
-        module._forward_hooks = type(module._forward_hooks)()
+        # through __dict__ (nn.Module.__setattr__ costs microseconds per call, and a whole-batch
+        # ``all`` call suspends every expert's hooks), and only where there is a hook to suspend
+        state = module.__dict__
+        pre, post = state["_forward_pre_hooks"], state["_forward_hooks"]
+        if pre or post:
+            saved.append((state, pre, post))
+            state["_forward_pre_hooks"] = type(pre)()
+            state["_forward_hooks"] = type(post)()
     try:
         yield
     finally:
-        for module, pre, post in saved:
-            module._forward_pre_hooks = pre
-            module._forward_hooks = post
+        for state, pre, post in saved:
+            state["_forward_pre_hooks"] = pre
+            state["_forward_hooks"] = post

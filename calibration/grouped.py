@@ -80,6 +80,7 @@ __all__ = [
     "ForwardWrapper",
     "GroupedUse",
     "LinearAdapter",
+    "call_plan",
     "deterministic_mode",
     "grouped_expert_calls",
     "grouped_routed_forward",
@@ -890,14 +891,29 @@ def grouped_routed_forward(
     return None if result is None else result[0]
 
 
-def grouped_routed_forward_with_counts(
-    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> tuple[torch.Tensor, list[int]] | None:
-    """:func:`grouped_routed_forward` plus the routed rows per expert (host ints, read by its one host sync)."""
+def call_plan(block: DefusedExperts, hidden_states: torch.Tensor) -> _Live | None:
+    """What the block runs grouped with for this input, or None (the reason reported) when it cannot.
+
+    Several grouped calls of one block in a row (``routing: all``'s routed forward, then its
+    whole-batch calls) can share it through their ``plan`` argument instead of checking the block
+    again each; it stays valid only while nothing about the block's experts changes in between
+    (hook dictionaries of the projections excepted: those are read on every call)."""
     plan, reason = _get_plan(block, hidden_states)
     if plan is None:
         _report_fallback(block, reason)
-        return None
+    return plan
+
+
+def grouped_routed_forward_with_counts(
+    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    plan: _Live | None = None,
+) -> tuple[torch.Tensor, list[int]] | None:
+    """:func:`grouped_routed_forward` plus the routed rows per expert (host ints, read by its one host
+    sync); ``plan``: from :func:`call_plan` for this block and call (else checked here)."""
+    if plan is None:
+        plan = call_plan(block, hidden_states)
+        if plan is None:
+            return None
     tokens, top_k = top_k_index.shape
     if tokens == 0 or top_k == 0:
         _record("no routed tokens in this batch")
@@ -996,7 +1012,9 @@ def grouped_expert_calls(
     return True
 
 
-def grouped_whole_batch_calls(block: DefusedExperts, hidden_states: torch.Tensor, max_rows: int | None = None) -> bool:
+def grouped_whole_batch_calls(
+    block: DefusedExperts, hidden_states: torch.Tensor, max_rows: int | None = None, plan: _Live | None = None
+) -> bool:
     """Run ``block[e](hidden_states)`` for every expert ``e``, grouped; outputs dropped.
 
     Each expert's projections see every row of ``hidden_states`` in order, in one call: the gate
@@ -1004,12 +1022,12 @@ def grouped_whole_batch_calls(block: DefusedExperts, hidden_states: torch.Tensor
     give once for all experts), the down hooks that expert's own rows. Experts run in ascending
     order, in chunks of whole experts of at most ``max_rows`` rows (default
     :func:`forced_chunk_rows`; at least one expert). Returns False (nothing run) when the block
-    cannot run grouped; the caller then loops.
+    cannot run grouped; the caller then loops. ``plan``: from :func:`call_plan` (else checked here).
     """
-    plan, reason = _get_plan(block, hidden_states)
     if plan is None:
-        _report_fallback(block, reason)
-        return False
+        plan = call_plan(block, hidden_states)
+        if plan is None:
+            return False
     _record(None)
     tokens, num_experts = hidden_states.shape[0], block.num_experts
     if tokens == 0:

@@ -31,7 +31,7 @@ grouped (wrapped or hooked-in-other-ways Linears, irregular families) use the lo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -42,7 +42,13 @@ from torch import nn
 from defuser_quant.core.defused import DefusedExperts
 
 from .capture import defused_blocks, provenance, suspended_hooks, whole_batch
-from .grouped import deterministic_mode, grouped_expert_calls, grouped_routed_forward_with_counts, grouped_whole_batch_calls
+from .grouped import (
+    call_plan,
+    deterministic_mode,
+    grouped_expert_calls,
+    grouped_routed_forward_with_counts,
+    grouped_whole_batch_calls,
+)
 
 __all__ = [
     "DEFAULT_MIN_TOKENS",
@@ -146,7 +152,7 @@ class _RoutingForward:
         session = self.session
         forward = _grouped_or_loop if session.grouped else _loop
         if session.whole_batch:
-            return self._whole_batch(block, hidden_states, top_k_index, top_k_weights, forward)
+            return self._whole_batch(block, hidden_states, top_k_index, top_k_weights)
         routed = selection = None
         if session.grouped and session.mode != "routed":
             # Pick the forced tokens (host syncs) before the routed GEMMs are queued: the syncs then
@@ -175,20 +181,23 @@ class _RoutingForward:
         return output
 
     def _whole_batch(
-        self, block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-        forward: Callable,
+        self, block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """``all`` with one call per expert over the whole batch: the routed output is computed with
         the experts' hooks off, then every expert runs on every token, in token order."""
         routed = _routed_counts(top_k_index, block.num_experts)
+        plan = call_plan(block, hidden_states) if self.session.grouped else None  # checked once for both
         with suspended_hooks(m for expert in block for m in expert.modules()):
-            output, _ = forward(block, hidden_states, top_k_index, top_k_weights)
+            result = None if plan is None else grouped_routed_forward_with_counts(
+                block, hidden_states, top_k_index, top_k_weights, plan
+            )
+            output = block.routed_forward(hidden_states, top_k_index, top_k_weights) if result is None else result[0]
         counts = self.session.counts[self.path]
         counts.routed += routed
         counts.forced += hidden_states.shape[0] - routed
         if hidden_states.shape[0]:
             with torch.no_grad(), whole_batch(routed.tolist()):
-                if not (self.session.grouped and grouped_whole_batch_calls(block, hidden_states)):
+                if plan is None or not grouped_whole_batch_calls(block, hidden_states, plan=plan):
                     for expert in block:
                         expert(hidden_states)
         return output
