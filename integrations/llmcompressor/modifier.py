@@ -49,7 +49,6 @@ from .linearize import adopt_linear_experts
 from .budget import RankBudget
 from .ranks import before_compress, has_hessians
 from .refuse import RefuseError, check_refusable, refuse_checkpoint
-from .staged_save import staged_shard_writes
 
 __all__ = ["DefuseModifier", "RecipeOrderError"]
 
@@ -154,8 +153,6 @@ class DefuseModifier(Modifier):
             hooks see the rows the per-expert loop would give (Hessians equal the loop's);
             blocks whose wrapped forwards are not plain (activation quantization enabled, an
             unknown wrapper) take the loop, and :attr:`grouped_use` says how often and why.
-        staged_save: when the model is saved, copy each shard's GPU tensors to the host in a few
-            large copies instead of one per tensor (``staged_save.py``; the same files).
     """
 
     routing: Literal["routed", "all", "budgeted"] | None = None
@@ -166,7 +163,6 @@ class DefuseModifier(Modifier):
     refuse: Literal[False, "dequantized", "fp8_fused"] = False
     refuse_output_dir: str | None = None
     grouped: bool = True
-    staged_save: bool = True
 
     _stack: ExitStack | None = PrivateAttr(default=None)
     _counts: dict[str, dict[str, list[int]]] = PrivateAttr(default_factory=dict)
@@ -264,8 +260,6 @@ class DefuseModifier(Modifier):
         self._log_grouped_use()
         if self._counts:
             self._finish_coverage()
-        if self.staged_save:
-            self._arm_staged_save(state.model)
         if self.refuse:
             self._check_refusable(state.model)
             self._arm_refuse(state.model)
@@ -373,21 +367,6 @@ class DefuseModifier(Modifier):
                 f"(e.g. {unquantized[0]}): check the quantization modifier's targets/ignore"
             )
         check_refusable(self.refuse, schemes, expert_shapes=shapes)
-
-    @staticmethod
-    def _arm_staged_save(model: nn.Module) -> None:
-        """Wrap ``model.save_pretrained`` so its shard writes stage GPU tensors (``staged_save.py``)."""
-        inner = model.save_pretrained
-        if getattr(inner, "_defuser_quant_staged", False):
-            return
-
-        @functools.wraps(inner)
-        def save_staged(*args: Any, **kwargs: Any) -> Any:
-            with staged_shard_writes():
-                return inner(*args, **kwargs)
-
-        save_staged._defuser_quant_staged = True
-        model.save_pretrained = save_staged
 
     def _arm_refuse(self, model: nn.Module) -> None:
         """Wrap ``model.save_pretrained``: after the compressed-tensors save, write the re-fused copy."""
