@@ -91,6 +91,7 @@ __all__ = [
     "register_forward_wrapper",
     "register_linear_adapter",
     "register_parameter_store",
+    "routed_output",
     "unregister_batched_hook",
     "unregister_forward_wrapper",
     "unregister_linear_adapter",
@@ -902,6 +903,16 @@ def call_plan(block: DefusedExperts, hidden_states: torch.Tensor) -> _Live | Non
     if plan is None:
         _report_fallback(block, reason)
     return plan
+
+
+def routed_output(
+    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    grouped: bool = True,
+) -> torch.Tensor:
+    """The block's routed output: :func:`grouped_routed_forward` when ``grouped`` and the block can, else
+    ``block.routed_forward`` (the per-expert loop)."""
+    output = grouped_routed_forward(block, hidden_states, top_k_index, top_k_weights) if grouped else None
+    return block.routed_forward(hidden_states, top_k_index, top_k_weights) if output is None else output
 
 
 def grouped_routed_forward_with_counts(

@@ -185,13 +185,14 @@ class _RoutingForward:
     ) -> torch.Tensor:
         """``all`` with one call per expert over the whole batch: the routed output is computed with
         the experts' hooks off, then every expert runs on every token, in token order."""
-        routed = _routed_counts(top_k_index, block.num_experts)
         plan = call_plan(block, hidden_states) if self.session.grouped else None  # checked once for both
         with suspended_hooks(m for expert in block for m in expert.modules()):
             result = None if plan is None else grouped_routed_forward_with_counts(
                 block, hidden_states, top_k_index, top_k_weights, plan
             )
             output = block.routed_forward(hidden_states, top_k_index, top_k_weights) if result is None else result[0]
+        # the grouped forward counted the routed rows at its one host sync; else count them here
+        routed = _routed_counts(top_k_index, block.num_experts) if result is None else torch.tensor(result[1], dtype=torch.long)
         counts = self.session.counts[self.path]
         counts.routed += routed
         counts.forced += hidden_states.shape[0] - routed

@@ -52,7 +52,7 @@ from torch import nn
 
 from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageError, CoverageReport, build_report, routing_mode
 from defuser_quant.calibration.capture import PROJECTION_ROLES, defused_blocks
-from defuser_quant.calibration.grouped import deterministic_mode, grouped_routed_forward
+from defuser_quant.calibration.grouped import deterministic_mode, routed_output
 from defuser_quant.core.defused import DefusedExperts
 from defuser_quant.core.errors import DefuserQuantError
 
@@ -169,8 +169,7 @@ class QuantizerAwareRouting:
             (e, role) for e, expert in enumerate(block) for role in PROJECTION_ROLES if _listening(expert.projection(role))
         ]
         if not listening:
-            output = grouped_routed_forward(block, hidden_states, top_k_index, top_k_weights) if self.grouped else None
-            return block.routed_forward(hidden_states, top_k_index, top_k_weights) if output is None else output
+            return routed_output(block, hidden_states, top_k_index, top_k_weights, self.grouped)
         roles = tuple(sorted({r for _, r in listening}))
         experts = frozenset(e for e, _ in listening)
         override, session = self._override(block, path, roles, experts)

@@ -41,7 +41,7 @@ from torch import nn
 from defuser_quant.core import DefusedExperts, DefuserQuantError, FilterRules, convert_model, fuse_model
 from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, add_rows, build_report, routing_mode
 from defuser_quant.calibration import distributed
-from defuser_quant.calibration.grouped import GroupedUse, grouped_routed_forward, recording_grouped_use
+from defuser_quant.calibration.grouped import GroupedUse, recording_grouped_use, routed_output
 
 from .grouped import compressed_tensors_grouping
 from .hessians import batched_gptq_hessians
@@ -96,8 +96,7 @@ class _CalibrationPassOnly:
 
     def __call__(self, block: DefusedExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if HooksMixin._HOOKS_DISABLED:
-            output = grouped_routed_forward(block, hidden, index, weights) if self.grouped else None
-            return block.routed_forward(hidden, index, weights) if output is None else output
+            return routed_output(block, hidden, index, weights, self.grouped)
         if self.fingerprints is not None:  # kept on the device: one transfer when checked, no sync per batch
             self.fingerprints.append(torch.bincount(index.reshape(-1), minlength=block.num_experts))
         if self.budget is not None:
