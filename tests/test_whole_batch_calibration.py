@@ -197,40 +197,5 @@ def test_llmcompressor_all_gives_stock_all_experts_hessians(tmp_path, monkeypatc
     # one gate/up product per batch and layer for all experts (+ one per expert's down);
     # each module's first call goes through the hook, which allocates its Hessian
     num_experts = per_layer // 3
-    batching = last_batching()
-    assert batching.products == len(layers) * (SAMPLES - 1) * (1 + num_experts), batching
-    # the shared gate/up products went to one accumulator per layer (equal Hessians), copied out
-    # to the others once per layer, before the solve read them
-    assert batching.deferred == len(layers) * (SAMPLES - 1) and batching.flushes == len(layers), batching
+    assert last_batching().products == len(layers) * (SAMPLES - 1) * (1 + num_experts), last_batching()
     assert modifier.coverage.totals.forced_tokens > 0
-
-
-def test_deferred_hessian_adds_equal_the_adds_and_flush_before_any_read():
-    pytest.importorskip("llmcompressor")
-    from defuser_quant.integrations.llmcompressor import hessians as batched
-
-    g = torch.Generator().manual_seed(0)
-    start = torch.randn(4, 4, generator=g)
-    products = [torch.randn(4, 4, generator=g) for _ in range(3)]
-    expected = start.clone()
-    for p in products:
-        expected += p
-    table = batched._DeferringHessians({name: start.clone() for name in "abc"})
-    targets = [dict.get(table, name) for name in "abc"]
-    for p in products:
-        assert table.defer(targets, p)
-    assert not torch.equal(dict.get(table, "b"), expected), "deferred: only the accumulator has the sum"
-    assert torch.equal(table["b"], expected) and torch.equal(dict.get(table, "c"), expected), "a read flushes"
-    assert table.groups == {}
-    # a single add to a grouped Hessian flushes its group first
-    assert table.defer(targets, products[0])
-    table.flush_touching((id(targets[2]),))
-    assert all(torch.equal(dict.get(table, n), expected + products[0]) for n in "abc")
-    # Hessians that differ are not grouped
-    dict.__setitem__(table, "c", torch.zeros(4, 4))
-    assert not table.defer([dict.get(table, n) for n in "abc"], products[0])
-    for method in ("items", "values", "get", "pop", "copy"):
-        table = batched._DeferringHessians({n: start.clone() for n in "ab"})
-        assert table.defer([dict.get(table, n) for n in "ab"], products[0])
-        getattr(table, method)(*(("b",) if method in ("get", "pop") else ()))
-        assert table.groups == {}, method

@@ -11,10 +11,7 @@ kernels and a Python call chain per expert, which on a GPU bound the calibration
 and scaled once, each expert's product is computed once (the same operands, strides and summation
 order as the hook's matmul) and added to every Hessian whose module saw those rows (gate and up
 share their input: one product for both), and the sample counts are bumped in one multi-tensor
-add. With ``routing: all`` (whole-batch calls) the gate and up Hessians of all experts of a layer
-are equal and get the same product every batch: it is added to one of them, and the others become
-copies of it before anything reads them (:class:`_DeferringHessians`, once per layer instead of
-once per batch). The Hessians are those of the hook, bit for bit where the matmul kernel is the same. A hook that is
+add. The Hessians are those of the hook, bit for bit where the matmul kernel is the same. A hook that is
 switched off is skipped, as it would return at once; a module the hook has not seen yet (first
 call: it allocates the Hessian), a Hessian on another device, or not a plain ``nn.Linear`` gets the
 hook itself; a subclass's own ``calibrate_module``, or a changed llm-compressor (another hook
@@ -52,8 +49,6 @@ class HessianBatching:
     batched: int = 0
     products: int = 0
     by_hook: int = 0
-    deferred: int = 0  # shared products added once for a group of equal Hessians (see _DeferringHessians)
-    flushes: int = 0
 
 
 _LAST = HessianBatching()
@@ -90,110 +85,6 @@ def _match(hook: Callable) -> tuple[object, object] | None:
     return modifier, cells[names.index("handle")]
 
 
-class _DeferringHessians(dict):
-    """``GPTQModifier._hessians`` while shared products are deferred (``routing: all``).
-
-    When one product goes to many Hessians that are equal (every gate and up projection of a
-    layer, fed the same whole batch), it is added to the first of them only, and the others are
-    made copies of it before anything reads them: reading one module's entry flushes its group,
-    reading many flushes every group, so the hook, the solve and the cross-rank reduce see what
-    per-Hessian adds would have given, bit for bit (the same adds in the same order on equal
-    starting values). Our own per-batch reads bypass it (``dict.get``)."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)
-        self.groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        self.group_of: dict[int, tuple[int, ...]] = {}  # id of a grouped Hessian -> its group's key
-
-    def defer(self, targets: list[torch.Tensor], product: torch.Tensor) -> bool:
-        """Add ``product`` to all of ``targets`` (deferred where they are a group of equal Hessians);
-        False: not deferred, nothing added."""
-        key = tuple(map(id, targets))
-        if key not in self.groups:
-            self.flush_touching(key)  # another grouping of these Hessians may be pending
-            first = targets[0]
-            if any(h.shape != first.shape or h.dtype != first.dtype or h.device != first.device for h in targets):
-                return False
-            if not all(torch.equal(first, h) for h in targets[1:]):
-                return False
-            self.groups[key] = targets
-            self.group_of.update(dict.fromkeys(key, key))
-        targets[0].add_(product)
-        _LAST.deferred += 1
-        return True
-
-    def flush_touching(self, ids: tuple[int, ...]) -> None:
-        """Flush the groups holding any of the Hessians with these ids."""
-        for key in {self.group_of[i] for i in ids if i in self.group_of}:
-            self._flush_group(key)
-
-    def _flush_group(self, key: tuple[int, ...]) -> None:
-        targets = self.groups.pop(key)
-        for i in key:
-            self.group_of.pop(i, None)
-        first = targets[0]
-        for h in targets[1:]:
-            h.copy_(first)
-        _LAST.flushes += 1
-
-    def flush(self) -> None:
-        """Make every deferred group's Hessians copies of their accumulator."""
-        for key in list(self.groups):
-            self._flush_group(key)
-
-
-#: dict methods that read or change one key's value: each flushes that value's group first
-_KEY_METHODS = ("__getitem__", "get", "pop", "setdefault", "__setitem__", "__delitem__")
-#: dict methods that read or change many values: each flushes every group first
-_BULK_METHODS = ("popitem", "items", "values", "copy", "update", "clear", "__eq__", "__reduce__", "__reduce_ex__", "__or__")
-
-
-def _flushing(name: str, per_key: bool) -> Callable:
-    method = getattr(dict, name)
-
-    def flushed(self: _DeferringHessians, *args: object, **kwargs: object) -> object:
-        if self.groups:
-            if per_key and args:
-                self.flush_touching((id(dict.get(self, args[0])),))  # the other modules' hooks read their own
-            else:
-                self.flush()
-        return method(self, *args, **kwargs)
-
-    flushed.__name__ = flushed.__qualname__ = name
-    return flushed
-
-
-for _name in _KEY_METHODS:
-    setattr(_DeferringHessians, _name, _flushing(_name, True))
-for _name in _BULK_METHODS:
-    setattr(_DeferringHessians, _name, _flushing(_name, False))
-
-_DEFERRING: list[tuple[object, _DeferringHessians]] = []  # (modifier, its table) swapped in this block
-
-
-def _deferring(modifier: object) -> _DeferringHessians | None:
-    """The modifier's Hessian table as a :class:`_DeferringHessians` (swapped in on first use), or
-    None when it is neither a plain dict nor one already."""
-    table = modifier._hessians
-    if type(table) is _DeferringHessians:
-        return table
-    if type(table) is not dict:
-        return None
-    table = _DeferringHessians(table)
-    modifier._hessians = table
-    _DEFERRING.append((modifier, table))
-    return table
-
-
-def _restore_tables() -> None:
-    """Flush every swapped-in table and give its modifier a plain dict again."""
-    while _DEFERRING:
-        modifier, table = _DEFERRING.pop()
-        table.flush()
-        if modifier._hessians is table:
-            modifier._hessians = dict(table)
-
-
 def _run(modifier: object, members: list) -> None:
     """The hooks of one grouped call: each distinct input converted and scaled once, each expert's
     product computed once and added to every Hessian whose module saw those rows (gate and up).
@@ -208,14 +99,13 @@ def _run(modifier: object, members: list) -> None:
     for module, handle, rows, start, size in members:
         if disabled and handle.cell_contents not in keep:
             continue  # the wrapped hook returns at once
-        hessian = dict.get(hessians, module) if module in counts else None  # no flush: groups stay deferred
+        hessian = hessians.get(module) if module in counts else None
         if hessian is None or type(module) is not nn.Linear or hessian.device != rows.device or rows.dim() != 2:
             modifier.calibrate_module(module, (rows[start:start + size],), None)  # the hook's own path (allocates on first use)
             _LAST.by_hook += 1
             continue
         inputs.setdefault(id(rows), (rows, {}))[1].setdefault((start, size), []).append(hessian)
         bumped.append(counts[module])
-    deferring = _deferring(modifier)
     for rows, spans in inputs.values():
         scaled = math.sqrt(2) * rows.to(dtype=_LLMC.precision)  # the hook's conversion, elementwise: once per input
         for (start, size), targets in spans.items():
@@ -223,11 +113,8 @@ def _run(modifier: object, members: list) -> None:
             product = inp.matmul(inp.t())
             _LAST.products += 1
             if len(targets) == 1:
-                if deferring is not None:
-                    deferring.flush_touching((id(targets[0]),))
                 targets[0] += product
-            elif not (deferring is not None and deferring.defer(targets, product)):
-                # the same elementwise adds, in one multi-tensor kernel
+            else:  # the same elementwise adds, in one multi-tensor kernel (all experts' gate and up in routing: all)
                 torch._foreach_add_(targets, [product] * len(targets))
         del scaled
     if bumped:
@@ -254,7 +141,6 @@ def batched_gptq_hessians() -> Iterator[bool]:
     try:
         yield True
     finally:
-        _restore_tables()
         unregister_batched_hook(GPTQ_HESSIANS)
         logger.debug("GPTQ Hessians: %d accumulations batched (%d products), %d through the hook",
                      _LAST.batched, _LAST.products, _LAST.by_hook)
