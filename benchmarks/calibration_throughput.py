@@ -12,6 +12,8 @@ A random qwen3_moe (shape from the flags) runs one calibration pass (``--batches
 * ``defused``: after ``convert_model``, no override;
 * ``routed`` / ``budgeted`` / ``all``: inside ``routing_mode`` (one context per pass, as in a
   real calibration run), with a ``CoverageTracker`` attached;
+* ``all whole-batch``: ``all`` with ``routing_mode(whole_batch=True)`` (each expert one call per
+  batch over every token, as ``DefuseModifier`` runs ``routing: all``);
 * ``... grouped``: the same with ``routing_mode(grouped=True)`` (``calibration.grouped``: each
   projection role as one grouped GEMM, every per-expert Linear's hooks still called).
 
@@ -206,11 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
         fused.set_experts_implementation(default_impl)
         return all_experts_routing(fused)
 
-    def mode(name: str, grouped: bool = False):
+    def mode(name: str, grouped: bool = False, whole_batch: bool = False):
         @contextmanager
         def context():
             with CoverageTracker(defused, min_tokens=min_tokens), routing_mode(
-                defused, name, min_tokens=min_tokens, grouped=grouped
+                defused, name, min_tokens=min_tokens, grouped=grouped, whole_batch=whole_batch
             ) as session:
                 yield session
         return context
@@ -222,8 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows_spec.append(("fused", f"{default_impl} all experts", fused, fused_all))
     rows_spec += [("defused", "no override", defused, nullcontext)]
     rows_spec += [("defused", m, defused, mode(m)) for m in ("routed", "budgeted", "all")]
+    rows_spec.append(("defused", "all whole-batch", defused, mode("all", whole_batch=True)))
     if not args.no_grouped:
         rows_spec += [("defused", f"{m} grouped", defused, mode(m, grouped=True)) for m in ("routed", "budgeted", "all")]
+        rows_spec.append(("defused", "all whole-batch grouped", defused, mode("all", grouped=True, whole_batch=True)))
 
     rows, reference = [], None
     for (model_kind, variant, model, _), (seconds, state, logits, peak) in zip(rows_spec, measure_all(rows_spec, batches, args.repeats)):

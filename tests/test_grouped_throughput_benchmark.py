@@ -57,3 +57,6 @@ def test_rows_name_their_baselines(tmp_path):
         assert row["slowdown"]["baseline"] == f"fused/{same_work['variant']}", name
         assert row["slowdown"]["times"] == row["seconds_per_pass"] / same_work["seconds_per_pass"]
     assert rows["defused/all grouped"]["exact_vs_defused"] and rows["defused/routed grouped"]["exact_vs_defused"]
+    whole = rows["defused/all whole-batch grouped"]
+    assert whole["exact_vs_defused"] and whole["slowdown"]["baseline"] == f"fused/{every['variant']}"
+    assert whole["forced_tokens_per_pass"] == rows["defused/all grouped"]["forced_tokens_per_pass"] > 0
