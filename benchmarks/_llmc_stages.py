@@ -17,7 +17,12 @@ gives seconds per stage. Stages (inclusive; nested ones are listed under their p
   ``solve`` (``compress_module_list``), ``qparam_broadcast`` and ``barrier`` (ours, after each
   compression: the time this rank waits for the slowest);
 * ``finalize`` (every modifier's ``on_finalize``: our coverage reduce and report), ``save``
-  (``post_process``: compress, write on rank 0, barriers).
+  (``post_process``: compress, write on rank 0, barriers), which holds ``save.compress``
+  (compressed-tensors' ``compress_model``: packing, spread over the ranks under torchrun),
+  ``save.accelerate`` (``to_accelerate``/``from_accelerate`` around the write),
+  ``save.save_pretrained`` (Transformers' own, rank 0) with ``save.shard_write`` (each
+  safetensors shard: device-to-host copies, serialization, file write) inside, and
+  ``save.recipe`` (the recipe file).
 
 On CUDA every boundary synchronizes the current device (a few per layer: cheap). Benchmark
 instrumentation only; it changes no result.
@@ -123,6 +128,7 @@ def install(cuda: bool) -> StageClock:
     clock.wrap(gptq_base.GPTQModifier, "_reduce_hessian_to_target_rank", "hessian_reduce")
     clock.wrap(gptq_base.GPTQModifier, "compress_module_list", "solve")
     clock.wrap(gptq_base, "broadcast_qparams_and_cleanup", "qparam_broadcast")
+    _wrap_save(clock)
     try:
         from defuser_quant.integrations.llmcompressor import ranks
     except ImportError:  # the stock variant does not import our integration
@@ -133,6 +139,24 @@ def install(cuda: bool) -> StageClock:
 
     clock.wrap(DefuseModifier, "_before_compress", "rank_sync.check_and_top_up")
     return clock
+
+
+def _wrap_save(clock: StageClock) -> None:
+    """The parts of ``post_process``'s save (module globals and class attributes looked up at call time)."""
+    import transformers.modeling_utils as modeling_utils
+    from compressed_tensors.compressors import ModelCompressor
+    from llmcompressor.transformers.compression import compressed_tensors_utils as ct_utils
+
+    clock.wrap(ModelCompressor, "compress_model", "save.compress")
+    for name in ("to_accelerate", "from_accelerate"):
+        if hasattr(ct_utils, name):
+            clock.wrap(ct_utils, name, "save.accelerate")
+    if hasattr(ct_utils, "update_and_save_recipe"):
+        clock.wrap(ct_utils, "update_and_save_recipe", "save.recipe")
+    # llm-compressor's save wrapper keeps the class's save_pretrained when oneshot starts: wrap it first
+    clock.wrap(modeling_utils.PreTrainedModel, "save_pretrained", "save.save_pretrained")
+    if hasattr(modeling_utils, "safe_save_file"):
+        clock.wrap(modeling_utils, "safe_save_file", "save.shard_write")
 
 
 def _wrap_barrier(clock: StageClock, ranks: Any) -> None:
