@@ -80,3 +80,17 @@ def test_any_stage_wall_time_is_the_union_of_every_stage():
     assert 0.09 <= record.any_stage_wall_seconds <= elapsed - gap  # every stage, not the gap
     assert record.busy_wall_seconds < record.any_stage_wall_seconds
     assert record.as_dict()["any_stage_wall_seconds"] == round(record.any_stage_wall_seconds, 3)
+
+
+def test_the_pack_extension_is_built_before_any_variant():
+    """GPTQModel builds pack_block_cpu on first use (a JIT build): the benchmark does it up front."""
+    seconds, available = bench.warm_pack_extension()
+    try:
+        import gptqmodel  # noqa: F401
+    except ImportError:
+        assert (seconds, available) == (None, None)
+        return
+    from gptqmodel.utils import cpp
+
+    assert available is True and seconds >= 0
+    assert cpp.load_pack_block_extension(), "loaded, so a variant's packing does not build it"
