@@ -57,6 +57,7 @@ __all__ = [
     "RoutingMode",
     "RoutingSession",
     "routing_mode",
+    "whole_batch_forward",
 ]
 
 logger = logging.getLogger(__name__)
@@ -183,25 +184,36 @@ class _RoutingForward:
     def _whole_batch(
         self, block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """``all`` with one call per expert over the whole batch: the routed output is computed with
-        the experts' hooks off, then every expert runs on every token, in token order."""
-        plan = call_plan(block, hidden_states) if self.session.grouped else None  # checked once for both
-        with suspended_hooks(m for expert in block for m in expert.modules()):
-            result = None if plan is None else grouped_routed_forward_with_counts(
-                block, hidden_states, top_k_index, top_k_weights, plan
-            )
-            output = block.routed_forward(hidden_states, top_k_index, top_k_weights) if result is None else result[0]
-        # the grouped forward counted the routed rows at its one host sync; else count them here
-        routed = _routed_counts(top_k_index, block.num_experts) if result is None else torch.tensor(result[1], dtype=torch.long)
+        output, routed = whole_batch_forward(block, hidden_states, top_k_index, top_k_weights, self.session.grouped)
         counts = self.session.counts[self.path]
         counts.routed += routed
         counts.forced += hidden_states.shape[0] - routed
-        if hidden_states.shape[0]:
-            with torch.no_grad(), whole_batch(routed.tolist()):
-                if plan is None or not grouped_whole_batch_calls(block, hidden_states, plan=plan):
-                    for expert in block:
-                        expert(hidden_states)
         return output
+
+
+def whole_batch_forward(
+    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    grouped: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(routed output, routed rows per expert)``, with every expert's hooks seeing the whole batch once.
+
+    The routed output (bit-identical to ``block.routed_forward``) is computed with the experts'
+    hooks off; then every expert runs on every token, in token order, under ``torch.no_grad()``
+    and provenance ``"all"``, outputs discarded: the calls stock llm-compressor's all-experts
+    calibration makes. ``grouped``: both through grouped GEMMs where the block can.
+    """
+    plan = call_plan(block, hidden_states) if grouped else None  # checked once for both
+    with suspended_hooks(m for expert in block for m in expert.modules()):
+        result = None if plan is None else grouped_routed_forward_with_counts(block, hidden_states, top_k_index, top_k_weights, plan)
+        output = block.routed_forward(hidden_states, top_k_index, top_k_weights) if result is None else result[0]
+    # the grouped forward counted the routed rows at its one host sync; else count them here
+    routed = _routed_counts(top_k_index, block.num_experts) if result is None else torch.tensor(result[1], dtype=torch.long)
+    if hidden_states.shape[0]:
+        with torch.no_grad(), whole_batch(routed.tolist()):
+            if plan is None or not grouped_whole_batch_calls(block, hidden_states, plan=plan):
+                for expert in block:
+                    expert(hidden_states)
+    return output, routed
 
 
 def _routed_counts(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -199,3 +199,35 @@ def test_llmcompressor_all_gives_stock_all_experts_hessians(tmp_path, monkeypatc
     num_experts = per_layer // 3
     assert last_batching().products == len(layers) * (SAMPLES - 1) * (1 + num_experts), last_batching()
     assert modifier.coverage.totals.forced_tokens > 0
+
+
+def test_blocks_built_for_llmcompressor_follow_its_flag_with_whole_batch_calls():
+    """Outside DefuseModifier's routing, our blocks follow llm-compressor's all-experts flag the way
+    LinearExperts2D does: one call per expert and batch over every token; the output stays routed."""
+    pytest.importorskip("llmcompressor")
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+
+    from defuser_quant.integrations.llmcompressor.stock_face import FollowCalibrationFlag
+
+    model = _defused()
+    for _, block in defused_blocks(model):
+        block.forward_override = FollowCalibrationFlag()
+    ids = make_ids(5)
+    with torch.no_grad():
+        reference = model(ids).logits
+    inputs = _block_inputs(model, ids)
+    for flag in (False, True):
+        calls = []
+        with capture_expert_inputs(model, lambda *a: calls.append(a), roles=("up",)), torch.no_grad():
+            if flag:
+                with moe_calibration_context():
+                    logits = model(ids).logits
+            else:
+                logits = model(ids).logits
+        assert torch.equal(logits, reference)
+        if not flag:
+            assert {c[4] for c in calls} == {"routed"} and len(calls) < NUM_EXPERTS * len(inputs) * 2
+            continue
+        assert len(calls) == NUM_EXPERTS * len(inputs) and {c[4] for c in calls} == {"all"}
+        for path, _, _, x, _ in calls:
+            assert torch.equal(x, inputs[path].reshape(-1, x.shape[-1]))

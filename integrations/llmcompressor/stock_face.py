@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from defuser_quant.calibration import RoutingSession, provenance
+from defuser_quant.calibration.routing import whole_batch_forward
 from defuser_quant.core import DefusedExperts, DefuserQuantError, fuse_model
 from defuser_quant.core.generated import pickled_through
 
@@ -46,20 +46,15 @@ class FollowCalibrationFlag:
     """``forward_override`` of blocks built for llm-compressor: all experts while its flag is set.
 
     The output is always ``routed_forward``'s (top-k routing, exact); with the flag set every
-    expert also runs, under ``no_grad`` and provenance ``"forced"``, over the tokens it was not
-    routed to, so each expert's ``nn.Linear`` hooks see every token, as with stock
-    ``LinearExperts2D``.
+    expert's ``nn.Linear`` hooks see one call per batch over every token in token order
+    (:func:`~defuser_quant.calibration.routing.whole_batch_forward`), the calls stock
+    ``LinearExperts2D`` makes.
     """
 
     def __call__(self, block: DefusedExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        output = block.routed_forward(hidden, index, weights)
         if stock_calibration_flag():
-            routed = torch.bincount(index.reshape(-1), minlength=block.num_experts)[: block.num_experts].cpu()
-            selection = RoutingSession("all", 0).forced_selection("", index, routed)
-            with torch.no_grad(), provenance("forced"):
-                for expert, tokens in selection.items():
-                    block[expert](hidden[tokens])
-        return output
+            return whole_batch_forward(block, hidden, index, weights)[0]
+        return block.routed_forward(hidden, index, weights)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FollowCalibrationFlag)
