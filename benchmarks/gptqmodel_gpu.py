@@ -79,6 +79,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -208,29 +209,39 @@ def build_source(args: argparse.Namespace, src: Path) -> list[dict]:
     return rows
 
 
-def warm_gptq_extension() -> tuple[float | None, bool | None]:
-    """Build GPTQModel's CUDA block-update extension once (a JIT build the first user pays for)."""
+def _warm(label: str, load: Callable[[], object]) -> tuple[float | None, bool | None]:
+    """Seconds to build or load one of GPTQModel's JIT extensions, and whether it is available
+    (None, None without GPTQModel)."""
     t0 = time.perf_counter()
     try:
-        from gptqmodel.quantization.gptq_cuda import block_update_available
+        available = bool(load())
     except ImportError:
         return None, None
-    available = bool(block_update_available())
-    print(f"GPTQ block-update extension available: {available}", flush=True)
+    print(f"{label} available: {available}", flush=True)
     return round(time.perf_counter() - t0, 2), available
+
+
+def warm_gptq_extension() -> tuple[float | None, bool | None]:
+    """Build GPTQModel's CUDA block-update extension once (a JIT build the first user pays for)."""
+
+    def load() -> object:
+        from gptqmodel.quantization.gptq_cuda import block_update_available
+
+        return block_update_available()
+
+    return _warm("GPTQ block-update extension", load)
 
 
 def warm_pack_extension() -> tuple[float | None, bool | None]:
     """Build (or load) GPTQModel's CPU packing extension once: GPTQModel builds it on first use and
     caches it on disk, so without this the first variant's packing stage would hold the build."""
-    t0 = time.perf_counter()
-    try:
+
+    def load() -> object:
         from gptqmodel.utils.cpp import load_pack_block_extension
-    except ImportError:
-        return None, None
-    available = bool(load_pack_block_extension())
-    print(f"GPTQModel pack_block_cpu extension available: {available}", flush=True)
-    return round(time.perf_counter() - t0, 2), available
+
+        return load_pack_block_extension()
+
+    return _warm("GPTQModel pack_block_cpu extension", load)
 
 
 def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slots: int, partial: Path | None = None) -> list[dict]:
