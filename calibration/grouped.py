@@ -799,10 +799,10 @@ class _Batches:
         self.starts = list(itertools.accumulate(sizes, initial=0))  # every role's rows split the same way
         self.by_owner: dict[tuple[BatchedForwardHook, int], tuple[object, list]] = {}
 
-    def queue_for(self, m: nn.Module, rows: torch.Tensor, i: int, whole: bool = False) -> Callable:
+    def queue_for(self, m: nn.Module, rows: torch.Tensor, i: int, shared: torch.Tensor | None = None) -> Callable:
         """The queue for the hooks of ``m``, the ``i``-th expert with rows of the role input ``rows``
-        (``whole``: all of ``rows``, which every expert of the role shares)."""
-        member = (rows, 0, rows.shape[0]) if whole else (rows, self.starts[i], self.sizes[i])
+        (``shared``: every expert of the role has all of this one tensor as its rows instead)."""
+        member = (shared, 0, shared.shape[0]) if shared is not None else (rows, self.starts[i], self.sizes[i])
 
         def queue(kind: BatchedForwardHook, owner: object, extra: object) -> None:
             self.by_owner.setdefault((kind, id(owner)), (owner, []))[1].append((m, extra, *member))
@@ -853,7 +853,7 @@ def _project(
     changed = False
     for i in post:
         e = hit[i]
-        queue = None if batches is None else batches.queue_for(modules[e], x if shared is None else shared, i, shared is not None)
+        queue = None if batches is None else batches.queue_for(modules[e], x, i, shared)
         new = _call_post_hooks(modules[e], None if inner is None else inner[e], pieces[i], outs[i], queue)
         if new is not outs[i]:
             outs[i], changed = new, True

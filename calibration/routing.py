@@ -151,9 +151,9 @@ class _RoutingForward:
         self, block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         session = self.session
-        forward = _grouped_or_loop if session.grouped else _loop
         if session.whole_batch:
             return self._whole_batch(block, hidden_states, top_k_index, top_k_weights)
+        forward = _grouped_or_loop if session.grouped else _loop
         routed = selection = None
         if session.grouped and session.mode != "routed":
             # Pick the forced tokens (host syncs) before the routed GEMMs are queued: the syncs then
@@ -164,7 +164,7 @@ class _RoutingForward:
             with provenance("routed"):
                 output, counted = forward(block, hidden_states, top_k_index, top_k_weights)
         else:
-            with suspended_hooks(m for expert in block for m in expert.modules()):
+            with suspended_hooks(_expert_modules(block)):
                 output, counted = forward(block, hidden_states, top_k_index, top_k_weights)
         if routed is None:  # the grouped forward counted them already, at its one host sync
             routed = counted if counted is not None else _routed_counts(top_k_index, block.num_experts)
@@ -203,17 +203,24 @@ def whole_batch_forward(
     calibration makes. ``grouped``: both through grouped GEMMs where the block can.
     """
     plan = call_plan(block, hidden_states) if grouped else None  # checked once for both
-    with suspended_hooks(m for expert in block for m in expert.modules()):
-        result = None if plan is None else grouped_routed_forward_with_counts(block, hidden_states, top_k_index, top_k_weights, plan)
-        output = block.routed_forward(hidden_states, top_k_index, top_k_weights) if result is None else result[0]
+    with suspended_hooks(_expert_modules(block)):
+        if plan is None:
+            output, counted = _loop(block, hidden_states, top_k_index, top_k_weights)
+        else:
+            output, counted = _grouped_or_loop(block, hidden_states, top_k_index, top_k_weights, plan)
     # the grouped forward counted the routed rows at its one host sync; else count them here
-    routed = _routed_counts(top_k_index, block.num_experts) if result is None else torch.tensor(result[1], dtype=torch.long)
+    routed = counted if counted is not None else _routed_counts(top_k_index, block.num_experts)
     if hidden_states.shape[0]:
         with torch.no_grad(), whole_batch(routed.tolist()):
             if plan is None or not grouped_whole_batch_calls(block, hidden_states, plan=plan):
                 for expert in block:
                     expert(hidden_states)
     return output, routed
+
+
+def _expert_modules(block: DefusedExperts) -> Iterator[nn.Module]:
+    """Every module of every expert of ``block`` (what ``suspended_hooks`` switches off)."""
+    return (m for expert in block for m in expert.modules())
 
 
 def _routed_counts(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -229,9 +236,11 @@ def _loop(
 
 
 def _grouped_or_loop(
-    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    plan: object | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    result = grouped_routed_forward_with_counts(block, hidden_states, top_k_index, top_k_weights)
+    """Like :func:`_loop`, through the grouped forward where the block can (``plan``: from ``call_plan``)."""
+    result = grouped_routed_forward_with_counts(block, hidden_states, top_k_index, top_k_weights, plan)
     if result is None:
         return block.routed_forward(hidden_states, top_k_index, top_k_weights), None
     output, counts = result
