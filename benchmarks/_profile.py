@@ -1,4 +1,5 @@
-"""Opt-in cProfile of a benchmark's timed region: ``DQ_PROFILE_DIR=dir`` writes ``dir/<name>.txt``.
+"""Opt-in cProfile of a benchmark's timed region: ``DQ_PROFILE_DIR=dir`` writes ``dir/<name>.txt``
+(and the raw ``dir/<name>.prof`` for ``pstats``).
 
 The text holds the top functions by own time and by cumulative time (host Python only; CUDA
 kernels show up as the host calls that launch or wait for them). Unset, it costs nothing.
@@ -17,9 +18,20 @@ from pathlib import Path
 ENV = "DQ_PROFILE_DIR"
 
 
+TORCH_ENV = "DQ_TORCH_PROFILE_DIR"
+
+
 @contextlib.contextmanager
 def maybe_profile(name: str, top: int = 60) -> Iterator[None]:
-    """Profile the block when ``$DQ_PROFILE_DIR`` is set; write the summary even if the block raises."""
+    """Profile the block when ``$DQ_PROFILE_DIR`` is set; write the summary even if the block raises.
+
+    ``$DQ_TORCH_PROFILE_DIR`` instead runs ``torch.profiler`` (CPU and CUDA activity) and writes
+    ``<name>.torch.txt``: the ops by device time, and the device-busy seconds (sum of kernel
+    times) against the wall seconds, which says whether the GPU or the host bounds the block."""
+    if os.environ.get(TORCH_ENV):
+        with _torch_profile(Path(os.environ[TORCH_ENV]) / f"{name}.torch.txt", top):
+            yield
+        return
     folder = os.environ.get(ENV)
     if not folder:
         yield
@@ -36,3 +48,31 @@ def maybe_profile(name: str, top: int = 60) -> Iterator[None]:
         path = Path(folder) / f"{name}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text.getvalue())
+        profiler.dump_stats(path.with_suffix(".prof"))  # for pstats' callers/callees
+
+
+@contextlib.contextmanager
+def _torch_profile(path: Path, top: int) -> Iterator[None]:
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    kernels = sum(e.count for e in events if e.self_device_time_total > 0)
+    head = f"# wall {wall:.2f} s, device busy {busy:.2f} s (sum of self device times, {kernels} device ops)\n"
+    for e in events:  # ranges the stage clock opens (record_function "stage:<name>")
+        if e.key.startswith("stage:"):
+            head += f"# {e.key}: {e.count} calls, host {e.cpu_time_total / 1e6:.2f} s, device {e.device_time_total / 1e6:.2f} s\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head + events.table(sort_by="self_device_time_total", row_limit=top))

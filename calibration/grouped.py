@@ -130,20 +130,24 @@ def _registry_changed() -> None:
 
 #: What a parameter store's ``peek`` returns when reading the tensor would copy or move it.
 MOVED = object()
-_STORES: dict[type, Callable[[Mapping, str], object]] = {}
-_PEEK_OF: dict[type, Callable[[Mapping, str], object] | None] = {}  # per concrete class, from _STORES by MRO
+_STORES: dict[type, tuple[Callable[[Mapping, str], object], Callable | None]] = {}
+_PEEK_OF: dict[type, tuple[Callable[[Mapping, str], object], Callable | None] | None] = {}  # per class, by MRO
 
 
-def register_parameter_store(cls: type, peek: Callable[[Mapping, str], object]) -> None:
+def register_parameter_store(
+    cls: type, peek: Callable[[Mapping, str], object], peek_all: Callable[[list[Mapping], str], list] | None = None
+) -> None:
     """Let blocks whose projections keep ``_parameters`` in a ``cls`` mapping (or a subclass) keep their plan.
 
     ``peek(store, name)`` must say, without side effects, what ``store[name]`` would return: the
     stored tensor itself (or None when absent) when the read hands it back unchanged, else
     :data:`MOVED` (the read would copy, onload or move it; the block is then planned afresh).
+    ``peek_all(stores, name)``, optional: ``[peek(store, name) for store in stores]``, faster (a kept
+    plan is checked on every block call, over every projection).
     """
-    if not isinstance(cls, type) or not callable(peek):
+    if not isinstance(cls, type) or not callable(peek) or not (peek_all is None or callable(peek_all)):
         raise TypeError(f"register_parameter_store needs a class and a callable peek(store, name), got {cls!r}, {peek!r}")
-    _STORES[cls] = peek
+    _STORES[cls] = (peek, peek_all)
     _PEEK_OF.clear()
     _registry_changed()
 
@@ -155,23 +159,37 @@ def unregister_parameter_store(cls: type) -> None:
         _registry_changed()
 
 
-def _peek_of(cls: type) -> Callable[[Mapping, str], object] | None:
+def _peeks_of(cls: type) -> tuple[Callable[[Mapping, str], object], Callable | None] | None:
     try:
         return _PEEK_OF[cls]
     except KeyError:
-        peek = next((_STORES[c] for c in cls.__mro__ if c in _STORES), None)
-        _PEEK_OF[cls] = peek
-        return peek
+        peeks = next((_STORES[c] for c in cls.__mro__ if c in _STORES), None)
+        _PEEK_OF[cls] = peeks
+        return peeks
 
 
 def _peeked(store: Mapping) -> tuple[object, object] | None:
     """``(weight, bias)`` as a registered store's reads would hand them back; None for a store that
     is not registered or whose reads would copy or move them."""
-    peek = _peek_of(type(store))
-    if peek is None:
+    peeks = _peeks_of(type(store))
+    if peeks is None:
         return None
-    weight, bias = peek(store, "weight"), peek(store, "bias")
+    weight, bias = peeks[0](store, "weight"), peeks[0](store, "bias")
     return None if weight is MOVED or bias is MOVED else (weight, bias)
+
+
+def _read_all(params: list[Mapping]) -> tuple[list, list] | None:
+    """Every projection's ``(weights, biases)`` as its forward would read them, when every read hands
+    back the stored tensor (plain dicts, registered stores that do not copy); else None."""
+    kinds = set(map(type, params))
+    if kinds == {dict}:
+        return list(map(dict.get, params, _WEIGHT)), list(map(dict.get, params, _BIAS))
+    peeks = _peeks_of(kinds.pop()) if len(kinds) == 1 else None
+    if peeks is None or peeks[1] is None:
+        stored = list(map(_peeked, params))
+        return None if _any_is(stored, None) else ([w for w, _ in stored], [b for _, b in stored])
+    weights, biases = peeks[1](params, "weight"), peeks[1](params, "bias")
+    return None if _any_is(weights, MOVED) or _any_is(biases, MOVED) else (weights, biases)
 
 
 def _read_stable(params: Mapping, weight: object, bias: object) -> bool:
@@ -205,12 +223,19 @@ class ForwardWrapper:
     the class ``forward``), or None when it calls ``type(module).forward``. Which functions are this
     wrapper: those whose ``__code__`` is ``code`` (an exact, fast match: closures made by one factory
     share it), or for which ``matches(function)`` is true.
+
+    Optional bulk forms, for the check a kept plan runs on every block call over many modules
+    whose forwards are this wrapper: ``why_not_plain_all(modules, input)`` gives ``(index, why)``
+    of the first module that is not plain (None: all are), ``inner_all(modules, functions)`` the
+    list of ``inner`` results. Without them ``why_not_plain``/``inner`` are called per module.
     """
 
     why_not_plain: Callable[[nn.Module, torch.Tensor], str | None]
     inner: Callable[[nn.Module, Callable], Callable | None]
     code: types.CodeType | None = None
     matches: Callable[[Callable], bool] | None = None
+    why_not_plain_all: Callable[[list[nn.Module], torch.Tensor], tuple[int, str] | None] | None = None
+    inner_all: Callable[[list[nn.Module], list[Callable]], list[Callable | None]] | None = None
 
     def __post_init__(self) -> None:
         if self.code is None and self.matches is None:
@@ -325,6 +350,55 @@ def _instance_forward_problem(m: nn.Module, x: torch.Tensor) -> str | None:
     return f"has more than {_MAX_WRAPPER_DEPTH} nested forward wrappers"
 
 
+_NOT_UNIFORM = object()
+
+
+def _uniform_chain_problem(modules: list[nn.Module], x: torch.Tensor) -> tuple[int, str] | None | object:
+    """:func:`_instance_forward_problem` for modules of one class whose instance forwards are, layer
+    by layer, the same code-registered wrapper: ``(index, why)`` of the first not plain, None when
+    all are, :data:`_NOT_UNIFORM` when the chains differ (the caller then checks per module)."""
+    if len(set(map(type, modules))) != 1:
+        return _NOT_UNIFORM
+    class_forward = type(modules[0]).forward
+    current = list(map(dict.get, map(_dict_of, modules), _FORWARD))
+    for _ in range(_MAX_WRAPPER_DEPTH):
+        if _all_are(current, None):
+            return None
+        kinds = set(map(type, current))
+        if kinds == {types.MethodType}:
+            funcs = list(map(_func_of, current))
+        elif kinds == {types.FunctionType}:
+            funcs = current
+        else:
+            return _NOT_UNIFORM
+        if _all_are(funcs, class_forward):
+            return None
+        codes = set(map(_code_of, funcs))
+        wrapper = _BY_CODE.get(codes.pop()) if len(codes) == 1 else None
+        if wrapper is None:
+            return _NOT_UNIFORM
+        if wrapper.why_not_plain_all is not None:
+            found = wrapper.why_not_plain_all(modules, x)
+        else:
+            found = next(((i, p) for i, p in enumerate(map(wrapper.why_not_plain, modules, itertools.repeat(x))) if p), None)
+        if found is not None:
+            return found
+        current = wrapper.inner_all(modules, funcs) if wrapper.inner_all is not None else list(map(wrapper.inner, modules, funcs))
+    return _NOT_UNIFORM
+
+
+def _forward_problem_of_any(modules: list[nn.Module], x: torch.Tensor) -> tuple[int, str] | None:
+    """``(index, why)`` of the first module whose instance forward is not plain for ``x`` (None: none)."""
+    found = _uniform_chain_problem(modules, x) if modules else None
+    if found is not _NOT_UNIFORM:
+        return found
+    for i, m in enumerate(modules):
+        problem = _instance_forward_problem(m, x)
+        if problem:
+            return i, problem
+    return None
+
+
 @dataclass
 class GroupedUse:
     """How often blocks ran grouped and why the others took the per-expert loop (see :func:`recording_grouped_use`)."""
@@ -388,6 +462,36 @@ _data_ptr = torch.Tensor.data_ptr
 _stride = torch.Tensor.stride
 _tensor_meta = operator.attrgetter("shape", "dtype")
 
+# A kept plan is checked on every block call over every expert and projection; these run the
+# checks as C-level maps over the modules' ``__dict__``s instead of Python per module.
+_dict_of = operator.attrgetter("__dict__")
+_modules_of = operator.itemgetter("_modules")
+_params_of = operator.itemgetter("_parameters")
+_func_of = operator.attrgetter("__func__")
+_code_of = operator.attrgetter("__code__")
+_WEIGHT, _BIAS, _FORWARD = itertools.repeat("weight"), itertools.repeat("bias"), itertools.repeat("forward")
+_EXPERT_HOOKS = tuple(map(operator.itemgetter, (
+    "_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+)))
+_PROJECTION_HOOKS = _EXPERT_HOOKS[2:]  # plain forward (pre-)hooks are read at call time
+
+
+def _all_are(values, obj: object) -> bool:
+    return all(map(operator.is_, values, itertools.repeat(obj)))
+
+
+def _any_is(values, obj: object) -> bool:
+    return any(map(operator.is_, values, itertools.repeat(obj)))
+
+
+def _hooked(dicts: list[dict], getters: tuple) -> bool:
+    return any(any(map(get, dicts)) for get in getters)
+
+
+def _has(dicts: list[dict], key: str) -> list[bool]:
+    return list(map(operator.contains, dicts, itertools.repeat(key)))
+
 
 @dataclass(eq=False)
 class _Role:
@@ -427,16 +531,20 @@ class _Plan:
     expert_keys: tuple[str, ...]
     names: object
     role_names: tuple[str, ...]
-    # per expert: (had an instance forward, per role: (class, had an instance forward, has a bias))
-    experts: tuple[tuple, ...]
+    role_labels: tuple[str, ...]  # "gate", "up", "down" (for messages)
+    expert_forward: list[bool]  # per expert: had an instance forward
+    role_classes: tuple[list[type], ...]  # per role, per expert
+    role_forward: tuple[list[bool], ...]  # per role, per expert: had an instance forward
+    role_bias: tuple[bool, ...]  # per role: has a bias (the same for every expert)
     pointers: list[int]  # every weight, then every bias, role by role
     metadata: list[tuple]
     strides: list[tuple[int, ...]]
     # per role: (weights, biases) storage step between experts when they stack as a view, else None
     views: tuple[tuple[int | None, int | None], ...]
-    # (where, expert index, role index or None for the expert module, adapter or None): checks that
-    # depend on the input or on module state, re-run on the current module on every call
-    rechecks: tuple[tuple[str, int, int | None, LinearAdapter | None], ...]
+    # checks that depend on the input or on module state, re-run on the current modules on every call:
+    # expert indices with an instance forward, per role and for the expert modules themselves (None)
+    forward_rechecks: dict[int | None, list[int]]
+    adapter_rechecks: tuple[tuple[int, int, LinearAdapter], ...]  # (expert, role, adapter with is_plain)
     inner_hooks: tuple[tuple[Callable | None, ...] | None, ...]  # per role
     has_bias: bool
 
@@ -462,65 +570,42 @@ def _live_from_plan(plan: _Plan, block: DefusedExperts) -> tuple[_Live, list] | 
     """This call's roles (the block's current modules and tensors) if they still match the plan's
     template, else None; with the current experts (for the re-checks)."""
     modules = block.__dict__["_modules"]
-    role_names = plan.role_names
     first = modules.get("0")
     if type(first) is not DefusedExpert:
         return None
     gate_fn, names = first.__dict__.get("gate_fn"), first.__dict__.get("names")
     if names is not plan.names and names != plan.names:
         return None
-    found = [([], [], []) for _ in role_names]
-    experts = []
-    for key, (had_forward, projections) in zip(plan.expert_keys, plan.experts):
-        expert = modules.get(key)
-        if type(expert) is not DefusedExpert:
+    experts = list(map(modules.get, plan.expert_keys))
+    if not _all_are(map(type, experts), DefusedExpert):
+        return None
+    eds = list(map(_dict_of, experts))
+    if (
+        not _all_are(map(dict.get, eds, itertools.repeat("gate_fn")), gate_fn)
+        or not _all_are(map(dict.get, eds, itertools.repeat("names")), names)
+        or _hooked(eds, _EXPERT_HOOKS)
+        or _has(eds, "forward") != plan.expert_forward
+    ):
+        return None
+    children = list(map(_modules_of, eds))
+    found = []
+    for name, classes, forward, has_bias in zip(plan.role_names, plan.role_classes, plan.role_forward, plan.role_bias):
+        ms = list(map(dict.get, children, itertools.repeat(name)))
+        if list(map(type, ms)) != classes:
             return None
-        ed = expert.__dict__
-        if (
-            ed.get("gate_fn") is not gate_fn
-            or ed.get("names") is not names
-            or ed["_forward_pre_hooks"]
-            or ed["_forward_hooks"]
-            or ed["_backward_hooks"]
-            or ed["_backward_pre_hooks"]
-            or ed["_forward_pre_hooks_with_kwargs"]
-            or ed["_forward_hooks_with_kwargs"]
-            or ("forward" in ed) is not had_forward
-        ):
+        ds = list(map(_dict_of, ms))
+        if _hooked(ds, _PROJECTION_HOOKS) or _has(ds, "forward") != forward:
             return None
-        experts.append(expert)
-        children = ed["_modules"]
-        for name, (ms, ws, bs), (cls, had, has_bias) in zip(role_names, found, projections):
-            m = children.get(name)
-            if type(m) is not cls:
+        read = _read_all(list(map(_params_of, ds)))
+        if read is None:
+            return None
+        ws, bs = read
+        if _any_is(ws, None) or (_any_is(bs, None) if has_bias else not _all_are(bs, None)):
+            return None
+        if any(_has(ds, "weight")) or any(_has(ds, "bias")):  # an attribute the forward would read instead
+            if any(d.get("weight", w) is not w or d.get("bias", b) is not b for d, w, b in zip(ds, ws, bs)):
                 return None
-            d = m.__dict__
-            params = d["_parameters"]
-            if (
-                d["_backward_hooks"]
-                or d["_backward_pre_hooks"]
-                or d["_forward_pre_hooks_with_kwargs"]
-                or d["_forward_hooks_with_kwargs"]
-                or ("forward" in d) is not had
-            ):
-                return None
-            if type(params) is dict:
-                weight, bias = params.get("weight"), params.get("bias")
-            else:
-                stored = _peeked(params)
-                if stored is None:
-                    return None
-                weight, bias = stored
-            if (
-                weight is None
-                or (bias is not None) is not has_bias
-                or d.get("weight", weight) is not weight
-                or d.get("bias", bias) is not bias
-            ):
-                return None
-            ms.append(m)
-            ws.append(weight)
-            bs.append(bias)
+        found.append((ms, ws, bs))
     # ``param.data = other`` keeps the Parameter object but re-points it: compare what it points at
     tensors = [t for ms, ws, bs in found for t in (ws if bs[0] is None else (*ws, *bs))]
     if not (
@@ -536,17 +621,23 @@ def _live_from_plan(plan: _Plan, block: DefusedExperts) -> tuple[_Live, list] | 
     return _Live(roles, gate_fn, plan.has_bias), experts
 
 
+def _where(e: int, role: str | None) -> str:
+    return f"expert {e} module" if role is None else f"expert {e} {role} projection"
+
+
 def _rechecked(plan: _Plan, live: _Live, experts: list, sample: torch.Tensor) -> str | None:
     """Re-run, on the current modules, the input-dependent checks of a kept plan (registered
     wrappers, adapters' ``is_plain``)."""
-    for where, e, r, adapter in plan.rechecks:
-        m = experts[e] if r is None else live.roles[r].modules[e]
-        if "forward" in m.__dict__:
-            problem = _instance_forward_problem(m, sample)
-            if problem:
-                return f"{where} {problem}"
-        if adapter is not None and not adapter.is_plain(m, sample):
-            return f"{where} {type(m).__name__} forward is not plain for this input"
+    for r, indices in plan.forward_rechecks.items():
+        pool = experts if r is None else live.roles[r].modules
+        found = _forward_problem_of_any([pool[e] for e in indices], sample)
+        if found is not None:
+            e = indices[found[0]]
+            return f"{_where(e, None if r is None else plan.role_labels[r])} {found[1]}"
+    for e, r, adapter in plan.adapter_rechecks:
+        m = live.roles[r].modules[e]
+        if not adapter.is_plain(m, sample):
+            return f"{_where(e, plan.role_labels[r])} {type(m).__name__} forward is not plain for this input"
     return None
 
 
@@ -613,7 +704,11 @@ def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tupl
     roles = [r for r in _ROLES if getattr(names, r) is not None]
     role_names = tuple(getattr(names, r) for r in roles)
     found: dict[str, tuple[list, list, list, list]] = {r: ([], [], [], []) for r in roles}
-    experts, rechecks, keep, any_inner = [], [], True, False
+    expert_forward, keep, any_inner = [], True, False
+    forward_rechecks: dict[int | None, list[int]] = {}
+    adapter_rechecks = []
+    classes: dict[str, list[type]] = {r: [] for r in roles}
+    wrapped_flags: dict[str, list[bool]] = {r: [] for r in roles}
     for e, expert in enumerate(block):
         if type(expert) is not DefusedExpert or expert.gate_fn is not gate_fn or expert.names != names:
             return None, None, f"expert {e} is a {type(expert).__name__} with its own forward or names"
@@ -624,9 +719,8 @@ def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tupl
             return None, None, f"expert {e} module {problem}"
         ed = expert.__dict__
         if "forward" in ed:
-            rechecks.append((f"expert {e} module", e, None, None))
+            forward_rechecks.setdefault(None, []).append(e)
         children = ed["_modules"]
-        projections = []
         for ri, (r, name) in enumerate(zip(roles, role_names)):
             m = children.get(name)
             if m is None:
@@ -667,18 +761,19 @@ def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tupl
             if adapter.is_plain is not None:
                 if not adapter.is_plain(m, sample):
                     return None, None, f"expert {e} {r} projection {cls.__name__} forward is not plain for this input"
-                rechecks.append((f"expert {e} {r} projection", e, ri, adapter))
-            elif wrapped:
-                rechecks.append((f"expert {e} {r} projection", e, ri, None))
+                adapter_rechecks.append((e, ri, adapter))
+            if wrapped:
+                forward_rechecks.setdefault(ri, []).append(e)
             keep = keep and _read_stable(params, weight, bias)
-            projections.append((cls, wrapped, bias is not None))
+            classes[r].append(cls)
+            wrapped_flags[r].append(wrapped)
             modules, weights, biases, inner = found[r]
             modules.append(m)
             weights.append(weight)
             biases.append(bias)
             inner.append(adapter.inner_hook)
             any_inner = any_inner or adapter.inner_hook is not None
-        experts.append(("forward" in ed, tuple(projections)))
+        expert_forward.append("forward" in ed)
     planned, views, inner_hooks = [], [], []
     for r in roles:
         modules, weights, biases, inner = found[r]
@@ -709,12 +804,17 @@ def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tupl
         expert_keys=tuple(map(str, range(len(block)))),
         names=names,
         role_names=role_names,
-        experts=tuple(experts),
+        role_labels=tuple(roles),
+        expert_forward=expert_forward,
+        role_classes=tuple(classes[r] for r in roles),
+        role_forward=tuple(wrapped_flags[r] for r in roles),
+        role_bias=tuple(role.bias is not None for role in planned),
         pointers=list(map(_data_ptr, tensors)),
         metadata=list(map(_tensor_meta, tensors)),
         strides=list(map(_stride, tensors)),
         views=tuple(views),
-        rechecks=tuple(rechecks),
+        forward_rechecks=forward_rechecks,
+        adapter_rechecks=tuple(adapter_rechecks),
         inner_hooks=tuple(inner_hooks),
         has_bias=has_bias,
     )
@@ -809,6 +909,24 @@ class _Batches:
 
         return queue
 
+    def take(self, modules: list[nn.Module], hit: list[int], post: list[int], rows: torch.Tensor,
+             shared: torch.Tensor | None) -> list[int]:
+        """Queue the hooks of the ``post`` experts that have one forward hook, of a batchable kind
+        (what :func:`_call_post_hooks` would do for them, without a call per module); the rest of
+        ``post`` is returned for the per-module path."""
+        rest = []
+        by_owner, starts, sizes = self.by_owner, self.starts, self.sizes
+        for i in post:
+            m = modules[hit[i]]
+            hooks = m._forward_hooks
+            kind = _hook_kind(next(iter(hooks.values()))) if len(hooks) == 1 else ()
+            if not kind:
+                rest.append(i)
+                continue
+            member = (m, kind[2], shared, 0, shared.shape[0]) if shared is not None else (m, kind[2], rows, starts[i], sizes[i])
+            by_owner.setdefault((kind[0], id(kind[1])), (kind[1], []))[1].append(member)
+        return rest
+
     def run(self) -> None:
         for (kind, _), (owner, members) in self.by_owner.items():
             kind.run(owner, members)
@@ -845,6 +963,8 @@ def _project(
         out = out + bias[expert_ids]
     inner = role.inner_hooks
     post = [i for i, e in enumerate(hit) if modules[e]._forward_hooks or (inner is not None and inner[e] is not None)]
+    if post and batches is not None and inner is None:
+        post = batches.take(modules, hit, post, x, shared)
     if not post:
         return out
     if pieces is None:

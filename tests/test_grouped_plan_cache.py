@@ -208,6 +208,30 @@ def test_a_shadowing_weight_attribute_falls_back():
     assert "not its parameter" in why_not_grouped(block, x)
 
 
+@pytest.mark.parametrize("change", ["bias_added", "bias_removed", "weight_removed"])
+def test_a_bias_or_weight_appearing_or_going_after_the_first_call_is_not_missed(change):
+    _, block = _block()
+    e = 4
+    if change == "bias_removed":  # every up projection has a bias when planned
+        for expert in block:
+            expert.up_proj.bias = nn.Parameter(torch.randn(expert.up_proj.out_features))
+    x, index, weights = _inputs(block)
+    index[0, 0] = e  # the batch uses the changed expert
+    _both(block, x, index, weights)
+    assert _cached(block) is not None
+    up = block[e].up_proj
+    if change == "bias_added":
+        up.bias = nn.Parameter(torch.randn(up.out_features))
+    elif change == "bias_removed":
+        up.bias = None
+    else:
+        up.weight = None
+        assert "no weight" in why_not_grouped(block, x)  # refused, not a crash
+        return
+    got, ref = _both(block, x, index, weights)
+    assert got is None or torch.equal(got, ref)
+
+
 def test_dtype_change_replans():
     _, block = _block()
     x, index, weights = _inputs(block)

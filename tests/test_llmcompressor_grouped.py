@@ -166,6 +166,8 @@ def test_wrapped_forward_is_grouped_only_while_quantization_is_disabled(scheme, 
                     got = model(ids).logits
             assert use.grouped == 2 * 4 and use.fallbacks == {}  # 4 blocks, routed + forced
             torch.testing.assert_close(got, ref, rtol=0, atol=0)
+            assert grouped_forward._PLANS.get(block) is not None  # kept: the next check is the kept plan's
+        assert why in why_not_grouped(block, x)  # quantization back on: the kept plan's re-check sees it
     assert "no registered wrapper" in why_not_grouped(block, x)  # unregistered on exit
 
 
@@ -185,6 +187,58 @@ def test_offload_to_another_device_and_unknown_wrappers_are_refused():
         assert "expert 5 down projection has an instance forward (" in why_not_grouped(block, x)
         block[5].down_proj._original_forward_func = inner
         assert why_not_grouped(block, x) is None
+
+
+def _first_problem(check, modules, x):
+    return next(((i, p) for i, p in enumerate(check(m, x) for m in modules) if p), None)
+
+
+def test_bulk_wrapper_checks_agree_with_the_per_module_ones():
+    """What a kept plan asks on every call (the bulk forms) equals asking each module, state by state."""
+    from llmcompressor.utils.helpers import DisableQuantization
+
+    from defuser_quant.integrations.llmcompressor import grouped as ct
+
+    model, block = _wrapped_block("W4A16")
+    x = torch.randn(4, block[0].gate_proj.in_features, dtype=torch.bfloat16)
+    ups = [expert.up_proj for expert in block]
+    pairs = [(ct._quantized_why_not_plain_all, ct._quantized_why_not_plain), (ct._offload_why_not_plain_all, ct._offload_why_not_plain)]
+    seen = {}
+
+    def agree(state):
+        seen[state] = []
+        for bulk, single in pairs:
+            got, want = bulk(ups, x), _first_problem(single, ups, x)
+            assert got == want, state
+            seen[state].append(got)
+
+    with compressed_tensors_grouping():
+        agree("on")  # quantization on everywhere: expert 0 is the first not plain
+        with DisableQuantization(model):
+            agree("off")
+            ups[5].quantization_enabled = True  # one module switched back on
+            agree("one on")
+            del ups[5].__dict__["quantization_enabled"]  # not an instance attribute: read as getattr would
+            agree("attribute gone")
+            ups[5].quantization_enabled = False
+            ups[3]._parameters.onload_device = torch.device("meta")
+            agree("other device")
+            ups[3]._parameters.onload_device = torch.device("cpu")
+            inner = ups[6].__dict__.pop("_original_forward_func")
+            agree("no original")
+            ups[6]._original_forward_func = inner
+            agree("restored")
+        caches = [m._parameters for m in ups]
+        for name in ("weight", "bias"):
+            assert ct._peek_offload_caches(caches, name) == [ct._peek_offload_cache(c, name) for c in caches]
+        caches[2].onload_device = torch.device("meta")  # one read would copy
+        assert ct._peek_offload_caches(caches, "weight")[2] is grouped_forward.MOVED
+        assert ct._peek_offload_caches(caches, "weight") == [ct._peek_offload_cache(c, "weight") for c in caches]
+        caches[2].onload_device = torch.device("cpu")
+    assert seen["on"][0][0] == 0 and seen["off"] == [None, None] == seen["restored"]
+    assert seen["one on"][0][0] == 5 and seen["attribute gone"][0][0] == 5  # getattr's default: enabled
+    assert seen["other device"] == [None, (3, seen["other device"][1][1])] and "meta" in seen["other device"][1][1]
+    assert seen["no original"][1][0] == 6
 
 
 def test_offload_cache_reads_are_peeked_without_onloading():

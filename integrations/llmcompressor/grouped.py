@@ -27,7 +27,9 @@ block takes the per-expert loop, with the reason logged (``calibration.grouped``
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -105,6 +107,46 @@ def _quantized_why_not_plain(m: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
+_STATE = tuple(itertools.repeat(name) for name in ("quantization_enabled", "quantization_scheme", "quantization_status"))
+
+
+def _quantized_why_not_plain_all(modules: list[nn.Module], x: torch.Tensor) -> tuple[int, str] | None:
+    """:func:`_quantized_why_not_plain` over many modules, asked once per distinct state it reads
+    (enabled, scheme, status as instance attributes; the first module with each is asked)."""
+    dicts = list(map(operator.attrgetter("__dict__"), modules))
+    enabled, schemes, statuses = (list(map(dict.get, dicts, name)) for name in _STATE)
+    keys = list(zip(enabled, map(id, schemes), statuses))
+    for key in dict.fromkeys(keys):
+        i = keys.index(key)
+        problem = _quantized_why_not_plain(modules[i], x)
+        if problem:
+            return i, problem
+    return None
+
+
+def _offload_why_not_plain_all(modules: list[nn.Module], x: torch.Tensor) -> tuple[int, str] | None:
+    """:func:`_offload_why_not_plain` over many modules: the input-device check asked once per onload device."""
+    dicts = list(map(operator.attrgetter("__dict__"), modules))
+    originals = list(map(dict.get, dicts, itertools.repeat("_original_forward_func")))
+    if not all(map(callable, originals)):
+        i = next(i for i, f in enumerate(originals) if not callable(f))
+        return i, "has an offload wrapper without its original forward (compressed-tensors)"
+    cache = _CT.OffloadCache
+    if cache.onloading_disabled:
+        return None
+    params = list(map(operator.itemgetter("_parameters"), dicts))
+    cached = list(map(isinstance, params, itertools.repeat(cache)))
+    for device in set(map(operator.attrgetter("onload_device"), itertools.compress(params, cached))):
+        if not _same_device(x.device, device):
+            i = next(i for i, (p, c) in enumerate(zip(params, cached)) if c and p.onload_device == device)
+            return i, f"onloads its input from {x.device} to {device} (compressed-tensors offload)"
+    return None
+
+
+def _offload_inner_all(modules: list[nn.Module], funcs: list) -> list:
+    return list(map(dict.get, map(operator.attrgetter("__dict__"), modules), itertools.repeat("_original_forward_func")))
+
+
 def _offload_why_not_plain(m: nn.Module, x: torch.Tensor) -> str | None:
     """compressed-tensors' offload wrapper moves the inputs to the onload device, nothing else."""
     d = m.__dict__
@@ -134,6 +176,27 @@ def _peek_offload_cache(cache: object, name: str) -> object:
     return MOVED
 
 
+def _peek_offload_caches(caches: list, name: str) -> list:
+    """``[_peek_offload_cache(c, name) for c in caches]``, with the common cases (onloading disabled,
+    values kept onloaded, plain tensors already on their onload device) as C-level maps."""
+    values = list(map(dict.get, map(operator.attrgetter("offloaded_values"), caches), itertools.repeat(name)))
+    cache = _CT.OffloadCache
+    if cache.onloading_disabled:
+        return values
+    keep = cache.keep_onloaded_values
+    kept = list(map(keep.get, values)) if keep else [None] * len(values)
+    rest = [(v, c) for v, k, c in zip(values, kept, caches) if k is None and v is not None]
+    if rest:
+        tensors = [v for v, _ in rest]
+        if (
+            not set(map(type, tensors)) <= {nn.Parameter, torch.Tensor}
+            or any(map(operator.attrgetter("is_meta"), tensors))
+            or not all(_same_device(d, o) for d, o in set((v.device, c.onload_device) for v, c in rest))
+        ):
+            return [_peek_offload_cache(c, name) for c in caches]
+    return [v if k is None else k for v, k in zip(values, kept)]
+
+
 def _offload_inner(m: nn.Module, func: Callable) -> Callable | None:
     return m.__dict__["_original_forward_func"]  # checked by _offload_why_not_plain
 
@@ -148,9 +211,15 @@ def _wrappers() -> dict[str, ForwardWrapper]:
     wrappers = {}
     if quantized is not None:
         # it calls self.__class__.forward: inner None
-        wrappers[QUANTIZED_FORWARD] = ForwardWrapper(code=quantized, why_not_plain=_quantized_why_not_plain, inner=lambda m, f: None)
+        wrappers[QUANTIZED_FORWARD] = ForwardWrapper(
+            code=quantized, why_not_plain=_quantized_why_not_plain, inner=lambda m, f: None,
+            why_not_plain_all=_quantized_why_not_plain_all, inner_all=lambda ms, fs: [None] * len(ms),
+        )
     if offload is not None:
-        wrappers[OFFLOAD_FORWARD] = ForwardWrapper(code=offload, why_not_plain=_offload_why_not_plain, inner=_offload_inner)
+        wrappers[OFFLOAD_FORWARD] = ForwardWrapper(
+            code=offload, why_not_plain=_offload_why_not_plain, inner=_offload_inner,
+            why_not_plain_all=_offload_why_not_plain_all, inner_all=_offload_inner_all,
+        )
     missing = {QUANTIZED_FORWARD, OFFLOAD_FORWARD} - set(wrappers)
     if missing:
         logger.warning("compressed-tensors' %s not found: those modules keep the per-expert loop", sorted(missing))
@@ -163,7 +232,7 @@ def compressed_tensors_grouping() -> Iterator[None]:
     wrappers = _wrappers()
     for name, wrapper in wrappers.items():
         register_forward_wrapper(name, wrapper)
-    register_parameter_store(_CT.OffloadCache, _peek_offload_cache)
+    register_parameter_store(_CT.OffloadCache, _peek_offload_cache, _peek_offload_caches)
     try:
         yield
     finally:
