@@ -345,3 +345,12 @@ def test_a_modifier_that_overrides_calibrate_module_is_not_batched():
     assert len(got) == len(want) > 0
     for (h, n), (h_ref, n_ref) in zip(got, want, strict=True):
         assert n == n_ref == 2 and torch.equal(h, h_ref)
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 40])
+def test_batched_hessian_adds_are_the_hooks_whatever_the_product_budget(monkeypatch, budget):
+    """Products wait for one multi-tensor add per budget's worth: a flush per product or one per input give the hook's Hessians."""
+    from defuser_quant.integrations.llmcompressor import hessians
+
+    monkeypatch.setattr(hessians, "PRODUCT_BUDGET", budget)
+    test_batched_gptq_hessians_equal_the_hooks_and_respect_disabled_hooks()

@@ -135,7 +135,8 @@ def _offload_why_not_plain_all(modules: list[nn.Module], x: torch.Tensor) -> tup
     if cache.onloading_disabled:
         return None
     params = list(map(operator.itemgetter("_parameters"), dicts))
-    cached = list(map(isinstance, params, itertools.repeat(cache)))
+    kinds = {k: issubclass(k, cache) for k in set(map(type, params))}  # isinstance of an ABC is Python: once per class
+    cached = list(map(kinds.__getitem__, map(type, params)))
     for device in set(map(operator.attrgetter("onload_device"), itertools.compress(params, cached))):
         if not _same_device(x.device, device):
             i = next(i for i, (p, c) in enumerate(zip(params, cached)) if c and p.onload_device == device)

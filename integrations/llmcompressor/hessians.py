@@ -85,12 +85,38 @@ def _match(hook: Callable) -> tuple[object, object] | None:
     return modifier, cells[names.index("handle")]
 
 
+#: Products kept alive at once before their adds run as one multi-tensor kernel (bytes).
+PRODUCT_BUDGET = 256 << 20
+
+
+class _Adds:
+    """``target += product`` for many pairs, queued and run as one ``_foreach_add_`` per budget's
+    worth of products: the same elementwise adds, far fewer kernel launches."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.held = budget, 0
+        self.targets: list[torch.Tensor] = []
+        self.products: list[torch.Tensor] = []
+
+    def add(self, targets: list[torch.Tensor], product: torch.Tensor) -> None:
+        self.targets += targets
+        self.products += [product] * len(targets)
+        self.held += product.numel() * product.element_size()
+        if self.held >= self.budget:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.targets:
+            torch._foreach_add_(self.targets, self.products)
+        self.targets, self.products, self.held = [], [], 0
+
+
 def _run(modifier: object, members: list) -> None:
     """The hooks of one grouped call: each distinct input converted and scaled once, each expert's
     product computed once and added to every Hessian whose module saw those rows (gate and up).
 
-    Work goes input by input and rows by rows, so at most one scaled input and one product are
-    alive at a time (a block's products kept together would be experts x features^2 floats)."""
+    Products are held until :data:`PRODUCT_BUDGET` bytes of them are waiting, then added in one
+    multi-tensor kernel (a block's products kept together would be experts x features^2 floats)."""
     mixin = _LLMC.HooksMixin
     disabled, keep = mixin._HOOKS_DISABLED, mixin._HOOKS_KEEP_ENABLED
     hessians, counts = modifier._hessians, modifier._num_samples
@@ -106,16 +132,14 @@ def _run(modifier: object, members: list) -> None:
             continue
         inputs.setdefault(id(rows), (rows, {}))[1].setdefault((start, size), []).append(hessian)
         bumped.append(counts[module])
+    adds = _Adds(PRODUCT_BUDGET)
     for rows, spans in inputs.values():
         scaled = math.sqrt(2) * rows.to(dtype=_LLMC.precision)  # the hook's conversion, elementwise: once per input
         for (start, size), targets in spans.items():
             inp = scaled[start:start + size].t()  # the hook's [features, rows] view of its [rows, features] input
-            product = inp.matmul(inp.t())
+            adds.add(targets, inp.matmul(inp.t()))
             _LAST.products += 1
-            if len(targets) == 1:
-                targets[0] += product
-            else:  # the same elementwise adds, in one multi-tensor kernel (all experts' gate and up in routing: all)
-                torch._foreach_add_(targets, [product] * len(targets))
+        adds.flush()
         del scaled
     if bumped:
         torch._foreach_add_(bumped, 1)  # a 2-D input is one sample to the hook (unsqueezed to a batch of one)
