@@ -44,7 +44,9 @@ import argparse
 import copy
 import json
 import platform
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     determinism = determinism_check(defused, batches) if args.determinism else None
 
     result = {
+        "command": "python " + " ".join(map(shlex.quote, sys.argv)),
         "benchmark": "calibration_throughput",
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),

@@ -47,6 +47,7 @@ def test_rows_name_their_baselines(tmp_path):
     every = rows["fused/grouped_mm all experts"]
     fast = rows["fused/grouped_mm"]
     assert set(result["baselines"]) == {"vs_fused_eager", "vs_fused_fast", "vs_fused_all_experts", "slowdown"}
+    assert result["command"].startswith("python ") and "--output" in result["command"]  # the result says how it was made
     for name, row in rows.items():
         assert row["vs_fused_all_experts"] == row["tokens_per_second"] / every["tokens_per_second"]
         assert row["vs_fused_fast"] == row["tokens_per_second"] / fast["tokens_per_second"]
