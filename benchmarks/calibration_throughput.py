@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     determinism = determinism_check(defused, batches) if args.determinism else None
 
     result = {
-        "command": "python " + " ".join(map(shlex.quote, sys.argv)),
+        "command": "python benchmarks/calibration_throughput.py " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:])),
         "benchmark": "calibration_throughput",
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
