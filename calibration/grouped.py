@@ -146,7 +146,10 @@ def register_parameter_store(
     plan is checked on every block call, over every projection).
     """
     if not isinstance(cls, type) or not callable(peek) or not (peek_all is None or callable(peek_all)):
-        raise TypeError(f"register_parameter_store needs a class and a callable peek(store, name), got {cls!r}, {peek!r}")
+        raise TypeError(
+            "register_parameter_store needs a class, a callable peek(store, name) and peek_all None or a callable "
+            f"peek_all(stores, name), got {cls!r}, {peek!r}, {peek_all!r}"
+        )
     _STORES[cls] = (peek, peek_all)
     _PEEK_OF.clear()
     _registry_changed()

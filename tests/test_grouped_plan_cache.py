@@ -488,6 +488,8 @@ def test_registries_refuse_what_they_cannot_call():
         grouped.register_parameter_store(_Store, None)
     with pytest.raises(TypeError, match="needs a class"):
         grouped.register_parameter_store("not a class", _peek_store)
+    with pytest.raises(TypeError, match="peek_all None or a callable"):
+        grouped.register_parameter_store(_Store, _peek_store, peek_all=3)
     with pytest.raises(TypeError, match="BatchedForwardHook with callable match and run"):
         grouped.register_batched_hook("x", lambda hook: None)
     with pytest.raises(TypeError, match="BatchedForwardHook with callable match and run"):
