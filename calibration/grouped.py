@@ -902,13 +902,20 @@ class _Batches:
         self.starts = list(itertools.accumulate(sizes, initial=0))  # every role's rows split the same way
         self.by_owner: dict[tuple[BatchedForwardHook, int], tuple[object, list]] = {}
 
+    def _span(self, rows: torch.Tensor, i: int, shared: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
+        """``(rows, start, size)`` of the ``i``-th expert in the role input ``rows`` (all of ``shared`` when given)."""
+        return (shared, 0, shared.shape[0]) if shared is not None else (rows, self.starts[i], self.sizes[i])
+
+    def _queue(self, kind: BatchedForwardHook, owner: object, extra: object, m: nn.Module, span: tuple) -> None:
+        self.by_owner.setdefault((kind, id(owner)), (owner, []))[1].append((m, extra, *span))
+
     def queue_for(self, m: nn.Module, rows: torch.Tensor, i: int, shared: torch.Tensor | None = None) -> Callable:
         """The queue for the hooks of ``m``, the ``i``-th expert with rows of the role input ``rows``
         (``shared``: every expert of the role has all of this one tensor as its rows instead)."""
-        member = (shared, 0, shared.shape[0]) if shared is not None else (rows, self.starts[i], self.sizes[i])
+        span = self._span(rows, i, shared)
 
         def queue(kind: BatchedForwardHook, owner: object, extra: object) -> None:
-            self.by_owner.setdefault((kind, id(owner)), (owner, []))[1].append((m, extra, *member))
+            self._queue(kind, owner, extra, m, span)
 
         return queue
 
@@ -918,16 +925,14 @@ class _Batches:
         (what :func:`_call_post_hooks` would do for them, without a call per module); the rest of
         ``post`` is returned for the per-module path."""
         rest = []
-        by_owner, starts, sizes = self.by_owner, self.starts, self.sizes
         for i in post:
             m = modules[hit[i]]
             hooks = m._forward_hooks
             kind = _hook_kind(next(iter(hooks.values()))) if len(hooks) == 1 else ()
-            if not kind:
+            if kind:
+                self._queue(*kind, m, self._span(rows, i, shared))
+            else:
                 rest.append(i)
-                continue
-            member = (m, kind[2], shared, 0, shared.shape[0]) if shared is not None else (m, kind[2], rows, starts[i], sizes[i])
-            by_owner.setdefault((kind[0], id(kind[1])), (kind[1], []))[1].append(member)
         return rest
 
     def run(self) -> None:

@@ -226,6 +226,9 @@ def test_bulk_wrapper_checks_agree_with_the_per_module_ones():
             ups[3]._parameters.onload_device = torch.device("cpu")
             inner = ups[6].__dict__.pop("_original_forward_func")
             agree("no original")
+            ups[4]._parameters.onload_device = torch.device("meta")  # two problems: the lower index is reported
+            agree("no original and other device")
+            ups[4]._parameters.onload_device = torch.device("cpu")
             ups[6]._original_forward_func = inner
             agree("restored")
         caches = [m._parameters for m in ups]
@@ -238,7 +241,7 @@ def test_bulk_wrapper_checks_agree_with_the_per_module_ones():
     assert seen["on"][0][0] == 0 and seen["off"] == [None, None] == seen["restored"]
     assert seen["one on"][0][0] == 5 and seen["attribute gone"][0][0] == 5  # getattr's default: enabled
     assert seen["other device"] == [None, (3, seen["other device"][1][1])] and "meta" in seen["other device"][1][1]
-    assert seen["no original"][1][0] == 6
+    assert seen["no original"][1][0] == 6 and seen["no original and other device"][1][0] == 4
 
 
 def test_offload_cache_reads_are_peeked_without_onloading():

@@ -107,13 +107,15 @@ def _quantized_why_not_plain(m: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
+# bulk forms of the two checks below, for the check a kept plan runs on every block call
+_dict_of = operator.attrgetter("__dict__")
 _STATE = tuple(itertools.repeat(name) for name in ("quantization_enabled", "quantization_scheme", "quantization_status"))
 
 
 def _quantized_why_not_plain_all(modules: list[nn.Module], x: torch.Tensor) -> tuple[int, str] | None:
     """:func:`_quantized_why_not_plain` over many modules, asked once per distinct state it reads
     (enabled, scheme, status as instance attributes; the first module with each is asked)."""
-    dicts = list(map(operator.attrgetter("__dict__"), modules))
+    dicts = list(map(_dict_of, modules))
     enabled, schemes, statuses = (list(map(dict.get, dicts, name)) for name in _STATE)
     keys = list(zip(enabled, map(id, schemes), statuses))
     for key in dict.fromkeys(keys):
@@ -125,27 +127,29 @@ def _quantized_why_not_plain_all(modules: list[nn.Module], x: torch.Tensor) -> t
 
 
 def _offload_why_not_plain_all(modules: list[nn.Module], x: torch.Tensor) -> tuple[int, str] | None:
-    """:func:`_offload_why_not_plain` over many modules: the input-device check asked once per onload device."""
-    dicts = list(map(operator.attrgetter("__dict__"), modules))
+    """:func:`_offload_why_not_plain` over many modules: finds the first module it flags (no
+    original forward, or an onload device other than the input's, asked once per device) and asks
+    it for the reason."""
+    dicts = list(map(_dict_of, modules))
     originals = list(map(dict.get, dicts, itertools.repeat("_original_forward_func")))
-    if not all(map(callable, originals)):
-        i = next(i for i, f in enumerate(originals) if not callable(f))
-        return i, "has an offload wrapper without its original forward (compressed-tensors)"
+    flagged = [] if all(map(callable, originals)) else [next(i for i, f in enumerate(originals) if not callable(f))]
     cache = _CT.OffloadCache
-    if cache.onloading_disabled:
-        return None
-    params = list(map(operator.itemgetter("_parameters"), dicts))
-    kinds = {k: issubclass(k, cache) for k in set(map(type, params))}  # isinstance of an ABC is Python: once per class
-    cached = list(map(kinds.__getitem__, map(type, params)))
-    for device in set(map(operator.attrgetter("onload_device"), itertools.compress(params, cached))):
-        if not _same_device(x.device, device):
-            i = next(i for i, (p, c) in enumerate(zip(params, cached)) if c and p.onload_device == device)
-            return i, f"onloads its input from {x.device} to {device} (compressed-tensors offload)"
+    if not cache.onloading_disabled:
+        params = list(map(operator.itemgetter("_parameters"), dicts))
+        kinds = {k: issubclass(k, cache) for k in set(map(type, params))}  # isinstance of an ABC is Python: once per class
+        cached = list(map(kinds.__getitem__, map(type, params)))
+        for device in set(map(operator.attrgetter("onload_device"), itertools.compress(params, cached))):
+            if not _same_device(x.device, device):
+                flagged.append(next(i for i, (p, c) in enumerate(zip(params, cached)) if c and p.onload_device == device))
+    for i in sorted(flagged):
+        problem = _offload_why_not_plain(modules[i], x)
+        if problem:
+            return i, problem
     return None
 
 
 def _offload_inner_all(modules: list[nn.Module], funcs: list) -> list:
-    return list(map(dict.get, map(operator.attrgetter("__dict__"), modules), itertools.repeat("_original_forward_func")))
+    return list(map(dict.get, map(_dict_of, modules), itertools.repeat("_original_forward_func")))
 
 
 def _offload_why_not_plain(m: nn.Module, x: torch.Tensor) -> str | None:
