@@ -33,8 +33,18 @@ checkpoint should match; ``routed`` calibrates differently). Prints markdown tab
 with the command line, after every run, under ``benchmarks/results/`` (default ``distributed_cuda.json``).
 ``--deadline`` skips the runs that would not finish in time, so one device call always leaves a JSON.
 
+Triton compiles a kernel the first time a process needs it and caches it on disk, so the first
+timed run would pay for compiles the later ones load (compressed-tensors' quantize kernel: ~1 s
+of the first run's save on an H200). Every row records ``triton_compiles`` (per rank: Triton
+kernels compiled inside the timed ``oneshot``, ``_triton_compiles.py``; null without Triton) and
+the tables mark a run that compiled any. ``--warmup`` first runs the first planned variant once,
+untimed, in one process on ``--warmup-samples`` calibration rows (default 8) of the same model,
+so the kernels are compiled at the real shapes before any timed run (``warmup`` in the JSON:
+variant, samples, seconds, error, triton_compiles; its checkpoint is deleted).
+
     python benchmarks/distributed_gpu.py --deadline 450          # 2 GPUs: stock, routed, all (1 and 2 GPUs)
     python benchmarks/distributed_gpu.py --variants routed,routed-loop@1 --layers 1
+    python benchmarks/distributed_gpu.py --warmup --deadline 450  # Triton compiles in an untimed run first
     .venv/bin/python benchmarks/distributed_gpu.py --device cpu --tiny   # gloo smoke run, 2 CPU processes
 
 Needs llmcompressor==0.14.0.1 (with compressed-tensors==0.19.0, transformers<=5.17) and this
@@ -87,9 +97,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole benchmark: runs that would start with less than --min-run left are skipped")
     p.add_argument("--min-run", type=float, default=60.0, help="seconds a run needs at least (with --deadline)")
+    p.add_argument("--warmup", action="store_true",
+                   help="run the first planned variant once, untimed, in one process on --warmup-samples rows first "
+                        "(Triton compiles its kernels at the real shapes then)")
+    p.add_argument("--warmup-samples", type=int, default=8, help="calibration rows of the --warmup run")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/distributed_<device>[_tiny].json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--calibration", type=Path, default=None, help=argparse.SUPPRESS)  # worker: its rows (calibration_file)
     args = p.parse_args(argv)
+    if args.warmup_samples < 1:
+        p.error("--warmup-samples must be at least 1")
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value)
@@ -118,21 +135,28 @@ def _env() -> dict[str, str]:
 
 
 # ----- parent -----------------------------------------------------------------------------------
-def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, timeout: float) -> dict:
-    """One ``oneshot`` of ``variant`` in ``nproc`` processes; the ranks' results merged."""
-    out = work / f"{variant}-n{nproc}"
+def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, timeout: float,
+            calibration: Path | None = None, name: str | None = None) -> dict:
+    """One ``oneshot`` of ``variant`` in ``nproc`` processes; the ranks' results merged.
+
+    ``calibration``: the rows file (default the worker's ``WORKDIR/calibration.json``); ``name``:
+    of its output folder and log under ``work`` (default ``VARIANT-nN``)."""
+    name = name or f"{variant}-n{nproc}"
+    out = work / name
     out.mkdir(exist_ok=True)
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd = [sys.executable, *launcher, str(Path(__file__).resolve()), "--worker", variant, "--workdir", str(work),
            "--device", args.device, "--output", str(out), "--seq-len", str(args.seq_len)]
+    if calibration is not None:
+        cmd += ["--calibration", str(calibration)]
     row: dict = {"variant": variant, "nproc": nproc}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        (work / f"{variant}-n{nproc}.log").write_text(str(exc.stdout or "") + str(exc.stderr or ""))
+        (work / f"{name}.log").write_text(str(exc.stdout or "") + str(exc.stderr or ""))
         return {**row, "error": f"timeout after {timeout:.0f}s"}
-    (work / f"{variant}-n{nproc}.log").write_text(proc.stdout + proc.stderr)
+    (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
     ranks = sorted(out.glob("rank*.json"))
     if proc.returncode != 0 or len(ranks) != nproc:
         return {**row, "error": f"exit {proc.returncode}", "log_tail": (proc.stdout + proc.stderr)[-3000:]}
@@ -149,9 +173,51 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
         experts_classes=results[0]["experts_classes"],
         coverage_totals=coverages[0],
         coverage_same_on_every_rank=all(c == coverages[0] for c in coverages),
+        triton_compiles=[r.get("triton_compiles") for r in results],
         checkpoint=str(out / "checkpoint"),
     )
     return row
+
+
+def write_calibration(rows: list[dict], path: Path, samples: int | None = None) -> int:
+    """The calibration rows (the first ``samples`` of them) as JSON at ``path``; how many were written."""
+    rows = rows if samples is None else rows[:samples]
+    path.write_text(json.dumps(rows))
+    return len(rows)
+
+
+def run_warmup(variant: str, rows: list[dict], args: argparse.Namespace, work: Path, timeout: float) -> dict:
+    """``variant`` once in one process, untimed, on ``--warmup-samples`` rows of the same model, so
+    Triton compiles (and caches) its kernels at the real shapes before any timed run; its output
+    folder is deleted. Returns the JSON's ``warmup``."""
+    import shutil
+
+    samples = write_calibration(rows, work / "warmup-calibration.json", args.warmup_samples)
+    t0 = time.perf_counter()
+    row = run_one(variant, 1, args, work, timeout, calibration=work / "warmup-calibration.json", name=f"warmup-{variant}")
+    shutil.rmtree(work / f"warmup-{variant}", ignore_errors=True)
+    if "log_tail" in row:
+        print(row["log_tail"], flush=True)
+    compiles = row.get("triton_compiles") or [None]
+    return {"variant": variant, "samples": samples, "seconds": round(time.perf_counter() - t0, 2),
+            "error": row.get("error"), "triton_compiles": compiles[0]}
+
+
+def triton_compiled(row: dict) -> int | None:
+    """The most Triton kernels any rank of ``row`` compiled in its timed ``oneshot`` (None: not known)."""
+    counts = [n for n in row.get("triton_compiles") or [] if n is not None]
+    return max(counts) if counts else None
+
+
+def triton_note(row: dict, run: str = "this run") -> str:
+    """`` (Triton compiled N kernels in RUN)`` when ``row``'s timed region compiled any, else ``""``."""
+    n = triton_compiled(row)
+    return f" (Triton compiled {n} kernels in {run})" if n else ""
+
+
+def _notes(*rows: dict) -> str:
+    """:func:`triton_note` of each of a variant's runs (1 and N processes), naming the run."""
+    return "".join(triton_note(r, f"the x{r['nproc']} run") for r in rows if r)
 
 
 def stage_summary(per_rank: list[dict], oneshot_s: list[float]) -> dict[str, float]:
@@ -220,7 +286,7 @@ def markdown(rows: list[dict], nproc: int) -> str:
         if _ok(one) and not many or _ok(many) and not one:  # a single process count asked for (NAME@1)
             r = one or many
             vs = r.get("logits_vs_grouped", {}).get("cosine", "-")
-            lines.append(f"| {variant} | x{r['nproc']} only: {r['oneshot_s']:.1f} | | {r['end_to_end_s']:.1f} | | "
+            lines.append(f"| {variant}{_notes(r)} | x{r['nproc']} only: {r['oneshot_s']:.1f} | | {r['end_to_end_s']:.1f} | | "
                          f"{' / '.join(map(str, r['peak_gpu_gib']))} | | vs grouped: {vs} |")
             continue
         if not _ok(one, many):
@@ -229,7 +295,7 @@ def markdown(rows: list[dict], nproc: int) -> str:
             continue
         routed = [r["coverage_totals"]["routed_tokens"] if r["coverage_totals"] else "-" for r in (one, many)]
         lines.append(
-            f"| {variant} | {one['oneshot_s']:.1f} -> {many['oneshot_s']:.1f} | {one['oneshot_s'] / many['oneshot_s']:.2f}x | "
+            f"| {variant}{_notes(one, many)} | {one['oneshot_s']:.1f} -> {many['oneshot_s']:.1f} | {one['oneshot_s'] / many['oneshot_s']:.2f}x | "
             f"{one['end_to_end_s']:.1f} -> {many['end_to_end_s']:.1f} | {one['end_to_end_s'] / many['end_to_end_s']:.2f}x | "
             f"{one['peak_gpu_gib'][0]} -> {' / '.join(map(str, many['peak_gpu_gib']))} | {routed[0]} -> {routed[1]} | "
             f"{many.get('logits_vs_1_process', {}).get('cosine', '-')} |"
@@ -238,7 +304,8 @@ def markdown(rows: list[dict], nproc: int) -> str:
 
 
 def stage_markdown(rows: list[dict]) -> str:
-    """Per run: wall seconds per stage (slowest rank), and how the block calls ran."""
+    """Per run: wall seconds per stage (slowest rank), and how the block calls ran; a run whose
+    timed ``oneshot`` compiled Triton kernels says so."""
     lines = ["| run | oneshot | " + " | ".join(STAGES) + " | block calls grouped / loop |",
              "|---|---:|" + "---:|" * len(STAGES) + "---|"]
     for r in rows:
@@ -246,7 +313,7 @@ def stage_markdown(rows: list[dict]) -> str:
             continue
         use = r["grouped_use"][0]
         calls = "-" if use is None else f"{use['grouped']} / {sum(use['fallbacks'].values())}"
-        lines.append(f"| {r['variant']} x{r['nproc']} | {r['oneshot_s']:.1f} | "
+        lines.append(f"| {r['variant']} x{r['nproc']}{triton_note(r)} | {r['oneshot_s']:.1f} | "
                      + " | ".join(f"{r['stages_max'][s]:.2f}" for s in STAGES) + f" | {calls} |")
     return "\n".join(lines)
 
@@ -265,7 +332,8 @@ def stock_markdown(rows: list[dict]) -> str:
             continue
         stock = _find(rows, "stock", r["nproc"])
         ck = vs["checkpoint"]
-        lines.append(f"| {r['variant']} x{r['nproc']} | {r['oneshot_s']:.1f} | {stock['oneshot_s']:.1f} | "
+        lines.append(f"| {r['variant']} x{r['nproc']}{triton_note(r)} | {r['oneshot_s']:.1f} | "
+                     f"{stock['oneshot_s']:.1f}{triton_note(stock, 'stock')} | "
                      f"{vs['oneshot_ratio']:.2f}x | {vs['peak_gpu_ratio']} | {ck['qweights_equal']} | {ck['max_scale_diff']} |")
     return "\n".join(lines)
 
@@ -284,7 +352,7 @@ def scaling_markdown(rows: list[dict], nproc: int) -> str:
         save = [r["stages_max"]["save"] for r in (one, many)]
         setup = [r["stages_max"]["setup"] + r["stages_max"]["offload_setup"] for r in (one, many)]
         lines.append(
-            f"| {variant} | {one['oneshot_s']:.1f} -> {many['oneshot_s']:.1f} | {one['oneshot_s'] / many['oneshot_s']:.2f}x | "
+            f"| {variant}{_notes(one, many)} | {one['oneshot_s']:.1f} -> {many['oneshot_s']:.1f} | {one['oneshot_s'] / many['oneshot_s']:.2f}x | "
             f"{split[0]:.1f} -> {split[1]:.1f} | {split[0] / max(split[1], 1e-9):.2f}x | {rest[0]:.1f} -> {rest[1]:.1f} | "
             f"{save[0]:.1f} -> {save[1]:.1f} | {setup[0]:.1f} -> {setup[1]:.1f} |"
         )
@@ -324,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                      "llmcompressor": _version("llmcompressor"), "compressed-tensors": _version("compressed-tensors")},
         "notes": "oneshot_s: slowest rank, after a process-group warm-up; end_to_end_s: the launcher's process "
                  "(interpreter, imports, model load, NCCL set-up, oneshot, exit); stages: wall seconds, CUDA synchronized "
-                 "at each boundary",
+                 "at each boundary; triton_compiles: per rank, Triton kernels compiled inside the timed oneshot "
+                 "(new entries of Triton's on-disk cache; null: Triton not importable)",
+        "warmup": None,
         "rows": [],
     }
     rows = payload["rows"]
@@ -339,8 +409,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         rows_data = build_source(args, work / "source")
-        (work / "calibration.json").write_text(json.dumps(rows_data))
+        write_calibration(rows_data, work / "calibration.json")
         payload["build_source_s"] = round(time.perf_counter() - t0, 1)
+        left = None if args.deadline is None else args.deadline - (time.perf_counter() - started)
+        if args.warmup and runs and (left is None or left >= 2 * args.min_run):
+            print(f"warm-up: {runs[0][0]} in 1 process on {args.warmup_samples} rows, untimed ...", flush=True)
+            timeout = args.timeout if left is None else min(args.timeout, left - 10)
+            payload["warmup"] = run_warmup(runs[0][0], rows_data, args, work, timeout)
+            print(f"warm-up: {json.dumps(payload['warmup'])}", flush=True)
+            write()
+        elif args.warmup and runs:
+            payload["warmup"] = {"variant": runs[0][0], "skipped": f"deadline: {left:.0f}s left"}
         for variant, nproc in runs:
             left = None if args.deadline is None else args.deadline - (time.perf_counter() - started)
             if left is not None and left < args.min_run:
@@ -404,6 +483,11 @@ def _version(name: str) -> str | None:
 
 
 # ----- worker (one rank) ----------------------------------------------------------------------------
+def calibration_file(args: argparse.Namespace) -> Path:
+    """The worker's calibration rows: ``--calibration``, else ``WORKDIR/calibration.json``."""
+    return args.calibration or args.workdir / "calibration.json"
+
+
 def worker(args: argparse.Namespace) -> int:
     import torch
 
@@ -424,7 +508,7 @@ def worker(args: argparse.Namespace) -> int:
 
     variant, work, out = args.worker, args.workdir, args.output
     source = work / "source"
-    rows = json.loads((work / "calibration.json").read_text())
+    rows = json.loads(calibration_file(args).read_text())
     data = distributed.rank_share(Dataset.from_list(rows))
     device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device)
@@ -454,17 +538,19 @@ def worker(args: argparse.Namespace) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     from _profile import maybe_profile
+    from _triton_compiles import count_triton_compiles
 
-    t0 = time.perf_counter()
-    with maybe_profile(f"llmc-{variant}-n{distributed.world_size()}-rank{distributed.rank()}"):
-        oneshot(
-            model=model, processor=AutoTokenizer.from_pretrained(source), dataset=data, recipe=recipe,
-            output_dir=str(out / "checkpoint"), num_calibration_samples=len(data), max_seq_length=args.seq_len,
-            shuffle_calibration_samples=False,
-        )
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    with count_triton_compiles() as compiles:  # its cache scans stay outside the timed region
+        t0 = time.perf_counter()
+        with maybe_profile(f"llmc-{variant}-n{distributed.world_size()}-rank{distributed.rank()}"):
+            oneshot(
+                model=model, processor=AutoTokenizer.from_pretrained(source), dataset=data, recipe=recipe,
+                output_dir=str(out / "checkpoint"), num_calibration_samples=len(data), max_seq_length=args.seq_len,
+                shuffle_calibration_samples=False,
+            )
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
     use = None if defuse is None or defuse.grouped_use is None else defuse.grouped_use
     experts_classes = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for n, m in model.named_modules()
                               if n.endswith("mlp.experts")})
@@ -479,6 +565,7 @@ def worker(args: argparse.Namespace) -> int:
         "grouped_use": None if use is None else {"grouped": use.grouped, "fallbacks": use.fallbacks},
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "coverage_totals": None if defuse is None or defuse.coverage is None else defuse.coverage.totals.model_dump(),
+        "triton_compiles": compiles.kernels,
     }
     (out / f"rank{distributed.rank()}.json").write_text(json.dumps(result))
     return 0

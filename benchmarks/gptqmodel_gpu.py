@@ -50,6 +50,11 @@ extension (and GPTQModel's CPU packing extension) is built once before any varia
 the smallest number of calibration rows any expert projection's GPTQ saw (from GPTQModel's
 own log), whether the checkpoint equals stock's tensor for tensor, and the logits' max
 difference to stock. Prints a markdown table and writes JSON under ``benchmarks/results/``.
+Every row records ``triton_compiles``: Triton kernels compiled inside its timed load + quantize +
+save (``_triton_compiles.py``: new entries of Triton's on-disk cache, from any process, so with
+variants running at once on several GPUs a count may include another's; null without Triton),
+and ``triton_compiles_reload`` for the reload + logits step; the table marks a run that compiled
+any. ``--warmup`` runs the first variant once, untimed, first, so they are compiled before.
 
     python benchmarks/gptqmodel_gpu.py                          # stock + ours, 1 layer
     python benchmarks/gptqmodel_gpu.py --variants stock,ours,ours-all   # 2 GPUs: 2 variants at a time
@@ -57,6 +62,7 @@ difference to stock. Prints a markdown table and writes JSON under ``benchmarks/
     python benchmarks/gptqmodel_gpu.py --device cpu --tiny      # 2 CPU cores, < 1 minute
     python benchmarks/gptqmodel_gpu.py --layers 2 --variants stock,ours-grouped,ours-grouped-batched --stages
     python benchmarks/gptqmodel_gpu.py --layers 2 --variants ours-grouped-batched --gpu-counts 1,2   # 2 GPUs
+    python benchmarks/gptqmodel_gpu.py --variants stock,ours --warmup   # Triton compiles in an untimed run first
 
 Budget (one H200, CUDA block-update extension built): ``quantize()`` of 2 Qwen3-30B-A3B layers
 takes 36-55 s per variant, plus ~15-20 s of imports and ~5-10 s of reload per process, ~12 s to
@@ -397,7 +403,14 @@ def _gib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**30:.2f}"
 
 
+def triton_note(row: dict) -> str:
+    """`` (Triton compiled N kernels in this run)`` when ``row``'s timed load + quantize + save compiled any, else ``""``."""
+    n = row.get("triton_compiles")
+    return f" (Triton compiled {n} kernels in this run)" if n else ""
+
+
 def markdown(rows: list[dict]) -> str:
+    """The rows as markdown tables; a run whose timed region compiled Triton kernels says so."""
     cols = ["run", "load_s", "quantize_s", "save_s", "total_s", "peak_gpu_gib", "peak_rss_gib", "experts_quantized",
             "min_expert_rows", "gptq_solve_path", "batched_modules", "same_ckpt_as_stock", "qweights_equal", "max_scale_diff",
             "logits_vs_stock"]
@@ -410,7 +423,7 @@ def markdown(rows: list[dict]) -> str:
         peaks = r.get("peak_gpu_bytes_per_device") or [r.get("peak_gpu_bytes")]
         solve = r.get("solve") or {}
         cells = [
-            name, f"{r['load_s']:.1f}", f"{r['quantize_s']:.1f}", f"{r['save_s']:.1f}", f"{r['total_s']:.1f}",
+            name + triton_note(r), f"{r['load_s']:.1f}", f"{r['quantize_s']:.1f}", f"{r['save_s']:.1f}", f"{r['total_s']:.1f}",
             " / ".join(_gib(v) for v in peaks), f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['experts_quantized']}/{r['expert_projections']}",
             str(r.get("min_expert_samples", "-")), r.get("kernels_label", "-"),
             f"{solve['batched_modules']}/{solve['batched_modules'] + sum(solve['per_module'].values())}" if solve else "per module",
@@ -423,13 +436,13 @@ def markdown(rows: list[dict]) -> str:
                   "| run | quantize | " + " | ".join(STAGE_COLUMNS) + " |", "|---|" + "---:|" * (len(STAGE_COLUMNS) + 1)]
         for r in staged:
             st = r["stages"]
-            lines.append(f"| {r.get('run', r['variant'])} | {r['quantize_s']:.1f} | " + " | ".join((f"{st[c]:.2f}" if c in st else "-") for c in STAGE_COLUMNS) + " |")
+            lines.append(f"| {r.get('run', r['variant'])}{triton_note(r)} | {r['quantize_s']:.1f} | " + " | ".join((f"{st[c]:.2f}" if c in st else "-") for c in STAGE_COLUMNS) + " |")
     scaled = [r for r in rows if r.get("gpus") and "error" not in r]
     if len({r["gpus"] for r in scaled}) > 1:
         lines += ["", "| variant | GPUs | quantize (s) | total (s) | speed-up | peak GPU GiB per device | checkpoint vs fewest GPUs |",
                   "|---|---:|---:|---:|---:|---|---|"]
         for r in scaled:
-            lines.append(f"| {r['variant']} | {r['gpus']} | {r['quantize_s']:.1f} | {r['total_s']:.1f} | {r.get('speedup', '-')} | "
+            lines.append(f"| {r['variant']}{triton_note(r)} | {r['gpus']} | {r['quantize_s']:.1f} | {r['total_s']:.1f} | {r.get('speedup', '-')} | "
                          + " / ".join(_gib(v) for v in r.get("peak_gpu_bytes_per_device") or []) + f" | {r.get('checkpoint_vs_fewest_gpus', '-')} |")
     return "\n".join(lines)
 
@@ -496,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         for leftover in work.glob(f"{variants[0]}.*"):
             if leftover.is_file():
                 leftover.unlink()
-        warmup = {"variant": variants[0], "seconds": round(time.perf_counter() - t_w, 2), "error": first.get("error")}
+        warmup = {"variant": variants[0], "seconds": round(time.perf_counter() - t_w, 2), "error": first.get("error"),
+                  "triton_compiles": first.get("triton_compiles")}
         print(f"warm-up run of {variants[0]}: {warmup}", flush=True)
     if args.gpu_counts:
         rows = run_scaling(variants, args, work, partial)
@@ -568,6 +582,7 @@ def worker(args: argparse.Namespace) -> int:
     backend = BACKEND(args.backend)
     sys.path.insert(0, str(HERE))
     from _source import use_source_checkout
+    from _triton_compiles import TritonCompiles
 
     use_source_checkout()
     from defuser_quant.calibration.grouped import deterministic_mode
@@ -584,6 +599,7 @@ def worker(args: argparse.Namespace) -> int:
         torch.cuda.init()  # the allocator's stats raise "Invalid device argument" before CUDA is initialised
     for index in range(devices):
         torch.cuda.reset_peak_memory_stats(index)
+    compiles = TritonCompiles.start()  # the timed load + quantize + save; its cache scans outside it
     t0 = time.perf_counter()
     model = GPTQModel.load(str(work / "src"), QuantizeConfig(bits=4, group_size=128))
     t1 = time.perf_counter()
@@ -616,6 +632,7 @@ def worker(args: argparse.Namespace) -> int:
     samples = [int(r["samples"]) for rows in (log or {}).values() for r in rows if ".experts." in str(r.get("module")) and str(r.get("samples", "")).isdigit()]
     model.save(str(work / f"{run_id}.out"))
     t3 = time.perf_counter()
+    compiles.stop()
     peaks = [torch.cuda.max_memory_allocated(index) for index in range(devices)]
     peak_gpu = max(peaks) if peaks else None
     if args.stages:
@@ -623,6 +640,7 @@ def worker(args: argparse.Namespace) -> int:
     reload_s = None
     if not args.no_reload:
         del model
+        reload_compiles = TritonCompiles.start()
         t4 = time.perf_counter()
         device = "cuda:0" if cuda else "cpu"
         reloaded = GPTQModel.load(str(work / f"{run_id}.out"), device=device, backend=backend)
@@ -632,6 +650,7 @@ def worker(args: argparse.Namespace) -> int:
             logits = reloaded.model(input_ids=ids).logits.float().cpu()
         torch.save(logits, work / f"{run_id}.logits.pt")
         reload_s = time.perf_counter() - t4
+        extra["triton_compiles_reload"] = reload_compiles.stop()
     out = {
         "variant": variant,
         "run": run_id,
@@ -649,6 +668,7 @@ def worker(args: argparse.Namespace) -> int:
         "expert_projections": len(projections),
         "experts_quantized": quantized,
         "min_expert_samples": min(samples) if samples else None,
+        "triton_compiles": compiles.kernels,
         "checkpoint_bytes": sum(f.stat().st_size for f in (work / f"{run_id}.out").glob("*.safetensors")),
         **extra,
     }
