@@ -14,9 +14,12 @@ with exactly the rows it would have received in the loop, in the same row order:
   modules (compressed-tensors' quantization and offload wrappers;
   ``defuser_quant.integrations.llmcompressor`` registers them) when, for this input, it calls
   the class forward on the same rows and nothing else;
-* a registered :class:`BatchedForwardHook` runs the forward hooks it recognises (llm-compressor's
-  GPTQ Hessian hook) for all the experts and roles of a grouped call at once, after their other
-  hooks, with the same rows each hook would have received.
+* a registered :class:`BatchedForwardHook` runs the forward hooks (or, a ``pre`` kind, forward
+  pre-hooks) it recognises (llm-compressor's GPTQ Hessian hook, DefuseModifier's token counters)
+  for all the experts and roles of a grouped call at once, after their other hooks, with the same
+  rows each hook would have received. A role whose every module carries exactly one hook of one
+  kind and owner is queued with C-level maps; that finding is kept with the plan while the very
+  same hook objects sit in the same places.
 
 Only the projection outputs differ from the loop, by the rounding of a grouped versus a
 per-expert GEMM (bit-equal on the CPU here), so Hessians built from the inputs agree within
@@ -284,41 +287,57 @@ class BatchedForwardHook:
 
     match: Callable[[Callable], tuple[object, object] | None]
     run: Callable[[object, list[tuple[nn.Module, object, torch.Tensor, int, int]]], None]
+    #: a kind of forward *pre*-hook instead: it returns None (never replaces the rows) and ``run``
+    #: does what ``hook(module, (rows[start:start + size],))`` would for every member
+    pre: bool = False
 
 
 _BATCHED: dict[str, BatchedForwardHook] = {}
-_HOOK_KIND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hook function -> (kind, owner, extra) or ()
+# hook function -> (kind, owner, extra) or (); one cache for forward hooks, one for pre-hooks
+_HOOK_KIND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PRE_HOOK_KIND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _batched_changed() -> None:
+    _HOOK_KIND.clear()
+    _PRE_HOOK_KIND.clear()
+    _registry_changed()  # kept plans remember how their hooks were batched: plan afresh
 
 
 def register_batched_hook(name: str, kind: BatchedForwardHook) -> None:
-    """Let the grouped forward run the forward hooks ``kind`` recognises for a role's experts at once."""
+    """Let the grouped forward run the forward (or, with ``kind.pre``, forward pre-) hooks ``kind``
+    recognises for a role's experts at once."""
     if not isinstance(kind, BatchedForwardHook) or not callable(kind.match) or not callable(kind.run):
         raise TypeError(f"register_batched_hook({name!r}, ...) needs a BatchedForwardHook with callable match and run, got {kind!r}")
     _BATCHED[name] = kind
-    _HOOK_KIND.clear()
+    _batched_changed()
 
 
 def unregister_batched_hook(name: str) -> None:
     """Undo :func:`register_batched_hook` (no-op when ``name`` is not registered)."""
     if _BATCHED.pop(name, None) is not None:
-        _HOOK_KIND.clear()
+        _batched_changed()
 
 
-def _hook_kind(hook: Callable) -> tuple:
-    """``(kind, owner, extra)`` of a batchable hook, else ``()``; cached per hook function."""
+def _hook_kind(hook: Callable, pre: bool = False) -> tuple:
+    """``(kind, owner, extra)`` of a batchable forward hook (``pre``: forward pre-hook), else ``()``;
+    cached per hook function."""
+    cache = _PRE_HOOK_KIND if pre else _HOOK_KIND
     try:
-        return _HOOK_KIND[hook]
+        return cache[hook]
     except KeyError:
         pass
     except TypeError:  # not weak-referenceable: never batched
         return ()
     found: tuple = ()
     for kind in _BATCHED.values():
+        if bool(kind.pre) != pre:
+            continue
         matched = kind.match(hook)
         if matched is not None:
             found = (kind, *matched)
             break
-    _HOOK_KIND[hook] = found
+    cache[hook] = found
     return found
 
 
@@ -496,19 +515,91 @@ def _has(dicts: list[dict], key: str) -> list[bool]:
     return list(map(operator.contains, dicts, itertools.repeat(key)))
 
 
+_pre_hooks_of = operator.attrgetter("_forward_pre_hooks")
+_post_hooks_of = operator.attrgetter("_forward_hooks")
+_values_of = dict.values  # insertion order; a reorder of several hooks only matters to the per-module path, which reads them live
+
+
+def _hook_layout(modules: list[nn.Module], get: Callable) -> tuple[list[int], list[Callable]]:
+    """Per module its number of hooks in ``get(module)``, and every hook, module by module, in call order."""
+    dicts = list(map(get, modules))
+    return list(map(len, dicts)), list(itertools.chain.from_iterable(map(_values_of, dicts)))
+
+
+def _same_objects(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+#: ``(kind, owner, extras)``: every module of a role has exactly one hook of one batchable kind and
+#: owner; ``extras[e]`` is expert ``e``'s hook data for ``kind.run``.
+_Bulk = tuple[BatchedForwardHook, object, list]
+
+
+def _bulk_kind(counts: list[int], hooks: list[Callable], pre: bool) -> _Bulk | None:
+    if not counts or counts.count(1) != len(counts):
+        return None
+    kinds = [_hook_kind(h, pre) for h in hooks]
+    first = kinds[0]
+    if not first or not all(k and k[0] is first[0] and k[1] is first[1] for k in kinds):
+        return None
+    return first[0], first[1], [k[2] for k in kinds]
+
+
+class _SideHooks:
+    """One kind of hook (forward or pre) of a role's modules: the bulk classification last found
+    and the hook objects it was found for.
+
+    A call whose modules carry the very same hook objects in the same places (compared by
+    identity, module by module, with C-level maps) reuses it instead of asking every hook its
+    kind. Only a bulk classification is kept, with its hooks (of registered batchable kinds);
+    anything else is classified again on the next call and nothing of it is held. (Registering
+    or dropping a kind re-plans every block, so a memo never outlives the kinds it used.)"""
+
+    __slots__ = ("counts", "hooks", "bulk")
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.hooks: list[Callable] = []
+        self.bulk: _Bulk | None = None
+
+    def refresh(self, modules: list[nn.Module], get: Callable, pre: bool) -> _Bulk | None:
+        """The bulk classification of ``modules``' hooks now (see :func:`_bulk_kind`)."""
+        counts, hooks = _hook_layout(modules, get)
+        if self.bulk is not None and counts == self.counts and _same_objects(hooks, self.hooks):
+            return self.bulk
+        bulk = _bulk_kind(counts, hooks, pre)
+        self.counts, self.hooks, self.bulk = (counts, hooks, bulk) if bulk is not None else ([], [], None)
+        return bulk
+
+
+class _RoleHooks:
+    """A role's hook memo (forward pre-hooks and forward hooks), kept with a block's plan."""
+
+    __slots__ = ("pre", "post")
+
+    def __init__(self) -> None:
+        self.pre, self.post = _SideHooks(), _SideHooks()
+
+    def bulk(self, modules: list[nn.Module]) -> tuple[_Bulk | None, _Bulk | None]:
+        """``(pre-hooks, forward hooks)`` of ``modules`` as one batchable kind each, or None."""
+        return self.pre.refresh(modules, _pre_hooks_of, True), self.post.refresh(modules, _post_hooks_of, False)
+
+
 @dataclass(eq=False)
 class _Role:
     """One projection role of a block for one call: its per-expert modules and tensors, stacked.
 
     ``weight``/``bias`` are zero-copy views when the per-expert tensors are evenly spaced in one
     storage, else fresh stacks (a copy is never kept between calls: it would miss writes through
-    ``.data``, which do not bump the version counter).
+    ``.data``, which do not bump the version counter). ``hooks``: the role's hook memo (the kept
+    plan's, else fresh).
     """
 
     modules: list[nn.Module]
     weight: torch.Tensor
     bias: torch.Tensor | None
     inner_hooks: tuple[Callable | None, ...] | None
+    hooks: _RoleHooks = field(default_factory=_RoleHooks)
 
 
 @dataclass(eq=False)
@@ -550,6 +641,7 @@ class _Plan:
     adapter_rechecks: tuple[tuple[int, int, LinearAdapter], ...]  # (expert, role, adapter with is_plain)
     inner_hooks: tuple[tuple[Callable | None, ...] | None, ...]  # per role
     has_bias: bool
+    role_hooks: tuple[_RoleHooks, ...]  # per role: its hook memo, shared by the calls this plan serves
 
 
 _PLANS: weakref.WeakKeyDictionary[DefusedExperts, _Plan] = weakref.WeakKeyDictionary()
@@ -618,8 +710,8 @@ def _live_from_plan(plan: _Plan, block: DefusedExperts) -> tuple[_Live, list] | 
     ):
         return None
     roles = [
-        _Role(ms, _stack(ws, views[0]), None if bs[0] is None else _stack(bs, views[1]), inner)
-        for (ms, ws, bs), views, inner in zip(found, plan.views, plan.inner_hooks)
+        _Role(ms, _stack(ws, views[0]), None if bs[0] is None else _stack(bs, views[1]), inner, hooks)
+        for (ms, ws, bs), views, inner, hooks in zip(found, plan.views, plan.inner_hooks, plan.role_hooks)
     ]
     return _Live(roles, gate_fn, plan.has_bias), experts
 
@@ -820,6 +912,7 @@ def _build_plan(block: DefusedExperts, sample: torch.Tensor, key: tuple) -> tupl
         adapter_rechecks=tuple(adapter_rechecks),
         inner_hooks=tuple(inner_hooks),
         has_bias=has_bias,
+        role_hooks=tuple(role.hooks for role in planned),
     )
     return live, plan, None
 
@@ -935,6 +1028,20 @@ class _Batches:
                 rest.append(i)
         return rest
 
+    def extend(self, bulk: _Bulk, modules: list[nn.Module], hit: list[int], rows: torch.Tensor,
+               shared: torch.Tensor | None) -> None:
+        """Queue the one batchable hook of every ``hit`` expert's module (``bulk``: what
+        :class:`_RoleHooks` found for the role), built with C-level maps, not a step per module."""
+        kind, owner, extras = bulk
+        ms = map(modules.__getitem__, hit)
+        data = map(extras.__getitem__, hit)
+        if shared is not None:
+            n = shared.shape[0]
+            members = zip(ms, data, itertools.repeat(shared), itertools.repeat(0), itertools.repeat(n))
+        else:
+            members = zip(ms, data, itertools.repeat(rows), self.starts, self.sizes)
+        self.by_owner.setdefault((kind, id(owner)), (owner, []))[1].extend(members)
+
     def run(self) -> None:
         for (kind, _), (owner, members) in self.by_owner.items():
             kind.run(owner, members)
@@ -953,8 +1060,18 @@ def _project(
     this one tensor (``x`` holds a copy per expert); its hooks are handed ``shared`` itself.
     """
     modules = role.modules
+    inner = role.inner_hooks
+    pre_bulk = post_bulk = None
+    if batches is not None:
+        pre_bulk, post_bulk = role.hooks.bulk(modules)
+        if inner is not None:
+            post_bulk = None  # an adapter's inner hook runs per module, before the forward hooks
     pieces = None
-    pre = [i for i, e in enumerate(hit) if modules[e]._forward_pre_hooks]
+    if pre_bulk is not None:
+        batches.extend(pre_bulk, modules, hit, x, shared)  # batchable pre-hooks never replace the rows
+        pre = []
+    else:
+        pre = [i for i, e in enumerate(hit) if modules[e]._forward_pre_hooks]
     if pre:
         pieces = [shared] * len(hit) if shared is not None else list(x.split(sizes))
         replaced = False
@@ -969,7 +1086,9 @@ def _project(
     out = _grouped_mm(x, weight[span].transpose(-2, -1), offs)
     if bias is not None:
         out = out + bias[expert_ids]
-    inner = role.inner_hooks
+    if post_bulk is not None:
+        batches.extend(post_bulk, modules, hit, x, shared)
+        return out
     post = [i for i, e in enumerate(hit) if modules[e]._forward_hooks or (inner is not None and inner[e] is not None)]
     if post and batches is not None and inner is None:
         post = batches.take(modules, hit, post, x, shared)

@@ -357,3 +357,25 @@ def test_batched_hessian_adds_are_the_hooks_whatever_the_product_budget(monkeypa
 
     monkeypatch.setattr(hessians, "PRODUCT_BUDGET", budget)
     test_batched_gptq_hessians_equal_the_hooks_and_respect_disabled_hooks()
+
+
+def test_batched_hessians_of_some_experts_only_equal_the_hooks():
+    """GPTQ hooks on every other expert: the queued spans leave gaps in the rows (no single split of them)."""
+    from defuser_quant.calibration.grouped import grouped_routed_forward
+    from defuser_quant.integrations.llmcompressor.hessians import _tiles, batched_gptq_hessians
+
+    (grouped, looped), (m_grouped, m_loop), (x, index, weights) = _gptq_hooked_block()
+    for block in (grouped, looped):
+        for e, expert in enumerate(block):
+            if e % 2:
+                for linear in expert.children():
+                    linear._forward_hooks.clear()
+    with torch.no_grad(), batched_gptq_hessians():
+        for _ in range(3):
+            assert torch.equal(grouped_routed_forward(grouped, x, index, weights), looped.routed_forward(x, index, weights))
+    assert last_batching().batched > 0
+    got, want = _hessians(grouped, m_grouped), _hessians(looped, m_loop)
+    assert len(got) == len(want) > 0
+    for (h, n), (h_ref, n_ref) in zip(got, want, strict=True):
+        assert n == n_ref == 3 and torch.equal(h, h_ref)
+    assert _tiles([(0, 2), (2, 3)], 5) and not _tiles([(0, 2), (3, 2)], 5) and not _tiles([(0, 2), (2, 3)], 6)

@@ -46,7 +46,7 @@ from defuser_quant.calibration.grouped import (
     unregister_parameter_store,
 )
 
-__all__ = ["QUANTIZED_FORWARD", "OFFLOAD_FORWARD", "compressed_tensors_grouping", "wrapper_code"]
+__all__ = ["QUANTIZED_FORWARD", "OFFLOAD_FORWARD", "compressed_tensors_grouping", "hooks_mixin_parts", "wrapper_code"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,19 @@ def wrapper_code(factory: Callable, name: str) -> types.CodeType | None:
     code = getattr(factory, "__code__", None)
     found = [c for c in (code.co_consts if code else ()) if isinstance(c, types.CodeType) and c.co_name == name]
     return found[0] if len(found) == 1 else None
+
+
+def hooks_mixin_parts(hook: Callable, code: types.CodeType | None) -> tuple[Callable, types.CellType] | None:
+    """``(the hook it wraps, its handle cell)`` when ``hook`` is llm-compressor's ``wrapped_hook``
+    (``HooksMixin.register_hook``; ``code`` its code object), else None. The handle cell is read at
+    call time: the wrapper returns at once while hooks are disabled and its handle is not kept enabled."""
+    if code is None or getattr(hook, "__code__", None) is not code:
+        return None
+    names = code.co_freevars
+    if "handle" not in names or "hook" not in names:
+        return None
+    cells = hook.__closure__
+    return cells[names.index("hook")].cell_contents, cells[names.index("handle")]
 
 
 _DEVICES: dict[tuple[torch.device, object], bool] = {}

@@ -20,6 +20,7 @@ wrapper), is never batched.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from torch import nn
 
 from defuser_quant.calibration.grouped import BatchedForwardHook, register_batched_hook, unregister_batched_hook
 
-from .grouped import wrapper_code
+from .grouped import hooks_mixin_parts, wrapper_code
 
 __all__ = ["GPTQ_HESSIANS", "HessianBatching", "batched_gptq_hessians", "last_batching"]
 
@@ -70,19 +71,13 @@ class _LLMC:
 
 def _match(hook: Callable) -> tuple[object, object] | None:
     """``(the GPTQModifier, the hook's handle cell)`` for GPTQ's wrapped ``calibrate_module`` hook."""
-    if getattr(hook, "__code__", None) is not _LLMC.wrapped_hook_code or _LLMC.wrapped_hook_code is None:
+    parts = hooks_mixin_parts(hook, _LLMC.wrapped_hook_code)
+    if parts is None:
         return None
-    bound = getattr(hook, "__wrapped__", None)
-    modifier = getattr(bound, "__self__", None)
+    bound, handle = parts
     if getattr(bound, "__func__", None) is not _LLMC.GPTQModifier.calibrate_module:  # an override is called as is
         return None
-    names = hook.__code__.co_freevars
-    if "handle" not in names or "hook" not in names:
-        return None
-    cells = hook.__closure__
-    if cells[names.index("hook")].cell_contents is not bound:
-        return None
-    return modifier, cells[names.index("handle")]
+    return bound.__self__, handle
 
 
 #: Products kept alive at once before their adds run as one multi-tensor kernel (bytes).
@@ -111,6 +106,13 @@ class _Adds:
         self.targets, self.products, self.held = [], [], 0
 
 
+def _tiles(spans: list[tuple[int, int]], total: int) -> bool:
+    """Whether the ``(start, size)`` spans cut ``total`` rows into consecutive pieces, in order."""
+    starts = [start for start, _ in spans]
+    ends = list(itertools.accumulate((size for _, size in spans), initial=0))
+    return starts == ends[:-1] and ends[-1] == total
+
+
 def _run(modifier: object, members: list) -> None:
     """The hooks of one grouped call: each distinct input converted and scaled once, each expert's
     product computed once and added to every Hessian whose module saw those rows (gate and up).
@@ -119,6 +121,8 @@ def _run(modifier: object, members: list) -> None:
     multi-tensor kernel (a block's products kept together would be experts x features^2 floats)."""
     mixin = _LLMC.HooksMixin
     disabled, keep = mixin._HOOKS_DISABLED, mixin._HOOKS_KEEP_ENABLED
+    if disabled and not keep:
+        return  # every wrapped hook returns at once (the propagation pass)
     hessians, counts = modifier._hessians, modifier._num_samples
     inputs: dict[int, tuple[torch.Tensor, dict[tuple[int, int], list[torch.Tensor]]]] = {}
     bumped = []
@@ -135,9 +139,15 @@ def _run(modifier: object, members: list) -> None:
     adds = _Adds(PRODUCT_BUDGET)
     for rows, spans in inputs.values():
         scaled = math.sqrt(2) * rows.to(dtype=_LLMC.precision)  # the hook's conversion, elementwise: once per input
-        for (start, size), targets in spans.items():
-            inp = scaled[start:start + size].t()  # the hook's [features, rows] view of its [rows, features] input
-            adds.add(targets, inp.matmul(inp.t()))
+        keys = list(spans)
+        if _tiles(keys, rows.shape[0]):  # every expert's [features, rows] view and its transpose from two splits
+            sizes = [size for _, size in keys]
+            views = zip(scaled.t().split(sizes, dim=1), scaled.split(sizes))
+        else:
+            views = ((scaled[start:start + size].t(), scaled[start:start + size]) for start, size in keys)
+        for (inp, inp_t), targets in zip(views, spans.values()):
+            # the hook's inp.matmul(inp.t()): inp is its [features, rows] view of the [rows, features] input
+            adds.add(targets, torch.mm(inp, inp_t))
             _LAST.products += 1
         adds.flush()
         del scaled

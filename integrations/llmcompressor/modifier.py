@@ -39,12 +39,13 @@ from pydantic import Field, PrivateAttr, field_validator
 from torch import nn
 
 from defuser_quant.core import DefusedExperts, DefuserQuantError, FilterRules, convert_model, fuse_model
-from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, add_rows, build_report, routing_mode
+from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_report, routing_mode
 from defuser_quant.calibration import distributed
 from defuser_quant.calibration.grouped import GroupedUse, recording_grouped_use, routed_output
 
 from .grouped import compressed_tensors_grouping
 from .hessians import batched_gptq_hessians
+from .token_counts import TokenCounter, batched_token_counts
 from .linearize import adopt_linear_experts
 from .budget import RankBudget
 from .ranks import before_compress, has_hessians
@@ -57,19 +58,6 @@ logger = logging.getLogger(__name__)
 
 class RecipeOrderError(DefuserQuantError, ValueError):
     """A modifier that touches Linear layers comes before ``DefuseModifier`` in the recipe."""
-
-
-class _TokenCounter:
-    """Forward pre-hook on one expert's up projection: counts its input rows by provenance."""
-
-    def __init__(self, counts: dict[str, list[int]], expert: int):
-        self.counts = counts
-        self.expert = expert
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        if args:
-            x = args[0]
-            add_rows(self.counts, self.expert, x.numel() // x.shape[-1] if x.dim() else 0)
 
 
 class _CalibrationPassOnly:
@@ -227,6 +215,7 @@ class DefuseModifier(Modifier):
             if self.grouped:
                 self._stack.enter_context(compressed_tensors_grouping())
                 self._stack.enter_context(batched_gptq_hessians())
+                self._stack.enter_context(batched_token_counts())
                 self._grouped_use = self._stack.enter_context(recording_grouped_use())
             # under torchrun budgeted routes normally and tops up from every rank's counts (budget.py)
             routing = "routed" if ranked_budget else mode
@@ -319,7 +308,7 @@ class DefuseModifier(Modifier):
             counts = {"routed": [0] * len(block), "forced": [0] * len(block)}
             self._counts[path] = counts
             for index, expert in enumerate(block):
-                self.register_hook(expert.projection("up"), _TokenCounter(counts, index), "forward_pre")
+                self.register_hook(expert.projection("up"), TokenCounter(counts, index), "forward_pre")
 
     def _teardown(self) -> None:
         self.remove_hooks()
