@@ -16,6 +16,8 @@ gives seconds per stage. Stages (inclusive; nested ones are listed under their p
   ``before_compress``: data check, budgeted top-up, Hessian alignment), ``hessian_reduce``,
   ``solve`` (``compress_module_list``), ``qparam_broadcast`` and ``barrier`` (ours, after each
   compression: the time this rank waits for the slowest);
+* ``experts_host`` (inside the two forwards: host seconds in the experts blocks' forwards, not
+  synchronized, so the timing changes nothing);
 * ``finalize`` (every modifier's ``on_finalize``: our coverage reduce and report), ``save``
   (``post_process``: compress, write on rank 0, barriers), which holds ``save.compress``
   (compressed-tensors' ``compress_model``: packing, spread over the ranks under torchrun),
@@ -74,14 +76,26 @@ class StageClock:
             self.cpu_seconds[name] += time.process_time() - c0
             self.calls[name] += 1
 
-    def wrap(self, owner: Any, attr: str, name: str) -> None:
-        """Time every call of ``owner.attr`` as stage ``name``."""
+    def add_host(self, name: str, seconds: float, cpu_seconds: float) -> None:
+        self.seconds[name] += seconds
+        self.cpu_seconds[name] += cpu_seconds
+        self.calls[name] += 1
+
+    def wrap(self, owner: Any, attr: str, name: str, sync: bool = True) -> None:
+        """Time every call of ``owner.attr`` as stage ``name`` (``sync=False``: host time only, no
+        CUDA synchronization, for a stage called per batch whose timing must not change the run)."""
         inner = getattr(owner, attr)
         if getattr(inner, "_stage_clock", None) is self:
             return
 
         @functools.wraps(inner)
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if not sync:
+                t0, c0 = time.perf_counter(), time.process_time()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    self.add_host(name, time.perf_counter() - t0, time.process_time() - c0)
             with self.stage(name):
                 return inner(*args, **kwargs)
 
@@ -131,6 +145,7 @@ def install(cuda: bool) -> StageClock:
     clock.wrap(gptq_base.GPTQModifier, "_reduce_hessian_to_target_rank", "hessian_reduce")
     clock.wrap(gptq_base.GPTQModifier, "compress_module_list", "solve")
     clock.wrap(gptq_base, "broadcast_qparams_and_cleanup", "qparam_broadcast")
+    _wrap_experts(clock)
     _wrap_save(clock)
     try:
         from defuser_quant.integrations.llmcompressor import ranks
@@ -142,6 +157,20 @@ def install(cuda: bool) -> StageClock:
 
     clock.wrap(DefuseModifier, "_before_compress", "rank_sync.check_and_top_up")
     return clock
+
+
+def _wrap_experts(clock: StageClock) -> None:
+    """``experts_host``: host seconds in the experts blocks' forwards (stock's ``LinearExperts2D``,
+    ours ``DefusedExperts``), not synchronized: on a GPU whose calibration is bound by the host this
+    is what the block calls cost, apart from the rest of the layer."""
+    from llmcompressor.modeling.moe import linear_experts
+
+    clock.wrap(linear_experts.LinearExperts2D, "forward", "experts_host", sync=False)
+    try:
+        from defuser_quant.core.defused import DefusedExperts
+    except ImportError:  # pragma: no cover - the stock variant still has the package on its path
+        return
+    clock.wrap(DefusedExperts, "forward", "experts_host", sync=False)
 
 
 def _wrap_save(clock: StageClock) -> None:

@@ -18,11 +18,15 @@ llm-compressor 0.14 itself would give every rank the first 1/N of an identical d
 the timed ``oneshot`` each rank warms up the process group (NCCL builds its communicator on the
 first collective, ~1-2 s, paid once per job and counted in the end-to-end time).
 
+Before each run the launcher calls ``os.sync()`` (untimed, ``sync_before_s``): every run starts
+with the earlier runs' checkpoints written back, so the run order does not slow a later save.
+
 Per run: ``oneshot`` wall time (calibrate + quantize + save; slowest rank) and end to end (the
 launcher's process, imports and model load included); per rank: ``torch.cuda.max_memory_allocated``,
 stage times (``_llmc_stages.py``: setup, calibration forward, propagation forward, Hessian reduce,
 solve, qparam broadcast, our rank sync and barrier, finalize, save; wall and CPU seconds; CUDA
-synchronized at each boundary), how many block calls ran grouped or looped (and why), and for our
+synchronized at each boundary; plus ``experts_host``, the host seconds inside the experts blocks'
+forwards, not synchronized), how many block calls ran grouped or looped (and why), and for our
 variants the coverage totals (they must agree and equal the one-process totals). The N-process
 checkpoint is compared with the one-process one (logits on a fixed prompt: cosine and max
 difference). Each of our runs is also compared with stock at the same process count (``vs_stock``:
@@ -78,7 +82,7 @@ TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4,
             samples=16, seq_len=64)
 IGNORE = ["lm_head", "re:.*mlp.gate$"]
 #: stages in the tables (max over ranks); the JSON keeps every stage of every rank
-STAGES = ("setup", "offload_setup", "calibrate_forward", "propagate_forward", "epoch_end", "hessian_reduce", "solve",
+STAGES = ("setup", "offload_setup", "calibrate_forward", "propagate_forward", "experts_host", "epoch_end", "hessian_reduce", "solve",
           "qparam_broadcast", "rank_sync", "barrier", "finalize", "save", "other")
 SETUP = ("pre_process", "dataloader", "linearize", "initialize", "trace")
 
@@ -135,6 +139,17 @@ def _env() -> dict[str, str]:
 
 
 # ----- parent -----------------------------------------------------------------------------------
+def flush_page_cache() -> float | None:
+    """``os.sync()``, untimed: the previous runs' checkpoints are written back before the next run
+    starts, so a later run's save does not wait on an earlier run's dirty pages. Seconds it took
+    (None where there is no ``os.sync``)."""
+    if not hasattr(os, "sync"):
+        return None
+    t0 = time.perf_counter()
+    os.sync()
+    return round(time.perf_counter() - t0, 2)
+
+
 def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, timeout: float,
             calibration: Path | None = None, name: str | None = None) -> dict:
     """One ``oneshot`` of ``variant`` in ``nproc`` processes; the ranks' results merged.
@@ -149,7 +164,7 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
            "--device", args.device, "--output", str(out), "--seq-len", str(args.seq_len)]
     if calibration is not None:
         cmd += ["--calibration", str(calibration)]
-    row: dict = {"variant": variant, "nproc": nproc}
+    row: dict = {"variant": variant, "nproc": nproc, "sync_before_s": flush_page_cache()}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)

@@ -144,6 +144,19 @@ def test_a_row_keeps_every_ranks_triton_compiles(tmp_path, monkeypatch):
     assert "--calibration" not in commands[0]  # the timed runs read WORKDIR/calibration.json as before
 
 
+def test_every_run_starts_after_the_earlier_runs_are_written_back(tmp_path, monkeypatch):
+    """os.sync() before each worker starts: a later run's save must not wait on an earlier run's dirty pages."""
+    commands = _fake_workers(monkeypatch, 0)
+    events: list[str] = []
+    original = dg.subprocess.run
+    monkeypatch.setattr(dg.os, "sync", lambda: events.append("sync"))
+    monkeypatch.setattr(dg.subprocess, "run", lambda cmd, **kw: events.append("run") or original(cmd, **kw))
+    for variant in ("stock", "routed"):
+        row = dg.run_one(variant, 1, dg.parse_args(["--device", "cpu"]), tmp_path, 60)
+        assert isinstance(row["sync_before_s"], float)
+    assert events == ["sync", "run", "sync", "run"] and len(commands) == 2
+
+
 def test_the_warmup_runs_the_variant_once_in_one_process_on_its_rows_and_deletes_its_output(tmp_path, monkeypatch):
     commands = _fake_workers(monkeypatch, 1)
     rows = [{"input_ids": [i], "attention_mask": [1]} for i in range(20)]
