@@ -448,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(row["log_tail"], flush=True)
             rows.append(row)
             compare(rows, row, args)
+            if variant == "stock":  # the runs listed before stock
+                for earlier in rows:
+                    vs_stock(rows, earlier)
             write()
         print(payload["table"] if rows else "")
         print()
@@ -474,18 +477,25 @@ def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
         row["speedup"] = round(one["oneshot_s"] / row["oneshot_s"], 2)
         row["end_to_end_speedup"] = round(one["end_to_end_s"] / row["end_to_end_s"], 2)
         row["logits_vs_1_process"] = compare_logits(Path(one["checkpoint"]), Path(row["checkpoint"]), args.device)
-    stock = _find(rows, "stock", row["nproc"])
-    if row["variant"] != "stock" and _ok(stock):
-        row["vs_stock"] = {
-            "oneshot_ratio": round(stock["oneshot_s"] / row["oneshot_s"], 2),
-            "peak_gpu_ratio": round(max(row["peak_gpu_gib"]) / max(stock["peak_gpu_gib"]), 2)
-            if row["peak_gpu_gib"][0] is not None else None,
-            "checkpoint": compare_checkpoints(Path(stock["checkpoint"]), Path(row["checkpoint"])),
-        }
+    vs_stock(rows, row)
     if row["variant"].endswith("-loop"):
         grouped = _find(rows, row["variant"].removesuffix("-loop"), row["nproc"])
         if _ok(grouped):
             row["logits_vs_grouped"] = compare_logits(Path(grouped["checkpoint"]), Path(row["checkpoint"]), args.device)
+
+
+def vs_stock(rows: list[dict], row: dict) -> None:
+    """``row["vs_stock"]`` (speed and peak memory ratios, checkpoint comparison) once stock has run
+    at the same process count; a run listed before stock gets it when stock is done."""
+    stock = _find(rows, "stock", row["nproc"])
+    if row["variant"] == "stock" or "vs_stock" in row or not _ok(row, stock):
+        return
+    row["vs_stock"] = {
+        "oneshot_ratio": round(stock["oneshot_s"] / row["oneshot_s"], 2),
+        "peak_gpu_ratio": round(max(row["peak_gpu_gib"]) / max(stock["peak_gpu_gib"]), 2)
+        if row["peak_gpu_gib"][0] is not None else None,
+        "checkpoint": compare_checkpoints(Path(stock["checkpoint"]), Path(row["checkpoint"])),
+    }
 
 
 def _version(name: str) -> str | None:

@@ -182,3 +182,23 @@ def test_the_gptqmodel_table_marks_a_run_that_compiled_triton_kernels():
     marked = [line for line in lines if "Triton" in line]
     assert len(marked) == 2  # the main table and the stage table, both for stock only
     assert all(line.startswith("| stock (Triton compiled 2 kernels in this run) |") for line in marked)
+
+
+def test_a_run_listed_before_stock_is_compared_with_stock_once_stock_has_run(monkeypatch):
+    monkeypatch.setattr(dg, "compare_checkpoints", lambda a, b: {"tensors": f"{a.name}-{b.name}"})
+
+    def row(variant: str, seconds: float) -> dict:
+        return {"variant": variant, "nproc": 1, "oneshot_s": seconds, "peak_gpu_gib": [2.0], "checkpoint": f"/x/{variant}"}
+
+    routed, stock, failed = row("routed", 10.0), row("stock", 40.0), {**row("all", 1.0), "error": "exit 1"}
+    rows = [routed]
+    dg.vs_stock(rows, routed)
+    assert "vs_stock" not in routed  # stock has not run yet
+    rows += [failed, stock]
+    for r in rows:
+        dg.vs_stock(rows, r)
+    assert routed["vs_stock"] == {"oneshot_ratio": 4.0, "peak_gpu_ratio": 1.0, "checkpoint": {"tensors": "stock-routed"}}
+    assert "vs_stock" not in stock and "vs_stock" not in failed
+    routed["vs_stock"]["oneshot_ratio"] = "kept"
+    dg.vs_stock(rows, routed)
+    assert routed["vs_stock"]["oneshot_ratio"] == "kept"  # computed once
