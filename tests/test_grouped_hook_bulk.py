@@ -110,20 +110,15 @@ def test_bulk_hooks_see_the_loops_rows_and_follow_swapped_hooks(kinds, monkeypat
 
 def test_a_pre_kind_runs_only_pre_hooks_and_a_forward_kind_only_forward_hooks(kinds):
     _, block = _block()
-    x, index, weights = _inputs(block)
     log: list = []
-    # Recorders flagged as pre registered as forward hooks (and the reverse): neither kind may take them
-    handles = _hook_all(block, log, pre=True, role="gate_proj")
-    handles += [expert.down_proj.register_forward_pre_hook(Recorder(log, f"d{e}", pre=False)) for e, expert in enumerate(block)]
-    for h in handles[: len(block)]:
-        h.remove()
-    handles = handles[len(block):] + [expert.gate_proj.register_forward_hook(Recorder(log, f"g{e}", pre=True))
-                                      for e, expert in enumerate(block)]
+    # Recorders flagged as pre registered as forward hooks, and the reverse: neither kind may take them
+    handles = [expert.gate_proj.register_forward_hook(Recorder(log, f"g{e}", pre=True)) for e, expert in enumerate(block)]
+    handles += [expert.down_proj.register_forward_pre_hook(Recorder(log, f"d{e}")) for e, expert in enumerate(block)]
     called = []
     for name in ("test.post", "test.pre"):
         kind = grouped._BATCHED[name]
         grouped.register_batched_hook(name, BatchedForwardHook(match=kind.match, run=lambda o, m: called.append(m), pre=kind.pre))
-    _check(block, x, index, weights, log)
+    _check(block, *_inputs(block), log)
     assert called == []  # every hook was called per module, as the loop calls it
     for h in handles:
         h.remove()
