@@ -618,7 +618,9 @@ class _Plan:
     Each call reads the block's current experts, projections and tensors and checks them against
     the template (classes, flags, hook dictionaries, tensor pointers and metadata), so the call
     always runs with the current objects; the plan holds no module or tensor (a replaced or
-    quantized expert's old weights are freed as they would be without it).
+    quantized expert's old weights are freed as they would be without it). Its roles' hook memos
+    hold the hooks of a bulk finding (and, through them, their owners, e.g. llm-compressor's GPTQ
+    modifier) until a call finds other hooks.
     """
 
     key: tuple
