@@ -46,9 +46,16 @@ untimed, in one process on ``--warmup-samples`` calibration rows (default 8) of 
 so the kernels are compiled at the real shapes before any timed run (``warmup`` in the JSON:
 variant, samples, seconds, error, triton_compiles; its checkpoint is deleted).
 
+The host of a GPU machine can run stock's host-bound loop at quite different speeds from one run
+to the next (38-76 s for the same stock ``oneshot`` on one H200 host). ``--repeat N`` runs the
+variant list N times, interleaved, each run compared with the stock run of its own round
+(``repeat`` in each row; the first tables show round 0), and ``repeat_table`` gives every
+variant's ``oneshot`` per round, its median, and the median, lowest and highest ratio to stock.
+
     python benchmarks/distributed_gpu.py --deadline 450          # 2 GPUs: stock, routed, all (1 and 2 GPUs)
     python benchmarks/distributed_gpu.py --variants routed,routed-loop@1 --layers 1
     python benchmarks/distributed_gpu.py --warmup --deadline 450  # Triton compiles in an untimed run first
+    python benchmarks/distributed_gpu.py --variants stock@1,routed@1,all@1 --warmup --repeat 2   # medians over rounds
     .venv/bin/python benchmarks/distributed_gpu.py --device cpu --tiny   # gloo smoke run, 2 CPU processes
 
 Needs llmcompressor==0.14.0.1 (with compressed-tensors==0.19.0, transformers<=5.17) and this
@@ -105,12 +112,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the first planned variant once, untimed, in one process on --warmup-samples rows first "
                         "(Triton compiles its kernels at the real shapes then)")
     p.add_argument("--warmup-samples", type=int, default=8, help="calibration rows of the --warmup run")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the variant list N times, interleaved (stock, routed, all, stock, ...): each run is "
+                        "compared with the stock run of its own round, and a table gives the medians")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/distributed_<device>[_tiny].json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--calibration", type=Path, default=None, help=argparse.SUPPRESS)  # worker: its rows (calibration_file)
     args = p.parse_args(argv)
     if args.warmup_samples < 1:
         p.error("--warmup-samples must be at least 1")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value)
@@ -284,8 +296,13 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
     }
 
 
-def _find(rows: list[dict], variant: str, nproc: int) -> dict:
-    return next((r for r in rows if r["variant"] == variant and r["nproc"] == nproc), {})
+def _find(rows: list[dict], variant: str, nproc: int, repeat: int = 0) -> dict:
+    """The run of ``variant`` in ``nproc`` processes in round ``repeat`` (``--repeat``; rows without one are round 0)."""
+    return next((r for r in rows if r["variant"] == variant and r["nproc"] == nproc and r.get("repeat", 0) == repeat), {})
+
+
+def _label(r: dict) -> str:
+    return f"{r['variant']} x{r['nproc']}" + (f" r{r['repeat']}" if "repeat" in r else "")
 
 
 def _ok(*rows: dict) -> bool:
@@ -328,7 +345,7 @@ def stage_markdown(rows: list[dict]) -> str:
             continue
         use = r["grouped_use"][0]
         calls = "-" if use is None else f"{use['grouped']} / {sum(use['fallbacks'].values())}"
-        lines.append(f"| {r['variant']} x{r['nproc']}{triton_note(r)} | {r['oneshot_s']:.1f} | "
+        lines.append(f"| {_label(r)}{triton_note(r)} | {r['oneshot_s']:.1f} | "
                      + " | ".join(f"{r['stages_max'][s]:.2f}" for s in STAGES) + f" | {calls} |")
     return "\n".join(lines)
 
@@ -345,11 +362,30 @@ def stock_markdown(rows: list[dict]) -> str:
         vs = r.get("vs_stock")
         if not vs:
             continue
-        stock = _find(rows, "stock", r["nproc"])
+        stock = _find(rows, "stock", r["nproc"], r.get("repeat", 0))
         ck = vs["checkpoint"]
-        lines.append(f"| {r['variant']} x{r['nproc']}{triton_note(r)} | {r['oneshot_s']:.1f} | "
+        lines.append(f"| {_label(r)}{triton_note(r)} | {r['oneshot_s']:.1f} | "
                      f"{stock['oneshot_s']:.1f}{triton_note(stock, 'stock')} | "
                      f"{vs['oneshot_ratio']:.2f}x | {vs['peak_gpu_ratio']} | {ck['qweights_equal']} | {ck['max_scale_diff']} |")
+    return "\n".join(lines)
+
+
+def repeat_markdown(rows: list[dict]) -> str:
+    """With ``--repeat``: per variant and process count, ``oneshot`` in every round, its median, and
+    the median, lowest and highest of its ratios to the stock run of the same round."""
+    import statistics
+
+    lines = ["| run | oneshot per round (s) | median (s) | faster than stock: median | lowest | highest |",
+             "|---|---|---:|---:|---:|---:|"]
+    for variant, nproc in dict.fromkeys((r["variant"], r["nproc"]) for r in rows if "repeat" in r):
+        done = [r for r in rows if r["variant"] == variant and r["nproc"] == nproc and "repeat" in r and _ok(r)]
+        if not done:
+            continue
+        seconds = [r["oneshot_s"] for r in done]
+        ratios = [r["vs_stock"]["oneshot_ratio"] for r in done if r.get("vs_stock")]
+        spread = (f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}x | {max(ratios):.2f}x" if ratios else "- | - | -")
+        lines.append(f"| {variant} x{nproc} | {' / '.join(f'{x:.1f}' for x in seconds)} | "
+                     f"{statistics.median(seconds):.1f} | {spread} |")
     return "\n".join(lines)
 
 
@@ -418,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         payload["table"], payload["stage_table"] = markdown(rows, args.nproc), stage_markdown(rows)
         payload["scaling_table"] = scaling_markdown(rows, args.nproc)
         payload["vs_stock_table"] = stock_markdown(rows)
+        if args.repeat > 1:
+            payload["repeat_table"] = repeat_markdown(rows)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=1) + "\n")
 
@@ -435,14 +473,18 @@ def main(argv: list[str] | None = None) -> int:
             write()
         elif args.warmup and runs:
             payload["warmup"] = {"variant": runs[0][0], "skipped": f"deadline: {left:.0f}s left"}
-        for variant, nproc in runs:
+        for round_, (variant, nproc) in ((i, run) for i in range(args.repeat) for run in runs):
+            repeat = {} if args.repeat == 1 else {"repeat": round_}
             left = None if args.deadline is None else args.deadline - (time.perf_counter() - started)
             if left is not None and left < args.min_run:
-                rows.append({"variant": variant, "nproc": nproc, "skipped": f"deadline: {left:.0f}s left"})
+                rows.append({"variant": variant, "nproc": nproc, **repeat, "skipped": f"deadline: {left:.0f}s left"})
                 print(f"skipping {variant} in {nproc} process(es): {left:.0f}s left", flush=True)
                 continue
-            print(f"running {variant} in {nproc} process(es) ...", flush=True)
-            row = run_one(variant, nproc, args, work, args.timeout if left is None else min(args.timeout, left - 10))
+            print(f"running {variant} in {nproc} process(es){f' (round {round_})' if repeat else ''} ...", flush=True)
+            name = f"{variant}-n{nproc}" + (f"-r{round_}" if repeat else "")
+            row = run_one(variant, nproc, args, work, args.timeout if left is None else min(args.timeout, left - 10),
+                          name=name)
+            row.update(repeat)
             print(json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "stages_per_rank")}), flush=True)
             if "log_tail" in row:
                 print(row["log_tail"], flush=True)
@@ -459,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         print(scaling_markdown(rows, args.nproc))
         print()
         print(stock_markdown(rows))
+        if args.repeat > 1:
+            print()
+            print(repeat_markdown(rows))
         write()
         print(f"wrote {out}")
         failed = [r for r in rows if "error" in r or not r.get("coverage_same_on_every_rank", True)]
@@ -472,22 +517,23 @@ def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
     """Logits of a finished run's checkpoint against its reference: N vs 1 process; a loop variant vs grouped."""
     if not _ok(row):
         return
-    one = _find(rows, row["variant"], 1)
+    one = _find(rows, row["variant"], 1, row.get("repeat", 0))
     if row["nproc"] != 1 and _ok(one):
         row["speedup"] = round(one["oneshot_s"] / row["oneshot_s"], 2)
         row["end_to_end_speedup"] = round(one["end_to_end_s"] / row["end_to_end_s"], 2)
         row["logits_vs_1_process"] = compare_logits(Path(one["checkpoint"]), Path(row["checkpoint"]), args.device)
     vs_stock(rows, row)
     if row["variant"].endswith("-loop"):
-        grouped = _find(rows, row["variant"].removesuffix("-loop"), row["nproc"])
+        grouped = _find(rows, row["variant"].removesuffix("-loop"), row["nproc"], row.get("repeat", 0))
         if _ok(grouped):
             row["logits_vs_grouped"] = compare_logits(Path(grouped["checkpoint"]), Path(row["checkpoint"]), args.device)
 
 
 def vs_stock(rows: list[dict], row: dict) -> None:
     """``row["vs_stock"]`` (speed and peak memory ratios, checkpoint comparison) once stock has run
-    at the same process count; a run listed before stock gets it when stock is done."""
-    stock = _find(rows, "stock", row["nproc"])
+    at the same process count (in the same ``--repeat`` round); a run listed before stock gets it
+    when stock is done."""
+    stock = _find(rows, "stock", row["nproc"], row.get("repeat", 0))
     if row["variant"] == "stock" or "vs_stock" in row or not _ok(row, stock):
         return
     row["vs_stock"] = {

@@ -202,3 +202,39 @@ def test_a_run_listed_before_stock_is_compared_with_stock_once_stock_has_run(mon
     routed["vs_stock"]["oneshot_ratio"] = "kept"
     dg.vs_stock(rows, routed)
     assert routed["vs_stock"]["oneshot_ratio"] == "kept"  # computed once
+
+
+def test_repeat_interleaves_rounds_and_compares_each_run_with_its_own_rounds_stock(tmp_path, monkeypatch):
+    """--repeat 2: stock, routed, stock, routed; each routed run against the stock run of its round; medians."""
+    seconds = {("stock", 0): 40.0, ("routed", 0): 10.0, ("stock", 1): 60.0, ("routed", 1): 12.0}
+    commands: list[list[str]] = []
+
+    def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+        commands.append(cmd)
+        out = Path(cmd[cmd.index("--output") + 1])
+        variant, round_ = cmd[cmd.index("--worker") + 1], int(out.name.rpartition("-r")[2])
+        (out / "checkpoint").mkdir(exist_ok=True)
+        (out / "rank0.json").write_text(json.dumps(
+            {"oneshot_s": seconds[variant, round_], "worker_s": 1.0, "peak_gpu_bytes": None, "stages": {},
+             "grouped_use": None, "experts_classes": [], "coverage_totals": None, "triton_compiles": 0}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(dg.subprocess, "run", run)
+    monkeypatch.setattr(dg.os, "sync", lambda: None)
+    monkeypatch.setattr(sys.modules["gptqmodel_gpu"], "build_source", lambda args, path: [{"input_ids": [1]}])
+    monkeypatch.setattr(dg, "compare_checkpoints", lambda a, b: {"qweights_equal": f"{a.parent.name}~{b.parent.name}",
+                                                                 "max_scale_diff": 0.0})
+    out = tmp_path / "result.json"
+    assert dg.main(["--device", "cpu", "--variants", "stock@1,routed@1", "--repeat", "2", "--workdir", str(tmp_path / "w"),
+                    "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["repeat"]) for r in rows] == [("stock", 0), ("routed", 0), ("stock", 1), ("routed", 1)]
+    assert [Path(c[c.index("--output") + 1]).name for c in commands] == ["stock-n1-r0", "routed-n1-r0", "stock-n1-r1", "routed-n1-r1"]
+    routed = [r for r in rows if r["variant"] == "routed"]
+    assert [r["vs_stock"]["oneshot_ratio"] for r in routed] == [4.0, 5.0]
+    assert [r["vs_stock"]["checkpoint"]["qweights_equal"] for r in routed] == ["stock-n1-r0~routed-n1-r0", "stock-n1-r1~routed-n1-r1"]
+    table = json.loads(out.read_text())["repeat_table"].splitlines()
+    assert "| routed x1 | 10.0 / 12.0 | 11.0 | 4.50x | 4.00x | 5.00x |" in table
+    assert "| stock x1 | 40.0 / 60.0 | 50.0 | - | - | - |" in table
+    with pytest.raises(SystemExit):
+        dg.parse_args(["--repeat", "0"])
