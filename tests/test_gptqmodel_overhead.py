@@ -477,3 +477,55 @@ def test_kept_shards_are_closed_when_the_block_ends_even_on_ctrl_c(plugin, tiny,
             handle.get_tensor(f"{root}.0.up_proj.weight")
     with real(shard, framework="pt", device="cpu") as f:
         assert all(torch.equal(target.weight, f.get_tensor(f"{path}.weight")) for path, target in targets)
+
+
+def test_progress_bars_render_at_most_once_per_interval_and_always_when_forced(monkeypatch):
+    import threading
+
+    from defuser_quant.integrations.gptqmodel import overhead
+    from defuser_quant.integrations.gptqmodel.overhead import BookkeepingStats, _rate_limited_draw
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(overhead.time, "monotonic", lambda: clock["now"])
+
+    class Bar:
+        def __init__(self):
+            self.frames: list[bool] = []
+
+        def draw(self, force: bool = False):
+            self.frames.append(force)
+            return "drawn"
+
+    stats = BookkeepingStats()
+    Bar.draw = _rate_limited_draw(Bar.draw, stats, threading.Lock(), 0.1)
+    a, b = Bar(), Bar()
+    assert a.draw() == "drawn" and b.draw() == "drawn"  # a bar's first draw renders; each bar has its own clock
+    for _ in range(50):
+        assert a.draw() is None  # sooner than 0.1 s: dropped
+    assert a.draw(force=True) == "drawn"  # forced: always
+    clock["now"] += 0.05
+    assert a.draw() is None
+    clock["now"] += 0.06
+    assert a.draw() == "drawn"  # 0.11 s after the forced render
+    assert a.frames == [False, True, False] and b.frames == [False]
+    assert (stats.draws_rendered, stats.draws_skipped) == (4, 51)
+
+
+def test_the_draw_rate_part_patches_logbar_and_restores_it(plugin, tiny):  # noqa: F811
+    from logbar.progress import ProgressBar
+
+    from defuser_quant.integrations.gptqmodel.overhead import internals_mismatch, lean_bookkeeping
+
+    assert "draw_rate" not in internals_mismatch()
+    original = ProgressBar.draw
+    with lean_bookkeeping(_load(tiny["src"], True), parts=frozenset({"draw_rate"})) as stats:
+        assert ProgressBar.draw is not original
+        from logbar import LogBar
+
+        bar = LogBar.shared().pb(range(20)).manual()
+        for i in range(20):
+            bar.current_iter_step = i
+            bar.draw()
+        bar.close()
+    assert ProgressBar.draw is original
+    assert stats.draws_rendered >= 1 and stats.draws_rendered + stats.draws_skipped >= 20

@@ -22,6 +22,12 @@ expert projections of our ``DefusedExperts`` blocks only:
   thousands of ``stat`` calls per run). When IPython is not installed, the answer is computed once
   per value of the environment variables it reads and reused: the same answer, nothing drawn
   differently.
+* **draw rate** (LogBar's ``ProgressBar.draw``, called for every module and checkpoint tensor:
+  layer loads tick a bar per tensor, the finalize loop per module): each call renders the whole
+  bar stack, about a millisecond of the host. A bar now renders at most once per
+  :data:`DRAW_INTERVAL` (0.1 s, tqdm's default); a draw asked sooner after its last render is
+  dropped and the next render (or LogBar's background refresh) shows the newer state. The first
+  draw of a bar and forced draws always render. The same bars and texts, fewer frames.
 * **headless** (LogBar's ``terminal._is_headless_environment``, asked on every render): it scans
   every environment variable name for agent/CI prefixes each time (hundreds of thousands of
   generator steps per run). Its answer is kept per ``notebook`` flag while the environment
@@ -63,6 +69,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import types
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -96,6 +103,8 @@ class BookkeepingStats:
     shard_reads_kept: int = 0  # tensors read through a kept shard handle
     shard_reads_fresh: int = 0  # ... through the caller's own handle (no kept handle left for the name), as stock
     shard_closed: int = 0  # kept handles closed (on leaving a shard, a changed file, or the block's end)
+    draws_rendered: int = 0  # LogBar progress-bar draws passed on (first, forced, or DRAW_INTERVAL after the last)
+    draws_skipped: int = 0  # ... not rendered: the bar drew less than DRAW_INTERVAL ago
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -112,6 +121,8 @@ class BookkeepingStats:
             "shard_reads_kept": self.shard_reads_kept,
             "shard_reads_fresh": self.shard_reads_fresh,
             "shard_closed": self.shard_closed,
+            "draws_rendered": self.draws_rendered,
+            "draws_skipped": self.draws_skipped,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -215,8 +226,8 @@ def _shard_handles_mismatch() -> str | None:
 
 
 def internals_mismatch() -> dict[str, str]:
-    """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``) -> what
-    differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
+    """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
+    ``draw_rate``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
@@ -259,8 +270,11 @@ def internals_mismatch() -> dict[str, str]:
         from logbar import logbar as logbar_module
         from logbar import progress as logbar_progress
     except ImportError:
-        problems["progress"] = "logbar is not importable"
+        problems["progress"] = problems["draw_rate"] = "logbar is not importable"
         return problems
+    draw = getattr(getattr(logbar_progress, "ProgressBar", None), "draw", None)
+    if draw is None or _params(draw) != {"self", "force"}:
+        problems["draw_rate"] = "expected logbar.progress.ProgressBar.draw(self, force)"
     check = getattr(logbar_module, "_running_in_notebook_environment", None)
     if check is None or getattr(logbar_progress, "_running_in_notebook_environment", None) is not check or _params(check):
         problems["progress"] = "expected logbar.logbar._running_in_notebook_environment(), imported by logbar.progress"
@@ -682,8 +696,35 @@ def _ties_nothing(model: nn.Module) -> bool:
         return False
 
 
+#: Least seconds between two renders of one LogBar progress bar under the ``draw_rate`` part.
+DRAW_INTERVAL = 0.1
+
+
+def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: threading.Lock, interval: float) -> Callable:
+    """``ProgressBar.draw`` that renders a bar at most once per ``interval`` seconds: a draw asked
+    sooner after the bar's last render is dropped (the next render, or LogBar's background refresh,
+    shows the newer state); the first draw and forced ones always render."""
+    key = "_defuser_quant_last_draw"
+
+    @functools.wraps(original)
+    def draw(self, force: bool = False):
+        now = time.monotonic()
+        state = self.__dict__
+        last = state.get(key)
+        if not force and last is not None and now - last < interval:
+            with lock:
+                stats.draws_skipped += 1
+            return None
+        state[key] = now
+        with lock:
+            stats.draws_rendered += 1
+        return original(self, force)
+
+    return draw
+
+
 #: Every part :func:`lean_bookkeeping` can patch.
-PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles"})
+PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate"})
 
 
 @contextmanager
@@ -737,6 +778,11 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
             memo = _memo_notebook_check(logbar_module._running_in_notebook_environment)
             stack.enter_context(patched(logbar_module, "_running_in_notebook_environment", memo))
             stack.enter_context(patched(logbar_progress, "_running_in_notebook_environment", memo))
+        if "draw_rate" in enabled:
+            from logbar.progress import ProgressBar
+
+            draw = _rate_limited_draw(ProgressBar.draw, stats, lean.lock, DRAW_INTERVAL)
+            stack.enter_context(patched(ProgressBar, "draw", draw))
         if "headless" in enabled:
             from logbar import terminal
 
