@@ -497,7 +497,8 @@ def test_progress_bars_render_at_most_once_per_interval_and_always_when_forced(m
             return "drawn"
 
     stats = BookkeepingStats()
-    Bar.draw = _rate_limited_draw(Bar.draw, stats, threading.Lock(), 0.1)
+    activity: list[float] = []
+    Bar.draw = _rate_limited_draw(Bar.draw, stats, threading.Lock(), 0.1, lambda: activity.append(clock["now"]))
     a, b = Bar(), Bar()
     assert a.draw() == "drawn" and b.draw() == "drawn"  # a bar's first draw renders; each bar has its own clock
     for _ in range(50):
@@ -508,7 +509,7 @@ def test_progress_bars_render_at_most_once_per_interval_and_always_when_forced(m
     clock["now"] += 0.06
     assert a.draw() == "drawn"  # 0.11 s after the forced render
     assert a.frames == [False, True, False] and b.frames == [False]
-    assert (stats.draws_rendered, stats.draws_skipped) == (4, 51)
+    assert (stats.draws_rendered, stats.draws_skipped) == (4, 51) and len(activity) == 51  # a dropped draw is activity
 
 
 def test_the_draw_rate_part_patches_logbar_and_restores_it(plugin, tiny):  # noqa: F811

@@ -700,10 +700,12 @@ def _ties_nothing(model: nn.Module) -> bool:
 DRAW_INTERVAL = 0.1
 
 
-def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: threading.Lock, interval: float) -> Callable:
+def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: threading.Lock, interval: float,
+                       on_skip: Callable[[], None] | None = None) -> Callable:
     """``ProgressBar.draw`` that renders a bar at most once per ``interval`` seconds: a draw asked
     sooner after the bar's last render is dropped (the next render, or LogBar's background refresh,
-    shows the newer state); the first draw and forced ones always render."""
+    shows the newer state); the first draw and forced ones always render. ``on_skip``: called for a
+    dropped draw (LogBar counts a throttled draw as progress activity)."""
     key = "_defuser_quant_last_draw"
 
     @functools.wraps(original)
@@ -714,6 +716,8 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
         if not force and last is not None and now - last < interval:
             with lock:
                 stats.draws_skipped += 1
+            if on_skip is not None:
+                on_skip()
             return None
         state[key] = now
         with lock:
@@ -779,9 +783,11 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
             stack.enter_context(patched(logbar_module, "_running_in_notebook_environment", memo))
             stack.enter_context(patched(logbar_progress, "_running_in_notebook_environment", memo))
         if "draw_rate" in enabled:
-            from logbar.progress import ProgressBar
+            from logbar import progress as logbar_progress
 
-            draw = _rate_limited_draw(ProgressBar.draw, stats, lean.lock, DRAW_INTERVAL)
+            ProgressBar = logbar_progress.ProgressBar
+            activity = getattr(logbar_progress, "_record_progress_activity", None)
+            draw = _rate_limited_draw(ProgressBar.draw, stats, lean.lock, DRAW_INTERVAL, activity if callable(activity) else None)
             stack.enter_context(patched(ProgressBar, "draw", draw))
         if "headless" in enabled:
             from logbar import terminal
