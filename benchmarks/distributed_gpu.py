@@ -11,6 +11,9 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
 * ``all``    - ``DefuseModifier(routing="all")`` (grouped);
 * ``routed-loop`` / ``all-loop`` - the same with ``grouped=False`` (the per-expert loop); their
                checkpoint is compared with the grouped variant's.
+* ``routed-onewriter`` / ``all-onewriter`` - the same with ``save_threads=1``: Transformers writes
+               the checkpoint's shards one by one (the default variants write them with
+               DefuseModifier's writer pool, one shard per thread); the tensors must be identical.
 
 ``--variants`` takes ``name`` (1 and N processes) or ``name@1`` / ``name@N`` (that count only).
 Every rank gets its own slice of the calibration rows (``calibration.distributed.rank_share``;
@@ -83,7 +86,7 @@ from gptqmodel_gpu import compare_checkpoints as compare_tensors  # noqa: E402  
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
-VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop")
+VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
@@ -317,9 +320,12 @@ def markdown(rows: list[dict], nproc: int) -> str:
         one, many = _find(rows, variant, 1), _find(rows, variant, nproc)
         if _ok(one) and not many or _ok(many) and not one:  # a single process count asked for (NAME@1)
             r = one or many
-            vs = r.get("logits_vs_grouped", {}).get("cosine", "-")
+            if "checkpoint_vs_writer_pool" in r:
+                vs = f"tensors vs writer pool: {r['checkpoint_vs_writer_pool']['tensors']}"
+            else:
+                vs = f"vs grouped: {r.get('logits_vs_grouped', {}).get('cosine', '-')}"
             lines.append(f"| {variant}{_notes(r)} | x{r['nproc']} only: {r['oneshot_s']:.1f} | | {r['end_to_end_s']:.1f} | | "
-                         f"{' / '.join(map(str, r['peak_gpu_gib']))} | | vs grouped: {vs} |")
+                         f"{' / '.join(map(str, r['peak_gpu_gib']))} | | {vs} |")
             continue
         if not _ok(one, many):
             bad = [f"{r['nproc']} proc: {r.get('error') or r.get('skipped')}" for r in (one, many) if r and not _ok(r)]
@@ -522,7 +528,12 @@ def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
         row["speedup"] = round(one["oneshot_s"] / row["oneshot_s"], 2)
         row["end_to_end_speedup"] = round(one["end_to_end_s"] / row["end_to_end_s"], 2)
         row["logits_vs_1_process"] = compare_logits(Path(one["checkpoint"]), Path(row["checkpoint"]), args.device)
+    row["shard_files"] = len(list(Path(row["checkpoint"]).glob("*.safetensors")))
     vs_stock(rows, row)
+    if row["variant"].endswith("-onewriter"):
+        pooled = _find(rows, row["variant"].removesuffix("-onewriter"), row["nproc"], row.get("repeat", 0))
+        if _ok(pooled):
+            row["checkpoint_vs_writer_pool"] = compare_checkpoints(Path(pooled["checkpoint"]), Path(row["checkpoint"]))
     if row["variant"].endswith("-loop"):
         grouped = _find(rows, row["variant"].removesuffix("-loop"), row["nproc"], row.get("repeat", 0))
         if _ok(grouped):
@@ -594,8 +605,9 @@ def worker(args: argparse.Namespace) -> int:
     else:
         import defuser_quant.integrations.llmcompressor as dq_llmc
 
-        routing, _, loop = variant.partition("-")
-        defuse = dq_llmc.DefuseModifier(routing=routing, grouped=not loop)
+        routing, _, suffix = variant.partition("-")
+        defuse = dq_llmc.DefuseModifier(routing=routing, grouped=suffix != "loop",
+                                        save_threads=1 if suffix == "onewriter" else None)
         recipe.insert(0, defuse)
     from _llmc_stages import install as install_stage_clock
 

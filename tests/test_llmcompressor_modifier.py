@@ -21,6 +21,7 @@ import defuser_quant.integrations.llmcompressor as dq_llmc  # noqa: E402
 from defuser_quant import DefusedExperts, DefuserQuantError  # noqa: E402
 from defuser_quant.assets import CORPUS_DIR  # noqa: E402
 from defuser_quant.calibration import CoverageError, CoverageReport  # noqa: E402
+from defuser_quant.checkpoint import concurrent_save  # noqa: E402
 
 LAYERS, EXPERTS, TOP_K, HIDDEN, MOE_I = 2, 8, 2, 128, 128
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -326,9 +327,11 @@ def gptq_run(tiny_dir, calib_dataset, eval_ids, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("gptq") / "w4a16"
     coverage = out.parent / "coverage.json"
-    defuse = dq_llmc.DefuseModifier(routing="all", coverage_report=str(coverage), refuse="dequantized")
+    defuse = dq_llmc.DefuseModifier(routing="all", coverage_report=str(coverage), refuse="dequantized", save_threads=3)
     recipe = [defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)]
-    model = _oneshot(tiny_dir, calib_dataset, recipe, out)
+    with pytest.MonkeyPatch.context() as patch:  # a tiny model: split it as a large one would be (one shard per thread)
+        patch.setattr(concurrent_save, "MIN_SHARD_BYTES", 64 * 1024)
+        model = _oneshot(tiny_dir, calib_dataset, recipe, out)
     return {"out": out, "coverage": coverage, "modifier": defuse, "logits": _logits(model, eval_ids), "model": model}
 
 
@@ -341,6 +344,14 @@ def test_gptq_w4a16_quantizes_every_expert_with_vllm_names(gptq_run):
     config = json.loads((gptq_run["out"] / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized"
     assert not [name for name in config["ignore"] if "experts" in name]
+
+
+@pytest.mark.slow
+def test_gptq_checkpoint_shards_were_written_by_the_thread_pool(gptq_run):
+    index = json.loads((gptq_run["out"] / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in gptq_run["out"].glob("*.safetensors"))
+    assert len(shards) >= 3 and sorted(set(index["weight_map"].values())) == shards
+    assert set(index["weight_map"]) == set(_keys(gptq_run["out"]))
 
 
 @pytest.mark.slow

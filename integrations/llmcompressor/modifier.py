@@ -38,6 +38,7 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from pydantic import Field, PrivateAttr, field_validator
 from torch import nn
 
+from defuser_quant.checkpoint.concurrent_save import concurrent_shards
 from defuser_quant.core import DefusedExperts, DefuserQuantError, FilterRules, convert_model, fuse_model
 from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_report, routing_mode
 from defuser_quant.calibration import distributed
@@ -140,6 +141,10 @@ class DefuseModifier(Modifier):
             hooks see the rows the per-expert loop would give (Hessians equal the loop's);
             blocks whose wrapped forwards are not plain (activation quantization enabled, an
             unknown wrapper) take the loop, and :attr:`grouped_use` says how often and why.
+        save_threads: threads that write the saved checkpoint's safetensors shards at once
+            (``defuser_quant.checkpoint.concurrent_save``); without a ``max_shard_size`` the
+            checkpoint is split into about one shard per thread. Default: the CPUs, at most 8;
+            ``1``: Transformers' own one-by-one write.
     """
 
     routing: Literal["routed", "all", "budgeted"] | None = None
@@ -150,6 +155,7 @@ class DefuseModifier(Modifier):
     refuse: Literal[False, "dequantized", "fp8_fused"] = False
     refuse_output_dir: str | None = None
     grouped: bool = True
+    save_threads: int | None = Field(default=None, ge=1)
 
     _stack: ExitStack | None = PrivateAttr(default=None)
     _counts: dict[str, dict[str, list[int]]] = PrivateAttr(default_factory=dict)
@@ -248,6 +254,7 @@ class DefuseModifier(Modifier):
         self._log_grouped_use()
         if self._counts:
             self._finish_coverage()
+        self._arm_concurrent_save(state.model)
         if self.refuse:
             self._check_refusable(state.model)
             self._arm_refuse(state.model)
@@ -355,6 +362,13 @@ class DefuseModifier(Modifier):
                 f"(e.g. {unquantized[0]}): check the quantization modifier's targets/ignore"
             )
         check_refusable(self.refuse, schemes, expert_shapes=shapes)
+
+    def _arm_concurrent_save(self, model: nn.Module) -> None:
+        """Wrap llm-compressor's compressed save so its shards are written by a pool of threads."""
+        save = getattr(model, "save_pretrained", None)
+        if not getattr(save, "_overridden", False):  # no compressed-tensors save wrapper (not inside oneshot)
+            return
+        model.save_pretrained = concurrent_shards(save, self.save_threads)
 
     def _arm_refuse(self, model: nn.Module) -> None:
         """Wrap ``model.save_pretrained``: after the compressed-tensors save, write the re-fused copy."""
