@@ -195,6 +195,7 @@ def _wrap_save(clock: StageClock) -> None:
         from defuser_quant.checkpoint import concurrent_save
     except ImportError:  # pragma: no cover - the stock variant still has the package on its path
         return
+    clock.wrap(concurrent_save, "write_safetensors", "save.shard_write", sync=False)  # the pool's writer
     clock.wrap(concurrent_save._Writes, "wait", "save.shard_wait")
 
 

@@ -10,10 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file as safe_save_file
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, modeling_utils
 
 from defuser_quant.checkpoint import concurrent_save
+from defuser_quant.checkpoint import tensor_file
 from defuser_quant.checkpoint.concurrent_save import concurrent_shards
+from defuser_quant.checkpoint.tensor_file import write_safetensors
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
 
 
 @pytest.fixture(scope="module")
@@ -55,23 +60,59 @@ class _Recorder:
                 self.now -= size
 
 
+def _mixed_tensors(device: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    cpu = {
+        "b.bf16": torch.randn(33, 17, generator=g).to(torch.bfloat16),
+        "a.f32": torch.randn(5, 3, generator=g),
+        "packed.i32": torch.randint(-2**31, 2**31 - 1, (9, 4), dtype=torch.int32, generator=g),
+        "shape.i64": torch.tensor([768, 2048]),
+        "scale.f8": torch.randn(7, 6, generator=g).to(torch.float8_e4m3fn),
+        "mask.bool": torch.rand(11, generator=g) > 0.5,
+        "bytes.u8": torch.randint(0, 255, (13,), dtype=torch.uint8, generator=g),
+        "empty.f16": torch.empty(0, 4, dtype=torch.float16),
+        "scalar.f32": torch.tensor(3.5),
+        "strided.bf16": torch.randn(8, 6, generator=g).to(torch.bfloat16).t(),
+    }
+    return {k: v.to(device) for k, v in cpu.items()}
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_tensor_file_is_byte_for_byte_what_safetensors_writes(tmp_path, monkeypatch, device):
+    monkeypatch.setattr(tensor_file, "STAGING_BYTES", 64)  # GPU tensors go through the pinned buffer in pieces
+    tensors = _mixed_tensors(device)
+    safe_save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "theirs.safetensors", metadata={"format": "pt", "x": "y"})
+    write_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt", "x": "y"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+
+
+def test_tensor_file_refuses_what_it_cannot_write(tmp_path):
+    with pytest.raises(TypeError, match="w: dtype torch.complex64 has no safetensors name"):
+        write_safetensors({"w": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match="m: .* on meta has no bytes"):
+        write_safetensors({"m": torch.zeros(2, device="meta")}, tmp_path / "y.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
 def test_shards_are_the_files_transformers_writes_itself(model, tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "plain", max_shard_size="60KB")
-    recorder = _Recorder(modeling_utils.safe_save_file)
-    monkeypatch.setattr(modeling_utils, "safe_save_file", recorder)
+    recorder = _Recorder(concurrent_save.write_safetensors)
+    monkeypatch.setattr(concurrent_save, "write_safetensors", recorder)
     concurrent_shards(model.save_pretrained, 3)(tmp_path / "pooled", max_shard_size="60KB")
     plain, pooled = _files(tmp_path / "plain"), _files(tmp_path / "pooled")
     assert len(plain) > 4 and plain == pooled  # byte for byte, index included
     assert len(recorder.threads) > 1 and all(name.startswith("dq-shard") for name in recorder.threads)
-    assert modeling_utils.safe_save_file is recorder  # restored after the call
+    assert modeling_utils.safe_save_file is safe_save_file  # Transformers' own writer is back after the call
 
 
-def test_bytes_in_flight_stay_within_max_shard_size(model, tmp_path, monkeypatch):
-    recorder = _Recorder(modeling_utils.safe_save_file)
-    monkeypatch.setattr(modeling_utils, "safe_save_file", recorder)
-    concurrent_shards(model.save_pretrained, 4)(tmp_path / "out", max_shard_size="100KB")
-    sizes = [p.stat().st_size for p in (tmp_path / "out").glob("model-*.safetensors")]
-    assert recorder.peak <= max(100_000, max(sizes)) and len(recorder.threads) > 1
+def test_with_a_limit_the_shards_in_flight_stay_within_it():
+    recorder = _Recorder(lambda tensors, filename, metadata=None: None, delay=0.05)
+    writes = concurrent_save._Writes(4, recorder)
+    writes.limit = 3000
+    for number in range(8):
+        writes.submit({"w": torch.zeros(250 * (1 + number % 3))}, f"shard-{number}", None)  # 1000, 2000 or 3000 bytes
+    writes.wait()
+    assert 2000 <= recorder.peak <= 3000 and len(recorder.threads) > 1
 
 
 def test_without_max_shard_size_the_split_gives_each_thread_a_shard(model, tmp_path, monkeypatch):
@@ -95,7 +136,7 @@ def test_one_thread_is_transformers_own_save(model):
 
 
 def test_a_failed_shard_write_removes_every_shard_and_the_index(model, tmp_path, monkeypatch):
-    inner = modeling_utils.safe_save_file
+    inner = concurrent_save.write_safetensors
     calls = []
 
     def fail_third(tensors, filename, metadata=None):
@@ -105,7 +146,7 @@ def test_a_failed_shard_write_removes_every_shard_and_the_index(model, tmp_path,
             raise OSError(28, "No space left on device")
         return inner(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(modeling_utils, "safe_save_file", fail_third)
+    monkeypatch.setattr(concurrent_save, "write_safetensors", fail_third)
     with pytest.raises(RuntimeError, match=r"writing checkpoint shard .*model-00003-of-.* failed.*No space left"):
         concurrent_shards(model.save_pretrained, 2)(tmp_path / "out", max_shard_size="60KB")
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -125,7 +166,7 @@ def test_an_interrupt_while_writing_removes_what_the_save_started(model, tmp_pat
             yield item
 
     monkeypatch.setattr(modeling_utils.logging, "tqdm", interrupted)
-    monkeypatch.setattr(modeling_utils, "safe_save_file", _Recorder(modeling_utils.safe_save_file, delay=0.05))
+    monkeypatch.setattr(concurrent_save, "write_safetensors", _Recorder(concurrent_save.write_safetensors, delay=0.05))
     with pytest.raises(KeyboardInterrupt):
         concurrent_shards(model.save_pretrained, 2)(tmp_path / "out", max_shard_size="60KB")
     assert not list((tmp_path / "out").glob("*.safetensors*")) and other.read_text() == "mine"
@@ -134,7 +175,7 @@ def test_an_interrupt_while_writing_removes_what_the_save_started(model, tmp_pat
 def test_a_last_shard_failing_after_the_index_was_written_removes_the_index_too(model, tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "plain", max_shard_size="60KB")
     count = len(list((tmp_path / "plain").glob("model-*.safetensors")))
-    inner = modeling_utils.safe_save_file
+    inner = concurrent_save.write_safetensors
 
     def fail_last(tensors, filename, metadata=None):
         if f"-{count:05d}-of-" in Path(filename).name:
@@ -142,7 +183,7 @@ def test_a_last_shard_failing_after_the_index_was_written_removes_the_index_too(
             raise OSError(5, "Input/output error")
         return inner(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(modeling_utils, "safe_save_file", fail_last)
+    monkeypatch.setattr(concurrent_save, "write_safetensors", fail_last)
     with pytest.raises(RuntimeError, match="Input/output error"):
         concurrent_shards(model.save_pretrained, 2)(tmp_path / "out", max_shard_size="60KB")
     assert (tmp_path / "out" / "config.json").exists()

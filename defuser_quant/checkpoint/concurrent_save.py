@@ -1,14 +1,17 @@
 """Transformers' ``save_pretrained`` with its safetensors shards written by a pool of threads.
 
-Transformers writes a checkpoint's shards one after the other. Most of a shard's write
-(device-to-host copies, the byte copies, the file write) runs outside Python's lock, so a few
-shards written at once finish in a fraction of the time (2 GB on 2 cores: 3.1 -> 1.7 s with 4
-threads). :func:`concurrent_shards` wraps one ``save_pretrained`` call:
+Transformers writes a checkpoint's shards one after the other, each through safetensors'
+``save_file``. :func:`concurrent_shards` wraps one ``save_pretrained`` call so a pool of threads
+writes them at once with :func:`.tensor_file.write_safetensors` (the same bytes; the copies and
+file writes release Python's lock, a GPU tensor goes through a pinned buffer on a stream of its
+own):
 
 * each shard Transformers hands to ``safe_save_file`` goes to the pool; the call returns once
   every shard is on disk;
-* the serialized bytes in flight stay within the save's ``max_shard_size`` (or the largest
-  shard), the most the one-by-one write holds, so host memory does not grow with the threads;
+* no shard is copied into a bytes object (GPU tensors pass through a 64 MiB pinned buffer per
+  writing thread); where Transformers loads offloaded weights back per shard, the shards being
+  written at once hold at most the save's ``max_shard_size`` (or the largest shard), the most
+  the one-by-one write holds, so host memory does not grow with the threads;
 * when the caller gave no ``max_shard_size``, the checkpoint is split into about one shard per
   thread (at least :data:`MIN_SHARD_BYTES` each, and no larger than the wrapped save's own limit
   divided by the threads), so a model that would be one file is written in parallel pieces with
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .stream import parse_size
+from .tensor_file import write_safetensors
 
 __all__ = ["MIN_SHARD_BYTES", "concurrent_shards", "default_threads"]
 
@@ -64,7 +68,7 @@ class _Writes:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dq-shard")
         self.futures: list[Future] = []
         self.started: list[Path] = []
-        self.limit: int | None = None  # bytes in flight; set when the split is known
+        self.limit: int | None = None  # bytes in flight, for offloaded weights loaded back per shard; None: no limit
         self.in_flight = 0
         self.cond = threading.Condition()
         self.error: BaseException | None = None
@@ -78,9 +82,10 @@ class _Writes:
 
     def submit(self, tensors: dict[str, Any], filename: str, metadata: dict | None = None) -> None:
         size = _nbytes(tensors)
+        _ready_on_device(tensors)
         with self.cond:
             # at least one shard always goes, so a shard larger than the limit is written alone
-            while self.error is None and self.in_flight and self.in_flight + size > (self.limit or 0):
+            while self.error is None and self.limit is not None and self.in_flight and self.in_flight + size > self.limit:
                 self.cond.wait()
             if self.error is not None:
                 self._raise()
@@ -129,6 +134,14 @@ class _Writes:
                            ", ".join(sorted(str(f) for f in folders)))
 
 
+def _ready_on_device(tensors: dict[str, Any]) -> None:
+    """Wait for the work that made the shard's GPU tensors (the writer copies them on its own stream)."""
+    import torch
+
+    for device in {t.device for t in tensors.values() if t.device.type == "cuda"}:
+        torch.cuda.current_stream(device).synchronize()
+
+
 def _index_names(index: Path) -> set[str]:
     try:
         return set(json.loads(index.read_text()).get("weight_map", {}).values())
@@ -157,7 +170,8 @@ def concurrent_shards(save_pretrained: Callable[..., Any], threads: int | None =
 
         auto_split = "max_shard_size" not in kwargs
         with _SAVE_LOCK:
-            writes = _Writes(count, modeling_utils.safe_save_file)
+            writes = _Writes(count, write_safetensors)
+            transformers_write = modeling_utils.safe_save_file
             split = modeling_utils.split_torch_state_dict_into_shards
 
             def split_for_threads(state_dict: dict, *a: Any, max_shard_size: int | str = "50GB", **kw: Any) -> Any:
@@ -165,9 +179,10 @@ def concurrent_shards(save_pretrained: Callable[..., Any], threads: int | None =
                 if auto_split:
                     max_shard_size = _auto_shard_size(_nbytes(state_dict), limit, count)
                 result = split(state_dict, *a, max_shard_size=max_shard_size, **kw)
-                largest = max((sum(state_dict[n].numel() * state_dict[n].element_size() for n in names)
-                               for names in result.filename_to_tensors.values()), default=0)
-                writes.limit = max(limit, largest)
+                if any(t.device.type == "meta" for t in state_dict.values()):  # offloaded: loaded back per shard
+                    largest = max((sum(state_dict[n].numel() * state_dict[n].element_size() for n in names)
+                                   for names in result.filename_to_tensors.values()), default=0)
+                    writes.limit = max(limit, largest)
                 return result
 
             modeling_utils.safe_save_file = writes.submit
@@ -180,7 +195,7 @@ def concurrent_shards(save_pretrained: Callable[..., Any], threads: int | None =
                 writes.abandon()
                 raise
             finally:
-                modeling_utils.safe_save_file = writes.write
+                modeling_utils.safe_save_file = transformers_write
                 modeling_utils.split_torch_state_dict_into_shards = split
         if writes.started:
             logger.info("wrote %d checkpoint shard(s) with %d threads in %.2f s", len(writes.started), count,

@@ -62,9 +62,10 @@ def shard_names(count: int) -> list[str]:
         return [SINGLE_NAME]
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
-def header_bytes(tensors: list[PlannedTensor]) -> bytes:
-    """The length-prefixed, space-padded JSON header of a shard holding ``tensors`` in order."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+def header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The length-prefixed, space-padded JSON header of a shard holding ``tensors`` in order
+    (anything with ``name``, ``dtype``, ``shape`` and ``nbytes``); ``metadata`` default ``{"format": "pt"}``."""
+    header: dict[str, object] = {"__metadata__": dict(metadata) if metadata is not None else {"format": "pt"}}
     offset = 0
     for t in tensors:
         header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
