@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file as safe_save_file
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, modeling_utils
 
@@ -81,9 +82,14 @@ def _mixed_tensors(device: str) -> dict[str, torch.Tensor]:
 def test_tensor_file_is_byte_for_byte_what_safetensors_writes(tmp_path, monkeypatch, device):
     monkeypatch.setattr(tensor_file, "STAGING_BYTES", 64)  # GPU tensors go through the pinned buffer in pieces
     tensors = _mixed_tensors(device)
-    safe_save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "theirs.safetensors", metadata={"format": "pt", "x": "y"})
-    write_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt", "x": "y"})
+    safe_save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
+    write_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+    # several metadata keys: safetensors' own order of them varies between its releases (a hash map)
+    write_safetensors(tensors, tmp_path / "meta.safetensors", metadata={"format": "pt", "x": "y"})
+    with safe_open(str(tmp_path / "meta.safetensors"), "pt") as handle:
+        assert handle.metadata() == {"format": "pt", "x": "y"}
+        assert all(torch.equal(handle.get_tensor(k), v.cpu()) for k, v in tensors.items())
 
 
 def test_tensor_file_refuses_what_it_cannot_write(tmp_path):
