@@ -2,13 +2,15 @@
 ``tests/test_distributed_llmcompressor.py`` in one process or under ``torchrun`` (gloo).
 
 Usage: python distributed_oneshot.py OUT ROUTING NUM_SAMPLES SEQ_LEN [--same-data] [--min-tokens=N]
-                                     [--count-collectives] [--loop]
+                                     [--count-collectives] [--loop] [--small-shards]
 Writes OUT/report-rank{r}.json (the modifier's coverage as each rank sees it); the modifier's
 own report goes to OUT/coverage-rank{r}.json, which only the rank that writes files creates.
 ``--count-collectives`` also writes OUT/collectives-rank{r}.json: the torch.distributed
 collectives defuser-quant's own code called, by phase of llm-compressor's sequential pipeline
 (``forward`` for the calibration/propagation passes, ``epoch_end`` once per layer, ``finalize``).
 ``--loop`` runs the experts through the per-expert loop instead of grouped GEMMs.
+``--small-shards`` has DefuseModifier's writer pool (3 threads) split the tiny checkpoint into
+shards of at least 64 KiB, as it splits a large model.
 """
 
 from __future__ import annotations
@@ -103,7 +105,12 @@ def main() -> None:
     rank = distributed.rank()
     min_tokens = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--min-tokens=")), 128)
     report = os.path.join(out, f"coverage-rank{rank}.json")
-    defuse = dq_llmc.DefuseModifier(routing=routing, min_tokens=min_tokens, coverage_report=report, grouped="--loop" not in sys.argv)
+    if "--small-shards" in sys.argv:
+        from defuser_quant.checkpoint import concurrent_save
+
+        concurrent_save.MIN_SHARD_BYTES = 64 * 1024
+    defuse = dq_llmc.DefuseModifier(routing=routing, min_tokens=min_tokens, coverage_report=report, grouped="--loop" not in sys.argv,
+                                    save_threads=3 if "--small-shards" in sys.argv else None)
     calls = count_collectives() if "--count-collectives" in sys.argv else None
     recipe = [defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp.gate$"])]
     oneshot(

@@ -122,7 +122,7 @@ def one_and_two_processes(tmp_path_factory):
     for nproc in (1, 2):
         out = tmp_path_factory.mktemp(f"nproc{nproc}")
         args = [str(TESTS / "distributed_oneshot.py"), str(out), "routed", str(SAMPLES), str(SEQ), "--count-collectives"]
-        done = _run(args, nproc=nproc)
+        done = _run(args + (["--small-shards"] if nproc == 2 else []), nproc=nproc)
         assert done.returncode == 0, done.stderr[-4000:]
         runs[nproc] = out
     return runs
@@ -151,6 +151,16 @@ def test_two_process_checkpoint_equals_one_process_within_gptq_tolerance(one_and
         differ = (a[name] != b[name]).float().mean().item()
         assert differ < 1e-3, (name, differ)  # layer 0 sees the same inputs: summation order only
     _assert_equally_good(one_and_two_processes[1], one_and_two_processes[2])
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_is_written_once_by_rank_0s_writer_pool(one_and_two_processes):
+    one, two = one_and_two_processes[1], one_and_two_processes[2]
+    assert sorted(p.name for p in one.glob("model*.safetensors*")) == ["model.safetensors"]
+    index = json.loads((two / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in two.glob("model*.safetensors"))
+    assert len(shards) >= 3 and sorted(set(index["weight_map"].values())) == shards
+    assert not [p for p in two.iterdir() if p.name.startswith(("tmp", ".")) or p.suffix == ".partial"]
 
 
 @pytest.mark.slow
