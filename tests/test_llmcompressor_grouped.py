@@ -322,6 +322,30 @@ def test_batched_gptq_hessians_equal_the_hooks_and_respect_disabled_hooks():
         assert n == n_ref == 3 and torch.equal(h, h_ref)
 
 
+def test_batched_gptq_hessians_honour_hooks_kept_enabled():
+    """Inside ``disable_hooks(keep=...)`` only the kept hooks accumulate, batched as by the hooks themselves."""
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    from defuser_quant.calibration.grouped import grouped_routed_forward
+    from defuser_quant.integrations.llmcompressor.hessians import batched_gptq_hessians
+
+    (grouped, looped), (m_grouped, m_loop), (x, index, weights) = _gptq_hooked_block()
+    with torch.no_grad(), batched_gptq_hessians():
+        for _ in range(2):  # the first call allocates through the hook, the second runs batched
+            grouped_routed_forward(grouped, x, index, weights)
+            looped.routed_forward(x, index, weights)
+        linears = [m for block in (grouped, looped) for e in block for m in e.children()]
+        kept_ids = {key for m in linears[::2] for key in m._forward_hooks}  # a handle's id is its key there
+        keep = {handle for modifier in (m_grouped, m_loop) for handle in modifier._hooks if handle.id in kept_ids}
+        with HooksMixin.disable_hooks(keep=keep):
+            grouped_routed_forward(grouped, x * 3, index, weights)
+            looped.routed_forward(x * 3, index, weights)
+    got, want = _hessians(grouped, m_grouped), _hessians(looped, m_loop)
+    assert len(got) == len(want) > 0 and {n for _, n in want} == {2.0, 3.0}  # kept hooks saw the third batch
+    for (h, n), (h_ref, n_ref) in zip(got, want, strict=True):
+        assert n == n_ref and torch.equal(h, h_ref)
+
+
 def test_a_modifier_that_overrides_calibrate_module_is_not_batched():
     from llmcompressor.modifiers.gptq import GPTQModifier
 

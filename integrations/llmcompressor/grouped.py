@@ -74,6 +74,22 @@ def hooks_mixin_parts(hook: Callable, code: types.CodeType | None) -> tuple[Call
     return cells[names.index("hook")].cell_contents, cells[names.index("handle")]
 
 
+def _always(_cell: types.CellType) -> bool:
+    return True
+
+
+def hooks_mixin_live(mixin: type) -> Callable[[types.CellType], bool] | None:
+    """llm-compressor's on/off rule for its wrapped hooks (``HooksMixin``), read once per grouped
+    call: None when every wrapped hook returns at once (hooks disabled and none kept enabled, as in
+    the propagation pass), else a test of one hook's handle cell (from :func:`hooks_mixin_parts`)."""
+    disabled, keep = mixin._HOOKS_DISABLED, mixin._HOOKS_KEEP_ENABLED
+    if not disabled:
+        return _always
+    if not keep:
+        return None
+    return lambda cell: cell.cell_contents in keep
+
+
 _DEVICES: dict[tuple[torch.device, object], bool] = {}
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from defuser_quant.calibration.grouped import BatchedForwardHook, register_batched_hook, unregister_batched_hook
 
-from .grouped import hooks_mixin_parts, wrapper_code
+from .grouped import hooks_mixin_live, hooks_mixin_parts, wrapper_code
 
 __all__ = ["GPTQ_HESSIANS", "HessianBatching", "batched_gptq_hessians", "last_batching"]
 
@@ -119,15 +119,14 @@ def _run(modifier: object, members: list) -> None:
 
     Products are held until :data:`PRODUCT_BUDGET` bytes of them are waiting, then added in one
     multi-tensor kernel (a block's products kept together would be experts x features^2 floats)."""
-    mixin = _LLMC.HooksMixin
-    disabled, keep = mixin._HOOKS_DISABLED, mixin._HOOKS_KEEP_ENABLED
-    if disabled and not keep:
+    live = hooks_mixin_live(_LLMC.HooksMixin)
+    if live is None:
         return  # every wrapped hook returns at once (the propagation pass)
     hessians, counts = modifier._hessians, modifier._num_samples
     inputs: dict[int, tuple[torch.Tensor, dict[tuple[int, int], list[torch.Tensor]]]] = {}
     bumped = []
     for module, handle, rows, start, size in members:
-        if disabled and handle.cell_contents not in keep:
+        if not live(handle):
             continue  # the wrapped hook returns at once
         hessian = hessians.get(module) if module in counts else None
         if hessian is None or type(module) is not nn.Linear or hessian.device != rows.device or rows.dim() != 2:

@@ -19,7 +19,7 @@ from torch import nn
 from defuser_quant.calibration import add_rows
 from defuser_quant.calibration.grouped import BatchedForwardHook, register_batched_hook, unregister_batched_hook
 
-from .grouped import hooks_mixin_parts, wrapper_code
+from .grouped import hooks_mixin_live, hooks_mixin_parts, wrapper_code
 
 __all__ = ["TOKEN_COUNTS", "TokenCounter", "batched_token_counts"]
 
@@ -55,12 +55,11 @@ def _match(hook: Callable) -> tuple[object, object] | None:
 
 def _run(counts: dict[str, list[int]], members: list) -> None:
     """What each member's wrapped counter would do for its rows (2-D rows: ``size`` of them)."""
-    mixin = _Wrapped.mixin
-    disabled, keep = mixin._HOOKS_DISABLED, mixin._HOOKS_KEEP_ENABLED
-    if disabled and not keep:
+    live = hooks_mixin_live(_Wrapped.mixin)
+    if live is None:
         return
     for _module, (handle, expert), _rows, _start, size in members:  # grouped rows are 2-D: size of them
-        if disabled and handle.cell_contents not in keep:
+        if not live(handle):
             continue
         add_rows(counts, expert, size)
 
