@@ -75,6 +75,8 @@ def _mixed_tensors(device: str) -> dict[str, torch.Tensor]:
         "scalar.f32": torch.tensor(3.5),
         "strided.bf16": torch.randn(8, 6, generator=g).to(torch.bfloat16).t(),
     }
+    if hasattr(torch, "float8_e8m0fnu"):
+        cpu["mx.e8m0"] = torch.randint(100, 140, (6,), dtype=torch.uint8, generator=g).view(torch.float8_e8m0fnu)
     return {k: v.to(device) for k, v in cpu.items()}
 
 
@@ -90,6 +92,15 @@ def test_tensor_file_is_byte_for_byte_what_safetensors_writes(tmp_path, monkeypa
     with safe_open(str(tmp_path / "meta.safetensors"), "pt") as handle:
         assert handle.metadata() == {"format": "pt", "x": "y"}
         assert all(torch.equal(handle.get_tensor(k), v.cpu()) for k, v in tensors.items())
+
+
+def test_a_shard_our_writer_cannot_write_goes_through_safetensors_own_writer(model, tmp_path):
+    tensors = {"w": torch.randn(4, 4, dtype=torch.complex64), "b": torch.ones(3, dtype=torch.bfloat16)}
+    writes = concurrent_save._Writes(2, write_safetensors)
+    writes.submit(tensors, str(tmp_path / "odd.safetensors"), {"format": "pt"})
+    writes.wait()
+    with safe_open(str(tmp_path / "odd.safetensors"), "pt") as handle:
+        assert all(torch.equal(handle.get_tensor(k), v) for k, v in tensors.items())
 
 
 def test_tensor_file_refuses_what_it_cannot_write(tmp_path):

@@ -4,7 +4,7 @@ Transformers writes a checkpoint's shards one after the other, each through safe
 ``save_file``. :func:`concurrent_shards` wraps one ``save_pretrained`` call so a pool of threads
 writes them at once with :func:`.tensor_file.write_safetensors` (the same bytes; the copies and
 file writes release Python's lock, a GPU tensor goes through a pinned buffer on a stream of its
-own):
+own; a shard holding a dtype it has no name for goes through safetensors' own writer):
 
 * each shard Transformers hands to ``safe_save_file`` goes to the pool; the call returns once
   every shard is on disk;
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .stream import parse_size
-from .tensor_file import write_safetensors
+from .tensor_file import writable, write_safetensors
 
 __all__ = ["MIN_SHARD_BYTES", "concurrent_shards", "default_threads"]
 
@@ -95,7 +95,12 @@ class _Writes:
 
     def _run(self, tensors: dict[str, Any], filename: str, metadata: dict | None, size: int) -> None:
         try:
-            self.write(tensors, filename, metadata=metadata)
+            if writable(tensors):
+                self.write(tensors, filename, metadata=metadata)
+            else:  # a dtype our writer has no name for (e.g. packed FP4): safetensors' own, still in the pool
+                from safetensors.torch import save_file
+
+                save_file(tensors, filename, metadata=metadata)
         except BaseException as error:
             with self.cond:
                 if self.error is None:

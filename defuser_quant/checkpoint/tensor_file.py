@@ -21,7 +21,7 @@ import torch
 from .source import write_all
 from .stream import header_bytes
 
-__all__ = ["SAFETENSORS_DTYPES", "STAGING_BYTES", "write_safetensors"]
+__all__ = ["SAFETENSORS_DTYPES", "STAGING_BYTES", "writable", "write_safetensors"]
 
 #: torch dtype -> safetensors dtype name
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
@@ -30,10 +30,19 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
     torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }
+if hasattr(torch, "float8_e8m0fnu"):  # MX scales
+    SAFETENSORS_DTYPES[torch.float8_e8m0fnu] = "F8_E8M0"
 
 
 #: safetensors' own order of dtypes in a file (wider first, so every tensor's data stays aligned)
-_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
+_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8",
+          "U8", "BOOL")
+
+
+def writable(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether :func:`write_safetensors` can write every one of ``tensors`` (else use safetensors' own writer)."""
+    return all(t.dtype in SAFETENSORS_DTYPES and t.layout == torch.strided and t.device.type != "meta"
+               for t in tensors.values())
 
 
 @dataclass(frozen=True)
