@@ -174,6 +174,10 @@ def test_an_interrupt_while_writing_removes_what_the_save_started(model, tmp_pat
     other = tmp_path / "out" / "notes.txt"  # something the save did not write stays
     other.parent.mkdir()
     other.write_text("mine")
+    model.save_pretrained(tmp_path / "plain", max_shard_size="60KB")
+    count = len(list((tmp_path / "plain").glob("model-*.safetensors")))
+    later = tmp_path / "out" / f"model-00003-of-{count:05d}.safetensors"  # an earlier save's file whose turn never comes
+    later.write_bytes(b"earlier")
     real_tqdm = modeling_utils.logging.tqdm
 
     def interrupted(items, *args, **kwargs):
@@ -183,10 +187,12 @@ def test_an_interrupt_while_writing_removes_what_the_save_started(model, tmp_pat
             yield item
 
     monkeypatch.setattr(modeling_utils.logging, "tqdm", interrupted)
-    monkeypatch.setattr(concurrent_save, "write_safetensors", _Recorder(concurrent_save.write_safetensors, delay=0.05))
+    # two threads busy with shards 1 and 2 when the interrupt comes; shard 3 is queued, never begun
+    monkeypatch.setattr(concurrent_save, "write_safetensors", _Recorder(concurrent_save.write_safetensors, delay=0.5))
     with pytest.raises(KeyboardInterrupt):
         concurrent_shards(model.save_pretrained, 2)(tmp_path / "out", max_shard_size="60KB")
-    assert not list((tmp_path / "out").glob("*.safetensors*")) and other.read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors*")) == [later.name]
+    assert later.read_bytes() == b"earlier" and other.read_text() == "mine"
 
 
 def test_a_last_shard_failing_after_the_index_was_written_removes_the_index_too(model, tmp_path, monkeypatch):

@@ -16,8 +16,9 @@ own; a shard holding a dtype it has no name for goes through safetensors' own wr
   thread (at least :data:`MIN_SHARD_BYTES` each, and no larger than the wrapped save's own limit
   divided by the threads), so a model that would be one file is written in parallel pieces with
   a standard ``model.safetensors.index.json``; the tensors are the same;
-* a write that fails, or an interrupt, removes every shard this call started and the index it
-  wrote, then raises: no output that looks whole is left behind.
+* a write that fails, or an interrupt, removes every shard this call began writing and the index
+  naming them, then raises: no output that looks whole is left behind; a file of an earlier save
+  whose turn had not come is left as it was.
 
 Only one ``save_pretrained`` at a time goes through the pool (a lock); Transformers' own code is
 unchanged apart from the two module attributes patched for the call's duration.
@@ -67,7 +68,8 @@ class _Writes:
         self.write = write
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dq-shard")
         self.futures: list[Future] = []
-        self.started: list[Path] = []
+        self.started: list[Path] = []  # every shard handed to the pool
+        self.begun: list[Path] = []  # the shards whose file a thread opened (only those are removed on failure)
         self.limit: int | None = None  # bytes in flight, for offloaded weights loaded back per shard; None: no limit
         self.in_flight = 0
         self.cond = threading.Condition()
@@ -76,7 +78,7 @@ class _Writes:
 
     def _raise(self) -> None:
         raise RuntimeError(
-            f"writing checkpoint shard {self.failed} failed: {self.error!r}; every shard of this save was removed "
+            f"writing checkpoint shard {self.failed} failed: {self.error!r}; the shards this save had begun were removed "
             "(check the free space and permissions there, then save again)"
         ) from self.error
 
@@ -95,6 +97,10 @@ class _Writes:
 
     def _run(self, tensors: dict[str, Any], filename: str, metadata: dict | None, size: int) -> None:
         try:
+            with self.cond:
+                if self.error is not None:  # another shard failed or the save was stopped: leave this one alone
+                    return
+                self.begun.append(Path(filename))
             if writable(tensors):
                 self.write(tensors, filename, metadata=metadata)
             else:  # a dtype our writer has no name for (e.g. packed FP4): safetensors' own, still in the pool
@@ -127,15 +133,15 @@ class _Writes:
             self.cond.notify_all()
         self.pool.shutdown(wait=True, cancel_futures=True)
         folders = {path.parent for path in self.started}
-        names = {path.name for path in self.started}
-        for path in self.started:
+        names = {path.name for path in self.begun}
+        for path in self.begun:
             path.unlink(missing_ok=True)
         for folder in folders:
             index = folder / _INDEX_NAME
-            if _index_names(index) & names:  # the index this save wrote (it names our shards)
+            if _index_names(index) & names:  # the index naming shards this save (over)wrote: it would lie
                 index.unlink(missing_ok=True)
-        if self.started:
-            logger.warning("checkpoint save stopped: removed the %d shard(s) it had started in %s", len(self.started),
+        if self.begun:
+            logger.warning("checkpoint save stopped: removed the %d shard(s) it had begun in %s", len(self.begun),
                            ", ".join(sorted(str(f) for f in folders)))
 
 
