@@ -22,7 +22,9 @@ ALLOWED: dict[str, set[str]] = {
     "defuser_quant.checkpoint": {"defuser_quant.core", "defuser_quant.checkpoint"},
     "defuser_quant.loading": {"defuser_quant.core", "defuser_quant.checkpoint", "defuser_quant.loading"},
     "defuser_quant.integrations.gptqmodel": {"defuser_quant.core", "defuser_quant.calibration", "defuser_quant.integrations.gptqmodel"},
-    "defuser_quant.integrations.llmcompressor": {"defuser_quant.core", "defuser_quant.calibration", "defuser_quant.integrations.llmcompressor"},
+    "defuser_quant.integrations.llmcompressor": {
+        "defuser_quant.core", "defuser_quant.calibration", "defuser_quant.checkpoint", "defuser_quant.integrations.llmcompressor",
+    },
     "defuser_quant.integrations": set(),
     "defuser_quant.tools": {"defuser_quant.core", "defuser_quant.checkpoint", "defuser_quant.tools", "defuser_quant.assets"},
     "defuser_quant.jobs": {
