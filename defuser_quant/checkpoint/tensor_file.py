@@ -78,6 +78,8 @@ class _Staging:
         self.buffer = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
 
     def write(self, fd: int, flat: torch.Tensor) -> None:
+        # ``flat`` may come from this thread's own ``contiguous()`` on the device's current stream
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         for start in range(0, flat.numel(), STAGING_BYTES):
             piece = flat[start:start + STAGING_BYTES]
             host = self.buffer[: piece.numel()]
