@@ -23,8 +23,8 @@ gives seconds per stage. Stages (inclusive; nested ones are listed under their p
   (compressed-tensors' ``compress_model``: packing, spread over the ranks under torchrun),
   ``save.accelerate`` (``to_accelerate``/``from_accelerate`` around the write),
   ``save.save_pretrained`` (Transformers' own, rank 0) with ``save.shard_write`` (each
-  safetensors shard: device-to-host copies, serialization, file write; host seconds, not
-  synchronized) inside, ``save.shard_wait`` (DefuseModifier's writer pool, ``save_threads``:
+  safetensors shard: device-to-host copies, serialization, file write; in DefuseModifier's
+  writer pool host seconds in its threads, not synchronized) inside, ``save.shard_wait`` (DefuseModifier's writer pool, ``save_threads``:
   waiting for the last shards after Transformers' save returned; ``save.shard_write`` then sums
   the threads' overlapping writes) and ``save.recipe`` (the recipe file).
 
@@ -189,8 +189,8 @@ def _wrap_save(clock: StageClock) -> None:
         clock.wrap(ct_utils, "update_and_save_recipe", "save.recipe")
     # llm-compressor's save wrapper keeps the class's save_pretrained when oneshot starts: wrap it first
     clock.wrap(modeling_utils.PreTrainedModel, "save_pretrained", "save.save_pretrained")
-    if hasattr(modeling_utils, "safe_save_file"):  # host time: with DefuseModifier's writer pool it runs in threads
-        clock.wrap(modeling_utils, "safe_save_file", "save.shard_write", sync=False)
+    if hasattr(modeling_utils, "safe_save_file"):  # Transformers' one-by-one write (stock, *-onewriter)
+        clock.wrap(modeling_utils, "safe_save_file", "save.shard_write")
     try:
         from defuser_quant.checkpoint import concurrent_save
     except ImportError:  # pragma: no cover - the stock variant still has the package on its path

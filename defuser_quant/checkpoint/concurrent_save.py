@@ -33,11 +33,12 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .source import INDEX_NAME
 from .stream import parse_size
 from .tensor_file import writable, write_safetensors
 
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 #: the smallest shard an automatic split makes (smaller models stay one file)
 MIN_SHARD_BYTES = 256 * 2**20
-_INDEX_NAME = "model.safetensors.index.json"
 _SAVE_LOCK = threading.RLock()
 
 
@@ -56,18 +56,16 @@ def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _nbytes(tensors: dict[str, Any]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def _nbytes(tensors: Iterable[Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class _Writes:
     """The pool, the bytes in flight, the files started and the first failure of one save."""
 
     def __init__(self, threads: int, write: Callable[..., Any]):
-        self.threads = threads
         self.write = write
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dq-shard")
-        self.futures: list[Future] = []
         self.started: list[Path] = []  # every shard handed to the pool
         self.begun: list[Path] = []  # the shards whose file a thread opened (only those are removed on failure)
         self.limit: int | None = None  # bytes in flight, for offloaded weights loaded back per shard; None: no limit
@@ -83,7 +81,7 @@ class _Writes:
         ) from self.error
 
     def submit(self, tensors: dict[str, Any], filename: str, metadata: dict | None = None) -> None:
-        size = _nbytes(tensors)
+        size = _nbytes(tensors.values())
         _ready_on_device(tensors)
         with self.cond:
             # at least one shard always goes, so a shard larger than the limit is written alone
@@ -93,7 +91,7 @@ class _Writes:
                 self._raise()
             self.in_flight += size
         self.started.append(Path(filename))
-        self.futures.append(self.pool.submit(self._run, tensors, filename, metadata, size))
+        self.pool.submit(self._run, tensors, filename, metadata, size)  # failures land in self.error
 
     def _run(self, tensors: dict[str, Any], filename: str, metadata: dict | None, size: int) -> None:
         try:
@@ -119,8 +117,6 @@ class _Writes:
 
     def wait(self) -> None:
         """Every shard written, or the first failure raised."""
-        for future in self.futures:
-            future.exception()
         self.pool.shutdown(wait=True)
         if self.error is not None:
             self._raise()
@@ -137,7 +133,7 @@ class _Writes:
         for path in self.begun:
             path.unlink(missing_ok=True)
         for folder in folders:
-            index = folder / _INDEX_NAME
+            index = folder / INDEX_NAME
             if _index_names(index) & names:  # the index naming shards this save (over)wrote: it would lie
                 index.unlink(missing_ok=True)
         if self.begun:
@@ -188,11 +184,11 @@ def concurrent_shards(save_pretrained: Callable[..., Any], threads: int | None =
             def split_for_threads(state_dict: dict, *a: Any, max_shard_size: int | str = "50GB", **kw: Any) -> Any:
                 limit = parse_size(max_shard_size)
                 if auto_split:
-                    max_shard_size = _auto_shard_size(_nbytes(state_dict), limit, count)
+                    max_shard_size = _auto_shard_size(_nbytes(state_dict.values()), limit, count)
                 result = split(state_dict, *a, max_shard_size=max_shard_size, **kw)
                 if any(t.device.type == "meta" for t in state_dict.values()):  # offloaded: loaded back per shard
-                    largest = max((sum(state_dict[n].numel() * state_dict[n].element_size() for n in names)
-                                   for names in result.filename_to_tensors.values()), default=0)
+                    largest = max((_nbytes(state_dict[n] for n in names) for names in result.filename_to_tensors.values()),
+                                  default=0)
                     writes.limit = max(limit, largest)
                 return result
 

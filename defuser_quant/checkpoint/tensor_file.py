@@ -39,10 +39,18 @@ _ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
           "U8", "BOOL")
 
 
+def _unwritable(name: str, tensor: torch.Tensor) -> str | None:
+    """Why :func:`write_safetensors` cannot write ``tensor`` (None: it can)."""
+    if tensor.dtype not in SAFETENSORS_DTYPES:
+        return f"{name}: dtype {tensor.dtype} has no safetensors name; save it with safetensors' own writer"
+    if tensor.layout != torch.strided or tensor.device.type == "meta":
+        return f"{name}: a {tensor.layout} tensor on {tensor.device} has no bytes to write"
+    return None
+
+
 def writable(tensors: dict[str, torch.Tensor]) -> bool:
     """Whether :func:`write_safetensors` can write every one of ``tensors`` (else use safetensors' own writer)."""
-    return all(t.dtype in SAFETENSORS_DTYPES and t.layout == torch.strided and t.device.type != "meta"
-               for t in tensors.values())
+    return not any(_unwritable(name, t) for name, t in tensors.items())
 
 
 @dataclass(frozen=True)
@@ -55,10 +63,9 @@ class _Entry:
 
 
 def _entry(name: str, tensor: torch.Tensor) -> _Entry:
-    if tensor.dtype not in SAFETENSORS_DTYPES:
-        raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors name; save it with safetensors' own writer")
-    if tensor.layout != torch.strided or tensor.device.type == "meta":
-        raise TypeError(f"{name}: a {tensor.layout} tensor on {tensor.device} has no bytes to write")
+    why = _unwritable(name, tensor)
+    if why is not None:
+        raise TypeError(why)
     return _Entry(name, SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.numel() * tensor.element_size(),
                   tensor)
 
