@@ -1,5 +1,6 @@
 """Opt-in cProfile of a benchmark's timed region: ``DQ_PROFILE_DIR=dir`` writes ``dir/<name>.txt``
-(and the raw ``dir/<name>.prof`` for ``pstats``).
+(and the raw ``dir/<name>.prof`` for ``pstats``); ``DQ_TORCH_PROFILE_DIR`` and ``DQ_SAMPLE_DIR``
+select torch.profiler and the all-threads stack sampler instead.
 
 The text holds the top functions by own time and by cumulative time (host Python only; CUDA
 kernels show up as the host calls that launch or wait for them). Unset, it costs nothing.
@@ -19,6 +20,7 @@ ENV = "DQ_PROFILE_DIR"
 
 
 TORCH_ENV = "DQ_TORCH_PROFILE_DIR"
+SAMPLE_ENV = "DQ_SAMPLE_DIR"
 
 
 @contextlib.contextmanager
@@ -27,7 +29,15 @@ def maybe_profile(name: str, top: int = 60) -> Iterator[None]:
 
     ``$DQ_TORCH_PROFILE_DIR`` instead runs ``torch.profiler`` (CPU and CUDA activity) and writes
     ``<name>.torch.txt``: the ops by device time, and the device-busy seconds (sum of kernel
-    times) against the wall seconds, which says whether the GPU or the host bounds the block."""
+    times) against the wall seconds, which says whether the GPU or the host bounds the block.
+    ``$DQ_SAMPLE_DIR`` instead samples every thread's stack (``_sampler.py``): what the main thread
+    waits on when the work is spread over threads."""
+    if os.environ.get(SAMPLE_ENV):
+        from _sampler import maybe_sample
+
+        with maybe_sample(name):
+            yield
+        return
     if os.environ.get(TORCH_ENV):
         with _torch_profile(Path(os.environ[TORCH_ENV]) / f"{name}.torch.txt", top):
             yield
