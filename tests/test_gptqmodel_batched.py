@@ -205,6 +205,101 @@ def test_settings_are_checked():
         BatchedSolve(chunk_bytes=0)
 
 
+def test_parallel_setting_is_checked():
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+    with pytest.raises(ValueError, match="parallel"):
+        BatchedSolve(parallel=0)
+
+
+def _share_chunks(monkeypatch, tasks, workers: int, settings, hold: float = 0.05):
+    """Run the coordinator as GPTQModel's device workers do: ``workers`` threads take the subset's
+    modules in order, each asking ``prepare`` then ``GPTQ.quantize`` (the patched one) for its
+    module. Returns each task's result, the chunk sizes solved, and the most chunks solved at once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    real, lock = batched.batched_gptq_solve, threading.Lock()
+    state = {"now": 0, "most": 0, "sizes": []}
+
+    def counted(chunk, *args, **kwargs):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["sizes"].append(len(chunk))
+        try:
+            threading.Event().wait(hold)  # long enough for the other workers to start theirs
+            return real(chunk, *args, **kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(batched, "batched_gptq_solve", counted)
+    names = [f"experts.{i}.gate_proj" for i in range(len(tasks))]
+    processor = type("Processor", (), {})()
+    processor.tasks = dict(zip(names, tasks, strict=True))
+    subset = dict.fromkeys(names)
+    coordinator = batched._Coordinator(settings)
+
+    def work(name):
+        coordinator.prepare(processor, type("Module", (), {"name": name})(), subset)
+        return coordinator.take(processor.tasks[name], batched.BLOCKSIZE)
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(work, names, timeout=120))
+    return results, state["sizes"], state["most"], coordinator
+
+
+@pytest.mark.parametrize("parallel", [1, 2, 3])
+def test_waiting_workers_share_the_chunks_and_every_result_is_gptqmodels(monkeypatch, parallel):
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    reference, tasks = _tasks(qcfg, n=8, cols=128), _tasks(qcfg, n=8, cols=128)
+    expected = [t.quantize() for t in reference]
+    # Two modules' worth of working memory per chunk once split: 4 chunks for 4 workers.
+    per_task = 3 * 128**2 * 4 + 3 * 64 * 128 * 4
+    settings = BatchedSolve(chunk_bytes=2 * per_task * parallel, parallel=parallel)
+    results, sizes, most, coordinator = _share_chunks(monkeypatch, tasks, workers=4, settings=settings)
+    assert sorted(sizes) == [2, 2, 2, 2]  # every chunk solved once, by one worker
+    assert most == parallel  # never more at once than asked, and that many when workers wait
+    stats = coordinator.stats
+    assert (stats.groups, stats.chunks, stats.batched_modules) == (1, 4, 8)
+    assert not coordinator.open and not coordinator.chunk_of and not coordinator.running
+    for want, got in zip(expected, results, strict=True):
+        assert got is not None
+        for a, b in zip(want[:4], got.values[:4], strict=True):
+            assert torch.equal(a, b)
+        assert (want[5], want[6], want[7]) == got.values[5:]
+
+
+def test_a_failed_chunk_leaves_its_modules_to_gptqmodel_and_frees_the_waiting_workers(monkeypatch):
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    tasks = _tasks(qcfg, n=8, cols=128)
+    real, seen = batched.batched_gptq_solve, []
+
+    def second_fails(chunk, *args, **kwargs):
+        seen.append(len(chunk))
+        if len(seen) == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(chunk, *args, **kwargs)
+
+    monkeypatch.setattr(batched, "batched_gptq_solve", second_fails)
+    per_task = 3 * 128**2 * 4 + 3 * 64 * 128 * 4
+    settings = batched.BatchedSolve(chunk_bytes=4 * per_task, parallel=2)
+    results, _, _, coordinator = _share_chunks(monkeypatch, tasks, workers=4, settings=settings, hold=0.0)
+    assert sum(r is None for r in results) == 2 == coordinator.stats.per_module["chunk ran out of memory"]
+    assert coordinator.stats.batched_modules == 6 and not coordinator.chunk_of
+
+
 # ----- inside GPTQModel's quantize() -----------------------------------------------------------
 def _quantize(plugin, tiny, tmp_path, name: str, **kw):  # noqa: F811
     from gptqmodel import GPTQModel, QuantizeConfig

@@ -78,17 +78,23 @@ class BatchedSolve:
 
     Attributes:
         min_modules: smallest group of equal-shape modules solved together (smaller: per module).
-        chunk_bytes: working memory per chunk; a group larger than that is solved in several chunks.
+        chunk_bytes: working memory of the solve; a group larger than that is solved in chunks.
+        parallel: chunks solved at the same time, by GPTQModel's device workers that wait for a
+            result (each on its own CUDA stream); the chunks are ``chunk_bytes / parallel`` large,
+            so the working memory stays ``chunk_bytes`` in all. Results do not depend on it.
     """
 
     min_modules: int = 2
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    parallel: int = 4
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
             raise ValueError(f"BatchedSolve.min_modules must be >= 1, got {self.min_modules}")
         if self.chunk_bytes <= 0:
             raise ValueError(f"BatchedSolve.chunk_bytes must be > 0, got {self.chunk_bytes}")
+        if self.parallel < 1:
+            raise ValueError(f"BatchedSolve.parallel must be >= 1, got {self.parallel}")
 
 
 @dataclass
@@ -98,7 +104,7 @@ class BatchedSolveStats:
     batched_modules: int = 0
     groups: int = 0
     chunks: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # summed over the chunks (workers solve chunks at the same time)
     paths: Counter = field(default_factory=Counter)  # "batched_cuda_block_update@cuda" -> modules
     per_module: Counter = field(default_factory=Counter)  # reason -> modules left to GPTQModel's own solve
 
@@ -435,43 +441,71 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
 
 # ----- inside GPTQModel: the coordinator -------------------------------------------------------
 class _Coordinator:
-    """Groups a subset's tasks at the first ``process()`` call, solves each group once, and hands
-    every task its result when GPTQModel's ``process()`` asks ``GPTQ.quantize`` for it."""
+    """Groups a subset's tasks at the first ``process()`` call and splits each group into chunks.
+
+    GPTQModel runs ``process()`` for a subset's modules on several device workers at once. A
+    worker whose module's chunk is not solved yet solves the next open chunk itself (its own
+    chunk first), at most ``settings.parallel`` at a time, each on the worker's own CUDA stream;
+    a worker whose chunk is solved goes on with GPTQModel's own processing of its module while
+    the others solve. Every task gets its result when GPTQModel's ``process()`` asks
+    ``GPTQ.quantize`` for it."""
 
     def __init__(self, settings: BatchedSolve):
         self.settings = settings
         self.stats = BatchedSolveStats()
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
         self.results: dict[int, tuple[Any, SolveResult]] = {}  # id(task) -> (task, result)
-        self.pending: dict[int, tuple[Any, threading.Event]] = {}  # id(task) -> (task, done)
+        self.chunk_of: dict[int, _Chunk] = {}  # id(task) -> its chunk, until the chunk is solved
+        self.open: list[_Chunk] = []  # chunks nobody has started, in subset order
+        self.running = 0
         self.seen: dict[int, Any] = {}  # id(task) -> task, every task grouped or refused once
+        self.streams = threading.local()
 
     def prepare(self, processor: Any, module: Any, subset: dict | None) -> None:
         tasks = getattr(processor, "tasks", None) or {}
         task = tasks.get(getattr(module, "name", None))
         if task is None:
             return
-        with self.lock:
-            waiting = self.pending.get(id(task))
-            if waiting is None:
+        with self.cond:
+            mine = self.chunk_of.get(id(task))
+            if mine is None:
                 if id(task) in self.seen:
                     return
                 group = self._group_for(task, tasks, subset)
                 if group is None:
                     return
-                done = threading.Event()
-                for member in group:
-                    self.pending[id(member)] = (member, done)
-        if waiting is not None:
-            waiting[1].wait()
-            return
-        try:
-            self._solve(group)
-        finally:
-            with self.lock:
-                for member in group:
-                    self.pending.pop(id(member), None)
-            done.set()
+                self._open_chunks(group)
+                mine = self.chunk_of[id(task)]
+        while True:
+            with self.cond:
+                while True:
+                    if mine.done:
+                        return
+                    if self.running < self.settings.parallel and self.open:
+                        chunk = mine if mine in self.open else self.open[0]
+                        self.open.remove(chunk)
+                        self.running += 1
+                        break
+                    self.cond.wait()
+            try:
+                self._solve(chunk)
+            finally:
+                with self.cond:
+                    self.running -= 1
+                    chunk.done = True
+                    for member in chunk.tasks:
+                        self.chunk_of.pop(id(member), None)
+                    self.cond.notify_all()
+
+    def _open_chunks(self, group: list[Any]) -> None:
+        """Under the lock: ``group``'s chunks, open for any waiting worker to solve."""
+        size = max(1, self.settings.chunk_bytes // self.settings.parallel)
+        for units in _chunks(_units_for_chunking(group), size):
+            chunk = _Chunk([t for u in units for t in u.tasks])
+            self.open.append(chunk)
+            for member in chunk.tasks:
+                self.chunk_of[id(member)] = chunk
+        self.stats.groups += 1
 
     def _group_for(self, task: Any, tasks: dict, subset: dict | None) -> list[Any] | None:
         """Under the lock: the not yet handled tasks of ``subset`` batched with ``task`` (or None)."""
@@ -498,44 +532,76 @@ class _Coordinator:
                 self.seen[id(member)] = member
         return group
 
-    def _solve(self, group: list[Any]) -> None:
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        """This worker's own stream on ``device`` (kept for the run)."""
+        streams = self.streams.__dict__.setdefault("by_device", {})
+        if device not in streams:
+            streams[device] = torch.cuda.Stream(device)
+        return streams[device]
+
+    def _solve(self, chunk: _Chunk) -> None:
+        tasks = chunk.tasks
         t0 = time.perf_counter()
-        with kernels.stage("solve"):
-            units = _units_for_chunking(group)
-            for chunk in _chunks(units, self.settings.chunk_bytes):
-                tasks = [t for u in chunk for t in u.tasks]
-                try:
+        try:
+            with kernels.stage("solve"):
+                # GPTQModel's Hessian finalization (and the release of its sources, which waits on
+                # their events) on the worker's own stream, as GPTQModel does it; the solve then
+                # runs on a private stream ordered after that one.
+                for task in tasks:
+                    task.finalize_hessian(target_device=getattr(task.module, "target_device", None))
+                    task._release_deferred_hessian_sources()
+                device = tasks[0].H.device
+                if device.type == "cuda":
+                    stream = self._stream(device)
+                    stream.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(stream):
+                        outcome = batched_gptq_solve(tasks)
+                    stream.synchronize()  # results complete before another worker's stream reads them
+                else:
                     outcome = batched_gptq_solve(tasks)
-                except torch.OutOfMemoryError:
-                    logger.warning(
-                        "batched GPTQ solve of %d modules ran out of memory; GPTQModel solves them one by one",
-                        len(tasks),
-                    )
-                    with self.lock:
-                        self.stats.per_module["chunk ran out of memory"] += len(tasks)
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    continue
-                with self.lock:
-                    self.stats.chunks += 1
-                    for task, result in zip(tasks, outcome, strict=True):
-                        if result is None:
-                            self.stats.per_module["first Cholesky failed or NaN loss (GPTQModel's recovery)"] += 1
-                            continue
-                        self.results[id(task)] = (task, result)
-                        self.stats.batched_modules += 1
-                        self.stats.paths[f"{result.path}"] += 1
-        with self.lock:
-            self.stats.groups += 1
+        except torch.OutOfMemoryError:
+            logger.warning(
+                "batched GPTQ solve of %d modules ran out of memory; GPTQModel solves them one by one", len(tasks)
+            )
+            with self.cond:
+                self.stats.per_module["chunk ran out of memory"] += len(tasks)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return
+        with self.cond:
+            self.stats.chunks += 1
             self.stats.seconds += time.perf_counter() - t0
+            for task, result in zip(tasks, outcome, strict=True):
+                if result is None:
+                    self.stats.per_module["first Cholesky failed or NaN loss (GPTQModel's recovery)"] += 1
+                    continue
+                self.results[id(task)] = (task, result)
+                self.stats.batched_modules += 1
+                self.stats.paths[f"{result.path}"] += 1
 
     def take(self, task: Any, blocksize: int) -> SolveResult | None:
-        with self.lock:
+        with self.cond:
             entry = self.results.get(id(task))
             if entry is None or entry[0] is not task or entry[1].blocksize != blocksize:
                 return None
             del self.results[id(task)]
-        return entry[1]
+        result = entry[1]
+        if result.device == "cuda":
+            # Made on another worker's stream: keep the allocator from handing their memory to
+            # that stream while this worker's stream may still read them.
+            stream = torch.cuda.current_stream()
+            for value in result.values:
+                if isinstance(value, torch.Tensor) and value.is_cuda:
+                    value.record_stream(stream)
+        return result
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """Tasks solved in one ``batched_gptq_solve`` call; ``done`` once solved (or given up)."""
+
+    tasks: list[Any]
+    done: bool = False
 
 
 def _units_for_chunking(group: list[Any]) -> list[_Unit]:
