@@ -205,6 +205,38 @@ def test_settings_are_checked():
         BatchedSolve(chunk_bytes=0)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym,group_size", [(True, 128), (False, 128), (True, -1), (False, -1)])
+def test_sync_free_min_max_params_are_gptqmodels_find_params(device, bits, sym, group_size):
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization.quantizer import Quantizer
+
+    from defuser_quant.integrations.gptqmodel.batched import _min_max_params
+
+    qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym)
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(64, 128, generator=g) * torch.rand(64, 1, generator=g) * 3
+    x[0] = 0  # both ends zero: GPTQModel widens it to [-1, 1]
+    x[1] = x[1].abs() + 0.5  # positive only: the minimum is clamped to 0
+    x[2] = -x[2].abs() - 0.5  # negative only: the maximum is clamped to 0
+    x[3, :] = 0
+    x[3, 7] = -2.0  # one non-zero value
+    x = x.to(device)
+    reference, ours = Quantizer(qcfg), Quantizer(qcfg)
+    for q in (reference, ours):
+        q.configure(perchannel=True)
+    reference.find_params(x, weight=True)
+    for _ in range(2):  # a second call reads the kept maximum level
+        scale, zero = _min_max_params(ours, x)
+        assert scale.shape == reference.scale.shape and zero.shape == reference.zero.shape
+        assert torch.equal(scale, reference.scale) and torch.equal(zero, reference.zero)
+        assert scale.dtype == reference.scale.dtype and zero.dtype == reference.zero.dtype
+
+
 def test_parallel_setting_is_checked():
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 

@@ -243,18 +243,55 @@ def _find_params(quantizer: Any, W: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """``Quantizer.find_params`` for every module's rows of ``W`` ([modules, rows, columns]).
 
     Plain min/max parameters are per row, so one call on the rows stacked gives each module's
-    exact values. With ``mse`` the grid search sums each row, and a CUDA reduction may split a
-    row differently for another row count or layout: then one call per module, as GPTQModel.
+    exact values (:func:`_min_max_params`). With ``mse`` the grid search sums each row, and a
+    CUDA reduction may split a row differently for another row count or layout: then one call
+    per module, as GPTQModel.
     """
-    if float(getattr(quantizer.qcfg, "mse", 0.0) or 0.0) > 0.0:
+    if float(getattr(quantizer.qcfg, "mse", 0.0) or 0.0) > 0.0 or not quantizer.perchannel:
         scales, zeros = [], []
         for w in W:
             quantizer.find_params(w, weight=True)
             scales.append(quantizer.scale)
             zeros.append(quantizer.zero)
         return torch.cat(scales), torch.cat(zeros)
-    quantizer.find_params(W.reshape(-1, W.shape[-1]), weight=True)
-    return quantizer.scale, quantizer.zero
+    return _min_max_params(quantizer, W.reshape(-1, W.shape[-1]))
+
+
+def _min_max_params(quantizer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Quantizer.find_params(x, weight=True)`` (7.6, per channel, no ``mse``) without its host syncs.
+
+    GPTQModel's version writes through boolean masks and asks ``torch.any`` and a tensor fill
+    value, each a wait for the GPU; called once per group of columns, those waits kept the host
+    from queueing ahead. Here the same operations run on the same values with ``torch.where`` in
+    place of the masked writes (a selection, no arithmetic), and the division is by the same
+    0-dim device tensor (a Python number would take another CUDA kernel: multiply by the
+    reciprocal). The CPU and CUDA tests compare it with ``Quantizer.find_params`` bit for bit.
+    """
+    dev = x.device
+    maxq = quantizer.maxq.to(dev)
+    quantizer.maxq = maxq
+    maxq_value = quantizer.__dict__.setdefault("_dq_maxq_value", None)
+    if maxq_value is None:
+        maxq_value = quantizer.__dict__["_dq_maxq_value"] = int(maxq.item())
+    sym = bool(quantizer.qcfg.sym)
+    tmp = torch.zeros(x.shape[0], device=dev)
+    xmin = torch.minimum(x.min(1)[0], tmp)
+    xmax = torch.maximum(x.max(1)[0], tmp)
+    if sym:
+        xmax = torch.maximum(torch.abs(xmin), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(both_zero, -1.0, xmin)
+    xmax = torch.where(both_zero, 1.0, xmax)
+    if maxq_value < 0:
+        scale, zero = xmax, xmin
+    elif quantizer.requires_groupwise_processing():
+        scale = xmax / maxq
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (xmax - xmin) / maxq
+        zero = torch.full_like(scale, (maxq_value + 1) / 2) if sym else torch.round(-xmin / scale)
+    return scale.reshape(-1, 1), zero.reshape(-1, 1)
 
 
 def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[SolveResult | None]:
