@@ -24,6 +24,22 @@ def _job(tmp_path: Path, **sections) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _no_dataset_bars():
+    """In-process, with pytest capturing, a job has no terminal to keep apart from the log, so its
+    quiet mode is off (``jobs.quiet``) and ``datasets`` would print its cache-building bar to the
+    captured stderr, ahead of the error line, whenever this test is the first in its process to
+    read the corpus (the order pytest-xdist gives). A real ``defuser-quant run`` sends that bar to
+    the log (test_jobs_quiet.py)."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    yield
+    if was:
+        datasets.enable_progress_bars()
+
+
 def _error(capsys, argv: list[str], code: int = 2) -> str:
     assert main(argv) == code
     err = capsys.readouterr().err
