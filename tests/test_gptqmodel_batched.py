@@ -244,6 +244,23 @@ def test_parallel_setting_is_checked():
         BatchedSolve(parallel=0)
 
 
+def _second_chunk_runs_out_of_memory(monkeypatch) -> list[int]:
+    """Make the second ``batched_gptq_solve`` call raise CUDA's out-of-memory error; returns the
+    chunk sizes of every call."""
+    from defuser_quant.integrations.gptqmodel import batched
+
+    real, calls = batched.batched_gptq_solve, []
+
+    def second_fails(chunk, *args, **kwargs):
+        calls.append(len(chunk))
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(chunk, *args, **kwargs)
+
+    monkeypatch.setattr(batched, "batched_gptq_solve", second_fails)
+    return calls
+
+
 def _share_chunks(monkeypatch, tasks, workers: int, settings, hold: float = 0.05):
     """Run the coordinator as GPTQModel's device workers do: ``workers`` threads take the subset's
     modules in order, each asking ``prepare`` then ``GPTQ.quantize`` (the patched one) for its
@@ -316,15 +333,7 @@ def test_a_failed_chunk_leaves_its_modules_to_gptqmodel_and_frees_the_waiting_wo
 
     qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
     tasks = _tasks(qcfg, n=8, cols=128)
-    real, seen = batched.batched_gptq_solve, []
-
-    def second_fails(chunk, *args, **kwargs):
-        seen.append(len(chunk))
-        if len(seen) == 2:
-            raise torch.OutOfMemoryError("simulated")
-        return real(chunk, *args, **kwargs)
-
-    monkeypatch.setattr(batched, "batched_gptq_solve", second_fails)
+    _second_chunk_runs_out_of_memory(monkeypatch)
     per_task = 3 * 128**2 * 4 + 3 * 64 * 128 * 4
     settings = batched.BatchedSolve(chunk_bytes=4 * per_task, parallel=2)
     results, _, _, coordinator = _share_chunks(monkeypatch, tasks, workers=4, settings=settings, hold=0.0)
@@ -377,19 +386,9 @@ def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny
 def test_chunks_and_out_of_memory_fall_back_per_module_with_the_same_checkpoint(
     plugin, tiny, tmp_path, per_module, monkeypatch  # noqa: F811
 ):
-    from defuser_quant.integrations.gptqmodel import batched
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 
-    real = batched.batched_gptq_solve
-    calls = []
-
-    def flaky(tasks, *args, **kwargs):
-        calls.append(len(tasks))
-        if len(calls) == 2:
-            raise torch.OutOfMemoryError("simulated")
-        return real(tasks, *args, **kwargs)
-
-    monkeypatch.setattr(batched, "batched_gptq_solve", flaky)
+    calls = _second_chunk_runs_out_of_memory(monkeypatch)
     # ~3 modules' worth of working memory per chunk: groups split into several chunks.
     cost = 3 * 128**2 * 4 + 2 * 3 * 128 * 128 * 4
     result, _, tensors = _quantize(plugin, tiny, tmp_path, "chunked", batched_solve=BatchedSolve(chunk_bytes=cost))
