@@ -318,12 +318,61 @@ def test_waiting_workers_share_the_chunks_and_every_result_is_gptqmodels(monkeyp
     assert most == parallel  # never more at once than asked, and that many when workers wait
     stats = coordinator.stats
     assert (stats.groups, stats.chunks, stats.batched_modules) == (1, 4, 8)
-    assert not coordinator.open and not coordinator.chunk_of and not coordinator.running
+    assert not coordinator.open and not coordinator.chunk_of and not any(coordinator.running.values())
     for want, got in zip(expected, results, strict=True):
         assert got is not None
         for a, b in zip(want[:4], got.values[:4], strict=True):
             assert torch.equal(a, b)
         assert (want[5], want[6], want[7]) == got.values[5:]
+
+
+def test_workers_solve_only_their_own_devices_chunks(monkeypatch):
+    """GPTQModel keeps device workers per device: with a subset spread over two devices, a worker
+    solves chunks of its own device only, ``parallel`` at a time on each device."""
+    import threading
+
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    tasks = _tasks(qcfg, n=16, cols=128)
+    device_of = {id(t): f"cuda:{i % 2}" for i, t in enumerate(tasks)}  # as GPTQModel spreads modules
+    real_key = batched._settings_key
+    monkeypatch.setattr(batched, "_settings_key", lambda t: (*real_key(t)[:2], device_of[id(t)], *real_key(t)[3:]))
+    worker_device, mismatched, running = threading.local(), [], {"cuda:0": 0, "cuda:1": 0}
+    most = {"cuda:0": 0, "cuda:1": 0, "both": 0}
+    real, lock = batched.batched_gptq_solve, threading.Lock()
+
+    def solve(chunk, *args, **kwargs):
+        device = device_of[id(chunk[0])]
+        with lock:
+            if {device_of[id(t)] for t in chunk} != {getattr(worker_device, "device", None)}:
+                mismatched.append(device)
+            running[device] += 1
+            most[device] = max(most[device], running[device])
+            most["both"] = max(most["both"], running["cuda:0"] + running["cuda:1"])
+        try:
+            threading.Event().wait(0.1)  # long enough for every worker to start its chunk
+            return real(chunk, *args, **kwargs)
+        finally:
+            with lock:
+                running[device] -= 1
+
+    monkeypatch.setattr(batched, "batched_gptq_solve", solve)
+    real_prepare = batched._Coordinator.prepare
+
+    def prepare(self, processor, module, subset):
+        worker_device.device = device_of[id(processor.tasks[module.name])]
+        return real_prepare(self, processor, module, subset)
+
+    monkeypatch.setattr(batched._Coordinator, "prepare", prepare)
+    per_task = 3 * 128**2 * 4 + 3 * 64 * 128 * 4
+    settings = batched.BatchedSolve(chunk_bytes=4 * per_task, parallel=2)  # chunks of 2 tasks
+    results, sizes, _, coordinator = _share_chunks(monkeypatch, tasks, workers=4, settings=settings, hold=0.0)
+    assert not mismatched and sorted(sizes) == [2] * 8
+    assert most == {"cuda:0": 2, "cuda:1": 2, "both": 4}  # the limit holds per device
+    assert coordinator.stats.groups == 2 and coordinator.stats.batched_modules == 16 and all(results)
 
 
 def test_a_failed_chunk_leaves_its_modules_to_gptqmodel_and_frees_the_waiting_workers(monkeypatch):

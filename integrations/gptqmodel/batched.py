@@ -481,10 +481,10 @@ class _Coordinator:
     """Groups a subset's tasks at the first ``process()`` call and splits each group into chunks.
 
     GPTQModel runs ``process()`` for a subset's modules on several device workers at once. A
-    worker whose module's chunk is not solved yet solves the next open chunk itself (its own
-    chunk first), at most ``settings.parallel`` at a time, each on the worker's own CUDA stream;
-    a worker whose chunk is solved goes on with GPTQModel's own processing of its module while
-    the others solve. Every task gets its result when GPTQModel's ``process()`` asks
+    worker whose module's chunk is not solved yet solves the next open chunk of its device itself
+    (its own chunk first), at most ``settings.parallel`` at a time per device, each on the
+    worker's own CUDA stream; a worker whose chunk is solved goes on with GPTQModel's own
+    processing of its module while the others solve. Every task gets its result when GPTQModel's ``process()`` asks
     ``GPTQ.quantize`` for it."""
 
     def __init__(self, settings: BatchedSolve):
@@ -494,7 +494,7 @@ class _Coordinator:
         self.results: dict[int, tuple[Any, SolveResult]] = {}  # id(task) -> (task, result)
         self.chunk_of: dict[int, _Chunk] = {}  # id(task) -> its chunk, until the chunk is solved
         self.open: list[_Chunk] = []  # chunks nobody has started, in subset order
-        self.running = 0
+        self.running: Counter = Counter()  # device -> chunks being solved there
         self.seen: dict[int, Any] = {}  # id(task) -> task, every task grouped or refused once
         self.streams = threading.local()
 
@@ -518,17 +518,19 @@ class _Coordinator:
                 while True:
                     if mine.done:
                         return
-                    if self.running < self.settings.parallel and self.open:
-                        chunk = mine if mine in self.open else self.open[0]
+                    # Only chunks of the worker's own device: GPTQModel keeps its workers per device.
+                    same = [c for c in self.open if c.device == mine.device]
+                    if self.running[mine.device] < self.settings.parallel and same:
+                        chunk = mine if mine in same else same[0]
                         self.open.remove(chunk)
-                        self.running += 1
+                        self.running[chunk.device] += 1
                         break
                     self.cond.wait()
             try:
                 self._solve(chunk)
             finally:
                 with self.cond:
-                    self.running -= 1
+                    self.running[chunk.device] -= 1
                     chunk.done = True
                     for member in chunk.tasks:
                         self.chunk_of.pop(id(member), None)
@@ -538,7 +540,7 @@ class _Coordinator:
         """Under the lock: ``group``'s chunks, open for any waiting worker to solve."""
         size = max(1, self.settings.chunk_bytes // self.settings.parallel)
         for units in _chunks(_units_for_chunking(group), size):
-            chunk = _Chunk([t for u in units for t in u.tasks])
+            chunk = _Chunk([t for u in units for t in u.tasks], device=_settings_key(units[0].tasks[0])[2])
             self.open.append(chunk)
             for member in chunk.tasks:
                 self.chunk_of[id(member)] = chunk
@@ -626,10 +628,9 @@ class _Coordinator:
         if result.device == "cuda":
             # Made on another worker's stream: keep the allocator from handing their memory to
             # that stream while this worker's stream may still read them.
-            stream = torch.cuda.current_stream()
             for value in result.values:
                 if isinstance(value, torch.Tensor) and value.is_cuda:
-                    value.record_stream(stream)
+                    value.record_stream(torch.cuda.current_stream(value.device))
         return result
 
 
@@ -638,6 +639,7 @@ class _Chunk:
     """Tasks solved in one ``batched_gptq_solve`` call; ``done`` once solved (or given up)."""
 
     tasks: list[Any]
+    device: str  # where its tasks are solved (a group's settings key: one device)
     done: bool = False
 
 
