@@ -1,0 +1,61 @@
+"""The benchmarks' wall-clock stack sampler (``DQ_SAMPLE_DIR``): every thread, named, with the
+functions it spent its time in, as ``maybe_profile`` writes it."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _profile import maybe_profile  # noqa: E402
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _worker_waits(done: threading.Event) -> None:
+    done.wait()
+
+
+def _seconds(report: str, thread: str, section: str, label: str) -> float:
+    """The seconds ``report`` gives ``label`` in ``thread``'s ``section`` (inclusive or self)."""
+    block = report.split(f"## thread {thread}:")[1].split("\n## thread ")[0]
+    part = block.split(f"### {section}\n")[1].split("###")[0]
+    for line in part.splitlines():
+        if line.strip().endswith(label):
+            return float(line.split()[0])
+    return 0.0
+
+
+def test_sampler_names_each_threads_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("DQ_SAMPLE_DIR", str(tmp_path))
+    done = threading.Event()
+    worker = threading.Thread(target=_worker_waits, args=(done,), name="Waiter")
+    with maybe_profile("run"):
+        worker.start()
+        _spin(0.6)
+        done.set()
+        worker.join()
+    report = (tmp_path / "run.sampled.txt").read_text()
+    assert report.startswith("# wall ")
+    # The main thread spun for ~0.6 s; the worker spent that time waiting on its event.
+    assert _seconds(report, "MainThread", "inclusive", "test_benchmark_sampler.py:_spin") > 0.3
+    assert _seconds(report, "Waiter", "inclusive", "test_benchmark_sampler.py:_worker_waits") > 0.3
+    assert _seconds(report, "Waiter", "inclusive", "test_benchmark_sampler.py:_spin") == 0.0
+    stacks = (tmp_path / "run.stacks.txt").read_text().splitlines()
+    assert any(line.startswith("MainThread;") and "test_benchmark_sampler.py:_spin" in line for line in stacks)
+    assert all(line.rsplit(" ", 1)[1].isdigit() for line in stacks)  # flamegraph input: "stack count"
+
+
+def test_without_the_variable_nothing_is_sampled(tmp_path, monkeypatch):
+    for name in ("DQ_SAMPLE_DIR", "DQ_PROFILE_DIR", "DQ_TORCH_PROFILE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    before = threading.active_count()
+    with maybe_profile("run"):
+        assert threading.active_count() == before  # no sampler thread started
+    assert not list(tmp_path.iterdir())
