@@ -33,6 +33,8 @@ _map_source_checkout()
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject's addopts): one worker per core, at most 4 (each peaks at ~3.5 GiB
     of memory); ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides it, ``-n 0`` runs in one process."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
