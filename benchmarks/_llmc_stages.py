@@ -24,9 +24,10 @@ gives seconds per stage. Stages (inclusive; nested ones are listed under their p
   ``save.accelerate`` (``to_accelerate``/``from_accelerate`` around the write),
   ``save.save_pretrained`` (Transformers' own, rank 0) with ``save.shard_write`` (each
   safetensors shard: device-to-host copies, serialization, file write; in DefuseModifier's
-  writer pool host seconds in its threads, not synchronized) inside, ``save.shard_wait`` (DefuseModifier's writer pool, ``save_threads``:
-  waiting for the last shards after Transformers' save returned; ``save.shard_write`` then sums
-  the threads' overlapping writes) and ``save.recipe`` (the recipe file).
+  writer pool, host seconds in its threads, not synchronized) inside, ``save.shard_wait``
+  (DefuseModifier's writer pool, ``save_threads``: waiting for the last shards after
+  Transformers' save returned; ``save.shard_write`` then sums the threads' overlapping writes)
+  and ``save.recipe`` (the recipe file).
 
 On CUDA every boundary synchronizes the current device (a few per layer: cheap). Benchmark
 instrumentation only; it changes no result.

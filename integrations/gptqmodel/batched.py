@@ -239,7 +239,9 @@ def _use_extension(first: Any, device: torch.device, blocksize: int) -> bool:
     )
 
 
-def _find_params(quantizer: Any, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _find_params(
+    quantizer: Any, W: torch.Tensor, maxq: torch.Tensor, maxq_value: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``Quantizer.find_params`` for every module's rows of ``W`` ([modules, rows, columns]).
 
     Plain min/max parameters are per row, so one call on the rows stacked gives each module's
@@ -254,10 +256,12 @@ def _find_params(quantizer: Any, W: torch.Tensor) -> tuple[torch.Tensor, torch.T
             scales.append(quantizer.scale)
             zeros.append(quantizer.zero)
         return torch.cat(scales), torch.cat(zeros)
-    return _min_max_params(quantizer, W.reshape(-1, W.shape[-1]))
+    return _min_max_params(quantizer, W.reshape(-1, W.shape[-1]), maxq, maxq_value)
 
 
-def _min_max_params(quantizer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _min_max_params(
+    quantizer: Any, x: torch.Tensor, maxq: torch.Tensor, maxq_value: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``Quantizer.find_params(x, weight=True)`` (7.6, per channel, no ``mse``) without its host syncs.
 
     GPTQModel's version writes through boolean masks and asks ``torch.any`` and a tensor fill
@@ -266,13 +270,9 @@ def _min_max_params(quantizer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torc
     place of the masked writes (a selection, no arithmetic), and the division is by the same
     0-dim device tensor (a Python number would take another CUDA kernel: multiply by the
     reciprocal). The CPU and CUDA tests compare it with ``Quantizer.find_params`` bit for bit.
+    ``maxq`` is the quantizer's maximum level on ``x``'s device, ``maxq_value`` the same as an int.
     """
     dev = x.device
-    maxq = quantizer.maxq.to(dev)
-    quantizer.maxq = maxq
-    maxq_value = quantizer.__dict__.setdefault("_dq_maxq_value", None)
-    if maxq_value is None:
-        maxq_value = quantizer.__dict__["_dq_maxq_value"] = int(maxq.item())
     sym = bool(quantizer.qcfg.sym)
     tmp = torch.zeros(x.shape[0], device=dev)
     xmin = torch.minimum(x.min(1)[0], tmp)
@@ -328,8 +328,9 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
         W[b].copy_(task.module.weight.data)
 
     quantizer = copy.deepcopy(first.quantizer)
+    maxq_value = int(quantizer.maxq.item())  # read once per chunk, not once per group of columns
     maxq = quantizer.maxq.to(device)
-    row_scale, row_zero = _find_params(quantizer, W)
+    row_scale, row_zero = _find_params(quantizer, W, maxq, maxq_value)
 
     # Per shared Hessian, GPTQModel's own calls on the same 2-D shapes and in the same order
     # (a private copy: the task's H is only read). Batched torch.linalg calls would use other
@@ -396,7 +397,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
             column = i1 + i
             if group != -1:
                 if column % group == 0:
-                    cur_scale, cur_zero = _find_params(quantizer, W[:, :, column : column + group])
+                    cur_scale, cur_zero = _find_params(quantizer, W[:, :, column : column + group], maxq, maxq_value)
                 if (column // group) - now_idx == -1:
                     scales.append(cur_scale)
                     zeros.append(cur_zero)
@@ -484,8 +485,8 @@ class _Coordinator:
     worker whose module's chunk is not solved yet solves the next open chunk of its device itself
     (its own chunk first), at most ``settings.parallel`` at a time per device, each on the
     worker's own CUDA stream; a worker whose chunk is solved goes on with GPTQModel's own
-    processing of its module while the others solve. Every task gets its result when GPTQModel's ``process()`` asks
-    ``GPTQ.quantize`` for it."""
+    processing of its module while the others solve. Every task gets its result when GPTQModel's
+    ``process()`` asks ``GPTQ.quantize`` for it."""
 
     def __init__(self, settings: BatchedSolve):
         self.settings = settings
@@ -539,8 +540,9 @@ class _Coordinator:
     def _open_chunks(self, group: list[Any]) -> None:
         """Under the lock: ``group``'s chunks, open for any waiting worker to solve."""
         size = max(1, self.settings.chunk_bytes // self.settings.parallel)
+        device = _settings_key(group[0])[2]  # a group shares one settings key, so one device
         for units in _chunks(_units_for_chunking(group), size):
-            chunk = _Chunk([t for u in units for t in u.tasks], device=_settings_key(units[0].tasks[0])[2])
+            chunk = _Chunk([t for u in units for t in u.tasks], device=device)
             self.open.append(chunk)
             for member in chunk.tasks:
                 self.chunk_of[id(member)] = chunk
