@@ -131,15 +131,24 @@ def test_batched_solve_makes_gptqmodels_linear_algebra_calls(name, monkeypatch):
     assert matmuls(got) == matmuls(expected) and matmuls(got)
 
 
-def test_shared_hessians_are_inverted_once_and_give_the_same_result():
-    """GPTQModel's shared-input dedup (gate/up of one expert): followers hold copies of the leader's H."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_shared_hessians_are_inverted_once_and_give_the_same_result(device):
+    """GPTQModel's shared-input dedup (gate/up of one expert): followers hold copies of the leader's H.
+    On CUDA a unit's rows go through the block-update extension in one launch."""
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.gptq import SharedHessianFactorCache
 
     from defuser_quant.integrations.gptqmodel.batched import _units, batched_gptq_solve
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA (run on the device machine)")
     qcfg = QuantizeConfig(bits=4, group_size=128)
     reference, batched = _tasks(qcfg), _tasks(qcfg)
+    if device == "cuda":
+        for task in [*reference, *batched]:
+            task.module.cuda()
+            task.module.target_device = torch.device("cuda")
+            task.finalize_hessian(target_device=torch.device("cuda"))
     for tasks in (reference, batched):
         cache = SharedHessianFactorCache(1, "leader", leader="leader")
         for follower in tasks[1:3]:
@@ -147,12 +156,13 @@ def test_shared_hessians_are_inverted_once_and_give_the_same_result():
         for task in tasks[:3]:
             task.attach_shared_hessian_cache(cache)
     for task in batched:
-        task.finalize_hessian()
+        task.finalize_hessian(**({"target_device": torch.device("cuda")} if device == "cuda" else {}))
     assert [len(u.tasks) for u in _units(batched)] == [3, 1]
     expected = [t.quantize() for t in reference]
     got = batched_gptq_solve(batched)
     for e, r in zip(expected, got, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(e[:4], r.values[:4], strict=True))
+        assert r.values[5] == e[5]  # the average loss too
 
 
 def test_a_module_whose_first_cholesky_fails_is_left_to_gptqmodel():

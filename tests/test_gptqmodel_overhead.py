@@ -27,6 +27,7 @@ def _patch_points() -> dict[str, object]:
 
     return {
         "shell_module_materialize": BaseQModel.__dict__["shell_module_materialize"],
+        "post_quantize": BaseQModel.__dict__["post_quantize"],
         "_get_qualified_name": structure._get_qualified_name,
         "materialize_submodule": structure.LazyTurtle.__dict__["materialize_submodule"],
         "get_module_fullname": offload.get_module_fullname,
@@ -73,6 +74,8 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
     experts = len(lean.projections)
     assert experts == 48 and stats.disabled == {}
     assert stats.headless_memo_hits > stats.headless_memo_misses >= 1  # LogBar asked once per environment
+    moved = stats.layer_offload  # every layer holds experts; staged on CUDA, GPTQModel's own move on the CPU
+    assert moved.layers + moved.stock >= 2 and (moved.layers == 0) == (not torch.cuda.is_available())
     if offload:  # LazyTurtle source and disk offload: every expert projection took the lean path
         assert stats.materialize_fast == experts and stats.offload_fast == experts
         assert stats.tie_weights_skipped == experts  # tie_word_embeddings=False: nothing to tie
@@ -108,7 +111,7 @@ def test_patches_are_restored_when_quantize_raises(plugin, tiny, monkeypatch):  
     with pytest.raises(KeyboardInterrupt):
         plugin.quantize_with_defuser(model, tiny["calibration"][:4], batch_size=4)
     changed = [k for k in before if seen[k] is not before[k]]
-    assert {"shell_module_materialize", "_get_qualified_name", "materialize_submodule", "get_module_fullname", "headless",
+    assert {"shell_module_materialize", "post_quantize", "_get_qualified_name", "materialize_submodule", "get_module_fullname", "headless",
             "_resolve_checkpoint_module_path", "_load_checkpoint_tensors_for_module_path"} <= set(changed)
     assert _patch_points() == before
 

@@ -377,7 +377,11 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
     if perms is not None:
         for b, u in enumerate(hlist):
             W[b] = W[b][:, perms[u]]
-    failed = (torch.stack(infos) != 0).tolist()  # one device sync for the whole chunk
+    # Tasks of one unit are adjacent in ``order``: their rows form one [members x R] span of W.
+    spans: list[tuple[int, int, int]] = []  # (first task, end, unit)
+    for u, unit in enumerate(units):
+        first_b = spans[-1][1] if spans else 0
+        spans.append((first_b, first_b + len(unit.tasks), u))
 
     Losses = torch.zeros_like(W)
     Q = torch.zeros_like(W)
@@ -409,11 +413,14 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
             block_scale = torch.stack([s.flatten() for s, _ in block_params])
             block_zero = torch.stack([z.flatten() for _, z in block_params])
             column_group = torch.tensor(column_groups, device=device, dtype=torch.int32)
-            for b in range(B):
-                rows = slice(b * R, (b + 1) * R)
+            # One launch per unit: the kernel runs one block per row, each row on its own (its
+            # scale, zero and the shared Hinv), so stacking a unit's rows gives each row's values.
+            for b0, b1, u in spans:
+                rows = slice(b0 * R, b1 * R)
                 gptq_cuda.gptq_block_update(
-                    W1[b], hinvs[hlist[b]][i1:i2, i1:i2], block_scale[:, rows], block_zero[:, rows], column_group,
-                    Q[b, :, i1:i2], Err1[b], Losses[b, :, i1:i2], (1 << qcfg.bits) - 1,
+                    W1[b0:b1].view(-1, count), hinvs[u][i1:i2, i1:i2], block_scale[:, rows], block_zero[:, rows],
+                    column_group, Q[b0:b1, :, i1:i2].view(-1, count), Err1[b0:b1].view(-1, count),
+                    Losses[b0:b1, :, i1:i2].view(-1, count), (1 << qcfg.bits) - 1,
                 )
         else:
             Hinv1 = torch.stack([h[i1:i2, i1:i2] for h in hinvs])[hlist]
@@ -431,8 +438,9 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
                 W1[:, :, i:] -= delta.unsqueeze(2) * Hinv1[:, i, i:].unsqueeze(1)
         Losses[:, :, i1:i2].div_(2)
         if i2 < C:
-            for b in range(B):
-                W[b, :, i2:] -= Err1[b].matmul(hinvs[hlist[b]][i1:i2, i2:])
+            tails = [h[i1:i2, i2:] for h in hinvs]
+            for b in range(B):  # per task: a stacked matmul may take another kernel, rounding differently
+                W[b, :, i2:] -= Err1[b].matmul(tails[hlist[b]])
         del W1, Err1
     del hinvs
 
@@ -446,12 +454,15 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
     duration = (time.time() - start) / B
     results: list[SolveResult | None] = []
     by_task: dict[int, SolveResult | None] = {}
+    # One device sync for the chunk: the factorizations' status and every task's summed loss.
+    failed = (torch.stack(infos) != 0).tolist()
+    loss_sums = torch.stack([torch.sum(Losses[b]) for b in range(B)]).tolist()
     for b, task in enumerate(order):
         u = hlist[b]
         if failed[u]:
             by_task[id(task)] = None
             continue
-        avg_loss = torch.sum(Losses[b]).item() / task.nsamples
+        avg_loss = loss_sums[b] / task.nsamples
         if avg_loss != avg_loss:  # NaN: GPTQModel's own retry handles it
             by_task[id(task)] = None
             continue

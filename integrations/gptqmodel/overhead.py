@@ -52,6 +52,11 @@ expert projections of our ``DefusedExperts`` blocks only:
   their touched pages mapped (the page cache's pages: counted in RSS, not allocated again) until
   their shard is left or the block ends.
 
+* **layer offload** (``BaseQModel.post_quantize`` of a layer holding our experts, on CUDA): the
+  quantized layer goes back to the CPU through two reused pinned staging buffers, a few large
+  copies instead of one synchronous pageable copy per tensor (:mod:`.layer_offload`); the same CPU
+  tensors ``module.to("cpu")`` gives.
+
 GPTQModel computes and writes exactly what it does without this (same tensors loaded, same
 checkpoint). Anything that does not match (another role, a module outside our blocks, a path
 that names another module, no lazy source) takes GPTQModel's own path. Before patching, the
@@ -74,14 +79,16 @@ import types
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
 from defuser_quant.calibration.capture import defused_blocks
+from defuser_quant.core.defused import DefusedExperts
 
 from .compat import patched
+from .layer_offload import OffloadStats, Staging, lean_post_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +112,7 @@ class BookkeepingStats:
     shard_closed: int = 0  # kept handles closed (on leaving a shard, a changed file, or the block's end)
     draws_rendered: int = 0  # LogBar progress-bar draws passed on (first, forced, or DRAW_INTERVAL after the last)
     draws_skipped: int = 0  # ... not rendered: the bar drew less than DRAW_INTERVAL ago
+    layer_offload: OffloadStats = field(default_factory=OffloadStats)  # the layer_offload part (post_quantize)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -123,6 +131,7 @@ class BookkeepingStats:
             "shard_closed": self.shard_closed,
             "draws_rendered": self.draws_rendered,
             "draws_skipped": self.draws_skipped,
+            "layer_offload": asdict(self.layer_offload),
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -225,9 +234,21 @@ def _shard_handles_mismatch() -> str | None:
     return None
 
 
+def _post_quantize_mismatch() -> str | None:
+    from gptqmodel.models.base import BaseQModel
+    from gptqmodel.utils import model as model_utils
+
+    post = getattr(BaseQModel, "post_quantize", None)
+    if post is None or _params(post) != {"self", "module"}:
+        return "expected BaseQModel.post_quantize(self, module)"
+    if not {"move_to", "activation_mode"} <= _names(post) or not callable(getattr(model_utils, "get_device", None)):
+        return "expected post_quantize to call move_to (and read activation_mode), and utils.model.get_device"
+    return None
+
+
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
-    ``draw_rate``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
+    ``draw_rate``/``layer_offload``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
@@ -262,6 +283,9 @@ def internals_mismatch() -> dict[str, str]:
         problems["offload"] = "expected offload.get_module_fullname(model, module), looked up by _offload_to_disk_impl"
     if "materialize" in problems:
         problems["shard_handles"] = "needs the lean materialize, which is stock: " + problems["materialize"]
+    why = _post_quantize_mismatch()
+    if why is not None:
+        problems["layer_offload"] = why
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", _shard_handles_mismatch())):
         if why is not None:
@@ -685,6 +709,10 @@ class _Lean:
         return _load_checkpoint_tensors_for_module_path
 
 
+def _holds_experts(module: nn.Module) -> bool:
+    return any(isinstance(m, DefusedExperts) for m in module.modules())
+
+
 def _ties_nothing(model: nn.Module) -> bool:
     """True when ``model.tie_weights()`` has nothing to tie (Transformers 5: an empty tying mapping)."""
     expand = getattr(model, "get_expanded_tied_weights_keys", None)
@@ -728,7 +756,8 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 
 
 #: Every part :func:`lean_bookkeeping` can patch.
-PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate"})
+PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
+                   "layer_offload"})
 
 
 @contextmanager
@@ -789,6 +818,12 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
             activity = getattr(logbar_progress, "_record_progress_activity", None)
             draw = _rate_limited_draw(ProgressBar.draw, stats, lean.lock, DRAW_INTERVAL, activity if callable(activity) else None)
             stack.enter_context(patched(ProgressBar, "draw", draw))
+        if paths and "layer_offload" in enabled:
+            staging = Staging()
+            post = lean_post_quantize(BaseQModel.post_quantize, gptq_model, _holds_experts, staging,
+                                      stats.layer_offload, lean.lock)
+            stack.enter_context(patched(BaseQModel, "post_quantize", post))
+            stack.callback(staging.release)
         if "headless" in enabled:
             from logbar import terminal
 

@@ -1,0 +1,203 @@
+"""A decoder layer moved back to the CPU in a few large copies instead of one per tensor.
+
+After a layer is quantized GPTQModel 7.6 moves it to the CPU (``BaseQModel.post_quantize``:
+``module.to("cpu")``). That is one pageable, synchronous device-to-host copy per tensor: with the
+dequantized weights of a few hundred expert projections per layer it took about 1.2 s per
+Qwen3-30B-A3B layer on an H200, on the main thread. :func:`staged_to_cpu` gives every tensor the
+same CPU copy (same values, dtype, shape and contiguous layout, fresh ordinary CPU memory) through
+two reused pinned staging buffers: the device fills one with asynchronous copies while the host
+copies the other out, then the module's tensors are swapped by ``Module._apply`` exactly as
+``module.to`` swaps them (the same ``Parameter`` objects, their gradients, buffers).
+
+What it does not handle exactly like ``module.to`` it leaves to ``module.to``: non-contiguous
+tensors, tensor subclasses, non-strided layouts. Nothing of the module changes before every copy
+has arrived, so an error or Ctrl-C part way leaves the module as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OffloadStats", "Staging", "lean_post_quantize", "staged_to_cpu"]
+
+#: Bytes per pinned staging buffer (two are kept).
+STAGING_BYTES = 64 << 20
+
+
+@dataclass
+class OffloadStats:
+    """What the staged layer offload did in one run."""
+
+    layers: int = 0  # layers moved by staged_to_cpu
+    tensors: int = 0  # ... their tensors that went through the staging buffers
+    bytes: int = 0
+    seconds: float = 0.0
+    left_to_to: int = 0  # tensors of those layers left to Tensor.to (non-contiguous, subclass, other layout)
+    stock: int = 0  # layers left to GPTQModel's own post_quantize
+
+
+class Staging:
+    """Two staging buffers of ``nbytes`` each, allocated on first use (pinned when ``pin``)."""
+
+    def __init__(self, nbytes: int = STAGING_BYTES, pin: bool = True):
+        self.nbytes = nbytes
+        self.pin = pin
+        self.buffers: list[torch.Tensor] = []
+        self.lock = threading.Lock()  # one transfer at a time uses the buffers
+
+    def get(self) -> list[torch.Tensor]:
+        if not self.buffers:
+            self.buffers = [torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin) for _ in range(2)]
+        return self.buffers
+
+    def release(self) -> None:
+        self.buffers = []
+
+
+def _stageable(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided and t.is_contiguous()
+
+
+def _module_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
+    """Every tensor ``Module._apply`` hands its function: parameters, their gradients, buffers."""
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                yield p
+                if p.grad is not None:
+                    yield p.grad
+        for b in m._buffers.values():
+            if b is not None:
+                yield b
+
+
+def _fill(staging: torch.Tensor, pieces: list[tuple[torch.Tensor, int, int, int]]) -> None:
+    """Queue the device-to-staging copies of ``pieces`` ((source bytes, start, length, offset))."""
+    for src, start, length, offset in pieces:
+        staging[offset:offset + length].copy_(src[start:start + length], non_blocking=True)
+
+
+def _drain(staging: torch.Tensor, pieces: list[tuple[torch.Tensor, int, int, int]],
+           dests: dict[int, torch.Tensor], owner: list[int]) -> None:
+    for (_, start, length, offset), key in zip(pieces, owner):
+        dests[key][start:start + length].copy_(staging[offset:offset + length])
+
+
+def staged_to_cpu(module: nn.Module, staging: Staging, select: Callable[[torch.Tensor], bool] | None = None
+                  ) -> tuple[int, int, int]:
+    """``module.to("cpu")`` for the tensors ``select`` picks (default: those on a CUDA device), the
+    contiguous plain ones through ``staging``; the rest by ``Tensor.to``. Returns (tensors staged,
+    bytes staged, tensors left to ``Tensor.to``)."""
+    if select is None:
+        select = lambda t: t.device.type == "cuda"  # noqa: E731
+    order: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for t in _module_tensors(module):
+        if id(t) not in seen and select(t):
+            seen.add(id(t))
+            order.append(t)
+    staged = [t for t in order if _stageable(t)]
+    copies: dict[int, torch.Tensor] = {}  # id(source) -> its CPU copy
+    dests: dict[int, torch.Tensor] = {}  # id(source) -> the copy's bytes
+    total = 0
+    with staging.lock:
+        buffers = staging.get()
+        cap = staging.nbytes
+        batches: list[tuple[list, list[int]]] = [([], [])]
+        used = 0
+        for t in staged:
+            copy = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+            copies[id(t)] = copy
+            n = t.numel() * t.element_size()
+            total += n
+            if n == 0:
+                continue
+            dests[id(t)] = copy.reshape(-1).view(torch.uint8)
+            src = t.detach().reshape(-1).view(torch.uint8)
+            start = 0
+            while start < n:
+                if used == cap:
+                    batches.append(([], []))
+                    used = 0
+                length = min(n - start, cap - used)
+                batches[-1][0].append((src, start, length, used))
+                batches[-1][1].append(id(t))
+                used += length
+                start += length
+        # Batch k fills buffer k % 2 on each source's current stream; the host drains batch k - 1
+        # meanwhile. Sources of one batch may sit on several devices: wait for each.
+        pending: tuple[torch.Tensor, list, list[int], list[torch.cuda.Event]] | None = None
+        for k, (pieces, owner) in enumerate(batches):
+            if not pieces:
+                continue
+            buf = buffers[k % 2]
+            _fill(buf, pieces)
+            events = []
+            for device in {src.device for src, *_ in pieces if src.device.type == "cuda"}:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                events.append(event)
+            if pending is not None:
+                for event in pending[3]:
+                    event.synchronize()
+                _drain(pending[0], pending[1], dests, pending[2])
+            pending = (buf, pieces, owner, events)
+        if pending is not None:
+            for event in pending[3]:
+                event.synchronize()
+            _drain(pending[0], pending[1], dests, pending[2])
+    left = len(order) - len(staged)
+    chosen = {id(t) for t in order}
+
+    def to_cpu(t: torch.Tensor) -> torch.Tensor:
+        copy = copies.get(id(t))
+        if copy is not None:
+            return copy
+        return t.to("cpu") if id(t) in chosen else t
+
+    module._apply(to_cpu)
+    return len(staged), total, left
+
+
+def lean_post_quantize(original: Callable, gptq_model: Any, layer_has_experts: Callable[[nn.Module], bool],
+                       staging: Staging, stats: OffloadStats, lock: threading.Lock) -> Callable:
+    """``BaseQModel.post_quantize`` that moves a layer holding defused experts with :func:`staged_to_cpu`.
+
+    Anything else (another model, a layer without our experts, GPTQModel's pinned-bounce modes
+    ``w4afp8``/``w4a_nvfp4``, a layer with meta tensors, one already on the CPU, no CUDA) goes to
+    ``original``."""
+    from gptqmodel.utils.model import get_device
+
+    cpu = torch.device("cpu")
+
+    @functools.wraps(original)
+    def post_quantize(self, module):
+        if (self is not gptq_model or not isinstance(module, nn.Module) or not torch.cuda.is_available()
+                or getattr(self.quantize_config, "activation_mode", None) in {"w4afp8", "w4a_nvfp4"}
+                or not layer_has_experts(module) or get_device(module) == cpu
+                or any(t.is_meta for t in _module_tensors(module))):
+            with lock:
+                stats.stock += 1
+            return original(self, module)
+        begin = time.perf_counter()
+        tensors, nbytes, left = staged_to_cpu(module, staging)
+        with lock:
+            stats.layers += 1
+            stats.tensors += tensors
+            stats.bytes += nbytes
+            stats.left_to_to += left
+            stats.seconds += time.perf_counter() - begin
+        return module
+
+    return post_quantize

@@ -1,0 +1,133 @@
+"""The staged layer offload (integrations.gptqmodel.layer_offload): the same CPU tensors as
+``module.to("cpu")``, through staging buffers small enough to split tensors and batches; nothing
+changed when it fails part way; GPTQModel's post_quantize routed to it only for our layers on CUDA."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from defuser_quant.integrations.gptqmodel import layer_offload
+from defuser_quant.integrations.gptqmodel.layer_offload import OffloadStats, Staging, lean_post_quantize, staged_to_cpu
+
+
+class _Layer(nn.Module):
+    def __init__(self, device: str = "cpu"):
+        super().__init__()
+        self.proj = nn.Linear(24, 40, bias=True, device=device)
+        self.tied = nn.Linear(24, 40, bias=False, device=device)
+        self.tied.weight = self.proj.weight  # one Parameter in two modules
+        self.half = nn.Linear(8, 3, device=device, dtype=torch.bfloat16)
+        self.register_buffer("mask", torch.tensor([True, False, True], device=device))
+        self.register_buffer("scalar", torch.tensor(3.5, device=device))
+        self.register_buffer("empty", torch.empty(0, 5, device=device))
+        self.register_buffer("steps", torch.arange(7, dtype=torch.int64, device=device))
+        self.transposed = nn.Parameter(torch.randn(6, 4, device=device).t())  # not contiguous
+        self.proj.weight.grad = torch.randn(40, 24, device=device)
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = {f"p:{k}": v for k, v in module.named_parameters(remove_duplicate=False)}
+    out.update({f"b:{k}": v for k, v in module.named_buffers()})
+    out["grad"] = module.proj.weight.grad
+    return out
+
+
+def _everything_but_transposed(t: torch.Tensor) -> bool:
+    return t.dim() != 2 or t.shape != (4, 6)
+
+
+def test_staged_copies_equal_the_originals_and_keep_parameters_and_ties():
+    torch.manual_seed(0)
+    layer = _Layer()
+    before = {k: (v, v.detach().clone(), v.data_ptr()) for k, v in _state(layer).items()}
+    params = {k: v for k, v in layer.named_parameters(remove_duplicate=False)}
+    # 100-byte buffers: the 3.8 KB weight spans many batches, small tensors share one
+    staged, nbytes, left = staged_to_cpu(layer, Staging(nbytes=100, pin=False), select=_everything_but_transposed)
+    after = _state(layer)
+    assert left == 0 and staged == len({id(v) for k, (v, _, _) in before.items() if "transposed" not in k})
+    assert nbytes == sum(v.numel() * v.element_size() for k, (v, _, _) in before.items()
+                         if "transposed" not in k and k != "p:tied.weight")
+    for key, (orig, values, ptr) in before.items():
+        now = after[key]
+        assert now.dtype == values.dtype and now.shape == values.shape and torch.equal(now, values), key
+        if "transposed" in key:
+            assert now.data_ptr() == ptr  # not selected: untouched
+        elif values.numel():
+            assert now.data_ptr() != ptr and now.is_contiguous(), key  # a fresh copy
+    for key, p in layer.named_parameters(remove_duplicate=False):
+        assert p is params[key] and isinstance(p, nn.Parameter)  # same Parameter objects, as Module.to
+    assert layer.tied.weight is layer.proj.weight
+
+
+def test_a_failure_part_way_leaves_the_layer_as_it_was(monkeypatch):
+    layer = _Layer()
+    ptrs = {k: v.data_ptr() for k, v in _state(layer).items()}
+    calls = []
+    drain = layer_offload._drain
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return drain(*args)
+
+    monkeypatch.setattr(layer_offload, "_drain", failing)
+    staging = Staging(nbytes=64, pin=False)
+    with pytest.raises(KeyboardInterrupt):
+        staged_to_cpu(layer, staging, select=lambda t: True)
+    assert {k: v.data_ptr() for k, v in _state(layer).items()} == ptrs
+    assert not staging.lock.locked()
+
+
+def test_post_quantize_stages_only_our_layers_of_our_model_on_cuda(monkeypatch):
+    from gptqmodel.utils import model as model_utils
+
+    calls, staged = [], []
+
+    def original(self, module):
+        calls.append(module)
+        return module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_utils, "get_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(layer_offload, "staged_to_cpu", lambda m, staging: staged.append(m) or (3, 30, 1))
+    model = SimpleNamespace(quantize_config=SimpleNamespace(activation_mode=None))
+    other = SimpleNamespace(quantize_config=model.quantize_config)
+    ours, plain = _Layer(), _Layer()
+    stats = OffloadStats()
+    post = lean_post_quantize(original, model, lambda m: m is ours, Staging(pin=False), stats, threading.Lock())
+    assert post(other, ours) is ours and post(model, plain) is plain  # another model; a layer without our experts
+    assert post(model, ours) is ours and staged == [ours]
+    assert (stats.layers, stats.tensors, stats.bytes, stats.left_to_to) == (1, 3, 30, 1)
+    model.quantize_config.activation_mode = "w4afp8"  # GPTQModel's own pinned bounce
+    assert post(model, ours) is ours
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model.quantize_config.activation_mode = None
+    assert post(model, ours) is ours
+    assert calls == [ours, plain, ours, ours] and stats.stock == 4 and staged == [ours]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_layer_moves_like_module_to():
+    torch.manual_seed(0)
+    reference, layer = _Layer("cuda"), _Layer("cuda")
+    layer.load_state_dict(reference.state_dict())
+    layer.proj.weight.grad = reference.proj.weight.grad.clone()
+    big = nn.Linear(1024, 768, device="cuda", dtype=torch.bfloat16)  # 1.5 MiB: split over 1 MiB buffers
+    reference.big, layer.big = big, nn.Linear(1024, 768, device="cuda", dtype=torch.bfloat16)
+    layer.big.load_state_dict(big.state_dict())
+    params = dict(layer.named_parameters(remove_duplicate=False))
+    reference.to("cpu")
+    staged, nbytes, left = staged_to_cpu(layer, Staging(nbytes=1 << 20))
+    assert left == 1  # the transposed parameter went through Tensor.to
+    ref, got = _state(reference), _state(layer)
+    for key in ref:
+        assert got[key].device.type == "cpu" and got[key].stride() == ref[key].stride(), key
+        assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), key
+    assert all(p is params[k] for k, p in layer.named_parameters(remove_duplicate=False))
+    assert layer.tied.weight is layer.proj.weight
