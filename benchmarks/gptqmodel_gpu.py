@@ -367,6 +367,7 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
     common = sorted(set(ia) & set(ib))
     equal = qweights = qweights_equal = 0
     scale_diff = 0.0
+    by_group: dict[str, list[int]] = {}  # "model.layers.0.mlp.experts.*.gate_proj" -> [equal, packed weights]
     for key in common:
         with safe_open(str(ia[key]), "pt") as fa, safe_open(str(ib[key]), "pt") as fb:
             ta, tb = fa.get_tensor(key), fb.get_tensor(key)
@@ -375,10 +376,14 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
             if key.endswith(PACKED_SUFFIXES):
                 qweights += 1
                 qweights_equal += int(same)
+                group = by_group.setdefault(re.sub(r"\.experts\.\d+\.", ".experts.*.", key.rsplit(".", 1)[0]), [0, 0])
+                group[0] += int(same)
+                group[1] += 1
             elif key.endswith(SCALE_SUFFIXES) and ta.shape == tb.shape:
                 scale_diff = max(scale_diff, float((ta.float() - tb.float()).abs().max()))
     return {"keys_a": len(ia), "keys_b": len(ib), "common": len(common), "equal": equal,
-            "qweights": qweights, "qweights_equal": qweights_equal, "max_scale_diff": scale_diff}
+            "qweights": qweights, "qweights_equal": qweights_equal, "max_scale_diff": scale_diff,
+            "qweights_equal_by_group": {g: f"{e}/{n}" for g, (e, n) in sorted(by_group.items())}}
 
 
 STAGE_COLUMNS = ("forward", "hessian", "solve", "finalize", "pack", "save", "framework_overhead", "materialize", "offload", "log")

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +68,10 @@ def _time(fn) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(HERE))
+    from _source import use_source_checkout
+
+    use_source_checkout()
     from defuser_quant.integrations.gptqmodel.layer_offload import Staging, staged_to_cpu
 
     args = parse_args(argv)
