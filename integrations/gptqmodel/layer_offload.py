@@ -82,16 +82,23 @@ def _module_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
                 yield b
 
 
-def _fill(staging: torch.Tensor, pieces: list[tuple[torch.Tensor, int, int, int]]) -> None:
-    """Queue the device-to-staging copies of ``pieces`` ((source bytes, start, length, offset))."""
-    for src, start, length, offset in pieces:
-        staging[offset:offset + length].copy_(src[start:start + length], non_blocking=True)
+def _fill(staging: torch.Tensor, pieces: list[_Piece]) -> list[torch.Tensor]:
+    """Queue the device-to-staging copies of ``pieces``; returns their staging views."""
+    views = [staging[p.offset:p.offset + p.length] for p in pieces]
+    torch._foreach_copy_(views, [p.source for p in pieces], non_blocking=True)
+    return views
 
 
-def _drain(staging: torch.Tensor, pieces: list[tuple[torch.Tensor, int, int, int]],
-           dests: dict[int, torch.Tensor], owner: list[int]) -> None:
-    for (_, start, length, offset), key in zip(pieces, owner):
-        dests[key][start:start + length].copy_(staging[offset:offset + length])
+def _drain(views: list[torch.Tensor], pieces: list[_Piece]) -> None:
+    torch._foreach_copy_([p.dest for p in pieces], views)
+
+
+@dataclass
+class _Piece:
+    source: torch.Tensor  # bytes of the source tensor (all of it, or the part in this batch)
+    dest: torch.Tensor  # the same bytes of its CPU copy
+    offset: int  # where they sit in the staging buffer
+    length: int
 
 
 def staged_to_cpu(module: nn.Module, staging: Staging, select: Callable[[torch.Tensor], bool] | None = None
@@ -109,12 +116,13 @@ def staged_to_cpu(module: nn.Module, staging: Staging, select: Callable[[torch.T
             order.append(t)
     staged = [t for t in order if _stageable(t)]
     copies: dict[int, torch.Tensor] = {}  # id(source) -> its CPU copy
-    dests: dict[int, torch.Tensor] = {}  # id(source) -> the copy's bytes
     total = 0
-    with staging.lock:
+    # Few Python-level tensor calls per tensor: each gives the GIL back and must take it again,
+    # which costs more than the copy while other threads hold it (GPTQModel's workers).
+    with torch.no_grad(), staging.lock:
         buffers = staging.get()
         cap = staging.nbytes
-        batches: list[tuple[list, list[int]]] = [([], [])]
+        batches: list[list[_Piece]] = [[]]
         used = 0
         for t in staged:
             copy = torch.empty(t.shape, dtype=t.dtype, device="cpu")
@@ -123,40 +131,39 @@ def staged_to_cpu(module: nn.Module, staging: Staging, select: Callable[[torch.T
             total += n
             if n == 0:
                 continue
-            dests[id(t)] = copy.reshape(-1).view(torch.uint8)
-            src = t.detach().reshape(-1).view(torch.uint8)
+            src, dst = t.view(-1).view(torch.uint8), copy.view(-1).view(torch.uint8)
             start = 0
             while start < n:
                 if used == cap:
-                    batches.append(([], []))
+                    batches.append([])
                     used = 0
                 length = min(n - start, cap - used)
-                batches[-1][0].append((src, start, length, used))
-                batches[-1][1].append(id(t))
+                whole = length == n
+                batches[-1].append(_Piece(src if whole else src[start:start + length],
+                                          dst if whole else dst[start:start + length], used, length))
                 used += length
                 start += length
         # Batch k fills buffer k % 2 on each source's current stream; the host drains batch k - 1
         # meanwhile. Sources of one batch may sit on several devices: wait for each.
-        pending: tuple[torch.Tensor, list, list[int], list[torch.cuda.Event]] | None = None
-        for k, (pieces, owner) in enumerate(batches):
+        pending: tuple[list[torch.Tensor], list[_Piece], list[torch.cuda.Event]] | None = None
+        for k, pieces in enumerate(batches):
             if not pieces:
                 continue
-            buf = buffers[k % 2]
-            _fill(buf, pieces)
+            views = _fill(buffers[k % 2], pieces)
             events = []
-            for device in {src.device for src, *_ in pieces if src.device.type == "cuda"}:
+            for device in {p.source.device for p in pieces if p.source.device.type == "cuda"}:
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(device))
                 events.append(event)
             if pending is not None:
-                for event in pending[3]:
+                for event in pending[2]:
                     event.synchronize()
-                _drain(pending[0], pending[1], dests, pending[2])
-            pending = (buf, pieces, owner, events)
+                _drain(pending[0], pending[1])
+            pending = (views, pieces, events)
         if pending is not None:
-            for event in pending[3]:
+            for event in pending[2]:
                 event.synchronize()
-            _drain(pending[0], pending[1], dests, pending[2])
+            _drain(pending[0], pending[1])
     left = len(order) - len(staged)
     chosen = {id(t) for t in order}
 
