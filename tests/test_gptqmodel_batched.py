@@ -165,6 +165,26 @@ def test_shared_hessians_are_inverted_once_and_give_the_same_result(device):
         assert r.values[5] == e[5]  # the average loss too
 
 
+def test_a_follower_whose_hessian_differs_from_its_leaders_is_solved_on_its_own():
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization.gptq import SharedHessianFactorCache
+
+    from defuser_quant.integrations.gptqmodel.batched import _units
+
+    tasks = _tasks(QuantizeConfig(bits=4, group_size=128), n=5)
+    cache, other = SharedHessianFactorCache(1, "a"), SharedHessianFactorCache(1, "b")
+    for follower in tasks[1:3]:
+        follower.adopt_hessian_from(tasks[0])
+    for task in tasks:
+        task.finalize_hessian()
+    tasks[2].H[0, 0] += 1  # claims to share the leader's input, holds another Hessian
+    for task in tasks[:3]:
+        task.attach_shared_hessian_cache(cache)
+    tasks[4].attach_shared_hessian_cache(other)
+    units = [[tasks.index(t) for t in u.tasks] for u in _units(tasks)]
+    assert units == [[0, 1], [2], [3], [4]]
+
+
 def test_a_module_whose_first_cholesky_fails_is_left_to_gptqmodel():
     from gptqmodel import QuantizeConfig
 

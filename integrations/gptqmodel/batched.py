@@ -186,14 +186,28 @@ class _Unit:
 
 
 def _units(tasks: list[Any]) -> list[_Unit]:
-    """Group tasks whose Hessians are GPTQModel's shared copies (verified equal)."""
+    """Group tasks whose Hessians are GPTQModel's shared copies (verified equal, one device sync)."""
+    leaders: dict[int, Any] = {}  # id(cache) -> its first task
+    checks: list[tuple[Any, Any]] = []  # (leader, follower) pairs to compare
+    for task in tasks:
+        cache = getattr(task, "_shared_hessian_cache", None)
+        if cache is not None and not getattr(task, "_shared_hessian_cache_disabled", False):
+            leader = leaders.setdefault(id(cache), task)
+            if leader is not task:
+                checks.append((leader, task))
+    same: dict[int, bool] = {}  # id(follower) -> its H equals its leader's (torch.equal)
+    comparable = [(a, b) for a, b in checks
+                  if a.H.shape == b.H.shape and a.H.dtype == b.H.dtype and a.H.device == b.H.device]
+    if comparable:
+        flags = torch.stack([(a.H == b.H).all() for a, b in comparable]).tolist()
+        same = {id(b): flag for (_, b), flag in zip(comparable, flags, strict=True)}
     units: list[_Unit] = []
     by_cache: dict[int, _Unit] = {}
     for task in tasks:
         cache = getattr(task, "_shared_hessian_cache", None)
         if cache is not None and not getattr(task, "_shared_hessian_cache_disabled", False):
             unit = by_cache.get(id(cache))
-            if unit is not None and torch.equal(unit.tasks[0].H, task.H):
+            if unit is not None and same.get(id(task), False):
                 unit.tasks.append(task)
                 continue
             if unit is None:
