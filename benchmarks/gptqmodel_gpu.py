@@ -19,8 +19,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  ``solve`` says how many modules took the batched path, on which kernel, and why
                  the others were solved per module.
 * ``ours-grouped-batched-serial`` - ``ours-grouped-batched`` with ``BatchedSolve(parallel=1)``: one
-                 chunk solved at a time, by the worker that asked first (as before round 10), to
-                 measure what solving chunks on the waiting workers' streams saves;
+                 chunk solved at a time, by the worker that asked first (the default since round 11);
+* ``ours-grouped-batched-parallel4`` - with ``BatchedSolve(parallel=4)``: up to four chunks at once, each
+                 on a waiting worker's own stream (the default in round 10), to measure what that saves;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -96,7 +97,7 @@ ROOT = HERE.parent
 CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
-            "ours-grouped-batched-serial")
+            "ours-grouped-batched-serial", "ours-grouped-batched-parallel4")
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -621,12 +622,12 @@ def worker(args: argparse.Namespace) -> int:
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
         else:
             routing = "all" if variant.startswith("ours-all") else "routed"
-            base = variant.removesuffix("-stockbk").removesuffix("-serial")
+            base = variant.removesuffix("-stockbk").removesuffix("-serial").removesuffix("-parallel4")
             batched = base.endswith("-batched")
-            if batched and variant.endswith("-serial"):
+            if batched and variant.endswith(("-serial", "-parallel4")):
                 from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 
-                batched = BatchedSolve(parallel=1)
+                batched = BatchedSolve(parallel=1 if variant.endswith("-serial") else 4)
             result = quantize_with_defuser(model, calibration, routing=routing, policy="warn", batch_size=args.batch_size,
                                            backend=backend, coverage_report=work / f"{run_id}.coverage.json",
                                            grouped="-grouped" in base, batched_solve=batched,

@@ -81,12 +81,14 @@ class BatchedSolve:
         chunk_bytes: working memory of the solve; a group larger than that is solved in chunks.
         parallel: chunks solved at the same time, by GPTQModel's device workers that wait for a
             result (each on its own CUDA stream); the chunks are ``chunk_bytes / parallel`` large,
-            so the working memory stays ``chunk_bytes`` in all. Results do not depend on it.
+            so the working memory stays ``chunk_bytes`` in all. Results do not depend on it. One
+            by default: since a chunk syncs with the GPU once, more than one saved nothing on an
+            H200 (docs/performance.md, round 11).
     """
 
     min_modules: int = 2
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    parallel: int = 4
+    parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
