@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from defuser_quant.integrations.gptqmodel import layer_offload
-from defuser_quant.integrations.gptqmodel.layer_offload import OffloadStats, Staging, lean_post_quantize, staged_to_cpu
+from defuser_quant.integrations.gptqmodel.layer_offload import (
+    OffloadStats,
+    StagedCopies,
+    Staging,
+    lean_post_quantize,
+    staged_to_cpu,
+)
 
 
 class _Layer(nn.Module):
@@ -95,7 +101,7 @@ def test_post_quantize_stages_only_our_layers_of_our_model_on_cuda(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(model_utils, "get_device", lambda m: torch.device("cuda", 0))
-    monkeypatch.setattr(layer_offload, "staged_to_cpu", lambda m, staging: staged.append(m) or (3, 30, 1))
+    monkeypatch.setattr(layer_offload, "stage_copies", lambda m, staging: staged.append(m) or StagedCopies({}, set(), 3, 30, 1))
     model = SimpleNamespace(quantize_config=SimpleNamespace(activation_mode=None))
     other = SimpleNamespace(quantize_config=model.quantize_config)
     ours, plain = _Layer(), _Layer()
@@ -131,3 +137,28 @@ def test_cuda_layer_moves_like_module_to():
         assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), key
     assert all(p is params[k] for k, p in layer.named_parameters(remove_duplicate=False))
     assert layer.tied.weight is layer.proj.weight
+
+
+def test_a_staged_move_that_raises_leaves_the_layer_to_gptqmodel(monkeypatch, caplog):
+    from gptqmodel.utils import model as model_utils
+
+    calls = []
+
+    def original(self, module):
+        calls.append(module)
+        return module
+
+    def no_pinned_memory(module, staging):
+        raise RuntimeError("CUDA error: out of memory (pinned)")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_utils, "get_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(layer_offload, "stage_copies", no_pinned_memory)
+    model = SimpleNamespace(quantize_config=SimpleNamespace(activation_mode=None))
+    layer, stats = _Layer(), OffloadStats()
+    post = lean_post_quantize(original, model, lambda m: True, Staging(pin=False), stats, threading.Lock())
+    with caplog.at_level("WARNING"):
+        assert post(model, layer) is layer and post(model, layer) is layer
+    assert calls == [layer, layer] and (stats.failed, stats.stock, stats.layers) == (2, 2, 0)
+    warned = [r.getMessage() for r in caplog.records if "staged layer offload failed" in r.getMessage()]
+    assert len(warned) == 1 and "out of memory" in warned[0]  # said once, not per layer

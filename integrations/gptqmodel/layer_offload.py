@@ -29,7 +29,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OffloadStats", "Staging", "lean_post_quantize", "staged_to_cpu"]
+__all__ = ["OffloadStats", "StagedCopies", "Staging", "lean_post_quantize", "stage_copies", "staged_to_cpu", "swap_in"]
 
 #: Bytes per pinned staging buffer (two are kept).
 STAGING_BYTES = 64 << 20
@@ -45,6 +45,7 @@ class OffloadStats:
     seconds: float = 0.0
     left_to_to: int = 0  # tensors of those layers left to Tensor.to (non-contiguous, subclass, other layout)
     stock: int = 0  # layers left to GPTQModel's own post_quantize
+    failed: int = 0  # ... of them because the staged move raised (the layer was left as it was)
 
 
 class Staging:
@@ -101,11 +102,30 @@ class _Piece:
     length: int
 
 
+@dataclass
+class StagedCopies:
+    """CPU copies of a module's tensors, made by :func:`stage_copies`; the module is not changed yet."""
+
+    copies: dict[int, torch.Tensor]  # id(source tensor) -> its CPU copy
+    chosen: set[int]  # id() of every tensor to move (the copied ones and those left to Tensor.to)
+    staged: int  # tensors copied through the staging buffers
+    nbytes: int  # their bytes
+    left: int  # tensors left to Tensor.to (non-contiguous, subclass, other layout)
+
+
 def staged_to_cpu(module: nn.Module, staging: Staging, select: Callable[[torch.Tensor], bool] | None = None
                   ) -> tuple[int, int, int]:
     """``module.to("cpu")`` for the tensors ``select`` picks (default: those on a CUDA device), the
     contiguous plain ones through ``staging``; the rest by ``Tensor.to``. Returns (tensors staged,
     bytes staged, tensors left to ``Tensor.to``)."""
+    staged = stage_copies(module, staging, select)
+    swap_in(module, staged)
+    return staged.staged, staged.nbytes, staged.left
+
+
+def stage_copies(module: nn.Module, staging: Staging, select: Callable[[torch.Tensor], bool] | None = None
+                 ) -> StagedCopies:
+    """The CPU copies :func:`staged_to_cpu` puts in place, made without changing ``module``."""
     if select is None:
         select = lambda t: t.device.type == "cuda"  # noqa: E731
     order: list[torch.Tensor] = []
@@ -164,17 +184,20 @@ def staged_to_cpu(module: nn.Module, staging: Staging, select: Callable[[torch.T
             for event in pending[2]:
                 event.synchronize()
             _drain(pending[0], pending[1])
-    left = len(order) - len(staged)
-    chosen = {id(t) for t in order}
+    return StagedCopies(copies, {id(t) for t in order}, len(staged), total, len(order) - len(staged))
+
+
+def swap_in(module: nn.Module, staged: StagedCopies) -> None:
+    """Put ``staged``'s copies in place with ``Module._apply``, as ``module.to`` does (the chosen
+    tensors it has no copy of go by ``Tensor.to``)."""
 
     def to_cpu(t: torch.Tensor) -> torch.Tensor:
-        copy = copies.get(id(t))
+        copy = staged.copies.get(id(t))
         if copy is not None:
             return copy
-        return t.to("cpu") if id(t) in chosen else t
+        return t.to("cpu") if id(t) in staged.chosen else t
 
     module._apply(to_cpu)
-    return len(staged), total, left
 
 
 def lean_post_quantize(original: Callable, gptq_model: Any, layer_has_experts: Callable[[nn.Module], bool],
@@ -198,12 +221,22 @@ def lean_post_quantize(original: Callable, gptq_model: Any, layer_has_experts: C
                 stats.stock += 1
             return original(self, module)
         begin = time.perf_counter()
-        tensors, nbytes, left = staged_to_cpu(module, staging)
+        try:
+            staged = stage_copies(module, staging)
+        except RuntimeError as exc:  # e.g. no pinned memory left: the layer is unchanged, so move it as GPTQModel does
+            with lock:
+                stats.stock += 1
+                stats.failed += 1
+                first = stats.failed == 1
+            if first:
+                logger.warning("staged layer offload failed (%s); GPTQModel's module.to moves the layers instead", exc)
+            return original(self, module)
+        swap_in(module, staged)
         with lock:
             stats.layers += 1
-            stats.tensors += tensors
-            stats.bytes += nbytes
-            stats.left_to_to += left
+            stats.tensors += staged.staged
+            stats.bytes += staged.nbytes
+            stats.left_to_to += staged.left
             stats.seconds += time.perf_counter() - begin
         return module
 
