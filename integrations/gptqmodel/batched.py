@@ -470,7 +470,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
     duration = (time.time() - start) / B
     results: list[SolveResult | None] = []
     by_task: dict[int, SolveResult | None] = {}
-    # One device sync for the chunk: the factorizations' status and every task's summed loss.
+    # Read once the whole chunk is queued (the first read waits for it): the factorizations'
+    # status and every task's summed loss.
     failed = (torch.stack(infos) != 0).tolist()
     loss_sums = torch.stack([torch.sum(Losses[b]) for b in range(B)]).tolist()
     for b, task in enumerate(order):
