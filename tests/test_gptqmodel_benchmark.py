@@ -94,3 +94,27 @@ def test_the_pack_extension_is_built_before_any_variant():
 
     assert available is True and seconds >= 0
     assert cpp.load_pack_block_extension(), "loaded, so a variant's packing does not build it"
+
+
+def test_checkpoint_comparison_counts_equal_packed_weights_per_group(tmp_path):
+    from safetensors.torch import save_file
+
+    def write(d: Path, changed: set[str]) -> None:
+        d.mkdir()
+        tensors = {}
+        for layer in range(2):
+            for name in ("self_attn.q_proj", "mlp.experts.0.gate_proj", "mlp.experts.1.gate_proj"):
+                key = f"model.layers.{layer}.{name}"
+                q = torch.arange(8, dtype=torch.int32) + (1 if key in changed else 0)
+                tensors[f"{key}.qweight"] = q
+                tensors[f"{key}.scales"] = torch.ones(2, dtype=torch.float16)
+        save_file(tensors, str(d / "model.safetensors"))
+
+    write(tmp_path / "a", set())
+    write(tmp_path / "b", {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.experts.1.gate_proj"})
+    cmp = bench.compare_checkpoints(tmp_path / "a", tmp_path / "b")
+    assert (cmp["qweights"], cmp["qweights_equal"]) == (6, 4)
+    assert cmp["qweights_equal_by_group"] == {
+        "model.layers.0.mlp.experts.*.gate_proj": "2/2", "model.layers.0.self_attn.q_proj": "1/1",
+        "model.layers.1.mlp.experts.*.gate_proj": "1/2", "model.layers.1.self_attn.q_proj": "0/1",
+    }
