@@ -20,6 +20,8 @@ from defuser_quant.integrations.gptqmodel.layer_offload import (
     staged_to_cpu,
 )
 
+pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor.*deprecated:UserWarning")
+
 
 class _Layer(nn.Module):
     def __init__(self, device: str = "cpu"):
@@ -33,6 +35,8 @@ class _Layer(nn.Module):
         self.register_buffer("empty", torch.empty(0, 5, device=device))
         self.register_buffer("steps", torch.arange(7, dtype=torch.int64, device=device))
         self.transposed = nn.Parameter(torch.randn(6, 4, device=device).t())  # not contiguous
+        if device == "cpu":  # a quantized dtype has no byte view: left to Tensor.to
+            self.register_buffer("qint", torch.quantize_per_tensor(torch.ones(3), 0.5, 0, torch.qint8))
         self.proj.weight.grad = torch.randn(40, 24, device=device)
 
 
@@ -44,7 +48,7 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _everything_but_transposed(t: torch.Tensor) -> bool:
-    return t.dim() != 2 or t.shape != (4, 6)
+    return not t.is_quantized and (t.dim() != 2 or t.shape != (4, 6))
 
 
 def test_staged_copies_equal_the_originals_and_keep_parameters_and_ties():
@@ -55,13 +59,15 @@ def test_staged_copies_equal_the_originals_and_keep_parameters_and_ties():
     # 100-byte buffers: the 3.8 KB weight spans many batches, small tensors share one
     staged, nbytes, left = staged_to_cpu(layer, Staging(nbytes=100, pin=False), select=_everything_but_transposed)
     after = _state(layer)
-    assert left == 0 and staged == len({id(v) for k, (v, _, _) in before.items() if "transposed" not in k})
+    assert left == 0 and staged == len({id(v) for k, (v, _, _) in before.items() if "transposed" not in k and k != "b:qint"})
+    # selected but not stageable (quantized): Tensor.to; CPU to CPU that is the tensor itself
+    assert staged_to_cpu(_Layer(), Staging(nbytes=100, pin=False), select=lambda t: t.is_quantized) == (0, 0, 1)
     assert nbytes == sum(v.numel() * v.element_size() for k, (v, _, _) in before.items()
-                         if "transposed" not in k and k != "p:tied.weight")
+                         if "transposed" not in k and k not in ("p:tied.weight", "b:qint"))
     for key, (orig, values, ptr) in before.items():
         now = after[key]
         assert now.dtype == values.dtype and now.shape == values.shape and torch.equal(now, values), key
-        if "transposed" in key:
+        if "transposed" in key or key == "b:qint":
             assert now.data_ptr() == ptr  # not selected: untouched
         elif values.numel():
             assert now.data_ptr() != ptr and now.is_contiguous(), key  # a fresh copy

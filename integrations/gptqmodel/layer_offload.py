@@ -10,7 +10,7 @@ copies the other out, then the module's tensors are swapped by ``Module._apply``
 ``module.to`` swaps them (the same ``Parameter`` objects, their gradients, buffers).
 
 What it does not handle exactly like ``module.to`` it leaves to ``module.to``: non-contiguous
-tensors, tensor subclasses, non-strided layouts. Nothing of the module changes before every copy
+tensors, tensor subclasses, non-strided layouts, quantized dtypes. Nothing of the module changes before every copy
 has arrived, so an error or Ctrl-C part way leaves the module as it was.
 """
 
@@ -67,7 +67,8 @@ class Staging:
 
 
 def _stageable(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided and t.is_contiguous()
+    return (type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided and not t.is_quantized
+            and t.is_contiguous())
 
 
 def _module_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
