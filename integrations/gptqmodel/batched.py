@@ -189,34 +189,30 @@ class _Unit:
 
 def _units(tasks: list[Any]) -> list[_Unit]:
     """Group tasks whose Hessians are GPTQModel's shared copies (verified equal, one device sync)."""
-    leaders: dict[int, Any] = {}  # id(cache) -> its first task
-    checks: list[tuple[Any, Any]] = []  # (leader, follower) pairs to compare
+    leader_of: dict[int, Any] = {}  # id(task) -> the first task of its shared-Hessian cache
+    first_of_cache: dict[int, Any] = {}  # id(cache) -> its first task
     for task in tasks:
         cache = getattr(task, "_shared_hessian_cache", None)
         if cache is not None and not getattr(task, "_shared_hessian_cache_disabled", False):
-            leader = leaders.setdefault(id(cache), task)
-            if leader is not task:
-                checks.append((leader, task))
-    same: dict[int, bool] = {}  # id(follower) -> its H equals its leader's (torch.equal)
-    comparable = [(a, b) for a, b in checks
+            leader_of[id(task)] = first_of_cache.setdefault(id(cache), task)
+    # A follower joins its leader's unit when their Hessians are equal (torch.equal's answer).
+    pairs = [(leader_of[id(t)], t) for t in tasks if leader_of.get(id(t), t) is not t]
+    comparable = [(a, b) for a, b in pairs
                   if a.H.shape == b.H.shape and a.H.dtype == b.H.dtype and a.H.device == b.H.device]
+    same: dict[int, bool] = {}  # id(follower) -> equal to its leader's
     if comparable:
         flags = torch.stack([(a.H == b.H).all() for a, b in comparable]).tolist()
         same = {id(b): flag for (_, b), flag in zip(comparable, flags, strict=True)}
     units: list[_Unit] = []
-    by_cache: dict[int, _Unit] = {}
+    unit_of_leader: dict[int, _Unit] = {}
     for task in tasks:
-        cache = getattr(task, "_shared_hessian_cache", None)
-        if cache is not None and not getattr(task, "_shared_hessian_cache_disabled", False):
-            unit = by_cache.get(id(cache))
-            if unit is not None and same.get(id(task), False):
-                unit.tasks.append(task)
-                continue
-            if unit is None:
-                by_cache[id(cache)] = unit = _Unit([task])
-                units.append(unit)
-                continue
+        leader = leader_of.get(id(task))
+        if leader is not None and leader is not task and same.get(id(task), False):
+            unit_of_leader[id(leader)].tasks.append(task)
+            continue
         units.append(_Unit([task]))
+        if leader is task:
+            unit_of_leader[id(task)] = units[-1]
     return units
 
 
@@ -336,6 +332,11 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
     device = first.H.device
     order = [t for u in units for t in u.tasks]
     hlist = [i for i, u in enumerate(units) for _ in u.tasks]  # task -> its unit (shared Hessian)
+    # A unit's tasks are adjacent in ``order``: their rows form one [members x R] span of W.
+    spans: list[tuple[int, int, int]] = []  # (first task, end, unit)
+    for u, unit in enumerate(units):
+        first_b = spans[-1][1] if spans else 0
+        spans.append((first_b, first_b + len(unit.tasks), u))
     B, U, R, C = len(order), len(units), first.rows, first.columns
     group = qcfg.group_size
 
@@ -393,11 +394,6 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
     if perms is not None:
         for b, u in enumerate(hlist):
             W[b] = W[b][:, perms[u]]
-    # Tasks of one unit are adjacent in ``order``: their rows form one [members x R] span of W.
-    spans: list[tuple[int, int, int]] = []  # (first task, end, unit)
-    for u, unit in enumerate(units):
-        first_b = spans[-1][1] if spans else 0
-        spans.append((first_b, first_b + len(unit.tasks), u))
 
     Losses = torch.zeros_like(W)
     Q = torch.zeros_like(W)
