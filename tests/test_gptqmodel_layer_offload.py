@@ -110,10 +110,12 @@ def test_post_quantize_stages_only_our_layers_of_our_model_on_cuda(monkeypatch):
     monkeypatch.setattr(layer_offload, "stage_copies", lambda m, staging: staged.append(m) or StagedCopies({}, set(), 3, 30, 1))
     model = SimpleNamespace(quantize_config=SimpleNamespace(activation_mode=None))
     other = SimpleNamespace(quantize_config=model.quantize_config)
-    ours, plain = _Layer(), _Layer()
+    ours, plain, shell = _Layer(), _Layer(), _Layer()
+    shell.register_buffer("unloaded", torch.empty(2, device="meta"))  # GPTQModel's move_to restores those
     stats = OffloadStats()
-    post = lean_post_quantize(original, model, lambda m: m is ours, Staging(pin=False), stats, threading.Lock())
+    post = lean_post_quantize(original, model, lambda m: m is not plain, Staging(pin=False), stats, threading.Lock())
     assert post(other, ours) is ours and post(model, plain) is plain  # another model; a layer without our experts
+    assert post(model, shell) is shell
     assert post(model, ours) is ours and staged == [ours]
     assert (stats.layers, stats.tensors, stats.bytes, stats.left_to_to) == (1, 3, 30, 1)
     model.quantize_config.activation_mode = "w4afp8"  # GPTQModel's own pinned bounce
@@ -121,7 +123,7 @@ def test_post_quantize_stages_only_our_layers_of_our_model_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model.quantize_config.activation_mode = None
     assert post(model, ours) is ours
-    assert calls == [ours, plain, ours, ours] and stats.stock == 4 and staged == [ours]
+    assert calls == [ours, plain, shell, ours, ours] and stats.stock == 5 and staged == [ours]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

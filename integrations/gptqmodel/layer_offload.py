@@ -208,7 +208,7 @@ def lean_post_quantize(original: Callable, gptq_model: Any, layer_has_experts: C
     Anything else (another model, a layer without our experts, GPTQModel's pinned-bounce modes
     ``w4afp8``/``w4a_nvfp4``, a layer with meta tensors, one already on the CPU, no CUDA) goes to
     ``original``."""
-    from gptqmodel.utils.model import get_device
+    from gptqmodel.utils.model import _module_has_meta_tensors, get_device
 
     cpu = torch.device("cpu")
 
@@ -217,7 +217,7 @@ def lean_post_quantize(original: Callable, gptq_model: Any, layer_has_experts: C
         if (self is not gptq_model or not isinstance(module, nn.Module) or not torch.cuda.is_available()
                 or getattr(self.quantize_config, "activation_mode", None) in {"w4afp8", "w4a_nvfp4"}
                 or not layer_has_experts(module) or get_device(module) == cpu
-                or any(t.is_meta for t in _module_tensors(module))):
+                or _module_has_meta_tensors(module)):  # move_to's own rule for its offload path
             with lock:
                 stats.stock += 1
             return original(self, module)

@@ -241,8 +241,10 @@ def _post_quantize_mismatch() -> str | None:
     post = getattr(BaseQModel, "post_quantize", None)
     if post is None or _params(post) != {"self", "module"}:
         return "expected BaseQModel.post_quantize(self, module)"
-    if not {"move_to", "activation_mode"} <= _names(post) or not callable(getattr(model_utils, "get_device", None)):
-        return "expected post_quantize to call move_to (and read activation_mode), and utils.model.get_device"
+    if not {"move_to", "activation_mode"} <= _names(post) or not all(
+            callable(getattr(model_utils, name, None)) for name in ("get_device", "_module_has_meta_tensors")):
+        return ("expected post_quantize to call move_to (and read activation_mode), and utils.model.get_device "
+                "and _module_has_meta_tensors")
     return None
 
 
