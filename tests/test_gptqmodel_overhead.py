@@ -36,6 +36,7 @@ def _patch_points() -> dict[str, object]:
         "headless": terminal._is_headless_environment,
         "_resolve_checkpoint_module_path": structure.LazyTurtle.__dict__["_resolve_checkpoint_module_path"],
         "_load_checkpoint_tensors_for_module_path": structure.LazyTurtle.__dict__["_load_checkpoint_tensors_for_module_path"],
+        "_copy_checkpoint_tensors_into_submodule": structure.LazyTurtle.__dict__["_copy_checkpoint_tensors_into_submodule"],
     }
 
 
@@ -76,6 +77,8 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
     assert stats.headless_memo_hits > stats.headless_memo_misses >= 1  # LogBar asked once per environment
     moved = stats.layer_offload  # every layer holds experts; staged on CUDA, GPTQModel's own move on the CPU
     assert moved.layers + moved.stock >= 2 and (moved.layers == 0) == (not torch.cuda.is_available())
+    if offload:  # loads from the LazyTurtle source: staged on CUDA, GPTQModel's own copies on the CPU
+        assert stats.upload.calls + stats.upload.stock >= experts and (stats.upload.calls > 0) == torch.cuda.is_available()
     if offload:  # LazyTurtle source and disk offload: every expert projection took the lean path
         assert stats.materialize_fast == experts and stats.offload_fast == experts
         assert stats.tie_weights_skipped == experts  # tie_word_embeddings=False: nothing to tie

@@ -41,7 +41,7 @@ import logging
 import re
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -346,7 +346,7 @@ def quantize_with_defuser(
     grouped: bool = False,
     deterministic: bool = False,
     batched_solve: bool | BatchedSolve = False,
-    lean_bookkeeping: bool = True,
+    lean_bookkeeping: bool | Iterable[str] = True,
     **quantize_kwargs: Any,
 ) -> QuantizeResult:
     """``model.quantize(calibration, ...)`` with our routing mode and an honest coverage report.
@@ -378,7 +378,8 @@ def quantize_with_defuser(
         lean_bookkeeping: GPTQModel's per-module materialize and disk-offload bookkeeping of the
             expert projections skips its whole-model scans (``integrations.gptqmodel.overhead``):
             same tensors, same checkpoint, less host time; ``QuantizeResult.bookkeeping`` says
-            what it did. Parts whose GPTQModel internals differ stay stock, with a warning.
+            what it did. Parts whose GPTQModel internals differ stay stock, with a warning. A
+            collection of part names (``overhead.PARTS``) turns on only those.
         **quantize_kwargs: passed to ``model.quantize`` (``batch_size``, ``backend``, ...).
 
     Raises:
@@ -389,6 +390,9 @@ def quantize_with_defuser(
         raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
     if not isinstance(batched_solve, (bool, BatchedSolve)):
         raise TypeError(f"batched_solve must be a bool or a BatchedSolve, got {type(batched_solve).__name__}")
+    if isinstance(lean_bookkeeping, str) or not isinstance(lean_bookkeeping, (bool, Iterable)):
+        raise TypeError(f"lean_bookkeeping must be a bool or a collection of part names (overhead.PARTS), "
+                        f"got {lean_bookkeeping!r}")
     qcfg = model.quantize_config
     if routing != "routed" and getattr(qcfg, "moe", None) is not None:
         raise ValueError(
@@ -411,7 +415,11 @@ def quantize_with_defuser(
         solve = None
         if batched_solve is not False:
             solve = stack.enter_context(batched_solves(batched_solve if isinstance(batched_solve, BatchedSolve) else None))
-        bookkeeping = stack.enter_context(_lean_bookkeeping(model)) if lean_bookkeeping else None
+        bookkeeping = None
+        if lean_bookkeeping is True:
+            bookkeeping = stack.enter_context(_lean_bookkeeping(model))
+        elif lean_bookkeeping is not False:
+            bookkeeping = stack.enter_context(_lean_bookkeeping(model, frozenset(lean_bookkeeping)))
         log = model.quantize(calibration, **quantize_kwargs)
     if solve is not None:
         logger.info("batched GPTQ solve: %s", solve.as_dict())

@@ -1,0 +1,153 @@
+"""GPTQ's Hessian inverse for a layer's experts: one matrix at a time, on several streams, batched.
+
+``integrations.gptqmodel.batched.batched_gptq_solve`` inverts each shared Hessian with GPTQModel's
+own single-matrix calls (damp, ``cholesky_ex``, ``cholesky_inverse``, upper ``cholesky_ex``), so its
+results are GPTQModel's bit for bit. This times that chain for the Hessians of ``--layers`` layers
+of Qwen3-30B-A3B shape (per expert: one 2048 x 2048 Hessian shared by gate/up, one 768 x 768 for
+down), and the same chain
+
+* ``serial``: one matrix after another on one stream (what the solve does);
+* ``streams-N``: matrices dealt round-robin over N CUDA streams from one host thread;
+* ``batched``: each size's matrices stacked, one batched call per step (other cuSOLVER/MAGMA
+  kernels: the JSON says whether the factors are bit-equal to ``serial``'s, and how far apart).
+
+Hessians are ``x^T x`` of ``--rows`` random rows (fewer rows than columns, as for most experts, so
+the damping makes them definite). Each variant runs ``--repeats`` times after one warm-up; the
+JSON keeps the median wall seconds (host, synchronized at the end) per variant.
+
+    python benchmarks/hessian_inverse_gpu.py --output $OUT/hessian_inverse_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--rows", type=int, default=512, help="calibration rows per Hessian")
+    p.add_argument("--damp", type=float, default=0.05, help="damp_percent")
+    p.add_argument("--streams", default="2,4,8", help="comma-separated stream counts")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--output", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def hessians(args: argparse.Namespace) -> list[torch.Tensor]:
+    g = torch.Generator(device=args.device).manual_seed(0)
+    out = []
+    for _ in range(args.layers * args.experts):
+        for columns in (args.hidden, args.intermediate):
+            x = torch.randn(args.rows, columns, device=args.device, generator=g)
+            out.append(x.T @ x / args.rows)
+    return out
+
+
+def invert(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """GPTQModel's first attempt, as ``batched_gptq_solve`` calls it (batched when ``H`` is 3-D)."""
+    H = H.clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    mean = torch.mean(diag.clone(), dim=-1, keepdim=True) if H.dim() == 3 else torch.mean(diag.clone())
+    diag.add_(damp * mean)
+    factor, _ = torch.linalg.cholesky_ex(H, check_errors=False)
+    torch.cholesky_inverse(factor, out=factor)
+    hinv, _ = torch.linalg.cholesky_ex(factor, upper=True, check_errors=False)
+    return hinv
+
+
+def serial(hs: list[torch.Tensor], damp: float) -> list[torch.Tensor]:
+    return [invert(h, damp) for h in hs]
+
+
+def on_streams(hs: list[torch.Tensor], damp: float, n: int) -> list[torch.Tensor]:
+    main = torch.cuda.current_stream()
+    streams = [torch.cuda.Stream() for _ in range(n)]
+    for s in streams:
+        s.wait_stream(main)
+    out: list[torch.Tensor] = []
+    for i, h in enumerate(hs):
+        with torch.cuda.stream(streams[i % n]):
+            out.append(invert(h, damp))
+    for s in streams:
+        main.wait_stream(s)
+    for t, i in zip(out, range(len(out)), strict=True):
+        t.record_stream(streams[i % n])
+    return out
+
+
+def batched(hs: list[torch.Tensor], damp: float) -> list[torch.Tensor]:
+    by_size: dict[int, list[int]] = {}
+    for i, h in enumerate(hs):
+        by_size.setdefault(h.shape[0], []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(hs)
+    for idx in by_size.values():
+        inv = invert(torch.stack([hs[i] for i in idx]), damp)
+        for j, i in enumerate(idx):
+            out[i] = inv[j]
+    return out  # type: ignore[return-value]
+
+
+def timed(fn, repeats: int) -> tuple[float, list[torch.Tensor]]:
+    fn()  # warm-up: cuSOLVER/MAGMA handles and workspaces
+    torch.cuda.synchronize()
+    times, result = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
+    equal = sum(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+    rel = max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(ref, got, strict=True))
+    return {"bit_equal": f"{equal}/{len(ref)}", "max_rel_diff": rel}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("hessian_inverse_gpu.py needs CUDA")
+    hs = hessians(args)
+    rows = []
+    seconds, ref = timed(lambda: serial(hs, args.damp), args.repeats)
+    rows.append({"variant": "serial", "seconds": seconds, "vs_serial": 1.0, "bit_equal": f"{len(hs)}/{len(hs)}"})
+    for n in (int(s) for s in args.streams.split(",") if s):
+        s, got = timed(lambda n=n: on_streams(hs, args.damp, n), args.repeats)
+        rows.append({"variant": f"streams-{n}", "seconds": s, "vs_serial": seconds / s, **compare(ref, got)})
+    s, got = timed(lambda: batched(hs, args.damp), args.repeats)
+    rows.append({"variant": "batched", "seconds": s, "vs_serial": seconds / s, **compare(ref, got)})
+    result = {
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "matrices": {"count": len(hs), "sizes": sorted({h.shape[0] for h in hs})},
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "platform": platform.platform(),
+        "rows": rows,
+    }
+    print("| variant | seconds | vs serial | bit-equal to serial | max rel diff |\n|---|---:|---:|---|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['seconds']:.3f} | {r['vs_serial']:.2f}x | {r['bit_equal']} | {r.get('max_rel_diff', 0):.1e} |")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
