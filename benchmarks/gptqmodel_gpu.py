@@ -25,10 +25,7 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
-                 (``bookkeeping``);
-* ``ours-grouped-batched-noupload`` - the lean bookkeeping without its ``upload`` part: GPTQModel's
-                 own pageable copy per checkpoint tensor when it loads a layer and each module
-                 (``integrations.gptqmodel.staged_upload``), to measure what the staging saves.
+                 (``bookkeeping``).
 
 Every row records which GPTQModel code paths ran (``integrations.gptqmodel.kernels``): GPTQ
 solves on the CUDA block-update extension or on GPTQModel's torch loop, Hessian inverses moved
@@ -100,7 +97,7 @@ ROOT = HERE.parent
 CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
-            "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-noupload")
+            "ours-grouped-batched-serial", "ours-grouped-batched-parallel4")
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -118,17 +115,6 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--samples", type=int, default=128, help="calibration rows")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row (at most)")
-
-
-def lean_parts(variant: str) -> bool | frozenset[str]:
-    """The ``lean_bookkeeping`` argument of an ``ours`` variant."""
-    if variant.endswith("-stockbk"):
-        return False
-    if variant.endswith("-noupload"):
-        from defuser_quant.integrations.gptqmodel.overhead import PARTS
-
-        return PARTS - {"upload"}
-    return True
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -636,8 +622,7 @@ def worker(args: argparse.Namespace) -> int:
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
         else:
             routing = "all" if variant.startswith("ours-all") else "routed"
-            base = (variant.removesuffix("-stockbk").removesuffix("-serial").removesuffix("-parallel4")
-                    .removesuffix("-noupload"))
+            base = variant.removesuffix("-stockbk").removesuffix("-serial").removesuffix("-parallel4")
             batched = base.endswith("-batched")
             if batched and variant.endswith(("-serial", "-parallel4")):
                 from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
@@ -646,7 +631,7 @@ def worker(args: argparse.Namespace) -> int:
             result = quantize_with_defuser(model, calibration, routing=routing, policy="warn", batch_size=args.batch_size,
                                            backend=backend, coverage_report=work / f"{run_id}.coverage.json",
                                            grouped="-grouped" in base, batched_solve=batched,
-                                           lean_bookkeeping=lean_parts(variant))
+                                           lean_bookkeeping=not variant.endswith("-stockbk"))
             log = result.log
             extra["solve"] = result.solve.as_dict() if result.solve is not None else None
             extra["bookkeeping"] = result.bookkeeping.as_dict() if result.bookkeeping is not None else None

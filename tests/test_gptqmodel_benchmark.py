@@ -118,13 +118,3 @@ def test_checkpoint_comparison_counts_equal_packed_weights_per_group(tmp_path):
         "model.layers.0.mlp.experts.*.gate_proj": "2/2", "model.layers.0.self_attn.q_proj": "1/1",
         "model.layers.1.mlp.experts.*.gate_proj": "1/2", "model.layers.1.self_attn.q_proj": "0/1",
     }
-
-
-def test_variants_pick_their_lean_bookkeeping_parts():
-    pytest.importorskip("gptqmodel")
-    from defuser_quant.integrations.gptqmodel.overhead import PARTS
-
-    assert bench.lean_parts("ours-grouped-batched") is True
-    assert bench.lean_parts("ours-grouped-batched-stockbk") is False
-    assert bench.lean_parts("ours-grouped-batched-noupload") == PARTS - {"upload"} and "upload" in PARTS
-    assert "ours-grouped-batched-noupload" in bench.VARIANTS

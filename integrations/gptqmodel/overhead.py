@@ -56,11 +56,6 @@ expert projections of our ``DefusedExperts`` blocks only:
   quantized layer goes back to the CPU through two reused pinned staging buffers, a few large
   copies instead of one synchronous pageable copy per tensor (:mod:`.layer_offload`); the same CPU
   tensors ``module.to("cpu")`` gives.
-* **upload** (``LazyTurtle._copy_checkpoint_tensors_into_submodule`` into a layer holding our
-  experts or into one expert projection, on CUDA): each large checkpoint tensor goes to the GPU
-  through two reused pinned staging buffers, the host filling one while the GPU empties the other,
-  instead of one synchronous pageable copy each (:mod:`.staged_upload`); the call returns once
-  every copy has arrived, with the same bytes in the same tensors.
 
 GPTQModel computes and writes exactly what it does without this (same tensors loaded, same
 checkpoint). Anything that does not match (another role, a module outside our blocks, a path
@@ -87,7 +82,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from defuser_quant.calibration.capture import defused_blocks
@@ -95,7 +89,6 @@ from defuser_quant.core.defused import DefusedExperts
 
 from .compat import patched
 from .layer_offload import OffloadStats, Staging, lean_post_quantize
-from .staged_upload import UploadStats, lean_checkpoint_copy
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +113,6 @@ class BookkeepingStats:
     draws_rendered: int = 0  # LogBar progress-bar draws passed on (first, forced, or DRAW_INTERVAL after the last)
     draws_skipped: int = 0  # ... not rendered: the bar drew less than DRAW_INTERVAL ago
     layer_offload: OffloadStats = field(default_factory=OffloadStats)  # the layer_offload part (post_quantize)
-    upload: UploadStats = field(default_factory=UploadStats)  # the upload part (checkpoint tensors to the GPU)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -140,7 +132,6 @@ class BookkeepingStats:
             "draws_rendered": self.draws_rendered,
             "draws_skipped": self.draws_skipped,
             "layer_offload": asdict(self.layer_offload),
-            "upload": asdict(self.upload),
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -257,21 +248,9 @@ def _post_quantize_mismatch() -> str | None:
     return None
 
 
-def _upload_mismatch() -> str | None:
-    from gptqmodel.utils import structure
-
-    copy = getattr(getattr(structure, "LazyTurtle", None), "_copy_checkpoint_tensors_into_submodule", None)
-    need = {"self", "target_model", "target_submodule", "module_path", "device"}
-    if copy is None or not need <= _params(copy):
-        return f"expected LazyTurtle._copy_checkpoint_tensors_into_submodule with parameters {sorted(need)}"
-    if "copy_" not in _names(copy):
-        return "expected LazyTurtle._copy_checkpoint_tensors_into_submodule to load tensors with Tensor.copy_"
-    return None
-
-
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
-    ``draw_rate``/``layer_offload``/``upload``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
+    ``draw_rate``/``layer_offload``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
@@ -310,7 +289,7 @@ def internals_mismatch() -> dict[str, str]:
     if why is not None:
         problems["layer_offload"] = why
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
-                      ("shard_handles", _shard_handles_mismatch()), ("upload", _upload_mismatch())):
+                      ("shard_handles", _shard_handles_mismatch())):
         if why is not None:
             problems[part] = why
     try:
@@ -570,10 +549,6 @@ class _Lean:
         with self.lock:
             self.stats.stock[reason] += 1
 
-    def ours_to_load(self, target_model: Any, target_submodule: nn.Module, module_path: Any) -> bool:
-        """A checkpoint load into one of our expert projections, or into a module holding our experts."""
-        return target_model is self.model and (module_path in self.expert_paths or _holds_experts(target_submodule))
-
     def _resolves(self, path: str, module: nn.Module) -> bool:
         try:
             return self.model.get_submodule(path) is module
@@ -784,7 +759,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
-                   "layer_offload", "upload"})
+                   "layer_offload"})
 
 
 @contextmanager
@@ -851,13 +826,6 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
                                       stats.layer_offload, lean.lock)
             stack.enter_context(patched(BaseQModel, "post_quantize", post))
             stack.callback(staging.release)
-        if paths and "upload" in enabled:
-            uploads = Staging(pin=torch.cuda.is_available())
-            turtle = structure.LazyTurtle
-            copy = lean_checkpoint_copy(turtle._copy_checkpoint_tensors_into_submodule, lean.ours_to_load, uploads,
-                                        stats.upload, lean.lock)
-            stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule", copy))
-            stack.callback(uploads.release)
         if "headless" in enabled:
             from logbar import terminal
 
