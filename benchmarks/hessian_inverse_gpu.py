@@ -8,6 +8,8 @@ down), and the same chain
 
 * ``serial``: one matrix after another on one stream (what the solve does);
 * ``streams-N``: matrices dealt round-robin over N CUDA streams from one host thread;
+* ``threads-N``: matrices dealt round-robin over N host threads, each on its own stream (as
+  GPTQModel's device workers solve their modules);
 * ``batched``: each size's matrices stacked, one batched call per step (other cuSOLVER/MAGMA
   kernels: the JSON says whether the factors are bit-equal to ``serial``'s, and how far apart).
 
@@ -22,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=512, help="calibration rows per Hessian")
     p.add_argument("--damp", type=float, default=0.05, help="damp_percent")
     p.add_argument("--streams", default="2,4,8", help="comma-separated stream counts")
+    p.add_argument("--threads", default="4", help="comma-separated host thread counts")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True, warn_only=True) and CUBLAS_WORKSPACE_CONFIG=:4096:8")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda")
     p.add_argument("--output", type=Path, default=None)
@@ -89,6 +96,28 @@ def on_streams(hs: list[torch.Tensor], damp: float, n: int) -> list[torch.Tensor
     return out
 
 
+def on_threads(hs: list[torch.Tensor], damp: float, n: int) -> list[torch.Tensor]:
+    out: list[torch.Tensor | None] = [None] * len(hs)
+    main = torch.cuda.current_stream()
+
+    def work(t: int) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            for i in range(t, len(hs), n):
+                out[i] = invert(hs[i], damp)
+        stream.synchronize()
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if any(o is None for o in out):
+        raise RuntimeError("a solver thread failed")
+    return out  # type: ignore[return-value]
+
+
 def batched(hs: list[torch.Tensor], damp: float) -> list[torch.Tensor]:
     by_size: dict[int, list[int]] = {}
     for i, h in enumerate(hs):
@@ -125,6 +154,9 @@ def compare(ref: list[torch.Tensor], runs: list[list[torch.Tensor]]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.deterministic:  # before CUDA starts: cuBLAS reads the variable once
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if not torch.cuda.is_available():
         raise SystemExit("hessian_inverse_gpu.py needs CUDA")
     hs = hessians(args)
@@ -135,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in (int(s) for s in args.streams.split(",") if s):
         s, got = timed(lambda n=n: on_streams(hs, args.damp, n), args.repeats)
         rows.append({"variant": f"streams-{n}", "seconds": s, "vs_serial": seconds / s, **compare(ref, got)})
+    for n in (int(s) for s in args.threads.split(",") if s):
+        s, got = timed(lambda n=n: on_threads(hs, args.damp, n), args.repeats)
+        rows.append({"variant": f"threads-{n}", "seconds": s, "vs_serial": seconds / s, **compare(ref, got)})
     s, got = timed(lambda: batched(hs, args.damp), args.repeats)
     rows.append({"variant": "batched", "seconds": s, "vs_serial": seconds / s, **compare(ref, got)})
     result = {
@@ -142,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "matrices": {"count": len(hs), "sizes": sorted({h.shape[0] for h in hs})},
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "platform": platform.platform(),
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "rows": rows,
     }
     print("| variant | seconds | vs serial | bit-equal to serial's first run (worst run) | runs all bit-equal | max rel diff |\n"
