@@ -131,6 +131,37 @@ def test_batched_solve_makes_gptqmodels_linear_algebra_calls(name, monkeypatch):
     assert matmuls(got) == matmuls(expected) and matmuls(got)
 
 
+@pytest.mark.parametrize("name", ["default (act_group_aware)", "desc_act", "natural order"])
+def test_inverses_spread_over_threads_are_the_serial_ones_in_order(name, monkeypatch):
+    import threading
+
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel import batched as batched_module
+
+    kw = dict(CONFIGS[name])
+    qcfg = QuantizeConfig(**{"bits": 4, "group_size": 128, **kw})
+    tasks = _tasks(qcfg, n=6)
+    for task in tasks:
+        task.finalize_hessian()
+    ran_on: list[str] = []
+
+    def invert(H):
+        ran_on.append(threading.current_thread().name)
+        return batched_module._invert_unit(H, qcfg, H.shape[0], 128, 0.05)
+
+    hessians = [t.H for t in tasks]
+    serial = batched_module._unit_inverses(hessians, invert, threads=1)
+    assert all(n == threading.current_thread().name for n in ran_on)
+    ran_on.clear()
+    spread = batched_module._unit_inverses(hessians, invert, threads=4)
+    assert ran_on and all(n.startswith("defuser-quant-hinv") for n in ran_on)
+    for a, b in zip(serial, spread, strict=True):
+        assert len(a.tensors()) == len(b.tensors()) and all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+    assert not [t for t in hessians if not torch.equal(t, t.clone())]  # unchanged inputs (no NaNs either)
+    assert [bool(x.dead[3]) for x in spread] == [True] * len(tasks)  # the dead column of _tasks
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_shared_hessians_are_inverted_once_and_give_the_same_result(device):
     """GPTQModel's shared-input dedup (gate/up of one expert): followers hold copies of the leader's H.
@@ -233,6 +264,8 @@ def test_settings_are_checked():
         BatchedSolve(min_modules=0)
     with pytest.raises(ValueError, match="chunk_bytes"):
         BatchedSolve(chunk_bytes=0)
+    with pytest.raises(ValueError, match="inverse_threads"):
+        BatchedSolve(inverse_threads=0)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -507,8 +540,9 @@ def test_batched_solve_argument_is_checked(plugin, tiny):  # noqa: F811
 
 # ----- CUDA (run on the device machine) ---------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+@pytest.mark.parametrize("inverse_threads", [1, 4])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name):
+def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_threads):
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.gptq_cuda import block_update_available
 
@@ -522,7 +556,7 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name):
         task.module.target_device = torch.device("cuda")
         task.finalize_hessian(target_device=torch.device("cuda"))
     expected = [t.quantize() for t in reference]
-    got = batched_gptq_solve(batched)
+    got = batched_gptq_solve(batched, inverse_threads=inverse_threads)
     extension = block_update_available()
     codes = identical = 0
     scale_diff = 0.0
@@ -538,7 +572,7 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name):
                     if not torch.equal(want, have)]
         if r.values[5] != e[5]:
             unequal.append(f"{m}:loss")
-    print(f"\n{name}: {identical / codes:.5f} of codes identical to GPTQModel's per-module solve, largest relative "
+    print(f"\n{name}, {inverse_threads} inverse thread(s): {identical / codes:.5f} of codes identical to GPTQModel's per-module solve, largest relative "
           f"scale difference {scale_diff:.2e}, unequal: {unequal or 'none'}")
     # The same single-matrix linear algebra in the same order as GPTQModel: bit-identical, loss included.
     assert not unequal

@@ -25,7 +25,10 @@ Exactness, step by step against ``GPTQ.quantize`` (7.6):
   (cuSOLVER's ``potrfBatched``, MAGMA's batched inverse) that round differently, and the rounding
   spreads through the column loop into scales and codes. With the same calls on the same
   shapes, the results are GPTQModel's bit for bit (CPU: tested; CUDA: the CUDA tests assert
-  it). With ``mse`` the quantizer's grid search (row sums) also runs per module.
+  it). With ``mse`` the quantizer's grid search (row sums) also runs per module. On CUDA a
+  chunk's inverses are spread over ``BatchedSolve.inverse_threads`` host threads, each on its own
+  stream and so with its own cuSOLVER handle: on an H200 that gave serial's bits in every run,
+  where several streams of one thread (one handle) did not (``benchmarks/hessian_inverse_gpu.py``).
 
 Whatever is not reproduced goes back to GPTQModel's per-module solve, logged and counted by
 reason (:class:`BatchedSolveStats`): GPTAQ/FOEM tasks, non-``Quantizer`` quantizers, ``static_groups``,
@@ -45,7 +48,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,11 +88,15 @@ class BatchedSolve:
             so the working memory stays ``chunk_bytes`` in all. Results do not depend on it. One
             by default: since a chunk syncs with the GPU once, more than one saved nothing on an
             H200 (docs/performance.md, round 11).
+        inverse_threads: on CUDA, host threads that compute a chunk's Hessian inverses, each on
+            its own stream (GPTQModel's own single-matrix calls, so the same bits: each thread has
+            its own cuSOLVER handle). One computes them one after another. The CPU always does.
     """
 
     min_modules: int = 2
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     parallel: int = 1
+    inverse_threads: int = 4
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -97,6 +105,8 @@ class BatchedSolve:
             raise ValueError(f"BatchedSolve.chunk_bytes must be > 0, got {self.chunk_bytes}")
         if self.parallel < 1:
             raise ValueError(f"BatchedSolve.parallel must be >= 1, got {self.parallel}")
+        if self.inverse_threads < 1:
+            raise ValueError(f"BatchedSolve.inverse_threads must be >= 1, got {self.inverse_threads}")
 
 
 @dataclass
@@ -306,20 +316,110 @@ def _min_max_params(
     return scale.reshape(-1, 1), zero.reshape(-1, 1)
 
 
-def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[SolveResult | None]:
-    """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
+@dataclass
+class _Inverse:
+    """One shared Hessian prepared as GPTQModel's ``GPTQ.quantize`` prepares it."""
 
-    Returns one entry per task: its :class:`SolveResult`, or None when GPTQModel's per-module
-    solve must handle it (its first Cholesky failed, or its loss is NaN). Task state is only read.
-    """
-    from gptqmodel.quantization import gptq_cuda
+    dead: torch.Tensor  # columns whose Hessian diagonal is 0 (their weights are zeroed)
+    perm: torch.Tensor | None  # desc_act / act_group_aware column order
+    global_perm: torch.Tensor | None  # act_group_aware's group order
+    hinv: torch.Tensor  # upper Cholesky factor of the damped inverse
+    info: torch.Tensor  # non-zero: a factorization failed
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.dead, self.perm, self.global_perm, self.hinv, self.info) if isinstance(t, torch.Tensor)]
+
+
+def _invert_unit(hessian: torch.Tensor, qcfg: Any, columns: int, group: int, damp: float) -> _Inverse:
+    """Dead columns, permutation and GPTQModel's first inverse attempt (``GPTQ.hessian_inverse``:
+    ``damp_percent`` x the mean of the untouched diagonal, lower Cholesky, ``cholesky_inverse``
+    into the factor, upper Cholesky) of one Hessian, on a private copy."""
     from gptqmodel.quantization.gar import (
         compose_final_perm,
         compute_global_perm,
         compute_local_perms,
         extend_perm_with_tail,
-        invert_perm,
     )
+
+    H = hessian.to(dtype=torch.float32, copy=True)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    perm = global_perm = None
+    if qcfg.desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    elif qcfg.act_group_aware:
+        diag_h = torch.diag(H)
+        local_perms, local_values = compute_local_perms(diag_h, group, return_values=True)
+        global_perm = compute_global_perm(diag_h, group, precomputed_values=local_values)
+        perm = extend_perm_with_tail(compose_final_perm(local_perms, global_perm, group), columns)
+        H = H[perm][:, perm]
+    diag_view = H.diagonal()
+    mean = torch.mean(diag_view.clone())
+    diag_view.add_(damp * mean)
+    factor, info = torch.linalg.cholesky_ex(H, check_errors=False)
+    del H
+    try:
+        torch.cholesky_inverse(factor, out=factor)
+        hinv, info_upper = torch.linalg.cholesky_ex(factor, upper=True, check_errors=False)
+    except torch.linalg.LinAlgError:  # CPU: a failed factor cannot be inverted
+        hinv, info_upper = factor, torch.ones_like(info)
+    return _Inverse(dead, perm, global_perm, hinv, info.abs() + info_upper.abs())
+
+
+_inverse_pool: ThreadPoolExecutor | None = None
+_inverse_pool_lock = threading.Lock()
+_inverse_streams = threading.local()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _inverse_pool
+    with _inverse_pool_lock:
+        if _inverse_pool is None or _inverse_pool._max_workers < threads:
+            _inverse_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="defuser-quant-hinv")
+        return _inverse_pool
+
+
+def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor], _Inverse],
+                   threads: int) -> list[_Inverse]:
+    """``invert`` of each Hessian, in order: one after another, or spread over ``threads`` host
+    threads (on CUDA each on its own stream, ordered after the caller's and waited for by it)."""
+    if threads <= 1 or len(hessians) < 2:
+        return [invert(h) for h in hessians]
+    device = hessians[0].device
+    if device.type != "cuda":
+        return list(_pool(threads).map(invert, hessians))
+    origin = torch.cuda.current_stream(device)
+
+    def job(hessian: torch.Tensor) -> tuple[_Inverse, torch.cuda.Stream]:
+        streams = _inverse_streams.__dict__.setdefault("by_device", {})
+        stream = streams.get(device)
+        if stream is None:
+            stream = streams[device] = torch.cuda.Stream(device)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            stream.wait_stream(origin)
+            return invert(hessian), stream
+
+    done = list(_pool(threads).map(job, hessians))
+    for stream in {id(s): s for _, s in done}.values():
+        origin.wait_stream(stream)
+    for inverse, _ in done:
+        for t in inverse.tensors():
+            if t.is_cuda:  # made on a helper stream, read on the caller's: keep its memory until then
+                t.record_stream(origin)
+    return [inverse for inverse, _ in done]
+
+
+def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_threads: int = 1
+                       ) -> list[SolveResult | None]:
+    """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
+
+    Returns one entry per task: its :class:`SolveResult`, or None when GPTQModel's per-module
+    solve must handle it (its first Cholesky failed, or its loss is NaN). Task state is only read.
+    ``inverse_threads``: on CUDA, host threads computing the Hessian inverses (each on its own stream).
+    """
+    from gptqmodel.quantization import gptq_cuda
+    from gptqmodel.quantization.gar import invert_perm
     from gptqmodel.quantization.quantizer import quantize as quantize_values
 
     start = time.time()
@@ -353,46 +453,16 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
     # (a private copy: the task's H is only read). Batched torch.linalg calls would use other
     # kernels on CUDA (cuSOLVER potrfBatched, MAGMA's batched cholesky_inverse) that round
     # differently from the single-matrix ones GPTQModel calls.
-    perms: list[torch.Tensor] | None = [] if (qcfg.desc_act or qcfg.act_group_aware) else None
-    global_perms: list[torch.Tensor] = []
-    hinvs: list[torch.Tensor] = []
-    infos: list[torch.Tensor] = []
     damp = float(qcfg.damp_percent)
-    for u, unit in enumerate(units):
-        H = unit.tasks[0].H.to(dtype=torch.float32, copy=True)
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        for b in (b for b, v in enumerate(hlist) if v == u):
-            W[b, :, dead] = 0
-        if qcfg.desc_act:
-            perm = torch.argsort(torch.diag(H), descending=True)
-            perms.append(perm)
-            H = H[perm][:, perm]
-        elif qcfg.act_group_aware:
-            diag_h = torch.diag(H)
-            local_perms, local_values = compute_local_perms(diag_h, group, return_values=True)
-            global_perm = compute_global_perm(diag_h, group, precomputed_values=local_values)
-            perm = extend_perm_with_tail(compose_final_perm(local_perms, global_perm, group), C)
-            perms.append(perm)
-            global_perms.append(global_perm)
-            H = H[perm][:, perm]
-        # GPTQModel's first attempt (GPTQ.hessian_inverse): damp_percent x the mean of the
-        # untouched diagonal, lower Cholesky, cholesky_inverse into the factor, upper Cholesky.
-        diag_view = H.diagonal()
-        mean = torch.mean(diag_view.clone())
-        diag_view.add_(damp * mean)
-        factor, info = torch.linalg.cholesky_ex(H, check_errors=False)
-        del H
-        try:
-            torch.cholesky_inverse(factor, out=factor)
-            hinv, info_upper = torch.linalg.cholesky_ex(factor, upper=True, check_errors=False)
-        except torch.linalg.LinAlgError:  # CPU: a failed factor cannot be inverted
-            hinv, info_upper = factor, torch.ones_like(info)
-        del factor
-        hinvs.append(hinv)
-        infos.append(info.abs() + info_upper.abs())
-    if perms is not None:
-        for b, u in enumerate(hlist):
+    threads = inverse_threads if device.type == "cuda" else 1
+    inverses = _unit_inverses([u.tasks[0].H for u in units], lambda H: _invert_unit(H, qcfg, C, group, damp), threads)
+    hinvs = [inv.hinv for inv in inverses]
+    infos = [inv.info for inv in inverses]
+    perms = [inv.perm for inv in inverses] if (qcfg.desc_act or qcfg.act_group_aware) else None
+    global_perms = [inv.global_perm for inv in inverses]
+    for b, u in enumerate(hlist):
+        W[b].masked_fill_(inverses[u].dead, 0)  # GPTQModel's W[:, dead] = 0, without its host sync
+        if perms is not None:
             W[b] = W[b][:, perms[u]]
 
     Losses = torch.zeros_like(W)
@@ -454,7 +524,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE) -> list[Sol
             for b in range(B):  # per task: a stacked matmul may take another kernel, rounding differently
                 W[b, :, i2:] -= Err1[b].matmul(tails[hlist[b]])
         del W1, Err1
-    del hinvs
+    del hinvs, inverses
 
     if not scales:
         scales, zeros = [row_scale], [row_zero]
@@ -620,7 +690,7 @@ class _Coordinator:
                     stream = self._stream(device)
                     stream.wait_stream(torch.cuda.current_stream(device))
                     with torch.cuda.stream(stream):
-                        outcome = batched_gptq_solve(tasks)
+                        outcome = batched_gptq_solve(tasks, inverse_threads=self.settings.inverse_threads)
                     stream.synchronize()  # results complete before another worker's stream reads them
                 else:
                     outcome = batched_gptq_solve(tasks)
