@@ -20,6 +20,8 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  the others were solved per module.
 * ``ours-grouped-batched-serial`` - ``ours-grouped-batched`` with ``BatchedSolve(parallel=1)``: one
                  chunk solved at a time, by the worker that asked first (the default since round 11);
+* ``ours-grouped-batched-hinv4`` - with ``BatchedSolve(inverse_threads=4)``: each chunk's Hessian
+                 inverses spread over four host threads, each on its own stream;
 * ``ours-grouped-batched-parallel4`` - with ``BatchedSolve(parallel=4)``: up to four chunks at once, each
                  on a waiting worker's own stream (the default in round 10), to measure what that saves;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
@@ -97,7 +99,7 @@ ROOT = HERE.parent
 CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
-            "ours-grouped-batched-serial", "ours-grouped-batched-parallel4")
+            "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4")
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -115,6 +117,18 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--samples", type=int, default=128, help="calibration rows")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row (at most)")
+
+
+def solve_setting(variant: str):
+    """The ``batched_solve`` argument of an ``ours`` variant: False, True or a ``BatchedSolve``."""
+    base = variant.removesuffix("-stockbk")
+    settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4}}
+    for suffix, kwargs in settings.items():
+        if base.endswith(suffix):
+            from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+            return BatchedSolve(**kwargs)
+    return base.endswith("-batched")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -622,12 +636,9 @@ def worker(args: argparse.Namespace) -> int:
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
         else:
             routing = "all" if variant.startswith("ours-all") else "routed"
-            base = variant.removesuffix("-stockbk").removesuffix("-serial").removesuffix("-parallel4")
-            batched = base.endswith("-batched")
-            if batched and variant.endswith(("-serial", "-parallel4")):
-                from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
-
-                batched = BatchedSolve(parallel=1 if variant.endswith("-serial") else 4)
+            base = (variant.removesuffix("-stockbk").removesuffix("-serial").removesuffix("-parallel4")
+                    .removesuffix("-hinv4"))
+            batched = solve_setting(variant)
             result = quantize_with_defuser(model, calibration, routing=routing, policy="warn", batch_size=args.batch_size,
                                            backend=backend, coverage_report=work / f"{run_id}.coverage.json",
                                            grouped="-grouped" in base, batched_solve=batched,

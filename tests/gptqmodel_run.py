@@ -28,6 +28,7 @@ def main() -> int:
     p.add_argument("--routing", default="routed")
     p.add_argument("--grouped", action="store_true")
     p.add_argument("--batched", action="store_true")
+    p.add_argument("--inverse-threads", type=int, default=None, help="with --batched: BatchedSolve(inverse_threads=N)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (quantize_with_defuser)")
@@ -52,6 +53,11 @@ def main() -> int:
     for index in range(devices):
         torch.cuda.reset_peak_memory_stats(index)
     placement = {"device": "cpu"} if args.device == "cpu" else {}
+    solve = args.batched
+    if args.batched and args.inverse_threads is not None:
+        from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+        solve = BatchedSolve(inverse_threads=args.inverse_threads)
     model = GPTQModel.load(args.src, QuantizeConfig(bits=4, group_size=128), **placement)
     t0 = time.perf_counter()
     with record_gptq_kernels() as kernels:
@@ -59,7 +65,7 @@ def main() -> int:
         # which downloads CUTLASS and JIT-builds).
         backend = BACKEND("gptq_triton") if args.device == "cuda" else BACKEND.AUTO
         result = quantize_with_defuser(model, calibration, routing=args.routing, batch_size=args.batch_size,
-                                       grouped=args.grouped, batched_solve=args.batched, backend=backend,
+                                       grouped=args.grouped, batched_solve=solve, backend=backend,
                                        deterministic=args.deterministic)
     seconds = time.perf_counter() - t0
     model.save(str(out / "checkpoint"))

@@ -589,7 +589,8 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     calibration = tmp_path / "calibration.json"
     calibration.write_text(json.dumps(tiny["calibration"]))
     runs = {}
-    for name, extra in (("per_module", []), ("batched", ["--batched"])):
+    for name, extra in (("per_module", []), ("batched", ["--batched"]),
+                        ("batched_hinv4", ["--batched", "--inverse-threads", "4"])):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
                "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
         cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_run.py")), str(tiny["src"]), str(calibration),
@@ -597,12 +598,14 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
         proc = subprocess.run([*cmd, "--deterministic"], env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         runs[name] = json.loads((tmp_path / name / "result.json").read_text())
-    batched = runs["batched"]
-    assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
-    assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}
-    close = agreement(_tensors(tmp_path / "per_module" / "checkpoint"), _tensors(tmp_path / "batched" / "checkpoint"))
-    tensors = _tensors(tmp_path / "per_module" / "checkpoint"), _tensors(tmp_path / "batched" / "checkpoint")
-    unequal = sorted(k for k in tensors[0] if not torch.equal(tensors[0][k], tensors[1][k]))
-    print(f"\nbatched vs per-module solve on CUDA: {close}, unequal tensors: {len(unequal)} {unequal[:6]}")
-    # GPTQModel's own single-matrix linear algebra per Hessian: the same checkpoint, tensor for tensor.
-    assert not unequal, close
+    reference = _tensors(tmp_path / "per_module" / "checkpoint")
+    for name in ("batched", "batched_hinv4"):  # inverses one after another, and on four threads
+        batched = runs[name]
+        assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
+        assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}
+        tensors = _tensors(tmp_path / name / "checkpoint")
+        close = agreement(reference, tensors)
+        unequal = sorted(k for k in reference if not torch.equal(reference[k], tensors[k]))
+        print(f"\n{name} vs per-module solve on CUDA: {close}, unequal tensors: {len(unequal)} {unequal[:6]}")
+        # GPTQModel's own single-matrix linear algebra per Hessian: the same checkpoint, tensor for tensor.
+        assert not unequal, close

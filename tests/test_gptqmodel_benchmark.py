@@ -118,3 +118,15 @@ def test_checkpoint_comparison_counts_equal_packed_weights_per_group(tmp_path):
         "model.layers.0.mlp.experts.*.gate_proj": "2/2", "model.layers.0.self_attn.q_proj": "1/1",
         "model.layers.1.mlp.experts.*.gate_proj": "1/2", "model.layers.1.self_attn.q_proj": "0/1",
     }
+
+
+def test_variants_pick_their_batched_solve_settings():
+    pytest.importorskip("gptqmodel")
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+    assert bench.solve_setting("ours-grouped") is False and bench.solve_setting("ours-grouped-batched") is True
+    assert bench.solve_setting("ours-grouped-batched-stockbk") is True
+    assert bench.solve_setting("ours-grouped-batched-serial") == BatchedSolve(parallel=1)
+    assert bench.solve_setting("ours-grouped-batched-parallel4") == BatchedSolve(parallel=4)
+    assert bench.solve_setting("ours-grouped-batched-hinv4") == BatchedSolve(inverse_threads=4)
+    assert {"ours-grouped-batched-hinv4", "ours-grouped-batched-parallel4"} <= set(bench.VARIANTS)

@@ -90,13 +90,16 @@ class BatchedSolve:
             H200 (docs/performance.md, round 11).
         inverse_threads: on CUDA, host threads that compute a chunk's Hessian inverses, each on
             its own stream (GPTQModel's own single-matrix calls, so the same bits: each thread has
-            its own cuSOLVER handle). One computes them one after another. The CPU always does.
+            its own cuSOLVER handle). One (the default) computes them one after another, as the
+            CPU always does. Four cut the solve's time about a quarter on an H200 but not the run's
+            (docs/performance.md, round 12), and a whole run with them has not been compared
+            with GPTQModel's checkpoint on CUDA yet.
     """
 
     min_modules: int = 2
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     parallel: int = 1
-    inverse_threads: int = 4
+    inverse_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
