@@ -160,6 +160,14 @@ def test_inverses_spread_over_threads_are_the_serial_ones_in_order(name, monkeyp
         assert len(a.tensors()) == len(b.tensors()) and all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
     assert not [t for t in hessians if not torch.equal(t, t.clone())]  # unchanged inputs (no NaNs either)
     assert [bool(x.dead[3]) for x in spread] == [True] * len(tasks)  # the dead column of _tasks
+    # A later solve asking for more threads grows the shared pool; the results stay the same.
+    monkeypatch.setattr(batched_module, "_inverse_pool", None)
+    small = batched_module._unit_inverses(hessians, invert, threads=2)
+    first = batched_module._inverse_pool
+    large = batched_module._unit_inverses(hessians, invert, threads=3)
+    assert first[1] == 2 and batched_module._inverse_pool[1] == 3 and batched_module._inverse_pool[0] is not first[0]
+    for a, b, c in zip(serial, small, large, strict=True):
+        assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a.tensors(), b.tensors(), c.tensors()))
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

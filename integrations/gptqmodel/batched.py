@@ -370,17 +370,22 @@ def _invert_unit(hessian: torch.Tensor, qcfg: Any, columns: int, group: int, dam
     return _Inverse(dead, perm, global_perm, hinv, info.abs() + info_upper.abs())
 
 
-_inverse_pool: ThreadPoolExecutor | None = None
+_inverse_pool: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its threads), shared by every solve
 _inverse_pool_lock = threading.Lock()
 _inverse_streams = threading.local()
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _spread(fn: Callable[[Any], Any], items: list[Any], threads: int) -> list[Any]:
+    """``[fn(x) for x in items]`` on the shared pool of inverse threads (grown to at least
+    ``threads``; an outgrown pool finishes what it was given and ends)."""
     global _inverse_pool
-    with _inverse_pool_lock:
-        if _inverse_pool is None or _inverse_pool._max_workers < threads:
-            _inverse_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="defuser-quant-hinv")
-        return _inverse_pool
+    with _inverse_pool_lock:  # submitted under the lock: no other solve can shut this pool down first
+        if _inverse_pool is None or _inverse_pool[1] < threads:
+            if _inverse_pool is not None:
+                _inverse_pool[0].shutdown(wait=False)
+            _inverse_pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="defuser-quant-hinv"), threads)
+        futures = [_inverse_pool[0].submit(fn, x) for x in items]
+    return [f.result() for f in futures]
 
 
 def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor], _Inverse],
@@ -391,7 +396,7 @@ def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor]
         return [invert(h) for h in hessians]
     device = hessians[0].device
     if device.type != "cuda":
-        return list(_pool(threads).map(invert, hessians))
+        return _spread(invert, hessians, threads)
     origin = torch.cuda.current_stream(device)
 
     def job(hessian: torch.Tensor) -> tuple[_Inverse, torch.cuda.Stream]:
@@ -403,7 +408,7 @@ def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor]
             stream.wait_stream(origin)
             return invert(hessian), stream
 
-    done = list(_pool(threads).map(job, hessians))
+    done = _spread(job, hessians, threads)
     for stream in {id(s): s for _, s in done}.values():
         origin.wait_stream(stream)
     for inverse, _ in done:
