@@ -636,12 +636,10 @@ def worker(args: argparse.Namespace) -> int:
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
         else:
             routing = "all" if variant.startswith("ours-all") else "routed"
-            base = (variant.removesuffix("-stockbk").removesuffix("-serial").removesuffix("-parallel4")
-                    .removesuffix("-hinv4"))
             batched = solve_setting(variant)
             result = quantize_with_defuser(model, calibration, routing=routing, policy="warn", batch_size=args.batch_size,
                                            backend=backend, coverage_report=work / f"{run_id}.coverage.json",
-                                           grouped="-grouped" in base, batched_solve=batched,
+                                           grouped="-grouped" in variant, batched_solve=batched,
                                            lean_bookkeeping=not variant.endswith("-stockbk"))
             log = result.log
             extra["solve"] = result.solve.as_dict() if result.solve is not None else None
