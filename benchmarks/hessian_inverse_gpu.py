@@ -1,4 +1,4 @@
-"""GPTQ's Hessian inverse for a layer's experts: one matrix at a time, on several streams, batched.
+"""GPTQ's Hessian inverse for a layer's experts: one at a time, on several streams or threads, batched.
 
 ``integrations.gptqmodel.batched.batched_gptq_solve`` inverts each shared Hessian with GPTQModel's
 own single-matrix calls (damp, ``cholesky_ex``, ``cholesky_inverse``, upper ``cholesky_ex``), so its
@@ -15,7 +15,10 @@ down), and the same chain
 
 Hessians are ``x^T x`` of ``--rows`` random rows (fewer rows than columns, as for most experts, so
 the damping makes them definite). Each variant runs ``--repeats`` times after one warm-up; the
-JSON keeps the median wall seconds (host, synchronized at the end) per variant.
+JSON keeps the median wall seconds (host, synchronized at the end) per variant and compares every
+run's matrices with serial's first run (so serial's own row says whether it repeats itself bit for
+bit). The single-matrix chain is ``batched.gptq_first_inverse`` itself, so it runs with the package
+installed or from a source checkout on ``PYTHONPATH``.
 
     python benchmarks/hessian_inverse_gpu.py --output $OUT/hessian_inverse_cuda.json
 """
@@ -34,6 +37,8 @@ import time
 from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,11 +70,17 @@ def hessians(args: argparse.Namespace) -> list[torch.Tensor]:
 
 
 def invert(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """GPTQModel's first attempt, as ``batched_gptq_solve`` calls it (batched when ``H`` is 3-D)."""
+    """GPTQModel's first attempt on a copy of ``H``, the code ``batched_gptq_solve`` runs."""
+    from defuser_quant.integrations.gptqmodel.batched import gptq_first_inverse
+
+    return gptq_first_inverse(H.clone(), damp)[0]
+
+
+def invert_stacked(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The same steps as batched ``torch.linalg`` calls on a stack of Hessians ([n, C, C])."""
     H = H.clone()
     diag = H.diagonal(dim1=-2, dim2=-1)
-    mean = torch.mean(diag.clone(), dim=-1, keepdim=True) if H.dim() == 3 else torch.mean(diag.clone())
-    diag.add_(damp * mean)
+    diag.add_(damp * torch.mean(diag.clone(), dim=-1, keepdim=True))
     factor, _ = torch.linalg.cholesky_ex(H, check_errors=False)
     torch.cholesky_inverse(factor, out=factor)
     hinv, _ = torch.linalg.cholesky_ex(factor, upper=True, check_errors=False)
@@ -124,7 +135,7 @@ def batched(hs: list[torch.Tensor], damp: float) -> list[torch.Tensor]:
         by_size.setdefault(h.shape[0], []).append(i)
     out: list[torch.Tensor | None] = [None] * len(hs)
     for idx in by_size.values():
-        inv = invert(torch.stack([hs[i] for i in idx]), damp)
+        inv = invert_stacked(torch.stack([hs[i] for i in idx]), damp)
         for j, i in enumerate(idx):
             out[i] = inv[j]
     return out  # type: ignore[return-value]
@@ -154,6 +165,10 @@ def compare(ref: list[torch.Tensor], runs: list[list[torch.Tensor]]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    from _source import use_source_checkout
+
+    use_source_checkout()
     if args.deterministic:  # before CUDA starts: cuBLAS reads the variable once
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)

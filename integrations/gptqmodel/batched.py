@@ -68,6 +68,7 @@ __all__ = [
     "SolveResult",
     "batched_gptq_solve",
     "batched_solves",
+    "gptq_first_inverse",
     "why_not_batched",
 ]
 
@@ -357,17 +358,25 @@ def _invert_unit(hessian: torch.Tensor, qcfg: Any, columns: int, group: int, dam
         global_perm = compute_global_perm(diag_h, group, precomputed_values=local_values)
         perm = extend_perm_with_tail(compose_final_perm(local_perms, global_perm, group), columns)
         H = H[perm][:, perm]
+    hinv, info = gptq_first_inverse(H, damp)
+    return _Inverse(dead, perm, global_perm, hinv, info)
+
+
+def gptq_first_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQModel's first inverse attempt (``GPTQ.hessian_inverse``) on the 2-D Hessian ``H``:
+    ``damp`` x the mean of the untouched diagonal added to it (in place), lower Cholesky,
+    ``cholesky_inverse`` into the factor, upper Cholesky. Returns the upper factor and a status
+    that is non-zero when a factorization failed."""
     diag_view = H.diagonal()
     mean = torch.mean(diag_view.clone())
     diag_view.add_(damp * mean)
     factor, info = torch.linalg.cholesky_ex(H, check_errors=False)
-    del H
     try:
         torch.cholesky_inverse(factor, out=factor)
         hinv, info_upper = torch.linalg.cholesky_ex(factor, upper=True, check_errors=False)
     except torch.linalg.LinAlgError:  # CPU: a failed factor cannot be inverted
         hinv, info_upper = factor, torch.ones_like(info)
-    return _Inverse(dead, perm, global_perm, hinv, info.abs() + info_upper.abs())
+    return hinv, info.abs() + info_upper.abs()
 
 
 _inverse_pool: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its threads), shared by every solve
