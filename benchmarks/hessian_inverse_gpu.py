@@ -41,6 +41,17 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
+def _counts(text: str) -> list[int]:
+    """``"2,4"`` -> [2, 4]; empty -> []; anything else is refused by argparse with this message."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
+    return counts
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=int, default=128)
@@ -49,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rows", type=int, default=512, help="calibration rows per Hessian")
     p.add_argument("--damp", type=float, default=0.05, help="damp_percent")
-    p.add_argument("--streams", default="2,4,8", help="comma-separated stream counts")
-    p.add_argument("--threads", default="4", help="comma-separated host thread counts")
+    p.add_argument("--streams", type=_counts, default="2,4,8", help="comma-separated stream counts (each >= 1)")
+    p.add_argument("--threads", type=_counts, default="4", help="comma-separated host thread counts (each >= 1)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True, warn_only=True) and CUBLAS_WORKSPACE_CONFIG=:4096:8")
     p.add_argument("--repeats", type=int, default=3)
@@ -179,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds, runs = timed(lambda: serial(hs, args.damp), args.repeats)
     ref = runs[0]
     rows.append({"variant": "serial", "seconds": seconds, "vs_serial": 1.0, **compare(ref, runs)})
-    for n in (int(s) for s in args.streams.split(",") if s):
+    for n in args.streams:
         s, got = timed(lambda n=n: on_streams(hs, args.damp, n), args.repeats)
         rows.append({"variant": f"streams-{n}", "seconds": s, "vs_serial": seconds / s, **compare(ref, got)})
-    for n in (int(s) for s in args.threads.split(",") if s):
+    for n in args.threads:
         s, got = timed(lambda n=n: on_threads(hs, args.damp, n), args.repeats)
         rows.append({"variant": f"threads-{n}", "seconds": s, "vs_serial": seconds / s, **compare(ref, got)})
     s, got = timed(lambda: batched(hs, args.damp), args.repeats)

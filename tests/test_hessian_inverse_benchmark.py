@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -38,3 +39,12 @@ def test_comparison_counts_matrices_and_runs():
     assert 0 < result["max_rel_diff"] < 1e-2
     batched = bench.compare(ref, [bench.batched(hs, 0.05)])
     assert batched["max_rel_diff"] < 1e-4
+
+
+def test_stream_and_thread_counts_are_checked(capsys):
+    assert bench.parse_args(["--streams", "2,4", "--threads", ""]).streams == [2, 4]
+    assert bench.parse_args(["--threads", ""]).threads == []
+    for bad in (["--streams", "x"], ["--threads", "0"], ["--streams", "2,-1"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    assert "counts must be >= 1" in capsys.readouterr().err
