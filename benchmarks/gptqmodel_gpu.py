@@ -24,10 +24,24 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  inverses spread over four host threads, each on its own stream;
 * ``ours-grouped-batched-parallel4`` - with ``BatchedSolve(parallel=4)``: up to four chunks at once, each
                  on a waiting worker's own stream (the default in round 10), to measure what that saves;
+* ``ours-grouped-batched-host`` / ``ours-grouped-batched-hinv4-host`` - with
+                 ``BatchedSolve(host_results=True)``: each chunk's scales, zeros and ``g_idx`` handed
+                 to GPTQModel already on the CPU (one copy per chunk instead of GPTQModel's pinned copy,
+                 event and sync task per tensor);
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
                  (``bookkeeping``).
+
+Any variant takes modifiers after ``+``, each at most once: ``+si<N>`` runs its process with
+``sys.setswitchinterval(N microseconds)`` (Python's default is 5000: how long a thread that wants the
+interpreter lock back waits before it asks the running one to let go), ``+cpuw<N>`` sets
+``GPTQMODEL_CPU_WORKERS=N`` (GPTQModel's CPU pool: the threads that pack and offload finished
+modules; GPTQModel's default is half the cores, at most 12). ``stock+si500`` and
+``ours-grouped-batched+si500+cpuw4`` are variants; the row's ``modifiers`` say what was set.
+``--gil-probe`` adds ``gil_probe`` to every row: how late a thread that sleeps 2 ms gets the lock
+back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
+costs there.
 
 Every row records which GPTQModel code paths ran (``integrations.gptqmodel.kernels``): GPTQ
 solves on the CUDA block-update extension or on GPTQModel's torch loop, Hessian inverses moved
@@ -84,6 +98,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import platform
@@ -99,7 +114,9 @@ ROOT = HERE.parent
 CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
-            "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4")
+            "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
+            "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host")
+MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS"}
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -119,15 +136,37 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row (at most)")
 
 
+def split_variant(name: str) -> tuple[str, dict[str, int]]:
+    """``"ours-grouped-batched+si500+cpuw4"`` -> ``("ours-grouped-batched", {"si": 500, "cpuw": 4})``;
+    a ``ValueError`` names a modifier that is unknown, not a positive integer, or given twice."""
+    base, *parts = name.split("+")
+    modifiers: dict[str, int] = {}
+    for part in parts:
+        match = re.fullmatch(r"([a-z]+)(\d+)", part)
+        if match is None or match[1] not in MODIFIERS or int(match[2]) < 1 or match[1] in modifiers:
+            raise ValueError(f"variant {name!r}: bad modifier {part!r}; use +si<microseconds> and/or +cpuw<workers>, "
+                             "each a positive integer, each at most once")
+        modifiers[match[1]] = int(match[2])
+    return base, modifiers
+
+
 def solve_setting(variant: str):
     """The ``batched_solve`` argument of an ``ours`` variant: False, True or a ``BatchedSolve``."""
     base = variant.removesuffix("-stockbk")
-    settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4}}
-    for suffix, kwargs in settings.items():
-        if base.endswith(suffix):
-            from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+    settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
+                "-host": {"host_results": True}}
+    kwargs: dict = {}
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix, values in settings.items():
+            if base.endswith(suffix):
+                base, stripped = base.removesuffix(suffix), True
+                kwargs.update(values)
+    if kwargs:
+        from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 
-            return BatchedSolve(**kwargs)
+        return BatchedSolve(**kwargs)
     return base.endswith("-batched")
 
 
@@ -146,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-reload", action="store_true", help="skip the reload + logits step")
     p.add_argument("--stages", action="store_true", help="time the stages (synchronizes CUDA around each: a profile)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms in every variant")
+    p.add_argument("--gil-probe", action="store_true",
+                   help="sample the interpreter lock's hand-back delay through quantize() (gil_probe in every row)")
     p.add_argument("--warmup", action="store_true",
                    help="run the first variant once, untimed, before the timed runs (Triton compiles its kernels then)")
     p.add_argument("--allow-fallback", action="store_true",
@@ -309,11 +350,15 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | s
     result = work / f"{run_id}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--run-id", run_id, "--workdir", str(work),
            "--device", args.device, "--batch-size", str(args.batch_size), "--backend", args.backend] + [
-        flag for flag, on in (("--no-reload", args.no_reload), ("--stages", args.stages), ("--deterministic", args.deterministic)) if on
+        flag for flag, on in (("--no-reload", args.no_reload), ("--stages", args.stages), ("--deterministic", args.deterministic),
+                              ("--gil-probe", args.gil_probe)) if on
     ]
     t0 = time.perf_counter()
     try:
         env = _env(args.device, gpu)
+        workers = split_variant(variant)[1].get("cpuw")
+        if workers is not None:
+            env["GPTQMODEL_CPU_WORKERS"] = str(workers)  # read when gptqmodel is imported
         if args.deterministic:
             env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts in the worker
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -500,9 +545,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
+    try:
+        unknown = {v for v in variants if split_variant(v)[0] not in VARIANTS}
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS} (each may take +si<N>/+cpuw<N>)")
+    if len(set(variants)) != len(variants):
+        raise SystemExit(f"--variants names a variant twice: {args.variants} (their files would collide)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available (use --device cpu --tiny)")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gptqmodel_bench_"))
@@ -596,8 +646,11 @@ def worker(args: argparse.Namespace) -> int:
 
     import torch
 
-    variant, work = args.worker, args.workdir
-    run_id = args.run_id or variant
+    name, work = args.worker, args.workdir
+    run_id = args.run_id or name
+    variant, modifiers = split_variant(name)
+    if "si" in modifiers:
+        sys.setswitchinterval(modifiers["si"] / 1e6)
     cuda = args.device == "cuda" and torch.cuda.is_available()
     t_import = time.perf_counter()
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
@@ -628,10 +681,12 @@ def worker(args: argparse.Namespace) -> int:
     model = GPTQModel.load(str(work / "src"), QuantizeConfig(bits=4, group_size=128))
     t1 = time.perf_counter()
     extra: dict = {}
+    from _gil_probe import GilProbe
     from _profile import maybe_profile
 
+    probe = GilProbe() if args.gil_probe else None
     with maybe_profile(f"gptqmodel-{run_id}"), record_gptq_kernels(stages=args.stages, model=model.model) as kernels, \
-            deterministic_mode(args.deterministic):
+            deterministic_mode(args.deterministic), probe or contextlib.nullcontext():
         if variant.startswith("stock"):
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
         else:
@@ -646,6 +701,8 @@ def worker(args: argparse.Namespace) -> int:
             extra["bookkeeping"] = result.bookkeeping.as_dict() if result.bookkeeping is not None else None
             extra["coverage_totals"] = result.coverage.totals.model_dump()
     t2 = time.perf_counter()
+    if probe is not None:
+        extra["gil_probe"] = probe.summary()
     extra["kernels"] = kernels.as_dict()
     extra["kernels_label"] = kernels.label()
     extra["fallback"] = kernels.fallback_reason() if cuda else None
@@ -676,8 +733,10 @@ def worker(args: argparse.Namespace) -> int:
         reload_s = time.perf_counter() - t4
         extra["triton_compiles_reload"] = reload_compiles.stop()
     out = {
-        "variant": variant,
+        "variant": name,
         "run": run_id,
+        "modifiers": {"switch_interval_s": sys.getswitchinterval(),
+                      "gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS")} if modifiers else None,
         "gpus_visible": devices,
         "backend": args.backend,
         "import_s": round(import_s, 2),

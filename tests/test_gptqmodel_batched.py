@@ -70,6 +70,26 @@ def test_batched_solve_equals_gptqmodels_per_module_solve(name):
         assert (loss, damp, nsamples) == (e[5], e[6], e[7])
 
 
+@pytest.mark.parametrize("name", ["default (act_group_aware)", "desc_act", "per channel"])
+def test_host_results_are_the_same_values_moved_once_per_dtype(name):
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
+
+    kw = dict(CONFIGS[name])
+    qcfg = QuantizeConfig(bits=4, group_size=kw.pop("group_size", 128), **kw)
+    on_device, on_host = batched_gptq_solve(_tasks(qcfg)), batched_gptq_solve(_tasks(qcfg), host_results=True)
+    storages = {}
+    for d, h in zip(on_device, on_host, strict=True):
+        for k, (want, have) in enumerate(zip(d.values[:4], h.values[:4], strict=True)):
+            assert have.device.type == "cpu" and want.dtype == have.dtype and torch.equal(want, have)
+            if k:  # scales, zeros, g_idx: views of one host copy per dtype, not a copy each
+                assert have.is_contiguous()
+                storages.setdefault(have.dtype, set()).add(have.untyped_storage().data_ptr())
+        assert d.values[5:] == h.values[5:]  # loss, damp, samples (values[4] is the solve's duration)
+    assert {dtype: len(ptrs) for dtype, ptrs in storages.items()} == {torch.float32: 1, torch.int32: 1}
+
+
 def _spy_linalg(monkeypatch):
     """Record every Cholesky-family call and every Tensor.matmul: op, input shape/strides/values."""
     calls: list[tuple] = []
@@ -510,9 +530,12 @@ def test_chunks_and_out_of_memory_fall_back_per_module_with_the_same_checkpoint(
     calls = _second_chunk_runs_out_of_memory(monkeypatch)
     # ~3 modules' worth of working memory per chunk: groups split into several chunks.
     cost = 3 * 128**2 * 4 + 2 * 3 * 128 * 128 * 4
-    result, _, tensors = _quantize(plugin, tiny, tmp_path, "chunked", batched_solve=BatchedSolve(chunk_bytes=cost))
+    # With host_results: GPTQModel gets scales/zeros/g_idx already on the CPU (views of one copy per chunk).
+    result, _, tensors = _quantize(plugin, tiny, tmp_path, "chunked",
+                                   batched_solve=BatchedSolve(chunk_bytes=cost, host_results=True))
     assert max(calls) <= 2 and len(calls) > result.solve.groups
     assert result.solve.per_module["chunk ran out of memory"] == calls[1]
+    assert result.solve.host_results == result.solve.batched_modules > 0
     _, _, tensors_ref = per_module
     assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
 
@@ -548,9 +571,9 @@ def test_batched_solve_argument_is_checked(plugin, tiny):  # noqa: F811
 
 # ----- CUDA (run on the device machine) ---------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
-@pytest.mark.parametrize("inverse_threads", [1, 4])
+@pytest.mark.parametrize("inverse_threads,host_results", [(1, False), (4, True)])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_threads):
+def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_threads, host_results):
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.gptq_cuda import block_update_available
 
@@ -564,7 +587,11 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_t
         task.module.target_device = torch.device("cuda")
         task.finalize_hessian(target_device=torch.device("cuda"))
     expected = [t.quantize() for t in reference]
-    got = batched_gptq_solve(batched, inverse_threads=inverse_threads)
+    got = batched_gptq_solve(batched, inverse_threads=inverse_threads, host_results=host_results)
+    if host_results:
+        assert all(v.device.type == "cpu" for r in got for v in r.values[1:4])
+        got = [type(r)((r.values[0], *(v.cuda() for v in r.values[1:4]), *r.values[4:]), r.path, r.device, r.blocksize)
+               for r in got]
     extension = block_update_available()
     codes = identical = 0
     scale_diff = 0.0
@@ -598,7 +625,7 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     calibration.write_text(json.dumps(tiny["calibration"]))
     runs = {}
     for name, extra in (("per_module", []), ("batched", ["--batched"]),
-                        ("batched_hinv4", ["--batched", "--inverse-threads", "4"])):
+                        ("batched_hinv4_host", ["--batched", "--inverse-threads", "4", "--host-results"])):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
                "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
         cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_run.py")), str(tiny["src"]), str(calibration),
@@ -607,7 +634,7 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         runs[name] = json.loads((tmp_path / name / "result.json").read_text())
     reference = _tensors(tmp_path / "per_module" / "checkpoint")
-    for name in ("batched", "batched_hinv4"):  # inverses one after another, and on four threads
+    for name in ("batched", "batched_hinv4_host"):  # inverses one after another; on four threads, results on the host
         batched = runs[name]
         assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
         assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}

@@ -130,3 +130,36 @@ def test_variants_pick_their_batched_solve_settings():
     assert bench.solve_setting("ours-grouped-batched-parallel4") == BatchedSolve(parallel=4)
     assert bench.solve_setting("ours-grouped-batched-hinv4") == BatchedSolve(inverse_threads=4)
     assert {"ours-grouped-batched-hinv4", "ours-grouped-batched-parallel4"} <= set(bench.VARIANTS)
+    assert bench.solve_setting("ours-grouped-batched-host") == BatchedSolve(host_results=True)
+    assert bench.solve_setting("ours-grouped-batched-hinv4-host") == BatchedSolve(inverse_threads=4, host_results=True)
+    assert {"ours-grouped-batched-host", "ours-grouped-batched-hinv4-host"} <= set(bench.VARIANTS)
+
+
+def test_variant_modifiers_are_parsed_and_bad_ones_refused():
+    assert bench.split_variant("stock") == ("stock", {})
+    assert bench.split_variant("ours-grouped-batched+si500+cpuw4") == ("ours-grouped-batched", {"si": 500, "cpuw": 4})
+    for bad in ("stock+si0", "stock+si", "stock+xx5", "stock+si5+si6", "stock+SI5", "stock+si-5"):
+        with pytest.raises(ValueError, match="bad modifier"):
+            bench.split_variant(bad)
+    # main() refuses them (and unknown bases, and a variant named twice) before building anything
+    for variants, says in (("stock+cpuw0", "bad modifier"), ("nope+si5", "unknown variants"),
+                           ("stock,stock", "names a variant twice")):
+        with pytest.raises(SystemExit, match=says):
+            bench.main(["--device", "cpu", "--variants", variants])
+
+
+def test_modifiers_reach_the_variants_process(tmp_path, monkeypatch):
+    seen = {}
+
+    def run(cmd, env, **kwargs):
+        seen["cmd"], seen["env"] = cmd, env
+        return bench.subprocess.CompletedProcess(cmd, 1, "", "stopped here")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "7")
+    args = bench.parse_args(["--device", "cpu", "--gil-probe"])
+    bench.run_variant("ours+si250+cpuw3", args, tmp_path)
+    assert seen["env"]["GPTQMODEL_CPU_WORKERS"] == "3"  # the modifier wins over the caller's environment
+    assert seen["cmd"][seen["cmd"].index("--worker") + 1] == "ours+si250+cpuw3" and "--gil-probe" in seen["cmd"]
+    bench.run_variant("ours+si250", args, tmp_path)
+    assert seen["env"]["GPTQMODEL_CPU_WORKERS"] == "7"  # no +cpuw: left as it was

@@ -95,12 +95,18 @@ class BatchedSolve:
             CPU always does. Four cut the solve's time about a quarter on an H200 but not the run's
             (docs/performance.md, round 12), and a whole run with them has not been compared
             with GPTQModel's checkpoint on CUDA yet.
+        host_results: hand each module's scales, zeros and ``g_idx`` to GPTQModel already on the
+            CPU, copied there once per chunk (one transfer per dtype), instead of one pinned copy,
+            event and sync task per tensor in GPTQModel's ``stream_state_payload_to_cpu``, which
+            then only stores them. The same values; the quantized weight stays on the device.
+            Off by default until a CUDA run has measured it (docs/performance.md, round 13).
     """
 
     min_modules: int = 2
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     parallel: int = 1
     inverse_threads: int = 1
+    host_results: bool = False
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -123,10 +129,12 @@ class BatchedSolveStats:
     seconds: float = 0.0  # summed over the chunks (workers solve chunks at the same time)
     paths: Counter = field(default_factory=Counter)  # "batched_cuda_block_update@cuda" -> modules
     per_module: Counter = field(default_factory=Counter)  # reason -> modules left to GPTQModel's own solve
+    host_results: int = 0  # batched modules whose scales/zeros/g_idx went to GPTQModel on the CPU
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "batched_modules": self.batched_modules,
+            "host_results": self.host_results,
             "groups": self.groups,
             "chunks": self.chunks,
             "seconds": round(self.seconds, 3),
@@ -427,13 +435,14 @@ def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor]
     return [inverse for inverse, _ in done]
 
 
-def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_threads: int = 1
-                       ) -> list[SolveResult | None]:
+def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_threads: int = 1,
+                       host_results: bool = False) -> list[SolveResult | None]:
     """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
 
     Returns one entry per task: its :class:`SolveResult`, or None when GPTQModel's per-module
     solve must handle it (its first Cholesky failed, or its loss is NaN). Task state is only read.
     ``inverse_threads``: on CUDA, host threads computing the Hessian inverses (each on its own stream).
+    ``host_results``: scales, zeros and ``g_idx`` come back on the CPU, moved there together.
     """
     from gptqmodel.quantization import gptq_cuda
     from gptqmodel.quantization.gar import invert_perm
@@ -583,9 +592,29 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
         by_task[id(task)] = SolveResult(
             (q, scale, zero, g_idx.clone(), duration, avg_loss, damp, task.nsamples), path, device.type, blocksize
         )
+    if host_results:
+        solved = [r for r in by_task.values() if r is not None]
+        moved = iter(_to_host([t for r in solved for t in r.values[1:4]]))
+        for r in solved:
+            r.values = (r.values[0], next(moved), next(moved), next(moved), *r.values[4:])
     for task in tasks:
         results.append(by_task[id(task)])
     return results
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` on the CPU, in order, with their shapes and dtypes: one copy per dtype (a
+    flat concatenation moved at once; each result is a contiguous view of its dtype's copy)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for indices in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).cpu()
+        pieces = flat.split([tensors[i].numel() for i in indices])
+        for i, piece in zip(indices, pieces, strict=True):
+            out[i] = piece.view(tensors[i].shape)
+    return out  # type: ignore[return-value]
 
 
 # ----- inside GPTQModel: the coordinator -------------------------------------------------------
@@ -707,10 +736,11 @@ class _Coordinator:
                     stream = self._stream(device)
                     stream.wait_stream(torch.cuda.current_stream(device))
                     with torch.cuda.stream(stream):
-                        outcome = batched_gptq_solve(tasks, inverse_threads=self.settings.inverse_threads)
+                        outcome = batched_gptq_solve(tasks, inverse_threads=self.settings.inverse_threads,
+                                                     host_results=self.settings.host_results)
                     stream.synchronize()  # results complete before another worker's stream reads them
                 else:
-                    outcome = batched_gptq_solve(tasks)
+                    outcome = batched_gptq_solve(tasks, host_results=self.settings.host_results)
         except torch.OutOfMemoryError:
             logger.warning(
                 "batched GPTQ solve of %d modules ran out of memory; GPTQModel solves them one by one", len(tasks)
@@ -729,6 +759,7 @@ class _Coordinator:
                     continue
                 self.results[id(task)] = (task, result)
                 self.stats.batched_modules += 1
+                self.stats.host_results += self.settings.host_results
                 self.stats.paths[f"{result.path}"] += 1
 
     def take(self, task: Any, blocksize: int) -> SolveResult | None:

@@ -1,0 +1,66 @@
+"""benchmarks/_gil_probe.py: the interpreter lock's hand-back delay, idle and with a busy thread."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _gil_probe import GilProbe  # noqa: E402
+
+
+def _probe_while(busy: bool, seconds: float = 0.4) -> GilProbe:
+    stop = threading.Event()
+
+    def spin() -> None:  # pure Python: holds the lock until asked to let go
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    thread = threading.Thread(target=spin, daemon=True)
+    if busy:
+        thread.start()
+    try:
+        with GilProbe() as probe:
+            time.sleep(seconds)
+    finally:
+        stop.set()
+        if busy:
+            thread.join()
+    return probe
+
+
+def test_a_busy_thread_delays_the_probe_by_about_the_switch_interval():
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.02)
+    try:
+        idle_probe, busy_probe = _probe_while(False), _probe_while(True)
+    finally:
+        sys.setswitchinterval(old)
+    # A delay is the time past the asked-for sleep: idle, some wake-ups come back almost at once.
+    assert min(idle_probe.delays) < idle_probe.interval / 4
+    idle, busy = idle_probe.summary(), busy_probe.summary()
+    assert idle["samples"] > 20 and busy["samples"] >= 5
+    assert busy["switch_interval_ms"] == 20.0
+    # Waking from its sleep, the probe waits for the spinning thread to be asked to let go.
+    assert busy["p50_ms"] >= 10.0 and busy["mean_ms"] > 3 * idle["mean_ms"]
+    assert busy["over_1ms"] > 0.5 and busy["waited_s"] > idle["waited_s"]
+    assert set(busy) == set(idle) and busy["p50_ms"] <= busy["p90_ms"] <= busy["p99_ms"] <= busy["max_ms"]
+
+
+def test_probe_interval_is_checked():
+    with pytest.raises(ValueError, match="interval"):
+        GilProbe(0)
+
+
+def test_summary_reads_the_recorded_delays():
+    probe = GilProbe(0.001)
+    probe.delays = [0.004, 0.0001, 0.002, 0.0003]
+    summary = probe.summary()
+    assert (summary["samples"], summary["mean_ms"], summary["max_ms"], summary["waited_s"]) == (4, 1.6, 4.0, 0.006)
+    assert (summary["p50_ms"], summary["over_1ms"], summary["interval_ms"]) == (2.0, 0.5, 1.0)
+    assert GilProbe().summary()["mean_ms"] is None  # nothing sampled: no figures, no error
