@@ -15,6 +15,8 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
                the checkpoint's shards one by one (the default variants write them with
                DefuseModifier's writer pool, one shard per thread); the tensors must be identical.
 
+``--gil-probe`` adds ``gil_probe`` to every row, one entry per rank: how late a thread that sleeps 2 ms
+gets Python's interpreter lock back, sampled through ``oneshot`` (``_gil_probe.py``).
 ``--variants`` takes ``name`` (1 and N processes) or ``name@1`` / ``name@N`` (that count only).
 Every rank gets its own slice of the calibration rows (``calibration.distributed.rank_share``;
 llm-compressor 0.14 itself would give every rank the first 1/N of an identical dataset). Before
@@ -70,6 +72,7 @@ package importable (``pip install -e .``, or ``PYTHONPATH=.`` from a source chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -119,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the variant list N times, interleaved (stock, routed, all, stock, ...): each run is "
                         "compared with the stock run of its own round, and a table gives the medians")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/distributed_<device>[_tiny].json)")
+    p.add_argument("--gil-probe", action="store_true",
+                   help="sample the interpreter lock's hand-back delay through oneshot (gil_probe: one entry per rank)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--calibration", type=Path, default=None, help=argparse.SUPPRESS)  # worker: its rows (calibration_file)
     args = p.parse_args(argv)
@@ -179,6 +184,8 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
            "--device", args.device, "--output", str(out), "--seq-len", str(args.seq_len)]
     if calibration is not None:
         cmd += ["--calibration", str(calibration)]
+    if args.gil_probe:
+        cmd.append("--gil-probe")
     row: dict = {"variant": variant, "nproc": nproc, "sync_before_s": flush_page_cache()}
     t0 = time.perf_counter()
     try:
@@ -206,6 +213,8 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
         triton_compiles=[r.get("triton_compiles") for r in results],
         checkpoint=str(out / "checkpoint"),
     )
+    if args.gil_probe:
+        row["gil_probe"] = [r.get("gil_probe") for r in results]
     return row
 
 
@@ -620,12 +629,15 @@ def worker(args: argparse.Namespace) -> int:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    from _gil_probe import GilProbe
     from _profile import maybe_profile
     from _triton_compiles import count_triton_compiles
 
+    probe = GilProbe() if args.gil_probe else None
     with count_triton_compiles() as compiles:  # its cache scans stay outside the timed region
         t0 = time.perf_counter()
-        with maybe_profile(f"llmc-{variant}-n{distributed.world_size()}-rank{distributed.rank()}"):
+        with maybe_profile(f"llmc-{variant}-n{distributed.world_size()}-rank{distributed.rank()}"), \
+                probe or contextlib.nullcontext():
             oneshot(
                 model=model, processor=AutoTokenizer.from_pretrained(source), dataset=data, recipe=recipe,
                 output_dir=str(out / "checkpoint"), num_calibration_samples=len(data), max_seq_length=args.seq_len,
@@ -649,6 +661,7 @@ def worker(args: argparse.Namespace) -> int:
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "coverage_totals": None if defuse is None or defuse.coverage is None else defuse.coverage.totals.model_dump(),
         "triton_compiles": compiles.kernels,
+        "gil_probe": None if probe is None else probe.summary(),
     }
     (out / f"rank{distributed.rank()}.json").write_text(json.dumps(result))
     return 0

@@ -238,3 +238,22 @@ def test_repeat_interleaves_rounds_and_compares_each_run_with_its_own_rounds_sto
     assert "| stock x1 | 40.0 / 60.0 | 50.0 | - | - | - |" in table
     with pytest.raises(SystemExit):
         dg.parse_args(["--repeat", "0"])
+
+
+def test_gil_probe_flag_reaches_every_rank_and_its_summaries_the_row(tmp_path, monkeypatch):
+    seen = {}
+
+    def run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        out = Path(cmd[cmd.index("--output") + 1])
+        (out / "rank0.json").write_text(json.dumps(
+            {"oneshot_s": 1.0, "worker_s": 2.0, "peak_gpu_bytes": None, "stages": {}, "grouped_use": None,
+             "experts_classes": [], "coverage_totals": None, "triton_compiles": 0, "gil_probe": {"mean_ms": 0.5}}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(dg.subprocess, "run", run)
+    monkeypatch.setattr(dg.os, "sync", lambda: None)
+    row = dg.run_one("routed", 1, dg.parse_args(["--device", "cpu", "--gil-probe"]), tmp_path, timeout=10)
+    assert "--gil-probe" in seen["cmd"] and row["gil_probe"] == [{"mean_ms": 0.5}]
+    row = dg.run_one("routed", 1, dg.parse_args(["--device", "cpu"]), tmp_path, timeout=10)
+    assert "--gil-probe" not in seen["cmd"] and "gil_probe" not in row
