@@ -36,6 +36,7 @@ def _patch_points() -> dict[str, object]:
         "headless": terminal._is_headless_environment,
         "_resolve_checkpoint_module_path": structure.LazyTurtle.__dict__["_resolve_checkpoint_module_path"],
         "_load_checkpoint_tensors_for_module_path": structure.LazyTurtle.__dict__["_load_checkpoint_tensors_for_module_path"],
+        "_copy_checkpoint_tensors_into_submodule": structure.LazyTurtle.__dict__["_copy_checkpoint_tensors_into_submodule"],
     }
 
 
@@ -81,10 +82,14 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
         assert stats.tie_weights_skipped == experts  # tie_word_embeddings=False: nothing to tie
         assert not stats.stock
         # kept shard handles: opened once per handle, never more than two per shard, all closed again
-        assert 1 <= stats.shard_opens <= 2 and stats.shard_closed == stats.shard_opens
-        assert stats.shard_reads_kept + stats.shard_reads_fresh >= experts
-        if source == "src":  # each expert's weight read twice (forward check, copy), both through kept handles
-            assert stats.shard_reads_kept == 2 * experts and stats.shard_reads_fresh == 0
+        assert stats.shard_opens <= 2 and stats.shard_closed == stats.shard_opens
+        # recopy: the layer load filled every expert projection; no forward preparation copied again
+        assert stats.recopy_recorded >= experts and stats.recopy_skipped == experts
+        assert stats.recopy_changed == stats.recopy_copied == 0
+        if source == "src":  # each expert's weight read once (the forward check), through a kept handle
+            assert stats.shard_reads_kept == experts and stats.shard_reads_fresh == 0 and stats.shard_opens >= 1
+        else:  # the fused source's forward check goes through GPTQModel's alias search, and nothing is copied
+            assert stats.shard_reads_kept == stats.shard_reads_fresh == 0
         # every forward preparation's checkpoint lookup came from the index (the fused source's
         # per-expert paths have no tensors of their own: GPTQModel's alias search answers those)
         if source == "src":
@@ -95,6 +100,7 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
         assert stats.materialize_fast == stats.offload_fast == 0
         assert stats.stock == {"materialize: no lazy checkpoint source": experts}
         assert stats.shard_opens == stats.shard_reads_kept == stats.shard_reads_fresh == 0
+        assert stats.recopy_recorded == stats.recopy_skipped == 0  # nothing loaded from a lazy source
 
 
 @pytest.mark.slow
@@ -112,7 +118,8 @@ def test_patches_are_restored_when_quantize_raises(plugin, tiny, monkeypatch):  
         plugin.quantize_with_defuser(model, tiny["calibration"][:4], batch_size=4)
     changed = [k for k in before if seen[k] is not before[k]]
     assert {"shell_module_materialize", "post_quantize", "_get_qualified_name", "materialize_submodule", "get_module_fullname", "headless",
-            "_resolve_checkpoint_module_path", "_load_checkpoint_tensors_for_module_path"} <= set(changed)
+            "_resolve_checkpoint_module_path", "_load_checkpoint_tensors_for_module_path",
+            "_copy_checkpoint_tensors_into_submodule"} <= set(changed)
     assert _patch_points() == before
 
 
@@ -134,11 +141,12 @@ def test_mismatched_internals_warn_and_stay_stock(plugin, tiny, monkeypatch, cap
         assert BaseQModel.__dict__["shell_module_materialize"] is shell
         assert structure.LazyTurtle.__dict__["materialize_submodule"] is turtle
         assert not hasattr(offload, "get_module_fullname")
-    assert set(stats.disabled) == {"materialize", "offload", "shard_handles"}  # kept shards need the lean materialize
+    # kept shards and the recopy part act inside the lean materialize: stock with it
+    assert set(stats.disabled) == {"materialize", "offload", "shard_handles", "recopy"}
     assert "_get_qualified_name(root, obj)" in stats.disabled["materialize"]
     assert structure.safe_open is __import__("safetensors").safe_open
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "lean" in r.getMessage()]
-    assert len(warned) == 3 and all("GPTQModel's own per-module" in w for w in warned)
+    assert len(warned) == 4 and all("GPTQModel's own per-module" in w for w in warned)
 
 
 @pytest.mark.slow
@@ -549,3 +557,73 @@ def test_a_collection_of_parts_turns_on_only_those(plugin, tiny):  # noqa: F811
     assert stats.materialize_fast == stats.draws_rendered == stats.headless_memo_hits == stats.checkpoint_loads_indexed == 0
     with pytest.raises(ValueError, match="unknown lean bookkeeping parts"):
         plugin.quantize_with_defuser(_load(tiny["src"], True), tiny["calibration"][:8], lean_bookkeeping={"offlaod"})
+
+
+# ----- the recopy part --------------------------------------------------------------------------
+def _checkpoint_weight(tiny, path: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(next(Path(tiny["src"]).glob("*.safetensors"))), "pt") as f:
+        return f.get_tensor(f"{path}.weight")
+
+
+def _prepare_for_forward(model, path: str) -> None:
+    from gptqmodel.looper.named_module import NamedModule
+
+    module = model.model.get_submodule(path)
+    named = NamedModule(module, name=path.split(".", 3)[-1], full_name=path, layer_index=0)
+    model.shell_module_materialize(target_submodule=module, device=torch.device("cpu"), role="forward", named_module=named)
+
+
+@pytest.mark.slow
+def test_recopy_skips_only_an_untouched_expert_filled_by_the_layer_load(plugin, tiny):  # noqa: F811
+    from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping
+
+    model = _load(tiny["src"], True)
+    root = "model.layers.0.mlp.experts"
+    layer = model.model.get_submodule("model.layers.0")
+    with lean_bookkeeping(model) as stats:
+        model.shell_module_materialize(target_submodule=layer, device=torch.device("cpu"))  # GPTQModel's layer load
+        assert stats.recopy_recorded == 8 * 3  # every expert projection of the layer
+        untouched, replaced, moved_away = (model.model.get_submodule(f"{root}.{e}.up_proj") for e in (0, 1, 2))
+        kept = untouched.weight.data_ptr()
+        replaced.weight.data = torch.zeros_like(replaced.weight)  # e.g. quantized: the weight's data swapped
+        moved_away.weight = torch.nn.Parameter(moved_away.weight.detach().clone())  # another tensor object
+        for e in (0, 1, 2):
+            _prepare_for_forward(model, f"{root}.{e}.up_proj")
+        assert (stats.recopy_skipped, stats.recopy_changed) == (1, 2)
+        assert untouched.weight.data_ptr() == kept  # not written again
+        _prepare_for_forward(model, f"{root}.0.up_proj")  # a second preparation: the record is used once
+        assert stats.recopy_copied == 1
+    for e in (0, 1, 2):  # every one holds the checkpoint's weight
+        assert torch.equal(model.model.get_submodule(f"{root}.{e}.up_proj").weight, _checkpoint_weight(tiny, f"{root}.{e}.up_proj"))
+    assert stats.disabled == {}
+
+
+def test_recopy_runs_only_for_plain_gptq_configs():
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.recopy import config_refusal, internals_refusal
+
+    assert internals_refusal() is None
+    assert config_refusal(QuantizeConfig(bits=4, group_size=128)) is None
+    assert config_refusal(QuantizeConfig(bits=4, group_size=128, desc_act=True, act_group_aware=False, mse=2.0)) is None
+    for field, value in (("rotation", "hadamard"), ("preprocessors", ["x"]), ("adapter", object()), ("gptaq", object())):
+        qcfg = QuantizeConfig(bits=4, group_size=128)
+        setattr(qcfg, field, value)
+        assert field in config_refusal(qcfg)
+    assert "only plain GPTQ" in config_refusal(object())
+
+
+@pytest.mark.slow
+def test_a_config_that_may_write_weights_keeps_gptqmodels_copies(plugin, tiny):  # noqa: F811
+    from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping
+
+    model = _load(tiny["src"], True)
+    model.quantize_config.rotation = "hadamard"
+    layer = model.model.get_submodule("model.layers.0")
+    with lean_bookkeeping(model) as stats:
+        model.shell_module_materialize(target_submodule=layer, device=torch.device("cpu"))
+        _prepare_for_forward(model, "model.layers.0.mlp.experts.0.up_proj")
+    assert "rotation" in stats.disabled["recopy"]
+    assert stats.recopy_recorded == stats.recopy_skipped == 0 and stats.materialize_fast == 1

@@ -52,6 +52,12 @@ expert projections of our ``DefusedExperts`` blocks only:
   their touched pages mapped (the page cache's pages: counted in RSS, not allocated again) until
   their shard is left or the block ends.
 
+* **recopy** (the forward preparation of an expert projection, ``role="forward"``): GPTQModel has
+  just copied the whole layer from the checkpoint, experts included, and copies each module's
+  tensors again before its subset's forward replay. When that module's tensors are still the ones
+  the layer load put there (same objects, address, dtype, shape, device), the second copy is
+  skipped: it would write the same bytes. Plain GPTQ configs only (:mod:`.recopy`).
+
 * **layer offload** (``BaseQModel.post_quantize`` of a layer holding our experts, on CUDA): the
   quantized layer goes back to the CPU through two reused pinned staging buffers, a few large
   copies instead of one synchronous pageable copy per tensor (:mod:`.layer_offload`); the same CPU
@@ -89,6 +95,8 @@ from defuser_quant.core.defused import DefusedExperts
 
 from .compat import patched
 from .layer_offload import OffloadStats, Staging, lean_post_quantize
+from .recopy import Recopy, config_refusal
+from .recopy import internals_refusal as _recopy_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +120,10 @@ class BookkeepingStats:
     shard_closed: int = 0  # kept handles closed (on leaving a shard, a changed file, or the block's end)
     draws_rendered: int = 0  # LogBar progress-bar draws passed on (first, forced, or DRAW_INTERVAL after the last)
     draws_skipped: int = 0  # ... not rendered: the bar drew less than DRAW_INTERVAL ago
+    recopy_recorded: int = 0  # expert projections a layer load filled (the recopy part)
+    recopy_skipped: int = 0  # ... whose forward preparation skipped the second copy
+    recopy_changed: int = 0  # ... copied again: a tensor was replaced or moved since the layer load
+    recopy_copied: int = 0  # forward preparations copied as GPTQModel does: no layer load recorded first
     layer_offload: OffloadStats = field(default_factory=OffloadStats)  # the layer_offload part (post_quantize)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
@@ -131,6 +143,10 @@ class BookkeepingStats:
             "shard_closed": self.shard_closed,
             "draws_rendered": self.draws_rendered,
             "draws_skipped": self.draws_skipped,
+            "recopy_recorded": self.recopy_recorded,
+            "recopy_skipped": self.recopy_skipped,
+            "recopy_changed": self.recopy_changed,
+            "recopy_copied": self.recopy_copied,
             "layer_offload": asdict(self.layer_offload),
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
@@ -250,7 +266,7 @@ def _post_quantize_mismatch() -> str | None:
 
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
-    ``draw_rate``/``layer_offload``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
+    ``draw_rate``/``layer_offload``/``recopy``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
@@ -285,11 +301,12 @@ def internals_mismatch() -> dict[str, str]:
         problems["offload"] = "expected offload.get_module_fullname(model, module), looked up by _offload_to_disk_impl"
     if "materialize" in problems:
         problems["shard_handles"] = "needs the lean materialize, which is stock: " + problems["materialize"]
+        problems["recopy"] = problems["shard_handles"]
     why = _post_quantize_mismatch()
     if why is not None:
         problems["layer_offload"] = why
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
-                      ("shard_handles", _shard_handles_mismatch())):
+                      ("shard_handles", _shard_handles_mismatch()), ("recopy", _recopy_mismatch())):
         if why is not None:
             problems[part] = why
     try:
@@ -549,6 +566,11 @@ class _Lean:
         with self.lock:
             self.stats.stock[reason] += 1
 
+    def add(self, field_name: str, n: int) -> None:
+        """Add ``n`` to the stats counter ``field_name``."""
+        with self.lock:
+            setattr(self.stats, field_name, getattr(self.stats, field_name) + n)
+
     def _resolves(self, path: str, module: nn.Module) -> bool:
         try:
             return self.model.get_submodule(path) is module
@@ -759,7 +781,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
-                   "layer_offload"})
+                   "layer_offload", "recopy"})
 
 
 @contextmanager
@@ -783,9 +805,16 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
             "GPTQModel's own per-module %s runs (same result, slower)", part, why, part,
         )
     enabled = set(parts) - set(problems)
-    if "shard_handles" in enabled and "materialize" not in enabled:
-        stats.disabled["shard_handles"] = "needs the materialize part"  # its handles are kept only there
-        enabled.discard("shard_handles")
+    for part in ("shard_handles", "recopy"):  # both act only inside the lean materialize
+        if part in enabled and "materialize" not in enabled:
+            stats.disabled[part] = "needs the materialize part"
+            enabled.discard(part)
+    if "recopy" in enabled:
+        why = config_refusal(gptq_model.quantize_config)
+        if why is not None:
+            stats.disabled["recopy"] = why
+            logger.info("defuser-quant's recopy part stays stock: %s", why)
+            enabled.discard("recopy")
     paths = expert_projection_paths(gptq_model.model)
     lean = _Lean(gptq_model, paths, _ties_nothing(gptq_model.model), stats)
     headless = None
@@ -803,6 +832,11 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
                                         lean.resolve_path(turtle._resolve_checkpoint_module_path)))
             stack.enter_context(patched(turtle, "_load_checkpoint_tensors_for_module_path",
                                         lean.load_tensors(turtle._load_checkpoint_tensors_for_module_path)))
+        if paths and "recopy" in enabled:
+            recopy = Recopy(gptq_model.model, paths, lambda: getattr(lean.local, "hint", None), lean.add)
+            turtle = structure.LazyTurtle
+            stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule",
+                                        recopy.patch(turtle._copy_checkpoint_tensors_into_submodule)))
         if paths and "shard_handles" in enabled:
             stack.enter_context(patched(structure, "safe_open", lean.shard_open(structure.safe_open)))
             stack.callback(lean.shards.close)  # runs before safe_open is restored
