@@ -28,6 +28,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  ``BatchedSolve(host_results=True)``: each chunk's scales, zeros and ``g_idx`` handed
                  to GPTQModel already on the CPU (one copy per chunk instead of GPTQModel's pinned copy,
                  event and sync task per tensor);
+* ``ours-grouped-batched-norecopy`` - every lean bookkeeping part but ``recopy``: each expert
+                 projection's checkpoint tensors copied again before its forward replay, as GPTQModel
+                 does, to measure what that part saves;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -115,7 +118,7 @@ CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
-            "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host")
+            "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy")
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS"}
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
@@ -150,9 +153,20 @@ def split_variant(name: str) -> tuple[str, dict[str, int]]:
     return base, modifiers
 
 
+def bookkeeping_setting(variant: str):
+    """The ``lean_bookkeeping`` argument of an ``ours`` variant: True, False or a set of parts."""
+    if variant.endswith("-stockbk"):
+        return False
+    if variant.endswith("-norecopy"):
+        from defuser_quant.integrations.gptqmodel.overhead import PARTS
+
+        return set(PARTS - {"recopy"})
+    return True
+
+
 def solve_setting(variant: str):
     """The ``batched_solve`` argument of an ``ours`` variant: False, True or a ``BatchedSolve``."""
-    base = variant.removesuffix("-stockbk")
+    base = variant.removesuffix("-stockbk").removesuffix("-norecopy")
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-host": {"host_results": True}}
     kwargs: dict = {}
@@ -695,7 +709,7 @@ def worker(args: argparse.Namespace) -> int:
             result = quantize_with_defuser(model, calibration, routing=routing, policy="warn", batch_size=args.batch_size,
                                            backend=backend, coverage_report=work / f"{run_id}.coverage.json",
                                            grouped="-grouped" in variant, batched_solve=batched,
-                                           lean_bookkeeping=not variant.endswith("-stockbk"))
+                                           lean_bookkeeping=bookkeeping_setting(variant))
             log = result.log
             extra["solve"] = result.solve.as_dict() if result.solve is not None else None
             extra["bookkeeping"] = result.bookkeeping.as_dict() if result.bookkeeping is not None else None

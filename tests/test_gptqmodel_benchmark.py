@@ -135,6 +135,16 @@ def test_variants_pick_their_batched_solve_settings():
     assert {"ours-grouped-batched-host", "ours-grouped-batched-hinv4-host"} <= set(bench.VARIANTS)
 
 
+def test_variants_pick_their_lean_bookkeeping():
+    pytest.importorskip("gptqmodel")
+    from defuser_quant.integrations.gptqmodel.overhead import PARTS
+
+    assert bench.bookkeeping_setting("ours-grouped-batched") is True
+    assert bench.bookkeeping_setting("ours-grouped-batched-stockbk") is False
+    assert bench.bookkeeping_setting("ours-grouped-batched-norecopy") == set(PARTS) - {"recopy"}
+    assert bench.solve_setting("ours-grouped-batched-norecopy") is True and "ours-grouped-batched-norecopy" in bench.VARIANTS
+
+
 def test_variant_modifiers_are_parsed_and_bad_ones_refused():
     assert bench.split_variant("stock") == ("stock", {})
     assert bench.split_variant("ours-grouped-batched+si500+cpuw4") == ("ours-grouped-batched", {"si": 500, "cpuw": 4})
