@@ -194,6 +194,8 @@ def test_data_parallel_replicas_count_and_quantize_like_one_device(plugin, tiny,
     assert all(p.routed + p.forced == p.quantizer_samples for p in result.projections)
     assert result.coverage.totals == reference.coverage.totals
     assert result.solve.batched_modules == reference.solve.batched_modules
+    # Replicas are made from the layer GPTQModel loaded: no expert projection was copied twice.
+    assert result.bookkeeping.recopy_skipped == len(result.projections) == 48
     # Layer 0 sees the same inputs: the same rows per projection. Later layers see the previous
     # layer's quantized output, which the CPU rounds a little differently in another thread, so
     # a few tokens may route to other experts there.
