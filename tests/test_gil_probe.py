@@ -64,3 +64,21 @@ def test_summary_reads_the_recorded_delays():
     assert (summary["samples"], summary["mean_ms"], summary["max_ms"], summary["waited_s"]) == (4, 1.6, 4.0, 0.006)
     assert (summary["p50_ms"], summary["over_1ms"], summary["interval_ms"]) == (2.0, 0.5, 1.0)
     assert GilProbe().summary()["mean_ms"] is None  # nothing sampled: no figures, no error
+
+
+def test_gil_holders_benchmark_tells_a_lock_holder_from_a_kernel(tmp_path, capsys):
+    import json
+
+    import gil_holders
+
+    out = tmp_path / "holders.json"
+    assert gil_holders.main(["--seconds", "0.3", "--only", "idle,python_loop,tensor_clone", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["idle", "python_loop", "tensor_clone"]
+    loop, clone = results["python_loop"], results["tensor_clone"]
+    assert loop["calls_per_s"] > 0 and clone["calls_per_s"] > 0 and results["idle"]["calls_per_s"] is None
+    # A pure-Python loop keeps the lock until asked to let go; a tensor copy lets it go while it runs.
+    assert loop["probe"]["p50_ms"] > 2.0 and loop["probe"]["p50_ms"] > 3 * clone["probe"]["p50_ms"]
+    with pytest.raises(SystemExit):
+        gil_holders.main(["--only", "nope"])
+    assert "unknown candidates ['nope']" in capsys.readouterr().err
