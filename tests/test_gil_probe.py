@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -13,37 +12,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _gil_probe import GilProbe  # noqa: E402
 
 
-def _probe_while(busy: bool, seconds: float = 0.4) -> GilProbe:
-    stop = threading.Event()
-
-    def spin() -> None:  # pure Python: holds the lock until asked to let go
-        x = 0
-        while not stop.is_set():
-            x += 1
-
-    thread = threading.Thread(target=spin, daemon=True)
-    if busy:
-        thread.start()
-    try:
-        with GilProbe() as probe:
-            time.sleep(seconds)
-    finally:
-        stop.set()
-        if busy:
-            thread.join()
-    return probe
-
-
 def test_a_busy_thread_delays_the_probe_by_about_the_switch_interval():
+    from gil_holders import measure
+
     old = sys.getswitchinterval()
     sys.setswitchinterval(0.02)
     try:
-        idle_probe, busy_probe = _probe_while(False), _probe_while(True)
+        with GilProbe() as idle_probe:
+            time.sleep(0.4)
+        busy = measure(lambda: sum(range(10_000)), 0.4)["probe"]  # pure Python on another thread
     finally:
         sys.setswitchinterval(old)
     # A delay is the time past the asked-for sleep: idle, some wake-ups come back almost at once.
     assert min(idle_probe.delays) < idle_probe.interval / 4
-    idle, busy = idle_probe.summary(), busy_probe.summary()
+    idle = idle_probe.summary()
     assert idle["samples"] > 20 and busy["samples"] >= 5
     assert busy["switch_interval_ms"] == 20.0
     # Waking from its sleep, the probe waits for the spinning thread to be asked to let go.
