@@ -155,6 +155,8 @@ def test_gptqmodel_job_with_dequantized_fused_output(tmp_path):
     assert report["perplexity"]["after"] < 1.5 * report["perplexity"]["before"]
     solve = next(n for n in report["notes"] if n.startswith("GPTQ solve:"))
     assert int(solve.split()[2]) >= 192  # every expert projection went through the batched solve
+    kept = next(n for n in report["notes"] if n.startswith("GPTQModel bookkeeping:"))
+    assert "192 second checkpoint copy(ies) skipped" in kept and "left stock" not in kept
     fused = AutoModelForCausalLM.from_pretrained(out / "fused-dequantized", dtype=torch.float32)
     assert fused.model.layers[0].mlp.experts.gate_up_proj.shape == (16, 256, 128)
 
@@ -204,3 +206,14 @@ def test_llmcompressor_awq_job_end_to_end(tmp_path):
     assert report["perplexity"]["after"] < 1.5 * report["perplexity"]["before"]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "model.layers.0.mlp.experts.3.gate_proj.weight_packed" in set(f.keys())
+
+
+def test_bookkeeping_note_names_every_part_left_stock():
+    pytest.importorskip("gptqmodel")
+    from defuser_quant.integrations.gptqmodel.overhead import BookkeepingStats
+    from defuser_quant.jobs.backends.gptqmodel import bookkeeping_note
+
+    stats = BookkeepingStats(materialize_fast=3, offload_fast=2, recopy_skipped=1,
+                             disabled={"recopy": "rotation set", "offload": "internals differ"})
+    assert bookkeeping_note(stats) == ("GPTQModel bookkeeping: lean path for 3 module load(s) and 2 offload(s); 1 second "
+                                       "checkpoint copy(ies) skipped; left stock: offload (internals differ); recopy (rotation set)")

@@ -9,6 +9,7 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,6 +18,15 @@ from ..context import BackendResult, JobContext
 
 logger = logging.getLogger(__name__)
 _BITS = {"W4A16": 4, "W8A16": 8}
+
+
+def bookkeeping_note(stats: Any) -> str:
+    """One report line on the lean per-module bookkeeping: what it skipped, and any part left stock."""
+    line = (f"GPTQModel bookkeeping: lean path for {stats.materialize_fast} module load(s) and {stats.offload_fast} "
+            f"offload(s); {stats.recopy_skipped} second checkpoint copy(ies) skipped")
+    if stats.disabled:
+        line += "; left stock: " + "; ".join(f"{part} ({why})" for part, why in sorted(stats.disabled.items()))
+    return line
 
 
 def run(ctx: JobContext) -> BackendResult:
@@ -133,6 +143,8 @@ def _run(ctx: JobContext) -> BackendResult:
             f"GPTQ solve: {solve.batched_modules} module(s) solved batched with their equal-shape siblings, "
             f"{sum(solve.per_module.values())} by GPTQModel per module" + (f" ({reasons})" if reasons else "")
         )
+    if quantized.bookkeeping is not None:
+        result.notes.append(bookkeeping_note(quantized.bookkeeping))
     with ctx.stage("save"):
         model.save(str(ctx.staging_dir))
         _forget_scratch_path(ctx.staging_dir)
