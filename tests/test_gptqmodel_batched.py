@@ -294,6 +294,8 @@ def test_settings_are_checked():
         BatchedSolve(chunk_bytes=0)
     with pytest.raises(ValueError, match="inverse_threads"):
         BatchedSolve(inverse_threads=0)
+    with pytest.raises(TypeError, match="host_results must be True or False, got 'no'"):
+        BatchedSolve(host_results="no")  # a truthy string would silently turn it on
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

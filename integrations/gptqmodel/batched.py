@@ -117,6 +117,8 @@ class BatchedSolve:
             raise ValueError(f"BatchedSolve.parallel must be >= 1, got {self.parallel}")
         if self.inverse_threads < 1:
             raise ValueError(f"BatchedSolve.inverse_threads must be >= 1, got {self.inverse_threads}")
+        if not isinstance(self.host_results, bool):
+            raise TypeError(f"BatchedSolve.host_results must be True or False, got {self.host_results!r}")
 
 
 @dataclass
