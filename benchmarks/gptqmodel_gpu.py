@@ -520,6 +520,15 @@ def markdown(rows: list[dict]) -> str:
         for r in staged:
             st = r["stages"]
             lines.append(f"| {r.get('run', r['variant'])}{triton_note(r)} | {r['quantize_s']:.1f} | " + " | ".join((f"{st[c]:.2f}" if c in st else "-") for c in STAGE_COLUMNS) + " |")
+    probed = [r for r in rows if r.get("gil_probe") and "error" not in r]
+    if probed:
+        lines += ["", "Interpreter lock during quantize() (--gil-probe: delay of a 2 ms sleep's wake-up):", "",
+                  "| run | switch interval (ms) | mean (ms) | p90 (ms) | over 1 ms | lock waits (s) | second copies skipped | "
+                  "results on host |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in probed:
+            g, bk, solve = r["gil_probe"], r.get("bookkeeping") or {}, r.get("solve") or {}
+            lines.append(f"| {r.get('run', r['variant'])} | {g['switch_interval_ms']} | {g['mean_ms']} | {g['p90_ms']} | "
+                         f"{g['over_1ms']} | {g['waited_s']} | {bk.get('recopy_skipped', '-')} | {solve.get('host_results', '-')} |")
     scaled = [r for r in rows if r.get("gpus") and "error" not in r]
     if len({r["gpus"] for r in scaled}) > 1:
         lines += ["", "| variant | GPUs | quantize (s) | total (s) | speed-up | peak GPU GiB per device | checkpoint vs fewest GPUs |",

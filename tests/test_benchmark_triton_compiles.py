@@ -257,3 +257,16 @@ def test_gil_probe_flag_reaches_every_rank_and_its_summaries_the_row(tmp_path, m
     assert "--gil-probe" in seen["cmd"] and row["gil_probe"] == [{"mean_ms": 0.5}]
     row = dg.run_one("routed", 1, dg.parse_args(["--device", "cpu"]), tmp_path, timeout=10)
     assert "--gil-probe" not in seen["cmd"] and "gil_probe" not in row
+
+
+def test_the_gptqmodel_table_shows_the_lock_probe_when_it_ran():
+    base = {"load_s": 1.0, "quantize_s": 2.0, "save_s": 0.5, "total_s": 3.5, "peak_rss_bytes": 2**30, "experts_quantized": 1,
+            "expert_projections": 1, "peak_gpu_bytes": None}
+    probe = {"switch_interval_ms": 0.5, "mean_ms": 0.4, "p90_ms": 0.9, "over_1ms": 0.05, "waited_s": 1.2}
+    rows = [{**base, "variant": "stock"},
+            {**base, "variant": "ours+si500", "gil_probe": probe, "bookkeeping": {"recopy_skipped": 768},
+             "solve": {"batched_modules": 760, "per_module": {}, "host_results": 760}}]
+    lines = gg.markdown(rows).splitlines()
+    assert "| ours+si500 | 0.5 | 0.4 | 0.9 | 0.05 | 1.2 | 768 | 760 |" in lines
+    assert not any(line.startswith("| stock | 5") for line in lines)  # stock had no probe: no row there
+    assert "Interpreter lock" not in gg.markdown(rows[:1])
