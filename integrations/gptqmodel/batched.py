@@ -44,6 +44,7 @@ untouched task.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 import time
@@ -734,15 +735,17 @@ class _Coordinator:
                     task.finalize_hessian(target_device=getattr(task.module, "target_device", None))
                     task._release_deferred_hessian_sources()
                 device = tasks[0].H.device
+                # inverse_threads only acts on CUDA: the CPU inverts one Hessian after another
+                solve = functools.partial(batched_gptq_solve, tasks, inverse_threads=self.settings.inverse_threads,
+                                          host_results=self.settings.host_results)
                 if device.type == "cuda":
                     stream = self._stream(device)
                     stream.wait_stream(torch.cuda.current_stream(device))
                     with torch.cuda.stream(stream):
-                        outcome = batched_gptq_solve(tasks, inverse_threads=self.settings.inverse_threads,
-                                                     host_results=self.settings.host_results)
+                        outcome = solve()
                     stream.synchronize()  # results complete before another worker's stream reads them
                 else:
-                    outcome = batched_gptq_solve(tasks, host_results=self.settings.host_results)
+                    outcome = solve()
         except torch.OutOfMemoryError:
             logger.warning(
                 "batched GPTQ solve of %d modules ran out of memory; GPTQModel solves them one by one", len(tasks)
