@@ -113,7 +113,7 @@ def on_streams(hs: list[torch.Tensor], damp: float, n: int) -> list[torch.Tensor
             out.append(invert(h, damp))
     for s in streams:
         main.wait_stream(s)
-    for t, i in zip(out, range(len(out)), strict=True):
+    for i, t in enumerate(out):
         t.record_stream(streams[i % n])
     return out
 
