@@ -86,6 +86,8 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
         # recopy: the layer load filled every expert projection; no forward preparation copied again
         assert stats.recopy_recorded >= experts and stats.recopy_skipped == experts
         assert stats.recopy_changed == stats.recopy_copied == 0
+        # layer 0 is loaded on the CPU for the input capture; on CUDA pre_quantize moves it (followed)
+        assert stats.recopy_moved == (experts // 2 if torch.cuda.is_available() else 0)
         if source == "src":  # each expert's weight read once (the forward check), through a kept handle
             assert stats.shard_reads_kept == experts and stats.shard_reads_fresh == 0 and stats.shard_opens >= 1
         else:  # the fused source's forward check goes through GPTQModel's alias search, and nothing is copied
@@ -594,6 +596,80 @@ def test_recopy_skips_only_an_untouched_expert_filled_by_the_layer_load(plugin, 
     for e in (0, 1, 2):  # every one holds the checkpoint's weight
         assert torch.equal(model.model.get_submodule(f"{root}.{e}.up_proj").weight, _checkpoint_weight(tiny, f"{root}.{e}.up_proj"))
     assert stats.disabled == {}
+
+
+def _fake_move(replace: str | None = None):
+    """A stand-in for ``move_to`` to another device on a CPU-only machine: every tensor's data copied
+    to new storage (the same parameter objects), and optionally one parameter replaced outright."""
+
+    def move_to(module, device, dtype=None):
+        for name, sub in module.named_modules():
+            for pname, p in list(sub.named_parameters(recurse=False)):
+                if replace is not None and f"{name}.{pname}" == replace:
+                    setattr(sub, pname, torch.nn.Parameter(p.detach().clone()))
+                else:
+                    p.data = p.data.clone()
+        return module
+
+    return move_to
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replaced", [False, True])
+def test_recopy_follows_gptqmodels_move_of_layer_0(plugin, tiny, monkeypatch, replaced):  # noqa: F811
+    import gptqmodel.models.base as base
+
+    from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping
+
+    model = _load(tiny["src"], True)
+    root = "model.layers.0.mlp.experts"
+    replace = "mlp.experts.3.down_proj.weight" if replaced else None
+    monkeypatch.setattr(base, "move_to", _fake_move(replace))
+    monkeypatch.setattr(model.quantize_config, "device", torch.device("meta"))  # "not the CPU": pre_quantize moves
+    layer = model.model.get_submodule("model.layers.0")
+    with lean_bookkeeping(model) as stats:
+        layer = model.shell_module_materialize(target_submodule=layer, device=torch.device("cpu"))  # input capture
+        before = layer.mlp.experts[0].up_proj.weight.data_ptr()
+        assert model.pre_quantize(layer) is layer
+        assert layer.mlp.experts[0].up_proj.weight.data_ptr() != before  # the data moved
+        for e in range(8):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                _prepare_for_forward(model, f"{root}.{e}.{name}")
+    assert stats.disabled == {}
+    assert stats.recopy_moved == 24 - replaced
+    assert (stats.recopy_skipped, stats.recopy_changed) == (24 - replaced, int(replaced))
+    for e in range(8):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            path = f"{root}.{e}.{name}"
+            assert torch.equal(model.model.get_submodule(path).weight, _checkpoint_weight(tiny, path))
+
+
+@pytest.mark.slow
+def test_recopy_does_not_follow_an_unknown_pre_quantize(plugin, tiny, monkeypatch):  # noqa: F811
+    import gptqmodel.models.base as base
+
+    from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping
+    from defuser_quant.integrations.gptqmodel.recopy import pre_quantize_refusal
+
+    assert pre_quantize_refusal() is None
+
+    def pre_quantize(self, module):  # another GPTQModel: may write to the weights while moving them
+        for p in module.parameters():
+            p.data = torch.zeros_like(p)
+        return module
+
+    monkeypatch.setattr(base.BaseQModel, "pre_quantize", pre_quantize)
+    assert "pre_quantize differs" in pre_quantize_refusal()
+    model = _load(tiny["src"], True)
+    path = "model.layers.0.mlp.experts.0.up_proj"
+    layer = model.model.get_submodule("model.layers.0")
+    with lean_bookkeeping(model) as stats:
+        layer = model.shell_module_materialize(target_submodule=layer, device=torch.device("cpu"))
+        model.pre_quantize(layer)
+        _prepare_for_forward(model, path)
+    assert "pre_quantize differs" in stats.disabled["recopy.moves"]
+    assert (stats.recopy_moved, stats.recopy_skipped, stats.recopy_changed) == (0, 0, 1)
+    assert torch.equal(model.model.get_submodule(path).weight, _checkpoint_weight(tiny, path))
 
 
 def test_recopy_runs_only_for_plain_gptq_configs():

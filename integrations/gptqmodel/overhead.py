@@ -95,7 +95,7 @@ from defuser_quant.core.defused import DefusedExperts
 
 from .compat import patched
 from .layer_offload import OffloadStats, Staging, lean_post_quantize
-from .recopy import Recopy, config_refusal
+from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class BookkeepingStats:
     recopy_skipped: int = 0  # ... whose forward preparation skipped the second copy
     recopy_changed: int = 0  # ... copied again: a tensor was replaced or moved since the layer load
     recopy_copied: int = 0  # forward preparations copied as GPTQModel does: no layer load recorded first
+    recopy_moved: int = 0  # records taken again after GPTQModel's pre_quantize moved their layer (layer 0)
     layer_offload: OffloadStats = field(default_factory=OffloadStats)  # the layer_offload part (post_quantize)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
@@ -147,6 +148,7 @@ class BookkeepingStats:
             "recopy_skipped": self.recopy_skipped,
             "recopy_changed": self.recopy_changed,
             "recopy_copied": self.recopy_copied,
+            "recopy_moved": self.recopy_moved,
             "layer_offload": asdict(self.layer_offload),
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
@@ -837,6 +839,11 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
             turtle = structure.LazyTurtle
             stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule",
                                         recopy.patch(turtle._copy_checkpoint_tensors_into_submodule)))
+            why = pre_quantize_refusal()
+            if why is None:
+                stack.enter_context(patched(BaseQModel, "pre_quantize", recopy.follow_moves(BaseQModel.pre_quantize, gptq_model)))
+            else:  # layer 0 (loaded on the CPU, then moved) copies again as GPTQModel does
+                stats.disabled["recopy.moves"] = why
         if paths and "shard_handles" in enabled:
             stack.enter_context(patched(structure, "safe_open", lean.shard_open(structure.safe_open)))
             stack.callback(lean.shards.close)  # runs before safe_open is restored

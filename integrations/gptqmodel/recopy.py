@@ -16,7 +16,14 @@ filled, each direct parameter and buffer: the tensor object, its storage address
 and device. The first forward preparation of that module after it skips the copy when all of
 that is still so (the same objects at the same address: not replaced, not moved) and returns
 what GPTQModel's copy returns (how many tensors it loaded). Anything else (no record, a tensor
-replaced, moved or added, a second preparation) copies as GPTQModel does. Inference tensors keep
+replaced, moved or added, a second preparation) copies as GPTQModel does.
+
+GPTQModel loads layer 0 on the CPU for the input capture and moves it to the quantize device in
+``pre_quantize`` (``move_to``: the same parameter objects, their data copied to the device). With
+:meth:`Recopy.follow_moves` the records of expert projections that were intact before that call and
+hold the same parameter objects after it are taken again as the move left them, so layer 0 skips the
+second copy too. Only GPTQModel 7.6's own ``pre_quantize`` (compared by source) is followed:
+it materializes or moves a layer and writes nothing else. Inference tensors keep
 no version counter, so an in-place write would go unseen: the part is only on for quantize
 configs that write to no weight before the solve (plain GPTQ: no rotation, pre-processors,
 smoothing, adapters, GPTAQ/FOEM or activation quantization; :func:`config_refusal`).
@@ -24,6 +31,7 @@ smoothing, adapters, GPTAQ/FOEM or activation quantization; :func:`config_refusa
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections.abc import Callable
@@ -33,7 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Recopy", "config_refusal", "internals_refusal"]
+__all__ = ["Recopy", "config_refusal", "internals_refusal", "pre_quantize_refusal"]
+
+#: sha256[:16] of GPTQModel 7.6.0's ``BaseQModel.pre_quantize`` source (materialize or move, nothing else).
+_PRE_QUANTIZE_SOURCE = "52c9ba27fef774ac"
 
 #: QuantizeConfig fields that, when set, may rewrite weights before the solve.
 _WRITERS = ("rotation", "preprocessors", "smoother", "smooth", "adapter", "gptaq", "foem", "activation")
@@ -74,6 +85,22 @@ def internals_refusal() -> str | None:
     return None
 
 
+def pre_quantize_refusal() -> str | None:
+    """Why a layer move in ``BaseQModel.pre_quantize`` must not be followed (None: it may be)."""
+    from gptqmodel.models.base import BaseQModel
+
+    from .overhead import _source_digest
+
+    pre = getattr(BaseQModel, "pre_quantize", None)
+    if pre is None or _source_digest(pre) != _PRE_QUANTIZE_SOURCE:
+        return "BaseQModel.pre_quantize differs from GPTQModel 7.6.0's source"
+    return None
+
+
+def _direct_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+
+
 @dataclass
 class _Filled:
     """The direct tensors of one expert projection as a layer load left them. The module object
@@ -84,7 +111,7 @@ class _Filled:
     @staticmethod
     def of(module: nn.Module) -> _Filled | None:
         tensors = {}
-        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        for name, t in _direct_tensors(module):
             if t is None or t.is_meta:
                 return None
             tensors[name] = (weakref.ref(t), t.data_ptr(), t.dtype, t.shape, t.device)
@@ -92,7 +119,7 @@ class _Filled:
 
     def unchanged(self, module: nn.Module, device: Any) -> bool:
         """``module`` holds exactly the tensor objects recorded, where they were, on ``device``."""
-        now = dict([*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)])
+        now = dict(_direct_tensors(module))
         if now.keys() != self.tensors.keys():
             return False
         try:
@@ -106,6 +133,20 @@ class _Filled:
             if where.type != target.type or (target.index is not None and where.index != target.index):
                 return False
         return True
+
+    def intact(self, module: nn.Module) -> bool:
+        """``module`` holds the recorded tensor objects, unchanged, where they were recorded."""
+        return self.unchanged(module, next(iter(self.tensors.values()))[4])
+
+    def same_objects(self, module: nn.Module) -> bool:
+        """``module`` holds the recorded tensor objects with their dtype and shape (the data may have moved)."""
+        now = dict(_direct_tensors(module))
+        return now.keys() == self.tensors.keys() and all(
+            ref() is now[name] and now[name].dtype == dtype and now[name].shape == shape
+            for name, (ref, _, dtype, shape, _) in self.tensors.items())
+
+    def first_tensor(self) -> torch.Tensor | None:
+        return next(iter(self.tensors.values()))[0]()
 
 
 class Recopy:
@@ -145,6 +186,50 @@ class Recopy:
             return loaded
 
         return _copy_checkpoint_tensors_into_submodule
+
+    def follow_moves(self, original: Callable, gptq_model: Any) -> Callable:
+        """``BaseQModel.pre_quantize`` of ``gptq_model``, re-recording the expert projections its move
+        of a layer left in place (see the module docstring)."""
+        recopy = self
+
+        @functools.wraps(original)
+        def pre_quantize(self, module):
+            if self is not gptq_model:
+                return original(self, module)
+            intact = recopy._intact_under(module)
+            result = original(self, module)
+            if result is module and intact:
+                recopy._take_moved(intact)
+            return result
+
+        return pre_quantize
+
+    def _intact_under(self, layer: nn.Module) -> dict[str, tuple[nn.Module, _Filled]]:
+        with self.lock:
+            records = list(self.filled.items())
+        if not records:
+            return {}
+        holders = {id(t): m for m in layer.modules() for _, t in _direct_tensors(m)}
+        intact = {}
+        for path, filled in records:
+            first = filled.first_tensor()
+            holder = holders.get(id(first)) if first is not None else None
+            if holder is not None and filled.intact(holder):
+                intact[path] = (holder, filled)
+        return intact
+
+    def _take_moved(self, intact: dict[str, tuple[nn.Module, _Filled]]) -> None:
+        taken = 0
+        for path, (holder, filled) in intact.items():
+            if not filled.same_objects(holder):
+                continue
+            moved = _Filled.of(holder)
+            with self.lock:
+                if moved is not None and self.filled.get(path) is filled:
+                    self.filled[path] = moved
+                    taken += 1
+        if taken:
+            self.count("recopy_moved", taken)
 
     def record(self, loaded: nn.Module, path: str | None) -> None:
         """Remember the expert projections under ``loaded`` (at ``path``) as this load left them."""
