@@ -221,8 +221,8 @@ class Recopy:
     def _take_moved(self, intact: dict[str, tuple[nn.Module, _Filled]]) -> None:
         taken = 0
         for path, (holder, filled) in intact.items():
-            if not filled.same_objects(holder):
-                continue
+            if filled.intact(holder) or not filled.same_objects(holder):
+                continue  # not moved (the record still holds), or replaced (it copies again)
             moved = _Filled.of(holder)
             with self.lock:
                 if moved is not None and self.filled.get(path) is filled:
