@@ -28,9 +28,14 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  ``BatchedSolve(host_results=True)``: each chunk's scales, zeros and ``g_idx`` handed
                  to GPTQModel already on the CPU (one copy per chunk instead of GPTQModel's pinned copy,
                  event and sync task per tensor);
+* ``ours-grouped-batched-hinv1-device`` - with ``BatchedSolve(inverse_threads=1, host_results=False)``:
+                 the batched solve as it was before round 14 made four inverse threads and host-side
+                 results its defaults (inverses one after another; results streamed by GPTQModel);
 * ``ours-grouped-batched-norecopy`` - every lean bookkeeping part but ``recopy``: each expert
                  projection's checkpoint tensors copied again before its forward replay, as GPTQModel
                  does, to measure what that part saves;
+* ``ours-grouped-batched-nologrows`` - every lean bookkeeping part but ``log_rows``: GPTQModel's quant
+                 log rows drawn by the device workers under the processor's lock, as GPTQModel does;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -118,7 +123,10 @@ CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
-            "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy")
+            "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
+            "ours-grouped-batched-nologrows", "ours-grouped-batched-hinv1-device")
+#: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
+WITHOUT_PART = {"-norecopy": "recopy", "-nologrows": "log_rows"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS"}
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
@@ -157,18 +165,21 @@ def bookkeeping_setting(variant: str):
     """The ``lean_bookkeeping`` argument of an ``ours`` variant: True, False or a set of parts."""
     if variant.endswith("-stockbk"):
         return False
-    if variant.endswith("-norecopy"):
-        from defuser_quant.integrations.gptqmodel.overhead import PARTS
+    for suffix, part in WITHOUT_PART.items():
+        if variant.endswith(suffix):
+            from defuser_quant.integrations.gptqmodel.overhead import PARTS
 
-        return set(PARTS - {"recopy"})
+            return set(PARTS - {part})
     return True
 
 
 def solve_setting(variant: str):
     """The ``batched_solve`` argument of an ``ours`` variant: False, True or a ``BatchedSolve``."""
-    base = variant.removesuffix("-stockbk").removesuffix("-norecopy")
+    base = variant.removesuffix("-stockbk")
+    for suffix in WITHOUT_PART:
+        base = base.removesuffix(suffix)
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
-                "-host": {"host_results": True}}
+                "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False}}
     kwargs: dict = {}
     stripped = True
     while stripped:

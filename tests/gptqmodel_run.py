@@ -29,7 +29,8 @@ def main() -> int:
     p.add_argument("--grouped", action="store_true")
     p.add_argument("--batched", action="store_true")
     p.add_argument("--inverse-threads", type=int, default=None, help="with --batched: BatchedSolve(inverse_threads=N)")
-    p.add_argument("--host-results", action="store_true", help="with --batched: BatchedSolve(host_results=True)")
+    p.add_argument("--host-results", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --batched: BatchedSolve(host_results=...)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (quantize_with_defuser)")
@@ -55,10 +56,11 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats(index)
     placement = {"device": "cpu"} if args.device == "cpu" else {}
     solve = args.batched
-    if args.batched and (args.inverse_threads is not None or args.host_results):
+    if args.batched and (args.inverse_threads is not None or args.host_results is not None):
         from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 
-        solve = BatchedSolve(inverse_threads=args.inverse_threads or 1, host_results=args.host_results)
+        given = {"inverse_threads": args.inverse_threads, "host_results": args.host_results}
+        solve = BatchedSolve(**{name: value for name, value in given.items() if value is not None})
     model = GPTQModel.load(args.src, QuantizeConfig(bits=4, group_size=128), **placement)
     t0 = time.perf_counter()
     with record_gptq_kernels() as kernels:

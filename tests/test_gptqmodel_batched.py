@@ -627,7 +627,7 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     calibration.write_text(json.dumps(tiny["calibration"]))
     runs = {}
     for name, extra in (("per_module", []), ("batched", ["--batched"]),
-                        ("batched_hinv4_host", ["--batched", "--inverse-threads", "4", "--host-results"])):
+                        ("batched_hinv1_device", ["--batched", "--inverse-threads", "1", "--no-host-results"])):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
                "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
         cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_run.py")), str(tiny["src"]), str(calibration),
@@ -636,7 +636,7 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         runs[name] = json.loads((tmp_path / name / "result.json").read_text())
     reference = _tensors(tmp_path / "per_module" / "checkpoint")
-    for name in ("batched", "batched_hinv4_host"):  # inverses one after another; on four threads, results on the host
+    for name in ("batched", "batched_hinv1_device"):  # the defaults (four inverse threads, results on the host); neither
         batched = runs[name]
         assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
         assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}

@@ -142,6 +142,8 @@ def test_variants_pick_their_lean_bookkeeping():
     assert bench.bookkeeping_setting("ours-grouped-batched") is True
     assert bench.bookkeeping_setting("ours-grouped-batched-stockbk") is False
     assert bench.bookkeeping_setting("ours-grouped-batched-norecopy") == set(PARTS) - {"recopy"}
+    assert bench.bookkeeping_setting("ours-grouped-batched-nologrows") == set(PARTS) - {"log_rows"}
+    assert bench.solve_setting("ours-grouped-batched-nologrows") is True
     assert bench.solve_setting("ours-grouped-batched-norecopy") is True and "ours-grouped-batched-norecopy" in bench.VARIANTS
 
 

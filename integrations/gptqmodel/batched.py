@@ -92,22 +92,21 @@ class BatchedSolve:
             H200 (docs/performance.md, round 11).
         inverse_threads: on CUDA, host threads that compute a chunk's Hessian inverses, each on
             its own stream (GPTQModel's own single-matrix calls, so the same bits: each thread has
-            its own cuSOLVER handle). One (the default) computes them one after another, as the
-            CPU always does. Four cut the solve's time about a quarter on an H200 but not the run's
-            (docs/performance.md, round 12), and a whole run with them has not been compared
-            with GPTQModel's checkpoint on CUDA yet.
+            its own cuSOLVER handle). Four by default: on an H200 the solve took 3.15 s instead of
+            3.86 s with one, with GPTQModel's checkpoint (docs/performance.md, round 14). One
+            computes them one after another, as the CPU always does.
         host_results: hand each module's scales, zeros and ``g_idx`` to GPTQModel already on the
             CPU, copied there once per chunk (one transfer per dtype), instead of one pinned copy,
             event and sync task per tensor in GPTQModel's ``stream_state_payload_to_cpu``, which
             then only stores them. The same values; the quantized weight stays on the device.
-            Off by default until a CUDA run has measured it (docs/performance.md, round 13).
+            On by default since round 14 (a whole H200 run gave GPTQModel's checkpoint).
     """
 
     min_modules: int = 2
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     parallel: int = 1
-    inverse_threads: int = 1
-    host_results: bool = False
+    inverse_threads: int = 4
+    host_results: bool = True
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
