@@ -34,8 +34,6 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-norecopy`` - every lean bookkeeping part but ``recopy``: each expert
                  projection's checkpoint tensors copied again before its forward replay, as GPTQModel
                  does, to measure what that part saves;
-* ``ours-grouped-batched-nologrows`` - every lean bookkeeping part but ``log_rows``: GPTQModel's quant
-                 log rows drawn by the device workers under the processor's lock, as GPTQModel does;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -124,9 +122,9 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
-            "ours-grouped-batched-nologrows", "ours-grouped-batched-hinv1-device")
+            "ours-grouped-batched-hinv1-device")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
-WITHOUT_PART = {"-norecopy": "recopy", "-nologrows": "log_rows"}
+WITHOUT_PART = {"-norecopy": "recopy"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS"}
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,

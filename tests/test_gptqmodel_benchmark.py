@@ -129,6 +129,9 @@ def test_variants_pick_their_batched_solve_settings():
     assert bench.solve_setting("ours-grouped-batched-serial") == BatchedSolve(parallel=1)
     assert bench.solve_setting("ours-grouped-batched-parallel4") == BatchedSolve(parallel=4)
     assert bench.solve_setting("ours-grouped-batched-hinv4") == BatchedSolve(inverse_threads=4)
+    # round 13's defaults, to measure round 14's against them
+    assert bench.solve_setting("ours-grouped-batched-hinv1-device") == BatchedSolve(inverse_threads=1, host_results=False)
+    assert "ours-grouped-batched-hinv1-device" in bench.VARIANTS
     assert {"ours-grouped-batched-hinv4", "ours-grouped-batched-parallel4"} <= set(bench.VARIANTS)
     assert bench.solve_setting("ours-grouped-batched-host") == BatchedSolve(host_results=True)
     assert bench.solve_setting("ours-grouped-batched-hinv4-host") == BatchedSolve(inverse_threads=4, host_results=True)
@@ -142,8 +145,6 @@ def test_variants_pick_their_lean_bookkeeping():
     assert bench.bookkeeping_setting("ours-grouped-batched") is True
     assert bench.bookkeeping_setting("ours-grouped-batched-stockbk") is False
     assert bench.bookkeeping_setting("ours-grouped-batched-norecopy") == set(PARTS) - {"recopy"}
-    assert bench.bookkeeping_setting("ours-grouped-batched-nologrows") == set(PARTS) - {"log_rows"}
-    assert bench.solve_setting("ours-grouped-batched-nologrows") is True
     assert bench.solve_setting("ours-grouped-batched-norecopy") is True and "ours-grouped-batched-norecopy" in bench.VARIANTS
 
 

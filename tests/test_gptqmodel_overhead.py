@@ -19,7 +19,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def _patch_points() -> dict[str, object]:
     """Every function lean_bookkeeping replaces, as GPTQModel/LogBar hold them now."""
-    from gptqmodel.looper.loop_processor import LoopProcessor
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
     from logbar import logbar as logbar_module
@@ -30,7 +29,6 @@ def _patch_points() -> dict[str, object]:
         "shell_module_materialize": BaseQModel.__dict__["shell_module_materialize"],
         "post_quantize": BaseQModel.__dict__["post_quantize"],
         "pre_quantize": BaseQModel.__dict__["pre_quantize"],
-        "log_new_row": LoopProcessor.__dict__["log_new_row"],
         "_get_qualified_name": structure._get_qualified_name,
         "materialize_submodule": structure.LazyTurtle.__dict__["materialize_submodule"],
         "get_module_fullname": offload.get_module_fullname,
@@ -703,56 +701,3 @@ def test_a_config_that_may_write_weights_keeps_gptqmodels_copies(plugin, tiny): 
     assert "rotation" in stats.disabled["recopy"]
     assert stats.recopy_recorded == stats.recopy_skipped == 0 and stats.materialize_fast == 1
 
-
-# ----- the log_rows part ------------------------------------------------------------------------
-@pytest.mark.slow
-def test_log_rows_are_gptqmodels_rows_drawn_off_the_workers(plugin, tiny, monkeypatch):  # noqa: F811
-    import threading
-    import time
-    from collections import Counter
-
-    from logbar.columns import ColumnsPrinter
-
-    from defuser_quant.integrations.gptqmodel.overhead import PARTS
-
-    drawn: list[tuple[str, tuple]] = []  # (drawing thread, the row's cells), as LogBar receives them
-    log_values = ColumnsPrinter._log_values
-
-    log_header = ColumnsPrinter._log_header
-    headers = Counter()
-
-    def spy(self, level, values):
-        drawn.append((threading.current_thread().name, tuple(values)))
-        if threading.current_thread().name == "defuser-quant-log-rows":
-            time.sleep(0.05)  # a slow terminal: rows still queued when the last worker is done
-        return log_values(self, level, values)
-
-    def header_spy(self, level):
-        headers[threading.current_thread().name] += 1
-        return log_header(self, level)
-
-    monkeypatch.setattr(ColumnsPrinter, "_log_values", spy)
-    monkeypatch.setattr(ColumnsPrinter, "_log_header", header_spy)
-    runs = {}
-    header_counts = {}
-    for name, parts in (("stock", PARTS - {"log_rows"}), ("lean", PARTS)):
-        drawn.clear()
-        headers.clear()
-        result = plugin.quantize_with_defuser(_load(tiny["src"], True), tiny["calibration"][:16], batch_size=4,
-                                              grouped=True, batched_solve=True, lean_bookkeeping=set(parts))
-        # the quant log's module rows, as drawn when quantize returned (every row is drawn by then)
-        runs[name] = ([(t, v) for t, v in drawn if v[:1] == ("gptq",)], result)
-        header_counts[name] = dict(headers)
-    (stock_rows, stock), (lean_rows, lean) = runs["stock"], runs["lean"]
-    modules = len(lean.projections) + 8  # the experts, and each layer's four attention projections
-    # the same cells but the per-run ones (the solve's and forward's seconds, device memory)
-    same = [0, 1, 2, 3, 4, 5, 6, 7]
-    assert len(stock_rows) == len(lean_rows) == modules
-    assert sorted(tuple(v[i] for i in same) for _, v in lean_rows) == sorted(tuple(v[i] for i in same) for _, v in stock_rows)
-    assert {t for t, _ in lean_rows} == {"defuser-quant-log-rows"} and "defuser-quant-log-rows" not in {t for t, _ in stock_rows}
-    assert lean.bookkeeping.log_rows_drawn == modules and stock.bookkeeping.log_rows_drawn == 0
-    # the table's headers too: as many, and the quant log's drawn by the part's thread
-    assert sum(header_counts["lean"].values()) == sum(header_counts["stock"].values())
-    assert header_counts["lean"].get("defuser-quant-log-rows", 0) >= 1
-    assert lean.bookkeeping.disabled == {}
-    assert not [t for t in threading.enumerate() if t.name == "defuser-quant-log-rows"]  # the thread has ended

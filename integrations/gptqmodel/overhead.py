@@ -63,10 +63,6 @@ expert projections of our ``DefusedExperts`` blocks only:
   copies instead of one synchronous pageable copy per tensor (:mod:`.layer_offload`); the same CPU
   tensors ``module.to("cpu")`` gives.
 
-* **log rows** (``LoopProcessor.log_new_row`` of a GPTQ processor): the quant log table's rows are
-  drawn by one background thread, in GPTQModel's order, instead of by each device worker while it
-  holds the processor's lock (:mod:`.log_rows`); the same rows and the same log file.
-
 GPTQModel computes and writes exactly what it does without this (same tensors loaded, same
 checkpoint). Anything that does not match (another role, a module outside our blocks, a path
 that names another module, no lazy source) takes GPTQModel's own path. Before patching, the
@@ -99,8 +95,6 @@ from defuser_quant.core.defused import DefusedExperts
 
 from .compat import patched
 from .layer_offload import OffloadStats, Staging, lean_post_quantize
-from .log_rows import LogRows
-from .log_rows import internals_refusal as _log_rows_mismatch
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
 
@@ -131,7 +125,6 @@ class BookkeepingStats:
     recopy_changed: int = 0  # ... copied again: a tensor was replaced or moved since the layer load
     recopy_copied: int = 0  # forward preparations copied as GPTQModel does: no layer load recorded first
     recopy_moved: int = 0  # records taken again after GPTQModel's pre_quantize moved their layer (layer 0)
-    log_rows_drawn: int = 0  # quant log rows drawn by the log_rows part's thread
     layer_offload: OffloadStats = field(default_factory=OffloadStats)  # the layer_offload part (post_quantize)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
@@ -156,7 +149,6 @@ class BookkeepingStats:
             "recopy_changed": self.recopy_changed,
             "recopy_copied": self.recopy_copied,
             "recopy_moved": self.recopy_moved,
-            "log_rows_drawn": self.log_rows_drawn,
             "layer_offload": asdict(self.layer_offload),
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
@@ -276,7 +268,7 @@ def _post_quantize_mismatch() -> str | None:
 
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
-    ``draw_rate``/``layer_offload``/``recopy``/``log_rows``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
+    ``draw_rate``/``layer_offload``/``recopy``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
@@ -316,8 +308,7 @@ def internals_mismatch() -> dict[str, str]:
     if why is not None:
         problems["layer_offload"] = why
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
-                      ("shard_handles", _shard_handles_mismatch()), ("recopy", _recopy_mismatch()),
-                      ("log_rows", _log_rows_mismatch())):
+                      ("shard_handles", _shard_handles_mismatch()), ("recopy", _recopy_mismatch())):
         if why is not None:
             problems[part] = why
     try:
@@ -792,7 +783,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
-                   "layer_offload", "recopy", "log_rows"})
+                   "layer_offload", "recopy"})
 
 
 @contextmanager
@@ -876,12 +867,6 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
                                       stats.layer_offload, lean.lock)
             stack.enter_context(patched(BaseQModel, "post_quantize", post))
             stack.callback(staging.release)
-        if "log_rows" in enabled:
-            from gptqmodel.looper.loop_processor import LoopProcessor
-
-            rows = LogRows(lean.add)
-            stack.enter_context(patched(LoopProcessor, "log_new_row", rows.patch(LoopProcessor.log_new_row)))
-            stack.callback(rows.close)  # every queued row drawn, before log_new_row is restored
         if "headless" in enabled:
             from logbar import terminal
 
