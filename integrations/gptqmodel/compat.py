@@ -8,8 +8,10 @@ seams are the same (docs/gptqmodel.md, "GPTQModel 7.7").
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
@@ -81,3 +83,12 @@ def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
             delattr(owner, name)
         else:
             setattr(owner, name, saved)
+
+
+def source_digest(fn: Callable) -> str | None:
+    """sha256[:16] of ``fn``'s source (unwrapped), to tell GPTQModel's own function from another
+    release's or a patch's; None when there is no source to read."""
+    try:
+        return hashlib.sha256(inspect.getsource(inspect.unwrap(fn)).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return None

@@ -73,7 +73,6 @@ up); when they differ, a warning names what differs and that part stays stock.
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import itertools
 import logging
@@ -93,7 +92,7 @@ from torch import nn
 from defuser_quant.calibration.capture import defused_blocks
 from defuser_quant.core.defused import DefusedExperts
 
-from .compat import patched
+from .compat import patched, source_digest
 from .layer_offload import OffloadStats, Staging, lean_post_quantize
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
@@ -190,13 +189,6 @@ def _all_names(fn: Callable) -> set[str]:
     return names
 
 
-def _source_digest(fn: Callable) -> str | None:
-    try:
-        return hashlib.sha256(inspect.getsource(inspect.unwrap(fn)).encode()).hexdigest()[:16]
-    except (OSError, TypeError):
-        return None
-
-
 #: sha256[:16] of the GPTQModel 7.6.0 sources the checkpoint index stands in for.
 _CHECKPOINT_SOURCES = {
     "_resolve_checkpoint_module_path": "9324df07f071d073",
@@ -234,7 +226,7 @@ def _checkpoint_mismatch() -> str | None:
     if turtle is None or not hasattr(structure, "safe_open") or getattr(structure, "os", None) is not os:
         return "gptqmodel.utils.structure.LazyTurtle, safe_open or os is missing"
     differ = [name for name, digest in _CHECKPOINT_SOURCES.items()
-              if _source_digest(getattr(turtle, name, None) or (lambda: None)) != digest]
+              if source_digest(getattr(turtle, name, None) or (lambda: None)) != digest]
     if differ:
         return "LazyTurtle." + ", ".join(differ) + " differ from GPTQModel 7.6.0's source"
     return None

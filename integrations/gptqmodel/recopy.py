@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import source_digest
+
 __all__ = ["Recopy", "config_refusal", "internals_refusal", "pre_quantize_refusal"]
 
 #: sha256[:16] of GPTQModel 7.6.0's ``BaseQModel.pre_quantize`` source (materialize or move, nothing else).
@@ -89,10 +91,8 @@ def pre_quantize_refusal() -> str | None:
     """Why a layer move in ``BaseQModel.pre_quantize`` must not be followed (None: it may be)."""
     from gptqmodel.models.base import BaseQModel
 
-    from .overhead import _source_digest
-
     pre = getattr(BaseQModel, "pre_quantize", None)
-    if pre is None or _source_digest(pre) != _PRE_QUANTIZE_SOURCE:
+    if pre is None or source_digest(pre) != _PRE_QUANTIZE_SOURCE:
         return "BaseQModel.pre_quantize differs from GPTQModel 7.6.0's source"
     return None
 
