@@ -117,22 +117,28 @@ class _Filled:
             tensors[name] = (weakref.ref(t), t.data_ptr(), t.dtype, t.shape, t.device)
         return _Filled(tensors) if tensors else None
 
+    def _held(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
+        """``module``'s direct tensors when they are the recorded objects with their dtype and shape."""
+        now = dict(_direct_tensors(module))
+        if now.keys() != self.tensors.keys() or not all(
+                ref() is now[name] and now[name].dtype == dtype and now[name].shape == shape
+                for name, (ref, _, dtype, shape, _) in self.tensors.items()):
+            return None
+        return now
+
     def unchanged(self, module: nn.Module, device: Any) -> bool:
         """``module`` holds exactly the tensor objects recorded, where they were, on ``device``."""
-        now = dict(_direct_tensors(module))
-        if now.keys() != self.tensors.keys():
+        now = self._held(module)
+        if now is None:
             return False
         try:
             target = torch.device(device)
         except (TypeError, RuntimeError):
             return False
-        for name, (ref, ptr, dtype, shape, where) in self.tensors.items():
-            t = now[name]
-            if ref() is not t or t.data_ptr() != ptr or t.dtype != dtype or t.shape != shape or t.device != where:
-                return False
-            if where.type != target.type or (target.index is not None and where.index != target.index):
-                return False
-        return True
+        return all(
+            now[name].data_ptr() == ptr and now[name].device == where and where.type == target.type
+            and (target.index is None or where.index == target.index)
+            for name, (_, ptr, _, _, where) in self.tensors.items())
 
     def intact(self, module: nn.Module) -> bool:
         """``module`` holds the recorded tensor objects, unchanged, where they were recorded."""
@@ -140,10 +146,7 @@ class _Filled:
 
     def same_objects(self, module: nn.Module) -> bool:
         """``module`` holds the recorded tensor objects with their dtype and shape (the data may have moved)."""
-        now = dict(_direct_tensors(module))
-        return now.keys() == self.tensors.keys() and all(
-            ref() is now[name] and now[name].dtype == dtype and now[name].shape == shape
-            for name, (ref, _, dtype, shape, _) in self.tensors.items())
+        return self._held(module) is not None
 
     def first_tensor(self) -> torch.Tensor | None:
         return next(iter(self.tensors.values()))[0]()
