@@ -122,9 +122,9 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
-            "ours-grouped-batched-hinv1-device")
+            "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
-WITHOUT_PART = {"-norecopy": "recopy"}
+WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS"}
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,

@@ -213,7 +213,10 @@ def test_bookkeeping_note_names_every_part_left_stock():
     from defuser_quant.integrations.gptqmodel.overhead import BookkeepingStats
     from defuser_quant.jobs.backends.gptqmodel import bookkeeping_note
 
-    stats = BookkeepingStats(materialize_fast=3, offload_fast=2, recopy_skipped=1,
+    from defuser_quant.integrations.gptqmodel.layer_reads import LayerReadStats
+
+    stats = BookkeepingStats(materialize_fast=3, offload_fast=2, recopy_skipped=1, layer_reads=LayerReadStats(layers=5, read_ahead=4),
                              disabled={"recopy": "rotation set", "offload": "internals differ"})
     assert bookkeeping_note(stats) == ("GPTQModel bookkeeping: lean path for 3 module load(s) and 2 offload(s); 1 second "
-                                       "checkpoint copy(ies) skipped; left stock: offload (internals differ); recopy (rotation set)")
+                                       "checkpoint copy(ies) skipped; 5 layer load(s) from pinned reads (4 read ahead); "
+                                       "left stock: offload (internals differ); recopy (rotation set)")

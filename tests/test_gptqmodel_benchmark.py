@@ -146,6 +146,8 @@ def test_variants_pick_their_lean_bookkeeping():
     assert bench.bookkeeping_setting("ours-grouped-batched-stockbk") is False
     assert bench.bookkeeping_setting("ours-grouped-batched-norecopy") == set(PARTS) - {"recopy"}
     assert bench.solve_setting("ours-grouped-batched-norecopy") is True and "ours-grouped-batched-norecopy" in bench.VARIANTS
+    assert bench.bookkeeping_setting("ours-grouped-batched-noreads") == set(PARTS) - {"layer_reads"}
+    assert bench.solve_setting("ours-grouped-batched-noreads") is True and "ours-grouped-batched-noreads" in bench.VARIANTS
 
 
 def test_variant_modifiers_are_parsed_and_bad_ones_refused():

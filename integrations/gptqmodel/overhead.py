@@ -87,6 +87,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from defuser_quant.calibration.capture import defused_blocks
@@ -94,6 +95,9 @@ from defuser_quant.core.defused import DefusedExperts
 
 from .compat import patched, source_digest
 from .layer_offload import OffloadStats, Staging, lean_post_quantize
+from .layer_reads import LayerReads, LayerReadStats
+from .layer_reads import refusal as _layer_reads_refusal
+from .shard_view import DelegatingShard
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
 
@@ -125,6 +129,7 @@ class BookkeepingStats:
     recopy_copied: int = 0  # forward preparations copied as GPTQModel does: no layer load recorded first
     recopy_moved: int = 0  # records taken again after GPTQModel's pre_quantize moved their layer (layer 0)
     layer_offload: OffloadStats = field(default_factory=OffloadStats)  # the layer_offload part (post_quantize)
+    layer_reads: LayerReadStats = field(default_factory=LayerReadStats)  # the layer_reads part (layer loads)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -149,6 +154,7 @@ class BookkeepingStats:
             "recopy_copied": self.recopy_copied,
             "recopy_moved": self.recopy_moved,
             "layer_offload": asdict(self.layer_offload),
+            "layer_reads": asdict(self.layer_reads),
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -260,7 +266,7 @@ def _post_quantize_mismatch() -> str | None:
 
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
-    ``draw_rate``/``layer_offload``/``recopy``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
+    ``draw_rate``/``layer_offload``/``recopy``/``layer_reads``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
@@ -299,8 +305,10 @@ def internals_mismatch() -> dict[str, str]:
     why = _post_quantize_mismatch()
     if why is not None:
         problems["layer_offload"] = why
+    layer_reads = _recopy_mismatch() or _shard_handles_mismatch()  # the same load and safe_open
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
-                      ("shard_handles", _shard_handles_mismatch()), ("recopy", _recopy_mismatch())):
+                      ("shard_handles", _shard_handles_mismatch()), ("recopy", _recopy_mismatch()),
+                      ("layer_reads", layer_reads)):
         if why is not None:
             problems[part] = why
     try:
@@ -507,38 +515,13 @@ class _ShardHandles:
                 self._retire(path)
 
 
-class _KeptShard:
+class _KeptShard(DelegatingShard):
     """What ``safe_open(path, framework="pt", device="cpu")`` returns inside a lean materialize:
     ``get_tensor`` through the kept handles; anything else (and a name no kept handle may serve) on a
     handle of its own, opened on first use and closed with this one, as GPTQModel's open would be."""
 
     def __init__(self, handles: _ShardHandles, path: str):
-        self._handles = handles
-        self._path = path
-        self._own: Any = None
-        self._exited = False
-
-    def __enter__(self) -> _KeptShard:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._exited = True
-        if self._own is not None:
-            self._own.__exit__(*exc)
-
-    def get_tensor(self, name: str) -> Any:
-        if not self._exited:  # else a closed file: safetensors' own error
-            kept, tensor = self._handles.kept_tensor(self._path, name)
-            if kept:
-                return tensor
-        return self.__getattr__("get_tensor")(name)  # as GPTQModel's own open would, one open per block
-
-    def __getattr__(self, attr: str) -> Any:
-        if self._own is None:
-            self._own = self._handles.opener(self._path, framework="pt", device="cpu")
-            if self._exited:
-                self._own.__exit__(None, None, None)
-        return getattr(self._own, attr)
+        super().__init__(handles.opener, path, lambda name: handles.kept_tensor(path, name))
 
 
 # ----- the patches ---------------------------------------------------------------------------
@@ -775,7 +758,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
-                   "layer_offload", "recopy"})
+                   "layer_offload", "recopy", "layer_reads"})
 
 
 @contextmanager
@@ -809,6 +792,11 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
             stats.disabled["recopy"] = why
             logger.info("defuser-quant's recopy part stays stock: %s", why)
             enabled.discard("recopy")
+    if "layer_reads" in enabled:
+        why = _layer_reads_refusal()
+        if why is not None:
+            stats.disabled["layer_reads"] = why
+            enabled.discard("layer_reads")
     paths = expert_projection_paths(gptq_model.model)
     lean = _Lean(gptq_model, paths, _ties_nothing(gptq_model.model), stats)
     headless = None
@@ -826,6 +814,12 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
                                         lean.resolve_path(turtle._resolve_checkpoint_module_path)))
             stack.enter_context(patched(turtle, "_load_checkpoint_tensors_for_module_path",
                                         lean.load_tensors(turtle._load_checkpoint_tensors_for_module_path)))
+        if paths and "layer_reads" in enabled:  # before recopy: a skipped second copy never reaches it
+            reads = LayerReads(gptq_model.model, _holds_experts, stats.layer_reads, pin=torch.cuda.is_available())
+            turtle = structure.LazyTurtle
+            stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule",
+                                        reads.patch_copy(turtle._copy_checkpoint_tensors_into_submodule)))
+            stack.callback(reads.close)
         if paths and "recopy" in enabled:
             recopy = Recopy(gptq_model.model, paths, lambda: getattr(lean.local, "hint", None), lean.add)
             turtle = structure.LazyTurtle
@@ -839,6 +833,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
         if paths and "shard_handles" in enabled:
             stack.enter_context(patched(structure, "safe_open", lean.shard_open(structure.safe_open)))
             stack.callback(lean.shards.close)  # runs before safe_open is restored
+        if paths and "layer_reads" in enabled:
+            stack.enter_context(patched(structure, "safe_open", reads.patch_open(structure.safe_open)))
         if "progress" in enabled and _ipython_missing():
             from logbar import logbar as logbar_module
             from logbar import progress as logbar_progress

@@ -1,0 +1,460 @@
+"""The ``layer_reads`` part of :func:`~.overhead.lean_bookkeeping`: a decoder layer's checkpoint
+tensors read into pinned host memory, the next layer's ahead of time, instead of copied to the GPU
+page by page out of the shard's file mapping.
+
+GPTQModel 7.6 loads each decoder layer from its lazy checkpoint source (``LazyTurtle``) before
+quantizing it (``pre_quantize``, ``_copy_checkpoint_tensors_into_submodule``): per tensor,
+``safe_open(shard).get_tensor(name)`` hands out a view of the shard's file mapping and ``copy_``
+moves it to the GPU, a pageable copy that faults the mapping in on the main thread while it waits.
+At Qwen3-30B-A3B shape that was about 1.1 s of a 1.2 GB layer on an H200, with the device workers
+idle (``sampled_gptqmodel_ours_cuda_round15a.txt``).
+
+Here, when a layer holding our experts is loaded to a CUDA device, its checkpoint tensors (the
+names under the layer's checkpoint path) are read with ``pread`` into pinned buffers (pieces of
+:data:`PIECE_BYTES`, several reader threads, the GIL released while they read), and right after a
+layer's load the layer after it (the same path with its last index plus one) is read the same way
+in the background, while this one is quantized. During the load, ``safe_open`` of a shard on
+the loading thread returns a handle whose ``get_tensor`` serves each name that was read once, as
+a view of those buffers: the file's bytes with the dtype and shape of the shard's header, what
+``get_tensor`` returns. GPTQModel's ``copy_`` is then a pinned host-to-device copy. Everything else
+(a name not read, read already, misaligned for its dtype, of an unknown dtype, a shard whose file
+changed since it was read, a load to the CPU, which might keep views of the buffers) goes to a
+real handle, as stock; GPTQModel still runs its own load, with its own checks, conversions and
+writes. Pinned buffers go back to PyTorch's pinned-memory cache when the load is done, which
+reuses them once the copies from them have finished. A read that fails is dropped (the load
+reads the file as stock does, and raises what stock would); at most one layer is read ahead;
+reads of more than :data:`MAX_LAYER_BYTES` are not done.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .shard_view import DelegatingShard
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "LayerReadStats", "LayerReads", "read_tensors", "refusal"]
+
+#: Bytes of one pinned buffer piece (a tensor larger than that gets a piece of its own).
+PIECE_BYTES = 64 << 20
+#: Largest layer (checkpoint bytes) read into pinned memory; larger ones load as stock.
+MAX_LAYER_BYTES = 16 << 30
+#: Reader threads per layer read.
+READERS = 4
+#: Device types whose loads are served from the buffers (a CPU load may keep views of them).
+SERVED_DEVICES = frozenset({"cuda"})
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def refusal() -> str | None:
+    """Why the part stays stock on this machine (None: it may run)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (nothing to pin; loads to the CPU stay stock)"
+    return None
+
+
+@dataclass
+class LayerReadStats:
+    """What the ``layer_reads`` part did in one run."""
+
+    layers: int = 0  # layer loads served from read buffers
+    read_ahead: int = 0  # ... of them read ahead in the background
+    bytes: int = 0  # bytes read
+    read_seconds: float = 0.0  # wall seconds of the reads (background ones included)
+    waited_seconds: float = 0.0  # seconds a load waited for its read
+    tensors_served: int = 0  # get_tensor calls answered from the buffers
+    tensors_stock: int = 0  # ... inside served loads, left to a real handle
+    unused: int = 0  # reads ahead never used (another layer came, or the block ended)
+    failed: int = 0  # reads that raised (the load read the file as stock)
+    reasons: dict[str, int] = field(default_factory=dict)  # why a name was not read -> names
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: torch.dtype | None  # None: a dtype this part does not know (left to safetensors)
+    shape: tuple[int, ...]
+    start: int  # absolute file offsets
+    end: int
+
+
+def _file_id(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+_headers: dict[str, tuple[tuple, dict[str, _Entry]]] = {}  # path -> (file id, its tensors)
+_headers_lock = threading.Lock()
+
+
+def _header(path: str) -> dict[str, _Entry]:
+    """The tensors of a safetensors file from its header (absolute byte ranges); kept per file."""
+    file_id = _file_id(path)
+    with _headers_lock:
+        kept = _headers.get(path)
+    if kept is not None and kept[0] == file_id:
+        return kept[1]
+    entries = _parse_header(path)
+    with _headers_lock:
+        _headers[path] = (file_id, entries)
+    return entries
+
+
+def _parse_header(path: str) -> dict[str, _Entry]:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    base = 8 + size
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        entries[name] = _Entry(name, _DTYPES.get(info["dtype"]), tuple(info["shape"]), base + start, base + end)
+    return entries
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise OSError(f"short read at byte {offset}")
+        view, offset = view[n:], offset + n
+
+
+class _Read:
+    """The tensors of one layer read from its shards: each served at most once."""
+
+    def __init__(self, path: str):
+        self.path = path  # the module path the read is for
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}  # shard path -> name -> view of a piece
+        self.file_ids: dict[str, tuple] = {}
+        self.checked: dict[str, bool] = {}  # shard path -> the file is still the one read
+        self.served: set[tuple[str, str]] = set()
+        self.bytes = 0
+        self.seconds = 0.0
+        self.reasons: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def take(self, shard: str, name: str) -> tuple[bool, Any]:
+        with self.lock:
+            tensors = self.tensors.get(shard)
+            if tensors is None or name not in tensors or (shard, name) in self.served:
+                return False, None
+            if shard not in self.checked:
+                try:
+                    self.checked[shard] = _file_id(shard) == self.file_ids[shard]
+                except OSError:
+                    self.checked[shard] = False
+            if not self.checked[shard]:
+                return False, None
+            self.served.add((shard, name))
+            return True, tensors[name]
+
+
+def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolExecutor | None = None,
+                 piece_bytes: int = PIECE_BYTES, path: str = "") -> _Read:
+    """Read ``files`` (shard path -> tensor names) into (pinned, when ``pin``) host buffers.
+
+    Names of a dtype this part does not know, or whose offset in the file does not fit their dtype
+    (safetensors aligns its data; a hand-made file may not), are left out, counted in ``reasons``.
+    Tensors contiguous in the file are read with one ``pread``; the reads run on ``readers`` when
+    given."""
+    read = _Read(path)
+    t0 = time.perf_counter()
+    jobs: list[tuple[str, int, memoryview]] = []  # (shard, file offset, buffer to fill)
+    handles: dict[str, int] = {}
+    try:
+        for shard, names in files.items():
+            file_id = _file_id(shard)
+            header = _header(shard)
+            entries = sorted((header[n] for n in names if n in header), key=lambda e: e.start)
+            for n in names:
+                if n not in header:
+                    read.reasons["not in the shard header"] = read.reasons.get("not in the shard header", 0) + 1
+            wanted = []
+            for e in entries:
+                if e.dtype is None:
+                    read.reasons["dtype unknown to the part"] = read.reasons.get("dtype unknown to the part", 0) + 1
+                else:
+                    wanted.append(e)
+            views: dict[str, torch.Tensor] = {}
+            for members, size in _pack(wanted, piece_bytes):
+                piece = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+                raw = memoryview(piece.numpy())
+                run: list[int] | None = None  # [buffer start, file start, buffer end] of a contiguous run
+                for e, offset in members:
+                    n = e.end - e.start
+                    if run is not None and (offset != run[2] or e.start != run[1] + (run[2] - run[0])):
+                        jobs.append((shard, run[1], raw[run[0]:run[2]]))
+                        run = None
+                    if run is None:
+                        run = [offset, e.start, offset]
+                    run[2] = offset + n
+                    if offset % torch.empty((), dtype=e.dtype).element_size():
+                        read.reasons["misaligned for its dtype"] = read.reasons.get("misaligned for its dtype", 0) + 1
+                    else:
+                        views[e.name] = piece[offset:offset + n].view(e.dtype).view(e.shape)
+                if run is not None and run[2] > run[0]:
+                    jobs.append((shard, run[1], raw[run[0]:run[2]]))
+                read.bytes += sum(e.end - e.start for e, _ in members)
+            read.tensors[shard] = views
+            read.file_ids[shard] = file_id
+        for shard in files:
+            handles[shard] = os.open(shard, os.O_RDONLY)
+
+        def run(job: tuple[str, int, memoryview]) -> None:
+            shard, offset, view = job
+            _pread_into(handles[shard], view, offset)
+
+        if readers is not None and len(jobs) > 1:
+            for f in [readers.submit(run, j) for j in jobs]:
+                f.result()
+        else:
+            for job in jobs:
+                run(job)
+        for shard in files:  # a file replaced or rewritten while it was read: none of it is served
+            if _file_id(shard) != read.file_ids[shard]:
+                read.tensors[shard] = {}
+                read.reasons["file changed while read"] = read.reasons.get("file changed while read", 0) + 1
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+    read.seconds = time.perf_counter() - t0
+    return read
+
+
+#: A tensor's buffer offset equals its file offset modulo this (so it fits its dtype where the file's does).
+_ALIGN = 64
+
+
+def _pack(entries: list[_Entry], piece_bytes: int) -> list[tuple[list[tuple[_Entry, int]], int]]:
+    """``entries`` (file order) in pieces of about ``piece_bytes`` (a larger tensor: a piece of its
+    own): each with its buffer offset, congruent to its file offset modulo :data:`_ALIGN`."""
+    pieces: list[tuple[list[tuple[_Entry, int]], int]] = []
+    members: list[tuple[_Entry, int]] = []
+    used = 0
+    for e in entries:
+        n = e.end - e.start
+        if members and used + n > piece_bytes:
+            pieces.append((members, used))
+            members, used = [], 0
+        follows = members and members[-1][0].end == e.start
+        offset = used if follows else used + (e.start - used) % _ALIGN
+        members.append((e, offset))
+        used = offset + n
+    if members:
+        pieces.append((members, used))
+    return pieces
+
+
+_INDEX = re.compile(r"^(.*\.)(\d+)$")
+
+
+def _next_path(path: str) -> str | None:
+    """``model.layers.3`` -> ``model.layers.4`` (None: no trailing index)."""
+    m = _INDEX.match(path)
+    return f"{m.group(1)}{int(m.group(2)) + 1}" if m else None
+
+
+class LayerReads:
+    """The patched ``LazyTurtle._copy_checkpoint_tensors_into_submodule`` and ``structure.safe_open``
+    of one lean block (see the module docstring). ``holds_experts(module)``: a layer this part serves."""
+
+    def __init__(self, model: nn.Module, holds_experts: Callable[[nn.Module], bool], stats: LayerReadStats,
+                 *, pin: bool = True, readers: int = READERS, piece_bytes: int = PIECE_BYTES,
+                 max_bytes: int = MAX_LAYER_BYTES):
+        self.model = model
+        self.holds_experts = holds_experts
+        self.stats = stats
+        self.pin = pin
+        self.piece_bytes = piece_bytes
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        self.local = threading.local()  # .read: the _Read a load on this thread is served from
+        self.readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="defuser-quant-read")
+        self.ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defuser-quant-read-ahead")
+        self.ahead: tuple[str, Future] | None = None  # (module path, its read)
+        self.closed = False
+
+    # ----- what a layer's read holds
+    def _files(self, turtle: Any, module_path: str) -> dict[str, list[str]] | None:
+        """Shard path -> checkpoint names under ``module_path`` (None: nothing, or too large)."""
+        weight_map = getattr(turtle, "_weight_map", None)
+        root = getattr(turtle, "model_local_path", None)
+        if not isinstance(weight_map, dict) or not isinstance(root, str):
+            return None
+        try:
+            resolved = turtle._resolve_checkpoint_module_path(module_path)
+        except Exception:  # GPTQModel's own lookup will say what is wrong, during its load
+            return None
+        if not isinstance(resolved, str) or not resolved:
+            return None
+        prefix = resolved + "."
+        files: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            if name.startswith(prefix):
+                files.setdefault(os.path.join(root, shard), []).append(name)
+        if not files:
+            return None
+        try:
+            total = sum(e.end - e.start for shard, names in files.items()
+                        for e in (_header(shard).get(n) for n in names) if e is not None)
+        except (OSError, ValueError, KeyError, struct.error):
+            return None
+        return files if total <= self.max_bytes else None
+
+    def _read(self, files: dict[str, list[str]], path: str) -> _Read:
+        return read_tensors(files, pin=self.pin, readers=self.readers, piece_bytes=self.piece_bytes, path=path)
+
+    def _take(self, turtle: Any, module_path: str) -> _Read | None:
+        """The read for ``module_path``: the one read ahead (waited for), else read now."""
+        with self.lock:
+            ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            path, future = ahead
+            if path == module_path:
+                t0 = time.perf_counter()
+                try:
+                    read = future.result()
+                except Exception as exc:  # noqa: BLE001 - the load reads the file itself and raises what stock raises
+                    logger.warning("reading %s ahead failed (%s); GPTQModel reads it itself", module_path, exc)
+                    self._count(failed=1)
+                    return None
+                self._count(waited_seconds=time.perf_counter() - t0, read_ahead=1)
+                return read
+            self._drop(future)
+        files = self._files(turtle, module_path)
+        if files is None:
+            return None
+        try:
+            read = self._read(files, module_path)
+        except Exception as exc:  # noqa: BLE001 - as above
+            logger.warning("reading %s into host buffers failed (%s); GPTQModel reads it itself", module_path, exc)
+            self._count(failed=1)
+            return None
+        self._count(waited_seconds=read.seconds)
+        return read
+
+    def _read_ahead(self, turtle: Any, module_path: str) -> None:
+        path = _next_path(module_path)
+        if path is None:
+            return
+        try:
+            layer = self.model.get_submodule(path)
+        except AttributeError:
+            return
+        if not self.holds_experts(layer):
+            return
+        files = self._files(turtle, path)
+        if files is None:
+            return
+        with self.lock:
+            if self.closed or self.ahead is not None:
+                return
+            self.ahead = (path, self.ahead_pool.submit(self._read, files, path))
+
+    def _drop(self, future: Future) -> None:
+        future.cancel()
+        self._count(unused=1)
+
+    def _count(self, **add: float) -> None:
+        with self.lock:
+            for key, value in add.items():
+                setattr(self.stats, key, getattr(self.stats, key) + value)
+
+    def _finish(self, read: _Read) -> None:
+        with self.lock:
+            self.stats.layers += 1
+            self.stats.bytes += read.bytes
+            self.stats.read_seconds += read.seconds
+            self.stats.tensors_served += len(read.served)
+            for reason, n in read.reasons.items():
+                self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + n
+
+    # ----- the patches
+    def patch_copy(self, original: Callable) -> Callable:
+        reads = self
+
+        @functools.wraps(original)
+        def _copy_checkpoint_tensors_into_submodule(self, *, target_model, target_submodule, module_path, device,
+                                                    recurse, non_blocking, modules_by_name=None, show_progress=True):
+            def load():
+                return original(self, target_model=target_model, target_submodule=target_submodule,
+                                module_path=module_path, device=device, recurse=recurse, non_blocking=non_blocking,
+                                modules_by_name=modules_by_name, show_progress=show_progress)
+
+            if (target_model is not reads.model or not recurse or not isinstance(module_path, str) or not module_path
+                    or reads.closed or not reads.holds_experts(target_submodule)):
+                return load()
+            try:
+                serve = torch.device(device).type in SERVED_DEVICES
+            except (TypeError, RuntimeError):
+                serve = False
+            read = reads._take(self, module_path) if serve else None
+            if read is None:
+                loaded = load()
+            else:
+                reads.local.read = read
+                try:
+                    loaded = load()
+                finally:
+                    reads.local.read = None
+                    reads._finish(read)
+                    del read  # its buffers go back to PyTorch's pinned cache once their copies are done
+            reads._read_ahead(self, module_path)
+            return loaded
+
+        return _copy_checkpoint_tensors_into_submodule
+
+    def patch_open(self, original: Callable) -> Callable:
+        """``safe_open`` that serves the names read for the load running on this thread."""
+        reads = self
+
+        @functools.wraps(original)
+        def safe_open(*args, **kwargs):
+            read = getattr(reads.local, "read", None)
+            if (read is not None and len(args) == 1 and isinstance(args[0], str)
+                    and kwargs == {"framework": "pt", "device": "cpu"} and args[0] in read.tensors):
+                shard = args[0]
+
+                def serve(name: str) -> tuple[bool, Any]:
+                    served, tensor = read.take(shard, name)
+                    if not served:
+                        reads._count(tensors_stock=1)
+                    return served, tensor
+
+                return DelegatingShard(original, shard, serve)
+            return original(*args, **kwargs)
+
+        return safe_open
+
+    def close(self) -> None:
+        """Stop reading ahead and wait for the reader threads (an unused read is dropped)."""
+        with self.lock:
+            self.closed = True
+            ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            self._drop(ahead[1])
+        self.ahead_pool.shutdown(wait=True, cancel_futures=True)
+        self.readers.shutdown(wait=True, cancel_futures=True)
