@@ -125,7 +125,8 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads"}
-MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS"}
+MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
+             "pin": "layer_reads into pinned buffers (layer_reads.PIN)"}
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -153,8 +154,8 @@ def split_variant(name: str) -> tuple[str, dict[str, int]]:
     for part in parts:
         match = re.fullmatch(r"([a-z]+)(\d+)", part)
         if match is None or match[1] not in MODIFIERS or int(match[2]) < 1 or match[1] in modifiers:
-            raise ValueError(f"variant {name!r}: bad modifier {part!r}; use +si<microseconds> and/or +cpuw<workers>, "
-                             "each a positive integer, each at most once")
+            raise ValueError(f"variant {name!r}: bad modifier {part!r}; use +si<microseconds>, +cpuw<workers> "
+                             "and/or +pin1, each a positive integer, each at most once")
         modifiers[match[1]] = int(match[2])
     return base, modifiers
 
@@ -697,6 +698,10 @@ def worker(args: argparse.Namespace) -> int:
     from defuser_quant.calibration.grouped import deterministic_mode
     from defuser_quant.integrations.gptqmodel.kernels import quant_linear_classes, record_gptq_kernels
 
+    if "pin" in modifiers:
+        from defuser_quant.integrations.gptqmodel import layer_reads
+
+        layer_reads.PIN = True
     if not variant.startswith("stock"):
         from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
 

@@ -48,7 +48,7 @@ from .shard_view import DelegatingShard
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "LayerReadStats", "LayerReads", "read_tensors", "refusal"]
+__all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerReadStats", "LayerReads", "read_tensors", "refusal"]
 
 #: Bytes of one pinned buffer piece (a tensor larger than that gets a piece of its own).
 PIECE_BYTES = 64 << 20
@@ -58,6 +58,9 @@ MAX_LAYER_BYTES = 16 << 30
 READERS = 4
 #: Device types whose loads are served from the buffers (a CPU load may keep views of them).
 SERVED_DEVICES = frozenset({"cuda"})
+#: Read into pinned (page-locked) buffers: the copies to the GPU are DMA transfers, but pinning
+#: takes a driver lock the other threads' CUDA calls wait for. Off: ordinary, resident host memory.
+PIN = False
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

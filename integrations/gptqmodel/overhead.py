@@ -95,6 +95,7 @@ from defuser_quant.core.defused import DefusedExperts
 
 from .compat import patched, source_digest
 from .layer_offload import OffloadStats, Staging, lean_post_quantize
+from . import layer_reads as layer_reads_module
 from .layer_reads import LayerReads, LayerReadStats
 from .layer_reads import refusal as _layer_reads_refusal
 from .shard_view import DelegatingShard
@@ -815,7 +816,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
             stack.enter_context(patched(turtle, "_load_checkpoint_tensors_for_module_path",
                                         lean.load_tensors(turtle._load_checkpoint_tensors_for_module_path)))
         if paths and "layer_reads" in enabled:  # before recopy: a skipped second copy never reaches it
-            reads = LayerReads(gptq_model.model, _holds_experts, stats.layer_reads, pin=torch.cuda.is_available())
+            reads = LayerReads(gptq_model.model, _holds_experts, stats.layer_reads,
+                               pin=layer_reads_module.PIN and torch.cuda.is_available())
             turtle = structure.LazyTurtle
             stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule",
                                         reads.patch_copy(turtle._copy_checkpoint_tensors_into_submodule)))
