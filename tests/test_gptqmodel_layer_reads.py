@@ -1,10 +1,11 @@
 """The ``layer_reads`` part of the lean GPTQModel bookkeeping (integrations.gptqmodel.layer_reads):
-a layer's checkpoint tensors read into (pinned) buffers, the next layer's ahead of time, and served
+a layer's checkpoint tensors read into host buffers, the next layer's ahead of time, and served
 to GPTQModel's own layer load as what ``safe_open(...).get_tensor`` returns.
 
-On this CPU machine the part is refused (nothing to pin); the tests below let it serve CPU loads
-from ordinary buffers (``SERVED_DEVICES``), which runs every line but the pinning. The CUDA tests
-(``test_gptqmodel_recopy_cuda.py``) run it as it runs on a GPU."""
+On a machine without CUDA the part is refused (it serves loads to a GPU only); the tests below let
+it serve CPU loads too (``SERVED_DEVICES``), which runs every line of it. On a GPU the end-to-end
+test in ``test_gptqmodel_overhead.py`` checks it serving layer 1's load to CUDA
+(``benchmarks/results/gptqmodel_layer_reads_cuda_tests_h200_round15.log``)."""
 
 from __future__ import annotations
 
@@ -222,3 +223,24 @@ def test_ctrl_c_ends_the_readers_and_restores_gptqmodel(plugin, tiny, serve_cpu,
     assert _patch_points() == before and not _reader_threads()
     reads = stats.layer_reads
     assert reads.layers == 0 if where == "read" else (reads.layers == 1 and reads.unused == 1)
+
+
+def test_a_stopped_read_gives_up_before_its_next_piece(tmp_path, monkeypatch):
+    """Ctrl-C (the block's close) sets ``stop``: a read of many pieces does not go on to the end."""
+    from defuser_quant.integrations.gptqmodel import layer_reads
+
+    path = tmp_path / "model.safetensors"
+    _raw_shard(path, {f"t{i}": torch.full((16,), float(i)) for i in range(8)})  # 8 x 64 bytes
+    stop = threading.Event()
+    calls = []
+    real = layer_reads._pread_into
+
+    def first_then_stop(fd, view, offset):
+        calls.append(offset)
+        real(fd, view, offset)
+        stop.set()
+
+    monkeypatch.setattr(layer_reads, "_pread_into", first_then_stop)
+    with pytest.raises(RuntimeError, match="stopped"):
+        layer_reads.read_tensors({str(path): [f"t{i}" for i in range(8)]}, pin=False, piece_bytes=64, stop=stop)
+    assert len(calls) == 1

@@ -1,29 +1,32 @@
 """The ``layer_reads`` part of :func:`~.overhead.lean_bookkeeping`: a decoder layer's checkpoint
-tensors read into pinned host memory, the next layer's ahead of time, instead of copied to the GPU
-page by page out of the shard's file mapping.
+tensors read ahead into host memory on background threads, so that the layer's load to the GPU
+does not wait for the disk.
 
-GPTQModel 7.6 loads each decoder layer from its lazy checkpoint source (``LazyTurtle``) before
-quantizing it (``pre_quantize``, ``_copy_checkpoint_tensors_into_submodule``): per tensor,
+GPTQModel 7.6 loads each decoder layer from its lazy checkpoint source (``LazyTurtle``) when it
+gets to it (``pre_quantize``, ``_copy_checkpoint_tensors_into_submodule``): per tensor,
 ``safe_open(shard).get_tensor(name)`` hands out a view of the shard's file mapping and ``copy_``
-moves it to the GPU, a pageable copy that faults the mapping in on the main thread while it waits.
-At Qwen3-30B-A3B shape that was about 1.1 s of a 1.2 GB layer on an H200, with the device workers
-idle (``sampled_gptqmodel_ours_cuda_round15a.txt``).
+moves it to the GPU, faulting the mapping in on the loading (main) thread. For one Qwen3-30B-A3B
+layer's experts (1.2 GB) on an H200 host that took 0.23 s with the file in the page cache and
+0.96 s without (``benchmarks/results/host_reads_cuda_round15.json``).
 
-Here, when a layer holding our experts is loaded to a CUDA device, its checkpoint tensors (the
-names under the layer's checkpoint path) are read with ``pread`` into pinned buffers (pieces of
-:data:`PIECE_BYTES`, several reader threads, the GIL released while they read), and right after a
-layer's load the layer after it (the same path with its last index plus one) is read the same way
-in the background, while this one is quantized. During the load, ``safe_open`` of a shard on
-the loading thread returns a handle whose ``get_tensor`` serves each name that was read once, as
-a view of those buffers: the file's bytes with the dtype and shape of the shard's header, what
-``get_tensor`` returns. GPTQModel's ``copy_`` is then a pinned host-to-device copy. Everything else
-(a name not read, read already, misaligned for its dtype, of an unknown dtype, a shard whose file
-changed since it was read, a load to the CPU, which might keep views of the buffers) goes to a
-real handle, as stock; GPTQModel still runs its own load, with its own checks, conversions and
-writes. Pinned buffers go back to PyTorch's pinned-memory cache when the load is done, which
-reuses them once the copies from them have finished. A read that fails is dropped (the load
+Here, right after a layer holding our experts is loaded, the layer after it (the same path with
+its last index plus one) is read with ``pread`` into host buffers (pieces of :data:`PIECE_BYTES`,
+several reader threads, the GIL released while they read) while this one is quantized. When that
+layer's load to a CUDA device comes, ``safe_open`` of a shard on the loading thread returns a
+handle whose ``get_tensor`` serves each name that was read once, as a view of those buffers: the
+file's bytes with the dtype and shape of the shard's header, what ``get_tensor`` returns. The
+copies from resident memory took 0.21 s for that layer, whether the file was cached or not (the
+read, 0.25 s warm and 0.68 s cold, ran ahead). A load with no read ahead (the first one) reads on
+the spot. Everything else (a name not read, read already, at an offset its dtype does not fit, of
+an unknown dtype; a shard whose file changed since it was read; a load to the CPU, which might
+keep views of the buffers) goes to a real handle, as stock; GPTQModel still runs its own load,
+with its own checks, conversions and writes. A read that fails is dropped with a warning (the load
 reads the file as stock does, and raises what stock would); at most one layer is read ahead;
-reads of more than :data:`MAX_LAYER_BYTES` are not done.
+layers over :data:`MAX_LAYER_BYTES` are not read.
+
+:data:`PIN` reads into pinned buffers instead: the copies then took 0.03 s, but pinning 1.2 GB
+took 0.67 s of driver time during which another thread's CUDA launches ran 4x slower, and the
+whole run was no faster (``gptqmodel_cuda_2layers_round15b_h200x1.json``); off by default.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ __all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerReadStats", "LayerRead
 
 #: Bytes of one pinned buffer piece (a tensor larger than that gets a piece of its own).
 PIECE_BYTES = 64 << 20
-#: Largest layer (checkpoint bytes) read into pinned memory; larger ones load as stock.
-MAX_LAYER_BYTES = 16 << 30
+#: Largest layer (checkpoint bytes) read ahead (two may be held: the one loading, the next); larger ones load as stock.
+MAX_LAYER_BYTES = 8 << 30
 #: Reader threads per layer read.
 READERS = 4
 #: Device types whose loads are served from the buffers (a CPU load may keep views of them).
@@ -176,13 +179,14 @@ class _Read:
 
 
 def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolExecutor | None = None,
-                 piece_bytes: int = PIECE_BYTES, path: str = "") -> _Read:
+                 piece_bytes: int = PIECE_BYTES, path: str = "", stop: threading.Event | None = None) -> _Read:
     """Read ``files`` (shard path -> tensor names) into (pinned, when ``pin``) host buffers.
 
     Names of a dtype this part does not know, or whose offset in the file does not fit their dtype
     (safetensors aligns its data; a hand-made file may not), are left out, counted in ``reasons``.
     Tensors contiguous in the file are read with one ``pread``; the reads run on ``readers`` when
-    given."""
+    given. Once ``stop`` is set, the reads not yet started raise instead (a Ctrl-C does not wait
+    for a whole layer to be read)."""
     read = _Read(path)
     t0 = time.perf_counter()
     jobs: list[tuple[str, int, memoryview]] = []  # (shard, file offset, buffer to fill)
@@ -227,6 +231,8 @@ def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolE
             handles[shard] = os.open(shard, os.O_RDONLY)
 
         def run(job: tuple[str, int, memoryview]) -> None:
+            if stop is not None and stop.is_set():
+                raise RuntimeError("layer read stopped")
             shard, offset, view = job
             _pread_into(handles[shard], view, offset)
 
@@ -298,6 +304,7 @@ class LayerReads:
         self.readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="defuser-quant-read")
         self.ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defuser-quant-read-ahead")
         self.ahead: tuple[str, Future] | None = None  # (module path, its read)
+        self.stop = threading.Event()  # set on close: reads not yet started give up
         self.closed = False
 
     # ----- what a layer's read holds
@@ -328,7 +335,8 @@ class LayerReads:
         return files if total <= self.max_bytes else None
 
     def _read(self, files: dict[str, list[str]], path: str) -> _Read:
-        return read_tensors(files, pin=self.pin, readers=self.readers, piece_bytes=self.piece_bytes, path=path)
+        return read_tensors(files, pin=self.pin, readers=self.readers, piece_bytes=self.piece_bytes, path=path,
+                            stop=self.stop)
 
     def _take(self, turtle: Any, module_path: str) -> _Read | None:
         """The read for ``module_path``: the one read ahead (waited for), else read now."""
@@ -457,6 +465,7 @@ class LayerReads:
         with self.lock:
             self.closed = True
             ahead, self.ahead = self.ahead, None
+        self.stop.set()
         if ahead is not None:
             self._drop(ahead[1])
         self.ahead_pool.shutdown(wait=True, cancel_futures=True)

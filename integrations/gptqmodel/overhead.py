@@ -58,6 +58,11 @@ expert projections of our ``DefusedExperts`` blocks only:
   the layer load put there (same objects, address, dtype, shape, device), the second copy is
   skipped: it would write the same bytes. Plain GPTQ configs only (:mod:`.recopy`).
 
+* **layer reads** (the layer load of a layer holding our experts, to CUDA): the layer's checkpoint
+  tensors were read into host memory on background threads while the previous layer was
+  quantized, and the load copies from there instead of faulting in the shard's file mapping
+  (:mod:`.layer_reads`); the same bytes, dtypes and shapes.
+
 * **layer offload** (``BaseQModel.post_quantize`` of a layer holding our experts, on CUDA): the
   quantized layer goes back to the CPU through two reused pinned staging buffers, a few large
   copies instead of one synchronous pageable copy per tensor (:mod:`.layer_offload`); the same CPU
