@@ -218,5 +218,5 @@ def test_bookkeeping_note_names_every_part_left_stock():
     stats = BookkeepingStats(materialize_fast=3, offload_fast=2, recopy_skipped=1, layer_reads=LayerReadStats(layers=5, read_ahead=4),
                              disabled={"recopy": "rotation set", "offload": "internals differ"})
     assert bookkeeping_note(stats) == ("GPTQModel bookkeeping: lean path for 3 module load(s) and 2 offload(s); 1 second "
-                                       "checkpoint copy(ies) skipped; 5 layer load(s) from pinned reads (4 read ahead); "
+                                       "checkpoint copy(ies) skipped; 5 layer load(s) from host reads (4 read ahead); "
                                        "left stock: offload (internals differ); recopy (rotation set)")

@@ -16,7 +16,7 @@ from test_gptqmodel_plugin import _tensors, plugin, tiny  # noqa: E402, F401  (f
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-#: Parts refused on this machine whatever GPTQModel is: layer_reads pins host memory for CUDA loads.
+#: Parts refused on this machine whatever GPTQModel is: layer_reads serves layer loads to a GPU only.
 _REFUSED_HERE = set() if torch.cuda.is_available() else {"layer_reads"}
 
 

@@ -75,7 +75,7 @@ _DTYPES = {
 def refusal() -> str | None:
     """Why the part stays stock on this machine (None: it may run)."""
     if not torch.cuda.is_available():
-        return "no CUDA device (nothing to pin; loads to the CPU stay stock)"
+        return "no CUDA device (it serves layer loads to a GPU; loads to the CPU stay stock)"
     return None
 
 

@@ -24,7 +24,7 @@ def bookkeeping_note(stats: Any) -> str:
     """One report line on the lean per-module bookkeeping: what it skipped, and any part left stock."""
     line = (f"GPTQModel bookkeeping: lean path for {stats.materialize_fast} module load(s) and {stats.offload_fast} "
             f"offload(s); {stats.recopy_skipped} second checkpoint copy(ies) skipped; {stats.layer_reads.layers} layer "
-            f"load(s) from pinned reads ({stats.layer_reads.read_ahead} read ahead)")
+            f"load(s) from host reads ({stats.layer_reads.read_ahead} read ahead)")
     if stats.disabled:
         line += "; left stock: " + "; ".join(f"{part} ({why})" for part, why in sorted(stats.disabled.items()))
     return line
