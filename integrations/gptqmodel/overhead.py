@@ -98,14 +98,14 @@ from torch import nn
 from defuser_quant.calibration.capture import defused_blocks
 from defuser_quant.core.defused import DefusedExperts
 
+from . import layer_reads as layer_reads_module
 from .compat import patched, source_digest
 from .layer_offload import OffloadStats, Staging, lean_post_quantize
-from . import layer_reads as layer_reads_module
 from .layer_reads import LayerReads, LayerReadStats
 from .layer_reads import refusal as _layer_reads_refusal
-from .shard_view import DelegatingShard
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
+from .shard_view import DelegatingShard
 
 logger = logging.getLogger(__name__)
 
