@@ -209,6 +209,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-reload", action="store_true", help="skip the reload + logits step")
     p.add_argument("--stages", action="store_true", help="time the stages (synchronizes CUDA around each: a profile)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms in every variant")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the source checkpoint's pages from the page cache before every variant (posix_fadvise), "
+                        "so each one reads its layers from disk, as a model larger than the page cache would")
     p.add_argument("--gil-probe", action="store_true",
                    help="sample the interpreter lock's hand-back delay through quantize() (gil_probe in every row)")
     p.add_argument("--warmup", action="store_true",
@@ -367,6 +370,23 @@ def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slot
         return list(pool.map(one, variants))
 
 
+def evict_page_cache(folder: Path) -> int:
+    """Drop the pages of every ``*.safetensors`` file under ``folder`` from the page cache (written
+    back first); returns how many files the OS took the advice for."""
+    done = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            done += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return done
+
+
 def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | str | None = None,
                 run_id: str | None = None) -> dict:
     """One variant in a fresh process; ``gpu``: its ``CUDA_VISIBLE_DEVICES``; files under ``run_id``."""
@@ -377,6 +397,7 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | s
         flag for flag, on in (("--no-reload", args.no_reload), ("--stages", args.stages), ("--deterministic", args.deterministic),
                               ("--gil-probe", args.gil_probe)) if on
     ]
+    evicted = evict_page_cache(work / "src") if getattr(args, "cold", False) else None
     t0 = time.perf_counter()
     try:
         env = _env(args.device, gpu)
@@ -398,6 +419,7 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | s
                 "process_s": time.perf_counter() - t0}
     data = json.loads(result.read_text())
     data["process_s"] = round(time.perf_counter() - t0, 2)
+    data["cold_files_evicted"] = evicted  # None: the page cache was left as it was (warm)
     return data
 
 

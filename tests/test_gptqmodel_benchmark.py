@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -178,3 +179,33 @@ def test_modifiers_reach_the_variants_process(tmp_path, monkeypatch):
     assert seen["cmd"][seen["cmd"].index("--worker") + 1] == "ours+si250+cpuw3" and "--gil-probe" in seen["cmd"]
     bench.run_variant("ours+si250", args, tmp_path)
     assert seen["env"]["GPTQMODEL_CPU_WORKERS"] == "7"  # no +cpuw: left as it was
+
+
+def test_cold_runs_drop_the_checkpoint_from_the_page_cache_before_each_variant(tmp_path, monkeypatch):
+    """``--cold``: every variant's process starts after the source checkpoint's pages were dropped
+    (each file advised, after its writes reached the disk); the row records it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("model-00001.safetensors", "model-00002.safetensors"):
+        (src / name).write_bytes(b"x" * 4096)
+    (src / "config.json").write_text("{}")
+    advised, order = [], []
+    real = bench.os.posix_fadvise
+
+    def fadvise(fd, offset, length, advice):
+        advised.append((bench.os.readlink(f"/proc/self/fd/{fd}"), advice))
+        order.append("advise")
+        return real(fd, offset, length, advice)
+
+    def run(cmd, env, **kwargs):
+        order.append("run")
+        (tmp_path / "stock.json").write_text(json.dumps({"variant": "stock"}))
+        return bench.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench.os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    row = bench.run_variant("stock", bench.parse_args(["--device", "cpu", "--cold"]), tmp_path)
+    assert row["cold_files_evicted"] == 2 and order == ["advise", "advise", "run"]
+    assert sorted(Path(p).name for p, _ in advised) == ["model-00001.safetensors", "model-00002.safetensors"]
+    assert {a for _, a in advised} == {bench.os.POSIX_FADV_DONTNEED}
+    assert bench.run_variant("stock", bench.parse_args(["--device", "cpu"]), tmp_path)["cold_files_evicted"] is None
