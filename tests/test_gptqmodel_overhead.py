@@ -16,9 +16,6 @@ from test_gptqmodel_plugin import _tensors, plugin, tiny  # noqa: E402, F401  (f
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-#: Parts refused on this machine whatever GPTQModel is: layer_reads serves layer loads to a GPU only.
-_REFUSED_HERE = set() if torch.cuda.is_available() else {"layer_reads"}
-
 
 def _patch_points() -> dict[str, object]:
     """Every function lean_bookkeeping replaces, as GPTQModel/LogBar hold them now."""
@@ -78,7 +75,7 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
     stats = lean.bookkeeping
     experts = len(lean.projections)
     cuda = torch.cuda.is_available()
-    assert experts == 48 and set(stats.disabled) == _REFUSED_HERE
+    assert experts == 48 and stats.disabled == {}
     assert stats.headless_memo_hits > stats.headless_memo_misses >= 1  # LogBar asked once per environment
     moved = stats.layer_offload  # every layer holds experts; staged on CUDA, GPTQModel's own move on the CPU
     assert moved.layers + moved.stock >= 2 and (moved.layers == 0) == (not torch.cuda.is_available())
@@ -96,6 +93,7 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
         # layer_reads: layer 0 is loaded on the CPU (stock), layer 1 to the GPU from a read ahead
         reads = stats.layer_reads
         assert (reads.layers, reads.read_ahead, reads.failed, reads.unused) == ((1, 1, 0, 0) if cuda else (0, 0, 0, 0))
+        assert reads.stock == (1 if cuda else 2)  # layer 0's load to the CPU; without CUDA both loads
         assert (reads.tensors_served > 0) == cuda
         # a fused source's tensor is read once per expert: served once, then through GPTQModel's own handle
         assert (reads.tensors_stock > 0) == (cuda and source == "fused")
@@ -155,7 +153,7 @@ def test_mismatched_internals_warn_and_stay_stock(plugin, tiny, monkeypatch, cap
         assert structure.LazyTurtle.__dict__["materialize_submodule"] is turtle
         assert not hasattr(offload, "get_module_fullname")
     # kept shards and the recopy part act inside the lean materialize: stock with it
-    assert set(stats.disabled) == {"materialize", "offload", "shard_handles", "recopy"} | _REFUSED_HERE  # refused, not warned
+    assert set(stats.disabled) == {"materialize", "offload", "shard_handles", "recopy"}
     assert "_get_qualified_name(root, obj)" in stats.disabled["materialize"]
     assert structure.safe_open is __import__("safetensors").safe_open
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "lean" in r.getMessage()]
@@ -313,7 +311,7 @@ def test_changed_checkpoint_source_keeps_gptqmodels_lookups(plugin, tiny, monkey
     monkeypatch.setattr(structure.LazyTurtle, "_load_checkpoint_tensors_for_module_path", changed)
     with caplog.at_level(logging.WARNING), lean_bookkeeping(model) as stats:
         assert structure.LazyTurtle.__dict__["_load_checkpoint_tensors_for_module_path"] is changed
-    assert set(stats.disabled) == {"checkpoint_index"} | _REFUSED_HERE
+    assert set(stats.disabled) == {"checkpoint_index"}
     assert "_load_checkpoint_tensors_for_module_path" in stats.disabled["checkpoint_index"]
     assert any("lean checkpoint_index" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
@@ -606,7 +604,7 @@ def test_recopy_skips_only_an_untouched_expert_filled_by_the_layer_load(plugin, 
         assert stats.recopy_copied == 1
     for e in (0, 1, 2):  # every one holds the checkpoint's weight
         assert torch.equal(model.model.get_submodule(f"{root}.{e}.up_proj").weight, _checkpoint_weight(tiny, f"{root}.{e}.up_proj"))
-    assert set(stats.disabled) == _REFUSED_HERE
+    assert stats.disabled == {}
 
 
 def _fake_move(replace: str | None = None):
@@ -646,7 +644,7 @@ def test_recopy_follows_gptqmodels_move_of_layer_0(plugin, tiny, monkeypatch, re
         for e in range(8):
             for name in ("gate_proj", "up_proj", "down_proj"):
                 _prepare_for_forward(model, f"{root}.{e}.{name}")
-    assert set(stats.disabled) == _REFUSED_HERE
+    assert stats.disabled == {}
     assert stats.recopy_moved == 24 - replaced
     assert (stats.recopy_skipped, stats.recopy_changed) == (24 - replaced, int(replaced))
     for e in range(8):

@@ -19,7 +19,8 @@ copies from resident memory took 0.21 s for that layer, whether the file was cac
 read, 0.25 s warm and 0.68 s cold, ran ahead). A load with no read ahead (the first one) reads on
 the spot. Everything else (a name not read, read already, at an offset its dtype does not fit, of
 an unknown dtype; a shard whose file changed since it was read; a load to the CPU, which might
-keep views of the buffers) goes to a real handle, as stock; GPTQModel still runs its own load,
+keep views of the buffers) goes to a real handle, as stock; on a machine without CUDA nothing is
+read and every load is stock (``layer_reads.stock`` counts them). GPTQModel still runs its own load,
 with its own checks, conversions and writes. A read that fails is dropped with a warning (the load
 reads the file as stock does, and raises what stock would); at most one layer is read ahead;
 layers over :data:`MAX_LAYER_BYTES` are not read.
@@ -51,7 +52,7 @@ from .shard_view import DelegatingShard
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerReadStats", "LayerReads", "read_tensors", "refusal"]
+__all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerReadStats", "LayerReads", "read_tensors", "serves_here"]
 
 #: Bytes of one pinned buffer piece (a tensor larger than that gets a piece of its own).
 PIECE_BYTES = 64 << 20
@@ -72,11 +73,10 @@ _DTYPES = {
 }
 
 
-def refusal() -> str | None:
-    """Why the part stays stock on this machine (None: it may run)."""
-    if not torch.cuda.is_available():
-        return "no CUDA device (it serves layer loads to a GPU; loads to the CPU stay stock)"
-    return None
+def serves_here() -> bool:
+    """Whether a load on this machine can be served (:data:`SERVED_DEVICES`): without CUDA the part
+    reads nothing and every load is GPTQModel's own, as ``layer_offload`` leaves moves to it."""
+    return any(kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()) for kind in SERVED_DEVICES)
 
 
 @dataclass
@@ -84,6 +84,7 @@ class LayerReadStats:
     """What the ``layer_reads`` part did in one run."""
 
     layers: int = 0  # layer loads served from read buffers
+    stock: int = 0  # loads of layers holding our experts left to GPTQModel (to the CPU, no read, no CUDA)
     read_ahead: int = 0  # ... of them read ahead in the background
     bytes: int = 0  # bytes read
     read_seconds: float = 0.0  # wall seconds of the reads (background ones included)
@@ -299,6 +300,7 @@ class LayerReads:
         self.pin = pin
         self.piece_bytes = piece_bytes
         self.max_bytes = max_bytes
+        self.active = serves_here()  # else every load is GPTQModel's own and nothing is read
         self.lock = threading.Lock()
         self.local = threading.local()  # .read: the _Read a load on this thread is served from
         self.readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="defuser-quant-read")
@@ -416,7 +418,10 @@ class LayerReads:
                                 modules_by_name=modules_by_name, show_progress=show_progress)
 
             if (target_model is not reads.model or not recurse or not isinstance(module_path, str) or not module_path
-                    or reads.closed or not reads.holds_experts(target_submodule)):
+                    or not reads.holds_experts(target_submodule)):
+                return load()
+            if reads.closed or not reads.active:
+                reads._count(stock=1)
                 return load()
             try:
                 serve = torch.device(device).type in SERVED_DEVICES
@@ -424,6 +429,7 @@ class LayerReads:
                 serve = False
             read = reads._take(self, module_path) if serve else None
             if read is None:
+                reads._count(stock=1)
                 loaded = load()
             else:
                 reads.local.read = read

@@ -102,7 +102,6 @@ from . import layer_reads as layer_reads_module
 from .compat import patched, source_digest
 from .layer_offload import OffloadStats, Staging, lean_post_quantize
 from .layer_reads import LayerReads, LayerReadStats
-from .layer_reads import refusal as _layer_reads_refusal
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
 from .shard_view import DelegatingShard
@@ -798,11 +797,6 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
             stats.disabled["recopy"] = why
             logger.info("defuser-quant's recopy part stays stock: %s", why)
             enabled.discard("recopy")
-    if "layer_reads" in enabled:
-        why = _layer_reads_refusal()
-        if why is not None:
-            stats.disabled["layer_reads"] = why
-            enabled.discard("layer_reads")
     paths = expert_projection_paths(gptq_model.model)
     lean = _Lean(gptq_model, paths, _ties_nothing(gptq_model.model), stats)
     headless = None
