@@ -240,3 +240,20 @@ def test_a_stopped_read_gives_up_before_its_next_piece(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stopped"):
         layer_reads.read_tensors({str(path): [f"t{i}" for i in range(8)]}, pin=False, piece_bytes=64, stop=stop)
     assert len(calls) == 1
+
+
+def test_a_header_that_does_not_add_up_is_left_to_safetensors(tmp_path):
+    """A name whose byte range does not fit its dtype and shape is not read (safetensors raises its
+    own error when GPTQModel reads it); a header larger than safetensors allows fails the read."""
+    from defuser_quant.integrations.gptqmodel.layer_reads import read_tensors
+
+    path = tmp_path / "model.safetensors"
+    _raw_shard(path, {"a": torch.ones(4), "b": torch.full((2,), 3.0)},
+               {"a": {"dtype": "F32", "shape": [5], "data_offsets": [0, 16]}})
+    read = read_tensors({str(path): ["a", "b"]}, pin=False)
+    assert read.reasons == {"byte range does not fit its dtype and shape": 1}
+    assert read.take(str(path), "a") == (False, None) and torch.equal(read.take(str(path), "b")[1], torch.full((2,), 3.0))
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(ValueError, match="header of 1000000000 bytes"):
+        read_tensors({str(huge): ["a"]}, pin=False)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -84,8 +85,8 @@ class LayerReadStats:
     """What the ``layer_reads`` part did in one run."""
 
     layers: int = 0  # layer loads served from read buffers
-    stock: int = 0  # loads of layers holding our experts left to GPTQModel (to the CPU, no read, no CUDA)
     read_ahead: int = 0  # ... of them read ahead in the background
+    stock: int = 0  # loads of layers holding our experts left to GPTQModel (to the CPU, no read, no CUDA)
     bytes: int = 0  # bytes read
     read_seconds: float = 0.0  # wall seconds of the reads (background ones included)
     waited_seconds: float = 0.0  # seconds a load waited for its read
@@ -110,7 +111,10 @@ def _file_id(path: str) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-_headers: dict[str, tuple[tuple, dict[str, _Entry]]] = {}  # path -> (file id, its tensors)
+_headers: dict[str, tuple[tuple, dict[str, _Entry]]] = {}  # path -> (file id, its tensors), oldest first
+_HEADERS_KEPT = 16
+#: safetensors' own limit on a header's size.
+_MAX_HEADER_BYTES = 100_000_000
 _headers_lock = threading.Lock()
 
 
@@ -123,13 +127,18 @@ def _header(path: str) -> dict[str, _Entry]:
         return kept[1]
     entries = _parse_header(path)
     with _headers_lock:
+        _headers.pop(path, None)
         _headers[path] = (file_id, entries)
+        while len(_headers) > _HEADERS_KEPT:
+            _headers.pop(next(iter(_headers)))
     return entries
 
 
 def _parse_header(path: str) -> dict[str, _Entry]:
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
+        if size > _MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: a safetensors header of {size} bytes")
         header = json.loads(f.read(size))
     base = 8 + size
     entries = {}
@@ -203,9 +212,13 @@ def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolE
             wanted = []
             for e in entries:
                 if e.dtype is None:
-                    read.reasons["dtype unknown to the part"] = read.reasons.get("dtype unknown to the part", 0) + 1
+                    reason = "dtype unknown to the part"
+                elif e.end - e.start != math.prod(e.shape) * torch.empty((), dtype=e.dtype).element_size():
+                    reason = "byte range does not fit its dtype and shape"  # safetensors' own error, at its read
                 else:
                     wanted.append(e)
+                    continue
+                read.reasons[reason] = read.reasons.get(reason, 0) + 1
             views: dict[str, torch.Tensor] = {}
             for members, size in _pack(wanted, piece_bytes):
                 piece = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
