@@ -24,21 +24,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def _evict(path: str) -> bool:
-    """Drop the file's pages from the page cache (a cold read from disk next); False if the OS would not."""
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def _timed(fn) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -56,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("host_reads.py measures copies to a GPU: no CUDA device here")
+    from _page_cache import evict
     from _source import use_source_checkout
 
     use_source_checkout()
@@ -87,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
         result["stock_s"] = [_timed(stock) for _ in range(2)]
         # cold: the file's pages dropped from the page cache first (each figure after its own eviction)
-        result["evicted"] = _evict(path)
+        result["evicted"] = evict(path)
         result["stock_cold_s"] = _timed(stock)
-        _evict(path)
+        evict(path)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(4) as readers:
             cold = read_tensors({path: names}, pin=False, readers=readers)

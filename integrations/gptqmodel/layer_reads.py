@@ -41,6 +41,7 @@ import re
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ import torch
 from torch import nn
 
 from .shard_view import DelegatingShard
+from .shard_view import file_id as _file_id
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +108,6 @@ class _Entry:
     end: int
 
 
-def _file_id(path: str) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 _headers: dict[str, tuple[tuple, dict[str, _Entry]]] = {}  # path -> (file id, its tensors), oldest first
 _HEADERS_KEPT = 16
 #: safetensors' own limit on a header's size.
@@ -161,15 +158,14 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
 class _Read:
     """The tensors of one layer read from its shards: each served at most once."""
 
-    def __init__(self, path: str):
-        self.path = path  # the module path the read is for
+    def __init__(self) -> None:
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}  # shard path -> name -> view of a piece
         self.file_ids: dict[str, tuple] = {}
         self.checked: dict[str, bool] = {}  # shard path -> the file is still the one read
         self.served: set[tuple[str, str]] = set()
         self.bytes = 0
         self.seconds = 0.0
-        self.reasons: dict[str, int] = {}
+        self.reasons: Counter[str] = Counter()  # why a name is not served -> names
         self.lock = threading.Lock()
 
     def take(self, shard: str, name: str) -> tuple[bool, Any]:
@@ -189,7 +185,7 @@ class _Read:
 
 
 def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolExecutor | None = None,
-                 piece_bytes: int = PIECE_BYTES, path: str = "", stop: threading.Event | None = None) -> _Read:
+                 piece_bytes: int = PIECE_BYTES, stop: threading.Event | None = None) -> _Read:
     """Read ``files`` (shard path -> tensor names) into (pinned, when ``pin``) host buffers.
 
     Names of a dtype this part does not know, or whose offset in the file does not fit their dtype
@@ -197,7 +193,7 @@ def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolE
     Tensors contiguous in the file are read with one ``pread``; the reads run on ``readers`` when
     given. Once ``stop`` is set, the reads not yet started raise instead (a Ctrl-C does not wait
     for a whole layer to be read)."""
-    read = _Read(path)
+    read = _Read()
     t0 = time.perf_counter()
     jobs: list[tuple[str, int, memoryview]] = []  # (shard, file offset, buffer to fill)
     handles: dict[str, int] = {}
@@ -208,17 +204,17 @@ def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolE
             entries = sorted((header[n] for n in names if n in header), key=lambda e: e.start)
             for n in names:
                 if n not in header:
-                    read.reasons["not in the shard header"] = read.reasons.get("not in the shard header", 0) + 1
+                    read.reasons["not in the shard header"] += 1
             wanted = []
             for e in entries:
                 if e.dtype is None:
                     reason = "dtype unknown to the part"
-                elif e.end - e.start != math.prod(e.shape) * torch.empty((), dtype=e.dtype).element_size():
+                elif e.end - e.start != math.prod(e.shape) * e.dtype.itemsize:
                     reason = "byte range does not fit its dtype and shape"  # safetensors' own error, at its read
                 else:
                     wanted.append(e)
                     continue
-                read.reasons[reason] = read.reasons.get(reason, 0) + 1
+                read.reasons[reason] += 1
             views: dict[str, torch.Tensor] = {}
             for members, size in _pack(wanted, piece_bytes):
                 piece = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
@@ -232,8 +228,8 @@ def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolE
                     if run is None:
                         run = [offset, e.start, offset]
                     run[2] = offset + n
-                    if offset % torch.empty((), dtype=e.dtype).element_size():
-                        read.reasons["misaligned for its dtype"] = read.reasons.get("misaligned for its dtype", 0) + 1
+                    if offset % e.dtype.itemsize:
+                        read.reasons["misaligned for its dtype"] += 1
                     else:
                         views[e.name] = piece[offset:offset + n].view(e.dtype).view(e.shape)
                 if run is not None and run[2] > run[0]:
@@ -259,7 +255,7 @@ def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolE
         for shard in files:  # a file replaced or rewritten while it was read: none of it is served
             if _file_id(shard) != read.file_ids[shard]:
                 read.tensors[shard] = {}
-                read.reasons["file changed while read"] = read.reasons.get("file changed while read", 0) + 1
+                read.reasons["file changed while read"] += 1
     finally:
         for fd in handles.values():
             os.close(fd)
@@ -305,7 +301,7 @@ class LayerReads:
     of one lean block (see the module docstring). ``holds_experts(module)``: a layer this part serves."""
 
     def __init__(self, model: nn.Module, holds_experts: Callable[[nn.Module], bool], stats: LayerReadStats,
-                 *, pin: bool = True, readers: int = READERS, piece_bytes: int = PIECE_BYTES,
+                 *, pin: bool = PIN, readers: int = READERS, piece_bytes: int = PIECE_BYTES,
                  max_bytes: int = MAX_LAYER_BYTES):
         self.model = model
         self.holds_experts = holds_experts
@@ -349,9 +345,8 @@ class LayerReads:
             return None
         return files if total <= self.max_bytes else None
 
-    def _read(self, files: dict[str, list[str]], path: str) -> _Read:
-        return read_tensors(files, pin=self.pin, readers=self.readers, piece_bytes=self.piece_bytes, path=path,
-                            stop=self.stop)
+    def _read(self, files: dict[str, list[str]]) -> _Read:
+        return read_tensors(files, pin=self.pin, readers=self.readers, piece_bytes=self.piece_bytes, stop=self.stop)
 
     def _take(self, turtle: Any, module_path: str) -> _Read | None:
         """The read for ``module_path``: the one read ahead (waited for), else read now."""
@@ -374,7 +369,7 @@ class LayerReads:
         if files is None:
             return None
         try:
-            read = self._read(files, module_path)
+            read = self._read(files)
         except Exception as exc:  # noqa: BLE001 - as above
             logger.warning("reading %s into host buffers failed (%s); GPTQModel reads it itself", module_path, exc)
             self._count(failed=1)
@@ -398,7 +393,7 @@ class LayerReads:
         with self.lock:
             if self.closed or self.ahead is not None:
                 return
-            self.ahead = (path, self.ahead_pool.submit(self._read, files, path))
+            self.ahead = (path, self.ahead_pool.submit(self._read, files))
 
     def _drop(self, future: Future) -> None:
         future.cancel()

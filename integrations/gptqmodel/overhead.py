@@ -105,6 +105,7 @@ from .layer_reads import LayerReads, LayerReadStats
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
 from .shard_view import DelegatingShard
+from .shard_view import file_id as _file_id
 
 logger = logging.getLogger(__name__)
 
@@ -310,10 +311,9 @@ def internals_mismatch() -> dict[str, str]:
     why = _post_quantize_mismatch()
     if why is not None:
         problems["layer_offload"] = why
-    layer_reads = _recopy_mismatch() or _shard_handles_mismatch()  # the same load and safe_open
+    recopy, shard_handles = _recopy_mismatch(), _shard_handles_mismatch()  # layer_reads patches both seams
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
-                      ("shard_handles", _shard_handles_mismatch()), ("recopy", _recopy_mismatch()),
-                      ("layer_reads", layer_reads)):
+                      ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
         if why is not None:
             problems[part] = why
     try:
@@ -424,11 +424,6 @@ class _CheckpointIndex:
     def current(self, weight_map: Any) -> bool:
         """Still an index of ``weight_map`` (the same dict, the same size; GPTQModel never edits it)."""
         return weight_map is self.source and len(weight_map) == self.size
-
-
-def _file_id(path: str) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class _KeptFile:

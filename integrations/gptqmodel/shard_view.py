@@ -1,12 +1,20 @@
 """A stand-in for ``safe_open(path, framework="pt", device="cpu")`` that answers some ``get_tensor``
-calls itself and leaves everything else to a handle of its own, opened on first use."""
+calls itself and leaves everything else to a handle of its own, opened on first use; and the
+identity of a shard file, to tell whether it is still the file that was opened or read."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DelegatingShard"]
+__all__ = ["DelegatingShard", "file_id"]
+
+
+def file_id(path: str) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime) of ``path``: changes when the file is replaced or rewritten."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class DelegatingShard:
