@@ -34,6 +34,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-norecopy`` - every lean bookkeeping part but ``recopy``: each expert
                  projection's checkpoint tensors copied again before its forward replay, as GPTQModel
                  does, to measure what that part saves;
+* ``ours-grouped-batched-noreads`` - every lean bookkeeping part but ``layer_reads``: each layer
+                 loaded from the checkpoint's file mapping, as GPTQModel does, instead of from the
+                 host buffers read ahead (``--cold`` makes every variant read its layers from disk);
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -43,7 +46,8 @@ Any variant takes modifiers after ``+``, each at most once: ``+si<N>`` runs its 
 ``sys.setswitchinterval(N microseconds)`` (Python's default is 5000: how long a thread that wants the
 interpreter lock back waits before it asks the running one to let go), ``+cpuw<N>`` sets
 ``GPTQMODEL_CPU_WORKERS=N`` (GPTQModel's CPU pool: the threads that pack and offload finished
-modules; GPTQModel's default is half the cores, at most 12). ``stock+si500`` and
+modules; GPTQModel's default is half the cores, at most 12), ``+pin1`` has ``layer_reads`` read
+into pinned buffers (``layer_reads.PIN``). ``stock+si500`` and
 ``ours-grouped-batched+si500+cpuw4`` are variants; the row's ``modifiers`` say what was set.
 ``--gil-probe`` adds ``gil_probe`` to every row: how late a thread that sleeps 2 ms gets the lock
 back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
@@ -596,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS} (each may take +si<N>/+cpuw<N>)")
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS} (each may take +si<N>/+cpuw<N>/+pin1)")
     if len(set(variants)) != len(variants):
         raise SystemExit(f"--variants names a variant twice: {args.variants} (their files would collide)")
     if args.device == "cuda" and not torch.cuda.is_available():
