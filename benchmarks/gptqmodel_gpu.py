@@ -37,6 +37,10 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-noreads`` - every lean bookkeeping part but ``layer_reads``: each layer
                  loaded from the checkpoint's file mapping, as GPTQModel does, instead of from the
                  host buffers read ahead (``--cold`` makes every variant read its layers from disk);
+* ``ours-grouped-batched-noahead`` - with ``BatchedSolve(solve_ahead=0)``: no solver thread; a worker
+                 whose module's chunk is not solved solves it itself, so solving and GPTQModel's
+                 per-module processing take turns (the way before round 16), to measure what solving
+                 the next chunks ahead saves;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -126,7 +130,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
-            "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads")
+            "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-noahead")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
@@ -182,7 +186,8 @@ def solve_setting(variant: str):
     for suffix in WITHOUT_PART:
         base = base.removesuffix(suffix)
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
-                "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False}}
+                "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
+                "-noahead": {"solve_ahead": 0}}
     kwargs: dict = {}
     stripped = True
     while stripped:

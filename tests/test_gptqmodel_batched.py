@@ -296,6 +296,9 @@ def test_settings_are_checked():
         BatchedSolve(inverse_threads=0)
     with pytest.raises(TypeError, match="host_results must be True or False, got 'no'"):
         BatchedSolve(host_results="no")  # a truthy string would silently turn it on
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="solve_ahead must be an integer >= 0"):
+            BatchedSolve(solve_ahead=bad)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -393,8 +396,13 @@ def _share_chunks(monkeypatch, tasks, workers: int, settings, hold: float = 0.05
     return results, state["sizes"], state["most"], coordinator
 
 
-@pytest.mark.parametrize("parallel", [1, 2, 3])
-def test_waiting_workers_share_the_chunks_and_every_result_is_gptqmodels(monkeypatch, parallel):
+PER_TASK = 3 * 128**2 * 4 + 3 * 64 * 128 * 4  # working memory of one 64 x 128 task in a chunk
+
+
+@pytest.mark.parametrize(("parallel", "ahead"), [(1, 0), (2, 0), (3, 0), (1, 2), (2, 4), (3, 4)])
+def test_chunks_are_shared_and_every_result_is_gptqmodels(monkeypatch, parallel, ahead):
+    """Solved by the waiting workers (``solve_ahead=0``) or by the solver threads: each chunk
+    once, ``parallel`` at a time at most, and each result GPTQModel's own."""
     from gptqmodel import QuantizeConfig
 
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
@@ -403,14 +411,14 @@ def test_waiting_workers_share_the_chunks_and_every_result_is_gptqmodels(monkeyp
     reference, tasks = _tasks(qcfg, n=8, cols=128), _tasks(qcfg, n=8, cols=128)
     expected = [t.quantize() for t in reference]
     # Two modules' worth of working memory per chunk once split: 4 chunks for 4 workers.
-    per_task = 3 * 128**2 * 4 + 3 * 64 * 128 * 4
-    settings = BatchedSolve(chunk_bytes=2 * per_task * parallel, parallel=parallel)
+    settings = BatchedSolve(chunk_bytes=2 * PER_TASK * parallel, parallel=parallel, solve_ahead=ahead)
     results, sizes, most, coordinator = _share_chunks(monkeypatch, tasks, workers=4, settings=settings)
-    assert sorted(sizes) == [2, 2, 2, 2]  # every chunk solved once, by one worker
+    assert sorted(sizes) == [2, 2, 2, 2]  # every chunk solved once, by one thread
     assert most == parallel  # never more at once than asked, and that many when workers wait
     stats = coordinator.stats
     assert (stats.groups, stats.chunks, stats.batched_modules) == (1, 4, 8)
     assert not coordinator.open and not coordinator.chunk_of and not any(coordinator.running.values())
+    assert not any(coordinator.held.values())  # every result asked for
     for want, got in zip(expected, results, strict=True):
         assert got is not None
         for a, b in zip(want[:4], got.values[:4], strict=True):
@@ -418,9 +426,11 @@ def test_waiting_workers_share_the_chunks_and_every_result_is_gptqmodels(monkeyp
         assert (want[5], want[6], want[7]) == got.values[5:]
 
 
-def test_workers_solve_only_their_own_devices_chunks(monkeypatch):
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_chunks_are_solved_on_their_own_device_only(monkeypatch, ahead):
     """GPTQModel keeps device workers per device: with a subset spread over two devices, a worker
-    solves chunks of its own device only, ``parallel`` at a time on each device."""
+    (``solve_ahead=0``) or a device's solver thread solves chunks of its own device only,
+    ``parallel`` at a time on each device."""
     import threading
 
     from gptqmodel import QuantizeConfig
@@ -438,8 +448,10 @@ def test_workers_solve_only_their_own_devices_chunks(monkeypatch):
 
     def solve(chunk, *args, **kwargs):
         device = device_of[id(chunk[0])]
+        # a worker's device, or the device a solver thread is named for ("defuser-quant-solve-cuda:0-0")
+        here = getattr(worker_device, "device", None) or threading.current_thread().name[20:].rsplit("-", 1)[0]
         with lock:
-            if {device_of[id(t)] for t in chunk} != {getattr(worker_device, "device", None)}:
+            if {device_of[id(t)] for t in chunk} != {here}:
                 mismatched.append(device)
             running[device] += 1
             most[device] = max(most[device], running[device])
@@ -459,15 +471,15 @@ def test_workers_solve_only_their_own_devices_chunks(monkeypatch):
         return real_prepare(self, processor, module, subset)
 
     monkeypatch.setattr(batched._Coordinator, "prepare", prepare)
-    per_task = 3 * 128**2 * 4 + 3 * 64 * 128 * 4
-    settings = batched.BatchedSolve(chunk_bytes=4 * per_task, parallel=2)  # chunks of 2 tasks
+    settings = batched.BatchedSolve(chunk_bytes=4 * PER_TASK, parallel=2, solve_ahead=ahead)  # chunks of 2 tasks
     results, sizes, _, coordinator = _share_chunks(monkeypatch, tasks, workers=4, settings=settings, hold=0.0)
     assert not mismatched and sorted(sizes) == [2] * 8
     assert most == {"cuda:0": 2, "cuda:1": 2, "both": 4}  # the limit holds per device
     assert coordinator.stats.groups == 2 and coordinator.stats.batched_modules == 16 and all(results)
 
 
-def test_a_failed_chunk_leaves_its_modules_to_gptqmodel_and_frees_the_waiting_workers(monkeypatch):
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_a_failed_chunk_leaves_its_modules_to_gptqmodel_and_frees_the_waiting_workers(monkeypatch, ahead):
     from gptqmodel import QuantizeConfig
 
     from defuser_quant.integrations.gptqmodel import batched
@@ -475,11 +487,155 @@ def test_a_failed_chunk_leaves_its_modules_to_gptqmodel_and_frees_the_waiting_wo
     qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
     tasks = _tasks(qcfg, n=8, cols=128)
     _second_chunk_runs_out_of_memory(monkeypatch)
-    per_task = 3 * 128**2 * 4 + 3 * 64 * 128 * 4
-    settings = batched.BatchedSolve(chunk_bytes=4 * per_task, parallel=2)
+    settings = batched.BatchedSolve(chunk_bytes=4 * PER_TASK, parallel=2, solve_ahead=ahead)
     results, _, _, coordinator = _share_chunks(monkeypatch, tasks, workers=4, settings=settings, hold=0.0)
     assert sum(r is None for r in results) == 2 == coordinator.stats.per_module["chunk ran out of memory"]
     assert coordinator.stats.batched_modules == 6 and not coordinator.chunk_of
+
+
+def _coordinator_over(tasks, **settings):
+    """A coordinator and a stand-in GPTQModel processor holding ``tasks`` as one subset."""
+    from defuser_quant.integrations.gptqmodel import batched
+
+    names = [f"experts.{i}.gate_proj" for i in range(len(tasks))]
+    processor = type("Processor", (), {})()
+    processor.tasks = dict(zip(names, tasks, strict=True))
+    coordinator = batched._Coordinator(batched.BatchedSolve(chunk_bytes=PER_TASK, **settings))  # 1 task a chunk
+    module = {n: type("Module", (), {"name": n})() for n in names}
+    return coordinator, processor, names, module, dict.fromkeys(names)
+
+
+def test_the_solver_runs_ahead_of_a_slow_worker_and_holds_at_most_solve_ahead_chunks(monkeypatch):
+    """One worker processing slowly: the solver thread solves the next chunks meanwhile (no wait
+    after the first), never holding more than ``solve_ahead`` chunks, and each result is GPTQModel's."""
+    import threading
+
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    reference, tasks = _tasks(qcfg, n=6, cols=128), _tasks(qcfg, n=6, cols=128)
+    expected = [t.quantize() for t in reference]
+    coordinator, processor, names, module, subset = _coordinator_over(tasks, solve_ahead=2)
+    real, held_at_start = batched.batched_gptq_solve, []
+
+    def solve(chunk, *args, **kwargs):
+        held_at_start.append(coordinator.held["cpu"])
+        return real(chunk, *args, **kwargs)
+
+    monkeypatch.setattr(batched, "batched_gptq_solve", solve)
+    got = []
+    try:
+        for name in names:
+            coordinator.prepare(processor, module[name], subset)
+            got.append(coordinator.take(processor.tasks[name], batched.BLOCKSIZE))
+            threading.Event().wait(0.3)  # GPTQModel's processing of the module, slower than a solve
+    finally:
+        coordinator.close()
+    assert len(held_at_start) == 6 and max(held_at_start) == 2  # counted from the solve's start
+    stats = coordinator.stats
+    assert stats.chunks == 6 and stats.solved_ahead >= 4  # all but the first one or two asked before
+    assert stats.waited_seconds < 0.3 * 6  # it did not wait for each chunk in turn
+    for want, result in zip(expected, got, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(want[:4], result.values[:4], strict=True))
+    assert not any(t.is_alive() for threads in coordinator.solvers.values() for t in threads)
+
+
+def test_a_waiting_worker_moves_the_solver_past_results_nobody_asked_for():
+    """Results GPTQModel never asks for hold chunks, but a worker waiting for a later chunk still
+    gets it solved: no hang."""
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    import threading
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    coordinator, processor, names, module, subset = _coordinator_over(_tasks(qcfg, n=5, cols=128), solve_ahead=1)
+    got = []
+
+    def worker():
+        coordinator.prepare(processor, module[names[0]], subset)  # its result is never taken
+        coordinator.prepare(processor, module[names[4]], subset)  # four chunks further on
+        got.append(coordinator.take(processor.tasks[names[4]], batched.BLOCKSIZE))
+
+    waiting = threading.Thread(target=worker, daemon=True)
+    waiting.start()
+    waiting.join(60)
+    stuck = waiting.is_alive()
+    coordinator.close()  # (frees the worker if it was stuck)
+    assert not stuck and got and got[0] is not None
+    assert coordinator.stats.chunks == 5
+
+
+def test_a_solve_that_fails_on_the_solver_thread_fails_its_workers(monkeypatch):
+    """Not out of memory: GPTQModel's workers waiting for that chunk raise it (never a silent
+    per-module fallback); the other chunks are solved as usual."""
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    tasks = _tasks(qcfg, n=3, cols=128)
+    real = batched.batched_gptq_solve
+
+    def second_breaks(chunk, *args, **kwargs):
+        if chunk[0] is tasks[1]:
+            raise ValueError("simulated bug")
+        return real(chunk, *args, **kwargs)
+
+    monkeypatch.setattr(batched, "batched_gptq_solve", second_breaks)
+    coordinator, processor, names, module, subset = _coordinator_over(tasks, solve_ahead=2)
+    try:
+        coordinator.prepare(processor, module[names[0]], subset)
+        with pytest.raises(RuntimeError, match="batched GPTQ solve of 1 modules failed: simulated bug") as err:
+            coordinator.prepare(processor, module[names[1]], subset)
+        assert isinstance(err.value.__cause__, ValueError)
+        coordinator.prepare(processor, module[names[2]], subset)
+        assert coordinator.take(tasks[2], batched.BLOCKSIZE) is not None
+    finally:
+        coordinator.close()
+
+
+def test_closing_frees_waiting_workers_and_ends_the_solver_threads(monkeypatch):
+    """GPTQModel's quantize() ending (an error, Ctrl-C) while chunks are open: a worker still waiting
+    is released with an error, and the solver threads end."""
+    import threading
+
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    tasks = _tasks(qcfg, n=4, cols=128)
+    real, release = batched.batched_gptq_solve, threading.Event()
+
+    def slow(chunk, *args, **kwargs):
+        release.wait(30)
+        return real(chunk, *args, **kwargs)
+
+    monkeypatch.setattr(batched, "batched_gptq_solve", slow)
+    coordinator, processor, names, module, subset = _coordinator_over(tasks, solve_ahead=1)
+    errors = []
+
+    def worker():
+        try:
+            coordinator.prepare(processor, module[names[3]], subset)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    waiting = threading.Thread(target=worker)
+    waiting.start()
+    threading.Event().wait(0.2)  # the solver is inside the first chunk, the worker waits for the last
+    closer = threading.Thread(target=coordinator.close)
+    closer.start()
+    release.set()
+    closer.join(30)
+    waiting.join(30)
+    assert not closer.is_alive() and not waiting.is_alive()
+    assert errors and "ended before this chunk was solved" in errors[0]
+    assert not any(t.is_alive() for threads in coordinator.solvers.values() for t in threads)
 
 
 # ----- inside GPTQModel's quantize() -----------------------------------------------------------

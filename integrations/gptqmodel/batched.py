@@ -43,6 +43,7 @@ untouched task.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -85,11 +86,19 @@ class BatchedSolve:
     Attributes:
         min_modules: smallest group of equal-shape modules solved together (smaller: per module).
         chunk_bytes: working memory of the solve; a group larger than that is solved in chunks.
-        parallel: chunks solved at the same time, by GPTQModel's device workers that wait for a
-            result (each on its own CUDA stream); the chunks are ``chunk_bytes / parallel`` large,
-            so the working memory stays ``chunk_bytes`` in all. Results do not depend on it. One
-            by default: since a chunk syncs with the GPU once, more than one saved nothing on an
-            H200 (docs/performance.md, round 11).
+        parallel: chunks solved at the same time per device (each on its own CUDA stream), by
+            that many solver threads, or with ``solve_ahead=0`` by GPTQModel's device workers that
+            wait for a result; the chunks are ``chunk_bytes / parallel`` large, so the working
+            memory stays ``chunk_bytes`` in all. Results do not depend on it. One by default: since
+            a chunk syncs with the GPU once, more than one saved nothing on an H200
+            (docs/performance.md, round 11).
+        solve_ahead: chunks a background solver thread per device may hold (being solved, or
+            solved with results GPTQModel has not asked for yet) before any worker asks for
+            them: the next chunks are solved while the workers run GPTQModel's per-module
+            processing of the earlier ones, and each held chunk's quantized weights take GPU memory
+            until asked for. A worker waiting for a chunk always lets the solver go on. 0: no
+            solver thread; a worker whose module's chunk is not solved solves it (or the next
+            open one) itself, so solving and processing take turns (the way before round 16).
         inverse_threads: on CUDA, host threads that compute a chunk's Hessian inverses, each on
             its own stream (GPTQModel's own single-matrix calls, so the same bits: each thread has
             its own cuSOLVER handle). Four by default: on an H200 the solve took 3.15 s instead of
@@ -107,6 +116,7 @@ class BatchedSolve:
     parallel: int = 1
     inverse_threads: int = 4
     host_results: bool = True
+    solve_ahead: int = 2
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -117,6 +127,8 @@ class BatchedSolve:
             raise ValueError(f"BatchedSolve.parallel must be >= 1, got {self.parallel}")
         if self.inverse_threads < 1:
             raise ValueError(f"BatchedSolve.inverse_threads must be >= 1, got {self.inverse_threads}")
+        if isinstance(self.solve_ahead, bool) or not isinstance(self.solve_ahead, int) or self.solve_ahead < 0:
+            raise ValueError(f"BatchedSolve.solve_ahead must be an integer >= 0, got {self.solve_ahead!r}")
         if not isinstance(self.host_results, bool):
             raise TypeError(f"BatchedSolve.host_results must be True or False, got {self.host_results!r}")
 
@@ -132,6 +144,8 @@ class BatchedSolveStats:
     paths: Counter = field(default_factory=Counter)  # "batched_cuda_block_update@cuda" -> modules
     per_module: Counter = field(default_factory=Counter)  # reason -> modules left to GPTQModel's own solve
     host_results: int = 0  # batched modules whose scales/zeros/g_idx went to GPTQModel on the CPU
+    solved_ahead: int = 0  # chunks a solver thread started while no worker was waiting for them
+    waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for their chunk's result
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -140,6 +154,8 @@ class BatchedSolveStats:
             "groups": self.groups,
             "chunks": self.chunks,
             "seconds": round(self.seconds, 3),
+            "solved_ahead": self.solved_ahead,
+            "waited_seconds": round(self.waited_seconds, 3),
             "paths": dict(self.paths),
             "per_module": dict(self.per_module),
         }
@@ -623,22 +639,30 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 class _Coordinator:
     """Groups a subset's tasks at the first ``process()`` call and splits each group into chunks.
 
-    GPTQModel runs ``process()`` for a subset's modules on several device workers at once. A
-    worker whose module's chunk is not solved yet solves the next open chunk of its device itself
-    (its own chunk first), at most ``settings.parallel`` at a time per device, each on the
-    worker's own CUDA stream; a worker whose chunk is solved goes on with GPTQModel's own
-    processing of its module while the others solve. Every task gets its result when GPTQModel's
-    ``process()`` asks ``GPTQ.quantize`` for it."""
+    GPTQModel runs ``process()`` for a subset's modules on several device workers at once (each
+    worker is handed every n-th module). With ``settings.solve_ahead`` > 0, background solver
+    threads (``settings.parallel`` per device, each on its own CUDA stream) solve the device's
+    chunks in subset order as soon as they are grouped, at most ``solve_ahead`` held at a time
+    unless a worker waits; a worker waits only while its module's chunk is not solved, so the
+    next chunks are solved while the workers run GPTQModel's own processing of the earlier ones.
+    With ``solve_ahead=0`` a worker whose module's chunk is not solved solves the next open chunk
+    of its device itself (its own chunk first), at most ``settings.parallel`` at a time per
+    device, on the worker's own CUDA stream. Every task gets its result when GPTQModel's
+    ``process()`` asks ``GPTQ.quantize`` for it; a solve that fails with anything but running
+    out of memory fails every worker waiting for that chunk."""
 
     def __init__(self, settings: BatchedSolve):
         self.settings = settings
         self.stats = BatchedSolveStats()
         self.cond = threading.Condition()
-        self.results: dict[int, tuple[Any, SolveResult]] = {}  # id(task) -> (task, result)
+        self.results: dict[int, tuple[Any, SolveResult, _Chunk]] = {}  # id(task) -> (task, result, its chunk)
         self.chunk_of: dict[int, _Chunk] = {}  # id(task) -> its chunk, until the chunk is solved
         self.open: list[_Chunk] = []  # chunks nobody has started, in subset order
         self.running: Counter = Counter()  # device -> chunks being solved there
+        self.held: Counter = Counter()  # device -> chunks being solved or with results not yet asked for
         self.seen: dict[int, Any] = {}  # id(task) -> task, every task grouped or refused once
+        self.solvers: dict[str, list[threading.Thread]] = {}  # device -> its solver threads
+        self.closed = False
         self.streams = threading.local()
 
     def prepare(self, processor: Any, module: Any, subset: dict | None) -> None:
@@ -656,6 +680,9 @@ class _Coordinator:
                     return
                 self._open_chunks(group)
                 mine = self.chunk_of[id(task)]
+        if self.settings.solve_ahead:
+            self._wait_for(mine)
+            return
         while True:
             with self.cond:
                 while True:
@@ -665,22 +692,100 @@ class _Coordinator:
                     same = [c for c in self.open if c.device == mine.device]
                     if self.running[mine.device] < self.settings.parallel and same:
                         chunk = mine if mine in same else same[0]
-                        self.open.remove(chunk)
-                        self.running[chunk.device] += 1
+                        self._start(chunk)
                         break
                     self.cond.wait()
-            try:
-                self._solve(chunk)
-            finally:
+            self._run(chunk)
+
+    def _wait_for(self, chunk: _Chunk) -> None:
+        """Block until a solver thread has solved ``chunk``; raise what its solve raised."""
+        with self.cond:
+            if not chunk.done:
+                t0 = time.perf_counter()
+                chunk.waiters += 1
+                self.cond.notify_all()  # a held-back solver may go on: a worker needs this chunk
+                try:
+                    while not chunk.done:
+                        self.cond.wait()
+                finally:
+                    chunk.waiters -= 1
+                    self.stats.waited_seconds += time.perf_counter() - t0
+            error = chunk.error
+        if error is not None:
+            raise RuntimeError(f"the batched GPTQ solve of {len(chunk.tasks)} modules failed: {error}") from error
+
+    def _start(self, chunk: _Chunk) -> None:
+        """Under the lock: ``chunk`` taken off the open list to be solved now."""
+        self.open.remove(chunk)
+        self.running[chunk.device] += 1
+        self.held[chunk.device] += 1
+
+    def _run(self, chunk: _Chunk) -> None:
+        """Solve ``chunk`` and mark it done; on a solver thread its error is kept for the workers."""
+        try:
+            self._solve(chunk)
+        except BaseException as exc:
+            if not self.settings.solve_ahead:
+                raise
+            chunk.error = exc
+        finally:
+            with self.cond:
+                self.running[chunk.device] -= 1
+                chunk.done = True
+                if not chunk.untaken:
+                    self.held[chunk.device] -= 1
+                for member in chunk.tasks:
+                    self.chunk_of.pop(id(member), None)
+                self.cond.notify_all()
+
+    def _solver(self, device: str) -> None:
+        """A solver thread of ``device``: its open chunks in order, ``solve_ahead`` held at most
+        unless a worker waits for one of them, until the coordinator closes."""
+        on_cuda = device.startswith("cuda") and torch.cuda.is_available()
+        context = torch.cuda.device(torch.device(device)) if on_cuda else contextlib.nullcontext()
+        with context, torch.inference_mode():  # as GPTQModel's workers run process()
+            while True:
                 with self.cond:
-                    self.running[chunk.device] -= 1
-                    chunk.done = True
-                    for member in chunk.tasks:
-                        self.chunk_of.pop(id(member), None)
-                    self.cond.notify_all()
+                    while True:
+                        if self.closed:
+                            return
+                        same = [c for c in self.open if c.device == device]
+                        wanted = any(c.waiters for c in same)
+                        if same and self.running[device] < self.settings.parallel and (
+                                wanted or self.held[device] < self.settings.solve_ahead):
+                            chunk = same[0]
+                            self.stats.solved_ahead += not chunk.waiters
+                            self._start(chunk)
+                            break
+                        self.cond.wait()
+                self._run(chunk)
+
+    def _ensure_solvers(self, device: str) -> None:
+        """Under the lock: ``device``'s solver threads, started once."""
+        if device in self.solvers:
+            return
+        self.solvers[device] = [
+            threading.Thread(target=self._solver, args=(device,), name=f"defuser-quant-solve-{device}-{i}", daemon=True)
+            for i in range(self.settings.parallel)
+        ]
+        for thread in self.solvers[device]:
+            thread.start()
+
+    def close(self) -> None:
+        """Stop the solver threads (each finishes the chunk it is solving); chunks nobody started
+        are given up, so no worker waits for them."""
+        with self.cond:
+            self.closed = True
+            for chunk in self.open:
+                chunk.done, chunk.error = True, RuntimeError("GPTQModel's quantization ended before this chunk was solved")
+            self.open.clear()
+            self.cond.notify_all()
+        for threads in self.solvers.values():
+            for thread in threads:
+                thread.join()
 
     def _open_chunks(self, group: list[Any]) -> None:
-        """Under the lock: ``group``'s chunks, open for any waiting worker to solve."""
+        """Under the lock: ``group``'s chunks, open for a solver (or a waiting worker) to solve."""
         size = max(1, self.settings.chunk_bytes // self.settings.parallel)
         device = _settings_key(group[0])[2]  # a group shares one settings key, so one device
         for units in _chunks(_units_for_chunking(group), size):
@@ -689,6 +794,9 @@ class _Coordinator:
             for member in chunk.tasks:
                 self.chunk_of[id(member)] = chunk
         self.stats.groups += 1
+        if self.settings.solve_ahead:
+            self._ensure_solvers(device)
+            self.cond.notify_all()
 
     def _group_for(self, task: Any, tasks: dict, subset: dict | None) -> list[Any] | None:
         """Under the lock: the not yet handled tasks of ``subset`` batched with ``task`` (or None)."""
@@ -761,7 +869,8 @@ class _Coordinator:
                 if result is None:
                     self.stats.per_module["first Cholesky failed or NaN loss (GPTQModel's recovery)"] += 1
                     continue
-                self.results[id(task)] = (task, result)
+                self.results[id(task)] = (task, result, chunk)
+                chunk.untaken += 1
                 self.stats.batched_modules += 1
                 self.stats.host_results += self.settings.host_results
                 self.stats.paths[f"{result.path}"] += 1
@@ -772,7 +881,11 @@ class _Coordinator:
             if entry is None or entry[0] is not task or entry[1].blocksize != blocksize:
                 return None
             del self.results[id(task)]
-        result = entry[1]
+            _, result, chunk = entry
+            chunk.untaken -= 1
+            if not chunk.untaken and chunk.done:  # (not done yet: _run's end counts it)
+                self.held[chunk.device] -= 1  # its results all asked for: a held-back solver may go on
+                self.cond.notify_all()
         if result.device == "cuda":
             # Made on another worker's stream: keep the allocator from handing their memory to
             # that stream while this worker's stream may still read them.
@@ -789,6 +902,9 @@ class _Chunk:
     tasks: list[Any]
     device: str  # where its tasks are solved (a group's settings key: one device)
     done: bool = False
+    error: BaseException | None = None  # what its solve raised on a solver thread
+    waiters: int = 0  # workers waiting for it
+    untaken: int = 0  # its results GPTQModel has not asked for yet
 
 
 def _units_for_chunking(group: list[Any]) -> list[_Unit]:
@@ -841,6 +957,7 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
         yield coordinator.stats
     finally:
         GPTQProcessor.process, GPTQ.quantize = process, quantize
+        coordinator.close()
         leftover = len(coordinator.results)
         coordinator.results.clear()
         if leftover:
