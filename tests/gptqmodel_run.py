@@ -31,6 +31,10 @@ def main() -> int:
     p.add_argument("--inverse-threads", type=int, default=None, help="with --batched: BatchedSolve(inverse_threads=N)")
     p.add_argument("--host-results", action=argparse.BooleanOptionalAction, default=None,
                    help="with --batched: BatchedSolve(host_results=...)")
+    p.add_argument("--chunk-bytes", type=int, default=None, help="with --batched: BatchedSolve(chunk_bytes=N)")
+    p.add_argument("--solve-ahead", type=int, default=None, help="with --batched: BatchedSolve(solve_ahead=N)")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --batched: BatchedSolve(graphs=...)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (quantize_with_defuser)")
@@ -56,10 +60,11 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats(index)
     placement = {"device": "cpu"} if args.device == "cpu" else {}
     solve = args.batched
-    if args.batched and (args.inverse_threads is not None or args.host_results is not None):
+    given = {"inverse_threads": args.inverse_threads, "host_results": args.host_results, "chunk_bytes": args.chunk_bytes,
+             "solve_ahead": args.solve_ahead, "graphs": args.graphs}
+    if args.batched and any(value is not None for value in given.values()):
         from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 
-        given = {"inverse_threads": args.inverse_threads, "host_results": args.host_results}
         solve = BatchedSolve(**{name: value for name, value in given.items() if value is not None})
     model = GPTQModel.load(args.src, QuantizeConfig(bits=4, group_size=128), **placement)
     t0 = time.perf_counter()

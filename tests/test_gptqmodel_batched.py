@@ -299,6 +299,8 @@ def test_settings_are_checked():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="solve_ahead must be an integer >= 0"):
             BatchedSolve(solve_ahead=bad)
+    with pytest.raises(TypeError, match="graphs must be True or False, got 'yes'"):
+        BatchedSolve(graphs="yes")
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -772,6 +774,39 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_t
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_column_loop_graph_replays_give_gptqmodels_results(name):
+    """Four chunks of one shape through one LoopGraphs: the first eager, the second captured and
+    replayed, the last two replayed; every module's result is GPTQModel's per-module one bit for
+    bit (``mse`` never captures: its parameters are found per module with host syncs)."""
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.batched import LoopGraphs, batched_gptq_solve
+
+    qcfg = QuantizeConfig(**{"bits": 4, "group_size": 128, **CONFIGS[name]})
+    reference, batched = (_tasks(qcfg, n=16, rows=256, cols=512), _tasks(qcfg, n=16, rows=256, cols=512))
+    for task in [*reference, *batched]:
+        task.module.cuda()
+        task.module.target_device = torch.device("cuda")
+        task.finalize_hessian(target_device=torch.device("cuda"))
+    expected = [t.quantize() for t in reference]
+    graphs, got = LoopGraphs(), []
+    with torch.cuda.stream(torch.cuda.Stream()):  # (a graph cannot be captured on the default stream)
+        for c in range(4):
+            got += batched_gptq_solve(batched[4 * c:4 * c + 4], inverse_threads=4, graphs=graphs)
+        torch.cuda.current_stream().synchronize()
+    plain = not CONFIGS[name].get("mse")
+    assert (graphs.captured, graphs.replayed, graphs.failed) == ((1, 3, None) if plain else (0, 0, None))
+    unequal = [f"{m}:{k}" for m, (e, r) in enumerate(zip(expected, got, strict=True))
+               for k, want, have in zip(("q", "scale", "zero", "g_idx"), e[:4], r.values[:4], strict=True)
+               if not torch.equal(want, have)]
+    unequal += [f"{m}:loss" for m, (e, r) in enumerate(zip(expected, got, strict=True)) if e[5] != r.values[5]]
+    assert not unequal
+    graphs.drop()
+    assert graphs.graph is None and not graphs.outputs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
 def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     import json
     import os
@@ -783,7 +818,10 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     calibration.write_text(json.dumps(tiny["calibration"]))
     runs = {}
     for name, extra in (("per_module", []), ("batched", ["--batched"]),
-                        ("batched_hinv1_device", ["--batched", "--inverse-threads", "1", "--no-host-results"])):
+                        ("batched_hinv1_device", ["--batched", "--inverse-threads", "1", "--no-host-results"]),
+                        # several chunks a group: captured and replayed column loops
+                        ("batched_small_chunks", ["--batched", "--chunk-bytes", "2000000"]),
+                        ("batched_noahead_nographs", ["--batched", "--solve-ahead", "0", "--no-graphs"])):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
                "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
         cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_run.py")), str(tiny["src"]), str(calibration),
@@ -792,7 +830,11 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         runs[name] = json.loads((tmp_path / name / "result.json").read_text())
     reference = _tensors(tmp_path / "per_module" / "checkpoint")
-    for name in ("batched", "batched_hinv1_device"):  # the defaults (four inverse threads, results on the host); neither
+    assert runs["batched_small_chunks"]["solve"]["graph_captures"] > 0 and runs["batched_small_chunks"]["solve"]["graph_replays"] > 0
+    assert runs["batched_small_chunks"]["solve"]["graph_failed"] is None
+    assert runs["batched_noahead_nographs"]["solve"]["graph_captures"] == 0
+    assert runs["batched_noahead_nographs"]["solve"]["solved_ahead"] == 0
+    for name in ("batched", "batched_hinv1_device", "batched_small_chunks", "batched_noahead_nographs"):
         batched = runs[name]
         assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
         assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}

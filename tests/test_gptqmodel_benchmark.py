@@ -140,6 +140,9 @@ def test_variants_pick_their_batched_solve_settings():
     # round 15's way (workers solve the chunks), to measure round 16's solver thread against it
     assert bench.solve_setting("ours-grouped-batched-noahead") == BatchedSolve(solve_ahead=0)
     assert "ours-grouped-batched-noahead" in bench.VARIANTS
+    assert bench.solve_setting("ours-grouped-batched-nographs") == BatchedSolve(graphs=False)
+    assert bench.solve_setting("ours-grouped-batched-noahead-nographs") == BatchedSolve(solve_ahead=0, graphs=False)
+    assert {"ours-grouped-batched-nographs", "ours-grouped-batched-noahead-nographs"} <= set(bench.VARIANTS)
 
 
 def test_variants_pick_their_lean_bookkeeping():
