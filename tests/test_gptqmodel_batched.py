@@ -3,6 +3,7 @@ own per-module ``GPTQ.quantize`` (CPU, real GPTQModel)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from collections import Counter
@@ -466,6 +467,7 @@ def test_chunks_are_solved_on_their_own_device_only(monkeypatch, ahead):
                 running[device] -= 1
 
     monkeypatch.setattr(batched, "batched_gptq_solve", solve)
+    monkeypatch.setattr(batched._Coordinator, "_device_context", staticmethod(lambda device: contextlib.nullcontext()))
     real_prepare = batched._Coordinator.prepare
 
     def prepare(self, processor, module, subset):
@@ -598,6 +600,47 @@ def test_a_solve_that_fails_on_the_solver_thread_fails_its_workers(monkeypatch):
         assert coordinator.take(tasks[2], batched.BLOCKSIZE) is not None
     finally:
         coordinator.close()
+
+
+def test_a_solver_thread_that_breaks_frees_the_waiting_workers(monkeypatch):
+    """An error outside a chunk's solve (here: entering the device's context) ends the solver
+    thread; every worker waiting for that device's chunks gets the error instead of waiting forever,
+    and so does a later group of that device."""
+    import threading
+
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    tasks = _tasks(qcfg, n=4, cols=128)
+    def no_device(device):
+        raise OSError("no device")
+
+    monkeypatch.setattr(batched._Coordinator, "_device_context", staticmethod(no_device))
+    coordinator, processor, names, module, subset = _coordinator_over(tasks[:2], solve_ahead=2)
+    errors = []
+
+    def worker(coord, proc, mod, sub):
+        try:
+            coord.prepare(proc, mod, sub)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    for args in ((coordinator, processor, module[names[1]], subset),):
+        waiting = threading.Thread(target=worker, args=args, daemon=True)
+        waiting.start()
+        waiting.join(30)
+        assert not waiting.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0].__cause__, OSError)
+    later = {f"experts.{i}.down_proj": t for i, t in enumerate(tasks[2:])}  # another subset, same device
+    processor.tasks.update(later)
+    other = type("Module", (), {"name": next(iter(later))})()
+    waiting = threading.Thread(target=worker, args=(coordinator, processor, other, dict.fromkeys(later)), daemon=True)
+    waiting.start()
+    waiting.join(30)
+    coordinator.close()
+    assert not waiting.is_alive() and len(errors) == 2 and isinstance(errors[1].__cause__, OSError)
 
 
 def test_closing_frees_waiting_workers_and_ends_the_solver_threads(monkeypatch):

@@ -798,6 +798,7 @@ class _Coordinator:
         self.seen: dict[int, Any] = {}  # id(task) -> task, every task grouped or refused once
         self.solvers: dict[str, list[threading.Thread]] = {}  # device -> its solver threads
         self.graphs: dict[str, LoopGraphs] = {}  # device -> its captured column loop (parallel=1 only)
+        self.broken: dict[str, BaseException] = {}  # device -> what ended its solver threads
         self.closed = False
         self.streams = threading.local()
 
@@ -814,8 +815,7 @@ class _Coordinator:
                 group = self._group_for(task, tasks, subset)
                 if group is None:
                     return
-                self._open_chunks(group)
-                mine = self.chunk_of[id(task)]
+                mine = self._open_chunks(group)[id(task)]
         if self.settings.solve_ahead:
             self._wait_for(mine)
             return
@@ -880,24 +880,47 @@ class _Coordinator:
     def _solver(self, device: str) -> None:
         """A solver thread of ``device``: its open chunks in order, ``solve_ahead`` held at most
         unless a worker waits for one of them, until the coordinator closes."""
-        on_cuda = device.startswith("cuda") and torch.cuda.is_available()
-        context = torch.cuda.device(torch.device(device)) if on_cuda else contextlib.nullcontext()
-        with context, torch.inference_mode():  # as GPTQModel's workers run process()
-            while True:
-                with self.cond:
-                    while True:
-                        if self.closed:
-                            return
-                        same = [c for c in self.open if c.device == device]
-                        wanted = any(c.waiters for c in same)
-                        if same and self.running[device] < self.settings.parallel and (
-                                wanted or self.held[device] < self.settings.solve_ahead):
-                            chunk = same[0]
-                            self.stats.solved_ahead += not chunk.waiters
-                            self._start(chunk)
-                            break
-                        self.cond.wait()
-                self._run(chunk)
+        try:
+            with self._device_context(device), torch.inference_mode():  # as GPTQModel's workers run process()
+                self._solve_open_chunks(device)
+        except BaseException as exc:  # (a solve's own errors are the chunk's): no worker may wait forever
+            with self.cond:
+                self.broken[device] = exc
+                self._fail_open(device, exc)
+
+    @staticmethod
+    def _device_context(device: str) -> contextlib.AbstractContextManager:
+        """``device`` made the solver thread's current CUDA device (nothing on the CPU)."""
+        if device.startswith("cuda") and torch.cuda.is_available():
+            return torch.cuda.device(torch.device(device))
+        return contextlib.nullcontext()
+
+    def _fail_open(self, device: str, error: BaseException) -> None:
+        """Under the lock: ``device``'s chunks nobody started, given up with ``error``."""
+        for chunk in [c for c in self.open if c.device == device]:
+            self.open.remove(chunk)
+            chunk.done, chunk.error = True, error
+            for member in chunk.tasks:
+                self.chunk_of.pop(id(member), None)
+        self.cond.notify_all()
+
+    def _solve_open_chunks(self, device: str) -> None:
+        """The solver thread's loop (see :meth:`_solver`)."""
+        while True:
+            with self.cond:
+                while True:
+                    if self.closed:
+                        return
+                    same = [c for c in self.open if c.device == device]
+                    wanted = any(c.waiters for c in same)
+                    if same and self.running[device] < self.settings.parallel and (
+                            wanted or self.held[device] < self.settings.solve_ahead):
+                        chunk = same[0]
+                        self.stats.solved_ahead += not chunk.waiters
+                        self._start(chunk)
+                        break
+                    self.cond.wait()
+            self._run(chunk)
 
     def _ensure_solvers(self, device: str) -> None:
         """Under the lock: ``device``'s solver threads, started once."""
@@ -915,9 +938,8 @@ class _Coordinator:
         are given up, so no worker waits for them."""
         with self.cond:
             self.closed = True
-            for chunk in self.open:
-                chunk.done, chunk.error = True, RuntimeError("GPTQModel's quantization ended before this chunk was solved")
-            self.open.clear()
+            for device in {c.device for c in self.open}:
+                self._fail_open(device, RuntimeError("GPTQModel's quantization ended before this chunk was solved"))
             self.cond.notify_all()
         for threads in self.solvers.values():
             for thread in threads:
@@ -925,19 +947,25 @@ class _Coordinator:
         for graphs in self.graphs.values():
             graphs.drop()
 
-    def _open_chunks(self, group: list[Any]) -> None:
-        """Under the lock: ``group``'s chunks, open for a solver (or a waiting worker) to solve."""
+    def _open_chunks(self, group: list[Any]) -> dict[int, _Chunk]:
+        """Under the lock: ``group``'s chunks, open for a solver (or a waiting worker) to solve;
+        returns each task's chunk by ``id``."""
         size = max(1, self.settings.chunk_bytes // self.settings.parallel)
         device = _settings_key(group[0])[2]  # a group shares one settings key, so one device
+        chunk_of: dict[int, _Chunk] = {}
         for units in _chunks(_units_for_chunking(group), size):
             chunk = _Chunk([t for u in units for t in u.tasks], device=device)
             self.open.append(chunk)
             for member in chunk.tasks:
-                self.chunk_of[id(member)] = chunk
+                chunk_of[id(member)] = chunk
+        self.chunk_of.update(chunk_of)
         self.stats.groups += 1
         if self.settings.solve_ahead:
             self._ensure_solvers(device)
+            if device in self.broken:
+                self._fail_open(device, self.broken[device])
             self.cond.notify_all()
+        return chunk_of
 
     def _group_for(self, task: Any, tasks: dict, subset: dict | None) -> list[Any] | None:
         """Under the lock: the not yet handled tasks of ``subset`` batched with ``task`` (or None)."""
