@@ -37,13 +37,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-noreads`` - every lean bookkeeping part but ``layer_reads``: each layer
                  loaded from the checkpoint's file mapping, as GPTQModel does, instead of from the
                  host buffers read ahead (``--cold`` makes every variant read its layers from disk);
-* ``ours-grouped-batched-noahead`` - with ``BatchedSolve(solve_ahead=0)``: no solver thread; a worker
-                 whose module's chunk is not solved solves it itself, so solving and GPTQModel's
-                 per-module processing take turns (the way before round 16), to measure what solving
-                 the next chunks ahead saves;
-* ``ours-grouped-batched-nographs`` - with ``BatchedSolve(graphs=False)``: every chunk's column loop
-                 launched kernel by kernel instead of replayed as a CUDA graph (``batched.LoopGraphs``);
-                 ``-noahead-nographs`` is round 15's solve (neither);
+* ``ours-grouped-batched-ahead2`` - with ``BatchedSolve(solve_ahead=2)``: a solver thread solves the
+                 next two chunks while GPTQModel's workers process the earlier ones, to measure that
+                 against the default (a worker solves the chunk it waits for);
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -133,8 +129,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
-            "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-noahead",
-            "ours-grouped-batched-nographs", "ours-grouped-batched-noahead-nographs")
+            "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
@@ -191,7 +186,7 @@ def solve_setting(variant: str):
         base = base.removesuffix(suffix)
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
-                "-noahead": {"solve_ahead": 0}, "-nographs": {"graphs": False}}
+                "-ahead2": {"solve_ahead": 2}}
     kwargs: dict = {}
     stripped = True
     while stripped:

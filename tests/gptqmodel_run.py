@@ -33,8 +33,6 @@ def main() -> int:
                    help="with --batched: BatchedSolve(host_results=...)")
     p.add_argument("--chunk-bytes", type=int, default=None, help="with --batched: BatchedSolve(chunk_bytes=N)")
     p.add_argument("--solve-ahead", type=int, default=None, help="with --batched: BatchedSolve(solve_ahead=N)")
-    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --batched: BatchedSolve(graphs=...)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (quantize_with_defuser)")
@@ -61,7 +59,7 @@ def main() -> int:
     placement = {"device": "cpu"} if args.device == "cpu" else {}
     solve = args.batched
     given = {"inverse_threads": args.inverse_threads, "host_results": args.host_results, "chunk_bytes": args.chunk_bytes,
-             "solve_ahead": args.solve_ahead, "graphs": args.graphs}
+             "solve_ahead": args.solve_ahead}
     if args.batched and any(value is not None for value in given.values()):
         from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 

@@ -300,8 +300,6 @@ def test_settings_are_checked():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="solve_ahead must be an integer >= 0"):
             BatchedSolve(solve_ahead=bad)
-    with pytest.raises(TypeError, match="graphs must be True or False, got 'yes'"):
-        BatchedSolve(graphs="yes")
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -702,9 +700,14 @@ def per_module(plugin, tiny, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny, tmp_path, per_module):  # noqa: F811
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny, tmp_path, per_module, ahead):  # noqa: F811
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
     reference, kernels_ref, tensors_ref = per_module
-    result, kernels, tensors = _quantize(plugin, tiny, tmp_path, "batched", batched_solve=True)
+    # with the solver thread: small chunks, so it has chunks to solve before a worker asks
+    settings = BatchedSolve(solve_ahead=ahead, chunk_bytes=2_000_000) if ahead else BatchedSolve()
+    result, kernels, tensors = _quantize(plugin, tiny, tmp_path, "batched", batched_solve=settings)
     # The same checkpoint, tensor for tensor (on the CPU the batched linear algebra is bit-equal).
     assert tensors.keys() == tensors_ref.keys()
     assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
@@ -716,7 +719,10 @@ def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny
     lone = sum(kernels_ref.solves.values()) - solve.batched_modules
     assert solve.per_module == Counter({"no equal-shape sibling in the subset": lone}) and lone > 0
     assert kernels.solves == Counter({("batched_torch", "cpu"): solve.batched_modules, ("torch", "cpu"): lone})
-    assert solve.groups == solve.chunks >= 4  # gate/up and down of 2 layers at least
+    if ahead:  # the solver thread started chunks nobody waited for yet
+        assert solve.chunks > solve.groups >= 4 and solve.solved_ahead > 0
+    else:
+        assert solve.groups == solve.chunks >= 4 and solve.solved_ahead == 0  # gate/up and down of 2 layers at least
     # GPTQModel's own log rows (samples, damp, loss) are those of the per-module run.
     def rows(r):
         return sorted((row["layer"], row["module"], row["samples"], row["damp"], row["loss"]) for row in r.log["gptq"])
@@ -817,39 +823,6 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_t
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_column_loop_graph_replays_give_gptqmodels_results(name):
-    """Four chunks of one shape through one LoopGraphs: the first eager, the second captured and
-    replayed, the last two replayed; every module's result is GPTQModel's per-module one bit for
-    bit (``mse`` never captures: its parameters are found per module with host syncs)."""
-    from gptqmodel import QuantizeConfig
-
-    from defuser_quant.integrations.gptqmodel.batched import LoopGraphs, batched_gptq_solve
-
-    qcfg = QuantizeConfig(**{"bits": 4, "group_size": 128, **CONFIGS[name]})
-    reference, batched = (_tasks(qcfg, n=16, rows=256, cols=512), _tasks(qcfg, n=16, rows=256, cols=512))
-    for task in [*reference, *batched]:
-        task.module.cuda()
-        task.module.target_device = torch.device("cuda")
-        task.finalize_hessian(target_device=torch.device("cuda"))
-    expected = [t.quantize() for t in reference]
-    graphs, got = LoopGraphs(), []
-    with torch.cuda.stream(torch.cuda.Stream()):  # (a graph cannot be captured on the default stream)
-        for c in range(4):
-            got += batched_gptq_solve(batched[4 * c:4 * c + 4], inverse_threads=4, graphs=graphs)
-        torch.cuda.current_stream().synchronize()
-    plain = not CONFIGS[name].get("mse")
-    assert (graphs.captured, graphs.replayed, graphs.failed) == ((1, 3, None) if plain else (0, 0, None))
-    unequal = [f"{m}:{k}" for m, (e, r) in enumerate(zip(expected, got, strict=True))
-               for k, want, have in zip(("q", "scale", "zero", "g_idx"), e[:4], r.values[:4], strict=True)
-               if not torch.equal(want, have)]
-    unequal += [f"{m}:loss" for m, (e, r) in enumerate(zip(expected, got, strict=True)) if e[5] != r.values[5]]
-    assert not unequal
-    graphs.drop()
-    assert graphs.graph is None and not graphs.outputs
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
 def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     import json
     import os
@@ -862,9 +835,8 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     runs = {}
     for name, extra in (("per_module", []), ("batched", ["--batched"]),
                         ("batched_hinv1_device", ["--batched", "--inverse-threads", "1", "--no-host-results"]),
-                        # several chunks a group: captured and replayed column loops
-                        ("batched_small_chunks", ["--batched", "--chunk-bytes", "2000000"]),
-                        ("batched_noahead_nographs", ["--batched", "--solve-ahead", "0", "--no-graphs"])):
+                        # several chunks a group, solved ahead by a solver thread
+                        ("batched_ahead_small_chunks", ["--batched", "--solve-ahead", "2", "--chunk-bytes", "2000000"])):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
                "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
         cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_run.py")), str(tiny["src"]), str(calibration),
@@ -873,11 +845,9 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         runs[name] = json.loads((tmp_path / name / "result.json").read_text())
     reference = _tensors(tmp_path / "per_module" / "checkpoint")
-    assert runs["batched_small_chunks"]["solve"]["graph_captures"] > 0 and runs["batched_small_chunks"]["solve"]["graph_replays"] > 0
-    assert runs["batched_small_chunks"]["solve"]["graph_failed"] is None
-    assert runs["batched_noahead_nographs"]["solve"]["graph_captures"] == 0
-    assert runs["batched_noahead_nographs"]["solve"]["solved_ahead"] == 0
-    for name in ("batched", "batched_hinv1_device", "batched_small_chunks", "batched_noahead_nographs"):
+    assert runs["batched_ahead_small_chunks"]["solve"]["chunks"] > runs["batched"]["solve"]["chunks"]
+    assert runs["batched"]["solve"]["solved_ahead"] == 0
+    for name in ("batched", "batched_hinv1_device", "batched_ahead_small_chunks"):
         batched = runs[name]
         assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
         assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}

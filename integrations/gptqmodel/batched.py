@@ -94,24 +94,13 @@ class BatchedSolve:
             (docs/performance.md, round 11).
         solve_ahead: chunks a background solver thread per device may hold (being solved, or
             solved with results GPTQModel has not asked for yet) before any worker asks for
-            them: the next chunks are solved while the workers run GPTQModel's per-module
-            processing of the earlier ones, and each held chunk's quantized weights take GPU memory
-            until asked for. A worker waiting for a chunk always lets the solver go on. 0: no
-            solver thread; a worker whose module's chunk is not solved solves it (or the next
-            open one) itself, so solving and processing take turns (the way before round 16).
-        graphs: on CUDA with ``parallel=1``, capture the column loop of a chunk shaped like the
-            previous one as a CUDA graph and replay it for the next ones (:class:`LoopGraphs`):
-            the same kernels on the same values, without the host launching each of them.
-        inverse_threads: on CUDA, host threads that compute a chunk's Hessian inverses, each on
-            its own stream (GPTQModel's own single-matrix calls, so the same bits: each thread has
-            its own cuSOLVER handle). Four by default: on an H200 the solve took 3.15 s instead of
-            3.86 s with one, with GPTQModel's checkpoint (docs/performance.md, round 14). One
-            computes them one after another, as the CPU always does.
-        host_results: hand each module's scales, zeros and ``g_idx`` to GPTQModel already on the
-            CPU, copied there once per chunk (one transfer per dtype), instead of one pinned copy,
-            event and sync task per tensor in GPTQModel's ``stream_state_payload_to_cpu``, which
-            then only stores them. The same values; the quantized weight stays on the device.
-            On by default since round 14 (a whole H200 run gave GPTQModel's checkpoint).
+            them, so the next chunks are solved while the workers run GPTQModel's per-module
+            processing of the earlier ones; each held chunk's quantized weights take GPU memory
+            until asked for, and a worker waiting for a chunk always lets the solver go on.
+            0 (the default): no solver thread; a worker whose module's chunk is not solved solves
+            it (or the next open one) itself. On one H200, two ahead saved nothing
+            (docs/performance.md, round 16): the workers still waited for the solver most of the
+            time, so the chunk solves one after another, not GPTQModel's processing, set the pace.
     """
 
     min_modules: int = 2
@@ -119,8 +108,7 @@ class BatchedSolve:
     parallel: int = 1
     inverse_threads: int = 4
     host_results: bool = True
-    solve_ahead: int = 2
-    graphs: bool = True
+    solve_ahead: int = 0
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -133,8 +121,6 @@ class BatchedSolve:
             raise ValueError(f"BatchedSolve.inverse_threads must be >= 1, got {self.inverse_threads}")
         if isinstance(self.solve_ahead, bool) or not isinstance(self.solve_ahead, int) or self.solve_ahead < 0:
             raise ValueError(f"BatchedSolve.solve_ahead must be an integer >= 0, got {self.solve_ahead!r}")
-        if not isinstance(self.graphs, bool):
-            raise TypeError(f"BatchedSolve.graphs must be True or False, got {self.graphs!r}")
         if not isinstance(self.host_results, bool):
             raise TypeError(f"BatchedSolve.host_results must be True or False, got {self.host_results!r}")
 
@@ -151,9 +137,6 @@ class BatchedSolveStats:
     per_module: Counter = field(default_factory=Counter)  # reason -> modules left to GPTQModel's own solve
     host_results: int = 0  # batched modules whose scales/zeros/g_idx went to GPTQModel on the CPU
     solved_ahead: int = 0  # chunks a solver thread started while no worker was waiting for them
-    graph_captures: int = 0  # column loops captured as CUDA graphs (LoopGraphs)
-    graph_replays: int = 0  # ... chunks solved by replaying one
-    graph_failed: str | None = None  # why a capture failed, if one did
     waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for their chunk's result
 
     def as_dict(self) -> dict[str, Any]:
@@ -164,9 +147,6 @@ class BatchedSolveStats:
             "chunks": self.chunks,
             "seconds": round(self.seconds, 3),
             "solved_ahead": self.solved_ahead,
-            "graph_captures": self.graph_captures,
-            "graph_replays": self.graph_replays,
-            "graph_failed": self.graph_failed,
             "waited_seconds": round(self.waited_seconds, 3),
             "paths": dict(self.paths),
             "per_module": dict(self.per_module),
@@ -465,186 +445,14 @@ def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor]
     return [inverse for inverse, _ in done]
 
 
-def _block_plan(C: int, blocksize: int, group: int) -> list[tuple[int, int, list[tuple[bool, bool]], list[int]]]:
-    """GPTQModel's group bookkeeping in ``GPTQ.quantize`` as indices, per block of columns:
-    ``(i1, i2, steps, column_groups)``, where ``steps[i]`` says whether new quantizer parameters
-    are found at column ``i1 + i`` and whether the current ones join the module's scale list
-    there, and ``column_groups[i]`` is the column's index into the block's parameter list."""
-    plan = []
-    now_idx = 1
-    for i1 in range(0, C, blocksize):
-        i2 = min(i1 + blocksize, C)
-        steps: list[tuple[bool, bool]] = []
-        column_groups: list[int] = []
-        params = 0
-        for column in range(i1, i2):
-            find = group != -1 and column % group == 0
-            append = group != -1 and (column // group) - now_idx == -1
-            now_idx += append
-            params += find or not params  # a block's first column, or new parameters
-            steps.append((find, append))
-            column_groups.append(params - 1)
-        plan.append((i1, i2, steps, column_groups))
-    return plan
-
-
-def _column_group_tensors(plan: list, device: torch.device, extension: bool) -> list[torch.Tensor | None]:
-    """Each full block's column -> parameter index on ``device``, for the block-update extension."""
-    return [torch.tensor(column_groups, device=device, dtype=torch.int32) if extension and i2 - i1 == 128 else None
-            for i1, i2, _, column_groups in plan]
-
-
-def _column_loop(W: torch.Tensor, hinvs: list[torch.Tensor], row_scale: torch.Tensor, row_zero: torch.Tensor,
-                 column_group_tensors: list[torch.Tensor | None], *, plan: list, spans: list[tuple[int, int, int]],
-                 hlist: list[int], quantizer: Any, maxq: torch.Tensor, maxq_value: int, group: int, bits: int,
-                 extension: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """GPTQ's column loop over the chunk's weights ``W`` ([modules, rows, columns], updated in
-    place): the quantized weights, the losses and each group's scales and zeros. Only queues GPU
-    work (no host sync, no host-to-device copy), so it can be captured as a CUDA graph."""
-    from gptqmodel.quantization import gptq_cuda
-    from gptqmodel.quantization.quantizer import quantize as quantize_values
-
-    B, R, C = W.shape
-    Losses = torch.zeros_like(W)
-    Q = torch.zeros_like(W)
-    scales: list[torch.Tensor] = []
-    zeros: list[torch.Tensor] = []
-    cur_scale, cur_zero = row_scale, row_zero
-    for (i1, i2, steps, column_groups), column_group in zip(plan, column_group_tensors, strict=True):
-        count = i2 - i1
-        W1 = W[:, :, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        block_params: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i, (find, append) in enumerate(steps):
-            column = i1 + i
-            if find:
-                cur_scale, cur_zero = _find_params(quantizer, W[:, :, column : column + group], maxq, maxq_value)
-            if append:
-                scales.append(cur_scale)
-                zeros.append(cur_zero)
-            if find or not block_params:
-                block_params.append((cur_scale, cur_zero))
-        if extension and count == 128:
-            block_scale = torch.stack([s.flatten() for s, _ in block_params])
-            block_zero = torch.stack([z.flatten() for _, z in block_params])
-            # One launch per unit: the kernel runs one block per row, each row on its own (its
-            # scale, zero and the shared Hinv), so stacking a unit's rows gives each row's values.
-            for b0, b1, u in spans:
-                rows = slice(b0 * R, b1 * R)
-                gptq_cuda.gptq_block_update(
-                    W1[b0:b1].view(-1, count), hinvs[u][i1:i2, i1:i2], block_scale[:, rows], block_zero[:, rows],
-                    column_group, Q[b0:b1, :, i1:i2].view(-1, count), Err1[b0:b1].view(-1, count),
-                    Losses[b0:b1, :, i1:i2].view(-1, count), (1 << bits) - 1,
-                )
-        else:
-            Hinv1 = torch.stack([h[i1:i2, i1:i2] for h in hinvs])[hlist]
-            d = Hinv1.diagonal(dim1=-2, dim2=-1)
-            for i in range(count):
-                scale, zero = block_params[column_groups[i]]
-                w = W1[:, :, i]
-                q = quantize_values(w, scale.view(B, R), zero.view(B, R), maxq, False)
-                Q[:, :, i1 + i] = q
-                delta = Err1[:, :, i]
-                torch.sub(w, q, out=delta)
-                di = d[:, i].unsqueeze(1)
-                Losses[:, :, i1 + i] = delta.square() / di.square()
-                delta.div_(di)
-                W1[:, :, i:] -= delta.unsqueeze(2) * Hinv1[:, i, i:].unsqueeze(1)
-        Losses[:, :, i1:i2].div_(2)
-        if i2 < C:
-            tails = [h[i1:i2, i2:] for h in hinvs]
-            for b in range(B):  # per task: a stacked matmul may take another kernel, rounding differently
-                W[b, :, i2:] -= Err1[b].matmul(tails[hlist[b]])
-        del W1, Err1
-    return Q, Losses, scales, zeros
-
-
-def _plain_params(quantizer: Any) -> bool:
-    """Whether :func:`_find_params` takes the sync-free min/max path (no ``mse`` grid search)."""
-    return not float(getattr(quantizer.qcfg, "mse", 0.0) or 0.0) > 0.0 and bool(quantizer.perchannel)
-
-
-class LoopGraphs:
-    """The column loop of one device's chunks as a CUDA graph, per chunk shape.
-
-    A chunk whose shape (modules, rows, columns, shared-Hessian spans, GPTQ settings) is new runs
-    eagerly; the next chunk of a shape seen before is captured (``capture_error_mode="thread_local"``:
-    the other threads of the run go on meanwhile) and replayed, and the following chunks of that
-    shape are only replayed, their weights, inverses and row parameters copied into the captured
-    inputs first. A replay
-    runs the kernels of the eager loop in its order on the same values, so the results are the
-    eager ones bit for bit (the CUDA tests compare them); what it saves is the host's ~1,400 kernel
-    launches a chunk. One graph is kept (the last shape): its memory is one chunk's working memory,
-    which the eager loop allocates anyway. Not thread-safe: one solve at a time per instance.
-    """
-
-    SEEN = 16  # shapes remembered: a shape seen before is captured at its next chunk
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None  # the captured graph's shape
-        self.seen: list[tuple] = []  # shapes solved before, newest last
-        self.graph: Any = None  # torch.cuda.CUDAGraph of that shape, once captured
-        self.inputs: tuple = ()  # (W, stacked inverses, row scale, row zero, maxq, column groups)
-        self.outputs: tuple = ()  # (Q, Losses, scales, zeros) as the graph writes them
-        self.captured = 0
-        self.replayed = 0
-        self.failed: str | None = None  # why a capture failed (then every chunk runs eagerly)
-
-    def run(self, key: tuple, W: torch.Tensor, hinvs: list[torch.Tensor], row_scale: torch.Tensor,
-            row_zero: torch.Tensor, maxq: torch.Tensor, plan: list, loop: Callable) -> tuple:
-        """``loop``'s outputs for this chunk: eager, captured then replayed, or replayed."""
-        device = W.device
-        if self.failed is not None:
-            return loop(W, hinvs, row_scale, row_zero, _column_group_tensors(plan, device, True))
-        if self.graph is not None and key == self.key:
-            W_, H_, scale_, zero_, _, _ = self.inputs
-            W_.copy_(W)
-            torch.stack(hinvs, out=H_)
-            scale_.copy_(row_scale)
-            zero_.copy_(row_zero)
-            self.graph.replay()
-            self.replayed += 1
-            return self.outputs
-        self.drop()
-        if key not in self.seen:
-            self.seen = [*self.seen[-(self.SEEN - 1):], key]
-            return loop(W, hinvs, row_scale, row_zero, _column_group_tensors(plan, device, True))
-        # A shape solved before: this chunk's own tensors become the graph's inputs.
-        self.key = key
-        H = torch.stack(hinvs)
-        column_groups = _column_group_tensors(plan, device, True)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                outputs = loop(W, list(H.unbind(0)), row_scale, row_zero, column_groups)
-            finally:
-                graph.capture_end()
-        except RuntimeError as exc:  # nothing captured ran: the chunk's tensors are untouched
-            self.failed = f"{type(exc).__name__}: {exc}"
-            logger.warning("the batched GPTQ column loop could not be captured as a CUDA graph (%s); "
-                           "solving every chunk without one", self.failed)
-            return loop(W, hinvs, row_scale, row_zero, column_groups)
-        self.graph, self.inputs, self.outputs = graph, (W, H, row_scale, row_zero, maxq, column_groups), outputs
-        self.captured += 1
-        graph.replay()
-        return outputs
-
-    def drop(self) -> None:
-        """Forget the captured graph and its tensors (its memory goes back to the allocator)."""
-        self.key, self.graph, self.inputs, self.outputs = None, None, (), ()
-
-
 def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_threads: int = 1,
-                       host_results: bool = False, graphs: LoopGraphs | None = None) -> list[SolveResult | None]:
+                       host_results: bool = False) -> list[SolveResult | None]:
     """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
 
     Returns one entry per task: its :class:`SolveResult`, or None when GPTQModel's per-module
     solve must handle it (its first Cholesky failed, or its loss is NaN). Task state is only read.
     ``inverse_threads``: on CUDA, host threads computing the Hessian inverses (each on its own stream).
     ``host_results``: scales, zeros and ``g_idx`` come back on the CPU, moved there together.
-    ``graphs``: on CUDA, replay the column loop of a chunk shaped like the previous one as a CUDA
-    graph (:class:`LoopGraphs`; the same kernels on the same values, without their launches).
     """
     from gptqmodel.quantization import gptq_cuda
     from gptqmodel.quantization.gar import invert_perm
@@ -693,15 +501,65 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
         if perms is not None:
             W[b] = W[b][:, perms[u]]
 
+    Losses = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
     extension = _use_extension(first, device, blocksize)
-    plan = _block_plan(C, blocksize, group)
-    loop = functools.partial(_column_loop, plan=plan, spans=spans, hlist=hlist, quantizer=quantizer, maxq=maxq,
-                             maxq_value=maxq_value, group=group, bits=qcfg.bits, extension=extension)
-    if graphs is not None and extension and C % blocksize == 0 and _plain_params(quantizer):
-        Q, Losses, scales, zeros = graphs.run((B, tuple(spans), _settings_key(first)),
-                                              W, hinvs, row_scale, row_zero, maxq, plan, loop)
-    else:
-        Q, Losses, scales, zeros = loop(W, hinvs, row_scale, row_zero, _column_group_tensors(plan, device, extension))
+    scales: list[torch.Tensor] = []
+    zeros: list[torch.Tensor] = []
+    cur_scale, cur_zero = row_scale, row_zero
+    now_idx = 1
+    for i1 in range(0, C, blocksize):
+        i2 = min(i1 + blocksize, C)
+        count = i2 - i1
+        W1 = W[:, :, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        block_params: list[tuple[torch.Tensor, torch.Tensor]] = []
+        column_groups: list[int] = []
+        for i in range(count):
+            column = i1 + i
+            if group != -1:
+                if column % group == 0:
+                    cur_scale, cur_zero = _find_params(quantizer, W[:, :, column : column + group], maxq, maxq_value)
+                if (column // group) - now_idx == -1:
+                    scales.append(cur_scale)
+                    zeros.append(cur_zero)
+                    now_idx += 1
+            if not block_params or block_params[-1][0] is not cur_scale:
+                block_params.append((cur_scale, cur_zero))
+            column_groups.append(len(block_params) - 1)
+        if extension and count == 128:
+            block_scale = torch.stack([s.flatten() for s, _ in block_params])
+            block_zero = torch.stack([z.flatten() for _, z in block_params])
+            column_group = torch.tensor(column_groups, device=device, dtype=torch.int32)
+            # One launch per unit: the kernel runs one block per row, each row on its own (its
+            # scale, zero and the shared Hinv), so stacking a unit's rows gives each row's values.
+            for b0, b1, u in spans:
+                rows = slice(b0 * R, b1 * R)
+                gptq_cuda.gptq_block_update(
+                    W1[b0:b1].view(-1, count), hinvs[u][i1:i2, i1:i2], block_scale[:, rows], block_zero[:, rows],
+                    column_group, Q[b0:b1, :, i1:i2].view(-1, count), Err1[b0:b1].view(-1, count),
+                    Losses[b0:b1, :, i1:i2].view(-1, count), (1 << qcfg.bits) - 1,
+                )
+        else:
+            Hinv1 = torch.stack([h[i1:i2, i1:i2] for h in hinvs])[hlist]
+            d = Hinv1.diagonal(dim1=-2, dim2=-1)
+            for i in range(count):
+                scale, zero = block_params[column_groups[i]]
+                w = W1[:, :, i]
+                q = quantize_values(w, scale.view(B, R), zero.view(B, R), maxq, False)
+                Q[:, :, i1 + i] = q
+                delta = Err1[:, :, i]
+                torch.sub(w, q, out=delta)
+                di = d[:, i].unsqueeze(1)
+                Losses[:, :, i1 + i] = delta.square() / di.square()
+                delta.div_(di)
+                W1[:, :, i:] -= delta.unsqueeze(2) * Hinv1[:, i, i:].unsqueeze(1)
+        Losses[:, :, i1:i2].div_(2)
+        if i2 < C:
+            tails = [h[i1:i2, i2:] for h in hinvs]
+            for b in range(B):  # per task: a stacked matmul may take another kernel, rounding differently
+                W[b, :, i2:] -= Err1[b].matmul(tails[hlist[b]])
+        del W1, Err1
     del hinvs, inverses
 
     if not scales:
@@ -740,8 +598,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
         else:
             scale, zero = scale.contiguous(), zero.contiguous()
         weight = task.module.weight
-        # (copy=True: never a view of Q, which a CUDA graph's next replay overwrites)
-        q = q.reshape(weight.shape).to(device=weight.data.device, dtype=weight.dtype, copy=True)
+        q = q.reshape(weight.shape).to(weight.dtype).to(device=weight.data.device)
         by_task[id(task)] = SolveResult(
             (q, scale, zero, g_idx.clone(), duration, avg_loss, damp, task.nsamples), path, device.type, blocksize
         )
@@ -797,7 +654,6 @@ class _Coordinator:
         self.held: Counter = Counter()  # device -> chunks being solved or with results not yet asked for
         self.seen: dict[int, Any] = {}  # id(task) -> task, every task grouped or refused once
         self.solvers: dict[str, list[threading.Thread]] = {}  # device -> its solver threads
-        self.graphs: dict[str, LoopGraphs] = {}  # device -> its captured column loop (parallel=1 only)
         self.broken: dict[str, BaseException] = {}  # device -> what ended its solver threads
         self.closed = False
         self.streams = threading.local()
@@ -872,9 +728,6 @@ class _Coordinator:
                     self.held[chunk.device] -= 1
                 for member in chunk.tasks:
                     self.chunk_of.pop(id(member), None)
-                graphs = self.graphs.get(chunk.device)
-                if graphs is not None and not self.running[chunk.device] and all(c.device != chunk.device for c in self.open):
-                    graphs.drop()  # the group is solved: its graph's memory back before GPTQModel goes on
                 self.cond.notify_all()
 
     def _solver(self, device: str) -> None:
@@ -944,8 +797,6 @@ class _Coordinator:
         for threads in self.solvers.values():
             for thread in threads:
                 thread.join()
-        for graphs in self.graphs.values():
-            graphs.drop()
 
     def _open_chunks(self, group: list[Any]) -> dict[int, _Chunk]:
         """Under the lock: ``group``'s chunks, open for a solver (or a waiting worker) to solve;
@@ -1002,7 +853,6 @@ class _Coordinator:
     def _solve(self, chunk: _Chunk) -> None:
         tasks = chunk.tasks
         t0 = time.perf_counter()
-        graphs = None
         try:
             with kernels.stage("solve"):
                 # GPTQModel's Hessian finalization (and the release of its sources, which waits on
@@ -1013,10 +863,8 @@ class _Coordinator:
                     task._release_deferred_hessian_sources()
                 device = tasks[0].H.device
                 # inverse_threads only acts on CUDA: the CPU inverts one Hessian after another
-                if device.type == "cuda" and self.settings.graphs and self.settings.parallel == 1:
-                    graphs = self.graphs.setdefault(chunk.device, LoopGraphs())  # one solve at a time there
                 solve = functools.partial(batched_gptq_solve, tasks, inverse_threads=self.settings.inverse_threads,
-                                          host_results=self.settings.host_results, graphs=graphs)
+                                          host_results=self.settings.host_results)
                 if device.type == "cuda":
                     stream = self._stream(device)
                     stream.wait_stream(torch.cuda.current_stream(device))
@@ -1037,10 +885,6 @@ class _Coordinator:
         with self.cond:
             self.stats.chunks += 1
             self.stats.seconds += time.perf_counter() - t0
-            if graphs is not None:
-                self.stats.graph_captures = sum(g.captured for g in self.graphs.values())
-                self.stats.graph_replays = sum(g.replayed for g in self.graphs.values())
-                self.stats.graph_failed = next((g.failed for g in self.graphs.values() if g.failed), None)
             for task, result in zip(tasks, outcome, strict=True):
                 if result is None:
                     self.stats.per_module["first Cholesky failed or NaN loss (GPTQModel's recovery)"] += 1
