@@ -357,6 +357,16 @@ def _second_chunk_runs_out_of_memory(monkeypatch) -> list[int]:
     return calls
 
 
+def _subset(tasks):
+    """A stand-in GPTQModel processor holding ``tasks`` as one subset: (processor, names, name ->
+    module, subset)."""
+    names = [f"experts.{i}.gate_proj" for i in range(len(tasks))]
+    processor = type("Processor", (), {})()
+    processor.tasks = dict(zip(names, tasks, strict=True))
+    module = {n: type("Module", (), {"name": n})() for n in names}
+    return processor, names, module, dict.fromkeys(names)
+
+
 def _share_chunks(monkeypatch, tasks, workers: int, settings, hold: float = 0.05):
     """Run the coordinator as GPTQModel's device workers do: ``workers`` threads take the subset's
     modules in order, each asking ``prepare`` then ``GPTQ.quantize`` (the patched one) for its
@@ -382,14 +392,11 @@ def _share_chunks(monkeypatch, tasks, workers: int, settings, hold: float = 0.05
                 state["now"] -= 1
 
     monkeypatch.setattr(batched, "batched_gptq_solve", counted)
-    names = [f"experts.{i}.gate_proj" for i in range(len(tasks))]
-    processor = type("Processor", (), {})()
-    processor.tasks = dict(zip(names, tasks, strict=True))
-    subset = dict.fromkeys(names)
+    processor, names, module, subset = _subset(tasks)
     coordinator = batched._Coordinator(settings)
 
     def work(name):
-        coordinator.prepare(processor, type("Module", (), {"name": name})(), subset)
+        coordinator.prepare(processor, module[name], subset)
         return coordinator.take(processor.tasks[name], batched.BLOCKSIZE)
 
     with ThreadPoolExecutor(workers) as pool:
@@ -496,15 +503,10 @@ def test_a_failed_chunk_leaves_its_modules_to_gptqmodel_and_frees_the_waiting_wo
 
 
 def _coordinator_over(tasks, **settings):
-    """A coordinator and a stand-in GPTQModel processor holding ``tasks`` as one subset."""
+    """A coordinator (one task a chunk) and :func:`_subset` of ``tasks``."""
     from defuser_quant.integrations.gptqmodel import batched
 
-    names = [f"experts.{i}.gate_proj" for i in range(len(tasks))]
-    processor = type("Processor", (), {})()
-    processor.tasks = dict(zip(names, tasks, strict=True))
-    coordinator = batched._Coordinator(batched.BatchedSolve(chunk_bytes=PER_TASK, **settings))  # 1 task a chunk
-    module = {n: type("Module", (), {"name": n})() for n in names}
-    return coordinator, processor, names, module, dict.fromkeys(names)
+    return batched._Coordinator(batched.BatchedSolve(chunk_bytes=PER_TASK, **settings)), *_subset(tasks)
 
 
 def test_the_solver_runs_ahead_of_a_slow_worker_and_holds_at_most_solve_ahead_chunks(monkeypatch):

@@ -137,7 +137,7 @@ class BatchedSolveStats:
     per_module: Counter = field(default_factory=Counter)  # reason -> modules left to GPTQModel's own solve
     host_results: int = 0  # batched modules whose scales/zeros/g_idx went to GPTQModel on the CPU
     solved_ahead: int = 0  # chunks a solver thread started while no worker was waiting for them
-    waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for their chunk's result
+    waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for a solver thread (solve_ahead only)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -681,7 +681,7 @@ class _Coordinator:
                     if mine.done:
                         return
                     # Only chunks of the worker's own device: GPTQModel keeps its workers per device.
-                    same = [c for c in self.open if c.device == mine.device]
+                    same = self._open_on(mine.device)
                     if self.running[mine.device] < self.settings.parallel and same:
                         chunk = mine if mine in same else same[0]
                         self._start(chunk)
@@ -705,6 +705,10 @@ class _Coordinator:
             error = chunk.error
         if error is not None:
             raise RuntimeError(f"the batched GPTQ solve of {len(chunk.tasks)} modules failed: {error}") from error
+
+    def _open_on(self, device: str) -> list[_Chunk]:
+        """Under the lock: ``device``'s chunks nobody has started, in subset order."""
+        return [c for c in self.open if c.device == device]
 
     def _start(self, chunk: _Chunk) -> None:
         """Under the lock: ``chunk`` taken off the open list to be solved now."""
@@ -750,7 +754,7 @@ class _Coordinator:
 
     def _fail_open(self, device: str, error: BaseException) -> None:
         """Under the lock: ``device``'s chunks nobody started, given up with ``error``."""
-        for chunk in [c for c in self.open if c.device == device]:
+        for chunk in self._open_on(device):
             self.open.remove(chunk)
             chunk.done, chunk.error = True, error
             for member in chunk.tasks:
@@ -764,7 +768,7 @@ class _Coordinator:
                 while True:
                     if self.closed:
                         return
-                    same = [c for c in self.open if c.device == device]
+                    same = self._open_on(device)
                     wanted = any(c.waiters for c in same)
                     if same and self.running[device] < self.settings.parallel and (
                             wanted or self.held[device] < self.settings.solve_ahead):
