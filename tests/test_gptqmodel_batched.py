@@ -573,19 +573,26 @@ def test_a_waiting_worker_moves_the_solver_past_results_nobody_asked_for():
     assert coordinator.stats.chunks == 5
 
 
-def test_a_solve_that_fails_on_the_solver_thread_fails_its_workers(monkeypatch):
-    """Not out of memory: GPTQModel's workers waiting for that chunk raise it (never a silent
-    per-module fallback); the other chunks are solved as usual."""
+@pytest.mark.parametrize("arrives", ["while it is solved", "after it failed"])
+def test_a_solve_that_fails_on_the_solver_thread_fails_its_workers(monkeypatch, arrives):
+    """Not out of memory: GPTQModel's worker for that chunk raises it, whether it waits for the
+    chunk or comes after it failed (never a silent per-module fallback); the other chunks are
+    solved as usual."""
+    import threading
+
     from gptqmodel import QuantizeConfig
 
     from defuser_quant.integrations.gptqmodel import batched
 
     qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
     tasks = _tasks(qcfg, n=3, cols=128)
-    real = batched.batched_gptq_solve
+    real, failed = batched.batched_gptq_solve, threading.Event()
 
     def second_breaks(chunk, *args, **kwargs):
         if chunk[0] is tasks[1]:
+            if arrives == "while it is solved":
+                threading.Event().wait(0.5)  # the worker asks meanwhile
+            failed.set()
             raise ValueError("simulated bug")
         return real(chunk, *args, **kwargs)
 
@@ -593,6 +600,11 @@ def test_a_solve_that_fails_on_the_solver_thread_fails_its_workers(monkeypatch):
     coordinator, processor, names, module, subset = _coordinator_over(tasks, solve_ahead=2)
     try:
         coordinator.prepare(processor, module[names[0]], subset)
+        if arrives == "after it failed":
+            assert failed.wait(30)
+            with coordinator.cond:
+                while coordinator.running["cpu"]:
+                    coordinator.cond.wait(1)
         with pytest.raises(RuntimeError, match="batched GPTQ solve of 1 modules failed: simulated bug") as err:
             coordinator.prepare(processor, module[names[1]], subset)
         assert isinstance(err.value.__cause__, ValueError)

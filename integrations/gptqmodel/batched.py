@@ -648,7 +648,7 @@ class _Coordinator:
         self.stats = BatchedSolveStats()
         self.cond = threading.Condition()
         self.results: dict[int, tuple[Any, SolveResult, _Chunk]] = {}  # id(task) -> (task, result, its chunk)
-        self.chunk_of: dict[int, _Chunk] = {}  # id(task) -> its chunk, until the chunk is solved
+        self.chunk_of: dict[int, _Chunk] = {}  # id(task) -> its chunk, until the chunk is solved (failed: kept)
         self.open: list[_Chunk] = []  # chunks nobody has started, in subset order
         self.running: Counter = Counter()  # device -> chunks being solved there
         self.held: Counter = Counter()  # device -> chunks being solved or with results not yet asked for
@@ -730,8 +730,9 @@ class _Coordinator:
                 chunk.done = True
                 if not chunk.untaken:
                     self.held[chunk.device] -= 1
-                for member in chunk.tasks:
-                    self.chunk_of.pop(id(member), None)
+                if chunk.error is None:  # a failed chunk stays findable: a worker coming later raises its error
+                    for member in chunk.tasks:
+                        self.chunk_of.pop(id(member), None)
                 self.cond.notify_all()
 
     def _solver(self, device: str) -> None:
@@ -754,11 +755,9 @@ class _Coordinator:
 
     def _fail_open(self, device: str, error: BaseException) -> None:
         """Under the lock: ``device``'s chunks nobody started, given up with ``error``."""
-        for chunk in self._open_on(device):
+        for chunk in self._open_on(device):  # (kept in chunk_of: a worker coming later raises the error)
             self.open.remove(chunk)
             chunk.done, chunk.error = True, error
-            for member in chunk.tasks:
-                self.chunk_of.pop(id(member), None)
         self.cond.notify_all()
 
     def _solve_open_chunks(self, device: str) -> None:
