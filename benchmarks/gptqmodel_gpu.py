@@ -49,7 +49,9 @@ Any variant takes modifiers after ``+``, each at most once: ``+si<N>`` runs its 
 ``sys.setswitchinterval(N microseconds)`` (Python's default is 5000: how long a thread that wants the
 interpreter lock back waits before it asks the running one to let go), ``+cpuw<N>`` sets
 ``GPTQMODEL_CPU_WORKERS=N`` (GPTQModel's CPU pool: the threads that pack and offload finished
-modules; GPTQModel's default is half the cores, at most 12), ``+pin1`` has ``layer_reads`` read
+modules; GPTQModel's default is half the cores, at most 12), ``+cudaw<N>`` gives GPTQModel's device
+pool N workers per CUDA device instead of its 4 (the threads that run ``process()`` and so the
+solves: fewer of them contend less for the interpreter lock), ``+pin1`` has ``layer_reads`` read
 into pinned buffers (``layer_reads.PIN``). ``stock+si500`` and
 ``ours-grouped-batched+si500+cpuw4`` are variants; the row's ``modifiers`` say what was set.
 ``--gil-probe`` adds ``gil_probe`` to every row: how late a thread that sleeps 2 ms gets the lock
@@ -133,6 +135,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
+             "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
              "pin": "layer_reads into pinned buffers (layer_reads.PIN)"}
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
@@ -161,8 +164,8 @@ def split_variant(name: str) -> tuple[str, dict[str, int]]:
     for part in parts:
         match = re.fullmatch(r"([a-z]+)(\d+)", part)
         if match is None or match[1] not in MODIFIERS or int(match[2]) < 1 or match[1] in modifiers:
-            raise ValueError(f"variant {name!r}: bad modifier {part!r}; use +si<microseconds>, +cpuw<workers> "
-                             "and/or +pin1, each a positive integer, each at most once")
+            raise ValueError(f"variant {name!r}: bad modifier {part!r}; use +si<microseconds>, +cpuw<workers>, "
+                             "+cudaw<workers> and/or +pin1, each a positive integer, each at most once")
         modifiers[match[1]] = int(match[2])
     return base, modifiers
 
@@ -604,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS} (each may take +si<N>/+cpuw<N>/+pin1)")
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS} (each may take +si<N>/+cpuw<N>/+cudaw<N>/+pin1)")
     if len(set(variants)) != len(variants):
         raise SystemExit(f"--variants names a variant twice: {args.variants} (their files would collide)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -695,6 +698,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ----- worker: one variant in its own process ------------------------------------------------
+def set_cuda_workers(count: int) -> None:
+    """GPTQModel's device pool, when it is built, gets ``count`` workers per CUDA device (7.6 hard-codes
+    ``"cuda:per": 4`` in ``gptqmodel._build_device_thread_pool``); refused once the pool exists."""
+    import gptqmodel
+
+    if gptqmodel._DEVICE_THREAD_POOL is not None:
+        raise SystemExit("+cudaw: GPTQModel's device pool is already built; the modifier must act before it")
+    base = gptqmodel.DeviceThreadPool
+
+    class CudaWorkers(base):
+        def __init__(self, *a, workers: dict | None = None, **kw):
+            super().__init__(*a, workers={**(workers or {}), "cuda:per": count}, **kw)
+
+    gptqmodel.DeviceThreadPool = CudaWorkers
+
+
+def cuda_workers() -> dict[str, int] | None:
+    """Workers per CUDA device of GPTQModel's built device pool (what ran), None when not built."""
+    import gptqmodel
+
+    pool = gptqmodel._DEVICE_THREAD_POOL
+    if pool is None:
+        return None
+    return {k: len(g) for k, g in pool._worker_groups.items() if k.startswith("cuda")}
+
+
 def worker(args: argparse.Namespace) -> int:
     import resource
 
@@ -710,6 +739,8 @@ def worker(args: argparse.Namespace) -> int:
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
+    if "cudaw" in modifiers:
+        set_cuda_workers(modifiers["cudaw"])
     backend = BACKEND(args.backend)
     sys.path.insert(0, str(HERE))
     from _source import use_source_checkout
@@ -794,7 +825,8 @@ def worker(args: argparse.Namespace) -> int:
         "variant": name,
         "run": run_id,
         "modifiers": {"switch_interval_s": sys.getswitchinterval(),
-                      "gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS")} if modifiers else None,
+                      "gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"),
+                      "gptqmodel_cuda_workers": cuda_workers()} if modifiers else None,
         "gpus_visible": devices,
         "backend": args.backend,
         "import_s": round(import_s, 2),

@@ -184,6 +184,28 @@ def test_modifiers_reach_the_variants_process(tmp_path, monkeypatch):
     assert seen["env"]["GPTQMODEL_CPU_WORKERS"] == "7"  # no +cpuw: left as it was
 
 
+def test_cudaw_gives_gptqmodels_device_pool_that_many_workers_per_cuda_device(monkeypatch):
+    import gptqmodel
+
+    built = {}
+
+    class Pool:  # GPTQModel's DeviceThreadPool as far as the modifier sees it: what it is built with
+        def __init__(self, *args, workers=None, **kwargs):
+            built.update(workers)
+            self._worker_groups = {"cuda:0": [object()] * workers["cuda:per"], "cpu": [object()]}
+
+    monkeypatch.setattr(gptqmodel, "DeviceThreadPool", Pool)
+    monkeypatch.setattr(gptqmodel, "_DEVICE_THREAD_POOL", None)
+    assert bench.cuda_workers() is None  # nothing built: nothing claimed
+    bench.set_cuda_workers(2)
+    pool = gptqmodel.get_device_thread_pool()
+    assert built["cuda:per"] == 2 and built["cpu"] == gptqmodel._default_cpu_workers()  # the rest as GPTQModel's
+    assert bench.cuda_workers() == {"cuda:0": 2} and gptqmodel._DEVICE_THREAD_POOL is pool
+    with pytest.raises(SystemExit, match="already built"):  # too late to act: refused, not ignored
+        bench.set_cuda_workers(1)
+    assert bench.split_variant("ours-grouped-batched+cudaw1") == ("ours-grouped-batched", {"cudaw": 1})
+
+
 def test_cold_runs_drop_the_checkpoint_from_the_page_cache_before_each_variant(tmp_path, monkeypatch):
     """``--cold``: every variant's process starts after the source checkpoint's pages were dropped
     (each file advised, after its writes reached the disk); the row records it."""
