@@ -12,7 +12,7 @@ quantizes) and times :func:`integrations.gptqmodel.batched.batched_gptq_solve` o
   block-update extension calls, the lazy block updates' matmuls, the move of the results to the
   host; the rest is the loop's own work and the result assembly), each phase's seconds summed:
   what a phase costs the host and the device together, one after another;
-* ``busy-N``: the solve's wall time while N other threads run pure-Python loops, as GPTQModel's
+* ``busyN_s``: the solve's wall time while N other threads run pure-Python loops, as GPTQModel's
   device workers and progress threads do during a run: how much of a chunk is waiting for the
   interpreter lock;
 * ``per_module``: GPTQModel's own ``GPTQ.quantize`` of the same modules one after another, for scale;
@@ -77,15 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", type=_shapes, default="768x2048x24,2048x768x40")
     p.add_argument("--tokens", type=int, default=2048, help="calibration rows per module's Hessian")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--busy", type=_counts, default="2,4", help="busy Python thread counts to run beside the solve")
+    p.add_argument("--busy", type=_counts, default="1,2,4", help="busy Python thread counts to run beside the solve")
+    p.add_argument("--busy-repeats", type=int, default=1,
+                   help="solves per busy count (each can take seconds: every torch call waits for the lock)")
     p.add_argument("--inverse-threads", type=int, default=4)
     p.add_argument("--no-per-module", action="store_true", help="skip GPTQModel's own per-module solves")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler table of one solve per shape")
     p.add_argument("--device", default="cuda")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.tokens < 1 or args.inverse_threads < 1:
-        p.error("--repeats, --tokens and --inverse-threads must be >= 1")
+    if min(args.repeats, args.busy_repeats, args.tokens, args.inverse_threads) < 1:
+        p.error("--repeats, --busy-repeats, --tokens and --inverse-threads must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; use --device cpu")
     return args
@@ -220,7 +222,7 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
     row["phases"] = phases
     for n in args.busy:
         with busy_threads(n):
-            runs = [_timed(solve, args.device) for _ in range(args.repeats)]
+            runs = [_timed(solve, args.device) for _ in range(args.busy_repeats)]
         row[f"busy{n}_s"] = round(statistics.median(runs), 5)
     if not args.no_per_module:
         fresh = make_tasks(rows, columns, modules, args.tokens, args.device)
@@ -249,21 +251,26 @@ def main(argv: list[str] | None = None) -> int:
     from _source import use_source_checkout
 
     use_source_checkout()
-    rows = []
+    rows: list[dict] = []
+    out = {
+        "meta": {"command": shlex.join([sys.executable, *sys.argv]), "python": platform.python_version(),
+                 "torch": torch.__version__, "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+                 "inverse_threads": args.inverse_threads, "repeats": args.repeats, "busy_repeats": args.busy_repeats,
+                 "switch_interval_s": sys.getswitchinterval()},
+        "rows": rows,
+        "complete": False,
+    }
     for rows_, columns, modules in args.shapes:
         row = measure_shape(args, rows_, columns, modules)
         rows.append(row)
+        if args.output is not None:  # after each shape: a run cut off keeps what it measured
+            args.output.write_text(json.dumps(out, indent=2) + "\n")
         busy = ", ".join(f"busy {n}: {row[f'busy{n}_s'] * 1e3:.1f} ms" for n in args.busy)
         print(f"{rows_}x{columns} x{modules}: alone {row['alone_s'] * 1e3:.1f} ms, phased {row['phased_s'] * 1e3:.1f} ms, "
               f"{busy}; per module (GPTQModel) {row.get('per_module_s') or 0:.3f} s", flush=True)
         for name, p in row["phases"].items():
             print(f"    {name:45s} {p['seconds'] * 1e3:8.1f} ms  ({p['calls']} calls)", flush=True)
-    out = {
-        "meta": {"command": shlex.join([sys.executable, *sys.argv]), "python": platform.python_version(),
-                 "torch": torch.__version__, "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-                 "inverse_threads": args.inverse_threads, "repeats": args.repeats},
-        "rows": rows,
-    }
+    out["complete"] = True
     if args.output is not None:
         args.output.write_text(json.dumps(out, indent=2) + "\n")
     return 0
