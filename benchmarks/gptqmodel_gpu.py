@@ -40,9 +40,6 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-ahead2`` - with ``BatchedSolve(solve_ahead=2)``: a solver thread solves the
                  next two chunks while GPTQModel's workers process the earlier ones, to measure that
                  against the default (a worker solves the chunk it waits for);
-* ``ours-grouped-batched-turns1``, ``-turns2`` - with ``BatchedSolve(processing_workers=1 or 2)``: at
-                 most that many of GPTQModel's device workers run ``process()`` of batched results at
-                 once, so fewer threads ask for the interpreter lock at the same time;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -134,8 +131,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
-            "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2",
-            "ours-grouped-batched-turns1", "ours-grouped-batched-turns2")
+            "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
@@ -193,8 +189,7 @@ def solve_setting(variant: str):
         base = base.removesuffix(suffix)
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
-                "-ahead2": {"solve_ahead": 2}, "-turns1": {"processing_workers": 1},
-                "-turns2": {"processing_workers": 2}}
+                "-ahead2": {"solve_ahead": 2}}
     kwargs: dict = {}
     stripped = True
     while stripped:

@@ -101,13 +101,6 @@ class BatchedSolve:
             it (or the next open one) itself. On one H200, two ahead saved nothing
             (docs/performance.md, round 16): the workers still waited for the solver most of the
             time, so the chunk solves one after another, not GPTQModel's processing, set the pace.
-        processing_workers: at most this many of a device's workers run GPTQModel's own
-            ``process()`` of batched results at once (the others wait, without asking for the
-            interpreter lock); 0: no limit. Every torch call of a thread hands the interpreter
-            lock back, and while other threads run Python it waits to get it again, so GPTQModel's
-            four workers per device running ``process()``'s Python side by side slow each other
-            and the chunk solves (``benchmarks/chunk_phases.py``). Workers that solve a chunk or
-            wait for one, and modules solved per module, are never held back.
     """
 
     min_modules: int = 2
@@ -116,7 +109,6 @@ class BatchedSolve:
     inverse_threads: int = 4
     host_results: bool = True
     solve_ahead: int = 0
-    processing_workers: int = 0
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -129,9 +121,6 @@ class BatchedSolve:
             raise ValueError(f"BatchedSolve.inverse_threads must be >= 1, got {self.inverse_threads}")
         if isinstance(self.solve_ahead, bool) or not isinstance(self.solve_ahead, int) or self.solve_ahead < 0:
             raise ValueError(f"BatchedSolve.solve_ahead must be an integer >= 0, got {self.solve_ahead!r}")
-        if isinstance(self.processing_workers, bool) or not isinstance(self.processing_workers, int) \
-                or self.processing_workers < 0:
-            raise ValueError(f"BatchedSolve.processing_workers must be an integer >= 0, got {self.processing_workers!r}")
         if not isinstance(self.host_results, bool):
             raise TypeError(f"BatchedSolve.host_results must be True or False, got {self.host_results!r}")
 
@@ -149,8 +138,6 @@ class BatchedSolveStats:
     host_results: int = 0  # batched modules whose scales/zeros/g_idx went to GPTQModel on the CPU
     solved_ahead: int = 0  # chunks a solver thread started while no worker was waiting for them
     waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for a solver thread (solve_ahead only)
-    gated: int = 0  # batched modules whose process() waited its turn (processing_workers)
-    gate_waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for that turn
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -161,8 +148,6 @@ class BatchedSolveStats:
             "seconds": round(self.seconds, 3),
             "solved_ahead": self.solved_ahead,
             "waited_seconds": round(self.waited_seconds, 3),
-            "gated": self.gated,
-            "gate_waited_seconds": round(self.gate_waited_seconds, 3),
             "paths": dict(self.paths),
             "per_module": dict(self.per_module),
         }
@@ -415,6 +400,24 @@ def gptq_first_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torc
 _inverse_pool: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its threads), shared by every solve
 _inverse_pool_lock = threading.Lock()
 _inverse_streams = threading.local()
+_linalg_loaded: set[torch.device] = set()  # CUDA devices whose linear-algebra library this process loaded
+
+
+def _load_cuda_linalg(device: torch.device) -> None:
+    """Load torch's CUDA linear-algebra library with one small call on this thread, once.
+
+    torch loads it lazily at the first CUDA ``linalg`` call, and that loading is not safe when
+    threads race to it ("lazy wrapper should be called at most once"): the inverse threads'
+    first calls could all be the process's first. GPTQModel's device workers warm it up on their
+    own; a solve called outside GPTQModel did not."""
+    with _inverse_pool_lock:
+        if device in _linalg_loaded:
+            return
+        with torch.cuda.device(device):
+            eye = torch.eye(2, device=device)
+            factor, _ = torch.linalg.cholesky_ex(eye, check_errors=False)
+            torch.cholesky_inverse(factor)
+        _linalg_loaded.add(device)
 
 
 def _spread(fn: Callable[[Any], Any], items: list[Any], threads: int) -> list[Any]:
@@ -439,6 +442,7 @@ def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor]
     device = hessians[0].device
     if device.type != "cuda":
         return _spread(invert, hessians, threads)
+    _load_cuda_linalg(device)
     origin = torch.cuda.current_stream(device)
 
     def job(hessian: torch.Tensor) -> tuple[_Inverse, torch.cuda.Stream]:
@@ -672,31 +676,6 @@ class _Coordinator:
         self.broken: dict[str, BaseException] = {}  # device -> what ended its solver threads
         self.closed = False
         self.streams = threading.local()
-        self.gates: dict[str, threading.BoundedSemaphore] = {}  # device -> its processing turns
-
-    @contextmanager
-    def processing_turn(self, processor: Any, module: Any) -> Iterator[None]:
-        """Around GPTQModel's ``process()`` of ``module``: with ``processing_workers`` set and a
-        batched result waiting for the module, one of its device's turns is held (waited for)."""
-        limit = self.settings.processing_workers
-        task = (getattr(processor, "tasks", None) or {}).get(getattr(module, "name", None)) if limit else None
-        with self.cond:
-            entry = self.results.get(id(task)) if task is not None else None
-            gate = None
-            if entry is not None and entry[0] is task:
-                gate = self.gates.setdefault(entry[2].device, threading.BoundedSemaphore(limit))
-        if gate is None:
-            yield
-            return
-        t0 = time.perf_counter()
-        gate.acquire()
-        try:
-            with self.cond:
-                self.stats.gated += 1
-                self.stats.gate_waited_seconds += time.perf_counter() - t0
-            yield
-        finally:
-            gate.release()
 
     def prepare(self, processor: Any, module: Any, subset: dict | None) -> None:
         tasks = getattr(processor, "tasks", None) or {}
@@ -1003,11 +982,9 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
 
     def batched_process(self, module, *args, **kwargs):
         subset = kwargs.get("subset", args[1] if len(args) > 1 else None)
-        if type(self) is not GPTQProcessor:
-            return process(self, module, *args, **kwargs)
-        coordinator.prepare(self, module, subset)
-        with coordinator.processing_turn(self, module):
-            return process(self, module, *args, **kwargs)
+        if type(self) is GPTQProcessor:
+            coordinator.prepare(self, module, subset)
+        return process(self, module, *args, **kwargs)
 
     def batched_quantize(self, blocksize=BLOCKSIZE):
         result = coordinator.take(self, blocksize)
