@@ -208,6 +208,7 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
             raise RuntimeError("a module was left to GPTQModel's per-module solve; the chunk is not a whole batched one")
         return results
 
+    print(f"{rows}x{columns} x{modules}: tasks built; warm-up solve", flush=True)
     solve()  # warm-up: kernels loaded, the extension built, allocator pools grown
     row: dict = {"rows": rows, "columns": columns, "modules": modules, "tokens": args.tokens,
                  "path": solve()[0].path}
@@ -220,7 +221,9 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
     phases["rest (column loop's own work, result assembly)"] = {
         "seconds": round(row["phased_s"] - sum(v[0] for v in seen.values()), 5), "calls": 1}
     row["phases"] = phases
+    print(f"  alone {row['alone_s'] * 1e3:.1f} ms, phased {row['phased_s'] * 1e3:.1f} ms", flush=True)
     for n in args.busy:
+        print(f"  beside {n} busy thread(s) ...", flush=True)
         with busy_threads(n):
             runs = [_timed(solve, args.device) for _ in range(args.busy_repeats)]
         row[f"busy{n}_s"] = round(statistics.median(runs), 5)
