@@ -246,6 +246,13 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
     return row
 
 
+def _write_json(path: Path, data: dict) -> None:
+    """``data`` to ``path`` whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.output is not None:
@@ -267,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         row = measure_shape(args, rows_, columns, modules)
         rows.append(row)
         if args.output is not None:  # after each shape: a run cut off keeps what it measured
-            args.output.write_text(json.dumps(out, indent=2) + "\n")
+            _write_json(args.output, out)
         busy = ", ".join(f"busy {n}: {row[f'busy{n}_s'] * 1e3:.1f} ms" for n in args.busy)
         print(f"{rows_}x{columns} x{modules}: alone {row['alone_s'] * 1e3:.1f} ms, phased {row['phased_s'] * 1e3:.1f} ms, "
               f"{busy}; per module (GPTQModel) {row.get('per_module_s') or 0:.3f} s", flush=True)
@@ -275,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {name:45s} {p['seconds'] * 1e3:8.1f} ms  ({p['calls']} calls)", flush=True)
     out["complete"] = True
     if args.output is not None:
-        args.output.write_text(json.dumps(out, indent=2) + "\n")
+        _write_json(args.output, out)
     return 0
 
 
