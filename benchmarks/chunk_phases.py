@@ -46,6 +46,8 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _args import counts  # noqa: E402
 
 
 def _shapes(text: str) -> list[tuple[int, int, int]]:
@@ -62,22 +64,13 @@ def _shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def _counts(text: str) -> list[int]:
-    try:
-        counts = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if any(n < 0 for n in counts):
-        raise argparse.ArgumentTypeError(f"thread counts must be >= 0, got {text!r}")
-    return counts
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", type=_shapes, default="768x2048x24,2048x768x40")
     p.add_argument("--tokens", type=int, default=2048, help="calibration rows per module's Hessian")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--busy", type=_counts, default="1,2,4", help="busy Python thread counts to run beside the solve")
+    p.add_argument("--busy", type=counts(0), default="1,2,4", help="busy Python thread counts to run beside the solve")
     p.add_argument("--busy-repeats", type=int, default=1,
                    help="solves per busy count (each can take seconds: every torch call waits for the lock)")
     p.add_argument("--inverse-threads", type=int, default=4)
@@ -257,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(HERE))
     from _source import use_source_checkout
 
     use_source_checkout()

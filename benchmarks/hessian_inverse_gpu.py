@@ -39,17 +39,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _args import counts  # noqa: E402
 
-
-def _counts(text: str) -> list[int]:
-    """``"2,4"`` -> [2, 4]; empty -> []; anything else is refused by argparse with this message."""
-    try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if any(n < 1 for n in counts):
-        raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
-    return counts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rows", type=int, default=512, help="calibration rows per Hessian")
     p.add_argument("--damp", type=float, default=0.05, help="damp_percent")
-    p.add_argument("--streams", type=_counts, default="2,4,8", help="comma-separated stream counts (each >= 1)")
-    p.add_argument("--threads", type=_counts, default="4", help="comma-separated host thread counts (each >= 1)")
+    p.add_argument("--streams", type=counts(1), default="2,4,8", help="comma-separated stream counts (each >= 1)")
+    p.add_argument("--threads", type=counts(1), default="4", help="comma-separated host thread counts (each >= 1)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True, warn_only=True) and CUBLAS_WORKSPACE_CONFIG=:4096:8")
     p.add_argument("--repeats", type=int, default=3)

@@ -1,0 +1,22 @@
+"""Command-line value types shared by the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def counts(minimum: int) -> Callable[[str], list[int]]:
+    """An argparse type: ``"2,4"`` -> [2, 4], empty -> [], each at least ``minimum``; anything
+    else is refused with a message that says what was expected."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+        if any(n < minimum for n in values):
+            raise argparse.ArgumentTypeError(f"counts must be >= {minimum}, got {text!r}")
+        return values
+
+    return parse
