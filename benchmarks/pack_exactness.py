@@ -1,0 +1,167 @@
+"""Can a layer's experts be packed on the GPU, batched, with GPTQModel's exact bytes?
+
+GPTQModel packs each finished module on a CPU worker (``BaseQuantLinear.pack_block`` ->
+``pack_block_cpu``, its C++ extension): for every weight, ``q = clamp(nearbyint((w + zero * scale) /
+scale), 0, maxq)`` in float32 from the module's bf16 dequantized weight, then 32 / bits codes per
+int32 word; the zero points the same way. On an H200 run that is about 1.6 s of the finalize
+workers' time per two Qwen3-30B-A3B layers, and the last layer's packing is on the critical path
+(docs/performance.md, rounds 15 and 17). This script checks the candidate before anything is
+wired in: :func:`torch_pack` does the same float32 operations (add, multiply, divide, round half to
+even, clamp: each correctly rounded on the CPU and on CUDA, and with no multiply-add to contract)
+for many modules at once, and the script compares its words with the extension's, module by module,
+and times both.
+
+Inputs are what GPTQ hands the packer: random codes, positive float32 scales per group of
+``--group-size`` input columns, integral zero points, the dequantized weight ``scale * (q - zero)``
+cast to bf16, and ``g_idx`` in natural order or permuted as ``act_group_aware`` leaves it.
+
+    python benchmarks/pack_exactness.py --output $OUT/pack_exactness_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _args import counts  # noqa: E402
+
+MASK32 = (1 << 32) - 1
+
+
+def torch_pack(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+               bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pack_block_cpu``'s ``(qweight, qzeros)`` for ``B`` modules at once, on ``weight``'s device.
+
+    ``weight`` [B, out, in] (the dequantized weights, any float dtype), ``scales`` and ``zeros``
+    [B, groups, out] (as ``pack_block`` passes them: transposed), ``g_idx`` [in] (one per input
+    column, shared by the modules). Returns int32 ``qweight`` [B, in / 32 * bits, out] and
+    ``qzeros`` [B, groups, out / 32 * bits]. Only 2, 4 and 8 bits (a whole number of codes per word).
+    """
+    if bits not in (2, 4, 8):
+        raise ValueError(f"torch_pack packs 2, 4 or 8 bits (whole codes per 32-bit word), got {bits}")
+    B, out, inp = weight.shape
+    groups = scales.shape[1]
+    if inp % 32 or out % 32:
+        raise ValueError(f"in and out features must be multiples of 32, got {inp} x {out}")
+    per_word = 32 // bits
+    maxq = float((1 << bits) - 1)
+    shifts = torch.arange(per_word, device=weight.device, dtype=torch.int64) * bits
+    w = weight.to(torch.float32)
+    s = scales.to(torch.float32)
+    z = zeros.to(torch.int32)
+    offset = z.to(torch.float32) * s  # the extension's scale_zeros, [B, G, out]
+    divisor = torch.where(s == 0, torch.full_like(s, 1e-6), s)  # its zero-scale guard (the offset keeps 0)
+    g = g_idx.to(torch.int64)
+    g = torch.where(g < 0, g + groups, g)
+    # [B, G, out] -> per input column [B, out, in]
+    col_offset = offset.index_select(1, g).transpose(1, 2)
+    col_divisor = divisor.index_select(1, g).transpose(1, 2)
+    q = torch.clamp(torch.round((w + col_offset) / col_divisor), 0.0, maxq).to(torch.int64)
+    # word k of bit plane p in block b holds inputs b*32 + p*per_word + (0..per_word-1)
+    words = (q.view(B, out, inp // 32, bits, per_word) << shifts).sum(-1) & MASK32
+    qweight = words.view(B, out, inp // 32 * bits).to(torch.int32).transpose(1, 2).contiguous()
+    zwords = (z.to(torch.int64).view(B, groups, out // per_word, per_word) << shifts).sum(-1) & MASK32
+    return qweight, zwords.to(torch.int32)
+
+
+def make_inputs(modules: int, out: int, inp: int, group_size: int, bits: int, sym: bool, act_order: bool,
+                seed: int = 0) -> dict[str, torch.Tensor]:
+    """What GPTQ hands the packer for ``modules`` modules (CPU tensors, ``pack_block``'s layouts)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = inp // group_size
+    maxq = (1 << bits) - 1
+    codes = torch.randint(0, maxq + 1, (modules, out, inp), generator=g)
+    scales = torch.rand(modules, groups, out, generator=g) * 0.02 + 1e-4
+    if sym:
+        zeros = torch.full((modules, groups, out), float((maxq + 1) // 2))
+    else:
+        zeros = torch.randint(0, maxq + 1, (modules, groups, out), generator=g).to(torch.float32)
+    g_idx = torch.arange(inp, dtype=torch.int32) // group_size
+    if act_order:  # act_group_aware: each column keeps its group, the columns' order is permuted
+        g_idx = g_idx[torch.randperm(inp, generator=g)]
+    col_scale = scales.index_select(1, g_idx.long()).transpose(1, 2)
+    col_zero = zeros.index_select(1, g_idx.long()).transpose(1, 2)
+    weight = (col_scale * (codes.to(torch.float32) - col_zero)).to(torch.bfloat16)
+    return {"weight": weight, "scales": scales, "zeros": zeros, "g_idx": g_idx}
+
+
+def extension_pack(inputs: dict[str, torch.Tensor], bits: int) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """GPTQModel's ``pack_block_cpu`` on each module (its call in ``pack_block``); and the seconds."""
+    from gptqmodel.nn_modules.qlinear.pack_block_ext import pack_block_cpu
+
+    qweights, qzeros = [], []
+    t = time.perf_counter()
+    for b in range(inputs["weight"].shape[0]):
+        qw, qz = pack_block_cpu(inputs["weight"][b], inputs["scales"][b], inputs["zeros"][b],
+                                inputs["g_idx"].to(torch.int32), bits, 32, 8192, 1)
+        qweights.append(qw)
+        qzeros.append(qz)
+    return qweights, qzeros, time.perf_counter() - t
+
+
+def compare(args: argparse.Namespace, bits: int, sym: bool, act_order: bool) -> dict:
+    inputs = make_inputs(args.modules, args.out, args.inp, args.group_size, bits, sym, act_order)
+    want_w, want_z, ext_s = extension_pack(inputs, bits)
+    device = torch.device(args.device)
+    moved = {k: v.to(device) for k, v in inputs.items()}
+    torch_pack(**{k: v[:1] if k != "g_idx" else v for k, v in moved.items()}, bits=bits)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    got_w, got_z = torch_pack(**moved, bits=bits)
+    got_w, got_z = got_w.cpu(), got_z.cpu()  # (waits for the device)
+    torch_s = time.perf_counter() - t
+    equal = sum(torch.equal(a, b) and torch.equal(c, d) for a, b, c, d in zip(want_w, got_w, want_z, got_z, strict=True))
+    return {"bits": bits, "sym": sym, "act_order": act_order, "modules": args.modules,
+            "modules_equal": int(equal), "extension_s": round(ext_s, 4), "torch_s": round(torch_s, 4)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modules", type=int, default=128, help="modules packed together (a layer's experts of one role)")
+    p.add_argument("--out", type=int, default=768, help="out features (Qwen3-30B-A3B gate/up: 768)")
+    p.add_argument("--inp", type=int, default=2048, help="in features (Qwen3-30B-A3B gate/up: 2048)")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--bits", type=counts(2), default="4,2,8")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args(argv)
+    if any(b not in (2, 4, 8) for b in args.bits):
+        p.error(f"--bits: 2, 4 or 8 only (whole codes per 32-bit word), got {args.bits}")
+    if args.modules < 1 or args.inp % 32 or args.out % 32 or args.group_size < 1 or args.inp % args.group_size:
+        p.error("--modules must be >= 1, --inp and --out multiples of 32, --inp a multiple of --group-size")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here; use --device cpu")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = [compare(args, bits, sym, act_order)
+            for bits in args.bits for sym in (True, False) for act_order in (False, True)]
+    for r in rows:
+        print(f"{r['bits']} bit sym={r['sym']} act_order={r['act_order']}: {r['modules_equal']}/{r['modules']} modules "
+              f"equal; extension {r['extension_s']:.3f} s, torch on {args.device} {r['torch_s']:.3f} s", flush=True)
+    report = {"meta": {"command": shlex.join([sys.executable, *sys.argv]), "python": platform.python_version(),
+                       "torch": torch.__version__, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+                       "shape": [args.modules, args.out, args.inp], "group_size": args.group_size},
+              "rows": rows, "all_equal": all(r["modules_equal"] == r["modules"] for r in rows)}
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.output.with_name(f".{args.output.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(args.output)
+    return 0 if report["all_equal"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
