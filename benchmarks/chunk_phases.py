@@ -21,8 +21,9 @@ quantizes) and times :func:`integrations.gptqmodel.batched.batched_gptq_solve` o
 
 Tasks are reused across repeats (the solve only reads them). Each ``--shapes`` entry is
 ``rows x columns x modules`` (default: a gate/up chunk, 768 x 2048, and a down chunk, 2048 x 768, at
-the module counts the default 1 GiB chunk holds). Every Hessian is the module's own (GPTQModel's
-gate/up sharing is not set up here), so a chunk inverts one Hessian per module.
+the module counts the default 1 GiB chunk holds). Every Hessian is the module's own unless
+``--share 2`` gives pairs of modules one input and GPTQModel's shared-Hessian cache, as an expert's
+gate and up projections have in a run (then a chunk inverts one Hessian per pair).
 
     python benchmarks/chunk_phases.py --output $OUT/chunk_phases_cuda.json --profile
 """
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", type=_shapes, default="768x2048x24,2048x768x40")
     p.add_argument("--tokens", type=int, default=2048, help="calibration rows per module's Hessian")
+    p.add_argument("--share", type=int, default=1,
+                   help="modules per shared Hessian (2: gate/up pairs with one input and GPTQModel's shared cache)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--busy", type=counts(0), default="1,2,4", help="busy Python thread counts to run beside the solve")
     p.add_argument("--busy-repeats", type=int, default=1,
@@ -79,28 +82,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
-    if min(args.repeats, args.busy_repeats, args.tokens, args.inverse_threads) < 1:
-        p.error("--repeats, --busy-repeats, --tokens and --inverse-threads must be >= 1")
+    if min(args.repeats, args.busy_repeats, args.tokens, args.inverse_threads, args.share) < 1:
+        p.error("--repeats, --busy-repeats, --tokens, --inverse-threads and --share must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; use --device cpu")
     return args
 
 
-def make_tasks(rows: int, columns: int, modules: int, tokens: int, device: str, seed: int = 0) -> list:
-    """``modules`` GPTQModel GPTQ tasks of bf16 ``rows x columns`` Linears with their Hessians."""
+def make_tasks(rows: int, columns: int, modules: int, tokens: int, device: str, seed: int = 0,
+               share: int = 1) -> list:
+    """``modules`` GPTQModel GPTQ tasks of bf16 ``rows x columns`` Linears with their Hessians.
+
+    ``share`` > 1: each run of that many tasks sees the same inputs and holds one GPTQModel
+    shared-Hessian cache, as GPTQModel's processor sets up an expert's gate and up projections
+    (the batched solve then inverts one Hessian per run; GPTQModel's own solve shares the factor)."""
     from gptqmodel import QuantizeConfig
-    from gptqmodel.quantization.gptq import GPTQ
+    from gptqmodel.quantization.gptq import GPTQ, SharedHessianFactorCache
 
     qcfg = QuantizeConfig(bits=4, group_size=128)
     g = torch.Generator(device=device).manual_seed(seed)
     tasks = []
-    for _ in range(modules):
+    x = cache = None
+    for i in range(modules):
         linear = nn.Linear(columns, rows, bias=False, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
             linear.weight.copy_(torch.randn(rows, columns, device=device, generator=g) * 0.02)
         task = GPTQ(linear, copy.deepcopy(qcfg))
         task.quantizer.configure(perchannel=True)
-        task.add_batch(torch.randn(tokens, columns, device=device, generator=g).to(torch.bfloat16), None)
+        if i % share == 0:
+            x = torch.randn(tokens, columns, device=device, generator=g).to(torch.bfloat16)
+            cache = SharedHessianFactorCache(0, f"cohort{i // share}") if share > 1 else None
+        if cache is not None:
+            task.attach_shared_hessian_cache(cache)
+        task.add_batch(x, None)
         task.finalize_hessian()
         tasks.append(task)
     return tasks
@@ -193,7 +207,7 @@ def busy_threads(n: int) -> Iterator[None]:
 def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: int) -> dict:
     from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
 
-    tasks = make_tasks(rows, columns, modules, args.tokens, args.device)
+    tasks = make_tasks(rows, columns, modules, args.tokens, args.device, share=args.share)
 
     def solve() -> list:
         results = batched_gptq_solve(tasks, inverse_threads=args.inverse_threads, host_results=True)
@@ -203,7 +217,7 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
 
     print(f"{rows}x{columns} x{modules}: tasks built; warm-up solve", flush=True)
     solve()  # warm-up: kernels loaded, the extension built, allocator pools grown
-    row: dict = {"rows": rows, "columns": columns, "modules": modules, "tokens": args.tokens,
+    row: dict = {"rows": rows, "columns": columns, "modules": modules, "tokens": args.tokens, "share": args.share,
                  "path": solve()[0].path}
     alone = [_timed(solve, args.device) for _ in range(args.repeats)]
     row["alone_s"] = round(statistics.median(alone), 5)
@@ -221,7 +235,7 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
             runs = [_timed(solve, args.device) for _ in range(args.busy_repeats)]
         row[f"busy{n}_s"] = round(statistics.median(runs), 5)
     if not args.no_per_module:
-        fresh = make_tasks(rows, columns, modules, args.tokens, args.device)
+        fresh = make_tasks(rows, columns, modules, args.tokens, args.device, share=args.share)
         fresh[0].quantize()  # its warm-up (and the extension's build on a fresh machine)
         row["per_module_s"] = round(_timed(lambda: [t.quantize() for t in fresh[1:]], args.device) / (modules - 1) * modules, 5) \
             if modules > 1 else None

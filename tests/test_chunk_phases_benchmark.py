@@ -41,3 +41,20 @@ def test_a_tiny_cpu_run_reports_every_phase_of_a_real_batched_solve(tmp_path):
     assert 0 < timed <= row["phased_s"] and row["alone_s"] > 0 and row["busy0_s"] > 0
     assert row["per_module_s"] > 0
     assert not list(tmp_path.glob(".*.tmp"))  # written whole, nothing left behind
+
+
+def test_shared_pairs_are_solved_as_gptqmodels_gate_up_pairs(tmp_path):
+    """``--share 2``: pairs of tasks see one input and hold one GPTQModel shared-Hessian cache, so
+    the batched solve groups them as a gate/up pair (one inverse per pair), and the run reports it."""
+    from defuser_quant.integrations.gptqmodel import batched
+
+    tasks = chunk_phases.make_tasks(64, 256, 4, 96, "cpu", share=2)
+    units = batched._units(tasks)
+    assert [len(u.tasks) for u in units] == [2, 2]
+    assert tasks[0]._shared_hessian_cache is tasks[1]._shared_hessian_cache is not tasks[2]._shared_hessian_cache
+    assert all(u is not None for u in batched.batched_gptq_solve(tasks))
+    out = tmp_path / "shared.json"
+    assert chunk_phases.main(["--device", "cpu", "--shapes", "64x256x4", "--tokens", "96", "--repeats", "1",
+                              "--busy", "0", "--share", "2", "--output", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["share"] == 2 and row["per_module_s"] > 0
