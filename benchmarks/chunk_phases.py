@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import platform
 import shlex
 import statistics
@@ -49,6 +48,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _args import counts  # noqa: E402
+from _report import write_json  # noqa: E402
 
 
 def _shapes(text: str) -> list[tuple[int, int, int]]:
@@ -63,7 +63,6 @@ def _shapes(text: str) -> list[tuple[int, int, int]]:
             raise argparse.ArgumentTypeError(f"{part!r}: sizes must be >= 1 and columns a multiple of 128")
         shapes.append((rows, columns, modules))
     return shapes
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,7 +147,7 @@ def phase_clock(device: str) -> Iterator[dict[str, list[float]]]:
         original = getattr(owner, attr)
 
         def timed(*a, **kw):
-            if getattr(depth, "n", 0):  # a phase inside another (matmul inside an inverse): the outer one counts
+            if getattr(depth, "n", 0):  # a phase called inside another on this thread: the outer one counts
                 return original(*a, **kw)
             depth.n = 1
             try:
@@ -216,9 +215,9 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
         return results
 
     print(f"{rows}x{columns} x{modules}: tasks built; warm-up solve", flush=True)
-    solve()  # warm-up: kernels loaded, the extension built, allocator pools grown
+    warm = solve()  # warm-up: kernels loaded, the extension built, allocator pools grown
     row: dict = {"rows": rows, "columns": columns, "modules": modules, "tokens": args.tokens, "share": args.share,
-                 "path": solve()[0].path}
+                 "path": warm[0].path}
     alone = [_timed(solve, args.device) for _ in range(args.repeats)]
     row["alone_s"] = round(statistics.median(alone), 5)
     row["alone_runs_s"] = [round(x, 5) for x in alone]
@@ -253,13 +252,6 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
     return row
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """``data`` to ``path`` whole or not at all (a temporary file renamed over it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.output is not None:
@@ -280,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         row = measure_shape(args, rows_, columns, modules)
         rows.append(row)
         if args.output is not None:  # after each shape: a run cut off keeps what it measured
-            _write_json(args.output, out)
+            write_json(args.output, out)
         busy = ", ".join(f"busy {n}: {row[f'busy{n}_s'] * 1e3:.1f} ms" for n in args.busy)
         print(f"{rows_}x{columns} x{modules}: alone {row['alone_s'] * 1e3:.1f} ms, phased {row['phased_s'] * 1e3:.1f} ms, "
               f"{busy}; per module (GPTQModel) {row.get('per_module_s') or 0:.3f} s", flush=True)
@@ -288,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {name:45s} {p['seconds'] * 1e3:8.1f} ms  ({p['calls']} calls)", flush=True)
     out["complete"] = True
     if args.output is not None:
-        _write_json(args.output, out)
+        write_json(args.output, out)
     return 0
 
 

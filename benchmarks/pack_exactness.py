@@ -21,7 +21,6 @@ cast to bf16, and ``g_idx`` in natural order or permuted as ``act_group_aware`` 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -33,6 +32,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _args import counts  # noqa: E402
+from _report import write_json  # noqa: E402
 
 MASK32 = (1 << 32) - 1
 
@@ -156,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                        "shape": [args.modules, args.out, args.inp], "group_size": args.group_size},
               "rows": rows, "all_equal": all(r["modules_equal"] == r["modules"] for r in rows)}
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_name(f".{args.output.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(args.output)
+        write_json(args.output, report)
     return 0 if report["all_equal"] else 1
 
 

@@ -794,30 +794,16 @@ def test_batched_solve_argument_is_checked(plugin, tiny):  # noqa: F811
 
 # ----- CUDA (run on the device machine) ---------------------------------------------------------
 _FIRST_LINALG = """
-import copy, sys, torch
-from torch import nn
+import sys, torch
 sys.path.insert(0, sys.argv[1])
 from _source import use_source_checkout
 use_source_checkout()
-from gptqmodel import QuantizeConfig
-from gptqmodel.quantization.gptq import GPTQ
+from chunk_phases import make_tasks
 from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
 
-def tasks():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    out = []
-    for _ in range(6):
-        linear = nn.Linear(256, 64, bias=False, device="cuda", dtype=torch.bfloat16)
-        with torch.no_grad():
-            linear.weight.copy_(torch.randn(64, 256, device="cuda", generator=g))
-        task = GPTQ(linear, copy.deepcopy(QuantizeConfig(bits=4, group_size=128)))
-        task.quantizer.configure(perchannel=True)
-        task.add_batch(torch.randn(96, 256, device="cuda", generator=g).to(torch.bfloat16), None)
-        out.append(task)
-    return out
-
-threaded = batched_gptq_solve(tasks(), inverse_threads=4)  # the process's first CUDA linalg calls, on 4 threads
-serial = batched_gptq_solve(tasks(), inverse_threads=1)
+# the process's first CUDA linalg calls, made by 4 inverse threads
+threaded = batched_gptq_solve(make_tasks(64, 256, 6, 96, "cuda"), inverse_threads=4)
+serial = batched_gptq_solve(make_tasks(64, 256, 6, 96, "cuda"), inverse_threads=1)
 assert all(r is not None for r in threaded + serial)
 assert all(torch.equal(a, b) for t, s in zip(threaded, serial) for a, b in zip(t.values[:4], s.values[:4]))
 print("ok")
