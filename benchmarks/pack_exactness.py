@@ -5,11 +5,12 @@ GPTQModel packs each finished module on a CPU worker (``BaseQuantLinear.pack_blo
 scale), 0, maxq)`` in float32 from the module's bf16 dequantized weight, then 32 / bits codes per
 int32 word; the zero points the same way. On an H200 run that is about 1.6 s of the finalize
 workers' time per two Qwen3-30B-A3B layers, and the last layer's packing is on the critical path
-(docs/performance.md, rounds 15 and 17). This script checks the candidate before anything is
-wired in: :func:`torch_pack` does the same float32 operations (add, multiply, divide, round half to
-even, clamp: each correctly rounded on the CPU and on CUDA, and with no multiply-add to contract)
-for many modules at once, and the script compares its words with the extension's, module by module,
-and times both.
+(docs/performance.md, rounds 15 and 17). This script checks the batched
+solve's packing (``BatchedSolve.pack``): ``torch_pack``
+(:func:`defuser_quant.integrations.gptqmodel.packing.pack_words`) does the same float32
+operations (add, multiply, divide, round half to even, clamp: each correctly rounded on the CPU
+and on CUDA, and with no multiply-add to contract) for many modules at once, and the script
+compares its words with the extension's, module by module, and times both.
 
 Inputs are what GPTQ hands the packer: random codes, positive float32 scales per group of
 ``--group-size`` input columns, integral zero points, the dequantized weight ``scale * (q - zero)``
@@ -33,44 +34,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _args import counts  # noqa: E402
 from _report import write_json  # noqa: E402
+from _source import use_source_checkout  # noqa: E402
 
-MASK32 = (1 << 32) - 1
-
-
-def torch_pack(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-               bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pack_block_cpu``'s ``(qweight, qzeros)`` for ``B`` modules at once, on ``weight``'s device.
-
-    ``weight`` [B, out, in] (the dequantized weights, any float dtype), ``scales`` and ``zeros``
-    [B, groups, out] (as ``pack_block`` passes them: transposed), ``g_idx`` [in] (one per input
-    column, shared by the modules). Returns int32 ``qweight`` [B, in / 32 * bits, out] and
-    ``qzeros`` [B, groups, out / 32 * bits]. Only 2, 4 and 8 bits (a whole number of codes per word).
-    """
-    if bits not in (2, 4, 8):
-        raise ValueError(f"torch_pack packs 2, 4 or 8 bits (whole codes per 32-bit word), got {bits}")
-    B, out, inp = weight.shape
-    groups = scales.shape[1]
-    if inp % 32 or out % 32:
-        raise ValueError(f"in and out features must be multiples of 32, got {inp} x {out}")
-    per_word = 32 // bits
-    maxq = float((1 << bits) - 1)
-    shifts = torch.arange(per_word, device=weight.device, dtype=torch.int64) * bits
-    w = weight.to(torch.float32)
-    s = scales.to(torch.float32)
-    z = zeros.to(torch.int32)
-    offset = z.to(torch.float32) * s  # the extension's scale_zeros, [B, G, out]
-    divisor = torch.where(s == 0, torch.full_like(s, 1e-6), s)  # its zero-scale guard (the offset keeps 0)
-    g = g_idx.to(torch.int64)
-    g = torch.where(g < 0, g + groups, g)
-    # [B, G, out] -> per input column [B, out, in]
-    col_offset = offset.index_select(1, g).transpose(1, 2)
-    col_divisor = divisor.index_select(1, g).transpose(1, 2)
-    q = torch.clamp(torch.round((w + col_offset) / col_divisor), 0.0, maxq).to(torch.int64)
-    # word k of bit plane p in block b holds inputs b*32 + p*per_word + (0..per_word-1)
-    words = (q.view(B, out, inp // 32, bits, per_word) << shifts).sum(-1) & MASK32
-    qweight = words.view(B, out, inp // 32 * bits).to(torch.int32).transpose(1, 2).contiguous()
-    zwords = (z.to(torch.int64).view(B, groups, out // per_word, per_word) << shifts).sum(-1) & MASK32
-    return qweight, zwords.to(torch.int32)
+use_source_checkout()
+# The same function the batched solve packs with (integrations/gptqmodel/packing.py).
+from defuser_quant.integrations.gptqmodel.packing import pack_words as torch_pack  # noqa: E402
 
 
 def make_inputs(modules: int, out: int, inp: int, group_size: int, bits: int, sym: bool, act_order: bool,

@@ -895,6 +895,10 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
         batched = runs[name]
         assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
         assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}
+        # On CUDA the solve packs (BatchedSolve.pack's default) where its results come to the host:
+        # every batched module's words served.
+        packed = 0 if name == "batched_hinv1_device" else batched["solve"]["batched_modules"]
+        assert batched["solve"]["pack"] == {"offered": packed, "served": packed, "refused": 0}
         tensors = _tensors(tmp_path / name / "checkpoint")
         close = agreement(reference, tensors)
         unequal = sorted(k for k in reference if not torch.equal(reference[k], tensors[k]))

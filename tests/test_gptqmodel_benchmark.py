@@ -140,6 +140,10 @@ def test_variants_pick_their_batched_solve_settings():
     # round 16's solver thread, opt-in, to measure against the default
     assert bench.solve_setting("ours-grouped-batched-ahead2") == BatchedSolve(solve_ahead=2)
     assert "ours-grouped-batched-ahead2" in bench.VARIANTS
+    # round 18's packing on the solve's device, left out to measure it
+    assert bench.solve_setting("ours-grouped-batched-nopack") == BatchedSolve(pack=False)
+    assert bench.solve_setting("ours-grouped-batched-nopack-noreads") == BatchedSolve(pack=False)
+    assert "ours-grouped-batched-nopack" in bench.VARIANTS and BatchedSolve().pack is None
 
 
 def test_variants_pick_their_lean_bookkeeping():

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, packing
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,10 @@ class BatchedSolve:
             it (or the next open one) itself. On one H200, two ahead saved nothing
             (docs/performance.md, round 16): the workers still waited for the solver most of the
             time, so the chunk solves one after another, not GPTQModel's processing, set the pace.
+        pack: pack each batched module's quantized weight into GPTQModel's int32 words on the
+            solve's device while the chunk is there (:mod:`.packing`); GPTQModel's ``pack_block``
+            then takes them in place of its CPU extension's result where its inputs are the ones
+            packed. None (the default): on CUDA only. Needs ``host_results`` and 2, 4 or 8 bits.
     """
 
     min_modules: int = 2
@@ -109,6 +113,7 @@ class BatchedSolve:
     inverse_threads: int = 4
     host_results: bool = True
     solve_ahead: int = 0
+    pack: bool | None = None
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -123,6 +128,8 @@ class BatchedSolve:
             raise ValueError(f"BatchedSolve.solve_ahead must be an integer >= 0, got {self.solve_ahead!r}")
         if not isinstance(self.host_results, bool):
             raise TypeError(f"BatchedSolve.host_results must be True or False, got {self.host_results!r}")
+        if self.pack is not None and not isinstance(self.pack, bool):
+            raise TypeError(f"BatchedSolve.pack must be True, False or None (on CUDA), got {self.pack!r}")
 
 
 @dataclass
@@ -138,6 +145,7 @@ class BatchedSolveStats:
     host_results: int = 0  # batched modules whose scales/zeros/g_idx went to GPTQModel on the CPU
     solved_ahead: int = 0  # chunks a solver thread started while no worker was waiting for them
     waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for a solver thread (solve_ahead only)
+    pack: packing.PackStats | None = None  # words packed on the solve's device (None: ``pack=False``)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +158,7 @@ class BatchedSolveStats:
             "waited_seconds": round(self.waited_seconds, 3),
             "paths": dict(self.paths),
             "per_module": dict(self.per_module),
+            "pack": self.pack.as_dict() if self.pack is not None else None,
         }
 
 
@@ -161,6 +170,7 @@ class SolveResult:
     path: str
     device: str
     blocksize: int = BLOCKSIZE
+    packed: packing.PackedWords | None = None  # its pack_block words, packed on the solve's device
 
 
 # ----- what can be batched -------------------------------------------------------------------
@@ -465,13 +475,15 @@ def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor]
 
 
 def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_threads: int = 1,
-                       host_results: bool = False) -> list[SolveResult | None]:
+                       host_results: bool = False, pack: bool = False) -> list[SolveResult | None]:
     """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
 
     Returns one entry per task: its :class:`SolveResult`, or None when GPTQModel's per-module
     solve must handle it (its first Cholesky failed, or its loss is NaN). Task state is only read.
     ``inverse_threads``: on CUDA, host threads computing the Hessian inverses (each on its own stream).
     ``host_results``: scales, zeros and ``g_idx`` come back on the CPU, moved there together.
+    ``pack``: with ``host_results``, 2, 4 or 8 bits and feature counts that are multiples of 32,
+    each result also carries its ``pack_block`` words (:attr:`SolveResult.packed`), packed here.
     """
     from gptqmodel.quantization import gptq_cuda
     from gptqmodel.quantization.gar import invert_perm
@@ -623,12 +635,35 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
         )
     if host_results:
         solved = [r for r in by_task.values() if r is not None]
-        moved = iter(_to_host([t for r in solved for t in r.values[1:4]]))
+        packs = _pack(solved, int(qcfg.bits), shared_g_idx=not qcfg.desc_act) if pack and int(qcfg.bits) in packing.PACK_BITS and R % 32 == 0 == C % 32 else []
+        moved = iter(_to_host([t for r in solved for t in r.values[1:4]] + packs))
         for r in solved:
             r.values = (r.values[0], next(moved), next(moved), next(moved), *r.values[4:])
+        if packs:
+            for r in solved:
+                qweight, qzeros, fingerprint = next(moved), next(moved), next(moved)
+                r.packed = packing.PackedWords(int(qcfg.bits), qweight, qzeros, *r.values[1:4], fingerprint)
     for task in tasks:
         results.append(by_task[id(task)])
     return results
+
+
+def _pack(solved: list[SolveResult], bits: int, shared_g_idx: bool, per_call: int = 8) -> list[torch.Tensor]:
+    """Each result's ``(qweight, qzeros, weight fingerprint)`` on the solve's device, in order,
+    packed ``per_call`` modules at a time (bounding the working memory: ~45 MB per 768 x 2048
+    module). ``shared_g_idx``: every result has the same ``g_idx`` (all but ``desc_act``)."""
+    out: list[torch.Tensor] = []
+    for i in range(0, len(solved), per_call):
+        part = [r.values for r in solved[i : i + per_call]]
+        weight = torch.stack([v[0] for v in part])
+        scales = torch.stack([v[1] for v in part]).transpose(1, 2)
+        zeros = torch.stack([v[2] for v in part]).transpose(1, 2)
+        g_idx = part[0][3] if shared_g_idx else torch.stack([v[3] for v in part])
+        qweight, qzeros = packing.pack_words(weight, scales, zeros, g_idx, bits)
+        fingerprint = packing.weight_fingerprint(weight)
+        for b in range(len(part)):
+            out += [qweight[b], qzeros[b], fingerprint[b]]
+    return out
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -886,7 +921,8 @@ class _Coordinator:
                 device = tasks[0].H.device
                 # inverse_threads only acts on CUDA: the CPU inverts one Hessian after another
                 solve = functools.partial(batched_gptq_solve, tasks, inverse_threads=self.settings.inverse_threads,
-                                          host_results=self.settings.host_results)
+                                          host_results=self.settings.host_results,
+                                          pack=self.settings.pack if self.settings.pack is not None else device.type == "cuda")
                 if device.type == "cuda":
                     stream = self._stream(device)
                     stream.wait_stream(torch.cuda.current_stream(device))
@@ -977,7 +1013,8 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
     from gptqmodel.looper.gptq_processor import GPTQProcessor
     from gptqmodel.quantization.gptq import GPTQ
 
-    coordinator = _Coordinator(settings or BatchedSolve())
+    settings = settings or BatchedSolve()
+    coordinator = _Coordinator(settings)
     process, quantize = GPTQProcessor.process, GPTQ.quantize
 
     def batched_process(self, module, *args, **kwargs):
@@ -991,16 +1028,21 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
         if result is None:
             return quantize(self, blocksize=blocksize)
         kernels.note_solve(result.path.split("@")[0], result.device)
+        if result.packed is not None:
+            packing.offer_pack_words(self.module, result.packed)
         self.H = None  # as GPTQModel's solve leaves it: the Hessian is consumed
         return result.values
 
-    GPTQProcessor.process, GPTQ.quantize = batched_process, batched_quantize
-    try:
-        yield coordinator.stats
-    finally:
-        GPTQProcessor.process, GPTQ.quantize = process, quantize
-        coordinator.close()
-        leftover = len(coordinator.results)
-        coordinator.results.clear()
-        if leftover:
-            logger.debug("%d batched GPTQ result(s) were never asked for", leftover)
+    with contextlib.ExitStack() as stack:
+        if settings.pack is not False:
+            coordinator.stats.pack = stack.enter_context(packing.served_pack_words())
+        GPTQProcessor.process, GPTQ.quantize = batched_process, batched_quantize
+        try:
+            yield coordinator.stats
+        finally:
+            GPTQProcessor.process, GPTQ.quantize = process, quantize
+            coordinator.close()
+            leftover = len(coordinator.results)
+            coordinator.results.clear()
+            if leftover:
+                logger.debug("%d batched GPTQ result(s) were never asked for", leftover)

@@ -1,0 +1,198 @@
+"""GPTQModel's packed words for batched experts, computed on the solve's device.
+
+GPTQModel packs each finished module on a CPU finalize worker: ``PackableQuantLinear.pack_block``
+hands the dequantized weight, the transposed scales and zeros and ``g_idx`` to its C++ extension
+(``pack_block_ext.pack_block_cpu``), which returns the module's int32 ``qweight`` and ``qzeros``.
+At Qwen3-30B-A3B shape that is 13-30 ms of host time per expert projection on an H200 host,
+~10 s per layer summed over the workers, and the last layer's share is on the critical path.
+
+:func:`pack_words` does the extension's float32 operations (add, multiply, divide, round half
+to even, clamp; each correctly rounded on the CPU and on CUDA) for a stack of modules at once:
+the batched solve packs a chunk's modules while they are still on its device. The words reach
+GPTQModel through the extension's own call: inside :func:`served_pack_words`,
+``pack_block`` runs unchanged, and its call of ``pack_block_cpu`` returns the words
+computed for that module when every input it passes (bits, word size, the weight, scales, zeros
+and ``g_idx``) is the one they were computed from; otherwise, or for a module without words, the
+extension runs as stock. Everything else ``pack_block`` does (its buffers, checks, the Python
+fallback where the extension is off or missing, the v2 -> v1 zero-point conversion after it) is
+GPTQModel's. ``benchmarks/pack_exactness.py`` compares the words with the extension's on the CPU
+and CUDA (``benchmarks/results/pack_exactness_cuda_round18.json``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PACK_BITS", "PackStats", "PackedWords", "offer_pack_words", "pack_words", "served_pack_words",
+           "weight_fingerprint"]
+
+#: Bit widths with a whole number of codes per 32-bit word (the extension's only widths).
+PACK_BITS = (2, 4, 8)
+_MASK32 = (1 << 32) - 1
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def pack_words(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+               bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pack_block_cpu``'s ``(qweight, qzeros)`` for ``B`` modules at once, on ``weight``'s device.
+
+    ``weight`` [B, out, in] (the dequantized weights, any float dtype), ``scales`` and ``zeros``
+    [B, groups, out] (as ``pack_block`` passes them: transposed), ``g_idx`` [in] shared by the
+    modules or [B, in] per module. Returns int32 ``qweight`` [B, in / 32 * bits, out] and
+    ``qzeros`` [B, groups, out / 32 * bits].
+    """
+    if bits not in PACK_BITS:
+        raise ValueError(f"pack_words packs 2, 4 or 8 bits (whole codes per 32-bit word), got {bits}")
+    B, out, inp = weight.shape
+    groups = scales.shape[1]
+    if inp % 32 or out % 32:
+        raise ValueError(f"in and out features must be multiples of 32, got {inp} x {out}")
+    per_word = 32 // bits
+    maxq = float((1 << bits) - 1)
+    shifts = torch.arange(per_word, device=weight.device, dtype=torch.int64) * bits
+    s = scales.to(torch.float32)
+    z = zeros.to(torch.int32)
+    offset = z.to(torch.float32) * s  # the extension's scale_zeros, [B, G, out]
+    divisor = torch.where(s == 0, torch.full_like(s, 1e-6), s)  # its zero-scale guard (the offset keeps 0)
+    g = g_idx.to(torch.int64)
+    g = torch.where(g < 0, g + groups, g)
+    if g.dim() == 1:
+        col_offset = offset.index_select(1, g)  # [B, in, out]
+        col_divisor = divisor.index_select(1, g)
+    else:
+        index = g.unsqueeze(-1).expand(B, inp, out)
+        col_offset = torch.gather(offset, 1, index)
+        col_divisor = torch.gather(divisor, 1, index)
+    q = torch.round((weight.to(torch.float32) + col_offset.transpose(1, 2)) / col_divisor.transpose(1, 2))
+    q = torch.clamp(q, 0.0, maxq).to(torch.int64)
+    # word k of bit plane p in block b holds inputs b*32 + p*per_word + (0..per_word-1)
+    words = (q.view(B, out, inp // 32, bits, per_word) << shifts).sum(-1) & _MASK32
+    qweight = words.view(B, out, inp // 32 * bits).to(torch.int32).transpose(1, 2).contiguous()
+    zwords = (z.to(torch.int64).view(B, groups, out // per_word, per_word) << shifts).sum(-1) & _MASK32
+    return qweight, zwords.to(torch.int32)
+
+
+def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """Exact integer row and column sums of the bits of ``weight`` ([..., out, in]), int64,
+    ``[..., out + in]``: the same on any device, so a weight packed on the GPU is recognised on
+    the CPU (a changed element changes its row's and its column's sum)."""
+    bits = weight.contiguous().view(_SAME_SIZE_INT[weight.element_size()]).to(torch.int64)
+    return torch.cat([bits.sum(-1), bits.sum(-2)], dim=-1)
+
+
+@dataclass
+class PackedWords:
+    """One module's words and the inputs they were packed from (all on the CPU)."""
+
+    bits: int
+    qweight: torch.Tensor  # int32 [in / 32 * bits, out]
+    qzeros: torch.Tensor  # int32 [groups, out / 32 * bits]
+    scales: torch.Tensor  # [out, groups], as the solve returns them to GPTQModel
+    zeros: torch.Tensor  # [out, groups]
+    g_idx: torch.Tensor  # [in]
+    fingerprint: torch.Tensor  # weight_fingerprint of the dequantized weight
+
+    def matches(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                bits: int, word_bits: int) -> bool:
+        """Whether the extension's arguments are the inputs these words were packed from."""
+        return (
+            int(bits) == self.bits and int(word_bits) == 32
+            and weight.dim() == 2 and weight.shape == (self.qweight.shape[1], self.g_idx.numel())
+            and scales.device.type == zeros.device.type == g_idx.device.type == "cpu"
+            and torch.equal(scales, self.scales.T) and torch.equal(zeros, self.zeros.T)
+            and torch.equal(g_idx.to(self.g_idx.dtype), self.g_idx)
+            and torch.equal(weight_fingerprint(weight.cpu()), self.fingerprint)
+        )
+
+
+@dataclass
+class PackStats:
+    """What :func:`served_pack_words` did in one run."""
+
+    offered: int = 0  # modules whose words the solve computed
+    served: int = 0  # ... that GPTQModel's pack_block took instead of running the extension
+    refused: int = 0  # ... whose pack_block inputs differed: the extension ran (stock)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"offered": self.offered, "served": self.served, "refused": self.refused}
+
+
+@dataclass
+class _Registry:
+    stats: PackStats = field(default_factory=PackStats)
+    words: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # nn.Linear -> PackedWords
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    current: threading.local = field(default_factory=threading.local)  # the module pack_block is packing
+
+
+_active: _Registry | None = None
+
+
+def offer_pack_words(module: nn.Module, words: PackedWords) -> None:
+    """Keep ``words`` for ``module``'s pack (inside :func:`served_pack_words`; else nothing)."""
+    registry = _active
+    if registry is None:
+        return
+    with registry.lock:
+        registry.words[module] = words
+        registry.stats.offered += 1
+
+
+def _linear_of(module: Any) -> Any:
+    """The ``nn.Linear`` behind a GPTQModel ``NamedModule`` (or the module itself)."""
+    return getattr(module, "module", module)
+
+
+@contextmanager
+def served_pack_words() -> Iterator[PackStats]:
+    """Inside the block, GPTQModel's ``pack_block`` takes offered words in place of its extension's
+    result where the inputs match (see the module docstring); restored after."""
+    global _active
+    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+    from gptqmodel.nn_modules.qlinear import pack_block_ext
+
+    if _active is not None:
+        raise RuntimeError("served_pack_words() is already active (one GPTQModel quantization at a time)")
+    registry = _Registry()
+    original_block, original_ext = PackableQuantLinear.pack_block, pack_block_ext.pack_block_cpu
+
+    def pack_block(self, linear, *args, **kwargs):
+        registry.current.module = _linear_of(linear)
+        try:
+            return original_block(self, linear, *args, **kwargs)
+        finally:
+            registry.current.module = None
+
+    def pack_block_cpu(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads):
+        module = getattr(registry.current, "module", None)
+        with registry.lock:
+            words = registry.words.pop(module, None) if module is not None else None
+        if words is not None:
+            if words.matches(weight, scales, zeros, g_idx, bits, word_bits):
+                with registry.lock:
+                    registry.stats.served += 1
+                return words.qweight.clone(), words.qzeros.clone()  # its own storage (the words are views of a chunk's copy)
+            with registry.lock:
+                registry.stats.refused += 1
+            logger.debug("packed words of a batched module did not match pack_block's inputs; GPTQModel's extension packs it")
+        return original_ext(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads)
+
+    PackableQuantLinear.pack_block, pack_block_ext.pack_block_cpu = pack_block, pack_block_cpu
+    _active = registry
+    try:
+        yield registry.stats
+    finally:
+        PackableQuantLinear.pack_block, pack_block_ext.pack_block_cpu = original_block, original_ext
+        _active = None
+        registry.words.clear()

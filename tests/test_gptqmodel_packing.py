@@ -1,0 +1,179 @@
+"""The batched solve's packing (integrations/gptqmodel/packing.py): GPTQModel's ``pack_block``
+words computed with torch for a stack of modules, and served to ``pack_block`` only when its
+inputs are the ones packed."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_gptqmodel_batched import CONFIGS, _quantize, _tasks, per_module  # noqa: E402,F401
+from test_gptqmodel_plugin import plugin, tiny  # noqa: E402,F401
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def extension():
+    from gptqmodel.utils.cpp import load_pack_block_extension
+
+    if load_pack_block_extension() is None:
+        pytest.skip("GPTQModel's pack_block_cpu extension could not be built here (no C++ compiler)")
+
+
+def _extension_words(weight, scales, zeros, g_idx, bits):
+    """GPTQModel's extension on one module, with ``pack_block``'s argument layouts."""
+    from gptqmodel.nn_modules.qlinear.pack_block_ext import pack_block_cpu
+
+    return pack_block_cpu(weight, scales.T.contiguous(), zeros.T.contiguous(), g_idx.to(torch.int32), bits, 32, 8192, 1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_per_module_g_idx_gives_the_extensions_words(extension, bits):
+    """``desc_act``: every module has its own column order, so its own ``g_idx``."""
+    from defuser_quant.integrations.gptqmodel.packing import pack_words
+
+    g = torch.Generator().manual_seed(bits)
+    B, out, inp, gs = 3, 64, 256, 64
+    maxq = (1 << bits) - 1
+    scales = torch.rand(B, out, inp // gs, generator=g) * 0.02 + 1e-4
+    zeros = torch.randint(0, maxq + 1, (B, out, inp // gs), generator=g).to(torch.float32)
+    g_idx = torch.stack([(torch.arange(inp) // gs)[torch.randperm(inp, generator=g)] for _ in range(B)]).to(torch.int32)
+    codes = torch.randint(0, maxq + 1, (B, out, inp), generator=g).to(torch.float32)
+    weight = torch.stack([scales[b][:, g_idx[b].long()] * (codes[b] - zeros[b][:, g_idx[b].long()]) for b in range(B)])
+    weight = weight.to(torch.bfloat16)
+    got_w, got_z = pack_words(weight, scales.transpose(1, 2), zeros.transpose(1, 2), g_idx, bits)
+    shared_w, _ = pack_words(weight, scales.transpose(1, 2), zeros.transpose(1, 2), g_idx[0], bits)
+    for b in range(B):
+        want_w, want_z = _extension_words(weight[b], scales[b], zeros[b], g_idx[b], bits)
+        assert torch.equal(got_w[b], want_w) and torch.equal(got_z[b], want_z)
+    assert not torch.equal(shared_w[1], got_w[1])  # the per-module order matters: a shared g_idx is not the same
+
+
+def test_fingerprint_sees_one_changed_element_and_is_the_same_on_any_layout():
+    from defuser_quant.integrations.gptqmodel.packing import weight_fingerprint
+
+    w = torch.randn(64, 96).to(torch.bfloat16)
+    changed = w.clone()
+    changed.view(torch.int16)[5, 7] += 1  # the next bf16 value
+    assert torch.equal(weight_fingerprint(w), weight_fingerprint(w.T.contiguous().T))
+    assert not torch.equal(weight_fingerprint(w), weight_fingerprint(changed))
+    assert weight_fingerprint(torch.randn(3, 64, 96)).shape == (3, 64 + 96)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("name", ["default (act_group_aware)", "natural order", "desc_act", "asym", "per channel"])
+def test_each_solved_module_carries_the_extensions_words_for_its_result(extension, name, bits):
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
+    from gptqmodel import QuantizeConfig
+
+    kw = dict(CONFIGS[name])
+    qcfg = QuantizeConfig(bits=bits, group_size=kw.pop("group_size", 128), **kw)
+    results = batched_gptq_solve(_tasks(qcfg, n=3), host_results=True, pack=True)
+    for r in results:
+        q, scale, zero, g_idx = r.values[:4]
+        want_w, want_z = _extension_words(q, scale, zero, g_idx, bits)
+        words = r.packed
+        assert words is not None and words.bits == bits
+        assert torch.equal(words.qweight, want_w) and torch.equal(words.qzeros, want_z)
+        assert words.scales is scale and words.zeros is zero and words.g_idx is g_idx
+        assert words.matches(q, scale.T.contiguous(), zero.T.contiguous(), g_idx.to(torch.int32), bits, 32)
+
+
+def test_what_is_not_packed():
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve, batched_gptq_solve
+    from gptqmodel import QuantizeConfig
+
+    qcfg = QuantizeConfig(bits=4, group_size=128)
+    assert all(r.packed is None for r in batched_gptq_solve(_tasks(qcfg, n=2), host_results=True))  # not asked
+    assert all(r.packed is None for r in batched_gptq_solve(_tasks(qcfg, n=2), pack=True))  # results on the device
+    three = QuantizeConfig(bits=3, group_size=128, act_group_aware=False)
+    assert all(r.packed is None for r in batched_gptq_solve(_tasks(three, n=2), host_results=True, pack=True))
+    odd = batched_gptq_solve(_tasks(qcfg, n=2, rows=48), host_results=True, pack=True)  # 48 rows: not 32-aligned
+    assert all(r.packed is None for r in odd)
+    with pytest.raises(TypeError, match="BatchedSolve.pack"):
+        BatchedSolve(pack="yes")
+
+
+def _quant_linear(linear: nn.Linear, bits: int):
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    return TorchLinear(bits=bits, group_size=128, sym=True, desc_act=False, in_features=linear.in_features,
+                       out_features=linear.out_features, bias=False, register_buffers=False)
+
+
+@pytest.mark.parametrize("change", ["none", "weight", "scales", "g_idx", "bits"])
+def test_pack_block_takes_offered_words_only_for_the_inputs_they_were_packed_from(extension, change):
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
+    from defuser_quant.integrations.gptqmodel.packing import offer_pack_words, served_pack_words
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+    from gptqmodel.nn_modules.qlinear import pack_block_ext
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    tasks = _tasks(qcfg, n=2)
+    results = batched_gptq_solve(tasks, host_results=True, pack=True)
+    linear = tasks[0].module
+    q, scale, zero, g_idx = results[0].values[:4]
+    linear.weight.data = q.clone()
+    scale, g_idx = scale.clone(), g_idx.clone()
+    words = results[0].packed
+    if change == "weight":
+        linear.weight.data[3, 9] += 1
+    elif change == "scales":
+        scale[2, 1] *= 2
+    elif change == "g_idx":
+        g_idx[[0, 200]] = g_idx[[200, 0]]
+    elif change == "bits":
+        words = copy.copy(words)
+        words.bits = 8
+    stock = _quant_linear(linear, 4)
+    stock.pack_block(linear, scale, zero, g_idx)
+    original = pack_block_ext.pack_block_cpu
+    with served_pack_words() as stats:
+        assert pack_block_ext.pack_block_cpu is not original
+        offer_pack_words(linear, words)
+        served = _quant_linear(linear, 4)
+        served.pack_block(linear, scale, zero, g_idx)
+        again = _quant_linear(linear, 4)  # words are served once: a second pack runs the extension
+        again.pack_block(linear, scale, zero, g_idx)
+    assert pack_block_ext.pack_block_cpu is original and PackableQuantLinear.pack_block.__name__ == "pack_block"
+    for module in (served, again):
+        for buffer in ("qweight", "qzeros", "scales", "g_idx"):
+            assert torch.equal(getattr(module, buffer), getattr(stock, buffer)), buffer
+    assert served.qweight.untyped_storage().data_ptr() != words.qweight.untyped_storage().data_ptr()  # its own copy
+    want = Counter(offered=1, served=1) if change == "none" else Counter(offered=1, refused=1)
+    assert Counter({k: v for k, v in stats.as_dict().items() if v}) == want
+
+
+def test_words_are_not_offered_outside_the_block_and_the_block_is_not_nested():
+    from defuser_quant.integrations.gptqmodel import packing
+
+    linear = nn.Linear(32, 32)
+    packing.offer_pack_words(linear, None)  # nothing keeps it: no run is serving words
+    with packing.served_pack_words():
+        with pytest.raises(RuntimeError, match="already active"):
+            with packing.served_pack_words():
+                pass
+    assert packing._active is None
+
+
+@pytest.mark.slow
+def test_gptqmodel_run_with_packed_words_gives_the_per_module_checkpoint(plugin, tiny, tmp_path, per_module):  # noqa: F811
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+    _, _, tensors_ref = per_module
+    result, _, tensors = _quantize(plugin, tiny, tmp_path, "packed", batched_solve=BatchedSolve(pack=True))
+    assert tensors.keys() == tensors_ref.keys()
+    assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
+    solve = result.solve
+    # Every batched module's words came from the solve; none was refused.
+    assert solve.pack.as_dict() == {"offered": solve.batched_modules, "served": solve.batched_modules, "refused": 0}
+    assert solve.as_dict()["pack"]["served"] >= 48
