@@ -40,10 +40,10 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-ahead2`` - with ``BatchedSolve(solve_ahead=2)``: a solver thread solves the
                  next two chunks while GPTQModel's workers process the earlier ones, to measure that
                  against the default (a worker solves the chunk it waits for);
-* ``ours-grouped-batched-nopack`` - with ``BatchedSolve(pack=False)``: every module packed by
-                 GPTQModel's CPU extension on its finalize workers, as before round 18, instead of
-                 from the words the batched solve packed on the GPU (the row's ``solve.pack`` says
-                 how many were offered, served and refused);
+* ``ours-grouped-batched-pack`` - with ``BatchedSolve(pack=True)``: GPTQModel's finalize workers
+                 take each batched module's words packed on the GPU by the solve instead of running
+                 their CPU extension (the row's ``solve.pack`` says how many were offered, served
+                 and refused); ``-nopack`` (``pack=False``) is the default since round 18 measured it;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -136,7 +136,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
             "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2",
-            "ours-grouped-batched-nopack")
+            "ours-grouped-batched-nopack", "ours-grouped-batched-pack")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
@@ -194,7 +194,7 @@ def solve_setting(variant: str):
         base = base.removesuffix(suffix)
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
-                "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}}
+                "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True}}
     kwargs: dict = {}
     stripped = True
     while stripped:

@@ -33,6 +33,7 @@ def main() -> int:
                    help="with --batched: BatchedSolve(host_results=...)")
     p.add_argument("--chunk-bytes", type=int, default=None, help="with --batched: BatchedSolve(chunk_bytes=N)")
     p.add_argument("--solve-ahead", type=int, default=None, help="with --batched: BatchedSolve(solve_ahead=N)")
+    p.add_argument("--pack", action="store_true", help="with --batched: BatchedSolve(pack=True)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (quantize_with_defuser)")
@@ -59,7 +60,7 @@ def main() -> int:
     placement = {"device": "cpu"} if args.device == "cpu" else {}
     solve = args.batched
     given = {"inverse_threads": args.inverse_threads, "host_results": args.host_results, "chunk_bytes": args.chunk_bytes,
-             "solve_ahead": args.solve_ahead}
+             "solve_ahead": args.solve_ahead, "pack": args.pack or None}
     if args.batched and any(value is not None for value in given.values()):
         from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 

@@ -880,7 +880,9 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     for name, extra in (("per_module", []), ("batched", ["--batched"]),
                         ("batched_hinv1_device", ["--batched", "--inverse-threads", "1", "--no-host-results"]),
                         # several chunks a group, solved ahead by a solver thread
-                        ("batched_ahead_small_chunks", ["--batched", "--solve-ahead", "2", "--chunk-bytes", "2000000"])):
+                        ("batched_ahead_small_chunks", ["--batched", "--solve-ahead", "2", "--chunk-bytes", "2000000"]),
+                        # the words packed on the GPU (BatchedSolve.pack), served to GPTQModel's pack_block
+                        ("batched_pack", ["--batched", "--pack"])):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
                "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
         cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_run.py")), str(tiny["src"]), str(calibration),
@@ -891,14 +893,14 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     reference = _tensors(tmp_path / "per_module" / "checkpoint")
     assert runs["batched_ahead_small_chunks"]["solve"]["chunks"] > runs["batched"]["solve"]["chunks"]
     assert runs["batched"]["solve"]["solved_ahead"] == 0
-    for name in ("batched", "batched_hinv1_device", "batched_ahead_small_chunks"):
+    for name in ("batched", "batched_hinv1_device", "batched_ahead_small_chunks", "batched_pack"):
         batched = runs[name]
         assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
         assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}
-        # On CUDA the solve packs (BatchedSolve.pack's default) where its results come to the host:
-        # every batched module's words served.
-        packed = 0 if name == "batched_hinv1_device" else batched["solve"]["batched_modules"]
-        assert batched["solve"]["pack"] == {"offered": packed, "served": packed, "refused": 0}
+        # With BatchedSolve(pack=True) every batched module's words are served; else nothing is packed.
+        packed = batched["solve"]["batched_modules"]
+        want = {"offered": packed, "served": packed, "refused": 0} if name == "batched_pack" else None
+        assert batched["solve"]["pack"] == want
         tensors = _tensors(tmp_path / name / "checkpoint")
         close = agreement(reference, tensors)
         unequal = sorted(k for k in reference if not torch.equal(reference[k], tensors[k]))

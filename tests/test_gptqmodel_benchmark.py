@@ -140,10 +140,11 @@ def test_variants_pick_their_batched_solve_settings():
     # round 16's solver thread, opt-in, to measure against the default
     assert bench.solve_setting("ours-grouped-batched-ahead2") == BatchedSolve(solve_ahead=2)
     assert "ours-grouped-batched-ahead2" in bench.VARIANTS
-    # round 18's packing on the solve's device, left out to measure it
-    assert bench.solve_setting("ours-grouped-batched-nopack") == BatchedSolve(pack=False)
-    assert bench.solve_setting("ours-grouped-batched-nopack-noreads") == BatchedSolve(pack=False)
-    assert "ours-grouped-batched-nopack" in bench.VARIANTS and BatchedSolve().pack is None
+    # round 18's packing on the solve's device (opt-in), to measure it
+    assert bench.solve_setting("ours-grouped-batched-pack") == BatchedSolve(pack=True)
+    assert bench.solve_setting("ours-grouped-batched-pack-noreads") == BatchedSolve(pack=True)
+    assert bench.solve_setting("ours-grouped-batched-nopack") == BatchedSolve(pack=False) == BatchedSolve()
+    assert {"ours-grouped-batched-pack", "ours-grouped-batched-nopack"} <= set(bench.VARIANTS)
 
 
 def test_variants_pick_their_lean_bookkeeping():

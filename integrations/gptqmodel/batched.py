@@ -104,7 +104,10 @@ class BatchedSolve:
         pack: pack each batched module's quantized weight into GPTQModel's int32 words on the
             solve's device while the chunk is there (:mod:`.packing`); GPTQModel's ``pack_block``
             then takes them in place of its CPU extension's result where its inputs are the ones
-            packed. None (the default): on CUDA only. Needs ``host_results`` and 2, 4 or 8 bits.
+            packed. Needs ``host_results`` and 2, 4 or 8 bits. Off by default: on one H200 it gave
+            stock's checkpoint with every module's words served, but its ~25 ms per chunk lengthened
+            the chunk solves, one after another, more than the finalize workers saved
+            (docs/performance.md, round 18).
     """
 
     min_modules: int = 2
@@ -113,7 +116,7 @@ class BatchedSolve:
     inverse_threads: int = 4
     host_results: bool = True
     solve_ahead: int = 0
-    pack: bool | None = None
+    pack: bool = False
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -128,8 +131,8 @@ class BatchedSolve:
             raise ValueError(f"BatchedSolve.solve_ahead must be an integer >= 0, got {self.solve_ahead!r}")
         if not isinstance(self.host_results, bool):
             raise TypeError(f"BatchedSolve.host_results must be True or False, got {self.host_results!r}")
-        if self.pack is not None and not isinstance(self.pack, bool):
-            raise TypeError(f"BatchedSolve.pack must be True, False or None (on CUDA), got {self.pack!r}")
+        if not isinstance(self.pack, bool):
+            raise TypeError(f"BatchedSolve.pack must be True or False, got {self.pack!r}")
 
 
 @dataclass
@@ -922,7 +925,7 @@ class _Coordinator:
                 # inverse_threads only acts on CUDA: the CPU inverts one Hessian after another
                 solve = functools.partial(batched_gptq_solve, tasks, inverse_threads=self.settings.inverse_threads,
                                           host_results=self.settings.host_results,
-                                          pack=self.settings.pack if self.settings.pack is not None else device.type == "cuda")
+                                          pack=self.settings.pack)
                 if device.type == "cuda":
                     stream = self._stream(device)
                     stream.wait_stream(torch.cuda.current_stream(device))
@@ -1034,7 +1037,7 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
         return result.values
 
     with contextlib.ExitStack() as stack:
-        if settings.pack is not False:
+        if settings.pack:
             coordinator.stats.pack = stack.enter_context(packing.served_pack_words())
         GPTQProcessor.process, GPTQ.quantize = batched_process, batched_quantize
         try:

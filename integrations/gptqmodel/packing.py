@@ -1,14 +1,15 @@
 """GPTQModel's packed words for batched experts, computed on the solve's device.
 
-GPTQModel packs each finished module on a CPU finalize worker: ``PackableQuantLinear.pack_block``
-hands the dequantized weight, the transposed scales and zeros and ``g_idx`` to its C++ extension
-(``pack_block_ext.pack_block_cpu``), which returns the module's int32 ``qweight`` and ``qzeros``.
-At Qwen3-30B-A3B shape that is 13-30 ms of host time per expert projection on an H200 host,
-~10 s per layer summed over the workers, and the last layer's share is on the critical path.
+GPTQModel packs each finished module on a CPU finalize worker:
+``PackableQuantLinear.pack_block`` hands the dequantized weight, the transposed scales and zeros
+and ``g_idx`` to its C++ extension (``pack_block_ext.pack_block_cpu``), which returns the
+module's int32 ``qweight`` and ``qzeros``. At Qwen3-30B-A3B shape that is 13-30 ms of host time
+per expert projection on an H200 host, 5-12 s per layer summed over the workers.
 
 :func:`pack_words` does the extension's float32 operations (add, multiply, divide, round half
 to even, clamp; each correctly rounded on the CPU and on CUDA) for a stack of modules at once:
-the batched solve packs a chunk's modules while they are still on its device. The words reach
+with ``BatchedSolve(pack=True)`` (opt-in: it did not pay on an H200, docs/performance.md round
+18) the batched solve packs a chunk's modules while they are still on its device. The words reach
 GPTQModel through the extension's own call: inside :func:`served_pack_words`,
 ``pack_block`` runs unchanged, and its call of ``pack_block_cpu`` returns the words
 computed for that module when every input it passes (bits, word size, the weight, scales, zeros
