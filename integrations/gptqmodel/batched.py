@@ -638,7 +638,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
         )
     if host_results:
         solved = [r for r in by_task.values() if r is not None]
-        packs = _pack(solved, int(qcfg.bits), shared_g_idx=not qcfg.desc_act) if pack and int(qcfg.bits) in packing.PACK_BITS and R % 32 == 0 == C % 32 else []
+        packable = pack and int(qcfg.bits) in packing.PACK_BITS and R % 32 == 0 and C % 32 == 0
+        packs = _pack(solved, int(qcfg.bits), shared_g_idx=not qcfg.desc_act) if packable else []
         moved = iter(_to_host([t for r in solved for t in r.values[1:4]] + packs))
         for r in solved:
             r.values = (r.values[0], next(moved), next(moved), next(moved), *r.values[4:])
