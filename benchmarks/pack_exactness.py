@@ -1,16 +1,15 @@
 """Can a layer's experts be packed on the GPU, batched, with GPTQModel's exact bytes?
 
-GPTQModel packs each finished module on a CPU worker (``BaseQuantLinear.pack_block`` ->
+GPTQModel packs each finished module on a CPU worker (``PackableQuantLinear.pack_block`` ->
 ``pack_block_cpu``, its C++ extension): for every weight, ``q = clamp(nearbyint((w + zero * scale) /
 scale), 0, maxq)`` in float32 from the module's bf16 dequantized weight, then 32 / bits codes per
 int32 word; the zero points the same way. On an H200 run that is about 1.6 s of the finalize
 workers' time per two Qwen3-30B-A3B layers, and the last layer's packing is on the critical path
-(docs/performance.md, rounds 15 and 17). This script checks the batched
-solve's packing (``BatchedSolve.pack``): ``torch_pack``
-(:func:`defuser_quant.integrations.gptqmodel.packing.pack_words`) does the same float32
-operations (add, multiply, divide, round half to even, clamp: each correctly rounded on the CPU
-and on CUDA, and with no multiply-add to contract) for many modules at once, and the script
-compares its words with the extension's, module by module, and times both.
+(docs/performance.md, rounds 15 and 17). This script checks the batched solve's packing
+(``BatchedSolve.pack``): ``torch_pack`` (:func:`defuser_quant.integrations.gptqmodel.packing.pack_words`)
+does the same float32 operations (add, multiply, divide, round half to even, clamp: each correctly
+rounded on the CPU and on CUDA, and with no multiply-add to contract) for many modules at once,
+and the script compares its words with the extension's, module by module, and times both.
 
 Inputs are what GPTQ hands the packer: random codes, positive float32 scales per group of
 ``--group-size`` input columns, integral zero points, the dequantized weight ``scale * (q - zero)``

@@ -180,12 +180,12 @@ def served_pack_words() -> Iterator[PackStats]:
         with registry.lock:
             words = registry.words.pop(module, None) if module is not None else None
         if words is not None:
-            if words.matches(weight, scales, zeros, g_idx, bits, word_bits):
-                with registry.lock:
-                    registry.stats.served += 1
-                return words.qweight.clone(), words.qzeros.clone()  # its own storage (the words are views of a chunk's copy)
+            served = words.matches(weight, scales, zeros, g_idx, bits, word_bits)
             with registry.lock:
-                registry.stats.refused += 1
+                registry.stats.served += served
+                registry.stats.refused += not served
+            if served:  # each its own storage (the words are views of a chunk's host copy)
+                return words.qweight.clone(), words.qzeros.clone()
             logger.debug("packed words of a batched module did not match pack_block's inputs; GPTQModel's extension packs it")
         return original_ext(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads)
 
