@@ -44,6 +44,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  take each batched module's words packed on the GPU by the solve instead of running
                  their CPU extension (the row's ``solve.pack`` says how many were offered, served
                  and refused); ``-nopack`` (``pack=False``) is the default since round 18 measured it;
+* ``ours-grouped-batched-modulerows`` - with ``BatchedSolve(log_rows="module")``: GPTQModel's log row
+                 per module instead of one per batched chunk (the default since round 19), to measure
+                 what the chunk rows save;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -56,7 +59,8 @@ interpreter lock back waits before it asks the running one to let go), ``+cpuw<N
 modules; GPTQModel's default is half the cores, at most 12), ``+cudaw<N>`` gives GPTQModel's device
 pool N workers per CUDA device instead of its 4 (the threads that run ``process()`` and so the
 solves: fewer of them contend less for the interpreter lock), ``+pin1`` has ``layer_reads`` read
-into pinned buffers (``layer_reads.PIN``). ``stock+si500`` and
+into pinned buffers (``layer_reads.PIN``), ``+nooff1`` loads with ``QuantizeConfig(offload_to_disk=False)``
+(a diagnostic: what GPTQModel's per-module disk offload costs; not a comparable setting). ``stock+si500`` and
 ``ours-grouped-batched+si500+cpuw4`` are variants; the row's ``modifiers`` say what was set.
 ``--gil-probe`` adds ``gil_probe`` to every row: how late a thread that sleeps 2 ms gets the lock
 back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
@@ -136,12 +140,13 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
             "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2",
-            "ours-grouped-batched-nopack", "ours-grouped-batched-pack")
+            "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
-             "pin": "layer_reads into pinned buffers (layer_reads.PIN)"}
+             "pin": "layer_reads into pinned buffers (layer_reads.PIN)",
+             "nooff": "QuantizeConfig(offload_to_disk=False): no per-module disk offload (a diagnostic bound)"}
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -170,7 +175,7 @@ def split_variant(name: str) -> tuple[str, dict[str, int]]:
         match = re.fullmatch(r"([a-z]+)(\d+)", part)
         if match is None or match[1] not in MODIFIERS or int(match[2]) < 1 or match[1] in modifiers:
             raise ValueError(f"variant {name!r}: bad modifier {part!r}; use +si<microseconds>, +cpuw<workers>, "
-                             "+cudaw<workers> and/or +pin1, each a positive integer, each at most once")
+                             "+cudaw<workers>, +pin1 and/or +nooff1, each a positive integer, each at most once")
         modifiers[match[1]] = int(match[2])
     return base, modifiers
 
@@ -194,7 +199,8 @@ def solve_setting(variant: str):
         base = base.removesuffix(suffix)
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
-                "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True}}
+                "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True},
+                "-modulerows": {"log_rows": "module"}}
     kwargs: dict = {}
     stripped = True
     while stripped:
@@ -772,7 +778,8 @@ def worker(args: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats(index)
     compiles = TritonCompiles.start()  # the timed load + quantize + save; its cache scans outside it
     t0 = time.perf_counter()
-    model = GPTQModel.load(str(work / "src"), QuantizeConfig(bits=4, group_size=128))
+    offload = {"offload_to_disk": False} if "nooff" in modifiers else {}
+    model = GPTQModel.load(str(work / "src"), QuantizeConfig(bits=4, group_size=128, **offload))
     t1 = time.perf_counter()
     extra: dict = {}
     from _gil_probe import GilProbe
@@ -831,7 +838,8 @@ def worker(args: argparse.Namespace) -> int:
         "run": run_id,
         "modifiers": {"switch_interval_s": sys.getswitchinterval(),
                       "gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"),
-                      "gptqmodel_cuda_workers": cuda_workers()} if modifiers else None,
+                      "gptqmodel_cuda_workers": cuda_workers(),
+                      "offload_to_disk": "nooff" not in modifiers} if modifiers else None,
         "gpus_visible": devices,
         "backend": args.backend,
         "import_s": round(import_s, 2),

@@ -239,3 +239,13 @@ def test_cold_runs_drop_the_checkpoint_from_the_page_cache_before_each_variant(t
     assert sorted(Path(p).name for p, _ in advised) == ["model-00001.safetensors", "model-00002.safetensors"]
     assert {a for _, a in advised} == {bench.os.POSIX_FADV_DONTNEED}
     assert bench.run_variant("stock", bench.parse_args(["--device", "cpu"]), tmp_path)["cold_files_evicted"] is None
+
+
+def test_modulerows_variant_and_nooff_modifier_are_what_they_say():
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+    assert bench.solve_setting("ours-grouped-batched-modulerows") == BatchedSolve(log_rows="module")
+    assert bench.solve_setting("ours-grouped-batched") is True  # chunk rows: BatchedSolve()'s default
+    assert BatchedSolve().log_rows == "chunk"
+    assert bench.split_variant("stock+nooff1") == ("stock", {"nooff": 1})
+    assert "ours-grouped-batched-modulerows" in bench.VARIANTS

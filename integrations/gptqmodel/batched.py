@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import kernels, packing
+from . import kernels, log_rows, packing
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ class BatchedSolve:
             stock's checkpoint with every module's words served, but its ~25 ms per chunk lengthened
             the chunk solves, one after another, more than the finalize workers saved
             (docs/performance.md, round 18).
+        log_rows: ``"chunk"`` (the default): one GPTQModel log row per batched chunk, standing for
+            its modules (the largest loss, the fewest samples; :mod:`.log_rows`), while each module
+            still gets GPTQModel's persisted log record; ``"module"``: GPTQModel's row per module.
     """
 
     min_modules: int = 2
@@ -117,6 +120,7 @@ class BatchedSolve:
     host_results: bool = True
     solve_ahead: int = 0
     pack: bool = False
+    log_rows: str = "chunk"
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -133,6 +137,8 @@ class BatchedSolve:
             raise TypeError(f"BatchedSolve.host_results must be True or False, got {self.host_results!r}")
         if not isinstance(self.pack, bool):
             raise TypeError(f"BatchedSolve.pack must be True or False, got {self.pack!r}")
+        if self.log_rows not in ("chunk", "module"):
+            raise ValueError(f"BatchedSolve.log_rows must be 'chunk' or 'module', got {self.log_rows!r}")
 
 
 @dataclass
@@ -149,6 +155,7 @@ class BatchedSolveStats:
     solved_ahead: int = 0  # chunks a solver thread started while no worker was waiting for them
     waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for a solver thread (solve_ahead only)
     pack: packing.PackStats | None = None  # words packed on the solve's device (None: ``pack=False``)
+    log_rows: log_rows.LogRowStats | None = None  # one log row per chunk (None: ``log_rows="module"``)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -162,6 +169,7 @@ class BatchedSolveStats:
             "paths": dict(self.paths),
             "per_module": dict(self.per_module),
             "pack": self.pack.as_dict() if self.pack is not None else None,
+            "log_rows": self.log_rows.as_dict() if self.log_rows is not None else None,
         }
 
 
@@ -174,6 +182,7 @@ class SolveResult:
     device: str
     blocksize: int = BLOCKSIZE
     packed: packing.PackedWords | None = None  # its pack_block words, packed on the solve's device
+    rows: log_rows.ChunkRows | None = None  # its chunk's log rows (set by the coordinator)
 
 
 # ----- what can be batched -------------------------------------------------------------------
@@ -944,6 +953,7 @@ class _Coordinator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return
+        rows = log_rows.ChunkRows(expected=sum(result is not None for result in outcome))
         with self.cond:
             self.stats.chunks += 1
             self.stats.seconds += time.perf_counter() - t0
@@ -951,6 +961,7 @@ class _Coordinator:
                 if result is None:
                     self.stats.per_module["first Cholesky failed or NaN loss (GPTQModel's recovery)"] += 1
                     continue
+                result.rows = rows
                 self.results[id(task)] = (task, result, chunk)
                 chunk.untaken += 1
                 self.stats.batched_modules += 1
@@ -1023,6 +1034,7 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
 
     def batched_process(self, module, *args, **kwargs):
         subset = kwargs.get("subset", args[1] if len(args) > 1 else None)
+        log_rows.mark_batched(None)
         if type(self) is GPTQProcessor:
             coordinator.prepare(self, module, subset)
         return process(self, module, *args, **kwargs)
@@ -1032,6 +1044,7 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
         if result is None:
             return quantize(self, blocksize=blocksize)
         kernels.note_solve(result.path.split("@")[0], result.device)
+        log_rows.mark_batched(result.rows)
         if result.packed is not None:
             packing.offer_pack_words(self.module, result.packed)
         self.H = None  # as GPTQModel's solve leaves it: the Hessian is consumed
@@ -1040,6 +1053,8 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
     with contextlib.ExitStack() as stack:
         if settings.pack:
             coordinator.stats.pack = stack.enter_context(packing.served_pack_words())
+        if settings.log_rows == "chunk":
+            coordinator.stats.log_rows = stack.enter_context(log_rows.chunk_log_rows())
         GPTQProcessor.process, GPTQ.quantize = batched_process, batched_quantize
         try:
             yield coordinator.stats
