@@ -6,6 +6,7 @@ with a warning when GPTQModel's internals differ."""
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def _load(src: Path, offload: bool, offload_path: Path | None = None):
 
 
 def _run(plugin, tiny, out: Path, *, source: str, offload: bool, lean: bool):  # noqa: F811
-    # one offload folder for both runs: GPTQModel writes its path into the saved configs
+    # one offload folder for both runs (GPTQModel writes its path into the saved configs), emptied
+    # before each: GPTQModel leaves it behind, and the bundled offload never overwrites a folder
+    shutil.rmtree(out.parent / "offload", ignore_errors=True)
     model = _load(tiny[source], offload, out.parent / "offload")
     before = _patch_points()
     result = plugin.quantize_with_defuser(
@@ -80,7 +83,14 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
     moved = stats.layer_offload  # every layer holds experts; staged on CUDA, GPTQModel's own move on the CPU
     assert moved.layers + moved.stock >= 2 and (moved.layers == 0) == (not torch.cuda.is_available())
     if offload:  # LazyTurtle source and disk offload: every expert projection took the lean path
-        assert stats.materialize_fast == experts and stats.offload_fast == experts
+        # one offload bundle per experts block (layer), read back by GPTQModel's save above
+        bundle = stats.offload_bundle
+        assert (bundle.bundles, bundle.modules, bundle.at_end) == (2, experts, 0)
+        assert dict(bundle.stock) == {"not an expert projection of our blocks": 8}  # q/k/v/o of two layers
+        folders = {p.name for p in (tmp_path / "offload").iterdir()}
+        assert {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"} <= folders
+        assert not [f for f in folders if ".experts." in f or f.endswith(".tmp")]  # no per-expert folder, no leftovers
+        assert stats.materialize_fast == experts and stats.offload_fast == 0  # no per-module offload left
         assert stats.tie_weights_skipped == experts  # tie_word_embeddings=False: nothing to tie
         assert not stats.stock
         # kept shard handles: opened once per handle, never more than two per shard, all closed again

@@ -101,6 +101,7 @@ from . import layer_reads as layer_reads_module
 from .compat import patched, source_digest
 from .layer_offload import OffloadStats, Staging, lean_post_quantize
 from .layer_reads import LayerReads, LayerReadStats
+from .offload_bundle import BundleStats, bundled_offload
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
 from .shard_view import DelegatingShard
@@ -135,6 +136,7 @@ class BookkeepingStats:
     recopy_moved: int = 0  # records taken again after GPTQModel's pre_quantize moved their layer (layer 0)
     layer_offload: OffloadStats = field(default_factory=OffloadStats)  # the layer_offload part (post_quantize)
     layer_reads: LayerReadStats = field(default_factory=LayerReadStats)  # the layer_reads part (layer loads)
+    offload_bundle: BundleStats | None = None  # the offload_bundle part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -160,6 +162,7 @@ class BookkeepingStats:
             "recopy_moved": self.recopy_moved,
             "layer_offload": asdict(self.layer_offload),
             "layer_reads": asdict(self.layer_reads),
+            "offload_bundle": self.offload_bundle.as_dict() if self.offload_bundle is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -269,6 +272,25 @@ def _post_quantize_mismatch() -> str | None:
     return None
 
 
+def _offload_bundle_mismatch() -> str | None:
+    """What the bundled offload relies on: finalize's ``offload_to_disk`` looked up in
+    ``stage_layer``, and the save's lookup of a meta tensor in its parents' ``index.json``."""
+    from gptqmodel.looper import stage_layer
+    from gptqmodel.utils import model as model_utils
+
+    offload = getattr(stage_layer, "offload_to_disk", None)
+    if offload is None or not {"module", "model", "disk_path", "force"} <= _params(offload):
+        return "expected gptqmodel.looper.stage_layer.offload_to_disk(module, model, disk_path, force)"
+    search = getattr(model_utils, "_generate_offload_search_paths", None)
+    keys = getattr(model_utils, "_generate_entry_keys", None)
+    if search is None or keys is None:
+        return "expected the save's offload lookup (_generate_offload_search_paths, _generate_entry_keys)"
+    paths = search("root", "a.b.c")
+    if os.path.join("root", "a.b") not in paths or "b.c.leaf" not in keys("a.b.c", "leaf"):
+        return "the save's offload lookup does not search the parents' index.json by key suffix"
+    return None
+
+
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
     ``draw_rate``/``layer_offload``/``recopy``/``layer_reads``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
@@ -310,6 +332,9 @@ def internals_mismatch() -> dict[str, str]:
     why = _post_quantize_mismatch()
     if why is not None:
         problems["layer_offload"] = why
+    why = _offload_bundle_mismatch()
+    if why is not None:
+        problems["offload_bundle"] = why
     recopy, shard_handles = _recopy_mismatch(), _shard_handles_mismatch()  # layer_reads patches both seams
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
@@ -757,7 +782,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
-                   "layer_offload", "recopy", "layer_reads"})
+                   "layer_offload", "recopy", "layer_reads", "offload_bundle"})
 
 
 @contextmanager
@@ -850,6 +875,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
                                       stats.layer_offload, lean.lock)
             stack.enter_context(patched(BaseQModel, "post_quantize", post))
             stack.callback(staging.release)
+        if paths and "offload_bundle" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
+            stats.offload_bundle = stack.enter_context(bundled_offload(gptq_model.model, paths))
         if "headless" in enabled:
             from logbar import terminal
 

@@ -1,0 +1,145 @@
+"""One disk-offload bundle per experts block (integrations/gptqmodel/offload_bundle.py): what
+GPTQModel's save and accelerate's hooks read back is each module's tensors; a bundle is written
+whole or not at all and never over an existing folder. (The whole GPTQModel run with the bundles
+giving stock's checkpoint is tests/test_gptqmodel_overhead.py.)"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _model(experts: int = 3):
+    """``model.layers.0.mlp.experts.<e>.{gate,down}_proj`` Linears, each knowing its full name (as
+    GPTQModel's quantized modules do)."""
+    torch.manual_seed(0)
+    root = nn.Module()
+    root.model = nn.Module()
+    root.model.layers = nn.ModuleList([nn.Module()])
+    root.model.layers[0].mlp = nn.Module()
+    root.model.layers[0].mlp.experts = nn.ModuleList()
+    paths = []
+    for e in range(experts):
+        expert = nn.Module()
+        for proj in ("gate_proj", "down_proj"):
+            linear = nn.Linear(8, 4, bias=proj == "down_proj")
+            linear.register_buffer("g_idx", torch.arange(8, dtype=torch.int32))
+            linear.name = f"model.layers.0.mlp.experts.{e}.{proj}"
+            setattr(expert, proj, linear)
+            paths.append(linear.name)
+        root.model.layers[0].mlp.experts.append(expert)
+    return root, frozenset(paths)
+
+
+def _bundler(model, paths, calls):
+    from defuser_quant.integrations.gptqmodel.offload_bundle import BundleStats, _Bundler
+
+    def stock(module=None, model=None, disk_path=".", force=False):
+        calls.append(module.name)
+
+    stats = BundleStats()
+    return _Bundler(model, paths, stats, stock), stats
+
+
+def _saved_tensor(root: str, name: str, like: torch.Tensor) -> torch.Tensor:
+    """What GPTQModel's save reads for the meta tensor ``name`` under the offload folder ``root``."""
+    from gptqmodel.utils.model import _resolve_offload_entry, _split_parameter_path
+
+    module_path, leaf = _split_parameter_path(name)
+    ref = _resolve_offload_entry(root, module_path, leaf, like.dtype, tuple(like.shape), {})
+    assert ref is not None and ref.format == "safetensors"
+    start, end = ref.data_offsets
+    with open(ref.path, "rb") as fh:
+        fh.seek(start)
+        data = bytearray(fh.read(end - start))
+    return torch.frombuffer(data, dtype=like.dtype).view(like.shape)
+
+
+def test_a_block_is_bundled_once_all_its_modules_asked_and_reads_back_as_they_were(tmp_path):
+    model, paths = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls: list[str] = []
+    bundler, stats = _bundler(model, paths, calls)
+    modules = [model.get_submodule(p) for p in sorted(paths)]
+    for i, module in enumerate(modules):
+        bundler.offload(module=module, model=model, disk_path=str(tmp_path), force=True)
+        assert stats.bundles == (1 if i == len(modules) - 1 else 0)  # written when the last one asked
+        if i < len(modules) - 1:
+            assert module.weight.device.type == "cpu"  # kept as it is until then
+    assert calls == [] and stats.modules == 6 and stats.tensors == len(before) and stats.at_end == 0
+    assert sorted(os.listdir(tmp_path)) == ["model.layers.0.mlp.experts"]
+    for name, tensor in before.items():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        assert getattr(module, name.rsplit(".", 1)[1]).device.type == "meta"  # offloaded, as disk_offload leaves it
+        assert torch.equal(_saved_tensor(str(tmp_path), name, tensor), tensor)  # GPTQModel's save reads it back
+    # accelerate's hooks bring the tensors back for a forward, as after GPTQModel's own offload
+    x = torch.randn(2, 8)
+    linear = model.get_submodule("model.layers.0.mlp.experts.1.down_proj")
+    expected = x @ before["model.layers.0.mlp.experts.1.down_proj.weight"].T + before["model.layers.0.mlp.experts.1.down_proj.bias"]
+    assert torch.allclose(linear(x), expected)
+
+
+def test_other_modules_and_existing_folders_take_gptqmodels_offload(tmp_path):
+    model, paths = _model()
+    calls: list[str] = []
+    bundler, stats = _bundler(model, paths, calls)
+    other = nn.Linear(2, 2)
+    other.name = "model.layers.0.self_attn.q_proj"
+    bundler.offload(module=other, model=model, disk_path=str(tmp_path), force=True)
+    (tmp_path / "model.layers.0.mlp.experts").mkdir()  # left by an earlier run: never overwritten
+    first = model.get_submodule(sorted(paths)[0])
+    bundler.offload(module=first, model=model, disk_path=str(tmp_path), force=True)
+    assert calls == [other.name, first.name] and stats.bundles == 0
+    assert dict(stats.stock) == {"not an expert projection of our blocks": 1, "the block's offload folder exists": 1}
+
+
+def test_a_failed_or_interrupted_write_leaves_the_modules_and_no_folder(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, paths = _model(experts=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls: list[str] = []
+    bundler, stats = _bundler(model, paths, calls)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    for path in sorted(paths):
+        bundler.offload(module=model.get_submodule(path), model=model, disk_path=str(tmp_path), force=True)
+    assert sorted(calls) == sorted(paths) and stats.stock["the bundle failed to write"] == 2  # GPTQModel's offload
+    assert os.listdir(tmp_path) == [] and stats.bundles == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    bundler, _ = _bundler(model, paths, calls)
+    with pytest.raises(KeyboardInterrupt):
+        for path in sorted(paths):
+            bundler.offload(module=model.get_submodule(path), model=model, disk_path=str(tmp_path), force=True)
+    assert os.listdir(tmp_path) == []  # no half-written bundle that looks whole
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_modules_of_an_unfinished_block_are_bundled_when_the_block_ends(tmp_path, monkeypatch):
+    from gptqmodel.looper import stage_layer
+
+    from defuser_quant.integrations.gptqmodel.offload_bundle import bundled_offload
+
+    model, paths = _model()
+    original = stage_layer.offload_to_disk
+    with bundled_offload(model, paths) as stats:
+        assert stage_layer.offload_to_disk is not original
+        first = model.get_submodule(sorted(paths)[0])
+        stage_layer.offload_to_disk(module=first, model=model, disk_path=str(tmp_path), force=True)
+        assert stats.bundles == 0
+    assert stage_layer.offload_to_disk is original
+    assert (stats.bundles, stats.modules, stats.at_end) == (1, 1, 1)
+    assert first.weight.device.type == "meta"
