@@ -44,6 +44,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  take each batched module's words packed on the GPU by the solve instead of running
                  their CPU extension (the row's ``solve.pack`` says how many were offered, served
                  and refused); ``-nopack`` (``pack=False``) is the default since round 18 measured it;
+* ``ours-grouped-batched-nobundle`` - every lean bookkeeping part but ``offload_bundle``: each finalized
+                 expert projection offloaded to disk on its own, as GPTQModel does, instead of one
+                 bundle per experts block;
 * ``ours-grouped-batched-modulerows`` - with ``BatchedSolve(log_rows="module")``: GPTQModel's log row
                  per module instead of one per batched chunk (the default since round 19), to measure
                  what the chunk rows save;
@@ -140,9 +143,10 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
             "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2",
-            "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows")
+            "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
+            "ours-grouped-batched-nobundle")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
-WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads"}
+WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
              "pin": "layer_reads into pinned buffers (layer_reads.PIN)",

@@ -249,3 +249,10 @@ def test_modulerows_variant_and_nooff_modifier_are_what_they_say():
     assert BatchedSolve().log_rows == "chunk"
     assert bench.split_variant("stock+nooff1") == ("stock", {"nooff": 1})
     assert "ours-grouped-batched-modulerows" in bench.VARIANTS
+
+
+def test_nobundle_variant_leaves_out_only_the_offload_bundle():
+    from defuser_quant.integrations.gptqmodel.overhead import PARTS
+
+    assert bench.bookkeeping_setting("ours-grouped-batched-nobundle") == set(PARTS - {"offload_bundle"})
+    assert bench.solve_setting("ours-grouped-batched-nobundle") is True
