@@ -68,6 +68,11 @@ expert projections of our ``DefusedExperts`` blocks only:
   copies instead of one synchronous pageable copy per tensor (:mod:`.layer_offload`); the same CPU
   tensors ``module.to("cpu")`` gives.
 
+* **offload bundle** (``offload_to_disk`` of the finalized expert projections, with GPTQModel's
+  ``offload_to_disk`` config on): one safetensors bundle and one ``index.json`` per experts block
+  instead of a folder per module, read back by GPTQModel's save through its parents' lookup
+  (:mod:`.offload_bundle`); the same tensors in the checkpoint.
+
 GPTQModel computes and writes exactly what it does without this (same tensors loaded, same
 checkpoint). Anything that does not match (another role, a module outside our blocks, a path
 that names another module, no lazy source) takes GPTQModel's own path. Before patching, the
@@ -293,7 +298,7 @@ def _offload_bundle_mismatch() -> str | None:
 
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
-    ``draw_rate``/``layer_offload``/``recopy``/``layer_reads``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
+    ``draw_rate``/``layer_offload``/``recopy``/``layer_reads``/``offload_bundle``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
