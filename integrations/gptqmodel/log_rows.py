@@ -98,18 +98,12 @@ def summary_row(stats: list[dict], keys: Any) -> dict:
     GPTQModel's column names (``gptqmodel.looper.loop_processor``'s constants)."""
     row = dict(stats[-1])
     row[keys.PROCESS_LOG_MODULE] = f"{_pattern([str(s.get(keys.PROCESS_LOG_MODULE, '')) for s in stats])} x{len(stats)}"
-    losses = [v for v in (_float(s.get(keys.QUANT_LOG_LOSS)) for s in stats) if v is not None]
-    if losses:
-        row[keys.QUANT_LOG_LOSS] = f"{max(losses):.10f}"
-    samples = [v for v in (_float(s.get(keys.QUANT_LOG_NSAMPLES)) for s in stats) if v is not None]
-    if samples:
-        row[keys.QUANT_LOG_NSAMPLES] = f"{int(min(samples))}"
-    damps = [v for v in (_float(s.get(keys.QUANT_LOG_DAMP)) for s in stats) if v is not None]
-    if damps:
-        row[keys.QUANT_LOG_DAMP] = f"{max(damps):.5f}"
-    times = [v for v in (_float(s.get(keys.PROCESS_LOG_TIME)) for s in stats) if v is not None]
-    if times:
-        row[keys.PROCESS_LOG_TIME] = f"{sum(times):.3f}"
+    folds = ((keys.QUANT_LOG_LOSS, max, "{:.10f}"), (keys.QUANT_LOG_NSAMPLES, lambda v: int(min(v)), "{}"),
+             (keys.QUANT_LOG_DAMP, max, "{:.5f}"), (keys.PROCESS_LOG_TIME, sum, "{:.3f}"))
+    for column, fold, form in folds:
+        values = [v for v in (_float(s.get(column)) for s in stats) if v is not None]
+        if values:
+            row[column] = form.format(fold(values))
     return row
 
 
