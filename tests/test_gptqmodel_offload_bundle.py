@@ -143,3 +143,19 @@ def test_modules_of_an_unfinished_block_are_bundled_when_the_block_ends(tmp_path
     assert stage_layer.offload_to_disk is original
     assert (stats.bundles, stats.modules, stats.at_end) == (1, 1, 1)
     assert first.weight.device.type == "meta"
+
+
+def test_an_interrupted_run_leaves_unbundled_modules_as_they_are(tmp_path):
+    from gptqmodel.looper import stage_layer
+
+    from defuser_quant.integrations.gptqmodel.offload_bundle import bundled_offload
+
+    model, paths = _model()
+    original = stage_layer.offload_to_disk
+    first = model.get_submodule(sorted(paths)[0])
+    with pytest.raises(KeyboardInterrupt):
+        with bundled_offload(model, paths) as stats:
+            stage_layer.offload_to_disk(module=first, model=model, disk_path=str(tmp_path), force=True)
+            raise KeyboardInterrupt
+    assert stage_layer.offload_to_disk is original and stats.bundles == 0
+    assert first.weight.device.type == "cpu" and os.listdir(tmp_path) == []

@@ -234,7 +234,8 @@ def _attach(folder: str, name: str, module: nn.Module, index: dict[str, dict]) -
 @contextmanager
 def bundled_offload(model: nn.Module, expert_paths: frozenset[str]) -> Iterator[BundleStats]:
     """Inside the block, GPTQModel's finalize offloads each experts block as one bundle (see the
-    module docstring); restored after, with unfinished blocks bundled first."""
+    module docstring); restored after, with unfinished blocks bundled first (on a normal exit;
+    after an error or Ctrl-C their modules keep their tensors in memory)."""
     from gptqmodel.looper import stage_layer
 
     stats = BundleStats()
@@ -243,6 +244,8 @@ def bundled_offload(model: nn.Module, expert_paths: frozenset[str]) -> Iterator[
     stage_layer.offload_to_disk = bundler.offload
     try:
         yield stats
-    finally:
+    except BaseException:  # an error or Ctrl-C ends the run: unbundled modules stay as they are
         stage_layer.offload_to_disk = original
-        bundler.flush()
+        raise
+    stage_layer.offload_to_disk = original
+    bundler.flush()
