@@ -152,7 +152,8 @@ def chunk_log_rows() -> Iterator[LogRowStats]:
         rows = getattr(_current, "rows", None)
         _current.rows = None
         if rows is None or not all(hasattr(self, name) for name in _ATTRIBUTES):
-            stats.stock += 1
+            with lock:
+                stats.stock += 1
             return original(self, stat)
         with self.lock:
             self.log_call_count += 1

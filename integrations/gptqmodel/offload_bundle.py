@@ -74,10 +74,6 @@ def block_of(path: str) -> tuple[str, str]:
     return ".".join(parts[:-2]), ".".join(parts[-2:])
 
 
-def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return dict(module.state_dict())
-
-
 class _Bundler:
     def __init__(self, model: nn.Module, expert_paths: frozenset[str], stats: BundleStats, original: Callable):
         self.model = model
@@ -189,7 +185,7 @@ def _write_bundle(disk_path: str, block: str, members: list[tuple[str, nn.Module
     with torch.inference_mode():
         for name, module in members:
             _, local = block_of(name)
-            for key, tensor in _module_tensors(module).items():
+            for key, tensor in module.state_dict().items():
                 full = f"{local}.{key}"
                 tensors[full] = tensor.detach().to("cpu").contiguous()
                 index[full] = {"dtype": str(tensor.dtype).replace("torch.", ""), "shape": list(tensor.shape),
