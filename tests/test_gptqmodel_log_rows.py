@@ -150,3 +150,20 @@ def test_chunk_rows_in_a_gptqmodel_run_keep_every_modules_log_record(plugin, tin
     result, _, tensors = _quantize(plugin, tiny, tmp_path, "module_rows", batched_solve=BatchedSolve(log_rows="module"))
     assert result.solve.log_rows is None and records(result) == records(reference)
     assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
+
+
+def test_a_process_that_raises_after_its_solve_leaves_no_mark_for_the_next_row(monkeypatch):
+    from gptqmodel.looper.gptq_processor import GPTQProcessor
+
+    from defuser_quant.integrations.gptqmodel import log_rows
+    from defuser_quant.integrations.gptqmodel.batched import batched_solves
+
+    def process(self, module, *args, **kwargs):  # GPTQModel's process(): solved batched, then failed
+        log_rows.mark_batched(log_rows.ChunkRows(expected=1))
+        raise RuntimeError("failed before its log row")
+
+    monkeypatch.setattr(GPTQProcessor, "process", process)
+    with batched_solves():
+        with pytest.raises(RuntimeError, match="before its log row"):
+            GPTQProcessor.process(object(), object())
+        assert getattr(log_rows._current, "rows", None) is None

@@ -1035,9 +1035,12 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
     def batched_process(self, module, *args, **kwargs):
         subset = kwargs.get("subset", args[1] if len(args) > 1 else None)
         log_rows.mark_batched(None)
-        if type(self) is GPTQProcessor:
-            coordinator.prepare(self, module, subset)
-        return process(self, module, *args, **kwargs)
+        try:
+            if type(self) is GPTQProcessor:
+                coordinator.prepare(self, module, subset)
+            return process(self, module, *args, **kwargs)
+        finally:  # a mark process() did not use (it raised before its log row) never reaches another row
+            log_rows.mark_batched(None)
 
     def batched_quantize(self, blocksize=BLOCKSIZE):
         result = coordinator.take(self, blocksize)
