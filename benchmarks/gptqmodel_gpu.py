@@ -47,6 +47,10 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-nobundle`` - every lean bookkeeping part but ``offload_bundle``: each finalized
                  expert projection offloaded to disk on its own, as GPTQModel does, instead of one
                  bundle per experts block;
+* ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
+                 shard writer and its re-read of the source weights at save, to measure what the plugin's
+                 save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
+                 save did (``save_path``: ``integrations.gptqmodel.last_save()``);
 * ``ours-grouped-batched-modulerows`` - with ``BatchedSolve(log_rows="module")``: GPTQModel's log row
                  per module instead of one per batched chunk (the default since round 19), to measure
                  what the chunk rows save;
@@ -144,7 +148,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
             "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2",
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
-            "ours-grouped-batched-nobundle")
+            "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
@@ -198,7 +202,7 @@ def bookkeeping_setting(variant: str):
 
 def solve_setting(variant: str):
     """The ``batched_solve`` argument of an ``ours`` variant: False, True or a ``BatchedSolve``."""
-    base = variant.removesuffix("-stockbk")
+    base = variant.removesuffix("-stocksave").removesuffix("-stockbk")
     for suffix in WITHOUT_PART:
         base = base.removesuffix(suffix)
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
@@ -772,7 +776,7 @@ def worker(args: argparse.Namespace) -> int:
     if not variant.startswith("stock"):
         from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
 
-        install()
+        install(fast_save=not variant.endswith("-stocksave"))
     import_s = time.perf_counter() - t_import
     calibration = json.loads((work / "calibration.json").read_text())
     devices = torch.cuda.device_count() if cuda else 0
@@ -816,8 +820,13 @@ def worker(args: argparse.Namespace) -> int:
     projections = [m for n, m in model.model.named_modules() if expert.search(f"{n}.") and n.rsplit(".", 1)[-1].endswith("proj")]
     quantized = sum(isinstance(m, BaseQuantLinear) for m in projections)
     samples = [int(r["samples"]) for rows in (log or {}).values() for r in rows if ".experts." in str(r.get("module")) and str(r.get("samples", "")).isdigit()]
-    model.save(str(work / f"{run_id}.out"))
+    with maybe_profile(f"gptqmodel-{run_id}-save"):
+        model.save(str(work / f"{run_id}.out"))
     t3 = time.perf_counter()
+    if not variant.startswith("stock"):
+        from defuser_quant.integrations.gptqmodel import last_save
+
+        extra["save_path"] = last_save()  # mapped source weights and bytes by how written (None: GPTQModel's own)
     compiles.stop()
     peaks = [torch.cuda.max_memory_allocated(index) for index in range(devices)]
     peak_gpu = max(peaks) if peaks else None

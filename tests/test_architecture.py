@@ -21,7 +21,9 @@ ALLOWED: dict[str, set[str]] = {
     "defuser_quant.calibration": {"defuser_quant.core", "defuser_quant.calibration", "defuser_quant.assets"},
     "defuser_quant.checkpoint": {"defuser_quant.core", "defuser_quant.checkpoint"},
     "defuser_quant.loading": {"defuser_quant.core", "defuser_quant.checkpoint", "defuser_quant.loading"},
-    "defuser_quant.integrations.gptqmodel": {"defuser_quant.core", "defuser_quant.calibration", "defuser_quant.integrations.gptqmodel"},
+    "defuser_quant.integrations.gptqmodel": {
+        "defuser_quant.core", "defuser_quant.calibration", "defuser_quant.checkpoint", "defuser_quant.integrations.gptqmodel",
+    },
     "defuser_quant.integrations.llmcompressor": {
         "defuser_quant.core", "defuser_quant.calibration", "defuser_quant.checkpoint", "defuser_quant.integrations.llmcompressor",
     },

@@ -12,7 +12,12 @@ What ``install()`` changes in the running GPTQModel 7.6 (all undone by :func:`un
 * ``gptqmodel.models.auto.check_and_get_model_definition`` -> also generates a definition for
   MoE families GPTQModel has none for (``integrations.gptqmodel.definitions``);
 * ``gptqmodel.models.writer.get_state_dict_for_save`` -> first gives unquantized expert weights
-  their own storage, so none is dropped as a "shared tensor" (``integrations.gptqmodel.storage``).
+  their own storage, so none is dropped as a "shared tensor" (``integrations.gptqmodel.storage``);
+* with ``fast_save`` (the default), ``gptqmodel.utils.model._write_shard_file`` -> the same shard
+  file written with fewer copies, whole or not at all (``integrations.gptqmodel.shard_writer``),
+  and ``gptqmodel.models.writer.alias_all_from_turtle_if_meta`` -> first maps the weights the save
+  would re-read whole from the source checkpoint (``integrations.gptqmodel.save_sources``); what
+  the last save did: :func:`last_save`.
 
 GPTQModel 7.6 has no plugin or entry-point mechanism, so these are module-attribute rebinds;
 the ``defuser`` package and Transformers' classes are left untouched. Calibration with our
@@ -43,6 +48,7 @@ __all__ = [
     "generated_definitions",
     "install",
     "is_installed",
+    "last_save",
     "own_expert_storage",
     "quantize_with_defuser",
     "register_generated_definition",
@@ -56,12 +62,14 @@ __all__ = [
 class _Installed:
     shim: DefuserQuantShim
     originals: dict[tuple[Any, str], Any]
+    save: dict[str, Any] | None = None
 
 
 _STATE: _Installed | None = None
 
 
-def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_definitions: bool = True) -> None:
+def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_definitions: bool = True,
+            fast_save: bool = True) -> None:
     """Route GPTQModel's defusing through defuser-quant. Idempotent.
 
     Args:
@@ -71,6 +79,9 @@ def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_
             list every defused expert projection (else warn).
         generate_definitions: generate and register a definition for MoE families GPTQModel
             has none for.
+        fast_save: write the save's shards with fewer copies and map weights stored whole in the
+            source checkpoint instead of reading them (the same files; kept stock, with a log
+            line, where the installed GPTQModel's writer differs from the one checked).
 
     Raises:
         GPTQModelUnavailableError: gptqmodel is missing or not 7.6.x (an ``ImportError``).
@@ -95,12 +106,44 @@ def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_
     }
     if generate_definitions:
         replacements[(auto, "check_and_get_model_definition")] = definition_lookup(auto.check_and_get_model_definition)
+    if fast_save:
+        replacements.update(_fast_save_replacements())
     originals = {}
     for (module, name), value in replacements.items():
         originals[(module, name)] = getattr(module, name)
         setattr(module, name, value)
     _STATE = _Installed(shim, originals)
     logger.info("defuser-quant GPTQModel plugin installed")
+
+
+def _fast_save_replacements() -> dict[tuple[Any, str], Any]:
+    from gptqmodel.models import writer
+    from gptqmodel.utils import model as model_utils
+
+    from .save_sources import mapped_turtle_sources
+    from .shard_writer import ShardWrites, fast_shard_writes
+
+    writes = fast_shard_writes(model_utils._write_shard_file, lambda: _STATE.save["writes"] if _STATE and _STATE.save else None)
+    if writes is model_utils._write_shard_file:
+        return {}  # mapping only pays (and is only safe against a save into the source folder) with our writer
+
+    def record(mapped: Any) -> None:
+        if _STATE is not None:
+            _STATE.save = {"mapped": mapped, "writes": ShardWrites()}
+
+    return {(model_utils, "_write_shard_file"): writes,
+            (writer, "alias_all_from_turtle_if_meta"): mapped_turtle_sources(writer.alias_all_from_turtle_if_meta, record)}
+
+
+def last_save() -> dict[str, Any] | None:
+    """What the plugin's save path did in the last GPTQModel save since :func:`install`: parameters
+    mapped from the source checkpoint (and why others were not), bytes written by how; None when
+    no save went through it."""
+    if _STATE is None or _STATE.save is None:
+        return None
+    from dataclasses import asdict
+
+    return {name: asdict(value) for name, value in _STATE.save.items()}
 
 
 def _workable_cpu_pool() -> None:
