@@ -88,10 +88,17 @@ def shard_files(root: Path) -> list[str]:
     raise CheckpointError(f"{root} has neither {INDEX_NAME} nor {SINGLE_NAME}: only safetensors checkpoints are supported")
 
 
-def _raw_header(path: Path) -> tuple[dict, int]:
-    """(header JSON, offset of the data section) of a safetensors file."""
+#: safetensors' own limit on a header's size
+MAX_HEADER_BYTES = 100_000_000
+
+
+def raw_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(header JSON, offset of the data section) of a safetensors file; a header larger than
+    safetensors allows is a ``ValueError``."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: a safetensors header of {size} bytes")
         return json.loads(f.read(size)), 8 + size
 
 
@@ -105,7 +112,7 @@ def read_headers(root: Path, files: list[str]) -> dict[str, TensorInfo]:
         try:
             with safe_open(str(path), framework="pt"):
                 pass  # safetensors validates the header (offsets contiguous, within the file)
-            header, base = _raw_header(path)
+            header, base = raw_header(path)
         except Exception as exc:
             raise CheckpointError(f"{path} is not a valid safetensors file: {exc}") from exc
         for name, entry in header.items():

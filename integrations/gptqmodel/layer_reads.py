@@ -33,7 +33,6 @@ whole run was no faster (``gptqmodel_cuda_2layers_round15b_h200x1.json``); off b
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -49,6 +48,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from defuser_quant.checkpoint.source import raw_header
 
 from .shard_view import DelegatingShard
 from .shard_view import file_id as _file_id
@@ -110,8 +111,6 @@ class _Entry:
 
 _headers: dict[str, tuple[tuple, dict[str, _Entry]]] = {}  # path -> (file id, its tensors), oldest first
 _HEADERS_KEPT = 16
-#: safetensors' own limit on a header's size.
-_MAX_HEADER_BYTES = 100_000_000
 _headers_lock = threading.Lock()
 
 
@@ -132,12 +131,7 @@ def _header(path: str) -> dict[str, _Entry]:
 
 
 def _parse_header(path: str) -> dict[str, _Entry]:
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        if size > _MAX_HEADER_BYTES:
-            raise ValueError(f"{path}: a safetensors header of {size} bytes")
-        header = json.loads(f.read(size))
-    base = 8 + size
+    header, base = raw_header(path)
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import threading
 import time
 from collections import Counter
@@ -43,6 +42,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from defuser_quant.checkpoint.source import raw_header
 
 from . import kernels
 
@@ -196,10 +197,7 @@ def _write_bundle(disk_path: str, block: str, members: list[tuple[str, nn.Module
     try:
         tmp_bundle = os.path.join(tmp_dir, "experts.safetensors")
         save_file(tensors, tmp_bundle)
-        with open(tmp_bundle, "rb") as fh:  # (the layer rule keeps checkpoint.source's reader out of reach)
-            header_len = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(header_len).decode("utf-8"))
-        base = 8 + header_len
+        header, base = raw_header(tmp_bundle)
         for key, meta in header.items():
             if key != "__metadata__":
                 start, end = meta["data_offsets"]
