@@ -114,6 +114,9 @@ any. ``--warmup`` runs the first variant once, untimed, first, so they are compi
     python benchmarks/gptqmodel_gpu.py --layers 2 --variants ours-grouped-batched --gpu-counts 1,2   # 2 GPUs
     python benchmarks/gptqmodel_gpu.py --variants stock,ours --warmup   # Triton compiles in an untimed run first
 
+Profiles (``benchmarks/_profile.py``): ``DQ_PROFILE_DIR``, ``DQ_TORCH_PROFILE_DIR`` or ``DQ_SAMPLE_DIR``
+profile each variant's ``quantize`` (``gptqmodel-<run>``) and, on its own, its save (``gptqmodel-<run>-save``).
+
 Budget (one H200, CUDA block-update extension built): ``quantize()`` of 2 Qwen3-30B-A3B layers
 takes 36-55 s per variant, plus ~15-20 s of imports and ~5-10 s of reload per process, ~12 s to
 build the source model and ~30 s to build the extension once: 3 variants with reload fit one
