@@ -172,3 +172,19 @@ def test_mapping_refuses_what_the_source_does_not_hold_whole(plugin, tiny):  # n
     tied.model.config.tie_word_embeddings = True
     stats = map_whole_sources(tied.model, tied.turtle_model)
     assert (stats.mapped, stats.refused) == (0, {"tied word embeddings": 1})
+
+
+def test_an_unreadable_source_header_is_left_to_gptqmodel(plugin, tiny, tmp_path):  # noqa: F811
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.save_sources import map_whole_sources
+
+    model = GPTQModel.load(str(tiny["src"]), QuantizeConfig(bits=4, group_size=128, offload_to_disk=True))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny["src"], broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)  # a header length no file can hold
+    model.turtle_model.model_local_path = str(broken)
+    metas = {n for n, p in model.model.named_parameters() if p.device.type == "meta"}
+    stats = map_whole_sources(model.model, model.turtle_model)
+    assert stats.mapped == 0 and stats.refused == {"not in its shard's readable header": len(metas)}
+    assert {n for n, p in model.model.named_parameters() if p.device.type == "meta"} == metas

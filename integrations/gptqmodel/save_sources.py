@@ -1,7 +1,7 @@
 """At save, map the unquantized weights GPTQModel would re-read from the source checkpoint.
 
 With disk offload on, GPTQModel 7.6's save first materializes every parameter still on the meta
-device (the embeddings, the output head, norms of offloaded layers) from the source checkpoint:
+device (for a Qwen3-MoE model: the embeddings and the output head) from the source checkpoint:
 it reads each tensor into memory and clones it (``LazyTurtle.sync_all_meta``), then copies it
 again into a ``bytes`` object to write it. For a parameter stored whole in the source checkpoint,
 in the parameter's dtype and shape, with nothing to decode, slice or transpose, those bytes are
@@ -78,8 +78,14 @@ class _Shards:
         self.maps: dict[str, mmap.mmap] = {}
 
     def info(self, shard: str, name: str) -> TensorInfo | None:
+        """``name``'s header facts in ``shard``; None when the shard's header cannot be read (GPTQModel then
+        reads the tensor its own way and reports what is wrong with the file)."""
         if shard not in self.infos:
-            self.infos[shard] = read_headers(self.root, [shard])
+            try:
+                self.infos[shard] = read_headers(self.root, [shard])
+            except Exception as exc:
+                logger.info("save: %s not mapped: %s", shard, exc)
+                self.infos[shard] = {}
         return self.infos[shard].get(name)
 
     def tensor(self, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
@@ -104,7 +110,9 @@ def _whole_source(turtle: Any, path: str, name: str, param: torch.Tensor, sub: n
     if expert is not None or split is not None or split_dim is not None:
         return stats.refuse("a slice of a source tensor")
     info = shards.info(shard, full)
-    if info is None or info.dtype != SAFETENSORS_DTYPES.get(param.dtype) or info.shape != tuple(param.shape):
+    if info is None:
+        return stats.refuse("not in its shard's readable header")
+    if info.dtype != SAFETENSORS_DTYPES.get(param.dtype) or info.shape != tuple(param.shape):
         return stats.refuse("another dtype or shape in the source")
     if info.offset % param.element_size():
         return stats.refuse("not aligned in the source shard")
