@@ -132,7 +132,7 @@ def write_shard_file(path: str, entries: list[Any], metadata: dict[str, str], st
     header = _header(entries, metadata, model_utils._torch_dtype_to_safetensors)
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the mode open(path, "wb") gives
     sources = _Sources()
     try:
         write_all(fd, header)
