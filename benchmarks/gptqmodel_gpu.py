@@ -51,6 +51,10 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
                  save did (``save_path``: ``integrations.gptqmodel.last_save()``);
+* ``ours-grouped-batched-hookhessians`` - with ``batched_hessians=False``: GPTQModel's GPTQ Hessian
+                 hook chain called per expert and grouped call, as GPTQModel calls it, instead of once per
+                 grouped call for all experts (``integrations.gptqmodel.hessians``, the default since round
+                 21); every ``ours`` row records what ran batched (``hessians``);
 * ``ours-grouped-batched-modulerows`` - with ``BatchedSolve(log_rows="module")``: GPTQModel's log row
                  per module instead of one per batched chunk (the default since round 19), to measure
                  what the chunk rows save;
@@ -151,7 +155,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
             "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2",
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
-            "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave")
+            "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
@@ -205,7 +209,7 @@ def bookkeeping_setting(variant: str):
 
 def solve_setting(variant: str):
     """The ``batched_solve`` argument of an ``ours`` variant: False, True or a ``BatchedSolve``."""
-    base = variant.removesuffix("-stocksave").removesuffix("-stockbk")
+    base = variant.removesuffix("-stocksave").removesuffix("-stockbk").removesuffix("-hookhessians")
     for suffix in WITHOUT_PART:
         base = base.removesuffix(suffix)
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
@@ -807,10 +811,12 @@ def worker(args: argparse.Namespace) -> int:
             result = quantize_with_defuser(model, calibration, routing=routing, policy="warn", batch_size=args.batch_size,
                                            backend=backend, coverage_report=work / f"{run_id}.coverage.json",
                                            grouped="-grouped" in variant, batched_solve=batched,
-                                           lean_bookkeeping=bookkeeping_setting(variant))
+                                           lean_bookkeeping=bookkeeping_setting(variant),
+                                           batched_hessians=not variant.endswith("-hookhessians"))
             log = result.log
             extra["solve"] = result.solve.as_dict() if result.solve is not None else None
             extra["bookkeeping"] = result.bookkeeping.as_dict() if result.bookkeeping is not None else None
+            extra["hessians"] = result.hessians.as_dict() if result.hessians is not None else None
             extra["coverage_totals"] = result.coverage.totals.model_dump()
     t2 = time.perf_counter()
     if probe is not None:

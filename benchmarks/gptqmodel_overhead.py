@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-profile", action="store_true", help="time only (no cProfile)")
     p.add_argument("--top", type=int, default=60)
+    p.add_argument("--hook-hessians", action="store_true",
+                   help="ours with batched_hessians=False (GPTQModel's Hessian hook per expert and call)")
     p.add_argument("--stock-bookkeeping", action="store_true",
                    help="ours without lean_bookkeeping (GPTQModel's own per-module materialize/offload scans)")
     p.add_argument("--lean-parts", default=None,
@@ -119,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     with record_gptq_kernels(stages=True, model=model.model) as kernels:
         if args.variant == "stock":
             model.quantize(calibration, batch_size=args.batch_size, backend=BACKEND.AUTO)
-            solve = bookkeeping = None
+            solve = bookkeeping = hessians = None
         else:
             result = quantize_with_defuser(model, calibration, batch_size=args.batch_size, backend=BACKEND.AUTO,
                                            grouped=True, batched_solve=args.variant.endswith("-batched"),
-                                           lean_bookkeeping=not args.stock_bookkeeping)
+                                           lean_bookkeeping=not args.stock_bookkeeping,
+                                           batched_hessians=not args.hook_hessians)
             solve = result.solve.as_dict() if result.solve is not None else None
+            hessians = result.hessians.as_dict() if result.hessians is not None else None
             bookkeeping = result.bookkeeping.as_dict() if result.bookkeeping is not None else None
     main_prof.disable()
     quantize_s = time.perf_counter() - t0
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": command, "variant": args.variant,
               "lean_bookkeeping": args.variant != "stock" and not args.stock_bookkeeping,
               "lean_parts": sorted(args.lean_parts.split(",")) if args.lean_parts is not None else "all",
-              "quantize_s": round(quantize_s, 2), "solve": solve, "bookkeeping": bookkeeping,
+              "quantize_s": round(quantize_s, 2), "solve": solve, "bookkeeping": bookkeeping, "hessians": hessians,
               "gptq_solves": kernels.as_dict()["gptq_solves"],
               **{k: kernels.as_dict()[k] for k in ("stage_wall_seconds", "stage_seconds", "busy_wall_seconds", "stage_calls")}, "shape": vars(shape), "threads_profiled": len(profiles)}
     if not args.no_profile:

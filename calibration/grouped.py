@@ -9,7 +9,8 @@ with exactly the rows it would have received in the loop, in the same row order:
 * forward pre-hooks get ``(module, (rows,))`` and may replace the rows, as in ``Module.__call__``;
 * forward hooks get ``(module, (rows,), output)`` and may replace the output;
 * a registered :class:`LinearAdapter` adds the hook a non-``nn.Linear`` class calls inside its
-  own forward (GPTQModel's ``HookedLinear``; ``defuser_quant.integrations.gptqmodel`` registers it);
+  own forward (GPTQModel's ``HookedLinear``; ``defuser_quant.integrations.gptqmodel`` registers it),
+  run batched like the hooks below when the adapter's ``inner_kind`` recognises it;
 * a registered :class:`ForwardWrapper` vouches for an instance ``forward`` a library installs on
   modules (compressed-tensors' quantization and offload wrappers;
   ``defuser_quant.integrations.llmcompressor`` registers them) when, for this input, it calls
@@ -114,14 +115,20 @@ class LinearAdapter:
     ``is_plain(module, input)`` says whether the module's forward is ``F.linear`` plus hooks for
     this input (e.g. no input rounding, weight on the input's device; None: always);
     ``inner_hook(module, input, output)`` runs what the class's own forward runs after its
-    matmul (None: nothing).
+    matmul (None: nothing). ``inner_kind(module, input)``: ``(kind, owner, extra)`` when, for this
+    call, the module's inner hook may run batched with the call's other hooks of ``kind`` (a
+    :class:`BatchedForwardHook`: it returns None and reads only the module and its rows), else
+    None; asked only for a module without forward hooks of its own.
     """
 
     is_plain: Callable[[nn.Module, torch.Tensor], bool] | None = None
     inner_hook: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None
+    inner_kind: Callable[[nn.Module, torch.Tensor], tuple[BatchedForwardHook, object, object] | None] | None = None
 
 
 _ADAPTERS: dict[type, LinearAdapter] = {nn.Linear: LinearAdapter()}
+#: An adapter's ``inner_hook`` -> its ``inner_kind``, for the adapters that have both.
+_INNER_KINDS: dict[Callable, Callable] = {}
 #: Bumped whenever an adapter or wrapper is (un)registered: every cached plan is then rebuilt.
 _GENERATION = 0
 
@@ -208,14 +215,19 @@ def _read_stable(params: Mapping, weight: object, bias: object) -> bool:
 
 def register_linear_adapter(cls: type, adapter: LinearAdapter) -> None:
     """Let modules of exactly ``cls`` take part in the grouped forward (see :class:`LinearAdapter`)."""
+    unregister_linear_adapter(cls)
     _ADAPTERS[cls] = adapter
+    if adapter.inner_hook is not None and adapter.inner_kind is not None:
+        _INNER_KINDS[adapter.inner_hook] = adapter.inner_kind
     _registry_changed()
 
 
 def unregister_linear_adapter(cls: type) -> None:
     """Undo :func:`register_linear_adapter` (``nn.Linear`` stays)."""
     if cls is not nn.Linear:
-        _ADAPTERS.pop(cls, None)
+        adapter = _ADAPTERS.pop(cls, None)
+        if adapter is not None and adapter.inner_kind is not None and _INNER_KINDS.get(adapter.inner_hook) is adapter.inner_kind:
+            del _INNER_KINDS[adapter.inner_hook]
         _registry_changed()
 
 
@@ -971,9 +983,17 @@ def _call_post_hooks(
     m: nn.Module, inner_hook: Callable | None, rows: torch.Tensor, out: torch.Tensor, queue: Callable | None = None
 ) -> torch.Tensor:
     """Run ``m``'s forward hooks on its rows; with ``queue``, the batchable ones are handed to
-    ``queue(kind, owner, extra)`` instead of called."""
+    ``queue(kind, owner, extra)`` instead of called (an adapter's inner hook too, when its
+    ``inner_kind`` says so and ``m`` has no forward hooks to run after it)."""
     if inner_hook is not None:
-        inner_hook(m, rows, out)
+        found = None
+        if queue is not None and not m._forward_hooks:
+            kind_of = _INNER_KINDS.get(inner_hook)
+            found = kind_of(m, rows) if kind_of is not None else None
+        if found:
+            queue(*found)
+        else:
+            inner_hook(m, rows, out)
     for hook in tuple(m._forward_hooks.values()):
         if queue is not None:
             kind = _hook_kind(hook)
@@ -1120,7 +1140,7 @@ def _run_sorted(
     sizes = [counts[e - first] for e in hit]
     span = slice(first, first + len(counts))
     roles = plan.roles
-    batches = _Batches(sizes) if _BATCHED else None
+    batches = _Batches(sizes) if _BATCHED or _INNER_KINDS else None
     gate = _project(roles[0], x, hit, sizes, offs, expert_ids, span, batches, shared) if len(roles) == 3 else None
     up = _project(roles[-2], x, hit, sizes, offs, expert_ids, span, batches, shared)
     out = _project(roles[-1], plan.gate_fn(gate, up), hit, sizes, offs, expert_ids, span, batches)

@@ -385,8 +385,9 @@ def test_batched_hessian_adds_are_the_hooks_whatever_the_product_budget(monkeypa
 
 def test_batched_hessians_of_some_experts_only_equal_the_hooks():
     """GPTQ hooks on every other expert: the queued spans leave gaps in the rows (no single split of them)."""
+    from defuser_quant.calibration.gram import _tiles
     from defuser_quant.calibration.grouped import grouped_routed_forward
-    from defuser_quant.integrations.llmcompressor.hessians import _tiles, batched_gptq_hessians
+    from defuser_quant.integrations.llmcompressor.hessians import batched_gptq_hessians
 
     (grouped, looped), (m_grouped, m_loop), (x, index, weights) = _gptq_hooked_block()
     for block in (grouped, looped):

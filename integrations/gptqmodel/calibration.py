@@ -58,6 +58,7 @@ from defuser_quant.core.errors import DefuserQuantError
 
 from .batched import BatchedSolve, BatchedSolveStats, batched_solves
 from .grouped import hooked_linear_grouping
+from .hessians import HessianBatching
 from .overhead import BookkeepingStats
 from .overhead import lean_bookkeeping as _lean_bookkeeping
 
@@ -100,6 +101,7 @@ class QuantizeResult:
     solve: BatchedSolveStats | None = None  # what the batched solve did (``batched_solve=...``), else None
     replica_forwards: int = 0  # experts forwards that ran on per-GPU replicas (GPTQModel's data-parallel forward)
     bookkeeping: BookkeepingStats | None = None  # what ``lean_bookkeeping=True`` did, else None
+    hessians: HessianBatching | None = None  # what ``batched_hessians`` did (grouped runs), else None
 
     def float_projections(self) -> list[ProjectionRecord]:
         return [p for p in self.projections if p.method.startswith("float")]
@@ -347,6 +349,7 @@ def quantize_with_defuser(
     deterministic: bool = False,
     batched_solve: bool | BatchedSolve = False,
     lean_bookkeeping: bool | Iterable[str] = True,
+    batched_hessians: bool = True,
     **quantize_kwargs: Any,
 ) -> QuantizeResult:
     """``model.quantize(calibration, ...)`` with our routing mode and an honest coverage report.
@@ -380,6 +383,9 @@ def quantize_with_defuser(
             same tensors, same checkpoint, less host time; ``QuantizeResult.bookkeeping`` says
             what it did. Parts whose GPTQModel internals differ stay stock, with a warning. A
             collection of part names (``overhead.PARTS``) turns on only those.
+        batched_hessians: with ``grouped``, GPTQModel's GPTQ Hessian hooks of each grouped call
+            run together (``integrations.gptqmodel.hessians``): the same products and counters,
+            far fewer host steps; ``QuantizeResult.hessians`` counts what ran batched.
         **quantize_kwargs: passed to ``model.quantize`` (``batch_size``, ``backend``, ...).
 
     Raises:
@@ -390,6 +396,8 @@ def quantize_with_defuser(
         raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
     if not isinstance(batched_solve, (bool, BatchedSolve)):
         raise TypeError(f"batched_solve must be a bool or a BatchedSolve, got {type(batched_solve).__name__}")
+    if not isinstance(batched_hessians, bool):
+        raise TypeError(f"batched_hessians must be a bool, got {batched_hessians!r}")
     if isinstance(lean_bookkeeping, str) or not isinstance(lean_bookkeeping, (bool, Iterable)):
         raise TypeError(f"lean_bookkeeping must be a bool or a collection of part names (overhead.PARTS), "
                         f"got {lean_bookkeeping!r}")
@@ -409,8 +417,7 @@ def quantize_with_defuser(
     hf_model = model.model
     with ExitStack() as stack:
         router = stack.enter_context(quantizer_aware_routing(hf_model, routing, min_tokens, grouped))
-        if grouped:
-            stack.enter_context(hooked_linear_grouping())
+        hessians = stack.enter_context(hooked_linear_grouping(batched_hessians)) if grouped else None
         stack.enter_context(deterministic_mode(deterministic))
         solve = None
         if batched_solve is not False:
@@ -426,7 +433,7 @@ def quantize_with_defuser(
     report = build_report(router.coverage(), min_tokens)
     result = QuantizeResult(
         log=log or {}, coverage=report, projections=projection_records(hf_model, router, log, qcfg), solve=solve,
-        replica_forwards=router.replica_calls, bookkeeping=bookkeeping,
+        replica_forwards=router.replica_calls, bookkeeping=bookkeeping, hessians=hessians,
     )
     if coverage_report is not None:
         result.report_path = _write(result, coverage_report)

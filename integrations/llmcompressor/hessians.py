@@ -20,7 +20,6 @@ wrapper), is never batched.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from defuser_quant.calibration.gram import PRODUCT_BUDGET, QueuedAdds, gram_operands
 from defuser_quant.calibration.grouped import BatchedForwardHook, register_batched_hook, unregister_batched_hook
 
 from .grouped import hooks_mixin_live, hooks_mixin_parts, wrapper_code
@@ -80,39 +80,6 @@ def _match(hook: Callable) -> tuple[object, object] | None:
     return bound.__self__, handle
 
 
-#: Products kept alive at once before their adds run as one multi-tensor kernel (bytes).
-PRODUCT_BUDGET = 256 << 20
-
-
-class _Adds:
-    """``target += product`` for many pairs, queued and run as one ``_foreach_add_`` per budget's
-    worth of products: the same elementwise adds, far fewer kernel launches."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget, self.held = budget, 0
-        self.targets: list[torch.Tensor] = []
-        self.products: list[torch.Tensor] = []
-
-    def add(self, targets: list[torch.Tensor], product: torch.Tensor) -> None:
-        self.targets += targets
-        self.products += [product] * len(targets)
-        self.held += product.numel() * product.element_size()
-        if self.held >= self.budget:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.targets:
-            torch._foreach_add_(self.targets, self.products)
-        self.targets, self.products, self.held = [], [], 0
-
-
-def _tiles(spans: list[tuple[int, int]], total: int) -> bool:
-    """Whether the ``(start, size)`` spans cut ``total`` rows into consecutive pieces, in order."""
-    starts = [start for start, _ in spans]
-    ends = list(itertools.accumulate((size for _, size in spans), initial=0))
-    return starts == ends[:-1] and ends[-1] == total
-
-
 def _run(modifier: object, members: list) -> None:
     """The hooks of one grouped call: each distinct input converted and scaled once, each expert's
     product computed once and added to every Hessian whose module saw those rows (gate and up).
@@ -135,16 +102,10 @@ def _run(modifier: object, members: list) -> None:
             continue
         inputs.setdefault(id(rows), (rows, {}))[1].setdefault((start, size), []).append(hessian)
         bumped.append(counts[module])
-    adds = _Adds(PRODUCT_BUDGET)
+    adds = QueuedAdds(PRODUCT_BUDGET)
     for rows, spans in inputs.values():
         scaled = math.sqrt(2) * rows.to(dtype=_LLMC.precision)  # the hook's conversion, elementwise: once per input
-        keys = list(spans)
-        if _tiles(keys, rows.shape[0]):  # every expert's [features, rows] view and its transpose from two splits
-            sizes = [size for _, size in keys]
-            views = zip(scaled.t().split(sizes, dim=1), scaled.split(sizes))
-        else:
-            views = ((scaled[start:start + size].t(), scaled[start:start + size]) for start, size in keys)
-        for (inp, inp_t), targets in zip(views, spans.values()):
+        for (inp, inp_t), targets in zip(gram_operands(scaled, list(spans)), spans.values()):
             # the hook's inp.matmul(inp.t()): inp is its [features, rows] view of the [rows, features] input
             adds.add(targets, torch.mm(inp, inp_t))
             _LAST.products += 1
