@@ -2,7 +2,7 @@
 ``CUDA_VISIBLE_DEVICES``): ``python tests/gptqmodel_run.py SRC CALIBRATION.json OUT_DIR [options]``.
 
 Writes ``OUT_DIR/checkpoint`` (``model.save``) and ``OUT_DIR/result.json``: projection records,
-coverage totals, the batched-solve stats, the GPTQ solve paths, how many experts forwards ran
+coverage totals, the batched-solve and batched-Hessian stats, the GPTQ solve paths, how many experts forwards ran
 on per-GPU replicas, the peak memory of every visible GPU and the quantize time.
 """
 
@@ -34,6 +34,7 @@ def main() -> int:
     p.add_argument("--chunk-bytes", type=int, default=None, help="with --batched: BatchedSolve(chunk_bytes=N)")
     p.add_argument("--solve-ahead", type=int, default=None, help="with --batched: BatchedSolve(solve_ahead=N)")
     p.add_argument("--pack", action="store_true", help="with --batched: BatchedSolve(pack=True)")
+    p.add_argument("--hook-hessians", action="store_true", help="with --grouped: batched_hessians=False")
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (quantize_with_defuser)")
@@ -73,13 +74,14 @@ def main() -> int:
         backend = BACKEND("gptq_triton") if args.device == "cuda" else BACKEND.AUTO
         result = quantize_with_defuser(model, calibration, routing=args.routing, batch_size=args.batch_size,
                                        grouped=args.grouped, batched_solve=solve, backend=backend,
-                                       deterministic=args.deterministic)
+                                       deterministic=args.deterministic, batched_hessians=not args.hook_hessians)
     seconds = time.perf_counter() - t0
     model.save(str(out / "checkpoint"))
     (out / "result.json").write_text(json.dumps({
         "projections": [asdict(r) for r in result.projections],
         "coverage_totals": result.coverage.totals.model_dump(),
         "solve": result.solve.as_dict() if result.solve is not None else None,
+        "hessians": result.hessians.as_dict() if result.hessians is not None else None,
         "solves": kernels.as_dict()["gptq_solves"],
         "fallback": kernels.fallback_reason(),
         "replica_forwards": result.replica_forwards,

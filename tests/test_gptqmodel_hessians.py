@@ -125,3 +125,33 @@ def test_paused_hooks_accumulate_nothing():
 def test_batched_hessians_must_be_a_bool(plugin):  # noqa: F811
     with pytest.raises(TypeError, match="batched_hessians must be a bool"):
         plugin.quantize_with_defuser(types.SimpleNamespace(quantize_config=None), [], batched_hessians="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+@pytest.mark.parametrize("routing", ["routed", "all"])
+def test_batched_hessians_on_cuda_give_the_hooks_checkpoint(tiny, tmp_path, routing):  # noqa: F811
+    """On CUDA each product is the hook's matmul on the same operands: the same checkpoint,
+    tensor for tensor (deterministic kernels in both runs)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(tiny["calibration"]))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
+           "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    runs = {}
+    for name, extra in (("hooks", ["--hook-hessians"]), ("batched", [])):
+        cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_run.py")), str(tiny["src"]), str(calibration),
+               str(tmp_path / name), "--grouped", "--batched", "--deterministic", "--routing", routing, *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        runs[name] = json.loads((tmp_path / name / "result.json").read_text())
+    assert runs["hooks"]["hessians"] is None
+    counts = runs["batched"]["hessians"]
+    assert counts["batched"] > 0 and counts["by_hook"] == 0
+    key = lambda r: (r["module"], r["quantizer_samples"], r["routed"], r["forced"])  # noqa: E731
+    assert sorted(map(key, runs["hooks"]["projections"])) == sorted(map(key, runs["batched"]["projections"]))
+    _same_checkpoint(_tensors(tmp_path / "hooks" / "checkpoint"), _tensors(tmp_path / "batched" / "checkpoint"))
