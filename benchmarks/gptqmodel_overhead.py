@@ -181,9 +181,9 @@ def _use_lean_parts(parts: frozenset[str]) -> None:
 
 
 def _summary(path: Path) -> dict:
-    """The timing part of an earlier report (its command, quantize seconds, stages, bookkeeping)."""
+    """The timing part of an earlier report (its command, quantize seconds, stages, bookkeeping, Hessian batching)."""
     run = json.loads(path.read_text())
-    keys = ("command", "lean_parts", "quantize_s", "stage_wall_seconds", "busy_wall_seconds", "stage_calls", "bookkeeping")
+    keys = ("command", "lean_parts", "quantize_s", "stage_wall_seconds", "busy_wall_seconds", "stage_calls", "bookkeeping", "hessians")
     return {k: run[k] for k in keys if k in run}
 
 

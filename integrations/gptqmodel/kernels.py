@@ -15,7 +15,8 @@ Counting only: GPTQModel computes exactly what it would compute without the reco
 timed call so the time lands in its stage (a profile, slower than a plain run):
 
 * ``forward``: the decoder layers' forward (capture and replay passes; pass ``model=``), which
-  contains ``hessian`` (GPTQ's ``add_batch``, run by the capture hooks) and ``experts_forward``
+  contains ``hessian`` (GPTQ's ``add_batch``, run by the capture hooks, or a grouped call's batched
+  Hessian hooks, ``integrations.gptqmodel.hessians``) and ``experts_forward``
   (our ``DefusedExperts`` blocks);
 * ``solve``: GPTQ solves (``GPTQ.quantize``, and the batched solves of ``integrations.gptqmodel.batched``);
 * ``finalize``: ``GPTQProcessor.submodule_finalize`` (create the quantized module and pack), which
