@@ -192,6 +192,8 @@ def test_data_parallel_replicas_count_and_quantize_like_one_device(plugin, tiny,
     # The rows counted for each expert projection are the rows its GPTQ accumulated (GPTQModel's
     # own count), with replicas counting at the same time; the report has one device's totals.
     assert all(p.routed + p.forced == p.quantizer_samples for p in result.projections)
+    # ... the replicas' GPTQ hooks ran batched, each replica's thread holding its tasks' locks
+    assert result.hessians.batched > 0 and result.hessians.by_hook == 0
     assert result.coverage.totals == reference.coverage.totals
     assert result.solve.batched_modules == reference.solve.batched_modules
     # Replicas are made from the layer GPTQModel loaded: no expert projection was copied twice.
