@@ -101,6 +101,7 @@ __all__ = [
     "unregister_linear_adapter",
     "unregister_parameter_store",
     "why_not_grouped",
+    "wrapper_code",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class LinearAdapter:
 
 
 _ADAPTERS: dict[type, LinearAdapter] = {nn.Linear: LinearAdapter()}
-#: An adapter's ``inner_hook`` -> its ``inner_kind``, for the adapters that have both.
+#: An adapter's ``inner_hook`` -> its ``inner_kind``, for the adapters that have both (kept from ``_ADAPTERS``).
 _INNER_KINDS: dict[Callable, Callable] = {}
 #: Bumped whenever an adapter or wrapper is (un)registered: every cached plan is then rebuilt.
 _GENERATION = 0
@@ -213,22 +214,32 @@ def _read_stable(params: Mapping, weight: object, bias: object) -> bool:
     return stored is not None and stored[0] is weight and stored[1] is bias
 
 
+def _adapters_changed() -> None:
+    _INNER_KINDS.clear()
+    _INNER_KINDS.update((a.inner_hook, a.inner_kind) for a in _ADAPTERS.values() if a.inner_hook and a.inner_kind)
+    _registry_changed()
+
+
 def register_linear_adapter(cls: type, adapter: LinearAdapter) -> None:
     """Let modules of exactly ``cls`` take part in the grouped forward (see :class:`LinearAdapter`)."""
-    unregister_linear_adapter(cls)
     _ADAPTERS[cls] = adapter
-    if adapter.inner_hook is not None and adapter.inner_kind is not None:
-        _INNER_KINDS[adapter.inner_hook] = adapter.inner_kind
-    _registry_changed()
+    _adapters_changed()
 
 
 def unregister_linear_adapter(cls: type) -> None:
     """Undo :func:`register_linear_adapter` (``nn.Linear`` stays)."""
     if cls is not nn.Linear:
-        adapter = _ADAPTERS.pop(cls, None)
-        if adapter is not None and adapter.inner_kind is not None and _INNER_KINDS.get(adapter.inner_hook) is adapter.inner_kind:
-            del _INNER_KINDS[adapter.inner_hook]
-        _registry_changed()
+        _ADAPTERS.pop(cls, None)
+        _adapters_changed()
+
+
+def wrapper_code(factory: Callable, name: str) -> types.CodeType | None:
+    """The code object of the function ``name`` that ``factory`` defines inside itself (None: not
+    found): what every closure ``factory`` makes shares, so a wrapper or hook it made is told by
+    ``function.__code__ is wrapper_code(factory, name)``."""
+    code = getattr(factory, "__code__", None)
+    found = [c for c in (code.co_consts if code else ()) if isinstance(c, types.CodeType) and c.co_name == name]
+    return found[0] if len(found) == 1 else None
 
 
 @dataclass(frozen=True)

@@ -371,3 +371,27 @@ def test_forced_chunk_size_takes_the_larger_of_the_row_and_byte_budgets(monkeypa
     expected = 1 if chunks == 1 else -(-len(block) * 6 // limit)
     assert expected == (1 if chunks == 1 else 4)
     assert len(runs) == expected and all(sum(c) <= limit for c in runs)
+
+
+def test_adapter_inner_kinds_follow_the_registered_adapters():
+    """An adapter's ``inner_kind`` is asked only while that very adapter is registered for its class."""
+    from defuser_quant.calibration import grouped
+
+    class Hooked(nn.Linear):
+        pass
+
+    def inner(m, x, out):
+        return None
+
+    def kind(m, x):
+        return None
+
+    try:
+        grouped.register_linear_adapter(Hooked, grouped.LinearAdapter(inner_hook=inner, inner_kind=kind))
+        assert grouped._INNER_KINDS == {inner: kind}
+        grouped.register_linear_adapter(Hooked, grouped.LinearAdapter(inner_hook=inner))  # replaced: no kind left
+        assert grouped._INNER_KINDS == {}
+        grouped.register_linear_adapter(Hooked, grouped.LinearAdapter(inner_hook=inner, inner_kind=kind))
+    finally:
+        grouped.unregister_linear_adapter(Hooked)
+    assert grouped._INNER_KINDS == {} and Hooked not in grouped._ADAPTERS

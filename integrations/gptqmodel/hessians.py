@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from defuser_quant.calibration.gram import PRODUCT_BUDGET, QueuedAdds, gram_operands
-from defuser_quant.calibration.grouped import BatchedForwardHook
+from defuser_quant.calibration.grouped import BatchedForwardHook, wrapper_code
 
 from .compat import source_digest
 from .kernels import stage
@@ -77,12 +77,6 @@ _STATS_LOCK = threading.Lock()
 def last_batching() -> HessianBatching:
     """The counts of the latest (or current) :func:`gptq_hessian_batching` block."""
     return _LAST
-
-
-def _nested(factory: Callable, name: str) -> types.CodeType | None:
-    code = getattr(factory, "__code__", None)
-    found = [c for c in (code.co_consts if code else ()) if isinstance(c, types.CodeType) and c.co_name == name]
-    return found[0] if len(found) == 1 else None
 
 
 class _Chain:
@@ -139,11 +133,16 @@ def _cells(fn: Callable) -> dict[str, Any] | None:
         return None
 
 
+def _unwrapped(cls: type, name: str) -> Any:
+    """``cls.name`` without the stage clock's timing wrapper (``kernels.record_gptq_kernels``)."""
+    method = getattr(cls, name, None)
+    return getattr(method, "__wrapped__", method)
+
+
 def _plain_task(task: Any) -> bool:
     cls = type(task)
     return (
-        all(getattr(getattr(cls, name, None), "__wrapped__", getattr(cls, name, None)) is fn
-            for name, fn in zip(_METHODS, _Chain.methods))
+        all(_unwrapped(cls, name) is fn for name, fn in zip(_METHODS, _Chain.methods))
         and isinstance(task.module, nn.Linear)
         and not task._tp_pad_cols
         and task.qcfg.hessian.chunk_size is None
@@ -198,17 +197,21 @@ def _run(processor: object, members: list) -> None:
         return  # every wrapper returns at once
     start = time.perf_counter()
     leaders = [m for m in members if m[1][3] is not None]
+    products = handed = 0
     with stage("hessian"):
         if leaders:
-            _accumulate(leaders)
+            products, handed = _accumulate(leaders)
     with _STATS_LOCK:
-        _LAST.batched += len(leaders)
+        _LAST.batched += len(leaders) - handed
+        _LAST.products += products
+        _LAST.by_hook += handed
         _LAST.followers += len(members) - len(leaders)
     _record_times(members, time.perf_counter() - start)
 
 
-def _accumulate(leaders: list) -> None:
-    """``GPTQ.add_batch`` of every leader's rows: products from one float32 copy per role input.
+def _accumulate(leaders: list) -> tuple[int, int]:
+    """``GPTQ.add_batch`` of every leader's rows: products from one float32 copy per role input;
+    returns the products computed and the leaders handed to their own hooks.
 
     A CUDA out-of-memory while computing a product hands that member and the ones after it to
     their own hooks (GPTQModel's ``add_batch`` then falls back to a CPU Hessian, as without
@@ -219,6 +222,7 @@ def _accumulate(leaders: list) -> None:
         by_rows.setdefault(id(rows), (rows, {}))[1].setdefault((start, size), []).append(member)
     tasks = {id(m[1][3]): m[1][3] for m in leaders}
     done: set[int] = set()
+    products = 0
     with ExitStack() as locks:
         for key in sorted(tasks):  # one order for every thread: no lock cycle (the locks are re-entrant)
             locks.enter_context(tasks[key].lock)
@@ -236,8 +240,7 @@ def _accumulate(leaders: list) -> None:
                     for i, member in enumerate(members):  # a partial kept whole gets a product of its own
                         _note_batch(member[1][3], rows.device, product if i == 0 else product.clone(), x.shape[0], rows.dtype, adds)
                         done.add(id(member))
-                    with _STATS_LOCK:
-                        _LAST.products += 1
+                    products += 1
                 del mat32
         except torch.OutOfMemoryError:
             adds.flush()
@@ -246,18 +249,16 @@ def _accumulate(leaders: list) -> None:
             logger.warning("CUDA out of memory in the batched GPTQ Hessians: %d hook(s) run one by one", len(rest))
             for module, _extra, rows, start, size in rest:
                 _hook_itself(module, rows[start:start + size])
-            return
+            return products, len(rest)
         adds.flush()
         _mark_ready(devices, tasks)
+    return products, 0
 
 
 def _hook_itself(module: nn.Module, rows: torch.Tensor) -> None:
     """The module's own GPTQ hook (``tmp``; the wrapper's checks were made for the batch)."""
     inner = _cells(module.__dict__["forward_hook"])["inner_hook"]
     inner(module, (rows,), rows.new_empty(0))  # GPTQ's add_batch of a Linear never reads the output
-    with _STATS_LOCK:
-        _LAST.by_hook += 1
-        _LAST.batched -= 1
 
 
 def _mark_ready(devices: set, tasks: dict) -> None:
@@ -304,11 +305,11 @@ def gptq_hessian_batching() -> Iterator[Callable | None]:
     from gptqmodel.quantization.gptq import GPTQ
 
     _Chain.GPTQ = GPTQ
-    _Chain.wrappers = {_nested(ModuleLooper._masked_pre_hook_wrapper, "pre_hook"): "forward_pre_hook",
-                       _nested(ModuleLooper._masked_hook_wrapper, "hook"): "forward_hook"}
-    _Chain.tmp = _nested(GPTQProcessor.pre_process_fwd_hook, "tmp")
-    _Chain.skip = _nested(GPTQProcessor.pre_process_fwd_hook, "skip")
-    _Chain.methods = tuple(getattr(getattr(GPTQ, name), "__wrapped__", getattr(GPTQ, name)) for name in _METHODS)
+    _Chain.wrappers = {wrapper_code(ModuleLooper._masked_pre_hook_wrapper, "pre_hook"): "forward_pre_hook",
+                       wrapper_code(ModuleLooper._masked_hook_wrapper, "hook"): "forward_hook"}
+    _Chain.tmp = wrapper_code(GPTQProcessor.pre_process_fwd_hook, "tmp")
+    _Chain.skip = wrapper_code(GPTQProcessor.pre_process_fwd_hook, "skip")
+    _Chain.methods = tuple(_unwrapped(GPTQ, name) for name in _METHODS)
     global _LAST
     _LAST = HessianBatching()
     try:

@@ -44,21 +44,15 @@ from defuser_quant.calibration.grouped import (
     register_parameter_store,
     unregister_forward_wrapper,
     unregister_parameter_store,
+    wrapper_code,
 )
 
-__all__ = ["QUANTIZED_FORWARD", "OFFLOAD_FORWARD", "compressed_tensors_grouping", "hooks_mixin_parts", "wrapper_code"]
+__all__ = ["QUANTIZED_FORWARD", "OFFLOAD_FORWARD", "compressed_tensors_grouping", "hooks_mixin_parts"]
 
 logger = logging.getLogger(__name__)
 
 QUANTIZED_FORWARD = "compressed_tensors.quantized_forward"
 OFFLOAD_FORWARD = "compressed_tensors.offload_forward"
-
-
-def wrapper_code(factory: Callable, name: str) -> types.CodeType | None:
-    """The code object of the function ``name`` that ``factory`` defines inside itself (None: not found)."""
-    code = getattr(factory, "__code__", None)
-    found = [c for c in (code.co_consts if code else ()) if isinstance(c, types.CodeType) and c.co_name == name]
-    return found[0] if len(found) == 1 else None
 
 
 def hooks_mixin_parts(hook: Callable, code: types.CodeType | None) -> tuple[Callable, types.CellType] | None:

@@ -30,9 +30,14 @@ import torch
 from torch import nn
 
 from defuser_quant.calibration.gram import PRODUCT_BUDGET, QueuedAdds, gram_operands
-from defuser_quant.calibration.grouped import BatchedForwardHook, register_batched_hook, unregister_batched_hook
+from defuser_quant.calibration.grouped import (
+    BatchedForwardHook,
+    register_batched_hook,
+    unregister_batched_hook,
+    wrapper_code,
+)
 
-from .grouped import hooks_mixin_live, hooks_mixin_parts, wrapper_code
+from .grouped import hooks_mixin_live, hooks_mixin_parts
 
 __all__ = ["GPTQ_HESSIANS", "HessianBatching", "batched_gptq_hessians", "last_batching"]
 

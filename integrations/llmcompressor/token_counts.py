@@ -17,9 +17,14 @@ from contextlib import contextmanager
 from torch import nn
 
 from defuser_quant.calibration import add_rows
-from defuser_quant.calibration.grouped import BatchedForwardHook, register_batched_hook, unregister_batched_hook
+from defuser_quant.calibration.grouped import (
+    BatchedForwardHook,
+    register_batched_hook,
+    unregister_batched_hook,
+    wrapper_code,
+)
 
-from .grouped import hooks_mixin_live, hooks_mixin_parts, wrapper_code
+from .grouped import hooks_mixin_live, hooks_mixin_parts
 
 __all__ = ["TOKEN_COUNTS", "TokenCounter", "batched_token_counts"]
 
