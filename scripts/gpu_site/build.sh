@@ -3,6 +3,7 @@
 # (torch, transformers, safetensors, tokenizers are there), for a GPU machine without network:
 #
 #   bash scripts/gpu_site/build.sh .gpudeps/site        # here, where the package registry is reachable
+#   WITH_LLMCOMPRESSOR=1 bash scripts/gpu_site/build.sh .gpudeps/site   # and llm-compressor's runs' packages
 #   PYTHONPATH=$PWD/.gpudeps/site:$PWD python3 benchmarks/gptqmodel_gpu.py ...   # there
 #
 # Wheels are fetched for CPython 3.12 on x86-64 Linux (the GPU image's Python; PY=3.x to change)
@@ -16,6 +17,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 pins=(defuser==0.0.28 logbar==0.4.15 tokenicer==0.0.14 device-smi==0.5.7
       pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
       datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
+if [ "${WITH_LLMCOMPRESSOR:-0}" = 1 ]; then
+  # llm-compressor and what it needs beyond the GPU image (auto-round: imported with its modifiers)
+  pins+=(llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru==0.7.3 auto-round==0.15.1)
+fi
 if [ -e "$dest" ] && [ -n "$(ls -A "$dest")" ]; then
   echo "build.sh: $dest exists and is not empty; remove it or name another folder" >&2
   exit 2
