@@ -75,7 +75,11 @@ into pinned buffers (``layer_reads.PIN``), ``+nooff1`` loads with ``QuantizeConf
 ``ours-grouped-batched+si500+cpuw4`` are variants; the row's ``modifiers`` say what was set.
 ``--gil-probe`` adds ``gil_probe`` to every row: how late a thread that sleeps 2 ms gets the lock
 back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
-costs there.
+costs there. ``--hessian-prints`` adds ``hessian_prints`` to every row (a digest of the Hessian
+each module's GPTQ solve starts from, ``_hessian_prints.py``; one device sync per module, so a
+diagnostic, not a timing run) and ``hessians_vs_stock`` to every other row: how many modules'
+Hessians equal stock's and the first that differ, in the order stock solved them. With ``qweights_equal_by_group``
+it tells whether a checkpoint difference starts in the Hessians or in the solve.
 
 Every row records which GPTQModel code paths ran (``integrations.gptqmodel.kernels``): GPTQ
 solves on the CUDA block-update extension or on GPTQModel's torch loop, Hessian inverses moved
@@ -251,6 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "so each one reads its layers from disk, as a model larger than the page cache would")
     p.add_argument("--gil-probe", action="store_true",
                    help="sample the interpreter lock's hand-back delay through quantize() (gil_probe in every row)")
+    p.add_argument("--hessian-prints", action="store_true",
+                   help="digest of each module's Hessian at its solve in every row, compared with stock's (a diagnostic)")
     p.add_argument("--warmup", action="store_true",
                    help="run the first variant once, untimed, before the timed runs (Triton compiles its kernels then)")
     p.add_argument("--allow-fallback", action="store_true",
@@ -423,7 +429,7 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | s
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--run-id", run_id, "--workdir", str(work),
            "--device", args.device, "--batch-size", str(args.batch_size), "--backend", args.backend] + [
         flag for flag, on in (("--no-reload", args.no_reload), ("--stages", args.stages), ("--deterministic", args.deterministic),
-                              ("--gil-probe", args.gil_probe)) if on
+                              ("--gil-probe", args.gil_probe), ("--hessian-prints", args.hessian_prints)) if on
     ]
     evicted = evict_page_cache(work / "src") if getattr(args, "cold", False) else None
     t0 = time.perf_counter()
@@ -599,6 +605,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_hessian_prints(rows: list[dict], stock: dict) -> None:
+    """``hessians_vs_stock`` in every other row that has ``hessian_prints`` (``--hessian-prints``)."""
+    if stock.get("hessian_prints") is None:
+        return
+    from _hessian_prints import compare  # beside this script, on sys.path when it runs (or is imported by the tests)
+
+    for r in rows:
+        if r is not stock and "error" not in r and r.get("hessian_prints") is not None:
+            r["hessians_vs_stock"] = compare(stock["hessian_prints"], r["hessian_prints"])
+
+
 def _compare_rows(rows: list[dict], work: Path, base: dict, key: str, label: str) -> None:
     """Checkpoint and logits of every other row against ``base``'s, into ``row[key]`` and ``row[label]``."""
     import torch as _torch
@@ -685,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["qweights_equal"] = f"{cmp['qweights_equal']}/{cmp['qweights']}"
                 r["max_scale_diff"] = f"{cmp['max_scale_diff']:.3g}"
                 r["logits_vs_stock"] = cmp["logits_max_diff"] or "-"
+        compare_hessian_prints(rows, stock)
     refused = None
     if args.device == "cuda":
         fell_back = [f"{r['run']}: {r['fallback']}" for r in rows if r.get("fallback")]
@@ -801,8 +819,11 @@ def worker(args: argparse.Namespace) -> int:
     from _profile import maybe_profile
 
     probe = GilProbe() if args.gil_probe else None
+    from _hessian_prints import HessianPrints
+
+    prints = HessianPrints() if args.hessian_prints else contextlib.nullcontext()
     with maybe_profile(f"gptqmodel-{run_id}"), record_gptq_kernels(stages=args.stages, model=model.model) as kernels, \
-            deterministic_mode(args.deterministic), probe or contextlib.nullcontext():
+            deterministic_mode(args.deterministic), probe or contextlib.nullcontext(), prints:
         if variant.startswith("stock"):
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
         else:
@@ -821,6 +842,8 @@ def worker(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     if probe is not None:
         extra["gil_probe"] = probe.summary()
+    if args.hessian_prints:
+        extra["hessian_prints"] = prints.digests
     extra["kernels"] = kernels.as_dict()
     extra["kernels_label"] = kernels.label()
     extra["fallback"] = kernels.fallback_reason() if cuda else None

@@ -1,0 +1,81 @@
+"""Fingerprints of the Hessian each GPTQ solve starts from, per module: where two runs part.
+
+Two runs of GPTQModel (stock and ours) give different checkpoints under ``--deterministic`` from
+layer 0's k/v_proj on (docs/performance.md, round 12), though each part, tested alone, gives the
+same bits. A module's packed weight depends on its Hessian and on the solve; comparing the
+Hessians the solves start from tells which of the two differs first.
+
+GPTQModel 7.6 finalizes a task's Hessian with ``GPTQ.finalize_hessian`` before solving it, on its
+own per-module path and on our batched one alike; the first finalized 2-D Hessian of each module
+(by its full name) is hashed (its float32 bytes, copied to the host: one device sync per module, so a
+diagnostic, not a timing run).
+
+    with HessianPrints() as prints:
+        model.quantize(...)
+    row["hessian_prints"] = prints.digests
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Any
+
+DIGEST_CHARS = 16
+
+
+def digest(hessian: Any) -> str:
+    """Hash of a Hessian's values, dtype and shape (the same bytes on any device)."""
+    import torch
+
+    host = hessian.detach().to("cpu").contiguous()
+    h = hashlib.blake2b(digest_size=DIGEST_CHARS // 2)
+    h.update(f"{host.dtype}{tuple(host.shape)}".encode())
+    h.update(host.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class HessianPrints:
+    """Records ``{task name: digest}`` for every GPTQ task finalized inside the block, then restores."""
+
+    def __init__(self) -> None:
+        self.digests: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._original = None
+
+    def __enter__(self) -> HessianPrints:
+        from gptqmodel.quantization.gptq import GPTQ
+
+        original = GPTQ.finalize_hessian
+        prints = self
+
+        def finalize_hessian(task, *args, **kwargs):
+            result = original(task, *args, **kwargs)
+            named = getattr(task, "_named_module", None)  # its full name: task.name is the layer's relative one
+            name = getattr(named, "full_name", None) or getattr(task, "name", None)
+            if name is not None and getattr(result, "ndim", 0) == 2:
+                with prints._lock:
+                    known = name in prints.digests
+                if not known:  # one digest (and device sync) per module
+                    value = digest(result)
+                    with prints._lock:
+                        prints.digests.setdefault(name, value)  # another thread may have been first
+            return result
+
+        self._original = original
+        GPTQ.finalize_hessian = finalize_hessian
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from gptqmodel.quantization.gptq import GPTQ
+
+        GPTQ.finalize_hessian = self._original
+
+
+def compare(base: dict[str, str], other: dict[str, str], first: int = 8) -> dict[str, Any]:
+    """How many modules' Hessians are equal, and the first differing ones in the order ``base``'s
+    run finalized them (its solve order)."""
+    common = [name for name in base if name in other]
+    differ = [name for name in common if base[name] != other[name]]
+    return {"modules": len(common), "equal": len(common) - len(differ), "first_differing": differ[:first],
+            "only_in_base": len(set(base) - set(other)), "only_in_other": len(set(other) - set(base))}

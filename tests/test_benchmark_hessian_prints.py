@@ -1,0 +1,88 @@
+"""benchmarks/_hessian_prints.py: per-module digests of the Hessian each GPTQ solve starts from, and
+their comparison with stock's in benchmarks/gptqmodel_gpu.py (``--hessian-prints``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _hessian_prints as hp  # noqa: E402
+import gptqmodel_gpu as bench  # noqa: E402
+
+pytest.importorskip("gptqmodel")
+from gptqmodel.quantization.gptq import GPTQ  # noqa: E402
+
+
+def _task(full_name: str, hessian: torch.Tensor) -> SimpleNamespace:
+    relative = full_name.split(".", 3)[-1]  # GPTQModel's task.name is relative to the layer
+    return SimpleNamespace(name=relative, _named_module=SimpleNamespace(full_name=full_name), H=hessian)
+
+
+def test_digest_follows_the_values_dtype_and_shape_not_the_memory_layout():
+    a = torch.randn(6, 6)
+    h = a + a.T  # exactly symmetric: its transpose has the same values in another layout
+    assert hp.digest(h) == hp.digest(h.clone()) == hp.digest(h.T)
+    bumped = h.clone()
+    bumped[2, 3] = torch.nextafter(bumped[2, 3], torch.tensor(float("inf")))
+    assert hp.digest(bumped) != hp.digest(h)
+    assert hp.digest(h.double()) != hp.digest(h)
+    assert hp.digest(h.reshape(4, 9)) != hp.digest(h)
+
+
+def test_prints_keep_each_modules_first_finalized_hessian_by_full_name_and_restore(monkeypatch):
+    monkeypatch.setattr(GPTQ, "finalize_hessian", lambda task, target_device=None: task.H)
+    stub = GPTQ.finalize_hessian
+    h0, h1 = torch.eye(4), 2 * torch.eye(4)
+    k0, k1 = _task("model.layers.0.self_attn.k_proj", h0), _task("model.layers.1.self_attn.k_proj", h1)
+    embedding = _task("model.embed_tokens", torch.ones(4))  # GPTQModel's embedding path returns a diagonal
+    with hp.HessianPrints() as prints:
+        assert GPTQ.finalize_hessian(k0) is h0  # the result passes through unchanged
+        GPTQ.finalize_hessian(k1)
+        k0.H = 3 * torch.eye(4)
+        GPTQ.finalize_hessian(k0)  # a later finalize of the same module: the first is kept
+        GPTQ.finalize_hessian(embedding)
+    assert GPTQ.finalize_hessian is stub
+    assert prints.digests == {"model.layers.0.self_attn.k_proj": hp.digest(h0),
+                              "model.layers.1.self_attn.k_proj": hp.digest(h1)}
+
+
+def test_prints_restore_the_method_when_the_run_fails(monkeypatch):
+    monkeypatch.setattr(GPTQ, "finalize_hessian", lambda task, target_device=None: task.H)
+    stub = GPTQ.finalize_hessian
+    with pytest.raises(KeyboardInterrupt), hp.HessianPrints():
+        raise KeyboardInterrupt
+    assert GPTQ.finalize_hessian is stub
+
+
+def test_compare_counts_equal_hessians_and_lists_the_first_differing_in_base_order():
+    base = {"l0.q": "a", "l0.k": "b", "l0.v": "c", "l1.q": "d", "l1.k": "e"}
+    other = {"l1.k": "x", "l0.v": "c", "l0.k": "y", "l0.q": "w", "l2.q": "z"}
+    assert hp.compare(base, other) == {"modules": 4, "equal": 1, "first_differing": ["l0.q", "l0.k", "l1.k"],
+                                       "only_in_base": 1, "only_in_other": 1}
+    assert hp.compare(base, other, first=1)["first_differing"] == ["l0.q"]  # base's order, not the names' order
+
+
+def test_the_benchmark_compares_every_printed_row_with_stock_and_passes_the_flag(tmp_path, monkeypatch):
+    stock = {"variant": "stock", "hessian_prints": {"m.a": "1", "m.b": "2"}}
+    ours = {"variant": "ours-grouped-batched", "hessian_prints": {"m.a": "1", "m.b": "3"}}
+    failed = {"variant": "ours", "error": "exit 1", "hessian_prints": {}}
+    unprinted = {"variant": "ours-grouped"}
+    bench.compare_hessian_prints([stock, ours, failed, unprinted], stock)
+    assert ours["hessians_vs_stock"]["first_differing"] == ["m.b"] and ours["hessians_vs_stock"]["equal"] == 1
+    assert "hessians_vs_stock" not in stock and "hessians_vs_stock" not in failed and "hessians_vs_stock" not in unprinted
+    seen = {}
+
+    def run(cmd, env, **kwargs):
+        seen["cmd"] = cmd
+        return bench.subprocess.CompletedProcess(cmd, 1, "", "stopped here")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    bench.run_variant("stock", bench.parse_args(["--device", "cpu", "--hessian-prints"]), tmp_path)
+    assert "--hessian-prints" in seen["cmd"]
+    bench.run_variant("stock", bench.parse_args(["--device", "cpu"]), tmp_path)
+    assert "--hessian-prints" not in seen["cmd"]
