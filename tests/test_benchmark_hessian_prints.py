@@ -14,8 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _hessian_prints as hp  # noqa: E402
 import gptqmodel_gpu as bench  # noqa: E402
 
-pytest.importorskip("gptqmodel")
-from gptqmodel.quantization.gptq import GPTQ  # noqa: E402
+
+
+@pytest.fixture
+def GPTQ():  # noqa: N802 - GPTQModel's class; imported per test: importing gptqmodel patches safetensors' save_file
+    pytest.importorskip("gptqmodel")
+    from gptqmodel.quantization.gptq import GPTQ
+
+    return GPTQ
 
 
 def _task(full_name: str, hessian: torch.Tensor) -> SimpleNamespace:
@@ -34,7 +40,7 @@ def test_digest_follows_the_values_dtype_and_shape_not_the_memory_layout():
     assert hp.digest(h.reshape(4, 9)) != hp.digest(h)
 
 
-def test_prints_keep_each_modules_first_finalized_hessian_by_full_name_and_restore(monkeypatch):
+def test_prints_keep_each_modules_first_finalized_hessian_by_full_name_and_restore(monkeypatch, GPTQ):
     monkeypatch.setattr(GPTQ, "finalize_hessian", lambda task, target_device=None: task.H)
     stub = GPTQ.finalize_hessian
     h0, h1 = torch.eye(4), 2 * torch.eye(4)
@@ -51,7 +57,7 @@ def test_prints_keep_each_modules_first_finalized_hessian_by_full_name_and_resto
                               "model.layers.1.self_attn.k_proj": hp.digest(h1)}
 
 
-def test_prints_restore_the_method_when_the_run_fails(monkeypatch):
+def test_prints_restore_the_method_when_the_run_fails(monkeypatch, GPTQ):
     monkeypatch.setattr(GPTQ, "finalize_hessian", lambda task, target_device=None: task.H)
     stub = GPTQ.finalize_hessian
     with pytest.raises(KeyboardInterrupt), hp.HessianPrints():

@@ -112,6 +112,9 @@ def test_tensor_file_refuses_what_it_cannot_write(tmp_path):
 
 
 def test_shards_are_the_files_transformers_writes_itself(model, tmp_path, monkeypatch):
+    # what Transformers calls now: importing gptqmodel swaps safetensors' save_file for a locked wrapper,
+    # so the name this module imported may not be the one Transformers holds
+    transformers_write = modeling_utils.safe_save_file
     model.save_pretrained(tmp_path / "plain", max_shard_size="60KB")
     recorder = _Recorder(concurrent_save.write_safetensors)
     monkeypatch.setattr(concurrent_save, "write_safetensors", recorder)
@@ -119,7 +122,7 @@ def test_shards_are_the_files_transformers_writes_itself(model, tmp_path, monkey
     plain, pooled = _files(tmp_path / "plain"), _files(tmp_path / "pooled")
     assert len(plain) > 4 and plain == pooled  # byte for byte, index included
     assert len(recorder.threads) > 1 and all(name.startswith("dq-shard") for name in recorder.threads)
-    assert modeling_utils.safe_save_file is safe_save_file  # Transformers' own writer is back after the call
+    assert modeling_utils.safe_save_file is transformers_write  # Transformers' own writer is back after the call
 
 
 def test_with_a_limit_the_shards_in_flight_stay_within_it():
