@@ -540,10 +540,11 @@ def run_gptqmodel(run: Run, tokenizer: Any, samples: list, save_dir: Path, work:
     with ``--stock`` no ``install()`` and a plain ``model.quantize`` (GPTQModel + Defuser as shipped)."""
     args = run.args
     t0 = time.perf_counter()
-    if (os.cpu_count() or 1) <= 4:  # GPTQModel 7.6's pools refuse to load with one CPU worker (ours sets it in install())
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from defuser_quant.calibration.data import to_gptqmodel_examples
+    from defuser_quant.integrations.gptqmodel import workable_cpu_pool
     from defuser_quant.integrations.gptqmodel.kernels import quant_linear_classes, record_gptq_kernels
+
+    workable_cpu_pool()  # stock too: GPTQModel 7.6's pools refuse to load with one CPU worker (install() does it for ours)
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from gptqmodel.models import loader as gptq_loader
 

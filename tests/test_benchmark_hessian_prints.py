@@ -15,7 +15,6 @@ import _hessian_prints as hp  # noqa: E402
 import gptqmodel_gpu as bench  # noqa: E402
 
 
-
 @pytest.fixture
 def GPTQ():  # noqa: N802 - GPTQModel's class; imported per test: importing gptqmodel patches safetensors' save_file
     pytest.importorskip("gptqmodel")

@@ -55,6 +55,7 @@ __all__ = [
     "save_dequantized_fused",
     "shim",
     "uninstall",
+    "workable_cpu_pool",
 ]
 
 
@@ -88,7 +89,7 @@ def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_
     """
     global _STATE
     require_gptqmodel()
-    _workable_cpu_pool()
+    workable_cpu_pool()
     if _STATE is not None:
         _STATE.shim.delegate_unsupported = delegate_unsupported
         _STATE.shim.strict = strict
@@ -146,10 +147,11 @@ def last_save() -> dict[str, Any] | None:
     return {name: asdict(value) for name, value in _STATE.save.items()}
 
 
-def _workable_cpu_pool() -> None:
+def workable_cpu_pool() -> None:
     """GPTQModel 7.6 gives its CPU pool half the cores, and with one worker (1-3 cores) it
     refuses to load ("'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"). Unless
-    the user chose ``GPTQMODEL_CPU_WORKERS``, set 2 before the (lazy) pool exists."""
+    the user chose ``GPTQMODEL_CPU_WORKERS``, set 2 before the (lazy) pool exists. :func:`install`
+    calls it; a stock GPTQModel run (no plugin) on a small machine needs it too."""
     import gptqmodel
 
     if os.environ.get("GPTQMODEL_CPU_WORKERS") is not None or getattr(gptqmodel, "_DEVICE_THREAD_POOL", None) is not None:
