@@ -17,6 +17,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 pins=(defuser==0.0.28 logbar==0.4.15 tokenicer==0.0.14 device-smi==0.5.7
       pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
       datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
+case "${WITH_LLMCOMPRESSOR:-0}" in
+  0|1) ;;
+  *) echo "build.sh: WITH_LLMCOMPRESSOR must be 0 or 1, got '${WITH_LLMCOMPRESSOR}'" >&2; exit 2 ;;
+esac
 if [ "${WITH_LLMCOMPRESSOR:-0}" = 1 ]; then
   # llm-compressor and what it needs beyond the GPU image (auto-round: imported with its modifiers)
   pins+=(llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru==0.7.3 auto-round==0.15.1)
