@@ -104,7 +104,8 @@ def compare(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str) -> d
     n = min(len(sa), len(sb))
     runs = {}
     for key, name, data, seconds in (("a", name_a, a, sa), ("b", name_b, b, sb)):
-        runs[key] = {"file": name, "variant": data.get("variant", "ours"), "status": data["status"],
+        runs[key] = {"file": name, "variant": data.get("variant", "ours"), "routing": data.get("routing"),
+                     "status": data["status"],
                      "layers_done": len(seconds), "layers_total": data["layers"]["total"],
                      "median_s_all_layers": round(statistics.median(seconds), 3) if seconds else None,
                      "peak_gpu_bytes": data.get("peak_gpu_bytes"),
@@ -140,6 +141,7 @@ def markdown(result: dict[str, Any]) -> str:
     rows = ["| | A | B | A / B |", "|---|---|---|---|",
             f"| file | {a['file']} | {b['file']} | |",
             f"| variant, status | {a['variant']}, {a['status']} | {b['variant']}, {b['status']} | |",
+            f"| calibration routing | {a['routing'] or 'not recorded'} | {b['routing'] or 'not recorded'} | |",
             f"| layers done | {a['layers_done']}/{a['layers_total']} | {b['layers_done']}/{b['layers_total']} | |",
             f"| median s/layer (all its layers) | {a['median_s_all_layers']} | {b['median_s_all_layers']} | |"]
     if "ratio_a_over_b" in st:

@@ -7,7 +7,8 @@ H200) directly on the device in bf16 (no CPU init, no 61 GB save + reload), then
 model's tokenizer) through ONE backend and saves the checkpoint:
 
 * ``--backend llmcompressor``: llm-compressor 0.14 ``oneshot`` on the in-memory model with our
-  ``DefuseModifier`` (routed, grouped expert GEMMs) before ``GPTQModifier``;
+  ``DefuseModifier`` (routed, grouped expert GEMMs) before ``GPTQModifier``; ``--routing all``
+  calibrates every expert on every token, as stock llm-compressor does (the like-for-like baseline);
 * ``--backend gptqmodel``: GPTQModel 7.6 with our plugin (``install()`` +
   ``quantize_with_defuser(grouped=True, batched_solve=True)``). GPTQModel only loads from a path,
   so ``GPTQModel.load`` gets a folder holding the config and tokenizer only, and its Hugging Face
@@ -91,6 +92,9 @@ TOKENIZER = ROOT / "defuser_quant" / "assets" / "tiny-qwen3-moe"
 #: the tiny shape of gptqmodel_gpu.py; the vocabulary must hold the shipped tokenizer's 4096 ids
 TINY = {**_GPTQMODEL_TINY, "vocab": 4096}
 EXIT_OK, EXIT_ERROR, EXIT_FALLBACK, EXIT_DEADLINE = 0, 1, 3, 4
+# How each backend calibrates its experts as shipped (the ``routing`` of a --stock result)
+STOCK_ROUTING = {"llmcompressor": "all (llm-compressor's default moe_calibrate_all_experts)",
+                 "gptqmodel": "routed (GPTQModel's default: QuantizeConfig.moe is None)"}
 #: DeepSeek-V3 MoE layer shape for the projection (config.json of deepseek-ai/DeepSeek-V3)
 DEEPSEEK_V3 = dict(layers=61, first_dense_layers=3, routed_experts=256, shared_experts=1, hidden=7168, intermediate=2048, top_k=8)
 
@@ -104,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", required=True, choices=["llmcompressor", "gptqmodel"])
     p.add_argument("--stock", action="store_true",
                    help="the backend as shipped (no DefuseModifier / no plugin): the baseline for whole_model_compare.py")
+    p.add_argument("--routing", default=None, choices=["routed", "all"],
+                   help="ours' calibration routing (default routed); 'all' sends every token through every expert, "
+                        "as stock llm-compressor calibrates (not with --stock: stock runs calibrate as shipped)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke run: " + json.dumps(TINY))
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 48; 2 with --tiny)")
@@ -132,6 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--layers must be >= 1")
     if args.deadline <= 0:
         p.error("--deadline must be > 0 seconds")
+    if args.stock and args.routing is not None:
+        p.error("--routing is ours' setting: a --stock run calibrates as the backend ships (drop --routing)")
+    if args.routing is None and not args.stock:
+        args.routing = "routed"
     if args.reserve is None:
         args.reserve = 75.0 if args.device == "cuda" and not args.tiny else 0.0
     if args.gptq_kernel is None:
@@ -140,7 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def default_output(args: argparse.Namespace) -> Path:
-    name = f"whole_model_{args.backend}{'_stock' if args.stock else ''}_{args.device}{'_tiny' if args.tiny else ''}.json"
+    variant = "_stock" if args.stock else ("_all" if args.routing == "all" else "")
+    name = f"whole_model_{args.backend}{variant}_{args.device}{'_tiny' if args.tiny else ''}.json"
     out = os.environ.get("OUT")
     return Path(out) / name if out else HERE / "results" / name
 
@@ -329,8 +341,9 @@ class Run:
             "backend": args.backend,
             "variant": "stock" if args.stock else "ours",
             "variant_is": ("the backend as shipped: no DefuseModifier / no defuser-quant plugin" if args.stock else
-                           "the backend with defuser-quant's integration (DefuseModifier routed grouped / GPTQModel "
-                           "plugin grouped + batched solve)"),
+                           f"the backend with defuser-quant's integration (DefuseModifier {args.routing} grouped / "
+                           f"GPTQModel plugin {args.routing} grouped + batched solve)"),
+            "routing": STOCK_ROUTING[args.backend] if args.stock else args.routing,
             "device": args.device,
             "gpu": torch.cuda.get_device_name(0) if self.cuda else None,
             "versions": versions(),
@@ -474,7 +487,7 @@ def run_llmcompressor(run: Run, tokenizer: Any, samples: list, save_dir: Path, w
     recipe: list = [GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)]
     defuse = None
     if dq_llmc is not None:
-        defuse = dq_llmc.DefuseModifier(routing="routed")
+        defuse = dq_llmc.DefuseModifier(routing=args.routing)
         recipe.insert(0, defuse)
     stage_clock = install_stage_clock(run.cuda)
     callbacks = sequential.LifecycleCallbacks
@@ -600,7 +613,7 @@ def run_gptqmodel(run: Run, tokenizer: Any, samples: list, save_dir: Path, work:
                 result = None
                 model.quantize(examples, batch_size=args.batch_size, backend=backend)
             else:
-                result = quantize_with_defuser(model, examples, routing="routed", policy="warn",
+                result = quantize_with_defuser(model, examples, routing=args.routing, policy="warn",
                                                batch_size=args.batch_size, backend=backend, grouped=True,
                                                batched_solve=True)
         run.clock.finish()

@@ -35,7 +35,7 @@ def _run(tmp_path: Path, backend: str, *flags: str) -> tuple[int, dict, str]:
     return proc.returncode, json.loads(out.read_text()), log
 
 
-def _check_complete(rc: int, data: dict, log: str, layers: int) -> None:
+def _check_complete(rc: int, data: dict, log: str, layers: int, routing: str = "routed") -> None:
     tiny = bench.TINY
     assert rc == bench.EXIT_OK, log
     assert data["status"] == "complete" and data["error"] is None and data["stopped"] is None
@@ -46,12 +46,15 @@ def _check_complete(rc: int, data: dict, log: str, layers: int) -> None:
     expected = layers * tiny["experts"] * 3
     assert data["expert_projections"] == data["expert_projections_quantized"] == data["expert_projections_expected"] == expected
     assert data["all_experts_quantized"] is True and data["checkpoint_bytes"] > 0
-    cov = data["coverage_totals"]
-    # routed mode: every token reaches top_k experts in every layer, none forced
-    assert cov["layers"] == layers and cov["experts"] == layers * tiny["experts"] and cov["forced_tokens"] == 0
-    assert cov["routed_tokens"] == cov["calibrated_tokens"] == layers * tiny["samples"] * tiny["seq_len"] * tiny["top_k"]
+    cov, tokens = data["coverage_totals"], layers * tiny["samples"] * tiny["seq_len"]
+    assert data["routing"] == routing and f"{routing} grouped" in data["variant_is"]
+    assert cov["layers"] == layers and cov["experts"] == layers * tiny["experts"]
+    # every token reaches its top_k experts in every layer; in 'all' every other expert sees it too (forced)
+    assert cov["routed_tokens"] == tokens * tiny["top_k"]
+    forced = 0 if routing == "routed" else tokens * (tiny["experts"] - tiny["top_k"])
+    assert cov["forced_tokens"] == forced and cov["calibrated_tokens"] == cov["routed_tokens"] + forced
     assert {"imports", "calibration_data", "build", "quantize", "save"} <= set(data["stages_s"])
-    assert data["peak_rss_bytes"] > 0 and data["versions"]["torch"] and data["command"].endswith(f"--layers {layers}")
+    assert data["peak_rss_bytes"] > 0 and data["versions"]["torch"] and f"--layers {layers}" in data["command"]
     proj = data["projection"]
     assert proj["label"].startswith("PROJECTION") and "all_layers_quantize_s" not in proj
     assert proj["per_layer_s_used"] == pytest.approx(statistics.median(data["layers"]["seconds"]), abs=1e-3)
@@ -63,6 +66,25 @@ def test_llmcompressor_tiny_whole_model_complete(tmp_path):
     _check_complete(rc, data, log, layers=2)
     assert data["grouped_use"]["grouped"] > 0 and data["grouped_use"]["fallbacks"] == {}
     assert data["llmcompressor_stages"]["solve"]["calls"] >= 2
+
+
+@pytest.mark.slow
+def test_llmcompressor_tiny_whole_model_routing_all(tmp_path):
+    """``--routing all``: every expert calibrated on every token, as stock llm-compressor calibrates."""
+    rc, data, log = _run(tmp_path, "llmcompressor", "--layers", "2", "--routing", "all")
+    _check_complete(rc, data, log, layers=2, routing="all")
+    assert data["grouped_use"]["grouped"] > 0 and data["grouped_use"]["fallbacks"] == {}
+
+
+def test_routing_is_ours_setting_and_names_the_output(capsys):
+    args = bench.parse_args(["--backend", "llmcompressor", "--device", "cpu", "--tiny", "--routing", "all"])
+    assert args.routing == "all" and bench.default_output(args).name == "whole_model_llmcompressor_all_cpu_tiny.json"
+    assert bench.parse_args(["--backend", "gptqmodel", "--device", "cpu", "--tiny"]).routing == "routed"
+    assert bench.parse_args(["--backend", "gptqmodel", "--stock", "--device", "cpu", "--tiny"]).routing is None
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--backend", "llmcompressor", "--stock", "--routing", "all"])
+    assert "--routing is ours' setting" in capsys.readouterr().err
+    assert set(bench.STOCK_ROUTING) == {"llmcompressor", "gptqmodel"}
 
 
 @pytest.mark.slow
@@ -251,6 +273,8 @@ def test_compare_two_complete_runs(tmp_path, tiny_runs):
     assert result["a"]["total"] == {"seconds": round(sum(sa), 1), "label": "measured", "note": "sum of the 3 measured layers"}
     assert result["total_ratio_a_over_b"]["label"] == "measured" and "PROJECTION" not in proc.stdout
     assert "| variant, status | stock, complete | ours, complete |" in proc.stdout
+    assert (result["a"]["routing"], result["b"]["routing"]) == (bench.STOCK_ROUTING["llmcompressor"], "routed")
+    assert f"| calibration routing | {bench.STOCK_ROUTING['llmcompressor']} | routed | |" in proc.stdout
     assert result["a_over_b_means"].startswith("stock / ours")
 
 

@@ -1,0 +1,54 @@
+"""benchmarks/batched_solve_exactness.py: the batched solve against GPTQModel's per-module solve (CPU smoke run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "batched_solve_exactness.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import batched_solve_exactness as bench  # noqa: E402
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_tiny_cpu_run_is_exact_with_the_paths_the_plugin_takes(tmp_path, deterministic):
+    pytest.importorskip("gptqmodel")
+    out = tmp_path / "exactness.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    flags = ["--deterministic"] if deterministic else []
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--output", str(out), *flags],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = json.loads(out.read_text())
+    assert data["deterministic"] is deterministic and data["shape"] == bench.TINY
+    assert (data["cublas_workspace_config"] == ":4096:8") if deterministic else True
+    attention, experts = data["results"]["attention"], data["results"]["experts"]
+    # q alone in its shape (per module), k/v batched on the factor of the Hessian they adopted from q
+    assert attention["paths"] == {"per module": 1, "batched_torch@cpu": 2}
+    assert experts["paths"] == {"batched_torch@cpu": 3 * bench.TINY["experts"]}
+    for result in (attention, experts):
+        assert result["all_equal"] and result["qweights_equal"] == result["modules"] and result["unequal"] == []
+        assert result["max_rel_scale_diff"] == 0.0
+
+
+def test_compare_names_each_unequal_module():
+    import torch
+
+    a = (torch.ones(2, 4), torch.ones(2, 1), torch.zeros(2, 1), torch.zeros(4), 0.0, 1.5)
+    b = (torch.ones(2, 4), torch.full((2, 1), 1.25), torch.zeros(2, 1), torch.zeros(4), 0.0, 1.5)
+    result = bench.compare({"m0": a, "m1": a}, {"m0": a, "m1": b}, {"m0": "per module", "m1": "batched_torch@cpu"})
+    assert result["qweights_equal"] == 2 and not result["all_equal"] and result["max_rel_scale_diff"] == 0.25
+    assert [(u["module"], u["scale"], u["q"]) for u in result["unequal"]] == [("m1", False, True)]
+
+
+def test_bad_arguments_are_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--experts", "1"])
+    assert "--experts must be >= 2" in capsys.readouterr().err
