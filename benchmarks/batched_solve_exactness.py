@@ -21,6 +21,7 @@ as ``gptqmodel_gpu.py --deterministic`` does.
 
     python benchmarks/batched_solve_exactness.py --output $OUT/batched_solve_exactness_cuda.json
     python benchmarks/batched_solve_exactness.py --deterministic --output $OUT/batched_solve_exactness_cuda_det.json
+    python benchmarks/batched_solve_exactness.py --deterministic --inverse-threads 4 --host-results   # the plugin's settings
     python benchmarks/batched_solve_exactness.py --device cpu --tiny     # a smoke run (tests)
 """
 
@@ -47,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels and cuBLAS workspace config")
     p.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke run: " + str(TINY))
     p.add_argument("--experts", type=int, default=None, help=f"experts (default {SHAPES['experts']})")
+    p.add_argument("--inverse-threads", type=int, default=1,
+                   help="the batched solve's Hessian-inverse threads, each on its own CUDA stream (the plugin's default: 4)")
+    p.add_argument("--host-results", action="store_true",
+                   help="the batched solve hands scales, zeros and g_idx back on the CPU (the plugin's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = p.parse_args(argv)
@@ -55,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.experts < 2:
             p.error("--experts must be >= 2 (the batched solve needs equal-shape siblings)")
         shape["experts"] = args.experts
+    if args.inverse_threads < 1:
+        p.error("--inverse-threads must be >= 1")
     args.shape = shape
     return args
 
@@ -112,7 +119,8 @@ def solve_per_module(tasks: list[tuple[str, Any]]) -> dict[str, tuple]:
     return {name: tuple(task.quantize()) for name, task in tasks}
 
 
-def solve_as_plugin(tasks: list[tuple[str, Any]]) -> tuple[dict[str, tuple], dict[str, str]]:
+def solve_as_plugin(tasks: list[tuple[str, Any]], inverse_threads: int = 1,
+                    host_results: bool = False) -> tuple[dict[str, tuple], dict[str, str]]:
     """Equal-shape modules batched (as the plugin's coordinator groups a subset), the rest per module."""
     from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
 
@@ -125,7 +133,8 @@ def solve_as_plugin(tasks: list[tuple[str, Any]]) -> tuple[dict[str, tuple], dic
             name, task = group[0]
             out[name], path[name] = tuple(task.quantize()), "per module"
             continue
-        for (name, _), result in zip(group, batched_gptq_solve([t for _, t in group]), strict=True):
+        solved = batched_gptq_solve([t for _, t in group], inverse_threads=inverse_threads, host_results=host_results)
+        for (name, _), result in zip(group, solved, strict=True):
             if result is None:
                 raise RuntimeError(f"{name}: the batched solve handed it back (first Cholesky failed)")
             out[name], path[name] = tuple(result.values), result.path
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             reference = build(args.shape, args.device, args.seed)[subset]
             plugin = build(args.shape, args.device, args.seed)[subset]
             expected = solve_per_module(reference)
-            got, path = solve_as_plugin(plugin)
+            got, path = solve_as_plugin(plugin, args.inverse_threads, args.host_results)
         results[subset] = compare(expected, got, path)
         print(f"{subset}: {results[subset]['qweights_equal']}/{results[subset]['modules']} qweights equal, "
               f"all equal: {results[subset]['all_equal']}, largest relative scale difference "
@@ -183,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/batched_solve_exactness.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(),
         "deterministic": args.deterministic, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "inverse_threads": args.inverse_threads, "host_results": args.host_results,
         "versions": {"torch": torch.__version__, "gptqmodel": gptqmodel.__version__,
                      "block_update_extension": _extension_available()},
         "shape": args.shape, "quantization": "GPTQ W4A16, group 128 (GPTQModel's defaults otherwise)",

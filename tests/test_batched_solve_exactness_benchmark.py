@@ -16,19 +16,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import batched_solve_exactness as bench  # noqa: E402
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_tiny_cpu_run_is_exact_with_the_paths_the_plugin_takes(tmp_path, deterministic):
+@pytest.mark.parametrize("deterministic,plugin_settings", [(False, False), (True, True)])
+def test_tiny_cpu_run_is_exact_with_the_paths_the_plugin_takes(tmp_path, deterministic, plugin_settings):
     pytest.importorskip("gptqmodel")
     out = tmp_path / "exactness.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    flags = ["--deterministic"] if deterministic else []
+    flags = (["--deterministic"] if deterministic else []) + (["--inverse-threads", "4", "--host-results"]
+                                                             if plugin_settings else [])
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--output", str(out), *flags],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     data = json.loads(out.read_text())
     assert data["deterministic"] is deterministic and data["shape"] == bench.TINY
     assert (data["cublas_workspace_config"] == ":4096:8") if deterministic else True
+    assert (data["inverse_threads"], data["host_results"]) == ((4, True) if plugin_settings else (1, False))
     attention, experts = data["results"]["attention"], data["results"]["experts"]
     # q alone in its shape (per module), k/v batched on the factor of the Hessian they adopted from q
     assert attention["paths"] == {"per module": 1, "batched_torch@cpu": 2}
@@ -52,3 +54,6 @@ def test_bad_arguments_are_refused_in_one_line(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--experts", "1"])
     assert "--experts must be >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--inverse-threads", "0"])
+    assert "--inverse-threads must be >= 1" in capsys.readouterr().err
