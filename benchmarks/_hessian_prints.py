@@ -8,11 +8,13 @@ Hessians the solves start from tells which of the two differs first.
 GPTQModel 7.6 finalizes a task's Hessian with ``GPTQ.finalize_hessian`` before solving it, on its
 own per-module path and on our batched one alike; the first finalized 2-D Hessian of each module
 (by its full name) is hashed (its float32 bytes, copied to the host: one device sync per module, so a
-diagnostic, not a timing run).
+diagnostic, not a timing run). At the same moment the module's weight, which the solve reads next,
+is hashed too (``weights``): equal Hessians and weights with unequal qweights put the difference in
+the solve; an unequal weight puts it in how the layer was loaded.
 
     with HessianPrints() as prints:
         model.quantize(...)
-    row["hessian_prints"] = prints.digests
+    row["hessian_prints"], row["weight_prints"] = prints.digests, prints.weights
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class HessianPrints:
 
     def __init__(self) -> None:
         self.digests: dict[str, str] = {}
+        self.weights: dict[str, str] = {}  # {task name: digest of its module's weight at that moment}
         self._lock = threading.Lock()
         self._original = None
 
@@ -58,8 +61,13 @@ class HessianPrints:
                     known = name in prints.digests
                 if not known:  # one digest (and device sync) per module
                     value = digest(result)
+                    weight = getattr(getattr(task, "module", None), "weight", None)
+                    weight_value = digest(weight.data) if weight is not None else None
                     with prints._lock:
-                        prints.digests.setdefault(name, value)  # another thread may have been first
+                        if name not in prints.digests:  # another thread may have been first
+                            prints.digests[name] = value
+                            if weight_value is not None:
+                                prints.weights[name] = weight_value
             return result
 
         self._original = original

@@ -75,10 +75,10 @@ into pinned buffers (``layer_reads.PIN``), ``+nooff1`` loads with ``QuantizeConf
 ``ours-grouped-batched+si500+cpuw4`` are variants; the row's ``modifiers`` say what was set.
 ``--gil-probe`` adds ``gil_probe`` to every row: how late a thread that sleeps 2 ms gets the lock
 back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
-costs there. ``--hessian-prints`` adds ``hessian_prints`` to every row (a digest of the Hessian
-each module's GPTQ solve starts from, ``_hessian_prints.py``; one device sync per module, so a
-diagnostic, not a timing run) and ``hessians_vs_stock`` to every other row: how many modules'
-Hessians equal stock's and the first that differ, in the order stock solved them. With ``qweights_equal_by_group``
+costs there. ``--hessian-prints`` adds ``hessian_prints`` and ``weight_prints`` to every row (digests of the Hessian
+and the weight each module's GPTQ solve starts from, ``_hessian_prints.py``; one device sync per module, so a
+diagnostic, not a timing run) and ``hessians_vs_stock`` / ``weights_vs_stock`` to every other row: how
+many modules' Hessians (weights) equal stock's and the first that differ, in the order stock solved them. With ``qweights_equal_by_group``
 it tells whether a checkpoint difference starts in the Hessians or in the solve.
 
 Every row records which GPTQModel code paths ran (``integrations.gptqmodel.kernels``): GPTQ
@@ -614,6 +614,8 @@ def compare_hessian_prints(rows: list[dict], stock: dict) -> None:
     for r in rows:
         if r is not stock and "error" not in r and r.get("hessian_prints") is not None:
             r["hessians_vs_stock"] = compare(stock["hessian_prints"], r["hessian_prints"])
+            if stock.get("weight_prints") is not None and r.get("weight_prints") is not None:
+                r["weights_vs_stock"] = compare(stock["weight_prints"], r["weight_prints"])
 
 
 def _compare_rows(rows: list[dict], work: Path, base: dict, key: str, label: str) -> None:
@@ -844,6 +846,7 @@ def worker(args: argparse.Namespace) -> int:
         extra["gil_probe"] = probe.summary()
     if args.hessian_prints:
         extra["hessian_prints"] = prints.digests
+        extra["weight_prints"] = prints.weights
     extra["kernels"] = kernels.as_dict()
     extra["kernels_label"] = kernels.label()
     extra["fallback"] = kernels.fallback_reason() if cuda else None

@@ -23,9 +23,10 @@ def GPTQ():  # noqa: N802 - GPTQModel's class; imported per test: importing gptq
     return GPTQ
 
 
-def _task(full_name: str, hessian: torch.Tensor) -> SimpleNamespace:
+def _task(full_name: str, hessian: torch.Tensor, weight: torch.Tensor | None = None) -> SimpleNamespace:
     relative = full_name.split(".", 3)[-1]  # GPTQModel's task.name is relative to the layer
-    return SimpleNamespace(name=relative, _named_module=SimpleNamespace(full_name=full_name), H=hessian)
+    module = SimpleNamespace(weight=torch.nn.Parameter(weight)) if weight is not None else None
+    return SimpleNamespace(name=relative, _named_module=SimpleNamespace(full_name=full_name), H=hessian, module=module)
 
 
 def test_digest_follows_the_values_dtype_and_shape_not_the_memory_layout():
@@ -43,17 +44,22 @@ def test_prints_keep_each_modules_first_finalized_hessian_by_full_name_and_resto
     monkeypatch.setattr(GPTQ, "finalize_hessian", lambda task, target_device=None: task.H)
     stub = GPTQ.finalize_hessian
     h0, h1 = torch.eye(4), 2 * torch.eye(4)
-    k0, k1 = _task("model.layers.0.self_attn.k_proj", h0), _task("model.layers.1.self_attn.k_proj", h1)
+    w0, w1 = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(3, 4, dtype=torch.bfloat16)
+    k0, k1 = _task("model.layers.0.self_attn.k_proj", h0, w0), _task("model.layers.1.self_attn.k_proj", h1, w1)
     embedding = _task("model.embed_tokens", torch.ones(4))  # GPTQModel's embedding path returns a diagonal
     with hp.HessianPrints() as prints:
         assert GPTQ.finalize_hessian(k0) is h0  # the result passes through unchanged
         GPTQ.finalize_hessian(k1)
         k0.H = 3 * torch.eye(4)
+        k0.module.weight.data = w1.clone()
         GPTQ.finalize_hessian(k0)  # a later finalize of the same module: the first is kept
         GPTQ.finalize_hessian(embedding)
     assert GPTQ.finalize_hessian is stub
     assert prints.digests == {"model.layers.0.self_attn.k_proj": hp.digest(h0),
                               "model.layers.1.self_attn.k_proj": hp.digest(h1)}
+    # the weight each solve reads, taken with its Hessian (none for a task without a module)
+    assert prints.weights == {"model.layers.0.self_attn.k_proj": hp.digest(w0),
+                              "model.layers.1.self_attn.k_proj": hp.digest(w1)}
 
 
 def test_prints_restore_the_method_when_the_run_fails(monkeypatch, GPTQ):
@@ -73,12 +79,14 @@ def test_compare_counts_equal_hessians_and_lists_the_first_differing_in_base_ord
 
 
 def test_the_benchmark_compares_every_printed_row_with_stock_and_passes_the_flag(tmp_path, monkeypatch):
-    stock = {"variant": "stock", "hessian_prints": {"m.a": "1", "m.b": "2"}}
-    ours = {"variant": "ours-grouped-batched", "hessian_prints": {"m.a": "1", "m.b": "3"}}
+    stock = {"variant": "stock", "hessian_prints": {"m.a": "1", "m.b": "2"}, "weight_prints": {"m.a": "5", "m.b": "6"}}
+    ours = {"variant": "ours-grouped-batched", "hessian_prints": {"m.a": "1", "m.b": "3"},
+            "weight_prints": {"m.a": "7", "m.b": "6"}}
     failed = {"variant": "ours", "error": "exit 1", "hessian_prints": {}}
     unprinted = {"variant": "ours-grouped"}
     bench.compare_hessian_prints([stock, ours, failed, unprinted], stock)
     assert ours["hessians_vs_stock"]["first_differing"] == ["m.b"] and ours["hessians_vs_stock"]["equal"] == 1
+    assert ours["weights_vs_stock"]["first_differing"] == ["m.a"] and ours["weights_vs_stock"]["equal"] == 1
     assert "hessians_vs_stock" not in stock and "hessians_vs_stock" not in failed and "hessians_vs_stock" not in unprinted
     seen = {}
 
@@ -91,3 +99,29 @@ def test_the_benchmark_compares_every_printed_row_with_stock_and_passes_the_flag
     assert "--hessian-prints" in seen["cmd"]
     bench.run_variant("stock", bench.parse_args(["--device", "cpu"]), tmp_path)
     assert "--hessian-prints" not in seen["cmd"]
+
+
+@pytest.mark.slow
+def test_a_real_tiny_cpu_run_prints_every_solved_module_and_matches_stock(tmp_path):
+    """The flag end to end: stock and ours on the tiny shape (CPU: deterministic), every GPTQ-solved
+    module printed in both rows, the same Hessians and weights as stock and the same checkpoint."""
+    import json
+    import os
+    import subprocess
+
+    pytest.importorskip("gptqmodel")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "prints.json"
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gptqmodel_gpu.py"), "--device", "cpu", "--tiny",
+                           "--variants", "stock,ours-grouped-batched", "--no-reload", "--hessian-prints", "--output", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    stock, ours = json.loads(out.read_text())["rows"]
+    solved = sum(stock["kernels"]["gptq_solves"].values())
+    assert len(stock["hessian_prints"]) == len(stock["weight_prints"]) == solved > 0
+    assert set(ours["hessian_prints"]) == set(ours["weight_prints"]) == set(stock["hessian_prints"])
+    for key in ("hessians_vs_stock", "weights_vs_stock"):
+        assert ours[key] == {"modules": solved, "equal": solved, "first_differing": [], "only_in_base": 0, "only_in_other": 0}
+    assert ours["qweights_equal"] == f"{solved}/{solved}"
