@@ -44,8 +44,8 @@ Exit codes: 0 complete, every expert projection quantized; 1 error or not every 
 ``fallback`` and ``error`` say so: the timings are not comparable); 4 stopped at the deadline
 (partial JSON written).
 
-JSON (``--output``, default ``$OUT/whole_model_<backend>_<device>[_tiny].json`` when ``$OUT`` is set,
-else ``benchmarks/results/``): command, versions, GPU, shape, stage times (imports, build,
+JSON (``--output``, default ``$OUT/whole_model_<backend>[_stock|_all]_<device>[_tiny].json`` when ``$OUT``
+is set, else ``benchmarks/results/``): command, versions, GPU, shape, calibration ``routing``, stage times (imports, build,
 calibration data, quantize, save), per-layer seconds, peak GPU memory, peak RSS, expert
 projections quantized (read back from the checkpoint), coverage totals, checkpoint bytes, the
 backend's path records (GPTQModel: which GPTQ solve kernels ran, batched solves; llm-compressor:
