@@ -159,3 +159,38 @@ def test_an_interrupted_run_leaves_unbundled_modules_as_they_are(tmp_path):
             raise KeyboardInterrupt
     assert stage_layer.offload_to_disk is original and stats.bundles == 0
     assert first.weight.device.type == "cpu" and os.listdir(tmp_path) == []
+
+
+def test_the_index_is_split_per_member_in_one_pass():
+    from defuser_quant.integrations.gptqmodel.offload_bundle import entries_by_member
+
+    index = {"3.gate_proj.qweight": {"dtype": "int32"}, "3.gate_proj.scales": {"dtype": "float16"},
+             "12.down_proj.qweight": {"dtype": "int32"}, "3.up_proj.g_idx": {"dtype": "int32"}}
+    entries = entries_by_member(index)
+    assert entries == {"3.gate_proj": {"qweight": {"dtype": "int32"}, "scales": {"dtype": "float16"}},
+                       "12.down_proj": {"qweight": {"dtype": "int32"}}, "3.up_proj": {"g_idx": {"dtype": "int32"}}}
+    entries["3.gate_proj"]["qweight"]["dtype"] = "changed"  # each member's weights map owns its entries
+    assert index["3.gate_proj.qweight"]["dtype"] == "int32"
+
+
+def test_a_module_missing_from_its_bundles_index_takes_gptqmodels_offload(tmp_path, monkeypatch):
+    from defuser_quant.integrations.gptqmodel import offload_bundle
+
+    model, paths = _model(experts=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    write = offload_bundle._write_bundle
+
+    def without_expert_1_down(*args, **kwargs):
+        index, nbytes = write(*args, **kwargs)
+        return {k: v for k, v in index.items() if not k.startswith("1.down_proj.")}, nbytes
+
+    monkeypatch.setattr(offload_bundle, "_write_bundle", without_expert_1_down)
+    calls: list[str] = []
+    bundler, stats = _bundler(model, paths, calls)
+    for path in sorted(paths):
+        bundler.offload(module=model.get_submodule(path), model=model, disk_path=str(tmp_path), force=True)
+    missing = "model.layers.0.mlp.experts.1.down_proj"
+    assert calls == [missing] and stats.stock["its hooks failed to attach"] == 1 and stats.modules == 3
+    kept = model.get_submodule(missing)  # its tensors where they were, for GPTQModel's own offload
+    assert kept.weight.device.type == "cpu" and torch.equal(kept.weight, before[missing + ".weight"])
+    assert model.get_submodule("model.layers.0.mlp.experts.0.down_proj").weight.device.type == "meta"

@@ -148,9 +148,10 @@ class _Bundler:
                 self._stock("the bundle failed to write", module, self.model, disk_path, force)
             return
         bundled = 0
+        entries = entries_by_member(index)
         for name, module in members:
             try:
-                _attach(os.path.abspath(os.path.join(disk_path, block)), name, module, index)
+                _attach(os.path.abspath(os.path.join(disk_path, block)), module, entries[block_of(name)[1]])
                 bundled += 1
             except Exception as exc:  # noqa: BLE001 - its tensors are where they were: GPTQModel offloads it
                 logger.warning("offloading %s from its bundle failed (%s: %s); GPTQModel offloads it",
@@ -211,14 +212,25 @@ def _write_bundle(disk_path: str, block: str, members: list[tuple[str, nn.Module
     return index, sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _attach(folder: str, name: str, module: nn.Module, index: dict[str, dict]) -> None:
+def entries_by_member(index: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """A bundle's index split per member, in one pass: ``{"3.gate_proj": {"qweight": entry, ...}}``.
+
+    Every key is ``<local>.<state_dict key>`` with ``local`` the member's last two name parts
+    (:func:`block_of`); a per-member scan of the whole index made attaching a block quadratic
+    in its expert count."""
+    entries: dict[str, dict[str, dict]] = {}
+    for key, entry in index.items():
+        expert, role, rest = key.split(".", 2)
+        entries.setdefault(f"{expert}.{role}", {})[rest] = dict(entry)
+    return entries
+
+
+def _attach(folder: str, module: nn.Module, own: dict[str, dict]) -> None:
     """What accelerate's ``disk_offload`` does to a module (as GPTQModel calls it), with the
-    module's entries of the bundle as its weights map: its tensors on ``meta`` behind the hooks."""
+    module's entries of the bundle (``own``) as its weights map: its tensors on ``meta`` behind the hooks."""
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_align_device_hook
     from accelerate.utils import OffloadedWeightsLoader
 
-    _, local = block_of(name)
-    own = {key[len(local) + 1:]: dict(entry) for key, entry in index.items() if key.startswith(local + ".")}
     device = next(iter([*module.parameters(recurse=False), *module.buffers(recurse=False)])).device
     weights_map = OffloadedWeightsLoader(index=own, save_folder=folder)
     add_hook_to_module(module, AlignDevicesHook(io_same_device=True), append=True)
