@@ -26,11 +26,11 @@ from typing import Any
 DIGEST_CHARS = 16
 
 
-def digest(hessian: Any) -> str:
-    """Hash of a Hessian's values, dtype and shape (the same bytes on any device)."""
+def digest(tensor: Any) -> str:
+    """Hash of a tensor's values, dtype and shape (the same bytes on any device)."""
     import torch
 
-    host = hessian.detach().to("cpu").contiguous()
+    host = tensor.detach().to("cpu").contiguous()
     h = hashlib.blake2b(digest_size=DIGEST_CHARS // 2)
     h.update(f"{host.dtype}{tuple(host.shape)}".encode())
     h.update(host.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -38,7 +38,8 @@ def digest(hessian: Any) -> str:
 
 
 class HessianPrints:
-    """Records ``{task name: digest}`` for every GPTQ task finalized inside the block, then restores."""
+    """Records ``{task name: digest}`` of the Hessian (``digests``) and the weight (``weights``) of every
+    GPTQ task finalized inside the block, then restores."""
 
     def __init__(self) -> None:
         self.digests: dict[str, str] = {}

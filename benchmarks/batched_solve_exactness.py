@@ -121,17 +121,18 @@ def solve_per_module(tasks: list[tuple[str, Any]]) -> dict[str, tuple]:
 
 def solve_as_plugin(tasks: list[tuple[str, Any]], inverse_threads: int = 1,
                     host_results: bool = False) -> tuple[dict[str, tuple], dict[str, str]]:
-    """Equal-shape modules batched (as the plugin's coordinator groups a subset), the rest per module."""
-    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
+    """Grouped as the plugin's coordinator groups a subset (its settings key, its smallest batch):
+    each group batched, the rest per module."""
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve, _settings_key, batched_gptq_solve
 
-    by_shape: dict[tuple, list[tuple[str, Any]]] = {}
+    groups: dict[tuple, list[tuple[str, Any]]] = {}
     for name, task in tasks:
-        by_shape.setdefault((task.rows, task.columns), []).append((name, task))
+        groups.setdefault(_settings_key(task), []).append((name, task))
     out, path = {}, {}
-    for group in by_shape.values():
-        if len(group) < 2:
-            name, task = group[0]
-            out[name], path[name] = tuple(task.quantize()), "per module"
+    for group in groups.values():
+        if len(group) < BatchedSolve().min_modules:
+            for name, task in group:
+                out[name], path[name] = tuple(task.quantize()), "per module"
             continue
         solved = batched_gptq_solve([t for _, t in group], inverse_threads=inverse_threads, host_results=host_results)
         for (name, _), result in zip(group, solved, strict=True):
@@ -144,19 +145,19 @@ def solve_as_plugin(tasks: list[tuple[str, Any]], inverse_threads: int = 1,
 def compare(expected: dict[str, tuple], got: dict[str, tuple], path: dict[str, str]) -> dict[str, Any]:
     import torch
 
-    rows, equal_q, scale_diff = [], 0, 0.0
+    rows = []
     for name, e in expected.items():
         r = got[name]
         same = {k: bool(torch.equal(want.cpu(), have.cpu())) for k, want, have in
                 zip(("q", "scale", "zero", "g_idx"), e[:4], r[:4], strict=True)}
         same["loss"] = r[5] == e[5]
-        equal_q += same["q"]
-        diff = float(((r[1].float().cpu() - e[1].float().cpu()).abs() / e[1].float().cpu().abs()).max())
-        scale_diff = max(scale_diff, diff)
-        rows.append({"module": name, "path": path[name], **same, "max_rel_scale_diff": diff})
-    return {"modules": len(rows), "paths": dict(Counter(path.values())), "qweights_equal": equal_q, "all_equal": all(all(v for k, v in row.items()
-            if k in ("q", "scale", "zero", "g_idx", "loss")) for row in rows), "max_rel_scale_diff": scale_diff,
-            "unequal": [row for row in rows if not all(row[k] for k in ("q", "scale", "zero", "g_idx", "loss"))]}
+        want_scale, have_scale = e[1].float().cpu(), r[1].float().cpu()
+        diff = float(((have_scale - want_scale).abs() / want_scale.abs()).max())
+        rows.append({"module": name, "path": path[name], **same, "max_rel_scale_diff": diff, "equal": all(same.values())})
+    unequal = [row for row in rows if not row["equal"]]
+    return {"modules": len(rows), "paths": dict(Counter(path.values())), "qweights_equal": sum(row["q"] for row in rows),
+            "all_equal": not unequal, "max_rel_scale_diff": max((row["max_rel_scale_diff"] for row in rows), default=0.0),
+            "unequal": unequal}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     from defuser_quant.calibration.grouped import deterministic_mode
 
     results: dict[str, Any] = {}
-    for subset in ("attention", "experts"):
-        with deterministic_mode(args.deterministic):
-            reference = build(args.shape, args.device, args.seed)[subset]
-            plugin = build(args.shape, args.device, args.seed)[subset]
-            expected = solve_per_module(reference)
-            got, path = solve_as_plugin(plugin, args.inverse_threads, args.host_results)
+    with deterministic_mode(args.deterministic):
+        reference = build(args.shape, args.device, args.seed)  # the same tasks twice: one copy per solve
+        plugin = build(args.shape, args.device, args.seed)
+        solved = {subset: (solve_per_module(reference[subset]),
+                           *solve_as_plugin(plugin[subset], args.inverse_threads, args.host_results))
+                  for subset in ("attention", "experts")}
+    for subset, (expected, got, path) in solved.items():
         results[subset] = compare(expected, got, path)
         print(f"{subset}: {results[subset]['qweights_equal']}/{results[subset]['modules']} qweights equal, "
               f"all equal: {results[subset]['all_equal']}, largest relative scale difference "

@@ -256,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gil-probe", action="store_true",
                    help="sample the interpreter lock's hand-back delay through quantize() (gil_probe in every row)")
     p.add_argument("--hessian-prints", action="store_true",
-                   help="digest of each module's Hessian at its solve in every row, compared with stock's (a diagnostic)")
+                   help="digests of each module's Hessian and weight at its solve in every row, compared with stock's (a diagnostic)")
     p.add_argument("--warmup", action="store_true",
                    help="run the first variant once, untimed, before the timed runs (Triton compiles its kernels then)")
     p.add_argument("--allow-fallback", action="store_true",
@@ -606,7 +606,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def compare_hessian_prints(rows: list[dict], stock: dict) -> None:
-    """``hessians_vs_stock`` in every other row that has ``hessian_prints`` (``--hessian-prints``)."""
+    """``hessians_vs_stock`` (and ``weights_vs_stock``) in every other row that has prints (``--hessian-prints``)."""
     if stock.get("hessian_prints") is None:
         return
     from _hessian_prints import compare  # beside this script, on sys.path when it runs (or is imported by the tests)
