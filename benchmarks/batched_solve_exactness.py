@@ -17,11 +17,15 @@ and compares qweights (``Q``), scales, zeros, ``g_idx`` and losses module by mod
 
 ``--deterministic`` sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` before CUDA starts and runs both solves
 under ``torch.use_deterministic_algorithms(True, warn_only=True)`` (``calibration.grouped.deterministic_mode``),
-as ``gptqmodel_gpu.py --deterministic`` does.
+as ``gptqmodel_gpu.py --deterministic`` does. ``--on-worker-threads`` runs each side's solves on a fresh
+thread of its own, as GPTQModel runs them on its device workers, instead of on the main thread:
+round 24 found CUDA inverses computed on the main thread byte-different from the same inverses
+computed on the plugin's inverse threads (``inverse_streams.py``).
 
     python benchmarks/batched_solve_exactness.py --output $OUT/batched_solve_exactness_cuda.json
     python benchmarks/batched_solve_exactness.py --deterministic --output $OUT/batched_solve_exactness_cuda_det.json
     python benchmarks/batched_solve_exactness.py --deterministic --inverse-threads 4 --host-results   # the plugin's settings
+    python benchmarks/batched_solve_exactness.py --inverse-threads 4 --host-results --on-worker-threads
     python benchmarks/batched_solve_exactness.py --device cpu --tiny     # a smoke run (tests)
 """
 
@@ -33,6 +37,7 @@ import os
 import platform
 import shlex
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the batched solve's Hessian-inverse threads, each on its own CUDA stream (the plugin's default: 4)")
     p.add_argument("--host-results", action="store_true",
                    help="the batched solve hands scales, zeros and g_idx back on the CPU (the plugin's default)")
+    p.add_argument("--on-worker-threads", action="store_true",
+                   help="each side's solves on a fresh thread of its own (as GPTQModel's device workers run them), "
+                        "not on the main thread")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = p.parse_args(argv)
@@ -142,6 +150,24 @@ def solve_as_plugin(tasks: list[tuple[str, Any]], inverse_threads: int = 1,
     return out, path
 
 
+def on_fresh_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` run on a new thread (its result, or what it raised)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="exactness-worker")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def compare(expected: dict[str, tuple], got: dict[str, tuple], path: dict[str, str]) -> dict[str, Any]:
     import torch
 
@@ -180,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     with deterministic_mode(args.deterministic):
         reference = build(args.shape, args.device, args.seed)  # the same tasks twice: one copy per solve
         plugin = build(args.shape, args.device, args.seed)
-        solved = {subset: (solve_per_module(reference[subset]),
-                           *solve_as_plugin(plugin[subset], args.inverse_threads, args.host_results))
+        run = on_fresh_thread if args.on_worker_threads else (lambda fn, *a: fn(*a))
+        solved = {subset: (run(solve_per_module, reference[subset]),
+                           *run(solve_as_plugin, plugin[subset], args.inverse_threads, args.host_results))
                   for subset in ("attention", "experts")}
     for subset, (expected, got, path) in solved.items():
         results[subset] = compare(expected, got, path)
@@ -195,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(),
         "deterministic": args.deterministic, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         "inverse_threads": args.inverse_threads, "host_results": args.host_results,
+        "on_worker_threads": args.on_worker_threads,
         "versions": {"torch": torch.__version__, "gptqmodel": gptqmodel.__version__,
                      "block_update_extension": _extension_available()},
         "shape": args.shape, "quantization": "GPTQ W4A16, group 128 (GPTQModel's defaults otherwise)",

@@ -16,14 +16,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import batched_solve_exactness as bench  # noqa: E402
 
 
-@pytest.mark.parametrize("deterministic,plugin_settings", [(False, False), (True, True)])
-def test_tiny_cpu_run_is_exact_with_the_paths_the_plugin_takes(tmp_path, deterministic, plugin_settings):
+@pytest.mark.parametrize("deterministic,plugin_settings,workers", [(False, False, False), (True, True, False),
+                                                                   (False, True, True)])
+def test_tiny_cpu_run_is_exact_with_the_paths_the_plugin_takes(tmp_path, deterministic, plugin_settings, workers):
     pytest.importorskip("gptqmodel")
     out = tmp_path / "exactness.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     flags = (["--deterministic"] if deterministic else []) + (["--inverse-threads", "4", "--host-results"]
-                                                             if plugin_settings else [])
+                                                             if plugin_settings else []) + (
+        ["--on-worker-threads"] if workers else [])
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--output", str(out), *flags],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -31,6 +33,7 @@ def test_tiny_cpu_run_is_exact_with_the_paths_the_plugin_takes(tmp_path, determi
     assert data["deterministic"] is deterministic and data["shape"] == bench.TINY
     assert (data["cublas_workspace_config"] == ":4096:8") if deterministic else True
     assert (data["inverse_threads"], data["host_results"]) == ((4, True) if plugin_settings else (1, False))
+    assert data["on_worker_threads"] is workers
     attention, experts = data["results"]["attention"], data["results"]["experts"]
     # q alone in its shape (per module), k/v batched on the factor of the Hessian they adopted from q
     assert attention["paths"] == {"per module": 1, "batched_torch@cpu": 2}
@@ -57,3 +60,11 @@ def test_bad_arguments_are_refused_in_one_line(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--inverse-threads", "0"])
     assert "--inverse-threads must be >= 1" in capsys.readouterr().err
+
+
+def test_on_fresh_thread_runs_off_the_main_thread_and_raises_what_it_raised():
+    import threading
+
+    assert bench.on_fresh_thread(lambda: threading.current_thread() is threading.main_thread()) is False
+    with pytest.raises(ValueError, match="boom"):
+        bench.on_fresh_thread(lambda: (_ for _ in ()).throw(ValueError("boom")))
