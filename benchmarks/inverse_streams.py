@@ -19,7 +19,8 @@ each with and without deterministic algorithms, and with deterministic algorithm
 ``torch.utils.deterministic.fill_uninitialized_memory = False`` (deterministic mode fills every new
 ``torch.empty`` with NaN on the current stream; with that off it does not), and with deterministic
 algorithms and cuSOLVER or MAGMA preferred (``torch.backends.cuda.preferred_linalg_library``). Each way is compared with
-``serial`` byte for byte (``hinv`` and the order); without deterministic algorithms each way's first run
+``serial`` byte for byte (whole, and per part: ``hinv``, the order, the status; with the largest relative
+``hinv`` difference); without deterministic algorithms each way's first run
 is also compared with the same steps in float64 on the CPU (``max_rel_error_vs_float64``): rounding-level
 differences, or wrong results.
 
@@ -150,11 +151,26 @@ def _bytes_of(inverses: list) -> list[tuple]:
     return [(inv.hinv.cpu(), None if inv.perm is None else inv.perm.cpu(), inv.info.cpu()) for inv in inverses]
 
 
-def _equal(a: list[tuple], b: list[tuple]) -> int:
+PARTS = ("hinv", "perm", "info")
+
+
+def _compare(a: list[tuple], b: list[tuple]) -> dict[str, Any]:
+    """How many of the inverses are byte-equal (whole, and per part: ``hinv``, the column order, the
+    status) and the largest |b - a| / max|a| of ``hinv``."""
     import torch
 
-    return sum(all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
-                   for x, y in zip(ra, rb, strict=True)) for ra, rb in zip(a, b, strict=True))
+    def same(x: Any, y: Any) -> bool:
+        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+
+    flags = [[same(x, y) for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=True)]
+    diff = max(float((rb[0].double() - ra[0].double()).abs().max() / ra[0].double().abs().max())
+               for ra, rb in zip(a, b, strict=True))
+    return {"all": sum(all(f) for f in flags), **{part: sum(f[i] for f in flags) for i, part in enumerate(PARTS)},
+            "max_rel_hinv_diff": diff}
+
+
+def _equal(a: list[tuple], b: list[tuple]) -> int:
+    return _compare(a, b)["all"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,13 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             reference = _bytes_of(ways["serial"](hessians))
             row: dict[str, Any] = {}
             for way, run in ways.items():
-                equal, error = [], 0.0
+                compared, error = [], 0.0
                 for _ in range(args.repeats):
                     inverses = run(hessians)
-                    equal.append(_equal(reference, _bytes_of(inverses)))
+                    compared.append(_compare(reference, _bytes_of(inverses)))
                     if setting == "default" and not error:
                         error = _error_vs_float64(hessians, inverses, qcfg)
-                row[way] = {"equal_per_repeat": equal, "of": args.hessians}
+                row[way] = {"equal_per_repeat": [c["all"] for c in compared], "of": args.hessians,
+                            "parts_equal_per_repeat": {p: [c[p] for c in compared] for p in PARTS},
+                            "max_rel_hinv_diff": max(c["max_rel_hinv_diff"] for c in compared)}
                 if setting == "default":
                     row[way]["max_rel_error_vs_float64"] = error
             results[setting] = row

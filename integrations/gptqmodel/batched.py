@@ -27,8 +27,11 @@ Exactness, step by step against ``GPTQ.quantize`` (7.6):
   shapes, the results are GPTQModel's bit for bit (CPU: tested; CUDA: the CUDA tests assert
   it). With ``mse`` the quantizer's grid search (row sums) also runs per module. On CUDA a
   chunk's inverses are spread over ``BatchedSolve.inverse_threads`` host threads, each on its own
-  stream and so with its own cuSOLVER handle: on an H200 that gave serial's bits in every run,
-  where several streams of one thread (one handle) did not (``benchmarks/hessian_inverse_gpu.py``).
+  stream and so with its own cuSOLVER handle: on an H200 the Cholesky chain alone gave serial's
+  bits in every run, where several streams of one thread (one handle) did not
+  (``benchmarks/hessian_inverse_gpu.py``), and inside GPTQModel the threads gave stock's checkpoint;
+  called from the main thread at Qwen3 shapes, the whole inverse (copy, dead columns, order, chain)
+  on four threads was not byte-equal to the main thread's (``benchmarks/inverse_streams.py``, round 24).
 
 Whatever is not reproduced goes back to GPTQModel's per-module solve, logged and counted by
 reason (:class:`BatchedSolveStats`): GPTAQ/FOEM tasks, non-``Quantizer`` quantizers, ``static_groups``,
