@@ -160,7 +160,7 @@ def on_fresh_thread(fn: Any, *args: Any) -> Any:
         except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
             box["error"] = exc
 
-    thread = threading.Thread(target=run, name="exactness-worker")
+    thread = threading.Thread(target=run, name="exactness-worker", daemon=True)  # a Ctrl-C does not wait for it
     thread.start()
     thread.join()
     if "error" in box:
@@ -206,9 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     with deterministic_mode(args.deterministic):
         reference = build(args.shape, args.device, args.seed)  # the same tasks twice: one copy per solve
         plugin = build(args.shape, args.device, args.seed)
-        run = on_fresh_thread if args.on_worker_threads else (lambda fn, *a: fn(*a))
-        solved = {subset: (run(solve_per_module, reference[subset]),
-                           *run(solve_as_plugin, plugin[subset], args.inverse_threads, args.host_results))
+        ran_on: dict[str, set[str]] = {"reference": set(), "plugin": set()}
+
+        def run(side: str, fn: Any, *a: Any) -> Any:
+            def call() -> Any:
+                ran_on[side].add("main" if threading.current_thread() is threading.main_thread() else "worker")
+                return fn(*a)
+            return on_fresh_thread(call) if args.on_worker_threads else call()
+
+        solved = {subset: (run("reference", solve_per_module, reference[subset]),
+                           *run("plugin", solve_as_plugin, plugin[subset], args.inverse_threads, args.host_results))
                   for subset in ("attention", "experts")}
     for subset, (expected, got, path) in solved.items():
         results[subset] = compare(expected, got, path)
@@ -222,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(),
         "deterministic": args.deterministic, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         "inverse_threads": args.inverse_threads, "host_results": args.host_results,
-        "on_worker_threads": args.on_worker_threads,
+        "on_worker_threads": args.on_worker_threads, "solves_ran_on": {k: sorted(v) for k, v in ran_on.items()},
         "versions": {"torch": torch.__version__, "gptqmodel": gptqmodel.__version__,
                      "block_update_extension": _extension_available()},
         "shape": args.shape, "quantization": "GPTQ W4A16, group 128 (GPTQModel's defaults otherwise)",
