@@ -12,9 +12,17 @@ diagnostic, not a timing run). At the same moment the module's weight, which the
 is hashed too (``weights``): equal Hessians and weights with unequal qweights put the difference in
 the solve; an unequal weight puts it in how the layer was loaded.
 
+Inside the solve, the inverse factor is printed too (``inverses``): every call of GPTQModel's
+``GPTQ.hessian_inverse`` (stock's solve, once per shared-Hessian cohort) and of the batched solve's
+``gptq_first_inverse`` (ours) maps the digest of the Hessian it is given (ordered, dead columns set,
+before its damp) to the digest of the factor it returns. Two runs' factors for the same Hessian equal
+put the difference in the column loop; unequal, in the inverse (``inverse_modules`` names, for stock,
+the module whose solve computed it).
+
     with HessianPrints() as prints:
         model.quantize(...)
     row["hessian_prints"], row["weight_prints"] = prints.digests, prints.weights
+    row["inverse_prints"], row["inverse_modules"] = prints.inverses, prints.inverse_modules
 """
 
 from __future__ import annotations
@@ -44,8 +52,11 @@ class HessianPrints:
     def __init__(self) -> None:
         self.digests: dict[str, str] = {}
         self.weights: dict[str, str] = {}  # {task name: digest of its module's weight at that moment}
+        self.inverses: dict[str, str] = {}  # {digest of the Hessian an inverse is given: digest of its factor}
+        self.inverse_modules: dict[str, str] = {}  # {that Hessian digest: the module whose solve computed it} (stock)
         self._lock = threading.Lock()
         self._original = None
+        self._originals: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) of the inverse patches
 
     def __enter__(self) -> HessianPrints:
         from gptqmodel.quantization.gptq import GPTQ
@@ -73,12 +84,49 @@ class HessianPrints:
 
         self._original = original
         GPTQ.finalize_hessian = finalize_hessian
+        self._patch_inverses(GPTQ)
         return self
+
+    def _record_inverse(self, hessian_digest: str, factor: Any, module: str | None) -> None:
+        if factor is None or getattr(factor, "ndim", 0) != 2:
+            return
+        value = digest(factor)
+        with self._lock:
+            self.inverses.setdefault(hessian_digest, value)
+            if module is not None:
+                self.inverse_modules.setdefault(hessian_digest, module)
+
+    def _patch_inverses(self, GPTQ: Any) -> None:  # noqa: N803 - GPTQModel's class
+        from defuser_quant.integrations.gptqmodel import batched
+
+        stock_inverse, ours_inverse = GPTQ.hessian_inverse, batched.gptq_first_inverse
+        prints = self
+
+        def hessian_inverse(task, H, *args, **kwargs):
+            key = digest(H)  # before the call: it adds its damp to H's diagonal (and takes it off again)
+            result = stock_inverse(task, H, *args, **kwargs)
+            named = getattr(task, "_named_module", None)
+            prints._record_inverse(key, result[0] if isinstance(result, tuple) else result,
+                                   getattr(named, "full_name", None) or getattr(task, "name", None))
+            return result
+
+        def gptq_first_inverse(H, damp):
+            key = digest(H)  # before the call: it adds its damp to H's diagonal in place
+            result = ours_inverse(H, damp)
+            prints._record_inverse(key, result[0], None)
+            return result
+
+        self._originals = [(GPTQ, "hessian_inverse", stock_inverse), (batched, "gptq_first_inverse", ours_inverse)]
+        GPTQ.hessian_inverse = hessian_inverse
+        batched.gptq_first_inverse = gptq_first_inverse
 
     def __exit__(self, *exc: object) -> None:
         from gptqmodel.quantization.gptq import GPTQ
 
         GPTQ.finalize_hessian = self._original
+        for owner, attribute, original in reversed(self._originals):
+            setattr(owner, attribute, original)
+        self._originals = []
 
 
 def compare(base: dict[str, str], other: dict[str, str], first: int = 8) -> dict[str, Any]:
@@ -87,4 +135,15 @@ def compare(base: dict[str, str], other: dict[str, str], first: int = 8) -> dict
     common = [name for name in base if name in other]
     differ = [name for name in common if base[name] != other[name]]
     return {"modules": len(common), "equal": len(common) - len(differ), "first_differing": differ[:first],
+            "only_in_base": len(set(base) - set(other)), "only_in_other": len(set(other) - set(base))}
+
+
+def compare_inverses(base: dict[str, str], other: dict[str, str], names: dict[str, str] | None = None,
+                     first: int = 8) -> dict[str, Any]:
+    """For the Hessians both runs inverted: how many factors are equal, and the first differing ones
+    (named by ``names``, the base run's modules, where known), in the base run's order."""
+    names = names or {}
+    common = [key for key in base if key in other]
+    differ = [names.get(key, key) for key in common if base[key] != other[key]]
+    return {"hessians": len(common), "equal": len(common) - len(differ), "first_differing": differ[:first],
             "only_in_base": len(set(base) - set(other)), "only_in_other": len(set(other) - set(base))}

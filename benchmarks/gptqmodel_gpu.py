@@ -76,8 +76,9 @@ into pinned buffers (``layer_reads.PIN``), ``+nooff1`` loads with ``QuantizeConf
 ``--gil-probe`` adds ``gil_probe`` to every row: how late a thread that sleeps 2 ms gets the lock
 back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
 costs there. ``--hessian-prints`` adds ``hessian_prints`` and ``weight_prints`` to every row (digests of the Hessian
-and the weight each module's GPTQ solve starts from, ``_hessian_prints.py``; one device sync per module, so a
-diagnostic, not a timing run) and ``hessians_vs_stock`` / ``weights_vs_stock`` to every other row: how
+and the weight each module's GPTQ solve starts from, and ``inverse_prints``: the inverse factor computed for each
+Hessian, ``_hessian_prints.py``; one device sync per module, so a diagnostic, not a timing run) and
+``hessians_vs_stock`` / ``weights_vs_stock`` / ``inverses_vs_stock`` to every other row: how
 many modules' Hessians (weights) equal stock's and the first that differ, in the order stock solved them. With ``qweights_equal_by_group``
 it tells whether a checkpoint difference starts in the Hessians or in the solve.
 
@@ -606,16 +607,20 @@ def markdown(rows: list[dict]) -> str:
 
 
 def compare_hessian_prints(rows: list[dict], stock: dict) -> None:
-    """``hessians_vs_stock`` (and ``weights_vs_stock``) in every other row that has prints (``--hessian-prints``)."""
+    """``hessians_vs_stock`` (and ``weights_vs_stock``, ``inverses_vs_stock``) in every other row that has prints
+    (``--hessian-prints``)."""
     if stock.get("hessian_prints") is None:
         return
-    from _hessian_prints import compare  # beside this script, on sys.path when it runs (or is imported by the tests)
+    from _hessian_prints import compare, compare_inverses  # beside this script, on sys.path when it runs
 
     for r in rows:
         if r is not stock and "error" not in r and r.get("hessian_prints") is not None:
             r["hessians_vs_stock"] = compare(stock["hessian_prints"], r["hessian_prints"])
             if stock.get("weight_prints") is not None and r.get("weight_prints") is not None:
                 r["weights_vs_stock"] = compare(stock["weight_prints"], r["weight_prints"])
+            if stock.get("inverse_prints") is not None and r.get("inverse_prints") is not None:
+                r["inverses_vs_stock"] = compare_inverses(stock["inverse_prints"], r["inverse_prints"],
+                                                          stock.get("inverse_modules"))
 
 
 def _compare_rows(rows: list[dict], work: Path, base: dict, key: str, label: str) -> None:
@@ -847,6 +852,8 @@ def worker(args: argparse.Namespace) -> int:
     if args.hessian_prints:
         extra["hessian_prints"] = prints.digests
         extra["weight_prints"] = prints.weights
+        extra["inverse_prints"] = prints.inverses
+        extra["inverse_modules"] = prints.inverse_modules
     extra["kernels"] = kernels.as_dict()
     extra["kernels_label"] = kernels.label()
     extra["fallback"] = kernels.fallback_reason() if cuda else None

@@ -63,11 +63,42 @@ def test_prints_keep_each_modules_first_finalized_hessian_by_full_name_and_resto
 
 
 def test_prints_restore_the_method_when_the_run_fails(monkeypatch, GPTQ):
+    from defuser_quant.integrations.gptqmodel import batched
+
     monkeypatch.setattr(GPTQ, "finalize_hessian", lambda task, target_device=None: task.H)
-    stub = GPTQ.finalize_hessian
+    stub, inverse, first_inverse = GPTQ.finalize_hessian, GPTQ.hessian_inverse, batched.gptq_first_inverse
     with pytest.raises(KeyboardInterrupt), hp.HessianPrints():
+        assert GPTQ.hessian_inverse is not inverse and batched.gptq_first_inverse is not first_inverse
         raise KeyboardInterrupt
     assert GPTQ.finalize_hessian is stub
+    assert GPTQ.hessian_inverse is inverse and batched.gptq_first_inverse is first_inverse
+
+
+def test_inverse_prints_key_each_factor_by_the_hessian_it_was_given_before_the_damp(GPTQ):
+    from defuser_quant.integrations.gptqmodel import batched
+
+    a = torch.randn(40, 8, dtype=torch.float64).float()
+    h = a.T.matmul(a) / 40
+    given = hp.digest(h)
+    with hp.HessianPrints() as prints:
+        hinv, info = batched.gptq_first_inverse(h.clone(), 0.01)  # ours: adds its damp in place
+        assert int(info) == 0
+    assert prints.inverses == {given: hp.digest(hinv)} and prints.inverse_modules == {}
+    other = torch.eye(8)
+    with hp.HessianPrints() as prints:
+        batched.gptq_first_inverse(h.clone(), 0.01)
+        batched.gptq_first_inverse(h.clone(), 0.02)  # the same Hessian again: the first factor is kept
+        batched.gptq_first_inverse(other.clone(), 0.01)
+    assert list(prints.inverses) == [given, hp.digest(other)] and prints.inverses[given] == hp.digest(hinv)
+
+
+def test_compare_inverses_names_stocks_module_for_each_differing_factor():
+    stock = {"h1": "f1", "h2": "f2", "h3": "f3"}
+    ours = {"h2": "f2", "h1": "x", "h4": "f4"}
+    assert hp.compare_inverses(stock, ours, {"h1": "model.layers.0.self_attn.q_proj"}) == {
+        "hessians": 2, "equal": 1, "first_differing": ["model.layers.0.self_attn.q_proj"],
+        "only_in_base": 1, "only_in_other": 1}
+    assert hp.compare_inverses(stock, {"h3": "y"})["first_differing"] == ["h3"]  # no name known: its key
 
 
 def test_compare_counts_equal_hessians_and_lists_the_first_differing_in_base_order():
@@ -124,4 +155,9 @@ def test_a_real_tiny_cpu_run_prints_every_solved_module_and_matches_stock(tmp_pa
     assert set(ours["hessian_prints"]) == set(ours["weight_prints"]) == set(stock["hessian_prints"])
     for key in ("hessians_vs_stock", "weights_vs_stock"):
         assert ours[key] == {"modules": solved, "equal": solved, "first_differing": [], "only_in_base": 0, "only_in_other": 0}
+    # every Hessian stock inverted (once per shared cohort), ours inverted too, to the same factor
+    inverted = len(stock["inverse_prints"])
+    assert inverted > 0 and set(stock["inverse_modules"]) == set(stock["inverse_prints"])
+    assert ours["inverses_vs_stock"] == {"hessians": inverted, "equal": inverted, "first_differing": [],
+                                         "only_in_base": 0, "only_in_other": 0}
     assert ours["qweights_equal"] == f"{solved}/{solved}"
