@@ -1,28 +1,28 @@
 """Are the batched solve's Hessian inverses the same bytes on helper threads and streams as on the caller's?
 
 ``batched_solve_exactness.py --deterministic --inverse-threads 4 --host-results`` (round 24) gave 0 of 48
-expert qweights equal to GPTQModel's per-module solve (largest relative scale difference 0.19), while
-``--deterministic`` alone (one inverse thread) and every non-deterministic run gave 48/48. This script
-isolates the inverses: it prepares ``--hessians`` random Hessians (``X^T X`` of ``--tokens`` random rows,
-``--columns`` wide) and computes each one's GPTQModel inverse (``batched._invert_unit``: dead columns,
+expert qweights equal to GPTQModel's per-module solve (largest relative scale difference 0.19), where one
+inverse thread gave 48/48 with and without deterministic algorithms (round 23). This script isolates the
+inverses: it prepares ``--hessians`` random Hessians (``X^T X`` of ``--tokens`` random rows, ``--columns``
+wide) and computes each one's GPTQModel inverse (``batched._invert_unit``: dead columns,
 ``act_group_aware`` order, damped lower Cholesky, ``cholesky_inverse``, upper Cholesky) in several ways:
 
-* ``serial``: one after another on the caller's stream (the reference);
+* ``serial``: one after another on the caller's (main) thread and stream (the reference);
 * ``side_stream``: one after another on one other stream, ordered after the caller's and waited for;
-* ``threads``: ``batched._unit_inverses`` with ``--threads`` host threads, each on its own stream (the
+* ``threads<N>``: ``batched._unit_inverses`` with ``--threads`` host threads, each on its own stream (the
   plugin's setting);
 * ``threads_same_stream``: those threads, all on the default stream;
 * ``threads_synced``: those threads, one job at a time with the device synchronized around it (no race);
 * ``other_thread_serial``: one new thread, one after another on the default stream;
 
-each with and without deterministic algorithms, and with deterministic algorithms but
+each without deterministic algorithms, with them, with them but
 ``torch.utils.deterministic.fill_uninitialized_memory = False`` (deterministic mode fills every new
-``torch.empty`` with NaN on the current stream; with that off it does not), and with deterministic
-algorithms and cuSOLVER or MAGMA preferred (``torch.backends.cuda.preferred_linalg_library``). Each way is compared with
-``serial`` byte for byte (whole, and per part: ``hinv``, the order, the status; with the largest relative
-``hinv`` difference); without deterministic algorithms each way's first run
-is also compared with the same steps in float64 on the CPU (``max_rel_error_vs_float64``): rounding-level
-differences, or wrong results.
+``torch.empty`` with NaN on the current stream; with that off it does not), and with them and cuSOLVER or
+MAGMA preferred (``torch.backends.cuda.preferred_linalg_library``). ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` is
+set for the whole process (it must be set before CUDA starts). Each way is compared with ``serial`` byte
+for byte (whole, and per part: ``hinv``, the order, the status; with the largest relative ``hinv``
+difference); without deterministic algorithms each way's first run is also compared with the same steps
+in float64 on the CPU (``max_rel_error_vs_float64``): rounding-level differences, or wrong results.
 
     python benchmarks/inverse_streams.py --output $OUT/inverse_streams_cuda.json
 """
