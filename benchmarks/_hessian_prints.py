@@ -55,8 +55,7 @@ class HessianPrints:
         self.inverses: dict[str, str] = {}  # {digest of the Hessian an inverse is given: digest of its factor}
         self.inverse_modules: dict[str, str] = {}  # {that Hessian digest: the module whose solve computed it} (stock)
         self._lock = threading.Lock()
-        self._original = None
-        self._originals: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) of the inverse patches
+        self._originals: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) of every patch
 
     def __enter__(self) -> HessianPrints:
         from gptqmodel.quantization.gptq import GPTQ
@@ -82,7 +81,7 @@ class HessianPrints:
                                 prints.weights[name] = weight_value
             return result
 
-        self._original = original
+        self._originals = [(GPTQ, "finalize_hessian", original)]
         GPTQ.finalize_hessian = finalize_hessian
         self._patch_inverses(GPTQ)
         return self
@@ -116,34 +115,30 @@ class HessianPrints:
             prints._record_inverse(key, result[0], None)
             return result
 
-        self._originals = [(GPTQ, "hessian_inverse", stock_inverse), (batched, "gptq_first_inverse", ours_inverse)]
+        self._originals += [(GPTQ, "hessian_inverse", stock_inverse), (batched, "gptq_first_inverse", ours_inverse)]
         GPTQ.hessian_inverse = hessian_inverse
         batched.gptq_first_inverse = gptq_first_inverse
 
     def __exit__(self, *exc: object) -> None:
-        from gptqmodel.quantization.gptq import GPTQ
-
-        GPTQ.finalize_hessian = self._original
         for owner, attribute, original in reversed(self._originals):
             setattr(owner, attribute, original)
         self._originals = []
 
 
-def compare(base: dict[str, str], other: dict[str, str], first: int = 8) -> dict[str, Any]:
-    """How many modules' Hessians are equal, and the first differing ones in the order ``base``'s
-    run finalized them (its solve order)."""
-    common = [name for name in base if name in other]
-    differ = [name for name in common if base[name] != other[name]]
+def compare(base: dict[str, str], other: dict[str, str], first: int = 8,
+            names: dict[str, str] | None = None) -> dict[str, Any]:
+    """How many keys (modules) have equal digests, and the first differing ones in the order ``base``'s
+    run recorded them (its solve order), each shown as ``names[key]`` where given."""
+    names = names or {}
+    common = [key for key in base if key in other]
+    differ = [names.get(key, key) for key in common if base[key] != other[key]]
     return {"modules": len(common), "equal": len(common) - len(differ), "first_differing": differ[:first],
             "only_in_base": len(set(base) - set(other)), "only_in_other": len(set(other) - set(base))}
 
 
 def compare_inverses(base: dict[str, str], other: dict[str, str], names: dict[str, str] | None = None,
                      first: int = 8) -> dict[str, Any]:
-    """For the Hessians both runs inverted: how many factors are equal, and the first differing ones
-    (named by ``names``, the base run's modules, where known), in the base run's order."""
-    names = names or {}
-    common = [key for key in base if key in other]
-    differ = [names.get(key, key) for key in common if base[key] != other[key]]
-    return {"hessians": len(common), "equal": len(common) - len(differ), "first_differing": differ[:first],
-            "only_in_base": len(set(base) - set(other)), "only_in_other": len(set(other) - set(base))}
+    """:func:`compare` for the inverse prints (keyed by Hessian digest): the Hessians both runs
+    inverted, how many factors are equal, the first differing named by the base run's modules."""
+    result = compare(base, other, first, names)
+    return {"hessians": result.pop("modules"), **result}

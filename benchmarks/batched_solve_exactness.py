@@ -42,6 +42,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from _threads import on_fresh_thread
+
 HERE = Path(__file__).resolve().parent
 SHAPES = {"hidden": 2048, "q_rows": 4096, "kv_rows": 512, "intermediate": 768, "experts": 16, "tokens": 512}
 TINY = {"hidden": 256, "q_rows": 512, "kv_rows": 128, "intermediate": 128, "experts": 4, "tokens": 192}
@@ -150,24 +152,6 @@ def solve_as_plugin(tasks: list[tuple[str, Any]], inverse_threads: int = 1,
     return out, path
 
 
-def on_fresh_thread(fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` run on a new thread (its result, or what it raised)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="exactness-worker", daemon=True)  # a Ctrl-C does not wait for it
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
 def compare(expected: dict[str, tuple], got: dict[str, tuple], path: dict[str, str]) -> dict[str, Any]:
     import torch
 
@@ -212,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             def call() -> Any:
                 ran_on[side].add("main" if threading.current_thread() is threading.main_thread() else "worker")
                 return fn(*a)
-            return on_fresh_thread(call) if args.on_worker_threads else call()
+            return on_fresh_thread(call, name="exactness-worker") if args.on_worker_threads else call()
 
         solved = {subset: (run("reference", solve_per_module, reference[subset]),
                            *run("plugin", solve_as_plugin, plugin[subset], args.inverse_threads, args.host_results))

@@ -36,6 +36,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from _threads import on_fresh_thread
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -67,9 +69,9 @@ def _hessians(args: argparse.Namespace) -> list[Any]:
 
 
 def _ways(qcfg: Any, columns: int, threads: int) -> dict[str, Any]:
-    import torch
-
     import threading
+
+    import torch
 
     from defuser_quant.integrations.gptqmodel.batched import _invert_unit, _spread, _unit_inverses
 
@@ -112,11 +114,7 @@ def _ways(qcfg: Any, columns: int, threads: int) -> dict[str, Any]:
         return _spread(job, hs, threads)
 
     def other_thread_serial(hs: list) -> list:  # one new thread, default stream, one after another
-        box: list = []
-        thread = threading.Thread(target=lambda: box.append(serial(hs)))
-        thread.start()
-        thread.join()
-        return box[0]
+        return on_fresh_thread(serial, hs)
 
     return {"serial": serial, "side_stream": side_stream,
             f"threads{threads}": lambda hs: _unit_inverses(hs, invert, threads),
@@ -167,10 +165,6 @@ def _compare(a: list[tuple], b: list[tuple]) -> dict[str, Any]:
                for ra, rb in zip(a, b, strict=True))
     return {"all": sum(all(f) for f in flags), **{part: sum(f[i] for f in flags) for i, part in enumerate(PARTS)},
             "max_rel_hinv_diff": diff}
-
-
-def _equal(a: list[tuple], b: list[tuple]) -> int:
-    return _compare(a, b)["all"]
 
 
 def main(argv: list[str] | None = None) -> int:
