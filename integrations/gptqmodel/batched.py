@@ -30,8 +30,11 @@ Exactness, step by step against ``GPTQ.quantize`` (7.6):
   stream and so with its own cuSOLVER handle: on an H200 the Cholesky chain alone gave serial's
   bits in every run, where several streams of one thread (one handle) did not
   (``benchmarks/hessian_inverse_gpu.py``), and inside GPTQModel the threads gave stock's checkpoint;
-  called from the main thread at Qwen3 shapes, the whole inverse (copy, dead columns, order, chain)
-  on four threads was not byte-equal to the main thread's (``benchmarks/inverse_streams.py``, round 24).
+  at Qwen3 shapes the whole inverse (copy, dead columns, order, chain) on four threads with their own
+  streams was not byte-equal to one thread's, at rounding level (the same float64 error; on the
+  default stream the threads gave the same bytes: ``benchmarks/inverse_streams.py``, round 25), while
+  the whole solve run on worker threads, as GPTQModel runs it, gave its bytes without deterministic
+  algorithms (``benchmarks/batched_solve_exactness.py --on-worker-threads``).
 
 Whatever is not reproduced goes back to GPTQModel's per-module solve, logged and counted by
 reason (:class:`BatchedSolveStats`): GPTAQ/FOEM tasks, non-``Quantizer`` quantizers, ``static_groups``,
