@@ -24,7 +24,12 @@ for byte (whole, and per part: ``hinv``, the order, the status; with the largest
 difference); without deterministic algorithms each way's first run is also compared with the same steps
 in float64 on the CPU (``max_rel_error_vs_float64``): rounding-level differences, or wrong results.
 
+The JSON is written again after each setting (``complete`` false until every ``--settings`` entry has
+run), so a run its caller cuts off keeps the settings it finished (round 25's first run was cut off in its
+last setting before it wrote anything).
+
     python benchmarks/inverse_streams.py --output $OUT/inverse_streams_cuda.json
+    python benchmarks/inverse_streams.py --settings default,deterministic --repeats 2
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ from _threads import on_fresh_thread
 HERE = Path(__file__).resolve().parent
 
 
+#: setting -> (deterministic algorithms, their NaN fill of new memory, preferred linalg library or None)
+SETTINGS = {"default": (False, True, None), "deterministic": (True, True, None),
+            "deterministic_no_fill": (True, False, None), "deterministic_cusolver": (True, True, "cusolver"),
+            "deterministic_magma": (True, True, "magma")}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hessians", type=int, default=16)
@@ -48,11 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="runs of each way (a race may not show every time)")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"comma-separated settings to run, in order (default: all of {', '.join(SETTINGS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = p.parse_args(argv)
     if args.hessians < 2 or args.threads < 2:
         p.error("--hessians and --threads must be at least 2 (the threaded path needs two of each)")
+    args.settings = [name.strip() for name in args.settings.split(",") if name.strip()]
+    unknown = [name for name in args.settings if name not in SETTINGS]
+    if unknown or not args.settings:
+        p.error(f"--settings: unknown or none {unknown}; choose from {', '.join(SETTINGS)}")
     return args
 
 
@@ -186,13 +203,21 @@ def main(argv: list[str] | None = None) -> int:
     qcfg = QuantizeConfig(bits=4, group_size=128)
     hessians = _hessians(args)
     ways = _ways(qcfg, args.columns, args.threads)
-    settings = {"default": (False, True, None), "deterministic": (True, True, None),
-                "deterministic_no_fill": (True, False, None), "deterministic_cusolver": (True, True, "cusolver"),
-                "deterministic_magma": (True, True, "magma")}
+    out = args.output or (Path(os.environ["OUT"]) / "inverse_streams_cuda.json" if os.environ.get("OUT")
+                          else HERE / "results" / "inverse_streams_cuda.json")
+    meta = {
+        "command": "python benchmarks/inverse_streams.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "gptqmodel": gptqmodel.__version__,
+        "preferred_linalg_library": str(torch.backends.cuda.preferred_linalg_library()),
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "hessians": args.hessians, "columns": args.columns, "tokens": args.tokens, "threads": args.threads,
+        "repeats": args.repeats,
+    }
     fill_default = torch.utils.deterministic.fill_uninitialized_memory
     library_default = torch.backends.cuda.preferred_linalg_library()
     results: dict[str, Any] = {}
-    for setting, (deterministic, fill, library) in settings.items():
+    for setting in args.settings:
+        deterministic, fill, library = SETTINGS[setting]
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = fill
         if library is not None:
@@ -219,19 +244,15 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cuda.preferred_linalg_library(library_default)
         print(setting, {w: (r["equal_per_repeat"], r.get("max_rel_error_vs_float64")) for w, r in row.items()},
               f"of {args.hessians}")
-    data = {
-        "command": "python benchmarks/inverse_streams.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "gptqmodel": gptqmodel.__version__,
-        "preferred_linalg_library": str(torch.backends.cuda.preferred_linalg_library()),
-        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-        "hessians": args.hessians, "columns": args.columns, "tokens": args.tokens, "threads": args.threads,
-        "repeats": args.repeats, "results": results,
-    }
-    out = args.output or (Path(os.environ["OUT"]) / "inverse_streams_cuda.json" if os.environ.get("OUT")
-                          else HERE / "results" / "inverse_streams_cuda.json")
-    write_json(out, data)
+        # after every setting: a run cut off by a time limit keeps what it finished, marked incomplete
+        write_json(out, report(meta, results, args.settings))
     print(f"wrote {out}")
     return 0
+
+
+def report(meta: dict[str, Any], results: dict[str, Any], asked: list[str]) -> dict[str, Any]:
+    """The JSON written after each setting: ``complete`` only once every asked setting has run."""
+    return {**meta, "settings_asked": list(asked), "complete": all(s in results for s in asked), "results": results}
 
 
 if __name__ == "__main__":

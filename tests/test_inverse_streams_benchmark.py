@@ -62,3 +62,18 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--threads", "1"])
     assert "--hessians and --threads must be at least 2" in capsys.readouterr().err
+
+
+def test_settings_are_chosen_in_order_and_unknown_ones_refused(capsys):
+    assert bench.parse_args(["--settings", "deterministic, default"]).settings == ["deterministic", "default"]
+    assert bench.parse_args([]).settings == list(bench.SETTINGS)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--settings", "default,fast"])
+    assert "--settings: unknown or none ['fast']" in capsys.readouterr().err
+
+
+def test_the_report_is_complete_only_when_every_asked_setting_ran():
+    asked = ["default", "deterministic"]
+    partial = bench.report({"command": "x"}, {"default": {}}, asked)
+    assert partial["complete"] is False and partial["settings_asked"] == asked and partial["command"] == "x"
+    assert bench.report({}, {"default": {}, "deterministic": {}}, asked)["complete"] is True
