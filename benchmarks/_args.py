@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 def counts(minimum: int) -> Callable[[str], list[int]]:
@@ -17,6 +17,21 @@ def counts(minimum: int) -> Callable[[str], list[int]]:
             raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
         if any(n < minimum for n in values):
             raise argparse.ArgumentTypeError(f"counts must be >= {minimum}, got {text!r}")
+        return values
+
+    return parse
+
+
+def names(choices: Iterable[str]) -> Callable[[str], list[str]]:
+    """An argparse type: ``"a, b"`` -> ["a", "b"] in the order given, each one of ``choices``; an
+    unknown name, or none at all, is refused with a message that lists the choices."""
+    allowed = list(choices)
+
+    def parse(text: str) -> list[str]:
+        values = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [value for value in values if value not in allowed]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(f"unknown or none {unknown}; choose from {', '.join(allowed)}")
         return values
 
     return parse

@@ -41,6 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from _args import names
 from _threads import on_fresh_thread
 
 HERE = Path(__file__).resolve().parent
@@ -59,17 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="runs of each way (a race may not show every time)")
-    p.add_argument("--settings", default=",".join(SETTINGS),
+    p.add_argument("--settings", type=names(SETTINGS), default=",".join(SETTINGS),
                    help=f"comma-separated settings to run, in order (default: all of {', '.join(SETTINGS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = p.parse_args(argv)
     if args.hessians < 2 or args.threads < 2:
         p.error("--hessians and --threads must be at least 2 (the threaded path needs two of each)")
-    args.settings = [name.strip() for name in args.settings.split(",") if name.strip()]
-    unknown = [name for name in args.settings if name not in SETTINGS]
-    if unknown or not args.settings:
-        p.error(f"--settings: unknown or none {unknown}; choose from {', '.join(SETTINGS)}")
     return args
 
 

@@ -70,6 +70,9 @@ def test_settings_are_chosen_in_order_and_unknown_ones_refused(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--settings", "default,fast"])
     assert "--settings: unknown or none ['fast']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--settings", " , "])
+    assert "--settings: unknown or none []; choose from default" in capsys.readouterr().err
 
 
 def test_the_report_is_complete_only_when_every_asked_setting_ran():
