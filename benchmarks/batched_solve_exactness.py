@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the batched solve's Hessian-inverse threads, each on its own CUDA stream (the plugin's default: 4)")
     p.add_argument("--host-results", action="store_true",
                    help="the batched solve hands scales, zeros and g_idx back on the CPU (the plugin's default)")
+    p.add_argument("--streams", default="auto", choices=["auto", "own", "caller"],
+                   help="the batched solve's inverse streams (BatchedSolve.streams): each inverse thread's own, the "
+                        "caller's, or auto (the caller's under --deterministic; the plugin's default)")
     p.add_argument("--on-worker-threads", action="store_true",
                    help="each side's solves on a fresh thread of its own (as GPTQModel's device workers run them), "
                         "not on the main thread")
@@ -129,8 +132,8 @@ def solve_per_module(tasks: list[tuple[str, Any]]) -> dict[str, tuple]:
     return {name: tuple(task.quantize()) for name, task in tasks}
 
 
-def solve_as_plugin(tasks: list[tuple[str, Any]], inverse_threads: int = 1,
-                    host_results: bool = False) -> tuple[dict[str, tuple], dict[str, str]]:
+def solve_as_plugin(tasks: list[tuple[str, Any]], inverse_threads: int = 1, host_results: bool = False,
+                    streams: str = "auto") -> tuple[dict[str, tuple], dict[str, str]]:
     """Grouped as the plugin's coordinator groups a subset (its settings key, its smallest batch):
     each group batched, the rest per module."""
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve, _settings_key, batched_gptq_solve
@@ -144,7 +147,8 @@ def solve_as_plugin(tasks: list[tuple[str, Any]], inverse_threads: int = 1,
             for name, task in group:
                 out[name], path[name] = tuple(task.quantize()), "per module"
             continue
-        solved = batched_gptq_solve([t for _, t in group], inverse_threads=inverse_threads, host_results=host_results)
+        solved = batched_gptq_solve([t for _, t in group], inverse_threads=inverse_threads, host_results=host_results,
+                                    streams=streams)
         for (name, _), result in zip(group, solved, strict=True):
             if result is None:
                 raise RuntimeError(f"{name}: the batched solve handed it back (first Cholesky failed)")
@@ -199,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             return on_fresh_thread(call, name="exactness-worker") if args.on_worker_threads else call()
 
         solved = {subset: (run("reference", solve_per_module, reference[subset]),
-                           *run("plugin", solve_as_plugin, plugin[subset], args.inverse_threads, args.host_results))
+                           *run("plugin", solve_as_plugin, plugin[subset], args.inverse_threads, args.host_results,
+                               args.streams))
                   for subset in ("attention", "experts")}
+        from defuser_quant.integrations.gptqmodel.batched import solve_streams
+
+        streams_ran = solve_streams(args.streams)  # what "auto" decided, under the same settings
     for subset, (expected, got, path) in solved.items():
         results[subset] = compare(expected, got, path)
         print(f"{subset}: {results[subset]['qweights_equal']}/{results[subset]['modules']} qweights equal, "
@@ -213,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(),
         "deterministic": args.deterministic, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         "inverse_threads": args.inverse_threads, "host_results": args.host_results,
+        "streams": args.streams, "streams_ran": streams_ran,
         "on_worker_threads": args.on_worker_threads, "solves_ran_on": {k: sorted(v) for k, v in ran_on.items()},
         "versions": {"torch": torch.__version__, "gptqmodel": gptqmodel.__version__,
                      "block_update_extension": _extension_available()},

@@ -58,6 +58,11 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-modulerows`` - with ``BatchedSolve(log_rows="module")``: GPTQModel's log row
                  per module instead of one per batched chunk (the default since round 19), to measure
                  what the chunk rows save;
+* ``ours-grouped-batched-ownstreams`` / ``ours-grouped-batched-callerstreams`` - with
+                 ``BatchedSolve(streams="own")`` / ``streams="caller"``: every chunk solved on the worker's
+                 private stream with each inverse thread on its own, or everything on the worker's current
+                 stream as GPTQModel's per-module solve (the default, ``"auto"``, takes ``"caller"`` under
+                 ``--deterministic`` and ``"own"`` otherwise); the row's ``solve.streams`` counts the chunks;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -160,7 +165,8 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host", "ours-grouped-batched-norecopy",
             "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2",
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
-            "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians")
+            "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
+            "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
@@ -220,7 +226,8 @@ def solve_setting(variant: str):
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
                 "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True},
-                "-modulerows": {"log_rows": "module"}}
+                "-modulerows": {"log_rows": "module"}, "-ownstreams": {"streams": "own"},
+                "-callerstreams": {"streams": "caller"}}
     kwargs: dict = {}
     stripped = True
     while stripped:

@@ -34,6 +34,8 @@ def test_tiny_cpu_run_is_exact_with_the_paths_the_plugin_takes(tmp_path, determi
     assert (data["cublas_workspace_config"] == ":4096:8") if deterministic else True
     assert (data["inverse_threads"], data["host_results"]) == ((4, True) if plugin_settings else (1, False))
     assert data["on_worker_threads"] is workers
+    # the plugin's default streams: the caller's under deterministic algorithms, each thread's own otherwise
+    assert (data["streams"], data["streams_ran"]) == ("auto", "caller" if deterministic else "own")
     side = ["worker"] if workers else ["main"]
     assert data["solves_ran_on"] == {"reference": side, "plugin": side}
     attention, experts = data["results"]["attention"], data["results"]["experts"]

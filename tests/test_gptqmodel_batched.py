@@ -300,6 +300,23 @@ def test_settings_are_checked():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="solve_ahead must be an integer >= 0"):
             BatchedSolve(solve_ahead=bad)
+    with pytest.raises(ValueError, match="streams must be one of 'auto', 'own', 'caller', got 'private'"):
+        BatchedSolve(streams="private")
+
+
+def test_auto_streams_follow_torchs_deterministic_setting():
+    from defuser_quant.integrations.gptqmodel.batched import solve_streams
+
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic, decided in ((False, "own"), (True, "caller")):
+            torch.use_deterministic_algorithms(deterministic)
+            assert solve_streams("auto") == decided
+            assert (solve_streams("own"), solve_streams("caller")) == ("own", "caller")  # explicit values kept
+    finally:
+        torch.use_deterministic_algorithms(was)
+    with pytest.raises(ValueError, match="streams must be one of"):
+        solve_streams("default")
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -737,6 +754,7 @@ def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny
         assert solve.chunks > solve.groups >= 4 and solve.solved_ahead > 0
     else:
         assert solve.groups == solve.chunks >= 4 and solve.solved_ahead == 0  # gate/up and down of 2 layers at least
+    assert solve.streams == Counter()  # streams are counted for CUDA chunks only
     # GPTQModel's own log rows (samples, damp, loss) are those of the per-module run.
     def rows(r):
         return sorted((row["layer"], row["module"], row["samples"], row["damp"], row["loss"]) for row in r.log["gptq"])
@@ -824,9 +842,31 @@ def test_inverse_threads_may_make_the_processs_first_cuda_linalg_calls(tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
-@pytest.mark.parametrize("inverse_threads,host_results", [(1, False), (4, True)])
+def test_caller_streams_put_every_inverse_on_the_callers_stream():
+    from types import SimpleNamespace
+
+    from defuser_quant.integrations.gptqmodel.batched import _unit_inverses
+
+    caller = torch.cuda.Stream()
+    hessians = [torch.eye(8, device="cuda") * (i + 1) for i in range(6)]
+    for own_streams in (False, True):
+        seen = []
+
+        def invert(h):
+            seen.append(torch.cuda.current_stream(h.device))
+            return SimpleNamespace(h=h, tensors=lambda h=h: [h])
+
+        with torch.cuda.stream(caller):
+            out = _unit_inverses(hessians, invert, threads=4, own_streams=own_streams)
+        assert [o.h for o in out] == hessians and len(seen) == 6
+        # "caller": every thread on the caller's stream; "own": every thread on a stream of its own
+        assert all((stream == caller) is not own_streams for stream in seen), (own_streams, seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+@pytest.mark.parametrize("inverse_threads,host_results,streams", [(1, False, "own"), (4, True, "own"), (4, True, "caller")])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_threads, host_results):
+def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_threads, host_results, streams):
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.gptq_cuda import block_update_available
 
@@ -840,7 +880,7 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_t
         task.module.target_device = torch.device("cuda")
         task.finalize_hessian(target_device=torch.device("cuda"))
     expected = [t.quantize() for t in reference]
-    got = batched_gptq_solve(batched, inverse_threads=inverse_threads, host_results=host_results)
+    got = batched_gptq_solve(batched, inverse_threads=inverse_threads, host_results=host_results, streams=streams)
     if host_results:
         assert all(v.device.type == "cpu" for r in got for v in r.values[1:4])
         got = [type(r)((r.values[0], *(v.cuda() for v in r.values[1:4]), *r.values[4:]), r.path, r.device, r.blocksize)
@@ -882,7 +922,9 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
                         # several chunks a group, solved ahead by a solver thread
                         ("batched_ahead_small_chunks", ["--batched", "--solve-ahead", "2", "--chunk-bytes", "2000000"]),
                         # the words packed on the GPU (BatchedSolve.pack), served to GPTQModel's pack_block
-                        ("batched_pack", ["--batched", "--pack"])):
+                        ("batched_pack", ["--batched", "--pack"]),
+                        # under deterministic algorithms "auto" solves on the workers' streams; each its own here
+                        ("batched_own_streams", ["--batched", "--streams", "own"])):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
                "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
         cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_run.py")), str(tiny["src"]), str(calibration),
@@ -893,7 +935,9 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     reference = _tensors(tmp_path / "per_module" / "checkpoint")
     assert runs["batched_ahead_small_chunks"]["solve"]["chunks"] > runs["batched"]["solve"]["chunks"]
     assert runs["batched"]["solve"]["solved_ahead"] == 0
-    for name in ("batched", "batched_hinv1_device", "batched_ahead_small_chunks", "batched_pack"):
+    assert runs["batched"]["solve"]["streams"] == {"caller": runs["batched"]["solve"]["chunks"]}
+    assert runs["batched_own_streams"]["solve"]["streams"] == {"own": runs["batched_own_streams"]["solve"]["chunks"]}
+    for name in ("batched", "batched_hinv1_device", "batched_ahead_small_chunks", "batched_pack", "batched_own_streams"):
         batched = runs[name]
         assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
         assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}

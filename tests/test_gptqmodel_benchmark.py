@@ -145,6 +145,10 @@ def test_variants_pick_their_batched_solve_settings():
     assert bench.solve_setting("ours-grouped-batched-pack-noreads") == BatchedSolve(pack=True)
     assert bench.solve_setting("ours-grouped-batched-nopack") == BatchedSolve(pack=False) == BatchedSolve()
     assert {"ours-grouped-batched-pack", "ours-grouped-batched-nopack"} <= set(bench.VARIANTS)
+    # round 26's stream choice, explicit either way (the default decides by torch's deterministic setting)
+    assert bench.solve_setting("ours-grouped-batched-ownstreams") == BatchedSolve(streams="own")
+    assert bench.solve_setting("ours-grouped-batched-callerstreams") == BatchedSolve(streams="caller")
+    assert {"ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams"} <= set(bench.VARIANTS)
 
 
 def test_variants_pick_their_lean_bookkeeping():

@@ -71,17 +71,21 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "STREAMS",
     "BatchedSolve",
     "BatchedSolveStats",
     "SolveResult",
     "batched_gptq_solve",
     "batched_solves",
     "gptq_first_inverse",
+    "solve_streams",
     "why_not_batched",
 ]
 
 #: Working memory one chunk of a batched solve may use (Hessian copies, inverses, fp32 weights).
 DEFAULT_CHUNK_BYTES = 1 << 30
+#: ``BatchedSolve.streams`` values.
+STREAMS = ("auto", "own", "caller")
 BLOCKSIZE = 128
 
 
@@ -117,6 +121,13 @@ class BatchedSolve:
         log_rows: ``"chunk"`` (the default): one GPTQModel log row per batched chunk, standing for
             its modules (the largest loss, the fewest samples; :mod:`.log_rows`), while each module
             still gets GPTQModel's persisted log record; ``"module"``: GPTQModel's row per module.
+        streams: the CUDA streams a chunk's solve runs on. ``"own"``: the solve on the worker's own
+            stream and each inverse thread's inverses on that thread's own stream (results complete
+            when the solve returns, without waiting for other work on the device); ``"caller"``:
+            the solve and every inverse on the stream of the worker that solves it, as GPTQModel's
+            per-module solve runs (cuSOLVER's inverses on other streams round differently, at float32
+            ulp level: docs/performance.md, round 25); ``"auto"`` (the default): ``"caller"`` while
+            torch's deterministic algorithms are on (:func:`solve_streams`), ``"own"`` otherwise.
     """
 
     min_modules: int = 2
@@ -127,6 +138,7 @@ class BatchedSolve:
     solve_ahead: int = 0
     pack: bool = False
     log_rows: str = "chunk"
+    streams: str = "auto"
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -145,6 +157,18 @@ class BatchedSolve:
             raise TypeError(f"BatchedSolve.pack must be True or False, got {self.pack!r}")
         if self.log_rows not in ("chunk", "module"):
             raise ValueError(f"BatchedSolve.log_rows must be 'chunk' or 'module', got {self.log_rows!r}")
+        if self.streams not in STREAMS:
+            raise ValueError(f"BatchedSolve.streams must be one of {', '.join(map(repr, STREAMS))}, got {self.streams!r}")
+
+
+def solve_streams(streams: str) -> str:
+    """``"own"`` or ``"caller"``: a ``BatchedSolve.streams`` value with ``"auto"`` decided now
+    (``"caller"`` while ``torch.are_deterministic_algorithms_enabled()``)."""
+    if streams not in STREAMS:
+        raise ValueError(f"streams must be one of {', '.join(map(repr, STREAMS))}, got {streams!r}")
+    if streams != "auto":
+        return streams
+    return "caller" if torch.are_deterministic_algorithms_enabled() else "own"
 
 
 @dataclass
@@ -162,6 +186,7 @@ class BatchedSolveStats:
     waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for a solver thread (solve_ahead only)
     pack: packing.PackStats | None = None  # words packed on the solve's device (None: ``pack=False``)
     log_rows: log_rows.LogRowStats | None = None  # one log row per chunk (None: ``log_rows="module"``)
+    streams: Counter = field(default_factory=Counter)  # "own" / "caller" -> CUDA chunks solved that way
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -176,6 +201,7 @@ class BatchedSolveStats:
             "per_module": dict(self.per_module),
             "pack": self.pack.as_dict() if self.pack is not None else None,
             "log_rows": self.log_rows.as_dict() if self.log_rows is not None else None,
+            "streams": dict(self.streams),
         }
 
 
@@ -462,9 +488,10 @@ def _spread(fn: Callable[[Any], Any], items: list[Any], threads: int) -> list[An
 
 
 def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor], _Inverse],
-                   threads: int) -> list[_Inverse]:
+                   threads: int, own_streams: bool = True) -> list[_Inverse]:
     """``invert`` of each Hessian, in order: one after another, or spread over ``threads`` host
-    threads (on CUDA each on its own stream, ordered after the caller's and waited for by it)."""
+    threads (on CUDA each on its own stream, ordered after the caller's and waited for by it, or
+    with ``own_streams=False`` all on the caller's stream)."""
     if threads <= 1 or len(hessians) < 2:
         return [invert(h) for h in hessians]
     device = hessians[0].device
@@ -472,6 +499,12 @@ def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor]
         return _spread(invert, hessians, threads)
     _load_cuda_linalg(device)
     origin = torch.cuda.current_stream(device)
+    if not own_streams:
+        def on_caller_stream(hessian: torch.Tensor) -> _Inverse:
+            with torch.cuda.device(device), torch.cuda.stream(origin):
+                return invert(hessian)
+
+        return _spread(on_caller_stream, hessians, threads)
 
     def job(hessian: torch.Tensor) -> tuple[_Inverse, torch.cuda.Stream]:
         streams = _inverse_streams.__dict__.setdefault("by_device", {})
@@ -493,12 +526,15 @@ def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor]
 
 
 def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_threads: int = 1,
-                       host_results: bool = False, pack: bool = False) -> list[SolveResult | None]:
+                       host_results: bool = False, pack: bool = False,
+                       streams: str = "auto") -> list[SolveResult | None]:
     """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
 
     Returns one entry per task: its :class:`SolveResult`, or None when GPTQModel's per-module
     solve must handle it (its first Cholesky failed, or its loss is NaN). Task state is only read.
-    ``inverse_threads``: on CUDA, host threads computing the Hessian inverses (each on its own stream).
+    ``inverse_threads``: on CUDA, host threads computing the Hessian inverses, each on its own
+    stream, or with ``streams`` ``"caller"`` (``"auto"``: under deterministic algorithms) all on
+    the calling thread's stream.
     ``host_results``: scales, zeros and ``g_idx`` come back on the CPU, moved there together.
     ``pack``: with ``host_results``, 2, 4 or 8 bits and feature counts that are multiples of 32,
     each result also carries its ``pack_block`` words (:attr:`SolveResult.packed`), packed here.
@@ -540,7 +576,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     # differently from the single-matrix ones GPTQModel calls.
     damp = float(qcfg.damp_percent)
     threads = inverse_threads if device.type == "cuda" else 1
-    inverses = _unit_inverses([u.tasks[0].H for u in units], lambda H: _invert_unit(H, qcfg, C, group, damp), threads)
+    inverses = _unit_inverses([u.tasks[0].H for u in units], lambda H: _invert_unit(H, qcfg, C, group, damp), threads,
+                              own_streams=solve_streams(streams) == "own")
     hinvs = [inv.hinv for inv in inverses]
     infos = [inv.info for inv in inverses]
     perms = [inv.perm for inv in inverses] if (qcfg.desc_act or qcfg.act_group_aware) else None
@@ -932,19 +969,23 @@ class _Coordinator:
         try:
             with kernels.stage("solve"):
                 # GPTQModel's Hessian finalization (and the release of its sources, which waits on
-                # their events) on the worker's own stream, as GPTQModel does it; the solve then
-                # runs on a private stream ordered after that one.
+                # their events) on the worker's current stream, as GPTQModel does it; the solve then
+                # runs on the worker's private stream ordered after that one ("own"), or on the
+                # current stream itself ("caller").
                 for task in tasks:
                     task.finalize_hessian(target_device=getattr(task.module, "target_device", None))
                     task._release_deferred_hessian_sources()
                 device = tasks[0].H.device
+                streams = solve_streams(self.settings.streams)
                 # inverse_threads only acts on CUDA: the CPU inverts one Hessian after another
                 solve = functools.partial(batched_gptq_solve, tasks, inverse_threads=self.settings.inverse_threads,
                                           host_results=self.settings.host_results,
-                                          pack=self.settings.pack)
+                                          pack=self.settings.pack, streams=streams)
                 if device.type == "cuda":
-                    stream = self._stream(device)
-                    stream.wait_stream(torch.cuda.current_stream(device))
+                    stream = torch.cuda.current_stream(device)
+                    if streams == "own":
+                        stream = self._stream(device)
+                        stream.wait_stream(torch.cuda.current_stream(device))
                     with torch.cuda.stream(stream):
                         outcome = solve()
                     stream.synchronize()  # results complete before another worker's stream reads them
@@ -963,6 +1004,8 @@ class _Coordinator:
         with self.cond:
             self.stats.chunks += 1
             self.stats.seconds += time.perf_counter() - t0
+            if device.type == "cuda":
+                self.stats.streams[streams] += 1
             for task, result in zip(tasks, outcome, strict=True):
                 if result is None:
                     self.stats.per_module["first Cholesky failed or NaN loss (GPTQModel's recovery)"] += 1
