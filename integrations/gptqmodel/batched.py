@@ -34,7 +34,10 @@ Exactness, step by step against ``GPTQ.quantize`` (7.6):
   streams was not byte-equal to one thread's, at rounding level (the same float64 error; on the
   default stream the threads gave the same bytes: ``benchmarks/inverse_streams.py``, round 25), while
   the whole solve run on worker threads, as GPTQModel runs it, gave its bytes without deterministic
-  algorithms (``benchmarks/batched_solve_exactness.py --on-worker-threads``).
+  algorithms (``benchmarks/batched_solve_exactness.py --on-worker-threads``). Under deterministic
+  algorithms (``BatchedSolve.streams="auto"``) the chunk and its inverse threads run on the solving
+  worker's stream instead, as GPTQModel's per-module solve does: there the threads' own streams gave
+  another checkpoint than stock's, the worker's stream stock's (docs/performance.md, round 26).
 
 Whatever is not reproduced goes back to GPTQModel's per-module solve, logged and counted by
 reason (:class:`BatchedSolveStats`): GPTAQ/FOEM tasks, non-``Quantizer`` quantizers, ``static_groups``,
