@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _args import counts
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--busy-threads", default="0,4", help="comma-separated thread counts to run under")
+    p.add_argument("--busy-threads", type=counts(0), default=[0, 4], help="comma-separated thread counts to run under")
     p.add_argument("--staging-mib", type=int, default=64)
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit)")
     p.add_argument("--output", type=Path, default=None)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("layer_offload.py needs CUDA")
     staging = Staging(nbytes=args.staging_mib << 20)
     rows = []
-    for busy in [int(x) for x in args.busy_threads.split(",")]:
+    for busy in args.busy_threads:
         stop = threading.Event()
         threads = [threading.Thread(target=_busy, args=(stop,), daemon=True) for _ in range(busy)]
         for t in threads:

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _args import names
+
 HERE = Path(__file__).resolve().parent
 IGNORE = ["lm_head", "re:.*mlp.gate$"]
 
@@ -30,7 +32,8 @@ IGNORE = ["lm_head", "re:.*mlp.gate$"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--modes", default="routed,all")
+    p.add_argument("--modes", type=names(("routed", "all", "budgeted")), default=["routed", "all"],
+                   help="comma-separated routing modes (default routed,all)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--output", type=Path, default=HERE / "results" / "llmc_grouped_check.json")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
               "modes": {}}
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in args.modes.split(","):
+        for mode in args.modes:
             runs = {}
             for grouped in (False, True):
                 out = Path(tmp) / f"{mode}-{'grouped' if grouped else 'loop'}"

@@ -15,19 +15,25 @@ import json
 import tempfile
 from pathlib import Path
 
+from _args import names
 from rich.console import Console
 
 HERE = Path(__file__).resolve().parent
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=4, help="calibration samples (of --seq-len tokens)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-samples", type=int, default=32)
-    parser.add_argument("--backends", default="llmcompressor,gptqmodel")
+    parser.add_argument("--backends", type=names(("llmcompressor", "gptqmodel")), default=["llmcompressor", "gptqmodel"],
+                        help="comma-separated backends (default llmcompressor,gptqmodel)")
     parser.add_argument("--output", default=str(HERE / "results" / "quality_cpu.json"))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     from defuser_quant.jobs.config import parse_job_config
     from defuser_quant.jobs.runner import run_job
@@ -35,7 +41,7 @@ def main() -> None:
     console = Console(quiet=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for backend in args.backends.split(","):
+        for backend in args.backends:
             for routing in ("routed", "all"):
                 config = parse_job_config(
                     {
