@@ -160,15 +160,18 @@ class BatchedSolve:
             raise TypeError(f"BatchedSolve.pack must be True or False, got {self.pack!r}")
         if self.log_rows not in ("chunk", "module"):
             raise ValueError(f"BatchedSolve.log_rows must be 'chunk' or 'module', got {self.log_rows!r}")
-        if self.streams not in STREAMS:
-            raise ValueError(f"BatchedSolve.streams must be one of {', '.join(map(repr, STREAMS))}, got {self.streams!r}")
+        _check_streams(self.streams, "BatchedSolve.streams")
+
+
+def _check_streams(streams: str, what: str) -> None:
+    if streams not in STREAMS:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, STREAMS))}, got {streams!r}")
 
 
 def solve_streams(streams: str) -> str:
     """``"own"`` or ``"caller"``: a ``BatchedSolve.streams`` value with ``"auto"`` decided now
     (``"caller"`` while ``torch.are_deterministic_algorithms_enabled()``)."""
-    if streams not in STREAMS:
-        raise ValueError(f"streams must be one of {', '.join(map(repr, STREAMS))}, got {streams!r}")
+    _check_streams(streams, "streams")
     if streams != "auto":
         return streams
     return "caller" if torch.are_deterministic_algorithms_enabled() else "own"
