@@ -30,9 +30,14 @@ IGNORE = ["lm_head", "re:.*mlp.gate$"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from _source import use_source_checkout
+
+    use_source_checkout()
+    from defuser_quant.calibration.routing import ROUTING_MODES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--modes", type=names(("routed", "all", "budgeted")), default=["routed", "all"],
+    p.add_argument("--modes", type=names(ROUTING_MODES), default=["routed", "all"],
                    help="comma-separated routing modes (default routed,all)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)

@@ -31,7 +31,7 @@ def test_layer_offload_busy_threads_are_counts():
 @pytest.mark.parametrize("parse,argv,says", [
     (llmc_grouped_check.parse_args, ["--modes", "routed,dense"], "argument --modes: unknown or none ['dense']; choose from routed, all, budgeted"),
     (llmc_grouped_check.parse_args, ["--modes", ","], "argument --modes: unknown or none []"),
-    (quality.parse_args, ["--backends", "awq"], "argument --backends: unknown or none ['awq']; choose from llmcompressor, gptqmodel"),
+    (quality.parse_args, ["--backends", "awq"], "argument --backends: unknown or none ['awq']; choose from gptqmodel, llmcompressor"),
     (layer_offload.parse_args, ["--busy-threads", "0,x"], "argument --busy-threads: expected comma-separated whole numbers"),
     (layer_offload.parse_args, ["--busy-threads", "-1"], "argument --busy-threads: counts must be >= 0"),
 ])
