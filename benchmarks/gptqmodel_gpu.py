@@ -44,6 +44,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  take each batched module's words packed on the GPU by the solve instead of running
                  their CPU extension (the row's ``solve.pack`` says how many were offered, served
                  and refused); ``-nopack`` (``pack=False``) is the default since round 18 measured it;
+                 ``-packlast`` (``pack="last_layer"``) packs only the last decoder layer's chunks, whose
+                 CPU packing ``quantize()`` waits for at its end (each row's ``tail_s``: seconds from
+                 the last GPTQ solve to ``quantize()``'s return);
 * ``ours-grouped-batched-nobundle`` - every lean bookkeeping part but ``offload_bundle``: each finalized
                  expert projection offloaded to disk on its own, as GPTQModel does, instead of one
                  bundle per experts block;
@@ -166,7 +169,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2",
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
             "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
-            "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams")
+            "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams", "ours-grouped-batched-packlast")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
@@ -226,6 +229,7 @@ def solve_setting(variant: str):
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
                 "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True},
+                "-packlast": {"pack": "last_layer"},
                 "-modulerows": {"log_rows": "module"}, "-ownstreams": {"streams": "own"},
                 "-callerstreams": {"streams": "caller"}}
     kwargs: dict = {}
@@ -568,7 +572,7 @@ def triton_note(row: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """The rows as markdown tables; a run whose timed region compiled Triton kernels says so."""
-    cols = ["run", "load_s", "quantize_s", "save_s", "total_s", "peak_gpu_gib", "peak_rss_gib", "experts_quantized",
+    cols = ["run", "load_s", "quantize_s", "tail_s", "save_s", "total_s", "peak_gpu_gib", "peak_rss_gib", "experts_quantized",
             "min_expert_rows", "gptq_solve_path", "batched_modules", "same_ckpt_as_stock", "qweights_equal", "max_scale_diff",
             "logits_vs_stock"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -580,7 +584,8 @@ def markdown(rows: list[dict]) -> str:
         peaks = r.get("peak_gpu_bytes_per_device") or [r.get("peak_gpu_bytes")]
         solve = r.get("solve") or {}
         cells = [
-            name + triton_note(r), f"{r['load_s']:.1f}", f"{r['quantize_s']:.1f}", f"{r['save_s']:.1f}", f"{r['total_s']:.1f}",
+            name + triton_note(r), f"{r['load_s']:.1f}", f"{r['quantize_s']:.1f}",
+            "-" if r.get("tail_s") is None else f"{r['tail_s']:.1f}", f"{r['save_s']:.1f}", f"{r['total_s']:.1f}",
             " / ".join(_gib(v) for v in peaks), f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['experts_quantized']}/{r['expert_projections']}",
             str(r.get("min_expert_samples", "-")), r.get("kernels_label", "-"),
             f"{solve['batched_modules']}/{solve['batched_modules'] + sum(solve['per_module'].values())}" if solve else "per module",
@@ -861,6 +866,8 @@ def worker(args: argparse.Namespace) -> int:
         extra["weight_prints"] = prints.weights
         extra["inverse_prints"] = prints.inverses
         extra["inverse_modules"] = prints.inverse_modules
+    tail = kernels.seconds_after_last_solve(t2)
+    extra["tail_s"] = None if tail is None else round(tail, 2)
     extra["kernels"] = kernels.as_dict()
     extra["kernels_label"] = kernels.label()
     extra["fallback"] = kernels.fallback_reason() if cuda else None

@@ -350,6 +350,21 @@ def test_sync_free_min_max_params_are_gptqmodels_find_params(device, bits, sym, 
     assert scale.dtype == reference.scale.dtype and zero.dtype == reference.zero.dtype
 
 
+def test_the_kernel_record_times_the_tail_after_the_last_solve():
+    import time
+
+    from defuser_quant.integrations.gptqmodel.kernels import note_solve, record_gptq_kernels
+
+    with record_gptq_kernels() as record:
+        assert record.last_solve_at is None and record.seconds_after_last_solve(time.perf_counter()) is None
+        before = time.perf_counter()
+        note_solve("batched_torch", "cpu", modules=3)
+        after = time.perf_counter()
+    assert before <= record.last_solve_at <= after
+    assert record.seconds_after_last_solve(record.last_solve_at + 1.5) == pytest.approx(1.5)
+    assert record.seconds_after_last_solve(record.last_solve_at - 1.0) == 0.0  # never negative
+
+
 def test_parallel_setting_is_checked():
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 
@@ -750,6 +765,7 @@ def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny
     lone = sum(kernels_ref.solves.values()) - solve.batched_modules
     assert solve.per_module == Counter({"no equal-shape sibling in the subset": lone}) and lone > 0
     assert kernels.solves == Counter({("batched_torch", "cpu"): solve.batched_modules, ("torch", "cpu"): lone})
+    assert kernels.last_solve_at is not None and kernels_ref.last_solve_at is not None  # either way, the tail is timed
     if ahead:  # the solver thread started chunks nobody waited for yet
         assert solve.chunks > solve.groups >= 4 and solve.solved_ahead > 0
     else:

@@ -77,6 +77,7 @@ class GptqKernelRecord:
     block_update_available: bool | None = None
     extension_disabled_by_env: bool = False
     timing: bool = False
+    last_solve_at: float | None = None  # time.perf_counter() when the latest GPTQ solve returned to GPTQModel
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _active: Counter = field(default_factory=Counter, repr=False, compare=False)
     _since: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
@@ -93,6 +94,15 @@ class GptqKernelRecord:
             "any_stage_wall_seconds": round(self.any_stage_wall_seconds, 3),
             "stage_calls": dict(self.stage_calls),
         }
+
+    def _solved(self) -> None:
+        """Under the lock: a GPTQ solve returned now."""
+        self.last_solve_at = time.perf_counter()
+
+    def seconds_after_last_solve(self, end: float) -> float | None:
+        """Seconds from the latest GPTQ solve to ``end`` (a ``time.perf_counter()``; None: no solve):
+        the tail of a run, its last modules' finalize and GPTQModel's end of the loop."""
+        return None if self.last_solve_at is None else max(0.0, end - self.last_solve_at)
 
     def label(self) -> str:
         """Short description for tables, e.g. ``cuda-ext 768`` or ``torch 768 (fallback)``."""
@@ -192,6 +202,7 @@ def note_solve(path: str, device: str, modules: int = 1) -> None:
     for record in _RECORDS:
         with record._lock:
             record.solves[(path, device)] += modules
+            record._solved()
     _THREAD.noted = True
 
 
@@ -280,6 +291,7 @@ def record_gptq_kernels(stages: bool = False, model: Any | None = None) -> Itera
         path = "cuda_block_update" if local.used_extension else (local.weight_only or "torch")
         with record._lock:
             record.solves[(path, torch.device(device).type)] += 1
+            record._solved()
         return result
 
     def counted_block_update(*args, **kwargs):
