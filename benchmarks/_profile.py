@@ -14,6 +14,7 @@ import io
 import os
 import pstats
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 ENV = "DQ_PROFILE_DIR"
@@ -24,19 +25,20 @@ SAMPLE_ENV = "DQ_SAMPLE_DIR"
 
 
 @contextlib.contextmanager
-def maybe_profile(name: str, top: int = 60) -> Iterator[None]:
+def maybe_profile(name: str, top: int = 60) -> Iterator[Any]:
     """Profile the block when ``$DQ_PROFILE_DIR`` is set; write the summary even if the block raises.
 
     ``$DQ_TORCH_PROFILE_DIR`` instead runs ``torch.profiler`` (CPU and CUDA activity) and writes
     ``<name>.torch.txt``: the ops by device time, and the device-busy seconds (sum of kernel
     times) against the wall seconds, which says whether the GPU or the host bounds the block.
     ``$DQ_SAMPLE_DIR`` instead samples every thread's stack (``_sampler.py``): what the main thread
-    waits on when the work is spread over threads."""
+    waits on when the work is spread over threads; the block gets the sampler (its ``since`` marks
+    a tail to report alone), with the others None."""
     if os.environ.get(SAMPLE_ENV):
         from _sampler import maybe_sample
 
-        with maybe_sample(name):
-            yield
+        with maybe_sample(name) as sampler:
+            yield sampler
         return
     if os.environ.get(TORCH_ENV):
         with _torch_profile(Path(os.environ[TORCH_ENV]) / f"{name}.torch.txt", top):

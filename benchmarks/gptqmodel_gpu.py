@@ -841,7 +841,7 @@ def worker(args: argparse.Namespace) -> int:
     from _hessian_prints import HessianPrints
 
     prints = HessianPrints() if args.hessian_prints else contextlib.nullcontext()
-    with maybe_profile(f"gptqmodel-{run_id}"), record_gptq_kernels(stages=args.stages, model=model.model) as kernels, \
+    with maybe_profile(f"gptqmodel-{run_id}") as sampler, record_gptq_kernels(stages=args.stages, model=model.model) as kernels, \
             deterministic_mode(args.deterministic), probe or contextlib.nullcontext(), prints:
         if variant.startswith("stock"):
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
@@ -858,6 +858,8 @@ def worker(args: argparse.Namespace) -> int:
             extra["bookkeeping"] = result.bookkeeping.as_dict() if result.bookkeeping is not None else None
             extra["hessians"] = result.hessians.as_dict() if result.hessians is not None else None
             extra["coverage_totals"] = result.coverage.totals.model_dump()
+        if sampler is not None:  # DQ_SAMPLE_DIR: the tail after the last GPTQ solve also reported alone
+            sampler.since = kernels.last_solve_at
     t2 = time.perf_counter()
     if probe is not None:
         extra["gil_probe"] = probe.summary()

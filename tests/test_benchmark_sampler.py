@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _profile import maybe_profile  # noqa: E402
 
@@ -50,6 +52,40 @@ def test_sampler_names_each_threads_time(tmp_path, monkeypatch):
     stacks = (tmp_path / "run.stacks.txt").read_text().splitlines()
     assert any(line.startswith("MainThread;") and "test_benchmark_sampler.py:_spin" in line for line in stacks)
     assert all(line.rsplit(" ", 1)[1].isdigit() for line in stacks)  # flamegraph input: "stack count"
+
+
+def test_the_tail_from_the_runs_mark_is_reported_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("DQ_SAMPLE_DIR", str(tmp_path))
+    with maybe_profile("run") as sampler:
+        _spin(0.4)
+        sampler.since = time.perf_counter()
+        _worker_waits_in_a_tail(0.4)
+    whole = (tmp_path / "run.sampled.txt").read_text()
+    tail = (tmp_path / "run.tail.sampled.txt").read_text()
+    assert "(the tail: from the mark the run set on)" in tail.splitlines()[0]
+    assert float(tail.split()[2]) == pytest.approx(0.4, abs=0.15)  # "# wall 0.40 s": from the mark on
+    # The spin before the mark is in the whole run's report only; the tail's work in both.
+    assert _seconds(whole, "MainThread", "inclusive", "test_benchmark_sampler.py:_spin") > 0.2
+    assert _seconds(tail, "MainThread", "inclusive", "test_benchmark_sampler.py:_spin") == 0.0
+    assert _seconds(tail, "MainThread", "inclusive", "test_benchmark_sampler.py:_worker_waits_in_a_tail") > 0.2
+
+
+def test_without_a_mark_there_is_no_tail_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("DQ_SAMPLE_DIR", str(tmp_path))
+    with maybe_profile("run") as sampler:
+        _spin(0.1)
+    assert sampler.since is None and (tmp_path / "run.sampled.txt").exists()
+    assert not (tmp_path / "run.tail.sampled.txt").exists()
+
+
+def _worker_waits_in_a_tail(seconds: float) -> None:
+    _spin_here(seconds)
+
+
+def _spin_here(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def test_without_the_variable_nothing_is_sampled(tmp_path, monkeypatch):
