@@ -44,9 +44,6 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  take each batched module's words packed on the GPU by the solve instead of running
                  their CPU extension (the row's ``solve.pack`` says how many were offered, served
                  and refused); ``-nopack`` (``pack=False``) is the default since round 18 measured it;
-                 ``-packlast`` (``pack="last_layer"``) packs only the last decoder layer's chunks, whose
-                 CPU packing ``quantize()`` waits for at its end (each row's ``tail_s``: seconds from
-                 the last GPTQ solve to ``quantize()``'s return);
 * ``ours-grouped-batched-nobundle`` - every lean bookkeeping part but ``offload_bundle``: each finalized
                  expert projection offloaded to disk on its own, as GPTQModel does, instead of one
                  bundle per experts block;
@@ -98,7 +95,9 @@ which any solve fell back is refused (exit 3, the JSON says ``"refused"``) unles
 row (``stages``: wall seconds of the decoder-layer forward, the Hessian accumulation inside it, the
 GPTQ solve, finalize = create the quantized module + pack, packing alone, save, and the framework
 overhead = quantize time not spent in forward, solve or finalize; CUDA synchronized around each
-timed call, so a profile: run it apart from the timing run).
+timed call, so a profile: run it apart from the timing run). Every row records ``tail_s``: the
+seconds from the last GPTQ solve handed to GPTQModel to ``quantize()``'s return (the last layer's
+finalize, GPTQModel's end of the loop; ``GptqKernelRecord.seconds_after_last_solve``).
 
 ``--gpu-counts 1,2`` measures GPTQModel's multi-GPU path: each variant runs once with the first GPU
 visible and once with the first two (``CUDA_VISIBLE_DEVICES``; GPTQModel then replicates each
@@ -132,7 +131,8 @@ any. ``--warmup`` runs the first variant once, untimed, first, so they are compi
     python benchmarks/gptqmodel_gpu.py --variants stock,ours --warmup   # Triton compiles in an untimed run first
 
 Profiles (``benchmarks/_profile.py``): ``DQ_PROFILE_DIR``, ``DQ_TORCH_PROFILE_DIR`` or ``DQ_SAMPLE_DIR``
-profile each variant's ``quantize`` (``gptqmodel-<run>``) and, on its own, its save (``gptqmodel-<run>-save``).
+profile each variant's ``quantize`` (``gptqmodel-<run>``) and, on its own, its save (``gptqmodel-<run>-save``);
+the sampler also writes ``gptqmodel-<run>.tail.sampled.txt``, the samples from the last GPTQ solve on.
 
 Budget (one H200, CUDA block-update extension built): ``quantize()`` of 2 Qwen3-30B-A3B layers
 takes 36-55 s per variant, plus ~15-20 s of imports and ~5-10 s of reload per process, ~12 s to
@@ -169,7 +169,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2",
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
             "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
-            "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams", "ours-grouped-batched-packlast")
+            "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
@@ -229,7 +229,6 @@ def solve_setting(variant: str):
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
                 "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True},
-                "-packlast": {"pack": "last_layer"},
                 "-modulerows": {"log_rows": "module"}, "-ownstreams": {"streams": "own"},
                 "-callerstreams": {"streams": "caller"}}
     kwargs: dict = {}

@@ -161,3 +161,5 @@ def test_a_real_tiny_cpu_run_prints_every_solved_module_and_matches_stock(tmp_pa
     assert ours["inverses_vs_stock"] == {"hessians": inverted, "equal": inverted, "first_differing": [],
                                          "only_in_base": 0, "only_in_other": 0}
     assert ours["qweights_equal"] == f"{solved}/{solved}"
+    for row in (stock, ours):  # every row times the tail after its last GPTQ solve, within its quantize()
+        assert 0.0 <= row["tail_s"] <= row["quantize_s"]

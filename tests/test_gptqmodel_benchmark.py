@@ -149,9 +149,6 @@ def test_variants_pick_their_batched_solve_settings():
     assert bench.solve_setting("ours-grouped-batched-ownstreams") == BatchedSolve(streams="own")
     assert bench.solve_setting("ours-grouped-batched-callerstreams") == BatchedSolve(streams="caller")
     assert {"ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams"} <= set(bench.VARIANTS)
-    # round 27's packing of the last layer's chunks only
-    assert bench.solve_setting("ours-grouped-batched-packlast") == BatchedSolve(pack="last_layer")
-    assert "ours-grouped-batched-packlast" in bench.VARIANTS
 
 
 def test_variants_pick_their_lean_bookkeeping():

@@ -98,11 +98,8 @@ def test_what_is_not_packed():
     assert all(r.packed is None for r in batched_gptq_solve(_tasks(three, n=2), host_results=True, pack=True))
     odd = batched_gptq_solve(_tasks(qcfg, n=2, rows=48), host_results=True, pack=True)  # 48 rows: not 32-aligned
     assert all(r.packed is None for r in odd)
-    with pytest.raises(TypeError, match="BatchedSolve.pack must be True, False or 'last_layer', got 'yes'"):
-        BatchedSolve(pack="yes")
     with pytest.raises(TypeError, match="BatchedSolve.pack"):
-        BatchedSolve(pack=1)
-    assert BatchedSolve(pack="last_layer").pack == "last_layer"
+        BatchedSolve(pack="yes")
 
 
 def _quant_linear(linear: nn.Linear, bits: int):
@@ -180,20 +177,3 @@ def test_gptqmodel_run_with_packed_words_gives_the_per_module_checkpoint(plugin,
     # Every batched module's words came from the solve; none was refused.
     assert solve.pack.as_dict() == {"offered": solve.batched_modules, "served": solve.batched_modules, "refused": 0}
     assert solve.as_dict()["pack"]["served"] >= 48
-
-
-@pytest.mark.slow
-def test_last_layer_packing_packs_only_the_last_layers_chunks_and_gives_the_per_module_checkpoint(
-        plugin, tiny, tmp_path, per_module):  # noqa: F811
-    from defuser_quant.integrations.gptqmodel.batched import PACK_LAST_LAYER, BatchedSolve
-
-    _, _, tensors_ref = per_module
-    result, _, tensors = _quantize(plugin, tiny, tmp_path, "packlast", batched_solve=BatchedSolve(pack=PACK_LAST_LAYER))
-    assert tensors.keys() == tensors_ref.keys()
-    assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
-    solve = result.solve
-    assert len({record.layer for record in result.projections}) == 2  # two layers with the same batched modules
-    # Only the last layer's modules were packed on the solve's device, every one of them served.
-    assert solve.pack.as_dict() == {"offered": solve.batched_modules // 2, "served": solve.batched_modules // 2,
-                                    "refused": 0}
-    assert solve.batched_modules // 2 >= 24

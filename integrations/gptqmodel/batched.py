@@ -74,7 +74,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
-    "PACK_LAST_LAYER",
     "STREAMS",
     "BatchedSolve",
     "BatchedSolveStats",
@@ -90,8 +89,6 @@ __all__ = [
 DEFAULT_CHUNK_BYTES = 1 << 30
 #: ``BatchedSolve.streams`` values.
 STREAMS = ("auto", "own", "caller")
-#: ``BatchedSolve.pack`` value that packs only the chunks of the model's last decoder layer.
-PACK_LAST_LAYER = "last_layer"
 BLOCKSIZE = 128
 
 
@@ -120,12 +117,10 @@ class BatchedSolve:
         pack: pack each batched module's quantized weight into GPTQModel's int32 words on the
             solve's device while the chunk is there (:mod:`.packing`); GPTQModel's ``pack_block``
             then takes them in place of its CPU extension's result where its inputs are the ones
-            packed. Needs ``host_results`` and 2, 4 or 8 bits. ``True``: every chunk; on one H200 it
-            gave stock's checkpoint with every module's words served, but its ~25 ms per chunk
-            lengthened the chunk solves, one after another, more than the finalize workers saved
-            (docs/performance.md, round 18). ``"last_layer"``: only the chunks of the model's last
-            decoder layer (GPTQModel's ``layer_count``), whose CPU packing nothing else overlaps:
-            ``quantize()`` waits for it at the end. ``False`` (the default): none.
+            packed. Needs ``host_results`` and 2, 4 or 8 bits. Off by default: on one H200 it gave
+            stock's checkpoint with every module's words served, but its ~25 ms per chunk lengthened
+            the chunk solves, one after another, more than the finalize workers saved
+            (docs/performance.md, round 18).
         log_rows: ``"chunk"`` (the default): one GPTQModel log row per batched chunk, standing for
             its modules (the largest loss, the fewest samples; :mod:`.log_rows`), while each module
             still gets GPTQModel's persisted log record; ``"module"``: GPTQModel's row per module.
@@ -144,7 +139,7 @@ class BatchedSolve:
     inverse_threads: int = 4
     host_results: bool = True
     solve_ahead: int = 0
-    pack: bool | str = False
+    pack: bool = False
     log_rows: str = "chunk"
     streams: str = "auto"
 
@@ -161,8 +156,8 @@ class BatchedSolve:
             raise ValueError(f"BatchedSolve.solve_ahead must be an integer >= 0, got {self.solve_ahead!r}")
         if not isinstance(self.host_results, bool):
             raise TypeError(f"BatchedSolve.host_results must be True or False, got {self.host_results!r}")
-        if not isinstance(self.pack, bool) and self.pack != PACK_LAST_LAYER:
-            raise TypeError(f"BatchedSolve.pack must be True, False or {PACK_LAST_LAYER!r}, got {self.pack!r}")
+        if not isinstance(self.pack, bool):
+            raise TypeError(f"BatchedSolve.pack must be True or False, got {self.pack!r}")
         if self.log_rows not in ("chunk", "module"):
             raise ValueError(f"BatchedSolve.log_rows must be 'chunk' or 'module', got {self.log_rows!r}")
         _check_streams(self.streams, "BatchedSolve.streams")
@@ -792,7 +787,7 @@ class _Coordinator:
                 group = self._group_for(task, tasks, subset)
                 if group is None:
                     return
-                mine = self._open_chunks(group, pack=self._packs(processor, module))[id(task)]
+                mine = self._open_chunks(group)[id(task)]
         if self.settings.solve_ahead:
             self._wait_for(mine)
             return
@@ -809,14 +804,6 @@ class _Coordinator:
                         break
                     self.cond.wait()
             self._run(chunk)
-
-    def _packs(self, processor: Any, module: Any) -> bool:
-        """Whether the chunks of ``module``'s subset are packed on the solve's device."""
-        pack = self.settings.pack
-        if isinstance(pack, bool):
-            return pack
-        index, count = getattr(module, "layer_index", None), getattr(processor, "layer_count", None)
-        return isinstance(index, int) and isinstance(count, int) and index == count - 1
 
     def _wait_for(self, chunk: _Chunk) -> None:
         """Block until a solver thread has solved ``chunk``; raise what its solve raised."""
@@ -930,14 +917,14 @@ class _Coordinator:
             for thread in threads:
                 thread.join()
 
-    def _open_chunks(self, group: list[Any], pack: bool = False) -> dict[int, _Chunk]:
-        """Under the lock: ``group``'s chunks, open for a solver (or a waiting worker) to solve
-        (``pack``: with their words packed); returns each task's chunk by ``id``."""
+    def _open_chunks(self, group: list[Any]) -> dict[int, _Chunk]:
+        """Under the lock: ``group``'s chunks, open for a solver (or a waiting worker) to solve;
+        returns each task's chunk by ``id``."""
         size = max(1, self.settings.chunk_bytes // self.settings.parallel)
         device = _settings_key(group[0])[2]  # a group shares one settings key, so one device
         chunk_of: dict[int, _Chunk] = {}
         for units in _chunks(_units_for_chunking(group), size):
-            chunk = _Chunk([t for u in units for t in u.tasks], device=device, pack=pack)
+            chunk = _Chunk([t for u in units for t in u.tasks], device=device)
             self.open.append(chunk)
             for member in chunk.tasks:
                 chunk_of[id(member)] = chunk
@@ -999,7 +986,7 @@ class _Coordinator:
                 # inverse_threads only acts on CUDA: the CPU inverts one Hessian after another
                 solve = functools.partial(batched_gptq_solve, tasks, inverse_threads=self.settings.inverse_threads,
                                           host_results=self.settings.host_results,
-                                          pack=chunk.pack, streams=streams)
+                                          pack=self.settings.pack, streams=streams)
                 if device.type == "cuda":
                     stream = torch.cuda.current_stream(device)
                     if streams == "own":
@@ -1066,7 +1053,6 @@ class _Chunk:
     error: BaseException | None = None  # what its solve raised on a solver thread
     waiters: int = 0  # workers waiting for it
     untaken: int = 0  # its results GPTQModel has not asked for yet
-    pack: bool = False  # its modules' words packed on the solve's device (BatchedSolve.pack)
 
 
 def _units_for_chunking(group: list[Any]) -> list[_Unit]:
