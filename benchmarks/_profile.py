@@ -14,8 +14,8 @@ import io
 import os
 import pstats
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 ENV = "DQ_PROFILE_DIR"
 

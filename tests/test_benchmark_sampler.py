@@ -59,7 +59,7 @@ def test_the_tail_from_the_runs_mark_is_reported_alone(tmp_path, monkeypatch):
     with maybe_profile("run") as sampler:
         _spin(0.4)
         sampler.since = time.perf_counter()
-        _worker_waits_in_a_tail(0.4)
+        _spin_after_the_mark(0.4)
     whole = (tmp_path / "run.sampled.txt").read_text()
     tail = (tmp_path / "run.tail.sampled.txt").read_text()
     assert "(the tail: from the mark the run set on)" in tail.splitlines()[0]
@@ -67,7 +67,7 @@ def test_the_tail_from_the_runs_mark_is_reported_alone(tmp_path, monkeypatch):
     # The spin before the mark is in the whole run's report only; the tail's work in both.
     assert _seconds(whole, "MainThread", "inclusive", "test_benchmark_sampler.py:_spin") > 0.2
     assert _seconds(tail, "MainThread", "inclusive", "test_benchmark_sampler.py:_spin") == 0.0
-    assert _seconds(tail, "MainThread", "inclusive", "test_benchmark_sampler.py:_worker_waits_in_a_tail") > 0.2
+    assert _seconds(tail, "MainThread", "inclusive", "test_benchmark_sampler.py:_spin_after_the_mark") > 0.2
 
 
 def test_without_a_mark_there_is_no_tail_report(tmp_path, monkeypatch):
@@ -78,11 +78,8 @@ def test_without_a_mark_there_is_no_tail_report(tmp_path, monkeypatch):
     assert not (tmp_path / "run.tail.sampled.txt").exists()
 
 
-def _worker_waits_in_a_tail(seconds: float) -> None:
-    _spin_here(seconds)
-
-
-def _spin_here(seconds: float) -> None:
+def _spin_after_the_mark(seconds: float) -> None:
+    """``_spin`` under another name, so the reports tell the two apart."""
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
