@@ -22,6 +22,22 @@ def counts(minimum: int) -> Callable[[str], list[int]]:
     return parse
 
 
+def whole(minimum: int) -> Callable[[str], int]:
+    """An argparse type: one whole number, at least ``minimum``; anything else is refused with a
+    message that says what was expected."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def names(choices: Iterable[str]) -> Callable[[str], list[str]]:
     """An argparse type: ``"a, b"`` -> ["a", "b"] in the order given, each one of ``choices``; an
     unknown name, or none at all, is refused with a message that lists the choices."""

@@ -129,6 +129,12 @@ any. ``--warmup`` runs the first variant once, untimed, first, so they are compi
     python benchmarks/gptqmodel_gpu.py --layers 2 --variants stock,ours-grouped,ours-grouped-batched --stages
     python benchmarks/gptqmodel_gpu.py --layers 2 --variants ours-grouped-batched --gpu-counts 1,2   # 2 GPUs
     python benchmarks/gptqmodel_gpu.py --variants stock,ours --warmup   # Triton compiles in an untimed run first
+    python benchmarks/gptqmodel_gpu.py --layers 2 --variants ours-grouped-batched,stock --repeat 2   # each side twice
+
+``--repeat N`` runs the variant list N times, one round after another (rows ``<variant>#2`` and
+on; each compared with the first stock run's checkpoint), and ``ratios_vs_stock`` holds each
+variant's ratios against every stock run of the call (min / median / max over all pairs), the
+spread of stock's and ours' run-to-run times in one figure.
 
 Profiles (``benchmarks/_profile.py``): ``DQ_PROFILE_DIR``, ``DQ_TORCH_PROFILE_DIR`` or ``DQ_SAMPLE_DIR``
 profile each variant's ``quantize`` (``gptqmodel-<run>``) and, on its own, its save (``gptqmodel-<run>-save``);
@@ -153,6 +159,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -274,6 +281,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="report a CUDA run in which GPTQ solves fell back to GPTQModel's torch path (the table says so)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     p.add_argument("--timeout", type=int, default=420, help="seconds per variant")
+    from _args import whole  # beside this script, on sys.path when it runs (or is imported by the tests)
+
+    p.add_argument("--repeat", type=whole(1), default=1,
+                   help="run the variant list this many times, one round after another (runs <variant>#2, ...); "
+                        "ratios_vs_stock then holds each variant's ratio against every stock run of the call")
     p.add_argument("--gpus", type=int, default=None,
                    help="variants run at once, one GPU each (default: every visible GPU, 1 on CPU)")
     p.add_argument("--gpu-counts", default=None,
@@ -299,7 +311,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--gpu-counts takes comma-separated integers, got {args.gpu_counts!r}")
         if not args.gpu_counts or min(args.gpu_counts) < 1 or args.device != "cuda":
             p.error("--gpu-counts needs --device cuda and counts >= 1")
+        if args.repeat > 1:
+            p.error("--repeat runs the variant list again; with --gpu-counts each variant already runs once per count")
     return args
+
+
+def runs_of(variants: list[str], repeat: int) -> list[tuple[str, str]]:
+    """``(variant, run id)`` for every run: the list once per round, ``<variant>#<round>`` from the second."""
+    return [(v, v if k == 1 else f"{v}#{k}") for k in range(1, repeat + 1) for v in variants]
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
+
+
+def ratios_vs_stock(rows: list[dict]) -> dict[str, dict]:
+    """Per variant that is not stock: its runs' ratios against every stock run of the call (stock's
+    seconds / its seconds, end to end and quantize), min / median / max over all those pairs."""
+    done = [r for r in rows if "error" not in r]
+    stock = [r for r in done if r["variant"].startswith("stock")]
+    if not stock:
+        return {}
+    out: dict[str, dict] = {}
+    for variant in dict.fromkeys(r["variant"] for r in done if not r["variant"].startswith("stock")):
+        mine = [r for r in done if r["variant"] == variant]
+        out[variant] = {
+            "runs": len(mine), "stock_runs": len(stock),
+            "end_to_end": _spread([s["total_s"] / r["total_s"] for s in stock for r in mine]),
+            "quantize": _spread([s["quantize_s"] / r["quantize_s"] for s in stock for r in mine]),
+        }
+    return out
 
 
 def _env(device: str, gpu: int | str | None = None) -> dict[str, str]:
@@ -391,8 +432,9 @@ def warm_pack_extension() -> tuple[float | None, bool | None]:
     return _warm("GPTQModel pack_block_cpu extension", load)
 
 
-def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slots: int, partial: Path | None = None) -> list[dict]:
-    """Each variant in its own process; ``slots`` of them at a time, slot i on GPU i.
+def run_variants(runs: list[tuple[str, str]], args: argparse.Namespace, work: Path, slots: int,
+                 partial: Path | None = None) -> list[dict]:
+    """Each ``(variant, run id)`` in its own process; ``slots`` of them at a time, slot i on GPU i.
 
     Every finished row is appended to ``partial`` (JSON lines) at once, so a run cut short by a
     time limit keeps what it measured.
@@ -402,11 +444,12 @@ def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slot
 
     lock = threading.Lock()
 
-    def one(variant: str) -> dict:
+    def one(run: tuple[str, str]) -> dict:
+        variant, run_id = run
         gpu = free.pop(0) if slots > 1 else None
         try:
-            print(f"running {variant}" + ("" if gpu is None else f" on GPU {gpu}") + " ...", flush=True)
-            row = run_variant(variant, args, work, gpu)
+            print(f"running {run_id}" + ("" if gpu is None else f" on GPU {gpu}") + " ...", flush=True)
+            row = run_variant(variant, args, work, gpu, run_id=run_id)
             row["gpu_index"] = gpu
             line = json.dumps({k: v for k, v in row.items() if k != "log_tail"})
             print(line, flush=True)
@@ -421,7 +464,7 @@ def run_variants(variants: list[str], args: argparse.Namespace, work: Path, slot
                 free.append(gpu)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=slots) as pool:
-        return list(pool.map(one, variants))
+        return list(pool.map(one, runs))
 
 
 def evict_page_cache(folder: Path) -> int:
@@ -569,6 +612,19 @@ def triton_note(row: dict) -> str:
     return f" (Triton compiled {n} kernels in this run)" if n else ""
 
 
+def ratios_markdown(ratios: dict[str, dict]) -> str:
+    """``ratios_vs_stock`` as a table (empty without stock runs or other variants)."""
+    if not ratios:
+        return ""
+    lines = ["", "", "Ratios against every stock run of this call (stock's seconds / the variant's; min / median / max):", "",
+             "| variant | runs | stock runs | end to end | quantize |", "|---|---:|---:|---|---|"]
+    for variant, r in ratios.items():
+        e, q = r["end_to_end"], r["quantize"]
+        lines.append(f"| {variant} | {r['runs']} | {r['stock_runs']} | {e['min']:.2f}x / {e['median']:.2f}x / {e['max']:.2f}x | "
+                     f"{q['min']:.2f}x / {q['median']:.2f}x / {q['max']:.2f}x |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     """The rows as markdown tables; a run whose timed region compiled Triton kernels says so."""
     cols = ["run", "load_s", "quantize_s", "tail_s", "save_s", "total_s", "peak_gpu_gib", "peak_rss_gib", "experts_quantized",
@@ -707,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu_counts:
         rows = run_scaling(variants, args, work, partial)
     else:
-        rows = run_variants(variants, args, work, slots, partial)
+        rows = run_variants(runs_of(variants, args.repeat), args, work, slots, partial)
     for r in rows:
         r.setdefault("run", r["variant"])
     stock = next((r for r in rows if r["variant"] == "stock" and "error" not in r), None)
@@ -727,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
         if fell_back and not args.allow_fallback:
             refused = "GPTQModel fell back to a slower path, so these timings are not comparable: " + "; ".join(fell_back) + \
                       ". Fix the build (see docs/performance.md) or pass --allow-fallback to report it as such."
-    table = markdown(rows)
+    ratios = ratios_vs_stock(rows)
+    table = markdown(rows) + ratios_markdown(ratios)
     print(table)
     meta = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
@@ -745,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpus_visible": torch.cuda.device_count() if args.device == "cuda" else 0,
     }
     command = "python benchmarks/gptqmodel_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    payload = {"meta": {**meta, "command": command}, "rows": rows, "markdown": table}
+    payload = {"meta": {**meta, "command": command}, "rows": rows, "ratios_vs_stock": ratios, "markdown": table}
     if refused:
         payload["refused"] = refused
     out.write_text(json.dumps(payload, indent=1) + "\n")

@@ -1,4 +1,4 @@
-"""Comma-separated benchmark flags parsed by ``benchmarks/_args`` types: lists in, one error line out."""
+"""Benchmark flags parsed by ``benchmarks/_args`` types: lists and counts in, one error line out."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gptqmodel_gpu  # noqa: E402
 import layer_offload  # noqa: E402
 import llmc_grouped_check  # noqa: E402
 import quality  # noqa: E402
@@ -34,6 +35,9 @@ def test_layer_offload_busy_threads_are_counts():
     (quality.parse_args, ["--backends", "awq"], "argument --backends: unknown or none ['awq']; choose from gptqmodel, llmcompressor"),
     (layer_offload.parse_args, ["--busy-threads", "0,x"], "argument --busy-threads: expected comma-separated whole numbers"),
     (layer_offload.parse_args, ["--busy-threads", "-1"], "argument --busy-threads: counts must be >= 0"),
+    (gptqmodel_gpu.parse_args, ["--repeat", "0"], "argument --repeat: must be >= 1, got 0"),
+    (gptqmodel_gpu.parse_args, ["--repeat", "two"], "argument --repeat: expected a whole number, got 'two'"),
+    (gptqmodel_gpu.parse_args, ["--repeat", "2", "--gpu-counts", "1,2"], "--repeat runs the variant list again"),
 ])
 def test_bad_lists_are_refused_in_one_line(capsys, parse, argv, says):
     with pytest.raises(SystemExit) as exc:

@@ -23,6 +23,31 @@ def test_gpu_counts_are_parsed_and_checked():
     assert {"ours-batched", "ours-grouped-batched"} <= set(bench.VARIANTS)
 
 
+def test_repeat_runs_the_list_round_after_round():
+    assert bench.parse_args(["--device", "cpu"]).repeat == 1
+    assert bench.runs_of(["ours", "stock"], 1) == [("ours", "ours"), ("stock", "stock")]
+    assert bench.runs_of(["ours", "stock"], 3) == [("ours", "ours"), ("stock", "stock"), ("ours", "ours#2"),
+                                                   ("stock", "stock#2"), ("ours", "ours#3"), ("stock", "stock#3")]
+
+
+def test_ratios_pair_every_run_with_every_stock_run():
+    def row(variant, total, quantize, **extra):
+        return {"variant": variant, "run": variant, "total_s": total, "quantize_s": quantize, **extra}
+
+    rows = [row("ours", 10.0, 8.0), row("stock", 40.0, 36.0), row("ours", 12.0, 9.0), row("stock+si5000", 48.0, 45.0),
+            row("ours-all", 20.0, 18.0), row("ours", 1.0, 1.0, error="exit 1")]
+    ratios = bench.ratios_vs_stock(rows)
+    assert list(ratios) == ["ours", "ours-all"]  # a run that failed counts nowhere; every stock-based variant is stock
+    # ours: 40/10, 40/12, 48/10, 48/12 end to end; 36/8, 36/9, 45/8, 45/9 quantize
+    assert ratios["ours"] == {"runs": 2, "stock_runs": 2,
+                              "end_to_end": {"min": 3.33, "median": 4.0, "max": 4.8},
+                              "quantize": {"min": 4.0, "median": 4.75, "max": 5.62}}
+    assert ratios["ours-all"]["end_to_end"] == {"min": 2.0, "median": 2.2, "max": 2.4}
+    table = bench.ratios_markdown(ratios)
+    assert "| ours | 2 | 2 | 3.33x / 4.00x / 4.80x | 4.00x / 4.75x / 5.62x |" in table
+    assert bench.ratios_vs_stock([row("ours", 10.0, 8.0)]) == {} and bench.ratios_markdown({}) == ""
+
+
 def test_stage_breakdown_from_a_recorder():
     from defuser_quant.integrations.gptqmodel.kernels import record_gptq_kernels, stage
 
@@ -260,3 +285,31 @@ def test_nobundle_variant_leaves_out_only_the_offload_bundle():
 
     assert bench.bookkeeping_setting("ours-grouped-batched-nobundle") == set(PARTS - {"offload_bundle"})
     assert bench.solve_setting("ours-grouped-batched-nobundle") is True
+
+
+@pytest.mark.slow
+def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
+    import os
+    import subprocess
+
+    pytest.importorskip("gptqmodel")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "repeat.json"
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gptqmodel_gpu.py"), "--device", "cpu", "--tiny",
+                           "--variants", "ours-grouped-batched,stock", "--repeat", "2", "--no-reload", "--output", str(out)],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [r["run"] for r in rows] == ["ours-grouped-batched", "stock", "ours-grouped-batched#2", "stock#2"]
+    # every run after the first stock one is compared with it: on the CPU all are its checkpoint
+    assert [r.get("same_ckpt_as_stock") for r in rows] == ["yes", None, "yes", "yes"]
+    ratios = data["ratios_vs_stock"]["ours-grouped-batched"]
+    assert ratios["runs"] == ratios["stock_runs"] == 2
+    stock = [r["total_s"] for r in rows if r["variant"] == "stock"]
+    ours = [r["total_s"] for r in rows if r["variant"] == "ours-grouped-batched"]
+    assert ratios["end_to_end"]["max"] == round(max(stock) / min(ours), 2)
+    assert ratios["end_to_end"]["min"] == round(min(stock) / max(ours), 2)
+    assert "Ratios against every stock run of this call" in data["markdown"]
