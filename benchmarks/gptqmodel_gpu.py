@@ -726,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS} (each may take +si<N>/+cpuw<N>/+cudaw<N>/+pin1)")
     if len(set(variants)) != len(variants):
-        raise SystemExit(f"--variants names a variant twice: {args.variants} (their files would collide)")
+        raise SystemExit(f"--variants names a variant twice: {args.variants} (their files would collide; "
+                         "--repeat N runs the list again)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available (use --device cpu --tiny)")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gptqmodel_bench_"))
