@@ -136,20 +136,11 @@ def test_the_benchmark_compares_every_printed_row_with_stock_and_passes_the_flag
 def test_a_real_tiny_cpu_run_prints_every_solved_module_and_matches_stock(tmp_path):
     """The flag end to end: stock and ours on the tiny shape (CPU: deterministic), every GPTQ-solved
     module printed in both rows, the same Hessians and weights as stock and the same checkpoint."""
-    import json
-    import os
-    import subprocess
+    from gptqmodel_benchmark_run import run_tiny_cpu
 
     pytest.importorskip("gptqmodel")
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "prints.json"
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gptqmodel_gpu.py"), "--device", "cpu", "--tiny",
-                           "--variants", "stock,ours-grouped-batched", "--no-reload", "--hessian-prints", "--output", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    stock, ours = json.loads(out.read_text())["rows"]
+    data = run_tiny_cpu(tmp_path / "prints.json", "--variants", "stock,ours-grouped-batched", "--no-reload", "--hessian-prints")
+    stock, ours = data["rows"]
     solved = sum(stock["kernels"]["gptq_solves"].values())
     assert len(stock["hessian_prints"]) == len(stock["weight_prints"]) == solved > 0
     assert set(ours["hessian_prints"]) == set(ours["weight_prints"]) == set(stock["hessian_prints"])

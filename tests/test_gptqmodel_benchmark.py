@@ -289,19 +289,11 @@ def test_nobundle_variant_leaves_out_only_the_offload_bundle():
 
 @pytest.mark.slow
 def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
-    import os
-    import subprocess
+    from gptqmodel_benchmark_run import run_tiny_cpu
 
     pytest.importorskip("gptqmodel")
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "repeat.json"
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gptqmodel_gpu.py"), "--device", "cpu", "--tiny",
-                           "--variants", "ours-grouped-batched,stock", "--repeat", "2", "--no-reload", "--output", str(out)],
-                          env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    data = json.loads(out.read_text())
+    data = run_tiny_cpu(tmp_path / "repeat.json", "--variants", "ours-grouped-batched,stock", "--repeat", "2", "--no-reload",
+                        timeout=400)
     rows = data["rows"]
     assert [r["run"] for r in rows] == ["ours-grouped-batched", "stock", "ours-grouped-batched#2", "stock#2"]
     # every run after the first stock one is compared with it: on the CPU all are its checkpoint
