@@ -42,6 +42,7 @@ class StackSampler:
         self.ticks = 0
         self.tick_times: list[float] = []  # time.perf_counter() of each tick
         self.by_tick: list[list[tuple[str, tuple[str, ...]]]] = []  # each tick's (thread, stack) samples
+        self._keys: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}  # one object per distinct sample
         self.since: float | None = None  # set by the run: also report the samples from then on
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="DQStackSampler", daemon=True)
@@ -72,6 +73,7 @@ class StackSampler:
                     stack.append(_label(frame))
                     frame = frame.f_back
                 key = (names.get(ident, str(ident)), tuple(reversed(stack)))
+                key = self._keys.setdefault(key, key)  # the ticks share it: a long run keeps references, not copies
                 self.samples[key] += 1
                 tick.append(key)
             self.by_tick.append(tick)

@@ -70,6 +70,17 @@ def test_the_tail_from_the_runs_mark_is_reported_alone(tmp_path, monkeypatch):
     assert _seconds(tail, "MainThread", "inclusive", "test_benchmark_sampler.py:_spin_after_the_mark") > 0.2
 
 
+def test_the_ticks_share_one_object_per_distinct_sample():
+    from _sampler import StackSampler
+
+    sampler = StackSampler(0.002).start()
+    _spin(0.2)
+    sampler.stop()
+    mine = [key for tick in sampler.by_tick for key in tick if key[0] == "MainThread"]
+    assert len(mine) > 10
+    assert len({id(key) for key in mine}) == len(set(mine))  # equal samples are the same object
+
+
 def test_without_a_mark_there_is_no_tail_report(tmp_path, monkeypatch):
     monkeypatch.setenv("DQ_SAMPLE_DIR", str(tmp_path))
     with maybe_profile("run") as sampler:
