@@ -50,6 +50,11 @@ TINY = {"hidden": 256, "q_rows": 512, "kv_rows": 128, "intermediate": 128, "expe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from _source import use_source_checkout
+
+    use_source_checkout()
+    from defuser_quant.integrations.gptqmodel.batched import STREAMS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels and cuBLAS workspace config")
@@ -59,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the batched solve's Hessian-inverse threads, each on its own CUDA stream (the plugin's default: 4)")
     p.add_argument("--host-results", action="store_true",
                    help="the batched solve hands scales, zeros and g_idx back on the CPU (the plugin's default)")
-    p.add_argument("--streams", default="auto", choices=["auto", "own", "caller"],
+    p.add_argument("--streams", default="auto", choices=STREAMS,
                    help="the batched solve's inverse streams (BatchedSolve.streams): each inverse thread's own, the "
                         "caller's, or auto (the caller's under --deterministic; the plugin's default)")
     p.add_argument("--on-worker-threads", action="store_true",
@@ -185,9 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.path.insert(0, str(HERE))
     from _report import write_json
-    from _source import use_source_checkout
-
-    use_source_checkout()
     from defuser_quant.calibration.grouped import deterministic_mode
 
     results: dict[str, Any] = {}

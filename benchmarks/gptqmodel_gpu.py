@@ -325,15 +325,20 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
 
 
+def is_stock(variant: str) -> bool:
+    """Whether ``variant`` runs stock GPTQModel + Defuser (``stock``, ``stock-again``, ``stock+si500``...)."""
+    return variant.startswith("stock")
+
+
 def ratios_vs_stock(rows: list[dict]) -> dict[str, dict]:
     """Per variant that is not stock: its runs' ratios against every stock run of the call (stock's
     seconds / its seconds, end to end and quantize), min / median / max over all those pairs."""
     done = [r for r in rows if "error" not in r]
-    stock = [r for r in done if r["variant"].startswith("stock")]
+    stock = [r for r in done if is_stock(r["variant"])]
     if not stock:
         return {}
     out: dict[str, dict] = {}
-    for variant in dict.fromkeys(r["variant"] for r in done if not r["variant"].startswith("stock")):
+    for variant in dict.fromkeys(r["variant"] for r in done if not is_stock(r["variant"])):
         mine = [r for r in done if r["variant"] == variant]
         out[variant] = {
             "runs": len(mine), "stock_runs": len(stock),
@@ -874,7 +879,7 @@ def worker(args: argparse.Namespace) -> int:
         from defuser_quant.integrations.gptqmodel import layer_reads
 
         layer_reads.PIN = True
-    if not variant.startswith("stock"):
+    if not is_stock(variant):
         from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
 
         install(fast_save=not variant.endswith("-stocksave"))
@@ -900,7 +905,7 @@ def worker(args: argparse.Namespace) -> int:
     prints = HessianPrints() if args.hessian_prints else contextlib.nullcontext()
     with maybe_profile(f"gptqmodel-{run_id}") as sampler, record_gptq_kernels(stages=args.stages, model=model.model) as kernels, \
             deterministic_mode(args.deterministic), probe or contextlib.nullcontext(), prints:
-        if variant.startswith("stock"):
+        if is_stock(variant):
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
         else:
             routing = "all" if variant.startswith("ours-all") else "routed"
@@ -938,7 +943,7 @@ def worker(args: argparse.Namespace) -> int:
     with maybe_profile(f"gptqmodel-{run_id}-save"):
         model.save(str(work / f"{run_id}.out"))
     t3 = time.perf_counter()
-    if not variant.startswith("stock"):
+    if not is_stock(variant):
         from defuser_quant.integrations.gptqmodel import last_save
 
         extra["save_path"] = last_save()  # mapped source weights and bytes by how written (None: GPTQModel's own)

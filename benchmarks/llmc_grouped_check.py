@@ -85,11 +85,7 @@ def logits(path: Path, device: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    sys.path.insert(0, str(HERE))
-    from _source import use_source_checkout
-
-    use_source_checkout()
+    args = parse_args(argv)  # (it maps the source checkout's packages: use_source_checkout)
     import torch
     import transformers
     from safetensors.torch import load_file
