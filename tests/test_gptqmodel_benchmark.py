@@ -285,6 +285,8 @@ def test_nobundle_variant_leaves_out_only_the_offload_bundle():
 
     assert bench.bookkeeping_setting("ours-grouped-batched-nobundle") == set(PARTS - {"offload_bundle"})
     assert bench.solve_setting("ours-grouped-batched-nobundle") is True
+    assert bench.bookkeeping_setting("ours-grouped-batched-nokeeplast") == set(PARTS - {"keep_last_block"})
+    assert bench.solve_setting("ours-grouped-batched-nokeeplast") is True
 
 
 @pytest.mark.slow

@@ -14,36 +14,37 @@ from torch import nn
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _model(experts: int = 3):
-    """``model.layers.0.mlp.experts.<e>.{gate,down}_proj`` Linears, each knowing its full name (as
+def _model(experts: int = 3, layers: int = 1):
+    """``model.layers.<l>.mlp.experts.<e>.{gate,down}_proj`` Linears, each knowing its full name (as
     GPTQModel's quantized modules do)."""
     torch.manual_seed(0)
     root = nn.Module()
     root.model = nn.Module()
-    root.model.layers = nn.ModuleList([nn.Module()])
-    root.model.layers[0].mlp = nn.Module()
-    root.model.layers[0].mlp.experts = nn.ModuleList()
+    root.model.layers = nn.ModuleList([nn.Module() for _ in range(layers)])
     paths = []
-    for e in range(experts):
-        expert = nn.Module()
-        for proj in ("gate_proj", "down_proj"):
-            linear = nn.Linear(8, 4, bias=proj == "down_proj")
-            linear.register_buffer("g_idx", torch.arange(8, dtype=torch.int32))
-            linear.name = f"model.layers.0.mlp.experts.{e}.{proj}"
-            setattr(expert, proj, linear)
-            paths.append(linear.name)
-        root.model.layers[0].mlp.experts.append(expert)
+    for layer_index, layer in enumerate(root.model.layers):
+        layer.mlp = nn.Module()
+        layer.mlp.experts = nn.ModuleList()
+        for e in range(experts):
+            expert = nn.Module()
+            for proj in ("gate_proj", "down_proj"):
+                linear = nn.Linear(8, 4, bias=proj == "down_proj")
+                linear.register_buffer("g_idx", torch.arange(8, dtype=torch.int32))
+                linear.name = f"model.layers.{layer_index}.mlp.experts.{e}.{proj}"
+                setattr(expert, proj, linear)
+                paths.append(linear.name)
+            layer.mlp.experts.append(expert)
     return root, frozenset(paths)
 
 
-def _bundler(model, paths, calls):
+def _bundler(model, paths, calls, keep_last: bool = False):
     from defuser_quant.integrations.gptqmodel.offload_bundle import BundleStats, _Bundler
 
     def stock(module=None, model=None, disk_path=".", force=False):
         calls.append(module.name)
 
     stats = BundleStats()
-    return _Bundler(model, paths, stats, stock), stats
+    return _Bundler(model, paths, stats, stock, keep_last), stats
 
 
 def _saved_tensor(root: str, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -194,3 +195,74 @@ def test_a_module_missing_from_its_bundles_index_takes_gptqmodels_offload(tmp_pa
     kept = model.get_submodule(missing)  # its tensors where they were, for GPTQModel's own offload
     assert kept.weight.device.type == "cpu" and torch.equal(kept.weight, before[missing + ".weight"])
     assert model.get_submodule("model.layers.0.mlp.experts.0.down_proj").weight.device.type == "meta"
+
+
+def _layer_paths(paths, layer: int) -> list[str]:
+    return sorted(p for p in paths if p.startswith(f"model.layers.{layer}."))
+
+
+@pytest.mark.parametrize("order", ["layer 0 first", "layer 1 first"])
+def test_keep_last_leaves_the_block_that_completes_last_in_memory(tmp_path, order):
+    model, paths = _model(experts=2, layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls: list[str] = []
+    bundler, stats = _bundler(model, paths, calls, keep_last=True)
+    first, last = (0, 1) if order == "layer 0 first" else (1, 0)
+    asks = _layer_paths(paths, last)[:-1] + _layer_paths(paths, first) + _layer_paths(paths, last)[-1:]
+    for path in asks:  # the last block's modules ask before and after the other block completes
+        bundler.offload(module=model.get_submodule(path), model=model, disk_path=str(tmp_path), force=True)
+    assert calls == [] and (stats.bundles, stats.modules, stats.kept_in_memory) == (1, 4, 4)
+    assert os.listdir(tmp_path) == [f"model.layers.{first}.mlp.experts"]  # nothing written for the last block
+    for name, tensor in before.items():
+        kept = name.startswith(f"model.layers.{last}.")
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        current = getattr(module, name.rsplit(".", 1)[1])
+        assert current.device.type == ("cpu" if kept else "meta")
+        if kept:  # in memory, unchanged: GPTQModel's save takes it from there
+            assert torch.equal(current, tensor)
+        else:
+            assert torch.equal(_saved_tensor(str(tmp_path), name, tensor), tensor)
+
+
+def test_keep_last_writes_every_block_while_another_has_not_been_bundled(tmp_path):
+    model, paths = _model(experts=2, layers=2)
+    calls: list[str] = []
+    bundler, stats = _bundler(model, paths, calls, keep_last=True)
+    (tmp_path / "model.layers.0.mlp.experts").mkdir()  # left by an earlier run: layer 0 goes to GPTQModel
+    for path in _layer_paths(paths, 0) + _layer_paths(paths, 1):
+        bundler.offload(module=model.get_submodule(path), model=model, disk_path=str(tmp_path), force=True)
+    assert calls == _layer_paths(paths, 0)
+    assert (stats.bundles, stats.modules, stats.kept_in_memory) == (1, 4, 0)  # layer 1 is not known to be last
+    assert model.get_submodule(_layer_paths(paths, 1)[0]).weight.device.type == "meta"
+
+
+def test_without_keep_last_every_block_is_bundled(tmp_path):
+    model, paths = _model(experts=2, layers=2)
+    calls: list[str] = []
+    bundler, stats = _bundler(model, paths, calls)
+    for path in sorted(paths):
+        bundler.offload(module=model.get_submodule(path), model=model, disk_path=str(tmp_path), force=True)
+    assert (stats.bundles, stats.modules, stats.kept_in_memory) == (2, 8, 0)
+    assert sorted(os.listdir(tmp_path)) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+
+
+def test_gptqmodels_checkpointing_leaves_the_offload_parts_stock():
+    from types import SimpleNamespace
+
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from defuser_quant import convert_model
+    from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping
+
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=2, num_experts_per_tok=1))
+    convert_model(model)
+    gptq_model = SimpleNamespace(model=model, quantize_config=SimpleNamespace(offload_to_disk=True))
+    with lean_bookkeeping(gptq_model, frozenset({"offload_bundle", "keep_last_block"}), checkpointed=True) as stats:
+        pass
+    assert set(stats.disabled) == {"offload_bundle", "keep_last_block"} and stats.offload_bundle is None
+    assert "checkpoint=" in stats.disabled["keep_last_block"]
+    with lean_bookkeeping(gptq_model, frozenset({"keep_last_block"})) as stats:
+        pass
+    assert stats.disabled == {"keep_last_block": "needs the offload_bundle part"}

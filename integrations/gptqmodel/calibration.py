@@ -423,10 +423,12 @@ def quantize_with_defuser(
         if batched_solve is not False:
             solve = stack.enter_context(batched_solves(batched_solve if isinstance(batched_solve, BatchedSolve) else None))
         bookkeeping = None
+        checkpointed = quantize_kwargs.get("checkpoint") is not None
         if lean_bookkeeping is True:
-            bookkeeping = stack.enter_context(_lean_bookkeeping(model))
+            bookkeeping = stack.enter_context(_lean_bookkeeping(model, checkpointed=checkpointed))
         elif lean_bookkeeping is not False:
-            bookkeeping = stack.enter_context(_lean_bookkeeping(model, frozenset(lean_bookkeeping)))
+            bookkeeping = stack.enter_context(_lean_bookkeeping(model, frozenset(lean_bookkeeping),
+                                                                checkpointed=checkpointed))
         log = model.quantize(calibration, **quantize_kwargs)
     if solve is not None:
         logger.info("batched GPTQ solve: %s", solve.as_dict())

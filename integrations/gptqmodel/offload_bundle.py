@@ -24,6 +24,14 @@ Anything else takes GPTQModel's own offload: modules outside our blocks, a modul
 not resolve to it, one already on ``meta``, one on an accelerator, one without tensors, and a block
 whose folder already exists (it is never overwritten). A bundle that fails to write leaves its
 modules as they were (their tensors in memory) and hands them to GPTQModel's offload one by one.
+
+With ``keep_last`` (the ``keep_last_block`` part of :func:`~.overhead.lean_bookkeeping`), the last
+experts block to complete, once every other block has been bundled, is not written at all: its
+modules keep their quantized tensors in memory, where GPTQModel's save takes them (it reads only
+``meta`` tensors from the offload folder). Writing it would put that block on disk only for the
+save to read it back a few seconds later, and its write sat alone at the end of ``quantize()``
+(0.3 s of an H200 run's tail, ``docs/performance.md`` round 27). The cost is that block's quantized
+tensors held in host memory until the save (one layer's experts; 0.3 GB at Qwen3-30B-A3B shape).
 """
 
 from __future__ import annotations
@@ -62,11 +70,13 @@ class BundleStats:
     bytes: int = 0
     seconds: float = 0.0  # summed over the bundles (write, index, hooks)
     at_end: int = 0  # bundles written when the block ended (not every module had asked)
+    kept_in_memory: int = 0  # modules of the last block left in memory (keep_last)
     stock: Counter = field(default_factory=Counter)  # reason -> offload calls left to GPTQModel
 
     def as_dict(self) -> dict[str, Any]:
         return {"bundles": self.bundles, "modules": self.modules, "tensors": self.tensors, "bytes": self.bytes,
-                "seconds": round(self.seconds, 3), "at_end": self.at_end, "stock": dict(self.stock)}
+                "seconds": round(self.seconds, 3), "at_end": self.at_end, "kept_in_memory": self.kept_in_memory,
+                "stock": dict(self.stock)}
 
 
 def block_of(path: str) -> tuple[str, str]:
@@ -76,8 +86,11 @@ def block_of(path: str) -> tuple[str, str]:
 
 
 class _Bundler:
-    def __init__(self, model: nn.Module, expert_paths: frozenset[str], stats: BundleStats, original: Callable):
+    def __init__(self, model: nn.Module, expert_paths: frozenset[str], stats: BundleStats, original: Callable,
+                 keep_last: bool = False):
         self.model = model
+        self.keep_last = keep_last
+        self.bundled: set[str] = set()  # blocks written whole
         self.original = original
         self.stats = stats
         self.expected = Counter(block_of(p)[0] for p in expert_paths)
@@ -131,9 +144,14 @@ class _Bundler:
                 ready = len(members) >= self.expected[block]
                 if ready:
                     del self.pending[key]
+                keep = ready and self.keep_last and self.bundled == set(self.expected) - {block}
+                if keep:
+                    self.stats.kept_in_memory += len(members)
         if why is not None:
             return self._stock(why, module, model, disk_path, force)
-        if ready:
+        if keep:
+            logger.debug("%s is the last experts block: its %d modules stay in memory for the save", block, len(members))
+        elif ready:
             self._write(disk_path, block, members, force)
 
     def _write(self, disk_path: str, block: str, members: list[tuple[str, nn.Module]], force: bool) -> None:
@@ -158,6 +176,7 @@ class _Bundler:
                                name, type(exc).__name__, exc)
                 self._stock("its hooks failed to attach", module, self.model, disk_path, force)
         with self.lock:
+            self.bundled.add(block)
             self.stats.bundles += 1
             self.stats.modules += bundled
             self.stats.tensors += len(index)
@@ -238,15 +257,16 @@ def _attach(folder: str, module: nn.Module, own: dict[str, dict]) -> None:
 
 
 @contextmanager
-def bundled_offload(model: nn.Module, expert_paths: frozenset[str]) -> Iterator[BundleStats]:
+def bundled_offload(model: nn.Module, expert_paths: frozenset[str], keep_last: bool = False) -> Iterator[BundleStats]:
     """Inside the block, GPTQModel's finalize offloads each experts block as one bundle (see the
-    module docstring); restored after, with unfinished blocks bundled first (on a normal exit;
-    after an error or Ctrl-C their modules keep their tensors in memory)."""
+    module docstring; ``keep_last``: the last block to complete stays in memory); restored after,
+    with unfinished blocks bundled first (on a normal exit; after an error or Ctrl-C their modules
+    keep their tensors in memory)."""
     from gptqmodel.looper import stage_layer
 
     stats = BundleStats()
     original = stage_layer.offload_to_disk
-    bundler = _Bundler(model, expert_paths, stats, original)
+    bundler = _Bundler(model, expert_paths, stats, original, keep_last)
     stage_layer.offload_to_disk = bundler.offload
     try:
         yield stats

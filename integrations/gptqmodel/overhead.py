@@ -73,6 +73,14 @@ expert projections of our ``DefusedExperts`` blocks only:
   instead of a folder per module, read back by GPTQModel's save through its parents' lookup
   (:mod:`.offload_bundle`); the same tensors in the checkpoint.
 
+* **keep last block** (with the offload bundle): the last experts block to complete is not written
+  to the offload folder at all; its quantized modules stay in host memory, where GPTQModel's save
+  takes them (:mod:`.offload_bundle`); the same tensors in the checkpoint, one layer's quantized
+  experts more in host memory until the save.
+
+With GPTQModel's own checkpointing (``quantize(..., checkpoint=...)``, which resumes from the
+offload folder), the offload bundle and keep-last-block parts stay stock.
+
 GPTQModel computes and writes exactly what it does without this (same tensors loaded, same
 checkpoint). Anything that does not match (another role, a module outside our blocks, a path
 that names another module, no lazy source) takes GPTQModel's own path. Before patching, the
@@ -787,14 +795,16 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
-                   "layer_offload", "recopy", "layer_reads", "offload_bundle"})
+                   "layer_offload", "recopy", "layer_reads", "offload_bundle", "keep_last_block"})
 
 
 @contextmanager
-def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator[BookkeepingStats]:
+def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
+                     checkpointed: bool = False) -> Iterator[BookkeepingStats]:
     """Inside the block, GPTQModel's per-module materialize and offload bookkeeping of the expert
     projections of ``gptq_model`` (a GPTQModel model) skips its whole-model scans (see the module
     docstring). ``parts`` (default: all of :data:`PARTS`) picks which; the rest stays stock.
+    ``checkpointed``: the run uses GPTQModel's ``checkpoint=`` (the offload parts stay stock).
     Restored on exit."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -815,6 +825,14 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
         if part in enabled and "materialize" not in enabled:
             stats.disabled[part] = "needs the materialize part"
             enabled.discard(part)
+    if checkpointed:  # GPTQModel's resume restores from its own per-module offload folders
+        for part in ("offload_bundle", "keep_last_block"):
+            if part in enabled:
+                stats.disabled[part] = "GPTQModel's checkpoint= resumes from its own offload folders"
+                enabled.discard(part)
+    if "keep_last_block" in enabled and "offload_bundle" not in enabled:
+        stats.disabled["keep_last_block"] = "needs the offload_bundle part"
+        enabled.discard("keep_last_block")
     if "recopy" in enabled:
         why = config_refusal(gptq_model.quantize_config)
         if why is not None:
@@ -881,7 +899,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS) -> Iterator
             stack.enter_context(patched(BaseQModel, "post_quantize", post))
             stack.callback(staging.release)
         if paths and "offload_bundle" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
-            stats.offload_bundle = stack.enter_context(bundled_offload(gptq_model.model, paths))
+            stats.offload_bundle = stack.enter_context(
+                bundled_offload(gptq_model.model, paths, keep_last="keep_last_block" in enabled))
         if "headless" in enabled:
             from logbar import terminal
 
