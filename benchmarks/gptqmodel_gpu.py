@@ -50,6 +50,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-nokeeplast`` - every lean bookkeeping part but ``keep_last_block``: the last
                  experts block is bundled to disk like the others instead of staying in memory for
                  the save (the default since round 28);
+* ``ours-grouped-batched-noonload`` - every lean bookkeeping part but ``layer_onload``: layer 0's move
+                 from the CPU to the GPU by GPTQModel's ``module.to`` instead of the staged upload
+                 (the default since round 28);
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -179,10 +182,11 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-hinv1-device", "ours-grouped-batched-noreads", "ours-grouped-batched-ahead2",
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
             "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
-            "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams", "ours-grouped-batched-nokeeplast")
+            "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams", "ours-grouped-batched-nokeeplast",
+            "ours-grouped-batched-noonload")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
-                "-nokeeplast": "keep_last_block"}
+                "-nokeeplast": "keep_last_block", "-noonload": "layer_onload"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
              "pin": "layer_reads into pinned buffers (layer_reads.PIN)",

@@ -287,6 +287,7 @@ def test_nobundle_variant_leaves_out_only_the_offload_bundle():
     assert bench.solve_setting("ours-grouped-batched-nobundle") is True
     assert bench.bookkeeping_setting("ours-grouped-batched-nokeeplast") == set(PARTS - {"keep_last_block"})
     assert bench.solve_setting("ours-grouped-batched-nokeeplast") is True
+    assert bench.bookkeeping_setting("ours-grouped-batched-noonload") == set(PARTS - {"layer_onload"})
 
 
 @pytest.mark.slow

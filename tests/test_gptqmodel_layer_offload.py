@@ -170,3 +170,132 @@ def test_a_staged_move_that_raises_leaves_the_layer_to_gptqmodel(monkeypatch, ca
     assert calls == [layer, layer] and (stats.failed, stats.stock, stats.layers) == (2, 2, 0)
     warned = [r.getMessage() for r in caplog.records if "staged layer offload failed" in r.getMessage()]
     assert len(warned) == 1 and "out of memory" in warned[0]  # said once, not per layer
+
+
+# ----- the other way: pre_quantize's move of layer 0 to the GPU (layer_onload) ---------------------
+def test_staged_uploads_equal_the_originals_and_keep_parameters_and_ties():
+    from defuser_quant.integrations.gptqmodel.layer_offload import stage_uploads, swap_in
+
+    torch.manual_seed(0)
+    layer = _Layer()
+    before = {k: (v.detach().clone(), v.data_ptr()) for k, v in _state(layer).items()}
+    params = dict(layer.named_parameters(remove_duplicate=False))
+    # on the CPU the target is the CPU: every selected tensor copied through 100-byte buffers
+    staged = stage_uploads(layer, Staging(nbytes=100, pin=False), "cpu", select=_everything_but_transposed)
+    assert {k: v.data_ptr() for k, v in _state(layer).items()} == {k: p for k, (_, p) in before.items()}  # unchanged yet
+    swap_in(layer, staged, "cpu")
+    assert staged.left == 0 and staged.nbytes == sum(
+        v.numel() * v.element_size() for k, (v, _) in before.items() if "transposed" not in k and k not in ("p:tied.weight", "b:qint"))
+    for key, now in _state(layer).items():
+        values, ptr = before[key]
+        assert now.dtype == values.dtype and now.shape == values.shape and torch.equal(now, values), key
+        if "transposed" in key or key == "b:qint":
+            assert now.data_ptr() == ptr
+        elif values.numel():
+            assert now.data_ptr() != ptr and now.is_contiguous(), key
+    assert all(p is params[k] for k, p in layer.named_parameters(remove_duplicate=False))
+    assert layer.tied.weight is layer.proj.weight
+
+
+def test_an_upload_failing_part_way_leaves_the_layer_as_it_was(monkeypatch):
+    from defuser_quant.integrations.gptqmodel.layer_offload import stage_uploads
+
+    layer = _Layer()
+    ptrs = {k: v.data_ptr() for k, v in _state(layer).items()}
+    calls = []
+    upload = layer_offload._upload
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return upload(*args, **kwargs)
+
+    monkeypatch.setattr(layer_offload, "_upload", failing)
+    staging = Staging(nbytes=64, pin=False)
+    with pytest.raises(KeyboardInterrupt):
+        stage_uploads(layer, staging, "cpu", select=lambda t: True)
+    assert {k: v.data_ptr() for k, v in _state(layer).items()} == ptrs and not staging.lock.locked()
+
+
+def test_pre_quantize_stages_only_cpu_layers_of_ours_going_to_cuda(monkeypatch):
+    from gptqmodel.utils import model as model_utils
+
+    from defuser_quant.integrations.gptqmodel.layer_offload import lean_pre_quantize
+
+    calls, staged = [], []
+
+    def original(self, module):
+        calls.append(module)
+        return module
+
+    where = {"device": torch.device("cpu")}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_utils, "get_device", lambda m: where["device"])
+    monkeypatch.setattr(layer_offload, "stage_uploads", lambda m, staging, device: staged.append((m, device)) or StagedCopies({}, set(), 3, 30, 1))
+    model = SimpleNamespace(quantize_config=SimpleNamespace(device=torch.device("cuda", 0)))
+    other = SimpleNamespace(quantize_config=model.quantize_config)
+    ours, plain, shell = _Layer(), _Layer(), _Layer()
+    shell.register_buffer("unloaded", torch.empty(2, device="meta"))  # GPTQModel materializes those
+    stats = OffloadStats()
+    pre = lean_pre_quantize(original, model, lambda m: m is not plain, Staging(pin=False), stats, threading.Lock())
+    assert pre(other, ours) is ours and pre(model, plain) is plain and pre(model, shell) is shell
+    assert pre(model, ours) is ours and staged == [(ours, torch.device("cuda", 0))]
+    assert (stats.layers, stats.tensors, stats.bytes, stats.left_to_to) == (1, 3, 30, 1)
+    where["device"] = torch.device("cuda", 0)  # already there
+    assert pre(model, ours) is ours
+    where["device"] = torch.device("cpu")
+    model.quantize_config.device = torch.device("cpu")  # GPTQModel does not move it
+    assert pre(model, ours) is ours
+    model.quantize_config.device = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pre(model, ours) is ours
+    assert calls == [ours, plain, shell, ours, ours, ours] and stats.stock == 6 and len(staged) == 1
+
+
+def test_a_staged_upload_that_raises_leaves_the_layer_to_gptqmodel(monkeypatch, caplog):
+    from defuser_quant.integrations.gptqmodel.layer_offload import lean_pre_quantize
+
+    calls = []
+
+    def original(self, module):
+        calls.append(module)
+        return module
+
+    def no_pinned_memory(module, staging, device):
+        raise RuntimeError("CUDA error: out of memory (pinned)")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(layer_offload, "stage_uploads", no_pinned_memory)
+    model = SimpleNamespace(quantize_config=SimpleNamespace(device=torch.device("cuda", 0)))
+    stats = OffloadStats()
+    layer = _Layer()
+    pre = lean_pre_quantize(original, model, lambda m: True, Staging(pin=False), stats, threading.Lock())
+    with caplog.at_level("WARNING"):
+        assert pre(model, layer) is layer and pre(model, layer) is layer
+    assert calls == [layer, layer] and (stats.stock, stats.failed, stats.layers) == (2, 2, 0)
+    assert sum("staged layer upload failed" in r.message for r in caplog.records) == 1  # said once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_upload_moves_like_module_to():
+    from defuser_quant.integrations.gptqmodel.layer_offload import stage_uploads, swap_in
+
+    torch.manual_seed(0)
+    reference, layer = _Layer(), _Layer()
+    layer.load_state_dict(reference.state_dict())
+    layer.proj.weight.grad = reference.proj.weight.grad.clone()
+    reference.big, layer.big = nn.Linear(1024, 768, dtype=torch.bfloat16), nn.Linear(1024, 768, dtype=torch.bfloat16)
+    layer.big.load_state_dict(reference.big.state_dict())  # 1.5 MiB: split over 1 MiB buffers
+    del reference.qint, layer.qint  # no CUDA quantized tensors
+    params = dict(layer.named_parameters(remove_duplicate=False))
+    reference.to("cuda")
+    staged = stage_uploads(layer, Staging(nbytes=1 << 20), torch.device("cuda"))
+    swap_in(layer, staged, torch.device("cuda"))
+    assert staged.left == 1  # the transposed parameter went through Tensor.to
+    ref, got = _state(reference), _state(layer)
+    for key in ref:
+        assert got[key].device.type == "cuda" and got[key].stride() == ref[key].stride(), key
+        assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), key
+    assert all(p is params[k] for k, p in layer.named_parameters(remove_duplicate=False))
+    assert layer.tied.weight is layer.proj.weight

@@ -101,6 +101,9 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
         assert stats.recopy_changed == stats.recopy_copied == 0
         # layer 0 is loaded on the CPU for the input capture; on CUDA pre_quantize moves it (followed)
         assert stats.recopy_moved == (experts // 2 if torch.cuda.is_available() else 0)
+        # ... through the staged upload (layer_onload), which recopy followed like GPTQModel's move
+        onload = stats.layer_onload
+        assert (onload.layers, onload.failed) == ((1, 0) if cuda else (0, 0)) and (onload.tensors > 0) == cuda
         # layer_reads: layer 0 is loaded on the CPU (stock), layer 1 to the GPU from a read ahead
         reads = stats.layer_reads
         assert (reads.layers, reads.read_ahead, reads.failed, reads.unused) == ((1, 1, 0, 0) if cuda else (0, 0, 0, 0))

@@ -12,6 +12,12 @@ copies the other out, then the module's tensors are swapped by ``Module._apply``
 What it does not handle exactly like ``module.to`` it leaves to ``module.to``: non-contiguous
 tensors, tensor subclasses, non-strided layouts, quantized dtypes. Nothing of the module changes before every copy
 has arrived, so an error or Ctrl-C part way leaves the module as it was.
+
+The other way, :func:`lean_pre_quantize` (the ``layer_onload`` part): GPTQModel loads layer 0 on the CPU
+for the input capture and ``pre_quantize`` moves it to the GPU with ``module.to`` (one pageable
+host-to-device copy per tensor, 1.2 GB at Qwen3-30B-A3B shape, on the main thread). :func:`stage_uploads`
+copies the tensors into the same two pinned buffers on the host while the GPU reads the other one,
+into fresh device tensors, and ``Module._apply`` puts them in place as ``module.to`` does.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OffloadStats", "StagedCopies", "Staging", "lean_post_quantize", "stage_copies", "staged_to_cpu", "swap_in"]
+__all__ = ["OffloadStats", "StagedCopies", "Staging", "lean_post_quantize", "lean_pre_quantize", "stage_copies",
+           "stage_uploads", "staged_to_cpu", "swap_in"]
 
 #: Bytes per pinned staging buffer (two are kept).
 STAGING_BYTES = 64 << 20
@@ -124,46 +131,60 @@ def staged_to_cpu(module: nn.Module, staging: Staging, select: Callable[[torch.T
     return staged.staged, staged.nbytes, staged.left
 
 
-def stage_copies(module: nn.Module, staging: Staging, select: Callable[[torch.Tensor], bool] | None = None
-                 ) -> StagedCopies:
-    """The CPU copies :func:`staged_to_cpu` puts in place, made without changing ``module``."""
-    if select is None:
-        select = lambda t: t.device.type == "cuda"  # noqa: E731
+def _chosen(module: nn.Module, select: Callable[[torch.Tensor], bool]) -> list[torch.Tensor]:
+    """The distinct tensors of ``module`` that ``select`` picks, in ``Module._apply`` order."""
     order: list[torch.Tensor] = []
     seen: set[int] = set()
     for t in _module_tensors(module):
         if id(t) not in seen and select(t):
             seen.add(id(t))
             order.append(t)
-    staged = [t for t in order if _stageable(t)]
-    copies: dict[int, torch.Tensor] = {}  # id(source) -> its CPU copy
+    return order
+
+
+def _plan(staged: list[torch.Tensor], cap: int, device: torch.device | str
+          ) -> tuple[dict[int, torch.Tensor], list[list[_Piece]], int]:
+    """A fresh copy of each of ``staged`` on ``device`` and the batches (each at most ``cap`` bytes,
+    a tensor split over batches where it does not fit) that carry their bytes through a staging
+    buffer. Returns (id(source) -> its copy, the batches, bytes)."""
+    copies: dict[int, torch.Tensor] = {}
     total = 0
+    batches: list[list[_Piece]] = [[]]
+    used = 0
+    for t in staged:
+        copy = torch.empty(t.shape, dtype=t.dtype, device=device)
+        copies[id(t)] = copy
+        n = t.numel() * t.element_size()
+        total += n
+        if n == 0:
+            continue
+        src, dst = t.view(-1).view(torch.uint8), copy.view(-1).view(torch.uint8)
+        start = 0
+        while start < n:
+            if used == cap:
+                batches.append([])
+                used = 0
+            length = min(n - start, cap - used)
+            whole = length == n
+            batches[-1].append(_Piece(src if whole else src[start:start + length],
+                                      dst if whole else dst[start:start + length], used, length))
+            used += length
+            start += length
+    return copies, batches, total
+
+
+def stage_copies(module: nn.Module, staging: Staging, select: Callable[[torch.Tensor], bool] | None = None
+                 ) -> StagedCopies:
+    """The CPU copies :func:`staged_to_cpu` puts in place, made without changing ``module``."""
+    if select is None:
+        select = lambda t: t.device.type == "cuda"  # noqa: E731
+    order = _chosen(module, select)
+    staged = [t for t in order if _stageable(t)]
     # Few Python-level tensor calls per tensor: each gives the GIL back and must take it again,
     # which costs more than the copy while other threads hold it (GPTQModel's workers).
     with torch.no_grad(), staging.lock:
         buffers = staging.get()
-        cap = staging.nbytes
-        batches: list[list[_Piece]] = [[]]
-        used = 0
-        for t in staged:
-            copy = torch.empty(t.shape, dtype=t.dtype, device="cpu")
-            copies[id(t)] = copy
-            n = t.numel() * t.element_size()
-            total += n
-            if n == 0:
-                continue
-            src, dst = t.view(-1).view(torch.uint8), copy.view(-1).view(torch.uint8)
-            start = 0
-            while start < n:
-                if used == cap:
-                    batches.append([])
-                    used = 0
-                length = min(n - start, cap - used)
-                whole = length == n
-                batches[-1].append(_Piece(src if whole else src[start:start + length],
-                                          dst if whole else dst[start:start + length], used, length))
-                used += length
-                start += length
+        copies, batches, total = _plan(staged, staging.nbytes, "cpu")
         # Batch k fills buffer k % 2 on each source's current stream; the host drains batch k - 1
         # meanwhile. Sources of one batch may sit on several devices: wait for each.
         pending: tuple[list[torch.Tensor], list[_Piece], list[torch.cuda.Event]] | None = None
@@ -188,17 +209,53 @@ def stage_copies(module: nn.Module, staging: Staging, select: Callable[[torch.Te
     return StagedCopies(copies, {id(t) for t in order}, len(staged), total, len(order) - len(staged))
 
 
-def swap_in(module: nn.Module, staged: StagedCopies) -> None:
-    """Put ``staged``'s copies in place with ``Module._apply``, as ``module.to`` does (the chosen
-    tensors it has no copy of go by ``Tensor.to``)."""
+def _upload(views: list[torch.Tensor], pieces: list[_Piece], non_blocking: bool) -> None:
+    """Host copies of ``pieces``' CPU bytes into the staging ``views``, then the staging-to-device copies."""
+    torch._foreach_copy_(views, [p.source for p in pieces])
+    torch._foreach_copy_([p.dest for p in pieces], views, non_blocking=non_blocking)
 
-    def to_cpu(t: torch.Tensor) -> torch.Tensor:
+
+def stage_uploads(module: nn.Module, staging: Staging, device: torch.device | str,
+                  select: Callable[[torch.Tensor], bool] | None = None) -> StagedCopies:
+    """Copies on ``device`` of the tensors of ``module`` that ``select`` picks (default: those not on
+    ``device``, what ``module.to(device)`` moves), made without changing ``module``: the contiguous
+    plain CPU ones through ``staging`` (the host fills one buffer while the device reads the other),
+    the rest left to ``Tensor.to``. Every copy has arrived when this returns."""
+    device = torch.device(device)
+    order = _chosen(module, select if select is not None else lambda t: t.device != device)
+    staged = [t for t in order if t.device.type == "cpu" and _stageable(t)]
+    cuda = device.type == "cuda"
+    with torch.no_grad(), staging.lock:
+        buffers = staging.get()
+        copies, batches, total = _plan(staged, staging.nbytes, device)
+        stream = torch.cuda.current_stream(device) if cuda else None
+        read: list[torch.cuda.Event | None] = [None, None]  # the device has read buffer k of its last batch
+        for k, pieces in enumerate(batches):
+            if not pieces:
+                continue
+            if read[k % 2] is not None:
+                read[k % 2].synchronize()
+            views = [buffers[k % 2][p.offset:p.offset + p.length] for p in pieces]
+            _upload(views, pieces, non_blocking=cuda)
+            if cuda:
+                read[k % 2] = torch.cuda.Event()
+                read[k % 2].record(stream)
+        if cuda:  # other streams (GPTQModel's workers) read the layer next: wait for every copy
+            stream.synchronize()
+    return StagedCopies(copies, {id(t) for t in order}, len(staged), total, len(order) - len(staged))
+
+
+def swap_in(module: nn.Module, staged: StagedCopies, device: torch.device | str = "cpu") -> None:
+    """Put ``staged``'s copies in place with ``Module._apply``, as ``module.to(device)`` does (the
+    chosen tensors it has no copy of go by ``Tensor.to``)."""
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
         copy = staged.copies.get(id(t))
         if copy is not None:
             return copy
-        return t.to("cpu") if id(t) in staged.chosen else t
+        return t.to(device) if id(t) in staged.chosen else t
 
-    module._apply(to_cpu)
+    module._apply(to_device)
 
 
 def lean_post_quantize(original: Callable, gptq_model: Any, layer_has_experts: Callable[[nn.Module], bool],
@@ -242,3 +299,48 @@ def lean_post_quantize(original: Callable, gptq_model: Any, layer_has_experts: C
         return module
 
     return post_quantize
+
+
+def lean_pre_quantize(original: Callable, gptq_model: Any, layer_has_experts: Callable[[nn.Module], bool],
+                      staging: Staging, stats: OffloadStats, lock: threading.Lock) -> Callable:
+    """``BaseQModel.pre_quantize`` that moves a layer holding defused experts from the CPU to the
+    quantize device with :func:`stage_uploads` where GPTQModel would call ``move_to`` (layer 0, which
+    GPTQModel loads on the CPU for the input capture): the same Parameter objects, their data on the
+    device, as ``module.to`` leaves them.
+
+    Anything else (another model, a layer without our experts, one with meta tensors, which GPTQModel
+    materializes, one not on the CPU, a quantize device that is not CUDA, no CUDA) goes to ``original``."""
+    from gptqmodel.utils.model import _module_has_meta_tensors, get_device
+
+    cpu = torch.device("cpu")
+
+    @functools.wraps(original)
+    def pre_quantize(self, module):
+        target = getattr(getattr(self, "quantize_config", None), "device", None)
+        if (self is not gptq_model or not isinstance(module, nn.Module) or not torch.cuda.is_available()
+                or not isinstance(target, (torch.device, str)) or torch.device(target).type != "cuda"
+                or not layer_has_experts(module) or _module_has_meta_tensors(module) or get_device(module) != cpu):
+            with lock:
+                stats.stock += 1
+            return original(self, module)
+        begin = time.perf_counter()
+        try:
+            staged = stage_uploads(module, staging, torch.device(target))
+        except RuntimeError as exc:  # e.g. no pinned or device memory left: the layer is unchanged
+            with lock:
+                stats.stock += 1
+                stats.failed += 1
+                first = stats.failed == 1
+            if first:
+                logger.warning("staged layer upload failed (%s); GPTQModel's module.to moves the layers instead", exc)
+            return original(self, module)
+        swap_in(module, staged, torch.device(target))
+        with lock:
+            stats.layers += 1
+            stats.tensors += staged.staged
+            stats.bytes += staged.nbytes
+            stats.left_to_to += staged.left
+            stats.seconds += time.perf_counter() - begin
+        return module
+
+    return pre_quantize

@@ -68,6 +68,11 @@ expert projections of our ``DefusedExperts`` blocks only:
   copies instead of one synchronous pageable copy per tensor (:mod:`.layer_offload`); the same CPU
   tensors ``module.to("cpu")`` gives.
 
+* **layer onload** (``BaseQModel.pre_quantize``'s move of a layer holding our experts from the CPU to
+  a CUDA quantize device: layer 0, loaded on the CPU for the input capture): the same two pinned
+  staging buffers the other way, a few large copies instead of one pageable copy per tensor
+  (:mod:`.layer_offload`); the same device tensors ``module.to`` gives.
+
 * **offload bundle** (``offload_to_disk`` of the finalized expert projections, with GPTQModel's
   ``offload_to_disk`` config on): one safetensors bundle and one ``index.json`` per experts block
   instead of a folder per module, read back by GPTQModel's save through its parents' lookup
@@ -112,7 +117,7 @@ from defuser_quant.core.defused import DefusedExperts
 
 from . import layer_reads as layer_reads_module
 from .compat import patched, source_digest
-from .layer_offload import OffloadStats, Staging, lean_post_quantize
+from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_quantize
 from .layer_reads import LayerReads, LayerReadStats
 from .offload_bundle import BundleStats, bundled_offload
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
@@ -148,6 +153,7 @@ class BookkeepingStats:
     recopy_copied: int = 0  # forward preparations copied as GPTQModel does: no layer load recorded first
     recopy_moved: int = 0  # records taken again after GPTQModel's pre_quantize moved their layer (layer 0)
     layer_offload: OffloadStats = field(default_factory=OffloadStats)  # the layer_offload part (post_quantize)
+    layer_onload: OffloadStats = field(default_factory=OffloadStats)  # the layer_onload part (pre_quantize's move)
     layer_reads: LayerReadStats = field(default_factory=LayerReadStats)  # the layer_reads part (layer loads)
     offload_bundle: BundleStats | None = None  # the offload_bundle part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
@@ -174,6 +180,7 @@ class BookkeepingStats:
             "recopy_copied": self.recopy_copied,
             "recopy_moved": self.recopy_moved,
             "layer_offload": asdict(self.layer_offload),
+            "layer_onload": asdict(self.layer_onload),
             "layer_reads": asdict(self.layer_reads),
             "offload_bundle": self.offload_bundle.as_dict() if self.offload_bundle is not None else None,
             "stock": dict(self.stock),
@@ -306,7 +313,8 @@ def _offload_bundle_mismatch() -> str | None:
 
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
-    ``draw_rate``/``layer_offload``/``recopy``/``layer_reads``/``offload_bundle``) -> what differs from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
+    ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``) -> what differs
+    from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
@@ -345,6 +353,9 @@ def internals_mismatch() -> dict[str, str]:
     why = _post_quantize_mismatch()
     if why is not None:
         problems["layer_offload"] = why
+    why = pre_quantize_refusal()  # the layer move it stages is 7.6's move_to branch
+    if why is not None:
+        problems["layer_onload"] = why
     why = _offload_bundle_mismatch()
     if why is not None:
         problems["offload_bundle"] = why
@@ -795,7 +806,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
-                   "layer_offload", "recopy", "layer_reads", "offload_bundle", "keep_last_block"})
+                   "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block"})
 
 
 @contextmanager
@@ -863,6 +874,12 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
             stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule",
                                         reads.patch_copy(turtle._copy_checkpoint_tensors_into_submodule)))
             stack.callback(reads.close)
+        staging = Staging()  # the pinned buffers of both layer moves (one at a time, on the main thread)
+        stack.callback(staging.release)
+        if paths and "layer_onload" in enabled:  # inside recopy's follow_moves, which re-records what it moved
+            onload = lean_pre_quantize(BaseQModel.pre_quantize, gptq_model, _holds_experts, staging,
+                                       stats.layer_onload, lean.lock)
+            stack.enter_context(patched(BaseQModel, "pre_quantize", onload))
         if paths and "recopy" in enabled:
             recopy = Recopy(gptq_model.model, paths, lambda: getattr(lean.local, "hint", None), lean.add)
             turtle = structure.LazyTurtle
@@ -893,11 +910,9 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
             draw = _rate_limited_draw(ProgressBar.draw, stats, lean.lock, DRAW_INTERVAL, activity if callable(activity) else None)
             stack.enter_context(patched(ProgressBar, "draw", draw))
         if paths and "layer_offload" in enabled:
-            staging = Staging()
             post = lean_post_quantize(BaseQModel.post_quantize, gptq_model, _holds_experts, staging,
                                       stats.layer_offload, lean.lock)
             stack.enter_context(patched(BaseQModel, "post_quantize", post))
-            stack.callback(staging.release)
         if paths and "offload_bundle" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.offload_bundle = stack.enter_context(
                 bundled_offload(gptq_model.model, paths, keep_last="keep_last_block" in enabled))
