@@ -1,7 +1,10 @@
-"""A quantized MoE layer moved back to the CPU: ``module.to("cpu")`` against ``staged_to_cpu``.
+"""A MoE layer moved between the GPU and the CPU: ``module.to`` against the staged moves.
 
 GPTQModel's ``post_quantize`` moves each finished layer with ``module.to("cpu")``; the lean
-``layer_offload`` part uses :func:`defuser_quant.integrations.gptqmodel.layer_offload.staged_to_cpu`.
+``layer_offload`` part uses :func:`defuser_quant.integrations.gptqmodel.layer_offload.staged_to_cpu`
+(``--directions to-cpu``). GPTQModel's ``pre_quantize`` moves layer 0, loaded on the CPU for the input
+capture, with ``module.to("cuda")``; the lean ``layer_onload`` part uses ``stage_uploads`` and
+``swap_in`` (``--directions to-gpu``).
 One layer of Qwen3-30B-A3B shape by default (128 experts x gate/up/down nn.Linear in bf16, plus
 the attention projections): 1.2 GB on the GPU. Each repeat builds the layer on the GPU again and
 times both moves, alternating which goes first; the first repeat also checks that both give the
@@ -37,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--busy-threads", type=counts(0), default=[0, 4], help="comma-separated thread counts to run under")
     p.add_argument("--staging-mib", type=int, default=64)
+    p.add_argument("--directions", default="to-cpu,to-gpu",
+                   help="comma-separated: to-cpu (post_quantize's move), to-gpu (pre_quantize's move of layer 0)")
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit)")
     p.add_argument("--output", type=Path, default=None)
     return p.parse_args(argv)
@@ -60,6 +65,26 @@ def _busy(stop: threading.Event) -> None:
         x.mul_(1.0)
 
 
+def _upload(module: nn.Module, staging) -> None:
+    from defuser_quant.integrations.gptqmodel.layer_offload import stage_uploads, swap_in
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    swap_in(module, stage_uploads(module, staging, device), device)
+
+
+def _to_cpu(module: nn.Module, staging) -> None:
+    from defuser_quant.integrations.gptqmodel.layer_offload import staged_to_cpu
+
+    staged_to_cpu(module, staging)
+
+
+#: direction -> (stock name, staged name, name -> move(module, staging))
+DIRECTIONS = {
+    "to-cpu": ("module.to", "staged_to_cpu", {"module.to": lambda m, s: m.to("cpu"), "staged_to_cpu": _to_cpu}),
+    "to-gpu": ("module.to(cuda)", "stage_uploads", {"module.to(cuda)": lambda m, s: m.to("cuda"), "stage_uploads": _upload}),
+}
+
+
 def _time(fn) -> float:
     torch.cuda.synchronize()
     begin = time.perf_counter()
@@ -73,46 +98,53 @@ def main(argv: list[str] | None = None) -> int:
     from _source import use_source_checkout
 
     use_source_checkout()
-    from defuser_quant.integrations.gptqmodel.layer_offload import Staging, staged_to_cpu
+    from defuser_quant.integrations.gptqmodel.layer_offload import Staging
 
     args = parse_args(argv)
+    directions = [d for d in args.directions.split(",") if d]
+    unknown = sorted(set(directions) - set(DIRECTIONS))
+    if unknown or not directions:
+        raise SystemExit(f"layer_offload.py: --directions takes {', '.join(DIRECTIONS)}, got {args.directions!r}")
     if not torch.cuda.is_available():
         raise SystemExit("layer_offload.py needs CUDA")
     staging = Staging(nbytes=args.staging_mib << 20)
     rows = []
-    for busy in args.busy_threads:
-        stop = threading.Event()
-        threads = [threading.Thread(target=_busy, args=(stop,), daemon=True) for _ in range(busy)]
-        for t in threads:
-            t.start()
-        times: dict[str, list[float]] = {"module.to": [], "staged_to_cpu": []}
-        try:
-            for r in range(args.repeats):
-                torch.manual_seed(r)
-                layers = {"module.to": _layer(args), "staged_to_cpu": _layer(args)}
-                layers["staged_to_cpu"].load_state_dict(layers["module.to"].state_dict())
-                nbytes = sum(p.numel() * p.element_size() for p in layers["module.to"].parameters())
-                order = ["module.to", "staged_to_cpu"] if r % 2 == 0 else ["staged_to_cpu", "module.to"]
-                for name in order:
-                    move = (lambda m=layers[name]: m.to("cpu")) if name == "module.to" else (
-                        lambda m=layers[name]: staged_to_cpu(m, staging))
-                    times[name].append(_time(move))
-                if r == 0:
-                    a, b = layers["module.to"].state_dict(), layers["staged_to_cpu"].state_dict()
-                    assert all(b[k].device.type == "cpu" and torch.equal(a[k], b[k]) for k in a), "tensors differ"
-                del layers
-                torch.cuda.empty_cache()
-        finally:
-            stop.set()
+    for direction in directions:
+        stock, staged, moves = DIRECTIONS[direction]
+        for busy in args.busy_threads:
+            stop = threading.Event()
+            threads = [threading.Thread(target=_busy, args=(stop,), daemon=True) for _ in range(busy)]
             for t in threads:
-                t.join()
-        row = {"busy_threads": busy, "layer_bytes": nbytes, "same_tensors": True}
-        for name, ts in times.items():
-            row[name] = {"median_s": statistics.median(ts), "best_s": min(ts), "all_s": [round(t, 4) for t in ts],
-                         "gb_per_s": nbytes / statistics.median(ts) / 1e9}
-        row["speedup_median"] = row["module.to"]["median_s"] / row["staged_to_cpu"]["median_s"]
-        rows.append(row)
-        print(json.dumps(row))
+                t.start()
+            times: dict[str, list[float]] = {stock: [], staged: []}
+            try:
+                for r in range(args.repeats):
+                    torch.manual_seed(r)
+                    layers = {stock: _layer(args), staged: _layer(args)}
+                    layers[staged].load_state_dict(layers[stock].state_dict())
+                    if direction == "to-gpu":  # both start on the CPU, as layer 0 does
+                        for m in layers.values():
+                            m.to("cpu")
+                    nbytes = sum(p.numel() * p.element_size() for p in layers[stock].parameters())
+                    order = [stock, staged] if r % 2 == 0 else [staged, stock]
+                    for name in order:
+                        times[name].append(_time(lambda m=layers[name], name=name: moves[name](m, staging)))
+                    if r == 0:
+                        a, b = layers[stock].state_dict(), layers[staged].state_dict()
+                        assert all(b[k].device == a[k].device and torch.equal(a[k], b[k]) for k in a), "tensors differ"
+                    del layers
+                    torch.cuda.empty_cache()
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+            row = {"direction": direction, "busy_threads": busy, "layer_bytes": nbytes, "same_tensors": True}
+            for name, ts in times.items():
+                row[name] = {"median_s": statistics.median(ts), "best_s": min(ts), "all_s": [round(t, 4) for t in ts],
+                             "gb_per_s": nbytes / statistics.median(ts) / 1e9}
+            row["speedup_median"] = row[stock]["median_s"] / row[staged]["median_s"]
+            rows.append(row)
+            print(json.dumps(row))
     result = {
         "command": "python benchmarks/layer_offload.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "label": args.label,

@@ -299,3 +299,15 @@ def test_cuda_upload_moves_like_module_to():
         assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), key
     assert all(p is params[k] for k, p in layer.named_parameters(remove_duplicate=False))
     assert layer.tied.weight is layer.proj.weight
+
+
+def test_the_benchmark_refuses_an_unknown_direction_before_anything_else():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import layer_offload as bench
+
+    assert set(bench.DIRECTIONS) == {"to-cpu", "to-gpu"}
+    with pytest.raises(SystemExit, match="--directions takes to-cpu, to-gpu, got 'sideways'"):
+        bench.main(["--directions", "sideways"])
