@@ -138,7 +138,9 @@ any. ``--warmup`` runs the first variant once, untimed, first, so they are compi
     python benchmarks/gptqmodel_gpu.py --layers 2 --variants ours-grouped-batched,stock --repeat 2   # each side twice
 
 ``--repeat N`` runs the variant list N times, one round after another (rows ``<variant>#2`` and
-on; each compared with the first stock run's checkpoint), and ``ratios_vs_stock`` holds each
+on; each compared with the first stock run's checkpoint: the first plain ``stock`` run, else the
+first stock run of another setting such as ``stock+cpuw4``, named in ``meta.checkpoint_reference``),
+and ``ratios_vs_stock`` holds each
 variant's ratios against every stock run of the call (min / median / max over all pairs), the
 spread of stock's and ours' run-to-run times in one figure.
 
@@ -336,6 +338,14 @@ def _spread(values: list[float]) -> dict[str, float]:
 def is_stock(variant: str) -> bool:
     """Whether ``variant`` runs stock GPTQModel + Defuser (``stock``, ``stock-again``, ``stock+si500``...)."""
     return variant.startswith("stock")
+
+
+def checkpoint_reference(rows: list[dict]) -> dict | None:
+    """The run every other run's checkpoint is compared with: the first plain ``stock`` run that
+    finished, else the first stock run of another setting (``stock+cpuw4``...); None without one."""
+    done = [r for r in rows if "error" not in r]
+    return next((r for r in done if r["variant"] == "stock"), None) or next(
+        (r for r in done if is_stock(r["variant"])), None)
 
 
 def ratios_vs_stock(rows: list[dict]) -> dict[str, dict]:
@@ -780,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_variants(runs_of(variants, args.repeat), args, work, slots, partial)
     for r in rows:
         r.setdefault("run", r["variant"])
-    stock = next((r for r in rows if r["variant"] == "stock" and "error" not in r), None)
+    stock = checkpoint_reference(rows)
     if stock is not None:
         _compare_rows(rows, work, stock, "checkpoint_vs_stock", "same_ckpt_as_stock")
         for r in rows:
@@ -809,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         "pack_extension_available": pack_ok,
         "warmup": warmup,
         "concurrent_variants": slots,
+        "checkpoint_reference": stock["run"] if stock is not None else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -48,6 +48,17 @@ def test_ratios_pair_every_run_with_every_stock_run():
     assert bench.ratios_vs_stock([row("ours", 10.0, 8.0)]) == {} and bench.ratios_markdown({}) == ""
 
 
+def test_the_checkpoint_reference_is_the_first_stock_run_that_finished():
+    def row(variant, run=None, **extra):
+        return {"variant": variant, "run": run or variant, **extra}
+
+    plain = [row("ours"), row("stock+cpuw4"), row("stock", error="exit 1"), row("stock", "stock#2")]
+    assert bench.checkpoint_reference(plain)["run"] == "stock#2"  # plain stock first, a failed run never
+    other = [row("ours+cpuw4"), row("stock+cpuw4"), row("stock+cpuw4", "stock+cpuw4#2")]
+    assert bench.checkpoint_reference(other)["run"] == "stock+cpuw4"  # no plain stock: the first stock setting
+    assert bench.checkpoint_reference([row("ours"), row("stock", error="timeout")]) is None
+
+
 def test_stage_breakdown_from_a_recorder():
     from defuser_quant.integrations.gptqmodel.kernels import record_gptq_kernels, stage
 
