@@ -51,6 +51,20 @@ def _everything_but_transposed(t: torch.Tensor) -> bool:
     return not t.is_quantized and (t.dim() != 2 or t.shape != (4, 6))
 
 
+def _interrupt_second_call(monkeypatch, name: str) -> None:
+    """``layer_offload.<name>`` raises KeyboardInterrupt (a Ctrl-C) on its second call."""
+    calls = []
+    real = getattr(layer_offload, name)
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer_offload, name, failing)
+
+
 def test_staged_copies_equal_the_originals_and_keep_parameters_and_ties():
     torch.manual_seed(0)
     layer = _Layer()
@@ -76,24 +90,20 @@ def test_staged_copies_equal_the_originals_and_keep_parameters_and_ties():
     assert layer.tied.weight is layer.proj.weight
 
 
-def test_a_failure_part_way_leaves_the_layer_as_it_was(monkeypatch):
+@pytest.mark.parametrize("step", ["_drain", "_upload"])
+def test_a_failure_part_way_leaves_the_layer_as_it_was(monkeypatch, step):
+    from defuser_quant.integrations.gptqmodel.layer_offload import stage_uploads
+
     layer = _Layer()
     ptrs = {k: v.data_ptr() for k, v in _state(layer).items()}
-    calls = []
-    drain = layer_offload._drain
-
-    def failing(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return drain(*args)
-
-    monkeypatch.setattr(layer_offload, "_drain", failing)
+    _interrupt_second_call(monkeypatch, step)  # a Ctrl-C part way through the offload or the upload
     staging = Staging(nbytes=64, pin=False)
     with pytest.raises(KeyboardInterrupt):
-        staged_to_cpu(layer, staging, select=lambda t: True)
-    assert {k: v.data_ptr() for k, v in _state(layer).items()} == ptrs
-    assert not staging.lock.locked()
+        if step == "_drain":
+            staged_to_cpu(layer, staging, select=lambda t: True)
+        else:
+            stage_uploads(layer, staging, "cpu", select=lambda t: True)
+    assert {k: v.data_ptr() for k, v in _state(layer).items()} == ptrs and not staging.lock.locked()
 
 
 def test_post_quantize_stages_only_our_layers_of_our_model_on_cuda(monkeypatch):
@@ -195,27 +205,6 @@ def test_staged_uploads_equal_the_originals_and_keep_parameters_and_ties():
             assert now.data_ptr() != ptr and now.is_contiguous(), key
     assert all(p is params[k] for k, p in layer.named_parameters(remove_duplicate=False))
     assert layer.tied.weight is layer.proj.weight
-
-
-def test_an_upload_failing_part_way_leaves_the_layer_as_it_was(monkeypatch):
-    from defuser_quant.integrations.gptqmodel.layer_offload import stage_uploads
-
-    layer = _Layer()
-    ptrs = {k: v.data_ptr() for k, v in _state(layer).items()}
-    calls = []
-    upload = layer_offload._upload
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return upload(*args, **kwargs)
-
-    monkeypatch.setattr(layer_offload, "_upload", failing)
-    staging = Staging(nbytes=64, pin=False)
-    with pytest.raises(KeyboardInterrupt):
-        stage_uploads(layer, staging, "cpu", select=lambda t: True)
-    assert {k: v.data_ptr() for k, v in _state(layer).items()} == ptrs and not staging.lock.locked()
 
 
 def test_pre_quantize_stages_only_cpu_layers_of_ours_going_to_cuda(monkeypatch):

@@ -278,25 +278,8 @@ def lean_post_quantize(original: Callable, gptq_model: Any, layer_has_experts: C
             with lock:
                 stats.stock += 1
             return original(self, module)
-        begin = time.perf_counter()
-        try:
-            staged = stage_copies(module, staging)
-        except RuntimeError as exc:  # e.g. no pinned memory left: the layer is unchanged, so move it as GPTQModel does
-            with lock:
-                stats.stock += 1
-                stats.failed += 1
-                first = stats.failed == 1
-            if first:
-                logger.warning("staged layer offload failed (%s); GPTQModel's module.to moves the layers instead", exc)
-            return original(self, module)
-        swap_in(module, staged)
-        with lock:
-            stats.layers += 1
-            stats.tensors += staged.staged
-            stats.bytes += staged.nbytes
-            stats.left_to_to += staged.left
-            stats.seconds += time.perf_counter() - begin
-        return module
+        return _staged_move(module, lambda: stage_copies(module, staging), cpu,
+                            lambda: original(self, module), stats, lock, "offload")
 
     return post_quantize
 
@@ -323,24 +306,34 @@ def lean_pre_quantize(original: Callable, gptq_model: Any, layer_has_experts: Ca
             with lock:
                 stats.stock += 1
             return original(self, module)
-        begin = time.perf_counter()
-        try:
-            staged = stage_uploads(module, staging, torch.device(target))
-        except RuntimeError as exc:  # e.g. no pinned or device memory left: the layer is unchanged
-            with lock:
-                stats.stock += 1
-                stats.failed += 1
-                first = stats.failed == 1
-            if first:
-                logger.warning("staged layer upload failed (%s); GPTQModel's module.to moves the layers instead", exc)
-            return original(self, module)
-        swap_in(module, staged, torch.device(target))
-        with lock:
-            stats.layers += 1
-            stats.tensors += staged.staged
-            stats.bytes += staged.nbytes
-            stats.left_to_to += staged.left
-            stats.seconds += time.perf_counter() - begin
-        return module
+        device = torch.device(target)
+        return _staged_move(module, lambda: stage_uploads(module, staging, device), device,
+                            lambda: original(self, module), stats, lock, "upload")
 
     return pre_quantize
+
+
+def _staged_move(module: nn.Module, stage: Callable[[], StagedCopies], device: torch.device,
+                 fallback: Callable[[], Any], stats: OffloadStats, lock: threading.Lock, what: str) -> Any:
+    """``module``'s tensors swapped for ``stage()``'s copies on ``device``, counted in ``stats``; when
+    staging raises (e.g. no pinned or device memory left; the layer is unchanged) GPTQModel's own move
+    (``fallback``) runs instead, with one warning per run."""
+    begin = time.perf_counter()
+    try:
+        staged = stage()
+    except RuntimeError as exc:
+        with lock:
+            stats.stock += 1
+            stats.failed += 1
+            first = stats.failed == 1
+        if first:
+            logger.warning("staged layer %s failed (%s); GPTQModel's module.to moves the layers instead", what, exc)
+        return fallback()
+    swap_in(module, staged, device)
+    with lock:
+        stats.layers += 1
+        stats.tensors += staged.staged
+        stats.bytes += staged.nbytes
+        stats.left_to_to += staged.left
+        stats.seconds += time.perf_counter() - begin
+    return module
