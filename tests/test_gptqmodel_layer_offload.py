@@ -300,3 +300,20 @@ def test_the_benchmark_refuses_an_unknown_direction_before_anything_else():
     assert set(bench.DIRECTIONS) == {"to-cpu", "to-gpu"}
     with pytest.raises(SystemExit, match="--directions takes to-cpu, to-gpu, got 'sideways'"):
         bench.main(["--directions", "sideways"])
+
+
+def test_a_staged_move_puts_the_copies_in_place_and_counts_them():
+    from defuser_quant.integrations.gptqmodel.layer_offload import _staged_move, stage_uploads
+
+    layer = _Layer()
+    before = {k: (v.detach().clone(), v.data_ptr()) for k, v in _state(layer).items() if k != "b:qint"}
+    stats = OffloadStats()
+    staging = Staging(nbytes=256, pin=False)
+    moved = _staged_move(layer, lambda: stage_uploads(layer, staging, "cpu", select=lambda t: not t.is_quantized),
+                         torch.device("cpu"), lambda: pytest.fail("GPTQModel's move ran"), stats, threading.Lock(), "upload")
+    assert moved is layer and (stats.layers, stats.stock, stats.failed) == (1, 0, 0) and stats.left_to_to == 1
+    for key, (values, ptr) in before.items():
+        now = _state(layer)[key]
+        assert torch.equal(now, values), key
+        if values.numel() and "transposed" not in key:
+            assert now.data_ptr() != ptr, key  # the staged copy is what the layer holds now
