@@ -136,25 +136,38 @@ def test_post_quantize_stages_only_our_layers_of_our_model_on_cuda(monkeypatch):
     assert calls == [ours, plain, shell, ours, ours] and stats.stock == 5 and staged == [ours]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_layer_moves_like_module_to():
+def _twins(device: str) -> tuple[_Layer, _Layer, dict[str, nn.Parameter]]:
+    """Two equal layers on ``device`` with a 1.5 MiB weight (split over 1 MiB staging buffers), no
+    quantized buffer (CUDA has none), and the second one's Parameters by name."""
     torch.manual_seed(0)
-    reference, layer = _Layer("cuda"), _Layer("cuda")
+    reference, layer = _Layer(device), _Layer(device)
     layer.load_state_dict(reference.state_dict())
     layer.proj.weight.grad = reference.proj.weight.grad.clone()
-    big = nn.Linear(1024, 768, device="cuda", dtype=torch.bfloat16)  # 1.5 MiB: split over 1 MiB buffers
-    reference.big, layer.big = big, nn.Linear(1024, 768, device="cuda", dtype=torch.bfloat16)
-    layer.big.load_state_dict(big.state_dict())
-    params = dict(layer.named_parameters(remove_duplicate=False))
-    reference.to("cpu")
-    staged, nbytes, left = staged_to_cpu(layer, Staging(nbytes=1 << 20))
-    assert left == 1  # the transposed parameter went through Tensor.to
+    reference.big = nn.Linear(1024, 768, device=device, dtype=torch.bfloat16)
+    layer.big = nn.Linear(1024, 768, device=device, dtype=torch.bfloat16)
+    layer.big.load_state_dict(reference.big.state_dict())
+    for twin in (reference, layer):
+        twin._buffers.pop("qint", None)
+    return reference, layer, dict(layer.named_parameters(remove_duplicate=False))
+
+
+def _assert_moved_like(reference: nn.Module, layer: nn.Module, params: dict[str, nn.Parameter], device_type: str) -> None:
+    """``layer`` holds what ``reference.to(device)`` holds, in the same Parameter objects and ties."""
     ref, got = _state(reference), _state(layer)
     for key in ref:
-        assert got[key].device.type == "cpu" and got[key].stride() == ref[key].stride(), key
+        assert got[key].device.type == device_type and got[key].stride() == ref[key].stride(), key
         assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), key
     assert all(p is params[k] for k, p in layer.named_parameters(remove_duplicate=False))
     assert layer.tied.weight is layer.proj.weight
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_layer_moves_like_module_to():
+    reference, layer, params = _twins("cuda")
+    reference.to("cpu")
+    staged, nbytes, left = staged_to_cpu(layer, Staging(nbytes=1 << 20))
+    assert left == 1  # the transposed parameter went through Tensor.to
+    _assert_moved_like(reference, layer, params, "cpu")
 
 
 def test_a_staged_move_that_raises_leaves_the_layer_to_gptqmodel(monkeypatch, caplog):
@@ -270,24 +283,12 @@ def test_a_staged_upload_that_raises_leaves_the_layer_to_gptqmodel(monkeypatch, 
 def test_cuda_upload_moves_like_module_to():
     from defuser_quant.integrations.gptqmodel.layer_offload import stage_uploads, swap_in
 
-    torch.manual_seed(0)
-    reference, layer = _Layer(), _Layer()
-    layer.load_state_dict(reference.state_dict())
-    layer.proj.weight.grad = reference.proj.weight.grad.clone()
-    reference.big, layer.big = nn.Linear(1024, 768, dtype=torch.bfloat16), nn.Linear(1024, 768, dtype=torch.bfloat16)
-    layer.big.load_state_dict(reference.big.state_dict())  # 1.5 MiB: split over 1 MiB buffers
-    del reference.qint, layer.qint  # no CUDA quantized tensors
-    params = dict(layer.named_parameters(remove_duplicate=False))
+    reference, layer, params = _twins("cpu")
     reference.to("cuda")
     staged = stage_uploads(layer, Staging(nbytes=1 << 20), torch.device("cuda"))
     swap_in(layer, staged, torch.device("cuda"))
     assert staged.left == 1  # the transposed parameter went through Tensor.to
-    ref, got = _state(reference), _state(layer)
-    for key in ref:
-        assert got[key].device.type == "cuda" and got[key].stride() == ref[key].stride(), key
-        assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), key
-    assert all(p is params[k] for k, p in layer.named_parameters(remove_duplicate=False))
-    assert layer.tied.weight is layer.proj.weight
+    _assert_moved_like(reference, layer, params, "cuda")
 
 
 def test_the_benchmark_refuses_an_unknown_direction_before_anything_else():
