@@ -266,3 +266,6 @@ def test_gptqmodels_checkpointing_leaves_the_offload_parts_stock():
     with lean_bookkeeping(gptq_model, frozenset({"keep_last_block"})) as stats:
         pass
     assert stats.disabled == {"keep_last_block": "needs the offload_bundle part"}
+    with lean_bookkeeping(gptq_model, frozenset({"recopy", "shard_handles"})) as stats:  # both live inside materialize
+        pass
+    assert stats.disabled == {"recopy": "needs the materialize part", "shard_handles": "needs the materialize part"}

@@ -809,6 +809,11 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block"})
 
 
+#: Parts that act only inside another part (shard handles and recopy inside the lean materialize;
+#: keeping the last block in memory instead of its bundle).
+_NEEDS = {"shard_handles": "materialize", "recopy": "materialize", "keep_last_block": "offload_bundle"}
+
+
 @contextmanager
 def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
                      checkpointed: bool = False) -> Iterator[BookkeepingStats]:
@@ -832,18 +837,15 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
             "GPTQModel's own per-module %s runs (same result, slower)", part, why, part,
         )
     enabled = set(parts) - set(problems)
-    for part in ("shard_handles", "recopy"):  # both act only inside the lean materialize
-        if part in enabled and "materialize" not in enabled:
-            stats.disabled[part] = "needs the materialize part"
-            enabled.discard(part)
     if checkpointed:  # GPTQModel's resume restores from its own per-module offload folders
         for part in ("offload_bundle", "keep_last_block"):
             if part in enabled:
                 stats.disabled[part] = "GPTQModel's checkpoint= resumes from its own offload folders"
                 enabled.discard(part)
-    if "keep_last_block" in enabled and "offload_bundle" not in enabled:
-        stats.disabled["keep_last_block"] = "needs the offload_bundle part"
-        enabled.discard("keep_last_block")
+    for part, needed in _NEEDS.items():
+        if part in enabled and needed not in enabled:
+            stats.disabled[part] = f"needs the {needed} part"
+            enabled.discard(part)
     if "recopy" in enabled:
         why = config_refusal(gptq_model.quantize_config)
         if why is not None:
