@@ -121,6 +121,10 @@ class BatchedSolve:
             stock's checkpoint with every module's words served, but its ~25 ms per chunk lengthened
             the chunk solves, one after another, more than the finalize workers saved
             (docs/performance.md, round 18).
+        pack_behind: the same words, packed by one background thread (its own CUDA stream) after
+            each chunk is solved, off the path of the chunk solves, which run one after another;
+            GPTQModel's finalize waits for a module's words when it packs it, at the end of the
+            layer. Needs ``host_results``; not with ``pack``.
         log_rows: ``"chunk"`` (the default): one GPTQModel log row per batched chunk, standing for
             its modules (the largest loss, the fewest samples; :mod:`.log_rows`), while each module
             still gets GPTQModel's persisted log record; ``"module"``: GPTQModel's row per module.
@@ -140,6 +144,7 @@ class BatchedSolve:
     host_results: bool = True
     solve_ahead: int = 0
     pack: bool = False
+    pack_behind: bool = False
     log_rows: str = "chunk"
     streams: str = "auto"
 
@@ -158,6 +163,10 @@ class BatchedSolve:
             raise TypeError(f"BatchedSolve.host_results must be True or False, got {self.host_results!r}")
         if not isinstance(self.pack, bool):
             raise TypeError(f"BatchedSolve.pack must be True or False, got {self.pack!r}")
+        if not isinstance(self.pack_behind, bool):
+            raise TypeError(f"BatchedSolve.pack_behind must be True or False, got {self.pack_behind!r}")
+        if self.pack and self.pack_behind:
+            raise ValueError("BatchedSolve.pack and BatchedSolve.pack_behind both pack the words: set one of them")
         if self.log_rows not in ("chunk", "module"):
             raise ValueError(f"BatchedSolve.log_rows must be 'chunk' or 'module', got {self.log_rows!r}")
         _check_streams(self.streams, "BatchedSolve.streams")
@@ -190,7 +199,7 @@ class BatchedSolveStats:
     host_results: int = 0  # batched modules whose scales/zeros/g_idx went to GPTQModel on the CPU
     solved_ahead: int = 0  # chunks a solver thread started while no worker was waiting for them
     waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for a solver thread (solve_ahead only)
-    pack: packing.PackStats | None = None  # words packed on the solve's device (None: ``pack=False``)
+    pack: packing.PackStats | None = None  # words packed on the solve's device (None: neither pack setting)
     log_rows: log_rows.LogRowStats | None = None  # one log row per chunk (None: ``log_rows="module"``)
     streams: Counter = field(default_factory=Counter)  # "own" / "caller" -> CUDA chunks solved that way
 
@@ -219,7 +228,7 @@ class SolveResult:
     path: str
     device: str
     blocksize: int = BLOCKSIZE
-    packed: packing.PackedWords | None = None  # its pack_block words, packed on the solve's device
+    packed: packing.PackedWords | packing.DeferredWords | None = None  # its pack_block words, packed on the solve's device
     rows: log_rows.ChunkRows | None = None  # its chunk's log rows (set by the coordinator)
 
 
@@ -696,9 +705,10 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
         )
     if host_results:
         solved = [r for r in by_task.values() if r is not None]
-        packable = pack and int(qcfg.bits) in packing.PACK_BITS and R % 32 == 0 and C % 32 == 0
-        packs = _pack(solved, int(qcfg.bits), shared_g_idx=not qcfg.desc_act) if packable else []
-        moved = iter(_to_host([t for r in solved for t in r.values[1:4]] + packs))
+        values = [r.values for r in solved]
+        packs = packing.pack_stack(*([v[i] for v in values] for i in range(4)), bits=int(qcfg.bits),
+                                   shared_g_idx=not qcfg.desc_act) if pack and packing.packable(qcfg.bits, R, C) else []
+        moved = iter(packing.host_copies([t for v in values for t in v[1:4]] + packs))
         for r in solved:
             r.values = (r.values[0], next(moved), next(moved), next(moved), *r.values[4:])
         if packs:
@@ -708,39 +718,6 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     for task in tasks:
         results.append(by_task[id(task)])
     return results
-
-
-def _pack(solved: list[SolveResult], bits: int, shared_g_idx: bool, per_call: int = 8) -> list[torch.Tensor]:
-    """Each result's ``(qweight, qzeros, weight fingerprint)`` on the solve's device, in order,
-    packed ``per_call`` modules at a time (bounding the working memory: ~45 MB per 768 x 2048
-    module). ``shared_g_idx``: every result has the same ``g_idx`` (all but ``desc_act``)."""
-    out: list[torch.Tensor] = []
-    for i in range(0, len(solved), per_call):
-        part = [r.values for r in solved[i : i + per_call]]
-        weight = torch.stack([v[0] for v in part])
-        scales = torch.stack([v[1] for v in part]).transpose(1, 2)
-        zeros = torch.stack([v[2] for v in part]).transpose(1, 2)
-        g_idx = part[0][3] if shared_g_idx else torch.stack([v[3] for v in part])
-        qweight, qzeros = packing.pack_words(weight, scales, zeros, g_idx, bits)
-        fingerprint = packing.weight_fingerprint(weight)
-        for b in range(len(part)):
-            out += [qweight[b], qzeros[b], fingerprint[b]]
-    return out
-
-
-def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``tensors`` on the CPU, in order, with their shapes and dtypes: one copy per dtype (a
-    flat concatenation moved at once; each result is a contiguous view of its dtype's copy)."""
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    for indices in by_dtype.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).cpu()
-        pieces = flat.split([tensors[i].numel() for i in indices])
-        for i, piece in zip(indices, pieces, strict=True):
-            out[i] = piece.view(tensors[i].shape)
-    return out  # type: ignore[return-value]
 
 
 # ----- inside GPTQModel: the coordinator -------------------------------------------------------
@@ -773,6 +750,7 @@ class _Coordinator:
         self.broken: dict[str, BaseException] = {}  # device -> what ended its solver threads
         self.closed = False
         self.streams = threading.local()
+        self.packer = packing.BehindPacker() if settings.pack_behind else None
 
     def prepare(self, processor: Any, module: Any, subset: dict | None) -> None:
         tasks = getattr(processor, "tasks", None) or {}
@@ -907,7 +885,8 @@ class _Coordinator:
 
     def close(self) -> None:
         """Stop the solver threads (each finishes the chunk it is solving); chunks nobody started
-        are given up, so no worker waits for them."""
+        are given up, so no worker waits for them. The packer thread finishes its chunk; words it
+        had not started are never packed."""
         with self.cond:
             self.closed = True
             for device in {c.device for c in self.open}:
@@ -916,6 +895,8 @@ class _Coordinator:
         for threads in self.solvers.values():
             for thread in threads:
                 thread.join()
+        if self.packer is not None:
+            self.packer.close()
 
     def _open_chunks(self, group: list[Any]) -> dict[int, _Chunk]:
         """Under the lock: ``group``'s chunks, open for a solver (or a waiting worker) to solve;
@@ -1006,6 +987,7 @@ class _Coordinator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return
+        self._pack_behind(tasks[0].qcfg, [result for result in outcome if result is not None])
         rows = log_rows.ChunkRows(expected=sum(result is not None for result in outcome))
         with self.cond:
             self.stats.chunks += 1
@@ -1022,6 +1004,16 @@ class _Coordinator:
                 self.stats.batched_modules += 1
                 self.stats.host_results += self.settings.host_results
                 self.stats.paths[f"{result.path}"] += 1
+
+    def _pack_behind(self, qcfg: Any, solved: list[SolveResult]) -> None:
+        """With ``pack_behind``: ``solved``'s words handed to the packer thread (results complete)."""
+        if self.packer is None or not self.settings.host_results or not solved:
+            return
+        if not packing.packable(qcfg.bits, *solved[0].values[0].shape):
+            return
+        words = self.packer.submit([r.values for r in solved], qcfg.bits, shared_g_idx=not qcfg.desc_act)
+        for result, deferred in zip(solved, words, strict=True):
+            result.packed = deferred
 
     def take(self, task: Any, blocksize: int) -> SolveResult | None:
         with self.cond:
@@ -1109,7 +1101,7 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
         return result.values
 
     with contextlib.ExitStack() as stack:
-        if settings.pack:
+        if settings.pack or settings.pack_behind:
             coordinator.stats.pack = stack.enter_context(packing.served_pack_words())
         if settings.log_rows == "chunk":
             coordinator.stats.log_rows = stack.enter_context(log_rows.chunk_log_rows())

@@ -22,10 +22,12 @@ and CUDA (``benchmarks/results/pack_exactness_cuda_round18.json``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +37,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PACK_BITS", "PackStats", "PackedWords", "offer_pack_words", "pack_words", "served_pack_words",
-           "weight_fingerprint"]
+__all__ = ["PACK_BITS", "BehindPacker", "DeferredWords", "PackStats", "PackedWords", "host_copies", "offer_pack_words",
+           "pack_stack", "pack_words", "packable", "served_pack_words", "weight_fingerprint"]
 
 #: Bit widths with a whole number of codes per 32-bit word (the extension's only widths).
 PACK_BITS = (2, 4, 8)
@@ -92,6 +94,45 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([bits.sum(-1), bits.sum(-2)], dim=-1)
 
 
+def packable(bits: int, rows: int, columns: int) -> bool:
+    """Whether :func:`pack_words` packs a ``rows x columns`` weight at ``bits``."""
+    return int(bits) in PACK_BITS and rows % 32 == 0 and columns % 32 == 0
+
+
+def pack_stack(weights: list[torch.Tensor], scales: list[torch.Tensor], zeros: list[torch.Tensor],
+               g_idx: list[torch.Tensor], bits: int, shared_g_idx: bool, per_call: int = 8) -> list[torch.Tensor]:
+    """Each module's ``(qweight, qzeros, weight fingerprint)`` on the weights' device, flattened in
+    order, packed ``per_call`` modules at a time (bounding the working memory: ~45 MB per 768 x 2048
+    module). ``scales`` and ``zeros`` as the solve returns them ([out, groups]); ``shared_g_idx``:
+    every module has ``g_idx[0]``."""
+    out: list[torch.Tensor] = []
+    for i in range(0, len(weights), per_call):
+        part = slice(i, i + per_call)
+        weight = torch.stack(weights[part])
+        qweight, qzeros = pack_words(weight, torch.stack(scales[part]).transpose(1, 2),
+                                     torch.stack(zeros[part]).transpose(1, 2),
+                                     g_idx[0] if shared_g_idx else torch.stack(g_idx[part]), bits)
+        fingerprint = weight_fingerprint(weight)
+        for b in range(weight.shape[0]):
+            out += [qweight[b], qzeros[b], fingerprint[b]]
+    return out
+
+
+def host_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` on the CPU, in order, with their shapes and dtypes: one copy per dtype (a
+    flat concatenation moved at once; each result is a contiguous view of its dtype's copy)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for indices in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).cpu()
+        pieces = flat.split([tensors[i].numel() for i in indices])
+        for i, piece in zip(indices, pieces, strict=True):
+            out[i] = piece.view(tensors[i].shape)
+    return out  # type: ignore[return-value]
+
+
 @dataclass
 class PackedWords:
     """One module's words and the inputs they were packed from (all on the CPU)."""
@@ -117,16 +158,75 @@ class PackedWords:
         )
 
 
+class DeferredWords:
+    """One module's words that a :class:`BehindPacker` is packing (or has packed)."""
+
+    def __init__(self, future: Future, index: int):
+        self.future, self.index = future, index
+
+    def resolve(self) -> PackedWords | None:
+        """The words, once packed (waits for them); None when packing them failed."""
+        try:
+            return self.future.result()[self.index]
+        except Exception as exc:  # noqa: BLE001 - the extension packs the module instead, as stock
+            logger.debug("packing a solved chunk's words behind the solves failed (%s); GPTQModel's extension packs it", exc)
+            return None
+
+
+class BehindPacker:
+    """Packs solved chunks' words on one background thread, off the chunk solves' path.
+
+    :meth:`submit` takes a chunk's results as the solve hands them to GPTQModel (the quantized
+    weights on the solve's device, scales, zeros and ``g_idx`` already on the CPU) and returns one
+    :class:`DeferredWords` per module at once; the thread moves the scales, zeros and ``g_idx`` back
+    to the device, runs :func:`pack_stack` there (on CUDA on a stream of its own) and copies the
+    words to the host. GPTQModel's finalize asks for them at the end of the layer, long after.
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defuser-quant-pack")
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.submitted = 0  # modules handed to the thread
+
+    def submit(self, values: list[tuple], bits: int, shared_g_idx: bool) -> list[DeferredWords]:
+        """``values``: each module's ``(q, scale, zero, g_idx, ...)``; ``q`` complete on its device."""
+        future = self._executor.submit(self._pack, [v[:4] for v in values], int(bits), shared_g_idx)
+        self.submitted += len(values)
+        return [DeferredWords(future, i) for i in range(len(values))]
+
+    def _pack(self, values: list[tuple], bits: int, shared_g_idx: bool) -> list[PackedWords]:
+        device = values[0][0].device
+        context = contextlib.nullcontext()
+        if device.type == "cuda":
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device)
+            context = torch.cuda.stream(stream)
+        with torch.inference_mode(), context:
+            # The host scales, zeros and g_idx go back in one copy per dtype (they are views of one).
+            small = [t.to(device) for t in (torch.cat([v[i].reshape(-1) for v in values]) for i in (1, 2, 3))]
+            on_device = [list(part.split([v[i].numel() for v in values])) for i, part in zip((1, 2, 3), small)]
+            shaped = [[t.view(v[i].shape) for t, v in zip(ts, values)] for i, ts in zip((1, 2, 3), on_device)]
+            words = iter(host_copies(pack_stack([v[0] for v in values], *shaped, bits=bits, shared_g_idx=shared_g_idx)))
+        return [PackedWords(bits, next(words), next(words), *v[1:4], next(words)) for v in values]
+
+    def close(self) -> None:
+        """Finish the chunk being packed; words not started are never packed (their modules fall
+        back to the extension)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
 @dataclass
 class PackStats:
     """What :func:`served_pack_words` did in one run."""
 
-    offered: int = 0  # modules whose words the solve computed
+    offered: int = 0  # modules whose words the solve computed (or a BehindPacker is computing)
     served: int = 0  # ... that GPTQModel's pack_block took instead of running the extension
     refused: int = 0  # ... whose pack_block inputs differed: the extension ran (stock)
+    failed: int = 0  # ... whose packing behind the solves failed: the extension ran (stock)
 
     def as_dict(self) -> dict[str, int]:
-        return {"offered": self.offered, "served": self.served, "refused": self.refused}
+        return {"offered": self.offered, "served": self.served, "refused": self.refused, "failed": self.failed}
 
 
 @dataclass
@@ -140,7 +240,7 @@ class _Registry:
 _active: _Registry | None = None
 
 
-def offer_pack_words(module: nn.Module, words: PackedWords) -> None:
+def offer_pack_words(module: nn.Module, words: PackedWords | DeferredWords) -> None:
     """Keep ``words`` for ``module``'s pack (inside :func:`served_pack_words`; else nothing)."""
     registry = _active
     if registry is None:
@@ -179,6 +279,11 @@ def served_pack_words() -> Iterator[PackStats]:
         module = getattr(registry.current, "module", None)
         with registry.lock:
             words = registry.words.pop(module, None) if module is not None else None
+        if isinstance(words, DeferredWords):
+            words = words.resolve()
+            if words is None:
+                with registry.lock:
+                    registry.stats.failed += 1
         if words is not None:
             served = words.matches(weight, scales, zeros, g_idx, bits, word_bits)
             with registry.lock:
