@@ -44,9 +44,6 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  take each batched module's words packed on the GPU by the solve instead of running
                  their CPU extension (the row's ``solve.pack`` says how many were offered, served
                  and refused); ``-nopack`` (``pack=False``) is the default since round 18 measured it;
-* ``ours-grouped-batched-packbehind`` - with ``BatchedSolve(pack_behind=True)``: the same words, packed
-                 by a background thread after each chunk's solve instead of inside it (``solve.pack``
-                 adds how many of them failed);
 * ``ours-grouped-batched-nobundle`` - every lean bookkeeping part but ``offload_bundle``: each finalized
                  expert projection offloaded to disk on its own, as GPTQModel does, instead of one
                  bundle per experts block;
@@ -188,7 +185,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
             "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
             "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams", "ours-grouped-batched-nokeeplast",
-            "ours-grouped-batched-noonload", "ours-grouped-batched-packbehind")
+            "ours-grouped-batched-noonload")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload"}
@@ -249,7 +246,6 @@ def solve_setting(variant: str):
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
                 "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True},
-                "-packbehind": {"pack_behind": True},
                 "-modulerows": {"log_rows": "module"}, "-ownstreams": {"streams": "own"},
                 "-callerstreams": {"streams": "caller"}}
     kwargs: dict = {}

@@ -34,7 +34,6 @@ def main() -> int:
     p.add_argument("--chunk-bytes", type=int, default=None, help="with --batched: BatchedSolve(chunk_bytes=N)")
     p.add_argument("--solve-ahead", type=int, default=None, help="with --batched: BatchedSolve(solve_ahead=N)")
     p.add_argument("--pack", action="store_true", help="with --batched: BatchedSolve(pack=True)")
-    p.add_argument("--pack-behind", action="store_true", help="with --batched: BatchedSolve(pack_behind=True)")
     p.add_argument("--streams", default=None, help="with --batched: BatchedSolve(streams=...)")
     p.add_argument("--hook-hessians", action="store_true", help="with --grouped: batched_hessians=False")
     p.add_argument("--device", default="cuda")
@@ -63,8 +62,7 @@ def main() -> int:
     placement = {"device": "cpu"} if args.device == "cpu" else {}
     solve = args.batched
     given = {"inverse_threads": args.inverse_threads, "host_results": args.host_results, "chunk_bytes": args.chunk_bytes,
-             "solve_ahead": args.solve_ahead, "pack": args.pack or None,
-             "pack_behind": args.pack_behind or None, "streams": args.streams}
+             "solve_ahead": args.solve_ahead, "pack": args.pack or None, "streams": args.streams}
     if args.batched and any(value is not None for value in given.values()):
         from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 

@@ -939,8 +939,6 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
                         ("batched_ahead_small_chunks", ["--batched", "--solve-ahead", "2", "--chunk-bytes", "2000000"]),
                         # the words packed on the GPU (BatchedSolve.pack), served to GPTQModel's pack_block
                         ("batched_pack", ["--batched", "--pack"]),
-                        # ... and by the packer thread behind the chunk solves (BatchedSolve.pack_behind)
-                        ("batched_pack_behind", ["--batched", "--pack-behind"]),
                         # under deterministic algorithms "auto" solves on the workers' streams; each its own here
                         ("batched_own_streams", ["--batched", "--streams", "own"])):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
@@ -955,15 +953,13 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     assert runs["batched"]["solve"]["solved_ahead"] == 0
     assert runs["batched"]["solve"]["streams"] == {"caller": runs["batched"]["solve"]["chunks"]}
     assert runs["batched_own_streams"]["solve"]["streams"] == {"own": runs["batched_own_streams"]["solve"]["chunks"]}
-    for name in ("batched", "batched_hinv1_device", "batched_ahead_small_chunks", "batched_pack", "batched_pack_behind",
-                 "batched_own_streams"):
+    for name in ("batched", "batched_hinv1_device", "batched_ahead_small_chunks", "batched_pack", "batched_own_streams"):
         batched = runs[name]
         assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
         assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}
-        # With either pack setting every batched module's words are served; else nothing is packed.
+        # With BatchedSolve(pack=True) every batched module's words are served; else nothing is packed.
         packed = batched["solve"]["batched_modules"]
-        want = ({"offered": packed, "served": packed, "refused": 0, "failed": 0}
-                if name in ("batched_pack", "batched_pack_behind") else None)
+        want = {"offered": packed, "served": packed, "refused": 0} if name == "batched_pack" else None
         assert batched["solve"]["pack"] == want
         tensors = _tensors(tmp_path / name / "checkpoint")
         close = agreement(reference, tensors)

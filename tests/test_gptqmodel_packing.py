@@ -100,64 +100,6 @@ def test_what_is_not_packed():
     assert all(r.packed is None for r in odd)
     with pytest.raises(TypeError, match="BatchedSolve.pack"):
         BatchedSolve(pack="yes")
-    with pytest.raises(TypeError, match="BatchedSolve.pack_behind must be True or False"):
-        BatchedSolve(pack_behind=1)
-    with pytest.raises(ValueError, match="set one of them"):
-        BatchedSolve(pack=True, pack_behind=True)
-
-
-@pytest.mark.parametrize("name", ["default (act_group_aware)", "desc_act"])
-def test_words_packed_behind_the_solves_are_the_solves_own(extension, name):
-    """A BehindPacker given the results a solve hands GPTQModel packs the words the solve itself packs."""
-    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
-    from defuser_quant.integrations.gptqmodel.packing import BehindPacker, DeferredWords
-    from gptqmodel import QuantizeConfig
-
-    kw = dict(CONFIGS[name])
-    qcfg = QuantizeConfig(bits=4, group_size=kw.pop("group_size", 128), **kw)
-    inline = batched_gptq_solve(_tasks(qcfg, n=3), host_results=True, pack=True)
-    plain = batched_gptq_solve(_tasks(qcfg, n=3), host_results=True)
-    packer = BehindPacker()
-    try:
-        deferred = packer.submit([r.values for r in plain], qcfg.bits, shared_g_idx=not qcfg.desc_act)
-        assert all(isinstance(d, DeferredWords) for d in deferred) and packer.submitted == 3
-        for want, got, r in zip(inline, (d.resolve() for d in deferred), plain, strict=True):
-            assert got is not None and got.bits == 4
-            for field in ("qweight", "qzeros", "fingerprint"):
-                assert torch.equal(getattr(got, field), getattr(want.packed, field)), field
-            assert got.scales is r.values[1] and got.zeros is r.values[2] and got.g_idx is r.values[3]
-            assert got.qweight.device.type == "cpu"
-    finally:
-        packer.close()
-
-
-def test_closing_the_packer_finishes_its_chunk_and_drops_the_rest(monkeypatch):
-    import threading
-
-    from defuser_quant.integrations.gptqmodel import packing
-
-    started, go = threading.Event(), threading.Event()
-    real = packing.pack_stack
-
-    def slow_pack_stack(*args, **kwargs):
-        started.set()
-        go.wait(10)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(packing, "pack_stack", slow_pack_stack)
-    values = [(torch.randn(32, 64).to(torch.bfloat16), torch.rand(32, 1) + 0.1, torch.full((32, 1), 8.0),
-               torch.zeros(64, dtype=torch.int32))]
-    packer = packing.BehindPacker()
-    first = packer.submit(values, 4, shared_g_idx=True)
-    assert started.wait(10)
-    second = packer.submit(values, 4, shared_g_idx=True)
-    closing = threading.Thread(target=packer.close)
-    closing.start()
-    go.set()
-    closing.join(10)
-    assert not closing.is_alive()
-    assert first[0].resolve() is not None  # the chunk being packed was finished
-    assert second[0].resolve() is None  # never started: its module falls back to the extension
 
 
 def _quant_linear(linear: nn.Linear, bits: int):
@@ -211,35 +153,6 @@ def test_pack_block_takes_offered_words_only_for_the_inputs_they_were_packed_fro
     assert Counter({k: v for k, v in stats.as_dict().items() if v}) == want
 
 
-def test_deferred_words_that_failed_leave_the_module_to_the_extension(extension):
-    from concurrent.futures import Future
-
-    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
-    from defuser_quant.integrations.gptqmodel.packing import DeferredWords, offer_pack_words, served_pack_words
-    from gptqmodel import QuantizeConfig
-
-    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
-    tasks = _tasks(qcfg, n=2)
-    results = batched_gptq_solve(tasks, host_results=True, pack=True)
-    linear = tasks[0].module
-    q, scale, zero, g_idx = results[0].values[:4]
-    linear.weight.data = q.clone()
-    stock = _quant_linear(linear, 4)
-    stock.pack_block(linear, scale, zero, g_idx)
-    failed, ready = Future(), Future()
-    failed.set_exception(torch.OutOfMemoryError("no room"))
-    ready.set_result([results[0].packed])
-    modules = {}
-    with served_pack_words() as stats:
-        for name, future in (("failed", failed), ("ready", ready)):
-            offer_pack_words(linear, DeferredWords(future, 0))
-            modules[name] = _quant_linear(linear, 4)
-            modules[name].pack_block(linear, scale, zero, g_idx)
-    for module in modules.values():
-        assert torch.equal(module.qweight, stock.qweight) and torch.equal(module.qzeros, stock.qzeros)
-    assert stats.as_dict() == {"offered": 2, "served": 1, "refused": 0, "failed": 1}
-
-
 def test_words_are_not_offered_outside_the_block_and_the_block_is_not_nested():
     from defuser_quant.integrations.gptqmodel import packing
 
@@ -253,17 +166,14 @@ def test_words_are_not_offered_outside_the_block_and_the_block_is_not_nested():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", ["pack", "pack_behind"])
-def test_gptqmodel_run_with_packed_words_gives_the_per_module_checkpoint(plugin, tiny, tmp_path, per_module,  # noqa: F811
-                                                                         setting):
+def test_gptqmodel_run_with_packed_words_gives_the_per_module_checkpoint(plugin, tiny, tmp_path, per_module):  # noqa: F811
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 
     _, _, tensors_ref = per_module
-    result, _, tensors = _quantize(plugin, tiny, tmp_path, setting, batched_solve=BatchedSolve(**{setting: True}))
+    result, _, tensors = _quantize(plugin, tiny, tmp_path, "packed", batched_solve=BatchedSolve(pack=True))
     assert tensors.keys() == tensors_ref.keys()
     assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
     solve = result.solve
-    # Every batched module's words came from the solve (or the packer behind it); none was refused.
-    assert solve.pack.as_dict() == {"offered": solve.batched_modules, "served": solve.batched_modules, "refused": 0,
-                                    "failed": 0}
+    # Every batched module's words came from the solve; none was refused.
+    assert solve.pack.as_dict() == {"offered": solve.batched_modules, "served": solve.batched_modules, "refused": 0}
     assert solve.as_dict()["pack"]["served"] >= 48

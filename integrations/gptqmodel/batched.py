@@ -121,10 +121,6 @@ class BatchedSolve:
             stock's checkpoint with every module's words served, but its ~25 ms per chunk lengthened
             the chunk solves, one after another, more than the finalize workers saved
             (docs/performance.md, round 18).
-        pack_behind: the same words, packed by one background thread (its own CUDA stream) after
-            each chunk is solved, off the path of the chunk solves, which run one after another;
-            GPTQModel's finalize waits for a module's words when it packs it, at the end of the
-            layer. Needs ``host_results``; not with ``pack``.
         log_rows: ``"chunk"`` (the default): one GPTQModel log row per batched chunk, standing for
             its modules (the largest loss, the fewest samples; :mod:`.log_rows`), while each module
             still gets GPTQModel's persisted log record; ``"module"``: GPTQModel's row per module.
@@ -144,7 +140,6 @@ class BatchedSolve:
     host_results: bool = True
     solve_ahead: int = 0
     pack: bool = False
-    pack_behind: bool = False
     log_rows: str = "chunk"
     streams: str = "auto"
 
@@ -163,10 +158,6 @@ class BatchedSolve:
             raise TypeError(f"BatchedSolve.host_results must be True or False, got {self.host_results!r}")
         if not isinstance(self.pack, bool):
             raise TypeError(f"BatchedSolve.pack must be True or False, got {self.pack!r}")
-        if not isinstance(self.pack_behind, bool):
-            raise TypeError(f"BatchedSolve.pack_behind must be True or False, got {self.pack_behind!r}")
-        if self.pack and self.pack_behind:
-            raise ValueError("BatchedSolve.pack and BatchedSolve.pack_behind both pack the words: set one of them")
         if self.log_rows not in ("chunk", "module"):
             raise ValueError(f"BatchedSolve.log_rows must be 'chunk' or 'module', got {self.log_rows!r}")
         _check_streams(self.streams, "BatchedSolve.streams")
@@ -199,7 +190,7 @@ class BatchedSolveStats:
     host_results: int = 0  # batched modules whose scales/zeros/g_idx went to GPTQModel on the CPU
     solved_ahead: int = 0  # chunks a solver thread started while no worker was waiting for them
     waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for a solver thread (solve_ahead only)
-    pack: packing.PackStats | None = None  # words packed on the solve's device (None: neither pack setting)
+    pack: packing.PackStats | None = None  # words packed on the solve's device (None: ``pack=False``)
     log_rows: log_rows.LogRowStats | None = None  # one log row per chunk (None: ``log_rows="module"``)
     streams: Counter = field(default_factory=Counter)  # "own" / "caller" -> CUDA chunks solved that way
 
@@ -228,7 +219,7 @@ class SolveResult:
     path: str
     device: str
     blocksize: int = BLOCKSIZE
-    packed: packing.PackedWords | packing.DeferredWords | None = None  # its pack_block words, packed on the solve's device
+    packed: packing.PackedWords | None = None  # its pack_block words, packed on the solve's device
     rows: log_rows.ChunkRows | None = None  # its chunk's log rows (set by the coordinator)
 
 
@@ -750,7 +741,6 @@ class _Coordinator:
         self.broken: dict[str, BaseException] = {}  # device -> what ended its solver threads
         self.closed = False
         self.streams = threading.local()
-        self.packer = packing.BehindPacker() if settings.pack_behind else None
 
     def prepare(self, processor: Any, module: Any, subset: dict | None) -> None:
         tasks = getattr(processor, "tasks", None) or {}
@@ -885,8 +875,7 @@ class _Coordinator:
 
     def close(self) -> None:
         """Stop the solver threads (each finishes the chunk it is solving); chunks nobody started
-        are given up, so no worker waits for them. The packer thread finishes its chunk; words it
-        had not started are never packed."""
+        are given up, so no worker waits for them."""
         with self.cond:
             self.closed = True
             for device in {c.device for c in self.open}:
@@ -895,8 +884,6 @@ class _Coordinator:
         for threads in self.solvers.values():
             for thread in threads:
                 thread.join()
-        if self.packer is not None:
-            self.packer.close()
 
     def _open_chunks(self, group: list[Any]) -> dict[int, _Chunk]:
         """Under the lock: ``group``'s chunks, open for a solver (or a waiting worker) to solve;
@@ -987,7 +974,6 @@ class _Coordinator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return
-        self._pack_behind(tasks[0].qcfg, [result for result in outcome if result is not None])
         rows = log_rows.ChunkRows(expected=sum(result is not None for result in outcome))
         with self.cond:
             self.stats.chunks += 1
@@ -1004,16 +990,6 @@ class _Coordinator:
                 self.stats.batched_modules += 1
                 self.stats.host_results += self.settings.host_results
                 self.stats.paths[f"{result.path}"] += 1
-
-    def _pack_behind(self, qcfg: Any, solved: list[SolveResult]) -> None:
-        """With ``pack_behind``: ``solved``'s words handed to the packer thread (results complete)."""
-        if self.packer is None or not self.settings.host_results or not solved:
-            return
-        if not packing.packable(qcfg.bits, *solved[0].values[0].shape):
-            return
-        words = self.packer.submit([r.values for r in solved], qcfg.bits, shared_g_idx=not qcfg.desc_act)
-        for result, deferred in zip(solved, words, strict=True):
-            result.packed = deferred
 
     def take(self, task: Any, blocksize: int) -> SolveResult | None:
         with self.cond:
@@ -1101,7 +1077,7 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
         return result.values
 
     with contextlib.ExitStack() as stack:
-        if settings.pack or settings.pack_behind:
+        if settings.pack:
             coordinator.stats.pack = stack.enter_context(packing.served_pack_words())
         if settings.log_rows == "chunk":
             coordinator.stats.log_rows = stack.enter_context(log_rows.chunk_log_rows())

@@ -22,12 +22,10 @@ and CUDA (``benchmarks/results/pack_exactness_cuda_round18.json``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,8 +35,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PACK_BITS", "BehindPacker", "DeferredWords", "PackStats", "PackedWords", "host_copies", "offer_pack_words",
-           "pack_stack", "pack_words", "packable", "served_pack_words", "weight_fingerprint"]
+__all__ = ["PACK_BITS", "PackStats", "PackedWords", "host_copies", "offer_pack_words", "pack_stack", "pack_words",
+           "packable", "served_pack_words", "weight_fingerprint"]
 
 #: Bit widths with a whole number of codes per 32-bit word (the extension's only widths).
 PACK_BITS = (2, 4, 8)
@@ -158,75 +156,16 @@ class PackedWords:
         )
 
 
-class DeferredWords:
-    """One module's words that a :class:`BehindPacker` is packing (or has packed)."""
-
-    def __init__(self, future: Future, index: int):
-        self.future, self.index = future, index
-
-    def resolve(self) -> PackedWords | None:
-        """The words, once packed (waits for them); None when packing them failed."""
-        try:
-            return self.future.result()[self.index]
-        except Exception as exc:  # noqa: BLE001 - the extension packs the module instead, as stock
-            logger.debug("packing a solved chunk's words behind the solves failed (%s); GPTQModel's extension packs it", exc)
-            return None
-
-
-class BehindPacker:
-    """Packs solved chunks' words on one background thread, off the chunk solves' path.
-
-    :meth:`submit` takes a chunk's results as the solve hands them to GPTQModel (the quantized
-    weights on the solve's device, scales, zeros and ``g_idx`` already on the CPU) and returns one
-    :class:`DeferredWords` per module at once; the thread moves the scales, zeros and ``g_idx`` back
-    to the device, runs :func:`pack_stack` there (on CUDA on a stream of its own) and copies the
-    words to the host. GPTQModel's finalize asks for them at the end of the layer, long after.
-    """
-
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defuser-quant-pack")
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.submitted = 0  # modules handed to the thread
-
-    def submit(self, values: list[tuple], bits: int, shared_g_idx: bool) -> list[DeferredWords]:
-        """``values``: each module's ``(q, scale, zero, g_idx, ...)``; ``q`` complete on its device."""
-        future = self._executor.submit(self._pack, [v[:4] for v in values], int(bits), shared_g_idx)
-        self.submitted += len(values)
-        return [DeferredWords(future, i) for i in range(len(values))]
-
-    def _pack(self, values: list[tuple], bits: int, shared_g_idx: bool) -> list[PackedWords]:
-        device = values[0][0].device
-        context = contextlib.nullcontext()
-        if device.type == "cuda":
-            stream = self._streams.get(device)
-            if stream is None:
-                stream = self._streams[device] = torch.cuda.Stream(device)
-            context = torch.cuda.stream(stream)
-        with torch.inference_mode(), context:
-            # The host scales, zeros and g_idx go back in one copy per dtype (they are views of one).
-            small = [t.to(device) for t in (torch.cat([v[i].reshape(-1) for v in values]) for i in (1, 2, 3))]
-            on_device = [list(part.split([v[i].numel() for v in values])) for i, part in zip((1, 2, 3), small)]
-            shaped = [[t.view(v[i].shape) for t, v in zip(ts, values)] for i, ts in zip((1, 2, 3), on_device)]
-            words = iter(host_copies(pack_stack([v[0] for v in values], *shaped, bits=bits, shared_g_idx=shared_g_idx)))
-        return [PackedWords(bits, next(words), next(words), *v[1:4], next(words)) for v in values]
-
-    def close(self) -> None:
-        """Finish the chunk being packed; words not started are never packed (their modules fall
-        back to the extension)."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-
 @dataclass
 class PackStats:
     """What :func:`served_pack_words` did in one run."""
 
-    offered: int = 0  # modules whose words the solve computed (or a BehindPacker is computing)
+    offered: int = 0  # modules whose words the solve computed
     served: int = 0  # ... that GPTQModel's pack_block took instead of running the extension
     refused: int = 0  # ... whose pack_block inputs differed: the extension ran (stock)
-    failed: int = 0  # ... whose packing behind the solves failed: the extension ran (stock)
 
     def as_dict(self) -> dict[str, int]:
-        return {"offered": self.offered, "served": self.served, "refused": self.refused, "failed": self.failed}
+        return {"offered": self.offered, "served": self.served, "refused": self.refused}
 
 
 @dataclass
@@ -240,7 +179,7 @@ class _Registry:
 _active: _Registry | None = None
 
 
-def offer_pack_words(module: nn.Module, words: PackedWords | DeferredWords) -> None:
+def offer_pack_words(module: nn.Module, words: PackedWords) -> None:
     """Keep ``words`` for ``module``'s pack (inside :func:`served_pack_words`; else nothing)."""
     registry = _active
     if registry is None:
@@ -279,11 +218,6 @@ def served_pack_words() -> Iterator[PackStats]:
         module = getattr(registry.current, "module", None)
         with registry.lock:
             words = registry.words.pop(module, None) if module is not None else None
-        if isinstance(words, DeferredWords):
-            words = words.resolve()
-            if words is None:
-                with registry.lock:
-                    registry.stats.failed += 1
         if words is not None:
             served = words.matches(weight, scales, zeros, g_idx, bits, word_bits)
             with registry.lock:
