@@ -456,11 +456,11 @@ def warm_pack_extension() -> tuple[float | None, bool | None]:
 
 
 def run_variants(runs: list[tuple[str, str]], args: argparse.Namespace, work: Path, slots: int,
-                 partial: Path | None = None) -> list[dict]:
+                 partial: Path | None = None, finished: Callable[[dict], None] | None = None) -> list[dict]:
     """Each ``(variant, run id)`` in its own process; ``slots`` of them at a time, slot i on GPU i.
 
     Every finished row is appended to ``partial`` (JSON lines) at once, so a run cut short by a
-    time limit keeps what it measured.
+    time limit keeps what it measured; ``finished`` is then called with it (one call at a time).
     """
     free = list(range(slots))
     import threading
@@ -481,6 +481,9 @@ def run_variants(runs: list[tuple[str, str]], args: argparse.Namespace, work: Pa
                     f.write(line + "\n")
             if "log_tail" in row:
                 print(row["log_tail"], flush=True)
+            if finished is not None:
+                with lock:
+                    finished(row)
             return row
         finally:
             if gpu is not None:
@@ -585,9 +588,10 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
     equal = qweights = qweights_equal = 0
     scale_diff = 0.0
     by_group: dict[str, list[int]] = {}  # "model.layers.0.mlp.experts.*.gate_proj" -> [equal, packed weights]
-    for key in common:
-        with safe_open(str(ia[key]), "pt") as fa, safe_open(str(ib[key]), "pt") as fb:
-            ta, tb = fa.get_tensor(key), fb.get_tensor(key)
+    with contextlib.ExitStack() as stack:  # each file opened once (not once per tensor)
+        handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in {*ia.values(), *ib.values()}}
+        for key in common:
+            ta, tb = handles[ia[key]].get_tensor(key), handles[ib[key]].get_tensor(key)
             same = ta.dtype == tb.dtype and ta.shape == tb.shape and bool((ta == tb).all())
             equal += int(same)
             if key.endswith(PACKED_SUFFIXES):
@@ -713,15 +717,46 @@ def compare_hessian_prints(rows: list[dict], stock: dict) -> None:
                                                           stock.get("inverse_modules"))
 
 
-def _compare_rows(rows: list[dict], work: Path, base: dict, key: str, label: str) -> None:
-    """Checkpoint and logits of every other row against ``base``'s, into ``row[key]`` and ``row[label]``."""
+class EarlyComparisons:
+    """Each finished run's checkpoint compared with the reference (:func:`checkpoint_reference`)
+    as soon as both are on disk, each comparison a JSON line in ``partial``, so a call cut short
+    after its runs keeps them; :func:`_compare_rows` takes them from :attr:`done` at the end. Call
+    it with each row as it finishes (``run_variants(finished=...)``); runs one after another only,
+    so that no comparison reads the disk during a timed run."""
+
+    def __init__(self, work: Path, partial: Path | None):
+        self.work, self.partial = work, partial
+        self.rows: list[dict] = []
+        self.done: dict[tuple[str, str], dict] = {}  # (reference run, run) -> compare_checkpoints
+
+    def __call__(self, row: dict) -> None:
+        self.rows.append(row)
+        reference = checkpoint_reference(self.rows)
+        if reference is None:
+            return
+        for r in self.rows:
+            pair = (reference["run"], r["run"])
+            if r is reference or "error" in r or pair in self.done:
+                continue
+            self.done[pair] = cmp = compare_checkpoints(self.work / f"{pair[0]}.out", self.work / f"{pair[1]}.out")
+            print(f"{pair[1]} vs {pair[0]}: {cmp['qweights_equal']}/{cmp['qweights']} qweights equal", flush=True)
+            if self.partial is not None:
+                with self.partial.open("a") as f:
+                    f.write(json.dumps({"compared": pair[1], "reference": pair[0], "checkpoint": cmp}) + "\n")
+
+
+def _compare_rows(rows: list[dict], work: Path, base: dict, key: str, label: str,
+                  done: dict[tuple[str, str], dict] | None = None) -> None:
+    """Checkpoint and logits of every other row against ``base``'s, into ``row[key]`` and ``row[label]``
+    (checkpoint comparisons already in ``done`` are taken from there)."""
     import torch as _torch
 
     base_logits = work / f"{base['run']}.logits.pt"
     for r in rows:
         if r is base or "error" in r:
             continue
-        cmp = compare_checkpoints(work / f"{base['run']}.out", work / f"{r['run']}.out")
+        cmp = (done or {}).get((base["run"], r["run"])) or compare_checkpoints(work / f"{base['run']}.out",
+                                                                                work / f"{r['run']}.out")
         same = cmp["common"] == cmp["keys_a"] == cmp["keys_b"] == cmp["equal"]
         mine = work / f"{r['run']}.logits.pt"
         logits = None
@@ -784,15 +819,17 @@ def main(argv: list[str] | None = None) -> int:
         warmup = {"variant": variants[0], "seconds": round(time.perf_counter() - t_w, 2), "error": first.get("error"),
                   "triton_compiles": first.get("triton_compiles")}
         print(f"warm-up run of {variants[0]}: {warmup}", flush=True)
+    early = EarlyComparisons(work, partial) if slots == 1 and not args.gpu_counts else None
     if args.gpu_counts:
         rows = run_scaling(variants, args, work, partial)
     else:
-        rows = run_variants(runs_of(variants, args.repeat), args, work, slots, partial)
+        rows = run_variants(runs_of(variants, args.repeat), args, work, slots, partial, finished=early)
     for r in rows:
         r.setdefault("run", r["variant"])
     stock = checkpoint_reference(rows)
     if stock is not None:
-        _compare_rows(rows, work, stock, "checkpoint_vs_stock", "same_ckpt_as_stock")
+        _compare_rows(rows, work, stock, "checkpoint_vs_stock", "same_ckpt_as_stock",
+                      done=early.done if early is not None else None)
         for r in rows:
             cmp = r.get("checkpoint_vs_stock")
             if cmp:
@@ -820,6 +857,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": warmup,
         "concurrent_variants": slots,
         "checkpoint_reference": stock["run"] if stock is not None else None,
+        "early_comparisons": len(early.done) if early is not None else None,  # made as the runs finished
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

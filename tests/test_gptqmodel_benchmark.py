@@ -99,6 +99,33 @@ def test_scaling_rows_compare_checkpoints_against_the_fewest_gpus(tmp_path):
     assert "| v | 2 | 5.0 | 7.0 | 2.00x | 1.00 / 0.50 | yes |" in table
 
 
+def test_checkpoints_are_compared_as_runs_finish_and_kept_for_the_end(tmp_path, monkeypatch):
+    codes = torch.arange(8, dtype=torch.int32).reshape(2, 4)
+    for run, shift in (("ours", 0), ("stock+cpuw4", 1), ("stock", 0), ("ours#2", 0)):
+        _checkpoint(tmp_path / f"{run}.out", codes + shift)
+    partial = tmp_path / "x.partial.jsonl"
+    early = bench.EarlyComparisons(tmp_path, partial)
+    rows = [{"variant": "ours", "run": "ours"}, {"variant": "stock+cpuw4", "run": "stock+cpuw4"},
+            {"variant": "ours", "run": "ours#3", "error": "timeout"}, {"variant": "stock", "run": "stock"},
+            {"variant": "ours", "run": "ours#2"}]
+    early(rows[0])
+    assert early.done == {} and not partial.exists()  # no stock run yet
+    early(rows[1])  # the reference for now: the first stock setting
+    assert set(early.done) == {("stock+cpuw4", "ours")} and early.done[("stock+cpuw4", "ours")]["qweights_equal"] == 0
+    for row in rows[2:]:
+        early(row)  # a plain stock run takes over as the reference; a failed run is never compared
+    assert set(early.done) == {("stock+cpuw4", "ours"), ("stock", "ours"), ("stock", "stock+cpuw4"), ("stock", "ours#2")}
+    lines = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert [(x["reference"], x["compared"]) for x in lines] == list(early.done)
+    assert lines[1]["checkpoint"]["qweights_equal"] == 1
+    calls = []
+    monkeypatch.setattr(bench, "compare_checkpoints", lambda a, b: calls.append((a, b)))
+    done = [r for r in rows if "error" not in r]
+    bench._compare_rows(done, tmp_path, rows[3], "checkpoint_vs_stock", "same_ckpt_as_stock", done=early.done)
+    assert calls == []  # every comparison came from the early ones
+    assert [r["same_ckpt_as_stock"] for r in done if r is not rows[3]] == ["yes", "1/2 tensors, 0/1 qweights, max scale diff 0, logits None", "yes"]
+
+
 def test_any_stage_wall_time_is_the_union_of_every_stage():
     from defuser_quant.integrations.gptqmodel.kernels import record_gptq_kernels, stage
 
@@ -312,6 +339,7 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
     assert [r["run"] for r in rows] == ["ours-grouped-batched", "stock", "ours-grouped-batched#2", "stock#2"]
     # every run after the first stock one is compared with it: on the CPU all are its checkpoint
     assert [r.get("same_ckpt_as_stock") for r in rows] == ["yes", None, "yes", "yes"]
+    assert data["meta"]["early_comparisons"] == 3  # each made as soon as its pair was on disk, taken at the end
     ratios = data["ratios_vs_stock"]["ours-grouped-batched"]
     assert ratios["runs"] == ratios["stock_runs"] == 2
     stock = [r["total_s"] for r in rows if r["variant"] == "stock"]
