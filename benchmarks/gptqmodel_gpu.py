@@ -575,6 +575,17 @@ PACKED_SUFFIXES = (".qweight", ".weight_packed")
 SCALE_SUFFIXES = (".scales", ".weight_scale")
 
 
+def region_totals(model: object) -> dict[str, dict] | None:
+    """GPTQModel's own region timer (``quant_region_timer``) after load and ``quantize()``: seconds
+    and calls per region it timed (summed over its threads, so regions overlap and may exceed the
+    wall time); None where the model has no such timer."""
+    stats = getattr(getattr(model, "quant_region_timer", None), "_stats", None)
+    if not stats:
+        return None
+    return {region: {"seconds": round(float(stat.get("total") or 0.0), 3), "calls": int(stat.get("count") or 0)}
+            for region, stat in stats.items() if stat.get("count")}
+
+
 def compare_checkpoints(a: Path, b: Path) -> dict:
     """Tensor by tensor (one pair in memory at a time): how many are identical, how many of the packed
     weights, and the largest scale difference (GPTQModel or compressed-tensors names)."""
@@ -989,6 +1000,7 @@ def worker(args: argparse.Namespace) -> int:
         extra["inverse_modules"] = prints.inverse_modules
     tail = kernels.seconds_after_last_solve(t2)
     extra["tail_s"] = None if tail is None else round(tail, 2)
+    extra["regions"] = region_totals(model)
     extra["kernels"] = kernels.as_dict()
     extra["kernels_label"] = kernels.label()
     extra["fallback"] = kernels.fallback_reason() if cuda else None

@@ -126,6 +126,20 @@ def test_checkpoints_are_compared_as_runs_finish_and_kept_for_the_end(tmp_path, 
     assert [r["same_ckpt_as_stock"] for r in done if r is not rows[3]] == ["yes", "1/2 tensors, 0/1 qweights, max scale diff 0, logits None", "yes"]
 
 
+def test_region_totals_read_gptqmodels_region_timer():
+    from gptqmodel.utils.logger import QuantizationRegionTimer
+
+    class Model:
+        quant_region_timer = QuantizationRegionTimer()
+
+    Model.quant_region_timer.record("process_quant", 0.25, source="a")
+    Model.quant_region_timer.record("process_quant", 0.5)
+    Model.quant_region_timer.record("my_region", 1.0)
+    assert bench.region_totals(Model()) == {"process_quant": {"seconds": 0.75, "calls": 2},
+                                            "my_region": {"seconds": 1.0, "calls": 1}}
+    assert bench.region_totals(object()) is None
+
+
 def test_any_stage_wall_time_is_the_union_of_every_stage():
     from defuser_quant.integrations.gptqmodel.kernels import record_gptq_kernels, stage
 
@@ -340,6 +354,8 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
     # every run after the first stock one is compared with it: on the CPU all are its checkpoint
     assert [r.get("same_ckpt_as_stock") for r in rows] == ["yes", None, "yes", "yes"]
     assert data["meta"]["early_comparisons"] == 3  # each made as soon as its pair was on disk, taken at the end
+    for r in rows:  # GPTQModel's own region timer, for stock and ours alike
+        assert r["regions"]["process_quant"]["calls"] > 0 and r["regions"]["pre_quant_forward"]["seconds"] > 0
     ratios = data["ratios_vs_stock"]["ours-grouped-batched"]
     assert ratios["runs"] == ratios["stock_runs"] == 2
     stock = [r["total_s"] for r in rows if r["variant"] == "stock"]
