@@ -103,7 +103,11 @@ GPTQ solve, finalize = create the quantized module + pack, packing alone, save, 
 overhead = quantize time not spent in forward, solve or finalize; CUDA synchronized around each
 timed call, so a profile: run it apart from the timing run). Every row records ``tail_s``: the
 seconds from the last GPTQ solve handed to GPTQModel to ``quantize()``'s return (the last layer's
-finalize, GPTQModel's end of the loop; ``GptqKernelRecord.seconds_after_last_solve``).
+finalize, GPTQModel's end of the loop; ``GptqKernelRecord.seconds_after_last_solve``), and
+``regions``: GPTQModel's own region timer (seconds and calls per region, summed over its threads).
+Checkpoints are compared with the reference run (``meta.checkpoint_reference``) as soon as both are
+on disk, between runs, each comparison also a line of the ``.partial.jsonl`` file, so a call cut
+short after its runs keeps them.
 
 ``--gpu-counts 1,2`` measures GPTQModel's multi-GPU path: each variant runs once with the first GPU
 visible and once with the first two (``CUDA_VISIBLE_DEVICES``; GPTQModel then replicates each
