@@ -1,0 +1,132 @@
+"""GPTQModel's per-module log lines through LogBar: what one line costs, with and without a progress bar.
+
+At the end of ``quantize()`` GPTQModel 7.6 logs every module's record once more
+(``ModuleLooper``: ``for module_log in reverse_p.log: log.info(module_log)``), 776 lines at the
+two-layer Qwen3-30B-A3B shape, while its finalize progress bar is on screen; on an H200 host that
+took 0.3-0.5 s of the run's tail (round 27's sampled tail). Each LogBar line reads the terminal's
+state, clears the progress stack, prints and flushes, then draws the stack again.
+
+Each setting runs in a child process whose stdout goes to a file (as in a benchmark or CI log):
+``--lines`` records like GPTQModel's, under ``--bars`` progress bars (0: none), timed ``--repeats``
+times; one more run under ``cProfile`` splits a line's time into reading the terminal's state
+(``_current_render_backend_state``), drawing the progress stack again (``_render_progress_stack_locked``)
+and printing (``_print``), as shares of ``LogBar._process`` (cProfile's own overhead included).
+
+    python benchmarks/log_lines.py --output benchmarks/results/log_lines_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _args import counts
+
+HERE = Path(__file__).resolve().parent
+
+#: One module's record as GPTQModel's GPTQ processor logs it (the values only shape the line's width).
+RECORD = {"process": "gptq", "layer": 1, "module": "mlp.experts.17.down_proj", "feat: in, out": "768, 2048",
+          "dtype: size": "bf16: 3.0MB", "samples": "4096", "loss": "0.0000123", "damp": "0.05000", "time": "0.012",
+          "fwd_time": "0.100", "(v)ram": "cuda:0 8.1G", "dynamic": None}
+#: LogBar functions whose share of a line is reported (cumulative time under cProfile).
+SPLIT = {"terminal_state": "_current_render_backend_state", "stack_redraw": "_render_progress_stack_locked",
+         "print": "_print"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lines", type=int, default=776, help="log lines per timed run (default: the two-layer run's 776)")
+    p.add_argument("--bars", type=counts(0), default=[0, 1], help="comma-separated progress-bar counts to run under")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit)")
+    p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # child: this many bars
+    p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.lines < 1 or args.repeats < 1:
+        p.error(f"--lines and --repeats must be at least 1 (got --lines {args.lines}, --repeats {args.repeats})")
+    return args
+
+
+def _log_lines(lines: int, bars: int) -> float:
+    """Seconds for ``lines`` records through GPTQModel's LogBar logger with ``bars`` bars on screen."""
+    from gptqmodel.utils.logger import setup_logger
+
+    log = setup_logger()
+    shown = []
+    for i in range(bars):
+        pb = log.pb(range(10)).manual().set(show_left_steps=False)
+        pb.title(f"bar {i}").draw(force=True)
+        shown.append(pb)
+    t0 = time.perf_counter()
+    for _ in range(lines):
+        log.info(RECORD)
+    seconds = time.perf_counter() - t0
+    for pb in shown:
+        pb.close()
+    return seconds
+
+
+def worker(args: argparse.Namespace) -> dict:
+    if not args.profile:
+        return {"seconds": _log_lines(args.lines, args.worker)}
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.runcall(_log_lines, args.lines, args.worker)
+    stats = pstats.Stats(profile).stats  # (file, line, name) -> (calls, ..., tottime, cumtime, callers)
+    cumulative = {}
+    for (_, _, name), entry in stats.items():
+        cumulative[name] = cumulative.get(name, 0.0) + entry[3]
+    total = cumulative.get("_process", 0.0)
+    return {"profiled_seconds": round(total, 4),
+            "shares": {key: round(cumulative.get(fn, 0.0) / total, 3) if total else None for key, fn in SPLIT.items()}}
+
+
+def _child(args: argparse.Namespace, bars: int, profile: bool) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(bars), "--lines", str(args.lines)]
+    with tempfile.TemporaryFile() as out:  # LogBar writes to stdout: a file, as in a benchmark's log
+        proc = subprocess.run(cmd + (["--profile"] if profile else []), stdout=out, stderr=subprocess.PIPE, text=True,
+                              timeout=600)
+        out.seek(0, 2)
+        written = out.tell()
+    if proc.returncode != 0:
+        raise SystemExit(f"log_lines.py child ({bars} bars) failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return {**json.loads(proc.stderr.strip().splitlines()[-1]), "stdout_bytes": written}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(args)), file=sys.stderr)
+        return 0
+    rows = []
+    for bars in args.bars:
+        runs = [_child(args, bars, profile=False) for _ in range(args.repeats)]
+        seconds = statistics.median(r["seconds"] for r in runs)
+        profiled = _child(args, bars, profile=True)
+        rows.append({"bars": bars, "lines": args.lines, "seconds": [round(r["seconds"], 4) for r in runs],
+                     "median_s": round(seconds, 4), "per_line_ms": round(seconds / args.lines * 1000, 3),
+                     "stdout_bytes": runs[0]["stdout_bytes"], "profiled_seconds": profiled["profiled_seconds"],
+                     "shares_of_a_line": profiled["shares"]})
+        print(json.dumps(rows[-1]), flush=True)
+    command = "python benchmarks/log_lines.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    payload = {"meta": {"command": command, "label": args.label, "platform": platform.platform(),
+                        "python": platform.python_version()}, "rows": rows}
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
