@@ -11,6 +11,9 @@ Each setting runs in a child process whose stdout goes to a file (as in a benchm
 times; one more run under ``cProfile`` splits a line's time into reading the terminal's state
 (``_current_render_backend_state``), drawing the progress stack again (``_render_progress_stack_locked``)
 and printing (``_print``), as shares of ``LogBar._process`` (cProfile's own overhead included).
+``--modes stock,lean``: ``lean`` runs the lines inside the LogBar parts of the plugin's lean
+bookkeeping (``overhead.lean_logbar``: the notebook check and the headless check answered from a
+memo, bar draws rate-limited), as ``quantize_with_defuser`` runs GPTQModel.
 
     python benchmarks/log_lines.py --output benchmarks/results/log_lines_cpu.json
 """
@@ -36,6 +39,7 @@ RECORD = {"process": "gptq", "layer": 1, "module": "mlp.experts.17.down_proj", "
           "dtype: size": "bf16: 3.0MB", "samples": "4096", "loss": "0.0000123", "damp": "0.05000", "time": "0.012",
           "fwd_time": "0.100", "(v)ram": "cuda:0 8.1G", "dynamic": None}
 #: LogBar functions whose share of a line is reported (cumulative time under cProfile).
+MODES = ("stock", "lean")
 SPLIT = {"terminal_state": "_current_render_backend_state", "stack_redraw": "_render_progress_stack_locked",
          "print": "_print"}
 
@@ -44,19 +48,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lines", type=int, default=776, help="log lines per timed run (default: the two-layer run's 776)")
     p.add_argument("--bars", type=counts(0), default=[0, 1], help="comma-separated progress-bar counts to run under")
+    p.add_argument("--modes", default="stock,lean", help="comma-separated: stock (LogBar as it is), lean (inside "
+                   "the plugin's LogBar parts)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit)")
     p.add_argument("--output", type=Path, default=None)
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # child: this many bars
+    p.add_argument("--mode", default="stock", help=argparse.SUPPRESS)  # child: one of MODES
     p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.lines < 1 or args.repeats < 1:
         p.error(f"--lines and --repeats must be at least 1 (got --lines {args.lines}, --repeats {args.repeats})")
+    args.modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in args.modes if m not in MODES] + ([args.mode] if args.mode not in MODES else [])
+    if unknown or not args.modes:
+        p.error(f"--modes takes a comma-separated subset of {', '.join(MODES)}; got {unknown or 'nothing'}")
     return args
 
 
-def _log_lines(lines: int, bars: int) -> float:
-    """Seconds for ``lines`` records through GPTQModel's LogBar logger with ``bars`` bars on screen."""
+def _log_lines(lines: int, bars: int, mode: str = "stock") -> float:
+    """Seconds for ``lines`` records through GPTQModel's LogBar logger with ``bars`` bars on screen
+    (``mode`` "lean": inside the plugin's LogBar parts)."""
+    if mode == "lean":
+        from _source import use_source_checkout
+
+        use_source_checkout()
+        from defuser_quant.integrations.gptqmodel.overhead import BookkeepingStats, internals_mismatch, lean_logbar
+
+        parts = {"progress", "draw_rate", "headless"} - set(internals_mismatch())
+        with lean_logbar(parts, BookkeepingStats()):
+            return _log_lines(lines, bars)
     from gptqmodel.utils.logger import setup_logger
 
     log = setup_logger()
@@ -76,12 +97,12 @@ def _log_lines(lines: int, bars: int) -> float:
 
 def worker(args: argparse.Namespace) -> dict:
     if not args.profile:
-        return {"seconds": _log_lines(args.lines, args.worker)}
+        return {"seconds": _log_lines(args.lines, args.worker, args.mode)}
     import cProfile
     import pstats
 
     profile = cProfile.Profile()
-    profile.runcall(_log_lines, args.lines, args.worker)
+    profile.runcall(_log_lines, args.lines, args.worker, args.mode)
     stats = pstats.Stats(profile).stats  # (file, line, name) -> (calls, ..., tottime, cumtime, callers)
     cumulative = {}
     for (_, _, name), entry in stats.items():
@@ -91,15 +112,16 @@ def worker(args: argparse.Namespace) -> dict:
             "shares": {key: round(cumulative.get(fn, 0.0) / total, 3) if total else None for key, fn in SPLIT.items()}}
 
 
-def _child(args: argparse.Namespace, bars: int, profile: bool) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(bars), "--lines", str(args.lines)]
+def _child(args: argparse.Namespace, bars: int, mode: str, profile: bool) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(bars), "--lines", str(args.lines),
+           "--mode", mode]
     with tempfile.TemporaryFile() as out:  # LogBar writes to stdout: a file, as in a benchmark's log
         proc = subprocess.run(cmd + (["--profile"] if profile else []), stdout=out, stderr=subprocess.PIPE, text=True,
                               timeout=600)
         out.seek(0, 2)
         written = out.tell()
     if proc.returncode != 0:
-        raise SystemExit(f"log_lines.py child ({bars} bars) failed: {proc.stderr.strip().splitlines()[-1:]}")
+        raise SystemExit(f"log_lines.py child ({mode}, {bars} bars) failed: {proc.stderr.strip().splitlines()[-1:]}")
     return {**json.loads(proc.stderr.strip().splitlines()[-1]), "stdout_bytes": written}
 
 
@@ -109,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)), file=sys.stderr)
         return 0
     rows = []
-    for bars in args.bars:
-        runs = [_child(args, bars, profile=False) for _ in range(args.repeats)]
+    for mode, bars in ((m, b) for m in args.modes for b in args.bars):
+        runs = [_child(args, bars, mode, profile=False) for _ in range(args.repeats)]
         seconds = statistics.median(r["seconds"] for r in runs)
-        profiled = _child(args, bars, profile=True)
-        rows.append({"bars": bars, "lines": args.lines, "seconds": [round(r["seconds"], 4) for r in runs],
+        profiled = _child(args, bars, mode, profile=True)
+        rows.append({"mode": mode, "bars": bars, "lines": args.lines, "seconds": [round(r["seconds"], 4) for r in runs],
                      "median_s": round(seconds, 4), "per_line_ms": round(seconds / args.lines * 1000, 3),
                      "stdout_bytes": runs[0]["stdout_bytes"], "profiled_seconds": profiled["profiled_seconds"],
                      "shares_of_a_line": profiled["shares"]})

@@ -13,7 +13,7 @@ import log_lines as bench  # noqa: E402
 
 
 def test_bad_counts_are_one_error_line(capsys):
-    for argv in (["--lines", "0"], ["--repeats", "0"], ["--bars", "-1"]):
+    for argv in (["--lines", "0"], ["--repeats", "0"], ["--bars", "-1"], ["--modes", "stock,fast"], ["--modes", ","]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         err = capsys.readouterr().err.strip().splitlines()
@@ -24,13 +24,31 @@ def test_bad_counts_are_one_error_line(capsys):
 def test_a_real_run_times_the_lines_and_splits_a_line(tmp_path):
     pytest.importorskip("gptqmodel")
     out = tmp_path / "lines.json"
-    assert bench.main(["--lines", "40", "--repeats", "1", "--bars", "1", "--output", str(out)]) == 0
+    assert bench.main(["--lines", "40", "--repeats", "1", "--bars", "1", "--modes", "stock,lean", "--output", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["meta"]["command"].startswith("python benchmarks/log_lines.py --lines 40")
     rows = data["rows"]
-    assert [r["bars"] for r in rows] == [1] and rows[0]["lines"] == 40 and len(rows[0]["seconds"]) == 1
+    assert [(r["mode"], r["bars"]) for r in rows] == [("stock", 1), ("lean", 1)]
+    assert all(r["lines"] == 40 and len(r["seconds"]) == 1 for r in rows)
     for r in rows:
         assert r["median_s"] > 0 and r["per_line_ms"] == pytest.approx(r["median_s"] / 40 * 1000, abs=0.002)
         assert r["stdout_bytes"] > 40 * 50  # every record reached the child's stdout
         shares = r["shares_of_a_line"]
         assert set(shares) == set(bench.SPLIT) and all(0 < v <= 1 for v in shares.values())
+    assert rows[0]["stdout_bytes"] == rows[1]["stdout_bytes"]  # the plugin's LogBar parts print the same lines
+
+
+def test_the_lean_mode_runs_inside_the_plugins_logbar_parts(monkeypatch):
+    pytest.importorskip("gptqmodel")
+    from logbar import logbar as logbar_module
+    from logbar import terminal
+
+    original = terminal._is_headless_environment
+    seen = []
+    monkeypatch.setattr(logbar_module.LogBar, "_process", lambda self, *a, **k: seen.append(terminal._is_headless_environment))
+    bench._log_lines(2, 0, "lean")
+    assert len(seen) == 2 and all(fn is not original for fn in seen)  # each line under the headless memo
+    assert terminal._is_headless_environment is original  # restored after
+    seen.clear()
+    bench._log_lines(2, 0, "stock")
+    assert seen == [original, original]

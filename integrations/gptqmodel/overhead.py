@@ -127,7 +127,7 @@ from .shard_view import file_id as _file_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PARTS", "BookkeepingStats", "expert_projection_paths", "internals_mismatch", "lean_bookkeeping"]
+__all__ = ["PARTS", "BookkeepingStats", "expert_projection_paths", "internals_mismatch", "lean_bookkeeping", "lean_logbar"]
 
 
 @dataclass
@@ -809,6 +809,41 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block"})
 
 
+@contextmanager
+def lean_logbar(enabled: set[str] | frozenset[str], stats: BookkeepingStats,
+                lock: threading.Lock | None = None) -> Iterator[BookkeepingStats]:
+    """The LogBar parts of :func:`lean_bookkeeping` among ``enabled`` (``progress``, ``draw_rate``,
+    ``headless``; see the module docstring), counted in ``stats``; restored on exit. The caller has
+    checked them against LogBar (:func:`internals_mismatch`)."""
+    with ExitStack() as stack:
+        if "progress" in enabled and _ipython_missing():
+            from logbar import logbar as logbar_module
+            from logbar import progress as logbar_progress
+
+            memo = _memo_notebook_check(logbar_module._running_in_notebook_environment)
+            stack.enter_context(patched(logbar_module, "_running_in_notebook_environment", memo))
+            stack.enter_context(patched(logbar_progress, "_running_in_notebook_environment", memo))
+        if "draw_rate" in enabled:
+            from logbar import progress as logbar_progress
+
+            ProgressBar = logbar_progress.ProgressBar
+            activity = getattr(logbar_progress, "_record_progress_activity", None)
+            draw = _rate_limited_draw(ProgressBar.draw, stats, lock or threading.Lock(), DRAW_INTERVAL,
+                                      activity if callable(activity) else None)
+            stack.enter_context(patched(ProgressBar, "draw", draw))
+        headless = None
+        if "headless" in enabled:
+            from logbar import terminal
+
+            headless = _HeadlessMemo(terminal._is_headless_environment, terminal)
+            stack.enter_context(patched(terminal, "_is_headless_environment", headless))
+        try:
+            yield stats
+        finally:
+            if headless is not None:
+                stats.headless_memo_hits, stats.headless_memo_misses = headless.hits, headless.misses
+
+
 #: Parts that act only inside another part (shard handles and recopy inside the lean materialize;
 #: keeping the last block in memory instead of its bundle).
 _NEEDS = {"shard_handles": "materialize", "recopy": "materialize", "keep_last_block": "offload_bundle"}
@@ -854,7 +889,6 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
             enabled.discard("recopy")
     paths = expert_projection_paths(gptq_model.model)
     lean = _Lean(gptq_model, paths, _ties_nothing(gptq_model.model), stats)
-    headless = None
     with ExitStack() as stack:
         if paths and "materialize" in enabled:
             stack.enter_context(patched(BaseQModel, "shell_module_materialize", lean.materialize(BaseQModel.shell_module_materialize)))
@@ -897,20 +931,7 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
             stack.callback(lean.shards.close)  # runs before safe_open is restored
         if paths and "layer_reads" in enabled:
             stack.enter_context(patched(structure, "safe_open", reads.patch_open(structure.safe_open)))
-        if "progress" in enabled and _ipython_missing():
-            from logbar import logbar as logbar_module
-            from logbar import progress as logbar_progress
-
-            memo = _memo_notebook_check(logbar_module._running_in_notebook_environment)
-            stack.enter_context(patched(logbar_module, "_running_in_notebook_environment", memo))
-            stack.enter_context(patched(logbar_progress, "_running_in_notebook_environment", memo))
-        if "draw_rate" in enabled:
-            from logbar import progress as logbar_progress
-
-            ProgressBar = logbar_progress.ProgressBar
-            activity = getattr(logbar_progress, "_record_progress_activity", None)
-            draw = _rate_limited_draw(ProgressBar.draw, stats, lean.lock, DRAW_INTERVAL, activity if callable(activity) else None)
-            stack.enter_context(patched(ProgressBar, "draw", draw))
+        stack.enter_context(lean_logbar(enabled, stats, lean.lock))
         if paths and "layer_offload" in enabled:
             post = lean_post_quantize(BaseQModel.post_quantize, gptq_model, _holds_experts, staging,
                                       stats.layer_offload, lean.lock)
@@ -918,15 +939,6 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
         if paths and "offload_bundle" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.offload_bundle = stack.enter_context(
                 bundled_offload(gptq_model.model, paths, keep_last="keep_last_block" in enabled))
-        if "headless" in enabled:
-            from logbar import terminal
-
-            headless = _HeadlessMemo(terminal._is_headless_environment, terminal)
-            stack.enter_context(patched(terminal, "_is_headless_environment", headless))
-        try:
-            yield stats
-        finally:
-            if headless is not None:
-                stats.headless_memo_hits, stats.headless_memo_misses = headless.hits, headless.misses
+        yield stats
     if stats.stock:
         logger.debug("lean bookkeeping left to GPTQModel: %s", dict(stats.stock))
