@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from _args import counts
+from _report import write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -144,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"meta": {"command": command, "label": args.label, "platform": platform.platform(),
                         "python": platform.python_version()}, "rows": rows}
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(payload, indent=1) + "\n")
+        write_json(args.output, payload)
         print(f"wrote {args.output}")
     return 0
 
