@@ -138,7 +138,7 @@ def phase_clock(device: str) -> Iterator[dict[str, list[float]]]:
     from gptqmodel.quantization import gptq_cuda
     from gptqmodel.quantization.gptq import GPTQ
 
-    from defuser_quant.integrations.gptqmodel import batched
+    from defuser_quant.integrations.gptqmodel import batched, packing
 
     seen: dict[str, list[float]] = {}
     depth = threading.local()
@@ -172,7 +172,7 @@ def phase_clock(device: str) -> Iterator[dict[str, list[float]]]:
         wrap(batched, "_unit_inverses", "inverses"),
         wrap(gptq_cuda, "gptq_block_update", "block_update_extension"),
         wrap(torch.Tensor, "matmul", "lazy_block_matmuls"),
-        wrap(batched, "_to_host", "results_to_host"),
+        wrap(packing, "host_copies", "results_to_host"),
     ]
     try:
         yield seen

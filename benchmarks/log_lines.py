@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _args import counts
 from _report import write_json
@@ -67,9 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _log_lines(lines: int, bars: int, mode: str = "stock") -> float:
+def _log_lines(lines: int, bars: int, mode: str = "stock", profile: Any = None) -> float:
     """Seconds for ``lines`` records through GPTQModel's LogBar logger with ``bars`` bars on screen
-    (``mode`` "lean": inside the plugin's LogBar parts)."""
+    (``mode`` "lean": inside the plugin's LogBar parts); ``profile`` (a ``cProfile.Profile``) is
+    on for the lines only, not for drawing or closing the bars."""
     if mode == "lean":
         from _source import use_source_checkout
 
@@ -78,7 +80,7 @@ def _log_lines(lines: int, bars: int, mode: str = "stock") -> float:
 
         parts = {"progress", "draw_rate", "headless"} - set(internals_mismatch())
         with lean_logbar(parts, BookkeepingStats()):
-            return _log_lines(lines, bars)
+            return _log_lines(lines, bars, profile=profile)
     from gptqmodel.utils.logger import setup_logger
 
     log = setup_logger()
@@ -87,10 +89,14 @@ def _log_lines(lines: int, bars: int, mode: str = "stock") -> float:
         pb = log.pb(range(10)).manual().set(show_left_steps=False)
         pb.title(f"bar {i}").draw(force=True)
         shown.append(pb)
+    if profile is not None:
+        profile.enable()
     t0 = time.perf_counter()
     for _ in range(lines):
         log.info(RECORD)
     seconds = time.perf_counter() - t0
+    if profile is not None:
+        profile.disable()
     for pb in shown:
         pb.close()
     return seconds
@@ -103,7 +109,7 @@ def worker(args: argparse.Namespace) -> dict:
     import pstats
 
     profile = cProfile.Profile()
-    profile.runcall(_log_lines, args.lines, args.worker, args.mode)
+    _log_lines(args.lines, args.worker, args.mode, profile)
     stats = pstats.Stats(profile).stats  # (file, line, name) -> (calls, ..., tottime, cumtime, callers)
     cumulative = {}
     for (_, _, name), entry in stats.items():
