@@ -34,14 +34,13 @@ from typing import Any
 from _args import counts
 from _report import write_json
 
-HERE = Path(__file__).resolve().parent
-
 #: One module's record as GPTQModel's GPTQ processor logs it (the values only shape the line's width).
 RECORD = {"process": "gptq", "layer": 1, "module": "mlp.experts.17.down_proj", "feat: in, out": "768, 2048",
           "dtype: size": "bf16: 3.0MB", "samples": "4096", "loss": "0.0000123", "damp": "0.05000", "time": "0.012",
           "fwd_time": "0.100", "(v)ram": "cuda:0 8.1G", "dynamic": None}
-#: LogBar functions whose share of a line is reported (cumulative time under cProfile).
+#: ``--modes``: LogBar as it is, or inside the plugin's LogBar parts.
 MODES = ("stock", "lean")
+#: LogBar functions whose share of a line is reported (cumulative time under cProfile).
 SPLIT = {"terminal_state": "_current_render_backend_state", "stack_redraw": "_render_progress_stack_locked",
          "print": "_print"}
 
