@@ -1,7 +1,7 @@
 """GPTQModel's save, the shard write alone: GPTQModel 7.6's ``_write_shard_file`` against the
-plugin's ``shard_writer.write_shard_file`` with its pieces written one after another
-(``--writers 1``) and by several threads (the default, ``shard_writer.WRITERS``), on the bytes of
-two Qwen3-30B-A3B-shape layers' save (the defaults: 1.9 GB in one shard):
+plugin's ``shard_writer.write_shard_file`` (the same bytes from the tensors' own memory and
+offloaded ranges copied by the kernel), on the bytes of two Qwen3-30B-A3B-shape layers' save (the
+defaults: 1.9 GB in one shard):
 
 * the embeddings and the output head (2 x 622 MB bf16), mapped copy-on-write from a source
   safetensors file as ``save_sources`` maps them (written from the mapping: page faults and copies);
@@ -33,8 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _args import counts, whole  # noqa: E402
+from _args import whole  # noqa: E402
 from _report import write_json  # noqa: E402
+from _source import use_source_checkout  # noqa: E402
+
+use_source_checkout()
 
 VOCAB, HIDDEN, INTERMEDIATE, EXPERTS, GROUP = 151936, 2048, 768, 128, 128
 
@@ -42,16 +45,12 @@ VOCAB, HIDDEN, INTERMEDIATE, EXPERTS, GROUP = 151936, 2048, 768, 128, 128
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--writers", type=counts(1), default=None,
-                   help="comma-separated thread counts for the plugin's writer (default: 1 and shard_writer.WRITERS)")
     p.add_argument("--repeats", type=whole(1), default=3)
     p.add_argument("--scale", type=float, default=1.0, help="share of the default bytes (0 < scale <= 1)")
     p.add_argument("--workdir", type=Path, default=None, help="folder for the sources and shards (default: a temporary one)")
     args = p.parse_args(argv)
     if not 0 < args.scale <= 1:
         p.error(f"--scale must be in (0, 1], got {args.scale}")
-    if args.writers is not None and not args.writers:
-        p.error("--writers names no thread count")
     return args
 
 
@@ -123,39 +122,29 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
     from defuser_quant.integrations.gptqmodel import shard_writer
 
-    writers = args.writers or sorted({1, shard_writer.WRITERS})
     entries, kinds = build_entries(folder, args.scale)
     meta = {"format": "pt"}
-    settings = {"gptqmodel": lambda path: _write_shard_file(str(path), entries, meta)}
-    for n in writers:
-        def ours(path: Path, n: int = n) -> int:
-            shard_writer.WRITERS = n
-            return shard_writer.write_shard_file(str(path), entries, meta)
-        settings[f"ours-writers{n}"] = ours
-    default_writers = shard_writer.WRITERS
+    settings = {"gptqmodel": lambda path: _write_shard_file(str(path), entries, meta),
+                "ours": lambda path: shard_writer.write_shard_file(str(path), entries, meta)}
     seconds: dict[str, list[float]] = {name: [] for name in settings}
     same: dict[str, bool] = {}
     reference = folder / "gptqmodel-0.safetensors"
-    try:
-        for r in range(args.repeats):
-            for name, write in settings.items():
-                path = folder / f"{name}-{r}.safetensors"
-                t0 = time.perf_counter()
-                write(path)
-                seconds[name].append(round(time.perf_counter() - t0, 4))
-                if name != "gptqmodel":
-                    same[name] = same.get(name, True) and _same_file(path, reference)
-                if r or name != "gptqmodel":
-                    path.unlink()
-    finally:
-        shard_writer.WRITERS = default_writers
+    for r in range(args.repeats):
+        for name, write in settings.items():
+            path = folder / f"{name}-{r}.safetensors"
+            t0 = time.perf_counter()
+            write(path)
+            seconds[name].append(round(time.perf_counter() - t0, 4))
+            if name != "gptqmodel":
+                same[name] = same.get(name, True) and _same_file(path, reference)
+            if r or name != "gptqmodel":
+                path.unlink()
     medians = {name: statistics.median(v) for name, v in seconds.items()}
     return {
         "bytes": kinds, "total_bytes": sum(kinds.values()), "tensors": len(entries), "repeats": args.repeats,
         "seconds": seconds, "median_s": medians,
         "speedup_vs_gptqmodel": {name: round(medians["gptqmodel"] / m, 2) for name, m in medians.items() if name != "gptqmodel"},
         "same_bytes_as_gptqmodel": same,
-        "piece_bytes": shard_writer.PIECE_BYTES,
     }
 
 

@@ -54,18 +54,12 @@ def _entries(folder: Path):
     ]
 
 
-@pytest.mark.parametrize("writers, piece", [(4, 64 << 20), (4, 40), (1, 40)])
-def test_shard_writer_writes_gptqmodels_bytes(tmp_path, monkeypatch, writers, piece):
-    """The same bytes as GPTQModel's writer, in one piece per tensor or many (40 bytes: every
-    tensor but the 4-byte scalar split, the pieces written by four threads or one after another)."""
+def test_shard_writer_writes_gptqmodels_bytes(tmp_path):
     from gptqmodel.utils.model import _write_shard_file
 
-    from defuser_quant.integrations.gptqmodel import shard_writer
     from defuser_quant.integrations.gptqmodel.shard_writer import ShardWrites, write_shard_file, writer_mismatch
 
     assert writer_mismatch() is None  # the installed GPTQModel is the one this writer was checked against
-    monkeypatch.setattr(shard_writer, "WRITERS", writers)
-    monkeypatch.setattr(shard_writer, "PIECE_BYTES", piece)
     entries = _entries(tmp_path)
     meta = {"format": "pt", "note": "x" * 5}
     stock_size = _write_shard_file(str(tmp_path / "stock.safetensors"), entries, meta)
@@ -77,20 +71,11 @@ def test_shard_writer_writes_gptqmodels_bytes(tmp_path, monkeypatch, writers, pi
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
-def _writer_threads() -> list[str]:
-    import threading
-
-    return [t.name for t in threading.enumerate() if t.name.startswith("defuser-quant-shard-write")]
-
-
-@pytest.mark.parametrize("writers", [4, 1])
-def test_a_failed_or_interrupted_shard_write_leaves_the_old_file_and_no_partial(tmp_path, monkeypatch, writers):
+def test_a_failed_or_interrupted_shard_write_leaves_the_old_file_and_no_partial(tmp_path, monkeypatch):
     from gptqmodel.utils.model import TensorSource
 
     from defuser_quant.integrations.gptqmodel import shard_writer
 
-    monkeypatch.setattr(shard_writer, "WRITERS", writers)
-    monkeypatch.setattr(shard_writer, "PIECE_BYTES", 40)  # many pieces in flight when it stops
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"an earlier save")
     entries = _entries(tmp_path)
@@ -102,72 +87,10 @@ def test_a_failed_or_interrupted_shard_write_leaves_the_old_file_and_no_partial(
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shard_writer, "copy_range_at", interrupted)  # on a writer thread when writers > 1
+    monkeypatch.setattr(shard_writer, "copy_range", interrupted)
     with pytest.raises(KeyboardInterrupt):
         shard_writer.write_shard_file(str(target), entries, {})
     assert target.read_bytes() == b"an earlier save"
-    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
-    assert not _writer_threads()  # every writer thread ended with the write
-
-
-def test_a_ctrl_c_while_pieces_are_being_written_leaves_no_partial(tmp_path, monkeypatch):
-    """A KeyboardInterrupt on the calling thread (while it brings the next tensor to the host)
-    with writer threads busy: they finish their pieces, the rest are dropped, nothing is kept."""
-    import threading
-
-    from defuser_quant.integrations.gptqmodel import shard_writer
-
-    monkeypatch.setattr(shard_writer, "PIECE_BYTES", 4096)  # the header and the first tensor's two pieces in flight
-    started, release = threading.Event(), threading.Event()
-    real_pwrite = shard_writer.pwrite_all
-
-    def slow_pwrite(*args):
-        started.set()
-        release.wait(5)
-        real_pwrite(*args)
-
-    real_bytes = shard_writer._tensor_bytes
-
-    def interrupted_bytes(name, tensor, nbytes):
-        if name == "m.qweight":  # the second tensor: the first one's pieces are on the writers
-            assert started.wait(5)
-            threading.Timer(0.2, release.set).start()
-            raise KeyboardInterrupt
-        return real_bytes(name, tensor, nbytes)
-
-    monkeypatch.setattr(shard_writer, "pwrite_all", slow_pwrite)
-    monkeypatch.setattr(shard_writer, "_tensor_bytes", interrupted_bytes)
-    target = tmp_path / "model.safetensors"
-    with pytest.raises(KeyboardInterrupt):
-        shard_writer.write_shard_file(str(target), _entries(tmp_path), {})
-    assert release.is_set()  # the call waited for the busy writers before cleaning up
-    assert not target.exists()
-    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
-    assert not _writer_threads()
-
-
-def test_a_short_file_is_not_kept(tmp_path, monkeypatch):
-    """A write that leaves the file shorter than its header says is refused, not renamed into place."""
-    from defuser_quant.integrations.gptqmodel import shard_writer
-
-    entries = _entries(tmp_path)
-    last = entries[-1].name
-    real_bytes = shard_writer._tensor_bytes
-
-    def dropped(*args):  # the last tensor's write never happens
-        return None
-
-    def tracking(name, tensor, nbytes):
-        if name == last:
-            monkeypatch.setattr(shard_writer, "pwrite_all", dropped)
-        return real_bytes(name, tensor, nbytes)
-
-    monkeypatch.setattr(shard_writer, "WRITERS", 1)
-    monkeypatch.setattr(shard_writer, "_tensor_bytes", tracking)
-    target = tmp_path / "model.safetensors"
-    with pytest.raises(OSError, match="bytes after the write, its header says"):
-        shard_writer.write_shard_file(str(target), entries, {})
-    assert not target.exists()
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
@@ -226,31 +149,6 @@ def test_fast_save_writes_gptqmodels_checkpoint(plugin, tiny, tmp_path):  # noqa
     with torch.no_grad():
         embed[0, 0] = 7.0
     assert _tensors(tiny["src"])["model.embed_tokens.weight"][0, 0] == source[0, 0]
-
-
-def test_the_saves_materialization_runs_inside_the_logbar_parts(plugin, monkeypatch):  # noqa: F811
-    """The installed ``alias_all_from_turtle_if_meta`` (the save's materialization of meta
-    parameters, a progress bar per tensor) runs under the plugin's LogBar parts; restored after."""
-    from gptqmodel.models import writer
-    from logbar import progress, terminal
-
-    from defuser_quant.integrations import gptqmodel as g
-
-    original_headless, original_draw = terminal._is_headless_environment, progress.ProgressBar.draw
-    seen = []
-
-    def materialize(shell_model, turtle_model, *args, **kwargs):
-        seen.append((terminal._is_headless_environment, progress.ProgressBar.draw))
-        return 0
-
-    wrapped = g.lean_logbar_during(materialize)
-    assert wrapped(None, None) == 0
-    (headless, draw), = seen
-    assert headless is not original_headless and draw is not original_draw
-    assert (terminal._is_headless_environment, progress.ProgressBar.draw) == (original_headless, original_draw)
-    # and install() puts it around the mapped materialization
-    assert writer.alias_all_from_turtle_if_meta.__wrapped__.__defuser_quant_original__ is g._STATE.originals[
-        (writer, "alias_all_from_turtle_if_meta")]
 
 
 def test_mapping_refuses_what_the_source_does_not_hold_whole(plugin, tiny):  # noqa: F811

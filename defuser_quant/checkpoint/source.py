@@ -156,32 +156,6 @@ def write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
-def pwrite_all(fd: int, data, offset: int) -> None:
-    """``os.pwrite`` every byte of ``data`` (any buffer) at ``offset`` of ``fd`` (its file position untouched)."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def copy_range_at(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
-    """Copy ``length`` bytes of ``src_fd`` from ``src_offset`` to ``dst_fd`` at ``dst_offset``
-    (kernel-side copy; neither file position moves)."""
-    while length:
-        chunk = min(length, 1 << 30)
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, chunk, src_offset, dst_offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-            data = os.pread(src_fd, min(chunk, 64 << 20), src_offset)
-            pwrite_all(dst_fd, data, dst_offset)
-            n = len(data)
-        if n == 0:
-            raise CheckpointError("unexpected end of a source shard")
-        src_offset, dst_offset, length = src_offset + n, dst_offset + n, length - n
-
-
 class SourceReader:
     """Reads tensors (or one expert's slab of a fused tensor) from memory-mapped shards."""
 

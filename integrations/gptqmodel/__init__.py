@@ -16,9 +16,8 @@ What ``install()`` changes in the running GPTQModel 7.6 (all undone by :func:`un
 * with ``fast_save`` (the default), ``gptqmodel.utils.model._write_shard_file`` -> the same shard
   file written with fewer copies, whole or not at all (``integrations.gptqmodel.shard_writer``),
   and ``gptqmodel.models.writer.alias_all_from_turtle_if_meta`` -> first maps the weights the save
-  would re-read whole from the source checkpoint (``integrations.gptqmodel.save_sources``), then
-  materializes the rest with LogBar's checks memoized and its draws rate-limited
-  (:func:`lean_logbar_during`); what the last save did: :func:`last_save`.
+  would re-read whole from the source checkpoint (``integrations.gptqmodel.save_sources``); what
+  the last save did: :func:`last_save`.
 
 GPTQModel 7.6 has no plugin or entry-point mechanism, so these are module-attribute rebinds;
 the ``defuser`` package and Transformers' classes are left untouched. Calibration with our
@@ -28,10 +27,8 @@ native fused classes for evaluation: :func:`save_dequantized_fused`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,24 +133,7 @@ def _fast_save_replacements() -> dict[tuple[Any, str], Any]:
             _STATE.save = {"mapped": mapped, "writes": ShardWrites()}
 
     return {(model_utils, "_write_shard_file"): writes,
-            (writer, "alias_all_from_turtle_if_meta"): lean_logbar_during(
-                mapped_turtle_sources(writer.alias_all_from_turtle_if_meta, record))}
-
-
-def lean_logbar_during(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run inside the plugin's LogBar parts (``overhead.lean_logbar``: the notebook and
-    headless checks answered from a memo, bar draws rate-limited), those LogBar agrees with. The
-    save's materialization of the meta parameters draws a progress bar per tensor: the same bars,
-    fewer frames."""
-    from .overhead import BookkeepingStats, internals_mismatch, lean_logbar
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        parts = {"progress", "draw_rate", "headless"} - set(internals_mismatch())
-        with lean_logbar(parts, BookkeepingStats()):
-            return fn(*args, **kwargs)
-
-    return wrapper
+            (writer, "alias_all_from_turtle_if_meta"): mapped_turtle_sources(writer.alias_all_from_turtle_if_meta, record)}
 
 
 def last_save() -> dict[str, Any] | None:

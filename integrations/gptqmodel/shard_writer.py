@@ -10,14 +10,8 @@ byte for byte (GPTQModel's header, tensors in the same order):
   ours included) is copied file to file by the kernel (``copy_file_range``);
 * anything else (an offloaded tensor without a byte range) is read the way GPTQModel reads it.
 
-Every tensor's place in the file is known from the header, so the pieces (at most
-:data:`PIECE_BYTES` each) are written at their offsets by :data:`WRITERS` threads at once
-(``os.pwrite`` and ``copy_file_range`` release the interpreter lock): the kernel's copies into the
-page cache, and the page faults of tensors mapped from the source checkpoint, run side by side.
-
-The shard is written under a temporary name next to it and renamed into place once whole (every
-piece written, the file's size checked); an error or Ctrl-C lets the pieces being written finish,
-drops the rest and removes the temporary file, so a shard that exists is whole, and an earlier file
+The shard is written under a temporary name next to it and renamed into place once whole; an
+error or Ctrl-C removes the temporary file, so a shard that exists is whole, and an earlier file
 of the same name is left as it was. A tensor whose bytes do not match its header entry is refused.
 """
 
@@ -28,29 +22,22 @@ import json
 import logging
 import os
 import struct
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from defuser_quant.checkpoint.source import copy_range_at, pwrite_all
+from defuser_quant.checkpoint.source import copy_range, write_all
 
 from .compat import source_digest
 
-__all__ = ["PIECE_BYTES", "WRITERS", "WRITE_SHARD_DIGEST", "ShardWrites", "fast_shard_writes", "write_shard_file",
-           "writer_mismatch"]
+__all__ = ["WRITE_SHARD_DIGEST", "ShardWrites", "fast_shard_writes", "write_shard_file", "writer_mismatch"]
 
 logger = logging.getLogger(__name__)
 
 #: sha256[:16] of GPTQModel 7.6.0's ``utils.model._write_shard_file``, whose file this writer writes
 WRITE_SHARD_DIGEST = "55eb917b07f079e8"
-#: Threads writing one shard's pieces at once (1: one after another, on the calling thread).
-WRITERS = 4
-#: Largest piece of a tensor one thread writes at a time.
-PIECE_BYTES = 64 << 20
 
 
 @dataclass
@@ -113,65 +100,27 @@ class _Sources:
         self.fds.clear()
 
 
-def _entry_pieces(fd: int, offset: int, entry: Any, sources: _Sources, ref_type: type,
-                  stats: ShardWrites) -> list[Callable[[], None]]:
-    """The writes that put ``entry``'s bytes at ``offset`` of ``fd``, a piece of at most
-    :data:`PIECE_BYTES` each. What must be read or converted first is done here, on the caller's thread."""
+def _write_entry(fd: int, entry: Any, sources: _Sources, ref_type: type, stats: ShardWrites) -> None:
     source = entry.source
-    if isinstance(source, ref_type) and (
-            source.format == "dat" or (source.format == "safetensors" and source.data_offsets is not None)):
+    if not isinstance(source, ref_type):
+        write_all(fd, _tensor_bytes(entry.name, source, entry.num_bytes).numpy())
+        stats.from_memory += entry.num_bytes
+        return
+    if source.format == "dat" or (source.format == "safetensors" and source.data_offsets is not None):
         start = source.data_offsets[0] if source.data_offsets is not None else 0
         length = entry.num_bytes
         if source.format == "safetensors" and source.data_offsets[1] - start != length:
             raise ValueError(f"save: offloaded tensor {entry.name} spans {source.data_offsets[1] - start} bytes in "
                              f"{source.path}, its header entry says {length}; not written")
-        src = sources.fd(source.path)
+        copy_range(sources.fd(source.path), fd, start, length)
         stats.copied += length
-        return [functools.partial(copy_range_at, src, fd, start + a, offset + a, min(PIECE_BYTES, length - a))
-                for a in range(0, length, PIECE_BYTES)]
-    if isinstance(source, ref_type):
-        from safetensors import safe_open
-
-        with safe_open(source.path, framework="pt", device="cpu") as handler:
-            tensor = handler.get_tensor(source.weight_name or entry.name).to(source.torch_dtype)
-        data = _tensor_bytes(entry.name, tensor, entry.num_bytes).numpy()
-        stats.read += entry.num_bytes
-    else:
-        data = _tensor_bytes(entry.name, source, entry.num_bytes).numpy()
-        stats.from_memory += entry.num_bytes
-    return [functools.partial(pwrite_all, fd, data[a:a + PIECE_BYTES], offset + a)
-            for a in range(0, entry.num_bytes, PIECE_BYTES)]
-
-
-def _run(pieces: Iterable[Callable[[], None]], writers: int) -> None:
-    """Run every piece, ``writers`` at a time and at most twice as many asked for ahead (``pieces``
-    is read as they go, so a tensor is brought to the host when its turn nears); on an error or
-    Ctrl-C the running ones finish, the rest are dropped, and the error is raised."""
-    if writers <= 1:
-        for piece in pieces:
-            piece()
         return
-    pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="defuser-quant-shard-write")
-    pending: deque[Future] = deque()
-    try:
-        for piece in pieces:
-            pending.append(pool.submit(piece))
-            while len(pending) >= 2 * writers:
-                pending.popleft().result()
-        while pending:
-            pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    from safetensors import safe_open
 
-
-def _pieces(fd: int, header: bytes, entries: list[Any], sources: _Sources, ref_type: type,
-            stats: ShardWrites) -> Iterator[Callable[[], None]]:
-    """The header's write, then every entry's pieces at their offsets, in file order."""
-    yield functools.partial(pwrite_all, fd, header, 0)
-    offset = len(header)
-    for entry in entries:
-        yield from _entry_pieces(fd, offset, entry, sources, ref_type, stats)
-        offset += entry.num_bytes
+    with safe_open(source.path, framework="pt", device="cpu") as handler:
+        tensor = handler.get_tensor(source.weight_name or entry.name).to(source.torch_dtype)
+    write_all(fd, _tensor_bytes(entry.name, tensor, entry.num_bytes).numpy())
+    stats.read += entry.num_bytes
 
 
 def write_shard_file(path: str, entries: list[Any], metadata: dict[str, str], stats: ShardWrites | None = None) -> int:
@@ -186,10 +135,10 @@ def write_shard_file(path: str, entries: list[Any], metadata: dict[str, str], st
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the mode open(path, "wb") gives
     sources = _Sources()
     try:
-        _run(_pieces(fd, header, entries, sources, model_utils.OffloadTensorRef, stats), WRITERS)
-        size, expected = os.fstat(fd).st_size, len(header) + sum(entry.num_bytes for entry in entries)
-        if size != expected:
-            raise OSError(f"save: {tmp} holds {size} bytes after the write, its header says {expected}; not kept")
+        write_all(fd, header)
+        for entry in entries:
+            _write_entry(fd, entry, sources, model_utils.OffloadTensorRef, stats)
+        size = os.lseek(fd, 0, os.SEEK_CUR)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
