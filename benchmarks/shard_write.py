@@ -155,14 +155,16 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count()}
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-            result = run(args, Path(tmp))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = run(args, Path(tmp))
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        result = run(args, Path(tmp))
     write_json(args.output, {"meta": meta, **result})
     print(f"median seconds {result['median_s']}; speed-up over GPTQModel's writer {result['speedup_vs_gptqmodel']}; "
           f"same bytes {result['same_bytes_as_gptqmodel']}")
+    differ = [name for name, same in result["same_bytes_as_gptqmodel"].items() if not same]
+    if differ:
+        print(f"shard_write.py: {', '.join(differ)} wrote other bytes than GPTQModel's writer; its time is no "
+              f"figure for the same work (see {args.output})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -40,3 +40,19 @@ def test_a_small_run_writes_gptqmodels_bytes_and_a_report(tmp_path):
     assert kinds["mapped"] > 0 and kinds["in_memory"] > 0 and kinds["offloaded"] > 0
     assert report["total_bytes"] == sum(kinds.values())
     assert list((tmp_path / "w").iterdir()) == []  # sources and shards removed
+
+
+def test_other_bytes_fail_the_run(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gptqmodel")
+    from defuser_quant.integrations.gptqmodel import shard_writer
+
+    def wrong(path, entries, metadata, stats=None):
+        with open(path, "wb") as f:
+            f.write(b"not a shard")
+        return 11
+
+    monkeypatch.setattr(shard_writer, "write_shard_file", wrong)
+    out = tmp_path / "report.json"
+    assert bench.main(["--scale", "0.003", "--repeats", "1", "--output", str(out)]) == 1
+    assert json.loads(out.read_text())["same_bytes_as_gptqmodel"] == {"ours": False}
+    assert "ours wrote other bytes than GPTQModel's writer" in capsys.readouterr().err
