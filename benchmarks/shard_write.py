@@ -19,6 +19,7 @@ GPTQModel's, byte for byte. Medians and ratios go to ``--output`` (JSON, whole o
 from __future__ import annotations
 
 import argparse
+import filecmp
 import os
 import platform
 import statistics
@@ -54,12 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _expert_tensors(modules: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """GPTQ W4 tensors of ``modules`` expert projections (gate/up: hidden -> intermediate; down: back)."""
+def _expert_tensors(layer: int, modules: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """GPTQ W4 tensors of ``modules`` expert projections of ``layer`` (gate/up: hidden -> intermediate; down: back)."""
     out: dict[str, torch.Tensor] = {}
     for m in range(modules):
         rows, cols = (HIDDEN, INTERMEDIATE) if m % 3 < 2 else (INTERMEDIATE, HIDDEN)  # in, out features
-        name = f"model.layers.0.mlp.experts.{m // 3}.{('gate_proj', 'up_proj', 'down_proj')[m % 3]}"
+        name = f"model.layers.{layer}.mlp.experts.{m // 3}.{('gate_proj', 'up_proj', 'down_proj')[m % 3]}"
         out[f"{name}.qweight"] = torch.randint(-2**31, 2**31 - 1, (rows // 8, cols), generator=g, dtype=torch.int32)
         out[f"{name}.qzeros"] = torch.randint(-2**31, 2**31 - 1, (rows // GROUP, cols // 8), generator=g, dtype=torch.int32)
         out[f"{name}.scales"] = torch.rand(rows // GROUP, cols, generator=g).to(torch.float16)
@@ -89,11 +90,10 @@ def build_entries(folder: Path, scale: float) -> tuple[list[Any], dict[str, int]
         tensor = shards.tensor(info, torch.bfloat16)
         entries.append(TensorSource(name=name, torch_dtype=torch.bfloat16, shape=tuple(tensor.shape), source=tensor))
         kinds["mapped"] += info.nbytes
-    for name, tensor in _expert_tensors(modules, g).items():
-        entries.append(TensorSource(name=name.replace("layers.0", "layers.1"), torch_dtype=tensor.dtype,
-                                    shape=tuple(tensor.shape), source=tensor))
+    for name, tensor in _expert_tensors(1, modules, g).items():
+        entries.append(TensorSource(name=name, torch_dtype=tensor.dtype, shape=tuple(tensor.shape), source=tensor))
         kinds["in_memory"] += tensor.numel() * tensor.element_size()
-    bundle = _expert_tensors(modules, g)
+    bundle = _expert_tensors(0, modules, g)
     save_file(bundle, str(folder / "bundle.safetensors"))
     infos = read_headers(folder, ["bundle.safetensors"])
     for name, tensor in bundle.items():
@@ -103,18 +103,6 @@ def build_entries(folder: Path, scale: float) -> tuple[list[Any], dict[str, int]
         entries.append(TensorSource(name=name, torch_dtype=tensor.dtype, shape=tuple(tensor.shape), source=ref))
         kinds["offloaded"] += info.nbytes
     return entries, kinds
-
-
-def _same_file(a: Path, b: Path, block: int = 64 << 20) -> bool:
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    with a.open("rb") as fa, b.open("rb") as fb:
-        while True:
-            x, y = fa.read(block), fb.read(block)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -136,7 +124,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             write(path)
             seconds[name].append(round(time.perf_counter() - t0, 4))
             if name != "gptqmodel":
-                same[name] = same.get(name, True) and _same_file(path, reference)
+                same[name] = same.get(name, True) and filecmp.cmp(path, reference, shallow=False)
             if r or name != "gptqmodel":
                 path.unlink()
     medians = {name: statistics.median(v) for name, v in seconds.items()}
