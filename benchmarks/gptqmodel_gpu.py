@@ -86,7 +86,11 @@ into pinned buffers (``layer_reads.PIN``), ``+nooff1`` loads with ``QuantizeConf
 ``ours-grouped-batched+si500+cpuw4`` are variants; the row's ``modifiers`` say what was set.
 ``--gil-probe`` adds ``gil_probe`` to every row: how late a thread that sleeps 2 ms gets the lock
 back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
-costs there. ``--hessian-prints`` adds ``hessian_prints`` and ``weight_prints`` to every row (digests of the Hessian
+costs there. ``--timeline`` adds ``timeline`` to every row: each subset stage of ``quantize()`` split into its calibration
+forward, the time a batched chunk solve ran, and the rest, with the main thread's time outside the
+subset stages (``_timeline.py``); every span (GPTQModel's region-timer samples, subset stages, chunk
+solves, with their threads) is kept beside the JSON as ``<output stem>.<run>.timeline.jsonl``.
+``--hessian-prints`` adds ``hessian_prints`` and ``weight_prints`` to every row (digests of the Hessian
 and the weight each module's GPTQ solve starts from, and ``inverse_prints``: the inverse factor computed for each
 Hessian, ``_hessian_prints.py``; one device sync per module, so a diagnostic, not a timing run) and
 ``hessians_vs_stock`` / ``weights_vs_stock`` / ``inverses_vs_stock`` to every other row: how
@@ -289,6 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sample the interpreter lock's hand-back delay through quantize() (gil_probe in every row)")
     p.add_argument("--hessian-prints", action="store_true",
                    help="digests of each module's Hessian and weight at its solve in every row, compared with stock's (a diagnostic)")
+    p.add_argument("--timeline", action="store_true",
+                   help="record when each subset stage, GPTQModel region and batched chunk solve ran (_timeline.py)")
     p.add_argument("--warmup", action="store_true",
                    help="run the first variant once, untimed, before the timed runs (Triton compiles its kernels then)")
     p.add_argument("--allow-fallback", action="store_true",
@@ -513,7 +519,8 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | s
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--run-id", run_id, "--workdir", str(work),
            "--device", args.device, "--batch-size", str(args.batch_size), "--backend", args.backend] + [
         flag for flag, on in (("--no-reload", args.no_reload), ("--stages", args.stages), ("--deterministic", args.deterministic),
-                              ("--gil-probe", args.gil_probe), ("--hessian-prints", args.hessian_prints)) if on
+                              ("--gil-probe", args.gil_probe), ("--hessian-prints", args.hessian_prints),
+                              ("--timeline", getattr(args, "timeline", False))) if on
     ]
     evicted = evict_page_cache(work / "src") if getattr(args, "cold", False) else None
     t0 = time.perf_counter()
@@ -884,6 +891,10 @@ def main(argv: list[str] | None = None) -> int:
     if refused:
         payload["refused"] = refused
     out.write_text(json.dumps(payload, indent=1) + "\n")
+    for r in rows:  # --timeline: every span of each run, kept beside the JSON
+        spans = work / f"{r['run']}.timeline.jsonl"
+        if spans.exists():
+            shutil.copyfile(spans, out.with_name(f"{out.stem}.{r['run'].replace('#', '_')}.timeline.jsonl"))
     partial.unlink(missing_ok=True)
     print(f"wrote {out}")
     if args.workdir is None:
@@ -975,8 +986,12 @@ def worker(args: argparse.Namespace) -> int:
     from _hessian_prints import HessianPrints
 
     prints = HessianPrints() if args.hessian_prints else contextlib.nullcontext()
+    from _timeline import Timeline
+
+    timeline = Timeline() if args.timeline else None
     with maybe_profile(f"gptqmodel-{run_id}") as sampler, record_gptq_kernels(stages=args.stages, model=model.model) as kernels, \
-            deterministic_mode(args.deterministic), probe or contextlib.nullcontext(), prints:
+            deterministic_mode(args.deterministic), probe or contextlib.nullcontext(), prints, \
+            timeline or contextlib.nullcontext():
         if is_stock(variant):
             log = model.quantize(calibration, batch_size=args.batch_size, backend=backend)
         else:
@@ -997,6 +1012,9 @@ def worker(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     if probe is not None:
         extra["gil_probe"] = probe.summary()
+    if timeline is not None:
+        extra["timeline"] = timeline.summary()
+        timeline.write(work / f"{run_id}.timeline.jsonl")
     if args.hessian_prints:
         extra["hessian_prints"] = prints.digests
         extra["weight_prints"] = prints.weights

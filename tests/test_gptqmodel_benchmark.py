@@ -348,7 +348,7 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
 
     pytest.importorskip("gptqmodel")
     data = run_tiny_cpu(tmp_path / "repeat.json", "--variants", "ours-grouped-batched,stock", "--repeat", "2", "--no-reload",
-                        timeout=400)
+                        "--timeline", timeout=400)
     rows = data["rows"]
     assert [r["run"] for r in rows] == ["ours-grouped-batched", "stock", "ours-grouped-batched#2", "stock#2"]
     # every run after the first stock one is compared with it: on the CPU all are its checkpoint
@@ -356,6 +356,19 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
     assert data["meta"]["early_comparisons"] == 3  # each made as soon as its pair was on disk, taken at the end
     for r in rows:  # GPTQModel's own region timer, for stock and ours alike
         assert r["regions"]["process_quant"]["calls"] > 0 and r["regions"]["pre_quant_forward"]["seconds"] > 0
+        # --timeline: 2 layers x 4 subset stages, each with its forward; ours' experts solved in chunks, stock's per module
+        timeline = r["timeline"]
+        assert len(timeline["subsets"]) == 8 and all(s["forward"] > 0 for s in timeline["subsets"])
+        assert sum(s["process_calls"] for s in timeline["subsets"]) == r["regions"]["process_quant"]["calls"]
+        totals = timeline["totals"]
+        assert 0 < totals["subsets"] < totals["wall"] <= r["quantize_s"] + 0.01
+        if r["variant"] == "stock":
+            assert totals["solving"] == 0 and totals["module_solving"] > 0
+        else:
+            assert totals["solving"] > 0 and sum(s["chunks"] for s in timeline["subsets"]) == r["solve"]["chunks"]
+        spans = tmp_path / f"repeat.{r['run'].replace('#', '_')}.timeline.jsonl"
+        kinds = {json.loads(line)["kind"] for line in spans.read_text().splitlines()}
+        assert {"subset", "pre_quant_forward", "process_quant", "submodule_finalize"} <= kinds
     ratios = data["ratios_vs_stock"]["ours-grouped-batched"]
     assert ratios["runs"] == ratios["stock_runs"] == 2
     stock = [r["total_s"] for r in rows if r["variant"] == "stock"]

@@ -1,0 +1,215 @@
+"""When each part of one GPTQModel ``quantize()`` ran, on which thread (``gptqmodel_gpu.py --timeline``).
+
+GPTQModel's region timer (``quant_region_timer``) only sums seconds per region. Inside
+:class:`Timeline` every sample it records also becomes a span (its end is the moment it was recorded,
+its start that minus its duration), and so do every subset stage (``run_subset_stage``, on the main
+thread), every batched chunk solve of the plugin (``batched._Coordinator._solve``) and every solve of
+GPTQModel's own (``GPTQ.quantize``: stock's, and the plugin's per-module ones).
+:func:`summarize` then splits each subset stage into its calibration forward, the time some chunk was
+being solved, and the rest (GPTQModel's per-module processing with no solve running, the gaps before
+the first and after the last solve), and counts how busy GPTQModel's finalize workers were meanwhile;
+the main thread's time outside the subset stages (layer loads and moves, finalize waits, the end of
+the loop) is one more figure. Timestamps are ``time.perf_counter()``; nothing is synchronized, so
+this times the host, like the run itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Span", "Timeline", "summarize", "union_seconds"]
+
+
+@dataclass
+class Span:
+    """One timed piece of the run: ``kind`` is a region name, ``"subset"``, ``"chunk_solve"`` or ``"module_solve"``."""
+
+    kind: str
+    name: str
+    thread: str
+    start: float
+    end: float
+
+
+def union_seconds(spans: list[tuple[float, float]], lo: float = float("-inf"), hi: float = float("inf")) -> float:
+    """Seconds covered by at least one of ``spans`` (clipped to ``[lo, hi]``)."""
+    clipped = sorted((max(a, lo), min(b, hi)) for a, b in spans if min(b, hi) > max(a, lo))
+    total, cur_a, cur_b = 0.0, None, None
+    for a, b in clipped:
+        if cur_b is None or a > cur_b:
+            if cur_b is not None:
+                total += cur_b - cur_a
+            cur_a, cur_b = a, b
+        else:
+            cur_b = max(cur_b, b)
+    if cur_b is not None:
+        total += cur_b - cur_a
+    return total
+
+
+def _overlap(a: float, b: float, lo: float, hi: float) -> float:
+    return max(0.0, min(b, hi) - max(a, lo))
+
+
+class Timeline:
+    """Records spans while the block runs (patches restored on exit, also on an exception).
+
+    ``Timeline.spans`` holds them in the order they ended; ``start``/``end`` are the block's own.
+    """
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.start = self.end = 0.0
+        self._lock = threading.Lock()
+        self._restore: list[tuple[Any, str, Any]] = []
+
+    def _add(self, kind: str, name: str, start: float, end: float) -> None:
+        with self._lock:
+            self.spans.append(Span(kind, name, threading.current_thread().name, start, end))
+
+    def _patch(self, owner: Any, attribute: str, make: Callable[[Callable], Callable]) -> None:
+        original = getattr(owner, attribute)
+        self._restore.append((owner, attribute, original))
+        setattr(owner, attribute, make(original))
+
+    def __enter__(self) -> Timeline:
+        from gptqmodel.looper import module_looper, stage_layer  # noqa: F401  (stage_layer: run_subset_stage's user)
+        from gptqmodel.quantization.gptq import GPTQ
+        from gptqmodel.utils.logger import QuantizationRegionTimer
+
+        timeline = self
+
+        def region(original: Callable) -> Callable:
+            @functools.wraps(original)
+            def record(self, region, duration, *args, **kwargs):
+                now = time.perf_counter()
+                try:
+                    seconds = max(0.0, float(duration))
+                except (TypeError, ValueError):
+                    seconds = None
+                if seconds is not None:
+                    timeline._add(str(region), str(kwargs.get("source") or ""), now - seconds, now)
+                return original(self, region, duration, *args, **kwargs)
+            return record
+
+        def timed(kind: str, label: Callable[..., str]) -> Callable[[Callable], Callable]:
+            def make(original: Callable) -> Callable:
+                @functools.wraps(original)
+                def run(*args, **kwargs):
+                    t0 = time.perf_counter()
+                    try:
+                        return original(*args, **kwargs)
+                    finally:
+                        timeline._add(kind, label(*args, **kwargs), t0, time.perf_counter())
+                return run
+            return make
+
+        def subset_label(*_args, **kwargs) -> str:
+            plan = kwargs.get("plan")
+            return f"layer {kwargs.get('layer_index')} subset {getattr(plan, 'subset_index', '?')}: " \
+                   f"{len(getattr(plan, 'modules', None) or ())} modules"
+
+        def chunk_label(_coordinator, chunk, *_args, **_kwargs) -> str:
+            return f"{len(chunk.tasks)} modules"
+
+        def module_label(task, *_args, **_kwargs) -> str:
+            return str(getattr(task, "name", "") or "")
+
+        try:
+            self._patch(QuantizationRegionTimer, "record", region)
+            self._patch(GPTQ, "quantize", timed("module_solve", module_label))
+            self._patch(stage_layer, "run_subset_stage", timed("subset", subset_label))
+            try:
+                batched = importlib.import_module("defuser_quant.integrations.gptqmodel.batched")
+            except ImportError:
+                batched = None
+            if batched is not None:
+                self._patch(batched._Coordinator, "_solve", timed("chunk_solve", chunk_label))
+        except BaseException:
+            self._undo()
+            raise
+        self.start = time.perf_counter()
+        return self
+
+    def _undo(self) -> None:
+        while self._restore:
+            owner, attribute, original = self._restore.pop()
+            setattr(owner, attribute, original)
+
+    def __exit__(self, *exc: object) -> None:
+        self.end = time.perf_counter()
+        self._undo()
+
+    def write(self, path: Path) -> None:
+        """Every span, one JSON line each, times in seconds from the block's start."""
+        with path.open("w") as f:
+            for s in sorted(self.spans, key=lambda s: s.start):
+                f.write(json.dumps({**asdict(s), "start": round(s.start - self.start, 5),
+                                    "end": round(s.end - self.start, 5)}) + "\n")
+
+    def summary(self) -> dict:
+        return summarize(self.spans, self.start, self.end)
+
+
+def summarize(spans: list[Span], start: float, end: float) -> dict:
+    """Per subset stage and for the whole block: where the main thread's time went (see the module doc).
+
+    Per subset: ``seconds`` (its wall time), ``forward`` (its ``pre_quant_forward``), ``solving`` (time
+    some chunk solve ran), ``before_first_solve`` (from the forward's end to the first solve's start),
+    ``between_solves`` (no chunk solve running, after the first and before the last), ``after_last_solve``
+    (to the stage's end), ``other`` (the rest: where no chunk was solved at all, GPTQModel's own solves and
+    processing), ``module_solving`` (time some solve of GPTQModel's own ran: all of stock's solves),
+    ``process_calls`` and ``finalize_busy`` (finalize-worker seconds inside the stage).
+    """
+    subsets = sorted((s for s in spans if s.kind == "subset"), key=lambda s: s.start)
+    solves = sorted((s for s in spans if s.kind == "chunk_solve"), key=lambda s: s.start)
+    own = [s for s in spans if s.kind == "module_solve"]
+    forwards = [s for s in spans if s.kind == "pre_quant_forward"]
+    process = [s for s in spans if s.kind == "process_quant"]
+    finalize = [s for s in spans if s.kind == "submodule_finalize"]
+    rows = []
+    for sub in subsets:
+        lo, hi = sub.start, sub.end
+        fwd = union_seconds([(f.start, f.end) for f in forwards], lo, hi)
+        fwd_end = max((min(f.end, hi) for f in forwards if _overlap(f.start, f.end, lo, hi) > 0), default=lo)
+        inside = [s for s in solves if _overlap(s.start, s.end, lo, hi) > 0]
+        solving = union_seconds([(s.start, s.end) for s in inside], lo, hi)
+        row = {"name": sub.name, "seconds": round(hi - lo, 3), "forward": round(fwd, 3), "solving": round(solving, 3),
+               "chunks": len(inside),
+               "module_solving": round(union_seconds([(s.start, s.end) for s in own], lo, hi), 3),
+               "process_calls": sum(1 for p in process if lo <= p.end <= hi),
+               "finalize_busy": round(sum(_overlap(f.start, f.end, lo, hi) for f in finalize), 3)}
+        if inside:
+            first, last = min(s.start for s in inside), max(s.end for s in inside)
+            row["before_first_solve"] = round(max(0.0, first - fwd_end), 3)
+            row["between_solves"] = round((last - first) - union_seconds([(s.start, s.end) for s in inside], first, last), 3)
+            row["after_last_solve"] = round(max(0.0, hi - last), 3)
+        row["other"] = round(hi - lo - fwd - solving, 3)
+        rows.append(row)
+    in_subsets = union_seconds([(s.start, s.end) for s in subsets], start, end)
+    last_subset_end = max((s.end for s in subsets), default=start)
+    first_subset_start = min((s.start for s in subsets), default=end)
+    totals = {
+        "wall": round(end - start, 3),
+        "subsets": round(in_subsets, 3),
+        "forward": round(sum(r["forward"] for r in rows), 3),
+        "solving": round(union_seconds([(s.start, s.end) for s in solves], start, end), 3),
+        "module_solving": round(union_seconds([(s.start, s.end) for s in own], start, end), 3),
+        "subset_other": round(sum(r["other"] for r in rows), 3),
+        "before_first_subset": round(max(0.0, first_subset_start - start), 3),
+        "between_subsets": round(max(0.0, last_subset_end - first_subset_start) - in_subsets, 3),
+        "after_last_subset": round(max(0.0, end - last_subset_end), 3),
+        "finalize_busy": round(sum(_overlap(f.start, f.end, start, end) for f in finalize), 3),
+        "spans": len(spans),
+    }
+    for key in ("before_first_solve", "between_solves", "after_last_solve"):
+        totals[key] = round(sum(r.get(key, 0.0) for r in rows), 3)
+    return {"totals": totals, "subsets": rows}
