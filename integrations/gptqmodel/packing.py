@@ -22,6 +22,7 @@ and CUDA (``benchmarks/results/pack_exactness_cuda_round18.json``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -207,6 +208,7 @@ def served_pack_words() -> Iterator[PackStats]:
     registry = _Registry()
     original_block, original_ext = PackableQuantLinear.pack_block, pack_block_ext.pack_block_cpu
 
+    @functools.wraps(original_block)
     def pack_block(self, linear, *args, **kwargs):
         registry.current.module = _linear_of(linear)
         try:
@@ -214,6 +216,7 @@ def served_pack_words() -> Iterator[PackStats]:
         finally:
             registry.current.module = None
 
+    @functools.wraps(original_ext)
     def pack_block_cpu(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads):
         module = getattr(registry.current, "module", None)
         with registry.lock:
