@@ -53,10 +53,6 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-noonload`` - every lean bookkeeping part but ``layer_onload``: layer 0's move
                  from the CPU to the GPU by GPTQModel's ``module.to`` instead of the staged upload
                  (the default since round 28);
-* ``ours-grouped-batched-noturns`` / ``ours-grouped-batched-pack-noturns`` - every lean bookkeeping part but
-                 ``finalize_turns``: the expert projections' finalizes run their Python side by side, as
-                 GPTQModel runs them, instead of taking turns (the default since round 31), without and
-                 with the words packed on the GPU (``-pack``);
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -197,10 +193,10 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
             "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
             "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams", "ours-grouped-batched-nokeeplast",
-            "ours-grouped-batched-noonload", "ours-grouped-batched-noturns", "ours-grouped-batched-pack-noturns")
+            "ours-grouped-batched-noonload")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
-                "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-noturns": "finalize_turns"}
+                "-nokeeplast": "keep_last_block", "-noonload": "layer_onload"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
              "pin": "layer_reads into pinned buffers (layer_reads.PIN)",

@@ -83,11 +83,6 @@ expert projections of our ``DefusedExperts`` blocks only:
   takes them (:mod:`.offload_bundle`); the same tensors in the checkpoint, one layer's quantized
   experts more in host memory until the save.
 
-* **finalize turns** (``GPTQProcessor.submodule_finalize`` of an expert projection): the finalizes
-  take turns for their Python and give the turn back while GPTQModel's pack extension runs, so one
-  runs Python at a time and the packs still run side by side (:mod:`.finalize_turns`); the same calls
-  per module.
-
 With GPTQModel's own checkpointing (``quantize(..., checkpoint=...)``, which resumes from the
 offload folder), the offload bundle and keep-last-block parts stay stock.
 
@@ -122,8 +117,6 @@ from defuser_quant.core.defused import DefusedExperts
 
 from . import layer_reads as layer_reads_module
 from .compat import patched, source_digest
-from .finalize_turns import finalize_turns
-from .finalize_turns import internals_refusal as _finalize_turns_mismatch
 from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_quantize
 from .layer_reads import LayerReads, LayerReadStats
 from .offload_bundle import BundleStats, bundled_offload
@@ -163,7 +156,6 @@ class BookkeepingStats:
     layer_onload: OffloadStats = field(default_factory=OffloadStats)  # the layer_onload part (pre_quantize's move)
     layer_reads: LayerReadStats = field(default_factory=LayerReadStats)  # the layer_reads part (layer loads)
     offload_bundle: BundleStats | None = None  # the offload_bundle part (None: not used)
-    finalize_turns: dict | None = None  # the finalize_turns part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -191,7 +183,6 @@ class BookkeepingStats:
             "layer_onload": asdict(self.layer_onload),
             "layer_reads": asdict(self.layer_reads),
             "offload_bundle": self.offload_bundle.as_dict() if self.offload_bundle is not None else None,
-            "finalize_turns": self.finalize_turns.as_dict() if self.finalize_turns is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -322,7 +313,7 @@ def _offload_bundle_mismatch() -> str | None:
 
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
-    ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``finalize_turns``) -> what differs
+    ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``) -> what differs
     from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -368,9 +359,6 @@ def internals_mismatch() -> dict[str, str]:
     why = _offload_bundle_mismatch()
     if why is not None:
         problems["offload_bundle"] = why
-    why = _finalize_turns_mismatch()
-    if why is not None:
-        problems["finalize_turns"] = why
     recopy, shard_handles = _recopy_mismatch(), _shard_handles_mismatch()  # layer_reads patches both seams
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
@@ -818,8 +806,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
-                   "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
-                   "finalize_turns"})
+                   "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block"})
 
 
 @contextmanager
@@ -952,8 +939,6 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
         if paths and "offload_bundle" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.offload_bundle = stack.enter_context(
                 bundled_offload(gptq_model.model, paths, keep_last="keep_last_block" in enabled))
-        if paths and "finalize_turns" in enabled:
-            stats.finalize_turns = stack.enter_context(finalize_turns(paths))
         yield stats
     if stats.stock:
         logger.debug("lean bookkeeping left to GPTQModel: %s", dict(stats.stock))
