@@ -53,6 +53,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-noonload`` - every lean bookkeeping part but ``layer_onload``: layer 0's move
                  from the CPU to the GPU by GPTQModel's ``module.to`` instead of the staged upload
                  (the default since round 28);
+* ``ours-grouped-batched-nowarm`` - every lean bookkeeping part but ``worker_warmup``: GPTQModel's workers
+                 warm up before their first task (the first subset's solves, the first finalizes) instead
+                 of during the input capture (the default since round 31);
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -193,10 +196,10 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
             "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
             "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams", "ours-grouped-batched-nokeeplast",
-            "ours-grouped-batched-noonload")
+            "ours-grouped-batched-noonload", "ours-grouped-batched-nowarm")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
-                "-nokeeplast": "keep_last_block", "-noonload": "layer_onload"}
+                "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
              "pin": "layer_reads into pinned buffers (layer_reads.PIN)",

@@ -83,6 +83,10 @@ expert projections of our ``DefusedExperts`` blocks only:
   takes them (:mod:`.offload_bundle`); the same tensors in the checkpoint, one layer's quantized
   experts more in host memory until the save.
 
+* **worker warm-up** (GPTQModel's device pool): when the block is entered, each CUDA and CPU worker is
+  handed one empty task, so GPTQModel's per-worker linear-algebra warm-up runs while the inputs are
+  captured instead of before the first subset's solves and the first finalizes (:mod:`.worker_warmup`).
+
 With GPTQModel's own checkpointing (``quantize(..., checkpoint=...)``, which resumes from the
 offload folder), the offload bundle and keep-last-block parts stay stock.
 
@@ -117,6 +121,8 @@ from defuser_quant.core.defused import DefusedExperts
 
 from . import layer_reads as layer_reads_module
 from .compat import patched, source_digest
+from .worker_warmup import WarmupStats, warm_workers
+from .worker_warmup import internals_refusal as _worker_warmup_mismatch
 from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_quantize
 from .layer_reads import LayerReads, LayerReadStats
 from .offload_bundle import BundleStats, bundled_offload
@@ -156,6 +162,7 @@ class BookkeepingStats:
     layer_onload: OffloadStats = field(default_factory=OffloadStats)  # the layer_onload part (pre_quantize's move)
     layer_reads: LayerReadStats = field(default_factory=LayerReadStats)  # the layer_reads part (layer loads)
     offload_bundle: BundleStats | None = None  # the offload_bundle part (None: not used)
+    worker_warmup: WarmupStats | None = None  # the worker_warmup part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -183,6 +190,7 @@ class BookkeepingStats:
             "layer_onload": asdict(self.layer_onload),
             "layer_reads": asdict(self.layer_reads),
             "offload_bundle": self.offload_bundle.as_dict() if self.offload_bundle is not None else None,
+            "worker_warmup": self.worker_warmup.as_dict() if self.worker_warmup is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -313,7 +321,7 @@ def _offload_bundle_mismatch() -> str | None:
 
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
-    ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``) -> what differs
+    ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``worker_warmup``) -> what differs
     from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -359,6 +367,9 @@ def internals_mismatch() -> dict[str, str]:
     why = _offload_bundle_mismatch()
     if why is not None:
         problems["offload_bundle"] = why
+    why = _worker_warmup_mismatch()
+    if why is not None:
+        problems["worker_warmup"] = why
     recopy, shard_handles = _recopy_mismatch(), _shard_handles_mismatch()  # layer_reads patches both seams
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
@@ -806,7 +817,8 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
-                   "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block"})
+                   "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
+                   "worker_warmup"})
 
 
 @contextmanager
@@ -939,6 +951,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
         if paths and "offload_bundle" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.offload_bundle = stack.enter_context(
                 bundled_offload(gptq_model.model, paths, keep_last="keep_last_block" in enabled))
+        if paths and "worker_warmup" in enabled:  # last: everything else is in place when the workers start
+            stats.worker_warmup = warm_workers()
         yield stats
     if stats.stock:
         logger.debug("lean bookkeeping left to GPTQModel: %s", dict(stats.stock))
