@@ -589,6 +589,11 @@ PACKED_SUFFIXES = (".qweight", ".weight_packed")
 SCALE_SUFFIXES = (".scales", ".weight_scale")
 
 
+def timeline_path(out: Path, run: str) -> Path:
+    """Where ``--timeline`` keeps a run's spans beside the JSON ``out`` (``#`` and ``+`` made ``_``: plain file names)."""
+    return out.with_name(f"{out.stem}.{re.sub(r'[^A-Za-z0-9._-]', '_', run)}.timeline.jsonl")
+
+
 def region_totals(model: object) -> dict[str, dict] | None:
     """GPTQModel's own region timer (``quant_region_timer``) after load and ``quantize()``: seconds
     and calls per region it timed (summed over its threads, so regions overlap and may exceed the
@@ -897,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:  # --timeline: every span of each run, kept beside the JSON
         spans = work / f"{r['run']}.timeline.jsonl"
         if spans.exists():
-            shutil.copyfile(spans, out.with_name(f"{out.stem}.{r['run'].replace('#', '_')}.timeline.jsonl"))
+            shutil.copyfile(spans, timeline_path(out, r["run"]))
     partial.unlink(missing_ok=True)
     print(f"wrote {out}")
     if args.workdir is None:

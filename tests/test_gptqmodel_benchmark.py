@@ -126,6 +126,12 @@ def test_checkpoints_are_compared_as_runs_finish_and_kept_for_the_end(tmp_path, 
     assert [r["same_ckpt_as_stock"] for r in done if r is not rows[3]] == ["yes", "1/2 tensors, 0/1 qweights, max scale diff 0, logits None", "yes"]
 
 
+def test_timeline_files_have_plain_names():
+    out = Path("/r/calls.json")
+    assert bench.timeline_path(out, "ours-grouped-batched+pin1#2") == Path("/r/calls.ours-grouped-batched_pin1_2.timeline.jsonl")
+    assert bench.timeline_path(out, "stock").name == "calls.stock.timeline.jsonl"
+
+
 def test_region_totals_read_gptqmodels_region_timer():
     from gptqmodel.utils.logger import QuantizationRegionTimer
 
@@ -366,7 +372,7 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
             assert totals["solving"] == 0 and totals["module_solving"] > 0
         else:
             assert totals["solving"] > 0 and sum(s["chunks"] for s in timeline["subsets"]) == r["solve"]["chunks"]
-        spans = tmp_path / f"repeat.{r['run'].replace('#', '_')}.timeline.jsonl"
+        spans = bench.timeline_path(tmp_path / "repeat.json", r["run"])
         kinds = {json.loads(line)["kind"] for line in spans.read_text().splitlines()}
         assert {"subset", "pre_quant_forward", "process_quant", "submodule_finalize"} <= kinds
     ratios = data["ratios_vs_stock"]["ours-grouped-batched"]
