@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 pytest.importorskip("gptqmodel")
 
@@ -36,7 +37,7 @@ def pool(monkeypatch):
 def test_each_worker_warms_up_once_before_any_real_task(pool):
     assert worker_warmup.internals_refusal() is None
     start = dict(pool._dispatch_rr)
-    stats = worker_warmup.warm_workers()
+    stats = worker_warmup.warm_workers(cuda=None)
     assert stats.as_dict() == {"workers": {"cpu": 3}}
     pool.wait("cpu")
     threads = {name for ctx, name in pool.ran if ctx == "thread"}
@@ -47,13 +48,26 @@ def test_each_worker_warms_up_once_before_any_real_task(pool):
     assert len(pool.ran) == before  # a real task no longer waits for a warm-up
 
 
-def test_workers_of_other_families_are_left_alone(pool):
-    stats = worker_warmup.warm_workers(families=("cuda",))
+def test_workers_of_other_groups_are_left_alone(pool):
+    stats = worker_warmup.warm_workers(cuda="cuda:1", families=())  # no such group here: nothing is handed out
     assert stats.as_dict() == {"workers": {}}
     pool.wait("cpu")
     assert pool.ran == []
 
 
-def test_a_pool_without_the_expected_dispatch_is_refused(monkeypatch):
-    monkeypatch.setattr(gptqmodel, "get_device_thread_pool", lambda: object())
-    assert "get_device_thread_pool" in worker_warmup.internals_refusal()
+def test_the_cuda_group_is_the_quantize_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert worker_warmup.cuda_key("cuda:1") == "cuda:1"
+    assert worker_warmup.cuda_key(torch.device("cuda", 2)) == "cuda:2"
+    assert worker_warmup.cuda_key(None) == "cuda:3" and worker_warmup.cuda_key("cuda") == "cuda:3"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert worker_warmup.cuda_key("cuda:1") is None
+
+
+def test_a_pool_class_without_the_expected_dispatch_is_refused(monkeypatch):
+    from gptqmodel.utils import threadx
+
+    assert worker_warmup.internals_refusal() is None
+    monkeypatch.setattr(threadx.DeviceThreadPool, "_pick_worker", None)
+    assert "_pick_worker" in worker_warmup.internals_refusal()

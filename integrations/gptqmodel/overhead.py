@@ -83,9 +83,10 @@ expert projections of our ``DefusedExperts`` blocks only:
   takes them (:mod:`.offload_bundle`); the same tensors in the checkpoint, one layer's quantized
   experts more in host memory until the save.
 
-* **worker warm-up** (GPTQModel's device pool): when the block is entered, each CUDA and CPU worker is
-  handed one empty task, so GPTQModel's per-worker linear-algebra warm-up runs while the inputs are
-  captured instead of before the first subset's solves and the first finalizes (:mod:`.worker_warmup`).
+* **worker warm-up** (GPTQModel's device pool): when the block is entered, each worker of the quantize
+  device's CUDA group and of the CPU group is handed one empty task, so GPTQModel's per-worker
+  linear-algebra warm-up runs while the inputs are captured instead of before the first subset's
+  solves and the first finalizes (:mod:`.worker_warmup`).
 
 With GPTQModel's own checkpointing (``quantize(..., checkpoint=...)``, which resumes from the
 offload folder), the offload bundle and keep-last-block parts stay stock.
@@ -121,8 +122,6 @@ from defuser_quant.core.defused import DefusedExperts
 
 from . import layer_reads as layer_reads_module
 from .compat import patched, source_digest
-from .worker_warmup import WarmupStats, warm_workers
-from .worker_warmup import internals_refusal as _worker_warmup_mismatch
 from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_quantize
 from .layer_reads import LayerReads, LayerReadStats
 from .offload_bundle import BundleStats, bundled_offload
@@ -130,6 +129,8 @@ from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
 from .shard_view import DelegatingShard
 from .shard_view import file_id as _file_id
+from .worker_warmup import WarmupStats, cuda_key, warm_workers
+from .worker_warmup import internals_refusal as _worker_warmup_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -952,7 +953,7 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
             stats.offload_bundle = stack.enter_context(
                 bundled_offload(gptq_model.model, paths, keep_last="keep_last_block" in enabled))
         if paths and "worker_warmup" in enabled:  # last: everything else is in place when the workers start
-            stats.worker_warmup = warm_workers()
+            stats.worker_warmup = warm_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)))
         yield stats
     if stats.stock:
         logger.debug("lean bookkeeping left to GPTQModel: %s", dict(stats.stock))

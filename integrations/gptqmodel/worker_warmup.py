@@ -6,8 +6,8 @@ SVD and QR in float32 and float64, once per device and once per worker thread, o
 global lock) that runs before the worker's first task. The CUDA workers' first task is the first
 subset's ``process()``, so their warm-ups sit between the first calibration forward and the first
 solve (0.25-0.4 s on an H200 host, docs/performance.md round 31), and the CPU workers' first task is
-the first layer's first finalize. Here, when the quantization starts, each worker of the CUDA and CPU
-groups is handed one empty task (GPTQModel's pool hands tasks out round robin, so one per worker), so
+the first layer's first finalize. Here, when the quantization starts, each worker of the quantize
+device's CUDA group and of the CPU group is handed one empty task (GPTQModel's pool hands tasks out round robin, so one per worker), so
 their warm-ups run while the main thread captures the inputs on the CPU. The warm-ups are GPTQModel's
 own, run once each as before; nothing waits for them but the workers' own next tasks.
 """
@@ -17,13 +17,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-__all__ = ["FAMILIES", "WarmupStats", "internals_refusal", "warm_workers"]
+__all__ = ["WarmupStats", "cuda_key", "internals_refusal", "warm_workers"]
 
 logger = logging.getLogger(__name__)
-
-#: Device families whose workers are warmed (the device workers that solve, the CPU workers that finalize).
-FAMILIES = ("cuda", "cpu")
-
 
 @dataclass
 class WarmupStats:
@@ -43,29 +39,48 @@ def _pool():
 
 
 def internals_refusal() -> str | None:
-    """Why GPTQModel's device pool does not look like what this relies on (None: it does)."""
-    pool = _pool()
-    groups = getattr(pool, "_worker_groups", None)
-    if pool is None or not isinstance(groups, dict) or not callable(getattr(pool, "submit", None)):
-        return "expected gptqmodel.get_device_thread_pool() with _worker_groups and submit(device, fn)"
-    if not callable(getattr(pool, "_pick_worker", None)) or not isinstance(getattr(pool, "_dispatch_rr", None), dict) \
-            or not hasattr(pool, "_dispatch_lock"):
-        return "expected the device pool's round-robin dispatch (_pick_worker, _dispatch_rr, _dispatch_lock)"
+    """Why GPTQModel's device pool does not look like what this relies on (None: it does). Reads the
+    pool's class only: no pool (and none of its threads) is built to answer."""
+    import gptqmodel
+    from gptqmodel.utils import threadx
+
+    cls = getattr(threadx, "DeviceThreadPool", None)
+    if not callable(getattr(gptqmodel, "get_device_thread_pool", None)) or cls is None \
+            or not callable(getattr(cls, "submit", None)) or not callable(getattr(cls, "_pick_worker", None)):
+        return "expected gptqmodel.get_device_thread_pool() building a threadx.DeviceThreadPool with submit and _pick_worker"
+    stored = set(getattr(getattr(cls.__init__, "__code__", None), "co_names", ()))
+    if not {"_worker_groups", "_dispatch_rr", "_dispatch_lock"} <= stored:
+        return "expected the device pool's round-robin dispatch (_worker_groups, _dispatch_rr, _dispatch_lock)"
     return None
+
+
+def cuda_key(device: object) -> str | None:
+    """The pool key of the CUDA device a quantization runs on: the index ``device`` names (a
+    ``torch.device``, ``"cuda:1"``, GPTQModel's ``DEVICE``), else the current CUDA device; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    text = str(getattr(device, "value", device) or "")
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return text
+    return f"cuda:{torch.cuda.current_device()}"
 
 
 def _nothing() -> None:
     return None
 
 
-def warm_workers(families: tuple[str, ...] = FAMILIES) -> WarmupStats:
-    """Hand each worker of GPTQModel's pool groups of ``families`` one empty task (see the module doc)."""
+def warm_workers(cuda: str | None, families: tuple[str, ...] = ("cpu",)) -> WarmupStats:
+    """Hand each worker of the pool group ``cuda`` (a key such as ``"cuda:0"``, or None) and of the
+    groups of ``families`` one empty task (see the module doc). Other CUDA devices' workers warm up at
+    their first task, as GPTQModel has them do: no CUDA context is made on a GPU the run may not use."""
     stats = WarmupStats()
     pool = _pool()
     with pool._dispatch_lock:  # a snapshot: the groups GPTQModel built for this process
         groups = {key: len(workers) for key, workers in pool._worker_groups.items()}
     for key, count in groups.items():
-        if key.split(":", 1)[0] not in families:
+        if key != cuda and key.split(":", 1)[0] not in families:
             continue
         for _ in range(count):
             pool.submit(key, _nothing)
