@@ -9,7 +9,8 @@ GPTQModel's own (``GPTQ.quantize``: stock's, and the plugin's per-module ones).
 being solved, and the rest (GPTQModel's per-module processing with no solve running, the gaps before
 the first and after the last solve), and counts how busy GPTQModel's finalize workers were meanwhile;
 the main thread's time outside the subset stages (layer loads and moves, finalize waits, the end of
-the loop) is one more figure. Timestamps are ``time.perf_counter()``; nothing is synchronized, so
+the loop) is one more figure, and each layer's finalizes get their window (first start to last end) and
+median durations. Timestamps are ``time.perf_counter()``; nothing is synchronized, so
 this times the host, like the run itself.
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import re
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Span", "Timeline", "summarize", "union_seconds"]
+__all__ = ["Span", "Timeline", "finalize_windows", "summarize", "union_seconds"]
 
 
 @dataclass
@@ -167,7 +170,8 @@ def summarize(spans: list[Span], start: float, end: float) -> dict:
     ``between_solves`` (no chunk solve running, after the first and before the last), ``after_last_solve``
     (to the stage's end), ``other`` (the rest: where no chunk was solved at all, GPTQModel's own solves and
     processing), ``module_solving`` (time some solve of GPTQModel's own ran: all of stock's solves),
-    ``process_calls`` and ``finalize_busy`` (finalize-worker seconds inside the stage).
+    ``process_calls`` and ``finalize_busy`` (finalize-worker seconds inside the stage). ``finalize``: each
+    layer's finalize window (:func:`finalize_windows`).
     """
     subsets = sorted((s for s in spans if s.kind == "subset"), key=lambda s: s.start)
     solves = sorted((s for s in spans if s.kind == "chunk_solve"), key=lambda s: s.start)
@@ -212,4 +216,34 @@ def summarize(spans: list[Span], start: float, end: float) -> dict:
     }
     for key in ("before_first_solve", "between_solves", "after_last_solve"):
         totals[key] = round(sum(r.get(key, 0.0) for r in rows), 3)
-    return {"totals": totals, "subsets": rows}
+    return {"totals": totals, "subsets": rows, "finalize": finalize_windows(spans, start)}
+
+
+_LAYER = re.compile(r"\blayers\.(\d+)\.")
+
+
+def finalize_windows(spans: list[Span], start: float) -> list[dict]:
+    """Per decoder layer (from each span's module name): its ``submodule_finalize`` calls, from the first
+    one's start to the last one's end (seconds from ``start``), their median seconds and the median of
+    their ``submodule_finalize_pack`` part, and how many CPU workers ran them."""
+    by_layer: dict[int, dict[str, list[Span]]] = {}
+    for s in spans:
+        if s.kind in ("submodule_finalize", "submodule_finalize_pack"):
+            match = _LAYER.search(s.name)
+            if match is not None:
+                by_layer.setdefault(int(match.group(1)), {}).setdefault(s.kind, []).append(s)
+    out = []
+    for layer, kinds in sorted(by_layer.items()):
+        calls = kinds.get("submodule_finalize", [])
+        if not calls:
+            continue
+        packs = kinds.get("submodule_finalize_pack", [])
+        out.append({
+            "layer": layer, "modules": len(calls),
+            "first_start": round(min(c.start for c in calls) - start, 3),
+            "last_end": round(max(c.end for c in calls) - start, 3),
+            "median_ms": round(statistics.median(c.end - c.start for c in calls) * 1e3, 2),
+            "median_pack_ms": round(statistics.median(c.end - c.start for c in packs) * 1e3, 2) if packs else None,
+            "workers": len({c.thread for c in calls}),
+        })
+    return out

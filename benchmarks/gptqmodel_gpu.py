@@ -91,7 +91,7 @@ into pinned buffers (``layer_reads.PIN``), ``+nooff1`` loads with ``QuantizeConf
 back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
 costs there. ``--timeline`` adds ``timeline`` to every row: each subset stage of ``quantize()`` split into its calibration
 forward, the time a batched chunk solve ran, and the rest, with the main thread's time outside the
-subset stages (``_timeline.py``); every span (GPTQModel's region-timer samples, subset stages, chunk
+subset stages and each layer's finalize window (``_timeline.py``); every span (GPTQModel's region-timer samples, subset stages, chunk
 solves, with their threads) is kept beside the JSON as ``<output stem>.<run>.timeline.jsonl``.
 ``--hessian-prints`` adds ``hessian_prints`` and ``weight_prints`` to every row (digests of the Hessian
 and the weight each module's GPTQ solve starts from, and ``inverse_prints``: the inverse factor computed for each

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _timeline import Span, Timeline, summarize, union_seconds  # noqa: E402
+from _timeline import Span, Timeline, finalize_windows, summarize, union_seconds  # noqa: E402
 
 
 def test_union_counts_overlaps_once_and_clips():
@@ -47,6 +47,36 @@ def test_a_subset_splits_into_its_forward_its_solves_and_the_rest():
     assert totals["before_first_subset"] == 1.0 and totals["between_subsets"] == 5.0
     assert totals["after_last_subset"] == 4.0 and totals["solving"] == 3.5
     assert totals["finalize_busy"] == 1.5 and totals["spans"] == len(spans)
+
+
+def test_each_layers_finalizes_get_their_window_and_medians():
+    spans = [
+        Span("submodule_finalize", "model.layers.1.mlp.experts.0.gate_proj", "DPWorker-cpu#0", 12.0, 12.02),
+        Span("submodule_finalize_pack", "model.layers.1.mlp.experts.0.gate_proj [module.pack_block]", "DPWorker-cpu#0",
+             12.001, 12.017),
+        Span("submodule_finalize", "model.layers.1.mlp.experts.0.up_proj", "DPWorker-cpu#1", 12.01, 12.04),
+        Span("submodule_finalize", "model.layers.1.self_attn.o_proj", "DPWorker-cpu#1", 12.5, 12.56),
+        Span("submodule_finalize", "model.layers.0.mlp.experts.5.down_proj", "DPWorker-cpu#2", 6.0, 6.1),
+        Span("submodule_finalize", "lm_head", "DPWorker-cpu#2", 13.0, 13.1),  # no layer index: left out
+        Span("process_quant", "model.layers.1.mlp.experts.0.gate_proj", "DPWorker-cuda:0#0", 9.0, 9.1),
+    ]
+    assert finalize_windows(spans, start=2.0) == [
+        {"layer": 0, "modules": 1, "first_start": 4.0, "last_end": 4.1, "median_ms": 100.0, "median_pack_ms": None,
+         "workers": 1},
+        {"layer": 1, "modules": 3, "first_start": 10.0, "last_end": 10.56, "median_ms": 30.0, "median_pack_ms": 16.0,
+         "workers": 2},
+    ]
+    assert summarize(spans, 2.0, 14.0)["finalize"] == finalize_windows(spans, 2.0)
+
+
+def test_the_committed_round31_spans_give_the_documented_last_finalize_window():
+    """docs/performance.md round 31: layer 1's 388 finalizes, 17-19 ms each, about 1.1-1.2 s first to last."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / \
+        "gptqmodel_cuda_2layers_round31a_timeline_h200x1.ours-grouped-batched_2.timeline.jsonl"
+    spans = [Span(**json.loads(line)) for line in path.read_text().splitlines()]
+    last = finalize_windows(spans, start=0.0)[-1]
+    assert last["layer"] == 1 and last["modules"] == 388 and last["workers"] == 8
+    assert 17.0 <= last["median_ms"] <= 19.0 and 1.1 <= last["last_end"] - last["first_start"] <= 1.2
 
 
 def test_the_block_records_region_samples_subset_stages_and_solves_then_restores(tmp_path):

@@ -368,6 +368,9 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
         assert sum(s["process_calls"] for s in timeline["subsets"]) == r["regions"]["process_quant"]["calls"]
         totals = timeline["totals"]
         assert 0 < totals["subsets"] < totals["wall"] <= r["quantize_s"] + 0.01
+        windows = timeline["finalize"]  # each layer's finalizes, every one of GPTQModel's counted once
+        assert [w["layer"] for w in windows] == [0, 1]
+        assert sum(w["modules"] for w in windows) == r["regions"]["submodule_finalize"]["calls"]
         if r["variant"] == "stock":
             assert totals["solving"] == 0 and totals["module_solving"] > 0
         else:
