@@ -24,9 +24,12 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from defuser_quant.integrations.gptqmodel.compat import patched
 
 __all__ = ["Span", "Timeline", "finalize_windows", "summarize", "union_seconds"]
 
@@ -72,19 +75,17 @@ class Timeline:
         self.spans: list[Span] = []
         self.start = self.end = 0.0
         self._lock = threading.Lock()
-        self._restore: list[tuple[Any, str, Any]] = []
+        self._patches = ExitStack()
 
     def _add(self, kind: str, name: str, start: float, end: float) -> None:
         with self._lock:
             self.spans.append(Span(kind, name, threading.current_thread().name, start, end))
 
     def _patch(self, owner: Any, attribute: str, make: Callable[[Callable], Callable]) -> None:
-        original = getattr(owner, attribute)
-        self._restore.append((owner, attribute, original))
-        setattr(owner, attribute, make(original))
+        self._patches.enter_context(patched(owner, attribute, make(getattr(owner, attribute))))
 
     def __enter__(self) -> Timeline:
-        from gptqmodel.looper import module_looper, stage_layer  # noqa: F401  (stage_layer: run_subset_stage's user)
+        from gptqmodel.looper import stage_layer  # run_subset_stage's caller looks it up here
         from gptqmodel.quantization.gptq import GPTQ
         from gptqmodel.utils.logger import QuantizationRegionTimer
 
@@ -137,19 +138,14 @@ class Timeline:
             if batched is not None:
                 self._patch(batched._Coordinator, "_solve", timed("chunk_solve", chunk_label))
         except BaseException:
-            self._undo()
+            self._patches.close()
             raise
         self.start = time.perf_counter()
         return self
 
-    def _undo(self) -> None:
-        while self._restore:
-            owner, attribute, original = self._restore.pop()
-            setattr(owner, attribute, original)
-
     def __exit__(self, *exc: object) -> None:
         self.end = time.perf_counter()
-        self._undo()
+        self._patches.close()
 
     def write(self, path: Path) -> None:
         """Every span, one JSON line each, times in seconds from the block's start."""

@@ -7,8 +7,9 @@ global lock) that runs before the worker's first task. The CUDA workers' first t
 subset's ``process()``, so their warm-ups sit between the first calibration forward and the first
 solve (0.25-0.4 s on an H200 host, docs/performance.md round 31), and the CPU workers' first task is
 the first layer's first finalize. Here, when the quantization starts, each worker of the quantize
-device's CUDA group and of the CPU group is handed one empty task (GPTQModel's pool hands tasks out round robin, so one per worker), so
-their warm-ups run while the main thread captures the inputs on the CPU. The warm-ups are GPTQModel's
+device's CUDA group and of the CPU group is handed one empty task (GPTQModel's pool hands tasks out
+round robin, so one per worker), so their warm-ups run while the main thread captures the inputs on
+the CPU. The warm-ups are GPTQModel's
 own, run once each as before; nothing waits for them but the workers' own next tasks.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 __all__ = ["WarmupStats", "cuda_key", "internals_refusal", "warm_workers"]
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class WarmupStats:
