@@ -12,6 +12,12 @@ the main thread's time outside the subset stages (layer loads and moves, finaliz
 the loop) is one more figure, and each layer's finalizes get their window (first start to last end) and
 median durations. Timestamps are ``time.perf_counter()``; nothing is synchronized, so
 this times the host, like the run itself.
+
+The main thread's time outside the subset stages is split too: the steps GPTQModel's layer loop runs
+there (:data:`MAIN_PHASES`: the layer's ``pre_quantize``, its subset plans, the replay, ``post_quantize``,
+queueing the finalizes, ...) become ``"phase"`` spans, and :func:`main_gaps` gives each gap between
+subset stages (and before the first, after the last) with the seconds of each phase and region in it
+and what no span covers.
 """
 
 from __future__ import annotations
@@ -31,7 +37,25 @@ from typing import Any
 
 from defuser_quant.integrations.gptqmodel.compat import patched
 
-__all__ = ["Span", "Timeline", "finalize_windows", "summarize", "union_seconds"]
+__all__ = ["MAIN_PHASES", "Span", "Timeline", "finalize_windows", "main_gaps", "summarize", "union_seconds"]
+
+#: The steps of GPTQModel's layer loop (``stage_layer.run_layer_stage``) timed as ``"phase"`` spans:
+#: ``(module, owner, attribute)``, the owner a module-level name or a class of that module (``None``:
+#: the module itself). Each is patched where ``run_layer_stage`` looks it up.
+MAIN_PHASES: tuple[tuple[str, str | None, str], ...] = (
+    ("gptqmodel.models.base", "BaseQModel", "pre_quantize"),
+    ("gptqmodel.models.base", "BaseQModel", "post_quantize"),
+    ("gptqmodel.looper.stage_layer", None, "replace_module_with_hooked_legacy"),
+    ("gptqmodel.looper.stage_layer", None, "materialize_model"),
+    ("gptqmodel.looper.stage_layer", None, "find_modules"),
+    ("gptqmodel.looper.stage_layer", None, "build_layer_subset_plans"),
+    ("gptqmodel.looper.stage_layer", None, "_capture_pristine_group_context"),
+    ("gptqmodel.looper.stage_layer", None, "_replay_layer_outputs"),
+    ("gptqmodel.looper.stage_layer", None, "torch_sync"),
+    ("gptqmodel.looper.stage_layer", None, "get_device_new"),
+    ("gptqmodel.looper.module_looper", "ModuleLooper", "_emit_layer_complete"),
+    ("gptqmodel.utils.threadx", "DeviceThreadPool", "submit"),
+)
 
 
 @dataclass
@@ -121,6 +145,9 @@ class Timeline:
             return f"layer {kwargs.get('layer_index')} subset {getattr(plan, 'subset_index', '?')}: " \
                    f"{len(getattr(plan, 'modules', None) or ())} modules"
 
+        def phase(name: str) -> Callable[[Callable], Callable]:
+            return timed("phase", lambda *_args, **_kwargs: name)
+
         def chunk_label(_coordinator, chunk, *_args, **_kwargs) -> str:
             return f"{len(chunk.tasks)} modules"
 
@@ -137,6 +164,15 @@ class Timeline:
                 batched = None
             if batched is not None:
                 self._patch(batched._Coordinator, "_solve", timed("chunk_solve", chunk_label))
+            for module_name, owner_name, attribute in MAIN_PHASES:
+                owner = importlib.import_module(module_name)
+                label = attribute if owner_name is None else f"{owner_name}.{attribute}"
+                if owner_name is not None:
+                    owner = getattr(owner, owner_name, None)
+                if not callable(getattr(owner, attribute, None)):
+                    raise RuntimeError(f"--timeline: this GPTQModel has no {module_name}.{label} to time; "
+                                       "update _timeline.MAIN_PHASES for this GPTQModel release")
+                self._patch(owner, attribute, phase(label))
         except BaseException:
             self._patches.close()
             raise
@@ -167,7 +203,8 @@ def summarize(spans: list[Span], start: float, end: float) -> dict:
     (to the stage's end), ``other`` (the rest: where no chunk was solved at all, GPTQModel's own solves and
     processing), ``module_solving`` (time some solve of GPTQModel's own ran: all of stock's solves),
     ``process_calls`` and ``finalize_busy`` (finalize-worker seconds inside the stage). ``finalize``: each
-    layer's finalize window (:func:`finalize_windows`).
+    layer's finalize window (:func:`finalize_windows`); ``main_gaps``: the main thread outside the subset
+    stages, gap by gap (:func:`main_gaps`).
     """
     subsets = sorted((s for s in spans if s.kind == "subset"), key=lambda s: s.start)
     solves = sorted((s for s in spans if s.kind == "chunk_solve"), key=lambda s: s.start)
@@ -212,7 +249,42 @@ def summarize(spans: list[Span], start: float, end: float) -> dict:
     }
     for key in ("before_first_solve", "between_solves", "after_last_solve"):
         totals[key] = round(sum(r.get(key, 0.0) for r in rows), 3)
-    return {"totals": totals, "subsets": rows, "finalize": finalize_windows(spans, start)}
+    return {"totals": totals, "subsets": rows, "finalize": finalize_windows(spans, start),
+            "main_gaps": main_gaps(spans, start, end)}
+
+
+def main_gaps(spans: list[Span], start: float, end: float, min_seconds: float = 0.001) -> list[dict]:
+    """The main thread's time outside the subset stages, gap by gap (those of ``min_seconds`` or more).
+
+    The main thread is the one that ran the subset stages. Each gap (before the first stage, between two,
+    after the last) gives ``after``/``before`` (the stages around it; ``None`` at the ends), ``seconds``,
+    ``parts``: seconds per phase (a ``"phase"`` span, by its name) and per region sample (by its kind) of
+    the main thread in the gap, nested ones each counted on their own, largest first, and ``uncovered``:
+    the gap's seconds in no such span.
+    """
+    subsets = sorted((s for s in spans if s.kind == "subset"), key=lambda s: s.start)
+    main = subsets[0].thread if subsets else "MainThread"
+    own = [s for s in spans if s.thread == main and s.kind not in ("subset", "chunk_solve")]
+    bounds = [(start, None), *((s.start, s.end) for s in subsets), (None, end)]
+    gaps = []
+    for i in range(len(bounds) - 1):
+        lo = bounds[i][1] if bounds[i][1] is not None else bounds[i][0]
+        hi = bounds[i + 1][0] if bounds[i + 1][0] is not None else bounds[i + 1][1]
+        if hi - lo < min_seconds:
+            continue
+        inside = [s for s in own if _overlap(s.start, s.end, lo, hi) > 0]
+        by_part: dict[str, list[tuple[float, float]]] = {}
+        for s in inside:
+            by_part.setdefault(s.name if s.kind == "phase" else s.kind, []).append((s.start, s.end))
+        parts = {name: round(union_seconds(pieces, lo, hi), 3) for name, pieces in by_part.items()}
+        gaps.append({
+            "after": subsets[i - 1].name if i > 0 else None,
+            "before": subsets[i].name if i < len(subsets) else None,
+            "seconds": round(hi - lo, 3),
+            "parts": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+            "uncovered": round(hi - lo - union_seconds([(s.start, s.end) for s in inside], lo, hi), 3),
+        })
+    return gaps
 
 
 _LAYER = re.compile(r"\blayers\.(\d+)\.")

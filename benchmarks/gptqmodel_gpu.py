@@ -91,8 +91,10 @@ into pinned buffers (``layer_reads.PIN``), ``+nooff1`` loads with ``QuantizeConf
 back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
 costs there. ``--timeline`` adds ``timeline`` to every row: each subset stage of ``quantize()`` split into its calibration
 forward, the time a batched chunk solve ran, and the rest, with the main thread's time outside the
-subset stages and each layer's finalize window (``_timeline.py``); every span (GPTQModel's region-timer samples, subset stages, chunk
-solves, with their threads) is kept beside the JSON as ``<output stem>.<run>.timeline.jsonl``.
+subset stages gap by gap (``main_gaps``: the seconds of each step of GPTQModel's layer loop in it, such as
+``BaseQModel.pre_quantize`` or ``build_layer_subset_plans``, and what no span covers) and each layer's finalize
+window (``_timeline.py``); every span (GPTQModel's region-timer samples, subset stages, chunk solves, the layer
+loop's steps, with their threads) is kept beside the JSON as ``<output stem>.<run>.timeline.jsonl``.
 ``--hessian-prints`` adds ``hessian_prints`` and ``weight_prints`` to every row (digests of the Hessian
 and the weight each module's GPTQ solve starts from, and ``inverse_prints``: the inverse factor computed for each
 Hessian, ``_hessian_prints.py``; one device sync per module, so a diagnostic, not a timing run) and

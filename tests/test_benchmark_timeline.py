@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _timeline import Span, Timeline, finalize_windows, summarize, union_seconds  # noqa: E402
+from _timeline import MAIN_PHASES, Span, Timeline, finalize_windows, main_gaps, summarize, union_seconds  # noqa: E402
 
 
 def test_union_counts_overlaps_once_and_clips():
@@ -96,3 +96,67 @@ def test_the_block_records_region_samples_subset_stages_and_solves_then_restores
     timeline.write(tmp_path / "spans.jsonl")
     [line] = [json.loads(x) for x in (tmp_path / "spans.jsonl").read_text().splitlines()]
     assert line["kind"] == "process_quant" and line["end"] - line["start"] == pytest.approx(0.25, abs=1e-4)
+
+
+def test_main_gaps_give_each_gap_outside_the_subsets_its_phases_and_what_nothing_covers():
+    main, worker = "MainThread", "DPWorker-cpu#0"
+    spans = [
+        Span("capture_inputs", "cache_inputs:model.layers.0", main, 1.0, 2.0),
+        Span("phase", "build_layer_subset_plans", main, 2.5, 3.0),
+        Span("subset", "layer 0 subset 0: 3 modules", main, 3.0, 5.0),
+        Span("phase", "DeviceThreadPool.submit", main, 3.5, 3.6),  # inside a subset: not a gap's
+        Span("subset", "layer 0 subset 1: 1 modules", main, 5.0005, 6.0),  # a 0.5 ms gap: left out
+        Span("phase", "_replay_layer_outputs", main, 6.0, 7.0),
+        Span("post_quant_forward", "model.layers.0:subset2/2", main, 6.1, 6.9),  # nested: counted on its own
+        Span("phase", "BaseQModel.pre_quantize", main, 7.5, 9.0),
+        Span("phase", "BaseQModel.pre_quantize", worker, 6.0, 10.0),  # another thread: not the main thread's
+        Span("submodule_finalize", "model.layers.0.mlp.experts.0.up_proj", worker, 6.5, 6.6),
+        Span("subset", "layer 1 subset 0: 3 modules", main, 10.0, 11.0),
+        Span("phase", "DeviceThreadPool.submit", main, 11.0, 11.25),
+    ]
+    gaps = summarize(spans, start=0.0, end=12.0)["main_gaps"]
+    assert gaps == [
+        {"after": None, "before": "layer 0 subset 0: 3 modules", "seconds": 3.0,
+         "parts": {"capture_inputs": 1.0, "build_layer_subset_plans": 0.5}, "uncovered": 1.5},
+        {"after": "layer 0 subset 1: 1 modules", "before": "layer 1 subset 0: 3 modules", "seconds": 4.0,
+         "parts": {"BaseQModel.pre_quantize": 1.5, "_replay_layer_outputs": 1.0, "post_quant_forward": 0.8},
+         "uncovered": 1.5},
+        {"after": "layer 1 subset 0: 3 modules", "before": None, "seconds": 1.0,
+         "parts": {"DeviceThreadPool.submit": 0.25}, "uncovered": 0.75},
+    ]
+    assert main_gaps([], 0.0, 2.0) == [{"after": None, "before": None, "seconds": 2.0, "parts": {}, "uncovered": 2.0}]
+
+
+def test_the_block_times_each_main_phase_where_the_layer_loop_looks_it_up_and_restores_them():
+    pytest.importorskip("gptqmodel")
+    import importlib
+
+    def targets():
+        out = []
+        for module_name, owner_name, attribute in MAIN_PHASES:
+            owner = importlib.import_module(module_name)
+            owner = getattr(owner, owner_name) if owner_name else owner
+            out.append(vars(owner)[attribute])
+        return out
+
+    before = targets()
+    from gptqmodel.looper import stage_layer
+
+    with Timeline() as timeline:
+        inside = targets()
+        assert all(a is not b for a, b in zip(before, inside, strict=True))
+        stage_layer.torch_sync()
+    assert targets() == before
+    assert [(s.kind, s.name, s.thread) for s in timeline.spans] == [("phase", "torch_sync", "MainThread")]
+
+
+def test_a_phase_this_gptqmodel_lacks_is_refused_in_one_line_and_nothing_stays_patched(monkeypatch):
+    pytest.importorskip("gptqmodel")
+    import _timeline
+    from gptqmodel.looper import stage_layer
+
+    original = stage_layer.run_subset_stage
+    monkeypatch.setattr(_timeline, "MAIN_PHASES", (*_timeline.MAIN_PHASES, ("gptqmodel.looper.stage_layer", None, "no_such_step")))
+    with pytest.raises(RuntimeError, match=r"no gptqmodel\.looper\.stage_layer\.no_such_step to time; update _timeline\.MAIN_PHASES"):
+        Timeline().__enter__()
+    assert stage_layer.run_subset_stage is original

@@ -377,7 +377,16 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
             assert totals["solving"] > 0 and sum(s["chunks"] for s in timeline["subsets"]) == r["solve"]["chunks"]
         spans = bench.timeline_path(tmp_path / "repeat.json", r["run"])
         kinds = {json.loads(line)["kind"] for line in spans.read_text().splitlines()}
-        assert {"subset", "pre_quant_forward", "process_quant", "submodule_finalize"} <= kinds
+        # the main thread between the subset stages: the layer loop's steps, each layer's, in the right gap
+        gaps = timeline["main_gaps"]
+        assert gaps[0]["after"] is None and gaps[-1]["before"] is None
+        assert {"capture_inputs", "BaseQModel.pre_quantize", "build_layer_subset_plans"} <= set(gaps[0]["parts"])
+        [change] = [g for g in gaps if g["before"] == "layer 1 subset 0: 3 modules"]
+        assert change["after"].startswith("layer 0 subset 3: ")
+        assert {"_replay_layer_outputs", "BaseQModel.post_quantize", "BaseQModel.pre_quantize",
+                "build_layer_subset_plans", "DeviceThreadPool.submit"} <= set(change["parts"])
+        assert all(0 <= g["uncovered"] <= g["seconds"] and max(g["parts"].values(), default=0) <= g["seconds"] for g in gaps)
+        assert {"subset", "pre_quant_forward", "process_quant", "submodule_finalize", "phase"} <= kinds
     ratios = data["ratios_vs_stock"]["ours-grouped-batched"]
     assert ratios["runs"] == ratios["stock_runs"] == 2
     stock = [r["total_s"] for r in rows if r["variant"] == "stock"]
