@@ -56,6 +56,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-nowarm`` - every lean bookkeeping part but ``worker_warmup``: GPTQModel's workers
                  warm up before their first task (the first subset's solves, the first finalizes) instead
                  of during the input capture (the default since round 31);
+* ``ours-grouped-batched-noline`` - every lean bookkeeping part but ``line_redraw``: LogBar draws the
+                 progress bars again after every log line (GPTQModel's 776 module records at the end)
+                 instead of at most every 0.1 s (the default since round 32);
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -198,10 +201,11 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
             "ours-grouped-batched-nobundle", "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
             "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams", "ours-grouped-batched-nokeeplast",
-            "ours-grouped-batched-noonload", "ours-grouped-batched-nowarm")
+            "ours-grouped-batched-noonload", "ours-grouped-batched-nowarm", "ours-grouped-batched-noline")
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
-                "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup"}
+                "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
+                "-noline": "line_redraw"}
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
              "pin": "layer_reads into pinned buffers (layer_reads.PIN)",

@@ -13,7 +13,8 @@ times; one more run under ``cProfile`` splits a line's time into reading the ter
 and printing (``_print``), as shares of ``LogBar._process`` (cProfile's own overhead included).
 ``--modes stock,lean``: ``lean`` runs the lines inside the LogBar parts of the plugin's lean
 bookkeeping (``overhead.lean_logbar``: the notebook check and the headless check answered from a
-memo, bar draws rate-limited), as ``quantize_with_defuser`` runs GPTQModel.
+memo, bar draws rate-limited, the stack redrawn after lines at most every 0.1 s), as
+``quantize_with_defuser`` runs GPTQModel; ``lean-noline`` the same parts but the last (``line_redraw``).
 
     python benchmarks/log_lines.py --output benchmarks/results/log_lines_cpu.json
 """
@@ -38,8 +39,11 @@ from _report import write_json
 RECORD = {"process": "gptq", "layer": 1, "module": "mlp.experts.17.down_proj", "feat: in, out": "768, 2048",
           "dtype: size": "bf16: 3.0MB", "samples": "4096", "loss": "0.0000123", "damp": "0.05000", "time": "0.012",
           "fwd_time": "0.100", "(v)ram": "cuda:0 8.1G", "dynamic": None}
-#: ``--modes``: LogBar as it is, or inside the plugin's LogBar parts.
-MODES = ("stock", "lean")
+#: ``--modes``: LogBar as it is, inside the plugin's LogBar parts, or inside all of them but ``line_redraw``.
+MODES = ("stock", "lean", "lean-noline")
+#: The LogBar parts of the lean bookkeeping each mode uses.
+LOGBAR_PARTS = {"stock": set(), "lean": {"progress", "draw_rate", "headless", "line_redraw"},
+                "lean-noline": {"progress", "draw_rate", "headless"}}
 #: LogBar functions whose share of a line is reported (cumulative time under cProfile).
 SPLIT = {"terminal_state": "_current_render_backend_state", "stack_redraw": "_render_progress_stack_locked",
          "print": "_print"}
@@ -50,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lines", type=int, default=776, help="log lines per timed run (default: the two-layer run's 776)")
     p.add_argument("--bars", type=counts(0), default=[0, 1], help="comma-separated progress-bar counts to run under")
     p.add_argument("--modes", default="stock,lean", help="comma-separated: stock (LogBar as it is), lean (inside "
-                   "the plugin's LogBar parts)")
+                   "the plugin's LogBar parts), lean-noline (all of them but line_redraw)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit)")
     p.add_argument("--output", type=Path, default=None)
@@ -69,15 +73,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _log_lines(lines: int, bars: int, mode: str = "stock", profile: Any = None) -> float:
     """Seconds for ``lines`` records through GPTQModel's LogBar logger with ``bars`` bars on screen
-    (``mode`` "lean": inside the plugin's LogBar parts); ``profile`` (a ``cProfile.Profile``) is
-    on for the lines only, not for drawing or closing the bars."""
-    if mode == "lean":
+    (``mode`` "lean"/"lean-noline": inside those LogBar parts of the plugin, :data:`LOGBAR_PARTS`);
+    ``profile`` (a ``cProfile.Profile``) is on for the lines only, not for drawing or closing the bars."""
+    if LOGBAR_PARTS[mode]:
         from _source import use_source_checkout
 
         use_source_checkout()
         from defuser_quant.integrations.gptqmodel.overhead import BookkeepingStats, internals_mismatch, lean_logbar
 
-        parts = {"progress", "draw_rate", "headless"} - set(internals_mismatch())
+        parts = LOGBAR_PARTS[mode] - set(internals_mismatch())
         with lean_logbar(parts, BookkeepingStats()):
             return _log_lines(lines, bars, profile=profile)
     from gptqmodel.utils.logger import setup_logger
@@ -124,11 +128,12 @@ def _child(args: argparse.Namespace, bars: int, mode: str, profile: bool) -> dic
     with tempfile.TemporaryFile() as out:  # LogBar writes to stdout: a file, as in a benchmark's log
         proc = subprocess.run(cmd + (["--profile"] if profile else []), stdout=out, stderr=subprocess.PIPE, text=True,
                               timeout=600)
-        out.seek(0, 2)
-        written = out.tell()
+        out.seek(0)
+        text = out.read().decode("utf-8", "replace")
     if proc.returncode != 0:
         raise SystemExit(f"log_lines.py child ({mode}, {bars} bars) failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return {**json.loads(proc.stderr.strip().splitlines()[-1]), "stdout_bytes": written}
+    return {**json.loads(proc.stderr.strip().splitlines()[-1]), "stdout_bytes": len(text.encode("utf-8", "replace")),
+            "record_lines": sum(RECORD["module"] in line for line in text.splitlines())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         profiled = _child(args, bars, mode, profile=True)
         rows.append({"mode": mode, "bars": bars, "lines": args.lines, "seconds": [round(r["seconds"], 4) for r in runs],
                      "median_s": round(seconds, 4), "per_line_ms": round(seconds / args.lines * 1000, 3),
-                     "stdout_bytes": runs[0]["stdout_bytes"], "profiled_seconds": profiled["profiled_seconds"],
+                     "stdout_bytes": runs[0]["stdout_bytes"], "record_lines": runs[0]["record_lines"],
+                     "profiled_seconds": profiled["profiled_seconds"],
                      "shares_of_a_line": profiled["shares"]})
         print(json.dumps(rows[-1]), flush=True)
     command = "python benchmarks/log_lines.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -346,6 +346,8 @@ def test_nobundle_variant_leaves_out_only_the_offload_bundle():
     assert bench.bookkeeping_setting("ours-grouped-batched-nokeeplast") == set(PARTS - {"keep_last_block"})
     assert bench.solve_setting("ours-grouped-batched-nokeeplast") is True
     assert bench.bookkeeping_setting("ours-grouped-batched-noonload") == set(PARTS - {"layer_onload"})
+    assert bench.bookkeeping_setting("ours-grouped-batched-noline") == set(PARTS - {"line_redraw"})
+    assert bench.solve_setting("ours-grouped-batched-noline") is True
 
 
 @pytest.mark.slow
@@ -375,8 +377,6 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
             assert totals["solving"] == 0 and totals["module_solving"] > 0
         else:
             assert totals["solving"] > 0 and sum(s["chunks"] for s in timeline["subsets"]) == r["solve"]["chunks"]
-        spans = bench.timeline_path(tmp_path / "repeat.json", r["run"])
-        kinds = {json.loads(line)["kind"] for line in spans.read_text().splitlines()}
         # the main thread between the subset stages: the layer loop's steps, each layer's, in the right gap
         gaps = timeline["main_gaps"]
         assert gaps[0]["after"] is None and gaps[-1]["before"] is None
@@ -386,6 +386,8 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
         assert {"_replay_layer_outputs", "BaseQModel.post_quantize", "BaseQModel.pre_quantize",
                 "build_layer_subset_plans", "DeviceThreadPool.submit"} <= set(change["parts"])
         assert all(0 <= g["uncovered"] <= g["seconds"] and max(g["parts"].values(), default=0) <= g["seconds"] for g in gaps)
+        spans = bench.timeline_path(tmp_path / "repeat.json", r["run"])
+        kinds = {json.loads(line)["kind"] for line in spans.read_text().splitlines()}
         assert {"subset", "pre_quant_forward", "process_quant", "submodule_finalize", "phase"} <= kinds
     ratios = data["ratios_vs_stock"]["ours-grouped-batched"]
     assert ratios["runs"] == ratios["stock_runs"] == 2

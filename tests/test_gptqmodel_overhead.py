@@ -36,6 +36,8 @@ def _patch_points() -> dict[str, object]:
         "notebook": logbar_module._running_in_notebook_environment,
         "notebook(progress)": logbar_progress._running_in_notebook_environment,
         "headless": terminal._is_headless_environment,
+        "_render_progress_stack_locked": logbar_module._render_progress_stack_locked,
+        "_emit_log_line_locked": logbar_module.LogBar.__dict__["_emit_log_line_locked"],
         "_resolve_checkpoint_module_path": structure.LazyTurtle.__dict__["_resolve_checkpoint_module_path"],
         "_load_checkpoint_tensors_for_module_path": structure.LazyTurtle.__dict__["_load_checkpoint_tensors_for_module_path"],
         "_copy_checkpoint_tensors_into_submodule": structure.LazyTurtle.__dict__["_copy_checkpoint_tensors_into_submodule"],
@@ -80,6 +82,8 @@ def test_lean_bookkeeping_gives_gptqmodels_checkpoint(plugin, tiny, tmp_path, so
     cuda = torch.cuda.is_available()
     assert experts == 48 and stats.disabled == {}
     assert stats.headless_memo_hits > stats.headless_memo_misses >= 1  # LogBar asked once per environment
+    redraws = stats.line_redraw  # GPTQModel's per-module log lines at the end: the stack drawn again only now and then
+    assert redraws is not None and redraws.skipped > redraws.rendered >= 1
     moved = stats.layer_offload  # every layer holds experts; staged on CUDA, GPTQModel's own move on the CPU
     assert moved.layers + moved.stock >= 2 and (moved.layers == 0) == (not torch.cuda.is_available())
     if offload:  # LazyTurtle source and disk offload: every expert projection took the lean path
@@ -143,6 +147,7 @@ def test_patches_are_restored_when_quantize_raises(plugin, tiny, monkeypatch):  
         plugin.quantize_with_defuser(model, tiny["calibration"][:4], batch_size=4)
     changed = [k for k in before if seen[k] is not before[k]]
     assert {"shell_module_materialize", "post_quantize", "_get_qualified_name", "materialize_submodule", "get_module_fullname", "headless",
+            "_render_progress_stack_locked", "_emit_log_line_locked",
             "_resolve_checkpoint_module_path", "_load_checkpoint_tensors_for_module_path",
             "_copy_checkpoint_tensors_into_submodule"} <= set(changed)
     assert _patch_points() == before

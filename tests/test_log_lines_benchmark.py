@@ -35,7 +35,8 @@ def test_a_real_run_times_the_lines_and_splits_a_line(tmp_path):
         assert r["stdout_bytes"] > 40 * 50  # every record reached the child's stdout
         shares = r["shares_of_a_line"]
         assert set(shares) == set(bench.SPLIT) and all(0 < v <= 1 for v in shares.values())
-    assert rows[0]["stdout_bytes"] == rows[1]["stdout_bytes"]  # the plugin's LogBar parts print the same lines
+    assert rows[0]["record_lines"] == rows[1]["record_lines"] == 40  # the plugin's LogBar parts print every line
+    assert rows[1]["stdout_bytes"] <= rows[0]["stdout_bytes"]  # ... with the bar drawn no more often
 
 
 def test_the_lean_mode_runs_inside_the_plugins_logbar_parts(monkeypatch):
@@ -52,3 +53,16 @@ def test_the_lean_mode_runs_inside_the_plugins_logbar_parts(monkeypatch):
     seen.clear()
     bench._log_lines(2, 0, "stock")
     assert seen == [original, original]
+
+
+def test_each_lean_mode_runs_inside_its_logbar_parts(monkeypatch):
+    pytest.importorskip("gptqmodel")
+    from logbar import logbar as logbar_module
+
+    render = logbar_module._render_progress_stack_locked
+    seen = []
+    monkeypatch.setattr(logbar_module.LogBar, "_process", lambda self, *a, **k: seen.append(logbar_module._render_progress_stack_locked))
+    for mode in ("lean", "lean-noline"):
+        bench._log_lines(1, 0, mode)
+    assert seen[0] is not render and seen[1] is render  # line_redraw in lean only
+    assert logbar_module._render_progress_stack_locked is render

@@ -28,6 +28,10 @@ expert projections of our ``DefusedExperts`` blocks only:
   :data:`DRAW_INTERVAL` (0.1 s, tqdm's default); a draw asked sooner after its last render is
   dropped and the next render (or LogBar's background refresh) shows the newer state. The first
   draw of a bar and forced draws always render. The same bars and texts, fewer frames.
+* **line redraw** (LogBar's redraw of the progress-bar stack after every log line; GPTQModel logs every
+  module's record once more at the end of ``quantize()``): after a line the stack is drawn again at most
+  once per :data:`DRAW_INTERVAL`, and at the latest that long after the last line (:mod:`.line_redraw`).
+  The same lines in the same order, fewer frames of the bars.
 * **headless** (LogBar's ``terminal._is_headless_environment``, asked on every render): it scans
   every environment variable name for agent/CI prefixes each time (hundreds of thousands of
   generator steps per run). Its answer is kept per ``notebook`` flag while the environment
@@ -124,6 +128,8 @@ from . import layer_reads as layer_reads_module
 from .compat import patched, source_digest
 from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_quantize
 from .layer_reads import LayerReads, LayerReadStats
+from .line_redraw import LineRedrawStats, throttled_line_redraws
+from .line_redraw import internals_refusal as _line_redraw_mismatch
 from .offload_bundle import BundleStats, bundled_offload
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
@@ -164,6 +170,7 @@ class BookkeepingStats:
     layer_reads: LayerReadStats = field(default_factory=LayerReadStats)  # the layer_reads part (layer loads)
     offload_bundle: BundleStats | None = None  # the offload_bundle part (None: not used)
     worker_warmup: WarmupStats | None = None  # the worker_warmup part (None: not used)
+    line_redraw: LineRedrawStats | None = None  # the line_redraw part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -192,6 +199,7 @@ class BookkeepingStats:
             "layer_reads": asdict(self.layer_reads),
             "offload_bundle": self.offload_bundle.as_dict() if self.offload_bundle is not None else None,
             "worker_warmup": self.worker_warmup.as_dict() if self.worker_warmup is not None else None,
+            "line_redraw": self.line_redraw.as_dict() if self.line_redraw is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -322,7 +330,8 @@ def _offload_bundle_mismatch() -> str | None:
 
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
-    ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``worker_warmup``) -> what differs
+    ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``worker_warmup``/
+    ``line_redraw``) -> what differs
     from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -371,6 +380,9 @@ def internals_mismatch() -> dict[str, str]:
     why = _worker_warmup_mismatch()
     if why is not None:
         problems["worker_warmup"] = why
+    why = _line_redraw_mismatch()
+    if why is not None:
+        problems["line_redraw"] = why
     recopy, shard_handles = _recopy_mismatch(), _shard_handles_mismatch()  # layer_reads patches both seams
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
@@ -819,15 +831,15 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
-                   "worker_warmup"})
+                   "worker_warmup", "line_redraw"})
 
 
 @contextmanager
 def lean_logbar(enabled: set[str] | frozenset[str], stats: BookkeepingStats,
                 lock: threading.Lock | None = None) -> Iterator[BookkeepingStats]:
     """The LogBar parts of :func:`lean_bookkeeping` among ``enabled`` (``progress``, ``draw_rate``,
-    ``headless``; see the module docstring), counted in ``stats``; restored on exit. The caller has
-    checked them against LogBar (:func:`internals_mismatch`)."""
+    ``headless``, ``line_redraw``; see the module docstring), counted in ``stats``; restored on exit. The
+    caller has checked them against LogBar (:func:`internals_mismatch`)."""
     with ExitStack() as stack:
         if "progress" in enabled and _ipython_missing():
             from logbar import logbar as logbar_module
@@ -850,6 +862,8 @@ def lean_logbar(enabled: set[str] | frozenset[str], stats: BookkeepingStats,
 
             headless = _HeadlessMemo(terminal._is_headless_environment, terminal)
             stack.enter_context(patched(terminal, "_is_headless_environment", headless))
+        if "line_redraw" in enabled:
+            stats.line_redraw = stack.enter_context(throttled_line_redraws(interval=DRAW_INTERVAL))
         try:
             yield stats
         finally:
