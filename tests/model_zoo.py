@@ -369,6 +369,23 @@ def dense_mlp_model_types() -> list[str]:
     return sorted({i.model_type for i in discover_fused_dense_mlp_classes()})
 
 
+def longcat_identity_experts_in_block() -> bool:
+    """Whether the installed Transformers keeps longcat_flash's weightless identity experts inside its
+    (undecorated, families.py entry) experts block, as 5.17-5.24 do; 5.25 decorated the block and
+    handles them in ``LongcatFlashMoE`` instead."""
+    from defuser_quant.core.families import EXPERTS_ENTRIES, entry_active
+
+    return any(e.family == "longcat_flash" and entry_active(e) for e in EXPERTS_ENTRIES)
+
+
+def skip_unless_longcat_identity_experts_in_block() -> None:
+    """Skip the calling test where :func:`longcat_identity_experts_in_block` is False."""
+    import pytest
+
+    if not longcat_identity_experts_in_block():
+        pytest.skip("this Transformers moved longcat_flash's identity experts out of its (now decorated) experts block")
+
+
 def buildable_model_types() -> list[str]:
     """``experts_model_types()`` minus :data:`KNOWN_UNBUILDABLE`."""
     return [t for t in experts_model_types() if t not in KNOWN_UNBUILDABLE]
@@ -458,6 +475,15 @@ TINY_CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
         "_needs": "5.24.0",  # the first Transformers tested that has the family
         "_reason": "the audio tower's widths are a hidden_sizes list the shrink does not know (transformers 5.24)",
         "_after_shrink": {"audio_config.hidden_sizes": [16, 32], "audio_config.depths": [1, 1]},
+    },
+    "kolibri1_1": {
+        "_needs": "5.25.0",  # the first Transformers tested that has the family
+        "_reason": "layer_types, index_layers, kv_source_layers and mlp_only_layers name original layer "
+        "indices (a default index_layers of [4, 14, 19, 29], both shrunk layers MLP-only), and index_num_heads "
+        "(12) outgrows the shrunk query heads per key head; two layers: an indexer, then a sliding-window MoE "
+        "layer (transformers 5.25)",
+        "_after_shrink": {"layer_types": ["indexed_attention", "sliding_attention"], "index_layers": [0],
+                          "kv_source_layers": [0, 1], "mlp_only_layers": [0], "index_num_heads": 1},
     },
     "qwen3_omni_moe": {
         "_reason": "config classes lack fields the model reads (talker: shared_expert_intermediate_size, "

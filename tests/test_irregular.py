@@ -13,7 +13,12 @@ from torch import nn
 
 import defuser_quant as dq
 from defuser_quant.core.dense import FusedGateUp, is_split
-from model_zoo import build_tiny_model, discover_fused_dense_mlp_classes, torch_threads
+from model_zoo import (
+    build_tiny_model,
+    discover_fused_dense_mlp_classes,
+    skip_unless_longcat_identity_experts_in_block,
+    torch_threads,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -96,6 +101,7 @@ def test_quantized_half_refuses_to_fuse():
 
 
 def test_longcat_identity_experts_are_preserved():
+    skip_unless_longcat_identity_experts_in_block()
     model, _ = build_tiny_model("longcat_flash")
     fused = model.model.layers[0].mlp.experts
     routed, total = fused.num_routed_experts, fused.total_experts

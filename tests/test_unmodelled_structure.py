@@ -15,7 +15,12 @@ from torch import nn
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 import defuser_quant as dq
-from defuser_quant.core.layout import decorator_defaults, unmodelled_flags_of_class
+from defuser_quant.core.layout import (
+    decorator_defaults,
+    forward_overrides_of_class,
+    unmodelled_class_structure,
+    unmodelled_flags_of_class,
+)
 from defuser_quant.tools import families_table
 from tiny import build, logits, state
 
@@ -42,6 +47,14 @@ class ExpertsWithLearnedActivation(Qwen3MoeExperts):
     def __init__(self, config):
         super().__init__(config)
         self.act_fn = nn.PReLU()
+
+
+class ExpertsWithOwnForward(Qwen3MoeExperts):
+    """Nothing but a forward of its own around the decorated one (like Transformers 5.25's ErgoExperts,
+    which applies a per-expert norm there): a defused block would compute the decorated forward only."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
 
 
 class ExpertsWithOtherActivation(Qwen3MoeExperts):
@@ -88,6 +101,7 @@ def _swap_experts(model, cls: type, layer: int = 1) -> None:
         (ExpertsWithScale, "parameter 'expert_scale'"),
         (ExpertsWithBuffer, "buffer 'expert_bias'"),
         (ExpertsWithLearnedActivation, "child module 'act_fn' (PReLU)"),
+        (ExpertsWithOwnForward, "its own forward (ExpertsWithOwnForward.forward, around the decorated Qwen3MoeExperts's)"),
         (_with_flag(Qwen3MoeExperts, has_router_scale=True), "decorator flag has_router_scale=True"),
     ],
 )
@@ -170,3 +184,57 @@ def test_muse_spark_post_expert_norm_is_refused_everywhere():
     row = next(r for r in families_table.supported_families() if r.module == "muse_spark")
     assert "has_post_expert_norm" in row.refused and not row.postload and not row.preload
     assert "muse_spark" not in families_table.supported_model_types()
+
+
+def test_a_forward_of_its_own_is_found_on_the_class_and_refused_before_patching(monkeypatch):
+    """Before any instance exists: the class-level check the patch path and the families table use."""
+    assert forward_overrides_of_class(Qwen3MoeExperts) == [] and unmodelled_class_structure(Qwen3MoeExperts) == []
+    assert forward_overrides_of_class(ExpertsWithNorm) == []  # its child is found on the instance
+    assert forward_overrides_of_class(ExpertsWithOwnForward) == ["ExpertsWithOwnForward"]
+    deeper = type("Deeper", (ExpertsWithOwnForward,), {})
+    assert forward_overrides_of_class(deeper) == ["ExpertsWithOwnForward"]
+    assert forward_overrides_of_class(nn.Linear) == []  # not an experts class at all
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    monkeypatch.setattr(modeling_qwen3_moe, "ExpertsWithOwnForward", ExpertsWithOwnForward, raising=False)
+    monkeypatch.setattr(ExpertsWithOwnForward, "__module__", modeling_qwen3_moe.__name__)
+    with pytest.raises(dq.UnsupportedModelError, match=r"ExpertsWithOwnForward has its own forward .*nothing was patched"):
+        dq.replace_fused_blocks("qwen3_moe")
+    from defuser_quant.core.patching import is_patched
+
+    assert not is_patched("qwen3_moe")
+    families_table.supported_families.cache_clear()
+    try:
+        row = next(r for r in families_table.supported_families() if r.module == "qwen3_moe")
+        assert "ExpertsWithOwnForward: its own forward" in row.refused and not row.preload and not row.postload
+    finally:
+        families_table.supported_families.cache_clear()
+
+
+def _ergo():
+    try:
+        from transformers.models.ergo import modeling_ergo
+    except ImportError:
+        pytest.skip("this Transformers has no ergo (5.25+)")
+    return modeling_ergo
+
+
+def test_ergo_post_expert_norm_is_refused_everywhere():
+    """Transformers 5.25's ErgoExperts: the decorated ErgoExpertProjections inside a forward of its own that
+    gives every route its own row and applies a per-expert RMSNorm before the weighted sum."""
+    modeling = _ergo()
+    assert forward_overrides_of_class(modeling.ErgoExperts) == ["ErgoExperts"]
+    assert unmodelled_class_structure(modeling.ErgoExpertProjections) == []
+    with pytest.raises(dq.UnsupportedModelError, match="ErgoExperts has its own forward"):
+        dq.replace_fused_blocks("ergo")
+    from transformers.models.ergo.configuration_ergo import ErgoConfig
+
+    config = ErgoConfig(hidden_size=16, moe_intermediate_size=8, num_experts=4)
+    experts = modeling.ErgoExperts(config)
+    holder = nn.ModuleDict({"experts": experts})
+    with pytest.raises(dq.LayoutError, match=r"its own forward .*child module 'post_expert_norm'"):
+        dq.convert_model(holder)
+    assert holder["experts"] is experts
+    row = next(r for r in families_table.supported_families() if r.module == "ergo")
+    assert "ErgoExperts: its own forward" in row.refused and not row.postload and not row.preload
+    assert "ergo" not in families_table.supported_model_types()

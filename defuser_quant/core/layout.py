@@ -65,17 +65,51 @@ class ExpertLayout:
         return cls(**{k: bool(flags[k]) for k in LAYOUT_FLAGS})
 
 
-def _declared_closure(cls: type) -> dict[str, Any] | None:
-    """Every value the ``use_experts_implementation`` wrapper of ``cls`` (or a base) closes over."""
+def _decorated_class(cls: type) -> type | None:
+    """The class in ``cls``'s MRO (``cls`` itself or a base) that ``use_experts_implementation`` decorated:
+    the first whose own ``__init__`` is the decorator's wrapper, closing over the layout flags."""
     for klass in getattr(cls, "__mro__", ()):
         init = klass.__dict__.get("__init__")
-        closure = getattr(init, "__closure__", None)
-        if not closure:
-            continue
-        names = init.__code__.co_freevars
-        if all(flag in names for flag in LAYOUT_FLAGS):
-            return {name: cell.cell_contents for name, cell in zip(names, closure)}
+        if getattr(init, "__closure__", None) and all(flag in init.__code__.co_freevars for flag in LAYOUT_FLAGS):
+            return klass
     return None
+
+
+def _declared_closure(cls: type) -> dict[str, Any] | None:
+    """Every value the ``use_experts_implementation`` wrapper of ``cls`` (or a base) closes over."""
+    decorated = _decorated_class(cls)
+    if decorated is None:
+        return None
+    init = decorated.__dict__["__init__"]
+    return {name: cell.cell_contents for name, cell in zip(init.__code__.co_freevars, init.__closure__)}
+
+
+def forward_overrides_of_class(cls: type) -> list[str]:
+    """Classes from ``cls`` down to (not including) the class ``use_experts_implementation`` decorated
+    that define their own ``forward``, nearest first. A defused block computes the decorated class's
+    experts forward, so what such a ``forward`` adds around it (Transformers 5.25's ``ErgoExperts``:
+    a per-expert norm of each route's output) would be lost. Empty for an undecorated ``cls``."""
+    decorated = _decorated_class(cls)
+    if decorated is None:
+        return []
+    overrides = []
+    for klass in cls.__mro__:
+        if klass is decorated:
+            break
+        if "forward" in klass.__dict__:
+            overrides.append(klass.__name__)
+    return overrides
+
+
+def unmodelled_class_structure(cls: type) -> list[str]:
+    """What a decorated experts class declares beyond the standard layout, before any instance exists:
+    decorator flags off their default and ``forward`` overrides below the decorated class (each item
+    names the thing; empty when there is none)."""
+    extras = [f"decorator flag {n}={v!r}" for n, v in unmodelled_flags_of_class(cls).items()]
+    decorated = _decorated_class(cls)
+    extras += [f"its own forward ({name}.forward, around the decorated {decorated.__name__}'s)"
+               for name in forward_overrides_of_class(cls)]
+    return extras
 
 
 def declared_flags_of_class(cls: type) -> dict[str, Any] | None:
@@ -121,10 +155,11 @@ def unmodelled_flags_of_class(cls: type) -> dict[str, Any]:
 
 
 def unmodelled_structure(module: nn.Module, layout: ExpertLayout) -> list[str]:
-    """What ``module`` holds beyond the standard layout: decorator flags off their default,
-    parameters or buffers other than the layout's fused tensors, child modules other than a
-    parameterless ``act_fn``. Each item names the thing; empty when the layout says everything."""
-    extras = [f"decorator flag {n}={v!r}" for n, v in unmodelled_flags_of_class(type(module)).items()]
+    """What ``module`` holds beyond the standard layout: decorator flags off their default, a ``forward``
+    of its own below the decorated class, parameters or buffers other than the layout's fused tensors,
+    child modules other than a parameterless ``act_fn``. Each item names the thing; empty when the
+    layout says everything."""
+    extras = unmodelled_class_structure(type(module))
     for name, default in decorator_defaults().items():
         value = getattr(module, name, default)
         if value != default and not any(e.startswith(f"decorator flag {name}=") for e in extras):

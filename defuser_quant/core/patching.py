@@ -29,7 +29,7 @@ from .families import adapter_of, dense_entry_for, experts_entry_for, shared_exp
 from . import load_check
 from .generated import pickled_through
 from .naming import stock_loads_per_expert
-from .layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class, unmodelled_flags_of_class
+from .layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class, unmodelled_class_structure
 from .tensors import pop_tensor
 from .split_ops import (
     collapse_doubled_prefix,
@@ -344,10 +344,11 @@ def replace_fused_blocks(model_type: str, *, split_dense: bool = True) -> bool:
     experts = fused_experts_classes(model_type) + irregular_experts_classes(model_type)
     dense = dense_mlp_classes(model_type) if split_dense else []
     classes = experts + dense
-    refused = {c.__name__: flags for c in experts if experts_entry_for(c) is None and (flags := unmodelled_flags_of_class(c))}
+    refused = {c.__name__: extras for c in experts if experts_entry_for(c) is None and (extras := unmodelled_class_structure(c))}
     if refused:
+        what = "; ".join(f"{name} has {', '.join(extras)}" for name, extras in refused.items())
         raise UnmodelledStructureError(
-            f"{model_type!r}: {', '.join(f'{name} has decorator flags {flags}' for name, flags in refused.items())} that "
+            f"{model_type!r}: {what}, which "
             "defuser-quant does not model (a defused block would compute something else); nothing was patched. "
             "Load the model without replace_fused_blocks, or add an explicit entry in defuser_quant/core/families.py."
         )

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..core.defuse import convert_model
 from ..core.families import DENSE_MLP_ENTRIES, EXPERTS_ENTRIES, SHARED_EXPERT_LISTS, adapter_of, entry_active
-from ..core.layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class, unmodelled_flags_of_class
+from ..core.layout import ExpertLayout, declared_flags_of_class, is_fused_experts_class, unmodelled_class_structure
 from ..core.naming import stock_loads_per_expert
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,16 @@ BASELINE_MODULES = frozenset(
     "openai_privacy_filter phi3 phi4_multimodal phimoe qwen2_moe qwen3_5_moe qwen3_moe qwen3_next qwen3_omni_moe "
     "qwen3_vl_moe qwen4_exp solar_open step3p7 zamba2 zaya".split()
 )
+# Rows first listed by the table generated with a later release than the baseline: release -> modules.
+# The table marks them with that release; rows in none of these, nor in the baseline, with the release
+# it is generated with. tests/test_support.py checks each set against the code there when installed.
+LATER_MODULES: dict[str, frozenset[str]] = {
+    "5.24.0": frozenset(
+        "bailing_hybrid beam dots3_note flint hy_v4_vl inkling2 inkling2_loop kolibri1 lara_mini mistral_large4 "
+        "muse_spark unlimited_ocr".split()
+    ),
+    "5.25.0": frozenset("ergo kolibri1_1 minicpm5_moe".split()),
+}
 _GENERATED_WITH = re.compile(r"Generated with Transformers ([0-9][0-9A-Za-z.+-]*)\.")
 # The tiny-model zoo the math column is measured with: test support, present in a source checkout.
 ZOO_PATH = Path(__file__).resolve().parents[2] / "tests" / "model_zoo.py"
@@ -137,8 +147,8 @@ def supported_families() -> tuple[FamilySupport, ...]:
             r["layouts"].append(layout.describe())
             r["exact"] &= not layout.is_transposed
             r["stock"] &= stock_loads_per_expert(*_model_types_of(module))
-            if flags := unmodelled_flags_of_class(cls):
-                r["refused"].append(f"{cls.__name__}: decorator " + ", ".join(f"`{k}={v!r}`" for k, v in flags.items()))
+            if extras := unmodelled_class_structure(cls):
+                r["refused"].append(f"{cls.__name__}: " + ", ".join(extras))
     for entry in EXPERTS_ENTRIES:
         if not entry_active(entry):
             logger.info("families.py entry %s: %s absent or decorated in this Transformers", entry.family, entry.class_name)
@@ -307,6 +317,14 @@ def measured_math(zoo: ModuleType | None = None, rows: tuple[FamilySupport, ...]
     return {r.module: measure_family(zoo, r) for r in rows}
 
 
+def first_listed(module: str, version: str) -> str:
+    """The release a row holds from, as far as the tables tell: the baseline, the later release whose
+    table first listed it (:data:`LATER_MODULES`), else ``version`` (the one generating the table)."""
+    if module in BASELINE_MODULES:
+        return BASELINE
+    return next((release for release, modules in LATER_MODULES.items() if module in modules), version)
+
+
 def markdown_table(rows: tuple[FamilySupport, ...] | None = None, measured: Mapping[str, MathResult] | None = None) -> str:
     """The supported families table in Markdown; ``measured`` (default: measured now) fills the math column."""
     rows = supported_families() if rows is None else rows
@@ -320,7 +338,7 @@ def markdown_table(rows: tuple[FamilySupport, ...] | None = None, measured: Mapp
     yes = {True: "yes", False: "no"}
     version = transformers_version()
     for r in rows:
-        needs = f">={BASELINE}" if r.module in BASELINE_MODULES else f">={version}"
+        needs = f">={first_listed(r.module, version)}"
         family = r.module + (f" ({', '.join(r.model_types)})" if r.model_types != (r.module,) else "")
         layout = "<br>".join(r.layouts) + (" *" if r.irregular else "")
         cell = f"refused: {r.refused}" if r.refused else measured.get(r.module, missing).cell()
@@ -351,7 +369,8 @@ def readme_section(zoo: ModuleType | None = None) -> str:
     version = transformers_version()
     header = (
         f"Generated with Transformers {version}. The Transformers column gives the oldest release each row "
-        f"holds for (rows marked >={version} are absent from {BASELINE}). The math (fp32) column is measured "
+        f"holds for, as far as the tested releases tell: {BASELINE} (the oldest supported), else the release whose "
+        f"generated table first listed the row (absent from {BASELINE}). The math (fp32) column is measured "
         "by the generator: each family's tiny fp32 model (`tests/model_zoo.py`) runs its fused eager forward, "
         "then its defused forward on the same fixed inputs, with one thread on the CPU; `exact` is bit-identical, "
         "otherwise the cell bounds max |defused - fused| / max |fused| (rounded up to one digit).\n"
