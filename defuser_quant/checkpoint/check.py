@@ -158,7 +158,7 @@ _FP8_NOTES = {
     ),
     "fused": (
         "{block}: stock Transformers keeps these fused FP8 experts in its FP8Experts on a GPU with FP8 kernels; where it "
-        "dequantizes instead (no CUDA/XPU device, compute capability < 8.9, or dequantize=True), Transformers (5.17 and 5.24 checked) leaves "
+        "dequantizes instead (no CUDA/XPU device, compute capability < 8.9, or dequantize=True), Transformers (5.17 through 5.25 checked) leaves "
         "their *_scale_inv unused and loads the raw FP8 values as weights (wrong outputs, a load-report warning only); "
         "defuser_quant.load refuses there, or applies the scales with FineGrainedFP8Config(dequantize=True); "
         "defused and FP8: {line}"
