@@ -380,7 +380,8 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
         # the main thread between the subset stages: the layer loop's steps, each layer's, in the right gap
         gaps = timeline["main_gaps"]
         assert gaps[0]["after"] is None and gaps[-1]["before"] is None
-        assert {"capture_inputs", "BaseQModel.pre_quantize", "build_layer_subset_plans"} <= set(gaps[0]["parts"])
+        assert {"capture_inputs", "BaseQModel.pre_quantize", "build_layer_subset_plans", "ModuleLooper.__init__",
+                "io_write_performance"} <= set(gaps[0]["parts"])
         [change] = [g for g in gaps if g["before"] == "layer 1 subset 0: 3 modules"]
         assert change["after"].startswith("layer 0 subset 3: ")
         assert {"_replay_layer_outputs", "BaseQModel.post_quantize", "BaseQModel.pre_quantize",
