@@ -335,6 +335,13 @@ def test_changed_checkpoint_source_keeps_gptqmodels_lookups(plugin, tiny, monkey
     assert any("lean checkpoint_index" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
+def test_every_lean_part_is_named_in_the_gptqmodel_docs():
+    from defuser_quant.integrations.gptqmodel.overhead import PARTS
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "gptqmodel.md").read_text(encoding="utf-8")
+    assert not [part for part in sorted(PARTS) if f"`{part}`" not in docs]
+
+
 def test_lean_bookkeeping_refuses_unknown_parts():
     pytest.importorskip("gptqmodel")
     from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping
