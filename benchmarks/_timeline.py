@@ -268,11 +268,10 @@ def main_gaps(spans: list[Span], start: float, end: float, min_seconds: float = 
     subsets = sorted((s for s in spans if s.kind == "subset"), key=lambda s: s.start)
     main = subsets[0].thread if subsets else "MainThread"
     own = [s for s in spans if s.thread == main and s.kind not in ("subset", "chunk_solve")]
-    bounds = [(start, None), *((s.start, s.end) for s in subsets), (None, end)]
+    gap_starts = [start, *(s.end for s in subsets)]  # gap i runs from the end of stage i - 1 to the start of stage i
+    gap_ends = [*(s.start for s in subsets), end]
     gaps = []
-    for i in range(len(bounds) - 1):
-        lo = bounds[i][1] if bounds[i][1] is not None else bounds[i][0]
-        hi = bounds[i + 1][0] if bounds[i + 1][0] is not None else bounds[i + 1][1]
+    for i, (lo, hi) in enumerate(zip(gap_starts, gap_ends)):
         if hi - lo < min_seconds:
             continue
         inside = [s for s in own if _overlap(s.start, s.end, lo, hi) > 0]

@@ -32,10 +32,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LineRedrawStats", "internals_refusal", "throttled_line_redraws"]
 
-#: Seconds between two stack redraws after log lines (the ``draw_rate`` part's interval: tqdm's default).
-INTERVAL = 0.1
-
-
 @dataclass
 class LineRedrawStats:
     """What :func:`throttled_line_redraws` did."""
@@ -81,15 +77,15 @@ class _Throttle:
         self.closed = False
 
     def render_stack(self, *args, **kwargs):
+        now = time.monotonic()
         if getattr(self.local, "in_line", False):
-            now = time.monotonic()
             if self.last is not None and now - self.last < self.interval:
                 self.stats.skipped += 1
                 self.owed = True
                 self._arm()
                 return None
             self.stats.rendered += 1
-        self.last, self.owed = time.monotonic(), False
+        self.last, self.owed = now, False
         return self.render(*args, **kwargs)
 
     def emit(self, original: Callable) -> Callable:
@@ -133,10 +129,10 @@ class _Throttle:
 
 
 @contextmanager
-def throttled_line_redraws(stats: LineRedrawStats | None = None, interval: float = INTERVAL) -> Iterator[LineRedrawStats]:
-    """Inside the block, LogBar's stack redraw after a log line runs at most once per ``interval`` (see
-    the module docstring); restored on exit, with an owed redraw made then. The caller has checked
-    :func:`internals_refusal`."""
+def throttled_line_redraws(*, interval: float, stats: LineRedrawStats | None = None) -> Iterator[LineRedrawStats]:
+    """Inside the block, LogBar's stack redraw after a log line runs at most once per ``interval`` seconds
+    (the lean bookkeeping passes its ``DRAW_INTERVAL``; see the module docstring); restored on exit, with an
+    owed redraw made then. The caller has checked :func:`internals_refusal`."""
     from logbar import logbar as logbar_module
 
     stats = stats if stats is not None else LineRedrawStats()

@@ -9,8 +9,8 @@ solve (0.25-0.4 s on an H200 host, docs/performance.md round 31), and the CPU wo
 the first layer's first finalize. Here, when the quantization starts, each worker of the quantize
 device's CUDA group and of the CPU group is handed one empty task (GPTQModel's pool hands tasks out
 round robin, so one per worker), so their warm-ups run while the main thread captures the inputs on
-the CPU. The warm-ups are GPTQModel's
-own, run once each as before; nothing waits for them but the workers' own next tasks.
+the CPU. The warm-ups are GPTQModel's own, run once each as before; nothing waits for them but the
+workers' own next tasks.
 """
 
 from __future__ import annotations
