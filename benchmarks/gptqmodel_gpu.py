@@ -75,6 +75,13 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  private stream with each inverse thread on its own, or everything on the worker's current
                  stream as GPTQModel's per-module solve (the default, ``"auto"``, takes ``"caller"`` under
                  ``--deterministic`` and ``"own"`` otherwise); the row's ``solve.streams`` counts the chunks;
+* ``ours-grouped-batched-noahead`` - with ``BatchedSolve(inverses_ahead=False)``: each chunk's Hessian
+                 inverses computed when that chunk is solved, instead of beside the chunk before's column
+                 loop (the default since round 33); the row's ``solve.inverses_ahead`` counts the chunks;
+* ``ours-grouped-batched-norows`` - with ``BatchedSolve(rows_kernel=False)``: GPTQModel's block-update
+                 extension launched per Hessian and block, instead of one launch of ``rows_kernel`` per
+                 chunk and block (the default since round 33; ``meta.rows_kernel_available`` says whether
+                 it built, and the row's ``kernels_label`` which ran);
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -205,6 +212,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
             "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
             "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams",
+            "ours-grouped-batched-noahead", "ours-grouped-batched-norows",
             *(f"ours-grouped-batched{suffix}" for suffix in WITHOUT_PART))
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
@@ -264,7 +272,8 @@ def solve_setting(variant: str):
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
                 "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True},
                 "-modulerows": {"log_rows": "module"}, "-ownstreams": {"streams": "own"},
-                "-callerstreams": {"streams": "caller"}}
+                "-callerstreams": {"streams": "caller"}, "-noahead": {"inverses_ahead": False},
+                "-norows": {"rows_kernel": False}}
     kwargs: dict = {}
     stripped = True
     while stripped:
@@ -460,6 +469,21 @@ def warm_gptq_extension() -> tuple[float | None, bool | None]:
         return block_update_available()
 
     return _warm("GPTQ block-update extension", load)
+
+
+def warm_rows_kernel() -> tuple[float | None, bool | None]:
+    """Build defuser-quant's one-launch block kernel once (``rows_kernel``; torch caches the build,
+    so the variants' processes load it instead of each paying the build)."""
+
+    def load() -> object:
+        from defuser_quant.integrations.gptqmodel import rows_kernel
+
+        ok = rows_kernel.available()
+        if not ok:
+            print(f"rows kernel unavailable: {rows_kernel.why_unavailable()}", flush=True)
+        return ok
+
+    return _warm("one-launch GPTQ block kernel", load)
 
 
 def warm_pack_extension() -> tuple[float | None, bool | None]:
@@ -832,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     build_s = time.perf_counter() - t0
     print(f"built source model in {build_s:.1f}s under {work}", flush=True)
     jit_s, jit_ok = warm_gptq_extension() if args.device == "cuda" else (None, None)
+    rows_s, rows_ok = warm_rows_kernel() if args.device == "cuda" else (None, None)
     pack_s, pack_ok = warm_pack_extension()
     slots = 1 if args.device == "cpu" else max(1, min(args.gpus or torch.cuda.device_count(), len(variants)))
     if args.gpu_counts:
@@ -888,6 +913,8 @@ def main(argv: list[str] | None = None) -> int:
         "build_source_s": round(build_s, 2),
         "gptq_extension_warmup_s": jit_s,
         "gptq_extension_available": jit_ok,
+        "rows_kernel_warmup_s": rows_s,
+        "rows_kernel_available": rows_ok,
         "pack_extension_warmup_s": pack_s,
         "pack_extension_available": pack_ok,
         "warmup": warmup,

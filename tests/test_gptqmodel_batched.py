@@ -219,10 +219,72 @@ def test_shared_hessians_are_inverted_once_and_give_the_same_result(device):
         task.finalize_hessian(**({"target_device": torch.device("cuda")} if device == "cuda" else {}))
     assert [len(u.tasks) for u in _units(batched)] == [3, 1]
     expected = [t.quantize() for t in reference]
-    got = batched_gptq_solve(batched)
+    got = batched_gptq_solve(batched, rows_kernel=device == "cuda")  # on CUDA: units of 3 and 1 rows spans
     for e, r in zip(expected, got, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(e[:4], r.values[:4], strict=True))
         assert r.values[5] == e[5]  # the average loss too
+
+
+def _block_update_in_torch(work, tiles, unit_of_row, scale, zero, column_group, quantized, errors, losses, maxq):
+    """The block-update kernels' arithmetic in torch, every row at once (each step rounded on its own)."""
+    for pivot in range(work.shape[1]):
+        group = int(column_group[pivot])
+        value = work[:, pivot].clone()
+        diagonal = tiles[unit_of_row, pivot, pivot]
+        shifted = torch.round(value / scale[group]) + zero[group]
+        code = torch.where(torch.isnan(shifted), shifted, shifted.clamp(0, maxq))
+        q = scale[group] * (code - zero[group])
+        residual = value - q
+        losses[:, pivot] = (residual * residual) / (diagonal * diagonal)
+        errors[:, pivot] = residual / diagonal
+        quantized[:, pivot] = q
+        work[:, pivot:] -= errors[:, pivot, None] * tiles[unit_of_row, pivot, pivot:]
+
+
+def test_the_one_launch_block_kernel_gets_each_rows_unit_scale_and_outputs(monkeypatch):
+    """With the extension's arithmetic standing in for both kernels (no CUDA here): one launch per
+    block over the whole chunk, each row with its own unit's inverse, gives what one extension launch
+    per unit gives, bit for bit, with units of 3 and 1 tasks."""
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization import gptq_cuda
+    from gptqmodel.quantization.gptq import SharedHessianFactorCache
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    calls = Counter()
+
+    def per_unit(work, hinv, scale, zero, column_group, quantized, errors, losses, maxq):
+        calls["extension"] += 1
+        unit_of_row = torch.zeros(work.shape[0], dtype=torch.long)
+        _block_update_in_torch(work, hinv[None], unit_of_row, scale, zero, column_group, quantized, errors, losses, maxq)
+
+    def one_launch(work, tiles, task_unit, scale, zero, column_group, quantized, errors, losses, rows_per_task, maxq):
+        calls["rows"] += 1
+        assert tiles.is_contiguous() and task_unit.dtype == torch.int32
+        unit_of_row = task_unit.long().repeat_interleave(rows_per_task)
+        _block_update_in_torch(work, tiles, unit_of_row, scale, zero, column_group, quantized, errors, losses, maxq)
+
+    monkeypatch.setattr(batched, "_use_extension", lambda *a: True)
+    monkeypatch.setattr(gptq_cuda, "gptq_block_update", per_unit)
+    monkeypatch.setattr(batched.rows_block, "available", lambda: True)
+    monkeypatch.setattr(batched.rows_block, "block_update", one_launch)
+    qcfg = QuantizeConfig(bits=4, group_size=128)
+    results = {}
+    for rows_kernel in (False, True):
+        tasks = _tasks(qcfg, n=6, cols=256)
+        cache = SharedHessianFactorCache(1, "leader", leader="leader")
+        for follower in tasks[1:3]:
+            follower.adopt_hessian_from(tasks[0])
+        for task in tasks[:3]:
+            task.attach_shared_hessian_cache(cache)
+        calls.clear()
+        results[rows_kernel] = batched.batched_gptq_solve(tasks, rows_kernel=rows_kernel)
+        # 2 blocks of 128 columns: one launch each, or one per unit (4 units: 3 + 1 + 1 + 1 tasks)
+        assert calls == (Counter(rows=2) if rows_kernel else Counter(extension=8))
+    for a, b in zip(results[False], results[True], strict=True):
+        assert a.path == "batched_cuda_block_update@cpu" and b.path == "batched_rows_block_update@cpu"
+        assert all(torch.equal(x, y) for x, y in zip(a.values[:4], b.values[:4], strict=True))
+        assert a.values[5] == b.values[5]
 
 
 def test_a_follower_whose_hessian_differs_from_its_leaders_is_solved_on_its_own():
@@ -295,6 +357,8 @@ def test_settings_are_checked():
         BatchedSolve(chunk_bytes=0)
     with pytest.raises(ValueError, match="inverse_threads"):
         BatchedSolve(inverse_threads=0)
+    with pytest.raises(TypeError, match="inverses_ahead must be True or False"):
+        BatchedSolve(inverses_ahead="yes")
     with pytest.raises(TypeError, match="host_results must be True or False, got 'no'"):
         BatchedSolve(host_results="no")  # a truthy string would silently turn it on
     for bad in (-1, 1.5, True):
@@ -459,6 +523,9 @@ def test_chunks_are_shared_and_every_result_is_gptqmodels(monkeypatch, parallel,
     assert (stats.groups, stats.chunks, stats.batched_modules) == (1, 4, 8)
     assert not coordinator.open and not coordinator.chunk_of and not any(coordinator.running.values())
     assert not any(coordinator.held.values())  # every result asked for
+    # A solve starts the inverses of an open chunk none has started yet (a worker may solve its own
+    # chunk before an earlier one, whose inverses then have no solve left to start them)
+    assert 1 <= stats.inverses_ahead <= 3
     for want, got in zip(expected, results, strict=True):
         assert got is not None
         for a, b in zip(want[:4], got.values[:4], strict=True):
@@ -532,6 +599,112 @@ def test_a_failed_chunk_leaves_its_modules_to_gptqmodel_and_frees_the_waiting_wo
     results, _, _, coordinator = _share_chunks(monkeypatch, tasks, workers=4, settings=settings, hold=0.0)
     assert sum(r is None for r in results) == 2 == coordinator.stats.per_module["chunk ran out of memory"]
     assert coordinator.stats.batched_modules == 6 and not coordinator.chunk_of
+
+
+def _counted_inverses(monkeypatch) -> list[str]:
+    """Count every Hessian inversion of the batched solve, by the thread that made it."""
+    import threading
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    real, calls = batched._invert_unit, []
+
+    def counted(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batched, "_invert_unit", counted)
+    return calls
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_the_next_chunks_inverses_are_made_once_beside_the_chunk_before(monkeypatch, ahead):
+    """With ``inverses_ahead`` every chunk after the first gets inverses started while the chunk
+    before was solved, on the inverse threads, and uses them (each Hessian inverted once); the
+    results are GPTQModel's either way."""
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    reference, tasks = _tasks(qcfg, n=8, cols=128), _tasks(qcfg, n=8, cols=128)
+    expected = [t.quantize() for t in reference]
+    calls = _counted_inverses(monkeypatch)
+    settings = BatchedSolve(chunk_bytes=2 * PER_TASK, inverses_ahead=ahead)
+    results, sizes, _, coordinator = _share_chunks(monkeypatch, tasks, workers=2, settings=settings, hold=0.0)
+    assert sizes == [2, 2, 2, 2] and len(calls) == 8  # every Hessian inverted once
+    assert coordinator.stats.inverses_ahead == (3 if ahead else 0)
+    assert coordinator.stats.as_dict()["inverses_ahead"] == coordinator.stats.inverses_ahead
+    on_pool = sum(name.startswith("defuser-quant-hinv") for name in calls)
+    assert on_pool == (6 if ahead else 0)  # the CPU inverts a chunk's own Hessians on the solving worker
+    for want, got in zip(expected, results, strict=True):
+        for a, b in zip(want[:4], got.values[:4], strict=True):
+            assert torch.equal(a, b)
+        assert want[5] == got.values[5]
+
+
+def test_the_next_chunks_inverses_start_before_this_chunks_column_loop(monkeypatch):
+    """``inverses_started`` is called once this chunk's inverses are under way and before any of
+    its column loop (the quantizer parameters come first in it) is queued."""
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    events: list[str] = []
+    real = batched._find_params
+    monkeypatch.setattr(batched, "_find_params", lambda *a, **k: events.append("params") or real(*a, **k))
+    batched.batched_gptq_solve(_tasks(qcfg, n=2, cols=128), inverses_started=lambda: events.append("started"))
+    assert events[0] == "started" and events.count("started") == 1 and "params" in events
+
+
+def test_inverses_that_fail_to_start_ahead_are_made_by_their_own_solve(monkeypatch):
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    reference, tasks = _tasks(qcfg, n=6, cols=128), _tasks(qcfg, n=6, cols=128)
+    expected = [t.quantize() for t in reference]
+    real = batched.start_inverses
+
+    def no_room_ahead(tasks, *args, background=False, **kwargs):
+        if background:
+            raise torch.OutOfMemoryError("simulated")
+        return real(tasks, *args, background=background, **kwargs)
+
+    monkeypatch.setattr(batched, "start_inverses", no_room_ahead)
+    results, sizes, _, coordinator = _share_chunks(
+        monkeypatch, tasks, workers=2, settings=batched.BatchedSolve(chunk_bytes=2 * PER_TASK), hold=0.0)
+    assert sizes == [2, 2, 2] and coordinator.stats.inverses_ahead == 0 and coordinator.stats.batched_modules == 6
+    for want, got in zip(expected, results, strict=True):
+        assert torch.equal(want[0], got.values[0])
+
+
+def test_an_ahead_inverse_that_runs_out_of_memory_leaves_its_chunk_to_gptqmodel(monkeypatch):
+    """The error of an inverse computed ahead is its chunk's: that chunk goes back to GPTQModel's
+    per-module solve (as when its own inverses run out of memory), the others are batched."""
+    import threading
+
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel import batched
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    tasks = _tasks(qcfg, n=6, cols=128)
+    real = batched._invert_unit
+
+    def pool_fails_third(H, *args, **kwargs):
+        on_pool = threading.current_thread().name.startswith("defuser-quant-hinv")
+        if on_pool and any(H is t.H for t in tasks[4:]):
+            raise torch.OutOfMemoryError("simulated")
+        return real(H, *args, **kwargs)
+
+    monkeypatch.setattr(batched, "_invert_unit", pool_fails_third)
+    results, sizes, _, coordinator = _share_chunks(
+        monkeypatch, tasks, workers=2, settings=batched.BatchedSolve(chunk_bytes=2 * PER_TASK), hold=0.0)
+    assert [r is None for r in results] == [False] * 4 + [True] * 2
+    assert coordinator.stats.per_module["chunk ran out of memory"] == 2 and coordinator.stats.batched_modules == 4
 
 
 def _coordinator_over(tasks, **settings):
@@ -896,7 +1069,8 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_t
         task.module.target_device = torch.device("cuda")
         task.finalize_hessian(target_device=torch.device("cuda"))
     expected = [t.quantize() for t in reference]
-    got = batched_gptq_solve(batched, inverse_threads=inverse_threads, host_results=host_results, streams=streams)
+    got = batched_gptq_solve(batched, inverse_threads=inverse_threads, host_results=host_results, streams=streams,
+                             rows_kernel=True)
     if host_results:
         assert all(v.device.type == "cpu" for r in got for v in r.values[1:4])
         got = [type(r)((r.values[0], *(v.cuda() for v in r.values[1:4]), *r.values[4:]), r.path, r.device, r.blocksize)
@@ -906,7 +1080,8 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_t
     scale_diff = 0.0
     unequal = []
     for m, (e, r) in enumerate(zip(expected, got, strict=True)):
-        assert r is not None and r.path == ("batched_cuda_block_update@cuda" if extension else "batched_torch@cuda")
+        # BatchedSolve's default: the chunk's blocks through rows_kernel, where the extension applies
+        assert r is not None and r.path == ("batched_rows_block_update@cuda" if extension else "batched_torch@cuda")
         q, scale, _, g_idx, *_ = r.values
         step = e[1][:, e[3].long()]  # GPTQModel's scale of every column
         codes += q.numel()
@@ -920,6 +1095,38 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_t
           f"scale difference {scale_diff:.2e}, unequal: {unequal or 'none'}")
     # The same single-matrix linear algebra in the same order as GPTQModel: bit-identical, loss included.
     assert not unequal
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+@pytest.mark.parametrize("name", ["default (act_group_aware)", "desc_act"])
+def test_inverses_started_ahead_on_cuda_give_gptqmodels_bits(name):
+    """A second chunk whose inverses were started on the inverse threads' own streams while the
+    first chunk was solved on another stream: every value bit-identical to GPTQModel's per-module solve."""
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve, start_inverses
+
+    qcfg = QuantizeConfig(**{"bits": 4, "group_size": 128, **CONFIGS[name]})
+    reference, batched = (_tasks(qcfg, n=8, rows=256, cols=512), _tasks(qcfg, n=8, rows=256, cols=512))
+    for task in [*reference, *batched]:
+        task.module.cuda()
+        task.module.target_device = torch.device("cuda")
+        task.finalize_hessian(target_device=torch.device("cuda"))
+    expected = [t.quantize() for t in reference]
+    held = {}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        first = batched_gptq_solve(batched[:4], inverse_threads=4, streams="own", inverses_started=lambda: held.update(
+            ahead=start_inverses(batched[4:], 4, "own", background=True)))
+        assert held["ahead"].background
+        second = batched_gptq_solve(batched[4:], inverse_threads=4, streams="own", ahead=held["ahead"])
+    stream.synchronize()
+    for e, r in zip(expected, [*first, *second], strict=True):
+        assert r is not None
+        for want, have in zip(e[:4], r.values[:4], strict=True):
+            assert torch.equal(want, have.to(want.device))
+        assert r.values[5] == e[5]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
@@ -956,7 +1163,8 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
     for name in ("batched", "batched_hinv1_device", "batched_ahead_small_chunks", "batched_pack", "batched_own_streams"):
         batched = runs[name]
         assert batched["fallback"] is None and batched["solve"]["batched_modules"] >= 48
-        assert set(batched["solve"]["paths"]) <= {"batched_cuda_block_update@cuda", "batched_torch@cuda"}
+        assert set(batched["solve"]["paths"]) <= {"batched_rows_block_update@cuda", "batched_cuda_block_update@cuda",
+                                                  "batched_torch@cuda"}
         # With BatchedSolve(pack=True) every batched module's words are served; else nothing is packed.
         packed = batched["solve"]["batched_modules"]
         want = {"offered": packed, "served": packed, "refused": 0} if name == "batched_pack" else None

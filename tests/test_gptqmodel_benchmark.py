@@ -232,6 +232,11 @@ def test_variants_pick_their_batched_solve_settings():
     assert bench.solve_setting("ours-grouped-batched-ownstreams") == BatchedSolve(streams="own")
     assert bench.solve_setting("ours-grouped-batched-callerstreams") == BatchedSolve(streams="caller")
     assert {"ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams"} <= set(bench.VARIANTS)
+    # round 33's inverses ahead and one-launch block kernel, each left out to measure it
+    assert bench.solve_setting("ours-grouped-batched-noahead") == BatchedSolve(inverses_ahead=False)
+    assert bench.solve_setting("ours-grouped-batched-norows") == BatchedSolve(rows_kernel=False)
+    assert BatchedSolve().inverses_ahead and BatchedSolve().rows_kernel  # on by default
+    assert {"ours-grouped-batched-noahead", "ours-grouped-batched-norows"} <= set(bench.VARIANTS)
 
 
 def test_variants_pick_their_lean_bookkeeping():

@@ -60,7 +60,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +69,7 @@ import torch
 from torch import nn
 
 from . import kernels, log_rows, packing
+from . import rows_kernel as rows_block
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,15 @@ class BatchedSolve:
             per-module solve runs (cuSOLVER's inverses on other streams round differently, at float32
             ulp level: docs/performance.md, round 25); ``"auto"`` (the default): ``"caller"`` while
             torch's deterministic algorithms are on (:func:`solve_streams`), ``"own"`` otherwise.
+        inverses_ahead: while a chunk is solved, the Hessians of the device's next open chunk are
+            finalized and their inverses started on the inverse threads (:func:`start_inverses`),
+            so they are computed beside this chunk's column loop instead of before the next one's.
+            The same calls on the same kind of stream: the results do not depend on it. Not with
+            ``"caller"`` streams (every inverse on the solving worker's stream, in order).
+        rows_kernel: where GPTQModel would run its CUDA block-update extension, run each 128-column
+            block of a whole chunk as one launch of :mod:`.rows_kernel` (one warp per row) instead
+            of one extension launch per Hessian: the extension's values, bit for bit. Where the
+            kernel cannot be compiled, the extension per Hessian (logged once).
     """
 
     min_modules: int = 2
@@ -142,6 +152,8 @@ class BatchedSolve:
     pack: bool = False
     log_rows: str = "chunk"
     streams: str = "auto"
+    inverses_ahead: bool = True
+    rows_kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -158,6 +170,10 @@ class BatchedSolve:
             raise TypeError(f"BatchedSolve.host_results must be True or False, got {self.host_results!r}")
         if not isinstance(self.pack, bool):
             raise TypeError(f"BatchedSolve.pack must be True or False, got {self.pack!r}")
+        if not isinstance(self.inverses_ahead, bool):
+            raise TypeError(f"BatchedSolve.inverses_ahead must be True or False, got {self.inverses_ahead!r}")
+        if not isinstance(self.rows_kernel, bool):
+            raise TypeError(f"BatchedSolve.rows_kernel must be True or False, got {self.rows_kernel!r}")
         if self.log_rows not in ("chunk", "module"):
             raise ValueError(f"BatchedSolve.log_rows must be 'chunk' or 'module', got {self.log_rows!r}")
         _check_streams(self.streams, "BatchedSolve.streams")
@@ -189,6 +205,7 @@ class BatchedSolveStats:
     per_module: Counter = field(default_factory=Counter)  # reason -> modules left to GPTQModel's own solve
     host_results: int = 0  # batched modules whose scales/zeros/g_idx went to GPTQModel on the CPU
     solved_ahead: int = 0  # chunks a solver thread started while no worker was waiting for them
+    inverses_ahead: int = 0  # chunks whose inverses were started while the chunk before was solved
     waited_seconds: float = 0.0  # summed over GPTQModel's workers: waiting for a solver thread (solve_ahead only)
     pack: packing.PackStats | None = None  # words packed on the solve's device (None: ``pack=False``)
     log_rows: log_rows.LogRowStats | None = None  # one log row per chunk (None: ``log_rows="module"``)
@@ -202,6 +219,7 @@ class BatchedSolveStats:
             "chunks": self.chunks,
             "seconds": round(self.seconds, 3),
             "solved_ahead": self.solved_ahead,
+            "inverses_ahead": self.inverses_ahead,
             "waited_seconds": round(self.waited_seconds, 3),
             "paths": dict(self.paths),
             "per_module": dict(self.per_module),
@@ -480,17 +498,62 @@ def _load_cuda_linalg(device: torch.device) -> None:
         _linalg_loaded.add(device)
 
 
-def _spread(fn: Callable[[Any], Any], items: list[Any], threads: int) -> list[Any]:
-    """``[fn(x) for x in items]`` on the shared pool of inverse threads (grown to at least
-    ``threads``; an outgrown pool finishes what it was given and ends)."""
+def _submit(fn: Callable[[Any], Any], items: list[Any], threads: int) -> list[Future]:
+    """``fn`` of each item submitted, in order, to the shared pool of inverse threads (grown to at
+    least ``threads``; an outgrown pool finishes what it was given and ends)."""
     global _inverse_pool
     with _inverse_pool_lock:  # submitted under the lock: no other solve can shut this pool down first
         if _inverse_pool is None or _inverse_pool[1] < threads:
             if _inverse_pool is not None:
                 _inverse_pool[0].shutdown(wait=False)
             _inverse_pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="defuser-quant-hinv"), threads)
-        futures = [_inverse_pool[0].submit(fn, x) for x in items]
-    return [f.result() for f in futures]
+        return [_inverse_pool[0].submit(fn, x) for x in items]
+
+
+def _spread(fn: Callable[[Any], Any], items: list[Any], threads: int) -> list[Any]:
+    """``[fn(x) for x in items]`` on the shared pool of inverse threads."""
+    return [f.result() for f in _submit(fn, items, threads)]
+
+
+def _submit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor], _Inverse],
+                     threads: int) -> list[Future]:
+    """``invert`` of each Hessian started on the inverse threads; :func:`_collect_inverses` waits.
+
+    On CUDA each thread works on a stream of its own, ordered after what the caller's stream had
+    queued when this was called (not what it queues later: so the caller's next work, a chunk's
+    column loop, runs beside these inverses)."""
+    device = hessians[0].device
+    if device.type != "cuda":
+        return _submit(invert, hessians, max(1, threads))
+    _load_cuda_linalg(device)
+    queued = torch.cuda.current_stream(device).record_event()
+
+    def job(hessian: torch.Tensor) -> tuple[_Inverse, torch.cuda.Event]:
+        streams = _inverse_streams.__dict__.setdefault("by_device", {})
+        stream = streams.get(device)
+        if stream is None:
+            stream = streams[device] = torch.cuda.Stream(device)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            stream.wait_event(queued)
+            inverse = invert(hessian)
+            return inverse, stream.record_event()
+
+    return _submit(job, hessians, max(1, threads))
+
+
+def _collect_inverses(jobs: list[Future]) -> list[_Inverse]:
+    """The inverses of :func:`_submit_inverses`, in order, ready on the calling thread's stream
+    (raises what a job raised)."""
+    done = [job.result() for job in jobs]
+    if not done or not isinstance(done[0], tuple):  # the CPU: the inverses themselves
+        return done
+    origin = torch.cuda.current_stream(done[0][0].hinv.device)
+    for inverse, finished in done:
+        origin.wait_event(finished)
+        for t in inverse.tensors():
+            if t.is_cuda:  # made on a helper stream, read on the caller's: keep its memory until then
+                t.record_stream(origin)
+    return [inverse for inverse, _ in done]
 
 
 def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor], _Inverse],
@@ -503,37 +566,74 @@ def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor]
     device = hessians[0].device
     if device.type != "cuda":
         return _spread(invert, hessians, threads)
-    _load_cuda_linalg(device)
-    origin = torch.cuda.current_stream(device)
     if not own_streams:
+        _load_cuda_linalg(device)
+        origin = torch.cuda.current_stream(device)
+
         def on_caller_stream(hessian: torch.Tensor) -> _Inverse:
             with torch.cuda.device(device), torch.cuda.stream(origin):
                 return invert(hessian)
 
         return _spread(on_caller_stream, hessians, threads)
+    return _collect_inverses(_submit_inverses(hessians, invert, threads))
 
-    def job(hessian: torch.Tensor) -> tuple[_Inverse, torch.cuda.Stream]:
-        streams = _inverse_streams.__dict__.setdefault("by_device", {})
-        stream = streams.get(device)
-        if stream is None:
-            stream = streams[device] = torch.cuda.Stream(device)
-        with torch.cuda.device(device), torch.cuda.stream(stream):
-            stream.wait_stream(origin)
-            return invert(hessian), stream
 
-    done = _spread(job, hessians, threads)
-    for stream in {id(s): s for _, s in done}.values():
-        origin.wait_stream(stream)
-    for inverse, _ in done:
-        for t in inverse.tensors():
-            if t.is_cuda:  # made on a helper stream, read on the caller's: keep its memory until then
-                t.record_stream(origin)
-    return [inverse for inverse, _ in done]
+class InversesAhead:
+    """A chunk's Hessians finalized, grouped into units and their inverses started: on the inverse
+    threads (CUDA with ``"own"`` streams, or the CPU: running beside whatever the caller does next),
+    or, where they must run on the caller's stream, computed when :meth:`collect` is called."""
+
+    def __init__(self, units: list[_Unit], jobs: list[Future] | None, compute: Callable[[], list[_Inverse]]):
+        self.units = units
+        self._jobs = jobs
+        self._compute = compute
+
+    @property
+    def background(self) -> bool:
+        """True when the inverses are being computed on the inverse threads."""
+        return self._jobs is not None
+
+    def collect(self) -> list[_Inverse]:
+        """Each unit's inverse, in order, ready on the calling thread's stream (raises what its
+        computation raised)."""
+        return _collect_inverses(self._jobs) if self._jobs is not None else self._compute()
+
+
+def start_inverses(tasks: list[Any], inverse_threads: int, streams: str = "auto", background: bool = False) -> InversesAhead:
+    """Finalize ``tasks``' Hessians (GPTQModel's calls, on the current stream), group them into
+    units and start the units' inverses: GPTQModel's own calls per (shared) Hessian on a private
+    copy (the task's H is only read), on the same 2-D shapes and in the same order. Batched
+    ``torch.linalg`` calls would use other kernels on CUDA (cuSOLVER ``potrfBatched``, MAGMA's
+    batched ``cholesky_inverse``) that round differently from the single-matrix ones GPTQModel calls.
+
+    On CUDA ``inverse_threads`` > 1 threads with ``"own"`` streams start at once; ``background``
+    also starts them at once on the CPU, or on CUDA with one thread (never with ``"caller"``
+    streams, whose inverses must run on the caller's stream). Otherwise they are computed when
+    collected, as before this existed."""
+    for task in tasks:
+        task.finalize_hessian(target_device=getattr(task.module, "target_device", None))
+        task._release_deferred_hessian_sources()
+    units = _units(tasks)
+    first = units[0].tasks[0]
+    qcfg, columns, device = first.qcfg, first.columns, first.H.device
+    damp = float(qcfg.damp_percent)
+
+    def invert(H: torch.Tensor) -> _Inverse:
+        return _invert_unit(H, qcfg, columns, qcfg.group_size, damp)
+
+    hessians = [u.tasks[0].H for u in units]
+    threads = inverse_threads if device.type == "cuda" else 1
+    own = device.type != "cuda" or solve_streams(streams) == "own"
+    if own and (background or (device.type == "cuda" and threads > 1 and len(hessians) > 1)):
+        return InversesAhead(units, _submit_inverses(hessians, invert, threads), lambda: [])
+    return InversesAhead(units, None, lambda: _unit_inverses(hessians, invert, threads, own_streams=own))
 
 
 def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_threads: int = 1,
                        host_results: bool = False, pack: bool = False,
-                       streams: str = "auto") -> list[SolveResult | None]:
+                       streams: str = "auto", ahead: InversesAhead | None = None,
+                       inverses_started: Callable[[], None] | None = None,
+                       rows_kernel: bool = False) -> list[SolveResult | None]:
     """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
 
     Returns one entry per task: its :class:`SolveResult`, or None when GPTQModel's per-module
@@ -544,19 +644,26 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     ``host_results``: scales, zeros and ``g_idx`` come back on the CPU, moved there together.
     ``pack``: with ``host_results``, 2, 4 or 8 bits and feature counts that are multiples of 32,
     each result also carries its ``pack_block`` words (:attr:`SolveResult.packed`), packed here.
+    ``ahead``: these tasks' inverses, already started by :func:`start_inverses` (their Hessians
+    finalized there); ``inverses_started``: called once this call's own inverses are under way
+    and before its column loop is queued (the coordinator starts the next chunk's inverses there).
+    ``rows_kernel``: where GPTQModel's block-update extension applies, each 128-column block of the
+    whole chunk is one launch of :mod:`.rows_kernel` (the extension's values; falls back to the
+    extension per Hessian where that kernel cannot be built).
     """
     from gptqmodel.quantization import gptq_cuda
     from gptqmodel.quantization.gar import invert_perm
     from gptqmodel.quantization.quantizer import quantize as quantize_values
 
     start = time.time()
-    for task in tasks:
-        task.finalize_hessian(target_device=getattr(task.module, "target_device", None))
-        task._release_deferred_hessian_sources()
-    units = _units(tasks)
+    if ahead is None:
+        ahead = start_inverses(tasks, inverse_threads, streams)
+    units = ahead.units
     first = units[0].tasks[0]
     qcfg = first.qcfg
     device = first.H.device
+    if inverses_started is not None:
+        inverses_started()
     order = [t for u in units for t in u.tasks]
     hlist = [i for i, u in enumerate(units) for _ in u.tasks]  # task -> its unit (shared Hessian)
     # A unit's tasks are adjacent in ``order``: their rows form one [members x R] span of W.
@@ -576,14 +683,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     maxq = quantizer.maxq.to(device)
     row_scale, row_zero = _find_params(quantizer, W, maxq, maxq_value)
 
-    # Per shared Hessian, GPTQModel's own calls on the same 2-D shapes and in the same order
-    # (a private copy: the task's H is only read). Batched torch.linalg calls would use other
-    # kernels on CUDA (cuSOLVER potrfBatched, MAGMA's batched cholesky_inverse) that round
-    # differently from the single-matrix ones GPTQModel calls.
+    inverses = ahead.collect()
     damp = float(qcfg.damp_percent)
-    threads = inverse_threads if device.type == "cuda" else 1
-    inverses = _unit_inverses([u.tasks[0].H for u in units], lambda H: _invert_unit(H, qcfg, C, group, damp), threads,
-                              own_streams=solve_streams(streams) == "own")
     hinvs = [inv.hinv for inv in inverses]
     infos = [inv.info for inv in inverses]
     perms = [inv.perm for inv in inverses] if (qcfg.desc_act or qcfg.act_group_aware) else None
@@ -596,6 +697,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     Losses = torch.zeros_like(W)
     Q = torch.zeros_like(W)
     extension = _use_extension(first, device, blocksize)
+    one_launch = extension and rows_kernel and rows_block.available()
+    task_unit = torch.tensor(hlist, dtype=torch.int32, device=device) if one_launch else None
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
     cur_scale, cur_zero = row_scale, row_zero
@@ -623,9 +726,18 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
             block_scale = torch.stack([s.flatten() for s, _ in block_params])
             block_zero = torch.stack([z.flatten() for _, z in block_params])
             column_group = torch.tensor(column_groups, device=device, dtype=torch.int32)
+            if one_launch:  # every row of the chunk, each with its unit's inverse
+                rows_block.block_update(
+                    W1.view(-1, count), torch.stack([h[i1:i2, i1:i2] for h in hinvs]), task_unit, block_scale,
+                    block_zero, column_group, Q[:, :, i1:i2].view(-1, count), Err1.view(-1, count),
+                    Losses[:, :, i1:i2].view(-1, count), R, (1 << qcfg.bits) - 1,
+                )
+                spans_left: list[tuple[int, int, int]] = []
+            else:
+                spans_left = spans
             # One launch per unit: the kernel runs one block per row, each row on its own (its
             # scale, zero and the shared Hinv), so stacking a unit's rows gives each row's values.
-            for b0, b1, u in spans:
+            for b0, b1, u in spans_left:
                 rows = slice(b0 * R, b1 * R)
                 gptq_cuda.gptq_block_update(
                     W1[b0:b1].view(-1, count), hinvs[u][i1:i2, i1:i2], block_scale[:, rows], block_zero[:, rows],
@@ -660,7 +772,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     Z = torch.cat(zeros, dim=1).view(B, R, -1)
     width = group if group != -1 else C
     base_g_idx = torch.tensor([i // width for i in range(C)], dtype=torch.int32, device=device)
-    path = ("batched_cuda_block_update" if extension and C % 128 == 0 else "batched_torch") + f"@{device.type}"
+    kind = "batched_rows_block_update" if one_launch else "batched_cuda_block_update"
+    path = (kind if extension and C % 128 == 0 else "batched_torch") + f"@{device.type}"
     duration = (time.time() - start) / B
     results: list[SolveResult | None] = []
     by_task: dict[int, SolveResult | None] = {}
@@ -951,10 +1064,14 @@ class _Coordinator:
                     task._release_deferred_hessian_sources()
                 device = tasks[0].H.device
                 streams = solve_streams(self.settings.streams)
+                ahead_on = self.settings.inverses_ahead and (device.type != "cuda" or streams == "own")
                 # inverse_threads only acts on CUDA: the CPU inverts one Hessian after another
                 solve = functools.partial(batched_gptq_solve, tasks, inverse_threads=self.settings.inverse_threads,
                                           host_results=self.settings.host_results,
-                                          pack=self.settings.pack, streams=streams)
+                                          pack=self.settings.pack, streams=streams, ahead=self._ahead_of(chunk),
+                                          rows_kernel=self.settings.rows_kernel,
+                                          inverses_started=functools.partial(self._start_next_inverses, chunk)
+                                          if ahead_on else None)
                 if device.type == "cuda":
                     stream = torch.cuda.current_stream(device)
                     if streams == "own":
@@ -991,6 +1108,32 @@ class _Coordinator:
                 self.stats.host_results += self.settings.host_results
                 self.stats.paths[f"{result.path}"] += 1
 
+    @staticmethod
+    def _ahead_of(chunk: _Chunk) -> InversesAhead | None:
+        """``chunk``'s inverses started ahead (waiting until they are), or None."""
+        if chunk.ahead_started is None:
+            return None
+        chunk.ahead_started.wait()
+        return chunk.ahead
+
+    def _start_next_inverses(self, solving: _Chunk) -> None:
+        """Start the inverses of the device's next open chunk (called while ``solving``'s own are
+        under way); on failure that chunk computes them itself when solved."""
+        with self.cond:
+            chunk = next((c for c in self.open if c.device == solving.device and c.ahead_started is None), None)
+            if chunk is None:
+                return
+            chunk.ahead_started = threading.Event()
+        try:
+            chunk.ahead = start_inverses(chunk.tasks, self.settings.inverse_threads,
+                                         solve_streams(self.settings.streams), background=True)
+            with self.cond:
+                self.stats.inverses_ahead += 1
+        except Exception as exc:  # out of memory, say: its own solve tries again, as without this
+            logger.debug("could not start the next chunk's inverses ahead (%s); its solve computes them", exc)
+        finally:
+            chunk.ahead_started.set()
+
     def take(self, task: Any, blocksize: int) -> SolveResult | None:
         with self.cond:
             entry = self.results.get(id(task))
@@ -1021,6 +1164,8 @@ class _Chunk:
     error: BaseException | None = None  # what its solve raised on a solver thread
     waiters: int = 0  # workers waiting for it
     untaken: int = 0  # its results GPTQModel has not asked for yet
+    ahead: InversesAhead | None = None  # its inverses, started while the chunk before it was solved
+    ahead_started: threading.Event | None = None  # set once ``ahead`` is there (or failed to start)
 
 
 def _units_for_chunking(group: list[Any]) -> list[_Unit]:

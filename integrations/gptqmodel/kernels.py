@@ -63,8 +63,9 @@ class GptqKernelRecord:
     Paths: ``cuda_block_update`` (the extension), ``torch`` (GPTQModel's torch block loop),
     ``<strategy>-fallback`` (a module under GPTQModel's ``Fallback`` sample threshold, quantized
     without a Hessian on purpose, e.g. ``rtn-fallback``: not a slower path),
-    ``batched_cuda_block_update`` / ``batched_torch`` (``integrations.gptqmodel.batched``: many
-    modules solved together, through the extension per module and block or a batched torch loop).
+    ``batched_cuda_block_update`` / ``batched_rows_block_update`` / ``batched_torch``
+    (``integrations.gptqmodel.batched``: many modules solved together, through the extension per
+    Hessian and block, through :mod:`.rows_kernel` once per chunk and block, or a batched torch loop).
     """
 
     solves: Counter = field(default_factory=Counter)  # (path, device type) -> modules
@@ -106,7 +107,8 @@ class GptqKernelRecord:
 
     def label(self) -> str:
         """Short description for tables, e.g. ``cuda-ext 768`` or ``torch 768 (fallback)``."""
-        names = {"cuda_block_update": "cuda-ext", "batched_cuda_block_update": "batched-cuda-ext"}
+        names = {"cuda_block_update": "cuda-ext", "batched_cuda_block_update": "batched-cuda-ext",
+                 "batched_rows_block_update": "batched-rows-kernel"}
         parts = [f"{names.get(path, path)}@{dev} {n}" for (path, dev), n in sorted(self.solves.items())]
         text = ", ".join(parts) or "no GPTQ solve"
         if self.hessian_inverse_cpu_fallbacks:
