@@ -1053,9 +1053,10 @@ def test_caller_streams_put_every_inverse_on_the_callers_stream():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+@pytest.mark.parametrize("rows_kernel", [True, False])
 @pytest.mark.parametrize("inverse_threads,host_results,streams", [(1, False, "own"), (4, True, "own"), (4, True, "caller")])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_threads, host_results, streams):
+def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_threads, host_results, streams, rows_kernel):
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.gptq_cuda import block_update_available
 
@@ -1070,7 +1071,7 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_t
         task.finalize_hessian(target_device=torch.device("cuda"))
     expected = [t.quantize() for t in reference]
     got = batched_gptq_solve(batched, inverse_threads=inverse_threads, host_results=host_results, streams=streams,
-                             rows_kernel=True)
+                             rows_kernel=rows_kernel)
     if host_results:
         assert all(v.device.type == "cpu" for r in got for v in r.values[1:4])
         got = [type(r)((r.values[0], *(v.cuda() for v in r.values[1:4]), *r.values[4:]), r.path, r.device, r.blocksize)
@@ -1081,7 +1082,8 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_t
     unequal = []
     for m, (e, r) in enumerate(zip(expected, got, strict=True)):
         # BatchedSolve's default: the chunk's blocks through rows_kernel, where the extension applies
-        assert r is not None and r.path == ("batched_rows_block_update@cuda" if extension else "batched_torch@cuda")
+        kind = "batched_rows_block_update" if rows_kernel else "batched_cuda_block_update"
+        assert r is not None and r.path == (f"{kind}@cuda" if extension else "batched_torch@cuda")
         q, scale, _, g_idx, *_ = r.values
         step = e[1][:, e[3].long()]  # GPTQModel's scale of every column
         codes += q.numel()
@@ -1091,7 +1093,7 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_t
                     if not torch.equal(want, have)]
         if r.values[5] != e[5]:
             unequal.append(f"{m}:loss")
-    print(f"\n{name}, {inverse_threads} inverse thread(s): {identical / codes:.5f} of codes identical to GPTQModel's per-module solve, largest relative "
+    print(f"\n{name}, {inverse_threads} inverse thread(s), rows kernel {rows_kernel}: {identical / codes:.5f} of codes identical to GPTQModel's per-module solve, largest relative "
           f"scale difference {scale_diff:.2e}, unequal: {unequal or 'none'}")
     # The same single-matrix linear algebra in the same order as GPTQModel: bit-identical, loss included.
     assert not unequal
