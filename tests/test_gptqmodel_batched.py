@@ -918,6 +918,21 @@ def per_module(plugin, tiny, tmp_path_factory):  # noqa: F811
     return _quantize(plugin, tiny, tmp_path_factory.mktemp("per_module"), "out")
 
 
+def _solve_paths() -> tuple[str, str, str]:
+    """The paths a run here takes: batched and per module, and the device (GPTQModel quantizes on
+    the GPU where there is one)."""
+    if not torch.cuda.is_available():
+        return "batched_torch", "torch", "cpu"
+    from gptqmodel.quantization.gptq_cuda import block_update_available
+
+    from defuser_quant.integrations.gptqmodel import rows_kernel
+
+    if not block_update_available():
+        return "batched_torch", "torch", "cuda"
+    return ("batched_rows_block_update" if rows_kernel.available() else "batched_cuda_block_update"), \
+        "cuda_block_update", "cuda"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ahead", [0, 2])
 def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny, tmp_path, per_module, ahead):  # noqa: F811
@@ -933,11 +948,12 @@ def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny
     # Every expert projection was solved batched; the lone modules (q_proj, o_proj) per module.
     solve, experts = result.solve, len(result.projections)
     assert experts == 48 and all(p.method == "gptq" for p in result.projections)
-    assert solve.batched_modules >= experts and solve.paths == Counter({"batched_torch@cpu": solve.batched_modules})
+    batched_path, lone_path, on = _solve_paths()
+    assert solve.batched_modules >= experts and solve.paths == Counter({f"{batched_path}@{on}": solve.batched_modules})
     assert reference.solve is None
     lone = sum(kernels_ref.solves.values()) - solve.batched_modules
     assert solve.per_module == Counter({"no equal-shape sibling in the subset": lone}) and lone > 0
-    assert kernels.solves == Counter({("batched_torch", "cpu"): solve.batched_modules, ("torch", "cpu"): lone})
+    assert kernels.solves == Counter({(batched_path, on): solve.batched_modules, (lone_path, on): lone})
     assert kernels.last_solve_at is not None and kernels_ref.last_solve_at is not None  # either way, the tail is timed
     if ahead:  # the solver thread started chunks nobody waited for yet
         assert solve.chunks > solve.groups >= 4 and solve.solved_ahead > 0
@@ -983,6 +999,7 @@ def test_batched_checkpoint_loads_with_gptqmodel_and_defuser_quant_load(plugin, 
     reloaded = GPTQModel.load(str(tmp_path / "ckpt"), device="cpu")
     with torch.inference_mode():
         a = reloaded.model(**tiny["ids"]).logits.float()
+    pytest.importorskip("optimum", reason="defuser_quant.load of a GPTQ checkpoint needs optimum (installed by the set-up)")
     loaded = defuser_quant.load(str(tmp_path / "ckpt"))
     experts = [m for n, m in loaded.named_modules() if ".experts." in n and n.endswith("_proj")]
     assert len(experts) == 48 and not any(isinstance(m, nn.Linear) and not isinstance(m, BaseQuantLinear) for m in experts)

@@ -528,7 +528,7 @@ def _submit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tenso
     _load_cuda_linalg(device)
     queued = torch.cuda.current_stream(device).record_event()
 
-    def job(hessian: torch.Tensor) -> tuple[_Inverse, torch.cuda.Event]:
+    def job(hessian: torch.Tensor) -> tuple[_Inverse, torch.cuda.Event, torch.device]:
         streams = _inverse_streams.__dict__.setdefault("by_device", {})
         stream = streams.get(device)
         if stream is None:
@@ -536,7 +536,7 @@ def _submit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tenso
         with torch.cuda.device(device), torch.cuda.stream(stream):
             stream.wait_event(queued)
             inverse = invert(hessian)
-            return inverse, stream.record_event()
+            return inverse, stream.record_event(), device
 
     return _submit(job, hessians, max(1, threads))
 
@@ -547,13 +547,14 @@ def _collect_inverses(jobs: list[Future]) -> list[_Inverse]:
     done = [job.result() for job in jobs]
     if not done or not isinstance(done[0], tuple):  # the CPU: the inverses themselves
         return done
-    origin = torch.cuda.current_stream(done[0][0].hinv.device)
-    for inverse, finished in done:
+    origin = torch.cuda.current_stream(done[0][2])
+    for inverse, finished, _ in done:
         origin.wait_event(finished)
-        for t in inverse.tensors():
+        tensors = inverse.tensors() if isinstance(inverse, _Inverse) else []
+        for t in tensors:
             if t.is_cuda:  # made on a helper stream, read on the caller's: keep its memory until then
                 t.record_stream(origin)
-    return [inverse for inverse, _ in done]
+    return [inverse for inverse, _, _ in done]
 
 
 def _unit_inverses(hessians: list[torch.Tensor], invert: Callable[[torch.Tensor], _Inverse],
