@@ -959,7 +959,8 @@ def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny
         assert solve.chunks > solve.groups >= 4 and solve.solved_ahead > 0
     else:
         assert solve.groups == solve.chunks >= 4 and solve.solved_ahead == 0  # gate/up and down of 2 layers at least
-    assert solve.streams == Counter()  # streams are counted for CUDA chunks only
+    # streams are counted for CUDA chunks only ("own" without deterministic algorithms)
+    assert solve.streams == (Counter({"own": solve.chunks}) if on == "cuda" else Counter())
     # GPTQModel's own log rows (samples, damp, loss) are those of the per-module run.
     def rows(r):
         return sorted((row["layer"], row["module"], row["samples"], row["damp"], row["loss"]) for row in r.log["gptq"])
