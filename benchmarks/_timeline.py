@@ -57,6 +57,8 @@ MAIN_PHASES: tuple[tuple[str, str | None, str], ...] = (
     # the loop's start: its constructor, of it the disk-speed probe (a 100 MB write and fsync, once a process)
     ("gptqmodel.looper.module_looper", "ModuleLooper", "__init__"),
     ("gptqmodel.looper.module_looper", None, "io_write_performance"),
+    # after the input capture: the base modules (embeddings, norm, head) written to the offload folder
+    ("gptqmodel.looper.module_looper", None, "offload_to_disk"),
     ("gptqmodel.utils.threadx", "DeviceThreadPool", "submit"),
 )
 

@@ -454,7 +454,8 @@ def _warm(label: str, load: Callable[[], object]) -> tuple[float | None, bool | 
     t0 = time.perf_counter()
     try:
         available = bool(load())
-    except ImportError:
+    except ImportError as exc:
+        print(f"{label}: not loaded ({exc})", flush=True)
         return None, None
     print(f"{label} available: {available}", flush=True)
     return round(time.perf_counter() - t0, 2), available
@@ -476,6 +477,10 @@ def warm_rows_kernel() -> tuple[float | None, bool | None]:
     so the variants' processes load it instead of each paying the build)."""
 
     def load() -> object:
+        sys.path.insert(0, str(HERE))
+        from _source import use_source_checkout
+
+        use_source_checkout()  # the parent process of a plain checkout, as each variant's worker does
         from defuser_quant.integrations.gptqmodel import rows_kernel
 
         ok = rows_kernel.available()

@@ -386,7 +386,7 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
         gaps = timeline["main_gaps"]
         assert gaps[0]["after"] is None and gaps[-1]["before"] is None
         assert {"capture_inputs", "BaseQModel.pre_quantize", "build_layer_subset_plans", "ModuleLooper.__init__",
-                "io_write_performance"} <= set(gaps[0]["parts"])
+                "io_write_performance", "offload_to_disk"} <= set(gaps[0]["parts"])
         [change] = [g for g in gaps if g["before"] == "layer 1 subset 0: 3 modules"]
         assert change["after"].startswith("layer 0 subset 3: ")
         assert {"_replay_layer_outputs", "BaseQModel.post_quantize", "BaseQModel.pre_quantize",
@@ -402,3 +402,24 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
     assert ratios["end_to_end"]["max"] == round(max(stock) / min(ours), 2)
     assert ratios["end_to_end"]["min"] == round(min(stock) / max(ours), 2)
     assert "Ratios against every stock run of this call" in data["markdown"]
+
+
+def test_the_one_launch_kernel_is_warmed_up_before_the_variants_and_says_why_not(capsys, monkeypatch):
+    """The benchmark builds the rows kernel once in its own process (a plain checkout maps the
+    package there too); without CUDA it says why it is unavailable, and an import failure is named
+    instead of passing silently."""
+    import defuser_quant.integrations.gptqmodel.rows_kernel as rows_kernel
+
+    monkeypatch.setattr(rows_kernel, "_module", None)
+    monkeypatch.setattr(rows_kernel, "_failure", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seconds, ok = bench.warm_rows_kernel()
+    out = capsys.readouterr().out
+    assert ok is False and seconds is not None
+    assert "rows kernel unavailable: CUDA is not available" in out and "block kernel available: False" in out
+
+    def missing() -> object:
+        raise ImportError("No module named 'nowhere'")
+
+    assert bench._warm("some extension", missing) == (None, None)
+    assert "some extension: not loaded (No module named 'nowhere')" in capsys.readouterr().out
