@@ -110,3 +110,18 @@ def test_bad_shapes_are_refused_in_one_line():
         rows_kernel.block_update(work, tiles, task_unit, scale, zero, column_group, *outs, 32, 10)
     with pytest.raises(RuntimeError, match="work must have 128 contiguous columns"):
         rows_kernel.block_update(work[:, :64], tiles, task_unit, scale, zero, column_group, *outs, 32, 15)
+
+
+def test_the_batched_solve_builds_the_kernel_when_it_starts_on_a_cuda_machine(monkeypatch):
+    """Entering ``batched_solves`` on a machine with CUDA compiles (or loads) the kernel then, not in
+    the middle of the first chunk's solve; without ``rows_kernel`` or without CUDA it is not asked."""
+    from defuser_quant.integrations.gptqmodel import batched, rows_kernel
+
+    asked = []
+    monkeypatch.setattr(rows_kernel, "available", lambda: asked.append(True) or False)
+    for cuda, setting, want in ((True, True, 1), (True, False, 0), (False, True, 0)):
+        asked.clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        with batched.batched_solves(batched.BatchedSolve(rows_kernel=setting)):
+            pass
+        assert len(asked) == want, (cuda, setting)

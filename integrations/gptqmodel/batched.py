@@ -1198,6 +1198,8 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
     from gptqmodel.quantization.gptq import GPTQ
 
     settings = settings or BatchedSolve()
+    if settings.rows_kernel and torch.cuda.is_available():
+        rows_block.available()  # compiled (or found unavailable) now, not inside the first chunk's solve
     coordinator = _Coordinator(settings)
     process, quantize = GPTQProcessor.process, GPTQ.quantize
 

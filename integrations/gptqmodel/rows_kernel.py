@@ -157,6 +157,8 @@ def _load() -> object | None:
         try:
             from torch.utils.cpp_extension import load_inline
 
+            logger.info("loading defuser-quant's one-launch GPTQ block kernel (the first time on a machine it is "
+                        "compiled with nvcc, about a minute; torch caches the build)")
             _module = load_inline(name=_NAME, cpp_sources=_CPP, cuda_sources=_CUDA, functions=["rows_block_update"],
                                   extra_cuda_cflags=["-O3", "--fmad=false"], verbose=False)
         except Exception as exc:  # no nvcc, a compiler error: GPTQModel's extension per Hessian instead
