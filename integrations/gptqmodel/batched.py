@@ -17,8 +17,11 @@ Exactness, step by step against ``GPTQ.quantize`` (7.6):
   module), the damp (``damp_percent`` x each module's mean Hessian diagonal), ``g_idx`` and the
   scale reordering are the same operations on the same values;
 * the column loop is element-wise, so batching it changes nothing; on CUDA, where GPTQModel runs
-  its block-update extension, the extension is called per module and 128-column block, exactly as
-  GPTQModel calls it; the lazy block updates run one matmul per module, like GPTQModel's;
+  its block-update extension, each 128-column block of the whole chunk is one launch of
+  :mod:`.rows_kernel`, which computes the extension's steps in its order, each rounded on its own
+  (``BatchedSolve.rows_kernel``; without it, or where it cannot be built, the extension itself per
+  shared Hessian and block, as GPTQModel calls it); the lazy block updates run one matmul per
+  module, like GPTQModel's;
 * the Hessian inverse is GPTQModel's own sequence of single-matrix calls, per (shared) Hessian,
   in GPTQModel's order: ``cholesky_ex`` of the damped 2-D Hessian, ``cholesky_inverse`` into the
   factor, upper ``cholesky``. Batched ``torch.linalg`` calls would run other kernels on CUDA
@@ -38,6 +41,8 @@ Exactness, step by step against ``GPTQ.quantize`` (7.6):
   algorithms (``BatchedSolve.streams="auto"``) the chunk and its inverse threads run on the solving
   worker's stream instead, as GPTQModel's per-module solve does: there the threads' own streams gave
   another checkpoint than stock's, the worker's stream stock's (docs/performance.md, round 26).
+  Otherwise the next chunk's inverses are started while a chunk is solved
+  (``BatchedSolve.inverses_ahead``): the same calls on the inverse threads' own streams, earlier.
 
 Whatever is not reproduced goes back to GPTQModel's per-module solve, logged and counted by
 reason (:class:`BatchedSolveStats`): GPTAQ/FOEM tasks, non-``Quantizer`` quantizers, ``static_groups``,
@@ -610,7 +615,7 @@ def start_inverses(tasks: list[Any], inverse_threads: int, streams: str = "auto"
     On CUDA ``inverse_threads`` > 1 threads with ``"own"`` streams start at once; ``background``
     also starts them at once on the CPU, or on CUDA with one thread (never with ``"caller"``
     streams, whose inverses must run on the caller's stream). Otherwise they are computed when
-    collected, as before this existed."""
+    collected, on the collecting thread (spread over the threads first with ``"caller"`` streams)."""
     for task in tasks:
         task.finalize_hessian(target_device=getattr(task.module, "target_device", None))
         task._release_deferred_hessian_sources()
