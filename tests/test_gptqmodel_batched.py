@@ -1070,6 +1070,16 @@ def test_caller_streams_put_every_inverse_on_the_callers_stream():
         assert all((stream == caller) is not own_streams for stream in seen), (own_streams, seen)
 
 
+def _cuda_task_pair(qcfg):
+    """Two equal sets of 8 GPTQ tasks (256 x 512) on CUDA with final Hessians: GPTQModel's and ours."""
+    pair = (_tasks(qcfg, n=8, rows=256, cols=512), _tasks(qcfg, n=8, rows=256, cols=512))
+    for task in [*pair[0], *pair[1]]:
+        task.module.cuda()
+        task.module.target_device = torch.device("cuda")
+        task.finalize_hessian(target_device=torch.device("cuda"))
+    return pair
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
 @pytest.mark.parametrize("rows_kernel", [True, False])
 @pytest.mark.parametrize("inverse_threads,host_results,streams", [(1, False, "own"), (4, True, "own"), (4, True, "caller")])
@@ -1080,13 +1090,7 @@ def test_batched_solve_on_cuda_matches_gptqmodels_extension_path(name, inverse_t
 
     from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
 
-    kw = dict(CONFIGS[name])
-    qcfg = QuantizeConfig(**{"bits": 4, "group_size": 128, **kw})
-    reference, batched = (_tasks(qcfg, n=8, rows=256, cols=512), _tasks(qcfg, n=8, rows=256, cols=512))
-    for task in [*reference, *batched]:
-        task.module.cuda()
-        task.module.target_device = torch.device("cuda")
-        task.finalize_hessian(target_device=torch.device("cuda"))
+    reference, batched = _cuda_task_pair(QuantizeConfig(**{"bits": 4, "group_size": 128, **CONFIGS[name]}))
     expected = [t.quantize() for t in reference]
     got = batched_gptq_solve(batched, inverse_threads=inverse_threads, host_results=host_results, streams=streams,
                              rows_kernel=rows_kernel)
@@ -1126,12 +1130,7 @@ def test_inverses_started_ahead_on_cuda_give_gptqmodels_bits(name):
 
     from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve, start_inverses
 
-    qcfg = QuantizeConfig(**{"bits": 4, "group_size": 128, **CONFIGS[name]})
-    reference, batched = (_tasks(qcfg, n=8, rows=256, cols=512), _tasks(qcfg, n=8, rows=256, cols=512))
-    for task in [*reference, *batched]:
-        task.module.cuda()
-        task.module.target_device = torch.device("cuda")
-        task.finalize_hessian(target_device=torch.device("cuda"))
+    reference, batched = _cuda_task_pair(QuantizeConfig(**{"bits": 4, "group_size": 128, **CONFIGS[name]}))
     expected = [t.quantize() for t in reference]
     held = {}
     stream = torch.cuda.Stream()
