@@ -13,9 +13,10 @@ and error, then ``value - error * hinv`` for the pivot column and every column a
 results are the extension's bit for bit (asserted on CUDA by the tests). The batched solve uses it
 only where GPTQModel would run its extension (:func:`.batched._use_extension`).
 
-It is compiled at first use with ``torch.utils.cpp_extension.load_inline`` (``nvcc`` needed; about
-a minute, cached by torch across processes); where that fails the batched solve calls GPTQModel's
-extension per Hessian, as before, and :func:`why_unavailable` says why.
+It is compiled with ``torch.utils.cpp_extension.load_inline`` when a batched solve starts on a CUDA
+machine (:func:`.batched.batched_solves`; ``nvcc`` needed; about a minute the first time, then loaded
+from torch's build cache); where that fails the batched solve calls GPTQModel's extension per
+Hessian and :func:`why_unavailable` says why.
 """
 
 from __future__ import annotations
