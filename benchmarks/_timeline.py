@@ -59,6 +59,9 @@ MAIN_PHASES: tuple[tuple[str, str | None, str], ...] = (
     ("gptqmodel.looper.module_looper", None, "io_write_performance"),
     # after the input capture: the base modules (embeddings, norm, head) written to the offload folder
     ("gptqmodel.looper.module_looper", None, "offload_to_disk"),
+    # inside pre_quantize (a layer's load): the meta-tensor scan and the checkpoint copy into the layer
+    ("gptqmodel.models.base", None, "_module_has_meta_tensors"),
+    ("gptqmodel.utils.structure", "LazyTurtle", "materialize_submodule"),
     ("gptqmodel.utils.threadx", "DeviceThreadPool", "submit"),
 )
 

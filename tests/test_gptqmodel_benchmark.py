@@ -391,6 +391,8 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
         assert change["after"].startswith("layer 0 subset 3: ")
         assert {"_replay_layer_outputs", "BaseQModel.post_quantize", "BaseQModel.pre_quantize",
                 "build_layer_subset_plans", "DeviceThreadPool.submit"} <= set(change["parts"])
+        # the layer's load split: its checkpoint copy inside pre_quantize
+        assert 0 < change["parts"]["LazyTurtle.materialize_submodule"] <= change["parts"]["BaseQModel.pre_quantize"]
         assert all(0 <= g["uncovered"] <= g["seconds"] and max(g["parts"].values(), default=0) <= g["seconds"] for g in gaps)
         spans = bench.timeline_path(tmp_path / "repeat.json", r["run"])
         kinds = {json.loads(line)["kind"] for line in spans.read_text().splitlines()}
