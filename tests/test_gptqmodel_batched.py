@@ -957,6 +957,8 @@ def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny
     assert kernels.last_solve_at is not None and kernels_ref.last_solve_at is not None  # either way, the tail is timed
     if ahead:  # the solver thread started chunks nobody waited for yet
         assert solve.chunks > solve.groups >= 4 and solve.solved_ahead > 0
+        # small chunks: the next chunk's inverses started while one was solved, inside GPTQModel's run
+        assert 0 < solve.inverses_ahead < solve.chunks
     else:
         assert solve.groups == solve.chunks >= 4 and solve.solved_ahead == 0  # gate/up and down of 2 layers at least
     # streams are counted for CUDA chunks only ("own" without deterministic algorithms)
