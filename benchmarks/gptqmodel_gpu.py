@@ -82,6 +82,10 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  extension launched per Hessian and block, instead of one launch of ``rows_kernel`` per
                  chunk and block (the default since round 33; ``meta.rows_kernel_available`` says whether
                  it built, and the row's ``kernels_label`` which ran);
+* ``ours-grouped-batched-packahead`` - with ``BatchedSolve(pack_ahead=True)`` (opt-in): each batched
+                 module's words packed by GPTQModel's own CPU extension on background threads as soon
+                 as GPTQModel takes its result, and served to its finalize; the row's ``solve.pack``
+                 counts offered / served / refused / failed and the finalizes' wait;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -212,7 +216,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
             "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
             "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams",
-            "ours-grouped-batched-noahead", "ours-grouped-batched-norows",
+            "ours-grouped-batched-noahead", "ours-grouped-batched-norows", "ours-grouped-batched-packahead",
             *(f"ours-grouped-batched{suffix}" for suffix in WITHOUT_PART))
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
@@ -273,7 +277,7 @@ def solve_setting(variant: str):
                 "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True},
                 "-modulerows": {"log_rows": "module"}, "-ownstreams": {"streams": "own"},
                 "-callerstreams": {"streams": "caller"}, "-noahead": {"inverses_ahead": False},
-                "-norows": {"rows_kernel": False}}
+                "-norows": {"rows_kernel": False}, "-packahead": {"pack_ahead": True}}
     kwargs: dict = {}
     stripped = True
     while stripped:

@@ -237,6 +237,8 @@ def test_variants_pick_their_batched_solve_settings():
     assert bench.solve_setting("ours-grouped-batched-norows") == BatchedSolve(rows_kernel=False)
     assert BatchedSolve().inverses_ahead and BatchedSolve().rows_kernel  # on by default
     assert {"ours-grouped-batched-noahead", "ours-grouped-batched-norows"} <= set(bench.VARIANTS)
+    assert bench.solve_setting("ours-grouped-batched-packahead") == BatchedSolve(pack_ahead=True)
+    assert "ours-grouped-batched-packahead" in bench.VARIANTS
 
 
 def test_variants_pick_their_lean_bookkeeping():

@@ -175,5 +175,89 @@ def test_gptqmodel_run_with_packed_words_gives_the_per_module_checkpoint(plugin,
     assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
     solve = result.solve
     # Every batched module's words came from the solve; none was refused.
-    assert solve.pack.as_dict() == {"offered": solve.batched_modules, "served": solve.batched_modules, "refused": 0}
+    assert solve.pack.as_dict() == {"offered": solve.batched_modules, "served": solve.batched_modules, "refused": 0,
+                                    "failed": 0, "waited_seconds": 0.0}
     assert solve.as_dict()["pack"]["served"] >= 48
+
+
+@pytest.mark.parametrize("change", ["none", "weight", "scales", "fails"])
+def test_pack_block_takes_words_packed_ahead_only_for_the_inputs_they_were_packed_from(extension, change):
+    """Words started ahead with GPTQModel's own extension (``BatchedSolve(pack_ahead=True)``): served,
+    waited for, to the module whose ``pack_block`` inputs are theirs; otherwise (or when the pack
+    ahead raised) the extension packs it, as stock."""
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
+    from defuser_quant.integrations.gptqmodel.packing import pack_ahead, served_pack_words
+
+    from gptqmodel import QuantizeConfig
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    tasks = _tasks(qcfg, n=2)
+    results = batched_gptq_solve(tasks, host_results=True)
+    linear = tasks[0].module
+    q, scale, zero, g_idx = results[0].values[:4]
+    linear.weight.data = q.clone()
+    ahead_weight = linear.weight.data if change != "fails" else linear.weight.data[:, :-32]  # the extension refuses it
+    scale, g_idx = scale.clone(), g_idx.clone()
+    with served_pack_words() as stats:
+        assert pack_ahead(linear, ahead_weight, scale, zero, g_idx, bits=4)
+        if change == "weight":
+            linear.weight.data = linear.weight.data.clone()
+            linear.weight.data[3, 9] += 1
+        elif change == "scales":
+            scale = scale.clone()
+            scale[2, 1] *= 2
+        served = _quant_linear(linear, 4)
+        served.pack_block(linear, scale, zero, g_idx)
+    stock = _quant_linear(linear, 4)
+    stock.pack_block(linear, scale, zero, g_idx)
+    for buffer in ("qweight", "qzeros", "scales", "g_idx"):
+        assert torch.equal(getattr(served, buffer), getattr(stock, buffer)), buffer
+    counts = {k: v for k, v in stats.as_dict().items() if v and k != "waited_seconds"}
+    want = {"none": {"offered": 1, "served": 1}, "weight": {"offered": 1, "refused": 1},
+            "scales": {"offered": 1, "refused": 1}, "fails": {"offered": 1, "failed": 1}}[change]
+    assert counts == want
+
+
+def test_words_packed_ahead_are_checked_for_their_dtypes_and_dropped_with_the_block(extension):
+    from defuser_quant.integrations.gptqmodel import packing
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 256, generator=g).to(torch.bfloat16)
+    scales, zeros = torch.rand(64, 2, generator=g) + 0.1, torch.randint(0, 16, (64, 2)).float()
+    g_idx = (torch.arange(256) // 128).to(torch.int32)
+    linear = nn.Linear(256, 64)
+    assert not packing.pack_ahead(linear, weight, scales, zeros, g_idx, bits=4)  # outside the block: nothing
+    with packing.served_pack_words() as stats:
+        assert not packing.pack_ahead(linear, weight, scales, zeros, g_idx, bits=3)  # no whole codes per word
+        assert packing.pack_ahead(linear, weight, scales, zeros, g_idx, bits=4)
+        words = packing._active.pending[linear].result()
+        args = (weight, scales.T.contiguous(), zeros.T.contiguous(), g_idx, 4, 32)
+        assert words.matches(*args)
+        assert not words.matches(weight, scales.T.contiguous().double(), *args[2:])  # equal values, other dtype
+        assert stats.offered == 1
+    assert packing._active is None and stats.served == 0
+
+
+def test_pack_ahead_settings_are_checked():
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+    assert BatchedSolve().pack_ahead is False  # opt-in until measured on a GPU
+    with pytest.raises(TypeError, match="pack_ahead must be True or False"):
+        BatchedSolve(pack_ahead=1)
+    for bad in ({"pack": True}, {"host_results": False}):
+        with pytest.raises(ValueError, match="pack_ahead needs host_results=True and pack=False"):
+            BatchedSolve(pack_ahead=True, **bad)
+
+
+@pytest.mark.slow
+def test_gptqmodel_run_with_words_packed_ahead_gives_the_per_module_checkpoint(plugin, tiny, tmp_path, per_module):  # noqa: F811
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+    _, _, tensors_ref = per_module
+    result, _, tensors = _quantize(plugin, tiny, tmp_path, "ahead", batched_solve=BatchedSolve(pack_ahead=True))
+    assert tensors.keys() == tensors_ref.keys()
+    assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
+    pack = result.solve.pack.as_dict()
+    # Every batched module's words were started ahead and taken by its finalize; none refused or failed.
+    assert pack["offered"] == pack["served"] == result.solve.batched_modules >= 48
+    assert pack["refused"] == pack["failed"] == 0

@@ -142,6 +142,13 @@ class BatchedSolve:
             so they are computed beside this chunk's column loop instead of before the next one's.
             The same calls on the same kind of stream: the results do not depend on it. Not with
             ``"caller"`` streams (every inverse on the solving worker's stream, in order).
+        pack_ahead: as soon as GPTQModel takes a batched module's result, start its packed words with
+            GPTQModel's own CPU extension on :data:`.packing.PACK_AHEAD_THREADS` threads, from the
+            inputs its ``pack_block`` will pass; the module's finalize then takes them (waiting if
+            they are not ready) instead of packing, where its inputs are those (dtypes included),
+            else the extension packs it as stock. Needs ``host_results`` and 2, 4 or 8 bits; not
+            with ``pack``. Off by default (opt-in until measured on a GPU: it moves the last layer's
+            packing into the layer's own subsets, where the CPU workers are idle).
         rows_kernel: where GPTQModel would run its CUDA block-update extension, run each 128-column
             block of a whole chunk as one launch of :mod:`.rows_kernel` (one warp per row) instead
             of one extension launch per Hessian: the extension's values, bit for bit. Where the
@@ -159,6 +166,7 @@ class BatchedSolve:
     streams: str = "auto"
     inverses_ahead: bool = True
     rows_kernel: bool = True
+    pack_ahead: bool = False
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -179,6 +187,11 @@ class BatchedSolve:
             raise TypeError(f"BatchedSolve.inverses_ahead must be True or False, got {self.inverses_ahead!r}")
         if not isinstance(self.rows_kernel, bool):
             raise TypeError(f"BatchedSolve.rows_kernel must be True or False, got {self.rows_kernel!r}")
+        if not isinstance(self.pack_ahead, bool):
+            raise TypeError(f"BatchedSolve.pack_ahead must be True or False, got {self.pack_ahead!r}")
+        if self.pack_ahead and (self.pack or not self.host_results):
+            raise ValueError("BatchedSolve.pack_ahead needs host_results=True and pack=False (pack packs on the "
+                             "solve's device instead)")
         if self.log_rows not in ("chunk", "module"):
             raise ValueError(f"BatchedSolve.log_rows must be 'chunk' or 'module', got {self.log_rows!r}")
         _check_streams(self.streams, "BatchedSolve.streams")
@@ -1226,11 +1239,13 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
         log_rows.mark_batched(result.rows)
         if result.packed is not None:
             packing.offer_pack_words(self.module, result.packed)
+        elif settings.pack_ahead and packing.packable(self.qcfg.bits, self.rows, self.columns):
+            packing.pack_ahead(self.module, *result.values[:4], bits=int(self.qcfg.bits))
         self.H = None  # as GPTQModel's solve leaves it: the Hessian is consumed
         return result.values
 
     with contextlib.ExitStack() as stack:
-        if settings.pack:
+        if settings.pack or settings.pack_ahead:
             coordinator.stats.pack = stack.enter_context(packing.served_pack_words())
         if settings.log_rows == "chunk":
             coordinator.stats.log_rows = stack.enter_context(log_rows.chunk_log_rows())

@@ -25,8 +25,10 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +38,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PACK_BITS", "PackStats", "PackedWords", "host_copies", "offer_pack_words", "pack_stack", "pack_words",
-           "packable", "served_pack_words", "weight_fingerprint"]
+__all__ = ["PACK_AHEAD_THREADS", "PACK_BITS", "PackStats", "PackedWords", "host_copies", "offer_pack_words",
+           "pack_ahead", "pack_stack", "pack_words", "packable", "served_pack_words", "weight_fingerprint"]
 
 #: Bit widths with a whole number of codes per 32-bit word (the extension's only widths).
 PACK_BITS = (2, 4, 8)
@@ -143,12 +145,14 @@ class PackedWords:
     zeros: torch.Tensor  # [out, groups]
     g_idx: torch.Tensor  # [in]
     fingerprint: torch.Tensor  # weight_fingerprint of the dequantized weight
+    dtypes: tuple[torch.dtype, ...] | None = None  # packed by the extension itself: its inputs' dtypes, checked too
 
     def matches(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
                 bits: int, word_bits: int) -> bool:
         """Whether the extension's arguments are the inputs these words were packed from."""
         return (
             int(bits) == self.bits and int(word_bits) == 32
+            and (self.dtypes is None or self.dtypes == (weight.dtype, scales.dtype, zeros.dtype, g_idx.dtype))
             and weight.dim() == 2 and weight.shape == (self.qweight.shape[1], self.g_idx.numel())
             and scales.device.type == zeros.device.type == g_idx.device.type == "cpu"
             and torch.equal(scales, self.scales.T) and torch.equal(zeros, self.zeros.T)
@@ -161,20 +165,25 @@ class PackedWords:
 class PackStats:
     """What :func:`served_pack_words` did in one run."""
 
-    offered: int = 0  # modules whose words the solve computed
+    offered: int = 0  # modules whose words the solve computed (or started computing ahead)
     served: int = 0  # ... that GPTQModel's pack_block took instead of running the extension
     refused: int = 0  # ... whose pack_block inputs differed: the extension ran (stock)
+    failed: int = 0  # packs started ahead that raised: the extension ran (stock)
+    waited_seconds: float = 0.0  # pack_block waiting for a pack started ahead to finish
 
-    def as_dict(self) -> dict[str, int]:
-        return {"offered": self.offered, "served": self.served, "refused": self.refused}
+    def as_dict(self) -> dict[str, Any]:
+        return {"offered": self.offered, "served": self.served, "refused": self.refused, "failed": self.failed,
+                "waited_seconds": round(self.waited_seconds, 3)}
 
 
 @dataclass
 class _Registry:
     stats: PackStats = field(default_factory=PackStats)
     words: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # nn.Linear -> PackedWords
+    pending: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # nn.Linear -> Future
     lock: threading.Lock = field(default_factory=threading.Lock)
     current: threading.local = field(default_factory=threading.local)  # the module pack_block is packing
+    original_ext: Any = None  # GPTQModel's pack_block_cpu, unpatched
 
 
 _active: _Registry | None = None
@@ -188,6 +197,49 @@ def offer_pack_words(module: nn.Module, words: PackedWords) -> None:
     with registry.lock:
         registry.words[module] = words
         registry.stats.offered += 1
+
+
+#: Threads packing ahead (:func:`pack_ahead`); GPTQModel's extension runs with the interpreter lock released.
+PACK_AHEAD_THREADS = 4
+_pack_pool: ThreadPoolExecutor | None = None
+_pack_pool_lock = threading.Lock()
+
+
+def _pack_threads() -> ThreadPoolExecutor:
+    global _pack_pool
+    with _pack_pool_lock:
+        if _pack_pool is None:
+            _pack_pool = ThreadPoolExecutor(max_workers=PACK_AHEAD_THREADS, thread_name_prefix="defuser-quant-pack")
+        return _pack_pool
+
+
+def pack_ahead(module: nn.Module, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               g_idx: torch.Tensor, bits: int) -> bool:
+    """Start ``module``'s words with GPTQModel's own extension, on the pack-ahead threads, from the
+    inputs its ``pack_block`` will pass (``weight`` [out, in] complete on its device, moved to the
+    CPU there; ``scales``/``zeros`` [out, groups] and ``g_idx`` on the CPU, as the batched solve
+    hands them over). ``pack_block`` then takes them where its inputs are these, waiting for them if
+    they are not ready yet. Inside :func:`served_pack_words` only; returns whether it started."""
+    registry = _active
+    if registry is None or int(bits) not in PACK_BITS or not (scales.device.type == zeros.device.type ==
+                                                              g_idx.device.type == "cpu"):
+        return False
+    from gptqmodel.nn_modules.qlinear import pack_block_ext
+
+    extension = registry.original_ext or pack_block_ext.pack_block_cpu
+
+    def job() -> PackedWords:
+        w = weight.detach().to("cpu")  # what pack_block hands the extension (its copy=False move)
+        s, z, g = scales.T.contiguous(), zeros.T.contiguous(), g_idx.to(dtype=torch.int32)
+        qweight, qzeros = extension(w, s, z, g, int(bits), 32, 8192, 1)
+        return PackedWords(int(bits), qweight, qzeros, scales, zeros, g_idx, weight_fingerprint(w),
+                           dtypes=(w.dtype, s.dtype, z.dtype, g.dtype))
+
+    future = _pack_threads().submit(job)
+    with registry.lock:
+        registry.pending[module] = future
+        registry.stats.offered += 1
+    return True
 
 
 def _linear_of(module: Any) -> Any:
@@ -207,6 +259,7 @@ def served_pack_words() -> Iterator[PackStats]:
         raise RuntimeError("served_pack_words() is already active (one GPTQModel quantization at a time)")
     registry = _Registry()
     original_block, original_ext = PackableQuantLinear.pack_block, pack_block_ext.pack_block_cpu
+    registry.original_ext = original_ext
 
     @functools.wraps(original_block)
     def pack_block(self, linear, *args, **kwargs):
@@ -221,6 +274,17 @@ def served_pack_words() -> Iterator[PackStats]:
         module = getattr(registry.current, "module", None)
         with registry.lock:
             words = registry.words.pop(module, None) if module is not None else None
+            pending = registry.pending.pop(module, None) if module is not None else None
+        if pending is not None and words is None:
+            t0 = time.perf_counter()
+            try:
+                words = pending.result()
+            except Exception as exc:  # its own pack below, as stock
+                logger.debug("a pack started ahead failed (%s); GPTQModel's extension packs the module", exc)
+                with registry.lock:
+                    registry.stats.failed += 1
+            with registry.lock:
+                registry.stats.waited_seconds += time.perf_counter() - t0
         if words is not None:
             served = words.matches(weight, scales, zeros, g_idx, bits, word_bits)
             with registry.lock:
@@ -239,3 +303,6 @@ def served_pack_words() -> Iterator[PackStats]:
         PackableQuantLinear.pack_block, pack_block_ext.pack_block_cpu = original_block, original_ext
         _active = None
         registry.words.clear()
+        for future in list(registry.pending.values()):  # packs nobody asked for (a run that ended early)
+            future.cancel()
+        registry.pending.clear()
