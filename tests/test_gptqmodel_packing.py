@@ -176,7 +176,7 @@ def test_gptqmodel_run_with_packed_words_gives_the_per_module_checkpoint(plugin,
     solve = result.solve
     # Every batched module's words came from the solve; none was refused.
     assert solve.pack.as_dict() == {"offered": solve.batched_modules, "served": solve.batched_modules, "refused": 0,
-                                    "failed": 0, "waited_seconds": 0.0}
+                                    "failed": 0, "taken_back": 0, "waited_seconds": 0.0}
     assert solve.as_dict()["pack"]["served"] >= 48
 
 
@@ -198,8 +198,13 @@ def test_pack_block_takes_words_packed_ahead_only_for_the_inputs_they_were_packe
     linear.weight.data = q.clone()
     ahead_weight = linear.weight.data if change != "fails" else linear.weight.data[:, :-32]  # the extension refuses it
     scale, g_idx = scale.clone(), g_idx.clone()
+    from concurrent.futures import wait
+
+    from defuser_quant.integrations.gptqmodel import packing
+
     with served_pack_words() as stats:
         assert pack_ahead(linear, ahead_weight, scale, zero, g_idx, bits=4)
+        wait([packing._active.pending[linear]])  # packed (or failed) before pack_block asks: not taken back
         if change == "weight":
             linear.weight.data = linear.weight.data.clone()
             linear.weight.data[3, 9] += 1
@@ -216,6 +221,38 @@ def test_pack_block_takes_words_packed_ahead_only_for_the_inputs_they_were_packe
     want = {"none": {"offered": 1, "served": 1}, "weight": {"offered": 1, "refused": 1},
             "scales": {"offered": 1, "refused": 1}, "fails": {"offered": 1, "failed": 1}}[change]
     assert counts == want
+
+
+def test_a_pack_not_started_when_pack_block_asks_is_taken_back_and_packed_there(extension, monkeypatch):
+    """The pack-ahead threads busy: ``pack_block`` does not wait behind the queue; it takes the
+    module's pack back and runs the extension itself, as stock."""
+    import threading
+
+    from defuser_quant.integrations.gptqmodel import packing
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
+
+    from gptqmodel import QuantizeConfig
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    tasks = _tasks(qcfg, n=1)
+    q, scale, zero, g_idx = batched_gptq_solve(tasks, host_results=True)[0].values[:4]
+    linear = tasks[0].module
+    linear.weight.data = q.clone()
+    stock = _quant_linear(linear, 4)
+    stock.pack_block(linear, scale, zero, g_idx)
+    monkeypatch.setattr(packing, "PACK_AHEAD_THREADS", 1)
+    monkeypatch.setattr(packing, "_pack_pool", None)
+    release = threading.Event()
+    with packing.served_pack_words() as stats:
+        packing._pack_threads().submit(release.wait)  # the only pack thread, busy
+        assert packing.pack_ahead(linear, linear.weight.data, scale, zero, g_idx, bits=4)
+        served = _quant_linear(linear, 4)
+        served.pack_block(linear, scale, zero, g_idx)
+        release.set()
+    packing._pack_threads().shutdown(wait=True)
+    for buffer in ("qweight", "qzeros"):
+        assert torch.equal(getattr(served, buffer), getattr(stock, buffer))
+    assert {k: v for k, v in stats.as_dict().items() if v} == {"offered": 1, "taken_back": 1}
 
 
 def test_words_packed_ahead_are_checked_for_their_dtypes_and_dropped_with_the_block(extension):
@@ -258,6 +295,7 @@ def test_gptqmodel_run_with_words_packed_ahead_gives_the_per_module_checkpoint(p
     assert tensors.keys() == tensors_ref.keys()
     assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
     pack = result.solve.pack.as_dict()
-    # Every batched module's words were started ahead and taken by its finalize; none refused or failed.
-    assert pack["offered"] == pack["served"] == result.solve.batched_modules >= 48
-    assert pack["refused"] == pack["failed"] == 0
+    # Every batched module's words were queued ahead and either taken by its finalize or, not started yet
+    # when it asked, packed by the finalize itself; none refused or failed.
+    assert pack["offered"] == pack["served"] + pack["taken_back"] == result.solve.batched_modules >= 48
+    assert pack["served"] > 0 and pack["refused"] == pack["failed"] == 0

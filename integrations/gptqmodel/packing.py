@@ -169,11 +169,12 @@ class PackStats:
     served: int = 0  # ... that GPTQModel's pack_block took instead of running the extension
     refused: int = 0  # ... whose pack_block inputs differed: the extension ran (stock)
     failed: int = 0  # packs started ahead that raised: the extension ran (stock)
+    taken_back: int = 0  # packs queued ahead but not started when pack_block asked: it packed them itself
     waited_seconds: float = 0.0  # pack_block waiting for a pack started ahead to finish
 
     def as_dict(self) -> dict[str, Any]:
         return {"offered": self.offered, "served": self.served, "refused": self.refused, "failed": self.failed,
-                "waited_seconds": round(self.waited_seconds, 3)}
+                "taken_back": self.taken_back, "waited_seconds": round(self.waited_seconds, 3)}
 
 
 @dataclass
@@ -219,7 +220,9 @@ def pack_ahead(module: nn.Module, weight: torch.Tensor, scales: torch.Tensor, ze
     inputs its ``pack_block`` will pass (``weight`` [out, in] complete on its device, moved to the
     CPU there; ``scales``/``zeros`` [out, groups] and ``g_idx`` on the CPU, as the batched solve
     hands them over). ``pack_block`` then takes them where its inputs are these, waiting for them if
-    they are not ready yet. Inside :func:`served_pack_words` only; returns whether it started."""
+    they are being packed, or packing them itself if their pack has not started yet (so the finalize
+    workers never sit waiting behind a queue). Inside :func:`served_pack_words` only; returns whether
+    it was queued."""
     registry = _active
     if registry is None or int(bits) not in PACK_BITS or not (scales.device.type == zeros.device.type ==
                                                               g_idx.device.type == "cpu"):
@@ -275,7 +278,10 @@ def served_pack_words() -> Iterator[PackStats]:
         with registry.lock:
             words = registry.words.pop(module, None) if module is not None else None
             pending = registry.pending.pop(module, None) if module is not None else None
-        if pending is not None and words is None:
+        if pending is not None and words is None and pending.cancel():  # not started yet: pack it here, now
+            with registry.lock:
+                registry.stats.taken_back += 1
+        elif pending is not None and words is None:  # being packed: wait for it
             t0 = time.perf_counter()
             try:
                 words = pending.result()
