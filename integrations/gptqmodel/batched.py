@@ -144,9 +144,9 @@ class BatchedSolve:
             ``"caller"`` streams (every inverse on the solving worker's stream, in order).
         pack_ahead: as soon as GPTQModel takes a batched module's result, start its packed words with
             GPTQModel's own CPU extension on :data:`.packing.PACK_AHEAD_THREADS` threads, from the
-            inputs its ``pack_block`` will pass; the module's finalize then takes them (waiting if
-            they are not ready) instead of packing, where its inputs are those (dtypes included),
-            else the extension packs it as stock. Needs ``host_results`` and 2, 4 or 8 bits; not
+            inputs its ``pack_block`` will pass; the module's finalize then takes them instead of
+            packing, where its inputs are those (dtypes included), waiting for a pack under way and
+            packing one not started yet itself; else the extension packs it as stock. Needs ``host_results`` and 2, 4 or 8 bits; not
             with ``pack``. Off by default (opt-in until measured on a GPU: it moves the last layer's
             packing into the layer's own subsets, where the CPU workers are idle).
         rows_kernel: where GPTQModel would run its CUDA block-update extension, run each 128-column
