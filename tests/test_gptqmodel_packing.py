@@ -166,18 +166,23 @@ def test_words_are_not_offered_outside_the_block_and_the_block_is_not_nested():
 
 
 @pytest.mark.slow
-def test_gptqmodel_run_with_packed_words_gives_the_per_module_checkpoint(plugin, tiny, tmp_path, per_module):  # noqa: F811
+@pytest.mark.parametrize("option", ["pack", "pack_ahead"])
+def test_gptqmodel_run_with_packed_words_gives_the_per_module_checkpoint(plugin, tiny, tmp_path, per_module, option):  # noqa: F811
+    """Words packed on the solve's device (``pack``) or ahead by GPTQModel's own extension
+    (``pack_ahead``): the per-module checkpoint, every batched module's words used."""
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 
     _, _, tensors_ref = per_module
-    result, _, tensors = _quantize(plugin, tiny, tmp_path, "packed", batched_solve=BatchedSolve(pack=True))
+    result, _, tensors = _quantize(plugin, tiny, tmp_path, option, batched_solve=BatchedSolve(**{option: True}))
     assert tensors.keys() == tensors_ref.keys()
     assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
-    solve = result.solve
-    # Every batched module's words came from the solve; none was refused.
-    assert solve.pack.as_dict() == {"offered": solve.batched_modules, "served": solve.batched_modules, "refused": 0,
-                                    "failed": 0, "taken_back": 0, "waited_seconds": 0.0}
-    assert solve.as_dict()["pack"]["served"] >= 48
+    solve, pack = result.solve, result.solve.pack.as_dict()
+    assert solve.as_dict()["pack"] == pack and pack["refused"] == pack["failed"] == 0
+    if option == "pack":  # every batched module's words came from the solve
+        assert pack["offered"] == pack["served"] == solve.batched_modules >= 48 and not pack["taken_back"]
+    else:  # queued ahead, then taken by the finalize or, not started yet when it asked, packed by it
+        assert pack["offered"] == pack["served"] + pack["taken_back"] == solve.batched_modules >= 48
+        assert pack["served"] > 0
 
 
 @pytest.mark.parametrize("change", ["none", "weight", "scales", "fails"])
@@ -284,18 +289,3 @@ def test_pack_ahead_settings_are_checked():
     for bad in ({"pack": True}, {"host_results": False}):
         with pytest.raises(ValueError, match="pack_ahead needs host_results=True and pack=False"):
             BatchedSolve(pack_ahead=True, **bad)
-
-
-@pytest.mark.slow
-def test_gptqmodel_run_with_words_packed_ahead_gives_the_per_module_checkpoint(plugin, tiny, tmp_path, per_module):  # noqa: F811
-    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
-
-    _, _, tensors_ref = per_module
-    result, _, tensors = _quantize(plugin, tiny, tmp_path, "ahead", batched_solve=BatchedSolve(pack_ahead=True))
-    assert tensors.keys() == tensors_ref.keys()
-    assert not [k for k in tensors if not torch.equal(tensors[k], tensors_ref[k])]
-    pack = result.solve.pack.as_dict()
-    # Every batched module's words were queued ahead and either taken by its finalize or, not started yet
-    # when it asked, packed by the finalize itself; none refused or failed.
-    assert pack["offered"] == pack["served"] + pack["taken_back"] == result.solve.batched_modules >= 48
-    assert pack["served"] > 0 and pack["refused"] == pack["failed"] == 0
