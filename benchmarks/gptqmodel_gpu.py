@@ -476,15 +476,21 @@ def warm_gptq_extension() -> tuple[float | None, bool | None]:
     return _warm("GPTQ block-update extension", load)
 
 
+def map_source_checkout() -> None:
+    """Make ``defuser_quant.integrations``/``calibration`` importable from a plain checkout (``_source``)."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from _source import use_source_checkout
+
+    use_source_checkout()
+
+
 def warm_rows_kernel() -> tuple[float | None, bool | None]:
     """Build defuser-quant's one-launch block kernel once (``rows_kernel``; torch caches the build,
     so the variants' processes load it instead of each paying the build)."""
 
     def load() -> object:
-        sys.path.insert(0, str(HERE))
-        from _source import use_source_checkout
-
-        use_source_checkout()  # the parent process of a plain checkout, as each variant's worker does
+        map_source_checkout()  # the parent process of a plain checkout, as each variant's worker does
         from defuser_quant.integrations.gptqmodel import rows_kernel
 
         ok = rows_kernel.available()
@@ -1000,11 +1006,9 @@ def worker(args: argparse.Namespace) -> int:
     if "cudaw" in modifiers:
         set_cuda_workers(modifiers["cudaw"])
     backend = BACKEND(args.backend)
-    sys.path.insert(0, str(HERE))
-    from _source import use_source_checkout
+    map_source_checkout()
     from _triton_compiles import TritonCompiles
 
-    use_source_checkout()
     from defuser_quant.calibration.grouped import deterministic_mode
     from defuser_quant.integrations.gptqmodel.kernels import quant_linear_classes, record_gptq_kernels
 

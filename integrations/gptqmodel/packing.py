@@ -227,9 +227,7 @@ def pack_ahead(module: nn.Module, weight: torch.Tensor, scales: torch.Tensor, ze
     if registry is None or int(bits) not in PACK_BITS or not (scales.device.type == zeros.device.type ==
                                                               g_idx.device.type == "cpu"):
         return False
-    from gptqmodel.nn_modules.qlinear import pack_block_ext
-
-    extension = registry.original_ext or pack_block_ext.pack_block_cpu
+    extension = registry.original_ext  # GPTQModel's own, not the serving patch
 
     def job() -> PackedWords:
         w = weight.detach().to("cpu")  # what pack_block hands the extension (its copy=False move)
@@ -278,19 +276,21 @@ def served_pack_words() -> Iterator[PackStats]:
         with registry.lock:
             words = registry.words.pop(module, None) if module is not None else None
             pending = registry.pending.pop(module, None) if module is not None else None
-        if pending is not None and words is None and pending.cancel():  # not started yet: pack it here, now
-            with registry.lock:
-                registry.stats.taken_back += 1
-        elif pending is not None and words is None:  # being packed: wait for it
-            t0 = time.perf_counter()
-            try:
-                words = pending.result()
-            except Exception as exc:  # its own pack below, as stock
-                logger.debug("a pack started ahead failed (%s); GPTQModel's extension packs the module", exc)
+        # packed ahead (never together with offered words: BatchedSolve's pack and pack_ahead exclude each other)
+        if pending is not None:
+            if pending.cancel():  # not started yet: pack it here, now
                 with registry.lock:
-                    registry.stats.failed += 1
-            with registry.lock:
-                registry.stats.waited_seconds += time.perf_counter() - t0
+                    registry.stats.taken_back += 1
+            else:  # being packed: wait for it
+                t0 = time.perf_counter()
+                try:
+                    words = pending.result()
+                except Exception as exc:  # its own pack below, as stock
+                    logger.debug("a pack started ahead failed (%s); GPTQModel's extension packs the module", exc)
+                    with registry.lock:
+                        registry.stats.failed += 1
+                with registry.lock:
+                    registry.stats.waited_seconds += time.perf_counter() - t0
         if words is not None:
             served = words.matches(weight, scales, zeros, g_idx, bits, word_bits)
             with registry.lock:
