@@ -62,6 +62,9 @@ MAIN_PHASES: tuple[tuple[str, str | None, str], ...] = (
     # inside pre_quantize (a layer's load): the meta-tensor scan and the checkpoint copy into the layer
     ("gptqmodel.models.base", None, "_module_has_meta_tensors"),
     ("gptqmodel.utils.structure", "LazyTurtle", "materialize_submodule"),
+    # inside the copy: the per-tensor copies themselves, then the whole model's weight tying after them
+    ("gptqmodel.utils.structure", "LazyTurtle", "_copy_checkpoint_tensors_into_submodule"),
+    ("transformers.modeling_utils", "PreTrainedModel", "tie_weights"),
     ("gptqmodel.utils.threadx", "DeviceThreadPool", "submit"),
 )
 
