@@ -59,6 +59,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-noline`` - every lean bookkeeping part but ``line_redraw``: LogBar draws the
                  progress bars again after every log line (GPTQModel's 776 module records at the end)
                  instead of at most every 0.1 s (the default since round 32);
+* ``ours-grouped-batched-nolayerahead`` - every lean bookkeeping part but ``layer_ahead``: each layer after
+                 layer 0 is loaded when GPTQModel gets to it, on the main thread, instead of on a background
+                 thread once the layer before it has run its last subset forward (the default since round 34);
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -207,7 +210,7 @@ CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
-                "-noline": "line_redraw"}
+                "-noline": "line_redraw", "-nolayerahead": "layer_ahead"}
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def _patch_points() -> dict[str, object]:
     """Every function lean_bookkeeping replaces, as GPTQModel/LogBar hold them now."""
+    from gptqmodel.looper.module_looper import ModuleLooper
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
     from logbar import logbar as logbar_module
@@ -30,6 +31,7 @@ def _patch_points() -> dict[str, object]:
         "shell_module_materialize": BaseQModel.__dict__["shell_module_materialize"],
         "post_quantize": BaseQModel.__dict__["post_quantize"],
         "pre_quantize": BaseQModel.__dict__["pre_quantize"],
+        "_subset_event_dispatch": ModuleLooper.__dict__["_subset_event_dispatch"],
         "_get_qualified_name": structure._get_qualified_name,
         "materialize_submodule": structure.LazyTurtle.__dict__["materialize_submodule"],
         "get_module_fullname": offload.get_module_fullname,
@@ -149,7 +151,7 @@ def test_patches_are_restored_when_quantize_raises(plugin, tiny, monkeypatch):  
     assert {"shell_module_materialize", "post_quantize", "_get_qualified_name", "materialize_submodule", "get_module_fullname", "headless",
             "_render_progress_stack_locked", "_emit_log_line_locked",
             "_resolve_checkpoint_module_path", "_load_checkpoint_tensors_for_module_path",
-            "_copy_checkpoint_tensors_into_submodule"} <= set(changed)
+            "_copy_checkpoint_tensors_into_submodule", "_subset_event_dispatch", "pre_quantize"} <= set(changed)
     assert _patch_points() == before
 
 

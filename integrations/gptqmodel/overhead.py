@@ -77,6 +77,11 @@ expert projections of our ``DefusedExperts`` blocks only:
   staging buffers the other way, a few large copies instead of one pageable copy per tensor
   (:mod:`.layer_offload`); the same device tensors ``module.to`` gives.
 
+* **layer ahead** (``BaseQModel.pre_quantize`` of the next lazy layer holding our experts, to CUDA): once the
+  current layer's last subset forward has run, a background thread makes GPTQModel's own
+  ``pre_quantize`` call for the next layer while the current one finishes; GPTQModel's call later waits for
+  it and finds the layer loaded (:mod:`.layer_ahead`); the same tensors, copied earlier.
+
 * **offload bundle** (``offload_to_disk`` of the finalized expert projections, with GPTQModel's
   ``offload_to_disk`` config on): one safetensors bundle and one ``index.json`` per experts block
   instead of a folder per module, read back by GPTQModel's save through its parents' lookup
@@ -126,6 +131,8 @@ from defuser_quant.core.defused import DefusedExperts
 
 from . import layer_reads as layer_reads_module
 from .compat import patched, source_digest
+from .layer_ahead import LayerAhead, LayerAheadStats
+from .layer_ahead import internals_refusal as _layer_ahead_mismatch
 from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_quantize
 from .layer_reads import LayerReads, LayerReadStats
 from .line_redraw import LineRedrawStats, throttled_line_redraws
@@ -168,6 +175,7 @@ class BookkeepingStats:
     layer_offload: OffloadStats = field(default_factory=OffloadStats)  # the layer_offload part (post_quantize)
     layer_onload: OffloadStats = field(default_factory=OffloadStats)  # the layer_onload part (pre_quantize's move)
     layer_reads: LayerReadStats = field(default_factory=LayerReadStats)  # the layer_reads part (layer loads)
+    layer_ahead: LayerAheadStats = field(default_factory=LayerAheadStats)  # the layer_ahead part (next layer's load)
     offload_bundle: BundleStats | None = None  # the offload_bundle part (None: not used)
     worker_warmup: WarmupStats | None = None  # the worker_warmup part (None: not used)
     line_redraw: LineRedrawStats | None = None  # the line_redraw part (None: not used)
@@ -197,6 +205,7 @@ class BookkeepingStats:
             "layer_offload": asdict(self.layer_offload),
             "layer_onload": asdict(self.layer_onload),
             "layer_reads": asdict(self.layer_reads),
+            "layer_ahead": self.layer_ahead.as_dict(),
             "offload_bundle": self.offload_bundle.as_dict() if self.offload_bundle is not None else None,
             "worker_warmup": self.worker_warmup.as_dict() if self.worker_warmup is not None else None,
             "line_redraw": self.line_redraw.as_dict() if self.line_redraw is not None else None,
@@ -331,7 +340,7 @@ def _offload_bundle_mismatch() -> str | None:
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
     ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``worker_warmup``/
-    ``line_redraw``) -> what differs
+    ``line_redraw``/``layer_ahead``) -> what differs
     from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -383,6 +392,9 @@ def internals_mismatch() -> dict[str, str]:
     why = _line_redraw_mismatch()
     if why is not None:
         problems["line_redraw"] = why
+    why = _layer_ahead_mismatch()
+    if why is not None:
+        problems["layer_ahead"] = why
     recopy, shard_handles = _recopy_mismatch(), _shard_handles_mismatch()  # layer_reads patches both seams
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
@@ -831,7 +843,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
-                   "worker_warmup", "line_redraw"})
+                   "worker_warmup", "line_redraw", "layer_ahead"})
 
 
 @contextmanager
@@ -966,6 +978,14 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
         if paths and "offload_bundle" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.offload_bundle = stack.enter_context(
                 bundled_offload(gptq_model.model, paths, keep_last="keep_last_block" in enabled))
+        if paths and "layer_ahead" in enabled:  # outermost pre_quantize: waits before the others run
+            from gptqmodel.looper.module_looper import ModuleLooper
+
+            ahead = LayerAhead(gptq_model, _holds_experts, stats.layer_ahead)
+            stack.enter_context(patched(BaseQModel, "pre_quantize", ahead.patch_pre_quantize(BaseQModel.pre_quantize)))
+            stack.enter_context(patched(ModuleLooper, "_subset_event_dispatch",
+                                        ahead.patch_subset_event(ModuleLooper._subset_event_dispatch)))
+            stack.callback(ahead.close)  # runs first on exit: a load still running keeps every patch it uses
         if paths and "worker_warmup" in enabled:  # last: everything else is in place when the workers start
             stats.worker_warmup = warm_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)))
         yield stats
