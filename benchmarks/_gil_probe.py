@@ -27,11 +27,13 @@ from typing import Any
 class GilProbe:
     """Samples the lock hand-back delay on a daemon thread between ``start()`` and ``stop()``."""
 
-    def __init__(self, interval: float = 0.002) -> None:
+    def __init__(self, interval: float = 0.002, stall: float = 0.05) -> None:
         if interval <= 0:
             raise ValueError(f"GilProbe interval must be > 0 seconds, got {interval}")
         self.interval = interval
+        self.stall = stall  # a delay at least this long is kept as a stall, with when it happened
         self.delays: list[float] = []
+        self.stalls: list[tuple[float, float]] = []  # (asked to wake, woke), perf_counter seconds
         self.wall = 0.0
         self.switch_interval = sys.getswitchinterval()  # read again when stopped
         self._stop = threading.Event()
@@ -55,11 +57,15 @@ class GilProbe:
         self.switch_interval = sys.getswitchinterval()
 
     def _run(self) -> None:
-        clock, sleep, interval, delays = time.perf_counter, time.sleep, self.interval, self.delays
+        clock, sleep, interval, delays, stall = time.perf_counter, time.sleep, self.interval, self.delays, self.stall
         while not self._stop.is_set():
             t0 = clock()
             sleep(interval)
-            delays.append(clock() - t0 - interval)
+            woke = clock()
+            delay = woke - t0 - interval
+            delays.append(delay)
+            if delay >= stall:
+                self.stalls.append((t0 + interval, woke))
 
     def summary(self) -> dict[str, Any]:
         """Delays in milliseconds; ``waited_s``: the probe's summed delay (its share of the wall)."""
@@ -83,4 +89,7 @@ class GilProbe:
             "over_1ms": round(sum(d > 1e-3 for d in delays) / n, 4) if n else None,
             "over_switch": round(sum(d > switch for d in delays) / n, 4) if n else None,
             "waited_s": round(sum(delays), 3),
+            "stalls": len(self.stalls),  # delays of at least `stall_ms`: no thread let the lock go that long
+            "stall_ms": self.stall * 1e3,
+            "stalled_s": round(sum(b - a for a, b in self.stalls), 3),
         }

@@ -66,6 +66,9 @@ MAIN_PHASES: tuple[tuple[str, str | None, str], ...] = (
     ("gptqmodel.utils.structure", "LazyTurtle", "_copy_checkpoint_tensors_into_submodule"),
     ("transformers.modeling_utils", "PreTrainedModel", "tie_weights"),
     ("gptqmodel.utils.threadx", "DeviceThreadPool", "submit"),
+    # whole-process pauses GPTQModel may cause: a full garbage collection, the CUDA cache emptied (its janitor)
+    ("gc", None, "collect"),
+    ("torch.cuda", None, "empty_cache"),
 )
 
 
@@ -113,8 +116,12 @@ class Timeline:
         self._patches = ExitStack()
 
     def _add(self, kind: str, name: str, start: float, end: float) -> None:
+        self.add_span(kind, name, threading.current_thread().name, start, end)
+
+    def add_span(self, kind: str, name: str, thread: str, start: float, end: float) -> None:
+        """One span measured elsewhere (``perf_counter`` seconds), e.g. the GIL probe's stalls."""
         with self._lock:
-            self.spans.append(Span(kind, name, threading.current_thread().name, start, end))
+            self.spans.append(Span(kind, name, thread, start, end))
 
     def _patch(self, owner: Any, attribute: str, make: Callable[[Callable], Callable]) -> None:
         self._patches.enter_context(patched(owner, attribute, make(getattr(owner, attribute))))
@@ -257,6 +264,8 @@ def summarize(spans: list[Span], start: float, end: float) -> dict:
         "after_last_subset": round(max(0.0, end - last_subset_end), 3),
         "finalize_busy": round(sum(_overlap(f.start, f.end, start, end) for f in finalize), 3),
         "spans": len(spans),
+        "gil_stalls": sum(1 for s in spans if s.kind == "gil_stall"),
+        "gil_stalled": round(union_seconds([(s.start, s.end) for s in spans if s.kind == "gil_stall"], start, end), 3),
     }
     for key in ("before_first_solve", "between_solves", "after_last_solve"):
         totals[key] = round(sum(r.get(key, 0.0) for r in rows), 3)
@@ -271,11 +280,13 @@ def main_gaps(spans: list[Span], start: float, end: float, min_seconds: float = 
     after the last) gives ``after``/``before`` (the stages around it; ``None`` at the ends), ``seconds``,
     ``parts``: seconds per phase (a ``"phase"`` span, by its name) and per region sample (by its kind) of
     the main thread in the gap, nested ones each counted on their own, largest first, and ``uncovered``:
-    the gap's seconds in no such span.
+    the gap's seconds in no such span. ``gil_stalled``: the gap's seconds in which the GIL probe (any
+    thread) waited long for the interpreter lock (``"gil_stall"`` spans), when the run recorded them.
     """
     subsets = sorted((s for s in spans if s.kind == "subset"), key=lambda s: s.start)
     main = subsets[0].thread if subsets else "MainThread"
-    own = [s for s in spans if s.thread == main and s.kind not in ("subset", "chunk_solve")]
+    own = [s for s in spans if s.thread == main and s.kind not in ("subset", "chunk_solve", "gil_stall")]
+    stalls = [(s.start, s.end) for s in spans if s.kind == "gil_stall"]
     gap_starts = [start, *(s.end for s in subsets)]  # gap i runs from the end of stage i - 1 to the start of stage i
     gap_ends = [*(s.start for s in subsets), end]
     gaps = []
@@ -293,6 +304,7 @@ def main_gaps(spans: list[Span], start: float, end: float, min_seconds: float = 
             "seconds": round(hi - lo, 3),
             "parts": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
             "uncovered": round(hi - lo - union_seconds([(s.start, s.end) for s in inside], lo, hi), 3),
+            **({"gil_stalled": round(union_seconds(stalls, lo, hi), 3)} if stalls else {}),
         })
     return gaps
 

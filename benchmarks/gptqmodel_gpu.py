@@ -59,9 +59,10 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-noline`` - every lean bookkeeping part but ``line_redraw``: LogBar draws the
                  progress bars again after every log line (GPTQModel's 776 module records at the end)
                  instead of at most every 0.1 s (the default since round 32);
-* ``ours-grouped-batched-nolayerahead`` - every lean bookkeeping part but ``layer_ahead``: each layer after
-                 layer 0 is loaded when GPTQModel gets to it, on the main thread, instead of on a background
-                 thread once the layer before it has run its last subset forward (the default since round 34);
+* ``ours-grouped-batched-layerahead`` - the default lean bookkeeping parts plus the opt-in ``layer_ahead``:
+                 each layer after layer 0 loaded by GPTQModel's own ``pre_quantize`` on a background thread
+                 once the layer before it has run its last subset forward, instead of when GPTQModel gets to it
+                 (round 34: no gain measured, so not a default);
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -210,7 +211,9 @@ CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
-                "-noline": "line_redraw", "-nolayerahead": "layer_ahead"}
+                "-noline": "line_redraw"}
+#: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
+WITH_PART = {"-layerahead": "layer_ahead"}
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
@@ -220,7 +223,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
             "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams",
             "ours-grouped-batched-noahead", "ours-grouped-batched-norows", "ours-grouped-batched-packahead",
-            *(f"ours-grouped-batched{suffix}" for suffix in WITHOUT_PART))
+            *(f"ours-grouped-batched{suffix}" for suffix in (*WITHOUT_PART, *WITH_PART)))
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
              "pin": "layer_reads into pinned buffers (layer_reads.PIN)",
@@ -262,18 +265,21 @@ def bookkeeping_setting(variant: str):
     """The ``lean_bookkeeping`` argument of an ``ours`` variant: True, False or a set of parts."""
     if variant.endswith("-stockbk"):
         return False
+    from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS
+
     for suffix, part in WITHOUT_PART.items():
         if variant.endswith(suffix):
-            from defuser_quant.integrations.gptqmodel.overhead import PARTS
-
-            return set(PARTS - {part})
+            return set(DEFAULT_PARTS - {part})
+    for suffix, part in WITH_PART.items():
+        if variant.endswith(suffix):
+            return set(DEFAULT_PARTS | {part})
     return True
 
 
 def solve_setting(variant: str):
     """The ``batched_solve`` argument of an ``ours`` variant: False, True or a ``BatchedSolve``."""
     base = variant.removesuffix("-stocksave").removesuffix("-stockbk").removesuffix("-hookhessians")
-    for suffix in WITHOUT_PART:
+    for suffix in (*WITHOUT_PART, *WITH_PART):
         base = base.removesuffix(suffix)
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
@@ -1069,6 +1075,9 @@ def worker(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     if probe is not None:
         extra["gil_probe"] = probe.summary()
+        if timeline is not None:  # each long wait for the interpreter lock, where it happened in the run
+            for a, b in probe.stalls:
+                timeline.add_span("gil_stall", f"{(b - a) * 1e3:.0f} ms", "DQGilProbe", a, b)
     if timeline is not None:
         extra["timeline"] = timeline.summary()
         timeline.write(work / f"{run_id}.timeline.jsonl")

@@ -125,6 +125,12 @@ def test_main_gaps_give_each_gap_outside_the_subsets_its_phases_and_what_nothing
          "parts": {"DeviceThreadPool.submit": 0.25}, "uncovered": 0.75},
     ]
     assert main_gaps([], 0.0, 2.0) == [{"after": None, "before": None, "seconds": 2.0, "parts": {}, "uncovered": 2.0}]
+    # the GIL probe's stalls (its own thread) are given per gap, apart from the main thread's spans
+    stalled = [*spans, Span("gil_stall", "400 ms", "DQGilProbe", 8.0, 8.4), Span("gil_stall", "50 ms", "DQGilProbe", 3.2, 3.25)]
+    summary = summarize(stalled, start=0.0, end=12.0)
+    assert [g.get("gil_stalled") for g in summary["main_gaps"]] == [0.0, 0.4, 0.0]
+    assert [g["uncovered"] for g in summary["main_gaps"]] == [1.5, 1.5, 0.75]
+    assert (summary["totals"]["gil_stalls"], summary["totals"]["gil_stalled"]) == (2, 0.45)
 
 
 def test_the_block_times_each_main_phase_where_the_layer_loop_looks_it_up_and_restores_them():

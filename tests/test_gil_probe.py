@@ -64,3 +64,33 @@ def test_gil_holders_benchmark_tells_a_lock_holder_from_a_kernel(tmp_path, capsy
     with pytest.raises(SystemExit):
         gil_holders.main(["--only", "nope"])
     assert "unknown candidates ['nope']" in capsys.readouterr().err
+
+
+def test_a_long_wait_for_the_lock_is_kept_with_when_it_happened():
+    import threading
+
+    probe = GilProbe(0.001, stall=0.03)
+    with probe:
+        time.sleep(0.05)
+        hold = threading.Event()
+
+        def spin():  # pure Python with a long switch interval: the probe cannot get the lock back
+            end = time.perf_counter() + 0.12
+            hold.set()
+            while time.perf_counter() < end:
+                pass
+
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(0.1)
+        try:
+            t = threading.Thread(target=spin)
+            t.start()
+            hold.wait()
+            t.join()
+        finally:
+            sys.setswitchinterval(old)
+        time.sleep(0.05)
+    summary = probe.summary()
+    assert summary["stalls"] >= 1 and summary["stalled_s"] >= 0.03 and summary["stall_ms"] == 30.0
+    a, b = max(probe.stalls, key=lambda s: s[1] - s[0])
+    assert b - a >= 0.03 and probe._started < a < b

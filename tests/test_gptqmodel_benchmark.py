@@ -243,14 +243,18 @@ def test_variants_pick_their_batched_solve_settings():
 
 def test_variants_pick_their_lean_bookkeeping():
     pytest.importorskip("gptqmodel")
-    from defuser_quant.integrations.gptqmodel.overhead import PARTS
+    from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS, PARTS
 
     assert bench.bookkeeping_setting("ours-grouped-batched") is True
     assert bench.bookkeeping_setting("ours-grouped-batched-stockbk") is False
-    assert bench.bookkeeping_setting("ours-grouped-batched-norecopy") == set(PARTS) - {"recopy"}
+    assert bench.bookkeeping_setting("ours-grouped-batched-norecopy") == set(DEFAULT_PARTS) - {"recopy"}
     assert bench.solve_setting("ours-grouped-batched-norecopy") is True and "ours-grouped-batched-norecopy" in bench.VARIANTS
-    assert bench.bookkeeping_setting("ours-grouped-batched-noreads") == set(PARTS) - {"layer_reads"}
+    assert bench.bookkeeping_setting("ours-grouped-batched-noreads") == set(DEFAULT_PARTS) - {"layer_reads"}
     assert bench.solve_setting("ours-grouped-batched-noreads") is True and "ours-grouped-batched-noreads" in bench.VARIANTS
+    # the opt-in part: added to the defaults, and only there
+    assert "layer_ahead" in PARTS and "layer_ahead" not in DEFAULT_PARTS
+    assert bench.bookkeeping_setting("ours-grouped-batched-layerahead") == set(DEFAULT_PARTS) | {"layer_ahead"}
+    assert bench.solve_setting("ours-grouped-batched-layerahead") is True and "ours-grouped-batched-layerahead" in bench.VARIANTS
 
 
 def test_variant_modifiers_are_parsed_and_bad_ones_refused():
@@ -346,7 +350,7 @@ def test_modulerows_variant_and_nooff_modifier_are_what_they_say():
 
 
 def test_nobundle_variant_leaves_out_only_the_offload_bundle():
-    from defuser_quant.integrations.gptqmodel.overhead import PARTS
+    from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS as PARTS
 
     assert bench.bookkeeping_setting("ours-grouped-batched-nobundle") == set(PARTS - {"offload_bundle"})
     assert bench.solve_setting("ours-grouped-batched-nobundle") is True

@@ -58,12 +58,16 @@ def copies(monkeypatch):
     return state
 
 
-def _run(plugin, tiny, tmp_path, name, parts=None):  # noqa: F811
-    from defuser_quant.integrations.gptqmodel.overhead import PARTS
+def _with_part():
+    from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS
 
+    return DEFAULT_PARTS | {"layer_ahead"}
+
+
+def _run(plugin, tiny, tmp_path, name, parts=None):  # noqa: F811
     model = _load(tiny["src"], True, tmp_path / f"offload-{name}")
     result = plugin.quantize_with_defuser(model, tiny["calibration"][:16], batch_size=4, grouped=True,
-                                          batched_solve=True, lean_bookkeeping=PARTS if parts is None else parts)
+                                          batched_solve=True, lean_bookkeeping=_with_part() if parts is None else parts)
     model.save(str(tmp_path / name))
     return result.bookkeeping, _tensors(tmp_path / name)
 
@@ -79,8 +83,6 @@ def _layer_loads(copies, path="model.layers.1"):
 @pytest.mark.slow
 def test_the_next_layer_is_loaded_on_the_background_thread_and_the_checkpoint_is_the_same(
         plugin, tiny, tmp_path, on_cpu, copies):  # noqa: F811
-    from defuser_quant.integrations.gptqmodel.overhead import PARTS
-
     stats, ahead = _run(plugin, tiny, tmp_path, "ahead")
     loads = _layer_loads(copies)
     assert [thread for thread, *_ in loads] and all(t.startswith(THREAD) for t, *_ in loads)  # never the main thread
@@ -90,8 +92,8 @@ def test_the_next_layer_is_loaded_on_the_background_thread_and_the_checkpoint_is
     assert s.refused == {"the last layer": 1}  # layer 1's last forward: no layer after it
     assert stats.disabled == {}
     copies.seen.clear()
-    stats_off, stock = _run(plugin, tiny, tmp_path, "stock", parts=PARTS - {"layer_ahead"})
-    assert [thread for thread, *_ in _layer_loads(copies)] == ["MainThread"]  # without the part: GPTQModel's own call
+    stats_off, stock = _run(plugin, tiny, tmp_path, "stock", parts=True)
+    assert [thread for thread, *_ in _layer_loads(copies)] == ["MainThread"]  # opt-in: by default GPTQModel's own call
     assert stats_off.layer_ahead.started == 0
     assert _same(ahead, stock) and any(k.endswith("experts.0.gate_proj.qweight") for k in ahead)
 
@@ -111,8 +113,6 @@ def test_gptqmodel_waits_for_a_load_ahead_that_is_still_running(plugin, tiny, tm
 @pytest.mark.slow
 def test_a_failed_load_ahead_is_warned_once_and_gptqmodel_loads_the_layer(
         plugin, tiny, tmp_path, on_cpu, copies, caplog):  # noqa: F811
-    from defuser_quant.integrations.gptqmodel.overhead import PARTS
-
     def fail():
         raise RuntimeError("no room for the layer")
 
@@ -125,7 +125,7 @@ def test_a_failed_load_ahead_is_warned_once_and_gptqmodel_loads_the_layer(
     assert len(warned) == 1 and "RuntimeError: no room for the layer" in warned[0]
     assert "MainThread" in [t for t, *_ in _layer_loads(copies)]  # GPTQModel's own call loaded it
     copies.hold = None
-    _, stock = _run(plugin, tiny, tmp_path, "stock", parts=PARTS - {"layer_ahead"})
+    _, stock = _run(plugin, tiny, tmp_path, "stock", parts=True)
     assert _same(failed, stock)
 
 
@@ -146,7 +146,8 @@ def test_ctrl_c_waits_for_the_running_load_and_restores_every_patch(
     before = _patch_points()
     model = _load(tiny["src"], True, tmp_path / "offload")
     with pytest.raises(KeyboardInterrupt):
-        plugin.quantize_with_defuser(model, tiny["calibration"][:16], batch_size=4, grouped=True, batched_solve=True)
+        plugin.quantize_with_defuser(model, tiny["calibration"][:16], batch_size=4, grouped=True, batched_solve=True,
+                                     lean_bookkeeping=_with_part())
     monkeypatch.setattr(stage_layer, "_replay_layer_outputs", replay)
     assert _patch_points() == before
     assert not [t for t in threading.enumerate() if t.name.startswith(THREAD)]  # the pool was shut down

@@ -151,7 +151,7 @@ def test_patches_are_restored_when_quantize_raises(plugin, tiny, monkeypatch):  
     assert {"shell_module_materialize", "post_quantize", "_get_qualified_name", "materialize_submodule", "get_module_fullname", "headless",
             "_render_progress_stack_locked", "_emit_log_line_locked",
             "_resolve_checkpoint_module_path", "_load_checkpoint_tensors_for_module_path",
-            "_copy_checkpoint_tensors_into_submodule", "_subset_event_dispatch", "pre_quantize"} <= set(changed)
+            "_copy_checkpoint_tensors_into_submodule", "pre_quantize"} <= set(changed)
     assert _patch_points() == before
 
 

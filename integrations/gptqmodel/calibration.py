@@ -381,8 +381,9 @@ def quantize_with_defuser(
         lean_bookkeeping: GPTQModel's per-module materialize and disk-offload bookkeeping of the
             expert projections skips its whole-model scans (``integrations.gptqmodel.overhead``):
             same tensors, same checkpoint, less host time; ``QuantizeResult.bookkeeping`` says
-            what it did. Parts whose GPTQModel internals differ stay stock, with a warning. A
-            collection of part names (``overhead.PARTS``) turns on only those.
+            what it did. Parts whose GPTQModel internals differ stay stock, with a warning. True
+            turns on ``overhead.DEFAULT_PARTS`` (all but the opt-in ``layer_ahead``); a collection
+            of part names (``overhead.PARTS``) turns on only those.
         batched_hessians: with ``grouped``, GPTQModel's GPTQ Hessian hooks of each grouped call
             run together (``integrations.gptqmodel.hessians``): the same products and counters,
             far fewer host steps; ``QuantizeResult.hessians`` counts what ran batched.

@@ -147,7 +147,7 @@ from .worker_warmup import internals_refusal as _worker_warmup_mismatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PARTS", "BookkeepingStats", "expert_projection_paths", "internals_mismatch", "lean_bookkeeping", "lean_logbar"]
+__all__ = ["DEFAULT_PARTS", "OPT_IN", "PARTS", "BookkeepingStats", "expert_projection_paths", "internals_mismatch", "lean_bookkeeping", "lean_logbar"]
 
 
 @dataclass
@@ -844,6 +844,10 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead"})
+#: Parts only used when named (``lean_bookkeeping=True`` leaves them out): measured without a gain so far.
+OPT_IN = frozenset({"layer_ahead"})
+#: The parts ``lean_bookkeeping=True`` turns on.
+DEFAULT_PARTS = PARTS - OPT_IN
 
 
 @contextmanager
@@ -889,11 +893,12 @@ _NEEDS = {"shard_handles": "materialize", "recopy": "materialize", "keep_last_bl
 
 
 @contextmanager
-def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = PARTS, *,
+def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
                      checkpointed: bool = False) -> Iterator[BookkeepingStats]:
     """Inside the block, GPTQModel's per-module materialize and offload bookkeeping of the expert
     projections of ``gptq_model`` (a GPTQModel model) skips its whole-model scans (see the module
-    docstring). ``parts`` (default: all of :data:`PARTS`) picks which; the rest stays stock.
+    docstring). ``parts`` (default: :data:`DEFAULT_PARTS`, every part of :data:`PARTS` but the opt-in
+    :data:`OPT_IN`) picks which; the rest stays stock.
     ``checkpointed``: the run uses GPTQModel's ``checkpoint=`` (the offload parts stay stock).
     Restored on exit."""
     from gptqmodel.models.base import BaseQModel
