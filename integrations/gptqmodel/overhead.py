@@ -77,10 +77,10 @@ expert projections of our ``DefusedExperts`` blocks only:
   staging buffers the other way, a few large copies instead of one pageable copy per tensor
   (:mod:`.layer_offload`); the same device tensors ``module.to`` gives.
 
-* **layer ahead** (``BaseQModel.pre_quantize`` of the next lazy layer holding our experts, to CUDA): once the
-  current layer's last subset forward has run, a background thread makes GPTQModel's own
-  ``pre_quantize`` call for the next layer while the current one finishes; GPTQModel's call later waits for
-  it and finds the layer loaded (:mod:`.layer_ahead`); the same tensors, copied earlier.
+* **layer ahead** (opt-in, :data:`OPT_IN`; ``BaseQModel.pre_quantize`` of the next lazy layer holding our
+  experts, to CUDA): once the current layer's last subset forward has run, a background thread makes
+  GPTQModel's own ``pre_quantize`` call for the next layer while the current one finishes; GPTQModel's call
+  later waits for it and finds the layer loaded (:mod:`.layer_ahead`); the same tensors, copied earlier.
 
 * **offload bundle** (``offload_to_disk`` of the finalized expert projections, with GPTQModel's
   ``offload_to_disk`` config on): one safetensors bundle and one ``index.json`` per experts block
