@@ -23,6 +23,7 @@ and what no span covers.
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import json
 import re
@@ -70,6 +71,10 @@ MAIN_PHASES: tuple[tuple[str, str | None, str], ...] = (
     ("gc", None, "collect"),
     ("torch.cuda", None, "empty_cache"),
 )
+
+
+#: The shortest garbage collection kept as a span (seconds).
+GC_SPAN = 0.005
 
 
 @dataclass
@@ -194,8 +199,20 @@ class Timeline:
         except BaseException:
             self._patches.close()
             raise
+        self._gc_started: dict[int, float] = {}
+        gc.callbacks.append(self._gc_event)
+        self._patches.callback(gc.callbacks.remove, self._gc_event)
         self.start = time.perf_counter()
         return self
+
+    def _gc_event(self, phase: str, info: dict) -> None:
+        """The interpreter's own garbage collections (``"gc"`` spans, ``gen<N>``) of ``GC_SPAN`` seconds or more:
+        a full collection holds the interpreter lock for as long as it scans every tracked object."""
+        now, key = time.perf_counter(), threading.get_ident()
+        if phase == "start":
+            self._gc_started[key] = now
+        elif (began := self._gc_started.pop(key, None)) is not None and now - began >= GC_SPAN:
+            self._add("gc", f"gen{info.get('generation')}", began, now)
 
     def __exit__(self, *exc: object) -> None:
         self.end = time.perf_counter()
@@ -264,6 +281,8 @@ def summarize(spans: list[Span], start: float, end: float) -> dict:
         "after_last_subset": round(max(0.0, end - last_subset_end), 3),
         "finalize_busy": round(sum(_overlap(f.start, f.end, start, end) for f in finalize), 3),
         "spans": len(spans),
+        "gc": round(union_seconds([(s.start, s.end) for s in spans if s.kind == "gc"], start, end), 3),
+        "gc_full": sum(1 for s in spans if s.kind == "gc" and s.name == "gen2"),
         "gil_stalls": sum(1 for s in spans if s.kind == "gil_stall"),
         "gil_stalled": round(union_seconds([(s.start, s.end) for s in spans if s.kind == "gil_stall"], start, end), 3),
     }

@@ -103,7 +103,9 @@ modules; GPTQModel's default is half the cores, at most 12), ``+cudaw<N>`` gives
 pool N workers per CUDA device instead of its 4 (the threads that run ``process()`` and so the
 solves: fewer of them contend less for the interpreter lock), ``+pin1`` has ``layer_reads`` read
 into pinned buffers (``layer_reads.PIN``), ``+nooff1`` loads with ``QuantizeConfig(offload_to_disk=False)``
-(a diagnostic: what GPTQModel's per-module disk offload costs; not a comparable setting). ``stock+si500`` and
+(a diagnostic: what GPTQModel's per-module disk offload costs; not a comparable setting), ``+gcfreeze1`` calls
+``gc.freeze()`` before ``quantize()`` and ``gc.unfreeze()`` after it (the interpreter's full collections, which hold
+the interpreter lock while they scan every tracked object, then skip what was alive before the run). ``stock+si500`` and
 ``ours-grouped-batched+si500+cpuw4`` are variants; the row's ``modifiers`` say what was set.
 ``--gil-probe`` adds ``gil_probe`` to every row: how late a thread that sleeps 2 ms gets the lock
 back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
@@ -227,7 +229,8 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
              "pin": "layer_reads into pinned buffers (layer_reads.PIN)",
-             "nooff": "QuantizeConfig(offload_to_disk=False): no per-module disk offload (a diagnostic bound)"}
+             "nooff": "QuantizeConfig(offload_to_disk=False): no per-module disk offload (a diagnostic bound)",
+             "gcfreeze": "gc.freeze() before quantize() (the objects alive then are left out of full collections)"}
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -256,7 +259,7 @@ def split_variant(name: str) -> tuple[str, dict[str, int]]:
         match = re.fullmatch(r"([a-z]+)(\d+)", part)
         if match is None or match[1] not in MODIFIERS or int(match[2]) < 1 or match[1] in modifiers:
             raise ValueError(f"variant {name!r}: bad modifier {part!r}; use +si<microseconds>, +cpuw<workers>, "
-                             "+cudaw<workers>, +pin1 and/or +nooff1, each a positive integer, each at most once")
+                             "+cudaw<workers>, +pin1, +nooff1 and/or +gcfreeze1, each a positive integer, each at most once")
         modifiers[match[1]] = int(match[2])
     return base, modifiers
 
@@ -1052,6 +1055,10 @@ def worker(args: argparse.Namespace) -> int:
     from _timeline import Timeline
 
     timeline = Timeline() if args.timeline else None
+    if "gcfreeze" in modifiers:  # the model and everything loaded so far: no full collection scans them again
+        import gc
+
+        gc.freeze()
     with maybe_profile(f"gptqmodel-{run_id}") as sampler, record_gptq_kernels(stages=args.stages, model=model.model) as kernels, \
             deterministic_mode(args.deterministic), probe or contextlib.nullcontext(), prints, \
             timeline or contextlib.nullcontext():
@@ -1073,6 +1080,10 @@ def worker(args: argparse.Namespace) -> int:
         if sampler is not None:  # DQ_SAMPLE_DIR: the tail after the last GPTQ solve also reported alone
             sampler.since = kernels.last_solve_at
     t2 = time.perf_counter()
+    if "gcfreeze" in modifiers:
+        import gc
+
+        gc.unfreeze()
     if probe is not None:
         extra["gil_probe"] = probe.summary()
         if timeline is not None:  # each long wait for the interpreter lock, where it happened in the run
@@ -1129,7 +1140,8 @@ def worker(args: argparse.Namespace) -> int:
         "modifiers": {"switch_interval_s": sys.getswitchinterval(),
                       "gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"),
                       "gptqmodel_cuda_workers": cuda_workers(),
-                      "offload_to_disk": "nooff" not in modifiers} if modifiers else None,
+                      "offload_to_disk": "nooff" not in modifiers,
+                      "gc_freeze": "gcfreeze" in modifiers} if modifiers else None,
         "gpus_visible": devices,
         "backend": args.backend,
         "import_s": round(import_s, 2),

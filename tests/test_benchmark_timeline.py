@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import _timeline  # noqa: E402
 from _timeline import MAIN_PHASES, Span, Timeline, finalize_windows, main_gaps, summarize, union_seconds  # noqa: E402
 
 
@@ -90,7 +91,7 @@ def test_the_block_records_region_samples_subset_stages_and_solves_then_restores
         assert (QuantizationRegionTimer.record, stage_layer.run_subset_stage, GPTQ.quantize) != originals
         QuantizationRegionTimer().record("process_quant", 0.25, source="model.layers.0.mlp.experts.0.up_proj")
     assert (QuantizationRegionTimer.record, stage_layer.run_subset_stage, GPTQ.quantize) == originals
-    [span] = timeline.spans
+    [span] = [s for s in timeline.spans if s.kind != "gc"]  # the interpreter may collect garbage meanwhile
     assert span.kind == "process_quant" and span.name.endswith("up_proj") and span.thread == "MainThread"
     assert span.end - span.start == pytest.approx(0.25)
     timeline.write(tmp_path / "spans.jsonl")
@@ -166,3 +167,21 @@ def test_a_phase_this_gptqmodel_lacks_is_refused_in_one_line_and_nothing_stays_p
     with pytest.raises(RuntimeError, match=r"no gptqmodel\.looper\.stage_layer\.no_such_step to time; update _timeline\.MAIN_PHASES"):
         Timeline().__enter__()
     assert stage_layer.run_subset_stage is original
+
+
+def test_the_block_records_the_interpreters_garbage_collections_and_stops_after(monkeypatch):
+    pytest.importorskip("gptqmodel")
+    import gc
+
+    monkeypatch.setattr(_timeline, "GC_SPAN", 0.0)
+    callbacks = list(gc.callbacks)
+    with Timeline() as timeline:
+        gc.collect()  # a full collection, on this thread
+    assert gc.callbacks == callbacks
+    full = [s for s in timeline.spans if s.kind == "gc" and s.name == "gen2"]
+    assert full and full[-1].thread == "MainThread" and full[-1].end >= full[-1].start
+    n = len(timeline.spans)
+    gc.collect()
+    assert len(timeline.spans) == n  # nothing recorded once the block is left
+    summary = timeline.summary()["totals"]
+    assert summary["gc_full"] >= 1 and summary["gc"] >= 0.0
