@@ -63,6 +63,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  each layer after layer 0 loaded by GPTQModel's own ``pre_quantize`` on a background thread
                  once the layer before it has run its last subset forward, instead of when GPTQModel gets to it
                  (round 34: no gain measured, so not a default);
+* ``ours-grouped-batched-gcfreeze`` - the default lean bookkeeping parts plus the opt-in ``gc_freeze``: the objects
+                 alive when the run starts left out of the interpreter's full garbage collections until it ends
+                 (``stock+gcfreeze1`` does the same around stock's ``quantize()``);
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -215,7 +218,7 @@ WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
                 "-noline": "line_redraw"}
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
-WITH_PART = {"-layerahead": "layer_ahead"}
+WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze"}
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",

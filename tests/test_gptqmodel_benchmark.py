@@ -255,6 +255,9 @@ def test_variants_pick_their_lean_bookkeeping():
     assert "layer_ahead" in PARTS and "layer_ahead" not in DEFAULT_PARTS
     assert bench.bookkeeping_setting("ours-grouped-batched-layerahead") == set(DEFAULT_PARTS) | {"layer_ahead"}
     assert bench.solve_setting("ours-grouped-batched-layerahead") is True and "ours-grouped-batched-layerahead" in bench.VARIANTS
+    assert "gc_freeze" in PARTS and "gc_freeze" not in DEFAULT_PARTS
+    assert bench.bookkeeping_setting("ours-grouped-batched-gcfreeze") == set(DEFAULT_PARTS) | {"gc_freeze"}
+    assert bench.split_variant("stock+gcfreeze1") == ("stock", {"gcfreeze": 1})
 
 
 def test_variant_modifiers_are_parsed_and_bad_ones_refused():

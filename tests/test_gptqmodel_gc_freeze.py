@@ -1,0 +1,110 @@
+"""The ``gc_freeze`` lean part (integrations.gptqmodel.gc_freeze): what was alive at the block's start is left
+out of full garbage collections until its end, and handed back on any exit; stock, with a reason, when
+collection is off or the caller froze objects already."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+from defuser_quant.integrations.gptqmodel.gc_freeze import frozen_heap
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self  # a reference cycle: only the cyclic collector frees it
+
+
+@pytest.fixture(autouse=True)
+def _nothing_frozen():
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    yield
+    gc.unfreeze()
+    gc.enable()
+
+
+def test_objects_alive_at_the_start_are_skipped_by_collections_until_the_end():
+    node = _Node()
+    alive = weakref.ref(node)
+    with frozen_heap() as stats:
+        assert stats.frozen > 0 and gc.get_freeze_count() > 0 and stats.stock is None
+        del node
+        gc.collect()  # a full collection: the frozen cycle is not looked at
+        assert alive() is not None
+        fresh = _Node()  # allocated during the run: collected as before
+        fresh_alive = weakref.ref(fresh)
+        del fresh
+        gc.collect()
+        assert fresh_alive() is None
+    assert gc.get_freeze_count() == 0  # handed back
+    gc.collect()
+    assert alive() is None
+    assert stats.full_collections >= 2 and stats.full_seconds > 0.0
+
+
+def test_everything_is_handed_back_on_an_exception_or_ctrl_c():
+    for error in (RuntimeError("boom"), KeyboardInterrupt()):
+        callbacks = list(gc.callbacks)
+        with pytest.raises(type(error)):
+            with frozen_heap():
+                assert gc.get_freeze_count() > 0
+                raise error
+        assert gc.get_freeze_count() == 0 and gc.callbacks == callbacks
+
+
+def test_collection_turned_off_is_left_as_it_is():
+    gc.disable()
+    with frozen_heap() as stats:
+        assert gc.get_freeze_count() == 0
+    assert stats.stock == "automatic garbage collection is off" and stats.frozen == 0
+    assert not gc.isenabled()
+
+
+def test_the_callers_own_freeze_is_left_as_it_is():
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    with frozen_heap() as stats:
+        pass
+    assert stats.stock == "objects are frozen already (the caller's gc.freeze())" and stats.frozen == 0
+    assert gc.get_freeze_count() == frozen  # not unfrozen by the part
+    assert stats.as_dict()["stock"] == stats.stock
+
+
+# ----- inside GPTQModel's run (tiny qwen3_moe, CPU) ------------------------------------------------
+from test_gptqmodel_layer_ahead import _run, _same  # noqa: E402
+from test_gptqmodel_overhead import _load  # noqa: E402
+from test_gptqmodel_plugin import plugin, tiny  # noqa: E402, F401  (fixtures)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_frozen_run_gives_the_same_checkpoint_and_hands_everything_back(plugin, tiny, tmp_path):  # noqa: F811
+    from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS
+
+    stats, frozen = _run(plugin, tiny, tmp_path, "frozen", parts=DEFAULT_PARTS | {"gc_freeze"})
+    assert gc.get_freeze_count() == 0
+    assert stats.gc_freeze is not None and stats.gc_freeze.frozen > 1000 and stats.gc_freeze.stock is None
+    default, stock = _run(plugin, tiny, tmp_path, "default", parts=True)
+    assert default.gc_freeze is None  # opt-in
+    assert _same(frozen, stock) and any(k.endswith("experts.0.gate_proj.qweight") for k in frozen)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ctrl_c_inside_a_frozen_run_hands_everything_back(plugin, tiny, tmp_path, monkeypatch):  # noqa: F811
+    from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS
+
+    model = _load(tiny["src"], True, tmp_path / "offload")
+    seen = []
+
+    def interrupted(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "quantize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plugin.quantize_with_defuser(model, tiny["calibration"][:4], batch_size=4,
+                                     lean_bookkeeping=DEFAULT_PARTS | {"gc_freeze"})
+    assert seen and seen[0] > 0 and gc.get_freeze_count() == 0
