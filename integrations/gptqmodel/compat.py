@@ -13,7 +13,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import ModuleType
+from types import CodeType, ModuleType
 from typing import Any
 
 from defuser_quant.core.errors import DefuserQuantError
@@ -83,6 +83,40 @@ def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
             delattr(owner, name)
         else:
             setattr(owner, name, saved)
+
+
+def parameter_names(fn: Callable) -> set[str]:
+    """The names of ``fn``'s parameters (empty when it has no signature to read)."""
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def code_names(fn: Callable) -> set[str]:
+    """Global/attribute names ``fn`` (unwrapped) looks up."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    return set(code.co_names) if code is not None else set()
+
+
+def _codes(fn: Callable) -> Iterator[CodeType]:
+    """``fn``'s code (unwrapped) and every code nested in it (generator expressions, inner functions)."""
+    todo = [getattr(inspect.unwrap(fn), "__code__", None)]
+    while todo:
+        code = todo.pop()
+        if code is not None:
+            yield code
+            todo.extend(c for c in code.co_consts if isinstance(c, CodeType))
+
+
+def all_code_names(fn: Callable) -> set[str]:
+    """Global/attribute names ``fn`` and its nested code look up."""
+    return {name for code in _codes(fn) for name in code.co_names}
+
+
+def code_strings(fn: Callable) -> set[str]:
+    """The string constants of ``fn`` and its nested code."""
+    return {c for code in _codes(fn) for c in code.co_consts if isinstance(c, str)}
 
 
 def source_digest(fn: Callable) -> str | None:

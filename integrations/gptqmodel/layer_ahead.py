@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import all_code_names, code_strings, parameter_names
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEVICES", "ROOM", "LayerAhead", "LayerAheadStats", "internals_refusal"]
@@ -86,7 +88,6 @@ def internals_refusal() -> str | None:
     from gptqmodel.looper.module_looper import ModuleLooper
     from gptqmodel.utils import model as model_utils
 
-    from .overhead import _all_names, _params
     from .recopy import pre_quantize_refusal
 
     why = pre_quantize_refusal()  # it materializes or moves the layer and writes nothing else
@@ -94,32 +95,16 @@ def internals_refusal() -> str | None:
         return why
     dispatch = getattr(ModuleLooper, "_subset_event_dispatch", None)
     need = {"self", "stage", "layer_idx", "subset_index", "subset_total", "module_names", "processor"}
-    if dispatch is None or _params(dispatch) != need:
+    if dispatch is None or parameter_names(dispatch) != need:
         return f"expected ModuleLooper._subset_event_dispatch({', '.join(sorted(need))})"
     if not callable(getattr(model_utils, "get_layers_with_prefixes", None)):
         return "gptqmodel.utils.model.get_layers_with_prefixes is missing"
     run_subset = getattr(stage_subset, "run_subset_stage", None)
-    if run_subset is None or "subset_event_cb" not in _params(run_subset) or _EVENT not in _constants(run_subset):
+    if run_subset is None or "subset_event_cb" not in parameter_names(run_subset) or _EVENT not in code_strings(run_subset):
         return f"expected stage_subset.run_subset_stage(subset_event_cb=...) to emit a {_EVENT!r} subset event"
-    if "_subset_event_dispatch" not in _all_names(getattr(stage_layer, "run_layer_stage", None) or _constants):
+    if "_subset_event_dispatch" not in all_code_names(getattr(stage_layer, "run_layer_stage", None) or code_strings):
         return "expected stage_layer.run_layer_stage to pass ModuleLooper._subset_event_dispatch to its subsets"
     return None
-
-
-def _constants(fn: Callable) -> set[str]:
-    """The string constants of ``fn``'s code, nested code included."""
-    out: set[str] = set()
-    todo = [getattr(fn, "__code__", None)]
-    while todo:
-        code = todo.pop()
-        if code is None:
-            continue
-        for const in code.co_consts:
-            if isinstance(const, str):
-                out.add(const)
-            elif hasattr(const, "co_consts"):
-                todo.append(const)
-    return out
 
 
 class LayerAhead:

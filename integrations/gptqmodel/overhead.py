@@ -115,7 +115,6 @@ up); when they differ, a warning names what differs and that part stays stock.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import os
 import sys
@@ -135,6 +134,9 @@ from defuser_quant.calibration.capture import defused_blocks
 from defuser_quant.core.defused import DefusedExperts
 
 from . import layer_reads as layer_reads_module
+from .compat import all_code_names as _all_names
+from .compat import code_names as _names
+from .compat import parameter_names as _params
 from .compat import patched, source_digest
 from .gc_freeze import FreezeStats, frozen_heap
 from .layer_ahead import LayerAhead, LayerAheadStats
@@ -233,30 +235,6 @@ def expert_projection_paths(model: nn.Module) -> frozenset[str]:
 
 
 # ----- what the patches rely on ----------------------------------------------------------------
-def _params(fn: Callable) -> set[str]:
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _names(fn: Callable) -> set[str]:
-    code = getattr(inspect.unwrap(fn), "__code__", None)
-    return set(code.co_names) if code is not None else set()
-
-
-def _all_names(fn: Callable) -> set[str]:
-    """Global/attribute names ``fn`` and its nested code (generator expressions) look up."""
-    names: set[str] = set()
-    todo = [getattr(inspect.unwrap(fn), "__code__", None)]
-    while todo:
-        code = todo.pop()
-        if code is not None:
-            names.update(code.co_names)
-            todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-    return names
-
-
 #: sha256[:16] of the GPTQModel 7.6.0 sources the checkpoint index stands in for.
 _CHECKPOINT_SOURCES = {
     "_resolve_checkpoint_module_path": "9324df07f071d073",
