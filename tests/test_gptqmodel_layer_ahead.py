@@ -238,3 +238,15 @@ def test_a_gptqmodel_with_another_subset_event_dispatch_keeps_the_part_stock(mon
 
     monkeypatch.setattr(ModuleLooper, "_subset_event_dispatch", other)
     assert "expected ModuleLooper._subset_event_dispatch(" in internals_mismatch()["layer_ahead"]
+
+
+def test_a_check_that_raises_refuses_the_layer_instead_of_failing_gptqmodels_event(on_cpu, monkeypatch):
+    ahead, stats = _ahead(_stack())
+
+    def broken(layer):
+        raise TypeError("an odd module")
+
+    monkeypatch.setattr(ahead, "holds_experts", broken)
+    ahead.after_last_forward(0, ["model.layers.0"])  # does not raise
+    ahead.close()
+    assert stats.started == 0 and dict(stats.refused) == {"the next layer could not be checked (TypeError)": 1}

@@ -102,7 +102,8 @@ def internals_refusal() -> str | None:
     run_subset = getattr(stage_subset, "run_subset_stage", None)
     if run_subset is None or "subset_event_cb" not in parameter_names(run_subset) or _EVENT not in code_strings(run_subset):
         return f"expected stage_subset.run_subset_stage(subset_event_cb=...) to emit a {_EVENT!r} subset event"
-    if "_subset_event_dispatch" not in all_code_names(getattr(stage_layer, "run_layer_stage", None) or code_strings):
+    run_layer = getattr(stage_layer, "run_layer_stage", None)
+    if run_layer is None or "_subset_event_dispatch" not in all_code_names(run_layer):
         return "expected stage_layer.run_layer_stage to pass ModuleLooper._subset_event_dispatch to its subsets"
     return None
 
@@ -162,7 +163,10 @@ class LayerAhead:
             why, layer = f"the next layer could not be found ({type(exc).__name__})", None
         device = None
         if why is None:
-            why, device = self._refusal(layer)
+            try:
+                why, device = self._refusal(layer)
+            except Exception as exc:  # noqa: BLE001 - never let GPTQModel's subset event fail on our account
+                why = f"the next layer could not be checked ({type(exc).__name__})"
         if why is not None:
             with self.lock:
                 self.stats.refused[why] += 1
@@ -223,8 +227,8 @@ class LayerAhead:
 
     def _wait(self, layer: nn.Module) -> None:
         with self.lock:
-            entry = self.pending.pop(id(layer), None)
-        if entry is None or entry[0] is not layer:
+            entry = self.pending.pop(id(layer), None)  # the entry holds the layer: its id is not reused meanwhile
+        if entry is None:
             return
         t0 = time.perf_counter()
         try:
