@@ -4,6 +4,11 @@ select torch.profiler and the all-threads stack sampler instead.
 
 The text holds the top functions by own time and by cumulative time (host Python only; CUDA
 kernels show up as the host calls that launch or wait for them). Unset, it costs nothing.
+
+cProfile sees only the thread it runs on, so with ``DQ_PROFILE_DIR`` every GPTQModel module finalize
+(``GPTQProcessor.submodule_finalize``, run on its CPU workers) is profiled too, on its own worker
+thread, and the calls are merged into ``<name>.finalize.txt``/``.prof``: what a finalize spends its
+time on (the wall time of calls that wait for the interpreter lock is charged to where they waited).
 """
 
 from __future__ import annotations
@@ -49,18 +54,60 @@ def maybe_profile(name: str, top: int = 60) -> Iterator[Any]:
         yield
         return
     profiler = cProfile.Profile()
-    profiler.enable()
+    with _finalize_profiles() as finalizes:
+        profiler.enable()
+        try:
+            yield
+        finally:
+            profiler.disable()
+            _write(Path(folder) / f"{name}.txt", [profiler], top)
+            if finalizes:
+                _write(Path(folder) / f"{name}.finalize.txt", finalizes, top,
+                       head=f"# {len(finalizes)} finalize worker threads, their submodule_finalize calls merged\n")
+
+
+def _write(path: Path, profilers: list[cProfile.Profile], top: int, head: str = "") -> None:
+    text = io.StringIO()
+    text.write(head)
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(*profilers, stream=text).sort_stats(key).print_stats(top)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
+    stats = pstats.Stats(*profilers)
+    stats.dump_stats(path.with_suffix(".prof"))  # for pstats' callers/callees
+
+
+@contextlib.contextmanager
+def _finalize_profiles() -> Iterator[list[cProfile.Profile]]:
+    """Inside the block, each ``GPTQProcessor.submodule_finalize`` call runs under its thread's own profiler;
+    yields the list of those profilers (one per thread that finalized), complete once the block ends."""
+    import threading
+
     try:
-        yield
+        from gptqmodel.looper.gptq_processor import GPTQProcessor
+    except ImportError:
+        yield []
+        return
+    original = GPTQProcessor.submodule_finalize
+    local, profilers, lock = threading.local(), [], threading.Lock()
+
+    def submodule_finalize(self, *args, **kwargs):
+        prof = getattr(local, "profiler", None)
+        if prof is None:
+            prof = local.profiler = cProfile.Profile()
+            with lock:
+                profilers.append(prof)
+        prof.enable()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            prof.disable()
+
+    GPTQProcessor.submodule_finalize = submodule_finalize
+    try:
+        yield profilers
     finally:
-        profiler.disable()
-        text = io.StringIO()
-        for key in ("tottime", "cumulative"):
-            pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(top)
-        path = Path(folder) / f"{name}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text.getvalue())
-        profiler.dump_stats(path.with_suffix(".prof"))  # for pstats' callers/callees
+        GPTQProcessor.submodule_finalize = original
 
 
 @contextlib.contextmanager

@@ -103,3 +103,27 @@ def test_without_the_variable_nothing_is_sampled(tmp_path, monkeypatch):
     with maybe_profile("run"):
         assert threading.active_count() == before  # no sampler thread started
     assert not list(tmp_path.iterdir())
+
+
+def test_cprofile_also_profiles_gptqmodels_finalizes_on_their_worker_threads(tmp_path, monkeypatch):
+    pytest.importorskip("gptqmodel")
+    from gptqmodel.looper.gptq_processor import GPTQProcessor
+
+    def finalize(self, module, model):  # stands in for GPTQModel's finalize of one module
+        _spin(0.02)
+        return module
+
+    monkeypatch.setattr(GPTQProcessor, "submodule_finalize", finalize)
+    monkeypatch.setenv("DQ_PROFILE_DIR", str(tmp_path))
+    with maybe_profile("run"):
+        assert GPTQProcessor.submodule_finalize is not finalize  # profiled while the block runs
+        workers = [threading.Thread(target=lambda: GPTQProcessor.submodule_finalize(None, "m", None), name=f"w{i}")
+                   for i in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert GPTQProcessor.submodule_finalize is finalize  # restored
+    text = (tmp_path / "run.finalize.txt").read_text()
+    assert text.startswith("# 2 finalize worker threads") and "_spin" in text and "finalize" in text
+    assert (tmp_path / "run.finalize.prof").is_file() and (tmp_path / "run.txt").is_file()
