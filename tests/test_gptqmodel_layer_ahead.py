@@ -251,3 +251,26 @@ def test_a_check_that_raises_refuses_the_layer_instead_of_failing_gptqmodels_eve
     ahead.after_last_forward(0, ["model.layers.0"])  # does not raise
     ahead.close()
     assert stats.started == 0 and dict(stats.refused) == {"the next layer could not be checked (TypeError)": 1}
+
+
+def test_ctrl_c_while_waiting_for_a_load_still_leaves_it_to_close(on_cpu, monkeypatch):
+    ahead, stats = _ahead(_stack())
+    release = threading.Event()
+    finished = []
+
+    def slow_load(layer, device):
+        release.wait(5)
+        finished.append(layer)
+
+    monkeypatch.setattr(ahead, "_load", slow_load)
+    ahead.after_last_forward(0, ["model.layers.0"])
+    layer = ahead._layers[0][1]
+    future = ahead.pending[id(layer)][1]
+    monkeypatch.setattr(future, "result", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ahead._wait(layer)  # GPTQModel's main thread, interrupted while it waits
+    assert id(layer) in ahead.pending  # not forgotten
+    monkeypatch.undo()  # the future's own result() again
+    release.set()
+    ahead.close()  # waits for the load before the block's patches would go
+    assert finished == [layer] and stats.started == 1

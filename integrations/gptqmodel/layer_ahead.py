@@ -227,15 +227,16 @@ class LayerAhead:
 
     def _wait(self, layer: nn.Module) -> None:
         with self.lock:
-            entry = self.pending.pop(id(layer), None)  # the entry holds the layer: its id is not reused meanwhile
+            entry = self.pending.get(id(layer))  # the entry holds the layer: its id is not reused meanwhile
         if entry is None:
             return
         t0 = time.perf_counter()
         try:
-            entry[1].result()
+            entry[1].result()  # a Ctrl-C here leaves the entry pending: close() still waits for the load
         except Exception as exc:  # noqa: BLE001 - GPTQModel's own call loads (and raises what stock raises)
             self._failed(exc)
         with self.lock:
+            self.pending.pop(id(layer), None)
             self.stats.used += 1
             self.stats.waited_seconds += time.perf_counter() - t0
 
