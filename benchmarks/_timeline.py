@@ -23,7 +23,6 @@ and what no span covers.
 from __future__ import annotations
 
 import functools
-import gc
 import importlib
 import json
 import re
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from defuser_quant.integrations.gptqmodel.compat import patched
+from defuser_quant.integrations.gptqmodel.gc_freeze import timed_collections
 
 __all__ = ["MAIN_PHASES", "Span", "Timeline", "finalize_windows", "main_gaps", "summarize", "union_seconds"]
 
@@ -199,20 +199,15 @@ class Timeline:
         except BaseException:
             self._patches.close()
             raise
-        self._gc_started: dict[int, float] = {}
-        gc.callbacks.append(self._gc_event)
-        self._patches.callback(gc.callbacks.remove, self._gc_event)
+        self._patches.enter_context(timed_collections(self._collected))
         self.start = time.perf_counter()
         return self
 
-    def _gc_event(self, phase: str, info: dict) -> None:
+    def _collected(self, generation: int, start: float, end: float) -> None:
         """The interpreter's own garbage collections (``"gc"`` spans, ``gen<N>``) of ``GC_SPAN`` seconds or more:
         a full collection holds the interpreter lock for as long as it scans every tracked object."""
-        now, key = time.perf_counter(), threading.get_ident()
-        if phase == "start":
-            self._gc_started[key] = now
-        elif (began := self._gc_started.pop(key, None)) is not None and now - began >= GC_SPAN:
-            self._add("gc", f"gen{info.get('generation')}", began, now)
+        if end - start >= GC_SPAN:
+            self._add("gc", f"gen{generation}", start, end)
 
     def __exit__(self, *exc: object) -> None:
         self.end = time.perf_counter()

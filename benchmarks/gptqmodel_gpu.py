@@ -108,7 +108,8 @@ solves: fewer of them contend less for the interpreter lock), ``+pin1`` has ``la
 into pinned buffers (``layer_reads.PIN``), ``+nooff1`` loads with ``QuantizeConfig(offload_to_disk=False)``
 (a diagnostic: what GPTQModel's per-module disk offload costs; not a comparable setting), ``+gcfreeze1`` calls
 ``gc.freeze()`` before ``quantize()`` and ``gc.unfreeze()`` after it (the interpreter's full collections, which hold
-the interpreter lock while they scan every tracked object, then skip what was alive before the run). ``stock+si500`` and
+the interpreter lock while they scan every tracked object, then skip what was alive before the run; the row's
+``gc_freeze`` says how many objects and what full collections still ran). ``stock+si500`` and
 ``ours-grouped-batched+si500+cpuw4`` are variants; the row's ``modifiers`` say what was set.
 ``--gil-probe`` adds ``gil_probe`` to every row: how late a thread that sleeps 2 ms gets the lock
 back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
@@ -1059,11 +1060,11 @@ def worker(args: argparse.Namespace) -> int:
     from _timeline import Timeline
 
     timeline = Timeline() if args.timeline else None
-    if "gcfreeze" in modifiers:  # the model and everything loaded so far: no full collection scans them again
-        import gc
+    from defuser_quant.integrations.gptqmodel.gc_freeze import frozen_heap
 
-        gc.freeze()
-    with maybe_profile(f"gptqmodel-{run_id}") as sampler, record_gptq_kernels(stages=args.stages, model=model.model) as kernels, \
+    # +gcfreeze1: the model and everything loaded so far left out of full collections, as the gc_freeze part does
+    frozen = frozen_heap() if "gcfreeze" in modifiers else contextlib.nullcontext()
+    with frozen as freeze, maybe_profile(f"gptqmodel-{run_id}") as sampler, record_gptq_kernels(stages=args.stages, model=model.model) as kernels, \
             deterministic_mode(args.deterministic), probe or contextlib.nullcontext(), prints, \
             timeline or contextlib.nullcontext():
         if is_stock(variant):
@@ -1084,10 +1085,8 @@ def worker(args: argparse.Namespace) -> int:
         if sampler is not None:  # DQ_SAMPLE_DIR: the tail after the last GPTQ solve also reported alone
             sampler.since = kernels.last_solve_at
     t2 = time.perf_counter()
-    if "gcfreeze" in modifiers:
-        import gc
-
-        gc.unfreeze()
+    if freeze is not None:
+        extra["gc_freeze"] = freeze.as_dict()
     if probe is not None:
         extra["gil_probe"] = probe.summary()
         if timeline is not None:  # each long wait for the interpreter lock, where it happened in the run

@@ -25,12 +25,12 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FreezeStats", "frozen_heap"]
+__all__ = ["FreezeStats", "frozen_heap", "timed_collections"]
 
 
 @dataclass
@@ -48,24 +48,37 @@ class FreezeStats:
 
 
 @contextmanager
-def frozen_heap(stats: FreezeStats | None = None) -> Iterator[FreezeStats]:
-    """Inside the block, the objects tracked at its start are left out of full collections (see the module
-    docstring); ``stats`` counts them and times the full collections that still ran."""
-    stats = stats if stats is not None else FreezeStats()
+def timed_collections(done: Callable[[int, float, float], None]) -> Iterator[None]:
+    """Inside the block, ``done(generation, start, end)`` (``perf_counter`` seconds) after each garbage
+    collection the interpreter runs, called on the thread that ran it."""
     started: dict[int, float] = {}
 
-    def timed(phase: str, info: dict) -> None:
-        if info.get("generation") != 2:
-            return
+    def event(phase: str, info: dict) -> None:
         key = threading.get_ident()
         if phase == "start":
             started[key] = time.perf_counter()
         elif (began := started.pop(key, None)) is not None:
-            stats.full_collections += 1
-            stats.full_seconds += time.perf_counter() - began
+            done(info.get("generation"), began, time.perf_counter())
 
-    gc.callbacks.append(timed)
+    gc.callbacks.append(event)
     try:
+        yield
+    finally:
+        gc.callbacks.remove(event)
+
+
+@contextmanager
+def frozen_heap(stats: FreezeStats | None = None) -> Iterator[FreezeStats]:
+    """Inside the block, the objects tracked at its start are left out of full collections (see the module
+    docstring); ``stats`` counts them and times the full collections that still ran."""
+    stats = stats if stats is not None else FreezeStats()
+
+    def full(generation: int, start: float, end: float) -> None:
+        if generation == 2:
+            stats.full_collections += 1
+            stats.full_seconds += end - start
+
+    with timed_collections(full):
         if not gc.isenabled():
             stats.stock = "automatic garbage collection is off"
             yield stats
@@ -80,5 +93,3 @@ def frozen_heap(stats: FreezeStats | None = None) -> Iterator[FreezeStats]:
             yield stats
         finally:
             gc.unfreeze()
-    finally:
-        gc.callbacks.remove(timed)

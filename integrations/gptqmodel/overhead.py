@@ -92,10 +92,10 @@ expert projections of our ``DefusedExperts`` blocks only:
   takes them (:mod:`.offload_bundle`); the same tensors in the checkpoint, one layer's quantized
   experts more in host memory until the save.
 
-* **gc freeze** (opt-in, :data:`OPT_IN`; the interpreter's full garbage collections): the objects alive when the run starts (the model,
-  the libraries) are left out of full collections until it ends (``gc.freeze()`` / ``gc.unfreeze()``), so the
-  couple of full collections a run triggers walk only what the run allocated (:mod:`.gc_freeze`); nothing is
-  computed differently.
+* **gc freeze** (opt-in, :data:`OPT_IN`; the interpreter's full garbage collections): the objects alive when
+  the run starts (the model, the libraries) are left out of full collections until it ends (``gc.freeze()`` /
+  ``gc.unfreeze()``), so the couple of full collections a run triggers walk only what the run allocated
+  (:mod:`.gc_freeze`); nothing is computed differently.
 
 * **worker warm-up** (GPTQModel's device pool): when the block is entered, each worker of the quantize
   device's CUDA group and of the CPU group is handed one empty task, so GPTQModel's per-worker
