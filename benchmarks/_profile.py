@@ -69,11 +69,11 @@ def maybe_profile(name: str, top: int = 60) -> Iterator[Any]:
 def _write(path: Path, profilers: list[cProfile.Profile], top: int, head: str = "") -> None:
     text = io.StringIO()
     text.write(head)
+    stats = pstats.Stats(*profilers, stream=text)
     for key in ("tottime", "cumulative"):
-        pstats.Stats(*profilers, stream=text).sort_stats(key).print_stats(top)
+        stats.sort_stats(key).print_stats(top)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.getvalue())
-    stats = pstats.Stats(*profilers)
     stats.dump_stats(path.with_suffix(".prof"))  # for pstats' callers/callees
 
 
@@ -88,6 +88,8 @@ def _finalize_profiles() -> Iterator[list[cProfile.Profile]]:
     except ImportError:
         yield []
         return
+    from defuser_quant.integrations.gptqmodel.compat import patched
+
     original = GPTQProcessor.submodule_finalize
     local, profilers, lock = threading.local(), [], threading.Lock()
 
@@ -103,11 +105,8 @@ def _finalize_profiles() -> Iterator[list[cProfile.Profile]]:
         finally:
             prof.disable()
 
-    GPTQProcessor.submodule_finalize = submodule_finalize
-    try:
+    with patched(GPTQProcessor, "submodule_finalize", submodule_finalize):
         yield profilers
-    finally:
-        GPTQProcessor.submodule_finalize = original
 
 
 @contextlib.contextmanager
