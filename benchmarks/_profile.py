@@ -5,10 +5,11 @@ select torch.profiler and the all-threads stack sampler instead.
 The text holds the top functions by own time and by cumulative time (host Python only; CUDA
 kernels show up as the host calls that launch or wait for them). Unset, it costs nothing.
 
-cProfile sees only the thread it runs on, so with ``DQ_PROFILE_DIR`` every GPTQModel module finalize
+Before Python 3.12 cProfile sees only the thread it runs on, so with ``DQ_PROFILE_DIR`` every GPTQModel module finalize
 (``GPTQProcessor.submodule_finalize``, run on its CPU workers) is profiled too, on its own worker
 thread, and the calls are merged into ``<name>.finalize.txt``/``.prof``: what a finalize spends its
-time on (the wall time of calls that wait for the interpreter lock is charged to where they waited).
+time on (the wall time of calls that wait for the interpreter lock is charged to where they waited). From
+Python 3.12 one profiler records every thread (:data:`PER_THREAD`), and the summary says so.
 """
 
 from __future__ import annotations
@@ -18,12 +19,20 @@ import cProfile
 import io
 import os
 import pstats
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ENV = "DQ_PROFILE_DIR"
 
+
+#: Before Python 3.12 each cProfile profiler sees only the thread that enabled it, so the finalize workers get
+#: their own; from 3.12 cProfile runs on ``sys.monitoring``, one profiler per process ("Another profiling tool is
+#: already active" for a second), and the one enabled on the main thread records every thread's calls.
+PER_THREAD = sys.version_info < (3, 12)
+ALL_THREADS_NOTE = ("# Python >= 3.12: one cProfile profiler per process (sys.monitoring); it recorded every thread's "
+                    "calls, the finalize workers' included (no separate .finalize.txt)\n")
 
 TORCH_ENV = "DQ_TORCH_PROFILE_DIR"
 SAMPLE_ENV = "DQ_SAMPLE_DIR"
@@ -54,13 +63,13 @@ def maybe_profile(name: str, top: int = 60) -> Iterator[Any]:
         yield
         return
     profiler = cProfile.Profile()
-    with _finalize_profiles() as finalizes:
+    with _finalize_profiles() if PER_THREAD else contextlib.nullcontext([]) as finalizes:
         profiler.enable()
         try:
             yield
         finally:
             profiler.disable()
-            _write(Path(folder) / f"{name}.txt", [profiler], top)
+            _write(Path(folder) / f"{name}.txt", [profiler], top, head="" if PER_THREAD else ALL_THREADS_NOTE)
             if finalizes:
                 _write(Path(folder) / f"{name}.finalize.txt", finalizes, top,
                        head=f"# {len(finalizes)} finalize worker threads, their submodule_finalize calls merged\n")

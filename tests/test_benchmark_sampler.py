@@ -127,3 +127,23 @@ def test_cprofile_also_profiles_gptqmodels_finalizes_on_their_worker_threads(tmp
     text = (tmp_path / "run.finalize.txt").read_text()
     assert text.startswith("# 2 finalize worker threads") and "_spin" in text and "finalize" in text
     assert (tmp_path / "run.finalize.prof").is_file() and (tmp_path / "run.txt").is_file()
+
+
+def test_from_python_3_12_one_profiler_records_every_thread_and_no_finalize_profiler_is_started(tmp_path, monkeypatch):
+    """Python 3.12's cProfile allows one active profiler per process: a finalize worker enabling its own raised
+    "Another profiling tool is already active" and killed the H200 run (round 35b)."""
+    pytest.importorskip("gptqmodel")
+    import _profile
+    from gptqmodel.looper.gptq_processor import GPTQProcessor
+
+    original = GPTQProcessor.submodule_finalize
+    monkeypatch.setattr(_profile, "PER_THREAD", False)
+    monkeypatch.setenv("DQ_PROFILE_DIR", str(tmp_path))
+    monkeypatch.delenv("DQ_SAMPLE_DIR", raising=False)
+    monkeypatch.delenv("DQ_TORCH_PROFILE_DIR", raising=False)
+    with maybe_profile("run"):
+        assert GPTQProcessor.submodule_finalize is original  # nothing enables a second profiler
+        _spin(0.02)
+    text = (tmp_path / "run.txt").read_text()
+    assert text.startswith(_profile.ALL_THREADS_NOTE) and "_spin" in text
+    assert not (tmp_path / "run.finalize.txt").exists()

@@ -1,6 +1,6 @@
 """The ``gc_freeze`` lean part (integrations.gptqmodel.gc_freeze): what was alive at the block's start is left
-out of full garbage collections until its end, and handed back on any exit; stock, with a reason, when
-collection is off or the caller froze objects already."""
+out of full garbage collections until its end, and handed back on any exit (objects frozen before it too, counted);
+stock, with a reason, when collection is off."""
 
 from __future__ import annotations
 
@@ -62,14 +62,22 @@ def test_collection_turned_off_is_left_as_it_is():
     assert not gc.isenabled()
 
 
-def test_the_callers_own_freeze_is_left_as_it_is():
+def test_objects_frozen_before_the_block_are_counted_and_handed_back_at_its_end(caplog):
+    node = _Node()  # frozen by the caller (or the interpreter's start), then turned into garbage
+    alive = weakref.ref(node)
     gc.freeze()
-    frozen = gc.get_freeze_count()
-    with frozen_heap() as stats:
-        pass
-    assert stats.stock == "objects are frozen already (the caller's gc.freeze())" and stats.frozen == 0
-    assert gc.get_freeze_count() > frozen // 2  # not unfrozen by the part (that would make it 0)
-    assert stats.as_dict()["stock"] == stats.stock
+    before = gc.get_freeze_count()
+    del node
+    with caplog.at_level("INFO", logger="defuser_quant.integrations.gptqmodel.gc_freeze"):
+        with frozen_heap() as stats:
+            assert stats.stock is None and stats.frozen_before == before and stats.frozen >= before
+            gc.collect()
+            assert alive() is not None  # still frozen inside the block
+    assert gc.get_freeze_count() == 0  # handed back with the rest
+    gc.collect()
+    assert alive() is None
+    assert stats.as_dict()["frozen_before"] == before
+    assert any(f"{before} objects were frozen before the run" in r.getMessage() for r in caplog.records)
 
 
 # ----- inside GPTQModel's run (tiny qwen3_moe, CPU) ------------------------------------------------
