@@ -10,6 +10,16 @@
 # and unpacked as they are. PyPcre, a GPTQModel requirement, ships no wheel (it compiles against
 # libpcre2), so a stand-in built on the stdlib `re` takes its place (scripts/gpu_site/pcre_stand_in.py):
 # GPTQModel uses it only to match module names against its dynamic per-module config rules.
+#
+# A fresh GPU machine compiles GPTQModel's block-update and pack extensions and defuser-quant's rows
+# kernel before the first run (about 90 s). To pay that once, build them into folders that come back:
+#   export GPTQMODEL_TORCH_EXTENSIONS_DIR=/tmp/gext TORCH_EXTENSIONS_DIR=/tmp/text   # there, first call
+#   ...; tar czf $OUT/ext.tgz -C /tmp gext text                                     # there, after the run
+#   mkdir -p .gpudeps/ext && tar xzf ext.tgz -C .gpudeps/ext                        # here
+#   find .gpudeps/ext/gext -type f ! -name '*.so' ! -name '*.lock' -delete          # here: GPTQModel needs the .so only
+# and in later calls (torch's build folder is only reused at the path it was built in, hence the copy):
+#   mkdir -p /tmp/text && cp -a .gpudeps/ext/text/. /tmp/text/
+#   export GPTQMODEL_TORCH_EXTENSIONS_DIR=$PWD/.gpudeps/ext/gext TORCH_EXTENSIONS_DIR=/tmp/text
 set -euo pipefail
 dest=${1:?usage: build.sh DEST_DIR}
 py=${PY:-3.12}
