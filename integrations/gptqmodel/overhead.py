@@ -831,7 +831,7 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
-#: gain on an H200; ``gc_freeze`` measured on the CPU only so far.
+#: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
 OPT_IN = frozenset({"layer_ahead", "gc_freeze"})
 #: The parts ``lean_bookkeeping=True`` turns on.
 DEFAULT_PARTS = PARTS - OPT_IN
