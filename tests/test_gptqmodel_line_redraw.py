@@ -103,3 +103,8 @@ def test_a_logbar_without_what_it_relies_on_is_refused(monkeypatch, missing):
 def test_a_line_that_does_not_redraw_the_stack_is_refused(monkeypatch):
     monkeypatch.setattr(logbar_module.LogBar, "_emit_log_line_locked", lambda self, *a, **k: None)
     assert "_emit_log_line_locked" in line_redraw.internals_refusal()
+
+
+def test_a_render_with_other_parameters_is_refused(monkeypatch):
+    monkeypatch.setattr(logbar_module, "_render_progress_stack_locked", lambda precomputed=None: None)
+    assert "expected _render_progress_stack_locked(precomputed, columns_hint, backend_state)" in line_redraw.internals_refusal()

@@ -724,6 +724,19 @@ def test_recopy_runs_only_for_plain_gptq_configs():
     assert "only plain GPTQ" in config_refusal(object())
 
 
+def test_recopy_refuses_a_lazyturtle_whose_copy_or_materialize_differs(monkeypatch):
+    from gptqmodel.utils import structure
+
+    from defuser_quant.integrations.gptqmodel.recopy import internals_refusal
+
+    turtle = structure.LazyTurtle
+    monkeypatch.setattr(turtle, "_copy_checkpoint_tensors_into_submodule", lambda self, target_model, device: None)
+    assert "expected LazyTurtle._copy_checkpoint_tensors_into_submodule(" in internals_refusal()
+    monkeypatch.undo()
+    monkeypatch.setattr(turtle, "materialize_submodule", lambda self, *args, **kwargs: None)
+    assert "to call _copy_checkpoint_tensors_into_submodule" in internals_refusal()
+
+
 @pytest.mark.slow
 def test_a_config_that_may_write_weights_keeps_gptqmodels_copies(plugin, tiny):  # noqa: F811
     from defuser_quant.integrations.gptqmodel.overhead import lean_bookkeeping

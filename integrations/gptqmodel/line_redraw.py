@@ -17,7 +17,6 @@ drawn less often while lines stream. Everything happens under LogBar's own rende
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import threading
 import time
@@ -26,7 +25,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .compat import patched
+from .compat import parameter_names, patched
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def internals_refusal() -> str | None:
     lock = getattr(logbar_module, "_RENDER_LOCK", None)
     if render is None or emit is None or lock is None:
         return "expected logbar.logbar._render_progress_stack_locked, LogBar._emit_log_line_locked and _RENDER_LOCK"
-    if not {"precomputed", "columns_hint", "backend_state"} <= set(inspect.signature(render).parameters):
+    if not {"precomputed", "columns_hint", "backend_state"} <= parameter_names(render):
         return "expected _render_progress_stack_locked(precomputed, columns_hint, backend_state)"
     names = set(getattr(getattr(emit, "__code__", None), "co_names", ()))
     if not {"_clear_progress_stack_locked", "_render_progress_stack_locked"} <= names:

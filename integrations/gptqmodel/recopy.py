@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compat import source_digest
+from .compat import code_names, parameter_names, source_digest
 
 __all__ = ["Recopy", "config_refusal", "internals_refusal", "pre_quantize_refusal"]
 
@@ -69,8 +69,6 @@ def config_refusal(qcfg: Any) -> str | None:
 
 def internals_refusal() -> str | None:
     """What differs from the GPTQModel 7.6 internals the part relies on (None: nothing)."""
-    import inspect
-
     from gptqmodel.utils import structure
 
     turtle = getattr(structure, "LazyTurtle", None)
@@ -80,9 +78,9 @@ def internals_refusal() -> str | None:
         return "LazyTurtle._copy_checkpoint_tensors_into_submodule or materialize_submodule is missing"
     want = {"self", "target_model", "target_submodule", "module_path", "device", "recurse", "non_blocking",
             "modules_by_name", "show_progress"}
-    if set(inspect.signature(copy).parameters) != want:
+    if parameter_names(copy) != want:
         return f"expected LazyTurtle._copy_checkpoint_tensors_into_submodule({', '.join(sorted(want))})"
-    if "_copy_checkpoint_tensors_into_submodule" not in inspect.unwrap(materialize).__code__.co_names:
+    if "_copy_checkpoint_tensors_into_submodule" not in code_names(materialize):
         return "expected LazyTurtle.materialize_submodule to call _copy_checkpoint_tensors_into_submodule"
     return None
 
