@@ -182,8 +182,9 @@ variant's ratios against every stock run of the call (min / median / max over al
 spread of stock's and ours' run-to-run times in one figure.
 
 Profiles (``benchmarks/_profile.py``): ``DQ_PROFILE_DIR``, ``DQ_TORCH_PROFILE_DIR`` or ``DQ_SAMPLE_DIR``
-profile each variant's ``quantize`` (``gptqmodel-<run>``; with ``DQ_PROFILE_DIR`` also GPTQModel's module finalizes on
-their worker threads, ``gptqmodel-<run>.finalize.txt``) and, on its own, its save (``gptqmodel-<run>-save``);
+profile each variant's ``quantize`` (``gptqmodel-<run>``; with ``DQ_PROFILE_DIR`` before Python 3.12 also GPTQModel's
+module finalizes on their worker threads, ``gptqmodel-<run>.finalize.txt``; from 3.12 the one profile holds every
+thread) and, on its own, its save (``gptqmodel-<run>-save``);
 the sampler also writes ``gptqmodel-<run>.tail.sampled.txt``, the samples from the last GPTQ solve on.
 
 Budget (one H200, CUDA block-update extension built): ``quantize()`` of 2 Qwen3-30B-A3B layers
