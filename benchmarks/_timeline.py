@@ -55,6 +55,10 @@ MAIN_PHASES: tuple[tuple[str, str | None, str], ...] = (
     ("gptqmodel.looper.stage_layer", None, "torch_sync"),
     ("gptqmodel.looper.stage_layer", None, "get_device_new"),
     ("gptqmodel.looper.module_looper", "ModuleLooper", "_emit_layer_complete"),
+    # before the loop: the quantized-kernel choice, the processors (their calibration data prepared)
+    ("gptqmodel.models.base", None, "select_quant_linear"),
+    ("gptqmodel.models.base", "BaseQModel", "prepare_dataset"),
+    ("gptqmodel.looper.loop_processor", "LoopProcessor", "__init__"),
     # the loop's start: its constructor, of it the disk-speed probe (a 100 MB write and fsync, once a process)
     ("gptqmodel.looper.module_looper", "ModuleLooper", "__init__"),
     ("gptqmodel.looper.module_looper", None, "io_write_performance"),

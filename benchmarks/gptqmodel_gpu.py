@@ -66,6 +66,11 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-gcfreeze`` - the default lean bookkeeping parts plus the opt-in ``gc_freeze``: the objects
                  alive when the run starts left out of the interpreter's full garbage collections until it ends
                  (``stock+gcfreeze1`` does the same around stock's ``quantize()``);
+* ``ours-grouped-batched-layerahead-gcfreeze`` - both opt-in parts together (round 34's layer_ahead pause was
+                 a full collection, which gc_freeze takes out of the run);
+* ``ours-grouped-batched-nodiskprobe`` - every lean bookkeeping part but ``disk_probe``: GPTQModel's disk
+                 write-speed probe (100 MB written and fsynced) runs inside ``ModuleLooper.__init__`` before the
+                 first layer instead of on a background thread;
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -219,9 +224,11 @@ CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
-                "-noline": "line_redraw"}
+                "-noline": "line_redraw", "-nodiskprobe": "disk_probe"}
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze"}
+#: variants with more than one part suffix (each suffix as above)
+COMBINED_PARTS = ("ours-grouped-batched-layerahead-gcfreeze",)
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
@@ -231,7 +238,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
             "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams",
             "ours-grouped-batched-noahead", "ours-grouped-batched-norows", "ours-grouped-batched-packahead",
-            *(f"ours-grouped-batched{suffix}" for suffix in (*WITHOUT_PART, *WITH_PART)))
+            *(f"ours-grouped-batched{suffix}" for suffix in (*WITHOUT_PART, *WITH_PART)), *COMBINED_PARTS)
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
              "pin": "layer_reads into pinned buffers (layer_reads.PIN)",
@@ -276,20 +283,26 @@ def bookkeeping_setting(variant: str):
         return False
     from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS
 
-    for suffix, part in WITHOUT_PART.items():
-        if variant.endswith(suffix):
-            return set(DEFAULT_PARTS - {part})
-    for suffix, part in WITH_PART.items():
-        if variant.endswith(suffix):
-            return set(DEFAULT_PARTS | {part})
-    return True
+    parts, named = set(DEFAULT_PARTS), False
+    stripped = True
+    while stripped:  # "-layerahead-gcfreeze": both parts added
+        stripped = False
+        for suffix, part in (*WITHOUT_PART.items(), *WITH_PART.items()):
+            if variant.endswith(suffix):
+                variant, stripped, named = variant.removesuffix(suffix), True, True
+                (parts.discard if suffix in WITHOUT_PART else parts.add)(part)
+    return parts if named else True
 
 
 def solve_setting(variant: str):
     """The ``batched_solve`` argument of an ``ours`` variant: False, True or a ``BatchedSolve``."""
     base = variant.removesuffix("-stocksave").removesuffix("-stockbk").removesuffix("-hookhessians")
-    for suffix in (*WITHOUT_PART, *WITH_PART):
-        base = base.removesuffix(suffix)
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in (*WITHOUT_PART, *WITH_PART):
+            if base.endswith(suffix):
+                base, stripped = base.removesuffix(suffix), True
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
                 "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True},

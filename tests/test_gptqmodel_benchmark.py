@@ -258,6 +258,12 @@ def test_variants_pick_their_lean_bookkeeping():
     assert "gc_freeze" in PARTS and "gc_freeze" not in DEFAULT_PARTS
     assert bench.bookkeeping_setting("ours-grouped-batched-gcfreeze") == set(DEFAULT_PARTS) | {"gc_freeze"}
     assert bench.split_variant("stock+gcfreeze1") == ("stock", {"gcfreeze": 1})
+    # both opt-in parts at once, and the disk probe left out
+    both = "ours-grouped-batched-layerahead-gcfreeze"
+    assert bench.bookkeeping_setting(both) == set(DEFAULT_PARTS) | {"layer_ahead", "gc_freeze"} and both in bench.VARIANTS
+    assert bench.solve_setting(both) is True
+    assert bench.bookkeeping_setting("ours-grouped-batched-nodiskprobe") == set(DEFAULT_PARTS) - {"disk_probe"}
+    assert "disk_probe" in DEFAULT_PARTS and "ours-grouped-batched-nodiskprobe" in bench.VARIANTS
 
 
 def test_variant_modifiers_are_parsed_and_bad_ones_refused():

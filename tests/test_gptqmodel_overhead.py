@@ -20,6 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def _patch_points() -> dict[str, object]:
     """Every function lean_bookkeeping replaces, as GPTQModel/LogBar hold them now."""
+    from gptqmodel.looper import module_looper
     from gptqmodel.looper.module_looper import ModuleLooper
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -32,6 +33,7 @@ def _patch_points() -> dict[str, object]:
         "post_quantize": BaseQModel.__dict__["post_quantize"],
         "pre_quantize": BaseQModel.__dict__["pre_quantize"],
         "_subset_event_dispatch": ModuleLooper.__dict__["_subset_event_dispatch"],
+        "io_write_performance": module_looper.io_write_performance,
         "_get_qualified_name": structure._get_qualified_name,
         "materialize_submodule": structure.LazyTurtle.__dict__["materialize_submodule"],
         "get_module_fullname": offload.get_module_fullname,

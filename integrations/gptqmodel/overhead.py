@@ -97,6 +97,11 @@ expert projections of our ``DefusedExperts`` blocks only:
   ``gc.unfreeze()``), so the couple of full collections a run triggers walk only what the run allocated
   (:mod:`.gc_freeze`); nothing is computed differently.
 
+* **disk probe** (GPTQModel's disk write-speed probe, ``io_write_performance``, which writes and fsyncs 100 MB once a
+  process only to log the throughput): it runs on a background thread from the block's start instead of inside
+  ``ModuleLooper.__init__`` before the first layer, and its figure is logged when it finishes
+  (:mod:`.disk_probe`); nothing computed or written changes.
+
 * **worker warm-up** (GPTQModel's device pool): when the block is entered, each worker of the quantize
   device's CUDA group and of the CPU group is handed one empty task, so GPTQModel's per-worker
   linear-algebra warm-up runs while the inputs are captured instead of before the first subset's
@@ -138,6 +143,8 @@ from .compat import all_code_names as _all_names
 from .compat import code_names as _names
 from .compat import parameter_names as _params
 from .compat import patched, source_digest
+from .disk_probe import DiskProbeStats, probe_behind
+from .disk_probe import internals_refusal as _disk_probe_mismatch
 from .gc_freeze import FreezeStats, frozen_heap
 from .layer_ahead import LayerAhead, LayerAheadStats
 from .layer_ahead import internals_refusal as _layer_ahead_mismatch
@@ -188,6 +195,7 @@ class BookkeepingStats:
     worker_warmup: WarmupStats | None = None  # the worker_warmup part (None: not used)
     line_redraw: LineRedrawStats | None = None  # the line_redraw part (None: not used)
     gc_freeze: FreezeStats | None = None  # the gc_freeze part (None: not used)
+    disk_probe: DiskProbeStats | None = None  # the disk_probe part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -219,6 +227,7 @@ class BookkeepingStats:
             "worker_warmup": self.worker_warmup.as_dict() if self.worker_warmup is not None else None,
             "line_redraw": self.line_redraw.as_dict() if self.line_redraw is not None else None,
             "gc_freeze": self.gc_freeze.as_dict() if self.gc_freeze is not None else None,
+            "disk_probe": self.disk_probe.as_dict() if self.disk_probe is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -326,7 +335,7 @@ def _offload_bundle_mismatch() -> str | None:
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
     ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``worker_warmup``/
-    ``line_redraw``/``layer_ahead``/``gc_freeze``) -> what differs
+    ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``) -> what differs
     from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -381,6 +390,9 @@ def internals_mismatch() -> dict[str, str]:
     why = _layer_ahead_mismatch()
     if why is not None:
         problems["layer_ahead"] = why
+    why = _disk_probe_mismatch()
+    if why is not None:
+        problems["disk_probe"] = why
     recopy, shard_handles = _recopy_mismatch(), _shard_handles_mismatch()  # layer_reads patches both seams
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
@@ -829,7 +841,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
-                   "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze"})
+                   "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
 OPT_IN = frozenset({"layer_ahead", "gc_freeze"})
@@ -921,6 +933,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
     paths = expert_projection_paths(gptq_model.model)
     lean = _Lean(gptq_model, paths, _ties_nothing(gptq_model.model), stats)
     with ExitStack() as stack:
+        if paths and "disk_probe" in enabled:  # first: the probe's thread starts as early as it can
+            stats.disk_probe = stack.enter_context(probe_behind())
         if paths and "materialize" in enabled:
             stack.enter_context(patched(BaseQModel, "shell_module_materialize", lean.materialize(BaseQModel.shell_module_materialize)))
             stack.enter_context(patched(structure, "_get_qualified_name", lean.qualified_name(structure._get_qualified_name)))
