@@ -59,14 +59,15 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-noline`` - every lean bookkeeping part but ``line_redraw``: LogBar draws the
                  progress bars again after every log line (GPTQModel's 776 module records at the end)
                  instead of at most every 0.1 s (the default since round 32);
-* ``ours-grouped-batched-nolayerahead`` - every lean bookkeeping part but ``layer_ahead``: each layer after layer 0
-                 loaded by GPTQModel when it gets to it instead of on a background thread once the layer before
-                 it has run its last subset forward (``-layerahead`` in rounds 34-36 added it to that code's
-                 defaults; a default since round 36);
-* ``ours-grouped-batched-nogcfreeze`` - every lean bookkeeping part but ``gc_freeze``: the objects alive when the run
-                 starts stay in the interpreter's full garbage collections (``-gcfreeze`` in rounds 34-36 added it;
-                 a default since round 36; ``stock+gcfreeze1`` freezes around stock's ``quantize()``);
-* ``ours-grouped-batched-nolayerahead-nogcfreeze`` - both left out: round 35's default parts;
+* ``ours-grouped-batched-layerahead`` - the default lean bookkeeping parts plus the opt-in ``layer_ahead``:
+                 each layer after layer 0 loaded by GPTQModel's own ``pre_quantize`` on a background thread
+                 once the layer before it has run its last subset forward, instead of when GPTQModel gets to it
+                 (round 34: no gain measured, so not a default);
+* ``ours-grouped-batched-gcfreeze`` - the default lean bookkeeping parts plus the opt-in ``gc_freeze``: the objects
+                 alive when the run starts left out of the interpreter's full garbage collections until it ends
+                 (``stock+gcfreeze1`` does the same around stock's ``quantize()``);
+* ``ours-grouped-batched-layerahead-gcfreeze`` - both opt-in parts together (round 34's layer_ahead pause was
+                 a full collection, which gc_freeze takes out of the run);
 * ``ours-grouped-batched-nodiskprobe`` - every lean bookkeeping part but ``disk_probe``: GPTQModel's disk
                  write-speed probe (100 MB written and fsynced) runs inside ``ModuleLooper.__init__`` before the
                  first layer instead of on a background thread;
@@ -223,14 +224,11 @@ CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
-                "-noline": "line_redraw", "-nodiskprobe": "disk_probe", "-nolayerahead": "layer_ahead",
-                "-nogcfreeze": "gc_freeze"}
-#: variant suffix -> an opt-in lean bookkeeping part (``overhead.OPT_IN``) it adds to the default ones. Empty since
-#: round 36, when ``layer_ahead`` and ``gc_freeze`` became defaults (round 34-36 results name ``-layerahead`` and
-#: ``-gcfreeze`` variants: those parts added to that code's defaults).
-WITH_PART: dict[str, str] = {}
-#: variants with more than one part suffix (each suffix as above): round 35's default, both round 36 parts left out
-COMBINED_PARTS = ("ours-grouped-batched-nolayerahead-nogcfreeze",)
+                "-noline": "line_redraw", "-nodiskprobe": "disk_probe"}
+#: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
+WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze"}
+#: variants with more than one part suffix (each suffix as above)
+COMBINED_PARTS = ("ours-grouped-batched-layerahead-gcfreeze",)
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",

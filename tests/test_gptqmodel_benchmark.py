@@ -251,16 +251,17 @@ def test_variants_pick_their_lean_bookkeeping():
     assert bench.solve_setting("ours-grouped-batched-norecopy") is True and "ours-grouped-batched-norecopy" in bench.VARIANTS
     assert bench.bookkeeping_setting("ours-grouped-batched-noreads") == set(DEFAULT_PARTS) - {"layer_reads"}
     assert bench.solve_setting("ours-grouped-batched-noreads") is True and "ours-grouped-batched-noreads" in bench.VARIANTS
-    # round 36's defaults, each left out, and both (round 35's default)
-    assert {"layer_ahead", "gc_freeze"} <= DEFAULT_PARTS == PARTS
-    assert bench.bookkeeping_setting("ours-grouped-batched-nolayerahead") == set(DEFAULT_PARTS) - {"layer_ahead"}
-    assert bench.solve_setting("ours-grouped-batched-nolayerahead") is True and "ours-grouped-batched-nolayerahead" in bench.VARIANTS
-    assert bench.bookkeeping_setting("ours-grouped-batched-nogcfreeze") == set(DEFAULT_PARTS) - {"gc_freeze"}
+    # the opt-in part: added to the defaults, and only there
+    assert "layer_ahead" in PARTS and "layer_ahead" not in DEFAULT_PARTS
+    assert bench.bookkeeping_setting("ours-grouped-batched-layerahead") == set(DEFAULT_PARTS) | {"layer_ahead"}
+    assert bench.solve_setting("ours-grouped-batched-layerahead") is True and "ours-grouped-batched-layerahead" in bench.VARIANTS
+    assert "gc_freeze" in PARTS and "gc_freeze" not in DEFAULT_PARTS
+    assert bench.bookkeeping_setting("ours-grouped-batched-gcfreeze") == set(DEFAULT_PARTS) | {"gc_freeze"}
     assert bench.split_variant("stock+gcfreeze1") == ("stock", {"gcfreeze": 1})
-    both = "ours-grouped-batched-nolayerahead-nogcfreeze"
-    assert bench.bookkeeping_setting(both) == set(DEFAULT_PARTS) - {"layer_ahead", "gc_freeze"} and both in bench.VARIANTS
+    # both opt-in parts at once, and the disk probe left out
+    both = "ours-grouped-batched-layerahead-gcfreeze"
+    assert bench.bookkeeping_setting(both) == set(DEFAULT_PARTS) | {"layer_ahead", "gc_freeze"} and both in bench.VARIANTS
     assert bench.solve_setting(both) is True
-    assert "ours-grouped-batched-layerahead" not in bench.VARIANTS  # nothing opt-in left to add
     assert bench.bookkeeping_setting("ours-grouped-batched-nodiskprobe") == set(DEFAULT_PARTS) - {"disk_probe"}
     assert "disk_probe" in DEFAULT_PARTS and "ours-grouped-batched-nodiskprobe" in bench.VARIANTS
 

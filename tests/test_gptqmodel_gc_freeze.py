@@ -91,11 +91,11 @@ from test_gptqmodel_plugin import plugin, tiny  # noqa: E402, F401  (fixtures)
 def test_a_frozen_run_gives_the_same_checkpoint_and_hands_everything_back(plugin, tiny, tmp_path):  # noqa: F811
     from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS
 
-    stats, frozen = _run(plugin, tiny, tmp_path, "frozen", parts=True)  # a default part since round 36
+    stats, frozen = _run(plugin, tiny, tmp_path, "frozen", parts=DEFAULT_PARTS | {"gc_freeze"})
     assert gc.get_freeze_count() == 0
     assert stats.gc_freeze is not None and stats.gc_freeze.frozen > 1000 and stats.gc_freeze.stock is None
-    default, stock = _run(plugin, tiny, tmp_path, "unfrozen", parts=DEFAULT_PARTS - {"gc_freeze"})
-    assert default.gc_freeze is None
+    default, stock = _run(plugin, tiny, tmp_path, "default", parts=True)
+    assert default.gc_freeze is None  # opt-in
     assert _same(frozen, stock) and any(k.endswith("experts.0.gate_proj.qweight") for k in frozen)
 
 

@@ -61,8 +61,7 @@ def copies(monkeypatch):
 def _with_part():
     from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS
 
-    assert "layer_ahead" in DEFAULT_PARTS  # a default part since round 36
-    return set(DEFAULT_PARTS)
+    return DEFAULT_PARTS | {"layer_ahead"}
 
 
 def _run(plugin, tiny, tmp_path, name, parts=None):  # noqa: F811
@@ -93,8 +92,8 @@ def test_the_next_layer_is_loaded_on_the_background_thread_and_the_checkpoint_is
     assert s.refused == {"the last layer": 1}  # layer 1's last forward: no layer after it
     assert stats.disabled == {}
     copies.seen.clear()
-    stats_off, stock = _run(plugin, tiny, tmp_path, "stock", parts=_with_part() - {"layer_ahead"})
-    assert [thread for thread, *_ in _layer_loads(copies)] == ["MainThread"]  # without the part: GPTQModel's own call
+    stats_off, stock = _run(plugin, tiny, tmp_path, "stock", parts=True)
+    assert [thread for thread, *_ in _layer_loads(copies)] == ["MainThread"]  # opt-in: by default GPTQModel's own call
     assert stats_off.layer_ahead.started == 0
     assert _same(ahead, stock) and any(k.endswith("experts.0.gate_proj.qweight") for k in ahead)
 

@@ -1,9 +1,8 @@
-"""The ``gc_freeze`` part of :func:`~.overhead.lean_bookkeeping` (a default part since round 36): the objects
+"""The ``gc_freeze`` part of :func:`~.overhead.lean_bookkeeping` (opt-in, not in ``DEFAULT_PARTS``): the objects
 alive when the run starts are left out of the interpreter's full garbage collections until it ends. On an H200
 (``gptqmodel_cuda_2layers_round35d_gc_h200x1.json``) the full collections inside ``quantize()`` went from
-0.30-0.38 s to 0.03-0.04 s, but alone the collection then came in the save once the objects were handed back: end
-to end within the host's noise. Beside ``layer_ahead`` (whose load the full collection used to stall) the run was
-faster in 3 of 4 pairs (round 36), so both are defaults.
+0.30-0.38 s to 0.03-0.04 s, but the collection then came in the save once the objects were handed back: end to end
+within the host's noise.
 
 A full collection (generation 2) holds the interpreter lock while it walks every object the collector tracks:
 the model's modules, parameters and their dicts, every imported library. GPTQModel's run allocates enough for

@@ -1,4 +1,4 @@
-"""The ``layer_ahead`` part of :func:`~.overhead.lean_bookkeeping` (a default part since round 36): the
+"""The ``layer_ahead`` part of :func:`~.overhead.lean_bookkeeping` (opt-in: not in ``DEFAULT_PARTS``): the
 next decoder layer loaded onto the quantize device on a background thread while the current one finishes.
 
 GPTQModel 7.6 loads each decoder layer after layer 0 from its lazy checkpoint source when it gets
@@ -29,10 +29,10 @@ uses is restored.
 
 Measured on an H200 (``gptqmodel_cuda_2layers_round34b_layerahead_h200x1.json``): the load ran beside the last
 subset and the layer change shrank, but the subsets around it grew by about as much (the host's threads share
-one interpreter lock), and the whole run was no faster, so it was opt-in. The pause it added was the run's full
-garbage collection; with ``gc_freeze`` beside it (round 36, ``gptqmodel_cuda_2layers_round36a_h200x1.json`` and
-``..._round36b_h200x1.json``) the layer change took 0.5-1.0 s against 1.4-3.1 s and the run was faster in 3 of 4
-side-by-side pairs, so both parts are defaults.
+one interpreter lock), and the whole run was no faster; so the part is opt-in. With ``gc_freeze`` beside it (round
+36, ``gptqmodel_cuda_2layers_round36[abc]_h200x1.json``) the layer change took 0.5-1.0 s against 1.4-3.1 s, but layer
+0's last subset and layer 1's first two grew by about as much (layer 0's finalize workers now compete with them
+instead of with the load): faster in 3 of 6 pairs, still opt-in.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ expert projections of our ``DefusedExperts`` blocks only:
   staging buffers the other way, a few large copies instead of one pageable copy per tensor
   (:mod:`.layer_offload`); the same device tensors ``module.to`` gives.
 
-* **layer ahead** (a default part since round 36; ``BaseQModel.pre_quantize`` of the next lazy layer holding our
+* **layer ahead** (opt-in, :data:`OPT_IN`; ``BaseQModel.pre_quantize`` of the next lazy layer holding our
   experts, to CUDA): once the current layer's last subset forward has run, a background thread makes
   GPTQModel's own ``pre_quantize`` call for the next layer while the current one finishes; GPTQModel's call
   later waits for it and finds the layer loaded (:mod:`.layer_ahead`); the same tensors, copied earlier.
@@ -92,7 +92,7 @@ expert projections of our ``DefusedExperts`` blocks only:
   takes them (:mod:`.offload_bundle`); the same tensors in the checkpoint, one layer's quantized
   experts more in host memory until the save.
 
-* **gc freeze** (a default part since round 36; the interpreter's full garbage collections): the objects alive when
+* **gc freeze** (opt-in, :data:`OPT_IN`; the interpreter's full garbage collections): the objects alive when
   the run starts (the model, the libraries) are left out of full collections until it ends (``gc.freeze()`` /
   ``gc.unfreeze()``), so the couple of full collections a run triggers walk only what the run allocated
   (:mod:`.gc_freeze`); nothing is computed differently.
@@ -842,10 +842,11 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe"})
-#: Parts only used when named (``lean_bookkeeping=True`` leaves them out). Empty since round 36: ``layer_ahead``
-#: and ``gc_freeze``, opt-in from round 34, together took the layer change from 1.4-3.1 s to 0.5-1.0 s and were
-#: faster end to end in 3 of 4 side-by-side pairs on two H200 hosts (docs/performance.md round 36).
-OPT_IN: frozenset[str] = frozenset()
+#: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
+#: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
+#: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
+#: by as much: faster in 3 of 6 side-by-side pairs, so both stay opt-in.
+OPT_IN = frozenset({"layer_ahead", "gc_freeze"})
 #: The parts ``lean_bookkeeping=True`` turns on.
 DEFAULT_PARTS = PARTS - OPT_IN
 
@@ -898,7 +899,7 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
     """Inside the block, GPTQModel's per-module materialize and offload bookkeeping of the expert
     projections of ``gptq_model`` (a GPTQModel model) skips its whole-model scans (see the module
     docstring). ``parts`` (default: :data:`DEFAULT_PARTS`, every part of :data:`PARTS` but the opt-in
-    :data:`OPT_IN`, none since round 36) picks which; the rest stays stock.
+    :data:`OPT_IN`) picks which; the rest stays stock.
     ``checkpointed``: the run uses GPTQModel's ``checkpoint=`` (the offload parts stay stock).
     Restored on exit."""
     from gptqmodel.models.base import BaseQModel
