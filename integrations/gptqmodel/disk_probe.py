@@ -3,8 +3,9 @@ beside the quantization instead of in front of it.
 
 GPTQModel 7.6's ``ModuleLooper.__init__`` calls ``module_looper.io_write_performance()``, which (once per
 process) writes 100 MB to a temporary file, fsyncs it and times the write, only to log the throughput (an
-error under 100 MB/s, a warning under 200 MB/s). On an H200 host that is 0.15-0.17 s before the first layer
-of every run, stock's too (``ModuleLooper.__init__`` in the timelines of rounds 33-35, docs/performance.md).
+error under 100 MB/s, a warning under 200 MB/s). On an H200 host that is 0.15-0.2 s before the first layer
+of every run, stock's too (``ModuleLooper.__init__`` in the timelines of rounds 33-36, docs/performance.md; stock's
+in ``gptqmodel_cuda_2layers_round36a_h200x1.json``: 0.18-0.21 s).
 
 Inside :func:`probe_behind` GPTQModel's own probe runs on a background thread started when the block is
 entered, and the looper's call returns the figure if the probe has already finished (or an earlier run of
