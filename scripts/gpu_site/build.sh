@@ -6,6 +6,11 @@
 #   WITH_LLMCOMPRESSOR=1 bash scripts/gpu_site/build.sh .gpudeps/site   # and llm-compressor's runs' packages
 #   PYTHONPATH=$PWD/.gpudeps/site:$PWD python3 benchmarks/gptqmodel_gpu.py ...   # there
 #
+# A device call carries at most 64 MiB (working tree included), so the llm-compressor packages (about 13 MB,
+# auto-round most of it) can go into a folder of their own, carried only by llm-compressor's runs:
+#   WITH_LLMCOMPRESSOR=only bash scripts/gpu_site/build.sh .gpudeps/site-llmc     # just those packages
+#   PYTHONPATH=$PWD/.gpudeps/site:$PWD/.gpudeps/site-llmc:$PWD python3 benchmarks/distributed_gpu.py ...   # there
+#
 # Wheels are fetched for CPython 3.12 on x86-64 Linux (the GPU image's Python; PY=3.x to change)
 # and unpacked as they are. PyPcre, a GPTQModel requirement, ships no wheel (it compiles against
 # libpcre2), so a stand-in built on the stdlib `re` takes its place (scripts/gpu_site/pcre_stand_in.py):
@@ -28,20 +33,23 @@ pins=(defuser==0.0.28 logbar==0.4.15 tokenicer==0.0.14 device-smi==0.5.7
       pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
       datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
 case "${WITH_LLMCOMPRESSOR:-0}" in
-  0|1) ;;
-  *) echo "build.sh: WITH_LLMCOMPRESSOR must be 0 or 1, got '${WITH_LLMCOMPRESSOR}'" >&2; exit 2 ;;
+  0|1|only) ;;
+  *) echo "build.sh: WITH_LLMCOMPRESSOR must be 0, 1 or only, got '${WITH_LLMCOMPRESSOR}'" >&2; exit 2 ;;
 esac
-if [ "${WITH_LLMCOMPRESSOR:-0}" = 1 ]; then
-  # llm-compressor and what it needs beyond the GPU image (auto-round: imported with its modifiers)
-  pins+=(llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru==0.7.3 auto-round==0.15.1)
-fi
+# llm-compressor and what it needs beyond the GPU image and the base site (auto-round: imported with its modifiers)
+llmc=(llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru==0.7.3 auto-round==0.15.1)
+base=(gptqmodel==7.6.0)
+case "${WITH_LLMCOMPRESSOR:-0}" in
+  1) pins+=("${llmc[@]}") ;;
+  only) base=(); pins=("${llmc[@]}") ;;
+esac
 if [ -e "$dest" ] && [ -n "$(ls -A "$dest")" ]; then
   echo "build.sh: $dest exists and is not empty; remove it or name another folder" >&2
   exit 2
 fi
 wheels=$(mktemp -d)
 trap 'rm -rf "$wheels"' EXIT
-for pin in gptqmodel==7.6.0 "${pins[@]}"; do
+for pin in "${base[@]}" "${pins[@]}"; do
   # A wheel for the GPU machine's Python where one is published; else (sdist-only packages, such
   # as GPTQModel, whose wheel built here is pure Python with no CUDA extensions) build one here.
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
@@ -53,7 +61,9 @@ mkdir -p "$dest.partial"
 for w in "$wheels"/*.whl; do
   python3 -m zipfile -e "$w" "$dest.partial"
 done
-mkdir -p "$dest.partial/pcre"
-cp "$here/pcre_stand_in.py" "$dest.partial/pcre/__init__.py"
+if [ "${#base[@]}" -gt 0 ]; then  # the base site: GPTQModel's PyPcre stand-in
+  mkdir -p "$dest.partial/pcre"
+  cp "$here/pcre_stand_in.py" "$dest.partial/pcre/__init__.py"
+fi
 rm -rf "$dest" && mv "$dest.partial" "$dest"
 echo "wrote $dest ($(du -sh "$dest" | cut -f1))"
