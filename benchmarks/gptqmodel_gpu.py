@@ -277,46 +277,53 @@ def split_variant(name: str) -> tuple[str, dict[str, int]]:
     return base, modifiers
 
 
+def strip_suffixes(name: str, suffixes) -> tuple[str, list[str]]:
+    """``name`` without every trailing one of ``suffixes`` (in any order, each as often as it ends the rest), and the
+    suffixes taken off, last first: ``("ours-grouped-batched-layerahead-gcfreeze", parts)`` ->
+    ``("ours-grouped-batched", ["-gcfreeze", "-layerahead"])``."""
+    taken: list[str] = []
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in suffixes:
+            if name.endswith(suffix):
+                name, stripped = name.removesuffix(suffix), True
+                taken.append(suffix)
+    return name, taken
+
+
 def bookkeeping_setting(variant: str):
     """The ``lean_bookkeeping`` argument of an ``ours`` variant: True, False or a set of parts."""
     if variant.endswith("-stockbk"):
         return False
     from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS
 
-    parts, named = set(DEFAULT_PARTS), False
-    stripped = True
-    while stripped:  # "-layerahead-gcfreeze": both parts added
-        stripped = False
-        for suffix, part in (*WITHOUT_PART.items(), *WITH_PART.items()):
-            if variant.endswith(suffix):
-                variant, stripped, named = variant.removesuffix(suffix), True, True
-                (parts.discard if suffix in WITHOUT_PART else parts.add)(part)
-    return parts if named else True
+    _, taken = strip_suffixes(variant, (*WITHOUT_PART, *WITH_PART))  # "-layerahead-gcfreeze": both parts added
+    if not taken:
+        return True
+    parts = set(DEFAULT_PARTS)
+    for suffix in taken:
+        if suffix in WITHOUT_PART:
+            parts.discard(WITHOUT_PART[suffix])
+        else:
+            parts.add(WITH_PART[suffix])
+    return parts
 
 
 def solve_setting(variant: str):
     """The ``batched_solve`` argument of an ``ours`` variant: False, True or a ``BatchedSolve``."""
     base = variant.removesuffix("-stocksave").removesuffix("-stockbk").removesuffix("-hookhessians")
-    stripped = True
-    while stripped:
-        stripped = False
-        for suffix in (*WITHOUT_PART, *WITH_PART):
-            if base.endswith(suffix):
-                base, stripped = base.removesuffix(suffix), True
+    base, _ = strip_suffixes(base, (*WITHOUT_PART, *WITH_PART))
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
                 "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
                 "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True},
                 "-modulerows": {"log_rows": "module"}, "-ownstreams": {"streams": "own"},
                 "-callerstreams": {"streams": "caller"}, "-noahead": {"inverses_ahead": False},
                 "-norows": {"rows_kernel": False}, "-packahead": {"pack_ahead": True}}
+    base, taken = strip_suffixes(base, settings)
     kwargs: dict = {}
-    stripped = True
-    while stripped:
-        stripped = False
-        for suffix, values in settings.items():
-            if base.endswith(suffix):
-                base, stripped = base.removesuffix(suffix), True
-                kwargs.update(values)
+    for suffix in taken:
+        kwargs.update(settings[suffix])
     if kwargs:
         from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 

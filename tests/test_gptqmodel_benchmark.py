@@ -241,6 +241,11 @@ def test_variants_pick_their_batched_solve_settings():
     assert "ours-grouped-batched-packahead" in bench.VARIANTS
 
 
+def test_suffixes_are_stripped_in_any_order_and_reported():
+    assert bench.strip_suffixes("a-x-y-x", ("-x", "-y")) == ("a", ["-x", "-y", "-x"])
+    assert bench.strip_suffixes("a-y-z", ("-x", "-y")) == ("a-y-z", [])  # only trailing ones
+
+
 def test_variants_pick_their_lean_bookkeeping():
     pytest.importorskip("gptqmodel")
     from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS, PARTS

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +95,7 @@ def probe_behind(stats: DiskProbeStats | None = None) -> Iterator[DiskProbeStats
 
     thread = threading.Thread(target=run, name="defuser-quant-disk-probe", daemon=True)
     stats.behind = True
-    with ExitStack() as stack:
-        stack.enter_context(patched(module_looper, "io_write_performance", lambda: module_looper._IO_WRITE_SPEED_MB))
+    with patched(module_looper, "io_write_performance", lambda: module_looper._IO_WRITE_SPEED_MB):
         thread.start()
         try:
             yield stats
