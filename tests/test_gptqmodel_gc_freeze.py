@@ -66,18 +66,19 @@ def test_objects_frozen_before_the_block_are_counted_and_handed_back_at_its_end(
     node = _Node()  # frozen by the caller (or the interpreter's start), then turned into garbage
     alive = weakref.ref(node)
     gc.freeze()
+    # Frozen objects freed by reference counting leave the count, so it can only drop before the block starts.
     before = gc.get_freeze_count()
     del node
     with caplog.at_level("INFO", logger="defuser_quant.integrations.gptqmodel.gc_freeze"):
         with frozen_heap() as stats:
-            assert stats.stock is None and stats.frozen_before == before and stats.frozen >= before
+            assert stats.stock is None and 0 < stats.frozen_before <= before and stats.frozen >= stats.frozen_before
             gc.collect()
             assert alive() is not None  # still frozen inside the block
     assert gc.get_freeze_count() == 0  # handed back with the rest
     gc.collect()
     assert alive() is None
-    assert stats.as_dict()["frozen_before"] == before
-    assert any(f"{before} objects were frozen before the run" in r.getMessage() for r in caplog.records)
+    assert stats.as_dict()["frozen_before"] == stats.frozen_before
+    assert any(f"{stats.frozen_before} objects were frozen before the run" in r.getMessage() for r in caplog.records)
 
 
 # ----- inside GPTQModel's run (tiny qwen3_moe, CPU) ------------------------------------------------
