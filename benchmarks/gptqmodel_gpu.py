@@ -71,6 +71,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-nodiskprobe`` - every lean bookkeeping part but ``disk_probe``: GPTQModel's disk
                  write-speed probe (100 MB written and fsynced) runs inside ``ModuleLooper.__init__`` before the
                  first layer instead of on a background thread;
+* ``ours-grouped-batched-norehome`` - every lean bookkeeping part but ``rehome``: GPTQModel's per-batch
+                 ``rehome_module_to_device`` of the layer (three walks over its modules) runs in full before
+                 every calibration batch instead of the one-walk check that it would change nothing;
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -224,7 +227,7 @@ CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
-                "-noline": "line_redraw", "-nodiskprobe": "disk_probe"}
+                "-noline": "line_redraw", "-nodiskprobe": "disk_probe", "-norehome": "rehome"}
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze"}
 #: variants with more than one part suffix (each suffix as above)

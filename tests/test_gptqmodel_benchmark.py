@@ -269,6 +269,8 @@ def test_variants_pick_their_lean_bookkeeping():
     assert bench.solve_setting(both) is True
     assert bench.bookkeeping_setting("ours-grouped-batched-nodiskprobe") == set(DEFAULT_PARTS) - {"disk_probe"}
     assert "disk_probe" in DEFAULT_PARTS and "ours-grouped-batched-nodiskprobe" in bench.VARIANTS
+    assert bench.bookkeeping_setting("ours-grouped-batched-norehome") == set(DEFAULT_PARTS) - {"rehome"}
+    assert "rehome" in DEFAULT_PARTS and "ours-grouped-batched-norehome" in bench.VARIANTS
 
 
 def test_variant_modifiers_are_parsed_and_bad_ones_refused():

@@ -102,6 +102,11 @@ expert projections of our ``DefusedExperts`` blocks only:
   ``ModuleLooper.__init__`` before the first layer, and its figure is logged when it finishes
   (:mod:`.disk_probe`); nothing computed or written changes.
 
+* **rehome** (``ForwardExecutor.run_single``'s ``rehome_module_to_device`` of the layer before every calibration
+  batch, which walks the layer's ~400 modules three times): for a layer holding our experts, one walk checks that
+  GPTQModel's call would move and retarget nothing (every tensor already on the device, no accelerate hook) and
+  then the call returns; anything else runs GPTQModel's function (:mod:`.rehome`). Nothing moves differently.
+
 * **worker warm-up** (GPTQModel's device pool): when the block is entered, each worker of the quantize
   device's CUDA group and of the CPU group is handed one empty task, so GPTQModel's per-worker
   linear-algebra warm-up runs while the inputs are captured instead of before the first subset's
@@ -155,6 +160,8 @@ from .line_redraw import internals_refusal as _line_redraw_mismatch
 from .offload_bundle import BundleStats, bundled_offload
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
+from .rehome import RehomeStats, lean_rehome
+from .rehome import internals_refusal as _rehome_mismatch
 from .shard_view import DelegatingShard
 from .shard_view import file_id as _file_id
 from .worker_warmup import WarmupStats, cuda_key, warm_workers
@@ -196,6 +203,7 @@ class BookkeepingStats:
     line_redraw: LineRedrawStats | None = None  # the line_redraw part (None: not used)
     gc_freeze: FreezeStats | None = None  # the gc_freeze part (None: not used)
     disk_probe: DiskProbeStats | None = None  # the disk_probe part (None: not used)
+    rehome: RehomeStats | None = None  # the rehome part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -228,6 +236,7 @@ class BookkeepingStats:
             "line_redraw": self.line_redraw.as_dict() if self.line_redraw is not None else None,
             "gc_freeze": self.gc_freeze.as_dict() if self.gc_freeze is not None else None,
             "disk_probe": self.disk_probe.as_dict() if self.disk_probe is not None else None,
+            "rehome": self.rehome.as_dict() if self.rehome is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -335,7 +344,7 @@ def _offload_bundle_mismatch() -> str | None:
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
     ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``worker_warmup``/
-    ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``) -> what differs
+    ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``/``rehome``) -> what differs
     from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -393,6 +402,9 @@ def internals_mismatch() -> dict[str, str]:
     why = _disk_probe_mismatch()
     if why is not None:
         problems["disk_probe"] = why
+    why = _rehome_mismatch()
+    if why is not None:
+        problems["rehome"] = why
     recopy, shard_handles = _recopy_mismatch(), _shard_handles_mismatch()  # layer_reads patches both seams
     for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
@@ -841,7 +853,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
-                   "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe"})
+                   "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
@@ -994,6 +1006,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
             stack.enter_context(patched(ModuleLooper, "_subset_event_dispatch",
                                         ahead.patch_subset_event(ModuleLooper._subset_event_dispatch)))
             stack.callback(ahead.close)  # runs first on exit: a load still running keeps every patch it uses
+        if paths and "rehome" in enabled:
+            stats.rehome = stack.enter_context(lean_rehome())
         if paths and "worker_warmup" in enabled:  # last: everything else is in place when the workers start
             stats.worker_warmup = warm_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)))
         if paths and "gc_freeze" in enabled:  # after everything the block set up: all of it is frozen too
