@@ -103,7 +103,7 @@ expert projections of our ``DefusedExperts`` blocks only:
   (:mod:`.disk_probe`); nothing computed or written changes.
 
 * **rehome** (``ForwardExecutor.run_single``'s ``rehome_module_to_device`` of the layer before every calibration
-  batch, which walks the layer's ~400 modules three times): for a layer holding our experts, one walk checks that
+  batch, which walks the layer's ~525 modules three times): for a layer holding our experts, one walk checks that
   GPTQModel's call would move and retarget nothing (every tensor already on the device, no accelerate hook) and
   then the call returns; anything else runs GPTQModel's function (:mod:`.rehome`). Nothing moves differently.
 
@@ -381,32 +381,13 @@ def internals_mismatch() -> dict[str, str]:
     if "materialize" in problems:
         problems["shard_handles"] = "needs the lean materialize, which is stock: " + problems["materialize"]
         problems["recopy"] = problems["shard_handles"]
-    why = _post_quantize_mismatch()
-    if why is not None:
-        problems["layer_offload"] = why
-    why = pre_quantize_refusal()  # the layer move it stages is 7.6's move_to branch
-    if why is not None:
-        problems["layer_onload"] = why
-    why = _offload_bundle_mismatch()
-    if why is not None:
-        problems["offload_bundle"] = why
-    why = _worker_warmup_mismatch()
-    if why is not None:
-        problems["worker_warmup"] = why
-    why = _line_redraw_mismatch()
-    if why is not None:
-        problems["line_redraw"] = why
-    why = _layer_ahead_mismatch()
-    if why is not None:
-        problems["layer_ahead"] = why
-    why = _disk_probe_mismatch()
-    if why is not None:
-        problems["disk_probe"] = why
-    why = _rehome_mismatch()
-    if why is not None:
-        problems["rehome"] = why
     recopy, shard_handles = _recopy_mismatch(), _shard_handles_mismatch()  # layer_reads patches both seams
-    for part, why in (("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
+    for part, why in (("layer_offload", _post_quantize_mismatch()),
+                      ("layer_onload", pre_quantize_refusal()),  # the layer move it stages is 7.6's move_to branch
+                      ("offload_bundle", _offload_bundle_mismatch()), ("worker_warmup", _worker_warmup_mismatch()),
+                      ("line_redraw", _line_redraw_mismatch()), ("layer_ahead", _layer_ahead_mismatch()),
+                      ("disk_probe", _disk_probe_mismatch()), ("rehome", _rehome_mismatch()),
+                      ("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
         if why is not None:
             problems[part] = why
