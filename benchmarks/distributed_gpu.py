@@ -83,7 +83,7 @@ from pathlib import Path
 
 WORKER_T0 = time.perf_counter()
 
-from gptqmodel_gpu import add_shape_args  # noqa: E402  the same model shape flags (this folder is on sys.path)
+from gptqmodel_gpu import add_shape_args, check_shape  # noqa: E402  the same model shape flags (this folder is on sys.path)
 from gptqmodel_gpu import compare_checkpoints as compare_tensors  # noqa: E402  the same tensor-by-tensor comparison
 
 HERE = Path(__file__).resolve().parent
@@ -134,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value)
+    check_shape(p, args)
     return args
 
 

@@ -252,18 +252,37 @@ TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4,
             samples=16, seq_len=128, batch_size=4)
 
 
+#: Calibration rows shorter than this many tokens are skipped (build_source), so --seq-len must reach it.
+MIN_ROW_TOKENS = 16
+#: The benchmark tokenizer's ids: its byte-level alphabet (256) and two special tokens, at least.
+MIN_VOCAB = 258
+
+
 def add_shape_args(p: argparse.ArgumentParser) -> None:
-    """The model shape (Qwen3-30B-A3B layers by default) and calibration size flags."""
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=768, help="moe_intermediate_size")
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--samples", type=int, default=128, help="calibration rows")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row (at most)")
+    """The model shape (Qwen3-30B-A3B layers by default) and calibration size flags (call
+    :func:`check_shape` after parsing)."""
+    from _args import whole  # beside this script, on sys.path when it runs (or is imported by the tests)
+
+    p.add_argument("--experts", type=whole(1), default=128)
+    p.add_argument("--hidden", type=whole(1), default=2048)
+    p.add_argument("--intermediate", type=whole(1), default=768, help="moe_intermediate_size")
+    p.add_argument("--top-k", type=whole(1), default=8)
+    p.add_argument("--heads", type=whole(1), default=32)
+    p.add_argument("--kv-heads", type=whole(1), default=4)
+    p.add_argument("--head-dim", type=whole(1), default=128)
+    p.add_argument("--vocab", type=whole(MIN_VOCAB), default=151936,
+                   help=f"vocabulary size (at least {MIN_VOCAB}: the tokenizer's byte alphabet and special tokens)")
+    p.add_argument("--samples", type=whole(1), default=128, help="calibration rows")
+    p.add_argument("--seq-len", type=whole(MIN_ROW_TOKENS), default=256,
+                   help=f"tokens per calibration row (at most; rows under {MIN_ROW_TOKENS} tokens are skipped)")
+
+
+def check_shape(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, through ``p.error``, shape flags that each pass but do not fit together."""
+    if args.top_k > args.experts:
+        p.error(f"--top-k {args.top_k} is more than --experts {args.experts}: each token picks top-k of the experts")
+    if args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads} (grouped-query attention)")
 
 
 def split_variant(name: str) -> tuple[str, dict[str, int]]:
@@ -385,6 +404,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.variants is None:
         args.variants = ",".join(VARIANTS if args.tiny else DEFAULT_VARIANTS)
+    check_shape(p, args)
     if args.device == "cpu" and args.backend == "gptq_triton":
         args.backend = "auto"
     if args.gpu_counts is not None:
@@ -470,6 +490,16 @@ def build_source(args: argparse.Namespace, src: Path) -> list[dict]:
     tok.train_from_iterator(paragraphs, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|endoftext|>")
     fast.save_pretrained(src)
+    rows = []  # before the model is built: a request the corpus cannot meet is refused at once
+    for start in range(0, len(paragraphs) - 3, 4):
+        enc = fast(" ".join(paragraphs[start:start + 4]), truncation=True, max_length=args.seq_len)
+        if len(enc["input_ids"]) >= MIN_ROW_TOKENS:
+            rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+            if len(rows) == args.samples:
+                break
+    else:
+        raise SystemExit(f"--samples {args.samples}: the bundled corpus ({CORPUS.name}) gives only {len(rows)} "
+                         f"calibration rows of at least {MIN_ROW_TOKENS} tokens; ask for at most {len(rows)}")
     config = Qwen3MoeConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate * 4,
         moe_intermediate_size=args.intermediate, num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -483,13 +513,6 @@ def build_source(args: argparse.Namespace, src: Path) -> list[dict]:
         model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(src)
     del model
-    rows = []
-    text_rows = iter(paragraphs)
-    while len(rows) < args.samples:
-        chunk = " ".join(next(text_rows) for _ in range(4))
-        enc = fast(chunk, truncation=True, max_length=args.seq_len)
-        if len(enc["input_ids"]) >= 16:
-            rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return rows
 
 

@@ -84,7 +84,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from distributed_gpu import IGNORE  # noqa: E402  llm-compressor's ignore list of the other benchmarks
 from gptqmodel_gpu import TINY as _GPTQMODEL_TINY  # noqa: E402
-from gptqmodel_gpu import add_shape_args, warm_gptq_extension  # noqa: E402
+from gptqmodel_gpu import add_shape_args, check_shape, warm_gptq_extension  # noqa: E402
 
 logger = logging.getLogger("whole_model_gpu")
 
@@ -137,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.layers = 48
     if args.layers < 1:
         p.error("--layers must be >= 1")
+    check_shape(p, args)
     if args.deadline <= 0:
         p.error("--deadline must be > 0 seconds")
     if args.stock and args.routing is not None:
