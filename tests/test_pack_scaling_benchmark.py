@@ -1,0 +1,56 @@
+"""``benchmarks/pack_scaling.py``: GPTQModel's CPU pack extension timed per threads and callers, words checked."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pack_scaling as bench  # noqa: E402
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--threads", "0"], "argument --threads: counts must be >= 1"),
+    (["--callers", "x"], "argument --callers: expected comma-separated whole numbers"),
+    (["--callers", ","], "--threads and --callers each need at least one count"),
+    (["--modules", "0"], "argument --modules: must be >= 1, got 0"),
+])
+def test_bad_flags_are_one_error_line(capsys, argv, says):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(argv)
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_real_run_times_every_combination_and_checks_the_words(tmp_path):
+    pytest.importorskip("gptqmodel")
+    out = tmp_path / "pack.json"
+    argv = ["--threads", "1,2", "--callers", "1,2", "--modules", "2", "--repeats", "1", "--scale-down", "8",
+            "--output", str(out)]
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["command"] == "python benchmarks/pack_scaling.py " + " ".join(argv)
+    combos = {(r["out"], r["in"], r["threads"], r["callers"]) for r in data["rows"]}
+    assert combos == {(o, i, t, c) for o, i in ((128, 256), (256, 128)) for t in (1, 2) for c in (1, 2)}
+    assert data["all_same_words"] is True and all(r["same_words"] for r in data["rows"])
+    assert all(r["ms_per_module"] > 0 and r["block_in"] % 32 == 0 for r in data["rows"])
+
+
+def test_words_that_differ_from_gptqmodels_call_fail_the_run(tmp_path, monkeypatch):
+    pytest.importorskip("gptqmodel")
+    import torch
+    from gptqmodel.nn_modules.qlinear import pack_block_ext
+
+    real = pack_block_ext.pack_block_cpu
+
+    def off_by_one_when_split(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads):
+        qweight, qzeros = real(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads)
+        return (qweight + 1 if threads > 1 else qweight), qzeros
+
+    monkeypatch.setattr(pack_block_ext, "pack_block_cpu", off_by_one_when_split)
+    argv = ["--threads", "1,2", "--callers", "1", "--modules", "1", "--repeats", "1", "--scale-down", "8"]
+    assert bench.main(argv) == 1
+    assert torch.equal(real(*bench._module(128, 256), 4, 32, 8192, 1)[0], real(*bench._module(128, 256), 4, 32, 256, 1)[0])
