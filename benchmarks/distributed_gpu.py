@@ -11,6 +11,8 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
 * ``all``    - ``DefuseModifier(routing="all")`` (grouped);
 * ``routed-loop`` / ``all-loop`` - the same with ``grouped=False`` (the per-expert loop); their
                checkpoint is compared with the grouped variant's.
+* ``all-unshared`` - ``all`` with ``share_hessians=False``: every gate/up Hessian takes each call's
+               product itself; the checkpoint must be ``all``'s (``checkpoint_vs_shared``).
 * ``routed-onewriter`` / ``all-onewriter`` - the same with ``save_threads=1``: Transformers writes
                the checkpoint's shards one by one (the default variants write them with
                DefuseModifier's writer pool, one shard per thread); the tensors must be identical.
@@ -89,7 +91,7 @@ from gptqmodel_gpu import compare_checkpoints as compare_tensors  # noqa: E402  
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
-VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter")
+VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter", "all-unshared")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
@@ -208,6 +210,7 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
         stages_max=stage_summary([r["stages"] for r in results], [r["oneshot_s"] for r in results]),
         stages_per_rank=[r["stages"] for r in results],
         grouped_use=[r["grouped_use"] for r in results],
+        hessian_batching=[r.get("hessian_batching") for r in results],
         experts_classes=results[0]["experts_classes"],
         coverage_totals=coverages[0],
         coverage_same_on_every_rank=all(c == coverages[0] for c in coverages),
@@ -544,6 +547,10 @@ def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
         pooled = _find(rows, row["variant"].removesuffix("-onewriter"), row["nproc"], row.get("repeat", 0))
         if _ok(pooled):
             row["checkpoint_vs_writer_pool"] = compare_checkpoints(Path(pooled["checkpoint"]), Path(row["checkpoint"]))
+    if row["variant"].endswith("-unshared"):
+        shared = _find(rows, row["variant"].removesuffix("-unshared"), row["nproc"], row.get("repeat", 0))
+        if _ok(shared):
+            row["checkpoint_vs_shared"] = compare_checkpoints(Path(shared["checkpoint"]), Path(row["checkpoint"]))
     if row["variant"].endswith("-loop"):
         grouped = _find(rows, row["variant"].removesuffix("-loop"), row["nproc"], row.get("repeat", 0))
         if _ok(grouped):
@@ -617,7 +624,8 @@ def worker(args: argparse.Namespace) -> int:
 
         routing, _, suffix = variant.partition("-")
         defuse = dq_llmc.DefuseModifier(routing=routing, grouped=suffix != "loop",
-                                        save_threads=1 if suffix == "onewriter" else None)
+                                        save_threads=1 if suffix == "onewriter" else None,
+                                        share_hessians=suffix != "unshared")
         recipe.insert(0, defuse)
     from _llmc_stages import install as install_stage_clock
 
@@ -659,6 +667,7 @@ def worker(args: argparse.Namespace) -> int:
         "worker_s": time.perf_counter() - WORKER_T0,
         "stages": clock.totals(),
         "grouped_use": None if use is None else {"grouped": use.grouped, "fallbacks": use.fallbacks},
+        "hessian_batching": _hessian_batching(defuse),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "coverage_totals": None if defuse is None or defuse.coverage is None else defuse.coverage.totals.model_dump(),
         "triton_compiles": compiles.kernels,
@@ -666,6 +675,17 @@ def worker(args: argparse.Namespace) -> int:
     }
     (out / f"rank{distributed.rank()}.json").write_text(json.dumps(result))
     return 0
+
+
+def _hessian_batching(defuse: object | None) -> dict | None:
+    """What the batched GPTQ Hessian hooks did in this run (ours, grouped), incl. the shared accumulations."""
+    if defuse is None or not getattr(defuse, "grouped", False):
+        return None
+    import dataclasses
+
+    from defuser_quant.integrations.llmcompressor.hessians import last_batching
+
+    return dataclasses.asdict(last_batching())
 
 
 if __name__ == "__main__":

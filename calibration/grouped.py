@@ -96,6 +96,7 @@ __all__ = [
     "register_linear_adapter",
     "register_parameter_store",
     "routed_output",
+    "settle_batched_hooks",
     "unregister_batched_hook",
     "unregister_forward_wrapper",
     "unregister_linear_adapter",
@@ -313,6 +314,9 @@ class BatchedForwardHook:
     #: a kind of forward *pre*-hook instead: it returns None (never replaces the rows) and ``run``
     #: does what ``hook(module, (rows[start:start + size],))`` would for every member
     pre: bool = False
+    #: called before hooks of this kind may run one module at a time (a per-expert loop): work
+    #: ``run`` deferred must be done by then (see :func:`settle_batched_hooks`); None: nothing deferred
+    settle: Callable[[], None] | None = None
 
 
 _BATCHED: dict[str, BatchedForwardHook] = {}
@@ -334,6 +338,14 @@ def register_batched_hook(name: str, kind: BatchedForwardHook) -> None:
         raise TypeError(f"register_batched_hook({name!r}, ...) needs a BatchedForwardHook with callable match and run, got {kind!r}")
     _BATCHED[name] = kind
     _batched_changed()
+
+
+def settle_batched_hooks() -> None:
+    """Let every registered batched hook kind finish work its ``run`` deferred: called before a
+    block's experts run one by one (the per-expert loop), where their hooks are called as they are."""
+    for kind in list(_BATCHED.values()):
+        if kind.settle is not None:
+            kind.settle()
 
 
 def unregister_batched_hook(name: str) -> None:
@@ -1192,7 +1204,10 @@ def routed_output(
     """The block's routed output: :func:`grouped_routed_forward` when ``grouped`` and the block can, else
     ``block.routed_forward`` (the per-expert loop)."""
     output = grouped_routed_forward(block, hidden_states, top_k_index, top_k_weights) if grouped else None
-    return block.routed_forward(hidden_states, top_k_index, top_k_weights) if output is None else output
+    if output is None:
+        settle_batched_hooks()
+        return block.routed_forward(hidden_states, top_k_index, top_k_weights)
+    return output
 
 
 def grouped_routed_forward_with_counts(

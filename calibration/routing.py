@@ -48,6 +48,7 @@ from .grouped import (
     grouped_expert_calls,
     grouped_routed_forward_with_counts,
     grouped_whole_batch_calls,
+    settle_batched_hooks,
 )
 
 __all__ = [
@@ -175,6 +176,7 @@ class _RoutingForward:
         if selection:
             with torch.no_grad(), provenance("forced"):
                 if not (session.grouped and grouped_expert_calls(block, hidden_states, selection)):
+                    settle_batched_hooks()
                     for e, token_idx in selection.items():
                         block[e](hidden_states[token_idx])
                 for e, token_idx in selection.items():
@@ -213,6 +215,7 @@ def whole_batch_forward(
     if hidden_states.shape[0]:
         with torch.no_grad(), whole_batch(routed.tolist()):
             if plan is None or not grouped_whole_batch_calls(block, hidden_states, plan=plan):
+                settle_batched_hooks()
                 for expert in block:
                     expert(hidden_states)
     return output, routed
@@ -232,6 +235,7 @@ def _loop(
     block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The block's output, and its routed rows per expert when known without a host sync (never here)."""
+    settle_batched_hooks()
     return block.routed_forward(hidden_states, top_k_index, top_k_weights), None
 
 
@@ -242,7 +246,7 @@ def _grouped_or_loop(
     """Like :func:`_loop`, through the grouped forward where the block can (``plan``: from ``call_plan``)."""
     result = grouped_routed_forward_with_counts(block, hidden_states, top_k_index, top_k_weights, plan)
     if result is None:
-        return block.routed_forward(hidden_states, top_k_index, top_k_weights), None
+        return _loop(block, hidden_states, top_k_index, top_k_weights)
     output, counts = result
     return output, torch.tensor(counts, dtype=torch.long)
 

@@ -85,6 +85,8 @@ def test_grouped_under_oneshot_gives_the_loops_hessians_and_checkpoint(calibrati
     calls = sum(int(samples) for name, (_, samples) in loop.items() if ".mlp.experts." in name)
     reached = sum(1 for name, (_, samples) in loop.items() if ".mlp.experts." in name and samples > 0)
     assert (batching.batched, batching.by_hook) == (calls - reached, reached), batching
+    # all: each layer's gate/up Hessians share one accumulator, written before GPTQ solves the layer
+    assert batching.shared_groups == batching.settles == (4 if routing == "all" else 0), batching
     # the pipelines' offload caches hand back the stored weights: each block planned once, kept
     assert PLANS_BUILT[id(grouped_modifier)] == [True] * 4 and PLANS_BUILT[id(loop_modifier)] == []
     experts = [name for name in loop if ".mlp.experts." in name]

@@ -141,6 +141,10 @@ class DefuseModifier(Modifier):
             hooks see the rows the per-expert loop would give (Hessians equal the loop's);
             blocks whose wrapped forwards are not plain (activation quantization enabled, an
             unknown wrapper) take the loop, and :attr:`grouped_use` says how often and why.
+        share_hessians: with ``grouped`` and ``routing: all``, the GPTQ Hessians of a block's gate
+            and up projections (equal there: the same rows in the same order) take each call's
+            product once, in one accumulator, and are written from it before GPTQ solves them;
+            the same Hessians bit for bit (``hessians.py``). ``False``: one add per Hessian.
         save_threads: threads that write the saved checkpoint's safetensors shards at once
             (``defuser_quant.checkpoint.concurrent_save``); without a ``max_shard_size`` the
             checkpoint is split into about one shard per thread. Default: the CPUs, at most 8;
@@ -155,6 +159,7 @@ class DefuseModifier(Modifier):
     refuse: Literal[False, "dequantized", "fp8_fused"] = False
     refuse_output_dir: str | None = None
     grouped: bool = True
+    share_hessians: bool = True
     save_threads: int | None = Field(default=None, ge=1)
 
     _stack: ExitStack | None = PrivateAttr(default=None)
@@ -220,7 +225,7 @@ class DefuseModifier(Modifier):
         try:
             if self.grouped:
                 self._stack.enter_context(compressed_tensors_grouping())
-                self._stack.enter_context(batched_gptq_hessians())
+                self._stack.enter_context(batched_gptq_hessians(share=self.share_hessians))
                 self._stack.enter_context(batched_token_counts())
                 self._grouped_use = self._stack.enter_context(recording_grouped_use())
             # under torchrun budgeted routes normally and tops up from every rank's counts (budget.py)
