@@ -22,7 +22,7 @@ from defuser_quant.integrations.llmcompressor.hessians import (  # noqa: E402
     last_batching,
     settle_shared_hessians,
 )
-from tests.test_llmcompressor_grouped import _gptq_hooked_block, _hessians  # noqa: E402
+from test_llmcompressor_grouped import _gptq_hooked_block, _hessians  # noqa: E402
 
 CALLS = 4
 

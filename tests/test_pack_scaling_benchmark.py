@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import pack_scaling as bench  # noqa: E402
+from benchmark_runs import run_main_json  # noqa: E402
 
 
 @pytest.mark.parametrize("argv,says", [
@@ -27,12 +27,8 @@ def test_bad_flags_are_one_error_line(capsys, argv, says):
 
 def test_a_real_run_times_every_combination_and_checks_the_words(tmp_path):
     pytest.importorskip("gptqmodel")
-    out = tmp_path / "pack.json"
-    argv = ["--threads", "1,2", "--callers", "1,2", "--modules", "2", "--repeats", "1", "--scale-down", "8",
-            "--output", str(out)]
-    assert bench.main(argv) == 0
-    data = json.loads(out.read_text())
-    assert data["meta"]["command"] == "python benchmarks/pack_scaling.py " + " ".join(argv)
+    argv = ["--threads", "1,2", "--callers", "1,2", "--modules", "2", "--repeats", "1", "--scale-down", "8"]
+    data = run_main_json(bench, "pack_scaling.py", argv, tmp_path / "pack.json")
     combos = {(r["out"], r["in"], r["threads"], r["callers"]) for r in data["rows"]}
     assert combos == {(o, i, t, c) for o, i in ((128, 256), (256, 128)) for t in (1, 2) for c in (1, 2)}
     assert data["all_same_words"] is True and all(r["same_words"] for r in data["rows"])

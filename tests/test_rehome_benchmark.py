@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import rehome_check as bench  # noqa: E402
+from benchmark_runs import run_main_json  # noqa: E402
 
 
 def test_bad_sizes_are_one_error_line(capsys):
@@ -22,12 +22,8 @@ def test_bad_sizes_are_one_error_line(capsys):
 
 def test_a_real_run_times_both_and_the_lean_calls_are_answered_by_the_walk(tmp_path):
     pytest.importorskip("gptqmodel")
-    out = tmp_path / "rehome.json"
-    argv = ["--experts", "8", "--hidden", "64", "--intermediate", "32", "--calls", "3", "--repeats", "2",
-            "--output", str(out)]
-    assert bench.main(argv) == 0
-    data = json.loads(out.read_text())
-    assert data["meta"]["command"] == "python benchmarks/rehome_check.py " + " ".join(argv)
+    argv = ["--experts", "8", "--hidden", "64", "--intermediate", "32", "--calls", "3", "--repeats", "2"]
+    data = run_main_json(bench, "rehome_check.py", argv, tmp_path / "rehome.json")
     assert data["modules"] > 8 * 3 and data["layer_unchanged_by_stock"] is True
     assert data["lean_calls"] == {"skipped": 1 + 2 * 3, "stock": 0, "reasons": {}}  # the warm call and the timed ones
     assert all(len(v) == 2 and min(v) > 0 for v in data["per_call_ms"].values())
