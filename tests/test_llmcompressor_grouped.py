@@ -73,9 +73,13 @@ def _oneshot(calibration, out, routing: str, grouped: bool, monkeypatch, device:
 
 
 @pytest.mark.parametrize("routing", ["routed", "all"])
-def test_grouped_under_oneshot_gives_the_loops_hessians_and_checkpoint(calibration, tmp_path, monkeypatch, routing):
+def test_grouped_under_oneshot_gives_the_loops_hessians_and_checkpoint(calibration, tmp_path, monkeypatch, routing, caplog):
     loop, loop_modifier = _oneshot(calibration, tmp_path / "loop", routing, False, monkeypatch)
-    grouped, grouped_modifier = _oneshot(calibration, tmp_path / "grouped", routing, True, monkeypatch)
+    with caplog.at_level("INFO", logger="defuser_quant.integrations.llmcompressor.modifier"):
+        grouped, grouped_modifier = _oneshot(calibration, tmp_path / "grouped", routing, True, monkeypatch)
+    shared = [r.getMessage() for r in caplog.records if "shared one accumulator" in r.getMessage()]
+    assert shared == (["GPTQ Hessians: 4 group(s) of equal gate/up Hessians shared one accumulator each (896 adds to "
+                       "an accumulator in place of a Hessian)"] if routing == "all" else []), shared
     assert loop_modifier.grouped_use is None
     use = grouped_modifier.grouped_use
     # every block call grouped: 4 layers x 8 batches, calibration and propagation (+ forced calls for "all")

@@ -45,8 +45,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from defuser_quant.core.errors import DefuserQuantError
-
 from defuser_quant.calibration.gram import PRODUCT_BUDGET, QueuedAdds, gram_operands
 from defuser_quant.calibration.grouped import (
     BatchedForwardHook,
@@ -54,6 +52,7 @@ from defuser_quant.calibration.grouped import (
     unregister_batched_hook,
     wrapper_code,
 )
+from defuser_quant.core.errors import DefuserQuantError
 
 from .grouped import hooks_mixin_live, hooks_mixin_parts
 

@@ -45,7 +45,7 @@ from defuser_quant.calibration import distributed
 from defuser_quant.calibration.grouped import GroupedUse, recording_grouped_use, routed_output
 
 from .grouped import compressed_tensors_grouping
-from .hessians import batched_gptq_hessians
+from .hessians import batched_gptq_hessians, last_batching
 from .token_counts import TokenCounter, batched_token_counts
 from .linearize import adopt_linear_experts
 from .budget import RankBudget
@@ -313,6 +313,10 @@ class DefuseModifier(Modifier):
                         use.loop, reasons)
         else:
             logger.info("grouped calibration forward: all %d block call(s) grouped", use.grouped)
+        batching = last_batching()
+        if batching.shared_groups:
+            logger.info("GPTQ Hessians: %d group(s) of equal gate/up Hessians shared one accumulator each "
+                        "(%d adds to an accumulator in place of a Hessian)", batching.shared_groups, batching.shared_adds)
 
     def _attach_counters(self, model: nn.Module) -> None:
         self._counts = {}
