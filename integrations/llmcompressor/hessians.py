@@ -118,7 +118,9 @@ class _Sharing:
             _LAST.shared_adds += len(targets)
             return [group.acc]
         if self.members:
-            self.settle({self.members[i] for i in key if i in self.members})  # a target leaves its group
+            leaving = {self.members[i] for i in key if i in self.members}  # a target leaves its group
+            if leaving:
+                self.settle(leaving)
         if not (self.enabled and may_share) or len(targets) < SHARE_MIN_TARGETS or key in self.refused:
             return targets
         if not _all_equal(targets):
@@ -152,8 +154,9 @@ class _Sharing:
             raise SharedHessianError(_LOST)
 
     def settle_ids(self, ids: list[int]) -> None:
-        if self.members:
-            self.settle({self.members[i] for i in ids if i in self.members})
+        keys = {self.members[i] for i in ids if i in self.members}
+        if keys:
+            self.settle(keys)
 
 
 _LOST = ("a GPTQ Hessian of an expert gate/up projection was written outside the grouped calibration forward "
