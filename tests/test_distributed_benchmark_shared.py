@@ -1,0 +1,28 @@
+"""``benchmarks/distributed_gpu.py`` for real on the CPU: ``all`` against ``all-unshared`` (shared gate/up Hessians off)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import distributed_gpu as dg  # noqa: E402
+
+
+@pytest.mark.slow
+def test_all_and_all_unshared_record_their_hessian_batching_and_give_the_same_checkpoint(tmp_path):
+    pytest.importorskip("llmcompressor")
+    out = tmp_path / "distributed.json"
+    dg.main(["--device", "cpu", "--tiny", "--variants", "all@1,all-unshared@1", "--workdir", str(tmp_path / "work"),
+             "--output", str(out)])
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"all", "all-unshared"} and not any("error" in row for row in rows.values()), rows
+    shared, unshared = rows["all"]["hessian_batching"][0], rows["all-unshared"]["hessian_batching"][0]
+    assert shared["shared_groups"] == shared["settles"] == 2  # one group per layer, written before each solve
+    assert unshared["shared_groups"] == 0 and unshared["batched"] == shared["batched"] > 0
+    same = rows["all-unshared"]["checkpoint_vs_shared"]
+    total = same["tensors"].split("/")[1]
+    assert same["tensors"] == f"{total}/{total}" and same["only_in_one"] == 0 and same["max_scale_diff"] == 0.0, same
