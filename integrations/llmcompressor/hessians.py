@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,9 +118,7 @@ class _Sharing:
             _LAST.shared_adds += len(targets)
             return [group.acc]
         if self.members:
-            leaving = {self.members[i] for i in key if i in self.members}  # a target leaves its group
-            if leaving:
-                self.settle(leaving)
+            self.settle_ids(key)  # a target leaves its group
         if not (self.enabled and may_share) or len(targets) < SHARE_MIN_TARGETS or key in self.refused:
             return targets
         if not _all_equal(targets):
@@ -153,7 +151,8 @@ class _Sharing:
         if lost:
             raise SharedHessianError(_LOST)
 
-    def settle_ids(self, ids: list[int]) -> None:
+    def settle_ids(self, ids: Iterable[int]) -> None:
+        """Settle the groups that hold any of the Hessians with these ids."""
         keys = {self.members[i] for i in ids if i in self.members}
         if keys:
             self.settle(keys)
