@@ -600,6 +600,8 @@ class _SideHooks:
     def refresh(self, modules: list[nn.Module], get: Callable, pre: bool) -> _Bulk | None:
         """The bulk classification of ``modules``' hooks now (see :func:`_bulk_kind`)."""
         counts, hooks = _hook_layout(modules, get)
+        if not hooks:
+            return None  # hooks switched off for this call (``all``'s routed output): the memo stays for the next
         if self.bulk is not None and counts == self.counts and _same_objects(hooks, self.hooks):
             return self.bulk
         bulk = _bulk_kind(counts, hooks, pre)

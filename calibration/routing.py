@@ -222,8 +222,14 @@ def whole_batch_forward(
 
 
 def _expert_modules(block: DefusedExperts) -> Iterator[nn.Module]:
-    """Every module of every expert of ``block`` (what ``suspended_hooks`` switches off)."""
-    return (m for expert in block for m in expert.modules())
+    """Every module of every expert of ``block`` (what ``suspended_hooks`` switches off): each expert
+    and its submodules, read through ``_modules`` (``Module.modules()`` builds a name per module)."""
+    for expert in block:
+        stack = [expert]
+        while stack:
+            module = stack.pop()
+            yield module
+            stack.extend(child for child in module.__dict__["_modules"].values() if child is not None)
 
 
 def _routed_counts(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:

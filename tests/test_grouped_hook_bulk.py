@@ -143,3 +143,49 @@ def test_registering_a_kind_drops_the_kept_classification(kinds):
     assert runs and sum(runs) == len(log) // 2 // 2  # half of the two calls' entries are the grouped call's
     for h in handles:
         h.remove()
+
+
+def test_a_hooks_off_call_between_two_hooked_ones_keeps_the_bulk_finding(kinds, monkeypatch):
+    """``all``'s whole-batch forward alternates a hooks-off routed call with a hooked whole-batch call:
+    the finding of the hooked calls survives the hooks-off one (no classification per call)."""
+    from defuser_quant.calibration.routing import whole_batch_forward
+
+    _, block = _block()
+    x, index, weights = _inputs(block)
+    log: list = []
+    _hook_all(block, log, pre=False, role="down_proj", tag="d")
+    _hook_all(block, log, pre=True, role="gate_proj", tag="g")
+    found = []
+    real = grouped._bulk_kind
+    monkeypatch.setattr(grouped, "_bulk_kind", lambda *a: found.append(1) or real(*a))
+    with torch.no_grad():
+        whole_batch_forward(block, x, index, weights, grouped=True)
+        first = len(found)
+        assert first > 0 and len(log) == 2 * len(block)
+        for _ in range(2):
+            whole_batch_forward(block, x, index, weights, grouped=True)
+    assert len(found) == first and len(log) == 6 * len(block)
+    # every expert's hooks saw the whole batch: the gate its rows themselves, the down projection as many
+    assert all(torch.equal(rows, x) for name, rows in log if name.startswith("g"))
+    assert all(rows.shape[0] == x.shape[0] for name, rows in log if name.startswith("d"))
+
+
+def test_the_routed_call_of_all_suspends_hooks_on_nested_expert_modules():
+    """Hooks on every module of an expert, nested ones included, are off for ``all``'s routed output:
+    only the whole-batch calls reach them (one call per expert and module)."""
+    from defuser_quant.calibration.routing import _expert_modules, whole_batch_forward
+
+    _, block = _block()
+    x, index, weights = _inputs(block)
+    block[0].down_proj.probe = torch.nn.Identity()  # a grandchild of the expert
+    for expert in block:
+        assert {id(m) for m in expert.modules()} <= {id(m) for m in _expert_modules(block)}
+    assert len(list(_expert_modules(block))) == sum(len(list(e.modules())) for e in block)
+    calls = []
+    for m in _expert_modules(block):
+        m.register_forward_pre_hook(lambda mod, args: calls.append(mod))
+    with torch.no_grad():
+        whole_batch_forward(block, x, index, weights, grouped=False)
+    # the loop's whole-batch calls reach each expert and its three projections once; the routed
+    # output before them ran with every hook off (else routed experts would be counted twice)
+    assert len(calls) == 4 * len(block)
