@@ -74,6 +74,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-norehome`` - every lean bookkeeping part but ``rehome``: GPTQModel's per-batch
                  ``rehome_module_to_device`` of the layer (three walks over its modules) runs in full before
                  every calibration batch instead of the one-walk check that it would change nothing;
+* ``ours-grouped-batched-capturelazy`` - the default lean bookkeeping parts plus the opt-in ``capture_lazy``: layer 0
+                 stays lazy through the input capture and ``pre_quantize`` loads it once onto the GPU, instead of
+                 into host memory at the capture and then to the GPU (``bookkeeping.capture_lazy`` counts it);
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -229,7 +232,7 @@ WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
                 "-noline": "line_redraw", "-nodiskprobe": "disk_probe", "-norehome": "rehome"}
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
-WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze"}
+WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy"}
 #: variants with more than one part suffix (each suffix as above)
 COMBINED_PARTS = ("ours-grouped-batched-layerahead-gcfreeze",)
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",

@@ -107,6 +107,11 @@ expert projections of our ``DefusedExperts`` blocks only:
   GPTQModel's call would move and retarget nothing (every tensor already on the device, no accelerate hook) and
   then the call returns; anything else runs GPTQModel's function (:mod:`.rehome`). Nothing moves differently.
 
+* **capture lazy** (opt-in, :data:`OPT_IN`; the input capture's load of the first decoder layer holding our experts):
+  the layer stays lazy through the capture, which only hooks it, and ``pre_quantize`` loads it once, onto the quantize
+  device, like every later layer, instead of into host memory first and then again to the device
+  (:mod:`.capture_lazy`); the same checkpoint tensors in the layer.
+
 * **worker warm-up** (GPTQModel's device pool): when the block is entered, each worker of the quantize
   device's CUDA group and of the CPU group is handed one empty task, so GPTQModel's per-worker
   linear-algebra warm-up runs while the inputs are captured instead of before the first subset's
@@ -157,6 +162,8 @@ from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_q
 from .layer_reads import LayerReads, LayerReadStats
 from .line_redraw import LineRedrawStats, throttled_line_redraws
 from .line_redraw import internals_refusal as _line_redraw_mismatch
+from .capture_lazy import CaptureLazyStats, lazy_capture
+from .capture_lazy import internals_refusal as _capture_lazy_mismatch
 from .offload_bundle import BundleStats, bundled_offload
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
@@ -204,6 +211,7 @@ class BookkeepingStats:
     gc_freeze: FreezeStats | None = None  # the gc_freeze part (None: not used)
     disk_probe: DiskProbeStats | None = None  # the disk_probe part (None: not used)
     rehome: RehomeStats | None = None  # the rehome part (None: not used)
+    capture_lazy: CaptureLazyStats | None = None  # the capture_lazy part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -237,6 +245,7 @@ class BookkeepingStats:
             "gc_freeze": self.gc_freeze.as_dict() if self.gc_freeze is not None else None,
             "disk_probe": self.disk_probe.as_dict() if self.disk_probe is not None else None,
             "rehome": self.rehome.as_dict() if self.rehome is not None else None,
+            "capture_lazy": self.capture_lazy.as_dict() if self.capture_lazy is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -344,7 +353,7 @@ def _offload_bundle_mismatch() -> str | None:
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
     ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``worker_warmup``/
-    ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``/``rehome``) -> what differs
+    ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``/``rehome``/``capture_lazy``) -> what differs
     from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -387,6 +396,7 @@ def internals_mismatch() -> dict[str, str]:
                       ("offload_bundle", _offload_bundle_mismatch()), ("worker_warmup", _worker_warmup_mismatch()),
                       ("line_redraw", _line_redraw_mismatch()), ("layer_ahead", _layer_ahead_mismatch()),
                       ("disk_probe", _disk_probe_mismatch()), ("rehome", _rehome_mismatch()),
+                      ("capture_lazy", _capture_lazy_mismatch()),
                       ("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
         if why is not None:
@@ -834,12 +844,13 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
-                   "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome"})
+                   "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
-#: by as much: faster in 3 of 6 side-by-side pairs, so both stay opt-in.
-OPT_IN = frozenset({"layer_ahead", "gc_freeze"})
+#: by as much: faster in 3 of 6 side-by-side pairs, so both stay opt-in. ``capture_lazy`` (round 39) removes one
+#: host copy of layer 0 only where the quantize device is a GPU, and has not been measured on one yet.
+OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy"})
 #: The parts ``lean_bookkeeping=True`` turns on.
 DEFAULT_PARTS = PARTS - OPT_IN
 
@@ -989,6 +1000,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
             stack.callback(ahead.close)  # runs first on exit: a load still running keeps every patch it uses
         if paths and "rehome" in enabled:
             stats.rehome = stack.enter_context(lean_rehome())
+        if paths and "capture_lazy" in enabled:
+            stats.capture_lazy = stack.enter_context(lazy_capture(gptq_model, _holds_experts))
         if paths and "worker_warmup" in enabled:  # last: everything else is in place when the workers start
             stats.worker_warmup = warm_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)))
         if paths and "gc_freeze" in enabled:  # after everything the block set up: all of it is frozen too
