@@ -148,3 +148,15 @@ def test_other_internals_are_refused(monkeypatch):
     monkeypatch.setattr(capture_lazy, "CACHE_INPUTS_DIGEST", "0" * 16)
     assert capture_lazy.internals_refusal() == "StageInputsCapture.cache_inputs differs from GPTQModel 7.6.0's source"
     assert "cache_inputs differs" in overhead.internals_mismatch()["capture_lazy"]
+
+
+def test_a_device_torch_cannot_read_is_gptqmodels_call():
+    from gptqmodel.utils.structure import LazyTurtle
+
+    layer = _layer(meta=True)
+    model = _shell(layer, LazyTurtle.__new__(LazyTurtle))
+    capture = _capture(model)
+    materialize = capture.patch_materialize(lambda self, **kw: ("materialized", kw["device"]))
+    got = capture.patch_cache_inputs(lambda _s, layers: materialize(model, target_submodule=layers[0],
+                                                                    device=object()))(None, [layer])
+    assert got[0] == "materialized" and capture.stats.as_dict() == {"kept_lazy": 0, "stock": {}}

@@ -65,6 +65,13 @@ def internals_refusal() -> str | None:
     return pre_quantize_refusal()  # it materializes a lazy layer on the quantize device, nothing else
 
 
+def _is_cpu(device: object) -> bool:
+    try:
+        return torch.device(device) == _CPU
+    except (TypeError, RuntimeError):
+        return False
+
+
 def _all_meta(module: nn.Module) -> bool:
     tensors = [*module.parameters(), *module.buffers()]
     return bool(tensors) and all(t.is_meta for t in tensors)
@@ -120,7 +127,7 @@ class _Capture:
                                      named_module=None, module_path=None):
             first = getattr(capture.local, "first", None)
             if (first is not None and target_submodule is first and role == "default" and named_module is None
-                    and torch.device(device) == _CPU):
+                    and _is_cpu(device)):
                 capture.local.first = None  # the capture's one call for its first layer
                 why = capture.reason_to_load(self, target_submodule)
                 if why is None:

@@ -149,6 +149,8 @@ from defuser_quant.calibration.capture import defused_blocks
 from defuser_quant.core.defused import DefusedExperts
 
 from . import layer_reads as layer_reads_module
+from .capture_lazy import CaptureLazyStats, lazy_capture
+from .capture_lazy import internals_refusal as _capture_lazy_mismatch
 from .compat import all_code_names as _all_names
 from .compat import code_names as _names
 from .compat import parameter_names as _params
@@ -162,8 +164,6 @@ from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_q
 from .layer_reads import LayerReads, LayerReadStats
 from .line_redraw import LineRedrawStats, throttled_line_redraws
 from .line_redraw import internals_refusal as _line_redraw_mismatch
-from .capture_lazy import CaptureLazyStats, lazy_capture
-from .capture_lazy import internals_refusal as _capture_lazy_mismatch
 from .offload_bundle import BundleStats, bundled_offload
 from .recopy import Recopy, config_refusal, pre_quantize_refusal
 from .recopy import internals_refusal as _recopy_mismatch
