@@ -20,24 +20,20 @@ import sys
 import time
 from pathlib import Path
 
+from _args import whole
 from _report import write_json
 from _source import use_source_checkout
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experts", type=int, default=128, help="defused experts in the layer (Qwen3-30B-A3B: 128)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=128, help="moe_intermediate_size")
-    p.add_argument("--calls", type=int, default=100, help="calls per timed repeat")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--experts", type=whole(1), default=128, help="defused experts in the layer (Qwen3-30B-A3B: 128)")
+    p.add_argument("--hidden", type=whole(1), default=256)
+    p.add_argument("--intermediate", type=whole(1), default=128, help="moe_intermediate_size")
+    p.add_argument("--calls", type=whole(1), default=100, help="calls per timed repeat")
+    p.add_argument("--repeats", type=whole(1), default=5)
     p.add_argument("--output", type=Path, default=None)
-    args = p.parse_args(argv)
-    bad = [f"--{name} {getattr(args, name)}" for name in ("experts", "hidden", "intermediate", "calls", "repeats")
-           if getattr(args, name) < 1]
-    if bad:
-        p.error(f"these must be at least 1: {', '.join(bad)}")
-    return args
+    return p.parse_args(argv)
 
 
 def _layer(args: argparse.Namespace):

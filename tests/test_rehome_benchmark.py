@@ -13,11 +13,14 @@ from benchmark_runs import run_main_json  # noqa: E402
 
 
 def test_bad_sizes_are_one_error_line(capsys):
-    for argv in (["--experts", "0"], ["--calls", "0"], ["--repeats", "-1"]):
+    for argv, flag, why in ((["--experts", "0"], "--experts", "must be >= 1, got 0"),
+                            (["--calls", "0"], "--calls", "must be >= 1, got 0"),
+                            (["--repeats", "-1"], "--repeats", "must be >= 1, got -1"),
+                            (["--hidden", "2.5"], "--hidden", "expected a whole number, got '2.5'")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         err = capsys.readouterr().err.strip().splitlines()
-        assert "error: these must be at least 1" in err[-1]
+        assert f"error: argument {flag}: {why}" in err[-1]
 
 
 def test_a_real_run_times_both_and_the_lean_calls_are_answered_by_the_walk(tmp_path):
