@@ -58,22 +58,25 @@ HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from _args import whole  # beside this script: on sys.path when it runs (main puts it there too) or is imported by the tests
+    from gptqmodel_gpu import check_shape  # the other benchmarks' refusal of shapes that do not fit together
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=256, help="moe_intermediate_size")
-    p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batches", type=int, default=2, help="batches per calibration pass")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per row (median)")
+    p.add_argument("--hidden", type=whole(1), default=512)
+    p.add_argument("--intermediate", type=whole(1), default=256, help="moe_intermediate_size")
+    p.add_argument("--experts", type=whole(1), default=32)
+    p.add_argument("--top-k", type=whole(1), default=4)
+    p.add_argument("--layers", type=whole(1), default=4)
+    p.add_argument("--heads", type=whole(1), default=8)
+    p.add_argument("--kv-heads", type=whole(1), default=4)
+    p.add_argument("--head-dim", type=whole(1), default=64)
+    p.add_argument("--vocab", type=whole(1), default=1024)
+    p.add_argument("--batch-size", type=whole(1), default=2)
+    p.add_argument("--seq-len", type=whole(1), default=128)
+    p.add_argument("--batches", type=whole(1), default=2, help="batches per calibration pass")
+    p.add_argument("--repeats", type=whole(1), default=3, help="timed passes per row (median)")
     p.add_argument("--min-tokens", type=int, default=None, help="budgeted floor (default: 2x the mean routed tokens per expert per pass)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-grouped", action="store_true", help="skip the grouped rows")
@@ -81,7 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hessians", action="store_true", help="compare per-expert Hessians, loop vs grouped")
     p.add_argument("--determinism", action="store_true", help="check run-to-run bitwise repeatability")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/calibration_throughput_<device>.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_shape(p, args)
+    return args
 
 
 def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -200,22 +200,28 @@ def table(rows: list[dict], direction: str) -> list[str]:
     return lines
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from _args import whole  # beside this script, on sys.path when it runs (or is imported by the tests)
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--experts", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=768)
-    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--layers", type=whole(1), default=4)
+    parser.add_argument("--experts", type=whole(1), default=128)
+    parser.add_argument("--hidden", type=whole(1), default=2048)
+    parser.add_argument("--intermediate", type=whole(1), default=768)
+    parser.add_argument("--vocab", type=whole(1), default=1024)
     parser.add_argument("--max-shard-size", default="1GB")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per tool, round robin; best and median reported")
+    parser.add_argument("--repeat", type=whole(1), default=3, help="runs per tool, round robin; best and median reported")
     parser.add_argument("--small", action="store_true", help="tiny shapes for a smoke run")
     parser.add_argument("--workdir", help="where to write checkpoints (default: a temporary directory)")
     parser.add_argument("--output", default=str(HERE / "results" / "convert_checkpoint_cpu.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--src", help=argparse.SUPPRESS)
     parser.add_argument("--dst", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker == "build":
         print(json.dumps(build_source(args, Path(args.dst))))
         return

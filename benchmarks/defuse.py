@@ -29,6 +29,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TOOLS = ("defuser_quant", "defuser", "llmcompressor")
+#: experts each token picks (build_model's num_experts_per_tok): --experts must reach it
+TOP_K = 8
 
 
 def build_model(args):
@@ -37,7 +39,7 @@ def build_model(args):
 
     config = Qwen3MoeConfig(
         vocab_size=1024, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-        moe_intermediate_size=args.intermediate, num_experts=args.experts, num_experts_per_tok=8,
+        moe_intermediate_size=args.intermediate, num_experts=args.experts, num_experts_per_tok=TOP_K,
         num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
         dtype="bfloat16",  # as from_pretrained of a bf16 checkpoint sets it (llm-compressor sizes its Linears by it)
     )
@@ -127,23 +129,32 @@ def run_one(tool: str, args) -> dict:
     return row
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from _args import whole  # beside this script, on sys.path when it runs (or is imported by the tests)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--experts", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=768)
+    parser.add_argument("--layers", type=whole(1), default=2)
+    parser.add_argument("--experts", type=whole(1), default=128, help=f"experts per layer (at least {TOP_K}: each token picks {TOP_K})")
+    parser.add_argument("--hidden", type=whole(1), default=2048)
+    parser.add_argument("--intermediate", type=whole(1), default=768)
     parser.add_argument("--small", action="store_true", help="8 experts, hidden 256: a smoke run")
     parser.add_argument("--tools", default=",".join(TOOLS))
-    parser.add_argument("--repeat", type=int, default=1, help="runs per tool (best time is reported)")
-    parser.add_argument("--forward-tokens", type=int, default=256, help="tokens of the timed forward (0: skip)")
-    parser.add_argument("--forward-repeats", type=int, default=3)
+    parser.add_argument("--repeat", type=whole(1), default=1, help="runs per tool (best time is reported)")
+    parser.add_argument("--forward-tokens", type=whole(0), default=256, help="tokens of the timed forward (0: skip)")
+    parser.add_argument("--forward-repeats", type=whole(1), default=3)
     parser.add_argument("--output", default=str(HERE / "results" / "defuse_cpu.json"))
     parser.add_argument("--reference", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.small:
         args.experts, args.hidden, args.intermediate = 8, 256, 128
+    if args.experts < TOP_K:
+        parser.error(f"--experts {args.experts} is fewer than the {TOP_K} experts each token picks (num_experts_per_tok)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         print(json.dumps(run_one(args.worker, args)))
         return

@@ -103,16 +103,20 @@ SETUP = ("pre_process", "dataloader", "linearize", "initialize", "trace")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from _args import whole  # beside this script, on sys.path when it runs (or is imported by the tests)
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke run: " + json.dumps(TINY))
-    p.add_argument("--nproc", type=int, default=2, help="processes of the distributed runs (one GPU each)")
+    p.add_argument("--nproc", type=whole(2), default=2,
+                   help="processes of the distributed runs (one GPU each; at least 2: each variant's run in one "
+                        "process is compared with its run in N)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated, from {VARIANTS}; NAME@1 or NAME@N runs only that process count")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=whole(1), default=2)
     add_shape_args(p)
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
-    p.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    p.add_argument("--timeout", type=whole(1), default=900, help="seconds per run")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole benchmark: runs that would start with less than --min-run left are skipped")
     p.add_argument("--min-run", type=float, default=60.0, help="seconds a run needs at least (with --deadline)")

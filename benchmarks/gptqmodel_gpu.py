@@ -357,12 +357,14 @@ def solve_setting(variant: str):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from _args import whole  # beside this script, on sys.path when it runs (or is imported by the tests)
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke run: " + json.dumps(TINY))
-    p.add_argument("--layers", type=int, default=1, help="decoder layers (each one a full Qwen3-30B-A3B layer)")
+    p.add_argument("--layers", type=whole(1), default=1, help="decoder layers (each one a full Qwen3-30B-A3B layer)")
     add_shape_args(p)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=whole(1), default=8)
     p.add_argument("--variants", default=None,
                    help=f"comma-separated subset of {','.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)}; all three with --tiny)")
     p.add_argument("--backend", default="gptq_triton",
@@ -385,9 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-fallback", action="store_true",
                    help="report a CUDA run in which GPTQ solves fell back to GPTQModel's torch path (the table says so)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
-    p.add_argument("--timeout", type=int, default=420, help="seconds per variant")
-    from _args import whole  # beside this script, on sys.path when it runs (or is imported by the tests)
-
+    p.add_argument("--timeout", type=whole(1), default=420, help="seconds per variant")
     p.add_argument("--repeat", type=whole(1), default=1,
                    help="run the variant list this many times, one round after another (runs <variant>#2, ...); "
                         "ratios_vs_stock then holds each variant's ratio against every stock run of the call")

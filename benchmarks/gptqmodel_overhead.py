@@ -40,21 +40,25 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from _args import whole
+    from gptqmodel_gpu import MIN_ROW_TOKENS  # build_source skips calibration rows shorter than this
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--variant", default="ours-grouped-batched", choices=["stock", "ours-grouped", "ours-grouped-batched"])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--intermediate", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--layers", type=whole(1), default=2)
+    p.add_argument("--experts", type=whole(1), default=128)
+    p.add_argument("--hidden", type=whole(1), default=128)
+    p.add_argument("--intermediate", type=whole(1), default=64)
+    p.add_argument("--top-k", type=whole(1), default=8)
+    p.add_argument("--samples", type=whole(1), default=32)
+    p.add_argument("--seq-len", type=whole(MIN_ROW_TOKENS), default=64,
+                   help=f"tokens per calibration row (at most; rows under {MIN_ROW_TOKENS} tokens are skipped)")
+    p.add_argument("--batch-size", type=whole(1), default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-profile", action="store_true", help="time only (no cProfile)")
-    p.add_argument("--top", type=int, default=60)
+    p.add_argument("--top", type=whole(1), default=60)
     p.add_argument("--hook-hessians", action="store_true",
                    help="ours with batched_hessians=False (GPTQModel's Hessian hook per expert and call)")
     p.add_argument("--stock-bookkeeping", action="store_true",
@@ -68,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="reports of repeats of this same configuration to embed as repeats_same_session")
     p.add_argument("--note", default=None, help="free text stored in the report")
     args = p.parse_args(argv)
+    if args.top_k > args.experts:
+        p.error(f"--top-k {args.top_k} is more than --experts {args.experts}: each token picks top-k of the experts")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/gptqmodel_overhead.py", *(argv if argv is not None else sys.argv[1:])])
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     if args.device == "cpu":

@@ -40,19 +40,24 @@ HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from _args import whole  # beside this script: on sys.path when it runs (main puts it there too) or is imported by the tests
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--intermediate", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=512)
-    p.add_argument("--calls", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--experts", type=whole(1), default=128)
+    p.add_argument("--top-k", type=whole(1), default=8)
+    p.add_argument("--hidden", type=whole(1), default=64)
+    p.add_argument("--intermediate", type=whole(1), default=32)
+    p.add_argument("--tokens", type=whole(1), default=512)
+    p.add_argument("--calls", type=whole(1), default=20)
+    p.add_argument("--repeats", type=whole(1), default=9)
+    p.add_argument("--threads", type=whole(1), default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: bf16, timings synchronized)")
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit)")
     p.add_argument("--output", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.top_k > args.experts:
+        p.error(f"--top-k {args.top_k} is more than --experts {args.experts}: each token picks top-k of the experts")
+    return args
 
 
 def _block(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):

@@ -40,22 +40,22 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _args import counts  # noqa: E402
+from _args import counts, whole  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--rows", type=int, default=512, help="calibration rows per Hessian")
+    p.add_argument("--experts", type=whole(1), default=128)
+    p.add_argument("--hidden", type=whole(1), default=2048)
+    p.add_argument("--intermediate", type=whole(1), default=768)
+    p.add_argument("--layers", type=whole(1), default=2)
+    p.add_argument("--rows", type=whole(1), default=512, help="calibration rows per Hessian")
     p.add_argument("--damp", type=float, default=0.05, help="damp_percent")
     p.add_argument("--streams", type=counts(1), default="2,4,8", help="comma-separated stream counts (each >= 1)")
     p.add_argument("--threads", type=counts(1), default="4", help="comma-separated host thread counts (each >= 1)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True, warn_only=True) and CUBLAS_WORKSPACE_CONFIG=:4096:8")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=whole(1), default=3)
     p.add_argument("--device", default="cuda")
     p.add_argument("--output", type=Path, default=None)
     return p.parse_args(argv)

@@ -32,13 +32,19 @@ def _timed(fn) -> float:
     return round(time.perf_counter() - t0, 4)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from _args import whole
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tensors", type=int, default=384)
-    p.add_argument("--rows", type=int, default=768)
-    p.add_argument("--cols", type=int, default=2048)
+    p.add_argument("--tensors", type=whole(1), default=384)
+    p.add_argument("--rows", type=whole(1), default=768)
+    p.add_argument("--cols", type=whole(1), default=2048)
     p.add_argument("--output", type=Path, default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("host_reads.py measures copies to a GPU: no CUDA device here")
     from _page_cache import evict

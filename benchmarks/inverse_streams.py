@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _args import names
+from _args import names, whole
 from _threads import on_fresh_thread
 
 HERE = Path(__file__).resolve().parent
@@ -56,10 +56,10 @@ SETTINGS = {"default": (False, True, None), "deterministic": (True, True, None),
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hessians", type=int, default=16)
-    p.add_argument("--columns", type=int, default=2048)
-    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--columns", type=whole(1), default=2048)
+    p.add_argument("--tokens", type=whole(1), default=512)
     p.add_argument("--threads", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3, help="runs of each way (a race may not show every time)")
+    p.add_argument("--repeats", type=whole(1), default=3, help="runs of each way (a race may not show every time)")
     p.add_argument("--settings", type=names(SETTINGS), default=",".join(SETTINGS),
                    help=f"comma-separated settings to run, in order (default: all of {', '.join(SETTINGS)})")
     p.add_argument("--seed", type=int, default=0)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from _args import counts
+from _args import counts, whole
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -34,12 +34,12 @@ HERE = Path(__file__).resolve().parent
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--experts", type=whole(1), default=128)
+    p.add_argument("--hidden", type=whole(1), default=2048)
+    p.add_argument("--intermediate", type=whole(1), default=768)
+    p.add_argument("--repeats", type=whole(1), default=5)
     p.add_argument("--busy-threads", type=counts(0), default=[0, 4], help="comma-separated thread counts to run under")
-    p.add_argument("--staging-mib", type=int, default=64)
+    p.add_argument("--staging-mib", type=whole(1), default=64)
     p.add_argument("--directions", default="to-cpu,to-gpu",
                    help="comma-separated: to-cpu (post_quantize's move), to-gpu (pre_quantize's move of layer 0)")
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit)")

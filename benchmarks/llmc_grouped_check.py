@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _args import names
+from _args import names, whole
 
 HERE = Path(__file__).resolve().parent
 IGNORE = ["lm_head", "re:.*mlp.gate$"]
@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--modes", type=names(ROUTING_MODES), default=["routed", "all"],
                    help="comma-separated routing modes (default routed,all)")
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--samples", type=whole(1), default=16)
+    p.add_argument("--seq-len", type=whole(1), default=64)
     p.add_argument("--output", type=Path, default=HERE / "results" / "llmc_grouped_check.json")
     return p.parse_args(argv)
 

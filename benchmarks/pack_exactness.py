@@ -31,7 +31,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _args import counts  # noqa: E402
+from _args import counts, whole  # noqa: E402
 from _report import write_json  # noqa: E402
 from _source import use_source_checkout  # noqa: E402
 
@@ -95,8 +95,8 @@ def compare(args: argparse.Namespace, bits: int, sym: bool, act_order: bool) -> 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modules", type=int, default=128, help="modules packed together (a layer's experts of one role)")
-    p.add_argument("--out", type=int, default=768, help="out features (Qwen3-30B-A3B gate/up: 768)")
-    p.add_argument("--inp", type=int, default=2048, help="in features (Qwen3-30B-A3B gate/up: 2048)")
+    p.add_argument("--out", type=whole(32), default=768, help="out features (Qwen3-30B-A3B gate/up: 768)")
+    p.add_argument("--inp", type=whole(32), default=2048, help="in features (Qwen3-30B-A3B gate/up: 2048)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--bits", type=counts(2), default="4,2,8")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import get_args
 
-from _args import names
+from _args import names, whole
 from rich.console import Console
 
 HERE = Path(__file__).resolve().parent
@@ -26,9 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from defuser_quant.jobs.config import Backend
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=4, help="calibration samples (of --seq-len tokens)")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--samples", type=whole(1), default=4, help="calibration samples (of --seq-len tokens)")
+    parser.add_argument("--seq-len", type=whole(1), default=128)
+    parser.add_argument("--eval-samples", type=whole(1), default=32)
     parser.add_argument("--backends", type=names(get_args(Backend)), default=["llmcompressor", "gptqmodel"],
                         help="comma-separated backends (default llmcompressor,gptqmodel)")
     parser.add_argument("--output", default=str(HERE / "results" / "quality_cpu.json"))

@@ -82,6 +82,7 @@ PROCESS_T0 = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+from _args import whole  # noqa: E402
 from distributed_gpu import IGNORE  # noqa: E402  llm-compressor's ignore list of the other benchmarks
 from gptqmodel_gpu import TINY as _GPTQMODEL_TINY  # noqa: E402
 from gptqmodel_gpu import add_shape_args, check_shape, warm_gptq_extension  # noqa: E402
@@ -115,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke run: " + json.dumps(TINY))
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 48; 2 with --tiny)")
     add_shape_args(p)
-    p.add_argument("--batch-size", type=int, default=8, help="GPTQModel calibration batch size")
+    p.add_argument("--batch-size", type=whole(1), default=8, help="GPTQModel calibration batch size")
     p.add_argument("--deadline", type=float, default=540.0, help="seconds from process start (default 540)")
     p.add_argument("--reserve", type=float, default=None,
                    help="seconds kept free before the deadline when deciding to start a layer (default 75 on CUDA "
