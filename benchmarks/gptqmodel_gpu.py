@@ -74,6 +74,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-norehome`` - every lean bookkeeping part but ``rehome``: GPTQModel's per-batch
                  ``rehome_module_to_device`` of the layer (three walks over its modules) runs in full before
                  every calibration batch instead of the one-walk check that it would change nothing;
+* ``ours-grouped-batched-nobasemem`` - every lean bookkeeping part but ``base_in_memory``: GPTQModel writes the base
+                 modules (the embedding, final norm, rotary embedding) to its offload folder after the input capture
+                 instead of leaving them as the capture loaded them;
 * ``ours-grouped-batched-capturelazy`` - the default lean bookkeeping parts plus the opt-in ``capture_lazy``: layer 0
                  stays lazy through the input capture and ``pre_quantize`` loads it once onto the GPU, instead of
                  into host memory at the capture and then to the GPU (``bookkeeping.capture_lazy`` counts it);
@@ -230,7 +233,8 @@ CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
-                "-noline": "line_redraw", "-nodiskprobe": "disk_probe", "-norehome": "rehome"}
+                "-noline": "line_redraw", "-nodiskprobe": "disk_probe", "-norehome": "rehome",
+                "-nobasemem": "base_in_memory"}
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy"}
 #: variants with more than one part suffix (each suffix as above)

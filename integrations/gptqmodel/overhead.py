@@ -107,6 +107,12 @@ expert projections of our ``DefusedExperts`` blocks only:
   GPTQModel's call would move and retarget nothing (every tensor already on the device, no accelerate hook) and
   then the call returns; anything else runs GPTQModel's function (:mod:`.rehome`). Nothing moves differently.
 
+* **base in memory** (``ModuleLooper.loop``'s offload of the base modules after the input capture, with GPTQModel's
+  ``offload_to_disk`` config on): the embedding, final norm and rotary embedding are not written to the offload folder
+  (for Qwen3-30B-A3B the 622 MB embedding); they stay as the capture loaded them (views of the source checkpoint's
+  file where its dtype is the model's), where the save takes them (:mod:`.base_in_memory`); the same checkpoint, the
+  save copying the same bytes from the source file.
+
 * **capture lazy** (opt-in, :data:`OPT_IN`; the input capture's load of the first decoder layer holding our experts):
   the layer stays lazy through the capture, which only hooks it, and ``pre_quantize`` loads it once, onto the quantize
   device, like every later layer, instead of into host memory first and then again to the device
@@ -118,7 +124,7 @@ expert projections of our ``DefusedExperts`` blocks only:
   solves and the first finalizes (:mod:`.worker_warmup`).
 
 With GPTQModel's own checkpointing (``quantize(..., checkpoint=...)``, which resumes from the
-offload folder), the offload bundle and keep-last-block parts stay stock.
+offload folder), the offload bundle, keep-last-block and base-in-memory parts stay stock.
 
 GPTQModel computes and writes exactly what it does without this (same tensors loaded, same
 checkpoint). Anything that does not match (another role, a module outside our blocks, a path
@@ -149,6 +155,8 @@ from defuser_quant.calibration.capture import defused_blocks
 from defuser_quant.core.defused import DefusedExperts
 
 from . import layer_reads as layer_reads_module
+from .base_in_memory import BaseModuleStats, keep_base_modules
+from .base_in_memory import internals_refusal as _base_in_memory_mismatch
 from .capture_lazy import CaptureLazyStats, lazy_capture
 from .capture_lazy import internals_refusal as _capture_lazy_mismatch
 from .compat import all_code_names as _all_names
@@ -212,6 +220,7 @@ class BookkeepingStats:
     disk_probe: DiskProbeStats | None = None  # the disk_probe part (None: not used)
     rehome: RehomeStats | None = None  # the rehome part (None: not used)
     capture_lazy: CaptureLazyStats | None = None  # the capture_lazy part (None: not used)
+    base_in_memory: BaseModuleStats | None = None  # the base_in_memory part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -246,6 +255,7 @@ class BookkeepingStats:
             "disk_probe": self.disk_probe.as_dict() if self.disk_probe is not None else None,
             "rehome": self.rehome.as_dict() if self.rehome is not None else None,
             "capture_lazy": self.capture_lazy.as_dict() if self.capture_lazy is not None else None,
+            "base_in_memory": self.base_in_memory.as_dict() if self.base_in_memory is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -353,7 +363,7 @@ def _offload_bundle_mismatch() -> str | None:
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
     ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``worker_warmup``/
-    ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``/``rehome``/``capture_lazy``) -> what differs
+    ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``/``rehome``/``capture_lazy``/``base_in_memory``) -> what differs
     from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -396,7 +406,7 @@ def internals_mismatch() -> dict[str, str]:
                       ("offload_bundle", _offload_bundle_mismatch()), ("worker_warmup", _worker_warmup_mismatch()),
                       ("line_redraw", _line_redraw_mismatch()), ("layer_ahead", _layer_ahead_mismatch()),
                       ("disk_probe", _disk_probe_mismatch()), ("rehome", _rehome_mismatch()),
-                      ("capture_lazy", _capture_lazy_mismatch()),
+                      ("capture_lazy", _capture_lazy_mismatch()), ("base_in_memory", _base_in_memory_mismatch()),
                       ("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
         if why is not None:
@@ -844,7 +854,8 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 #: Every part :func:`lean_bookkeeping` can patch.
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
-                   "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy"})
+                   "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy",
+                   "base_in_memory"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
@@ -922,7 +933,7 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
         )
     enabled = set(parts) - set(problems)
     if checkpointed:  # GPTQModel's resume restores from its own per-module offload folders
-        for part in ("offload_bundle", "keep_last_block"):
+        for part in ("offload_bundle", "keep_last_block", "base_in_memory"):
             if part in enabled:
                 stats.disabled[part] = "GPTQModel's checkpoint= resumes from its own offload folders"
                 enabled.discard(part)
@@ -1002,6 +1013,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
             stats.rehome = stack.enter_context(lean_rehome())
         if paths and "capture_lazy" in enabled:
             stats.capture_lazy = stack.enter_context(lazy_capture(gptq_model, _holds_experts))
+        if paths and "base_in_memory" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
+            stats.base_in_memory = stack.enter_context(keep_base_modules(gptq_model.model))
         if paths and "worker_warmup" in enabled:  # last: everything else is in place when the workers start
             stats.worker_warmup = warm_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)))
         if paths and "gc_freeze" in enabled:  # after everything the block set up: all of it is frozen too
