@@ -104,3 +104,25 @@ def test_a_checkpointed_run_keeps_gptqmodels_offload():
         assert module_looper.offload_to_disk is original
     assert stats.base_in_memory is None
     assert stats.disabled == {"base_in_memory": "GPTQModel's checkpoint= resumes from its own offload folders"}
+
+
+def test_a_wrapper_around_gptqmodels_offload_is_accepted_and_kept_for_other_offloads(monkeypatch):
+    """A timer or profiler wrapping ``offload_to_disk`` (functools.wraps) does not turn the part off; other offloads
+    still go through it."""
+    import functools
+
+    original = module_looper.offload_to_disk
+    seen = []
+
+    @functools.wraps(original)
+    def timed(*args, **kwargs):
+        seen.append(kwargs.get("module"))
+
+    monkeypatch.setattr(module_looper, "offload_to_disk", timed)
+    assert base_in_memory.internals_refusal() is None
+    owner = nn.Module()
+    with base_in_memory.keep_base_modules(owner) as stats:
+        module_looper.offload_to_disk(model=owner, module=["model.embed_tokens"], disk_path=".")
+        module_looper.offload_to_disk(model=owner, module=nn.Linear(1, 1), disk_path=".")
+    assert module_looper.offload_to_disk is timed
+    assert stats.as_dict() == {"kept": ["model.embed_tokens"], "stock": 1} and len(seen) == 1

@@ -19,6 +19,7 @@ is GPTQModel's; only 7.6.0's ``ModuleLooper._loop_impl`` (compared by source) is
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,7 +49,9 @@ def internals_refusal() -> str | None:
     from gptqmodel.looper import module_looper
     from gptqmodel.utils import offload
 
-    if getattr(module_looper, "offload_to_disk", None) is not getattr(offload, "offload_to_disk", None):
+    looked_up = getattr(module_looper, "offload_to_disk", None)
+    # a wrapper made with functools.wraps (a profiler's, a timer's) is called as before for every other offload
+    if looked_up is None or inspect.unwrap(looked_up) is not getattr(offload, "offload_to_disk", None):
         return "gptqmodel.looper.module_looper.offload_to_disk is not utils.offload.offload_to_disk"
     loop = getattr(getattr(module_looper, "ModuleLooper", None), "_loop_impl", None)
     if loop is None or source_digest(loop) != LOOP_DIGEST:
