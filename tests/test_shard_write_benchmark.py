@@ -56,3 +56,15 @@ def test_other_bytes_fail_the_run(tmp_path, monkeypatch, capsys):
     assert bench.main(["--scale", "0.003", "--repeats", "1", "--output", str(out)]) == 1
     assert json.loads(out.read_text())["same_bytes_as_gptqmodel"] == {"ours": False}
     assert "ours wrote other bytes than GPTQModel's writer" in capsys.readouterr().err
+
+
+def test_writes_under_the_clocks_rounding_have_no_ratio(tmp_path, monkeypatch):
+    """A writer that takes less than the 0.1 ms the timings are rounded to (CI's fast disk, a tiny --scale) gives no
+    speed-up figure instead of a ZeroDivisionError."""
+    pytest.importorskip("gptqmodel")
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks) * 1e-6)  # 1 µs a call: every write "0 s"
+    out = tmp_path / "report.json"
+    assert bench.main(["--scale", "0.003", "--repeats", "1", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["median_s"] == {"gptqmodel": 0.0, "ours": 0.0} and data["speedup_vs_gptqmodel"] == {"ours": None}
