@@ -51,3 +51,12 @@ def names(choices: Iterable[str]) -> Callable[[str], list[str]]:
         return values
 
     return parse
+
+
+def check_shape(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, through ``p.error``, MoE shape flags that each pass but do not fit together: more top-k than
+    experts, and (where the script has them) attention heads that are not a multiple of the key/value heads."""
+    if args.top_k > args.experts:
+        p.error(f"--top-k {args.top_k} is more than --experts {args.experts}: each token picks top-k of the experts")
+    if hasattr(args, "heads") and args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads} (grouped-query attention)")

@@ -58,8 +58,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from _args import whole  # beside this script: on sys.path when it runs (main puts it there too) or is imported by the tests
-    from gptqmodel_gpu import check_shape  # the other benchmarks' refusal of shapes that do not fit together
+    from _args import check_shape, whole  # beside this script: on sys.path when it runs (main puts it there too) or is imported by the tests
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

@@ -85,7 +85,8 @@ from pathlib import Path
 
 WORKER_T0 = time.perf_counter()
 
-from gptqmodel_gpu import add_shape_args, check_shape  # noqa: E402  the same model shape flags (this folder is on sys.path)
+from _args import check_shape  # noqa: E402
+from gptqmodel_gpu import add_shape_args  # noqa: E402  the same model shape flags (this folder is on sys.path)
 from gptqmodel_gpu import compare_checkpoints as compare_tensors  # noqa: E402  the same tensor-by-tensor comparison
 
 HERE = Path(__file__).resolve().parent
@@ -537,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
-    """Logits of a finished run's checkpoint against its reference: N vs 1 process; a loop variant vs grouped."""
+    """A finished run against its references: N vs 1 process, stock, and for a suffixed variant
+    (``-onewriter``, ``-unshared``, ``-loop``) the same variant without the suffix."""
     if not _ok(row):
         return
     one = _find(rows, row["variant"], 1, row.get("repeat", 0))
@@ -547,18 +549,19 @@ def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
         row["logits_vs_1_process"] = compare_logits(Path(one["checkpoint"]), Path(row["checkpoint"]), args.device)
     row["shard_files"] = len(list(Path(row["checkpoint"]).glob("*.safetensors")))
     vs_stock(rows, row)
-    if row["variant"].endswith("-onewriter"):
-        pooled = _find(rows, row["variant"].removesuffix("-onewriter"), row["nproc"], row.get("repeat", 0))
-        if _ok(pooled):
-            row["checkpoint_vs_writer_pool"] = compare_checkpoints(Path(pooled["checkpoint"]), Path(row["checkpoint"]))
-    if row["variant"].endswith("-unshared"):
-        shared = _find(rows, row["variant"].removesuffix("-unshared"), row["nproc"], row.get("repeat", 0))
-        if _ok(shared):
-            row["checkpoint_vs_shared"] = compare_checkpoints(Path(shared["checkpoint"]), Path(row["checkpoint"]))
-    if row["variant"].endswith("-loop"):
-        grouped = _find(rows, row["variant"].removesuffix("-loop"), row["nproc"], row.get("repeat", 0))
-        if _ok(grouped):
-            row["logits_vs_grouped"] = compare_logits(Path(grouped["checkpoint"]), Path(row["checkpoint"]), args.device)
+    for suffix, key, against in _REFERENCE_OF_SUFFIX:
+        if row["variant"].endswith(suffix):
+            reference = _find(rows, row["variant"].removesuffix(suffix), row["nproc"], row.get("repeat", 0))
+            if _ok(reference):
+                row[key] = against(Path(reference["checkpoint"]), Path(row["checkpoint"]), args)
+
+
+#: variant suffix -> (row key, comparison of the run's checkpoint with the same variant's without the suffix)
+_REFERENCE_OF_SUFFIX = (
+    ("-onewriter", "checkpoint_vs_writer_pool", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
+    ("-unshared", "checkpoint_vs_shared", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
+    ("-loop", "logits_vs_grouped", lambda ref, ckpt, args: compare_logits(ref, ckpt, args.device)),
+)
 
 
 def vs_stock(rows: list[dict], row: dict) -> None:

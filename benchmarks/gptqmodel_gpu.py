@@ -267,7 +267,7 @@ MIN_VOCAB = 258
 
 def add_shape_args(p: argparse.ArgumentParser) -> None:
     """The model shape (Qwen3-30B-A3B layers by default) and calibration size flags (call
-    :func:`check_shape` after parsing)."""
+    ``_args.check_shape`` after parsing)."""
     from _args import whole  # beside this script, on sys.path when it runs (or is imported by the tests)
 
     p.add_argument("--experts", type=whole(1), default=128)
@@ -282,14 +282,6 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=whole(1), default=128, help="calibration rows")
     p.add_argument("--seq-len", type=whole(MIN_ROW_TOKENS), default=256,
                    help=f"tokens per calibration row (at most; rows under {MIN_ROW_TOKENS} tokens are skipped)")
-
-
-def check_shape(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse, through ``p.error``, shape flags that each pass but do not fit together."""
-    if args.top_k > args.experts:
-        p.error(f"--top-k {args.top_k} is more than --experts {args.experts}: each token picks top-k of the experts")
-    if args.heads % args.kv_heads:
-        p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads} (grouped-query attention)")
 
 
 def split_variant(name: str) -> tuple[str, dict[str, int]]:
@@ -361,7 +353,7 @@ def solve_setting(variant: str):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from _args import whole  # beside this script, on sys.path when it runs (or is imported by the tests)
+    from _args import check_shape, whole  # beside this script, on sys.path when it runs (or is imported by the tests)
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])

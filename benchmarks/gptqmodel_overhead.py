@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from _args import whole
+    from _args import check_shape, whole
     from gptqmodel_gpu import MIN_ROW_TOKENS  # build_source skips calibration rows shorter than this
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,8 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reports of repeats of this same configuration to embed as repeats_same_session")
     p.add_argument("--note", default=None, help="free text stored in the report")
     args = p.parse_args(argv)
-    if args.top_k > args.experts:
-        p.error(f"--top-k {args.top_k} is more than --experts {args.experts}: each token picks top-k of the experts")
+    check_shape(p, args)
     return args
 
 

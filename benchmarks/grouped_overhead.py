@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from _args import whole  # beside this script: on sys.path when it runs (main puts it there too) or is imported by the tests
+    from _args import check_shape, whole  # beside this script: on sys.path when it runs (main puts it there too) or is imported by the tests
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=whole(1), default=128)
@@ -55,8 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit)")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
-    if args.top_k > args.experts:
-        p.error(f"--top-k {args.top_k} is more than --experts {args.experts}: each token picks top-k of the experts")
+    check_shape(p, args)
     return args
 
 
