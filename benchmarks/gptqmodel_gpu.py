@@ -80,6 +80,8 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-capturelazy`` - the default lean bookkeeping parts plus the opt-in ``capture_lazy``: layer 0
                  stays lazy through the input capture and ``pre_quantize`` loads it once onto the GPU, instead of
                  into host memory at the capture and then to the GPU (``bookkeeping.capture_lazy`` counts it);
+* ``ours-grouped-batched-capturelazy-gcfreeze`` - the two opt-in parts that act at the start and the layer change
+                 (layer 0 kept lazy; no full collection in the run) together;
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -238,7 +240,7 @@ WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy"}
 #: variants with more than one part suffix (each suffix as above)
-COMBINED_PARTS = ("ours-grouped-batched-layerahead-gcfreeze",)
+COMBINED_PARTS = ("ours-grouped-batched-layerahead-gcfreeze", "ours-grouped-batched-capturelazy-gcfreeze")
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",

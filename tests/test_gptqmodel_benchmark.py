@@ -267,6 +267,9 @@ def test_variants_pick_their_lean_bookkeeping():
     both = "ours-grouped-batched-layerahead-gcfreeze"
     assert bench.bookkeeping_setting(both) == set(DEFAULT_PARTS) | {"layer_ahead", "gc_freeze"} and both in bench.VARIANTS
     assert bench.solve_setting(both) is True
+    lazy_frozen = "ours-grouped-batched-capturelazy-gcfreeze"
+    assert bench.bookkeeping_setting(lazy_frozen) == set(DEFAULT_PARTS) | {"capture_lazy", "gc_freeze"}
+    assert lazy_frozen in bench.VARIANTS
     assert bench.bookkeeping_setting("ours-grouped-batched-nodiskprobe") == set(DEFAULT_PARTS) - {"disk_probe"}
     assert "disk_probe" in DEFAULT_PARTS and "ours-grouped-batched-nodiskprobe" in bench.VARIANTS
     assert bench.bookkeeping_setting("ours-grouped-batched-norehome") == set(DEFAULT_PARTS) - {"rehome"}
