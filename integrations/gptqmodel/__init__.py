@@ -121,6 +121,7 @@ def _fast_save_replacements() -> dict[tuple[Any, str], Any]:
     from gptqmodel.models import writer
     from gptqmodel.utils import model as model_utils
 
+    from .save_progress import throttled_sync_progress
     from .save_sources import mapped_turtle_sources
     from .shard_writer import ShardWrites, fast_shard_writes
 
@@ -132,13 +133,19 @@ def _fast_save_replacements() -> dict[tuple[Any, str], Any]:
         if _STATE is not None:
             _STATE.save = {"mapped": mapped, "writes": ShardWrites()}
 
+    def record_draws(draws: Any) -> None:  # after record: the sync runs inside the mapping's wrapper
+        if _STATE is not None and _STATE.save is not None:
+            _STATE.save["draws"] = draws
+
+    sync = throttled_sync_progress(writer.alias_all_from_turtle_if_meta, record_draws)
     return {(model_utils, "_write_shard_file"): writes,
-            (writer, "alias_all_from_turtle_if_meta"): mapped_turtle_sources(writer.alias_all_from_turtle_if_meta, record)}
+            (writer, "alias_all_from_turtle_if_meta"): mapped_turtle_sources(sync, record)}
 
 
 def last_save() -> dict[str, Any] | None:
     """What the plugin's save path did in the last GPTQModel save since :func:`install`: parameters
-    mapped from the source checkpoint (and why others were not), bytes written by how; None when
+    mapped from the source checkpoint (and why others were not), bytes written by how, progress-bar draws
+    rendered and dropped while the lazy source was synced (``draws``); None when
     no save went through it."""
     if _STATE is None or _STATE.save is None:
         return None

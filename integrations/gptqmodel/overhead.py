@@ -184,7 +184,8 @@ from .worker_warmup import internals_refusal as _worker_warmup_mismatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_PARTS", "OPT_IN", "PARTS", "BookkeepingStats", "expert_projection_paths", "internals_mismatch", "lean_bookkeeping", "lean_logbar"]
+__all__ = ["DEFAULT_PARTS", "LOGBAR_PARTS", "OPT_IN", "PARTS", "BookkeepingStats", "expert_projection_paths", "internals_mismatch",
+           "lean_bookkeeping", "lean_logbar", "logbar_mismatch"]
 
 
 @dataclass
@@ -407,10 +408,24 @@ def internals_mismatch() -> dict[str, str]:
                       ("line_redraw", _line_redraw_mismatch()), ("layer_ahead", _layer_ahead_mismatch()),
                       ("disk_probe", _disk_probe_mismatch()), ("rehome", _rehome_mismatch()),
                       ("capture_lazy", _capture_lazy_mismatch()), ("base_in_memory", _base_in_memory_mismatch()),
-                      ("headless", _headless_mismatch()), ("checkpoint_index", _checkpoint_mismatch()),
+                      ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
         if why is not None:
             problems[part] = why
+    problems.update(logbar_mismatch())
+    return problems
+
+
+#: The parts of :func:`lean_logbar` that act on any LogBar bar (``line_redraw`` acts on log lines).
+LOGBAR_PARTS = frozenset({"progress", "draw_rate", "headless"})
+
+
+def logbar_mismatch() -> dict[str, str]:
+    """Part of :data:`LOGBAR_PARTS` -> what differs from the LogBar 0.4 internals it patches."""
+    problems: dict[str, str] = {}
+    headless = _headless_mismatch()
+    if headless is not None:
+        problems["headless"] = headless
     try:
         from logbar import logbar as logbar_module
         from logbar import progress as logbar_progress
