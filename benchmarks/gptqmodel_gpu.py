@@ -82,6 +82,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  into host memory at the capture and then to the GPU (``bookkeeping.capture_lazy`` counts it);
 * ``ours-grouped-batched-capturelazy-gcfreeze`` - the two opt-in parts that act at the start and the layer change
                  (layer 0 kept lazy; no full collection in the run) together;
+* ``ours-grouped-batched-tailworkers`` - the default lean bookkeeping parts plus the opt-in ``tail_workers``: when
+                 the last layer starts, GPTQModel's CPU worker group grows to the host's cores for its finalizes
+                 (``bookkeeping.tail_workers`` says how many were added);
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -238,7 +241,8 @@ WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "
                 "-noline": "line_redraw", "-nodiskprobe": "disk_probe", "-norehome": "rehome",
                 "-nobasemem": "base_in_memory"}
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
-WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy"}
+WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy",
+             "-tailworkers": "tail_workers"}
 #: variants with more than one part suffix (each suffix as above)
 COMBINED_PARTS = ("ours-grouped-batched-layerahead-gcfreeze", "ours-grouped-batched-capturelazy-gcfreeze")
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",

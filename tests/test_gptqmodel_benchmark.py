@@ -270,6 +270,9 @@ def test_variants_pick_their_lean_bookkeeping():
     lazy_frozen = "ours-grouped-batched-capturelazy-gcfreeze"
     assert bench.bookkeeping_setting(lazy_frozen) == set(DEFAULT_PARTS) | {"capture_lazy", "gc_freeze"}
     assert lazy_frozen in bench.VARIANTS
+    tail = "ours-grouped-batched-tailworkers"
+    assert bench.bookkeeping_setting(tail) == set(DEFAULT_PARTS) | {"tail_workers"} and tail in bench.VARIANTS
+    assert "tail_workers" in PARTS and "tail_workers" not in DEFAULT_PARTS
     assert bench.bookkeeping_setting("ours-grouped-batched-nodiskprobe") == set(DEFAULT_PARTS) - {"disk_probe"}
     assert "disk_probe" in DEFAULT_PARTS and "ours-grouped-batched-nodiskprobe" in bench.VARIANTS
     assert bench.bookkeeping_setting("ours-grouped-batched-norehome") == set(DEFAULT_PARTS) - {"rehome"}

@@ -118,6 +118,10 @@ expert projections of our ``DefusedExperts`` blocks only:
   device, like every later layer, instead of into host memory first and then again to the device
   (:mod:`.capture_lazy`); the same checkpoint tensors in the layer.
 
+* **tail workers** (opt-in, :data:`OPT_IN`; GPTQModel's CPU worker group during the last layer): when the last decoder
+  layer holding our experts starts, the group grows to the process's cores, so the run's last finalizes (packing)
+  spread over them; the added workers stop at the block's end (:mod:`.tail_workers`). The same finalizes.
+
 * **worker warm-up** (GPTQModel's device pool): when the block is entered, each worker of the quantize
   device's CUDA group and of the CPU group is handed one empty task, so GPTQModel's per-worker
   linear-algebra warm-up runs while the inputs are captured instead of before the first subset's
@@ -179,6 +183,8 @@ from .rehome import RehomeStats, lean_rehome
 from .rehome import internals_refusal as _rehome_mismatch
 from .shard_view import DelegatingShard
 from .shard_view import file_id as _file_id
+from .tail_workers import TailWorkerStats, tail_workers
+from .tail_workers import internals_refusal as _tail_workers_mismatch
 from .worker_warmup import WarmupStats, cuda_key, warm_workers
 from .worker_warmup import internals_refusal as _worker_warmup_mismatch
 
@@ -222,6 +228,7 @@ class BookkeepingStats:
     rehome: RehomeStats | None = None  # the rehome part (None: not used)
     capture_lazy: CaptureLazyStats | None = None  # the capture_lazy part (None: not used)
     base_in_memory: BaseModuleStats | None = None  # the base_in_memory part (None: not used)
+    tail_workers: TailWorkerStats | None = None  # the tail_workers part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -257,6 +264,7 @@ class BookkeepingStats:
             "rehome": self.rehome.as_dict() if self.rehome is not None else None,
             "capture_lazy": self.capture_lazy.as_dict() if self.capture_lazy is not None else None,
             "base_in_memory": self.base_in_memory.as_dict() if self.base_in_memory is not None else None,
+            "tail_workers": self.tail_workers.as_dict() if self.tail_workers is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -364,7 +372,7 @@ def _offload_bundle_mismatch() -> str | None:
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
     ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``worker_warmup``/
-    ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``/``rehome``/``capture_lazy``/``base_in_memory``) -> what differs
+    ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``/``rehome``/``capture_lazy``/``base_in_memory``/``tail_workers``) -> what differs
     from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -408,6 +416,7 @@ def internals_mismatch() -> dict[str, str]:
                       ("line_redraw", _line_redraw_mismatch()), ("layer_ahead", _layer_ahead_mismatch()),
                       ("disk_probe", _disk_probe_mismatch()), ("rehome", _rehome_mismatch()),
                       ("capture_lazy", _capture_lazy_mismatch()), ("base_in_memory", _base_in_memory_mismatch()),
+                      ("tail_workers", _tail_workers_mismatch()),
                       ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
         if why is not None:
@@ -870,13 +879,14 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy",
-                   "base_in_memory"})
+                   "base_in_memory", "tail_workers"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
 #: by as much: faster in 3 of 6 side-by-side pairs, so both stay opt-in. ``capture_lazy`` (round 39) removes one
-#: host copy of layer 0 only where the quantize device is a GPU, and has not been measured on one yet.
-OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy"})
+#: host copy of layer 0 only where the quantize device is a GPU; on an H200 (round 40) the start was no shorter.
+#: ``tail_workers`` (round 40) has not been measured on an H200 yet.
+OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers"})
 #: The parts ``lean_bookkeeping=True`` turns on.
 DEFAULT_PARTS = PARTS - OPT_IN
 
@@ -1030,6 +1040,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
             stats.capture_lazy = stack.enter_context(lazy_capture(gptq_model, _holds_experts))
         if paths and "base_in_memory" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.base_in_memory = stack.enter_context(keep_base_modules(gptq_model.model))
+        if paths and "tail_workers" in enabled:
+            stats.tail_workers = stack.enter_context(tail_workers(gptq_model, _holds_experts))
         if paths and "worker_warmup" in enabled:  # last: everything else is in place when the workers start
             stats.worker_warmup = warm_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)))
         if paths and "gc_freeze" in enabled:  # after everything the block set up: all of it is frozen too
