@@ -116,6 +116,17 @@ def test_a_last_layer_without_experts_or_a_full_group_adds_nothing(stand_in):
     assert stats.as_dict() == {"before": before, "added": 0, "retired": 0, "layer": 0}
 
 
+def test_the_default_target_is_the_cores_at_most_max_workers(stand_in, monkeypatch):
+    before = len(_cpu_group())
+    monkeypatch.setattr(tail_workers, "MAX_WORKERS", before + 1)
+    monkeypatch.setattr(tail_workers, "cores", lambda: before + 5)
+    layers = [nn.Linear(2, 2)]
+    with tail_workers.tail_workers(_model(layers), lambda layer: True) as stats:
+        BaseQModel.pre_quantize(None, layers[0])
+        assert len(_cpu_group()) == before + 1
+    assert stats.added == 1 and stats.retired == 1 and len(_cpu_group()) == before
+
+
 def test_another_device_pool_keeps_the_part_stock(monkeypatch):
     assert internals_mismatch().get("tail_workers") is None
     monkeypatch.delattr(threadx.DeviceThreadPool, "_spawn_worker")

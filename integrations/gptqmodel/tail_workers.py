@@ -1,6 +1,6 @@
 """The ``tail_workers`` part of :func:`~.overhead.lean_bookkeeping` (opt-in, not in ``DEFAULT_PARTS``): the last
 decoder layer's finalizes (GPTQModel's per-module pack and offload) run on as many CPU workers as the process has
-cores, instead of GPTQModel's ``min(12, (cores + 1) // 2)``.
+cores (at most :data:`MAX_WORKERS`), instead of GPTQModel's ``min(12, (cores + 1) // 2)``.
 
 The last layer's finalizes are the tail of a run: GPTQModel submits all of them after the layer's last subset and
 ``quantize()`` returns when they are done. On an H200 host (16 cores, GPTQModel's 8 CPU workers) the last layer's
@@ -29,11 +29,14 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["TailWorkerStats", "cores", "internals_refusal", "tail_workers"]
+__all__ = ["MAX_WORKERS", "TailWorkerStats", "cores", "internals_refusal", "tail_workers"]
 
 logger = logging.getLogger(__name__)
 
 KEY = "cpu"  # the pool group GPTQModel submits finalizes to (stage_layer: ``target_dev = CPU``)
+#: At most this many CPU workers for the last layer: GPTQModel's pack was measured to scale up to 16 callers
+#: (``pack_scaling_h200host_round40.json``), not beyond.
+MAX_WORKERS = 16
 
 
 @dataclass
@@ -168,13 +171,14 @@ def tail_workers(gptq_model: Any, holds_experts: Callable[[nn.Module], bool],
                  target: int | None = None) -> Iterator[TailWorkerStats]:
     """Inside the block, when ``BaseQModel.pre_quantize`` gets the model's last decoder layer (and it holds
     experts, ``holds_experts``), GPTQModel's CPU worker group grows to ``target`` workers (default: the
-    process's cores, :func:`cores`); the added workers are stopped on exit. See the module docstring."""
+    process's cores, :func:`cores`, at most :data:`MAX_WORKERS`); the added workers are stopped on exit. See the
+    module docstring."""
     from gptqmodel.models.base import BaseQModel
 
     from .compat import patched
 
     stats = TailWorkerStats()
-    tail = _Tail(gptq_model, holds_experts, target if target is not None else cores(), stats)
+    tail = _Tail(gptq_model, holds_experts, target if target is not None else min(cores(), MAX_WORKERS), stats)
     try:
         with patched(BaseQModel, "pre_quantize", tail.patch_pre_quantize(BaseQModel.pre_quantize)):
             yield stats
