@@ -82,10 +82,9 @@ PROCESS_T0 = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _args import whole  # noqa: E402
+from _args import check_shape, whole  # noqa: E402
 from distributed_gpu import IGNORE  # noqa: E402  llm-compressor's ignore list of the other benchmarks
 from gptqmodel_gpu import TINY as _GPTQMODEL_TINY  # noqa: E402
-from _args import check_shape  # noqa: E402
 from gptqmodel_gpu import add_shape_args, warm_gptq_extension  # noqa: E402
 
 logger = logging.getLogger("whole_model_gpu")

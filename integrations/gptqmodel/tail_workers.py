@@ -29,6 +29,9 @@ from typing import Any
 
 from torch import nn
 
+from .worker_warmup import _nothing, _pool
+from .worker_warmup import internals_refusal as pool_refusal
+
 __all__ = ["MAX_WORKERS", "TailWorkerStats", "cores", "internals_refusal", "tail_workers"]
 
 logger = logging.getLogger(__name__)
@@ -60,21 +63,13 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def _pool() -> Any:
-    import gptqmodel
-
-    return gptqmodel.get_device_thread_pool()
-
-
 def internals_refusal() -> str | None:
     """Why GPTQModel's device pool or layer loop does not look like what this relies on (None: it does).
     Reads classes only: no pool is built to answer."""
-    import gptqmodel
     from gptqmodel.utils import model as model_utils
     from gptqmodel.utils import threadx
 
     from .recopy import pre_quantize_refusal
-    from .worker_warmup import internals_refusal as pool_refusal
 
     why = pool_refusal() or pre_quantize_refusal()
     if why is not None:
@@ -87,13 +82,8 @@ def internals_refusal() -> str | None:
         return f"expected threadx.DeviceThreadPool with {', '.join(missing)}"
     if "_q" not in getattr(worker_cls.__init__, "__code__", None).co_names:
         return "expected threadx._DeviceWorker to keep its tasks in a queue (_q)"
-    if not callable(getattr(model_utils, "get_layers_with_prefixes", None)) or \
-            not callable(getattr(gptqmodel, "get_device_thread_pool", None)):
-        return "gptqmodel.utils.model.get_layers_with_prefixes or gptqmodel.get_device_thread_pool is missing"
-    return None
-
-
-def _nothing() -> None:
+    if not callable(getattr(model_utils, "get_layers_with_prefixes", None)):
+        return "gptqmodel.utils.model.get_layers_with_prefixes is missing"
     return None
 
 
