@@ -85,11 +85,27 @@ class LayerAheadStats:
                 "failed": self.failed, "refused": dict(self.refused)}
 
 
+def layers_lookup_refusal() -> str | None:
+    """Why :func:`decoder_layers` cannot work with the installed GPTQModel (None: it can)."""
+    from gptqmodel.utils import model as model_utils
+
+    if not callable(getattr(model_utils, "get_layers_with_prefixes", None)):
+        return "gptqmodel.utils.model.get_layers_with_prefixes is missing"
+    return None
+
+
+def decoder_layers(gptq_model: Any) -> tuple[list[nn.Module], list[str]]:
+    """The decoder layers GPTQModel quantizes one by one, in order, and their names."""
+    from gptqmodel.utils.model import get_layers_with_prefixes
+
+    layers, names = get_layers_with_prefixes(gptq_model.model, gptq_model.extract_layers_node())
+    return list(layers), [str(n) for n in names]
+
+
 def internals_refusal() -> str | None:
     """Why the part must stay stock with this GPTQModel (None: it may run)."""
     from gptqmodel.looper import stage_layer, stage_subset
     from gptqmodel.looper.module_looper import ModuleLooper
-    from gptqmodel.utils import model as model_utils
 
     from .recopy import pre_quantize_refusal
 
@@ -100,8 +116,9 @@ def internals_refusal() -> str | None:
     need = {"self", "stage", "layer_idx", "subset_index", "subset_total", "module_names", "processor"}
     if dispatch is None or parameter_names(dispatch) != need:
         return f"expected ModuleLooper._subset_event_dispatch({', '.join(sorted(need))})"
-    if not callable(getattr(model_utils, "get_layers_with_prefixes", None)):
-        return "gptqmodel.utils.model.get_layers_with_prefixes is missing"
+    why = layers_lookup_refusal()
+    if why is not None:
+        return why
     run_subset = getattr(stage_subset, "run_subset_stage", None)
     if run_subset is None or "subset_event_cb" not in parameter_names(run_subset) or _EVENT not in code_strings(run_subset):
         return f"expected stage_subset.run_subset_stage(subset_event_cb=...) to emit a {_EVENT!r} subset event"
@@ -182,10 +199,7 @@ class LayerAhead:
 
     def _next_layer(self, layer_idx: int, module_names: Any) -> tuple[str | None, nn.Module | None]:
         if self._layers is None:
-            from gptqmodel.utils.model import get_layers_with_prefixes
-
-            layers, names = get_layers_with_prefixes(self.gptq_model.model, self.gptq_model.extract_layers_node())
-            self._layers = (list(layers), [str(n) for n in names])
+            self._layers = decoder_layers(self.gptq_model)
         layers, names = self._layers
         if not 0 <= layer_idx < len(layers) - 1:
             return "the last layer", None

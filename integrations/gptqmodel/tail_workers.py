@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from .layer_ahead import decoder_layers, layers_lookup_refusal
 from .worker_warmup import _nothing, _pool
 from .worker_warmup import internals_refusal as pool_refusal
 
@@ -66,7 +67,6 @@ def cores() -> int:
 def internals_refusal() -> str | None:
     """Why GPTQModel's device pool or layer loop does not look like what this relies on (None: it does).
     Reads classes only: no pool is built to answer."""
-    from gptqmodel.utils import model as model_utils
     from gptqmodel.utils import threadx
 
     from .recopy import pre_quantize_refusal
@@ -82,9 +82,7 @@ def internals_refusal() -> str | None:
         return f"expected threadx.DeviceThreadPool with {', '.join(missing)}"
     if "_q" not in getattr(worker_cls.__init__, "__code__", None).co_names:
         return "expected threadx._DeviceWorker to keep its tasks in a queue (_q)"
-    if not callable(getattr(model_utils, "get_layers_with_prefixes", None)):
-        return "gptqmodel.utils.model.get_layers_with_prefixes is missing"
-    return None
+    return layers_lookup_refusal()
 
 
 class _Tail:
@@ -97,10 +95,7 @@ class _Tail:
 
     def _last_layer(self) -> nn.Module | None:
         if self._last is None:
-            from gptqmodel.utils.model import get_layers_with_prefixes
-
-            layers, _ = get_layers_with_prefixes(self.gptq_model.model, self.gptq_model.extract_layers_node())
-            layers = list(layers)
+            layers, _ = decoder_layers(self.gptq_model)
             if layers:
                 self._last, self._layer = layers[-1], len(layers) - 1
         return self._last
