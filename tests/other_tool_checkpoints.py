@@ -47,10 +47,10 @@ def llmcompressor_awq(base: Path) -> Path:
         pin = IntermediatesCache.pin_memory
         if not torch.accelerator.is_available():  # llm-compressor 0.14 AWQ pins memory, which needs an accelerator
             IntermediatesCache.pin_memory = lambda self, *a, **k: None
-        try:
+        try:  # n_grid=3: a coarser scale search than the default 20 (3.5x faster here), the same stock format
             model = oneshot(
                 model=str(TINY_MOE_PATH), dataset=Dataset.from_dict({"text": _corpus_rows()}),
-                recipe=[AWQModifier(), QuantizationModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head", "re:.*mlp.gate$"])],
+                recipe=[AWQModifier(n_grid=3), QuantizationModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head", "re:.*mlp.gate$"])],
                 output_dir=str(out), num_calibration_samples=8, max_seq_length=64,
             )
         finally:

@@ -1,5 +1,6 @@
 """benchmarks/_hessian_prints.py: per-module digests of the Hessian each GPTQ solve starts from, and
-their comparison with stock's in benchmarks/gptqmodel_gpu.py (``--hessian-prints``)."""
+their comparison with stock's in benchmarks/gptqmodel_gpu.py (``--hessian-prints``). The flag end to end, in a
+real tiny CPU call, is tested in test_gptqmodel_benchmark.py (one call serves several tests there)."""
 
 from __future__ import annotations
 
@@ -130,27 +131,3 @@ def test_the_benchmark_compares_every_printed_row_with_stock_and_passes_the_flag
     assert "--hessian-prints" in seen["cmd"]
     bench.run_variant("stock", bench.parse_args(["--device", "cpu"]), tmp_path)
     assert "--hessian-prints" not in seen["cmd"]
-
-
-@pytest.mark.slow
-def test_a_real_tiny_cpu_run_prints_every_solved_module_and_matches_stock(tmp_path):
-    """The flag end to end: stock and ours on the tiny shape (CPU: deterministic), every GPTQ-solved
-    module printed in both rows, the same Hessians and weights as stock and the same checkpoint."""
-    from gptqmodel_benchmark_run import run_tiny_cpu
-
-    pytest.importorskip("gptqmodel")
-    data = run_tiny_cpu(tmp_path / "prints.json", "--variants", "stock,ours-grouped-batched", "--no-reload", "--hessian-prints")
-    stock, ours = data["rows"]
-    solved = sum(stock["kernels"]["gptq_solves"].values())
-    assert len(stock["hessian_prints"]) == len(stock["weight_prints"]) == solved > 0
-    assert set(ours["hessian_prints"]) == set(ours["weight_prints"]) == set(stock["hessian_prints"])
-    for key in ("hessians_vs_stock", "weights_vs_stock"):
-        assert ours[key] == {"modules": solved, "equal": solved, "first_differing": [], "only_in_base": 0, "only_in_other": 0}
-    # every Hessian stock inverted (once per shared cohort), ours inverted too, to the same factor
-    inverted = len(stock["inverse_prints"])
-    assert inverted > 0 and set(stock["inverse_modules"]) == set(stock["inverse_prints"])
-    assert ours["inverses_vs_stock"] == {"hessians": inverted, "equal": inverted, "first_differing": [],
-                                         "only_in_base": 0, "only_in_other": 0}
-    assert ours["qweights_equal"] == f"{solved}/{solved}"
-    for row in (stock, ours):  # every row times the tail after its last GPTQ solve, within its quantize()
-        assert 0.0 <= row["tail_s"] <= row["quantize_s"]

@@ -383,13 +383,21 @@ def test_nobundle_variant_leaves_out_only_the_offload_bundle():
     assert bench.solve_setting("ours-grouped-batched-noline") is True
 
 
-@pytest.mark.slow
-def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_cpu_call(tmp_path_factory) -> tuple[Path, dict]:
+    """One real tiny CPU call for the tests below (each subprocess run imports GPTQModel again, so
+    they share it): ours and stock twice each, with ``--timeline`` and ``--hessian-prints``."""
     from gptqmodel_benchmark_run import run_tiny_cpu
 
     pytest.importorskip("gptqmodel")
-    data = run_tiny_cpu(tmp_path / "repeat.json", "--variants", "ours-grouped-batched,stock", "--repeat", "2", "--no-reload",
-                        "--timeline", timeout=400)
+    out = tmp_path_factory.mktemp("tiny_cpu_call") / "repeat.json"
+    return out, run_tiny_cpu(out, "--variants", "ours-grouped-batched,stock", "--repeat", "2", "--no-reload", "--timeline",
+                             "--hessian-prints", timeout=400)
+
+
+@pytest.mark.slow
+def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tiny_cpu_call):
+    out, data = tiny_cpu_call
     rows = data["rows"]
     assert [r["run"] for r in rows] == ["ours-grouped-batched", "stock", "ours-grouped-batched#2", "stock#2"]
     # every run after the first stock one is compared with it: on the CPU all are its checkpoint
@@ -426,7 +434,7 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
         # the layer's load split: its checkpoint copy inside pre_quantize
         assert 0 < change["parts"]["LazyTurtle.materialize_submodule"] <= change["parts"]["BaseQModel.pre_quantize"]
         assert all(0 <= g["uncovered"] <= g["seconds"] and max(g["parts"].values(), default=0) <= g["seconds"] for g in gaps)
-        spans = bench.timeline_path(tmp_path / "repeat.json", r["run"])
+        spans = bench.timeline_path(out, r["run"])
         kinds = {json.loads(line)["kind"] for line in spans.read_text().splitlines()}
         assert {"subset", "pre_quant_forward", "process_quant", "submodule_finalize", "phase"} <= kinds
     ratios = data["ratios_vs_stock"]["ours-grouped-batched"]
@@ -436,6 +444,31 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tmp_path):
     assert ratios["end_to_end"]["max"] == round(max(stock) / min(ours), 2)
     assert ratios["end_to_end"]["min"] == round(min(stock) / max(ours), 2)
     assert "Ratios against every stock run of this call" in data["markdown"]
+
+
+@pytest.mark.slow
+def test_a_real_tiny_cpu_run_prints_every_solved_module_and_matches_stock(tiny_cpu_call):
+    """``--hessian-prints`` end to end: stock and ours on the tiny shape (CPU: deterministic), every GPTQ-solved
+    module printed in every row, the same Hessians and weights as the first stock run and the same checkpoint."""
+    _, data = tiny_cpu_call
+    rows = {r["run"]: r for r in data["rows"]}
+    stock = rows["stock"]
+    solved = sum(stock["kernels"]["gptq_solves"].values())
+    assert len(stock["hessian_prints"]) == len(stock["weight_prints"]) == solved > 0
+    inverted = len(stock["inverse_prints"])  # every Hessian stock inverted (once per shared cohort)
+    assert inverted > 0 and set(stock["inverse_modules"]) == set(stock["inverse_prints"])
+    for name in ("ours-grouped-batched", "ours-grouped-batched#2", "stock#2"):
+        row = rows[name]
+        assert set(row["hessian_prints"]) == set(row["weight_prints"]) == set(stock["hessian_prints"]), name
+        for key in ("hessians_vs_stock", "weights_vs_stock"):
+            assert row[key] == {"modules": solved, "equal": solved, "first_differing": [], "only_in_base": 0,
+                                "only_in_other": 0}, (name, key)
+        assert row["inverses_vs_stock"] == {"hessians": inverted, "equal": inverted, "first_differing": [],
+                                            "only_in_base": 0, "only_in_other": 0}, name  # ... to the same factor
+        assert row["qweights_equal"] == f"{solved}/{solved}", name
+    assert "hessians_vs_stock" not in stock
+    for row in rows.values():  # every row times the tail after its last GPTQ solve, within its quantize()
+        assert 0.0 <= row["tail_s"] <= row["quantize_s"]
 
 
 def test_the_one_launch_kernel_is_warmed_up_before_the_variants_and_says_why_not(capsys, monkeypatch):

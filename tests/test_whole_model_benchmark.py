@@ -61,9 +61,9 @@ def _check_complete(rc: int, data: dict, log: str, layers: int, routing: str = "
 
 
 @pytest.mark.slow
-def test_llmcompressor_tiny_whole_model_complete(tmp_path):
-    rc, data, log = _run(tmp_path, "llmcompressor", "--layers", "2")
-    _check_complete(rc, data, log, layers=2)
+def test_llmcompressor_tiny_whole_model_complete(tiny_runs):
+    rc, data, log, _ = tiny_runs["llmc_ours"]
+    _check_complete(rc, data, log, layers=3)
     assert data["grouped_use"]["grouped"] > 0 and data["grouped_use"]["fallbacks"] == {}
     assert data["llmcompressor_stages"]["solve"]["calls"] >= 2
 
