@@ -131,3 +131,14 @@ def test_another_device_pool_keeps_the_part_stock(monkeypatch):
     assert internals_mismatch().get("tail_workers") is None
     monkeypatch.delattr(threadx.DeviceThreadPool, "_spawn_worker")
     assert "_spawn_worker" in internals_mismatch()["tail_workers"]
+
+
+def test_without_gptqmodels_layer_lookup_both_parts_that_find_layers_stay_stock(monkeypatch):
+    """tail_workers and layer_ahead find the decoder layers the same way (layer_ahead.decoder_layers)."""
+    from gptqmodel.utils import model as model_utils
+
+    assert {"tail_workers", "layer_ahead"}.isdisjoint(internals_mismatch())
+    monkeypatch.delattr(model_utils, "get_layers_with_prefixes")
+    problems = internals_mismatch()
+    for part in ("tail_workers", "layer_ahead"):
+        assert problems[part] == "gptqmodel.utils.model.get_layers_with_prefixes is missing", part
