@@ -11,6 +11,10 @@ import pytest
 import yaml
 
 
+# Longer than a summary table cell: the printed paths must still come out whole, on one line each.
+OUT = "an-output-folder-with-a-long-name-" * 4 + "out"
+
+
 def _run(tmp_path, backend: str, *flags: str) -> subprocess.CompletedProcess:
     job = tmp_path / "job.yaml"
     job.write_text(
@@ -19,7 +23,7 @@ def _run(tmp_path, backend: str, *flags: str) -> subprocess.CompletedProcess:
                 "model": {"path": "builtin:tiny-qwen3-moe"},
                 "quantization": {"backend": backend},
                 "calibration": {"data": {"num_samples": 4, "seq_len": 32}, "routing": "all", "min_tokens": 8},
-                "output": {"dir": str(tmp_path / "out")},
+                "output": {"dir": str(tmp_path / OUT)},
                 "evaluation": {"enabled": False},
             }
         )
@@ -36,8 +40,9 @@ def _run(tmp_path, backend: str, *flags: str) -> subprocess.CompletedProcess:
 def test_third_party_output_goes_to_the_log(tmp_path, backend):
     result = _run(tmp_path, backend)
     assert result.returncode == 0, result.stderr[-3000:]
-    log = tmp_path / "out" / "logs" / "quantizer.log"
-    assert str(log) in result.stdout and "job summary" in result.stdout
+    log = tmp_path / OUT / "logs" / "quantizer.log"
+    lines = result.stdout.splitlines()
+    assert f"quantizer logs: {log}" in lines and f"output: {tmp_path / OUT}" in lines and "job summary" in result.stdout
     assert "4/4 layers" in result.stdout  # per-layer progress of the long stage
     assert len(result.stdout.splitlines()) < 80 and result.stderr.strip() == ""
     text = log.read_text()
@@ -52,6 +57,6 @@ def test_verbose_shows_third_party_output_and_keeps_it_in_the_log(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     terminal = result.stdout + result.stderr
     assert len(terminal.splitlines()) > 500  # GPTQModel's own tables
-    log = (tmp_path / "out" / "logs" / "quantizer.log").read_text()
+    log = (tmp_path / OUT / "logs" / "quantizer.log").read_text()
     assert len(log.splitlines()) > 500  # ... and the same output kept in the log file
     assert "job summary" in terminal

@@ -93,8 +93,10 @@ def test_a_hand_edited_math_cell_fails_the_check(tmp_path):
     text = README.read_text(encoding="utf-8")
     if _installed() != Version(support.table_version(text) or "0"):
         pytest.skip("README's table is checked cell by cell with the Transformers it was generated with")
-    measured = re.search(r"\| ≤\S+ rel \|", text).group(0)
-    for old, new in (("| exact |", "| ≤1e-7 rel |"), (measured, "| exact |")):
+    # a measured bound over one float32 rounding: "exact" in its place is another result, not another CPU's
+    measured = max(re.findall(r"\| ≤\S+ rel \|", text), key=lambda cell: float(cell.strip("| ≤rel")))
+    assert float(measured.strip("| ≤rel")) > support.EXACT_SLACK
+    for old, new in (("| exact |", "| ≤3e-7 rel |"), (measured, "| exact |")):
         assert old in text
         edited = tmp_path / "README.md"
         edited.write_text(text.replace(old, new, 1), encoding="utf-8")
@@ -280,5 +282,10 @@ def test_bounds_may_differ_by_the_slack_only_and_only_in_bound_cells():
     assert support.same_up_to_bounds(row.format("≤2e-7 rel"), row.format("≤8e-7 rel"))
     assert not support.same_up_to_bounds(row.format("≤2e-7 rel"), row.format("≤9e-7 rel"))
     assert not support.same_up_to_bounds(row.format("≤2e-7 rel"), row.format("exact"))
-    assert not support.same_up_to_bounds(row.format("exact"), row.format("≤1e-7 rel"))
+    assert not support.same_up_to_bounds(row.format("exact"), row.format("≤2e-7 rel"))
+    # under one float32 rounding (1.19e-7), "exact" on one CPU is a bound on another, both ways
+    assert support.same_up_to_bounds(row.format("exact"), row.format("≤8e-8 rel"))
+    assert support.same_up_to_bounds(row.format("≤1e-7 rel"), row.format("exact"))
+    assert not support.same_up_to_bounds(row.format("exact"), row.format("≤8e-8 rel").replace("yes", "no", 1))
+    assert not support.same_up_to_bounds(row.format("exact"), row.format("not measured (x)"))
     assert not support.same_up_to_bounds(row.format("≤2e-7 rel"), row.format("≤2e-7 rel").replace("yes", "no", 1))

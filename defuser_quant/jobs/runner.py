@@ -97,10 +97,16 @@ def _summary(report: JobReport, config: JobConfig) -> Table:
         table.add_row(f"checkpoint check (--for {c['target']})", verdict)
     for stage, seconds in report.timings.items():
         table.add_row(f"time: {stage}", f"{seconds:.1f} s")
-    table.add_row("output", report.output_dir)
-    if report.log_file:
-        table.add_row("quantizer logs", report.log_file)
     return table
+
+
+def _print_summary(console: Console, report: JobReport, config: JobConfig) -> None:
+    """The summary table, then the output paths on lines of their own: a table cell would break a
+    long path over several lines, and a path is there to be copied."""
+    console.print(_summary(report, config))
+    console.print(f"output: {report.output_dir}", soft_wrap=True, highlight=False, markup=False)
+    if report.log_file:
+        console.print(f"quantizer logs: {report.log_file}", soft_wrap=True, highlight=False, markup=False)
 
 
 def _draw_heatmap(coverage: Any, path: Path, notes: list[str]) -> str | None:
@@ -237,5 +243,5 @@ def run_job(config: JobConfig, console: Console | None = None, *, verbose: bool 
             console.print(report.result.coverage.console_summary())
         report.check = job_verdict(staging)
         (staging / "job.json").write_text(json.dumps(report.to_dict(config), indent=2))
-    console.print(_summary(report, config))
+    _print_summary(console, report, config)
     return report
