@@ -168,7 +168,10 @@ time; rows ``<variant>@<n>gpu`` record the time, the peak memory of every GPU, a
 against the same variant's 1-GPU run.
 Checkpoints are compared with stock's: identical tensors, the share of identical ``qweight``
 tensors and the largest ``scales`` difference (the GPU is not deterministic; ``--deterministic``
-turns on deterministic algorithms in every variant).
+turns on deterministic algorithms in every variant). ``meta.checkpoint_groups`` (and the line under
+the tables) groups the runs whose checkpoints are identical, so a reference run that differs from
+the other stock runs (stock's experts loop sums with ``index_add_``, not deterministic on CUDA) is
+told from a variant that differs from stock.
 
 Each variant: ``GPTQModel.load`` (GPTQ 4-bit, group 128), ``quantize``, ``save``, reload and
 logits on a fixed prompt. With several GPUs the variants run at the same time, each alone on its
@@ -889,6 +892,42 @@ class EarlyComparisons:
                     f.write(json.dumps({"compared": pair[1], "reference": pair[0], "checkpoint": cmp}) + "\n")
 
 
+def identical(cmp: dict) -> bool:
+    """Whether a :func:`compare_checkpoints` result is two checkpoints with the same tensors, all equal."""
+    return cmp["common"] == cmp["keys_a"] == cmp["keys_b"] == cmp["equal"]
+
+
+def checkpoint_groups(rows: list[dict], work: Path, reference: dict,
+                      done: dict[tuple[str, str], dict] | None = None) -> list[list[str]]:
+    """The finished runs grouped by identical checkpoints, the reference's group first. Stock's own
+    runs can disagree on CUDA (Defuser's per-expert loop sums with ``index_add_``, which is not
+    deterministic there), and then a comparison with the reference alone cannot tell a run that
+    differs from stock from a reference that differs from the other stock runs. Each run is
+    compared with the first run of each group so far; comparisons in ``done`` are reused (with the
+    reference first, a call whose runs all agree needs no new one)."""
+    done = dict(done or {})
+    groups: list[list[str]] = []
+    for r in [reference, *(r for r in rows if r is not reference)]:
+        if "error" in r:
+            continue
+        for group in groups:
+            pair = (group[0], r["run"])
+            cmp = done.get(pair) or done.get(pair[::-1])
+            if cmp is None:
+                cmp = done[pair] = compare_checkpoints(work / f"{pair[0]}.out", work / f"{pair[1]}.out")
+            if identical(cmp):
+                group.append(r["run"])
+                break
+        else:
+            groups.append([r["run"]])
+    return groups
+
+
+def groups_markdown(groups: list[list[str]]) -> str:
+    """One line naming the runs whose checkpoints are identical, group by group."""
+    return "\n\nIdentical checkpoints (every tensor equal): " + " | ".join("{" + ", ".join(g) + "}" for g in groups)
+
+
 def _compare_rows(rows: list[dict], work: Path, base: dict, key: str, label: str,
                   done: dict[tuple[str, str], dict] | None = None) -> None:
     """Checkpoint and logits of every other row against ``base``'s, into ``row[key]`` and ``row[label]``
@@ -901,7 +940,7 @@ def _compare_rows(rows: list[dict], work: Path, base: dict, key: str, label: str
             continue
         cmp = (done or {}).get((base["run"], r["run"])) or compare_checkpoints(work / f"{base['run']}.out",
                                                                                 work / f"{r['run']}.out")
-        same = cmp["common"] == cmp["keys_a"] == cmp["keys_b"] == cmp["equal"]
+        same = identical(cmp)
         mine = work / f"{r['run']}.logits.pt"
         logits = None
         if base_logits.exists() and mine.exists():
@@ -983,6 +1022,9 @@ def main(argv: list[str] | None = None) -> int:
                 r["max_scale_diff"] = f"{cmp['max_scale_diff']:.3g}"
                 r["logits_vs_stock"] = cmp["logits_max_diff"] or "-"
         compare_hessian_prints(rows, stock)
+        groups = checkpoint_groups(rows, work, stock, done=early.done if early is not None else None)
+    else:
+        groups = None
     refused = None
     if args.device == "cuda":
         fell_back = [f"{r['run']}: {r['fallback']}" for r in rows if r.get("fallback")]
@@ -990,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
             refused = "GPTQModel fell back to a slower path, so these timings are not comparable: " + "; ".join(fell_back) + \
                       ". Fix the build (see docs/performance.md) or pass --allow-fallback to report it as such."
     ratios = ratios_vs_stock(rows)
-    table = markdown(rows) + ratios_markdown(ratios)
+    table = markdown(rows) + ratios_markdown(ratios) + (groups_markdown(groups) if groups else "")
     print(table)
     meta = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
@@ -1004,6 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": warmup,
         "concurrent_variants": slots,
         "checkpoint_reference": stock["run"] if stock is not None else None,
+        "checkpoint_groups": groups,  # runs with identical checkpoints, the reference's group first
         "early_comparisons": len(early.done) if early is not None else None,  # made as the runs finished
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -126,6 +126,37 @@ def test_checkpoints_are_compared_as_runs_finish_and_kept_for_the_end(tmp_path, 
     assert [r["same_ckpt_as_stock"] for r in done if r is not rows[3]] == ["yes", "1/2 tensors, 0/1 qweights, max scale diff 0, logits None", "yes"]
 
 
+def test_runs_are_grouped_by_identical_checkpoints_even_when_the_reference_is_the_odd_one(tmp_path, monkeypatch):
+    """Round 42a on an H100: the first stock run routed differently from every other run; compared
+    with it alone, ours looked 15/776 from stock although it matched the second stock run."""
+    codes = torch.arange(8, dtype=torch.int32).reshape(2, 4)
+    for run, shift in (("ours", 0), ("stock", 1), ("ours#2", 0), ("stock#2", 0), ("ours#3", 2)):
+        _checkpoint(tmp_path / f"{run}.out", codes + shift)
+    rows = [{"variant": "ours", "run": "ours"}, {"variant": "stock", "run": "stock"}, {"variant": "ours", "run": "ours#2"},
+            {"variant": "stock", "run": "stock#2"}, {"variant": "ours", "run": "ours#3"},
+            {"variant": "ours", "run": "ours#4", "error": "timeout"}]
+    early = bench.EarlyComparisons(tmp_path, None)
+    for row in rows:
+        if "error" not in row:
+            early(row)
+    real, calls = bench.compare_checkpoints, []
+    monkeypatch.setattr(bench, "compare_checkpoints", lambda a, b: calls.append((a.name, b.name)) or real(a, b))
+    groups = bench.checkpoint_groups(rows, tmp_path, rows[1], done=early.done)
+    assert groups == [["stock"], ["ours", "ours#2", "stock#2"], ["ours#3"]]
+    # only the pairs the reference's comparisons could not settle, each group's first run against the next runs
+    assert calls == [("ours.out", "ours#2.out"), ("ours.out", "stock#2.out"), ("ours.out", "ours#3.out")]
+    assert bench.groups_markdown(groups).strip() == \
+        "Identical checkpoints (every tensor equal): {stock} | {ours, ours#2, stock#2} | {ours#3}"
+    # runs that all agree: one group from the reference's own comparisons, none new
+    same = [{"variant": "stock", "run": "stock#2"}, {"variant": "ours", "run": "ours"}, {"variant": "ours", "run": "ours#2"}]
+    agreeing = bench.EarlyComparisons(tmp_path, None)
+    for row in same:
+        agreeing(row)
+    calls.clear()
+    assert bench.checkpoint_groups(same, tmp_path, same[0], done=agreeing.done) == [["stock#2", "ours", "ours#2"]]
+    assert calls == []
+
+
 def test_timeline_files_have_plain_names():
     out = Path("/r/calls.json")
     assert bench.timeline_path(out, "ours-grouped-batched+pin1#2") == Path("/r/calls.ours-grouped-batched_pin1_2.timeline.jsonl")
@@ -403,6 +434,10 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tiny_cpu_call)
     # every run after the first stock one is compared with it: on the CPU all are its checkpoint
     assert [r.get("same_ckpt_as_stock") for r in rows] == ["yes", None, "yes", "yes"]
     assert data["meta"]["early_comparisons"] == 3  # each made as soon as its pair was on disk, taken at the end
+    # one group of identical checkpoints, the reference's first, found from those comparisons alone
+    assert data["meta"]["checkpoint_groups"] == [["stock", "ours-grouped-batched", "ours-grouped-batched#2", "stock#2"]]
+    assert "Identical checkpoints (every tensor equal): {stock, ours-grouped-batched, ours-grouped-batched#2, stock#2}" \
+        in data["markdown"]
     for r in rows:  # GPTQModel's own region timer, for stock and ours alike
         assert r["regions"]["process_quant"]["calls"] > 0 and r["regions"]["pre_quant_forward"]["seconds"] > 0
         # --timeline: 2 layers x 4 subset stages, each with its forward; ours' experts solved in chunks, stock's per module
