@@ -13,6 +13,10 @@ hands each task to a worker round robin when it is submitted, so the earlier lay
 where they are. Each added worker gets one empty task at once, so GPTQModel's per-thread warm-up runs during the
 layer's subsets, not in the finalize burst.
 
+Measured on an H100 host (round 42, ``gptqmodel_cuda_2layers_round42a_h100x1.json``): the last layer's finalizes
+took 0.83-0.93 s on 16 workers against 0.86-1.10 s on 8, each pack slower with 16 callers, and whole runs stayed
+within their spread, so the part stays opt-in.
+
 At the end of the block (also on an exception or Ctrl-C) the added workers leave the pool's group first (nothing
 new reaches them), then finish what they were handed and stop. Every finalize is computed as before, by the same
 function, on another thread: the checkpoint is the same.
