@@ -931,15 +931,17 @@ def groups_markdown(groups: list[list[str]]) -> str:
 def _compare_rows(rows: list[dict], work: Path, base: dict, key: str, label: str,
                   done: dict[tuple[str, str], dict] | None = None) -> None:
     """Checkpoint and logits of every other row against ``base``'s, into ``row[key]`` and ``row[label]``
-    (checkpoint comparisons already in ``done`` are taken from there)."""
+    (checkpoint comparisons already in ``done`` are taken from there, new ones are added to it)."""
     import torch as _torch
 
     base_logits = work / f"{base['run']}.logits.pt"
     for r in rows:
         if r is base or "error" in r:
             continue
-        cmp = (done or {}).get((base["run"], r["run"])) or compare_checkpoints(work / f"{base['run']}.out",
-                                                                                work / f"{r['run']}.out")
+        pair = (base["run"], r["run"])
+        cmp = (done or {}).get(pair) or compare_checkpoints(work / f"{pair[0]}.out", work / f"{pair[1]}.out")
+        if done is not None:
+            done[pair] = cmp
         same = identical(cmp)
         mine = work / f"{r['run']}.logits.pt"
         logits = None
@@ -1012,8 +1014,9 @@ def main(argv: list[str] | None = None) -> int:
         r.setdefault("run", r["variant"])
     stock = checkpoint_reference(rows)
     if stock is not None:
-        _compare_rows(rows, work, stock, "checkpoint_vs_stock", "same_ckpt_as_stock",
-                      done=early.done if early is not None else None)
+        # every comparison made so far, so that the grouping below reads no checkpoint pair twice
+        comparisons = dict(early.done) if early is not None else {}
+        _compare_rows(rows, work, stock, "checkpoint_vs_stock", "same_ckpt_as_stock", done=comparisons)
         for r in rows:
             cmp = r.get("checkpoint_vs_stock")
             if cmp:
@@ -1022,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["max_scale_diff"] = f"{cmp['max_scale_diff']:.3g}"
                 r["logits_vs_stock"] = cmp["logits_max_diff"] or "-"
         compare_hessian_prints(rows, stock)
-        groups = checkpoint_groups(rows, work, stock, done=early.done if early is not None else None)
+        groups = checkpoint_groups(rows, work, stock, done=comparisons)
     else:
         groups = None
     refused = None

@@ -83,7 +83,7 @@ def _checkpoint(path: Path, codes: torch.Tensor) -> None:
     save_file({"m.qweight": codes, "m.scales": torch.ones(2, 4, dtype=torch.float16)}, str(path / "model.safetensors"))
 
 
-def test_scaling_rows_compare_checkpoints_against_the_fewest_gpus(tmp_path):
+def test_scaling_rows_compare_checkpoints_against_the_fewest_gpus(tmp_path, monkeypatch):
     same = torch.arange(8, dtype=torch.int32).reshape(2, 4)
     _checkpoint(tmp_path / "v@1gpu.out", same)
     _checkpoint(tmp_path / "v@2gpu.out", same)
@@ -97,6 +97,12 @@ def test_scaling_rows_compare_checkpoints_against_the_fewest_gpus(tmp_path):
     table = bench.markdown([{**r, "speedup": "2.00x", "load_s": 0, "save_s": 0, "peak_rss_bytes": 0, "experts_quantized": 1,
                              "expert_projections": 1, "peak_gpu_bytes_per_device": [2**30, 2**29]} for r in rows])
     assert "| v | 2 | 5.0 | 7.0 | 2.00x | 1.00 / 0.50 | yes |" in table
+    # comparisons made here are kept for the grouping, which then reads no checkpoint pair again
+    done: dict = {}
+    bench._compare_rows(rows, tmp_path, rows[0], "detail", "checkpoint_vs_fewest_gpus", done=done)
+    assert set(done) == {("v@1gpu", "v@2gpu"), ("v@1gpu", "w@2gpu")}
+    monkeypatch.setattr(bench, "compare_checkpoints", lambda a, b: pytest.fail(f"compared {a.name} and {b.name} again"))
+    assert bench.checkpoint_groups(rows, tmp_path, rows[0], done=done) == [["v@1gpu", "v@2gpu"], ["w@2gpu"]]
 
 
 def test_checkpoints_are_compared_as_runs_finish_and_kept_for_the_end(tmp_path, monkeypatch):
@@ -525,3 +531,4 @@ def test_the_one_launch_kernel_is_warmed_up_before_the_variants_and_says_why_not
 
     assert bench._warm("some extension", missing) == (None, None)
     assert "some extension: not loaded (No module named 'nowhere')" in capsys.readouterr().out
+
