@@ -975,6 +975,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda but CUDA is not available (use --device cpu --tiny)")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gptqmodel_bench_"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _call(args, variants, work, argv)
+    finally:  # also on Ctrl-C or a failure: a scratch folder of its own holds every run's checkpoint
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[str] | None) -> int:
+    """The call's runs in ``work``: the source model, the variants, the comparisons and the JSON."""
+    import shutil
+
+    import torch
+
     t0 = time.perf_counter()
     calibration = build_source(args, work / "src")
     (work / "calibration.json").write_text(json.dumps(calibration))
@@ -1068,8 +1081,6 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(spans, timeline_path(out, r["run"]))
     partial.unlink(missing_ok=True)
     print(f"wrote {out}")
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
     if refused:
         print(f"REFUSED: {refused}", file=sys.stderr)
         return 3

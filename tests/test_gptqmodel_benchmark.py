@@ -532,3 +532,20 @@ def test_the_one_launch_kernel_is_warmed_up_before_the_variants_and_says_why_not
     assert bench._warm("some extension", missing) == (None, None)
     assert "some extension: not loaded (No module named 'nowhere')" in capsys.readouterr().out
 
+
+def test_an_interrupted_call_removes_its_scratch_folder_and_keeps_a_given_one(tmp_path, monkeypatch):
+    """Ctrl-C mid-call: the temp folder the call made (every run's checkpoint, GBs on a GPU) goes; a --workdir stays."""
+    seen = []
+
+    def interrupted(args, src):
+        seen.append(src.parent)
+        (src.parent / "stock.out").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "build_source", interrupted)
+    for extra in ([], ["--workdir", str(tmp_path / "mine")]):
+        with pytest.raises(KeyboardInterrupt):
+            bench.main(["--device", "cpu", "--tiny", "--output", str(tmp_path / "r.json"), *extra])
+    made, given = seen
+    assert made.name.startswith("gptqmodel_bench_") and not made.exists()
+    assert given == tmp_path / "mine" and (given / "stock.out").is_dir()
