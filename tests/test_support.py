@@ -290,3 +290,16 @@ def test_bounds_may_differ_by_the_slack_only_and_only_in_bound_cells():
     assert not support.same_up_to_bounds(row.format("exact"), row.format("≤8e-8 rel").replace("yes", "no", 1))
     assert not support.same_up_to_bounds(row.format("exact"), row.format("not measured (x)"))
     assert not support.same_up_to_bounds(row.format("≤2e-7 rel"), row.format("≤2e-7 rel").replace("yes", "no", 1))
+
+
+def test_a_readme_without_the_table_or_missing_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(support, "load_zoo", lambda path: pytest.fail("measured before reading the README"))
+    plain = tmp_path / "README.md"
+    plain.write_text("# no table here\n", encoding="utf-8")
+    for flag, path, says in (("--check", plain, "no families table markers"), ("--write", tmp_path / "none.md", "No such file")):
+        with pytest.raises(SystemExit) as exit_:
+            support.main([flag, str(path)])
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("python -m defuser_quant.tools.families_table: error: ") and str(path) in error and says in error
+    assert plain.read_text(encoding="utf-8") == "# no table here\n"  # nothing written

@@ -435,12 +435,17 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--check", metavar="README", help="exit 1 when README's table is not the generated one")
     parser.add_argument("--zoo", metavar="PATH", default=str(ZOO_PATH), help="the tiny-model zoo the math column is measured with")
     args = parser.parse_args(argv)
+    if not args.markdown:  # a README that cannot be read or has no table markers fails before the measuring
+        path = Path(args.write or args.check)
+        try:
+            text = path.read_text(encoding="utf-8")
+            replace_section(text, "")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            parser.error(f"{path}: {exc}")
     zoo = load_zoo(args.zoo)
     if args.markdown:
         sys.stdout.write(markdown_table(measured=measured_math(zoo)))
         return 0
-    path = Path(args.write or args.check)
-    text = path.read_text(encoding="utf-8")
     updated = replace_section(text, readme_section(zoo))
     if args.write:
         path.write_text(updated, encoding="utf-8")
