@@ -18,6 +18,12 @@ there (:data:`MAIN_PHASES`: the layer's ``pre_quantize``, its subset plans, the 
 queueing the finalizes, ...) become ``"phase"`` spans, and :func:`main_gaps` gives each gap between
 subset stages (and before the first, after the last) with the seconds of each phase and region in it
 and what no span covers.
+
+The first steps of a solve, on the device worker threads, are ``"solve_step"`` spans
+(:data:`SOLVE_STEPS`: GPTQModel's Hessian finalization, the wait for its deferred Hessian sources'
+events, the weight's clone), in GPTQModel's own solves and in the plugin's chunk solves alike; each
+subset's row gives their seconds (``solve_steps``), so a solve that waits for the GPU before it starts
+shows where.
 """
 
 from __future__ import annotations
@@ -75,6 +81,11 @@ MAIN_PHASES: tuple[tuple[str, str | None, str], ...] = (
     ("gc", None, "collect"),
     ("torch.cuda", None, "empty_cache"),
 )
+
+
+#: The first steps of a GPTQ solve timed as ``"solve_step"`` spans on the thread that runs them: methods of
+#: ``gptqmodel.quantization.gptq.GPTQ``. The plugin's chunk solves call the first two per module too.
+SOLVE_STEPS: tuple[str, ...] = ("finalize_hessian", "_release_deferred_hessian_sources", "clone_module")
 
 
 #: The shortest garbage collection kept as a span (seconds).
@@ -200,6 +211,11 @@ class Timeline:
                     raise RuntimeError(f"--timeline: this GPTQModel has no {module_name}.{label} to time; "
                                        "update _timeline.MAIN_PHASES for this GPTQModel release")
                 self._patch(owner, attribute, phase(label))
+            for attribute in SOLVE_STEPS:
+                if not callable(getattr(GPTQ, attribute, None)):
+                    raise RuntimeError(f"--timeline: this GPTQModel has no GPTQ.{attribute} to time; "
+                                       "update _timeline.SOLVE_STEPS for this GPTQModel release")
+                self._patch(GPTQ, attribute, timed("solve_step", lambda *_args, _name=attribute, **_kwargs: _name))
         except BaseException:
             self._patches.close()
             raise
@@ -246,6 +262,7 @@ def summarize(spans: list[Span], start: float, end: float) -> dict:
     forwards = [s for s in spans if s.kind == "pre_quant_forward"]
     process = [s for s in spans if s.kind == "process_quant"]
     finalize = [s for s in spans if s.kind == "submodule_finalize"]
+    steps = [s for s in spans if s.kind == "solve_step"]
     rows = []
     for sub in subsets:
         lo, hi = sub.start, sub.end
@@ -257,7 +274,8 @@ def summarize(spans: list[Span], start: float, end: float) -> dict:
                "chunks": len(inside),
                "module_solving": round(union_seconds([(s.start, s.end) for s in own], lo, hi), 3),
                "process_calls": sum(1 for p in process if lo <= p.end <= hi),
-               "finalize_busy": round(sum(_overlap(f.start, f.end, lo, hi) for f in finalize), 3)}
+               "finalize_busy": round(sum(_overlap(f.start, f.end, lo, hi) for f in finalize), 3),
+               "solve_steps": _step_seconds(steps, lo, hi)}
         if inside:
             first, last = min(s.start for s in inside), max(s.end for s in inside)
             row["before_first_solve"] = round(max(0.0, first - fwd_end), 3)
@@ -284,11 +302,24 @@ def summarize(spans: list[Span], start: float, end: float) -> dict:
         "gc_full": sum(1 for s in spans if s.kind == "gc" and s.name == "gen2"),
         "gil_stalls": sum(1 for s in spans if s.kind == "gil_stall"),
         "gil_stalled": round(union_seconds([(s.start, s.end) for s in spans if s.kind == "gil_stall"], start, end), 3),
+        "solve_steps": _step_seconds(steps, start, end),
     }
     for key in ("before_first_solve", "between_solves", "after_last_solve"):
         totals[key] = round(sum(r.get(key, 0.0) for r in rows), 3)
     return {"totals": totals, "subsets": rows, "finalize": finalize_windows(spans, start),
             "main_gaps": main_gaps(spans, start, end)}
+
+
+def _step_seconds(steps: list[Span], lo: float, hi: float) -> dict[str, float]:
+    """Per solve step (by name): the seconds in ``[lo, hi]`` some thread spent in it (threads running it
+    at once counted once), and the longest single call (``<name>:max``)."""
+    out: dict[str, float] = {}
+    for name in sorted({s.name for s in steps}):
+        mine = [s for s in steps if s.name == name and _overlap(s.start, s.end, lo, hi) > 0]
+        if mine:
+            out[name] = round(union_seconds([(s.start, s.end) for s in mine], lo, hi), 3)
+            out[f"{name}:max"] = round(max(s.end - s.start for s in mine), 3)
+    return out
 
 
 def main_gaps(spans: list[Span], start: float, end: float, min_seconds: float = 0.001) -> list[dict]:

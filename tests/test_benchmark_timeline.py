@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import _timeline  # noqa: E402
-from _timeline import MAIN_PHASES, Span, Timeline, finalize_windows, main_gaps, summarize, union_seconds  # noqa: E402
+from _timeline import MAIN_PHASES, SOLVE_STEPS, Span, Timeline, finalize_windows, main_gaps, summarize, union_seconds  # noqa: E402
 
 
 def test_union_counts_overlaps_once_and_clips():
@@ -48,6 +48,25 @@ def test_a_subset_splits_into_its_forward_its_solves_and_the_rest():
     assert totals["before_first_subset"] == 1.0 and totals["between_subsets"] == 5.0
     assert totals["after_last_subset"] == 4.0 and totals["solving"] == 3.5
     assert totals["finalize_busy"] == 1.5 and totals["spans"] == len(spans)
+
+
+def test_each_subset_gives_the_seconds_of_its_solves_first_steps_and_the_longest_call():
+    main, w0, w1 = "MainThread", "DPWorker-cuda:0#0", "DPWorker-cuda:0#1"
+    spans = [
+        Span("subset", "layer 0 subset 0: 3 modules", main, 1.0, 2.0),
+        Span("solve_step", "_release_deferred_hessian_sources", w0, 1.3, 1.55),  # two threads waiting at once
+        Span("solve_step", "_release_deferred_hessian_sources", w1, 1.35, 1.5),
+        Span("solve_step", "finalize_hessian", w0, 1.25, 1.3),
+        Span("subset", "layer 1 subset 0: 3 modules", main, 5.0, 6.0),
+        Span("solve_step", "_release_deferred_hessian_sources", w0, 5.1, 5.11),
+    ]
+    out = summarize(spans, start=0.0, end=7.0)
+    first, second = out["subsets"]
+    assert first["solve_steps"] == {"_release_deferred_hessian_sources": 0.25, "_release_deferred_hessian_sources:max": 0.25,
+                                    "finalize_hessian": 0.05, "finalize_hessian:max": 0.05}
+    assert second["solve_steps"] == {"_release_deferred_hessian_sources": 0.01, "_release_deferred_hessian_sources:max": 0.01}
+    assert out["totals"]["solve_steps"]["_release_deferred_hessian_sources"] == 0.26
+    assert summarize([s for s in spans if s.kind == "subset"], 0.0, 7.0)["totals"]["solve_steps"] == {}
 
 
 def test_each_layers_finalizes_get_their_window_and_medians():
@@ -155,6 +174,38 @@ def test_the_block_times_each_main_phase_where_the_layer_loop_looks_it_up_and_re
         stage_layer.torch_sync()
     assert targets() == before
     assert [(s.kind, s.name, s.thread) for s in timeline.spans] == [("phase", "torch_sync", "MainThread")]
+
+
+def test_the_block_times_each_solve_step_on_the_thread_that_runs_it_and_restores_them():
+    pytest.importorskip("gptqmodel")
+    import threading
+
+    from gptqmodel.quantization.gptq import GPTQ
+
+    before = [vars(GPTQ)[name] for name in SOLVE_STEPS]
+
+    class Task:  # what the steps read of a GPTQ instance: nothing deferred to wait for
+        _deferred_hessian_sources: list = []
+
+    with Timeline() as timeline:
+        assert all(vars(GPTQ)[name] is not b for name, b in zip(SOLVE_STEPS, before, strict=True))
+        worker = threading.Thread(target=GPTQ._release_deferred_hessian_sources, args=(Task(),), name="DPWorker-cuda:0#3")
+        worker.start()
+        worker.join()
+    assert [vars(GPTQ)[name] for name in SOLVE_STEPS] == before
+    assert [(s.kind, s.name, s.thread) for s in timeline.spans if s.kind != "gc"] == [
+        ("solve_step", "_release_deferred_hessian_sources", "DPWorker-cuda:0#3")]
+
+
+def test_a_solve_step_this_gptqmodel_lacks_is_refused_in_one_line_and_nothing_stays_patched(monkeypatch):
+    pytest.importorskip("gptqmodel")
+    from gptqmodel.quantization.gptq import GPTQ
+
+    original = GPTQ.finalize_hessian
+    monkeypatch.setattr(_timeline, "SOLVE_STEPS", (*_timeline.SOLVE_STEPS, "no_such_step"))
+    with pytest.raises(RuntimeError, match=r"no GPTQ\.no_such_step to time; update _timeline\.SOLVE_STEPS"):
+        Timeline().__enter__()
+    assert GPTQ.finalize_hessian is original
 
 
 def test_a_phase_this_gptqmodel_lacks_is_refused_in_one_line_and_nothing_stays_patched(monkeypatch):

@@ -455,6 +455,10 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tiny_cpu_call)
         windows = timeline["finalize"]  # each layer's finalizes, every one of GPTQModel's counted once
         assert [w["layer"] for w in windows] == [0, 1]
         assert sum(w["modules"] for w in windows) == r["regions"]["submodule_finalize"]["calls"]
+        # every solve's first steps on the workers: GPTQModel's Hessian finalization and its sources' wait, in ours'
+        # chunk solves too; the weight's clone in GPTQModel's own solves (all of stock's, ours' per-module ones)
+        assert {"finalize_hessian", "_release_deferred_hessian_sources", "clone_module"} <= set(totals["solve_steps"])
+        assert all("finalize_hessian" in s["solve_steps"] for s in timeline["subsets"])
         if r["variant"] == "stock":
             assert totals["solving"] == 0 and totals["module_solving"] > 0
         else:
