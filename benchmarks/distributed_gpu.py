@@ -81,6 +81,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 WORKER_T0 = time.perf_counter()
@@ -478,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         payload["table"], payload["stage_table"] = markdown(rows, args.nproc), stage_markdown(rows)
         payload["scaling_table"] = scaling_markdown(rows, args.nproc)
         payload["vs_stock_table"] = stock_markdown(rows)
+        if payload.get("checkpoint_groups"):
+            payload["vs_stock_table"] += "\n\n" + groups_markdown(payload["checkpoint_groups"])
         if args.repeat > 1:
             payload["repeat_table"] = repeat_markdown(rows)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -518,13 +521,16 @@ def main(argv: list[str] | None = None) -> int:
                 for earlier in rows:
                     vs_stock(rows, earlier)
             write()
+        time_left = (lambda: None) if args.deadline is None else (lambda: args.deadline - (time.perf_counter() - started))
+        payload["checkpoint_groups"] = checkpoint_groups(rows, time_left)
+        write()
         print(payload["table"] if rows else "")
         print()
         print(stage_markdown(rows))
         print()
         print(scaling_markdown(rows, args.nproc))
         print()
-        print(stock_markdown(rows))
+        print(payload["vs_stock_table"])
         if args.repeat > 1:
             print()
             print(repeat_markdown(rows))
@@ -577,6 +583,63 @@ def vs_stock(rows: list[dict], row: dict) -> None:
         if row["peak_gpu_gib"][0] is not None else None,
         "checkpoint": compare_checkpoints(Path(stock["checkpoint"]), Path(row["checkpoint"])),
     }
+
+
+def _identical(cmp: dict) -> bool:
+    """Whether a :func:`compare_checkpoints` result is two checkpoints with the same tensors, all equal."""
+    equal, common = cmp["tensors"].split("/")
+    return equal == common and cmp["only_in_one"] == 0
+
+
+def checkpoint_groups(rows: list[dict], time_left: Callable[[], float | None]) -> dict[str, dict]:
+    """Per process count (``"x1"``, ...): the finished runs of every ``--repeat`` round grouped by identical
+    checkpoints (``_groups.py``), the first stock run's group first. Each run was compared with its own
+    round's stock run only, and stock's runs can disagree on CUDA; the verdicts those comparisons (and
+    ``-unshared``'s with its shared run) reached are reused, so a call whose stock runs agree reads one
+    checkpoint pair per stock run after the first. A read starts only while ``time_left()`` (seconds to
+    the deadline; None: none) is over twice the slowest read so far and at least 10 s; ``unsettled`` lists
+    the runs it could not place then, ``read`` the pairs it read with their seconds."""
+    from _groups import group_identical
+
+    out: dict[str, dict] = {}
+    for nproc in sorted({r["nproc"] for r in rows if _ok(r) and r.get("checkpoint")}):
+        runs = [r for r in rows if _ok(r) and r["nproc"] == nproc and r.get("checkpoint")]
+        ordered = [r for r in runs if r["variant"] == "stock"] + [r for r in runs if r["variant"] != "stock"]
+        path_of = {_label(r): Path(r["checkpoint"]) for r in runs}
+        known: dict[tuple[str, str], bool] = {}
+        for r in runs:
+            references = (("vs_stock", "stock"), ("checkpoint_vs_shared", r["variant"].removesuffix("-unshared")))
+            for key, variant in references:
+                cmp = r.get(key, {}).get("checkpoint") if key == "vs_stock" else r.get(key)
+                reference = _find(rows, variant, nproc, r.get("repeat", 0))
+                if cmp and _ok(reference):
+                    known[(_label(reference), _label(r))] = _identical(cmp)
+        read: list[dict] = []
+
+        def may_compare() -> bool:
+            left = time_left()
+            return left is None or left > max(10.0, 2 * max((x["seconds"] for x in read), default=0.0))
+
+        def compare(a: str, b: str) -> bool:
+            t0 = time.perf_counter()
+            cmp = compare_checkpoints(path_of[a], path_of[b])
+            read.append({"pair": [a, b], "seconds": round(time.perf_counter() - t0, 2), "identical": _identical(cmp)})
+            return read[-1]["identical"]
+
+        groups, unsettled = group_identical([_label(r) for r in ordered], known, compare, may_compare)
+        out[f"x{nproc}"] = {"groups": groups, "unsettled": unsettled, "read": read}
+    return out
+
+
+def groups_markdown(groups: dict[str, dict]) -> str:
+    """One line per process count naming the runs whose checkpoints are identical, group by group."""
+    lines = []
+    for count, found in groups.items():
+        line = f"Identical checkpoints ({count}, every tensor equal): " + " | ".join("{" + ", ".join(g) + "}" for g in found["groups"])
+        if found["unsettled"]:
+            line += "; not compared before the deadline: " + ", ".join(found["unsettled"])
+        lines.append(line)
+    return "\n\n".join(lines)
 
 
 def _version(name: str) -> str | None:

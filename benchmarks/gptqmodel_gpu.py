@@ -899,27 +899,20 @@ def identical(cmp: dict) -> bool:
 
 def checkpoint_groups(rows: list[dict], work: Path, reference: dict,
                       done: dict[tuple[str, str], dict] | None = None) -> list[list[str]]:
-    """The finished runs grouped by identical checkpoints, the reference's group first. Stock's own
-    runs can disagree on CUDA (Defuser's per-expert loop sums with ``index_add_``, which is not
-    deterministic there), and then a comparison with the reference alone cannot tell a run that
-    differs from stock from a reference that differs from the other stock runs. Each run is
-    compared with the first run of each group so far; comparisons in ``done`` are reused (with the
-    reference first, a call whose runs all agree needs no new one)."""
-    done = dict(done or {})
-    groups: list[list[str]] = []
-    for r in [reference, *(r for r in rows if r is not reference)]:
-        if "error" in r:
-            continue
-        for group in groups:
-            pair = (group[0], r["run"])
-            cmp = done.get(pair) or done.get(pair[::-1])
-            if cmp is None:
-                cmp = done[pair] = compare_checkpoints(work / f"{pair[0]}.out", work / f"{pair[1]}.out")
-            if identical(cmp):
-                group.append(r["run"])
-                break
-        else:
-            groups.append([r["run"]])
+    """The finished runs grouped by identical checkpoints, the reference's group first (``_groups.py``:
+    stock's own runs can disagree on CUDA, so a comparison with the reference alone cannot tell a run that
+    differs from stock from a reference that differs from the other stock runs). Comparisons in ``done``
+    are reused and new ones added to it (with the reference first, a call whose runs all agree needs none)."""
+    from _groups import group_identical
+
+    done = done if done is not None else {}
+
+    def compare(a: str, b: str) -> bool:
+        done[(a, b)] = cmp = compare_checkpoints(work / f"{a}.out", work / f"{b}.out")
+        return identical(cmp)
+
+    names = [r["run"] for r in [reference, *(r for r in rows if r is not reference)] if "error" not in r]
+    groups, _ = group_identical(names, {pair: identical(cmp) for pair, cmp in done.items()}, compare)
     return groups
 
 

@@ -223,7 +223,7 @@ def test_repeat_interleaves_rounds_and_compares_each_run_with_its_own_rounds_sto
     monkeypatch.setattr(dg.os, "sync", lambda: None)
     monkeypatch.setattr(sys.modules["gptqmodel_gpu"], "build_source", lambda args, path: [{"input_ids": [1]}])
     monkeypatch.setattr(dg, "compare_checkpoints", lambda a, b: {"qweights_equal": f"{a.parent.name}~{b.parent.name}",
-                                                                 "max_scale_diff": 0.0})
+                                                                 "max_scale_diff": 0.0, "tensors": "3/3", "only_in_one": 0})
     out = tmp_path / "result.json"
     assert dg.main(["--device", "cpu", "--variants", "stock@1,routed@1", "--repeat", "2", "--workdir", str(tmp_path / "w"),
                     "--output", str(out)]) == 0
@@ -233,6 +233,10 @@ def test_repeat_interleaves_rounds_and_compares_each_run_with_its_own_rounds_sto
     routed = [r for r in rows if r["variant"] == "routed"]
     assert [r["vs_stock"]["oneshot_ratio"] for r in routed] == [4.0, 5.0]
     assert [r["vs_stock"]["checkpoint"]["qweights_equal"] for r in routed] == ["stock-n1-r0~routed-n1-r0", "stock-n1-r1~routed-n1-r1"]
+    # the rounds' runs grouped by identical checkpoints: one read (the second stock run against the first)
+    groups = json.loads(out.read_text())["checkpoint_groups"]["x1"]
+    assert groups["groups"] == [["stock x1 r0", "stock x1 r1", "routed x1 r0", "routed x1 r1"]]
+    assert [x["pair"] for x in groups["read"]] == [["stock x1 r0", "stock x1 r1"]]
     table = json.loads(out.read_text())["repeat_table"].splitlines()
     assert "| routed x1 | 10.0 / 12.0 | 11.0 | 4.50x | 4.00x | 5.00x |" in table
     assert "| stock x1 | 40.0 / 60.0 | 50.0 | - | - | - |" in table

@@ -18,7 +18,8 @@ def test_all_and_all_unshared_record_their_hessian_batching_and_give_the_same_ch
     out = tmp_path / "distributed.json"
     dg.main(["--device", "cpu", "--tiny", "--variants", "all@1,all-unshared@1", "--workdir", str(tmp_path / "work"),
              "--output", str(out)])
-    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    payload = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in payload["rows"]}
     assert set(rows) == {"all", "all-unshared"} and not any("error" in row for row in rows.values()), rows
     shared, unshared = rows["all"]["hessian_batching"][0], rows["all-unshared"]["hessian_batching"][0]
     assert shared["shared_groups"] == shared["settles"] == 2  # one group per layer, written before each solve
@@ -26,3 +27,6 @@ def test_all_and_all_unshared_record_their_hessian_batching_and_give_the_same_ch
     same = rows["all-unshared"]["checkpoint_vs_shared"]
     total = same["tensors"].split("/")[1]
     assert same["tensors"] == f"{total}/{total}" and same["only_in_one"] == 0 and same["max_scale_diff"] == 0.0, same
+    # the grouping by identical checkpoints takes that comparison's verdict and reads no pair again
+    assert payload["checkpoint_groups"] == {"x1": {"groups": [["all x1", "all-unshared x1"]], "unsettled": [], "read": []}}
+    assert "Identical checkpoints (x1, every tensor equal): {all x1, all-unshared x1}" in payload["vs_stock_table"]
