@@ -87,6 +87,7 @@ from pathlib import Path
 WORKER_T0 = time.perf_counter()
 
 from _args import check_shape  # noqa: E402
+from _report import write_json  # noqa: E402
 from gptqmodel_gpu import add_shape_args  # noqa: E402  the same model shape flags (this folder is on sys.path)
 from gptqmodel_gpu import compare_checkpoints as compare_tensors  # noqa: E402  the same tensor-by-tensor comparison
 
@@ -483,8 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             payload["vs_stock_table"] += "\n\n" + groups_markdown(payload["checkpoint_groups"])
         if args.repeat > 1:
             payload["repeat_table"] = repeat_markdown(rows)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload, indent=1) + "\n")
+        write_json(out, payload)  # whole or not at all: a Ctrl-C mid-write leaves the last whole one
 
     try:
         t0 = time.perf_counter()
