@@ -20,10 +20,8 @@ subset stages (and before the first, after the last) with the seconds of each ph
 and what no span covers.
 
 The first steps of a solve, on the device worker threads, are ``"solve_step"`` spans
-(:data:`SOLVE_STEPS`: GPTQModel's Hessian finalization, the wait for its deferred Hessian sources'
-events, the weight's clone), in GPTQModel's own solves and in the plugin's chunk solves alike; each
-subset's row gives their seconds (``solve_steps``), so a solve that waits for the GPU before it starts
-shows where.
+(:data:`SOLVE_STEPS`), in GPTQModel's own solves and in the plugin's chunk solves alike; each subset's
+row gives their seconds (``solve_steps``), so a solve that waits before its inverse shows where.
 """
 
 from __future__ import annotations
@@ -83,9 +81,21 @@ MAIN_PHASES: tuple[tuple[str, str | None, str], ...] = (
 )
 
 
-#: The first steps of a GPTQ solve timed as ``"solve_step"`` spans on the thread that runs them: methods of
-#: ``gptqmodel.quantization.gptq.GPTQ``. The plugin's chunk solves call the first two per module too.
-SOLVE_STEPS: tuple[str, ...] = ("finalize_hessian", "_release_deferred_hessian_sources", "clone_module")
+#: The first steps of a GPTQ solve timed as ``"solve_step"`` spans on the thread that runs them, ``(module,
+#: owner, attribute)`` as in :data:`MAIN_PHASES`, each patched where the solves look it up: GPTQModel's
+#: Hessian finalization, the wait for its deferred sources' events, the weight's clone, the per-row
+#: quantizer parameters (a host sync) and act_group_aware's in-group permutations (CUDA ``topk``), and the
+#: plugin's chunk-solve counterparts of the last two (its sync-free parameters, its per-Hessian inverse with
+#: the dead columns and permutations). Round 43 found layer 0's first solves waiting 0.2-0.3 s after the clone.
+SOLVE_STEPS: tuple[tuple[str, str | None, str], ...] = (
+    ("gptqmodel.quantization.gptq", "GPTQ", "finalize_hessian"),
+    ("gptqmodel.quantization.gptq", "GPTQ", "_release_deferred_hessian_sources"),
+    ("gptqmodel.quantization.gptq", "GPTQ", "clone_module"),
+    ("gptqmodel.quantization.quantizer", "Quantizer", "find_params"),
+    ("gptqmodel.quantization.gptq", None, "compute_local_perms"),
+    ("defuser_quant.integrations.gptqmodel.batched", None, "_find_params"),
+    ("defuser_quant.integrations.gptqmodel.batched", None, "_invert_unit"),
+)
 
 
 #: The shortest garbage collection kept as a span (seconds).
@@ -211,11 +221,15 @@ class Timeline:
                     raise RuntimeError(f"--timeline: this GPTQModel has no {module_name}.{label} to time; "
                                        "update _timeline.MAIN_PHASES for this GPTQModel release")
                 self._patch(owner, attribute, phase(label))
-            for attribute in SOLVE_STEPS:
-                if not callable(getattr(GPTQ, attribute, None)):
-                    raise RuntimeError(f"--timeline: this GPTQModel has no GPTQ.{attribute} to time; "
-                                       "update _timeline.SOLVE_STEPS for this GPTQModel release")
-                self._patch(GPTQ, attribute, timed("solve_step", lambda *_args, _name=attribute, **_kwargs: _name))
+            for module_name, owner_name, attribute in SOLVE_STEPS:
+                owner = importlib.import_module(module_name)
+                label = attribute if owner_name is None else f"{owner_name}.{attribute}"
+                if owner_name is not None:
+                    owner = getattr(owner, owner_name, None)
+                if not callable(getattr(owner, attribute, None)):
+                    raise RuntimeError(f"--timeline: there is no {module_name}.{label} to time; "
+                                       "update _timeline.SOLVE_STEPS for this release")
+                self._patch(owner, attribute, timed("solve_step", lambda *_args, _name=label, **_kwargs: _name))
         except BaseException:
             self._patches.close()
             raise

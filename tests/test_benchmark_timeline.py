@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -178,23 +179,35 @@ def test_the_block_times_each_main_phase_where_the_layer_loop_looks_it_up_and_re
 
 def test_the_block_times_each_solve_step_on_the_thread_that_runs_it_and_restores_them():
     pytest.importorskip("gptqmodel")
+    import importlib
     import threading
 
     from gptqmodel.quantization.gptq import GPTQ
 
-    before = [vars(GPTQ)[name] for name in SOLVE_STEPS]
+    def targets():
+        out = []
+        for module_name, owner_name, attribute in SOLVE_STEPS:
+            owner = importlib.import_module(module_name)
+            out.append(vars(getattr(owner, owner_name) if owner_name else owner)[attribute])
+        return out
 
-    class Task:  # what the steps read of a GPTQ instance: nothing deferred to wait for
+    before = targets()
+
+    class Task:  # what the step reads of a GPTQ instance: nothing deferred to wait for
         _deferred_hessian_sources: list = []
 
+    from gptqmodel.quantization import gptq
+
     with Timeline() as timeline:
-        assert all(vars(GPTQ)[name] is not b for name, b in zip(SOLVE_STEPS, before, strict=True))
+        assert all(a is not b for a, b in zip(before, targets(), strict=True))
         worker = threading.Thread(target=GPTQ._release_deferred_hessian_sources, args=(Task(),), name="DPWorker-cuda:0#3")
         worker.start()
         worker.join()
-    assert [vars(GPTQ)[name] for name in SOLVE_STEPS] == before
+        gptq.compute_local_perms(torch.arange(8.0), 4)  # looked up in gptq.py's namespace, as GPTQ.quantize does
+    assert targets() == before
     assert [(s.kind, s.name, s.thread) for s in timeline.spans if s.kind != "gc"] == [
-        ("solve_step", "_release_deferred_hessian_sources", "DPWorker-cuda:0#3")]
+        ("solve_step", "GPTQ._release_deferred_hessian_sources", "DPWorker-cuda:0#3"),
+        ("solve_step", "compute_local_perms", "MainThread")]
 
 
 def test_a_solve_step_this_gptqmodel_lacks_is_refused_in_one_line_and_nothing_stays_patched(monkeypatch):
@@ -202,8 +215,8 @@ def test_a_solve_step_this_gptqmodel_lacks_is_refused_in_one_line_and_nothing_st
     from gptqmodel.quantization.gptq import GPTQ
 
     original = GPTQ.finalize_hessian
-    monkeypatch.setattr(_timeline, "SOLVE_STEPS", (*_timeline.SOLVE_STEPS, "no_such_step"))
-    with pytest.raises(RuntimeError, match=r"no GPTQ\.no_such_step to time; update _timeline\.SOLVE_STEPS"):
+    monkeypatch.setattr(_timeline, "SOLVE_STEPS", (*_timeline.SOLVE_STEPS, ("gptqmodel.quantization.gptq", "GPTQ", "no_such_step")))
+    with pytest.raises(RuntimeError, match=r"no gptqmodel\.quantization\.gptq\.GPTQ\.no_such_step to time; update _timeline\.SOLVE_STEPS"):
         Timeline().__enter__()
     assert GPTQ.finalize_hessian is original
 

@@ -457,8 +457,11 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tiny_cpu_call)
         assert sum(w["modules"] for w in windows) == r["regions"]["submodule_finalize"]["calls"]
         # every solve's first steps on the workers: GPTQModel's Hessian finalization and its sources' wait, in ours'
         # chunk solves too; the weight's clone in GPTQModel's own solves (all of stock's, ours' per-module ones)
-        assert {"finalize_hessian", "_release_deferred_hessian_sources", "clone_module"} <= set(totals["solve_steps"])
-        assert all("finalize_hessian" in s["solve_steps"] for s in timeline["subsets"])
+        steps = set(totals["solve_steps"])
+        assert {"GPTQ.finalize_hessian", "GPTQ._release_deferred_hessian_sources", "GPTQ.clone_module"} <= steps
+        assert all("GPTQ.finalize_hessian" in s["solve_steps"] for s in timeline["subsets"])
+        # the per-row quantizer parameters: GPTQModel's own in its solves, the plugin's sync-free ones in its chunks
+        assert "Quantizer.find_params" in steps and ("_find_params" in steps) == (r["variant"] != "stock")
         if r["variant"] == "stock":
             assert totals["solving"] == 0 and totals["module_solving"] > 0
         else:
