@@ -133,6 +133,22 @@ def _overlap(a: float, b: float, lo: float, hi: float) -> float:
     return max(0.0, min(b, hi) - max(a, lo))
 
 
+def _targets(table: tuple[tuple[str, str | None, str], ...], name: str) -> list[tuple[Any, str]]:
+    """Each ``(module, owner, attribute)`` of ``table`` as ``(object to patch, label)``: the owner a module-level
+    name of the module, or the module itself; one that is not there is refused in one line naming ``name``."""
+    out = []
+    for module_name, owner_name, attribute in table:
+        owner = importlib.import_module(module_name)
+        label = attribute if owner_name is None else f"{owner_name}.{attribute}"
+        if owner_name is not None:
+            owner = getattr(owner, owner_name, None)
+        if not callable(getattr(owner, attribute, None)):
+            raise RuntimeError(f"--timeline: there is no {module_name}.{label} to time; update _timeline.{name} for "
+                               "this GPTQModel release")
+        out.append((owner, label))
+    return out
+
+
 class Timeline:
     """Records spans while the block runs (patches restored on exit, also on an exception).
 
@@ -212,24 +228,10 @@ class Timeline:
                 batched = None
             if batched is not None:
                 self._patch(batched._Coordinator, "_solve", timed("chunk_solve", chunk_label))
-            for module_name, owner_name, attribute in MAIN_PHASES:
-                owner = importlib.import_module(module_name)
-                label = attribute if owner_name is None else f"{owner_name}.{attribute}"
-                if owner_name is not None:
-                    owner = getattr(owner, owner_name, None)
-                if not callable(getattr(owner, attribute, None)):
-                    raise RuntimeError(f"--timeline: this GPTQModel has no {module_name}.{label} to time; "
-                                       "update _timeline.MAIN_PHASES for this GPTQModel release")
-                self._patch(owner, attribute, phase(label))
-            for module_name, owner_name, attribute in SOLVE_STEPS:
-                owner = importlib.import_module(module_name)
-                label = attribute if owner_name is None else f"{owner_name}.{attribute}"
-                if owner_name is not None:
-                    owner = getattr(owner, owner_name, None)
-                if not callable(getattr(owner, attribute, None)):
-                    raise RuntimeError(f"--timeline: there is no {module_name}.{label} to time; "
-                                       "update _timeline.SOLVE_STEPS for this release")
-                self._patch(owner, attribute, timed("solve_step", lambda *_args, _name=label, **_kwargs: _name))
+            for owner, label in _targets(MAIN_PHASES, "MAIN_PHASES"):
+                self._patch(owner, label.rpartition(".")[2], phase(label))
+            for owner, label in _targets(SOLVE_STEPS, "SOLVE_STEPS"):
+                self._patch(owner, label.rpartition(".")[2], timed("solve_step", lambda *_args, _name=label, **_kwargs: _name))
         except BaseException:
             self._patches.close()
             raise

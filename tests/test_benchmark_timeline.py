@@ -154,17 +154,22 @@ def test_main_gaps_give_each_gap_outside_the_subsets_its_phases_and_what_nothing
     assert (summary["totals"]["gil_stalls"], summary["totals"]["gil_stalled"]) == (2, 0.45)
 
 
-def test_the_block_times_each_main_phase_where_the_layer_loop_looks_it_up_and_restores_them():
-    pytest.importorskip("gptqmodel")
+def current(table: tuple) -> list:
+    """What each ``(module, owner, attribute)`` of a timeline table is right now (patched or not)."""
     import importlib
 
+    out = []
+    for module_name, owner_name, attribute in table:
+        owner = importlib.import_module(module_name)
+        out.append(vars(getattr(owner, owner_name) if owner_name else owner)[attribute])
+    return out
+
+
+def test_the_block_times_each_main_phase_where_the_layer_loop_looks_it_up_and_restores_them():
+    pytest.importorskip("gptqmodel")
+
     def targets():
-        out = []
-        for module_name, owner_name, attribute in MAIN_PHASES:
-            owner = importlib.import_module(module_name)
-            owner = getattr(owner, owner_name) if owner_name else owner
-            out.append(vars(owner)[attribute])
-        return out
+        return current(MAIN_PHASES)
 
     before = targets()
     from gptqmodel.looper import stage_layer
@@ -179,17 +184,12 @@ def test_the_block_times_each_main_phase_where_the_layer_loop_looks_it_up_and_re
 
 def test_the_block_times_each_solve_step_on_the_thread_that_runs_it_and_restores_them():
     pytest.importorskip("gptqmodel")
-    import importlib
     import threading
 
     from gptqmodel.quantization.gptq import GPTQ
 
     def targets():
-        out = []
-        for module_name, owner_name, attribute in SOLVE_STEPS:
-            owner = importlib.import_module(module_name)
-            out.append(vars(getattr(owner, owner_name) if owner_name else owner)[attribute])
-        return out
+        return current(SOLVE_STEPS)
 
     before = targets()
 
