@@ -122,6 +122,11 @@ expert projections of our ``DefusedExperts`` blocks only:
   layer holding our experts starts, the group grows to the process's cores, so the run's last finalizes (packing)
   spread over them; the added workers stop at the block's end (:mod:`.tail_workers`). The same finalizes.
 
+* **solve warm-up** (opt-in, :data:`OPT_IN`; GPTQModel's CUDA workers of the quantize device): each is handed one
+  rehearsal of the steps a GPTQ solve runs before its Hessian inverse (quantizer parameters, dead columns,
+  permutations) on small tensors, so their kernels' first use in the process comes while the inputs are captured
+  instead of inside layer 0's first solves (:mod:`.solve_warmup`). Nothing it computes is kept.
+
 * **worker warm-up** (GPTQModel's device pool): when the block is entered, each worker of the quantize
   device's CUDA group and of the CPU group is handed one empty task, so GPTQModel's per-worker
   linear-algebra warm-up runs while the inputs are captured instead of before the first subset's
@@ -185,6 +190,8 @@ from .shard_view import DelegatingShard
 from .shard_view import file_id as _file_id
 from .tail_workers import TailWorkerStats, tail_workers
 from .tail_workers import internals_refusal as _tail_workers_mismatch
+from .solve_warmup import SolveWarmupStats, rehearse_on_workers
+from .solve_warmup import internals_refusal as _solve_warmup_mismatch
 from .worker_warmup import WarmupStats, cuda_key, warm_workers
 from .worker_warmup import internals_refusal as _worker_warmup_mismatch
 
@@ -229,6 +236,7 @@ class BookkeepingStats:
     capture_lazy: CaptureLazyStats | None = None  # the capture_lazy part (None: not used)
     base_in_memory: BaseModuleStats | None = None  # the base_in_memory part (None: not used)
     tail_workers: TailWorkerStats | None = None  # the tail_workers part (None: not used)
+    solve_warmup: SolveWarmupStats | None = None  # the solve_warmup part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -265,6 +273,7 @@ class BookkeepingStats:
             "capture_lazy": self.capture_lazy.as_dict() if self.capture_lazy is not None else None,
             "base_in_memory": self.base_in_memory.as_dict() if self.base_in_memory is not None else None,
             "tail_workers": self.tail_workers.as_dict() if self.tail_workers is not None else None,
+            "solve_warmup": self.solve_warmup.as_dict() if self.solve_warmup is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -372,7 +381,8 @@ def _offload_bundle_mismatch() -> str | None:
 def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
     ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``worker_warmup``/
-    ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``/``rehome``/``capture_lazy``/``base_in_memory``/``tail_workers``) -> what differs
+    ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``/``rehome``/``capture_lazy``/``base_in_memory``/``tail_workers``/
+    ``solve_warmup``) -> what differs
     from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -416,7 +426,7 @@ def internals_mismatch() -> dict[str, str]:
                       ("line_redraw", _line_redraw_mismatch()), ("layer_ahead", _layer_ahead_mismatch()),
                       ("disk_probe", _disk_probe_mismatch()), ("rehome", _rehome_mismatch()),
                       ("capture_lazy", _capture_lazy_mismatch()), ("base_in_memory", _base_in_memory_mismatch()),
-                      ("tail_workers", _tail_workers_mismatch()),
+                      ("tail_workers", _tail_workers_mismatch()), ("solve_warmup", _solve_warmup_mismatch()),
                       ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
         if why is not None:
@@ -879,14 +889,15 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy",
-                   "base_in_memory", "tail_workers"})
+                   "base_in_memory", "tail_workers", "solve_warmup"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
 #: by as much: faster in 3 of 6 side-by-side pairs, so both stay opt-in. ``capture_lazy`` (round 39) removes one
 #: host copy of layer 0 only where the quantize device is a GPU; on an H200 (round 40) the start was no shorter.
-#: ``tail_workers`` (round 40) has not been measured on an H200 yet.
-OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers"})
+#: ``tail_workers`` (round 40) did not shorten the runs on an H100 (round 42). ``solve_warmup`` (round 43) has not
+#: been measured on a GPU yet.
+OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers", "solve_warmup"})
 #: The parts ``lean_bookkeeping=True`` turns on.
 DEFAULT_PARTS = PARTS - OPT_IN
 
@@ -1044,6 +1055,9 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
             stats.tail_workers = stack.enter_context(tail_workers(gptq_model, _holds_experts))
         if paths and "worker_warmup" in enabled:  # last: everything else is in place when the workers start
             stats.worker_warmup = warm_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)))
+        if paths and "solve_warmup" in enabled:  # after the empty tasks: each worker rehearses after its own warm-up
+            stats.solve_warmup = rehearse_on_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)),
+                                                     gptq_model.quantize_config)
         if paths and "gc_freeze" in enabled:  # after everything the block set up: all of it is frozen too
             stats.gc_freeze = stack.enter_context(frozen_heap())
         yield stats
