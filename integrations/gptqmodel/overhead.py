@@ -188,10 +188,10 @@ from .rehome import RehomeStats, lean_rehome
 from .rehome import internals_refusal as _rehome_mismatch
 from .shard_view import DelegatingShard
 from .shard_view import file_id as _file_id
-from .tail_workers import TailWorkerStats, tail_workers
-from .tail_workers import internals_refusal as _tail_workers_mismatch
 from .solve_warmup import SolveWarmupStats, rehearse_on_workers
 from .solve_warmup import internals_refusal as _solve_warmup_mismatch
+from .tail_workers import TailWorkerStats, tail_workers
+from .tail_workers import internals_refusal as _tail_workers_mismatch
 from .worker_warmup import WarmupStats, cuda_key, warm_workers
 from .worker_warmup import internals_refusal as _worker_warmup_mismatch
 
