@@ -607,10 +607,10 @@ def checkpoint_groups(rows: list[dict], time_left: Callable[[], float | None]) -
         ordered = [r for r in runs if r["variant"] == "stock"] + [r for r in runs if r["variant"] != "stock"]
         path_of = {_label(r): Path(r["checkpoint"]) for r in runs}
         known: dict[tuple[str, str], bool] = {}
-        for r in runs:
-            references = (("vs_stock", "stock"), ("checkpoint_vs_shared", r["variant"].removesuffix("-unshared")))
-            for key, variant in references:
-                cmp = r.get(key, {}).get("checkpoint") if key == "vs_stock" else r.get(key)
+        for r in runs:  # the run's own comparisons: with its round's stock run, and -unshared's with its shared run
+            against = ((r.get("vs_stock", {}).get("checkpoint"), "stock"),
+                       (r.get("checkpoint_vs_shared"), r["variant"].removesuffix("-unshared")))
+            for cmp, variant in against:
                 reference = _find(rows, variant, nproc, r.get("repeat", 0))
                 if cmp and _ok(reference):
                     known[(_label(reference), _label(r))] = _identical(cmp)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .worker_warmup import _pool
+from .worker_warmup import hand_each_worker
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,13 @@ class SolveWarmupStats:
     """What :func:`rehearse_on_workers` did: workers handed a rehearsal, those done, their seconds, failures."""
 
     workers: int = 0
-    done: int = 0
-    seconds: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # one per rehearsal done
     failed: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def done(self) -> int:
+        return len(self.seconds)
 
     def as_dict(self) -> dict:
         with self.lock:
@@ -142,9 +145,6 @@ def rehearse_on_workers(cuda: str | None, qcfg: Any) -> SolveWarmupStats:
     stats = SolveWarmupStats()
     if cuda is None:
         return stats
-    pool = _pool()
-    with pool._dispatch_lock:
-        count = len(pool._worker_groups.get(cuda, ()))
     device = torch.device(cuda)
 
     def task() -> None:
@@ -158,11 +158,8 @@ def rehearse_on_workers(cuda: str | None, qcfg: Any) -> SolveWarmupStats:
                            type(exc).__name__, exc)
             return
         with stats.lock:
-            stats.done += 1
             stats.seconds.append(time.perf_counter() - begin)
 
-    for _ in range(count):
-        pool.submit(cuda, task)
-    stats.workers = count
-    logger.debug("rehearsing the solves' first steps on %d workers of %s", count, cuda)
+    stats.workers = hand_each_worker(cuda, task)
+    logger.debug("rehearsing the solves' first steps on %d workers of %s", stats.workers, cuda)
     return stats

@@ -16,9 +16,10 @@ workers' own next tasks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["WarmupStats", "cuda_key", "internals_refusal", "warm_workers"]
+__all__ = ["WarmupStats", "cuda_key", "hand_each_worker", "internals_refusal", "warm_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,19 +74,27 @@ def _nothing() -> None:
     return None
 
 
+def hand_each_worker(key: str, task: Callable[[], None]) -> int:
+    """``task`` handed once to each worker of GPTQModel's pool group ``key`` (the pool deals tasks out round
+    robin as they are submitted, so one each); returns how many (0 for a group the pool does not have)."""
+    pool = _pool()
+    with pool._dispatch_lock:  # a snapshot: the group GPTQModel built for this process
+        count = len(pool._worker_groups.get(key, ()))
+    for _ in range(count):
+        pool.submit(key, task)
+    return count
+
+
 def warm_workers(cuda: str | None, families: tuple[str, ...] = ("cpu",)) -> WarmupStats:
     """Hand each worker of the pool group ``cuda`` (a key such as ``"cuda:0"``, or None) and of the
     groups of ``families`` one empty task (see the module doc). Other CUDA devices' workers warm up at
     their first task, as GPTQModel has them do: no CUDA context is made on a GPU the run may not use."""
     stats = WarmupStats()
     pool = _pool()
-    with pool._dispatch_lock:  # a snapshot: the groups GPTQModel built for this process
-        groups = {key: len(workers) for key, workers in pool._worker_groups.items()}
-    for key, count in groups.items():
-        if key != cuda and key.split(":", 1)[0] not in families:
-            continue
-        for _ in range(count):
-            pool.submit(key, _nothing)
-        stats.workers[key] = count
+    with pool._dispatch_lock:  # the groups GPTQModel built for this process
+        keys = list(pool._worker_groups)
+    for key in keys:
+        if key == cuda or key.split(":", 1)[0] in families:
+            stats.workers[key] = hand_each_worker(key, _nothing)
     logger.debug("warming GPTQModel's workers: %s", stats.workers)
     return stats
