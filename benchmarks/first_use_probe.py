@@ -32,8 +32,10 @@ ROOT = HERE.parent
 def child(mode: str, device: str, rows: int, columns: int) -> dict:
     """In this (fresh) process: the timings of ``mode`` (see the module doc)."""
     import torch
+    from _source import use_source_checkout
     from gptqmodel import QuantizeConfig
 
+    use_source_checkout()  # a plain checkout on PYTHONPATH (the GPU machine) maps defuser_quant.integrations here
     from defuser_quant.integrations.gptqmodel.solve_warmup import rehearse
 
     if device == "cuda":

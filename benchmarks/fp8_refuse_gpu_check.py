@@ -45,6 +45,10 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub lookups (and their timeouts) on an offline GPU box
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _source import use_source_checkout  # noqa: E402
+
+use_source_checkout()  # a plain checkout on PYTHONPATH (the GPU machine) maps defuser_quant.integrations here
 
 HIDDEN, MOE_I, EXPERTS, LAYERS, BLOCK = 256, 256, 8, 2, 128
 

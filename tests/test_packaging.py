@@ -95,3 +95,20 @@ def test_benchmarks_map_the_subpackages_in_a_plain_source_checkout(tmp_path):
     lines = out.stdout.split()
     assert lines[0] == "missing", out.stdout  # the check means something: nothing mapped it before
     assert lines[-1] == str(REPO / "calibration" / "__init__.py")
+
+
+def test_every_benchmark_script_using_the_subpackages_maps_them_first():
+    """A script run as ``python benchmarks/X.py`` from a plain checkout (the GPU machine) finds
+    ``defuser_quant.integrations``/``.calibration`` only through ``_source``; round 44's first call lost
+    ``first_use_probe.py``'s figures to a child process that skipped it."""
+    import re
+
+    unmapped = []
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        if path.name.startswith("_"):
+            continue  # helpers, imported by scripts that map first
+        text = path.read_text(encoding="utf-8")
+        if re.search(r"defuser_quant\.(integrations|calibration)\b", text) and not re.search(
+                r"\b(use_source_checkout|map_source_checkout)\(\)", text):
+            unmapped.append(path.name)
+    assert not unmapped, f"benchmark scripts importing the subpackages without _source's mapping: {unmapped}"
