@@ -6,7 +6,9 @@ inverse, layer 1's 0.006 s (docs/performance.md, round 43). ``integrations/gptqm
 act_group_aware's permutations, the plugin's parameters). This script times each step in fresh processes:
 
 - ``cold``: the steps at a real projection's size (``--rows`` x ``--columns``) first, then again (``warm``);
-- ``rehearsed``: the small rehearsal the ``solve_warmup`` part runs first, then the real size.
+- ``rehearsed``: the small rehearsal the ``solve_warmup`` part runs first, then the real size;
+- ``attention_*``: a real-shape attention block's forward on the main thread, cold and warm, and after the part's
+  attention rehearsal ran on another thread (``rehearse_attention``).
 
 If ``cold`` is well over ``warm`` and ``rehearsed`` close to ``warm``, the wait is the kernels' first use and the
 part takes it off the run's path. Each process synchronizes the device after every step.
@@ -51,7 +53,49 @@ def child(mode: str, device: str, rows: int, columns: int) -> dict:
         begin = time.perf_counter()
         rehearse(device, qcfg, timings, **size)
         out[name] = {**{k: round(v, 5) for k, v in timings.items()}, "total": round(time.perf_counter() - begin, 5)}
+    out.update(attention_child(mode, device))
     return out
+
+
+def attention_child(mode: str, device: str) -> dict:
+    """A Qwen3-30B-A3B attention block's forward (32/4 heads of 128, hidden 2048, sdpa, bf16, 8 x 256 tokens) on
+    this thread: ``cold`` first and second time; ``rehearsed`` after ``rehearse_attention`` on another thread,
+    as the ``solve_warmup`` part runs it on a GPTQModel worker."""
+    import threading
+
+    import torch
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention, Qwen3MoeRotaryEmbedding
+
+    from defuser_quant.integrations.gptqmodel.solve_warmup import rehearse_attention
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = Qwen3MoeConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                            num_hidden_layers=1)
+    config._attn_implementation = "sdpa"
+    attention = Qwen3MoeAttention(config, 0).to(device=device, dtype=dtype)
+    rotary = Qwen3MoeRotaryEmbedding(config).to(device)
+    x = torch.randn(8, 256, 2048, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    positions = torch.arange(256, device=device).unsqueeze(0).expand(8, -1)
+
+    def forward() -> float:
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            attention(x, rotary(x, positions), None)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return round(time.perf_counter() - begin, 5)
+
+    if mode == "cold":
+        first = forward()
+        return {"attention_cold": {"forward": first}, "attention_warm": {"forward": forward()}}
+    timings: dict[str, float] = {}
+    worker = threading.Thread(target=rehearse_attention, args=(torch.device(device), config, dtype, timings))
+    begin = time.perf_counter()
+    worker.start()
+    worker.join()
+    rehearsal = {**{k: round(v, 5) for k, v in timings.items()}, "total": round(time.perf_counter() - begin, 5)}
+    return {"attention_rehearsal": rehearsal, "attention_rehearsed": {"forward": forward()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no message'}", file=sys.stderr)
             return 1
         result.update(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(json.dumps({k: result[k] for k in ("cold", "warm", "rehearsal", "rehearsed")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("cold", "warm", "rehearsal", "rehearsed", "attention_cold",
+                                              "attention_warm", "attention_rehearsal", "attention_rehearsed")}, indent=1))
     if args.output is not None:
         from _report import write_json
 

@@ -85,6 +85,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-tailworkers`` - the default lean bookkeeping parts plus the opt-in ``tail_workers``: when
                  the last layer starts, GPTQModel's CPU worker group grows to the host's cores for its finalizes
                  (``bookkeeping.tail_workers`` says how many were added);
+* ``ours-grouped-batched-nosolvewarmup`` - every lean bookkeeping part but ``solve_warmup`` (a default since round
+                 44): layer 0's first solves and attention forward load their CUDA kernels on the run's path instead
+                 of a rehearsal on GPTQModel's workers during the input capture (``bookkeeping.solve_warmup``);
 * ``ours-grouped-batched-stocksave`` - the plugin installed with ``fast_save=False``: GPTQModel's own
                  shard writer and its re-read of the source weights at save, to measure what the plugin's
                  save path (``shard_writer``, ``save_sources``) saves; every ``ours`` row records what its
@@ -242,10 +245,10 @@ CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
                 "-noline": "line_redraw", "-nodiskprobe": "disk_probe", "-norehome": "rehome",
-                "-nobasemem": "base_in_memory"}
+                "-nobasemem": "base_in_memory", "-nosolvewarmup": "solve_warmup"}
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy",
-             "-tailworkers": "tail_workers", "-solvewarmup": "solve_warmup"}
+             "-tailworkers": "tail_workers"}
 #: variants with more than one part suffix (each suffix as above)
 COMBINED_PARTS = ("ours-grouped-batched-layerahead-gcfreeze", "ours-grouped-batched-capturelazy-gcfreeze")
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",

@@ -122,10 +122,11 @@ expert projections of our ``DefusedExperts`` blocks only:
   layer holding our experts starts, the group grows to the process's cores, so the run's last finalizes (packing)
   spread over them; the added workers stop at the block's end (:mod:`.tail_workers`). The same finalizes.
 
-* **solve warm-up** (opt-in, :data:`OPT_IN`; GPTQModel's CUDA workers of the quantize device): each is handed one
-  rehearsal of the steps a GPTQ solve runs before its Hessian inverse (quantizer parameters, dead columns,
-  permutations) on small tensors, so their kernels' first use in the process comes while the inputs are captured
-  instead of inside layer 0's first solves (:mod:`.solve_warmup`). Nothing it computes is kept.
+* **solve warm-up** (GPTQModel's CUDA workers of the quantize device): each is handed one rehearsal of the steps a
+  GPTQ solve runs before its Hessian inverse (quantizer parameters, dead columns, permutations) on small tensors,
+  and the first one a call of the model's attention function and products of its projections' shapes, so those
+  kernels' first use in the process comes while the inputs are captured instead of inside layer 0's first solves
+  and forwards (:mod:`.solve_warmup`). Nothing it computes is kept.
 
 * **worker warm-up** (GPTQModel's device pool): when the block is entered, each worker of the quantize
   device's CUDA group and of the CPU group is handed one empty task, so GPTQModel's per-worker
@@ -895,9 +896,9 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
 #: by as much: faster in 3 of 6 side-by-side pairs, so both stay opt-in. ``capture_lazy`` (round 39) removes one
 #: host copy of layer 0 only where the quantize device is a GPU; on an H200 (round 40) the start was no shorter.
-#: ``tail_workers`` (round 40) did not shorten the runs on an H100 (round 42). ``solve_warmup`` (round 43) has not
-#: been measured on a GPU yet.
-OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers", "solve_warmup"})
+#: ``tail_workers`` (round 40) did not shorten the runs on an H100 (round 42). ``solve_warmup`` (round 43) is a
+#: default since round 44 (one H100: layer 0's first subset 0.26-0.41 s against 0.64-0.75 s in all four runs).
+OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers"})
 #: The parts ``lean_bookkeeping=True`` turns on.
 DEFAULT_PARTS = PARTS - OPT_IN
 
@@ -1057,7 +1058,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
             stats.worker_warmup = warm_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)))
         if paths and "solve_warmup" in enabled:  # after the empty tasks: each worker rehearses after its own warm-up
             stats.solve_warmup = rehearse_on_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)),
-                                                     gptq_model.quantize_config)
+                                                     gptq_model.quantize_config, getattr(gptq_model.model, "config", None),
+                                                     getattr(gptq_model.model, "dtype", None))
         if paths and "gc_freeze" in enabled:  # after everything the block set up: all of it is frozen too
             stats.gc_freeze = stack.enter_context(frozen_heap())
         yield stats

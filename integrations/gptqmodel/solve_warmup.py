@@ -1,4 +1,4 @@
-"""The ``solve_warmup`` part of :func:`~.overhead.lean_bookkeeping` (opt-in): the steps a GPTQ solve runs
+"""The ``solve_warmup`` part of :func:`~.overhead.lean_bookkeeping` (a default since round 44): the steps a GPTQ solve runs
 before its Hessian inverse, once on small tensors on each CUDA worker of the quantize device, while the
 calibration inputs are captured on the CPU.
 
@@ -15,8 +15,14 @@ generator or counter is touched. Each worker's rehearsal runs after GPTQModel's 
 and before its first real task (the pool hands tasks out round robin, in order), like ``worker_warmup``'s
 empty tasks. A rehearsal that fails is logged and counted; the run goes on as stock's.
 
-Opt-in until a GPU run measures it (benchmark variant ``-solvewarmup``); ``benchmarks/first_use_probe.py``
-times each step's first and second use in a fresh process.
+``benchmarks/first_use_probe.py`` measured those steps on an H100 (round 44): 0.57 s the first time in a fresh
+process, 5 ms the second, 6.5 ms after the small rehearsal. Layer 0's first forward through the attention
+waited the same way (0.27 s more than layer 1's in round 44's timelines), so the first worker also calls the
+model's registered attention function once on random tensors of its head shape (:func:`rehearse_attention`).
+
+Measured on one H100 in round 44 (``gptqmodel_cuda_2layers_round44a/c_h100x1.json``): layer 0's first subset took
+0.26-0.41 s with the part against 0.64-0.75 s without in all four runs, every checkpoint stock's; a default since
+then (benchmark variant ``-nosolvewarmup`` leaves it out).
 """
 
 from __future__ import annotations
@@ -34,10 +40,13 @@ from .worker_warmup import hand_each_worker
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STEPS", "SolveWarmupStats", "internals_refusal", "rehearse", "rehearse_on_workers"]
+__all__ = ["ATTENTION_STEPS", "STEPS", "SolveWarmupStats", "internals_refusal", "rehearse", "rehearse_attention",
+           "rehearse_on_workers"]
 
 #: The steps :func:`rehearse` runs, in order (the names its ``timings`` use).
 STEPS = ("hessian", "dead_columns", "find_params", "plugin_find_params", "permutation")
+#: The calls :func:`rehearse_attention` makes (``attention_masked`` for ``sdpa`` only).
+ATTENTION_STEPS = ("projections", "attention", "attention_masked")
 
 
 @dataclass
@@ -47,6 +56,8 @@ class SolveWarmupStats:
     workers: int = 0
     seconds: list[float] = field(default_factory=list)  # one per rehearsal done
     failed: list[str] = field(default_factory=list)
+    attention: bool | None = None  # the attention rehearsal: ran, nothing to rehearse (eager), or not done
+    attention_handed: bool = field(default=False, repr=False, compare=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -56,7 +67,7 @@ class SolveWarmupStats:
     def as_dict(self) -> dict:
         with self.lock:
             return {"workers": self.workers, "done": self.done, "seconds": [round(s, 4) for s in self.seconds],
-                    "failed": list(self.failed)}
+                    "failed": list(self.failed), "attention": self.attention}
 
 
 def internals_refusal() -> str | None:
@@ -139,9 +150,74 @@ def rehearse(device: torch.device | str, qcfg: Any, timings: dict[str, float] | 
             torch.cuda.current_stream(device).synchronize()
 
 
-def rehearse_on_workers(cuda: str | None, qcfg: Any) -> SolveWarmupStats:
+class _AttentionStandIn(torch.nn.Module):
+    """What Transformers' attention functions read from the attention module calling them."""
+
+    def __init__(self, groups: int, head_dim: int) -> None:
+        super().__init__()
+        self.is_causal, self.num_key_value_groups, self.head_dim = True, groups, head_dim
+        self.eval()
+
+
+def rehearse_attention(device: torch.device | str, config: Any, dtype: torch.dtype,
+                       timings: dict[str, float] | None = None, *, tokens: int = 256) -> bool:
+    """The model's registered attention function (``config._attn_implementation`` in Transformers'
+    ``ALL_ATTENTION_FUNCTIONS``) once on ``device``, on random queries, keys and values of the model's head
+    counts, head size and ``dtype``: causal without a mask, and for ``sdpa`` also with a boolean mask (the
+    calibration's padded batches take that kernel); before it, products of the attention projections' shapes
+    in ``dtype`` (the first half-precision products of the run). Layer 0's first forward through the attention waited for
+    these kernels' first use in rounds 42-44. False, and nothing run, where the implementation is eager or
+    not registered; ``timings`` as :func:`rehearse`'s."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    implementation = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+    if not implementation or implementation == "eager" or implementation not in ALL_ATTENTION_FUNCTIONS:
+        return False
+    attention = ALL_ATTENTION_FUNCTIONS[implementation]
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    device = torch.device(device)
+    module = _AttentionStandIn(heads // kv_heads, head_dim)
+    generator = torch.Generator().manual_seed(0)  # the run's random state is left alone
+
+    def tensor(count: int) -> torch.Tensor:
+        return torch.randn(1, count, tokens, head_dim, generator=generator).to(device=device, dtype=dtype)
+
+    def call(name: str, mask: torch.Tensor | None) -> None:
+        begin = time.perf_counter()
+        attention(module, tensor(heads), tensor(kv_heads), tensor(kv_heads), mask, dropout=0.0,
+                  scaling=head_dim ** -0.5)
+        if timings is not None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings[name] = time.perf_counter() - begin
+
+    with torch.inference_mode():
+        begin = time.perf_counter()
+        hidden = int(text.hidden_size)
+        rows = torch.randn(8 * tokens, hidden, generator=generator).to(device=device, dtype=dtype)
+        queries = torch.nn.functional.linear(rows, torch.zeros(heads * head_dim, hidden, device=device, dtype=dtype))
+        torch.nn.functional.linear(queries, torch.zeros(hidden, heads * head_dim, device=device, dtype=dtype))
+        torch.nn.functional.linear(rows, torch.zeros(kv_heads * head_dim, hidden, device=device, dtype=dtype))
+        if timings is not None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings["projections"] = time.perf_counter() - begin
+        call("attention", None)
+        if implementation == "sdpa":
+            call("attention_masked", torch.ones(1, 1, tokens, tokens, dtype=torch.bool, device=device).tril())
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+    return True
+
+
+def rehearse_on_workers(cuda: str | None, qcfg: Any, model_config: Any = None,
+                        dtype: torch.dtype | None = None) -> SolveWarmupStats:
     """Hand each worker of GPTQModel's pool group ``cuda`` (a key such as ``"cuda:0"``) one :func:`rehearse`
-    of ``qcfg`` (nothing without a CUDA group); returns at once, the stats filling in as the workers finish."""
+    of ``qcfg`` (nothing without a CUDA group), and, given the model's config and dtype, one
+    :func:`rehearse_attention` to the first of them; returns at once, the stats filling in as the workers finish."""
     stats = SolveWarmupStats()
     if cuda is None:
         return stats
@@ -149,8 +225,15 @@ def rehearse_on_workers(cuda: str | None, qcfg: Any) -> SolveWarmupStats:
 
     def task() -> None:
         begin = time.perf_counter()
+        with stats.lock:  # one attention rehearsal: its kernels load once per process
+            attention, stats.attention_handed = not stats.attention_handed and model_config is not None \
+                and dtype is not None, True
         try:
             rehearse(device, qcfg)
+            if attention:
+                ran = rehearse_attention(device, model_config, dtype)
+                with stats.lock:
+                    stats.attention = ran
         except Exception as exc:  # an optimization only: the real solves run as they would have
             with stats.lock:
                 stats.failed.append(f"{type(exc).__name__}: {exc}")
