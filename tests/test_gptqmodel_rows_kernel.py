@@ -112,16 +112,104 @@ def test_bad_shapes_are_refused_in_one_line():
         rows_kernel.block_update(work[:, :64], tiles, task_unit, scale, zero, column_group, *outs, 32, 15)
 
 
-def test_the_batched_solve_builds_the_kernel_when_it_starts_on_a_cuda_machine(monkeypatch):
-    """Entering ``batched_solves`` on a machine with CUDA compiles (or loads) the kernel then, not in
-    the middle of the first chunk's solve; without ``rows_kernel`` or without CUDA it is not asked."""
+def test_the_batched_solve_starts_the_kernels_load_when_it_starts_on_a_cuda_machine(monkeypatch):
+    """Entering ``batched_solves`` on a machine with CUDA starts loading the kernel on a background thread
+    (``load_ahead``) and does not wait for it; without ``rows_kernel`` or without CUDA it is not asked."""
     from defuser_quant.integrations.gptqmodel import batched, rows_kernel
 
-    asked = []
-    monkeypatch.setattr(rows_kernel, "available", lambda: asked.append(True) or False)
+    asked, waited = [], []
+    monkeypatch.setattr(rows_kernel, "load_ahead", lambda: asked.append(True))
+    monkeypatch.setattr(rows_kernel, "available", lambda: waited.append(True) or False)
     for cuda, setting, want in ((True, True, 1), (True, False, 0), (False, True, 0)):
         asked.clear()
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         with batched.batched_solves(batched.BatchedSolve(rows_kernel=setting)):
             pass
-        assert len(asked) == want, (cuda, setting)
+        assert len(asked) == want and waited == [], (cuda, setting)
+
+
+def _no_kernel_yet(monkeypatch, tmp_path, *, built: bool, lock: bool = False) -> list:
+    """A process where the kernel was not loaded, CUDA is there, torch's build folder is ``tmp_path``'s
+    (holding a built library or not); returns the threads ``load_inline`` was called on."""
+    import threading
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    from defuser_quant.integrations.gptqmodel import rows_kernel
+
+    monkeypatch.setattr(rows_kernel, "_module", None)
+    monkeypatch.setattr(rows_kernel, "_failure", None)
+    monkeypatch.setattr(rows_kernel, "_ahead", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    folder = tmp_path / rows_kernel._NAME
+    folder.mkdir()
+    if built:
+        (folder / f"{rows_kernel._NAME}.so").write_bytes(b"")
+    if lock:
+        (folder / "lock").write_bytes(b"")
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    loads: list = []
+
+    def load_inline(**kwargs):
+        loads.append(threading.current_thread().name)
+        return object()
+
+    monkeypatch.setattr(cpp_extension, "load_inline", load_inline)
+    return loads
+
+
+def test_a_cached_build_loads_on_a_background_thread_and_callers_take_it(monkeypatch, tmp_path):
+    from defuser_quant.integrations.gptqmodel import rows_kernel
+
+    loads = _no_kernel_yet(monkeypatch, tmp_path, built=True)
+    thread = rows_kernel.load_ahead()
+    assert thread is not None and not thread.daemon  # an exiting interpreter waits: torch's build lock is released
+    thread.join(30)
+    assert loads == [rows_kernel.AHEAD_THREAD]
+    assert rows_kernel.available() and loads == [rows_kernel.AHEAD_THREAD]  # the loaded module, not a second load
+    assert rows_kernel.load_ahead() is None
+
+
+@pytest.mark.parametrize("lock", [False, True])
+def test_without_a_cached_build_the_first_use_builds_it(monkeypatch, tmp_path, lock):
+    from defuser_quant.integrations.gptqmodel import rows_kernel
+
+    loads = _no_kernel_yet(monkeypatch, tmp_path, built=lock, lock=lock)  # a lock: another build under way
+    rows_kernel.load_ahead().join(30)
+    assert loads == [] and rows_kernel.why_unavailable() is None
+    assert rows_kernel.available() and loads == ["MainThread"]
+
+
+def test_without_cuda_nothing_is_started(monkeypatch, tmp_path):
+    from defuser_quant.integrations.gptqmodel import rows_kernel
+
+    loads = _no_kernel_yet(monkeypatch, tmp_path, built=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rows_kernel.load_ahead() is None and loads == []
+
+
+def test_the_batched_solve_starts_without_waiting_for_the_load(monkeypatch, tmp_path):
+    import threading
+    import time
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    from defuser_quant.integrations.gptqmodel import rows_kernel
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve, batched_solves
+
+    pytest.importorskip("gptqmodel")
+    loads = _no_kernel_yet(monkeypatch, tmp_path, built=True)
+    release = threading.Event()
+    record = cpp_extension.load_inline
+
+    def slow_load(**kwargs):
+        release.wait(20)
+        return record(**kwargs)
+
+    monkeypatch.setattr(cpp_extension, "load_inline", slow_load)
+    begin = time.perf_counter()
+    with batched_solves(BatchedSolve()):
+        entered = time.perf_counter() - begin
+        release.set()
+    rows_kernel._ahead.join(30)
+    assert entered < 10 and loads == [rows_kernel.AHEAD_THREAD]  # the start went on while the load waited

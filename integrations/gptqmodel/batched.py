@@ -1217,7 +1217,7 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
 
     settings = settings or BatchedSolve()
     if settings.rows_kernel and torch.cuda.is_available():
-        rows_block.available()  # compiled (or found unavailable) now, not inside the first chunk's solve
+        rows_block.load_ahead()  # a cached build loads beside the input capture, not on the run's start
     coordinator = _Coordinator(settings)
     process, quantize = GPTQProcessor.process, GPTQ.quantize
 

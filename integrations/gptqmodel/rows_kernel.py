@@ -13,10 +13,12 @@ and error, then ``value - error * hinv`` for the pivot column and every column a
 results are the extension's bit for bit (asserted on CUDA by the tests). The batched solve uses it
 only where GPTQModel would run its extension (:func:`.batched._use_extension`).
 
-It is compiled with ``torch.utils.cpp_extension.load_inline`` when a batched solve starts on a CUDA
-machine (:func:`.batched.batched_solves`; ``nvcc`` needed; about a minute the first time, then loaded
-from torch's build cache); where that fails the batched solve calls GPTQModel's extension per
-Hessian and :func:`why_unavailable` says why.
+It is compiled with ``torch.utils.cpp_extension.load_inline`` (``nvcc`` needed; about a minute the first
+time on a machine, then loaded from torch's build cache); where that fails the batched solve calls
+GPTQModel's extension per Hessian and :func:`why_unavailable` says why. When a batched solve starts on a
+CUDA machine (:func:`.batched.batched_solves`), :func:`load_ahead` loads a cached build on a background
+thread, so the run's start does not wait for torch's extension import and ninja's check; without a
+cached build the first chunk that can use the kernel compiles it.
 """
 
 from __future__ import annotations
@@ -167,6 +169,45 @@ def _load() -> object | None:
             logger.warning("defuser-quant's one-launch GPTQ block kernel is unavailable (%s); the batched solve "
                            "calls GPTQModel's extension once per Hessian instead", _failure)
         return _module
+
+
+_ahead: threading.Thread | None = None
+#: The background thread's name (:func:`load_ahead`).
+AHEAD_THREAD = "defuser-quant-rows-kernel-load"
+
+
+def _cached_build() -> bool:
+    """Whether torch's build folder for this kernel holds a built library and no build is under way."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = _get_build_directory(_NAME, verbose=False)
+    except Exception:  # another torch: leave the load to the first use
+        return False
+    import os
+
+    return os.path.isfile(os.path.join(folder, f"{_NAME}.so")) and not os.path.exists(os.path.join(folder, "lock"))
+
+
+def _load_if_cached() -> None:
+    if _cached_build():
+        _load()
+
+
+def load_ahead() -> threading.Thread | None:
+    """Start loading a build torch has cached, on a background thread (not a daemon: an interpreter
+    that exits waits for it, so torch's build lock is always released); callers of :func:`available`
+    wait for it. None, and nothing started, where the kernel is loaded or refused already, a load is
+    under way, or there is no CUDA; without a cached build the thread leaves the build to the first use."""
+    global _ahead
+    with _lock:
+        if _module is not None or _failure is not None or not torch.cuda.is_available():
+            return None
+        if _ahead is not None and _ahead.is_alive():
+            return None
+        _ahead = threading.Thread(target=_load_if_cached, name=AHEAD_THREAD)
+        _ahead.start()
+        return _ahead
 
 
 def available() -> bool:
