@@ -146,6 +146,9 @@ def test_the_attention_rehearsal_calls_the_registered_function_and_skips_eager(m
     assert solve_warmup.rehearse_attention("cpu", _Heads("eager"), torch.float32) is False
     assert solve_warmup.rehearse_attention("cpu", _Heads(None), torch.float32) is False
     assert solve_warmup.rehearse_attention("cpu", _Heads("no_such_kernels"), torch.float32) is False and calls == []
+    headless = _Heads("sdpa")
+    del headless.num_attention_heads  # a config this does not know how to shape: skipped, not a failure
+    assert solve_warmup.rehearse_attention("cpu", headless, torch.float32) is False and calls == []
 
 
 def test_one_worker_of_the_group_rehearses_the_attention_and_its_failure_only_warns(monkeypatch, caplog):

@@ -167,7 +167,7 @@ def rehearse_attention(device: torch.device | str, config: Any, dtype: torch.dty
     calibration's padded batches take that kernel); before it, products of the attention projections' shapes
     in ``dtype`` (the first half-precision products of the run). Layer 0's first forward through the attention waited for
     these kernels' first use in rounds 42-44. False, and nothing run, where the implementation is eager or
-    not registered; ``timings`` as :func:`rehearse`'s."""
+    not registered or the config has no head counts; ``timings`` as :func:`rehearse`'s."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -175,9 +175,11 @@ def rehearse_attention(device: torch.device | str, config: Any, dtype: torch.dty
     if not implementation or implementation == "eager" or implementation not in ALL_ATTENTION_FUNCTIONS:
         return False
     attention = ALL_ATTENTION_FUNCTIONS[implementation]
-    heads = int(text.num_attention_heads)
+    heads, hidden = getattr(text, "num_attention_heads", None), getattr(text, "hidden_size", None)
+    if not isinstance(heads, int) or not isinstance(hidden, int) or heads < 1:
+        return False  # a config without the usual head counts: nothing this knows how to shape
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     device = torch.device(device)
     module = _AttentionStandIn(heads // kv_heads, head_dim)
     generator = torch.Generator().manual_seed(0)  # the run's random state is left alone
@@ -196,7 +198,6 @@ def rehearse_attention(device: torch.device | str, config: Any, dtype: torch.dty
 
     with torch.inference_mode():
         begin = time.perf_counter()
-        hidden = int(text.hidden_size)
         rows = torch.randn(8 * tokens, hidden, generator=generator).to(device=device, dtype=dtype)
         queries = torch.nn.functional.linear(rows, torch.zeros(heads * head_dim, hidden, device=device, dtype=dtype))
         torch.nn.functional.linear(queries, torch.zeros(hidden, heads * head_dim, device=device, dtype=dtype))
@@ -237,7 +238,7 @@ def rehearse_on_workers(cuda: str | None, qcfg: Any, model_config: Any = None,
         except Exception as exc:  # an optimization only: the real solves run as they would have
             with stats.lock:
                 stats.failed.append(f"{type(exc).__name__}: {exc}")
-            logger.warning("defuser-quant's solve warm-up on %s failed (%s: %s); the solves run as stock's", cuda,
+            logger.warning("defuser-quant's solve warm-up on %s failed (%s: %s); the run goes on without it", cuda,
                            type(exc).__name__, exc)
             return
         with stats.lock:
