@@ -24,6 +24,7 @@ cached build the first chunk that can use the kernel compiles it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import torch
@@ -184,8 +185,6 @@ def _cached_build() -> bool:
         folder = _get_build_directory(_NAME, verbose=False)
     except Exception:  # another torch: leave the load to the first use
         return False
-    import os
-
     return os.path.isfile(os.path.join(folder, f"{_NAME}.so")) and not os.path.exists(os.path.join(folder, "lock"))
 
 
