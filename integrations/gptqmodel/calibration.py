@@ -382,7 +382,7 @@ def quantize_with_defuser(
             expert projections skips its whole-model scans (``integrations.gptqmodel.overhead``):
             same tensors, same checkpoint, less host time; ``QuantizeResult.bookkeeping`` says
             what it did. Parts whose GPTQModel internals differ stay stock, with a warning. True
-            turns on ``overhead.DEFAULT_PARTS`` (all but the opt-in ``layer_ahead`` and ``gc_freeze``); a collection
+            turns on ``overhead.DEFAULT_PARTS`` (all but the opt-in ``overhead.OPT_IN``); a collection
             of part names (``overhead.PARTS``) turns on only those.
         batched_hessians: with ``grouped``, GPTQModel's GPTQ Hessian hooks of each grouped call
             run together (``integrations.gptqmodel.hessians``): the same products and counters,
