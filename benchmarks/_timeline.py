@@ -239,6 +239,26 @@ class Timeline:
         self.start = time.perf_counter()
         return self
 
+    def time_until_called(self, obj: Any, attribute: str, name: str) -> None:
+        """A ``phase`` span ``name`` on this thread from now until ``obj.attribute`` is first called (the plugin's
+        set-up before GPTQModel's ``quantize``, say); the attribute is restored at that call, or when the block ends."""
+        had, previous = attribute in vars(obj), vars(obj).get(attribute)
+        original, begin, thread = getattr(obj, attribute), time.perf_counter(), threading.current_thread().name
+
+        def restore() -> None:
+            if had:
+                vars(obj)[attribute] = previous
+            else:
+                vars(obj).pop(attribute, None)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            restore()
+            self.add_span("phase", name, thread, begin, time.perf_counter())
+            return original(*args, **kwargs)
+
+        vars(obj)[attribute] = call
+        self._patches.callback(restore)
+
     def _collected(self, generation: int, start: float, end: float) -> None:
         """The interpreter's own garbage collections (``"gc"`` spans, ``gen<N>``) of ``GC_SPAN`` seconds or more:
         a full collection holds the interpreter lock for as long as it scans every tracked object."""

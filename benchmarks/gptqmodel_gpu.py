@@ -249,6 +249,8 @@ WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy",
              "-tailworkers": "tail_workers"}
+#: ``--timeline``: the phase from ``quantize_with_defuser``'s call to GPTQModel's ``quantize`` (the plugin's set-up)
+SET_UP_PHASE = "quantize_with_defuser set-up"
 #: variants with more than one part suffix (each suffix as above)
 COMBINED_PARTS = ("ours-grouped-batched-layerahead-gcfreeze", "ours-grouped-batched-capturelazy-gcfreeze")
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
@@ -1177,6 +1179,8 @@ def worker(args: argparse.Namespace) -> int:
         else:
             routing = "all" if variant.startswith("ours-all") else "routed"
             batched = solve_setting(variant)
+            if timeline is not None:  # the plugin's set-up before GPTQModel's quantize, a phase of the start's gap
+                timeline.time_until_called(model, "quantize", SET_UP_PHASE)
             result = quantize_with_defuser(model, calibration, routing=routing, policy="warn", batch_size=args.batch_size,
                                            backend=backend, coverage_report=work / f"{run_id}.coverage.json",
                                            grouped="-grouped" in variant, batched_solve=batched,

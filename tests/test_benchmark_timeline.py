@@ -249,3 +249,24 @@ def test_the_block_records_the_interpreters_garbage_collections_and_stops_after(
     assert len(timeline.spans) == n  # nothing recorded once the block is left
     summary = timeline.summary()["totals"]
     assert summary["gc_full"] >= 1 and summary["gc"] >= 0.0
+
+
+def test_the_set_up_before_a_call_is_a_phase_and_the_method_comes_back():
+    import time
+
+    class Model:
+        def quantize(self, x):
+            return x + 1
+
+    model = Model()
+    with Timeline() as timeline:
+        timeline.time_until_called(model, "quantize", "set-up")
+        time.sleep(0.02)
+        assert model.quantize(1) == 2 and model.quantize(2) == 3
+        assert "quantize" not in vars(model)  # restored at the first call
+    spans = [s for s in timeline.spans if s.name == "set-up"]
+    assert len(spans) == 1 and spans[0].kind == "phase" and spans[0].end - spans[0].start >= 0.02
+    assert main_gaps(timeline.spans, timeline.start, timeline.end)[0]["parts"]["set-up"] >= 0.02
+    with Timeline() as timeline:  # never called: restored when the block ends, nothing recorded
+        timeline.time_until_called(model, "quantize", "set-up")
+    assert "quantize" not in vars(model) and not [s for s in timeline.spans if s.name == "set-up"]

@@ -475,6 +475,8 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tiny_cpu_call)
         assert gaps[0]["after"] is None and gaps[-1]["before"] is None
         assert {"capture_inputs", "BaseQModel.pre_quantize", "build_layer_subset_plans", "ModuleLooper.__init__"
                 } <= set(gaps[0]["parts"])
+        # the plugin's set-up before GPTQModel's quantize: a phase of ours' start, none in stock's
+        assert (bench.SET_UP_PHASE in gaps[0]["parts"]) == (r["variant"] != "stock")
         # GPTQModel's offload of the base modules after the capture: stock's, skipped in ours (base_in_memory)
         assert ("offload_to_disk" in gaps[0]["parts"]) == (r["variant"] == "stock")
         # GPTQModel's disk probe: on the main thread in stock's start, on its own thread in ours (disk_probe)
