@@ -57,7 +57,6 @@ class SolveWarmupStats:
     seconds: list[float] = field(default_factory=list)  # one per rehearsal done
     failed: list[str] = field(default_factory=list)
     attention: bool | None = None  # the attention rehearsal: ran, nothing to rehearse (eager), or not done
-    attention_handed: bool = field(default=False, repr=False, compare=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -87,6 +86,17 @@ def internals_refusal() -> str | None:
     return None
 
 
+def _timed(device: torch.device, timings: dict[str, float] | None, name: str, run: Callable[[], Any]) -> Any:
+    """``run()``; with ``timings``, its seconds there under ``name``, the device synchronized first."""
+    begin = time.perf_counter()
+    out = run()
+    if timings is not None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings[name] = time.perf_counter() - begin
+    return out
+
+
 def rehearse(device: torch.device | str, qcfg: Any, timings: dict[str, float] | None = None, *, groups: int = 2,
              rows: int = 64) -> None:
     """GPTQModel's steps before a solve's inverse (see the module doc), once, on ``device`` with ``qcfg``'s
@@ -103,13 +113,7 @@ def rehearse(device: torch.device | str, qcfg: Any, timings: dict[str, float] | 
     generator = torch.Generator().manual_seed(0)  # a generator of its own: the run's random state is left alone
 
     def step(name: str, run: Callable[[], Any]) -> Any:
-        begin = time.perf_counter()
-        out = run()
-        if timings is not None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            timings[name] = time.perf_counter() - begin
-        return out
+        return _timed(device, timings, name, run)
 
     with torch.inference_mode():
         x = torch.randn(4 * rows, columns, generator=generator).to(device)
@@ -188,24 +192,17 @@ def rehearse_attention(device: torch.device | str, config: Any, dtype: torch.dty
         return torch.randn(1, count, tokens, head_dim, generator=generator).to(device=device, dtype=dtype)
 
     def call(name: str, mask: torch.Tensor | None) -> None:
-        begin = time.perf_counter()
-        attention(module, tensor(heads), tensor(kv_heads), tensor(kv_heads), mask, dropout=0.0,
-                  scaling=head_dim ** -0.5)
-        if timings is not None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            timings[name] = time.perf_counter() - begin
+        _timed(device, timings, name, lambda: attention(module, tensor(heads), tensor(kv_heads), tensor(kv_heads), mask,
+                                                        dropout=0.0, scaling=head_dim ** -0.5))
 
-    with torch.inference_mode():
-        begin = time.perf_counter()
+    def projections() -> None:
         rows = torch.randn(8 * tokens, hidden, generator=generator).to(device=device, dtype=dtype)
         queries = torch.nn.functional.linear(rows, torch.zeros(heads * head_dim, hidden, device=device, dtype=dtype))
         torch.nn.functional.linear(queries, torch.zeros(hidden, heads * head_dim, device=device, dtype=dtype))
         torch.nn.functional.linear(rows, torch.zeros(kv_heads * head_dim, hidden, device=device, dtype=dtype))
-        if timings is not None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            timings["projections"] = time.perf_counter() - begin
+
+    with torch.inference_mode():
+        _timed(device, timings, "projections", projections)
         call("attention", None)
         if implementation == "sdpa":
             call("attention_masked", torch.ones(1, 1, tokens, tokens, dtype=torch.bool, device=device).tril())
@@ -224,11 +221,12 @@ def rehearse_on_workers(cuda: str | None, qcfg: Any, model_config: Any = None,
         return stats
     device = torch.device(cuda)
 
+    attention_left = [model_config is not None and dtype is not None]  # one rehearsal: its kernels load once per process
+
     def task() -> None:
         begin = time.perf_counter()
-        with stats.lock:  # one attention rehearsal: its kernels load once per process
-            attention, stats.attention_handed = not stats.attention_handed and model_config is not None \
-                and dtype is not None, True
+        with stats.lock:
+            attention, attention_left[0] = attention_left[0], False
         try:
             rehearse(device, qcfg)
             if attention:
