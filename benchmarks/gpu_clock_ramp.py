@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from _args import whole
+from _report import write_json
 
 
 def sm_clock(index: int) -> dict | None:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
               "by_idle": [summarize([p for p in points if p["round"] == r]) for r in range(args.repeat)]}
     print(json.dumps(result["by_idle"], indent=1))
     if args.output is not None:
-        args.output.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.output, result)  # whole or not at all
     return 0
 
 
