@@ -11,6 +11,9 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
 * ``all``    - ``DefuseModifier(routing="all")`` (grouped);
 * ``routed-loop`` / ``all-loop`` - the same with ``grouped=False`` (the per-expert loop); their
                checkpoint is compared with the grouped variant's.
+* ``all-norehearse`` - ``all`` with ``rehearse=False``: no kernel launched ahead on a background thread
+               (``integrations/llmcompressor/rehearse.py``); the checkpoint must be ``all``'s
+               (``checkpoint_vs_rehearsed``).
 * ``all-unshared`` - ``all`` with ``share_hessians=False``: every gate/up Hessian takes each call's
                product itself; the checkpoint must be ``all``'s (``checkpoint_vs_shared``).
 * ``routed-onewriter`` / ``all-onewriter`` - the same with ``save_threads=1``: Transformers writes
@@ -94,7 +97,8 @@ from gptqmodel_gpu import compare_checkpoints as compare_tensors  # noqa: E402  
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
-VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter", "all-unshared")
+VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter", "all-unshared",
+            "all-norehearse")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
@@ -218,6 +222,7 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
         stages_per_rank=[r["stages"] for r in results],
         grouped_use=[r["grouped_use"] for r in results],
         hessian_batching=[r.get("hessian_batching") for r in results],
+        rehearsal=[r.get("rehearsal") for r in results],
         experts_classes=results[0]["experts_classes"],
         coverage_totals=coverages[0],
         coverage_same_on_every_rank=all(c == coverages[0] for c in coverages),
@@ -545,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
     """A finished run against its references: N vs 1 process, stock, and for a suffixed variant
-    (``-onewriter``, ``-unshared``, ``-loop``) the same variant without the suffix."""
+    (``-onewriter``, ``-unshared``, ``-norehearse``, ``-loop``) the same variant without the suffix."""
     if not _ok(row):
         return
     one = _find(rows, row["variant"], 1, row.get("repeat", 0))
@@ -566,6 +571,7 @@ def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
 _REFERENCE_OF_SUFFIX = (
     ("-onewriter", "checkpoint_vs_writer_pool", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
     ("-unshared", "checkpoint_vs_shared", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
+    ("-norehearse", "checkpoint_vs_rehearsed", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
     ("-loop", "logits_vs_grouped", lambda ref, ckpt, args: compare_logits(ref, ckpt, args.device)),
 )
 
@@ -595,7 +601,7 @@ def checkpoint_groups(rows: list[dict], time_left: Callable[[], float | None]) -
     """Per process count (``"x1"``, ...): the finished runs of every ``--repeat`` round grouped by identical
     checkpoints (``_groups.py``), the first stock run's group first. Each run was compared with its own
     round's stock run only, and stock's runs can disagree on CUDA; the verdicts those comparisons (and
-    ``-unshared``'s with its shared run) reached are reused, so a call whose stock runs agree reads one
+    a suffixed run's with its base variant's) reached are reused, so a call whose stock runs agree reads one
     checkpoint pair per stock run after the first. A read starts only while ``time_left()`` (seconds to
     the deadline; None: none) is over twice the slowest read so far and at least 10 s; ``unsettled`` lists
     the runs it could not place then, ``read`` the pairs it read with their seconds."""
@@ -607,9 +613,10 @@ def checkpoint_groups(rows: list[dict], time_left: Callable[[], float | None]) -
         ordered = [r for r in runs if r["variant"] == "stock"] + [r for r in runs if r["variant"] != "stock"]
         path_of = {_label(r): Path(r["checkpoint"]) for r in runs}
         known: dict[tuple[str, str], bool] = {}
-        for r in runs:  # the run's own comparisons: with its round's stock run, and -unshared's with its shared run
-            against = ((r.get("vs_stock", {}).get("checkpoint"), "stock"),
-                       (r.get("checkpoint_vs_shared"), r["variant"].removesuffix("-unshared")))
+        for r in runs:  # the run's own comparisons: with its round's stock run, and a suffixed run's with its base
+            against = [(r.get("vs_stock", {}).get("checkpoint"), "stock")]
+            against += [(r.get(key), r["variant"].removesuffix(suffix)) for suffix, key, _ in _REFERENCE_OF_SUFFIX
+                        if key.startswith("checkpoint_vs") and r["variant"].endswith(suffix)]
             for cmp, variant in against:
                 reference = _find(rows, variant, nproc, r.get("repeat", 0))
                 if cmp and _ok(reference):
@@ -695,7 +702,7 @@ def worker(args: argparse.Namespace) -> int:
         routing, _, suffix = variant.partition("-")
         defuse = dq_llmc.DefuseModifier(routing=routing, grouped=suffix != "loop",
                                         save_threads=1 if suffix == "onewriter" else None,
-                                        share_hessians=suffix != "unshared")
+                                        share_hessians=suffix != "unshared", rehearse=suffix != "norehearse")
         recipe.insert(0, defuse)
     from _llmc_stages import install as install_stage_clock
 
@@ -742,6 +749,7 @@ def worker(args: argparse.Namespace) -> int:
         "coverage_totals": None if defuse is None or defuse.coverage is None else defuse.coverage.totals.model_dump(),
         "triton_compiles": compiles.kernels,
         "gil_probe": None if probe is None else probe.summary(),
+        "rehearsal": None if defuse is None else defuse.rehearsal,
     }
     (out / f"rank{distributed.rank()}.json").write_text(json.dumps(result))
     return 0

@@ -697,3 +697,65 @@ def test_repack_moe_packs_quantization_parameters_like_stock(tiny_dir):
     assert sorted(ours) == sorted(stock) and {"gate_up_proj_scale", "down_proj_scale"} <= set(ours)
     for key in stock:
         torch.testing.assert_close(ours[key], stock[key], rtol=0, atol=0, msg=key)
+
+
+# ----- the kernel rehearsal -------------------------------------------------------------------------
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    return out
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_its_steps_beside_the_run_and_changes_no_tensor(tiny_dir, calib_dataset, tmp_path, monkeypatch):
+    """On a CPU model the rehearsal is skipped; with the device check pointed at the CPU every step runs on
+    its thread (the solve's for each distinct quantized shape) and the checkpoint is the one without it."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    from defuser_quant.integrations.llmcompressor import modifier as modifier_module
+
+    def run(name: str, **fields):
+        defuse = dq_llmc.DefuseModifier(routing="all", **fields)
+        _oneshot(tiny_dir, calib_dataset, [defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)],
+                 tmp_path / name)
+        return defuse
+
+    skipped = run("cpu")
+    assert skipped.rehearsal == {"seconds": {}, "failed": {}, "skipped": "no model tensor on a CUDA device"}
+    assert run("off", rehearse=False).rehearsal is None
+    threads = []
+    original = modifier_module.Rehearsal._run
+
+    def recorded(self, *args):
+        threads.append(__import__("threading").current_thread().name)
+        return original(self, *args)
+
+    monkeypatch.setattr(modifier_module, "cuda_device", lambda model: torch.device("cpu"))
+    monkeypatch.setattr(modifier_module.Rehearsal, "_run", recorded)
+    rehearsed = run("on").rehearsal
+    assert rehearsed["failed"] == {} and rehearsed["skipped"] is None
+    steps = set(rehearsed["seconds"])
+    assert {"attention", "grouped_experts", "linears", "hessian_products", "triton_key"} <= steps
+    # q, o and the experts (128 x 128), k and v (64 x 128): two distinct quantized weight shapes
+    assert {s for s in steps if s.startswith("solve")} == {"solve (128, 128)", "solve (64, 128)"}
+    assert threads == ["defuser-quant-rehearsal"] * 2
+    off, on = _tensors(tmp_path / "off"), _tensors(tmp_path / "on")
+    assert off.keys() == on.keys() and all(torch.equal(off[k], on[k]) for k in off)
+
+
+def test_a_failing_rehearsal_step_is_logged_and_the_next_step_runs(caplog):
+    from defuser_quant.calibration.first_use import Rehearsal
+
+    rehearsal = Rehearsal("cpu")
+    rehearsal.start([("breaks", lambda: 1 / 0), ("runs", lambda: None)])
+    rehearsal.start_from(lambda: [][0], "plan")
+    with caplog.at_level("WARNING"):
+        stats = rehearsal.join().as_dict()
+    assert set(stats["seconds"]) == {"runs"}
+    assert stats["failed"] == {"breaks": "ZeroDivisionError: division by zero", "plan": "IndexError: list index out of range"}
+    assert "kernel rehearsal 'breaks' failed" in caplog.text

@@ -36,6 +36,9 @@ from typing import Any
 
 import torch
 
+from defuser_quant.calibration.first_use import ATTENTION_STEPS, rehearse_attention
+from defuser_quant.calibration.first_use import timed_step as _timed
+
 from .worker_warmup import hand_each_worker
 
 logger = logging.getLogger(__name__)
@@ -45,8 +48,6 @@ __all__ = ["ATTENTION_STEPS", "STEPS", "SolveWarmupStats", "internals_refusal", 
 
 #: The steps :func:`rehearse` runs, in order (the names its ``timings`` use).
 STEPS = ("hessian", "dead_columns", "find_params", "plugin_find_params", "permutation")
-#: The calls :func:`rehearse_attention` makes (``attention_masked`` for ``sdpa`` only).
-ATTENTION_STEPS = ("projections", "attention", "attention_masked")
 
 
 @dataclass
@@ -84,17 +85,6 @@ def internals_refusal() -> str | None:
     if missing or not callable(getattr(Quantizer, "find_params", None)) or not callable(getattr(Quantizer, "configure", None)):
         return "expected gptqmodel.quantization.gar's permutations and Quantizer.configure/find_params"
     return None
-
-
-def _timed(device: torch.device, timings: dict[str, float] | None, name: str, run: Callable[[], Any]) -> Any:
-    """``run()``; with ``timings``, its seconds there under ``name``, the device synchronized first."""
-    begin = time.perf_counter()
-    out = run()
-    if timings is not None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings[name] = time.perf_counter() - begin
-    return out
 
 
 def rehearse(device: torch.device | str, qcfg: Any, timings: dict[str, float] | None = None, *, groups: int = 2,
@@ -152,63 +142,6 @@ def rehearse(device: torch.device | str, qcfg: Any, timings: dict[str, float] | 
         step("permutation", permutation)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
-
-
-class _AttentionStandIn(torch.nn.Module):
-    """What Transformers' attention functions read from the attention module calling them."""
-
-    def __init__(self, groups: int, head_dim: int) -> None:
-        super().__init__()
-        self.is_causal, self.num_key_value_groups, self.head_dim = True, groups, head_dim
-        self.eval()
-
-
-def rehearse_attention(device: torch.device | str, config: Any, dtype: torch.dtype,
-                       timings: dict[str, float] | None = None, *, tokens: int = 256) -> bool:
-    """The model's registered attention function (``config._attn_implementation`` in Transformers'
-    ``ALL_ATTENTION_FUNCTIONS``) once on ``device``, on random queries, keys and values of the model's head
-    counts, head size and ``dtype``: causal without a mask, and for ``sdpa`` also with a boolean mask (the
-    calibration's padded batches take that kernel); before it, products of the attention projections' shapes
-    in ``dtype`` (the first half-precision products of the run). Layer 0's first forward through the attention waited for
-    these kernels' first use in rounds 42-44. False, and nothing run, where the implementation is eager or
-    not registered or the config has no head counts; ``timings`` as :func:`rehearse`'s."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    implementation = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
-    if not implementation or implementation == "eager" or implementation not in ALL_ATTENTION_FUNCTIONS:
-        return False
-    attention = ALL_ATTENTION_FUNCTIONS[implementation]
-    heads, hidden = getattr(text, "num_attention_heads", None), getattr(text, "hidden_size", None)
-    if not isinstance(heads, int) or not isinstance(hidden, int) or heads < 1:
-        return False  # a config without the usual head counts: nothing this knows how to shape
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
-    device = torch.device(device)
-    module = _AttentionStandIn(heads // kv_heads, head_dim)
-    generator = torch.Generator().manual_seed(0)  # the run's random state is left alone
-
-    def tensor(count: int) -> torch.Tensor:
-        return torch.randn(1, count, tokens, head_dim, generator=generator).to(device=device, dtype=dtype)
-
-    def call(name: str, mask: torch.Tensor | None) -> None:
-        _timed(device, timings, name, lambda: attention(module, tensor(heads), tensor(kv_heads), tensor(kv_heads), mask,
-                                                        dropout=0.0, scaling=head_dim ** -0.5))
-
-    def projections() -> None:
-        rows = torch.randn(8 * tokens, hidden, generator=generator).to(device=device, dtype=dtype)
-        queries = torch.nn.functional.linear(rows, torch.zeros(heads * head_dim, hidden, device=device, dtype=dtype))
-        torch.nn.functional.linear(queries, torch.zeros(hidden, heads * head_dim, device=device, dtype=dtype))
-        torch.nn.functional.linear(rows, torch.zeros(kv_heads * head_dim, hidden, device=device, dtype=dtype))
-
-    with torch.inference_mode():
-        _timed(device, timings, "projections", projections)
-        call("attention", None)
-        if implementation == "sdpa":
-            call("attention_masked", torch.ones(1, 1, tokens, tokens, dtype=torch.bool, device=device).tril())
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
-    return True
 
 
 def rehearse_on_workers(cuda: str | None, qcfg: Any, model_config: Any = None,

@@ -42,6 +42,7 @@ from defuser_quant.checkpoint.concurrent_save import concurrent_shards
 from defuser_quant.core import DefusedExperts, DefuserQuantError, FilterRules, convert_model, fuse_model
 from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_report, routing_mode
 from defuser_quant.calibration import distributed
+from defuser_quant.calibration.first_use import Rehearsal
 from defuser_quant.calibration.grouped import GroupedUse, recording_grouped_use, routed_output
 
 from .grouped import compressed_tensors_grouping
@@ -50,6 +51,7 @@ from .token_counts import TokenCounter, batched_token_counts
 from .linearize import adopt_linear_experts
 from .budget import RankBudget
 from .ranks import before_compress, has_hessians
+from .rehearse import calibration_steps, cuda_device, solve_steps
 from .refuse import RefuseError, check_refusable, refuse_checkpoint
 
 __all__ = ["DefuseModifier", "RecipeOrderError"]
@@ -149,6 +151,10 @@ class DefuseModifier(Modifier):
             (``defuser_quant.checkpoint.concurrent_save``); without a ``max_shard_size`` the
             checkpoint is split into about one shard per thread. Default: the CPUs, at most 8;
             ``1``: Transformers' own one-by-one write.
+        rehearse: on a CUDA model, launch the calibration's and the GPTQ solve's kernels once on small
+            tensors of their own, on a background thread, while llm-compressor sets up (CUDA loads
+            each kernel at its first launch and the launching thread waits; ``rehearse.py``).
+            Nothing computed changes; :attr:`rehearsal` says what ran. ``False``: no rehearsal.
     """
 
     routing: Literal["routed", "all", "budgeted"] | None = None
@@ -161,6 +167,7 @@ class DefuseModifier(Modifier):
     grouped: bool = True
     share_hessians: bool = True
     save_threads: int | None = Field(default=None, ge=1)
+    rehearse: bool = True
 
     _stack: ExitStack | None = PrivateAttr(default=None)
     _counts: dict[str, dict[str, list[int]]] = PrivateAttr(default_factory=dict)
@@ -169,6 +176,8 @@ class DefuseModifier(Modifier):
     _undo_rank_sync: Any = PrivateAttr(default=None)
     _budget: RankBudget | None = PrivateAttr(default=None)
     _grouped_use: GroupedUse | None = PrivateAttr(default=None)
+    _rehearsal: Rehearsal | None = PrivateAttr(default=None)
+    _rehearse_solves: bool = PrivateAttr(default=False)  # a GPTQ-like modifier in the recipe (seen at initialize)
 
     @field_validator("filter", mode="before")
     @classmethod
@@ -200,6 +209,11 @@ class DefuseModifier(Modifier):
     def coverage(self) -> CoverageReport | None:
         """The coverage report built at finalize (None before)."""
         return self._coverage
+
+    @property
+    def rehearsal(self) -> dict[str, Any] | None:
+        """The kernel rehearsal's steps (seconds each), failures, or why none ran (None: ``rehearse=False``)."""
+        return None if self._rehearsal is None else self._rehearsal.stats.as_dict()
 
     @property
     def grouped_use(self) -> GroupedUse | None:
@@ -243,6 +257,8 @@ class DefuseModifier(Modifier):
                 block.forward_override = _CalibrationPassOnly(block.forward_override, record, self._budget, path, self.grouped)
             if distributed.is_distributed():
                 self._undo_rank_sync = before_compress(self._recipe_modifiers(), model, self._before_compress)
+            if self.rehearse:
+                self._start_rehearsal(model)
         except BaseException:
             self._teardown()
             raise
@@ -252,6 +268,9 @@ class DefuseModifier(Modifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs: Any) -> None:
         if self.refuse:
             self._check_refusable(state.model)
+        rehearsal = self._rehearsal
+        if rehearsal is not None and rehearsal.stats.skipped is None and self._rehearse_solves:
+            rehearsal.start_from(lambda: solve_steps(state.model, rehearsal.device), "solve set-up")
 
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
         self._check_data_split()
@@ -326,7 +345,21 @@ class DefuseModifier(Modifier):
             for index, expert in enumerate(block):
                 self.register_hook(expert.projection("up"), TokenCounter(counts, index), "forward_pre")
 
+    def _start_rehearsal(self, model: nn.Module) -> None:
+        device = cuda_device(model)
+        self._rehearsal = Rehearsal(device or "cpu")
+        if device is None:
+            self._rehearsal.stats.skipped = "no model tensor on a CUDA device"
+            return
+        # at calibration start each modifier runs in a recipe of its own (recipe_scope.py): look now
+        self._rehearse_solves = any(has_hessians(m) for m in self._recipe_modifiers())
+        blocks = [block for _, block in _blocks(model)]
+        self._rehearsal.start_from(lambda: calibration_steps(model, blocks, device), "calibration set-up")
+
     def _teardown(self) -> None:
+        if self._rehearsal is not None:
+            stats = self._rehearsal.join()
+            logger.debug("kernel rehearsal: %s", stats.as_dict())
         self.remove_hooks()
         if self._undo_rank_sync is not None:
             undo, self._undo_rank_sync = self._undo_rank_sync, None
