@@ -11,9 +11,10 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
 * ``all``    - ``DefuseModifier(routing="all")`` (grouped);
 * ``routed-loop`` / ``all-loop`` - the same with ``grouped=False`` (the per-expert loop); their
                checkpoint is compared with the grouped variant's.
-* ``all-norehearse`` - ``all`` with ``rehearse=False``: no kernel launched ahead on a background thread
-               (``integrations/llmcompressor/rehearse.py``); the checkpoint must be ``all``'s
-               (``checkpoint_vs_rehearsed``).
+* ``all-rehearse`` - ``all`` with ``rehearse=True`` (opt-in): the calibration's and the solve's kernels
+               launched once ahead on a background thread (``integrations/llmcompressor/rehearse.py``); the
+               checkpoint must be ``all``'s (``checkpoint_vs_unrehearsed``). Round 45 ran it as the
+               default, ``all`` then, against ``all-norehearse``.
 * ``all-unshared`` - ``all`` with ``share_hessians=False``: every gate/up Hessian takes each call's
                product itself; the checkpoint must be ``all``'s (``checkpoint_vs_shared``).
 * ``routed-onewriter`` / ``all-onewriter`` - the same with ``save_threads=1``: Transformers writes
@@ -98,7 +99,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
 VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter", "all-unshared",
-            "all-norehearse")
+            "all-rehearse")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
     """A finished run against its references: N vs 1 process, stock, and for a suffixed variant
-    (``-onewriter``, ``-unshared``, ``-norehearse``, ``-loop``) the same variant without the suffix."""
+    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-loop``) the same variant without the suffix."""
     if not _ok(row):
         return
     one = _find(rows, row["variant"], 1, row.get("repeat", 0))
@@ -571,7 +572,7 @@ def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
 _REFERENCE_OF_SUFFIX = (
     ("-onewriter", "checkpoint_vs_writer_pool", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
     ("-unshared", "checkpoint_vs_shared", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
-    ("-norehearse", "checkpoint_vs_rehearsed", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
+    ("-rehearse", "checkpoint_vs_unrehearsed", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
     ("-loop", "logits_vs_grouped", lambda ref, ckpt, args: compare_logits(ref, ckpt, args.device)),
 )
 
@@ -702,7 +703,7 @@ def worker(args: argparse.Namespace) -> int:
         routing, _, suffix = variant.partition("-")
         defuse = dq_llmc.DefuseModifier(routing=routing, grouped=suffix != "loop",
                                         save_threads=1 if suffix == "onewriter" else None,
-                                        share_hessians=suffix != "unshared", rehearse=suffix != "norehearse")
+                                        share_hessians=suffix != "unshared", rehearse=suffix == "rehearse")
         recipe.insert(0, defuse)
     from _llmc_stages import install as install_stage_clock
 

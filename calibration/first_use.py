@@ -63,21 +63,27 @@ def _text_config(config: Any) -> Any:
 
 
 def rehearse_attention(device: torch.device | str, config: Any, dtype: torch.dtype,
-                       timings: dict[str, float] | None = None, *, tokens: int = 256) -> bool:
+                       timings: dict[str, float] | None = None, *, tokens: int = 256,
+                       eager: Callable[..., Any] | None = None) -> bool:
     """The model's registered attention function (``config._attn_implementation`` in Transformers'
-    ``ALL_ATTENTION_FUNCTIONS``) once on ``device``, on random queries, keys and values of the model's head
+    ``ALL_ATTENTION_FUNCTIONS``; for ``eager``, the ``eager`` function given, the modeling file's
+    ``eager_attention_forward``) once on ``device``, on random queries, keys and values of the model's head
     counts, head size and ``dtype``: causal without a mask, and for ``sdpa`` also with a boolean mask (the
-    calibration's padded batches take that kernel); before it, products of the attention projections' shapes
-    in ``dtype`` (the first half-precision products of the run). Layer 0's first forward through the attention waited for
-    these kernels' first use in rounds 42-44. False, and nothing run, where the implementation is eager or
-    not registered or the config has no head counts; ``timings`` as :func:`timed_step`'s."""
+    calibration's padded batches take that kernel; ``eager`` gets a float causal mask); before it, products
+    of the attention projections' shapes in ``dtype`` (the first half-precision products of the run). Layer
+    0's first forward through the attention waited for these kernels' first use in rounds 42-44. False, and
+    nothing run, where the implementation is eager without an ``eager`` function or not registered, or the
+    config has no head counts; ``timings`` as :func:`timed_step`'s."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     text = _text_config(config)
     implementation = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
-    if not implementation or implementation == "eager" or implementation not in ALL_ATTENTION_FUNCTIONS:
+    if implementation == "eager" and eager is not None:
+        attention = eager
+    elif not implementation or implementation == "eager" or implementation not in ALL_ATTENTION_FUNCTIONS:
         return False
-    attention = ALL_ATTENTION_FUNCTIONS[implementation]
+    else:
+        attention = ALL_ATTENTION_FUNCTIONS[implementation]
     heads, hidden = getattr(text, "num_attention_heads", None), getattr(text, "hidden_size", None)
     if not isinstance(heads, int) or not isinstance(hidden, int) or heads < 1:
         return False  # a config without the usual head counts: nothing this knows how to shape
@@ -102,7 +108,11 @@ def rehearse_attention(device: torch.device | str, config: Any, dtype: torch.dty
 
     with torch.inference_mode():
         timed_step(device, timings, "projections", projections)
-        call("attention", None)
+        if attention is eager:  # the additive float mask eager attention takes
+            upper = torch.ones(tokens, tokens, dtype=torch.bool, device=device).triu(1)
+            call("attention", torch.zeros(1, 1, tokens, tokens, device=device, dtype=dtype).masked_fill(upper, -1e4))
+        else:
+            call("attention", None)
         if implementation == "sdpa":
             call("attention_masked", torch.ones(1, 1, tokens, tokens, dtype=torch.bool, device=device).tril())
         if device.type == "cuda":
@@ -188,20 +198,21 @@ class RehearsalStats:
     """What a :class:`Rehearsal` did: each step's seconds (launch to its kernels' end), the failures."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    not_run: list[str] = field(default_factory=list)  # steps that returned False: nothing they know how to rehearse
     failed: dict[str, str] = field(default_factory=dict)
     skipped: str | None = None  # why nothing was rehearsed
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         with self.lock:
-            return {"seconds": {k: round(v, 4) for k, v in self.seconds.items()}, "failed": dict(self.failed),
-                    "skipped": self.skipped}
+            return {"seconds": {k: round(v, 4) for k, v in self.seconds.items()}, "not_run": list(self.not_run),
+                    "failed": dict(self.failed), "skipped": self.skipped}
 
 
 class Rehearsal:
     """Runs ``(name, step)`` pairs, in order, on a background thread and a CUDA stream of its own (see the
     module docstring). :meth:`join` waits for every step started so far; a step that raises is logged and
-    counted in :attr:`stats` and the next one runs."""
+    counted in :attr:`stats` and the next one runs; one that returns False rehearsed nothing (``not_run``)."""
 
     THREAD_NAME = "defuser-quant-rehearsal"
 
@@ -241,14 +252,17 @@ class Rehearsal:
             begin = time.perf_counter()
             try:
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    step()
+                    ran = step()
                     if stream is not None:
                         stream.synchronize()
             except Exception as exc:  # an optimization only: the run launches these kernels itself
                 self._failed(name, exc)
                 continue
             with self.stats.lock:
-                self.stats.seconds[name] = time.perf_counter() - begin
+                if ran is False:
+                    self.stats.not_run.append(name)
+                else:
+                    self.stats.seconds[name] = time.perf_counter() - begin
 
     def join(self) -> RehearsalStats:
         """Wait for every step started so far; the stats."""

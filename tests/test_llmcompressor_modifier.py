@@ -713,8 +713,11 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_rehearsal_runs_its_steps_beside_the_run_and_changes_no_tensor(tiny_dir, calib_dataset, tmp_path, monkeypatch):
-    """On a CPU model the rehearsal is skipped; with the device check pointed at the CPU every step runs on
-    its thread (the solve's for each distinct quantized shape) and the checkpoint is the one without it."""
+    """Opt-in. On a CPU model the rehearsal is skipped; with the device check pointed at the CPU every step runs
+    on its thread (the solve's for each distinct quantized shape, the attention through the modeling file's
+    eager function, which llm-compressor calibrates with) and the checkpoint is the one without it."""
+    import importlib.util
+
     from llmcompressor.modifiers.gptq import GPTQModifier
 
     from defuser_quant.integrations.llmcompressor import modifier as modifier_module
@@ -725,9 +728,9 @@ def test_rehearsal_runs_its_steps_beside_the_run_and_changes_no_tensor(tiny_dir,
                  tmp_path / name)
         return defuse
 
-    skipped = run("cpu")
-    assert skipped.rehearsal == {"seconds": {}, "failed": {}, "skipped": "no model tensor on a CUDA device"}
-    assert run("off", rehearse=False).rehearsal is None
+    skipped = run("cpu", rehearse=True).rehearsal
+    assert skipped == {"seconds": {}, "not_run": [], "failed": {}, "skipped": "no model tensor on a CUDA device"}
+    assert run("off").rehearsal is None  # the default
     threads = []
     original = modifier_module.Rehearsal._run
 
@@ -737,10 +740,11 @@ def test_rehearsal_runs_its_steps_beside_the_run_and_changes_no_tensor(tiny_dir,
 
     monkeypatch.setattr(modifier_module, "cuda_device", lambda model: torch.device("cpu"))
     monkeypatch.setattr(modifier_module.Rehearsal, "_run", recorded)
-    rehearsed = run("on").rehearsal
+    rehearsed = run("on", rehearse=True).rehearsal
     assert rehearsed["failed"] == {} and rehearsed["skipped"] is None
     steps = set(rehearsed["seconds"])
-    assert {"attention", "grouped_experts", "linears", "hessian_products", "triton_key"} <= steps
+    assert {"attention", "grouped_experts", "linears", "hessian_products"} <= steps
+    assert rehearsed["not_run"] == ([] if importlib.util.find_spec("triton") else ["triton_key"])
     # q, o and the experts (128 x 128), k and v (64 x 128): two distinct quantized weight shapes
     assert {s for s in steps if s.startswith("solve")} == {"solve (128, 128)", "solve (64, 128)"}
     assert threads == ["defuser-quant-rehearsal"] * 2
@@ -752,10 +756,10 @@ def test_a_failing_rehearsal_step_is_logged_and_the_next_step_runs(caplog):
     from defuser_quant.calibration.first_use import Rehearsal
 
     rehearsal = Rehearsal("cpu")
-    rehearsal.start([("breaks", lambda: 1 / 0), ("runs", lambda: None)])
+    rehearsal.start([("breaks", lambda: 1 / 0), ("runs", lambda: None), ("nothing to do", lambda: False)])
     rehearsal.start_from(lambda: [][0], "plan")
     with caplog.at_level("WARNING"):
         stats = rehearsal.join().as_dict()
-    assert set(stats["seconds"]) == {"runs"}
+    assert set(stats["seconds"]) == {"runs"} and stats["not_run"] == ["nothing to do"]
     assert stats["failed"] == {"breaks": "ZeroDivisionError: division by zero", "plan": "IndexError: list index out of range"}
     assert "kernel rehearsal 'breaks' failed" in caplog.text

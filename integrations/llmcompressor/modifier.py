@@ -154,7 +154,8 @@ class DefuseModifier(Modifier):
         rehearse: on a CUDA model, launch the calibration's and the GPTQ solve's kernels once on small
             tensors of their own, on a background thread, while llm-compressor sets up (CUDA loads
             each kernel at its first launch and the launching thread waits; ``rehearse.py``).
-            Nothing computed changes; :attr:`rehearsal` says what ran. ``False``: no rehearsal.
+            Nothing computed changes; :attr:`rehearsal` says what ran. Opt-in: one H100 call
+            (round 45) showed no end-to-end gain beyond the host's spread.
     """
 
     routing: Literal["routed", "all", "budgeted"] | None = None
@@ -167,7 +168,7 @@ class DefuseModifier(Modifier):
     grouped: bool = True
     share_hessians: bool = True
     save_threads: int | None = Field(default=None, ge=1)
-    rehearse: bool = True
+    rehearse: bool = False
 
     _stack: ExitStack | None = PrivateAttr(default=None)
     _counts: dict[str, dict[str, list[int]]] = PrivateAttr(default_factory=dict)
@@ -212,7 +213,8 @@ class DefuseModifier(Modifier):
 
     @property
     def rehearsal(self) -> dict[str, Any] | None:
-        """The kernel rehearsal's steps (seconds each), failures, or why none ran (None: ``rehearse=False``)."""
+        """The kernel rehearsal's steps (seconds each), those with nothing to rehearse, failures, or why none
+        ran (None: ``rehearse=False``)."""
         return None if self._rehearsal is None else self._rehearsal.stats.as_dict()
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -74,7 +75,9 @@ def calibration_steps(model: nn.Module, blocks: Iterable[DefusedExperts], device
                          ("hessian_products", lambda: rehearse_hessian_products(device, dtype, widths, tokens)),
                          *grouped]
     if config is not None:  # late: its masked kernel (padded batches only) took 1.1 s to load on an H100 (round 44)
-        steps.append(("attention", lambda: rehearse_attention(device, config, dtype, tokens=tokens)))
+        # llm-compressor calibrates with eager attention: the modeling file's own function then
+        eager = getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None)
+        steps.append(("attention", lambda: rehearse_attention(device, config, dtype, tokens=tokens, eager=eager)))
     steps.append(("triton_key", triton_key_step))
     return steps
 
