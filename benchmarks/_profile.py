@@ -141,5 +141,43 @@ def _torch_profile(path: Path, top: int) -> Iterator[None]:
     for e in events:  # ranges the stage clock opens (record_function "stage:<name>")
         if e.key.startswith("stage:"):
             head += f"# {e.key}: {e.count} calls, host {e.cpu_time_total / 1e6:.2f} s, device {e.device_time_total / 1e6:.2f} s\n"
+    try:
+        head += "".join(f"# {line}\n" for line in gpu_busy_lines(prof.events()))
+    except Exception as exc:  # a summary only: the table still gets written
+        head += f"# GPU busy time not computed ({type(exc).__name__}: {exc})\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(head + events.table(sort_by="self_device_time_total", row_limit=top))
+
+
+#: Device-side profiler events that are not work on the GPU (the driver loading kernels, annotations).
+NOT_GPU_WORK = ("Lazy Function Loading", "Runtime Triggered Module Loading", "stage:")
+
+
+def gpu_busy_lines(events: Any) -> list[str]:
+    """From a torch profile's events: the time the GPU ran kernels or copies (their intervals' union), the
+    driver's lazy kernel loads, and per ``stage:<name>`` range (``_llmc_stages.py``'s) how much of its host
+    time the GPU was busy, which says whether the stage waits on the host or on the GPU."""
+    from _timeline import covered_seconds, merge_spans
+
+    work, loads, stages = [], [], []
+    for e in events:
+        start, end = e.time_range.start / 1e6, e.time_range.end / 1e6
+        device = str(getattr(e, "device_type", "")).rsplit(".", 1)[-1]
+        if device == "CPU":
+            if e.name.startswith("stage:"):
+                stages.append((e.name, start, end))
+        elif e.name.startswith(NOT_GPU_WORK[:2]):
+            loads.append(end - start)
+        elif not e.name.startswith(NOT_GPU_WORK[2]):
+            work.append((start, end))
+    merged = merge_spans(work)
+    lines = [f"GPU busy {sum(b - a for a, b in merged):.2f} s (union of {len(work)} kernels and copies); "
+             f"lazy kernel loads {len(loads)}, {sum(loads):.2f} s"]
+    totals: dict[str, list[float]] = {}
+    for name, start, end in stages:
+        total = totals.setdefault(name, [0.0, 0.0])
+        total[0] += end - start
+        total[1] += covered_seconds(merged, start, end)
+    for name, (host, busy) in totals.items():
+        lines.append(f"{name}: host {host:.2f} s, GPU busy {busy:.2f} s ({100 * busy / host if host else 0:.0f}%)")
+    return lines

@@ -26,6 +26,7 @@ row gives their seconds (``solve_steps``), so a solve that waits before its inve
 
 from __future__ import annotations
 
+import bisect
 import functools
 import importlib
 import json
@@ -127,6 +128,23 @@ def union_seconds(spans: list[tuple[float, float]], lo: float = float("-inf"), h
     if cur_b is not None:
         total += cur_b - cur_a
     return total
+
+
+def merge_spans(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """``spans`` as disjoint ``(start, end)`` intervals in order, covering the same time."""
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        elif b > a:
+            merged.append((a, b))
+    return merged
+
+
+def covered_seconds(merged: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Time within ``[lo, hi]`` covered by ``merged`` (from :func:`merge_spans`)."""
+    first = bisect.bisect_left(merged, (lo,)) - 1
+    return sum(_overlap(a, b, lo, hi) for a, b in merged[max(first, 0):bisect.bisect_right(merged, (hi,))])
 
 
 def _overlap(a: float, b: float, lo: float, hi: float) -> float:

@@ -87,6 +87,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 WORKER_T0 = time.perf_counter()
 
@@ -138,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/distributed_<device>[_tiny].json)")
     p.add_argument("--gil-probe", action="store_true",
                    help="sample the interpreter lock's hand-back delay through oneshot (gil_probe: one entry per rank)")
+    p.add_argument("--twice", action="store_true",
+                   help="run each timed oneshot again in the same process on a freshly loaded model (oneshot_again_s): "
+                        "the difference is what the process's first use of its kernels, caches and imports cost")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--calibration", type=Path, default=None, help=argparse.SUPPRESS)  # worker: its rows (calibration_file)
     args = p.parse_args(argv)
@@ -201,6 +205,8 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
         cmd += ["--calibration", str(calibration)]
     if args.gil_probe:
         cmd.append("--gil-probe")
+    if args.twice:
+        cmd.append("--twice")
     row: dict = {"variant": variant, "nproc": nproc, "sync_before_s": flush_page_cache()}
     t0 = time.perf_counter()
     try:
@@ -232,6 +238,8 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
     )
     if args.gil_probe:
         row["gil_probe"] = [r.get("gil_probe") for r in results]
+    if args.twice:
+        row["oneshot_again_s"] = round(max(r["oneshot_again_s"] for r in results), 2)
     return row
 
 
@@ -421,6 +429,17 @@ def repeat_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def again_markdown(rows: list[dict]) -> str:
+    """With ``--twice``: each run's ``oneshot``, the same run again in its process, and the difference (what the
+    process's first use of its kernels, caches and imports cost)."""
+    lines = ["| run | oneshot (s) | again, same process (s) | first use (s) |", "|---|---:|---:|---:|"]
+    for r in rows:
+        if _ok(r) and r.get("oneshot_again_s") is not None:
+            lines.append(f"| {_label(r)} | {r['oneshot_s']:.1f} | {r['oneshot_again_s']:.1f} | "
+                         f"{r['oneshot_s'] - r['oneshot_again_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def scaling_markdown(rows: list[dict], nproc: int) -> str:
     """What shrinks with the ranks: the split stages vs the rest of ``oneshot`` (slowest rank's seconds)."""
     lines = [f"| recipe | oneshot 1 -> {nproc} (s) | speed-up | calibrate + propagate + solve 1 -> {nproc} (s) | speed-up | "
@@ -486,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         payload["table"], payload["stage_table"] = markdown(rows, args.nproc), stage_markdown(rows)
         payload["scaling_table"] = scaling_markdown(rows, args.nproc)
         payload["vs_stock_table"] = stock_markdown(rows)
+        if args.twice:
+            payload["first_use_table"] = again_markdown(rows)
         if payload.get("checkpoint_groups"):
             payload["vs_stock_table"] += "\n\n" + groups_markdown(payload["checkpoint_groups"])
         if args.repeat > 1:
@@ -540,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.repeat > 1:
             print()
             print(repeat_markdown(rows))
+        if args.twice:
+            print()
+            print(payload["first_use_table"])
         write()
         print(f"wrote {out}")
         failed = [r for r in rows if "error" in r or not r.get("coverage_same_on_every_rank", True)]
@@ -688,23 +712,40 @@ def worker(args: argparse.Namespace) -> int:
     rows = json.loads(calibration_file(args).read_text())
     data = distributed.rank_share(Dataset.from_list(rows))
     device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device)
-    recipe = [GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)]
-    defuse = None
     if variant == "stock":
         # Importing our integration swaps llm-compressor's MoE linearization for ours even without
         # DefuseModifier in the recipe (and _llmc_stages imports it when it can): block it here.
         if sys.modules.get(LLMC_INTEGRATION) is not None:
             raise RuntimeError(f"stock variant but {LLMC_INTEGRATION} is already imported: the baseline would not be stock")
         sys.modules[LLMC_INTEGRATION] = None  # type: ignore[assignment]  # import -> ImportError
-    else:
+
+    def model_and_recipe() -> tuple[Any, list, Any]:
+        """The model loaded on the device and the variant's recipe (with its DefuseModifier, None for stock)."""
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device)
+        steps = [GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)]
+        if variant == "stock":
+            return loaded, steps, None
         import defuser_quant.integrations.llmcompressor as dq_llmc
 
         routing, _, suffix = variant.partition("-")
-        defuse = dq_llmc.DefuseModifier(routing=routing, grouped=suffix != "loop",
-                                        save_threads=1 if suffix == "onewriter" else None,
-                                        share_hessians=suffix != "unshared", rehearse=suffix == "rehearse")
-        recipe.insert(0, defuse)
+        modifier = dq_llmc.DefuseModifier(routing=routing, grouped=suffix != "loop",
+                                          save_threads=1 if suffix == "onewriter" else None,
+                                          share_hessians=suffix != "unshared", rehearse=suffix == "rehearse")
+        return loaded, [modifier, *steps], modifier
+
+    def run_oneshot(loaded: Any, steps: list, folder: Path) -> float:
+        """``oneshot`` of ``steps`` on ``loaded`` into ``folder``; its seconds (the GPU synchronized)."""
+        begin = time.perf_counter()
+        oneshot(
+            model=loaded, processor=AutoTokenizer.from_pretrained(source), dataset=data, recipe=steps,
+            output_dir=str(folder), num_calibration_samples=len(data), max_seq_length=args.seq_len,
+            shuffle_calibration_samples=False,
+        )
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - begin
+
+    model, recipe, defuse = model_and_recipe()
     from _llmc_stages import install as install_stage_clock
 
     clock = install_stage_clock(cuda)
@@ -722,17 +763,9 @@ def worker(args: argparse.Namespace) -> int:
 
     probe = GilProbe() if args.gil_probe else None
     with count_triton_compiles() as compiles:  # its cache scans stay outside the timed region
-        t0 = time.perf_counter()
         with maybe_profile(f"llmc-{variant}-n{distributed.world_size()}-rank{distributed.rank()}"), \
                 probe or contextlib.nullcontext():
-            oneshot(
-                model=model, processor=AutoTokenizer.from_pretrained(source), dataset=data, recipe=recipe,
-                output_dir=str(out / "checkpoint"), num_calibration_samples=len(data), max_seq_length=args.seq_len,
-                shuffle_calibration_samples=False,
-            )
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+            seconds = run_oneshot(model, recipe, out / "checkpoint")
     use = None if defuse is None or defuse.grouped_use is None else defuse.grouped_use
     experts_classes = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for n, m in model.named_modules()
                               if n.endswith("mlp.experts")})
@@ -752,6 +785,10 @@ def worker(args: argparse.Namespace) -> int:
         "gil_probe": None if probe is None else probe.summary(),
         "rehearsal": None if defuse is None else defuse.rehearsal,
     }
+    if args.twice:  # the same run again in this process: the difference is what the first use of everything cost
+        del model, recipe
+        again_model, again_recipe, _ = model_and_recipe()
+        result["oneshot_again_s"] = run_oneshot(again_model, again_recipe, out / "checkpoint-again")
     (out / f"rank{distributed.rank()}.json").write_text(json.dumps(result))
     return 0
 

@@ -38,3 +38,20 @@ def test_all_all_unshared_and_all_rehearse_record_what_they_did_and_give_the_sam
     assert payload["checkpoint_groups"] == {"x1": {"groups": groups, "unsettled": [], "read": []}}
     assert ("Identical checkpoints (x1, every tensor equal): {all x1, all-unshared x1, all-rehearse x1}"
             in payload["vs_stock_table"])
+
+
+@pytest.mark.slow
+def test_twice_runs_each_oneshot_again_in_its_process(tmp_path):
+    pytest.importorskip("llmcompressor")
+    out = tmp_path / "twice.json"
+    dg.main(["--device", "cpu", "--tiny", "--variants", "stock@1,all@1", "--twice", "--workdir", str(tmp_path / "work"),
+             "--output", str(out)])
+    payload = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in payload["rows"]}
+    assert set(rows) == {"stock", "all"} and not any("error" in row for row in rows.values()), rows
+    for variant, row in rows.items():
+        assert row["oneshot_again_s"] > 0
+        assert (tmp_path / "work" / f"{variant}-n1" / "checkpoint-again").is_dir()
+        first_use = row["oneshot_s"] - row["oneshot_again_s"]
+        assert f"| {variant} x1 | {row['oneshot_s']:.1f} | {row['oneshot_again_s']:.1f} | {first_use:.1f} |" \
+            in payload["first_use_table"]
