@@ -15,6 +15,9 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
                launched once ahead on a background thread (``integrations/llmcompressor/rehearse.py``); the
                checkpoint must be ``all``'s (``checkpoint_vs_unrehearsed``). Round 45 ran it as the
                default, ``all`` then, against ``all-norehearse``.
+* ``all-syncfree`` - ``all`` with ``sync_free_propagation=True`` (opt-in): the propagation passes' grouped
+               forwards without their host sync per block call; the checkpoint must be ``all``'s
+               (``checkpoint_vs_synced``).
 * ``all-unshared`` - ``all`` with ``share_hessians=False``: every gate/up Hessian takes each call's
                product itself; the checkpoint must be ``all``'s (``checkpoint_vs_shared``).
 * ``routed-onewriter`` / ``all-onewriter`` - the same with ``save_threads=1``: Transformers writes
@@ -100,7 +103,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
 VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter", "all-unshared",
-            "all-rehearse")
+            "all-rehearse", "all-syncfree")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
@@ -575,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
     """A finished run against its references: N vs 1 process, stock, and for a suffixed variant
-    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-loop``) the same variant without the suffix."""
+    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-syncfree``, ``-loop``) the same variant without the suffix."""
     if not _ok(row):
         return
     one = _find(rows, row["variant"], 1, row.get("repeat", 0))
@@ -597,6 +600,7 @@ _REFERENCE_OF_SUFFIX = (
     ("-onewriter", "checkpoint_vs_writer_pool", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
     ("-unshared", "checkpoint_vs_shared", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
     ("-rehearse", "checkpoint_vs_unrehearsed", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
+    ("-syncfree", "checkpoint_vs_synced", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
     ("-loop", "logits_vs_grouped", lambda ref, ckpt, args: compare_logits(ref, ckpt, args.device)),
 )
 
@@ -730,7 +734,8 @@ def worker(args: argparse.Namespace) -> int:
         routing, _, suffix = variant.partition("-")
         modifier = dq_llmc.DefuseModifier(routing=routing, grouped=suffix != "loop",
                                           save_threads=1 if suffix == "onewriter" else None,
-                                          share_hessians=suffix != "unshared", rehearse=suffix == "rehearse")
+                                          share_hessians=suffix != "unshared", rehearse=suffix == "rehearse",
+                                          sync_free_propagation=suffix == "syncfree")
         return loaded, [modifier, *steps], modifier
 
     def run_oneshot(loaded: Any, steps: list, folder: Path) -> float:
@@ -777,7 +782,8 @@ def worker(args: argparse.Namespace) -> int:
         "oneshot_s": seconds,
         "worker_s": time.perf_counter() - WORKER_T0,
         "stages": clock.totals(),
-        "grouped_use": None if use is None else {"grouped": use.grouped, "fallbacks": use.fallbacks},
+        "grouped_use": None if use is None else {"grouped": use.grouped, "without_sync": use.without_sync,
+                                                 "fallbacks": use.fallbacks},
         "hessian_batching": _hessian_batching(defuse),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "coverage_totals": None if defuse is None or defuse.coverage is None else defuse.coverage.totals.model_dump(),

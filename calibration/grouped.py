@@ -77,6 +77,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from defuser_quant.core.defused import DefusedExpert, DefusedExperts
+from defuser_quant.core.errors import DefuserQuantError
 
 __all__ = [
     "MOVED",
@@ -84,7 +85,9 @@ __all__ = [
     "ForwardWrapper",
     "GroupedUse",
     "LinearAdapter",
+    "RoutedIndexError",
     "call_plan",
+    "check_routed_indices",
     "deterministic_mode",
     "grouped_expert_calls",
     "grouped_routed_forward",
@@ -462,6 +465,7 @@ class GroupedUse:
 
     grouped: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)
+    without_sync: int = 0  # ... of the grouped calls: routed ones without a host sync (``hooks=False``)
 
     @property
     def loop(self) -> int:
@@ -482,10 +486,11 @@ def recording_grouped_use() -> Iterator[GroupedUse]:
         _RECORDERS.remove(use)
 
 
-def _record(reason: str | None) -> None:
+def _record(reason: str | None, *, synced: bool = True) -> None:
     for use in _RECORDERS:
         if reason is None:
             use.grouped += 1
+            use.without_sync += not synced
         else:
             use.fallbacks[reason] = use.fallbacks.get(reason, 0) + 1
 
@@ -1175,14 +1180,16 @@ def _run_sorted(
 
 
 def grouped_routed_forward(
-    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    *, hooks: bool = True,
 ) -> torch.Tensor | None:
     """``block.routed_forward`` through grouped GEMMs; None when the block cannot (see :func:`why_not_grouped`).
 
     Each expert's projections see the rows of the loop in the loop's order (top-k slot, then
-    token); the combine adds in ascending expert order like the loop's ``index_add_``.
+    token); the combine adds in ascending expert order like the loop's ``index_add_``. ``hooks``:
+    as :func:`grouped_routed_forward_with_counts`'.
     """
-    result = grouped_routed_forward_with_counts(block, hidden_states, top_k_index, top_k_weights)
+    result = grouped_routed_forward_with_counts(block, hidden_states, top_k_index, top_k_weights, hooks=hooks)
     return None if result is None else result[0]
 
 
@@ -1201,23 +1208,83 @@ def call_plan(block: DefusedExperts, hidden_states: torch.Tensor) -> _Live | Non
 
 def routed_output(
     block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    grouped: bool = True,
+    grouped: bool = True, *, hooks: bool = True,
 ) -> torch.Tensor:
     """The block's routed output: :func:`grouped_routed_forward` when ``grouped`` and the block can, else
-    ``block.routed_forward`` (the per-expert loop)."""
-    output = grouped_routed_forward(block, hidden_states, top_k_index, top_k_weights) if grouped else None
+    ``block.routed_forward`` (the per-expert loop). ``hooks``: as :func:`grouped_routed_forward_with_counts`'."""
+    output = grouped_routed_forward(block, hidden_states, top_k_index, top_k_weights, hooks=hooks) if grouped else None
     if output is None:
         settle_batched_hooks()
         return block.routed_forward(hidden_states, top_k_index, top_k_weights)
     return output
 
 
+class RoutedIndexError(DefuserQuantError, IndexError):
+    """A routed call without a host sync saw an expert index outside ``[0, num_experts)``."""
+
+
+#: Per block: a device flag set when a routed call without a host sync (``hooks=False``) saw an expert
+#: index outside ``[0, num_experts)``; read by :func:`check_routed_indices`.
+_INDEX_FLAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _flag_outside(block: DefusedExperts, expert_ids: torch.Tensor) -> None:
+    """Set ``block``'s flag when the sorted ``expert_ids`` leave ``[0, num_experts)`` (on the device: no sync)."""
+    outside = (expert_ids[:1] < 0) | (expert_ids[-1:] >= block.num_experts)
+    flag = _INDEX_FLAGS.get(block)
+    if flag is None or flag.device != outside.device:
+        _INDEX_FLAGS[block] = outside
+    else:
+        flag.logical_or_(outside)
+
+
+def check_routed_indices() -> None:
+    """Raise :class:`RoutedIndexError` when a routed call without a host sync (``hooks=False``) saw an expert
+    index outside ``[0, num_experts)`` since the last check: that call's output is wrong (the per-expert loop
+    refuses such an index at once). Reads each flag once (one sync per block); clears them."""
+    flags = list(_INDEX_FLAGS.items())
+    _INDEX_FLAGS.clear()
+    for block, flag in flags:
+        if bool(flag.any()):
+            raise RoutedIndexError(
+                f"a pass without expert hooks routed tokens of a {type(block).__name__} block to an expert index "
+                f"outside [0, {block.num_experts}), so its output was wrong; run without the sync-free routed forward "
+                "(llm-compressor: DefuseModifier(sync_free_propagation=False)) to have the call refuse it, and check the "
+                "model's router"
+            )
+
+
+def _no_weightless_experts(block: DefusedExperts) -> bool:
+    """Whether every routed index of ``block`` must be one of its experts: its class keeps the per-expert loop
+    that refuses any other (families with weightless experts override it and take indices past them)."""
+    return type(block).routed_forward is DefusedExperts.routed_forward
+
+
+def _run_hookless(plan: _Live, x: torch.Tensor, offs: torch.Tensor, expert_ids: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_run_sorted` for a call on which no hook of the experts acts: the same grouped GEMMs over every
+    expert of the block, without the rows per expert on the host."""
+    roles = plan.roles
+
+    def project(role: _Role, rows: torch.Tensor) -> torch.Tensor:
+        out = _grouped_mm(rows, role.weight[0:len(role.modules)].transpose(-2, -1), offs)
+        return out if role.bias is None else out + role.bias[expert_ids]
+
+    gate = project(roles[0], x) if len(roles) == 3 else None
+    up = project(roles[-2], x)
+    return project(roles[-1], plan.gate_fn(gate, up))
+
+
 def grouped_routed_forward_with_counts(
     block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    plan: _Live | None = None,
-) -> tuple[torch.Tensor, list[int]] | None:
+    plan: _Live | None = None, *, hooks: bool = True,
+) -> tuple[torch.Tensor, list[int] | None] | None:
     """:func:`grouped_routed_forward` plus the routed rows per expert (host ints, read by its one host
-    sync); ``plan``: from :func:`call_plan` for this block and call (else checked here)."""
+    sync); ``plan``: from :func:`call_plan` for this block and call (else checked here).
+
+    ``hooks=False``: the caller vouches that no hook of the block's experts acts on this call (every one
+    switched off). On a block without weightless experts the call then has no host sync: the rows per
+    expert stay on the device (the counts are None) and an expert index outside ``[0, num_experts)``, which
+    the per-expert loop refuses at once, sets a flag that :func:`check_routed_indices` raises on later."""
     if plan is None:
         plan = call_plan(block, hidden_states)
         if plan is None:
@@ -1233,17 +1300,23 @@ def grouped_routed_forward_with_counts(
     # Expert e's rows are [bounds[e], bounds[e + 1]) of the sorted order (no bincount: on CUDA it syncs).
     bounds = torch.searchsorted(expert_ids, torch.arange(num_experts + 1, device=expert_ids.device, dtype=expert_ids.dtype))
     offs = bounds[1:].to(torch.int32)
-    # The one host sync: the bounds and the range check (sorted ids: first and last are min and max).
-    *edges, low, high = torch.cat([bounds, expert_ids[:1], expert_ids[-1:]]).tolist()
-    counts = [b - a for a, b in itertools.pairwise(edges)]
-    if low < 0 or high >= num_experts:
-        logger.debug("grouped forward off: expert indices outside [0, %d)", num_experts)
-        _record(f"expert indices outside [0, {num_experts})")
-        return None
-    _record(None)
     token_idx = perm % tokens
+    counts: list[int] | None = None
+    if not hooks and _no_weightless_experts(block):
+        _flag_outside(block, expert_ids)
+        _record(None, synced=False)
+        out = _run_hookless(plan, hidden_states[token_idx], offs, expert_ids if plan.has_bias else None)
+    else:
+        # The one host sync: the bounds and the range check (sorted ids: first and last are min and max).
+        *edges, low, high = torch.cat([bounds, expert_ids[:1], expert_ids[-1:]]).tolist()
+        counts = [b - a for a, b in itertools.pairwise(edges)]
+        if low < 0 or high >= num_experts:
+            logger.debug("grouped forward off: expert indices outside [0, %d)", num_experts)
+            _record(f"expert indices outside [0, {num_experts})")
+            return None
+        _record(None)
+        out = _run_sorted(plan, hidden_states[token_idx], counts, offs, expert_ids if plan.has_bias else None)
     slot_idx = perm // tokens
-    out = _run_sorted(plan, hidden_states[token_idx], counts, offs, expert_ids if plan.has_bias else None)
     weighted = out * top_k_weights[token_idx, slot_idx, None]
     final = block.new_output(hidden_states)
     # Row of each (token, j-th smallest expert id) in the sorted order.

@@ -395,3 +395,50 @@ def test_adapter_inner_kinds_follow_the_registered_adapters():
     finally:
         grouped.unregister_linear_adapter(Hooked)
     assert grouped._INNER_KINDS == {} and Hooked not in grouped._ADAPTERS
+
+
+def _routing(tokens: int, experts: int, top_k: int, dtype: torch.dtype, seed: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=generator)
+    weights, index = torch.topk(logits.softmax(-1), top_k, dim=-1)
+    return index, weights.to(dtype)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_call_without_hooks_needs_no_host_sync_and_gives_the_same_output(family, dtype, monkeypatch):
+    """``hooks=False`` (no expert hook acts): the same grouped GEMMs without the rows per expert on the
+    host, so no ``tolist``; the output is the synced call's bit for bit, and the counts are not known."""
+    from defuser_quant.calibration import grouped
+
+    model, _ = tiny.build(family, dtype, num_experts_per_tok=2)
+    convert_model(model)
+    (_, block), *_ = blocks(model)
+    hidden = torch.randn(24, block[0].projection("up").in_features, generator=torch.Generator().manual_seed(4)).to(dtype)
+    index, weights = _routing(24, block.num_experts, 2, dtype)
+    with torch.no_grad():
+        synced, counts = grouped.grouped_routed_forward_with_counts(block, hidden, index, weights)
+        host_reads = []
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: host_reads.append(self) or [])
+        free, no_counts = grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, hooks=False)
+    assert host_reads == [] and no_counts is None and sum(counts) == 48
+    assert torch.equal(free, synced)
+    grouped.check_routed_indices()  # every index was an expert's: nothing raised
+
+
+def test_an_index_outside_the_block_without_a_sync_is_raised_at_the_check():
+    from defuser_quant.calibration import grouped
+
+    model, _ = tiny.build("qwen3_moe", torch.float32)
+    convert_model(model)
+    (_, block), *_ = blocks(model)
+    hidden = torch.randn(6, block[0].projection("up").in_features)
+    index, weights = _routing(6, block.num_experts, 2, torch.float32)
+    index[3, 1] = block.num_experts  # no such expert: the loop's one_hot refuses it
+    with pytest.raises(RuntimeError):
+        block.routed_forward(hidden, index, weights)
+    assert grouped.grouped_routed_forward_with_counts(block, hidden, index, weights) is None  # synced: the loop's turn
+    grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, hooks=False)
+    with pytest.raises(grouped.RoutedIndexError, match=rf"outside \[0, {block.num_experts}\).*sync_free_propagation=False"):
+        grouped.check_routed_indices()
+    grouped.check_routed_indices()  # the check cleared the flag

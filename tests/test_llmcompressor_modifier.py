@@ -74,12 +74,16 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def calib_dataset():
+def _calibration_dataset():
     from datasets import Dataset
 
     lines = _corpus_lines()
     return Dataset.from_dict({"text": [" ".join(lines[i * 12 : (i + 1) * 12]) for i in range(SAMPLES)]})
+
+
+@pytest.fixture(scope="session")
+def calib_dataset():
+    return _calibration_dataset()
 
 
 @pytest.fixture(scope="session")
@@ -699,7 +703,7 @@ def test_repack_moe_packs_quantization_parameters_like_stock(tiny_dir):
         torch.testing.assert_close(ours[key], stock[key], rtol=0, atol=0, msg=key)
 
 
-# ----- the kernel rehearsal -------------------------------------------------------------------------
+# ----- the kernel rehearsal and the sync-free propagation ---------------------------------------------
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -711,45 +715,81 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+_FRESH_RUN = """
+import json, sys, threading, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+import test_llmcompressor_modifier as t
+from llmcompressor.modifiers.gptq import GPTQModifier
+from defuser_quant.calibration import grouped
+from defuser_quant.integrations.llmcompressor import modifier
+if {cpu_rehearsal!r}:
+    modifier.cuda_device = lambda model: torch.device("cpu")
+threads, hookless, run, rehearsal_run = [], [0], grouped._run_hookless, modifier.Rehearsal._run
+def counted(*a):
+    hookless[0] += 1
+    return run(*a)
+def named(self, *a):
+    threads.append(threading.current_thread().name)
+    return rehearsal_run(self, *a)
+grouped._run_hookless, modifier.Rehearsal._run = counted, named
+defuse = t.dq_llmc.DefuseModifier(routing="all", **{fields!r})
+t._oneshot({model!r}, t._calibration_dataset(), [defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=t.IGNORE)],
+           {out!r})
+print("RESULT " + json.dumps({{"rehearsal": defuse.rehearsal, "hookless": hookless[0], "threads": threads}}))
+"""
+
+
+def _fresh_oneshot(model: Path, out: Path, cpu_rehearsal: bool = False, **fields) -> dict:
+    """One ``oneshot`` (routing all, GPTQ W4A16) in a process of its own. Repeated runs in one process can
+    pack a weight differently on this CPU (one of layer 1's expert weights, with or without DefuseModifier,
+    stock llm-compressor too); each process's first run agrees with every other's."""
+    script = _FRESH_RUN.format(tests=str(Path(__file__).parent), cpu_rehearsal=cpu_rehearsal, fields=fields,
+                               model=str(model), out=str(out))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def _same_tensors(a: Path, b: Path) -> list[str]:
+    """The tensor names whose values differ between two checkpoints (both must hold the same names)."""
+    first, second = _tensors(a), _tensors(b)
+    assert first.keys() == second.keys()
+    return [k for k in first if not torch.equal(first[k], second[k])]
+
+
 @pytest.mark.slow
-def test_rehearsal_runs_its_steps_beside_the_run_and_changes_no_tensor(tiny_dir, calib_dataset, tmp_path, monkeypatch):
+def test_rehearsal_runs_its_steps_beside_the_run_and_changes_no_tensor(tiny_dir, tmp_path):
     """Opt-in. On a CPU model the rehearsal is skipped; with the device check pointed at the CPU every step runs
     on its thread (the solve's for each distinct quantized shape, the attention through the modeling file's
     eager function, which llm-compressor calibrates with) and the checkpoint is the one without it."""
     import importlib.util
 
-    from llmcompressor.modifiers.gptq import GPTQModifier
-
-    from defuser_quant.integrations.llmcompressor import modifier as modifier_module
-
-    def run(name: str, **fields):
-        defuse = dq_llmc.DefuseModifier(routing="all", **fields)
-        _oneshot(tiny_dir, calib_dataset, [defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)],
-                 tmp_path / name)
-        return defuse
-
-    skipped = run("cpu", rehearse=True).rehearsal
+    off = _fresh_oneshot(tiny_dir, tmp_path / "off")
+    assert off["rehearsal"] is None  # the default
+    skipped = _fresh_oneshot(tiny_dir, tmp_path / "cpu", rehearse=True)["rehearsal"]
     assert skipped == {"seconds": {}, "not_run": [], "failed": {}, "skipped": "no model tensor on a CUDA device"}
-    assert run("off").rehearsal is None  # the default
-    threads = []
-    original = modifier_module.Rehearsal._run
-
-    def recorded(self, *args):
-        threads.append(__import__("threading").current_thread().name)
-        return original(self, *args)
-
-    monkeypatch.setattr(modifier_module, "cuda_device", lambda model: torch.device("cpu"))
-    monkeypatch.setattr(modifier_module.Rehearsal, "_run", recorded)
-    rehearsed = run("on", rehearse=True).rehearsal
+    on = _fresh_oneshot(tiny_dir, tmp_path / "on", cpu_rehearsal=True, rehearse=True)
+    rehearsed = on["rehearsal"]
     assert rehearsed["failed"] == {} and rehearsed["skipped"] is None
     steps = set(rehearsed["seconds"])
     assert {"attention", "grouped_experts", "linears", "hessian_products"} <= steps
     assert rehearsed["not_run"] == ([] if importlib.util.find_spec("triton") else ["triton_key"])
     # q, o and the experts (128 x 128), k and v (64 x 128): two distinct quantized weight shapes
     assert {s for s in steps if s.startswith("solve")} == {"solve (128, 128)", "solve (64, 128)"}
-    assert threads == ["defuser-quant-rehearsal"] * 2
-    off, on = _tensors(tmp_path / "off"), _tensors(tmp_path / "on")
-    assert off.keys() == on.keys() and all(torch.equal(off[k], on[k]) for k in off)
+    assert on["threads"] == ["defuser-quant-rehearsal"] * 2
+    assert _same_tensors(tmp_path / "off", tmp_path / "on") == []
+
+
+@pytest.mark.slow
+def test_sync_free_propagation_skips_the_host_sync_in_propagation_and_changes_no_tensor(tiny_dir, tmp_path):
+    """Opt-in: the propagation passes' grouped forwards (every expert hook llm-compressor's, switched off)
+    run without the rows per expert on the host; the calibration passes keep their sync (the token counts
+    need it); the checkpoint is the one without the option."""
+    assert _fresh_oneshot(tiny_dir, tmp_path / "synced")["hookless"] == 0
+    free = _fresh_oneshot(tiny_dir, tmp_path / "sync_free", sync_free_propagation=True)
+    assert free["hookless"] == LAYERS * SAMPLES  # every propagation call of every layer
+    assert _same_tensors(tmp_path / "synced", tmp_path / "sync_free") == []
 
 
 def test_a_failing_rehearsal_step_is_logged_and_the_next_step_runs(caplog):

@@ -47,7 +47,7 @@ from defuser_quant.calibration.grouped import (
     wrapper_code,
 )
 
-__all__ = ["QUANTIZED_FORWARD", "OFFLOAD_FORWARD", "compressed_tensors_grouping", "hooks_mixin_parts"]
+__all__ = ["QUANTIZED_FORWARD", "OFFLOAD_FORWARD", "compressed_tensors_grouping", "experts_hooks_off", "hooks_mixin_parts"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,18 @@ def hooks_mixin_parts(hook: Callable, code: types.CodeType | None) -> tuple[Call
         return None
     cells = hook.__closure__
     return cells[names.index("hook")].cell_contents, cells[names.index("handle")]
+
+
+def experts_hooks_off(block: nn.Module, mixin: type, code: types.CodeType | None) -> bool:
+    """Whether no hook on ``block``'s expert projections acts now: llm-compressor's wrapped hooks are all
+    switched off (:func:`hooks_mixin_live` is None, as in the propagation pass) and every forward and pre-hook
+    of the projections is one of them (``code``: the wrapper's code object). Hooks on the experts themselves
+    already keep a block off the grouped forward."""
+    if code is None or hooks_mixin_live(mixin) is not None:
+        return False
+    projections = [m for expert in block for m in expert._modules.values() if m is not None]
+    hooks = itertools.chain(*(d.values() for m in projections for d in (m._forward_pre_hooks, m._forward_hooks)))
+    return all(getattr(hook, "__code__", None) is code for hook in hooks)
 
 
 def _always(_cell: types.CellType) -> bool:

@@ -43,9 +43,15 @@ from defuser_quant.core import DefusedExperts, DefuserQuantError, FilterRules, c
 from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_report, routing_mode
 from defuser_quant.calibration import distributed
 from defuser_quant.calibration.first_use import Rehearsal
-from defuser_quant.calibration.grouped import GroupedUse, recording_grouped_use, routed_output
+from defuser_quant.calibration.grouped import (
+    GroupedUse,
+    check_routed_indices,
+    recording_grouped_use,
+    routed_output,
+    wrapper_code,
+)
 
-from .grouped import compressed_tensors_grouping
+from .grouped import compressed_tensors_grouping, experts_hooks_off
 from .hessians import batched_gptq_hessians, last_batching
 from .token_counts import TokenCounter, batched_token_counts
 from .linearize import adopt_linear_experts
@@ -77,17 +83,20 @@ class _CalibrationPassOnly:
 
     def __init__(
         self, inner: Any, fingerprints: list | None = None, budget: RankBudget | None = None, path: str = "",
-        grouped: bool = False,
+        grouped: bool = False, sync_free: bool = False,
     ):
         self.inner = inner
         self.fingerprints = fingerprints
         self.budget = budget
         self.path = path
         self.grouped = grouped
+        # propagation calls on which every expert hook is llm-compressor's and switched off skip the host sync
+        self.hook_code = wrapper_code(HooksMixin.register_hook, "wrapped_hook") if sync_free else None
 
     def __call__(self, block: DefusedExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if HooksMixin._HOOKS_DISABLED:
-            return routed_output(block, hidden, index, weights, self.grouped)
+            hooks = self.hook_code is None or not experts_hooks_off(block, HooksMixin, self.hook_code)
+            return routed_output(block, hidden, index, weights, self.grouped, hooks=hooks)
         if self.fingerprints is not None:  # kept on the device: one transfer when checked, no sync per batch
             self.fingerprints.append(torch.bincount(index.reshape(-1), minlength=block.num_experts))
         if self.budget is not None:
@@ -156,6 +165,11 @@ class DefuseModifier(Modifier):
             each kernel at its first launch and the launching thread waits; ``rehearse.py``).
             Nothing computed changes; :attr:`rehearsal` says what ran. Opt-in: one H100 call
             (round 45) showed no end-to-end gain beyond the host's spread.
+        sync_free_propagation: with ``grouped``, the propagation passes' grouped forwards (llm-compressor's
+            hooks all switched off) skip their one host sync per block call: the rows per expert stay on
+            the device, the same GEMMs run (the same outputs bit for bit), and an expert index outside
+            the block, which the per-expert loop refuses at once, is raised at finalize instead (the run
+            fails before the save). Opt-in: not measured on a GPU yet.
     """
 
     routing: Literal["routed", "all", "budgeted"] | None = None
@@ -169,6 +183,7 @@ class DefuseModifier(Modifier):
     share_hessians: bool = True
     save_threads: int | None = Field(default=None, ge=1)
     rehearse: bool = False
+    sync_free_propagation: bool = False
 
     _stack: ExitStack | None = PrivateAttr(default=None)
     _counts: dict[str, dict[str, list[int]]] = PrivateAttr(default_factory=dict)
@@ -256,7 +271,8 @@ class DefuseModifier(Modifier):
             self._fingerprints = [] if distributed.is_distributed() else None
             for index, (path, block) in enumerate(_blocks(model)):
                 record = self._fingerprints if index == 0 else None
-                block.forward_override = _CalibrationPassOnly(block.forward_override, record, self._budget, path, self.grouped)
+                block.forward_override = _CalibrationPassOnly(block.forward_override, record, self._budget, path, self.grouped,
+                                                              self.grouped and self.sync_free_propagation)
             if distributed.is_distributed():
                 self._undo_rank_sync = before_compress(self._recipe_modifiers(), model, self._before_compress)
             if self.rehearse:
@@ -277,6 +293,8 @@ class DefuseModifier(Modifier):
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
         self._check_data_split()
         self._teardown()
+        if self.sync_free_propagation:
+            check_routed_indices()  # raises before oneshot saves anything
         self._log_grouped_use()
         if self._counts:
             self._finish_coverage()
