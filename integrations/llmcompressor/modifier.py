@@ -377,16 +377,18 @@ class DefuseModifier(Modifier):
         self._rehearsal.start_from(lambda: calibration_steps(model, blocks, device), "calibration set-up")
 
     def _teardown(self) -> None:
-        if self._rehearsal is not None:
-            stats = self._rehearsal.join()
-            logger.debug("kernel rehearsal: %s", stats.as_dict())
-        self.remove_hooks()
-        if self._undo_rank_sync is not None:
-            undo, self._undo_rank_sync = self._undo_rank_sync, None
-            undo()
-        if self._stack is not None:
-            stack, self._stack = self._stack, None
-            stack.close()
+        try:
+            if self._rehearsal is not None:  # a Ctrl-C while waiting still undoes the rest below
+                stats = self._rehearsal.join()
+                logger.debug("kernel rehearsal: %s", stats.as_dict())
+        finally:
+            self.remove_hooks()
+            if self._undo_rank_sync is not None:
+                undo, self._undo_rank_sync = self._undo_rank_sync, None
+                undo()
+            if self._stack is not None:
+                stack, self._stack = self._stack, None
+                stack.close()
 
     def _finish_coverage(self) -> None:
         # under torchrun each rank counted its own share of the data: sum before deciding anything
