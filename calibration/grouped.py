@@ -1262,11 +1262,12 @@ def _no_weightless_experts(block: DefusedExperts) -> bool:
 
 def _run_hookless(plan: _Live, x: torch.Tensor, offs: torch.Tensor, expert_ids: torch.Tensor | None) -> torch.Tensor:
     """:func:`_run_sorted` for a call on which no hook of the experts acts: the same grouped GEMMs over every
-    expert of the block, without the rows per expert on the host."""
+    expert of the block (``offs``: one end offset per expert), without the rows per expert on the host."""
     roles = plan.roles
+    span = slice(0, offs.numel())  # _run_sorted's span for counts of every expert from the first
 
     def project(role: _Role, rows: torch.Tensor) -> torch.Tensor:
-        out = _grouped_mm(rows, role.weight[0:len(role.modules)].transpose(-2, -1), offs)
+        out = _grouped_mm(rows, role.weight[span].transpose(-2, -1), offs)
         return out if role.bias is None else out + role.bias[expert_ids]
 
     gate = project(roles[0], x) if len(roles) == 3 else None

@@ -102,7 +102,7 @@ def solve_steps(model: nn.Module, device: torch.device) -> list[Step]:
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 
     seen: dict[tuple, Step] = {}
-    for name, module in model.named_modules():
+    for module in model.modules():
         scheme = getattr(module, "quantization_scheme", None)
         args = getattr(scheme, "weights", None)
         weight, scale, zero = (getattr(module, n, None) for n in ("weight", "weight_scale", "weight_zero_point"))
@@ -112,8 +112,10 @@ def solve_steps(model: nn.Module, device: torch.device) -> list[Step]:
         key = (tuple(weight.shape), tuple(scale.shape), scale.dtype, tuple(zero.shape), zero.dtype,
                global_scale is not None, args.model_dump_json() if hasattr(args, "model_dump_json") else repr(args))
         if key not in seen:
-            seen[key] = (f"solve {tuple(weight.shape)}", _solve(quantize_weight, device, tuple(weight.shape), scale, zero,
-                                                                  global_scale is not None, args))
+            same_shape = sum(k[0] == key[0] for k in seen)  # another scheme of that shape: a name of its own
+            name = f"solve {tuple(weight.shape)}" + (f" #{same_shape + 1}" if same_shape else "")
+            seen[key] = (name, _solve(quantize_weight, device, tuple(weight.shape), scale, zero, global_scale is not None,
+                                      args))
     return list(seen.values())
 
 
