@@ -149,8 +149,10 @@ def _torch_profile(path: Path, top: int) -> Iterator[None]:
     path.write_text(head + events.table(sort_by="self_device_time_total", row_limit=top))
 
 
-#: Device-side profiler events that are not work on the GPU (the driver loading kernels, annotations).
-NOT_GPU_WORK = ("Lazy Function Loading", "Runtime Triggered Module Loading", "stage:")
+#: Device-side profiler events of the driver loading kernels: not work on the GPU.
+DRIVER_LOADS = ("Lazy Function Loading", "Runtime Triggered Module Loading")
+#: The stage clock's ranges (``record_function("stage:<name>")``), on the host and mirrored on the device.
+STAGE = "stage:"
 
 
 def gpu_busy_lines(events: Any) -> list[str]:
@@ -164,11 +166,11 @@ def gpu_busy_lines(events: Any) -> list[str]:
         start, end = e.time_range.start / 1e6, e.time_range.end / 1e6
         device = str(getattr(e, "device_type", "")).rsplit(".", 1)[-1]
         if device == "CPU":
-            if e.name.startswith("stage:"):
+            if e.name.startswith(STAGE):
                 stages.append((e.name, start, end))
-        elif e.name.startswith(NOT_GPU_WORK[:2]):
+        elif e.name.startswith(DRIVER_LOADS):
             loads.append(end - start)
-        elif not e.name.startswith(NOT_GPU_WORK[2]):
+        elif not e.name.startswith(STAGE):
             work.append((start, end))
     merged = merge_spans(work)
     lines = [f"GPU busy {sum(b - a for a, b in merged):.2f} s (union of {len(work)} kernels and copies); "

@@ -116,18 +116,8 @@ class Span:
 
 def union_seconds(spans: list[tuple[float, float]], lo: float = float("-inf"), hi: float = float("inf")) -> float:
     """Seconds covered by at least one of ``spans`` (clipped to ``[lo, hi]``)."""
-    clipped = sorted((max(a, lo), min(b, hi)) for a, b in spans if min(b, hi) > max(a, lo))
-    total, cur_a, cur_b = 0.0, None, None
-    for a, b in clipped:
-        if cur_b is None or a > cur_b:
-            if cur_b is not None:
-                total += cur_b - cur_a
-            cur_a, cur_b = a, b
-        else:
-            cur_b = max(cur_b, b)
-    if cur_b is not None:
-        total += cur_b - cur_a
-    return total
+    clipped = [(max(a, lo), min(b, hi)) for a, b in spans if min(b, hi) > max(a, lo)]
+    return sum(b - a for a, b in merge_spans(clipped))
 
 
 def merge_spans(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:

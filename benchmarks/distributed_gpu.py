@@ -595,12 +595,17 @@ def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
                 row[key] = against(Path(reference["checkpoint"]), Path(row["checkpoint"]), args)
 
 
+def _same_checkpoint(ref: Path, ckpt: Path, args: argparse.Namespace) -> dict:
+    """Whether two checkpoints hold the same tensors (:func:`compare_checkpoints`): the suffixes that must not change them."""
+    return compare_checkpoints(ref, ckpt)
+
+
 #: variant suffix -> (row key, comparison of the run's checkpoint with the same variant's without the suffix)
 _REFERENCE_OF_SUFFIX = (
-    ("-onewriter", "checkpoint_vs_writer_pool", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
-    ("-unshared", "checkpoint_vs_shared", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
-    ("-rehearse", "checkpoint_vs_unrehearsed", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
-    ("-syncfree", "checkpoint_vs_synced", lambda ref, ckpt, args: compare_checkpoints(ref, ckpt)),
+    ("-onewriter", "checkpoint_vs_writer_pool", _same_checkpoint),
+    ("-unshared", "checkpoint_vs_shared", _same_checkpoint),
+    ("-rehearse", "checkpoint_vs_unrehearsed", _same_checkpoint),
+    ("-syncfree", "checkpoint_vs_synced", _same_checkpoint),
     ("-loop", "logits_vs_grouped", lambda ref, ckpt, args: compare_logits(ref, ckpt, args.device)),
 )
 
@@ -644,8 +649,8 @@ def checkpoint_groups(rows: list[dict], time_left: Callable[[], float | None]) -
         known: dict[tuple[str, str], bool] = {}
         for r in runs:  # the run's own comparisons: with its round's stock run, and a suffixed run's with its base
             against = [(r.get("vs_stock", {}).get("checkpoint"), "stock")]
-            against += [(r.get(key), r["variant"].removesuffix(suffix)) for suffix, key, _ in _REFERENCE_OF_SUFFIX
-                        if key.startswith("checkpoint_vs") and r["variant"].endswith(suffix)]
+            against += [(r.get(key), r["variant"].removesuffix(suffix)) for suffix, key, how in _REFERENCE_OF_SUFFIX
+                        if how is _same_checkpoint and r["variant"].endswith(suffix)]
             for cmp, variant in against:
                 reference = _find(rows, variant, nproc, r.get("repeat", 0))
                 if cmp and _ok(reference):

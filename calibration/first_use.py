@@ -32,7 +32,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["ATTENTION_STEPS", "Rehearsal", "RehearsalStats", "rehearse_attention", "rehearse_grouped_experts",
-           "rehearse_hessian_products", "rehearse_linears", "timed_step"]
+           "rehearse_hessian_products", "rehearse_linears", "text_config", "timed_step"]
 
 #: The calls :func:`rehearse_attention` makes (``attention_masked`` for ``sdpa`` only).
 ATTENTION_STEPS = ("projections", "attention", "attention_masked")
@@ -58,7 +58,8 @@ class _AttentionStandIn(torch.nn.Module):
         self.eval()
 
 
-def _text_config(config: Any) -> Any:
+def text_config(config: Any) -> Any:
+    """The text model's config of ``config`` (itself unless it nests one)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -76,7 +77,7 @@ def rehearse_attention(device: torch.device | str, config: Any, dtype: torch.dty
     config has no head counts; ``timings`` as :func:`timed_step`'s."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    text = _text_config(config)
+    text = text_config(config)
     implementation = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
     if implementation == "eager" and eager is not None:
         attention = eager

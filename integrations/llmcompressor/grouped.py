@@ -47,12 +47,19 @@ from defuser_quant.calibration.grouped import (
     wrapper_code,
 )
 
-__all__ = ["QUANTIZED_FORWARD", "OFFLOAD_FORWARD", "compressed_tensors_grouping", "experts_hooks_off", "hooks_mixin_parts"]
+__all__ = ["QUANTIZED_FORWARD", "OFFLOAD_FORWARD", "compressed_tensors_grouping", "experts_hooks_off", "hooks_mixin_parts",
+           "wrapped_hook_code"]
 
 logger = logging.getLogger(__name__)
 
 QUANTIZED_FORWARD = "compressed_tensors.quantized_forward"
 OFFLOAD_FORWARD = "compressed_tensors.offload_forward"
+
+
+def wrapped_hook_code(mixin: type) -> types.CodeType | None:
+    """The code object of llm-compressor's ``wrapped_hook`` (the closure ``HooksMixin.register_hook`` wraps every
+    hook in); None where that wrapper is not found (another llm-compressor)."""
+    return wrapper_code(mixin.register_hook, "wrapped_hook")
 
 
 def hooks_mixin_parts(hook: Callable, code: types.CodeType | None) -> tuple[Callable, types.CellType] | None:

@@ -50,11 +50,10 @@ from defuser_quant.calibration.grouped import (
     BatchedForwardHook,
     register_batched_hook,
     unregister_batched_hook,
-    wrapper_code,
 )
 from defuser_quant.core.errors import DefuserQuantError
 
-from .grouped import hooks_mixin_live, hooks_mixin_parts
+from .grouped import hooks_mixin_live, hooks_mixin_parts, wrapped_hook_code
 
 __all__ = ["GPTQ_HESSIANS", "SHARE_MIN_TARGETS", "HessianBatching", "SharedHessianError", "batched_gptq_hessians",
            "last_batching", "settle_shared_hessians"]
@@ -268,7 +267,7 @@ def batched_gptq_hessians(share: bool = True) -> Iterator[bool]:
     from llmcompressor.modifiers.utils.hooks import HooksMixin
 
     _LLMC.GPTQModifier, _LLMC.HooksMixin, _LLMC.precision = GPTQModifier, HooksMixin, GPTQ_PRECISION
-    _LLMC.wrapped_hook_code = wrapper_code(HooksMixin.register_hook, "wrapped_hook")
+    _LLMC.wrapped_hook_code = wrapped_hook_code(HooksMixin)
     if _LLMC.wrapped_hook_code is None:
         yield False
         return

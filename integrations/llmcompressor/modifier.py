@@ -48,10 +48,9 @@ from defuser_quant.calibration.grouped import (
     check_routed_indices,
     recording_grouped_use,
     routed_output,
-    wrapper_code,
 )
 
-from .grouped import compressed_tensors_grouping, experts_hooks_off
+from .grouped import compressed_tensors_grouping, experts_hooks_off, wrapped_hook_code
 from .hessians import batched_gptq_hessians, last_batching
 from .token_counts import TokenCounter, batched_token_counts
 from .linearize import adopt_linear_experts
@@ -91,7 +90,7 @@ class _CalibrationPassOnly:
         self.path = path
         self.grouped = grouped
         # propagation calls on which every expert hook is llm-compressor's and switched off skip the host sync
-        self.hook_code = wrapper_code(HooksMixin.register_hook, "wrapped_hook") if sync_free else None
+        self.hook_code = wrapped_hook_code(HooksMixin) if sync_free else None
 
     def __call__(self, block: DefusedExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if HooksMixin._HOOKS_DISABLED:

@@ -27,6 +27,7 @@ from defuser_quant.calibration.first_use import (
     rehearse_grouped_experts,
     rehearse_hessian_products,
     rehearse_linears,
+    text_config,
 )
 from defuser_quant.core import DefusedExperts
 
@@ -66,8 +67,7 @@ def calibration_steps(model: nn.Module, blocks: Iterable[DefusedExperts], device
         gate, up, down = (first.projection(role) for role in ("gate", "up", "down"))
         hidden, intermediate = up.in_features, down.in_features
         shapes.append((block.num_experts, hidden))  # the router's product
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        top_k = int(getattr(text, "num_experts_per_tok", None) or 2)
+        top_k = int(getattr(text_config(config), "num_experts_per_tok", None) or 2)
         gate_fn = first.gate_fn
         grouped.append(("grouped_experts", lambda: rehearse_grouped_experts(
             device, dtype, hidden, intermediate, top_k, gate_fn, gated=gate is not None, tokens=tokens)))

@@ -21,10 +21,9 @@ from defuser_quant.calibration.grouped import (
     BatchedForwardHook,
     register_batched_hook,
     unregister_batched_hook,
-    wrapper_code,
 )
 
-from .grouped import hooks_mixin_live, hooks_mixin_parts
+from .grouped import hooks_mixin_live, hooks_mixin_parts, wrapped_hook_code
 
 __all__ = ["TOKEN_COUNTS", "TokenCounter", "batched_token_counts"]
 
@@ -75,7 +74,7 @@ def batched_token_counts() -> Iterator[bool]:
     whether llm-compressor's hook wrapper was recognised (False: the counters are called one by one)."""
     from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-    _Wrapped.code = wrapper_code(HooksMixin.register_hook, "wrapped_hook")
+    _Wrapped.code = wrapped_hook_code(HooksMixin)
     _Wrapped.mixin = HooksMixin
     if _Wrapped.code is None:
         yield False
