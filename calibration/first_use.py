@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 
+from defuser_quant.core.model_config import text_config
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ATTENTION_STEPS", "Rehearsal", "RehearsalStats", "rehearse_attention", "rehearse_grouped_experts",
-           "rehearse_hessian_products", "rehearse_linears", "text_config", "timed_step"]
+           "rehearse_hessian_products", "rehearse_linears", "timed_step"]
 
 #: The calls :func:`rehearse_attention` makes (``attention_masked`` for ``sdpa`` only).
 ATTENTION_STEPS = ("projections", "attention", "attention_masked")
@@ -56,11 +58,6 @@ class _AttentionStandIn(torch.nn.Module):
         super().__init__()
         self.is_causal, self.num_key_value_groups, self.head_dim = True, groups, head_dim
         self.eval()
-
-
-def text_config(config: Any) -> Any:
-    """The text model's config of ``config`` (itself unless it nests one)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def rehearse_attention(device: torch.device | str, config: Any, dtype: torch.dtype,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import DefuserQuantError
+from ..core.model_config import text_config
 from .config import JobConfig
 from .model_source import load_model_config, resolve_model_path
 
@@ -51,8 +52,7 @@ def _check_device(device: str) -> None:
 
 
 def _max_positions(model_config: Any) -> int | None:
-    text = getattr(model_config, "get_text_config", lambda: model_config)()
-    value = getattr(text, "max_position_embeddings", None)
+    value = getattr(text_config(model_config), "max_position_embeddings", None)
     return int(value) if isinstance(value, int) else None
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from defuser_quant.core.defused import DefusedExperts
 from defuser_quant.core.naming import DEFAULT_NAMES, UNGATED_DEFAULT_NAMES, ProjectionNames, projection_names
 from defuser_quant.core.errors import DefuserQuantError
+from defuser_quant.core.model_config import text_config
 
 from .trace import LeafCall, ModelTrace, auto_class_for, build_meta_model, trace_model
 
@@ -184,7 +185,7 @@ def _plain(node: Any) -> Any:
 
 # ----- other definition attributes ----------------------------------------------------------
 def _expert_count_field(config: Any, num_experts: int) -> str:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     for name in _EXPERT_COUNT_FIELDS:
         if getattr(text, name, None) == num_experts:
             return name

@@ -1054,10 +1054,11 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
             stats.base_in_memory = stack.enter_context(keep_base_modules(gptq_model.model))
         if paths and "tail_workers" in enabled:
             stats.tail_workers = stack.enter_context(tail_workers(gptq_model, _holds_experts))
+        quantize_device = cuda_key(getattr(gptq_model.quantize_config, "device", None))
         if paths and "worker_warmup" in enabled:  # last: everything else is in place when the workers start
-            stats.worker_warmup = warm_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)))
+            stats.worker_warmup = warm_workers(quantize_device)
         if paths and "solve_warmup" in enabled:  # after the empty tasks: each worker rehearses after its own warm-up
-            stats.solve_warmup = rehearse_on_workers(cuda_key(getattr(gptq_model.quantize_config, "device", None)),
+            stats.solve_warmup = rehearse_on_workers(quantize_device,
                                                      gptq_model.quantize_config, getattr(gptq_model.model, "config", None),
                                                      getattr(gptq_model.model, "dtype", None))
         if paths and "gc_freeze" in enabled:  # after everything the block set up: all of it is frozen too

@@ -27,9 +27,9 @@ from defuser_quant.calibration.first_use import (
     rehearse_grouped_experts,
     rehearse_hessian_products,
     rehearse_linears,
-    text_config,
 )
 from defuser_quant.core import DefusedExperts
+from defuser_quant.core.model_config import text_config
 
 __all__ = ["calibration_steps", "cuda_device", "solve_steps", "triton_key_step"]
 
