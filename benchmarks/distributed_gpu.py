@@ -18,6 +18,10 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
 * ``all-syncfree`` - ``all`` with ``sync_free_propagation=True`` (opt-in): the propagation passes' grouped
                forwards without their host sync per block call; the checkpoint must be ``all``'s
                (``checkpoint_vs_synced``).
+* ``all-mmloop`` - ``all`` with the Hessian products of equal spans taken one ``mm`` per expert, as before round 46
+               (``calibration.gram.STACKED_DEVICES`` emptied in the run's process); the checkpoint must be
+               ``all``'s (``checkpoint_vs_stacked``). Each row's ``hessian_batching.stacked_checks`` lists the
+               problem shapes whose one ``bmm`` was checked and whether it gave the ``mm`` products bit for bit.
 * ``all-unshared`` - ``all`` with ``share_hessians=False``: every gate/up Hessian takes each call's
                product itself; the checkpoint must be ``all``'s (``checkpoint_vs_shared``).
 * ``routed-onewriter`` / ``all-onewriter`` - the same with ``save_threads=1``: Transformers writes
@@ -103,7 +107,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
 VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter", "all-unshared",
-            "all-rehearse", "all-syncfree")
+            "all-rehearse", "all-syncfree", "all-mmloop")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
@@ -578,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
     """A finished run against its references: N vs 1 process, stock, and for a suffixed variant
-    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-syncfree``, ``-loop``) the same variant without the suffix."""
+    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-syncfree``, ``-mmloop``, ``-loop``) the same variant without the suffix."""
     if not _ok(row):
         return
     one = _find(rows, row["variant"], 1, row.get("repeat", 0))
@@ -606,6 +610,7 @@ _REFERENCE_OF_SUFFIX = (
     ("-unshared", "checkpoint_vs_shared", _same_checkpoint),
     ("-rehearse", "checkpoint_vs_unrehearsed", _same_checkpoint),
     ("-syncfree", "checkpoint_vs_synced", _same_checkpoint),
+    ("-mmloop", "checkpoint_vs_stacked", _same_checkpoint),
     ("-loop", "logits_vs_grouped", lambda ref, ckpt, args: compare_logits(ref, ckpt, args.device)),
 )
 
@@ -737,6 +742,10 @@ def worker(args: argparse.Namespace) -> int:
         import defuser_quant.integrations.llmcompressor as dq_llmc
 
         routing, _, suffix = variant.partition("-")
+        if suffix == "mmloop":
+            from defuser_quant.calibration import gram
+
+            gram.STACKED_DEVICES = frozenset()  # this run's process only
         modifier = dq_llmc.DefuseModifier(routing=routing, grouped=suffix != "loop",
                                           save_threads=1 if suffix == "onewriter" else None,
                                           share_hessians=suffix != "unshared", rehearse=suffix == "rehearse",
@@ -810,9 +819,12 @@ def _hessian_batching(defuse: object | None) -> dict | None:
         return None
     import dataclasses
 
+    from defuser_quant.calibration.gram import stacked_checks
     from defuser_quant.integrations.llmcompressor.hessians import last_batching
 
-    return dataclasses.asdict(last_batching())
+    checks = [{"shape": list(shape), "strides": list(strides), "dtype": str(dtype), "device": device, "exact": exact}
+              for (shape, strides, dtype, device), exact in stacked_checks().items()]
+    return {**dataclasses.asdict(last_batching()), "stacked_checks": checks}
 
 
 if __name__ == "__main__":

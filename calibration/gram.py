@@ -4,19 +4,36 @@ A GPTQ Hessian hook adds ``X.T @ X`` of its module's input rows ``X`` to the mod
 In the grouped calibration forward every expert's rows are a consecutive span of the role's
 input, so a batched hook converts that input once and takes each expert's product from views of
 it: the same operands, strides and summation order as the per-expert hook's ``matmul``.
+
+Where every expert saw as many rows (``routing: all``'s whole-batch calls), :func:`gram_products`
+takes the products of a GPU input from one ``bmm`` over ``[experts, rows, features]`` instead of one
+``mm`` launch per expert, for each problem shape on which the ``bmm`` gave the ``mm`` products bit
+for bit: both are computed on the shape's first call and compared, and a shape where they differ
+keeps the ``mm`` per expert from then on. A ``bmm`` that ran the ``mm``'s kernel with its tiling and
+reduction order gives its bits for every input; one that ran another could match on a first call's
+hundreds of thousands of real products only by chance, so one check per shape decides.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 
 import torch
 
-__all__ = ["PRODUCT_BUDGET", "QueuedAdds", "gram_operands"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["PRODUCT_BUDGET", "STACKED_DEVICES", "QueuedAdds", "gram_operands", "gram_products", "stacked_checks"]
 
 #: Products kept alive at once before their adds run as one multi-tensor kernel (bytes).
 PRODUCT_BUDGET = 256 << 20
+#: Device types whose equal spans may take their products from one ``bmm`` (once checked per shape): the
+#: GPU, where it saves a launch per expert. On the 2-core CPU a ``bmm`` inside a run was slower than the
+#: ``mm`` calls it replaced (docs/performance.md, round 39).
+STACKED_DEVICES = frozenset({"cuda"})
+#: Per problem shape (batch, rows, features, strides, dtype, device): whether its ``bmm`` gave the ``mm`` bits.
+_STACKED_EXACT: dict[tuple, bool] = {}
 
 
 class QueuedAdds:
@@ -56,3 +73,54 @@ def gram_operands(rows: torch.Tensor, spans: list[tuple[int, int]]) -> Iterator[
         sizes = [size for _, size in spans]
         return zip(rows.t().split(sizes, dim=1), rows.split(sizes))
     return ((rows[start:start + size].t(), rows[start:start + size]) for start, size in spans)
+
+
+def _equal_tiles(spans: list[tuple[int, int]], total: int) -> int | None:
+    """The common size of the spans when they cut ``total`` rows into equal consecutive pieces, in order."""
+    if len(spans) < 2 or not _tiles(spans, total):
+        return None
+    size = spans[0][1]
+    return size if size and all(s == size for _, s in spans) else None
+
+
+def gram_products(rows: torch.Tensor, spans: list[tuple[int, int]],
+                  budget: int = PRODUCT_BUDGET) -> Iterator[torch.Tensor]:
+    """``X.T @ X`` (``torch.mm`` of :func:`gram_operands`' pair) for the rows ``X`` of every ``(start, size)``
+    span of the 2-D ``rows``, in order. Spans that cut a :data:`STACKED_DEVICES` input into equal pieces take
+    theirs from ``torch.bmm`` over ``[spans, size, features]``, ``budget`` bytes of products a call, on shapes
+    where it gave the ``mm`` products bit for bit (module docstring)."""
+    size = _equal_tiles(spans, rows.shape[0])
+    if size is None or rows.device.type not in STACKED_DEVICES:
+        for inp, inp_t in gram_operands(rows, spans):
+            yield torch.mm(inp, inp_t)
+        return
+    features = rows.shape[1]
+    per_call = max(1, budget // max(1, features * features * rows.element_size()))
+    stacked = rows.unflatten(0, (len(spans), size))
+    for lo in range(0, len(spans), per_call):
+        yield from _stacked(stacked[lo:lo + per_call])
+
+
+def _stacked(chunk: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Each ``[size, features]`` matrix ``x`` of ``chunk``: ``x.T @ x`` from one ``bmm`` where that is exact on this shape."""
+    key = (tuple(chunk.shape), chunk.stride(), chunk.dtype, str(chunk.device))
+    exact = _STACKED_EXACT.get(key)
+    if exact is False:
+        for x in chunk:
+            yield torch.mm(x.t(), x)
+        return
+    products = torch.bmm(chunk.transpose(1, 2), chunk)
+    if exact is None:
+        singles = [torch.mm(x.t(), x) for x in chunk]
+        exact = _STACKED_EXACT[key] = bool(torch.equal(products, torch.stack(singles)))  # one host sync per shape
+        logger.debug("Gram products of %d x %s on %s: one bmm %s the mm per expert", chunk.shape[0],
+                     tuple(chunk.shape[1:]), chunk.device, "gives" if exact else "does not give; keeping")
+        if not exact:
+            yield from singles
+            return
+    yield from products.unbind(0)
+
+
+def stacked_checks() -> dict[tuple, bool]:
+    """The shapes checked so far and whether their ``bmm`` gave the ``mm`` products (a copy)."""
+    return dict(_STACKED_EXACT)

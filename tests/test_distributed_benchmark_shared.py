@@ -1,6 +1,6 @@
 """``benchmarks/distributed_gpu.py`` for real on the CPU: ``all`` against ``all-unshared`` (shared gate/up Hessians off)
-``all-rehearse`` (the kernel rehearsal, opt-in) and ``all-syncfree`` (the propagation's grouped forwards
-without a host sync, opt-in)."""
+``all-rehearse`` (the kernel rehearsal, opt-in), ``all-syncfree`` (the propagation's grouped forwards
+without a host sync, opt-in) and ``all-mmloop`` (the Hessian products one ``mm`` per expert, never a ``bmm``)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import distributed_gpu as dg  # noqa: E402
 def test_all_and_its_opt_in_variants_record_what_they_did_and_give_the_same_checkpoint(tmp_path):
     pytest.importorskip("llmcompressor")
     out = tmp_path / "distributed.json"
-    dg.main(["--device", "cpu", "--tiny", "--variants", "all@1,all-unshared@1,all-rehearse@1,all-syncfree@1", "--workdir", str(tmp_path / "work"),
+    dg.main(["--device", "cpu", "--tiny", "--variants", "all@1,all-unshared@1,all-rehearse@1,all-syncfree@1,all-mmloop@1", "--workdir", str(tmp_path / "work"),
              "--output", str(out)])
     payload = json.loads(out.read_text())
     rows = {row["variant"]: row for row in payload["rows"]}
-    assert set(rows) == {"all", "all-unshared", "all-rehearse", "all-syncfree"} and not any("error" in row for row in rows.values()), rows
+    assert set(rows) == {"all", "all-unshared", "all-rehearse", "all-syncfree", "all-mmloop"} and not any("error" in row for row in rows.values()), rows
     shared, unshared = rows["all"]["hessian_batching"][0], rows["all-unshared"]["hessian_batching"][0]
     assert shared["shared_groups"] == shared["settles"] == 2  # one group per layer, written before each solve
     assert unshared["shared_groups"] == 0 and unshared["batched"] == shared["batched"] > 0
@@ -36,13 +36,17 @@ def test_all_and_its_opt_in_variants_record_what_they_did_and_give_the_same_chec
     assert rows["all"]["grouped_use"][0]["without_sync"] == 0
     propagation_calls = payload["shape"]["layers"] * payload["shape"]["samples"]
     assert rows["all-syncfree"]["grouped_use"][0]["without_sync"] == propagation_calls
-    for variant, key in (("all-rehearse", "checkpoint_vs_unrehearsed"), ("all-syncfree", "checkpoint_vs_synced")):
+    # the CPU is no stacked device: no bmm shape checked in either (the GPU rows list theirs)
+    assert rows["all"]["hessian_batching"][0]["stacked_checks"] == rows["all-mmloop"]["hessian_batching"][0]["stacked_checks"] == []
+    for variant, key in (("all-rehearse", "checkpoint_vs_unrehearsed"), ("all-syncfree", "checkpoint_vs_synced"),
+                         ("all-mmloop", "checkpoint_vs_stacked")):
         same = rows[variant][key]
         assert same["tensors"] == f"{total}/{total}" and same["only_in_one"] == 0, (variant, same)
     # the grouping by identical checkpoints takes those comparisons' verdicts and reads no pair again
-    groups = [["all x1", "all-unshared x1", "all-rehearse x1", "all-syncfree x1"]]
+    groups = [["all x1", "all-unshared x1", "all-rehearse x1", "all-syncfree x1", "all-mmloop x1"]]
     assert payload["checkpoint_groups"] == {"x1": {"groups": groups, "unsettled": [], "read": []}}
-    assert ("Identical checkpoints (x1, every tensor equal): {all x1, all-unshared x1, all-rehearse x1, all-syncfree x1}"
+    assert ("Identical checkpoints (x1, every tensor equal): {all x1, all-unshared x1, all-rehearse x1, all-syncfree x1, "
+            "all-mmloop x1}"
             in payload["vs_stock_table"])
 
 

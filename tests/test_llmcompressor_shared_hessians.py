@@ -208,3 +208,35 @@ def test_routed_calls_never_share():
         for batch in _batches(x):
             grouped_routed_forward(grouped, batch, index, weights)
         assert last_batching().batched > 0 and last_batching().shared_groups == 0
+
+
+@pytest.mark.parametrize("bmm_rounds_otherwise", [False, True])
+def test_the_down_products_from_one_bmm_give_the_hooks_hessians(monkeypatch, bmm_rounds_otherwise):
+    """Every expert's down projection sees the whole batch: its products come from one bmm (the CPU let in as a
+    stacked device), and the Hessians are the hooks' bit for bit; a bmm that rounds otherwise is dropped at its
+    first call and the Hessians are still the hooks'."""
+    from defuser_quant.calibration import gram
+
+    monkeypatch.setattr(gram, "STACKED_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(gram, "_STACKED_EXACT", {})
+    calls = []
+    real = torch.ops.aten.bmm
+
+    def bmm(a, b):
+        calls.append(tuple(a.shape))
+        out = real(a, b)
+        return torch.nextafter(out, torch.full_like(out, float("inf"))) if bmm_rounds_otherwise else out
+
+    monkeypatch.setattr(gram.torch, "bmm", bmm)
+    (grouped, looped), (m_grouped, m_loop), (x, index, weights) = _gptq_hooked_block()
+    want = _reference(looped, m_loop, x, index, weights)
+    with torch.no_grad(), batched_gptq_hessians():
+        for batch in _batches(x):
+            whole_batch_forward(grouped, batch, index, weights, grouped=True)
+    _assert_same(_hessians(grouped, m_grouped), want)
+    checks = gram.stacked_checks()
+    assert len(checks) == 1 and list(checks.values()) == [not bmm_rounds_otherwise]
+    (shape,) = checks
+    assert shape[0][0] == len(grouped)  # the down projections of every expert in one bmm
+    # the first call allocates through the hooks; every later one stacks (or, dropped, only the first of them tried)
+    assert len(calls) == (CALLS - 1 if not bmm_rounds_otherwise else 1)

@@ -9,9 +9,10 @@ kernels and a Python call chain per expert, which on a GPU bound the calibration
 :func:`batched_gptq_hessians` registers the hook with the grouped forward
 (``calibration.grouped.register_batched_hook``): per grouped call each role's input is converted
 and scaled once, each expert's product is computed once (the same operands, strides and summation
-order as the hook's matmul) and added to every Hessian whose module saw those rows (gate and up
-share their input: one product for both), and the sample counts are bumped in one multi-tensor
-add. The Hessians are those of the hook, bit for bit where the matmul kernel is the same. A hook that is
+order as the hook's matmul; on a GPU, where every expert saw as many rows, from one ``bmm`` on the
+shapes where that gives the same bits, ``calibration.gram.gram_products``) and added to every Hessian
+whose module saw those rows (gate and up share their input: one product for both), and the sample
+counts are bumped in one multi-tensor add. The Hessians are those of the hook, bit for bit where the matmul kernel is the same. A hook that is
 switched off is skipped, as it would return at once; a module the hook has not seen yet (first
 call: it allocates the Hessian), a Hessian on another device, or not a plain ``nn.Linear`` gets the
 hook itself; a subclass's own ``calibrate_module``, or a changed llm-compressor (another hook
@@ -45,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from defuser_quant.calibration.gram import PRODUCT_BUDGET, QueuedAdds, gram_operands
+from defuser_quant.calibration.gram import PRODUCT_BUDGET, QueuedAdds, gram_products
 from defuser_quant.calibration.grouped import (
     BatchedForwardHook,
     register_batched_hook,
@@ -238,9 +239,12 @@ def _run(modifier: object, members: list) -> None:
     adds = QueuedAdds(PRODUCT_BUDGET)
     for rows, spans in inputs.values():
         scaled = math.sqrt(2) * rows.to(dtype=_LLMC.precision)  # the hook's conversion, elementwise: once per input
-        for (inp, inp_t), targets in zip(gram_operands(scaled, list(spans)), spans.values()):
-            # the hook's inp.matmul(inp.t()): inp is its [features, rows] view of the [rows, features] input
-            adds.add(targets if sharing is None else sharing.destination(targets, may_share), torch.mm(inp, inp_t))
+        # each Hessian is in one span of one input: the destinations first settle nothing a queued add feeds
+        destinations = [targets if sharing is None else sharing.destination(targets, may_share)
+                        for targets in spans.values()]
+        # the hook's inp.matmul(inp.t()): inp is its [features, rows] view of the [rows, features] input
+        for product, targets in zip(gram_products(scaled, list(spans)), destinations):
+            adds.add(targets, product)
             _LAST.products += 1
         adds.flush()
         del scaled
