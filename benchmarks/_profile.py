@@ -165,11 +165,11 @@ def gpu_busy_lines(events: Any) -> list[str]:
     for e in events:
         start, end = e.time_range.start / 1e6, e.time_range.end / 1e6
         device = str(getattr(e, "device_type", "")).rsplit(".", 1)[-1]
-        if device == "CPU":
+        if e.name.startswith(DRIVER_LOADS):  # by name, whatever device: after the device check round 46c found none of 183
+            loads.append(end - start)
+        elif device == "CPU":
             if e.name.startswith(STAGE):
                 stages.append((e.name, start, end))
-        elif e.name.startswith(DRIVER_LOADS):
-            loads.append(end - start)
         elif not e.name.startswith(STAGE):
             work.append((start, end))
     merged = merge_spans(work)

@@ -36,9 +36,10 @@ def test_busy_lines_count_kernels_once_and_leave_loads_and_annotations_out():
         _event("gemm", "CUDA", 0.5, 1.5),
         _event("gemm", "CUDA", 1.0, 2.0),  # overlaps the first: counted once
         _event("Lazy Function Loading", "CUDA", 2.0, 2.016),
+        _event("Runtime Triggered Module Loading", "CPU", 2.1, 2.13),  # a host event counts too
         _event("potrf", "CUDA", 4.5, 6.0),
     ]
     lines = gpu_busy_lines(events)
-    assert lines[0] == "GPU busy 3.00 s (union of 3 kernels and copies); lazy kernel loads 1, 0.02 s"
+    assert lines[0] == "GPU busy 3.00 s (union of 3 kernels and copies); lazy kernel loads 2, 0.05 s"
     assert "stage:calibrate_forward: host 4.00 s, GPU busy 1.50 s (38%)" in lines
     assert "stage:solve: host 2.00 s, GPU busy 1.50 s (75%)" in lines
