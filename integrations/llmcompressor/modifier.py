@@ -168,7 +168,7 @@ class DefuseModifier(Modifier):
             hooks all switched off) skip their one host sync per block call: the rows per expert stay on
             the device, the same GEMMs run (the same outputs bit for bit), and an expert index outside
             the block, which the per-expert loop refuses at once, is raised at finalize instead (the run
-            fails before the save). Opt-in: not measured on a GPU yet.
+            fails before the save). Opt-in: on one H100 it was no faster (docs/performance.md, round 46).
     """
 
     routing: Literal["routed", "all", "budgeted"] | None = None
