@@ -87,15 +87,14 @@ def gram_products(rows: torch.Tensor, spans: list[tuple[int, int]],
                   budget: int = PRODUCT_BUDGET) -> Iterator[torch.Tensor]:
     """``X.T @ X`` (``torch.mm`` of :func:`gram_operands`' pair) for the rows ``X`` of every ``(start, size)``
     span of the 2-D ``rows``, in order. Spans that cut a :data:`STACKED_DEVICES` input into equal pieces take
-    theirs from ``torch.bmm`` over ``[spans, size, features]``, ``budget`` bytes of products a call, on shapes
-    where it gave the ``mm`` products bit for bit (module docstring)."""
+    theirs from ``torch.bmm`` over ``[spans, size, features]``, ``budget`` bytes of products a call (two at
+    least, else an ``mm`` each), on shapes where it gave the ``mm`` products bit for bit (module docstring)."""
     size = _equal_tiles(spans, rows.shape[0])
-    if size is None or rows.device.type not in STACKED_DEVICES:
+    per_call = budget // max(1, rows.shape[1] ** 2 * rows.element_size())  # products a bmm may hold
+    if size is None or rows.device.type not in STACKED_DEVICES or per_call < 2:
         for inp, inp_t in gram_operands(rows, spans):
             yield torch.mm(inp, inp_t)
         return
-    features = rows.shape[1]
-    per_call = max(1, budget // max(1, features * features * rows.element_size()))
     stacked = rows.unflatten(0, (len(spans), size))
     for lo in range(0, len(spans), per_call):
         yield from _stacked(stacked[lo:lo + per_call])

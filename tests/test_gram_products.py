@@ -38,15 +38,23 @@ def _mm_products(rows: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch
     return [torch.mm(rows[a:a + n].t(), rows[a:a + n]) for a, n in spans]
 
 
-@pytest.mark.parametrize("budget", [1, 40 * 40 * 4 * 3, gram.PRODUCT_BUDGET])
+@pytest.mark.parametrize("budget", [40 * 40 * 4 * 2, 40 * 40 * 4 * 3, gram.PRODUCT_BUDGET])
 def test_equal_spans_take_their_products_from_one_bmm_bit_for_bit(cpu_stacked, budget):
     rows, spans = _rows()
     got = list(gram.gram_products(rows, spans, budget))
     want = _mm_products(rows, spans)
     assert len(got) == len(want) == 8 and all(torch.equal(g, w) for g, w in zip(got, want))
-    per_call = max(1, budget // (40 * 40 * 4))
+    per_call = budget // (40 * 40 * 4)
     assert [shape[0] for shape in cpu_stacked] == [min(per_call, 8 - lo) for lo in range(0, 8, per_call)]
     assert all(gram.stacked_checks().values()) and gram.stacked_checks()
+
+
+@pytest.mark.parametrize("budget", [1, 40 * 40 * 4, 40 * 40 * 4 * 2 - 1])
+def test_a_budget_under_two_products_takes_an_mm_each(cpu_stacked, budget):
+    rows, spans = _rows()
+    got = list(gram.gram_products(rows, spans, budget))
+    assert not cpu_stacked and not gram.stacked_checks()
+    assert all(torch.equal(g, w) for g, w in zip(got, _mm_products(rows, spans), strict=True))
 
 
 def test_a_shape_checked_once_is_not_checked_again(cpu_stacked, monkeypatch):
