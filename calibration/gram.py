@@ -32,7 +32,7 @@ PRODUCT_BUDGET = 256 << 20
 #: GPU, where it saves a launch per expert. On the 2-core CPU a ``bmm`` inside a run was slower than the
 #: ``mm`` calls it replaced (docs/performance.md, round 39).
 STACKED_DEVICES = frozenset({"cuda"})
-#: Per problem shape (batch, rows, features, strides, dtype, device): whether its ``bmm`` gave the ``mm`` bits.
+#: Per problem shape (batch, rows, features, strides, dtype, device, matmul settings): whether its ``bmm`` gave the ``mm`` bits.
 _STACKED_EXACT: dict[tuple, bool] = {}
 
 
@@ -102,7 +102,7 @@ def gram_products(rows: torch.Tensor, spans: list[tuple[int, int]],
 
 def _stacked(chunk: torch.Tensor) -> Iterator[torch.Tensor]:
     """Each ``[size, features]`` matrix ``x`` of ``chunk``: ``x.T @ x`` from one ``bmm`` where that is exact on this shape."""
-    key = (tuple(chunk.shape), chunk.stride(), chunk.dtype, str(chunk.device))
+    key = (tuple(chunk.shape), chunk.stride(), chunk.dtype, str(chunk.device), _matmul_settings())
     exact = _STACKED_EXACT.get(key)
     if exact is False:
         for x in chunk:
@@ -118,6 +118,12 @@ def _stacked(chunk: torch.Tensor) -> Iterator[torch.Tensor]:
             yield from singles
             return
     yield from products.unbind(0)
+
+
+def _matmul_settings() -> tuple:
+    """The process settings that choose a float matmul's kernel (TF32, determinism): a check holds under its own."""
+    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+            torch.are_deterministic_algorithms_enabled())
 
 
 def stacked_checks() -> dict[tuple, bool]:

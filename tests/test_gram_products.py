@@ -108,3 +108,24 @@ def test_spans_that_are_not_equal_tiles_take_an_mm_each(cpu_stacked, spans):
     got = list(gram.gram_products(rows, spans))
     assert not cpu_stacked and len(got) == len(spans)
     assert all(torch.equal(g, w) for g, w in zip(got, _mm_products(rows, spans)))
+
+
+def test_a_check_holds_under_its_own_matmul_settings(cpu_stacked):
+    """A shape checked with TF32 off is checked again with it on (and with deterministic algorithms): the kernels may differ."""
+    rows, spans = _rows()
+    list(gram.gram_products(rows, spans))
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        list(gram.gram_products(rows, spans))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    with_det = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        list(gram.gram_products(rows, spans))
+    finally:
+        torch.use_deterministic_algorithms(with_det)
+    assert len(gram.stacked_checks()) == 3 and len(cpu_stacked) == 3
+    list(gram.gram_products(rows, spans))  # back under the first settings: no new check
+    assert len(gram.stacked_checks()) == 3
