@@ -12,10 +12,10 @@ and scaled once, each expert's product is computed once (the same operands, stri
 order as the hook's matmul; on a GPU, where every expert saw as many rows, from one ``bmm`` on the
 shapes where that gives the same bits, ``calibration.gram.gram_products``) and added to every Hessian
 whose module saw those rows (gate and up share their input: one product for both), and the sample
-counts are bumped in one multi-tensor add. The Hessians are those of the hook, bit for bit where the matmul kernel is the same. A hook that is
-switched off is skipped, as it would return at once; a module the hook has not seen yet (first
-call: it allocates the Hessian), a Hessian on another device, or not a plain ``nn.Linear`` gets the
-hook itself; a subclass's own ``calibrate_module``, or a changed llm-compressor (another hook
+counts are bumped in one multi-tensor add. The Hessians are those of the hook, bit for bit where the
+matmul kernel is the same. A hook that is switched off is skipped, as it would return at once; a
+module the hook has not seen yet (first call: it allocates the Hessian), a Hessian on another device,
+or not a plain ``nn.Linear`` gets the hook itself; a subclass's own ``calibrate_module``, or a changed llm-compressor (another hook
 wrapper), is never batched.
 
 **Shared accumulation** (``share=True``, the default). With ``routing: all`` every gate and up
@@ -243,7 +243,7 @@ def _run(modifier: object, members: list) -> None:
         destinations = [targets if sharing is None else sharing.destination(targets, may_share)
                         for targets in spans.values()]
         # the hook's inp.matmul(inp.t()): inp is its [features, rows] view of the [rows, features] input
-        for product, targets in zip(gram_products(scaled, list(spans)), destinations):
+        for product, targets in zip(gram_products(scaled, list(spans), PRODUCT_BUDGET), destinations):
             adds.add(targets, product)
             _LAST.products += 1
         adds.flush()
