@@ -15,8 +15,8 @@ whose module saw those rows (gate and up share their input: one product for both
 counts are bumped in one multi-tensor add. The Hessians are those of the hook, bit for bit where the
 matmul kernel is the same. A hook that is switched off is skipped, as it would return at once; a
 module the hook has not seen yet (first call: it allocates the Hessian), a Hessian on another device,
-or not a plain ``nn.Linear`` gets the hook itself; a subclass's own ``calibrate_module``, or a changed llm-compressor (another hook
-wrapper), is never batched.
+or not a plain ``nn.Linear`` gets the hook itself; a subclass's own ``calibrate_module``, or a changed
+llm-compressor (another hook wrapper), is never batched.
 
 **Shared accumulation** (``share=True``, the default). With ``routing: all`` every gate and up
 projection of a block sees the same rows in the same order on every call, so their Hessians are
