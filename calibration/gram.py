@@ -34,6 +34,9 @@ PRODUCT_BUDGET = 256 << 20
 STACKED_DEVICES = frozenset({"cuda"})
 #: Per problem shape (batch, rows, features, strides, dtype, device, matmul settings): whether its ``bmm`` gave the ``mm`` bits.
 _STACKED_EXACT: dict[tuple, bool] = {}
+#: Shapes checked at most per process: calibration rows of many lengths (each a shape) would otherwise pay a check
+#: (the ``bmm`` beside the ``mm`` calls, a comparison, a host sync) on most calls; shapes past it take an ``mm`` each.
+MAX_STACKED_CHECKS = 128
 
 
 class QueuedAdds:
@@ -104,14 +107,15 @@ def _stacked(chunk: torch.Tensor) -> Iterator[torch.Tensor]:
     """Each ``[size, features]`` matrix ``x`` of ``chunk``: ``x.T @ x`` from one ``bmm`` where that is exact on this shape."""
     key = (tuple(chunk.shape), chunk.stride(), chunk.dtype, str(chunk.device), _matmul_settings())
     exact = _STACKED_EXACT.get(key)
-    if exact is False:
+    if exact is False or (exact is None and len(_STACKED_EXACT) >= MAX_STACKED_CHECKS):
         for x in chunk:
             yield torch.mm(x.t(), x)
         return
     products = torch.bmm(chunk.transpose(1, 2), chunk)
     if exact is None:
         singles = [torch.mm(x.t(), x) for x in chunk]
-        exact = _STACKED_EXACT[key] = bool(torch.equal(products, torch.stack(singles)))  # one host sync per shape
+        differs = torch.stack([torch.ne(a, b).any() for a, b in zip(products, singles)]).any()
+        exact = _STACKED_EXACT[key] = not bool(differs)  # one host sync per shape
         logger.debug("Gram products of %d x %s on %s: one bmm %s the mm per expert", chunk.shape[0],
                      tuple(chunk.shape[1:]), chunk.device, "gives" if exact else "does not give; keeping")
         if not exact:

@@ -61,7 +61,8 @@ def test_a_shape_checked_once_is_not_checked_again(cpu_stacked, monkeypatch):
     rows, spans = _rows()
     list(gram.gram_products(rows, spans))
     stacks = []
-    monkeypatch.setattr(gram.torch, "stack", lambda ts: stacks.append(len(ts)) or torch.stack(ts))
+    real_stack = torch.stack
+    monkeypatch.setattr(gram.torch, "stack", lambda ts: stacks.append(len(ts)) or real_stack(ts))
     got = list(gram.gram_products(rows * 2, spans))
     assert not stacks and len(cpu_stacked) == 2  # the second call: the bmm alone, no comparison
     assert all(torch.equal(g, w) for g, w in zip(got, _mm_products(rows * 2, spans)))
@@ -129,3 +130,15 @@ def test_a_check_holds_under_its_own_matmul_settings(cpu_stacked):
     assert len(gram.stacked_checks()) == 3 and len(cpu_stacked) == 3
     list(gram.gram_products(rows, spans))  # back under the first settings: no new check
     assert len(gram.stacked_checks()) == 3
+
+
+def test_shapes_past_the_check_limit_take_an_mm_each(cpu_stacked, monkeypatch):
+    """Rows of many lengths: the first shapes are checked and stacked, the ones past the limit are not checked."""
+    monkeypatch.setattr(gram, "MAX_STACKED_CHECKS", 2)
+    for size in (24, 20, 16, 24):
+        rows, spans = _rows(size=size)
+        got = list(gram.gram_products(rows, spans))
+        assert all(torch.equal(g, w) for g, w in zip(got, _mm_products(rows, spans), strict=True))
+    assert len(gram.stacked_checks()) == 2
+    assert [shape[1] for shape in cpu_stacked] == [40, 40, 40]  # 24 and 20 checked, 16 past the limit, 24 again
+    assert [shape[2] for shape in cpu_stacked] == [24, 20, 24]
