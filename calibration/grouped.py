@@ -1228,6 +1228,18 @@ class RoutedIndexError(DefuserQuantError, IndexError):
 _INDEX_FLAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _synced_counts(bounds: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> list[int] | None:
+    """The rows per expert from the sorted ``expert_ids``' ``bounds``, read at one host sync with the range
+    check (sorted: first and last are min and max); None (recorded) when an index leaves ``[0, num_experts)``."""
+    *edges, low, high = torch.cat([bounds, expert_ids[:1], expert_ids[-1:]]).tolist()
+    if low < 0 or high >= num_experts:
+        logger.debug("grouped forward off: expert indices outside [0, %d)", num_experts)
+        _record(f"expert indices outside [0, {num_experts})")
+        return None
+    _record(None)
+    return [b - a for a, b in itertools.pairwise(edges)]
+
+
 def _flag_outside(block: DefusedExperts, expert_ids: torch.Tensor) -> None:
     """Set ``block``'s flag when the sorted ``expert_ids`` leave ``[0, num_experts)`` (on the device: no sync)."""
     outside = (expert_ids[:1] < 0) | (expert_ids[-1:] >= block.num_experts)
@@ -1277,19 +1289,27 @@ def _run_hookless(plan: _Live, x: torch.Tensor, offs: torch.Tensor, expert_ids: 
 
 def grouped_routed_forward_with_counts(
     block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    plan: _Live | None = None, *, hooks: bool = True,
+    plan: _Live | None = None, *, hooks: bool = True, sync_counts: bool = False,
 ) -> tuple[torch.Tensor, list[int] | None] | None:
     """:func:`grouped_routed_forward` plus the routed rows per expert (host ints, read by its one host
     sync); ``plan``: from :func:`call_plan` for this block and call (else checked here).
 
     ``hooks=False``: the caller vouches that no hook of the block's experts acts on this call (every one
-    switched off). On a block without weightless experts the call then has no host sync: the rows per
-    expert stay on the device (the counts are None) and an expert index outside ``[0, num_experts)``, which
-    the per-expert loop refuses at once, sets a flag that :func:`check_routed_indices` raises on later."""
+    switched off or suspended). On a block without weightless experts whose Linears run nothing of their own
+    after the matmul (no adapter inner hook) the grouped GEMMs then run from the device's offsets alone. By
+    default the call then has no host sync: the rows per expert stay on the device (the counts are None) and
+    an expert index outside ``[0, num_experts)``, which the per-expert loop refuses at once, sets a flag that
+    :func:`check_routed_indices` raises on later. ``sync_counts=True`` reads the counts (and checks the
+    indices, returning None for the loop to refuse them) at one host sync after the GEMMs are queued; where
+    the GEMMs cannot run from the offsets alone it returns None at once (nothing run, nothing recorded): the
+    caller then runs the call with its hooks suspended."""
     if plan is None:
         plan = call_plan(block, hidden_states)
         if plan is None:
             return None
+    hookless = not hooks and _no_weightless_experts(block) and all(role.inner_hooks is None for role in plan.roles)
+    if sync_counts and not hookless:
+        return None
     tokens, top_k = top_k_index.shape
     if tokens == 0 or top_k == 0:
         _record("no routed tokens in this batch")
@@ -1303,19 +1323,19 @@ def grouped_routed_forward_with_counts(
     offs = bounds[1:].to(torch.int32)
     token_idx = perm % tokens
     counts: list[int] | None = None
-    if not hooks and _no_weightless_experts(block):
-        _flag_outside(block, expert_ids)
-        _record(None, synced=False)
+    if hookless:
         out = _run_hookless(plan, hidden_states[token_idx], offs, expert_ids if plan.has_bias else None)
+        if sync_counts:
+            counts = _synced_counts(bounds, expert_ids, num_experts)
+            if counts is None:
+                return None
+        else:
+            _flag_outside(block, expert_ids)
+            _record(None, synced=False)
     else:
-        # The one host sync: the bounds and the range check (sorted ids: first and last are min and max).
-        *edges, low, high = torch.cat([bounds, expert_ids[:1], expert_ids[-1:]]).tolist()
-        counts = [b - a for a, b in itertools.pairwise(edges)]
-        if low < 0 or high >= num_experts:
-            logger.debug("grouped forward off: expert indices outside [0, %d)", num_experts)
-            _record(f"expert indices outside [0, {num_experts})")
+        counts = _synced_counts(bounds, expert_ids, num_experts)
+        if counts is None:
             return None
-        _record(None)
         out = _run_sorted(plan, hidden_states[token_idx], counts, offs, expert_ids if plan.has_bias else None)
     slot_idx = perm // tokens
     weighted = out * top_k_weights[token_idx, slot_idx, None]

@@ -205,11 +205,18 @@ def whole_batch_forward(
     calibration makes. ``grouped``: both through grouped GEMMs where the block can.
     """
     plan = call_plan(block, hidden_states) if grouped else None  # checked once for both
-    with suspended_hooks(_expert_modules(block)):
-        if plan is None:
-            output, counted = _loop(block, hidden_states, top_k_index, top_k_weights)
-        else:
-            output, counted = _grouped_or_loop(block, hidden_states, top_k_index, top_k_weights, plan)
+    # the hooks are off for the routed output: grouped, no hook is consulted (nothing to suspend), and the
+    # counts are read after the GEMMs are queued
+    result = None if plan is None else grouped_routed_forward_with_counts(
+        block, hidden_states, top_k_index, top_k_weights, plan, hooks=False, sync_counts=True)
+    if result is not None:
+        output, counted = result[0], torch.tensor(result[1], dtype=torch.long)
+    else:
+        with suspended_hooks(_expert_modules(block)):
+            if plan is None:
+                output, counted = _loop(block, hidden_states, top_k_index, top_k_weights)
+            else:
+                output, counted = _grouped_or_loop(block, hidden_states, top_k_index, top_k_weights, plan)
     # the grouped forward counted the routed rows at its one host sync; else count them here
     routed = counted if counted is not None else _routed_counts(top_k_index, block.num_experts)
     if hidden_states.shape[0]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import defaultdict
 
 import pytest
@@ -442,3 +443,75 @@ def test_an_index_outside_the_block_without_a_sync_is_raised_at_the_check():
     with pytest.raises(grouped.RoutedIndexError, match=rf"outside \[0, {block.num_experts}\).*sync_free_propagation=False"):
         grouped.check_routed_indices()
     grouped.check_routed_indices()  # the check cleared the flag
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sync_counts_reads_the_counts_once_after_the_hookless_gemms(family, monkeypatch):
+    """``hooks=False, sync_counts=True`` (``routing: all``'s routed output): the hookless GEMMs, then one host read
+    of the counts; the output and counts are the synced call's, and no expert hook is consulted."""
+    from defuser_quant.calibration import grouped
+
+    model, _ = tiny.build(family, torch.float32, num_experts_per_tok=2)
+    convert_model(model)
+    (_, block), *_ = blocks(model)
+    hidden = torch.randn(24, block[0].projection("up").in_features, generator=torch.Generator().manual_seed(5))
+    index, weights = _routing(24, block.num_experts, 2, torch.float32)
+    fired = []
+    for expert in block:
+        for linear in expert.children():
+            linear.register_forward_hook(lambda *a: fired.append(1))
+    with torch.no_grad():
+        with grouped.recording_grouped_use() as plain:
+            free = grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, hooks=False, sync_counts=True)
+        order = []
+        real_hookless, real_tolist = grouped._run_hookless, torch.Tensor.tolist
+        monkeypatch.setattr(grouped, "_run_hookless", lambda *a: order.append("gemms") or real_hookless(*a))
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: order.append("read") or real_tolist(self))
+        grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, hooks=False, sync_counts=True)
+        monkeypatch.undo()
+        for expert in block:
+            for linear in expert.children():
+                linear._forward_hooks.clear()
+        synced = grouped.grouped_routed_forward_with_counts(block, hidden, index, weights)
+    assert free is not None and order == ["gemms", "read"] and not fired
+    assert torch.equal(free[0], synced[0]) and free[1] == synced[1] and sum(free[1]) == 48
+    assert plain.grouped == 1 and plain.without_sync == 0  # a synced call, counted as one
+
+
+def test_sync_counts_refuses_an_index_outside_the_block_and_leaves_no_flag():
+    from defuser_quant.calibration import grouped
+
+    model, _ = tiny.build("qwen3_moe", torch.float32)
+    convert_model(model)
+    (_, block), *_ = blocks(model)
+    hidden = torch.randn(6, block[0].projection("up").in_features)
+    index, weights = _routing(6, block.num_experts, 2, torch.float32)
+    index[2, 0] = block.num_experts
+    assert grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, hooks=False, sync_counts=True) is None
+    grouped.check_routed_indices()  # refused on the spot: nothing left for the later check
+
+
+def test_sync_counts_runs_nothing_where_the_gemms_need_the_module_path(monkeypatch):
+    """A block with weightless experts, or Linears with an adapter's inner hook: None at once, nothing run or
+    recorded (the caller runs the call with its hooks suspended)."""
+    from defuser_quant.calibration import grouped
+
+    model, _ = tiny.build("qwen3_moe", torch.float32)
+    convert_model(model)
+    (_, block), *_ = blocks(model)
+    hidden = torch.randn(6, block[0].projection("up").in_features)
+    index, weights = _routing(6, block.num_experts, 2, torch.float32)
+    ran = []
+    monkeypatch.setattr(grouped, "_run_hookless", lambda *a: ran.append(a))
+    monkeypatch.setattr(grouped, "_run_sorted", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(grouped, "_no_weightless_experts", lambda b: False)
+    with grouped.recording_grouped_use() as use, torch.no_grad():
+        assert grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, hooks=False, sync_counts=True) is None
+    assert not ran and use.grouped == 0 and not use.fallbacks
+    monkeypatch.setattr(grouped, "_no_weightless_experts", lambda b: True)
+    plan = grouped.call_plan(block, hidden)
+    plan.roles[0] = dataclasses.replace(plan.roles[0], inner_hooks=(None,) * len(block))
+    with torch.no_grad():
+        assert grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, plan, hooks=False,
+                                                          sync_counts=True) is None
+    assert not ran

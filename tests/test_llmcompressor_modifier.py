@@ -737,7 +737,9 @@ grouped._run_hookless, modifier.Rehearsal._run = counted, named
 defuse = t.dq_llmc.DefuseModifier(routing="all", **{fields!r})
 t._oneshot({model!r}, t._calibration_dataset(), [defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=t.IGNORE)],
            {out!r})
-print("RESULT " + json.dumps({{"rehearsal": defuse.rehearsal, "hookless": hookless[0], "threads": threads}}))
+use = defuse.grouped_use
+print("RESULT " + json.dumps({{"rehearsal": defuse.rehearsal, "hookless": hookless[0], "threads": threads,
+                               "without_sync": use.without_sync if use is not None else None}}))
 """
 
 
@@ -787,10 +789,13 @@ def test_rehearsal_runs_its_steps_beside_the_run_and_changes_no_tensor(tiny_dir,
 def test_sync_free_propagation_skips_the_host_sync_in_propagation_and_changes_no_tensor(tiny_dir, tmp_path):
     """Opt-in: the propagation passes' grouped forwards (every expert hook llm-compressor's, switched off)
     run without the rows per expert on the host; the calibration passes keep their sync (the token counts
-    need it); the checkpoint is the one without the option."""
-    assert _fresh_oneshot(tiny_dir, tmp_path / "synced")["hookless"] == 0
+    need it; their routed output runs the hook-free GEMMs and reads the counts after them); the checkpoint
+    is the one without the option."""
+    calls = LAYERS * SAMPLES  # block calls per pass
+    synced = _fresh_oneshot(tiny_dir, tmp_path / "synced")
+    assert synced["without_sync"] == 0 and synced["hookless"] == calls  # the calibration calls' routed outputs
     free = _fresh_oneshot(tiny_dir, tmp_path / "sync_free", sync_free_propagation=True)
-    assert free["hookless"] == LAYERS * SAMPLES  # every propagation call of every layer
+    assert free["without_sync"] == calls and free["hookless"] == 2 * calls  # and every propagation call
     assert _same_tensors(tmp_path / "synced", tmp_path / "sync_free") == []
 
 

@@ -231,3 +231,30 @@ def test_blocks_built_for_llmcompressor_follow_its_flag_with_whole_batch_calls()
         assert len(calls) == NUM_EXPERTS * len(inputs) and {c[4] for c in calls} == {"all"}
         for path, _, _, x, _ in calls:
             assert torch.equal(x, inputs[path].reshape(-1, x.shape[-1]))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_the_routed_output_suspends_hooks_only_on_the_module_path(grouped, monkeypatch):
+    """Grouped, the routed output runs hook-free GEMMs (nothing to suspend); the loop suspends the experts'
+    hooks. Either way the hooks see each expert's whole-batch call once and the output is the routed one."""
+    from defuser_quant.calibration import routing
+
+    model = _defused()
+    (path, block), *_ = defused_blocks(model)
+    hidden = _block_inputs(model, make_ids(2))[path]
+    router_logits = torch.randn(hidden.shape[0], len(block), generator=torch.Generator().manual_seed(1))
+    weights, index = router_logits.softmax(-1).topk(TOP_K, dim=-1)
+    with torch.no_grad():
+        reference = block.routed_forward(hidden, index, weights)
+    suspended = []
+    real = routing.suspended_hooks
+    monkeypatch.setattr(routing, "suspended_hooks", lambda modules: suspended.append(1) or real(modules))
+    seen = []
+    for e, expert in enumerate(block):
+        expert.up_proj.register_forward_hook(lambda m, a, out, e=e: seen.append((e, a[0].shape[0])))
+    with torch.no_grad():
+        output, routed = routing.whole_batch_forward(block, hidden, index, weights, grouped=grouped)
+    assert suspended == ([] if grouped else [1])
+    assert torch.equal(output, reference) and int(routed.sum()) == hidden.shape[0] * TOP_K
+    # the routed pass fired no hook: each expert's up projection saw the whole batch exactly once
+    assert sorted(seen) == [(e, hidden.shape[0]) for e in range(len(block))]
