@@ -427,14 +427,20 @@ def test_a_call_without_hooks_needs_no_host_sync_and_gives_the_same_output(famil
     grouped.check_routed_indices()  # every index was an expert's: nothing raised
 
 
-def test_an_index_outside_the_block_without_a_sync_is_raised_at_the_check():
-    from defuser_quant.calibration import grouped
-
+def _six_token_call() -> tuple:
+    """A converted tiny qwen3_moe block and a six-token top-2 call of it: ``(block, hidden, index, weights)``."""
     model, _ = tiny.build("qwen3_moe", torch.float32)
     convert_model(model)
     (_, block), *_ = blocks(model)
     hidden = torch.randn(6, block[0].projection("up").in_features)
     index, weights = _routing(6, block.num_experts, 2, torch.float32)
+    return block, hidden, index, weights
+
+
+def test_an_index_outside_the_block_without_a_sync_is_raised_at_the_check():
+    from defuser_quant.calibration import grouped
+
+    block, hidden, index, weights = _six_token_call()
     index[3, 1] = block.num_experts  # no such expert: the loop's one_hot refuses it
     with pytest.raises(RuntimeError):
         block.routed_forward(hidden, index, weights)
@@ -481,11 +487,7 @@ def test_sync_counts_reads_the_counts_once_after_the_hookless_gemms(family, monk
 def test_sync_counts_refuses_an_index_outside_the_block_and_leaves_no_flag():
     from defuser_quant.calibration import grouped
 
-    model, _ = tiny.build("qwen3_moe", torch.float32)
-    convert_model(model)
-    (_, block), *_ = blocks(model)
-    hidden = torch.randn(6, block[0].projection("up").in_features)
-    index, weights = _routing(6, block.num_experts, 2, torch.float32)
+    block, hidden, index, weights = _six_token_call()
     index[2, 0] = block.num_experts
     assert grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, hooks=False, sync_counts=True) is None
     grouped.check_routed_indices()  # refused on the spot: nothing left for the later check
@@ -496,11 +498,7 @@ def test_sync_counts_runs_nothing_where_the_gemms_need_the_module_path(monkeypat
     recorded (the caller runs the call with its hooks suspended)."""
     from defuser_quant.calibration import grouped
 
-    model, _ = tiny.build("qwen3_moe", torch.float32)
-    convert_model(model)
-    (_, block), *_ = blocks(model)
-    hidden = torch.randn(6, block[0].projection("up").in_features)
-    index, weights = _routing(6, block.num_experts, 2, torch.float32)
+    block, hidden, index, weights = _six_token_call()
     ran = []
     monkeypatch.setattr(grouped, "_run_hookless", lambda *a: ran.append(a))
     monkeypatch.setattr(grouped, "_run_sorted", lambda *a, **k: ran.append(a))
