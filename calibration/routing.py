@@ -207,7 +207,7 @@ def whole_batch_forward(
     plan = call_plan(block, hidden_states) if grouped else None  # checked once for both
     # the hooks are off for the routed output: grouped, no hook is consulted (nothing to suspend), and the
     # counts are read after the GEMMs are queued
-    result = None if plan is None else grouped_routed_forward_with_counts(
+    result = None if plan is None or not top_k_index.numel() else grouped_routed_forward_with_counts(
         block, hidden_states, top_k_index, top_k_weights, plan, hooks=False, sync_counts=True)
     if result is not None:
         output, counted = result[0], torch.tensor(result[1], dtype=torch.long)

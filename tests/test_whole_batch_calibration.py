@@ -258,3 +258,16 @@ def test_the_routed_output_suspends_hooks_only_on_the_module_path(grouped, monke
     assert torch.equal(output, reference) and int(routed.sum()) == hidden.shape[0] * TOP_K
     # the routed pass fired no hook: each expert's up projection saw the whole batch exactly once
     assert sorted(seen) == [(e, hidden.shape[0]) for e in range(len(block))]
+
+
+def test_an_empty_batch_is_recorded_once():
+    from defuser_quant.calibration import grouped, routing
+
+    model = _defused()
+    (_, block), *_ = defused_blocks(model)
+    hidden = torch.zeros(0, block[0].up_proj.in_features)
+    index, weights = torch.zeros(0, TOP_K, dtype=torch.long), torch.zeros(0, TOP_K)
+    with grouped.recording_grouped_use() as use, torch.no_grad():
+        output, routed = routing.whole_batch_forward(block, hidden, index, weights, grouped=True)
+    assert output.shape == (0, hidden.shape[1]) and int(routed.sum()) == 0
+    assert use.fallbacks == {"no routed tokens in this batch": 1}
