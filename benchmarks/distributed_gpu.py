@@ -822,9 +822,7 @@ def _hessian_batching(defuse: object | None) -> dict | None:
     from defuser_quant.calibration.gram import stacked_checks
     from defuser_quant.integrations.llmcompressor.hessians import last_batching
 
-    checks = [{"shape": list(shape), "strides": list(strides), "dtype": str(dtype), "device": device,
-               "matmul_settings": list(settings), "exact": exact}
-              for (shape, strides, dtype, device, settings), exact in stacked_checks().items()]
+    checks = [{**shape._asdict(), "dtype": str(shape.dtype), "exact": exact} for shape, exact in stacked_checks().items()]
     return {**dataclasses.asdict(last_batching()), "stacked_checks": checks}
 
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRODUCT_BUDGET", "STACKED_DEVICES", "QueuedAdds", "gram_operands", "gram_products", "stacked_checks"]
+__all__ = ["PRODUCT_BUDGET", "STACKED_DEVICES", "QueuedAdds", "StackedShape", "gram_operands", "gram_products",
+           "stacked_checks"]
 
 #: Products kept alive at once before their adds run as one multi-tensor kernel (bytes).
 PRODUCT_BUDGET = 256 << 20
@@ -32,8 +34,21 @@ PRODUCT_BUDGET = 256 << 20
 #: GPU, where it saves a launch per expert. On the 2-core CPU a ``bmm`` inside a run was slower than the
 #: ``mm`` calls it replaced (docs/performance.md, round 39).
 STACKED_DEVICES = frozenset({"cuda"})
-#: Per problem shape (batch, rows, features, strides, dtype, device, matmul settings): whether its ``bmm`` gave the ``mm`` bits.
-_STACKED_EXACT: dict[tuple, bool] = {}
+
+
+class StackedShape(NamedTuple):
+    """One problem shape a ``bmm`` was checked on: ``[batch, rows, features]``, its strides, dtype, device and the
+    process's matmul settings (float32 precision, TF32, deterministic algorithms) at the check."""
+
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: torch.dtype
+    device: str
+    matmul_settings: tuple
+
+
+#: Per problem shape: whether its ``bmm`` gave the ``mm`` bits.
+_STACKED_EXACT: dict[StackedShape, bool] = {}
 #: Shapes checked at most per process: calibration rows of many lengths (each a shape) would otherwise pay a check
 #: (the ``bmm`` beside the ``mm`` calls, a comparison, a host sync) on most calls; shapes past it take an ``mm`` each.
 MAX_STACKED_CHECKS = 128
@@ -105,7 +120,7 @@ def gram_products(rows: torch.Tensor, spans: list[tuple[int, int]],
 
 def _stacked(chunk: torch.Tensor) -> Iterator[torch.Tensor]:
     """Each ``[size, features]`` matrix ``x`` of ``chunk``: ``x.T @ x`` from one ``bmm`` where that is exact on this shape."""
-    key = (tuple(chunk.shape), chunk.stride(), chunk.dtype, str(chunk.device), _matmul_settings())
+    key = StackedShape(tuple(chunk.shape), chunk.stride(), chunk.dtype, str(chunk.device), _matmul_settings())
     exact = _STACKED_EXACT.get(key)
     if exact is False or (exact is None and len(_STACKED_EXACT) >= MAX_STACKED_CHECKS):
         for x in chunk:
@@ -130,6 +145,6 @@ def _matmul_settings() -> tuple:
             torch.are_deterministic_algorithms_enabled())
 
 
-def stacked_checks() -> dict[tuple, bool]:
+def stacked_checks() -> dict[StackedShape, bool]:
     """The shapes checked so far and whether their ``bmm`` gave the ``mm`` products (a copy)."""
     return dict(_STACKED_EXACT)

@@ -65,3 +65,22 @@ def test_twice_runs_each_oneshot_again_in_its_process(tmp_path):
         first_use = row["oneshot_s"] - row["oneshot_again_s"]
         assert f"| {variant} x1 | {row['oneshot_s']:.1f} | {row['oneshot_again_s']:.1f} | {first_use:.1f} |" \
             in payload["first_use_table"]
+
+
+def test_a_rows_stacked_checks_name_each_field_of_the_checked_shape(monkeypatch):
+    """``hessian_batching.stacked_checks``: one JSON record per shape checked, its fields by name."""
+    pytest.importorskip("llmcompressor")
+    import torch
+
+    from defuser_quant.calibration import gram
+
+    monkeypatch.setattr(gram, "STACKED_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(gram, "_STACKED_EXACT", {})
+    rows = torch.randn(4 * 8, 16)
+    list(gram.gram_products(rows, [(i * 8, 8) for i in range(4)]))
+    record = dg._hessian_batching(type("Defuse", (), {"grouped": True})())
+    assert json.loads(json.dumps(record["stacked_checks"])) == [{
+        "shape": [4, 8, 16], "strides": [128, 16, 1], "dtype": "torch.float32", "device": "cpu",
+        "matmul_settings": [torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+                            torch.are_deterministic_algorithms_enabled()],
+        "exact": True}]

@@ -237,6 +237,6 @@ def test_the_down_products_from_one_bmm_give_the_hooks_hessians(monkeypatch, bmm
     checks = gram.stacked_checks()
     assert len(checks) == 1 and list(checks.values()) == [not bmm_rounds_otherwise]
     (shape,) = checks
-    assert shape[0][0] == len(grouped)  # the down projections of every expert in one bmm
+    assert shape.shape[0] == len(grouped)  # the down projections of every expert in one bmm
     # the first call allocates through the hooks; every later one stacks (or, dropped, only the first of them tried)
     assert len(calls) == (CALLS - 1 if not bmm_rounds_otherwise else 1)
