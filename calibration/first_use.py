@@ -136,8 +136,8 @@ def rehearse_hessian_products(device: torch.device | str, dtype: torch.dtype, wi
                               tokens: int = 256) -> int:
     """A GPTQ Hessian add for ``tokens`` input rows of each distinct width, in float32 from ``dtype`` rows:
     as llm-compressor's ``accumulate_hessian`` writes it (``H += inp.matmul(inp.t())`` on the transposed,
-    scaled rows) and as the batched hooks take it (``torch.mm(X.T, X)`` then one ``_foreach_add_``,
-    ``calibration.gram``); returns how many widths."""
+    scaled rows) and as the batched hooks take it (``torch.mm(X.T, X)`` then one ``_foreach_add_``, and for
+    equal spans on a GPU one ``bmm`` over two of them, ``calibration.gram``); returns how many widths."""
     device = torch.device(device)
     done = 0
     with torch.no_grad():
@@ -148,6 +148,8 @@ def rehearse_hessian_products(device: torch.device | str, dtype: torch.dtype, wi
             hessian += inp.matmul(inp.t())
             scaled = math.sqrt(2) * rows.to(dtype=torch.float32)
             torch._foreach_add_([hessian], [torch.mm(scaled.t(), scaled)])
+            pair = scaled.expand(2, -1, -1)
+            torch._foreach_add_([hessian, hessian.clone()], list(torch.bmm(pair.transpose(1, 2), pair).unbind(0)))
             done += 1
     return done
 
