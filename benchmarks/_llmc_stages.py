@@ -20,7 +20,9 @@ gives seconds per stage. Stages (inclusive; nested ones are listed under their p
   synchronized, so the timing changes nothing);
 * ``finalize`` (every modifier's ``on_finalize``: our coverage reduce and report), ``save``
   (``post_process``: compress, write on rank 0, barriers), which holds ``save.compress``
-  (compressed-tensors' ``compress_model``: packing, spread over the ranks under torchrun),
+  (compressed-tensors' ``compress_model``: packing, spread over the ranks under torchrun; with DefuseModifier's
+  ``batched_compress`` only the modules its loop still packs), ``save.compress_batched`` (DefuseModifier's
+  stacked packing of alike modules, run just before that loop),
   ``save.accelerate`` (``to_accelerate``/``from_accelerate`` around the write),
   ``save.save_pretrained`` (Transformers' own, rank 0) with ``save.shard_write`` (each
   safetensors shard: device-to-host copies, serialization, file write; in DefuseModifier's
@@ -198,6 +200,11 @@ def _wrap_save(clock: StageClock) -> None:
         return
     clock.wrap(concurrent_save, "write_safetensors", "save.shard_write", sync=False)  # the pool's writer
     clock.wrap(concurrent_save._Writes, "wait", "save.shard_wait")
+    try:
+        from defuser_quant.integrations.llmcompressor import batched_compress
+    except ImportError:  # the stock variant blocks our integration's import
+        return
+    clock.wrap(batched_compress, "compress_in_batches", "save.compress_batched")
 
 
 def _wrap_barrier(clock: StageClock, ranks: Any) -> None:

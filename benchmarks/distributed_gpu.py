@@ -22,6 +22,10 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
                (``calibration.gram.STACKED_DEVICES`` emptied in the run's process); the checkpoint must be
                ``all``'s (``checkpoint_vs_stacked``). Each row's ``hessian_batching.stacked_checks`` lists the
                problem shapes whose one ``bmm`` was checked and whether it gave the ``mm`` products bit for bit.
+* ``all-batchpack`` - ``all`` with ``batched_compress=True`` (opt-in, new in round 47): the save packs each
+               group of alike quantized modules in stacked chunks instead of compressed-tensors' one-by-one loop;
+               the checkpoint must be ``all``'s (``checkpoint_vs_loop_pack``); the row's ``compression_batching``
+               says what was packed so.
 * ``all-unshared`` - ``all`` with ``share_hessians=False``: every gate/up Hessian takes each call's
                product itself; the checkpoint must be ``all``'s (``checkpoint_vs_shared``).
 * ``routed-onewriter`` / ``all-onewriter`` - the same with ``save_threads=1``: Transformers writes
@@ -107,7 +111,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
 VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter", "all-unshared",
-            "all-rehearse", "all-syncfree", "all-mmloop")
+            "all-rehearse", "all-syncfree", "all-mmloop", "all-batchpack")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
@@ -237,6 +241,7 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
         grouped_use=[r["grouped_use"] for r in results],
         hessian_batching=[r.get("hessian_batching") for r in results],
         rehearsal=[r.get("rehearsal") for r in results],
+        compression_batching=[r.get("compression_batching") for r in results],
         experts_classes=results[0]["experts_classes"],
         coverage_totals=coverages[0],
         coverage_same_on_every_rank=all(c == coverages[0] for c in coverages),
@@ -582,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
     """A finished run against its references: N vs 1 process, stock, and for a suffixed variant
-    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-syncfree``, ``-mmloop``, ``-loop``) the same variant without the suffix."""
+    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-syncfree``, ``-mmloop``, ``-batchpack``, ``-loop``) the same variant without the suffix."""
     if not _ok(row):
         return
     one = _find(rows, row["variant"], 1, row.get("repeat", 0))
@@ -611,6 +616,7 @@ _REFERENCE_OF_SUFFIX = (
     ("-rehearse", "checkpoint_vs_unrehearsed", _same_checkpoint),
     ("-syncfree", "checkpoint_vs_synced", _same_checkpoint),
     ("-mmloop", "checkpoint_vs_stacked", _same_checkpoint),
+    ("-batchpack", "checkpoint_vs_loop_pack", _same_checkpoint),
     ("-loop", "logits_vs_grouped", lambda ref, ckpt, args: compare_logits(ref, ckpt, args.device)),
 )
 
@@ -749,7 +755,8 @@ def worker(args: argparse.Namespace) -> int:
         modifier = dq_llmc.DefuseModifier(routing=routing, grouped=suffix != "loop",
                                           save_threads=1 if suffix == "onewriter" else None,
                                           share_hessians=suffix != "unshared", rehearse=suffix == "rehearse",
-                                          sync_free_propagation=suffix == "syncfree")
+                                          sync_free_propagation=suffix == "syncfree",
+                                          batched_compress=suffix == "batchpack")
         return loaded, [modifier, *steps], modifier
 
     def run_oneshot(loaded: Any, steps: list, folder: Path) -> float:
@@ -804,6 +811,7 @@ def worker(args: argparse.Namespace) -> int:
         "triton_compiles": compiles.kernels,
         "gil_probe": None if probe is None else probe.summary(),
         "rehearsal": None if defuse is None else defuse.rehearsal,
+        "compression_batching": None if defuse is None else defuse.compression_batching,
     }
     if args.twice:  # the same run again in this process: the difference is what the first use of everything cost
         del model, recipe

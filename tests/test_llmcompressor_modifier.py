@@ -726,6 +726,9 @@ from defuser_quant.calibration import grouped
 from defuser_quant.integrations.llmcompressor import modifier
 if {cpu_rehearsal!r}:
     modifier.cuda_device = lambda model: torch.device("cpu")
+if {cpu_pack!r}:
+    from defuser_quant.integrations.llmcompressor import batched_compress
+    batched_compress.BATCHED_DEVICES = frozenset({{"cpu"}})
 threads, hookless, run, rehearsal_run = [], [0], grouped._run_hookless, modifier.Rehearsal._run
 def counted(*a):
     hookless[0] += 1
@@ -739,16 +742,17 @@ t._oneshot({model!r}, t._calibration_dataset(), [defuse, GPTQModifier(targets="L
            {out!r})
 use = defuse.grouped_use
 print("RESULT " + json.dumps({{"rehearsal": defuse.rehearsal, "hookless": hookless[0], "threads": threads,
-                               "without_sync": use.without_sync if use is not None else None}}))
+                               "without_sync": use.without_sync if use is not None else None,
+                               "compression": defuse.compression_batching}}))
 """
 
 
-def _fresh_oneshot(model: Path, out: Path, cpu_rehearsal: bool = False, **fields) -> dict:
+def _fresh_oneshot(model: Path, out: Path, cpu_rehearsal: bool = False, cpu_pack: bool = False, **fields) -> dict:
     """One ``oneshot`` (routing all, GPTQ W4A16) in a process of its own, oneDNN off. Repeated runs in one
     process can pack a weight differently on this CPU (one of layer 1's expert weights, with or without
     DefuseModifier, stock llm-compressor too), and so could two processes when one also ran the rehearsal's
     CPU steps beside the job (3 of 6 tries); with oneDNN's CPU kernels off they agreed in every try."""
-    script = _FRESH_RUN.format(tests=str(Path(__file__).parent), cpu_rehearsal=cpu_rehearsal, fields=fields,
+    script = _FRESH_RUN.format(tests=str(Path(__file__).parent), cpu_rehearsal=cpu_rehearsal, cpu_pack=cpu_pack, fields=fields,
                                model=str(model), out=str(out))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -797,6 +801,18 @@ def test_sync_free_propagation_skips_the_host_sync_in_propagation_and_changes_no
     free = _fresh_oneshot(tiny_dir, tmp_path / "sync_free", sync_free_propagation=True)
     assert free["without_sync"] == calls and free["hookless"] == 2 * calls  # and every propagation call
     assert _same_tensors(tmp_path / "synced", tmp_path / "sync_free") == []
+
+
+@pytest.mark.slow
+def test_batched_packing_at_save_writes_the_per_module_checkpoint(tiny_dir, tmp_path):
+    """The save's stacked packing (opt-in; let onto the CPU here) writes the checkpoint of compressed-tensors'
+    per-module loop (the default), every quantized Linear of one shape packed in one chunk and checked."""
+    stacked = _fresh_oneshot(tiny_dir, tmp_path / "stacked", cpu_pack=True, batched_compress=True)["compression"]
+    # q, o and every expert projection are 128 x 128, k and v 64 x 128: two groups, one chunk each
+    assert stacked == {"modules": LAYERS * (2 + 2 + 3 * EXPERTS), "groups": 2, "chunks": 2, "checked": 2, "mismatched": 0,
+                       "left": {}}
+    assert _fresh_oneshot(tiny_dir, tmp_path / "loop")["compression"] is None
+    assert _same_tensors(tmp_path / "stacked", tmp_path / "loop") == []
 
 
 def test_a_failing_rehearsal_step_is_logged_and_the_next_step_runs(caplog):

@@ -50,6 +50,7 @@ from defuser_quant.calibration.grouped import (
     routed_output,
 )
 
+from .batched_compress import CompressionBatching, with_batched_compression
 from .grouped import compressed_tensors_grouping, experts_hooks_off, wrapped_hook_code
 from .hessians import batched_gptq_hessians, last_batching
 from .token_counts import TokenCounter, batched_token_counts
@@ -159,6 +160,13 @@ class DefuseModifier(Modifier):
             (``defuser_quant.checkpoint.concurrent_save``); without a ``max_shard_size`` the
             checkpoint is split into about one shard per thread. Default: the CPUs, at most 8;
             ``1``: Transformers' own one-by-one write.
+        batched_compress: at save, pack each group of alike quantized Linears (the experts of a role: one
+            shape and scheme) with one quantize and one int32 packing over their stacked rows instead of one
+            module at a time (``batched_compress.py``); the same words bit for bit, checked against
+            compressed-tensors' own ``compress`` on every chunk's first module. Other modules, and every
+            module under ``torchrun``, are packed by compressed-tensors as before. :attr:`compression_batching`
+            says what was packed here. Opt-in: not yet run on a GPU, where it is meant to save the per-module
+            launches and syncs (on a CPU it stays off: slower there).
         rehearse: on a CUDA model, launch the calibration's and the GPTQ solve's kernels once on small
             tensors of their own, on a background thread, while llm-compressor sets up (CUDA loads
             each kernel at its first launch and the launching thread waits; ``rehearse.py``).
@@ -181,6 +189,7 @@ class DefuseModifier(Modifier):
     grouped: bool = True
     share_hessians: bool = True
     save_threads: int | None = Field(default=None, ge=1)
+    batched_compress: bool = False
     rehearse: bool = False
     sync_free_propagation: bool = False
 
@@ -192,6 +201,7 @@ class DefuseModifier(Modifier):
     _budget: RankBudget | None = PrivateAttr(default=None)
     _grouped_use: GroupedUse | None = PrivateAttr(default=None)
     _rehearsal: Rehearsal | None = PrivateAttr(default=None)
+    _compression: CompressionBatching | None = PrivateAttr(default=None)
     _rehearse_solves: bool = PrivateAttr(default=False)  # a GPTQ-like modifier in the recipe (seen at initialize)
 
     @field_validator("filter", mode="before")
@@ -230,6 +240,11 @@ class DefuseModifier(Modifier):
         """The kernel rehearsal's steps (seconds each), those with nothing to rehearse, failures, or why none
         ran (None: ``rehearse=False``)."""
         return None if self._rehearsal is None else self._rehearsal.stats.as_dict()
+
+    @property
+    def compression_batching(self) -> dict[str, Any] | None:
+        """What the save's batched packing did (None: ``batched_compress=False``, or not saved yet)."""
+        return None if self._compression is None else self._compression.as_dict()
 
     @property
     def grouped_use(self) -> GroupedUse | None:
@@ -297,7 +312,7 @@ class DefuseModifier(Modifier):
         self._log_grouped_use()
         if self._counts:
             self._finish_coverage()
-        self._arm_concurrent_save(state.model)
+        self._arm_save(state.model)
         if self.refuse:
             self._check_refusable(state.model)
             self._arm_refuse(state.model)
@@ -426,11 +441,14 @@ class DefuseModifier(Modifier):
             )
         check_refusable(self.refuse, schemes, expert_shapes=shapes)
 
-    def _arm_concurrent_save(self, model: nn.Module) -> None:
-        """Wrap llm-compressor's compressed save so its shards are written by a pool of threads."""
+    def _arm_save(self, model: nn.Module) -> None:
+        """Wrap llm-compressor's compressed save: alike modules packed in batches, shards written by a pool of threads."""
         save = getattr(model, "save_pretrained", None)
         if not getattr(save, "_overridden", False):  # no compressed-tensors save wrapper (not inside oneshot)
             return
+        if self.batched_compress:
+            self._compression = CompressionBatching()
+            save = with_batched_compression(save, self._compression)
         model.save_pretrained = concurrent_shards(save, self.save_threads)
 
     def _arm_refuse(self, model: nn.Module) -> None:
