@@ -18,6 +18,9 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
 * ``all-syncfree`` - ``all`` with ``sync_free_propagation=True`` (opt-in): the propagation passes' grouped
                forwards without their host sync per block call; the checkpoint must be ``all``'s
                (``checkpoint_vs_synced``).
+* ``all-nosync`` - ``all`` with ``sync_free_calibration=True`` and ``sync_free_propagation=True`` (both opt-in):
+               no host sync per block call in either pass (the calibration calls' rows per expert counted on the
+               device); the checkpoint must be ``all``'s (``checkpoint_vs_synced``) and so must the coverage counts.
 * ``all-mmloop`` - ``all`` with the Hessian products of equal spans taken one ``mm`` per expert, as before round 46
                (``calibration.gram.STACKED_DEVICES`` emptied in the run's process); the checkpoint must be
                ``all``'s (``checkpoint_vs_stacked``). Each row's ``hessian_batching.stacked_checks`` lists the
@@ -111,7 +114,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
 VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter", "all-unshared",
-            "all-rehearse", "all-syncfree", "all-mmloop", "all-batchpack")
+            "all-rehearse", "all-syncfree", "all-mmloop", "all-batchpack", "all-nosync")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
@@ -587,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
     """A finished run against its references: N vs 1 process, stock, and for a suffixed variant
-    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-syncfree``, ``-mmloop``, ``-batchpack``, ``-loop``) the same variant without the suffix."""
+    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-syncfree``, ``-nosync``, ``-mmloop``, ``-batchpack``, ``-loop``) the same variant without the suffix."""
     if not _ok(row):
         return
     one = _find(rows, row["variant"], 1, row.get("repeat", 0))
@@ -615,6 +618,7 @@ _REFERENCE_OF_SUFFIX = (
     ("-unshared", "checkpoint_vs_shared", _same_checkpoint),
     ("-rehearse", "checkpoint_vs_unrehearsed", _same_checkpoint),
     ("-syncfree", "checkpoint_vs_synced", _same_checkpoint),
+    ("-nosync", "checkpoint_vs_synced", _same_checkpoint),
     ("-mmloop", "checkpoint_vs_stacked", _same_checkpoint),
     ("-batchpack", "checkpoint_vs_loop_pack", _same_checkpoint),
     ("-loop", "logits_vs_grouped", lambda ref, ckpt, args: compare_logits(ref, ckpt, args.device)),
@@ -755,7 +759,8 @@ def worker(args: argparse.Namespace) -> int:
         modifier = dq_llmc.DefuseModifier(routing=routing, grouped=suffix != "loop",
                                           save_threads=1 if suffix == "onewriter" else None,
                                           share_hessians=suffix != "unshared", rehearse=suffix == "rehearse",
-                                          sync_free_propagation=suffix == "syncfree",
+                                          sync_free_propagation=suffix in ("syncfree", "nosync"),
+                                          sync_free_calibration=suffix == "nosync",
                                           batched_compress=suffix == "batchpack")
         return loaded, [modifier, *steps], modifier
 

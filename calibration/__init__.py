@@ -7,12 +7,14 @@ from .capture import (
     NoDefusedExpertsError,
     Provenance,
     add_rows,
+    counts_on_device,
     capture_expert_inputs,
     current_provenance,
     defused_blocks,
     provenance,
     routed_rows,
     whole_batch,
+    whole_batch_routed,
 )
 from .coverage import (
     COVERAGE_POLICIES,
@@ -54,6 +56,7 @@ __all__ = [
     "RoutingMode",
     "RoutingSession",
     "add_rows",
+    "counts_on_device",
     "build_report",
     "capture_expert_inputs",
     "current_provenance",
@@ -63,4 +66,5 @@ __all__ = [
     "routing_mode",
     "run_fallback_pass",
     "whole_batch",
+    "whole_batch_routed",
 ]

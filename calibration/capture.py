@@ -37,12 +37,14 @@ __all__ = [
     "Provenance",
     "add_rows",
     "capture_expert_inputs",
+    "counts_on_device",
     "current_provenance",
     "defused_blocks",
     "provenance",
     "routed_rows",
     "suspended_hooks",
     "whole_batch",
+    "whole_batch_routed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ ExpertInputConsumer = Callable[[str, int, str, torch.Tensor, Provenance], None]
 PROJECTION_ROLES: tuple[str, ...] = ("gate", "up", "down")
 
 _PROVENANCE: contextvars.ContextVar[Provenance] = contextvars.ContextVar("defuser_quant_provenance", default="routed")
-_ROUTED_ROWS: contextvars.ContextVar[Sequence[int] | None] = contextvars.ContextVar("defuser_quant_routed_rows", default=None)
+_ROUTED_ROWS: contextvars.ContextVar[Sequence[int] | torch.Tensor | None] = contextvars.ContextVar(
+    "defuser_quant_routed_rows", default=None)
 
 
 class NoDefusedExpertsError(DefuserQuantError, ValueError):
@@ -81,9 +84,11 @@ def provenance(value: Provenance) -> Iterator[None]:
 
 
 @contextmanager
-def whole_batch(routed: Sequence[int]) -> Iterator[None]:
+def whole_batch(routed: Sequence[int] | torch.Tensor) -> Iterator[None]:
     """Mark every expert call inside the block as carrying the whole batch (provenance ``"all"``),
-    of which ``routed[e]`` rows were routed to expert ``e`` by the router."""
+    of which ``routed[e]`` rows were routed to expert ``e`` by the router (host ints, or an int64 tensor
+    left on the device by a call without a host sync: :func:`routed_rows` then reads it, a sync per
+    call, and counters that can add on the device take it from :func:`whole_batch_routed`)."""
     token, rows = _PROVENANCE.set("all"), _ROUTED_ROWS.set(routed)
     try:
         yield
@@ -98,6 +103,21 @@ def routed_rows(expert: int) -> int:
     if routed is None:
         raise RuntimeError("routed_rows() is only known inside whole_batch() (provenance 'all')")
     return int(routed[expert])
+
+
+#: Devices whose row counts are read where they are (host memory); counts on any other device stay there
+#: until read, so a call that produced them needs no host sync.
+HOST_COUNT_DEVICES = frozenset({"cpu"})
+
+
+def counts_on_device(counts: object) -> bool:
+    """Whether ``counts`` is a tensor left on a device (not host memory): add it there, read it later."""
+    return isinstance(counts, torch.Tensor) and counts.device.type not in HOST_COUNT_DEVICES
+
+
+def whole_batch_routed() -> Sequence[int] | torch.Tensor | None:
+    """Inside :func:`whole_batch`: every expert's routed rows as given there (None outside)."""
+    return _ROUTED_ROWS.get()
 
 
 def add_rows(counts: Mapping[str, list[int]], expert: int, rows: int, prov: Provenance | None = None) -> None:

@@ -1261,8 +1261,8 @@ def check_routed_indices() -> None:
             raise RoutedIndexError(
                 f"a pass without expert hooks routed tokens of a {type(block).__name__} block to an expert index "
                 f"outside [0, {block.num_experts}), so its output was wrong; run without the sync-free routed forward "
-                "(llm-compressor: DefuseModifier(sync_free_propagation=False)) to have the call refuse it, and check the "
-                "model's router"
+                "(llm-compressor: DefuseModifier(sync_free_propagation=False, sync_free_calibration=False)) to have the "
+                "call refuse it, and check the model's router"
             )
 
 
@@ -1289,8 +1289,8 @@ def _run_hookless(plan: _Live, x: torch.Tensor, offs: torch.Tensor, expert_ids: 
 
 def grouped_routed_forward_with_counts(
     block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    plan: _Live | None = None, *, hooks: bool = True, sync_counts: bool = False,
-) -> tuple[torch.Tensor, list[int] | None] | None:
+    plan: _Live | None = None, *, hooks: bool = True, sync_counts: bool = False, device_counts: bool = False,
+) -> tuple[torch.Tensor, list[int] | torch.Tensor | None] | None:
     """:func:`grouped_routed_forward` plus the routed rows per expert (host ints, read by its one host
     sync); ``plan``: from :func:`call_plan` for this block and call (else checked here).
 
@@ -1300,15 +1300,17 @@ def grouped_routed_forward_with_counts(
     default the call then has no host sync: the rows per expert stay on the device (the counts are None) and
     an expert index outside ``[0, num_experts)``, which the per-expert loop refuses at once, sets a flag that
     :func:`check_routed_indices` raises on later. ``sync_counts=True`` reads the counts (and checks the
-    indices, returning None for the loop to refuse them) at one host sync after the GEMMs are queued; where
-    the GEMMs cannot run from the offsets alone it returns None at once (nothing run, nothing recorded): the
-    caller then runs the call with its hooks suspended."""
+    indices, returning None for the loop to refuse them) at one host sync after the GEMMs are queued;
+    ``device_counts=True`` instead returns them without a sync, as an int64 tensor on the device (an index
+    outside the block sets the flag, as above, and counts for no expert). With either, where the GEMMs cannot
+    run from the offsets alone it returns None at once (nothing run, nothing recorded): the caller then runs
+    the call with its hooks suspended."""
     if plan is None:
         plan = call_plan(block, hidden_states)
         if plan is None:
             return None
     hookless = not hooks and _no_weightless_experts(block) and all(role.inner_hooks is None for role in plan.roles)
-    if sync_counts and not hookless:
+    if (sync_counts or device_counts) and not hookless:
         return None
     tokens, top_k = top_k_index.shape
     if tokens == 0 or top_k == 0:
@@ -1322,7 +1324,7 @@ def grouped_routed_forward_with_counts(
     bounds = torch.searchsorted(expert_ids, torch.arange(num_experts + 1, device=expert_ids.device, dtype=expert_ids.dtype))
     offs = bounds[1:].to(torch.int32)
     token_idx = perm % tokens
-    counts: list[int] | None = None
+    counts: list[int] | torch.Tensor | None = None
     if hookless:
         out = _run_hookless(plan, hidden_states[token_idx], offs, expert_ids if plan.has_bias else None)
         if sync_counts:
@@ -1332,6 +1334,8 @@ def grouped_routed_forward_with_counts(
         else:
             _flag_outside(block, expert_ids)
             _record(None, synced=False)
+            if device_counts:
+                counts = bounds[1:] - bounds[:-1]
     else:
         counts = _synced_counts(bounds, expert_ids, num_experts)
         if counts is None:

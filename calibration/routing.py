@@ -41,6 +41,7 @@ from torch import nn
 
 from defuser_quant.core.defused import DefusedExperts
 
+from . import capture
 from .capture import defused_blocks, provenance, suspended_hooks, whole_batch
 from .grouped import (
     call_plan,
@@ -69,20 +70,71 @@ ROUTING_MODES: tuple[str, ...] = get_args(RoutingMode)
 DEFAULT_MIN_TOKENS = 128
 
 
-@dataclass
 class BlockCounts:
-    """Tokens one block's experts received inside a routing context (CPU int64, one per expert)."""
+    """Tokens one block's experts received inside a routing context (CPU int64, one per expert).
 
-    routed: torch.Tensor
-    forced: torch.Tensor
+    Counts from calls without a host sync (``sync_free``) are added on their device
+    (:meth:`add`) and folded into the CPU tensors, at one host read, the next time
+    ``routed`` or ``forced`` is read."""
+
+    def __init__(self, routed: torch.Tensor, forced: torch.Tensor):
+        self._routed, self._forced = routed, forced
+        self._pending: torch.Tensor | None = None  # [2, experts] int64 on a device: routed, forced
 
     @classmethod
     def zeros(cls, num_experts: int) -> BlockCounts:
         return cls(torch.zeros(num_experts, dtype=torch.long), torch.zeros(num_experts, dtype=torch.long))
 
+    def _fold(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            routed, forced = pending.cpu()
+            self._routed, self._forced = self._routed + routed, self._forced + forced
+
+    @property
+    def routed(self) -> torch.Tensor:
+        self._fold()
+        return self._routed
+
+    @routed.setter
+    def routed(self, value: torch.Tensor) -> None:
+        self._fold()
+        self._routed = value
+
+    @property
+    def forced(self) -> torch.Tensor:
+        self._fold()
+        return self._forced
+
+    @forced.setter
+    def forced(self, value: torch.Tensor) -> None:
+        self._fold()
+        self._forced = value
+
     @property
     def calibrated(self) -> torch.Tensor:
         return self.routed + self.forced
+
+    def add(self, routed: torch.Tensor, forced: torch.Tensor) -> None:
+        """Add one call's rows per expert: on the CPU at once, on another device without a host sync."""
+        if not capture.counts_on_device(routed):
+            self.routed += routed
+            self.forced += forced
+            return
+        pair = torch.stack([routed, forced]).to(torch.long)
+        if self._pending is None or self._pending.device != pair.device:
+            self._fold()
+            self._pending = pair
+        else:
+            self._pending += pair
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BlockCounts):
+            return NotImplemented
+        return torch.equal(self.routed, other.routed) and torch.equal(self.forced, other.forced)
+
+    def __repr__(self) -> str:
+        return f"BlockCounts(routed={self.routed!r}, forced={self.forced!r})"
 
 
 @dataclass
@@ -96,6 +148,7 @@ class RoutingSession:
     counts: dict[str, BlockCounts] = field(default_factory=dict)
     grouped: bool = False
     whole_batch: bool = False
+    sync_free: bool = False
 
     def forced_selection(self, path: str, top_k_index: torch.Tensor, routed: torch.Tensor) -> dict[int, torch.Tensor]:
         """Token indices to force through each expert for this batch (empty for ``routed``)."""
@@ -186,16 +239,16 @@ class _RoutingForward:
     def _whole_batch(
         self, block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        output, routed = whole_batch_forward(block, hidden_states, top_k_index, top_k_weights, self.session.grouped)
-        counts = self.session.counts[self.path]
-        counts.routed += routed
-        counts.forced += hidden_states.shape[0] - routed
+        session = self.session
+        output, routed = whole_batch_forward(block, hidden_states, top_k_index, top_k_weights, session.grouped,
+                                             sync_free=session.sync_free)
+        session.counts[self.path].add(routed, hidden_states.shape[0] - routed)
         return output
 
 
 def whole_batch_forward(
     block: DefusedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    grouped: bool = False,
+    grouped: bool = False, *, sync_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(routed output, routed rows per expert)``, with every expert's hooks seeing the whole batch once.
 
@@ -203,14 +256,20 @@ def whole_batch_forward(
     hooks off; then every expert runs on every token, in token order, under ``torch.no_grad()``
     and provenance ``"all"``, outputs discarded: the calls stock llm-compressor's all-experts
     calibration makes. ``grouped``: both through grouped GEMMs where the block can.
+
+    ``sync_free`` (with ``grouped``): where the routed output runs hook-free from the device's offsets, the
+    rows per expert stay on the device (an int64 tensor there, also handed to :func:`whole_batch`) and the
+    call has no host sync; an expert index outside the block then sets the flag
+    :func:`~defuser_quant.calibration.grouped.check_routed_indices` raises on, instead of being refused at once.
     """
     plan = call_plan(block, hidden_states) if grouped else None  # checked once for both
     # the hooks are off for the routed output: grouped, no hook is consulted (nothing to suspend), and the
-    # counts are read after the GEMMs are queued
+    # counts are read after the GEMMs are queued (or left on the device)
     result = None if plan is None or not top_k_index.numel() else grouped_routed_forward_with_counts(
-        block, hidden_states, top_k_index, top_k_weights, plan, hooks=False, sync_counts=True)
+        block, hidden_states, top_k_index, top_k_weights, plan, hooks=False, sync_counts=not sync_free,
+        device_counts=sync_free)
     if result is not None:
-        output, counted = result[0], torch.tensor(result[1], dtype=torch.long)
+        output, counted = result[0], _as_counts(result[1])
     else:
         with suspended_hooks(_expert_modules(block)):
             if plan is None:
@@ -220,7 +279,7 @@ def whole_batch_forward(
     # the grouped forward counted the routed rows at its one host sync; else count them here
     routed = counted if counted is not None else _routed_counts(top_k_index, block.num_experts)
     if hidden_states.shape[0]:
-        with torch.no_grad(), whole_batch(routed.tolist()):
+        with torch.no_grad(), whole_batch(routed if capture.counts_on_device(routed) else routed.tolist()):
             if plan is None or not grouped_whole_batch_calls(block, hidden_states, plan=plan):
                 settle_batched_hooks()
                 for expert in block:
@@ -260,8 +319,12 @@ def _grouped_or_loop(
     result = grouped_routed_forward_with_counts(block, hidden_states, top_k_index, top_k_weights, plan)
     if result is None:
         return _loop(block, hidden_states, top_k_index, top_k_weights)
-    output, counts = result
-    return output, torch.tensor(counts, dtype=torch.long)
+    return result[0], _as_counts(result[1])
+
+
+def _as_counts(counts: list[int] | torch.Tensor) -> torch.Tensor:
+    """Rows per expert as an int64 tensor: host ints on the CPU, a device tensor as it is."""
+    return counts if isinstance(counts, torch.Tensor) else torch.tensor(counts, dtype=torch.long)
 
 
 def _check_experts(
@@ -290,6 +353,7 @@ def routing_mode(
     grouped: bool = False,
     deterministic: bool = False,
     whole_batch: bool = False,
+    sync_free: bool = False,
 ) -> Iterator[RoutingSession]:
     """Route every defused block of ``model`` with ``mode`` inside the ``with`` block.
 
@@ -310,6 +374,11 @@ def routing_mode(
             calibration gives them; the routed output is computed with the experts' hooks off.
             Without it they see a routed call, then a forced call. Needs ``experts=None`` and
             ``observe_routed=True``.
+        sync_free: with ``whole_batch`` and ``grouped``, a call whose routed output can run hook-free leaves
+            its rows per expert on the device: no host sync per call (the counts are read when the session's
+            counts are), and an expert index outside a block is raised by
+            :func:`~defuser_quant.calibration.grouped.check_routed_indices` (call it before using the
+            results) instead of at once.
 
     Yields:
         The :class:`RoutingSession`, whose ``counts`` hold per-block routed/forced token counts.
@@ -326,6 +395,9 @@ def routing_mode(
             f"whole_batch=True needs mode='all', experts=None and observe_routed=True (got mode={mode!r}, "
             f"experts={'given' if experts is not None else None}, observe_routed={observe_routed})"
         )
+    if sync_free and not (whole_batch and grouped):
+        raise ValueError("sync_free=True needs whole_batch=True and grouped=True (only whole-batch grouped calls "
+                         "skip their host sync)")
     blocks = defused_blocks(model)
     session = RoutingSession(
         mode=mode,
@@ -335,6 +407,7 @@ def routing_mode(
         counts={path: BlockCounts.zeros(len(block)) for path, block in blocks},
         grouped=grouped,
         whole_batch=whole_batch,
+        sync_free=sync_free,
     )
     previous = [(block, block.forward_override) for _, block in blocks]
     try:

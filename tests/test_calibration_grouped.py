@@ -513,3 +513,47 @@ def test_sync_counts_runs_nothing_where_the_gemms_need_the_module_path(monkeypat
         assert grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, plan, hooks=False,
                                                           sync_counts=True) is None
     assert not ran
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_device_counts_come_back_as_a_tensor_without_a_host_read(family, monkeypatch):
+    """``hooks=False, device_counts=True`` (``sync_free`` whole-batch calls): the hookless GEMMs and the rows per
+    expert as a tensor on the call's device, nothing read on the host; the synced call's output and counts."""
+    from defuser_quant.calibration import grouped
+
+    model, _ = tiny.build(family, torch.float32, num_experts_per_tok=2)
+    convert_model(model)
+    (_, block), *_ = blocks(model)
+    hidden = torch.randn(24, block[0].projection("up").in_features, generator=torch.Generator().manual_seed(6))
+    index, weights = _routing(24, block.num_experts, 2, torch.float32)
+    with torch.no_grad():
+        synced, counts = grouped.grouped_routed_forward_with_counts(block, hidden, index, weights)
+        host_reads = []
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: host_reads.append(self) or [])
+        monkeypatch.setattr(torch.Tensor, "item", lambda self: host_reads.append(self) or 0)
+        with grouped.recording_grouped_use() as use:
+            free, on_device = grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, hooks=False,
+                                                                         device_counts=True)
+        monkeypatch.undo()
+    assert host_reads == [] and use.without_sync == 1
+    assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.long
+    assert torch.equal(free, synced) and on_device.tolist() == counts
+    grouped.check_routed_indices()
+
+
+def test_device_counts_leave_an_index_outside_the_block_to_the_check(monkeypatch):
+    from defuser_quant.calibration import grouped
+
+    block, hidden, index, weights = _six_token_call()
+    index[3, 1] = block.num_experts
+    with torch.no_grad():
+        _, on_device = grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, hooks=False,
+                                                                  device_counts=True)
+    assert int(on_device.sum()) == 11  # the eleven rows of real experts, counted per expert
+    with pytest.raises(grouped.RoutedIndexError, match="sync_free_calibration=False"):
+        grouped.check_routed_indices()
+    # where the GEMMs need the module path: nothing run, None at once (the caller suspends the hooks and syncs)
+    monkeypatch.setattr(grouped, "_no_weightless_experts", lambda b: False)
+    index[3, 1] = 0
+    assert grouped.grouped_routed_forward_with_counts(block, hidden, index, weights, hooks=False,
+                                                      device_counts=True) is None

@@ -726,6 +726,9 @@ from defuser_quant.calibration import grouped
 from defuser_quant.integrations.llmcompressor import modifier
 if {cpu_rehearsal!r}:
     modifier.cuda_device = lambda model: torch.device("cpu")
+if {cpu_counts!r}:  # let the CPU stand in for a device: rows counted there stay unread until the report
+    from defuser_quant.calibration import capture
+    capture.HOST_COUNT_DEVICES = frozenset()
 if {cpu_pack!r}:
     from defuser_quant.integrations.llmcompressor import batched_compress
     batched_compress.BATCHED_DEVICES = frozenset({{"cpu"}})
@@ -743,16 +746,20 @@ t._oneshot({model!r}, t._calibration_dataset(), [defuse, GPTQModifier(targets="L
 use = defuse.grouped_use
 print("RESULT " + json.dumps({{"rehearsal": defuse.rehearsal, "hookless": hookless[0], "threads": threads,
                                "without_sync": use.without_sync if use is not None else None,
-                               "compression": defuse.compression_batching}}))
+                               "compression": defuse.compression_batching,
+                               "coverage": [[[e.routed, e.forced] for e in layer.experts] for layer in defuse.coverage.layers]
+                               if defuse.coverage is not None else None}}))
 """
 
 
-def _fresh_oneshot(model: Path, out: Path, cpu_rehearsal: bool = False, cpu_pack: bool = False, **fields) -> dict:
+def _fresh_oneshot(model: Path, out: Path, cpu_rehearsal: bool = False, cpu_pack: bool = False, cpu_counts: bool = False,
+                   **fields) -> dict:
     """One ``oneshot`` (routing all, GPTQ W4A16) in a process of its own, oneDNN off. Repeated runs in one
     process can pack a weight differently on this CPU (one of layer 1's expert weights, with or without
     DefuseModifier, stock llm-compressor too), and so could two processes when one also ran the rehearsal's
     CPU steps beside the job (3 of 6 tries); with oneDNN's CPU kernels off they agreed in every try."""
-    script = _FRESH_RUN.format(tests=str(Path(__file__).parent), cpu_rehearsal=cpu_rehearsal, cpu_pack=cpu_pack, fields=fields,
+    script = _FRESH_RUN.format(tests=str(Path(__file__).parent), cpu_rehearsal=cpu_rehearsal, cpu_pack=cpu_pack,
+                               cpu_counts=cpu_counts, fields=fields,
                                model=str(model), out=str(out))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -813,6 +820,70 @@ def test_batched_packing_at_save_writes_the_per_module_checkpoint(tiny_dir, tmp_
                        "left": {}}
     assert _fresh_oneshot(tiny_dir, tmp_path / "loop")["compression"] is None
     assert _same_tensors(tmp_path / "stacked", tmp_path / "loop") == []
+
+
+@pytest.mark.slow
+def test_sync_free_calibration_counts_on_the_device_and_changes_no_tensor(tiny_dir, tmp_path):
+    """Opt-in, with sync-free propagation: no block call of either pass reads its rows per expert on the host
+    (the CPU stands in for a device; the calibration calls' counts are added there and read at finalize); the
+    checkpoint and the coverage report are the synced run's."""
+    calls = LAYERS * SAMPLES
+    synced = _fresh_oneshot(tiny_dir, tmp_path / "synced")
+    free = _fresh_oneshot(tiny_dir, tmp_path / "free", cpu_counts=True, sync_free_calibration=True,
+                          sync_free_propagation=True)
+    assert synced["without_sync"] == 0 and free["without_sync"] == 2 * calls  # every call of both passes
+    assert free["coverage"] == synced["coverage"] and sum(e[0] for layer in free["coverage"] for e in layer) > 0
+    assert _same_tensors(tmp_path / "synced", tmp_path / "free") == []
+
+
+def test_sync_free_calibration_needs_routing_all_and_grouped(tiny_dir, calib_dataset, tmp_path):
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    for fields in ({"routing": "routed"}, {"routing": "all", "grouped": False}):
+        defuse = dq_llmc.DefuseModifier(sync_free_calibration=True, **fields)
+        with pytest.raises(Exception, match="sync_free_calibration needs routing 'all' and grouped: true"):
+            _oneshot(tiny_dir, calib_dataset, [defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)],
+                     tmp_path / "out")
+
+
+@pytest.mark.parametrize("option", ["sync_free_calibration", "sync_free_propagation", None])
+def test_finalize_raises_on_an_index_a_sync_free_call_flagged(option):
+    """A sync-free call (either pass) that saw an expert index outside its block set a flag; finalize raises on it
+    before oneshot saves anything. Without either option no call is sync-free and finalize reads no flag."""
+    from types import SimpleNamespace
+
+    import tiny
+
+    from defuser_quant import convert_model
+    from defuser_quant.calibration import grouped
+
+    model, _ = tiny.build("qwen3_moe", torch.float32)
+    convert_model(model)
+    block = next(m for m in model.modules() if isinstance(m, DefusedExperts))
+    grouped._flag_outside(block, torch.tensor([block.num_experts]))
+    defuse = dq_llmc.DefuseModifier(routing="all", **({option: True} if option else {}))
+    try:
+        if option is None:
+            defuse.on_finalize(SimpleNamespace(model=model))
+        else:
+            with pytest.raises(grouped.RoutedIndexError, match="sync_free_calibration=False"):
+                defuse.on_finalize(SimpleNamespace(model=model))
+    finally:
+        grouped._INDEX_FLAGS.clear()
+
+
+def test_expert_token_counts_fold_the_device_rows_on_any_read():
+    from defuser_quant.calibration import add_rows
+    from defuser_quant.integrations.llmcompressor.token_counts import ExpertTokenCounts
+
+    counts = ExpertTokenCounts(4)
+    counts.add_on_device([0, 1, 2, 3], [6, 6, 6, 6], torch.tensor([1, 0, 3, 2]))  # a whole call over every expert
+    counts.add_on_device([1, 3], [5, 2], torch.tensor([9, 4, 9, 1]))  # some experts: only theirs count
+    assert counts._pending is not None
+    assert counts["routed"] == [1, 4, 3, 3] and counts["forced"] == [5, 7, 3, 5] and counts._pending is None
+    add_rows(counts, 2, 4, "forced")
+    counts.add_on_device([0, 1, 2, 3], [1, 1, 1, 1], torch.tensor([1, 1, 0, 0]))
+    assert counts["forced"] == [5, 7, 8, 6] and counts["routed"] == [2, 5, 3, 3]
 
 
 def test_a_failing_rehearsal_step_is_logged_and_the_next_step_runs(caplog):

@@ -271,3 +271,46 @@ def test_an_empty_batch_is_recorded_once():
         output, routed = routing.whole_batch_forward(block, hidden, index, weights, grouped=True)
     assert output.shape == (0, hidden.shape[1]) and int(routed.sum()) == 0
     assert use.fallbacks == {"no routed tokens in this batch": 1}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sync_free_whole_batch_calls_read_nothing_on_the_host_and_give_the_synced_calls(family, monkeypatch):
+    """``sync_free=True``: the routed rows per expert stay where they were counted (here the CPU is let stand in
+    for a device), no ``tolist``/``item`` during the calls; the hooks see the synced calls' rows, the output is the
+    routed one, and the session's counts (folded when read) and a coverage tracker's are the synced ones."""
+    from defuser_quant.calibration import capture
+
+    model = _defused(family)
+    batches = [make_ids(seed) for seed in range(2)]
+    runs = {}
+    for sync_free in (False, True):
+        if sync_free:
+            monkeypatch.setattr(capture, "HOST_COUNT_DEVICES", frozenset())
+        calls, reads = [], []
+        with CoverageTracker(model, min_tokens=8) as tracker, capture_expert_inputs(model, lambda *a: calls.append(a)), \
+                routing_mode(model, "all", grouped=True, whole_batch=True, sync_free=sync_free) as session, torch.no_grad():
+            model(batches[0])  # the first call builds the plan
+            if sync_free:
+                real_tolist = torch.Tensor.tolist
+                monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or real_tolist(self))
+            logits = model(batches[1]).logits
+            monkeypatch.setattr(torch.Tensor, "tolist", torch.Tensor.tolist)
+            pending = [c._pending is not None for c in session.counts.values()]
+            counts = {path: (c.routed.clone(), c.forced.clone()) for path, c in session.counts.items()}
+        runs[sync_free] = calls, logits, counts, tracker.counts(), pending, reads
+    (calls0, logits0, counts0, tracked0, pending0, _), (calls1, logits1, counts1, tracked1, pending1, reads1) = runs[False], runs[True]
+    assert torch.equal(logits1, logits0)
+    assert len(calls1) == len(calls0) and all(
+        a[:3] == b[:3] and a[4] == b[4] and torch.equal(a[3], b[3]) for a, b in zip(calls0, calls1))
+    assert reads1 == [] and all(pending1) and not any(pending0)
+    assert counts1.keys() == counts0.keys() and all(
+        torch.equal(counts1[p][0], counts0[p][0]) and torch.equal(counts1[p][1], counts0[p][1]) for p in counts0)
+    assert tracked1 == tracked0
+
+
+def test_sync_free_needs_grouped_whole_batch_calls():
+    model = _defused()
+    for kwargs in ({"whole_batch": True}, {"grouped": True}):
+        with pytest.raises(ValueError, match="sync_free=True needs whole_batch=True and grouped=True"):
+            with routing_mode(model, "all", sync_free=True, **kwargs):
+                pass

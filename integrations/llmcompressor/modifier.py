@@ -53,7 +53,7 @@ from defuser_quant.calibration.grouped import (
 from .batched_compress import CompressionBatching, with_batched_compression
 from .grouped import compressed_tensors_grouping, experts_hooks_off, wrapped_hook_code
 from .hessians import batched_gptq_hessians, last_batching
-from .token_counts import TokenCounter, batched_token_counts
+from .token_counts import ExpertTokenCounts, TokenCounter, batched_token_counts
 from .linearize import adopt_linear_experts
 from .budget import RankBudget
 from .ranks import before_compress, has_hessians
@@ -177,6 +177,12 @@ class DefuseModifier(Modifier):
             the device, the same GEMMs run (the same outputs bit for bit), and an expert index outside
             the block, which the per-expert loop refuses at once, is raised at finalize instead (the run
             fails before the save). Opt-in: on one H100 it was no faster (docs/performance.md, round 46).
+        sync_free_calibration: with ``grouped`` and ``routing: all``, the calibration passes' whole-batch calls
+            leave each expert's routed rows on the device (counted there for the coverage report, read once at
+            finalize) instead of reading them at one host sync per block call, so the host can queue the next
+            batch's work while the GPU runs this one's; the same outputs, Hessians and counts. An expert index
+            outside the block is raised at finalize, as with ``sync_free_propagation``. Opt-in: not yet run on a
+            GPU (in a calibration pass that sync is the only one per batch; docs/performance.md, round 47).
     """
 
     routing: Literal["routed", "all", "budgeted"] | None = None
@@ -192,9 +198,10 @@ class DefuseModifier(Modifier):
     batched_compress: bool = False
     rehearse: bool = False
     sync_free_propagation: bool = False
+    sync_free_calibration: bool = False
 
     _stack: ExitStack | None = PrivateAttr(default=None)
-    _counts: dict[str, dict[str, list[int]]] = PrivateAttr(default_factory=dict)
+    _counts: dict[str, ExpertTokenCounts] = PrivateAttr(default_factory=dict)
     _coverage: CoverageReport | None = PrivateAttr(default=None)
     _fingerprints: list | None = PrivateAttr(default=None)
     _undo_rank_sync: Any = PrivateAttr(default=None)
@@ -260,6 +267,12 @@ class DefuseModifier(Modifier):
             logger.warning("DefuseModifier: %s has no fused MoE experts block; nothing to do", type(model).__name__)
             return True
         mode = self.routing or ("all" if _calibrate_all_flag() else "routed")
+        if self.sync_free_calibration and (mode != "all" or not self.grouped):
+            raise DefuserQuantError(
+                f"DefuseModifier: sync_free_calibration needs routing 'all' and grouped: true (it removes the host sync "
+                f"of the whole-batch grouped calls); this run has routing {mode!r}, grouped {self.grouped}. Drop "
+                "sync_free_calibration, or use routing: all"
+            )
         ranked_budget = mode == "budgeted" and distributed.is_distributed()
         if ranked_budget and not any(has_hessians(m) for m in self._recipe_modifiers()):
             raise DefuserQuantError(
@@ -278,7 +291,8 @@ class DefuseModifier(Modifier):
             # all: each expert's hooks see every token of a batch in one call, as stock llm-compressor's
             # all-experts calibration does (same Hessians; one gate/up product for all experts)
             self._stack.enter_context(routing_mode(
-                model, routing, min_tokens=self.min_tokens, grouped=self.grouped, whole_batch=routing == "all"
+                model, routing, min_tokens=self.min_tokens, grouped=self.grouped, whole_batch=routing == "all",
+                sync_free=self.sync_free_calibration,
             ))
             self._attach_counters(model)
             self._budget = RankBudget(_blocks(model), self.min_tokens, self._counts) if ranked_budget else None
@@ -307,7 +321,7 @@ class DefuseModifier(Modifier):
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
         self._check_data_split()
         self._teardown()
-        if self.sync_free_propagation:
+        if self.sync_free_propagation or self.sync_free_calibration:
             check_routed_indices()  # raises before oneshot saves anything
         self._log_grouped_use()
         if self._counts:
@@ -374,7 +388,7 @@ class DefuseModifier(Modifier):
     def _attach_counters(self, model: nn.Module) -> None:
         self._counts = {}
         for path, block in _blocks(model):
-            counts = {"routed": [0] * len(block), "forced": [0] * len(block)}
+            counts = ExpertTokenCounts(len(block))
             self._counts[path] = counts
             for index, expert in enumerate(block):
                 self.register_hook(expert.projection("up"), TokenCounter(counts, index), "forward_pre")
@@ -405,6 +419,8 @@ class DefuseModifier(Modifier):
                 stack.close()
 
     def _finish_coverage(self) -> None:
+        for counts in self._counts.values():
+            counts.fold()  # rows counted on the device by sync-free calls: one host read per block
         # under torchrun each rank counted its own share of the data: sum before deciding anything
         counts = distributed.all_reduce_counts({p: (c["routed"], c["forced"]) for p, c in self._counts.items()})
         report = build_report(counts, self.min_tokens)

@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
-from defuser_quant.calibration import add_rows
+from defuser_quant.calibration import add_rows, counts_on_device, current_provenance, whole_batch_routed
 from defuser_quant.calibration.grouped import (
     BatchedForwardHook,
     register_batched_hook,
@@ -25,9 +26,55 @@ from defuser_quant.calibration.grouped import (
 
 from .grouped import hooks_mixin_live, hooks_mixin_parts, wrapped_hook_code
 
-__all__ = ["TOKEN_COUNTS", "TokenCounter", "batched_token_counts"]
+__all__ = ["TOKEN_COUNTS", "ExpertTokenCounts", "TokenCounter", "batched_token_counts"]
 
 TOKEN_COUNTS = "defuser_quant.llmcompressor_token_counts"
+
+
+class ExpertTokenCounts(dict):
+    """One block's ``{"routed": [...], "forced": [...]}`` rows per expert (host ints).
+
+    A whole-batch call without a host sync (``DefuseModifier(sync_free_calibration=True)``) hands each
+    expert's routed rows over as a device tensor; the batched counter adds them there
+    (:meth:`add_on_device`), and any read of ``"routed"`` or ``"forced"`` first folds them into the
+    lists at one host read."""
+
+    def __init__(self, num_experts: int):
+        super().__init__(routed=[0] * num_experts, forced=[0] * num_experts)
+        self._pending: torch.Tensor | None = None  # [2, experts] int64 on the device: routed, forced
+
+    def __getitem__(self, key: str) -> list[int]:
+        self.fold()
+        return super().__getitem__(key)
+
+    def fold(self) -> None:
+        """Add the rows counted on the device to the host lists (one host read; nothing when none)."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        for key, values in zip(("routed", "forced"), pending.tolist()):
+            lists = super().__getitem__(key)
+            lists[:] = [a + b for a, b in zip(lists, values)]
+
+    def add_on_device(self, experts: list[int], rows: list[int], routed: torch.Tensor) -> None:
+        """A whole-batch call's rows: ``rows[i]`` for expert ``experts[i]``, of which ``routed[e]`` (a tensor over
+        every expert of the block, on its device) were routed; added without a host sync."""
+        num_experts = len(super().__getitem__("routed"))
+        device = routed.device
+        if experts == list(range(num_experts)) and len(set(rows)) == 1:
+            add_routed, add_forced = routed.to(torch.long), rows[0] - routed.to(torch.long)
+        else:
+            index = torch.tensor(experts, dtype=torch.long).to(device, non_blocking=True)
+            sizes = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+            picked = routed.to(torch.long)[index]
+            add_routed = torch.zeros(num_experts, dtype=torch.long, device=device).index_add_(0, index, picked)
+            add_forced = torch.zeros(num_experts, dtype=torch.long, device=device).index_add_(0, index, sizes - picked)
+        pair = torch.stack([add_routed, add_forced])
+        if self._pending is None or self._pending.device != device:
+            self.fold()
+            self._pending = pair
+        else:
+            self._pending += pair
 
 
 class TokenCounter:
@@ -62,9 +109,14 @@ def _run(counts: dict[str, list[int]], members: list) -> None:
     live = hooks_mixin_live(_Wrapped.mixin)
     if live is None:
         return
-    for _module, (handle, expert), _rows, _start, size in members:  # grouped rows are 2-D: size of them
-        if not live(handle):
-            continue
+    # grouped rows are 2-D: size of them
+    taken = [(expert, size) for _module, (handle, expert), _rows, _start, size in members if live(handle)]
+    routed = whole_batch_routed() if current_provenance() == "all" else None
+    if isinstance(counts, ExpertTokenCounts) and counts_on_device(routed):
+        if taken:  # the routed rows were left on the device: count there, no host sync
+            counts.add_on_device([e for e, _ in taken], [n for _, n in taken], routed)
+        return
+    for expert, size in taken:
         add_rows(counts, expert, size)
 
 
