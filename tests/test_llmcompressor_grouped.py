@@ -34,7 +34,8 @@ def calibration():
     return tokenizer, data
 
 
-def _oneshot(calibration, out, routing: str, grouped: bool, monkeypatch, device: str = "cpu") -> tuple[dict, dq_llmc.DefuseModifier]:
+def _oneshot(calibration, out, routing: str, grouped: bool, monkeypatch, device: str = "cpu",
+             **fields) -> tuple[dict, dq_llmc.DefuseModifier]:
     """One GPTQ W4A16 oneshot; returns every module's Hessian and sample count right before its solve
     (and, in ``PLANS_BUILT[id(modifier)]``, one entry per grouped planning: whether the plan was kept)."""
     from llmcompressor import oneshot
@@ -60,7 +61,7 @@ def _oneshot(calibration, out, routing: str, grouped: bool, monkeypatch, device:
 
     monkeypatch.setattr(grouped_forward, "_build_plan", counted)
     model = AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, dtype=torch.bfloat16).to(device)
-    defuse = dq_llmc.DefuseModifier(routing=routing, grouped=grouped)
+    defuse = dq_llmc.DefuseModifier(routing=routing, grouped=grouped, **fields)
     oneshot(
         model=model, processor=tokenizer, dataset=data, output_dir=str(out), num_calibration_samples=SAMPLES,
         max_seq_length=SEQ, shuffle_calibration_samples=False,
@@ -129,6 +130,24 @@ def test_grouped_under_oneshot_on_cuda_matches_the_loop_within_bf16_rounding(cal
             logits.append(model(ids).logits.float())
     cosine = torch.nn.functional.cosine_similarity(logits[0].flatten(), logits[1].flatten(), dim=0).item()
     assert cosine > 0.99, cosine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+def test_round_47_opt_ins_on_cuda_change_no_hessian_count_or_tensor(calibration, tmp_path, monkeypatch):
+    """On a GPU, ``routing: all`` with the calibration and propagation passes sync-free (counts on the device) and
+    the save's stacked packing: the Hessians, sample counts, coverage counts and checkpoint of the default run."""
+    synced, default = _oneshot(calibration, tmp_path / "default", "all", True, monkeypatch, device="cuda")
+    free, opted = _oneshot(calibration, tmp_path / "opted", "all", True, monkeypatch, device="cuda",
+                           sync_free_calibration=True, sync_free_propagation=True, batched_compress=True)
+    assert default.grouped_use.without_sync == 0 and opted.grouped_use.without_sync == 2 * 4 * SAMPLES  # 4 layers
+    stacked = opted.compression_batching
+    assert stacked["mismatched"] == 0 and stacked["modules"] > 0 and default.compression_batching is None
+    assert sorted(free) == sorted(synced)
+    for name, (hessian, samples) in synced.items():
+        assert free[name][1] == samples and torch.equal(free[name][0], hessian), name
+    assert opted.coverage.model_dump() == default.coverage.model_dump()
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("default", "opted"))
+    assert sorted(a) == sorted(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 # ----- the wrappers' refusals, on compressed-tensors' real wrappers ------------------------------
