@@ -70,12 +70,33 @@ ROUTING_MODES: tuple[str, ...] = get_args(RoutingMode)
 DEFAULT_MIN_TOKENS = 128
 
 
+class _Folded:
+    """One of :class:`BlockCounts`' CPU count tensors: the counts still on a device are folded in before it is read
+    or replaced."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attribute = "_" + name
+
+    def __get__(self, counts: BlockCounts | None, owner: type | None = None) -> torch.Tensor:
+        if counts is None:
+            return self  # type: ignore[return-value]
+        counts._fold()
+        return getattr(counts, self.attribute)
+
+    def __set__(self, counts: BlockCounts, value: torch.Tensor) -> None:
+        counts._fold()
+        setattr(counts, self.attribute, value)
+
+
 class BlockCounts:
     """Tokens one block's experts received inside a routing context (CPU int64, one per expert).
 
     Counts from calls without a host sync (``sync_free``) are added on their device
     (:meth:`add`) and folded into the CPU tensors, at one host read, the next time
     ``routed`` or ``forced`` is read."""
+
+    routed = _Folded()
+    forced = _Folded()
 
     def __init__(self, routed: torch.Tensor, forced: torch.Tensor):
         self._routed, self._forced = routed, forced
@@ -90,26 +111,6 @@ class BlockCounts:
             pending, self._pending = self._pending, None
             routed, forced = pending.cpu()
             self._routed, self._forced = self._routed + routed, self._forced + forced
-
-    @property
-    def routed(self) -> torch.Tensor:
-        self._fold()
-        return self._routed
-
-    @routed.setter
-    def routed(self, value: torch.Tensor) -> None:
-        self._fold()
-        self._routed = value
-
-    @property
-    def forced(self) -> torch.Tensor:
-        self._fold()
-        return self._forced
-
-    @forced.setter
-    def forced(self, value: torch.Tensor) -> None:
-        self._fold()
-        self._forced = value
 
     @property
     def calibrated(self) -> torch.Tensor:
