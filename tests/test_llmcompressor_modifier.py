@@ -837,6 +837,9 @@ def test_sync_free_calibration_counts_on_the_device_and_changes_no_tensor(tiny_d
 
 
 def test_sync_free_calibration_needs_routing_all_and_grouped(tiny_dir, calib_dataset, tmp_path):
+    """Refused in one line before anything is defused (the model is left as it was)."""
+    from types import SimpleNamespace
+
     from llmcompressor.modifiers.gptq import GPTQModifier
 
     for fields in ({"routing": "routed"}, {"routing": "all", "grouped": False}):
@@ -844,6 +847,10 @@ def test_sync_free_calibration_needs_routing_all_and_grouped(tiny_dir, calib_dat
         with pytest.raises(Exception, match="sync_free_calibration needs routing 'all' and grouped: true"):
             _oneshot(tiny_dir, calib_dataset, [defuse, GPTQModifier(targets="Linear", scheme="W4A16", ignore=IGNORE)],
                      tmp_path / "out")
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        with pytest.raises(DefuserQuantError, match="sync_free_calibration needs"):
+            dq_llmc.DefuseModifier(sync_free_calibration=True, **fields).on_initialize(SimpleNamespace(model=model))
+        assert not any(isinstance(m, DefusedExperts) for m in model.modules())
 
 
 @pytest.mark.parametrize("option", ["sync_free_calibration", "sync_free_propagation", None])

@@ -261,11 +261,6 @@ class DefuseModifier(Modifier):
     # ----- lifecycle ---------------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         self._check_recipe_order()
-        model = state.model
-        paths = _defuse(model, FilterRules.parse(self.filter))
-        if not paths:
-            logger.warning("DefuseModifier: %s has no fused MoE experts block; nothing to do", type(model).__name__)
-            return True
         mode = self.routing or ("all" if _calibrate_all_flag() else "routed")
         if self.sync_free_calibration and (mode != "all" or not self.grouped):
             raise DefuserQuantError(
@@ -273,6 +268,11 @@ class DefuseModifier(Modifier):
                 f"of the whole-batch grouped calls); this run has routing {mode!r}, grouped {self.grouped}. Drop "
                 "sync_free_calibration, or use routing: all"
             )
+        model = state.model
+        paths = _defuse(model, FilterRules.parse(self.filter))
+        if not paths:
+            logger.warning("DefuseModifier: %s has no fused MoE experts block; nothing to do", type(model).__name__)
+            return True
         ranked_budget = mode == "budgeted" and distributed.is_distributed()
         if ranked_budget and not any(has_hessians(m) for m in self._recipe_modifiers()):
             raise DefuserQuantError(
