@@ -25,10 +25,10 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
                (``calibration.gram.STACKED_DEVICES`` emptied in the run's process); the checkpoint must be
                ``all``'s (``checkpoint_vs_stacked``). Each row's ``hessian_batching.stacked_checks`` lists the
                problem shapes whose one ``bmm`` was checked and whether it gave the ``mm`` products bit for bit.
-* ``all-batchpack`` - ``all`` with ``batched_compress=True`` (opt-in, new in round 47): the save packs each
-               group of alike quantized modules in stacked chunks instead of compressed-tensors' one-by-one loop;
-               the checkpoint must be ``all``'s (``checkpoint_vs_loop_pack``); the row's ``compression_batching``
-               says what was packed so.
+* ``all-looppack`` - ``all`` with ``batched_compress=False``: the save packs every quantized module with
+               compressed-tensors' one-by-one loop, as before round 47 (the default packs alike modules in stacked
+               chunks on a GPU; each row's ``compression_batching`` says what); the checkpoint must be ``all``'s
+               (``checkpoint_vs_batched_pack``). Round 47's first call ran the stacked packing as ``all-batchpack``.
 * ``all-unshared`` - ``all`` with ``share_hessians=False``: every gate/up Hessian takes each call's
                product itself; the checkpoint must be ``all``'s (``checkpoint_vs_shared``).
 * ``routed-onewriter`` / ``all-onewriter`` - the same with ``save_threads=1``: Transformers writes
@@ -114,7 +114,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
 VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter", "all-unshared",
-            "all-rehearse", "all-syncfree", "all-mmloop", "all-batchpack", "all-nosync")
+            "all-rehearse", "all-syncfree", "all-mmloop", "all-looppack", "all-nosync")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
     """A finished run against its references: N vs 1 process, stock, and for a suffixed variant
-    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-syncfree``, ``-nosync``, ``-mmloop``, ``-batchpack``, ``-loop``) the same variant without the suffix."""
+    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-syncfree``, ``-nosync``, ``-mmloop``, ``-looppack``, ``-loop``) the same variant without the suffix."""
     if not _ok(row):
         return
     one = _find(rows, row["variant"], 1, row.get("repeat", 0))
@@ -620,7 +620,7 @@ _REFERENCE_OF_SUFFIX = (
     ("-syncfree", "checkpoint_vs_synced", _same_checkpoint),
     ("-nosync", "checkpoint_vs_synced", _same_checkpoint),
     ("-mmloop", "checkpoint_vs_stacked", _same_checkpoint),
-    ("-batchpack", "checkpoint_vs_loop_pack", _same_checkpoint),
+    ("-looppack", "checkpoint_vs_batched_pack", _same_checkpoint),
     ("-loop", "logits_vs_grouped", lambda ref, ckpt, args: compare_logits(ref, ckpt, args.device)),
 )
 
@@ -761,7 +761,7 @@ def worker(args: argparse.Namespace) -> int:
                                           share_hessians=suffix != "unshared", rehearse=suffix == "rehearse",
                                           sync_free_propagation=suffix in ("syncfree", "nosync"),
                                           sync_free_calibration=suffix == "nosync",
-                                          batched_compress=suffix == "batchpack")
+                                          batched_compress=suffix != "looppack")
         return loaded, [modifier, *steps], modifier
 
     def run_oneshot(loaded: Any, steps: list, folder: Path) -> float:

@@ -1,7 +1,7 @@
 """``benchmarks/distributed_gpu.py`` for real on the CPU: ``all`` against ``all-unshared`` (shared gate/up Hessians off)
 ``all-rehearse`` (the kernel rehearsal, opt-in), ``all-syncfree`` (the propagation's grouped forwards
 without a host sync, opt-in), ``all-mmloop`` (the Hessian products one ``mm`` per expert, never a ``bmm``) and
-``all-batchpack`` (the save's stacked packing, opt-in)."""
+``all-looppack`` (the save's per-module packing, the stacked packing off)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import distributed_gpu as dg  # noqa: E402
 def test_all_and_its_opt_in_variants_record_what_they_did_and_give_the_same_checkpoint(tmp_path):
     pytest.importorskip("llmcompressor")
     out = tmp_path / "distributed.json"
-    dg.main(["--device", "cpu", "--tiny", "--variants", "all@1,all-unshared@1,all-rehearse@1,all-syncfree@1,all-mmloop@1,all-batchpack@1", "--workdir", str(tmp_path / "work"),
+    dg.main(["--device", "cpu", "--tiny", "--variants", "all@1,all-unshared@1,all-rehearse@1,all-syncfree@1,all-mmloop@1,all-looppack@1", "--workdir", str(tmp_path / "work"),
              "--output", str(out)])
     payload = json.loads(out.read_text())
     rows = {row["variant"]: row for row in payload["rows"]}
-    assert set(rows) == {"all", "all-unshared", "all-rehearse", "all-syncfree", "all-mmloop", "all-batchpack"} and not any("error" in row for row in rows.values()), rows
+    assert set(rows) == {"all", "all-unshared", "all-rehearse", "all-syncfree", "all-mmloop", "all-looppack"} and not any("error" in row for row in rows.values()), rows
     shared, unshared = rows["all"]["hessian_batching"][0], rows["all-unshared"]["hessian_batching"][0]
     assert shared["shared_groups"] == shared["settles"] == 2  # one group per layer, written before each solve
     assert unshared["shared_groups"] == 0 and unshared["batched"] == shared["batched"] > 0
@@ -39,20 +39,20 @@ def test_all_and_its_opt_in_variants_record_what_they_did_and_give_the_same_chec
     assert rows["all-syncfree"]["grouped_use"][0]["without_sync"] == propagation_calls
     # the CPU is no stacked device: no bmm shape checked in either (the GPU rows list theirs)
     assert rows["all"]["hessian_batching"][0]["stacked_checks"] == rows["all-mmloop"]["hessian_batching"][0]["stacked_checks"] == []
-    # the stacked packing is asked for in all-batchpack only, and says why nothing was stacked on the CPU
-    quantized = int(rows["all-batchpack"]["checkpoint_vs_loop_pack"]["qweights_equal"].split("/")[1])
-    assert rows["all"]["compression_batching"] == [None]
-    assert rows["all-batchpack"]["compression_batching"] == [{"modules": 0, "groups": 0, "chunks": 0, "checked": 0,
-                                                              "mismatched": 0, "left": {"on cpu (batched on cuda)": quantized}}]
+    # the stacked packing is on by default (off in all-looppack) and says why nothing was stacked on the CPU
+    quantized = int(rows["all-looppack"]["checkpoint_vs_batched_pack"]["qweights_equal"].split("/")[1])
+    assert rows["all-looppack"]["compression_batching"] == [None]
+    assert rows["all"]["compression_batching"] == [{"modules": 0, "groups": 0, "chunks": 0, "checked": 0,
+                                                    "mismatched": 0, "left": {"on cpu (batched on cuda)": quantized}}]
     for variant, key in (("all-rehearse", "checkpoint_vs_unrehearsed"), ("all-syncfree", "checkpoint_vs_synced"),
-                         ("all-mmloop", "checkpoint_vs_stacked"), ("all-batchpack", "checkpoint_vs_loop_pack")):
+                         ("all-mmloop", "checkpoint_vs_stacked"), ("all-looppack", "checkpoint_vs_batched_pack")):
         same = rows[variant][key]
         assert same["tensors"] == f"{total}/{total}" and same["only_in_one"] == 0, (variant, same)
     # the grouping by identical checkpoints takes those comparisons' verdicts and reads no pair again
-    groups = [["all x1", "all-unshared x1", "all-rehearse x1", "all-syncfree x1", "all-mmloop x1", "all-batchpack x1"]]
+    groups = [["all x1", "all-unshared x1", "all-rehearse x1", "all-syncfree x1", "all-mmloop x1", "all-looppack x1"]]
     assert payload["checkpoint_groups"] == {"x1": {"groups": groups, "unsettled": [], "read": []}}
     assert ("Identical checkpoints (x1, every tensor equal): {all x1, all-unshared x1, all-rehearse x1, all-syncfree x1, "
-            "all-mmloop x1, all-batchpack x1}"
+            "all-mmloop x1, all-looppack x1}"
             in payload["vs_stock_table"])
 
 

@@ -135,8 +135,9 @@ def test_grouped_under_oneshot_on_cuda_matches_the_loop_within_bf16_rounding(cal
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
 def test_round_47_opt_ins_on_cuda_change_no_hessian_count_or_tensor(calibration, tmp_path, monkeypatch):
     """On a GPU, ``routing: all`` with the calibration and propagation passes sync-free (counts on the device) and
-    the save's stacked packing: the Hessians, sample counts, coverage counts and checkpoint of the default run."""
-    synced, default = _oneshot(calibration, tmp_path / "default", "all", True, monkeypatch, device="cuda")
+    the save's stacked packing: the Hessians, sample counts, coverage counts and checkpoint of the run with neither."""
+    synced, default = _oneshot(calibration, tmp_path / "default", "all", True, monkeypatch, device="cuda",
+                               batched_compress=False)
     free, opted = _oneshot(calibration, tmp_path / "opted", "all", True, monkeypatch, device="cuda",
                            sync_free_calibration=True, sync_free_propagation=True, batched_compress=True)
     assert default.grouped_use.without_sync == 0 and opted.grouped_use.without_sync == 2 * 4 * SAMPLES  # 4 layers

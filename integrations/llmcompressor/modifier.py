@@ -165,8 +165,8 @@ class DefuseModifier(Modifier):
             module at a time (``batched_compress.py``); the same words bit for bit, checked against
             compressed-tensors' own ``compress`` on every chunk's first module. Other modules, and every
             module under ``torchrun``, are packed by compressed-tensors as before. :attr:`compression_batching`
-            says what was packed here. Opt-in: not yet run on a GPU, where it is meant to save the per-module
-            launches and syncs (on a CPU it stays off: slower there).
+            says what was packed here. On one H100 the packing took 0.19-0.22 s against 0.54-0.90 s, the same
+            checkpoint (docs/performance.md, round 47); on a CPU the loop packs (stacked it was slower there).
         rehearse: on a CUDA model, launch the calibration's and the GPTQ solve's kernels once on small
             tensors of their own, on a background thread, while llm-compressor sets up (CUDA loads
             each kernel at its first launch and the launching thread waits; ``rehearse.py``).
@@ -181,8 +181,8 @@ class DefuseModifier(Modifier):
             leave each expert's routed rows on the device (counted there for the coverage report, read once at
             finalize) instead of reading them at one host sync per block call, so the host can queue the next
             batch's work while the GPU runs this one's; the same outputs, Hessians and counts. An expert index
-            outside the block is raised at finalize, as with ``sync_free_propagation``. Opt-in: not yet run on a
-            GPU (in a calibration pass that sync is the only one per batch; docs/performance.md, round 47).
+            outside the block is raised at finalize, as with ``sync_free_propagation``. Opt-in: on one H100 it took
+            its path and was no faster (docs/performance.md, round 47).
     """
 
     routing: Literal["routed", "all", "budgeted"] | None = None
@@ -195,7 +195,7 @@ class DefuseModifier(Modifier):
     grouped: bool = True
     share_hessians: bool = True
     save_threads: int | None = Field(default=None, ge=1)
-    batched_compress: bool = False
+    batched_compress: bool = True
     rehearse: bool = False
     sync_free_propagation: bool = False
     sync_free_calibration: bool = False
