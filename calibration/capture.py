@@ -34,6 +34,7 @@ __all__ = [
     "ExpertCapture",
     "ExpertInputConsumer",
     "NoDefusedExpertsError",
+    "PendingRows",
     "Provenance",
     "add_rows",
     "capture_expert_inputs",
@@ -113,6 +114,32 @@ HOST_COUNT_DEVICES = frozenset({"cpu"})
 def counts_on_device(counts: object) -> bool:
     """Whether ``counts`` is a tensor left on a device (not host memory): add it there, read it later."""
     return isinstance(counts, torch.Tensor) and counts.device.type not in HOST_COUNT_DEVICES
+
+
+class PendingRows:
+    """Routed and forced rows per expert added on a device without a host sync, until taken (one host read)."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, torch.Tensor] = {}  # [2, experts] int64 there: routed, forced
+
+    def __bool__(self) -> bool:
+        return bool(self._by_device)
+
+    def add(self, routed: torch.Tensor, forced: torch.Tensor) -> None:
+        pair = torch.stack([routed, forced]).to(torch.long)
+        held = self._by_device.get(pair.device)
+        if held is None:
+            self._by_device[pair.device] = pair
+        else:
+            held += pair
+
+    def take(self) -> torch.Tensor | None:
+        """Everything added so far as one CPU int64 ``[2, experts]`` tensor (routed, forced), now cleared; None when
+        nothing was added."""
+        if not self._by_device:
+            return None
+        pending, self._by_device = self._by_device, {}
+        return sum(pair.cpu() for pair in pending.values())
 
 
 def whole_batch_routed() -> Sequence[int] | torch.Tensor | None:

@@ -100,17 +100,16 @@ class BlockCounts:
 
     def __init__(self, routed: torch.Tensor, forced: torch.Tensor):
         self._routed, self._forced = routed, forced
-        self._pending: torch.Tensor | None = None  # [2, experts] int64 on a device: routed, forced
+        self._pending = capture.PendingRows()
 
     @classmethod
     def zeros(cls, num_experts: int) -> BlockCounts:
         return cls(torch.zeros(num_experts, dtype=torch.long), torch.zeros(num_experts, dtype=torch.long))
 
     def _fold(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            routed, forced = pending.cpu()
-            self._routed, self._forced = self._routed + routed, self._forced + forced
+        taken = self._pending.take()
+        if taken is not None:
+            self._routed, self._forced = self._routed + taken[0], self._forced + taken[1]
 
     @property
     def calibrated(self) -> torch.Tensor:
@@ -121,13 +120,8 @@ class BlockCounts:
         if not capture.counts_on_device(routed):
             self.routed += routed
             self.forced += forced
-            return
-        pair = torch.stack([routed, forced]).to(torch.long)
-        if self._pending is None or self._pending.device != pair.device:
-            self._fold()
-            self._pending = pair
         else:
-            self._pending += pair
+            self._pending.add(routed, forced)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BlockCounts):

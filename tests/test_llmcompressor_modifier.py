@@ -891,8 +891,8 @@ def test_expert_token_counts_fold_the_device_rows_on_any_read():
     counts = ExpertTokenCounts(4)
     counts.add_on_device([0, 1, 2, 3], [6, 6, 6, 6], torch.tensor([1, 0, 3, 2]))  # a whole call over every expert
     counts.add_on_device([1, 3], [5, 2], torch.tensor([9, 4, 9, 1]))  # some experts: only theirs count
-    assert counts._pending is not None
-    assert counts["routed"] == [1, 4, 3, 3] and counts["forced"] == [5, 7, 3, 5] and counts._pending is None
+    assert counts._pending  # rows still on the device
+    assert counts["routed"] == [1, 4, 3, 3] and counts["forced"] == [5, 7, 3, 5] and not counts._pending
     add_rows(counts, 2, 4, "forced")
     counts.add_on_device([0, 1, 2, 3], [1, 1, 1, 1], torch.tensor([1, 1, 0, 0]))
     assert counts["forced"] == [5, 7, 8, 6] and counts["routed"] == [2, 5, 3, 3]

@@ -295,7 +295,7 @@ def test_sync_free_whole_batch_calls_read_nothing_on_the_host_and_give_the_synce
                 monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or real_tolist(self))
             logits = model(batches[1]).logits
             monkeypatch.setattr(torch.Tensor, "tolist", torch.Tensor.tolist)
-            pending = [c._pending is not None for c in session.counts.values()]
+            pending = [bool(c._pending) for c in session.counts.values()]
             counts = {path: (c.routed.clone(), c.forced.clone()) for path, c in session.counts.items()}
         runs[sync_free] = calls, logits, counts, tracker.counts(), pending, reads
     (calls0, logits0, counts0, tracked0, pending0, _), (calls1, logits1, counts1, tracked1, pending1, reads1) = runs[False], runs[True]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from defuser_quant.calibration import add_rows, counts_on_device, current_provenance, whole_batch_routed
+from defuser_quant.calibration.capture import PendingRows
 from defuser_quant.calibration.grouped import (
     BatchedForwardHook,
     register_batched_hook,
@@ -41,7 +42,7 @@ class ExpertTokenCounts(dict):
 
     def __init__(self, num_experts: int):
         super().__init__(routed=[0] * num_experts, forced=[0] * num_experts)
-        self._pending: torch.Tensor | None = None  # [2, experts] int64 on the device: routed, forced
+        self._pending = PendingRows()
 
     def __getitem__(self, key: str) -> list[int]:
         self.fold()
@@ -49,10 +50,10 @@ class ExpertTokenCounts(dict):
 
     def fold(self) -> None:
         """Add the rows counted on the device to the host lists (one host read; nothing when none)."""
-        if self._pending is None:
+        taken = self._pending.take()
+        if taken is None:
             return
-        pending, self._pending = self._pending, None
-        for key, values in zip(("routed", "forced"), pending.tolist()):
+        for key, values in zip(("routed", "forced"), taken.tolist()):
             lists = super().__getitem__(key)
             lists[:] = [a + b for a, b in zip(lists, values)]
 
@@ -69,12 +70,7 @@ class ExpertTokenCounts(dict):
             picked = routed.to(torch.long)[index]
             add_routed = torch.zeros(num_experts, dtype=torch.long, device=device).index_add_(0, index, picked)
             add_forced = torch.zeros(num_experts, dtype=torch.long, device=device).index_add_(0, index, sizes - picked)
-        pair = torch.stack([add_routed, add_forced])
-        if self._pending is None or self._pending.device != device:
-            self.fold()
-            self._pending = pair
-        else:
-            self._pending += pair
+        self._pending.add(add_routed, add_forced)
 
 
 class TokenCounter:
