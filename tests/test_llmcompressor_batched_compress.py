@@ -126,8 +126,8 @@ def test_a_chunk_that_differs_from_compressed_tensors_is_left_to_it(on_cpu, monk
     packing that rounded otherwise (one word changed here) is dropped whole, and not tried again for that key."""
     packed_rows = bc._packed_rows
 
-    def one_word_off(ct, states, args):
-        words = packed_rows(ct, states, args)
+    def one_word_off(states, args):
+        words = packed_rows(states, args)
         if words is not None and states[0]["weight"].dtype == torch.bfloat16 and states[0]["weight"].shape[0] == 48:
             words[0].view(-1)[0] ^= 1
         return words
@@ -149,7 +149,7 @@ def test_a_chunk_that_differs_from_compressed_tensors_is_left_to_it(on_cpu, monk
 
 
 def test_a_chunk_whose_packing_raises_is_left_to_compressed_tensors(on_cpu, monkeypatch, caplog):
-    def out_of_memory(ct, states, args):
+    def out_of_memory(states, args):
         raise torch.OutOfMemoryError("CUDA out of memory (test)")
 
     monkeypatch.setattr(bc, "_packed_rows", out_of_memory)

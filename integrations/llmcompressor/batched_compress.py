@@ -36,9 +36,19 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from compressed_tensors.compressors.base import BaseCompressor
+from compressed_tensors.compressors.format import infer_module_format
+from compressed_tensors.compressors.pack_quantized.base import PACK_ZP_STRATS, PackedQuantizationCompressor
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.offload import disable_onloading
+from compressed_tensors.quantization import QuantizationScheme, QuantizationStatus, QuantizationStrategy
+from compressed_tensors.quantization.lifecycle.forward import quantize
+from compressed_tensors.quantization.utils import is_module_quantized
+from compressed_tensors.utils import get_direct_state_dict, replace_direct_state_dict
 from torch import nn
 
 __all__ = ["BATCHED_DEVICES", "CHUNK_BYTES", "CompressionBatching", "batched_compression", "compress_in_batches", "with_batched_compression"]
@@ -74,25 +84,9 @@ class CompressionBatching:
                 "mismatched": self.mismatched, "left": dict(self.left)}
 
 
-def _ct():
-    """compressed-tensors' pieces this module calls (imported late: the integration imports this file eagerly)."""
-    from compressed_tensors.compressors.base import BaseCompressor
-    from compressed_tensors.compressors.format import infer_module_format
-    from compressed_tensors.compressors.pack_quantized.base import PACK_ZP_STRATS, PackedQuantizationCompressor
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-    from compressed_tensors.config import CompressionFormat
-    from compressed_tensors.offload import disable_onloading
-    from compressed_tensors.quantization import QuantizationScheme, QuantizationStatus, QuantizationStrategy
-    from compressed_tensors.quantization.lifecycle.forward import quantize
-    from compressed_tensors.quantization.utils import is_module_quantized
-    from compressed_tensors.utils import get_direct_state_dict, replace_direct_state_dict
-
-    return locals()
-
-
-def _format_of(ct: dict, module: nn.Module, scheme: Any, forced: Any) -> Any:
+def _format_of(module: nn.Module, scheme: Any, forced: Any) -> Any:
     """The format ``compress_module`` would pick, without setting it."""
-    return ct["CompressionFormat"](forced or scheme.format or ct["infer_module_format"](type(module), scheme))
+    return CompressionFormat(forced or scheme.format or infer_module_format(type(module), scheme))
 
 
 def _execution_device(module: nn.Module, weight: torch.Tensor) -> torch.device:
@@ -100,12 +94,24 @@ def _execution_device(module: nn.Module, weight: torch.Tensor) -> torch.device:
     return torch.device(getattr(module._parameters, "onload_device", None) or weight.device)
 
 
-def _key(ct: dict, module: nn.Module, scheme: Any, fmt: Any, state: dict) -> tuple | str:
+class _Alike(NamedTuple):
+    """Everything the packing reads, equal for the modules of one group."""
+
+    module_class: type
+    device: torch.device
+    format: Any
+    weight_args: str
+    scheme: str
+    tensors: tuple  # (name, shape, dtype, device) of each of the module's tensors
+    names: tuple
+
+
+def _key(module: nn.Module, scheme: Any, fmt: Any, state: dict) -> _Alike | str:
     """What makes two modules' packing stackable, or why this module is left to the loop."""
-    if ct["BaseCompressor"].get_value_from_registry(fmt.value) is not ct["PackedQuantizationCompressor"]:
+    if BaseCompressor.get_value_from_registry(fmt.value) is not PackedQuantizationCompressor:
         return f"format {fmt.value}"
     args = scheme.weights
-    strategies = (ct["QuantizationStrategy"].GROUP, ct["QuantizationStrategy"].CHANNEL)
+    strategies = (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL)
     if args is None or args.strategy not in strategies or args.type != "int" or not 1 <= args.num_bits <= 8:
         return "not a group or channel integer weight scheme"
     weight, scale = state.get("weight"), state.get("weight_scale")
@@ -124,8 +130,8 @@ def _key(ct: dict, module: nn.Module, scheme: Any, fmt: Any, state: dict) -> tup
     if zero is not None and (not isinstance(zero, torch.Tensor) or zero.shape != scale.shape):
         return "zero point not shaped like the scales"
     tensors = tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in state.items() if isinstance(t, torch.Tensor))
-    return (type(module), device, fmt, args.model_dump_json(), scheme.model_dump_json(exclude={"format"}), tensors,
-            tuple(sorted(state)))
+    return _Alike(type(module), device, fmt, args.model_dump_json(), scheme.model_dump_json(exclude={"format"}), tensors,
+                  tuple(sorted(state)))
 
 
 def _chunks(members: list, weight_bytes: int, limit: int) -> Iterator[list]:
@@ -134,39 +140,39 @@ def _chunks(members: list, weight_bytes: int, limit: int) -> Iterator[list]:
         yield members[start:start + per]
 
 
-def _packed_rows(ct: dict, states: list[dict], args: Any) -> list[torch.Tensor] | None:
+def _packed_rows(states: list[dict], args: Any) -> list[torch.Tensor] | None:
     """Each module's int32 words, from one ``quantize`` and one ``pack_to_int32`` over the stacked rows (None:
     the onloaded tensors are not all on one device)."""
     if len({t.device for s in states for t in s.values() if isinstance(t, torch.Tensor)}) != 1:
         return None
     zero = [s.get("weight_zero_point") for s in states]
-    quantized = ct["quantize"](
+    quantized = quantize(
         x=torch.cat([s["weight"] for s in states]),
         scale=torch.cat([s["weight_scale"] for s in states]),
         zero_point=None if zero[0] is None else torch.cat(zero),
         args=args,
         dtype=torch.int8,
     )
-    packed = ct["pack_to_int32"](quantized, args.num_bits)
+    packed = pack_to_int32(quantized, args.num_bits)
     del quantized
     return [piece.clone() for piece in packed.split([s["weight"].shape[0] for s in states])]
 
 
-def _replace(ct: dict, module: nn.Module, scheme: Any, fmt: Any, state: dict, words: torch.Tensor) -> None:
+def _replace(module: nn.Module, scheme: Any, fmt: Any, state: dict, words: torch.Tensor) -> None:
     """What ``PackedQuantizationCompressor.compress_module`` leaves, with the words computed already."""
     args = scheme.weights
     new = dict(state)
     weight = new.pop("weight")
     new["weight_packed"] = words
     new["weight_shape"] = torch.tensor(weight.shape)
-    if not args.symmetric and args.strategy in ct["PACK_ZP_STRATS"]:
+    if not args.symmetric and args.strategy in PACK_ZP_STRATS:
         zero = state.get("weight_zero_point")
         assert zero is not None, "Asymmetric quant requires zero-point values"
-        new["weight_zero_point"] = ct["pack_to_int32"](zero, args.num_bits, packed_dim=0).contiguous()
-    new = ct["PackedQuantizationCompressor"]._remove_symmetric_zp(new, scheme)
+        new["weight_zero_point"] = pack_to_int32(zero, args.num_bits, packed_dim=0).contiguous()
+    new = PackedQuantizationCompressor._remove_symmetric_zp(new, scheme)
     scheme.format = fmt
-    ct["replace_direct_state_dict"](module, new)
-    module.quantization_status = ct["QuantizationStatus"].COMPRESSED
+    replace_direct_state_dict(module, new)
+    module.quantization_status = QuantizationStatus.COMPRESSED
 
 
 def compress_in_batches(
@@ -185,21 +191,20 @@ def compress_in_batches(
     Returns:
         What was packed here; compressed-tensors' own loop packs the rest afterwards.
     """
-    ct = _ct()
     stats = CompressionBatching()
     refused = set() if refused is None else refused
-    groups: dict[tuple, list] = {}
+    groups: dict[_Alike, list] = {}
     for _, module in model.named_modules(remove_duplicate=True):
-        if not ct["is_module_quantized"](module):
+        if not is_module_quantized(module):
             continue
-        if skip_compressed and getattr(module, "quantization_status", None) == ct["QuantizationStatus"].COMPRESSED:
+        if skip_compressed and getattr(module, "quantization_status", None) == QuantizationStatus.COMPRESSED:
             continue
         scheme = getattr(module, "quantization_scheme", None)
-        if not isinstance(scheme, ct["QuantizationScheme"]):
+        if not isinstance(scheme, QuantizationScheme):
             continue
-        fmt = _format_of(ct, module, scheme, forced_format)
-        with ct["disable_onloading"]():  # shapes and names only: nothing moves to the execution device yet
-            key = _key(ct, module, scheme, fmt, ct["get_direct_state_dict"](module))
+        fmt = _format_of(module, scheme, forced_format)
+        with disable_onloading():  # shapes and names only: nothing moves to the execution device yet
+            key = _key(module, scheme, fmt, get_direct_state_dict(module))
         if isinstance(key, str):
             stats.leave(key)
         elif key in refused:
@@ -211,25 +216,25 @@ def compress_in_batches(
             stats.leave("no alike module")
             continue
         stats.groups += 1
-        done = _compress_group(ct, key, members, chunk_bytes or CHUNK_BYTES, stats, refused)
+        done = _compress_group(key, members, chunk_bytes or CHUNK_BYTES, stats, refused)
         stats.modules += done
         if done < len(members):
             stats.leave("check failed or raised" if key in refused else "onloaded on several devices", len(members) - done)
     return stats
 
 
-def _compress_group(ct: dict, key: tuple, members: list, limit: int, stats: CompressionBatching, refused: set) -> int:
+def _compress_group(key: _Alike, members: list, limit: int, stats: CompressionBatching, refused: set) -> int:
     """Pack one group chunk by chunk; returns how many of its modules were packed (the rest: the loop's)."""
-    weight_bytes = next(math.prod(shape) * dtype.itemsize for name, shape, dtype, _ in key[5] if name == "weight")
+    weight_bytes = next(math.prod(shape) * dtype.itemsize for name, shape, dtype, _ in key.tensors if name == "weight")
     done = 0
     for chunk in _chunks(members, weight_bytes, limit):
-        states = [ct["get_direct_state_dict"](module) for module, _, _ in chunk]
+        states = [get_direct_state_dict(module) for module, _, _ in chunk]
         module, scheme, fmt = chunk[0]
         try:
-            words = _packed_rows(ct, states, scheme.weights)
+            words = _packed_rows(states, scheme.weights)
             if words is None:
                 return done
-            own = ct["PackedQuantizationCompressor"].compress(states[0], scheme)["weight_packed"]
+            own = PackedQuantizationCompressor.compress(states[0], scheme)["weight_packed"]
         except Exception as exc:  # nothing is swapped yet: compressed-tensors' loop packs these as it always did
             refused.add(key)
             logger.warning("batched packing of %d %s module(s) failed (%s: %s); those are packed one by one",
@@ -244,7 +249,7 @@ def _compress_group(ct: dict, key: tuple, members: list, limit: int, stats: Comp
                            "are packed one by one", len(members) - done, type(module).__name__)
             return done
         for (module, scheme, fmt), state, packed in zip(chunk, states, words):
-            _replace(ct, module, scheme, fmt, state, packed)
+            _replace(module, scheme, fmt, state, packed)
         done += len(chunk)
     return done
 
