@@ -85,6 +85,9 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-tailworkers`` - the default lean bookkeeping parts plus the opt-in ``tail_workers``: when
                  the last layer starts, GPTQModel's CPU worker group grows to the host's cores for its finalizes
                  (``bookkeeping.tail_workers`` says how many were added);
+* ``ours-grouped-batched-blockfinalize`` - the default lean bookkeeping parts plus the opt-in ``block_finalize``: a
+                 layer's expert projections of one role finalized by one worker after GPTQModel's own finalize of the
+                 first, their pack extension calls on a pool of threads (``bookkeeping.block_finalize`` says how many);
 * ``ours-grouped-batched-nosolvewarmup`` - every lean bookkeeping part but ``solve_warmup`` (a default since round
                  44): layer 0's first solves and attention forward load their CUDA kernels on the run's path instead
                  of a rehearsal on GPTQModel's workers during the input capture (``bookkeeping.solve_warmup``);
@@ -248,7 +251,7 @@ WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "
                 "-nobasemem": "base_in_memory", "-nosolvewarmup": "solve_warmup"}
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy",
-             "-tailworkers": "tail_workers"}
+             "-tailworkers": "tail_workers", "-blockfinalize": "block_finalize"}
 #: ``--timeline``: the phase from ``quantize_with_defuser``'s call to GPTQModel's ``quantize`` (the plugin's set-up)
 SET_UP_PHASE = "quantize_with_defuser set-up"
 #: variants with more than one part suffix (each suffix as above)

@@ -310,6 +310,9 @@ def test_variants_pick_their_lean_bookkeeping():
     tail = "ours-grouped-batched-tailworkers"
     assert bench.bookkeeping_setting(tail) == set(DEFAULT_PARTS) | {"tail_workers"} and tail in bench.VARIANTS
     assert "tail_workers" in PARTS and "tail_workers" not in DEFAULT_PARTS
+    block = "ours-grouped-batched-blockfinalize"
+    assert bench.bookkeeping_setting(block) == set(DEFAULT_PARTS) | {"block_finalize"} and block in bench.VARIANTS
+    assert "block_finalize" in PARTS and "block_finalize" not in DEFAULT_PARTS
     cold = "ours-grouped-batched-nosolvewarmup"  # a default part since round 44
     assert bench.bookkeeping_setting(cold) == set(DEFAULT_PARTS) - {"solve_warmup"} and cold in bench.VARIANTS
     assert "solve_warmup" in DEFAULT_PARTS and "ours-grouped-batched-solvewarmup" not in bench.VARIANTS

@@ -122,6 +122,12 @@ expert projections of our ``DefusedExperts`` blocks only:
   layer holding our experts starts, the group grows to the process's cores, so the run's last finalizes (packing)
   spread over them; the added workers stop at the block's end (:mod:`.tail_workers`). The same finalizes.
 
+* **block finalize** (opt-in, :data:`OPT_IN`; GPTQModel's per-module finalize of our expert projections): the first
+  finalize task of a layer's projections of one role in one experts block finalizes its own module with GPTQModel's
+  function, checks that its tensor step reproduces that module's buffers, then makes every other member itself
+  (GPTQModel's ``create_quant_module``, ``pack_block``'s buffers, the pack extension on a pool of threads), while the
+  members' own tasks wait and return (:mod:`.block_finalize`). The same modules and buffers.
+
 * **solve warm-up** (GPTQModel's CUDA workers of the quantize device): each is handed one rehearsal of the steps a
   GPTQ solve runs before its Hessian inverse (quantizer parameters, dead columns, permutations) on small tensors,
   and the first one a call of the model's attention function and products of its projections' shapes, so those
@@ -166,6 +172,8 @@ from defuser_quant.core.defused import DefusedExperts
 
 from . import layer_reads as layer_reads_module
 from .base_in_memory import BaseModuleStats, keep_base_modules
+from .block_finalize import BlockFinalizeStats, block_finalize
+from .block_finalize import internals_refusal as _block_finalize_mismatch
 from .base_in_memory import internals_refusal as _base_in_memory_mismatch
 from .capture_lazy import CaptureLazyStats, lazy_capture
 from .capture_lazy import internals_refusal as _capture_lazy_mismatch
@@ -238,6 +246,7 @@ class BookkeepingStats:
     base_in_memory: BaseModuleStats | None = None  # the base_in_memory part (None: not used)
     tail_workers: TailWorkerStats | None = None  # the tail_workers part (None: not used)
     solve_warmup: SolveWarmupStats | None = None  # the solve_warmup part (None: not used)
+    block_finalize: BlockFinalizeStats | None = None  # the block_finalize part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
 
@@ -275,6 +284,7 @@ class BookkeepingStats:
             "base_in_memory": self.base_in_memory.as_dict() if self.base_in_memory is not None else None,
             "tail_workers": self.tail_workers.as_dict() if self.tail_workers is not None else None,
             "solve_warmup": self.solve_warmup.as_dict() if self.solve_warmup is not None else None,
+            "block_finalize": self.block_finalize.as_dict() if self.block_finalize is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
         }
@@ -383,7 +393,7 @@ def internals_mismatch() -> dict[str, str]:
     """Part (``materialize``/``offload``/``progress``/``headless``/``checkpoint_index``/``shard_handles``/
     ``draw_rate``/``layer_offload``/``layer_onload``/``recopy``/``layer_reads``/``offload_bundle``/``worker_warmup``/
     ``line_redraw``/``layer_ahead``/``gc_freeze``/``disk_probe``/``rehome``/``capture_lazy``/``base_in_memory``/``tail_workers``/
-    ``solve_warmup``) -> what differs
+    ``solve_warmup``/``block_finalize``) -> what differs
     from the GPTQModel 7.6 / LogBar 0.4 internals it patches."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
@@ -428,6 +438,7 @@ def internals_mismatch() -> dict[str, str]:
                       ("disk_probe", _disk_probe_mismatch()), ("rehome", _rehome_mismatch()),
                       ("capture_lazy", _capture_lazy_mismatch()), ("base_in_memory", _base_in_memory_mismatch()),
                       ("tail_workers", _tail_workers_mismatch()), ("solve_warmup", _solve_warmup_mismatch()),
+                      ("block_finalize", _block_finalize_mismatch()),
                       ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
         if why is not None:
@@ -890,7 +901,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy",
-                   "base_in_memory", "tail_workers", "solve_warmup"})
+                   "base_in_memory", "tail_workers", "solve_warmup", "block_finalize"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
@@ -898,7 +909,8 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
 #: host copy of layer 0 only where the quantize device is a GPU; on an H200 (round 40) the start was no shorter.
 #: ``tail_workers`` (round 40) did not shorten the runs on an H100 (round 42). ``solve_warmup`` (round 43) is a
 #: default since round 44 (one H100: layer 0's first subset 0.26-0.41 s against 0.64-0.75 s in all four runs).
-OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers"})
+#: ``block_finalize`` (round 48) is new and has not run on a GPU yet.
+OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers", "block_finalize"})
 #: The parts ``lean_bookkeeping=True`` turns on.
 DEFAULT_PARTS = PARTS - OPT_IN
 
@@ -1052,6 +1064,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
             stats.capture_lazy = stack.enter_context(lazy_capture(gptq_model, _holds_experts))
         if paths and "base_in_memory" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.base_in_memory = stack.enter_context(keep_base_modules(gptq_model.model))
+        if paths and "block_finalize" in enabled:
+            stats.block_finalize = stack.enter_context(block_finalize(gptq_model, paths))
         if paths and "tail_workers" in enabled:
             stats.tail_workers = stack.enter_context(tail_workers(gptq_model, _holds_experts))
         quantize_device = cuda_key(getattr(gptq_model.quantize_config, "device", None))

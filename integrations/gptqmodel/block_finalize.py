@@ -1,0 +1,447 @@
+"""The ``block_finalize`` part of :func:`~.overhead.lean_bookkeeping` (opt-in, not in ``DEFAULT_PARTS``): a layer's
+expert projections of one role in one experts block (its 128 ``gate_proj``, say) finalized together, by one worker.
+
+GPTQModel 7.6 finalizes each quantized module on its own CPU worker task (``GPTQProcessor.submodule_finalize``): it
+creates the quantized module, then ``pack_module`` -> ``PackableQuantLinear.pack_block`` registers its ``g_idx`` and
+float16 ``scales``, runs the C++ pack extension (``pack_block_cpu``, which releases the interpreter lock) for
+``qweight`` and ``qzeros``, and the v2 -> v1 zero-point conversion follows. At Qwen3-30B-A3B shape the extension takes
+about 16 ms a module and the Python around it about 2 ms (this CPU, one thread: the module's constructor 0.65 ms, most
+of it 48 ``nn.Module.__setattr__`` calls; ``pack_block``'s and ``pack_module``'s bookkeeping and the conversion the
+rest). On eight workers the last layer's 388 finalizes are then bounded twice over at about 0.8 s: by the extension
+(388 x 16 ms over eight threads) and by the Python, which the threads take turns at under one interpreter lock
+(388 x 2 ms). Adding workers (``tail_workers``, round 42) lifts only the first bound, packing on the GPU
+(``BatchedSolve(pack=True)``, round 45) only the second, and neither shortened the runs.
+
+Here the first finalize task of such a group to run takes the group: it finalizes its own module with GPTQModel's own
+``submodule_finalize`` (the reference), then every other processed member of the group itself, while the members' own
+tasks, on the other workers, wait for their module and return. For each member it hands the extension call to a pool
+of :data:`EXT_THREADS` threads at once (all of them before the first module is made), and keeps on the worker only
+GPTQModel's ``create_quant_module`` (the quantized module as GPTQModel makes it), the buffer registrations
+``pack_block`` makes, in its order, with the tensors it would register, and the conversion as one subtraction; then the
+state and result pops and the weight's removal, as ``submodule_finalize`` ends. The same calls with the same inputs:
+the same modules and buffers.
+
+Checked, not assumed: the reference's own inputs (its weight, scales, zeros and ``g_idx``, read before GPTQModel's
+finalize takes them) go through this path's tensor step, and its buffers must equal, in name, order, dtype, shape and
+value, the ones GPTQModel's finalize registered (and its zero-point format); a group where they differ is left to
+GPTQModel (its members' own tasks run its finalize), with a warning. A member whose step raises is left untouched for
+its own task (the tensors are built before its quantized module is made, and its state is popped last). Only for
+GPTQModel 7.6's own functions (compared by source digest), its GPTQ processor without EoRA, activation modes, GPTAQ,
+FOEM or a ``dynamic`` config, ``pack_impl`` ``"cpu"``/``"block"``, a packable 2/4/8-bit kernel class with GPTQModel's
+``pack_block``, int32 words, the extension loadable and neither ``GPTQMODEL_DISABLE_PACK_EXT`` nor
+``GPTQMODEL_PACK_THREADS`` set, and bias-free ``nn.Linear`` expert projections of our blocks; anything else runs
+GPTQModel's per-module finalize, counted by reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compat import source_digest
+from .tail_workers import cores
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DIGESTS", "EXT_THREADS", "BlockFinalizeStats", "block_finalize", "internals_refusal", "pack_tensors"]
+
+#: sha256[:16] of the GPTQModel 7.6.0 functions this stands in for (their steps are the ones reproduced here).
+DIGESTS = {
+    "GPTQProcessor.submodule_finalize": "4f3ef982d74faba6",
+    "pack_module": "b25a300545e8c25e",
+    "PackableQuantLinear.pack_block": "eed0c79e645a59f9",
+    "convert_gptq_v2_to_v1_format_module": "e4a9be9bb69ae931",
+}
+#: Most threads running the pack extension for a group's members (GPTQModel's pack scaled up to 16 callers on a
+#: 16-core host, ``pack_scaling_h200host_round40.json``); two of the process's cores are left to the main thread and
+#: GPTQModel's device workers, which go on with the next layer meanwhile.
+EXT_THREADS = 16
+#: GPTQModel's v2 -> v1 zero-point offsets (``convert_gptq_v2_to_v1_format_module``) for the widths packed here.
+V1_OFFSETS = {2: 0b01010101010101010101010101010101, 4: 0b00010001000100010001000100010001,
+              8: 0b00000001000000010000000100000001}
+_BLOCK_IN = 8192  # pack_block's default block_in, which pack_module leaves as is
+_ENV_REFUSED = ("GPTQMODEL_DISABLE_PACK_EXT", "GPTQMODEL_PACK_THREADS")
+
+
+@dataclass
+class BlockFinalizeStats:
+    """What :func:`block_finalize` did in one run."""
+
+    groups: int = 0  # groups taken by a worker
+    checked: int = 0  # references whose buffers this path reproduced
+    mismatched: int = 0  # references it did not: the group left to GPTQModel
+    batched: int = 0  # members finalized by their group's worker (the references not counted)
+    ext_threads: int = 0  # threads of the extension pool (0: never used)
+    left: Counter = field(default_factory=Counter)  # "<reason>" -> finalizes left to GPTQModel's own
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"groups": self.groups, "checked": self.checked, "mismatched": self.mismatched,
+                "batched": self.batched, "ext_threads": self.ext_threads, "left": dict(self.left)}
+
+
+def internals_refusal() -> str | None:
+    """Why the installed GPTQModel's finalize is not the one reproduced here (None: it is)."""
+    from gptqmodel.looper.gptq_processor import GPTQProcessor
+    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+    from gptqmodel.utils import model as model_utils
+
+    functions = {
+        "GPTQProcessor.submodule_finalize": getattr(GPTQProcessor, "submodule_finalize", None),
+        "pack_module": getattr(model_utils, "pack_module", None),
+        "PackableQuantLinear.pack_block": getattr(PackableQuantLinear, "pack_block", None),
+        "convert_gptq_v2_to_v1_format_module": getattr(model_utils, "convert_gptq_v2_to_v1_format_module", None),
+    }
+    for name, fn in functions.items():
+        if fn is None or source_digest(fn) != DIGESTS[name]:
+            return f"GPTQModel's {name} is not 7.6.0's"
+    return None
+
+
+def pack_tensors(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                 words: tuple[torch.Tensor, torch.Tensor], bits: int, pack_dtype: torch.dtype,
+                 to_v1: bool) -> dict[str, torch.Tensor]:
+    """The buffers ``pack_block`` (extension path) registers, in its order, then the v1 conversion: ``g_idx``,
+    ``scales`` (float16, [groups, out]), ``qweight``, ``qzeros``. ``words`` is the extension's result for
+    :func:`ext_inputs` of the same tensors."""
+    if g_idx.numel() != weight.shape[1]:
+        raise ValueError(f"g_idx length {g_idx.numel()} != in_features {weight.shape[1]}")
+    qweight, qzeros = (w.to(dtype=pack_dtype) for w in words)
+    if to_v1:
+        qzeros = qzeros - V1_OFFSETS[bits]
+    return {"g_idx": g_idx.to("cpu"), "scales": scales.T.contiguous().to(dtype=torch.float16),
+            "qweight": qweight, "qzeros": qzeros}
+
+
+def ext_inputs(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+               bits: int) -> tuple:
+    """The arguments ``pack_block`` hands the extension (weight [out, in] on the CPU; scales/zeros [groups, out])."""
+    return (weight.detach().to("cpu", copy=False), scales.T.contiguous(), zeros.T.contiguous(),
+            g_idx.to("cpu").to(dtype=torch.int32), int(bits), 32, _BLOCK_IN, 1)
+
+
+@dataclass
+class _Member:
+    group: "_Group"
+    done: threading.Event = field(default_factory=threading.Event)
+    finalized: bool = False  # by the group's worker (else: its own task runs GPTQModel's finalize)
+
+
+@dataclass
+class _Group:
+    members: list = field(default_factory=list)  # NamedModules, in process order
+    taken: bool = False
+    stock: str | None = None  # why the group is left to GPTQModel
+
+
+class _Finalizer:
+    def __init__(self, gptq_model: Any, paths: frozenset[str], stats: BlockFinalizeStats) -> None:
+        self.gptq_model, self.paths, self.stats = gptq_model, paths, stats
+        self.lock = threading.Lock()
+        self.groups: dict[tuple, _Group] = {}
+        self.members: dict[Any, _Member] = {}  # NamedModule -> its state here
+        self.why_not: dict[Any, str] = {}  # NamedModule processed under the part -> why it is not a member
+        self.refusals: dict[int, str | None] = {}  # id(processor) -> why its finalizes stay stock
+        self.pool: ThreadPoolExecutor | None = None
+        self.original: Callable | None = None
+        self.closed = False
+
+    # --- what is eligible --------------------------------------------------------------------------------------
+    def _processor_refusal(self, proc: Any) -> str | None:
+        from gptqmodel.looper.gptq_processor import GPTQProcessor
+        from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+
+        q = proc.qcfg
+        kernel = getattr(self.gptq_model, "qlinear_kernel", None)
+        impl = (getattr(q, "pack_impl", "original") or "original").lower()
+        quant_type = str(getattr(kernel, "QUANT_TYPE", ""))
+        checks = [
+            (type(proc) is GPTQProcessor, "not GPTQModel's GPTQ processor"),
+            (not getattr(proc, "calculate_w_wq_diff", False), "EoRA's weight difference"),
+            (not getattr(q, "activation_mode", None), "an activation mode"),
+            (getattr(q, "gptaq", None) is None and getattr(q, "foem", None) is None, "GPTAQ or FOEM"),
+            (getattr(q, "dynamic", None) is None, "a dynamic per-module config"),
+            (impl in {"cpu", "block", "pack_block"}, f"pack_impl {impl!r}"),
+            (isinstance(kernel, type) and issubclass(kernel, PackableQuantLinear)
+             and getattr(kernel, "pack_block", None) is PackableQuantLinear.pack_block
+             and quant_type != "qqq" and not quant_type.startswith("awq_") and quant_type != "llm-awq",
+             "a kernel without GPTQModel's own pack_block"),
+            (int(getattr(q, "runtime_bits", 0)) in V1_OFFSETS, "a width other than 2, 4 or 8 bits"),
+            (getattr(q, "pack_dtype", None) == torch.int32, "words other than int32"),
+            (not [name for name in _ENV_REFUSED if os.environ.get(name)], "a GPTQMODEL pack environment setting"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                return why
+        try:
+            from gptqmodel.nn_modules.qlinear.pack_block_ext import pack_block_cpu  # noqa: F401
+        except Exception as exc:  # GPTQModel's pack_block falls back to its Python path then
+            return f"the pack extension does not load ({type(exc).__name__})"
+        return None
+
+    def _member_refusal(self, proc: Any, module: Any) -> str | None:
+        with self.lock:
+            if id(proc) not in self.refusals:
+                self.refusals[id(proc)] = self._processor_refusal(proc)
+            why = self.refusals[id(proc)]
+        if why is not None:
+            return why
+        inner = getattr(module, "module", None)
+        if getattr(module, "full_name", None) not in self.paths:
+            return "not an expert projection of our blocks"
+        if not isinstance(inner, nn.Linear) or inner.bias is not None:
+            return "not a bias-free nn.Linear"
+        return None
+
+    # --- the patches -------------------------------------------------------------------------------------------
+    def patch_process(self, original: Callable) -> Callable:
+        finalizer = self
+
+        @functools.wraps(original)
+        def process(self, module, *args, **kwargs):
+            out = original(self, module, *args, **kwargs)
+            finalizer.record(self, module)
+            return out
+
+        return process
+
+    def record(self, proc: Any, module: Any) -> None:
+        """Note a processed module: a member of its group, or why not."""
+        why = self._member_refusal(proc, module)
+        with self.lock:
+            if why is not None:
+                self.why_not[module] = why
+            elif module not in self.members:
+                group = self.groups.setdefault(_group_key(proc, module), _Group())
+                group.members.append(module)
+                self.members[module] = _Member(group)
+
+    def patch_submodule_finalize(self, original: Callable) -> Callable:
+        finalizer = self
+        self.original = original
+
+        @functools.wraps(original)
+        def submodule_finalize(self, module, model, **kwargs):
+            return finalizer.finalize(self, module, model, kwargs)
+
+        return submodule_finalize
+
+    def finalize(self, proc: Any, module: Any, model: Any, kwargs: dict) -> Any:
+        original = self.original
+        with self.lock:
+            member = self.members.get(module)
+            runner = member is not None and not member.group.taken and not self.closed
+            if runner:
+                member.group.taken = True
+            elif member is None or not member.group.taken:  # not a member, or the part has ended untaken
+                self.stats.left[self.why_not.get(module, "not processed under the part")] += 1
+                member = None
+        if member is None:
+            return original(proc, module, model, **kwargs)
+        if runner:
+            return self._run_group(member.group, proc, module, member, model, kwargs)
+        member.done.wait()
+        if member.finalized:
+            return None
+        with self.lock:
+            self.stats.left[member.group.stock or "its group's worker left it"] += 1
+        return original(proc, module, model, **kwargs)
+
+    # --- one group ---------------------------------------------------------------------------------------------
+    def _run_group(self, group: _Group, proc: Any, ref: Any, ref_member: _Member, model: Any, kwargs: dict) -> Any:
+        with self.lock:
+            self.stats.groups += 1
+        others = [m for m in group.members if m is not ref]
+        try:
+            snapshot = _inputs(proc, ref, model)
+            out = self.original(proc, ref, model, **kwargs)  # the reference: GPTQModel's own finalize
+            ref_member.finalized = True
+            why = self._check(proc, ref, model, snapshot)
+            if why is not None:
+                group.stock = why
+                with self.lock:
+                    self.stats.mismatched += 1
+                logger.warning("block_finalize: %s's quantized buffers differ from this path's (%s); GPTQModel "
+                               "finalizes its group one module at a time", ref.full_name, why)
+                return out
+            with self.lock:
+                self.stats.checked += 1
+            self._finalize_members(proc, model, others)
+            return out
+        finally:
+            ref_member.done.set()
+            for m in others:  # anything not finalized goes back to its own task
+                self.members[m].done.set()
+
+    def _check(self, proc: Any, ref: Any, model: Any, snapshot: tuple) -> str | None:
+        qmodule = model.model.get_submodule(ref.full_name)
+        weight, scales, zeros, g_idx = snapshot
+        bits, to_v1 = int(qmodule.bits), _to_v1(proc.qcfg, qmodule)
+        words = self._ext()(*ext_inputs(weight, scales, zeros, g_idx, bits))
+        mine = pack_tensors(weight, scales, zeros, g_idx, words, bits, qmodule.pack_dtype, to_v1)
+        theirs = [(name, buf) for name, buf in qmodule._buffers.items() if name in mine]
+        if [name for name, _ in theirs] != list(mine):
+            return f"buffers {[name for name, _ in theirs]}, expected {list(mine)}"
+        for name, buf in theirs:
+            if buf is None or buf.dtype != mine[name].dtype or not torch.equal(buf, mine[name]):
+                return f"{name} differs"
+        if getattr(qmodule, "bias", None) is not None:
+            return "a bias buffer"
+        if to_v1 and qmodule.qzero_format() != 1:
+            return "the zero-point format is not v1"
+        return None
+
+    def _ext(self) -> Callable:
+        from gptqmodel.nn_modules.qlinear.pack_block_ext import pack_block_cpu
+
+        return pack_block_cpu
+
+    def _finalize_members(self, proc: Any, model: Any, members: list) -> None:
+        pool, ext, bits = self._pool(), self._ext(), int(proc.qcfg.runtime_bits)
+        pending: list[tuple[Any, tuple, Future]] = []
+        for module in members:  # every extension call handed out first: they run while the modules are made
+            try:
+                inputs = _inputs(proc, module, model)
+                pending.append((module, inputs, pool.submit(ext, *ext_inputs(*inputs, bits))))
+            except Exception as exc:  # its own task runs GPTQModel's finalize
+                _leave(module, exc)
+                self.members[module].done.set()
+        for module, inputs, future in pending:
+            try:
+                self._finalize_one(proc, model, module, inputs, future.result())
+                self.members[module].finalized = True
+                with self.lock:
+                    self.stats.batched += 1
+            except Exception as exc:
+                _leave(module, exc)
+            finally:
+                self.members[module].done.set()
+
+    def _finalize_one(self, proc: Any, model: Any, module: Any, inputs: tuple, words: tuple) -> None:
+        """``submodule_finalize``'s steps for one member whose extension result is ``words``."""
+        from gptqmodel.utils.model import create_quant_module
+        from gptqmodel.utils.module_locks import parent_module_lock
+
+        q, timer = proc.qcfg, getattr(model, "quant_region_timer", None)
+        t0 = time.perf_counter()
+        with parent_module_lock(module.full_name):
+            create_quant_module(
+                name=module.full_name, linear_cls=model.qlinear_kernel, bits=q.runtime_bits, desc_act=q.desc_act,
+                dynamic=q.dynamic, group_size=q.group_size, module=model.model, submodule=module, sym=q.sym,
+                device=q.device, lm_head_name=model.lm_head, pack_dtype=q.pack_dtype, format=_format(q),
+                register_buffers=False,
+            )
+            t1 = time.perf_counter()
+            qmodule = model.model.get_submodule(module.full_name)
+            to_v1 = _to_v1(q, qmodule)
+            tensors = pack_tensors(*inputs, words, int(qmodule.bits), qmodule.pack_dtype, to_v1)
+            for name, tensor in tensors.items():
+                qmodule.register_buffer(name, tensor)
+                if name == "scales" and not hasattr(qmodule, "bias"):
+                    qmodule.bias = None  # pack_block's step after the scales
+            if to_v1:
+                qmodule.qzero_format(format=1)
+        with proc.lock:
+            for key in ("w", "w_wq_diff", "q_zeros", "q_scales", "q_g_idx"):
+                module.state.pop(key, None)
+        proc.result_pop(module.full_name)
+        module.unregister_parameter("weight")
+        if timer is not None:
+            timer.record("submodule_finalize_create", t1 - t0, source=module.full_name)
+            timer.record("submodule_finalize_pack", time.perf_counter() - t1, source=module.full_name)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("block_finalize has ended")
+            if self.pool is None:
+                self.stats.ext_threads = max(1, min(EXT_THREADS, cores() - 2))
+                self.pool = ThreadPoolExecutor(max_workers=self.stats.ext_threads,
+                                               thread_name_prefix="defuser-quant-pack")
+            return self.pool
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self.lock:
+            self.members.clear()
+            self.why_not.clear()
+            self.groups.clear()
+
+
+def _leave(module: Any, exc: BaseException) -> None:
+    logger.debug("block_finalize: %s left to GPTQModel's finalize (%s: %s)", getattr(module, "full_name", module),
+                 type(exc).__name__, exc)
+
+
+def _group_key(proc: Any, module: Any) -> tuple:
+    full_name = str(getattr(module, "full_name", ""))
+    block, _, role = full_name.rpartition(".")
+    block = block.rpartition(".")[0]  # drop the expert index: <experts block>.<e>.<role>
+    weight = getattr(getattr(module, "module", None), "weight", None)
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+    return id(proc), getattr(module, "layer_index", None), block, role, shape
+
+
+def _inputs(proc: Any, module: Any, model: Any) -> tuple[torch.Tensor, ...]:
+    """The weight (the layer's module in the model, as ``submodule_finalize`` looks it up) and copies of the
+    processed ``scales``/``zeros``/``g_idx``, read as GPTQModel's finalize reads them (after the stream sync,
+    cloned under the processor's lock), without popping them."""
+    module.stream_sync()
+    with proc.lock:
+        zeros = module.state["q_zeros"].clone()
+        scales = module.state["q_scales"].clone()
+        g_idx = module.state["q_g_idx"].clone()
+    if not (zeros.device.type == scales.device.type == g_idx.device.type == "cpu"):
+        raise ValueError("the processed tensors are not on the CPU")
+    layer = model.model.get_submodule(module.full_name)
+    weight = layer.weight.detach()
+    if weight.device.type != "cpu":
+        raise ValueError("the weight is not on the CPU")
+    return weight, scales, zeros, g_idx
+
+
+def _format(qcfg: Any) -> Any:
+    from gptqmodel.quantization.config import resolve_quant_format
+
+    return resolve_quant_format(qcfg.format, qcfg.method)
+
+
+def _to_v1(q: Any, qmodule: nn.Module) -> bool:
+    """Whether ``pack_module``, handed the processor's config ``q``, converts ``qmodule``'s zero points to v1."""
+    from gptqmodel.quantization.config import FORMAT, METHOD
+
+    return (q.export_quant_method() == METHOD.GPTQ and _format(q) == FORMAT.GPTQ
+            and bool(getattr(type(qmodule), "REQUIRES_FORMAT_V2", False)))
+
+
+@contextmanager
+def block_finalize(gptq_model: Any, paths: frozenset[str]) -> Iterator[BlockFinalizeStats]:
+    """Inside the block, GPTQModel's finalizes of our expert projections are taken a group at a time (see the
+    module docstring); restored after, once every group's extension calls are done."""
+    from gptqmodel.looper.gptq_processor import GPTQProcessor
+
+    stats = BlockFinalizeStats()
+    finalizer = _Finalizer(gptq_model, paths, stats)
+    process, finalize = GPTQProcessor.process, GPTQProcessor.submodule_finalize
+    GPTQProcessor.process = finalizer.patch_process(process)
+    GPTQProcessor.submodule_finalize = finalizer.patch_submodule_finalize(finalize)
+    try:
+        yield stats
+    finally:
+        GPTQProcessor.process, GPTQProcessor.submodule_finalize = process, finalize
+        finalizer.close()

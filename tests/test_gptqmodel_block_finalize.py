@@ -1,0 +1,163 @@
+"""The ``block_finalize`` lean part (integrations.gptqmodel.block_finalize): a layer's expert projections of one role
+in one experts block finalized by one worker, after GPTQModel's own finalize of the first (the reference, checked
+against this path's tensors). Real GPTQModel 7.6 runs on the tiny qwen3_moe: the checkpoint is the one without the
+part; a reference that differs, a member that fails, a refused configuration and a changed GPTQModel leave the work
+to GPTQModel's own finalize; Ctrl-C restores it and stops the extension threads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("gptqmodel")
+
+from gptqmodel.looper.gptq_processor import GPTQProcessor  # noqa: E402
+
+from defuser_quant.integrations.gptqmodel import block_finalize as bf  # noqa: E402
+from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS, OPT_IN, internals_mismatch  # noqa: E402
+from test_gptqmodel_layer_ahead import _run, _same  # noqa: E402
+from test_gptqmodel_overhead import _load  # noqa: E402
+from test_gptqmodel_plugin import plugin, tiny  # noqa: E402, F401  (fixtures)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+PART = DEFAULT_PARTS | {"block_finalize"}
+
+
+@pytest.fixture(scope="module")
+def stock(plugin, tiny, tmp_path_factory):  # noqa: F811
+    """The checkpoint without the part."""
+    stats, tensors = _run(plugin, tiny, tmp_path_factory.mktemp("block_finalize_stock"), "stock", parts=DEFAULT_PARTS)
+    assert stats.block_finalize is None
+    return tensors
+
+
+def _experts(tensors: dict) -> list[str]:
+    return [k for k in tensors if ".experts." in k and k.endswith(".qweight")]
+
+
+@pytest.mark.slow
+def test_each_group_is_finalized_by_one_worker_and_the_checkpoint_is_the_same(plugin, tiny, tmp_path, stock):  # noqa: F811
+    assert "block_finalize" in OPT_IN
+    stats, tensors = _run(plugin, tiny, tmp_path, "block", parts=PART)
+    s = stats.block_finalize
+    projections = len(_experts(tensors))
+    assert stats.disabled == {} and s.groups > 0 and s.mismatched == 0 and s.checked == s.groups
+    assert s.batched == projections - s.groups  # every member but the references, by its group's worker
+    assert s.ext_threads >= 1
+    assert set(s.left) == {"not an expert projection of our blocks"}  # attention modules: GPTQModel's finalize
+    assert _same(tensors, stock) and projections > 0
+
+
+def _quantized_modules(plugin, tiny, parts) -> dict:  # noqa: F811
+    """Every expert projection's quantized module of an in-memory run (no disk offload)."""
+    model = _load(tiny["src"], False)
+    result = plugin.quantize_with_defuser(model, tiny["calibration"][:16], batch_size=4, grouped=True,
+                                          batched_solve=True, lean_bookkeeping=parts)
+    modules = {name: m for name, m in model.model.named_modules() if ".experts." in name and hasattr(m, "qweight")}
+    return {"stats": result.bookkeeping, "modules": modules}
+
+
+def _state(module) -> dict:
+    """A quantized module as GPTQModel leaves it: its buffers in order, its other attributes, its zero-point format."""
+    out = {"class": type(module), "qzero_format": module.qzero_format(),
+           "buffers": [(name, b.dtype, b.tolist()) for name, b in module._buffers.items() if b is not None],
+           "parameters": list(module._parameters)}
+    for key, value in vars(module).items():
+        if not key.startswith("_") and key != "training":
+            out[key] = value.tolist() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+@pytest.mark.slow
+def test_the_quantized_modules_are_gptqmodels_in_every_attribute(plugin, tiny):  # noqa: F811
+    part, stock = _quantized_modules(plugin, tiny, PART), _quantized_modules(plugin, tiny, DEFAULT_PARTS)
+    assert part["stats"].block_finalize.batched > 0 and part["modules"].keys() == stock["modules"].keys()
+    for name, module in part["modules"].items():
+        assert _state(module) == _state(stock["modules"][name]), name
+
+
+@pytest.mark.slow
+def test_a_reference_that_differs_leaves_its_group_to_gptqmodel(plugin, tiny, tmp_path, stock, monkeypatch, caplog):  # noqa: F811
+    original = bf.pack_tensors
+
+    def off_by_one(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out["qzeros"] = out["qzeros"] + 1
+        return out
+
+    monkeypatch.setattr(bf, "pack_tensors", off_by_one)
+    with caplog.at_level(logging.WARNING, logger=bf.__name__):
+        stats, tensors = _run(plugin, tiny, tmp_path, "differs", parts=PART)
+    s = stats.block_finalize
+    assert s.groups > 0 and s.mismatched == s.groups and s.checked == 0 and s.batched == 0
+    assert s.left["qzeros differs"] == len(_experts(tensors)) - s.groups
+    assert "differ from this path's (qzeros differs)" in caplog.text
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
+def test_a_member_that_fails_is_finalized_by_its_own_task(plugin, tiny, tmp_path, stock, monkeypatch):  # noqa: F811
+    original = bf._Finalizer._finalize_one
+    failed: list[str] = []
+
+    def flaky(self, proc, model, module, inputs, words):
+        if module.full_name.endswith(".up_proj"):  # every up_proj the group's worker makes (not the reference)
+            failed.append(module.full_name)
+            raise RuntimeError("a member's step fails")
+        return original(self, proc, model, module, inputs, words)
+
+    monkeypatch.setattr(bf._Finalizer, "_finalize_one", flaky)
+    stats, tensors = _run(plugin, tiny, tmp_path, "flaky", parts=PART)
+    s = stats.block_finalize
+    ups = [k for k in _experts(tensors) if ".up_proj." in k]
+    assert len(failed) == len(ups) - s.groups // 3  # each layer's up_proj group: all but its reference
+    assert s.left["its group's worker left it"] == len(failed)
+    assert s.batched == len(_experts(tensors)) - s.groups - len(failed)
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
+def test_a_pack_environment_setting_keeps_every_finalize_gptqmodels(plugin, tiny, tmp_path, stock, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("GPTQMODEL_PACK_THREADS", "1")
+    stats, tensors = _run(plugin, tiny, tmp_path, "env", parts=PART)
+    s = stats.block_finalize
+    assert s.groups == 0 and s.batched == 0
+    assert s.left["a GPTQMODEL pack environment setting"] == len([k for k in tensors if k.endswith(".qweight")])
+    assert _same(tensors, stock)
+
+
+def test_another_gptqmodel_finalize_keeps_the_part_stock(monkeypatch):
+    assert internals_mismatch().get("block_finalize") is None
+
+    def submodule_finalize(self, module, model, **kwargs):
+        return None
+
+    monkeypatch.setattr(GPTQProcessor, "submodule_finalize", submodule_finalize)
+    assert internals_mismatch()["block_finalize"] == "GPTQModel's GPTQProcessor.submodule_finalize is not 7.6.0's"
+
+
+def test_ctrl_c_restores_gptqmodels_finalize_and_stops_the_extension_threads():
+    process, finalize = GPTQProcessor.process, GPTQProcessor.submodule_finalize
+    with pytest.raises(KeyboardInterrupt):
+        with bf.block_finalize(object(), frozenset()) as stats:
+            assert GPTQProcessor.submodule_finalize is not finalize and GPTQProcessor.process is not process
+            raise KeyboardInterrupt
+    assert GPTQProcessor.process is process and GPTQProcessor.submodule_finalize is finalize
+    assert stats.as_dict()["groups"] == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("defuser-quant-pack")]
+
+
+def test_a_group_nobody_took_before_the_end_runs_gptqmodels_finalize():
+    calls = []
+    finalizer = bf._Finalizer(object(), frozenset({"m"}), bf.BlockFinalizeStats())
+    finalizer.original = lambda proc, module, model, **kwargs: calls.append(module)
+    member = object()
+    group = bf._Group(members=[member])
+    finalizer.members[member] = bf._Member(group)
+    finalizer.close()  # the part ended before the group's first finalize
+    finalizer.members[member] = bf._Member(group)
+    finalizer.finalize(None, member, None, {})  # returns at once: no worker waits for a group nobody runs
+    assert calls == [member] and finalizer.stats.left["not processed under the part"] == 1
