@@ -99,6 +99,20 @@ def test_a_reference_that_differs_leaves_its_group_to_gptqmodel(plugin, tiny, tm
 
 
 @pytest.mark.slow
+def test_an_extension_that_does_not_load_here_leaves_every_group_to_gptqmodel(plugin, tiny, tmp_path, stock,  # noqa: F811
+                                                                               monkeypatch):
+    def missing(self):
+        raise ImportError("no pack_block_cpu here")
+
+    monkeypatch.setattr(bf._Finalizer, "_ext", missing)
+    stats, tensors = _run(plugin, tiny, tmp_path, "noext", parts=PART)
+    s = stats.block_finalize
+    assert s.groups > 0 and s.mismatched == s.groups and s.batched == 0
+    assert s.left["the check raised ImportError: no pack_block_cpu here"] == len(_experts(tensors)) - s.groups
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
 def test_a_member_that_fails_is_finalized_by_its_own_task(plugin, tiny, tmp_path, stock, monkeypatch):  # noqa: F811
     original = bf._Finalizer._finalize_one
     failed: list[str] = []

@@ -28,9 +28,10 @@ GPTQModel (its members' own tasks run its finalize), with a warning. A member wh
 its own task (the tensors are built before its quantized module is made, and its state is popped last). Only for
 GPTQModel 7.6's own functions (compared by source digest), its GPTQ processor without EoRA, activation modes, GPTAQ,
 FOEM or a ``dynamic`` config, ``pack_impl`` ``"cpu"``/``"block"``, a packable 2/4/8-bit kernel class with GPTQModel's
-``pack_block``, int32 words, the extension loadable and neither ``GPTQMODEL_DISABLE_PACK_EXT`` nor
+``pack_block``, int32 words and neither ``GPTQMODEL_DISABLE_PACK_EXT`` nor
 ``GPTQMODEL_PACK_THREADS`` set, and bias-free ``nn.Linear`` expert projections of our blocks; anything else runs
-GPTQModel's per-module finalize, counted by reason.
+GPTQModel's per-module finalize, counted by reason. A group whose reference cannot be checked (the extension does not
+load in this process, say, where GPTQModel's ``pack_block`` falls back to its Python path) is left to GPTQModel too.
 
 Measured on one H100 host (round 48, ``gptqmodel_cuda_2layers_round48[abc]_h100x1.json``): the quantize was shorter in
 all six pairs against the default (median 7.42 s against 7.88 s; the last layer's finalize window 0.44-0.52 s against
@@ -85,7 +86,7 @@ class BlockFinalizeStats:
 
     groups: int = 0  # groups taken by a worker
     checked: int = 0  # references whose buffers this path reproduced
-    mismatched: int = 0  # references it did not: the group left to GPTQModel
+    mismatched: int = 0  # references it did not reproduce (or could not check): the group left to GPTQModel
     batched: int = 0  # members finalized by their group's worker (the references not counted)
     ext_threads: int = 0  # threads of the extension pool (0: never used)
     left: Counter = field(default_factory=Counter)  # "<reason>" -> finalizes left to GPTQModel's own
@@ -188,11 +189,7 @@ class _Finalizer:
         for ok, why in checks:
             if not ok:
                 return why
-        try:
-            from gptqmodel.nn_modules.qlinear.pack_block_ext import pack_block_cpu  # noqa: F401
-        except Exception as exc:  # GPTQModel's pack_block falls back to its Python path then
-            return f"the pack extension does not load ({type(exc).__name__})"
-        return None
+        return None  # the extension is loaded by the reference's own pack, on a finalize worker, as stock
 
     def _member_refusal(self, proc: Any, module: Any) -> str | None:
         with self.lock:
@@ -268,10 +265,18 @@ class _Finalizer:
             self.stats.groups += 1
         others = [m for m in group.members if m is not ref]
         try:
-            snapshot = _inputs(proc, ref, model)
+            why, snapshot = None, None
+            try:
+                snapshot = _inputs(proc, ref, model)
+            except Exception as exc:  # GPTQModel's finalize below reads them its own way (and raises as stock)
+                why = f"its inputs could not be read ({type(exc).__name__}: {exc})"
             out = self.original(proc, ref, model, **kwargs)  # the reference: GPTQModel's own finalize
             ref_member.finalized = True
-            why = self._check(proc, ref, model, snapshot)
+            if snapshot is not None:
+                try:
+                    why = self._check(proc, ref, model, snapshot)
+                except Exception as exc:  # the extension does not load, say: GPTQModel's pack_block fell back
+                    why = f"the check raised {type(exc).__name__}: {exc}"
             if why is not None:
                 group.stock = why
                 with self.lock:
@@ -312,7 +317,11 @@ class _Finalizer:
         return pack_block_cpu
 
     def _finalize_members(self, proc: Any, model: Any, members: list) -> None:
-        pool, ext, bits = self._pool(), self._ext(), int(proc.qcfg.runtime_bits)
+        try:
+            pool, ext, bits = self._pool(), self._ext(), int(proc.qcfg.runtime_bits)
+        except Exception as exc:  # the part has ended: every member goes back to its own task
+            logger.debug("block_finalize: members left to GPTQModel's finalize (%s)", exc)
+            return
         pending: list[tuple[Any, tuple, Future]] = []
         for module in members:  # every extension call handed out first: they run while the modules are made
             try:
