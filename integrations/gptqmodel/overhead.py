@@ -172,9 +172,9 @@ from defuser_quant.core.defused import DefusedExperts
 
 from . import layer_reads as layer_reads_module
 from .base_in_memory import BaseModuleStats, keep_base_modules
+from .base_in_memory import internals_refusal as _base_in_memory_mismatch
 from .block_finalize import BlockFinalizeStats, block_finalize
 from .block_finalize import internals_refusal as _block_finalize_mismatch
-from .base_in_memory import internals_refusal as _base_in_memory_mismatch
 from .capture_lazy import CaptureLazyStats, lazy_capture
 from .capture_lazy import internals_refusal as _capture_lazy_mismatch
 from .compat import all_code_names as _all_names
