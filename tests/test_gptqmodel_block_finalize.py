@@ -47,6 +47,7 @@ def test_each_group_is_finalized_by_one_worker_and_the_checkpoint_is_the_same(pl
     assert stats.disabled == {} and s.groups > 0 and s.mismatched == 0 and s.checked == s.groups
     assert s.batched == projections - s.groups  # every member but the references, by its group's worker
     assert s.ext_threads >= 1
+    assert not [t for t in threading.enumerate() if t.name.startswith(bf.THREAD_PREFIX)]  # the pool ended with the run
     assert set(s.left) == {"not an expert projection of our blocks"}  # attention modules: GPTQModel's finalize
     assert _same(tensors, stock) and projections > 0
 
@@ -161,7 +162,7 @@ def test_ctrl_c_restores_gptqmodels_finalize_and_stops_the_extension_threads():
             raise KeyboardInterrupt
     assert GPTQProcessor.process is process and GPTQProcessor.submodule_finalize is finalize
     assert stats.as_dict()["groups"] == 0
-    assert not [t for t in threading.enumerate() if t.name.startswith("defuser-quant-pack")]
+    assert not [t for t in threading.enumerate() if t.name.startswith(bf.THREAD_PREFIX)]
 
 
 def test_a_group_nobody_took_before_the_end_runs_gptqmodels_finalize():

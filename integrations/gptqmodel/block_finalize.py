@@ -60,7 +60,8 @@ from .tail_workers import cores
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DIGESTS", "EXT_THREADS", "BlockFinalizeStats", "block_finalize", "internals_refusal", "pack_tensors"]
+__all__ = ["DIGESTS", "EXT_THREADS", "THREAD_PREFIX", "BlockFinalizeStats", "block_finalize", "ext_inputs",
+           "internals_refusal", "pack_tensors"]
 
 #: sha256[:16] of the GPTQModel 7.6.0 functions this stands in for (their steps are the ones reproduced here).
 DIGESTS = {
@@ -76,6 +77,8 @@ EXT_THREADS = 16
 #: GPTQModel's v2 -> v1 zero-point offsets (``convert_gptq_v2_to_v1_format_module``) for the widths packed here.
 V1_OFFSETS = {2: 0b01010101010101010101010101010101, 4: 0b00010001000100010001000100010001,
               8: 0b00000001000000010000000100000001}
+#: Name prefix of the extension pool's threads (packing.py's pack-ahead pool is "defuser-quant-pack").
+THREAD_PREFIX = "defuser-quant-block-finalize"
 _BLOCK_IN = 8192  # pack_block's default block_in, which pack_module leaves as is
 _ENV_REFUSED = ("GPTQMODEL_DISABLE_PACK_EXT", "GPTQMODEL_PACK_THREADS")
 
@@ -381,7 +384,7 @@ class _Finalizer:
             if self.pool is None:
                 self.stats.ext_threads = max(1, min(EXT_THREADS, cores() - 2))
                 self.pool = ThreadPoolExecutor(max_workers=self.stats.ext_threads,
-                                               thread_name_prefix="defuser-quant-pack")
+                                               thread_name_prefix=THREAD_PREFIX)
             return self.pool
 
     def close(self) -> None:
