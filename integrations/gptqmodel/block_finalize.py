@@ -48,14 +48,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .compat import source_digest
+from .compat import patched, source_digest
 from .tail_workers import cores
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class _Finalizer:
             self.stats.groups += 1
         others = [m for m in group.members if m is not ref]
         try:
-            why, snapshot = None, None
+            why, snapshot, to_v1 = None, None, False
             try:
                 snapshot = _inputs(proc, ref, model)
             except Exception as exc:  # GPTQModel's finalize below reads them its own way (and raises as stock)
@@ -277,7 +277,9 @@ class _Finalizer:
             ref_member.finalized = True
             if snapshot is not None:
                 try:
-                    why = self._check(proc, ref, model, snapshot)
+                    qref = model.model.get_submodule(ref.full_name)
+                    to_v1 = _to_v1(proc.qcfg, qref)  # one kernel class and config for the whole group
+                    why = self._check(qref, snapshot, to_v1)
                 except Exception as exc:  # the extension does not load, say: GPTQModel's pack_block fell back
                     why = f"the check raised {type(exc).__name__}: {exc}"
             if why is not None:
@@ -289,17 +291,17 @@ class _Finalizer:
                 return out
             with self.lock:
                 self.stats.checked += 1
-            self._finalize_members(proc, model, others)
+            self._finalize_members(proc, model, others, to_v1)
             return out
         finally:
             ref_member.done.set()
             for m in others:  # anything not finalized goes back to its own task
                 self.members[m].done.set()
 
-    def _check(self, proc: Any, ref: Any, model: Any, snapshot: tuple) -> str | None:
-        qmodule = model.model.get_submodule(ref.full_name)
+    def _check(self, qmodule: nn.Module, snapshot: tuple, to_v1: bool) -> str | None:
+        """Why the reference's buffers (GPTQModel's) differ from this path's for its own inputs (None: equal)."""
         weight, scales, zeros, g_idx = snapshot
-        bits, to_v1 = int(qmodule.bits), _to_v1(proc.qcfg, qmodule)
+        bits = int(qmodule.bits)
         words = self._ext()(*ext_inputs(weight, scales, zeros, g_idx, bits))
         mine = pack_tensors(weight, scales, zeros, g_idx, words, bits, qmodule.pack_dtype, to_v1)
         theirs = [(name, buf) for name, buf in qmodule._buffers.items() if name in mine]
@@ -319,9 +321,9 @@ class _Finalizer:
 
         return pack_block_cpu
 
-    def _finalize_members(self, proc: Any, model: Any, members: list) -> None:
+    def _finalize_members(self, proc: Any, model: Any, members: list, to_v1: bool) -> None:
         try:
-            pool, ext, bits = self._pool(), self._ext(), int(proc.qcfg.runtime_bits)
+            pool, ext, bits, fmt = self._pool(), self._ext(), int(proc.qcfg.runtime_bits), _format(proc.qcfg)
         except Exception as exc:  # the part has ended: every member goes back to its own task
             logger.debug("block_finalize: members left to GPTQModel's finalize (%s)", exc)
             return
@@ -335,7 +337,7 @@ class _Finalizer:
                 self.members[module].done.set()
         for module, inputs, future in pending:
             try:
-                self._finalize_one(proc, model, module, inputs, future.result())
+                self._finalize_one(proc, model, module, inputs, future.result(), fmt, to_v1)
                 self.members[module].finalized = True
                 with self.lock:
                     self.stats.batched += 1
@@ -344,8 +346,10 @@ class _Finalizer:
             finally:
                 self.members[module].done.set()
 
-    def _finalize_one(self, proc: Any, model: Any, module: Any, inputs: tuple, words: tuple) -> None:
-        """``submodule_finalize``'s steps for one member whose extension result is ``words``."""
+    def _finalize_one(self, proc: Any, model: Any, module: Any, inputs: tuple, words: tuple, fmt: Any,
+                      to_v1: bool) -> None:
+        """``submodule_finalize``'s steps for one member whose extension result is ``words`` (``fmt`` and ``to_v1``:
+        its group's format and zero-point conversion, read once)."""
         from gptqmodel.utils.model import create_quant_module
         from gptqmodel.utils.module_locks import parent_module_lock
 
@@ -355,12 +359,11 @@ class _Finalizer:
             create_quant_module(
                 name=module.full_name, linear_cls=model.qlinear_kernel, bits=q.runtime_bits, desc_act=q.desc_act,
                 dynamic=q.dynamic, group_size=q.group_size, module=model.model, submodule=module, sym=q.sym,
-                device=q.device, lm_head_name=model.lm_head, pack_dtype=q.pack_dtype, format=_format(q),
+                device=q.device, lm_head_name=model.lm_head, pack_dtype=q.pack_dtype, format=fmt,
                 register_buffers=False,
             )
             t1 = time.perf_counter()
             qmodule = model.model.get_submodule(module.full_name)
-            to_v1 = _to_v1(q, qmodule)
             tensors = pack_tensors(*inputs, words, int(qmodule.bits), qmodule.pack_dtype, to_v1)
             for name, tensor in tensors.items():
                 qmodule.register_buffer(name, tensor)
@@ -453,11 +456,9 @@ def block_finalize(gptq_model: Any, paths: frozenset[str]) -> Iterator[BlockFina
 
     stats = BlockFinalizeStats()
     finalizer = _Finalizer(gptq_model, paths, stats)
-    process, finalize = GPTQProcessor.process, GPTQProcessor.submodule_finalize
-    GPTQProcessor.process = finalizer.patch_process(process)
-    GPTQProcessor.submodule_finalize = finalizer.patch_submodule_finalize(finalize)
-    try:
+    with ExitStack() as stack:
+        stack.callback(finalizer.close)  # last: after GPTQModel's functions are back
+        stack.enter_context(patched(GPTQProcessor, "process", finalizer.patch_process(GPTQProcessor.process)))
+        stack.enter_context(patched(GPTQProcessor, "submodule_finalize",
+                                    finalizer.patch_submodule_finalize(GPTQProcessor.submodule_finalize)))
         yield stats
-    finally:
-        GPTQProcessor.process, GPTQProcessor.submodule_finalize = process, finalize
-        finalizer.close()
