@@ -8,6 +8,9 @@ defaults: 1.9 GB in one shard):
 * one layer's quantized experts in host memory (384 modules' qweight, qzeros, scales, g_idx);
 * another layer's in an offload bundle on disk (copied file to file by the kernel).
 
+``ours-mapped-as-ranges`` writes the same shard with the embeddings and head given as byte ranges of
+the source file (copied file to file by the kernel, as the offload bundle is) instead of their mapping.
+
 The sources are written first (in the page cache, as in a run); each writer then writes the shard
 ``--repeats`` times into a fresh file in the same folder, in turns. Every shard is compared with
 GPTQModel's, byte for byte. Medians and ratios go to ``--output`` (JSON, whole or not at all)::
@@ -68,8 +71,9 @@ def _expert_tensors(layer: int, modules: int, g: torch.Generator) -> dict[str, t
     return out
 
 
-def build_entries(folder: Path, scale: float) -> tuple[list[Any], dict[str, int]]:
-    """GPTQModel ``TensorSource`` entries of the three kinds, their sources written into ``folder``."""
+def build_entries(folder: Path, scale: float) -> tuple[list[Any], list[Any], dict[str, int]]:
+    """GPTQModel ``TensorSource`` entries of the three kinds, their sources written into ``folder``; and the
+    same entries with the mapped ones given as byte ranges of the source file (copied file to file)."""
     from gptqmodel.utils.model import OffloadTensorRef, TensorSource
     from safetensors.torch import save_file
 
@@ -84,11 +88,15 @@ def build_entries(folder: Path, scale: float) -> tuple[list[Any], dict[str, int]
               str(folder / "source.safetensors"))
     shards = _Shards(folder)
     entries: list[Any] = []
+    ranges: list[Any] = []  # the mapped entries as byte ranges of the source file
     kinds = {"mapped": 0, "in_memory": 0, "offloaded": 0}
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         info = shards.info("source.safetensors", name)
         tensor = shards.tensor(info, torch.bfloat16)
         entries.append(TensorSource(name=name, torch_dtype=torch.bfloat16, shape=tuple(tensor.shape), source=tensor))
+        ref = OffloadTensorRef(path=str(folder / "source.safetensors"), torch_dtype=torch.bfloat16, shape=tuple(tensor.shape),
+                               format="safetensors", weight_name=name, data_offsets=(info.offset, info.offset + info.nbytes))
+        ranges.append(TensorSource(name=name, torch_dtype=torch.bfloat16, shape=tuple(tensor.shape), source=ref))
         kinds["mapped"] += info.nbytes
     for name, tensor in _expert_tensors(1, modules, g).items():
         entries.append(TensorSource(name=name, torch_dtype=tensor.dtype, shape=tuple(tensor.shape), source=tensor))
@@ -102,7 +110,7 @@ def build_entries(folder: Path, scale: float) -> tuple[list[Any], dict[str, int]
                                format="safetensors", weight_name=name, data_offsets=(info.offset, info.offset + info.nbytes))
         entries.append(TensorSource(name=name, torch_dtype=tensor.dtype, shape=tuple(tensor.shape), source=ref))
         kinds["offloaded"] += info.nbytes
-    return entries, kinds
+    return entries, ranges + entries[len(ranges):], kinds
 
 
 def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -110,10 +118,12 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
     from defuser_quant.integrations.gptqmodel import shard_writer
 
-    entries, kinds = build_entries(folder, args.scale)
+    entries, ranges, kinds = build_entries(folder, args.scale)
     meta = {"format": "pt"}
     settings = {"gptqmodel": lambda path: _write_shard_file(str(path), entries, meta),
-                "ours": lambda path: shard_writer.write_shard_file(str(path), entries, meta)}
+                "ours": lambda path: shard_writer.write_shard_file(str(path), entries, meta),
+                # the mapped embeddings and head copied from the source file by the kernel, not written from the mapping
+                "ours-mapped-as-ranges": lambda path: shard_writer.write_shard_file(str(path), ranges, meta)}
     seconds: dict[str, list[float]] = {name: [] for name in settings}
     same: dict[str, bool] = {}
     reference = folder / "gptqmodel-0.safetensors"
