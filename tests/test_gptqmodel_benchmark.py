@@ -313,6 +313,9 @@ def test_variants_pick_their_lean_bookkeeping():
     block = "ours-grouped-batched-blockfinalize"
     assert bench.bookkeeping_setting(block) == set(DEFAULT_PARTS) | {"block_finalize"} and block in bench.VARIANTS
     assert "block_finalize" in PARTS and "block_finalize" not in DEFAULT_PARTS
+    words = "ours-grouped-batched-blockfinalize-devicewords"
+    assert bench.bookkeeping_setting(words) == set(DEFAULT_PARTS) | {"block_finalize", "device_words"}
+    assert words in bench.VARIANTS and "device_words" in PARTS and "device_words" not in DEFAULT_PARTS
     cold = "ours-grouped-batched-nosolvewarmup"  # a default part since round 44
     assert bench.bookkeeping_setting(cold) == set(DEFAULT_PARTS) - {"solve_warmup"} and cold in bench.VARIANTS
     assert "solve_warmup" in DEFAULT_PARTS and "ours-grouped-batched-solvewarmup" not in bench.VARIANTS

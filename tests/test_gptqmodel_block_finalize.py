@@ -176,3 +176,135 @@ def test_a_group_nobody_took_before_the_end_runs_gptqmodels_finalize():
     finalizer.members[member] = bf._Member(group)
     finalizer.finalize(None, member, None, {})  # returns at once: no worker waits for a group nobody runs
     assert calls == [member] and finalizer.stats.left["not processed under the part"] == 1
+
+
+WORDS = PART | {"device_words"}
+
+
+@pytest.fixture
+def words_here(monkeypatch):
+    """``device_words`` packs layers on the CPU too (by default only CUDA layers: there the extension on the pool is faster)."""
+    monkeypatch.setattr(bf, "WORD_DEVICES", frozenset({"cpu", "cuda"}))
+
+
+def _clones(stats, tensors) -> int:
+    """Members made as copies: each group's members but the reference and the first two (GPTQModel's constructor)."""
+    return len(_experts(tensors)) - 3 * stats.block_finalize.groups
+
+
+@pytest.mark.slow
+def test_device_words_give_the_same_checkpoint_without_the_extension(plugin, tiny, tmp_path, stock, words_here,  # noqa: F811
+                                                                      monkeypatch):
+    ext_calls = []
+    original = bf._Finalizer._ext
+
+    def counted(self):
+        ext = original(self)
+
+        def call(*args):
+            ext_calls.append(args[0].shape)
+            return ext(*args)
+
+        return call
+
+    monkeypatch.setattr(bf._Finalizer, "_ext", counted)
+    stats, tensors = _run(plugin, tiny, tmp_path, "words", parts=WORDS)
+    s = stats.block_finalize
+    projections = len(_experts(tensors))
+    assert stats.disabled == {} and s.mismatched == 0 and s.checked == s.groups > 0
+    assert s.words_packed == projections and s.words_used == s.batched == projections - s.groups
+    assert s.words_left == {} and s.words_seconds > 0
+    assert ext_calls == []  # neither the references' checks nor the members ran this path's extension call
+    assert s.cloned == _clones(stats, tensors) > 0
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
+def test_device_words_that_differ_leave_their_group_to_the_extension(plugin, tiny, tmp_path, stock, words_here,  # noqa: F811
+                                                                      monkeypatch, caplog):
+    original = bf.packing.pack_words
+
+    def flipped(*args, **kwargs):
+        qweight, qzeros = original(*args, **kwargs)
+        return qweight ^ 1, qzeros
+
+    monkeypatch.setattr(bf.packing, "pack_words", flipped)
+    with caplog.at_level(logging.WARNING, logger=bf.__name__):
+        stats, tensors = _run(plugin, tiny, tmp_path, "words_differ", parts=WORDS)
+    s = stats.block_finalize
+    projections = len(_experts(tensors))
+    assert s.words_packed == projections and s.words_used == 0 and s.checked == s.groups and s.mismatched == 0
+    assert s.words_left == {"the reference's device words differ (qweight differs)": projections}
+    assert s.batched == projections - s.groups  # the extension packed every member instead
+    assert "words packed on its device differ from GPTQModel's (qweight differs)" in caplog.text
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
+def test_a_member_whose_weight_changed_since_its_words_takes_the_extensions(plugin, tiny, tmp_path, stock, words_here,  # noqa: F811
+                                                                            monkeypatch):
+    original = bf._pack_group
+    changed: list[str] = []
+
+    def one_stale(group):
+        words = original(group)
+        module, packed = list(words.items())[-1]  # a member, never the reference (the group's first to finalize)
+        packed.fingerprint = packed.fingerprint + 1  # as if its weight had changed after the layer's end
+        changed.append(module.full_name)
+        return words
+
+    monkeypatch.setattr(bf, "_pack_group", one_stale)
+    stats, tensors = _run(plugin, tiny, tmp_path, "words_stale", parts=WORDS)
+    s = stats.block_finalize
+    assert len(changed) == s.groups and s.words_used == s.batched - len(changed)
+    assert s.words_left == {"a member's inputs are not the ones its words were packed from": len(changed)}
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
+def test_device_words_stay_off_where_the_layers_are_not_on_a_word_device(plugin, tiny, tmp_path, stock):  # noqa: F811
+    stats, tensors = _run(plugin, tiny, tmp_path, "words_cpu", parts=WORDS)  # the tiny model runs on the CPU
+    s = stats.block_finalize
+    assert s.words_packed == 0 and s.words_used == 0 and s.batched == len(_experts(tensors)) - s.groups
+    assert s.words_left == {"weights on cpu": len(_experts(tensors))}
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
+def test_a_copy_that_differs_from_gptqmodels_module_is_not_used(plugin, tiny, monkeypatch):  # noqa: F811
+    original = bf.clone_module
+
+    def marked(template, name):
+        module = original(template, name)
+        module.__dict__["marked"] = True  # a copy GPTQModel's constructor would not make
+        return module
+
+    monkeypatch.setattr(bf, "clone_module", marked)
+    part, stock = _quantized_modules(plugin, tiny, PART), _quantized_modules(plugin, tiny, DEFAULT_PARTS)
+    s = part["stats"].block_finalize
+    assert s.batched > 0 and s.cloned == 0
+    for name, module in part["modules"].items():
+        assert not hasattr(module, "marked") and _state(module) == _state(stock["modules"][name]), name
+
+
+def test_a_module_copy_has_its_own_containers_and_points_at_itself():
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+    from gptqmodel.quantization.config import FORMAT
+
+    def make(name):
+        return TorchLinear(bits=4, group_size=32, desc_act=False, sym=True, in_features=64, out_features=32,
+                           pack_dtype=torch.int32, bias=False, name=name, lm_head_name="lm_head",
+                           register_buffers=False, format=FORMAT.GPTQ)
+
+    template, built = make("a.0.up_proj"), make("a.1.up_proj")
+    copy = bf.clone_module(template, "a.1.up_proj")
+    assert type(copy) is TorchLinear and copy.name == "a.1.up_proj" and template.name == "a.0.up_proj"
+    assert copy._weight_metadata._module is copy and template._weight_metadata._module is template
+    assert bf.same_module_state(built, copy) and not bf.same_module_state(make("a.2.up_proj"), copy)
+    copy.register_buffer("qweight", torch.zeros(2, dtype=torch.int32))
+    assert "qweight" in copy._buffers and template._buffers == {}  # its own buffer dict
+    assert not bf.same_module_state(built, copy)  # a buffer more
+    built.register_buffer("qweight", torch.zeros(2, dtype=torch.int32))
+    assert bf.same_module_state(built, copy)
+    built.qweight[0] = 1
+    assert not bf.same_module_state(built, copy)  # compared by value

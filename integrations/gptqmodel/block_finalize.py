@@ -33,6 +33,18 @@ FOEM or a ``dynamic`` config, ``pack_impl`` ``"cpu"``/``"block"``, a packable 2/
 GPTQModel's per-module finalize, counted by reason. A group whose reference cannot be checked (the extension does not
 load in this process, say, where GPTQModel's ``pack_block`` falls back to its Python path) is left to GPTQModel too.
 
+The group's worker makes its members' quantized modules with GPTQModel's ``create_quant_module`` for the first two;
+where a copy of the first one's module, taken before its buffers (:func:`clone_module`), has every attribute,
+container and tensor of the second's as GPTQModel made it (:func:`same_module_state`), the later members are such
+copies (the constructor and its checks are the same per module Python with the same arguments), else every member is
+made by GPTQModel's function.
+
+With ``device_words`` (the opt-in part of that name), each layer's groups are packed on the layer's CUDA device when
+GPTQModel's ``post_quantize`` gets the layer, before it moves it to the CPU (:func:`.packing.pack_words`, the
+extension's float32 steps); the reference is checked with its device words (words that differ send the group back to
+the extension, with a warning), and each member takes its words where its finalize's inputs (weight fingerprint,
+scales, zeros, ``g_idx``) are the ones packed, else the extension packs it.
+
 Measured on one H100 host (round 48, ``gptqmodel_cuda_2layers_round48[abc]_h100x1.json``): the quantize was shorter in
 all six pairs against the default (median 7.42 s against 7.88 s; the last layer's finalize window 0.44-0.52 s against
 0.62-0.69 s), but the save longer in four (not explained yet), so the part is opt-in.
@@ -55,13 +67,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import packing
 from .compat import patched, source_digest
 from .tail_workers import cores
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DIGESTS", "EXT_THREADS", "THREAD_PREFIX", "BlockFinalizeStats", "block_finalize", "ext_inputs",
-           "internals_refusal", "pack_tensors"]
+__all__ = ["DIGESTS", "EXT_THREADS", "THREAD_PREFIX", "WORD_CHUNK", "WORD_DEVICES", "BlockFinalizeStats",
+           "block_finalize", "clone_module", "ext_inputs", "internals_refusal", "pack_tensors", "same_module_state"]
 
 #: sha256[:16] of the GPTQModel 7.6.0 functions this stands in for (their steps are the ones reproduced here).
 DIGESTS = {
@@ -69,6 +82,7 @@ DIGESTS = {
     "pack_module": "b25a300545e8c25e",
     "PackableQuantLinear.pack_block": "eed0c79e645a59f9",
     "convert_gptq_v2_to_v1_format_module": "e4a9be9bb69ae931",
+    "create_quant_module": "8a6faa7befab55c8",
 }
 #: Most threads running the pack extension for a group's members (GPTQModel's pack scaled up to 16 callers on a
 #: 16-core host, ``pack_scaling_h200host_round40.json``); two of the process's cores are left to the main thread and
@@ -81,6 +95,12 @@ V1_OFFSETS = {2: 0b01010101010101010101010101010101, 4: 0b0001000100010001000100
 THREAD_PREFIX = "defuser-quant-block-finalize"
 _BLOCK_IN = 8192  # pack_block's default block_in, which pack_module leaves as is
 _ENV_REFUSED = ("GPTQMODEL_DISABLE_PACK_EXT", "GPTQMODEL_PACK_THREADS")
+#: Devices whose layers' words ``device_words`` packs at the layer's end (on the CPU the extension on the pool is faster
+#: than torch's operations on the main thread; the tests add the CPU to check the words there).
+WORD_DEVICES = frozenset({"cuda"})
+#: Members packed per ``packing.pack_words`` call at a layer's end: one host copy (a wait for the GPU) each, about
+#: 45 MB of GPU working memory per member at 768 x 2048 (a Qwen3-30B-A3B layer: 24 calls, about 0.7 GB at a time).
+WORD_CHUNK = 16
 
 
 @dataclass
@@ -92,11 +112,18 @@ class BlockFinalizeStats:
     mismatched: int = 0  # references it did not reproduce (or could not check): the group left to GPTQModel
     batched: int = 0  # members finalized by their group's worker (the references not counted)
     ext_threads: int = 0  # threads of the extension pool (0: never used)
+    cloned: int = 0  # members made as a copy of their group's checked template instead of GPTQModel's constructor
     left: Counter = field(default_factory=Counter)  # "<reason>" -> finalizes left to GPTQModel's own
+    words_packed: int = 0  # device_words: members whose words were packed on their layer's device at its end
+    words_used: int = 0  # ... that their group's worker took instead of running the extension
+    words_seconds: float = 0.0  # main-thread seconds spent packing them (before the layer's move to the CPU)
+    words_left: Counter = field(default_factory=Counter)  # "<reason>" -> members (or groups) packed by the extension
 
     def as_dict(self) -> dict[str, Any]:
         return {"groups": self.groups, "checked": self.checked, "mismatched": self.mismatched,
-                "batched": self.batched, "ext_threads": self.ext_threads, "left": dict(self.left)}
+                "batched": self.batched, "ext_threads": self.ext_threads, "cloned": self.cloned,
+                "left": dict(self.left), "words_packed": self.words_packed, "words_used": self.words_used,
+                "words_seconds": round(self.words_seconds, 3), "words_left": dict(self.words_left)}
 
 
 def internals_refusal() -> str | None:
@@ -110,6 +137,7 @@ def internals_refusal() -> str | None:
         "pack_module": getattr(model_utils, "pack_module", None),
         "PackableQuantLinear.pack_block": getattr(PackableQuantLinear, "pack_block", None),
         "convert_gptq_v2_to_v1_format_module": getattr(model_utils, "convert_gptq_v2_to_v1_format_module", None),
+        "create_quant_module": getattr(model_utils, "create_quant_module", None),
     }
     for name, fn in functions.items():
         if fn is None or source_digest(fn) != DIGESTS[name]:
@@ -139,6 +167,60 @@ def ext_inputs(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
             g_idx.to("cpu").to(dtype=torch.int32), int(bits), 32, _BLOCK_IN, 1)
 
 
+def clone_module(template: nn.Module, name: str) -> nn.Module:
+    """A new module of ``template``'s class with its attributes: containers copied (one level), objects that point
+    back at ``template`` copied and pointed at the new module, ``name`` set. Only used where :func:`same_module_state`
+    found such a copy equal to what GPTQModel's constructor makes (see ``_Finalizer._make``)."""
+    new = type(template).__new__(type(template))
+    state = {}
+    for key, value in template.__dict__.items():
+        if isinstance(value, (dict, set, list)):
+            value = value.copy()
+        elif _points_at(value, template):
+            value = _copy_pointing(value, template, new)
+        state[key] = value
+    state["name"] = name
+    new.__dict__.update(state)
+    return new
+
+
+def _points_at(value: Any, target: Any) -> bool:
+    fields = getattr(value, "__dict__", None)
+    return (isinstance(fields, dict) and not isinstance(value, (type, nn.Module, torch.Tensor))
+            and any(v is target for v in fields.values()))
+
+
+def _copy_pointing(value: Any, old: Any, new: Any) -> Any:
+    copied = object.__new__(type(value))
+    copied.__dict__.update({k: (new if v is old else v) for k, v in value.__dict__.items()})
+    return copied
+
+
+def same_module_state(a: Any, b: Any, a_self: Any = None, b_self: Any = None, depth: int = 0) -> bool:
+    """Whether ``a`` and ``b`` hold the same state: the same types, equal values, containers and plain objects
+    compared member by member, tensors by dtype, shape and value, a reference to ``a_self`` matched by one to
+    ``b_self`` (a module pointing at itself)."""
+    if a_self is None:
+        a_self, b_self = a, b
+    if depth and (a is a_self or b is b_self):
+        return a is a_self and b is b_self
+    if type(a) is not type(b) or depth > 8:
+        return False
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same_module_state(a[k], b[k], a_self, b_self, depth + 1) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_module_state(x, y, a_self, b_self, depth + 1) for x, y in zip(a, b))
+    if isinstance(a, nn.Module) or (hasattr(a, "__dict__") and not isinstance(a, type)
+                                    and type(a).__eq__ is object.__eq__):
+        return same_module_state(vars(a), vars(b), a_self, b_self, depth + 1)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - not comparable: not the same
+        return False
+
+
 @dataclass
 class _Member:
     group: "_Group"
@@ -151,11 +233,14 @@ class _Group:
     members: list = field(default_factory=list)  # NamedModules, in process order
     taken: bool = False
     stock: str | None = None  # why the group is left to GPTQModel
+    proc: Any = None  # the GPTQ processor that processed the members
+    words: dict | None = None  # device_words: NamedModule -> packing.PackedWords, packed at the layer's end
 
 
 class _Finalizer:
-    def __init__(self, gptq_model: Any, paths: frozenset[str], stats: BlockFinalizeStats) -> None:
-        self.gptq_model, self.paths, self.stats = gptq_model, paths, stats
+    def __init__(self, gptq_model: Any, paths: frozenset[str], stats: BlockFinalizeStats,
+                 device_words: bool = False) -> None:
+        self.gptq_model, self.paths, self.stats, self.device_words = gptq_model, paths, stats, device_words
         self.lock = threading.Lock()
         self.groups: dict[tuple, _Group] = {}
         self.members: dict[Any, _Member] = {}  # NamedModule -> its state here
@@ -227,9 +312,43 @@ class _Finalizer:
             if why is not None:
                 self.why_not[module] = why
             elif module not in self.members:
-                group = self.groups.setdefault(_group_key(proc, module), _Group())
+                group = self.groups.setdefault(_group_key(proc, module), _Group(proc=proc))
                 group.members.append(module)
                 self.members[module] = _Member(group)
+
+    def patch_post_quantize(self, original: Callable) -> Callable:
+        finalizer = self
+
+        @functools.wraps(original)
+        def post_quantize(self, module, *args, **kwargs):
+            finalizer.pack_layer(module)  # before the layer leaves its device
+            return original(self, module, *args, **kwargs)
+
+        return post_quantize
+
+    def pack_layer(self, layer: nn.Module) -> None:
+        """``device_words``: every untaken group of ``layer``'s expert projections packed on the layer's device, from
+        the processed scales, zeros and ``g_idx`` its finalize will read (a group that cannot be is left to the
+        extension, counted by reason). Runs on the main thread before GPTQModel moves the layer to the CPU."""
+        inside = {id(m) for m in layer.modules()}
+        with self.lock:
+            groups = [g for g in self.groups.values() if not g.taken and g.words is None and not self.closed
+                      and id(getattr(g.members[0], "module", None)) in inside]
+        t0 = time.perf_counter()
+        for group in groups:
+            try:
+                words = _pack_group(group)
+            except Exception as exc:  # noqa: BLE001 - the extension packs the group on the pool, as without words
+                why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, _NoWords) else str(exc)
+                with self.lock:
+                    self.stats.words_left[why] += len(group.members)
+                continue
+            with self.lock:
+                group.words = words
+                self.stats.words_packed += len(words)
+        if groups:
+            with self.lock:
+                self.stats.words_seconds += time.perf_counter() - t0
 
     def patch_submodule_finalize(self, original: Callable) -> Callable:
         finalizer = self
@@ -279,7 +398,7 @@ class _Finalizer:
                 try:
                     qref = model.model.get_submodule(ref.full_name)
                     to_v1 = _to_v1(proc.qcfg, qref)  # one kernel class and config for the whole group
-                    why = self._check(qref, snapshot, to_v1)
+                    why = self._check_words(group, ref, qref, snapshot, to_v1)
                 except Exception as exc:  # the extension does not load, say: GPTQModel's pack_block fell back
                     why = f"the check raised {type(exc).__name__}: {exc}"
             if why is not None:
@@ -291,19 +410,43 @@ class _Finalizer:
                 return out
             with self.lock:
                 self.stats.checked += 1
-            self._finalize_members(proc, model, others, to_v1)
+            self._finalize_members(proc, model, group, others, int(qref.bits), qref.pack_dtype, to_v1)
             return out
         finally:
             ref_member.done.set()
             for m in others:  # anything not finalized goes back to its own task
                 self.members[m].done.set()
 
-    def _check(self, qmodule: nn.Module, snapshot: tuple, to_v1: bool) -> str | None:
-        """Why the reference's buffers (GPTQModel's) differ from this path's for its own inputs (None: equal)."""
+    def _check_words(self, group: _Group, ref: Any, qref: nn.Module, snapshot: tuple, to_v1: bool) -> str | None:
+        """The reference checked with its device-packed words where its group has them (their members then take
+        theirs; words that differ are dropped, with a warning, and the extension packs the group), else with the
+        extension's."""
+        words = (group.words or {}).get(ref)
+        if words is not None:
+            why = self._check(qref, snapshot, to_v1, words)
+            if why is None:
+                return None
+            logger.warning("block_finalize: %s's words packed on its device differ from GPTQModel's (%s); the "
+                           "extension packs its group", ref.full_name, why)
+            with self.lock:
+                self.stats.words_left[f"the reference's device words differ ({why})"] += len(group.members)
+        group.words = None
+        return self._check(qref, snapshot, to_v1)
+
+    def _check(self, qmodule: nn.Module, snapshot: tuple, to_v1: bool,
+               words: packing.PackedWords | None = None) -> str | None:
+        """Why the reference's buffers (GPTQModel's) differ from this path's for its own inputs (None: equal), with
+        the extension's words for them or the given device-packed ``words``."""
         weight, scales, zeros, g_idx = snapshot
         bits = int(qmodule.bits)
-        words = self._ext()(*ext_inputs(weight, scales, zeros, g_idx, bits))
-        mine = pack_tensors(weight, scales, zeros, g_idx, words, bits, qmodule.pack_dtype, to_v1)
+        args = ext_inputs(weight, scales, zeros, g_idx, bits)
+        if words is None:
+            result = self._ext()(*args)
+        elif not words.matches(*args[:6]):
+            return "its inputs are not the ones its words were packed from"
+        else:
+            result = (words.qweight, words.qzeros)
+        mine = pack_tensors(weight, scales, zeros, g_idx, result, bits, qmodule.pack_dtype, to_v1)
         theirs = [(name, buf) for name, buf in qmodule._buffers.items() if name in mine]
         if [name for name, _ in theirs] != list(mine):
             return f"buffers {[name for name, _ in theirs]}, expected {list(mine)}"
@@ -321,50 +464,62 @@ class _Finalizer:
 
         return pack_block_cpu
 
-    def _finalize_members(self, proc: Any, model: Any, members: list, to_v1: bool) -> None:
+    def _finalize_members(self, proc: Any, model: Any, group: _Group, members: list, bits: int,
+                          pack_dtype: torch.dtype, to_v1: bool) -> None:
         try:
-            pool, ext, bits, fmt = self._pool(), self._ext(), int(proc.qcfg.runtime_bits), _format(proc.qcfg)
+            pool, ext, fmt = self._pool(), self._ext(), _format(proc.qcfg)
         except Exception as exc:  # the part has ended: every member goes back to its own task
             logger.debug("block_finalize: members left to GPTQModel's finalize (%s)", exc)
             return
-        pending: list[tuple[Any, tuple, Future]] = []
-        for module in members:  # every extension call handed out first: they run while the modules are made
+        words = group.words or {}
+
+        def tensors_of(module: Any) -> tuple[dict[str, torch.Tensor], bool]:
+            """A member's buffers, from its device-packed words where they are for its inputs, else the extension."""
+            inputs = _inputs(proc, module, model)
+            args = ext_inputs(*inputs, bits)
+            packed = words.get(module)
+            if packed is not None and packed.matches(*args[:6]):  # each its own storage: the words are views
+                result, used = (packed.qweight.clone(), packed.qzeros.clone()), True
+            else:
+                result, used = ext(*args), False
+            return pack_tensors(*inputs, result, bits, pack_dtype, to_v1), used
+
+        pending: list[tuple[Any, Future]] = []
+        for module in members:  # every member's tensors handed out first: they are made while the modules are
             try:
-                inputs = _inputs(proc, module, model)
-                pending.append((module, inputs, pool.submit(ext, *ext_inputs(*inputs, bits))))
+                pending.append((module, pool.submit(tensors_of, module)))
             except Exception as exc:  # its own task runs GPTQModel's finalize
                 _leave(module, exc)
                 self.members[module].done.set()
-        for module, inputs, future in pending:
+        maker = _Maker()
+        for module, future in pending:
             try:
-                self._finalize_one(proc, model, module, inputs, future.result(), fmt, to_v1)
+                tensors, used = future.result()
+                self._finalize_one(proc, model, module, tensors, fmt, to_v1, maker)
                 self.members[module].finalized = True
                 with self.lock:
                     self.stats.batched += 1
+                    self.stats.words_used += used
+                    if module in words and not used:
+                        self.stats.words_left["a member's inputs are not the ones its words were packed from"] += 1
+                    self.stats.cloned += maker.cloned
+                maker.cloned = 0
             except Exception as exc:
                 _leave(module, exc)
             finally:
                 self.members[module].done.set()
 
-    def _finalize_one(self, proc: Any, model: Any, module: Any, inputs: tuple, words: tuple, fmt: Any,
-                      to_v1: bool) -> None:
-        """``submodule_finalize``'s steps for one member whose extension result is ``words`` (``fmt`` and ``to_v1``:
-        its group's format and zero-point conversion, read once)."""
-        from gptqmodel.utils.model import create_quant_module
+    def _finalize_one(self, proc: Any, model: Any, module: Any, tensors: dict[str, torch.Tensor], fmt: Any,
+                      to_v1: bool, maker: "_Maker") -> None:
+        """``submodule_finalize``'s steps for one member whose buffers are ``tensors`` (``fmt`` and ``to_v1``: its
+        group's format and zero-point conversion, read once; ``maker`` makes its group's quantized modules)."""
         from gptqmodel.utils.module_locks import parent_module_lock
 
-        q, timer = proc.qcfg, getattr(model, "quant_region_timer", None)
+        timer = getattr(model, "quant_region_timer", None)
         t0 = time.perf_counter()
         with parent_module_lock(module.full_name):
-            create_quant_module(
-                name=module.full_name, linear_cls=model.qlinear_kernel, bits=q.runtime_bits, desc_act=q.desc_act,
-                dynamic=q.dynamic, group_size=q.group_size, module=model.model, submodule=module, sym=q.sym,
-                device=q.device, lm_head_name=model.lm_head, pack_dtype=q.pack_dtype, format=fmt,
-                register_buffers=False,
-            )
+            qmodule = maker.make(proc, model, module, fmt)
             t1 = time.perf_counter()
-            qmodule = model.model.get_submodule(module.full_name)
-            tensors = pack_tensors(*inputs, words, int(qmodule.bits), qmodule.pack_dtype, to_v1)
             for name, tensor in tensors.items():
                 qmodule.register_buffer(name, tensor)
                 if name == "scales" and not hasattr(qmodule, "bias"):
@@ -400,6 +555,91 @@ class _Finalizer:
             self.members.clear()
             self.why_not.clear()
             self.groups.clear()
+
+
+class _Maker:
+    """Makes one group's quantized modules: GPTQModel's ``create_quant_module`` for the first two members; when a copy
+    of the first (:func:`clone_module`, taken before its buffers) has the second's state (:func:`same_module_state`),
+    the later members are such copies, put in place with GPTQModel's ``recurse_setattr`` (the constructor and its
+    checks are per module Python the group's worker would otherwise run for every member, with the same arguments)."""
+
+    def __init__(self) -> None:
+        self.candidate: nn.Module | None = None  # a copy of the first member's module, before its buffers
+        self.template: nn.Module | None = None  # ... once checked against the second's
+        self.checked = False
+        self.cloned = 0  # members made by copy since the caller last read it
+
+    def make(self, proc: Any, model: Any, module: Any, fmt: Any) -> nn.Module:
+        from gptqmodel.utils.model import create_quant_module, recurse_setattr
+
+        if self.template is not None:
+            qmodule = clone_module(self.template, module.full_name)
+            recurse_setattr(model.model, module.full_name, qmodule)
+            self.cloned += 1
+            return qmodule
+        q = proc.qcfg
+        create_quant_module(
+            name=module.full_name, linear_cls=model.qlinear_kernel, bits=q.runtime_bits, desc_act=q.desc_act,
+            dynamic=q.dynamic, group_size=q.group_size, module=model.model, submodule=module, sym=q.sym,
+            device=q.device, lm_head_name=model.lm_head, pack_dtype=q.pack_dtype, format=fmt,
+            register_buffers=False,
+        )
+        qmodule = model.model.get_submodule(module.full_name)
+        if self.candidate is None:
+            self.candidate = clone_module(qmodule, qmodule.name)
+        elif not self.checked:
+            self.checked = True
+            if same_module_state(qmodule, clone_module(self.candidate, module.full_name)):
+                self.template = self.candidate
+            else:
+                logger.debug("block_finalize: a copy of %s's quantized module differs from GPTQModel's for the next "
+                             "member; its group's modules are made by GPTQModel's constructor", module.full_name)
+        return qmodule
+
+
+class _NoWords(Exception):
+    """A group whose words are not packed on its layer's device (the extension packs them on the pool)."""
+
+
+def _pack_group(group: _Group) -> dict:
+    """``device_words`` for one group: NamedModule -> :class:`.packing.PackedWords`, packed on the members' device
+    ``WORD_CHUNK`` at a time from the processed scales, zeros and ``g_idx`` (read as the finalize reads them; the
+    words record them, and a member takes its words only where its finalize's inputs are these)."""
+    proc, members = group.proc, list(group.members)
+    bits = int(proc.qcfg.runtime_bits)
+    weights = [getattr(getattr(m, "module", None), "weight", None) for m in members]
+    if not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
+        raise _NoWords("a member without a 2-D weight")
+    device = weights[0].device
+    if device.type not in WORD_DEVICES:
+        raise _NoWords(f"weights on {device.type}")
+    if any(w.device != device or w.shape != weights[0].shape for w in weights):
+        raise _NoWords("members on several devices or of several shapes")
+    if not packing.packable(bits, *weights[0].shape):
+        raise _NoWords(f"{bits}-bit words of a {tuple(weights[0].shape)} weight")
+    states = []
+    for m in members:
+        m.stream_sync()
+        with proc.lock:
+            states.append((m.state["q_scales"], m.state["q_zeros"], m.state["q_g_idx"]))
+    if not all(t.device.type == "cpu" for st in states for t in st):
+        raise _NoWords("processed tensors not on the CPU")
+    shared = all(torch.equal(st[2], states[0][2]) for st in states)
+    g_idx = states[0][2].to(device) if shared else None
+    words: dict = {}
+    with torch.inference_mode():
+        for i in range(0, len(members), WORD_CHUNK):
+            part = range(i, min(i + WORD_CHUNK, len(members)))
+            weight = torch.stack([weights[j].detach() for j in part])
+            scales = torch.stack([states[j][0] for j in part]).to(device).transpose(1, 2)
+            zeros = torch.stack([states[j][1] for j in part]).to(device).transpose(1, 2)
+            index = g_idx if shared else torch.stack([states[j][2] for j in part]).to(device)
+            qweight, qzeros = packing.pack_words(weight, scales, zeros, index, bits)
+            host = packing.host_copies([qweight, qzeros, packing.weight_fingerprint(weight)])
+            for b, j in enumerate(part):
+                sc, ze, gi = states[j]
+                words[members[j]] = packing.PackedWords(bits, host[0][b], host[1][b], sc, ze, gi, host[2][b])
+    return words
 
 
 def _leave(module: Any, exc: BaseException) -> None:
@@ -449,16 +689,22 @@ def _to_v1(q: Any, qmodule: nn.Module) -> bool:
 
 
 @contextmanager
-def block_finalize(gptq_model: Any, paths: frozenset[str]) -> Iterator[BlockFinalizeStats]:
+def block_finalize(gptq_model: Any, paths: frozenset[str], device_words: bool = False) -> Iterator[BlockFinalizeStats]:
     """Inside the block, GPTQModel's finalizes of our expert projections are taken a group at a time (see the
-    module docstring); restored after, once every group's extension calls are done."""
+    module docstring); restored after, once every group's extension calls are done. ``device_words``: each layer's
+    groups are also packed on the layer's device (:data:`WORD_DEVICES`) when GPTQModel's ``post_quantize`` gets the
+    layer, before it moves it to the CPU; their members take those words instead of running the extension."""
     from gptqmodel.looper.gptq_processor import GPTQProcessor
+    from gptqmodel.models.base import BaseQModel
 
     stats = BlockFinalizeStats()
-    finalizer = _Finalizer(gptq_model, paths, stats)
+    finalizer = _Finalizer(gptq_model, paths, stats, device_words)
     with ExitStack() as stack:
         stack.callback(finalizer.close)  # last: after GPTQModel's functions are back
         stack.enter_context(patched(GPTQProcessor, "process", finalizer.patch_process(GPTQProcessor.process)))
         stack.enter_context(patched(GPTQProcessor, "submodule_finalize",
                                     finalizer.patch_submodule_finalize(GPTQProcessor.submodule_finalize)))
+        if device_words:  # outermost post_quantize: the layer is still on its device
+            stack.enter_context(patched(BaseQModel, "post_quantize",
+                                        finalizer.patch_post_quantize(BaseQModel.post_quantize)))
         yield stats

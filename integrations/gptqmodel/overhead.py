@@ -128,6 +128,11 @@ expert projections of our ``DefusedExperts`` blocks only:
   (GPTQModel's ``create_quant_module``, ``pack_block``'s buffers, the pack extension on a pool of threads), while the
   members' own tasks wait and return (:mod:`.block_finalize`). The same modules and buffers.
 
+* **device words** (opt-in, :data:`OPT_IN`, with ``block_finalize``; ``BaseQModel.post_quantize`` of a layer holding
+  our experts, on CUDA): before the layer leaves the GPU, each of its groups is packed there (``packing.pack_words``,
+  the extension's float32 steps), and the members take those words instead of running the extension, where their
+  finalize's inputs are the ones packed (the reference checks its group's words against GPTQModel's buffers first).
+
 * **solve warm-up** (GPTQModel's CUDA workers of the quantize device): each is handed one rehearsal of the steps a
   GPTQ solve runs before its Hessian inverse (quantizer parameters, dead columns, permutations) on small tensors,
   and the first one a call of the model's attention function and products of its projections' shapes, so those
@@ -438,7 +443,7 @@ def internals_mismatch() -> dict[str, str]:
                       ("disk_probe", _disk_probe_mismatch()), ("rehome", _rehome_mismatch()),
                       ("capture_lazy", _capture_lazy_mismatch()), ("base_in_memory", _base_in_memory_mismatch()),
                       ("tail_workers", _tail_workers_mismatch()), ("solve_warmup", _solve_warmup_mismatch()),
-                      ("block_finalize", _block_finalize_mismatch()),
+                      ("block_finalize", _block_finalize_mismatch()), ("device_words", _block_finalize_mismatch()),
                       ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
         if why is not None:
@@ -901,7 +906,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy",
-                   "base_in_memory", "tail_workers", "solve_warmup", "block_finalize"})
+                   "base_in_memory", "tail_workers", "solve_warmup", "block_finalize", "device_words"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
@@ -910,7 +915,8 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
 #: ``tail_workers`` (round 40) did not shorten the runs on an H100 (round 42). ``solve_warmup`` (round 43) is a
 #: default since round 44 (one H100: layer 0's first subset 0.26-0.41 s against 0.64-0.75 s in all four runs).
 #: ``block_finalize`` (round 48, one H100): quantize shorter in all six pairs, the save longer in four (not explained).
-OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers", "block_finalize"})
+#: ``device_words`` (round 49) is new: not measured yet.
+OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers", "block_finalize", "device_words"})
 #: The parts ``lean_bookkeeping=True`` turns on.
 DEFAULT_PARTS = PARTS - OPT_IN
 
@@ -953,8 +959,9 @@ def lean_logbar(enabled: set[str] | frozenset[str], stats: BookkeepingStats,
 
 
 #: Parts that act only inside another part (shard handles and recopy inside the lean materialize;
-#: keeping the last block in memory instead of its bundle).
-_NEEDS = {"shard_handles": "materialize", "recopy": "materialize", "keep_last_block": "offload_bundle"}
+#: keeping the last block in memory instead of its bundle; the device-packed words inside the block finalize).
+_NEEDS = {"shard_handles": "materialize", "recopy": "materialize", "keep_last_block": "offload_bundle",
+          "device_words": "block_finalize"}
 
 
 @contextmanager
@@ -1065,7 +1072,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
         if paths and "base_in_memory" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.base_in_memory = stack.enter_context(keep_base_modules(gptq_model.model))
         if paths and "block_finalize" in enabled:
-            stats.block_finalize = stack.enter_context(block_finalize(gptq_model, paths))
+            stats.block_finalize = stack.enter_context(block_finalize(gptq_model, paths,
+                                                                      device_words="device_words" in enabled))
         if paths and "tail_workers" in enabled:
             stats.tail_workers = stack.enter_context(tail_workers(gptq_model, _holds_experts))
         quantize_device = cuda_key(getattr(gptq_model.quantize_config, "device", None))
