@@ -33,8 +33,8 @@ def test_a_small_run_writes_gptqmodels_bytes_and_a_report(tmp_path):
     assert bench.main(["--scale", "0.003", "--repeats", "2", "--workdir", str(tmp_path / "w"),
                        "--output", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["same_bytes_as_gptqmodel"] == {"ours": True}
-    assert set(report["seconds"]) == {"gptqmodel", "ours"}
+    assert report["same_bytes_as_gptqmodel"] == {"ours": True, "ours-mapped-as-ranges": True}
+    assert set(report["seconds"]) == {"gptqmodel", "ours", "ours-mapped-as-ranges"}
     assert all(len(v) == 2 and all(s > 0 for s in v) for v in report["seconds"].values())
     kinds = report["bytes"]
     assert kinds["mapped"] > 0 and kinds["in_memory"] > 0 and kinds["offloaded"] > 0
@@ -54,8 +54,8 @@ def test_other_bytes_fail_the_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(shard_writer, "write_shard_file", wrong)
     out = tmp_path / "report.json"
     assert bench.main(["--scale", "0.003", "--repeats", "1", "--output", str(out)]) == 1
-    assert json.loads(out.read_text())["same_bytes_as_gptqmodel"] == {"ours": False}
-    assert "ours wrote other bytes than GPTQModel's writer" in capsys.readouterr().err
+    assert json.loads(out.read_text())["same_bytes_as_gptqmodel"] == {"ours": False, "ours-mapped-as-ranges": False}
+    assert "ours, ours-mapped-as-ranges wrote other bytes than GPTQModel's writer" in capsys.readouterr().err
 
 
 def test_writes_under_the_clocks_rounding_have_no_ratio(tmp_path, monkeypatch):
@@ -67,4 +67,5 @@ def test_writes_under_the_clocks_rounding_have_no_ratio(tmp_path, monkeypatch):
     out = tmp_path / "report.json"
     assert bench.main(["--scale", "0.003", "--repeats", "1", "--output", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["median_s"] == {"gptqmodel": 0.0, "ours": 0.0} and data["speedup_vs_gptqmodel"] == {"ours": None}
+    assert data["median_s"] == {"gptqmodel": 0.0, "ours": 0.0, "ours-mapped-as-ranges": 0.0}
+    assert data["speedup_vs_gptqmodel"] == {"ours": None, "ours-mapped-as-ranges": None}
