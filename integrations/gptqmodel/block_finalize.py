@@ -238,9 +238,8 @@ class _Group:
 
 
 class _Finalizer:
-    def __init__(self, gptq_model: Any, paths: frozenset[str], stats: BlockFinalizeStats,
-                 device_words: bool = False) -> None:
-        self.gptq_model, self.paths, self.stats, self.device_words = gptq_model, paths, stats, device_words
+    def __init__(self, gptq_model: Any, paths: frozenset[str], stats: BlockFinalizeStats) -> None:
+        self.gptq_model, self.paths, self.stats = gptq_model, paths, stats
         self.lock = threading.Lock()
         self.groups: dict[tuple, _Group] = {}
         self.members: dict[Any, _Member] = {}  # NamedModule -> its state here
@@ -495,30 +494,30 @@ class _Finalizer:
         for module, future in pending:
             try:
                 tensors, used = future.result()
-                self._finalize_one(proc, model, module, tensors, fmt, to_v1, maker)
+                copied = self._finalize_one(proc, model, module, tensors, fmt, to_v1, maker)
                 self.members[module].finalized = True
                 with self.lock:
                     self.stats.batched += 1
+                    self.stats.cloned += copied
                     self.stats.words_used += used
                     if module in words and not used:
                         self.stats.words_left["a member's inputs are not the ones its words were packed from"] += 1
-                    self.stats.cloned += maker.cloned
-                maker.cloned = 0
             except Exception as exc:
                 _leave(module, exc)
             finally:
                 self.members[module].done.set()
 
     def _finalize_one(self, proc: Any, model: Any, module: Any, tensors: dict[str, torch.Tensor], fmt: Any,
-                      to_v1: bool, maker: "_Maker") -> None:
+                      to_v1: bool, maker: "_Maker") -> bool:
         """``submodule_finalize``'s steps for one member whose buffers are ``tensors`` (``fmt`` and ``to_v1``: its
-        group's format and zero-point conversion, read once; ``maker`` makes its group's quantized modules)."""
+        group's format and zero-point conversion, read once; ``maker`` makes its group's quantized modules); returns
+        whether its module was made as a copy."""
         from gptqmodel.utils.module_locks import parent_module_lock
 
         timer = getattr(model, "quant_region_timer", None)
         t0 = time.perf_counter()
         with parent_module_lock(module.full_name):
-            qmodule = maker.make(proc, model, module, fmt)
+            qmodule, copied = maker.make(proc, model, module, fmt)
             t1 = time.perf_counter()
             for name, tensor in tensors.items():
                 qmodule.register_buffer(name, tensor)
@@ -534,6 +533,7 @@ class _Finalizer:
         if timer is not None:
             timer.record("submodule_finalize_create", t1 - t0, source=module.full_name)
             timer.record("submodule_finalize_pack", time.perf_counter() - t1, source=module.full_name)
+        return copied
 
     def _pool(self) -> ThreadPoolExecutor:
         with self.lock:
@@ -567,16 +567,15 @@ class _Maker:
         self.candidate: nn.Module | None = None  # a copy of the first member's module, before its buffers
         self.template: nn.Module | None = None  # ... once checked against the second's
         self.checked = False
-        self.cloned = 0  # members made by copy since the caller last read it
 
-    def make(self, proc: Any, model: Any, module: Any, fmt: Any) -> nn.Module:
+    def make(self, proc: Any, model: Any, module: Any, fmt: Any) -> tuple[nn.Module, bool]:
+        """``module``'s quantized module, put in its place, and whether it is a copy."""
         from gptqmodel.utils.model import create_quant_module, recurse_setattr
 
         if self.template is not None:
             qmodule = clone_module(self.template, module.full_name)
             recurse_setattr(model.model, module.full_name, qmodule)
-            self.cloned += 1
-            return qmodule
+            return qmodule, True
         q = proc.qcfg
         create_quant_module(
             name=module.full_name, linear_cls=model.qlinear_kernel, bits=q.runtime_bits, desc_act=q.desc_act,
@@ -594,7 +593,7 @@ class _Maker:
             else:
                 logger.debug("block_finalize: a copy of %s's quantized module differs from GPTQModel's for the next "
                              "member; its group's modules are made by GPTQModel's constructor", module.full_name)
-        return qmodule
+        return qmodule, False
 
 
 class _NoWords(Exception):
@@ -698,7 +697,7 @@ def block_finalize(gptq_model: Any, paths: frozenset[str], device_words: bool = 
     from gptqmodel.models.base import BaseQModel
 
     stats = BlockFinalizeStats()
-    finalizer = _Finalizer(gptq_model, paths, stats, device_words)
+    finalizer = _Finalizer(gptq_model, paths, stats)
     with ExitStack() as stack:
         stack.callback(finalizer.close)  # last: after GPTQModel's functions are back
         stack.enter_context(patched(GPTQProcessor, "process", finalizer.patch_process(GPTQProcessor.process)))
