@@ -308,3 +308,40 @@ def test_a_module_copy_has_its_own_containers_and_points_at_itself():
     assert bf.same_module_state(built, copy)
     built.qweight[0] = 1
     assert not bf.same_module_state(built, copy)  # compared by value
+
+
+def test_ctrl_c_restores_post_quantize_with_device_words():
+    from gptqmodel.models.base import BaseQModel
+
+    post = BaseQModel.post_quantize
+    with pytest.raises(KeyboardInterrupt):
+        with bf.block_finalize(object(), frozenset(), device_words=True):
+            assert BaseQModel.post_quantize is not post
+            raise KeyboardInterrupt
+    assert BaseQModel.post_quantize is post
+
+
+def test_device_words_without_block_finalize_are_refused_by_name(plugin, tiny, tmp_path):  # noqa: F811
+    stats, _ = _run(plugin, tiny, tmp_path, "words_alone", parts=DEFAULT_PARTS | {"device_words"})
+    assert stats.disabled == {"device_words": "needs the block_finalize part"} and stats.block_finalize is None
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_layer_is_packed_restores_gptqmodel(plugin, tiny, tmp_path, words_here, monkeypatch):  # noqa: F811
+    from gptqmodel.models.base import BaseQModel
+
+    original, calls = bf._pack_group, []
+
+    def interrupted(group):
+        calls.append(group)
+        if len(calls) == 2:  # the first layer's second group
+            raise KeyboardInterrupt
+        return original(group)
+
+    monkeypatch.setattr(bf, "_pack_group", interrupted)
+    post, process, finalize = BaseQModel.post_quantize, GPTQProcessor.process, GPTQProcessor.submodule_finalize
+    with pytest.raises(KeyboardInterrupt):
+        _run(plugin, tiny, tmp_path, "words_interrupted", parts=WORDS)
+    assert len(calls) == 2
+    assert (BaseQModel.post_quantize, GPTQProcessor.process, GPTQProcessor.submodule_finalize) == (post, process, finalize)
+    assert not [t for t in threading.enumerate() if t.name.startswith(bf.THREAD_PREFIX)]
