@@ -345,3 +345,30 @@ def test_ctrl_c_while_a_layer_is_packed_restores_gptqmodel(plugin, tiny, tmp_pat
     assert len(calls) == 2
     assert (BaseQModel.post_quantize, GPTQProcessor.process, GPTQProcessor.submodule_finalize) == (post, process, finalize)
     assert not [t for t in threading.enumerate() if t.name.startswith(bf.THREAD_PREFIX)]
+
+
+@pytest.mark.slow
+def test_a_groups_device_words_are_let_go_once_its_members_are_made(plugin, tiny, tmp_path, words_here, monkeypatch):  # noqa: F811
+    import gc
+    import weakref
+
+    original_pack, original_run = bf._pack_group, bf._Finalizer._run_group
+    packed: dict[int, list] = {}  # id(group) -> weak references to its words
+    alive_after: list[int] = []
+
+    def kept(group):
+        words = original_pack(group)
+        packed[id(group)] = [weakref.ref(w.qweight) for w in words.values()]
+        return words
+
+    def run_group(self, group, *args):
+        out = original_run(self, group, *args)
+        gc.collect()
+        alive_after.append(len([r for r in packed.get(id(group), []) if r() is not None]))
+        return out
+
+    monkeypatch.setattr(bf, "_pack_group", kept)
+    monkeypatch.setattr(bf._Finalizer, "_run_group", run_group)
+    stats, _ = _run(plugin, tiny, tmp_path, "words_freed", parts=WORDS)
+    assert stats.block_finalize.words_used > 0 and len(alive_after) == stats.block_finalize.groups > 0
+    assert alive_after == [0] * len(alive_after)  # each group's words gone when its worker is done, not at the end
