@@ -305,9 +305,29 @@ def test_a_module_copy_has_its_own_containers_and_points_at_itself():
     assert "qweight" in copy._buffers and template._buffers == {}  # its own buffer dict
     assert not bf.same_module_state(built, copy)  # a buffer more
     built.register_buffer("qweight", torch.zeros(2, dtype=torch.int32))
-    assert bf.same_module_state(built, copy)
-    built.qweight[0] = 1
-    assert not bf.same_module_state(built, copy)  # compared by value
+    assert not bf.same_module_state(built, copy)  # equal, but a tensor of its own: never assumed shareable
+
+
+def test_a_copy_that_would_share_a_mutable_attribute_cannot_stand_in():
+    from torch import nn
+
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cache = {"hits": []}  # a nested list: a copy of the dict would share it
+            self.scale = torch.ones(2)  # a tensor attribute: a copy would share it
+
+    template, built = Cached(), Cached()
+    copy = bf.clone_module(template, "x")
+    built.name = "x"  # what clone_module sets on the copy
+    assert copy.cache is not template.cache and copy.cache["hits"] is template.cache["hits"]
+    assert not bf.same_module_state(built, copy)  # equal values, but shared objects: refused
+    del template.scale, built.scale
+    copy = bf.clone_module(template, "x")
+    assert not bf.same_module_state(built, copy)  # still the nested list
+    template.cache = built.cache = {"hits": 0}
+    assert bf.same_module_state(built, bf.clone_module(template, "x"))  # immutable values: a copy can stand in
+
 
 
 def test_ctrl_c_restores_post_quantize_with_device_words():

@@ -52,6 +52,7 @@ all six pairs against the default (median 7.42 s against 7.88 s; the last layer'
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import os
@@ -170,7 +171,7 @@ def ext_inputs(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
 def clone_module(template: nn.Module, name: str) -> nn.Module:
     """A new module of ``template``'s class with its attributes: containers copied (one level), objects that point
     back at ``template`` copied and pointed at the new module, ``name`` set. Only used where :func:`same_module_state`
-    found such a copy equal to what GPTQModel's constructor makes (see ``_Finalizer._make``)."""
+    found such a copy able to stand in for what GPTQModel's constructor makes (see :class:`_Maker`)."""
     new = type(template).__new__(type(template))
     state = {}
     for key, value in template.__dict__.items():
@@ -196,29 +197,42 @@ def _copy_pointing(value: Any, old: Any, new: Any) -> Any:
     return copied
 
 
-def same_module_state(a: Any, b: Any, a_self: Any = None, b_self: Any = None, depth: int = 0) -> bool:
-    """Whether ``a`` and ``b`` hold the same state: the same types, equal values, containers and plain objects
-    compared member by member, tensors by dtype, shape and value, a reference to ``a_self`` matched by one to
-    ``b_self`` (a module pointing at itself)."""
-    if a_self is None:
-        a_self, b_self = a, b
-    if depth and (a is a_self or b is b_self):
+_IMMUTABLE = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
+
+
+def same_module_state(fresh: nn.Module, copy: nn.Module) -> bool:
+    """Whether ``copy`` (a :func:`clone_module`) can stand in for ``fresh`` (what GPTQModel's constructor made): the
+    same class and attribute names, and each attribute equal in a way that shares nothing mutable with another module.
+    An attribute is the same object in both (shared by the constructor too: enum members, classes), an equal immutable
+    value, a container the copy has its own of, holding such values, or an object pointing back at its own module
+    whose fields are such values. Anything else (a tensor attribute, a nested container, another object) makes the
+    copy unusable: it would share that object with its template."""
+    if type(fresh) is not type(copy) or list(vars(fresh)) != list(vars(copy)):
+        return False
+    return all(_same_attribute(vars(fresh)[k], vars(copy)[k], fresh, copy, top=True) for k in vars(fresh))
+
+
+def _same_attribute(a: Any, b: Any, a_self: Any, b_self: Any, top: bool = False) -> bool:
+    if a is a_self or b is b_self:
         return a is a_self and b is b_self
-    if type(a) is not type(b) or depth > 8:
+    if a is b:
+        return True
+    if type(a) is not type(b):
         return False
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and torch.equal(a, b)
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same_module_state(a[k], b[k], a_self, b_self, depth + 1) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_module_state(x, y, a_self, b_self, depth + 1) for x, y in zip(a, b))
-    if isinstance(a, nn.Module) or (hasattr(a, "__dict__") and not isinstance(a, type)
-                                    and type(a).__eq__ is object.__eq__):
-        return same_module_state(vars(a), vars(b), a_self, b_self, depth + 1)
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - not comparable: not the same
-        return False
+    if isinstance(a, _IMMUTABLE):
+        return a == b
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same_attribute(x, y, a_self, b_self) for x, y in zip(a, b))
+    if top and isinstance(a, dict):  # copied one level by clone_module: its values must be shared or immutable
+        return list(a) == list(b) and all(_same_attribute(a[k], b[k], a_self, b_self) for k in a)
+    if top and isinstance(a, list):
+        return len(a) == len(b) and all(_same_attribute(x, y, a_self, b_self) for x, y in zip(a, b))
+    if top and isinstance(a, set):
+        return a == b and all(isinstance(x, _IMMUTABLE) for x in a)
+    if top and _points_at(a, a_self) and _points_at(b, b_self):  # copied by clone_module, pointed at its module
+        return list(vars(a)) == list(vars(b)) and all(
+            _same_attribute(vars(a)[k], vars(b)[k], a_self, b_self) for k in vars(a))
+    return False
 
 
 @dataclass
