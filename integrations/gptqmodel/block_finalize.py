@@ -34,9 +34,9 @@ GPTQModel's per-module finalize, counted by reason. A group whose reference cann
 load in this process, say, where GPTQModel's ``pack_block`` falls back to its Python path) is left to GPTQModel too.
 
 The group's worker makes its members' quantized modules with GPTQModel's ``create_quant_module`` for the first two;
-where a copy of the first one's module, taken before its buffers (:func:`clone_module`), has every attribute,
-container and tensor of the second's as GPTQModel made it (:func:`same_module_state`), the later members are such
-copies (the constructor and its checks are the same per module Python with the same arguments), else every member is
+where a copy of the first one's module, taken before its buffers (:func:`clone_module`), can stand in for the second
+as GPTQModel made it (:func:`same_module_state`: the same attributes, equal, and nothing mutable shared with the
+template), the later members are such copies (the constructor and its checks are the same per module Python with the same arguments), else every member is
 made by GPTQModel's function.
 
 With ``device_words`` (the opt-in part of that name), each layer's groups are packed on the layer's CUDA device when
