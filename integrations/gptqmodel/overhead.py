@@ -436,6 +436,7 @@ def internals_mismatch() -> dict[str, str]:
         problems["shard_handles"] = "needs the lean materialize, which is stock: " + problems["materialize"]
         problems["recopy"] = problems["shard_handles"]
     recopy, shard_handles = _recopy_mismatch(), _shard_handles_mismatch()  # layer_reads patches both seams
+    block_finalize = _block_finalize_mismatch()  # device_words stands on the same reproduced finalize
     for part, why in (("layer_offload", _post_quantize_mismatch()),
                       ("layer_onload", pre_quantize_refusal()),  # the layer move it stages is 7.6's move_to branch
                       ("offload_bundle", _offload_bundle_mismatch()), ("worker_warmup", _worker_warmup_mismatch()),
@@ -443,7 +444,7 @@ def internals_mismatch() -> dict[str, str]:
                       ("disk_probe", _disk_probe_mismatch()), ("rehome", _rehome_mismatch()),
                       ("capture_lazy", _capture_lazy_mismatch()), ("base_in_memory", _base_in_memory_mismatch()),
                       ("tail_workers", _tail_workers_mismatch()), ("solve_warmup", _solve_warmup_mismatch()),
-                      ("block_finalize", _block_finalize_mismatch()), ("device_words", _block_finalize_mismatch()),
+                      ("block_finalize", block_finalize), ("device_words", block_finalize),
                       ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
         if why is not None:
