@@ -137,7 +137,9 @@ into pinned buffers (``layer_reads.PIN``), ``+nooff1`` loads with ``QuantizeConf
 (a diagnostic: what GPTQModel's per-module disk offload costs; not a comparable setting), ``+gcfreeze1`` calls
 ``gc.freeze()`` before ``quantize()`` and ``gc.unfreeze()`` after it (the interpreter's full collections, which hold
 the interpreter lock while they scan every tracked object, then skip what was alive before the run; the row's
-``gc_freeze`` says how many objects and what full collections still ran). ``stock+si500`` and
+``gc_freeze`` says how many objects and what full collections still ran), ``+wt<N>`` (ours only) installs the
+plugin with ``write_threads=N``: the save's shards copied into a mapping of each file by N threads (the row's
+``save_path.writes.mapped`` counts the files written so). ``stock+si500`` and
 ``ours-grouped-batched+si500+cpuw4`` are variants; the row's ``modifiers`` say what was set.
 ``--gil-probe`` adds ``gil_probe`` to every row: how late a thread that sleeps 2 ms gets the lock
 back, sampled through ``quantize()`` (``_gil_probe.py``); its mean is what each lock hand-back
@@ -274,7 +276,8 @@ MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
              "pin": "layer_reads into pinned buffers (layer_reads.PIN)",
              "nooff": "QuantizeConfig(offload_to_disk=False): no per-module disk offload (a diagnostic bound)",
-             "gcfreeze": "gc.freeze() before quantize() (the objects alive then are left out of full collections)"}
+             "gcfreeze": "gc.freeze() before quantize() (the objects alive then are left out of full collections)",
+             "wt": "install(write_threads=N): the save's shards copied into a mapping of each file by N threads"}
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -314,7 +317,8 @@ def split_variant(name: str) -> tuple[str, dict[str, int]]:
         match = re.fullmatch(r"([a-z]+)(\d+)", part)
         if match is None or match[1] not in MODIFIERS or int(match[2]) < 1 or match[1] in modifiers:
             raise ValueError(f"variant {name!r}: bad modifier {part!r}; use +si<microseconds>, +cpuw<workers>, "
-                             "+cudaw<workers>, +pin1, +nooff1 and/or +gcfreeze1, each a positive integer, each at most once")
+                             "+cudaw<workers>, +pin1, +nooff1, +gcfreeze1 and/or +wt<threads>, each a positive integer, "
+                             "each at most once")
         modifiers[match[1]] = int(match[2])
     return base, modifiers
 
@@ -972,7 +976,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS} (each may take +si<N>/+cpuw<N>/+cudaw<N>/+pin1)")
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS} (each may take +si<N>/+cpuw<N>/+cudaw<N>/+pin1/+wt<N>...)")
+    unwritten = [v for v in variants if "wt" in split_variant(v)[1]
+                 and (is_stock(split_variant(v)[0]) or split_variant(v)[0].endswith("-stocksave"))]
+    if unwritten:
+        raise SystemExit(f"variants {unwritten}: +wt<threads> sets the plugin's shard writer, which a stock run and "
+                         "-stocksave do not use; put it on another ours variant")
     if len(set(variants)) != len(variants):
         raise SystemExit(f"--variants names a variant twice: {args.variants} (their files would collide; "
                          "--repeat N runs the list again)")
@@ -1150,7 +1159,7 @@ def worker(args: argparse.Namespace) -> int:
     if not is_stock(variant):
         from defuser_quant.integrations.gptqmodel import install, quantize_with_defuser
 
-        install(fast_save=not variant.endswith("-stocksave"))
+        install(fast_save=not variant.endswith("-stocksave"), write_threads=modifiers.get("wt", 1))
     import_s = time.perf_counter() - t_import
     calibration = json.loads((work / "calibration.json").read_text())
     devices = torch.cuda.device_count() if cuda else 0
@@ -1260,7 +1269,8 @@ def worker(args: argparse.Namespace) -> int:
                       "gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"),
                       "gptqmodel_cuda_workers": cuda_workers(),
                       "offload_to_disk": "nooff" not in modifiers,
-                      "gc_freeze": "gcfreeze" in modifiers} if modifiers else None,
+                      "gc_freeze": "gcfreeze" in modifiers,
+                      "write_threads": modifiers.get("wt", 1)} if modifiers else None,
         "gpus_visible": devices,
         "backend": args.backend,
         "import_s": round(import_s, 2),

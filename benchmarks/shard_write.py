@@ -10,6 +10,8 @@ defaults: 1.9 GB in one shard):
 
 ``ours-mapped-as-ranges`` writes the same shard with the embeddings and head given as byte ranges of
 the source file (copied file to file by the kernel, as the offload bundle is) instead of their mapping.
+``ours-threadsN`` (``--threads``, default 2, 4 and 8) writes it through a shared mapping of the shard,
+N threads copying at once (``write_shard_file(threads=N)``; each row says whether the mapping was used).
 
 The sources are written first (in the page cache, as in a run); each writer then writes the shard
 ``--repeats`` times into a fresh file in the same folder, in turns. Every shard is compared with
@@ -52,9 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=whole(1), default=3)
     p.add_argument("--scale", type=float, default=1.0, help="share of the default bytes (0 < scale <= 1)")
     p.add_argument("--workdir", type=Path, default=None, help="folder for the sources and shards (default: a temporary one)")
+    p.add_argument("--threads", default="2,4,8", help="comma-separated thread counts of the mapped writes ('' for none)")
     args = p.parse_args(argv)
     if not 0 < args.scale <= 1:
         p.error(f"--scale must be in (0, 1], got {args.scale}")
+    try:
+        args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--threads must be comma-separated whole numbers >= 2, got {args.threads!r}")
+    if any(t < 2 for t in args.threads):
+        p.error(f"--threads must be comma-separated whole numbers >= 2, got {','.join(map(str, args.threads))}")
     return args
 
 
@@ -124,6 +133,15 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 "ours": lambda path: shard_writer.write_shard_file(str(path), entries, meta),
                 # the mapped embeddings and head copied from the source file by the kernel, not written from the mapping
                 "ours-mapped-as-ranges": lambda path: shard_writer.write_shard_file(str(path), ranges, meta)}
+    mapped: dict[str, list[bool]] = {}
+    for threads in args.threads:
+        def threaded(path: Path, threads: int = threads) -> None:
+            stats = shard_writer.ShardWrites()
+            shard_writer.write_shard_file(str(path), entries, meta, stats, threads=threads)
+            mapped[f"ours-threads{threads}"].append(bool(stats.mapped))
+
+        settings[f"ours-threads{threads}"] = threaded
+        mapped[f"ours-threads{threads}"] = []
     seconds: dict[str, list[float]] = {name: [] for name in settings}
     same: dict[str, bool] = {}
     reference = folder / "gptqmodel-0.safetensors"
@@ -145,6 +163,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "speedup_vs_gptqmodel": {name: round(medians["gptqmodel"] / m, 2) if m > 0 else None
                                  for name, m in medians.items() if name != "gptqmodel"},
         "same_bytes_as_gptqmodel": same,
+        "written_through_mapping": mapped,  # per write: False where the file system could not reserve or map the shard
     }
 
 

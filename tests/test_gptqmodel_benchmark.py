@@ -333,8 +333,10 @@ def test_variant_modifiers_are_parsed_and_bad_ones_refused():
         with pytest.raises(ValueError, match="bad modifier"):
             bench.split_variant(bad)
     # main() refuses them (and unknown bases, and a variant named twice) before building anything
+    assert bench.split_variant("ours-grouped-batched+wt8") == ("ours-grouped-batched", {"wt": 8})
     for variants, says in (("stock+cpuw0", "bad modifier"), ("nope+si5", "unknown variants"),
-                           ("stock,stock", "names a variant twice")):
+                           ("stock,stock", "names a variant twice"), ("stock+wt4", "a stock run and -stocksave do not"),
+                           ("ours-grouped-batched-stocksave+wt2", r"\+wt<threads> sets the plugin's shard writer")):
         with pytest.raises(SystemExit, match=says):
             bench.main(["--device", "cpu", "--variants", variants])
 
@@ -354,6 +356,25 @@ def test_modifiers_reach_the_variants_process(tmp_path, monkeypatch):
     assert seen["cmd"][seen["cmd"].index("--worker") + 1] == "ours+si250+cpuw3" and "--gil-probe" in seen["cmd"]
     bench.run_variant("ours+si250", args, tmp_path)
     assert seen["env"]["GPTQMODEL_CPU_WORKERS"] == "7"  # no +cpuw: left as it was
+
+
+def test_the_wt_modifier_installs_the_plugin_with_that_many_write_threads(tmp_path, monkeypatch):
+    """The variant's process installs the plugin with +wt's threads (and the default 1 without it); stopped there."""
+    pytest.importorskip("gptqmodel")
+    from defuser_quant.integrations import gptqmodel as plugin
+
+    seen = []
+
+    def install(**kwargs):
+        seen.append(kwargs)
+        raise RuntimeError("stopped after install")
+
+    monkeypatch.setattr(plugin, "install", install)
+    for name in ("ours-grouped-batched+wt3", "ours-grouped-batched"):
+        args = bench.parse_args(["--device", "cpu", "--worker", name, "--workdir", str(tmp_path)])
+        with pytest.raises(RuntimeError, match="stopped after install"):
+            bench.worker(args)
+    assert seen == [{"fast_save": True, "write_threads": 3}, {"fast_save": True, "write_threads": 1}]
 
 
 def test_cudaw_gives_gptqmodels_device_pool_that_many_workers_per_cuda_device(monkeypatch):

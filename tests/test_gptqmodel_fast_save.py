@@ -94,6 +94,108 @@ def test_a_failed_or_interrupted_shard_write_leaves_the_old_file_and_no_partial(
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_shard_writer_writes_gptqmodels_bytes(tmp_path, monkeypatch, threads):
+    """Through a shared mapping of the file, pieces of 100 bytes (a tensor split over several) copied by 2 or 3
+    threads: GPTQModel's bytes, every kind of entry counted as in order."""
+    from gptqmodel.utils.model import _write_shard_file
+
+    from defuser_quant.integrations.gptqmodel import mapped_shard
+    from defuser_quant.integrations.gptqmodel.shard_writer import ShardWrites, write_shard_file
+
+    monkeypatch.setattr(mapped_shard, "PIECE_BYTES", 100)
+    entries = _entries(tmp_path)
+    entries = [entries[-1], *entries[:-1]]  # the tensor read first (no byte range) ahead of the others
+    stock_size = _write_shard_file(str(tmp_path / "stock.safetensors"), entries, {"format": "pt"})
+    stats = ShardWrites()
+    size = write_shard_file(str(tmp_path / "ours.safetensors"), entries, {"format": "pt"}, stats, threads=threads)
+    assert size == stock_size and (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "stock.safetensors").read_bytes()
+    assert (stats.files, stats.mapped, stats.from_memory, stats.copied, stats.read) == (1, 1, 64 * 48 * 2 + 16 * 24 * 4 + 4,
+                                                                                          256 + 70, 64)
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_threaded_shard_writer_writes_in_order_where_the_file_system_cannot_reserve(tmp_path, monkeypatch):
+    import errno
+
+    from gptqmodel.utils.model import _write_shard_file
+
+    from defuser_quant.integrations.gptqmodel import mapped_shard
+    from defuser_quant.integrations.gptqmodel.shard_writer import ShardWrites, write_shard_file
+
+    def unsupported(fd, offset, length):
+        os.ftruncate(fd, offset + length + 4096)  # as if it got part way: the fallback must start from an empty file
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(mapped_shard.os, "posix_fallocate", unsupported)
+    entries = _entries(tmp_path)
+    _write_shard_file(str(tmp_path / "stock.safetensors"), entries, {})
+    stats = ShardWrites()
+    write_shard_file(str(tmp_path / "ours.safetensors"), entries, {}, stats, threads=4)
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "stock.safetensors").read_bytes()
+    assert (stats.files, stats.mapped, stats.read) == (1, 0, 64)  # counted once, by the writes in order
+
+
+def test_a_full_disk_interrupt_or_bad_entry_in_a_threaded_write_leaves_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import threading
+
+    from gptqmodel.utils.model import TensorSource
+
+    from defuser_quant.integrations.gptqmodel import mapped_shard, shard_writer
+
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"an earlier save")
+    entries = _entries(tmp_path)
+    leftovers = lambda: [p for p in tmp_path.iterdir() if ".partial" in p.name]  # noqa: E731
+    bad = TensorSource(name="m.bad", torch_dtype=torch.float32, shape=(3,), source=torch.zeros(4))
+    with pytest.raises(ValueError, match="m.bad holds 16 bytes, its header entry says 12"):
+        shard_writer.write_shard_file(str(target), [*entries, bad], {}, threads=2)
+    assert target.read_bytes() == b"an earlier save" and not leftovers()
+    strided = TensorSource(name="m.strided", torch_dtype=torch.float32, shape=(3,), source=torch.zeros(4, 2).t())
+    with pytest.raises(ValueError, match="m.strided holds 32 bytes, its header entry says 12"):  # copied only later
+        shard_writer.write_shard_file(str(target), [strided, *entries], {}, threads=2)
+    assert target.read_bytes() == b"an earlier save" and not leftovers()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(mapped_shard.os, "posix_fallocate", full)
+        with pytest.raises(OSError, match="No space left"):  # raised, not a SIGBUS at a page fault later
+            shard_writer.write_shard_file(str(target), entries, {}, threads=2)
+    assert target.read_bytes() == b"an earlier save" and not leftovers()
+
+    copy, started = mapped_shard._copy, []
+
+    def interrupted(view, piece):
+        started.append(piece)
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        return copy(view, piece)
+
+    monkeypatch.setattr(mapped_shard, "PIECE_BYTES", 64)
+    monkeypatch.setattr(mapped_shard, "_copy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shard_writer.write_shard_file(str(target), entries, {}, threads=2)
+    assert target.read_bytes() == b"an earlier save" and not leftovers()
+    assert not [t for t in threading.enumerate() if t.name.startswith("dq-shard-write")]
+    for bad_threads in (0, True, 1.5):
+        with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
+            shard_writer.write_shard_file(str(target), entries, {}, threads=bad_threads)
+
+
+def test_install_refuses_bad_write_threads(plugin):  # noqa: F811
+    from defuser_quant.integrations import gptqmodel as g
+
+    for bad in (0, -1, True, "2"):
+        with pytest.raises(ValueError, match="write_threads must be a whole number >= 1"):
+            g.install(write_threads=bad)
+    with pytest.raises(ValueError, match="write_threads=2 needs fast_save=True"):
+        g.install(fast_save=False, write_threads=2)
+    assert g._STATE is None or g._STATE.write_threads == 1  # nothing changed by a refused call
+
+
 def test_another_writer_keeps_gptqmodels(monkeypatch, caplog):
     from gptqmodel.utils import model as model_utils
 
@@ -153,10 +255,24 @@ def test_fast_save_writes_gptqmodels_checkpoint(plugin, tiny, tmp_path, monkeypa
     stock = sorted(p.name for p in (tmp_path / "stock").iterdir())
     assert stock == sorted(p.name for p in (tmp_path / "fast").iterdir())
     assert (tmp_path / "fast" / "model.safetensors").read_bytes() == (tmp_path / "stock" / "model.safetensors").read_bytes()
+    assert writes["mapped"] == 0  # written in order: write_threads defaults to 1
     # a mapped weight is private: writing to it leaves the source checkpoint as it was
     with torch.no_grad():
         head[0, 0] = 7.0
     assert _tensors(tiny["src"])["lm_head.weight"][0, 0] == source[0, 0]
+
+    # the shard copied into a mapping of its file by three threads, in pieces of 4 KiB: the same bytes again
+    from defuser_quant.integrations.gptqmodel import mapped_shard
+
+    monkeypatch.setattr(mapped_shard, "PIECE_BYTES", 4096)
+    g.install(write_threads=3)
+    try:
+        _quantize_and_save(g, tiny, tmp_path / "threads", tmp_path / "offload")
+    finally:
+        g.install()
+    assert g.last_save()["writes"]["mapped"] == 1 and g.last_save()["writes"]["files"] == 1
+    assert (tmp_path / "threads" / "model.safetensors").read_bytes() == (tmp_path / "stock" / "model.safetensors").read_bytes()
+    assert g._STATE.write_threads == 1  # install() again: back to writing in order
 
 
 def test_mapping_refuses_what_the_source_does_not_hold_whole(plugin, tiny):  # noqa: F811

@@ -17,6 +17,8 @@ import shard_write as bench  # noqa: E402
     (["--scale", "0"], "--scale must be in (0, 1], got 0.0"),
     (["--scale", "1.5"], "--scale must be in (0, 1], got 1.5"),
     (["--repeats", "0"], "must be >= 1"),
+    (["--threads", "1"], "--threads must be comma-separated whole numbers >= 2, got 1"),
+    (["--threads", "2,x"], "--threads must be comma-separated whole numbers >= 2, got '2,x'"),
 ])
 def test_bad_arguments_are_one_error_line(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -30,11 +32,13 @@ def test_bad_arguments_are_one_error_line(tmp_path, capsys, argv, message):
 def test_a_small_run_writes_gptqmodels_bytes_and_a_report(tmp_path):
     pytest.importorskip("gptqmodel")
     out = tmp_path / "report.json"
-    assert bench.main(["--scale", "0.003", "--repeats", "2", "--workdir", str(tmp_path / "w"),
+    assert bench.main(["--scale", "0.003", "--repeats", "2", "--workdir", str(tmp_path / "w"), "--threads", "2,3",
                        "--output", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["same_bytes_as_gptqmodel"] == {"ours": True, "ours-mapped-as-ranges": True}
-    assert set(report["seconds"]) == {"gptqmodel", "ours", "ours-mapped-as-ranges"}
+    assert report["same_bytes_as_gptqmodel"] == {"ours": True, "ours-mapped-as-ranges": True, "ours-threads2": True,
+                                                 "ours-threads3": True}
+    assert set(report["seconds"]) == {"gptqmodel", "ours", "ours-mapped-as-ranges", "ours-threads2", "ours-threads3"}
+    assert report["written_through_mapping"] == {"ours-threads2": [True, True], "ours-threads3": [True, True]}
     assert all(len(v) == 2 and all(s > 0 for s in v) for v in report["seconds"].values())
     kinds = report["bytes"]
     assert kinds["mapped"] > 0 and kinds["in_memory"] > 0 and kinds["offloaded"] > 0
@@ -53,7 +57,7 @@ def test_other_bytes_fail_the_run(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(shard_writer, "write_shard_file", wrong)
     out = tmp_path / "report.json"
-    assert bench.main(["--scale", "0.003", "--repeats", "1", "--output", str(out)]) == 1
+    assert bench.main(["--scale", "0.003", "--repeats", "1", "--threads", "", "--output", str(out)]) == 1
     assert json.loads(out.read_text())["same_bytes_as_gptqmodel"] == {"ours": False, "ours-mapped-as-ranges": False}
     assert "ours, ours-mapped-as-ranges wrote other bytes than GPTQModel's writer" in capsys.readouterr().err
 
@@ -65,7 +69,7 @@ def test_writes_under_the_clocks_rounding_have_no_ratio(tmp_path, monkeypatch):
     ticks = iter(range(10_000))
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks) * 1e-6)  # 1 µs a call: every write "0 s"
     out = tmp_path / "report.json"
-    assert bench.main(["--scale", "0.003", "--repeats", "1", "--output", str(out)]) == 0
+    assert bench.main(["--scale", "0.003", "--repeats", "1", "--threads", "2", "--output", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["median_s"] == {"gptqmodel": 0.0, "ours": 0.0, "ours-mapped-as-ranges": 0.0}
-    assert data["speedup_vs_gptqmodel"] == {"ours": None, "ours-mapped-as-ranges": None}
+    assert data["median_s"] == {"gptqmodel": 0.0, "ours": 0.0, "ours-mapped-as-ranges": 0.0, "ours-threads2": 0.0}
+    assert data["speedup_vs_gptqmodel"] == {"ours": None, "ours-mapped-as-ranges": None, "ours-threads2": None}

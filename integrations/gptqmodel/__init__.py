@@ -64,13 +64,14 @@ class _Installed:
     shim: DefuserQuantShim
     originals: dict[tuple[Any, str], Any]
     save: dict[str, Any] | None = None
+    write_threads: int = 1
 
 
 _STATE: _Installed | None = None
 
 
 def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_definitions: bool = True,
-            fast_save: bool = True) -> None:
+            fast_save: bool = True, write_threads: int = 1) -> None:
     """Route GPTQModel's defusing through defuser-quant. Idempotent.
 
     Args:
@@ -83,16 +84,25 @@ def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_
         fast_save: write the save's shards with fewer copies and map weights stored whole in the
             source checkpoint instead of reading them (the same files; kept stock, with a log
             line, where the installed GPTQModel's writer differs from the one checked).
+        write_threads: with ``fast_save``, copy each shard's bytes into a shared mapping of its file with this
+            many threads (``shard_writer``; the same files); 1, the default, writes them in order.
 
     Raises:
         GPTQModelUnavailableError: gptqmodel is missing or not 7.6.x (an ``ImportError``).
+        ValueError: ``write_threads`` is not a whole number >= 1, or above 1 without ``fast_save``.
     """
     global _STATE
+    if not isinstance(write_threads, int) or isinstance(write_threads, bool) or write_threads < 1:
+        raise ValueError(f"install: write_threads must be a whole number >= 1, got {write_threads!r}")
+    if write_threads > 1 and not fast_save:
+        raise ValueError(f"install: write_threads={write_threads} needs fast_save=True (GPTQModel's own writer "
+                         "writes in order)")
     require_gptqmodel()
     workable_cpu_pool()
     if _STATE is not None:
         _STATE.shim.delegate_unsupported = delegate_unsupported
         _STATE.shim.strict = strict
+        _STATE.write_threads = write_threads
         return
     from gptqmodel.models import auto, loader, writer
 
@@ -113,7 +123,7 @@ def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_
     for (module, name), value in replacements.items():
         originals[(module, name)] = getattr(module, name)
         setattr(module, name, value)
-    _STATE = _Installed(shim, originals)
+    _STATE = _Installed(shim, originals, write_threads=write_threads)
     logger.info("defuser-quant GPTQModel plugin installed")
 
 
@@ -125,7 +135,8 @@ def _fast_save_replacements() -> dict[tuple[Any, str], Any]:
     from .save_sources import mapped_turtle_sources
     from .shard_writer import ShardWrites, fast_shard_writes
 
-    writes = fast_shard_writes(model_utils._write_shard_file, lambda: _STATE.save["writes"] if _STATE and _STATE.save else None)
+    writes = fast_shard_writes(model_utils._write_shard_file, lambda: _STATE.save["writes"] if _STATE and _STATE.save else None,
+                               lambda: _STATE.write_threads if _STATE else 1)
     if writes is model_utils._write_shard_file:
         return {}  # mapping only pays (and is only safe against a save into the source folder) with our writer
 

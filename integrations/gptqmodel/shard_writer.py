@@ -10,6 +10,9 @@ byte for byte (GPTQModel's header, tensors in the same order):
   ours included) is copied file to file by the kernel (``copy_file_range``);
 * anything else (an offloaded tensor without a byte range) is read the way GPTQModel reads it.
 
+With ``threads`` above one the same bytes go through a shared mapping of the file, several threads
+copying at once (:mod:`.mapped_shard`; opt-in, ``install(write_threads=...)``).
+
 The shard is written under a temporary name next to it and renamed into place once whole; an
 error or Ctrl-C removes the temporary file, so a shard that exists is whole, and an earlier file
 of the same name is left as it was. A tensor whose bytes do not match its header entry is refused.
@@ -30,6 +33,7 @@ import torch
 
 from defuser_quant.checkpoint.source import copy_range, write_all
 
+from . import mapped_shard
 from .compat import source_digest
 
 __all__ = ["WRITE_SHARD_DIGEST", "ShardWrites", "fast_shard_writes", "write_shard_file", "writer_mismatch"]
@@ -48,6 +52,7 @@ class ShardWrites:
     from_memory: int = 0
     copied: int = 0
     read: int = 0
+    mapped: int = 0  # files written through a shared mapping by several threads
 
 
 def writer_mismatch() -> str | None:
@@ -105,40 +110,97 @@ def _write_entry(fd: int, entry: Any, sources: _Sources, ref_type: type, stats: 
     if not isinstance(source, ref_type):
         write_all(fd, _tensor_bytes(entry.name, source, entry.num_bytes).numpy())
         stats.from_memory += entry.num_bytes
-        return
-    if source.format == "dat" or (source.format == "safetensors" and source.data_offsets is not None):
-        start = source.data_offsets[0] if source.data_offsets is not None else 0
-        length = entry.num_bytes
-        if source.format == "safetensors" and source.data_offsets[1] - start != length:
-            raise ValueError(f"save: offloaded tensor {entry.name} spans {source.data_offsets[1] - start} bytes in "
-                             f"{source.path}, its header entry says {length}; not written")
-        copy_range(sources.fd(source.path), fd, start, length)
-        stats.copied += length
-        return
+    elif (start := _ranged(source, entry)) is not None:
+        copy_range(sources.fd(source.path), fd, start, entry.num_bytes)
+        stats.copied += entry.num_bytes
+    else:
+        write_all(fd, _read_offloaded(entry).numpy())
+        stats.read += entry.num_bytes
+
+
+def _ranged(source: Any, entry: Any) -> int | None:
+    """Where an offloaded tensor's bytes start in its file (None: it has no byte range and is read first)."""
+    if not (source.format == "dat" or (source.format == "safetensors" and source.data_offsets is not None)):
+        return None
+    start = source.data_offsets[0] if source.data_offsets is not None else 0
+    if source.format == "safetensors" and source.data_offsets[1] - start != entry.num_bytes:
+        raise ValueError(f"save: offloaded tensor {entry.name} spans {source.data_offsets[1] - start} bytes in "
+                         f"{source.path}, its header entry says {entry.num_bytes}; not written")
+    return start
+
+
+def _read_offloaded(entry: Any) -> torch.Tensor:
+    """An offloaded tensor without a byte range, read the way GPTQModel reads it."""
     from safetensors import safe_open
 
+    source = entry.source
     with safe_open(source.path, framework="pt", device="cpu") as handler:
         tensor = handler.get_tensor(source.weight_name or entry.name).to(source.torch_dtype)
-    write_all(fd, _tensor_bytes(entry.name, tensor, entry.num_bytes).numpy())
-    stats.read += entry.num_bytes
+    return _tensor_bytes(entry.name, tensor, entry.num_bytes)
 
 
-def write_shard_file(path: str, entries: list[Any], metadata: dict[str, str], stats: ShardWrites | None = None) -> int:
+def _read_offloaded_array(entry: Any) -> Any:
+    return _read_offloaded(entry).numpy()
+
+
+def _tensor_array(entry: Any) -> Any:
+    return _tensor_bytes(entry.name, entry.source, entry.num_bytes).numpy()
+
+
+def _planned(header: bytes, entries: list[Any], sources: _Sources, ref_type: type, stats: ShardWrites
+             ) -> list[mapped_shard.Piece]:
+    """Every entry's bytes as pieces at their offsets in the shard (contiguous CPU tensors and byte ranges checked
+    against their header entries here, the rest when copied)."""
+    parts: list[mapped_shard.Piece] = []
+    offset = len(header)
+    for entry in entries:
+        source = entry.source
+        if not isinstance(source, ref_type) and source.device.type == "cpu" and source.is_contiguous():
+            parts += mapped_shard.pieces(offset, entry.num_bytes, _tensor_bytes(entry.name, source, entry.num_bytes).numpy())
+            stats.from_memory += entry.num_bytes
+        elif not isinstance(source, ref_type):  # its contiguous CPU copy made (and checked) when copied, not all at once
+            parts.append(mapped_shard.Piece(offset, entry.num_bytes, read=functools.partial(_tensor_array, entry)))
+            stats.from_memory += entry.num_bytes
+        elif (start := _ranged(source, entry)) is not None:
+            parts += mapped_shard.pieces(offset, entry.num_bytes, file=(sources.fd(source.path), start))
+            stats.copied += entry.num_bytes
+        else:
+            parts.append(mapped_shard.Piece(offset, entry.num_bytes, read=functools.partial(_read_offloaded_array, entry)))
+            stats.read += entry.num_bytes
+        offset += entry.num_bytes
+    return parts
+
+
+def write_shard_file(path: str, entries: list[Any], metadata: dict[str, str], stats: ShardWrites | None = None,
+                     threads: int = 1) -> int:
     """Write one shard of GPTQModel's save (same arguments and bytes as its ``_write_shard_file``);
-    returns the file's size. ``stats``, when given, counts the bytes by how they were written."""
+    returns the file's size. ``stats``, when given, counts the bytes by how they were written. With ``threads``
+    above one the bytes are copied into a shared mapping of the file by that many threads (where the file system
+    cannot reserve or map the file, written in order)."""
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"write_shard_file: threads must be a whole number >= 1, got {threads!r}")
     stats = stats if stats is not None else ShardWrites()
     from gptqmodel.utils import model as model_utils
 
     header = _header(entries, metadata, model_utils._torch_dtype_to_safetensors)
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the mode open(path, "wb") gives
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)  # the mode open(path, "wb") gives
     sources = _Sources()
     try:
-        write_all(fd, header)
-        for entry in entries:
-            _write_entry(fd, entry, sources, model_utils.OffloadTensorRef, stats)
-        size = os.lseek(fd, 0, os.SEEK_CUR)
+        counted = ShardWrites()
+        if threads > 1 and mapped_shard.fill_mapped(fd, header, _planned(header, entries, sources,
+                                                                         model_utils.OffloadTensorRef, counted), threads):
+            size = len(header) + sum(entry.num_bytes for entry in entries)
+            counted.mapped = 1
+        else:
+            counted = ShardWrites()
+            write_all(fd, header)
+            for entry in entries:
+                _write_entry(fd, entry, sources, model_utils.OffloadTensorRef, counted)
+            size = os.lseek(fd, 0, os.SEEK_CUR)
+        for field_name in ("from_memory", "copied", "read", "mapped"):
+            setattr(stats, field_name, getattr(stats, field_name) + getattr(counted, field_name))
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
@@ -154,11 +216,11 @@ def write_shard_file(path: str, entries: list[Any], metadata: dict[str, str], st
     return size
 
 
-def fast_shard_writes(original: Callable[..., int], stats: Callable[[], ShardWrites | None] = lambda: None
-                      ) -> Callable[..., int]:
+def fast_shard_writes(original: Callable[..., int], stats: Callable[[], ShardWrites | None] = lambda: None,
+                      threads: Callable[[], int] = lambda: 1) -> Callable[..., int]:
     """``original`` (GPTQModel's ``_write_shard_file``) replaced by :func:`write_shard_file` when the
     installed GPTQModel writes the file this writer was checked against; else ``original``, logged.
-    ``stats()`` gives the counter each write adds to."""
+    ``stats()`` gives the counter each write adds to, ``threads()`` the threads each write copies with."""
     why = writer_mismatch()
     if why is not None:
         logger.info("save: GPTQModel's own shard writer kept: %s", why)
@@ -166,7 +228,7 @@ def fast_shard_writes(original: Callable[..., int], stats: Callable[[], ShardWri
 
     @functools.wraps(original)
     def _write_shard_file(path: str, entries: list[Any], metadata: dict[str, str]) -> int:
-        return write_shard_file(path, entries, metadata, stats())
+        return write_shard_file(path, entries, metadata, stats(), threads())
 
     _write_shard_file.__defuser_quant_original__ = original  # type: ignore[attr-defined]
     return _write_shard_file
