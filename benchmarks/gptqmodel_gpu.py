@@ -977,8 +977,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(exc)) from None
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS} (each may take +si<N>/+cpuw<N>/+cudaw<N>/+pin1/+wt<N>...)")
-    unwritten = [v for v in variants if "wt" in split_variant(v)[1]
-                 and (is_stock(split_variant(v)[0]) or split_variant(v)[0].endswith("-stocksave"))]
+    parsed = {v: split_variant(v) for v in variants}
+    unwritten = [v for v, (base, modifiers) in parsed.items()
+                 if "wt" in modifiers and (is_stock(base) or base.endswith("-stocksave"))]
     if unwritten:
         raise SystemExit(f"variants {unwritten}: +wt<threads> sets the plugin's shard writer, which a stock run and "
                          "-stocksave do not use; put it on another ours variant")

@@ -8,7 +8,7 @@ against 0.36-0.42 s for 1.5 GB on this 2-core machine), so it pays only with sev
 
 The file's blocks are reserved first (``posix_fallocate``): a full disk then fails that call, with an
 ``OSError``, instead of a page fault later killing the process with ``SIGBUS``. Where the file system cannot
-reserve or map the file, :func:`fill_mapped` returns False before writing a byte and the caller writes in
+reserve or map the file, :func:`fill_mapped` returns None before writing a byte and the caller writes in
 order. Each piece is at most :data:`PIECE_BYTES`, so one large tensor (the embeddings) is shared out too.
 """
 
@@ -75,10 +75,11 @@ def _copy(target: np.ndarray, piece: Piece) -> None:
     np.copyto(view, data)  # numpy lets the interpreter lock go while it copies
 
 
-def fill_mapped(fd: int, header: bytes, parts: list[Piece], threads: int) -> bool:
+def fill_mapped(fd: int, header: bytes, parts: list[Piece], threads: int) -> int | None:
     """Write ``header`` and then ``parts`` into the empty file ``fd`` (open for reading and writing) through a
-    shared mapping, ``threads`` copying at once. Returns False, with nothing written and the file empty, where the
-    file system cannot reserve or map it; raises (the file's content then undefined: the caller removes it) else."""
+    shared mapping, ``threads`` copying at once; returns the file's size. Returns None, with nothing written and the
+    file empty, where the file system cannot reserve or map it; raises (the file's content then undefined: the caller
+    removes it) else."""
     size = len(header) + sum(p.length for p in parts)
     try:
         os.posix_fallocate(fd, 0, size)
@@ -88,7 +89,7 @@ def fill_mapped(fd: int, header: bytes, parts: list[Piece], threads: int) -> boo
             raise
         logger.debug("save: shard not written through a mapping (%s); written in order", exc)
         os.ftruncate(fd, 0)
-        return False
+        return None
     try:
         mapping[:len(header)] = header
         target = np.frombuffer(mapping, dtype=np.uint8)
@@ -101,7 +102,7 @@ def fill_mapped(fd: int, header: bytes, parts: list[Piece], threads: int) -> boo
             mapping.close()
         except BufferError:  # a view still held by an exception's frames: unmapped when that is collected
             logger.debug("save: a shard mapping outlives its write (a view is still referenced)")
-    return True
+    return size
 
 
 def _run(target: np.ndarray, parts: list[Piece], threads: int) -> None:

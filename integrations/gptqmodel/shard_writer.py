@@ -188,13 +188,13 @@ def write_shard_file(path: str, entries: list[Any], metadata: dict[str, str], st
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)  # the mode open(path, "wb") gives
     sources = _Sources()
     try:
-        counted = ShardWrites()
-        if threads > 1 and mapped_shard.fill_mapped(fd, header, _planned(header, entries, sources,
-                                                                         model_utils.OffloadTensorRef, counted), threads):
-            size = len(header) + sum(entry.num_bytes for entry in entries)
-            counted.mapped = 1
-        else:
-            counted = ShardWrites()
+        counted, size = ShardWrites(), None
+        if threads > 1:
+            parts = _planned(header, entries, sources, model_utils.OffloadTensorRef, counted)
+            size = mapped_shard.fill_mapped(fd, header, parts, threads)
+            counted.mapped = int(size is not None)
+        if size is None:
+            counted = ShardWrites()  # the planning's counts dropped: the writes in order count their own
             write_all(fd, header)
             for entry in entries:
                 _write_entry(fd, entry, sources, model_utils.OffloadTensorRef, counted)
