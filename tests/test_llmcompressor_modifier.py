@@ -846,6 +846,27 @@ def test_batched_packing_at_save_writes_the_per_module_checkpoint(tiny_dir, tmp_
     assert [key for key in written if not torch.equal(written[key], loop[key])] == []
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_the_save_packs_in_batches_only_with_batched_compress(batched, tmp_path):
+    """``batched_compress=False`` leaves compressed-tensors' own ``compress_model`` in place during the save and
+    reports nothing; the default wraps it for the save only."""
+    from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+
+    stock, during = ModelCompressor.__dict__["compress_model"], []
+
+    def save_pretrained(save_directory, **kwargs):  # stands in for compressed-tensors' save wrapper
+        during.append(ModelCompressor.__dict__["compress_model"] is stock)
+
+    save_pretrained._overridden = True
+    model = torch.nn.Linear(2, 2)
+    model.save_pretrained = save_pretrained
+    defuse = dq_llmc.DefuseModifier(batched_compress=batched)
+    defuse._arm_save(model)
+    model.save_pretrained(str(tmp_path))
+    assert during == [not batched] and ModelCompressor.__dict__["compress_model"] is stock
+    assert (defuse.compression_batching is None) is not batched
+
+
 @pytest.mark.slow
 def test_sync_free_calibration_counts_on_the_device_and_changes_no_tensor(tiny_dir, tmp_path):
     """Opt-in, with sync-free propagation: no block call of either pass reads its rows per expert on the host
