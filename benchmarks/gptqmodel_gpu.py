@@ -85,9 +85,12 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-tailworkers`` - the default lean bookkeeping parts plus the opt-in ``tail_workers``: when
                  the last layer starts, GPTQModel's CPU worker group grows to the host's cores for its finalizes
                  (``bookkeeping.tail_workers`` says how many were added);
-* ``ours-grouped-batched-blockfinalize`` - the default lean bookkeeping parts plus the opt-in ``block_finalize``: a
+* ``ours-grouped-batched-blockfinalize`` - the default lean bookkeeping parts plus ``block_finalize`` (itself a default
+                 since round 51 where the process has 16 cores or more, so there this is ``ours-grouped-batched``): a
                  layer's expert projections of one role finalized by one worker after GPTQModel's own finalize of the
                  first, their pack extension calls on a pool of threads (``bookkeeping.block_finalize`` says how many);
+* ``ours-grouped-batched-noblockfinalize`` - every lean bookkeeping part but ``block_finalize``: each expert
+                 projection finalized by its own GPTQModel task (the default before round 51);
 * ``ours-grouped-batched-blockfinalize-devicewords`` - that, plus the opt-in ``device_words``: each layer's groups
                  packed on the GPU before the layer moves to the CPU, the members taking those words instead of the
                  extension's (``bookkeeping.block_finalize.words_*``);
@@ -253,7 +256,7 @@ CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
                 "-noline": "line_redraw", "-nodiskprobe": "disk_probe", "-norehome": "rehome",
-                "-nobasemem": "base_in_memory", "-nosolvewarmup": "solve_warmup"}
+                "-nobasemem": "base_in_memory", "-nosolvewarmup": "solve_warmup", "-noblockfinalize": "block_finalize"}
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy",
              "-tailworkers": "tail_workers", "-blockfinalize": "block_finalize", "-devicewords": "device_words"}
@@ -342,12 +345,12 @@ def bookkeeping_setting(variant: str):
     """The ``lean_bookkeeping`` argument of an ``ours`` variant: True, False or a set of parts."""
     if variant.endswith("-stockbk"):
         return False
-    from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS
+    from defuser_quant.integrations.gptqmodel.overhead import default_parts
 
     _, taken = strip_suffixes(variant, (*WITHOUT_PART, *WITH_PART))  # "-layerahead-gcfreeze": both parts added
     if not taken:
         return True
-    parts = set(DEFAULT_PARTS)
+    parts = set(default_parts())  # this host's: block_finalize only with 16 cores or more
     for suffix in taken:
         if suffix in WITHOUT_PART:
             parts.discard(WITHOUT_PART[suffix])

@@ -17,6 +17,7 @@ pytest.importorskip("gptqmodel")
 from gptqmodel.looper.gptq_processor import GPTQProcessor  # noqa: E402
 
 from defuser_quant.integrations.gptqmodel import block_finalize as bf  # noqa: E402
+from defuser_quant.integrations.gptqmodel import overhead  # noqa: E402
 from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS, OPT_IN, internals_mismatch  # noqa: E402
 from test_gptqmodel_layer_ahead import _run, _same  # noqa: E402
 from test_gptqmodel_overhead import _load  # noqa: E402
@@ -40,7 +41,6 @@ def _experts(tensors: dict) -> list[str]:
 
 @pytest.mark.slow
 def test_each_group_is_finalized_by_one_worker_and_the_checkpoint_is_the_same(plugin, tiny, tmp_path, stock):  # noqa: F811
-    assert "block_finalize" in OPT_IN
     stats, tensors = _run(plugin, tiny, tmp_path, "block", parts=PART)
     s = stats.block_finalize
     projections = len(_experts(tensors))
@@ -50,6 +50,19 @@ def test_each_group_is_finalized_by_one_worker_and_the_checkpoint_is_the_same(pl
     assert not [t for t in threading.enumerate() if t.name.startswith(bf.THREAD_PREFIX)]  # the pool ended with the run
     assert set(s.left) == {"not an expert projection of our blocks"}  # attention modules: GPTQModel's finalize
     assert _same(tensors, stock) and projections > 0
+
+
+@pytest.mark.slow
+def test_the_part_is_a_default_only_where_the_process_has_sixteen_cores(plugin, tiny, tmp_path, stock,  # noqa: F811
+                                                                        monkeypatch):
+    assert overhead.MANY_CORE_PARTS == {"block_finalize": 16} and "block_finalize" not in OPT_IN | DEFAULT_PARTS
+    assert "block_finalize" in overhead.default_parts(16) and "block_finalize" not in overhead.default_parts(15)
+    monkeypatch.setattr(overhead, "cores", lambda: 16)
+    stats, tensors = _run(plugin, tiny, tmp_path, "many_cores", parts=True)  # lean_bookkeeping=True
+    assert stats.block_finalize is not None and stats.block_finalize.groups > 0 and _same(tensors, stock)
+    monkeypatch.setattr(overhead, "cores", lambda: 15)
+    stats, _ = _run(plugin, tiny, tmp_path, "fewer_cores", parts=True)
+    assert stats.block_finalize is None
 
 
 def _quantized_modules(plugin, tiny, parts) -> dict:  # noqa: F811

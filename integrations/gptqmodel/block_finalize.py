@@ -1,5 +1,6 @@
-"""The ``block_finalize`` part of :func:`~.overhead.lean_bookkeeping` (opt-in, not in ``DEFAULT_PARTS``): a layer's
-expert projections of one role in one experts block (its 128 ``gate_proj``, say) finalized together, by one worker.
+"""The ``block_finalize`` part of :func:`~.overhead.lean_bookkeeping` (a default where the process has 16 cores or more,
+``overhead.MANY_CORE_PARTS``): a layer's expert projections of one role in one experts block (its 128 ``gate_proj``,
+say) finalized together, by one worker.
 
 GPTQModel 7.6 finalizes each quantized module on its own CPU worker task (``GPTQProcessor.submodule_finalize``): it
 creates the quantized module, then ``pack_module`` -> ``PackableQuantLinear.pack_block`` registers its ``g_idx`` and
@@ -45,9 +46,10 @@ extension's float32 steps); the reference is checked with its device words (word
 the extension, with a warning), and each member takes its words where its finalize's inputs (weight fingerprint,
 scales, zeros, ``g_idx``) are the ones packed, else the extension packs it.
 
-Measured on one H100 host (round 48, ``gptqmodel_cuda_2layers_round48[abc]_h100x1.json``): the quantize was shorter in
-all six pairs against the default (median 7.42 s against 7.88 s; the last layer's finalize window 0.44-0.52 s against
-0.62-0.69 s), but the save longer in four (not explained yet), so the part is opt-in.
+Measured on two 16-core H100 hosts (rounds 48 and 51, ``gptqmodel_cuda_2layers_round48[abc]_h100x1.json``,
+``gptqmodel_cuda_2layers_round51a_h100x1.json``): the quantize was shorter than without the part in seven of eight pairs
+and as long in one (the last layer's finalize window 0.44-0.79 s against 0.62-1.33 s). On a 2-core CPU (one extension
+thread) its finalize window was twice as long, so it is a default only with 16 cores or more.
 """
 
 from __future__ import annotations

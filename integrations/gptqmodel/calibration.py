@@ -382,8 +382,9 @@ def quantize_with_defuser(
             expert projections skips its whole-model scans (``integrations.gptqmodel.overhead``):
             same tensors, same checkpoint, less host time; ``QuantizeResult.bookkeeping`` says
             what it did. Parts whose GPTQModel internals differ stay stock, with a warning. True
-            turns on ``overhead.DEFAULT_PARTS`` (all but the opt-in ``overhead.OPT_IN``); a collection
-            of part names (``overhead.PARTS``) turns on only those.
+            turns on ``overhead.default_parts()`` (all but the opt-in ``overhead.OPT_IN``, and
+            ``block_finalize`` only where the process has 16 cores, ``overhead.MANY_CORE_PARTS``); a
+            collection of part names (``overhead.PARTS``) turns on only those.
         batched_hessians: with ``grouped``, GPTQModel's GPTQ Hessian hooks of each grouped call
             run together (``integrations.gptqmodel.hessians``): the same products and counters,
             far fewer host steps; ``QuantizeResult.hessians`` counts what ran batched.

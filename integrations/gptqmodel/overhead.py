@@ -122,7 +122,8 @@ expert projections of our ``DefusedExperts`` blocks only:
   layer holding our experts starts, the group grows to the process's cores, so the run's last finalizes (packing)
   spread over them; the added workers stop at the block's end (:mod:`.tail_workers`). The same finalizes.
 
-* **block finalize** (opt-in, :data:`OPT_IN`; GPTQModel's per-module finalize of our expert projections): the first
+* **block finalize** (on by default where the process has 16 cores or more, :data:`MANY_CORE_PARTS`; GPTQModel's
+  per-module finalize of our expert projections): the first
   finalize task of a layer's projections of one role in one experts block finalizes its own module with GPTQModel's
   function, checks that its tensor step reproduces that module's buffers, then makes every other member itself
   (GPTQModel's ``create_quant_module``, ``pack_block``'s buffers, the pack extension on a pool of threads), while the
@@ -204,15 +205,15 @@ from .shard_view import DelegatingShard
 from .shard_view import file_id as _file_id
 from .solve_warmup import SolveWarmupStats, rehearse_on_workers
 from .solve_warmup import internals_refusal as _solve_warmup_mismatch
-from .tail_workers import TailWorkerStats, tail_workers
+from .tail_workers import TailWorkerStats, cores, tail_workers
 from .tail_workers import internals_refusal as _tail_workers_mismatch
 from .worker_warmup import WarmupStats, cuda_key, warm_workers
 from .worker_warmup import internals_refusal as _worker_warmup_mismatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_PARTS", "LOGBAR_PARTS", "OPT_IN", "PARTS", "BookkeepingStats", "expert_projection_paths", "internals_mismatch",
-           "lean_bookkeeping", "lean_logbar", "logbar_mismatch"]
+__all__ = ["DEFAULT_PARTS", "LOGBAR_PARTS", "MANY_CORE_PARTS", "OPT_IN", "PARTS", "BookkeepingStats", "default_parts",
+           "expert_projection_paths", "internals_mismatch", "lean_bookkeeping", "lean_logbar", "logbar_mismatch"]
 
 
 @dataclass
@@ -915,11 +916,24 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
 #: host copy of layer 0 only where the quantize device is a GPU; on an H200 (round 40) the start was no shorter.
 #: ``tail_workers`` (round 40) did not shorten the runs on an H100 (round 42). ``solve_warmup`` (round 43) is a
 #: default since round 44 (one H100: layer 0's first subset 0.26-0.41 s against 0.64-0.75 s in all four runs).
-#: ``block_finalize`` (round 48, one H100): quantize shorter in all six pairs, the save longer in four (not explained).
-#: ``device_words`` (round 49) is new: not measured yet.
-OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers", "block_finalize", "device_words"})
-#: The parts ``lean_bookkeeping=True`` turns on.
-DEFAULT_PARTS = PARTS - OPT_IN
+#: ``device_words`` (round 51, one H100): the last layer's finalize window no shorter than ``block_finalize``'s alone
+#: (0.78 / 0.79 s against 0.79 / 0.57 s), 0.3 s of packing added to the main thread.
+OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers", "device_words"})
+#: Parts on by default only where the process may run on at least this many cores (:func:`default_parts`).
+#: ``block_finalize`` packs a group's members on a pool of the cores less two: on two H100 hosts of 16 cores
+#: (rounds 48 and 51) the quantize was shorter than without it in seven of eight pairs and as long in one, while on a
+#: 2-core CPU its finalize window was twice as long (one extension thread; rounds 48-49). Core counts in between have
+#: not been measured, so it waits for 16.
+MANY_CORE_PARTS = {"block_finalize": 16}
+#: The parts ``lean_bookkeeping=True`` turns on on any host (:func:`default_parts` adds :data:`MANY_CORE_PARTS`).
+DEFAULT_PARTS = PARTS - OPT_IN - frozenset(MANY_CORE_PARTS)
+
+
+def default_parts(n_cores: int | None = None) -> frozenset[str]:
+    """The parts ``lean_bookkeeping=True`` turns on in a process that may run on ``n_cores`` cores (None: this
+    process's): :data:`DEFAULT_PARTS` and those of :data:`MANY_CORE_PARTS` whose core count it reaches."""
+    n_cores = cores() if n_cores is None else n_cores
+    return DEFAULT_PARTS | {part for part, needed in MANY_CORE_PARTS.items() if n_cores >= needed}
 
 
 @contextmanager
@@ -966,17 +980,18 @@ _NEEDS = {"shard_handles": "materialize", "recopy": "materialize", "keep_last_bl
 
 
 @contextmanager
-def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] = DEFAULT_PARTS, *,
+def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
                      checkpointed: bool = False) -> Iterator[BookkeepingStats]:
     """Inside the block, GPTQModel's per-module materialize and offload bookkeeping of the expert
     projections of ``gptq_model`` (a GPTQModel model) skips its whole-model scans (see the module
-    docstring). ``parts`` (default: :data:`DEFAULT_PARTS`, every part of :data:`PARTS` but the opt-in
-    :data:`OPT_IN`) picks which; the rest stays stock.
+    docstring). ``parts`` (default: :func:`default_parts`, every part of :data:`PARTS` but the opt-in
+    :data:`OPT_IN` and the :data:`MANY_CORE_PARTS` this host has too few cores for) picks which; the rest stays stock.
     ``checkpointed``: the run uses GPTQModel's ``checkpoint=`` (the offload parts stay stock).
     Restored on exit."""
     from gptqmodel.models.base import BaseQModel
     from gptqmodel.utils import offload, structure
 
+    parts = default_parts() if parts is None else parts
     unknown = set(parts) - PARTS
     if unknown:
         raise ValueError(f"unknown lean bookkeeping parts {sorted(unknown)}; known: {sorted(PARTS)}")
