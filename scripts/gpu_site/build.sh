@@ -10,6 +10,10 @@
 # auto-round most of it) can go into a folder of their own, carried only by llm-compressor's runs:
 #   WITH_LLMCOMPRESSOR=only bash scripts/gpu_site/build.sh .gpudeps/site-llmc     # just those packages
 #   PYTHONPATH=$PWD/.gpudeps/site:$PWD/.gpudeps/site-llmc:$PWD python3 benchmarks/distributed_gpu.py ...   # there
+# Once the tracked tree and both folders pass 64 MiB (round 51: 38 + 20 + 12 MB), llm-compressor's runs carry one folder
+# without GPTQModel and what only it needs (defuser, logbar, tokenicer, device-smi), about 23 MB:
+#   WITH_LLMCOMPRESSOR=alone bash scripts/gpu_site/build.sh .gpudeps/llmc-run
+#   PYTHONPATH=$PWD/.gpudeps/llmc-run:$PWD python3 benchmarks/distributed_gpu.py ...   # there
 #
 # Wheels are fetched for CPython 3.12 on x86-64 Linux (the GPU image's Python; PY=3.x to change)
 # and unpacked as they are. PyPcre, a GPTQModel requirement, ships no wheel (it compiles against
@@ -29,12 +33,13 @@ set -euo pipefail
 dest=${1:?usage: build.sh DEST_DIR}
 py=${PY:-3.12}
 here=$(cd "$(dirname "$0")" && pwd)
-pins=(defuser==0.0.28 logbar==0.4.15 tokenicer==0.0.14 device-smi==0.5.7
-      pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-      datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
+gptqmodel_only=(defuser==0.0.28 logbar==0.4.15 tokenicer==0.0.14 device-smi==0.5.7)
+shared=(pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
+pins=("${gptqmodel_only[@]}" "${shared[@]}")
 case "${WITH_LLMCOMPRESSOR:-0}" in
-  0|1|only) ;;
-  *) echo "build.sh: WITH_LLMCOMPRESSOR must be 0, 1 or only, got '${WITH_LLMCOMPRESSOR}'" >&2; exit 2 ;;
+  0|1|only|alone) ;;
+  *) echo "build.sh: WITH_LLMCOMPRESSOR must be 0, 1, only or alone, got '${WITH_LLMCOMPRESSOR}'" >&2; exit 2 ;;
 esac
 # llm-compressor and what it needs beyond the GPU image and the base site (auto-round: imported with its modifiers)
 llmc=(llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru==0.7.3 auto-round==0.15.1)
@@ -42,6 +47,7 @@ base=(gptqmodel==7.6.0)
 case "${WITH_LLMCOMPRESSOR:-0}" in
   1) pins+=("${llmc[@]}") ;;
   only) base=(); pins=("${llmc[@]}") ;;
+  alone) base=(); pins=("${shared[@]}" "${llmc[@]}") ;;
 esac
 if [ -e "$dest" ] && [ -n "$(ls -A "$dest")" ]; then
   echo "build.sh: $dest exists and is not empty; remove it or name another folder" >&2
