@@ -313,6 +313,9 @@ def test_variants_pick_their_lean_bookkeeping():
     assert "tail_workers" in PARTS and "tail_workers" not in DEFAULT_PARTS
     block = "ours-grouped-batched-blockfinalize"
     assert bench.bookkeeping_setting(block) == set(DEFAULT_PARTS) | {"block_finalize"} and block in bench.VARIANTS
+    steal = "ours-grouped-batched-blockfinalize-stealgroups"
+    assert bench.bookkeeping_setting(steal) == set(DEFAULT_PARTS) | {"block_finalize", "steal_groups"} and steal in bench.VARIANTS
+    assert "steal_groups" in PARTS and "steal_groups" not in default_parts(1024)
     unblock = "ours-grouped-batched-noblockfinalize"  # a default part where the host has 16 cores
     assert bench.bookkeeping_setting(unblock) == set(DEFAULT_PARTS) - {"block_finalize"} and unblock in bench.VARIANTS
     words = "ours-grouped-batched-blockfinalize-devicewords"

@@ -65,6 +65,71 @@ def test_the_part_is_a_default_only_where_the_process_has_sixteen_cores(plugin, 
     assert stats.block_finalize is None
 
 
+STEAL = PART | {"steal_groups"}
+
+
+@pytest.fixture
+def layer_order(monkeypatch):
+    """Every group run of the part, in order: its reference's name and whether another member's task took it."""
+    seen: list[tuple[str, str]] = []
+    original = bf._Finalizer._run_group
+
+    def run_group(self, group, proc, ref, ref_member, model, kwargs, stolen=False):
+        seen.append((ref.full_name, "stolen" if stolen else "own"))
+        return original(self, group, proc, ref, ref_member, model, kwargs, stolen=stolen)
+
+    monkeypatch.setattr(bf._Finalizer, "_run_group", run_group)
+    return seen
+
+
+@pytest.mark.slow
+def test_stolen_groups_give_the_same_checkpoint(plugin, tiny, tmp_path, stock, layer_order):  # noqa: F811
+    assert "steal_groups" in OPT_IN
+    stats, tensors = _run(plugin, tiny, tmp_path, "steal", parts=STEAL)
+    s = stats.block_finalize
+    assert stats.disabled == {} and s.mismatched == 0 and s.checked == s.groups
+    assert s.stolen >= 1 and s.stolen == sum(1 for _, how in layer_order if how == "stolen")
+    stolen_refs = [name for name, how in layer_order if how == "stolen"]
+    assert all(name.endswith((".up_proj", ".down_proj")) for name in stolen_refs)  # the gate group is reached first
+    assert s.batched == len(_experts(tensors)) - s.groups  # every member but the references, stolen groups too
+    assert _same(tensors, stock)
+
+
+def test_a_stolen_reference_that_raises_hands_the_error_to_its_own_task():
+    # Not a real run: GPTQModel's worker pool ends the process (os._exit) when a finalize task raises, stock too.
+    finalizer = bf._Finalizer(object(), frozenset(), bf.BlockFinalizeStats(), steal=True)
+    proc = object()
+    own_group, other = bf._Group(proc=proc, layer=1), bf._Group(proc=proc, layer=1)
+    later = bf._Group(proc=proc, layer=2)  # another layer's group: not processed yet, never stolen
+    own, ref, member, next_layer = object(), object(), object(), object()
+    own_group.members, other.members, later.members = [own], [ref, member], [next_layer]
+    own_group.taken = True  # another worker makes it
+    finalizer.groups = {"own": own_group, "other": other, "later": later}
+    for module, group in ((own, own_group), (ref, other), (member, other), (next_layer, later)):
+        finalizer.members[module] = bf._Member(group)
+    boom = RuntimeError("GPTQModel's finalize failed")
+
+    def original(proc_, module, model, **kwargs):
+        if module is ref:
+            raise boom
+        return None
+
+    finalizer.original = original
+    finalizer.members[own].done.set()  # its group's worker is done with it
+    finalizer.members[own].finalized = True
+    assert finalizer.finalize(proc, own, None, {}) is None  # own's task stole `other`, then returned
+    assert other.taken and not later.taken and finalizer.stats.stolen == 1
+    assert finalizer.members[ref].error is boom and finalizer.members[ref].done.is_set()
+    assert finalizer.members[member].done.is_set() and not finalizer.members[member].finalized
+    with pytest.raises(RuntimeError) as raised:  # the reference's own task raises what its finalize raised
+        finalizer.finalize(proc, ref, None, {})
+    assert raised.value is boom
+    assert other.stock == "its reference's finalize raised RuntimeError"
+    finalizer.finalize(proc, member, None, {})  # the member's own task runs GPTQModel's finalize, as stock
+    assert finalizer.stats.left[other.stock] == 1
+    finalizer.close()
+
+
 def _quantized_modules(plugin, tiny, parts) -> dict:  # noqa: F811
     """Every expert projection's quantized module of an in-memory run (no disk offload)."""
     model = _load(tiny["src"], False)
@@ -354,9 +419,10 @@ def test_ctrl_c_restores_post_quantize_with_device_words():
     assert BaseQModel.post_quantize is post
 
 
-def test_device_words_without_block_finalize_are_refused_by_name(plugin, tiny, tmp_path):  # noqa: F811
-    stats, _ = _run(plugin, tiny, tmp_path, "words_alone", parts=DEFAULT_PARTS | {"device_words"})
-    assert stats.disabled == {"device_words": "needs the block_finalize part"} and stats.block_finalize is None
+def test_device_words_and_stolen_groups_without_block_finalize_are_refused_by_name(plugin, tiny, tmp_path):  # noqa: F811
+    stats, _ = _run(plugin, tiny, tmp_path, "words_alone", parts=DEFAULT_PARTS | {"device_words", "steal_groups"})
+    assert stats.disabled == {"device_words": "needs the block_finalize part",
+                              "steal_groups": "needs the block_finalize part"} and stats.block_finalize is None
 
 
 @pytest.mark.slow

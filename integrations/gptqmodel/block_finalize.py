@@ -121,10 +121,11 @@ class BlockFinalizeStats:
     words_used: int = 0  # ... that their group's worker took instead of running the extension
     words_seconds: float = 0.0  # main-thread seconds spent packing them (before the layer's move to the CPU)
     words_left: Counter = field(default_factory=Counter)  # "<reason>" -> members (or groups) packed by the extension
+    stolen: int = 0  # steal_groups: groups taken by a waiting member's task instead of one of their own members'
 
     def as_dict(self) -> dict[str, Any]:
         return {"groups": self.groups, "checked": self.checked, "mismatched": self.mismatched,
-                "batched": self.batched, "ext_threads": self.ext_threads, "cloned": self.cloned,
+                "batched": self.batched, "ext_threads": self.ext_threads, "cloned": self.cloned, "stolen": self.stolen,
                 "left": dict(self.left), "words_packed": self.words_packed, "words_used": self.words_used,
                 "words_seconds": round(self.words_seconds, 3), "words_left": dict(self.words_left)}
 
@@ -242,6 +243,7 @@ class _Member:
     group: "_Group"
     done: threading.Event = field(default_factory=threading.Event)
     finalized: bool = False  # by the group's worker (else: its own task runs GPTQModel's finalize)
+    error: Exception | None = None  # what GPTQModel's finalize of this reference raised on another member's task
 
 
 @dataclass
@@ -250,12 +252,13 @@ class _Group:
     taken: bool = False
     stock: str | None = None  # why the group is left to GPTQModel
     proc: Any = None  # the GPTQ processor that processed the members
+    layer: Any = None  # the members' GPTQModel layer index
     words: dict | None = None  # device_words: NamedModule -> packing.PackedWords, packed at the layer's end
 
 
 class _Finalizer:
-    def __init__(self, gptq_model: Any, paths: frozenset[str], stats: BlockFinalizeStats) -> None:
-        self.gptq_model, self.paths, self.stats = gptq_model, paths, stats
+    def __init__(self, gptq_model: Any, paths: frozenset[str], stats: BlockFinalizeStats, steal: bool = False) -> None:
+        self.gptq_model, self.paths, self.stats, self.steal = gptq_model, paths, stats, steal
         self.lock = threading.Lock()
         self.groups: dict[tuple, _Group] = {}
         self.members: dict[Any, _Member] = {}  # NamedModule -> its state here
@@ -327,7 +330,8 @@ class _Finalizer:
             if why is not None:
                 self.why_not[module] = why
             elif module not in self.members:
-                group = self.groups.setdefault(_group_key(proc, module), _Group(proc=proc))
+                group = self.groups.setdefault(_group_key(proc, module),
+                                               _Group(proc=proc, layer=getattr(module, "layer_index", None)))
                 group.members.append(module)
                 self.members[module] = _Member(group)
 
@@ -389,15 +393,39 @@ class _Finalizer:
             return original(proc, module, model, **kwargs)
         if runner:
             return self._run_group(member.group, proc, module, member, model, kwargs)
+        if self.steal:
+            self._steal(proc, member, model, kwargs)
         member.done.wait()
+        if member.error is not None:  # its group was taken by another member's task and GPTQModel's finalize raised
+            raise member.error
         if member.finalized:
             return None
         with self.lock:
             self.stats.left[member.group.stock or "its group's worker left it"] += 1
         return original(proc, module, model, **kwargs)
 
+    def _steal(self, proc: Any, own: _Member, model: Any, kwargs: dict) -> None:
+        """``steal_groups``: while another worker makes ``own``'s group, this member's task takes every group of the
+        same processor and layer that no task has taken yet (all of them are processed and on the CPU: a layer's
+        finalize tasks are handed out after its ``post_quantize``), its first member the reference."""
+        while True:
+            with self.lock:
+                group = None if self.closed else next(
+                    (g for g in self.groups.values() if not g.taken and g.stock is None and g.proc is proc
+                     and g.layer == own.group.layer and g.members), None)
+                if group is None:
+                    return
+                group.taken = True
+                self.stats.stolen += 1
+                ref = group.members[0]
+                ref_member = self.members[ref]
+            self._run_group(group, proc, ref, ref_member, model, kwargs, stolen=True)
+
     # --- one group ---------------------------------------------------------------------------------------------
-    def _run_group(self, group: _Group, proc: Any, ref: Any, ref_member: _Member, model: Any, kwargs: dict) -> Any:
+    def _run_group(self, group: _Group, proc: Any, ref: Any, ref_member: _Member, model: Any, kwargs: dict,
+                   stolen: bool = False) -> Any:
+        """Finalize ``group``: ``ref`` by GPTQModel's function, checked, then the other members here. ``stolen``: run on
+        another member's task, so what GPTQModel's finalize of ``ref`` raises goes to ``ref``'s own task."""
         with self.lock:
             self.stats.groups += 1
         others = [m for m in group.members if m is not ref]
@@ -407,7 +435,13 @@ class _Finalizer:
                 snapshot = _inputs(proc, ref, model)
             except Exception as exc:  # GPTQModel's finalize below reads them its own way (and raises as stock)
                 why = f"its inputs could not be read ({type(exc).__name__}: {exc})"
-            out = self.original(proc, ref, model, **kwargs)  # the reference: GPTQModel's own finalize
+            try:
+                out = self.original(proc, ref, model, **kwargs)  # the reference: GPTQModel's own finalize
+            except Exception as exc:
+                if not stolen:
+                    raise
+                ref_member.error, group.stock = exc, f"its reference's finalize raised {type(exc).__name__}"
+                return None  # the members' own tasks run GPTQModel's finalize, as after a reference of their own
             ref_member.finalized = True
             if snapshot is not None:
                 try:
@@ -705,16 +739,19 @@ def _to_v1(q: Any, qmodule: nn.Module) -> bool:
 
 
 @contextmanager
-def block_finalize(gptq_model: Any, paths: frozenset[str], device_words: bool = False) -> Iterator[BlockFinalizeStats]:
+def block_finalize(gptq_model: Any, paths: frozenset[str], device_words: bool = False,
+                   steal_groups: bool = False) -> Iterator[BlockFinalizeStats]:
     """Inside the block, GPTQModel's finalizes of our expert projections are taken a group at a time (see the
     module docstring); restored after, once every group's extension calls are done. ``device_words``: each layer's
     groups are also packed on the layer's device (:data:`WORD_DEVICES`) when GPTQModel's ``post_quantize`` gets the
-    layer, before it moves it to the CPU; their members take those words instead of running the extension."""
+    layer, before it moves it to the CPU; their members take those words instead of running the extension.
+    ``steal_groups``: a member's task whose group another worker has taken first takes the groups of its layer that
+    no task has reached yet, so a layer's groups are made side by side instead of one after another."""
     from gptqmodel.looper.gptq_processor import GPTQProcessor
     from gptqmodel.models.base import BaseQModel
 
     stats = BlockFinalizeStats()
-    finalizer = _Finalizer(gptq_model, paths, stats)
+    finalizer = _Finalizer(gptq_model, paths, stats, steal=steal_groups)
     with ExitStack() as stack:
         stack.callback(finalizer.close)  # last: after GPTQModel's functions are back
         stack.enter_context(patched(GPTQProcessor, "process", finalizer.patch_process(GPTQProcessor.process)))

@@ -134,6 +134,13 @@ expert projections of our ``DefusedExperts`` blocks only:
   the extension's float32 steps), and the members take those words instead of running the extension, where their
   finalize's inputs are the ones packed (the reference checks its group's words against GPTQModel's buffers first).
 
+* **steal groups** (opt-in, :data:`OPT_IN`, with ``block_finalize``; GPTQModel's finalize tasks of a layer's expert
+  projections): GPTQModel hands a layer's finalize tasks out in module order, so its groups (gate, up, down) are made
+  one after another while the other workers wait in members' tasks. With this part a member's task whose group another
+  worker has taken first takes every group of its layer that no task has reached yet (its first member the
+  reference, GPTQModel's finalize of it checked as ever; what that finalize raises is raised by the reference's own
+  task), then waits for its own module (:mod:`.block_finalize`). The same modules and buffers.
+
 * **solve warm-up** (GPTQModel's CUDA workers of the quantize device): each is handed one rehearsal of the steps a
   GPTQ solve runs before its Hessian inverse (quantizer parameters, dead columns, permutations) on small tensors,
   and the first one a call of the model's attention function and products of its projections' shapes, so those
@@ -437,7 +444,7 @@ def internals_mismatch() -> dict[str, str]:
         problems["shard_handles"] = "needs the lean materialize, which is stock: " + problems["materialize"]
         problems["recopy"] = problems["shard_handles"]
     recopy, shard_handles = _recopy_mismatch(), _shard_handles_mismatch()  # layer_reads patches both seams
-    block_finalize = _block_finalize_mismatch()  # device_words stands on the same reproduced finalize
+    block_finalize = _block_finalize_mismatch()  # device_words and steal_groups stand on the same reproduced finalize
     for part, why in (("layer_offload", _post_quantize_mismatch()),
                       ("layer_onload", pre_quantize_refusal()),  # the layer move it stages is 7.6's move_to branch
                       ("offload_bundle", _offload_bundle_mismatch()), ("worker_warmup", _worker_warmup_mismatch()),
@@ -446,6 +453,7 @@ def internals_mismatch() -> dict[str, str]:
                       ("capture_lazy", _capture_lazy_mismatch()), ("base_in_memory", _base_in_memory_mismatch()),
                       ("tail_workers", _tail_workers_mismatch()), ("solve_warmup", _solve_warmup_mismatch()),
                       ("block_finalize", block_finalize), ("device_words", block_finalize),
+                      ("steal_groups", block_finalize),
                       ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
         if why is not None:
@@ -908,7 +916,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy",
-                   "base_in_memory", "tail_workers", "solve_warmup", "block_finalize", "device_words"})
+                   "base_in_memory", "tail_workers", "solve_warmup", "block_finalize", "device_words", "steal_groups"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
@@ -918,7 +926,8 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
 #: default since round 44 (one H100: layer 0's first subset 0.26-0.41 s against 0.64-0.75 s in all four runs).
 #: ``device_words`` (round 51, one H100): the last layer's finalize window no shorter than ``block_finalize``'s alone
 #: (0.78 / 0.79 s against 0.79 / 0.57 s), 0.3 s of packing added to the main thread.
-OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers", "device_words"})
+#: ``steal_groups`` (round 51) is new: not measured on a GPU yet.
+OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers", "device_words", "steal_groups"})
 #: Parts on by default only where the process may run on at least this many cores (:func:`default_parts`).
 #: ``block_finalize`` packs a group's members on a pool of the cores less two: on two H100 hosts of 16 cores
 #: (rounds 48 and 51) the quantize was shorter than without it in seven of eight pairs and as long in one, while on a
@@ -974,9 +983,10 @@ def lean_logbar(enabled: set[str] | frozenset[str], stats: BookkeepingStats,
 
 
 #: Parts that act only inside another part (shard handles and recopy inside the lean materialize;
-#: keeping the last block in memory instead of its bundle; the device-packed words inside the block finalize).
+#: keeping the last block in memory instead of its bundle; the device-packed words and the stolen groups inside the
+#: block finalize).
 _NEEDS = {"shard_handles": "materialize", "recopy": "materialize", "keep_last_block": "offload_bundle",
-          "device_words": "block_finalize"}
+          "device_words": "block_finalize", "steal_groups": "block_finalize"}
 
 
 @contextmanager
@@ -1089,7 +1099,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
             stats.base_in_memory = stack.enter_context(keep_base_modules(gptq_model.model))
         if paths and "block_finalize" in enabled:
             stats.block_finalize = stack.enter_context(block_finalize(gptq_model, paths,
-                                                                      device_words="device_words" in enabled))
+                                                                      device_words="device_words" in enabled,
+                                                                      steal_groups="steal_groups" in enabled))
         if paths and "tail_workers" in enabled:
             stats.tail_workers = stack.enter_context(tail_workers(gptq_model, _holds_experts))
         quantize_device = cuda_key(getattr(gptq_model.quantize_config, "device", None))
