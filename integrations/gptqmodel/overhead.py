@@ -933,7 +933,7 @@ OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers", 
 #: (rounds 48 and 51) the quantize was shorter than without it in seven of eight pairs and as long in one, while on a
 #: 2-core CPU its finalize window was twice as long (one extension thread; rounds 48-49). Core counts in between have
 #: not been measured, so it waits for 16.
-MANY_CORE_PARTS = {"block_finalize": 16}
+MANY_CORE_PARTS = types.MappingProxyType({"block_finalize": 16})
 #: The parts ``lean_bookkeeping=True`` turns on on any host (:func:`default_parts` adds :data:`MANY_CORE_PARTS`).
 DEFAULT_PARTS = PARTS - OPT_IN - frozenset(MANY_CORE_PARTS)
 
