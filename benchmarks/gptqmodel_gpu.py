@@ -1088,6 +1088,8 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
         "checkpoint_groups": groups,  # runs with identical checkpoints, the reference's group first
         "early_comparisons": len(early.done) if early is not None else None,  # made as the runs finished
         "platform": platform.platform(),
+        # the cores this process may run on: lean_bookkeeping's defaults depend on them (overhead.default_parts)
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,

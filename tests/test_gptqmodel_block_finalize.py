@@ -60,9 +60,10 @@ def test_the_part_is_a_default_only_where_the_process_has_sixteen_cores(plugin, 
     monkeypatch.setattr(overhead, "cores", lambda: 16)
     stats, tensors = _run(plugin, tiny, tmp_path, "many_cores", parts=True)  # lean_bookkeeping=True
     assert stats.block_finalize is not None and stats.block_finalize.groups > 0 and _same(tensors, stock)
+    assert stats.as_dict()["parts"] == sorted(overhead.default_parts(16))  # what ran, recorded with the result
     monkeypatch.setattr(overhead, "cores", lambda: 15)
     stats, _ = _run(plugin, tiny, tmp_path, "fewer_cores", parts=True)
-    assert stats.block_finalize is None
+    assert stats.block_finalize is None and "block_finalize" not in stats.parts
 
 
 STEAL = PART | {"steal_groups"}
@@ -423,6 +424,7 @@ def test_device_words_and_stolen_groups_without_block_finalize_are_refused_by_na
     stats, _ = _run(plugin, tiny, tmp_path, "words_alone", parts=DEFAULT_PARTS | {"device_words", "steal_groups"})
     assert stats.disabled == {"device_words": "needs the block_finalize part",
                               "steal_groups": "needs the block_finalize part"} and stats.block_finalize is None
+    assert stats.parts == sorted(DEFAULT_PARTS)  # the refused parts are not recorded as run
 
 
 @pytest.mark.slow

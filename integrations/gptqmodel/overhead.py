@@ -262,6 +262,7 @@ class BookkeepingStats:
     block_finalize: BlockFinalizeStats | None = None  # the block_finalize part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
+    parts: list[str] = field(default_factory=list)  # the parts that ran (asked for, less the disabled ones), sorted
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -300,6 +301,7 @@ class BookkeepingStats:
             "block_finalize": self.block_finalize.as_dict() if self.block_finalize is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
+            "parts": list(self.parts),
         }
 
 
@@ -1029,6 +1031,7 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
             stats.disabled["recopy"] = why
             logger.info("defuser-quant's recopy part stays stock: %s", why)
             enabled.discard("recopy")
+    stats.parts = sorted(enabled)
     paths = expert_projection_paths(gptq_model.model)
     lean = _Lean(gptq_model, paths, _ties_nothing(gptq_model.model), stats)
     with ExitStack() as stack:
