@@ -26,7 +26,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -108,7 +108,7 @@ class _Sources:
 def _write_entry(fd: int, entry: Any, sources: _Sources, ref_type: type, stats: ShardWrites) -> None:
     source = entry.source
     if not isinstance(source, ref_type):
-        write_all(fd, _tensor_bytes(entry.name, source, entry.num_bytes).numpy())
+        write_all(fd, _tensor_array(entry))
         stats.from_memory += entry.num_bytes
     elif (start := _ranged(source, entry)) is not None:
         copy_range(sources.fd(source.path), fd, start, entry.num_bytes)
@@ -156,7 +156,7 @@ def _planned(header: bytes, entries: list[Any], sources: _Sources, ref_type: typ
     for entry in entries:
         source = entry.source
         if not isinstance(source, ref_type) and source.device.type == "cpu" and source.is_contiguous():
-            parts += mapped_shard.pieces(offset, entry.num_bytes, _tensor_bytes(entry.name, source, entry.num_bytes).numpy())
+            parts += mapped_shard.pieces(offset, entry.num_bytes, _tensor_array(entry))
             stats.from_memory += entry.num_bytes
         elif not isinstance(source, ref_type):  # its contiguous CPU copy made (and checked) when copied, not all at once
             parts.append(mapped_shard.Piece(offset, entry.num_bytes, read=functools.partial(_tensor_array, entry)))
@@ -199,8 +199,8 @@ def write_shard_file(path: str, entries: list[Any], metadata: dict[str, str], st
             for entry in entries:
                 _write_entry(fd, entry, sources, model_utils.OffloadTensorRef, counted)
             size = os.lseek(fd, 0, os.SEEK_CUR)
-        for field_name in ("from_memory", "copied", "read", "mapped"):
-            setattr(stats, field_name, getattr(stats, field_name) + getattr(counted, field_name))
+        for counter in fields(ShardWrites):  # counted.files stays 0: the file is counted below
+            setattr(stats, counter.name, getattr(stats, counter.name) + getattr(counted, counter.name))
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
