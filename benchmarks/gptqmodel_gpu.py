@@ -63,10 +63,12 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  each layer after layer 0 loaded by GPTQModel's own ``pre_quantize`` on a background thread
                  once the layer before it has run its last subset forward, instead of when GPTQModel gets to it
                  (round 34: no gain measured, so not a default);
-* ``ours-grouped-batched-gcfreeze`` - the default lean bookkeeping parts plus the opt-in ``gc_freeze``: the objects
-                 alive when the run starts left out of the interpreter's full garbage collections until it ends
-                 (``stock+gcfreeze1`` does the same around stock's ``quantize()``);
-* ``ours-grouped-batched-layerahead-gcfreeze`` - both opt-in parts together (round 34's layer_ahead pause was
+* ``ours-grouped-batched-gcfreeze`` - the default lean bookkeeping parts plus ``gc_freeze`` (a default since round 52,
+                 so this is ``ours-grouped-batched``): the objects alive when the run starts left out of the
+                 interpreter's full garbage collections until it ends, and the same during the model's save
+                 (``bookkeeping.gc_freeze.save``; ``stock+gcfreeze1`` does it around stock's ``quantize()`` only);
+* ``ours-grouped-batched-nogcfreeze`` - every lean bookkeeping part but ``gc_freeze`` (the default before round 52);
+* ``ours-grouped-batched-layerahead-gcfreeze`` - both parts together (round 34's layer_ahead pause was
                  a full collection, which gc_freeze takes out of the run);
 * ``ours-grouped-batched-nodiskprobe`` - every lean bookkeeping part but ``disk_probe``: GPTQModel's disk
                  write-speed probe (100 MB written and fsynced) runs inside ``ModuleLooper.__init__`` before the
@@ -260,7 +262,8 @@ CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "offload_bundle",
                 "-nokeeplast": "keep_last_block", "-noonload": "layer_onload", "-nowarm": "worker_warmup",
                 "-noline": "line_redraw", "-nodiskprobe": "disk_probe", "-norehome": "rehome",
-                "-nobasemem": "base_in_memory", "-nosolvewarmup": "solve_warmup", "-noblockfinalize": "block_finalize"}
+                "-nobasemem": "base_in_memory", "-nosolvewarmup": "solve_warmup", "-noblockfinalize": "block_finalize",
+                "-nogcfreeze": "gc_freeze"}
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy",
              "-tailworkers": "tail_workers", "-blockfinalize": "block_finalize", "-devicewords": "device_words",
@@ -1250,6 +1253,8 @@ def worker(args: argparse.Namespace) -> int:
     with maybe_profile(f"gptqmodel-{run_id}-save"):
         model.save(str(work / f"{run_id}.out"))
     t3 = time.perf_counter()
+    if extra.get("bookkeeping") and result.bookkeeping.gc_freeze is not None:  # the save's frozen collections too
+        extra["bookkeeping"]["gc_freeze"] = result.bookkeeping.gc_freeze.as_dict()
     if not is_stock(variant):
         from defuser_quant.integrations.gptqmodel import last_save
 

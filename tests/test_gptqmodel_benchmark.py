@@ -298,8 +298,10 @@ def test_variants_pick_their_lean_bookkeeping():
     assert "layer_ahead" in PARTS and "layer_ahead" not in DEFAULT_PARTS
     assert bench.bookkeeping_setting("ours-grouped-batched-layerahead") == set(DEFAULT_PARTS) | {"layer_ahead"}
     assert bench.solve_setting("ours-grouped-batched-layerahead") is True and "ours-grouped-batched-layerahead" in bench.VARIANTS
-    assert "gc_freeze" in PARTS and "gc_freeze" not in DEFAULT_PARTS
-    assert bench.bookkeeping_setting("ours-grouped-batched-gcfreeze") == set(DEFAULT_PARTS) | {"gc_freeze"}
+    assert "gc_freeze" in DEFAULT_PARTS  # a default since round 52: -gcfreeze adds nothing, -nogcfreeze leaves it out
+    assert bench.bookkeeping_setting("ours-grouped-batched-gcfreeze") == set(DEFAULT_PARTS)
+    assert bench.bookkeeping_setting("ours-grouped-batched-nogcfreeze") == set(DEFAULT_PARTS) - {"gc_freeze"}
+    assert "ours-grouped-batched-nogcfreeze" in bench.VARIANTS
     assert bench.split_variant("stock+gcfreeze1") == ("stock", {"gcfreeze": 1})
     # both opt-in parts at once, and the disk probe left out
     both = "ours-grouped-batched-layerahead-gcfreeze"

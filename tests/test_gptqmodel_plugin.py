@@ -174,16 +174,21 @@ def test_install_is_idempotent_and_uninstall_restores():
 
     if plugin_module.is_installed():
         pytest.skip("the module's plugin fixture is active")
-    before = (loader.defuser, loader._convert_model_with_defuser, auto.check_and_get_model_definition, writer.get_state_dict_for_save)
+    from gptqmodel.models.base import BaseQModel
+
+    before = (loader.defuser, loader._convert_model_with_defuser, auto.check_and_get_model_definition, writer.get_state_dict_for_save,
+              BaseQModel.save)
     plugin_module.install()
     plugin_module.install()
     try:
         assert loader.defuser is plugin_module.shim()
         assert loader._convert_model_with_defuser == plugin_module.shim().convert_with_definition
         assert auto.check_and_get_model_definition is not before[2]
+        assert BaseQModel.save is not before[4] and BaseQModel.save.__wrapped__ is before[4]
     finally:
         plugin_module.uninstall()
-    after = (loader.defuser, loader._convert_model_with_defuser, auto.check_and_get_model_definition, writer.get_state_dict_for_save)
+    after = (loader.defuser, loader._convert_model_with_defuser, auto.check_and_get_model_definition, writer.get_state_dict_for_save,
+             BaseQModel.save)
     assert after == before
     assert not plugin_module.is_installed()
 

@@ -105,8 +105,10 @@ def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_
         _STATE.write_threads = write_threads
         return
     from gptqmodel.models import auto, loader, writer
+    from gptqmodel.models.base import BaseQModel
 
     from .definitions import definition_lookup
+    from .gc_freeze import frozen_save
     from .storage import guarded_state_dict_for_save
 
     shim = DefuserQuantShim(defuser=loader.defuser, delegate_unsupported=delegate_unsupported, strict=strict)
@@ -114,6 +116,7 @@ def install(*, delegate_unsupported: bool = True, strict: bool = True, generate_
         (loader, "defuser"): shim,
         (loader, "_convert_model_with_defuser"): shim.convert_with_definition,
         (writer, "get_state_dict_for_save"): guarded_state_dict_for_save(writer.get_state_dict_for_save),
+        (BaseQModel, "save"): frozen_save(BaseQModel.save),  # frozen like the run for a model quantized with gc_freeze
     }
     if generate_definitions:
         replacements[(auto, "check_and_get_model_definition")] = definition_lookup(auto.check_and_get_model_definition)

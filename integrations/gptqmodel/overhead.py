@@ -92,10 +92,10 @@ expert projections of our ``DefusedExperts`` blocks only:
   takes them (:mod:`.offload_bundle`); the same tensors in the checkpoint, one layer's quantized
   experts more in host memory until the save.
 
-* **gc freeze** (opt-in, :data:`OPT_IN`; the interpreter's full garbage collections): the objects alive when
-  the run starts (the model, the libraries) are left out of full collections until it ends (``gc.freeze()`` /
-  ``gc.unfreeze()``), so the couple of full collections a run triggers walk only what the run allocated
-  (:mod:`.gc_freeze`); nothing is computed differently.
+* **gc freeze** (the interpreter's full garbage collections): the objects alive when the run starts (the model,
+  the libraries) are left out of full collections until it ends (``gc.freeze()`` / ``gc.unfreeze()``), so the
+  couple of full collections a run triggers walk only what the run allocated; the model's later saves through the
+  plugin run the same way (:mod:`.gc_freeze`); nothing is computed differently.
 
 * **disk probe** (GPTQModel's disk write-speed probe, ``io_write_performance``, which writes and fsyncs 100 MB once a
   process only to log the throughput): it runs on a background thread from the block's start instead of inside
@@ -196,7 +196,7 @@ from .compat import parameter_names as _params
 from .compat import patched, source_digest
 from .disk_probe import DiskProbeStats, probe_behind
 from .disk_probe import internals_refusal as _disk_probe_mismatch
-from .gc_freeze import FreezeStats, frozen_heap
+from .gc_freeze import FreezeStats, freeze_saves_of, frozen_heap
 from .layer_ahead import LayerAhead, LayerAheadStats
 from .layer_ahead import internals_refusal as _layer_ahead_mismatch
 from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_quantize
@@ -920,7 +920,7 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy",
                    "base_in_memory", "tail_workers", "solve_warmup", "block_finalize", "device_words", "steal_groups"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
-#: gain on an H200; ``gc_freeze`` moves the run's full collection into what comes after it (the save; round 35, H200).
+#: gain on an H200; ``gc_freeze`` moved the run's full collection into what came after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
 #: by as much: faster in 3 of 6 side-by-side pairs, so both stay opt-in. ``capture_lazy`` (round 39) removes one
 #: host copy of layer 0 only where the quantize device is a GPU; on an H200 (round 40) the start was no shorter.
@@ -928,8 +928,10 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
 #: default since round 44 (one H100: layer 0's first subset 0.26-0.41 s against 0.64-0.75 s in all four runs).
 #: ``device_words`` (round 51, one H100): the last layer's finalize window no shorter than ``block_finalize``'s alone
 #: (0.78 / 0.79 s against 0.79 / 0.57 s), 0.3 s of packing added to the main thread.
-#: ``steal_groups`` (round 51) is new: not measured on a GPU yet.
-OPT_IN = frozenset({"layer_ahead", "gc_freeze", "capture_lazy", "tail_workers", "device_words", "steal_groups"})
+#: ``steal_groups`` (round 51): on one H100 (round 52) 3.94x-4.06x against the default's 3.94x-4.10x, the tail 0.70 /
+#: 0.73 s against 0.74 / 0.76 s. ``gc_freeze`` is a default since round 52: its saves run frozen too, so the
+#: collection it took out of the run no longer comes in the save.
+OPT_IN = frozenset({"layer_ahead", "capture_lazy", "tail_workers", "device_words", "steal_groups"})
 #: Parts on by default only where the process may run on at least this many cores (:func:`default_parts`).
 #: ``block_finalize`` packs a group's members on a pool of the cores less two: on two H100 hosts of 16 cores
 #: (rounds 48 and 51) the quantize was shorter than without it in seven of eight pairs and as long in one, while on a
@@ -1115,6 +1117,7 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
                                                      getattr(gptq_model.model, "dtype", None))
         if paths and "gc_freeze" in enabled:  # after everything the block set up: all of it is frozen too
             stats.gc_freeze = stack.enter_context(frozen_heap())
+            freeze_saves_of(gptq_model, stats.gc_freeze)  # its saves through the plugin run frozen too
         yield stats
     if stats.stock:
         logger.debug("lean bookkeeping left to GPTQModel: %s", dict(stats.stock))
