@@ -100,6 +100,10 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  ``block_finalize``, itself a default only with 16 cores: ``-blockfinalize-stealgroups`` names both):
                  a layer's expert groups made side by side, a waiting member's task taking the groups no task has
                  reached yet (``bookkeeping.block_finalize.stolen``);
+* ``ours-grouped-batched-loadpriority`` - the default lean bookkeeping parts plus the opt-in ``load_priority`` (with
+                 ``block_finalize``: ``-blockfinalize-loadpriority`` names both): while a layer holding our experts
+                 loads, the block finalize's workers wait before each member instead of competing with the load for
+                 the interpreter lock (``bookkeeping.load_priority``: loads, pauses, timeouts);
 * ``ours-grouped-batched-nosolvewarmup`` - every lean bookkeeping part but ``solve_warmup`` (a default since round
                  44): layer 0's first solves and attention forward load their CUDA kernels on the run's path instead
                  of a rehearsal on GPTQModel's workers during the input capture (``bookkeeping.solve_warmup``);
@@ -267,12 +271,13 @@ WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy",
              "-tailworkers": "tail_workers", "-blockfinalize": "block_finalize", "-devicewords": "device_words",
-             "-stealgroups": "steal_groups"}
+             "-stealgroups": "steal_groups", "-loadpriority": "load_priority"}
 #: ``--timeline``: the phase from ``quantize_with_defuser``'s call to GPTQModel's ``quantize`` (the plugin's set-up)
 SET_UP_PHASE = "quantize_with_defuser set-up"
 #: variants with more than one part suffix (each suffix as above)
 COMBINED_PARTS = ("ours-grouped-batched-layerahead-gcfreeze", "ours-grouped-batched-capturelazy-gcfreeze",
-                  "ours-grouped-batched-blockfinalize-devicewords", "ours-grouped-batched-blockfinalize-stealgroups")
+                  "ours-grouped-batched-blockfinalize-devicewords", "ours-grouped-batched-blockfinalize-stealgroups",
+                  "ours-grouped-batched-blockfinalize-loadpriority")
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",

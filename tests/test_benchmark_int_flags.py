@@ -22,6 +22,7 @@ import grouped_overhead  # noqa: E402
 import hessian_inverse_gpu  # noqa: E402
 import host_reads  # noqa: E402
 import inverse_streams  # noqa: E402
+import layer_load  # noqa: E402
 import layer_offload  # noqa: E402
 import llmc_grouped_check  # noqa: E402
 import pack_exactness  # noqa: E402
@@ -40,6 +41,7 @@ PARSERS = {
     "hessian_inverse_gpu": hessian_inverse_gpu.parse_args,
     "host_reads": host_reads.parse_args,
     "inverse_streams": inverse_streams.parse_args,
+    "layer_load": layer_load.parse_args,
     "layer_offload": layer_offload.parse_args,
     "llmc_grouped_check": llmc_grouped_check.parse_args,
     "pack_exactness": lambda argv: pack_exactness.parse_args(["--device", "cpu", *argv]),
@@ -64,6 +66,7 @@ MINIMUMS = {
     "hessian_inverse_gpu": {f: 1 for f in ("--experts", "--hidden", "--intermediate", "--layers", "--rows", "--repeats")},
     "host_reads": {f: 1 for f in ("--tensors", "--rows", "--cols")},
     "inverse_streams": {f: 1 for f in ("--columns", "--tokens", "--repeats")},
+    "layer_load": {f: 1 for f in ("--tensors", "--rows", "--cols", "--busy", "--repeats")},
     "layer_offload": {f: 1 for f in ("--experts", "--hidden", "--intermediate", "--repeats", "--staging-mib")},
     "llmc_grouped_check": {"--samples": 1, "--seq-len": 1},
     "pack_exactness": {"--out": 32, "--inp": 32},
@@ -141,6 +144,7 @@ DEFAULTS = {
     "grouped_overhead": dict(experts=128, top_k=8, hidden=64, intermediate=32, tokens=512, calls=20, repeats=9, threads=1),
     "hessian_inverse_gpu": dict(experts=128, hidden=2048, intermediate=768, layers=2, rows=512, repeats=3),
     "host_reads": dict(tensors=384, rows=768, cols=2048),
+    "layer_load": dict(tensors=384, rows=768, cols=2048, busy=8, repeats=3),
     "inverse_streams": dict(hessians=16, columns=2048, tokens=512, threads=4, repeats=3, seed=0),
     "layer_offload": dict(experts=128, hidden=2048, intermediate=768, repeats=5, staging_mib=64),
     "llmc_grouped_check": dict(samples=16, seq_len=64),

@@ -318,6 +318,9 @@ def test_variants_pick_their_lean_bookkeeping():
     steal = "ours-grouped-batched-blockfinalize-stealgroups"
     assert bench.bookkeeping_setting(steal) == set(DEFAULT_PARTS) | {"block_finalize", "steal_groups"} and steal in bench.VARIANTS
     assert "steal_groups" in PARTS and "steal_groups" not in default_parts(1024)
+    gate = "ours-grouped-batched-blockfinalize-loadpriority"
+    assert bench.bookkeeping_setting(gate) == set(DEFAULT_PARTS) | {"block_finalize", "load_priority"} and gate in bench.VARIANTS
+    assert "load_priority" in PARTS and "load_priority" not in default_parts(1024)
     unblock = "ours-grouped-batched-noblockfinalize"  # a default part where the host has 16 cores
     assert bench.bookkeeping_setting(unblock) == set(DEFAULT_PARTS) - {"block_finalize"} and unblock in bench.VARIANTS
     words = "ours-grouped-batched-blockfinalize-devicewords"

@@ -257,8 +257,10 @@ class _Group:
 
 
 class _Finalizer:
-    def __init__(self, gptq_model: Any, paths: frozenset[str], stats: BlockFinalizeStats, steal: bool = False) -> None:
+    def __init__(self, gptq_model: Any, paths: frozenset[str], stats: BlockFinalizeStats, steal: bool = False,
+                 priority: Any = None) -> None:
         self.gptq_model, self.paths, self.stats, self.steal = gptq_model, paths, stats, steal
+        self.pause: Callable[[], None] = priority.pause if priority is not None else _no_pause
         self.lock = threading.Lock()
         self.groups: dict[tuple, _Group] = {}
         self.members: dict[Any, _Member] = {}  # NamedModule -> its state here
@@ -525,6 +527,7 @@ class _Finalizer:
 
         def tensors_of(module: Any) -> tuple[dict[str, torch.Tensor], bool]:
             """A member's buffers, from its device-packed words where they are for its inputs, else the extension."""
+            self.pause()
             inputs = _inputs(proc, module, model)
             args = ext_inputs(*inputs, bits)
             packed = words.get(module)
@@ -545,6 +548,7 @@ class _Finalizer:
         for module, future in pending:
             try:
                 tensors, used = future.result()
+                self.pause()
                 copied = self._finalize_one(proc, model, module, tensors, fmt, to_v1, maker)
                 self.members[module].finalized = True
                 with self.lock:
@@ -647,6 +651,10 @@ class _Maker:
         return qmodule, False
 
 
+def _no_pause() -> None:
+    return None
+
+
 class _NoWords(Exception):
     """A group whose words are not packed on its layer's device (the extension packs them on the pool)."""
 
@@ -740,18 +748,20 @@ def _to_v1(q: Any, qmodule: nn.Module) -> bool:
 
 @contextmanager
 def block_finalize(gptq_model: Any, paths: frozenset[str], device_words: bool = False,
-                   steal_groups: bool = False) -> Iterator[BlockFinalizeStats]:
+                   steal_groups: bool = False, priority: Any = None) -> Iterator[BlockFinalizeStats]:
     """Inside the block, GPTQModel's finalizes of our expert projections are taken a group at a time (see the
     module docstring); restored after, once every group's extension calls are done. ``device_words``: each layer's
     groups are also packed on the layer's device (:data:`WORD_DEVICES`) when GPTQModel's ``post_quantize`` gets the
     layer, before it moves it to the CPU; their members take those words instead of running the extension.
     ``steal_groups``: a member's task whose group another worker has taken first takes the groups of its layer that
-    no task has reached yet, so a layer's groups are made side by side instead of one after another."""
+    no task has reached yet, so a layer's groups are made side by side instead of one after another.
+    ``priority`` (a :class:`~.load_priority.LoadPriority`): the group workers and extension threads wait at its
+    ``pause()`` before each member while a layer load holds it."""
     from gptqmodel.looper.gptq_processor import GPTQProcessor
     from gptqmodel.models.base import BaseQModel
 
     stats = BlockFinalizeStats()
-    finalizer = _Finalizer(gptq_model, paths, stats, steal=steal_groups)
+    finalizer = _Finalizer(gptq_model, paths, stats, steal=steal_groups, priority=priority)
     with ExitStack() as stack:
         stack.callback(finalizer.close)  # last: after GPTQModel's functions are back
         stack.enter_context(patched(GPTQProcessor, "process", finalizer.patch_process(GPTQProcessor.process)))

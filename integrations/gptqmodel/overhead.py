@@ -141,6 +141,12 @@ expert projections of our ``DefusedExperts`` blocks only:
   reference, GPTQModel's finalize of it checked as ever; what that finalize raises is raised by the reference's own
   task), then waits for its own module (:mod:`.block_finalize`). The same modules and buffers.
 
+* **load priority** (opt-in, :data:`OPT_IN`, with ``block_finalize``; GPTQModel's load of a decoder layer holding our
+  experts, ``_copy_checkpoint_tensors_into_submodule``): while it runs, ``block_finalize``'s group workers and
+  extension threads wait before each member instead of competing with the load's per-tensor calls for the interpreter
+  lock; a wait ends after :data:`~.load_priority.MAX_WAIT` seconds at most (:mod:`.load_priority`). The same modules
+  and buffers, made later.
+
 * **solve warm-up** (GPTQModel's CUDA workers of the quantize device): each is handed one rehearsal of the steps a
   GPTQ solve runs before its Hessian inverse (quantizer parameters, dead columns, permutations) on small tensors,
   and the first one a call of the model's attention function and products of its projections' shapes, so those
@@ -197,6 +203,7 @@ from .compat import patched, source_digest
 from .disk_probe import DiskProbeStats, probe_behind
 from .disk_probe import internals_refusal as _disk_probe_mismatch
 from .gc_freeze import FreezeStats, freeze_saves_of, frozen_heap
+from .load_priority import LoadPriority, LoadPriorityStats
 from .layer_ahead import LayerAhead, LayerAheadStats
 from .layer_ahead import internals_refusal as _layer_ahead_mismatch
 from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_quantize
@@ -260,6 +267,7 @@ class BookkeepingStats:
     tail_workers: TailWorkerStats | None = None  # the tail_workers part (None: not used)
     solve_warmup: SolveWarmupStats | None = None  # the solve_warmup part (None: not used)
     block_finalize: BlockFinalizeStats | None = None  # the block_finalize part (None: not used)
+    load_priority: LoadPriorityStats | None = None  # the load_priority part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
     parts: list[str] = field(default_factory=list)  # the parts that ran (asked for, less the disabled ones), sorted
@@ -299,6 +307,7 @@ class BookkeepingStats:
             "tail_workers": self.tail_workers.as_dict() if self.tail_workers is not None else None,
             "solve_warmup": self.solve_warmup.as_dict() if self.solve_warmup is not None else None,
             "block_finalize": self.block_finalize.as_dict() if self.block_finalize is not None else None,
+            "load_priority": self.load_priority.as_dict() if self.load_priority is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
             "parts": list(self.parts),
@@ -918,7 +927,7 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy",
-                   "base_in_memory", "tail_workers", "solve_warmup", "block_finalize", "device_words", "steal_groups"})
+                   "base_in_memory", "tail_workers", "solve_warmup", "block_finalize", "device_words", "steal_groups", "load_priority"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moved the run's full collection into what came after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
@@ -931,7 +940,8 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
 #: ``steal_groups`` (round 51): on one H100 (round 52) 3.94x-4.06x against the default's 3.94x-4.10x, the tail 0.70 /
 #: 0.73 s against 0.74 / 0.76 s. ``gc_freeze`` is a default since round 52: its saves run frozen too, so the
 #: collection it took out of the run no longer comes in the save.
-OPT_IN = frozenset({"layer_ahead", "capture_lazy", "tail_workers", "device_words", "steal_groups"})
+#: ``load_priority`` (round 52) is new: CPU-tested only.
+OPT_IN = frozenset({"layer_ahead", "capture_lazy", "tail_workers", "device_words", "steal_groups", "load_priority"})
 #: Parts on by default only where the process may run on at least this many cores (:func:`default_parts`).
 #: ``block_finalize`` packs a group's members on a pool of the cores less two: on two H100 hosts of 16 cores
 #: (rounds 48 and 51) the quantize was shorter than without it in seven of eight pairs and as long in one, while on a
@@ -990,7 +1000,7 @@ def lean_logbar(enabled: set[str] | frozenset[str], stats: BookkeepingStats,
 #: keeping the last block in memory instead of its bundle; the device-packed words and the stolen groups inside the
 #: block finalize).
 _NEEDS = {"shard_handles": "materialize", "recopy": "materialize", "keep_last_block": "offload_bundle",
-          "device_words": "block_finalize", "steal_groups": "block_finalize"}
+          "device_words": "block_finalize", "steal_groups": "block_finalize", "load_priority": "block_finalize"}
 
 
 @contextmanager
@@ -1102,10 +1112,19 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
             stats.capture_lazy = stack.enter_context(lazy_capture(gptq_model, _holds_experts))
         if paths and "base_in_memory" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.base_in_memory = stack.enter_context(keep_base_modules(gptq_model.model))
+        priority = None
+        if paths and "load_priority" in enabled:  # outermost copy patch: the gate covers the whole load
+            stats.load_priority = LoadPriorityStats()
+            priority = LoadPriority(stats.load_priority)
+            turtle = structure.LazyTurtle
+            stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule",
+                                        priority.patch_copy(turtle._copy_checkpoint_tensors_into_submodule,
+                                                            gptq_model.model, _holds_experts)))
         if paths and "block_finalize" in enabled:
             stats.block_finalize = stack.enter_context(block_finalize(gptq_model, paths,
                                                                       device_words="device_words" in enabled,
-                                                                      steal_groups="steal_groups" in enabled))
+                                                                      steal_groups="steal_groups" in enabled,
+                                                                      priority=priority))
         if paths and "tail_workers" in enabled:
             stats.tail_workers = stack.enter_context(tail_workers(gptq_model, _holds_experts))
         quantize_device = cuda_key(getattr(gptq_model.quantize_config, "device", None))
