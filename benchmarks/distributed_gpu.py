@@ -52,7 +52,9 @@ stage times (``_llmc_stages.py``: setup, calibration forward, propagation forwar
 solve, qparam broadcast, our rank sync and barrier, finalize, save; wall and CPU seconds; CUDA
 synchronized at each boundary; plus ``experts_host``, the host seconds inside the experts blocks'
 forwards, not synchronized), how many block calls ran grouped or looped (and why), and for our
-variants the coverage totals (they must agree and equal the one-process totals). The N-process
+variants the coverage totals (they must agree and equal the one-process totals), and ``gc_full``: the interpreter's
+full garbage collections during ``oneshot`` (how many, their seconds, the longest; each holds the interpreter lock
+while it walks every tracked object). The N-process
 checkpoint is compared with the one-process one (logits on a fixed prompt: cosine and max
 difference). Each of our runs is also compared with stock at the same process count (``vs_stock``:
 oneshot speed ratio, peak memory ratio, how many packed weights are identical and the largest
@@ -245,6 +247,7 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
         hessian_batching=[r.get("hessian_batching") for r in results],
         rehearsal=[r.get("rehearsal") for r in results],
         compression_batching=[r.get("compression_batching") for r in results],
+        gc_full=[r.get("gc_full") for r in results],
         experts_classes=results[0]["experts_classes"],
         coverage_totals=coverages[0],
         coverage_same_on_every_rank=all(c == coverages[0] for c in coverages),
@@ -793,9 +796,17 @@ def worker(args: argparse.Namespace) -> int:
     from _triton_compiles import count_triton_compiles
 
     probe = GilProbe() if args.gil_probe else None
+    from defuser_quant.integrations.gptqmodel.gc_freeze import timed_collections
+
+    full_collections: list[float] = []  # the interpreter's full garbage collections during oneshot, seconds each
+
+    def collected(generation: int, start: float, end: float) -> None:
+        if generation == 2:
+            full_collections.append(end - start)
+
     with count_triton_compiles() as compiles:  # its cache scans stay outside the timed region
         with maybe_profile(f"llmc-{variant}-n{distributed.world_size()}-rank{distributed.rank()}"), \
-                probe or contextlib.nullcontext():
+                probe or contextlib.nullcontext(), timed_collections(collected):
             seconds = run_oneshot(model, recipe, out / "checkpoint")
     use = None if defuse is None or defuse.grouped_use is None else defuse.grouped_use
     experts_classes = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for n, m in model.named_modules()
@@ -817,6 +828,8 @@ def worker(args: argparse.Namespace) -> int:
         "gil_probe": None if probe is None else probe.summary(),
         "rehearsal": None if defuse is None else defuse.rehearsal,
         "compression_batching": None if defuse is None else defuse.compression_batching,
+        "gc_full": {"collections": len(full_collections), "seconds": round(sum(full_collections), 4),
+                    "longest_s": round(max(full_collections, default=0.0), 4)},
     }
     if args.twice:  # the same run again in this process: the difference is what the first use of everything cost
         del model, recipe

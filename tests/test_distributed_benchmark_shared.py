@@ -30,6 +30,11 @@ def test_all_and_its_opt_in_variants_record_what_they_did_and_give_the_same_chec
     same = rows["all-unshared"]["checkpoint_vs_shared"]
     total = same["tensors"].split("/")[1]
     assert same["tensors"] == f"{total}/{total}" and same["only_in_one"] == 0 and same["max_scale_diff"] == 0.0, same
+    # every rank's full garbage collections during oneshot, counted and timed
+    for row in rows.values():
+        (gc_full,) = row["gc_full"]
+        assert set(gc_full) == {"collections", "seconds", "longest_s"} and gc_full["collections"] >= 0
+        assert (gc_full["seconds"] > 0) == (gc_full["collections"] > 0) and gc_full["longest_s"] <= gc_full["seconds"]
     # on the CPU the rehearsal says why it did not run; all (rehearse=False) has none; the same checkpoint
     skipped = {"seconds": {}, "not_run": [], "failed": {}, "skipped": "no model tensor on a CUDA device"}
     assert rows["all-rehearse"]["rehearsal"] == [skipped] and rows["all"]["rehearsal"] == [None]

@@ -17,7 +17,10 @@ What ``install()`` changes in the running GPTQModel 7.6 (all undone by :func:`un
   file written with fewer copies, whole or not at all (``integrations.gptqmodel.shard_writer``),
   and ``gptqmodel.models.writer.alias_all_from_turtle_if_meta`` -> first maps the weights the save
   would re-read whole from the source checkpoint (``integrations.gptqmodel.save_sources``); what
-  the last save did: :func:`last_save`.
+  the last save did: :func:`last_save`;
+* ``gptqmodel.models.base.BaseQModel.save`` -> for a model quantized with the ``gc_freeze`` lean part (a default of
+  :func:`quantize_with_defuser`), the save runs with the objects alive at its start left out of the interpreter's
+  full garbage collections, as the run did (``integrations.gptqmodel.gc_freeze``); any other model's save as before.
 
 GPTQModel 7.6 has no plugin or entry-point mechanism, so these are module-attribute rebinds;
 the ``defuser`` package and Transformers' classes are left untouched. Calibration with our
