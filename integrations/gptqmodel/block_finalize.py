@@ -383,6 +383,7 @@ class _Finalizer:
 
     def finalize(self, proc: Any, module: Any, model: Any, kwargs: dict) -> Any:
         original = self.original
+        self.pause()  # every finalize task, GPTQModel's own (references, other modules) too, waits out a layer load
         with self.lock:
             member = self.members.get(module)
             runner = member is not None and not member.group.taken and not self.closed

@@ -10,12 +10,13 @@ a 2-core CPU the same loop beside four threads running Python took 250 times its
 four that mix Python with lock-free host copies, as the finalize workers do (``layer_load_cpu_round52.json``). The finalizes are background work: what matters is that the last layer's are done
 when the run ends, and a pause during an earlier layer's load only moves them later, beside the next subsets.
 
-So the load holds a gate (:meth:`LoadPriority.held`), and ``block_finalize``'s group worker (before each member) and
-its extension threads (before each member's tensors) wait while it is held (:meth:`LoadPriority.pause`, a blocking
+So the load holds a gate (:meth:`LoadPriority.held`), and while it is held ``block_finalize``'s finalize tasks
+(before they start, GPTQModel's own finalize of references and other modules included), its group worker (before
+each member) and its extension threads (before each member's tensors) wait (:meth:`LoadPriority.pause`, a blocking
 wait that gives the lock up). A wait ends after :data:`MAX_WAIT` seconds even if the load goes on (counted in
 ``timeouts``), so nothing can wait on the load forever. Nothing is computed differently: the same members, the same
-buffers, only later. GPTQModel's own finalize tasks (the attention projections, each group's reference) and the
-pauses' places outside ``block_finalize`` are not gated.
+buffers, only later. A finalize task already past its pause runs on, and GPTQModel's disk offload after a
+finalize is not gated.
 """
 
 from __future__ import annotations

@@ -142,9 +142,9 @@ expert projections of our ``DefusedExperts`` blocks only:
   task), then waits for its own module (:mod:`.block_finalize`). The same modules and buffers.
 
 * **load priority** (opt-in, :data:`OPT_IN`, with ``block_finalize``; GPTQModel's load of a decoder layer holding our
-  experts, ``_copy_checkpoint_tensors_into_submodule``): while it runs, ``block_finalize``'s group workers and
-  extension threads wait before each member instead of competing with the load's per-tensor calls for the interpreter
-  lock; a wait ends after :data:`~.load_priority.MAX_WAIT` seconds at most (:mod:`.load_priority`). The same modules
+  experts, ``_copy_checkpoint_tensors_into_submodule``): while it runs, the finalize tasks (before they start) and
+  ``block_finalize``'s group workers and extension threads (before each member) wait instead of competing with the
+  load's per-tensor calls for the interpreter lock; a wait ends after :data:`~.load_priority.MAX_WAIT` seconds at most (:mod:`.load_priority`). The same modules
   and buffers, made later.
 
 * **solve warm-up** (GPTQModel's CUDA workers of the quantize device): each is handed one rehearsal of the steps a
