@@ -102,8 +102,8 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  reached yet (``bookkeeping.block_finalize.stolen``);
 * ``ours-grouped-batched-loadpriority`` - the default lean bookkeeping parts plus the opt-in ``load_priority`` (with
                  ``block_finalize``: ``-blockfinalize-loadpriority`` names both): while a layer holding our experts
-                 loads, the block finalize's workers wait before each member instead of competing with the load for
-                 the interpreter lock (``bookkeeping.load_priority``: loads, pauses, timeouts);
+                 loads, the finalize tasks and the block finalize's workers wait instead of competing with the load
+                 for the interpreter lock (``bookkeeping.load_priority``: loads, pauses, timeouts);
 * ``ours-grouped-batched-nosolvewarmup`` - every lean bookkeeping part but ``solve_warmup`` (a default since round
                  44): layer 0's first solves and attention forward load their CUDA kernels on the run's path instead
                  of a rehearsal on GPTQModel's workers during the input capture (``bookkeeping.solve_warmup``);
