@@ -1,14 +1,15 @@
 """The ``load_priority`` part of :func:`~.overhead.lean_bookkeeping` (opt-in, with ``block_finalize``): while a
-decoder layer holding our experts is loaded (GPTQModel's ``_copy_checkpoint_tensors_into_submodule``), the
-``block_finalize`` workers wait between members instead of competing with the load for the interpreter lock.
+decoder layer holding our experts is loaded (GPTQModel's ``_copy_checkpoint_tensors_into_submodule``), the finalize
+tasks and ``block_finalize``'s workers wait instead of competing with the load for the interpreter lock.
 
 GPTQModel loads a layer with one ``torch.empty`` and one ``copy_`` per tensor (768 calls for a Qwen3-30B-A3B layer's
 experts), and every torch call from Python drops the interpreter lock and waits to take it back. At the layer change
 the previous layer's finalizes run beside the load (on one H100 host layer 1's load took the main thread 0.45-1.0 s
 against 0.26-0.67 s for layer 0's at the start, with nothing beside it; ``gptqmodel_cuda_2layers_round52*``), and on
 a 2-core CPU the same loop beside four threads running Python took 250 times its time alone, and 11 times beside
-four that mix Python with lock-free host copies, as the finalize workers do (``layer_load_cpu_round52.json``). The finalizes are background work: what matters is that the last layer's are done
-when the run ends, and a pause during an earlier layer's load only moves them later, beside the next subsets.
+four that mix Python with lock-free host copies, as the finalize workers do (``layer_load_cpu_round52.json``). The
+finalizes are background work: what matters is that the last layer's are done when the run ends, and a pause during
+an earlier layer's load only moves them later, beside the next subsets.
 
 So the load holds a gate (:meth:`LoadPriority.held`), and while it is held ``block_finalize``'s finalize tasks
 (before they start, GPTQModel's own finalize of references and other modules included), its group worker (before
@@ -43,7 +44,7 @@ class LoadPriorityStats:
 
     loads: int = 0  # layer loads that held the gate
     load_seconds: float = 0.0  # ... their summed time
-    pauses: int = 0  # waits of block_finalize's threads while a load held it
+    pauses: int = 0  # waits of finalize tasks and block_finalize's threads while a load held the gate
     paused_seconds: float = 0.0  # ... their summed time (several threads wait at once)
     timeouts: int = 0  # waits that ended at MAX_WAIT with the load still holding the gate
 
