@@ -260,6 +260,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+STARTED = time.perf_counter()  # --deadline counts from here
 ROOT = HERE.parent
 CORPUS = ROOT / "defuser_quant" / "assets" / "corpus" / "train.txt"
 #: variant suffix -> the lean bookkeeping part it leaves out (to measure that part in the same call)
@@ -425,6 +426,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="report a CUDA run in which GPTQ solves fell back to GPTQModel's torch path (the table says so)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     p.add_argument("--timeout", type=whole(1), default=420, help="seconds per variant")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds since the script started after which no run starts that would end later (each "
+                        "variant's longest run so far, else the longest of any, as its estimate); the skipped runs are "
+                        "listed in the JSON's 'skipped' (a device call's limit then leaves a whole JSON)")
     p.add_argument("--repeat", type=whole(1), default=1,
                    help="run the variant list this many times, one round after another (runs <variant>#2, ...); "
                         "ratios_vs_stock then holds each variant's ratio against every stock run of the call")
@@ -456,6 +461,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--gpu-counts needs --device cuda and counts >= 1")
         if args.repeat > 1:
             p.error("--repeat runs the variant list again; with --gpu-counts each variant already runs once per count")
+        if args.deadline is not None:
+            p.error("--deadline is for the variant list; with --gpu-counts every count of a variant runs")
+    if args.deadline is not None and not args.deadline > 0:
+        p.error(f"--deadline takes seconds > 0, got {args.deadline}")
     return args
 
 
@@ -628,13 +637,24 @@ def run_variants(runs: list[tuple[str, str]], args: argparse.Namespace, work: Pa
     import threading
 
     lock = threading.Lock()
+    deadline = getattr(args, "deadline", None)
+    longest: dict[str, float] = {}  # variant -> its longest run so far (seconds), the estimate of its next
 
     def one(run: tuple[str, str]) -> dict:
         variant, run_id = run
+        if deadline is not None:
+            with lock:
+                estimate = longest.get(variant, max(longest.values(), default=0.0))
+            if time.perf_counter() - STARTED + estimate > deadline:
+                print(f"skipping {run_id}: it would end after the {deadline:.0f} s deadline", flush=True)
+                return {"variant": variant, "run": run_id, "skipped": f"would end after the {deadline:.0f} s deadline"}
         gpu = free.pop(0) if slots > 1 else None
         try:
             print(f"running {run_id}" + ("" if gpu is None else f" on GPU {gpu}") + " ...", flush=True)
+            t0 = time.perf_counter()
             row = run_variant(variant, args, work, gpu, run_id=run_id)
+            with lock:
+                longest[variant] = max(longest.get(variant, 0.0), time.perf_counter() - t0)
             row["gpu_index"] = gpu
             line = json.dumps({k: v for k, v in row.items() if k != "log_tail"})
             print(line, flush=True)
@@ -1054,6 +1074,8 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
         rows = run_scaling(variants, args, work, partial)
     else:
         rows = run_variants(runs_of(variants, args.repeat), args, work, slots, partial, finished=early)
+    skipped = [r["run"] for r in rows if "skipped" in r]
+    rows = [r for r in rows if "skipped" not in r]
     for r in rows:
         r.setdefault("run", r["variant"])
     stock = checkpoint_reference(rows)
@@ -1107,12 +1129,16 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
     payload = {"meta": {**meta, "command": command}, "rows": rows, "ratios_vs_stock": ratios, "markdown": table}
     if refused:
         payload["refused"] = refused
+    if args.deadline is not None:
+        payload["skipped"] = skipped
     out.write_text(json.dumps(payload, indent=1) + "\n")
     for r in rows:  # --timeline: every span of each run, kept beside the JSON
         spans = work / f"{r['run']}.timeline.jsonl"
         if spans.exists():
             shutil.copyfile(spans, timeline_path(out, r["run"]))
     partial.unlink(missing_ok=True)
+    if skipped:
+        print(f"skipped by the {args.deadline:.0f} s deadline: {', '.join(skipped)}")
     print(f"wrote {out}")
     if refused:
         print(f"REFUSED: {refused}", file=sys.stderr)

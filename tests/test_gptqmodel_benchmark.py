@@ -600,3 +600,36 @@ def test_an_interrupted_call_removes_its_scratch_folder_and_keeps_a_given_one(tm
     made, given = seen
     assert made.name.startswith("gptqmodel_bench_") and not made.exists()
     assert given == tmp_path / "mine" and (given / "stock.out").is_dir()
+
+
+def test_a_deadline_skips_the_runs_that_would_end_after_it(monkeypatch):
+    clock = [10.0]  # seconds since the script started: the source model took 10
+    took = {"stock": 40.0, "ours": 20.0}
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return clock[0]
+
+    def run_variant(variant, args, work, gpu=None, run_id=None):
+        clock[0] += took[variant]
+        return {"variant": variant, "run": run_id}
+
+    monkeypatch.setattr(bench, "time", FakeTime)
+    monkeypatch.setattr(bench, "STARTED", 0.0)
+    monkeypatch.setattr(bench, "run_variant", run_variant)
+    args = bench.parse_args(["--deadline", "100", "--variants", "stock,ours", "--repeat", "3"])
+    rows = bench.run_variants(bench.runs_of(["stock", "ours"], 3), args, Path("."), 1)
+    # stock 10-50; ours (estimated as stock's 40) 50-70; stock#2 would end at 110; ours#2 (its own 20) 70-90;
+    # stock#3 would end at 130; ours#3 would end at 110
+    assert [(r["run"], "skipped" in r) for r in rows] == [("stock", False), ("ours", False), ("stock#2", True),
+                                                          ("ours#2", False), ("stock#3", True), ("ours#3", True)]
+    assert rows[2]["skipped"] == "would end after the 100 s deadline"
+
+
+def test_a_deadline_must_be_positive_and_not_with_gpu_counts(capsys):
+    for argv, says in ((["--deadline", "0"], "--deadline takes seconds > 0"),
+                       (["--deadline", "50", "--gpu-counts", "1,2"], "--deadline is for the variant list")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert says in capsys.readouterr().err
