@@ -220,7 +220,9 @@ any. ``--warmup`` runs the first variant once, untimed, first, so they are compi
     python benchmarks/gptqmodel_gpu.py --variants stock,ours --warmup   # Triton compiles in an untimed run first
     python benchmarks/gptqmodel_gpu.py --layers 2 --variants ours-grouped-batched,stock --repeat 2   # each side twice
 
-``--repeat N`` runs the variant list N times, one round after another (rows ``<variant>#2`` and
+``--deadline S`` starts no run that would end more than S seconds after the script started (each variant's longest
+run so far, else the longest of any, as its estimate); the skipped runs are listed in the JSON's ``skipped``, so a
+device call with a hard limit ends with a whole JSON. ``--repeat N`` runs the variant list N times, one round after another (rows ``<variant>#2`` and
 on; each compared with the first stock run's checkpoint: the first plain ``stock`` run, else the
 first stock run of another setting such as ``stock+cpuw4``, named in ``meta.checkpoint_reference``),
 and ``ratios_vs_stock`` holds each
