@@ -633,3 +633,13 @@ def test_a_deadline_must_be_positive_and_not_with_gpu_counts(capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert says in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_call_whose_runs_are_all_past_the_deadline_still_writes_its_json(tmp_path):
+    out = tmp_path / "call.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--variants", "stock,ours", "--no-reload", "--deadline", "0.5",
+                       "--workdir", str(tmp_path / "work"), "--output", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["skipped"] == ["stock", "ours"] and payload["rows"] == []
+    assert payload["meta"]["args"]["deadline"] == 0.5 and not (tmp_path / "call.partial.jsonl").exists()
