@@ -756,8 +756,8 @@ def block_finalize(gptq_model: Any, paths: frozenset[str], device_words: bool = 
     layer, before it moves it to the CPU; their members take those words instead of running the extension.
     ``steal_groups``: a member's task whose group another worker has taken first takes the groups of its layer that
     no task has reached yet, so a layer's groups are made side by side instead of one after another.
-    ``priority`` (a :class:`~.load_priority.LoadPriority`): the group workers and extension threads wait at its
-    ``pause()`` before each member while a layer load holds it."""
+    ``priority`` (a :class:`~.load_priority.LoadPriority`): while a layer load holds it, every finalize task (before
+    it starts), the group workers and the extension threads (before each member) wait at its ``pause()``."""
     from gptqmodel.looper.gptq_processor import GPTQProcessor
     from gptqmodel.models.base import BaseQModel
 

@@ -56,7 +56,8 @@ from .shard_view import file_id as _file_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerReadStats", "LayerReads", "read_tensors", "serves_here"]
+__all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerReadStats", "LayerReads", "read_tensors", "serves_here",
+           "whole_layer_load"]
 
 #: Bytes of one pinned buffer piece (a tensor larger than that gets a piece of its own).
 PIECE_BYTES = 64 << 20
@@ -75,6 +76,14 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+def whole_layer_load(model: nn.Module, holds_experts: Callable[[nn.Module], bool], *, target_model: Any,
+                     target_submodule: Any, module_path: Any, recurse: Any) -> bool:
+    """Whether a ``_copy_checkpoint_tensors_into_submodule`` call with these arguments loads a whole decoder layer
+    of ``model`` that holds our experts (not one module's forward preparation, not another model)."""
+    return (target_model is model and bool(recurse) and isinstance(module_path, str) and bool(module_path)
+            and isinstance(target_submodule, nn.Module) and holds_experts(target_submodule))
 
 
 def serves_here() -> bool:
@@ -419,8 +428,8 @@ class LayerReads:
                                 module_path=module_path, device=device, recurse=recurse, non_blocking=non_blocking,
                                 modules_by_name=modules_by_name, show_progress=show_progress)
 
-            if (target_model is not reads.model or not recurse or not isinstance(module_path, str) or not module_path
-                    or not reads.holds_experts(target_submodule)):
+            if not whole_layer_load(reads.model, reads.holds_experts, target_model=target_model,
+                                    target_submodule=target_submodule, module_path=module_path, recurse=recurse):
                 return load()
             if reads.closed or not reads.active:
                 reads._count(stock=1)

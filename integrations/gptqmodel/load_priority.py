@@ -32,6 +32,8 @@ from typing import Any
 
 from torch import nn
 
+from .layer_reads import whole_layer_load
+
 __all__ = ["MAX_WAIT", "LoadPriority", "LoadPriorityStats"]
 
 #: Longest one pause waits for a load (seconds); a Qwen3-30B-A3B layer's load takes well under one.
@@ -99,10 +101,9 @@ class LoadPriority:
 
         @functools.wraps(original)
         def _copy_checkpoint_tensors_into_submodule(self, *args: Any, **kwargs: Any) -> Any:
-            whole_layer = (kwargs.get("target_model") is model and kwargs.get("recurse")
-                           and isinstance(kwargs.get("target_submodule"), nn.Module)
-                           and holds_experts(kwargs["target_submodule"]))
-            if not whole_layer:
+            if not whole_layer_load(model, holds_experts, target_model=kwargs.get("target_model"),
+                                    target_submodule=kwargs.get("target_submodule"),
+                                    module_path=kwargs.get("module_path"), recurse=kwargs.get("recurse")):
                 return original(self, *args, **kwargs)
             with gate.held():
                 return original(self, *args, **kwargs)
