@@ -26,6 +26,7 @@ cpu`` runs the same loops into host memory (a dry run: no upload, no pinning).""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -38,6 +39,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from _report import write_json  # noqa: E402
 
 PIECE_BYTES = 64 << 20
 SOURCES = ("pageable", "pinned", "device")
@@ -196,7 +199,7 @@ def measure(args: argparse.Namespace, sources: dict[str, list[torch.Tensor]], de
                     result["skipped"].append(f"{beside}/{source}/{kind}")
                     continue
                 run = loop(kind, tensors, device)
-                with Busy(beside, args.busy) if beside != "none" else _nothing() as busy:
+                with Busy(beside, args.busy) if beside != "none" else contextlib.nullcontext() as busy:
                     times = repeat(run, device, args.repeats, args.cell_seconds)
                 cell = {"beside": beside, "source": source, "loop": kind, "seconds": times,
                         "median_s": round(statistics.median(times), 6),
@@ -213,21 +216,9 @@ def repeat(run: Callable[[], None], device: str, times: int, cell_seconds: float
     return out
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def write(result: dict, output: Path | None) -> None:
-    if output is None:
-        return
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    partial.write_text(json.dumps(result, indent=1) + "\n")
-    partial.replace(output)
+    if output is not None:
+        write_json(output, result)
 
 
 if __name__ == "__main__":

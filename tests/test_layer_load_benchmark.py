@@ -31,7 +31,7 @@ def test_every_cell_is_timed_and_the_busy_threads_ran(tmp_path):
     assert all((c["busy_rounds"] is None) == (c["beside"] == "none") for c in cells.values())
     assert all(c["busy_rounds"] > 0 for c in cells.values() if c["beside"] != "none")
     assert data["bytes"] == 6 * 8 * 16 * 2 and data["skipped"] == [] and "layer_load.py" in data["command"]
-    assert not list(tmp_path.glob("*.partial"))
+    assert [p.name for p in tmp_path.iterdir()] == ["load.json"]  # written whole: no temporary file left beside it
 
 
 def test_a_deadline_skips_the_rest_and_still_writes(tmp_path):
