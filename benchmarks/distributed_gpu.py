@@ -108,6 +108,7 @@ from typing import Any
 WORKER_T0 = time.perf_counter()
 
 from _args import check_shape  # noqa: E402
+from _page_cache import write_back  # noqa: E402
 from _report import write_json  # noqa: E402
 from gptqmodel_gpu import add_shape_args  # noqa: E402  the same model shape flags (this folder is on sys.path)
 from gptqmodel_gpu import compare_checkpoints as compare_tensors  # noqa: E402  the same tensor-by-tensor comparison
@@ -194,17 +195,6 @@ def _env() -> dict[str, str]:
 
 
 # ----- parent -----------------------------------------------------------------------------------
-def flush_page_cache() -> float | None:
-    """``os.sync()``, untimed: the previous runs' checkpoints are written back before the next run
-    starts, so a later run's save does not wait on an earlier run's dirty pages. Seconds it took
-    (None where there is no ``os.sync``)."""
-    if not hasattr(os, "sync"):
-        return None
-    t0 = time.perf_counter()
-    os.sync()
-    return round(time.perf_counter() - t0, 2)
-
-
 def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, timeout: float,
             calibration: Path | None = None, name: str | None = None) -> dict:
     """One ``oneshot`` of ``variant`` in ``nproc`` processes; the ranks' results merged.
@@ -223,7 +213,7 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
         cmd.append("--gil-probe")
     if args.twice:
         cmd.append("--twice")
-    row: dict = {"variant": variant, "nproc": nproc, "sync_before_s": flush_page_cache()}
+    row: dict = {"variant": variant, "nproc": nproc, "sync_before_s": write_back()}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)

@@ -222,7 +222,11 @@ any. ``--warmup`` runs the first variant once, untimed, first, so they are compi
 
 ``--deadline S`` starts no run that would end more than S seconds after the script started (each variant's longest
 run so far, else the longest of any, as its estimate); the skipped runs are listed in the JSON's ``skipped``, so a
-device call with a hard limit ends with a whole JSON. ``--repeat N`` runs the variant list N times, one round after another (rows ``<variant>#2`` and
+device call with a hard limit ends with a whole JSON. Before each run that has the machine to itself the script
+calls ``os.sync()`` (untimed, the row's ``sync_before_s``), as ``distributed_gpu.py`` does: every run starts with
+the earlier runs' checkpoints (about 2 GB each at the two-layer shape) written back, so the run order does not slow a
+later run's save (round 53: ours' saves took 0.88 s in a call's first run and 1.1-1.8 s in its later ones).
+``--repeat N`` runs the variant list N times, one round after another (rows ``<variant>#2`` and
 on; each compared with the first stock run's checkpoint: the first plain ``stock`` run, else the
 first stock run of another setting such as ``stock+cpuw4``, named in ``meta.checkpoint_reference``),
 and ``ratios_vs_stock`` holds each
@@ -654,7 +658,7 @@ def run_variants(runs: list[tuple[str, str]], args: argparse.Namespace, work: Pa
         try:
             print(f"running {run_id}" + ("" if gpu is None else f" on GPU {gpu}") + " ...", flush=True)
             t0 = time.perf_counter()
-            row = run_variant(variant, args, work, gpu, run_id=run_id)
+            row = run_variant(variant, args, work, gpu, run_id=run_id, alone=slots == 1)
             with lock:
                 longest[variant] = max(longest.get(variant, 0.0), time.perf_counter() - t0)
             row["gpu_index"] = gpu
@@ -686,8 +690,14 @@ def evict_page_cache(folder: Path) -> int:
 
 
 def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | str | None = None,
-                run_id: str | None = None) -> dict:
-    """One variant in a fresh process; ``gpu``: its ``CUDA_VISIBLE_DEVICES``; files under ``run_id``."""
+                run_id: str | None = None, alone: bool = True) -> dict:
+    """One variant in a fresh process; ``gpu``: its ``CUDA_VISIBLE_DEVICES``; files under ``run_id``.
+
+    ``alone`` (no other run going on): the earlier runs' checkpoints are written back first, untimed
+    (``sync_before_s``), so that this run's save does not wait on their dirty pages; beside a concurrent
+    run that write-back would slow the other run instead, so it is left out (``sync_before_s`` None)."""
+    from _page_cache import write_back  # beside this script, on sys.path when it runs (or is imported by the tests)
+
     run_id = run_id or variant
     result = work / f"{run_id}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--run-id", run_id, "--workdir", str(work),
@@ -697,6 +707,7 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | s
                               ("--timeline", getattr(args, "timeline", False))) if on
     ]
     evicted = evict_page_cache(work / "src") if getattr(args, "cold", False) else None
+    synced = write_back() if alone else None
     t0 = time.perf_counter()
     try:
         env = _env(args.device, gpu)
@@ -710,15 +721,16 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | s
         text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
         (work / f"{run_id}.log").write_text(text)
         return {"variant": variant, "run": run_id, "error": f"timeout after {args.timeout}s", "log_tail": text[-3000:],
-                "process_s": args.timeout}
+                "process_s": args.timeout, "sync_before_s": synced}
     (work / f"{run_id}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not result.exists():
         tail = (proc.stdout + proc.stderr)[-3000:]
         return {"variant": variant, "run": run_id, "error": f"exit {proc.returncode}", "log_tail": tail,
-                "process_s": time.perf_counter() - t0}
+                "process_s": time.perf_counter() - t0, "sync_before_s": synced}
     data = json.loads(result.read_text())
     data["process_s"] = round(time.perf_counter() - t0, 2)
     data["cold_files_evicted"] = evicted  # None: the page cache was left as it was (warm)
+    data["sync_before_s"] = synced  # None: not written back first (a concurrent run)
     return data
 
 

@@ -439,6 +439,30 @@ def test_cold_runs_drop_the_checkpoint_from_the_page_cache_before_each_variant(t
     assert bench.run_variant("stock", bench.parse_args(["--device", "cpu"]), tmp_path)["cold_files_evicted"] is None
 
 
+def test_a_run_alone_writes_the_earlier_checkpoints_back_first_and_concurrent_runs_do_not(tmp_path, monkeypatch):
+    order: list[str] = []
+
+    def run(cmd, env, **kwargs):
+        order.append("run")
+        run_id = cmd[cmd.index("--run-id") + 1]
+        (tmp_path / f"{run_id}.json").write_text(json.dumps({"variant": cmd[cmd.index("--worker") + 1]}))
+        return bench.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench.os, "sync", lambda: order.append("sync"))
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    args = bench.parse_args(["--device", "cpu"])
+    row = bench.run_variant("stock", args, tmp_path)
+    assert order == ["sync", "run"] and isinstance(row["sync_before_s"], float)
+    order.clear()
+    assert bench.run_variant("stock", args, tmp_path, alone=False)["sync_before_s"] is None and order == ["run"]
+    order.clear()
+    rows = bench.run_variants([("stock", "stock"), ("ours", "ours")], args, tmp_path, slots=1)
+    assert order == ["sync", "run", "sync", "run"] and all(isinstance(r["sync_before_s"], float) for r in rows)
+    order.clear()
+    rows = bench.run_variants([("stock", "stock"), ("ours", "ours")], args, tmp_path, slots=2)
+    assert order == ["run", "run"] and [r["sync_before_s"] for r in rows] == [None, None]
+
+
 def test_modulerows_variant_and_nooff_modifier_are_what_they_say():
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
 
