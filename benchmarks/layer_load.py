@@ -18,6 +18,11 @@ for the copies alone on a quiet H200 host (round 15). This measures, for a Qwen3
   the switch interval takes it); ``mixed`` (``--busy`` threads alternating about 1 ms of Python with a 16 MiB host
   copy that releases the lock, like GPTQModel's finalize workers: Python, then the pack extension).
 
+``--beside``, ``--sources`` and ``--loops`` pick the cells (each a comma list; all by default). ``--switch-intervals``
+(microseconds, a comma list; default: the interpreter's own, 5000) times every cell once per interval, the interval set
+just for the timed loop, as a part that lowered it only for a layer's load would (each cell records its
+``switch_interval_us``).
+
 Each cell is timed ``--repeats`` times (the device synchronized before and after), fewer when one time passes
 ``--cell-seconds``; no cell starts after ``--deadline`` seconds (the rest are listed as skipped). The JSON keeps every
 time and the command, and is written again after each cell, so a run cut short keeps what it measured. ``--device
@@ -60,8 +65,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cell-seconds", type=float, default=5.0, help="no further repeat of a cell after a time this long")
     p.add_argument("--deadline", type=float, default=90.0, help="seconds after which no cell starts")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--beside", type=_choices(BESIDE), default=BESIDE, help=f"comma list of {', '.join(BESIDE)}")
+    p.add_argument("--sources", type=_choices(SOURCES), default=SOURCES,
+                   help=f"comma list of {', '.join(SOURCES)} (with --device cpu only pageable is measured)")
+    p.add_argument("--loops", type=_choices(LOOPS), default=LOOPS, help=f"comma list of {', '.join(LOOPS)}")
+    p.add_argument("--switch-intervals", type=_intervals, default=None,
+                   help="comma list of switch intervals in microseconds, each cell timed at each (default: the "
+                        "interpreter's own)")
     p.add_argument("--output", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device == "cpu" and "pageable" not in args.sources:
+        p.error(f"--sources {','.join(args.sources)} with --device cpu: a dry run on the CPU measures only pageable")
+    return args
+
+
+def _choices(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        picked = tuple(x for x in text.split(",") if x)
+        unknown = [x for x in picked if x not in allowed]
+        if unknown or not picked:
+            raise argparse.ArgumentTypeError(f"{text!r}: pick one or more of {', '.join(allowed)}, comma separated")
+        return picked
+    return parse
+
+
+def _intervals(text: str) -> tuple[int, ...]:
+    try:
+        picked = tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        picked = ()
+    if not picked or min(picked) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: whole microseconds >= 1, comma separated (Python's default: 5000)")
+    return picked
+
+
+@contextlib.contextmanager
+def switch_interval(microseconds: int | None):
+    """The interpreter's switch interval set to ``microseconds`` inside (None: left as it is), restored after."""
+    if microseconds is None:
+        yield
+        return
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(microseconds / 1e6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def _sync(device: str) -> None:
@@ -159,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                     "switch_interval_s": sys.getswitchinterval(), "tensors": args.tensors, "bytes": flat.numel(),
                     "busy_threads": args.busy, "cells": []}
     sources: dict[str, list[torch.Tensor]] = {"pageable": views(flat, args.tensors, args.rows, args.cols)}
-    if device == "cuda":
+    if device == "cuda" and set(args.sources) - {"pageable"}:
         t0 = time.perf_counter()
         pinned = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
         pinned.copy_(flat)
@@ -171,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             uploads.append(round(seconds, 4))
         result["upload_s"] = uploads  # pageable host -> one device buffer, 64 MiB pieces, side stream
         sources["device"] = views(staged, args.tensors, args.rows, args.cols)
-    loop("per_tensor", sources["pageable"][:8], device)()  # first-use costs out of the cells
+    sources = {name: tensors for name, tensors in sources.items() if name in args.sources}
+    loop("per_tensor", views(flat, args.tensors, args.rows, args.cols)[:8], device)()  # first-use costs out of the cells
     started, result["skipped"] = time.perf_counter(), []
     try:
         measure(args, sources, device, result, started)
@@ -192,21 +242,26 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args: argparse.Namespace, sources: dict[str, list[torch.Tensor]], device: str, result: dict,
             started: float) -> None:
     """Every cell (see the module docstring) into ``result["cells"]``, the file written after each."""
-    for beside in BESIDE:
+    intervals = args.switch_intervals or (None,)
+    for beside in args.beside:
         for source, tensors in sources.items():
-            for kind in LOOPS:
-                if time.perf_counter() - started > args.deadline:
-                    result["skipped"].append(f"{beside}/{source}/{kind}")
-                    continue
-                run = loop(kind, tensors, device)
-                with Busy(beside, args.busy) if beside != "none" else contextlib.nullcontext() as busy:
-                    times = repeat(run, device, args.repeats, args.cell_seconds)
-                cell = {"beside": beside, "source": source, "loop": kind, "seconds": times,
-                        "median_s": round(statistics.median(times), 6),
-                        "busy_rounds": sum(busy.rounds) if busy is not None else None}
-                result["cells"].append(cell)
-                print(f"{beside:6s} {source:8s} {kind:10s} median {cell['median_s']:.4f} s  {times}", flush=True)
-                write(result, args.output)
+            for kind in args.loops:
+                for us in intervals:
+                    name = f"{beside}/{source}/{kind}" + (f"/si{us}" if us is not None else "")
+                    if time.perf_counter() - started > args.deadline:
+                        result["skipped"].append(name)
+                        continue
+                    run = loop(kind, tensors, device)
+                    with Busy(beside, args.busy) if beside != "none" else contextlib.nullcontext() as busy:
+                        with switch_interval(us):
+                            times = repeat(run, device, args.repeats, args.cell_seconds)
+                    cell = {"beside": beside, "source": source, "loop": kind,
+                            "switch_interval_us": us if us is not None else round(sys.getswitchinterval() * 1e6),
+                            "seconds": times, "median_s": round(statistics.median(times), 6),
+                            "busy_rounds": sum(busy.rounds) if busy is not None else None}
+                    result["cells"].append(cell)
+                    print(f"{name:34s} median {cell['median_s']:.4f} s  {times}", flush=True)
+                    write(result, args.output)
 
 
 def repeat(run: Callable[[], None], device: str, times: int, cell_seconds: float) -> list[float]:

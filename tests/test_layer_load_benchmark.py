@@ -42,6 +42,36 @@ def test_a_deadline_skips_the_rest_and_still_writes(tmp_path):
     assert data["cells"] == [] and len(data["skipped"]) == 6
 
 
+def test_picked_cells_are_timed_once_per_switch_interval_with_the_interval_set_only_inside(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCH))
+    import layer_load
+
+    seen: list[int] = []
+    real = layer_load.timed
+    monkeypatch.setattr(layer_load, "timed",
+                        lambda fn, device: seen.append(round(sys.getswitchinterval() * 1e6)) or real(fn, device))
+    before = sys.getswitchinterval()
+    out = tmp_path / "load.json"
+    assert layer_load.main([*SMALL, "--beside", "none,mixed", "--loops", "per_tensor", "--switch-intervals", "5000,200",
+                            "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    cells = [(c["beside"], c["source"], c["loop"], c["switch_interval_us"]) for c in data["cells"]]
+    assert cells == [(b, "pageable", "per_tensor", us) for b in ("none", "mixed") for us in (5000, 200)]
+    assert seen == [5000, 5000, 200, 200] * 2 and sys.getswitchinterval() == before
+    assert all(c["busy_rounds"] > 0 for c in data["cells"] if c["beside"] == "mixed")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--beside", "mixed,gpu"), "pick one or more of none, python, mixed"),
+    (("--switch-intervals", "5000,0"), "whole microseconds >= 1"),
+    (("--switch-intervals", "fast"), "whole microseconds >= 1"),
+    (("--sources", "pinned"), "measures only pageable"),
+])
+def test_bad_cell_picks_are_refused_in_one_line(flags, message):
+    done = run(*SMALL, *flags)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
 def test_the_loops_copy_the_bytes():
     sys.path.insert(0, str(BENCH))
     import layer_load
