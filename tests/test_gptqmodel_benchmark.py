@@ -321,6 +321,9 @@ def test_variants_pick_their_lean_bookkeeping():
     gate = "ours-grouped-batched-blockfinalize-loadpriority"
     assert bench.bookkeeping_setting(gate) == set(DEFAULT_PARTS) | {"block_finalize", "load_priority"} and gate in bench.VARIANTS
     assert "load_priority" in PARTS and "load_priority" not in default_parts(1024)
+    switch = "ours-grouped-batched-loadswitch"
+    assert bench.bookkeeping_setting(switch) == set(DEFAULT_PARTS) | {"load_switch"} and switch in bench.VARIANTS
+    assert "load_switch" in PARTS and "load_switch" not in default_parts(1024)
     unblock = "ours-grouped-batched-noblockfinalize"  # a default part where the host has 16 cores
     assert bench.bookkeeping_setting(unblock) == set(DEFAULT_PARTS) - {"block_finalize"} and unblock in bench.VARIANTS
     words = "ours-grouped-batched-blockfinalize-devicewords"

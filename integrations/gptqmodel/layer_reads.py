@@ -43,6 +43,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +57,8 @@ from .shard_view import file_id as _file_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerReadStats", "LayerReads", "read_tensors", "serves_here",
-           "whole_layer_load"]
+__all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerReadStats", "LayerReads", "around_whole_layer_loads",
+           "read_tensors", "serves_here", "whole_layer_load"]
 
 #: Bytes of one pinned buffer piece (a tensor larger than that gets a piece of its own).
 PIECE_BYTES = 64 << 20
@@ -84,6 +85,23 @@ def whole_layer_load(model: nn.Module, holds_experts: Callable[[nn.Module], bool
     of ``model`` that holds our experts (not one module's forward preparation, not another model)."""
     return (target_model is model and bool(recurse) and isinstance(module_path, str) and bool(module_path)
             and isinstance(target_submodule, nn.Module) and holds_experts(target_submodule))
+
+
+def around_whole_layer_loads(original: Callable, model: nn.Module, holds_experts: Callable[[nn.Module], bool],
+                             around: Callable[[], AbstractContextManager]) -> Callable:
+    """GPTQModel's ``LazyTurtle._copy_checkpoint_tensors_into_submodule`` run inside ``around()`` when it loads a
+    whole layer of ``model`` that holds our experts (:func:`whole_layer_load`); every other call as GPTQModel's."""
+
+    @functools.wraps(original)
+    def _copy_checkpoint_tensors_into_submodule(self, *args: Any, **kwargs: Any) -> Any:
+        if not whole_layer_load(model, holds_experts, target_model=kwargs.get("target_model"),
+                                target_submodule=kwargs.get("target_submodule"),
+                                module_path=kwargs.get("module_path"), recurse=kwargs.get("recurse")):
+            return original(self, *args, **kwargs)
+        with around():
+            return original(self, *args, **kwargs)
+
+    return _copy_checkpoint_tensors_into_submodule
 
 
 def serves_here() -> bool:

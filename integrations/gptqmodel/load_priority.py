@@ -22,7 +22,6 @@ finalize is not gated.
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from .layer_reads import whole_layer_load
+from .layer_reads import around_whole_layer_loads
 
 __all__ = ["MAX_WAIT", "LoadPriority", "LoadPriorityStats"]
 
@@ -97,15 +96,4 @@ class LoadPriority:
     def patch_copy(self, original: Callable, model: nn.Module, holds_experts: Callable[[nn.Module], bool]) -> Callable:
         """GPTQModel's ``LazyTurtle._copy_checkpoint_tensors_into_submodule`` holding the gate while it loads a whole
         layer of ``model`` that holds our experts; every other call as GPTQModel's."""
-        gate = self
-
-        @functools.wraps(original)
-        def _copy_checkpoint_tensors_into_submodule(self, *args: Any, **kwargs: Any) -> Any:
-            if not whole_layer_load(model, holds_experts, target_model=kwargs.get("target_model"),
-                                    target_submodule=kwargs.get("target_submodule"),
-                                    module_path=kwargs.get("module_path"), recurse=kwargs.get("recurse")):
-                return original(self, *args, **kwargs)
-            with gate.held():
-                return original(self, *args, **kwargs)
-
-        return _copy_checkpoint_tensors_into_submodule
+        return around_whole_layer_loads(original, model, holds_experts, self.held)

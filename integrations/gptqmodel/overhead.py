@@ -147,6 +147,12 @@ expert projections of our ``DefusedExperts`` blocks only:
   load's per-tensor calls for the interpreter lock; a wait ends after :data:`~.load_priority.MAX_WAIT` seconds at most (:mod:`.load_priority`). The same modules
   and buffers, made later.
 
+* **load switch** (opt-in, :data:`OPT_IN`; GPTQModel's load of a decoder layer holding our experts,
+  ``_copy_checkpoint_tensors_into_submodule``): while it runs, the interpreter's switch interval is
+  :data:`~.load_switch.LOAD_SWITCH_INTERVAL` (0.5 ms) instead of Python's 5 ms, so the load's per-tensor torch calls get
+  the interpreter lock back sooner from the finalize threads beside it; put back when the last load ends
+  (:mod:`.load_switch`). Nothing waits, nothing is computed differently.
+
 * **solve warm-up** (GPTQModel's CUDA workers of the quantize device): each is handed one rehearsal of the steps a
   GPTQ solve runs before its Hessian inverse (quantizer parameters, dead columns, permutations) on small tensors,
   and the first one a call of the model's attention function and products of its projections' shapes, so those
@@ -204,6 +210,7 @@ from .disk_probe import DiskProbeStats, probe_behind
 from .disk_probe import internals_refusal as _disk_probe_mismatch
 from .gc_freeze import FreezeStats, freeze_saves_of, frozen_heap
 from .load_priority import LoadPriority, LoadPriorityStats
+from .load_switch import LoadSwitch, LoadSwitchStats
 from .layer_ahead import LayerAhead, LayerAheadStats
 from .layer_ahead import internals_refusal as _layer_ahead_mismatch
 from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_quantize
@@ -268,6 +275,7 @@ class BookkeepingStats:
     solve_warmup: SolveWarmupStats | None = None  # the solve_warmup part (None: not used)
     block_finalize: BlockFinalizeStats | None = None  # the block_finalize part (None: not used)
     load_priority: LoadPriorityStats | None = None  # the load_priority part (None: not used)
+    load_switch: LoadSwitchStats | None = None  # the load_switch part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
     parts: list[str] = field(default_factory=list)  # the parts that ran (asked for, less the disabled ones), sorted
@@ -308,6 +316,7 @@ class BookkeepingStats:
             "solve_warmup": self.solve_warmup.as_dict() if self.solve_warmup is not None else None,
             "block_finalize": self.block_finalize.as_dict() if self.block_finalize is not None else None,
             "load_priority": self.load_priority.as_dict() if self.load_priority is not None else None,
+            "load_switch": self.load_switch.as_dict() if self.load_switch is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
             "parts": list(self.parts),
@@ -927,7 +936,8 @@ def _rate_limited_draw(original: Callable, stats: BookkeepingStats, lock: thread
 PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint_index", "shard_handles", "draw_rate",
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy",
-                   "base_in_memory", "tail_workers", "solve_warmup", "block_finalize", "device_words", "steal_groups", "load_priority"})
+                   "base_in_memory", "tail_workers", "solve_warmup", "block_finalize", "device_words", "steal_groups", "load_priority",
+                   "load_switch"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moved the run's full collection into what came after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
@@ -940,8 +950,11 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
 #: ``steal_groups`` (round 51): on one H100 (round 52) 3.94x-4.06x against the default's 3.94x-4.10x, the tail 0.70 /
 #: 0.73 s against 0.74 / 0.76 s. ``gc_freeze`` is a default since round 52: its saves run frozen too, so the
 #: collection it took out of the run no longer comes in the save.
-#: ``load_priority`` (round 52) is new: CPU-tested only.
-OPT_IN = frozenset({"layer_ahead", "capture_lazy", "tail_workers", "device_words", "steal_groups", "load_priority"})
+#: ``load_priority`` (round 52): on one H100 (round 53) layer 1's load 0.32-0.38 s against 0.78-0.79 s, but the
+#: paused finalizes lengthened the subsets after it as much (3.83x-4.15x against the default's 3.79x-4.23x).
+#: ``load_switch`` (round 53) is new: CPU-measured only.
+OPT_IN = frozenset({"layer_ahead", "capture_lazy", "tail_workers", "device_words", "steal_groups", "load_priority",
+                    "load_switch"})
 #: Parts on by default only where the process may run on at least this many cores (:func:`default_parts`).
 #: ``block_finalize`` packs a group's members on a pool of the cores less two: on two H100 hosts of 16 cores
 #: (rounds 48 and 51) the quantize was shorter than without it in seven of eight pairs and as long in one, while on a
@@ -1120,6 +1133,13 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
             stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule",
                                         priority.patch_copy(turtle._copy_checkpoint_tensors_into_submodule,
                                                             gptq_model.model, _holds_experts)))
+        if paths and "load_switch" in enabled:  # outside load_priority's gate: the shorter interval covers it too
+            stats.load_switch = LoadSwitchStats()
+            turtle = structure.LazyTurtle
+            stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule",
+                                        LoadSwitch(stats.load_switch).patch_copy(
+                                            turtle._copy_checkpoint_tensors_into_submodule, gptq_model.model,
+                                            _holds_experts)))
         if paths and "block_finalize" in enabled:
             stats.block_finalize = stack.enter_context(block_finalize(gptq_model, paths,
                                                                       device_words="device_words" in enabled,
