@@ -638,7 +638,7 @@ def test_a_deadline_skips_the_runs_that_would_end_after_it(monkeypatch):
         def perf_counter() -> float:
             return clock[0]
 
-    def run_variant(variant, args, work, gpu=None, run_id=None):
+    def run_variant(variant, args, work, gpu=None, run_id=None, alone=True):
         clock[0] += took[variant]
         return {"variant": variant, "run": run_id}
 
