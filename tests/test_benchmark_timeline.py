@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -93,8 +94,8 @@ def test_each_layers_finalizes_get_their_window_and_medians():
 def test_the_committed_round31_spans_give_the_documented_last_finalize_window():
     """docs/performance.md round 31: layer 1's 388 finalizes, 17-19 ms each, about 1.1-1.2 s first to last."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / \
-        "gptqmodel_cuda_2layers_round31a_timeline_h200x1.ours-grouped-batched_2.timeline.jsonl"
-    spans = [Span(**json.loads(line)) for line in path.read_text().splitlines()]
+        "gptqmodel_cuda_2layers_round31a_timeline_h200x1.ours-grouped-batched_2.timeline.jsonl.gz"
+    spans = [Span(**json.loads(line)) for line in gzip.decompress(path.read_bytes()).decode().splitlines()]
     last = finalize_windows(spans, start=0.0)[-1]
     assert last["layer"] == 1 and last["modules"] == 388 and last["workers"] == 8
     assert 17.0 <= last["median_ms"] <= 19.0 and 1.1 <= last["last_end"] - last["first_start"] <= 1.2
