@@ -38,6 +38,7 @@ instrumentation only; it changes no result.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -59,6 +60,7 @@ class StageClock:
         self.seconds: dict[str, float] = defaultdict(float)
         self.cpu_seconds: dict[str, float] = defaultdict(float)  # this process's CPU time: robust to a shared CPU
         self.calls: dict[str, int] = defaultdict(int)
+        self._open = threading.local()  # each thread's stages entered and not yet left, outermost first
 
     def _sync(self) -> None:
         if self.cuda:
@@ -66,16 +68,29 @@ class StageClock:
 
             torch.cuda.synchronize()
 
+    def open_stages(self) -> tuple[str, ...]:
+        """The calling thread's stages entered and not yet left, outermost first."""
+        return tuple(getattr(self._open, "names", ()))
+
+    def top_level_stage(self) -> str:
+        """The calling thread's outermost open stage of :data:`TOP_LEVEL` (else its outermost open stage; else
+        ``"outside the stages"``): where a moment of ``oneshot`` belongs."""
+        names = self.open_stages()
+        return next((n for n in names if n in TOP_LEVEL), names[0] if names else "outside the stages")
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         self._sync()
         t0, c0 = time.perf_counter(), time.process_time()
+        names = self._open.__dict__.setdefault("names", [])
+        names.append(name)
         try:
             import torch
 
             with torch.profiler.record_function(f"stage:{name}"):  # a range in DQ_TORCH_PROFILE_DIR's table
                 yield
         finally:
+            names.pop()
             self._sync()
             self.seconds[name] += time.perf_counter() - t0
             self.cpu_seconds[name] += time.process_time() - c0

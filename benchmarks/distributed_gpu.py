@@ -29,6 +29,9 @@ variant, once in one process and once under ``torchrun --nproc-per-node N`` (one
                compressed-tensors' one-by-one loop, as before round 47 (the default packs alike modules in stacked
                chunks on a GPU; each row's ``compression_batching`` says what); the checkpoint must be ``all``'s
                (``checkpoint_vs_batched_pack``). Round 47's first call ran the stacked packing as ``all-batchpack``.
+* ``all-frozensave`` - ``all`` with ``frozen_save=True`` (opt-in): the save runs with the heap frozen, so the
+               full garbage collection that came in it (``gc_full.by_stage``) walks only what the save allocates; the
+               checkpoint must be ``all``'s (``checkpoint_vs_unfrozen``); each row's ``frozen_save`` says what ran.
 * ``all-unshared`` - ``all`` with ``share_hessians=False``: every gate/up Hessian takes each call's
                product itself; the checkpoint must be ``all``'s (``checkpoint_vs_shared``).
 * ``routed-onewriter`` / ``all-onewriter`` - the same with ``save_threads=1``: Transformers writes
@@ -53,8 +56,8 @@ solve, qparam broadcast, our rank sync and barrier, finalize, save; wall and CPU
 synchronized at each boundary; plus ``experts_host``, the host seconds inside the experts blocks'
 forwards, not synchronized), how many block calls ran grouped or looped (and why), and for our
 variants the coverage totals (they must agree and equal the one-process totals), and ``gc_full``: the interpreter's
-full garbage collections during ``oneshot`` (how many, their seconds, the longest; each holds the interpreter lock
-while it walks every tracked object). The N-process
+full garbage collections during ``oneshot`` (how many, their seconds, the longest, and ``by_stage``: the top-level
+stage each came in; each holds the interpreter lock while it walks every tracked object). The N-process
 checkpoint is compared with the one-process one (logits on a fixed prompt: cosine and max
 difference). Each of our runs is also compared with stock at the same process count (``vs_stock``:
 oneshot speed ratio, peak memory ratio, how many packed weights are identical and the largest
@@ -117,7 +120,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
 VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter", "all-unshared",
-            "all-rehearse", "all-syncfree", "all-mmloop", "all-looppack", "all-nosync")
+            "all-rehearse", "all-syncfree", "all-mmloop", "all-looppack", "all-nosync", "all-frozensave")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
@@ -237,6 +240,7 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
         hessian_batching=[r.get("hessian_batching") for r in results],
         rehearsal=[r.get("rehearsal") for r in results],
         compression_batching=[r.get("compression_batching") for r in results],
+        frozen_save=[r.get("frozen_save") for r in results],
         gc_full=[r.get("gc_full") for r in results],
         experts_classes=results[0]["experts_classes"],
         coverage_totals=coverages[0],
@@ -583,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(rows: list[dict], row: dict, args: argparse.Namespace) -> None:
     """A finished run against its references: N vs 1 process, stock, and for a suffixed variant
-    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-syncfree``, ``-nosync``, ``-mmloop``, ``-looppack``, ``-loop``) the same variant without the suffix."""
+    (``-onewriter``, ``-unshared``, ``-rehearse``, ``-syncfree``, ``-nosync``, ``-mmloop``, ``-looppack``, ``-frozensave``,
+    ``-loop``) the same variant without the suffix."""
     if not _ok(row):
         return
     one = _find(rows, row["variant"], 1, row.get("repeat", 0))
@@ -614,6 +619,7 @@ _REFERENCE_OF_SUFFIX = (
     ("-nosync", "checkpoint_vs_synced", _same_checkpoint),
     ("-mmloop", "checkpoint_vs_stacked", _same_checkpoint),
     ("-looppack", "checkpoint_vs_batched_pack", _same_checkpoint),
+    ("-frozensave", "checkpoint_vs_unfrozen", _same_checkpoint),
     ("-loop", "logits_vs_grouped", lambda ref, ckpt, args: compare_logits(ref, ckpt, args.device)),
 )
 
@@ -754,7 +760,7 @@ def worker(args: argparse.Namespace) -> int:
                                           share_hessians=suffix != "unshared", rehearse=suffix == "rehearse",
                                           sync_free_propagation=suffix in ("syncfree", "nosync"),
                                           sync_free_calibration=suffix == "nosync",
-                                          batched_compress=suffix != "looppack")
+                                          batched_compress=suffix != "looppack", frozen_save=suffix == "frozensave")
         return loaded, [modifier, *steps], modifier
 
     def run_oneshot(loaded: Any, steps: list, folder: Path) -> float:
@@ -789,10 +795,14 @@ def worker(args: argparse.Namespace) -> int:
     from defuser_quant.integrations.gptqmodel.gc_freeze import timed_collections
 
     full_collections: list[float] = []  # the interpreter's full garbage collections during oneshot, seconds each
+    full_by_stage: dict[str, dict[str, float]] = {}  # ... by the top-level stage they came in
 
     def collected(generation: int, start: float, end: float) -> None:
         if generation == 2:
             full_collections.append(end - start)
+            where = full_by_stage.setdefault(clock.top_level_stage(), {"collections": 0, "seconds": 0.0})
+            where["collections"] += 1
+            where["seconds"] = round(where["seconds"] + end - start, 4)
 
     with count_triton_compiles() as compiles:  # its cache scans stay outside the timed region
         with maybe_profile(f"llmc-{variant}-n{distributed.world_size()}-rank{distributed.rank()}"), \
@@ -818,8 +828,9 @@ def worker(args: argparse.Namespace) -> int:
         "gil_probe": None if probe is None else probe.summary(),
         "rehearsal": None if defuse is None else defuse.rehearsal,
         "compression_batching": None if defuse is None else defuse.compression_batching,
+        "frozen_save": None if defuse is None else defuse.frozen_save_stats,
         "gc_full": {"collections": len(full_collections), "seconds": round(sum(full_collections), 4),
-                    "longest_s": round(max(full_collections, default=0.0), 4)},
+                    "longest_s": round(max(full_collections, default=0.0), 4), "by_stage": full_by_stage},
     }
     if args.twice:  # the same run again in this process: the difference is what the first use of everything cost
         del model, recipe

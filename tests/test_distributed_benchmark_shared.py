@@ -19,11 +19,11 @@ import distributed_gpu as dg  # noqa: E402
 def test_all_and_its_opt_in_variants_record_what_they_did_and_give_the_same_checkpoint(tmp_path):
     pytest.importorskip("llmcompressor")
     out = tmp_path / "distributed.json"
-    dg.main(["--device", "cpu", "--tiny", "--variants", "all@1,all-unshared@1,all-rehearse@1,all-syncfree@1,all-mmloop@1,all-looppack@1", "--workdir", str(tmp_path / "work"),
+    dg.main(["--device", "cpu", "--tiny", "--variants", "all@1,all-unshared@1,all-rehearse@1,all-syncfree@1,all-mmloop@1,all-looppack@1,all-frozensave@1", "--workdir", str(tmp_path / "work"),
              "--output", str(out)])
     payload = json.loads(out.read_text())
     rows = {row["variant"]: row for row in payload["rows"]}
-    assert set(rows) == {"all", "all-unshared", "all-rehearse", "all-syncfree", "all-mmloop", "all-looppack"} and not any("error" in row for row in rows.values()), rows
+    assert set(rows) == {"all", "all-unshared", "all-rehearse", "all-syncfree", "all-mmloop", "all-looppack", "all-frozensave"} and not any("error" in row for row in rows.values()), rows
     shared, unshared = rows["all"]["hessian_batching"][0], rows["all-unshared"]["hessian_batching"][0]
     assert shared["shared_groups"] == shared["settles"] == 2  # one group per layer, written before each solve
     assert unshared["shared_groups"] == 0 and unshared["batched"] == shared["batched"] > 0
@@ -33,8 +33,9 @@ def test_all_and_its_opt_in_variants_record_what_they_did_and_give_the_same_chec
     # every rank's full garbage collections during oneshot, counted and timed
     for row in rows.values():
         (gc_full,) = row["gc_full"]
-        assert set(gc_full) == {"collections", "seconds", "longest_s"} and gc_full["collections"] >= 0
+        assert set(gc_full) == {"collections", "seconds", "longest_s", "by_stage"} and gc_full["collections"] >= 0
         assert (gc_full["seconds"] > 0) == (gc_full["collections"] > 0) and gc_full["longest_s"] <= gc_full["seconds"]
+        assert sum(where["collections"] for where in gc_full["by_stage"].values()) == gc_full["collections"]
     # on the CPU the rehearsal says why it did not run; all (rehearse=False) has none; the same checkpoint
     skipped = {"seconds": {}, "not_run": [], "failed": {}, "skipped": "no model tensor on a CUDA device"}
     assert rows["all-rehearse"]["rehearsal"] == [skipped] and rows["all"]["rehearsal"] == [None]
@@ -49,15 +50,20 @@ def test_all_and_its_opt_in_variants_record_what_they_did_and_give_the_same_chec
     assert rows["all-looppack"]["compression_batching"] == [None]
     assert rows["all"]["compression_batching"] == [{"modules": 0, "groups": 0, "chunks": 0, "checked": 0,
                                                     "mismatched": 0, "left": {"on cpu (batched on cuda)": quantized}}]
+    # the frozen save froze (its full collections, if any, are the save's own) and only that variant's did
+    (frozen,) = rows["all-frozensave"]["frozen_save"]
+    assert frozen["froze"] is True and frozen["stock"] is None and rows["all"]["frozen_save"] == [None]
     for variant, key in (("all-rehearse", "checkpoint_vs_unrehearsed"), ("all-syncfree", "checkpoint_vs_synced"),
-                         ("all-mmloop", "checkpoint_vs_stacked"), ("all-looppack", "checkpoint_vs_batched_pack")):
+                         ("all-mmloop", "checkpoint_vs_stacked"), ("all-looppack", "checkpoint_vs_batched_pack"),
+                         ("all-frozensave", "checkpoint_vs_unfrozen")):
         same = rows[variant][key]
         assert same["tensors"] == f"{total}/{total}" and same["only_in_one"] == 0, (variant, same)
     # the grouping by identical checkpoints takes those comparisons' verdicts and reads no pair again
-    groups = [["all x1", "all-unshared x1", "all-rehearse x1", "all-syncfree x1", "all-mmloop x1", "all-looppack x1"]]
+    groups = [["all x1", "all-unshared x1", "all-rehearse x1", "all-syncfree x1", "all-mmloop x1", "all-looppack x1",
+               "all-frozensave x1"]]
     assert payload["checkpoint_groups"] == {"x1": {"groups": groups, "unsettled": [], "read": []}}
     assert ("Identical checkpoints (x1, every tensor equal): {all x1, all-unshared x1, all-rehearse x1, all-syncfree x1, "
-            "all-mmloop x1, all-looppack x1}"
+            "all-mmloop x1, all-looppack x1, all-frozensave x1}"
             in payload["vs_stock_table"])
 
 

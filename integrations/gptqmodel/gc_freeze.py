@@ -13,18 +13,9 @@ each run, stock's too, had one whole-process stall of 0.33-0.41 s during layer 0
 0.12-0.21 s at the start (``gptqmodel_cuda_2layers_round34c_stalls_h200x1.json``); on the CPU proxy the two full
 collections took 0.5 s together and were the run's only long stalls (``gptqmodel_cpu_776modules_round34_gc.json``).
 
-Inside the block ``gc.freeze()`` moves every tracked object alive at its start to the permanent generation,
-which collections skip; what the run allocates is collected as before, and collections only walk that.
-``gc.unfreeze()`` at the end (also on an exception or Ctrl-C) hands the frozen objects back to the oldest
-generation. Nothing is computed differently. What this costs: an object alive at the start that becomes
-garbage in a reference cycle during the run is freed only after the block, by a later collection (plain
-reference counting frees everything else at once).
-
-The part stays stock, and says why, when automatic collection is off (``gc.disable()``: nothing to spare).
-Objects frozen before the block (a caller's own ``gc.freeze()``, or the interpreter's start: the H200 image's
-Python 3.12 starts with 375 frozen objects, ``gptqmodel_cuda_2layers_round35a_gc_h200x1.json``) are counted in
-``frozen_before`` and logged: ``gc.unfreeze()`` cannot tell them apart, so the end of the block hands them back to
-the collector too. They stay alive; only later full collections walk them again.
+The freezing itself is :func:`~defuser_quant.integrations.frozen_heap.frozen_heap` (what it skips, what it costs,
+when it stays stock). The H200 image's Python 3.12 starts with 375 frozen objects
+(``gptqmodel_cuda_2layers_round35a_gc_h200x1.json``): the run's end hands them back to the collector with the rest.
 
 Handing the objects back at the run's end let the interpreter's next full collection walk all of them, and it came
 in the save (round 35). So a model quantized with the part is registered (:func:`freeze_saves_of`), and its saves
@@ -38,115 +29,16 @@ the next collection after the block. A block started inside another (a save call
 from __future__ import annotations
 
 import functools
-import gc
-import logging
-import threading
-import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
+
+from ..frozen_heap import FreezeStats, frozen_heap, timed_collections
 
 __all__ = ["FreezeStats", "freeze_saves_of", "frozen_heap", "frozen_save", "timed_collections"]
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class FreezeStats:
-    """What the ``gc_freeze`` part did in one run."""
-
-    froze: bool = False  # the objects alive at the start were moved out of full collections
-    frozen: int | None = None  # ... how many (None: not counted; counting walks them all, see frozen_heap)
-    frozen_before: int = 0  # objects frozen already when the block started (handed back at its end too)
-    full_collections: int = 0  # full (generation 2) collections during the run, frozen or not
-    full_seconds: float = 0.0  # ... their summed time
-    stock: str | None = None  # why nothing was frozen
-    saves: int = 0  # saves of the quantized model run frozen since (each through frozen_save)
-    save: FreezeStats | None = None  # ... the last one's
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"froze": self.froze, "frozen": self.frozen, "frozen_before": self.frozen_before,
-                "full_collections": self.full_collections, "full_seconds": round(self.full_seconds, 4),
-                "stock": self.stock, "saves": self.saves, "save": self.save.as_dict() if self.save is not None else None}
-
-
-_OPEN = [0]  # frozen_heap blocks open in the process
-_OPEN_LOCK = threading.Lock()
 #: models quantized with the part -> its stats: their saves run frozen too (frozen_save)
 _SAVES: weakref.WeakKeyDictionary[Any, FreezeStats] = weakref.WeakKeyDictionary()
-
-
-@contextmanager
-def timed_collections(done: Callable[[int, float, float], None]) -> Iterator[None]:
-    """Inside the block, ``done(generation, start, end)`` (``perf_counter`` seconds) after each garbage
-    collection the interpreter runs, called on the thread that ran it."""
-    started: dict[int, float] = {}
-
-    def event(phase: str, info: dict) -> None:
-        key = threading.get_ident()
-        if phase == "start":
-            started[key] = time.perf_counter()
-        elif (began := started.pop(key, None)) is not None:
-            done(info.get("generation"), began, time.perf_counter())
-
-    gc.callbacks.append(event)
-    try:
-        yield
-    finally:
-        gc.callbacks.remove(event)
-
-
-@contextmanager
-def frozen_heap(stats: FreezeStats | None = None, *, count: bool = False) -> Iterator[FreezeStats]:
-    """Inside the block, the objects tracked at its start are left out of full collections (see the module
-    docstring); ``stats`` times the full collections that still ran, and with ``count`` says how many objects
-    were frozen (``gc.get_freeze_count()`` walks them all while holding the interpreter lock: 0.05 s for 400,000
-    objects on a CPU host, so a run does not count them)."""
-    stats = stats if stats is not None else FreezeStats()
-
-    def full(generation: int, start: float, end: float) -> None:
-        if generation == 2:
-            stats.full_collections += 1
-            stats.full_seconds += end - start
-
-    with timed_collections(full), _one_block() as outermost:
-        if not gc.isenabled():
-            stats.stock = "automatic garbage collection is off"
-            yield stats
-            return
-        if not outermost:
-            stats.stock = "inside another frozen block, which hands the objects back at its end"
-            yield stats
-            return
-        stats.frozen_before = gc.get_freeze_count()
-        if stats.frozen_before:
-            logger.info("gc_freeze: %d objects were frozen before the run (gc.freeze() by the caller or at the "
-                        "interpreter's start); the run's end hands them back to the collector with the rest",
-                        stats.frozen_before)
-        gc.freeze()
-        stats.froze = True
-        if count:
-            stats.frozen = gc.get_freeze_count()
-        try:
-            yield stats
-        finally:
-            gc.unfreeze()
-
-
-@contextmanager
-def _one_block() -> Iterator[bool]:
-    """Counts the open :func:`frozen_heap` blocks of the process (``gc.freeze()`` is process-wide); gives True
-    to the outermost one."""
-    with _OPEN_LOCK:
-        outermost = _OPEN[0] == 0
-        _OPEN[0] += 1
-    try:
-        yield outermost
-    finally:
-        with _OPEN_LOCK:
-            _OPEN[0] -= 1
 
 
 def freeze_saves_of(model: Any, stats: FreezeStats) -> None:
