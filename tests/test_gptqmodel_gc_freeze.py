@@ -69,7 +69,7 @@ def test_objects_frozen_before_the_block_are_counted_and_handed_back_at_its_end(
     # Frozen objects freed by reference counting leave the count, so it can only drop before the block starts.
     before = gc.get_freeze_count()
     del node
-    with caplog.at_level("INFO", logger="defuser_quant.integrations.frozen_heap"):
+    with caplog.at_level("INFO", logger="defuser_quant.checkpoint.frozen_heap"):
         with frozen_heap(count=True) as stats:
             assert stats.stock is None and 0 < stats.frozen_before <= before and stats.frozen >= stats.frozen_before
             gc.collect()

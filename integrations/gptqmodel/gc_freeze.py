@@ -13,7 +13,7 @@ each run, stock's too, had one whole-process stall of 0.33-0.41 s during layer 0
 0.12-0.21 s at the start (``gptqmodel_cuda_2layers_round34c_stalls_h200x1.json``); on the CPU proxy the two full
 collections took 0.5 s together and were the run's only long stalls (``gptqmodel_cpu_776modules_round34_gc.json``).
 
-The freezing itself is :func:`~defuser_quant.integrations.frozen_heap.frozen_heap` (what it skips, what it costs,
+The freezing itself is :func:`~defuser_quant.checkpoint.frozen_heap.frozen_heap` (what it skips, what it costs,
 when it stays stock). The H200 image's Python 3.12 starts with 375 frozen objects
 (``gptqmodel_cuda_2layers_round35a_gc_h200x1.json``): the run's end hands them back to the collector with the rest.
 
@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ..frozen_heap import FreezeStats, frozen_heap, timed_collections
+from defuser_quant.checkpoint.frozen_heap import FreezeStats, frozen_heap, timed_collections
 
 __all__ = ["FreezeStats", "freeze_saves_of", "frozen_heap", "frozen_save", "timed_collections"]
 

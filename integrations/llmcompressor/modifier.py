@@ -39,7 +39,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from torch import nn
 
 from defuser_quant.checkpoint.concurrent_save import concurrent_shards
-from defuser_quant.integrations.frozen_heap import FreezeStats, frozen_heap
+from defuser_quant.checkpoint.frozen_heap import FreezeStats, frozen_heap
 from defuser_quant.core import DefusedExperts, DefuserQuantError, FilterRules, convert_model, fuse_model
 from defuser_quant.calibration import DEFAULT_MIN_TOKENS, CoverageReport, build_report, routing_mode
 from defuser_quant.calibration import distributed
@@ -186,7 +186,7 @@ class DefuseModifier(Modifier):
             its path and was no faster (docs/performance.md, round 47).
         frozen_save: run the save ``oneshot`` makes after :meth:`on_finalize` (``model.save_pretrained``, the
             re-fused copy included) with the objects alive at its start left out of the interpreter's full garbage
-            collections (``defuser_quant.integrations.frozen_heap``), and handed back at its end, also on an error;
+            collections (``defuser_quant.checkpoint.frozen_heap``), and handed back at its end, also on an error;
             :attr:`frozen_save_stats` says what ran. On a CPU the one full collection of a one-layer ``oneshot`` at
             the expert shape came in the save, stock's too (0.22-0.29 s); on one H100 each two-layer run had one
             of 0.24-0.30 s (docs/performance.md, round 53). Opt-in: not measured on a GPU yet.
