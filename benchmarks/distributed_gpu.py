@@ -792,7 +792,7 @@ def worker(args: argparse.Namespace) -> int:
     from _triton_compiles import count_triton_compiles
 
     probe = GilProbe() if args.gil_probe else None
-    from defuser_quant.integrations.gptqmodel.gc_freeze import timed_collections
+    from defuser_quant.checkpoint.frozen_heap import timed_collections
 
     full_collections: list[float] = []  # the interpreter's full garbage collections during oneshot, seconds each
     full_by_stage: dict[str, dict[str, float]] = {}  # ... by the top-level stage they came in

@@ -35,8 +35,8 @@ def test_a_pause_returns_at_once_when_no_load_holds_the_gate():
 def test_a_pause_waits_for_the_last_of_the_loads_holding_the_gate():
     gate = LoadPriority()
     done: list = []
-    with gate.held():
-        with gate.held():  # two loads at once (a load ahead beside the main thread's)
+    with gate.during_load():
+        with gate.during_load():  # two loads at once (a load ahead beside the main thread's)
             waiter = _waiter(gate, done)
             time.sleep(0.15)
         time.sleep(0.15)
@@ -51,7 +51,7 @@ def test_a_pause_waits_for_the_last_of_the_loads_holding_the_gate():
 def test_a_load_that_goes_on_lets_the_waiters_go_after_max_wait():
     gate = LoadPriority(max_wait=0.1)
     done: list = []
-    with gate.held():
+    with gate.during_load():
         waiter = _waiter(gate, done)
         waiter.join(5)
         assert done  # left before the load ended
@@ -61,7 +61,7 @@ def test_a_load_that_goes_on_lets_the_waiters_go_after_max_wait():
 def test_the_gate_opens_when_the_load_raises():
     gate = LoadPriority()
     with pytest.raises(KeyboardInterrupt):
-        with gate.held():
+        with gate.during_load():
             raise KeyboardInterrupt
     t0 = time.perf_counter()
     gate.pause()

@@ -41,9 +41,9 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +57,8 @@ from .shard_view import file_id as _file_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerReadStats", "LayerReads", "around_whole_layer_loads",
-           "read_tensors", "serves_here", "whole_layer_load"]
+__all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerLoadScope", "LayerReadStats", "LayerReads",
+           "around_whole_layer_loads", "read_tensors", "serves_here", "whole_layer_load"]
 
 #: Bytes of one pinned buffer piece (a tensor larger than that gets a piece of its own).
 PIECE_BYTES = 64 << 20
@@ -102,6 +102,47 @@ def around_whole_layer_loads(original: Callable, model: nn.Module, holds_experts
             return original(self, *args, **kwargs)
 
     return _copy_checkpoint_tensors_into_submodule
+
+
+class LayerLoadScope:
+    """A state that lasts while any whole-layer load runs (:func:`around_whole_layer_loads`; loads on several threads
+    at once: from the first one's start to the last one's end): :meth:`_first` runs when the first load starts and
+    :meth:`_last` when the last one ends, also when it raises or is interrupted; every load is counted in the
+    subclass's ``stats`` (``loads``, ``load_seconds``)."""
+
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats
+        self._loads = 0
+        self._lock = threading.Lock()
+
+    def _first(self) -> None:
+        """Called (under the scope's lock) when the first of the loads running at once starts."""
+
+    def _last(self) -> None:
+        """Called (under the scope's lock) when the last of the loads running at once ends."""
+
+    @contextmanager
+    def during_load(self) -> Iterator[None]:
+        """One load: inside the block the state holds (until the last of the loads running at once ends)."""
+        with self._lock:
+            if self._loads == 0:
+                self._first()
+            self._loads += 1
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._loads -= 1
+                if self._loads == 0:
+                    self._last()
+                self.stats.loads += 1
+                self.stats.load_seconds += time.perf_counter() - t0
+
+    def patch_copy(self, original: Callable, model: nn.Module, holds_experts: Callable[[nn.Module], bool]) -> Callable:
+        """GPTQModel's ``LazyTurtle._copy_checkpoint_tensors_into_submodule`` inside :meth:`during_load` while it loads
+        a whole layer of ``model`` that holds our experts; every other call as GPTQModel's."""
+        return around_whole_layer_loads(original, model, holds_experts, self.during_load)
 
 
 def serves_here() -> bool:

@@ -11,7 +11,7 @@ four that mix Python with lock-free host copies, as the finalize workers do (``l
 finalizes are background work: what matters is that the last layer's are done when the run ends, and a pause during
 an earlier layer's load only moves them later, beside the next subsets.
 
-So the load holds a gate (:meth:`LoadPriority.held`), and while it is held ``block_finalize``'s finalize tasks
+So the load holds a gate (:meth:`LoadPriority.during_load`), and while it is held ``block_finalize``'s finalize tasks
 (before they start, GPTQModel's own finalize of references and other modules included), its group worker (before
 each member) and its extension threads (before each member's tensors) wait (:meth:`LoadPriority.pause`, a blocking
 wait that gives the lock up). A wait ends after :data:`MAX_WAIT` seconds even if the load goes on (counted in
@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
-from .layer_reads import around_whole_layer_loads
+from .layer_reads import LayerLoadScope
 
 __all__ = ["MAX_WAIT", "LoadPriority", "LoadPriorityStats"]
 
@@ -54,33 +50,20 @@ class LoadPriorityStats:
                 "paused_seconds": round(self.paused_seconds, 4), "timeouts": self.timeouts}
 
 
-class LoadPriority:
-    """A gate a layer load holds and background workers wait at (see the module docstring)."""
+class LoadPriority(LayerLoadScope):
+    """A gate a layer load holds (:meth:`during_load`) and background workers wait at (see the module docstring)."""
 
     def __init__(self, stats: LoadPriorityStats | None = None, max_wait: float = MAX_WAIT) -> None:
-        self.stats = stats if stats is not None else LoadPriorityStats()
+        super().__init__(stats if stats is not None else LoadPriorityStats())
         self.max_wait = max_wait
         self._open = threading.Event()
         self._open.set()
-        self._holders = 0
-        self._lock = threading.Lock()
 
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """Inside the block :meth:`pause` waits (loads on several threads at once: until the last ends)."""
-        with self._lock:
-            self._holders += 1
-            self._open.clear()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._holders -= 1
-                if self._holders == 0:
-                    self._open.set()
-                self.stats.loads += 1
-                self.stats.load_seconds += time.perf_counter() - t0
+    def _first(self) -> None:
+        self._open.clear()
+
+    def _last(self) -> None:
+        self._open.set()
 
     def pause(self) -> None:
         """Wait while a load holds the gate (at most ``max_wait`` seconds); return at once when none does."""
@@ -92,8 +75,3 @@ class LoadPriority:
             self.stats.pauses += 1
             self.stats.paused_seconds += time.perf_counter() - t0
             self.stats.timeouts += not opened
-
-    def patch_copy(self, original: Callable, model: nn.Module, holds_experts: Callable[[nn.Module], bool]) -> Callable:
-        """GPTQModel's ``LazyTurtle._copy_checkpoint_tensors_into_submodule`` holding the gate while it loads a whole
-        layer of ``model`` that holds our experts; every other call as GPTQModel's."""
-        return around_whole_layer_loads(original, model, holds_experts, self.held)

@@ -21,16 +21,10 @@ overwritten then. Nothing is computed differently.
 from __future__ import annotations
 
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
-from .layer_reads import around_whole_layer_loads
+from .layer_reads import LayerLoadScope
 
 __all__ = ["LOAD_SWITCH_INTERVAL", "LoadSwitch", "LoadSwitchStats"]
 
@@ -52,41 +46,21 @@ class LoadSwitchStats:
                 "restored_us": self.restored_us}
 
 
-class LoadSwitch:
-    """The shorter switch interval for the duration of layer loads (see the module docstring)."""
+class LoadSwitch(LayerLoadScope):
+    """The shorter switch interval for the duration of layer loads (:meth:`during_load`; see the module docstring)."""
 
     def __init__(self, stats: LoadSwitchStats | None = None, interval: float = LOAD_SWITCH_INTERVAL) -> None:
         if not interval > 0:
             raise ValueError(f"load_switch: the switch interval must be > 0 seconds, got {interval!r}")
-        self.stats = stats if stats is not None else LoadSwitchStats()
+        super().__init__(stats if stats is not None else LoadSwitchStats())
         self.stats.interval_us = round(interval * 1e6)
         self.interval = interval
-        self._loads = 0
-        self._found: float | None = None
-        self._lock = threading.Lock()
+        self._found = sys.getswitchinterval()  # replaced by the interval the first load finds
 
-    @contextmanager
-    def during_load(self) -> Iterator[None]:
-        """Inside the block the interval is the shorter one (several blocks at once: until the last ends)."""
-        with self._lock:
-            if self._loads == 0:
-                self._found = sys.getswitchinterval()
-                sys.setswitchinterval(self.interval)
-            self._loads += 1
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._loads -= 1
-                if self._loads == 0 and self._found is not None:
-                    sys.setswitchinterval(self._found)
-                    self.stats.restored_us = round(self._found * 1e6)
-                    self._found = None
-                self.stats.loads += 1
-                self.stats.load_seconds += time.perf_counter() - t0
+    def _first(self) -> None:
+        self._found = sys.getswitchinterval()
+        sys.setswitchinterval(self.interval)
 
-    def patch_copy(self, original: Callable, model: nn.Module, holds_experts: Callable[[nn.Module], bool]) -> Callable:
-        """GPTQModel's ``LazyTurtle._copy_checkpoint_tensors_into_submodule`` with the shorter interval while it loads
-        a whole layer of ``model`` that holds our experts; every other call as GPTQModel's."""
-        return around_whole_layer_loads(original, model, holds_experts, self.during_load)
+    def _last(self) -> None:
+        sys.setswitchinterval(self._found)
+        self.stats.restored_us = round(self._found * 1e6)

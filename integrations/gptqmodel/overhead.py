@@ -214,7 +214,7 @@ from .load_switch import LoadSwitch, LoadSwitchStats
 from .layer_ahead import LayerAhead, LayerAheadStats
 from .layer_ahead import internals_refusal as _layer_ahead_mismatch
 from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_quantize
-from .layer_reads import LayerReads, LayerReadStats
+from .layer_reads import LayerLoadScope, LayerReads, LayerReadStats
 from .line_redraw import LineRedrawStats, throttled_line_redraws
 from .line_redraw import internals_refusal as _line_redraw_mismatch
 from .offload_bundle import BundleStats, bundled_offload
@@ -1125,21 +1125,20 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
             stats.capture_lazy = stack.enter_context(lazy_capture(gptq_model, _holds_experts))
         if paths and "base_in_memory" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.base_in_memory = stack.enter_context(keep_base_modules(gptq_model.model))
+        def around_layer_loads(scope: LayerLoadScope) -> None:  # the outermost copy patch so far: covers the whole load
+            turtle = structure.LazyTurtle
+            stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule",
+                                        scope.patch_copy(turtle._copy_checkpoint_tensors_into_submodule,
+                                                         gptq_model.model, _holds_experts)))
+
         priority = None
-        if paths and "load_priority" in enabled:  # outermost copy patch: the gate covers the whole load
+        if paths and "load_priority" in enabled:
             stats.load_priority = LoadPriorityStats()
             priority = LoadPriority(stats.load_priority)
-            turtle = structure.LazyTurtle
-            stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule",
-                                        priority.patch_copy(turtle._copy_checkpoint_tensors_into_submodule,
-                                                            gptq_model.model, _holds_experts)))
+            around_layer_loads(priority)
         if paths and "load_switch" in enabled:  # outside load_priority's gate: the shorter interval covers it too
             stats.load_switch = LoadSwitchStats()
-            turtle = structure.LazyTurtle
-            stack.enter_context(patched(turtle, "_copy_checkpoint_tensors_into_submodule",
-                                        LoadSwitch(stats.load_switch).patch_copy(
-                                            turtle._copy_checkpoint_tensors_into_submodule, gptq_model.model,
-                                            _holds_experts)))
+            around_layer_loads(LoadSwitch(stats.load_switch))
         if paths and "block_finalize" in enabled:
             stats.block_finalize = stack.enter_context(block_finalize(gptq_model, paths,
                                                                       device_words="device_words" in enabled,
