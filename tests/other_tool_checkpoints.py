@@ -51,7 +51,7 @@ def llmcompressor_awq(base: Path) -> Path:
             model = oneshot(
                 model=str(TINY_MOE_PATH), dataset=Dataset.from_dict({"text": _corpus_rows()}),
                 recipe=[AWQModifier(n_grid=3), QuantizationModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head", "re:.*mlp.gate$"])],
-                output_dir=str(out), num_calibration_samples=8, max_seq_length=64,
+                output_dir=str(out), num_calibration_samples=8, max_seq_length=64, shuffle_calibration_samples=False,
             )
         finally:
             IntermediatesCache.pin_memory = pin

@@ -130,7 +130,7 @@ def _oneshot(model, tokenizer, recipe, output_dir: Path):
     vocab = min(model.config.get_text_config().vocab_size, len(tokenizer))
     return oneshot(
         model=model, processor=tokenizer, dataset=_dataset(vocab), recipe=recipe, output_dir=str(output_dir),
-        num_calibration_samples=SAMPLES, max_seq_length=SEQ,
+        num_calibration_samples=SAMPLES, max_seq_length=SEQ, shuffle_calibration_samples=False,
     )
 
 
