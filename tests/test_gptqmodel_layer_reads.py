@@ -157,19 +157,67 @@ def test_served_layer_loads_give_gptqmodels_checkpoint(plugin, tiny, tmp_path, s
     from defuser_quant.integrations.gptqmodel.overhead import PARTS
 
     _, stock = _quantize(plugin, tiny, tmp_path / "stock", PARTS - {"layer_reads"})
-    lean, tensors = _quantize(plugin, tiny, tmp_path / "lean", PARTS)
+    lean, tensors = _quantize(plugin, tiny, tmp_path / "lean", PARTS - {"capture_lazy"})
     assert tensors.keys() == stock.keys()
     assert not [k for k in tensors if not torch.equal(tensors[k], stock[k])]
     reads = lean.bookkeeping.layer_reads
     assert "layer_reads" not in lean.bookkeeping.disabled
     # two layers, each loaded once from the checkpoint: layer 0 read on the spot, layer 1 read ahead
     assert reads.layers == 2 and reads.read_ahead == 1 and reads.failed == reads.unused == reads.stock == 0
+    assert reads.first is None
+    # with capture_lazy, layer 0 loads in pre_quantize like layer 1: read from the block's start, during the capture
+    lazy, lazy_tensors = _quantize(plugin, tiny, tmp_path / "lazy", PARTS)
+    assert not [k for k in lazy_tensors if not torch.equal(lazy_tensors[k], stock[k])]
+    first = lazy.bookkeeping.layer_reads
+    assert lazy.bookkeeping.capture_lazy.kept_lazy == 1 and first.first == "model.layers.0"
+    assert first.layers == 2 and first.read_ahead == 2 and first.failed == first.unused == first.stock == 0
     with open(next(Path(tiny["src"]).glob("*.safetensors")), "rb") as f:
         header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
     layer_tensors = [n for n in header if n.startswith("model.layers.")]
     assert reads.tensors_served == len(layer_tensors) and reads.tensors_stock == 0
     assert reads.bytes == sum(v["data_offsets"][1] - v["data_offsets"][0] for n, v in header.items() if n in layer_tensors)
     assert not _reader_threads()  # the reader threads end with the block
+
+
+@pytest.mark.slow
+def test_a_load_that_is_not_served_drops_its_own_read_ahead(plugin, tiny, tmp_path, monkeypatch):  # noqa: F811
+    """A layer read ahead whose load goes to a device the part does not serve (here: the CPU, with the part active as
+    on a CUDA host) is dropped at that load, so the next layer's read starts after it instead of waiting for it."""
+    from defuser_quant.integrations.gptqmodel import layer_reads
+    from defuser_quant.integrations.gptqmodel.overhead import PARTS
+
+    _, stock = _quantize(plugin, tiny, tmp_path / "stock", PARTS - {"layer_reads"})
+    monkeypatch.setattr(layer_reads, "serves_here", lambda: True)
+    lean, tensors = _quantize(plugin, tiny, tmp_path / "lean", PARTS)
+    assert not [k for k in tensors if not torch.equal(tensors[k], stock[k])]
+    reads = lean.bookkeeping.layer_reads
+    # layer 0 read from the start, layer 1 after layer 0's load; each dropped at its own (CPU) load
+    assert reads.first == "model.layers.0" and reads.unused == 2 and reads.stock == 2
+    assert reads.layers == reads.read_ahead == reads.tensors_served == 0
+
+
+def test_first_layer_path_skips_dense_layers_and_other_lists():
+    from torch import nn
+
+    from defuser_quant.integrations.gptqmodel.layer_reads import first_layer_path
+
+    class Experts(nn.Module):
+        pass
+
+    def layer(moe: bool) -> nn.Module:
+        return nn.ModuleDict({"mlp": Experts() if moe else nn.Linear(2, 2)})
+
+    def holds(module: nn.Module) -> bool:
+        return any(isinstance(m, Experts) for m in module.modules())
+
+    model = nn.Module()
+    model.vision = nn.ModuleList([layer(False)])  # a list before the decoder layers, without experts
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([layer(False), layer(True), layer(True)])
+    assert first_layer_path(model, holds) == "model.layers.1"
+    assert first_layer_path(nn.ModuleList([layer(True)]), holds) == "0"
+    model.model.layers = nn.ModuleList([layer(False)])
+    assert first_layer_path(model, holds) is None
 
 
 @pytest.mark.slow
@@ -188,10 +236,11 @@ def test_a_read_that_fails_leaves_the_load_to_gptqmodel(plugin, tiny, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["read", "read ahead"])
+@pytest.mark.parametrize("where", ["read", "read ahead", "first read"])
 def test_ctrl_c_ends_the_readers_and_restores_gptqmodel(plugin, tiny, serve_cpu, monkeypatch, where):  # noqa: F811
-    """Ctrl-C while a layer is read for its load, or while the next one is read ahead: the block
-    ends, every reader thread with it, and GPTQModel's functions are its own again."""
+    """Ctrl-C while a layer is read for its load, while the next one is read ahead, or while the first layer is read
+    from the block's start (capture_lazy): the block ends, every reader thread with it, and GPTQModel's functions are
+    its own again."""
     import time
 
     from test_gptqmodel_overhead import _load, _patch_points
@@ -210,6 +259,16 @@ def test_ctrl_c_ends_the_readers_and_restores_gptqmodel(plugin, tiny, serve_cpu,
 
     monkeypatch.setattr(serve_cpu, "_pread_into", slow_or_interrupted)
     layer = model.model.get_submodule("model.layers.0")
+    if where == "first read":
+        from defuser_quant.integrations.gptqmodel.overhead import PARTS
+
+        with pytest.raises(KeyboardInterrupt):
+            with lean_bookkeeping(model, PARTS) as stats:
+                assert stats.layer_reads.first == "model.layers.0" and _reader_threads()
+                raise KeyboardInterrupt
+        assert _patch_points() == before and not _reader_threads()
+        assert stats.layer_reads.unused == 1 and stats.layer_reads.layers == 0
+        return
     with pytest.raises(KeyboardInterrupt):
         with lean_bookkeeping(model) as stats:
             model.turtle_model.materialize_submodule(target_model=model.model, target_submodule=layer,

@@ -17,9 +17,12 @@ handle whose ``get_tensor`` serves each name that was read once, as a view of th
 file's bytes with the dtype and shape of the shard's header, what ``get_tensor`` returns. The
 copies from resident memory took 0.21 s for that layer, whether the file was cached or not (the
 read, 0.25 s warm and 0.68 s cold, ran ahead). A load with no read ahead (the first one) reads on
-the spot. Everything else (a name not read, read already, at an offset its dtype does not fit, of
-an unknown dtype; a shard whose file changed since it was read; a load to the CPU, which might
-keep views of the buffers) goes to a real handle, as stock; on a machine without CUDA nothing is
+the spot, except the first layer when ``capture_lazy`` loads it straight to the device: it is read
+from the block's start, during the input capture (:meth:`LayerReads.read_first`). A load that is not
+served drops a read ahead of its own layer (the next layer's read then starts after it).
+Everything else (a name not read, read already, at an offset its dtype does not fit, of an
+unknown dtype; a shard whose file changed since it was read; a load to the CPU, which might keep
+views of the buffers) goes to a real handle, as stock; on a machine without CUDA nothing is
 read and every load is stock (``layer_reads.stock`` counts them). GPTQModel still runs its own load,
 with its own checks, conversions and writes. A read that fails is dropped with a warning (the load
 reads the file as stock does, and raises what stock would); at most one layer is read ahead;
@@ -58,7 +61,7 @@ from .shard_view import file_id as _file_id
 logger = logging.getLogger(__name__)
 
 __all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerLoadScope", "LayerReadStats", "LayerReads",
-           "around_whole_layer_loads", "read_tensors", "serves_here", "whole_layer_load"]
+           "around_whole_layer_loads", "first_layer_path", "read_tensors", "serves_here", "whole_layer_load"]
 
 #: Bytes of one pinned buffer piece (a tensor larger than that gets a piece of its own).
 PIECE_BYTES = 64 << 20
@@ -166,6 +169,7 @@ class LayerReadStats:
     unused: int = 0  # reads ahead never used (another layer came, or the block ended)
     failed: int = 0  # reads that raised (the load read the file as stock)
     reasons: dict[str, int] = field(default_factory=dict)  # why a name was not read -> names
+    first: str | None = None  # the first layer read ahead at the block's start (capture_lazy), else None
 
 
 @dataclass(frozen=True)
@@ -352,6 +356,17 @@ def _pack(entries: list[_Entry], piece_bytes: int) -> list[tuple[list[tuple[_Ent
 _INDEX = re.compile(r"^(.*\.)(\d+)$")
 
 
+def first_layer_path(model: nn.Module, holds_experts: Callable[[nn.Module], bool]) -> str | None:
+    """The path of the first entry of a ``ModuleList`` in ``model`` that holds our experts (the first decoder layer
+    a run loads them with: ``model.layers.0``, or a later index where the first layers are dense), else None."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            for index, child in enumerate(module):
+                if holds_experts(child):
+                    return f"{name}.{index}" if name else str(index)
+    return None
+
+
 def _next_path(path: str) -> str | None:
     """``model.layers.3`` -> ``model.layers.4`` (None: no trailing index)."""
     m = _INDEX.match(path)
@@ -439,23 +454,45 @@ class LayerReads:
         self._count(waited_seconds=read.seconds)
         return read
 
+    def read_first(self, turtle: Any) -> str | None:
+        """Start reading the model's first layer that holds our experts ahead (the layer a run loads first, when that
+        load comes straight to the device: ``capture_lazy``); its path, or None when nothing was started."""
+        if self.closed or not self.active:
+            return None
+        path = first_layer_path(self.model, self.holds_experts)
+        return path if path is not None and self._start_read(turtle, path) else None
+
     def _read_ahead(self, turtle: Any, module_path: str) -> None:
         path = _next_path(module_path)
-        if path is None:
-            return
+        if path is not None:
+            self._start_read(turtle, path)
+
+    def _start_read(self, turtle: Any, path: str) -> bool:
+        """Read the layer at ``path`` in the background, unless another read ahead is pending (whether it started)."""
         try:
             layer = self.model.get_submodule(path)
         except AttributeError:
-            return
+            return False
         if not self.holds_experts(layer):
-            return
+            return False
         files = self._files(turtle, path)
         if files is None:
-            return
+            return False
         with self.lock:
             if self.closed or self.ahead is not None:
-                return
+                return False
             self.ahead = (path, self.ahead_pool.submit(self._read, files))
+        return True
+
+    def _drop_ahead_of(self, module_path: str) -> None:
+        """A load of ``module_path`` that is not served: its read ahead will not be used; drop it now (so the next
+        layer's read can start after this load)."""
+        with self.lock:
+            ahead = self.ahead if self.ahead is not None and self.ahead[0] == module_path else None
+            if ahead is not None:
+                self.ahead = None
+        if ahead is not None:
+            self._drop(ahead[1])
 
     def _drop(self, future: Future) -> None:
         future.cancel()
@@ -497,6 +534,8 @@ class LayerReads:
                 serve = torch.device(device).type in SERVED_DEVICES
             except (TypeError, RuntimeError):
                 serve = False
+            if not serve:
+                reads._drop_ahead_of(module_path)
             read = reads._take(self, module_path) if serve else None
             if read is None:
                 reads._count(stock=1)

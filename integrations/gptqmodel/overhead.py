@@ -116,7 +116,8 @@ expert projections of our ``DefusedExperts`` blocks only:
 * **capture lazy** (opt-in, :data:`OPT_IN`; the input capture's load of the first decoder layer holding our experts):
   the layer stays lazy through the capture, which only hooks it, and ``pre_quantize`` loads it once, onto the quantize
   device, like every later layer, instead of into host memory first and then again to the device
-  (:mod:`.capture_lazy`); the same checkpoint tensors in the layer.
+  (:mod:`.capture_lazy`); the same checkpoint tensors in the layer. With ``layer_reads`` on too, that layer is read
+  into host memory in the background from the block's start (``layer_reads.first``), so its load copies from there.
 
 * **tail workers** (opt-in, :data:`OPT_IN`; GPTQModel's CPU worker group during the last layer): when the last decoder
   layer holding our experts starts, the group grows to the process's cores, so the run's last finalizes (packing)
@@ -1123,6 +1124,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
             stats.rehome = stack.enter_context(lean_rehome())
         if paths and "capture_lazy" in enabled:
             stats.capture_lazy = stack.enter_context(lazy_capture(gptq_model, _holds_experts))
+            if "layer_reads" in enabled:  # the first layer's load comes straight to the device too: read it meanwhile
+                stats.layer_reads.first = reads.read_first(getattr(gptq_model, "turtle_model", None))
         if paths and "base_in_memory" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.base_in_memory = stack.enter_context(keep_base_modules(gptq_model.model))
         def around_layer_loads(scope: LayerLoadScope) -> None:  # the outermost copy patch so far: covers the whole load
