@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 
-from defuser_quant.integrations.gptqmodel.gc_freeze import FreezeStats, freeze_saves_of, frozen_heap, frozen_save
+from defuser_quant.integrations.gptqmodel.gc_freeze import RunFreezeStats, freeze_saves_of, frozen_heap, frozen_save
 
 
 class _Node:
@@ -116,7 +116,7 @@ class _Saver:
 def test_a_registered_models_saves_run_frozen_and_others_as_they_were():
     save = frozen_save(_Saver.save)
     registered, other = _Saver(), _Saver()
-    stats = FreezeStats()
+    stats = RunFreezeStats()
     freeze_saves_of(registered, stats)
     assert save(registered, "a") == "a" and save(other, "b") == "b"
     assert registered.seen[0] > 0 and other.seen == [0]

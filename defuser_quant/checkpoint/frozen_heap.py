@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FreezeStats:
-    """What one frozen block (:func:`frozen_heap`) did, and the saves run frozen since."""
+    """What one frozen block (:func:`frozen_heap`) did."""
 
     froze: bool = False  # the objects alive at the start were moved out of full collections
     frozen: int | None = None  # ... how many (None: not counted; counting walks them all, see frozen_heap)
@@ -42,13 +42,11 @@ class FreezeStats:
     full_collections: int = 0  # full (generation 2) collections during the run, frozen or not
     full_seconds: float = 0.0  # ... their summed time
     stock: str | None = None  # why nothing was frozen
-    saves: int = 0  # saves of the quantized model run frozen since (each through frozen_save)
-    save: FreezeStats | None = None  # ... the last one's
 
     def as_dict(self) -> dict[str, Any]:
         return {"froze": self.froze, "frozen": self.frozen, "frozen_before": self.frozen_before,
                 "full_collections": self.full_collections, "full_seconds": round(self.full_seconds, 4),
-                "stock": self.stock, "saves": self.saves, "save": self.save.as_dict() if self.save is not None else None}
+                "stock": self.stock}
 
 
 _OPEN = [0]  # frozen_heap blocks open in the process

@@ -31,17 +31,32 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from defuser_quant.checkpoint.frozen_heap import FreezeStats, frozen_heap, timed_collections
 
-__all__ = ["FreezeStats", "freeze_saves_of", "frozen_heap", "frozen_save", "timed_collections"]
+__all__ = ["FreezeStats", "RunFreezeStats", "freeze_saves_of", "frozen_heap", "frozen_save", "timed_collections"]
+
+
+@dataclass
+class RunFreezeStats(FreezeStats):
+    """What the ``gc_freeze`` part did in one run: its frozen block, and the saves of the quantized model run frozen
+    since."""
+
+    saves: int = 0  # saves of the quantized model run frozen since (each through frozen_save)
+    save: FreezeStats | None = None  # ... the last one's
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "saves": self.saves,
+                "save": self.save.as_dict() if self.save is not None else None}
+
 
 #: models quantized with the part -> its stats: their saves run frozen too (frozen_save)
-_SAVES: weakref.WeakKeyDictionary[Any, FreezeStats] = weakref.WeakKeyDictionary()
+_SAVES: weakref.WeakKeyDictionary[Any, RunFreezeStats] = weakref.WeakKeyDictionary()
 
 
-def freeze_saves_of(model: Any, stats: FreezeStats) -> None:
+def freeze_saves_of(model: Any, stats: RunFreezeStats) -> None:
     """Run every later save of ``model`` (a GPTQModel model; through :func:`frozen_save`) inside
     :func:`frozen_heap`, counted in ``stats.saves`` and ``stats.save``. Held weakly: nothing is kept alive."""
     _SAVES[model] = stats

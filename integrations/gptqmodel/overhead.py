@@ -209,7 +209,7 @@ from .compat import parameter_names as _params
 from .compat import patched, source_digest
 from .disk_probe import DiskProbeStats, probe_behind
 from .disk_probe import internals_refusal as _disk_probe_mismatch
-from .gc_freeze import FreezeStats, freeze_saves_of, frozen_heap
+from .gc_freeze import RunFreezeStats, freeze_saves_of, frozen_heap
 from .load_priority import LoadPriority, LoadPriorityStats
 from .load_switch import LoadSwitch, LoadSwitchStats
 from .layer_ahead import LayerAhead, LayerAheadStats
@@ -267,7 +267,7 @@ class BookkeepingStats:
     offload_bundle: BundleStats | None = None  # the offload_bundle part (None: not used)
     worker_warmup: WarmupStats | None = None  # the worker_warmup part (None: not used)
     line_redraw: LineRedrawStats | None = None  # the line_redraw part (None: not used)
-    gc_freeze: FreezeStats | None = None  # the gc_freeze part (None: not used)
+    gc_freeze: RunFreezeStats | None = None  # the gc_freeze part (None: not used)
     disk_probe: DiskProbeStats | None = None  # the disk_probe part (None: not used)
     rehome: RehomeStats | None = None  # the rehome part (None: not used)
     capture_lazy: CaptureLazyStats | None = None  # the capture_lazy part (None: not used)
@@ -953,7 +953,9 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
 #: collection it took out of the run no longer comes in the save.
 #: ``load_priority`` (round 52): on one H100 (round 53) layer 1's load 0.32-0.38 s against 0.78-0.79 s, but the
 #: paused finalizes lengthened the subsets after it as much (3.83x-4.15x against the default's 3.79x-4.23x).
-#: ``load_switch`` (round 53) is new: CPU-measured only.
+#: ``load_switch`` (round 53): on one H100 (round 54, one run) layer 1's load 1.00 s against the default's 0.88 s, no
+#: gain. ``capture_lazy`` with ``layer_reads``' first-layer read (round 54): 16.97 / 13.82 s against the default's
+#: 17.27 / 12.67 s in the same call, no gain.
 OPT_IN = frozenset({"layer_ahead", "capture_lazy", "tail_workers", "device_words", "steal_groups", "load_priority",
                     "load_switch"})
 #: Parts on by default only where the process may run on at least this many cores (:func:`default_parts`).
@@ -1157,7 +1159,7 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
                                                      gptq_model.quantize_config, getattr(gptq_model.model, "config", None),
                                                      getattr(gptq_model.model, "dtype", None))
         if paths and "gc_freeze" in enabled:  # after everything the block set up: all of it is frozen too
-            stats.gc_freeze = stack.enter_context(frozen_heap())
+            stats.gc_freeze = stack.enter_context(frozen_heap(RunFreezeStats()))
             freeze_saves_of(gptq_model, stats.gc_freeze)  # its saves through the plugin run frozen too
         yield stats
     if stats.stock:

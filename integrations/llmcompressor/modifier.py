@@ -189,7 +189,8 @@ class DefuseModifier(Modifier):
             collections (``defuser_quant.checkpoint.frozen_heap``), and handed back at its end, also on an error;
             :attr:`frozen_save_stats` says what ran. On a CPU the one full collection of a one-layer ``oneshot`` at
             the expert shape came in the save, stock's too (0.22-0.29 s); on one H100 each two-layer run had one
-            of 0.24-0.30 s (docs/performance.md, round 53). Opt-in: not measured on a GPU yet.
+            of 0.24-0.32 s, and it came at the start (``initialize`` / ``offload_setup``), not in the save, so the
+            frozen save spared nothing there (docs/performance.md, rounds 53-54). Opt-in.
     """
 
     routing: Literal["routed", "all", "budgeted"] | None = None
