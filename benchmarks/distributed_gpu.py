@@ -111,6 +111,7 @@ from typing import Any
 WORKER_T0 = time.perf_counter()
 
 from _args import check_shape  # noqa: E402
+from _host_load import host_load, host_markdown  # noqa: E402
 from _page_cache import write_back  # noqa: E402
 from _report import write_json  # noqa: E402
 from gptqmodel_gpu import add_shape_args  # noqa: E402  the same model shape flags (this folder is on sys.path)
@@ -219,7 +220,8 @@ def run_one(variant: str, nproc: int, args: argparse.Namespace, work: Path, time
     row: dict = {"variant": variant, "nproc": nproc, "sync_before_s": write_back()}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+        with host_load(row):
+            proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         (work / f"{name}.log").write_text(str(exc.stdout or "") + str(exc.stderr or ""))
         return {**row, "error": f"timeout after {timeout:.0f}s"}
@@ -523,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             payload["vs_stock_table"] += "\n\n" + groups_markdown(payload["checkpoint_groups"])
         if args.repeat > 1:
             payload["repeat_table"] = repeat_markdown(rows)
+        payload["host_table"] = host_markdown(rows, _label)
         write_json(out, payload)  # whole or not at all: a Ctrl-C mid-write leaves the last whole one
 
     try:
@@ -576,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.twice:
             print()
             print(payload["first_use_table"])
+        print(payload["host_table"])
         write()
         print(f"wrote {out}")
         failed = [r for r in rows if "error" in r or not r.get("coverage_same_on_every_rank", True)]

@@ -700,7 +700,8 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | s
     ``alone`` (no other run going on): the earlier runs' checkpoints are written back first, untimed
     (``sync_before_s``), so that this run's save does not wait on their dirty pages; beside a concurrent
     run that write-back would slow the other run instead, so it is left out (``sync_before_s`` None)."""
-    from _page_cache import write_back  # beside this script, on sys.path when it runs (or is imported by the tests)
+    from _host_load import host_load  # beside this script, on sys.path when it runs (or is imported by the tests)
+    from _page_cache import write_back
 
     run_id = run_id or variant
     result = work / f"{run_id}.json"
@@ -712,29 +713,32 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | s
     ]
     evicted = evict_page_cache(work / "src") if getattr(args, "cold", False) else None
     synced = write_back() if alone else None
+    env = _env(args.device, gpu)
+    workers = split_variant(variant)[1].get("cpuw")
+    if workers is not None:
+        env["GPTQMODEL_CPU_WORKERS"] = str(workers)  # read when gptqmodel is imported
+    if args.deterministic:
+        env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts in the worker
+    host: dict = {}  # host_load: how busy the machine was beside this run (concurrent runs count as each other's load)
     t0 = time.perf_counter()
     try:
-        env = _env(args.device, gpu)
-        workers = split_variant(variant)[1].get("cpuw")
-        if workers is not None:
-            env["GPTQMODEL_CPU_WORKERS"] = str(workers)  # read when gptqmodel is imported
-        if args.deterministic:
-            env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts in the worker
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        with host_load(host):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as exc:
         text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
         (work / f"{run_id}.log").write_text(text)
         return {"variant": variant, "run": run_id, "error": f"timeout after {args.timeout}s", "log_tail": text[-3000:],
-                "process_s": args.timeout, "sync_before_s": synced}
+                "process_s": args.timeout, "sync_before_s": synced, **host}
     (work / f"{run_id}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not result.exists():
         tail = (proc.stdout + proc.stderr)[-3000:]
         return {"variant": variant, "run": run_id, "error": f"exit {proc.returncode}", "log_tail": tail,
-                "process_s": time.perf_counter() - t0, "sync_before_s": synced}
+                "process_s": time.perf_counter() - t0, "sync_before_s": synced, **host}
     data = json.loads(result.read_text())
     data["process_s"] = round(time.perf_counter() - t0, 2)
     data["cold_files_evicted"] = evicted  # None: the page cache was left as it was (warm)
     data["sync_before_s"] = synced  # None: not written back first (a concurrent run)
+    data.update(host)
     return data
 
 
@@ -1118,8 +1122,10 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
         if fell_back and not args.allow_fallback:
             refused = "GPTQModel fell back to a slower path, so these timings are not comparable: " + "; ".join(fell_back) + \
                       ". Fix the build (see docs/performance.md) or pass --allow-fallback to report it as such."
+    from _host_load import host_markdown  # beside this script, on sys.path when it runs
+
     ratios = ratios_vs_stock(rows)
-    table = markdown(rows) + ratios_markdown(ratios) + (groups_markdown(groups) if groups else "")
+    table = markdown(rows) + ratios_markdown(ratios) + (groups_markdown(groups) if groups else "") + host_markdown(rows)
     print(table)
     meta = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},

@@ -32,6 +32,8 @@ def test_all_and_its_opt_in_variants_record_what_they_did_and_give_the_same_chec
     assert same["tensors"] == f"{total}/{total}" and same["only_in_one"] == 0 and same["max_scale_diff"] == 0.0, same
     # every rank's full garbage collections during oneshot, counted and timed
     for row in rows.values():
+        # how busy the host was beside the run: the launched processes counted as the run's, named in the table
+        assert row["host_load"]["run_cores"] > 0 and f"| {row['variant']} x1 | " in payload["host_table"]
         (gc_full,) = row["gc_full"]
         assert set(gc_full) == {"collections", "seconds", "longest_s", "by_stage"} and gc_full["collections"] >= 0
         assert (gc_full["seconds"] > 0) == (gc_full["collections"] > 0) and gc_full["longest_s"] <= gc_full["seconds"]

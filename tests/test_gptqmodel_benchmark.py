@@ -563,6 +563,10 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tiny_cpu_call)
     assert ratios["end_to_end"]["max"] == round(max(stock) / min(ours), 2)
     assert ratios["end_to_end"]["min"] == round(min(stock) / max(ours), 2)
     assert "Ratios against every stock run of this call" in data["markdown"]
+    # how busy the host was beside each run: the run's own process counted as the run, each run named in the table
+    for r in rows:
+        assert r["host_load"]["run_cores"] > 0 and r["host_load"]["probe_ms"] > 0
+        assert f"| {r['run']} | {r['host_load']['others_cores']} |" in data["markdown"]
 
 
 @pytest.mark.slow
