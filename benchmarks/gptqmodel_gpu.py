@@ -108,6 +108,10 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  layer holding our experts loads, the interpreter's switch interval is 0.5 ms instead of 5 ms, so the
                  load's per-tensor calls get the lock back sooner from the finalize threads
                  (``bookkeeping.load_switch``: loads, their seconds, the interval put back);
+* ``ours-grouped-batched-layerstage`` - the default lean bookkeeping parts plus the opt-in ``layer_stage``: after a
+                 layer's last subset forward the next layer's read-ahead bytes are copied to the GPU, so its load
+                 copies device to device (``bookkeeping.layer_stage``: staged, bytes, seconds, refused;
+                 ``bookkeeping.layer_reads.staged_loads``);
 * ``ours-grouped-batched-nosolvewarmup`` - every lean bookkeeping part but ``solve_warmup`` (a default since round
                  44): layer 0's first solves and attention forward load their CUDA kernels on the run's path instead
                  of a rehearsal on GPTQModel's workers during the input capture (``bookkeeping.solve_warmup``);
@@ -282,7 +286,8 @@ WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy",
              "-tailworkers": "tail_workers", "-blockfinalize": "block_finalize", "-devicewords": "device_words",
-             "-stealgroups": "steal_groups", "-loadpriority": "load_priority", "-loadswitch": "load_switch"}
+             "-stealgroups": "steal_groups", "-loadpriority": "load_priority", "-loadswitch": "load_switch",
+             "-layerstage": "layer_stage"}
 #: ``--timeline``: the phase from ``quantize_with_defuser``'s call to GPTQModel's ``quantize`` (the plugin's set-up)
 SET_UP_PHASE = "quantize_with_defuser set-up"
 #: variants with more than one part suffix (each suffix as above)

@@ -54,7 +54,7 @@ from .compat import all_code_names, code_strings, parameter_names
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEVICES", "ROOM", "LayerAhead", "LayerAheadStats", "internals_refusal"]
+__all__ = ["DEVICES", "ROOM", "LayerAhead", "LayerAheadStats", "internals_refusal", "subset_event_refusal"]
 
 #: Quantize device types a layer is loaded ahead to.
 DEVICES = frozenset({"cuda"})
@@ -104,21 +104,27 @@ def decoder_layers(gptq_model: Any) -> tuple[list[nn.Module], list[str]]:
 
 def internals_refusal() -> str | None:
     """Why the part must stay stock with this GPTQModel (None: it may run)."""
-    from gptqmodel.looper import stage_layer, stage_subset
-    from gptqmodel.looper.module_looper import ModuleLooper
-
     from .recopy import pre_quantize_refusal
 
     why = pre_quantize_refusal()  # it materializes or moves the layer and writes nothing else
     if why is not None:
         return why
+    why = layers_lookup_refusal()
+    if why is not None:
+        return why
+    return subset_event_refusal()
+
+
+def subset_event_refusal() -> str | None:
+    """Why GPTQModel's subset events cannot tell this GPTQModel's last subset forward of a layer (None: they can):
+    ``ModuleLooper._subset_event_dispatch`` with its keywords, passed to every subset, emitting ``forward_end``."""
+    from gptqmodel.looper import stage_layer, stage_subset
+    from gptqmodel.looper.module_looper import ModuleLooper
+
     dispatch = getattr(ModuleLooper, "_subset_event_dispatch", None)
     need = {"self", "stage", "layer_idx", "subset_index", "subset_total", "module_names", "processor"}
     if dispatch is None or parameter_names(dispatch) != need:
         return f"expected ModuleLooper._subset_event_dispatch({', '.join(sorted(need))})"
-    why = layers_lookup_refusal()
-    if why is not None:
-        return why
     run_subset = getattr(stage_subset, "run_subset_stage", None)
     if run_subset is None or "subset_event_cb" not in parameter_names(run_subset) or _EVENT not in code_strings(run_subset):
         return f"expected stage_subset.run_subset_stage(subset_event_cb=...) to emit a {_EVENT!r} subset event"

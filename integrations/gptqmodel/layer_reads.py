@@ -61,7 +61,8 @@ from .shard_view import file_id as _file_id
 logger = logging.getLogger(__name__)
 
 __all__ = ["MAX_LAYER_BYTES", "PIECE_BYTES", "PIN", "LayerLoadScope", "LayerReadStats", "LayerReads",
-           "around_whole_layer_loads", "first_layer_path", "read_tensors", "serves_here", "whole_layer_load"]
+           "around_whole_layer_loads", "exact_device", "first_layer_path", "layer_index", "read_tensors", "serves_here",
+           "whole_layer_load"]
 
 #: Bytes of one pinned buffer piece (a tensor larger than that gets a piece of its own).
 PIECE_BYTES = 64 << 20
@@ -170,6 +171,7 @@ class LayerReadStats:
     failed: int = 0  # reads that raised (the load read the file as stock)
     reasons: dict[str, int] = field(default_factory=dict)  # why a name was not read -> names
     first: str | None = None  # the first layer read ahead at the block's start (capture_lazy), else None
+    staged_loads: int = 0  # loads served from device copies of their read (the layer_stage part)
 
 
 @dataclass(frozen=True)
@@ -233,10 +235,16 @@ class _Read:
         self.seconds = 0.0
         self.reasons: Counter[str] = Counter()  # why a name is not served -> names
         self.lock = threading.Lock()
+        self.pieces: list[torch.Tensor] = []  # the host buffers the views of ``tensors`` are cut from
+        self.layout: dict[str, dict[str, tuple[int, int]]] = {}  # shard -> name -> (piece index, byte offset)
+        self.staged: dict[str, dict[str, torch.Tensor]] | None = None  # the same views of device copies (layer_stage)
+        self.staged_pieces: list[torch.Tensor] = []
+        self.staged_device: torch.device | None = None
+        self.use_staged = False  # serve ``staged`` instead of ``tensors`` (set by the load, on its device)
 
     def take(self, shard: str, name: str) -> tuple[bool, Any]:
         with self.lock:
-            tensors = self.tensors.get(shard)
+            tensors = (self.staged if self.use_staged and self.staged is not None else self.tensors).get(shard)
             if tensors is None or name not in tensors or (shard, name) in self.served:
                 return False, None
             if shard not in self.checked:
@@ -248,6 +256,20 @@ class _Read:
                 return False, None
             self.served.add((shard, name))
             return True, tensors[name]
+
+    def set_staged(self, pieces: list[torch.Tensor], device: torch.device) -> None:
+        """Device copies of :attr:`pieces` (same sizes, in order): :attr:`staged` gets the views :attr:`tensors` has."""
+        staged: dict[str, dict[str, torch.Tensor]] = {}
+        for shard, views in self.tensors.items():
+            layout = self.layout[shard]
+            staged[shard] = {name: _cut(pieces[layout[name][0]], layout[name][1], view) for name, view in views.items()}
+        with self.lock:
+            self.staged, self.staged_pieces, self.staged_device = staged, pieces, device
+
+
+def _cut(piece: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """The view of ``piece`` (bytes) at ``offset`` with ``like``'s dtype and shape."""
+    return piece[offset:offset + like.numel() * like.element_size()].view(like.dtype).view(like.shape)
 
 
 def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolExecutor | None = None,
@@ -282,8 +304,10 @@ def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolE
                     continue
                 read.reasons[reason] += 1
             views: dict[str, torch.Tensor] = {}
+            layout: dict[str, tuple[int, int]] = {}
             for members, size in _pack(wanted, piece_bytes):
                 piece = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+                read.pieces.append(piece)
                 raw = memoryview(piece.numpy())
                 run: list[int] | None = None  # [buffer start, file start, buffer end] of a contiguous run
                 for e, offset in members:
@@ -298,10 +322,12 @@ def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolE
                         read.reasons["misaligned for its dtype"] += 1
                     else:
                         views[e.name] = piece[offset:offset + n].view(e.dtype).view(e.shape)
+                        layout[e.name] = (len(read.pieces) - 1, offset)
                 if run is not None and run[2] > run[0]:
                     jobs.append((shard, run[1], raw[run[0]:run[2]]))
                 read.bytes += sum(e.end - e.start for e, _ in members)
             read.tensors[shard] = views
+            read.layout[shard] = layout
             read.file_ids[shard] = file_id
         for shard in files:
             handles[shard] = os.open(shard, os.O_RDONLY)
@@ -356,6 +382,23 @@ def _pack(entries: list[_Entry], piece_bytes: int) -> list[tuple[list[tuple[_Ent
 _INDEX = re.compile(r"^(.*\.)(\d+)$")
 
 
+def exact_device(device: Any) -> torch.device | None:
+    """``device`` as a ``torch.device`` with its index (``cuda`` -> ``cuda:<current>``); None if it is none."""
+    try:
+        device = torch.device(device)
+    except (TypeError, RuntimeError):
+        return None
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def layer_index(path: str) -> int | None:
+    """``model.layers.3`` -> 3 (None: no trailing index)."""
+    m = _INDEX.match(path)
+    return int(m.group(2)) if m else None
+
+
 def first_layer_path(model: nn.Module, holds_experts: Callable[[nn.Module], bool]) -> str | None:
     """The path of the first entry of a ``ModuleList`` in ``model`` that holds our experts (the first decoder layer
     a run loads them with: ``model.layers.0``, or a later index where the first layers are dense), else None."""
@@ -392,6 +435,7 @@ class LayerReads:
         self.readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="defuser-quant-read")
         self.ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defuser-quant-read-ahead")
         self.ahead: tuple[str, Future] | None = None  # (module path, its read)
+        self.ahead_device: torch.device | None = None  # the device of the load that started the read ahead
         self.stop = threading.Event()  # set on close: reads not yet started give up
         self.closed = False
 
@@ -462,13 +506,14 @@ class LayerReads:
         path = first_layer_path(self.model, self.holds_experts)
         return path if path is not None and self._start_read(turtle, path) else None
 
-    def _read_ahead(self, turtle: Any, module_path: str) -> None:
+    def _read_ahead(self, turtle: Any, module_path: str, device: torch.device | None = None) -> None:
         path = _next_path(module_path)
         if path is not None:
-            self._start_read(turtle, path)
+            self._start_read(turtle, path, device)
 
-    def _start_read(self, turtle: Any, path: str) -> bool:
-        """Read the layer at ``path`` in the background, unless another read ahead is pending (whether it started)."""
+    def _start_read(self, turtle: Any, path: str, device: torch.device | None = None) -> bool:
+        """Read the layer at ``path`` in the background, unless another read ahead is pending (whether it started);
+        ``device``: where the load before it went (where ``layer_stage`` may copy it)."""
         try:
             layer = self.model.get_submodule(path)
         except AttributeError:
@@ -482,7 +527,20 @@ class LayerReads:
             if self.closed or self.ahead is not None:
                 return False
             self.ahead = (path, self.ahead_pool.submit(self._read, files))
+            self.ahead_device = device
         return True
+
+    def _serve_staged(self, read: _Read, device: torch.device | None) -> None:
+        """Serve ``read``'s device copies to a load onto ``device`` when they are there (``layer_stage``); the
+        allocator keeps them until the load's stream has used them."""
+        if read.staged is None or device is None or read.staged_device != device:
+            return
+        read.use_staged = True
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            for piece in read.staged_pieces:
+                piece.record_stream(stream)
+        self._count(staged_loads=1)
 
     def _drop_ahead_of(self, module_path: str) -> None:
         """A load of ``module_path`` that is not served: its read ahead will not be used; drop it now (so the next
@@ -530,10 +588,8 @@ class LayerReads:
             if reads.closed or not reads.active:
                 reads._count(stock=1)
                 return load()
-            try:
-                serve = torch.device(device).type in SERVED_DEVICES
-            except (TypeError, RuntimeError):
-                serve = False
+            load_device = exact_device(device)
+            serve = load_device is not None and load_device.type in SERVED_DEVICES
             if not serve:
                 reads._drop_ahead_of(module_path)
             read = reads._take(self, module_path) if serve else None
@@ -541,6 +597,7 @@ class LayerReads:
                 reads._count(stock=1)
                 loaded = load()
             else:
+                reads._serve_staged(read, load_device)
                 reads.local.read = read
                 try:
                     loaded = load()
@@ -548,7 +605,7 @@ class LayerReads:
                     reads.local.read = None
                     reads._finish(read)
                     del read  # its buffers go back to PyTorch's pinned cache once their copies are done
-            reads._read_ahead(self, module_path)
+            reads._read_ahead(self, module_path, load_device)
             return loaded
 
         return _copy_checkpoint_tensors_into_submodule

@@ -154,6 +154,12 @@ expert projections of our ``DefusedExperts`` blocks only:
   the interpreter lock back sooner from the finalize threads beside it; put back when the last load ends
   (:mod:`.load_switch`). Nothing waits, nothing is computed differently.
 
+* **layer stage** (opt-in, :data:`OPT_IN`, with ``layer_reads``; GPTQModel's subset events and the load of the next
+  decoder layer holding our experts): after a layer's last subset forward, the next layer's read-ahead pieces are
+  copied to the device the layer was loaded to, on a background thread and a stream of their own, when the device
+  has room; that layer's load then copies its tensors device to device from views of them (:mod:`.layer_stage`).
+  The same bytes, dtypes and shapes; GPTQModel's own load.
+
 * **solve warm-up** (GPTQModel's CUDA workers of the quantize device): each is handed one rehearsal of the steps a
   GPTQ solve runs before its Hessian inverse (quantizer parameters, dead columns, permutations) on small tensors,
   and the first one a call of the model's attention function and products of its projections' shapes, so those
@@ -214,8 +220,10 @@ from .load_priority import LoadPriority, LoadPriorityStats
 from .load_switch import LoadSwitch, LoadSwitchStats
 from .layer_ahead import LayerAhead, LayerAheadStats
 from .layer_ahead import internals_refusal as _layer_ahead_mismatch
+from .layer_ahead import subset_event_refusal
 from .layer_offload import OffloadStats, Staging, lean_post_quantize, lean_pre_quantize
 from .layer_reads import LayerLoadScope, LayerReads, LayerReadStats
+from .layer_stage import LayerStage, LayerStageStats
 from .line_redraw import LineRedrawStats, throttled_line_redraws
 from .line_redraw import internals_refusal as _line_redraw_mismatch
 from .offload_bundle import BundleStats, bundled_offload
@@ -277,6 +285,7 @@ class BookkeepingStats:
     block_finalize: BlockFinalizeStats | None = None  # the block_finalize part (None: not used)
     load_priority: LoadPriorityStats | None = None  # the load_priority part (None: not used)
     load_switch: LoadSwitchStats | None = None  # the load_switch part (None: not used)
+    layer_stage: LayerStageStats | None = None  # the layer_stage part (None: not used)
     stock: Counter = field(default_factory=Counter)  # "materialize: <reason>" / "offload: <reason>" -> calls
     disabled: dict[str, str] = field(default_factory=dict)  # part -> why it stayed stock
     parts: list[str] = field(default_factory=list)  # the parts that ran (asked for, less the disabled ones), sorted
@@ -318,6 +327,7 @@ class BookkeepingStats:
             "block_finalize": self.block_finalize.as_dict() if self.block_finalize is not None else None,
             "load_priority": self.load_priority.as_dict() if self.load_priority is not None else None,
             "load_switch": self.load_switch.as_dict() if self.load_switch is not None else None,
+            "layer_stage": self.layer_stage.as_dict() if self.layer_stage is not None else None,
             "stock": dict(self.stock),
             "disabled": dict(self.disabled),
             "parts": list(self.parts),
@@ -476,7 +486,8 @@ def internals_mismatch() -> dict[str, str]:
                       ("block_finalize", block_finalize), ("device_words", block_finalize),
                       ("steal_groups", block_finalize),
                       ("checkpoint_index", _checkpoint_mismatch()),
-                      ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles)):
+                      ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles),
+                      ("layer_stage", subset_event_refusal())):
         if why is not None:
             problems[part] = why
     problems.update(logbar_mismatch())
@@ -938,7 +949,7 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy",
                    "base_in_memory", "tail_workers", "solve_warmup", "block_finalize", "device_words", "steal_groups", "load_priority",
-                   "load_switch"})
+                   "load_switch", "layer_stage"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moved the run's full collection into what came after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
@@ -956,8 +967,9 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
 #: ``load_switch`` (round 53): on one H100 (round 54, one run) layer 1's load 1.00 s against the default's 0.88 s, no
 #: gain. ``capture_lazy`` with ``layer_reads``' first-layer read (round 54): 16.97 / 13.82 s against the default's
 #: 17.27 / 12.67 s in the same call, no gain.
+#: ``layer_stage`` (round 55): not measured on a GPU yet.
 OPT_IN = frozenset({"layer_ahead", "capture_lazy", "tail_workers", "device_words", "steal_groups", "load_priority",
-                    "load_switch"})
+                    "load_switch", "layer_stage"})
 #: Parts on by default only where the process may run on at least this many cores (:func:`default_parts`).
 #: ``block_finalize`` packs a group's members on a pool of the cores less two: on two H100 hosts of 16 cores
 #: (rounds 48 and 51) the quantize was shorter than without it in seven of eight pairs and as long in one, while on a
@@ -1016,7 +1028,8 @@ def lean_logbar(enabled: set[str] | frozenset[str], stats: BookkeepingStats,
 #: keeping the last block in memory instead of its bundle; the device-packed words and the stolen groups inside the
 #: block finalize).
 _NEEDS = {"shard_handles": "materialize", "recopy": "materialize", "keep_last_block": "offload_bundle",
-          "device_words": "block_finalize", "steal_groups": "block_finalize", "load_priority": "block_finalize"}
+          "device_words": "block_finalize", "steal_groups": "block_finalize", "load_priority": "block_finalize",
+          "layer_stage": "layer_reads"}
 
 
 @contextmanager
@@ -1106,6 +1119,13 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
             stack.callback(lean.shards.close)  # runs before safe_open is restored
         if paths and "layer_reads" in enabled:
             stack.enter_context(patched(structure, "safe_open", reads.patch_open(structure.safe_open)))
+        if paths and "layer_stage" in enabled:  # inside reads.close (registered before): a copy running is waited for
+            from gptqmodel.looper.module_looper import ModuleLooper
+
+            stats.layer_stage = LayerStageStats()
+            stage = LayerStage(reads, gptq_model, stats.layer_stage)
+            stack.enter_context(patched(ModuleLooper, "_subset_event_dispatch",
+                                        stage.patch_subset_event(ModuleLooper._subset_event_dispatch)))
         stack.enter_context(lean_logbar(enabled, stats, lean.lock))
         if paths and "layer_offload" in enabled:
             post = lean_post_quantize(BaseQModel.post_quantize, gptq_model, _holds_experts, staging,
