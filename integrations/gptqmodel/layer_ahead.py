@@ -54,7 +54,8 @@ from .compat import all_code_names, code_strings, parameter_names
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEVICES", "ROOM", "LayerAhead", "LayerAheadStats", "internals_refusal", "subset_event_refusal"]
+__all__ = ["DEVICES", "EVENT", "ROOM", "LayerAhead", "LayerAheadStats", "after_last_forward_of", "free_bytes",
+           "internals_refusal", "subset_event_refusal"]
 
 #: Quantize device types a layer is loaded ahead to.
 DEVICES = frozenset({"cuda"})
@@ -64,7 +65,7 @@ DEVICES = frozenset({"cuda"})
 ROOM = 2.0
 
 #: The subset event after which the next layer is loaded (its forwards no longer need the checkpoint lock).
-_EVENT = "forward_end"
+EVENT = "forward_end"
 
 
 @dataclass
@@ -126,12 +127,28 @@ def subset_event_refusal() -> str | None:
     if dispatch is None or parameter_names(dispatch) != need:
         return f"expected ModuleLooper._subset_event_dispatch({', '.join(sorted(need))})"
     run_subset = getattr(stage_subset, "run_subset_stage", None)
-    if run_subset is None or "subset_event_cb" not in parameter_names(run_subset) or _EVENT not in code_strings(run_subset):
-        return f"expected stage_subset.run_subset_stage(subset_event_cb=...) to emit a {_EVENT!r} subset event"
+    if run_subset is None or "subset_event_cb" not in parameter_names(run_subset) or EVENT not in code_strings(run_subset):
+        return f"expected stage_subset.run_subset_stage(subset_event_cb=...) to emit a {EVENT!r} subset event"
     run_layer = getattr(stage_layer, "run_layer_stage", None)
     if run_layer is None or "_subset_event_dispatch" not in all_code_names(run_layer):
         return "expected stage_layer.run_layer_stage to pass ModuleLooper._subset_event_dispatch to its subsets"
     return None
+
+
+def after_last_forward_of(original: Callable, gptq_model: Any, callback: Callable[[int, Any], None]) -> Callable:
+    """``ModuleLooper._subset_event_dispatch`` that, after GPTQModel's own dispatch, calls ``callback(layer_idx,
+    module_names)`` once a layer of ``gptq_model`` has run its last subset forward (the :data:`EVENT` event)."""
+
+    @functools.wraps(original)
+    def _subset_event_dispatch(self, *, stage, layer_idx, subset_index, subset_total, module_names, processor):
+        result = original(self, stage=stage, layer_idx=layer_idx, subset_index=subset_index,
+                          subset_total=subset_total, module_names=module_names, processor=processor)
+        if (stage == EVENT and getattr(self, "gptq_model", None) is gptq_model
+                and isinstance(layer_idx, int) and subset_index == subset_total - 1):
+            callback(layer_idx, module_names)
+        return result
+
+    return _subset_event_dispatch
 
 
 class LayerAhead:
@@ -167,18 +184,7 @@ class LayerAhead:
 
     def patch_subset_event(self, original: Callable) -> Callable:
         """``ModuleLooper._subset_event_dispatch`` that starts the next layer's load after the last subset forward."""
-        ahead = self
-
-        @functools.wraps(original)
-        def _subset_event_dispatch(self, *, stage, layer_idx, subset_index, subset_total, module_names, processor):
-            result = original(self, stage=stage, layer_idx=layer_idx, subset_index=subset_index,
-                              subset_total=subset_total, module_names=module_names, processor=processor)
-            if (stage == _EVENT and getattr(self, "gptq_model", None) is ahead.gptq_model
-                    and isinstance(layer_idx, int) and subset_index == subset_total - 1):
-                ahead.after_last_forward(layer_idx, module_names)
-            return result
-
-        return _subset_event_dispatch
+        return after_last_forward_of(original, self.gptq_model, self.after_last_forward)
 
     # ----- the work
     def after_last_forward(self, layer_idx: int, module_names: Any) -> None:

@@ -25,7 +25,6 @@ running (it would copy the same bytes itself). On leaving the block a copy still
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -38,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .layer_ahead import after_last_forward_of, free_bytes
 from .layer_reads import LayerReads, _Read, layer_index
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,6 @@ __all__ = ["DEVICES", "ROOM", "LayerStage", "LayerStageStats", "copy_pieces", "r
 DEVICES = frozenset({"cuda"})
 #: The device must have this many times the layer's bytes free (counting its allocator's unused blocks).
 ROOM = 2.0
-#: The subset event after which the next layer's read is copied (its forwards are done).
-EVENT = "forward_end"
 
 
 @dataclass
@@ -68,12 +66,12 @@ class LayerStageStats:
 
 
 def room_for(nbytes: int, device: torch.device, room: float = ROOM) -> bool:
-    """Whether ``device`` has ``room`` times ``nbytes`` free, counting the blocks PyTorch's allocator holds unused."""
+    """Whether ``device`` has ``room`` times ``nbytes`` free, counting the blocks PyTorch's allocator holds unused
+    (any non-CUDA device: yes)."""
     if device.type != "cuda":
         return True
-    free, _ = torch.cuda.mem_get_info(device)
-    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return free + unused >= room * nbytes
+    free = free_bytes(device)
+    return free is not None and free >= room * nbytes
 
 
 def copy_pieces(pieces: list[torch.Tensor], device: torch.device, stop: threading.Event | None = None) -> list[torch.Tensor]:
@@ -108,18 +106,7 @@ class LayerStage:
 
     def patch_subset_event(self, original: Callable) -> Callable:
         """``ModuleLooper._subset_event_dispatch`` that copies the next layer's read after the last subset forward."""
-        part = self
-
-        @functools.wraps(original)
-        def _subset_event_dispatch(self, *, stage, layer_idx, subset_index, subset_total, module_names, processor):
-            result = original(self, stage=stage, layer_idx=layer_idx, subset_index=subset_index,
-                              subset_total=subset_total, module_names=module_names, processor=processor)
-            if (stage == EVENT and getattr(self, "gptq_model", None) is part.gptq_model
-                    and isinstance(layer_idx, int) and subset_index == subset_total - 1):
-                part.after_last_forward(layer_idx)
-            return result
-
-        return _subset_event_dispatch
+        return after_last_forward_of(original, self.gptq_model, lambda layer_idx, _names: self.after_last_forward(layer_idx))
 
     def after_last_forward(self, layer_idx: int) -> None:
         """Layer ``layer_idx`` has run its last subset forward: copy the read of layer ``layer_idx + 1`` to the device
