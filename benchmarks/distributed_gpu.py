@@ -48,6 +48,8 @@ first collective, ~1-2 s, paid once per job and counted in the end-to-end time).
 
 Before each run the launcher calls ``os.sync()`` (untimed, ``sync_before_s``): every run starts
 with the earlier runs' checkpoints written back, so the run order does not slow a later save.
+Each row's ``host_load`` (``_host_load.py``) says how busy the machine was beside the run (other work's cores,
+hypervisor steal, the run's own cores, a Python probe); ``host_table`` lists them.
 
 Per run: ``oneshot`` wall time (calibrate + quantize + save; slowest rank) and end to end (the
 launcher's process, imports and model load included); per rank: ``torch.cuda.max_memory_allocated``,

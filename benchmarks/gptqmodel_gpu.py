@@ -234,6 +234,9 @@ device call with a hard limit ends with a whole JSON. Before each run that has t
 calls ``os.sync()`` (untimed, the row's ``sync_before_s``), as ``distributed_gpu.py`` does: every run starts with
 the earlier runs' checkpoints (about 2 GB each at the two-layer shape) written back, so the run order does not slow a
 later run's save (round 53: ours' saves took 0.88 s in a call's first run and 1.1-1.8 s in its later ones).
+Every row also says how busy the host was beside its run (``host_load``, ``_host_load.py``: other work's busy cores
+from ``/proc/stat`` less the run's own CPU time, hypervisor steal, the run's cores, a Python probe just before it),
+with a table after the ratios, so a slow run on a shared machine shows whether the machine was busy.
 ``--repeat N`` runs the variant list N times, one round after another (rows ``<variant>#2`` and
 on; each compared with the first stock run's checkpoint: the first plain ``stock`` run, else the
 first stock run of another setting such as ``stock+cpuw4``, named in ``meta.checkpoint_reference``),

@@ -164,7 +164,7 @@ class LayerReadStats:
     stock: int = 0  # loads of layers holding our experts left to GPTQModel (to the CPU, no read, no CUDA)
     bytes: int = 0  # bytes read
     read_seconds: float = 0.0  # wall seconds of the reads (background ones included)
-    waited_seconds: float = 0.0  # seconds a load waited for its read
+    waited_seconds: float = 0.0  # seconds a load waited for its read (and its device copy, with layer_stage)
     tensors_served: int = 0  # get_tensor calls answered from the buffers
     tensors_stock: int = 0  # ... inside served loads, left to a real handle
     unused: int = 0  # reads ahead never used (another layer came, or the block ended)
