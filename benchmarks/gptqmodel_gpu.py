@@ -111,7 +111,8 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
 * ``ours-grouped-batched-layerstage`` - the default lean bookkeeping parts plus the opt-in ``layer_stage``: after a
                  layer's last subset forward the next layer's read-ahead bytes are copied to the GPU, so its load
                  copies device to device (``bookkeeping.layer_stage``: staged, bytes, seconds, refused;
-                 ``bookkeeping.layer_reads.staged_loads``);
+                 ``bookkeeping.layer_reads.staged_loads``); ``-capturelazy-layerstage`` adds ``capture_lazy`` too, the
+                 first layer's read copied to the GPU from the block's start;
 * ``ours-grouped-batched-nosolvewarmup`` - every lean bookkeeping part but ``solve_warmup`` (a default since round
                  44): layer 0's first solves and attention forward load their CUDA kernels on the run's path instead
                  of a rehearsal on GPTQModel's workers during the input capture (``bookkeeping.solve_warmup``);
@@ -296,7 +297,7 @@ SET_UP_PHASE = "quantize_with_defuser set-up"
 #: variants with more than one part suffix (each suffix as above)
 COMBINED_PARTS = ("ours-grouped-batched-layerahead-gcfreeze", "ours-grouped-batched-capturelazy-gcfreeze",
                   "ours-grouped-batched-blockfinalize-devicewords", "ours-grouped-batched-blockfinalize-stealgroups",
-                  "ours-grouped-batched-blockfinalize-loadpriority")
+                  "ours-grouped-batched-blockfinalize-loadpriority", "ours-grouped-batched-capturelazy-layerstage")
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",

@@ -91,6 +91,27 @@ def test_the_next_layers_load_is_served_from_its_device_copy(plugin, tiny, tmp_p
 
 
 @pytest.mark.slow
+def test_with_capture_lazy_the_first_layer_is_copied_as_soon_as_it_is_read(plugin, tiny, tmp_path, stage_cpu, monkeypatch):  # noqa: F811
+    from defuser_quant.integrations.gptqmodel.overhead import PARTS
+
+    _, stock = _quantize(plugin, tiny, tmp_path / "stock", PARTS - {"layer_reads", "layer_stage"})
+    lean, tensors = _quantize(plugin, tiny, tmp_path / "lean", PARTS)
+    assert not [k for k in tensors if not torch.equal(tensors[k], stock[k])]
+    staged, reads = lean.bookkeeping.layer_stage, lean.bookkeeping.layer_reads
+    # layer 0 read from the start and copied to the quantize device, layer 1 after layer 0's last forward
+    assert reads.first == "model.layers.0" and lean.bookkeeping.capture_lazy.kept_lazy == 1
+    assert staged.staged == 2 and reads.staged_loads == 2 and staged.failed == 0
+    assert staged.refused == {"no read of the next layer ahead (the last layer, or a layer not read)": 1}
+
+    real = stage_cpu.copy_pieces
+    monkeypatch.setattr(stage_cpu, "copy_pieces", lambda *a, **k: [c.zero_() for c in real(*a, **k)])
+    _, spoiled = _quantize(plugin, tiny, tmp_path / "spoiled", PARTS)
+    for layer in (0, 1):  # both loads used their copies
+        names = [k for k in spoiled if k.startswith(f"model.layers.{layer}.") and "experts" in k]
+        assert names and [k for k in names if not torch.equal(spoiled[k], stock[k])], layer
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("trouble", ["no room", "copy raises", "not a staged device"])
 def test_a_read_not_copied_is_served_from_host_memory(plugin, tiny, tmp_path, stage_cpu, monkeypatch, caplog, trouble):  # noqa: F811
     from defuser_quant.integrations.gptqmodel.overhead import PARTS
@@ -128,9 +149,11 @@ def test_without_layer_reads_the_part_is_disabled_and_says_why(plugin, tiny, tmp
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_a_copy_runs_waits_for_it_and_restores_gptqmodel(plugin, tiny, stage_cpu, monkeypatch):  # noqa: F811
-    """Ctrl-C while the next layer's read is copied: the block ends after the copy thread, which gives up at its next
-    piece, and GPTQModel's functions are its own again."""
+@pytest.mark.parametrize("which", ["next layer", "first layer"])
+def test_ctrl_c_while_a_copy_runs_waits_for_it_and_restores_gptqmodel(plugin, tiny, stage_cpu, monkeypatch, which):  # noqa: F811
+    """Ctrl-C while the next layer's read is copied (or the first layer's, from the block's start with capture_lazy):
+    the block ends after the copy thread, which gives up at its next piece, and GPTQModel's functions are its own
+    again."""
     from test_gptqmodel_overhead import _load, _patch_points
 
     from defuser_quant.integrations.gptqmodel.overhead import PARTS, lean_bookkeeping
@@ -151,6 +174,14 @@ def test_ctrl_c_while_a_copy_runs_waits_for_it_and_restores_gptqmodel(plugin, ti
     layer = model.model.get_submodule("model.layers.0")
     from gptqmodel.looper.module_looper import ModuleLooper
 
+    if which == "first layer":
+        with pytest.raises(KeyboardInterrupt):
+            with lean_bookkeeping(model, PARTS) as stats:
+                assert started.wait(10)  # the first layer's copy, queued at the block's start
+                raise KeyboardInterrupt
+        assert _patch_points() == before and not _reader_threads()
+        assert stats.layer_stage.failed == 1 and stats.layer_stage.staged == 0
+        return
     with pytest.raises(KeyboardInterrupt):
         with lean_bookkeeping(model, PARTS - {"capture_lazy"}) as stats:
             model.turtle_model.materialize_submodule(target_model=model.model, target_submodule=layer,

@@ -16,7 +16,11 @@ interpreter lock while they copy) into device memory on a CUDA stream of its own
 and GPTQModel's own ``copy_`` into the layer's tensors runs device to device. GPTQModel's load, checks and
 conversions are its own; only where the source bytes sit changes.
 
-The copy goes only to the device the layer before was loaded to, and only when that device has room for
+With ``capture_lazy`` on, the first layer holding our experts is read from the block's start and loaded straight to
+the quantize device in the first ``pre_quantize``; its read is copied to that device as soon as it is read (the
+device holds little more than the embeddings then), so that load is device to device too.
+
+The copy goes only to the device the layer before was loaded to (the first layer's: the quantize device), and only when that device has room for
 :data:`ROOM` times the layer's bytes (free memory plus what PyTorch's allocator holds unused); otherwise
 (``stats.refused``) or when the copy raises (out of memory, say: logged, ``stats.failed``), the load copies from host
 memory as with ``layer_reads`` alone. A load to another device gets the host views. A load waits for a copy still
@@ -38,7 +42,7 @@ from typing import Any
 import torch
 
 from .layer_ahead import after_last_forward_of, free_bytes
-from .layer_reads import LayerReads, _Read, layer_index
+from .layer_reads import LayerReads, _Read, exact_device, layer_index
 
 logger = logging.getLogger(__name__)
 
@@ -111,20 +115,37 @@ class LayerStage:
     def after_last_forward(self, layer_idx: int) -> None:
         """Layer ``layer_idx`` has run its last subset forward: copy the read of layer ``layer_idx + 1`` to the device
         the layer before it was loaded to (on the read-ahead thread, after the read)."""
-        reads = self.reads
-        with reads.lock:
-            ahead, device = reads.ahead, reads.ahead_device
-            why = None
-            if reads.closed:
-                return
+        with self.reads.lock:
+            ahead = self.reads.ahead
             if ahead is None or layer_index(ahead[0]) != layer_idx + 1:
                 why = "no read of the next layer ahead (the last layer, or a layer not read)"
-            elif device is None or device.type not in DEVICES:
-                why = f"the layer before loaded to {device} (copied only to {', '.join(sorted(DEVICES))})"
-            if why is None:
-                reads.ahead = (ahead[0], reads.ahead_pool.submit(self._stage, ahead[1], device))
+            else:
+                why = self._submit(ahead, self.reads.ahead_device, "the layer before loaded to")
         if why is not None:
             self._refuse(why)
+
+    def stage_first(self, path: str | None, device: Any) -> None:
+        """The first layer's read from the block's start (``layer_reads.first``: its load comes straight to the quantize
+        ``device`` with ``capture_lazy``): copy it there as soon as it is read. The device is nearly empty then, so no
+        wait for a subset event."""
+        device = exact_device(device)
+        with self.reads.lock:
+            ahead = self.reads.ahead
+            if path is None or ahead is None or ahead[0] != path:
+                why = "no read of the first layer ahead"
+            else:
+                why = self._submit(ahead, device, "the quantize device is")
+        if why is not None:
+            self._refuse(why)
+
+    def _submit(self, ahead: tuple[str, Future], device: torch.device | None, where: str) -> str | None:
+        """Queue the copy of the read ahead (under the reads' lock): None, or why not."""
+        if self.reads.closed:
+            return "the block is closing"
+        if device is None or device.type not in DEVICES:
+            return f"{where} {device} (copied only to {', '.join(sorted(DEVICES))})"
+        self.reads.ahead = (ahead[0], self.reads.ahead_pool.submit(self._stage, ahead[1], device))
+        return None
 
     def _stage(self, read_future: Future, device: torch.device) -> _Read:
         """The read (what ``read_future`` gives, raising what it raised), with device copies when they could be made."""

@@ -158,6 +158,7 @@ expert projections of our ``DefusedExperts`` blocks only:
   decoder layer holding our experts): after a layer's last subset forward, the next layer's read-ahead pieces are
   copied to the device the layer was loaded to, on a background thread and a stream of their own, when the device
   has room; that layer's load then copies its tensors device to device from views of them (:mod:`.layer_stage`).
+  With ``capture_lazy``, the first layer's read from the block's start is copied to the quantize device at once.
   The same bytes, dtypes and shapes; GPTQModel's own load.
 
 * **solve warm-up** (GPTQModel's CUDA workers of the quantize device): each is handed one rehearsal of the steps a
@@ -1148,6 +1149,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
             stats.capture_lazy = stack.enter_context(lazy_capture(gptq_model, _holds_experts))
             if "layer_reads" in enabled:  # the first layer's load comes straight to the device too: read it meanwhile
                 stats.layer_reads.first = reads.read_first(getattr(gptq_model, "turtle_model", None))
+                if "layer_stage" in enabled:  # ... and copy it there before the load comes
+                    stage.stage_first(stats.layer_reads.first, getattr(gptq_model.quantize_config, "device", None))
         if paths and "base_in_memory" in enabled and getattr(gptq_model.quantize_config, "offload_to_disk", False):
             stats.base_in_memory = stack.enter_context(keep_base_modules(gptq_model.model))
         def around_layer_loads(scope: LayerLoadScope) -> None:  # the outermost copy patch so far: covers the whole load
