@@ -53,7 +53,9 @@ def test_a_read_serves_views_of_its_copies_only_once_the_load_asks(tmp_path):
     read = layer_reads.read_tensors({str(path): list(tensors)}, pin=False, piece_bytes=32)
     assert len(read.pieces) >= 2  # several pieces: the layout points each name at its own
     copies = [p.clone() for p in read.pieces]
-    read.set_staged(copies, torch.device("cpu"))
+    assert read.staged_device is None
+    read.set_staged(copies)
+    assert read.staged_device == torch.device("cpu")
     ok, host = read.take(str(path), "a")
     assert ok and torch.equal(host, tensors["a"]) and not any(host.data_ptr() == c.data_ptr() for c in copies)
     read.use_staged = True

@@ -236,10 +236,8 @@ class _Read:
         self.reasons: Counter[str] = Counter()  # why a name is not served -> names
         self.lock = threading.Lock()
         self.pieces: list[torch.Tensor] = []  # the host buffers the views of ``tensors`` are cut from
-        self.layout: dict[str, dict[str, tuple[int, int]]] = {}  # shard -> name -> (piece index, byte offset)
         self.staged: dict[str, dict[str, torch.Tensor]] | None = None  # the same views of device copies (layer_stage)
-        self.staged_pieces: list[torch.Tensor] = []
-        self.staged_device: torch.device | None = None
+        self.staged_pieces: list[torch.Tensor] = []  # ... those copies, in the order of ``pieces``
         self.use_staged = False  # serve ``staged`` instead of ``tensors`` (set by the load, on its device)
 
     def take(self, shard: str, name: str) -> tuple[bool, Any]:
@@ -257,19 +255,24 @@ class _Read:
             self.served.add((shard, name))
             return True, tensors[name]
 
-    def set_staged(self, pieces: list[torch.Tensor], device: torch.device) -> None:
-        """Device copies of :attr:`pieces` (same sizes, in order): :attr:`staged` gets the views :attr:`tensors` has."""
+    @property
+    def staged_device(self) -> torch.device | None:
+        """Where the device copies are (None: none made)."""
+        return self.staged_pieces[0].device if self.staged is not None and self.staged_pieces else None
+
+    def set_staged(self, copies: list[torch.Tensor]) -> None:
+        """Copies of :attr:`pieces` (same sizes, in order) on a device: :attr:`staged` gets the views :attr:`tensors`
+        has, each at its byte offset in the copy of the piece it is cut from."""
+        copy_of = {piece.data_ptr(): copy for piece, copy in zip(self.pieces, copies)}
         staged: dict[str, dict[str, torch.Tensor]] = {}
         for shard, views in self.tensors.items():
-            layout = self.layout[shard]
-            staged[shard] = {name: _cut(pieces[layout[name][0]], layout[name][1], view) for name, view in views.items()}
+            staged[shard] = {}
+            for name, view in views.items():
+                start = view.untyped_storage().data_ptr()
+                offset = view.data_ptr() - start
+                staged[shard][name] = copy_of[start][offset:offset + view.nbytes].view(view.dtype).view(view.shape)
         with self.lock:
-            self.staged, self.staged_pieces, self.staged_device = staged, pieces, device
-
-
-def _cut(piece: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
-    """The view of ``piece`` (bytes) at ``offset`` with ``like``'s dtype and shape."""
-    return piece[offset:offset + like.numel() * like.element_size()].view(like.dtype).view(like.shape)
+            self.staged, self.staged_pieces = staged, copies
 
 
 def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolExecutor | None = None,
@@ -304,7 +307,6 @@ def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolE
                     continue
                 read.reasons[reason] += 1
             views: dict[str, torch.Tensor] = {}
-            layout: dict[str, tuple[int, int]] = {}
             for members, size in _pack(wanted, piece_bytes):
                 piece = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
                 read.pieces.append(piece)
@@ -322,12 +324,10 @@ def read_tensors(files: dict[str, list[str]], *, pin: bool, readers: ThreadPoolE
                         read.reasons["misaligned for its dtype"] += 1
                     else:
                         views[e.name] = piece[offset:offset + n].view(e.dtype).view(e.shape)
-                        layout[e.name] = (len(read.pieces) - 1, offset)
                 if run is not None and run[2] > run[0]:
                     jobs.append((shard, run[1], raw[run[0]:run[2]]))
                 read.bytes += sum(e.end - e.start for e, _ in members)
             read.tensors[shard] = views
-            read.layout[shard] = layout
             read.file_ids[shard] = file_id
         for shard in files:
             handles[shard] = os.open(shard, os.O_RDONLY)

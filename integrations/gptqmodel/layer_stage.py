@@ -160,7 +160,7 @@ class LayerStage:
                 return read
             t0 = time.perf_counter()
             copies = copy_pieces(read.pieces, device, self.reads.stop)
-            read.set_staged(copies, device)
+            read.set_staged(copies)
         except Exception as exc:  # noqa: BLE001 - the load copies from host memory, as without this part
             with self.reads.lock:
                 self.stats.failed += 1
