@@ -209,7 +209,9 @@ told from a variant that differs from stock.
 Each variant: ``GPTQModel.load`` (GPTQ 4-bit, group 128), ``quantize``, ``save``, reload and
 logits on a fixed prompt. With several GPUs the variants run at the same time, each alone on its
 own GPU (``CUDA_VISIBLE_DEVICES``), so one call fits more; GPTQModel's JIT-built CUDA block-update
-extension (and GPTQModel's CPU packing extension) is built once before any variant starts, so no variant pays for it. Reported: wall time per step, peak GPU memory
+extension, defuser-quant's rows kernel and GPTQModel's CPU packing extension are built once before any variant
+starts, so no variant pays for them, each in a child process of its own while the source model is built
+(``_parallel_warm.py``; the JSON's ``extensions_waited_s``: how long the parent waited for them after it). Reported: wall time per step, peak GPU memory
 (``torch.cuda.max_memory_allocated``), peak host RSS, expert projections quantized out of all,
 the smallest number of calibration rows any expert projection's GPTQ saw (from GPTQModel's
 own log), whether the checkpoint equals stock's tensor for tensor, and the logits' max
@@ -460,6 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/gptqmodel_<device>[_tiny].json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--warm-extension", default=None, choices=sorted(WARMERS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.variants is None and args.tiny:
         args.variants = "stock,ours,ours-all"
@@ -643,6 +646,11 @@ def warm_pack_extension() -> tuple[float | None, bool | None]:
         return load_pack_block_extension()
 
     return _warm("GPTQModel pack_block_cpu extension", load)
+
+
+#: The extensions the parent builds before the runs, each in a child process of its own (``--warm-extension``).
+WARMERS: dict[str, Callable[[], tuple[float | None, bool | None]]] = {
+    "gptq": warm_gptq_extension, "rows": warm_rows_kernel, "pack": warm_pack_extension}
 
 
 def run_variants(runs: list[tuple[str, str]], args: argparse.Namespace, work: Path, slots: int,
@@ -1032,6 +1040,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.warm_extension:  # a child of the parent's warm-up (_parallel_warm.py)
+        from _parallel_warm import report
+
+        return report(WARMERS[args.warm_extension]())
     import shutil
     import tempfile
 
@@ -1070,14 +1082,20 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
 
     import torch
 
-    t0 = time.perf_counter()
-    calibration = build_source(args, work / "src")
-    (work / "calibration.json").write_text(json.dumps(calibration))
-    build_s = time.perf_counter() - t0
-    print(f"built source model in {build_s:.1f}s under {work}", flush=True)
-    jit_s, jit_ok = warm_gptq_extension() if args.device == "cuda" else (None, None)
-    rows_s, rows_ok = warm_rows_kernel() if args.device == "cuda" else (None, None)
-    pack_s, pack_ok = warm_pack_extension()
+    from _parallel_warm import timed_wait, warming  # beside this script, on sys.path when it runs
+
+    # the extensions build in child processes of their own while this one builds the source model
+    names = ["gptq", "rows", "pack"] if args.device == "cuda" else ["pack"]
+    with warming(Path(__file__).resolve(), names, _env(args.device)) as wait:
+        t0 = time.perf_counter()
+        calibration = build_source(args, work / "src")
+        (work / "calibration.json").write_text(json.dumps(calibration))
+        build_s = time.perf_counter() - t0
+        print(f"built source model in {build_s:.1f}s under {work}", flush=True)
+        warmed, waited_s = timed_wait(wait)
+    jit_s, jit_ok = warmed.get("gptq", (None, None))
+    rows_s, rows_ok = warmed.get("rows", (None, None))
+    pack_s, pack_ok = warmed["pack"]
     slots = 1 if args.device == "cpu" else max(1, min(args.gpus or torch.cuda.device_count(), len(variants)))
     if args.gpu_counts:
         if max(args.gpu_counts) > torch.cuda.device_count():
@@ -1145,6 +1163,8 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
         "rows_kernel_available": rows_ok,
         "pack_extension_warmup_s": pack_s,
         "pack_extension_available": pack_ok,
+        "extensions_built_beside_source": names,
+        "extensions_waited_s": waited_s,
         "warmup": warmup,
         "concurrent_variants": slots,
         "checkpoint_reference": stock["run"] if stock is not None else None,

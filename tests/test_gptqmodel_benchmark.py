@@ -509,6 +509,9 @@ def test_a_real_tiny_cpu_run_repeats_the_list_and_pairs_every_run(tiny_cpu_call)
     # every run after the first stock one is compared with it: on the CPU all are its checkpoint
     assert [r.get("same_ckpt_as_stock") for r in rows] == ["yes", None, "yes", "yes"]
     assert data["meta"]["early_comparisons"] == 3  # each made as soon as its pair was on disk, taken at the end
+    # the CPU packing extension was built in a child process beside the source model, and is available
+    assert data["meta"]["extensions_built_beside_source"] == ["pack"] and data["meta"]["pack_extension_available"] is True
+    assert data["meta"]["extensions_waited_s"] >= 0 and data["meta"]["pack_extension_warmup_s"] >= 0
     # one group of identical checkpoints, the reference's first, found from those comparisons alone
     assert data["meta"]["checkpoint_groups"] == [["stock", "ours-grouped-batched", "ours-grouped-batched#2", "stock#2"]]
     assert "Identical checkpoints (every tensor equal): {stock, ours-grouped-batched, ours-grouped-batched#2, stock#2}" \
