@@ -1085,7 +1085,7 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
     from _parallel_warm import timed_wait, warming  # beside this script, on sys.path when it runs
 
     # the extensions build in child processes of their own while this one builds the source model
-    names = ["gptq", "rows", "pack"] if args.device == "cuda" else ["pack"]
+    names = list(WARMERS) if args.device == "cuda" else ["pack"]  # the CPU has no CUDA extension to build
     with warming(Path(__file__).resolve(), names, _env(args.device)) as wait:
         t0 = time.perf_counter()
         calibration = build_source(args, work / "src")
