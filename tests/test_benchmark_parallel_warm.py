@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, {str(BENCHMARKS)!r})
 from _parallel_warm import report
 name, folder = sys.argv[1], Path(sys.argv[2])
-(folder / name).write_text(str(__import__("os").getpid()))
+(folder / (name + ".tmp")).write_text(str(__import__("os").getpid()))
+(folder / (name + ".tmp")).rename(folder / name)  # whole when it appears: the parent reads it as soon as it exists
 if name in ("a", "b"):
     other = folder / ("b" if name == "a" else "a")
     t = time.time()
