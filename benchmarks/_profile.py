@@ -1,6 +1,6 @@
 """Opt-in cProfile of a benchmark's timed region: ``DQ_PROFILE_DIR=dir`` writes ``dir/<name>.txt``
 (and the raw ``dir/<name>.prof`` for ``pstats``); ``DQ_TORCH_PROFILE_DIR`` and ``DQ_SAMPLE_DIR``
-select torch.profiler and the all-threads stack sampler instead.
+select torch.profiler and the all-threads stack sampler instead; ``DQ_GIL_DIR`` the lock holder's sampler (py-spy).
 
 The text holds the top functions by own time and by cumulative time (host Python only; CUDA
 kernels show up as the host calls that launch or wait for them). Unset, it costs nothing.
@@ -36,6 +36,7 @@ ALL_THREADS_NOTE = ("# Python >= 3.12: one cProfile profiler per process (sys.mo
 
 TORCH_ENV = "DQ_TORCH_PROFILE_DIR"
 SAMPLE_ENV = "DQ_SAMPLE_DIR"
+GIL_ENV = "DQ_GIL_DIR"
 
 
 @contextlib.contextmanager
@@ -47,7 +48,14 @@ def maybe_profile(name: str, top: int = 60) -> Iterator[Any]:
     times) against the wall seconds, which says whether the GPU or the host bounds the block.
     ``$DQ_SAMPLE_DIR`` instead samples every thread's stack (``_sampler.py``): what the main thread
     waits on when the work is spread over threads; the block gets the sampler (its ``since`` marks
-    a tail to report alone), with the others None."""
+    a tail to report alone), with the others None. ``$DQ_GIL_DIR`` (first of all) samples only the thread holding
+    the interpreter lock, with py-spy (``_gil_sampler.py``); the block gets its :class:`~_gil_sampler.GilSample`."""
+    if os.environ.get(GIL_ENV):
+        from _gil_sampler import maybe_gil_sample
+
+        with maybe_gil_sample(name) as sample:
+            yield sample
+        return
     if os.environ.get(SAMPLE_ENV):
         from _sampler import maybe_sample
 

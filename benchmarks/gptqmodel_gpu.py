@@ -252,6 +252,10 @@ profile each variant's ``quantize`` (``gptqmodel-<run>``; with ``DQ_PROFILE_DIR`
 module finalizes on their worker threads, ``gptqmodel-<run>.finalize.txt``; from 3.12 the one profile holds every
 thread) and, on its own, its save (``gptqmodel-<run>-save``);
 the sampler also writes ``gptqmodel-<run>.tail.sampled.txt``, the samples from the last GPTQ solve on.
+The ``+gil1`` modifier runs a variant under py-spy sampling only the interpreter lock's holder (``_gil_sampler.py``,
+``DQ_GIL_DIR`` set for that run): the row gets ``gil_sample`` (quantize) and ``gil_sample_save``, GIL-held seconds by
+thread and function, and py-spy's stacks are kept beside the JSON (``<out>.gptqmodel-<run>[-save].gil.txt.gz``); such
+runs are left out of ``ratios_vs_stock``.
 
 Budget (one H200, CUDA block-update extension built): ``quantize()`` of 2 Qwen3-30B-A3B layers
 takes 36-55 s per variant, plus ~15-20 s of imports and ~5-10 s of reload per process, ~12 s to
@@ -315,7 +319,9 @@ MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU
              "pin": "layer_reads into pinned buffers (layer_reads.PIN)",
              "nooff": "QuantizeConfig(offload_to_disk=False): no per-module disk offload (a diagnostic bound)",
              "gcfreeze": "gc.freeze() before quantize() (the objects alive then are left out of full collections)",
-             "wt": "install(write_threads=N): the save's shards copied into a mapping of each file by N threads"}
+             "wt": "install(write_threads=N): the save's shards copied into a mapping of each file by N threads",
+             "gil": "py-spy samples the interpreter lock's holder through quantize() and the save (_gil_sampler.py; "
+                    "needs py-spy: $DQ_PYSPY or on PATH); such a run is left out of the ratios"}
 DEFAULT_VARIANTS = ("stock", "ours")
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=128, batch_size=4)
@@ -355,7 +361,7 @@ def split_variant(name: str) -> tuple[str, dict[str, int]]:
         match = re.fullmatch(r"([a-z]+)(\d+)", part)
         if match is None or match[1] not in MODIFIERS or int(match[2]) < 1 or match[1] in modifiers:
             raise ValueError(f"variant {name!r}: bad modifier {part!r}; use +si<microseconds>, +cpuw<workers>, "
-                             "+cudaw<workers>, +pin1, +nooff1, +gcfreeze1 and/or +wt<threads>, each a positive integer, "
+                             "+cudaw<workers>, +pin1, +nooff1, +gcfreeze1, +gil1 and/or +wt<threads>, each a positive integer, "
                              "each at most once")
         modifiers[match[1]] = int(match[2])
     return base, modifiers
@@ -499,6 +505,11 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
 
 
+def gil_sampled(variant: str) -> bool:
+    """Whether ``variant`` runs under py-spy (``+gil1``): its times are not a clean measurement."""
+    return "gil" in split_variant(variant)[1]
+
+
 def is_stock(variant: str) -> bool:
     """Whether ``variant`` runs stock GPTQModel + Defuser (``stock``, ``stock-again``, ``stock+si500``...)."""
     return variant.startswith("stock")
@@ -514,8 +525,9 @@ def checkpoint_reference(rows: list[dict]) -> dict | None:
 
 def ratios_vs_stock(rows: list[dict]) -> dict[str, dict]:
     """Per variant that is not stock: its runs' ratios against every stock run of the call (stock's
-    seconds / its seconds, end to end and quantize), min / median / max over all those pairs."""
-    done = [r for r in rows if "error" not in r]
+    seconds / its seconds, end to end and quantize), min / median / max over all those pairs. Runs under py-spy
+    (``+gil1``) are left out on both sides."""
+    done = [r for r in rows if "error" not in r and not gil_sampled(r["variant"])]
     stock = [r for r in done if is_stock(r["variant"])]
     if not stock:
         return {}
@@ -734,6 +746,9 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, gpu: int | s
     workers = split_variant(variant)[1].get("cpuw")
     if workers is not None:
         env["GPTQMODEL_CPU_WORKERS"] = str(workers)  # read when gptqmodel is imported
+    env.pop("DQ_GIL_DIR", None)
+    if gil_sampled(variant):
+        env["DQ_GIL_DIR"] = str(work / f"{run_id}.gil")  # _gil_sampler.py: quantize's and the save's samples
     if args.deterministic:
         env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts in the worker
     host: dict = {}  # host_load: how busy the machine was beside this run (concurrent runs count as each other's load)
@@ -795,6 +810,23 @@ def run_scaling(variants: list[str], args: argparse.Namespace, work: Path, parti
 #: Packed quantized weights and their scales: GPTQModel's names, then compressed-tensors' (llm-compressor).
 PACKED_SUFFIXES = (".qweight", ".weight_packed")
 SCALE_SUFFIXES = (".scales", ".weight_scale")
+
+
+def gil_stacks_path(out: Path, name: str) -> Path:
+    """Where a ``+gil1`` run's py-spy stacks (``name``: ``gptqmodel-<run>[-save].gil.txt``) are kept beside the JSON
+    ``out``, gzipped (``#`` and ``+`` made ``_``)."""
+    return out.with_name(f"{out.stem}.{re.sub(r'[#+]', '_', name)}.gz")
+
+
+def keep_gzipped(src: Path, dst: Path) -> None:
+    """``src`` written to ``dst`` gzipped, whole or not at all (a temporary file renamed)."""
+    import gzip
+    import shutil
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    with src.open("rb") as f, gzip.open(tmp, "wb") as g:
+        shutil.copyfileobj(f, g)
+    tmp.replace(dst)
 
 
 def timeline_path(out: Path, run: str) -> Path:
@@ -1185,10 +1217,12 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
     if args.deadline is not None:
         payload["skipped"] = skipped
     out.write_text(json.dumps(payload, indent=1) + "\n")
-    for r in rows:  # --timeline: every span of each run, kept beside the JSON
+    for r in rows:  # --timeline: every span of each run, kept beside the JSON; +gil1: py-spy's stacks too
         spans = work / f"{r['run']}.timeline.jsonl"
         if spans.exists():
             shutil.copyfile(spans, timeline_path(out, r["run"]))
+        for stacks in sorted((work / f"{r['run']}.gil").glob("*.gil.txt")):
+            keep_gzipped(stacks, gil_stacks_path(out, stacks.name))
     partial.unlink(missing_ok=True)
     if skipped:
         print(f"skipped by the {args.deadline:.0f} s deadline: {', '.join(skipped)}")
@@ -1308,6 +1342,8 @@ def worker(args: argparse.Namespace) -> int:
         if sampler is not None:  # DQ_SAMPLE_DIR: the tail after the last GPTQ solve also reported alone
             sampler.since = kernels.last_solve_at
     t2 = time.perf_counter()
+    if getattr(sampler, "summary", None) is not None:  # DQ_GIL_DIR: the interpreter lock's holders, sampled by py-spy
+        extra["gil_sample"] = sampler.summary
     if freeze is not None:
         extra["gc_freeze"] = freeze.as_dict()
     if probe is not None:
@@ -1334,8 +1370,10 @@ def worker(args: argparse.Namespace) -> int:
     projections = [m for n, m in model.model.named_modules() if expert.search(f"{n}.") and n.rsplit(".", 1)[-1].endswith("proj")]
     quantized = sum(isinstance(m, BaseQuantLinear) for m in projections)
     samples = [int(r["samples"]) for rows in (log or {}).values() for r in rows if ".experts." in str(r.get("module")) and str(r.get("samples", "")).isdigit()]
-    with maybe_profile(f"gptqmodel-{run_id}-save"):
+    with maybe_profile(f"gptqmodel-{run_id}-save") as save_sampler:
         model.save(str(work / f"{run_id}.out"))
+    if getattr(save_sampler, "summary", None) is not None:
+        extra["gil_sample_save"] = save_sampler.summary
     t3 = time.perf_counter()
     if extra.get("bookkeeping") and result.bookkeeping.gc_freeze is not None:  # the save's frozen collections too
         extra["bookkeeping"]["gc_freeze"] = result.bookkeeping.gc_freeze.as_dict()
@@ -1370,7 +1408,8 @@ def worker(args: argparse.Namespace) -> int:
                       "gptqmodel_cuda_workers": cuda_workers(),
                       "offload_to_disk": "nooff" not in modifiers,
                       "gc_freeze": "gcfreeze" in modifiers,
-                      "write_threads": modifiers.get("wt", 1)} if modifiers else None,
+                      "write_threads": modifiers.get("wt", 1),
+                      "gil_sampled": "gil" in modifiers} if modifiers else None,
         "gpus_visible": devices,
         "backend": args.backend,
         "import_s": round(import_s, 2),

@@ -371,6 +371,37 @@ def test_modifiers_reach_the_variants_process(tmp_path, monkeypatch):
     assert seen["env"]["GPTQMODEL_CPU_WORKERS"] == "7"  # no +cpuw: left as it was
 
 
+def test_the_gil_modifier_samples_that_run_only_and_leaves_it_out_of_the_ratios(tmp_path, monkeypatch):
+    seen = []
+
+    def run(cmd, env, **kwargs):
+        seen.append(env.get("DQ_GIL_DIR"))
+        return bench.subprocess.CompletedProcess(cmd, 1, "", "stopped here")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    monkeypatch.setenv("DQ_GIL_DIR", str(tmp_path / "inherited"))
+    args = bench.parse_args(["--device", "cpu"])
+    bench.run_variant("ours+gil1", args, tmp_path, run_id="ours+gil1#2")
+    bench.run_variant("ours", args, tmp_path)
+    assert seen == [str(tmp_path / "ours+gil1#2.gil"), None]  # its own folder; the caller's setting reaches no run
+    assert bench.gil_sampled("stock+gil1") and not bench.gil_sampled("stock+si500")
+
+    def row(variant, total):
+        return {"variant": variant, "run": variant, "total_s": total, "quantize_s": total}
+
+    ratios = bench.ratios_vs_stock([row("ours", 10.0), row("ours+gil1", 20.0), row("stock", 40.0), row("stock+gil1", 80.0)])
+    assert list(ratios) == ["ours"] and ratios["ours"]["stock_runs"] == 1
+    assert ratios["ours"]["end_to_end"] == {"min": 4.0, "median": 4.0, "max": 4.0}
+    stacks = tmp_path / "ours+gil1#2.gil" / "gptqmodel-ours+gil1#2.gil.txt"
+    stacks.parent.mkdir()
+    stacks.write_text("thread (1): MainThread;f (x.py:1) 5\n")
+    kept = bench.gil_stacks_path(tmp_path / "r.json", stacks.name)
+    bench.keep_gzipped(stacks, kept)
+    import gzip
+
+    assert kept.name == "r.gptqmodel-ours_gil1_2.gil.txt.gz" and gzip.decompress(kept.read_bytes()) == stacks.read_bytes()
+
+
 def test_the_wt_modifier_installs_the_plugin_with_that_many_write_threads(tmp_path, monkeypatch):
     """The variant's process installs the plugin with +wt's threads (and the default 1 without it); stopped there."""
     pytest.importorskip("gptqmodel")
