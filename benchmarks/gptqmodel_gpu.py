@@ -960,6 +960,7 @@ def markdown(rows: list[dict]) -> str:
             g, bk, solve = r["gil_probe"], r.get("bookkeeping") or {}, r.get("solve") or {}
             lines.append(f"| {r.get('run', r['variant'])} | {g['switch_interval_ms']} | {g['mean_ms']} | {g['p90_ms']} | "
                          f"{g['over_1ms']} | {g['waited_s']} | {bk.get('recopy_skipped', '-')} | {solve.get('host_results', '-')} |")
+    lines += gil_markdown(rows)
     scaled = [r for r in rows if r.get("gpus") and "error" not in r]
     if len({r["gpus"] for r in scaled}) > 1:
         lines += ["", "| variant | GPUs | quantize (s) | total (s) | speed-up | peak GPU GiB per device | checkpoint vs fewest GPUs |",
@@ -968,6 +969,24 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"| {r['variant']}{triton_note(r)} | {r['gpus']} | {r['quantize_s']:.1f} | {r['total_s']:.1f} | {r.get('speedup', '-')} | "
                          + " / ".join(_gib(v) for v in r.get("peak_gpu_bytes_per_device") or []) + f" | {r.get('checkpoint_vs_fewest_gpus', '-')} |")
     return "\n".join(lines)
+
+
+def gil_markdown(rows: list[dict], top: int = 6) -> list[str]:
+    """The ``+gil1`` runs' interpreter lock: held seconds of quantize() against its wall time, per thread pool and the
+    functions that held it longest (innermost frame); lines to add to the report (none without such a run)."""
+    sampled = [r for r in rows if (r.get("gil_sample") or {}).get("samples") is not None and "error" not in r]
+    failed = [f"{r.get('run', r['variant'])}: {r['gil_sample']['error']}" for r in rows if (r.get("gil_sample") or {}).get("error")]
+    lines = [""] + [f"py-spy did not sample {x}" for x in failed] if failed else []
+    if not sampled:
+        return lines
+    lines += ["", "Interpreter lock held during quantize() (+gil1 runs, py-spy --gil; seconds):", "",
+              "| run | wall | held | by thread | longest held (innermost function) |", "|---|---:|---:|---|---|"]
+    for r in sampled:
+        g = r["gil_sample"]
+        threads = ", ".join(f"{name} {sec:.2f}" for name, sec in list(g["by_thread"].items())[:4])
+        own = ", ".join(f"{name.split(' (')[0]} {sec:.2f}" for name, sec in g["own"][:top])
+        lines.append(f"| {r.get('run', r['variant'])} | {g['wall_seconds']:.2f} | {g['gil_seconds']:.2f} | {threads} | {own} |")
+    return lines
 
 
 def compare_hessian_prints(rows: list[dict], stock: dict) -> None:

@@ -708,3 +708,15 @@ def test_a_call_whose_runs_are_all_past_the_deadline_still_writes_its_json(tmp_p
     payload = json.loads(out.read_text())
     assert payload["skipped"] == ["stock", "ours"] and payload["rows"] == []
     assert payload["meta"]["args"]["deadline"] == 0.5 and not (tmp_path / "call.partial.jsonl").exists()
+
+
+def test_the_report_shows_each_sampled_runs_lock_holders():
+    sample = {"samples": 500, "gil_seconds": 2.0, "wall_seconds": 8.0, "by_thread": {"MainThread": 1.2, "DPWorker-cuda#": 0.8},
+              "own": [["pack (gptqmodel/q.py)", 0.5], ["load (gptqmodel/turtle.py)", 0.25]]}
+    rows = [{"variant": "ours+gil1", "run": "ours+gil1", "gil_sample": sample},
+            {"variant": "ours+gil1", "run": "ours+gil1#2", "gil_sample": {"error": "no py-spy: set DQ_PYSPY"}},
+            {"variant": "ours", "run": "ours"}]
+    lines = bench.gil_markdown(rows)
+    assert "| ours+gil1 | 8.00 | 2.00 | MainThread 1.20, DPWorker-cuda# 0.80 | pack 0.50, load 0.25 |" in lines
+    assert "py-spy did not sample ours+gil1#2: no py-spy: set DQ_PYSPY" in lines
+    assert bench.gil_markdown([{"variant": "ours", "run": "ours"}]) == []
