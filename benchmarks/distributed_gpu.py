@@ -125,6 +125,8 @@ LLMC_INTEGRATION = "defuser_quant.integrations.llmcompressor"
 VARIANTS = ("stock", "routed", "all", "routed-loop", "all-loop", "routed-onewriter", "all-onewriter", "all-unshared",
             "all-rehearse", "all-syncfree", "all-mmloop", "all-looppack", "all-nosync", "all-frozensave")
 DEFAULT_VARIANTS = ("stock", "routed", "all")
+#: The recipe's W4A16 group size: every quantized Linear's input width must be a multiple of it.
+GROUP_SIZE = 128
 TINY = dict(layers=2, experts=8, hidden=128, intermediate=128, top_k=2, heads=4, kv_heads=2, head_dim=32, vocab=1024,
             samples=16, seq_len=64)
 IGNORE = ["lm_head", "re:.*mlp.gate$"]
@@ -176,6 +178,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for key, value in TINY.items():
             setattr(args, key, value)
     check_shape(p, args)
+    for flag, width in (("--hidden", args.hidden), ("--intermediate", args.intermediate),
+                        ("--heads x --head-dim", args.heads * args.head_dim)):
+        if width % GROUP_SIZE:
+            p.error(f"{flag} gives quantized rows of {width} columns, not a multiple of W4A16's group size {GROUP_SIZE} "
+                    "(llm-compressor splits every row into groups of it; both variants would fail): use a multiple of it")
     return args
 
 

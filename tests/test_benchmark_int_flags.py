@@ -124,6 +124,10 @@ def test_the_minimum_itself_is_taken(script, flag, minimum):
     ("gptqmodel_overhead", ["--experts", "4"], "--top-k 8 is more than --experts 4"),
     ("grouped_overhead", ["--experts", "16", "--top-k", "17"], "--top-k 17 is more than --experts 16"),
     ("defuse", ["--experts", "7"], f"--experts 7 is fewer than the {defuse.TOP_K} experts each token picks"),
+    ("distributed_gpu", ["--intermediate", "64"], "--intermediate gives quantized rows of 64 columns, not a multiple of "
+                                                  "W4A16's group size 128"),
+    ("distributed_gpu", ["--hidden", "192"], "--hidden gives quantized rows of 192 columns"),
+    ("distributed_gpu", ["--heads", "4", "--kv-heads", "2", "--head-dim", "48"], "--heads x --head-dim gives quantized rows of 192"),
 ])
 def test_shapes_that_do_not_fit_together_are_one_error_line(capsys, script, argv, says):
     last = _refused(capsys, script, argv)
