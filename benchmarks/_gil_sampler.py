@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from _report import write_json  # beside this module, on sys.path where it is imported
 
 ENV = "DQ_GIL_DIR"
 BINARY_ENV = "DQ_PYSPY"
@@ -155,4 +156,4 @@ def maybe_gil_sample(name: str) -> Iterator[GilSample | None]:
         else:
             sample.summary = {"error": f"py-spy exited {proc.returncode} without output: "
                                        f"{log.read_text().strip().splitlines()[-1:] or ['(no output)']}"}
-        (out / f"{name}.gil.json").write_text(json.dumps(sample.summary, indent=1))
+        write_json(out / f"{name}.gil.json", sample.summary)

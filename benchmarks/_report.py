@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import shutil
 from pathlib import Path
 
 
@@ -12,3 +14,12 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def write_gzipped(src: Path, dst: Path) -> None:
+    """``src`` gzipped into ``dst`` whole or not at all, like :func:`write_json`."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with src.open("rb") as f, gzip.open(tmp, "wb") as g:
+        shutil.copyfileobj(f, g)
+    tmp.replace(dst)

@@ -812,26 +812,21 @@ PACKED_SUFFIXES = (".qweight", ".weight_packed")
 SCALE_SUFFIXES = (".scales", ".weight_scale")
 
 
+def _plain(name: str) -> str:
+    """``name`` as a plain file name: ``#``, ``+`` and every other character but letters, digits, ``.``, ``_`` and
+    ``-`` made ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
 def gil_stacks_path(out: Path, name: str) -> Path:
     """Where a ``+gil1`` run's py-spy stacks (``name``: ``gptqmodel-<run>[-save].gil.txt``) are kept beside the JSON
-    ``out``, gzipped (``#`` and ``+`` made ``_``)."""
-    return out.with_name(f"{out.stem}.{re.sub(r'[#+]', '_', name)}.gz")
-
-
-def keep_gzipped(src: Path, dst: Path) -> None:
-    """``src`` written to ``dst`` gzipped, whole or not at all (a temporary file renamed)."""
-    import gzip
-    import shutil
-
-    tmp = dst.with_name(dst.name + ".tmp")
-    with src.open("rb") as f, gzip.open(tmp, "wb") as g:
-        shutil.copyfileobj(f, g)
-    tmp.replace(dst)
+    ``out``, gzipped (a plain file name)."""
+    return out.with_name(f"{out.stem}.{_plain(name)}.gz")
 
 
 def timeline_path(out: Path, run: str) -> Path:
-    """Where ``--timeline`` keeps a run's spans beside the JSON ``out`` (``#`` and ``+`` made ``_``: plain file names)."""
-    return out.with_name(f"{out.stem}.{re.sub(r'[^A-Za-z0-9._-]', '_', run)}.timeline.jsonl")
+    """Where ``--timeline`` keeps a run's spans beside the JSON ``out`` (a plain file name)."""
+    return out.with_name(f"{out.stem}.{_plain(run)}.timeline.jsonl")
 
 
 def region_totals(model: object) -> dict[str, dict] | None:
@@ -1134,6 +1129,7 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
     import torch
 
     from _parallel_warm import timed_wait, warming  # beside this script, on sys.path when it runs
+    from _report import write_gzipped
 
     # the extensions build in child processes of their own while this one builds the source model
     names = list(WARMERS) if args.device == "cuda" else ["pack"]  # the CPU has no CUDA extension to build
@@ -1241,7 +1237,7 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
         if spans.exists():
             shutil.copyfile(spans, timeline_path(out, r["run"]))
         for stacks in sorted((work / f"{r['run']}.gil").glob("*.gil.txt")):
-            keep_gzipped(stacks, gil_stacks_path(out, stacks.name))
+            write_gzipped(stacks, gil_stacks_path(out, stacks.name))
     partial.unlink(missing_ok=True)
     if skipped:
         print(f"skipped by the {args.deadline:.0f} s deadline: {', '.join(skipped)}")

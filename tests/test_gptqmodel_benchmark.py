@@ -396,7 +396,9 @@ def test_the_gil_modifier_samples_that_run_only_and_leaves_it_out_of_the_ratios(
     stacks.parent.mkdir()
     stacks.write_text("thread (1): MainThread;f (x.py:1) 5\n")
     kept = bench.gil_stacks_path(tmp_path / "r.json", stacks.name)
-    bench.keep_gzipped(stacks, kept)
+    from _report import write_gzipped
+
+    write_gzipped(stacks, kept)
     import gzip
 
     assert kept.name == "r.gptqmodel-ours_gil1_2.gil.txt.gz" and gzip.decompress(kept.read_bytes()) == stacks.read_bytes()
