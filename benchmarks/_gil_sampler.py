@@ -91,9 +91,9 @@ def summarize(text: str, rate: float, wall_seconds: float | None = None, top: in
         total += count
         by_thread[group] += count
         own[function_of(frames[-1]) if frames else "(no Python frame)"] += count
-        seen = {function_of(f) for f in frames}
-        inclusive.update({f: count for f in seen})
-        per_thread.setdefault(group, Counter()).update({f: count for f in seen})
+        on_stack = dict.fromkeys({function_of(f) for f in frames}, count)  # a recursive function once per sample
+        inclusive.update(on_stack)
+        per_thread.setdefault(group, Counter()).update(on_stack)
 
     def seconds(counter: Counter[str], n: int) -> list[list[Any]]:
         return [[name, round(c / rate, 3)] for name, c in counter.most_common(n)]
@@ -127,6 +127,7 @@ def maybe_gil_sample(name: str) -> Iterator[GilSample | None]:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     raw, log = out / f"{name}.gil.txt", out / f"{name}.gil.log"
+    raw.unlink(missing_ok=True)  # an earlier block's stacks are not this one's, should py-spy write none
     sample = GilSample()
     binary = os.environ.get(BINARY_ENV) or shutil.which("py-spy")
     if not binary:

@@ -77,6 +77,8 @@ def test_py_spy_is_attached_for_the_block_and_stopped_with_sigint(tmp_path, monk
 def test_a_py_spy_that_cannot_run_is_reported_and_the_block_still_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("DQ_GIL_DIR", str(tmp_path / "gil"))
     monkeypatch.setenv("DQ_PYSPY", str(_stand_in(tmp_path, 'print("Permission denied (os error 13)"); sys.exit(1)\n')))
+    (tmp_path / "gil").mkdir()
+    (tmp_path / "gil" / "run.gil.txt").write_text("thread (1): MainThread;old (x.py:1) 9\n")  # an earlier run's stacks
     ran = []
     with maybe_profile("run") as sample:
         ran.append(1)
