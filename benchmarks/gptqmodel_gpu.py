@@ -307,12 +307,14 @@ COMBINED_PARTS = ("ours-grouped-batched-layerahead-gcfreeze", "ours-grouped-batc
 VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-all-grouped", "ours-batched",
             "ours-grouped-batched", "ours-all-grouped-batched", "ours-grouped-batched-stockbk",
             "ours-grouped-batched-serial", "ours-grouped-batched-parallel4", "ours-grouped-batched-hinv4",
+            "ours-grouped-batched-hinv6", "ours-grouped-batched-hinv8",
             "ours-grouped-batched-host", "ours-grouped-batched-hinv4-host",
             "ours-grouped-batched-hinv1-device", "ours-grouped-batched-ahead2",
             "ours-grouped-batched-nopack", "ours-grouped-batched-pack", "ours-grouped-batched-modulerows",
             "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
             "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams",
             "ours-grouped-batched-noahead", "ours-grouped-batched-norows", "ours-grouped-batched-packahead",
+            "ours-grouped-batched-noinvgraphs",
             *(f"ours-grouped-batched{suffix}" for suffix in (*WITHOUT_PART, *WITH_PART)), *COMBINED_PARTS)
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
@@ -405,11 +407,13 @@ def solve_setting(variant: str):
     base = variant.removesuffix("-stocksave").removesuffix("-stockbk").removesuffix("-hookhessians")
     base, _ = strip_suffixes(base, (*WITHOUT_PART, *WITH_PART))
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
-                "-hinv1": {"inverse_threads": 1}, "-host": {"host_results": True}, "-device": {"host_results": False},
+                "-hinv6": {"inverse_threads": 6}, "-hinv8": {"inverse_threads": 8}, "-hinv1": {"inverse_threads": 1},
+                "-host": {"host_results": True}, "-device": {"host_results": False},
                 "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True},
                 "-modulerows": {"log_rows": "module"}, "-ownstreams": {"streams": "own"},
                 "-callerstreams": {"streams": "caller"}, "-noahead": {"inverses_ahead": False},
-                "-norows": {"rows_kernel": False}, "-packahead": {"pack_ahead": True}}
+                "-norows": {"rows_kernel": False}, "-packahead": {"pack_ahead": True},
+                "-noinvgraphs": {"inverse_graphs": False}}
     base, taken = strip_suffixes(base, settings)
     kwargs: dict = {}
     for suffix in taken:

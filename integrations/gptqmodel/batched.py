@@ -73,7 +73,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import kernels, log_rows, packing
+from . import inverse_graphs, kernels, log_rows, packing
 from . import rows_kernel as rows_block
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,11 @@ class BatchedSolve:
             block of a whole chunk as one launch of :mod:`.rows_kernel` (one warp per row) instead
             of one extension launch per Hessian: the extension's values, bit for bit. Where the
             kernel cannot be compiled, the extension per Hessian (logged once).
+        inverse_graphs: on CUDA with ``"own"`` streams, each inverse thread records GPTQModel's
+            inverse calls once per Hessian shape as a CUDA graph and replays it
+            (:mod:`.inverse_graphs`): one launch per Hessian instead of about 400, the same
+            kernels, so the same bits (each graph is kept only where its replay equals the eager
+            calls on the Hessian it was recorded from).
     """
 
     min_modules: int = 2
@@ -167,6 +172,7 @@ class BatchedSolve:
     inverses_ahead: bool = True
     rows_kernel: bool = True
     pack_ahead: bool = False
+    inverse_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -187,6 +193,8 @@ class BatchedSolve:
             raise TypeError(f"BatchedSolve.inverses_ahead must be True or False, got {self.inverses_ahead!r}")
         if not isinstance(self.rows_kernel, bool):
             raise TypeError(f"BatchedSolve.rows_kernel must be True or False, got {self.rows_kernel!r}")
+        if not isinstance(self.inverse_graphs, bool):
+            raise TypeError(f"BatchedSolve.inverse_graphs must be True or False, got {self.inverse_graphs!r}")
         if not isinstance(self.pack_ahead, bool):
             raise TypeError(f"BatchedSolve.pack_ahead must be True or False, got {self.pack_ahead!r}")
         if self.pack_ahead and (self.pack or not self.host_results):
@@ -228,6 +236,7 @@ class BatchedSolveStats:
     pack: packing.PackStats | None = None  # words packed on the solve's device (None: ``pack=False``)
     log_rows: log_rows.LogRowStats | None = None  # one log row per chunk (None: ``log_rows="module"``)
     streams: Counter = field(default_factory=Counter)  # "own" / "caller" -> CUDA chunks solved that way
+    inverse_graphs: dict[str, Any] | None = None  # inverse_graphs.GraphStats at the end (None: not on)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -244,6 +253,7 @@ class BatchedSolveStats:
             "pack": self.pack.as_dict() if self.pack is not None else None,
             "log_rows": self.log_rows.as_dict() if self.log_rows is not None else None,
             "streams": dict(self.streams),
+            "inverse_graphs": self.inverse_graphs,
         }
 
 
@@ -461,7 +471,7 @@ def _invert_unit(hessian: torch.Tensor, qcfg: Any, columns: int, group: int, dam
 
     H = hessian.to(dtype=torch.float32, copy=True)
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H.diagonal().masked_fill_(dead, 1)  # GPTQModel's H[dead, dead] = 1 (the same entries), without its host sync
     perm = global_perm = None
     if qcfg.desc_act:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -618,7 +628,14 @@ class InversesAhead:
         return _collect_inverses(self._jobs) if self._jobs is not None else self._compute()
 
 
-def start_inverses(tasks: list[Any], inverse_threads: int, streams: str = "auto", background: bool = False) -> InversesAhead:
+def _copy_inverse(inverse: _Inverse) -> _Inverse:
+    """A graph's static outputs copied into tensors of the caller's own."""
+    return _Inverse(*(t.clone() if isinstance(t, torch.Tensor) else t
+                      for t in (inverse.dead, inverse.perm, inverse.global_perm, inverse.hinv, inverse.info)))
+
+
+def start_inverses(tasks: list[Any], inverse_threads: int, streams: str = "auto", background: bool = False,
+                   graphs: bool = False) -> InversesAhead:
     """Finalize ``tasks``' Hessians (GPTQModel's calls, on the current stream), group them into
     units and start the units' inverses: GPTQModel's own calls per (shared) Hessian on a private
     copy (the task's H is only read), on the same 2-D shapes and in the same order. Batched
@@ -628,7 +645,9 @@ def start_inverses(tasks: list[Any], inverse_threads: int, streams: str = "auto"
     On CUDA ``inverse_threads`` > 1 threads with ``"own"`` streams start at once; ``background``
     also starts them at once on the CPU, or on CUDA with one thread (never with ``"caller"``
     streams, whose inverses must run on the caller's stream). Otherwise they are computed when
-    collected, on the collecting thread (spread over the threads first with ``"caller"`` streams)."""
+    collected, on the collecting thread (spread over the threads first with ``"caller"`` streams).
+    ``graphs``: on CUDA with ``"own"`` streams, each thread replays its recording of the calls
+    (:mod:`.inverse_graphs`: kept only where the replay gave the eager calls' bits)."""
     for task in tasks:
         task.finalize_hessian(target_device=getattr(task.module, "target_device", None))
         task._release_deferred_hessian_sources()
@@ -643,6 +662,9 @@ def start_inverses(tasks: list[Any], inverse_threads: int, streams: str = "auto"
     hessians = [u.tasks[0].H for u in units]
     threads = inverse_threads if device.type == "cuda" else 1
     own = device.type != "cuda" or solve_streams(streams) == "own"
+    if graphs and own and device.type == "cuda":
+        key = (bool(qcfg.desc_act), bool(qcfg.act_group_aware), qcfg.group_size, columns, damp)
+        invert = inverse_graphs.graphed(invert, key, _copy_inverse)
     if own and (background or (device.type == "cuda" and threads > 1 and len(hessians) > 1)):
         return InversesAhead(units, _submit_inverses(hessians, invert, threads), lambda: [])
     return InversesAhead(units, None, lambda: _unit_inverses(hessians, invert, threads, own_streams=own))
@@ -652,7 +674,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
                        host_results: bool = False, pack: bool = False,
                        streams: str = "auto", ahead: InversesAhead | None = None,
                        inverses_started: Callable[[], None] | None = None,
-                       rows_kernel: bool = False) -> list[SolveResult | None]:
+                       rows_kernel: bool = False, inverse_graphs: bool = False) -> list[SolveResult | None]:
     """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
 
     Returns one entry per task: its :class:`SolveResult`, or None when GPTQModel's per-module
@@ -669,6 +691,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     ``rows_kernel``: where GPTQModel's block-update extension applies, each 128-column block of the
     whole chunk is one launch of :mod:`.rows_kernel` (the extension's values; falls back to the
     extension per Hessian where that kernel cannot be built).
+    ``inverse_graphs``: the inverses this call starts itself are replayed from CUDA graphs
+    (:func:`start_inverses`' ``graphs``).
     """
     from gptqmodel.quantization import gptq_cuda
     from gptqmodel.quantization.gar import invert_perm
@@ -676,7 +700,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
 
     start = time.time()
     if ahead is None:
-        ahead = start_inverses(tasks, inverse_threads, streams)
+        ahead = start_inverses(tasks, inverse_threads, streams, graphs=inverse_graphs)
     units = ahead.units
     first = units[0].tasks[0]
     qcfg = first.qcfg
@@ -1089,6 +1113,7 @@ class _Coordinator:
                                           host_results=self.settings.host_results,
                                           pack=self.settings.pack, streams=streams, ahead=self._ahead_of(chunk),
                                           rows_kernel=self.settings.rows_kernel,
+                                          inverse_graphs=self.settings.inverse_graphs,
                                           inverses_started=functools.partial(self._start_next_inverses, chunk)
                                           if ahead_on else None)
                 if device.type == "cuda":
@@ -1145,7 +1170,8 @@ class _Coordinator:
             chunk.ahead_started = threading.Event()
         try:
             chunk.ahead = start_inverses(chunk.tasks, self.settings.inverse_threads,
-                                         solve_streams(self.settings.streams), background=True)
+                                         solve_streams(self.settings.streams), background=True,
+                                         graphs=self.settings.inverse_graphs)
             with self.cond:
                 self.stats.inverses_ahead += 1
         except Exception as exc:  # out of memory, say: its own solve tries again, as without this
@@ -1255,6 +1281,9 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
         finally:
             GPTQProcessor.process, GPTQ.quantize = process, quantize
             coordinator.close()
+            if settings.inverse_graphs:
+                coordinator.stats.inverse_graphs = inverse_graphs.stats().as_dict()
+                inverse_graphs.release()
             leftover = len(coordinator.results)
             coordinator.results.clear()
             if leftover:

@@ -1,0 +1,250 @@
+"""How a subset's chunks of the batched GPTQ solve pipeline on one GPU, as GPTQModel's run solves them.
+
+In a two-layer GPTQModel run (round 58) a layer's gate/up subset is eleven chunks of 24 expert
+projections solved one after another (about 46 ms each on an H100) and its down subset four
+chunks of 41: 1.5 s of the run's critical path. Each chunk's Hessian inverses are GPTQModel's
+own single-matrix cuSOLVER calls (kept so the checkpoint stays stock's bit for bit), started on
+the inverse threads while the chunk before is in its column loop (``inverses_ahead``). This times
+a sequence of ``--chunks`` chunks at one shape the same way (the coordinator's calls:
+``start_inverses(background=True)`` from the solve's ``inverses_started``, each solve on a side
+stream), for each ``--inverse-threads`` count and each ``--graphs`` setting (``on``: each inverse
+thread replays its CUDA graph of the calls, ``BatchedSolve.inverse_graphs``; ``off``: the eager
+calls), and beside it the two halves alone:
+
+* ``pipeline_s``: the whole sequence, per chunk;
+* ``inverses_only_s``: the same chunks' inverses alone (started as the pipeline starts them, all
+  collected), per chunk: the pipeline's floor if the inverses bound it;
+* ``loop_only_s``: the chunks' solves with every inverse computed beforehand (``ahead`` ready), per
+  chunk: the floor if the column loop bounds it;
+* ``graph_stats``: what the graphs did (:mod:`.inverse_graphs`; recorded, replays, eager, refused);
+* with ``--profile``: the GPU's kernel time by kernel over one pipeline at the first thread count
+  and graph setting, and the share of the pipeline's wall time in which any kernel ran (``gpu_busy_share``).
+
+    python benchmarks/chunk_pipeline.py --output $OUT/chunk_pipeline_cuda.json --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _args import counts, names  # noqa: E402
+from _report import write_json  # noqa: E402
+from chunk_phases import _shapes, _sync, make_tasks  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", type=_shapes, default="768x2048x24,2048x768x41",
+                   help="rows x columns x modules per chunk (default: a gate/up chunk and a down chunk of a run)")
+    p.add_argument("--share", type=counts(1), default="2,1",
+                   help="modules per shared Hessian, one per shape (2: an expert's gate/up pair)")
+    p.add_argument("--chunks", type=int, default=8, help="chunks in the sequence")
+    p.add_argument("--tokens", type=int, default=2048, help="calibration rows per module's Hessian")
+    p.add_argument("--inverse-threads", type=counts(1), default="4,2,8")
+    p.add_argument("--graphs", type=names(("on", "off")), default="on,off",
+                   help="inverse graphs on and/or off (each a cell per thread count)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-rows-kernel", action="store_true", help="GPTQModel's extension per Hessian, not the rows kernel")
+    p.add_argument("--profile", action="store_true", help="kernel times and the GPU's busy share of one pipeline")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args(argv)
+    if min(args.chunks, args.tokens, args.repeats) < 1:
+        p.error("--chunks, --tokens and --repeats must be >= 1")
+    if len(args.share) != len(args.shapes):
+        p.error(f"--share needs one value per shape ({len(args.shapes)}), got {len(args.share)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here; use --device cpu")
+    return args
+
+
+def _solve_stream(device: str) -> torch.cuda.Stream | None:
+    return torch.cuda.Stream(device) if device.startswith("cuda") else None
+
+
+def run_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: str, graphs: bool = False) -> None:
+    """Solve ``chunks`` one after another as the coordinator does: each chunk's inverses started
+    (in the background) once the chunk before has its own under way."""
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve, start_inverses
+
+    aheads: list = [None] * len(chunks)
+    stream = _solve_stream(device)
+    for k, tasks in enumerate(chunks):
+        def started(k: int = k) -> None:
+            if k + 1 < len(chunks) and aheads[k + 1] is None:
+                aheads[k + 1] = start_inverses(chunks[k + 1], threads, "own", background=True, graphs=graphs)
+
+        def solve(k: int = k, tasks: list = tasks) -> list:
+            return batched_gptq_solve(tasks, inverse_threads=threads, host_results=True, streams="own",
+                                      ahead=aheads[k], inverses_started=started, rows_kernel=rows_kernel,
+                                      inverse_graphs=graphs)
+
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                results = solve()
+            stream.synchronize()
+        else:
+            results = solve()
+        if any(r is None for r in results):
+            raise RuntimeError("a module was left to GPTQModel's per-module solve; the chunk is not a whole batched one")
+
+
+class _Ready:
+    """An ``InversesAhead`` collected once, handed out as already done (for the loop-only timing)."""
+
+    def __init__(self, ahead) -> None:
+        self.units = ahead.units
+        self._inverses = ahead.collect()
+        self.background = True
+
+    def collect(self) -> list:
+        return self._inverses
+
+
+def inverses_only(chunks: list[list], threads: int, graphs: bool = False) -> None:
+    from defuser_quant.integrations.gptqmodel.batched import start_inverses
+
+    started = [start_inverses(tasks, threads, "own", background=True, graphs=graphs) for tasks in chunks]
+    for ahead in started:
+        ahead.collect()
+
+
+def _timed(fn: Callable[[], object], device: str) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _median(fn: Callable[[], object], device: str, repeats: int) -> float:
+    return statistics.median(_timed(fn, device) for _ in range(repeats))
+
+
+def busy_share(prof, wall_us: float) -> float | None:
+    """The share of ``wall_us`` in which at least one GPU kernel or copy ran (their intervals' union)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if getattr(e.device_type, "name", "") == "CUDA" and e.time_range.end > e.time_range.start)
+    if not spans or wall_us <= 0:
+        return None
+    busy, (start, end) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return round(busy / wall_us, 3)
+
+
+def kernel_table(prof, limit: int = 15) -> list[dict]:
+    rows = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.self_device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    return [{"kernel": k[:120], "ms": round(t / 1e3, 2), "calls": c} for k, t, c in rows[:limit]]
+
+
+def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: int, share: int) -> dict:
+    from defuser_quant.integrations.gptqmodel import inverse_graphs
+    from defuser_quant.integrations.gptqmodel.batched import start_inverses
+
+    chunks = [make_tasks(rows, columns, modules, args.tokens, args.device, seed=k, share=share)
+              for k in range(args.chunks)]
+    rows_kernel = not args.no_rows_kernel
+    print(f"{rows}x{columns} x{modules} (share {share}), {args.chunks} chunks: warm-up", flush=True)
+    row: dict = {"rows": rows, "columns": columns, "modules": modules, "share": share, "chunks": args.chunks,
+                 "rows_kernel": rows_kernel, "cells": []}
+    n = args.chunks
+    for setting in args.graphs:
+        graphs = setting == "on"
+        inverse_graphs.release()
+        run_pipeline(chunks[:2], max(args.inverse_threads), rows_kernel, args.device, graphs)  # warm-up
+        for threads in args.inverse_threads:
+            cell = {
+                "pipeline_s": _median(lambda: run_pipeline(chunks, threads, rows_kernel, args.device, graphs),
+                                      args.device, args.repeats) / n,
+                "inverses_only_s": _median(lambda: inverses_only(chunks, threads, graphs), args.device, args.repeats) / n,
+            }
+            # the loop alone: each repeat's inverses are computed before its clock starts
+            loops = []
+            for _ in range(args.repeats):
+                ready = [_Ready(start_inverses(tasks, threads, "own", background=True, graphs=graphs)) for tasks in chunks]
+                loops.append(_timed(lambda: _loops(chunks, ready, threads, rows_kernel, args.device), args.device))
+            cell["loop_only_s"] = statistics.median(loops) / n
+            cell = {"graphs": setting, "inverse_threads": threads, **{k: round(v, 5) for k, v in cell.items()}}
+            row["cells"].append(cell)
+            print(f"  graphs {setting}, {threads} inverse thread(s): pipeline {cell['pipeline_s'] * 1e3:.1f} ms a chunk, "
+                  f"inverses alone {cell['inverses_only_s'] * 1e3:.1f}, column loops alone "
+                  f"{cell['loop_only_s'] * 1e3:.1f}", flush=True)
+        row.setdefault("graph_stats", {})[setting] = inverse_graphs.stats().as_dict()
+    if args.profile and args.device.startswith("cuda"):
+        from torch.profiler import ProfilerActivity, profile
+
+        threads, graphs = args.inverse_threads[0], args.graphs[0] == "on"
+        run_pipeline(chunks, threads, rows_kernel, args.device, graphs)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            _sync(args.device)
+            t = time.perf_counter()
+            run_pipeline(chunks, threads, rows_kernel, args.device, graphs)
+            _sync(args.device)
+            wall = time.perf_counter() - t
+        row["profile"] = {"inverse_threads": threads, "graphs": args.graphs[0], "wall_s": round(wall, 4),
+                          "gpu_busy_share": busy_share(prof, wall * 1e6), "kernels": kernel_table(prof)}
+        print(f"  profiled ({threads} threads, graphs {args.graphs[0]}): {wall * 1e3:.1f} ms, GPU busy {row['profile']['gpu_busy_share']}", flush=True)
+        for k in row["profile"]["kernels"]:
+            print(f"    {k['ms']:9.2f} ms {k['calls']:6d}  {k['kernel'][:90]}", flush=True)
+    return row
+
+
+def _loops(chunks: list[list], ready: list, threads: int, rows_kernel: bool, device: str) -> None:
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
+
+    stream = _solve_stream(device)
+    for tasks, ahead in zip(chunks, ready):
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                batched_gptq_solve(tasks, inverse_threads=threads, host_results=True, streams="own", ahead=ahead,
+                                   rows_kernel=rows_kernel)
+            stream.synchronize()
+        else:
+            batched_gptq_solve(tasks, inverse_threads=threads, host_results=True, ahead=ahead, rows_kernel=rows_kernel)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from _source import use_source_checkout
+
+    use_source_checkout()
+    rows: list[dict] = []
+    out = {
+        "meta": {"command": shlex.join([sys.executable, *sys.argv]), "python": platform.python_version(),
+                 "torch": torch.__version__,
+                 "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"},
+        "rows": rows,
+        "complete": False,
+    }
+    for (r, c, m), share in zip(args.shapes, args.share):
+        rows.append(measure_shape(args, r, c, m, share))
+        if args.output is not None:
+            write_json(args.output, out)
+    out["complete"] = True
+    if args.output is not None:
+        write_json(args.output, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

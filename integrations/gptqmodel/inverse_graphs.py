@@ -1,0 +1,157 @@
+"""GPTQModel's Hessian inverse calls replayed from a CUDA graph: one launch per Hessian instead of hundreds.
+
+A batched chunk's inverses are GPTQModel's own single-matrix calls (two cuSOLVER Choleskys and a
+``cholesky_inverse``, kept so the checkpoint is stock's bit for bit). At a 2048-column Hessian
+they are about 400 kernel launches, and on a GPU the inverse threads spend their time launching:
+a chunk's twelve inverses took 26 ms on an H200 with 2, 4 or 8 threads alike, while the GPU was
+idle for 43% of the chunks' pipeline (``benchmarks/chunk_pipeline.py``, round 59). Here each
+inverse thread records the calls once per Hessian shape and settings as a CUDA graph on its own
+stream and then replays it: the same kernels with the same arguments, so the same bits.
+
+Trust: the first Hessian of a shape on a thread is inverted eagerly; the graph is then recorded
+and replayed on that same Hessian, and kept only if every output equals the eager one bit for bit
+(else that thread inverts that shape eagerly from then on, logged once). Recording uses
+``thread_local`` capture, so other threads' CUDA work is never disturbed by it; where recording
+fails (a call that synchronizes, an older torch), the eager calls are used, logged once.
+Graphs are dropped by :func:`release` (each holds a private memory pool: the Hessian's copy, the
+factor and cuSOLVER's workspace).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GraphStats", "graphed", "release", "same_bits", "stats"]
+
+
+@dataclass
+class GraphStats:
+    """What the graphed inverses did since the last :func:`release` (read by the benchmarks)."""
+
+    recorded: int = 0  # graphs kept
+    replays: int = 0  # inverses served by a replay
+    eager: int = 0  # inverses computed by the eager calls (a shape's first on a thread, or no graph)
+    refused: dict[str, int] = field(default_factory=dict)  # why a graph was not kept -> times
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"recorded": self.recorded, "replays": self.replays, "eager": self.eager, "refused": dict(self.refused)}
+
+
+class _Graph:
+    """One recorded inverse: a static input, the graph, and the static outputs it writes."""
+
+    def __init__(self, example: torch.Tensor, invert: Callable[[torch.Tensor], Any]):
+        self.input = example.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            self.output = invert(self.input)
+        finally:
+            self.graph.capture_end()
+
+    def replay(self, hessian: torch.Tensor) -> Any:
+        self.input.copy_(hessian)
+        self.graph.replay()
+        return self.output
+
+
+_lock = threading.Lock()
+_graphs: dict[tuple, _Graph | None] = {}  # (thread, key) -> graph, or None: this thread inverts that key eagerly
+_stats = GraphStats()
+_said: set[str] = set()
+_generation = 0  # bumped by release(): a graph recorded across a release is not kept
+
+
+def _refuse(slot: tuple, why: str, generation: int) -> None:
+    with _lock:
+        if generation == _generation:
+            _graphs[slot] = None
+        _stats.refused[why] = _stats.refused.get(why, 0) + 1
+        first = why not in _said
+        _said.add(why)
+    if first:
+        logger.warning("Hessian inverses run without a CUDA graph here (%s); results are the same, only slower", why)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8) if t.dtype.is_floating_point else t
+
+
+def same_bits(a: Any, b: Any) -> bool:
+    """Every tensor of two inverse results (their ``tensors()``) equal bit for bit."""
+    ta, tb = a.tensors(), b.tensors()
+    return len(ta) == len(tb) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(_bits(x), _bits(y)) for x, y in zip(ta, tb)
+    )
+
+
+def _can_record(hessian: torch.Tensor) -> bool:
+    """A CUDA Hessian on a side stream (recording is not allowed on the legacy default stream)."""
+    return hessian.is_cuda and torch.cuda.current_stream(hessian.device) != torch.cuda.default_stream(hessian.device)
+
+
+def graphed(invert: Callable[[torch.Tensor], Any], key: tuple, copy: Callable[[Any], Any]) -> Callable[[torch.Tensor], Any]:
+    """``invert`` served from this thread's CUDA graph for ``key`` (the Hessian's shape, dtype and
+    the settings ``invert`` reads, which the caller puts in the key). ``copy`` turns the graph's
+    static outputs into a result of the caller's own (called right after each replay, on the same
+    stream, so the next replay cannot overwrite what it returns). Call on a side stream: recording
+    is not allowed on the legacy default stream."""
+
+    def run(hessian: torch.Tensor) -> Any:
+        slot = (threading.get_ident(), hessian.device, tuple(hessian.shape), hessian.dtype, key)
+        with _lock:
+            known = slot in _graphs
+            graph = _graphs.get(slot)
+            generation = _generation
+        if graph is not None:
+            out = copy(graph.replay(hessian))
+            with _lock:
+                _stats.replays += 1
+            return out
+        result = invert(hessian)
+        with _lock:
+            _stats.eager += 1
+        if known or not _can_record(hessian):
+            return result
+        try:
+            graph = _Graph(hessian, invert)
+            replayed = graph.replay(hessian)
+            same = same_bits(replayed, result)
+        except Exception as exc:  # a call that cannot be recorded: the eager calls serve this key
+            _refuse(slot, f"recording failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                    generation)
+            return result
+        if not same:
+            _refuse(slot, "the replay differed from the eager calls", generation)
+            return result
+        with _lock:
+            if generation == _generation:
+                _graphs[slot] = graph
+                _stats.recorded += 1
+        return result
+
+    return run
+
+
+def stats() -> GraphStats:
+    """A copy of the counts since the last :func:`release`."""
+    with _lock:
+        return GraphStats(_stats.recorded, _stats.replays, _stats.eager, dict(_stats.refused))
+
+
+def release() -> None:
+    """Drop every recorded graph (their memory pools go back to the allocator) and reset the counts."""
+    global _stats, _generation
+    with _lock:
+        _generation += 1
+        _graphs.clear()
+        _stats = GraphStats()
+        _said.clear()
