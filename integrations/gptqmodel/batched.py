@@ -670,6 +670,22 @@ def start_inverses(tasks: list[Any], inverse_threads: int, streams: str = "auto"
     return InversesAhead(units, None, lambda: _unit_inverses(hessians, invert, threads, own_streams=own))
 
 
+_constants: dict[tuple, torch.Tensor] = {}
+
+
+def _device_constant(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small integer tensor the solve only reads (column groups, task units, ``g_idx``), made once per
+    device: each ``torch.tensor(..., device=cuda)`` is a copy from pageable memory, which waits for
+    the stream's queued work first, so made per block it kept the host from queueing ahead."""
+    key = (tuple(values), dtype, device)
+    tensor = _constants.get(key)
+    if tensor is None:
+        if len(_constants) > 256:  # shapes and settings vary little within a run; never grow without bound
+            _constants.clear()
+        tensor = _constants[key] = torch.tensor(values, dtype=dtype, device=device)
+    return tensor
+
+
 def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_threads: int = 1,
                        host_results: bool = False, pack: bool = False,
                        streams: str = "auto", ahead: InversesAhead | None = None,
@@ -741,7 +757,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     Q = torch.zeros_like(W)
     extension = _use_extension(first, device, blocksize)
     one_launch = extension and rows_kernel and rows_block.available()
-    task_unit = torch.tensor(hlist, dtype=torch.int32, device=device) if one_launch else None
+    task_unit = _device_constant(hlist, torch.int32, device) if one_launch else None
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
     cur_scale, cur_zero = row_scale, row_zero
@@ -768,7 +784,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
         if extension and count == 128:
             block_scale = torch.stack([s.flatten() for s, _ in block_params])
             block_zero = torch.stack([z.flatten() for _, z in block_params])
-            column_group = torch.tensor(column_groups, device=device, dtype=torch.int32)
+            column_group = _device_constant(column_groups, torch.int32, device)
             if one_launch:  # every row of the chunk, each with its unit's inverse
                 rows_block.block_update(
                     W1.view(-1, count), torch.stack([h[i1:i2, i1:i2] for h in hinvs]), task_unit, block_scale,
@@ -814,7 +830,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     S = torch.cat(scales, dim=1).view(B, R, -1)
     Z = torch.cat(zeros, dim=1).view(B, R, -1)
     width = group if group != -1 else C
-    base_g_idx = torch.tensor([i // width for i in range(C)], dtype=torch.int32, device=device)
+    base_g_idx = _device_constant([i // width for i in range(C)], torch.int32, device)
     kind = "batched_rows_block_update" if one_launch else "batched_cuda_block_update"
     path = (kind if extension and C % 128 == 0 else "batched_torch") + f"@{device.type}"
     duration = (time.time() - start) / B
@@ -840,8 +856,9 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
             g_idx = g_idx[invperm]
         elif qcfg.act_group_aware:
             q = q[:, invert_perm(perms[u]).to(device)]
-            inv_global = invert_perm(global_perms[u]).tolist()
-            index = torch.tensor(inv_global + list(range(len(inv_global), scale.shape[1])), device=device)
+            inv_global = invert_perm(global_perms[u])  # then the groups past the permuted ones, in order
+            index = torch.cat((inv_global, torch.arange(inv_global.numel(), scale.shape[1], device=device,
+                                                        dtype=inv_global.dtype)))
             scale, zero = scale[:, index], zero[:, index]
         else:
             scale, zero = scale.contiguous(), zero.contiguous()
