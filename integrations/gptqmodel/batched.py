@@ -820,8 +820,10 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
         Losses[:, :, i1:i2].div_(2)
         if i2 < C:
             tails = [h[i1:i2, i2:] for h in hinvs]
-            for b in range(B):  # per task: a stacked matmul may take another kernel, rounding differently
-                W[b, :, i2:] -= Err1[b].matmul(tails[hlist[b]])
+            # per task: a stacked matmul may take another kernel, rounding differently; the views made
+            # once per block (``W[b, :, i2:] -= ...`` also indexed W again to assign the result back)
+            for w, err, u in zip(W[:, :, i2:].unbind(0), Err1.unbind(0), hlist):
+                w.sub_(err.matmul(tails[u]))
         del W1, Err1
     del hinvs, inverses
 
