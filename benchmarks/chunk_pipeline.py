@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _args import counts, names  # noqa: E402
 from _report import write_json  # noqa: E402
-from chunk_phases import _shapes, _sync, make_tasks  # noqa: E402
+from chunk_phases import _shapes, _sync, _timed, make_tasks  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,14 +119,6 @@ def inverses_only(chunks: list[list], threads: int, graphs: bool = False) -> Non
     started = [start_inverses(tasks, threads, "own", background=True, graphs=graphs) for tasks in chunks]
     for ahead in started:
         ahead.collect()
-
-
-def _timed(fn: Callable[[], object], device: str) -> float:
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
 
 
 def _median(fn: Callable[[], object], device: str, repeats: int) -> float:
