@@ -46,6 +46,7 @@ CONFIGS = {
     "desc_act": {"desc_act": True, "act_group_aware": False},
     "asym": {"sym": False},
     "group 32": {"group_size": 32},
+    "group 256 (two blocks a group)": {"group_size": 256},
     "per channel": {"group_size": -1, "act_group_aware": False},
     "3 bit mse": {"bits": 3, "mse": 2.0, "act_group_aware": False},
 }

@@ -769,7 +769,17 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
         Err1 = torch.zeros_like(W1)
         block_params: list[tuple[torch.Tensor, torch.Tensor]] = []
         column_groups: list[int] = []
-        for i in range(count):
+        if group == -1 or (i1 % group == 0 and count <= group):
+            # the block is one group, or inside the one set of parameters: what the loop below gives,
+            # without its 128 Python steps (at a group start: new parameters, appended once)
+            if group != -1:
+                cur_scale, cur_zero = _find_params(quantizer, W[:, :, i1 : i1 + group], maxq, maxq_value)
+                scales.append(cur_scale)
+                zeros.append(cur_zero)
+                now_idx += 1
+            block_params.append((cur_scale, cur_zero))
+            column_groups = [0] * count
+        for i in range(count if not column_groups else 0):
             column = i1 + i
             if group != -1:
                 if column % group == 0:
