@@ -251,8 +251,8 @@ def test_variants_pick_their_batched_solve_settings():
     assert bench.solve_setting("ours-grouped-batched-parallel4") == BatchedSolve(parallel=4)
     assert bench.solve_setting("ours-grouped-batched-hinv4") == BatchedSolve(inverse_threads=4)
     assert bench.solve_setting("ours-grouped-batched-hinv8") == BatchedSolve(inverse_threads=8)
-    assert bench.solve_setting("ours-grouped-batched-noinvgraphs") == BatchedSolve(inverse_graphs=False)
-    assert "ours-grouped-batched-noinvgraphs" in bench.VARIANTS
+    assert bench.solve_setting("ours-grouped-batched-invgraphs") == BatchedSolve(inverse_graphs=True)
+    assert "ours-grouped-batched-invgraphs" in bench.VARIANTS
     # round 13's defaults, to measure round 14's against them
     assert bench.solve_setting("ours-grouped-batched-hinv1-device") == BatchedSolve(inverse_threads=1, host_results=False)
     assert "ours-grouped-batched-hinv1-device" in bench.VARIANTS

@@ -157,7 +157,8 @@ class BatchedSolve:
             inverse calls once per Hessian shape as a CUDA graph and replays it
             (:mod:`.inverse_graphs`): one launch per Hessian instead of about 400, the same
             kernels, so the same bits (each graph is kept only where its replay equals the eager
-            calls on the Hessian it was recorded from).
+            calls on the Hessian it was recorded from). Off by default: not yet run on a GPU
+            (docs/performance.md, round 59).
     """
 
     min_modules: int = 2
@@ -172,7 +173,7 @@ class BatchedSolve:
     inverses_ahead: bool = True
     rows_kernel: bool = True
     pack_ahead: bool = False
-    inverse_graphs: bool = True
+    inverse_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
