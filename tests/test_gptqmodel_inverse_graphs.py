@@ -27,7 +27,8 @@ def _hessian(n: int, seed: int, device: str = "cpu", dead: int | None = 3) -> to
     x = torch.randn(4 * n, n, generator=g)
     if dead is not None:
         x[:, dead] = 0
-    return (x.T @ x / x.shape[0]).to(device)
+    x = x.to(device)  # the product on the device: at 2048 columns the CPU would take seconds a Hessian
+    return x.T @ x / x.shape[0]
 
 
 def _qcfg(act_group_aware: bool = True):
