@@ -15,6 +15,11 @@ and replayed on that same Hessian, and kept only if every output equals the eage
 fails (a call that synchronizes, an older torch), the eager calls are used, logged once.
 Graphs are dropped by :func:`release` (each holds a private memory pool: the Hessian's copy, the
 factor and cuSOLVER's workspace).
+
+Opt-in (``BatchedSolve.inverse_graphs``) until it has run on a GPU: torch's caching allocator counts a
+recording in any thread as a capture under way, and GPTQModel empties the cache from its own threads;
+whether one can land inside the other's few milliseconds is to be checked there (docs/performance.md,
+round 59).
 """
 
 from __future__ import annotations
