@@ -1,0 +1,56 @@
+"""benchmarks/chunk_pipeline.py on the CPU: its flags, the GPU busy share's interval union, and a real (tiny) run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import chunk_pipeline  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_bad_flags_are_refused_with_what_is_wrong(capsys):
+    for argv, says in ((["--shapes", "64x256x2", "--share", "2,1"], "--share needs one value per shape (1), got 2"),
+                       (["--graphs", "maybe"], "choose from on, off"),
+                       (["--chunks", "0"], "must be >= 1"),
+                       (["--inverse-threads", "0"], "--inverse-threads")):
+        with pytest.raises(SystemExit):
+            chunk_pipeline.parse_args(["--device", "cpu", *argv])
+        assert says in capsys.readouterr().err
+
+
+def _event(start: float, end: float, device: str = "CUDA"):
+    return SimpleNamespace(device_type=SimpleNamespace(name=device), time_range=SimpleNamespace(start=start, end=end))
+
+
+def test_the_busy_share_is_the_union_of_the_device_intervals():
+    prof = SimpleNamespace(events=lambda: [
+        _event(0, 10), _event(5, 20),  # overlapping: 0-20
+        _event(30, 40), _event(32, 35),  # nested: 30-40
+        _event(0, 100, device="CPU"),  # host events do not count
+        _event(50, 50),  # empty
+    ])
+    assert chunk_pipeline.busy_share(prof, 100.0) == 0.3
+    assert chunk_pipeline.busy_share(SimpleNamespace(events=lambda: []), 100.0) is None
+
+
+def test_a_tiny_cpu_run_reports_each_cell_and_the_graph_counts(tmp_path):
+    out = tmp_path / "pipeline.json"
+    assert chunk_pipeline.main(["--device", "cpu", "--shapes", "64x256x4", "--share", "2", "--chunks", "2",
+                                "--tokens", "96", "--inverse-threads", "1,2", "--graphs", "on,off", "--repeats", "1",
+                                "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and report["meta"]["device"] == "cpu"
+    (row,) = report["rows"]
+    assert (row["rows"], row["columns"], row["modules"], row["share"], row["chunks"]) == (64, 256, 4, 2, 2)
+    assert [(c["graphs"], c["inverse_threads"]) for c in row["cells"]] == [("on", 1), ("on", 2), ("off", 1), ("off", 2)]
+    for cell in row["cells"]:
+        assert cell["pipeline_s"] > 0 and cell["inverses_only_s"] > 0 and cell["loop_only_s"] > 0
+    # no graphs on the CPU: the inverses are never wrapped there
+    assert row["graph_stats"] == {s: {"recorded": 0, "replays": 0, "eager": 0, "refused": {}} for s in ("on", "off")}
