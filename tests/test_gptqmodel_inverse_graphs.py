@@ -255,3 +255,99 @@ def test_cuda_batched_solves_with_and_without_graphs_are_bit_identical():
     for a, b in zip(eager, graphed, strict=True):
         for x, y in zip(a.values[:4], b.values[:4]):
             assert torch.equal(inverse_graphs._bits(x.cpu()), inverse_graphs._bits(y.cpu()))
+
+
+class _FakeCUDAGraph:
+    """torch.cuda.CUDAGraph's recording calls, each recorded; ``end_fails``: capture_end raises as it does
+    after a capture that a synchronizing call invalidated."""
+
+    def __init__(self, end_fails: bool):
+        self.end_fails, self.calls = end_fails, []
+
+    def capture_begin(self, capture_error_mode):
+        assert inverse_graphs._record_lock.locked()  # recordings hold the lock empty_cache waits for
+        self.calls.append(("begin", capture_error_mode))
+
+    def capture_end(self):
+        self.calls.append(("end",))
+        if self.end_fails:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def pool(self):
+        return (7, 3)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A fake graph per recording and the allocator's two calls, recorded."""
+    made, released = [], []
+
+    def new_graph(end_fails=False):
+        made.append(_FakeCUDAGraph(end_fails))
+        return made[-1]
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda d, p: released.append(("end", d, p)), raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda d, p: released.append(("release", d, p)), raising=False)
+    return made, released, new_graph
+
+
+@pytest.mark.parametrize("invert_fails, end_fails, handed_back", [
+    (False, False, False),  # recorded: the graph object releases its pool when dropped
+    (True, False, False),  # a Python error inside a capture that is still whole: capture_end did it all
+    (True, True, True),  # a call that synchronized: the capture is invalid, capture_end raises before the allocator
+    (False, True, True),
+])
+def test_a_failed_recording_ends_its_capture_in_the_allocator_and_frees_its_pool(monkeypatch, fake_cuda,
+                                                                                   invert_fails, end_fails, handed_back):
+    made, released, new_graph = fake_cuda
+    monkeypatch.setattr(inverse_graphs, "_new_graph", lambda: new_graph(end_fails))
+
+    def invert(h):
+        if invert_fails:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return h * 2
+
+    if invert_fails or end_fails:
+        with pytest.raises(RuntimeError):
+            inverse_graphs._Graph(torch.ones(3), invert)
+    else:
+        graph = inverse_graphs._Graph(torch.ones(3), invert)
+        assert torch.equal(graph.output, torch.full((3,), 2.0))
+    assert made[0].calls[0] == ("begin", "thread_local") and made[0].calls[1:] == [("end",)]
+    assert released == ([("end", 0, (7, 3)), ("release", 0, (7, 3))] if handed_back else [])
+    assert not inverse_graphs._record_lock.locked()
+
+
+def test_empty_cache_waits_for_a_recording_and_is_put_back(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(threading.current_thread().name))
+    original = torch.cuda.empty_cache
+    with inverse_graphs.guarded_empty_cache():
+        assert torch.cuda.empty_cache is not original
+        inverse_graphs._record_lock.acquire()  # a recording under way
+        caller = threading.Thread(target=torch.cuda.empty_cache, name="janitor")
+        caller.start()
+        caller.join(0.2)
+        assert caller.is_alive() and emptied == []  # it waits
+        inverse_graphs._record_lock.release()
+        caller.join(5)
+        assert emptied == ["janitor"]
+    assert torch.cuda.empty_cache is original
+    with pytest.raises(KeyboardInterrupt), inverse_graphs.guarded_empty_cache():
+        raise KeyboardInterrupt  # Ctrl-C inside the run: put back all the same
+    assert torch.cuda.empty_cache is original
+    replaced = lambda: None  # noqa: E731
+    with inverse_graphs.guarded_empty_cache():
+        torch.cuda.empty_cache = replaced  # someone else's wrapper, installed inside: left in place
+    assert torch.cuda.empty_cache is replaced
+
+
+def test_the_batched_solves_guard_empty_cache_only_with_inverse_graphs(monkeypatch):
+    original = lambda: None  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "empty_cache", original)
+    with batched.batched_solves(batched.BatchedSolve(inverse_graphs=True)):
+        assert torch.cuda.empty_cache is not original
+    assert torch.cuda.empty_cache is original
+    with batched.batched_solves(batched.BatchedSolve()):
+        assert torch.cuda.empty_cache is original

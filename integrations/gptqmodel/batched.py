@@ -1305,6 +1305,8 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
             coordinator.stats.pack = stack.enter_context(packing.served_pack_words())
         if settings.log_rows == "chunk":
             coordinator.stats.log_rows = stack.enter_context(log_rows.chunk_log_rows())
+        if settings.inverse_graphs:
+            stack.enter_context(inverse_graphs.guarded_empty_cache())
         GPTQProcessor.process, GPTQ.quantize = batched_process, batched_quantize
         try:
             yield coordinator.stats

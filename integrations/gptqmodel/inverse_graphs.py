@@ -16,17 +16,21 @@ fails (a call that synchronizes, an older torch), the eager calls are used, logg
 Graphs are dropped by :func:`release` (each holds a private memory pool: the Hessian's copy, the
 factor and cuSOLVER's workspace).
 
-Opt-in (``BatchedSolve.inverse_graphs``) until it has run on a GPU: torch's caching allocator counts a
-recording in any thread as a capture under way, and GPTQModel empties the cache from its own threads;
-whether one can land inside the other's few milliseconds is to be checked there (docs/performance.md,
-round 59).
+torch's caching allocator counts a recording in any thread as a capture under way and asserts that none
+is when it empties its cache; GPTQModel empties it from its own threads. So recordings hold a lock that
+``torch.cuda.empty_cache`` also takes while the batched solves run (:func:`guarded_empty_cache`), and a
+failed recording hands its memory pool back and ends its capture in the allocator, which torch's
+``capture_end`` does not do after a failure. The allocator's own release on a failed ``cudaMalloc`` is not
+guarded: an out-of-memory during a recording's few milliseconds would still trip it.
+Opt-in (``BatchedSolve.inverse_graphs``) until it has run on a GPU (docs/performance.md, round 59).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +38,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GraphStats", "graphed", "release", "same_bits", "stats"]
+__all__ = ["GraphStats", "graphed", "guarded_empty_cache", "release", "same_bits", "stats"]
 
 
 @dataclass
@@ -50,22 +54,70 @@ class GraphStats:
         return {"recorded": self.recorded, "replays": self.replays, "eager": self.eager, "refused": dict(self.refused)}
 
 
+#: Held while a graph is recorded, and by :func:`guarded_empty_cache`'s ``torch.cuda.empty_cache``: torch's
+#: caching allocator asserts that no capture is under way when it empties its cache (its event sync), and
+#: GPTQModel empties it from its own threads (its device pool's janitor).
+_record_lock = threading.Lock()
+
+
+def _new_graph() -> Any:
+    return torch.cuda.CUDAGraph()
+
+
+def _release_pool(graph: Any, device_index: int) -> None:
+    """What ``capture_end`` does not do after a failed capture: the allocator stops counting the capture
+    as under way (else every later ``empty_cache`` trips its assertion) and the graph's pool is freed."""
+    pool = graph.pool()
+    torch._C._cuda_endAllocateToPool(device_index, pool)
+    torch._C._cuda_releasePool(device_index, pool)
+
+
 class _Graph:
     """One recorded inverse: a static input, the graph, and the static outputs it writes."""
 
     def __init__(self, example: torch.Tensor, invert: Callable[[torch.Tensor], Any]):
+        device = example.device
+        index = device.index if device.index is not None else torch.cuda.current_device()
         self.input = example.clone()
-        self.graph = torch.cuda.CUDAGraph()
-        self.graph.capture_begin(capture_error_mode="thread_local")
-        try:
-            self.output = invert(self.input)
-        finally:
-            self.graph.capture_end()
+        self.graph = _new_graph()
+        with _record_lock:
+            self.graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.output = invert(self.input)
+            except BaseException:
+                try:
+                    self.graph.capture_end()  # the capture itself may still be whole (a Python error)
+                except BaseException:
+                    _release_pool(self.graph, index)
+                raise
+            try:
+                self.graph.capture_end()
+            except BaseException:
+                _release_pool(self.graph, index)
+                raise
 
     def replay(self, hessian: torch.Tensor) -> Any:
         self.input.copy_(hessian)
         self.graph.replay()
         return self.output
+
+
+@contextmanager
+def guarded_empty_cache() -> Iterator[None]:
+    """Inside the block ``torch.cuda.empty_cache`` waits for a recording under way to end (put back after,
+    where it is still ours)."""
+    original = torch.cuda.empty_cache
+
+    def empty_cache() -> None:
+        with _record_lock:
+            original()
+
+    torch.cuda.empty_cache = empty_cache
+    try:
+        yield
+    finally:
+        if torch.cuda.empty_cache is empty_cache:
+            torch.cuda.empty_cache = original
 
 
 _lock = threading.Lock()
