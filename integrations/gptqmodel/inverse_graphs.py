@@ -11,8 +11,8 @@ stream and then replays it: the same kernels with the same arguments, so the sam
 Trust: the first Hessian of a shape on a thread is inverted eagerly; the graph is then recorded
 and replayed on that same Hessian, and kept only if every output equals the eager one bit for bit
 (else that thread inverts that shape eagerly from then on, logged once). Recording uses
-``thread_local`` capture, so other threads' CUDA work is never disturbed by it; where recording
-fails (a call that synchronizes, an older torch), the eager calls are used, logged once.
+``thread_local`` capture, so CUDA calls of other threads are not refused while it runs; where
+recording fails (a call that synchronizes, an older torch), the eager calls are used, logged once.
 Graphs are dropped by :func:`release` (each holds a private memory pool: the Hessian's copy, the
 factor and cuSOLVER's workspace).
 
