@@ -73,32 +73,38 @@ def _solve_stream(device: str) -> torch.cuda.Stream | None:
     return torch.cuda.Stream(device) if device.startswith("cuda") else None
 
 
+def _solve_in_turn(chunks: list[list], device: str, solve: Callable[[int, list], list]) -> None:
+    """``solve(k, tasks)`` of each chunk in turn, as a worker runs it: on a side stream of its own on CUDA,
+    waited for before the next chunk; every module must come back solved by the batched path."""
+    stream = _solve_stream(device)
+    for k, tasks in enumerate(chunks):
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                results = solve(k, tasks)
+            stream.synchronize()
+        else:
+            results = solve(k, tasks)
+        if any(r is None for r in results):
+            raise RuntimeError("a module was left to GPTQModel's per-module solve; the chunk is not a whole batched one")
+
+
 def run_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: str, graphs: bool = False) -> None:
     """Solve ``chunks`` one after another as the coordinator does: each chunk's inverses started
     (in the background) once the chunk before has its own under way."""
     from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve, start_inverses
 
     aheads: list = [None] * len(chunks)
-    stream = _solve_stream(device)
-    for k, tasks in enumerate(chunks):
-        def started(k: int = k) -> None:
+
+    def solve(k: int, tasks: list) -> list:
+        def started() -> None:
             if k + 1 < len(chunks) and aheads[k + 1] is None:
                 aheads[k + 1] = start_inverses(chunks[k + 1], threads, "own", background=True, graphs=graphs)
 
-        def solve(k: int = k, tasks: list = tasks) -> list:
-            return batched_gptq_solve(tasks, inverse_threads=threads, host_results=True, streams="own",
-                                      ahead=aheads[k], inverses_started=started, rows_kernel=rows_kernel,
-                                      inverse_graphs=graphs)
+        return batched_gptq_solve(tasks, inverse_threads=threads, host_results=True, streams="own", ahead=aheads[k],
+                                  inverses_started=started, rows_kernel=rows_kernel, inverse_graphs=graphs)
 
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                results = solve()
-            stream.synchronize()
-        else:
-            results = solve()
-        if any(r is None for r in results):
-            raise RuntimeError("a module was left to GPTQModel's per-module solve; the chunk is not a whole batched one")
+    _solve_in_turn(chunks, device, solve)
 
 
 class _Ready:
@@ -107,7 +113,6 @@ class _Ready:
     def __init__(self, ahead) -> None:
         self.units = ahead.units
         self._inverses = ahead.collect()
-        self.background = True
 
     def collect(self) -> list:
         return self._inverses
@@ -201,18 +206,11 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
 
 
 def _loops(chunks: list[list], ready: list, threads: int, rows_kernel: bool, device: str) -> None:
+    """The chunks' column loops alone: each chunk's inverses handed over already computed (``ready``)."""
     from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
 
-    stream = _solve_stream(device)
-    for tasks, ahead in zip(chunks, ready):
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                batched_gptq_solve(tasks, inverse_threads=threads, host_results=True, streams="own", ahead=ahead,
-                                   rows_kernel=rows_kernel)
-            stream.synchronize()
-        else:
-            batched_gptq_solve(tasks, inverse_threads=threads, host_results=True, ahead=ahead, rows_kernel=rows_kernel)
+    _solve_in_turn(chunks, device, lambda k, tasks: batched_gptq_solve(
+        tasks, inverse_threads=threads, host_results=True, streams="own", ahead=ready[k], rows_kernel=rows_kernel))
 
 
 def main(argv: list[str] | None = None) -> int:
