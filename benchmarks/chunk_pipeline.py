@@ -8,7 +8,8 @@ the inverse threads while the chunk before is in its column loop (``inverses_ahe
 a sequence of ``--chunks`` chunks at one shape the same way (the coordinator's calls:
 ``start_inverses(background=True)`` from the solve's ``inverses_started``, each solve on a side
 stream), for each ``--inverse-threads`` count and each ``--graphs`` setting (``on``: each inverse
-thread replays its CUDA graph of the calls, ``BatchedSolve.inverse_graphs``; ``off``: the eager
+thread replays its CUDA graph of the calls, ``BatchedSolve.inverse_graphs``; ``loop``: each chunk's
+column loop is replayed from its graph, ``BatchedSolve.loop_graphs``; ``both``; ``off``: the eager
 calls), and beside it the two halves alone:
 
 * ``pipeline_s``: the whole sequence, per chunk;
@@ -16,7 +17,8 @@ calls), and beside it the two halves alone:
   collected), per chunk: the pipeline's floor if the inverses bound it;
 * ``loop_only_s``: the chunks' solves with every inverse computed beforehand (``ahead`` ready), per
   chunk: the floor if the column loop bounds it;
-* ``graph_stats``: what the graphs did (:mod:`.inverse_graphs`; recorded, replays, eager, refused);
+* ``graph_stats``: what the graphs did (:mod:`.inverse_graphs`, :mod:`.loop_graph`; recorded, replays, eager,
+  refused);
 * with ``--profile``: the GPU's kernel time by kernel over one pipeline at the first thread count
   and graph setting, and the share of the pipeline's wall time in which any kernel ran (``gpu_busy_share``).
 
@@ -52,8 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=8, help="chunks in the sequence")
     p.add_argument("--tokens", type=int, default=2048, help="calibration rows per module's Hessian")
     p.add_argument("--inverse-threads", type=counts(1), default="4,2,8")
-    p.add_argument("--graphs", type=names(("on", "off")), default="on,off",
-                   help="inverse graphs on and/or off (each a cell per thread count)")
+    p.add_argument("--graphs", type=names(tuple(GRAPHS)), default="on,off",
+                   help="CUDA graphs per cell: on (the inverses'), loop (the column loops'), both, off; "
+                        "each a cell per thread count")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-rows-kernel", action="store_true", help="GPTQModel's extension per Hessian, not the rows kernel")
     p.add_argument("--profile", action="store_true", help="kernel times and the GPU's busy share of one pipeline")
@@ -67,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; use --device cpu")
     return args
+
+
+#: ``--graphs`` settings: (inverse graphs, loop graphs)
+GRAPHS = {"on": (True, False), "off": (False, False), "loop": (False, True), "both": (True, True)}
 
 
 def _solve_stream(device: str) -> torch.cuda.Stream | None:
@@ -89,7 +96,8 @@ def _solve_in_turn(chunks: list[list], device: str, solve: Callable[[int, list],
             raise RuntimeError("a module was left to GPTQModel's per-module solve; the chunk is not a whole batched one")
 
 
-def run_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: str, graphs: bool = False) -> None:
+def run_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: str, graphs: bool = False,
+                 loop_graphs: bool = False) -> None:
     """Solve ``chunks`` one after another as the coordinator does: each chunk's inverses started
     (in the background) once the chunk before has its own under way."""
     from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve, start_inverses
@@ -102,7 +110,8 @@ def run_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: st
                 aheads[k + 1] = start_inverses(chunks[k + 1], threads, "own", background=True, graphs=graphs)
 
         return batched_gptq_solve(tasks, inverse_threads=threads, host_results=True, streams="own", ahead=aheads[k],
-                                  inverses_started=started, rows_kernel=rows_kernel, inverse_graphs=graphs)
+                                  inverses_started=started, rows_kernel=rows_kernel, inverse_graphs=graphs,
+                                  loop_graphs=loop_graphs)
 
     _solve_in_turn(chunks, device, solve)
 
@@ -154,7 +163,7 @@ def kernel_table(prof, limit: int = 15) -> list[dict]:
 
 
 def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: int, share: int) -> dict:
-    from defuser_quant.integrations.gptqmodel import inverse_graphs
+    from defuser_quant.integrations.gptqmodel import inverse_graphs, loop_graph
     from defuser_quant.integrations.gptqmodel.batched import start_inverses
 
     chunks = [make_tasks(rows, columns, modules, args.tokens, args.device, seed=k, share=share)
@@ -165,36 +174,39 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
                  "rows_kernel": rows_kernel, "cells": []}
     n = args.chunks
     for setting in args.graphs:
-        graphs = setting == "on"
+        graphs, loops_graphed = GRAPHS[setting]
         inverse_graphs.release()
-        run_pipeline(chunks[:2], max(args.inverse_threads), rows_kernel, args.device, graphs)  # warm-up
+        loop_graph.release()
+        run_pipeline(chunks[:2], max(args.inverse_threads), rows_kernel, args.device, graphs, loops_graphed)  # warm-up
         for threads in args.inverse_threads:
             cell = {
-                "pipeline_s": _median(lambda: run_pipeline(chunks, threads, rows_kernel, args.device, graphs),
-                                      args.device, args.repeats) / n,
+                "pipeline_s": _median(lambda: run_pipeline(chunks, threads, rows_kernel, args.device, graphs,
+                                                           loops_graphed), args.device, args.repeats) / n,
                 "inverses_only_s": _median(lambda: inverses_only(chunks, threads, graphs), args.device, args.repeats) / n,
             }
             # the loop alone: each repeat's inverses are computed before its clock starts
             loops = []
             for _ in range(args.repeats):
                 ready = [_Ready(start_inverses(tasks, threads, "own", background=True, graphs=graphs)) for tasks in chunks]
-                loops.append(_timed(lambda: _loops(chunks, ready, threads, rows_kernel, args.device), args.device))
+                loops.append(_timed(lambda: _loops(chunks, ready, threads, rows_kernel, args.device, loops_graphed),
+                                    args.device))
             cell["loop_only_s"] = statistics.median(loops) / n
             cell = {"graphs": setting, "inverse_threads": threads, **{k: round(v, 5) for k, v in cell.items()}}
             row["cells"].append(cell)
             print(f"  graphs {setting}, {threads} inverse thread(s): pipeline {cell['pipeline_s'] * 1e3:.1f} ms a chunk, "
                   f"inverses alone {cell['inverses_only_s'] * 1e3:.1f}, column loops alone "
                   f"{cell['loop_only_s'] * 1e3:.1f}", flush=True)
-        row.setdefault("graph_stats", {})[setting] = inverse_graphs.stats().as_dict()
+        row.setdefault("graph_stats", {})[setting] = {"inverses": inverse_graphs.stats().as_dict(),
+                                                      "loops": loop_graph.stats().as_dict()}
     if args.profile and args.device.startswith("cuda"):
         from torch.profiler import ProfilerActivity, profile
 
-        threads, graphs = args.inverse_threads[0], args.graphs[0] == "on"
-        run_pipeline(chunks, threads, rows_kernel, args.device, graphs)
+        threads, (graphs, loops_graphed) = args.inverse_threads[0], GRAPHS[args.graphs[0]]
+        run_pipeline(chunks, threads, rows_kernel, args.device, graphs, loops_graphed)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             _sync(args.device)
             t = time.perf_counter()
-            run_pipeline(chunks, threads, rows_kernel, args.device, graphs)
+            run_pipeline(chunks, threads, rows_kernel, args.device, graphs, loops_graphed)
             _sync(args.device)
             wall = time.perf_counter() - t
         row["profile"] = {"inverse_threads": threads, "graphs": args.graphs[0], "wall_s": round(wall, 4),
@@ -205,12 +217,14 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
     return row
 
 
-def _loops(chunks: list[list], ready: list, threads: int, rows_kernel: bool, device: str) -> None:
+def _loops(chunks: list[list], ready: list, threads: int, rows_kernel: bool, device: str,
+           loop_graphs: bool = False) -> None:
     """The chunks' column loops alone: each chunk's inverses handed over already computed (``ready``)."""
     from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
 
     _solve_in_turn(chunks, device, lambda k, tasks: batched_gptq_solve(
-        tasks, inverse_threads=threads, host_results=True, streams="own", ahead=ready[k], rows_kernel=rows_kernel))
+        tasks, inverse_threads=threads, host_results=True, streams="own", ahead=ready[k], rows_kernel=rows_kernel,
+        loop_graphs=loop_graphs))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def test_bad_flags_are_refused_with_what_is_wrong(capsys):
     for argv, says in ((["--shapes", "64x256x2", "--share", "2,1"], "--share needs one value per shape (1), got 2"),
-                       (["--graphs", "maybe"], "choose from on, off"),
+                       (["--graphs", "maybe"], "choose from on, off, loop, both"),
                        (["--chunks", "0"], "must be >= 1"),
                        (["--inverse-threads", "0"], "--inverse-threads")):
         with pytest.raises(SystemExit):
@@ -43,14 +43,15 @@ def test_the_busy_share_is_the_union_of_the_device_intervals():
 def test_a_tiny_cpu_run_reports_each_cell_and_the_graph_counts(tmp_path):
     out = tmp_path / "pipeline.json"
     assert chunk_pipeline.main(["--device", "cpu", "--shapes", "64x256x4", "--share", "2", "--chunks", "2",
-                                "--tokens", "96", "--inverse-threads", "1,2", "--graphs", "on,off", "--repeats", "1",
+                                "--tokens", "96", "--inverse-threads", "1,2", "--graphs", "on,both", "--repeats", "1",
                                 "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["complete"] is True and report["meta"]["device"] == "cpu"
     (row,) = report["rows"]
     assert (row["rows"], row["columns"], row["modules"], row["share"], row["chunks"]) == (64, 256, 4, 2, 2)
-    assert [(c["graphs"], c["inverse_threads"]) for c in row["cells"]] == [("on", 1), ("on", 2), ("off", 1), ("off", 2)]
+    assert [(c["graphs"], c["inverse_threads"]) for c in row["cells"]] == [("on", 1), ("on", 2), ("both", 1), ("both", 2)]
     for cell in row["cells"]:
         assert cell["pipeline_s"] > 0 and cell["inverses_only_s"] > 0 and cell["loop_only_s"] > 0
-    # no graphs on the CPU: the inverses are never wrapped there
-    assert row["graph_stats"] == {s: {"recorded": 0, "replays": 0, "eager": 0, "refused": {}} for s in ("on", "off")}
+    # no graphs on the CPU: neither the inverses nor the loops are wrapped there
+    none = {"recorded": 0, "replays": 0, "eager": 0, "refused": {}}
+    assert row["graph_stats"] == {s: {"inverses": none, "loops": {**none, "arena_bytes": 0}} for s in ("on", "both")}

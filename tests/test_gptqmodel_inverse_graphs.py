@@ -264,7 +264,7 @@ class _FakeCUDAGraph:
     def __init__(self, end_fails: bool):
         self.end_fails, self.calls = end_fails, []
 
-    def capture_begin(self, capture_error_mode):
+    def capture_begin(self, pool=None, capture_error_mode=None):
         assert inverse_graphs._record_lock.locked()  # recordings hold the lock empty_cache waits for
         self.calls.append(("begin", capture_error_mode))
 

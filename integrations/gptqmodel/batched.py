@@ -73,7 +73,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import inverse_graphs, kernels, log_rows, packing
+from . import inverse_graphs, kernels, log_rows, loop_graph, packing
 from . import rows_kernel as rows_block
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,12 @@ class BatchedSolve:
             kernels, so the same bits (each graph is kept only where its replay equals the eager
             calls on the Hessian it was recorded from). Off by default: not yet run on a GPU
             (docs/performance.md, round 59).
+        loop_graphs: on CUDA with ``"own"`` streams, each chunk's column loop runs on buffers of the
+            device's own and is replayed from a CUDA graph recorded once per chunk shape
+            (:mod:`.loop_graph`): one launch per chunk instead of about 1,200, the same kernels, so the
+            same bits (each graph kept only where its replay equals the eager loop). The buffers (the
+            largest chunk's weights, codes, losses and inverses) stay allocated through the run, and a
+            device's chunk loops run one at a time. Off by default: not yet run on a GPU.
     """
 
     min_modules: int = 2
@@ -174,6 +180,7 @@ class BatchedSolve:
     rows_kernel: bool = True
     pack_ahead: bool = False
     inverse_graphs: bool = False
+    loop_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -196,6 +203,8 @@ class BatchedSolve:
             raise TypeError(f"BatchedSolve.rows_kernel must be True or False, got {self.rows_kernel!r}")
         if not isinstance(self.inverse_graphs, bool):
             raise TypeError(f"BatchedSolve.inverse_graphs must be True or False, got {self.inverse_graphs!r}")
+        if not isinstance(self.loop_graphs, bool):
+            raise TypeError(f"BatchedSolve.loop_graphs must be True or False, got {self.loop_graphs!r}")
         if not isinstance(self.pack_ahead, bool):
             raise TypeError(f"BatchedSolve.pack_ahead must be True or False, got {self.pack_ahead!r}")
         if self.pack_ahead and (self.pack or not self.host_results):
@@ -238,6 +247,7 @@ class BatchedSolveStats:
     log_rows: log_rows.LogRowStats | None = None  # one log row per chunk (None: ``log_rows="module"``)
     streams: Counter = field(default_factory=Counter)  # "own" / "caller" -> CUDA chunks solved that way
     inverse_graphs: dict[str, Any] | None = None  # inverse_graphs.GraphStats at the end (None: not on)
+    loop_graphs: dict[str, Any] | None = None  # loop_graph.LoopGraphStats at the end (None: not on)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -255,6 +265,7 @@ class BatchedSolveStats:
             "log_rows": self.log_rows.as_dict() if self.log_rows is not None else None,
             "streams": dict(self.streams),
             "inverse_graphs": self.inverse_graphs,
+            "loop_graphs": self.loop_graphs,
         }
 
 
@@ -681,6 +692,9 @@ def _device_constant(values: list[int], dtype: torch.dtype, device: torch.device
     key = (tuple(values), dtype, device)
     tensor = _constants.get(key)
     if tensor is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a device constant was not made before the CUDA graph recording (a host copy "
+                               "cannot be recorded)")
         if len(_constants) > 256:  # shapes and settings vary little within a run; never grow without bound
             _constants.clear()
         tensor = _constants[key] = torch.tensor(values, dtype=dtype, device=device)
@@ -691,7 +705,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
                        host_results: bool = False, pack: bool = False,
                        streams: str = "auto", ahead: InversesAhead | None = None,
                        inverses_started: Callable[[], None] | None = None,
-                       rows_kernel: bool = False, inverse_graphs: bool = False) -> list[SolveResult | None]:
+                       rows_kernel: bool = False, inverse_graphs: bool = False,
+                       loop_graphs: bool = False) -> list[SolveResult | None]:
     """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
 
     Returns one entry per task: its :class:`SolveResult`, or None when GPTQModel's per-module
@@ -710,11 +725,10 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     extension per Hessian where that kernel cannot be built).
     ``inverse_graphs``: the inverses this call starts itself are replayed from CUDA graphs
     (:func:`start_inverses`' ``graphs``).
+    ``loop_graphs``: on a CUDA side stream, the column loop runs on the device's buffers of
+    :mod:`.loop_graph` and is replayed from a CUDA graph per chunk shape (kept only where its replay
+    gave the eager loop's bits); the device's chunk loops then run one at a time.
     """
-    from gptqmodel.quantization import gptq_cuda
-    from gptqmodel.quantization.gar import invert_perm
-    from gptqmodel.quantization.quantizer import quantize as quantize_values
-
     start = time.time()
     if ahead is None:
         ahead = start_inverses(tasks, inverse_threads, streams, graphs=inverse_graphs)
@@ -734,31 +748,105 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     B, U, R, C = len(order), len(units), first.rows, first.columns
     group = qcfg.group_size
 
-    W = torch.empty((B, R, C), dtype=torch.float32, device=device)
-    for b, task in enumerate(order):
-        W[b].copy_(task.module.weight.data)
-
     quantizer = copy.deepcopy(first.quantizer)
     maxq_value = int(quantizer.maxq.item())  # read once per chunk, not once per group of columns
     maxq = quantizer.maxq.to(device)
-    row_scale, row_zero = _find_params(quantizer, W, maxq, maxq_value)
-
-    inverses = ahead.collect()
-    damp = float(qcfg.damp_percent)
-    hinvs = [inv.hinv for inv in inverses]
-    infos = [inv.info for inv in inverses]
-    perms = [inv.perm for inv in inverses] if (qcfg.desc_act or qcfg.act_group_aware) else None
-    global_perms = [inv.global_perm for inv in inverses]
-    for b, u in enumerate(hlist):
-        W[b].masked_fill_(inverses[u].dead, 0)  # GPTQModel's W[:, dead] = 0, without its host sync
-        if perms is not None:
-            W[b] = W[b][:, perms[u]]
-
-    Losses = torch.zeros_like(W)
-    Q = torch.zeros_like(W)
     extension = _use_extension(first, device, blocksize)
     one_launch = extension and rows_kernel and rows_block.available()
-    task_unit = _device_constant(hlist, torch.int32, device) if one_launch else None
+    plan = _LoopPlan(hlist, spans, _device_constant(hlist, torch.int32, device) if one_launch else None,
+                     quantizer, maxq, maxq_value, group, blocksize, int(qcfg.bits), extension, one_launch)
+    graphed = loop_graphs and loop_graph.can_record(device)
+    layout = [((B, R, C), torch.float32)] * 3 + [((U, C, C), torch.float32)] + [((B * R, 1), torch.float32)] * 2
+
+    def load(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's weights into ``W``; returns GPTQModel's per-row parameters of them."""
+        for b, task in enumerate(order):
+            W[b].copy_(task.module.weight.data)
+        return _find_params(quantizer, W, maxq, maxq_value)
+
+    def mask(W: torch.Tensor) -> None:
+        for b, u in enumerate(hlist):
+            W[b].masked_fill_(inverses[u].dead, 0)  # GPTQModel's W[:, dead] = 0, without its host sync
+            if perms is not None:
+                W[b] = W[b][:, perms[u]]
+
+    with loop_graph.arena(device, layout) if graphed else contextlib.nullcontext() as held:
+        W = held.buffers[0] if graphed else torch.empty((B, R, C), dtype=torch.float32, device=device)
+        row_scale, row_zero = load(W)
+        inverses = ahead.collect()
+        damp = float(qcfg.damp_percent)
+        hinvs = [inv.hinv for inv in inverses]
+        infos = [inv.info for inv in inverses]
+        perms = [inv.perm for inv in inverses] if (qcfg.desc_act or qcfg.act_group_aware) else None
+        global_perms = [inv.global_perm for inv in inverses]
+        mask(W)
+        if graphed:  # the loop on the arena's buffers, replayed from its graph where there is one
+            _, Q, Losses, H, static_scale, static_zero = held.buffers
+
+            def to_buffers(scale: torch.Tensor, zero: torch.Tensor) -> None:
+                static_scale.copy_(scale)
+                static_zero.copy_(zero)
+                for u, hinv in enumerate(hinvs):
+                    H[u].copy_(hinv)
+
+            def prepare_again() -> None:
+                to_buffers(*load(W))
+                mask(W)
+
+            to_buffers(row_scale, row_zero)
+            key = (loop_graph.layout_key(layout), tuple(hlist), int(qcfg.bits), bool(qcfg.sym), group, maxq_value,
+                   float(getattr(qcfg, "mse", 0.0) or 0.0), bool(quantizer.perchannel), blocksize, extension,
+                   one_launch)
+            # a recording reads this chunk's plan (maxq, the task units) and the device constants made by
+            # its eager loop: kept alive with the graph
+            S, Z, loss_sums = held.run(
+                key, lambda: _column_loop(plan, W, H, Q, Losses, static_scale, static_zero), prepare_again, [Q],
+                keep=lambda: (plan, tuple(_constants.values())),
+            )
+        else:
+            Q = torch.empty_like(W)
+            S, Z, loss_sums = _column_loop(plan, W, hinvs, Q, torch.empty_like(W), row_scale, row_zero)
+            del W
+        del hinvs, inverses
+        by_task = _task_results(tasks, order, hlist, qcfg, Q, S, Z, loss_sums, infos, perms, global_perms, device,
+                                (time.time() - start) / B, damp, one_launch, extension, blocksize, host_results,
+                                pack, borrowed=graphed)
+    return [by_task[id(task)] for task in tasks]
+
+
+@dataclass
+class _LoopPlan:
+    """What a chunk's column loop reads besides its buffers."""
+
+    hlist: list[int]  # task -> its unit (shared Hessian)
+    spans: list[tuple[int, int, int]]  # (first task, end, unit): a unit's rows of W
+    task_unit: torch.Tensor | None  # ``hlist`` on the device, for the rows kernel
+    quantizer: Any
+    maxq: torch.Tensor
+    maxq_value: int
+    group: int
+    blocksize: int
+    bits: int
+    extension: bool  # GPTQModel's block-update extension applies
+    one_launch: bool  # ... and each block is one launch of the rows kernel
+
+
+def _column_loop(plan: _LoopPlan, W: torch.Tensor, hinvs: torch.Tensor | list[torch.Tensor], Q: torch.Tensor,
+                 Losses: torch.Tensor, row_scale: torch.Tensor,
+                 row_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQModel's column-block loop over a whole chunk: ``W`` ([tasks, rows, columns], prepared) is
+    worked on in place, ``Q`` and ``Losses`` (its shape) are written; ``hinvs[u]`` is unit ``u``'s
+    inverse. Returns the scales and zeros ([tasks, rows, groups]) and each task's summed loss. Reads
+    nothing back to the host, so it can be recorded as a CUDA graph (:mod:`.loop_graph`)."""
+    from gptqmodel.quantization import gptq_cuda
+    from gptqmodel.quantization.quantizer import quantize as quantize_values
+
+    hlist, group, blocksize, quantizer = plan.hlist, plan.group, plan.blocksize, plan.quantizer
+    maxq, maxq_value = plan.maxq, plan.maxq_value
+    B, R, C = W.shape
+    device = W.device
+    Q.zero_()
+    Losses.zero_()
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
     cur_scale, cur_zero = row_scale, row_zero
@@ -792,19 +880,19 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
             if not block_params or block_params[-1][0] is not cur_scale:
                 block_params.append((cur_scale, cur_zero))
             column_groups.append(len(block_params) - 1)
-        if extension and count == 128:
+        if plan.extension and count == 128:
             block_scale = torch.stack([s.flatten() for s, _ in block_params])
             block_zero = torch.stack([z.flatten() for _, z in block_params])
             column_group = _device_constant(column_groups, torch.int32, device)
-            if one_launch:  # every row of the chunk, each with its unit's inverse
+            if plan.one_launch:  # every row of the chunk, each with its unit's inverse
                 rows_block.block_update(
-                    W1.view(-1, count), torch.stack([h[i1:i2, i1:i2] for h in hinvs]), task_unit, block_scale,
+                    W1.view(-1, count), torch.stack([h[i1:i2, i1:i2] for h in hinvs]), plan.task_unit, block_scale,
                     block_zero, column_group, Q[:, :, i1:i2].view(-1, count), Err1.view(-1, count),
-                    Losses[:, :, i1:i2].view(-1, count), R, (1 << qcfg.bits) - 1,
+                    Losses[:, :, i1:i2].view(-1, count), R, (1 << plan.bits) - 1,
                 )
                 spans_left: list[tuple[int, int, int]] = []
             else:
-                spans_left = spans
+                spans_left = plan.spans
             # One launch per unit: the kernel runs one block per row, each row on its own (its
             # scale, zero and the shared Hinv), so stacking a unit's rows gives each row's values.
             for b0, b1, u in spans_left:
@@ -812,7 +900,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
                 gptq_cuda.gptq_block_update(
                     W1[b0:b1].view(-1, count), hinvs[u][i1:i2, i1:i2], block_scale[:, rows], block_zero[:, rows],
                     column_group, Q[b0:b1, :, i1:i2].view(-1, count), Err1[b0:b1].view(-1, count),
-                    Losses[b0:b1, :, i1:i2].view(-1, count), (1 << qcfg.bits) - 1,
+                    Losses[b0:b1, :, i1:i2].view(-1, count), (1 << plan.bits) - 1,
                 )
         else:
             Hinv1 = torch.stack([h[i1:i2, i1:i2] for h in hinvs])[hlist]
@@ -836,23 +924,34 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
             for w, err, u in zip(W[:, :, i2:].unbind(0), Err1.unbind(0), hlist):
                 w.sub_(err.matmul(tails[u]))
         del W1, Err1
-    del hinvs, inverses
-
     if not scales:
         scales, zeros = [row_scale], [row_zero]
     S = torch.cat(scales, dim=1).view(B, R, -1)
     Z = torch.cat(zeros, dim=1).view(B, R, -1)
+    return S, Z, torch.stack([torch.sum(Losses[b]) for b in range(B)])
+
+
+def _task_results(tasks: list[Any], order: list[Any], hlist: list[int], qcfg: Any, Q: torch.Tensor, S: torch.Tensor,
+                  Z: torch.Tensor, loss_sums: torch.Tensor, infos: list[torch.Tensor],
+                  perms: list[torch.Tensor] | None, global_perms: list[Any], device: torch.device, duration: float,
+                  damp: float, one_launch: bool, extension: bool, blocksize: int, host_results: bool, pack: bool,
+                  borrowed: bool) -> dict[int, SolveResult | None]:
+    """Each task's :class:`SolveResult` (None: GPTQModel's own solve handles it) from the chunk's loop
+    outputs, by ``id(task)``. ``borrowed``: ``Q`` is a buffer the caller reuses, so no result may keep a
+    view of it."""
+    from gptqmodel.quantization.gar import invert_perm
+
+    B, R, C = Q.shape
+    group = qcfg.group_size
     width = group if group != -1 else C
     base_g_idx = _device_constant([i // width for i in range(C)], torch.int32, device)
     kind = "batched_rows_block_update" if one_launch else "batched_cuda_block_update"
     path = (kind if extension and C % 128 == 0 else "batched_torch") + f"@{device.type}"
-    duration = (time.time() - start) / B
-    results: list[SolveResult | None] = []
     by_task: dict[int, SolveResult | None] = {}
     # Read once the whole chunk is queued (the first read waits for it): the factorizations'
     # status and every task's summed loss.
     failed = (torch.stack(infos) != 0).tolist()
-    loss_sums = torch.stack([torch.sum(Losses[b]) for b in range(B)]).tolist()
+    loss_sums = loss_sums.tolist()
     for b, task in enumerate(order):
         u = hlist[b]
         if failed[u]:
@@ -877,6 +976,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
             scale, zero = scale.contiguous(), zero.contiguous()
         weight = task.module.weight
         q = q.reshape(weight.shape).to(weight.dtype).to(device=weight.data.device)
+        if borrowed and q.untyped_storage().data_ptr() == Q.untyped_storage().data_ptr():
+            q = q.clone()  # float32 weights on the solve's device: still a view of the buffer
         by_task[id(task)] = SolveResult(
             (q, scale, zero, g_idx.clone(), duration, avg_loss, damp, task.nsamples), path, device.type, blocksize
         )
@@ -892,9 +993,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
             for r in solved:
                 qweight, qzeros, fingerprint = next(moved), next(moved), next(moved)
                 r.packed = packing.PackedWords(int(qcfg.bits), qweight, qzeros, *r.values[1:4], fingerprint)
-    for task in tasks:
-        results.append(by_task[id(task)])
-    return results
+    return by_task
 
 
 # ----- inside GPTQModel: the coordinator -------------------------------------------------------
@@ -1144,6 +1243,7 @@ class _Coordinator:
                                           pack=self.settings.pack, streams=streams, ahead=self._ahead_of(chunk),
                                           rows_kernel=self.settings.rows_kernel,
                                           inverse_graphs=self.settings.inverse_graphs,
+                                          loop_graphs=self.settings.loop_graphs and streams == "own",
                                           inverses_started=functools.partial(self._start_next_inverses, chunk)
                                           if ahead_on else None)
                 if device.type == "cuda":
@@ -1305,7 +1405,7 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
             coordinator.stats.pack = stack.enter_context(packing.served_pack_words())
         if settings.log_rows == "chunk":
             coordinator.stats.log_rows = stack.enter_context(log_rows.chunk_log_rows())
-        if settings.inverse_graphs:
+        if settings.inverse_graphs or settings.loop_graphs:
             stack.enter_context(inverse_graphs.guarded_empty_cache())
         GPTQProcessor.process, GPTQ.quantize = batched_process, batched_quantize
         try:
@@ -1316,6 +1416,9 @@ def batched_solves(settings: BatchedSolve | None = None) -> Iterator[BatchedSolv
             if settings.inverse_graphs:
                 coordinator.stats.inverse_graphs = inverse_graphs.stats().as_dict()
                 inverse_graphs.release()
+            if settings.loop_graphs:
+                coordinator.stats.loop_graphs = loop_graph.stats().as_dict()
+                loop_graph.release()
             leftover = len(coordinator.results)
             coordinator.results.clear()
             if leftover:

@@ -38,7 +38,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GraphStats", "graphed", "guarded_empty_cache", "release", "same_bits", "stats"]
+__all__ = ["GraphStats", "graphed", "guarded_empty_cache", "record", "release", "same_bits", "same_tensors", "stats"]
 
 
 @dataclass
@@ -72,29 +72,37 @@ def _release_pool(graph: Any, device_index: int) -> None:
     torch._C._cuda_releasePool(device_index, pool)
 
 
+def record(fn: Callable[[], Any], pool: Any = None) -> tuple[Any, Any]:
+    """``fn()`` recorded as a CUDA graph on the current stream (``thread_local`` capture, holding the
+    lock :func:`guarded_empty_cache` waits for; ``pool``: a memory pool shared with other graphs that
+    never replay at the same time); returns the graph and ``fn``'s output (the tensors its replays
+    write). A failed recording is ended in the allocator and its memory pool freed, then raised."""
+    index = torch.cuda.current_device()  # the capture's device (the caller's current one)
+    graph = _new_graph()
+    with _record_lock:
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            output = fn()
+        except BaseException:
+            try:
+                graph.capture_end()  # the capture itself may still be whole (a Python error)
+            except BaseException:
+                _release_pool(graph, index)
+            raise
+        try:
+            graph.capture_end()
+        except BaseException:
+            _release_pool(graph, index)
+            raise
+    return graph, output
+
+
 class _Graph:
     """One recorded inverse: a static input, the graph, and the static outputs it writes."""
 
     def __init__(self, example: torch.Tensor, invert: Callable[[torch.Tensor], Any]):
-        device = example.device
-        index = device.index if device.index is not None else torch.cuda.current_device()
         self.input = example.clone()
-        self.graph = _new_graph()
-        with _record_lock:
-            self.graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                self.output = invert(self.input)
-            except BaseException:
-                try:
-                    self.graph.capture_end()  # the capture itself may still be whole (a Python error)
-                except BaseException:
-                    _release_pool(self.graph, index)
-                raise
-            try:
-                self.graph.capture_end()
-            except BaseException:
-                _release_pool(self.graph, index)
-                raise
+        self.graph, self.output = record(lambda: invert(self.input))  # on the inverse thread's device
 
     def replay(self, hessian: torch.Tensor) -> Any:
         self.input.copy_(hessian)
@@ -142,12 +150,16 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8) if t.dtype.is_floating_point else t
 
 
+def same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Two lists of tensors equal bit for bit (shapes, dtypes and every byte)."""
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b)
+    )
+
+
 def same_bits(a: Any, b: Any) -> bool:
     """Every tensor of two inverse results (their ``tensors()``) equal bit for bit."""
-    ta, tb = a.tensors(), b.tensors()
-    return len(ta) == len(tb) and all(
-        x.shape == y.shape and x.dtype == y.dtype and torch.equal(_bits(x), _bits(y)) for x, y in zip(ta, tb)
-    )
+    return same_tensors(a.tensors(), b.tensors())
 
 
 def _can_record(hessian: torch.Tensor) -> bool:
