@@ -157,14 +157,16 @@ class BatchedSolve:
             inverse calls once per Hessian shape as a CUDA graph and replays it
             (:mod:`.inverse_graphs`): one launch per Hessian instead of about 400, the same
             kernels, so the same bits (each graph is kept only where its replay equals the eager
-            calls on the Hessian it was recorded from). Off by default: not yet run on a GPU
-            (docs/performance.md, round 59).
+            calls on the Hessian it was recorded from). Off by default: on an H100 it gave stock's checkpoint
+            but no shorter inverses (cuSOLVER's kernels bound them; docs/performance.md, round 60).
         loop_graphs: on CUDA with ``"own"`` streams, each chunk's column loop runs on buffers of the
             device's own and is replayed from a CUDA graph recorded once per chunk shape
             (:mod:`.loop_graph`): one launch per chunk instead of about 1,200, the same kernels, so the
             same bits (each graph kept only where its replay equals the eager loop). The buffers (the
             largest chunk's weights, codes, losses and inverses) stay allocated through the run, and a
-            device's chunk loops run one at a time. Off by default: not yet run on a GPU.
+            device's chunk loops run one at a time. Off by default: on an H100 it gave stock's checkpoint and
+            shorter loops, but at two layers no faster end to end and 0.7 GiB more peak GPU memory
+            (docs/performance.md, round 60).
     """
 
     min_modules: int = 2

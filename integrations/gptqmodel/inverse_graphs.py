@@ -22,7 +22,9 @@ is when it empties its cache; GPTQModel empties it from its own threads. So reco
 failed recording hands its memory pool back and ends its capture in the allocator, which torch's
 ``capture_end`` does not do after a failure. The allocator's own release on a failed ``cudaMalloc`` is not
 guarded: an out-of-memory during a recording's few milliseconds would still trip it.
-Opt-in (``BatchedSolve.inverse_graphs``) until it has run on a GPU (docs/performance.md, round 59).
+Opt-in (``BatchedSolve.inverse_graphs``): on an H100 (round 60) its replays gave stock's checkpoint inside GPTQModel's
+run, but the inverses took as long (28 ms a gate/up chunk): once their launches are graphed, cuSOLVER's kernels
+themselves bound them (docs/performance.md, round 60).
 """
 
 from __future__ import annotations
