@@ -315,6 +315,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams",
             "ours-grouped-batched-noahead", "ours-grouped-batched-norows", "ours-grouped-batched-packahead",
             "ours-grouped-batched-invgraphs", "ours-grouped-batched-loopgraphs", "ours-grouped-batched-graphs",
+            "ours-grouped-batched-hinv8-invgraphs", "ours-grouped-batched-hinv12-invgraphs",
             *(f"ours-grouped-batched{suffix}" for suffix in (*WITHOUT_PART, *WITH_PART)), *COMBINED_PARTS)
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
@@ -407,7 +408,7 @@ def solve_setting(variant: str):
     base = variant.removesuffix("-stocksave").removesuffix("-stockbk").removesuffix("-hookhessians")
     base, _ = strip_suffixes(base, (*WITHOUT_PART, *WITH_PART))
     settings = {"-serial": {"parallel": 1}, "-parallel4": {"parallel": 4}, "-hinv4": {"inverse_threads": 4},
-                "-hinv6": {"inverse_threads": 6}, "-hinv8": {"inverse_threads": 8}, "-hinv1": {"inverse_threads": 1},
+                "-hinv6": {"inverse_threads": 6}, "-hinv8": {"inverse_threads": 8}, "-hinv12": {"inverse_threads": 12}, "-hinv1": {"inverse_threads": 1},
                 "-host": {"host_results": True}, "-device": {"host_results": False},
                 "-ahead2": {"solve_ahead": 2}, "-nopack": {"pack": False}, "-pack": {"pack": True},
                 "-modulerows": {"log_rows": "module"}, "-ownstreams": {"streams": "own"},

@@ -256,6 +256,10 @@ def test_variants_pick_their_batched_solve_settings():
     assert bench.solve_setting("ours-grouped-batched-loopgraphs") == BatchedSolve(loop_graphs=True)
     assert bench.solve_setting("ours-grouped-batched-graphs") == BatchedSolve(inverse_graphs=True, loop_graphs=True)
     assert {"ours-grouped-batched-loopgraphs", "ours-grouped-batched-graphs"} <= set(bench.VARIANTS)
+    # replayed inverses no longer wait on launches: more threads, more of them at once on the GPU
+    assert bench.solve_setting("ours-grouped-batched-hinv12-invgraphs") == BatchedSolve(inverse_threads=12,
+                                                                                        inverse_graphs=True)
+    assert {"ours-grouped-batched-hinv8-invgraphs", "ours-grouped-batched-hinv12-invgraphs"} <= set(bench.VARIANTS)
     # round 13's defaults, to measure round 14's against them
     assert bench.solve_setting("ours-grouped-batched-hinv1-device") == BatchedSolve(inverse_threads=1, host_results=False)
     assert "ours-grouped-batched-hinv1-device" in bench.VARIANTS
