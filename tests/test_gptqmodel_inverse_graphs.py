@@ -226,35 +226,47 @@ def test_cuda_replays_give_the_eager_calls_bits(n, act_group_aware):
     assert bool(got[1].dead[1]) and not bool(got[2].dead.any())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
-def test_cuda_batched_solves_with_and_without_graphs_are_bit_identical():
-    """Three chunks of 12 modules (pairs sharing a Hessian), inverses ahead on four threads as the
-    coordinator starts them: with graphs every result is the eager run's, bit for bit."""
+def cuda_chunks(sizes: tuple[int, ...]) -> list[list]:
+    """One chunk of GPTQ tasks per size, 256 x 512 on CUDA, pairs sharing a Hessian (the benchmarks' tasks)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from chunk_phases import make_tasks
 
-    chunks = [make_tasks(256, 512, 12, 1024, "cuda", seed=k, share=2) for k in range(3)]
+    return [make_tasks(256, 512, n, 1024, "cuda", seed=k, share=2) for k, n in enumerate(sizes)]
 
-    def solve(graphs: bool) -> list:
-        out = []
-        stream = torch.cuda.Stream()
-        for tasks in chunks:
-            with torch.cuda.stream(stream):
-                out += batched.batched_gptq_solve(tasks, inverse_threads=4, host_results=True, streams="own",
-                                                  rows_kernel=True, inverse_graphs=graphs)
-            stream.synchronize()
-        return out
 
-    eager = solve(False)
-    graphed = solve(True)
-    stats = inverse_graphs.stats()
-    assert stats.replays > 0 and not stats.refused
-    for a, b in zip(eager, graphed, strict=True):
+def solve_in_turn(chunks: list[list], **options) -> list:
+    """Each chunk's batched solve (four inverse threads, the rows kernel) on one side stream, waited for
+    before the next as a GPTQModel worker waits; every chunk's results, in order."""
+    out = []
+    stream = torch.cuda.Stream()
+    for tasks in chunks:
+        with torch.cuda.stream(stream):
+            out += batched.batched_gptq_solve(tasks, inverse_threads=4, host_results=True, streams="own",
+                                              rows_kernel=True, **options)
+        stream.synchronize()
+    return out
+
+
+def assert_same_bits(got: list, want: list) -> None:
+    """Two runs' results: codes, scales, zeros and ``g_idx`` equal bit for bit."""
+    for a, b in zip(got, want, strict=True):
         for x, y in zip(a.values[:4], b.values[:4]):
             assert torch.equal(inverse_graphs._bits(x.cpu()), inverse_graphs._bits(y.cpu()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+def test_cuda_batched_solves_with_and_without_graphs_are_bit_identical():
+    """Three chunks of 12 modules (pairs sharing a Hessian), inverses ahead on four threads as the
+    coordinator starts them: with graphs every result is the eager run's, bit for bit."""
+    chunks = cuda_chunks((12, 12, 12))
+    eager = solve_in_turn(chunks, inverse_graphs=False)
+    graphed = solve_in_turn(chunks, inverse_graphs=True)
+    stats = inverse_graphs.stats()
+    assert stats.replays > 0 and not stats.refused
+    assert_same_bits(graphed, eager)
 
 
 class _FakeCUDAGraph:

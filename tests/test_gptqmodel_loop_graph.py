@@ -12,6 +12,7 @@ import torch
 
 from defuser_quant.integrations.gptqmodel import batched, inverse_graphs, loop_graph
 from test_gptqmodel_batched import CONFIGS, _cuda_task_pair, _tasks
+from test_gptqmodel_inverse_graphs import assert_same_bits, cuda_chunks, solve_in_turn
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CPU = torch.device("cpu")
@@ -240,30 +241,11 @@ def test_cuda_loop_graphs_give_gptqmodels_per_module_bits(name):
 def test_cuda_chunks_with_both_graphs_are_the_eager_runs_bit_for_bit():
     """Four chunks of 12 modules (pairs sharing a Hessian) at 512 columns, then one of 6, inverses on four
     threads: with loop and inverse graphs every result is the eager run's."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from chunk_phases import make_tasks
-
-    chunks = [make_tasks(256, 512, n, 1024, "cuda", seed=k, share=2) for k, n in enumerate((12, 12, 12, 12, 6))]
-
-    def solve(graphs: bool) -> list:
-        out = []
-        stream = torch.cuda.Stream()
-        for tasks in chunks:
-            with torch.cuda.stream(stream):
-                out += batched.batched_gptq_solve(tasks, inverse_threads=4, host_results=True, streams="own",
-                                                  rows_kernel=True, inverse_graphs=graphs, loop_graphs=graphs)
-            stream.synchronize()
-        return out
-
-    eager = solve(False)
-    graphed = solve(True)
+    chunks = cuda_chunks((12, 12, 12, 12, 6))
+    eager = solve_in_turn(chunks)
+    graphed = solve_in_turn(chunks, inverse_graphs=True, loop_graphs=True)
     stats = loop_graph.stats()
     assert stats.replays == 3 and stats.recorded == 2 and not stats.refused, stats
-    for a, b in zip(eager, graphed, strict=True):
-        for x, y in zip(a.values[:4], b.values[:4]):
-            assert torch.equal(inverse_graphs._bits(x.cpu()), inverse_graphs._bits(y.cpu()))
-        assert a.values[5] == b.values[5]
+    assert_same_bits(graphed, eager)
+    assert [r.values[5] for r in graphed] == [r.values[5] for r in eager]  # the losses
     inverse_graphs.release()

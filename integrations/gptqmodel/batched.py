@@ -810,9 +810,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
             S, Z, loss_sums = _column_loop(plan, W, hinvs, Q, torch.empty_like(W), row_scale, row_zero)
             del W
         del hinvs, inverses
-        by_task = _task_results(tasks, order, hlist, qcfg, Q, S, Z, loss_sums, infos, perms, global_perms, device,
-                                (time.time() - start) / B, damp, one_launch, extension, blocksize, host_results,
-                                pack, borrowed=graphed)
+        by_task = _task_results(tasks, order, plan, qcfg, Q, S, Z, loss_sums, infos, perms, global_perms,
+                                (time.time() - start) / B, damp, host_results, pack, borrowed=graphed)
     return [by_task[id(task)] for task in tasks]
 
 
@@ -933,22 +932,21 @@ def _column_loop(plan: _LoopPlan, W: torch.Tensor, hinvs: torch.Tensor | list[to
     return S, Z, torch.stack([torch.sum(Losses[b]) for b in range(B)])
 
 
-def _task_results(tasks: list[Any], order: list[Any], hlist: list[int], qcfg: Any, Q: torch.Tensor, S: torch.Tensor,
+def _task_results(tasks: list[Any], order: list[Any], plan: _LoopPlan, qcfg: Any, Q: torch.Tensor, S: torch.Tensor,
                   Z: torch.Tensor, loss_sums: torch.Tensor, infos: list[torch.Tensor],
-                  perms: list[torch.Tensor] | None, global_perms: list[Any], device: torch.device, duration: float,
-                  damp: float, one_launch: bool, extension: bool, blocksize: int, host_results: bool, pack: bool,
-                  borrowed: bool) -> dict[int, SolveResult | None]:
+                  perms: list[torch.Tensor] | None, global_perms: list[Any], duration: float, damp: float,
+                  host_results: bool, pack: bool, borrowed: bool) -> dict[int, SolveResult | None]:
     """Each task's :class:`SolveResult` (None: GPTQModel's own solve handles it) from the chunk's loop
-    outputs, by ``id(task)``. ``borrowed``: ``Q`` is a buffer the caller reuses, so no result may keep a
-    view of it."""
+    outputs (``order``: the tasks in ``Q``'s order), by ``id(task)``. ``borrowed``: ``Q`` is a buffer the
+    caller reuses, so no result may keep a view of it."""
     from gptqmodel.quantization.gar import invert_perm
 
     B, R, C = Q.shape
-    group = qcfg.group_size
+    device, hlist, group, blocksize = Q.device, plan.hlist, plan.group, plan.blocksize
     width = group if group != -1 else C
     base_g_idx = _device_constant([i // width for i in range(C)], torch.int32, device)
-    kind = "batched_rows_block_update" if one_launch else "batched_cuda_block_update"
-    path = (kind if extension and C % 128 == 0 else "batched_torch") + f"@{device.type}"
+    kind = "batched_rows_block_update" if plan.one_launch else "batched_cuda_block_update"
+    path = (kind if plan.extension and C % 128 == 0 else "batched_torch") + f"@{device.type}"
     by_task: dict[int, SolveResult | None] = {}
     # Read once the whole chunk is queued (the first read waits for it): the factorizations'
     # status and every task's summed loss.

@@ -40,20 +40,40 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GraphStats", "graphed", "guarded_empty_cache", "record", "release", "same_bits", "same_tensors", "stats"]
+__all__ = ["GraphStats", "graphed", "guarded_empty_cache", "on_side_stream", "record", "release", "same_bits",
+           "same_tensors", "stats"]
 
 
 @dataclass
 class GraphStats:
-    """What the graphed inverses did since the last :func:`release` (read by the benchmarks)."""
+    """What the graphed inverses (or, in :mod:`.loop_graph`, loops) did since the last ``release()``
+    (read by the benchmarks)."""
 
     recorded: int = 0  # graphs kept
-    replays: int = 0  # inverses served by a replay
-    eager: int = 0  # inverses computed by the eager calls (a shape's first on a thread, or no graph)
+    replays: int = 0  # calls served by a replay
+    eager: int = 0  # calls run eagerly (a key's first, or no graph)
     refused: dict[str, int] = field(default_factory=dict)  # why a graph was not kept -> times
+    said: set[str] = field(default_factory=set, repr=False, compare=False)  # the reasons logged so far
+
+    def refuse(self, why: str, what: str, log: logging.Logger) -> None:
+        """Count a refusal and log its reason on ``log`` the first time (``what`` runs without a graph)."""
+        self.refused[why] = self.refused.get(why, 0) + 1
+        if why not in self.said:
+            self.said.add(why)
+            log.warning("%s without a CUDA graph here (%s); results are the same, only slower", what, why)
 
     def as_dict(self) -> dict[str, Any]:
         return {"recorded": self.recorded, "replays": self.replays, "eager": self.eager, "refused": dict(self.refused)}
+
+
+def failure(exc: BaseException) -> str:
+    """The refusal reason for a recording that raised ``exc``."""
+    return f"recording failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def on_side_stream(device: torch.device) -> bool:
+    """A CUDA device whose current stream is a side stream (recording is not allowed on the legacy default one)."""
+    return device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device)
 
 
 #: Held while a graph is recorded, and by :func:`guarded_empty_cache`'s ``torch.cuda.empty_cache``: torch's
@@ -133,7 +153,6 @@ def guarded_empty_cache() -> Iterator[None]:
 _lock = threading.Lock()
 _graphs: dict[tuple, _Graph | None] = {}  # (thread, key) -> graph, or None: this thread inverts that key eagerly
 _stats = GraphStats()
-_said: set[str] = set()
 _generation = 0  # bumped by release(): a graph recorded across a release is not kept
 
 
@@ -141,11 +160,7 @@ def _refuse(slot: tuple, why: str, generation: int) -> None:
     with _lock:
         if generation == _generation:
             _graphs[slot] = None
-        _stats.refused[why] = _stats.refused.get(why, 0) + 1
-        first = why not in _said
-        _said.add(why)
-    if first:
-        logger.warning("Hessian inverses run without a CUDA graph here (%s); results are the same, only slower", why)
+        _stats.refuse(why, "Hessian inverses run", logger)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -166,7 +181,7 @@ def same_bits(a: Any, b: Any) -> bool:
 
 def _can_record(hessian: torch.Tensor) -> bool:
     """A CUDA Hessian on a side stream (recording is not allowed on the legacy default stream)."""
-    return hessian.is_cuda and torch.cuda.current_stream(hessian.device) != torch.cuda.default_stream(hessian.device)
+    return on_side_stream(hessian.device)
 
 
 def graphed(invert: Callable[[torch.Tensor], Any], key: tuple, copy: Callable[[Any], Any]) -> Callable[[torch.Tensor], Any]:
@@ -197,8 +212,7 @@ def graphed(invert: Callable[[torch.Tensor], Any], key: tuple, copy: Callable[[A
             replayed = graph.replay(hessian)
             same = same_bits(replayed, result)
         except Exception as exc:  # a call that cannot be recorded: the eager calls serve this key
-            _refuse(slot, f"recording failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                    generation)
+            _refuse(slot, failure(exc), generation)
             return result
         if not same:
             _refuse(slot, "the replay differed from the eager calls", generation)
@@ -225,4 +239,3 @@ def release() -> None:
         _generation += 1
         _graphs.clear()
         _stats = GraphStats()
-        _said.clear()

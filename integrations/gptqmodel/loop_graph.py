@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,18 +47,14 @@ Layout = list[tuple[tuple[int, ...], torch.dtype]]
 
 
 @dataclass
-class LoopGraphStats:
-    """What the graphed column loops did since the last :func:`release` (read by the benchmarks)."""
+class LoopGraphStats(inverse_graphs.GraphStats):
+    """What the graphed column loops did since the last :func:`release`: the counts of
+    :class:`.inverse_graphs.GraphStats` (chunk loops) and the largest arena made."""
 
-    recorded: int = 0  # graphs kept
-    replays: int = 0  # chunk loops served by a replay
-    eager: int = 0  # chunk loops run eagerly on the arena (a shape's first, or no graph)
-    refused: dict[str, int] = field(default_factory=dict)  # why a graph was not kept -> times
-    arena_bytes: int = 0  # the largest arena made
+    arena_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"recorded": self.recorded, "replays": self.replays, "eager": self.eager,
-                "refused": dict(self.refused), "arena_bytes": self.arena_bytes}
+        return {**super().as_dict(), "arena_bytes": self.arena_bytes}
 
 
 class _LoopGraph:
@@ -81,7 +78,6 @@ class _Arena:
 _lock = threading.Lock()
 _arenas: dict[torch.device, _Arena] = {}
 _stats = LoopGraphStats()
-_said: set[str] = set()
 
 
 def _new_pool() -> Any:
@@ -89,8 +85,8 @@ def _new_pool() -> Any:
 
 
 def can_record(device: torch.device) -> bool:
-    """A CUDA device whose current stream is a side stream (recording is not allowed on the legacy default one)."""
-    return device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device)
+    """Loops on ``device`` may be recorded here (:func:`.inverse_graphs.on_side_stream`)."""
+    return inverse_graphs.on_side_stream(device)
 
 
 def layout_key(layout: Layout) -> tuple:
@@ -143,8 +139,7 @@ class Held:
             recorded.replay()
             same = inverse_graphs.same_tensors([*outputs, *written], [*out, *expected])
         except Exception as exc:  # a call that cannot be recorded: the eager loop serves this key
-            self._refuse(key, f"recording failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                         written, expected)
+            self._refuse(key, inverse_graphs.failure(exc), written, expected)
             return out
         if not same:
             self._refuse(key, "the replay differed from the eager loop", written, expected)
@@ -159,12 +154,7 @@ class Held:
             buffer.copy_(value)  # a replay may have written them: the eager loop's values again
         self._arena.graphs[key] = None
         with _lock:
-            _stats.refused[why] = _stats.refused.get(why, 0) + 1
-            first = why not in _said
-            _said.add(why)
-        if first:
-            logger.warning("the batched solve's column loop runs without a CUDA graph here (%s); results are the "
-                           "same, only slower", why)
+            _stats.refuse(why, "the batched solve's column loop runs", logger)
 
 
 @contextmanager
@@ -198,16 +188,14 @@ def arena(device: torch.device, layout: Layout) -> Iterator[Held]:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    count = dtype.itemsize
-    for n in shape:
-        count *= n
-    return count
+    return math.prod(shape) * dtype.itemsize
 
 
 def stats() -> LoopGraphStats:
     """A copy of the counts since the last :func:`release`."""
     with _lock:
-        return LoopGraphStats(_stats.recorded, _stats.replays, _stats.eager, dict(_stats.refused), _stats.arena_bytes)
+        return LoopGraphStats(_stats.recorded, _stats.replays, _stats.eager, dict(_stats.refused),
+                              arena_bytes=_stats.arena_bytes)
 
 
 def release() -> None:
@@ -217,4 +205,3 @@ def release() -> None:
     with _lock:
         _arenas.clear()
         _stats = LoopGraphStats()
-        _said.clear()
