@@ -413,30 +413,63 @@ def _instance_forward_problem(m: nn.Module, x: torch.Tensor) -> str | None:
 _NOT_UNIFORM = object()
 
 
-def _uniform_chain_problem(modules: list[nn.Module], x: torch.Tensor) -> tuple[int, str] | None | object:
+class _ChainMemo:
+    """What :func:`_uniform_chain_problem` derived from one group's forward objects, level by level, on
+    its last call: a call that finds the very same objects (compared by identity, with C-level list
+    compares) reuses their functions and wrapper instead of deriving them again. The input-dependent
+    checks (``why_not_plain``) and the reads of each next level still run on every call."""
+
+    __slots__ = ("class_forward", "levels")
+
+    def __init__(self) -> None:
+        self.class_forward: Callable | None = None
+        self.levels: list[tuple[list, list | None, ForwardWrapper | None]] = []  # (objects, functions, wrapper)
+
+
+def _chain_level(current: list, class_forward: Callable) -> tuple[list | None, ForwardWrapper | None] | object:
+    """``(functions, wrapper)`` of one level of uniform instance forwards, ``(None, None)`` where the chain
+    ends plain (no instance forward, or the class forward), :data:`_NOT_UNIFORM` where it is not uniform."""
+    if _all_are(current, None):
+        return None, None
+    kinds = set(map(type, current))
+    if kinds == {types.MethodType}:
+        funcs = list(map(_func_of, current))
+    elif kinds == {types.FunctionType}:
+        funcs = current
+    else:
+        return _NOT_UNIFORM
+    if _all_are(funcs, class_forward):
+        return None, None
+    codes = set(map(_code_of, funcs))
+    wrapper = _BY_CODE.get(codes.pop()) if len(codes) == 1 else None
+    return _NOT_UNIFORM if wrapper is None else (funcs, wrapper)
+
+
+def _uniform_chain_problem(modules: list[nn.Module], x: torch.Tensor, memo: _ChainMemo | None = None) -> tuple[int, str] | None | object:
     """:func:`_instance_forward_problem` for modules of one class whose instance forwards are, layer
     by layer, the same code-registered wrapper: ``(index, why)`` of the first not plain, None when
-    all are, :data:`_NOT_UNIFORM` when the chains differ (the caller then checks per module)."""
+    all are, :data:`_NOT_UNIFORM` when the chains differ (the caller then checks per module).
+    ``memo``: what the last call on this group derived (see :class:`_ChainMemo`), updated here."""
     if len(set(map(type, modules))) != 1:
         return _NOT_UNIFORM
     class_forward = type(modules[0]).forward
     current = list(map(dict.get, map(_dict_of, modules), _FORWARD))
-    for _ in range(_MAX_WRAPPER_DEPTH):
-        if _all_are(current, None):
-            return None
-        kinds = set(map(type, current))
-        if kinds == {types.MethodType}:
-            funcs = list(map(_func_of, current))
-        elif kinds == {types.FunctionType}:
-            funcs = current
+    known = memo.levels if memo is not None and memo.class_forward is class_forward else []
+    seen = []
+    for depth in range(_MAX_WRAPPER_DEPTH):
+        if depth < len(known) and known[depth][0] == current:  # list ==: identity first, element by element
+            level = known[depth][1:]
         else:
-            return _NOT_UNIFORM
-        if _all_are(funcs, class_forward):
-            return None
-        codes = set(map(_code_of, funcs))
-        wrapper = _BY_CODE.get(codes.pop()) if len(codes) == 1 else None
+            known = []
+            level = _chain_level(current, class_forward)
+            if level is _NOT_UNIFORM:
+                return _NOT_UNIFORM
+        seen.append((current, *level))
+        funcs, wrapper = level
         if wrapper is None:
-            return _NOT_UNIFORM
+            if memo is not None:
+                memo.class_forward, memo.levels = class_forward, seen
+            return None
         if wrapper.why_not_plain_all is not None:
             found = wrapper.why_not_plain_all(modules, x)
         else:
@@ -447,9 +480,9 @@ def _uniform_chain_problem(modules: list[nn.Module], x: torch.Tensor) -> tuple[i
     return _NOT_UNIFORM
 
 
-def _forward_problem_of_any(modules: list[nn.Module], x: torch.Tensor) -> tuple[int, str] | None:
+def _forward_problem_of_any(modules: list[nn.Module], x: torch.Tensor, memo: _ChainMemo | None = None) -> tuple[int, str] | None:
     """``(index, why)`` of the first module whose instance forward is not plain for ``x`` (None: none)."""
-    found = _uniform_chain_problem(modules, x) if modules else None
+    found = _uniform_chain_problem(modules, x, memo) if modules else None
     if found is not _NOT_UNIFORM:
         return found
     for i, m in enumerate(modules):
@@ -686,6 +719,8 @@ class _Plan:
     inner_hooks: tuple[tuple[Callable | None, ...] | None, ...]  # per role
     has_bias: bool
     role_hooks: tuple[_RoleHooks, ...]  # per role: its hook memo, shared by the calls this plan serves
+    # per forward_rechecks group: what its wrapper chain was derived as on the last call
+    chain_memos: dict[int | None, _ChainMemo] = field(default_factory=dict)
 
 
 _PLANS: weakref.WeakKeyDictionary[DefusedExperts, _Plan] = weakref.WeakKeyDictionary()
@@ -741,7 +776,7 @@ def _live_from_plan(plan: _Plan, block: DefusedExperts) -> tuple[_Live, list] | 
         ws, bs = read
         if _any_is(ws, None) or (_any_is(bs, None) if has_bias else not _all_are(bs, None)):
             return None
-        if any(_has(ds, "weight")) or any(_has(ds, "bias")):  # an attribute the forward would read instead
+        if any(map(operator.contains, ds, _WEIGHT)) or any(map(operator.contains, ds, _BIAS)):  # an attribute the forward would read instead
             if any(d.get("weight", w) is not w or d.get("bias", b) is not b for d, w, b in zip(ds, ws, bs)):
                 return None
         found.append((ms, ws, bs))
@@ -769,7 +804,7 @@ def _rechecked(plan: _Plan, live: _Live, experts: list, sample: torch.Tensor) ->
     wrappers, adapters' ``is_plain``)."""
     for r, indices in plan.forward_rechecks.items():
         pool = experts if r is None else live.roles[r].modules
-        found = _forward_problem_of_any([pool[e] for e in indices], sample)
+        found = _forward_problem_of_any([pool[e] for e in indices], sample, plan.chain_memos.setdefault(r, _ChainMemo()))
         if found is not None:
             e = indices[found[0]]
             return f"{_where(e, None if r is None else plan.role_labels[r])} {found[1]}"

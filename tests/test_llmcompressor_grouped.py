@@ -215,6 +215,38 @@ def test_offload_to_another_device_and_unknown_wrappers_are_refused():
         assert why_not_grouped(block, x) is None
 
 
+def test_a_kept_plans_wrapper_chains_are_derived_once_and_their_changes_still_seen(monkeypatch):
+    """The kept plan's re-check reuses what it derived from the very same forward objects (no chain derived
+    again while nothing changed), and a changed object at either level of the chain is still refused."""
+    from llmcompressor.utils.helpers import DisableQuantization
+
+    model, block = _wrapped_block("W4A16")
+    x = torch.randn(4, block[0].gate_proj.in_features, dtype=torch.bfloat16)
+    derived = []
+    level = grouped_forward._chain_level
+    monkeypatch.setattr(grouped_forward, "_chain_level", lambda *a: derived.append(1) or level(*a))
+    with compressed_tensors_grouping(), DisableQuantization(model):
+        assert why_not_grouped(block, x) is None  # planned
+        assert why_not_grouped(block, x) is None  # the kept plan's first re-check derives the chains
+        first = len(derived)
+        assert first > 0
+        assert why_not_grouped(block, x) is None
+        assert len(derived) == first  # nothing changed: nothing derived again
+        down = block[5].down_proj
+        inner = down._original_forward_func
+        down._original_forward_func = lambda self, t: inner(self, t) * 2  # the offload wrapper's next function
+        assert "expert 5 down projection has an instance forward (" in why_not_grouped(block, x)
+        down._original_forward_func = inner
+        assert why_not_grouped(block, x) is None
+        outer = block[7].up_proj.forward
+        block[7].up_proj.forward = lambda t: outer(t)  # the first function of the chain
+        assert "expert 7 up projection has an instance forward (" in why_not_grouped(block, x)
+        block[7].up_proj.forward = outer
+        assert why_not_grouped(block, x) is None
+        block[2].gate_proj.quantization_enabled = True  # the wrapper's own check still runs on every call
+        assert "expert 2 gate projection fake-quantizes its weight" in why_not_grouped(block, x)
+
+
 def _first_problem(check, modules, x):
     return next(((i, p) for i, p in enumerate(check(m, x) for m in modules) if p), None)
 

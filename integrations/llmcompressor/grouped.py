@@ -158,7 +158,9 @@ def _quantized_why_not_plain_all(modules: list[nn.Module], x: torch.Tensor) -> t
     """:func:`_quantized_why_not_plain` over many modules, asked once per distinct state it reads
     (enabled, scheme, status as instance attributes; the first module with each is asked)."""
     dicts = list(map(_dict_of, modules))
-    enabled, schemes, statuses = (list(map(dict.get, dicts, name)) for name in _STATE)
+    enabled, schemes, statuses = states = [list(map(dict.get, dicts, name)) for name in _STATE]
+    if all(all(map(operator.is_, values, itertools.repeat(values[0]))) for values in states):
+        return None if not (problem := _quantized_why_not_plain(modules[0], x)) else (0, problem)  # one state: ask once
     keys = list(zip(enabled, map(id, schemes), statuses))
     for key in dict.fromkeys(keys):
         i = keys.index(key)
@@ -223,25 +225,34 @@ def _peek_offload_cache(cache: object, name: str) -> object:
     return MOVED
 
 
+_offloaded_of = operator.attrgetter("offloaded_values")
+_onload_of = operator.attrgetter("onload_device")
+_device_of = operator.attrgetter("device")
+_PLAIN_TENSORS = frozenset({nn.Parameter, torch.Tensor})
+
+
 def _peek_offload_caches(caches: list, name: str) -> list:
     """``[_peek_offload_cache(c, name) for c in caches]``, with the common cases (onloading disabled,
-    values kept onloaded, plain tensors already on their onload device) as C-level maps."""
-    values = list(map(dict.get, map(operator.attrgetter("offloaded_values"), caches), itertools.repeat(name)))
+    plain tensors on one device, the caches' one onload device, which is where they already are) as
+    C-level maps; anything else (values kept onloaded, several devices) is peeked cache by cache."""
+    values = list(map(dict.get, map(_offloaded_of, caches), itertools.repeat(name)))
     cache = _CT.OffloadCache
     if cache.onloading_disabled:
         return values
     keep = cache.keep_onloaded_values
-    kept = list(map(keep.get, values)) if keep else [None] * len(values)
-    rest = [(v, c) for v, k, c in zip(values, kept, caches) if k is None and v is not None]
-    if rest:
-        tensors = [v for v, _ in rest]
-        if (
-            not set(map(type, tensors)) <= {nn.Parameter, torch.Tensor}
-            or any(map(operator.attrgetter("is_meta"), tensors))
-            or not all(_same_device(d, o) for d, o in set((v.device, c.onload_device) for v, c in rest))
-        ):
-            return [_peek_offload_cache(c, name) for c in caches]
-    return [v if k is None else k for v, k in zip(values, kept)]
+    if keep and not all(map(operator.is_, map(keep.get, values), itertools.repeat(None))):
+        return [_peek_offload_cache(c, name) for c in caches]
+    present = list(map(operator.is_not, values, itertools.repeat(None)))
+    tensors = list(itertools.compress(values, present))
+    if not tensors:
+        return values
+    devices = set(map(_device_of, tensors))  # a meta tensor's device is meta: is_meta needs no pass of its own
+    onloads = set(map(_onload_of, itertools.compress(caches, present)))
+    if len(devices) == 1 == len(onloads) and set(map(type, tensors)) <= _PLAIN_TENSORS:
+        device, onload = devices.pop(), onloads.pop()
+        if device.type != "meta" and _same_device(device, onload):
+            return values  # send_tensors: .to(device) of a tensor already there is the same tensor
+    return [_peek_offload_cache(c, name) for c in caches]
 
 
 def _offload_inner(m: nn.Module, func: Callable) -> Callable | None:
