@@ -314,8 +314,8 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-stocksave", "ours-grouped-batched-hookhessians",
             "ours-grouped-batched-ownstreams", "ours-grouped-batched-callerstreams",
             "ours-grouped-batched-noahead", "ours-grouped-batched-norows", "ours-grouped-batched-packahead",
-            "ours-grouped-batched-invgraphs", "ours-grouped-batched-loopgraphs", "ours-grouped-batched-graphs",
-            "ours-grouped-batched-hinv8-invgraphs", "ours-grouped-batched-hinv12-invgraphs",
+            "ours-grouped-batched-invgraphs", "ours-grouped-batched-noinvgraphs", "ours-grouped-batched-loopgraphs",
+            "ours-grouped-batched-graphs", "ours-grouped-batched-hinv8-invgraphs", "ours-grouped-batched-hinv12-invgraphs",
             *(f"ours-grouped-batched{suffix}" for suffix in (*WITHOUT_PART, *WITH_PART)), *COMBINED_PARTS)
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
@@ -414,7 +414,8 @@ def solve_setting(variant: str):
                 "-modulerows": {"log_rows": "module"}, "-ownstreams": {"streams": "own"},
                 "-callerstreams": {"streams": "caller"}, "-noahead": {"inverses_ahead": False},
                 "-norows": {"rows_kernel": False}, "-packahead": {"pack_ahead": True},
-                "-invgraphs": {"inverse_graphs": True}, "-loopgraphs": {"loop_graphs": True},
+                "-invgraphs": {"inverse_graphs": True}, "-noinvgraphs": {"inverse_graphs": False},
+                "-loopgraphs": {"loop_graphs": True},
                 "-graphs": {"inverse_graphs": True, "loop_graphs": True}}
     base, taken = strip_suffixes(base, settings)
     kwargs: dict = {}

@@ -253,6 +253,10 @@ def test_variants_pick_their_batched_solve_settings():
     assert bench.solve_setting("ours-grouped-batched-hinv8") == BatchedSolve(inverse_threads=8)
     assert bench.solve_setting("ours-grouped-batched-invgraphs") == BatchedSolve(inverse_graphs=True)
     assert "ours-grouped-batched-invgraphs" in bench.VARIANTS
+    # the inverse graphs are the default since round 61: the variant without them measures the former default
+    assert BatchedSolve().inverse_graphs is True
+    assert bench.solve_setting("ours-grouped-batched-noinvgraphs") == BatchedSolve(inverse_graphs=False)
+    assert "ours-grouped-batched-noinvgraphs" in bench.VARIANTS
     assert bench.solve_setting("ours-grouped-batched-loopgraphs") == BatchedSolve(loop_graphs=True)
     assert bench.solve_setting("ours-grouped-batched-graphs") == BatchedSolve(inverse_graphs=True, loop_graphs=True)
     assert {"ours-grouped-batched-loopgraphs", "ours-grouped-batched-graphs"} <= set(bench.VARIANTS)

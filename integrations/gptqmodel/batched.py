@@ -157,8 +157,11 @@ class BatchedSolve:
             inverse calls once per Hessian shape as a CUDA graph and replays it
             (:mod:`.inverse_graphs`): one launch per Hessian instead of about 400, the same
             kernels, so the same bits (each graph is kept only where its replay equals the eager
-            calls on the Hessian it was recorded from). Off by default: on an H100 it gave stock's checkpoint
-            but no shorter inverses (cuSOLVER's kernels bound them; docs/performance.md, round 60).
+            calls on the Hessian it was recorded from). On by default since round 61: on an H200 it cut a
+            gate/up chunk's inverses 29 -> 23 ms and a down chunk's 39 -> 15 ms and shortened the chunk
+            solves of every run, with stock's checkpoint each time (on round 60's H100 the gate/up inverses
+            were bound by cuSOLVER's kernels instead; docs/performance.md, rounds 60-61). No effect on the
+            CPU or with the solving workers' streams (``--deterministic``).
         loop_graphs: on CUDA with ``"own"`` streams, each chunk's column loop runs on buffers of the
             device's own and is replayed from a CUDA graph recorded once per chunk shape
             (:mod:`.loop_graph`): one launch per chunk instead of about 1,200, the same kernels, so the
@@ -181,7 +184,7 @@ class BatchedSolve:
     inverses_ahead: bool = True
     rows_kernel: bool = True
     pack_ahead: bool = False
-    inverse_graphs: bool = False
+    inverse_graphs: bool = True
     loop_graphs: bool = False
 
     def __post_init__(self) -> None:
