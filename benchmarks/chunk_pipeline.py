@@ -21,6 +21,11 @@ calls), and beside it the two halves alone:
   refused);
 * with ``--profile``: the GPU's kernel time by kernel over one pipeline at the first thread count
   and graph setting, and the share of the pipeline's wall time in which any kernel ran (``gpu_busy_share``).
+* with ``--trace``: one more pipeline at the first thread count and graph setting with each chunk's solve
+  (on its stream) and each Hessian's inverse (on its thread's stream) marked by CUDA events: their intervals on
+  the GPU's clock and how much of each solve the inverses ran beside (``trace``; :func:`overlap`). Round 61
+  saw the pipeline take about the sum of its halves even with both halves replayed from graphs: this says
+  whether the GPU ran them side by side at all.
 
     python benchmarks/chunk_pipeline.py --output $OUT/chunk_pipeline_cuda.json --profile
 """
@@ -28,12 +33,13 @@ calls), and beside it the two halves alone:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -60,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-rows-kernel", action="store_true", help="GPTQModel's extension per Hessian, not the rows kernel")
     p.add_argument("--profile", action="store_true", help="kernel times and the GPU's busy share of one pipeline")
+    p.add_argument("--trace", action="store_true",
+                   help="the solves' and inverses' intervals on the GPU's clock over one more pipeline, and their overlap")
     p.add_argument("--device", default="cuda")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
@@ -97,9 +105,10 @@ def _solve_in_turn(chunks: list[list], device: str, solve: Callable[[int, list],
 
 
 def run_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: str, graphs: bool = False,
-                 loop_graphs: bool = False) -> None:
+                 loop_graphs: bool = False, wrap: Callable[[Callable], Callable] | None = None) -> None:
     """Solve ``chunks`` one after another as the coordinator does: each chunk's inverses started
-    (in the background) once the chunk before has its own under way."""
+    (in the background) once the chunk before has its own under way. ``wrap``: applied to each chunk's
+    ``solve(k, tasks)`` (a tracer's marks around it)."""
     from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve, start_inverses
 
     aheads: list = [None] * len(chunks)
@@ -113,7 +122,7 @@ def run_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: st
                                   inverses_started=started, rows_kernel=rows_kernel, inverse_graphs=graphs,
                                   loop_graphs=loop_graphs)
 
-    _solve_in_turn(chunks, device, solve)
+    _solve_in_turn(chunks, device, wrap(solve) if wrap is not None else solve)
 
 
 class _Ready:
@@ -154,6 +163,101 @@ def busy_share(prof, wall_us: float) -> float | None:
             end = max(end, e)
     busy += end - start
     return round(busy / wall_us, 3)
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(s for s in spans if s[1] > s[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _covered(span: tuple[float, float], union: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(span[1], e) - max(span[0], s)) for s, e in union)
+
+
+def overlap(solves: list[tuple[float, float]], inverses: list[tuple[float, float]]) -> dict:
+    """How the chunks' solves and the inverses shared the clock (milliseconds): the solves' and the inverses'
+    summed busy time, the span of both, and the share of the solves' time during which some inverse ran."""
+    solve_union, inverse_union = _union(solves), _union(inverses)
+    both = _union(solves + inverses)
+    solve_ms = sum(e - s for s, e in solve_union)
+    beside = sum(_covered(span, inverse_union) for span in solve_union)
+    return {"span_ms": round(both[-1][1] - both[0][0], 3) if both else 0.0,
+            "busy_ms": round(sum(e - s for s, e in both), 3),
+            "solves_ms": round(solve_ms, 3), "inverses_ms": round(sum(e - s for s, e in inverse_union), 3),
+            "inverses_beside_solves_share": round(beside / solve_ms, 3) if solve_ms else None}
+
+
+class _Marks:
+    """Points on the device's clock: CUDA events recorded on the current stream (none inside a graph
+    recording), else the host's ``perf_counter`` (the CPU runs everything in order)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.solves: list[tuple] = []
+        self.inverses: list[tuple] = []
+        self.first = self.mark()
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, mark) -> float:
+        return self.first.elapsed_time(mark) if self.cuda else (mark - self.first) * 1e3
+
+    def spans(self, marks: list[tuple]) -> list[tuple[float, float]]:
+        return [(round(self.ms(a), 3), round(self.ms(b), 3)) for a, b in marks if a is not None and b is not None]
+
+
+@contextlib.contextmanager
+def _marked_inverses(marks: _Marks) -> Iterator[None]:
+    """Every inverse the solves start, eager or replayed, marked on its thread's stream."""
+    from defuser_quant.integrations.gptqmodel import batched, inverse_graphs
+
+    def marked(fn: Callable) -> Callable:
+        def run(*args, **kwargs):
+            start = marks.mark()
+            out = fn(*args, **kwargs)
+            marks.inverses.append((start, marks.mark()))
+            return out
+        return run
+
+    eager, graphed = batched._invert_unit, inverse_graphs.graphed
+    batched._invert_unit = marked(eager)
+    inverse_graphs.graphed = lambda invert, key, copy: marked(graphed(invert, key, copy))
+    try:
+        yield
+    finally:
+        batched._invert_unit, inverse_graphs.graphed = eager, graphed
+
+
+def trace_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: str, graphs: bool = False,
+                   loop_graphs: bool = False) -> dict:
+    """One pipeline (:func:`run_pipeline`) with its solves and inverses marked: their intervals and :func:`overlap`."""
+    marks = _Marks(device)
+
+    def marked(solve: Callable[[int, list], list]) -> Callable[[int, list], list]:
+        def run(k: int, tasks: list) -> list:
+            start = marks.mark()
+            out = solve(k, tasks)
+            marks.solves.append((start, marks.mark()))
+            return out
+        return run
+
+    with _marked_inverses(marks):
+        run_pipeline(chunks, threads, rows_kernel, device, graphs, loop_graphs, wrap=marked)
+    _sync(device)
+    solves, inverses = marks.spans(marks.solves), marks.spans(marks.inverses)
+    return {"solve_spans_ms": solves, "inverse_spans_ms": inverses, **overlap(solves, inverses)}
 
 
 def kernel_table(prof, limit: int = 15) -> list[dict]:
@@ -214,6 +318,13 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
         print(f"  profiled ({threads} threads, graphs {args.graphs[0]}): {wall * 1e3:.1f} ms, GPU busy {row['profile']['gpu_busy_share']}", flush=True)
         for k in row["profile"]["kernels"]:
             print(f"    {k['ms']:9.2f} ms {k['calls']:6d}  {k['kernel'][:90]}", flush=True)
+    if args.trace:
+        threads, setting = args.inverse_threads[0], args.graphs[0]
+        trace = trace_pipeline(chunks, threads, rows_kernel, args.device, *GRAPHS[setting])
+        row["trace"] = {"inverse_threads": threads, "graphs": setting, **trace}
+        print(f"  traced ({threads} threads, graphs {setting}): {trace['span_ms']:.1f} ms, solves {trace['solves_ms']:.1f}, "
+              f"inverses {trace['inverses_ms']:.1f}, inverses beside the solves {trace['inverses_beside_solves_share']}",
+              flush=True)
     return row
 
 

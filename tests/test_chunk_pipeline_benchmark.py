@@ -55,3 +55,32 @@ def test_a_tiny_cpu_run_reports_each_cell_and_the_graph_counts(tmp_path):
     # no graphs on the CPU: neither the inverses nor the loops are wrapped there
     none = {"recorded": 0, "replays": 0, "eager": 0, "refused": {}}
     assert row["graph_stats"] == {s: {"inverses": none, "loops": {**none, "arena_bytes": 0}} for s in ("on", "both")}
+
+
+def test_the_overlap_of_solves_and_inverses_is_measured_on_their_union():
+    got = chunk_pipeline.overlap([(0.0, 10.0), (20.0, 30.0)], [(5.0, 25.0), (6.0, 8.0), (40.0, 40.0)])
+    assert got == {"span_ms": 30.0, "busy_ms": 30.0, "solves_ms": 20.0, "inverses_ms": 20.0,
+                   "inverses_beside_solves_share": 0.5}  # 5-10 and 20-25 of the 20 ms of solves; the nested one once
+    apart = chunk_pipeline.overlap([(0.0, 4.0)], [(6.0, 10.0)])
+    assert apart["inverses_beside_solves_share"] == 0.0 and apart["span_ms"] == 10.0 and apart["busy_ms"] == 8.0
+    assert chunk_pipeline.overlap([], [])["inverses_beside_solves_share"] is None
+
+
+def test_a_traced_cpu_run_marks_every_solve_and_inverse_and_puts_the_wrappers_back(tmp_path):
+    from defuser_quant.integrations.gptqmodel import batched, inverse_graphs
+
+    eager, graphed = batched._invert_unit, inverse_graphs.graphed
+    out = tmp_path / "pipeline.json"
+    assert chunk_pipeline.main(["--device", "cpu", "--shapes", "64x256x4", "--share", "2", "--chunks", "3",
+                                "--tokens", "96", "--inverse-threads", "2", "--graphs", "off", "--repeats", "1",
+                                "--trace", "--output", str(out)]) == 0
+    trace = json.loads(out.read_text())["rows"][0]["trace"]
+    assert (trace["inverse_threads"], trace["graphs"]) == (2, "off")
+    assert len(trace["solve_spans_ms"]) == 3 and len(trace["inverse_spans_ms"]) == 3 * 2  # two shared Hessians a chunk
+    spans = trace["solve_spans_ms"] + trace["inverse_spans_ms"]
+    assert all(0 <= start <= end for start, end in spans)
+    assert trace["span_ms"] == pytest.approx(max(e for _, e in spans) - min(s for s, _ in spans), abs=2e-3)
+    solves = trace["solve_spans_ms"]
+    assert all(a[1] <= b[0] for a, b in zip(solves, solves[1:]))  # one chunk after another
+    assert 0 <= trace["inverses_beside_solves_share"] <= 1
+    assert (batched._invert_unit, inverse_graphs.graphed) == (eager, graphed)
