@@ -289,6 +289,9 @@ def test_bulk_wrapper_checks_agree_with_the_per_module_ones():
             ups[4]._parameters.onload_device = torch.device("cpu")
             ups[6]._original_forward_func = inner
             agree("restored")
+        for bulk, _ in pairs:
+            assert bulk([], x) is None  # no modules: nothing to refuse
+        assert ct._peek_offload_caches([], "weight") == []
         caches = [m._parameters for m in ups]
         for name in ("weight", "bias"):
             assert ct._peek_offload_caches(caches, name) == [ct._peek_offload_cache(c, name) for c in caches]

@@ -159,7 +159,7 @@ def _quantized_why_not_plain_all(modules: list[nn.Module], x: torch.Tensor) -> t
     (enabled, scheme, status as instance attributes; the first module with each is asked)."""
     dicts = list(map(_dict_of, modules))
     enabled, schemes, statuses = states = [list(map(dict.get, dicts, name)) for name in _STATE]
-    if all(all(map(operator.is_, values, itertools.repeat(values[0]))) for values in states):
+    if dicts and all(all(map(operator.is_, values, itertools.repeat(values[0]))) for values in states):
         return None if not (problem := _quantized_why_not_plain(modules[0], x)) else (0, problem)  # one state: ask once
     keys = list(zip(enabled, map(id, schemes), statuses))
     for key in dict.fromkeys(keys):
