@@ -150,22 +150,15 @@ def _median(fn: Callable[[], object], device: str, repeats: int) -> float:
 
 def busy_share(prof, wall_us: float) -> float | None:
     """The share of ``wall_us`` in which at least one GPU kernel or copy ran (their intervals' union)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if getattr(e.device_type, "name", "") == "CUDA" and e.time_range.end > e.time_range.start)
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if getattr(e.device_type, "name", "") == "CUDA" and e.time_range.end > e.time_range.start]
     if not spans or wall_us <= 0:
         return None
-    busy, (start, end) = 0.0, spans[0]
-    for s, e in spans[1:]:
-        if s > end:
-            busy += end - start
-            start, end = s, e
-        else:
-            end = max(end, e)
-    busy += end - start
-    return round(busy / wall_us, 3)
+    return round(sum(end - start for start, end in _union(spans)) / wall_us, 3)
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-empty ``spans`` merged where they overlap, in order."""
     merged: list[tuple[float, float]] = []
     for start, end in sorted(s for s in spans if s[1] > s[0]):
         if merged and start <= merged[-1][1]:
@@ -211,6 +204,15 @@ class _Marks:
         event.record()
         return event
 
+    def around(self, fn: Callable, into: list[tuple]) -> Callable:
+        """``fn`` with a mark before and after each call, the pair appended to ``into``."""
+        def run(*args, **kwargs):
+            start = self.mark()
+            out = fn(*args, **kwargs)
+            into.append((start, self.mark()))
+            return out
+        return run
+
     def ms(self, mark) -> float:
         return self.first.elapsed_time(mark) if self.cuda else (mark - self.first) * 1e3
 
@@ -223,17 +225,9 @@ def _marked_inverses(marks: _Marks) -> Iterator[None]:
     """Every inverse the solves start, eager or replayed, marked on its thread's stream."""
     from defuser_quant.integrations.gptqmodel import batched, inverse_graphs
 
-    def marked(fn: Callable) -> Callable:
-        def run(*args, **kwargs):
-            start = marks.mark()
-            out = fn(*args, **kwargs)
-            marks.inverses.append((start, marks.mark()))
-            return out
-        return run
-
     eager, graphed = batched._invert_unit, inverse_graphs.graphed
-    batched._invert_unit = marked(eager)
-    inverse_graphs.graphed = lambda invert, key, copy: marked(graphed(invert, key, copy))
+    batched._invert_unit = marks.around(eager, marks.inverses)
+    inverse_graphs.graphed = lambda invert, key, copy: marks.around(graphed(invert, key, copy), marks.inverses)
     try:
         yield
     finally:
@@ -244,17 +238,9 @@ def trace_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: 
                    loop_graphs: bool = False) -> dict:
     """One pipeline (:func:`run_pipeline`) with its solves and inverses marked: their intervals and :func:`overlap`."""
     marks = _Marks(device)
-
-    def marked(solve: Callable[[int, list], list]) -> Callable[[int, list], list]:
-        def run(k: int, tasks: list) -> list:
-            start = marks.mark()
-            out = solve(k, tasks)
-            marks.solves.append((start, marks.mark()))
-            return out
-        return run
-
     with _marked_inverses(marks):
-        run_pipeline(chunks, threads, rows_kernel, device, graphs, loop_graphs, wrap=marked)
+        run_pipeline(chunks, threads, rows_kernel, device, graphs, loop_graphs,
+                     wrap=lambda solve: marks.around(solve, marks.solves))
     _sync(device)
     solves, inverses = marks.spans(marks.solves), marks.spans(marks.inverses)
     return {"solve_spans_ms": solves, "inverse_spans_ms": inverses, **overlap(solves, inverses)}

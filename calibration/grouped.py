@@ -776,7 +776,7 @@ def _live_from_plan(plan: _Plan, block: DefusedExperts) -> tuple[_Live, list] | 
         ws, bs = read
         if _any_is(ws, None) or (_any_is(bs, None) if has_bias else not _all_are(bs, None)):
             return None
-        if any(map(operator.contains, ds, _WEIGHT)) or any(map(operator.contains, ds, _BIAS)):  # an attribute the forward would read instead
+        if any(_has(ds, "weight")) or any(_has(ds, "bias")):  # an attribute the forward would read instead
             if any(d.get("weight", w) is not w or d.get("bias", b) is not b for d, w, b in zip(ds, ws, bs)):
                 return None
         found.append((ms, ws, bs))

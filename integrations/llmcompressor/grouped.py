@@ -158,9 +158,7 @@ def _quantized_why_not_plain_all(modules: list[nn.Module], x: torch.Tensor) -> t
     """:func:`_quantized_why_not_plain` over many modules, asked once per distinct state it reads
     (enabled, scheme, status as instance attributes; the first module with each is asked)."""
     dicts = list(map(_dict_of, modules))
-    enabled, schemes, statuses = states = [list(map(dict.get, dicts, name)) for name in _STATE]
-    if dicts and all(all(map(operator.is_, values, itertools.repeat(values[0]))) for values in states):
-        return None if not (problem := _quantized_why_not_plain(modules[0], x)) else (0, problem)  # one state: ask once
+    enabled, schemes, statuses = (list(map(dict.get, dicts, name)) for name in _STATE)
     keys = list(zip(enabled, map(id, schemes), statuses))
     for key in dict.fromkeys(keys):
         i = keys.index(key)
