@@ -25,7 +25,14 @@ calls), and beside it the two halves alone:
   (on its stream) and each Hessian's inverse (on its thread's stream) marked by CUDA events: their intervals on
   the GPU's clock and how much of each solve the inverses ran beside (``trace``; :func:`overlap`). Round 61
   saw the pipeline take about the sum of its halves even with both halves replayed from graphs: this says
-  whether the GPU ran them side by side at all.
+  whether the GPU ran them side by side at all (round 62 on an H100: it did, for 83% of the solves' time, and each
+  solve lasted until the next chunk's inverses were done: 38-40 ms against the loop's 24 alone). The trace and the
+  profile run right after the first ``--graphs`` setting's cells, on its graphs.
+* ``errors``: a setting whose chunks came back with modules left to GPTQModel's own solve (the count and the cause:
+  failed factorizations, NaN losses); the other settings still run.
+
+``--solve-priority high`` runs the solves on a high-priority CUDA stream (the inverse threads' streams keep the
+default), to see whether the loop then keeps its own pace beside the inverses.
 
     python benchmarks/chunk_pipeline.py --output $OUT/chunk_pipeline_cuda.json --profile
 """
@@ -68,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="kernel times and the GPU's busy share of one pipeline")
     p.add_argument("--trace", action="store_true",
                    help="the solves' and inverses' intervals on the GPU's clock over one more pipeline, and their overlap")
+    p.add_argument("--solve-priority", choices=sorted(SOLVE_PRIORITIES), default="normal",
+                   help="the CUDA priority of the stream the solves (their column loops) run on; the inverse threads' "
+                        "streams keep the default (round 62's trace: beside the next chunk's inverses the loop took "
+                        "38-40 ms against 24 alone)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
@@ -84,24 +95,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 GRAPHS = {"on": (True, False), "off": (False, False), "loop": (False, True), "both": (True, True)}
 
 
+#: ``--solve-priority``: CUDA stream priorities (a lower number runs first; torch maps it into the device's range)
+SOLVE_PRIORITIES = {"normal": 0, "high": -1}
+_solve_priority = 0  # set by main()
+
+
 def _solve_stream(device: str) -> torch.cuda.Stream | None:
-    return torch.cuda.Stream(device) if device.startswith("cuda") else None
+    return torch.cuda.Stream(device, priority=_solve_priority) if device.startswith("cuda") else None
+
+
+class ChunkNotBatched(RuntimeError):
+    """A chunk came back with modules left to GPTQModel's per-module solve: its timing is not a batched chunk's."""
+
+
+@contextlib.contextmanager
+def _why_left() -> Iterator[list[dict]]:
+    """Each chunk's failed factorizations and NaN losses, as the batched solve read them (what sends a
+    module to GPTQModel's own solve), appended to the yielded list, one dict a chunk."""
+    from defuser_quant.integrations.gptqmodel import batched
+
+    seen: list[dict] = []
+    original = batched._task_results
+
+    def counted(tasks, order, plan, qcfg, Q, S, Z, loss_sums, infos, *rest, **kwargs):
+        losses = loss_sums.tolist()
+        seen.append({"failed_factorizations": int((torch.stack(infos) != 0).sum()),
+                     "nan_losses": sum(v != v for v in losses)})
+        return original(tasks, order, plan, qcfg, Q, S, Z, loss_sums, infos, *rest, **kwargs)
+
+    batched._task_results = counted
+    try:
+        yield seen
+    finally:
+        batched._task_results = original
 
 
 def _solve_in_turn(chunks: list[list], device: str, solve: Callable[[int, list], list]) -> None:
     """``solve(k, tasks)`` of each chunk in turn, as a worker runs it: on a side stream of its own on CUDA,
-    waited for before the next chunk; every module must come back solved by the batched path."""
+    waited for before the next chunk; every module must come back solved by the batched path (else
+    :class:`ChunkNotBatched`, saying which chunk and why)."""
     stream = _solve_stream(device)
     for k, tasks in enumerate(chunks):
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
+        with _why_left() as why:
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    results = solve(k, tasks)
+                stream.synchronize()
+            else:
                 results = solve(k, tasks)
-            stream.synchronize()
-        else:
-            results = solve(k, tasks)
-        if any(r is None for r in results):
-            raise RuntimeError("a module was left to GPTQModel's per-module solve; the chunk is not a whole batched one")
+        left = sum(r is None for r in results)
+        if left:
+            raise ChunkNotBatched(f"chunk {k}: {left} of {len(results)} modules left to GPTQModel's per-module solve "
+                                  f"({why[-1] if why else 'no loop ran'}); the chunk is not a whole batched one")
 
 
 def run_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: str, graphs: bool = False,
@@ -252,66 +298,105 @@ def kernel_table(prof, limit: int = 15) -> list[dict]:
     return [{"kernel": k[:120], "ms": round(t / 1e3, 2), "calls": c} for k, t, c in rows[:limit]]
 
 
-def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: int, share: int) -> dict:
+def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: int, share: int,
+                  row: dict | None = None, save: Callable[[], None] = lambda: None) -> dict:
+    """One shape's cells for each ``--graphs`` setting, filled into ``row`` (``save()`` after each setting).
+    The trace and the profile run right after the first setting's cells, on its graphs. A setting whose
+    chunks came back with modules left to GPTQModel's own solve is kept in ``row['errors']``; the others
+    still run."""
     from defuser_quant.integrations.gptqmodel import inverse_graphs, loop_graph
-    from defuser_quant.integrations.gptqmodel.batched import start_inverses
 
     chunks = [make_tasks(rows, columns, modules, args.tokens, args.device, seed=k, share=share)
               for k in range(args.chunks)]
     rows_kernel = not args.no_rows_kernel
     print(f"{rows}x{columns} x{modules} (share {share}), {args.chunks} chunks: warm-up", flush=True)
-    row: dict = {"rows": rows, "columns": columns, "modules": modules, "share": share, "chunks": args.chunks,
-                 "rows_kernel": rows_kernel, "cells": []}
-    n = args.chunks
-    for setting in args.graphs:
-        graphs, loops_graphed = GRAPHS[setting]
-        inverse_graphs.release()
-        loop_graph.release()
-        run_pipeline(chunks[:2], max(args.inverse_threads), rows_kernel, args.device, graphs, loops_graphed)  # warm-up
-        for threads in args.inverse_threads:
-            cell = {
-                "pipeline_s": _median(lambda: run_pipeline(chunks, threads, rows_kernel, args.device, graphs,
-                                                           loops_graphed), args.device, args.repeats) / n,
-                "inverses_only_s": _median(lambda: inverses_only(chunks, threads, graphs), args.device, args.repeats) / n,
-            }
-            # the loop alone: each repeat's inverses are computed before its clock starts
-            loops = []
-            for _ in range(args.repeats):
-                ready = [_Ready(start_inverses(tasks, threads, "own", background=True, graphs=graphs)) for tasks in chunks]
-                loops.append(_timed(lambda: _loops(chunks, ready, threads, rows_kernel, args.device, loops_graphed),
-                                    args.device))
-            cell["loop_only_s"] = statistics.median(loops) / n
-            cell = {"graphs": setting, "inverse_threads": threads, **{k: round(v, 5) for k, v in cell.items()}}
-            row["cells"].append(cell)
-            print(f"  graphs {setting}, {threads} inverse thread(s): pipeline {cell['pipeline_s'] * 1e3:.1f} ms a chunk, "
-                  f"inverses alone {cell['inverses_only_s'] * 1e3:.1f}, column loops alone "
-                  f"{cell['loop_only_s'] * 1e3:.1f}", flush=True)
+    row = {} if row is None else row
+    row.update({"rows": rows, "columns": columns, "modules": modules, "share": share, "chunks": args.chunks,
+                "rows_kernel": rows_kernel, "cells": []})
+    for index, setting in enumerate(args.graphs):
+        try:
+            _measure_setting(args, setting, chunks, rows_kernel, row)
+        except ChunkNotBatched as exc:  # kept in the row; the other settings still run
+            print(f"  graphs {setting}: {exc}", flush=True)
+            row.setdefault("errors", {})[setting] = str(exc)
         row.setdefault("graph_stats", {})[setting] = {"inverses": inverse_graphs.stats().as_dict(),
                                                       "loops": loop_graph.stats().as_dict()}
-    if args.profile and args.device.startswith("cuda"):
-        from torch.profiler import ProfilerActivity, profile
-
-        threads, (graphs, loops_graphed) = args.inverse_threads[0], GRAPHS[args.graphs[0]]
-        run_pipeline(chunks, threads, rows_kernel, args.device, graphs, loops_graphed)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            _sync(args.device)
-            t = time.perf_counter()
-            run_pipeline(chunks, threads, rows_kernel, args.device, graphs, loops_graphed)
-            _sync(args.device)
-            wall = time.perf_counter() - t
-        row["profile"] = {"inverse_threads": threads, "graphs": args.graphs[0], "wall_s": round(wall, 4),
-                          "gpu_busy_share": busy_share(prof, wall * 1e6), "kernels": kernel_table(prof)}
-        print(f"  profiled ({threads} threads, graphs {args.graphs[0]}): {wall * 1e3:.1f} ms, GPU busy {row['profile']['gpu_busy_share']}", flush=True)
-        for k in row["profile"]["kernels"]:
-            print(f"    {k['ms']:9.2f} ms {k['calls']:6d}  {k['kernel'][:90]}", flush=True)
-    if args.trace:
-        threads, setting = args.inverse_threads[0], args.graphs[0]
-        trace = trace_pipeline(chunks, threads, rows_kernel, args.device, *GRAPHS[setting])
-        row["trace"] = {"inverse_threads": threads, "graphs": setting, **trace}
-        print(f"  traced ({threads} threads, graphs {setting}): {trace['span_ms']:.1f} ms, solves {trace['solves_ms']:.1f}, "
-              f"inverses {trace['inverses_ms']:.1f}, inverses beside the solves {trace['inverses_beside_solves_share']}",
-              flush=True)
+        if index == 0:
+            _trace_and_profile(args, setting, chunks, rows_kernel, row)
+        save()
     return row
+
+
+def _trace_and_profile(args: argparse.Namespace, setting: str, chunks: list[list], rows_kernel: bool,
+                       row: dict) -> None:
+    threads = args.inverse_threads[0]
+    if args.trace:
+        try:
+            trace = trace_pipeline(chunks, threads, rows_kernel, args.device, *GRAPHS[setting])
+        except ChunkNotBatched as exc:
+            row["trace"] = {"inverse_threads": threads, "graphs": setting, "error": str(exc)}
+            print(f"  trace ({threads} threads, graphs {setting}): {exc}", flush=True)
+        else:
+            row["trace"] = {"inverse_threads": threads, "graphs": setting, **trace}
+            print(f"  traced ({threads} threads, graphs {setting}): {trace['span_ms']:.1f} ms, solves "
+                  f"{trace['solves_ms']:.1f}, inverses {trace['inverses_ms']:.1f}, inverses beside the solves "
+                  f"{trace['inverses_beside_solves_share']}", flush=True)
+    if args.profile and args.device.startswith("cuda"):
+        try:
+            row["profile"] = profile_pipeline(chunks, threads, rows_kernel, args.device, setting)
+        except ChunkNotBatched as exc:
+            row["profile"] = {"inverse_threads": threads, "graphs": setting, "error": str(exc)}
+
+
+def _measure_setting(args: argparse.Namespace, setting: str, chunks: list[list], rows_kernel: bool, row: dict) -> None:
+    """One ``--graphs`` setting's cells (one per thread count) appended to ``row['cells']``, after a warm-up."""
+    from defuser_quant.integrations.gptqmodel import inverse_graphs, loop_graph
+    from defuser_quant.integrations.gptqmodel.batched import start_inverses
+
+    n = args.chunks
+    graphs, loops_graphed = GRAPHS[setting]
+    inverse_graphs.release()
+    loop_graph.release()
+    run_pipeline(chunks[:2], max(args.inverse_threads), rows_kernel, args.device, graphs, loops_graphed)  # warm-up
+    for threads in args.inverse_threads:
+        cell = {
+            "pipeline_s": _median(lambda: run_pipeline(chunks, threads, rows_kernel, args.device, graphs,
+                                                       loops_graphed), args.device, args.repeats) / n,
+            "inverses_only_s": _median(lambda: inverses_only(chunks, threads, graphs), args.device, args.repeats) / n,
+        }
+        # the loop alone: each repeat's inverses are computed before its clock starts
+        loops = []
+        for _ in range(args.repeats):
+            ready = [_Ready(start_inverses(tasks, threads, "own", background=True, graphs=graphs)) for tasks in chunks]
+            loops.append(_timed(lambda: _loops(chunks, ready, threads, rows_kernel, args.device, loops_graphed),
+                                args.device))
+        cell["loop_only_s"] = statistics.median(loops) / n
+        cell = {"graphs": setting, "inverse_threads": threads, **{k: round(v, 5) for k, v in cell.items()}}
+        row["cells"].append(cell)
+        print(f"  graphs {setting}, {threads} inverse thread(s): pipeline {cell['pipeline_s'] * 1e3:.1f} ms a chunk, "
+              f"inverses alone {cell['inverses_only_s'] * 1e3:.1f}, column loops alone "
+              f"{cell['loop_only_s'] * 1e3:.1f}", flush=True)
+
+
+def profile_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: str, setting: str) -> dict:
+    """The GPU's kernel time by kernel over one pipeline, and the share of its wall time in which any kernel ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, loops_graphed = GRAPHS[setting]
+    run_pipeline(chunks, threads, rows_kernel, device, graphs, loops_graphed)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _sync(device)
+        t = time.perf_counter()
+        run_pipeline(chunks, threads, rows_kernel, device, graphs, loops_graphed)
+        _sync(device)
+        wall = time.perf_counter() - t
+    out = {"inverse_threads": threads, "graphs": setting, "wall_s": round(wall, 4),
+           "gpu_busy_share": busy_share(prof, wall * 1e6), "kernels": kernel_table(prof)}
+    print(f"  profiled ({threads} threads, graphs {setting}): {wall * 1e3:.1f} ms, GPU busy {out['gpu_busy_share']}",
+          flush=True)
+    for k in out["kernels"]:
+        print(f"    {k['ms']:9.2f} ms {k['calls']:6d}  {k['kernel'][:90]}", flush=True)
+    return out
 
 
 def _loops(chunks: list[list], ready: list, threads: int, rows_kernel: bool, device: str,
@@ -325,7 +410,9 @@ def _loops(chunks: list[list], ready: list, threads: int, rows_kernel: bool, dev
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _solve_priority
     args = parse_args(argv)
+    _solve_priority = SOLVE_PRIORITIES[args.solve_priority]
     from _source import use_source_checkout
 
     use_source_checkout()
@@ -333,17 +420,21 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "meta": {"command": shlex.join([sys.executable, *sys.argv]), "python": platform.python_version(),
                  "torch": torch.__version__,
-                 "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"},
+                 "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+                 "solve_priority": args.solve_priority},
         "rows": rows,
         "complete": False,
     }
-    for (r, c, m), share in zip(args.shapes, args.share):
-        rows.append(measure_shape(args, r, c, m, share))
+
+    def save() -> None:
         if args.output is not None:
             write_json(args.output, out)
+
+    for (r, c, m), share in zip(args.shapes, args.share):
+        rows.append({})
+        measure_shape(args, r, c, m, share, rows[-1], save)
     out["complete"] = True
-    if args.output is not None:
-        write_json(args.output, out)
+    save()
     return 0
 
 

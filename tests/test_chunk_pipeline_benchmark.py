@@ -19,7 +19,8 @@ def test_bad_flags_are_refused_with_what_is_wrong(capsys):
     for argv, says in ((["--shapes", "64x256x2", "--share", "2,1"], "--share needs one value per shape (1), got 2"),
                        (["--graphs", "maybe"], "choose from on, off, loop, both"),
                        (["--chunks", "0"], "must be >= 1"),
-                       (["--inverse-threads", "0"], "--inverse-threads")):
+                       (["--inverse-threads", "0"], "--inverse-threads"),
+                       (["--solve-priority", "urgent"], "argument --solve-priority: invalid choice: 'urgent'")):
         with pytest.raises(SystemExit):
             chunk_pipeline.parse_args(["--device", "cpu", *argv])
         assert says in capsys.readouterr().err
@@ -47,6 +48,7 @@ def test_a_tiny_cpu_run_reports_each_cell_and_the_graph_counts(tmp_path):
                                 "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["complete"] is True and report["meta"]["device"] == "cpu"
+    assert report["meta"]["solve_priority"] == "normal"
     (row,) = report["rows"]
     assert (row["rows"], row["columns"], row["modules"], row["share"], row["chunks"]) == (64, 256, 4, 2, 2)
     assert [(c["graphs"], c["inverse_threads"]) for c in row["cells"]] == [("on", 1), ("on", 2), ("both", 1), ("both", 2)]
@@ -73,8 +75,10 @@ def test_a_traced_cpu_run_marks_every_solve_and_inverse_and_puts_the_wrappers_ba
     out = tmp_path / "pipeline.json"
     assert chunk_pipeline.main(["--device", "cpu", "--shapes", "64x256x4", "--share", "2", "--chunks", "3",
                                 "--tokens", "96", "--inverse-threads", "2", "--graphs", "off", "--repeats", "1",
-                                "--trace", "--output", str(out)]) == 0
-    trace = json.loads(out.read_text())["rows"][0]["trace"]
+                                "--trace", "--solve-priority", "high", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["solve_priority"] == "high" and chunk_pipeline._solve_priority == -1
+    trace = report["rows"][0]["trace"]
     assert (trace["inverse_threads"], trace["graphs"]) == (2, "off")
     assert len(trace["solve_spans_ms"]) == 3 and len(trace["inverse_spans_ms"]) == 3 * 2  # two shared Hessians a chunk
     spans = trace["solve_spans_ms"] + trace["inverse_spans_ms"]
@@ -84,3 +88,33 @@ def test_a_traced_cpu_run_marks_every_solve_and_inverse_and_puts_the_wrappers_ba
     assert all(a[1] <= b[0] for a, b in zip(solves, solves[1:]))  # one chunk after another
     assert 0 <= trace["inverses_beside_solves_share"] <= 1
     assert (batched._invert_unit, inverse_graphs.graphed) == (eager, graphed)
+
+
+def test_a_chunk_left_to_gptqmodel_is_reported_with_its_cause_and_the_run_still_completes(tmp_path, monkeypatch):
+    from defuser_quant.integrations.gptqmodel import batched
+
+    made = chunk_pipeline.make_tasks
+
+    def one_bad_hessian(*args, seed=0, **kwargs):
+        tasks = made(*args, seed=seed, **kwargs)
+        if seed == 1:
+            tasks[0].H.neg_()  # no Cholesky factor (and no longer its partner's Hessian): GPTQModel's own solve takes it
+        return tasks
+
+    monkeypatch.setattr(chunk_pipeline, "make_tasks", one_bad_hessian)
+    original = batched._task_results
+    out = tmp_path / "pipeline.json"
+    assert chunk_pipeline.main(["--device", "cpu", "--shapes", "64x256x4", "--share", "2", "--chunks", "2",
+                                "--tokens", "96", "--inverse-threads", "2", "--graphs", "off,on", "--repeats", "1",
+                                "--trace", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    (row,) = report["rows"]
+    assert row["cells"] == []
+    for setting in ("off", "on"):
+        message = row["errors"][setting]
+        assert message.startswith("chunk 1: 1 of 4 modules left to GPTQModel's per-module solve")
+        assert "'failed_factorizations': 1, 'nan_losses': 0" in message
+    assert row["trace"]["error"] == row["errors"]["off"] and "solve_spans_ms" not in row["trace"]
+    assert set(row["graph_stats"]) == {"off", "on"}
+    assert batched._task_results is original
