@@ -109,25 +109,32 @@ class ChunkNotBatched(RuntimeError):
 
 
 @contextlib.contextmanager
-def _why_left() -> Iterator[list[dict]]:
-    """Each chunk's failed factorizations and NaN losses, as the batched solve read them (what sends a
-    module to GPTQModel's own solve), appended to the yielded list, one dict a chunk."""
+def _loop_outputs() -> Iterator[list]:
+    """Inside the block, the yielded list holds the last batched solve's factorization statuses and loss sums
+    (what sends a module to GPTQModel's own solve), as the solve handed them on: kept, not read."""
     from defuser_quant.integrations.gptqmodel import batched
 
-    seen: list[dict] = []
+    last: list = []
     original = batched._task_results
 
-    def counted(tasks, order, plan, qcfg, Q, S, Z, loss_sums, infos, *rest, **kwargs):
-        losses = loss_sums.tolist()
-        seen.append({"failed_factorizations": int((torch.stack(infos) != 0).sum()),
-                     "nan_losses": sum(v != v for v in losses)})
+    def kept(tasks, order, plan, qcfg, Q, S, Z, loss_sums, infos, *rest, **kwargs):
+        last[:] = [infos, loss_sums]
         return original(tasks, order, plan, qcfg, Q, S, Z, loss_sums, infos, *rest, **kwargs)
 
-    batched._task_results = counted
+    batched._task_results = kept
     try:
-        yield seen
+        yield last
     finally:
         batched._task_results = original
+
+
+def _why_left(last: list) -> dict | str:
+    """The failed factorizations and NaN losses of :func:`_loop_outputs`' last solve."""
+    if not last:
+        return "no loop ran"
+    infos, loss_sums = last
+    return {"failed_factorizations": int((torch.stack(infos) != 0).sum()),
+            "nan_losses": sum(v != v for v in loss_sums.tolist())}
 
 
 def _solve_in_turn(chunks: list[list], device: str, solve: Callable[[int, list], list]) -> None:
@@ -135,8 +142,9 @@ def _solve_in_turn(chunks: list[list], device: str, solve: Callable[[int, list],
     waited for before the next chunk; every module must come back solved by the batched path (else
     :class:`ChunkNotBatched`, saying which chunk and why)."""
     stream = _solve_stream(device)
-    for k, tasks in enumerate(chunks):
-        with _why_left() as why:
+    with _loop_outputs() as last:
+        for k, tasks in enumerate(chunks):
+            last.clear()
             if stream is not None:
                 stream.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(stream):
@@ -144,10 +152,10 @@ def _solve_in_turn(chunks: list[list], device: str, solve: Callable[[int, list],
                 stream.synchronize()
             else:
                 results = solve(k, tasks)
-        left = sum(r is None for r in results)
-        if left:
-            raise ChunkNotBatched(f"chunk {k}: {left} of {len(results)} modules left to GPTQModel's per-module solve "
-                                  f"({why[-1] if why else 'no loop ran'}); the chunk is not a whole batched one")
+            left = sum(r is None for r in results)
+            if left:
+                raise ChunkNotBatched(f"chunk {k}: {left} of {len(results)} modules left to GPTQModel's per-module "
+                                      f"solve ({_why_left(last)}); the chunk is not a whole batched one")
 
 
 def run_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: str, graphs: bool = False,
@@ -298,8 +306,8 @@ def kernel_table(prof, limit: int = 15) -> list[dict]:
     return [{"kernel": k[:120], "ms": round(t / 1e3, 2), "calls": c} for k, t, c in rows[:limit]]
 
 
-def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: int, share: int,
-                  row: dict | None = None, save: Callable[[], None] = lambda: None) -> dict:
+def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: int, share: int, row: dict,
+                  save: Callable[[], None]) -> dict:
     """One shape's cells for each ``--graphs`` setting, filled into ``row`` (``save()`` after each setting).
     The trace and the profile run right after the first setting's cells, on its graphs. A setting whose
     chunks came back with modules left to GPTQModel's own solve is kept in ``row['errors']``; the others
@@ -310,7 +318,6 @@ def measure_shape(args: argparse.Namespace, rows: int, columns: int, modules: in
               for k in range(args.chunks)]
     rows_kernel = not args.no_rows_kernel
     print(f"{rows}x{columns} x{modules} (share {share}), {args.chunks} chunks: warm-up", flush=True)
-    row = {} if row is None else row
     row.update({"rows": rows, "columns": columns, "modules": modules, "share": share, "chunks": args.chunks,
                 "rows_kernel": rows_kernel, "cells": []})
     for index, setting in enumerate(args.graphs):
@@ -346,6 +353,7 @@ def _trace_and_profile(args: argparse.Namespace, setting: str, chunks: list[list
             row["profile"] = profile_pipeline(chunks, threads, rows_kernel, args.device, setting)
         except ChunkNotBatched as exc:
             row["profile"] = {"inverse_threads": threads, "graphs": setting, "error": str(exc)}
+            print(f"  profile ({threads} threads, graphs {setting}): {exc}", flush=True)
 
 
 def _measure_setting(args: argparse.Namespace, setting: str, chunks: list[list], rows_kernel: bool, row: dict) -> None:
