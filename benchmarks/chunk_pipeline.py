@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 GRAPHS = {"on": (True, False), "off": (False, False), "loop": (False, True), "both": (True, True)}
 
 
-#: ``--solve-priority``: CUDA stream priorities (a lower number runs first; torch maps it into the device's range)
+#: ``--solve-priority``: the plugin's ``batched.SOLVE_PRIORITIES`` (a test keeps them equal; the package resolves
+#: ``defuser_quant.integrations`` only once GPTQModel is imported, after the arguments are parsed)
 SOLVE_PRIORITIES = {"normal": 0, "high": -1}
 _solve_priority = 0  # set by main()
 

@@ -316,6 +316,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-noahead", "ours-grouped-batched-norows", "ours-grouped-batched-packahead",
             "ours-grouped-batched-invgraphs", "ours-grouped-batched-noinvgraphs", "ours-grouped-batched-loopgraphs",
             "ours-grouped-batched-graphs", "ours-grouped-batched-hinv8-invgraphs", "ours-grouped-batched-hinv12-invgraphs",
+            "ours-grouped-batched-solvehigh",
             *(f"ours-grouped-batched{suffix}" for suffix in (*WITHOUT_PART, *WITH_PART)), *COMBINED_PARTS)
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
@@ -415,7 +416,7 @@ def solve_setting(variant: str):
                 "-callerstreams": {"streams": "caller"}, "-noahead": {"inverses_ahead": False},
                 "-norows": {"rows_kernel": False}, "-packahead": {"pack_ahead": True},
                 "-invgraphs": {"inverse_graphs": True}, "-noinvgraphs": {"inverse_graphs": False},
-                "-loopgraphs": {"loop_graphs": True},
+                "-loopgraphs": {"loop_graphs": True}, "-solvehigh": {"solve_priority": "high"},
                 "-graphs": {"inverse_graphs": True, "loop_graphs": True}}
     base, taken = strip_suffixes(base, settings)
     kwargs: dict = {}

@@ -78,6 +78,7 @@ def test_a_traced_cpu_run_marks_every_solve_and_inverse_and_puts_the_wrappers_ba
                                 "--trace", "--solve-priority", "high", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["meta"]["solve_priority"] == "high" and chunk_pipeline._solve_priority == -1
+    assert chunk_pipeline.SOLVE_PRIORITIES == batched.SOLVE_PRIORITIES  # the plugin's opt-in, as GPTQModel runs it
     trace = report["rows"][0]["trace"]
     assert (trace["inverse_threads"], trace["graphs"]) == (2, "off")
     assert len(trace["solve_spans_ms"]) == 3 and len(trace["inverse_spans_ms"]) == 3 * 2  # two shared Hessians a chunk

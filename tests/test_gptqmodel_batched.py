@@ -1197,3 +1197,24 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
         print(f"\n{name} vs per-module solve on CUDA: {close}, unequal tensors: {len(unequal)} {unequal[:6]}")
         # GPTQModel's own single-matrix linear algebra per Hessian: the same checkpoint, tensor for tensor.
         assert not unequal, close
+
+
+def test_solve_priority_sets_the_solve_stream_priority_and_is_refused_when_unknown(monkeypatch):
+    from defuser_quant.integrations.gptqmodel import batched
+
+    made = []
+
+    class FakeStream:
+        def __init__(self, device, priority=0):
+            made.append((device, priority))
+
+    monkeypatch.setattr(batched.torch.cuda, "Stream", FakeStream)
+    for setting, priority in (("normal", 0), ("high", -1)):
+        made.clear()
+        coordinator = batched._Coordinator(batched.BatchedSolve(solve_priority=setting))
+        device = torch.device("cuda", 0)
+        assert coordinator._stream(device) is coordinator._stream(device)  # one stream per device, kept
+        assert made == [(device, priority)]
+    assert batched.BatchedSolve().solve_priority == "normal"
+    with pytest.raises(ValueError, match="BatchedSolve.solve_priority must be one of 'normal', 'high', got 'low'"):
+        batched.BatchedSolve(solve_priority="low")

@@ -257,6 +257,8 @@ def test_variants_pick_their_batched_solve_settings():
     assert BatchedSolve().inverse_graphs is True
     assert bench.solve_setting("ours-grouped-batched-noinvgraphs") == BatchedSolve(inverse_graphs=False)
     assert "ours-grouped-batched-noinvgraphs" in bench.VARIANTS
+    assert bench.solve_setting("ours-grouped-batched-solvehigh") == BatchedSolve(solve_priority="high")
+    assert "ours-grouped-batched-solvehigh" in bench.VARIANTS
     assert bench.solve_setting("ours-grouped-batched-loopgraphs") == BatchedSolve(loop_graphs=True)
     assert bench.solve_setting("ours-grouped-batched-graphs") == BatchedSolve(inverse_graphs=True, loop_graphs=True)
     assert {"ours-grouped-batched-loopgraphs", "ours-grouped-batched-graphs"} <= set(bench.VARIANTS)

@@ -170,6 +170,11 @@ class BatchedSolve:
             device's chunk loops run one at a time. Off by default: on an H100 it gave stock's checkpoint and
             shorter loops, but at two layers no faster end to end and 0.7 GiB more peak GPU memory
             (docs/performance.md, round 60).
+        solve_priority: ``"normal"`` (the default) or ``"high"``: the CUDA priority of the worker's own stream
+            that runs a chunk's solve (``"own"`` streams), so that the device schedules the column loop's
+            kernels ahead of the next chunk's inverses running beside it (round 62's trace: a gate/up loop
+            took 38-40 ms beside them against 24 alone). Scheduling only: the same kernels on the same
+            inputs, so the same bits. Opt-in until measured end to end on a GPU.
     """
 
     min_modules: int = 2
@@ -186,6 +191,7 @@ class BatchedSolve:
     pack_ahead: bool = False
     inverse_graphs: bool = True
     loop_graphs: bool = False
+    solve_priority: str = "normal"
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -215,9 +221,16 @@ class BatchedSolve:
         if self.pack_ahead and (self.pack or not self.host_results):
             raise ValueError("BatchedSolve.pack_ahead needs host_results=True and pack=False (pack packs on the "
                              "solve's device instead)")
+        if self.solve_priority not in SOLVE_PRIORITIES:
+            raise ValueError(f"BatchedSolve.solve_priority must be one of "
+                             f"{', '.join(map(repr, SOLVE_PRIORITIES))}, got {self.solve_priority!r}")
         if self.log_rows not in ("chunk", "module"):
             raise ValueError(f"BatchedSolve.log_rows must be 'chunk' or 'module', got {self.log_rows!r}")
         _check_streams(self.streams, "BatchedSolve.streams")
+
+
+#: ``BatchedSolve.solve_priority`` -> CUDA stream priority (lower runs first; torch clamps it to the device's range)
+SOLVE_PRIORITIES = {"normal": 0, "high": -1}
 
 
 def _check_streams(streams: str, what: str) -> None:
@@ -251,6 +264,7 @@ class BatchedSolveStats:
     pack: packing.PackStats | None = None  # words packed on the solve's device (None: ``pack=False``)
     log_rows: log_rows.LogRowStats | None = None  # one log row per chunk (None: ``log_rows="module"``)
     streams: Counter = field(default_factory=Counter)  # "own" / "caller" -> CUDA chunks solved that way
+    solve_stream_priorities: Counter = field(default_factory=Counter)  # the device's priority -> chunks ("own")
     inverse_graphs: dict[str, Any] | None = None  # inverse_graphs.GraphStats at the end (None: not on)
     loop_graphs: dict[str, Any] | None = None  # loop_graph.LoopGraphStats at the end (None: not on)
 
@@ -269,6 +283,7 @@ class BatchedSolveStats:
             "pack": self.pack.as_dict() if self.pack is not None else None,
             "log_rows": self.log_rows.as_dict() if self.log_rows is not None else None,
             "streams": dict(self.streams),
+            "solve_stream_priorities": dict(self.solve_stream_priorities),
             "inverse_graphs": self.inverse_graphs,
             "loop_graphs": self.loop_graphs,
         }
@@ -1219,10 +1234,10 @@ class _Coordinator:
         return group
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
-        """This worker's own stream on ``device`` (kept for the run)."""
+        """This worker's own stream on ``device`` (kept for the run), at ``settings.solve_priority``."""
         streams = self.streams.__dict__.setdefault("by_device", {})
         if device not in streams:
-            streams[device] = torch.cuda.Stream(device)
+            streams[device] = torch.cuda.Stream(device, priority=SOLVE_PRIORITIES[self.settings.solve_priority])
         return streams[device]
 
     def _solve(self, chunk: _Chunk) -> None:
@@ -1249,11 +1264,13 @@ class _Coordinator:
                                           loop_graphs=self.settings.loop_graphs and streams == "own",
                                           inverses_started=functools.partial(self._start_next_inverses, chunk)
                                           if ahead_on else None)
+                priority = None
                 if device.type == "cuda":
                     stream = torch.cuda.current_stream(device)
                     if streams == "own":
                         stream = self._stream(device)
                         stream.wait_stream(torch.cuda.current_stream(device))
+                        priority = stream.priority
                     with torch.cuda.stream(stream):
                         outcome = solve()
                     stream.synchronize()  # results complete before another worker's stream reads them
@@ -1274,6 +1291,8 @@ class _Coordinator:
             self.stats.seconds += time.perf_counter() - t0
             if device.type == "cuda":
                 self.stats.streams[streams] += 1
+                if priority is not None:
+                    self.stats.solve_stream_priorities[priority] += 1
             for task, result in zip(tasks, outcome, strict=True):
                 if result is None:
                     self.stats.per_module["first Cholesky failed or NaN loss (GPTQModel's recovery)"] += 1
