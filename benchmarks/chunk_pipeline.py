@@ -32,7 +32,8 @@ calls), and beside it the two halves alone:
   failed factorizations, NaN losses); the other settings still run.
 
 ``--solve-priority high`` runs the solves on a high-priority CUDA stream (the inverse threads' streams keep the
-default), to see whether the loop then keeps its own pace beside the inverses.
+default), to see whether the loop then keeps its own pace beside the inverses (round 63 on an H100: a gate/up solve
+beside them 35-37 ms instead of 38-40, still not the loop's 24 alone; the down solves no shorter).
 
     python benchmarks/chunk_pipeline.py --output $OUT/chunk_pipeline_cuda.json --profile
 """
@@ -55,7 +56,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _args import counts, names  # noqa: E402
 from _report import write_json  # noqa: E402
+from _source import use_source_checkout  # noqa: E402
 from chunk_phases import _shapes, _sync, _timed, make_tasks  # noqa: E402
+
+use_source_checkout()  # a plain checkout on PYTHONPATH (the GPU machine) maps defuser_quant.integrations here
+from defuser_quant.integrations.gptqmodel.batched import SOLVE_PRIORITIES  # noqa: E402  (--solve-priority's values)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,9 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 GRAPHS = {"on": (True, False), "off": (False, False), "loop": (False, True), "both": (True, True)}
 
 
-#: ``--solve-priority``: the plugin's ``batched.SOLVE_PRIORITIES`` (a test keeps them equal; the package resolves
-#: ``defuser_quant.integrations`` only once GPTQModel is imported, after the arguments are parsed)
-SOLVE_PRIORITIES = {"normal": 0, "high": -1}
 _solve_priority = 0  # set by main()
 
 
@@ -422,9 +424,6 @@ def main(argv: list[str] | None = None) -> int:
     global _solve_priority
     args = parse_args(argv)
     _solve_priority = SOLVE_PRIORITIES[args.solve_priority]
-    from _source import use_source_checkout
-
-    use_source_checkout()
     rows: list[dict] = []
     out = {
         "meta": {"command": shlex.join([sys.executable, *sys.argv]), "python": platform.python_version(),

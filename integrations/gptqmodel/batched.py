@@ -174,7 +174,8 @@ class BatchedSolve:
             that runs a chunk's solve (``"own"`` streams), so that the device schedules the column loop's
             kernels ahead of the next chunk's inverses running beside it (round 62's trace: a gate/up loop
             took 38-40 ms beside them against 24 alone). Scheduling only: the same kernels on the same
-            inputs, so the same bits. Opt-in until measured end to end on a GPU.
+            inputs, so the same bits. Opt-in: on an H100 (round 63) it took about 3 ms off a gate/up chunk's
+            40 and was shorter end to end in six of nine rounds, but not robustly (docs/performance.md, round 63).
     """
 
     min_modules: int = 2
