@@ -143,6 +143,10 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  module's words packed by GPTQModel's own CPU extension on background threads as soon
                  as GPTQModel takes its result, and served to its finalize; the row's ``solve.pack``
                  counts offered / served / refused / failed and the finalizes' wait;
+* ``ours-grouped-batched-chunk1g5`` / ``ours-grouped-batched-chunk2g`` - with ``BatchedSolve(chunk_bytes=1.5 /
+                 2 GiB)`` instead of 1 GiB: fewer, larger chunks a subset (a chunk's column loop launches
+                 about as many kernels whatever its module count), at the price of more working memory;
+                 the row's ``solve.chunks`` and ``peak_gpu_bytes`` say what it cost;
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -316,7 +320,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-noahead", "ours-grouped-batched-norows", "ours-grouped-batched-packahead",
             "ours-grouped-batched-invgraphs", "ours-grouped-batched-noinvgraphs", "ours-grouped-batched-loopgraphs",
             "ours-grouped-batched-graphs", "ours-grouped-batched-hinv8-invgraphs", "ours-grouped-batched-hinv12-invgraphs",
-            "ours-grouped-batched-solvehigh",
+            "ours-grouped-batched-solvehigh", "ours-grouped-batched-chunk1g5", "ours-grouped-batched-chunk2g",
             *(f"ours-grouped-batched{suffix}" for suffix in (*WITHOUT_PART, *WITH_PART)), *COMBINED_PARTS)
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
@@ -417,6 +421,7 @@ def solve_setting(variant: str):
                 "-norows": {"rows_kernel": False}, "-packahead": {"pack_ahead": True},
                 "-invgraphs": {"inverse_graphs": True}, "-noinvgraphs": {"inverse_graphs": False},
                 "-loopgraphs": {"loop_graphs": True}, "-solvehigh": {"solve_priority": "high"},
+                "-chunk1g5": {"chunk_bytes": 3 << 29}, "-chunk2g": {"chunk_bytes": 2 << 30},
                 "-graphs": {"inverse_graphs": True, "loop_graphs": True}}
     base, taken = strip_suffixes(base, settings)
     kwargs: dict = {}
