@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", default="auto", choices=STREAMS,
                    help="the batched solve's inverse streams (BatchedSolve.streams): each inverse thread's own, the "
                         "caller's, or auto (the caller's under --deterministic; the plugin's default)")
+    p.add_argument("--inplace-update", action="store_true",
+                   help="the batched solve's update after each column block as one in-place addmm per module "
+                        "(BatchedSolve.inplace_update; opt-in)")
+    p.add_argument("--rows-kernel", action="store_true",
+                   help="the batched solve's column blocks as one launch of the plugin's rows kernel where "
+                        "GPTQModel's block-update extension applies (BatchedSolve.rows_kernel, the plugin's default)")
     p.add_argument("--on-worker-threads", action="store_true",
                    help="each side's solves on a fresh thread of its own (as GPTQModel's device workers run them), "
                         "not on the main thread")
@@ -138,7 +144,8 @@ def solve_per_module(tasks: list[tuple[str, Any]]) -> dict[str, tuple]:
 
 
 def solve_as_plugin(tasks: list[tuple[str, Any]], inverse_threads: int = 1, host_results: bool = False,
-                    streams: str = "auto") -> tuple[dict[str, tuple], dict[str, str]]:
+                    streams: str = "auto", inplace_update: bool = False,
+                    rows_kernel: bool = False) -> tuple[dict[str, tuple], dict[str, str]]:
     """Grouped as the plugin's coordinator groups a subset (its settings key, its smallest batch):
     each group batched, the rest per module."""
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve, _settings_key, batched_gptq_solve
@@ -153,7 +160,7 @@ def solve_as_plugin(tasks: list[tuple[str, Any]], inverse_threads: int = 1, host
                 out[name], path[name] = tuple(task.quantize()), "per module"
             continue
         solved = batched_gptq_solve([t for _, t in group], inverse_threads=inverse_threads, host_results=host_results,
-                                    streams=streams)
+                                    streams=streams, inplace_update=inplace_update, rows_kernel=rows_kernel)
         for (name, _), result in zip(group, solved, strict=True):
             if result is None:
                 raise RuntimeError(f"{name}: the batched solve handed it back (first Cholesky failed)")
@@ -206,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
         solved = {subset: (run("reference", solve_per_module, reference[subset]),
                            *run("plugin", solve_as_plugin, plugin[subset], args.inverse_threads, args.host_results,
-                               args.streams))
+                               args.streams, args.inplace_update, args.rows_kernel))
                   for subset in ("attention", "experts")}
         from defuser_quant.integrations.gptqmodel.batched import solve_streams
 
@@ -224,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "deterministic": args.deterministic, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         "inverse_threads": args.inverse_threads, "host_results": args.host_results,
         "streams": args.streams, "streams_ran": streams_ran,
+        "inplace_update": args.inplace_update, "rows_kernel": args.rows_kernel,
         "on_worker_threads": args.on_worker_threads, "solves_ran_on": {k: sorted(v) for k, v in ran_on.items()},
         "versions": {"torch": torch.__version__, "gptqmodel": gptqmodel.__version__,
                      "block_update_extension": _extension_available()},

@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the CUDA priority of the stream the solves (their column loops) run on; the inverse threads' "
                         "streams keep the default (round 62's trace: beside the next chunk's inverses the loop took "
                         "38-40 ms against 24 alone)")
+    p.add_argument("--inplace-update", action="store_true",
+                   help="each module's update after a column block as one in-place addmm (BatchedSolve.inplace_update) "
+                        "instead of a matmul and a subtraction")
     p.add_argument("--device", default="cuda")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
@@ -101,6 +104,7 @@ GRAPHS = {"on": (True, False), "off": (False, False), "loop": (False, True), "bo
 
 
 _solve_priority = 0  # set by main()
+_inplace_update = False  # set by main()
 
 
 def _solve_stream(device: str) -> torch.cuda.Stream | None:
@@ -177,7 +181,7 @@ def run_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: st
 
         return batched_gptq_solve(tasks, inverse_threads=threads, host_results=True, streams="own", ahead=aheads[k],
                                   inverses_started=started, rows_kernel=rows_kernel, inverse_graphs=graphs,
-                                  loop_graphs=loop_graphs)
+                                  loop_graphs=loop_graphs, inplace_update=_inplace_update)
 
     _solve_in_turn(chunks, device, wrap(solve) if wrap is not None else solve)
 
@@ -417,19 +421,20 @@ def _loops(chunks: list[list], ready: list, threads: int, rows_kernel: bool, dev
 
     _solve_in_turn(chunks, device, lambda k, tasks: batched_gptq_solve(
         tasks, inverse_threads=threads, host_results=True, streams="own", ahead=ready[k], rows_kernel=rows_kernel,
-        loop_graphs=loop_graphs))
+        loop_graphs=loop_graphs, inplace_update=_inplace_update))
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _solve_priority
+    global _solve_priority, _inplace_update
     args = parse_args(argv)
     _solve_priority = SOLVE_PRIORITIES[args.solve_priority]
+    _inplace_update = args.inplace_update
     rows: list[dict] = []
     out = {
         "meta": {"command": shlex.join([sys.executable, *sys.argv]), "python": platform.python_version(),
                  "torch": torch.__version__,
                  "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-                 "solve_priority": args.solve_priority},
+                 "solve_priority": args.solve_priority, "inplace_update": args.inplace_update},
         "rows": rows,
         "complete": False,
     }

@@ -147,6 +147,10 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  2 GiB)`` instead of 1 GiB: fewer, larger chunks a subset (a chunk's column loop launches
                  about as many kernels whatever its module count), at the price of more working memory;
                  the row's ``solve.chunks`` and ``peak_gpu_bytes`` say what it cost;
+* ``ours-grouped-batched-inplace`` - with ``BatchedSolve(inplace_update=True)``: each module's update after a
+                 column block as one in-place ``addmm_`` instead of a matmul and a subtraction (the row's
+                 ``solve.block_updates`` counts the chunks solved each way; its checkpoint is compared with
+                 stock's like every other row's);
 * ``ours-grouped-batched-stockbk`` - ``ours-grouped-batched`` with ``lean_bookkeeping=False``:
                  GPTQModel's own per-module materialize/offload scans (``integrations.gptqmodel.overhead``),
                  to measure what the lean bookkeeping saves; every ``ours`` row records what it did
@@ -321,6 +325,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-invgraphs", "ours-grouped-batched-noinvgraphs", "ours-grouped-batched-loopgraphs",
             "ours-grouped-batched-graphs", "ours-grouped-batched-hinv8-invgraphs", "ours-grouped-batched-hinv12-invgraphs",
             "ours-grouped-batched-solvehigh", "ours-grouped-batched-chunk1g5", "ours-grouped-batched-chunk2g",
+            "ours-grouped-batched-inplace",
             *(f"ours-grouped-batched{suffix}" for suffix in (*WITHOUT_PART, *WITH_PART)), *COMBINED_PARTS)
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",
@@ -422,6 +427,7 @@ def solve_setting(variant: str):
                 "-invgraphs": {"inverse_graphs": True}, "-noinvgraphs": {"inverse_graphs": False},
                 "-loopgraphs": {"loop_graphs": True}, "-solvehigh": {"solve_priority": "high"},
                 "-chunk1g5": {"chunk_bytes": 3 << 29}, "-chunk2g": {"chunk_bytes": 2 << 30},
+                "-inplace": {"inplace_update": True},
                 "-graphs": {"inverse_graphs": True, "loop_graphs": True}}
     base, taken = strip_suffixes(base, settings)
     kwargs: dict = {}

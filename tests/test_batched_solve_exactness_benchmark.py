@@ -16,16 +16,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import batched_solve_exactness as bench  # noqa: E402
 
 
-@pytest.mark.parametrize("deterministic,plugin_settings,workers", [(False, False, False), (True, True, False),
-                                                                   (False, True, True)])
-def test_tiny_cpu_run_is_exact_with_the_paths_the_plugin_takes(tmp_path, deterministic, plugin_settings, workers):
+@pytest.mark.parametrize("deterministic,plugin_settings,workers,inplace", [(False, False, False, False),
+                                                                           (True, True, False, False),
+                                                                           (False, True, True, True)])
+def test_tiny_cpu_run_is_exact_with_the_paths_the_plugin_takes(tmp_path, deterministic, plugin_settings, workers,
+                                                               inplace):
     pytest.importorskip("gptqmodel")
     out = tmp_path / "exactness.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     flags = (["--deterministic"] if deterministic else []) + (["--inverse-threads", "4", "--host-results"]
                                                              if plugin_settings else []) + (
-        ["--on-worker-threads"] if workers else [])
+        ["--on-worker-threads"] if workers else []) + (["--inplace-update", "--rows-kernel"] if inplace else [])
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--output", str(out), *flags],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -34,6 +36,7 @@ def test_tiny_cpu_run_is_exact_with_the_paths_the_plugin_takes(tmp_path, determi
     assert (data["cublas_workspace_config"] == ":4096:8") if deterministic else True
     assert (data["inverse_threads"], data["host_results"]) == ((4, True) if plugin_settings else (1, False))
     assert data["on_worker_threads"] is workers
+    assert data["inplace_update"] is inplace and data["rows_kernel"] is inplace  # the rows kernel: CUDA only
     # the plugin's default streams: the caller's under deterministic algorithms, each thread's own otherwise
     assert (data["streams"], data["streams_ran"]) == ("auto", "caller" if deterministic else "own")
     side = ["worker"] if workers else ["main"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import chunk_pipeline  # noqa: E402
@@ -49,6 +50,7 @@ def test_a_tiny_cpu_run_reports_each_cell_and_the_graph_counts(tmp_path):
     report = json.loads(out.read_text())
     assert report["complete"] is True and report["meta"]["device"] == "cpu"
     assert report["meta"]["solve_priority"] == "normal"
+    assert report["meta"]["inplace_update"] is False and chunk_pipeline._inplace_update is False
     (row,) = report["rows"]
     assert (row["rows"], row["columns"], row["modules"], row["share"], row["chunks"]) == (64, 256, 4, 2, 2)
     assert [(c["graphs"], c["inverse_threads"]) for c in row["cells"]] == [("on", 1), ("on", 2), ("both", 1), ("both", 2)]
@@ -57,6 +59,25 @@ def test_a_tiny_cpu_run_reports_each_cell_and_the_graph_counts(tmp_path):
     # no graphs on the CPU: neither the inverses nor the loops are wrapped there
     none = {"recorded": 0, "replays": 0, "eager": 0, "refused": {}}
     assert row["graph_stats"] == {s: {"inverses": none, "loops": {**none, "arena_bytes": 0}} for s in ("on", "both")}
+
+
+def test_inplace_update_runs_every_loop_with_one_addmm_per_module_and_block(tmp_path, monkeypatch):
+    calls, real = [], torch.Tensor.addmm_
+
+    def counted(self, mat1, mat2, *, beta=1, alpha=1):
+        calls.append(alpha)
+        return real(self, mat1, mat2, beta=beta, alpha=alpha)
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", counted)
+    out = tmp_path / "pipeline.json"
+    assert chunk_pipeline.main(["--device", "cpu", "--shapes", "64x256x4", "--share", "2", "--chunks", "2",
+                                "--tokens", "96", "--inverse-threads", "1", "--graphs", "off", "--repeats", "1",
+                                "--inplace-update", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["inplace_update"] is True and report["rows"][0]["cells"]
+    # 256 columns: one update a module after its first block; 4 modules, 2 chunks, in the pipeline, the warm-up
+    # and the loops alone
+    assert calls and set(calls) == {-1} and len(calls) % 8 == 0
 
 
 def test_the_overlap_of_solves_and_inverses_is_measured_on_their_union():

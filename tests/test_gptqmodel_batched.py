@@ -964,6 +964,7 @@ def test_batched_solve_in_gptqmodel_gives_its_per_module_checkpoint(plugin, tiny
         assert solve.groups == solve.chunks >= 4 and solve.solved_ahead == 0  # gate/up and down of 2 layers at least
     # streams are counted for CUDA chunks only ("own" without deterministic algorithms)
     assert solve.streams == (Counter({"own": solve.chunks}) if on == "cuda" else Counter())
+    assert solve.block_updates == Counter({"matmul_sub": solve.chunks})  # GPTQModel's matmul and subtraction
     # GPTQModel's own log rows (samples, damp, loss) are those of the per-module run.
     def rows(r):
         return sorted((row["layer"], row["module"], row["samples"], row["damp"], row["loss"]) for row in r.log["gptq"])
@@ -1197,6 +1198,67 @@ def test_batched_solve_on_cuda_end_to_end(tiny, tmp_path):  # noqa: F811
         print(f"\n{name} vs per-module solve on CUDA: {close}, unequal tensors: {len(unequal)} {unequal[:6]}")
         # GPTQModel's own single-matrix linear algebra per Hessian: the same checkpoint, tensor for tensor.
         assert not unequal, close
+
+
+def _count_addmm(monkeypatch) -> list[tuple]:
+    """Every in-place ``addmm_`` from here on: (output rows, columns, alpha)."""
+    calls, real = [], torch.Tensor.addmm_
+
+    def counted(self, mat1, mat2, *, beta=1, alpha=1):
+        calls.append((*self.shape, alpha))
+        return real(self, mat1, mat2, beta=beta, alpha=alpha)
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["default (act_group_aware)", "desc_act", "group 256 (two blocks a group)"])
+def test_inplace_update_gives_gptqmodels_bits_with_one_addmm_per_module_and_block(monkeypatch, name):
+    """``inplace_update``: each module's update after a column block is one ``addmm_`` (alpha -1) into
+    its weights, and the results are still GPTQModel's per-module solve's, bit for bit."""
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
+
+    kw = dict(CONFIGS[name])
+    qcfg = QuantizeConfig(bits=4, group_size=kw.pop("group_size", 128), **kw)
+    reference, batched = _tasks(qcfg, n=3, cols=384), _tasks(qcfg, n=3, cols=384)
+    expected = [t.quantize() for t in reference]
+    calls = _count_addmm(monkeypatch)
+    got = batched_gptq_solve(batched, inplace_update=True)
+    # three blocks of 128 columns: after the first two, one update per module (64 rows, the columns left)
+    assert sorted(calls) == sorted([(64, 256, -1)] * 3 + [(64, 128, -1)] * 3)
+    for e, r in zip(expected, got, strict=True):
+        assert r is not None
+        for want, have in zip(e[:4], r.values[:4], strict=True):
+            assert torch.equal(want, have)
+        assert r.values[5] == e[5]
+    calls.clear()
+    batched_gptq_solve(_tasks(qcfg, n=3, cols=384))
+    assert calls == []  # the default: GPTQModel's matmul and subtraction
+
+
+def test_inplace_update_reaches_every_chunk_and_is_counted(monkeypatch):
+    from gptqmodel import QuantizeConfig
+
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    expected = [t.quantize() for t in _tasks(qcfg, n=8, cols=256)]
+    calls = _count_addmm(monkeypatch)
+    two = 2 * (3 * 256**2 * 4 + 3 * 64 * 256 * 4)  # the working memory of two 64 x 256 tasks: two a chunk
+    settings = BatchedSolve(chunk_bytes=two, inplace_update=True)
+    results, sizes, _, coordinator = _share_chunks(monkeypatch, _tasks(qcfg, n=8, cols=256), workers=4,
+                                                   settings=settings)
+    assert sorted(sizes) == [2, 2, 2, 2]
+    assert coordinator.stats.block_updates == Counter({"inplace_addmm": 4})
+    assert coordinator.stats.as_dict()["block_updates"] == {"inplace_addmm": 4}
+    assert len(calls) == 8  # 256 columns: one update per module, after its first block
+    for want, got in zip(expected, results, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(want[:4], got.values[:4], strict=True))
+    with pytest.raises(TypeError, match="BatchedSolve.inplace_update must be True or False, got 'yes'"):
+        BatchedSolve(inplace_update="yes")
+    assert BatchedSolve().inplace_update is False
 
 
 def test_solve_priority_sets_the_solve_stream_priority_and_is_refused_when_unknown(monkeypatch):

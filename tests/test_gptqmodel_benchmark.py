@@ -263,6 +263,8 @@ def test_variants_pick_their_batched_solve_settings():
     assert bench.solve_setting("ours-grouped-batched-chunk1g5") == BatchedSolve(chunk_bytes=1536 << 20)
     assert bench.solve_setting("ours-grouped-batched-chunk2g") == BatchedSolve(chunk_bytes=2048 << 20)
     assert {"ours-grouped-batched-chunk1g5", "ours-grouped-batched-chunk2g"} <= set(bench.VARIANTS)
+    assert bench.solve_setting("ours-grouped-batched-inplace") == BatchedSolve(inplace_update=True)
+    assert "ours-grouped-batched-inplace" in bench.VARIANTS
     assert bench.solve_setting("ours-grouped-batched-loopgraphs") == BatchedSolve(loop_graphs=True)
     assert bench.solve_setting("ours-grouped-batched-graphs") == BatchedSolve(inverse_graphs=True, loop_graphs=True)
     assert {"ours-grouped-batched-loopgraphs", "ours-grouped-batched-graphs"} <= set(bench.VARIANTS)

@@ -176,6 +176,14 @@ class BatchedSolve:
             took 38-40 ms beside them against 24 alone). Scheduling only: the same kernels on the same
             inputs, so the same bits. Opt-in: on an H100 (round 63) it took about 3 ms off a gate/up chunk's
             40 and was shorter end to end in six of nine rounds, but not robustly (docs/performance.md, round 63).
+        inplace_update: each module's lazy update after a column block (GPTQModel's ``W[:, i2:] -=
+            Err1.matmul(Hinv[i1:i2, i2:])``) as one in-place ``addmm_`` with ``alpha=-1`` instead of a matmul
+            into a temporary and a subtraction: one kernel and one pass over the weights instead of two. The
+            same sum rounded once either way, so the same bits wherever the BLAS runs the same product kernel
+            with the output accumulated into (the CPU's does: the tests compare it; on an H100 in round 64 every
+            module's results equalled GPTQModel's per-module solve). Opt-in: the chunk pipeline was not clearly
+            shorter with it there (a gate/up chunk 39.8 against 43.2 ms, its loops alone 37.2 against 30.6;
+            docs/performance.md, round 64).
     """
 
     min_modules: int = 2
@@ -193,6 +201,7 @@ class BatchedSolve:
     inverse_graphs: bool = True
     loop_graphs: bool = False
     solve_priority: str = "normal"
+    inplace_update: bool = False
 
     def __post_init__(self) -> None:
         if self.min_modules < 1:
@@ -217,6 +226,8 @@ class BatchedSolve:
             raise TypeError(f"BatchedSolve.inverse_graphs must be True or False, got {self.inverse_graphs!r}")
         if not isinstance(self.loop_graphs, bool):
             raise TypeError(f"BatchedSolve.loop_graphs must be True or False, got {self.loop_graphs!r}")
+        if not isinstance(self.inplace_update, bool):
+            raise TypeError(f"BatchedSolve.inplace_update must be True or False, got {self.inplace_update!r}")
         if not isinstance(self.pack_ahead, bool):
             raise TypeError(f"BatchedSolve.pack_ahead must be True or False, got {self.pack_ahead!r}")
         if self.pack_ahead and (self.pack or not self.host_results):
@@ -266,6 +277,7 @@ class BatchedSolveStats:
     log_rows: log_rows.LogRowStats | None = None  # one log row per chunk (None: ``log_rows="module"``)
     streams: Counter = field(default_factory=Counter)  # "own" / "caller" -> CUDA chunks solved that way
     solve_stream_priorities: Counter = field(default_factory=Counter)  # the device's priority -> chunks ("own")
+    block_updates: Counter = field(default_factory=Counter)  # "matmul_sub" / "inplace_addmm" -> chunks solved that way
     inverse_graphs: dict[str, Any] | None = None  # inverse_graphs.GraphStats at the end (None: not on)
     loop_graphs: dict[str, Any] | None = None  # loop_graph.LoopGraphStats at the end (None: not on)
 
@@ -285,6 +297,7 @@ class BatchedSolveStats:
             "log_rows": self.log_rows.as_dict() if self.log_rows is not None else None,
             "streams": dict(self.streams),
             "solve_stream_priorities": dict(self.solve_stream_priorities),
+            "block_updates": dict(self.block_updates),
             "inverse_graphs": self.inverse_graphs,
             "loop_graphs": self.loop_graphs,
         }
@@ -727,7 +740,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
                        streams: str = "auto", ahead: InversesAhead | None = None,
                        inverses_started: Callable[[], None] | None = None,
                        rows_kernel: bool = False, inverse_graphs: bool = False,
-                       loop_graphs: bool = False) -> list[SolveResult | None]:
+                       loop_graphs: bool = False, inplace_update: bool = False) -> list[SolveResult | None]:
     """Solve ``tasks`` (GPTQModel ``GPTQ`` tasks of one settings key) together.
 
     Returns one entry per task: its :class:`SolveResult`, or None when GPTQModel's per-module
@@ -749,6 +762,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     ``loop_graphs``: on a CUDA side stream, the column loop runs on the device's buffers of
     :mod:`.loop_graph` and is replayed from a CUDA graph per chunk shape (kept only where its replay
     gave the eager loop's bits); the device's chunk loops then run one at a time.
+    ``inplace_update``: each module's update after a column block as one in-place ``addmm_``
+    (:attr:`BatchedSolve.inplace_update`).
     """
     start = time.time()
     if ahead is None:
@@ -775,7 +790,8 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
     extension = _use_extension(first, device, blocksize)
     one_launch = extension and rows_kernel and rows_block.available()
     plan = _LoopPlan(hlist, spans, _device_constant(hlist, torch.int32, device) if one_launch else None,
-                     quantizer, maxq, maxq_value, group, blocksize, int(qcfg.bits), extension, one_launch)
+                     quantizer, maxq, maxq_value, group, blocksize, int(qcfg.bits), extension, one_launch,
+                     inplace_update)
     graphed = loop_graphs and loop_graph.can_record(device)
     layout = [((B, R, C), torch.float32)] * 3 + [((U, C, C), torch.float32)] + [((B * R, 1), torch.float32)] * 2
 
@@ -817,7 +833,7 @@ def batched_gptq_solve(tasks: list[Any], blocksize: int = BLOCKSIZE, inverse_thr
             to_buffers(row_scale, row_zero)
             key = (loop_graph.layout_key(layout), tuple(hlist), int(qcfg.bits), bool(qcfg.sym), group, maxq_value,
                    float(getattr(qcfg, "mse", 0.0) or 0.0), bool(quantizer.perchannel), blocksize, extension,
-                   one_launch)
+                   one_launch, inplace_update)
             # a recording reads this chunk's plan (maxq, the task units) and the device constants made by
             # its eager loop: kept alive with the graph
             S, Z, loss_sums = held.run(
@@ -849,6 +865,7 @@ class _LoopPlan:
     bits: int
     extension: bool  # GPTQModel's block-update extension applies
     one_launch: bool  # ... and each block is one launch of the rows kernel
+    inplace_update: bool = False  # a module's update after a block as one addmm_ (BatchedSolve.inplace_update)
 
 
 def _column_loop(plan: _LoopPlan, W: torch.Tensor, hinvs: torch.Tensor | list[torch.Tensor], Q: torch.Tensor,
@@ -942,7 +959,10 @@ def _column_loop(plan: _LoopPlan, W: torch.Tensor, hinvs: torch.Tensor | list[to
             # per task: a stacked matmul may take another kernel, rounding differently; the views made
             # once per block (``W[b, :, i2:] -= ...`` also indexed W again to assign the result back)
             for w, err, u in zip(W[:, :, i2:].unbind(0), Err1.unbind(0), hlist):
-                w.sub_(err.matmul(tails[u]))
+                if plan.inplace_update:
+                    w.addmm_(err, tails[u], alpha=-1)
+                else:
+                    w.sub_(err.matmul(tails[u]))
         del W1, Err1
     if not scales:
         scales, zeros = [row_scale], [row_zero]
@@ -1263,6 +1283,7 @@ class _Coordinator:
                                           rows_kernel=self.settings.rows_kernel,
                                           inverse_graphs=self.settings.inverse_graphs,
                                           loop_graphs=self.settings.loop_graphs and streams == "own",
+                                          inplace_update=self.settings.inplace_update,
                                           inverses_started=functools.partial(self._start_next_inverses, chunk)
                                           if ahead_on else None)
                 priority = None
@@ -1290,6 +1311,7 @@ class _Coordinator:
         with self.cond:
             self.stats.chunks += 1
             self.stats.seconds += time.perf_counter() - t0
+            self.stats.block_updates["inplace_addmm" if self.settings.inplace_update else "matmul_sub"] += 1
             if device.type == "cuda":
                 self.stats.streams[streams] += 1
                 if priority is not None:
