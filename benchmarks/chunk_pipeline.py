@@ -35,6 +35,11 @@ calls), and beside it the two halves alone:
 default), to see whether the loop then keeps its own pace beside the inverses (round 63 on an H100: a gate/up solve
 beside them 35-37 ms instead of 38-40, still not the loop's 24 alone; the down solves no shorter).
 
+``--inplace-update`` runs every loop with ``BatchedSolve.inplace_update`` (one ``addmm_`` per module and block);
+``--compare-updates`` times each cell's pipeline and loops both ways, taking turns within each repeat (the order
+flipped every repeat), and adds ``pipeline_inplace_s`` / ``loop_only_inplace_s`` to the cells: round 64 timed the two
+in separate processes, whose spread (a gate/up chunk's loops 30.6 against 37.2 ms) hid the difference.
+
     python benchmarks/chunk_pipeline.py --output $OUT/chunk_pipeline_cuda.json --profile
 """
 
@@ -87,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inplace-update", action="store_true",
                    help="each module's update after a column block as one in-place addmm (BatchedSolve.inplace_update) "
                         "instead of a matmul and a subtraction")
+    p.add_argument("--compare-updates", action="store_true",
+                   help="time every cell's pipeline and loops both ways, GPTQModel's matmul and subtraction and the "
+                        "in-place addmm, taking turns within each repeat (the order flipped every repeat), so the "
+                        "host's drift falls on both: the cells' *_inplace_s fields")
     p.add_argument("--device", default="cuda")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
@@ -96,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--share needs one value per shape ({len(args.shapes)}), got {len(args.share)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; use --device cpu")
+    if args.compare_updates and args.inplace_update:
+        p.error("--compare-updates times both updates; leave out --inplace-update")
     return args
 
 
@@ -207,6 +218,23 @@ def inverses_only(chunks: list[list], threads: int, graphs: bool = False) -> Non
 
 def _median(fn: Callable[[], object], device: str, repeats: int) -> float:
     return statistics.median(_timed(fn, device) for _ in range(repeats))
+
+
+def _medians_by_update(updates: tuple[bool, ...], repeats: int, timed: Callable[[], float]) -> dict[bool, float]:
+    """The median of ``timed()`` (seconds) under each in-place update setting of ``updates``, the settings
+    taking turns within each repeat and their order flipped every repeat, so a drift of the host's pace
+    falls on each alike. The module's setting is put back afterwards."""
+    global _inplace_update
+    times: dict[bool, list[float]] = {update: [] for update in updates}
+    kept = _inplace_update
+    try:
+        for repeat in range(repeats):
+            for update in updates if repeat % 2 == 0 else updates[::-1]:
+                _inplace_update = update
+                times[update].append(timed())
+    finally:
+        _inplace_update = kept
+    return {update: statistics.median(values) for update, values in times.items()}
 
 
 def busy_share(prof, wall_us: float) -> float | None:
@@ -373,24 +401,31 @@ def _measure_setting(args: argparse.Namespace, setting: str, chunks: list[list],
     inverse_graphs.release()
     loop_graph.release()
     run_pipeline(chunks[:2], max(args.inverse_threads), rows_kernel, args.device, graphs, loops_graphed)  # warm-up
+    updates = (False, True) if args.compare_updates else (_inplace_update,)
     for threads in args.inverse_threads:
-        cell = {
-            "pipeline_s": _median(lambda: run_pipeline(chunks, threads, rows_kernel, args.device, graphs,
-                                                       loops_graphed), args.device, args.repeats) / n,
-            "inverses_only_s": _median(lambda: inverses_only(chunks, threads, graphs), args.device, args.repeats) / n,
-        }
-        # the loop alone: each repeat's inverses are computed before its clock starts
-        loops = []
-        for _ in range(args.repeats):
+        def pipeline() -> float:
+            return _timed(lambda: run_pipeline(chunks, threads, rows_kernel, args.device, graphs, loops_graphed),
+                          args.device)
+
+        def loops() -> float:  # the loop alone: the inverses are computed before its clock starts
             ready = [_Ready(start_inverses(tasks, threads, "own", background=True, graphs=graphs)) for tasks in chunks]
-            loops.append(_timed(lambda: _loops(chunks, ready, threads, rows_kernel, args.device, loops_graphed),
-                                args.device))
-        cell["loop_only_s"] = statistics.median(loops) / n
-        cell = {"graphs": setting, "inverse_threads": threads, **{k: round(v, 5) for k, v in cell.items()}}
+            return _timed(lambda: _loops(chunks, ready, threads, rows_kernel, args.device, loops_graphed), args.device)
+
+        pipelines = _medians_by_update(updates, args.repeats, pipeline)
+        cell = {"pipeline_s": pipelines[updates[0]],
+                "inverses_only_s": _median(lambda: inverses_only(chunks, threads, graphs), args.device, args.repeats)}
+        loop_times = _medians_by_update(updates, args.repeats, loops)
+        cell["loop_only_s"] = loop_times[updates[0]]
+        if args.compare_updates:
+            cell.update(pipeline_inplace_s=pipelines[True], loop_only_inplace_s=loop_times[True])
+        cell = {"graphs": setting, "inverse_threads": threads, **{k: round(v / n, 5) for k, v in cell.items()}}
         row["cells"].append(cell)
         print(f"  graphs {setting}, {threads} inverse thread(s): pipeline {cell['pipeline_s'] * 1e3:.1f} ms a chunk, "
               f"inverses alone {cell['inverses_only_s'] * 1e3:.1f}, column loops alone "
               f"{cell['loop_only_s'] * 1e3:.1f}", flush=True)
+        if args.compare_updates:
+            print(f"    in-place update: pipeline {cell['pipeline_inplace_s'] * 1e3:.1f} ms a chunk, column loops "
+                  f"alone {cell['loop_only_inplace_s'] * 1e3:.1f}", flush=True)
 
 
 def profile_pipeline(chunks: list[list], threads: int, rows_kernel: bool, device: str, setting: str) -> dict:
@@ -434,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"command": shlex.join([sys.executable, *sys.argv]), "python": platform.python_version(),
                  "torch": torch.__version__,
                  "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-                 "solve_priority": args.solve_priority, "inplace_update": args.inplace_update},
+                 "solve_priority": args.solve_priority, "inplace_update": args.inplace_update,
+                 "compare_updates": args.compare_updates},
         "rows": rows,
         "complete": False,
     }

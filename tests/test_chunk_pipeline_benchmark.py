@@ -21,7 +21,9 @@ def test_bad_flags_are_refused_with_what_is_wrong(capsys):
                        (["--graphs", "maybe"], "choose from on, off, loop, both"),
                        (["--chunks", "0"], "must be >= 1"),
                        (["--inverse-threads", "0"], "--inverse-threads"),
-                       (["--solve-priority", "urgent"], "argument --solve-priority: invalid choice: 'urgent'")):
+                       (["--solve-priority", "urgent"], "argument --solve-priority: invalid choice: 'urgent'"),
+                       (["--compare-updates", "--inplace-update"],
+                        "--compare-updates times both updates; leave out --inplace-update")):
         with pytest.raises(SystemExit):
             chunk_pipeline.parse_args(["--device", "cpu", *argv])
         assert says in capsys.readouterr().err
@@ -78,6 +80,34 @@ def test_inplace_update_runs_every_loop_with_one_addmm_per_module_and_block(tmp_
     # 256 columns: one update a module after its first block; 4 modules, 2 chunks, in the pipeline, the warm-up
     # and the loops alone
     assert calls and set(calls) == {-1} and len(calls) % 8 == 0
+
+
+def test_compare_updates_times_both_updates_in_turn_and_puts_the_setting_back(tmp_path, monkeypatch):
+    seen = []  # the in-place setting each timed pipeline and loop ran with, in order
+    real_run, real_loops = chunk_pipeline.run_pipeline, chunk_pipeline._loops
+
+    def run(*args, **kwargs):
+        seen.append(("pipeline", chunk_pipeline._inplace_update))
+        return real_run(*args, **kwargs)
+
+    def loops(*args, **kwargs):
+        seen.append(("loops", chunk_pipeline._inplace_update))
+        return real_loops(*args, **kwargs)
+
+    monkeypatch.setattr(chunk_pipeline, "run_pipeline", run)
+    monkeypatch.setattr(chunk_pipeline, "_loops", loops)
+    out = tmp_path / "pipeline.json"
+    assert chunk_pipeline.main(["--device", "cpu", "--shapes", "64x256x4", "--share", "2", "--chunks", "2",
+                                "--tokens", "96", "--inverse-threads", "1", "--graphs", "off", "--repeats", "3",
+                                "--compare-updates", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["compare_updates"] is True and report["meta"]["inplace_update"] is False
+    (cell,) = report["rows"][0]["cells"]
+    assert all(cell[k] > 0 for k in ("pipeline_s", "pipeline_inplace_s", "loop_only_s", "loop_only_inplace_s"))
+    # after the warm-up: each repeat both ways, the order flipped every repeat
+    turns = [False, True, True, False, False, True]
+    assert seen[1:] == [("pipeline", t) for t in turns] + [("loops", t) for t in turns]
+    assert chunk_pipeline._inplace_update is False
 
 
 def test_the_overlap_of_solves_and_inverses_is_measured_on_their_union():
