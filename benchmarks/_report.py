@@ -8,12 +8,17 @@ import shutil
 from pathlib import Path
 
 
-def write_json(path: Path, data: dict) -> None:
-    """``data`` to ``path`` whole or not at all: a temporary file beside it, renamed over it."""
+def write_text(path: Path, text: str) -> None:
+    """``text`` to ``path`` whole or not at all: a temporary file beside it, renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """``data`` to ``path`` as JSON, whole or not at all (:func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_gzipped(src: Path, dst: Path) -> None:
