@@ -73,8 +73,11 @@ def _spread(values: list[float]) -> list[float] | None:
 def tally_call(path: Path, backend: str) -> dict[str, Any] | None:
     """One call's own-round pairs and cross ratios; None when it has no stock and ours run."""
     _, variant, key = BACKENDS[backend]
-    data = json.loads(path.read_text(encoding="utf-8"))
-    rows = data.get("rows")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path.name}: not JSON ({err}); a result file cut short? fix or remove it") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
     if not isinstance(rows, list):
         raise ValueError(f"{path.name}: no 'rows' list; is it a {backend} two-layer result?")
     ours, stock = _times(rows, variant, key), _times(rows, "stock", key)
@@ -117,6 +120,14 @@ def tally(results: Path = RESULTS, windows: tuple[int, ...] = WINDOWS) -> dict[s
     return out
 
 
+def _is_tally(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("command") == "python benchmarks/ratio_tally.py" and set(BACKENDS) <= set(data)
+
+
 def render(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=1) + "\n"
 
@@ -131,12 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.results.is_dir():
         p.error(f"--results {args.results}: not a folder of result files")
     output = args.output or (TALLY if args.results.resolve() == RESULTS.resolve() else args.results / TALLY.name)
-    text = render(tally(args.results))
+    try:
+        text = render(tally(args.results))
+    except ValueError as err:
+        p.error(str(err))
     if args.check:
         if not output.is_file() or output.read_text(encoding="utf-8") != text:
             print(f"{output}: stale or missing; run python benchmarks/ratio_tally.py", file=sys.stderr)
             return 1
         return 0
+    if output.exists() and not _is_tally(output):
+        p.error(f"--output {output}: exists and is not a tally this script wrote; name a new file")
     sys.path.insert(0, str(HERE))
     from _report import write_text
 

@@ -77,6 +77,28 @@ def test_a_result_without_rows_is_refused_by_name(tmp_path):
         ratio_tally.tally(tmp_path)
 
 
+def test_a_cut_short_result_is_one_clear_error_and_writes_nothing(tmp_path, capsys):
+    _llmc_call(tmp_path / "distributed_cuda_round58_h100x1.json", [36.0], [8.0])
+    (tmp_path / "gptqmodel_cuda_2layers_round60_h100x1.json").write_text('{"rows": [')
+    with pytest.raises(SystemExit) as err:
+        ratio_tally.main(["--results", str(tmp_path)])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.value.code == 2 and "gptqmodel_cuda_2layers_round60_h100x1.json: not JSON" in line
+    assert not (tmp_path / "ratio_tally.json").exists()
+
+
+def test_never_writes_over_a_file_it_did_not_write(tmp_path, capsys):
+    _llmc_call(tmp_path / "distributed_cuda_round58_h100x1.json", [36.0], [8.0])
+    other = tmp_path / "notes.json"
+    other.write_text('{"mine": 1}')
+    with pytest.raises(SystemExit) as err:
+        ratio_tally.main(["--results", str(tmp_path), "--output", str(other)])
+    assert err.value.code == 2 and "is not a tally this script wrote" in capsys.readouterr().err
+    assert other.read_text() == '{"mine": 1}'
+    assert ratio_tally.main(["--results", str(tmp_path), "--output", str(tmp_path / "t.json")]) == 0
+    assert ratio_tally.main(["--results", str(tmp_path), "--output", str(tmp_path / "t.json")]) == 0  # its own: rewritten
+
+
 def test_a_missing_results_folder_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         ratio_tally.main(["--results", str(tmp_path / "nowhere")])
