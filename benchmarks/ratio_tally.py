@@ -31,9 +31,14 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _report import write_text  # noqa: E402
+
 RESULTS = HERE / "results"
 TALLY = RESULTS / "ratio_tally.json"
 TARGET = 4.0
+COMMAND = "python benchmarks/ratio_tally.py"  # recorded in the tally: how it was made, and how a tally is known
 
 # backend -> (file pattern, ours' variant, seconds key); a call's name is ``roundN`` plus an
 # optional letter and the device kind, nothing else (other suffixes mark instrumented calls).
@@ -70,8 +75,8 @@ def _spread(values: list[float]) -> list[float] | None:
     return [round(min(values), 2), round(statistics.median(values), 2), round(max(values), 2)] if values else None
 
 
-def tally_call(path: Path, backend: str) -> dict[str, Any] | None:
-    """One call's own-round pairs and cross ratios; None when it has no stock and ours run."""
+def tally_call(path: Path, backend: str, round_: int) -> dict[str, Any] | None:
+    """One call (round ``round_``): its own-round pairs and cross ratios; None when it has no stock and ours run."""
     _, variant, key = BACKENDS[backend]
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -89,7 +94,7 @@ def tally_call(path: Path, backend: str) -> dict[str, Any] | None:
     meta = data.get("meta") or {}
     return {
         "file": path.name,
-        "round": int(BACKENDS[backend][0].fullmatch(path.name).group(1)),
+        "round": round_,
         "gpu": data.get("gpu") or meta.get("gpu"),
         "pairs": pairs,
         "every_stock_run": _spread(cross),
@@ -110,10 +115,10 @@ def window(calls: list[dict[str, Any]], since: int) -> dict[str, Any]:
 
 def tally(results: Path = RESULTS, windows: tuple[int, ...] = WINDOWS) -> dict[str, Any]:
     """Both backends' calls in ``results``, oldest round first, with their windows."""
-    out: dict[str, Any] = {"target": TARGET, "command": "python benchmarks/ratio_tally.py"}
+    out: dict[str, Any] = {"target": TARGET, "command": COMMAND}
     for backend, (pattern, variant, key) in BACKENDS.items():
-        calls = [c for p in sorted(results.iterdir()) if pattern.fullmatch(p.name)
-                 for c in [tally_call(p, backend)] if c is not None]
+        named = [(p, m) for p in sorted(results.iterdir()) for m in [pattern.fullmatch(p.name)] if m]
+        calls = [c for p, m in named for c in [tally_call(p, backend, int(m.group(1)))] if c is not None]
         calls.sort(key=lambda c: (c["round"], c["file"]))
         out[backend] = {"ours": variant, "seconds": key, "windows": [window(calls, since) for since in windows],
                         "calls": calls}
@@ -125,7 +130,7 @@ def _is_tally(path: Path) -> bool:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and data.get("command") == "python benchmarks/ratio_tally.py" and set(BACKENDS) <= set(data)
+    return isinstance(data, dict) and data.get("command") == COMMAND and set(BACKENDS) <= set(data)
 
 
 def render(data: dict[str, Any]) -> str:
@@ -143,22 +148,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--results {args.results}: not a folder of result files")
     output = args.output or (TALLY if args.results.resolve() == RESULTS.resolve() else args.results / TALLY.name)
     try:
-        text = render(tally(args.results))
+        data = tally(args.results)
     except ValueError as err:
         p.error(str(err))
+    text = render(data)
     if args.check:
         if not output.is_file() or output.read_text(encoding="utf-8") != text:
-            print(f"{output}: stale or missing; run python benchmarks/ratio_tally.py", file=sys.stderr)
+            print(f"{output}: stale or missing; run {COMMAND}", file=sys.stderr)
             return 1
         return 0
     if output.exists() and not _is_tally(output):
         p.error(f"--output {output}: exists and is not a tally this script wrote; name a new file")
-    sys.path.insert(0, str(HERE))
-    from _report import write_text
-
     write_text(output, text)
     for backend in BACKENDS:
-        for w in json.loads(text)[backend]["windows"]:
+        for w in data[backend]["windows"]:
             print(f"{backend}: {w['at_least_4x']} of {w['pairs']} own-round pairs at least {TARGET:g}x since round "
                   f"{w['since_round']} ({w['calls']} calls; min / median / max {w['ratio']})")
     return 0

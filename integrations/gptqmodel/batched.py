@@ -181,9 +181,10 @@ class BatchedSolve:
             into a temporary and a subtraction: one kernel and one pass over the weights instead of two. The
             same sum rounded once either way, so the same bits wherever the BLAS runs the same product kernel
             with the output accumulated into (the CPU's does: the tests compare it; on an H100 in round 64 every
-            module's results equalled GPTQModel's per-module solve). Opt-in: the chunk pipeline was not clearly
-            shorter with it there (a gate/up chunk 39.8 against 43.2 ms, its loops alone 37.2 against 30.6;
-            docs/performance.md, round 64).
+            module's results equalled GPTQModel's per-module solve, and in round 65 every run gave stock's
+            checkpoint). Opt-in: on an H100 in round 65 it took 15-17% off a chunk's column loops and about
+            0.1 s off a run's chunk solves, but the runs were no shorter, and its bits rest on a BLAS
+            property shown on H100s alone (docs/performance.md, rounds 64-65).
     """
 
     min_modules: int = 2
