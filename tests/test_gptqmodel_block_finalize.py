@@ -473,3 +473,113 @@ def test_a_groups_device_words_are_let_go_once_its_members_are_made(plugin, tiny
     stats, _ = _run(plugin, tiny, tmp_path, "words_freed", parts=WORDS)
     assert stats.block_finalize.words_used > 0 and len(alive_after) == stats.block_finalize.groups > 0
     assert alive_after == [0] * len(alive_after)  # each group's words gone when its worker is done, not at the end
+
+
+def _run_ahead(plugin, tiny, tmp_path, name, **settings):  # noqa: F811
+    """A run with the part and ``BatchedSolve(pack_ahead=True, **settings)``: (result, tensors)."""
+    from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
+    from test_gptqmodel_layer_ahead import _tensors
+
+    model = _load(tiny["src"], True, tmp_path / f"offload-{name}")
+    result = plugin.quantize_with_defuser(model, tiny["calibration"][:16], batch_size=4, grouped=True,
+                                          batched_solve=BatchedSolve(pack_ahead=True, **settings), lean_bookkeeping=PART)
+    model.save(str(tmp_path / name))
+    return result, _tensors(tmp_path / name)
+
+
+@pytest.fixture
+def packs_done_first(monkeypatch):
+    """Every finalize task waits until the packs started ahead so far have run (on a 2-core host the one pack thread
+    may still be busy when a layer's finalizes start, and a pack not started yet is taken back)."""
+    from concurrent.futures import wait
+
+    original = bf._Finalizer.finalize
+
+    def finalize(self, proc, module, model, kwargs):
+        registry = bf.packing._active
+        if registry is not None:
+            with registry.lock:
+                pending = list(registry.pending.values())
+            wait(pending)
+        return original(self, proc, module, model, kwargs)
+
+    monkeypatch.setattr(bf._Finalizer, "finalize", finalize)
+
+
+@pytest.fixture
+def ext_calls(monkeypatch):
+    """The shapes of the weights this path's extension calls packed (the references' checks and members without
+    words)."""
+    calls: list = []
+    original = bf._Finalizer._ext
+
+    def counted(self):
+        ext = original(self)
+
+        def call(*args):
+            calls.append(tuple(args[0].shape))
+            return ext(*args)
+
+        return call
+
+    monkeypatch.setattr(bf._Finalizer, "_ext", counted)
+    return calls
+
+
+@pytest.mark.slow
+def test_members_take_the_words_packed_ahead_and_the_checkpoint_is_the_same(plugin, tiny, tmp_path, stock,  # noqa: F811
+                                                                            packs_done_first, ext_calls):
+    result, tensors = _run_ahead(plugin, tiny, tmp_path, "ahead")
+    s, pack = result.bookkeeping.block_finalize, result.solve.pack
+    assert s.mismatched == 0 and s.checked == s.groups > 0 and s.batched == len(_experts(tensors)) - s.groups
+    assert s.words_ahead == s.batched  # no member ran the extension ...
+    assert len(ext_calls) == s.groups  # ... only each reference's check did, against the words its pack_block took
+    assert pack.refused == pack.failed == pack.taken_back == 0
+    assert pack.served >= s.words_ahead + s.groups  # the references' pack_block took theirs (attention ones too)
+    assert s.as_dict()["words_ahead"] == s.words_ahead
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
+def test_a_member_whose_weight_changed_since_its_words_were_packed_takes_the_extensions(plugin, tiny, tmp_path,  # noqa: F811
+                                                                                       stock, packs_done_first,
+                                                                                       ext_calls, monkeypatch):
+    original = bf._Finalizer._finalize_members
+    changed: list[str] = []
+
+    def one_stale(self, proc, model, group, members, *args):
+        member = members[-1]  # never the reference (finalized before the members are handed out)
+        registry = bf.packing._active
+        with registry.lock:
+            pending = registry.pending.get(member.module)
+        pending.result().fingerprint += 1  # as if its weight had changed after the pack
+        changed.append(member.full_name)
+        return original(self, proc, model, group, members, *args)
+
+    monkeypatch.setattr(bf._Finalizer, "_finalize_members", one_stale)
+    result, tensors = _run_ahead(plugin, tiny, tmp_path, "ahead_stale")
+    s, pack = result.bookkeeping.block_finalize, result.solve.pack
+    assert len(changed) == s.groups > 0 and pack.refused == len(changed)
+    assert s.words_ahead == s.batched - len(changed)
+    assert len(ext_calls) == s.groups + len(changed)  # those members: the extension's words
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
+def test_packs_not_started_when_the_finalize_asks_are_packed_by_the_extension(plugin, tiny, tmp_path, stock,  # noqa: F811
+                                                                            ext_calls, monkeypatch):
+    import threading as _threading
+
+    release = _threading.Event()
+    monkeypatch.setattr(bf.packing, "PACK_AHEAD_THREADS", 1)
+    monkeypatch.setattr(bf.packing, "_pack_pool", None)
+    bf.packing._pack_threads().submit(release.wait)  # the only pack thread, busy through the run
+    try:
+        result, tensors = _run_ahead(plugin, tiny, tmp_path, "ahead_busy")
+    finally:
+        release.set()
+        bf.packing._pack_threads().shutdown(wait=True)
+    s, pack = result.bookkeeping.block_finalize, result.solve.pack
+    assert s.words_ahead == 0 and pack.served == 0 and pack.taken_back == pack.offered > 0
+    assert len(ext_calls) == s.groups + s.batched
+    assert _same(tensors, stock)

@@ -289,3 +289,35 @@ def test_pack_ahead_settings_are_checked():
     for bad in ({"pack": True}, {"host_results": False}):
         with pytest.raises(ValueError, match="pack_ahead needs host_results=True and pack=False"):
             BatchedSolve(pack_ahead=True, **bad)
+
+
+def test_the_pack_ahead_threads_leave_cores_to_the_layer(monkeypatch):
+    from defuser_quant.integrations.gptqmodel import packing, tail_workers
+
+    for cores, threads in ((2, 1), (5, 1), (8, 4), (16, 12), (64, 12)):
+        monkeypatch.setattr(tail_workers, "cores", lambda n=cores: n)
+        assert packing.pack_ahead_threads() == threads, cores
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA weight")
+def test_a_cuda_weight_is_packed_ahead_as_the_callers_stream_left_it(extension):
+    """The job copies the weight on a stream of its own once the stream that handed it over has reached that point:
+    a write still queued there (behind a long kernel) is in the words."""
+    from defuser_quant.integrations.gptqmodel import packing
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(256, 512, generator=g).to(torch.bfloat16)
+    scales, zeros = torch.rand(256, 4, generator=g) + 0.1, torch.randint(0, 16, (256, 4)).float()
+    g_idx = (torch.arange(512) // 128).to(torch.int32)
+    linear = nn.Linear(512, 256, bias=False)
+    weight = torch.zeros_like(target, device="cuda")
+    caller = torch.cuda.Stream()
+    with packing.served_pack_words() as stats, torch.cuda.stream(caller):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s or more: the job starts before the write below has run
+        weight.copy_(target.cuda(), non_blocking=True)
+        assert packing.pack_ahead(linear, weight, scales, zeros, g_idx, bits=4)
+        args = (target, scales.T.contiguous(), zeros.T.contiguous(), g_idx, 4, 32)
+        words = packing.take_words(linear, *args)
+    assert words is not None and stats.served == 1
+    want = _extension_words(target, scales, zeros, g_idx, 4)
+    assert torch.equal(words[0], want[0]) and torch.equal(words[1], want[1])

@@ -46,6 +46,12 @@ extension's float32 steps); the reference is checked with its device words (word
 the extension, with a warning), and each member takes its words where its finalize's inputs (weight fingerprint,
 scales, zeros, ``g_idx``) are the ones packed, else the extension packs it.
 
+Words packed before the finalize by ``BatchedSolve(pack_ahead=True)`` (GPTQModel's own extension on background threads,
+started as each module's result is taken, so a layer's gate/up projections are packed during its down subset) or
+``BatchedSolve(pack=True)`` are taken by the members here too (:func:`.packing.take_words`: only where the member's
+extension arguments are the inputs they were packed from, else the extension runs), and the reference's own
+``pack_block`` takes its words the same way, then is checked against the extension's.
+
 Measured on two 16-core H100 hosts (rounds 48 and 51, ``gptqmodel_cuda_2layers_round48[abc]_h100x1.json``,
 ``gptqmodel_cuda_2layers_round51a_h100x1.json``): the quantize was shorter than without the part in seven of eight pairs
 and as long in one (the last layer's finalize window 0.44-0.79 s against 0.62-1.33 s). On a 2-core CPU (one extension
@@ -122,12 +128,14 @@ class BlockFinalizeStats:
     words_seconds: float = 0.0  # main-thread seconds spent packing them (before the layer's move to the CPU)
     words_left: Counter = field(default_factory=Counter)  # "<reason>" -> members (or groups) packed by the extension
     stolen: int = 0  # steal_groups: groups taken by a waiting member's task instead of one of their own members'
+    words_ahead: int = 0  # members that took words packed before their finalize (BatchedSolve's pack_ahead or pack)
 
     def as_dict(self) -> dict[str, Any]:
         return {"groups": self.groups, "checked": self.checked, "mismatched": self.mismatched,
                 "batched": self.batched, "ext_threads": self.ext_threads, "cloned": self.cloned, "stolen": self.stolen,
                 "left": dict(self.left), "words_packed": self.words_packed, "words_used": self.words_used,
-                "words_seconds": round(self.words_seconds, 3), "words_left": dict(self.words_left)}
+                "words_seconds": round(self.words_seconds, 3), "words_left": dict(self.words_left),
+                "words_ahead": self.words_ahead}
 
 
 def internals_refusal() -> str | None:
@@ -533,9 +541,12 @@ class _Finalizer:
             args = ext_inputs(*inputs, bits)
             packed = words.get(module)
             if packed is not None and packed.matches(*args[:6]):  # each its own storage: the words are views
-                result, used = (packed.qweight.clone(), packed.qzeros.clone()), True
-            else:
-                result, used = ext(*args), False
+                result, used = (packed.qweight.clone(), packed.qzeros.clone()), "device"
+            else:  # words packed ahead of the finalize (BatchedSolve's pack_ahead or pack), for these inputs only
+                result = packing.take_words(module, *args[:6])
+                used = "ahead" if result is not None else None
+                if result is None:
+                    result = ext(*args)
             return pack_tensors(*inputs, result, bits, pack_dtype, to_v1), used
 
         pending: list[tuple[Any, Future]] = []
@@ -555,8 +566,9 @@ class _Finalizer:
                 with self.lock:
                     self.stats.batched += 1
                     self.stats.cloned += copied
-                    self.stats.words_used += used
-                    if module in words and not used:
+                    self.stats.words_used += used == "device"
+                    self.stats.words_ahead += used == "ahead"
+                    if module in words and used != "device":
                         self.stats.words_left["a member's inputs are not the ones its words were packed from"] += 1
             except Exception as exc:
                 _leave(module, exc)

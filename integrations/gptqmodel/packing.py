@@ -39,7 +39,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 __all__ = ["PACK_AHEAD_THREADS", "PACK_BITS", "PackStats", "PackedWords", "host_copies", "offer_pack_words",
-           "pack_ahead", "pack_stack", "pack_words", "packable", "served_pack_words", "weight_fingerprint"]
+           "pack_ahead", "pack_ahead_threads", "pack_stack", "pack_words", "packable", "served_pack_words",
+           "take_words", "weight_fingerprint"]
 
 #: Bit widths with a whole number of codes per 32-bit word (the extension's only widths).
 PACK_BITS = (2, 4, 8)
@@ -200,17 +201,29 @@ def offer_pack_words(module: nn.Module, words: PackedWords) -> None:
         registry.stats.offered += 1
 
 
-#: Threads packing ahead (:func:`pack_ahead`); GPTQModel's extension runs with the interpreter lock released.
-PACK_AHEAD_THREADS = 4
+#: Most threads packing ahead (:func:`pack_ahead`); GPTQModel's extension runs with the interpreter lock released.
+#: A Qwen3-30B-A3B layer's 256 gate/up projections take about 12-25 ms each in the extension: on twelve threads
+#: about 0.3 s, inside the layer's down subset that follows them.
+PACK_AHEAD_THREADS = 12
+#: Cores left to the main thread and GPTQModel's device workers, which go on with the layer meanwhile.
+PACK_AHEAD_SPARE_CORES = 4
 _pack_pool: ThreadPoolExecutor | None = None
 _pack_pool_lock = threading.Lock()
+
+
+def pack_ahead_threads() -> int:
+    """How many threads pack ahead in this process: :data:`PACK_AHEAD_THREADS` at most, the cores this process may
+    run on but :data:`PACK_AHEAD_SPARE_CORES`, at least one."""
+    from .tail_workers import cores
+
+    return max(1, min(PACK_AHEAD_THREADS, cores() - PACK_AHEAD_SPARE_CORES))
 
 
 def _pack_threads() -> ThreadPoolExecutor:
     global _pack_pool
     with _pack_pool_lock:
         if _pack_pool is None:
-            _pack_pool = ThreadPoolExecutor(max_workers=PACK_AHEAD_THREADS, thread_name_prefix="defuser-quant-pack")
+            _pack_pool = ThreadPoolExecutor(max_workers=pack_ahead_threads(), thread_name_prefix="defuser-quant-pack")
         return _pack_pool
 
 
@@ -228,9 +241,13 @@ def pack_ahead(module: nn.Module, weight: torch.Tensor, scales: torch.Tensor, ze
                                                               g_idx.device.type == "cpu"):
         return False
     extension = registry.original_ext  # GPTQModel's own, not the serving patch
+    ready = None
+    if weight.device.type == "cuda":  # the weight as the caller's stream has it now, copied on a stream of the job's
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(weight.device))
 
     def job() -> PackedWords:
-        w = weight.detach().to("cpu")  # what pack_block hands the extension (its copy=False move)
+        w = _host_copy(weight, ready)  # what pack_block hands the extension (its copy=False move)
         s, z, g = scales.T.contiguous(), zeros.T.contiguous(), g_idx.to(dtype=torch.int32)
         qweight, qzeros = extension(w, s, z, g, int(bits), 32, 8192, 1)
         return PackedWords(int(bits), qweight, qzeros, scales, zeros, g_idx, weight_fingerprint(w),
@@ -241,6 +258,59 @@ def pack_ahead(module: nn.Module, weight: torch.Tensor, scales: torch.Tensor, ze
         registry.pending[module] = future
         registry.stats.offered += 1
     return True
+
+
+def _host_copy(weight: torch.Tensor, ready: Any) -> torch.Tensor:
+    """``weight`` on the CPU. A CUDA weight is copied on a side stream once ``ready`` (an event recorded where the
+    weight was handed over) has passed, so the copy neither queues behind the work on the device's default stream
+    (the layer's next forward) nor holds that work up."""
+    if ready is None:
+        return weight.detach().to("cpu")
+    stream = torch.cuda.Stream(device=weight.device)
+    stream.wait_event(ready)
+    with torch.cuda.stream(stream):
+        return weight.detach().to("cpu")
+
+
+def take_words(module: Any, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+               bits: int, word_bits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``module``'s words (a ``nn.Linear`` or GPTQModel ``NamedModule``; offered by the solve or packed ahead) for the
+    extension's arguments ``weight`` .. ``word_bits``, each its own storage, where these are the inputs they were
+    packed from; None (the caller runs the extension, as stock) where there are none, they were packed from other
+    inputs, their pack ahead raised or had not started yet (it is taken back). A pack ahead under way is waited for.
+    Each module's words are taken once; outside :func:`served_pack_words`, always None."""
+    registry = _active
+    if registry is None:
+        return None
+    module = _linear_of(module)
+    with registry.lock:
+        words = registry.words.pop(module, None)
+        pending = registry.pending.pop(module, None)
+    # packed ahead (never together with offered words: BatchedSolve's pack and pack_ahead exclude each other)
+    if pending is not None:
+        if pending.cancel():  # not started yet: the caller packs it, now
+            with registry.lock:
+                registry.stats.taken_back += 1
+        else:  # being packed: wait for it
+            t0 = time.perf_counter()
+            try:
+                words = pending.result()
+            except Exception as exc:  # the caller's own pack, as stock
+                logger.debug("a pack started ahead failed (%s); GPTQModel's extension packs the module", exc)
+                with registry.lock:
+                    registry.stats.failed += 1
+            with registry.lock:
+                registry.stats.waited_seconds += time.perf_counter() - t0
+    if words is None:
+        return None
+    served = words.matches(weight, scales, zeros, g_idx, bits, word_bits)
+    with registry.lock:
+        registry.stats.served += served
+        registry.stats.refused += not served
+    if not served:
+        logger.debug("packed words of a batched module did not match pack_block's inputs; GPTQModel's extension packs it")
+        return None
+    return words.qweight.clone(), words.qzeros.clone()  # each its own storage (the words may be views of a host copy)
 
 
 def _linear_of(module: Any) -> Any:
@@ -273,32 +343,9 @@ def served_pack_words() -> Iterator[PackStats]:
     @functools.wraps(original_ext)
     def pack_block_cpu(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads):
         module = getattr(registry.current, "module", None)
-        with registry.lock:
-            words = registry.words.pop(module, None) if module is not None else None
-            pending = registry.pending.pop(module, None) if module is not None else None
-        # packed ahead (never together with offered words: BatchedSolve's pack and pack_ahead exclude each other)
-        if pending is not None:
-            if pending.cancel():  # not started yet: pack it here, now
-                with registry.lock:
-                    registry.stats.taken_back += 1
-            else:  # being packed: wait for it
-                t0 = time.perf_counter()
-                try:
-                    words = pending.result()
-                except Exception as exc:  # its own pack below, as stock
-                    logger.debug("a pack started ahead failed (%s); GPTQModel's extension packs the module", exc)
-                    with registry.lock:
-                        registry.stats.failed += 1
-                with registry.lock:
-                    registry.stats.waited_seconds += time.perf_counter() - t0
+        words = take_words(module, weight, scales, zeros, g_idx, bits, word_bits) if module is not None else None
         if words is not None:
-            served = words.matches(weight, scales, zeros, g_idx, bits, word_bits)
-            with registry.lock:
-                registry.stats.served += served
-                registry.stats.refused += not served
-            if served:  # each its own storage (the words are views of a chunk's host copy)
-                return words.qweight.clone(), words.qzeros.clone()
-            logger.debug("packed words of a batched module did not match pack_block's inputs; GPTQModel's extension packs it")
+            return words
         return original_ext(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads)
 
     PackableQuantLinear.pack_block, pack_block_ext.pack_block_cpu = pack_block, pack_block_cpu
