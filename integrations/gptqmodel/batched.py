@@ -143,12 +143,14 @@ class BatchedSolve:
             The same calls on the same kind of stream: the results do not depend on it. Not with
             ``"caller"`` streams (every inverse on the solving worker's stream, in order).
         pack_ahead: as soon as GPTQModel takes a batched module's result, start its packed words with
-            GPTQModel's own CPU extension on :data:`.packing.PACK_AHEAD_THREADS` threads, from the
-            inputs its ``pack_block`` will pass; the module's finalize then takes them instead of
-            packing, where its inputs are those (dtypes included), waiting for a pack under way and
-            packing one not started yet itself; else the extension packs it as stock. Needs ``host_results`` and 2, 4 or 8 bits; not
-            with ``pack``. Off by default (opt-in until measured on a GPU: it moves the last layer's
-            packing into the layer's own subsets, where the CPU workers are idle).
+            GPTQModel's own CPU extension on :func:`.packing.pack_ahead_threads` threads (a CUDA weight
+            copied to the host on a side stream), from the inputs its ``pack_block`` will pass; the
+            module's finalize (GPTQModel's ``pack_block``, or a ``block_finalize`` group's worker) then
+            takes them instead of packing, where its inputs are those (dtypes included), waiting for a
+            pack under way and packing one not started yet itself; else the extension packs it as stock.
+            Needs ``host_results`` and 2, 4 or 8 bits; not with ``pack``. Off by default: it moves a
+            layer's packing into the layer's own subsets, where the CPU workers are idle, but round 34
+            measured it (before ``block_finalize``) no faster on an H200 (docs/performance.md).
         rows_kernel: where GPTQModel would run its CUDA block-update extension, run each 128-column
             block of a whole chunk as one launch of :mod:`.rows_kernel` (one warp per row) instead
             of one extension launch per Hessian: the extension's values, bit for bit. Where the
