@@ -203,7 +203,8 @@ def offer_pack_words(module: nn.Module, words: PackedWords) -> None:
 
 #: Most threads packing ahead (:func:`pack_ahead`); GPTQModel's extension runs with the interpreter lock released.
 #: A Qwen3-30B-A3B layer's 256 gate/up projections take about 12-25 ms each in the extension: on twelve threads
-#: about 0.3 s, inside the layer's down subset that follows them.
+#: about 0.3 s, inside the layer's down subset that follows them. (On an H100 host in round 66 the subsets beside
+#: twelve such threads grew by more than the finalizes saved: docs/performance.md.)
 PACK_AHEAD_THREADS = 12
 #: Cores left to the main thread and GPTQModel's device workers, which go on with the layer meanwhile.
 PACK_AHEAD_SPARE_CORES = 4
