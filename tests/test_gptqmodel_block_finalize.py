@@ -476,13 +476,14 @@ def test_a_groups_device_words_are_let_go_once_its_members_are_made(plugin, tiny
 
 
 def _run_ahead(plugin, tiny, tmp_path, name, **settings):  # noqa: F811
-    """A run with the part and ``BatchedSolve(pack_ahead=True, **settings)``: (result, tensors)."""
+    """A run with the part and ``BatchedSolve(pack_ahead=True)`` (or ``**settings`` over it): (result, tensors)."""
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
     from test_gptqmodel_layer_ahead import _tensors
 
     model = _load(tiny["src"], True, tmp_path / f"offload-{name}")
     result = plugin.quantize_with_defuser(model, tiny["calibration"][:16], batch_size=4, grouped=True,
-                                          batched_solve=BatchedSolve(pack_ahead=True, **settings), lean_bookkeeping=PART)
+                                          batched_solve=BatchedSolve(**({"pack_ahead": True} | settings)),
+                                          lean_bookkeeping=PART)
     model.save(str(tmp_path / name))
     return result, _tensors(tmp_path / name)
 
@@ -527,9 +528,12 @@ def ext_calls(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("how", ["pack_ahead", "pack"])
 def test_members_take_the_words_packed_ahead_and_the_checkpoint_is_the_same(plugin, tiny, tmp_path, stock,  # noqa: F811
-                                                                            packs_done_first, ext_calls):
-    result, tensors = _run_ahead(plugin, tiny, tmp_path, "ahead")
+                                                                            packs_done_first, ext_calls, how):
+    """Words packed ahead on background threads (``pack_ahead``) or by the batched solve (``pack``)."""
+    settings = {} if how == "pack_ahead" else {"pack_ahead": False, "pack": True}
+    result, tensors = _run_ahead(plugin, tiny, tmp_path, how, **settings)
     s, pack = result.bookkeeping.block_finalize, result.solve.pack
     assert s.mismatched == 0 and s.checked == s.groups > 0 and s.batched == len(_experts(tensors)) - s.groups
     assert s.words_ahead == s.batched  # no member ran the extension ...
