@@ -78,7 +78,7 @@ from torch import nn
 
 from . import packing
 from .compat import patched, source_digest
-from .tail_workers import cores
+from .tail_workers import threads_beside
 
 logger = logging.getLogger(__name__)
 
@@ -542,11 +542,11 @@ class _Finalizer:
             packed = words.get(module)
             if packed is not None and packed.matches(*args[:6]):  # each its own storage: the words are views
                 result, used = (packed.qweight.clone(), packed.qzeros.clone()), "device"
-            else:  # words packed ahead of the finalize (BatchedSolve's pack_ahead or pack), for these inputs only
-                result = packing.take_words(module, *args[:6])
-                used = "ahead" if result is not None else None
-                if result is None:
-                    result = ext(*args)
+            # else words packed ahead of the finalize (BatchedSolve's pack_ahead or pack), for these inputs only
+            elif (ahead := packing.take_words(module, *args[:6])) is not None:
+                result, used = ahead, "ahead"
+            else:
+                result, used = ext(*args), None
             return pack_tensors(*inputs, result, bits, pack_dtype, to_v1), used
 
         pending: list[tuple[Any, Future]] = []
@@ -608,7 +608,7 @@ class _Finalizer:
             if self.closed:
                 raise RuntimeError("block_finalize has ended")
             if self.pool is None:
-                self.stats.ext_threads = max(1, min(EXT_THREADS, cores() - 2))
+                self.stats.ext_threads = threads_beside(EXT_THREADS, spare=2)
                 self.pool = ThreadPoolExecutor(max_workers=self.stats.ext_threads,
                                                thread_name_prefix=THREAD_PREFIX)
             return self.pool

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .tail_workers import threads_beside
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PACK_AHEAD_THREADS", "PACK_BITS", "PackStats", "PackedWords", "host_copies", "offer_pack_words",
@@ -215,9 +217,7 @@ _pack_pool_lock = threading.Lock()
 def pack_ahead_threads() -> int:
     """How many threads pack ahead in this process: :data:`PACK_AHEAD_THREADS` at most, the cores this process may
     run on but :data:`PACK_AHEAD_SPARE_CORES`, at least one."""
-    from .tail_workers import cores
-
-    return max(1, min(PACK_AHEAD_THREADS, cores() - PACK_AHEAD_SPARE_CORES))
+    return threads_beside(PACK_AHEAD_THREADS, spare=PACK_AHEAD_SPARE_CORES)
 
 
 def _pack_threads() -> ThreadPoolExecutor:

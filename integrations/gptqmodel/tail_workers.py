@@ -37,7 +37,7 @@ from .layer_ahead import decoder_layers, layers_lookup_refusal
 from .worker_warmup import _nothing, _pool
 from .worker_warmup import internals_refusal as pool_refusal
 
-__all__ = ["MAX_WORKERS", "TailWorkerStats", "cores", "internals_refusal", "tail_workers"]
+__all__ = ["MAX_WORKERS", "TailWorkerStats", "cores", "internals_refusal", "tail_workers", "threads_beside"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,12 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def threads_beside(most: int, spare: int) -> int:
+    """Threads for a pool that runs beside other work: the :func:`cores` this process may run on but ``spare``, at
+    most ``most``, at least one."""
+    return max(1, min(most, cores() - spare))
 
 
 def internals_refusal() -> str | None:
