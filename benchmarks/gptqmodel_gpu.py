@@ -143,6 +143,11 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  module's words packed by GPTQModel's own CPU extension on background threads as soon
                  as GPTQModel takes its result, and served to its finalize; the row's ``solve.pack``
                  counts offered / served / refused / failed and the finalizes' wait;
+* ``ours-grouped-batched-pack-stealgroups`` - ``-pack`` with the opt-in ``steal_groups`` (and ``block_finalize``, a
+                 default with 16 cores): the last layer's finalize window with neither of its two bounds, the pack
+                 extension (the members take the solve's GPU words) nor the groups made one after another (a waiting
+                 member's task takes the groups no task has reached yet); ``bookkeeping.block_finalize``'s
+                 ``words_ahead`` and ``stolen`` say whether both happened;
 * ``ours-grouped-batched-chunk1g5`` / ``ours-grouped-batched-chunk2g`` - with ``BatchedSolve(chunk_bytes=1.5 /
                  2 GiB)`` instead of 1 GiB: fewer, larger chunks a subset (a chunk's column loop launches
                  about as many kernels whatever its module count), at the price of more working memory;
@@ -325,7 +330,7 @@ VARIANTS = ("stock", "stock-again", "ours", "ours-all", "ours-grouped", "ours-al
             "ours-grouped-batched-invgraphs", "ours-grouped-batched-noinvgraphs", "ours-grouped-batched-loopgraphs",
             "ours-grouped-batched-graphs", "ours-grouped-batched-hinv8-invgraphs", "ours-grouped-batched-hinv12-invgraphs",
             "ours-grouped-batched-solvehigh", "ours-grouped-batched-chunk1g5", "ours-grouped-batched-chunk2g",
-            "ours-grouped-batched-inplace",
+            "ours-grouped-batched-inplace", "ours-grouped-batched-pack-stealgroups",
             *(f"ours-grouped-batched{suffix}" for suffix in (*WITHOUT_PART, *WITH_PART)), *COMBINED_PARTS)
 MODIFIERS = {"si": "sys.setswitchinterval, microseconds", "cpuw": "GPTQMODEL_CPU_WORKERS",
              "cudaw": "GPTQModel device workers per CUDA device (its default: 4)",

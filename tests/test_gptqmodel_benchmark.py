@@ -297,6 +297,10 @@ def test_variants_pick_their_batched_solve_settings():
     assert BatchedSolve().inverses_ahead and BatchedSolve().rows_kernel  # on by default
     assert {"ours-grouped-batched-noahead", "ours-grouped-batched-norows"} <= set(bench.VARIANTS)
     assert bench.solve_setting("ours-grouped-batched-packahead") == BatchedSolve(pack_ahead=True)
+    # the GPU words with the groups made side by side: both bounds of the last layer's finalize window off
+    assert bench.solve_setting("ours-grouped-batched-pack-stealgroups") == BatchedSolve(pack=True)
+    assert bench.bookkeeping_setting("ours-grouped-batched-pack-stealgroups") >= {"steal_groups"}
+    assert "ours-grouped-batched-pack-stealgroups" in bench.VARIANTS
     assert "ours-grouped-batched-packahead" in bench.VARIANTS
 
 

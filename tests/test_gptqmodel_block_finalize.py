@@ -19,7 +19,7 @@ from gptqmodel.looper.gptq_processor import GPTQProcessor  # noqa: E402
 from defuser_quant.integrations.gptqmodel import block_finalize as bf  # noqa: E402
 from defuser_quant.integrations.gptqmodel import overhead  # noqa: E402
 from defuser_quant.integrations.gptqmodel.overhead import DEFAULT_PARTS, OPT_IN, internals_mismatch  # noqa: E402
-from test_gptqmodel_layer_ahead import _run, _same  # noqa: E402
+from test_gptqmodel_layer_ahead import _run, _run_result, _same  # noqa: E402
 from test_gptqmodel_overhead import _load  # noqa: E402
 from test_gptqmodel_plugin import plugin, tiny  # noqa: E402, F401  (fixtures)
 
@@ -462,17 +462,12 @@ def test_a_groups_device_words_are_let_go_once_its_members_are_made(plugin, tiny
     assert alive_after == [0] * len(alive_after)  # each group's words gone when its worker is done, not at the end
 
 
-def _run_ahead(plugin, tiny, tmp_path, name, **settings):  # noqa: F811
-    """A run with the part and ``BatchedSolve(pack_ahead=True)`` (or ``**settings`` over it): (result, tensors)."""
+def _run_ahead(plugin, tiny, tmp_path, name, parts=PART, **settings):  # noqa: F811
+    """A run with ``parts`` and ``BatchedSolve(pack_ahead=True)`` (or ``**settings`` over it): (result, tensors)."""
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve
-    from test_gptqmodel_layer_ahead import _tensors
 
-    model = _load(tiny["src"], True, tmp_path / f"offload-{name}")
-    result = plugin.quantize_with_defuser(model, tiny["calibration"][:16], batch_size=4, grouped=True,
-                                          batched_solve=BatchedSolve(**({"pack_ahead": True} | settings)),
-                                          lean_bookkeeping=PART)
-    model.save(str(tmp_path / name))
-    return result, _tensors(tmp_path / name)
+    return _run_result(plugin, tiny, tmp_path, name, parts=parts,
+                       batched_solve=BatchedSolve(**({"pack_ahead": True} | settings)))
 
 
 @pytest.fixture
@@ -515,14 +510,17 @@ def ext_calls(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["pack_ahead", "pack"])
+@pytest.mark.parametrize("how", ["pack_ahead", "pack", "pack_steal"])
 def test_members_take_the_words_packed_ahead_and_the_checkpoint_is_the_same(plugin, tiny, tmp_path, stock,  # noqa: F811
                                                                             packs_done_first, ext_calls, how):
-    """Words packed ahead on background threads (``pack_ahead``) or by the batched solve (``pack``)."""
+    """Words packed ahead on background threads (``pack_ahead``) or by the batched solve (``pack``; ``pack_steal``
+    with ``steal_groups``: stolen groups' members take theirs too)."""
     settings = {} if how == "pack_ahead" else {"pack_ahead": False, "pack": True}
-    result, tensors = _run_ahead(plugin, tiny, tmp_path, how, **settings)
+    parts = STEAL if how == "pack_steal" else PART
+    result, tensors = _run_ahead(plugin, tiny, tmp_path, how, parts=parts, **settings)
     s, pack = result.bookkeeping.block_finalize, result.solve.pack
     assert s.mismatched == 0 and s.checked == s.groups > 0 and s.batched == len(_experts(tensors)) - s.groups
+    assert (s.stolen >= 1) == (how == "pack_steal")
     assert s.words_ahead == s.batched  # no member ran the extension ...
     assert len(ext_calls) == s.groups  # ... only each reference's check did, against the words its pack_block took
     assert pack.refused == pack.failed == pack.taken_back == 0

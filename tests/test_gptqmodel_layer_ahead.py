@@ -65,11 +65,19 @@ def _with_part():
 
 
 def _run(plugin, tiny, tmp_path, name, parts=None):  # noqa: F811
+    result, tensors = _run_result(plugin, tiny, tmp_path, name, parts=parts)
+    return result.bookkeeping, tensors
+
+
+def _run_result(plugin, tiny, tmp_path, name, parts=None, batched_solve=True):  # noqa: F811
+    """The tiny model quantized with ``parts`` (default: the default parts and ``layer_ahead``) and ``batched_solve``,
+    then saved: (the plugin's result, the saved tensors)."""
     model = _load(tiny["src"], True, tmp_path / f"offload-{name}")
     result = plugin.quantize_with_defuser(model, tiny["calibration"][:16], batch_size=4, grouped=True,
-                                          batched_solve=True, lean_bookkeeping=_with_part() if parts is None else parts)
+                                          batched_solve=batched_solve,
+                                          lean_bookkeeping=_with_part() if parts is None else parts)
     model.save(str(tmp_path / name))
-    return result.bookkeeping, _tensors(tmp_path / name)
+    return result, _tensors(tmp_path / name)
 
 
 def _same(a: dict, b: dict) -> bool:
