@@ -68,6 +68,22 @@ def test_fingerprint_sees_one_changed_element_and_is_the_same_on_any_layout():
     assert weight_fingerprint(torch.randn(3, 64, 96)).shape == (3, 64 + 96)
 
 
+@pytest.mark.parametrize("columns", [2048, 65536, 65537])
+def test_fingerprint_is_the_int64_sums_even_where_int32_would_overflow(columns):
+    from defuser_quant.integrations.gptqmodel.packing import weight_fingerprint
+
+    extremes = torch.tensor([-32768, 32767], dtype=torch.int16).repeat(2, 1)
+    for row in extremes.unbind(1):  # every element at one end of int16: the largest row sums there are
+        bits = row[:, None].expand(2, columns).contiguous()
+        reference = bits.to(torch.int64)
+        want = torch.cat([reference.sum(-1), reference.sum(-2)])
+        got = weight_fingerprint(bits.view(torch.bfloat16))
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+    w = torch.randn(3, 64, 96)  # 32-bit elements: always int64 sums
+    assert torch.equal(weight_fingerprint(w), torch.cat([w.view(torch.int32).to(torch.int64).sum(-1),
+                                                         w.view(torch.int32).to(torch.int64).sum(-2)], dim=-1))
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("name", ["default (act_group_aware)", "natural order", "desc_act", "asym", "per channel"])
 def test_each_solved_module_carries_the_extensions_words_for_its_result(extension, name, bits):
