@@ -414,13 +414,20 @@ def main_gaps(spans: list[Span], start: float, end: float, min_seconds: float = 
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 
+#: block_finalize's region names (``integrations.gptqmodel.block_finalize.WAIT_REGION`` / ``RELEASE_REGION``): a group
+#: worker waiting for a member's tensors, and a member's state pops and weight removal after its buffers.
+BLOCK_FINALIZE_WAIT, BLOCK_FINALIZE_RELEASE = "block_finalize_wait", "block_finalize_release"
+
+
 def finalize_windows(spans: list[Span], start: float) -> list[dict]:
     """Per decoder layer (from each span's module name): its ``submodule_finalize`` calls, from the first
     one's start to the last one's end (seconds from ``start``), their median seconds and the median of
-    their ``submodule_finalize_pack`` part, and how many CPU workers ran them."""
+    their ``submodule_finalize_pack`` part, and how many CPU workers ran them; where ``block_finalize`` ran, also the
+    median of its members' release step (``median_release_ms``) and its group workers' summed wait for the members'
+    tensors (``wait_s``)."""
     by_layer: dict[int, dict[str, list[Span]]] = {}
     for s in spans:
-        if s.kind in ("submodule_finalize", "submodule_finalize_pack"):
+        if s.kind in ("submodule_finalize", "submodule_finalize_pack", BLOCK_FINALIZE_WAIT, BLOCK_FINALIZE_RELEASE):
             match = _LAYER.search(s.name)
             if match is not None:
                 by_layer.setdefault(int(match.group(1)), {}).setdefault(s.kind, []).append(s)
@@ -430,12 +437,18 @@ def finalize_windows(spans: list[Span], start: float) -> list[dict]:
         if not calls:
             continue
         packs = kinds.get("submodule_finalize_pack", [])
-        out.append({
+        row = {
             "layer": layer, "modules": len(calls),
             "first_start": round(min(c.start for c in calls) - start, 3),
             "last_end": round(max(c.end for c in calls) - start, 3),
             "median_ms": round(statistics.median(c.end - c.start for c in calls) * 1e3, 2),
             "median_pack_ms": round(statistics.median(c.end - c.start for c in packs) * 1e3, 2) if packs else None,
             "workers": len({c.thread for c in calls}),
-        })
+        }
+        releases, waits = kinds.get(BLOCK_FINALIZE_RELEASE, []), kinds.get(BLOCK_FINALIZE_WAIT, [])
+        if releases or waits:
+            row["median_release_ms"] = (round(statistics.median(r.end - r.start for r in releases) * 1e3, 2)
+                                        if releases else None)
+            row["wait_s"] = round(sum(w.end - w.start for w in waits), 3)
+        out.append(row)
     return out

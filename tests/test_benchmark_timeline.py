@@ -91,6 +91,21 @@ def test_each_layers_finalizes_get_their_window_and_medians():
     assert summarize(spans, 2.0, 14.0)["finalize"] == finalize_windows(spans, 2.0)
 
 
+def test_a_layer_finalized_by_block_finalize_gets_its_release_median_and_summed_waits():
+    member, worker = "model.layers.1.mlp.experts.{}.gate_proj", "DPWorker-cpu#0"
+    spans = [Span("submodule_finalize", member.format(0), worker, 1.0, 1.5)]
+    for e, (wait, release) in enumerate([(0.02, 0.001), (0.03, 0.004), (0.0, 0.002)], start=1):
+        at = 1.0 + e * 0.1
+        spans += [Span("submodule_finalize", member.format(e), f"DPWorker-cpu#{e}", 1.0, at + 0.05),
+                  Span("block_finalize_wait", member.format(e), worker, at, at + wait),
+                  Span("block_finalize_release", member.format(e), worker, at + wait, at + wait + release)]
+    spans.append(Span("submodule_finalize", "model.layers.0.self_attn.o_proj", "DPWorker-cpu#3", 0.1, 0.2))
+    layer0, layer1 = finalize_windows(spans, start=0.0)
+    assert "wait_s" not in layer0 and "median_release_ms" not in layer0  # GPTQModel's own finalizes only
+    assert layer1["median_release_ms"] == 2.0 and layer1["wait_s"] == pytest.approx(0.05)
+    assert layer1["modules"] == 4
+
+
 def test_the_committed_round31_spans_give_the_documented_last_finalize_window():
     """docs/performance.md round 31: layer 1's 388 finalizes, 17-19 ms each, about 1.1-1.2 s first to last."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / \

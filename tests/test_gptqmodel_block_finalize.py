@@ -7,7 +7,9 @@ to GPTQModel's own finalize; Ctrl-C restores it and stops the extension threads.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,13 +41,38 @@ def _experts(tensors: dict) -> list[str]:
     return [k for k in tensors if ".experts." in k and k.endswith(".qweight")]
 
 
+@pytest.fixture
+def region_records(monkeypatch):
+    """(region, source) of every GPTQModel region timer sample of the run."""
+    from gptqmodel.utils.logger import QuantizationRegionTimer
+
+    seen: list[tuple[str, str | None]] = []
+    original = QuantizationRegionTimer.record
+
+    def record(self, region, duration, *, source=None):
+        seen.append((region, source))
+        return original(self, region, duration, source=source)
+
+    monkeypatch.setattr(QuantizationRegionTimer, "record", record)
+    return seen
+
+
 @pytest.mark.slow
-def test_each_group_is_finalized_by_one_worker_and_the_checkpoint_is_the_same(plugin, tiny, tmp_path, stock):  # noqa: F811
+def test_each_group_is_finalized_by_one_worker_and_the_checkpoint_is_the_same(plugin, tiny, tmp_path, stock,  # noqa: F811
+                                                                              region_records):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import _timeline
+
     stats, tensors = _run(plugin, tiny, tmp_path, "block", parts=PART)
     s = stats.block_finalize
     projections = len(_experts(tensors))
     assert stats.disabled == {} and s.groups > 0 and s.mismatched == 0 and s.checked == s.groups
     assert s.batched == projections - s.groups  # every member but the references, by its group's worker
+    # each member's wait for its tensors and its release step are timed, under the names the timeline reads
+    assert (_timeline.BLOCK_FINALIZE_WAIT, _timeline.BLOCK_FINALIZE_RELEASE) == (bf.WAIT_REGION, bf.RELEASE_REGION)
+    for region in (bf.WAIT_REGION, bf.RELEASE_REGION):
+        sources = [source for name, source in region_records if name == region]
+        assert len(sources) == len(set(sources)) == s.batched and all(".experts." in x for x in sources)
     assert s.ext_threads >= 1
     assert not [t for t in threading.enumerate() if t.name.startswith(bf.THREAD_PREFIX)]  # the pool ended with the run
     assert set(s.left) == {"not an expert projection of our blocks"}  # attention modules: GPTQModel's finalize

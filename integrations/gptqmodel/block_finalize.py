@@ -82,8 +82,9 @@ from .tail_workers import threads_beside
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DIGESTS", "EXT_THREADS", "THREAD_PREFIX", "WORD_CHUNK", "WORD_DEVICES", "BlockFinalizeStats",
-           "block_finalize", "clone_module", "ext_inputs", "internals_refusal", "pack_tensors", "same_module_state"]
+__all__ = ["DIGESTS", "EXT_THREADS", "RELEASE_REGION", "THREAD_PREFIX", "WAIT_REGION", "WORD_CHUNK", "WORD_DEVICES",
+           "BlockFinalizeStats", "block_finalize", "clone_module", "ext_inputs", "internals_refusal", "pack_tensors",
+           "same_module_state"]
 
 #: sha256[:16] of the GPTQModel 7.6.0 functions this stands in for (their steps are the ones reproduced here).
 DIGESTS = {
@@ -102,6 +103,12 @@ V1_OFFSETS = {2: 0b01010101010101010101010101010101, 4: 0b0001000100010001000100
               8: 0b00000001000000010000000100000001}
 #: Name prefix of the extension pool's threads (packing.py's pack-ahead pool is "defuser-quant-pack").
 THREAD_PREFIX = "defuser-quant-block-finalize"
+#: GPTQModel region timer names of a member's two steps outside GPTQModel's own ``create`` and ``pack`` regions (each a
+#: timeline span): its group worker waiting for its tensors from the pool, and the state and result pops and the
+#: weight's removal after its buffers (round 67: the last layer's window is not bound by the extension, the groups'
+#: order or the switch interval; these say which step of a member is).
+WAIT_REGION = "block_finalize_wait"
+RELEASE_REGION = "block_finalize_release"
 _BLOCK_IN = 8192  # pack_block's default block_in, which pack_module leaves as is
 _ENV_REFUSED = ("GPTQMODEL_DISABLE_PACK_EXT", "GPTQMODEL_PACK_THREADS")
 #: Devices whose layers' words ``device_words`` packs at the layer's end (on the CPU the extension on the pool is faster
@@ -557,9 +564,13 @@ class _Finalizer:
                 _leave(module, exc)
                 self.members[module].done.set()
         maker = _Maker()
+        timer = getattr(model, "quant_region_timer", None)
         for module, future in pending:
             try:
+                t0 = time.perf_counter()
                 tensors, used = future.result()
+                if timer is not None:
+                    timer.record(WAIT_REGION, time.perf_counter() - t0, source=module.full_name)
                 self.pause()
                 copied = self._finalize_one(proc, model, module, tensors, fmt, to_v1, maker)
                 self.members[module].finalized = True
@@ -593,6 +604,7 @@ class _Finalizer:
                     qmodule.bias = None  # pack_block's step after the scales
             if to_v1:
                 qmodule.qzero_format(format=1)
+        t2 = time.perf_counter()
         with proc.lock:
             for key in ("w", "w_wq_diff", "q_zeros", "q_scales", "q_g_idx"):
                 module.state.pop(key, None)
@@ -600,7 +612,8 @@ class _Finalizer:
         module.unregister_parameter("weight")
         if timer is not None:
             timer.record("submodule_finalize_create", t1 - t0, source=module.full_name)
-            timer.record("submodule_finalize_pack", time.perf_counter() - t1, source=module.full_name)
+            timer.record("submodule_finalize_pack", t2 - t1, source=module.full_name)
+            timer.record(RELEASE_REGION, time.perf_counter() - t2, source=module.full_name)
         return copied
 
     def _pool(self) -> ThreadPoolExecutor:
