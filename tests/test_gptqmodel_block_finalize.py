@@ -380,6 +380,44 @@ def test_a_copy_that_differs_from_gptqmodels_module_is_not_used(plugin, tiny, mo
         assert not hasattr(module, "marked") and _state(module) == _state(stock["modules"][name]), name
 
 
+def test_a_members_inputs_are_read_under_the_processors_lock_and_copied_after_it(monkeypatch):
+    from types import SimpleNamespace
+
+    class OwnedLock:
+        def __init__(self):
+            self.lock, self.owner, self.entered = threading.Lock(), None, 0
+
+        def __enter__(self):
+            self.lock.acquire()
+            self.owner, self.entered = threading.get_ident(), self.entered + 1
+
+        def __exit__(self, *exc):
+            self.owner = None
+            self.lock.release()
+
+    lock = OwnedLock()
+    state = {"q_zeros": torch.full((4, 2), 8.0), "q_scales": torch.rand(4, 2),
+             "q_g_idx": torch.arange(8, dtype=torch.int32) // 4}
+    before = {k: v.clone() for k, v in state.items()}
+    module = SimpleNamespace(state=state, stream_sync=lambda: None, full_name="m.experts.0.gate_proj")
+    linear = torch.nn.Linear(8, 4, bias=False)
+    model = SimpleNamespace(model=SimpleNamespace(get_submodule=lambda name: linear))
+    copies_under_lock: list[bool] = []
+    original = torch.Tensor.clone
+
+    def clone(self, *args, **kwargs):
+        copies_under_lock.append(lock.owner == threading.get_ident())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", clone)
+    weight, scales, zeros, g_idx = bf._inputs(SimpleNamespace(lock=lock), module, model)
+    assert lock.entered == 1 and copies_under_lock == [False, False, False]  # each copy gives up the interpreter lock
+    assert torch.equal(scales, before["q_scales"]) and torch.equal(zeros, before["q_zeros"])
+    assert torch.equal(g_idx, before["q_g_idx"]) and weight is not None and torch.equal(weight, linear.weight)
+    assert all(t is not state[k] for t, k in ((scales, "q_scales"), (zeros, "q_zeros"), (g_idx, "q_g_idx")))
+    assert set(state) == set(before)  # read, not popped: GPTQModel's finalize pops them
+
+
 def test_a_module_copy_has_its_own_containers_and_points_at_itself():
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
     from gptqmodel.quantization.config import FORMAT

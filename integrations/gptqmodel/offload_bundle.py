@@ -135,8 +135,12 @@ class _Bundler:
             return self._stock(why, module, model, disk_path, force)
         block, _ = block_of(module.name)
         key = (disk_path, block)
+        # looked at before the lock (a file system call gives up the interpreter lock, and the other members' asks
+        # would wait on this lock meanwhile); only this block's own bundle, written once all its members have asked,
+        # makes it appear during the run
+        folder_exists = os.path.exists(os.path.join(disk_path, block))
         with self.lock:
-            if os.path.exists(os.path.join(disk_path, block)) and key not in self.pending:
+            if folder_exists and key not in self.pending:
                 why = "the block's offload folder exists"
             else:
                 members = self.pending.setdefault(key, [])
