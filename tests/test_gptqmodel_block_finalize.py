@@ -241,6 +241,52 @@ def test_a_member_that_fails_is_finalized_by_its_own_task(plugin, tiny, tmp_path
 
 
 @pytest.mark.slow
+def test_what_a_member_drops_is_freed_by_its_own_task_not_its_groups_worker(plugin, tiny, tmp_path, stock,  # noqa: F811
+                                                                            monkeypatch):
+    """A tensor's deallocation gives up the interpreter lock: the group's worker hands the member's popped state and
+    removed weight to the member's own task, which frees them."""
+    import weakref
+
+    original_one, original_members = bf._Finalizer._finalize_one, bf._Finalizer._finalize_members
+    original_finalize = bf._Finalizer.finalize
+    local = threading.local()  # where each thread is: in a group's run, or in a member's own task
+    made, freed = set(), {}
+
+    def in_group(self, *args):
+        local.group = True
+        try:
+            return original_members(self, *args)
+        finally:
+            local.group = False
+
+    def watched(self, proc, model, module, *rest):
+        copied, dropped = original_one(self, proc, model, module, *rest)
+        made.add(module.full_name)
+        tensors = [t for t in dropped if isinstance(t, torch.Tensor)]
+        assert any(isinstance(t, torch.nn.Parameter) for t in tensors)  # its weight, still referenced
+        for t in tensors:
+            weakref.finalize(t, lambda name=module.full_name: freed.setdefault(name, set()).add(
+                (getattr(local, "task", None), bool(getattr(local, "group", False)))))
+        return copied, dropped
+
+    def finalize(self, proc, module, model, kwargs):
+        previous, local.task = getattr(local, "task", None), module.full_name
+        try:
+            return original_finalize(self, proc, module, model, kwargs)
+        finally:
+            local.task = previous
+
+    monkeypatch.setattr(bf._Finalizer, "_finalize_members", in_group)
+    monkeypatch.setattr(bf._Finalizer, "_finalize_one", watched)
+    monkeypatch.setattr(bf._Finalizer, "finalize", finalize)
+    stats, tensors = _run(plugin, tiny, tmp_path, "dropped", parts=PART)
+    assert stats.block_finalize.batched == len(made) > 0 and set(freed) == made
+    for name, where in freed.items():
+        assert where == {(name, False)}, name  # on its own task, outside any group's run
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
 def test_a_pack_environment_setting_keeps_every_finalize_gptqmodels(plugin, tiny, tmp_path, stock, monkeypatch):  # noqa: F811
     monkeypatch.setenv("GPTQMODEL_PACK_THREADS", "1")
     stats, tensors = _run(plugin, tiny, tmp_path, "env", parts=PART)

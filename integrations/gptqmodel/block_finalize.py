@@ -20,7 +20,10 @@ of :data:`EXT_THREADS` threads at once (all of them before the first module is m
 GPTQModel's ``create_quant_module`` (the quantized module as GPTQModel makes it), the buffer registrations
 ``pack_block`` makes, in its order, with the tensors it would register, and the conversion as one subtraction; then the
 state and result pops and the weight's removal, as ``submodule_finalize`` ends. The same calls with the same inputs:
-the same modules and buffers.
+the same modules and buffers. What a member's finalize drops (its popped state and result, its weight) is freed by the
+member's own task, not by the group's worker (a tensor's deallocation gives up the interpreter lock, and beside busy
+threads the worker waited up to a switch interval for it each time), and its results are copied after the processor's
+lock is let go, not under it.
 
 Checked, not assumed: the reference's own inputs (its weight, scales, zeros and ``g_idx``, read before GPTQModel's
 finalize takes them) go through this path's tensor step, and its buffers must equal, in name, order, dtype, shape and
@@ -259,6 +262,10 @@ class _Member:
     done: threading.Event = field(default_factory=threading.Event)
     finalized: bool = False  # by the group's worker (else: its own task runs GPTQModel's finalize)
     error: Exception | None = None  # what GPTQModel's finalize of this reference raised on another member's task
+    # what its finalize dropped (its state's results, its weight), freed by its own task rather than its group's worker:
+    # a tensor's deallocation gives up the interpreter lock, and beside busy threads each took the worker up to a
+    # switch interval to get it back (docs/performance.md round 67)
+    dropped: list | None = None
 
 
 @dataclass
@@ -414,6 +421,7 @@ class _Finalizer:
         if self.steal:
             self._steal(proc, member, model, kwargs)
         member.done.wait()
+        member.dropped = None  # freed here, on this member's own task
         if member.error is not None:  # its group was taken by another member's task and GPTQModel's finalize raised
             raise member.error
         if member.finalized:
@@ -572,7 +580,8 @@ class _Finalizer:
                 if timer is not None:
                     timer.record(WAIT_REGION, time.perf_counter() - t0, source=module.full_name)
                 self.pause()
-                copied = self._finalize_one(proc, model, module, tensors, fmt, to_v1, maker)
+                copied, self.members[module].dropped = self._finalize_one(proc, model, module, tensors, fmt, to_v1,
+                                                                          maker)
                 self.members[module].finalized = True
                 with self.lock:
                     self.stats.batched += 1
@@ -587,10 +596,11 @@ class _Finalizer:
                 self.members[module].done.set()
 
     def _finalize_one(self, proc: Any, model: Any, module: Any, tensors: dict[str, torch.Tensor], fmt: Any,
-                      to_v1: bool, maker: "_Maker") -> bool:
+                      to_v1: bool, maker: "_Maker") -> tuple[bool, list]:
         """``submodule_finalize``'s steps for one member whose buffers are ``tensors`` (``fmt`` and ``to_v1``: its
         group's format and zero-point conversion, read once; ``maker`` makes its group's quantized modules); returns
-        whether its module was made as a copy."""
+        whether its module was made as a copy, and what the steps dropped (the popped state and result, the removed
+        weight), still referenced so that the member's own task frees it."""
         from gptqmodel.utils.module_locks import parent_module_lock
 
         timer = getattr(model, "quant_region_timer", None)
@@ -606,15 +616,15 @@ class _Finalizer:
                 qmodule.qzero_format(format=1)
         t2 = time.perf_counter()
         with proc.lock:
-            for key in ("w", "w_wq_diff", "q_zeros", "q_scales", "q_g_idx"):
-                module.state.pop(key, None)
-        proc.result_pop(module.full_name)
+            dropped = [module.state.pop(key, None) for key in ("w", "w_wq_diff", "q_zeros", "q_scales", "q_g_idx")]
+        dropped.append(proc.result_pop(module.full_name))
+        dropped.append(getattr(getattr(module, "module", None), "_parameters", {}).get("weight"))
         module.unregister_parameter("weight")
         if timer is not None:
             timer.record("submodule_finalize_create", t1 - t0, source=module.full_name)
             timer.record("submodule_finalize_pack", t2 - t1, source=module.full_name)
             timer.record(RELEASE_REGION, time.perf_counter() - t2, source=module.full_name)
-        return copied
+        return copied, dropped
 
     def _pool(self) -> ThreadPoolExecutor:
         with self.lock:

@@ -1,17 +1,22 @@
-"""How long does a thread wait for a lock whose other holders copy tensors while they hold it? (a probe for issue 17's
-last finalize window)
+"""What a call that gives up the interpreter lock costs a thread beside busy ones (probes for issue 17's last finalize
+window): a copy made while holding another lock, and a tensor's deallocation.
 
-``block_finalize``'s extension pool read each member's processed scales, zeros and ``g_idx`` under GPTQModel's
-processor lock and copied them (``clone``) before letting it go, as GPTQModel's own finalize does; the group worker
-takes the same lock for each member's state pops. A tensor copy gives up the interpreter lock, so a holder that
-copies must take the interpreter lock back before it can let the processor's lock go, behind every thread then
-running Python. This reproduces that shape without GPTQModel: ``--pool`` reader threads each take the lock, read three
-tensors of a Qwen3-30B-A3B expert projection's result shapes, copy them inside or after the lock, make two more
+**Copies inside a lock.** ``block_finalize``'s extension pool read each member's processed scales, zeros and ``g_idx``
+under GPTQModel's processor lock and copied them (``clone``) before letting it go, as GPTQModel's own finalize does;
+the group worker takes the same lock for each member's state pops. A tensor copy gives up the interpreter lock, so a
+holder that copies must take the interpreter lock back before it can let the processor's lock go, behind every thread
+then running Python. This reproduces that shape without GPTQModel: ``--pool`` reader threads each take the lock, read
+three tensors of a Qwen3-30B-A3B expert projection's result shapes, copy them inside or after the lock, make two more
 copies, then sleep ``--ext-ms`` (the extension, which holds neither lock); ``--busy`` threads run pure Python; one
 worker takes the lock every ``--ext-ms`` and records how long it waited. Each placement runs ``--seconds`` in turns,
 ``--repeat`` times.
 
-    python benchmarks/lock_copies.py --output benchmarks/results/lock_copies_cpu.json
+**Frees.** A thread drops the last reference to ``--frees`` small tensors one by one, alone and then beside ``--busy``
+threads running pure Python, ``--repeat`` times: a tensor's deallocation gives up the interpreter lock too, so beside
+busy threads each one may wait up to the switch interval to get it back (a dict pop, which does not, is timed the same
+way for reference).
+
+    python benchmarks/gil_drops.py --output benchmarks/results/gil_drops_cpu.json
 """
 
 from __future__ import annotations
@@ -82,6 +87,38 @@ def run(placement: str, pool: int, busy: int, seconds: float, ext_ms: float) -> 
             "p90_wait_ms": round(ordered[int(len(ordered) * 0.9)] * 1e3, 4), "max_wait_ms": round(ordered[-1] * 1e3, 4)}
 
 
+def frees(count: int, busy: int) -> dict:
+    """Microseconds a tensor's deallocation and a dict pop take a thread, alone (``busy`` 0) or beside ``busy`` threads
+    running pure Python."""
+    stop = threading.Event()
+
+    def python_busy() -> None:
+        while not stop.is_set():
+            total = 0
+            for i in range(10_000):
+                total += i
+
+    threads = [threading.Thread(target=python_busy) for _ in range(busy)]
+    for t in threads:
+        t.start()
+    try:
+        tensors = [torch.zeros(16) for _ in range(count)]
+        t0 = time.perf_counter()
+        for i in range(count):
+            tensors[i] = None
+        free_us = (time.perf_counter() - t0) / count * 1e6
+        table = dict.fromkeys(range(count))
+        t0 = time.perf_counter()
+        for i in range(count):
+            table.pop(i)
+        pop_us = (time.perf_counter() - t0) / count * 1e6
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return {"busy": busy, "frees": count, "free_us": round(free_us, 3), "dict_pop_us": round(pop_us, 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pool", type=whole(1), default=14, help="reader threads (block_finalize's pool on 16 cores: 14)")
@@ -89,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="each turn's length")
     p.add_argument("--ext-ms", type=float, default=0.5, help="each reader's and the worker's lock-free pause, ms")
     p.add_argument("--repeat", type=whole(1), default=2, help="turns of each placement")
+    p.add_argument("--frees", type=whole(1), default=2000, help="tensors freed one by one, alone and beside --busy")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
     if not 0 < args.seconds <= 600 or not 0 <= args.ext_ms <= 1000:
@@ -102,10 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"copies {placement} the lock: the worker took it {turn['worker_takes']} times, mean wait "
                   f"{turn['mean_wait_ms']:.3f} ms, p90 {turn['p90_wait_ms']:.3f} ms", flush=True)
     given = argv if argv is not None else sys.argv[1:]
-    result = {"command": " ".join(["python", "benchmarks/lock_copies.py", *given]),
+    freed = [frees(args.frees, busy) | {"round": rnd} for rnd in range(args.repeat) for busy in (0, args.busy)]
+    for f in freed:
+        print(f"{f['frees']} tensors freed beside {f['busy']} busy threads: {f['free_us']:.2f} us each "
+              f"(a dict pop {f['dict_pop_us']:.3f} us)", flush=True)
+    result = {"command": " ".join(["python", "benchmarks/gil_drops.py", *given]),
               "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "python": platform.python_version(), "switch_interval_s": sys.getswitchinterval(),
-              "pool": args.pool, "busy": args.busy, "seconds": args.seconds, "ext_ms": args.ext_ms, "turns": turns}
+              "pool": args.pool, "busy": args.busy, "seconds": args.seconds, "ext_ms": args.ext_ms, "turns": turns,
+              "frees": freed}
     if args.output is not None:
         write_json(args.output, result)  # whole or not at all
     else:
