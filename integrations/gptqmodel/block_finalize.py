@@ -753,9 +753,10 @@ def _group_key(proc: Any, module: Any) -> tuple:
 def _inputs(proc: Any, module: Any, model: Any) -> tuple[torch.Tensor, ...]:
     """The weight (the layer's module in the model, as ``submodule_finalize`` looks it up) and copies of the
     processed ``scales``/``zeros``/``g_idx``, read as GPTQModel's finalize reads them (after the stream sync, taken
-    from the state under the processor's lock), without popping them. They are copied after the lock is let go:
-    each copy gives up the interpreter lock, and on a pool of 14 threads a holder waiting to get it back kept every
-    other reader (and the group workers' state pops) waiting on the processor's lock; nothing writes these results."""
+    from the state under the processor's lock), without popping them. They are copied after the lock is let go: each
+    copy gives up the interpreter lock, so a holder copying under it keeps every other reader (and the group workers'
+    state pops) waiting on the processor's lock until it gets the interpreter lock back (``benchmarks/gil_drops.py``);
+    nothing writes these results."""
     module.stream_sync()
     with proc.lock:
         held = module.state["q_zeros"], module.state["q_scales"], module.state["q_g_idx"]
