@@ -13,8 +13,8 @@ worker takes the lock every ``--ext-ms`` and records how long it waited. Each pl
 
 **Frees.** A thread drops the last reference to ``--frees`` small tensors one by one, alone and then beside ``--busy``
 threads running pure Python, ``--repeat`` times: a tensor's deallocation gives up the interpreter lock too, so beside
-busy threads each one may wait up to the switch interval to get it back (a dict pop, which does not, is timed the same
-way for reference).
+busy threads each one may wait up to the switch interval to get it back; so does a torch call with nothing to do
+(``.to("cpu")`` of a CPU tensor). A dict pop, which does not, is timed the same way for reference.
 
     python benchmarks/gil_drops.py --output benchmarks/results/gil_drops_cpu.json
 """
@@ -88,8 +88,8 @@ def run(placement: str, pool: int, busy: int, seconds: float, ext_ms: float) -> 
 
 
 def frees(count: int, busy: int) -> dict:
-    """Microseconds a tensor's deallocation and a dict pop take a thread, alone (``busy`` 0) or beside ``busy`` threads
-    running pure Python."""
+    """Microseconds a tensor's deallocation, a torch call that returns its input (``.to("cpu")`` of a CPU tensor) and
+    a dict pop take a thread, alone (``busy`` 0) or beside ``busy`` threads running pure Python."""
     stop = threading.Event()
 
     def python_busy() -> None:
@@ -107,6 +107,11 @@ def frees(count: int, busy: int) -> dict:
         for i in range(count):
             tensors[i] = None
         free_us = (time.perf_counter() - t0) / count * 1e6
+        probe = torch.zeros(16, dtype=torch.int32)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            probe.to("cpu")  # returns its input: nothing to do but the call
+        noop_us = (time.perf_counter() - t0) / count * 1e6
         table = dict.fromkeys(range(count))
         t0 = time.perf_counter()
         for i in range(count):
@@ -116,7 +121,8 @@ def frees(count: int, busy: int) -> dict:
         stop.set()
         for t in threads:
             t.join()
-    return {"busy": busy, "frees": count, "free_us": round(free_us, 3), "dict_pop_us": round(pop_us, 4)}
+    return {"busy": busy, "frees": count, "free_us": round(free_us, 3), "noop_to_us": round(noop_us, 3),
+            "dict_pop_us": round(pop_us, 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     given = argv if argv is not None else sys.argv[1:]
     freed = [frees(args.frees, busy) | {"round": rnd} for rnd in range(args.repeat) for busy in (0, args.busy)]
     for f in freed:
-        print(f"{f['frees']} tensors freed beside {f['busy']} busy threads: {f['free_us']:.2f} us each "
-              f"(a dict pop {f['dict_pop_us']:.3f} us)", flush=True)
+        print(f"{f['frees']} tensors freed beside {f['busy']} busy threads: {f['free_us']:.2f} us each; a no-op "
+              f".to() {f['noop_to_us']:.2f} us; a dict pop {f['dict_pop_us']:.3f} us", flush=True)
     result = {"command": " ".join(["python", "benchmarks/gil_drops.py", *given]),
               "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "python": platform.python_version(), "switch_interval_s": sys.getswitchinterval(),

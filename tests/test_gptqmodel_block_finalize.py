@@ -457,11 +457,35 @@ def test_a_members_inputs_are_read_under_the_processors_lock_and_copied_after_it
 
     monkeypatch.setattr(torch.Tensor, "clone", clone)
     weight, scales, zeros, g_idx = bf._inputs(SimpleNamespace(lock=lock), module, model)
-    assert lock.entered == 1 and copies_under_lock == [False, False, False]  # each copy gives up the interpreter lock
+    assert lock.entered == 1 and copies_under_lock == [False]  # a copy gives up the interpreter lock
     assert torch.equal(scales, before["q_scales"]) and torch.equal(zeros, before["q_zeros"])
     assert torch.equal(g_idx, before["q_g_idx"]) and weight is not None and torch.equal(weight, linear.weight)
-    assert all(t is not state[k] for t, k in ((scales, "q_scales"), (zeros, "q_zeros"), (g_idx, "q_g_idx")))
+    assert g_idx is not state["q_g_idx"]  # it becomes a buffer: its own storage; scales and zeros are only read
     assert set(state) == set(before)  # read, not popped: GPTQModel's finalize pops them
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_the_buffers_are_pack_blocks_own_tensors_never_views_of_the_inputs(half):
+    """pack_tensors' scales in one copy and ext_inputs without a second view of a detached weight: the values of
+    GPTQModel's pack_block steps (``scales.T.contiguous()`` then float16; the weight as it is), in storage of their own
+    even where the transposed scales are already float16 and contiguous (no copy would be made by .contiguous())."""
+    weight = torch.randn(8, 64).to(torch.bfloat16)
+    scales = torch.rand(8, 2) * 0.01 + 1e-3
+    if half:  # [out, groups] laid out so that .T is contiguous and already float16
+        scales = scales.to(torch.float16).T.contiguous().T
+    zeros, g_idx = torch.full((8, 2), 8.0), torch.arange(64, dtype=torch.int32) // 32
+    words = (torch.zeros(8, 8, dtype=torch.int32), torch.full((2, 1), 0x88888888 - (1 << 32), dtype=torch.int32))
+    args = bf.ext_inputs(weight, scales, zeros, g_idx, 4)
+    assert args[0] is weight and torch.equal(args[1], scales.T.contiguous()) and args[1].is_contiguous()
+    grad = torch.nn.Parameter(weight.float())
+    assert not bf.ext_inputs(grad, scales, zeros, g_idx, 4)[0].requires_grad  # a parameter is still detached
+    mine = bf.pack_tensors(weight, scales, zeros, g_idx, words, 4, torch.int32, to_v1=True)
+    want = scales.T.contiguous().to(dtype=torch.float16)
+    assert mine["scales"].dtype == torch.float16 and mine["scales"].is_contiguous()
+    assert torch.equal(mine["scales"], want) and mine["scales"].untyped_storage().data_ptr() != \
+        scales.untyped_storage().data_ptr()
+    assert torch.equal(mine["qzeros"], words[1] - bf.V1_OFFSETS[4]) and list(mine) == ["g_idx", "scales", "qweight",
+                                                                                       "qzeros"]
 
 
 def test_a_module_copy_has_its_own_containers_and_points_at_itself():

@@ -175,18 +175,28 @@ def pack_tensors(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     :func:`ext_inputs` of the same tensors."""
     if g_idx.numel() != weight.shape[1]:
         raise ValueError(f"g_idx length {g_idx.numel()} != in_features {weight.shape[1]}")
-    qweight, qzeros = (w.to(dtype=pack_dtype) for w in words)
+    # conversions only where they change something: every torch call gives up the interpreter lock, even one that
+    # returns its input (benchmarks/gil_drops.py)
+    qweight, qzeros = (w if w.dtype == pack_dtype else w.to(dtype=pack_dtype) for w in words)
     if to_v1:
         qzeros = qzeros - V1_OFFSETS[bits]
-    return {"g_idx": g_idx.to("cpu"), "scales": scales.T.contiguous().to(dtype=torch.float16),
-            "qweight": qweight, "qzeros": qzeros}
+    # one copy, float16 and contiguous at once (pack_block's ``scales.T.contiguous()`` then ``.to(float16)``, the same
+    # values), always its own storage
+    half = scales.T.to(dtype=torch.float16, memory_format=torch.contiguous_format, copy=True)
+    return {"g_idx": _on_cpu(g_idx), "scales": half, "qweight": qweight, "qzeros": qzeros}
+
+
+def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.device.type == "cpu" else tensor.to("cpu")
 
 
 def ext_inputs(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
                bits: int) -> tuple:
     """The arguments ``pack_block`` hands the extension (weight [out, in] on the CPU; scales/zeros [groups, out])."""
-    return (weight.detach().to("cpu", copy=False), scales.T.contiguous(), zeros.T.contiguous(),
-            g_idx.to("cpu").to(dtype=torch.int32), int(bits), 32, _BLOCK_IN, 1)
+    weight = weight.detach() if weight.requires_grad else weight  # a weight already detached is not viewed again
+    g_idx = _on_cpu(g_idx)
+    return (_on_cpu(weight), scales.T.contiguous(), zeros.T.contiguous(),
+            g_idx if g_idx.dtype == torch.int32 else g_idx.to(dtype=torch.int32), int(bits), 32, _BLOCK_IN, 1)
 
 
 def clone_module(template: nn.Module, name: str) -> nn.Module:
@@ -751,16 +761,17 @@ def _group_key(proc: Any, module: Any) -> tuple:
 
 
 def _inputs(proc: Any, module: Any, model: Any) -> tuple[torch.Tensor, ...]:
-    """The weight (the layer's module in the model, as ``submodule_finalize`` looks it up) and copies of the
-    processed ``scales``/``zeros``/``g_idx``, read as GPTQModel's finalize reads them (after the stream sync, taken
-    from the state under the processor's lock), without popping them. They are copied after the lock is let go: each
-    copy gives up the interpreter lock, so a holder copying under it keeps every other reader (and the group workers'
-    state pops) waiting on the processor's lock until it gets the interpreter lock back (``benchmarks/gil_drops.py``);
-    nothing writes these results."""
+    """The weight (the layer's module in the model, as ``submodule_finalize`` looks it up), the processed ``zeros`` and
+    ``scales`` and a copy of ``g_idx``, read as GPTQModel's finalize reads them (after the stream sync, taken from the
+    state under the processor's lock), without popping them. Nothing writes these results and this path only reads
+    ``scales`` and ``zeros`` (its buffers are new tensors made from them), so only ``g_idx``, which becomes a buffer,
+    is copied, after the lock is let go: a copy, and the copy's deallocation, each give up the interpreter lock, and a
+    holder copying under the processor's lock kept every other reader (and the group workers' state pops) waiting
+    until it got the interpreter lock back (``benchmarks/gil_drops.py``)."""
     module.stream_sync()
     with proc.lock:
-        held = module.state["q_zeros"], module.state["q_scales"], module.state["q_g_idx"]
-    zeros, scales, g_idx = (t.clone() for t in held)
+        zeros, scales, g_idx = module.state["q_zeros"], module.state["q_scales"], module.state["q_g_idx"]
+    g_idx = g_idx.clone()
     if not (zeros.device.type == scales.device.type == g_idx.device.type == "cpu"):
         raise ValueError("the processed tensors are not on the CPU")
     layer = model.model.get_submodule(module.full_name)
