@@ -39,6 +39,16 @@ from _report import write_json
 PLACEMENTS = ("inside", "after")
 
 
+def _busy_python(stop: threading.Event, loop: int, pause: float) -> None:
+    """Pure Python (``loop`` additions) until ``stop``, sleeping ``pause`` seconds between loops (0: never)."""
+    while not stop.is_set():
+        total = 0
+        for i in range(loop):
+            total += i
+        if pause:
+            time.sleep(pause)
+
+
 def run(placement: str, pool: int, busy: int, seconds: float, ext_ms: float) -> dict:
     """One turn: the worker's waits for the lock while the readers copy ``placement`` the lock."""
     if placement not in PLACEMENTS:
@@ -58,13 +68,6 @@ def run(placement: str, pool: int, busy: int, seconds: float, ext_ms: float) -> 
             copies[1].T.contiguous(), copies[0].T.contiguous()  # the extension's transposed inputs
             time.sleep(pause)
 
-    def python_busy() -> None:
-        while not stop.is_set():
-            total = 0
-            for i in range(20_000):
-                total += i
-            time.sleep(pause / 4)
-
     waits: list[float] = []
 
     def worker() -> None:
@@ -75,7 +78,8 @@ def run(placement: str, pool: int, busy: int, seconds: float, ext_ms: float) -> 
             time.sleep(pause)
 
     threads = ([threading.Thread(target=reader) for _ in range(pool)]
-               + [threading.Thread(target=python_busy) for _ in range(busy)] + [threading.Thread(target=worker)])
+               + [threading.Thread(target=_busy_python, args=(stop, 20_000, pause / 4)) for _ in range(busy)]
+               + [threading.Thread(target=worker)])
     for t in threads:
         t.start()
     time.sleep(seconds)
@@ -91,14 +95,7 @@ def frees(count: int, busy: int) -> dict:
     """Microseconds a tensor's deallocation, a torch call that returns its input (``.to("cpu")`` of a CPU tensor) and
     a dict pop take a thread, alone (``busy`` 0) or beside ``busy`` threads running pure Python."""
     stop = threading.Event()
-
-    def python_busy() -> None:
-        while not stop.is_set():
-            total = 0
-            for i in range(10_000):
-                total += i
-
-    threads = [threading.Thread(target=python_busy) for _ in range(busy)]
+    threads = [threading.Thread(target=_busy_python, args=(stop, 10_000, 0.0)) for _ in range(busy)]
     for t in threads:
         t.start()
     try:

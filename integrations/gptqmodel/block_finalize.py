@@ -628,7 +628,7 @@ class _Finalizer:
         with proc.lock:
             dropped = [module.state.pop(key, None) for key in ("w", "w_wq_diff", "q_zeros", "q_scales", "q_g_idx")]
         dropped.append(proc.result_pop(module.full_name))
-        dropped.append(getattr(getattr(module, "module", None), "_parameters", {}).get("weight"))
+        dropped.append(module.module._parameters.get("weight"))  # a bias-free nn.Linear (_member_refusal)
         module.unregister_parameter("weight")
         if timer is not None:
             timer.record("submodule_finalize_create", t1 - t0, source=module.full_name)
