@@ -80,12 +80,15 @@ def run(placement: str, pool: int, busy: int, seconds: float, ext_ms: float) -> 
     threads = ([threading.Thread(target=reader) for _ in range(pool)]
                + [threading.Thread(target=_busy_python, args=(stop, 20_000, pause / 4)) for _ in range(busy)]
                + [threading.Thread(target=worker)])
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+    finally:  # also on Ctrl-C: the threads end with the turn, nothing is written
+        stop.set()
+        for t in threads:
+            if t.is_alive():
+                t.join()
     ordered = sorted(waits)
     return {"placement": placement, "worker_takes": len(waits), "mean_wait_ms": round(statistics.mean(waits) * 1e3, 4),
             "p90_wait_ms": round(ordered[int(len(ordered) * 0.9)] * 1e3, 4), "max_wait_ms": round(ordered[-1] * 1e3, 4)}
