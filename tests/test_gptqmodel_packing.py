@@ -103,6 +103,44 @@ def test_each_solved_module_carries_the_extensions_words_for_its_result(extensio
         assert words.matches(q, scale.T.contiguous(), zero.T.contiguous(), g_idx.to(torch.int32), bits, 32)
 
 
+@pytest.mark.parametrize("pack_dtypes", [False, True], ids=["solve's words", "extension's words"])
+def test_matching_the_finalize_inputs_answers_as_matching_the_extensions_arguments(pack_dtypes):
+    """block_finalize asks PackedWords.matches_inputs with the tensors pack_block starts from (no transposed copies);
+    it must answer as matches with the extension's arguments for them, for the inputs and for each one changed."""
+    from defuser_quant.integrations.gptqmodel.block_finalize import ext_inputs
+    from defuser_quant.integrations.gptqmodel.packing import PackedWords, weight_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 256, generator=g).to(torch.bfloat16)
+    scales, zeros = torch.rand(64, 2, generator=g) + 0.1, torch.randint(0, 16, (64, 2), generator=g).float()
+    g_idx = (torch.arange(256) // 128).to(torch.int32)
+    words = PackedWords(4, torch.zeros(32, 64, dtype=torch.int32), torch.zeros(2, 8, dtype=torch.int32), scales,
+                        zeros, g_idx, weight_fingerprint(weight),
+                        (weight.dtype, scales.dtype, zeros.dtype, torch.int32) if pack_dtypes else None)
+    bumped = weight.clone()
+    bumped.view(torch.int16)[3, 5] += 1
+    cases = {
+        "the inputs": (weight, scales, zeros, g_idx, 4),
+        "g_idx as int64": (weight, scales, zeros, g_idx.long(), 4),
+        "scales as a transposed view": (weight, scales.T.contiguous().T, zeros, g_idx, 4),
+        "another weight": (bumped, scales, zeros, g_idx, 4),
+        "other scales": (weight, scales * 2, zeros, g_idx, 4),
+        "other zeros": (weight, scales, zeros + 1, g_idx, 4),
+        "other g_idx": (weight, scales, zeros, g_idx.flip(0), 4),
+        "other bits": (weight, scales, zeros, g_idx, 8),
+        "float64 scales": (weight, scales.double(), zeros, g_idx, 4),
+        "another weight shape": (weight[:32], scales[:32], zeros[:32], g_idx, 4),
+    }
+    answers = {}
+    for name, inputs in cases.items():
+        answers[name] = words.matches_inputs(*inputs)
+        assert answers[name] == words.matches(*ext_inputs(*inputs)[:6]), name
+    assert answers["the inputs"] and answers["g_idx as int64"] and answers["scales as a transposed view"]
+    assert not any(answers[name] for name in ("another weight", "other scales", "other zeros", "other g_idx",
+                                              "other bits", "another weight shape"))
+    assert answers["float64 scales"] == (not pack_dtypes)  # extension-packed words also check their inputs' dtypes
+
+
 def test_what_is_not_packed():
     from defuser_quant.integrations.gptqmodel.batched import BatchedSolve, batched_gptq_solve
     from gptqmodel import QuantizeConfig

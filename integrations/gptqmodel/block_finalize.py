@@ -563,12 +563,11 @@ class _Finalizer:
             """A member's buffers, from its device-packed words where they are for its inputs, else the extension."""
             self.pause()
             inputs = _inputs(proc, module, model)
-            args = ext_inputs(*inputs, bits)
             packed = words.get(module)
-            if packed is not None and packed.matches(*args[:6]):  # each its own storage: the words are views
+            if packed is not None and packed.matches_inputs(*inputs, bits):  # each its own storage: words are views
                 result, used = (packed.qweight.clone(), packed.qzeros.clone()), "device"
             # else words packed ahead of the finalize (BatchedSolve's pack_ahead or pack), for these inputs only
-            elif (ahead := packing.take_words(module, *args[:6])) is not None:
+            elif (ahead := packing.take_words(module, *(args := ext_inputs(*inputs, bits))[:6])) is not None:
                 result, used = ahead, "ahead"
             else:
                 result, used = ext(*args), None

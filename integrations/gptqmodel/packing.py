@@ -159,14 +159,26 @@ class PackedWords:
     def matches(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
                 bits: int, word_bits: int) -> bool:
         """Whether the extension's arguments are the inputs these words were packed from."""
+        return int(word_bits) == 32 and self._same(weight, scales.T, zeros.T, g_idx, g_idx.dtype, bits)
+
+    def matches_inputs(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                       bits: int) -> bool:
+        """:meth:`matches` for the tensors ``pack_block`` starts from (``scales``/``zeros`` [out, groups], ``g_idx``
+        of any integer dtype: the extension gets it as int32), without making the extension's transposed copies."""
+        return self._same(weight, scales, zeros, g_idx, torch.int32, bits)
+
+    def _same(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+              g_idx_dtype: torch.dtype, bits: int) -> bool:
+        # torch calls only where needed: each gives up the interpreter lock (benchmarks/gil_drops.py)
         return (
-            int(bits) == self.bits and int(word_bits) == 32
-            and (self.dtypes is None or self.dtypes == (weight.dtype, scales.dtype, zeros.dtype, g_idx.dtype))
+            int(bits) == self.bits
+            and (self.dtypes is None or self.dtypes == (weight.dtype, scales.dtype, zeros.dtype, g_idx_dtype))
             and weight.dim() == 2 and weight.shape == (self.qweight.shape[1], self.g_idx.numel())
             and scales.device.type == zeros.device.type == g_idx.device.type == "cpu"
-            and torch.equal(scales, self.scales.T) and torch.equal(zeros, self.zeros.T)
-            and torch.equal(g_idx.to(self.g_idx.dtype), self.g_idx)
-            and torch.equal(weight_fingerprint(weight.cpu()), self.fingerprint)
+            and torch.equal(scales, self.scales) and torch.equal(zeros, self.zeros)
+            and torch.equal(g_idx if g_idx.dtype == self.g_idx.dtype else g_idx.to(self.g_idx.dtype), self.g_idx)
+            and torch.equal(weight_fingerprint(weight if weight.device.type == "cpu" else weight.cpu()),
+                            self.fingerprint)
         )
 
 
