@@ -488,6 +488,29 @@ def test_the_buffers_are_pack_blocks_own_tensors_never_views_of_the_inputs(half)
                                                                                        "qzeros"]
 
 
+@pytest.mark.parametrize("to_v1", [False, True])
+@pytest.mark.parametrize("pack_dtype", [torch.int32, torch.int64])
+def test_words_that_are_views_give_buffers_of_their_own_made_in_one_step(to_v1, pack_dtype):
+    """Device words are views of their group's host copy: each buffer made from them has its own storage (holding a
+    view would keep the whole copy alive), with the values of the extension's words; words the caller owns are taken
+    as they are where nothing changes them (every torch call gives up the interpreter lock)."""
+    weight, scales = torch.randn(8, 64).to(torch.bfloat16), torch.rand(8, 2) + 0.1
+    zeros, g_idx = torch.full((8, 2), 8.0), torch.arange(64, dtype=torch.int32) // 32
+    host = torch.arange(64 + 2, dtype=torch.int32)  # one flat copy holding both words, as a group's host copy does
+    words = (host[:64].view(8, 8), host[64:].view(2, 1))
+    want = (words[0].to(pack_dtype), words[1].to(pack_dtype) - (bf.V1_OFFSETS[4] if to_v1 else 0))
+    for views in (True, False):
+        mine = bf.pack_tensors(weight, scales, zeros, g_idx, words, 4, pack_dtype, to_v1=to_v1, views=views)
+        assert torch.equal(mine["qweight"], want[0]) and torch.equal(mine["qzeros"], want[1])
+        assert mine["qweight"].dtype == mine["qzeros"].dtype == pack_dtype
+        shares = [mine[name].untyped_storage().data_ptr() == host.untyped_storage().data_ptr()
+                  for name in ("qweight", "qzeros")]
+        if views or pack_dtype != torch.int32:
+            assert shares == [False, False]
+        else:  # the caller's own words: qweight taken as it is, qzeros only where the v1 subtraction made a new one
+            assert shares == [True, not to_v1]
+
+
 def test_a_module_copy_has_its_own_containers_and_points_at_itself():
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
     from gptqmodel.quantization.config import FORMAT

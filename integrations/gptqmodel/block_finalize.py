@@ -169,21 +169,32 @@ def internals_refusal() -> str | None:
 
 def pack_tensors(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
                  words: tuple[torch.Tensor, torch.Tensor], bits: int, pack_dtype: torch.dtype,
-                 to_v1: bool) -> dict[str, torch.Tensor]:
+                 to_v1: bool, views: bool = False) -> dict[str, torch.Tensor]:
     """The buffers ``pack_block`` (extension path) registers, in its order, then the v1 conversion: ``g_idx``,
     ``scales`` (float16, [groups, out]), ``qweight``, ``qzeros``. ``words`` is the extension's result for
-    :func:`ext_inputs` of the same tensors."""
+    :func:`ext_inputs` of the same tensors; ``views``: they may share storage with other tensors (words packed on the
+    device, views of their group's host copy), so each buffer made from them gets its own."""
     if g_idx.numel() != weight.shape[1]:
         raise ValueError(f"g_idx length {g_idx.numel()} != in_features {weight.shape[1]}")
-    # conversions only where they change something: every torch call gives up the interpreter lock, even one that
-    # returns its input (benchmarks/gil_drops.py)
-    qweight, qzeros = (w if w.dtype == pack_dtype else w.to(dtype=pack_dtype) for w in words)
-    if to_v1:
-        qzeros = qzeros - V1_OFFSETS[bits]
+    # conversions and copies only where they change something: every torch call gives up the interpreter lock, even
+    # one that returns its input (benchmarks/gil_drops.py)
+    qweight, qzeros = words
+    qweight = _own(qweight, pack_dtype, views)
+    if to_v1:  # the subtraction makes a new tensor
+        qzeros = (qzeros if qzeros.dtype == pack_dtype else qzeros.to(dtype=pack_dtype)) - V1_OFFSETS[bits]
+    else:
+        qzeros = _own(qzeros, pack_dtype, views)
     # one copy, float16 and contiguous at once (pack_block's ``scales.T.contiguous()`` then ``.to(float16)``, the same
     # values), always its own storage
     half = scales.T.to(dtype=torch.float16, memory_format=torch.contiguous_format, copy=True)
     return {"g_idx": _on_cpu(g_idx), "scales": half, "qweight": qweight, "qzeros": qzeros}
+
+
+def _own(tensor: torch.Tensor, dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """``tensor`` as ``dtype``, in storage of its own where it may be ``shared``."""
+    if tensor.dtype != dtype:
+        return tensor.to(dtype=dtype)
+    return tensor.clone() if shared else tensor
 
 
 def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -564,14 +575,14 @@ class _Finalizer:
             self.pause()
             inputs = _inputs(proc, module, model)
             packed = words.get(module)
-            if packed is not None and packed.matches_inputs(*inputs, bits):  # each its own storage: words are views
-                result, used = (packed.qweight.clone(), packed.qzeros.clone()), "device"
+            if packed is not None and packed.matches_inputs(*inputs, bits):
+                result, used, views = (packed.qweight, packed.qzeros), "device", True  # views of the group's copy
             # else words packed ahead of the finalize (BatchedSolve's pack_ahead or pack), for these inputs only
             elif (ahead := packing.take_words(module, *(args := ext_inputs(*inputs, bits))[:6])) is not None:
-                result, used = ahead, "ahead"
+                result, used, views = ahead, "ahead", False
             else:
-                result, used = ext(*args), None
-            return pack_tensors(*inputs, result, bits, pack_dtype, to_v1), used
+                result, used, views = ext(*args), None, False
+            return pack_tensors(*inputs, result, bits, pack_dtype, to_v1, views=views), used
 
         pending: list[tuple[Any, Future]] = []
         for module in members:  # every member's tensors handed out first: they are made while the modules are
