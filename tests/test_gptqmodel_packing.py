@@ -282,6 +282,53 @@ def test_pack_block_takes_words_packed_ahead_only_for_the_inputs_they_were_packe
     assert counts == want
 
 
+@pytest.mark.parametrize("source", ["offered", "ahead"])
+@pytest.mark.parametrize("change", ["none", "weight", "scales"])
+def test_taking_packed_words_for_the_inputs_serves_and_counts_as_taking_them_for_the_extensions_arguments(
+        extension, source, change):
+    """block_finalize takes words with take_packed (the tensors pack_block starts from, words as they are) where
+    pack_block takes them with take_words (the extension's arguments, copies): the same words served or refused, the
+    same counts, for words the solve offered and words packed ahead."""
+    from concurrent.futures import wait
+
+    from defuser_quant.integrations.gptqmodel import packing
+    from defuser_quant.integrations.gptqmodel.batched import batched_gptq_solve
+    from defuser_quant.integrations.gptqmodel.block_finalize import ext_inputs
+
+    from gptqmodel import QuantizeConfig
+
+    qcfg = QuantizeConfig(bits=4, group_size=128, act_group_aware=False)
+    tasks = _tasks(qcfg, n=1)
+    result = batched_gptq_solve(tasks, host_results=True, pack=True)[0]
+    q, scale, zero, g_idx = result.values[:4]
+    linear = tasks[0].module
+    inputs = {"none": (q, scale, zero, g_idx), "weight": (q.clone(), scale, zero, g_idx),
+              "scales": (q, scale * 2, zero, g_idx)}[change]
+    if change == "weight":
+        inputs[0].view(torch.int16)[3, 9] += 1
+    taken = {}
+    for taker in ("take_words", "take_packed"):
+        with packing.served_pack_words() as stats:
+            if source == "offered":
+                packing.offer_pack_words(linear, result.packed)
+            else:
+                assert packing.pack_ahead(linear, q, scale, zero, g_idx, bits=4)
+                wait([packing._active.pending[linear]])
+            if taker == "take_words":
+                words = packing.take_words(linear, *ext_inputs(*inputs, 4)[:6])
+            else:
+                packed = packing.take_packed(linear, *inputs, 4)
+                words = None if packed is None else (packed.qweight, packed.qzeros)
+            assert packing.take_packed(linear, *inputs, 4) is None  # taken once
+        taken[taker] = (words, {k: v for k, v in stats.as_dict().items() if k != "waited_seconds"})
+    (mine, my_counts), (theirs, their_counts) = taken["take_packed"], taken["take_words"]
+    assert my_counts == their_counts and my_counts["served"] == (change == "none")
+    assert (mine is None) == (theirs is None) == (change != "none")
+    if mine is not None:
+        want = _extension_words(q, scale, zero, g_idx, 4)
+        assert all(torch.equal(a, b) and torch.equal(a, w) for a, b, w in zip(mine, theirs, want, strict=True))
+
+
 def test_a_pack_not_started_when_pack_block_asks_is_taken_back_and_packed_there(extension, monkeypatch):
     """The pack-ahead threads busy: ``pack_block`` does not wait behind the queue; it takes the
     module's pack back and runs the extension itself, as stock."""

@@ -51,8 +51,8 @@ scales, zeros, ``g_idx``) are the ones packed, else the extension packs it.
 
 Words packed before the finalize by ``BatchedSolve(pack_ahead=True)`` (GPTQModel's own extension on background threads,
 started as each module's result is taken, so a layer's gate/up projections are packed during its down subset) or
-``BatchedSolve(pack=True)`` are taken by the members here too (:func:`.packing.take_words`: only where the member's
-extension arguments are the inputs they were packed from, else the extension runs), and the reference's own
+``BatchedSolve(pack=True)`` are taken by the members here too (:func:`.packing.take_packed`: only where the member's
+inputs are the ones they were packed from, else the extension runs), and the reference's own
 ``pack_block`` takes its words the same way, then is checked against the extension's.
 
 Measured on two 16-core H100 hosts (rounds 48 and 51, ``gptqmodel_cuda_2layers_round48[abc]_h100x1.json``,
@@ -578,10 +578,10 @@ class _Finalizer:
             if packed is not None and packed.matches_inputs(*inputs, bits):
                 result, used, views = (packed.qweight, packed.qzeros), "device", True  # views of the group's copy
             # else words packed ahead of the finalize (BatchedSolve's pack_ahead or pack), for these inputs only
-            elif (ahead := packing.take_words(module, *(args := ext_inputs(*inputs, bits))[:6])) is not None:
-                result, used, views = ahead, "ahead", False
+            elif (ahead := packing.take_packed(module, *inputs, bits)) is not None:
+                result, used, views = (ahead.qweight, ahead.qzeros), "ahead", True
             else:
-                result, used, views = ext(*args), None, False
+                result, used, views = ext(*ext_inputs(*inputs, bits)), None, False
             return pack_tensors(*inputs, result, bits, pack_dtype, to_v1, views=views), used
 
         pending: list[tuple[Any, Future]] = []

@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PACK_AHEAD_THREADS", "PACK_BITS", "PackStats", "PackedWords", "host_copies", "offer_pack_words",
            "pack_ahead", "pack_ahead_threads", "pack_stack", "pack_words", "packable", "served_pack_words",
-           "take_words", "weight_fingerprint"]
+           "take_packed", "take_words", "weight_fingerprint"]
 
 #: Bit widths with a whole number of codes per 32-bit word (the extension's only widths).
 PACK_BITS = (2, 4, 8)
@@ -298,6 +298,21 @@ def take_words(module: Any, weight: torch.Tensor, scales: torch.Tensor, zeros: t
     packed from; None (the caller runs the extension, as stock) where there are none, they were packed from other
     inputs, their pack ahead raised or had not started yet (it is taken back). A pack ahead under way is waited for.
     Each module's words are taken once; outside :func:`served_pack_words`, always None."""
+    words = _take(module, lambda w: w.matches(weight, scales, zeros, g_idx, bits, word_bits))
+    if words is None:
+        return None
+    return words.qweight.clone(), words.qzeros.clone()  # each its own storage (the words may be views of a host copy)
+
+
+def take_packed(module: Any, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                bits: int) -> PackedWords | None:
+    """:func:`take_words` for the tensors ``pack_block`` starts from (:meth:`PackedWords.matches_inputs`: no transposed
+    copies made), returning the words as they are: ``qweight`` and ``qzeros`` may be views of a host copy, for the
+    caller to copy."""
+    return _take(module, lambda w: w.matches_inputs(weight, scales, zeros, g_idx, bits))
+
+
+def _take(module: Any, match: Callable[[PackedWords], bool]) -> PackedWords | None:
     registry = _active
     if registry is None:
         return None
@@ -322,14 +337,14 @@ def take_words(module: Any, weight: torch.Tensor, scales: torch.Tensor, zeros: t
                 registry.stats.waited_seconds += time.perf_counter() - t0
     if words is None:
         return None
-    served = words.matches(weight, scales, zeros, g_idx, bits, word_bits)
+    served = match(words)
     with registry.lock:
         registry.stats.served += served
         registry.stats.refused += not served
     if not served:
         logger.debug("packed words of a batched module did not match pack_block's inputs; GPTQModel's extension packs it")
         return None
-    return words.qweight.clone(), words.qzeros.clone()  # each its own storage (the words may be views of a host copy)
+    return words
 
 
 def _linear_of(module: Any) -> Any:
