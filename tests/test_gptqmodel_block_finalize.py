@@ -241,6 +241,30 @@ def test_a_member_that_fails_is_finalized_by_its_own_task(plugin, tiny, tmp_path
 
 
 @pytest.mark.slow
+def test_a_group_under_way_when_the_part_closes_finishes_and_its_members_go_to_their_own_tasks(
+        plugin, tiny, tmp_path, stock, monkeypatch):  # noqa: F811
+    """The part closed while a group's worker is making its members (Ctrl-C: the main thread leaves the block while
+    GPTQModel's finalize tasks still run): the worker stops at the members its pool had not started, every one of them
+    is finalized by its own task as stock, nothing raises, and the checkpoint is stock's."""
+    original = bf._Finalizer._finalize_one
+    closed: list[str] = []
+
+    def closing(self, proc, model, module, *rest):
+        if not closed:
+            closed.append(module.full_name)
+            self.close()  # the pool's members not started yet are cancelled; the part's map of members let go
+        return original(self, proc, model, module, *rest)
+
+    monkeypatch.setattr(bf._Finalizer, "_finalize_one", closing)
+    stats, tensors = _run(plugin, tiny, tmp_path, "closed_mid_group", parts=PART)
+    s = stats.block_finalize
+    assert len(closed) == 1 and s.groups >= 1
+    assert s.batched < len(_experts(tensors)) - s.groups  # the rest went to their own tasks
+    assert s.left["its group's worker left it"] + s.left["not processed under the part"] > 0
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
 def test_what_a_member_drops_is_freed_by_its_own_task_not_its_groups_worker(plugin, tiny, tmp_path, stock,  # noqa: F811
                                                                             monkeypatch):
     """A tensor's deallocation gives up the interpreter lock: the group's worker hands the member's popped state and

@@ -662,10 +662,9 @@ class _Finalizer:
             pool, self.pool = self.pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        with self.lock:
-            self.members.clear()
-            self.why_not.clear()
-            self.groups.clear()
+        # the members' states stay: after an exception or Ctrl-C GPTQModel's finalize tasks may still be running, and a
+        # member whose group a worker has taken must wait for it, not be finalized a second time as stock (its state is
+        # gone by then); they go with this object, once no task uses it
 
 
 class _Maker:
