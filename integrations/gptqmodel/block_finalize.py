@@ -178,12 +178,10 @@ def pack_tensors(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
         raise ValueError(f"g_idx length {g_idx.numel()} != in_features {weight.shape[1]}")
     # conversions and copies only where they change something: every torch call gives up the interpreter lock, even
     # one that returns its input (benchmarks/gil_drops.py)
-    qweight, qzeros = words
-    qweight = _own(qweight, pack_dtype, views)
-    if to_v1:  # the subtraction makes a new tensor
-        qzeros = (qzeros if qzeros.dtype == pack_dtype else qzeros.to(dtype=pack_dtype)) - V1_OFFSETS[bits]
-    else:
-        qzeros = _own(qzeros, pack_dtype, views)
+    qweight = _own(words[0], pack_dtype, views)
+    qzeros = _own(words[1], pack_dtype, views and not to_v1)  # the v1 subtraction makes a new tensor anyway
+    if to_v1:
+        qzeros = qzeros - V1_OFFSETS[bits]
     # one copy, float16 and contiguous at once (pack_block's ``scales.T.contiguous()`` then ``.to(float16)``, the same
     # values), always its own storage
     half = scales.T.to(dtype=torch.float16, memory_format=torch.contiguous_format, copy=True)
