@@ -84,6 +84,41 @@ def test_fingerprint_is_the_int64_sums_even_where_int32_would_overflow(columns):
                                                          w.view(torch.int32).to(torch.int64).sum(-2)], dim=-1))
 
 
+def test_the_cpu_fingerprint_makes_no_widened_copy_of_the_weight(monkeypatch):
+    """On the CPU the sums are numpy's, cast in small buffers (torch's widen the whole weight first: in block_finalize's
+    pool, many members at once, that was several times slower, benchmarks/fingerprint_threads.py)."""
+    from defuser_quant.integrations.gptqmodel import packing
+
+    def widened(bits, accumulate):
+        raise AssertionError("the CPU fingerprint went through torch's widened sums")
+
+    w = torch.randn(64, 96).to(torch.bfloat16)
+    want = packing.weight_fingerprint(w)
+    monkeypatch.setattr(packing, "_bit_sums_torch", widened)
+    assert torch.equal(packing.weight_fingerprint(w), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_cpu_fingerprint_is_the_one_a_gpu_makes(dtype):
+    """The CPU sums (numpy's) are the device path's (torch's, as on a GPU) for any layout, batch and extreme: words
+    fingerprinted on the GPU are recognised on the CPU."""
+    from defuser_quant.integrations.gptqmodel import packing
+
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 96).to(dtype), torch.randn(3, 32, 64).to(dtype), torch.randn(96, 64).to(dtype).T]
+    size_int = packing._SAME_SIZE_INT[torch.empty((), dtype=dtype).element_size()]
+    info = torch.iinfo(size_int)
+    weights.append(torch.tensor([info.min, info.max], dtype=size_int).repeat(40, 50).view(dtype))
+    weights.append(torch.nn.Parameter(torch.randn(32, 64).to(dtype)))  # a module's weight, as pack_ahead reads it
+    for weight in weights:
+        got = packing.weight_fingerprint(weight)
+        bits = weight.detach().contiguous().view(size_int)
+        for accumulate in (torch.int32, torch.int64) if bits.element_size() <= 2 else (torch.int64,):
+            assert torch.equal(packing._bit_sums_numpy(bits, accumulate), packing._bit_sums_torch(bits, accumulate))
+        reference = bits.to(torch.int64)
+        assert got.dtype == torch.int64 and torch.equal(got, torch.cat([reference.sum(-1), reference.sum(-2)], -1))
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("name", ["default (act_group_aware)", "natural order", "desc_act", "asym", "per channel"])
 def test_each_solved_module_carries_the_extensions_words_for_its_result(extension, name, bits):

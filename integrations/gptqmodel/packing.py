@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,6 +49,7 @@ __all__ = ["PACK_AHEAD_THREADS", "PACK_BITS", "PackStats", "PackedWords", "host_
 PACK_BITS = (2, 4, 8)
 _MASK32 = (1 << 32) - 1
 _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NUMPY_INT = {torch.int32: np.int32, torch.int64: np.int64}
 
 
 def pack_words(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
@@ -95,13 +97,25 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     ``[..., out + in]``: the same on any device, so a weight packed on the GPU is recognised on
     the CPU (a changed element changes its row's and its column's sum). Summed in int32 where no sum can leave it
     (16-bit or narrower elements, at most 65,536 a row or column): the same values as int64 sums without an int64 copy
-    of the weight (12.6 MB for a 768x2048 bf16 weight; 2.1 -> 0.8 ms on one CPU thread)."""
+    of the weight (12.6 MB for a 768x2048 bf16 weight; 2.1 -> 0.8 ms on one CPU thread). On the CPU the sums are
+    numpy's, which cast in small buffers: torch's widen the whole weight first, and 14 threads fingerprinting members
+    side by side, as block_finalize's pool does, took 1.3-2.7 ms a member that way against 0.64-0.74 ms with numpy's
+    on a 2-core CPU (``benchmarks/fingerprint_threads.py``)."""
     bits = weight.contiguous().view(_SAME_SIZE_INT[weight.element_size()])
     longest = max(bits.shape[-1], bits.shape[-2])
     exact_in_int32 = longest << (8 * bits.element_size() - 1) <= 1 << 31  # |element| <= 2**(8 * size - 1)
     accumulate = torch.int32 if exact_in_int32 else torch.int64
-    sums = torch.cat([bits.sum(-1, dtype=accumulate), bits.sum(-2, dtype=accumulate)], dim=-1)
-    return sums.to(torch.int64)
+    sums = _bit_sums_numpy if bits.device.type == "cpu" else _bit_sums_torch
+    return sums(bits, accumulate).to(torch.int64)
+
+
+def _bit_sums_torch(bits: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
+    return torch.cat([bits.sum(-1, dtype=accumulate), bits.sum(-2, dtype=accumulate)], dim=-1)
+
+
+def _bit_sums_numpy(bits: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
+    array, dtype = bits.detach().numpy(), _NUMPY_INT[accumulate]
+    return torch.from_numpy(np.concatenate([array.sum(-1, dtype=dtype), array.sum(-2, dtype=dtype)], axis=-1))
 
 
 def packable(bits: int, rows: int, columns: int) -> bool:
