@@ -28,8 +28,10 @@ import torch
 
 from _args import whole
 from _report import write_json
+from _source import use_source_checkout
 
-from defuser_quant.integrations.gptqmodel import packing
+use_source_checkout()  # a plain checkout (the GPU machine) finds the subpackages only through this
+from defuser_quant.integrations.gptqmodel import packing  # noqa: E402
 
 WAYS = {"torch": packing._bit_sums_torch, "numpy": packing._bit_sums_numpy}
 
