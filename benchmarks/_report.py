@@ -21,6 +21,14 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def emit_json(path: Path | None, data: dict) -> None:
+    """``data`` to ``path`` (:func:`write_json`, whole or not at all), or printed where no path is given."""
+    if path is not None:
+        write_json(path, data)
+    else:
+        print(json.dumps(data, indent=1))
+
+
 def write_gzipped(src: Path, dst: Path) -> None:
     """``src`` gzipped into ``dst`` whole or not at all, like :func:`write_json`."""
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ ways give the same sums, checked for every weight before any timing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from _args import whole
-from _report import write_json
+from _report import emit_json
 from _source import use_source_checkout
 
 use_source_checkout()  # a plain checkout (the GPU machine) finds the subpackages only through this
@@ -81,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "python": platform.python_version(), "shape": args.shape, "members": args.members,
               "threads": args.threads, "turns": turns, "medians": medians}
-    if args.output is not None:
-        write_json(args.output, result)  # whole or not at all
-    else:
-        print(json.dumps(result, indent=1))
+    emit_json(args.output, result)
     return 0
 
 

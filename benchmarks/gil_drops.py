@@ -22,7 +22,6 @@ busy threads each one may wait up to the switch interval to get it back; so does
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 from _args import whole
-from _report import write_json
+from _report import emit_json
 
 PLACEMENTS = ("inside", "after")
 
@@ -155,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               "python": platform.python_version(), "switch_interval_s": sys.getswitchinterval(),
               "pool": args.pool, "busy": args.busy, "seconds": args.seconds, "ext_ms": args.ext_ms, "turns": turns,
               "frees": freed}
-    if args.output is not None:
-        write_json(args.output, result)  # whole or not at all
-    else:
-        print(json.dumps(result, indent=1))
+    emit_json(args.output, result)
     return 0
 
 
