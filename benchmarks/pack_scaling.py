@@ -1,4 +1,5 @@
-"""How GPTQModel's CPU pack extension scales: with its own ``threads`` argument, and with callers.
+"""How GPTQModel's CPU pack extension scales: with its own ``threads`` argument, and with callers; and this
+project's row-wise pack kernel (``--packers rows``, ``integrations/gptqmodel/pack_kernel.py``) beside it.
 
 GPTQModel 7.6 packs every finished module on a CPU finalize worker (``PackableQuantLinear.pack_block``
 -> ``pack_block_ext.pack_block_cpu(weight, scales, zeros, g_idx, bits, 32, block_in, threads)``, with
@@ -11,6 +12,8 @@ projections' real shapes (768 x 2048 gate/up, 2048 x 768 down), one module's pac
 * ``callers``: ``--callers`` Python threads packing at once (what more finalize workers would do;
   the extension runs without the interpreter lock).
 
+* ``--packers``: ``extension`` (GPTQModel's), ``rows`` (the kernel, one thread a call: ``threads`` 1 only).
+
 Every packing is checked to give the words of ``threads=1``, ``block_in=8192`` (GPTQModel's call).
 The weights are dequantized GPTQ weights (``(q - zero) * scale`` in bf16, the extension's real input).
 Reported per combination: milliseconds per module (wall time / modules packed), median of
@@ -18,6 +21,7 @@ Reported per combination: milliseconds per module (wall time / modules packed), 
 
     python benchmarks/pack_scaling.py --output benchmarks/results/pack_scaling_cpu_round38.json
     python benchmarks/pack_scaling.py --callers 1,2,4,8,16 --output $OUT/pack_scaling.json   # a many-core host
+    python benchmarks/pack_scaling.py --packers extension,rows --threads 1 --callers 1,14   # the kernel beside it
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ import threading
 import time
 from pathlib import Path
 
-from _args import counts, whole
+from _args import counts, names, whole
 from _report import write_json
+from _source import use_source_checkout
 
+use_source_checkout()  # --packers rows imports the subpackages: a plain checkout finds them only through this
+
+PACKERS = ("extension", "rows")
 SHAPES = ((768, 2048), (2048, 768))  # (out, in): an expert's gate/up, its down, at Qwen3-30B-A3B size
 
 
@@ -42,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=counts(1), default=[1, 2], help="the extension's threads argument, comma-separated")
     p.add_argument("--callers", type=counts(1), default=[1, 2], help="Python threads packing at once, comma-separated")
+    p.add_argument("--packers", type=names(PACKERS), default=["extension"],
+                   help=f"comma-separated, from {', '.join(PACKERS)}")
     p.add_argument("--modules", type=whole(1), default=16, help="modules each caller packs per timing")
     p.add_argument("--repeats", type=whole(1), default=3)
     p.add_argument("--scale-down", type=whole(1), default=1,
@@ -94,21 +104,33 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     import torch
     from gptqmodel.nn_modules.qlinear.pack_block_ext import pack_block_cpu
 
+    rows_kernel = None
+    if "rows" in args.packers:
+        from defuser_quant.integrations.gptqmodel import pack_kernel
+
+        rows_kernel = pack_kernel.load()
+        if rows_kernel is None:
+            raise SystemExit("pack_scaling: the pack kernel could not be built here (see the warning above); "
+                             "run without --packers rows")
     rows = []
     for out, inp in _shapes(args.scale_down):
         weight, scales, zeros, g_idx = _module(out, inp)
         reference = pack_block_cpu(weight, scales, zeros, g_idx, 4, 32, 8192, 1)
         blocks = inp // 32
-        for threads in args.threads:
-            block_in = 32 * math.ceil(blocks / threads)
-            call = (weight, scales, zeros, g_idx, 4, 32, block_in, threads)
-            words = pack_block_cpu(*call)
-            same = torch.equal(words[0], reference[0]) and torch.equal(words[1], reference[1])
-            for callers in args.callers:
-                times = [_time(pack_block_cpu, call, callers, args.modules) for _ in range(args.repeats)]
-                rows.append({"out": out, "in": inp, "threads": threads, "block_in": block_in, "callers": callers,
-                             "ms_per_module": round(statistics.median(times), 3),
-                             "ms_per_module_all": [round(t, 3) for t in times], "same_words": same})
+        for packer in args.packers:
+            for threads in args.threads if packer == "extension" else [1]:
+                if packer == "extension":
+                    block_in = 32 * math.ceil(blocks / threads)
+                    pack, call = pack_block_cpu, (weight, scales, zeros, g_idx, 4, 32, block_in, threads)
+                else:
+                    block_in, pack, call = None, rows_kernel, (weight, scales, zeros, g_idx, 4)
+                words = pack(*call)
+                same = torch.equal(words[0], reference[0]) and torch.equal(words[1], reference[1])
+                for callers in args.callers:
+                    times = [_time(pack, call, callers, args.modules) for _ in range(args.repeats)]
+                    rows.append({"packer": packer, "out": out, "in": inp, "threads": threads, "block_in": block_in,
+                                 "callers": callers, "ms_per_module": round(statistics.median(times), 3),
+                                 "ms_per_module_all": [round(t, 3) for t in times], "same_words": same})
     import gptqmodel
 
     return {
@@ -126,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args, argv)
     for r in result["rows"]:
-        print(f"{r['out']}x{r['in']} threads={r['threads']} (block_in {r['block_in']}) callers={r['callers']}: "
+        print(f"{r['packer']} {r['out']}x{r['in']} threads={r['threads']} (block_in {r['block_in']}) "
+              f"callers={r['callers']}: "
               f"{r['ms_per_module']:.2f} ms a module; words as GPTQModel's call: {r['same_words']}")
     if args.output is not None:
         write_json(args.output, result)
