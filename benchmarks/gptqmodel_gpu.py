@@ -100,6 +100,10 @@ each variant in its own process (the plugin and Defuser both patch process-wide 
                  ``block_finalize``, itself a default only with 16 cores: ``-blockfinalize-stealgroups`` names both):
                  a layer's expert groups made side by side, a waiting member's task taking the groups no task has
                  reached yet (``bookkeeping.block_finalize.stolen``);
+* ``ours-grouped-batched-rowpack`` - the default lean bookkeeping parts plus the opt-in ``row_pack`` (with
+                 ``block_finalize``, a default only with 16 cores): the members' words, and each group reference's
+                 check, from this project's row-wise pack kernel instead of GPTQModel's extension
+                 (``bookkeeping.block_finalize.row_packed``; ``row_pack_refused`` where it could not be built);
 * ``ours-grouped-batched-loadpriority`` - the default lean bookkeeping parts plus the opt-in ``load_priority`` (with
                  ``block_finalize``: ``-blockfinalize-loadpriority`` names both): while a layer holding our experts
                  loads, the finalize tasks and the block finalize's workers wait instead of competing with the load
@@ -309,7 +313,8 @@ WITHOUT_PART = {"-norecopy": "recopy", "-noreads": "layer_reads", "-nobundle": "
 #: variant suffix -> the opt-in lean bookkeeping part it adds to the default ones
 WITH_PART = {"-layerahead": "layer_ahead", "-gcfreeze": "gc_freeze", "-capturelazy": "capture_lazy",
              "-tailworkers": "tail_workers", "-blockfinalize": "block_finalize", "-devicewords": "device_words",
-             "-stealgroups": "steal_groups", "-loadpriority": "load_priority", "-loadswitch": "load_switch",
+             "-stealgroups": "steal_groups", "-rowpack": "row_pack", "-loadpriority": "load_priority",
+             "-loadswitch": "load_switch",
              "-layerstage": "layer_stage"}
 #: ``--timeline``: the phase from ``quantize_with_defuser``'s call to GPTQModel's ``quantize`` (the plugin's set-up)
 SET_UP_PHASE = "quantize_with_defuser set-up"
@@ -684,9 +689,23 @@ def warm_pack_extension() -> tuple[float | None, bool | None]:
     return _warm("GPTQModel pack_block_cpu extension", load)
 
 
+def warm_row_pack_kernel() -> tuple[float | None, bool | None]:
+    """Build defuser-quant's row-wise CPU pack kernel once (``pack_kernel``, for ``-rowpack`` variants: torch caches
+    the build, so the variants' processes load it instead of the first one timing the build)."""
+
+    def load() -> object:
+        map_source_checkout()
+        from defuser_quant.integrations.gptqmodel import pack_kernel
+
+        return pack_kernel.load() is not None
+
+    return _warm("row-wise pack kernel", load)
+
+
 #: The extensions the parent builds before the runs, each in a child process of its own (``--warm-extension``).
 WARMERS: dict[str, Callable[[], tuple[float | None, bool | None]]] = {
-    "gptq": warm_gptq_extension, "rows": warm_rows_kernel, "pack": warm_pack_extension}
+    "gptq": warm_gptq_extension, "rows": warm_rows_kernel, "pack": warm_pack_extension,
+    "rowpack": warm_row_pack_kernel}
 
 
 def run_variants(runs: list[tuple[str, str]], args: argparse.Namespace, work: Path, slots: int,
@@ -1156,7 +1175,9 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
     from _report import write_gzipped
 
     # the extensions build in child processes of their own while this one builds the source model
-    names = list(WARMERS) if args.device == "cuda" else ["pack"]  # the CPU has no CUDA extension to build
+    names = [n for n in WARMERS if n != "rowpack"] if args.device == "cuda" else ["pack"]  # no CUDA ones on the CPU
+    if any("-rowpack" in v for v in variants):
+        names.append("rowpack")
     with warming(Path(__file__).resolve(), names, _env(args.device)) as wait:
         t0 = time.perf_counter()
         calibration = build_source(args, work / "src")
@@ -1167,6 +1188,7 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
     jit_s, jit_ok = warmed.get("gptq", (None, None))
     rows_s, rows_ok = warmed.get("rows", (None, None))
     pack_s, pack_ok = warmed["pack"]
+    row_pack_s, row_pack_ok = warmed.get("rowpack", (None, None))
     slots = 1 if args.device == "cpu" else max(1, min(args.gpus or torch.cuda.device_count(), len(variants)))
     if args.gpu_counts:
         if max(args.gpu_counts) > torch.cuda.device_count():
@@ -1234,6 +1256,8 @@ def _call(args: argparse.Namespace, variants: list[str], work: Path, argv: list[
         "rows_kernel_available": rows_ok,
         "pack_extension_warmup_s": pack_s,
         "pack_extension_available": pack_ok,
+        "row_pack_kernel_warmup_s": row_pack_s,
+        "row_pack_kernel_available": row_pack_ok,
         "extensions_built_beside_source": names,
         "extensions_waited_s": waited_s,
         "warmup": warmup,

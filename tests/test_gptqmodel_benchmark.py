@@ -748,3 +748,18 @@ def test_the_report_shows_each_sampled_runs_lock_holders():
     assert "| ours+gil1 | 8.00 | 2.00 | MainThread 1.20, DPWorker-cuda# 0.80 | pack 0.50, load 0.25 |" in lines
     assert "py-spy did not sample ours+gil1#2: no py-spy: set DQ_PYSPY" in lines
     assert bench.gil_markdown([{"variant": "ours", "run": "ours"}]) == []
+
+
+def test_the_row_pack_kernel_is_built_before_its_variants(monkeypatch, capsys):
+    """``-rowpack`` variants find the kernel built: the parent builds it in a child process of its own (named in the
+    warmers), and a kernel that cannot be built is reported as unavailable, not timed in the first run."""
+    pytest.importorskip("gptqmodel")
+    from defuser_quant.integrations.gptqmodel import pack_kernel
+
+    assert bench.WARMERS["rowpack"] is bench.warm_row_pack_kernel
+    assert "ours-grouped-batched-rowpack" in bench.VARIANTS
+    seconds, ok = bench.warm_row_pack_kernel()
+    assert seconds is not None and ok is (pack_kernel.load() is not None)
+    monkeypatch.setattr(pack_kernel, "load", lambda: None)
+    assert bench.warm_row_pack_kernel()[1] is False
+    assert "row-wise pack kernel available: False" in capsys.readouterr().out

@@ -590,9 +590,11 @@ def test_ctrl_c_restores_post_quantize_with_device_words():
 
 
 def test_device_words_and_stolen_groups_without_block_finalize_are_refused_by_name(plugin, tiny, tmp_path):  # noqa: F811
-    stats, _ = _run(plugin, tiny, tmp_path, "words_alone", parts=DEFAULT_PARTS | {"device_words", "steal_groups"})
+    stats, _ = _run(plugin, tiny, tmp_path, "words_alone",
+                    parts=DEFAULT_PARTS | {"device_words", "steal_groups", "row_pack"})
     assert stats.disabled == {"device_words": "needs the block_finalize part",
-                              "steal_groups": "needs the block_finalize part"} and stats.block_finalize is None
+                              "steal_groups": "needs the block_finalize part",
+                              "row_pack": "needs the block_finalize part"} and stats.block_finalize is None
     assert stats.parts == sorted(DEFAULT_PARTS)  # the refused parts are not recorded as run
 
 
@@ -753,4 +755,49 @@ def test_packs_not_started_when_the_finalize_asks_are_packed_by_the_extension(pl
     s, pack = result.bookkeeping.block_finalize, result.solve.pack
     assert s.words_ahead == 0 and pack.served == 0 and pack.taken_back == pack.offered > 0
     assert len(ext_calls) == s.groups + s.batched
+    assert _same(tensors, stock)
+
+
+ROWS = PART | {"row_pack"}
+
+
+@pytest.mark.slow
+def test_row_packed_words_give_the_same_checkpoint(plugin, tiny, tmp_path, stock):  # noqa: F811
+    """``row_pack``: every member's words, and each reference's check, from pack_kernel instead of the extension."""
+    if bf.pack_kernel.load() is None:
+        pytest.skip("the pack kernel could not be built here (no C++ compiler)")
+    assert "row_pack" in OPT_IN and "row_pack" not in DEFAULT_PARTS
+    stats, tensors = _run(plugin, tiny, tmp_path, "rows", parts=ROWS)
+    s = stats.block_finalize
+    assert stats.disabled == {} and s.groups > 0 and s.mismatched == 0 and s.checked == s.groups
+    assert s.batched == len(_experts(tensors)) - s.groups and s.row_pack_refused is None
+    assert s.row_packed == s.groups + s.batched  # each reference's check and each member
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
+def test_a_row_kernel_that_differs_leaves_its_group_to_gptqmodel(plugin, tiny, tmp_path, stock, monkeypatch):  # noqa: F811
+    from gptqmodel.nn_modules.qlinear.pack_block_ext import pack_block_cpu
+
+    def off_by_one(weight, scales, zeros, g_idx, bits):
+        qweight, qzeros = pack_block_cpu(weight, scales, zeros, g_idx, bits, 32, 8192, 1)
+        return qweight + 1, qzeros
+
+    monkeypatch.setattr(bf.pack_kernel, "load", lambda: off_by_one)
+    stats, tensors = _run(plugin, tiny, tmp_path, "rows_differ", parts=ROWS)
+    s = stats.block_finalize
+    assert s.groups > 0 and s.mismatched == s.groups and s.batched == 0 and s.row_packed == s.groups
+    assert s.left["qweight differs"] == len(_experts(tensors)) - s.groups
+    assert _same(tensors, stock)
+
+
+@pytest.mark.slow
+def test_a_row_kernel_not_built_here_leaves_the_words_to_the_extension(plugin, tiny, tmp_path, stock,  # noqa: F811
+                                                                       monkeypatch):
+    monkeypatch.setattr(bf.pack_kernel, "load", lambda: None)
+    stats, tensors = _run(plugin, tiny, tmp_path, "rows_missing", parts=ROWS)
+    s = stats.block_finalize
+    assert s.groups > 0 and s.mismatched == 0 and s.checked == s.groups and s.row_packed == 0
+    assert s.row_pack_refused == "pack_kernel could not be built here"
+    assert s.as_dict()["row_pack_refused"] == "pack_kernel could not be built here"
     assert _same(tensors, stock)

@@ -117,3 +117,40 @@ def test_each_host_cpu_and_source_has_a_build_of_its_own(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(pack_kernel, "_SOURCE", pack_kernel._SOURCE + "\n// changed\n")
     assert pack_kernel._build_name() != name
+
+
+def test_the_kernel_lets_other_threads_run_while_it_packs(kernel):
+    """It runs without the interpreter lock, as GPTQModel's extension (a torch op) does: otherwise the pool's threads
+    would pack one at a time and the main thread would wait for each. With a switch interval of 60 s no thread gives
+    the lock up unless it blocks or a call lets it go, so the watcher (asleep when the calls start) runs during the
+    kernel's calls only if the kernel lets it go."""
+    import sys
+    import threading
+    import time
+
+    args = _inputs(4, torch.bfloat16, "grouped", out=2048, inp=4096)
+    pack_kernel.pack_rows(*args, 4)  # loaded and warm before the watcher starts
+    state = {"running": False, "seen": 0, "stop": False}
+    ready = threading.Event()
+
+    def watch():
+        ready.set()
+        while not state["stop"]:
+            state["seen"] += state["running"]
+            time.sleep(0.0005)
+
+    interval = sys.getswitchinterval()
+    watcher = threading.Thread(target=watch)
+    sys.setswitchinterval(60.0)
+    try:
+        watcher.start()
+        ready.wait()  # blocks, so the watcher runs until its first sleep
+        for _ in range(3):
+            state["running"] = True
+            pack_kernel.pack_rows(*args, 4)
+            state["running"] = False
+    finally:
+        state["stop"] = True
+        sys.setswitchinterval(interval)
+        watcher.join()
+    assert state["seen"] > 0

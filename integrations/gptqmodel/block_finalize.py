@@ -79,7 +79,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import packing
+from . import pack_kernel, packing
 from .compat import patched, source_digest
 from .tail_workers import threads_beside
 
@@ -139,13 +139,16 @@ class BlockFinalizeStats:
     words_left: Counter = field(default_factory=Counter)  # "<reason>" -> members (or groups) packed by the extension
     stolen: int = 0  # steal_groups: groups taken by a waiting member's task instead of one of their own members'
     words_ahead: int = 0  # members that took words packed before their finalize (BatchedSolve's pack_ahead or pack)
+    row_packed: int = 0  # row_pack: modules (references' checks included) whose words pack_kernel made
+    row_pack_refused: str | None = None  # row_pack: why GPTQModel's extension packed instead (the kernel not built)
 
     def as_dict(self) -> dict[str, Any]:
         return {"groups": self.groups, "checked": self.checked, "mismatched": self.mismatched,
                 "batched": self.batched, "ext_threads": self.ext_threads, "cloned": self.cloned, "stolen": self.stolen,
                 "left": dict(self.left), "words_packed": self.words_packed, "words_used": self.words_used,
                 "words_seconds": round(self.words_seconds, 3), "words_left": dict(self.words_left),
-                "words_ahead": self.words_ahead}
+                "words_ahead": self.words_ahead, "row_packed": self.row_packed,
+                "row_pack_refused": self.row_pack_refused}
 
 
 def internals_refusal() -> str | None:
@@ -299,8 +302,8 @@ class _Group:
 
 class _Finalizer:
     def __init__(self, gptq_model: Any, paths: frozenset[str], stats: BlockFinalizeStats, steal: bool = False,
-                 priority: Any = None) -> None:
-        self.gptq_model, self.paths, self.stats, self.steal = gptq_model, paths, stats, steal
+                 priority: Any = None, row_pack: bool = False) -> None:
+        self.gptq_model, self.paths, self.stats, self.steal, self.row_pack = gptq_model, paths, stats, steal, row_pack
         self.pause: Callable[[], None] = priority.pause if priority is not None else _no_pause
         self.lock = threading.Lock()
         self.groups: dict[tuple, _Group] = {}
@@ -555,9 +558,26 @@ class _Finalizer:
         return None
 
     def _ext(self) -> Callable:
+        """The pack for this path's words: GPTQModel's extension, or with ``row_pack`` :mod:`.pack_kernel` where it is
+        built (each group's reference is checked with it against GPTQModel's own finalize, as with the extension)."""
         from gptqmodel.nn_modules.qlinear.pack_block_ext import pack_block_cpu
 
-        return pack_block_cpu
+        if not self.row_pack:
+            return pack_block_cpu
+        kernel = pack_kernel.load()
+        if kernel is None:
+            self.stats.row_pack_refused = "pack_kernel could not be built here"
+            return pack_block_cpu
+
+        def pack(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads):
+            if int(word_bits) != 32 or int(bits) not in pack_kernel.BITS:
+                return pack_block_cpu(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads)
+            words = kernel(weight, scales, zeros, g_idx, int(bits))
+            with self.lock:
+                self.stats.row_packed += 1
+            return words
+
+        return pack
 
     def _finalize_members(self, proc: Any, model: Any, group: _Group, members: list, bits: int,
                           pack_dtype: torch.dtype, to_v1: bool) -> None:
@@ -804,7 +824,8 @@ def _to_v1(q: Any, qmodule: nn.Module) -> bool:
 
 @contextmanager
 def block_finalize(gptq_model: Any, paths: frozenset[str], device_words: bool = False,
-                   steal_groups: bool = False, priority: Any = None) -> Iterator[BlockFinalizeStats]:
+                   steal_groups: bool = False, priority: Any = None,
+                   row_pack: bool = False) -> Iterator[BlockFinalizeStats]:
     """Inside the block, GPTQModel's finalizes of our expert projections are taken a group at a time (see the
     module docstring); restored after, once every group's extension calls are done. ``device_words``: each layer's
     groups are also packed on the layer's device (:data:`WORD_DEVICES`) when GPTQModel's ``post_quantize`` gets the
@@ -812,12 +833,14 @@ def block_finalize(gptq_model: Any, paths: frozenset[str], device_words: bool = 
     ``steal_groups``: a member's task whose group another worker has taken first takes the groups of its layer that
     no task has reached yet, so a layer's groups are made side by side instead of one after another.
     ``priority`` (a :class:`~.load_priority.LoadPriority`): while a layer load holds it, every finalize task (before
-    it starts), the group workers and the extension threads (before each member) wait at its ``pause()``."""
+    it starts), the group workers and the extension threads (before each member) wait at its ``pause()``.
+    ``row_pack``: the members' words (and the references' checks) from :mod:`.pack_kernel` instead of GPTQModel's
+    extension, where the kernel is built here (else the extension, said in ``row_pack_refused``)."""
     from gptqmodel.looper.gptq_processor import GPTQProcessor
     from gptqmodel.models.base import BaseQModel
 
     stats = BlockFinalizeStats()
-    finalizer = _Finalizer(gptq_model, paths, stats, steal=steal_groups, priority=priority)
+    finalizer = _Finalizer(gptq_model, paths, stats, steal=steal_groups, priority=priority, row_pack=row_pack)
     with ExitStack() as stack:
         stack.callback(finalizer.close)  # last: after GPTQModel's functions are back
         stack.enter_context(patched(GPTQProcessor, "process", finalizer.patch_process(GPTQProcessor.process)))

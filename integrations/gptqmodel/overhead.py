@@ -485,7 +485,7 @@ def internals_mismatch() -> dict[str, str]:
                       ("capture_lazy", _capture_lazy_mismatch()), ("base_in_memory", _base_in_memory_mismatch()),
                       ("tail_workers", _tail_workers_mismatch()), ("solve_warmup", _solve_warmup_mismatch()),
                       ("block_finalize", block_finalize), ("device_words", block_finalize),
-                      ("steal_groups", block_finalize),
+                      ("steal_groups", block_finalize), ("row_pack", block_finalize),
                       ("checkpoint_index", _checkpoint_mismatch()),
                       ("shard_handles", shard_handles), ("recopy", recopy), ("layer_reads", recopy or shard_handles),
                       ("layer_stage", subset_event_refusal())):
@@ -950,7 +950,7 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
                    "layer_offload", "layer_onload", "recopy", "layer_reads", "offload_bundle", "keep_last_block",
                    "worker_warmup", "line_redraw", "layer_ahead", "gc_freeze", "disk_probe", "rehome", "capture_lazy",
                    "base_in_memory", "tail_workers", "solve_warmup", "block_finalize", "device_words", "steal_groups", "load_priority",
-                   "load_switch", "layer_stage"})
+                   "load_switch", "layer_stage", "row_pack"})
 #: Parts only used when named (``lean_bookkeeping=True`` leaves them out): ``layer_ahead`` measured without a
 #: gain on an H200; ``gc_freeze`` moved the run's full collection into what came after it (the save; round 35, H200).
 #: Together (round 36, three H200 calls) they shortened the layer change by about 1 s but the subsets around it grew
@@ -971,8 +971,10 @@ PARTS = frozenset({"materialize", "offload", "progress", "headless", "checkpoint
 #: ``layer_stage`` (round 55): on one H100 (round 57) nothing staged without ``capture_lazy`` (the layers load into host
 #: memory); with it the layer change was 0.4 s shorter and layer 1's first subsets as much longer (4.07x-4.31x against the
 #: default's 4.16x-4.68x in the same call).
+#: ``row_pack`` (round 69): block_finalize's words from :mod:`.pack_kernel` (4.5-5.5x faster than GPTQModel's extension
+#: a call on a 2-core CPU, ``pack_scaling_cpu_round69.json``); not yet run on a GPU host.
 OPT_IN = frozenset({"layer_ahead", "capture_lazy", "tail_workers", "device_words", "steal_groups", "load_priority",
-                    "load_switch", "layer_stage"})
+                    "load_switch", "layer_stage", "row_pack"})
 #: Parts on by default only where the process may run on at least this many cores (:func:`default_parts`).
 #: ``block_finalize`` packs a group's members on a pool of the cores less two: on two H100 hosts of 16 cores
 #: (rounds 48 and 51) the quantize was shorter than without it in seven of eight pairs and as long in one, while on a
@@ -1032,6 +1034,7 @@ def lean_logbar(enabled: set[str] | frozenset[str], stats: BookkeepingStats,
 #: block finalize).
 _NEEDS = {"shard_handles": "materialize", "recopy": "materialize", "keep_last_block": "offload_bundle",
           "device_words": "block_finalize", "steal_groups": "block_finalize", "load_priority": "block_finalize",
+          "row_pack": "block_finalize",
           "layer_stage": "layer_reads"}
 
 
@@ -1173,7 +1176,8 @@ def lean_bookkeeping(gptq_model: Any, parts: frozenset[str] | None = None, *,
             stats.block_finalize = stack.enter_context(block_finalize(gptq_model, paths,
                                                                       device_words="device_words" in enabled,
                                                                       steal_groups="steal_groups" in enabled,
-                                                                      priority=priority))
+                                                                      priority=priority,
+                                                                      row_pack="row_pack" in enabled))
         if paths and "tail_workers" in enabled:
             stats.tail_workers = stack.enter_context(tail_workers(gptq_model, _holds_experts))
         quantize_device = cuda_key(getattr(gptq_model.quantize_config, "device", None))

@@ -133,7 +133,11 @@ std::tuple<at::Tensor, at::Tensor> pack_rows(const at::Tensor& weight, const at:
   return {qweight, qzeros};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("pack_rows", &pack_rows); }
+// without the interpreter lock, as a torch op runs: block_finalize's pool packs members side by side, and the main
+// thread goes on meanwhile
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_rows", &pack_rows, pybind11::call_guard<pybind11::gil_scoped_release>());
+}
 """
 
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno"]
