@@ -7,9 +7,9 @@ This kernel reads each output row where it lies (contiguous), looks up the row's
 does the same float32 operations as the extension over the row (add the offset, divide by the scale, 1e-6 where it is
 0, round half to even, clamp to ``[0, 2**bits - 1]``), which the compiler vectorizes for the host's instruction set
 (``-march=native``; no fast-math, so each operation is IEEE's, as the extension's). Then the bit planes, in the
-extension's layout. Its words equal the extension's (tests: every bit width, weight dtype, ``g_idx`` order, zero scales,
-non-finite weights); not yet used by ``block_finalize`` (next round wires it in as an opt-in part and measures it on a
-GPU host).
+extension's layout, without the interpreter lock (as the extension, a torch op). Its words equal the extension's (tests:
+every bit width, weight dtype, ``g_idx`` order, zero scales, non-finite weights). ``block_finalize`` uses it with the
+opt-in ``row_pack`` part (not yet run on a GPU host).
 
 Built on first use with ``torch.utils.cpp_extension`` (about 30 s on two cores, then cached under
 ``TORCH_EXTENSIONS_DIR``, one build per source and host CPU); where it cannot be built, :func:`load` says why once and
