@@ -86,7 +86,7 @@ def test_the_benchmark_script_builds_one_extension_as_a_child(capsys):
     """The real script's child mode: the CPU packing extension (None where GPTQModel is not installed)."""
     import gptqmodel_gpu as bench
 
-    assert set(bench.WARMERS) == {"gptq", "rows", "pack"}
+    assert set(bench.WARMERS) == {"gptq", "rows", "pack", "rowpack"}
     assert bench.main(["--warm-extension", "pack"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(MARK)]
     assert len(lines) == 1
@@ -96,3 +96,8 @@ def test_the_benchmark_script_builds_one_extension_as_a_child(capsys):
         assert lines[0] == MARK + '{"seconds": null, "available": null}'
     else:
         assert '"available": true' in lines[0]
+    from defuser_quant.integrations.gptqmodel import pack_kernel  # the row-wise pack kernel: for -rowpack variants
+
+    assert bench.main(["--warm-extension", "rowpack"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(MARK)]
+    assert len(lines) == 1 and f'"available": {"true" if pack_kernel.load() is not None else "false"}' in lines[0]
