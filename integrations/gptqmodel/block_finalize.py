@@ -570,8 +570,7 @@ class _Finalizer:
             return pack_block_cpu
 
         def pack(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads):
-            if int(word_bits) != 32 or int(bits) not in pack_kernel.BITS:
-                return pack_block_cpu(weight, scales, zeros, g_idx, bits, word_bits, block_in, threads)
+            # the extension's arguments (ext_inputs): 32-bit words always, 2/4/8 bits (_processor_refusal), one thread
             words = kernel(weight, scales, zeros, g_idx, int(bits))
             with self.lock:
                 self.stats.row_packed += 1
